@@ -3,8 +3,10 @@
 //!
 //! ## Wire format
 //! ```text
-//! COBS( VERSION:u8 · postcard(Frame) · CRC-32/ISO-HDLC(VERSION · postcard(Frame)), little-endian ) · 0x00
+//! 0x00 · COBS( VERSION:u8 · postcard(Frame) · CRC-32/ISO-HDLC(VERSION · postcard(Frame)), little-endian ) · 0x00
 //! ```
+//! The leading `0x00` costs one byte and means line noise before a frame can never run into
+//! it: the frame always starts right after a delimiter.
 //! - **Self-synchronising**: COBS leaves no zero byte inside a frame, so `0x00` always ends
 //!   one; a receiver that starts mid-stream drops bytes up to the next `0x00` and is in step.
 //! - **Checksummed**: CRC-32 over the version and body; a corrupted frame is dropped whole.
@@ -23,8 +25,8 @@ use crate::codec::{DecodeError, DecodeResult, Decoded, Decoder as DecoderTrait, 
 pub const VERSION: u8 = 1;
 /// Largest unencoded body: version + postcard frame + CRC.
 pub const MAX_BODY: usize = 64;
-/// Largest encoded frame including the `0x00` delimiter.
-pub const MAX_ENCODED: usize = MAX_BODY + MAX_BODY / 254 + 2;
+/// Largest encoded frame including both `0x00` delimiters.
+pub const MAX_ENCODED: usize = MAX_BODY + MAX_BODY / 254 + 3;
 
 const CRC: crc::Crc<u32> = crc::Crc::<u32>::new(&crc::CRC_32_ISO_HDLC);
 
@@ -108,16 +110,17 @@ pub enum EncodeError {
 }
 
 /// Encode `frame` into `out` (at least [`MAX_ENCODED`] bytes is always enough); returns the
-/// number of bytes written, delimiter included.
+/// number of bytes written, both delimiters included.
 pub fn encode(frame: &Frame, out: &mut [u8]) -> Result<usize, EncodeError> {
     let mut body = [0u8; MAX_BODY];
     body[0] = VERSION;
     let n = postcard::to_slice(frame, &mut body[1..MAX_BODY - 4]).map_err(|_| EncodeError::BufferTooSmall)?.len();
     let crc = CRC.checksum(&body[..1 + n]);
     body[1 + n..5 + n].copy_from_slice(&crc.to_le_bytes());
-    let len = cobs_encode(&body[..5 + n], out).ok_or(EncodeError::BufferTooSmall)?;
-    *out.get_mut(len).ok_or(EncodeError::BufferTooSmall)? = 0;
-    Ok(len + 1)
+    *out.first_mut().ok_or(EncodeError::BufferTooSmall)? = 0;
+    let len = cobs_encode(&body[..5 + n], &mut out[1..]).ok_or(EncodeError::BufferTooSmall)?;
+    *out.get_mut(len + 1).ok_or(EncodeError::BufferTooSmall)? = 0;
+    Ok(len + 2)
 }
 
 /// COBS-encode `src` into `dst` (no delimiter); `None` if `dst` is too small.
@@ -181,19 +184,18 @@ impl DecoderTrait for Decoder {
     type Item = Frame;
 
     fn decode(&mut self, buf: &[u8]) -> DecodeResult<Frame> {
+        // Oversize runs are dropped in fixed steps, so the result never depends on how much
+        // of the stream happens to be buffered.
+        let too_long = DecodeError::new(ErrorKind::TooLong { max: MAX_ENCODED }, MAX_ENCODED);
         let Some(end) = buf.iter().position(|&b| b == 0) else {
-            return if buf.len() > MAX_ENCODED {
-                Err(DecodeError::new(ErrorKind::TooLong { max: MAX_ENCODED }, buf.len()))
-            } else {
-                Ok(Decoded::Incomplete)
-            };
+            return if buf.len() > MAX_ENCODED { Err(too_long) } else { Ok(Decoded::Incomplete) };
         };
         let used = end + 1;
         if end == 0 {
             return Ok(Decoded::Progress(1));
         }
         if end > MAX_ENCODED {
-            return Err(DecodeError::new(ErrorKind::TooLong { max: MAX_ENCODED }, used));
+            return Err(too_long);
         }
         let mut body = [0u8; MAX_BODY];
         let n = cobs_decode(&buf[..end], &mut body).ok_or_else(|| DecodeError::new(ErrorKind::Garbage, used))?;
@@ -247,8 +249,8 @@ mod tests {
     #[test]
     fn round_trip_and_no_zero_inside() {
         let w = wire(&sample());
-        assert_eq!(*w.last().unwrap(), 0);
-        assert!(!w[..w.len() - 1].contains(&0));
+        assert_eq!((w[0], *w.last().unwrap()), (0, 0));
+        assert!(!w[1..w.len() - 1].contains(&0));
         assert!(w.len() < 40, "frame is {} bytes", w.len());
         let got: Vec<_> = decode_all(Decoder, &w).into_iter().filter_map(StreamEvent::item).collect();
         assert_eq!(got, [sample()]);
@@ -282,6 +284,7 @@ mod tests {
     fn mid_stream_start_resyncs_at_the_delimiter() {
         let w = wire(&sample());
         let mut stream = w[5..].to_vec();
+        stream.extend(b"line noise with no zero byte");
         stream.extend(&w);
         let items: Vec<_> = decode_all(Decoder, &stream).into_iter().filter_map(StreamEvent::item).collect();
         assert_eq!(items, [sample()]);

@@ -198,13 +198,17 @@ fn libm_round(v: f32) -> f32 {
 fn field(s: &mut String, v: Option<f32>, width: usize, decimals: usize) {
     match v {
         Some(v) => {
+            // The largest value that fits, e.g. 99.9 for width 4 with 1 decimal.
             let max = {
                 let int_digits = if decimals == 0 { width } else { width - decimals - 1 };
-                let mut m = 1.0f32;
+                let (mut m, mut step) = (1.0f32, 1.0f32);
                 for _ in 0..int_digits {
                     m *= 10.0;
                 }
-                m - 1.0
+                for _ in 0..decimals {
+                    step /= 10.0;
+                }
+                m - step
             };
             let v = v.clamp(0.0, max);
             let _ = write!(s, "{v:0width$.decimals$}");
