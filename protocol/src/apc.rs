@@ -161,11 +161,11 @@ pub enum Reply {
     /// The `Q` status byte.
     Status(StatusByte),
     /// `f`: charge, %.
-    BatteryChargePct(f32),
+    BatteryChargePct(f64),
     /// `j`: runtime left, minutes.
     RuntimeMin(u32),
     /// `B`: battery voltage, V.
-    BatteryVoltage(f32),
+    BatteryVoltage(f64),
     /// `NA`: not available on this model.
     NotAvailable,
     /// An unrequested character.
@@ -193,7 +193,7 @@ fn digits(s: &str) -> bool {
 }
 
 /// `III.F` with `int` integer digits.
-fn decimal(line: &str, int: &[usize]) -> Option<f32> {
+fn decimal(line: &str, int: &[usize]) -> Option<f64> {
     let (i, f) = line.split_once('.')?;
     (int.contains(&i.len()) && digits(i) && digits(f) && f.len() <= 2).then(|| line.parse().ok()).flatten()
 }
@@ -255,7 +255,7 @@ impl DecoderTrait for Decoder {
             // An unrequested character can also arrive just before a reply, with no line break.
             if let Some(p) = line.iter().position(|&b| Notification::from_byte(b).is_some()) {
                 if p > 0 {
-                    return Err(DecodeError::new(ErrorKind::Garbage, used - line.len() - 1 + p));
+                    return Err(DecodeError::new(ErrorKind::Garbage, p));
                 }
             }
             let text = ascii(line).ok_or_else(|| DecodeError::new(ErrorKind::Garbage, used))?;

@@ -78,7 +78,7 @@ pub struct Record {
     /// `BPM`.
     pub pulse_bpm: Option<u16>,
     /// `PI`, %.
-    pub perfusion_index: Option<f32>,
+    pub perfusion_index: Option<f64>,
     /// `ALARM` bits.
     pub alarm: Option<u32>,
     /// `EXC` bits.

@@ -116,19 +116,19 @@ impl StatusBits {
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Status {
     /// Input voltage, V.
-    pub input_voltage_v: Option<f32>,
+    pub input_voltage_v: Option<f64>,
     /// Input fault voltage, V (latches a glitch until the next query).
-    pub input_fault_voltage_v: Option<f32>,
+    pub input_fault_voltage_v: Option<f64>,
     /// Output voltage, V.
-    pub output_voltage_v: Option<f32>,
+    pub output_voltage_v: Option<f64>,
     /// Load, %.
-    pub load_pct: Option<f32>,
+    pub load_pct: Option<f64>,
     /// Input frequency, Hz.
-    pub frequency_hz: Option<f32>,
+    pub frequency_hz: Option<f64>,
     /// Battery voltage, V (per cell or total, by model).
-    pub battery_voltage_v: Option<f32>,
+    pub battery_voltage_v: Option<f64>,
     /// Temperature, °C.
-    pub temperature_c: Option<f32>,
+    pub temperature_c: Option<f64>,
     /// The status bits.
     pub bits: StatusBits,
 }
@@ -184,24 +184,24 @@ impl Status {
     }
 }
 
-fn libm_round(v: f32) -> f32 {
-    // core has no f32::round without std; values here are small and non-negative in practice.
+fn libm_round(v: f64) -> f64 {
+    // core has no f64::round without std; values here are small and non-negative in practice.
     if v >= 0.0 {
-        (v + 0.5) as u32 as f32
+        (v + 0.5) as u32 as f64
     } else {
-        -((-v + 0.5) as u32 as f32)
+        -((-v + 0.5) as u32 as f64)
     }
 }
 
 /// Write `v` zero-padded to `width` with `decimals`, or `@` × `width` for no value, clamped so a
 /// field never grows past its width (the reply's byte offsets must not move).
-fn field(s: &mut String, v: Option<f32>, width: usize, decimals: usize) {
+fn field(s: &mut String, v: Option<f64>, width: usize, decimals: usize) {
     match v {
         Some(v) => {
             // The largest value that fits, e.g. 99.9 for width 4 with 1 decimal.
             let max = {
                 let int_digits = if decimals == 0 { width } else { width - decimals - 1 };
-                let (mut m, mut step) = (1.0f32, 1.0f32);
+                let (mut m, mut step) = (1.0f64, 1.0f64);
                 for _ in 0..int_digits {
                     m *= 10.0;
                 }
@@ -221,13 +221,13 @@ fn field(s: &mut String, v: Option<f32>, width: usize, decimals: usize) {
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Rating {
     /// Rated voltage, V.
-    pub voltage_v: Option<f32>,
+    pub voltage_v: Option<f64>,
     /// Rated current, A.
-    pub current_a: Option<f32>,
+    pub current_a: Option<f64>,
     /// Nominal battery voltage, V.
-    pub battery_voltage_v: Option<f32>,
+    pub battery_voltage_v: Option<f64>,
     /// Rated frequency, Hz.
-    pub frequency_hz: Option<f32>,
+    pub frequency_hz: Option<f64>,
 }
 
 impl Rating {
@@ -311,7 +311,7 @@ pub fn parse_status(body: &str) -> Result<Status, &'static str> {
 
 fn parse_hash(body: &str) -> Result<Reply, &'static str> {
     let toks: Vec<&str> = body.split_ascii_whitespace().collect();
-    let nums: Result<Vec<Option<f32>>, ()> = toks.iter().map(|t| opt_f32(t)).collect();
+    let nums: Result<Vec<Option<f64>>, ()> = toks.iter().map(|t| opt_f32(t)).collect();
     match nums {
         Ok(n) if n.len() == 4 => Ok(Reply::Rating(Rating {
             voltage_v: n[0],
@@ -349,10 +349,9 @@ impl DecoderTrait for Decoder {
 
     fn decode(&mut self, buf: &[u8]) -> DecodeResult<Reply> {
         decode_line(buf, MAX_LINE, |line, used| {
-            let prefix = used - line.len() - 1;
-            // Resynchronise inside the line: garbage before the last `(` or `#` is dropped.
+                        // Resynchronise inside the line: garbage before the last `(` or `#` is dropped.
             if let Some(p) = line.iter().rposition(|&b| b == b'(' || b == b'#').filter(|&p| p > 0) {
-                return Err(DecodeError::new(crate::codec::ErrorKind::Garbage, prefix + p));
+                return Err(DecodeError::new(crate::codec::ErrorKind::Garbage, p));
             }
             let text = ascii(line).ok_or_else(|| DecodeError::new(crate::codec::ErrorKind::Garbage, used))?;
             parse_reply(text).map(|r| Decoded::Complete(r, used)).map_err(|what| DecodeError::malformed(what, used))

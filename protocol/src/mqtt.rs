@@ -259,11 +259,11 @@ pub struct DeviceStatus {
 #[serde(default)]
 pub struct PowerMeterReading {
     /// Battery (bus) voltage, V.
-    pub battery_voltage_v: Option<f32>,
+    pub battery_voltage_v: Option<f64>,
     /// Current, A (positive = discharging).
-    pub current_a: Option<f32>,
+    pub current_a: Option<f64>,
     /// Power, W.
-    pub power_w: Option<f32>,
+    pub power_w: Option<f64>,
 }
 
 /// The ventilator's remote-alarm contact.

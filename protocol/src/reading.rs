@@ -13,24 +13,24 @@ pub struct UpsReading {
     /// The UPS says its battery is low.
     pub battery_low: Option<bool>,
     /// Input (mains) voltage, V.
-    pub input_voltage_v: Option<f32>,
+    pub input_voltage_v: Option<f64>,
     /// Megatec's input *fault* voltage, V: holds a glitch until the next query, so it reveals
     /// an outage shorter than one poll.
-    pub input_fault_voltage_v: Option<f32>,
+    pub input_fault_voltage_v: Option<f64>,
     /// Output voltage, V.
-    pub output_voltage_v: Option<f32>,
+    pub output_voltage_v: Option<f64>,
     /// Load, % of rating.
-    pub load_pct: Option<f32>,
+    pub load_pct: Option<f64>,
     /// Battery voltage, V (per cell on some online Megatec units, total on others).
-    pub battery_voltage_v: Option<f32>,
+    pub battery_voltage_v: Option<f64>,
     /// Battery charge, %.
-    pub battery_charge_pct: Option<f32>,
+    pub battery_charge_pct: Option<f64>,
     /// Runtime left as the UPS itself estimates it, s.
     pub runtime_s: Option<u32>,
     /// Temperature, °C.
-    pub temperature_c: Option<f32>,
+    pub temperature_c: Option<f64>,
     /// Input frequency, Hz.
-    pub frequency_hz: Option<f32>,
+    pub frequency_hz: Option<f64>,
     /// The UPS reports a fault.
     pub ups_fault: Option<bool>,
     /// The UPS asks for its battery to be replaced.
@@ -70,7 +70,7 @@ pub struct OximeterReading {
     /// Pulse rate, beats per minute.
     pub pulse_bpm: Option<u16>,
     /// Perfusion index, %.
-    pub perfusion_index: Option<f32>,
+    pub perfusion_index: Option<f64>,
     /// No sensor, sensor off the patient, or sensor disconnected.
     pub sensor_off: Option<bool>,
     /// Searching for a pulse.

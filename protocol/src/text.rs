@@ -4,8 +4,7 @@ use crate::codec::{DecodeError, Decoded, ErrorKind};
 
 /// The outcome of looking for one line at the start of a buffer.
 pub(crate) enum Line<'a> {
-    /// A line without its terminator, and the bytes used including the terminator and any
-    /// blank lines before it.
+    /// A line without its terminator, and the bytes used including the terminator.
     Found(&'a [u8], usize),
     /// Only terminators so far: these many bytes can be dropped.
     Blank(usize),
@@ -17,15 +16,16 @@ pub(crate) enum Line<'a> {
 /// lone `\r` is Megatec's terminator); blank lines are skipped. A line longer than `max`
 /// bytes is an error that drops `max` bytes.
 pub(crate) fn next_line(buf: &[u8], max: usize) -> Result<Line<'_>, DecodeError> {
-    let start = buf.iter().position(|b| !matches!(b, b'\r' | b'\n')).unwrap_or(buf.len());
-    if start == buf.len() {
-        return Ok(if start == 0 { Line::Incomplete } else { Line::Blank(start) });
+    // Terminators left over from the previous line (the `\n` of `\r\n`) and blank lines are
+    // consumed on their own, so the offset of the next line is the offset of its first byte.
+    let blank = buf.iter().take_while(|b| matches!(b, b'\r' | b'\n')).count();
+    if blank > 0 {
+        return Ok(Line::Blank(blank));
     }
-    let rest = &buf[start..];
-    match rest.iter().position(|b| matches!(b, b'\r' | b'\n')) {
-        Some(end) if end <= max => Ok(Line::Found(&rest[..end], start + end + 1)),
-        Some(_) => Err(DecodeError::new(ErrorKind::TooLong { max }, start + max)),
-        None if rest.len() > max => Err(DecodeError::new(ErrorKind::TooLong { max }, start + max)),
+    match buf.iter().position(|b| matches!(b, b'\r' | b'\n')) {
+        Some(end) if end <= max => Ok(Line::Found(&buf[..end], end + 1)),
+        Some(_) => Err(DecodeError::new(ErrorKind::TooLong { max }, max)),
+        None if buf.len() > max => Err(DecodeError::new(ErrorKind::TooLong { max }, max)),
         None => Ok(Line::Incomplete),
     }
 }
@@ -59,11 +59,11 @@ pub(crate) fn is_no_value(tok: &str) -> bool {
 
 /// A decimal field: `Ok(None)` for "no value", `Err(())` when it is neither a number nor a
 /// "no value" filler.
-pub(crate) fn opt_f32(tok: &str) -> Result<Option<f32>, ()> {
+pub(crate) fn opt_f32(tok: &str) -> Result<Option<f64>, ()> {
     if is_no_value(tok) {
         return Ok(None);
     }
-    let v: f32 = tok.parse().map_err(|_| ())?;
+    let v: f64 = tok.parse().map_err(|_| ())?;
     if v.is_finite() {
         Ok(Some(v))
     } else {

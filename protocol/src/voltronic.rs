@@ -122,19 +122,19 @@ impl Mode {
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct GeneralStatus {
     /// Input voltage, V.
-    pub input_voltage_v: Option<f32>,
+    pub input_voltage_v: Option<f64>,
     /// Input frequency, Hz.
-    pub input_frequency_hz: Option<f32>,
+    pub input_frequency_hz: Option<f64>,
     /// Output voltage, V.
-    pub output_voltage_v: Option<f32>,
+    pub output_voltage_v: Option<f64>,
     /// Output current, A.
-    pub output_current_a: Option<f32>,
+    pub output_current_a: Option<f64>,
     /// Load, %.
-    pub load_pct: Option<f32>,
+    pub load_pct: Option<f64>,
     /// Battery voltage (positive string), V.
-    pub battery_voltage_v: Option<f32>,
+    pub battery_voltage_v: Option<f64>,
     /// Temperature, °C.
-    pub temperature_c: Option<f32>,
+    pub temperature_c: Option<f64>,
     /// The 12 status characters as bits, a1 first (bit 11) to b0 (bit 0).
     pub status: u16,
 }
@@ -174,13 +174,13 @@ impl GeneralStatus {
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Battery {
     /// Battery voltage, V.
-    pub voltage_v: Option<f32>,
+    pub voltage_v: Option<f64>,
     /// Battery packs in series.
     pub packs_series: Option<u32>,
     /// Battery packs in parallel.
     pub packs_parallel: Option<u32>,
     /// Charge, %.
-    pub charge_pct: Option<f32>,
+    pub charge_pct: Option<f64>,
     /// Runtime left, minutes.
     pub runtime_min: Option<u32>,
 }
@@ -235,7 +235,7 @@ fn parse_general_status(toks: &[&str]) -> Result<GeneralStatus, &'static str> {
         return Err("QGS status characters");
     }
     let status = bits(last).ok_or("QGS status characters")?;
-    let num = |i: usize| -> Result<Option<f32>, &'static str> {
+    let num = |i: usize| -> Result<Option<f64>, &'static str> {
         fields.get(i).map_or(Ok(None), |t| opt_f32(t).map_err(|()| "QGS number"))
     };
     Ok(GeneralStatus {
@@ -305,9 +305,8 @@ impl DecoderTrait for Decoder {
 
     fn decode(&mut self, buf: &[u8]) -> DecodeResult<Reply> {
         decode_line(buf, MAX_LINE, |line, used| {
-            let prefix = used - line.len() - 1;
-            if let Some(p) = line.iter().rposition(|&b| b == b'(').filter(|&p| p > 0) {
-                return Err(DecodeError::new(ErrorKind::Garbage, prefix + p));
+                        if let Some(p) = line.iter().rposition(|&b| b == b'(').filter(|&p| p > 0) {
+                return Err(DecodeError::new(ErrorKind::Garbage, p));
             }
             let text = ascii(line).ok_or_else(|| DecodeError::new(ErrorKind::Garbage, used))?;
             parse_any(text).map(|r| Decoded::Complete(r, used)).map_err(|what| DecodeError::malformed(what, used))

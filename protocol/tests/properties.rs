@@ -126,15 +126,15 @@ proptest! {
 
     #[test]
     fn megatec_status_round_trips(v in proptest::array::uniform3(0u32..10000), load in 0u32..1000, freq in 0u32..1000, batt in 0u32..1000, temp in 0u32..1000, bits in any::<u8>(), none_mask in any::<u8>()) {
-        let opt = |i: u8, x: f32| (none_mask & (1 << i) == 0).then_some(x);
+        let opt = |i: u8, x: f64| (none_mask & (1 << i) == 0).then_some(x);
         let s = megatec::Status {
-            input_voltage_v: opt(0, v[0] as f32 / 10.0),
-            input_fault_voltage_v: opt(1, v[1] as f32 / 10.0),
-            output_voltage_v: opt(2, v[2] as f32 / 10.0),
-            load_pct: opt(3, load as f32),
-            frequency_hz: opt(4, freq as f32 / 10.0),
-            battery_voltage_v: opt(5, if batt < 1000 && batt % 2 == 0 { batt as f32 / 100.0 } else { (batt % 1000) as f32 / 10.0 }),
-            temperature_c: opt(6, temp as f32 / 10.0),
+            input_voltage_v: opt(0, v[0] as f64 / 10.0),
+            input_fault_voltage_v: opt(1, v[1] as f64 / 10.0),
+            output_voltage_v: opt(2, v[2] as f64 / 10.0),
+            load_pct: opt(3, load as f64),
+            frequency_hz: opt(4, freq as f64 / 10.0),
+            battery_voltage_v: opt(5, if batt < 1000 && batt % 2 == 0 { batt as f64 / 100.0 } else { (batt % 1000) as f64 / 10.0 }),
+            temperature_c: opt(6, temp as f64 / 10.0),
             bits: megatec::StatusBits::from_byte(bits),
         };
         let wire = s.encode();
@@ -173,7 +173,7 @@ proptest! {
             serial: None,
             spo2_pct: spo2,
             pulse_bpm: bpm,
-            perfusion_index: pi.map(|x| x as f32 / 100.0),
+            perfusion_index: pi.map(|x| x as f64 / 100.0),
             alarm: Some(alarm),
             exception: Some(exc),
         };
