@@ -90,7 +90,9 @@ impl ToJson for megatec::Reply {
                 json!({"rated_voltage_v": r.voltage_v, "rated_current_a": r.current_a,
                        "nominal_battery_voltage_v": r.battery_voltage_v, "rated_frequency_hz": r.frequency_hz}),
             ),
-            megatec::Reply::Info(i) => object("ups_identity", json!({"company": i.company, "model": i.model, "version": i.version})),
+            megatec::Reply::Info(i) => {
+                object("ups_identity", json!({"company": i.company, "model": i.model, "version": i.version}))
+            }
             megatec::Reply::Echo(c) => object("ups_unknown_command", json!({"command": c})),
         }
     }

@@ -1,6 +1,8 @@
 //! `mamori-agent decode` as an installer runs it: the real binary, captures of every format
 //! (with garbage in them), from a file and from standard input.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a failed unwrap is a failed test
+
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -27,7 +29,13 @@ fn decode_file(format: &str, path: &Path) -> (Vec<Value>, String) {
 }
 
 fn decode_stdin(format: &str, bytes: &[u8]) -> (Vec<Value>, String) {
-    let mut child = bin().args(["decode", "--format", format]).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let mut child = bin()
+        .args(["decode", "--format", format])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
     child.stdin.take().unwrap().write_all(bytes).unwrap();
     let out = child.wait_with_output().unwrap();
     assert!(out.status.success(), "{format}: {out:?}");
@@ -136,7 +144,12 @@ fn bridge_frames_from_stdin() {
     let mut bytes = Vec::new();
     for seq in 1..=3 {
         let mut out = [0u8; bridge::MAX_ENCODED];
-        let f = bridge::Frame { seq, mains_present: Some(seq != 2), ventilator: Some(bridge::ContactState::Normal), ..Default::default() };
+        let f = bridge::Frame {
+            seq,
+            mains_present: Some(seq != 2),
+            ventilator: Some(bridge::ContactState::Normal),
+            ..Default::default()
+        };
         let n = bridge::encode(&f, &mut out).unwrap();
         bytes.extend(&out[..n]);
     }
@@ -151,8 +164,26 @@ fn bridge_frames_from_stdin() {
 #[test]
 fn pure_garbage_is_reported_and_exit_is_zero() {
     let garbage: Vec<u8> = (0..5000u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
-    for format in ["megatec", "voltronic", "apc", "nut", "masimo", "nonin-ascii", "nonin-2", "nonin-7", "nonin-8", "nellcor", "bridge"] {
-        let mut child = bin().args(["decode", "--format", format]).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    for format in [
+        "megatec",
+        "voltronic",
+        "apc",
+        "nut",
+        "masimo",
+        "nonin-ascii",
+        "nonin-2",
+        "nonin-7",
+        "nonin-8",
+        "nellcor",
+        "bridge",
+    ] {
+        let mut child = bin()
+            .args(["decode", "--format", format])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
         child.stdin.take().unwrap().write_all(&garbage).unwrap();
         let out = child.wait_with_output().unwrap();
         assert!(out.status.success(), "{format}: {out:?}");

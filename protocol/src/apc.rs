@@ -294,16 +294,19 @@ mod tests {
 
     #[test]
     fn samples() {
-        assert_eq!(items(b"SM\r\n08\r\n10\r\n50\r\n099.0\r\n0327:\r\n27.34\r\nNA\r\n"), [
-            Reply::SmartMode,
-            Reply::Status(StatusByte(0x08)),
-            Reply::Status(StatusByte(0x10)),
-            Reply::Status(StatusByte(0x50)),
-            Reply::BatteryChargePct(99.0),
-            Reply::RuntimeMin(327),
-            Reply::BatteryVoltage(27.34),
-            Reply::NotAvailable,
-        ]);
+        assert_eq!(
+            items(b"SM\r\n08\r\n10\r\n50\r\n099.0\r\n0327:\r\n27.34\r\nNA\r\n"),
+            [
+                Reply::SmartMode,
+                Reply::Status(StatusByte(0x08)),
+                Reply::Status(StatusByte(0x10)),
+                Reply::Status(StatusByte(0x50)),
+                Reply::BatteryChargePct(99.0),
+                Reply::RuntimeMin(327),
+                Reply::BatteryVoltage(27.34),
+                Reply::NotAvailable,
+            ]
+        );
         assert!(StatusByte(0x50).on_battery() && StatusByte(0x50).battery_low());
         assert!(StatusByte(0x08).on_line() && !StatusByte(0x08).on_battery());
         assert_eq!(Reply::RuntimeMin(327).reading().unwrap().runtime_s, Some(327 * 60));
@@ -311,14 +314,17 @@ mod tests {
 
     #[test]
     fn unrequested_characters_between_and_before_replies() {
-        assert_eq!(items(b"!08\r\n$%+#"), [
-            Reply::Notification(Notification::LineFail),
-            Reply::Status(StatusByte(0x08)),
-            Reply::Notification(Notification::LineRestored),
-            Reply::Notification(Notification::LowBattery),
-            Reply::Notification(Notification::LowBatteryCleared),
-            Reply::Notification(Notification::ReplaceBattery),
-        ]);
+        assert_eq!(
+            items(b"!08\r\n$%+#"),
+            [
+                Reply::Notification(Notification::LineFail),
+                Reply::Status(StatusByte(0x08)),
+                Reply::Notification(Notification::LineRestored),
+                Reply::Notification(Notification::LowBattery),
+                Reply::Notification(Notification::LowBatteryCleared),
+                Reply::Notification(Notification::ReplaceBattery),
+            ]
+        );
         assert_eq!(Notification::LineFail.reading().on_battery, Some(true));
     }
 

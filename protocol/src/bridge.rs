@@ -233,7 +233,12 @@ mod tests {
             seq: 41,
             uptime_ms: 123_456,
             kind: FrameKind::Sample,
-            power: Some(PowerSample { bus_mv: 12_480, shunt_uv: -2_310, current_ma: Some(-231), power_mw: Some(2_880) }),
+            power: Some(PowerSample {
+                bus_mv: 12_480,
+                shunt_uv: -2_310,
+                current_ma: Some(-231),
+                power_mw: Some(2_880),
+            }),
             mains_present: Some(false),
             ventilator: Some(ContactState::Alarm),
             flags: flags::ALARM_LATCHED | flags::LOW_BATTERY,
@@ -263,7 +268,9 @@ mod tests {
         let mut stream = w.clone();
         stream.extend(wire(&Frame { seq: 42, ..sample() }));
         let ev = decode_all(Decoder, &stream);
-        assert!(matches!(&ev[0], StreamEvent::Error { error, .. } if matches!(error.kind, ErrorKind::Checksum { .. } | ErrorKind::Garbage)));
+        assert!(
+            matches!(&ev[0], StreamEvent::Error { error, .. } if matches!(error.kind, ErrorKind::Checksum { .. } | ErrorKind::Garbage))
+        );
         assert!(matches!(&ev[1], StreamEvent::Item { item, .. } if item.seq == 42));
     }
 

@@ -188,10 +188,7 @@ impl<D: Decoder> Stream<D> {
         let offset = self.offset;
         self.offset += leftover.len() as u64;
         let meaningful = leftover.iter().any(|b| !matches!(b, b'\r' | b'\n' | b' ' | 0));
-        meaningful.then(|| StreamEvent::Error {
-            error: DecodeError::new(ErrorKind::Truncated, leftover.len()),
-            offset,
-        })
+        meaningful.then(|| StreamEvent::Error { error: DecodeError::new(ErrorKind::Truncated, leftover.len()), offset })
     }
 
     fn consume(&mut self, n: usize) {

@@ -116,19 +116,26 @@ impl Record {
             let _ = write!(s, "SN={sn} ");
         }
         match self.spo2_pct {
-            Some(v) => { let _ = write!(s, "SPO2={v:03}% "); }
+            Some(v) => {
+                let _ = write!(s, "SPO2={v:03}% ");
+            }
             None => s.push_str("SPO2=---% "),
         }
         match self.pulse_bpm {
-            Some(v) => { let _ = write!(s, "BPM={v:03} "); }
+            Some(v) => {
+                let _ = write!(s, "BPM={v:03} ");
+            }
             None => s.push_str("BPM=--- "),
         }
         match self.perfusion_index {
-            Some(v) => { let _ = write!(s, "PI={v:05.2}% "); }
+            Some(v) => {
+                let _ = write!(s, "PI={v:05.2}% ");
+            }
             None => s.push_str("PI=--.--% "),
         }
         s.push_str("SPCO=--.-% SPMET=--.-% DESAT=-- PIDELTA=+-- ");
-        let _ = write!(s, "ALARM={:04X} EXC={:06X}\r\n", self.alarm.unwrap_or(0), self.exception.unwrap_or(exc::NORMAL));
+        let _ =
+            write!(s, "ALARM={:04X} EXC={:06X}\r\n", self.alarm.unwrap_or(0), self.exception.unwrap_or(exc::NORMAL));
         s.into_bytes()
     }
 }

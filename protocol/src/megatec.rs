@@ -313,12 +313,9 @@ fn parse_hash(body: &str) -> Result<Reply, &'static str> {
     let toks: Vec<&str> = body.split_ascii_whitespace().collect();
     let nums: Result<Vec<Option<f64>>, ()> = toks.iter().map(|t| opt_f32(t)).collect();
     match nums {
-        Ok(n) if n.len() == 4 => Ok(Reply::Rating(Rating {
-            voltage_v: n[0],
-            current_a: n[1],
-            battery_voltage_v: n[2],
-            frequency_hz: n[3],
-        })),
+        Ok(n) if n.len() == 4 => {
+            Ok(Reply::Rating(Rating { voltage_v: n[0], current_a: n[1], battery_voltage_v: n[2], frequency_hz: n[3] }))
+        }
         _ if body.len() >= 30 => {
             let col = |from: usize, to: usize| body.get(from..to.min(body.len())).unwrap_or("").trim().to_string();
             Ok(Reply::Info(Info { company: col(0, 15), model: col(16, 26), version: col(27, 37) }))
@@ -333,7 +330,8 @@ pub fn parse_reply(line: &str) -> Result<Reply, &'static str> {
         parse_status(body).map(Reply::Status)
     } else if let Some(body) = line.strip_prefix('#') {
         parse_hash(body)
-    } else if !line.is_empty() && line.len() <= 4 && line.bytes().all(|b| b.is_ascii_uppercase() || b.is_ascii_digit()) {
+    } else if !line.is_empty() && line.len() <= 4 && line.bytes().all(|b| b.is_ascii_uppercase() || b.is_ascii_digit())
+    {
         Ok(Reply::Echo(line.to_string()))
     } else {
         Err("Megatec reply")
@@ -349,7 +347,7 @@ impl DecoderTrait for Decoder {
 
     fn decode(&mut self, buf: &[u8]) -> DecodeResult<Reply> {
         decode_line(buf, MAX_LINE, |line, used| {
-                        // Resynchronise inside the line: garbage before the last `(` or `#` is dropped.
+            // Resynchronise inside the line: garbage before the last `(` or `#` is dropped.
             if let Some(p) = line.iter().rposition(|&b| b == b'(' || b == b'#').filter(|&p| p > 0) {
                 return Err(DecodeError::new(crate::codec::ErrorKind::Garbage, p));
             }
@@ -419,9 +417,17 @@ mod tests {
         let r = items(b"#220.0 000 024.0 50.0\r#MEGATEC         UPS-1000   V1.0      \r");
         assert_eq!(
             r[0],
-            Reply::Rating(Rating { voltage_v: Some(220.0), current_a: Some(0.0), battery_voltage_v: Some(24.0), frequency_hz: Some(50.0) })
+            Reply::Rating(Rating {
+                voltage_v: Some(220.0),
+                current_a: Some(0.0),
+                battery_voltage_v: Some(24.0),
+                frequency_hz: Some(50.0)
+            })
         );
-        assert_eq!(r[1], Reply::Info(Info { company: "MEGATEC".into(), model: "UPS-1000".into(), version: "V1.0".into() }));
+        assert_eq!(
+            r[1],
+            Reply::Info(Info { company: "MEGATEC".into(), model: "UPS-1000".into(), version: "V1.0".into() })
+        );
     }
 
     #[test]
@@ -432,7 +438,9 @@ mod tests {
     #[test]
     fn garbage_then_resync_within_the_line() {
         let ev = decode_all(Decoder, b"\x00\xffxx(226.0 195.0 226.0 014 49.0 27.5 30.0 00001000\r");
-        assert!(matches!(ev[0], StreamEvent::Error { ref error, offset: 0 } if error.kind == ErrorKind::Garbage && error.skip == 4));
+        assert!(
+            matches!(ev[0], StreamEvent::Error { ref error, offset: 0 } if error.kind == ErrorKind::Garbage && error.skip == 4)
+        );
         assert!(matches!(ev[1], StreamEvent::Item { item: Reply::Status(_), offset: 4 }));
         assert_eq!(ev.len(), 2);
     }
@@ -452,7 +460,9 @@ mod tests {
     fn overlong_line_is_dropped_not_buffered_forever() {
         let junk = [b'A'; 300];
         let ev = decode_all(Decoder, &junk);
-        assert!(matches!(&ev[0], StreamEvent::Error { error, .. } if error.kind == ErrorKind::TooLong { max: MAX_LINE }));
+        assert!(
+            matches!(&ev[0], StreamEvent::Error { error, .. } if error.kind == ErrorKind::TooLong { max: MAX_LINE })
+        );
     }
 
     #[test]
@@ -479,7 +489,12 @@ mod tests {
 
     #[test]
     fn rating_and_info_encode_round_trip() {
-        let rating = Rating { voltage_v: Some(220.0), current_a: Some(0.0), battery_voltage_v: Some(24.0), frequency_hz: Some(50.0) };
+        let rating = Rating {
+            voltage_v: Some(220.0),
+            current_a: Some(0.0),
+            battery_voltage_v: Some(24.0),
+            frequency_hz: Some(50.0),
+        };
         assert_eq!(rating.encode(), b"#220.0 000 024.0 50.0\r");
         let info = Info { company: "mamori".into(), model: "SIM-Q1".into(), version: "0.1".into() };
         assert_eq!(items(&info.encode()), [Reply::Info(info)]);

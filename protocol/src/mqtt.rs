@@ -50,7 +50,8 @@ pub struct InvalidHomeId;
 impl HomeId {
     /// Validate and wrap.
     pub fn new(id: &str) -> Result<HomeId, InvalidHomeId> {
-        let ok = (1..=64).contains(&id.len()) && id.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+        let ok = (1..=64).contains(&id.len())
+            && id.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
         if ok {
             Ok(HomeId(id.to_string()))
         } else {
@@ -204,7 +205,14 @@ pub struct Status {
 impl Status {
     /// The Last Will: exactly `{"state":"offline"}`.
     pub fn last_will() -> Status {
-        Status { state: ConnectionState::Offline, since: None, agent_version: None, telemetry_interval_s: None, sources: Vec::new(), reason: None }
+        Status {
+            state: ConnectionState::Offline,
+            since: None,
+            agent_version: None,
+            telemetry_interval_s: None,
+            sources: Vec::new(),
+            reason: None,
+        }
     }
 }
 
@@ -433,7 +441,8 @@ pub struct Event {
 }
 
 fn valid_ident(s: &str) -> bool {
-    (1..=64).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b':' | b'.'))
+    (1..=64).contains(&s.len())
+        && s.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b':' | b'.'))
 }
 
 /// Roles that can acknowledge an alert (never a name).
@@ -612,7 +621,10 @@ mod tests {
 
     #[test]
     fn unknown_kind_from_a_newer_agent() {
-        let e = decode::<Event>(br#"{"id":"a","seq":1,"ts":"2026-11-22T03:04:05Z","kind":"something_new","severity":"info","extra":1}"#).unwrap();
+        let e = decode::<Event>(
+            br#"{"id":"a","seq":1,"ts":"2026-11-22T03:04:05Z","kind":"something_new","severity":"info","extra":1}"#,
+        )
+        .unwrap();
         assert_eq!(e.kind, EventKind::Unknown);
     }
 

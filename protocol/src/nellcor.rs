@@ -127,7 +127,13 @@ impl Record {
     pub fn encode(&self) -> Vec<u8> {
         use alloc::format;
         let f = |v: Option<u16>| v.map_or_else(|| "---".to_string(), |v| format!("{v:3}"));
-        let mut s = format!("{}  {}  {}  {}", self.device_time, f(self.spo2_pct.map(u16::from)), f(self.pulse_bpm), f(self.pulse_amplitude));
+        let mut s = format!(
+            "{}  {}  {}  {}",
+            self.device_time,
+            f(self.spo2_pct.map(u16::from)),
+            f(self.pulse_bpm),
+            f(self.pulse_amplitude)
+        );
         for c in &self.codes {
             s.push(' ');
             s.push_str(c.as_str());

@@ -400,11 +400,14 @@ mod tests {
 
     #[test]
     fn ascii() {
-        let r: Vec<_> = decode_all(AsciiDecoder, b"SPO2=097 HR=072\r\nSPO2=--- HR=---\r\n").into_iter().filter_map(StreamEvent::item).collect();
-        assert_eq!(r, [
-            AsciiRecord { spo2_pct: Some(97), pulse_bpm: Some(72) },
-            AsciiRecord { spo2_pct: None, pulse_bpm: None }
-        ]);
+        let r: Vec<_> = decode_all(AsciiDecoder, b"SPO2=097 HR=072\r\nSPO2=--- HR=---\r\n")
+            .into_iter()
+            .filter_map(StreamEvent::item)
+            .collect();
+        assert_eq!(
+            r,
+            [AsciiRecord { spo2_pct: Some(97), pulse_bpm: Some(72) }, AsciiRecord { spo2_pct: None, pulse_bpm: None }]
+        );
         assert_eq!(parse_ascii(core::str::from_utf8(&r[0].encode()).unwrap().trim_end()), Ok(r[0].clone()));
     }
 
@@ -414,18 +417,25 @@ mod tests {
         let mut d = Format2Decoder::default();
         assert_eq!(d.decode(&[0x01, 0x81, 0x01, 0x00, 0x83]), Ok(Decoded::Progress(5)));
         assert_eq!(d.decode(&[0x01, 0x80, 0x01, 0x48, 0xCA]), Ok(Decoded::Progress(5)));
-        assert!(matches!(d.decode(&[0x01, 0x80, 0x01, 0x48, 0xCB]), Err(DecodeError { kind: ErrorKind::Checksum { .. }, skip: 1 })));
+        assert!(matches!(
+            d.decode(&[0x01, 0x80, 0x01, 0x48, 0xCB]),
+            Err(DecodeError { kind: ErrorKind::Checksum { .. }, skip: 1 })
+        ));
     }
 
     #[test]
     fn format2_packet() {
         let bytes = encode_packet(Some(96), Some(260), status::PERFUSION_GREEN, false);
-        let p: Vec<_> = decode_all(Format2Decoder::default(), &bytes).into_iter().filter_map(StreamEvent::item).collect();
+        let p: Vec<_> =
+            decode_all(Format2Decoder::default(), &bytes).into_iter().filter_map(StreamEvent::item).collect();
         assert_eq!(p.len(), 1);
         assert_eq!(p[0].pulse_bpm(), Some(260));
         assert_eq!(p[0].spo2_pct(), Some(96));
         let r = p[0].reading();
-        assert_eq!((r.spo2_pct, r.pulse_bpm, r.sensor_off, r.low_perfusion), (Some(96), Some(260), Some(false), Some(false)));
+        assert_eq!(
+            (r.spo2_pct, r.pulse_bpm, r.sensor_off, r.low_perfusion),
+            (Some(96), Some(260), Some(false), Some(false))
+        );
     }
 
     #[test]
@@ -446,7 +456,8 @@ mod tests {
         stream.extend_from_slice(b"\xff\xee garbage");
         stream.extend_from_slice(&one);
         stream.extend_from_slice(&one);
-        let packets: Vec<_> = decode_all(Format2Decoder::default(), &stream).into_iter().filter_map(StreamEvent::item).collect();
+        let packets: Vec<_> =
+            decode_all(Format2Decoder::default(), &stream).into_iter().filter_map(StreamEvent::item).collect();
         assert_eq!(packets.len(), 2);
         assert!(packets.iter().all(|p| p.spo2_pct() == Some(95)));
     }
@@ -454,7 +465,8 @@ mod tests {
     #[test]
     fn format7_packet() {
         let bytes = encode_packet(Some(88), Some(151), status::ARTIFACT, true);
-        let p: Vec<_> = decode_all(Format7Decoder::default(), &bytes).into_iter().filter_map(StreamEvent::item).collect();
+        let p: Vec<_> =
+            decode_all(Format7Decoder::default(), &bytes).into_iter().filter_map(StreamEvent::item).collect();
         assert_eq!(p.len(), 1);
         assert_eq!((p[0].spo2_pct(), p[0].pulse_bpm()), (Some(88), Some(151)));
         assert_eq!(p[0].reading().artifact, Some(true));

@@ -392,7 +392,8 @@ END LIST VAR ups\n";
 
     #[test]
     fn list_var_becomes_one_reading() {
-        let out: Vec<_> = decode_all(ReadingDecoder::default(), LIST).into_iter().filter_map(StreamEvent::item).collect();
+        let out: Vec<_> =
+            decode_all(ReadingDecoder::default(), LIST).into_iter().filter_map(StreamEvent::item).collect();
         assert_eq!(out.len(), 1);
         let Output::Reading { ups, reading, vars } = &out[0] else { panic!() };
         assert_eq!(ups, "ups");
@@ -425,7 +426,10 @@ END LIST VAR ups\n";
         assert_eq!(split_words(r#"VAR ups x "a \"b\" \\ c""#).unwrap(), ["VAR", "ups", "x", r#"a "b" \ c"#]);
         assert!(split_words(r#"VAR ups x "open"#).is_err());
         assert_eq!(quote("my ups"), "\"my ups\"");
-        assert_eq!(Command::GetVar { ups: "ups".into(), var: "ups.status".into() }.encode(), "GET VAR ups ups.status\n");
+        assert_eq!(
+            Command::GetVar { ups: "ups".into(), var: "ups.status".into() }.encode(),
+            "GET VAR ups ups.status\n"
+        );
         assert_eq!(Command::ListVar { ups: "a b".into() }.encode(), "LIST VAR \"a b\"\n");
     }
 

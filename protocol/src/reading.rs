@@ -53,9 +53,22 @@ impl UpsReading {
             ($($f:ident),*) => { $( if newer.$f.is_some() { self.$f = newer.$f; } )* };
         }
         overlay!(
-            on_battery, battery_low, input_voltage_v, input_fault_voltage_v, output_voltage_v,
-            load_pct, battery_voltage_v, battery_charge_pct, runtime_s, temperature_c,
-            frequency_hz, ups_fault, replace_battery, bypass_active, self_test, shutdown_active,
+            on_battery,
+            battery_low,
+            input_voltage_v,
+            input_fault_voltage_v,
+            output_voltage_v,
+            load_pct,
+            battery_voltage_v,
+            battery_charge_pct,
+            runtime_s,
+            temperature_c,
+            frequency_hz,
+            ups_fault,
+            replace_battery,
+            bypass_active,
+            self_test,
+            shutdown_active,
             beeper_on
         );
     }

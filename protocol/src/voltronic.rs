@@ -305,7 +305,7 @@ impl DecoderTrait for Decoder {
 
     fn decode(&mut self, buf: &[u8]) -> DecodeResult<Reply> {
         decode_line(buf, MAX_LINE, |line, used| {
-                        if let Some(p) = line.iter().rposition(|&b| b == b'(').filter(|&p| p > 0) {
+            if let Some(p) = line.iter().rposition(|&b| b == b'(').filter(|&p| p > 0) {
                 return Err(DecodeError::new(ErrorKind::Garbage, p));
             }
             let text = ascii(line).ok_or_else(|| DecodeError::new(ErrorKind::Garbage, used))?;
@@ -329,13 +329,16 @@ mod tests {
 
     #[test]
     fn qpi_qmod_ack_nak() {
-        assert_eq!(items(b"(PI00\r(L\r(B\r(ACK\r(NAK\r"), [
-            Reply::ProtocolId("PI00".into()),
-            Reply::Mode(Mode::Line),
-            Reply::Mode(Mode::Battery),
-            Reply::Ack,
-            Reply::Nak
-        ]);
+        assert_eq!(
+            items(b"(PI00\r(L\r(B\r(ACK\r(NAK\r"),
+            [
+                Reply::ProtocolId("PI00".into()),
+                Reply::Mode(Mode::Line),
+                Reply::Mode(Mode::Battery),
+                Reply::Ack,
+                Reply::Nak
+            ]
+        );
         assert_eq!(Mode::Battery.reading().on_battery, Some(true));
         assert_eq!(Mode::Fault.reading().ups_fault, Some(true));
     }
@@ -366,7 +369,9 @@ mod tests {
 
     #[test]
     fn q1_from_a_voltronic_unit() {
-        assert!(matches!(items(b"(226.0 195.0 226.0 014 49.0 27.5 30.0 10001000\r")[0], Reply::Q1(ref s) if s.bits.utility_fail));
+        assert!(
+            matches!(items(b"(226.0 195.0 226.0 014 49.0 27.5 30.0 10001000\r")[0], Reply::Q1(ref s) if s.bits.utility_fail)
+        );
     }
 
     #[test]
@@ -379,7 +384,13 @@ mod tests {
     #[test]
     fn garbage_is_skipped() {
         let ev = decode_all(Decoder, b"zz\x01(L\rhello\r(B\r");
-        let got: Vec<_> = ev.iter().filter_map(|e| match e { StreamEvent::Item { item, .. } => Some(item.clone()), _ => None }).collect();
+        let got: Vec<_> = ev
+            .iter()
+            .filter_map(|e| match e {
+                StreamEvent::Item { item, .. } => Some(item.clone()),
+                _ => None,
+            })
+            .collect();
         assert_eq!(got, [Reply::Mode(Mode::Line), Reply::Mode(Mode::Battery)]);
         assert_eq!(ev.len(), 4);
     }

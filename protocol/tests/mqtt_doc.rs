@@ -1,6 +1,8 @@
 //! Every example in `docs/mqtt.md` parses with the contract's types (and every counter-example
 //! is rejected), so the document and the code cannot drift apart.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a failed unwrap is a failed test
+
 use mamori_protocol::mqtt::{self, Ack, Event, Status, Telemetry};
 
 const DOC: &str = include_str!("../../docs/mqtt.md");
@@ -44,7 +46,8 @@ fn every_example_parses() {
 
 #[test]
 fn the_last_will_example_is_what_the_agent_registers() {
-    let lw = blocks().into_iter().find(|(t, b)| t == "status" && b.contains("offline") && !b.contains("since")).unwrap();
+    let lw =
+        blocks().into_iter().find(|(t, b)| t == "status" && b.contains("offline") && !b.contains("since")).unwrap();
     assert_eq!(lw.1.trim().as_bytes(), mqtt::encode(&Status::last_will()).as_slice());
 }
 

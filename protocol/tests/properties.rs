@@ -3,6 +3,8 @@
 //! 2. a stream split at any points yields the same items as the whole stream at once;
 //! 3. every encoder round-trips through its decoder.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a failed unwrap is a failed test
+
 use mamori_protocol::codec::{decode_all, Decoder, Stream, StreamEvent};
 use mamori_protocol::{apc, bridge, masimo, megatec, mqtt, nellcor, nonin, nut, voltronic};
 use proptest::prelude::*;

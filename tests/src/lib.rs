@@ -1,1 +1,155 @@
-//! placeholder
+//! # mamori-tests
+//!
+//! End-to-end scenarios over real parts. This library is the harness: a [`Mosquitto`] broker
+//! that a test starts itself on a free loopback port with a generated config (never the
+//! machine's broker on 1883), and helpers to wait for a condition with a deadline instead of
+//! sleeping.
+//!
+//! Scenarios live in `tests/tests/`. What exists so far: the MQTT v1 contract over a real
+//! broker (`mqtt_contract.rs`). The agent, gateway and fault scenarios come with their issues.
+#![deny(unsafe_code, missing_docs)]
+
+use std::io::{BufRead, BufReader};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+
+/// Where Debian installs the broker; `PATH` is searched first.
+const MOSQUITTO_CANDIDATES: &[&str] = &["mosquitto", "/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto"];
+
+/// Find the `mosquitto` binary, with an error that says how to install it.
+pub fn mosquitto_binary() -> Result<PathBuf> {
+    for c in MOSQUITTO_CANDIDATES {
+        let ok = Command::new(c).arg("-h").stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok();
+        if ok {
+            return Ok(PathBuf::from(c));
+        }
+    }
+    bail!("mosquitto is not installed: run scripts/test (installs it as root) or `apt-get install mosquitto`")
+}
+
+/// A free TCP port on 127.0.0.1 (the kernel's choice; released before returning, so a caller
+/// that binds it later retries on the rare collision).
+pub fn free_port() -> Result<u16> {
+    let l = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
+    Ok(l.local_addr()?.port())
+}
+
+/// A Mosquitto broker owned by one test: its own config, port, data directory and log.
+/// Killed when dropped.
+pub struct Mosquitto {
+    child: Child,
+    port: u16,
+    dir: tempfile::TempDir,
+}
+
+impl Mosquitto {
+    /// Start a broker on a free loopback port with anonymous access and `extra` config lines.
+    pub fn start(extra: &str) -> Result<Mosquitto> {
+        let bin = mosquitto_binary()?;
+        let mut last_err = None;
+        for _ in 0..5 {
+            let dir = tempfile::tempdir()?;
+            let port = free_port()?;
+            let conf = dir.path().join("mosquitto.conf");
+            std::fs::write(
+                &conf,
+                format!(
+                    "listener {port} 127.0.0.1\nallow_anonymous true\npersistence true\npersistence_location {}/\nlog_dest file {}/mosquitto.log\nlog_type all\n{extra}\n",
+                    dir.path().display(),
+                    dir.path().display()
+                ),
+            )?;
+            let mut child = Command::new(&bin)
+                .arg("-c")
+                .arg(&conf)
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .context("spawning mosquitto")?;
+            match wait_for_listener(&mut child, port, Duration::from_secs(10)) {
+                Ok(()) => return Ok(Mosquitto { child, port, dir }),
+                Err(e) => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    last_err = Some(e);
+                }
+            }
+        }
+        Err(last_err.unwrap_or_else(|| anyhow::anyhow!("mosquitto did not start")))
+    }
+
+    /// The port it listens on (127.0.0.1).
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The broker's log so far (for failure messages).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("mosquitto.log")).unwrap_or_default()
+    }
+
+    /// The broker's directory.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn wait_for_listener(child: &mut Child, port: u16, limit: Duration) -> Result<()> {
+    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+    let deadline = Deadline::after(limit);
+    loop {
+        if let Some(status) = child.try_wait()? {
+            let mut msg = String::new();
+            if let Some(err) = child.stderr.take() {
+                for line in BufReader::new(err).lines().map_while(Result::ok) {
+                    msg.push_str(&line);
+                    msg.push('\n');
+                }
+            }
+            bail!("mosquitto exited with {status}: {msg}");
+        }
+        if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+            return Ok(());
+        }
+        deadline.check("mosquitto to listen")?;
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A deadline for waiting on a condition (instead of a sleep that stands in for one).
+#[derive(Debug, Clone, Copy)]
+pub struct Deadline(std::time::Instant);
+
+impl Deadline {
+    /// A deadline `limit` from now.
+    #[allow(clippy::disallowed_methods)] // the test harness is an I/O edge: it reads the clock
+    pub fn after(limit: Duration) -> Deadline {
+        Deadline(std::time::Instant::now() + limit)
+    }
+
+    /// Err once the deadline has passed.
+    #[allow(clippy::disallowed_methods)]
+    pub fn check(&self, what: &str) -> Result<()> {
+        if std::time::Instant::now() > self.0 {
+            bail!("timed out waiting for {what}");
+        }
+        Ok(())
+    }
+
+    /// Time left (zero once passed).
+    #[allow(clippy::disallowed_methods)]
+    pub fn remaining(&self) -> Duration {
+        self.0.saturating_duration_since(std::time::Instant::now())
+    }
+}
