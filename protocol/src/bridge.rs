@@ -222,11 +222,13 @@ impl DecoderTrait for Decoder {
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, feature = "alloc"))]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+    extern crate std;
     use crate::codec::{decode_all, StreamEvent};
-    use alloc::vec::Vec;
+    use std::vec::Vec;
 
     fn sample() -> Frame {
         Frame {

@@ -13,7 +13,9 @@
 //! bytes: the caller owns the buffer. [`Stream`] is that caller for code that has a plain byte
 //! source (the `decode` CLI, tests); the agent wraps decoders in a `tokio_util` codec.
 
+#[cfg(feature = "alloc")]
 use alloc::vec::Vec;
+#[cfg(feature = "alloc")]
 use core::fmt;
 
 /// What a decoder made of the bytes it was given.
@@ -126,6 +128,7 @@ impl<T> StreamEvent<T> {
     }
 }
 
+#[cfg(feature = "alloc")]
 /// A buffer in front of a [`Decoder`]: push bytes as they arrive, pull items and errors.
 ///
 /// The buffer never grows beyond the decoder's [`Decoder::max_frame_len`] plus one push:
@@ -137,6 +140,7 @@ pub struct Stream<D: Decoder> {
     offset: u64,
 }
 
+#[cfg(feature = "alloc")]
 impl<D: Decoder> Stream<D> {
     /// A stream over `decoder`, starting at offset 0.
     pub fn new(decoder: D) -> Self {
@@ -198,12 +202,14 @@ impl<D: Decoder> Stream<D> {
     }
 }
 
+#[cfg(feature = "alloc")]
 impl<D: Decoder> fmt::Debug for Stream<D> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Stream").field("buffered", &self.buf.len()).field("offset", &self.offset).finish()
     }
 }
 
+#[cfg(feature = "alloc")]
 /// Decode a whole byte slice: every item and error, in order, with offsets. Used by tests and
 /// by the `decode` CLI.
 pub fn decode_all<D: Decoder>(decoder: D, bytes: &[u8]) -> Vec<StreamEvent<D::Item>> {

@@ -25,23 +25,40 @@
 //! (`no_std`), the agent (tokio) and the tests share the same code.
 //!
 //! "No value" on the wire (`---`, `--.-`, `@@@`, Nonin 127/511) is `None`, never zero.
+//!
+//! ## Features
+//! - `alloc` (default through `std`): every module. Without it only [`bridge`] and the
+//!   [`codec`] contract remain, and nothing needs a heap: that is how the firmware uses it.
+//! - `std` (default): `alloc` plus `std::error::Error` through the dependencies.
 #![no_std]
 #![deny(unsafe_code, missing_docs)]
 
+#[cfg(feature = "alloc")]
 extern crate alloc;
 #[cfg(feature = "std")]
 extern crate std;
 
-pub mod apc;
 pub mod bridge;
 pub mod codec;
+
+#[cfg(feature = "alloc")]
+pub mod apc;
+#[cfg(feature = "alloc")]
 pub mod masimo;
+#[cfg(feature = "alloc")]
 pub mod megatec;
+#[cfg(feature = "alloc")]
 pub mod mqtt;
+#[cfg(feature = "alloc")]
 pub mod nellcor;
+#[cfg(feature = "alloc")]
 pub mod nonin;
+#[cfg(feature = "alloc")]
 pub mod nut;
+#[cfg(feature = "alloc")]
 pub mod reading;
+#[cfg(feature = "alloc")]
 pub mod voltronic;
 
+#[cfg(feature = "alloc")]
 mod text;
