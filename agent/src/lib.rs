@@ -1,11 +1,13 @@
 //! # mamori-agent
 //!
-//! The home service. What is built so far:
-//! - [`decode`]: the installer's `decode` verb, which turns a capture of any supported device
-//!   into JSON readings.
-//!
-//! The sources, the pure monitor, the MQTT uplink with its durable spool, the local alarm and
-//! the `run` / `probe` / `simulate` verbs are the agent issue's work and are not built yet.
+//! The home service. Layers, outside in:
+//! - the command line (`main.rs`): `run`, `probe`, `decode`, `simulate`;
+//! - the I/O edges: [`sources`] (serial, NUT, I2C, GPIO) and [`uplink`] (MQTT);
+//! - the [`spool`]: the durable log that makes "nothing is lost" true;
+//! - the pure core: [`monitor`] (readings to state and events) and [`alarm`] (what the
+//!   family's buzzer and LEDs show), both with time passed in.
 #![deny(unsafe_code, missing_docs)]
 
+pub mod config;
 pub mod decode;
+pub mod monitor;

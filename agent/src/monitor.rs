@@ -1,0 +1,864 @@
+//! The monitor: turns readings into the home's state and into events. Pure: no I/O, no clock,
+//! no tasks. Time comes in as [`Now`] (a monotonic millisecond count for every duration rule,
+//! and the wall-clock time with its offset for the events' `ts`), so every rule here is tested
+//! without sockets or sleeps.
+//!
+//! ## Rules
+//! - **Staleness**: a source that has not produced a reading for its `lost_after_ms` (3 missed
+//!   polls for polled devices, 5 s for streams, by default) is `device_lost`; its next reading
+//!   is `device_restored`. A source that never answers after start-up is lost too. Garbage on
+//!   a line is counted and does not keep a source alive.
+//! - **Mains**: lost when any mains-capable source says so (a UPS on battery, the mains
+//!   contact, the bridge's mains input); restored when none does. An agent that starts during
+//!   an outage reports it. A Megatec reply whose *input fault voltage* is under the source's
+//!   `glitch_below_v` while the UPS is on line, after a poll that was on line too, reveals an
+//!   outage shorter than one poll: it becomes `mains_lost` + `mains_restored` with
+//!   `"glitch": true`. (After a real outage the first reply still carries the outage's fault
+//!   voltage, which is why the previous poll must have been on line.)
+//! - **Battery low / UPS fault**: from the UPS's flags, the bridge's low-battery flag, or a
+//!   power monitor's comparator (which has its own hysteresis); one event per change.
+//! - **SpO2 and pulse**: `spo2_low` after SpO2 stays under the limit for the delay; `spo2_ok`
+//!   only once it is back at the limit plus the hysteresis. Pulse likewise, outside
+//!   `[low, high]`. A reading with no value neither starts nor continues the delay (the sensor
+//!   being off is its own event), so noise around a limit cannot produce a storm.
+//! - **Oximeter flags**: `oximeter_alarm` when its alarm starts, `oximeter_alarm_silenced`
+//!   when it is silenced at the bedside (a reason to tell someone, not to stay quiet),
+//!   `oximeter_alarm_cleared` when both end; `sensor_off` / `sensor_on` after the state holds
+//!   for 3 s (a probe slipping for a moment is not an event).
+//! - **Ventilator**: the contact pair's state changes become `ventilator_alarm`,
+//!   `ventilator_alarm_cleared`, `alarm_cable_fault`, `alarm_cable_ok`. A latched alarm that
+//!   already ended (a short pulse, or silenced at once) still becomes `ventilator_alarm` +
+//!   `ventilator_alarm_cleared` with `"latched": true`.
+
+use std::collections::BTreeMap;
+
+use mamori_firmware::contact::Debouncer;
+use mamori_protocol::bridge::{self, ContactState, Frame};
+use mamori_protocol::mqtt::{
+    DeviceKind, DeviceState, DeviceStatus, EventKind, PowerMeterReading, SpoolStatus, Telemetry, Timestamp,
+    VentilatorReading,
+};
+use mamori_protocol::reading::{OximeterReading, UpsReading};
+use serde_json::{Map, Value};
+
+use crate::config::Thresholds;
+
+/// The time of an input: monotonic for durations, wall clock for timestamps.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Now {
+    /// Monotonic milliseconds (any origin).
+    pub mono_ms: u64,
+    /// Wall-clock time with its UTC offset.
+    pub wall: Timestamp,
+}
+
+/// What the monitor knows about a source before it reads anything.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SourceSpec {
+    /// The source id from the config.
+    pub id: String,
+    /// What it is.
+    pub kind: DeviceKind,
+    /// Silence after which it is lost, ms.
+    pub lost_after_ms: u64,
+    /// For Megatec UPSes: the input fault voltage under which a short outage is inferred.
+    pub glitch_below_v: Option<f64>,
+}
+
+/// One thing a source produced.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Observation {
+    /// A UPS reading (serial or NUT).
+    Ups(UpsReading),
+    /// A power monitor reading, with its low-battery comparator's verdict.
+    PowerMeter {
+        /// The reading.
+        reading: PowerMeterReading,
+        /// Below the configured low-battery voltage (with hysteresis).
+        low: Option<bool>,
+    },
+    /// An oximeter reading.
+    Oximeter(OximeterReading),
+    /// A sensor-bridge frame.
+    Bridge(Frame),
+    /// GPIO contacts.
+    Contacts {
+        /// Mains present, if wired.
+        mains_present: Option<bool>,
+        /// The ventilator pair, if wired.
+        ventilator: Option<ContactState>,
+        /// An alarm began since the last observation.
+        alarm_latched: bool,
+    },
+    /// Bytes that did not decode (counted; does not keep the source alive).
+    Garbage,
+    /// The source's port failed (missing, unplugged, refused); the reason is kept for
+    /// `device_lost`.
+    Failed(String),
+}
+
+/// An event the monitor raised; the spool gives it its `id` and `seq`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewEvent {
+    /// What happened.
+    pub kind: EventKind,
+    /// The source, for device events.
+    pub source: Option<String>,
+    /// When it was observed.
+    pub ts: Timestamp,
+    /// Readings at the time.
+    pub data: Map<String, Value>,
+}
+
+#[derive(Debug, Clone)]
+struct SourceState {
+    spec: SourceSpec,
+    last_seen_ms: Option<u64>,
+    since_ms: u64,
+    lost: bool,
+    last_error: Option<String>,
+    garbage: u64,
+    /// Last UPS on-battery verdict from this source, for the glitch rule.
+    last_on_battery: Option<bool>,
+}
+
+#[derive(Debug, Clone, Default)]
+struct OxState {
+    reading: Option<OximeterReading>,
+    spo2_low_since: Option<u64>,
+    spo2_alarm: bool,
+    pulse_out_since: Option<u64>,
+    pulse_alarm: bool,
+    alarm_active: bool,
+    alarm_silenced: bool,
+    sensor_off: Option<Debouncer>,
+    sensor_off_reported: Option<bool>,
+}
+
+/// How long the sensor-off flag must hold before it is an event, ms.
+const SENSOR_OFF_HOLD_MS: u32 = 3000;
+
+/// The home's state as the agent sees it.
+#[derive(Debug, Clone)]
+pub struct Monitor {
+    thresholds: Thresholds,
+    sources: BTreeMap<String, SourceState>,
+    mains_lost_by: BTreeMap<String, bool>,
+    mains_lost: Option<bool>,
+    battery_low_by: BTreeMap<String, bool>,
+    battery_low: bool,
+    ups_fault_by: BTreeMap<String, bool>,
+    ups: Option<UpsReading>,
+    power_meter: Option<PowerMeterReading>,
+    oximeters: BTreeMap<String, OxState>,
+    ventilator: Option<ContactState>,
+    changed: bool,
+}
+
+fn data_of<T: serde::Serialize>(value: &T) -> Map<String, Value> {
+    match serde_json::to_value(value) {
+        Ok(Value::Object(m)) => m.into_iter().filter(|(_, v)| !v.is_null()).collect(),
+        _ => Map::new(),
+    }
+}
+
+impl Monitor {
+    /// A monitor for `sources`, started at `now`.
+    pub fn new(sources: Vec<SourceSpec>, thresholds: Thresholds, now: &Now) -> Self {
+        let sources = sources
+            .into_iter()
+            .map(|spec| {
+                let st = SourceState {
+                    spec: spec.clone(),
+                    last_seen_ms: None,
+                    since_ms: now.mono_ms,
+                    lost: false,
+                    last_error: None,
+                    garbage: 0,
+                    last_on_battery: None,
+                };
+                (spec.id, st)
+            })
+            .collect();
+        Monitor {
+            thresholds,
+            sources,
+            mains_lost_by: BTreeMap::new(),
+            mains_lost: None,
+            battery_low_by: BTreeMap::new(),
+            battery_low: false,
+            ups_fault_by: BTreeMap::new(),
+            ups: None,
+            power_meter: None,
+            oximeters: BTreeMap::new(),
+            ventilator: None,
+            changed: true,
+        }
+    }
+
+    fn event(kind: EventKind, source: Option<&str>, now: &Now, data: Map<String, Value>) -> NewEvent {
+        NewEvent { kind, source: source.map(str::to_string), ts: now.wall, data }
+    }
+
+    /// Feed what `source` produced at `now`; returns the events it raises.
+    pub fn observe(&mut self, source: &str, obs: Observation, now: &Now) -> Vec<NewEvent> {
+        let mut out = Vec::new();
+        let Some(st) = self.sources.get_mut(source) else { return out };
+        match obs {
+            Observation::Garbage => {
+                st.garbage += 1;
+                return out;
+            }
+            Observation::Failed(reason) => {
+                st.last_error = Some(reason);
+                return out;
+            }
+            _ => {}
+        }
+        st.last_seen_ms = Some(now.mono_ms);
+        st.last_error = None;
+        if st.lost {
+            st.lost = false;
+            self.changed = true;
+            out.push(Self::event(EventKind::DeviceRestored, Some(source), now, Map::new()));
+        }
+        match obs {
+            Observation::Ups(r) => self.observe_ups(source, r, now, &mut out),
+            Observation::PowerMeter { reading, low } => {
+                if let Some(low) = low {
+                    self.set_battery_low(source, low, now, data_of(&reading), &mut out);
+                }
+                self.power_meter = Some(reading);
+            }
+            Observation::Oximeter(r) => self.observe_oximeter(source, r, now, &mut out),
+            Observation::Bridge(f) => self.observe_bridge(source, &f, now, &mut out),
+            Observation::Contacts { mains_present, ventilator, alarm_latched } => {
+                if let Some(p) = mains_present {
+                    self.set_mains_lost(source, !p, now, Map::new(), &mut out);
+                }
+                if let Some(v) = ventilator {
+                    self.set_ventilator(source, v, alarm_latched, now, &mut out);
+                }
+            }
+            Observation::Garbage | Observation::Failed(_) => {}
+        }
+        out.extend(self.tick(now));
+        out
+    }
+
+    fn observe_ups(&mut self, source: &str, r: UpsReading, now: &Now, out: &mut Vec<NewEvent>) {
+        let data = data_of(&r);
+        let (glitch_below, prev_on_battery) = match self.sources.get_mut(source) {
+            Some(st) => {
+                let prev = st.last_on_battery;
+                if r.on_battery.is_some() {
+                    st.last_on_battery = r.on_battery;
+                }
+                (st.spec.glitch_below_v, prev)
+            }
+            None => (None, None),
+        };
+        if let Some(on_battery) = r.on_battery {
+            let glitch = !on_battery
+                && prev_on_battery == Some(false)
+                && self.mains_lost != Some(true)
+                && matches!((glitch_below, r.input_fault_voltage_v), (Some(limit), Some(v)) if v < limit);
+            if glitch {
+                let mut d = data.clone();
+                d.insert("glitch".into(), true.into());
+                out.push(Self::event(EventKind::MainsLost, Some(source), now, d.clone()));
+                out.push(Self::event(EventKind::MainsRestored, Some(source), now, d));
+                self.changed = true;
+            }
+            self.set_mains_lost(source, on_battery, now, data.clone(), out);
+        }
+        if let Some(low) = r.battery_low {
+            self.set_battery_low(source, low, now, data.clone(), out);
+        }
+        if let Some(fault) = r.ups_fault {
+            let was = self.ups_fault_by.insert(source.to_string(), fault).unwrap_or(false);
+            if fault != was {
+                let kind = if fault { EventKind::UpsFault } else { EventKind::UpsFaultCleared };
+                out.push(Self::event(kind, Some(source), now, data.clone()));
+                self.changed = true;
+            }
+        }
+        match &mut self.ups {
+            Some(u) => u.merge(&r),
+            None => self.ups = Some(r),
+        }
+    }
+
+    fn set_mains_lost(
+        &mut self,
+        source: &str,
+        lost: bool,
+        now: &Now,
+        data: Map<String, Value>,
+        out: &mut Vec<NewEvent>,
+    ) {
+        self.mains_lost_by.insert(source.to_string(), lost);
+        let any = self.mains_lost_by.values().any(|&l| l);
+        if self.mains_lost != Some(any) {
+            let first = self.mains_lost.is_none();
+            self.mains_lost = Some(any);
+            self.changed = true;
+            // Starting up on mains is not news; starting up on battery is.
+            if any || !first {
+                let kind = if any { EventKind::MainsLost } else { EventKind::MainsRestored };
+                out.push(Self::event(kind, Some(source), now, data));
+            }
+        }
+    }
+
+    fn set_battery_low(
+        &mut self,
+        source: &str,
+        low: bool,
+        now: &Now,
+        data: Map<String, Value>,
+        out: &mut Vec<NewEvent>,
+    ) {
+        self.battery_low_by.insert(source.to_string(), low);
+        let any = self.battery_low_by.values().any(|&l| l);
+        if any != self.battery_low {
+            self.battery_low = any;
+            self.changed = true;
+            let kind = if any { EventKind::BatteryLow } else { EventKind::BatteryOk };
+            out.push(Self::event(kind, Some(source), now, data));
+        }
+    }
+
+    fn set_ventilator(&mut self, source: &str, state: ContactState, latched: bool, now: &Now, out: &mut Vec<NewEvent>) {
+        let prev = self.ventilator.replace(state);
+        if prev != Some(state) {
+            self.changed = true;
+        }
+        let ev = |kind, latched: bool| {
+            let mut d = Map::new();
+            if latched {
+                d.insert("latched".into(), true.into());
+            }
+            Self::event(kind, Some(source), now, d)
+        };
+        match (prev, state) {
+            (Some(ContactState::CableFault), s) if s != ContactState::CableFault => {
+                out.push(ev(EventKind::AlarmCableOk, false))
+            }
+            _ => {}
+        }
+        match (prev, state) {
+            (p, ContactState::Alarm) if p != Some(ContactState::Alarm) => {
+                out.push(ev(EventKind::VentilatorAlarm, false))
+            }
+            (Some(ContactState::Alarm), s) if s != ContactState::Alarm => {
+                out.push(ev(EventKind::VentilatorAlarmCleared, false))
+            }
+            // An alarm that began and ended between two observations.
+            (_, s) if latched && s != ContactState::Alarm => {
+                out.push(ev(EventKind::VentilatorAlarm, true));
+                out.push(ev(EventKind::VentilatorAlarmCleared, true));
+                self.changed = true;
+            }
+            _ => {}
+        }
+        if state == ContactState::CableFault && prev != Some(ContactState::CableFault) {
+            out.push(ev(EventKind::AlarmCableFault, false));
+        }
+    }
+
+    fn observe_bridge(&mut self, source: &str, f: &Frame, now: &Now, out: &mut Vec<NewEvent>) {
+        if let Some(p) = f.power {
+            self.power_meter = Some(PowerMeterReading {
+                battery_voltage_v: Some(f64::from(p.bus_mv) / 1000.0),
+                current_a: p.current_ma.map(|ma| f64::from(ma) / 1000.0),
+                power_w: p.power_mw.map(|mw| f64::from(mw) / 1000.0),
+            });
+        }
+        if let Some(p) = f.mains_present {
+            self.set_mains_lost(source, !p, now, Map::new(), out);
+        }
+        if f.power.is_some() || f.flags & bridge::flags::LOW_BATTERY != 0 {
+            let data = self.power_meter.as_ref().map(data_of).unwrap_or_default();
+            self.set_battery_low(source, f.flags & bridge::flags::LOW_BATTERY != 0, now, data, out);
+        }
+        if let Some(v) = f.ventilator {
+            self.set_ventilator(source, v, f.flags & bridge::flags::ALARM_LATCHED != 0, now, out);
+        }
+    }
+
+    fn observe_oximeter(&mut self, source: &str, r: OximeterReading, now: &Now, out: &mut Vec<NewEvent>) {
+        let ox = self.oximeters.entry(source.to_string()).or_default();
+        let data = data_of(&r);
+        let mut push = |kind| out.push(Self::event(kind, Some(source), now, data.clone()));
+        // The bedside alarm.
+        let active = r.alarm_active.unwrap_or(false);
+        let silenced = r.alarm_silenced.unwrap_or(false);
+        if active && !ox.alarm_active {
+            push(EventKind::OximeterAlarm);
+        }
+        if silenced && !ox.alarm_silenced {
+            push(EventKind::OximeterAlarmSilenced);
+        }
+        if !active && !silenced && (ox.alarm_active || ox.alarm_silenced) {
+            push(EventKind::OximeterAlarmCleared);
+        }
+        if active != ox.alarm_active || silenced != ox.alarm_silenced {
+            self.changed = true;
+        }
+        ox.alarm_active = active;
+        ox.alarm_silenced = silenced;
+        // The sensor, held for a few seconds before it counts.
+        if let Some(off) = r.sensor_off {
+            let deb = ox.sensor_off.get_or_insert_with(|| Debouncer::new(SENSOR_OFF_HOLD_MS));
+            if let Some(off) = deb.update(off, now.mono_ms) {
+                let was = ox.sensor_off_reported.replace(off);
+                if was != Some(off) && (off || was == Some(true)) {
+                    push(if off { EventKind::SensorOff } else { EventKind::SensorOn });
+                    self.changed = true;
+                }
+            }
+        }
+        // Delayed thresholds: a missing value stops the clock.
+        let t = self.thresholds;
+        match r.spo2_pct {
+            Some(v) if v < t.spo2_low_pct => {
+                ox.spo2_low_since.get_or_insert(now.mono_ms);
+            }
+            Some(v) => {
+                ox.spo2_low_since = None;
+                if ox.spo2_alarm && v >= t.spo2_low_pct.saturating_add(t.spo2_hysteresis_pct) {
+                    ox.spo2_alarm = false;
+                    push(EventKind::Spo2Ok);
+                    self.changed = true;
+                }
+            }
+            None => ox.spo2_low_since = None,
+        }
+        match r.pulse_bpm {
+            Some(v) if v < t.pulse_low_bpm || v > t.pulse_high_bpm => {
+                ox.pulse_out_since.get_or_insert(now.mono_ms);
+            }
+            Some(v) => {
+                ox.pulse_out_since = None;
+                let inside = v >= t.pulse_low_bpm + t.pulse_hysteresis_bpm
+                    && v <= t.pulse_high_bpm.saturating_sub(t.pulse_hysteresis_bpm);
+                if ox.pulse_alarm && inside {
+                    ox.pulse_alarm = false;
+                    push(EventKind::PulseOk);
+                    self.changed = true;
+                }
+            }
+            None => ox.pulse_out_since = None,
+        }
+        ox.reading = Some(r);
+    }
+
+    /// Apply the rules that fire on time alone (staleness, threshold delays); call at
+    /// [`Monitor::next_deadline_ms`] or any time.
+    pub fn tick(&mut self, now: &Now) -> Vec<NewEvent> {
+        let mut out = Vec::new();
+        for (id, st) in &mut self.sources {
+            let last = st.last_seen_ms.unwrap_or(st.since_ms);
+            if !st.lost && now.mono_ms.saturating_sub(last) >= st.spec.lost_after_ms {
+                st.lost = true;
+                self.changed = true;
+                let mut d = Map::new();
+                d.insert("silent_ms".into(), now.mono_ms.saturating_sub(last).into());
+                if let Some(e) = &st.last_error {
+                    d.insert("reason".into(), e.clone().into());
+                }
+                if st.last_seen_ms.is_none() {
+                    d.insert("never_answered".into(), true.into());
+                }
+                out.push(Self::event(EventKind::DeviceLost, Some(id), now, d));
+            }
+        }
+        let t = self.thresholds;
+        for (id, ox) in &mut self.oximeters {
+            let data = ox.reading.as_ref().map(data_of).unwrap_or_default();
+            if let Some(since) = ox.spo2_low_since {
+                if !ox.spo2_alarm && now.mono_ms.saturating_sub(since) >= u64::from(t.spo2_delay_s) * 1000 {
+                    ox.spo2_alarm = true;
+                    self.changed = true;
+                    out.push(Self::event(EventKind::Spo2Low, Some(id), now, data.clone()));
+                }
+            }
+            if let Some(since) = ox.pulse_out_since {
+                if !ox.pulse_alarm && now.mono_ms.saturating_sub(since) >= u64::from(t.pulse_delay_s) * 1000 {
+                    ox.pulse_alarm = true;
+                    self.changed = true;
+                    out.push(Self::event(EventKind::PulseOutOfRange, Some(id), now, data));
+                }
+            }
+        }
+        out
+    }
+
+    /// The next monotonic time at which [`Monitor::tick`] may raise something.
+    pub fn next_deadline_ms(&self) -> Option<u64> {
+        let lost = self
+            .sources
+            .values()
+            .filter(|s| !s.lost)
+            .map(|s| s.last_seen_ms.unwrap_or(s.since_ms) + s.spec.lost_after_ms);
+        let t = self.thresholds;
+        let ox = self.oximeters.values().flat_map(|o| {
+            [
+                o.spo2_low_since.filter(|_| !o.spo2_alarm).map(|s| s + u64::from(t.spo2_delay_s) * 1000),
+                o.pulse_out_since.filter(|_| !o.pulse_alarm).map(|s| s + u64::from(t.pulse_delay_s) * 1000),
+            ]
+        });
+        lost.chain(ox.flatten()).min()
+    }
+
+    /// Whether anything discrete changed since the last [`Monitor::snapshot`].
+    pub fn changed(&self) -> bool {
+        self.changed
+    }
+
+    /// Undecodable stretches counted for `source`.
+    pub fn garbage(&self, source: &str) -> u64 {
+        self.sources.get(source).map_or(0, |s| s.garbage)
+    }
+
+    /// Mains lost (any source), battery low (any source), any device lost: what the family's
+    /// local alarm shows.
+    pub fn local_state(&self) -> (bool, bool, bool) {
+        (self.mains_lost == Some(true), self.battery_low, self.sources.values().any(|s| s.lost))
+    }
+
+    /// The telemetry snapshot (clears the "changed" mark).
+    pub fn snapshot(&mut self, now: &Now, interval_s: u32, spool: Option<SpoolStatus>) -> Telemetry {
+        self.changed = false;
+        let lost = |kind: DeviceKind| self.sources.values().filter(|s| s.spec.kind == kind).all(|s| s.lost);
+        let oximeter =
+            if lost(DeviceKind::Oximeter) { None } else { self.oximeters.values().find_map(|o| o.reading.clone()) };
+        Telemetry {
+            ts: now.wall,
+            interval_s,
+            mains_present: self.mains_lost.map(|l| !l),
+            ups: self.ups.clone(),
+            power_meter: self.power_meter.clone(),
+            oximeter,
+            ventilator: self.ventilator.map(|alarm| VentilatorReading { alarm }),
+            devices: self
+                .sources
+                .values()
+                .map(|s| DeviceStatus {
+                    id: s.spec.id.clone(),
+                    kind: s.spec.kind,
+                    state: if s.lost { DeviceState::Lost } else { DeviceState::Ok },
+                })
+                .collect(),
+            spool,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mamori_protocol::bridge::{flags, FrameKind, PowerSample};
+
+    fn at(ms: u64) -> Now {
+        let base = chrono::DateTime::parse_from_rfc3339("2026-11-22T03:00:00+09:00").unwrap();
+        Now { mono_ms: ms, wall: base + chrono::Duration::milliseconds(ms as i64) }
+    }
+
+    fn spec(id: &str, kind: DeviceKind, lost_after_ms: u64) -> SourceSpec {
+        SourceSpec { id: id.into(), kind, lost_after_ms, glitch_below_v: (kind == DeviceKind::Ups).then_some(80.0) }
+    }
+
+    /// All three sources (for the staleness tests).
+    fn monitor() -> Monitor {
+        Monitor::new(
+            vec![
+                spec("ups", DeviceKind::Ups, 750),
+                spec("oximeter", DeviceKind::Oximeter, 5000),
+                spec("vent", DeviceKind::Contacts, 1000),
+            ],
+            Thresholds::default(),
+            &at(0),
+        )
+    }
+
+    /// Only the source a test drives (others would rightly be reported lost).
+    fn only(id: &str) -> Monitor {
+        let kind = match id {
+            "ups" => DeviceKind::Ups,
+            "oximeter" => DeviceKind::Oximeter,
+            _ => DeviceKind::Contacts,
+        };
+        Monitor::new(vec![spec(id, kind, 1_000_000)], Thresholds::default(), &at(0))
+    }
+
+    fn kinds(evs: &[NewEvent]) -> Vec<EventKind> {
+        evs.iter().map(|e| e.kind).collect()
+    }
+
+    fn ups(on_battery: bool, fault_v: f64) -> Observation {
+        Observation::Ups(UpsReading {
+            on_battery: Some(on_battery),
+            battery_low: Some(false),
+            ups_fault: Some(false),
+            input_voltage_v: Some(if on_battery { 0.0 } else { 100.0 }),
+            input_fault_voltage_v: Some(fault_v),
+            ..Default::default()
+        })
+    }
+
+    fn oxi(spo2: Option<u8>, pulse: Option<u16>) -> Observation {
+        Observation::Oximeter(OximeterReading {
+            spo2_pct: spo2,
+            pulse_bpm: pulse,
+            sensor_off: Some(false),
+            alarm_active: Some(false),
+            alarm_silenced: Some(false),
+            ..Default::default()
+        })
+    }
+
+    #[test]
+    fn mains_lost_and_restored_once_each() {
+        let mut m = only("ups");
+        assert!(m.observe("ups", ups(false, 100.0), &at(0)).is_empty(), "starting on mains is not news");
+        let e = m.observe("ups", ups(true, 0.0), &at(250));
+        assert_eq!(kinds(&e), [EventKind::MainsLost]);
+        assert_eq!(e[0].ts, at(250).wall);
+        assert_eq!(e[0].data["input_voltage_v"], 0.0);
+        assert!(m.observe("ups", ups(true, 0.0), &at(500)).is_empty());
+        // The first reply after the outage still shows its fault voltage: not a glitch.
+        assert_eq!(kinds(&m.observe("ups", ups(false, 0.0), &at(750))), [EventKind::MainsRestored]);
+        assert!(m.observe("ups", ups(false, 100.0), &at(1000)).is_empty());
+    }
+
+    #[test]
+    fn starting_during_an_outage_reports_it() {
+        let mut m = only("ups");
+        assert_eq!(kinds(&m.observe("ups", ups(true, 0.0), &at(0))), [EventKind::MainsLost]);
+    }
+
+    #[test]
+    fn an_outage_shorter_than_a_poll_is_caught_by_the_fault_voltage() {
+        let mut m = only("ups");
+        m.observe("ups", ups(false, 100.0), &at(0));
+        let e = m.observe("ups", ups(false, 12.0), &at(250));
+        assert_eq!(kinds(&e), [EventKind::MainsLost, EventKind::MainsRestored]);
+        assert_eq!(e[0].data["glitch"], true);
+        assert_eq!(m.local_state().0, false, "and mains is present afterwards");
+    }
+
+    #[test]
+    fn staleness_and_restore() {
+        let mut m = monitor();
+        m.observe("ups", ups(false, 100.0), &at(0));
+        m.observe(
+            "vent",
+            Observation::Contacts { mains_present: None, ventilator: Some(ContactState::Normal), alarm_latched: false },
+            &at(0),
+        );
+        m.observe("oximeter", oxi(Some(97), Some(80)), &at(0));
+        assert!(m.tick(&at(700)).is_empty());
+        assert_eq!(m.next_deadline_ms(), Some(750));
+        let e = m.tick(&at(750));
+        assert_eq!(kinds(&e), [EventKind::DeviceLost]);
+        assert_eq!(e[0].source.as_deref(), Some("ups"));
+        assert!(m.tick(&at(800)).is_empty(), "lost once");
+        m.observe("ups", Observation::Failed("port /dev/ttyUSB0 missing".into()), &at(900));
+        m.observe("ups", Observation::Garbage, &at(950));
+        assert_eq!(m.garbage("ups"), 1);
+        let e = m.observe("ups", ups(false, 100.0), &at(1200));
+        assert_eq!(kinds(&e)[0], EventKind::DeviceRestored);
+        let snap = m.snapshot(&at(1200), 10, None);
+        assert!(snap.devices.iter().any(|d| d.id == "vent" && d.state == DeviceState::Lost));
+        assert!(snap.devices.iter().any(|d| d.id == "ups" && d.state == DeviceState::Ok));
+    }
+
+    #[test]
+    fn a_device_that_never_answers_is_lost() {
+        let mut m = monitor();
+        let e = m.tick(&at(5000));
+        assert!(e.iter().all(|e| e.kind == EventKind::DeviceLost));
+        assert_eq!(e.len(), 3);
+        assert_eq!(e[0].data["never_answered"], true);
+    }
+
+    #[test]
+    fn spo2_low_after_the_delay_and_ok_after_hysteresis() {
+        let mut m = only("oximeter");
+        let mut evs = Vec::new();
+        for s in 0..=10u64 {
+            evs.extend(m.observe("oximeter", oxi(Some(87), Some(120)), &at(s * 1000)));
+        }
+        assert_eq!(kinds(&evs), [EventKind::Spo2Low], "at 10 s, not before");
+        assert!(
+            m.observe("oximeter", oxi(Some(91), Some(120)), &at(11_000)).is_empty(),
+            "91 is inside the hysteresis band"
+        );
+        assert_eq!(kinds(&m.observe("oximeter", oxi(Some(92), Some(120)), &at(12_000))), [EventKind::Spo2Ok]);
+    }
+
+    #[test]
+    fn a_value_flickering_around_the_limit_makes_no_storm() {
+        let mut m = only("oximeter");
+        let mut evs = Vec::new();
+        for s in 0..120u64 {
+            let v = if s % 2 == 0 { 89 } else { 90 };
+            evs.extend(m.observe("oximeter", oxi(Some(v), Some(80)), &at(s * 1000)));
+        }
+        assert!(evs.is_empty(), "{evs:?}");
+        // And a missing value stops the delay rather than counting towards it.
+        for s in 0..30u64 {
+            let v = if s % 3 == 0 { None } else { Some(85) };
+            evs.extend(m.observe("oximeter", oxi(v, Some(80)), &at(200_000 + s * 1000)));
+        }
+        assert!(evs.is_empty(), "{evs:?}");
+    }
+
+    #[test]
+    fn pulse_out_of_range_both_ways() {
+        let mut m = only("oximeter");
+        let mut evs = Vec::new();
+        for s in 0..=10u64 {
+            evs.extend(m.observe("oximeter", oxi(Some(97), Some(190)), &at(s * 1000)));
+        }
+        assert_eq!(kinds(&evs), [EventKind::PulseOutOfRange]);
+        assert!(m.observe("oximeter", oxi(Some(97), Some(178)), &at(11_000)).is_empty());
+        assert_eq!(kinds(&m.observe("oximeter", oxi(Some(97), Some(170)), &at(12_000))), [EventKind::PulseOk]);
+    }
+
+    #[test]
+    fn bedside_alarm_then_silenced_then_cleared() {
+        let mut m = only("oximeter");
+        let r = |active, silenced| {
+            Observation::Oximeter(OximeterReading {
+                spo2_pct: Some(86),
+                alarm_active: Some(active),
+                alarm_silenced: Some(silenced),
+                ..Default::default()
+            })
+        };
+        assert_eq!(kinds(&m.observe("oximeter", r(true, false), &at(0))), [EventKind::OximeterAlarm]);
+        let e = m.observe("oximeter", r(false, true), &at(1000));
+        assert_eq!(kinds(&e), [EventKind::OximeterAlarmSilenced]);
+        assert_eq!(e[0].data["spo2_pct"], 86);
+        assert_eq!(kinds(&m.observe("oximeter", r(false, false), &at(2000))), [EventKind::OximeterAlarmCleared]);
+    }
+
+    #[test]
+    fn sensor_off_must_hold() {
+        let mut m = only("oximeter");
+        let r = |off| Observation::Oximeter(OximeterReading { sensor_off: Some(off), ..Default::default() });
+        let mut evs = Vec::new();
+        for s in 0..10u64 {
+            evs.extend(m.observe("oximeter", r(s % 2 == 1), &at(s * 1000)));
+        }
+        assert!(evs.is_empty(), "a probe slipping on and off is not an event: {evs:?}");
+        for s in 10..15u64 {
+            evs.extend(m.observe("oximeter", r(true), &at(s * 1000)));
+        }
+        assert_eq!(kinds(&evs), [EventKind::SensorOff]);
+        for s in 15..20u64 {
+            evs.extend(m.observe("oximeter", r(false), &at(s * 1000)));
+        }
+        assert_eq!(kinds(&evs), [EventKind::SensorOff, EventKind::SensorOn]);
+    }
+
+    #[test]
+    fn ventilator_contacts_and_latched_alarms() {
+        let mut m = only("vent");
+        let c = |v, latched| Observation::Contacts {
+            mains_present: Some(true),
+            ventilator: Some(v),
+            alarm_latched: latched,
+        };
+        assert!(m.observe("vent", c(ContactState::Normal, false), &at(0)).is_empty());
+        assert_eq!(kinds(&m.observe("vent", c(ContactState::Alarm, true), &at(100))), [EventKind::VentilatorAlarm]);
+        assert_eq!(
+            kinds(&m.observe("vent", c(ContactState::Normal, false), &at(200))),
+            [EventKind::VentilatorAlarmCleared]
+        );
+        let e = m.observe("vent", c(ContactState::Normal, true), &at(300));
+        assert_eq!(kinds(&e), [EventKind::VentilatorAlarm, EventKind::VentilatorAlarmCleared]);
+        assert_eq!(e[0].data["latched"], true);
+        assert_eq!(
+            kinds(&m.observe("vent", c(ContactState::CableFault, false), &at(400))),
+            [EventKind::AlarmCableFault]
+        );
+        assert_eq!(kinds(&m.observe("vent", c(ContactState::Normal, false), &at(500))), [EventKind::AlarmCableOk]);
+        // The contacts' mains input counts for mains.
+        let e = m.observe(
+            "vent",
+            Observation::Contacts {
+                mains_present: Some(false),
+                ventilator: Some(ContactState::Normal),
+                alarm_latched: false,
+            },
+            &at(600),
+        );
+        assert_eq!(kinds(&e), [EventKind::MainsLost]);
+    }
+
+    #[test]
+    fn bridge_frames() {
+        let mut m = Monitor::new(vec![spec("bridge", DeviceKind::Bridge, 3000)], Thresholds::default(), &at(0));
+        let f = |mains, flags_, vent| Frame {
+            seq: 1,
+            uptime_ms: 1,
+            kind: FrameKind::Sample,
+            power: Some(PowerSample { bus_mv: 12_400, shunt_uv: 100, current_ma: Some(2_000), power_mw: Some(24_800) }),
+            mains_present: Some(mains),
+            ventilator: Some(vent),
+            flags: flags_,
+        };
+        assert!(m.observe("bridge", Observation::Bridge(f(true, 0, ContactState::Normal)), &at(0)).is_empty());
+        assert_eq!(
+            kinds(&m.observe("bridge", Observation::Bridge(f(false, 0, ContactState::Normal)), &at(1000))),
+            [EventKind::MainsLost]
+        );
+        assert_eq!(
+            kinds(&m.observe(
+                "bridge",
+                Observation::Bridge(f(false, flags::LOW_BATTERY, ContactState::Normal)),
+                &at(2000)
+            )),
+            [EventKind::BatteryLow]
+        );
+        let e = m.observe(
+            "bridge",
+            Observation::Bridge(f(false, flags::LOW_BATTERY | flags::ALARM_LATCHED, ContactState::Normal)),
+            &at(3000),
+        );
+        assert_eq!(kinds(&e), [EventKind::VentilatorAlarm, EventKind::VentilatorAlarmCleared]);
+        let snap = m.snapshot(&at(3000), 10, None);
+        assert_eq!(snap.power_meter.unwrap().battery_voltage_v, Some(12.4));
+        assert_eq!(snap.mains_present, Some(false));
+    }
+
+    #[test]
+    fn ups_battery_low_and_fault() {
+        let mut m = only("ups");
+        let r = |low, fault| {
+            Observation::Ups(UpsReading {
+                on_battery: Some(true),
+                battery_low: Some(low),
+                ups_fault: Some(fault),
+                ..Default::default()
+            })
+        };
+        assert_eq!(kinds(&m.observe("ups", r(false, false), &at(0))), [EventKind::MainsLost]);
+        assert_eq!(kinds(&m.observe("ups", r(true, false), &at(250))), [EventKind::BatteryLow]);
+        assert_eq!(kinds(&m.observe("ups", r(true, true), &at(500))), [EventKind::UpsFault]);
+        assert_eq!(
+            kinds(&m.observe("ups", r(false, false), &at(750))),
+            [EventKind::BatteryOk, EventKind::UpsFaultCleared]
+        );
+    }
+
+    #[test]
+    fn unknown_sources_are_ignored() {
+        let mut m = monitor();
+        assert!(m.observe("nope", ups(true, 0.0), &at(0)).is_empty());
+    }
+}
