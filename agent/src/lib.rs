@@ -8,6 +8,15 @@
 //!   family's buzzer and LEDs show), both with time passed in.
 #![deny(unsafe_code, missing_docs)]
 
+pub mod alarm;
+pub mod clock;
 pub mod config;
 pub mod decode;
+pub mod gpio_alarm;
 pub mod monitor;
+pub mod probe;
+pub mod run;
+pub mod simulate;
+pub mod sources;
+pub mod spool;
+pub mod uplink;

@@ -213,7 +213,7 @@ fn field(s: &mut String, v: Option<f64>, width: usize, decimals: usize) {
             let v = v.clamp(0.0, max);
             let _ = write!(s, "{v:0width$.decimals$}");
         }
-        None => s.extend(core::iter::repeat('@').take(width)),
+        None => s.extend(core::iter::repeat_n('@', width)),
     }
 }
 

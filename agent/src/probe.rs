@@ -1,0 +1,305 @@
+//! `mamori-agent probe`: read each configured source once and say what was seen. This is the
+//! installer's tool at the family's home: it names the problem in words (port missing,
+//! permission, no answer, wrong protocol) and exits non-zero if any source failed.
+
+use std::time::Duration;
+
+use mamori_protocol::codec::{Stream, StreamEvent};
+use mamori_protocol::mqtt::DeviceKind;
+use mamori_protocol::reading::{OximeterReading, UpsReading};
+use mamori_protocol::{apc, bridge, masimo, megatec, nellcor, nonin, nut, voltronic};
+use serde::Serialize;
+use tokio::io::AsyncReadExt;
+
+use crate::config::{Config, OximeterProtocol, UpsProtocol};
+use crate::sources::{open_serial, transact};
+
+/// What probing one source found.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Probe {
+    /// The source id.
+    pub id: String,
+    /// What it is.
+    pub kind: DeviceKind,
+    /// It answered with a reading.
+    pub ok: bool,
+    /// The reading, or why not.
+    pub detail: String,
+}
+
+fn ups_detail(r: &UpsReading) -> String {
+    let mut parts = vec![match r.on_battery {
+        Some(true) => "ON BATTERY".to_string(),
+        Some(false) => "on mains".to_string(),
+        None => "mains unknown".to_string(),
+    }];
+    if r.battery_low == Some(true) {
+        parts.push("BATTERY LOW".into());
+    }
+    if let Some(v) = r.battery_voltage_v {
+        parts.push(format!("battery {v:.1} V"));
+    }
+    if let Some(c) = r.battery_charge_pct {
+        parts.push(format!("charge {c:.0} %"));
+    }
+    if let Some(s) = r.runtime_s {
+        parts.push(format!("runtime {} min", s / 60));
+    }
+    if let Some(l) = r.load_pct {
+        parts.push(format!("load {l:.0} %"));
+    }
+    if let Some(v) = r.input_voltage_v {
+        parts.push(format!("input {v:.0} V"));
+    }
+    parts.join(", ")
+}
+
+fn oximeter_detail(r: &OximeterReading) -> String {
+    let f = |v: Option<u16>| v.map_or("--".to_string(), |v| v.to_string());
+    let mut s = format!("SpO2 {} %, pulse {} /min", f(r.spo2_pct.map(u16::from)), f(r.pulse_bpm));
+    if r.sensor_off == Some(true) {
+        s.push_str(", SENSOR OFF");
+    }
+    if r.alarm_active == Some(true) {
+        s.push_str(", ALARM");
+    }
+    s
+}
+
+fn no_answer(garbage: u64, what: &str) -> String {
+    if garbage > 0 {
+        format!("bytes arrived but none decoded as {what}: wrong protocol or baud rate?")
+    } else {
+        "no answer (is it switched on, and is this the right port?)".to_string()
+    }
+}
+
+/// Read one item from a streaming port within `limit`.
+async fn first_item<D: mamori_protocol::codec::Decoder>(
+    port: &mut tokio_serial::SerialStream,
+    decoder: D,
+    limit: Duration,
+) -> Result<D::Item, (u64, String)> {
+    let mut stream = Stream::new(decoder);
+    let mut garbage = 0;
+    let deadline = tokio::time::Instant::now() + limit;
+    let mut buf = [0u8; 512];
+    loop {
+        while let Some(ev) = stream.next_event() {
+            match ev {
+                StreamEvent::Item { item, .. } => return Ok(item),
+                StreamEvent::Error { .. } => garbage += 1,
+            }
+        }
+        match tokio::time::timeout_at(deadline, port.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => stream.push(&buf[..n]),
+            Ok(Ok(_)) => return Err((garbage, "port closed".into())),
+            Ok(Err(e)) => return Err((garbage, e.to_string())),
+            Err(_) => return Err((garbage, String::new())),
+        }
+    }
+}
+
+/// Probe every configured source.
+pub async fn probe(config: &Config, limit: Duration) -> Vec<Probe> {
+    let mut out = Vec::new();
+    let p = |id: &str, kind, r: Result<String, String>| Probe {
+        id: id.to_string(),
+        kind,
+        ok: r.is_ok(),
+        detail: r.unwrap_or_else(|e| e),
+    };
+    for u in &config.ups {
+        let r = async {
+            let mut port = open_serial(&u.port, u.baud)?;
+            let mut garbage = 0;
+            let mut reading = None;
+            let mut echo = None;
+            let ok = match u.protocol {
+                UpsProtocol::Megatec => {
+                    let mut s = Stream::new(megatec::Decoder);
+                    transact(&mut port, &mut s, b"Q1\r", limit, &mut garbage, |r| {
+                        match r {
+                            megatec::Reply::Status(st) => reading = Some(st.reading()),
+                            megatec::Reply::Echo(c) => echo = Some(c),
+                            _ => return false,
+                        }
+                        true
+                    })
+                    .await
+                }
+                UpsProtocol::Voltronic => {
+                    let mut s = Stream::new(voltronic::Decoder);
+                    transact(&mut port, &mut s, b"QGS\r", limit, &mut garbage, |r| {
+                        reading = r.reading();
+                        reading.is_some()
+                    })
+                    .await
+                }
+                UpsProtocol::Apc => {
+                    let mut s = Stream::new(apc::Decoder);
+                    let _ =
+                        transact(&mut port, &mut s, b"Y", limit, &mut garbage, |r| r == apc::Reply::SmartMode).await;
+                    transact(&mut port, &mut s, b"Q", limit, &mut garbage, |r| {
+                        if let apc::Reply::Status(st) = r {
+                            reading = Some(st.reading());
+                            return true;
+                        }
+                        false
+                    })
+                    .await
+                }
+            };
+            ok.map_err(|e| format!("{}: {e}", u.port.display()))?;
+            if let Some(c) = echo {
+                return Err(format!("the device echoed `{c}` back: not a Megatec UPS, or another protocol"));
+            }
+            reading.map(|r| ups_detail(&r)).ok_or_else(|| no_answer(garbage, "a UPS reply"))
+        }
+        .await;
+        out.push(p(&u.id, DeviceKind::Ups, r));
+    }
+    for n in &config.nut {
+        let r = async {
+            let addr = format!("{}:{}", n.host, n.port);
+            let mut sock = tokio::time::timeout(limit, tokio::net::TcpStream::connect(&addr))
+                .await
+                .map_err(|_| format!("upsd at {addr}: no answer"))?
+                .map_err(|e| format!("upsd at {addr}: {e}"))?;
+            let mut s = Stream::new(nut::ReadingDecoder::default());
+            let mut got = None;
+            let mut garbage = 0;
+            transact(
+                &mut sock,
+                &mut s,
+                nut::Command::ListVar { ups: n.ups.clone() }.encode().as_bytes(),
+                limit,
+                &mut garbage,
+                |o| {
+                    got = Some(o);
+                    true
+                },
+            )
+            .await
+            .map_err(|e| format!("upsd at {addr}: {e}"))?;
+            match got {
+                Some(nut::Output::Reading { reading, .. }) => Ok(ups_detail(&reading)),
+                Some(nut::Output::Error(code)) => Err(format!("upsd says ERR {} for UPS `{}`", code.as_str(), n.ups)),
+                None => Err(format!("upsd at {addr}: no reply to LIST VAR")),
+            }
+        }
+        .await;
+        out.push(p(&n.id, DeviceKind::Ups, r));
+    }
+    for o in &config.oximeter {
+        let wait = limit.max(Duration::from_millis(o.lost_after_ms));
+        let r = async {
+            let mut port = open_serial(&o.port, o.baud)?;
+            let reading = match o.protocol {
+                OximeterProtocol::Masimo => first_item(&mut port, masimo::Decoder, wait).await.map(|r| r.reading()),
+                OximeterProtocol::NoninAscii => {
+                    first_item(&mut port, nonin::AsciiDecoder, wait).await.map(|r| r.reading())
+                }
+                OximeterProtocol::Nonin2 => {
+                    first_item(&mut port, nonin::Format2Decoder::default(), wait).await.map(|r| r.reading())
+                }
+                OximeterProtocol::Nonin7 => {
+                    first_item(&mut port, nonin::Format7Decoder::default(), wait).await.map(|r| r.reading())
+                }
+                OximeterProtocol::Nonin8 => {
+                    first_item(&mut port, nonin::Format8Decoder, wait).await.map(|r| r.reading())
+                }
+                OximeterProtocol::Nellcor => first_item(&mut port, nellcor::Decoder, wait).await.map(|r| r.reading()),
+            };
+            reading
+                .map(|r| oximeter_detail(&r))
+                .map_err(|(g, e)| if e.is_empty() { no_answer(g, "oximeter data") } else { e })
+        }
+        .await;
+        out.push(p(&o.id, DeviceKind::Oximeter, r));
+    }
+    for b in &config.bridge {
+        let r = async {
+            let mut port = open_serial(&b.port, b.baud)?;
+            let f = first_item(&mut port, bridge::Decoder, limit.max(Duration::from_millis(b.lost_after_ms)))
+                .await
+                .map_err(|(g, e)| if e.is_empty() { no_answer(g, "a bridge frame") } else { e })?;
+            let mut d = vec![format!("frame {}", f.seq)];
+            if let Some(m) = f.mains_present {
+                d.push(if m { "mains present".into() } else { "MAINS LOST".into() });
+            }
+            if let Some(v) = f.ventilator {
+                d.push(format!("ventilator contact {v:?}").to_lowercase());
+            }
+            if let Some(pw) = f.power {
+                d.push(format!("battery {:.2} V", f64::from(pw.bus_mv) / 1000.0));
+            }
+            Ok(d.join(", "))
+        }
+        .await;
+        out.push(p(&b.id, DeviceKind::Bridge, r));
+    }
+    for pm in &config.power_monitor {
+        let cfg = pm.clone();
+        let r = tokio::task::spawn_blocking(move || {
+            use mamori_firmware::ina219::{Calibration, Ina219};
+            let bus =
+                linux_embedded_hal::I2cdev::new(&cfg.i2c_bus).map_err(|e| format!("{}: {e}", cfg.i2c_bus.display()))?;
+            let mut ina = Ina219::new(bus, cfg.address);
+            let cal = Calibration::new(cfg.shunt_milliohm, cfg.max_current_ma).map_err(|e| format!("{e:?}"))?;
+            ina.calibrate(cal).map_err(|e| format!("no INA219 answering at {:#x}: {e:?}", cfg.address))?;
+            let s = ina.sample().map_err(|e| format!("{e:?}"))?;
+            Ok(format!("battery {:.2} V, current {} mA", f64::from(s.bus_mv) / 1000.0, s.current_ma.unwrap_or(0)))
+        })
+        .await
+        .unwrap_or_else(|e| Err(e.to_string()));
+        out.push(p(&pm.id, DeviceKind::PowerMonitor, r));
+    }
+    if let Some(c) = &config.contacts {
+        let cfg = c.clone();
+        let r = tokio::task::spawn_blocking(move || {
+            use embedded_hal::digital::InputPin;
+            use linux_embedded_hal::gpio_cdev::{Chip, LineRequestFlags};
+            let mut chip = Chip::new(&cfg.chip).map_err(|e| format!("{}: {e}", cfg.chip.display()))?;
+            let mut level = |line: u32| -> Result<bool, String> {
+                let h = chip
+                    .get_line(line)
+                    .and_then(|l| l.request(LineRequestFlags::INPUT, 0, "mamori-probe"))
+                    .map_err(|e| format!("line {line}: {e}"))?;
+                linux_embedded_hal::CdevPin::new(h).map_err(|e| e.to_string())?.is_low().map_err(|e| e.to_string())
+            };
+            let mut d = Vec::new();
+            if let Some(l) = cfg.mains_line {
+                d.push(if level(l)? == cfg.mains_present_when_low {
+                    "mains present".to_string()
+                } else {
+                    "MAINS LOST".into()
+                });
+            }
+            if let (Some(no), Some(nc)) = (cfg.ventilator_no_line, cfg.ventilator_nc_line) {
+                let closed = |low: bool| low == cfg.closed_when_low;
+                d.push(match (closed(level(no)?), closed(level(nc)?)) {
+                    (false, true) => "ventilator contact normal".into(),
+                    (true, false) => "VENTILATOR ALARM".into(),
+                    _ => "ventilator contact CABLE FAULT (both open or both closed)".into(),
+                });
+            }
+            Ok(d.join(", "))
+        })
+        .await
+        .unwrap_or_else(|e| Err(e.to_string()));
+        out.push(p(&c.id, DeviceKind::Contacts, r));
+    }
+    out
+}
+
+/// The table an installer reads.
+pub fn table(probes: &[Probe]) -> String {
+    let w = probes.iter().map(|p| p.id.len()).max().unwrap_or(6).max(6);
+    let mut s = format!("{:<w$}  {:<13}  {:<4}  DETAIL\n", "SOURCE", "KIND", "OK");
+    for p in probes {
+        let kind = serde_json::to_value(p.kind).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default();
+        s.push_str(&format!("{:<w$}  {:<13}  {:<4}  {}\n", p.id, kind, if p.ok { "yes" } else { "NO" }, p.detail));
+    }
+    s
+}

@@ -1,0 +1,189 @@
+//! `mamori-agent run`: the service. Wires the sources, the monitor, the uplink (with its
+//! spool) and the local alarm together, and shuts down cleanly.
+//!
+//! One task (this one) owns the [`Monitor`]: observations arrive on a channel, events go to
+//! the uplink, telemetry is sent every period and whenever the monitor's discrete state
+//! changes. It sleeps until the monitor's next deadline, so staleness and alarm delays fire on
+//! time without polling.
+//!
+//! Shutdown (SIGTERM or Ctrl-C): an `agent_stopping` event is spooled and published, the
+//! retained status becomes `{"state":"offline","reason":"shutdown"}`, PUBACKs are awaited for
+//! a few seconds, and the spool is flushed. With systemd's `WatchdogSec=`, the loop pings the
+//! watchdog only while it is turning; a wedged agent is restarted.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use mamori_protocol::mqtt::{Event, EventKind, SourceInfo};
+use serde_json::Map;
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+
+use crate::alarm::{LocalAlarm, Outputs, Situation};
+use crate::clock;
+use crate::config::Config;
+use crate::monitor::{Monitor, NewEvent};
+use crate::sources;
+use crate::spool::{FileStorage, Spool};
+use crate::uplink::{Connection, FromUplink, ToUplink, Uplink, UplinkSettings};
+
+fn to_event(e: NewEvent, boot: &str) -> Event {
+    Event {
+        id: boot.to_string(),
+        seq: 0,
+        ts: e.ts,
+        kind: e.kind,
+        severity: e.kind.default_severity(),
+        source: e.source,
+        data: e.data,
+    }
+}
+
+/// Run the agent until `cancel`.
+pub async fn run(config: Config, cancel: CancellationToken) -> anyhow::Result<()> {
+    let home = config.home();
+    let conn = Connection::from_config(home.clone(), &config.broker).context("broker")?;
+    let boot = format!("{:08x}", rand::random::<u32>());
+    let storage =
+        FileStorage::open(&config.data_dir).with_context(|| format!("data_dir {}", config.data_dir.display()))?;
+    let (spool, recovery) = Spool::open(storage, config.spool.capacity_bytes, clock::unix_ms())?;
+    tracing::info!(home = %home, pending = recovery.pending_events, kept_telemetry = recovery.telemetry, torn_bytes = recovery.torn_bytes, next_seq = spool.next_seq(), "spool opened");
+
+    let specs = sources::specs(&config);
+    let now = clock::now();
+    let interval_s = config.telemetry.interval_s;
+    let online = Uplink::<FileStorage>::announce(
+        specs.iter().map(|s| SourceInfo { id: s.id.clone(), kind: s.kind }).collect(),
+        interval_s,
+        now.wall,
+    );
+    let settings = UplinkSettings {
+        inflight: usize::from(config.spool.inflight),
+        telemetry_interval: Duration::from_secs(u64::from(interval_s)),
+        online,
+        shutdown_grace: Duration::from_secs(5),
+    };
+    let (up_tx, up_rx) = mpsc::channel(1024);
+    let (from_tx, mut from_rx) = mpsc::channel(256);
+    let uplink_cancel = CancellationToken::new();
+    let uplink = tokio::spawn(Uplink::new(conn, settings, spool).run(up_rx, from_tx, uplink_cancel.clone()));
+
+    let (obs_tx, mut obs_rx) = mpsc::channel(4096);
+    let sources_cancel = CancellationToken::new();
+    let source_tasks = sources::spawn_all(&config, obs_tx, sources_cancel.clone());
+
+    let mut monitor = Monitor::new(specs, config.thresholds, &now);
+    let mut started = Map::new();
+    started.insert("version".into(), env!("CARGO_PKG_VERSION").into());
+    let _ = up_tx
+        .send(ToUplink::Event(to_event(
+            NewEvent { kind: EventKind::AgentStarted, source: None, ts: now.wall, data: started },
+            &boot,
+        )))
+        .await;
+
+    // The local alarm.
+    let mut alarm = config
+        .local_alarm
+        .as_ref()
+        .map(|a| LocalAlarm::new(u64::from(a.unreachable_after_s) * 1000, u64::from(a.silence_min) * 60_000));
+    let mut situation = Situation { unreachable_since_ms: Some(now.mono_ms), ..Situation::default() };
+    let (out_tx, out_rx) = watch::channel(Outputs::default());
+    let (button_tx, mut button_rx) = mpsc::channel::<()>(4);
+    let alarm_thread = config.local_alarm.clone().map(|cfg| {
+        let c = cancel.clone();
+        tokio::task::spawn_blocking(move || crate::gpio_alarm::drive(&cfg, out_rx, button_tx, &c))
+    });
+
+    let mut telemetry = tokio::time::interval(Duration::from_secs(u64::from(interval_s)));
+    telemetry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut alarm_tick = tokio::time::interval(Duration::from_millis(50));
+    alarm_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let watchdog_period = sd_notify::watchdog_enabled();
+    let watchdog_on = watchdog_period.is_some();
+    let mut watchdog =
+        tokio::time::interval(watchdog_period.unwrap_or(Duration::from_secs(2)).max(Duration::from_millis(200)) / 2);
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+
+    loop {
+        // Without a deadline, wake once a minute anyway.
+        let wait_ms = monitor.next_deadline_ms().map_or(60_000, |d| d.saturating_sub(clock::now().mono_ms));
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(wait_ms);
+        let mut events = Vec::new();
+        tokio::select! {
+            () = cancel.cancelled() => break,
+            Some(s) = obs_rx.recv() => events = monitor.observe(&s.source, s.observation, &s.at),
+            () = tokio::time::sleep_until(deadline) => {
+                events = monitor.tick(&clock::now());
+            }
+            _ = telemetry.tick() => {
+                let snap = monitor.snapshot(&clock::now(), interval_s, None);
+                let _ = up_tx.send(ToUplink::Telemetry(snap)).await;
+            }
+            Some(m) = from_rx.recv() => match m {
+                FromUplink::Connected(c) => {
+                    situation.connected = c;
+                    situation.unreachable_since_ms = (!c).then(|| clock::now().mono_ms);
+                }
+                FromUplink::Ack(_) => situation.last_ack_ms = Some(clock::now().mono_ms),
+                FromUplink::SpoolDegraded(d) => {
+                    situation.spool_degraded = d;
+                    let kind = if d { EventKind::SpoolDegraded } else { EventKind::SpoolOk };
+                    events.push(NewEvent { kind, source: None, ts: clock::now().wall, data: Map::new() });
+                    if d {
+                        tracing::error!("the spool cannot write to disk: events are held in memory");
+                    }
+                }
+                FromUplink::Spooled(e) => tracing::info!(seq = e.seq, kind = e.kind.as_str(), source = ?e.source, "event"),
+            },
+            Some(()) = button_rx.recv() => {
+                if let Some(a) = &mut alarm {
+                    a.silence(&situation, clock::now().mono_ms);
+                    tracing::info!("local sounder silenced by the button (remote escalation continues)");
+                }
+            }
+            _ = alarm_tick.tick(), if alarm.is_some() => {
+                let now = clock::now().mono_ms;
+                let (m, b, d) = monitor.local_state();
+                situation.mains_lost = m;
+                situation.battery_low = b;
+                situation.device_lost = d;
+                if let Some(a) = &mut alarm {
+                    let _ = out_tx.send(a.outputs(&situation, now));
+                }
+            }
+            _ = watchdog.tick(), if watchdog_on => {
+                let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
+            }
+        }
+        let changed = !events.is_empty() && monitor.changed();
+        for e in events {
+            let _ = up_tx.send(ToUplink::Event(to_event(e, &boot))).await;
+        }
+        if changed {
+            let snap = monitor.snapshot(&clock::now(), interval_s, None);
+            let _ = up_tx.send(ToUplink::Telemetry(snap)).await;
+        }
+    }
+
+    tracing::info!("stopping");
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+    let now = clock::now();
+    let _ = up_tx
+        .send(ToUplink::Event(to_event(
+            NewEvent { kind: EventKind::AgentStopping, source: None, ts: now.wall, data: Map::new() },
+            &boot,
+        )))
+        .await;
+    sources_cancel.cancel();
+    uplink_cancel.cancel();
+    let spool = uplink.await.context("uplink task")?;
+    tracing::info!(pending = spool.status().pending_events, "spool flushed");
+    for t in source_tasks {
+        t.abort();
+    }
+    if let Some(t) = alarm_thread {
+        let _ = t.await;
+    }
+    Ok(())
+}

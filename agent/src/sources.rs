@@ -1,0 +1,665 @@
+//! The sources: one task per configured device, each feeding [`Observation`]s to the monitor.
+//!
+//! They are the I/O edge and stay thin: open the port **by path** (so a USB adapter that is
+//! unplugged and plugged back, possibly as another `/dev/ttyUSBn`, is found again through its
+//! `/dev/serial/by-id/...` link), write queries, feed received bytes to the protocol crate's
+//! decoders, and forward what comes out. A port that fails is reported
+//! ([`Observation::Failed`] with the reason) and reopened every second; a source that stops
+//! answering is declared lost by the monitor, not here. Garbage on a line is counted
+//! ([`Observation::Garbage`]) and decoding resynchronises; it never becomes a reading.
+
+use std::io;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use mamori_protocol::codec::{Decoder, Stream, StreamEvent};
+use mamori_protocol::mqtt::{DeviceKind, PowerMeterReading};
+use mamori_protocol::reading::UpsReading;
+use mamori_protocol::{apc, bridge, masimo, megatec, nellcor, nonin, nut, voltronic};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{
+    BridgeConfig, Config, ContactsConfig, NutConfig, OximeterConfig, OximeterProtocol, PowerMonitorConfig,
+    SerialUpsConfig, UpsProtocol,
+};
+use crate::monitor::{Now, Observation, SourceSpec};
+
+/// One observation from one source, stamped when it was read.
+#[derive(Debug, Clone)]
+pub struct Sourced {
+    /// The source id.
+    pub source: String,
+    /// What it produced.
+    pub observation: Observation,
+    /// When.
+    pub at: Now,
+}
+
+/// Where sources send what they read.
+pub type ObsTx = mpsc::Sender<Sourced>;
+
+async fn send(tx: &ObsTx, source: &str, observation: Observation) {
+    let _ = tx.send(Sourced { source: source.to_string(), observation, at: crate::clock::now() }).await;
+}
+
+/// The monitor's view of every configured source.
+pub fn specs(config: &Config) -> Vec<SourceSpec> {
+    let mut v = Vec::new();
+    for u in &config.ups {
+        v.push(SourceSpec {
+            id: u.id.clone(),
+            kind: DeviceKind::Ups,
+            lost_after_ms: u.poll_interval_ms * u64::from(u.lost_after_missed_polls),
+            glitch_below_v: (u.protocol == UpsProtocol::Megatec).then_some(u.glitch_below_v),
+        });
+    }
+    for n in &config.nut {
+        v.push(SourceSpec {
+            id: n.id.clone(),
+            kind: DeviceKind::Ups,
+            lost_after_ms: n.poll_interval_ms * u64::from(n.lost_after_missed_polls),
+            glitch_below_v: None,
+        });
+    }
+    for p in &config.power_monitor {
+        v.push(SourceSpec {
+            id: p.id.clone(),
+            kind: DeviceKind::PowerMonitor,
+            lost_after_ms: p.poll_interval_ms * 3,
+            glitch_below_v: None,
+        });
+    }
+    for o in &config.oximeter {
+        v.push(SourceSpec {
+            id: o.id.clone(),
+            kind: DeviceKind::Oximeter,
+            lost_after_ms: o.lost_after_ms,
+            glitch_below_v: None,
+        });
+    }
+    for b in &config.bridge {
+        v.push(SourceSpec {
+            id: b.id.clone(),
+            kind: DeviceKind::Bridge,
+            lost_after_ms: b.lost_after_ms,
+            glitch_below_v: None,
+        });
+    }
+    if let Some(c) = &config.contacts {
+        v.push(SourceSpec {
+            id: c.id.clone(),
+            kind: DeviceKind::Contacts,
+            lost_after_ms: (c.poll_interval_ms * 100).max(1000),
+            glitch_below_v: None,
+        });
+    }
+    v
+}
+
+/// Start a task (or thread) per configured source.
+pub fn spawn_all(config: &Config, tx: ObsTx, cancel: CancellationToken) -> Vec<tokio::task::JoinHandle<()>> {
+    let mut tasks = Vec::new();
+    for u in config.ups.clone() {
+        tasks.push(tokio::spawn(serial_ups(u, tx.clone(), cancel.clone())));
+    }
+    for n in config.nut.clone() {
+        tasks.push(tokio::spawn(nut_source(n, tx.clone(), cancel.clone())));
+    }
+    for o in config.oximeter.clone() {
+        tasks.push(tokio::spawn(oximeter(o, tx.clone(), cancel.clone())));
+    }
+    for b in config.bridge.clone() {
+        tasks.push(tokio::spawn(bridge_source(b, tx.clone(), cancel.clone())));
+    }
+    for p in config.power_monitor.clone() {
+        let (tx, cancel) = (tx.clone(), cancel.clone());
+        tasks.push(tokio::task::spawn_blocking(move || power_monitor(&p, &tx, &cancel)));
+    }
+    if let Some(c) = config.contacts.clone() {
+        let (tx, cancel) = (tx.clone(), cancel.clone());
+        tasks.push(tokio::task::spawn_blocking(move || contacts_cdev(&c, &tx, &cancel)));
+    }
+    tasks
+}
+
+/// Open a serial port by path, with the reason in words when it fails.
+pub fn open_serial(path: &Path, baud: u32) -> Result<tokio_serial::SerialStream, String> {
+    use tokio_serial::SerialPortBuilderExt;
+    if !path.exists() {
+        return Err(format!("port {} missing (unplugged?)", path.display()));
+    }
+    tokio_serial::new(path.to_string_lossy(), baud).open_native_async().map_err(|e| match e.kind {
+        tokio_serial::ErrorKind::Io(io::ErrorKind::PermissionDenied) => {
+            format!("permission denied on {} (add the user to the dialout group)", path.display())
+        }
+        _ => format!("cannot open {}: {e}", path.display()),
+    })
+}
+
+async fn pause(cancel: &CancellationToken, d: Duration) -> bool {
+    tokio::select! {
+        () = cancel.cancelled() => false,
+        () = tokio::time::sleep(d) => true,
+    }
+}
+
+/// Write `cmd` and read until `on_item` accepts a reply or `timeout` passes. Items that are
+/// not the reply (APC's unrequested characters) are handed to `on_item` as they come.
+/// Returns whether a reply came; an I/O error means the port is gone.
+pub async fn transact<P, D>(
+    port: &mut P,
+    stream: &mut Stream<D>,
+    cmd: &[u8],
+    timeout: Duration,
+    garbage: &mut u64,
+    mut on_item: impl FnMut(D::Item) -> bool,
+) -> io::Result<bool>
+where
+    P: AsyncRead + AsyncWrite + Unpin,
+    D: Decoder,
+{
+    if !cmd.is_empty() {
+        port.write_all(cmd).await?;
+        port.flush().await?;
+    }
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut buf = [0u8; 512];
+    loop {
+        while let Some(ev) = stream.next_event() {
+            match ev {
+                StreamEvent::Item { item, .. } => {
+                    if on_item(item) {
+                        return Ok(true);
+                    }
+                }
+                StreamEvent::Error { .. } => *garbage += 1,
+            }
+        }
+        match tokio::time::timeout_at(deadline, port.read(&mut buf)).await {
+            Err(_) => return Ok(false),
+            Ok(Ok(0)) => return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "port closed")),
+            Ok(Ok(n)) => stream.push(&buf[..n]),
+            Ok(Err(e)) => return Err(e),
+        }
+    }
+}
+
+/// What a UPS is asked: every poll (status), every tenth poll (slower readings such as
+/// runtime and charge), and at start and hourly (identity and ratings, for the logs).
+struct Schedule {
+    each: &'static [&'static [u8]],
+    tenth: &'static [&'static [u8]],
+    hourly: &'static [&'static [u8]],
+}
+
+fn ups_schedule(p: UpsProtocol) -> Schedule {
+    match p {
+        UpsProtocol::Megatec => Schedule { each: &[b"Q1\r"], tenth: &[], hourly: &[b"I\r", b"F\r"] },
+        UpsProtocol::Voltronic => Schedule { each: &[b"QGS\r"], tenth: &[b"QBV\r"], hourly: &[b"QPI\r"] },
+        UpsProtocol::Apc => Schedule { each: &[b"Q"], tenth: &[b"f", b"j", b"B"], hourly: &[] },
+    }
+}
+
+/// A serial UPS, polled.
+pub async fn serial_ups(cfg: SerialUpsConfig, tx: ObsTx, cancel: CancellationToken) {
+    let poll = Duration::from_millis(cfg.poll_interval_ms);
+    // A reply is due well within a poll; at 2400 bps a Q1 reply takes about 0.2 s.
+    let timeout = poll.max(Duration::from_millis(400));
+    while !cancel.is_cancelled() {
+        let mut port = match open_serial(&cfg.port, cfg.baud) {
+            Ok(p) => p,
+            Err(reason) => {
+                send(&tx, &cfg.id, Observation::Failed(reason)).await;
+                if !pause(&cancel, Duration::from_secs(1)).await {
+                    return;
+                }
+                continue;
+            }
+        };
+        tracing::info!(source = %cfg.id, port = %cfg.port.display(), "UPS port open");
+        let reason = match cfg.protocol {
+            UpsProtocol::Megatec => {
+                ups_session(&cfg, &mut port, megatec::Decoder, poll, timeout, &tx, &cancel, megatec_item).await
+            }
+            UpsProtocol::Voltronic => {
+                ups_session(&cfg, &mut port, voltronic::Decoder, poll, timeout, &tx, &cancel, |r: voltronic::Reply| {
+                    (r.reading(), true)
+                })
+                .await
+            }
+            UpsProtocol::Apc => {
+                ups_session(&cfg, &mut port, apc::Decoder, poll, timeout, &tx, &cancel, |r: apc::Reply| {
+                    let solicited = !matches!(r, apc::Reply::Notification(_));
+                    (r.reading(), solicited)
+                })
+                .await
+            }
+        };
+        match reason {
+            Some(reason) => {
+                tracing::warn!(source = %cfg.id, %reason, "UPS port lost; reopening");
+                send(&tx, &cfg.id, Observation::Failed(reason)).await;
+                if !pause(&cancel, Duration::from_secs(1)).await {
+                    return;
+                }
+            }
+            None => return,
+        }
+    }
+}
+
+fn megatec_item(r: megatec::Reply) -> (Option<UpsReading>, bool) {
+    match r {
+        megatec::Reply::Status(s) => (Some(s.reading()), true),
+        megatec::Reply::Info(i) => {
+            tracing::info!(company = %i.company, model = %i.model, version = %i.version, "UPS identity");
+            (None, true)
+        }
+        megatec::Reply::Rating(r) => {
+            tracing::info!(voltage_v = ?r.voltage_v, battery_voltage_v = ?r.battery_voltage_v, "UPS ratings");
+            (None, true)
+        }
+        megatec::Reply::Echo(cmd) => {
+            tracing::warn!(%cmd, "the UPS echoed a command it does not know: is the protocol right?");
+            (None, true)
+        }
+    }
+}
+
+/// Poll until the port fails (returns the reason) or the agent stops (returns `None`).
+#[allow(clippy::too_many_arguments)]
+async fn ups_session<D: Decoder>(
+    cfg: &SerialUpsConfig,
+    port: &mut tokio_serial::SerialStream,
+    decoder: D,
+    poll: Duration,
+    timeout: Duration,
+    tx: &ObsTx,
+    cancel: &CancellationToken,
+    item: impl Fn(D::Item) -> (Option<UpsReading>, bool),
+) -> Option<String> {
+    let schedule = ups_schedule(cfg.protocol);
+    let hourly_every = (3_600_000 / poll.as_millis().max(1) as u64).max(1);
+    let mut stream = Stream::new(decoder);
+    let mut ticker = tokio::time::interval(poll);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    if cfg.protocol == UpsProtocol::Apc {
+        let mut g = 0;
+        let _ = transact(port, &mut stream, b"Y", timeout, &mut g, |r: D::Item| item(r).1).await;
+    }
+    let mut n: u64 = 0;
+    loop {
+        tokio::select! {
+            () = cancel.cancelled() => return None,
+            _ = ticker.tick() => {}
+        }
+        let tenth: &[&[u8]] = if n.is_multiple_of(10) { schedule.tenth } else { &[] };
+        let hourly: &[&[u8]] = if n.is_multiple_of(hourly_every) { schedule.hourly } else { &[] };
+        n += 1;
+        for cmd in schedule.each.iter().chain(tenth).chain(hourly) {
+            let mut garbage = 0u64;
+            let mut readings = Vec::new();
+            let r = transact(port, &mut stream, cmd, timeout, &mut garbage, |it| {
+                let (reading, solicited) = item(it);
+                readings.extend(reading);
+                solicited
+            })
+            .await;
+            for _ in 0..garbage {
+                send(tx, &cfg.id, Observation::Garbage).await;
+            }
+            for reading in readings {
+                send(tx, &cfg.id, Observation::Ups(reading)).await;
+            }
+            if let Err(e) = r {
+                return Some(format!("{}: {e}", cfg.port.display()));
+            }
+        }
+    }
+}
+
+/// A UPS behind `upsd`.
+pub async fn nut_source(cfg: NutConfig, tx: ObsTx, cancel: CancellationToken) {
+    let poll = Duration::from_millis(cfg.poll_interval_ms);
+    while !cancel.is_cancelled() {
+        let addr = format!("{}:{}", cfg.host, cfg.port);
+        let mut sock = match tokio::time::timeout(Duration::from_secs(3), tokio::net::TcpStream::connect(&addr)).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                send(&tx, &cfg.id, Observation::Failed(format!("upsd at {addr}: {e}"))).await;
+                if !pause(&cancel, Duration::from_secs(1)).await {
+                    return;
+                }
+                continue;
+            }
+            Err(_) => {
+                send(&tx, &cfg.id, Observation::Failed(format!("upsd at {addr}: no answer"))).await;
+                continue;
+            }
+        };
+        let mut stream = Stream::new(nut::ReadingDecoder::default());
+        let cmd = nut::Command::ListVar { ups: cfg.ups.clone() }.encode();
+        let mut ticker = tokio::time::interval(poll);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let reason = loop {
+            tokio::select! {
+                () = cancel.cancelled() => return,
+                _ = ticker.tick() => {}
+            }
+            let mut garbage = 0;
+            let mut got = None;
+            let r =
+                transact(&mut sock, &mut stream, cmd.as_bytes(), poll.max(Duration::from_secs(2)), &mut garbage, |o| {
+                    got = Some(o);
+                    true
+                })
+                .await;
+            match got {
+                Some(nut::Output::Reading { reading, .. }) => send(&tx, &cfg.id, Observation::Ups(reading)).await,
+                Some(nut::Output::Error(code)) => {
+                    send(&tx, &cfg.id, Observation::Failed(format!("upsd: ERR {}", code.as_str()))).await
+                }
+                None => {}
+            }
+            if let Err(e) = r {
+                break format!("upsd at {addr}: {e}");
+            }
+        };
+        send(&tx, &cfg.id, Observation::Failed(reason)).await;
+        if !pause(&cancel, Duration::from_secs(1)).await {
+            return;
+        }
+    }
+}
+
+/// Read a streaming serial device until it fails; `None` when the agent stops.
+async fn stream_session<D: Decoder>(
+    id: &str,
+    port: &mut tokio_serial::SerialStream,
+    decoder: D,
+    tx: &ObsTx,
+    cancel: &CancellationToken,
+    to_obs: impl Fn(D::Item) -> Observation,
+) -> Option<String> {
+    let mut stream = Stream::new(decoder);
+    let mut buf = [0u8; 1024];
+    loop {
+        let n = tokio::select! {
+            () = cancel.cancelled() => return None,
+            r = port.read(&mut buf) => match r {
+                Ok(0) => return Some("port closed".into()),
+                Ok(n) => n,
+                Err(e) => return Some(e.to_string()),
+            },
+        };
+        stream.push(&buf[..n]);
+        while let Some(ev) = stream.next_event() {
+            let obs = match ev {
+                StreamEvent::Item { item, .. } => to_obs(item),
+                StreamEvent::Error { .. } => Observation::Garbage,
+            };
+            send(tx, id, obs).await;
+        }
+    }
+}
+
+async fn streaming<F, Fut>(id: &str, path: &Path, baud: u32, tx: &ObsTx, cancel: &CancellationToken, session: F)
+where
+    F: Fn(tokio_serial::SerialStream) -> Fut,
+    Fut: std::future::Future<Output = Option<String>>,
+{
+    while !cancel.is_cancelled() {
+        match open_serial(path, baud) {
+            Ok(port) => {
+                tracing::info!(source = %id, port = %path.display(), "port open");
+                match session(port).await {
+                    Some(reason) => {
+                        tracing::warn!(source = %id, %reason, "port lost; reopening");
+                        send(tx, id, Observation::Failed(format!("{}: {reason}", path.display()))).await;
+                    }
+                    None => return,
+                }
+            }
+            Err(reason) => send(tx, id, Observation::Failed(reason)).await,
+        }
+        if !pause(cancel, Duration::from_secs(1)).await {
+            return;
+        }
+    }
+}
+
+/// A serial oximeter.
+pub async fn oximeter(cfg: OximeterConfig, tx: ObsTx, cancel: CancellationToken) {
+    let id = cfg.id.clone();
+    streaming(&cfg.id, &cfg.port, cfg.baud, &tx, &cancel, |mut port| {
+        let (id, tx, cancel) = (id.clone(), tx.clone(), cancel.clone());
+        async move {
+            let ox = |r| Observation::Oximeter(r);
+            match cfg.protocol {
+                OximeterProtocol::Masimo => {
+                    stream_session(&id, &mut port, masimo::Decoder, &tx, &cancel, |r: masimo::Record| ox(r.reading()))
+                        .await
+                }
+                OximeterProtocol::NoninAscii => {
+                    stream_session(&id, &mut port, nonin::AsciiDecoder, &tx, &cancel, |r: nonin::AsciiRecord| {
+                        ox(r.reading())
+                    })
+                    .await
+                }
+                OximeterProtocol::Nonin2 => {
+                    stream_session(
+                        &id,
+                        &mut port,
+                        nonin::Format2Decoder::default(),
+                        &tx,
+                        &cancel,
+                        |r: nonin::Packet| ox(r.reading()),
+                    )
+                    .await
+                }
+                OximeterProtocol::Nonin7 => {
+                    stream_session(
+                        &id,
+                        &mut port,
+                        nonin::Format7Decoder::default(),
+                        &tx,
+                        &cancel,
+                        |r: nonin::Packet| ox(r.reading()),
+                    )
+                    .await
+                }
+                OximeterProtocol::Nonin8 => {
+                    stream_session(&id, &mut port, nonin::Format8Decoder, &tx, &cancel, |r: nonin::Format8| {
+                        ox(r.reading())
+                    })
+                    .await
+                }
+                OximeterProtocol::Nellcor => {
+                    stream_session(&id, &mut port, nellcor::Decoder, &tx, &cancel, |r: nellcor::Record| ox(r.reading()))
+                        .await
+                }
+            }
+        }
+    })
+    .await;
+}
+
+/// A sensor bridge on serial.
+pub async fn bridge_source(cfg: BridgeConfig, tx: ObsTx, cancel: CancellationToken) {
+    let id = cfg.id.clone();
+    streaming(&cfg.id, &cfg.port, cfg.baud, &tx, &cancel, |mut port| {
+        let (id, tx, cancel) = (id.clone(), tx.clone(), cancel.clone());
+        async move { stream_session(&id, &mut port, bridge::Decoder, &tx, &cancel, Observation::Bridge).await }
+    })
+    .await;
+}
+
+/// An INA219 on the Pi's I2C bus (a blocking loop on its own thread).
+pub fn power_monitor(cfg: &PowerMonitorConfig, tx: &ObsTx, cancel: &CancellationToken) {
+    use mamori_firmware::ina219::{Calibration, Config as InaConfig, Ina219};
+    use mamori_firmware::power::LowBattery;
+    let poll = Duration::from_millis(cfg.poll_interval_ms);
+    let send = |obs| {
+        let _ = tx.blocking_send(Sourced { source: cfg.id.clone(), observation: obs, at: crate::clock::now() });
+    };
+    let mut low = cfg.low_battery_mv.map(|l| LowBattery::new(l, cfg.battery_recover_mv.unwrap_or(l)));
+    while !cancel.is_cancelled() {
+        let bus = match linux_embedded_hal::I2cdev::new(&cfg.i2c_bus) {
+            Ok(b) => b,
+            Err(e) => {
+                send(Observation::Failed(format!("{}: {e}", cfg.i2c_bus.display())));
+                std::thread::sleep(Duration::from_secs(1));
+                continue;
+            }
+        };
+        let mut ina = Ina219::new(bus, cfg.address);
+        let setup =
+            Calibration::new(cfg.shunt_milliohm, cfg.max_current_ma).map_err(|e| format!("{e:?}")).and_then(|cal| {
+                ina.configure(&InaConfig::default())
+                    .and_then(|()| ina.calibrate(cal))
+                    .map_err(|e| format!("INA219 at {:#x}: {e:?}", cfg.address))
+            });
+        if let Err(e) = setup {
+            send(Observation::Failed(e));
+            std::thread::sleep(Duration::from_secs(1));
+            continue;
+        }
+        while !cancel.is_cancelled() {
+            match ina.sample() {
+                Ok(s) => {
+                    let reading = PowerMeterReading {
+                        battery_voltage_v: Some(f64::from(s.bus_mv) / 1000.0),
+                        current_a: s.current_ma.map(|ma| f64::from(ma) / 1000.0),
+                        power_w: s.power_mw.map(|mw| f64::from(mw) / 1000.0),
+                    };
+                    let low = low.as_mut().map(|l| l.update(s.bus_mv));
+                    send(Observation::PowerMeter { reading, low });
+                }
+                Err(e) => {
+                    send(Observation::Failed(format!("INA219 at {:#x}: {e:?}", cfg.address)));
+                    break;
+                }
+            }
+            std::thread::sleep(poll);
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    }
+}
+
+/// GPIO contacts through the kernel's character device (a blocking loop on its own thread).
+pub fn contacts_cdev(cfg: &ContactsConfig, tx: &ObsTx, cancel: &CancellationToken) {
+    use linux_embedded_hal::gpio_cdev::{Chip, LineRequestFlags};
+    use linux_embedded_hal::CdevPin;
+    let request = |chip: &mut Chip, line: u32| -> Result<CdevPin, String> {
+        let handle = chip
+            .get_line(line)
+            .and_then(|l| l.request(LineRequestFlags::INPUT, 0, "mamori-agent"))
+            .map_err(|e| format!("{} line {line}: {e}", cfg.chip.display()))?;
+        CdevPin::new(handle).map_err(|e| format!("{} line {line}: {e}", cfg.chip.display()))
+    };
+    while !cancel.is_cancelled() {
+        let pins = Chip::new(&cfg.chip).map_err(|e| format!("{}: {e}", cfg.chip.display())).and_then(|mut chip| {
+            let pair = match (cfg.ventilator_no_line, cfg.ventilator_nc_line) {
+                (Some(no), Some(nc)) => Some((request(&mut chip, no)?, request(&mut chip, nc)?)),
+                _ => None,
+            };
+            let mains = cfg.mains_line.map(|l| request(&mut chip, l)).transpose()?;
+            Ok((pair, mains))
+        });
+        match pins {
+            Ok((pair, mains)) => {
+                if let Some(reason) = contacts_loop(cfg, pair, mains, tx, cancel) {
+                    let _ = tx.blocking_send(Sourced {
+                        source: cfg.id.clone(),
+                        observation: Observation::Failed(reason),
+                        at: crate::clock::now(),
+                    });
+                }
+            }
+            Err(reason) => {
+                let _ = tx.blocking_send(Sourced {
+                    source: cfg.id.clone(),
+                    observation: Observation::Failed(reason),
+                    at: crate::clock::now(),
+                });
+            }
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    }
+}
+
+/// Sample contact pins with the firmware's debouncer and pair logic; report a change at once
+/// and the state every second (so the monitor knows the input is alive). Generic over
+/// embedded-hal pins so tests can drive it. Returns the reason when a pin fails.
+pub fn contacts_loop<P: embedded_hal::digital::InputPin>(
+    cfg: &ContactsConfig,
+    mut pair: Option<(P, P)>,
+    mut mains: Option<P>,
+    tx: &ObsTx,
+    cancel: &CancellationToken,
+) -> Option<String> {
+    use mamori_firmware::contact::{ContactPair, PairConfig};
+    use mamori_firmware::power::MainsSense;
+    let mut contacts =
+        ContactPair::new(PairConfig { debounce_ms: cfg.debounce_ms, cable_fault_ms: cfg.cable_fault_ms });
+    let mut sense = MainsSense::new(cfg.debounce_ms.max(50));
+    let mut last_sent: Option<(Option<bool>, Option<mamori_protocol::bridge::ContactState>)> = None;
+    let mut last_sent_ms = 0u64;
+    let poll = Duration::from_millis(cfg.poll_interval_ms.max(1));
+    while !cancel.is_cancelled() {
+        let now = crate::clock::now();
+        if let Some((no, nc)) = &mut pair {
+            let (a, b) = match (no.is_low(), nc.is_low()) {
+                (Ok(a), Ok(b)) => (a, b),
+                _ => return Some("cannot read the ventilator contact lines".into()),
+            };
+            let closed = |low: bool| low == cfg.closed_when_low;
+            contacts.update(closed(a), closed(b), now.mono_ms);
+        }
+        if let Some(m) = &mut mains {
+            match m.is_low() {
+                Ok(low) => {
+                    sense.update(low == cfg.mains_present_when_low, now.mono_ms);
+                }
+                Err(_) => return Some("cannot read the mains line".into()),
+            }
+        }
+        let state = (sense.present(), contacts.state());
+        let latched = contacts.latched_alarm();
+        let due = now.mono_ms.saturating_sub(last_sent_ms) >= 1000;
+        if (state.0.is_some() || state.1.is_some()) && (Some(state) != last_sent || latched || due) {
+            let obs = Observation::Contacts {
+                mains_present: state.0,
+                ventilator: state.1,
+                alarm_latched: contacts.take_latched_alarm(),
+            };
+            if tx.blocking_send(Sourced { source: cfg.id.clone(), observation: obs, at: now }).is_err() {
+                return None;
+            }
+            last_sent = Some(state);
+            last_sent_ms = now.mono_ms;
+        }
+        std::thread::sleep(poll);
+    }
+    None
+}
+
+/// A digital input backed by a shared flag (`true` = high), for tests and the simulator.
+#[derive(Debug, Clone, Default)]
+pub struct FlagPin(pub Arc<std::sync::atomic::AtomicBool>);
+
+impl embedded_hal::digital::ErrorType for FlagPin {
+    type Error = std::convert::Infallible;
+}
+
+impl embedded_hal::digital::InputPin for FlagPin {
+    fn is_high(&mut self) -> Result<bool, Self::Error> {
+        Ok(self.0.load(std::sync::atomic::Ordering::Relaxed))
+    }
+    fn is_low(&mut self) -> Result<bool, Self::Error> {
+        Ok(!self.0.load(std::sync::atomic::Ordering::Relaxed))
+    }
+}

@@ -1,0 +1,496 @@
+//! The uplink: MQTT to the gateway, through the spool.
+//!
+//! ## Tasks
+//! - The **connection task** owns the rumqttc `EventLoop` and never publishes. For each
+//!   connection attempt it builds a fresh client and event loop (client id = home id, Last Will
+//!   `{"state":"offline"}` retained on `status`, clean session), hands the client to the uplink
+//!   task, and forwards what the broker says (CONNACK, the packet id of each outgoing PUBLISH,
+//!   PUBACKs, incoming `ack` messages). On any error it drops that event loop, tells the uplink
+//!   task, and waits a jittered, exponentially growing delay before the next attempt.
+//! - The **uplink task** owns the [`Spool`]. On every connection it announces `online`
+//!   (retained), subscribes to its `ack` topic (so subscriptions are restored after every
+//!   reconnect), and replays the spool's pending events in seq order, at most `inflight` at a
+//!   time. A new event is appended (and synced) before it is published.
+//!
+//! ## Delivered means acknowledged
+//! rumqttc reports each outgoing PUBLISH's packet id in the order the publishes were requested,
+//! so a per-connection FIFO of "what was requested" maps packet ids to seqs; an event leaves
+//! the spool only when the PUBACK for its packet id arrives. Because each connection starts
+//! from a fresh event loop, nothing is re-sent behind the spool's back: after a reconnect the
+//! spool alone decides what is sent again. An event whose PUBACK was lost is sent twice; the
+//! gateway de-duplicates by `(home, seq)`.
+//!
+//! ## Telemetry
+//! QoS 0, never spooled while connected. While the broker is unreachable, one snapshot per
+//! period is kept in the spool and published after the events on reconnect (its `ts` tells the
+//! gateway it is history).
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::time::Duration;
+
+use mamori_protocol::mqtt::{self, Ack, Channel, ConnectionState, Event, HomeId, SourceInfo, Status, Telemetry};
+use rumqttc::{
+    AsyncClient, Event as MqttEvent, LastWill, MqttOptions, Outgoing, Packet, QoS, TlsConfiguration, Transport,
+};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::BrokerConfig;
+use crate::spool::{Spool, Storage};
+
+/// Everything needed to connect, resolved from the config (secrets read, files loaded).
+#[derive(Clone)]
+pub struct Connection {
+    /// The home.
+    pub home: HomeId,
+    /// Broker host.
+    pub host: String,
+    /// Broker port.
+    pub port: u16,
+    /// TLS, if configured.
+    pub tls: Option<TlsConfiguration>,
+    /// Username and password.
+    pub credentials: Option<(String, String)>,
+    /// Keep-alive.
+    pub keep_alive: Duration,
+    /// First reconnect delay.
+    pub reconnect_min: Duration,
+    /// Longest reconnect delay.
+    pub reconnect_max: Duration,
+}
+
+impl std::fmt::Debug for Connection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // No secrets in logs.
+        f.debug_struct("Connection")
+            .field("home", &self.home)
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("tls", &self.tls.is_some())
+            .finish()
+    }
+}
+
+/// Why a connection could not be prepared.
+#[derive(Debug, thiserror::Error)]
+pub enum UplinkError {
+    /// A TLS file could not be read or is unsafe.
+    #[error("{0}")]
+    Tls(String),
+    /// The password could not be resolved.
+    #[error("broker.password: {0}")]
+    Secret(String),
+}
+
+impl Connection {
+    /// Resolve the broker section of the config.
+    pub fn from_config(home: HomeId, b: &BrokerConfig) -> Result<Connection, UplinkError> {
+        let tls = match &b.tls {
+            None => None,
+            Some(t) => {
+                let read = |p: &std::path::Path| {
+                    std::fs::read(p).map_err(|e| UplinkError::Tls(format!("cannot read {}: {e}", p.display())))
+                };
+                let ca = read(&t.ca_file)?;
+                let client_auth = match (&t.client_cert_file, &t.client_key_file) {
+                    (Some(c), Some(k)) => {
+                        check_key_permissions(k)?;
+                        Some((read(c)?, read(k)?))
+                    }
+                    _ => None,
+                };
+                Some(TlsConfiguration::Simple { ca, alpn: None, client_auth })
+            }
+        };
+        let credentials = match (&b.username, &b.password) {
+            (Some(u), Some(p)) => Some((u.clone(), p.resolve().map_err(UplinkError::Secret)?)),
+            (Some(u), None) => Some((u.clone(), String::new())),
+            _ => None,
+        };
+        Ok(Connection {
+            home,
+            host: b.host.clone(),
+            port: b.port,
+            tls,
+            credentials,
+            keep_alive: Duration::from_secs(u64::from(b.keep_alive_s.max(5))),
+            reconnect_min: Duration::from_millis(b.reconnect_min_ms),
+            reconnect_max: Duration::from_millis(b.reconnect_max_ms),
+        })
+    }
+
+    fn options(&self) -> MqttOptions {
+        let mut o = MqttOptions::new(self.home.as_str(), self.host.clone(), self.port);
+        o.set_keep_alive(self.keep_alive);
+        o.set_clean_session(true);
+        o.set_last_will(LastWill::new(
+            self.home.topic(Channel::Status),
+            mqtt::encode(&Status::last_will()),
+            QoS::AtLeastOnce,
+            true,
+        ));
+        if let Some((u, p)) = &self.credentials {
+            o.set_credentials(u.clone(), p.clone());
+        }
+        if let Some(tls) = &self.tls {
+            o.set_transport(Transport::tls_with_config(tls.clone()));
+        }
+        o
+    }
+}
+
+/// A private key readable by others is refused: it is this home's identity.
+fn check_key_permissions(path: &std::path::Path) -> Result<(), UplinkError> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = std::fs::metadata(path).map_err(|e| UplinkError::Tls(format!("cannot read {}: {e}", path.display())))?;
+    if meta.permissions().mode() & 0o077 != 0 {
+        return Err(UplinkError::Tls(format!("{} is readable by group or others; chmod 600 it", path.display())));
+    }
+    Ok(())
+}
+
+/// What the connection task tells the uplink task.
+#[derive(Debug)]
+enum Conn {
+    Session(u64, AsyncClient),
+    Connected(u64),
+    Outgoing(u64, u16),
+    PubAck(u64, u16),
+    Message(u64, String, Vec<u8>),
+    Disconnected(u64, String),
+}
+
+async fn connection_task(conn: Connection, tx: mpsc::UnboundedSender<Conn>, cancel: CancellationToken) {
+    let mut delay = conn.reconnect_min;
+    let mut session = 0u64;
+    loop {
+        session += 1;
+        let (client, mut ev) = AsyncClient::new(conn.options(), 128);
+        if tx.send(Conn::Session(session, client.clone())).is_err() {
+            return;
+        }
+        loop {
+            let polled = tokio::select! {
+                () = cancel.cancelled() => return,
+                p = ev.poll() => p,
+            };
+            let msg = match polled {
+                Ok(MqttEvent::Incoming(Packet::ConnAck(_))) => {
+                    delay = conn.reconnect_min;
+                    Conn::Connected(session)
+                }
+                Ok(MqttEvent::Outgoing(Outgoing::Publish(pkid))) => Conn::Outgoing(session, pkid),
+                Ok(MqttEvent::Incoming(Packet::PubAck(a))) => Conn::PubAck(session, a.pkid),
+                Ok(MqttEvent::Incoming(Packet::Publish(p))) => {
+                    Conn::Message(session, p.topic.clone(), p.payload.to_vec())
+                }
+                Ok(_) => continue,
+                Err(e) => {
+                    let _ = tx.send(Conn::Disconnected(session, e.to_string()));
+                    break;
+                }
+            };
+            if tx.send(msg).is_err() {
+                return;
+            }
+        }
+        drop(ev);
+        // Full jitter between half and all of the current delay, so a neighbourhood of agents
+        // coming back after an outage does not reconnect in lockstep.
+        let jittered = delay.mul_f64(0.5 + rand::random::<f64>() * 0.5);
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            () = tokio::time::sleep(jittered) => {}
+        }
+        delay = (delay * 2).min(conn.reconnect_max);
+    }
+}
+
+/// What the rest of the agent sends the uplink.
+#[derive(Debug)]
+pub enum ToUplink {
+    /// A new event (not yet spooled; the uplink gives it its seq).
+    Event(Event),
+    /// A telemetry snapshot.
+    Telemetry(Telemetry),
+}
+
+/// What the uplink tells the rest of the agent.
+#[derive(Debug, Clone, PartialEq)]
+pub enum FromUplink {
+    /// The broker accepted the connection (`true`) or it was lost (`false`).
+    Connected(bool),
+    /// Someone acknowledged an alert about this home.
+    Ack(Ack),
+    /// The spool is holding events in memory (`true`) or writes again (`false`).
+    SpoolDegraded(bool),
+    /// An event was made durable (or held) and given its seq.
+    Spooled(Event),
+}
+
+/// Uplink settings.
+#[derive(Debug, Clone)]
+pub struct UplinkSettings {
+    /// Events published and awaiting PUBACK at once.
+    pub inflight: usize,
+    /// The telemetry period (one snapshot per period is kept while offline).
+    pub telemetry_interval: Duration,
+    /// What `status` announces.
+    pub online: Status,
+    /// How long to wait for PUBACKs on shutdown.
+    pub shutdown_grace: Duration,
+}
+
+#[derive(Debug)]
+enum Sent {
+    Event(u64),
+    Other,
+}
+
+struct Session {
+    id: u64,
+    client: AsyncClient,
+    connected: bool,
+    fifo: VecDeque<Sent>,
+    inflight: BTreeMap<u16, u64>,
+    published: BTreeSet<u64>,
+}
+
+/// The uplink task's state.
+pub struct Uplink<S: Storage> {
+    conn: Connection,
+    settings: UplinkSettings,
+    spool: Spool<S>,
+    session: Option<Session>,
+    last_kept_telemetry: Option<tokio::time::Instant>,
+}
+
+impl<S: Storage> Uplink<S> {
+    /// An uplink over `spool`.
+    pub fn new(conn: Connection, settings: UplinkSettings, spool: Spool<S>) -> Self {
+        Uplink { conn, settings, spool, session: None, last_kept_telemetry: None }
+    }
+
+    /// The sources announced in `status`.
+    pub fn announce(sources: Vec<SourceInfo>, interval_s: u32, since: mqtt::Timestamp) -> Status {
+        Status {
+            state: ConnectionState::Online,
+            since: Some(since),
+            agent_version: Some(env!("CARGO_PKG_VERSION").to_string()),
+            telemetry_interval_s: Some(interval_s),
+            sources,
+            reason: None,
+        }
+    }
+
+    /// Run until `cancel`, then shut down cleanly: publish `offline` (retained), wait for the
+    /// outstanding PUBACKs up to the grace period, flush the spool.
+    pub async fn run(
+        mut self,
+        mut rx: mpsc::Receiver<ToUplink>,
+        tx: mpsc::Sender<FromUplink>,
+        cancel: CancellationToken,
+    ) -> Spool<S> {
+        let (ctx, mut crx) = mpsc::unbounded_channel();
+        let conn_cancel = CancellationToken::new();
+        let conn_task = tokio::spawn(connection_task(self.conn.clone(), ctx, conn_cancel.clone()));
+        let mut retry = tokio::time::interval(Duration::from_secs(5));
+        retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                () = cancel.cancelled() => break,
+                Some(msg) = rx.recv() => match msg {
+                    ToUplink::Event(e) => self.on_event(e, &tx).await,
+                    ToUplink::Telemetry(t) => self.on_telemetry(t).await,
+                },
+                Some(c) = crx.recv() => self.on_conn(c, &tx).await,
+                _ = retry.tick() => {
+                    let was = self.spool.degraded();
+                    if was && self.spool.retry_held() {
+                        let _ = tx.send(FromUplink::SpoolDegraded(false)).await;
+                    }
+                }
+            }
+        }
+        // Events queued before the cancellation (agent_stopping among them) are spooled first.
+        while let Ok(msg) = rx.try_recv() {
+            match msg {
+                ToUplink::Event(e) => self.on_event(e, &tx).await,
+                ToUplink::Telemetry(_) => {}
+            }
+        }
+        self.shutdown(&mut crx).await;
+        conn_cancel.cancel();
+        let _ = conn_task.await;
+        let _ = self.spool.flush();
+        self.spool
+    }
+
+    async fn on_event(&mut self, event: Event, tx: &mpsc::Sender<FromUplink>) {
+        let was_degraded = self.spool.degraded();
+        let spooled = self.spool.append(event).event.clone();
+        if self.spool.degraded() != was_degraded {
+            let _ = tx.send(FromUplink::SpoolDegraded(self.spool.degraded())).await;
+        }
+        let _ = tx.send(FromUplink::Spooled(spooled)).await;
+        self.pump().await;
+    }
+
+    async fn on_telemetry(&mut self, t: Telemetry) {
+        let payload = mqtt::encode(&t);
+        match &mut self.session {
+            Some(s) if s.connected => {
+                s.fifo.push_back(Sent::Other);
+                if s.client
+                    .publish(self.conn.home.topic(Channel::Telemetry), QoS::AtMostOnce, false, payload)
+                    .await
+                    .is_err()
+                {
+                    s.fifo.pop_back();
+                }
+            }
+            _ => {
+                let now = tokio::time::Instant::now();
+                let due =
+                    self.last_kept_telemetry.is_none_or(|t| now.duration_since(t) >= self.settings.telemetry_interval);
+                if due {
+                    self.last_kept_telemetry = Some(now);
+                    self.spool.keep_telemetry(payload);
+                }
+            }
+        }
+    }
+
+    async fn on_conn(&mut self, c: Conn, tx: &mpsc::Sender<FromUplink>) {
+        let current = self.session.as_ref().map(|s| s.id);
+        match c {
+            Conn::Session(id, client) => {
+                self.session = Some(Session {
+                    id,
+                    client,
+                    connected: false,
+                    fifo: VecDeque::new(),
+                    inflight: BTreeMap::new(),
+                    published: BTreeSet::new(),
+                });
+            }
+            Conn::Connected(id) if current == Some(id) => {
+                tracing::info!(host = %self.conn.host, port = self.conn.port, "connected to the broker");
+                let home = self.conn.home.clone();
+                let online = mqtt::encode(&self.settings.online);
+                if let Some(s) = &mut self.session {
+                    s.connected = true;
+                    s.fifo.push_back(Sent::Other);
+                    let _ = s.client.publish(home.topic(Channel::Status), QoS::AtLeastOnce, true, online).await;
+                    let _ = s.client.subscribe(home.topic(Channel::Ack), QoS::AtLeastOnce).await;
+                }
+                let _ = tx.send(FromUplink::Connected(true)).await;
+                self.pump().await;
+            }
+            Conn::Outgoing(id, pkid) if current == Some(id) => {
+                if let Some(s) = &mut self.session {
+                    if let Some(Sent::Event(seq)) = s.fifo.pop_front() {
+                        s.inflight.insert(pkid, seq);
+                    }
+                }
+            }
+            Conn::PubAck(id, pkid) if current == Some(id) => {
+                let seq = self.session.as_mut().and_then(|s| s.inflight.remove(&pkid));
+                if let Some(seq) = seq {
+                    self.spool.ack(seq);
+                    self.pump().await;
+                }
+            }
+            Conn::Message(id, topic, payload)
+                if current == Some(id)
+                    && mqtt::Topic::parse(&topic)
+                        .is_ok_and(|t| t.home == self.conn.home && t.channel == Channel::Ack) =>
+            {
+                match mqtt::decode::<Ack>(&payload) {
+                    Ok(ack) => {
+                        tracing::info!(alert = %ack.alert_id, kind = %ack.alert_kind, role = ?ack.role, "an alert about this home was acknowledged");
+                        let _ = tx.send(FromUplink::Ack(ack)).await;
+                    }
+                    Err(e) => tracing::warn!(error = %e, "ignoring an ack message that does not parse"),
+                }
+            }
+            Conn::Disconnected(id, reason) if current == Some(id) => {
+                let was = self.session.take().is_some_and(|s| s.connected);
+                tracing::warn!(%reason, "broker connection lost");
+                if was {
+                    let _ = tx.send(FromUplink::Connected(false)).await;
+                }
+            }
+            _ => {} // a message from a connection that is already gone
+        }
+    }
+
+    /// Publish pending events not yet sent on this connection, within the in-flight window;
+    /// then the telemetry kept during an outage.
+    async fn pump(&mut self) {
+        let Some(s) = &mut self.session else { return };
+        if !s.connected {
+            return;
+        }
+        let topic = self.conn.home.topic(Channel::Event);
+        s.published.retain(|q| self.spool.is_pending(*q));
+        let outstanding = s.published.len();
+        let room = self.settings.inflight.saturating_sub(outstanding);
+        let next: Vec<(u64, Vec<u8>)> = self
+            .spool
+            .pending()
+            .filter(|p| !s.published.contains(&p.event.seq))
+            .take(room)
+            .map(|p| (p.event.seq, p.payload.clone()))
+            .collect();
+        for (seq, payload) in next {
+            s.fifo.push_back(Sent::Event(seq));
+            if s.client.publish(topic.clone(), QoS::AtLeastOnce, false, payload).await.is_err() {
+                s.fifo.pop_back();
+                return;
+            }
+            s.published.insert(seq);
+        }
+        if self.spool.pending().next().is_none() {
+            let kept = self.spool.take_telemetry();
+            let ttopic = self.conn.home.topic(Channel::Telemetry);
+            for t in kept {
+                s.fifo.push_back(Sent::Other);
+                let _ = s.client.publish(ttopic.clone(), QoS::AtMostOnce, false, t).await;
+            }
+        }
+    }
+
+    async fn shutdown(&mut self, crx: &mut mpsc::UnboundedReceiver<Conn>) {
+        let Some(s) = &mut self.session else { return };
+        if !s.connected {
+            return;
+        }
+        let offline = Status { reason: Some("shutdown".into()), ..Status::last_will() };
+        s.fifo.push_back(Sent::Other);
+        let _ = s
+            .client
+            .publish(self.conn.home.topic(Channel::Status), QoS::AtLeastOnce, true, mqtt::encode(&offline))
+            .await;
+        let deadline = tokio::time::Instant::now() + self.settings.shutdown_grace;
+        // Wait for the PUBACKs of what is in flight (the agent_stopping event among them).
+        while self.session.as_ref().is_some_and(|s| !s.inflight.is_empty() || !s.fifo.is_empty()) {
+            match tokio::time::timeout_at(deadline, crx.recv()).await {
+                Ok(Some(c)) => self.on_conn(c, &mpsc::channel(1).0).await,
+                _ => break,
+            }
+        }
+        if let Some(s) = &self.session {
+            let _ = s.client.disconnect().await;
+            // Let the connection task write the DISCONNECT before it is cancelled.
+            let _ = tokio::time::timeout(Duration::from_millis(200), async {
+                while let Some(c) = crx.recv().await {
+                    if matches!(c, Conn::Disconnected(..)) {
+                        break;
+                    }
+                }
+            })
+            .await;
+        }
+    }
+}
