@@ -336,7 +336,9 @@ impl<S: Storage> Uplink<S> {
         self.pump().await;
     }
 
-    async fn on_telemetry(&mut self, t: Telemetry) {
+    async fn on_telemetry(&mut self, mut t: Telemetry) {
+        // Only the uplink knows the spool's state.
+        t.spool = Some(self.spool.status());
         let payload = mqtt::encode(&t);
         match &mut self.session {
             Some(s) if s.connected => {

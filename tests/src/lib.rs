@@ -5,9 +5,16 @@
 //! machine's broker on 1883), and helpers to wait for a condition with a deadline instead of
 //! sleeping.
 //!
-//! Scenarios live in `tests/tests/`. What exists so far: the MQTT v1 contract over a real
-//! broker (`mqtt_contract.rs`). The agent, gateway and fault scenarios come with their issues.
+//! Scenarios live in `tests/tests/` (and the agent's process-level tests in
+//! `agent/tests/service.rs`, which use this harness). Besides the broker: [`Process`] (a child
+//! process whose JSON log lines can be waited on, killed with SIGKILL or stopped with SIGTERM),
+//! [`Simulator`] (`mamori-agent simulate`, driven through its standard input) and
+//! [`Collector`] (an MQTT subscriber that records what arrives, with a persistent session so it
+//! survives a broker restart).
 #![deny(unsafe_code, missing_docs)]
+
+pub mod nut;
+pub mod process;
 
 use std::io::{BufRead, BufReader};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
@@ -41,15 +48,16 @@ pub fn free_port() -> Result<u16> {
 /// A Mosquitto broker owned by one test: its own config, port, data directory and log.
 /// Killed when dropped.
 pub struct Mosquitto {
-    child: Child,
+    child: Option<Child>,
     port: u16,
     dir: tempfile::TempDir,
+    conf: PathBuf,
 }
 
 impl Mosquitto {
-    /// Start a broker on a free loopback port with anonymous access and `extra` config lines.
+    /// Start a broker on a free loopback port with anonymous access, persistence in its own
+    /// directory, and `extra` config lines.
     pub fn start(extra: &str) -> Result<Mosquitto> {
-        let bin = mosquitto_binary()?;
         let mut last_err = None;
         for _ in 0..5 {
             let dir = tempfile::tempdir()?;
@@ -58,28 +66,55 @@ impl Mosquitto {
             std::fs::write(
                 &conf,
                 format!(
-                    "listener {port} 127.0.0.1\nallow_anonymous true\npersistence true\npersistence_location {}/\nlog_dest file {}/mosquitto.log\nlog_type all\n{extra}\n",
+                    "listener {port} 127.0.0.1\nallow_anonymous true\npersistence true\npersistence_location {}/\nautosave_interval 1\nlog_dest file {}/mosquitto.log\nlog_type all\n{extra}\n",
                     dir.path().display(),
                     dir.path().display()
                 ),
             )?;
+            let mut m = Mosquitto { child: None, port, dir, conf };
+            match m.resume() {
+                Ok(()) => return Ok(m),
+                Err(e) => last_err = Some(e),
+            }
+        }
+        Err(last_err.unwrap_or_else(|| anyhow::anyhow!("mosquitto did not start")))
+    }
+
+    /// Stop it (SIGTERM, so it saves its persistence database), keeping port and data.
+    pub fn stop(&mut self) -> Result<()> {
+        if let Some(mut c) = self.child.take() {
+            let _ = Command::new("kill").arg("-TERM").arg(c.id().to_string()).status();
+            c.wait()?;
+        }
+        Ok(())
+    }
+
+    /// Start it again on the same port with the same data.
+    pub fn resume(&mut self) -> Result<()> {
+        let bin = mosquitto_binary()?;
+        let deadline = Deadline::after(Duration::from_secs(10));
+        loop {
             let mut child = Command::new(&bin)
                 .arg("-c")
-                .arg(&conf)
+                .arg(&self.conf)
                 .stdout(Stdio::null())
                 .stderr(Stdio::piped())
                 .spawn()
                 .context("spawning mosquitto")?;
-            match wait_for_listener(&mut child, port, Duration::from_secs(10)) {
-                Ok(()) => return Ok(Mosquitto { child, port, dir }),
+            match wait_for_listener(&mut child, self.port, Duration::from_secs(5)) {
+                Ok(()) => {
+                    self.child = Some(child);
+                    return Ok(());
+                }
                 Err(e) => {
                     let _ = child.kill();
                     let _ = child.wait();
-                    last_err = Some(e);
+                    // The old socket may linger for a moment after a restart.
+                    deadline.check(&format!("mosquitto to listen again: {e}"))?;
+                    std::thread::sleep(Duration::from_millis(100));
                 }
             }
         }
-        Err(last_err.unwrap_or_else(|| anyhow::anyhow!("mosquitto did not start")))
     }
 
     /// The port it listens on (127.0.0.1).
@@ -100,8 +135,10 @@ impl Mosquitto {
 
 impl Drop for Mosquitto {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
     }
 }
 

@@ -1,0 +1,405 @@
+//! The agent as a service, with real parts: a Mosquitto the test starts on a free port, the
+//! real `mamori-agent run` process, and simulated devices on pseudo-terminals
+//! (`mamori-agent simulate`). Each test waits for conditions with deadlines, never a sleep
+//! standing in for one.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a failed unwrap is a failed test
+#![allow(clippy::disallowed_methods)] // the tests are an I/O edge: they time the outage they cause
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+use mamori_agent::spool::{FileStorage, Spool};
+use mamori_protocol::mqtt::{self, Event, EventKind, Status, Telemetry};
+use mamori_tests::process::{Collector, Process, Received, Simulator};
+use mamori_tests::Mosquitto;
+
+const AGENT: &str = env!("CARGO_BIN_EXE_mamori-agent");
+const LONG: Duration = Duration::from_secs(30);
+
+fn config(port: u16, data: &Path, sim: &Path, devices: &[&str]) -> String {
+    let mut c = format!(
+        "home_id = \"test-home\"\ndata_dir = \"{}\"\n[broker]\nhost = \"127.0.0.1\"\nport = {port}\nreconnect_min_ms = 100\nreconnect_max_ms = 500\n[telemetry]\ninterval_s = 1\n",
+        data.display()
+    );
+    for d in devices {
+        let p = sim.join(d);
+        c.push_str(&match *d {
+            "ups" => format!("[[ups]]\nid = \"ups\"\nprotocol = \"megatec\"\nport = \"{}\"\n", p.display()),
+            "oximeter" => format!(
+                "[[oximeter]]\nid = \"oximeter\"\nprotocol = \"masimo\"\nport = \"{}\"\nlost_after_ms = 3000\n",
+                p.display()
+            ),
+            "nonin" => format!("[[oximeter]]\nid = \"nonin\"\nprotocol = \"nonin-2\"\nport = \"{}\"\n", p.display()),
+            "bridge" => format!("[[bridge]]\nid = \"bridge\"\nport = \"{}\"\n", p.display()),
+            other => panic!("{other}"),
+        });
+    }
+    c
+}
+
+struct Rig {
+    broker: Mosquitto,
+    sim: Simulator,
+    data: PathBuf,
+    config: PathBuf,
+    _dirs: (tempfile::TempDir, tempfile::TempDir),
+}
+
+fn rig(devices: &[&str]) -> Result<Rig> {
+    let broker = Mosquitto::start("")?;
+    let simdir = tempfile::tempdir()?;
+    let datadir = tempfile::tempdir()?;
+    let sim = Simulator::start(Path::new(AGENT), simdir.path(), &devices.join(","), "steady")?;
+    let data = datadir.path().join("data");
+    let config = datadir.path().join("agent.toml");
+    std::fs::write(&config, config_text(broker.port(), &data, simdir.path(), devices))?;
+    Ok(Rig { broker, sim, data, config, _dirs: (simdir, datadir) })
+}
+
+fn config_text(port: u16, data: &Path, sim: &Path, devices: &[&str]) -> String {
+    config(port, data, sim, devices)
+}
+
+fn agent(config: &Path) -> Result<Process> {
+    let mut cmd = Command::new(AGENT);
+    cmd.args(["run", "--log-json", "--config"]).arg(config);
+    Process::spawn("agent", cmd)
+}
+
+fn events(msgs: &[Received]) -> Vec<Event> {
+    msgs.iter().filter(|m| m.topic.ends_with("/event")).filter_map(|m| mqtt::decode::<Event>(&m.payload).ok()).collect()
+}
+
+fn has(msgs: &[Received], kind: EventKind, source: Option<&str>) -> bool {
+    events(msgs).iter().any(|e| e.kind == kind && (source.is_none() || e.source.as_deref() == source))
+}
+
+/// Seqs of the events the agent logged as spooled.
+fn logged_events(agent: &Process) -> Vec<(u64, String)> {
+    agent
+        .lines()
+        .iter()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["fields"]["message"] == "event")
+        .map(|v| (v["fields"]["seq"].as_u64().unwrap_or(0), v["fields"]["kind"].as_str().unwrap_or("").to_string()))
+        .collect()
+}
+
+#[test]
+fn an_outage_reaches_the_broker_and_a_killed_agent_leaves_its_last_will() -> Result<()> {
+    let mut r = rig(&["ups", "oximeter", "bridge"])?;
+    let c = Collector::start(r.broker.port(), "t1", "mamori/v1/#")?;
+    let mut a = agent(&r.config)?;
+    c.wait("online status", LONG, |m| {
+        m.iter().any(|x| {
+            x.topic == "mamori/v1/test-home/status"
+                && mqtt::decode::<Status>(&x.payload).is_ok_and(|s| s.state == mqtt::ConnectionState::Online)
+        })
+    })?;
+    c.wait("first telemetry with every device", LONG, |m| {
+        m.iter()
+            .filter(|x| x.topic.ends_with("/telemetry"))
+            .filter_map(|x| mqtt::decode::<Telemetry>(&x.payload).ok())
+            .any(|t| t.ups.is_some() && t.oximeter.is_some() && t.power_meter.is_some())
+    })?;
+    r.sim.cmd("mains off")?;
+    let m = c.wait("mains_lost", LONG, |m| has(m, EventKind::MainsLost, None))?;
+    let e = events(&m).into_iter().find(|e| e.kind == EventKind::MainsLost).unwrap();
+    assert_eq!(e.severity, mqtt::Severity::Critical);
+    r.sim.cmd("mains on")?;
+    c.wait("mains_restored", LONG, |m| has(m, EventKind::MainsRestored, None))?;
+    let before = c.messages().len();
+    a.kill9()?;
+    let m = c.wait("the Last Will", LONG, |m| {
+        m[before..].iter().any(|x| x.topic == "mamori/v1/test-home/status" && x.payload == br#"{"state":"offline"}"#)
+    })?;
+    assert!(
+        events(&m).iter().all(|e| e.kind != EventKind::AgentStopping),
+        "a killed agent says nothing; the broker speaks for it"
+    );
+    Ok(())
+}
+
+#[test]
+fn sigterm_publishes_agent_stopping_and_a_clean_offline_status() -> Result<()> {
+    let r = rig(&["ups"])?;
+    let c = Collector::start(r.broker.port(), "t2", "mamori/v1/#")?;
+    let mut a = agent(&r.config)?;
+    c.wait("agent_started", LONG, |m| has(m, EventKind::AgentStarted, None))?;
+    assert_eq!(a.terminate(LONG)?, Some(0));
+    let m = c.wait("agent_stopping and the shutdown status", LONG, |m| {
+        has(m, EventKind::AgentStopping, None)
+            && m.iter()
+                .any(|x| x.topic.ends_with("/status") && x.payload == br#"{"state":"offline","reason":"shutdown"}"#)
+    })?;
+    assert!(!m.iter().any(|x| x.payload == br#"{"state":"offline"}"#), "a clean stop is not a Last Will");
+    // Nothing left in the spool: the PUBACKs were awaited.
+    let (spool, _) = Spool::open(FileStorage::open(&r.data)?, 1 << 20, 0)?;
+    assert_eq!(spool.pending().count(), 0);
+    Ok(())
+}
+
+#[test]
+fn a_broker_outage_replays_every_event_in_order_with_its_original_time() -> Result<()> {
+    let mut r = rig(&["bridge"])?;
+    let c = Collector::start(r.broker.port(), "t3", "mamori/v1/+/event")?;
+    let a = agent(&r.config)?;
+    c.wait("agent_started", LONG, |m| has(m, EventKind::AgentStarted, None))?;
+    r.broker.stop()?;
+    let outage_started = Instant::now();
+    // Twenty events while nobody outside can hear.
+    for i in 1..=10 {
+        r.sim.cmd("mains off")?;
+        a.wait_line("mains_lost spooled", LONG, |_| {
+            logged_events(&a).iter().filter(|(_, k)| k == "mains_lost").count() >= i
+        })?;
+        r.sim.cmd("mains on")?;
+        a.wait_line("mains_restored spooled", LONG, |_| {
+            logged_events(&a).iter().filter(|(_, k)| k == "mains_restored").count() >= i
+        })?;
+    }
+    let spooled: Vec<u64> = logged_events(&a).iter().map(|(s, _)| *s).collect();
+    r.broker.resume()?;
+    let resumed = Instant::now();
+    let m = c
+        .wait("every spooled event", LONG, |m| {
+            let got: Vec<u64> = events(m).iter().map(|e| e.seq).collect();
+            spooled.iter().all(|s| got.contains(s))
+        })
+        .map_err(|e| e.context(format!("broker log:\n{}\nagent log:\n{}", r.broker.log(), a.lines().join("\n"))))?;
+    let got = events(&m);
+    let mut ids = BTreeMap::new();
+    for e in &got {
+        *ids.entry(e.id.clone()).or_insert(0) += 1;
+    }
+    assert!(ids.values().all(|&n| n == 1), "an event was delivered twice: {ids:?}");
+    let seqs: Vec<u64> = got.iter().map(|e| e.seq).collect();
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "out of order: {seqs:?}");
+    let kinds: Vec<EventKind> = got.iter().filter(|e| e.kind != EventKind::AgentStarted).map(|e| e.kind).collect();
+    assert_eq!(kinds.len(), 20);
+    assert!(kinds.chunks(2).all(|p| p == [EventKind::MainsLost, EventKind::MainsRestored]));
+    // Their times are when they happened, during the outage, not when they were delivered.
+    let outage_len = chrono::Duration::from_std(resumed - outage_started)?;
+    let last_ts = got.last().unwrap().ts;
+    let first_outage_ts = got.iter().find(|e| e.kind == EventKind::MainsLost).unwrap().ts;
+    assert!(last_ts - first_outage_ts <= outage_len, "timestamps span more than the outage");
+    assert!(got.iter().filter(|e| e.kind == EventKind::MainsLost).all(|e| e.ts >= first_outage_ts));
+    Ok(())
+}
+
+#[test]
+fn kill_9_while_spooling_loses_nothing_that_was_flushed() -> Result<()> {
+    let mut r = rig(&["bridge"])?;
+    r.broker.stop()?; // nobody to publish to: everything stays in the spool
+    let mut a = agent(&r.config)?;
+    a.wait_line("the spool to open", LONG, |l| l.contains("spool opened"))?;
+    // Events in quick succession; the agent is killed while they are being written.
+    let mut i = 0;
+    while logged_events(&a).len() < 15 {
+        r.sim.cmd(if i % 2 == 0 { "mains off" } else { "mains on" })?;
+        i += 1;
+        std::thread::sleep(Duration::from_millis(80)); // pacing the simulated power, not synchronisation
+        assert!(i < 500, "no events were spooled");
+    }
+    a.kill9()?;
+    let flushed: Vec<u64> = logged_events(&a).iter().map(|(s, _)| *s).collect();
+    // The spool opens cleanly and holds at least everything the agent had reported as spooled.
+    let (spool, recovery) = Spool::open(FileStorage::open(&r.data)?, 16 << 20, 0)?;
+    let pending: Vec<(u64, String)> = spool.pending().map(|p| (p.event.seq, p.event.id.clone())).collect();
+    drop(spool);
+    assert!(
+        flushed.iter().all(|s| pending.iter().any(|(p, _)| p == s)),
+        "flushed {flushed:?} but the spool has {pending:?} (torn {} bytes)",
+        recovery.torn_bytes
+    );
+    // Restart everything: each spooled event arrives exactly once.
+    r.broker.resume()?;
+    let c = Collector::start(r.broker.port(), "t4", "mamori/v1/+/event")?;
+    let _a2 = agent(&r.config)?;
+    let m = c.wait("every spooled event after the restart", LONG, |m| {
+        let got: Vec<String> = events(m).iter().map(|e| e.id.clone()).collect();
+        pending.iter().all(|(_, id)| got.contains(id))
+    })?;
+    for (_, id) in &pending {
+        assert_eq!(events(&m).iter().filter(|e| &e.id == id).count(), 1, "{id} delivered more than once");
+    }
+    let seqs: Vec<u64> = events(&m).iter().map(|e| e.seq).collect();
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "{seqs:?}");
+    Ok(())
+}
+
+#[test]
+fn unplugged_devices_and_garbage_make_no_false_outage() -> Result<()> {
+    let mut r = rig(&["ups", "oximeter", "bridge"])?;
+    let c = Collector::start(r.broker.port(), "t5", "mamori/v1/#")?;
+    let mut a = agent(&r.config)?;
+    c.wait("agent_started", LONG, |m| has(m, EventKind::AgentStarted, None))?;
+    for dev in ["ups", "oximeter", "bridge"] {
+        r.sim.cmd(&format!("garbage {dev} 400"))?;
+    }
+    r.sim.cmd("unplug oximeter")?;
+    c.wait("device_lost(oximeter)", LONG, |m| has(m, EventKind::DeviceLost, Some("oximeter")))?;
+    r.sim.cmd("plug oximeter")?;
+    c.wait("device_restored(oximeter)", LONG, |m| has(m, EventKind::DeviceRestored, Some("oximeter")))?;
+    r.sim.cmd("unplug ups")?;
+    c.wait("device_lost(ups)", LONG, |m| has(m, EventKind::DeviceLost, Some("ups")))?;
+    r.sim.cmd("garbage bridge 1000")?;
+    r.sim.cmd("plug ups")?;
+    let m = c.wait("device_restored(ups)", LONG, |m| has(m, EventKind::DeviceRestored, Some("ups")))?;
+    // Telemetry after the replug reads the UPS again.
+    c.wait("telemetry with the UPS back", LONG, |m| {
+        m.iter()
+            .rev()
+            .filter(|x| x.topic.ends_with("/telemetry"))
+            .filter_map(|x| mqtt::decode::<Telemetry>(&x.payload).ok())
+            .next()
+            .is_some_and(|t| t.devices.iter().all(|d| d.state == mqtt::DeviceState::Ok))
+    })?;
+    assert!(!has(&m, EventKind::MainsLost, None), "garbage or an unplugged UPS is not an outage");
+    assert!(a.running(), "the agent survived");
+    assert!(!a.lines().iter().any(|l| l.contains("panicked")));
+    Ok(())
+}
+
+/// A real full disk: the data directory on a tiny tmpfs (needs root to mount; CI runs as root).
+#[test]
+fn a_full_disk_keeps_events_in_memory_warns_and_recovers() -> Result<()> {
+    if !nix_is_root() {
+        eprintln!(
+            "SKIPPED: mounting a tmpfs needs root; the spool's disk-full handling is also covered by its unit test"
+        );
+        return Ok(());
+    }
+    let mut r = rig(&["bridge"])?;
+    std::fs::create_dir_all(&r.data)?;
+    let mounted = Command::new("mount").args(["-t", "tmpfs", "-o", "size=256k", "tmpfs"]).arg(&r.data).status()?;
+    assert!(mounted.success(), "mount tmpfs failed");
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+        }
+    }
+    let _guard = Unmount(r.data.clone());
+    let c = Collector::start(r.broker.port(), "t6", "mamori/v1/#")?;
+    let a = agent(&r.config)?;
+    c.wait("agent_started", LONG, |m| has(m, EventKind::AgentStarted, None))?;
+    // Fill the disk.
+    let filler = r.data.join("filler");
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&filler)?;
+        let block = [0u8; 4096];
+        while f.write_all(&block).and_then(|()| f.sync_all()).is_ok() {}
+    }
+    // Appends that still fit in the spool file's last page succeed on a full tmpfs: keep
+    // producing events until one needs new space.
+    let mut toggles = 0;
+    while !has(&c.messages(), EventKind::SpoolDegraded, None) {
+        let n = logged_events(&a).len();
+        r.sim.cmd(if toggles % 2 == 0 { "mains off" } else { "mains on" })?;
+        toggles += 1;
+        a.wait_line("the event to be handled", LONG, |_| logged_events(&a).len() > n)?;
+        assert!(toggles < 200, "the spool never noticed the full disk");
+    }
+    if toggles % 2 == 1 {
+        r.sim.cmd("mains on")?;
+        toggles += 1;
+    }
+    let m = c.wait("every outage event, including those held in memory", LONG, |m| {
+        events(m).iter().filter(|e| matches!(e.kind, EventKind::MainsLost | EventKind::MainsRestored)).count()
+            >= toggles
+    })?;
+    r.sim.cmd("mains off")?;
+    assert!(
+        m.iter()
+            .filter(|x| x.topic.ends_with("/telemetry"))
+            .filter_map(|x| mqtt::decode::<Telemetry>(&x.payload).ok())
+            .any(|t| t.spool.is_some_and(|s| s.degraded)),
+        "telemetry shows the spool degraded"
+    );
+    a.wait_line("the family warned in the log", LONG, |l| l.contains("cannot write to disk"))?;
+    std::fs::remove_file(&filler)?;
+    r.sim.cmd("mains on")?;
+    let m = c.wait("spool_ok", LONG, |m| has(m, EventKind::SpoolOk, None))?;
+    let outage: Vec<u64> = events(&m)
+        .iter()
+        .filter(|e| matches!(e.kind, EventKind::MainsLost | EventKind::MainsRestored))
+        .map(|e| e.seq)
+        .collect();
+    assert!(outage.windows(2).all(|w| w[0] < w[1]), "{outage:?}");
+    assert!(r.data.join("spool.log").exists(), "the spool is on disk again");
+    Ok(())
+}
+
+fn nix_is_root() -> bool {
+    nix::unistd::Uid::effective().is_root()
+}
+
+#[test]
+fn probe_names_each_problem() -> Result<()> {
+    let r = rig(&["ups", "oximeter", "bridge"])?;
+    let out = Command::new(AGENT).args(["probe", "--config"]).arg(&r.config).output()?;
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{table}");
+    assert!(table.contains("on mains"), "{table}");
+    assert!(table.contains("SpO2 97 %"), "{table}");
+    // Wrong protocol, no answer, missing port.
+    let bad = r.config.with_file_name("bad.toml");
+    let sim = r.sim.dir.clone();
+    std::fs::write(
+        &bad,
+        format!(
+            "home_id = \"test-home\"\ndata_dir = \"/tmp/x\"\n[broker]\nhost = \"127.0.0.1\"\nport = 1\n\
+             [[ups]]\nid = \"ups\"\nprotocol = \"megatec\"\nport = \"{}\"\n\
+             [[oximeter]]\nid = \"silent\"\nprotocol = \"nonin-ascii\"\nport = \"{}\"\nlost_after_ms = 1000\n\
+             [[oximeter]]\nid = \"gone\"\nprotocol = \"masimo\"\nport = \"{}\"\n",
+            sim.join("oximeter").display(),
+            sim.join("ups").display(),
+            sim.join("nothing-here").display()
+        ),
+    )?;
+    let out = Command::new(AGENT).args(["probe", "--json", "--timeout-ms", "1500", "--config"]).arg(&bad).output()?;
+    assert_eq!(out.status.code(), Some(1));
+    let probes: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    let detail = |id: &str| {
+        probes.as_array().unwrap().iter().find(|p| p["id"] == id).unwrap()["detail"].as_str().unwrap().to_string()
+    };
+    assert!(detail("ups").contains("wrong protocol or baud"), "{}", detail("ups"));
+    assert!(detail("silent").contains("no answer"), "{}", detail("silent"));
+    assert!(detail("gone").contains("missing"), "{}", detail("gone"));
+    Ok(())
+}
+
+/// The simulated UPS is good enough for Network UPS Tools' own `nutdrv_qx`, and the agent's
+/// NUT source reads the result from a real `upsd`.
+#[test]
+fn nut_reads_the_simulated_ups_and_the_agent_reads_nut() -> Result<()> {
+    let Some(nut) = mamori_tests::nut::Nut::find() else {
+        panic!("Network UPS Tools is not installed: run scripts/test (installs nut-server) or `apt-get install nut-server`");
+    };
+    let mut r = rig(&["ups"])?;
+    let server = nut.start(&r.sim.device("ups"), "megatec")?;
+    let cfg = r.config.with_file_name("nut.toml");
+    std::fs::write(&cfg, format!("home_id = \"test-home\"\ndata_dir = \"/tmp/x\"\n[broker]\nhost = \"127.0.0.1\"\nport = 1\n[[nut]]\nid = \"ups\"\nport = {}\nups = \"sim\"\n", server.port()))?;
+    let probe = |want: &str| -> Result<String> {
+        let deadline = mamori_tests::Deadline::after(LONG);
+        loop {
+            let out = Command::new(AGENT).args(["probe", "--config"]).arg(&cfg).output()?;
+            let s = String::from_utf8_lossy(&out.stdout).to_string();
+            if s.contains(want) {
+                return Ok(s);
+            }
+            deadline.check(&format!("NUT to report `{want}`; last probe: {s}"))?;
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+    probe("on mains")?;
+    r.sim.cmd("mains off")?;
+    probe("ON BATTERY")?;
+    Ok(())
+}
