@@ -106,7 +106,10 @@ async fn until_signal(cancel: CancellationToken) {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let runtime = || tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build();
+    // One thread: the agent's work per poll is microseconds, and a multi-threaded runtime
+    // spends more than that waking threads (measured in docs/benchmarks.md). Blocking device
+    // loops (I2C, GPIO) run on tokio's blocking pool.
+    let runtime = || tokio::runtime::Builder::new_current_thread().enable_all().build();
     match cli.command {
         Command::Run { config, log_json } => {
             logging(log_json);

@@ -5,7 +5,7 @@
 //!
 //! ## Rules
 //! - **Staleness**: a source that has not produced a reading for its `lost_after_ms` (3 missed
-//!   polls for polled devices, 5 s for streams, by default) is `device_lost`; its next reading
+//!   polls plus half a poll for polled devices, 5 s for streams, by default) is `device_lost`; its next reading
 //!   is `device_restored`. A source that never answers after start-up is lost too. Garbage on
 //!   a line is counted and does not keep a source alive.
 //! - **Mains**: lost when any mains-capable source says so (a UPS on battery, the mains
@@ -226,7 +226,7 @@ impl Monitor {
             Observation::Ups(r) => self.observe_ups(source, r, now, &mut out),
             Observation::PowerMeter { reading, low } => {
                 if let Some(low) = low {
-                    self.set_battery_low(source, low, now, data_of(&reading), &mut out);
+                    self.set_battery_low(source, low, now, || data_of(&reading), &mut out);
                 }
                 self.power_meter = Some(reading);
             }
@@ -234,7 +234,7 @@ impl Monitor {
             Observation::Bridge(f) => self.observe_bridge(source, &f, now, &mut out),
             Observation::Contacts { mains_present, ventilator, alarm_latched } => {
                 if let Some(p) = mains_present {
-                    self.set_mains_lost(source, !p, now, Map::new(), &mut out);
+                    self.set_mains_lost(source, !p, now, Map::new, &mut out);
                 }
                 if let Some(v) = ventilator {
                     self.set_ventilator(source, v, alarm_latched, now, &mut out);
@@ -247,7 +247,8 @@ impl Monitor {
     }
 
     fn observe_ups(&mut self, source: &str, r: UpsReading, now: &Now, out: &mut Vec<NewEvent>) {
-        let data = data_of(&r);
+        // Built only when an event needs it: most polls change nothing.
+        let data = || data_of(&r);
         let (glitch_below, prev_on_battery) = match self.sources.get_mut(source) {
             Some(st) => {
                 let prev = st.last_on_battery;
@@ -264,22 +265,22 @@ impl Monitor {
                 && self.mains_lost != Some(true)
                 && matches!((glitch_below, r.input_fault_voltage_v), (Some(limit), Some(v)) if v < limit);
             if glitch {
-                let mut d = data.clone();
+                let mut d = data();
                 d.insert("glitch".into(), true.into());
                 out.push(Self::event(EventKind::MainsLost, Some(source), now, d.clone()));
                 out.push(Self::event(EventKind::MainsRestored, Some(source), now, d));
                 self.changed = true;
             }
-            self.set_mains_lost(source, on_battery, now, data.clone(), out);
+            self.set_mains_lost(source, on_battery, now, data, out);
         }
         if let Some(low) = r.battery_low {
-            self.set_battery_low(source, low, now, data.clone(), out);
+            self.set_battery_low(source, low, now, data, out);
         }
         if let Some(fault) = r.ups_fault {
             let was = self.ups_fault_by.insert(source.to_string(), fault).unwrap_or(false);
             if fault != was {
                 let kind = if fault { EventKind::UpsFault } else { EventKind::UpsFaultCleared };
-                out.push(Self::event(kind, Some(source), now, data.clone()));
+                out.push(Self::event(kind, Some(source), now, data()));
                 self.changed = true;
             }
         }
@@ -294,7 +295,7 @@ impl Monitor {
         source: &str,
         lost: bool,
         now: &Now,
-        data: Map<String, Value>,
+        data: impl FnOnce() -> Map<String, Value>,
         out: &mut Vec<NewEvent>,
     ) {
         self.mains_lost_by.insert(source.to_string(), lost);
@@ -306,7 +307,7 @@ impl Monitor {
             // Starting up on mains is not news; starting up on battery is.
             if any || !first {
                 let kind = if any { EventKind::MainsLost } else { EventKind::MainsRestored };
-                out.push(Self::event(kind, Some(source), now, data));
+                out.push(Self::event(kind, Some(source), now, data()));
             }
         }
     }
@@ -316,7 +317,7 @@ impl Monitor {
         source: &str,
         low: bool,
         now: &Now,
-        data: Map<String, Value>,
+        data: impl FnOnce() -> Map<String, Value>,
         out: &mut Vec<NewEvent>,
     ) {
         self.battery_low_by.insert(source.to_string(), low);
@@ -325,7 +326,7 @@ impl Monitor {
             self.battery_low = any;
             self.changed = true;
             let kind = if any { EventKind::BatteryLow } else { EventKind::BatteryOk };
-            out.push(Self::event(kind, Some(source), now, data));
+            out.push(Self::event(kind, Some(source), now, data()));
         }
     }
 
@@ -376,11 +377,11 @@ impl Monitor {
             });
         }
         if let Some(p) = f.mains_present {
-            self.set_mains_lost(source, !p, now, Map::new(), out);
+            self.set_mains_lost(source, !p, now, Map::new, out);
         }
         if f.power.is_some() || f.flags & bridge::flags::LOW_BATTERY != 0 {
             let data = self.power_meter.as_ref().map(data_of).unwrap_or_default();
-            self.set_battery_low(source, f.flags & bridge::flags::LOW_BATTERY != 0, now, data, out);
+            self.set_battery_low(source, f.flags & bridge::flags::LOW_BATTERY != 0, now, || data, out);
         }
         if let Some(v) = f.ventilator {
             self.set_ventilator(source, v, f.flags & bridge::flags::ALARM_LATCHED != 0, now, out);
@@ -389,8 +390,7 @@ impl Monitor {
 
     fn observe_oximeter(&mut self, source: &str, r: OximeterReading, now: &Now, out: &mut Vec<NewEvent>) {
         let ox = self.oximeters.entry(source.to_string()).or_default();
-        let data = data_of(&r);
-        let mut push = |kind| out.push(Self::event(kind, Some(source), now, data.clone()));
+        let mut push = |kind| out.push(Self::event(kind, Some(source), now, data_of(&r)));
         // The bedside alarm.
         let active = r.alarm_active.unwrap_or(false);
         let silenced = r.alarm_silenced.unwrap_or(false);

@@ -105,16 +105,25 @@ pub async fn run(config: Config, cancel: CancellationToken) -> anyhow::Result<()
         tokio::time::interval(watchdog_period.unwrap_or(Duration::from_secs(2)).max(Duration::from_millis(200)) / 2);
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
 
+    // One timer for the monitor's next deadline, re-armed only when that deadline moves.
+    let sleep = tokio::time::sleep(Duration::from_secs(60));
+    tokio::pin!(sleep);
+    let mut armed_for: Option<u64> = None;
     loop {
-        // Without a deadline, wake once a minute anyway.
-        let wait_ms = monitor.next_deadline_ms().map_or(60_000, |d| d.saturating_sub(clock::now().mono_ms));
-        let deadline = tokio::time::Instant::now() + Duration::from_millis(wait_ms);
+        let next = monitor.next_deadline_ms();
+        if next != armed_for {
+            // Without a deadline, wake once a minute anyway.
+            let wait_ms = next.map_or(60_000, |d| d.saturating_sub(clock::now().mono_ms));
+            sleep.as_mut().reset(tokio::time::Instant::now() + Duration::from_millis(wait_ms));
+            armed_for = next;
+        }
         let mut events = Vec::new();
         tokio::select! {
             () = cancel.cancelled() => break,
             Some(s) = obs_rx.recv() => events = monitor.observe(&s.source, s.observation, &s.at),
-            () = tokio::time::sleep_until(deadline) => {
+            () = &mut sleep => {
                 events = monitor.tick(&clock::now());
+                armed_for = None;
             }
             _ = telemetry.tick() => {
                 let snap = monitor.snapshot(&clock::now(), interval_s, None);

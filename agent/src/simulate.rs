@@ -18,7 +18,8 @@
 //! mains off|on        glitch                 battery <V>     drain <V/min>    load <%>
 //! spo2 <n|none>       pulse <n|none>         oxalarm off|on|silenced          sensor off|on
 //! vent normal|alarm|cut|pulse                station <V>     station-current <mA>
-//! unplug <device>     plug <device>          garbage <device> [bytes]        quit
+//! unplug <device>     plug <device>          garbage <device> [bytes]        drop <device> <n>
+//! quit
 //! ```
 //! `unplug` closes the pseudo-terminal (the reader gets an I/O error, as when a USB adapter is
 //! pulled) and removes the link; `plug` creates a new one behind the same link.
@@ -68,6 +69,8 @@ pub struct World {
     pub garbage: BTreeMap<String, usize>,
     /// Devices currently unplugged.
     pub unplugged: BTreeMap<String, bool>,
+    /// Queries to ignore, per device (a UPS that misses polls).
+    pub drop_replies: BTreeMap<String, u32>,
 }
 
 impl Default for World {
@@ -88,6 +91,7 @@ impl Default for World {
             station_ma: 1_900,
             garbage: BTreeMap::new(),
             unplugged: BTreeMap::new(),
+            drop_replies: BTreeMap::new(),
         }
     }
 }
@@ -152,6 +156,9 @@ pub fn apply(world: &Shared, cmd: &str) -> Result<(), String> {
         }
         ["garbage", dev, _] => {
             w.garbage.insert((*dev).to_string(), num(2)? as usize);
+        }
+        ["drop", dev, _] => {
+            w.drop_replies.insert((*dev).to_string(), num(2)? as u32);
         }
         _ => return Err(format!("unknown command `{cmd}`")),
     }
@@ -241,6 +248,18 @@ fn serve_ups(world: &Shared, name: &str, master: &mut File, stop: &AtomicBool) -
             if b != b'\r' {
                 line.push(b);
                 continue;
+            }
+            {
+                let mut w = lock(world);
+                if let Some(n) = w.drop_replies.get_mut(name).filter(|n| **n > 0) {
+                    *n -= 1;
+                    let left = *n;
+                    drop(w);
+                    println!("dropped {name} query, {left} more to drop");
+                    let _ = io::stdout().flush();
+                    line.clear();
+                    continue;
+                }
             }
             let mut reply = take_garbage(world, name);
             reply.extend(match megatec::Query::parse(&line) {

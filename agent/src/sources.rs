@@ -45,6 +45,14 @@ async fn send(tx: &ObsTx, source: &str, observation: Observation) {
     let _ = tx.send(Sourced { source: source.to_string(), observation, at: crate::clock::now() }).await;
 }
 
+/// When a polled device is lost: after `missed` polls without a reply. Replies come at a fixed
+/// delay after each poll, so the silence between two replies is a whole number of polls: with
+/// `missed` polls unanswered it is `missed + 1` polls, with one fewer it is `missed`. The limit
+/// sits half a poll above `missed` polls, away from both.
+pub fn polled_lost_after_ms(poll_ms: u64, missed: u32) -> u64 {
+    poll_ms * u64::from(missed) + poll_ms / 2
+}
+
 /// The monitor's view of every configured source.
 pub fn specs(config: &Config) -> Vec<SourceSpec> {
     let mut v = Vec::new();
@@ -52,7 +60,7 @@ pub fn specs(config: &Config) -> Vec<SourceSpec> {
         v.push(SourceSpec {
             id: u.id.clone(),
             kind: DeviceKind::Ups,
-            lost_after_ms: u.poll_interval_ms * u64::from(u.lost_after_missed_polls),
+            lost_after_ms: polled_lost_after_ms(u.poll_interval_ms, u.lost_after_missed_polls),
             glitch_below_v: (u.protocol == UpsProtocol::Megatec).then_some(u.glitch_below_v),
         });
     }
@@ -103,7 +111,8 @@ pub fn specs(config: &Config) -> Vec<SourceSpec> {
 pub fn spawn_all(config: &Config, tx: ObsTx, cancel: CancellationToken) -> Vec<tokio::task::JoinHandle<()>> {
     let mut tasks = Vec::new();
     for u in config.ups.clone() {
-        tasks.push(tokio::spawn(serial_ups(u, tx.clone(), cancel.clone())));
+        let (tx, cancel) = (tx.clone(), cancel.clone());
+        tasks.push(tokio::task::spawn_blocking(move || serial_ups(&u, &tx, &cancel)));
     }
     for n in config.nut.clone() {
         tasks.push(tokio::spawn(nut_source(n, tx.clone(), cancel.clone())));
@@ -162,8 +171,10 @@ where
     D: Decoder,
 {
     if !cmd.is_empty() {
+        // No flush: a tty write hands the bytes to the kernel, and flushing a serial port is
+        // tcdrain(), which blocks until they have left the UART (12 ms for `Q1\r` at 2400 bps,
+        // on the runtime's only thread).
         port.write_all(cmd).await?;
-        port.flush().await?;
     }
     let deadline = tokio::time::Instant::now() + timeout;
     let mut buf = [0u8; 512];
@@ -203,48 +214,60 @@ fn ups_schedule(p: UpsProtocol) -> Schedule {
     }
 }
 
-/// A serial UPS, polled.
-pub async fn serial_ups(cfg: SerialUpsConfig, tx: ObsTx, cancel: CancellationToken) {
+/// A serial UPS, polled on its own thread with blocking I/O.
+///
+/// Why a thread and not a task: a poll's work is a few microseconds, and what it costs is
+/// wake-ups. A blocking loop sleeps exactly until the next tick and then waits in `poll()` for
+/// the reply: two wake-ups a poll, as NUT's own driver does. (tokio's timer wheel files a
+/// 250 ms timer in its 64 ms level and wakes twice for it; measured in docs/benchmarks.md.)
+/// The next tick is the deadline for the previous reply; a cycle's further commands (slower
+/// readings, identity) are sent one after another as each reply arrives; an unanswered command
+/// is abandoned at the next tick, and the monitor turns silence into `device_lost`.
+pub fn serial_ups(cfg: &SerialUpsConfig, tx: &ObsTx, cancel: &CancellationToken) {
     let poll = Duration::from_millis(cfg.poll_interval_ms);
-    // A reply is due well within a poll; at 2400 bps a Q1 reply takes about 0.2 s.
-    let timeout = poll.max(Duration::from_millis(400));
+    let send_at = |obs, at| {
+        let _ = tx.blocking_send(Sourced { source: cfg.id.clone(), observation: obs, at });
+    };
+    let send = |obs| send_at(obs, crate::clock::now());
     while !cancel.is_cancelled() {
-        let mut port = match open_serial(&cfg.port, cfg.baud) {
+        if !cfg.port.exists() {
+            send(Observation::Failed(format!("port {} missing (unplugged?)", cfg.port.display())));
+            std::thread::sleep(Duration::from_secs(1));
+            continue;
+        }
+        let port = serialport::new(cfg.port.to_string_lossy(), cfg.baud).timeout(poll).open_native();
+        let mut port = match port {
             Ok(p) => p,
-            Err(reason) => {
-                send(&tx, &cfg.id, Observation::Failed(reason)).await;
-                if !pause(&cancel, Duration::from_secs(1)).await {
-                    return;
-                }
+            Err(e) => {
+                let reason = match e.kind {
+                    serialport::ErrorKind::Io(io::ErrorKind::PermissionDenied) => {
+                        format!("permission denied on {} (add the user to the dialout group)", cfg.port.display())
+                    }
+                    _ => format!("cannot open {}: {e}", cfg.port.display()),
+                };
+                send(Observation::Failed(reason));
+                std::thread::sleep(Duration::from_secs(1));
                 continue;
             }
         };
         tracing::info!(source = %cfg.id, port = %cfg.port.display(), "UPS port open");
         let reason = match cfg.protocol {
-            UpsProtocol::Megatec => {
-                ups_session(&cfg, &mut port, megatec::Decoder, poll, timeout, &tx, &cancel, megatec_item).await
-            }
+            UpsProtocol::Megatec => ups_session(cfg, &mut port, megatec::Decoder, poll, &send_at, cancel, megatec_item),
             UpsProtocol::Voltronic => {
-                ups_session(&cfg, &mut port, voltronic::Decoder, poll, timeout, &tx, &cancel, |r: voltronic::Reply| {
+                ups_session(cfg, &mut port, voltronic::Decoder, poll, &send_at, cancel, |r: voltronic::Reply| {
                     (r.reading(), true)
                 })
-                .await
             }
-            UpsProtocol::Apc => {
-                ups_session(&cfg, &mut port, apc::Decoder, poll, timeout, &tx, &cancel, |r: apc::Reply| {
-                    let solicited = !matches!(r, apc::Reply::Notification(_));
-                    (r.reading(), solicited)
-                })
-                .await
-            }
+            UpsProtocol::Apc => ups_session(cfg, &mut port, apc::Decoder, poll, &send_at, cancel, |r: apc::Reply| {
+                let solicited = !matches!(r, apc::Reply::Notification(_));
+                (r.reading(), solicited)
+            }),
         };
         match reason {
             Some(reason) => {
                 tracing::warn!(source = %cfg.id, %reason, "UPS port lost; reopening");
-                send(&tx, &cfg.id, Observation::Failed(reason)).await;
-                if !pause(&cancel, Duration::from_secs(1)).await {
-                    return;
-                }
+                send(Observation::Failed(reason));
+                std::thread::sleep(Duration::from_secs(1));
             }
             None => return,
         }
@@ -269,56 +292,196 @@ fn megatec_item(r: megatec::Reply) -> (Option<UpsReading>, bool) {
     }
 }
 
+/// Whether a UPS reading is worth waking the monitor for: any flag changed, or a value moved
+/// by more than its noise (1 V, 2 % load, 0.1 V battery, 0.2 Hz, 1 °C, 1 % charge, a minute of
+/// runtime). The input *fault* voltage always counts when it changes: it is how an outage
+/// shorter than a poll shows.
+pub fn ups_changed(prev: &UpsReading, new: &UpsReading) -> bool {
+    fn moved(a: Option<f64>, b: Option<f64>, by: f64) -> bool {
+        match (a, b) {
+            (Some(a), Some(b)) => (a - b).abs() >= by,
+            (a, b) => a.is_some() != b.is_some(),
+        }
+    }
+    prev.on_battery != new.on_battery
+        || prev.battery_low != new.battery_low
+        || prev.ups_fault != new.ups_fault
+        || prev.replace_battery != new.replace_battery
+        || prev.bypass_active != new.bypass_active
+        || prev.self_test != new.self_test
+        || prev.shutdown_active != new.shutdown_active
+        || prev.beeper_on != new.beeper_on
+        || prev.input_fault_voltage_v != new.input_fault_voltage_v
+        || moved(prev.input_voltage_v, new.input_voltage_v, 1.0)
+        || moved(prev.output_voltage_v, new.output_voltage_v, 1.0)
+        || moved(prev.load_pct, new.load_pct, 2.0)
+        || moved(prev.battery_voltage_v, new.battery_voltage_v, 0.1)
+        || moved(prev.frequency_hz, new.frequency_hz, 0.2)
+        || moved(prev.temperature_c, new.temperature_c, 1.0)
+        || moved(prev.battery_charge_pct, new.battery_charge_pct, 1.0)
+        || moved(prev.runtime_s.map(f64::from), new.runtime_s.map(f64::from), 60.0)
+}
+
+/// Decides which UPS readings wake the monitor (pure: time passed in).
+///
+/// A reading goes at once when it says something new ([`ups_changed`]); otherwise only every
+/// `keepalive`, which is half the staleness limit, so the monitor's "device lost" never fires
+/// while the UPS answers. A reading that was not forwarded is held with its time and handed
+/// over as soon as a poll goes unanswered ([`Forwarder::missed`]): the monitor then knows when
+/// the UPS last spoke, exactly as if every reading had been forwarded. Each forward wakes the
+/// agent's main thread, and a UPS polled four times a second mostly repeats itself.
+#[derive(Debug, Clone)]
+pub struct Forwarder {
+    keepalive_ms: u64,
+    last: Option<(UpsReading, u64)>,
+    held: Option<(UpsReading, Now)>,
+}
+
+impl Forwarder {
+    /// A forwarder that forwards unchanged readings every `keepalive`.
+    pub fn new(keepalive: Duration) -> Self {
+        Forwarder { keepalive_ms: keepalive.as_millis() as u64, last: None, held: None }
+    }
+
+    /// A reading taken at `now`: returns what to forward (with its time), if anything.
+    pub fn reading(&mut self, r: UpsReading, now: Now) -> Option<(UpsReading, Now)> {
+        let due = match &self.last {
+            None => true,
+            Some((prev, at_ms)) => ups_changed(prev, &r) || now.mono_ms.saturating_sub(*at_ms) >= self.keepalive_ms,
+        };
+        if !due {
+            self.held = Some((r, now));
+            return None;
+        }
+        match &mut self.last {
+            Some((prev, at_ms)) => {
+                prev.merge(&r);
+                *at_ms = now.mono_ms;
+            }
+            None => self.last = Some((r.clone(), now.mono_ms)),
+        }
+        self.held = None;
+        Some((r, now))
+    }
+
+    /// A poll went unanswered: the held reading, if any, with the time it was taken.
+    pub fn missed(&mut self) -> Option<(UpsReading, Now)> {
+        let (r, at) = self.held.take()?;
+        if let Some((_, at_ms)) = &mut self.last {
+            *at_ms = at.mono_ms;
+        }
+        Some((r, at))
+    }
+}
+
 /// Poll until the port fails (returns the reason) or the agent stops (returns `None`).
-#[allow(clippy::too_many_arguments)]
-async fn ups_session<D: Decoder>(
+fn ups_session<D: Decoder>(
     cfg: &SerialUpsConfig,
-    port: &mut tokio_serial::SerialStream,
+    port: &mut serialport::TTYPort,
     decoder: D,
     poll: Duration,
-    timeout: Duration,
-    tx: &ObsTx,
+    send_at: &dyn Fn(Observation, Now),
     cancel: &CancellationToken,
     item: impl Fn(D::Item) -> (Option<UpsReading>, bool),
 ) -> Option<String> {
+    use serialport::SerialPort;
+    let send = |obs| send_at(obs, crate::clock::now());
+    use std::io::{Read, Write};
     let schedule = ups_schedule(cfg.protocol);
     let hourly_every = (3_600_000 / poll.as_millis().max(1) as u64).max(1);
     let mut stream = Stream::new(decoder);
-    let mut ticker = tokio::time::interval(poll);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut queue: std::collections::VecDeque<&[u8]> = std::collections::VecDeque::new();
     if cfg.protocol == UpsProtocol::Apc {
-        let mut g = 0;
-        let _ = transact(port, &mut stream, b"Y", timeout, &mut g, |r: D::Item| item(r).1).await;
+        queue.push_back(b"Y"); // smart mode first
     }
+    let fail = |e: io::Error| Some(format!("{}: {e}", cfg.port.display()));
+    let mut buf = [0u8; 512];
+    #[allow(clippy::disallowed_methods)] // the I/O edge: the poll schedule runs on the clock
+    let start = std::time::Instant::now();
+    let mut forwarder = Forwarder::new((poll * cfg.lost_after_missed_polls.max(1)) / 2);
     let mut n: u64 = 0;
-    loop {
-        tokio::select! {
-            () = cancel.cancelled() => return None,
-            _ = ticker.tick() => {}
-        }
+    while !cancel.is_cancelled() {
         let tenth: &[&[u8]] = if n.is_multiple_of(10) { schedule.tenth } else { &[] };
         let hourly: &[&[u8]] = if n.is_multiple_of(hourly_every) { schedule.hourly } else { &[] };
+        queue.retain(|c| *c == b"Y");
+        queue.extend(schedule.each.iter().chain(tenth).chain(hourly).copied());
         n += 1;
-        for cmd in schedule.each.iter().chain(tenth).chain(hourly) {
-            let mut garbage = 0u64;
-            let mut readings = Vec::new();
-            let r = transact(port, &mut stream, cmd, timeout, &mut garbage, |it| {
-                let (reading, solicited) = item(it);
-                readings.extend(reading);
-                solicited
-            })
-            .await;
-            for _ in 0..garbage {
-                send(tx, &cfg.id, Observation::Garbage).await;
+        let tick_end = start + poll * u32::try_from(n).unwrap_or(u32::MAX);
+        // One command at a time; the next goes when its predecessor's reply arrives.
+        let mut missed = false;
+        'cycle: while let Some(cmd) = queue.pop_front() {
+            if let Err(e) = port.write_all(cmd) {
+                return fail(e);
             }
-            for reading in readings {
-                send(tx, &cfg.id, Observation::Ups(reading)).await;
+            loop {
+                #[allow(clippy::disallowed_methods)]
+                let left = tick_end.saturating_duration_since(std::time::Instant::now());
+                if left.is_zero() {
+                    missed = true;
+                    break 'cycle; // no reply before the next tick
+                }
+                let _ = port.set_timeout(left);
+                match port.read(&mut buf) {
+                    Ok(0) => return Some(format!("{}: port closed", cfg.port.display())),
+                    Ok(got) => stream.push(&buf[..got]),
+                    Err(e) if e.kind() == io::ErrorKind::TimedOut => {
+                        missed = true;
+                        break 'cycle;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) => return fail(e),
+                }
+                let mut answered = false;
+                while let Some(ev) = stream.next_event() {
+                    match ev {
+                        StreamEvent::Item { item: it, .. } => {
+                            let (reading, solicited) = item(it);
+                            if let Some((r, at)) = reading.and_then(|r| forwarder.reading(r, crate::clock::now())) {
+                                send_at(Observation::Ups(r), at);
+                            }
+                            answered |= solicited;
+                        }
+                        StreamEvent::Error { .. } => send(Observation::Garbage),
+                    }
+                }
+                if answered {
+                    continue 'cycle;
+                }
             }
-            if let Err(e) = r {
-                return Some(format!("{}: {e}", cfg.port.display()));
+        }
+        if missed {
+            if let Some((r, at)) = forwarder.missed() {
+                send_at(Observation::Ups(r), at);
+            }
+        }
+        // Until the next tick, wait for bytes rather than sleep: the same single wake-up when
+        // nothing comes, and an APC's unrequested `!` (line fail) is seen at once.
+        loop {
+            #[allow(clippy::disallowed_methods)]
+            let left = tick_end.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            let _ = port.set_timeout(left);
+            match port.read(&mut buf) {
+                Ok(0) => return Some(format!("{}: port closed", cfg.port.display())),
+                Ok(got) => stream.push(&buf[..got]),
+                Err(e) if matches!(e.kind(), io::ErrorKind::TimedOut | io::ErrorKind::Interrupted) => continue,
+                Err(e) => return fail(e),
+            }
+            while let Some(ev) = stream.next_event() {
+                match ev {
+                    StreamEvent::Item { item: it, .. } => {
+                        if let Some((r, at)) = item(it).0.and_then(|r| forwarder.reading(r, crate::clock::now())) {
+                            send_at(Observation::Ups(r), at);
+                        }
+                    }
+                    StreamEvent::Error { .. } => send(Observation::Garbage),
+                }
             }
         }
     }
+    None
 }
 
 /// A UPS behind `upsd`.
@@ -661,5 +824,99 @@ impl embedded_hal::digital::InputPin for FlagPin {
     }
     fn is_low(&mut self) -> Result<bool, Self::Error> {
         Ok(!self.0.load(std::sync::atomic::Ordering::Relaxed))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mamori_protocol::mqtt::EventKind;
+
+    fn at(ms: u64) -> Now {
+        let base = chrono::DateTime::parse_from_rfc3339("2026-11-22T03:00:00+09:00").unwrap();
+        Now { mono_ms: ms, wall: base + chrono::Duration::milliseconds(ms as i64) }
+    }
+
+    #[test]
+    fn the_forwarder_holds_repeats_and_releases_them_on_a_missed_poll() {
+        let r = UpsReading { on_battery: Some(false), battery_voltage_v: Some(27.4), ..Default::default() };
+        let mut f = Forwarder::new(Duration::from_millis(375));
+        assert_eq!(f.reading(r.clone(), at(0)).map(|x| x.1.mono_ms), Some(0), "the first reading goes");
+        assert!(f.reading(r.clone(), at(250)).is_none(), "a repeat within the keep-alive is held");
+        // The poll at 500 goes unanswered: the reading of 250 is handed over with its own time.
+        let (held, when) = f.missed().unwrap();
+        assert_eq!((held, when.mono_ms), (r.clone(), 250));
+        assert!(f.missed().is_none(), "once");
+        assert!(f.reading(r.clone(), at(600)).is_none(), "the keep-alive counts from 250");
+        assert_eq!(f.reading(r.clone(), at(750)).map(|x| x.1.mono_ms), Some(750), "keep-alive");
+        // News goes at once, held or not.
+        assert!(f.reading(r.clone(), at(1000)).is_none());
+        let news = UpsReading { on_battery: Some(true), ..r.clone() };
+        assert_eq!(f.reading(news, at(1260)).map(|x| x.1.mono_ms), Some(1260));
+        assert!(f.missed().is_none(), "nothing held after a forward");
+    }
+
+    /// With the forwarder in front of it, the monitor sees the same staleness as if every
+    /// reading had been forwarded: two missed polls are not a lost UPS, three are.
+    #[test]
+    fn staleness_is_unchanged_by_holding_repeats() {
+        use crate::monitor::{Monitor, SourceSpec};
+        let spec = SourceSpec {
+            id: "ups".into(),
+            kind: DeviceKind::Ups,
+            lost_after_ms: polled_lost_after_ms(250, 3),
+            glitch_below_v: None,
+        };
+        for (missed, expect_lost) in [(1u64, false), (2, false), (3, true)] {
+            for phase in 0..2u64 {
+                let mut m = Monitor::new(vec![spec.clone()], crate::config::Thresholds::default(), &at(0));
+                let mut f = Forwarder::new(Duration::from_millis(375));
+                let r = UpsReading { on_battery: Some(false), ..Default::default() };
+                let mut lost = false;
+                let skip_from = 4 + phase; // start the misses at a forwarded or a held poll
+                for k in 0..20u64 {
+                    let t = k * 250 + 5; // replies arrive a little after each tick
+                    lost |= m.tick(&at(k * 250)).iter().any(|e| e.kind == EventKind::DeviceLost);
+                    if (skip_from..skip_from + missed).contains(&k) {
+                        if let Some((r, when)) = f.missed() {
+                            m.observe("ups", Observation::Ups(r), &when);
+                        }
+                        continue;
+                    }
+                    if let Some((r, when)) = f.reading(r.clone(), at(t)) {
+                        lost |= m
+                            .observe("ups", Observation::Ups(r), &when)
+                            .iter()
+                            .any(|e| e.kind == EventKind::DeviceLost);
+                    }
+                }
+                assert_eq!(lost, expect_lost, "{missed} missed polls from phase {phase}");
+            }
+        }
+    }
+
+    #[test]
+    fn only_news_wakes_the_monitor() {
+        let base = UpsReading {
+            on_battery: Some(false),
+            input_voltage_v: Some(100.4),
+            input_fault_voltage_v: Some(100.4),
+            load_pct: Some(23.0),
+            battery_voltage_v: Some(27.4),
+            ..Default::default()
+        };
+        assert!(!ups_changed(&base, &base.clone()));
+        assert!(
+            !ups_changed(&base, &UpsReading { input_voltage_v: Some(100.9), load_pct: Some(24.0), ..base.clone() }),
+            "noise"
+        );
+        assert!(ups_changed(&base, &UpsReading { on_battery: Some(true), ..base.clone() }));
+        assert!(ups_changed(&base, &UpsReading { battery_low: Some(true), ..base.clone() }));
+        assert!(
+            ups_changed(&base, &UpsReading { input_fault_voltage_v: Some(12.0), ..base.clone() }),
+            "a glitch always counts"
+        );
+        assert!(ups_changed(&base, &UpsReading { battery_voltage_v: Some(27.2), ..base.clone() }));
+        assert!(ups_changed(&base, &UpsReading { load_pct: None, ..base.clone() }));
     }
 }

@@ -403,3 +403,227 @@ fn nut_reads_the_simulated_ups_and_the_agent_reads_nut() -> Result<()> {
     probe("ON BATTERY")?;
     Ok(())
 }
+
+/// A small PKI made with the `openssl` command: a CA, the broker's certificate for
+/// 127.0.0.1, and a client certificate for the home.
+fn pki(dir: &Path) -> Result<()> {
+    let run = |args: &[&str]| -> Result<()> {
+        let out = Command::new("openssl").args(args).current_dir(dir).output()?;
+        anyhow::ensure!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        Ok(())
+    };
+    std::fs::write(
+        dir.join("server.ext"),
+        "basicConstraints=CA:FALSE\nsubjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n",
+    )?;
+    std::fs::write(dir.join("client.ext"), "basicConstraints=CA:FALSE\nextendedKeyUsage=clientAuth\n")?;
+    for (name, subj) in [("ca", "/CN=mamori test CA"), ("other-ca", "/CN=someone else's CA")] {
+        run(&[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            subj,
+            "-keyout",
+            &format!("{name}.key"),
+            "-out",
+            &format!("{name}.pem"),
+        ])?;
+    }
+    for (name, cn, ext) in [("server", "127.0.0.1", "server.ext"), ("home", "test-home", "client.ext")] {
+        run(&[
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-subj",
+            &format!("/CN={cn}"),
+            "-keyout",
+            &format!("{name}.key"),
+            "-out",
+            &format!("{name}.csr"),
+        ])?;
+        run(&[
+            "x509",
+            "-req",
+            "-in",
+            &format!("{name}.csr"),
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            ext,
+            "-out",
+            &format!("{name}.pem"),
+        ])?;
+    }
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir.join("home.key"), std::fs::Permissions::from_mode(0o600))?;
+    Ok(())
+}
+
+#[test]
+fn tls_with_a_client_certificate_or_a_password_and_never_a_stranger_ca() -> Result<()> {
+    let pki_dir = tempfile::tempdir()?;
+    pki(pki_dir.path())?;
+    let p = pki_dir.path().to_path_buf();
+    let passwd = p.join("passwd");
+    let out =
+        Command::new("mosquitto_passwd").args(["-b", "-c"]).arg(&passwd).args(["test-home", "s3cret"]).output()?;
+    anyhow::ensure!(out.status.success(), "mosquitto_passwd: {out:?}");
+    let tls_listener = |require_cert: bool| {
+        let p = p.clone();
+        let passwd = passwd.clone();
+        move |port: u16, _: &Path| {
+            let auth = if require_cert {
+                "require_certificate true\nuse_identity_as_username true\nallow_anonymous false\n".to_string()
+            } else {
+                format!("allow_anonymous false\npassword_file {}\n", passwd.display())
+            };
+            format!(
+                "listener {port} 127.0.0.1\ncafile {0}/ca.pem\ncertfile {0}/server.pem\nkeyfile {0}/server.key\n{auth}",
+                p.display()
+            )
+        }
+    };
+    let simdir = tempfile::tempdir()?;
+    let _sim = Simulator::start(Path::new(AGENT), simdir.path(), "ups", "steady")?;
+    let work = tempfile::tempdir()?;
+    let ups =
+        format!("[[ups]]\nid = \"ups\"\nprotocol = \"megatec\"\nport = \"{}\"\n", simdir.path().join("ups").display());
+    let write = |name: &str, port: u16, tls: &str, auth: &str| -> Result<PathBuf> {
+        let path = work.path().join(name);
+        std::fs::write(&path, format!("home_id = \"test-home\"\ndata_dir = \"{}\"\n[broker]\nhost = \"127.0.0.1\"\nport = {port}\nreconnect_min_ms = 100\nreconnect_max_ms = 500\n{auth}[broker.tls]\n{tls}\n{ups}", work.path().join(name).with_extension("d").display()))?;
+        Ok(path)
+    };
+    // A client certificate.
+    let b = Mosquitto::start_with(tls_listener(true))?;
+    let cfg = write(
+        "cert.toml",
+        b.port(),
+        &format!(
+            "ca_file = \"{0}/ca.pem\"\nclient_cert_file = \"{0}/home.pem\"\nclient_key_file = \"{0}/home.key\"",
+            p.display()
+        ),
+        "",
+    )?;
+    let a = agent(&cfg)?;
+    a.wait_line("a TLS connection with the client certificate", LONG, |l| l.contains("connected to the broker"))
+        .map_err(|e| e.context(b.log()))?;
+    drop(a);
+    // A username and password over TLS.
+    let b2 = Mosquitto::start_with(tls_listener(false))?;
+    let cfg = write(
+        "password.toml",
+        b2.port(),
+        &format!("ca_file = \"{}/ca.pem\"", p.display()),
+        "username = \"test-home\"\npassword = { value = \"s3cret\" }\n",
+    )?;
+    let a = agent(&cfg)?;
+    a.wait_line("a TLS connection with the password", LONG, |l| l.contains("connected to the broker"))
+        .map_err(|e| e.context(b2.log()))?;
+    drop(a);
+    // A wrong password is refused, and so is a broker whose certificate another CA signed.
+    let cfg = write(
+        "wrong.toml",
+        b2.port(),
+        &format!("ca_file = \"{}/ca.pem\"", p.display()),
+        "username = \"test-home\"\npassword = { value = \"guess\" }\n",
+    )?;
+    let a = agent(&cfg)?;
+    a.wait_line("the broker to refuse a wrong password", LONG, |l| {
+        l.contains("broker connection lost") && l.contains("refused")
+    })?;
+    assert!(!a.lines().iter().any(|l| l.contains("connected to the broker")));
+    assert!(!a.lines().iter().any(|l| l.contains("guess")), "no secret in the logs");
+    drop(a);
+    let cfg = write(
+        "stranger.toml",
+        b.port(),
+        &format!(
+            "ca_file = \"{0}/other-ca.pem\"\nclient_cert_file = \"{0}/home.pem\"\nclient_key_file = \"{0}/home.key\"",
+            p.display()
+        ),
+        "",
+    )?;
+    let a = agent(&cfg)?;
+    a.wait_line("the agent to refuse a broker it cannot verify", LONG, |l| {
+        l.contains("broker connection lost") && l.to_lowercase().contains("certificate")
+    })?;
+    assert!(!a.lines().iter().any(|l| l.contains("connected to the broker")));
+    drop(a);
+    // A private key readable by others is refused at start.
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(p.join("home.key"), std::fs::Permissions::from_mode(0o644))?;
+    }
+    let cfg = write(
+        "loose.toml",
+        b.port(),
+        &format!(
+            "ca_file = \"{0}/ca.pem\"\nclient_cert_file = \"{0}/home.pem\"\nclient_key_file = \"{0}/home.key\"",
+            p.display()
+        ),
+        "",
+    )?;
+    let out = Command::new(AGENT).args(["run", "--config"]).arg(&cfg).output()?;
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("readable by group or others"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
+#[test]
+fn an_acknowledgement_from_outside_is_shown_and_logged() -> Result<()> {
+    let r = rig(&["ups"])?;
+    let c = Collector::start(r.broker.port(), "t7", "mamori/v1/#")?;
+    let a = agent(&r.config)?;
+    c.wait("agent_started", LONG, |m| has(m, EventKind::AgentStarted, None))?;
+    let ack =
+        br#"{"alert_id":"a-000173","alert_kind":"mains_lost","role":"coordinator","at":"2026-11-22T03:09:12+09:00"}"#;
+    for (topic, payload) in [("mamori/v1/test-home/ack", &b"not json"[..]), ("mamori/v1/test-home/ack", &ack[..])] {
+        let out = Command::new("mosquitto_pub")
+            .args(["-h", "127.0.0.1", "-p", &r.broker.port().to_string(), "-q", "1", "-t", topic, "-m"])
+            .arg(String::from_utf8_lossy(payload).as_ref())
+            .output()?;
+        assert!(out.status.success());
+    }
+    a.wait_line("the bad ack to be ignored", LONG, |l| l.contains("ignoring an ack message"))?;
+    let line = a.wait_line("the ack to be logged", LONG, |l| l.contains("was acknowledged"))?;
+    assert!(line.contains("a-000173") && line.contains("Coordinator"), "{line}");
+    Ok(())
+}
+
+#[test]
+fn two_missed_polls_are_not_a_lost_ups_but_several_are() -> Result<()> {
+    let mut r = rig(&["ups"])?;
+    let c = Collector::start(r.broker.port(), "t8", "mamori/v1/#")?;
+    let _a = agent(&r.config)?;
+    c.wait("agent_started", LONG, |m| has(m, EventKind::AgentStarted, None))?;
+    r.sim.cmd("drop ups 2")?;
+    r.sim.process.wait_line("the UPS to miss two polls", LONG, |l| l.starts_with("dropped ups query, 0 more"))?;
+    // Two telemetry snapshots later (more than the 750 ms staleness limit), the UPS is still fine.
+    let seen = c.messages().len();
+    c.wait("two more snapshots", LONG, |m| m[seen..].iter().filter(|x| x.topic.ends_with("/telemetry")).count() >= 2)?;
+    assert!(!has(&c.messages(), EventKind::DeviceLost, Some("ups")), "two missed polls raised device_lost");
+    r.sim.cmd("drop ups 8")?;
+    c.wait("device_lost(ups) after several missed polls", LONG, |m| has(m, EventKind::DeviceLost, Some("ups")))?;
+    c.wait("device_restored(ups)", LONG, |m| has(m, EventKind::DeviceRestored, Some("ups")))?;
+    assert_eq!(events(&c.messages()).iter().filter(|e| e.kind == EventKind::DeviceLost).count(), 1);
+    Ok(())
+}

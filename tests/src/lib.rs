@@ -38,6 +38,16 @@ pub fn mosquitto_binary() -> Result<PathBuf> {
     bail!("mosquitto is not installed: run scripts/test (installs it as root) or `apt-get install mosquitto`")
 }
 
+fn nix_is_root() -> bool {
+    // The effective uid from /proc (no unsafe, no extra crate).
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("Uid:")).and_then(|l| l.split_whitespace().nth(2)).map(|u| u == "0")
+        })
+        .unwrap_or(false)
+}
+
 /// A free TCP port on 127.0.0.1 (the kernel's choice; released before returning, so a caller
 /// that binds it later retries on the rare collision).
 pub fn free_port() -> Result<u16> {
@@ -58,6 +68,12 @@ impl Mosquitto {
     /// Start a broker on a free loopback port with anonymous access, persistence in its own
     /// directory, and `extra` config lines.
     pub fn start(extra: &str) -> Result<Mosquitto> {
+        Mosquitto::start_with(|port, _| format!("listener {port} 127.0.0.1\nallow_anonymous true\n{extra}\n"))
+    }
+
+    /// Start a broker whose listener section is written by `listener(port, dir)` (for TLS,
+    /// passwords, ACLs); persistence and logging are added.
+    pub fn start_with(listener: impl Fn(u16, &Path) -> String) -> Result<Mosquitto> {
         let mut last_err = None;
         for _ in 0..5 {
             let dir = tempfile::tempdir()?;
@@ -66,7 +82,12 @@ impl Mosquitto {
             std::fs::write(
                 &conf,
                 format!(
-                    "listener {port} 127.0.0.1\nallow_anonymous true\npersistence true\npersistence_location {}/\nautosave_interval 1\nlog_dest file {}/mosquitto.log\nlog_type all\n{extra}\n",
+                    // Run as the invoking user: as root, Mosquitto would otherwise drop to the
+                    // `mosquitto` user and could not write its log or persistence database in
+                    // this private directory.
+                    "{}\n{}persistence true\npersistence_location {}/\nautosave_interval 1\nlog_dest file {}/mosquitto.log\nlog_type all\n",
+                    listener(port, dir.path()),
+                    if nix_is_root() { "user root\n" } else { "" },
                     dir.path().display(),
                     dir.path().display()
                 ),

@@ -58,11 +58,14 @@ impl Nut {
         let env = |c: &mut Command| {
             c.env("NUT_CONFPATH", conf).env("NUT_STATEPATH", conf).env("NUT_ALTPIDPATH", conf);
         };
+        use std::os::unix::process::CommandExt;
         let mut drv = Command::new(&self.driver);
+        drv.process_group(0);
         drv.args(["-a", "sim", "-u", "root", "-F"]).stdout(Stdio::null()).stderr(Stdio::null());
         env(&mut drv);
         let driver = drv.spawn().context("starting nutdrv_qx")?;
         let mut upsd = Command::new(&self.upsd);
+        upsd.process_group(0);
         upsd.args(["-u", "root", "-F"]).stdout(Stdio::null()).stderr(Stdio::null());
         env(&mut upsd);
         // upsd needs the driver's socket; retry until it stays up and listens.
@@ -108,6 +111,8 @@ impl NutServer {
 impl Drop for NutServer {
     fn drop(&mut self) {
         for c in &mut self.children {
+            // The whole process group: NUT's daemons may fork.
+            let _ = Command::new("kill").args(["-KILL", "--", &format!("-{}", c.id())]).stderr(Stdio::null()).status();
             let _ = c.kill();
             let _ = c.wait();
         }

@@ -22,6 +22,9 @@ pub struct Process {
 impl Process {
     /// Spawn `cmd`, capturing its stdout and stderr lines.
     pub fn spawn(name: &str, mut cmd: Command) -> Result<Process> {
+        use std::os::unix::process::CommandExt;
+        // Its own process group, so that killing it also kills anything it forked.
+        cmd.process_group(0);
         let mut child = cmd
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -74,9 +77,11 @@ impl Process {
         Ok(())
     }
 
-    /// Kill it without warning (SIGKILL) and wait.
+    /// Kill it and its process group without warning (SIGKILL) and wait.
     pub fn kill9(&mut self) -> Result<()> {
-        self.child.kill()?;
+        let _ =
+            Command::new("kill").args(["-KILL", "--", &format!("-{}", self.child.id())]).stderr(Stdio::null()).status();
+        self.child.kill().ok();
         self.child.wait()?;
         Ok(())
     }
@@ -107,8 +112,7 @@ impl Process {
 
 impl Drop for Process {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        let _ = self.kill9();
     }
 }
 
