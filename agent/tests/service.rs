@@ -64,6 +64,15 @@ fn config_text(port: u16, data: &Path, sim: &Path, devices: &[&str]) -> String {
     config(port, data, sim, devices)
 }
 
+/// A rig, a collector on `filter`, and an agent that has announced itself.
+fn started(devices: &[&str], client: &str, filter: &str) -> Result<(Rig, Collector, Process)> {
+    let r = rig(devices)?;
+    let c = Collector::start(r.broker.port(), client, filter)?;
+    let a = agent(&r.config)?;
+    c.wait("agent_started", LONG, |m| has(m, EventKind::AgentStarted, None))?;
+    Ok((r, c, a))
+}
+
 fn agent(config: &Path) -> Result<Process> {
     let mut cmd = Command::new(AGENT);
     cmd.args(["run", "--log-json", "--config"]).arg(config);
@@ -126,10 +135,7 @@ fn an_outage_reaches_the_broker_and_a_killed_agent_leaves_its_last_will() -> Res
 
 #[test]
 fn sigterm_publishes_agent_stopping_and_a_clean_offline_status() -> Result<()> {
-    let r = rig(&["ups"])?;
-    let c = Collector::start(r.broker.port(), "t2", "mamori/v1/#")?;
-    let mut a = agent(&r.config)?;
-    c.wait("agent_started", LONG, |m| has(m, EventKind::AgentStarted, None))?;
+    let (r, c, mut a) = started(&["ups"], "t2", "mamori/v1/#")?;
     assert_eq!(a.terminate(LONG)?, Some(0));
     let m = c.wait("agent_stopping and the shutdown status", LONG, |m| {
         has(m, EventKind::AgentStopping, None)
@@ -145,10 +151,7 @@ fn sigterm_publishes_agent_stopping_and_a_clean_offline_status() -> Result<()> {
 
 #[test]
 fn a_broker_outage_replays_every_event_in_order_with_its_original_time() -> Result<()> {
-    let mut r = rig(&["bridge"])?;
-    let c = Collector::start(r.broker.port(), "t3", "mamori/v1/+/event")?;
-    let a = agent(&r.config)?;
-    c.wait("agent_started", LONG, |m| has(m, EventKind::AgentStarted, None))?;
+    let (mut r, c, a) = started(&["bridge"], "t3", "mamori/v1/+/event")?;
     r.broker.stop()?;
     let outage_started = Instant::now();
     // Twenty events while nobody outside can hear.
@@ -234,10 +237,7 @@ fn kill_9_while_spooling_loses_nothing_that_was_flushed() -> Result<()> {
 
 #[test]
 fn unplugged_devices_and_garbage_make_no_false_outage() -> Result<()> {
-    let mut r = rig(&["ups", "oximeter", "bridge"])?;
-    let c = Collector::start(r.broker.port(), "t5", "mamori/v1/#")?;
-    let mut a = agent(&r.config)?;
-    c.wait("agent_started", LONG, |m| has(m, EventKind::AgentStarted, None))?;
+    let (mut r, c, mut a) = started(&["ups", "oximeter", "bridge"], "t5", "mamori/v1/#")?;
     for dev in ["ups", "oximeter", "bridge"] {
         r.sim.cmd(&format!("garbage {dev} 400"))?;
     }
@@ -590,10 +590,7 @@ fn tls_with_a_client_certificate_or_a_password_and_never_a_stranger_ca() -> Resu
 
 #[test]
 fn an_acknowledgement_from_outside_is_shown_and_logged() -> Result<()> {
-    let r = rig(&["ups"])?;
-    let c = Collector::start(r.broker.port(), "t7", "mamori/v1/#")?;
-    let a = agent(&r.config)?;
-    c.wait("agent_started", LONG, |m| has(m, EventKind::AgentStarted, None))?;
+    let (r, _c, a) = started(&["ups"], "t7", "mamori/v1/#")?;
     let ack =
         br#"{"alert_id":"a-000173","alert_kind":"mains_lost","role":"coordinator","at":"2026-11-22T03:09:12+09:00"}"#;
     for (topic, payload) in [("mamori/v1/test-home/ack", &b"not json"[..]), ("mamori/v1/test-home/ack", &ack[..])] {
@@ -611,10 +608,7 @@ fn an_acknowledgement_from_outside_is_shown_and_logged() -> Result<()> {
 
 #[test]
 fn two_missed_polls_are_not_a_lost_ups_but_several_are() -> Result<()> {
-    let mut r = rig(&["ups"])?;
-    let c = Collector::start(r.broker.port(), "t8", "mamori/v1/#")?;
-    let _a = agent(&r.config)?;
-    c.wait("agent_started", LONG, |m| has(m, EventKind::AgentStarted, None))?;
+    let (mut r, c, _a) = started(&["ups"], "t8", "mamori/v1/#")?;
     r.sim.cmd("drop ups 2")?;
     r.sim.process.wait_line("the UPS to miss two polls", LONG, |l| l.starts_with("dropped ups query, 0 more"))?;
     // Two telemetry snapshots later (more than the 750 ms staleness limit), the UPS is still fine.

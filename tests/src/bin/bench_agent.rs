@@ -142,8 +142,7 @@ fn main() -> Result<()> {
     let count = |kind: EventKind| {
         collector.messages().iter().filter(|x| mqtt::decode::<Event>(&x.payload).is_ok_and(|e| e.kind == kind)).count()
     };
-    let mut latencies = vec![0.0];
-    latencies.clear();
+    let mut latencies: Vec<f64> = Vec::new();
     let mut rng_state = 0x2545_f491_4f6c_dd1du64;
     for i in 0..outages {
         rng_state ^= rng_state << 13;
