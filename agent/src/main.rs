@@ -60,7 +60,8 @@ enum Command {
     /// Create simulated devices on pseudo-terminals under DIR and play a scenario.
     ///
     /// Devices are linked as DIR/ups (Megatec), DIR/oximeter (Masimo), DIR/nonin (Nonin #2)
-    /// and DIR/bridge (the sensor bridge). Commands are also read from standard input.
+    /// and DIR/bridge (the sensor bridge); DIR/ups-voltronic and DIR/ups-apc on request.
+    /// Commands are also read from standard input.
     Simulate {
         /// Where to create the device links.
         #[arg(long)]

@@ -7,6 +7,8 @@
 //! | name | device | behaviour |
 //! |---|---|---|
 //! | `ups` | Megatec Q1 UPS | answers `Q1`, `F`, `I` as a real unit (47-byte status, fixed widths), echoes unknown commands; the battery drains on battery and recharges on mains |
+//! | `ups-voltronic` | Voltronic UPS | answers `QPI`, `QGS`, `QMOD`, `QBV` (and `Q1`); `(NAK` to anything else |
+//! | `ups-apc` | APC Smart UPS | answers `Y`, `Q`, `f`, `j`, `B`; `NA` to anything else; sends `!` and `$` the moment mains fails or returns |
 //! | `oximeter` | Masimo ASCII 1 | one line a second |
 //! | `nonin` | Nonin data format #2 | three 25-frame packets a second |
 //! | `bridge` | the sensor bridge | **the firmware's own bridge loop** over a simulated INA219 and pins |
@@ -290,6 +292,112 @@ fn serve_ups(world: &Shared, name: &str, master: &mut File, stop: &AtomicBool) -
     Ok(())
 }
 
+/// The pack's charge, %, from its voltage (linear between empty and full).
+fn charge_pct(battery_v: f64) -> f64 {
+    ((battery_v - UPS_EMPTY_V) / (UPS_FULL_V - UPS_EMPTY_V) * 100.0).clamp(0.0, 100.0)
+}
+
+/// Minutes left at the current drain rate (a generous 999 on mains).
+fn runtime_min(w: &World) -> u32 {
+    if w.mains_on || w.drain_v_per_min <= 0.0 {
+        return 999;
+    }
+    ((w.battery_v - UPS_EMPTY_V).max(0.0) / w.drain_v_per_min) as u32
+}
+
+fn serve_voltronic(world: &Shared, name: &str, master: &mut File, stop: &AtomicBool) -> io::Result<()> {
+    let mut line = Vec::new();
+    let mut buf = [0u8; 256];
+    while !stop.load(Ordering::Relaxed) && !unplugged(world, name) {
+        if !readable(master, 50) {
+            continue;
+        }
+        let n = master.read(&mut buf)?;
+        for &b in &buf[..n] {
+            if b != b'\r' {
+                line.push(b);
+                continue;
+            }
+            let reply = {
+                let w = lock(world);
+                let (input, mode) = if w.mains_on { (100.4, 'L') } else { (0.0, 'B') };
+                match line.as_slice() {
+                    b"QPI" => "(PI00\r".to_string(),
+                    b"QMOD" => format!("({mode}\r"),
+                    b"QGS" => {
+                        // a1a0 = 10 (online type), then b9 utility fail, b8 battery low.
+                        let bits = format!(
+                            "10{}{}0000000{}",
+                            u8::from(!w.mains_on),
+                            u8::from(w.battery_v < UPS_LOW_V),
+                            u8::from(!w.mains_on)
+                        );
+                        format!(
+                            "({input:05.1} 60.0 100.0 60.0 002.1 {:03.0} 380.0 380.0 {:05.1} ---.- 030.0 {bits}\r",
+                            w.load_pct, w.battery_v
+                        )
+                    }
+                    b"QBV" => format!(
+                        "({:05.1} 02 01 {:03.0} {:03}\r",
+                        w.battery_v,
+                        charge_pct(w.battery_v),
+                        runtime_min(&w).min(999)
+                    ),
+                    b"Q1" => {
+                        drop(w);
+                        String::from_utf8_lossy(&ups_status(world).encode()).into_owned()
+                    }
+                    _ => "(NAK\r".to_string(),
+                }
+            };
+            let mut out = take_garbage(world, name);
+            out.extend(reply.into_bytes());
+            master.write_all(&out)?;
+            line.clear();
+        }
+    }
+    Ok(())
+}
+
+fn serve_apc(world: &Shared, name: &str, master: &mut File, stop: &AtomicBool) -> io::Result<()> {
+    use mamori_protocol::apc::{encode_reply, Command, Notification, Reply, StatusByte};
+    let mut buf = [0u8; 64];
+    let mut was_on = lock(world).mains_on;
+    while !stop.load(Ordering::Relaxed) && !unplugged(world, name) {
+        // Unrequested characters, the moment mains changes.
+        let on = lock(world).mains_on;
+        if on != was_on {
+            let n = if on { Notification::LineRestored } else { Notification::LineFail };
+            master.write_all(&encode_reply(&Reply::Notification(n)))?;
+            was_on = on;
+        }
+        if !readable(master, 20) {
+            continue;
+        }
+        let n = master.read(&mut buf)?;
+        for &b in &buf[..n] {
+            let reply = {
+                let w = lock(world);
+                match Command::from_byte(b) {
+                    Some(Command::SmartMode) => Reply::SmartMode,
+                    Some(Command::Status) => {
+                        let low = if w.battery_v < UPS_LOW_V { 0x40 } else { 0 };
+                        Reply::Status(StatusByte(if w.mains_on { 0x08 } else { 0x10 } | low))
+                    }
+                    Some(Command::BatteryCharge) => Reply::BatteryChargePct(charge_pct(w.battery_v).round()),
+                    Some(Command::Runtime) => Reply::RuntimeMin(runtime_min(&w)),
+                    Some(Command::BatteryVoltage) => Reply::BatteryVoltage((w.battery_v * 100.0).round() / 100.0),
+                    None => Reply::NotAvailable,
+                }
+            };
+            let mut out = take_garbage(world, name);
+            out.extend(encode_reply(&reply));
+            master.write_all(&out)?;
+        }
+    }
+    Ok(())
+}
+
 fn ups_status(world: &Shared) -> megatec::Status {
     let mut w = lock(world);
     let glitch = std::mem::take(&mut w.glitch);
@@ -488,8 +596,11 @@ fn physics(world: Shared, stop: Arc<AtomicBool>) {
     }
 }
 
-/// Devices `simulate` can create.
+/// Devices `simulate` creates by default.
 pub const DEVICES: &[&str] = &["ups", "oximeter", "nonin", "bridge"];
+
+/// Every device `simulate` can create.
+pub const ALL_DEVICES: &[&str] = &["ups", "ups-voltronic", "ups-apc", "oximeter", "nonin", "bridge"];
 
 /// Run the simulator: create the devices under `dir`, print their paths and `ready`, play
 /// `scenario`, and take commands from standard input until `quit`, end of input with no
@@ -502,10 +613,12 @@ pub fn run(dir: &Path, devices: &[String], scenario: Vec<(f64, String)>, stop: A
     for name in devices {
         let serve: Serve = match name.as_str() {
             "ups" => serve_ups,
+            "ups-voltronic" => serve_voltronic,
+            "ups-apc" => serve_apc,
             "oximeter" => serve_masimo,
             "nonin" => serve_nonin,
             "bridge" => serve_bridge,
-            other => anyhow::bail!("unknown device `{other}` (known: {})", DEVICES.join(", ")),
+            other => anyhow::bail!("unknown device `{other}` (known: {})", ALL_DEVICES.join(", ")),
         };
         let (w, n, l, s, r) = (world.clone(), name.clone(), dir.join(name), stop.clone(), ready_tx.clone());
         threads.push(std::thread::spawn(move || device(w, n, l, serve, s, r)));

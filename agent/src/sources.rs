@@ -140,12 +140,23 @@ pub fn open_serial(path: &Path, baud: u32) -> Result<tokio_serial::SerialStream,
     if !path.exists() {
         return Err(format!("port {} missing (unplugged?)", path.display()));
     }
-    tokio_serial::new(path.to_string_lossy(), baud).open_native_async().map_err(|e| match e.kind {
-        tokio_serial::ErrorKind::Io(io::ErrorKind::PermissionDenied) => {
+    tokio_serial::new(path.to_string_lossy(), baud).open_native_async().map_err(|e| serial_error(path, &e))
+}
+
+/// An open failure in words an installer can act on.
+fn serial_error(path: &Path, e: &serialport::Error) -> String {
+    match e.kind {
+        serialport::ErrorKind::Io(io::ErrorKind::PermissionDenied) => {
             format!("permission denied on {} (add the user to the dialout group)", path.display())
         }
+        _ if e.description.contains("exclusive lock") => {
+            format!(
+                "{} is in use by another program (is mamori-agent running? stop it first: systemctl stop mamori-agent)",
+                path.display()
+            )
+        }
         _ => format!("cannot open {}: {e}", path.display()),
-    })
+    }
 }
 
 async fn pause(cancel: &CancellationToken, d: Duration) -> bool {
@@ -239,13 +250,7 @@ pub fn serial_ups(cfg: &SerialUpsConfig, tx: &ObsTx, cancel: &CancellationToken)
         let mut port = match port {
             Ok(p) => p,
             Err(e) => {
-                let reason = match e.kind {
-                    serialport::ErrorKind::Io(io::ErrorKind::PermissionDenied) => {
-                        format!("permission denied on {} (add the user to the dialout group)", cfg.port.display())
-                    }
-                    _ => format!("cannot open {}: {e}", cfg.port.display()),
-                };
-                send(Observation::Failed(reason));
+                send(Observation::Failed(serial_error(&cfg.port, &e)));
                 std::thread::sleep(Duration::from_secs(1));
                 continue;
             }

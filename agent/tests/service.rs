@@ -29,6 +29,8 @@ fn config(port: u16, data: &Path, sim: &Path, devices: &[&str]) -> String {
         let p = sim.join(d);
         c.push_str(&match *d {
             "ups" => format!("[[ups]]\nid = \"ups\"\nprotocol = \"megatec\"\nport = \"{}\"\n", p.display()),
+            "ups-voltronic" => format!("[[ups]]\nid = \"ups\"\nprotocol = \"voltronic\"\nport = \"{}\"\n", p.display()),
+            "ups-apc" => format!("[[ups]]\nid = \"ups\"\nprotocol = \"apc\"\nport = \"{}\"\n", p.display()),
             "oximeter" => format!(
                 "[[oximeter]]\nid = \"oximeter\"\nprotocol = \"masimo\"\nport = \"{}\"\nlost_after_ms = 3000\n",
                 p.display()
@@ -619,5 +621,50 @@ fn two_missed_polls_are_not_a_lost_ups_but_several_are() -> Result<()> {
     c.wait("device_lost(ups) after several missed polls", LONG, |m| has(m, EventKind::DeviceLost, Some("ups")))?;
     c.wait("device_restored(ups)", LONG, |m| has(m, EventKind::DeviceRestored, Some("ups")))?;
     assert_eq!(events(&c.messages()).iter().filter(|e| e.kind == EventKind::DeviceLost).count(), 1);
+    Ok(())
+}
+
+/// The Voltronic and APC pollers against simulated units: mains lost and restored, the
+/// runtime each UPS reports (in minutes on the wire) in telemetry as seconds, and probe.
+#[test]
+fn voltronic_and_apc_upses_are_polled() -> Result<()> {
+    for device in ["ups-voltronic", "ups-apc"] {
+        let (mut r, c, a) = started(&[device], &format!("t9-{device}"), "mamori/v1/#")?;
+        c.wait(&format!("{device}: telemetry with the UPS's runtime"), LONG, |m| {
+            m.iter()
+                .filter(|x| x.topic.ends_with("/telemetry"))
+                .filter_map(|x| mqtt::decode::<Telemetry>(&x.payload).ok())
+                .any(|t| {
+                    t.ups.as_ref().is_some_and(|u| {
+                        u.on_battery == Some(false) && u.runtime_s == Some(999 * 60) && u.battery_charge_pct.is_some()
+                    })
+                })
+        })?;
+        r.sim.cmd("drain 2")?;
+        r.sim.cmd("mains off")?;
+        c.wait(&format!("{device}: mains_lost"), LONG, |m| has(m, EventKind::MainsLost, Some("ups")))?;
+        c.wait(&format!("{device}: runtime on battery"), LONG, |m| {
+            m.iter()
+                .rev()
+                .filter(|x| x.topic.ends_with("/telemetry"))
+                .filter_map(|x| mqtt::decode::<Telemetry>(&x.payload).ok())
+                .any(|t| {
+                    t.ups
+                        .as_ref()
+                        .is_some_and(|u| u.on_battery == Some(true) && u.runtime_s.is_some_and(|s| s < 999 * 60))
+                })
+        })?;
+        r.sim.cmd("mains on")?;
+        c.wait(&format!("{device}: mains_restored"), LONG, |m| has(m, EventKind::MainsRestored, Some("ups")))?;
+        assert!(!has(&c.messages(), EventKind::DeviceLost, None), "{device}: a device was lost");
+        // While the agent runs, probe says who holds the port; once it stops, probe reads it.
+        let out = Command::new(AGENT).args(["probe", "--config"]).arg(&r.config).output()?;
+        let table = String::from_utf8_lossy(&out.stdout).to_string();
+        assert!(!out.status.success() && table.contains("is mamori-agent running?"), "{table}");
+        drop(a);
+        let out = Command::new(AGENT).args(["probe", "--config"]).arg(&r.config).output()?;
+        let table = String::from_utf8_lossy(&out.stdout).to_string();
+        assert!(out.status.success() && table.contains("on mains"), "{device}: {table}");
+    }
     Ok(())
 }
