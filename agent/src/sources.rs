@@ -925,3 +925,74 @@ mod tests {
         assert!(ups_changed(&base, &UpsReading { load_pct: None, ..base.clone() }));
     }
 }
+
+#[cfg(test)]
+mod contact_tests {
+    use super::*;
+    use mamori_protocol::bridge::ContactState;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    /// The GPIO glue over pins that tests can set: polarity, the latched short alarm, and a
+    /// report on every change and at least once a second.
+    #[test]
+    fn contacts_loop_reports_changes_latches_pulses_and_keeps_alive() {
+        let cfg = ContactsConfig {
+            id: "contacts".into(),
+            chip: "/dev/null".into(),
+            mains_line: Some(1),
+            mains_present_when_low: true,
+            ventilator_no_line: Some(2),
+            ventilator_nc_line: Some(3),
+            closed_when_low: true,
+            debounce_ms: 20,
+            cable_fault_ms: 200,
+            poll_interval_ms: 2,
+        };
+        // Pins read low when closed / present: NO open (high), NC closed (low), mains present (low).
+        let (no, nc, mains) =
+            (Arc::new(AtomicBool::new(true)), Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false)));
+        let (tx, mut rx) = mpsc::channel(1024);
+        let cancel = CancellationToken::new();
+        let (p, c) = ((FlagPin(no.clone()), FlagPin(nc.clone())), FlagPin(mains.clone()));
+        let thread = {
+            let cancel = cancel.clone();
+            std::thread::spawn(move || contacts_loop(&cfg, Some(p), Some(c), &tx, &cancel))
+        };
+        let next = |rx: &mut mpsc::Receiver<Sourced>| rx.blocking_recv().map(|s| s.observation);
+        let wait_for = |rx: &mut mpsc::Receiver<Sourced>, want: &dyn Fn(&Observation) -> bool| loop {
+            let o = next(rx).expect("the loop stopped");
+            if want(&o) {
+                return o;
+            }
+        };
+        let first = wait_for(&mut rx, &|o| {
+            matches!(o, Observation::Contacts { ventilator: Some(_), mains_present: Some(_), .. })
+        });
+        assert_eq!(
+            first,
+            Observation::Contacts {
+                mains_present: Some(true),
+                ventilator: Some(ContactState::Normal),
+                alarm_latched: false
+            }
+        );
+        // A 60 ms alarm pulse: longer than the debounce, over before anyone polls the monitor.
+        no.store(false, Ordering::Relaxed);
+        nc.store(true, Ordering::Relaxed);
+        std::thread::sleep(Duration::from_millis(60)); // the pulse itself, in the physical world
+        no.store(true, Ordering::Relaxed);
+        nc.store(false, Ordering::Relaxed);
+        wait_for(&mut rx, &|o| matches!(o, Observation::Contacts { alarm_latched: true, .. }));
+        // Mains lost.
+        mains.store(true, Ordering::Relaxed);
+        wait_for(&mut rx, &|o| matches!(o, Observation::Contacts { mains_present: Some(false), .. }));
+        // A cut cable: both contacts open.
+        nc.store(true, Ordering::Relaxed);
+        wait_for(&mut rx, &|o| matches!(o, Observation::Contacts { ventilator: Some(ContactState::CableFault), .. }));
+        // Nothing changes: still reported (the monitor's liveness), about once a second.
+        let quiet = wait_for(&mut rx, &|_| true);
+        assert!(matches!(quiet, Observation::Contacts { ventilator: Some(ContactState::CableFault), .. }));
+        cancel.cancel();
+        assert_eq!(thread.join().unwrap(), None);
+    }
+}

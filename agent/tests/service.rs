@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use mamori_agent::spool::{FileStorage, Spool};
 use mamori_protocol::mqtt::{self, Event, EventKind, Status, Telemetry};
 use mamori_tests::process::{Collector, Process, Received, Simulator};
@@ -666,5 +666,38 @@ fn voltronic_and_apc_upses_are_polled() -> Result<()> {
         let table = String::from_utf8_lossy(&out.stdout).to_string();
         assert!(out.status.success() && table.contains("on mains"), "{device}: {table}");
     }
+    Ok(())
+}
+
+/// With systemd's notify protocol (a datagram socket in NOTIFY_SOCKET and WATCHDOG_USEC),
+/// the agent says READY, pings the watchdog while it runs, and says STOPPING on SIGTERM.
+#[test]
+fn systemd_readiness_watchdog_and_stopping() -> Result<()> {
+    let r = rig(&["ups"])?;
+    let sock_path = r.config.with_file_name("notify.sock");
+    let sock = std::os::unix::net::UnixDatagram::bind(&sock_path)?;
+    sock.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let mut cmd = Command::new(AGENT);
+    cmd.args(["run", "--log-json", "--config"])
+        .arg(&r.config)
+        .env("NOTIFY_SOCKET", &sock_path)
+        .env("WATCHDOG_USEC", "400000");
+    let mut a = Process::spawn("agent", cmd)?;
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 512];
+    while seen.iter().filter(|m: &&String| m.contains("WATCHDOG=1")).count() < 3 {
+        let n = sock.recv(&mut buf).context("waiting for a notification from the agent")?;
+        seen.push(String::from_utf8_lossy(&buf[..n]).to_string());
+    }
+    assert!(seen[0].contains("READY=1"), "{seen:?}");
+    assert_eq!(a.terminate(LONG)?, Some(0));
+    let mut stopping = false;
+    while let Ok(n) = sock.recv(&mut buf) {
+        stopping |= String::from_utf8_lossy(&buf[..n]).contains("STOPPING=1");
+        if stopping {
+            break;
+        }
+    }
+    assert!(stopping, "no STOPPING=1 after {seen:?}");
     Ok(())
 }
