@@ -238,7 +238,16 @@ fn unplugged(world: &Shared, name: &str) -> bool {
 /// What each kind of device does while plugged in; returns when unplugged or stopped.
 type Serve = fn(&Shared, &str, &mut File, &AtomicBool) -> io::Result<()>;
 
-fn serve_ups(world: &Shared, name: &str, master: &mut File, stop: &AtomicBool) -> io::Result<()> {
+/// Serve a device that takes `\r`-terminated queries: `reply` answers each line. Shared by the
+/// Megatec and Voltronic units; `drop <device> <n>` makes it ignore the next n queries, and
+/// `garbage` goes before the next reply.
+fn serve_lines(
+    world: &Shared,
+    name: &str,
+    master: &mut File,
+    stop: &AtomicBool,
+    reply: fn(&Shared, &[u8]) -> Vec<u8>,
+) -> io::Result<()> {
     let mut line = Vec::new();
     let mut buf = [0u8; 256];
     while !stop.load(Ordering::Relaxed) && !unplugged(world, name) {
@@ -251,45 +260,54 @@ fn serve_ups(world: &Shared, name: &str, master: &mut File, stop: &AtomicBool) -
                 line.push(b);
                 continue;
             }
-            {
+            let dropped = {
                 let mut w = lock(world);
-                if let Some(n) = w.drop_replies.get_mut(name).filter(|n| **n > 0) {
+                w.drop_replies.get_mut(name).filter(|n| **n > 0).map(|n| {
                     *n -= 1;
-                    let left = *n;
-                    drop(w);
-                    println!("dropped {name} query, {left} more to drop");
-                    let _ = io::stdout().flush();
-                    line.clear();
-                    continue;
-                }
+                    *n
+                })
+            };
+            if let Some(left) = dropped {
+                println!("dropped {name} query, {left} more to drop");
+                let _ = io::stdout().flush();
+            } else {
+                let mut out = take_garbage(world, name);
+                out.extend(reply(world, &line));
+                master.write_all(&out)?;
             }
-            let mut reply = take_garbage(world, name);
-            reply.extend(match megatec::Query::parse(&line) {
-                Some(megatec::Query::Status) => ups_status(world).encode(),
-                Some(megatec::Query::Rating) => megatec::Rating {
-                    voltage_v: Some(100.0),
-                    current_a: Some(5.0),
-                    battery_voltage_v: Some(24.0),
-                    frequency_hz: Some(60.0),
-                }
-                .encode(),
-                Some(megatec::Query::Info) => megatec::Info {
-                    company: "mamori-sim".into(),
-                    model: "SIM-Q1".into(),
-                    version: env!("CARGO_PKG_VERSION").into(),
-                }
-                .encode(),
-                None => {
-                    let mut echo = line.clone();
-                    echo.push(b'\r');
-                    echo
-                }
-            });
-            master.write_all(&reply)?;
             line.clear();
         }
     }
     Ok(())
+}
+
+fn serve_ups(world: &Shared, name: &str, master: &mut File, stop: &AtomicBool) -> io::Result<()> {
+    serve_lines(world, name, master, stop, megatec_reply)
+}
+
+/// A Megatec unit's answer to one query line: echo what it does not know.
+fn megatec_reply(world: &Shared, line: &[u8]) -> Vec<u8> {
+    match megatec::Query::parse(line) {
+        Some(megatec::Query::Status) => ups_status(world).encode(),
+        Some(megatec::Query::Rating) => megatec::Rating {
+            voltage_v: Some(100.0),
+            current_a: Some(5.0),
+            battery_voltage_v: Some(24.0),
+            frequency_hz: Some(60.0),
+        }
+        .encode(),
+        Some(megatec::Query::Info) => megatec::Info {
+            company: "mamori-sim".into(),
+            model: "SIM-Q1".into(),
+            version: env!("CARGO_PKG_VERSION").into(),
+        }
+        .encode(),
+        None => {
+            let mut echo = line.to_vec();
+            echo.push(b'\r');
+            echo
+        }
+    }
 }
 
 /// The pack's charge, %, from its voltage (linear between empty and full).
@@ -306,57 +324,39 @@ fn runtime_min(w: &World) -> u32 {
 }
 
 fn serve_voltronic(world: &Shared, name: &str, master: &mut File, stop: &AtomicBool) -> io::Result<()> {
-    let mut line = Vec::new();
-    let mut buf = [0u8; 256];
-    while !stop.load(Ordering::Relaxed) && !unplugged(world, name) {
-        if !readable(master, 50) {
-            continue;
+    serve_lines(world, name, master, stop, voltronic_reply)
+}
+
+/// A Voltronic unit's answer to one query line: `(NAK` to what it does not know.
+fn voltronic_reply(world: &Shared, line: &[u8]) -> Vec<u8> {
+    let w = lock(world);
+    let (input, mode) = if w.mains_on { (100.4, 'L') } else { (0.0, 'B') };
+    let reply = match line {
+        b"QPI" => "(PI00\r".to_string(),
+        b"QMOD" => format!("({mode}\r"),
+        b"QGS" => {
+            // a1a0 = 10 (online type), then b9 utility fail, b8 battery low.
+            let bits = format!(
+                "10{}{}0000000{}",
+                u8::from(!w.mains_on),
+                u8::from(w.battery_v < UPS_LOW_V),
+                u8::from(!w.mains_on)
+            );
+            format!(
+                "({input:05.1} 60.0 100.0 60.0 002.1 {:03.0} 380.0 380.0 {:05.1} ---.- 030.0 {bits}\r",
+                w.load_pct, w.battery_v
+            )
         }
-        let n = master.read(&mut buf)?;
-        for &b in &buf[..n] {
-            if b != b'\r' {
-                line.push(b);
-                continue;
-            }
-            let reply = {
-                let w = lock(world);
-                let (input, mode) = if w.mains_on { (100.4, 'L') } else { (0.0, 'B') };
-                match line.as_slice() {
-                    b"QPI" => "(PI00\r".to_string(),
-                    b"QMOD" => format!("({mode}\r"),
-                    b"QGS" => {
-                        // a1a0 = 10 (online type), then b9 utility fail, b8 battery low.
-                        let bits = format!(
-                            "10{}{}0000000{}",
-                            u8::from(!w.mains_on),
-                            u8::from(w.battery_v < UPS_LOW_V),
-                            u8::from(!w.mains_on)
-                        );
-                        format!(
-                            "({input:05.1} 60.0 100.0 60.0 002.1 {:03.0} 380.0 380.0 {:05.1} ---.- 030.0 {bits}\r",
-                            w.load_pct, w.battery_v
-                        )
-                    }
-                    b"QBV" => format!(
-                        "({:05.1} 02 01 {:03.0} {:03}\r",
-                        w.battery_v,
-                        charge_pct(w.battery_v),
-                        runtime_min(&w).min(999)
-                    ),
-                    b"Q1" => {
-                        drop(w);
-                        String::from_utf8_lossy(&ups_status(world).encode()).into_owned()
-                    }
-                    _ => "(NAK\r".to_string(),
-                }
-            };
-            let mut out = take_garbage(world, name);
-            out.extend(reply.into_bytes());
-            master.write_all(&out)?;
-            line.clear();
+        b"QBV" => {
+            format!("({:05.1} 02 01 {:03.0} {:03}\r", w.battery_v, charge_pct(w.battery_v), runtime_min(&w).min(999))
         }
-    }
-    Ok(())
+        b"Q1" => {
+            drop(w);
+            return ups_status(world).encode();
+        }
+        _ => "(NAK\r".to_string(),
+    };
+    reply.into_bytes()
 }
 
 fn serve_apc(world: &Shared, name: &str, master: &mut File, stop: &AtomicBool) -> io::Result<()> {

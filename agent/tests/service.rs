@@ -481,6 +481,13 @@ fn tls_with_a_client_certificate_or_a_password_and_never_a_stranger_ca() -> Resu
     let pki_dir = tempfile::tempdir()?;
     pki(pki_dir.path())?;
     let p = pki_dir.path().to_path_buf();
+    // The [broker.tls] lines for the home's client certificate, trusting `ca`.
+    let cert_tls = |ca: &str| {
+        format!(
+            "ca_file = \"{0}/{ca}\"\nclient_cert_file = \"{0}/home.pem\"\nclient_key_file = \"{0}/home.key\"",
+            p.display()
+        )
+    };
     let passwd = p.join("passwd");
     let out =
         Command::new("mosquitto_passwd").args(["-b", "-c"]).arg(&passwd).args(["test-home", "s3cret"]).output()?;
@@ -512,15 +519,7 @@ fn tls_with_a_client_certificate_or_a_password_and_never_a_stranger_ca() -> Resu
     };
     // A client certificate.
     let b = Mosquitto::start_with(tls_listener(true))?;
-    let cfg = write(
-        "cert.toml",
-        b.port(),
-        &format!(
-            "ca_file = \"{0}/ca.pem\"\nclient_cert_file = \"{0}/home.pem\"\nclient_key_file = \"{0}/home.key\"",
-            p.display()
-        ),
-        "",
-    )?;
+    let cfg = write("cert.toml", b.port(), &cert_tls("ca.pem"), "")?;
     let a = agent(&cfg)?;
     a.wait_line("a TLS connection with the client certificate", LONG, |l| l.contains("connected to the broker"))
         .map_err(|e| e.context(b.log()))?;
@@ -551,15 +550,7 @@ fn tls_with_a_client_certificate_or_a_password_and_never_a_stranger_ca() -> Resu
     assert!(!a.lines().iter().any(|l| l.contains("connected to the broker")));
     assert!(!a.lines().iter().any(|l| l.contains("guess")), "no secret in the logs");
     drop(a);
-    let cfg = write(
-        "stranger.toml",
-        b.port(),
-        &format!(
-            "ca_file = \"{0}/other-ca.pem\"\nclient_cert_file = \"{0}/home.pem\"\nclient_key_file = \"{0}/home.key\"",
-            p.display()
-        ),
-        "",
-    )?;
+    let cfg = write("stranger.toml", b.port(), &cert_tls("other-ca.pem"), "")?;
     let a = agent(&cfg)?;
     a.wait_line("the agent to refuse a broker it cannot verify", LONG, |l| {
         l.contains("broker connection lost") && l.to_lowercase().contains("certificate")
@@ -571,15 +562,7 @@ fn tls_with_a_client_certificate_or_a_password_and_never_a_stranger_ca() -> Resu
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(p.join("home.key"), std::fs::Permissions::from_mode(0o644))?;
     }
-    let cfg = write(
-        "loose.toml",
-        b.port(),
-        &format!(
-            "ca_file = \"{0}/ca.pem\"\nclient_cert_file = \"{0}/home.pem\"\nclient_key_file = \"{0}/home.key\"",
-            p.display()
-        ),
-        "",
-    )?;
+    let cfg = write("loose.toml", b.port(), &cert_tls("ca.pem"), "")?;
     let out = Command::new(AGENT).args(["run", "--config"]).arg(&cfg).output()?;
     assert!(!out.status.success());
     assert!(
