@@ -74,12 +74,15 @@ fn no_answer(garbage: u64, what: &str) -> String {
     }
 }
 
-/// Read one item from a streaming port within `limit`.
-async fn first_item<D: mamori_protocol::codec::Decoder>(
+/// Read the first item from a streaming port that `accept`s, within `limit`; failing that,
+/// the last item read (a bridge's boot frame is accepted only if nothing follows it).
+async fn first_item_where<D: mamori_protocol::codec::Decoder>(
     port: &mut tokio_serial::SerialStream,
     decoder: D,
     limit: Duration,
+    accept: impl Fn(&D::Item) -> bool,
 ) -> Result<D::Item, (u64, String)> {
+    let mut fallback = None;
     let mut stream = Stream::new(decoder);
     let mut garbage = 0;
     let deadline = tokio::time::Instant::now() + limit;
@@ -87,17 +90,27 @@ async fn first_item<D: mamori_protocol::codec::Decoder>(
     loop {
         while let Some(ev) = stream.next_event() {
             match ev {
-                StreamEvent::Item { item, .. } => return Ok(item),
+                StreamEvent::Item { item, .. } if accept(&item) => return Ok(item),
+                StreamEvent::Item { item, .. } => fallback = Some(item),
                 StreamEvent::Error { .. } => garbage += 1,
             }
         }
         match tokio::time::timeout_at(deadline, port.read(&mut buf)).await {
             Ok(Ok(n)) if n > 0 => stream.push(&buf[..n]),
-            Ok(Ok(_)) => return Err((garbage, "port closed".into())),
-            Ok(Err(e)) => return Err((garbage, e.to_string())),
-            Err(_) => return Err((garbage, String::new())),
+            Ok(Ok(_)) => return fallback.ok_or((garbage, "port closed".into())),
+            Ok(Err(e)) => return fallback.ok_or((garbage, e.to_string())),
+            Err(_) => return fallback.ok_or((garbage, String::new())),
         }
     }
+}
+
+/// Read one item from a streaming port within `limit`.
+async fn first_item<D: mamori_protocol::codec::Decoder>(
+    port: &mut tokio_serial::SerialStream,
+    decoder: D,
+    limit: Duration,
+) -> Result<D::Item, (u64, String)> {
+    first_item_where(port, decoder, limit, |_| true).await
 }
 
 /// Probe every configured source.
@@ -221,7 +234,10 @@ pub async fn probe(config: &Config, limit: Duration) -> Vec<Probe> {
     for b in &config.bridge {
         let r = async {
             let mut port = open_serial(&b.port, b.baud)?;
-            let f = first_item(&mut port, bridge::Decoder, limit.max(Duration::from_millis(b.lost_after_ms)))
+            // The first frames come before every input has settled; a heartbeat (a second in)
+            // has them all. Fall back to whatever came last.
+            let wait = limit.max(Duration::from_millis(b.lost_after_ms));
+            let f = first_item_where(&mut port, bridge::Decoder, wait, |f| f.kind == bridge::FrameKind::Heartbeat)
                 .await
                 .map_err(|(g, e)| if e.is_empty() { no_answer(g, "a bridge frame") } else { e })?;
             let mut d = vec![format!("frame {}", f.seq)];

@@ -350,6 +350,7 @@ fn probe_names_each_problem() -> Result<()> {
     assert!(out.status.success(), "{table}");
     assert!(table.contains("on mains"), "{table}");
     assert!(table.contains("SpO2 97 %"), "{table}");
+    assert!(table.contains("mains present, ventilator contact normal"), "the bridge's settled state: {table}");
     // Wrong protocol, no answer, missing port.
     let bad = r.config.with_file_name("bad.toml");
     let sim = r.sim.dir.clone();

@@ -8,5 +8,5 @@
 /// What `mamori-gateway demo` prints until the gateway is built.
 pub const DEMO_NOT_BUILT: &str = "mamori-gateway demo: the gateway is not built yet.\n\
 The demo (embedded broker, simulated homes, escalation, dashboard) arrives with the gateway issue.\n\
-What works today: the device codecs and the MQTT v1 contract (protocol/), and the installer's\n\
-`mamori-agent decode` (try: cargo run -p mamori-agent -- decode --format megatec agent/tests/captures/megatec.cap).";
+What works today: the home agent on simulated devices (see the README: mamori-agent simulate,\n\
+probe and run), the device codecs and the MQTT v1 contract, and `mamori-agent decode`.";
