@@ -155,7 +155,8 @@ pub struct Spool<S: Storage> {
     next_seq: u64,
     pending: BTreeMap<u64, Spooled>,
     telemetry: VecDeque<Vec<u8>>,
-    acked_since_compaction: usize,
+    /// Bytes of the file that a compaction would keep (the rest is acknowledged events).
+    live_bytes: u64,
     degraded: bool,
 }
 
@@ -220,7 +221,6 @@ impl<S: Storage> Spool<S> {
         let mut telemetry = VecDeque::new();
         let mut max_seq = 0u64;
         let mut meta_next = None;
-        let mut acked = 0;
         for (kind, payload) in records {
             match kind {
                 META => meta_next = seq_of(payload),
@@ -235,7 +235,6 @@ impl<S: Storage> Spool<S> {
                     if let Some(seq) = seq_of(payload) {
                         max_seq = max_seq.max(seq);
                         pending.remove(&seq);
-                        acked += 1;
                     }
                 }
                 TELEMETRY => telemetry.push_back(payload.to_vec()),
@@ -255,9 +254,10 @@ impl<S: Storage> Spool<S> {
             next_seq,
             pending,
             telemetry,
-            acked_since_compaction: acked,
+            live_bytes: 0,
             degraded: false,
         };
+        spool.live_bytes = spool.live_now();
         if valid == 0 {
             // Persist the seed so the first seq survives a crash before the first event.
             spool.compact()?;
@@ -300,16 +300,23 @@ impl<S: Storage> Spool<S> {
             self.storage.sync()?;
         }
         self.len_bytes += r.len() as u64;
+        if kind != ACKED {
+            self.live_bytes += r.len() as u64;
+        }
         Ok(())
+    }
+
+    /// What a compaction would write: the meta record, pending durable events, telemetry.
+    fn live_now(&self) -> u64 {
+        self.pending.values().filter(|s| s.durable).map(|s| (HEADER + s.payload.len()) as u64).sum::<u64>()
+            + self.telemetry.iter().map(|t| (HEADER + t.len()) as u64).sum::<u64>()
+            + (HEADER + 8) as u64
     }
 
     /// Compact, dropping the oldest telemetry until `need` more bytes fit.
     fn make_room(&mut self, need: u64) -> io::Result<()> {
         loop {
-            let live: u64 =
-                self.pending.values().filter(|s| s.durable).map(|s| (HEADER + s.payload.len()) as u64).sum::<u64>()
-                    + self.telemetry.iter().map(|t| (HEADER + t.len()) as u64).sum::<u64>()
-                    + (HEADER + 8) as u64;
+            let live = self.live_now();
             if live + need <= self.capacity_bytes {
                 return self.compact();
             }
@@ -331,7 +338,7 @@ impl<S: Storage> Spool<S> {
         }
         self.storage.replace(&buf)?;
         self.len_bytes = buf.len() as u64;
-        self.acked_since_compaction = 0;
+        self.live_bytes = self.len_bytes;
         Ok(())
     }
 
@@ -379,14 +386,18 @@ impl<S: Storage> Spool<S> {
     pub fn ack(&mut self, seq: u64) {
         let Some(s) = self.pending.remove(&seq) else { return };
         if s.durable {
+            self.live_bytes = self.live_bytes.saturating_sub((HEADER + s.payload.len()) as u64);
             // Not synced: losing it only means one more (de-duplicated) delivery.
             if self.write(ACKED, &seq.to_le_bytes(), false).is_err() {
                 return;
             }
-            self.acked_since_compaction += 1;
         }
+        // Compact when most of the file is dead, so each byte is rewritten a bounded number
+        // of times however long the replay (compacting on size alone would rewrite a spool
+        // full of kept telemetry on every acknowledgement).
+        let dead = self.len_bytes.saturating_sub(self.live_bytes);
         let drained = self.pending.is_empty() && self.telemetry.is_empty() && self.len_bytes > 64 * 1024;
-        if drained || self.len_bytes > self.capacity_bytes / 2 {
+        if drained || (dead > 64 * 1024 && dead > self.live_bytes) {
             let _ = self.compact();
         }
     }
@@ -535,6 +546,53 @@ mod tests {
         assert!(kept.len() < 200, "old telemetry was dropped");
         assert!(String::from_utf8_lossy(kept.last().unwrap()).contains("\"snapshot\":199"), "the newest kept");
         assert_eq!(s.pending().map(|p| p.event.seq).collect::<Vec<_>>(), seqs);
+    }
+
+    /// Counts rewrites of the whole log.
+    struct Counting {
+        inner: FileStorage,
+        rewrites: Rc<Cell<u32>>,
+    }
+
+    impl Storage for Counting {
+        fn read_all(&mut self) -> io::Result<Vec<u8>> {
+            self.inner.read_all()
+        }
+        fn append(&mut self, bytes: &[u8]) -> io::Result<()> {
+            self.inner.append(bytes)
+        }
+        fn sync(&mut self) -> io::Result<()> {
+            self.inner.sync()
+        }
+        fn truncate(&mut self, len: u64) -> io::Result<()> {
+            self.inner.truncate(len)
+        }
+        fn replace(&mut self, bytes: &[u8]) -> io::Result<()> {
+            self.rewrites.set(self.rewrites.get() + 1);
+            self.inner.replace(bytes)
+        }
+    }
+
+    #[test]
+    fn replaying_after_a_long_outage_does_not_rewrite_the_spool_on_every_ack() {
+        let dir = tempfile::tempdir().unwrap();
+        let rewrites = Rc::new(Cell::new(0));
+        let storage = Counting { inner: FileStorage::open(dir.path()).unwrap(), rewrites: rewrites.clone() };
+        let (mut s, _) = Spool::open(storage, 400 * 1024, 1).unwrap();
+        // A long outage: much telemetry kept, then many events.
+        for i in 0..300u32 {
+            s.keep_telemetry(format!("{{\"snapshot\":{i},\"pad\":\"{}\"}}", "x".repeat(500)).into_bytes());
+        }
+        let seqs: Vec<u64> = (0..600).map(|_| s.append(event(EventKind::DeviceLost)).event.seq).collect();
+        let before = rewrites.get();
+        for seq in &seqs {
+            s.ack(*seq);
+        }
+        assert!(rewrites.get() - before <= 4, "{} rewrites for {} acks", rewrites.get() - before, seqs.len());
+        assert_eq!(s.take_telemetry().len(), 300, "the kept telemetry is intact");
+        drop(s);
+        let (s, r) = open(dir.path());
+        assert_eq!((r.pending_events, s.pending().count()), (0, 0));
     }
 
     /// A disk that fills up after a number of bytes, and can be emptied again.
