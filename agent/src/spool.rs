@@ -24,8 +24,10 @@
 //! - On open, records are read until the first one that is short, has a bad magic or a bad
 //!   CRC: that is a torn tail from a crash mid-write. The file is truncated there; everything
 //!   before it is kept.
-//! - When the file passes half its capacity (or everything is acknowledged), it is compacted:
-//!   the pending records are written to `spool.log.tmp`, synced, and renamed over the log.
+//! - When most of the file is dead (acknowledged events and their `Acked` records, more than
+//!   64 KiB and more than what is still live), or everything is acknowledged, it is compacted:
+//!   the pending records are written to `spool.log.tmp`, synced, and renamed over the log. So
+//!   a replay after a long outage rewrites each byte a bounded number of times.
 //! - `seq` is strictly increasing and survives restarts: it is the largest seq ever written
 //!   plus one. A brand-new spool starts at the wall clock in milliseconds, so an agent whose
 //!   SD card was replaced still never reuses a seq the gateway has seen.
