@@ -6,10 +6,10 @@
 //! sleeping.
 //!
 //! Scenarios live in `tests/tests/` (and the agent's process-level tests in
-//! `agent/tests/service.rs`, which use this harness). Besides the broker: [`Process`] (a child
+//! `agent/tests/service.rs`, which use this harness). Besides the broker: [`process::Process`] (a child
 //! process whose JSON log lines can be waited on, killed with SIGKILL or stopped with SIGTERM),
-//! [`Simulator`] (`mamori-agent simulate`, driven through its standard input) and
-//! [`Collector`] (an MQTT subscriber that records what arrives, with a persistent session so it
+//! [`process::Simulator`] (`mamori-agent simulate`, driven through its standard input) and
+//! [`process::Collector`] (an MQTT subscriber that records what arrives, with a persistent session so it
 //! survives a broker restart).
 #![deny(unsafe_code, missing_docs)]
 
