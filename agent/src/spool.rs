@@ -550,36 +550,15 @@ mod tests {
         assert_eq!(s.pending().map(|p| p.event.seq).collect::<Vec<_>>(), seqs);
     }
 
-    /// Counts rewrites of the whole log.
-    struct Counting {
-        inner: FileStorage,
-        rewrites: Rc<Cell<u32>>,
-    }
-
-    impl Storage for Counting {
-        fn read_all(&mut self) -> io::Result<Vec<u8>> {
-            self.inner.read_all()
-        }
-        fn append(&mut self, bytes: &[u8]) -> io::Result<()> {
-            self.inner.append(bytes)
-        }
-        fn sync(&mut self) -> io::Result<()> {
-            self.inner.sync()
-        }
-        fn truncate(&mut self, len: u64) -> io::Result<()> {
-            self.inner.truncate(len)
-        }
-        fn replace(&mut self, bytes: &[u8]) -> io::Result<()> {
-            self.rewrites.set(self.rewrites.get() + 1);
-            self.inner.replace(bytes)
-        }
-    }
-
     #[test]
     fn replaying_after_a_long_outage_does_not_rewrite_the_spool_on_every_ack() {
         let dir = tempfile::tempdir().unwrap();
         let rewrites = Rc::new(Cell::new(0));
-        let storage = Counting { inner: FileStorage::open(dir.path()).unwrap(), rewrites: rewrites.clone() };
+        let storage = TestDisk {
+            inner: FileStorage::open(dir.path()).unwrap(),
+            room: Rc::new(Cell::new(u64::MAX)),
+            rewrites: rewrites.clone(),
+        };
         let (mut s, _) = Spool::open(storage, 400 * 1024, 1).unwrap();
         // A long outage: much telemetry kept, then many events.
         for i in 0..300u32 {
@@ -597,21 +576,31 @@ mod tests {
         assert_eq!((r.pending_events, s.pending().count()), (0, 0));
     }
 
-    /// A disk that fills up after a number of bytes, and can be emptied again.
-    struct FullDisk {
+    /// A disk that fills up after a number of bytes (and can be emptied again), and counts
+    /// rewrites of the whole log.
+    struct TestDisk {
         inner: FileStorage,
         room: Rc<Cell<u64>>,
+        rewrites: Rc<Cell<u32>>,
     }
 
-    impl Storage for FullDisk {
+    impl TestDisk {
+        fn take(&self, n: usize) -> io::Result<()> {
+            let n = n as u64;
+            if n > self.room.get() {
+                return Err(io::Error::from_raw_os_error(28)); // ENOSPC
+            }
+            self.room.set(self.room.get() - n);
+            Ok(())
+        }
+    }
+
+    impl Storage for TestDisk {
         fn read_all(&mut self) -> io::Result<Vec<u8>> {
             self.inner.read_all()
         }
         fn append(&mut self, bytes: &[u8]) -> io::Result<()> {
-            if (bytes.len() as u64) > self.room.get() {
-                return Err(io::Error::from_raw_os_error(28)); // ENOSPC
-            }
-            self.room.set(self.room.get() - bytes.len() as u64);
+            self.take(bytes.len())?;
             self.inner.append(bytes)
         }
         fn sync(&mut self) -> io::Result<()> {
@@ -621,9 +610,11 @@ mod tests {
             self.inner.truncate(len)
         }
         fn replace(&mut self, bytes: &[u8]) -> io::Result<()> {
+            // A rewrite needs room for the whole new file next to the old one.
             if (bytes.len() as u64) > self.room.get() {
                 return Err(io::Error::from_raw_os_error(28));
             }
+            self.rewrites.set(self.rewrites.get() + 1);
             self.inner.replace(bytes)
         }
     }
@@ -632,7 +623,11 @@ mod tests {
     fn disk_full_holds_events_in_memory_and_recovers() {
         let dir = tempfile::tempdir().unwrap();
         let room = Rc::new(Cell::new(10_000));
-        let disk = FullDisk { inner: FileStorage::open(dir.path()).unwrap(), room: room.clone() };
+        let disk = TestDisk {
+            inner: FileStorage::open(dir.path()).unwrap(),
+            room: room.clone(),
+            rewrites: Rc::new(Cell::new(0)),
+        };
         let (mut s, _) = Spool::open(disk, 1 << 20, 1).unwrap();
         let a = s.append(event(EventKind::MainsLost)).event.seq;
         room.set(0);
