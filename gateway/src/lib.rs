@@ -1,12 +1,29 @@
 //! # mamori-gateway
 //!
-//! The centre service: ingest, per-home state, forecast, alerts and escalation, delivery, the
-//! store and the dashboard. **Not built yet**: this crate holds only the command-line shell
-//! so the workspace's commands work; the gateway issue builds the rest.
+//! The centre service: it receives what homes publish, keeps each home's state, forecasts
+//! how long its backup power lasts, raises alerts, and escalates them (family, coordinator,
+//! facility, support centre) until someone acknowledges. A secondary, remote notification
+//! system: it never silences or replaces a device's own alarm in the room.
+//!
+//! | module | what |
+//! |---|---|
+//! | [`homes`] | the homes file: care plans and contacts (personal data stays here) |
+//! | [`policy`] | escalation policies (tiers T0–T3) |
+//! | [`forecast`] | time left on backup power, with its basis |
+//! | [`engine`] | the pure core: state, alerts, escalation, regional incidents (time passed in) |
+//! | [`message`] | message text (ja/en) and signed acknowledgement links |
+//! | [`store`] | the `Store` trait and its SQLite (WAL) implementation |
+//! | [`delivery`] | the outbox's senders: webhook (HMAC), SMS gateway, SMTP, console |
+//! | [`config`] | the gateway config file |
+//! | [`ingest`] | MQTT in: validation, dedup, storage before action |
+//! | [`run`] | the service: wires the above together |
+//! | [`broker`] | the embedded broker (rumqttd) for one box and the demo |
+//! | [`web`] | acknowledgement links over HTTP |
+//! | [`demo`] | `mamori-gateway demo` |
 #![deny(unsafe_code, missing_docs)]
 
-/// What `mamori-gateway demo` prints until the gateway is built.
-pub const DEMO_NOT_BUILT: &str = "mamori-gateway demo: the gateway is not built yet.\n\
-The demo (embedded broker, simulated homes, escalation, dashboard) arrives with the gateway issue.\n\
-What works today: the home agent on simulated devices (see the README: mamori-agent simulate,\n\
-probe and run), the device codecs and the MQTT v1 contract, and `mamori-agent decode`.";
+pub mod engine;
+pub mod forecast;
+pub mod homes;
+pub mod message;
+pub mod policy;

@@ -446,7 +446,7 @@ fn valid_ident(s: &str) -> bool {
 }
 
 /// Roles that can acknowledge an alert (never a name).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Role {
     /// The family at home.

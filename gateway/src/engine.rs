@@ -1,0 +1,1229 @@
+//! The gateway's pure core: per-home state, forecasts, alerts, escalation and regional
+//! incidents. No I/O and no clock: every call takes `now`, and the caller sleeps until
+//! [`Engine::next_deadline`].
+//!
+//! ## Inputs and outputs
+//! [`Engine::handle`] takes one stored message (status, telemetry, event), an acknowledgement,
+//! or a delivery failure; [`Engine::poll`] runs the timers (repeats, escalations, staleness,
+//! incident updates). Both only change state and schedule; notifications are produced by
+//! `poll`, so a batch of replayed messages in which an alert opens and clears pages nobody.
+//! [`Engine::take_outputs`] returns what to send and what to persist, and
+//! [`Engine::take_dirty`] the homes and incidents whose state changed, for the store.
+//!
+//! ## Order
+//! Events are stored and deduplicated by `(home, seq)` before they get here. Late and replayed
+//! events are ordered by their own `ts`: each opening/clearing pair (`mains_lost` /
+//! `mains_restored`) remembers the time of its last transition, and an older event changes
+//! nothing (it is still in the store's history).
+//!
+//! ## Silence
+//! A home is `stale` when nothing arrived for `stale_after_intervals` telemetry periods and
+//! `offline` on its Last Will. Silent while on battery or inside a regional incident raises
+//! `state_unknown` (critical, with the last known forecast, which keeps running); otherwise
+//! `home_silent`. Hearing from the home clears both.
+//!
+//! ## Regional incidents
+//! When `incident_min_homes` homes of one municipality lose mains within
+//! `incident_window_s`, one incident opens; every home of the municipality on battery or
+//! silent joins. Its coordinators and support centre get one digest (a triage list sorted by
+//! time left, silent homes marked) at once, again whenever a member crosses a tier, and
+//! otherwise at most every `incident_update_min_s` while something changed. Per-home power
+//! alerts of member homes then skip those two roles (one event, one voice); the family, nurse
+//! and facility still hear about their own home.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use chrono::Duration;
+use mamori_protocol::mqtt::{
+    Ack, ConnectionState, DeviceState, Event, EventKind, HomeId, Role, Severity, Status, Telemetry,
+    VentilatorReading,
+};
+use serde::{Deserialize, Serialize};
+use mamori_protocol::reading::OximeterReading;
+use sha2::{Digest, Sha256};
+
+pub use crate::forecast::Time;
+use crate::forecast::{forecast, Forecast, PowerReadings};
+use crate::homes::{Contact, Home};
+use crate::policy::{Policies, Policy, Tier};
+
+/// Engine settings (the `[escalation]` section of the gateway config).
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Settings {
+    /// A home is stale after this many missed telemetry periods.
+    pub stale_after_intervals: u32,
+    /// Telemetry period assumed until a home says its own, s.
+    pub default_interval_s: u32,
+    /// Homes of one municipality losing mains within the window that make an incident.
+    pub incident_min_homes: usize,
+    /// The window, s.
+    pub incident_window_s: i64,
+    /// Least time between incident digests when no home crossed a tier, s.
+    pub incident_update_min_s: i64,
+    /// T2 when time left < travel time × 2 + this margin, min.
+    pub t2_margin_min: i64,
+    /// T3 when time left < this, min.
+    pub t3_time_left_min: i64,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            stale_after_intervals: 3,
+            default_interval_s: 60,
+            incident_min_homes: 3,
+            incident_window_s: 300,
+            incident_update_min_s: 300,
+            t2_margin_min: 360,
+            t3_time_left_min: 120,
+        }
+    }
+}
+
+/// Mains or battery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case", tag = "state")]
+pub enum Power {
+    /// Not known yet.
+    #[default]
+    Unknown,
+    /// On mains.
+    Mains,
+    /// On backup power since the outage began.
+    Battery {
+        /// When the outage began (the home's time).
+        since: Time,
+    },
+}
+
+/// Whether the home is heard.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case", tag = "state")]
+pub enum Connectivity {
+    /// Never heard from.
+    #[default]
+    Never,
+    /// Talking.
+    Online,
+    /// The Last Will (or a clean stop) arrived.
+    Offline {
+        /// Since when.
+        since: Time,
+        /// A clean stop.
+        shutdown: bool,
+    },
+    /// Telemetry stopped for too long.
+    Stale {
+        /// Since when (the last message).
+        since: Time,
+    },
+}
+
+impl Connectivity {
+    /// Offline or stale.
+    pub fn silent(self) -> bool {
+        matches!(self, Connectivity::Offline { .. } | Connectivity::Stale { .. })
+    }
+}
+
+/// Who acknowledged.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+pub struct AckInfo {
+    /// Their role.
+    pub role: Role,
+    /// Who (an account, `cli:<user>`, `link`).
+    pub by: String,
+    /// When.
+    pub at: Time,
+    /// What they said they are doing.
+    pub note: Option<String>,
+}
+
+/// An alert: one active per (home, kind).
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+pub struct Alert {
+    /// Stable id (hex).
+    pub id: String,
+    /// The home.
+    pub home: HomeId,
+    /// Its kind (an event kind, or `home_silent`, `state_unknown`, `delivery_failed`).
+    pub kind: String,
+    /// How urgent.
+    pub severity: Severity,
+    /// When it began at the home.
+    pub since: Time,
+    /// When the gateway raised it.
+    pub raised_at: Time,
+    /// The current acknowledgement (cleared when the alert escalates to a new step).
+    pub acknowledged: Option<AckInfo>,
+    /// Every acknowledgement.
+    pub acks: Vec<AckInfo>,
+    /// When it cleared.
+    pub cleared_at: Option<Time>,
+    /// `home/kind`: one active alert per key.
+    pub dedup_key: String,
+    /// The policy in force when it opened.
+    pub policy: Policy,
+    /// The current step.
+    pub step: usize,
+    /// Notifications sent on this step.
+    pub sent_in_step: u32,
+    /// When this step began.
+    pub step_entered_at: Time,
+    /// The last notification.
+    pub last_sent_at: Option<Time>,
+    /// Roles notified so far (they hear when it clears).
+    pub notified: BTreeSet<Role>,
+    /// The device, for device alerts.
+    pub source: Option<String>,
+    /// The event's data (readings at the time), or the gateway's own detail.
+    pub data: serde_json::Map<String, serde_json::Value>,
+}
+
+impl Alert {
+    /// The current tier.
+    pub fn tier(&self) -> Tier {
+        self.policy.steps.get(self.step).map_or(Tier::T3, |s| s.tier)
+    }
+}
+
+/// What the gateway knows of one home (persisted after every change).
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+pub struct HomeState {
+    /// Mains or battery.
+    pub power: Power,
+    /// Time of the last power transition (the home's clock).
+    pub power_ts: Option<Time>,
+    /// Heard or silent.
+    pub conn: Connectivity,
+    /// When the gateway last received anything from the home.
+    pub last_heard: Option<Time>,
+    /// The telemetry period, s.
+    pub interval_s: Option<u32>,
+    /// The latest telemetry's time.
+    pub telemetry_ts: Option<Time>,
+    /// Power readings for the forecast.
+    pub readings: PowerReadings,
+    /// The oximeter.
+    pub oximeter: Option<OximeterReading>,
+    /// The ventilator contact.
+    pub ventilator: Option<VentilatorReading>,
+    /// Sources that are lost.
+    pub devices_lost: BTreeSet<String>,
+    /// Sources the home reports.
+    pub devices: BTreeSet<String>,
+    /// The latest forecast while on battery (kept while silent).
+    pub forecast: Option<Forecast>,
+    /// Active alerts by kind.
+    pub alerts: BTreeMap<String, Alert>,
+    /// Time of the last transition of each opening/clearing pair, by opening kind.
+    pub pair_ts: BTreeMap<String, Time>,
+    /// The spool is degraded.
+    pub spool_degraded: bool,
+}
+
+/// A row of an incident's triage list.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+pub struct TriageRow {
+    /// The home.
+    pub home: HomeId,
+    /// Its label.
+    pub label: String,
+    /// On battery (false: mains back, or unknown).
+    pub on_battery: bool,
+    /// Silent.
+    pub silent: bool,
+    /// Time left, s.
+    pub time_left_s: Option<i64>,
+    /// The forecast's basis.
+    pub basis: Option<String>,
+    /// Its tier now.
+    pub tier: Tier,
+    /// Who acknowledged its power alert.
+    pub acknowledged_by: Option<Role>,
+    /// Evacuation destination.
+    pub destination: Option<String>,
+    /// Travel time, min.
+    pub travel_min: Option<u32>,
+}
+
+/// A regional incident: one per municipality at a time.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+pub struct Incident {
+    /// Stable id (`inc-...`).
+    pub id: String,
+    /// The municipality.
+    pub municipality: String,
+    /// When it opened.
+    pub opened_at: Time,
+    /// When it closed.
+    pub closed_at: Option<Time>,
+    /// Member homes.
+    pub members: BTreeSet<HomeId>,
+    /// Acknowledgements.
+    pub acks: Vec<AckInfo>,
+    /// Digests sent.
+    pub revision: u32,
+    /// The last digest.
+    pub last_sent_at: Option<Time>,
+    /// Something changed since the last digest.
+    pub changed: bool,
+    /// Each member's tier at the last digest.
+    pub tiers: BTreeMap<HomeId, Tier>,
+}
+
+/// What a message says (rendered per language by [`crate::message`]).
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Content {
+    /// An alert, first or repeated.
+    Alert {
+        /// Home label.
+        label: String,
+        /// Alert kind.
+        kind: String,
+        /// When it began.
+        since: Time,
+        /// Its tier.
+        tier: Tier,
+        /// Repeat number on this step (0 = first).
+        repeat: u32,
+        /// The forecast, while on battery.
+        forecast: Option<Forecast>,
+        /// Time left at the time of writing, s.
+        time_left_s: Option<i64>,
+        /// The home is silent.
+        silent: bool,
+        /// The evacuation destination and travel time.
+        evacuation: Option<(String, u32)>,
+        /// Readings and detail.
+        data: serde_json::Map<String, serde_json::Value>,
+    },
+    /// An alert cleared.
+    Cleared {
+        /// Home label.
+        label: String,
+        /// Alert kind.
+        kind: String,
+        /// When it began.
+        since: Time,
+        /// When it cleared.
+        at: Time,
+    },
+    /// A regional incident digest.
+    Incident {
+        /// Municipality code.
+        municipality: String,
+        /// When it opened.
+        opened_at: Time,
+        /// Digest number.
+        revision: u32,
+        /// Sorted by time left, silent homes included.
+        rows: Vec<TriageRow>,
+        /// The incident is over.
+        closed: bool,
+    },
+}
+
+/// One message to send: to every channel of every recipient.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+pub struct Notification {
+    /// Idempotency key base: the outbox adds the recipient and channel.
+    pub key: String,
+    /// The alert or incident id (the acknowledgement link points at it).
+    pub alert_id: String,
+    /// The home, for per-home messages.
+    pub home: Option<HomeId>,
+    /// Recipients.
+    pub recipients: Vec<(Role, Contact)>,
+    /// What it says.
+    pub content: Content,
+    /// When it was decided.
+    pub at: Time,
+}
+
+/// An input.
+#[derive(Debug, Clone)]
+pub enum Input {
+    /// A status message (retained; the Last Will is one).
+    Status(HomeId, Status),
+    /// A telemetry snapshot.
+    Telemetry(HomeId, Telemetry),
+    /// A stored, deduplicated event.
+    Event(HomeId, Event),
+    /// Someone acknowledged an alert or an incident.
+    Ack {
+        /// Alert or incident id.
+        alert_id: String,
+        /// Their role.
+        role: Role,
+        /// Who.
+        by: String,
+        /// Their note.
+        note: Option<String>,
+    },
+    /// A notification could not be delivered to a recipient after the configured attempts.
+    DeliveryFailed {
+        /// The notification's key.
+        key: String,
+        /// Its alert.
+        alert_id: String,
+        /// Its home.
+        home: Option<HomeId>,
+        /// The recipient's role.
+        role: Role,
+        /// The recipient's name.
+        name: String,
+        /// The message that did not arrive.
+        content: Content,
+    },
+}
+
+/// An output.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Output {
+    /// Send this.
+    Notify(Notification),
+    /// Tell the home's agent (`mamori/v1/{home}/ack`).
+    AgentAck(HomeId, Ack),
+    /// An alert opened, changed or cleared (persist it).
+    Alert(Alert),
+    /// An incident opened, changed or closed (persist it).
+    Incident(Incident),
+}
+
+/// Why an input was not applied.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EngineError {
+    /// The home is not registered.
+    #[error("home {0} is not registered")]
+    UnknownHome(String),
+    /// No such active alert or incident.
+    #[error("no active alert or incident {0}")]
+    UnknownAlert(String),
+}
+
+/// The engine.
+#[derive(Debug, Clone)]
+pub struct Engine {
+    settings: Settings,
+    policies: Policies,
+    plans: BTreeMap<HomeId, Home>,
+    state: BTreeMap<HomeId, HomeState>,
+    incidents: BTreeMap<String, Incident>,
+    alert_index: HashMap<String, (HomeId, String)>,
+    outputs: Vec<Output>,
+    dirty_homes: BTreeSet<HomeId>,
+}
+
+fn alert_id(home: &HomeId, kind: &str, at: Time) -> String {
+    let h = Sha256::digest(format!("{}/{kind}/{}", home.as_str(), at.timestamp_micros()).as_bytes());
+    hex::encode(&h[..8])
+}
+
+fn to_utc(t: &mamori_protocol::mqtt::Timestamp) -> Time {
+    t.with_timezone(&chrono::Utc)
+}
+
+/// Kinds that clear other kinds here (beyond the protocol's own pairs).
+fn clears(kind: EventKind) -> Vec<&'static str> {
+    match kind {
+        EventKind::OximeterAlarmCleared => vec!["oximeter_alarm", "oximeter_alarm_silenced"],
+        k => k.clears().map(|c| vec![c.as_str()]).unwrap_or_default(),
+    }
+}
+
+fn power_kind(kind: &str) -> bool {
+    matches!(kind, "mains_lost" | "battery_low" | "state_unknown")
+}
+
+impl Engine {
+    /// A new engine.
+    pub fn new(settings: Settings, policies: Policies) -> Engine {
+        Engine {
+            settings,
+            policies,
+            plans: BTreeMap::new(),
+            state: BTreeMap::new(),
+            incidents: BTreeMap::new(),
+            alert_index: HashMap::new(),
+            outputs: Vec::new(),
+            dirty_homes: BTreeSet::new(),
+        }
+    }
+
+    /// Add or replace a home's care plan (its state is kept).
+    pub fn upsert_home(&mut self, home: Home) {
+        self.state.entry(home.id.clone()).or_default();
+        self.plans.insert(home.id.clone(), home);
+    }
+
+    /// Restore a home's state (after a restart).
+    pub fn restore_state(&mut self, id: HomeId, state: HomeState) {
+        for (kind, a) in &state.alerts {
+            self.alert_index.insert(a.id.clone(), (id.clone(), kind.clone()));
+        }
+        self.state.insert(id, state);
+    }
+
+    /// Restore an open incident (after a restart).
+    pub fn restore_incident(&mut self, incident: Incident) {
+        if incident.closed_at.is_none() {
+            self.incidents.insert(incident.municipality.clone(), incident);
+        }
+    }
+
+    /// Whether a home is registered.
+    pub fn knows(&self, home: &HomeId) -> bool {
+        self.plans.contains_key(home)
+    }
+
+    /// A home's care plan.
+    pub fn plan(&self, home: &HomeId) -> Option<&Home> {
+        self.plans.get(home)
+    }
+
+    /// A home's state.
+    pub fn home_state(&self, home: &HomeId) -> Option<&HomeState> {
+        self.state.get(home)
+    }
+
+    /// Every home's state.
+    pub fn states(&self) -> impl Iterator<Item = (&HomeId, &HomeState)> {
+        self.state.iter()
+    }
+
+    /// Open incidents.
+    pub fn incidents(&self) -> impl Iterator<Item = &Incident> {
+        self.incidents.values()
+    }
+
+    /// Drain the outputs.
+    pub fn take_outputs(&mut self) -> Vec<Output> {
+        std::mem::take(&mut self.outputs)
+    }
+
+    /// Drain the homes whose state changed, with their state.
+    pub fn take_dirty(&mut self) -> Vec<(HomeId, HomeState)> {
+        let dirty = std::mem::take(&mut self.dirty_homes);
+        dirty.into_iter().filter_map(|h| self.state.get(&h).map(|s| (h, s.clone()))).collect()
+    }
+
+    /// Apply one input.
+    pub fn handle(&mut self, input: Input, now: Time) -> Result<(), EngineError> {
+        match input {
+            Input::Status(home, s) => self.on_status(home, s, now),
+            Input::Telemetry(home, t) => self.on_telemetry(home, t, now),
+            Input::Event(home, e) => self.on_event(home, e, now),
+            Input::Ack { alert_id, role, by, note } => self.on_ack(alert_id, AckInfo { role, by, at: now, note }),
+            Input::DeliveryFailed { key, alert_id, home, role, name, content } => {
+                self.on_delivery_failed(key, alert_id, home, role, name, content, now)
+            }
+        }
+    }
+
+    fn known(&self, home: &HomeId) -> Result<(), EngineError> {
+        if self.knows(home) {
+            Ok(())
+        } else {
+            Err(EngineError::UnknownHome(home.as_str().to_string()))
+        }
+    }
+
+    fn heard(&mut self, home: &HomeId, now: Time) {
+        let st = self.state.entry(home.clone()).or_default();
+        st.last_heard = Some(now);
+        if st.conn != Connectivity::Online {
+            st.conn = Connectivity::Online;
+            for kind in ["home_silent", "state_unknown"] {
+                self.clear_alert(home, kind, now);
+            }
+            self.touch_incident(home);
+        }
+        self.dirty_homes.insert(home.clone());
+    }
+
+    fn on_status(&mut self, home: HomeId, s: Status, now: Time) -> Result<(), EngineError> {
+        self.known(&home)?;
+        match s.state {
+            ConnectionState::Online => {
+                if let Some(i) = s.telemetry_interval_s {
+                    self.state.entry(home.clone()).or_default().interval_s = Some(i.max(1));
+                }
+                self.heard(&home, now);
+            }
+            ConnectionState::Offline => {
+                let st = self.state.entry(home.clone()).or_default();
+                if !st.conn.silent() {
+                    st.conn = Connectivity::Offline { since: now, shutdown: s.reason.as_deref() == Some("shutdown") };
+                    self.dirty_homes.insert(home.clone());
+                    self.went_silent(&home, now);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn on_telemetry(&mut self, home: HomeId, t: Telemetry, now: Time) -> Result<(), EngineError> {
+        self.known(&home)?;
+        self.heard(&home, now);
+        let ts = to_utc(&t.ts);
+        let st = self.state.entry(home.clone()).or_default();
+        st.interval_s = Some(t.interval_s.max(1));
+        if st.telemetry_ts.is_some_and(|prev| prev > ts) {
+            return Ok(()); // a late snapshot: newer readings are already here
+        }
+        st.telemetry_ts = Some(ts);
+        st.readings.update(&t);
+        if t.oximeter.is_some() {
+            st.oximeter = t.oximeter.clone();
+        }
+        if t.ventilator.is_some() {
+            st.ventilator = t.ventilator.clone();
+        }
+        st.devices = t.devices.iter().map(|d| d.id.clone()).collect();
+        st.devices_lost = t.devices.iter().filter(|d| d.state == DeviceState::Lost).map(|d| d.id.clone()).collect();
+        st.spool_degraded = t.spool.as_ref().is_some_and(|s| s.degraded);
+        if let Some(present) = t.mains_present {
+            if st.power_ts.is_none_or(|p| ts > p) {
+                let was = st.power;
+                match (present, was) {
+                    (true, Power::Mains) | (false, Power::Battery { .. }) => {}
+                    (true, _) => {
+                        st.power = Power::Mains;
+                        st.power_ts = Some(ts);
+                    }
+                    (false, _) => {
+                        st.power = Power::Battery { since: ts };
+                        st.power_ts = Some(ts);
+                    }
+                }
+                if st.power != was {
+                    self.power_changed(&home, now);
+                }
+            }
+        }
+        self.refresh_forecast(&home);
+        Ok(())
+    }
+
+    fn on_event(&mut self, home: HomeId, e: Event, now: Time) -> Result<(), EngineError> {
+        self.known(&home)?;
+        self.heard(&home, now);
+        let ts = to_utc(&e.ts);
+        let cleared = clears(e.kind);
+        let pair = if cleared.is_empty() { e.kind.as_str() } else { cleared[0] };
+        let st = self.state.entry(home.clone()).or_default();
+        if st.pair_ts.get(pair).is_some_and(|last| *last > ts) {
+            return Ok(()); // older than what we know: history only
+        }
+        st.pair_ts.insert(pair.to_string(), ts);
+        // Power state from the mains events, ordered by ts.
+        match e.kind {
+            EventKind::MainsLost => {
+                match st.power {
+                    Power::Battery { since } if since <= ts => {}
+                    Power::Battery { .. } => st.power = Power::Battery { since: ts },
+                    _ if st.power_ts.is_none_or(|p| ts >= p) => {
+                        st.power = Power::Battery { since: ts };
+                        st.power_ts = Some(ts);
+                    }
+                    _ => {}
+                }
+                if let Some(runtime) = e.data.get("runtime_s").and_then(|v| v.as_u64()) {
+                    let reading = mamori_protocol::reading::UpsReading {
+                        runtime_s: u32::try_from(runtime).ok(),
+                        ..Default::default()
+                    };
+                    if st.readings.ups.as_ref().is_none_or(|(at, _)| *at < ts) {
+                        st.readings.ups = Some((ts, reading));
+                    }
+                }
+                self.power_changed(&home, now);
+                self.refresh_forecast(&home);
+            }
+            EventKind::MainsRestored => {
+                if st.power_ts.is_none_or(|p| ts >= p) {
+                    st.power = Power::Mains;
+                    st.power_ts = Some(ts);
+                }
+                self.power_changed(&home, now);
+                self.refresh_forecast(&home);
+            }
+            _ => {}
+        }
+        if !cleared.is_empty() {
+            for kind in cleared {
+                self.clear_alert(&home, kind, now);
+            }
+            return Ok(());
+        }
+        let silent_kind = matches!(e.kind, EventKind::AgentStarted | EventKind::AgentStopping | EventKind::Unknown);
+        if e.severity == Severity::Info || silent_kind {
+            return Ok(());
+        }
+        self.raise(&home, e.kind.as_str(), e.severity, ts, e.source.clone(), e.data.clone(), now);
+        Ok(())
+    }
+
+    /// Open an alert unless one of its kind is active.
+    #[allow(clippy::too_many_arguments)]
+    fn raise(
+        &mut self,
+        home: &HomeId,
+        kind: &str,
+        severity: Severity,
+        since: Time,
+        source: Option<String>,
+        data: serde_json::Map<String, serde_json::Value>,
+        now: Time,
+    ) {
+        let Some(plan) = self.plans.get(home) else { return };
+        let policy = self.policies.for_alert(kind, &plan.escalation);
+        let st = self.state.entry(home.clone()).or_default();
+        if st.alerts.contains_key(kind) {
+            return;
+        }
+        let id = alert_id(home, kind, since.max(now));
+        let alert = Alert {
+            id: id.clone(),
+            home: home.clone(),
+            kind: kind.to_string(),
+            severity,
+            since,
+            raised_at: now,
+            acknowledged: None,
+            acks: Vec::new(),
+            cleared_at: None,
+            dedup_key: format!("{}/{kind}", home.as_str()),
+            policy,
+            step: 0,
+            sent_in_step: 0,
+            step_entered_at: now,
+            last_sent_at: None,
+            notified: BTreeSet::new(),
+            source,
+            data,
+        };
+        self.outputs.push(Output::Alert(alert.clone()));
+        st.alerts.insert(kind.to_string(), alert);
+        self.alert_index.insert(id, (home.clone(), kind.to_string()));
+        self.dirty_homes.insert(home.clone());
+    }
+
+    fn clear_alert(&mut self, home: &HomeId, kind: &str, now: Time) {
+        let Some(st) = self.state.get_mut(home) else { return };
+        let Some(mut alert) = st.alerts.remove(kind) else { return };
+        alert.cleared_at = Some(now);
+        self.alert_index.remove(&alert.id);
+        self.dirty_homes.insert(home.clone());
+        if !alert.notified.is_empty() {
+            let roles: Vec<Role> = alert.notified.iter().copied().collect();
+            let content = Content::Cleared {
+                label: self.label(home),
+                kind: alert.kind.clone(),
+                since: alert.since,
+                at: now,
+            };
+            let n = self.notification(format!("{}:clear", alert.id), &alert.id, home, &roles, content, now);
+            self.outputs.push(Output::Notify(n));
+        }
+        self.outputs.push(Output::Alert(alert));
+    }
+
+    fn label(&self, home: &HomeId) -> String {
+        self.plans.get(home).map_or_else(|| home.as_str().to_string(), |p| p.label.clone())
+    }
+
+    fn notification(
+        &self,
+        key: String,
+        alert_id: &str,
+        home: &HomeId,
+        roles: &[Role],
+        content: Content,
+        now: Time,
+    ) -> Notification {
+        let recipients = self.plans.get(home).map_or_else(Vec::new, |p| {
+            roles.iter().flat_map(|r| p.contacts_for(*r).map(move |c| (*r, c.clone()))).collect()
+        });
+        Notification { key, alert_id: alert_id.to_string(), home: Some(home.clone()), recipients, content, at: now }
+    }
+
+    fn on_ack(&mut self, alert_id: String, ack: AckInfo) -> Result<(), EngineError> {
+        if let Some(inc) = self.incidents.values_mut().find(|i| i.id == alert_id) {
+            inc.acks.push(ack);
+            self.outputs.push(Output::Incident(inc.clone()));
+            return Ok(());
+        }
+        let (home, kind) =
+            self.alert_index.get(&alert_id).cloned().ok_or_else(|| EngineError::UnknownAlert(alert_id.clone()))?;
+        let alert = self
+            .state
+            .get_mut(&home)
+            .and_then(|s| s.alerts.get_mut(&kind))
+            .ok_or_else(|| EngineError::UnknownAlert(alert_id.clone()))?;
+        alert.acknowledged = Some(ack.clone());
+        alert.acks.push(ack.clone());
+        let out = Ack {
+            alert_id: alert.id.clone(),
+            alert_kind: alert.kind.clone(),
+            role: ack.role,
+            at: ack.at.fixed_offset(),
+        };
+        self.outputs.push(Output::Alert(alert.clone()));
+        self.outputs.push(Output::AgentAck(home.clone(), out));
+        self.dirty_homes.insert(home.clone());
+        self.touch_incident(&home);
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn on_delivery_failed(
+        &mut self,
+        key: String,
+        alert_id: String,
+        home: Option<HomeId>,
+        role: Role,
+        name: String,
+        content: Content,
+        now: Time,
+    ) -> Result<(), EngineError> {
+        let Some(home) = home.filter(|h| self.knows(h)) else {
+            return Ok(()); // incident digests go to many homes' contacts: the outbox keeps retrying them
+        };
+        let next = match role {
+            Role::Family | Role::VisitingNurse | Role::Facility => Some(Role::Coordinator),
+            Role::Coordinator => Some(Role::SupportCentre),
+            Role::SupportCentre | Role::Admin => None,
+        };
+        if let Some(next) = next {
+            let n = self.notification(format!("{key}:fallback"), &alert_id, &home, &[next], content, now);
+            if !n.recipients.is_empty() {
+                self.outputs.push(Output::Notify(n));
+            }
+        }
+        let mut data = serde_json::Map::new();
+        data.insert("role".into(), serde_json::to_value(role).unwrap_or_default());
+        data.insert("recipient".into(), name.into());
+        data.insert("alert_id".into(), alert_id.into());
+        self.raise(&home, "delivery_failed", Severity::Warning, now, None, data, now);
+        Ok(())
+    }
+
+    fn went_silent(&mut self, home: &HomeId, now: Time) {
+        let st = self.state.get(home).cloned().unwrap_or_default();
+        let in_incident = self.incident_of(home).is_some() || self.would_be_in_incident(home);
+        let on_battery = matches!(st.power, Power::Battery { .. });
+        if on_battery || in_incident {
+            self.clear_alert(home, "home_silent", now);
+            let mut data = serde_json::Map::new();
+            if let Some(f) = &st.forecast {
+                data.insert("runs_out_at".into(), f.runs_out_at.to_rfc3339().into());
+                data.insert("basis".into(), f.basis.as_str().into());
+            }
+            data.insert("on_battery".into(), on_battery.into());
+            self.raise(home, "state_unknown", Severity::Critical, st.last_heard.unwrap_or(now), None, data, now);
+        } else {
+            self.raise(home, "home_silent", Severity::Warning, st.last_heard.unwrap_or(now), None, Default::default(), now);
+        }
+        self.join_incident(home);
+        self.touch_incident(home);
+    }
+
+    fn refresh_forecast(&mut self, home: &HomeId) {
+        let Some(plan) = self.plans.get(home) else { return };
+        let Some(st) = self.state.get_mut(home) else { return };
+        st.forecast = match st.power {
+            Power::Battery { since } => Some(forecast(plan, since, &st.readings)),
+            _ => None,
+        };
+    }
+
+    /// A home's tier from its forecast (None: on mains / no forecast).
+    fn forecast_tier(&self, home: &HomeId, now: Time) -> Option<Tier> {
+        let st = self.state.get(home)?;
+        let f = st.forecast.as_ref()?;
+        let plan = self.plans.get(home)?;
+        let left = f.time_left(now);
+        let travel = plan.evacuation.as_ref().map_or(0, |e| i64::from(e.travel_min));
+        if f.on_last_battery(now) || left < Duration::minutes(self.settings.t3_time_left_min) {
+            Some(Tier::T3)
+        } else if left < Duration::minutes(travel * 2 + self.settings.t2_margin_min) {
+            Some(Tier::T2)
+        } else {
+            Some(Tier::T0)
+        }
+    }
+
+    fn municipality(&self, home: &HomeId) -> Option<&str> {
+        self.plans.get(home).map(|p| p.municipality.as_str())
+    }
+
+    fn incident_of(&self, home: &HomeId) -> Option<&Incident> {
+        let m = self.municipality(home)?;
+        self.incidents.get(m).filter(|i| i.members.contains(home))
+    }
+
+    fn would_be_in_incident(&self, home: &HomeId) -> bool {
+        self.municipality(home).is_some_and(|m| self.incidents.contains_key(m))
+    }
+
+    fn touch_incident(&mut self, home: &HomeId) {
+        let Some(m) = self.municipality(home).map(str::to_string) else { return };
+        if let Some(i) = self.incidents.get_mut(&m) {
+            if i.members.contains(home) {
+                i.changed = true;
+            }
+        }
+    }
+
+    fn join_incident(&mut self, home: &HomeId) {
+        let Some(m) = self.municipality(home).map(str::to_string) else { return };
+        let Some(st) = self.state.get(home) else { return };
+        let at_risk = matches!(st.power, Power::Battery { .. }) || st.conn.silent();
+        if let Some(i) = self.incidents.get_mut(&m) {
+            if at_risk && i.members.insert(home.clone()) {
+                i.changed = true;
+            }
+        }
+    }
+
+    fn power_changed(&mut self, home: &HomeId, now: Time) {
+        self.dirty_homes.insert(home.clone());
+        self.join_incident(home);
+        self.touch_incident(home);
+        let Some(m) = self.municipality(home).map(str::to_string) else { return };
+        if self.incidents.contains_key(&m) {
+            return;
+        }
+        // Homes of this municipality whose outage began within the window of this one.
+        let Some(Power::Battery { since }) = self.state.get(home).map(|s| s.power) else { return };
+        let window = Duration::seconds(self.settings.incident_window_s);
+        let members: BTreeSet<HomeId> = self
+            .plans
+            .values()
+            .filter(|p| p.municipality == m)
+            .filter(|p| {
+                matches!(self.state.get(&p.id).map(|s| s.power),
+                    Some(Power::Battery { since: s }) if (s - since).abs() <= window)
+            })
+            .map(|p| p.id.clone())
+            .collect();
+        if members.len() < self.settings.incident_min_homes {
+            return;
+        }
+        // Every home of the municipality on battery or silent is in it.
+        let mut all = members;
+        for p in self.plans.values().filter(|p| p.municipality == m) {
+            if let Some(s) = self.state.get(&p.id) {
+                if matches!(s.power, Power::Battery { .. }) || s.conn.silent() {
+                    all.insert(p.id.clone());
+                }
+            }
+        }
+        let id = format!("inc-{m}-{}", now.timestamp());
+        let incident = Incident {
+            id,
+            municipality: m.clone(),
+            opened_at: now,
+            closed_at: None,
+            members: all.clone(),
+            acks: Vec::new(),
+            revision: 0,
+            last_sent_at: None,
+            changed: true,
+            tiers: BTreeMap::new(),
+        };
+        self.outputs.push(Output::Incident(incident.clone()));
+        self.incidents.insert(m, incident);
+        // Silent members are now homes at risk.
+        for h in all {
+            if self.state.get(&h).is_some_and(|s| s.conn.silent())
+                && self.state.get(&h).is_some_and(|s| s.alerts.contains_key("home_silent"))
+            {
+                self.went_silent(&h, now);
+            }
+        }
+    }
+
+    /// Run the timers: staleness, escalation steps and repeats, incident digests.
+    pub fn poll(&mut self, now: Time) {
+        // Staleness.
+        let stale: Vec<HomeId> = self
+            .state
+            .iter()
+            .filter(|(_, s)| s.conn == Connectivity::Online)
+            .filter(|(_, s)| {
+                let interval = i64::from(s.interval_s.unwrap_or(self.settings.default_interval_s));
+                s.last_heard.is_some_and(|h| now - h > Duration::seconds(interval * i64::from(self.settings.stale_after_intervals)))
+            })
+            .map(|(h, _)| h.clone())
+            .collect();
+        for h in stale {
+            if let Some(st) = self.state.get_mut(&h) {
+                st.conn = Connectivity::Stale { since: st.last_heard.unwrap_or(now) };
+            }
+            self.dirty_homes.insert(h.clone());
+            self.went_silent(&h, now);
+        }
+        // Escalation.
+        let homes: Vec<HomeId> = self.state.iter().filter(|(_, s)| !s.alerts.is_empty()).map(|(h, _)| h.clone()).collect();
+        for h in homes {
+            let kinds: Vec<String> = self.state.get(&h).map(|s| s.alerts.keys().cloned().collect()).unwrap_or_default();
+            for kind in kinds {
+                self.escalate(&h, &kind, now);
+            }
+        }
+        self.poll_incidents(now);
+    }
+
+    fn escalate(&mut self, home: &HomeId, kind: &str, now: Time) {
+        let forecast_tier = self.forecast_tier(home, now);
+        let in_incident = self.incident_of(home).is_some();
+        for _ in 0..16 {
+            let Some(alert) = self.state.get_mut(home).and_then(|s| s.alerts.get_mut(kind)) else { return };
+            // A forecast crossing a tier (or a regional incident: T1) jumps at once.
+            if alert.policy.follows_forecast {
+                let mut floor = forecast_tier.unwrap_or(Tier::T0);
+                if in_incident {
+                    floor = floor.max(Tier::T1);
+                }
+                if let Some(target) = alert.policy.first_step_at(floor) {
+                    if target > alert.step {
+                        alert.step = target;
+                        alert.sent_in_step = 0;
+                        alert.step_entered_at = now;
+                        alert.acknowledged = None;
+                    }
+                }
+            }
+            let Some((due, action)) = next_action(alert) else { return };
+            if due > now {
+                return;
+            }
+            match action {
+                Action::Send => self.send_step(home, kind, now),
+                Action::Escalate => {
+                    let Some(alert) = self.state.get_mut(home).and_then(|s| s.alerts.get_mut(kind)) else { return };
+                    if alert.step + 1 < alert.policy.steps.len() {
+                        alert.step += 1;
+                    }
+                    alert.sent_in_step = 0;
+                    alert.step_entered_at = now;
+                    alert.acknowledged = None;
+                    let a = alert.clone();
+                    self.outputs.push(Output::Alert(a));
+                    self.touch_incident(home);
+                }
+            }
+            self.dirty_homes.insert(home.clone());
+        }
+    }
+
+    fn send_step(&mut self, home: &HomeId, kind: &str, now: Time) {
+        let in_incident = self.incident_of(home).is_some();
+        let Some(st) = self.state.get(home) else { return };
+        let Some(alert) = st.alerts.get(kind) else { return };
+        let step = &alert.policy.steps[alert.step.min(alert.policy.steps.len() - 1)];
+        let roles: Vec<Role> = step
+            .roles
+            .iter()
+            .copied()
+            .filter(|r| !(in_incident && power_kind(kind) && matches!(r, Role::Coordinator | Role::SupportCentre)))
+            .collect();
+        let plan = self.plans.get(home);
+        let content = Content::Alert {
+            label: self.label(home),
+            kind: kind.to_string(),
+            since: alert.since,
+            tier: step.tier,
+            repeat: alert.sent_in_step,
+            forecast: st.forecast,
+            time_left_s: st.forecast.map(|f| f.time_left(now).num_seconds()),
+            silent: st.conn.silent(),
+            evacuation: plan.and_then(|p| p.evacuation.as_ref()).map(|e| (e.destination.clone(), e.travel_min)),
+            data: alert.data.clone(),
+        };
+        let key = format!("{}:s{}:r{}", alert.id, alert.step, alert.sent_in_step);
+        let n = self.notification(key, &alert.id, home, &roles, content, now);
+        let Some(alert) = self.state.get_mut(home).and_then(|s| s.alerts.get_mut(kind)) else { return };
+        alert.sent_in_step += 1;
+        alert.last_sent_at = Some(now);
+        alert.notified.extend(roles.iter().copied());
+        let a = alert.clone();
+        if !n.recipients.is_empty() {
+            self.outputs.push(Output::Notify(n));
+        }
+        self.outputs.push(Output::Alert(a));
+    }
+
+    fn triage(&self, inc: &Incident, now: Time) -> Vec<TriageRow> {
+        let mut rows: Vec<TriageRow> = inc
+            .members
+            .iter()
+            .filter_map(|h| {
+                let st = self.state.get(h)?;
+                let plan = self.plans.get(h)?;
+                let ack = ["mains_lost", "state_unknown"]
+                    .iter()
+                    .find_map(|k| st.alerts.get(*k).and_then(|a| a.acknowledged.as_ref()).map(|a| a.role));
+                Some(TriageRow {
+                    home: h.clone(),
+                    label: plan.label.clone(),
+                    on_battery: matches!(st.power, Power::Battery { .. }),
+                    silent: st.conn.silent(),
+                    time_left_s: st.forecast.map(|f| f.time_left(now).num_seconds()),
+                    basis: st.forecast.map(|f| f.basis.as_str().to_string()),
+                    tier: self.forecast_tier(h, now).unwrap_or(Tier::T0).max(Tier::T1),
+                    acknowledged_by: ack,
+                    destination: plan.evacuation.as_ref().map(|e| e.destination.clone()),
+                    travel_min: plan.evacuation.as_ref().map(|e| e.travel_min),
+                })
+            })
+            .collect();
+        // Soonest out first; homes back on mains last; silent homes without a forecast before those.
+        rows.sort_by_key(|r| (!r.on_battery && !r.silent, r.time_left_s.unwrap_or(i64::MAX), r.label.clone()));
+        rows
+    }
+
+    /// The triage list of an open incident.
+    pub fn incident_triage(&self, id: &str, now: Time) -> Option<Vec<TriageRow>> {
+        self.incidents.values().find(|i| i.id == id).map(|i| self.triage(i, now))
+    }
+
+    fn poll_incidents(&mut self, now: Time) {
+        let ms: Vec<String> = self.incidents.keys().cloned().collect();
+        for m in ms {
+            let Some(inc) = self.incidents.get(&m).cloned() else { continue };
+            let rows = self.triage(&inc, now);
+            let tiers: BTreeMap<HomeId, Tier> = rows.iter().map(|r| (r.home.clone(), r.tier)).collect();
+            let crossed = tiers.iter().any(|(h, t)| inc.tiers.get(h).is_some_and(|old| t > old));
+            let over = rows.iter().all(|r| !r.on_battery && !r.silent);
+            let due = inc.last_sent_at.is_none_or(|l| now - l >= Duration::seconds(self.settings.incident_update_min_s));
+            if !(over || crossed || (inc.changed && due)) {
+                continue;
+            }
+            let mut inc = inc;
+            inc.revision += 1;
+            inc.last_sent_at = Some(now);
+            inc.changed = false;
+            inc.tiers = tiers;
+            if over {
+                inc.closed_at = Some(now);
+            }
+            // Recipients: every member's coordinators and support centre, once per channel set.
+            let mut seen = BTreeSet::new();
+            let recipients: Vec<(Role, Contact)> = inc
+                .members
+                .iter()
+                .filter_map(|h| self.plans.get(h))
+                .flat_map(|p| {
+                    p.contacts
+                        .iter()
+                        .filter(|c| matches!(c.role, Role::Coordinator | Role::SupportCentre))
+                        .map(|c| (c.role, c.clone()))
+                })
+                .filter(|(_, c)| seen.insert(c.channels.clone()))
+                .collect();
+            let n = Notification {
+                key: format!("{}:rev{}", inc.id, inc.revision),
+                alert_id: inc.id.clone(),
+                home: None,
+                recipients,
+                content: Content::Incident {
+                    municipality: m.clone(),
+                    opened_at: inc.opened_at,
+                    revision: inc.revision,
+                    rows,
+                    closed: over,
+                },
+                at: now,
+            };
+            self.outputs.push(Output::Notify(n));
+            self.outputs.push(Output::Incident(inc.clone()));
+            if over {
+                self.incidents.remove(&m);
+            } else {
+                self.incidents.insert(m, inc);
+            }
+        }
+    }
+
+    /// The earliest time [`Engine::poll`] has something to do.
+    pub fn next_deadline(&self, now: Time) -> Option<Time> {
+        let mut best: Option<Time> = None;
+        let mut consider = |t: Time| best = Some(best.map_or(t, |b| b.min(t)));
+        for s in self.state.values() {
+            if s.conn == Connectivity::Online {
+                if let Some(h) = s.last_heard {
+                    let interval = i64::from(s.interval_s.unwrap_or(self.settings.default_interval_s));
+                    consider(h + Duration::seconds(interval * i64::from(self.settings.stale_after_intervals) + 1));
+                }
+            }
+            for a in s.alerts.values() {
+                if let Some((t, _)) = next_action(a) {
+                    consider(t);
+                }
+                if a.policy.follows_forecast {
+                    // Tiers are crossed as time passes: look again every minute.
+                    consider(now + Duration::seconds(60));
+                }
+            }
+        }
+        for i in self.incidents.values() {
+            consider(i.last_sent_at.map_or(now, |l| l + Duration::seconds(self.settings.incident_update_min_s)));
+        }
+        best
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Action {
+    Send,
+    Escalate,
+}
+
+/// The next thing an alert's escalation does, and when.
+fn next_action(a: &Alert) -> Option<(Time, Action)> {
+    let steps = &a.policy.steps;
+    let st = steps.get(a.step)?;
+    let has_next = a.step + 1 < steps.len();
+    if a.sent_in_step == 0 {
+        let first = if a.notified.is_empty() {
+            a.raised_at + Duration::seconds(a.policy.notify_after_s as i64)
+        } else {
+            a.step_entered_at
+        };
+        return Some((first.max(a.step_entered_at), Action::Send));
+    }
+    let mut best: Option<(Time, Action)> = None;
+    let mut consider = |t: Time, act: Action| {
+        if best.is_none_or(|(b, _)| t < b) {
+            best = Some((t, act));
+        }
+    };
+    match &a.acknowledged {
+        None => {
+            if st.repeat_every_s > 0 && a.sent_in_step <= st.repeats {
+                if let Some(last) = a.last_sent_at {
+                    consider(last + Duration::seconds(st.repeat_every_s as i64), Action::Send);
+                }
+            }
+            if let (Some(e), true) = (st.escalate_after_s, has_next) {
+                consider(a.step_entered_at + Duration::seconds(e as i64), Action::Escalate);
+            }
+        }
+        Some(ack) => {
+            consider(ack.at + Duration::seconds(a.policy.reescalate_after_ack_s as i64), Action::Escalate);
+        }
+    }
+    if let (Some(e), true) = (st.escalate_even_if_acknowledged_after_s, has_next) {
+        consider(a.step_entered_at + Duration::seconds(e as i64), Action::Escalate);
+    }
+    best
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,392 @@
+//! Homes and their care plans: the only place where a home's opaque id meets people.
+//!
+//! A homes file is TOML with one `[[home]]` table per home (see `deploy/gateway/homes.toml`):
+//! the municipality (全国地方公共団体コード, six digits with its check digit), a label the
+//! readers of a message recognise, the devices on backup power with their watts, each backup
+//! source, the evacuation destination with its travel time, contacts by role with their
+//! channels and language, and optional per-home escalation overrides.
+//!
+//! Loading validates everything and reports every problem at once, each with the file, the
+//! key and what was expected. Nothing from this file is ever sent over MQTT.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+
+use mamori_protocol::mqtt::{HomeId, Role};
+use serde::{Deserialize, Serialize};
+
+use crate::policy::Policy;
+
+/// A homes file.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct HomesFile {
+    /// Every home.
+    #[serde(default, rename = "home")]
+    pub homes: Vec<Home>,
+}
+
+/// One home and its care plan.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Home {
+    /// The opaque id the agent publishes under (`mamori/v1/{id}/...`).
+    pub id: HomeId,
+    /// The municipality code (six digits, e.g. `431001` for Kumamoto city).
+    pub municipality: String,
+    /// What readers call this home (`K-01 (Higashi-ku)`): shown in messages and the dashboard.
+    pub label: String,
+    /// Devices on backup power.
+    #[serde(default)]
+    pub devices: Vec<Device>,
+    /// Backup sources.
+    #[serde(default)]
+    pub backup: Vec<Backup>,
+    /// Where the child goes when the power will not last.
+    #[serde(default)]
+    pub evacuation: Option<Evacuation>,
+    /// Who hears about this home.
+    #[serde(default)]
+    pub contacts: Vec<Contact>,
+    /// Escalation overrides for this home, by alert kind (`mains_lost`, `default`...).
+    #[serde(default)]
+    pub escalation: BTreeMap<String, Policy>,
+}
+
+/// A device on backup power.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Device {
+    /// What it is (`ventilator`, `humidifier`, `suction`...).
+    pub name: String,
+    /// Average draw, W (measured, not the nameplate: ventilators draw 15–35 W).
+    pub watts: f64,
+}
+
+/// What kind of backup source.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BackupKind {
+    /// A UPS (reports its own runtime when it can).
+    Ups,
+    /// A portable power station through its AC inverter.
+    PowerStation,
+    /// The ventilator's internal battery: the last one.
+    VentilatorInternal,
+}
+
+/// One backup source.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Backup {
+    /// Its kind.
+    pub kind: BackupKind,
+    /// Usable energy, Wh (what reaches the devices).
+    #[serde(default)]
+    pub usable_wh: Option<f64>,
+    /// Nameplate energy, Wh: a power station's usable energy is taken as 85 % of it (the AC
+    /// inverter's loss), a UPS's as 80 %.
+    #[serde(default)]
+    pub nameplate_wh: Option<f64>,
+    /// Runtime on this source alone, min (a ventilator's internal battery: Astral ~480).
+    #[serde(default)]
+    pub runtime_min: Option<f64>,
+}
+
+impl Backup {
+    /// Usable energy, Wh, when known.
+    pub fn energy_wh(&self) -> Option<f64> {
+        self.usable_wh.or_else(|| {
+            let factor = match self.kind {
+                BackupKind::PowerStation => 0.85,
+                BackupKind::Ups => 0.80,
+                BackupKind::VentilatorInternal => 1.0,
+            };
+            self.nameplate_wh.map(|wh| wh * factor)
+        })
+    }
+}
+
+/// The evacuation plan (個別避難計画) in short.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Evacuation {
+    /// The powered destination.
+    pub destination: String,
+    /// Travel time there, min.
+    pub travel_min: u32,
+}
+
+/// Message language.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Lang {
+    /// 日本語 (the default).
+    #[default]
+    Ja,
+    /// English.
+    En,
+}
+
+/// One person or desk to notify.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Contact {
+    /// Their role for this home.
+    pub role: Role,
+    /// Their name (stays in the gateway).
+    pub name: String,
+    /// Message language.
+    #[serde(default)]
+    pub language: Lang,
+    /// Channels, all of which are used for every message.
+    pub channels: Vec<ChannelRef>,
+}
+
+/// Where a message goes.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "snake_case")]
+pub enum ChannelRef {
+    /// A webhook endpoint named in the gateway config's `[endpoints]`.
+    Webhook(String),
+    /// An e-mail address (sent through the gateway config's `[smtp]`).
+    Email(String),
+    /// A phone number, through the SMS gateway endpoint named `sms` in `[endpoints]`.
+    Sms(String),
+    /// The gateway's own console (the demo).
+    Console(String),
+}
+
+impl ChannelRef {
+    /// A short, stable text form (`webhook:coord-431001`), used in idempotency keys.
+    pub fn key(&self) -> String {
+        match self {
+            ChannelRef::Webhook(n) => format!("webhook:{n}"),
+            ChannelRef::Email(a) => format!("email:{a}"),
+            ChannelRef::Sms(p) => format!("sms:{p}"),
+            ChannelRef::Console(n) => format!("console:{n}"),
+        }
+    }
+}
+
+impl Home {
+    /// Total draw of the devices on backup, W.
+    pub fn load_w(&self) -> f64 {
+        self.devices.iter().map(|d| d.watts).sum()
+    }
+
+    /// Usable energy of the external sources (UPS and power stations), Wh.
+    pub fn external_wh(&self) -> Option<f64> {
+        let v: Vec<f64> =
+            self.backup.iter().filter(|b| b.kind != BackupKind::VentilatorInternal).filter_map(Backup::energy_wh).collect();
+        (!v.is_empty()).then(|| v.iter().sum())
+    }
+
+    /// The ventilator's internal battery runtime, min.
+    pub fn internal_min(&self) -> f64 {
+        self.backup.iter().filter(|b| b.kind == BackupKind::VentilatorInternal).filter_map(|b| b.runtime_min).sum()
+    }
+
+    /// Contacts with a role.
+    pub fn contacts_for(&self, role: Role) -> impl Iterator<Item = &Contact> {
+        self.contacts.iter().filter(move |c| c.role == role)
+    }
+}
+
+/// What the validator needs to know from the gateway config.
+#[derive(Debug, Clone, Default)]
+pub struct Known {
+    /// Webhook endpoints defined in `[endpoints]`.
+    pub endpoints: BTreeSet<String>,
+    /// Whether an SMS gateway endpoint (`sms`) is defined.
+    pub sms: bool,
+    /// Whether `[smtp]` is configured.
+    pub smtp: bool,
+}
+
+/// A homes file that cannot be used: every problem, one per line.
+#[derive(Debug, thiserror::Error)]
+#[error("{}", .0.join("\n"))]
+pub struct HomesError(pub Vec<String>);
+
+/// Check a municipality code: six digits whose last is the check digit of JIS X 0402
+/// (11 − Σ dᵢ·(6,5,4,3,2) mod 11, keeping the last digit; remainder 0 and 1 both give a
+/// check digit of 1 or 0, and either is accepted there).
+pub fn valid_municipality(code: &str) -> bool {
+    let d: Vec<u32> = code.chars().filter_map(|c| c.to_digit(10)).collect();
+    if code.len() != 6 || d.len() != 6 {
+        return false;
+    }
+    let r = (d[0] * 6 + d[1] * 5 + d[2] * 4 + d[3] * 3 + d[4] * 2) % 11;
+    match r {
+        0 | 1 => d[5] <= 1,
+        r => d[5] == 11 - r,
+    }
+}
+
+impl HomesFile {
+    /// Read and validate a homes file.
+    pub fn load(path: &Path, known: &Known) -> Result<HomesFile, HomesError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| HomesError(vec![format!("{}: cannot read: {e}", path.display())]))?;
+        HomesFile::parse(&text, path, known)
+    }
+
+    /// Parse and validate homes-file text.
+    pub fn parse(text: &str, path: &Path, known: &Known) -> Result<HomesFile, HomesError> {
+        let file = path.display();
+        let homes: HomesFile =
+            toml::from_str(text).map_err(|e| HomesError(vec![format!("{file}: {}", e.to_string().trim_end())]))?;
+        let mut errors = Vec::new();
+        let mut seen = BTreeSet::new();
+        for (i, h) in homes.homes.iter().enumerate() {
+            let at = format!("{file}: home[{i}] (id `{}`)", h.id.as_str());
+            let mut err = |key: &str, expected: &str| errors.push(format!("{at}: key `{key}`: expected {expected}"));
+            if !seen.insert(h.id.clone()) {
+                err("id", "an id not used by another home");
+            }
+            if !valid_municipality(&h.municipality) {
+                err("municipality", "a six-digit municipality code with a valid check digit (e.g. 431001)");
+            }
+            if h.label.trim().is_empty() || h.label.chars().count() > 80 {
+                err("label", "1 to 80 characters");
+            }
+            for (j, d) in h.devices.iter().enumerate() {
+                if !(d.watts.is_finite() && d.watts > 0.0 && d.watts < 5000.0) {
+                    err(&format!("devices[{j}].watts"), "a draw in W between 0 and 5000");
+                }
+            }
+            for (j, b) in h.backup.iter().enumerate() {
+                let ok_num = |v: Option<f64>| v.is_none_or(|v| v.is_finite() && v > 0.0);
+                if !(ok_num(b.usable_wh) && ok_num(b.nameplate_wh) && ok_num(b.runtime_min)) {
+                    err(&format!("backup[{j}]"), "positive numbers");
+                }
+                match b.kind {
+                    BackupKind::VentilatorInternal if b.runtime_min.is_none() => {
+                        err(&format!("backup[{j}].runtime_min"), "the internal battery's runtime in minutes")
+                    }
+                    BackupKind::Ups | BackupKind::PowerStation if b.energy_wh().is_none() => err(
+                        &format!("backup[{j}]"),
+                        "`usable_wh` or `nameplate_wh` (needed to forecast when the UPS reports no runtime)",
+                    ),
+                    _ => {}
+                }
+            }
+            if !h.backup.is_empty() && h.devices.is_empty() {
+                err("devices", "the devices on backup power with their watts (needed for the forecast)");
+            }
+            if h.contacts.iter().all(|c| c.role != Role::Family) {
+                err("contacts", "at least one contact with role `family`");
+            }
+            for (j, c) in h.contacts.iter().enumerate() {
+                if c.channels.is_empty() {
+                    err(&format!("contacts[{j}].channels"), "at least one channel");
+                }
+                for (k, ch) in c.channels.iter().enumerate() {
+                    let key = format!("contacts[{j}].channels[{k}]");
+                    match ch {
+                        ChannelRef::Webhook(n) if !known.endpoints.contains(n) => {
+                            err(&key, &format!("a webhook endpoint defined in the gateway config's [endpoints] (`{n}` is not)"))
+                        }
+                        ChannelRef::Email(a) if !(a.contains('@') && !a.contains(char::is_whitespace)) => {
+                            err(&key, "an e-mail address")
+                        }
+                        ChannelRef::Email(_) if !known.smtp => err(&key, "an [smtp] section in the gateway config"),
+                        ChannelRef::Sms(p)
+                            if !(p.starts_with('+') && p.len() >= 8 && p[1..].chars().all(|c| c.is_ascii_digit())) =>
+                        {
+                            err(&key, "a phone number in international form (+8190...)")
+                        }
+                        ChannelRef::Sms(_) if !known.sms => {
+                            err(&key, "an SMS gateway endpoint named `sms` in the gateway config's [endpoints]")
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            for (kind, p) in &h.escalation {
+                if let Err(e) = p.validate() {
+                    err(&format!("escalation.{kind}"), &e);
+                }
+            }
+        }
+        if errors.is_empty() {
+            Ok(homes)
+        } else {
+            Err(HomesError(errors))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn known() -> Known {
+        Known { endpoints: ["coord".to_string()].into(), sms: true, smtp: false }
+    }
+
+    const GOOD: &str = r#"
+[[home]]
+id = "k-01"
+municipality = "431001"
+label = "K-01 東区"
+devices = [{ name = "ventilator", watts = 25 }, { name = "humidifier", watts = 60 }]
+backup = [{ kind = "ups", usable_wh = 400 }, { kind = "ventilator_internal", runtime_min = 480 }]
+evacuation = { destination = "熊本大学病院", travel_min = 40 }
+contacts = [
+  { role = "family", name = "母", channels = [{ sms = "+819012345678" }] },
+  { role = "coordinator", name = "佐藤", language = "ja", channels = [{ webhook = "coord" }] },
+]
+"#;
+
+    #[test]
+    fn a_good_file_loads_with_its_plan() {
+        let f = HomesFile::parse(GOOD, Path::new("homes.toml"), &known()).unwrap();
+        let h = &f.homes[0];
+        assert_eq!(h.load_w(), 85.0);
+        assert_eq!(h.external_wh(), Some(400.0));
+        assert_eq!(h.internal_min(), 480.0);
+        assert_eq!(h.contacts_for(Role::Coordinator).count(), 1);
+    }
+
+    #[test]
+    fn every_problem_is_reported_with_file_and_key() {
+        let bad = GOOD
+            .replace("431001", "431002")
+            .replace("watts = 25", "watts = -1")
+            .replace("webhook = \"coord\"", "webhook = \"nope\"")
+            .replace("runtime_min = 480", "usable_wh = 80");
+        let e = HomesFile::parse(&bad, Path::new("homes.toml"), &known()).unwrap_err();
+        let text = e.to_string();
+        assert!(text.contains("homes.toml: home[0] (id `k-01`): key `municipality`"), "{text}");
+        assert!(text.contains("key `devices[0].watts`"), "{text}");
+        assert!(text.contains("`nope` is not"), "{text}");
+        assert!(text.contains("key `backup[1].runtime_min`"), "{text}");
+        assert_eq!(e.0.len(), 4, "{text}");
+    }
+
+    #[test]
+    fn syntax_and_unknown_keys_name_the_line() {
+        let e = HomesFile::parse(&GOOD.replace("label =", "lable ="), Path::new("h.toml"), &known()).unwrap_err();
+        assert!(e.to_string().contains("h.toml") && e.to_string().contains("lable"), "{e}");
+        let e = HomesFile::parse("[[home]]\nid = \"BAD ID\"", Path::new("h.toml"), &known()).unwrap_err();
+        assert!(e.to_string().contains("h.toml"), "{e}");
+    }
+
+    #[test]
+    fn municipality_check_digits() {
+        for good in ["431001", "131016", "011002", "202011"] {
+            assert!(valid_municipality(good), "{good}");
+        }
+        for bad in ["431002", "43100", "4310011", "43100a"] {
+            assert!(!valid_municipality(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn nameplate_energy_is_derated_through_the_inverter() {
+        let b = Backup { kind: BackupKind::PowerStation, usable_wh: None, nameplate_wh: Some(1000.0), runtime_min: None };
+        assert_eq!(b.energy_wh(), Some(850.0));
+    }
+}
