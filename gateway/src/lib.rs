@@ -22,8 +22,16 @@
 //! | [`demo`] | `mamori-gateway demo` |
 #![deny(unsafe_code, missing_docs)]
 
+pub mod broker;
+pub mod clock;
+pub mod config;
+pub mod delivery;
+pub mod demo;
 pub mod engine;
 pub mod forecast;
 pub mod homes;
 pub mod message;
 pub mod policy;
+pub mod run;
+pub mod store;
+pub mod web;

@@ -1,18 +1,25 @@
-//! The gateway's command line as it stands: `demo` says plainly that it is not built.
-
-#![allow(clippy::unwrap_used, clippy::expect_used)] // a failed unwrap is a failed test
+//! `mamori-gateway demo`: the Quick start's first command, run to the end of its story.
 
 use std::process::Command;
 
 #[test]
-fn demo_says_it_is_not_built_and_does_not_claim_success() {
-    let out = Command::new(env!("CARGO_BIN_EXE_mamori-gateway")).arg("demo").output().unwrap();
-    assert_eq!(out.status.code(), Some(3));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("not built yet"));
-}
-
-#[test]
-fn unknown_verbs_are_usage_errors() {
-    let out = Command::new(env!("CARGO_BIN_EXE_mamori-gateway")).arg("fly").output().unwrap();
-    assert_eq!(out.status.code(), Some(2));
+fn the_demo_tells_its_story_and_exits_cleanly() {
+    let out = Command::new(env!("CARGO_BIN_EXE_mamori-gateway"))
+        .args(["demo", "--linger-s", "1"])
+        .output()
+        .expect("run the demo");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "exit {:?}\n{text}\n{}", out.status, String::from_utf8_lossy(&out.stderr));
+    for expected in [
+        "地域停電 431001",              // one regional incident for Kumamoto's coordinator
+        "停電中に通信が途絶え、状況不明", // K-04 silent during the outage
+        "消音されました",              // the bedside-silenced oximeter alarm still escalates
+        "人工呼吸器のアラーム",        // the ventilator alarm contact
+        "[mamori T3] K-03",            // the small battery crossed into T3
+        "→ 200 OK",                    // the coordinator's acknowledgement through the signed link
+        "地域停電 431001 終了",         // power back: the incident closes
+        "the story is over",
+    ] {
+        assert!(text.contains(expected), "missing `{expected}` in the demo's output:\n{text}");
+    }
 }

@@ -15,6 +15,7 @@
 
 pub mod nut;
 pub mod process;
+pub mod webhook;
 
 use std::io::{BufRead, BufReader};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};

@@ -1,0 +1,430 @@
+//! The gateway config: one TOML file (see `deploy/gateway/gateway.toml`).
+//!
+//! Unknown keys are refused, units are in key names, secrets are given inline, as a file path
+//! or as an environment variable (`{ file = "..." }`, `{ env = "..." }`) and never printed.
+//! [`Config::load`] reports every problem it finds, each with the file, the key and what was
+//! expected; `mamori-gateway check-config` prints them.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use chrono::FixedOffset;
+pub use mamori_agent::config::{Secret, TlsConfig};
+use serde::Deserialize;
+
+use crate::engine::Settings;
+use crate::homes::Known;
+use crate::policy::Policy;
+
+/// The whole file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Where the store lives.
+    pub data_dir: PathBuf,
+    /// A homes file imported at every start (optional: `homes import` also works).
+    #[serde(default)]
+    pub homes_file: Option<PathBuf>,
+    /// Times in messages are shown at this UTC offset (`+09:00`).
+    #[serde(default = "default_offset")]
+    pub utc_offset: String,
+    /// The dashboard's public URL, for acknowledgement links (no trailing slash).
+    pub public_url: String,
+    /// The secret signing acknowledgement links.
+    pub link_secret: Secret,
+    /// The MQTT broker.
+    pub broker: BrokerConfig,
+    /// An embedded broker (rumqttd) to start, for one box and the demo.
+    #[serde(default)]
+    pub embedded_broker: Option<EmbeddedBrokerConfig>,
+    /// The HTTP listener (acknowledgement links).
+    #[serde(default)]
+    pub http: HttpConfig,
+    /// Engine settings: staleness, incidents, tier thresholds.
+    #[serde(default)]
+    pub escalation: Settings,
+    /// Policy overrides by alert kind (`default` for every kind without its own).
+    #[serde(default)]
+    pub policy: BTreeMap<String, Policy>,
+    /// Delivery: retries and fallback.
+    #[serde(default)]
+    pub delivery: DeliveryConfig,
+    /// Webhook and SMS-gateway endpoints, by name.
+    #[serde(default)]
+    pub endpoints: BTreeMap<String, Endpoint>,
+    /// E-mail.
+    #[serde(default)]
+    pub smtp: Option<SmtpConfig>,
+    /// Telemetry history kept, h.
+    #[serde(default = "default_retention_h")]
+    pub telemetry_retention_h: u32,
+}
+
+fn default_offset() -> String {
+    "+09:00".into()
+}
+fn default_retention_h() -> u32 {
+    48
+}
+
+/// The broker.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BrokerConfig {
+    /// Host name or address.
+    pub host: String,
+    /// Port (0 with an embedded broker: use its port).
+    pub port: u16,
+    /// The gateway's client id (a persistent session: QoS 1 events queue while it is away).
+    #[serde(default = "default_client_id")]
+    pub client_id: String,
+    /// Subscribe as `$share/<group>/...` so several gateways share the load.
+    #[serde(default)]
+    pub share_group: Option<String>,
+    /// TLS; required unless the broker is on loopback.
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
+    /// Username.
+    #[serde(default)]
+    pub username: Option<String>,
+    /// Password.
+    #[serde(default)]
+    pub password: Option<Secret>,
+    /// MQTT keep-alive, s.
+    #[serde(default = "default_keep_alive_s")]
+    pub keep_alive_s: u16,
+}
+
+fn default_client_id() -> String {
+    "mamori-gateway".into()
+}
+fn default_keep_alive_s() -> u16 {
+    15
+}
+
+/// The embedded broker.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EmbeddedBrokerConfig {
+    /// Listen address (port 0: a free port).
+    pub bind: SocketAddr,
+    /// Allow a non-loopback address. The embedded broker has no ACLs: any client could
+    /// publish as any home. Use Mosquitto with per-home ACLs instead.
+    #[serde(default)]
+    pub allow_non_loopback: bool,
+}
+
+/// The HTTP listener.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpConfig {
+    /// Listen address (port 0: a free port).
+    pub bind: SocketAddr,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig { bind: SocketAddr::from(([127, 0, 0, 1], 8080)) }
+    }
+}
+
+/// Delivery settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DeliveryConfig {
+    /// After this many failed attempts, the next recipient in the chain is notified (the
+    /// original keeps being retried).
+    pub fallback_after_failures: u32,
+    /// First retry delay, ms (doubles, with jitter, up to `backoff_max_ms`).
+    pub backoff_initial_ms: u64,
+    /// Longest retry delay, ms.
+    pub backoff_max_ms: u64,
+    /// Stop retrying a message after this long, s.
+    pub give_up_after_s: u64,
+    /// Per-attempt timeout, ms.
+    pub timeout_ms: u64,
+    /// Sends in flight at once.
+    pub concurrency: usize,
+}
+
+impl Default for DeliveryConfig {
+    fn default() -> Self {
+        DeliveryConfig {
+            fallback_after_failures: 3,
+            backoff_initial_ms: 1000,
+            backoff_max_ms: 60_000,
+            give_up_after_s: 24 * 3600,
+            timeout_ms: 5000,
+            concurrency: 32,
+        }
+    }
+}
+
+/// What an endpoint is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EndpointKind {
+    /// JSON webhook, signed.
+    #[default]
+    Webhook,
+    /// An SMS gateway's webhook, with a body template.
+    Sms,
+}
+
+/// A webhook or SMS-gateway endpoint.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Endpoint {
+    /// Webhook or SMS gateway.
+    #[serde(default)]
+    pub kind: EndpointKind,
+    /// The URL.
+    pub url: String,
+    /// HMAC-SHA256 key for the `X-Mamori-Signature` header.
+    pub secret: Secret,
+    /// SMS only: the JSON body, with `{to}` and `{text}` replaced (JSON-escaped).
+    #[serde(default)]
+    pub template: Option<String>,
+}
+
+/// How to talk to the SMTP server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SmtpTls {
+    /// STARTTLS on 587.
+    Starttls,
+    /// TLS from the start on 465.
+    Tls,
+    /// None: only to a loopback relay.
+    None,
+}
+
+/// E-mail.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SmtpConfig {
+    /// Server.
+    pub host: String,
+    /// Port.
+    pub port: u16,
+    /// TLS mode.
+    pub tls: SmtpTls,
+    /// The sender address.
+    pub from: String,
+    /// Username.
+    #[serde(default)]
+    pub username: Option<String>,
+    /// Password.
+    #[serde(default)]
+    pub password: Option<Secret>,
+}
+
+/// A config that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// Unreadable.
+    #[error("{file}: cannot read: {source}")]
+    Read {
+        /// The file.
+        file: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Every problem, one per line.
+    #[error("{}", .0.join("\n"))]
+    Invalid(Vec<String>),
+}
+
+/// Whether a host name is the loopback interface.
+pub fn is_loopback(host: &str) -> bool {
+    host == "localhost" || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
+impl Config {
+    /// Read and validate.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text =
+            std::fs::read_to_string(path).map_err(|source| ConfigError::Read { file: path.to_path_buf(), source })?;
+        Config::parse(&text, path)
+    }
+
+    /// Parse and validate; relative paths are taken from the file's folder.
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let file = path.display().to_string();
+        let mut c: Config =
+            toml::from_str(text).map_err(|e| ConfigError::Invalid(vec![format!("{file}: {}", e.to_string().trim_end())]))?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        c.data_dir = base.join(&c.data_dir);
+        c.homes_file = c.homes_file.map(|h| base.join(h));
+        let mut errors = Vec::new();
+        let mut bad = |key: &str, expected: &str| errors.push(format!("{file}: key `{key}`: expected {expected}"));
+        if c.offset().is_none() {
+            bad("utc_offset", "an offset like +09:00");
+        }
+        if !(c.public_url.starts_with("http://") || c.public_url.starts_with("https://")) || c.public_url.ends_with('/') {
+            bad("public_url", "an http(s) URL without a trailing slash");
+        }
+        if c.broker.tls.is_none() && !is_loopback(&c.broker.host) {
+            bad("broker.tls", "a [broker.tls] section: plain MQTT is only allowed to a loopback broker");
+        }
+        if c.broker.port == 0 && c.embedded_broker.is_none() {
+            bad("broker.port", "a port (0 only with [embedded_broker])");
+        }
+        if let Some(g) = &c.broker.share_group {
+            if g.is_empty() || g.contains(['/', '+', '#']) {
+                bad("broker.share_group", "a group name without `/`, `+` or `#`");
+            }
+        }
+        if c.broker.client_id.is_empty() || c.broker.client_id.len() > 64 {
+            bad("broker.client_id", "1 to 64 characters");
+        }
+        if let Some(e) = &c.embedded_broker {
+            if !e.bind.ip().is_loopback() && !e.allow_non_loopback {
+                bad(
+                    "embedded_broker.bind",
+                    "a loopback address: the embedded broker has no ACLs (set allow_non_loopback = true to override)",
+                );
+            }
+        }
+        let d = &c.delivery;
+        if d.fallback_after_failures == 0 {
+            bad("delivery.fallback_after_failures", "at least 1");
+        }
+        if d.backoff_initial_ms == 0 || d.backoff_max_ms < d.backoff_initial_ms {
+            bad("delivery.backoff_initial_ms", "> 0 and not above backoff_max_ms");
+        }
+        if d.timeout_ms == 0 || d.concurrency == 0 {
+            bad("delivery.timeout_ms", "> 0 (and concurrency > 0)");
+        }
+        for (name, e) in &c.endpoints {
+            if !(e.url.starts_with("http://") || e.url.starts_with("https://")) {
+                bad(&format!("endpoints.{name}.url"), "an http(s) URL");
+            }
+            if e.url.starts_with("http://") && !url_host(&e.url).is_some_and(is_loopback) {
+                bad(&format!("endpoints.{name}.url"), "https (plain http only to loopback)");
+            }
+            if e.kind == EndpointKind::Sms && !e.template.as_deref().is_some_and(|t| t.contains("{text}")) {
+                bad(&format!("endpoints.{name}.template"), "an SMS body template containing {text} (and {to})");
+            }
+        }
+        if let Some(s) = &c.smtp {
+            if s.tls == SmtpTls::None && !is_loopback(&s.host) {
+                bad("smtp.tls", "starttls or tls (none only to a loopback relay)");
+            }
+            if !s.from.contains('@') {
+                bad("smtp.from", "an e-mail address");
+            }
+        }
+        let s = &c.escalation;
+        if s.stale_after_intervals == 0 || s.default_interval_s == 0 || s.incident_min_homes < 2 {
+            bad("escalation", "stale_after_intervals and default_interval_s > 0, incident_min_homes >= 2");
+        }
+        for (kind, p) in &c.policy {
+            if let Err(e) = p.validate() {
+                bad(&format!("policy.{kind}"), &e);
+            }
+        }
+        if errors.is_empty() {
+            Ok(c)
+        } else {
+            Err(ConfigError::Invalid(errors))
+        }
+    }
+
+    /// The display offset.
+    pub fn offset(&self) -> Option<FixedOffset> {
+        let s = self.utc_offset.as_str();
+        let (sign, rest) = match s.as_bytes().first() {
+            Some(b'+') => (1, &s[1..]),
+            Some(b'-') => (-1, &s[1..]),
+            _ => return None,
+        };
+        let (h, m) = rest.split_once(':')?;
+        let (h, m): (i32, i32) = (h.parse().ok()?, m.parse().ok()?);
+        FixedOffset::east_opt(sign * (h * 3600 + m * 60))
+    }
+
+    /// What the homes-file validator needs to know.
+    pub fn known(&self) -> Known {
+        Known {
+            endpoints: self.endpoints.iter().filter(|(_, e)| e.kind == EndpointKind::Webhook).map(|(n, _)| n.clone()).collect(),
+            sms: self.endpoints.get("sms").is_some_and(|e| e.kind == EndpointKind::Sms),
+            smtp: self.smtp.is_some(),
+        }
+    }
+}
+
+fn url_host(url: &str) -> Option<&str> {
+    let rest = url.split_once("://")?.1;
+    let authority = rest.split('/').next()?;
+    let host = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    if let Some(v6) = host.strip_prefix('[') {
+        return v6.split(']').next();
+    }
+    Some(host.split(':').next().unwrap_or(host))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+data_dir = "data"
+public_url = "http://127.0.0.1:8080"
+link_secret = { value = "s" }
+[broker]
+host = "127.0.0.1"
+port = 1883
+[endpoints.coord]
+url = "http://127.0.0.1:9000/hook"
+secret = { env = "X" }
+[endpoints.sms]
+kind = "sms"
+url = "https://sms.example/send"
+secret = { value = "k" }
+template = '{"to":"{to}","text":"{text}"}'
+"#;
+
+    #[test]
+    fn a_good_config_resolves_paths_and_knows_its_endpoints() {
+        let c = Config::parse(GOOD, Path::new("/etc/mamori/gateway.toml")).unwrap();
+        assert_eq!(c.data_dir, PathBuf::from("/etc/mamori/data"));
+        assert_eq!(c.offset(), FixedOffset::east_opt(9 * 3600));
+        let k = c.known();
+        assert!(k.endpoints.contains("coord") && k.sms && !k.smtp);
+        assert_eq!(c.escalation.incident_min_homes, 3);
+    }
+
+    #[test]
+    fn every_error_names_file_key_and_expectation() {
+        let bad = GOOD
+            .replace("host = \"127.0.0.1\"", "host = \"broker.example\"")
+            .replace("http://127.0.0.1:9000/hook", "http://hooks.example/x")
+            .replace("public_url = \"http://127.0.0.1:8080\"", "public_url = \"ftp://x/\"");
+        let e = Config::parse(&bad, Path::new("g.toml")).unwrap_err().to_string();
+        assert!(e.contains("g.toml: key `broker.tls`"), "{e}");
+        assert!(e.contains("key `endpoints.coord.url`: expected https"), "{e}");
+        assert!(e.contains("key `public_url`"), "{e}");
+        let e = Config::parse(&GOOD.replace("port = 1883", "port = \"x\""), Path::new("g.toml")).unwrap_err();
+        assert!(e.to_string().contains("g.toml") && e.to_string().contains("port"), "{e}");
+    }
+
+    #[test]
+    fn the_embedded_broker_stays_on_loopback_unless_overridden() {
+        let with = |bind: &str, allow: bool| {
+            format!("{GOOD}\n[embedded_broker]\nbind = \"{bind}\"\nallow_non_loopback = {allow}\n")
+        };
+        assert!(Config::parse(&with("127.0.0.1:0", false), Path::new("g.toml")).is_ok());
+        let e = Config::parse(&with("0.0.0.0:1883", false), Path::new("g.toml")).unwrap_err().to_string();
+        assert!(e.contains("embedded_broker.bind") && e.contains("no ACLs"), "{e}");
+        assert!(Config::parse(&with("0.0.0.0:1883", true), Path::new("g.toml")).is_ok());
+    }
+
+    #[test]
+    fn url_hosts() {
+        assert_eq!(url_host("http://127.0.0.1:9/x"), Some("127.0.0.1"));
+        assert_eq!(url_host("http://u:p@localhost/x"), Some("localhost"));
+        assert_eq!(url_host("http://[::1]:80/"), Some("::1"));
+    }
+}

@@ -1,0 +1,357 @@
+//! Delivery: from a [`Notification`] to outbox rows, and from outbox rows to the world.
+//!
+//! - [`expand`] (pure) writes one row per recipient × channel, rendered in the recipient's
+//!   language, keyed `{notification key}:{role}:{recipient}:{channel}`: that key is the
+//!   idempotency key the receiver sees, so a retry or a re-decision after a restart is never a
+//!   second page for a receiver that honours it.
+//! - [`Sender`] sends one row: a webhook (JSON, `X-Mamori-Signature: sha256=<HMAC of the body>`
+//!   with the endpoint's secret, `Idempotency-Key`), an SMS gateway (the endpoint's template,
+//!   signed the same way), e-mail over SMTP (lettre; STARTTLS or TLS), or the console (demo).
+//!   Delivered means the receiver's 2xx or the SMTP server's acceptance.
+//! - [`after_attempt`] (pure) decides what happens next: delivered; retry with jittered
+//!   exponential back-off; after `fallback_after_failures` failures the next recipient in the
+//!   chain is told (once) while the original keeps being retried; after `give_up_after_s`,
+//!   abandoned.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use hmac::{Hmac, Mac};
+use sha2::{Digest, Sha256};
+
+use crate::config::{DeliveryConfig, EndpointKind, SmtpConfig, SmtpTls};
+use crate::engine::{Notification, Time};
+use crate::homes::ChannelRef;
+use crate::message::{render, Style};
+use crate::store::{OutboxRow, OutboxStatus};
+
+/// Outbox rows for a notification.
+pub fn expand(n: &Notification, style: &Style) -> Vec<OutboxRow> {
+    let content = serde_json::to_value(&n.content).unwrap_or_default();
+    let mut rows = Vec::new();
+    for (role, contact) in &n.recipients {
+        let (subject, body) = render(&n.content, contact.language, *role, &n.alert_id, style);
+        for ch in &contact.channels {
+            let role_name = serde_json::to_value(role).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default();
+            rows.push(OutboxRow {
+                key: format!("{}:{role_name}:{}:{}", n.key, contact.name, ch.key()),
+                alert_id: n.alert_id.clone(),
+                home: n.home.clone(),
+                role: *role,
+                recipient: contact.name.clone(),
+                channel: ch.clone(),
+                lang: contact.language,
+                subject: subject.clone(),
+                body: body.clone(),
+                content: content.clone(),
+                created_at: n.at,
+                next_attempt_at: n.at,
+                attempts: 0,
+                status: OutboxStatus::Pending,
+                last_error: None,
+                delivered_at: None,
+                fallback_done: false,
+            });
+        }
+    }
+    rows
+}
+
+/// What to do after an attempt.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Next {
+    /// The row, updated.
+    pub row: OutboxRow,
+    /// Tell the next recipient in the chain (the row's `fallback_done` is now set).
+    pub fallback: bool,
+}
+
+/// The retry delay after `attempts` failures, with `jitter` in 0..1 (±25 %).
+pub fn backoff(attempts: u32, cfg: &DeliveryConfig, jitter: f64) -> Duration {
+    let exp = cfg.backoff_initial_ms.saturating_mul(1u64 << attempts.saturating_sub(1).min(20));
+    let base = exp.min(cfg.backoff_max_ms) as f64;
+    Duration::from_millis((base * (0.75 + 0.5 * jitter.clamp(0.0, 1.0))) as u64)
+}
+
+/// Update a row after an attempt.
+pub fn after_attempt(
+    mut row: OutboxRow,
+    result: Result<(), String>,
+    now: Time,
+    cfg: &DeliveryConfig,
+    jitter: f64,
+) -> Next {
+    row.attempts += 1;
+    match result {
+        Ok(()) => {
+            row.status = OutboxStatus::Delivered;
+            row.delivered_at = Some(now);
+            row.last_error = None;
+            Next { row, fallback: false }
+        }
+        Err(e) => {
+            row.last_error = Some(e);
+            let fallback = !row.fallback_done && row.attempts >= cfg.fallback_after_failures;
+            row.fallback_done |= fallback;
+            if now - row.created_at >= chrono::Duration::seconds(cfg.give_up_after_s as i64) {
+                row.status = OutboxStatus::Abandoned;
+            } else {
+                let d = backoff(row.attempts, cfg, jitter);
+                row.next_attempt_at = now + chrono::Duration::from_std(d).unwrap_or(chrono::Duration::seconds(60));
+            }
+            Next { row, fallback }
+        }
+    }
+}
+
+/// A resolved endpoint.
+#[derive(Debug, Clone)]
+pub struct ResolvedEndpoint {
+    /// Webhook or SMS.
+    pub kind: EndpointKind,
+    /// URL.
+    pub url: String,
+    /// HMAC key.
+    pub secret: Vec<u8>,
+    /// SMS template.
+    pub template: Option<String>,
+}
+
+/// Sends rows. Cheap to clone.
+#[derive(Clone)]
+pub struct Sender {
+    http: reqwest::Client,
+    endpoints: std::sync::Arc<BTreeMap<String, ResolvedEndpoint>>,
+    smtp: Option<std::sync::Arc<(lettre::AsyncSmtpTransport<lettre::Tokio1Executor>, String)>>,
+    console: tokio::sync::mpsc::UnboundedSender<String>,
+}
+
+/// The HMAC-SHA256 signature header value of a body.
+pub fn signature(secret: &[u8], body: &[u8]) -> String {
+    let Ok(mut mac) = Hmac::<Sha256>::new_from_slice(secret) else { return String::new() };
+    mac.update(body);
+    format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
+}
+
+fn json_escape(s: &str) -> String {
+    let quoted = serde_json::to_string(s).unwrap_or_default();
+    quoted[1..quoted.len().saturating_sub(1)].to_string()
+}
+
+impl Sender {
+    /// A sender. Console messages go to `console`.
+    pub fn new(
+        endpoints: BTreeMap<String, ResolvedEndpoint>,
+        smtp: Option<(&SmtpConfig, Option<String>)>,
+        timeout: Duration,
+        console: tokio::sync::mpsc::UnboundedSender<String>,
+    ) -> Result<Sender, String> {
+        let http = reqwest::Client::builder()
+            .timeout(timeout)
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .map_err(|e| format!("HTTP client: {e}"))?;
+        let smtp = match smtp {
+            None => None,
+            Some((c, password)) => {
+                use lettre::transport::smtp::authentication::Credentials;
+                use lettre::{AsyncSmtpTransport, Tokio1Executor};
+                let builder = match c.tls {
+                    SmtpTls::Starttls => AsyncSmtpTransport::<Tokio1Executor>::starttls_relay(&c.host),
+                    SmtpTls::Tls => AsyncSmtpTransport::<Tokio1Executor>::relay(&c.host),
+                    SmtpTls::None => Ok(AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(&c.host)),
+                }
+                .map_err(|e| format!("smtp: {e}"))?
+                .port(c.port)
+                .timeout(Some(timeout));
+                let builder = match (&c.username, password) {
+                    (Some(u), Some(p)) => builder.credentials(Credentials::new(u.clone(), p)),
+                    _ => builder,
+                };
+                Some(std::sync::Arc::new((builder.build(), c.from.clone())))
+            }
+        };
+        Ok(Sender { http, endpoints: std::sync::Arc::new(endpoints), smtp, console })
+    }
+
+    /// Send one row; Ok only when the receiver accepted it.
+    pub async fn send(&self, row: &OutboxRow, now: Time, ack_url: &str) -> Result<(), String> {
+        match &row.channel {
+            ChannelRef::Console(name) => {
+                let text = format!("── to {} ({:?}) via console:{name}\n{}\n{}", row.recipient, row.role, row.subject, row.body);
+                self.console.send(text).map_err(|_| "console closed".to_string())
+            }
+            ChannelRef::Webhook(name) => {
+                let ep = self.endpoints.get(name).ok_or_else(|| format!("endpoint `{name}` is not configured"))?;
+                let body = serde_json::json!({
+                    "key": row.key,
+                    "alert_id": row.alert_id,
+                    "home": row.home,
+                    "role": row.role,
+                    "recipient": row.recipient,
+                    "lang": row.lang,
+                    "subject": row.subject,
+                    "text": row.body,
+                    "ack_url": ack_url,
+                    "content": row.content,
+                    "sent_at": now.to_rfc3339(),
+                    "attempt": row.attempts + 1,
+                });
+                self.post(ep, &row.key, serde_json::to_vec(&body).unwrap_or_default()).await
+            }
+            ChannelRef::Sms(to) => {
+                let ep = self.endpoints.get("sms").ok_or("no SMS gateway endpoint `sms` is configured")?;
+                let template = ep.template.as_deref().unwrap_or("{\"to\":\"{to}\",\"text\":\"{text}\"}");
+                // SMS is short: the subject and the link.
+                let link = row.body.lines().last().unwrap_or_default();
+                let text = format!("{}\n{link}", row.subject);
+                let body = template.replace("{to}", &json_escape(to)).replace("{text}", &json_escape(&text));
+                self.post(ep, &row.key, body.into_bytes()).await
+            }
+            ChannelRef::Email(to) => {
+                use lettre::AsyncTransport;
+                let (transport, from) = self.smtp.as_deref().ok_or("no [smtp] is configured")?;
+                let id = hex::encode(&Sha256::digest(row.key.as_bytes())[..16]);
+                let msg = lettre::Message::builder()
+                    .from(from.parse().map_err(|e| format!("from address: {e}"))?)
+                    .to(to.parse().map_err(|e| format!("to address: {e}"))?)
+                    .subject(row.subject.clone())
+                    .message_id(Some(format!("<{id}@mamori>")))
+                    .header(lettre::message::header::ContentType::TEXT_PLAIN)
+                    .body(row.body.clone())
+                    .map_err(|e| format!("message: {e}"))?;
+                transport.send(msg).await.map(|_| ()).map_err(|e| format!("smtp: {e}"))
+            }
+        }
+    }
+
+    async fn post(&self, ep: &ResolvedEndpoint, key: &str, body: Vec<u8>) -> Result<(), String> {
+        let resp = self
+            .http
+            .post(&ep.url)
+            .header("content-type", "application/json")
+            .header("x-mamori-signature", signature(&ep.secret, &body))
+            .header("idempotency-key", key)
+            .body(body)
+            .send()
+            .await
+            .map_err(|e| format!("{}: {}", ep.url, error_chain(&e)))?;
+        if resp.status().is_success() {
+            Ok(())
+        } else {
+            Err(format!("{}: HTTP {}", ep.url, resp.status()))
+        }
+    }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(c) = src {
+        s += &format!(": {c}");
+        src = c.source();
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::Content;
+    use crate::homes::{Contact, Lang};
+    use mamori_protocol::mqtt::Role;
+    use chrono::{DateTime, FixedOffset};
+
+    fn t(s: i64) -> Time {
+        DateTime::from_timestamp(1_790_000_000 + s, 0).unwrap()
+    }
+
+    fn style() -> Style {
+        Style { public_url: "http://x".into(), link_secret: b"k".to_vec(), offset: FixedOffset::east_opt(0).unwrap() }
+    }
+
+    #[test]
+    fn one_row_per_recipient_and_channel_in_their_language_with_stable_keys() {
+        let n = Notification {
+            key: "a1:s0:r0".into(),
+            alert_id: "a1".into(),
+            home: None,
+            recipients: vec![
+                (
+                    Role::Family,
+                    Contact {
+                        role: Role::Family,
+                        name: "母".into(),
+                        language: Lang::Ja,
+                        channels: vec![ChannelRef::Sms("+819000000000".into()), ChannelRef::Webhook("f".into())],
+                    },
+                ),
+                (
+                    Role::Coordinator,
+                    Contact { role: Role::Coordinator, name: "Sato".into(), language: Lang::En, channels: vec![ChannelRef::Webhook("c".into())] },
+                ),
+            ],
+            content: Content::Cleared { label: "K".into(), kind: "mains_lost".into(), since: t(0), at: t(60) },
+            at: t(60),
+        };
+        let rows = expand(&n, &style());
+        let keys: Vec<&str> = rows.iter().map(|r| r.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            ["a1:s0:r0:family:母:sms:+819000000000", "a1:s0:r0:family:母:webhook:f", "a1:s0:r0:coordinator:Sato:webhook:c"]
+        );
+        assert!(rows[0].body.contains("解消"));
+        assert!(rows[2].body.contains("resolved"));
+        assert_eq!(expand(&n, &style()), rows, "the same notification gives the same rows");
+    }
+
+    #[test]
+    fn failures_back_off_fall_back_once_and_are_abandoned_when_too_old() {
+        let cfg = DeliveryConfig::default();
+        let n = Notification {
+            key: "k".into(),
+            alert_id: "a".into(),
+            home: None,
+            recipients: vec![(
+                Role::Family,
+                Contact { role: Role::Family, name: "m".into(), language: Lang::En, channels: vec![ChannelRef::Console("c".into())] },
+            )],
+            content: Content::Cleared { label: "K".into(), kind: "x".into(), since: t(0), at: t(0) },
+            at: t(0),
+        };
+        let mut row = expand(&n, &style()).remove(0);
+        let mut fallbacks = 0;
+        let mut delays = vec![];
+        for i in 0..5 {
+            let next = after_attempt(row, Err("down".into()), t(i * 10), &cfg, 0.5);
+            fallbacks += usize::from(next.fallback);
+            delays.push((next.row.next_attempt_at - t(i * 10)).num_milliseconds());
+            row = next.row;
+        }
+        assert_eq!(fallbacks, 1, "the next recipient is told once");
+        assert_eq!(delays, [1000, 2000, 4000, 8000, 16000]);
+        assert_eq!(row.status, OutboxStatus::Pending);
+        let done = after_attempt(row.clone(), Ok(()), t(100), &cfg, 0.5).row;
+        assert_eq!((done.status, done.delivered_at, done.attempts), (OutboxStatus::Delivered, Some(t(100)), 6));
+        let old = after_attempt(row, Err("down".into()), t(24 * 3600), &cfg, 0.5).row;
+        assert_eq!(old.status, OutboxStatus::Abandoned);
+    }
+
+    #[test]
+    fn backoff_is_capped_and_jittered() {
+        let cfg = DeliveryConfig::default();
+        assert_eq!(backoff(30, &cfg, 0.5), Duration::from_millis(60_000));
+        assert_eq!(backoff(1, &cfg, 0.0), Duration::from_millis(750));
+        assert_eq!(backoff(1, &cfg, 1.0), Duration::from_millis(1250));
+    }
+
+    #[test]
+    fn signatures_are_hmac_sha256_of_the_body() {
+        // RFC 4231 test case 2.
+        assert_eq!(
+            signature(b"Jefe", b"what do ya want for nothing?"),
+            "sha256=5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
+        );
+        assert_eq!(json_escape("a\"b\n"), "a\\\"b\\n");
+    }
+}

@@ -1,0 +1,615 @@
+//! `mamori-gateway run`: the service.
+//!
+//! One task (the service loop) owns the engine and the store. Around it:
+//! - the MQTT task owns the rumqttc event loop (persistent session, manual acks), forwards
+//!   each PUBLISH to the loop and resubscribes after every CONNACK; it backs off with jitter
+//!   after errors;
+//! - the HTTP server answers acknowledgement links through a channel to the loop;
+//! - each outbox send runs in its own task (at most `delivery.concurrency` at once) and
+//!   reports back to the loop.
+//!
+//! ## A batch
+//! The loop takes every message waiting (up to 1,000), and in **one transaction** stores them
+//! (events deduplicated by `(home, seq)`), feeds the new ones to the engine, and writes the
+//! resulting alerts, home states and outbox rows. After the commit it acknowledges the
+//! messages to the broker and publishes acknowledgements to agents. Then the timers run
+//! (`Engine::poll`) in a second transaction, and due outbox rows are sent.
+//!
+//! ## Validation
+//! A topic that does not parse, a home that is not registered, a payload over 16 KiB or one
+//! that does not decode is counted, logged (rate-limited) and acknowledged to the broker (so
+//! it is not redelivered forever), and never reaches the engine.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use mamori_protocol::mqtt::{self, Channel, Event, HomeId, Status, Telemetry, Topic};
+use rand::Rng;
+use rumqttc::{AsyncClient, Event as MqttEvent, MqttOptions, Packet, Publish, QoS, TlsConfiguration, Transport};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::delivery::{after_attempt, expand, ResolvedEndpoint, Sender};
+use crate::engine::{Engine, Input, Output, Time};
+use crate::homes::HomesFile;
+use crate::message::Style;
+use crate::policy::Policies;
+use crate::store::{OutboxRow, SqliteStore, Store, StoreError};
+use crate::web::{self, WebRequest};
+use crate::{broker, clock};
+
+/// Counters since start (logged at shutdown; the dashboard issue exports them as metrics).
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// Messages accepted.
+    pub ingested: AtomicU64,
+    /// Messages refused (bad topic, payload or schema).
+    pub rejected: AtomicU64,
+    /// Messages from homes that are not registered.
+    pub unknown_home: AtomicU64,
+    /// Events already stored.
+    pub duplicates: AtomicU64,
+    /// Notifications delivered.
+    pub delivered: AtomicU64,
+    /// Failed delivery attempts.
+    pub failed_attempts: AtomicU64,
+}
+
+/// Where the running gateway can be reached (for the demo and tests).
+#[derive(Debug, Clone)]
+pub struct Ready {
+    /// The broker it connects to.
+    pub broker: std::net::SocketAddr,
+    /// The HTTP listener.
+    pub http: std::net::SocketAddr,
+}
+
+/// Resolve a config's secrets and the message style.
+pub fn style(config: &Config) -> anyhow::Result<Style> {
+    let secret = config.link_secret.resolve().map_err(|e| anyhow::anyhow!("link_secret: {e}"))?;
+    Ok(Style {
+        public_url: config.public_url.clone(),
+        link_secret: secret.into_bytes(),
+        offset: config.offset().context("utc_offset")?,
+    })
+}
+
+/// Open the store and import the config's homes file, if any.
+pub fn open_store(config: &Config) -> anyhow::Result<SqliteStore> {
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("cannot create data_dir {}", config.data_dir.display()))?;
+    let mut store = SqliteStore::open(&config.data_dir)?;
+    if let Some(path) = &config.homes_file {
+        let homes = HomesFile::load(path, &config.known())?;
+        store.upsert_homes(&homes.homes)?;
+    }
+    Ok(store)
+}
+
+fn mqtt_options(config: &Config, port: u16) -> anyhow::Result<MqttOptions> {
+    let b = &config.broker;
+    let mut o = MqttOptions::new(b.client_id.clone(), b.host.clone(), port);
+    o.set_keep_alive(Duration::from_secs(u64::from(b.keep_alive_s.max(5))));
+    // A persistent session: QoS 1 events queue at the broker while the gateway is away.
+    o.set_clean_session(false);
+    o.set_manual_acks(true);
+    o.set_max_packet_size(mqtt::MAX_PAYLOAD_BYTES * 4, mqtt::MAX_PAYLOAD_BYTES * 4);
+    o.set_inflight(1000);
+    if let Some(user) = &b.username {
+        let pass = match &b.password {
+            Some(p) => p.resolve().map_err(|e| anyhow::anyhow!("broker.password: {e}"))?,
+            None => String::new(),
+        };
+        o.set_credentials(user.clone(), pass);
+    }
+    if let Some(t) = &b.tls {
+        let read = |p: &std::path::Path| std::fs::read(p).with_context(|| format!("cannot read {}", p.display()));
+        let client_auth = match (&t.client_cert_file, &t.client_key_file) {
+            (Some(c), Some(k)) => {
+                check_key_permissions(k)?;
+                Some((read(c)?, read(k)?))
+            }
+            _ => None,
+        };
+        o.set_transport(Transport::Tls(TlsConfiguration::Simple { ca: read(&t.ca_file)?, alpn: None, client_auth }));
+    }
+    Ok(o)
+}
+
+/// Refuse a private key that others can read.
+pub fn check_key_permissions(path: &std::path::Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(path).with_context(|| format!("cannot read {}", path.display()))?.permissions().mode();
+    anyhow::ensure!(mode & 0o077 == 0, "{}: a private key must not be readable by others (chmod 600)", path.display());
+    Ok(())
+}
+
+enum FromMqtt {
+    Message(Publish),
+    Connected,
+}
+
+/// The MQTT task: owns the event loop.
+fn spawn_mqtt(
+    client: AsyncClient,
+    mut eventloop: rumqttc::EventLoop,
+    filters: Vec<String>,
+    tx: mpsc::Sender<FromMqtt>,
+    cancel: CancellationToken,
+) {
+    tokio::spawn(async move {
+        let mut delay = Duration::from_millis(250);
+        loop {
+            let ev = tokio::select! {
+                _ = cancel.cancelled() => return,
+                ev = eventloop.poll() => ev,
+            };
+            match ev {
+                Ok(MqttEvent::Incoming(Packet::ConnAck(_))) => {
+                    delay = Duration::from_millis(250);
+                    tracing::info!("connected to the broker");
+                    for f in &filters {
+                        if let Err(e) = client.subscribe(f.clone(), QoS::AtLeastOnce).await {
+                            tracing::warn!(error = %e, "subscribe");
+                        }
+                    }
+                    let _ = tx.send(FromMqtt::Connected).await;
+                }
+                Ok(MqttEvent::Incoming(Packet::SubAck(_))) => tracing::info!("subscribed"),
+                Ok(MqttEvent::Incoming(Packet::Publish(p))) => {
+                    if tx.send(FromMqtt::Message(p)).await.is_err() {
+                        return;
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, retry_ms = delay.as_millis() as u64, "broker connection");
+                    let jitter = rand::rng().random_range(0.8..1.2);
+                    tokio::select! {
+                        _ = cancel.cancelled() => return,
+                        _ = tokio::time::sleep(delay.mul_f64(jitter)) => {}
+                    }
+                    delay = (delay * 2).min(Duration::from_secs(10));
+                }
+            }
+        }
+    });
+}
+
+/// The service.
+pub struct Service {
+    config: Config,
+    store: SqliteStore,
+    engine: Engine,
+    style: Style,
+    sender: Sender,
+    client: Option<AsyncClient>,
+    counters: Arc<Counters>,
+    in_flight: HashSet<String>,
+    results_tx: mpsc::UnboundedSender<(OutboxRow, Result<(), String>)>,
+    results_rx: mpsc::UnboundedReceiver<(OutboxRow, Result<(), String>)>,
+    log_budget: u32,
+}
+
+impl Service {
+    /// Build the service: open the store, load homes and state, resolve secrets.
+    pub fn new(config: Config, console: mpsc::UnboundedSender<String>) -> anyhow::Result<Service> {
+        let style = style(&config)?;
+        let store = open_store(&config)?;
+        let mut engine = Engine::new(config.escalation.clone(), Policies { config: config.policy.clone() });
+        let homes = store.homes()?;
+        for h in homes {
+            engine.upsert_home(h);
+        }
+        for (id, st) in store.states()? {
+            if engine.knows(&id) {
+                engine.restore_state(id, st);
+            }
+        }
+        for i in store.open_incidents()? {
+            engine.restore_incident(i);
+        }
+        let mut endpoints = BTreeMap::new();
+        for (name, e) in &config.endpoints {
+            let secret = e.secret.resolve().map_err(|err| anyhow::anyhow!("endpoints.{name}.secret: {err}"))?;
+            endpoints.insert(
+                name.clone(),
+                ResolvedEndpoint { kind: e.kind, url: e.url.clone(), secret: secret.into_bytes(), template: e.template.clone() },
+            );
+        }
+        let smtp_password = match config.smtp.as_ref().and_then(|s| s.password.as_ref()) {
+            Some(p) => Some(p.resolve().map_err(|e| anyhow::anyhow!("smtp.password: {e}"))?),
+            None => None,
+        };
+        let sender = Sender::new(
+            endpoints,
+            config.smtp.as_ref().map(|s| (s, smtp_password)),
+            Duration::from_millis(config.delivery.timeout_ms),
+            console,
+        )
+        .map_err(|e| anyhow::anyhow!(e))?;
+        let (results_tx, results_rx) = mpsc::unbounded_channel();
+        Ok(Service {
+            config,
+            store,
+            engine,
+            style,
+            sender,
+            client: None,
+            counters: Arc::new(Counters::default()),
+            in_flight: HashSet::new(),
+            results_tx,
+            results_rx,
+            log_budget: 100,
+        })
+    }
+
+    /// The counters.
+    pub fn counters(&self) -> Arc<Counters> {
+        self.counters.clone()
+    }
+
+    fn reject(&mut self, topic: &str, why: &str) {
+        self.counters.rejected.fetch_add(1, Ordering::Relaxed);
+        if self.log_budget > 0 {
+            self.log_budget -= 1;
+            tracing::warn!(topic = %topic.chars().take(120).collect::<String>(), reason = why, "message refused");
+        }
+    }
+
+    /// Store and apply one batch of messages in one transaction.
+    fn ingest(&mut self, batch: &[Publish], now: Time) -> Result<Vec<(HomeId, mqtt::Ack)>, StoreError> {
+        self.store.begin()?;
+        let r = self.ingest_tx(batch, now);
+        match r {
+            Ok(acks) => {
+                self.store.commit()?;
+                Ok(acks)
+            }
+            Err(e) => {
+                self.store.rollback();
+                Err(e)
+            }
+        }
+    }
+
+    fn ingest_tx(&mut self, batch: &[Publish], now: Time) -> Result<Vec<(HomeId, mqtt::Ack)>, StoreError> {
+        for p in batch {
+            let topic = p.topic.as_str();
+            let parsed = match Topic::parse(topic) {
+                Ok(t) => t,
+                Err(e) => {
+                    self.reject(topic, &e.to_string());
+                    continue;
+                }
+            };
+            if !self.engine.knows(&parsed.home) {
+                self.counters.unknown_home.fetch_add(1, Ordering::Relaxed);
+                if self.log_budget > 0 {
+                    self.log_budget -= 1;
+                    tracing::warn!(home = parsed.home.as_str(), "message from a home that is not registered");
+                }
+                continue;
+            }
+            let input = match parsed.channel {
+                Channel::Status => match mqtt::decode::<Status>(&p.payload) {
+                    Ok(s) => {
+                        self.store.insert_status(&parsed.home, &s, now)?;
+                        Input::Status(parsed.home, s)
+                    }
+                    Err(e) => {
+                        self.reject(topic, &e.to_string());
+                        continue;
+                    }
+                },
+                Channel::Telemetry => match mqtt::decode::<Telemetry>(&p.payload) {
+                    Ok(t) => {
+                        self.store.insert_telemetry(&parsed.home, &t, now)?;
+                        Input::Telemetry(parsed.home, t)
+                    }
+                    Err(e) => {
+                        self.reject(topic, &e.to_string());
+                        continue;
+                    }
+                },
+                Channel::Event => match mqtt::decode::<Event>(&p.payload) {
+                    Ok(e) => {
+                        if !self.store.insert_event(&parsed.home, &e, now)? {
+                            self.counters.duplicates.fetch_add(1, Ordering::Relaxed);
+                            continue;
+                        }
+                        Input::Event(parsed.home, e)
+                    }
+                    Err(e) => {
+                        self.reject(topic, &e.to_string());
+                        continue;
+                    }
+                },
+                Channel::Ack => continue, // our own acknowledgements, if a filter ever matches them
+            };
+            self.counters.ingested.fetch_add(1, Ordering::Relaxed);
+            if let Err(e) = self.engine.handle(input, now) {
+                tracing::warn!(error = %e, "not applied");
+            }
+        }
+        self.persist(now)
+    }
+
+    /// Write the engine's outputs and dirty state (inside a transaction).
+    fn persist(&mut self, _now: Time) -> Result<Vec<(HomeId, mqtt::Ack)>, StoreError> {
+        let mut acks = Vec::new();
+        for out in self.engine.take_outputs() {
+            match out {
+                Output::Alert(a) => self.store.save_alert(&a)?,
+                Output::Incident(i) => self.store.save_incident(&i)?,
+                Output::AgentAck(h, a) => acks.push((h, a)),
+                Output::Notify(n) => {
+                    for row in expand(&n, &self.style) {
+                        self.store.enqueue(&row)?;
+                    }
+                }
+            }
+        }
+        for (h, st) in self.engine.take_dirty() {
+            self.store.save_state(&h, &st)?;
+        }
+        Ok(acks)
+    }
+
+    fn transaction<T>(&mut self, f: impl FnOnce(&mut Self) -> Result<T, StoreError>) -> Result<T, StoreError> {
+        self.store.begin()?;
+        match f(self) {
+            Ok(v) => {
+                self.store.commit()?;
+                Ok(v)
+            }
+            Err(e) => {
+                self.store.rollback();
+                Err(e)
+            }
+        }
+    }
+
+    /// Run the timers.
+    fn tick(&mut self, now: Time) -> Result<Vec<(HomeId, mqtt::Ack)>, StoreError> {
+        self.transaction(|s| {
+            s.engine.poll(now);
+            s.persist(now)
+        })
+    }
+
+    /// Apply an acknowledgement.
+    pub fn acknowledge(
+        &mut self,
+        alert_id: &str,
+        role: mqtt::Role,
+        by: &str,
+        note: Option<String>,
+        now: Time,
+    ) -> Result<Vec<(HomeId, mqtt::Ack)>, String> {
+        let input = Input::Ack { alert_id: alert_id.to_string(), role, by: by.to_string(), note };
+        self.engine.handle(input, now).map_err(|e| e.to_string())?;
+        tracing::info!(alert = alert_id, ?role, by, "acknowledged");
+        self.transaction(|s| s.persist(now)).map_err(|e| e.to_string())
+    }
+
+    fn publish_acks(&self, acks: Vec<(HomeId, mqtt::Ack)>) -> impl std::future::Future<Output = ()> + Send + 'static {
+        publish_acks(self.client.clone(), acks)
+    }
+
+    fn dispatch(&mut self, now: Time) -> Result<(), StoreError> {
+        let room = self.config.delivery.concurrency.saturating_sub(self.in_flight.len());
+        if room == 0 {
+            return Ok(());
+        }
+        for row in self.store.due(now, room + self.in_flight.len())? {
+            if self.in_flight.len() >= self.config.delivery.concurrency {
+                break;
+            }
+            if !self.in_flight.insert(row.key.clone()) {
+                continue;
+            }
+            let sender = self.sender.clone();
+            let tx = self.results_tx.clone();
+            let link = self.style.ack_link(&row.alert_id, row.role);
+            tokio::spawn(async move {
+                let result = sender.send(&row, clock::now(), &link).await;
+                let _ = tx.send((row, result));
+            });
+        }
+        Ok(())
+    }
+
+    fn record(&mut self, row: OutboxRow, result: Result<(), String>, now: Time) -> Result<(), StoreError> {
+        self.in_flight.remove(&row.key);
+        match &result {
+            Ok(()) => {
+                self.counters.delivered.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(e) => {
+                self.counters.failed_attempts.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(key = %row.key, attempt = row.attempts + 1, error = %e, "delivery failed");
+            }
+        }
+        let delivered = result.is_ok().then(|| row.key.clone());
+        let jitter = rand::rng().random_range(0.0..1.0);
+        let next = after_attempt(row, result, now, &self.config.delivery, jitter);
+        self.transaction(|s| {
+            s.store.record_attempt(&next.row)?;
+            if next.fallback {
+                let content = serde_json::from_value(next.row.content.clone());
+                if let Ok(content) = content {
+                    let input = Input::DeliveryFailed {
+                        key: next.row.key.clone(),
+                        alert_id: next.row.alert_id.clone(),
+                        home: next.row.home.clone(),
+                        role: next.row.role,
+                        name: next.row.recipient.clone(),
+                        content,
+                    };
+                    let _ = s.engine.handle(input, now);
+                }
+                s.persist(now)?;
+            }
+            Ok(())
+        })?;
+        if let Some(key) = delivered {
+            tracing::info!(key = %key, "delivered"); // after the commit: a crash from here on resends nothing
+        }
+        Ok(())
+    }
+
+    fn apply_cli_acks(&mut self, now: Time) -> Result<Vec<(HomeId, mqtt::Ack)>, StoreError> {
+        let mut all = Vec::new();
+        for req in self.store.pending_acks()? {
+            let result = self.acknowledge(&req.alert_id, req.role, &req.by, req.note.clone(), now);
+            let text = match result {
+                Ok(acks) => {
+                    all.extend(acks);
+                    "ok".to_string()
+                }
+                Err(e) => e,
+            };
+            self.store.finish_ack(req.id, &text)?;
+        }
+        Ok(all)
+    }
+
+    /// Run until cancelled.
+    pub async fn run(mut self, cancel: CancellationToken, ready: Option<tokio::sync::oneshot::Sender<Ready>>) -> anyhow::Result<()> {
+        // The broker.
+        let mut port = self.config.broker.port;
+        if let Some(e) = &self.config.embedded_broker {
+            let addr = broker::start(e.bind, e.allow_non_loopback)?;
+            tracing::info!(%addr, "embedded broker started");
+            port = addr.port();
+        }
+        let options = mqtt_options(&self.config, port)?;
+        let (client, eventloop) = AsyncClient::new(options, 1000);
+        let filters: Vec<String> = [Channel::Status, Channel::Telemetry, Channel::Event]
+            .iter()
+            .map(|c| match &self.config.broker.share_group {
+                Some(g) => c.shared_filter(g),
+                None => c.filter(),
+            })
+            .collect();
+        let (mqtt_tx, mut mqtt_rx) = mpsc::channel(4096);
+        spawn_mqtt(client.clone(), eventloop, filters, mqtt_tx, cancel.clone());
+        self.client = Some(client.clone());
+
+        // HTTP.
+        let (web_tx, mut web_rx) = mpsc::channel(64);
+        let listener = tokio::net::TcpListener::bind(self.config.http.bind)
+            .await
+            .with_context(|| format!("http.bind {}", self.config.http.bind))?;
+        let http_addr = listener.local_addr()?;
+        let app = web::router(self.style.clone(), web_tx);
+        let http_cancel = cancel.clone();
+        tokio::spawn(async move {
+            let serve = axum::serve(listener, app).with_graceful_shutdown(async move { http_cancel.cancelled().await });
+            if let Err(e) = serve.await {
+                tracing::error!(error = %e, "http server");
+            }
+        });
+        let broker_addr = format!("{}:{port}", self.config.broker.host)
+            .parse()
+            .unwrap_or_else(|_| std::net::SocketAddr::from(([127, 0, 0, 1], port)));
+        tracing::info!(homes = self.engine.states().count(), http = %http_addr, "gateway ready");
+        if let Some(r) = ready {
+            let _ = r.send(Ready { broker: broker_addr, http: http_addr });
+        }
+
+        let mut next_housekeeping = clock::now();
+        loop {
+            let now = clock::now();
+            let mut wake = now + chrono::Duration::seconds(1);
+            if let Some(d) = self.engine.next_deadline(now) {
+                wake = wake.min(d);
+            }
+            if let Some(d) = self.store.next_due()? {
+                if self.in_flight.len() < self.config.delivery.concurrency {
+                    wake = wake.min(d);
+                }
+            }
+            let sleep = (wake - now).to_std().unwrap_or(Duration::ZERO);
+            tokio::select! {
+                _ = cancel.cancelled() => break,
+                m = mqtt_rx.recv() => {
+                    let Some(m) = m else { break };
+                    let mut batch = Vec::new();
+                    if let FromMqtt::Message(p) = m { batch.push(p) }
+                    while batch.len() < 1000 {
+                        match mqtt_rx.try_recv() {
+                            Ok(FromMqtt::Message(p)) => batch.push(p),
+                            Ok(FromMqtt::Connected) => {}
+                            Err(_) => break,
+                        }
+                    }
+                    if !batch.is_empty() {
+                        let acks = self.ingest(&batch, clock::now())?;
+                        // Stored: now the broker may forget them.
+                        for p in &batch {
+                            let _ = client.ack(p).await;
+                        }
+                        self.publish_acks(acks).await;
+                    }
+                }
+                Some(req) = web_rx.recv() => {
+                    let WebRequest::Ack { alert_id, role, note, reply } = req;
+                    let r = self.acknowledge(&alert_id, role, "link", note, clock::now());
+                    let r = match r {
+                        Ok(acks) => { self.publish_acks(acks).await; Ok(()) }
+                        Err(e) => Err(e),
+                    };
+                    let _ = reply.send(r);
+                }
+                Some((row, result)) = self.results_rx.recv() => {
+                    self.record(row, result, clock::now())?;
+                }
+                _ = tokio::time::sleep(sleep) => {}
+            }
+            let now = clock::now();
+            let acks = self.tick(now)?;
+            self.publish_acks(acks).await;
+            if now >= next_housekeeping {
+                next_housekeeping = now + chrono::Duration::seconds(1);
+                let acks = self.apply_cli_acks(now)?;
+                self.publish_acks(acks).await;
+            }
+            self.dispatch(now)?;
+        }
+        // Shutdown: let sends in flight finish (bounded), record them, disconnect.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while !self.in_flight.is_empty() {
+            match tokio::time::timeout_at(deadline, self.results_rx.recv()).await {
+                Ok(Some((row, result))) => self.record(row, result, clock::now())?,
+                _ => break,
+            }
+        }
+        let _ = client.disconnect().await;
+        let c = &self.counters;
+        tracing::info!(
+            ingested = c.ingested.load(Ordering::Relaxed),
+            rejected = c.rejected.load(Ordering::Relaxed),
+            unknown_home = c.unknown_home.load(Ordering::Relaxed),
+            duplicates = c.duplicates.load(Ordering::Relaxed),
+            delivered = c.delivered.load(Ordering::Relaxed),
+            "gateway stopped"
+        );
+        Ok(())
+    }
+}
+
+async fn publish_acks(client: Option<AsyncClient>, acks: Vec<(HomeId, mqtt::Ack)>) {
+    let Some(client) = client else { return };
+    for (home, ack) in acks {
+        let topic = home.topic(Channel::Ack);
+        if let Err(e) = client.publish(topic, QoS::AtLeastOnce, false, mqtt::encode(&ack)).await {
+            tracing::warn!(error = %e, "ack publish");
+        }
+    }
+}

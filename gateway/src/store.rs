@@ -1,0 +1,637 @@
+//! The store: everything the gateway needs to resume after a crash, and the history.
+//!
+//! [`Store`] is the seam; [`SqliteStore`] is the embedded default (one file,
+//! `<data_dir>/mamori.db`, WAL, `synchronous=FULL`). The trait speaks in domain types and
+//! explicit transactions so a PostgreSQL backend can follow without touching the callers.
+//!
+//! ## Invariants
+//! - Ingest stores a batch of messages and the engine's resulting state, alerts and outbox
+//!   rows in **one transaction**, and only then acknowledges the messages to the broker
+//!   (manual MQTT acks). A crash before the commit loses nothing: the broker sends again.
+//! - Events are unique by `(home, seq)`: a redelivered or replayed event is recognised here.
+//! - An outbox row is unique by its idempotency key, so re-deciding a notification after a
+//!   restart never makes a second one; a row is `delivered` only after the receiver's 2xx or
+//!   the SMTP server's acceptance.
+//!
+//! ## Migrations
+//! `PRAGMA user_version` holds the schema version; [`MIGRATIONS`] are applied in order, each
+//! in its own transaction.
+
+use std::path::{Path, PathBuf};
+
+use chrono::{DateTime, Utc};
+use mamori_protocol::mqtt::{Event, HomeId, Role, Status, Telemetry};
+use rusqlite::{params, Connection, OptionalExtension};
+use serde::{Deserialize, Serialize};
+
+use crate::engine::{Alert, HomeState, Incident, Time};
+use crate::homes::{ChannelRef, Home, Lang};
+
+/// A store failure.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database refused.
+    #[error("database {path}: {source}")]
+    Db {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: rusqlite::Error,
+    },
+    /// A stored row does not decode (written by a newer version, or damaged).
+    #[error("database {path}: a stored {what} does not decode: {detail}")]
+    Corrupt {
+        /// The file.
+        path: PathBuf,
+        /// What.
+        what: &'static str,
+        /// Why.
+        detail: String,
+    },
+}
+
+/// Delivery state of an outbox row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OutboxStatus {
+    /// Waiting to be sent (or retried).
+    Pending,
+    /// The receiver accepted it.
+    Delivered,
+    /// Given up (too old).
+    Abandoned,
+}
+
+impl OutboxStatus {
+    fn as_str(self) -> &'static str {
+        match self {
+            OutboxStatus::Pending => "pending",
+            OutboxStatus::Delivered => "delivered",
+            OutboxStatus::Abandoned => "abandoned",
+        }
+    }
+}
+
+/// One message to one channel of one recipient.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OutboxRow {
+    /// Idempotency key: `{notification key}:{role}:{contact}:{channel}`.
+    pub key: String,
+    /// The alert or incident.
+    pub alert_id: String,
+    /// The home, for per-home messages.
+    pub home: Option<HomeId>,
+    /// The recipient's role.
+    pub role: Role,
+    /// The recipient's name.
+    pub recipient: String,
+    /// The channel.
+    pub channel: ChannelRef,
+    /// The language.
+    pub lang: Lang,
+    /// Subject.
+    pub subject: String,
+    /// Body.
+    pub body: String,
+    /// The notification's content as JSON (for the fallback recipient and the webhook body).
+    pub content: serde_json::Value,
+    /// When it was written.
+    pub created_at: Time,
+    /// When to try (next).
+    pub next_attempt_at: Time,
+    /// Attempts so far.
+    pub attempts: u32,
+    /// State.
+    pub status: OutboxStatus,
+    /// The last failure.
+    pub last_error: Option<String>,
+    /// When it was delivered.
+    pub delivered_at: Option<Time>,
+    /// The fallback recipient was notified.
+    pub fallback_done: bool,
+}
+
+/// A stored alert (active or cleared), for listing.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AlertRecord {
+    /// The alert.
+    pub alert: Alert,
+}
+
+/// An acknowledgement requested outside the running gateway (the CLI), applied by it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AckRequest {
+    /// Row id.
+    pub id: i64,
+    /// Alert or incident id.
+    pub alert_id: String,
+    /// Role.
+    pub role: Role,
+    /// Who.
+    pub by: String,
+    /// Note.
+    pub note: Option<String>,
+}
+
+/// The store.
+pub trait Store: Send {
+    /// Start a write transaction.
+    fn begin(&mut self) -> Result<(), StoreError>;
+    /// Commit it.
+    fn commit(&mut self) -> Result<(), StoreError>;
+    /// Abandon it.
+    fn rollback(&mut self);
+
+    /// Add or replace care plans.
+    fn upsert_homes(&mut self, homes: &[Home]) -> Result<(), StoreError>;
+    /// Every care plan.
+    fn homes(&self) -> Result<Vec<Home>, StoreError>;
+
+    /// Store an event; false when `(home, seq)` is already stored.
+    fn insert_event(&mut self, home: &HomeId, e: &Event, received: Time) -> Result<bool, StoreError>;
+    /// Store a telemetry snapshot.
+    fn insert_telemetry(&mut self, home: &HomeId, t: &Telemetry, received: Time) -> Result<(), StoreError>;
+    /// Store a status message.
+    fn insert_status(&mut self, home: &HomeId, s: &Status, received: Time) -> Result<(), StoreError>;
+
+    /// Save a home's state.
+    fn save_state(&mut self, home: &HomeId, state: &HomeState) -> Result<(), StoreError>;
+    /// Every home's saved state.
+    fn states(&self) -> Result<Vec<(HomeId, HomeState)>, StoreError>;
+    /// Save an alert.
+    fn save_alert(&mut self, a: &Alert) -> Result<(), StoreError>;
+    /// Alerts, newest first (`active_only`: not cleared).
+    fn alerts(&self, active_only: bool, limit: usize) -> Result<Vec<Alert>, StoreError>;
+    /// Save an incident.
+    fn save_incident(&mut self, i: &Incident) -> Result<(), StoreError>;
+    /// Incidents not closed.
+    fn open_incidents(&self) -> Result<Vec<Incident>, StoreError>;
+
+    /// Write an outbox row unless its key exists; true when written.
+    fn enqueue(&mut self, row: &OutboxRow) -> Result<bool, StoreError>;
+    /// Pending rows due at `now`, oldest first.
+    fn due(&self, now: Time, limit: usize) -> Result<Vec<OutboxRow>, StoreError>;
+    /// The earliest pending row's next attempt.
+    fn next_due(&self) -> Result<Option<Time>, StoreError>;
+    /// Record an attempt's result.
+    fn record_attempt(&mut self, row: &OutboxRow) -> Result<(), StoreError>;
+    /// An alert's outbox rows.
+    fn outbox_for(&self, alert_id: &str) -> Result<Vec<OutboxRow>, StoreError>;
+    /// Pending rows.
+    fn outbox_depth(&self) -> Result<u64, StoreError>;
+
+    /// Ask the running gateway to apply an acknowledgement.
+    fn request_ack(&mut self, alert_id: &str, role: Role, by: &str, note: Option<&str>) -> Result<i64, StoreError>;
+    /// Requests not yet applied.
+    fn pending_acks(&self) -> Result<Vec<AckRequest>, StoreError>;
+    /// Mark a request applied (`result`: `ok` or the error).
+    fn finish_ack(&mut self, id: i64, result: &str) -> Result<(), StoreError>;
+    /// A request's result, once applied.
+    fn ack_result(&self, id: i64) -> Result<Option<String>, StoreError>;
+
+    /// Delete telemetry older than `before`; returns rows deleted.
+    fn prune_telemetry(&mut self, before: Time) -> Result<usize, StoreError>;
+}
+
+/// Schema migrations, in order.
+pub const MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE homes (id TEXT PRIMARY KEY, municipality TEXT NOT NULL, plan TEXT NOT NULL, updated_at TEXT NOT NULL);
+CREATE TABLE home_state (id TEXT PRIMARY KEY, state TEXT NOT NULL);
+CREATE TABLE events (home TEXT NOT NULL, seq INTEGER NOT NULL, id TEXT NOT NULL, ts TEXT NOT NULL, kind TEXT NOT NULL,
+    received_at TEXT NOT NULL, payload TEXT NOT NULL, PRIMARY KEY (home, seq)) WITHOUT ROWID;
+CREATE TABLE telemetry (home TEXT NOT NULL, ts TEXT NOT NULL, received_at TEXT NOT NULL, payload TEXT NOT NULL);
+CREATE INDEX telemetry_home_ts ON telemetry (home, ts);
+CREATE TABLE status (home TEXT NOT NULL, received_at TEXT NOT NULL, payload TEXT NOT NULL);
+CREATE TABLE alerts (id TEXT PRIMARY KEY, home TEXT NOT NULL, kind TEXT NOT NULL, raised_at TEXT NOT NULL,
+    cleared_at TEXT, body TEXT NOT NULL);
+CREATE INDEX alerts_active ON alerts (cleared_at, raised_at);
+CREATE TABLE incidents (id TEXT PRIMARY KEY, municipality TEXT NOT NULL, closed_at TEXT, body TEXT NOT NULL);
+CREATE TABLE outbox (key TEXT PRIMARY KEY, alert_id TEXT NOT NULL, status TEXT NOT NULL, next_attempt_at TEXT NOT NULL,
+    body TEXT NOT NULL);
+CREATE INDEX outbox_due ON outbox (status, next_attempt_at);
+CREATE INDEX outbox_alert ON outbox (alert_id);
+CREATE TABLE ack_requests (id INTEGER PRIMARY KEY AUTOINCREMENT, alert_id TEXT NOT NULL, role TEXT NOT NULL,
+    by TEXT NOT NULL, note TEXT, requested_at TEXT NOT NULL, result TEXT);
+"#];
+
+/// The SQLite store.
+pub struct SqliteStore {
+    conn: Connection,
+    path: PathBuf,
+}
+
+fn ts(t: Time) -> String {
+    // Fixed width, so text order is time order.
+    t.format("%Y-%m-%dT%H:%M:%S%.6fZ").to_string()
+}
+
+fn parse_ts(s: &str) -> Option<Time> {
+    DateTime::parse_from_rfc3339(s).ok().map(|t| t.with_timezone(&Utc))
+}
+
+impl SqliteStore {
+    /// Open (creating and migrating) `<dir>/mamori.db`.
+    pub fn open(dir: &Path) -> Result<SqliteStore, StoreError> {
+        let path = dir.join("mamori.db");
+        let db = |source| StoreError::Db { path: path.clone(), source };
+        let conn = Connection::open(&path).map_err(db)?;
+        conn.pragma_update(None, "journal_mode", "WAL").map_err(db)?;
+        conn.pragma_update(None, "synchronous", "FULL").map_err(db)?;
+        conn.pragma_update(None, "foreign_keys", "ON").map_err(db)?;
+        conn.busy_timeout(std::time::Duration::from_secs(5)).map_err(db)?;
+        let mut store = SqliteStore { conn, path };
+        store.migrate()?;
+        Ok(store)
+    }
+
+    /// Open an existing store read-only-ish (the CLI): same file, no migrations beyond current.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn db(&self) -> impl Fn(rusqlite::Error) -> StoreError + '_ {
+        move |source| StoreError::Db { path: self.path.clone(), source }
+    }
+
+    fn corrupt(&self, what: &'static str) -> impl Fn(serde_json::Error) -> StoreError + '_ {
+        move |e| StoreError::Corrupt { path: self.path.clone(), what, detail: e.to_string() }
+    }
+
+    fn migrate(&mut self) -> Result<(), StoreError> {
+        let version: i64 = self.conn.pragma_query_value(None, "user_version", |r| r.get(0)).map_err(self.db())?;
+        for (i, m) in MIGRATIONS.iter().enumerate().skip(usize::try_from(version).unwrap_or(0)) {
+            let tx = self.conn.transaction().map_err(|source| StoreError::Db { path: self.path.clone(), source })?;
+            tx.execute_batch(m).map_err(|source| StoreError::Db { path: self.path.clone(), source })?;
+            tx.pragma_update(None, "user_version", (i + 1) as i64)
+                .map_err(|source| StoreError::Db { path: self.path.clone(), source })?;
+            tx.commit().map_err(|source| StoreError::Db { path: self.path.clone(), source })?;
+        }
+        Ok(())
+    }
+
+    fn json_rows<T: serde::de::DeserializeOwned>(
+        &self,
+        sql: &str,
+        p: impl rusqlite::Params,
+        what: &'static str,
+    ) -> Result<Vec<T>, StoreError> {
+        let mut stmt = self.conn.prepare_cached(sql).map_err(self.db())?;
+        let rows = stmt.query_map(p, |r| r.get::<_, String>(0)).map_err(self.db())?;
+        let mut out = Vec::new();
+        for r in rows {
+            let text = r.map_err(self.db())?;
+            out.push(serde_json::from_str(&text).map_err(self.corrupt(what))?);
+        }
+        Ok(out)
+    }
+}
+
+impl Store for SqliteStore {
+    fn begin(&mut self) -> Result<(), StoreError> {
+        self.conn.execute_batch("BEGIN IMMEDIATE").map_err(self.db())
+    }
+
+    fn commit(&mut self) -> Result<(), StoreError> {
+        self.conn.execute_batch("COMMIT").map_err(self.db())
+    }
+
+    fn rollback(&mut self) {
+        let _ = self.conn.execute_batch("ROLLBACK");
+    }
+
+    fn upsert_homes(&mut self, homes: &[Home]) -> Result<(), StoreError> {
+        let now = ts(crate::clock::now());
+        let tx = self.conn.transaction().map_err(|source| StoreError::Db { path: self.path.clone(), source })?;
+        for h in homes {
+            let plan = serde_json::to_string(h).unwrap_or_default();
+            tx.execute(
+                "INSERT INTO homes (id, municipality, plan, updated_at) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (id) DO UPDATE SET municipality = ?2, plan = ?3, updated_at = ?4",
+                params![h.id.as_str(), h.municipality, plan, now],
+            )
+            .map_err(|source| StoreError::Db { path: self.path.clone(), source })?;
+        }
+        tx.commit().map_err(|source| StoreError::Db { path: self.path.clone(), source })
+    }
+
+    fn homes(&self) -> Result<Vec<Home>, StoreError> {
+        self.json_rows("SELECT plan FROM homes ORDER BY id", [], "home")
+    }
+
+    fn insert_event(&mut self, home: &HomeId, e: &Event, received: Time) -> Result<bool, StoreError> {
+        let payload = serde_json::to_string(e).unwrap_or_default();
+        let n = self
+            .conn
+            .prepare_cached(
+                "INSERT OR IGNORE INTO events (home, seq, id, ts, kind, received_at, payload) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            )
+            .and_then(|mut s| {
+                s.execute(params![
+                    home.as_str(),
+                    e.seq as i64,
+                    e.id,
+                    ts(e.ts.with_timezone(&Utc)),
+                    e.kind.as_str(),
+                    ts(received),
+                    payload
+                ])
+            })
+            .map_err(self.db())?;
+        Ok(n == 1)
+    }
+
+    fn insert_telemetry(&mut self, home: &HomeId, t: &Telemetry, received: Time) -> Result<(), StoreError> {
+        let payload = serde_json::to_string(t).unwrap_or_default();
+        self.conn
+            .prepare_cached("INSERT INTO telemetry (home, ts, received_at, payload) VALUES (?1, ?2, ?3, ?4)")
+            .and_then(|mut s| s.execute(params![home.as_str(), ts(t.ts.with_timezone(&Utc)), ts(received), payload]))
+            .map_err(self.db())?;
+        Ok(())
+    }
+
+    fn insert_status(&mut self, home: &HomeId, s: &Status, received: Time) -> Result<(), StoreError> {
+        let payload = serde_json::to_string(s).unwrap_or_default();
+        self.conn
+            .prepare_cached("INSERT INTO status (home, received_at, payload) VALUES (?1, ?2, ?3)")
+            .and_then(|mut st| st.execute(params![home.as_str(), ts(received), payload]))
+            .map_err(self.db())?;
+        Ok(())
+    }
+
+    fn save_state(&mut self, home: &HomeId, state: &HomeState) -> Result<(), StoreError> {
+        let body = serde_json::to_string(state).unwrap_or_default();
+        self.conn
+            .prepare_cached(
+                "INSERT INTO home_state (id, state) VALUES (?1, ?2) ON CONFLICT (id) DO UPDATE SET state = ?2",
+            )
+            .and_then(|mut s| s.execute(params![home.as_str(), body]))
+            .map_err(self.db())?;
+        Ok(())
+    }
+
+    fn states(&self) -> Result<Vec<(HomeId, HomeState)>, StoreError> {
+        let mut stmt = self.conn.prepare("SELECT id, state FROM home_state").map_err(self.db())?;
+        let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))).map_err(self.db())?;
+        let mut out = Vec::new();
+        for r in rows {
+            let (id, text) = r.map_err(self.db())?;
+            let id = HomeId::new(&id).map_err(|_| StoreError::Corrupt {
+                path: self.path.clone(),
+                what: "home id",
+                detail: id.clone(),
+            })?;
+            out.push((id, serde_json::from_str(&text).map_err(self.corrupt("home state"))?));
+        }
+        Ok(out)
+    }
+
+    fn save_alert(&mut self, a: &Alert) -> Result<(), StoreError> {
+        let body = serde_json::to_string(a).unwrap_or_default();
+        self.conn
+            .prepare_cached(
+                "INSERT INTO alerts (id, home, kind, raised_at, cleared_at, body) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                 ON CONFLICT (id) DO UPDATE SET cleared_at = ?5, body = ?6",
+            )
+            .and_then(|mut s| {
+                s.execute(params![a.id, a.home.as_str(), a.kind, ts(a.raised_at), a.cleared_at.map(ts), body])
+            })
+            .map_err(self.db())?;
+        Ok(())
+    }
+
+    fn alerts(&self, active_only: bool, limit: usize) -> Result<Vec<Alert>, StoreError> {
+        let sql = if active_only {
+            "SELECT body FROM alerts WHERE cleared_at IS NULL ORDER BY raised_at DESC LIMIT ?1"
+        } else {
+            "SELECT body FROM alerts ORDER BY raised_at DESC LIMIT ?1"
+        };
+        self.json_rows(sql, [limit as i64], "alert")
+    }
+
+    fn save_incident(&mut self, i: &Incident) -> Result<(), StoreError> {
+        let body = serde_json::to_string(i).unwrap_or_default();
+        self.conn
+            .prepare_cached(
+                "INSERT INTO incidents (id, municipality, closed_at, body) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (id) DO UPDATE SET closed_at = ?3, body = ?4",
+            )
+            .and_then(|mut s| s.execute(params![i.id, i.municipality, i.closed_at.map(ts), body]))
+            .map_err(self.db())?;
+        Ok(())
+    }
+
+    fn open_incidents(&self) -> Result<Vec<Incident>, StoreError> {
+        self.json_rows("SELECT body FROM incidents WHERE closed_at IS NULL", [], "incident")
+    }
+
+    fn enqueue(&mut self, row: &OutboxRow) -> Result<bool, StoreError> {
+        let body = serde_json::to_string(row).unwrap_or_default();
+        let n = self
+            .conn
+            .prepare_cached(
+                "INSERT OR IGNORE INTO outbox (key, alert_id, status, next_attempt_at, body) VALUES (?1, ?2, ?3, ?4, ?5)",
+            )
+            .and_then(|mut s| {
+                s.execute(params![row.key, row.alert_id, row.status.as_str(), ts(row.next_attempt_at), body])
+            })
+            .map_err(self.db())?;
+        Ok(n == 1)
+    }
+
+    fn due(&self, now: Time, limit: usize) -> Result<Vec<OutboxRow>, StoreError> {
+        self.json_rows(
+            "SELECT body FROM outbox WHERE status = 'pending' AND next_attempt_at <= ?1 ORDER BY next_attempt_at LIMIT ?2",
+            params![ts(now), limit as i64],
+            "outbox row",
+        )
+    }
+
+    fn next_due(&self) -> Result<Option<Time>, StoreError> {
+        let t: Option<String> = self
+            .conn
+            .query_row("SELECT MIN(next_attempt_at) FROM outbox WHERE status = 'pending'", [], |r| r.get(0))
+            .optional()
+            .map_err(self.db())?
+            .flatten();
+        Ok(t.as_deref().and_then(parse_ts))
+    }
+
+    fn record_attempt(&mut self, row: &OutboxRow) -> Result<(), StoreError> {
+        let body = serde_json::to_string(row).unwrap_or_default();
+        self.conn
+            .prepare_cached("UPDATE outbox SET status = ?2, next_attempt_at = ?3, body = ?4 WHERE key = ?1")
+            .and_then(|mut s| s.execute(params![row.key, row.status.as_str(), ts(row.next_attempt_at), body]))
+            .map_err(self.db())?;
+        Ok(())
+    }
+
+    fn outbox_for(&self, alert_id: &str) -> Result<Vec<OutboxRow>, StoreError> {
+        self.json_rows("SELECT body FROM outbox WHERE alert_id = ?1 ORDER BY rowid", [alert_id], "outbox row")
+    }
+
+    fn outbox_depth(&self) -> Result<u64, StoreError> {
+        let n: i64 = self
+            .conn
+            .query_row("SELECT COUNT(*) FROM outbox WHERE status = 'pending'", [], |r| r.get(0))
+            .map_err(self.db())?;
+        Ok(n as u64)
+    }
+
+    fn request_ack(&mut self, alert_id: &str, role: Role, by: &str, note: Option<&str>) -> Result<i64, StoreError> {
+        let role = serde_json::to_value(role).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default();
+        self.conn
+            .execute(
+                "INSERT INTO ack_requests (alert_id, role, by, note, requested_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![alert_id, role, by, note, ts(crate::clock::now())],
+            )
+            .map_err(self.db())?;
+        Ok(self.conn.last_insert_rowid())
+    }
+
+    fn pending_acks(&self) -> Result<Vec<AckRequest>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT id, alert_id, role, by, note FROM ack_requests WHERE result IS NULL ORDER BY id")
+            .map_err(self.db())?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?, r.get(3)?, r.get(4)?))
+            })
+            .map_err(self.db())?;
+        let mut out = Vec::new();
+        for r in rows {
+            let (id, alert_id, role, by, note) = r.map_err(self.db())?;
+            let role = crate::message::parse_role(&role).unwrap_or(Role::Admin);
+            out.push(AckRequest { id, alert_id, role, by, note });
+        }
+        Ok(out)
+    }
+
+    fn finish_ack(&mut self, id: i64, result: &str) -> Result<(), StoreError> {
+        self.conn.execute("UPDATE ack_requests SET result = ?2 WHERE id = ?1", params![id, result]).map_err(self.db())?;
+        Ok(())
+    }
+
+    fn ack_result(&self, id: i64) -> Result<Option<String>, StoreError> {
+        self.conn
+            .query_row("SELECT result FROM ack_requests WHERE id = ?1", [id], |r| r.get::<_, Option<String>>(0))
+            .optional()
+            .map(Option::flatten)
+            .map_err(self.db())
+    }
+
+    fn prune_telemetry(&mut self, before: Time) -> Result<usize, StoreError> {
+        self.conn.execute("DELETE FROM telemetry WHERE ts < ?1", [ts(before)]).map_err(self.db())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mamori_protocol::mqtt::{EventKind, Severity};
+
+    fn t(s: i64) -> Time {
+        DateTime::from_timestamp(1_790_000_000 + s, 0).unwrap()
+    }
+
+    fn ev(seq: u64) -> Event {
+        Event {
+            id: format!("b:{seq}"),
+            seq,
+            ts: t(seq as i64).fixed_offset(),
+            kind: EventKind::MainsLost,
+            severity: Severity::Critical,
+            source: None,
+            data: Default::default(),
+        }
+    }
+
+    fn row(key: &str, at: i64) -> OutboxRow {
+        OutboxRow {
+            key: key.into(),
+            alert_id: "a1".into(),
+            home: Some(HomeId::new("h").unwrap()),
+            role: Role::Family,
+            recipient: "母".into(),
+            channel: ChannelRef::Console("c".into()),
+            lang: Lang::Ja,
+            subject: "s".into(),
+            body: "b".into(),
+            content: serde_json::Value::Null,
+            created_at: t(at),
+            next_attempt_at: t(at),
+            attempts: 0,
+            status: OutboxStatus::Pending,
+            last_error: None,
+            delivered_at: None,
+            fallback_done: false,
+        }
+    }
+
+    #[test]
+    fn events_are_unique_by_home_and_seq_across_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let home = HomeId::new("h").unwrap();
+        {
+            let mut s = SqliteStore::open(dir.path()).unwrap();
+            assert!(s.insert_event(&home, &ev(1), t(0)).unwrap());
+            assert!(!s.insert_event(&home, &ev(1), t(1)).unwrap());
+            assert!(s.insert_event(&HomeId::new("g").unwrap(), &ev(1), t(1)).unwrap());
+        }
+        let mut s = SqliteStore::open(dir.path()).unwrap();
+        assert!(!s.insert_event(&home, &ev(1), t(2)).unwrap(), "dedup survives a restart");
+        assert!(s.insert_event(&home, &ev(2), t(2)).unwrap());
+    }
+
+    #[test]
+    fn a_rolled_back_batch_leaves_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let home = HomeId::new("h").unwrap();
+        let mut s = SqliteStore::open(dir.path()).unwrap();
+        s.begin().unwrap();
+        s.insert_event(&home, &ev(1), t(0)).unwrap();
+        s.enqueue(&row("k", 0)).unwrap();
+        s.rollback();
+        assert!(s.insert_event(&home, &ev(1), t(0)).unwrap());
+        assert_eq!(s.outbox_depth().unwrap(), 0);
+    }
+
+    #[test]
+    fn the_outbox_is_idempotent_by_key_and_orders_by_due_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = SqliteStore::open(dir.path()).unwrap();
+        assert!(s.enqueue(&row("k2", 20)).unwrap());
+        assert!(s.enqueue(&row("k1", 10)).unwrap());
+        assert!(!s.enqueue(&row("k1", 10)).unwrap(), "same key, no second message");
+        assert_eq!(s.due(t(15), 10).unwrap().iter().map(|r| r.key.as_str()).collect::<Vec<_>>(), ["k1"]);
+        assert_eq!(s.next_due().unwrap(), Some(t(10)));
+        let mut r = s.due(t(30), 10).unwrap().remove(0);
+        r.status = OutboxStatus::Delivered;
+        r.delivered_at = Some(t(31));
+        s.record_attempt(&r).unwrap();
+        assert_eq!(s.outbox_depth().unwrap(), 1);
+        assert_eq!(s.outbox_for("a1").unwrap().len(), 2);
+    }
+
+    #[test]
+    fn ack_requests_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = SqliteStore::open(dir.path()).unwrap();
+        let id = s.request_ack("a1", Role::Coordinator, "cli:sato", Some("向かっています")).unwrap();
+        let p = s.pending_acks().unwrap();
+        assert_eq!((p[0].role, p[0].note.as_deref()), (Role::Coordinator, Some("向かっています")));
+        assert_eq!(s.ack_result(id).unwrap(), None);
+        s.finish_ack(id, "ok").unwrap();
+        assert!(s.pending_acks().unwrap().is_empty());
+        assert_eq!(s.ack_result(id).unwrap().as_deref(), Some("ok"));
+    }
+
+    #[test]
+    fn a_damaged_row_is_a_clear_error_not_a_panic() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SqliteStore::open(dir.path()).unwrap();
+        s.conn.execute("INSERT INTO home_state (id, state) VALUES ('h', '{not json')", []).unwrap();
+        let e = s.states().unwrap_err().to_string();
+        assert!(e.contains("mamori.db") && e.contains("home state"), "{e}");
+    }
+}

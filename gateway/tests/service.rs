@@ -1,0 +1,296 @@
+//! The gateway as a process, over real parts: a Mosquitto the test starts on a free loopback
+//! port, the real `mamori-gateway` binary with a SQLite store in a temporary folder, a real
+//! HTTP webhook receiver that checks signatures, and an MQTT client publishing as a home.
+//! No sleeps stand in for synchronisation: every wait is for a condition, with a deadline.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::Result;
+use mamori_tests::process::{Collector, Process};
+use mamori_tests::webhook::{Delivery, WebhookReceiver};
+use mamori_tests::{free_port, Mosquitto};
+
+const BIN: &str = env!("CARGO_BIN_EXE_mamori-gateway");
+const LIMIT: Duration = Duration::from_secs(20);
+
+struct Setup {
+    dir: tempfile::TempDir,
+    config: std::path::PathBuf,
+    http_port: u16,
+}
+
+fn setup(broker_port: u16, hook: &WebhookReceiver, escalate_after_s: u64) -> Result<Setup> {
+    let dir = tempfile::tempdir()?;
+    let http_port = free_port()?;
+    std::fs::write(
+        dir.path().join("homes.toml"),
+        r#"
+[[home]]
+id = "h1"
+municipality = "431001"
+label = "K-01"
+devices = [{ name = "ventilator", watts = 25 }, { name = "humidifier", watts = 75 }]
+backup = [{ kind = "power_station", nameplate_wh = 1000 }, { kind = "ventilator_internal", runtime_min = 480 }]
+evacuation = { destination = "病院", travel_min = 30 }
+contacts = [
+  { role = "family", name = "家族", channels = [{ webhook = "family" }] },
+  { role = "coordinator", name = "Sato", language = "en", channels = [{ webhook = "coord" }] },
+]
+"#,
+    )?;
+    let config = dir.path().join("gateway.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"data_dir = "data"
+homes_file = "homes.toml"
+public_url = "http://127.0.0.1:{http_port}"
+link_secret = {{ value = "link-secret" }}
+[broker]
+host = "127.0.0.1"
+port = {broker_port}
+client_id = "gw-test"
+[http]
+bind = "127.0.0.1:{http_port}"
+[escalation]
+default_interval_s = 3600
+[delivery]
+backoff_initial_ms = 200
+backoff_max_ms = 1000
+fallback_after_failures = 3
+timeout_ms = 2000
+[policy.default]
+steps = [
+  {{ tier = "T0", roles = ["family"], escalate_after_s = {escalate_after_s} }},
+  {{ tier = "T1", roles = ["coordinator"] }},
+]
+[endpoints.family]
+url = "{hook}/family"
+secret = {{ value = "hook-secret" }}
+[endpoints.coord]
+url = "{hook}/coord"
+secret = {{ value = "hook-secret" }}
+"#,
+            hook = hook.url()
+        ),
+    )?;
+    Ok(Setup { dir, config, http_port })
+}
+
+fn gateway(config: &Path) -> Result<Process> {
+    let mut cmd = Command::new(BIN);
+    cmd.arg("run").arg("--config").arg(config);
+    let p = Process::spawn("gateway", cmd)?;
+    p.wait_line("subscribed", LIMIT, |l| l.contains("\"subscribed\""))?;
+    Ok(p)
+}
+
+/// Publish as a home (QoS 1), waiting for each PUBACK.
+fn publish(port: u16, messages: &[(String, Vec<u8>)]) -> Result<()> {
+    let mut o = rumqttc::MqttOptions::new(format!("pub-{}", free_port()?), "127.0.0.1", port);
+    o.set_max_packet_size(1 << 20, 1 << 20);
+    let (client, mut conn) = rumqttc::Client::new(o, 100);
+    let total = messages.len();
+    let waiter = std::thread::spawn(move || -> Result<()> {
+        let mut acked = 0;
+        for ev in conn.iter() {
+            match ev? {
+                rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_)) => {
+                    acked += 1;
+                    if acked == total {
+                        return Ok(());
+                    }
+                }
+                rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(_)) if total == 0 => return Ok(()),
+                _ => {}
+            }
+        }
+        Ok(())
+    });
+    for (topic, payload) in messages {
+        client.publish(topic.clone(), rumqttc::QoS::AtLeastOnce, false, payload.clone())?;
+    }
+    waiter.join().map_err(|_| anyhow::anyhow!("publisher thread"))??;
+    let _ = client.disconnect();
+    Ok(())
+}
+
+fn event(seq: u64, kind: &str) -> (String, Vec<u8>) {
+    let ts = chrono::Utc::now().to_rfc3339();
+    let body = format!(r#"{{"id":"boot:{seq}","seq":{seq},"ts":"{ts}","kind":"{kind}","severity":"critical"}}"#);
+    ("mamori/v1/h1/event".to_string(), body.into_bytes())
+}
+
+fn to(path: &str) -> impl Fn(&Delivery) -> bool + '_ {
+    move |d| d.path == path && d.accepted
+}
+
+fn cli(args: &[&str]) -> Result<std::process::Output> {
+    Ok(Command::new(BIN).args(args).output()?)
+}
+
+#[test]
+fn an_outage_is_delivered_signed_escalates_and_the_ack_link_reaches_the_agent() -> Result<()> {
+    let broker = Mosquitto::start("")?;
+    let hook = WebhookReceiver::start("hook-secret")?;
+    let s = setup(broker.port(), &hook, 3)?;
+    let _gw = gateway(&s.config)?;
+    let agent = Collector::start(broker.port(), "agent-h1", "mamori/v1/h1/ack")?;
+    publish(broker.port(), &[event(1, "mains_lost")])?;
+
+    // The family hears first, signed, in Japanese, with the time left and its basis.
+    let d = hook.wait("family notified", LIMIT, |d| d.iter().any(to("/family")))?;
+    let fam = d.iter().find(|x| to("/family")(x)).cloned().unwrap_or_else(|| unreachable!());
+    assert!(fam.signature_ok, "HMAC signature");
+    assert_eq!(fam.body["key"], fam.key);
+    let text = fam.body["text"].as_str().unwrap_or_default();
+    assert!(text.contains("K-01") && text.contains("停電") && text.contains("停電開始からの推定"), "{text}");
+    // 1000 Wh × 0.85 / 100 W = 8.5 h + 8 h internal: about 16 h 30 min.
+    assert!(text.contains("約16時間29分") || text.contains("約16時間30分"), "{text}");
+    // Unacknowledged for 3 s: the coordinator, in English.
+    let d = hook.wait("coordinator notified", LIMIT, |d| d.iter().any(to("/coord")))?;
+    let coord = d.iter().find(|x| to("/coord")(x)).cloned().unwrap_or_else(|| unreachable!());
+    assert!(coord.body["text"].as_str().unwrap_or_default().contains("mains power lost"));
+    let waited = coord.at.duration_since(fam.at);
+    assert!(waited >= Duration::from_millis(2500), "escalated after {waited:?}, not before the policy's 3 s");
+
+    // The coordinator acknowledges through the signed link (GET shows a form, POST acknowledges).
+    let url = coord.body["ack_url"].as_str().unwrap_or_default().to_string();
+    assert!(url.starts_with(&format!("http://127.0.0.1:{}/ack/", s.http_port)), "{url}");
+    let rt = tokio::runtime::Runtime::new()?;
+    let (get, post, forged) = rt.block_on(async {
+        let c = reqwest::Client::new();
+        let get = c.get(&url).send().await?.status();
+        let post = c.post(&url).form(&[("note", "calling the family")]).send().await?.status();
+        let forged = c.post(url.replace("/coordinator/", "/family/")).form(&[("note", "x")]).send().await?.status();
+        anyhow::Ok((get, post, forged))
+    })?;
+    assert_eq!((get.as_u16(), post.as_u16(), forged.as_u16()), (200, 200, 404));
+    let acks = agent.wait("ack on the agent's topic", LIMIT, |m| !m.is_empty())?;
+    let ack: serde_json::Value = serde_json::from_slice(&acks[0].payload)?;
+    assert_eq!((ack["alert_kind"].as_str(), ack["role"].as_str()), (Some("mains_lost"), Some("coordinator")));
+
+    // The shell sees it acknowledged.
+    let out = cli(&["alerts", "list", "--json", "--config", s.config.to_str().unwrap_or_default()])?;
+    let listed = String::from_utf8_lossy(&out.stdout);
+    assert!(listed.contains("\"kind\":\"mains_lost\"") && listed.contains("calling the family"), "{listed}");
+
+    // Power back: the alert clears and both readers are told.
+    publish(broker.port(), &[event(2, "mains_restored")])?;
+    hook.wait("cleared messages", LIMIT, |d| d.iter().filter(|x| x.key.contains(":clear:")).count() == 2)?;
+    let out = cli(&["alerts", "list", "--config", s.config.to_str().unwrap_or_default()])?;
+    assert!(String::from_utf8_lossy(&out.stdout).trim().is_empty(), "no active alert left");
+    drop(s.dir);
+    Ok(())
+}
+
+#[test]
+fn sigkill_mid_escalation_resumes_on_time_and_sends_nothing_twice() -> Result<()> {
+    let broker = Mosquitto::start("")?;
+    let hook = WebhookReceiver::start("hook-secret")?;
+    let s = setup(broker.port(), &hook, 6)?;
+    let mut gw = gateway(&s.config)?;
+    publish(broker.port(), &[event(1, "ventilator_alarm")])?;
+    let d = hook.wait("family notified", LIMIT, |d| d.iter().any(to("/family")))?;
+    let first = d[0].clone();
+    gw.wait_line("delivery recorded", LIMIT, |l| l.contains("\"delivered\"") && l.contains(&first.key))?;
+    gw.kill9()?;
+    // While it is down, the same event is redelivered (as an agent replaying its spool would).
+    publish(broker.port(), &[event(1, "ventilator_alarm")])?;
+    let _gw2 = gateway(&s.config)?;
+    let d = hook.wait("coordinator after the restart", LIMIT, |d| d.iter().any(to("/coord")))?;
+    let coord = d.iter().find(|x| to("/coord")(x)).cloned().unwrap_or_else(|| unreachable!());
+    let waited = coord.at.duration_since(first.at);
+    assert!(waited >= Duration::from_millis(5500), "the escalation kept its time across the restart: {waited:?}");
+    let mut keys: Vec<&str> = d.iter().map(|x| x.key.as_str()).collect();
+    let n = keys.len();
+    keys.sort();
+    keys.dedup();
+    assert_eq!(keys.len(), n, "a key delivered twice: {d:?}");
+    assert_eq!(d.iter().filter(|x| x.path == "/family").count(), 1, "the family was paged once");
+    Ok(())
+}
+
+#[test]
+fn hostile_payloads_are_refused_and_a_real_event_still_gets_through() -> Result<()> {
+    let broker = Mosquitto::start("")?;
+    let hook = WebhookReceiver::start("hook-secret")?;
+    let s = setup(broker.port(), &hook, 3600)?;
+    let gw = gateway(&s.config)?;
+    let mut junk: Vec<(String, Vec<u8>)> = Vec::new();
+    for i in 0..300u32 {
+        let topic = "mamori/v1/h1/event".to_string();
+        junk.push((topic.clone(), vec![0xff, (i % 256) as u8, 0x00]));
+        junk.push((topic.clone(), format!(r#"{{"id":"x","seq":0,"ts":"now","kind":"mains_lost"}}"#).into_bytes()));
+        junk.push(("mamori/v1/h1/telemetry".into(), br#"{"ts":"2026-01-01T00:00:00Z","interval_s":0}"#.to_vec()));
+        junk.push(("mamori/v1/stranger/event".into(), event(u64::from(i) + 1, "mains_lost").1));
+        junk.push((topic, vec![b'{'; 20_000]));
+    }
+    publish(broker.port(), &junk)?;
+    publish(broker.port(), &[event(7, "ventilator_alarm")])?;
+    let d = hook.wait("the real event", LIMIT, |d| d.iter().any(to("/family")))?;
+    assert!(d.iter().all(|x| x.body["content"]["kind"] == "ventilator_alarm"), "nothing false was raised: {d:?}");
+    let out = cli(&["alerts", "list", "--json", "--config", s.config.to_str().unwrap_or_default()])?;
+    let listed = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(listed.lines().count(), 1, "{listed}");
+    assert!(gw.lines().iter().any(|l| l.contains("not registered") && l.contains("stranger")));
+    assert!(gw.lines().iter().any(|l| l.contains("message refused")));
+    Ok(())
+}
+
+#[test]
+fn a_dead_webhook_falls_back_to_the_next_role_and_the_original_arrives_when_it_is_back() -> Result<()> {
+    let broker = Mosquitto::start("")?;
+    let hook = WebhookReceiver::start("hook-secret")?;
+    let s = setup(broker.port(), &hook, 3600)?;
+    let _gw = gateway(&s.config)?;
+    hook.set_up(false);
+    publish(broker.port(), &[event(1, "spo2_low")])?;
+    // Three failures to the family: the coordinator gets the same message (fallback).
+    let d = hook.wait("fallback to the coordinator", LIMIT, |d| d.iter().any(to("/coord")) || d.len() > 3)?;
+    assert!(d.iter().filter(|x| x.path == "/family").count() >= 3, "{d:?}");
+    hook.set_up(true);
+    let d = hook.wait("fallback and original delivered", LIMIT, |d| {
+        d.iter().any(|x| to("/coord")(x) && x.key.ends_with(":fallback:coordinator:Sato:webhook:coord"))
+            && d.iter().any(to("/family"))
+    })?;
+    // The failure is itself an alert.
+    let out = cli(&["alerts", "list", "--config", s.config.to_str().unwrap_or_default()])?;
+    let listed = String::from_utf8_lossy(&out.stdout);
+    assert!(listed.contains("delivery_failed") && listed.contains("spo2_low"), "{listed}");
+    let family: Vec<&Delivery> =
+        d.iter().filter(|x| x.path == "/family" && x.body["content"]["kind"] == "spo2_low").collect();
+    assert!(family.iter().all(|x| x.key == family[0].key), "retries carry the same idempotency key");
+    Ok(())
+}
+
+#[test]
+fn check_config_and_homes_import_name_file_key_and_expectation() -> Result<()> {
+    let hook = WebhookReceiver::start("x")?;
+    let s = setup(1883, &hook, 3)?;
+    let ok = cli(&["check-config", s.config.to_str().unwrap_or_default()])?;
+    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    let text = std::fs::read_to_string(&s.config)?.replace("host = \"127.0.0.1\"", "host = \"broker.example\"");
+    std::fs::write(&s.config, text)?;
+    let bad = cli(&["check-config", s.config.to_str().unwrap_or_default()])?;
+    assert_eq!(bad.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(err.contains("gateway.toml: key `broker.tls`: expected"), "{err}");
+
+    let good = std::fs::read_to_string(&s.config)?.replace("host = \"broker.example\"", "host = \"127.0.0.1\"");
+    std::fs::write(&s.config, good)?;
+    let homes = s.dir.path().join("more.toml");
+    std::fs::write(&homes, "[[home]]\nid = \"h2\"\nmunicipality = \"431002\"\nlabel = \"x\"\ncontacts = []\n")?;
+    let out = cli(&["homes", "import", "--config", s.config.to_str().unwrap_or_default(), homes.to_str().unwrap_or_default()])?;
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("more.toml: home[0] (id `h2`): key `municipality`") && err.contains("key `contacts`"), "{err}");
+    std::fs::write(&homes, std::fs::read_to_string(s.dir.path().join("homes.toml"))?.replace("\"h1\"", "\"h2\""))?;
+    let out = cli(&["homes", "import", "--config", s.config.to_str().unwrap_or_default(), homes.to_str().unwrap_or_default()])?;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = cli(&["homes", "list", "--config", s.config.to_str().unwrap_or_default()])?;
+    assert!(String::from_utf8_lossy(&out.stdout).contains("h2\t431001"));
+    Ok(())
+}

@@ -1,0 +1,138 @@
+//! A webhook receiver that records what arrives: a real HTTP server on a free loopback port
+//! (std, one thread per connection), checking each request's `X-Mamori-Signature`.
+//! It can be switched "down" (it answers 503) to test retries and fallback.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpListener;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
+
+use crate::Deadline;
+
+/// One request.
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    /// The path (`/family`).
+    pub path: String,
+    /// The `Idempotency-Key` header.
+    pub key: String,
+    /// The body as JSON (Null when it was not JSON).
+    pub body: serde_json::Value,
+    /// The signature matched the secret.
+    pub signature_ok: bool,
+    /// Whether it was answered 2xx.
+    pub accepted: bool,
+    /// When it arrived.
+    pub at: Instant,
+}
+
+/// The receiver.
+pub struct WebhookReceiver {
+    port: u16,
+    log: Arc<Mutex<Vec<Delivery>>>,
+    up: Arc<AtomicBool>,
+}
+
+impl WebhookReceiver {
+    /// Start on a free loopback port; requests are checked against `secret`.
+    pub fn start(secret: &str) -> Result<WebhookReceiver> {
+        let listener = TcpListener::bind("127.0.0.1:0")?;
+        let port = listener.local_addr()?.port();
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let up = Arc::new(AtomicBool::new(true));
+        let (l, u, secret) = (log.clone(), up.clone(), secret.as_bytes().to_vec());
+        std::thread::spawn(move || {
+            for stream in listener.incoming().map_while(Result::ok) {
+                let (l, u, secret) = (l.clone(), u.clone(), secret.clone());
+                std::thread::spawn(move || {
+                    let _ = serve(stream, &l, &u, &secret);
+                });
+            }
+        });
+        Ok(WebhookReceiver { port, log, up })
+    }
+
+    /// The base URL.
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Answer 2xx (true) or 503 (false).
+    pub fn set_up(&self, up: bool) {
+        self.up.store(up, Ordering::SeqCst);
+    }
+
+    /// Every request so far.
+    pub fn deliveries(&self) -> Vec<Delivery> {
+        self.log.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+    }
+
+    /// Wait until the requests satisfy `pred`.
+    pub fn wait(&self, what: &str, limit: Duration, pred: impl Fn(&[Delivery]) -> bool) -> Result<Vec<Delivery>> {
+        let deadline = Deadline::after(limit);
+        loop {
+            let d = self.deliveries();
+            if pred(&d) {
+                return Ok(d);
+            }
+            deadline.check(&format!("webhook: {what} (got {} requests: {:?})", d.len(), d.iter().map(|x| &x.key).collect::<Vec<_>>()))?;
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+fn serve(stream: std::net::TcpStream, log: &Mutex<Vec<Delivery>>, up: &AtomicBool, secret: &[u8]) -> Result<()> {
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let mut reader = BufReader::new(stream.try_clone()?);
+    let mut out = stream;
+    loop {
+        let mut request_line = String::new();
+        if reader.read_line(&mut request_line)? == 0 {
+            return Ok(());
+        }
+        let path = request_line.split_whitespace().nth(1).unwrap_or("/").to_string();
+        let (mut length, mut key, mut sig) = (0usize, String::new(), String::new());
+        loop {
+            let mut h = String::new();
+            reader.read_line(&mut h)?;
+            let h = h.trim_end();
+            if h.is_empty() {
+                break;
+            }
+            if let Some((name, value)) = h.split_once(':') {
+                match name.to_ascii_lowercase().as_str() {
+                    "content-length" => length = value.trim().parse().unwrap_or(0),
+                    "idempotency-key" => key = value.trim().to_string(),
+                    "x-mamori-signature" => sig = value.trim().to_string(),
+                    _ => {}
+                }
+            }
+        }
+        let mut body = vec![0; length];
+        reader.read_exact(&mut body)?;
+        let signature_ok = Hmac::<Sha256>::new_from_slice(secret)
+            .map(|mut m| {
+                m.update(&body);
+                format!("sha256={}", hex::encode(m.finalize().into_bytes())) == sig
+            })
+            .unwrap_or(false);
+        let accepted = up.load(Ordering::SeqCst);
+        log.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(Delivery {
+            path,
+            key,
+            body: serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null),
+            signature_ok,
+            accepted,
+            #[allow(clippy::disallowed_methods)] // test harness
+            at: Instant::now(),
+        });
+        let status = if accepted { "200 OK" } else { "503 Service Unavailable" };
+        write!(out, "HTTP/1.1 {status}\r\ncontent-length: 0\r\n\r\n")?;
+        out.flush()?;
+    }
+}
