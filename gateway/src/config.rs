@@ -252,8 +252,8 @@ impl Config {
     /// Parse and validate; relative paths are taken from the file's folder.
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
         let file = path.display().to_string();
-        let mut c: Config =
-            toml::from_str(text).map_err(|e| ConfigError::Invalid(vec![format!("{file}: {}", e.to_string().trim_end())]))?;
+        let mut c: Config = toml::from_str(text)
+            .map_err(|e| ConfigError::Invalid(vec![format!("{file}: {}", e.to_string().trim_end())]))?;
         let base = path.parent().unwrap_or(Path::new("."));
         c.data_dir = base.join(&c.data_dir);
         c.homes_file = c.homes_file.map(|h| base.join(h));
@@ -262,7 +262,8 @@ impl Config {
         if c.offset().is_none() {
             bad("utc_offset", "an offset like +09:00");
         }
-        if !(c.public_url.starts_with("http://") || c.public_url.starts_with("https://")) || c.public_url.ends_with('/') {
+        if !(c.public_url.starts_with("http://") || c.public_url.starts_with("https://")) || c.public_url.ends_with('/')
+        {
             bad("public_url", "an http(s) URL without a trailing slash");
         }
         if c.broker.tls.is_none() && !is_loopback(&c.broker.host) {
@@ -348,7 +349,12 @@ impl Config {
     /// What the homes-file validator needs to know.
     pub fn known(&self) -> Known {
         Known {
-            endpoints: self.endpoints.iter().filter(|(_, e)| e.kind == EndpointKind::Webhook).map(|(n, _)| n.clone()).collect(),
+            endpoints: self
+                .endpoints
+                .iter()
+                .filter(|(_, e)| e.kind == EndpointKind::Webhook)
+                .map(|(n, _)| n.clone())
+                .collect(),
             sms: self.endpoints.get("sms").is_some_and(|e| e.kind == EndpointKind::Sms),
             smtp: self.smtp.is_some(),
         }

@@ -32,7 +32,8 @@ pub fn expand(n: &Notification, style: &Style) -> Vec<OutboxRow> {
     for (role, contact) in &n.recipients {
         let (subject, body) = render(&n.content, contact.language, *role, &n.alert_id, style);
         for ch in &contact.channels {
-            let role_name = serde_json::to_value(role).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default();
+            let role_name =
+                serde_json::to_value(role).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default();
             rows.push(OutboxRow {
                 key: format!("{}:{role_name}:{}:{}", n.key, contact.name, ch.key()),
                 alert_id: n.alert_id.clone(),
@@ -178,7 +179,10 @@ impl Sender {
     pub async fn send(&self, row: &OutboxRow, now: Time, ack_url: &str) -> Result<(), String> {
         match &row.channel {
             ChannelRef::Console(name) => {
-                let text = format!("── to {} ({:?}) via console:{name}\n{}\n{}", row.recipient, row.role, row.subject, row.body);
+                let text = format!(
+                    "── to {} ({:?}) via console:{name}\n{}\n{}",
+                    row.recipient, row.role, row.subject, row.body
+                );
                 self.console.send(text).map_err(|_| "console closed".to_string())
             }
             ChannelRef::Webhook(name) => {
@@ -259,8 +263,8 @@ mod tests {
     use super::*;
     use crate::engine::Content;
     use crate::homes::{Contact, Lang};
-    use mamori_protocol::mqtt::Role;
     use chrono::{DateTime, FixedOffset};
+    use mamori_protocol::mqtt::Role;
 
     fn t(s: i64) -> Time {
         DateTime::from_timestamp(1_790_000_000 + s, 0).unwrap()
@@ -288,7 +292,12 @@ mod tests {
                 ),
                 (
                     Role::Coordinator,
-                    Contact { role: Role::Coordinator, name: "Sato".into(), language: Lang::En, channels: vec![ChannelRef::Webhook("c".into())] },
+                    Contact {
+                        role: Role::Coordinator,
+                        name: "Sato".into(),
+                        language: Lang::En,
+                        channels: vec![ChannelRef::Webhook("c".into())],
+                    },
                 ),
             ],
             content: Content::Cleared { label: "K".into(), kind: "mains_lost".into(), since: t(0), at: t(60) },
@@ -298,7 +307,11 @@ mod tests {
         let keys: Vec<&str> = rows.iter().map(|r| r.key.as_str()).collect();
         assert_eq!(
             keys,
-            ["a1:s0:r0:family:母:sms:+819000000000", "a1:s0:r0:family:母:webhook:f", "a1:s0:r0:coordinator:Sato:webhook:c"]
+            [
+                "a1:s0:r0:family:母:sms:+819000000000",
+                "a1:s0:r0:family:母:webhook:f",
+                "a1:s0:r0:coordinator:Sato:webhook:c"
+            ]
         );
         assert!(rows[0].body.contains("解消"));
         assert!(rows[2].body.contains("resolved"));
@@ -314,7 +327,12 @@ mod tests {
             home: None,
             recipients: vec![(
                 Role::Family,
-                Contact { role: Role::Family, name: "m".into(), language: Lang::En, channels: vec![ChannelRef::Console("c".into())] },
+                Contact {
+                    role: Role::Family,
+                    name: "m".into(),
+                    language: Lang::En,
+                    channels: vec![ChannelRef::Console("c".into())],
+                },
             )],
             content: Content::Cleared { label: "K".into(), kind: "x".into(), since: t(0), at: t(0) },
             at: t(0),

@@ -240,7 +240,10 @@ bind = "127.0.0.1:{http_port}"
     let gateway = tokio::spawn(async move { service.run(svc_cancel, Some(ready_tx)).await });
     let ready = ready_rx.await.context("the gateway did not start")?;
     println!("broker: {} (embedded, loopback only)   acknowledgement links: http://{}", ready.broker, ready.http);
-    println!("dashboard: not built yet (the dashboard issue); alerts: mamori-gateway alerts list --config {}", config_path.display());
+    println!(
+        "dashboard: not built yet (the dashboard issue); alerts: mamori-gateway alerts list --config {}",
+        config_path.display()
+    );
 
     let mut homes = Vec::new();
     for (id, ..) in HOMES {
@@ -302,7 +305,10 @@ bind = "127.0.0.1:{http_port}"
                         let link = style.ack_link(&id, Role::Coordinator);
                         let url = link.replace(&style.public_url, &format!("http://{}", ready.http));
                         let resp = reqwest::Client::new().post(&url).form(&[("note", "避難先と調整中")]).send().await;
-                        println!("  POST {url} → {}", resp.map(|r| r.status().to_string()).unwrap_or_else(|e| e.to_string()));
+                        println!(
+                            "  POST {url} → {}",
+                            resp.map(|r| r.status().to_string()).unwrap_or_else(|e| e.to_string())
+                        );
                     }
                 }
                 100 => {

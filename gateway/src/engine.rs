@@ -35,11 +35,10 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use chrono::Duration;
 use mamori_protocol::mqtt::{
-    Ack, ConnectionState, DeviceState, Event, EventKind, HomeId, Role, Severity, Status, Telemetry,
-    VentilatorReading,
+    Ack, ConnectionState, DeviceState, Event, EventKind, HomeId, Role, Severity, Status, Telemetry, VentilatorReading,
 };
-use serde::{Deserialize, Serialize};
 use mamori_protocol::reading::OximeterReading;
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 pub use crate::forecast::Time;
@@ -720,12 +719,8 @@ impl Engine {
         self.dirty_homes.insert(home.clone());
         if !alert.notified.is_empty() {
             let roles: Vec<Role> = alert.notified.iter().copied().collect();
-            let content = Content::Cleared {
-                label: self.label(home),
-                kind: alert.kind.clone(),
-                since: alert.since,
-                at: now,
-            };
+            let content =
+                Content::Cleared { label: self.label(home), kind: alert.kind.clone(), since: alert.since, at: now };
             let n = self.notification(format!("{}:clear", alert.id), &alert.id, home, &roles, content, now);
             self.outputs.push(Output::Notify(n));
         }
@@ -826,7 +821,15 @@ impl Engine {
             data.insert("on_battery".into(), on_battery.into());
             self.raise(home, "state_unknown", Severity::Critical, st.last_heard.unwrap_or(now), None, data, now);
         } else {
-            self.raise(home, "home_silent", Severity::Warning, st.last_heard.unwrap_or(now), None, Default::default(), now);
+            self.raise(
+                home,
+                "home_silent",
+                Severity::Warning,
+                st.last_heard.unwrap_or(now),
+                None,
+                Default::default(),
+                now,
+            );
         }
         self.join_incident(home);
         self.touch_incident(home);
@@ -957,7 +960,9 @@ impl Engine {
             .filter(|(_, s)| s.conn == Connectivity::Online)
             .filter(|(_, s)| {
                 let interval = i64::from(s.interval_s.unwrap_or(self.settings.default_interval_s));
-                s.last_heard.is_some_and(|h| now - h > Duration::seconds(interval * i64::from(self.settings.stale_after_intervals)))
+                s.last_heard.is_some_and(|h| {
+                    now - h > Duration::seconds(interval * i64::from(self.settings.stale_after_intervals))
+                })
             })
             .map(|(h, _)| h.clone())
             .collect();
@@ -969,7 +974,8 @@ impl Engine {
             self.went_silent(&h, now);
         }
         // Escalation.
-        let homes: Vec<HomeId> = self.state.iter().filter(|(_, s)| !s.alerts.is_empty()).map(|(h, _)| h.clone()).collect();
+        let homes: Vec<HomeId> =
+            self.state.iter().filter(|(_, s)| !s.alerts.is_empty()).map(|(h, _)| h.clone()).collect();
         for h in homes {
             let kinds: Vec<String> = self.state.get(&h).map(|s| s.alerts.keys().cloned().collect()).unwrap_or_default();
             for kind in kinds {
@@ -1101,7 +1107,8 @@ impl Engine {
             let tiers: BTreeMap<HomeId, Tier> = rows.iter().map(|r| (r.home.clone(), r.tier)).collect();
             let crossed = tiers.iter().any(|(h, t)| inc.tiers.get(h).is_some_and(|old| t > old));
             let over = rows.iter().all(|r| !r.on_battery && !r.silent);
-            let due = inc.last_sent_at.is_none_or(|l| now - l >= Duration::seconds(self.settings.incident_update_min_s));
+            let due =
+                inc.last_sent_at.is_none_or(|l| now - l >= Duration::seconds(self.settings.incident_update_min_s));
             if !(over || crossed || (inc.changed && due)) {
                 continue;
             }

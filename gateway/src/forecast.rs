@@ -105,11 +105,9 @@ pub fn forecast(home: &Home, outage_since: Time, r: &PowerReadings) -> Forecast 
     let from_ups = r.ups.as_ref().filter(|(at, _)| *at >= outage_since - Duration::seconds(5));
     let external = if let Some((at, runtime)) = from_ups.and_then(|(at, u)| u.runtime_s.map(|s| (*at, s))) {
         Some((at + secs(f64::from(runtime)), Basis::UpsRuntime, at))
-    } else if let (Some((at, charge)), Some(wh), true) = (
-        from_ups.and_then(|(at, u)| u.battery_charge_pct.map(|c| (*at, c))),
-        home.external_wh(),
-        load_w > 0.0,
-    ) {
+    } else if let (Some((at, charge)), Some(wh), true) =
+        (from_ups.and_then(|(at, u)| u.battery_charge_pct.map(|c| (*at, c))), home.external_wh(), load_w > 0.0)
+    {
         Some((at + secs(charge.clamp(0.0, 100.0) / 100.0 * wh / load_w * 3600.0), Basis::ChargeAndLoad, at))
     } else if let (Some(wh), true) = (home.external_wh(), load_w > 0.0) {
         Some((outage_since + secs(wh / load_w * 3600.0), Basis::DeadReckoning, outage_since))
@@ -128,6 +126,7 @@ pub fn forecast(home: &Home, outage_since: Time, r: &PowerReadings) -> Forecast 
 }
 
 #[cfg(test)]
+#[allow(clippy::field_reassign_with_default)]
 mod tests {
     use super::*;
     use crate::homes::{Backup, BackupKind, Device};
@@ -140,10 +139,20 @@ mod tests {
     fn home(ext_wh: Option<f64>, internal_min: Option<f64>) -> Home {
         let mut backup = vec![];
         if let Some(wh) = ext_wh {
-            backup.push(Backup { kind: BackupKind::PowerStation, usable_wh: Some(wh), nameplate_wh: None, runtime_min: None });
+            backup.push(Backup {
+                kind: BackupKind::PowerStation,
+                usable_wh: Some(wh),
+                nameplate_wh: None,
+                runtime_min: None,
+            });
         }
         if let Some(m) = internal_min {
-            backup.push(Backup { kind: BackupKind::VentilatorInternal, usable_wh: None, nameplate_wh: None, runtime_min: Some(m) });
+            backup.push(Backup {
+                kind: BackupKind::VentilatorInternal,
+                usable_wh: None,
+                nameplate_wh: None,
+                runtime_min: Some(m),
+            });
         }
         Home {
             id: HomeId::new("h").unwrap(),
@@ -163,7 +172,8 @@ mod tests {
     #[test]
     fn the_ups_runtime_wins_and_the_internal_battery_is_added() {
         let mut r = PowerReadings::default();
-        r.ups = Some((t(60), UpsReading { runtime_s: Some(1800), battery_charge_pct: Some(50.0), ..Default::default() }));
+        r.ups =
+            Some((t(60), UpsReading { runtime_s: Some(1800), battery_charge_pct: Some(50.0), ..Default::default() }));
         let f = forecast(&home(Some(800.0), Some(480.0)), t(0), &r);
         assert_eq!(f.basis, Basis::UpsRuntime);
         assert_eq!(f.external_until, t(60 + 1800));

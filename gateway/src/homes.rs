@@ -177,8 +177,12 @@ impl Home {
 
     /// Usable energy of the external sources (UPS and power stations), Wh.
     pub fn external_wh(&self) -> Option<f64> {
-        let v: Vec<f64> =
-            self.backup.iter().filter(|b| b.kind != BackupKind::VentilatorInternal).filter_map(Backup::energy_wh).collect();
+        let v: Vec<f64> = self
+            .backup
+            .iter()
+            .filter(|b| b.kind != BackupKind::VentilatorInternal)
+            .filter_map(Backup::energy_wh)
+            .collect();
         (!v.is_empty()).then(|| v.iter().sum())
     }
 
@@ -285,10 +289,11 @@ impl HomesFile {
                 for (k, ch) in c.channels.iter().enumerate() {
                     let key = format!("contacts[{j}].channels[{k}]");
                     match ch {
-                        ChannelRef::Webhook(n) if !known.endpoints.contains(n) => {
-                            err(&key, &format!("a webhook endpoint defined in the gateway config's [endpoints] (`{n}` is not)"))
-                        }
-                        ChannelRef::Email(a) if !(a.contains('@') && !a.contains(char::is_whitespace)) => {
+                        ChannelRef::Webhook(n) if !known.endpoints.contains(n) => err(
+                            &key,
+                            &format!("a webhook endpoint defined in the gateway config's [endpoints] (`{n}` is not)"),
+                        ),
+                        ChannelRef::Email(a) if !a.contains('@') || a.contains(char::is_whitespace) => {
                             err(&key, "an e-mail address")
                         }
                         ChannelRef::Email(_) if !known.smtp => err(&key, "an [smtp] section in the gateway config"),
@@ -386,7 +391,8 @@ contacts = [
 
     #[test]
     fn nameplate_energy_is_derated_through_the_inverter() {
-        let b = Backup { kind: BackupKind::PowerStation, usable_wh: None, nameplate_wh: Some(1000.0), runtime_min: None };
+        let b =
+            Backup { kind: BackupKind::PowerStation, usable_wh: None, nameplate_wh: Some(1000.0), runtime_min: None };
         assert_eq!(b.energy_wh(), Some(850.0));
     }
 }

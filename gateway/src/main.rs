@@ -271,7 +271,8 @@ fn main() -> ExitCode {
                 if json {
                     println!("{}", serde_json::to_string(&a).unwrap_or_default());
                 } else {
-                    let ack = a.acknowledged.as_ref().map(|k| format!("ack by {:?} {}", k.role, k.by)).unwrap_or_default();
+                    let ack =
+                        a.acknowledged.as_ref().map(|k| format!("ack by {:?} {}", k.role, k.by)).unwrap_or_default();
                     let state = if a.cleared_at.is_some() { "cleared" } else { "active" };
                     println!(
                         "{}\t{}\t{}\t{:?}\t{:?}\t{state}\tsince {}\t{ack}",

@@ -158,7 +158,8 @@ fn row(r: &TriageRow, lang: Lang) -> String {
         (false, Lang::En) => " mains back",
         _ => "",
     };
-    let dest = r.destination.as_ref().map(|d| format!(" → {d} ({} min)", r.travel_min.unwrap_or(0))).unwrap_or_default();
+    let dest =
+        r.destination.as_ref().map(|d| format!(" → {d} ({} min)", r.travel_min.unwrap_or(0))).unwrap_or_default();
     let ack = r.acknowledged_by.map(|a| format!(" ✓{}", role_name(a))).unwrap_or_default();
     format!("{:?} {}: {left}{power}{silent}{dest}{ack}", r.tier, r.label)
 }
@@ -183,7 +184,12 @@ pub fn render(content: &Content, lang: Lang, role: Role, alert_id: &str, style: 
             };
             if let (Some(left), Some(f)) = (time_left_s, forecast) {
                 body += &if ja {
-                    format!(" 電源の残り{}（{}、{}まで）。", duration(*left, lang), basis(f.basis.as_str(), lang), style.time(f.runs_out_at))
+                    format!(
+                        " 電源の残り{}（{}、{}まで）。",
+                        duration(*left, lang),
+                        basis(f.basis.as_str(), lang),
+                        style.time(f.runs_out_at)
+                    )
                 } else {
                     format!(
                         " Power left: {} ({}, until {}).",
@@ -194,7 +200,11 @@ pub fn render(content: &Content, lang: Lang, role: Role, alert_id: &str, style: 
                 };
             }
             if *silent {
-                body += if ja { " 見守り機と通信できません（最後の情報に基づく）。" } else { " The home is silent (last known state)." };
+                body += if ja {
+                    " 見守り機と通信できません（最後の情報に基づく）。"
+                } else {
+                    " The home is silent (last known state)."
+                };
             }
             let readings: Vec<String> = ["spo2_pct", "pulse_bpm", "runtime_s", "battery_charge_pct"]
                 .iter()
@@ -204,7 +214,11 @@ pub fn render(content: &Content, lang: Lang, role: Role, alert_id: &str, style: 
                 body += &format!(" ({})", readings.join(", "));
             }
             if let (Some((dest, travel)), true) = (evacuation, *tier >= Tier::T2) {
-                body += &if ja { format!(" 避難先: {dest}（移動{travel}分）。") } else { format!(" Destination: {dest} ({travel} min away).") };
+                body += &if ja {
+                    format!(" 避難先: {dest}（移動{travel}分）。")
+                } else {
+                    format!(" Destination: {dest} ({travel} min away).")
+                };
             }
             body += &format!("\n{}\n", ask(*tier, lang));
             body += &if ja { format!("確認（既読）: {link}") } else { format!("Acknowledge: {link}") };
@@ -213,7 +227,10 @@ pub fn render(content: &Content, lang: Lang, role: Role, alert_id: &str, style: 
         Content::Cleared { label, kind, since, at } => {
             let what = kind_text(kind, lang);
             if ja {
-                (format!("[mamori] {label}: 解消"), format!("{label}: {what}（{}から）は{}に解消しました。", style.time(*since), style.time(*at)))
+                (
+                    format!("[mamori] {label}: 解消"),
+                    format!("{label}: {what}（{}から）は{}に解消しました。", style.time(*since), style.time(*at)),
+                )
             } else {
                 (
                     format!("[mamori] {label}: resolved"),
@@ -227,7 +244,9 @@ pub fn render(content: &Content, lang: Lang, role: Role, alert_id: &str, style: 
             let subject = match (closed, ja) {
                 (true, true) => format!("[mamori] 地域停電 {municipality} 終了"),
                 (true, false) => format!("[mamori] regional outage {municipality} over"),
-                (false, true) => format!("[mamori] 地域停電 {municipality}: {on}世帯が予備電源、{silent}世帯が通信途絶（第{revision}報）"),
+                (false, true) => format!(
+                    "[mamori] 地域停電 {municipality}: {on}世帯が予備電源、{silent}世帯が通信途絶（第{revision}報）"
+                ),
                 (false, false) => format!(
                     "[mamori] regional outage {municipality}: {on} homes on backup, {silent} silent (update {revision})"
                 ),
@@ -242,7 +261,11 @@ pub fn render(content: &Content, lang: Lang, role: Role, alert_id: &str, style: 
                 body.push('\n');
             }
             if !closed {
-                body += if ja { "お願い: 上から順に状況を確認してください。" } else { "Please: check on the homes from the top." };
+                body += if ja {
+                    "お願い: 上から順に状況を確認してください。"
+                } else {
+                    "Please: check on the homes from the top."
+                };
                 body += &if ja { format!("\n確認（既読）: {link}") } else { format!("\nAcknowledge: {link}") };
             }
             (subject, body)
@@ -270,7 +293,12 @@ mod tests {
 
     #[test]
     fn an_alert_says_home_what_since_time_left_basis_ask_and_link() {
-        let f = Forecast { external_until: t(3600), runs_out_at: t(3 * 3600 + 1200), basis: Basis::UpsRuntime, as_of: t(0) };
+        let f = Forecast {
+            external_until: t(3600),
+            runs_out_at: t(3 * 3600 + 1200),
+            basis: Basis::UpsRuntime,
+            as_of: t(0),
+        };
         let c = Content::Alert {
             label: "K-01".into(),
             kind: "mains_lost".into(),
@@ -288,7 +316,12 @@ mod tests {
         assert!(body.contains("約3時間20分") && body.contains("UPSの報告") && body.contains("熊本大学病院"), "{body}");
         assert!(body.contains(&style().ack_link("abc", Role::Facility)), "{body}");
         let (_, en) = render(&c, Lang::En, Role::Facility, "abc", &style());
-        assert!(en.contains("about 3 h 20 min") && en.contains("UPS reported") && en.contains("Acknowledge: https://mamori.example/ack/abc/facility/"), "{en}");
+        assert!(
+            en.contains("about 3 h 20 min")
+                && en.contains("UPS reported")
+                && en.contains("Acknowledge: https://mamori.example/ack/abc/facility/"),
+            "{en}"
+        );
     }
 
     #[test]

@@ -231,7 +231,8 @@ mod tests {
 
     #[test]
     fn builtins_are_valid_and_follow_the_tiers() {
-        for kind in ["mains_lost", "battery_low", "home_silent", "state_unknown", "delivery_failed", "device_lost", "x"] {
+        for kind in ["mains_lost", "battery_low", "home_silent", "state_unknown", "delivery_failed", "device_lost", "x"]
+        {
             builtin(kind).validate().unwrap();
         }
         let p = mains_lost_default();

@@ -218,7 +218,12 @@ impl Service {
             let secret = e.secret.resolve().map_err(|err| anyhow::anyhow!("endpoints.{name}.secret: {err}"))?;
             endpoints.insert(
                 name.clone(),
-                ResolvedEndpoint { kind: e.kind, url: e.url.clone(), secret: secret.into_bytes(), template: e.template.clone() },
+                ResolvedEndpoint {
+                    kind: e.kind,
+                    url: e.url.clone(),
+                    secret: secret.into_bytes(),
+                    template: e.template.clone(),
+                },
             );
         }
         let smtp_password = match config.smtp.as_ref().and_then(|s| s.password.as_ref()) {
@@ -480,7 +485,11 @@ impl Service {
     }
 
     /// Run until cancelled.
-    pub async fn run(mut self, cancel: CancellationToken, ready: Option<tokio::sync::oneshot::Sender<Ready>>) -> anyhow::Result<()> {
+    pub async fn run(
+        mut self,
+        cancel: CancellationToken,
+        ready: Option<tokio::sync::oneshot::Sender<Ready>>,
+    ) -> anyhow::Result<()> {
         // The broker.
         let mut port = self.config.broker.port;
         if let Some(e) = &self.config.embedded_broker {
@@ -524,6 +533,7 @@ impl Service {
         }
 
         let mut next_housekeeping = clock::now();
+        let mut next_prune = clock::now();
         loop {
             let now = clock::now();
             let mut wake = now + chrono::Duration::seconds(1);
@@ -575,6 +585,12 @@ impl Service {
             let now = clock::now();
             let acks = self.tick(now)?;
             self.publish_acks(acks).await;
+            if now >= next_prune {
+                next_prune = now + chrono::Duration::hours(1);
+                let before = now - chrono::Duration::hours(i64::from(self.config.telemetry_retention_h));
+                let pruned = self.store.prune_telemetry(before)?;
+                tracing::debug!(pruned, "telemetry history pruned");
+            }
             if now >= next_housekeeping {
                 next_housekeeping = now + chrono::Duration::seconds(1);
                 let acks = self.apply_cli_acks(now)?;

@@ -508,7 +508,9 @@ impl Store for SqliteStore {
     }
 
     fn finish_ack(&mut self, id: i64, result: &str) -> Result<(), StoreError> {
-        self.conn.execute("UPDATE ack_requests SET result = ?2 WHERE id = ?1", params![id, result]).map_err(self.db())?;
+        self.conn
+            .execute("UPDATE ack_requests SET result = ?2 WHERE id = ?1", params![id, result])
+            .map_err(self.db())?;
         Ok(())
     }
 

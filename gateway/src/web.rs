@@ -97,7 +97,9 @@ async fn ack_post(
         return page(StatusCode::SERVICE_UNAVAILABLE, "<p>停止中です / The gateway is stopping.</p>");
     }
     match rx.await {
-        Ok(Ok(())) => page(StatusCode::OK, "<p>確認を記録しました。ありがとうございます。 / Acknowledged. Thank you.</p>"),
+        Ok(Ok(())) => {
+            page(StatusCode::OK, "<p>確認を記録しました。ありがとうございます。 / Acknowledged. Thank you.</p>")
+        }
         Ok(Err(e)) => page(StatusCode::CONFLICT, &format!("<p>{}</p>", escape(&e))),
         Err(_) => page(StatusCode::SERVICE_UNAVAILABLE, "<p>停止中です / The gateway is stopping.</p>"),
     }

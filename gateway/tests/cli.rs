@@ -11,15 +11,28 @@ fn the_demo_tells_its_story_and_exits_cleanly() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "exit {:?}\n{text}\n{}", out.status, String::from_utf8_lossy(&out.stderr));
     for expected in [
-        "地域停電 431001",              // one regional incident for Kumamoto's coordinator
+        "地域停電 431001",                // one regional incident for Kumamoto's coordinator
         "停電中に通信が途絶え、状況不明", // K-04 silent during the outage
-        "消音されました",              // the bedside-silenced oximeter alarm still escalates
-        "人工呼吸器のアラーム",        // the ventilator alarm contact
-        "[mamori T3] K-03",            // the small battery crossed into T3
-        "→ 200 OK",                    // the coordinator's acknowledgement through the signed link
-        "地域停電 431001 終了",         // power back: the incident closes
+        "消音されました",                 // the bedside-silenced oximeter alarm still escalates
+        "人工呼吸器のアラーム",           // the ventilator alarm contact
+        "[mamori T3] K-03",               // the small battery crossed into T3
+        "→ 200 OK",                       // the coordinator's acknowledgement through the signed link
+        "地域停電 431001 終了",           // power back: the incident closes
         "the story is over",
     ] {
         assert!(text.contains(expected), "missing `{expected}` in the demo's output:\n{text}");
     }
+}
+
+#[test]
+fn the_shipped_example_configs_are_valid() {
+    use std::path::Path;
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/gateway");
+    let config = mamori_gateway::config::Config::load(&dir.join("gateway.toml")).expect("gateway.toml");
+    let homes = mamori_gateway::homes::HomesFile::load(&dir.join("homes.toml"), &config.known()).expect("homes.toml");
+    assert_eq!(homes.homes.len(), 1);
+    let (text, path) = mamori_gateway::demo::demo_homes();
+    let known = mamori_gateway::homes::Known::default();
+    let demo = mamori_gateway::homes::HomesFile::parse(&text, &path, &known).expect("the demo's homes");
+    assert_eq!(demo.homes.len(), 12);
 }

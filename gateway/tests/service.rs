@@ -223,7 +223,7 @@ fn hostile_payloads_are_refused_and_a_real_event_still_gets_through() -> Result<
     for i in 0..300u32 {
         let topic = "mamori/v1/h1/event".to_string();
         junk.push((topic.clone(), vec![0xff, (i % 256) as u8, 0x00]));
-        junk.push((topic.clone(), format!(r#"{{"id":"x","seq":0,"ts":"now","kind":"mains_lost"}}"#).into_bytes()));
+        junk.push((topic.clone(), br#"{"id":"x","seq":0,"ts":"now","kind":"mains_lost"}"#.to_vec()));
         junk.push(("mamori/v1/h1/telemetry".into(), br#"{"ts":"2026-01-01T00:00:00Z","interval_s":0}"#.to_vec()));
         junk.push(("mamori/v1/stranger/event".into(), event(u64::from(i) + 1, "mains_lost").1));
         junk.push((topic, vec![b'{'; 20_000]));
@@ -283,12 +283,27 @@ fn check_config_and_homes_import_name_file_key_and_expectation() -> Result<()> {
     std::fs::write(&s.config, good)?;
     let homes = s.dir.path().join("more.toml");
     std::fs::write(&homes, "[[home]]\nid = \"h2\"\nmunicipality = \"431002\"\nlabel = \"x\"\ncontacts = []\n")?;
-    let out = cli(&["homes", "import", "--config", s.config.to_str().unwrap_or_default(), homes.to_str().unwrap_or_default()])?;
+    let out = cli(&[
+        "homes",
+        "import",
+        "--config",
+        s.config.to_str().unwrap_or_default(),
+        homes.to_str().unwrap_or_default(),
+    ])?;
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("more.toml: home[0] (id `h2`): key `municipality`") && err.contains("key `contacts`"), "{err}");
+    assert!(
+        err.contains("more.toml: home[0] (id `h2`): key `municipality`") && err.contains("key `contacts`"),
+        "{err}"
+    );
     std::fs::write(&homes, std::fs::read_to_string(s.dir.path().join("homes.toml"))?.replace("\"h1\"", "\"h2\""))?;
-    let out = cli(&["homes", "import", "--config", s.config.to_str().unwrap_or_default(), homes.to_str().unwrap_or_default()])?;
+    let out = cli(&[
+        "homes",
+        "import",
+        "--config",
+        s.config.to_str().unwrap_or_default(),
+        homes.to_str().unwrap_or_default(),
+    ])?;
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let out = cli(&["homes", "list", "--config", s.config.to_str().unwrap_or_default()])?;
     assert!(String::from_utf8_lossy(&out.stdout).contains("h2\t431001"));

@@ -80,7 +80,11 @@ impl WebhookReceiver {
             if pred(&d) {
                 return Ok(d);
             }
-            deadline.check(&format!("webhook: {what} (got {} requests: {:?})", d.len(), d.iter().map(|x| &x.key).collect::<Vec<_>>()))?;
+            deadline.check(&format!(
+                "webhook: {what} (got {} requests: {:?})",
+                d.len(),
+                d.iter().map(|x| &x.key).collect::<Vec<_>>()
+            ))?;
             std::thread::sleep(Duration::from_millis(20));
         }
     }

@@ -22,10 +22,23 @@ fn plan(id: &str, muni: &str, usable_wh: f64) -> Home {
         id: HomeId::new(id).unwrap(),
         municipality: muni.into(),
         label: format!("L-{id}"),
-        devices: vec![Device { name: "ventilator".into(), watts: 25.0 }, Device { name: "humidifier".into(), watts: 75.0 }],
+        devices: vec![
+            Device { name: "ventilator".into(), watts: 25.0 },
+            Device { name: "humidifier".into(), watts: 75.0 },
+        ],
         backup: vec![
-            Backup { kind: BackupKind::PowerStation, usable_wh: Some(usable_wh), nameplate_wh: None, runtime_min: None },
-            Backup { kind: BackupKind::VentilatorInternal, usable_wh: None, nameplate_wh: None, runtime_min: Some(60.0) },
+            Backup {
+                kind: BackupKind::PowerStation,
+                usable_wh: Some(usable_wh),
+                nameplate_wh: None,
+                runtime_min: None,
+            },
+            Backup {
+                kind: BackupKind::VentilatorInternal,
+                usable_wh: None,
+                nameplate_wh: None,
+                runtime_min: Some(60.0),
+            },
         ],
         evacuation: Some(Evacuation { destination: "病院".into(), travel_min: 30 }),
         contacts: vec![
@@ -158,8 +171,11 @@ fn acknowledged_but_not_cleared_escalates_again_after_30_minutes() {
     e.poll(t(0));
     sent(&mut e);
     let id = alert(&e, "a", "spo2_low").unwrap().id.clone();
-    e.handle(Input::Ack { alert_id: id, role: Role::Family, by: "link".into(), note: Some("見ています".into()) }, t(100))
-        .unwrap();
+    e.handle(
+        Input::Ack { alert_id: id, role: Role::Family, by: "link".into(), note: Some("見ています".into()) },
+        t(100),
+    )
+    .unwrap();
     e.poll(t(100 + 1799));
     assert!(sent(&mut e).is_empty());
     e.poll(t(100 + 1800));
@@ -363,7 +379,9 @@ fn incident_digests_are_rate_limited_except_on_tier_crossings_and_close_when_pow
     }
     e.poll(t(5 * 3600));
     let outs = e.take_outputs();
-    assert!(outs.iter().any(|o| matches!(o, Output::Notify(Notification { content: Content::Incident { closed: true, .. }, .. }))));
+    assert!(outs
+        .iter()
+        .any(|o| matches!(o, Output::Notify(Notification { content: Content::Incident { closed: true, .. }, .. }))));
     assert_eq!(e.incidents().count(), 0);
 }
 
