@@ -147,6 +147,9 @@ impl Sender {
         timeout: Duration,
         console: tokio::sync::mpsc::UnboundedSender<String>,
     ) -> Result<Sender, String> {
+        // One TLS provider for the process (rumqttc and lettre use aws-lc-rs; an error here
+        // means one is installed already).
+        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
         let http = reqwest::Client::builder()
             .timeout(timeout)
             .redirect(reqwest::redirect::Policy::none())

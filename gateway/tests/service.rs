@@ -161,6 +161,7 @@ fn an_outage_is_delivered_signed_escalates_and_the_ack_link_reaches_the_agent() 
     // The coordinator acknowledges through the signed link (GET shows a form, POST acknowledges).
     let url = coord.body["ack_url"].as_str().unwrap_or_default().to_string();
     assert!(url.starts_with(&format!("http://127.0.0.1:{}/ack/", s.http_port)), "{url}");
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     let rt = tokio::runtime::Runtime::new()?;
     let (get, post, forged) = rt.block_on(async {
         let c = reqwest::Client::new();
