@@ -140,7 +140,8 @@ impl Connection {
 }
 
 /// A private key readable by others is refused: it is this home's identity.
-fn check_key_permissions(path: &std::path::Path) -> Result<(), UplinkError> {
+/// Refuse a private key that group or others can read.
+pub fn check_key_permissions(path: &std::path::Path) -> Result<(), UplinkError> {
     use std::os::unix::fs::PermissionsExt;
     let meta = std::fs::metadata(path).map_err(|e| UplinkError::Tls(format!("cannot read {}: {e}", path.display())))?;
     if meta.permissions().mode() & 0o077 != 0 {

@@ -110,7 +110,7 @@ fn mqtt_options(config: &Config, port: u16) -> anyhow::Result<MqttOptions> {
         let read = |p: &std::path::Path| std::fs::read(p).with_context(|| format!("cannot read {}", p.display()));
         let client_auth = match (&t.client_cert_file, &t.client_key_file) {
             (Some(c), Some(k)) => {
-                check_key_permissions(k)?;
+                mamori_agent::uplink::check_key_permissions(k)?;
                 Some((read(c)?, read(k)?))
             }
             _ => None,
@@ -118,14 +118,6 @@ fn mqtt_options(config: &Config, port: u16) -> anyhow::Result<MqttOptions> {
         o.set_transport(Transport::Tls(TlsConfiguration::Simple { ca: read(&t.ca_file)?, alpn: None, client_auth }));
     }
     Ok(o)
-}
-
-/// Refuse a private key that others can read.
-pub fn check_key_permissions(path: &std::path::Path) -> anyhow::Result<()> {
-    use std::os::unix::fs::PermissionsExt;
-    let mode = std::fs::metadata(path).with_context(|| format!("cannot read {}", path.display()))?.permissions().mode();
-    anyhow::ensure!(mode & 0o077 == 0, "{}: a private key must not be readable by others (chmod 600)", path.display());
-    Ok(())
 }
 
 enum FromMqtt {
@@ -268,18 +260,7 @@ impl Service {
 
     /// Store and apply one batch of messages in one transaction.
     fn ingest(&mut self, batch: &[Publish], now: Time) -> Result<Vec<(HomeId, mqtt::Ack)>, StoreError> {
-        self.store.begin()?;
-        let r = self.ingest_tx(batch, now);
-        match r {
-            Ok(acks) => {
-                self.store.commit()?;
-                Ok(acks)
-            }
-            Err(e) => {
-                self.store.rollback();
-                Err(e)
-            }
-        }
+        self.transaction(|s| s.ingest_tx(batch, now))
     }
 
     fn ingest_tx(&mut self, batch: &[Publish], now: Time) -> Result<Vec<(HomeId, mqtt::Ack)>, StoreError> {
@@ -341,11 +322,11 @@ impl Service {
                 tracing::warn!(error = %e, "not applied");
             }
         }
-        self.persist(now)
+        self.persist()
     }
 
     /// Write the engine's outputs and dirty state (inside a transaction).
-    fn persist(&mut self, _now: Time) -> Result<Vec<(HomeId, mqtt::Ack)>, StoreError> {
+    fn persist(&mut self) -> Result<Vec<(HomeId, mqtt::Ack)>, StoreError> {
         let mut acks = Vec::new();
         for out in self.engine.take_outputs() {
             match out {
@@ -383,7 +364,7 @@ impl Service {
     fn tick(&mut self, now: Time) -> Result<Vec<(HomeId, mqtt::Ack)>, StoreError> {
         self.transaction(|s| {
             s.engine.poll(now);
-            s.persist(now)
+            s.persist()
         })
     }
 
@@ -399,7 +380,7 @@ impl Service {
         let input = Input::Ack { alert_id: alert_id.to_string(), role, by: by.to_string(), note };
         self.engine.handle(input, now).map_err(|e| e.to_string())?;
         tracing::info!(alert = alert_id, ?role, by, "acknowledged");
-        self.transaction(|s| s.persist(now)).map_err(|e| e.to_string())
+        self.transaction(|s| s.persist()).map_err(|e| e.to_string())
     }
 
     fn publish_acks(&self, acks: Vec<(HomeId, mqtt::Ack)>) -> impl std::future::Future<Output = ()> + Send + 'static {
@@ -458,7 +439,7 @@ impl Service {
                     };
                     let _ = s.engine.handle(input, now);
                 }
-                s.persist(now)?;
+                s.persist()?;
             }
             Ok(())
         })?;

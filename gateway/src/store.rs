@@ -111,13 +111,6 @@ pub struct OutboxRow {
     pub fallback_done: bool,
 }
 
-/// A stored alert (active or cleared), for listing.
-#[derive(Debug, Clone, PartialEq)]
-pub struct AlertRecord {
-    /// The alert.
-    pub alert: Alert,
-}
-
 /// An acknowledgement requested outside the running gateway (the CLI), applied by it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct AckRequest {
@@ -244,7 +237,7 @@ impl SqliteStore {
         Ok(store)
     }
 
-    /// Open an existing store read-only-ish (the CLI): same file, no migrations beyond current.
+    /// The database file.
     pub fn path(&self) -> &Path {
         &self.path
     }
