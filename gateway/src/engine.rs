@@ -1032,13 +1032,20 @@ impl Engine {
         let in_incident = self.incident_of(home).is_some();
         let Some(st) = self.state.get(home) else { return };
         let Some(alert) = st.alerts.get(kind) else { return };
-        let step = &alert.policy.steps[alert.step.min(alert.policy.steps.len() - 1)];
-        let roles: Vec<Role> = step
-            .roles
-            .iter()
-            .copied()
-            .filter(|r| !(in_incident && power_kind(kind) && matches!(r, Role::Coordinator | Role::SupportCentre)))
-            .collect();
+        let at = alert.step.min(alert.policy.steps.len() - 1);
+        let step = &alert.policy.steps[at];
+        let mut roles: Vec<Role> = step.roles.clone();
+        if alert.sent_in_step == 0 {
+            // The tiers are cumulative: a jump past earlier steps (a forecast crossing, a
+            // regional incident) skips nobody. Whoever an earlier step would have told and
+            // who has not been told yet hears now, with the new step.
+            for r in alert.policy.steps[..at].iter().flat_map(|s| s.roles.iter()) {
+                if !alert.notified.contains(r) && !roles.contains(r) {
+                    roles.push(*r);
+                }
+            }
+        }
+        roles.retain(|r| !(in_incident && power_kind(kind) && matches!(r, Role::Coordinator | Role::SupportCentre)));
         let plan = self.plans.get(home);
         let content = Content::Alert {
             label: self.label(home),

@@ -253,8 +253,9 @@ fn forecast_from_the_care_plan_crosses_tiers_and_escalates_at_once() {
     assert_eq!(f.basis, crate::forecast::Basis::DeadReckoning);
     assert_eq!(f.runs_out_at, t(4 * 3600));
     e.poll(t(0));
-    // 4 h left < 7 h: straight to T2 (the facility) without waiting for T0 and T1.
-    assert_eq!(names(&sent(&mut e)), ["fac-a"]);
+    // 4 h left < 7 h: straight to T2 without waiting for T0 and T1, and the tiers are
+    // cumulative: the family, the coordinator and the nurse hear with the facility.
+    assert_eq!(names(&sent(&mut e)), ["coord-431001", "fac-a", "fam-a", "nurse-a"]);
     assert_eq!(alert(&e, "a", "mains_lost").unwrap().tier(), Tier::T2);
     e.poll(t(2 * 3600 + 1));
     assert_eq!(names(&sent(&mut e)), ["centre", "coord-431001", "fac-a", "fam-a", "nurse-a"]);
@@ -343,6 +344,15 @@ fn a_regional_outage_is_one_incident_with_a_triage_list_for_the_coordinator() {
     // The per-home power alerts skip the coordinator: families, nurses and facilities still hear.
     for n in notes.iter().filter(|n| n.home.as_ref().is_some_and(|h| h.as_str().starts_with('k'))) {
         assert!(n.recipients.iter().all(|(r, _)| !matches!(r, Role::Coordinator | Role::SupportCentre)), "{n:?}");
+    }
+    // The incident lifts every member's alert to T1, and the family is not skipped on the way.
+    for k in ["k0", "k1", "k2"] {
+        let told: Vec<&str> = notes
+            .iter()
+            .filter(|n| n.home.as_ref().is_some_and(|h| h.as_str() == k))
+            .flat_map(|n| n.recipients.iter().map(|(_, c)| c.name.as_str()))
+            .collect();
+        assert!(told.contains(&format!("fam-{k}").as_str()), "{k}: {told:?}");
     }
     // k3 silent inside the incident: state unknown.
     assert!(alert(&e, "k3", "state_unknown").is_some());
