@@ -1,6 +1,8 @@
 //! Homes and their care plans: the only place where a home's opaque id meets people.
 //!
-//! A homes file is TOML with one `[[home]]` table per home (see `deploy/gateway/homes.toml`):
+//! A homes file is TOML with one `[[home]]` table per home (see `deploy/gateway/homes.toml`),
+//! or the same in YAML (a `.yaml`/`.yml` file with a `home:` list; channels as one-key maps,
+//! `- webhook: coord-431001`; see `deploy/gateway/homes.yaml`):
 //! the municipality (全国地方公共団体コード, six digits with its check digit), a label the
 //! readers of a message recognise, the devices on backup power with their watts, each backup
 //! source, the evacuation destination with its travel time, contacts by role with their
@@ -239,8 +241,14 @@ impl HomesFile {
     /// Parse and validate homes-file text.
     pub fn parse(text: &str, path: &Path, known: &Known) -> Result<HomesFile, HomesError> {
         let file = path.display();
-        let homes: HomesFile =
-            toml::from_str(text).map_err(|e| HomesError(vec![format!("{file}: {}", e.to_string().trim_end())]))?;
+        let yaml = path.extension().is_some_and(|e| e.eq_ignore_ascii_case("yaml") || e.eq_ignore_ascii_case("yml"));
+        let homes: HomesFile = if yaml {
+            // One-key maps (`webhook: name`) for the channel enum, as in the TOML form.
+            serde_yaml_ng::with::singleton_map_recursive::deserialize(serde_yaml_ng::Deserializer::from_str(text))
+                .map_err(|e| HomesError(vec![format!("{file}: {e}")]))?
+        } else {
+            toml::from_str(text).map_err(|e| HomesError(vec![format!("{file}: {}", e.to_string().trim_end())]))?
+        };
         let mut errors = Vec::new();
         let mut seen = BTreeSet::new();
         for (i, h) in homes.homes.iter().enumerate() {
@@ -377,6 +385,43 @@ contacts = [
         assert!(e.to_string().contains("h.toml") && e.to_string().contains("lable"), "{e}");
         let e = HomesFile::parse("[[home]]\nid = \"BAD ID\"", Path::new("h.toml"), &known()).unwrap_err();
         assert!(e.to_string().contains("h.toml"), "{e}");
+    }
+
+    const GOOD_YAML: &str = r#"
+home:
+  - id: k-01
+    municipality: "431001"
+    label: K-01 東区
+    devices:
+      - { name: ventilator, watts: 25 }
+      - { name: humidifier, watts: 60 }
+    backup:
+      - { kind: ups, usable_wh: 400 }
+      - { kind: ventilator_internal, runtime_min: 480 }
+    evacuation: { destination: 熊本大学病院, travel_min: 40 }
+    contacts:
+      - role: family
+        name: 母
+        channels: [{ sms: "+819012345678" }]
+      - role: coordinator
+        name: 佐藤
+        language: ja
+        channels: [{ webhook: coord }]
+"#;
+
+    #[test]
+    fn a_yaml_file_is_the_same_plan_as_its_toml() {
+        let t = HomesFile::parse(GOOD, Path::new("homes.toml"), &known()).unwrap();
+        let y = HomesFile::parse(GOOD_YAML, Path::new("homes.yaml"), &known()).unwrap();
+        assert_eq!(t.homes, y.homes);
+        // The same validation, the same messages.
+        let e = HomesFile::parse(&GOOD_YAML.replace("431001", "431002"), Path::new("homes.yml"), &known()).unwrap_err();
+        assert!(e.to_string().contains("homes.yml: home[0] (id `k-01`): key `municipality`"), "{e}");
+        // A typo names the file, the key and the line.
+        let e =
+            HomesFile::parse(&GOOD_YAML.replace("label:", "lable:"), Path::new("homes.yaml"), &known()).unwrap_err();
+        let text = e.to_string();
+        assert!(text.contains("homes.yaml") && text.contains("lable") && text.contains("line 5"), "{text}");
     }
 
     #[test]

@@ -31,6 +31,8 @@ fn the_shipped_example_configs_are_valid() {
     let config = mamori_gateway::config::Config::load(&dir.join("gateway.toml")).expect("gateway.toml");
     let homes = mamori_gateway::homes::HomesFile::load(&dir.join("homes.toml"), &config.known()).expect("homes.toml");
     assert_eq!(homes.homes.len(), 1);
+    let yaml = mamori_gateway::homes::HomesFile::load(&dir.join("homes.yaml"), &config.known()).expect("homes.yaml");
+    assert_eq!(yaml.homes, homes.homes, "homes.yaml says what homes.toml says");
     let (text, path) = mamori_gateway::demo::demo_homes();
     let known = mamori_gateway::homes::Known::default();
     let demo = mamori_gateway::homes::HomesFile::parse(&text, &path, &known).expect("the demo's homes");
