@@ -125,6 +125,34 @@ enum FromMqtt {
     Connected,
 }
 
+/// What the service sends to the broker. It goes through an unbounded queue to its own task,
+/// so the service loop never waits on the MQTT client: the MQTT task may be waiting for the
+/// service to take a message, and the client's request queue is drained by that task.
+enum Outbound {
+    /// PUBACK a stored message.
+    Ack(Publish),
+    /// Tell a home's agent that an alert was acknowledged.
+    AgentAck(HomeId, mqtt::Ack),
+}
+
+fn spawn_outbound(client: AsyncClient) -> mpsc::UnboundedSender<Outbound> {
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Some(out) = rx.recv().await {
+            let result = match out {
+                Outbound::Ack(p) => client.ack(&p).await,
+                Outbound::AgentAck(home, ack) => {
+                    client.publish(home.topic(Channel::Ack), QoS::AtLeastOnce, false, mqtt::encode(&ack)).await
+                }
+            };
+            if let Err(e) = result {
+                tracing::warn!(error = %e, "to the broker");
+            }
+        }
+    });
+    tx
+}
+
 /// The MQTT task: owns the event loop.
 fn spawn_mqtt(
     client: AsyncClient,
@@ -144,11 +172,16 @@ fn spawn_mqtt(
                 Ok(MqttEvent::Incoming(Packet::ConnAck(_))) => {
                     delay = Duration::from_millis(250);
                     tracing::info!("connected to the broker");
-                    for f in &filters {
-                        if let Err(e) = client.subscribe(f.clone(), QoS::AtLeastOnce).await {
-                            tracing::warn!(error = %e, "subscribe");
+                    // From another task: this one must keep polling the event loop, or a full
+                    // request queue would wait on itself.
+                    let (client, filters) = (client.clone(), filters.clone());
+                    tokio::spawn(async move {
+                        for f in filters {
+                            if let Err(e) = client.subscribe(f, QoS::AtLeastOnce).await {
+                                tracing::warn!(error = %e, "subscribe");
+                            }
                         }
-                    }
+                    });
                     let _ = tx.send(FromMqtt::Connected).await;
                 }
                 Ok(MqttEvent::Incoming(Packet::SubAck(_))) => tracing::info!("subscribed"),
@@ -179,7 +212,7 @@ pub struct Service {
     engine: Engine,
     style: Style,
     sender: Sender,
-    client: Option<AsyncClient>,
+    outbound: Option<mpsc::UnboundedSender<Outbound>>,
     counters: Arc<Counters>,
     in_flight: HashSet<String>,
     results_tx: mpsc::UnboundedSender<(OutboxRow, Result<(), String>)>,
@@ -236,7 +269,7 @@ impl Service {
             engine,
             style,
             sender,
-            client: None,
+            outbound: None,
             counters: Arc::new(Counters::default()),
             in_flight: HashSet::new(),
             results_tx,
@@ -383,8 +416,11 @@ impl Service {
         self.transaction(|s| s.persist()).map_err(|e| e.to_string())
     }
 
-    fn publish_acks(&self, acks: Vec<(HomeId, mqtt::Ack)>) -> impl std::future::Future<Output = ()> + Send + 'static {
-        publish_acks(self.client.clone(), acks)
+    fn publish_acks(&self, acks: Vec<(HomeId, mqtt::Ack)>) {
+        let Some(out) = &self.outbound else { return };
+        for (home, ack) in acks {
+            let _ = out.send(Outbound::AgentAck(home, ack));
+        }
     }
 
     fn dispatch(&mut self, now: Time) -> Result<(), StoreError> {
@@ -410,25 +446,34 @@ impl Service {
         Ok(())
     }
 
-    fn record(&mut self, row: OutboxRow, result: Result<(), String>, now: Time) -> Result<(), StoreError> {
-        self.in_flight.remove(&row.key);
-        match &result {
-            Ok(()) => {
-                self.counters.delivered.fetch_add(1, Ordering::Relaxed);
+    /// Record the results of sends, all in one transaction (one `fsync` for a whole burst).
+    fn record(&mut self, results: Vec<(OutboxRow, Result<(), String>)>, now: Time) -> Result<(), StoreError> {
+        let mut delivered = Vec::new();
+        let mut next_rows = Vec::new();
+        for (row, result) in results {
+            self.in_flight.remove(&row.key);
+            match &result {
+                Ok(()) => {
+                    self.counters.delivered.fetch_add(1, Ordering::Relaxed);
+                    delivered.push(row.key.clone());
+                }
+                Err(e) => {
+                    self.counters.failed_attempts.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(key = %row.key, attempt = row.attempts + 1, error = %e, "delivery failed");
+                }
             }
-            Err(e) => {
-                self.counters.failed_attempts.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(key = %row.key, attempt = row.attempts + 1, error = %e, "delivery failed");
-            }
+            let jitter = rand::rng().random_range(0.0..1.0);
+            next_rows.push(after_attempt(row, result, now, &self.config.delivery, jitter));
         }
-        let delivered = result.is_ok().then(|| row.key.clone());
-        let jitter = rand::rng().random_range(0.0..1.0);
-        let next = after_attempt(row, result, now, &self.config.delivery, jitter);
         self.transaction(|s| {
-            s.store.record_attempt(&next.row)?;
-            if next.fallback {
-                let content = serde_json::from_value(next.row.content.clone());
-                if let Ok(content) = content {
+            let mut fallback = false;
+            for next in &next_rows {
+                s.store.record_attempt(&next.row)?;
+                if !next.fallback {
+                    continue;
+                }
+                fallback = true;
+                if let Ok(content) = serde_json::from_value(next.row.content.clone()) {
                     let input = Input::DeliveryFailed {
                         key: next.row.key.clone(),
                         alert_id: next.row.alert_id.clone(),
@@ -439,11 +484,13 @@ impl Service {
                     };
                     let _ = s.engine.handle(input, now);
                 }
+            }
+            if fallback {
                 s.persist()?;
             }
             Ok(())
         })?;
-        if let Some(key) = delivered {
+        for key in delivered {
             tracing::info!(key = %key, "delivered"); // after the commit: a crash from here on resends nothing
         }
         Ok(())
@@ -489,7 +536,7 @@ impl Service {
             .collect();
         let (mqtt_tx, mut mqtt_rx) = mpsc::channel(4096);
         spawn_mqtt(client.clone(), eventloop, filters, mqtt_tx, cancel.clone());
-        self.client = Some(client.clone());
+        self.outbound = Some(spawn_outbound(client.clone()));
 
         // HTTP.
         let (web_tx, mut web_rx) = mpsc::channel(64);
@@ -543,29 +590,35 @@ impl Service {
                     if !batch.is_empty() {
                         let acks = self.ingest(&batch, clock::now())?;
                         // Stored: now the broker may forget them.
-                        for p in &batch {
-                            let _ = client.ack(p).await;
+                        if let Some(out) = &self.outbound {
+                            for p in batch {
+                                let _ = out.send(Outbound::Ack(p));
+                            }
                         }
-                        self.publish_acks(acks).await;
+                        self.publish_acks(acks);
                     }
                 }
                 Some(req) = web_rx.recv() => {
                     let WebRequest::Ack { alert_id, role, note, reply } = req;
                     let r = self.acknowledge(&alert_id, role, "link", note, clock::now());
                     let r = match r {
-                        Ok(acks) => { self.publish_acks(acks).await; Ok(()) }
+                        Ok(acks) => { self.publish_acks(acks); Ok(()) }
                         Err(e) => Err(e),
                     };
                     let _ = reply.send(r);
                 }
-                Some((row, result)) = self.results_rx.recv() => {
-                    self.record(row, result, clock::now())?;
+                Some(first) = self.results_rx.recv() => {
+                    let mut results = vec![first];
+                    while let Ok(r) = self.results_rx.try_recv() {
+                        results.push(r);
+                    }
+                    self.record(results, clock::now())?;
                 }
                 _ = tokio::time::sleep(sleep) => {}
             }
             let now = clock::now();
             let acks = self.tick(now)?;
-            self.publish_acks(acks).await;
+            self.publish_acks(acks);
             if now >= next_prune {
                 next_prune = now + chrono::Duration::hours(1);
                 let before = now - chrono::Duration::hours(i64::from(self.config.telemetry_retention_h));
@@ -575,7 +628,7 @@ impl Service {
             if now >= next_housekeeping {
                 next_housekeeping = now + chrono::Duration::seconds(1);
                 let acks = self.apply_cli_acks(now)?;
-                self.publish_acks(acks).await;
+                self.publish_acks(acks);
             }
             self.dispatch(now)?;
         }
@@ -583,7 +636,7 @@ impl Service {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
         while !self.in_flight.is_empty() {
             match tokio::time::timeout_at(deadline, self.results_rx.recv()).await {
-                Ok(Some((row, result))) => self.record(row, result, clock::now())?,
+                Ok(Some(r)) => self.record(vec![r], clock::now())?,
                 _ => break,
             }
         }
@@ -598,15 +651,5 @@ impl Service {
             "gateway stopped"
         );
         Ok(())
-    }
-}
-
-async fn publish_acks(client: Option<AsyncClient>, acks: Vec<(HomeId, mqtt::Ack)>) {
-    let Some(client) = client else { return };
-    for (home, ack) in acks {
-        let topic = home.topic(Channel::Ack);
-        if let Err(e) = client.publish(topic, QoS::AtLeastOnce, false, mqtt::encode(&ack)).await {
-            tracing::warn!(error = %e, "ack publish");
-        }
     }
 }
