@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use anyhow::Result;
 use mamori_tests::process::{Collector, Process};
+use mamori_tests::smtp::SmtpReceiver;
 use mamori_tests::webhook::{Delivery, WebhookReceiver};
 use mamori_tests::{free_port, Mosquitto};
 
@@ -320,5 +321,49 @@ fn check_config_and_homes_import_name_file_key_and_expectation() -> Result<()> {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let out = cli(&["homes", "list", "--config", s.config.to_str().unwrap_or_default()])?;
     assert!(String::from_utf8_lossy(&out.stdout).contains("h2\t431001"));
+    Ok(())
+}
+
+#[test]
+fn an_email_contact_gets_the_alert_over_a_real_smtp_conversation_and_a_refusal_is_retried() -> Result<()> {
+    let broker = Mosquitto::start("")?;
+    let hook = WebhookReceiver::start("hook-secret")?;
+    let smtp = SmtpReceiver::start()?;
+    let s = setup(broker.port(), &hook, 3600)?;
+    let homes = s.dir.path().join("homes.toml");
+    let text = std::fs::read_to_string(&homes)?.replace(
+        r#"name = "家族", channels = [{ webhook = "family" }]"#,
+        r#"name = "Family", language = "en", channels = [{ email = "family@example.jp" }]"#,
+    );
+    assert!(text.contains("family@example.jp"));
+    std::fs::write(&homes, text)?;
+    let mut config = std::fs::read_to_string(&s.config)?;
+    config.push_str(&format!(
+        "[smtp]\nhost = \"127.0.0.1\"\nport = {}\ntls = \"none\"\nfrom = \"mamori@example.jp\"\n",
+        smtp.port()
+    ));
+    std::fs::write(&s.config, config)?;
+    // The relay refuses at first (451 after DATA): the outbox row stays pending and is retried.
+    smtp.set_accept(false);
+    let gw = gateway(&s.config)?;
+    publish(broker.port(), &[event(1, "mains_lost")])?;
+    smtp.wait("a refused attempt", LIMIT, |m| m.iter().any(|x| !x.accepted))?;
+    gw.wait_line("the failure logged", LIMIT, |l| l.contains("delivery failed") && l.contains("451"))?;
+    smtp.set_accept(true);
+    let mails = smtp.wait("an accepted message", LIMIT, |m| m.iter().any(|x| x.accepted))?;
+    let line = gw.wait_line("delivered", LIMIT, |l| l.contains("\"delivered\"") && l.contains(":email"))?;
+
+    let sent = mails.iter().find(|x| x.accepted).cloned().unwrap_or_else(|| unreachable!());
+    assert_eq!((sent.from.as_str(), sent.to.as_slice()), ("mamori@example.jp", &["family@example.jp".to_string()][..]));
+    let subject = sent.header("Subject").unwrap_or_default();
+    assert!(subject.contains("K-01") && subject.contains("mains power lost"), "{subject}");
+    let body = sent.body();
+    assert!(body.contains("mains power lost") && body.contains("/ack/"), "{body}");
+    // Every attempt carries the same Message-ID, derived from the outbox key: a retry is the
+    // same message, not a second one.
+    let ids: Vec<Option<String>> = mails.iter().map(|m| m.header("Message-ID")).collect();
+    assert!(ids.iter().all(|i| i.is_some() && *i == ids[0]), "{ids:?}");
+    // Marked delivered only after the server's 250: exactly one accepted copy when it is logged.
+    assert_eq!(smtp.mails().iter().filter(|m| m.accepted).count(), 1, "{line}");
     Ok(())
 }

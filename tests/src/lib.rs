@@ -15,6 +15,8 @@
 
 pub mod nut;
 pub mod process;
+pub mod procfs;
+pub mod smtp;
 pub mod webhook;
 
 use std::io::{BufRead, BufReader};
@@ -75,6 +77,19 @@ impl Mosquitto {
     /// Start a broker whose listener section is written by `listener(port, dir)` (for TLS,
     /// passwords, ACLs); persistence and logging are added.
     pub fn start_with(listener: impl Fn(u16, &Path) -> String) -> Result<Mosquitto> {
+        Mosquitto::start_logging(listener, "all")
+    }
+
+    /// As [`Mosquitto::start`], logging only `notice` and worse: for benchmarks, where
+    /// `log_type all` would write a line for every packet.
+    pub fn start_quiet(extra: &str) -> Result<Mosquitto> {
+        Mosquitto::start_logging(
+            |port, _| format!("listener {port} 127.0.0.1\nallow_anonymous true\n{extra}\n"),
+            "error\nlog_type warning\nlog_type notice",
+        )
+    }
+
+    fn start_logging(listener: impl Fn(u16, &Path) -> String, log_types: &str) -> Result<Mosquitto> {
         let mut last_err = None;
         for _ in 0..5 {
             let dir = tempfile::tempdir()?;
@@ -86,7 +101,7 @@ impl Mosquitto {
                     // Run as the invoking user: as root, Mosquitto would otherwise drop to the
                     // `mosquitto` user and could not write its log or persistence database in
                     // this private directory.
-                    "{}\n{}persistence true\npersistence_location {}/\nautosave_interval 1\nlog_dest file {}/mosquitto.log\nlog_type all\n",
+                    "{}\n{}persistence true\npersistence_location {}/\nautosave_interval 1\nlog_dest file {}/mosquitto.log\nlog_type {log_types}\n",
                     listener(port, dir.path()),
                     if nix_is_root() { "user root\n" } else { "" },
                     dir.path().display(),

@@ -28,6 +28,7 @@ use anyhow::{bail, Context, Result};
 use mamori_protocol::mqtt::{self, Event, EventKind};
 use mamori_tests::nut::Nut;
 use mamori_tests::process::{Collector, Process, Simulator};
+use mamori_tests::procfs::{cpu_ns, machine, percentile, status_kb, switches};
 use mamori_tests::Mosquitto;
 
 fn arg(name: &str, default: u64) -> u64 {
@@ -42,47 +43,6 @@ fn agent_bin() -> Result<PathBuf> {
         bail!("{} not found: run `cargo build --release -p mamori-agent` first", bin.display());
     }
     Ok(bin)
-}
-
-/// CPU time of a process, all its threads, in nanoseconds (`/proc/<pid>/task/*/schedstat`,
-/// first field: time on a CPU). Unlike utime/stime this is not rounded to clock ticks.
-fn cpu_ns(pid: u32) -> u64 {
-    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return 0 };
-    tasks
-        .filter_map(Result::ok)
-        .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
-        .filter_map(|s| s.split_whitespace().next().and_then(|v| v.parse::<u64>().ok()))
-        .sum()
-}
-
-/// Voluntary + involuntary context switches of a process, all threads.
-fn switches(pid: u32) -> u64 {
-    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return 0 };
-    tasks
-        .filter_map(Result::ok)
-        .filter_map(|t| std::fs::read_to_string(t.path().join("status")).ok())
-        .map(|s| {
-            s.lines()
-                .filter(|l| l.contains("ctxt_switches"))
-                .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
-                .sum::<u64>()
-        })
-        .sum()
-}
-
-fn status_kb(pid: u32, key: &str) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find(|l| l.starts_with(key))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
-}
-
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    let i = ((p / 100.0) * (sorted.len() as f64 - 1.0)).round() as usize;
-    sorted[i.min(sorted.len() - 1)]
 }
 
 fn agent_config(dir: &Path, port: u16, sim: &Path, devices: &[&str]) -> Result<PathBuf> {
@@ -117,16 +77,7 @@ fn main() -> Result<()> {
     let work = tempfile::tempdir()?;
     let broker = Mosquitto::start("")?;
     println!("# mamori agent benchmark\n");
-    println!(
-        "machine: {} cores, {}",
-        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
-        std::fs::read_to_string("/proc/cpuinfo")
-            .unwrap_or_default()
-            .lines()
-            .find(|l| l.starts_with("model name"))
-            .unwrap_or("")
-            .replace("model name\t: ", "")
-    );
+    println!("machine: {}", machine());
 
     // 1. Detection latency, UPS only, default poll.
     let simdir = work.path().join("sim-a");
