@@ -1,0 +1,589 @@
+//! `bench-gateway`: the gateway's fleet benchmark. Not a test: it prints figures for
+//! `docs/benchmarks.md`.
+//!
+//! ```sh
+//! cargo build --release -p mamori-gateway -p mamori-tests
+//! target/release/bench-gateway [--homes 20000] [--municipalities 40] [--steady-s 60] [--storm 2000] [--burst 100000]
+//! ```
+//!
+//! Everything is real: a Mosquitto started here on a free loopback port, the release
+//! `mamori-gateway` binary with its SQLite store in a temporary folder, a webhook receiver
+//! over HTTP, and `mosquitto_sub` on the same topics as the reference subscriber. The homes
+//! are published by this program over a few MQTT connections (the broker has no ACLs here,
+//! so one connection may publish for many homes; what the gateway receives is the same).
+//!
+//! 1. **Steady fleet**: `--homes` homes (spread over `--municipalities`) each send a status
+//!    and then telemetry every 10 s, spread evenly over the period, for `--steady-s`. The
+//!    gateway's stored messages are counted against `mosquitto_sub`'s; its CPU time is read
+//!    from `/proc`; nothing may be notified (a false "silent" would show up at the webhook).
+//! 2. **Storm**: `--storm` homes lose mains within 10 s (the same number in every
+//!    municipality) while the rest keep sending telemetry. For each: the time from publishing
+//!    its `mains_lost` to the family's webhook receiving the notification; for each
+//!    municipality: the time from the outage that makes it a regional incident (the third) to
+//!    the coordinator's first digest.
+//! 3. **Burst**: `--burst` telemetry messages published as fast as one connection can, with
+//!    the rate each subscriber (gateway, `mosquitto_sub`) took them in.
+//! 4. **Memory**: the gateway's VmRSS and VmHWM.
+//! 5. **Restart**: the gateway is killed with SIGKILL; one more home loses mains while it is
+//!    down; the time from the new process's start to `subscribed` and to that home's family
+//!    being notified. Every notification key received twice is counted.
+
+#![allow(clippy::disallowed_methods)] // a benchmark reads the clock: that is its job
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use mamori_protocol::mqtt::{self, Channel, ConnectionState, HomeId, Status, Telemetry};
+use mamori_protocol::reading::{OximeterReading, UpsReading};
+use mamori_tests::process::Process;
+use mamori_tests::procfs::{cpu_ns, machine, percentile, status_kb};
+use mamori_tests::webhook::{Delivery, WebhookReceiver};
+use mamori_tests::{free_port, Deadline, Mosquitto};
+use rumqttc::{AsyncClient, MqttOptions, QoS};
+
+const SECRET: &str = "bench-hook-secret";
+const PERIOD: Duration = Duration::from_secs(10);
+
+fn arg(name: &str, default: u64) -> u64 {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+fn gateway_bin() -> Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let bin = exe.parent().context("exe dir")?.join("mamori-gateway");
+    if !bin.exists() {
+        bail!("{} not found: run `cargo build --release -p mamori-gateway` first", bin.display());
+    }
+    Ok(bin)
+}
+
+/// A valid 全国地方公共団体コード for prefecture 13 and city number `n` (the check digit
+/// computed as the gateway checks it).
+fn municipality(n: usize) -> String {
+    let base = format!("13{:03}", 101 + n);
+    let d: Vec<u32> = base.chars().filter_map(|c| c.to_digit(10)).collect();
+    let r = (d[0] * 6 + d[1] * 5 + d[2] * 4 + d[3] * 3 + d[4] * 2) % 11;
+    let check = if r <= 1 { 0 } else { 11 - r };
+    format!("{base}{check}")
+}
+
+struct Fleet {
+    homes: Vec<String>,
+    /// Municipality index of each home.
+    muni_of: Vec<usize>,
+    munis: Vec<String>,
+}
+
+impl Fleet {
+    fn new(homes: usize, munis: usize) -> Fleet {
+        let codes: Vec<String> = (0..munis).map(municipality).collect();
+        let per = homes.div_ceil(munis);
+        let muni_of: Vec<usize> = (0..homes).map(|i| i / per).collect();
+        let homes = (0..homes).map(|i| format!("b{:02}-{:05}", i / per, i % per)).collect();
+        Fleet { homes, muni_of, munis: codes }
+    }
+
+    fn homes_toml(&self) -> String {
+        let mut s = String::with_capacity(self.homes.len() * 700);
+        for (i, id) in self.homes.iter().enumerate() {
+            s.push_str(&format!(
+                r#"[[home]]
+id = "{id}"
+municipality = "{m}"
+label = "B-{i:05}"
+devices = [{{ name = "ventilator", watts = 25 }}, {{ name = "humidifier", watts = 60 }}]
+backup = [{{ kind = "power_station", nameplate_wh = 1000 }}, {{ kind = "ventilator_internal", runtime_min = 480 }}]
+evacuation = {{ destination = "病院", travel_min = 40 }}
+contacts = [
+  {{ role = "family", name = "家族", channels = [{{ webhook = "family" }}] }},
+  {{ role = "coordinator", name = "コーディネーター", channels = [{{ webhook = "coord" }}] }},
+  {{ role = "facility", name = "病院", channels = [{{ webhook = "facility" }}] }},
+  {{ role = "support_centre", name = "支援センター", channels = [{{ webhook = "centre" }}] }},
+]
+"#,
+                m = self.munis[self.muni_of[i]]
+            ));
+        }
+        s
+    }
+}
+
+fn write_config(dir: &Path, broker_port: u16, hook: &str, with_homes_file: bool) -> Result<PathBuf> {
+    let http = free_port()?;
+    let mut c = format!(
+        r#"data_dir = "data"
+public_url = "http://127.0.0.1:{http}"
+link_secret = {{ value = "bench-link-secret" }}
+[broker]
+host = "127.0.0.1"
+port = {broker_port}
+client_id = "bench-gateway"
+[http]
+bind = "127.0.0.1:{http}"
+"#
+    );
+    if with_homes_file {
+        c = format!("homes_file = \"homes.toml\"\n{c}");
+    }
+    for name in ["family", "coord", "facility", "centre"] {
+        c.push_str(&format!("[endpoints.{name}]\nurl = \"{hook}/{name}\"\nsecret = {{ value = \"{SECRET}\" }}\n"));
+    }
+    let path = dir.join(if with_homes_file { "gateway-with-homes.toml" } else { "gateway.toml" });
+    std::fs::write(&path, c)?;
+    Ok(path)
+}
+
+fn telemetry(on_battery: bool, runtime_s: u32) -> Vec<u8> {
+    mqtt::encode(&Telemetry {
+        ts: chrono::Utc::now().fixed_offset(),
+        interval_s: PERIOD.as_secs() as u32,
+        mains_present: Some(!on_battery),
+        ups: Some(UpsReading {
+            on_battery: Some(on_battery),
+            battery_low: Some(false),
+            input_voltage_v: Some(if on_battery { 0.0 } else { 101.2 }),
+            output_voltage_v: Some(100.0),
+            load_pct: Some(9.0),
+            battery_charge_pct: Some(100.0),
+            runtime_s: Some(runtime_s),
+            ..UpsReading::default()
+        }),
+        power_meter: None,
+        oximeter: Some(OximeterReading {
+            spo2_pct: Some(97),
+            pulse_bpm: Some(92),
+            perfusion_index: Some(3.1),
+            ..OximeterReading::default()
+        }),
+        ventilator: None,
+        devices: Vec::new(),
+        spool: None,
+    })
+}
+
+fn status() -> Vec<u8> {
+    mqtt::encode(&Status {
+        state: ConnectionState::Online,
+        since: Some(chrono::Utc::now().fixed_offset()),
+        agent_version: Some("bench".into()),
+        telemetry_interval_s: Some(PERIOD.as_secs() as u32),
+        sources: Vec::new(),
+        reason: None,
+    })
+}
+
+fn mains_lost(home: &str, seq: u64) -> Vec<u8> {
+    let ts = chrono::Utc::now().to_rfc3339();
+    format!(r#"{{"id":"{home}:{seq}","seq":{seq},"ts":"{ts}","kind":"mains_lost","severity":"critical"}}"#).into_bytes()
+}
+
+fn topic(home: &str, channel: Channel) -> String {
+    HomeId::new(home).expect("home id").topic(channel)
+}
+
+/// An MQTT connection for publishing, its event loop driven on the runtime.
+async fn publisher(port: u16, name: &str) -> Result<AsyncClient> {
+    let mut o = MqttOptions::new(format!("bench-pub-{name}"), "127.0.0.1", port);
+    o.set_keep_alive(Duration::from_secs(30));
+    o.set_inflight(1000);
+    let (client, mut eventloop) = AsyncClient::new(o, 10_000);
+    tokio::spawn(async move {
+        loop {
+            // Errors show up as missing messages in the counts; the broker going away at the
+            // end is not worth a line.
+            if eventloop.poll().await.is_err() {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    });
+    Ok(client)
+}
+
+/// `mosquitto_sub` on the gateway's topics, counting what it receives.
+struct Reference {
+    child: std::process::Child,
+    telemetry: Arc<AtomicU64>,
+    other: Arc<AtomicU64>,
+}
+
+impl Reference {
+    fn start(port: u16) -> Result<Reference> {
+        let mut child = Command::new("mosquitto_sub")
+            .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-q", "1", "-F", "%t", "-i", "bench-reference"])
+            .args(["-t", "mamori/v1/+/status", "-t", "mamori/v1/+/telemetry", "-t", "mamori/v1/+/event"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("mosquitto_sub (apt-get install mosquitto-clients)")?;
+        let out = child.stdout.take().context("stdout")?;
+        let (telemetry, other) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+        let (t, o) = (telemetry.clone(), other.clone());
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                if line.ends_with("/telemetry") { &t } else { &o }.fetch_add(1, Ordering::Relaxed);
+            }
+        });
+        Ok(Reference { child, telemetry, other })
+    }
+}
+
+impl Drop for Reference {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Rows the gateway stored (read-only, beside the running gateway: WAL allows it).
+fn stored(db: &Path) -> Result<(u64, u64)> {
+    let c = rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+    let count = |table: &str| -> Result<u64> {
+        Ok(c.query_row(&format!("SELECT count(*) FROM {table}"), [], |r| r.get::<_, i64>(0))? as u64)
+    };
+    Ok((count("telemetry")?, count("status")? + count("events")?))
+}
+
+fn spawn_gateway(bin: &Path, config: &Path) -> Result<(Process, Instant)> {
+    let mut cmd = Command::new(bin);
+    cmd.arg("run").arg("--config").arg(config).env("RUST_LOG", "info");
+    let started = Instant::now();
+    let p = Process::spawn("gateway", cmd)?;
+    Ok((p, started))
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+fn summary(name: &str, mut v: Vec<f64>) {
+    v.sort_by(f64::total_cmp);
+    println!(
+        "{name}: n {} · p50 {:.1} ms · p99 {:.1} ms · max {:.1} ms",
+        v.len(),
+        percentile(&v, 50.0),
+        percentile(&v, 99.0),
+        v.last().copied().unwrap_or(f64::NAN)
+    );
+}
+
+fn kind_of(d: &Delivery) -> (&str, &str) {
+    let c = &d.body["content"];
+    (c["type"].as_str().unwrap_or(""), c["kind"].as_str().unwrap_or(""))
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> Result<()> {
+    let n_homes = arg("--homes", 20_000) as usize;
+    let n_munis = arg("--municipalities", 40) as usize;
+    let steady_s = arg("--steady-s", 60);
+    let n_storm = arg("--storm", 2_000) as usize;
+    let n_burst = arg("--burst", 100_000);
+    let bin = gateway_bin()?;
+    let work = tempfile::tempdir()?;
+    println!("# mamori gateway fleet benchmark\n");
+    println!("machine: {}", machine());
+    println!("homes {n_homes} in {n_munis} municipalities; telemetry every {} s; storm {n_storm}", PERIOD.as_secs());
+
+    // A broker sized for a fleet: queues deep enough for a storm at one subscriber.
+    let broker = Mosquitto::start_quiet("max_queued_messages 1000000\nmax_inflight_messages 1000")?;
+    let port = broker.port();
+    let hook = WebhookReceiver::start(SECRET)?;
+    let fleet = Fleet::new(n_homes, n_munis);
+
+    // Homes: imported once (the way an operator loads a prefecture), then a config without a
+    // homes file, so that a restart only reads the store.
+    std::fs::write(work.path().join("homes.toml"), fleet.homes_toml())?;
+    let config = write_config(work.path(), port, &hook.url(), false)?;
+    let with_homes = write_config(work.path(), port, &hook.url(), true)?;
+    let t = Instant::now();
+    let out = Command::new(&bin)
+        .args(["homes", "import", "--config"])
+        .arg(&config)
+        .arg(work.path().join("homes.toml"))
+        .output()?;
+    if !out.status.success() {
+        bail!("homes import: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    println!("\n## Load\nhomes import of {n_homes} homes: {:.2} s", t.elapsed().as_secs_f64());
+    let db = work.path().join("data").join("mamori.db");
+
+    let reference = Reference::start(port)?;
+    let (mut gw, started) = spawn_gateway(&bin, &config)?;
+    gw.wait_line("subscribed", Duration::from_secs(60), |l| l.contains("\"subscribed\""))?;
+    println!("gateway start with {n_homes} homes in the store, to subscribed: {:.0} ms", ms(started.elapsed()));
+
+    // 1. Steady fleet.
+    let shards = 4;
+    let mut clients = Vec::new();
+    for s in 0..shards {
+        clients.push(publisher(port, &s.to_string()).await?);
+    }
+    for (i, h) in fleet.homes.iter().enumerate() {
+        clients[i % shards].publish(topic(h, Channel::Status), QoS::AtLeastOnce, true, status()).await?;
+    }
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let paused = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let on_battery: Arc<Vec<std::sync::atomic::AtomicBool>> =
+        Arc::new((0..n_homes).map(|_| std::sync::atomic::AtomicBool::new(false)).collect());
+    let published = Arc::new(AtomicU64::new(0));
+    let stream = {
+        let (clients, homes, stop, paused, on_battery, published) =
+            (clients.clone(), fleet.homes.clone(), stop.clone(), paused.clone(), on_battery.clone(), published.clone());
+        tokio::spawn(async move {
+            // Every home once per period, in slices every 10 ms.
+            let slices = (PERIOD.as_millis() / 10) as usize;
+            let per_slice = homes.len().div_ceil(slices);
+            let mut tick = tokio::time::interval(Duration::from_millis(10));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+            let mut slice = 0;
+            while !stop.load(Ordering::Relaxed) {
+                tick.tick().await;
+                if paused.load(Ordering::Relaxed) {
+                    continue;
+                }
+                let from = (slice % slices) * per_slice;
+                for i in from..(from + per_slice).min(homes.len()) {
+                    let b = on_battery[i].load(Ordering::Relaxed);
+                    let payload = telemetry(b, 7200 + (i % 50) as u32 * 360);
+                    let _ = clients[i % clients.len()]
+                        .publish(topic(&homes[i], Channel::Telemetry), QoS::AtMostOnce, false, payload)
+                        .await;
+                    published.fetch_add(1, Ordering::Relaxed);
+                }
+                slice += 1;
+            }
+        })
+    };
+    // A first period to settle (every home heard once), then the measured window.
+    tokio::time::sleep(PERIOD).await;
+    let (cpu0, t0) = (cpu_ns(gw.pid()), Instant::now());
+    let ref_t0 = reference.telemetry.load(Ordering::Relaxed);
+    let (stored_t0, _) = stored(&db)?;
+    let pub0 = published.load(Ordering::Relaxed);
+    tokio::time::sleep(Duration::from_secs(steady_s)).await;
+    let wall = t0.elapsed().as_secs_f64();
+    let cpu = (cpu_ns(gw.pid()) - cpu0) as f64 / 1e9;
+    let pub1 = published.load(Ordering::Relaxed);
+    let ref_t = reference.telemetry.load(Ordering::Relaxed) - ref_t0;
+    let (stored_t, _) = stored(&db)?;
+    println!("\n## 1. Steady fleet ({steady_s} s)");
+    println!(
+        "telemetry published {} ({:.0}/s) · mosquitto_sub received {ref_t} · gateway stored {} ({:.1} % of mosquitto_sub, same window)",
+        pub1 - pub0,
+        (pub1 - pub0) as f64 / wall,
+        stored_t - stored_t0,
+        100.0 * (stored_t - stored_t0) as f64 / ref_t.max(1) as f64
+    );
+    println!("gateway CPU {cpu:.1} s in {wall:.1} s ({:.0} % of one core)", 100.0 * cpu / wall);
+    println!("notifications during the steady fleet (should be 0): {}", hook.deliveries().len());
+
+    // 2. Storm.
+    let per_muni = n_storm / n_munis;
+    let per_home_muni = n_homes.div_ceil(n_munis);
+    let mut order = Vec::new();
+    for k in 0..per_muni {
+        for m in 0..n_munis {
+            order.push(m * per_home_muni + k);
+        }
+    }
+    let gap = Duration::from_secs(10) / order.len().max(1) as u32;
+    let mut sent_at: HashMap<String, Instant> = HashMap::new();
+    let mut third: BTreeMap<String, Instant> = BTreeMap::new();
+    let storm_start = Instant::now();
+    let storm_client = publisher(port, "storm").await?;
+    let mut next = Instant::now();
+    for (n, &i) in order.iter().enumerate() {
+        tokio::time::sleep_until(next.into()).await;
+        next += gap;
+        let h = &fleet.homes[i];
+        on_battery[i].store(true, Ordering::Relaxed);
+        storm_client.publish(topic(h, Channel::Event), QoS::AtLeastOnce, false, mains_lost(h, 1)).await?;
+        storm_client
+            .publish(
+                topic(h, Channel::Telemetry),
+                QoS::AtMostOnce,
+                false,
+                telemetry(true, 7200 + (i % 50) as u32 * 360),
+            )
+            .await?;
+        let now = Instant::now();
+        sent_at.insert(h.clone(), now);
+        if n / n_munis == 2 {
+            third.insert(fleet.munis[fleet.muni_of[i]].clone(), now);
+        }
+    }
+    let storm_end = Instant::now();
+    let family_for = |ds: &[Delivery], h: &str| {
+        ds.iter().any(|d| d.path == "/family" && d.body["home"] == h && kind_of(d) == ("alert", "mains_lost"))
+    };
+    let all = hook
+        .wait("every storm home's family", Duration::from_secs(120), |ds| sent_at.keys().all(|h| family_for(ds, h)));
+    let ds = match all {
+        Ok(ds) => ds,
+        Err(e) => {
+            println!("storm: {e:#}");
+            hook.deliveries()
+        }
+    };
+    let mut family = Vec::new();
+    for (h, at) in &sent_at {
+        let first = ds
+            .iter()
+            .filter(|d| d.path == "/family" && d.body["home"] == h.as_str() && kind_of(d) == ("alert", "mains_lost"))
+            .map(|d| d.at)
+            .min();
+        if let Some(t) = first {
+            family.push(ms(t.saturating_duration_since(*at)));
+        }
+    }
+    let hook_ok = hook.wait("every coordinator's digest", Duration::from_secs(60), |ds| {
+        third.keys().all(|m| ds.iter().any(|d| d.path == "/coord" && d.body["content"]["municipality"] == m.as_str()))
+    });
+    let ds = hook_ok.unwrap_or_else(|_| hook.deliveries());
+    let mut coord = Vec::new();
+    let mut last_coord = storm_start;
+    for (m, at) in &third {
+        let first = ds
+            .iter()
+            .filter(|d| {
+                d.path == "/coord" && kind_of(d).0 == "incident" && d.body["content"]["municipality"] == m.as_str()
+            })
+            .map(|d| d.at)
+            .min();
+        if let Some(t) = first {
+            coord.push(ms(t.saturating_duration_since(*at)));
+            last_coord = last_coord.max(t);
+        }
+    }
+    println!("\n## 2. Storm: {} outages in {:.1} s", order.len(), (storm_end - storm_start).as_secs_f64());
+    summary("mains_lost published → family webhook", family);
+    summary("third outage of a municipality → its coordinator's first incident digest", coord.clone());
+    println!(
+        "coordinators with a digest: {} of {}; the last one {:+.0} ms from the storm's last outage",
+        coord.len(),
+        third.len(),
+        if last_coord >= storm_end { ms(last_coord - storm_end) } else { -ms(storm_end - last_coord) }
+    );
+    let coord_direct = ds.iter().filter(|d| d.path == "/coord" && kind_of(d).0 == "alert").count();
+    println!("per-home alerts sent to coordinators during the storm (incidents replace them): {coord_direct}");
+    println!("deliveries so far {} · signatures bad {}", ds.len(), ds.iter().filter(|d| !d.signature_ok).count());
+
+    // 3. Burst.
+    // The fleet pauses (for less than the staleness limit, 3 periods) so that only the
+    // burst is counted.
+    paused.store(true, Ordering::Relaxed);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let burst_client = publisher(port, "burst").await?;
+    let payloads: Vec<(String, Vec<u8>)> = (0..n_burst as usize)
+        .map(|k| {
+            let i = k % n_homes;
+            let b = on_battery[i].load(Ordering::Relaxed);
+            (topic(&fleet.homes[i], Channel::Telemetry), telemetry(b, 7200 + (i % 50) as u32 * 360))
+        })
+        .collect();
+    let (ref0, (st0, _)) = (reference.telemetry.load(Ordering::Relaxed), stored(&db)?);
+    let t = Instant::now();
+    for (topic, payload) in payloads {
+        burst_client.publish(topic, QoS::AtMostOnce, false, payload).await?;
+    }
+    let publish_s = t.elapsed().as_secs_f64();
+    // Wait until both have stopped growing.
+    let (mut last, mut quiet_since) = ((0, 0), Instant::now());
+    let (mut ref_done, mut gw_done) = (t, t);
+    let deadline = Deadline::after(Duration::from_secs(300));
+    loop {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let now = (reference.telemetry.load(Ordering::Relaxed), stored(&db)?.0);
+        if now.0 != last.0 {
+            ref_done = Instant::now();
+        }
+        if now.1 != last.1 {
+            gw_done = Instant::now();
+        }
+        if now != last {
+            last = now;
+            quiet_since = Instant::now();
+        }
+        if quiet_since.elapsed() > Duration::from_secs(3) || deadline.check("burst").is_err() {
+            break;
+        }
+    }
+    paused.store(false, Ordering::Relaxed);
+    let (ref_n, gw_n) = (last.0 - ref0, last.1 - st0);
+    println!(
+        "\n## 3. Burst: {n_burst} telemetry messages queued by one connection in {publish_s:.1} s (the fleet paused)"
+    );
+    println!(
+        "mosquitto_sub: {ref_n} in {:.1} s ({:.0}/s) · gateway stored: {gw_n} in {:.1} s ({:.0}/s), {:.1} % of mosquitto_sub",
+        (ref_done - t).as_secs_f64(),
+        ref_n as f64 / (ref_done - t).as_secs_f64(),
+        (gw_done - t).as_secs_f64(),
+        gw_n as f64 / (gw_done - t).as_secs_f64(),
+        100.0 * gw_n as f64 / ref_n.max(1) as f64
+    );
+
+    // 4. Memory.
+    println!("\n## 4. Memory");
+    println!(
+        "gateway VmRSS {} kB, VmHWM (peak) {} kB (target: <= 307200 kB)",
+        status_kb(gw.pid(), "VmRSS:"),
+        status_kb(gw.pid(), "VmHWM:")
+    );
+
+    // 5. Restart.
+    gw.kill9()?;
+    let i = per_muni + 10; // a home that was not in the storm
+    let h = fleet.homes[i].clone();
+    on_battery[i].store(true, Ordering::Relaxed);
+    storm_client.publish(topic(&h, Channel::Event), QoS::AtLeastOnce, false, mains_lost(&h, 1)).await?;
+    tokio::time::sleep(Duration::from_millis(500)).await; // at the broker, queued for the gateway's session
+    let (gw2, started) = spawn_gateway(&bin, &config)?;
+    gw2.wait_line("ready", Duration::from_secs(60), |l| l.starts_with("ready "))?;
+    let ready = started.elapsed();
+    gw2.wait_line("subscribed", Duration::from_secs(60), |l| l.contains("\"subscribed\""))?;
+    let subscribed = started.elapsed();
+    let d = hook.wait(
+        "the family of the home that lost mains while the gateway was down",
+        Duration::from_secs(60),
+        |ds| family_for(ds, &h),
+    )?;
+    let notified = d
+        .iter()
+        .filter(|x| x.path == "/family" && x.body["home"] == h.as_str() && kind_of(x) == ("alert", "mains_lost"))
+        .map(|x| x.at)
+        .min()
+        .map(|t| t.saturating_duration_since(started))
+        .unwrap_or_default();
+    println!("\n## 5. Restart after SIGKILL with {n_homes} homes and {} open alerts", n_storm + 1);
+    println!(
+        "process start → ready {:.0} ms · → subscribed {:.0} ms · → the queued outage's family notified {:.0} ms",
+        ms(ready),
+        ms(subscribed),
+        ms(notified)
+    );
+    let mut seen: HashMap<&str, u32> = HashMap::new();
+    for x in d.iter().filter(|x| x.accepted) {
+        *seen.entry(x.key.as_str()).or_default() += 1;
+    }
+    println!("notification keys received more than once: {}", seen.values().filter(|&&n| n > 1).count());
+    drop(gw2);
+
+    // For information: a start that also parses the homes file.
+    let (gw3, started) = spawn_gateway(&bin, &with_homes)?;
+    gw3.wait_line("subscribed", Duration::from_secs(120), |l| l.contains("\"subscribed\""))?;
+    println!("a start that also imports the {n_homes}-home file, to subscribed: {:.0} ms", ms(started.elapsed()));
+    drop(gw3);
+    stop.store(true, Ordering::Relaxed);
+    let _ = stream.await;
+    let refs = reference.other.load(Ordering::Relaxed);
+    println!("\n(reference subscriber also saw {refs} status and event messages)");
+    Ok(())
+}
