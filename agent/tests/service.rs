@@ -407,80 +407,10 @@ fn nut_reads_the_simulated_ups_and_the_agent_reads_nut() -> Result<()> {
     Ok(())
 }
 
-/// A small PKI made with the `openssl` command: a CA, the broker's certificate for
-/// 127.0.0.1, and a client certificate for the home.
-fn pki(dir: &Path) -> Result<()> {
-    let run = |args: &[&str]| -> Result<()> {
-        let out = Command::new("openssl").args(args).current_dir(dir).output()?;
-        anyhow::ensure!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-        Ok(())
-    };
-    std::fs::write(
-        dir.join("server.ext"),
-        "basicConstraints=CA:FALSE\nsubjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n",
-    )?;
-    std::fs::write(dir.join("client.ext"), "basicConstraints=CA:FALSE\nextendedKeyUsage=clientAuth\n")?;
-    for (name, subj) in [("ca", "/CN=mamori test CA"), ("other-ca", "/CN=someone else's CA")] {
-        run(&[
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-days",
-            "2",
-            "-subj",
-            subj,
-            "-keyout",
-            &format!("{name}.key"),
-            "-out",
-            &format!("{name}.pem"),
-        ])?;
-    }
-    for (name, cn, ext) in [("server", "127.0.0.1", "server.ext"), ("home", "test-home", "client.ext")] {
-        run(&[
-            "req",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-subj",
-            &format!("/CN={cn}"),
-            "-keyout",
-            &format!("{name}.key"),
-            "-out",
-            &format!("{name}.csr"),
-        ])?;
-        run(&[
-            "x509",
-            "-req",
-            "-in",
-            &format!("{name}.csr"),
-            "-CA",
-            "ca.pem",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-days",
-            "2",
-            "-extfile",
-            ext,
-            "-out",
-            &format!("{name}.pem"),
-        ])?;
-    }
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(dir.join("home.key"), std::fs::Permissions::from_mode(0o600))?;
-    Ok(())
-}
-
 #[test]
 fn tls_with_a_client_certificate_or_a_password_and_never_a_stranger_ca() -> Result<()> {
     let pki_dir = tempfile::tempdir()?;
-    pki(pki_dir.path())?;
+    mamori_tests::pki::make(pki_dir.path())?;
     let p = pki_dir.path().to_path_buf();
     // The [broker.tls] lines for the home's client certificate, trusting `ca`.
     let cert_tls = |ca: &str| {

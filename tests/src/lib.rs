@@ -14,6 +14,7 @@
 #![deny(unsafe_code, missing_docs)]
 
 pub mod nut;
+pub mod pki;
 pub mod process;
 pub mod procfs;
 pub mod smtp;
