@@ -218,6 +218,10 @@ pub struct SmtpConfig {
     /// Password.
     #[serde(default)]
     pub password: Option<Secret>,
+    /// A CA certificate (PEM) to trust besides the public roots: for a relay with a private
+    /// CA, as in a municipality's closed network.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
 }
 
 /// A config that cannot be used.
@@ -257,6 +261,9 @@ impl Config {
         let base = path.parent().unwrap_or(Path::new("."));
         c.data_dir = base.join(&c.data_dir);
         c.homes_file = c.homes_file.map(|h| base.join(h));
+        if let Some(smtp) = c.smtp.as_mut() {
+            smtp.ca_file = smtp.ca_file.take().map(|f| base.join(f));
+        }
         let mut errors = Vec::new();
         let mut bad = |key: &str, expected: &str| errors.push(format!("{file}: key `{key}`: expected {expected}"));
         if c.offset().is_none() {

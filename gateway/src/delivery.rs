@@ -159,15 +159,27 @@ impl Sender {
             None => None,
             Some((c, password)) => {
                 use lettre::transport::smtp::authentication::Credentials;
+                use lettre::transport::smtp::client::{Certificate, Tls, TlsParameters};
                 use lettre::{AsyncSmtpTransport, Tokio1Executor};
-                let builder = match c.tls {
-                    SmtpTls::Starttls => AsyncSmtpTransport::<Tokio1Executor>::starttls_relay(&c.host),
-                    SmtpTls::Tls => AsyncSmtpTransport::<Tokio1Executor>::relay(&c.host),
-                    SmtpTls::None => Ok(AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(&c.host)),
-                }
-                .map_err(|e| format!("smtp: {e}"))?
-                .port(c.port)
-                .timeout(Some(timeout));
+                let params = || -> Result<TlsParameters, String> {
+                    let mut b = TlsParameters::builder(c.host.clone());
+                    if let Some(path) = &c.ca_file {
+                        let pem = std::fs::read(path).map_err(|e| format!("smtp.ca_file {}: {e}", path.display()))?;
+                        let cert =
+                            Certificate::from_pem(&pem).map_err(|e| format!("smtp.ca_file {}: {e}", path.display()))?;
+                        b = b.add_root_certificate(cert);
+                    }
+                    b.build_rustls().map_err(|e| format!("smtp TLS: {e}"))
+                };
+                let tls = match c.tls {
+                    SmtpTls::Starttls => Tls::Required(params()?),
+                    SmtpTls::Tls => Tls::Wrapper(params()?),
+                    SmtpTls::None => Tls::None,
+                };
+                let builder = AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(&c.host)
+                    .port(c.port)
+                    .tls(tls)
+                    .timeout(Some(timeout));
                 let builder = match (&c.username, password) {
                     (Some(u), Some(p)) => builder.credentials(Credentials::new(u.clone(), p)),
                     _ => builder,

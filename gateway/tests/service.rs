@@ -367,3 +367,44 @@ fn an_email_contact_gets_the_alert_over_a_real_smtp_conversation_and_a_refusal_i
     assert_eq!(smtp.mails().iter().filter(|m| m.accepted).count(), 1, "{line}");
     Ok(())
 }
+
+#[test]
+fn e_mail_over_starttls_verifies_the_relay_certificate_and_trusts_a_private_ca_from_the_config() -> Result<()> {
+    let broker = Mosquitto::start("")?;
+    let hook = WebhookReceiver::start("hook-secret")?;
+    let pki = tempfile::tempdir()?;
+    mamori_tests::pki::make(pki.path())?;
+    let smtp = SmtpReceiver::start_tls(&pki.path().join("server.pem"), &pki.path().join("server.key"))?;
+    let s = setup(broker.port(), &hook, 3600)?;
+    let homes = s.dir.path().join("homes.toml");
+    let text = std::fs::read_to_string(&homes)?.replace(
+        r#"name = "家族", channels = [{ webhook = "family" }]"#,
+        r#"name = "Family", language = "en", channels = [{ email = "family@example.jp" }]"#,
+    );
+    std::fs::write(&homes, text)?;
+    let base = std::fs::read_to_string(&s.config)?;
+    let with_ca = |ca: &str| {
+        format!(
+            "{base}[smtp]\nhost = \"127.0.0.1\"\nport = {}\ntls = \"starttls\"\nfrom = \"mamori@example.jp\"\nca_file = \"{}\"\n",
+            smtp.port(),
+            pki.path().join(ca).display()
+        )
+    };
+    // A relay whose certificate the gateway cannot verify gets nothing.
+    std::fs::write(&s.config, with_ca("other-ca.pem"))?;
+    let mut gw = gateway(&s.config)?;
+    publish(broker.port(), &[event(1, "mains_lost")])?;
+    let line = gw.wait_line("the failure logged", LIMIT, |l| l.contains("delivery failed") && l.contains(":email"))?;
+    assert!(line.to_lowercase().contains("certificate") || line.contains("UnknownIssuer"), "{line}");
+    assert!(smtp.mails().is_empty(), "nothing may be sent to an unverified relay");
+    gw.terminate(LIMIT)?;
+
+    // Trusting the deployment's CA: the same outbox row goes out over TLS.
+    std::fs::write(&s.config, with_ca("ca.pem"))?;
+    let gw = gateway(&s.config)?;
+    let mails = smtp.wait("an accepted message", LIMIT, |m| m.iter().any(|x| x.accepted))?;
+    gw.wait_line("delivered", LIMIT, |l| l.contains("\"delivered\"") && l.contains(":email"))?;
+    assert!(mails.iter().all(|m| m.tls), "every message over TLS");
+    assert_eq!(mails[0].to, ["family@example.jp"]);
+    Ok(())
+}

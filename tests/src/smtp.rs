@@ -1,11 +1,12 @@
 //! An SMTP receiver that records what arrives: a real SMTP server on a free loopback port
 //! (std, one thread per connection) speaking the RFC 5321 subset a relay client uses
-//! (EHLO/HELO, MAIL, RCPT, DATA with dot-unstuffing, RSET, NOOP, QUIT). No TLS and no AUTH:
-//! the gateway allows `tls = "none"` only to a loopback relay, which is what this is.
+//! (EHLO/HELO, MAIL, RCPT, DATA with dot-unstuffing, RSET, NOOP, QUIT), plain or with
+//! STARTTLS (RFC 3207, rustls) when started with a certificate. No AUTH.
 //! It can be told to refuse messages (`451` after DATA) to test retries.
 
-use std::io::{BufRead, BufReader, Write};
-use std::net::TcpListener;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -25,6 +26,8 @@ pub struct Mail {
     pub data: String,
     /// Whether it was answered 250.
     pub accepted: bool,
+    /// Whether it came over TLS (after STARTTLS).
+    pub tls: bool,
 }
 
 impl Mail {
@@ -63,8 +66,27 @@ pub struct SmtpReceiver {
 }
 
 impl SmtpReceiver {
-    /// Start on a free loopback port.
+    /// Start on a free loopback port, plain SMTP only.
     pub fn start() -> Result<SmtpReceiver> {
+        SmtpReceiver::start_with(None)
+    }
+
+    /// Start on a free loopback port offering STARTTLS with this certificate chain and key
+    /// (PEM files, e.g. [`crate::pki::make`]'s `server.pem` and `server.key`).
+    pub fn start_tls(cert_pem: &Path, key_pem: &Path) -> Result<SmtpReceiver> {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let certs = CertificateDer::pem_file_iter(cert_pem)?.collect::<Result<Vec<_>, _>>()?;
+        let key = PrivateKeyDer::from_pem_file(key_pem)?;
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()?
+            .with_no_client_auth()
+            .with_single_cert(certs, key)?;
+        SmtpReceiver::start_with(Some(Arc::new(config)))
+    }
+
+    fn start_with(tls: Option<Arc<rustls::ServerConfig>>) -> Result<SmtpReceiver> {
         let listener = TcpListener::bind("127.0.0.1:0")?;
         let port = listener.local_addr()?.port();
         let log = Arc::new(Mutex::new(Vec::new()));
@@ -72,9 +94,9 @@ impl SmtpReceiver {
         let (l, a) = (log.clone(), accept.clone());
         std::thread::spawn(move || {
             for stream in listener.incoming().map_while(Result::ok) {
-                let (l, a) = (l.clone(), a.clone());
+                let (l, a, tls) = (l.clone(), a.clone(), tls.clone());
                 std::thread::spawn(move || {
-                    let _ = serve(stream, &l, &a);
+                    let _ = serve(stream, &l, &a, tls);
                 });
             }
         });
@@ -117,44 +139,79 @@ fn path_of(arg: &str) -> String {
     a.trim_start_matches('<').trim_end_matches('>').to_string()
 }
 
-fn serve(stream: std::net::TcpStream, log: &Mutex<Vec<Mail>>, accept: &AtomicBool) -> Result<()> {
+enum End {
+    Closed,
+    StartTls,
+}
+
+fn serve(
+    mut stream: TcpStream,
+    log: &Mutex<Vec<Mail>>,
+    accept: &AtomicBool,
+    tls: Option<Arc<rustls::ServerConfig>>,
+) -> Result<()> {
     stream.set_read_timeout(Some(Duration::from_secs(30)))?;
-    let mut reader = BufReader::new(stream.try_clone()?);
-    let mut out = stream;
-    let reply = |out: &mut std::net::TcpStream, text: &str| -> Result<()> {
+    stream.write_all(b"220 mamori-test ESMTP\r\n")?;
+    match (dialogue(&mut stream, log, accept, tls.is_some(), false)?, tls) {
+        (End::StartTls, Some(config)) => {
+            let mut s = rustls::StreamOwned::new(rustls::ServerConnection::new(config)?, stream);
+            dialogue(&mut s, log, accept, false, true)?;
+            Ok(())
+        }
+        _ => Ok(()),
+    }
+}
+
+/// The SMTP conversation over `stream` until QUIT, the end of the stream, or STARTTLS.
+fn dialogue<S: Read + Write>(
+    stream: &mut S,
+    log: &Mutex<Vec<Mail>>,
+    accept: &AtomicBool,
+    offer_tls: bool,
+    secure: bool,
+) -> Result<End> {
+    let mut reader = BufReader::new(stream);
+    let reply = |r: &mut BufReader<&mut S>, text: &str| -> Result<()> {
+        let out = r.get_mut();
         out.write_all(text.as_bytes())?;
         out.write_all(b"\r\n")?;
         out.flush()?;
         Ok(())
     };
-    reply(&mut out, "220 mamori-test ESMTP")?;
     let (mut from, mut to) = (String::new(), Vec::new());
     loop {
         let mut line = String::new();
         if reader.read_line(&mut line)? == 0 {
-            return Ok(());
+            return Ok(End::Closed);
         }
         let line = line.trim_end_matches(['\r', '\n']);
         let (verb, arg) = line.split_once(' ').unwrap_or((line, ""));
         match verb.to_ascii_uppercase().as_str() {
-            "EHLO" => reply(&mut out, "250-mamori-test\r\n250-8BITMIME\r\n250 SMTPUTF8")?,
-            "HELO" => reply(&mut out, "250 mamori-test")?,
+            "EHLO" if offer_tls => {
+                reply(&mut reader, "250-mamori-test\r\n250-8BITMIME\r\n250-STARTTLS\r\n250 SMTPUTF8")?
+            }
+            "EHLO" => reply(&mut reader, "250-mamori-test\r\n250-8BITMIME\r\n250 SMTPUTF8")?,
+            "HELO" => reply(&mut reader, "250 mamori-test")?,
+            "STARTTLS" if offer_tls => {
+                reply(&mut reader, "220 go ahead")?;
+                return Ok(End::StartTls);
+            }
             "MAIL" => {
                 from = path_of(arg);
                 to.clear();
-                reply(&mut out, "250 OK")?;
+                reply(&mut reader, "250 OK")?;
             }
             "RCPT" => {
                 to.push(path_of(arg));
-                reply(&mut out, "250 OK")?;
+                reply(&mut reader, "250 OK")?;
             }
             "DATA" => {
-                reply(&mut out, "354 end with <CRLF>.<CRLF>")?;
+                reply(&mut reader, "354 end with <CRLF>.<CRLF>")?;
                 let mut data = String::new();
                 loop {
                     let mut l = String::new();
                     if reader.read_line(&mut l)? == 0 {
-                        return Ok(());
+                        return Ok(End::Closed);
                     }
                     if l == ".\r\n" || l == ".\n" {
                         break;
@@ -167,20 +224,21 @@ fn serve(stream: std::net::TcpStream, log: &Mutex<Vec<Mail>>, accept: &AtomicBoo
                     to: to.clone(),
                     data,
                     accepted,
+                    tls: secure,
                 });
-                reply(&mut out, if accepted { "250 OK queued" } else { "451 try again later" })?;
+                reply(&mut reader, if accepted { "250 OK queued" } else { "451 try again later" })?;
             }
             "RSET" => {
                 from.clear();
                 to.clear();
-                reply(&mut out, "250 OK")?;
+                reply(&mut reader, "250 OK")?;
             }
-            "NOOP" => reply(&mut out, "250 OK")?,
+            "NOOP" => reply(&mut reader, "250 OK")?,
             "QUIT" => {
-                reply(&mut out, "221 bye")?;
-                return Ok(());
+                reply(&mut reader, "221 bye")?;
+                return Ok(End::Closed);
             }
-            _ => reply(&mut out, "502 command not implemented")?,
+            _ => reply(&mut reader, "502 command not implemented")?,
         }
     }
 }
