@@ -127,13 +127,35 @@ fn default_reconnect_max_ms() -> u64 {
 #[serde(deny_unknown_fields)]
 pub struct TlsConfig {
     /// The deployment's CA certificate (PEM) that signed the broker's certificate.
-    pub ca_file: PathBuf,
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
     /// This home's client certificate (PEM), for certificate authentication.
     #[serde(default)]
     pub client_cert_file: Option<PathBuf>,
     /// Its private key (PEM); must not be readable by others.
     #[serde(default)]
     pub client_key_file: Option<PathBuf>,
+    /// The CA certificate inline (PEM text), instead of `ca_file`: the one-file bundle that
+    /// `mamori-gateway homes provision` writes.
+    #[serde(default)]
+    pub ca_pem: Option<String>,
+    /// The client certificate inline (PEM text).
+    #[serde(default)]
+    pub client_cert_pem: Option<String>,
+    /// The client key inline (PEM text): the config file must then not be readable by others.
+    #[serde(default)]
+    pub client_key_pem: Option<String>,
+}
+
+impl TlsConfig {
+    /// The CA certificate, from the file or inline.
+    pub fn ca(&self) -> Result<Vec<u8>, String> {
+        match (&self.ca_pem, &self.ca_file) {
+            (Some(pem), _) => Ok(pem.clone().into_bytes()),
+            (None, Some(f)) => std::fs::read(f).map_err(|e| format!("cannot read {}: {e}", f.display())),
+            (None, None) => Err("no CA certificate (ca_file or ca_pem)".into()),
+        }
+    }
 }
 
 /// A secret: inline, from a file, or from an environment variable.
@@ -567,7 +589,19 @@ impl Config {
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text =
             std::fs::read_to_string(path).map_err(|source| ConfigError::Read { file: path.to_path_buf(), source })?;
-        Config::parse(&text, path)
+        let config = Config::parse(&text, path)?;
+        if config.broker.tls.as_ref().is_some_and(|t| t.client_key_pem.is_some()) {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(path).map(|m| m.permissions().mode()).unwrap_or(0o644);
+            if mode & 0o077 != 0 {
+                return Err(ConfigError::Invalid {
+                    file: path.to_path_buf(),
+                    key: "broker.tls.client_key_pem".into(),
+                    expected: "a file readable by its owner only when it holds a private key (chmod 600)".into(),
+                });
+            }
+        }
+        Ok(config)
     }
 
     /// Parse and validate config text (`file` is used in messages).
@@ -597,10 +631,15 @@ impl Config {
             return bad("broker.tls".into(), "a [broker.tls] section: plain MQTT is only allowed to a loopback broker");
         }
         if let Some(tls) = &self.broker.tls {
-            if tls.client_cert_file.is_some() != tls.client_key_file.is_some() {
+            if tls.ca_file.is_some() == tls.ca_pem.is_some() {
+                return bad("broker.tls.ca_file".into(), "the CA certificate: ca_file or ca_pem (one of them)");
+            }
+            let cert = tls.client_cert_file.is_some() as u8 + tls.client_cert_pem.is_some() as u8;
+            let key = tls.client_key_file.is_some() as u8 + tls.client_key_pem.is_some() as u8;
+            if cert > 1 || key > 1 || cert != key {
                 return bad(
                     "broker.tls.client_key_file".into(),
-                    "client_cert_file and client_key_file together, or neither",
+                    "one client certificate and one key (each as _file or _pem), or neither",
                 );
             }
         }

@@ -91,12 +91,14 @@ impl Connection {
                 let read = |p: &std::path::Path| {
                     std::fs::read(p).map_err(|e| UplinkError::Tls(format!("cannot read {}: {e}", p.display())))
                 };
-                let ca = read(&t.ca_file)?;
-                let client_auth = match (&t.client_cert_file, &t.client_key_file) {
-                    (Some(c), Some(k)) => {
+                let ca = t.ca().map_err(UplinkError::Tls)?;
+                let client_auth = match (&t.client_cert_file, &t.client_key_file, &t.client_cert_pem, &t.client_key_pem)
+                {
+                    (Some(c), Some(k), _, _) => {
                         check_key_permissions(k)?;
                         Some((read(c)?, read(k)?))
                     }
+                    (_, _, Some(c), Some(k)) => Some((c.clone().into_bytes(), k.clone().into_bytes())),
                     _ => None,
                 };
                 Some(TlsConfiguration::Simple { ca, alpn: None, client_auth })
