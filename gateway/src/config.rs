@@ -59,6 +59,37 @@ pub struct Config {
     /// Telemetry history kept, h.
     #[serde(default = "default_retention_h")]
     pub telemetry_retention_h: u32,
+    /// The deployment's PKI and broker credentials (`pki init`, `homes provision|revoke`).
+    #[serde(default)]
+    pub pki: PkiConfig,
+}
+
+/// Where the PKI lives and how to make the broker re-read its password file.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PkiConfig {
+    /// The PKI folder (default `data_dir/pki`).
+    #[serde(default)]
+    pub dir: Option<PathBuf>,
+    /// Run after `homes revoke` (and `homes provision`) so that the broker re-reads its
+    /// password file without a restart; default `["pkill", "-HUP", "-x", "mosquitto"]`.
+    #[serde(default)]
+    pub reload_command: Option<Vec<String>>,
+}
+
+impl Config {
+    /// The PKI folder.
+    pub fn pki_dir(&self) -> PathBuf {
+        self.pki.dir.clone().unwrap_or_else(|| self.data_dir.join("pki"))
+    }
+
+    /// The broker reload command.
+    pub fn reload_command(&self) -> Vec<String> {
+        self.pki
+            .reload_command
+            .clone()
+            .unwrap_or_else(|| ["pkill", "-HUP", "-x", "mosquitto"].map(String::from).to_vec())
+    }
 }
 
 fn default_offset() -> String {
@@ -261,6 +292,7 @@ impl Config {
         let base = path.parent().unwrap_or(Path::new("."));
         c.data_dir = base.join(&c.data_dir);
         c.homes_file = c.homes_file.map(|h| base.join(h));
+        c.pki.dir = c.pki.dir.take().map(|d| base.join(d));
         if let Some(smtp) = c.smtp.as_mut() {
             smtp.ca_file = smtp.ca_file.take().map(|f| base.join(f));
         }

@@ -31,6 +31,7 @@ pub mod engine;
 pub mod forecast;
 pub mod homes;
 pub mod message;
+pub mod pki;
 pub mod policy;
 pub mod run;
 pub mod store;

@@ -108,14 +108,16 @@ fn mqtt_options(config: &Config, port: u16) -> anyhow::Result<MqttOptions> {
     }
     if let Some(t) = &b.tls {
         let read = |p: &std::path::Path| std::fs::read(p).with_context(|| format!("cannot read {}", p.display()));
-        let client_auth = match (&t.client_cert_file, &t.client_key_file) {
-            (Some(c), Some(k)) => {
+        let client_auth = match (&t.client_cert_file, &t.client_key_file, &t.client_cert_pem, &t.client_key_pem) {
+            (Some(c), Some(k), _, _) => {
                 mamori_agent::uplink::check_key_permissions(k)?;
                 Some((read(c)?, read(k)?))
             }
+            (_, _, Some(c), Some(k)) => Some((c.clone().into_bytes(), k.clone().into_bytes())),
             _ => None,
         };
-        o.set_transport(Transport::Tls(TlsConfiguration::Simple { ca: read(&t.ca_file)?, alpn: None, client_auth }));
+        let ca = t.ca().map_err(|e| anyhow::anyhow!("broker.tls: {e}"))?;
+        o.set_transport(Transport::Tls(TlsConfiguration::Simple { ca, alpn: None, client_auth }));
     }
     Ok(o)
 }

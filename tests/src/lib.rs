@@ -155,6 +155,11 @@ impl Mosquitto {
         }
     }
 
+    /// Its process id while it runs (for `kill -HUP`, as an operator reloads it).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// The port it listens on (127.0.0.1).
     pub fn port(&self) -> u16 {
         self.port
