@@ -38,3 +38,21 @@ fn the_shipped_example_configs_are_valid() {
     let demo = mamori_gateway::homes::HomesFile::parse(&text, &path, &known).expect("the demo's homes");
     assert_eq!(demo.homes.len(), 12);
 }
+
+#[test]
+fn the_shipped_mosquitto_config_and_acl_are_what_pki_init_generates() {
+    use std::path::Path;
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/mosquitto");
+    let lines = |text: &str| -> Vec<String> {
+        text.lines().filter(|l| !l.trim().is_empty() && !l.starts_with('#')).map(str::to_string).collect()
+    };
+    let shipped = std::fs::read_to_string(dir.join("mosquitto.conf")).expect("mosquitto.conf");
+    let generated = format!(
+        "{}{}",
+        mamori_gateway::pki::mosquitto_listener(8883, "0.0.0.0", Path::new("/etc/mamori/pki")),
+        mamori_gateway::pki::mosquitto_service(Path::new("/var/lib/mosquitto"))
+    );
+    assert_eq!(lines(&shipped), lines(&generated));
+    let acl = std::fs::read_to_string(dir.join("acl")).expect("acl");
+    assert_eq!(lines(&acl), lines(&mamori_gateway::pki::acl()));
+}

@@ -53,7 +53,15 @@ fn deploy() -> Result<Deployment> {
     ok(cli(&["pki", "init", "--config", c, "--broker-host", "127.0.0.1", "--broker-host", "localhost"])?)?;
     let pki = dir.path().join("data").join("pki");
     assert!(std::fs::read_to_string(pki.join("mosquitto.conf"))?.contains("require_certificate true"));
-    let broker = Mosquitto::start_with(|port, _| mamori_gateway::pki::mosquitto_listener(port, "127.0.0.1", &pki))?;
+    // The generated listener and service lines (the harness adds its own persistence folder).
+    let service: String = mamori_gateway::pki::mosquitto_service(Path::new("/unused"))
+        .lines()
+        .filter(|l| !(l.starts_with("persistence") || l.starts_with("autosave")))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let broker = Mosquitto::start_with(|port, _| {
+        format!("{}{service}", mamori_gateway::pki::mosquitto_listener(port, "127.0.0.1", &pki))
+    })?;
     let pid = broker.pid().context("broker pid")?;
     std::fs::write(&config, format!("{base}[pki]\nreload_command = [\"kill\", \"-HUP\", \"{pid}\"]\n"))?;
     Ok(Deployment { dir, config, broker })
@@ -292,5 +300,80 @@ fn provisioning_refuses_bad_ids_and_a_missing_pki_clearly() -> Result<()> {
     assert_eq!(r.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&r.stderr).contains("expected a home id"));
     assert!(!Path::new(&out).exists(), "nothing written");
+    Ok(())
+}
+
+#[test]
+fn the_gateway_connects_with_its_own_identity_and_a_provisioned_home_is_heard_end_to_end() -> Result<()> {
+    let d = deploy()?;
+    provision(&d, &["home-a"])?;
+    let hook = mamori_tests::webhook::WebhookReceiver::start("hook-secret")?;
+    let pki = d.pki();
+    std::fs::write(
+        d.dir.path().join("homes.toml"),
+        "[[home]]\nid = \"home-a\"\nmunicipality = \"431001\"\nlabel = \"A\"\n\
+         contacts = [{ role = \"family\", name = \"家族\", channels = [{ webhook = \"family\" }] }]\n",
+    )?;
+    let http = mamori_tests::free_port()?;
+    let config = d.dir.path().join("gateway-tls.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "data_dir = \"data\"\nhomes_file = \"homes.toml\"\npublic_url = \"http://127.0.0.1:{http}\"\n\
+             link_secret = {{ value = \"link-secret-value\" }}\n\
+             [broker]\nhost = \"localhost\"\nport = {port}\nclient_id = \"gw-tls\"\nusername = \"mamori-gateway\"\n\
+             password = {{ file = \"{p}/gateway-password\" }}\n\
+             [broker.tls]\nca_file = \"{p}/ca.pem\"\nclient_cert_file = \"{p}/gateway.pem\"\nclient_key_file = \"{p}/gateway.key\"\n\
+             [http]\nbind = \"127.0.0.1:{http}\"\n\
+             [endpoints.family]\nurl = \"{hook}/family\"\nsecret = {{ value = \"hook-secret\" }}\n",
+            port = d.broker.port(),
+            p = pki.display(),
+            hook = hook.url()
+        ),
+    )?;
+    // A key others can read: the gateway refuses to start and says why.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(pki.join("gateway.key"), std::fs::Permissions::from_mode(0o644))?;
+    let out = Command::new(BIN).args(["run", "--config"]).arg(&config).output()?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("gateway.key") && err.contains("chmod 600"), "{err}");
+    std::fs::set_permissions(pki.join("gateway.key"), std::fs::Permissions::from_mode(0o600))?;
+
+    let mut cmd = Command::new(BIN);
+    cmd.args(["run", "--config"]).arg(&config);
+    let gw = mamori_tests::process::Process::spawn("gateway", cmd)?;
+    gw.wait_line("subscribed", LIMIT, |l| l.contains("\"subscribed\""))?;
+    // Home A, with its bundle's credentials, reports an outage; its family hears.
+    let (a_client, mut a_conn) = connect(d.broker.port(), &home(&d, "home-a")?, "home-a", true)?;
+    subscribe(&a_client, &mut a_conn, "mamori/v1/home-a/ack")?;
+    let ts = chrono::Utc::now().to_rfc3339();
+    let ev = format!(r#"{{"id":"a:1","seq":1,"ts":"{ts}","kind":"mains_lost","severity":"critical"}}"#);
+    a_client.publish("mamori/v1/home-a/event", QoS::AtLeastOnce, false, ev.into_bytes())?;
+    flush(&mut a_conn, 1)?;
+    let d2 = hook.wait("the family", LIMIT, |x| x.iter().any(|r| r.path == "/family" && r.accepted))?;
+    let alert = d2[0].body["alert_id"].as_str().context("alert id")?.to_string();
+    // Acknowledged from the shell: the gateway writes A's ack topic, and A reads it.
+    let out = cli(&[
+        "alerts",
+        "ack",
+        "--config",
+        config.to_str().context("path")?,
+        &alert,
+        "--role",
+        "family",
+        "--by",
+        "test",
+    ])?;
+    ok(out)?;
+    let got = until(&mut a_conn, "mamori/v1/home-a/ack")?;
+    assert!(String::from_utf8_lossy(&got[0].1).contains(&alert));
+    // No secret in the gateway's log.
+    let password = std::fs::read_to_string(pki.join("gateway-password"))?;
+    for line in gw.lines() {
+        for secret in [password.as_str(), "hook-secret", "link-secret-value"] {
+            assert!(!line.contains(secret), "a secret in the log: {line}");
+        }
+    }
     Ok(())
 }
