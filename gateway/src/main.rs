@@ -180,6 +180,26 @@ fn logging() {
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(io::stderr).json().init();
 }
 
+/// The config and the home ids of a command, or the exit code of the first problem.
+fn config_and_homes(
+    config: &std::path::Path,
+    ids: &[String],
+) -> Result<(Config, Vec<mamori_protocol::mqtt::HomeId>), ExitCode> {
+    let c = load(config)?;
+    Ok((c, parse_homes(ids)?))
+}
+
+/// 0, or 1 with the error's chain on stderr.
+fn exit_code(result: anyhow::Result<()>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("mamori-gateway: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
 fn parse_homes(ids: &[String]) -> Result<Vec<mamori_protocol::mqtt::HomeId>, ExitCode> {
     ids.iter()
         .map(|id| {
@@ -347,61 +367,37 @@ fn main() -> ExitCode {
             }
         }
         Command::Homes { command: HomesCommand::Provision { config, broker_host, broker_port, out, homes } } => {
-            let c = match load(&config) {
-                Ok(c) => c,
+            let (c, ids) = match config_and_homes(&config, &homes) {
+                Ok(x) => x,
                 Err(code) => return code,
             };
-            let ids = match parse_homes(&homes) {
-                Ok(ids) => ids,
-                Err(code) => return code,
-            };
-            let result = (|| -> anyhow::Result<()> {
+            exit_code((|| -> anyhow::Result<()> {
                 let p = pki::Pki::open(&c.pki_dir())?;
                 let ca = std::fs::read_to_string(p.dir().join("ca.pem"))?;
                 std::fs::create_dir_all(&out)?;
                 for id in &ids {
                     let (issued, password) = p.provision(id, clock::now())?;
                     let path = out.join(format!("{}.toml", id.as_str()));
-                    pki::write_bundle(
-                        &path,
-                        &pki::agent_bundle(id, &broker_host, broker_port, &ca, &issued, &password),
-                    )?;
+                    let bundle = pki::agent_bundle(id, &broker_host, broker_port, &ca, &issued, &password);
+                    pki::write_bundle(&path, &bundle)?;
                     println!("{}: certificate {} · bundle {}", id.as_str(), issued.serial_hex, path.display());
                 }
                 reload_broker(&c)
-            })();
-            match result {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("mamori-gateway: {e:#}");
-                    ExitCode::from(1)
-                }
-            }
+            })())
         }
         Command::Homes { command: HomesCommand::Revoke { config, homes } } => {
-            let c = match load(&config) {
-                Ok(c) => c,
+            let (c, ids) = match config_and_homes(&config, &homes) {
+                Ok(x) => x,
                 Err(code) => return code,
             };
-            let ids = match parse_homes(&homes) {
-                Ok(ids) => ids,
-                Err(code) => return code,
-            };
-            let result = (|| -> anyhow::Result<()> {
+            exit_code((|| -> anyhow::Result<()> {
                 let p = pki::Pki::open(&c.pki_dir())?;
                 for id in &ids {
                     let n = p.revoke(id, clock::now())?;
                     println!("{}: password removed, {n} certificate(s) added to crl.pem", id.as_str());
                 }
                 reload_broker(&c)
-            })();
-            match result {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("mamori-gateway: {e:#}");
-                    ExitCode::from(1)
-                }
-            }
+            })())
         }
         Command::Homes { command: HomesCommand::List { config } } => {
             let c = match load(&config) {
