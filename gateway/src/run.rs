@@ -6,7 +6,11 @@
 //!   after errors;
 //! - the HTTP server answers acknowledgement links through a channel to the loop;
 //! - each outbox send runs in its own task (at most `delivery.concurrency` at once) and
-//!   reports back to the loop.
+//!   reports back to the loop;
+//! - an outbound task sends PUBACKs and acknowledgements to agents, so that the loop never
+//!   waits on the MQTT client (the MQTT task may be waiting for the loop to take a message,
+//!   and only it drains the client's request queue: waiting on it from the loop deadlocked
+//!   under load, which the fleet benchmark found).
 //!
 //! ## A batch
 //! The loop takes every message waiting (up to 1,000), and in **one transaction** stores them
