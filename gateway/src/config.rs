@@ -148,15 +148,42 @@ pub struct EmbeddedBrokerConfig {
 
 /// The HTTP listener.
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct HttpConfig {
     /// Listen address (port 0: a free port).
     pub bind: SocketAddr,
+    /// Serve HTTPS with this certificate chain (PEM, leaf first); with `tls_key_file`.
+    pub tls_cert_file: Option<PathBuf>,
+    /// The certificate's private key (PEM), readable by its owner only.
+    pub tls_key_file: Option<PathBuf>,
+    /// Reverse proxies (addresses or networks, `10.0.0.0/8`) whose `client_ip_header` is
+    /// believed. Empty: the header is ignored.
+    pub trusted_proxies: Vec<String>,
+    /// The header a trusted proxy names the client in.
+    pub client_ip_header: String,
 }
 
 impl Default for HttpConfig {
     fn default() -> Self {
-        HttpConfig { bind: SocketAddr::from(([127, 0, 0, 1], 8080)) }
+        HttpConfig {
+            bind: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            tls_cert_file: None,
+            tls_key_file: None,
+            trusted_proxies: Vec::new(),
+            client_ip_header: "X-Forwarded-For".into(),
+        }
+    }
+}
+
+impl HttpConfig {
+    /// Whether the gateway serves HTTPS itself.
+    pub fn tls(&self) -> bool {
+        self.tls_cert_file.is_some()
+    }
+
+    /// The trusted proxies, parsed.
+    pub fn proxies(&self) -> Result<crate::listen::TrustedProxies, String> {
+        crate::listen::TrustedProxies::new(&self.trusted_proxies, &self.client_ip_header)
     }
 }
 
@@ -296,6 +323,8 @@ impl Config {
         if let Some(smtp) = c.smtp.as_mut() {
             smtp.ca_file = smtp.ca_file.take().map(|f| base.join(f));
         }
+        c.http.tls_cert_file = c.http.tls_cert_file.take().map(|f| base.join(f));
+        c.http.tls_key_file = c.http.tls_key_file.take().map(|f| base.join(f));
         let mut errors = Vec::new();
         let mut bad = |key: &str, expected: &str| errors.push(format!("{file}: key `{key}`: expected {expected}"));
         if c.offset().is_none() {
@@ -307,6 +336,19 @@ impl Config {
         }
         if c.broker.tls.is_none() && !is_loopback(&c.broker.host) {
             bad("broker.tls", "a [broker.tls] section: plain MQTT is only allowed to a loopback broker");
+        }
+        if c.http.tls_cert_file.is_some() != c.http.tls_key_file.is_some() {
+            bad("http.tls_key_file", "both `tls_cert_file` and `tls_key_file`, or neither");
+        }
+        if let Err(e) = c.http.proxies() {
+            bad("http.trusted_proxies", &format!("addresses or networks and a header name: {e}"));
+        }
+        if !c.http.tls() && c.http.trusted_proxies.is_empty() && !c.http.bind.ip().is_loopback() {
+            bad(
+                "http.bind",
+                "a loopback address, unless the gateway serves HTTPS itself (`tls_cert_file`, `tls_key_file`) \
+                 or sits behind a reverse proxy listed in `trusted_proxies`",
+            );
         }
         if c.broker.port == 0 && c.embedded_broker.is_none() {
             bad("broker.port", "a port (0 only with [embedded_broker])");
@@ -464,6 +506,24 @@ template = '{"to":"{to}","text":"{text}"}'
         let e = Config::parse(&with("0.0.0.0:1883", false), Path::new("g.toml")).unwrap_err().to_string();
         assert!(e.contains("embedded_broker.bind") && e.contains("no ACLs"), "{e}");
         assert!(Config::parse(&with("0.0.0.0:1883", true), Path::new("g.toml")).is_ok());
+    }
+
+    #[test]
+    fn http_serves_tls_itself_or_stays_on_loopback_unless_a_proxy_is_named() {
+        let with = |http: &str| Config::parse(&format!("{GOOD}\n[http]\n{http}\n"), Path::new("/e/g.toml"));
+        let c = with("bind = \"127.0.0.1:8443\"\ntls_cert_file = \"c.pem\"\ntls_key_file = \"k.pem\"").unwrap();
+        assert_eq!(c.http.tls_key_file, Some(PathBuf::from("/e/k.pem")));
+        assert!(c.http.tls() && c.http.client_ip_header == "X-Forwarded-For");
+        let e = with("tls_cert_file = \"c.pem\"").unwrap_err().to_string();
+        assert!(e.contains("key `http.tls_key_file`: expected both"), "{e}");
+        let e = with("bind = \"0.0.0.0:8080\"").unwrap_err().to_string();
+        assert!(e.contains("key `http.bind`") && e.contains("trusted_proxies"), "{e}");
+        assert!(with("bind = \"0.0.0.0:8080\"\ntrusted_proxies = [\"10.0.0.0/8\"]").is_ok());
+        assert!(with("bind = \"0.0.0.0:8443\"\ntls_cert_file = \"c\"\ntls_key_file = \"k\"").is_ok());
+        let e = with("trusted_proxies = [\"proxy.lan\"]").unwrap_err().to_string();
+        assert!(e.contains("key `http.trusted_proxies`") && e.contains("proxy.lan"), "{e}");
+        let e = with("bind = \"127.0.0.1:1\"\nport = 3").unwrap_err().to_string();
+        assert!(e.contains("unknown field `port`"), "{e}");
     }
 
     #[test]

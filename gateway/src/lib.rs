@@ -15,10 +15,11 @@
 //! | [`store`] | the `Store` trait and its SQLite (WAL) implementation |
 //! | [`delivery`] | the outbox's senders: webhook (HMAC), SMS gateway, SMTP, console |
 //! | [`config`] | the gateway config file |
-//! | [`ingest`] | MQTT in: validation, dedup, storage before action |
-//! | [`run`] | the service: wires the above together |
+//! | [`run`] | the service: MQTT in (validation, dedup, storage before action) and wiring |
 //! | [`broker`] | the embedded broker (rumqttd) for one box and the demo |
+//! | [`listen`] | the HTTP(S) listener and trusted reverse proxies |
 //! | [`web`] | acknowledgement links over HTTP |
+//! | [`pki`] | the deployment's CA, broker config and per-home credentials |
 //! | [`demo`] | `mamori-gateway demo` |
 #![deny(unsafe_code, missing_docs)]
 
@@ -30,6 +31,7 @@ pub mod demo;
 pub mod engine;
 pub mod forecast;
 pub mod homes;
+pub mod listen;
 pub mod message;
 pub mod pki;
 pub mod policy;

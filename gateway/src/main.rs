@@ -105,6 +105,10 @@ enum HomesCommand {
         /// Where the bundles go (`<home>.toml`).
         #[arg(long)]
         out: PathBuf,
+        /// Issue credentials for homes not registered yet (`homes import` or `homes_file`);
+        /// without it such an id is refused, since the gateway would ignore its messages.
+        #[arg(long)]
+        force: bool,
         /// Home ids.
         #[arg(required = true)]
         homes: Vec<String>,
@@ -366,11 +370,27 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Homes { command: HomesCommand::Provision { config, broker_host, broker_port, out, homes } } => {
+        Command::Homes { command: HomesCommand::Provision { config, broker_host, broker_port, out, force, homes } } => {
             let (c, ids) = match config_and_homes(&config, &homes) {
                 Ok(x) => x,
                 Err(code) => return code,
             };
+            if !force {
+                let registered = match run::open_store(&c).and_then(|s| s.homes().map_err(Into::into)) {
+                    Ok(h) => h.into_iter().map(|h| h.id).collect::<std::collections::BTreeSet<_>>(),
+                    Err(e) => return exit_code(Err(e)),
+                };
+                let unknown: Vec<&str> =
+                    ids.iter().filter(|id| !registered.contains(*id)).map(|id| id.as_str()).collect();
+                if !unknown.is_empty() {
+                    eprintln!(
+                        "mamori-gateway: not registered: {}. Register them first (`homes import` or `homes_file`), \
+                         or pass --force to issue credentials anyway; nothing was issued",
+                        unknown.join(", ")
+                    );
+                    return ExitCode::from(2);
+                }
+            }
             exit_code((|| -> anyhow::Result<()> {
                 let p = pki::Pki::open(&c.pki_dir())?;
                 let ca = std::fs::read_to_string(p.dir().join("ca.pem"))?;

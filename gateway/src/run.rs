@@ -546,11 +546,16 @@ impl Service {
 
         // HTTP.
         let (web_tx, mut web_rx) = mpsc::channel(64);
-        let listener = tokio::net::TcpListener::bind(self.config.http.bind)
-            .await
-            .with_context(|| format!("http.bind {}", self.config.http.bind))?;
-        let http_addr = listener.local_addr()?;
-        let app = web::router(self.style.clone(), web_tx);
+        let http = &self.config.http;
+        let tls = match (&http.tls_cert_file, &http.tls_key_file) {
+            (Some(cert), Some(key)) => Some(crate::listen::tls_config(cert, key)?),
+            _ => None,
+        };
+        let proxies = http.proxies().map_err(|e| anyhow::anyhow!("http.trusted_proxies: {e}"))?;
+        let listener = crate::listen::bind(http.bind, tls, cancel.clone()).await?;
+        let http_addr = axum::serve::Listener::local_addr(&listener)?;
+        let app = web::router(self.style.clone(), proxies, web_tx)
+            .into_make_service_with_connect_info::<crate::listen::Peer>();
         let http_cancel = cancel.clone();
         tokio::spawn(async move {
             let serve = axum::serve(listener, app).with_graceful_shutdown(async move { http_cancel.cancelled().await });
@@ -561,7 +566,12 @@ impl Service {
         let broker_addr = format!("{}:{port}", self.config.broker.host)
             .parse()
             .unwrap_or_else(|_| std::net::SocketAddr::from(([127, 0, 0, 1], port)));
-        tracing::info!(homes = self.engine.states().count(), http = %http_addr, "gateway ready");
+        tracing::info!(
+            homes = self.engine.states().count(),
+            http = %http_addr,
+            https = self.config.http.tls(),
+            "gateway ready"
+        );
         if let Some(r) = ready {
             let _ = r.send(Ready { broker: broker_addr, http: http_addr });
         }

@@ -2,9 +2,14 @@
 //!
 //! `GET /ack/{alert}/{role}/{sig}` shows what is being acknowledged and a form; only the
 //! form's `POST` acknowledges, because mail scanners and link previews open links. A bad
-//! signature is a 404 that says nothing about whether the alert exists.
+//! signature is a 404 that says nothing about whether the alert exists. An acknowledgement
+//! is logged with the client's address: the peer's, or the one a trusted reverse proxy
+//! names ([`crate::listen::TrustedProxies`]).
 
-use axum::extract::{Path, State};
+use std::net::IpAddr;
+
+use axum::extract::{ConnectInfo, FromRequestParts, Path, State};
+use axum::http::request::Parts;
 use axum::http::StatusCode;
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
@@ -13,6 +18,7 @@ use mamori_protocol::mqtt::Role;
 use serde::Deserialize;
 use tokio::sync::{mpsc, oneshot};
 
+use crate::listen::{Peer, TrustedProxies};
 use crate::message::{parse_role, Style};
 
 /// A request for the service loop.
@@ -34,15 +40,28 @@ pub enum WebRequest {
 #[derive(Clone)]
 struct App {
     style: Style,
+    proxies: TrustedProxies,
     tx: mpsc::Sender<WebRequest>,
 }
 
-/// The router.
-pub fn router(style: Style, tx: mpsc::Sender<WebRequest>) -> Router {
+/// The router. Serve it with connect info ([`Peer`]) so that the client's address is known.
+pub fn router(style: Style, proxies: TrustedProxies, tx: mpsc::Sender<WebRequest>) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/ack/{alert}/{role}/{sig}", get(ack_page).post(ack_post))
-        .with_state(App { style, tx })
+        .with_state(App { style, proxies, tx })
+}
+
+/// The client's address, when the router is served with connect info.
+struct Client(Option<IpAddr>);
+
+impl FromRequestParts<App> for Client {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, app: &App) -> Result<Self, Self::Rejection> {
+        let peer = parts.extensions.get::<ConnectInfo<Peer>>().map(|c| c.0 .0.ip());
+        Ok(Client(peer.map(|p| app.proxies.client(p, &parts.headers))))
+    }
 }
 
 fn escape(s: &str) -> String {
@@ -85,6 +104,7 @@ struct AckForm {
 
 async fn ack_post(
     State(app): State<App>,
+    client: Client,
     Path((alert, role, sig)): Path<(String, String, String)>,
     Form(form): Form<AckForm>,
 ) -> Response {
@@ -98,6 +118,8 @@ async fn ack_post(
     }
     match rx.await {
         Ok(Ok(())) => {
+            let client = client.0.map(|c| c.to_string()).unwrap_or_else(|| "unknown".into());
+            tracing::info!(alert = %alert, role = ?role, %client, "acknowledged from a link");
             page(StatusCode::OK, "<p>確認を記録しました。ありがとうございます。 / Acknowledged. Thank you.</p>")
         }
         Ok(Err(e)) => page(StatusCode::CONFLICT, &format!("<p>{}</p>", escape(&e))),

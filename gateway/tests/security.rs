@@ -46,9 +46,20 @@ fn ok(out: std::process::Output) -> Result<String> {
 fn deploy() -> Result<Deployment> {
     let dir = tempfile::tempdir()?;
     let config = dir.path().join("gateway.toml");
-    let base = "data_dir = \"data\"\npublic_url = \"http://127.0.0.1:1\"\nlink_secret = { value = \"s\" }\n\
-                [broker]\nhost = \"127.0.0.1\"\nport = 1\nclient_id = \"gw\"\n";
+    let base = "data_dir = \"data\"\nhomes_file = \"homes.toml\"\npublic_url = \"http://127.0.0.1:1\"\n\
+                link_secret = { value = \"s\" }\n[broker]\nhost = \"127.0.0.1\"\nport = 1\nclient_id = \"gw\"\n";
     std::fs::write(&config, base)?;
+    // The homes provisioning may issue credentials for: registered ones.
+    let homes: String = ["home-a", "home-b"]
+        .iter()
+        .map(|id| {
+            format!(
+                "[[home]]\nid = \"{id}\"\nmunicipality = \"431001\"\nlabel = \"{id}\"\n\
+                 contacts = [{{ role = \"family\", name = \"家族\", channels = [{{ console = \"family\" }}] }}]\n"
+            )
+        })
+        .collect();
+    std::fs::write(dir.path().join("homes.toml"), homes)?;
     let c = config.to_str().context("path")?;
     ok(cli(&["pki", "init", "--config", c, "--broker-host", "127.0.0.1", "--broker-host", "localhost"])?)?;
     let pki = dir.path().join("data").join("pki");
@@ -293,9 +304,22 @@ fn provisioning_refuses_bad_ids_and_a_missing_pki_clearly() -> Result<()> {
     let c = config.to_str().context("path")?;
     let out = dir.path().join("b");
     let o = out.to_str().context("path")?;
-    let r = cli(&["homes", "provision", "--config", c, "--broker-host", "h", "--out", o, "k-01"])?;
+    let r = cli(&["homes", "provision", "--config", c, "--broker-host", "h", "--out", o, "--force", "k-01"])?;
     assert_eq!(r.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&r.stderr).contains("pki init"), "{}", String::from_utf8_lossy(&r.stderr));
+    // A home not registered (a typo): refused, nothing issued, unless forced.
+    let d = deploy()?;
+    let dc = d.config.to_str().context("path")?;
+    let bundles = d.bundles();
+    let b = bundles.to_str().context("path")?;
+    let r = cli(&["homes", "provision", "--config", dc, "--broker-host", "h", "--out", b, "home-a", "home-z"])?;
+    assert_eq!(r.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert!(err.contains("not registered: home-z") && err.contains("--force"), "{err}");
+    assert!(!bundles.exists(), "nothing written");
+    assert!(!std::fs::read_to_string(d.pki().join("passwords"))?.contains("home-a"), "nothing issued");
+    ok(cli(&["homes", "provision", "--config", dc, "--broker-host", "h", "--out", b, "--force", "home-z"])?)?;
+    assert!(bundles.join("home-z.toml").exists());
     let r = cli(&["homes", "provision", "--config", c, "--broker-host", "h", "--out", o, "Bad Id"])?;
     assert_eq!(r.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&r.stderr).contains("expected a home id"));

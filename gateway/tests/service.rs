@@ -408,3 +408,80 @@ fn e_mail_over_starttls_verifies_the_relay_certificate_and_trusts_a_private_ca_f
     assert_eq!(mails[0].to, ["family@example.jp"]);
     Ok(())
 }
+
+#[test]
+fn the_gateway_serves_https_itself_believes_only_its_proxy_and_a_silent_client_stalls_no_one() -> Result<()> {
+    use std::io::{Read, Write};
+    use std::os::unix::fs::PermissionsExt;
+    let broker = Mosquitto::start("")?;
+    let hook = WebhookReceiver::start("hook-secret")?;
+    let s = setup(broker.port(), &hook, 3600)?;
+    let pki = s.dir.path().join("pki");
+    std::fs::create_dir(&pki)?;
+    mamori_tests::pki::make(&pki)?;
+    let text =
+        std::fs::read_to_string(&s.config)?.replace("public_url = \"http://", "public_url = \"https://").replace(
+            "[http]\n",
+            &format!(
+                "[http]\ntls_cert_file = \"{p}/server.pem\"\ntls_key_file = \"{p}/server.key\"\n\
+                 trusted_proxies = [\"127.0.0.1/32\"]\n",
+                p = pki.display()
+            ),
+        );
+    std::fs::write(&s.config, text)?;
+
+    // A key others can read: refused, and the message says what to do.
+    std::fs::set_permissions(pki.join("server.key"), std::fs::Permissions::from_mode(0o640))?;
+    let out = Command::new(BIN).args(["run", "--config"]).arg(&s.config).output()?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("server.key") && err.contains("chmod 600"), "{err}");
+    std::fs::set_permissions(pki.join("server.key"), std::fs::Permissions::from_mode(0o600))?;
+
+    let gw = gateway(&s.config)?;
+    publish(broker.port(), &[event(1, "mains_lost")])?;
+    let d = hook.wait("family notified", LIMIT, |d| d.iter().any(to("/family")))?;
+    let url = d.iter().find(|x| to("/family")(x)).map(|x| x.body["ack_url"].as_str().unwrap_or_default().to_string());
+    let url = url.unwrap_or_default();
+    assert!(url.starts_with(&format!("https://127.0.0.1:{}/ack/", s.http_port)), "{url}");
+
+    // A client that connects and says nothing holds no one up.
+    let _silent = std::net::TcpStream::connect(("127.0.0.1", s.http_port))?;
+
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let ca = reqwest::Certificate::from_pem(&std::fs::read(pki.join("ca.pem"))?)?;
+    let rt = tokio::runtime::Runtime::new()?;
+    let (health, get, post, untrusted) = rt.block_on(async {
+        // Less than the handshake deadline: were handshakes done in the accept loop, the silent
+        // client above would hold these requests up past it.
+        let c = reqwest::Client::builder()
+            .tls_built_in_root_certs(false)
+            .add_root_certificate(ca)
+            .timeout(Duration::from_secs(5))
+            .build()?;
+        let health = c.get(format!("https://127.0.0.1:{}/healthz", s.http_port)).send().await?.text().await?;
+        let get = c.get(&url).send().await?.status();
+        // The proxy (loopback, listed) names the client; a forged entry to its left is not believed.
+        let post = c
+            .post(&url)
+            .header("X-Forwarded-For", "6.6.6.6, 203.0.113.7")
+            .form(&[("note", "on my way")])
+            .send()
+            .await?
+            .status();
+        // A client that trusts only the public roots refuses the private certificate.
+        let untrusted = reqwest::Client::new().get(&url).send().await;
+        anyhow::Ok((health, get, post, untrusted))
+    })?;
+    assert_eq!((health.as_str(), get.as_u16(), post.as_u16()), ("ok\n", 200, 200));
+    assert!(untrusted.is_err(), "a client without the CA connected: {untrusted:?}");
+    // Plain HTTP on the HTTPS port gets no page.
+    let mut plain = std::net::TcpStream::connect(("127.0.0.1", s.http_port))?;
+    plain.set_read_timeout(Some(LIMIT))?;
+    plain.write_all(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")?;
+    let mut got = Vec::new();
+    let _ = plain.read_to_end(&mut got);
+    assert!(!String::from_utf8_lossy(&got).contains("ok"), "plain HTTP answered: {got:?}");
+    let line = gw.wait_line("the ack logged", LIMIT, |l| l.contains("acknowledged from a link"))?;
+    assert!(line.contains("203.0.113.7") && !line.contains("6.6.6.6"), "{line}");
+    Ok(())
+}
