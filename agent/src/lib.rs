@@ -9,6 +9,7 @@
 #![deny(unsafe_code, missing_docs)]
 
 pub mod alarm;
+pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod decode;

@@ -21,9 +21,11 @@
 //! | [`web`] | acknowledgement links over HTTP |
 //! | [`pki`] | the deployment's CA, broker config and per-home credentials |
 //! | [`demo`] | `mamori-gateway demo` |
+//! | [`cli`] | the command line (`src/main.rs` only calls it) |
 #![deny(unsafe_code, missing_docs)]
 
 pub mod broker;
+pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod delivery;

@@ -1,0 +1,545 @@
+//! `mamori-gateway`: the centre service's command line.
+//!
+//! Exit codes: 0 success, 1 a runtime failure, 2 a bad config, file or argument.
+
+use std::io::{self, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use crate::config::Config;
+use crate::homes::HomesFile;
+use crate::message::parse_role;
+use crate::store::Store;
+use crate::{clock, pki, run};
+use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+
+/// mamori's gateway: decides who must know about a home on backup power, and keeps asking
+/// until someone answers. A secondary, remote notification system: it never silences or
+/// replaces a device's own alarm.
+#[derive(Parser, Debug)]
+#[command(name = "mamori-gateway", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the service.
+    Run {
+        /// The config file.
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Check a config file (and its homes file): every problem with file, key and expectation.
+    CheckConfig {
+        /// The config file.
+        config: PathBuf,
+    },
+    /// Homes and care plans.
+    Homes {
+        #[command(subcommand)]
+        command: HomesCommand,
+    },
+    /// The deployment's PKI and broker configuration.
+    Pki {
+        #[command(subcommand)]
+        command: PkiCommand,
+    },
+    /// Alerts.
+    Alerts {
+        #[command(subcommand)]
+        command: AlertsCommand,
+    },
+    /// Run the self-contained demo: embedded broker, simulated homes, a scripted outage.
+    Demo {
+        /// Seconds to run after the story (0: until Ctrl-C).
+        #[arg(long, default_value_t = 0)]
+        linger_s: u64,
+    },
+    /// (internal) One simulated home for the demo: devices on pseudo-terminals and the agent.
+    #[command(hide = true)]
+    DemoHome {
+        /// The agent config.
+        #[arg(long)]
+        config: PathBuf,
+        /// Where the devices go.
+        #[arg(long)]
+        dir: PathBuf,
+        /// Devices.
+        #[arg(long, value_delimiter = ',')]
+        devices: Vec<String>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum HomesCommand {
+    /// Validate a homes file and add or replace its homes in the store.
+    Import {
+        /// The gateway config (for the store and the endpoints the homes refer to).
+        #[arg(long)]
+        config: PathBuf,
+        /// The homes file.
+        file: PathBuf,
+    },
+    /// List the homes in the store.
+    List {
+        /// The gateway config.
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Issue homes' credentials (client certificate and password) and write one agent config
+    /// bundle per home (mode 0600) for the installer; then reload the broker.
+    Provision {
+        /// The gateway config.
+        #[arg(long)]
+        config: PathBuf,
+        /// The broker's address as the homes reach it.
+        #[arg(long)]
+        broker_host: String,
+        /// The broker's TLS port.
+        #[arg(long, default_value_t = 8883)]
+        broker_port: u16,
+        /// Where the bundles go (`<home>.toml`).
+        #[arg(long)]
+        out: PathBuf,
+        /// Issue credentials for homes not registered yet (`homes import` or `homes_file`);
+        /// without it such an id is refused, since the gateway would ignore its messages.
+        #[arg(long)]
+        force: bool,
+        /// Home ids.
+        #[arg(required = true)]
+        homes: Vec<String>,
+    },
+    /// Revoke homes' credentials (password removed, certificates into the CRL); then reload
+    /// the broker, which refuses their next connection.
+    Revoke {
+        /// The gateway config.
+        #[arg(long)]
+        config: PathBuf,
+        /// Home ids.
+        #[arg(required = true)]
+        homes: Vec<String>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum PkiCommand {
+    /// Create the deployment's CA, the broker's certificate, the gateway's identity, the
+    /// password file, the ACL, an empty CRL and a `mosquitto.conf`, in the PKI folder.
+    Init {
+        /// The gateway config.
+        #[arg(long)]
+        config: PathBuf,
+        /// The broker's host names or IP addresses (repeat for several).
+        #[arg(long, required = true)]
+        broker_host: Vec<String>,
+        /// The broker's TLS port.
+        #[arg(long, default_value_t = 8883)]
+        broker_port: u16,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum AlertsCommand {
+    /// List alerts (active ones unless --all).
+    List {
+        /// The gateway config.
+        #[arg(long)]
+        config: PathBuf,
+        /// Cleared ones too.
+        #[arg(long)]
+        all: bool,
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Acknowledge an alert or incident (applied by the running gateway).
+    Ack {
+        /// The gateway config.
+        #[arg(long)]
+        config: PathBuf,
+        /// The alert or incident id.
+        id: String,
+        /// Your role (family, coordinator, visiting_nurse, facility, support_centre, admin).
+        #[arg(long)]
+        role: String,
+        /// Who you are.
+        #[arg(long)]
+        by: String,
+        /// What you are doing about it.
+        #[arg(long)]
+        note: Option<String>,
+        /// Seconds to wait for the running gateway to apply it.
+        #[arg(long, default_value_t = 10)]
+        wait_s: u64,
+    },
+}
+
+fn logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rumqttd=warn"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(io::stderr).json().init();
+}
+
+/// The config and the home ids of a command, or the exit code of the first problem.
+fn config_and_homes(
+    config: &std::path::Path,
+    ids: &[String],
+) -> Result<(Config, Vec<mamori_protocol::mqtt::HomeId>), ExitCode> {
+    let c = load(config)?;
+    Ok((c, parse_homes(ids)?))
+}
+
+/// 0, or 1 with the error's chain on stderr.
+fn exit_code(result: anyhow::Result<()>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("mamori-gateway: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn parse_homes(ids: &[String]) -> Result<Vec<mamori_protocol::mqtt::HomeId>, ExitCode> {
+    ids.iter()
+        .map(|id| {
+            mamori_protocol::mqtt::HomeId::new(id).map_err(|_| {
+                eprintln!("`{id}`: expected a home id (1-64 characters of a-z, 0-9 and '-')");
+                ExitCode::from(2)
+            })
+        })
+        .collect()
+}
+
+/// Make the broker re-read its password file (`[pki] reload_command`).
+fn reload_broker(c: &Config) -> anyhow::Result<()> {
+    let cmd = c.reload_command();
+    let Some((program, args)) = cmd.split_first() else { return Ok(()) };
+    let status = std::process::Command::new(program).args(args).status();
+    match status {
+        Ok(s) if s.success() => {
+            println!("broker reloaded ({})", cmd.join(" "));
+            Ok(())
+        }
+        Ok(s) => anyhow::bail!(
+            "the broker reload `{}` failed ({s}): the change takes effect at its next reload",
+            cmd.join(" ")
+        ),
+        Err(e) => anyhow::bail!(
+            "the broker reload `{}` could not run ({e}): the change takes effect at its next reload",
+            cmd.join(" ")
+        ),
+    }
+}
+
+fn load(path: &std::path::Path) -> Result<Config, ExitCode> {
+    Config::load(path).map_err(|e| {
+        eprintln!("{e}");
+        ExitCode::from(2)
+    })
+}
+
+async fn until_signal(cancel: CancellationToken) {
+    let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) else { return };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+    cancel.cancel();
+}
+
+fn runtime() -> io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()
+}
+
+/// The command line: parse the arguments, run the command, return its exit code.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Run { config } => {
+            let config = match load(&config) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            logging();
+            let Ok(rt) = runtime() else { return ExitCode::from(1) };
+            rt.block_on(async move {
+                let (console_tx, mut console_rx) = tokio::sync::mpsc::unbounded_channel();
+                tokio::spawn(async move {
+                    while let Some(text) = console_rx.recv().await {
+                        println!("{text}\n");
+                    }
+                });
+                let service = match run::Service::new(config, console_tx) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        eprintln!("mamori-gateway: {e:#}");
+                        return ExitCode::from(2);
+                    }
+                };
+                let cancel = CancellationToken::new();
+                tokio::spawn(until_signal(cancel.clone()));
+                let (ready_tx, ready_rx) = tokio::sync::oneshot::channel::<run::Ready>();
+                tokio::spawn(async move {
+                    if let Ok(r) = ready_rx.await {
+                        println!("ready broker={} http={}", r.broker, r.http);
+                        let _ = io::stdout().flush();
+                    }
+                });
+                match service.run(cancel, Some(ready_tx)).await {
+                    Ok(()) => ExitCode::SUCCESS,
+                    Err(e) => {
+                        tracing::error!(error = format!("{e:#}"), "gateway failed");
+                        eprintln!("mamori-gateway: {e:#}");
+                        ExitCode::from(1)
+                    }
+                }
+            })
+        }
+        Command::CheckConfig { config } => {
+            let c = match load(&config) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            let mut errors = Vec::new();
+            if let Err(e) = run::style(&c) {
+                errors.push(format!("{}: {e:#}", config.display()));
+            }
+            if let Some(h) = &c.homes_file {
+                if let Err(e) = HomesFile::load(h, &c.known()) {
+                    errors.push(e.to_string());
+                }
+            }
+            if errors.is_empty() {
+                println!("{}: ok", config.display());
+                ExitCode::SUCCESS
+            } else {
+                eprintln!("{}", errors.join("\n"));
+                ExitCode::from(2)
+            }
+        }
+        Command::Homes { command: HomesCommand::Import { config, file } } => {
+            let c = match load(&config) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            let homes = match HomesFile::load(&file, &c.known()) {
+                Ok(h) => h,
+                Err(e) => {
+                    eprintln!("{e}");
+                    return ExitCode::from(2);
+                }
+            };
+            match run::open_store(&c).and_then(|mut s| s.upsert_homes(&homes.homes).map_err(Into::into)) {
+                Ok(()) => {
+                    println!("imported {} homes into {}", homes.homes.len(), c.data_dir.display());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("mamori-gateway: {e:#}");
+                    ExitCode::from(1)
+                }
+            }
+        }
+        Command::Pki { command: PkiCommand::Init { config, broker_host, broker_port } } => {
+            let c = match load(&config) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            let dir = c.pki_dir();
+            match pki::Pki::init(&dir, &broker_host, clock::now()) {
+                Ok(p) => {
+                    let conf = format!(
+                        "# Mosquitto 2.x for mamori, generated by `mamori-gateway pki init` (see docs/security.md).\n{}{}",
+                        pki::mosquitto_listener(broker_port, "0.0.0.0", p.dir()),
+                        pki::mosquitto_service(std::path::Path::new("/var/lib/mosquitto"))
+                    );
+                    if let Err(e) = std::fs::write(p.dir().join("mosquitto.conf"), conf) {
+                        eprintln!("mamori-gateway: mosquitto.conf: {e}");
+                        return ExitCode::from(1);
+                    }
+                    println!("PKI created in {}: ca.pem, broker.pem/.key, gateway.pem/.key, gateway-password, passwords, acl, crl.pem, mosquitto.conf", dir.display());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("mamori-gateway: {e}");
+                    ExitCode::from(1)
+                }
+            }
+        }
+        Command::Homes { command: HomesCommand::Provision { config, broker_host, broker_port, out, force, homes } } => {
+            let (c, ids) = match config_and_homes(&config, &homes) {
+                Ok(x) => x,
+                Err(code) => return code,
+            };
+            if !force {
+                let registered = match run::open_store(&c).and_then(|s| s.homes().map_err(Into::into)) {
+                    Ok(h) => h.into_iter().map(|h| h.id).collect::<std::collections::BTreeSet<_>>(),
+                    Err(e) => return exit_code(Err(e)),
+                };
+                let unknown: Vec<&str> =
+                    ids.iter().filter(|id| !registered.contains(*id)).map(|id| id.as_str()).collect();
+                if !unknown.is_empty() {
+                    eprintln!(
+                        "mamori-gateway: not registered: {}. Register them first (`homes import` or `homes_file`), \
+                         or pass --force to issue credentials anyway; nothing was issued",
+                        unknown.join(", ")
+                    );
+                    return ExitCode::from(2);
+                }
+            }
+            exit_code((|| -> anyhow::Result<()> {
+                let p = pki::Pki::open(&c.pki_dir())?;
+                let ca = std::fs::read_to_string(p.dir().join("ca.pem"))?;
+                std::fs::create_dir_all(&out)?;
+                for id in &ids {
+                    let (issued, password) = p.provision(id, clock::now())?;
+                    let path = out.join(format!("{}.toml", id.as_str()));
+                    let bundle = pki::agent_bundle(id, &broker_host, broker_port, &ca, &issued, &password);
+                    pki::write_bundle(&path, &bundle)?;
+                    println!("{}: certificate {} · bundle {}", id.as_str(), issued.serial_hex, path.display());
+                }
+                reload_broker(&c)
+            })())
+        }
+        Command::Homes { command: HomesCommand::Revoke { config, homes } } => {
+            let (c, ids) = match config_and_homes(&config, &homes) {
+                Ok(x) => x,
+                Err(code) => return code,
+            };
+            exit_code((|| -> anyhow::Result<()> {
+                let p = pki::Pki::open(&c.pki_dir())?;
+                for id in &ids {
+                    let n = p.revoke(id, clock::now())?;
+                    println!("{}: password removed, {n} certificate(s) added to crl.pem", id.as_str());
+                }
+                reload_broker(&c)
+            })())
+        }
+        Command::Homes { command: HomesCommand::List { config } } => {
+            let c = match load(&config) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            match run::open_store(&c).and_then(|s| s.homes().map_err(Into::into)) {
+                Ok(homes) => {
+                    for h in homes {
+                        println!("{}\t{}\t{}\t{} contacts", h.id.as_str(), h.municipality, h.label, h.contacts.len());
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("mamori-gateway: {e:#}");
+                    ExitCode::from(1)
+                }
+            }
+        }
+        Command::Alerts { command: AlertsCommand::List { config, all, json } } => {
+            let c = match load(&config) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            let alerts = match run::open_store(&c).and_then(|s| s.alerts(!all, 1000).map_err(Into::into)) {
+                Ok(a) => a,
+                Err(e) => {
+                    eprintln!("mamori-gateway: {e:#}");
+                    return ExitCode::from(1);
+                }
+            };
+            for a in alerts {
+                if json {
+                    println!("{}", serde_json::to_string(&a).unwrap_or_default());
+                } else {
+                    let ack =
+                        a.acknowledged.as_ref().map(|k| format!("ack by {:?} {}", k.role, k.by)).unwrap_or_default();
+                    let state = if a.cleared_at.is_some() { "cleared" } else { "active" };
+                    println!(
+                        "{}\t{}\t{}\t{:?}\t{:?}\t{state}\tsince {}\t{ack}",
+                        a.id,
+                        a.home.as_str(),
+                        a.kind,
+                        a.severity,
+                        a.tier(),
+                        a.since.to_rfc3339()
+                    );
+                }
+            }
+            ExitCode::SUCCESS
+        }
+        Command::Alerts { command: AlertsCommand::Ack { config, id, role, by, note, wait_s } } => {
+            let c = match load(&config) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            let Some(role) = parse_role(&role) else {
+                eprintln!("--role: expected family, coordinator, visiting_nurse, facility, support_centre or admin");
+                return ExitCode::from(2);
+            };
+            let mut store = match run::open_store(&c) {
+                Ok(s) => s,
+                Err(e) => {
+                    eprintln!("mamori-gateway: {e:#}");
+                    return ExitCode::from(1);
+                }
+            };
+            let req = match store.request_ack(&id, role, &format!("cli:{by}"), note.as_deref()) {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("mamori-gateway: {e}");
+                    return ExitCode::from(1);
+                }
+            };
+            let until = clock::now() + chrono::Duration::seconds(wait_s as i64);
+            while clock::now() < until {
+                match store.ack_result(req) {
+                    Ok(Some(r)) if r == "ok" => {
+                        println!("acknowledged {id}");
+                        return ExitCode::SUCCESS;
+                    }
+                    Ok(Some(r)) => {
+                        eprintln!("not acknowledged: {r}");
+                        return ExitCode::from(1);
+                    }
+                    Ok(None) => std::thread::sleep(Duration::from_millis(100)),
+                    Err(e) => {
+                        eprintln!("mamori-gateway: {e}");
+                        return ExitCode::from(1);
+                    }
+                }
+            }
+            println!("queued: the gateway is not running or did not answer in {wait_s} s; it applies the acknowledgement when it runs");
+            ExitCode::SUCCESS
+        }
+        Command::Demo { linger_s } => {
+            logging_quiet();
+            let Ok(rt) = runtime() else { return ExitCode::from(1) };
+            match rt.block_on(crate::demo::run(linger_s)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("mamori-gateway demo: {e:#}");
+                    ExitCode::from(1)
+                }
+            }
+        }
+        Command::DemoHome { config, dir, devices } => {
+            logging_quiet();
+            match crate::demo::home(&config, &dir, &devices) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("mamori-gateway demo-home: {e:#}");
+                    ExitCode::from(1)
+                }
+            }
+        }
+    }
+}
+
+fn logging_quiet() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,rumqttd=off"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(io::stderr).init();
+}
