@@ -14,7 +14,9 @@
 //! Events are stored and deduplicated by `(home, seq)` before they get here. Late and replayed
 //! events are ordered by their own `ts`: each opening/clearing pair (`mains_lost` /
 //! `mains_restored`) remembers the time of its last transition, and an older event changes
-//! nothing (it is still in the store's history).
+//! nothing (it is still in the store's history). An alert opened by a replayed event (older
+//! than `late_event_s` on arrival) waits `replay_settle_s` before its first notification, so a
+//! replay that arrives in several batches, an outage and its end, still pages nobody.
 //!
 //! ## Silence
 //! A home is `stale` when nothing arrived for `stale_after_intervals` telemetry periods and
@@ -64,6 +66,12 @@ pub struct Settings {
     pub t2_margin_min: i64,
     /// T3 when time left < this, min.
     pub t3_time_left_min: i64,
+    /// An event whose own time is older than this on arrival is a replay (from a home's
+    /// spool after its network came back), s.
+    pub late_event_s: i64,
+    /// An alert a replayed event opens waits this long before its first notification, so
+    /// that the rest of the replay (the event that clears it) can arrive first, s.
+    pub replay_settle_s: i64,
 }
 
 impl Default for Settings {
@@ -76,6 +84,8 @@ impl Default for Settings {
             incident_update_min_s: 300,
             t2_margin_min: 360,
             t3_time_left_min: 120,
+            late_event_s: 10,
+            replay_settle_s: 3,
         }
     }
 }
@@ -174,6 +184,10 @@ pub struct Alert {
     pub last_sent_at: Option<Time>,
     /// Roles notified so far (they hear when it clears).
     pub notified: BTreeSet<Role>,
+    /// No notification before this (an alert a replayed event opened; see
+    /// [`Settings::replay_settle_s`]).
+    #[serde(default)]
+    pub hold_until: Option<Time>,
     /// The device, for device alerts.
     pub source: Option<String>,
     /// The event's data (readings at the time), or the gateway's own detail.
@@ -663,6 +677,13 @@ impl Engine {
             return Ok(());
         }
         self.raise(&home, e.kind.as_str(), e.severity, ts, e.source.clone(), e.data.clone(), now);
+        if now - ts > Duration::seconds(self.settings.late_event_s) {
+            let settle = Duration::seconds(self.settings.replay_settle_s);
+            let alert = self.state.get_mut(&home).and_then(|s| s.alerts.get_mut(e.kind.as_str()));
+            if let Some(a) = alert.filter(|a| a.raised_at == now && a.notified.is_empty()) {
+                a.hold_until = Some(now + settle);
+            }
+        }
         Ok(())
     }
 
@@ -702,6 +723,7 @@ impl Engine {
             step_entered_at: now,
             last_sent_at: None,
             notified: BTreeSet::new(),
+            hold_until: None,
             source,
             data,
         };
@@ -1210,6 +1232,7 @@ fn next_action(a: &Alert) -> Option<(Time, Action)> {
         } else {
             a.step_entered_at
         };
+        let first = a.hold_until.map_or(first, |h| first.max(h));
         return Some((first.max(a.step_entered_at), Action::Send));
     }
     let mut best: Option<(Time, Action)> = None;

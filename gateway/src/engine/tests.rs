@@ -210,6 +210,29 @@ fn a_replayed_outage_that_already_ended_pages_nobody() {
 }
 
 #[test]
+fn a_replay_split_across_polls_still_pages_nobody_and_a_replayed_open_outage_pages_after_the_settle() {
+    let mut e = engine(&[plan("a", "431001", 5000.0), plan("b", "431001", 5000.0)]);
+    // The replay arrives in two batches with a poll between them.
+    e.handle(Input::Event(h("a"), event(1, 0, EventKind::MainsLost)), t(600)).unwrap();
+    e.poll(t(600));
+    assert!(sent(&mut e).is_empty(), "held while the rest of the replay arrives");
+    e.handle(Input::Event(h("a"), event(2, 30, EventKind::MainsRestored)), t(601)).unwrap();
+    e.poll(t(700));
+    assert!(sent(&mut e).is_empty());
+    // A replayed outage that has not ended: the family hears once the replay has settled.
+    e.handle(Input::Event(h("b"), event(1, 0, EventKind::MainsLost)), t(600)).unwrap();
+    e.poll(t(602));
+    assert!(sent(&mut e).is_empty());
+    assert_eq!(e.next_deadline(t(602)), Some(t(603)));
+    e.poll(t(603));
+    assert_eq!(names(&sent(&mut e)), ["fam-b"]);
+    // A fresh event is not held.
+    e.handle(Input::Event(h("a"), event(3, 800, EventKind::MainsLost)), t(801)).unwrap();
+    e.poll(t(801));
+    assert_eq!(names(&sent(&mut e)), ["fam-a"]);
+}
+
+#[test]
 fn late_events_are_ordered_by_their_own_time() {
     let mut e = engine(&[plan("a", "431001", 5000.0)]);
     e.handle(Input::Event(h("a"), event(2, 30, EventKind::MainsRestored)), t(40)).unwrap();
