@@ -13,6 +13,8 @@
 //! survives a broker restart).
 #![deny(unsafe_code, missing_docs)]
 
+pub mod chain;
+pub mod netcut;
 pub mod nut;
 pub mod pki;
 pub mod process;

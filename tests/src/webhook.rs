@@ -36,6 +36,7 @@ pub struct WebhookReceiver {
     port: u16,
     log: Arc<Mutex<Vec<Delivery>>>,
     up: Arc<AtomicBool>,
+    down_paths: Arc<Mutex<Vec<String>>>,
 }
 
 impl WebhookReceiver {
@@ -45,16 +46,17 @@ impl WebhookReceiver {
         let port = listener.local_addr()?.port();
         let log = Arc::new(Mutex::new(Vec::new()));
         let up = Arc::new(AtomicBool::new(true));
-        let (l, u, secret) = (log.clone(), up.clone(), secret.as_bytes().to_vec());
+        let down_paths = Arc::new(Mutex::new(Vec::new()));
+        let (l, u, d, secret) = (log.clone(), up.clone(), down_paths.clone(), secret.as_bytes().to_vec());
         std::thread::spawn(move || {
             for stream in listener.incoming().map_while(Result::ok) {
-                let (l, u, secret) = (l.clone(), u.clone(), secret.clone());
+                let (l, u, d, secret) = (l.clone(), u.clone(), d.clone(), secret.clone());
                 std::thread::spawn(move || {
-                    let _ = serve(stream, &l, &u, &secret);
+                    let _ = serve(stream, &l, &u, &d, &secret);
                 });
             }
         });
-        Ok(WebhookReceiver { port, log, up })
+        Ok(WebhookReceiver { port, log, up, down_paths })
     }
 
     /// The base URL.
@@ -65,6 +67,15 @@ impl WebhookReceiver {
     /// Answer 2xx (true) or 503 (false).
     pub fn set_up(&self, up: bool) {
         self.up.store(up, Ordering::SeqCst);
+    }
+
+    /// Answer 503 on `path` (`/family`) only (down), or 2xx again (up).
+    pub fn set_path_up(&self, path: &str, up: bool) {
+        let mut d = self.down_paths.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        d.retain(|p| p != path);
+        if !up {
+            d.push(path.to_string());
+        }
     }
 
     /// Every request so far.
@@ -90,7 +101,13 @@ impl WebhookReceiver {
     }
 }
 
-fn serve(stream: std::net::TcpStream, log: &Mutex<Vec<Delivery>>, up: &AtomicBool, secret: &[u8]) -> Result<()> {
+fn serve(
+    stream: std::net::TcpStream,
+    log: &Mutex<Vec<Delivery>>,
+    up: &AtomicBool,
+    down_paths: &Mutex<Vec<String>>,
+    secret: &[u8],
+) -> Result<()> {
     stream.set_read_timeout(Some(Duration::from_secs(10)))?;
     let mut reader = BufReader::new(stream.try_clone()?);
     let mut out = stream;
@@ -125,7 +142,8 @@ fn serve(stream: std::net::TcpStream, log: &Mutex<Vec<Delivery>>, up: &AtomicBoo
                 format!("sha256={}", hex::encode(m.finalize().into_bytes())) == sig
             })
             .unwrap_or(false);
-        let accepted = up.load(Ordering::SeqCst);
+        let accepted = up.load(Ordering::SeqCst)
+            && !down_paths.lock().unwrap_or_else(std::sync::PoisonError::into_inner).contains(&path);
         log.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(Delivery {
             path,
             key,

@@ -1,0 +1,372 @@
+//! The whole chain, as it is deployed: `pki init` makes the deployment's CA and the broker's
+//! config; a Mosquitto the test starts runs that generated config (TLS only, client
+//! certificates, password file, per-home ACL) on a free loopback port; `homes provision`
+//! issues each home's bundle; each home is a simulated device set on pseudo-terminals and a
+//! real agent process configured from its bundle, connected through its own cuttable
+//! [`Link`]; the real gateway process runs with its own identity, a SQLite store and a
+//! [`WebhookReceiver`] standing in for the family's, coordinator's and facility's phones.
+//!
+//! The scenarios read what happened from the receiver, from the agents' and gateway's logs
+//! and from the gateway's SQLite file (read-only, as an auditor would), and wait for every
+//! condition with a deadline.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+
+use crate::netcut::Link;
+use crate::process::{Process, Simulator};
+use crate::webhook::WebhookReceiver;
+use crate::{free_port, Deadline, Mosquitto};
+
+/// The webhook secret of every endpoint in the chain.
+pub const HOOK_SECRET: &str = "e2e-hook-secret";
+
+/// The programs under test (the tests crate builds them as `e2e-agent` and `e2e-gateway`).
+#[derive(Debug, Clone)]
+pub struct Bins {
+    /// `mamori-agent`.
+    pub agent: PathBuf,
+    /// `mamori-gateway`.
+    pub gateway: PathBuf,
+}
+
+/// What to build.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Homes: (id, municipality code).
+    pub homes: Vec<(String, String)>,
+    /// Devices every home's simulator provides (`ups`, `oximeter`, `bridge`).
+    pub devices: Vec<String>,
+    /// The gateway's `[policy.*]` sections, as TOML.
+    pub policy: String,
+    /// Extra `[escalation]` lines.
+    pub escalation: String,
+    /// Extra `[delivery]` lines.
+    pub delivery: String,
+    /// Telemetry period of the agents, s.
+    pub telemetry_interval_s: u32,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            homes: vec![("home-a".into(), "431001".into())],
+            devices: vec!["ups".into()],
+            policy:
+                "[policy.default]\nsteps = [\n  { tier = \"T0\", roles = [\"family\"], escalate_after_s = 3600 },\n  \
+                     { tier = \"T1\", roles = [\"coordinator\"] },\n]\n"
+                    .into(),
+            escalation: String::new(),
+            delivery: String::new(),
+            telemetry_interval_s: 1,
+        }
+    }
+}
+
+/// One home: its simulated devices, its agent and its network link.
+pub struct Home {
+    /// The home id.
+    pub id: String,
+    /// Its devices.
+    pub sim: Simulator,
+    /// Its agent, while running.
+    pub agent: Option<Process>,
+    /// The agent's config (from the provisioned bundle).
+    pub config: PathBuf,
+    /// The agent's data folder (its spool).
+    pub data: PathBuf,
+    /// Its network link to the broker.
+    pub link: Link,
+    _simdir: tempfile::TempDir,
+}
+
+/// The chain.
+pub struct Chain {
+    /// Everything on disk: the gateway's config, PKI, store and the homes' bundles.
+    pub dir: tempfile::TempDir,
+    /// The broker, on the generated TLS config.
+    pub broker: Mosquitto,
+    /// The phones.
+    pub hook: WebhookReceiver,
+    /// The gateway's config file.
+    pub gateway_config: PathBuf,
+    /// The gateway, while running.
+    pub gateway: Option<Process>,
+    /// The gateway's HTTP port.
+    pub http_port: u16,
+    /// The homes, by id.
+    pub homes: BTreeMap<String, Home>,
+    bins: Bins,
+}
+
+fn ok(out: std::process::Output, what: &str) -> Result<()> {
+    if !out.status.success() {
+        bail!("{what}: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(())
+}
+
+fn toml_path(p: &Path) -> String {
+    p.display().to_string().replace('\\', "\\\\").replace('"', "\\\"")
+}
+
+impl Chain {
+    /// Build the chain and start every part; returns once the gateway is subscribed and every
+    /// agent's `agent_started` is in the gateway's store.
+    pub fn start(bins: &Bins, o: &Options) -> Result<Chain> {
+        let dir = tempfile::tempdir()?;
+        let root = dir.path();
+        let hook = WebhookReceiver::start(HOOK_SECRET)?;
+        let http_port = free_port()?;
+        let pki = root.join("data").join("pki");
+        let homes: String = o
+            .homes
+            .iter()
+            .map(|(id, muni)| {
+                format!(
+                    "[[home]]\nid = \"{id}\"\nmunicipality = \"{muni}\"\nlabel = \"{id}\"\n\
+                     devices = [{{ name = \"ventilator\", watts = 25 }}, {{ name = \"humidifier\", watts = 75 }}]\n\
+                     backup = [{{ kind = \"ups\", usable_wh = 500 }}, {{ kind = \"ventilator_internal\", runtime_min = 240 }}]\n\
+                     evacuation = {{ destination = \"病院\", travel_min = 30 }}\n\
+                     contacts = [\n  {{ role = \"family\", name = \"家族\", channels = [{{ webhook = \"family\" }}] }},\n  \
+                     {{ role = \"coordinator\", name = \"Sato\", channels = [{{ webhook = \"coord\" }}] }},\n  \
+                     {{ role = \"facility\", name = \"施設\", channels = [{{ webhook = \"facility\" }}] }},\n]\n"
+                )
+            })
+            .collect();
+        std::fs::write(root.join("homes.toml"), homes)?;
+        let gateway_config = root.join("gateway.toml");
+        let write_config = |broker_port: u16, reload: &str| -> Result<()> {
+            let endpoints: String = ["family", "coord", "facility"]
+                .iter()
+                .map(|n| {
+                    format!("[endpoints.{n}]\nurl = \"{}/{n}\"\nsecret = {{ value = \"{HOOK_SECRET}\" }}\n", hook.url())
+                })
+                .collect();
+            std::fs::write(
+                &gateway_config,
+                format!(
+                    "data_dir = \"data\"\nhomes_file = \"homes.toml\"\npublic_url = \"http://127.0.0.1:{http_port}\"\n\
+                     link_secret = {{ value = \"e2e-link-secret\" }}\n\
+                     [broker]\nhost = \"localhost\"\nport = {broker_port}\nclient_id = \"gw-e2e\"\n\
+                     username = \"mamori-gateway\"\npassword = {{ file = \"{p}/gateway-password\" }}\n\
+                     [broker.tls]\nca_file = \"{p}/ca.pem\"\nclient_cert_file = \"{p}/gateway.pem\"\n\
+                     client_key_file = \"{p}/gateway.key\"\n\
+                     [http]\nbind = \"127.0.0.1:{http_port}\"\n\
+                     [pki]\nreload_command = {reload}\n\
+                     [escalation]\n{esc}\n\
+                     [delivery]\nbackoff_initial_ms = 200\nbackoff_max_ms = 1000\ntimeout_ms = 2000\n{del}\n\
+                     {policy}\n{endpoints}",
+                    p = toml_path(&pki),
+                    esc = o.escalation,
+                    del = o.delivery,
+                    policy = o.policy,
+                ),
+            )?;
+            Ok(())
+        };
+        write_config(1, "[\"true\"]")?;
+        let gw = |args: &[&str]| -> Result<std::process::Output> {
+            Ok(Command::new(&bins.gateway).args(args).arg("--config").arg(&gateway_config).output()?)
+        };
+        ok(gw(&["pki", "init", "--broker-host", "127.0.0.1", "--broker-host", "localhost"])?, "pki init")?;
+        // The generated listener and service lines; the harness keeps its own persistence folder.
+        let service: String = mamori_gateway::pki::mosquitto_service(Path::new("/unused"))
+            .lines()
+            .filter(|l| !(l.starts_with("persistence") || l.starts_with("autosave")))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        let broker = Mosquitto::start_with(|port, _| {
+            format!("{}{service}", mamori_gateway::pki::mosquitto_listener(port, "127.0.0.1", &pki))
+        })?;
+        let pid = broker.pid().context("broker pid")?;
+        write_config(broker.port(), &format!("[\"kill\", \"-HUP\", \"{pid}\"]"))?;
+        let bundles = root.join("bundles");
+        let mut args: Vec<String> = ["homes", "provision", "--broker-host", "127.0.0.1", "--broker-port"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        args.push(broker.port().to_string());
+        args.push("--out".into());
+        args.push(bundles.display().to_string());
+        args.extend(o.homes.iter().map(|(id, _)| id.clone()));
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        ok(gw(&refs)?, "homes provision")?;
+
+        let mut chain = Chain {
+            dir,
+            broker,
+            hook,
+            gateway_config,
+            gateway: None,
+            http_port,
+            homes: BTreeMap::new(),
+            bins: bins.clone(),
+        };
+        chain.start_gateway()?;
+        for (id, _) in &o.homes {
+            let simdir = tempfile::tempdir()?;
+            let sim = Simulator::start(&bins.agent, simdir.path(), &o.devices.join(","), "steady")?;
+            let link = Link::start(chain.broker.port())?;
+            let data = chain.dir.path().join("agents").join(id);
+            let bundle = std::fs::read_to_string(bundles.join(format!("{id}.toml")))?;
+            // As the installer does: the bundle, with the home's devices added. Here the
+            // agent reaches the broker through its link, and keeps its spool in the test's folder.
+            let mut text = bundle
+                .replace("data_dir = \"/var/lib/mamori\"", &format!("data_dir = \"{}\"", toml_path(&data)))
+                .replace(
+                    &format!("port = {}\n", chain.broker.port()),
+                    &format!("port = {}\nreconnect_min_ms = 100\nreconnect_max_ms = 500\n", link.port()),
+                );
+            text.push_str(&format!("\n[telemetry]\ninterval_s = {}\n", o.telemetry_interval_s));
+            for d in &o.devices {
+                let port = toml_path(&simdir.path().join(d));
+                text.push_str(&match d.as_str() {
+                    "ups" => format!("[[ups]]\nid = \"ups\"\nprotocol = \"megatec\"\nport = \"{port}\"\n"),
+                    "oximeter" => format!(
+                        "[[oximeter]]\nid = \"oximeter\"\nprotocol = \"masimo\"\nport = \"{port}\"\nlost_after_ms = 3000\n"
+                    ),
+                    "bridge" => format!("[[bridge]]\nid = \"bridge\"\nport = \"{port}\"\n"),
+                    other => bail!("unknown device `{other}`"),
+                });
+            }
+            let config = chain.dir.path().join(format!("agent-{id}.toml"));
+            std::fs::write(&config, text)?;
+            {
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o600))?;
+            }
+            chain
+                .homes
+                .insert(id.clone(), Home { id: id.clone(), sim, agent: None, config, data, link, _simdir: simdir });
+            chain.start_agent(id)?;
+        }
+        for (id, _) in &o.homes {
+            chain.wait_event(id, "agent_started", Duration::from_secs(30))?;
+        }
+        Ok(chain)
+    }
+
+    /// Start the gateway and wait until it is subscribed.
+    pub fn start_gateway(&mut self) -> Result<()> {
+        let mut cmd = Command::new(&self.bins.gateway);
+        cmd.args(["run", "--config"]).arg(&self.gateway_config);
+        let p = Process::spawn("gateway", cmd)?;
+        p.wait_line("the gateway to subscribe", Duration::from_secs(30), |l| l.contains("\"subscribed\""))?;
+        self.gateway = Some(p);
+        Ok(())
+    }
+
+    /// Start (or restart) a home's agent.
+    pub fn start_agent(&mut self, id: &str) -> Result<()> {
+        let h = self.homes.get_mut(id).context("no such home")?;
+        let mut cmd = Command::new(&self.bins.agent);
+        cmd.args(["run", "--log-json", "--config"]).arg(&h.config);
+        h.agent = Some(Process::spawn(&format!("agent {id}"), cmd)?);
+        Ok(())
+    }
+
+    /// A home.
+    pub fn home(&mut self, id: &str) -> Result<&mut Home> {
+        self.homes.get_mut(id).context("no such home")
+    }
+
+    /// Apply a simulator command in a home (`mains off`, `unplug ups`, …).
+    pub fn sim(&mut self, id: &str, command: &str) -> Result<()> {
+        self.home(id)?.sim.cmd(command)
+    }
+
+    /// The gateway's store, read-only.
+    pub fn db(&self) -> Result<rusqlite::Connection> {
+        let path = self.dir.path().join("data").join("mamori.db");
+        let c = rusqlite::Connection::open_with_flags(&path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+        c.busy_timeout(Duration::from_secs(5))?;
+        Ok(c)
+    }
+
+    /// Events the gateway stored for a home, in `seq` order.
+    pub fn events(&self, home: &str) -> Result<Vec<StoredEvent>> {
+        let db = self.db()?;
+        let mut s = db.prepare("SELECT seq, id, ts, kind, received_at FROM events WHERE home = ?1 ORDER BY seq")?;
+        let rows = s.query_map([home], |r| {
+            Ok(StoredEvent { seq: r.get(0)?, id: r.get(1)?, ts: r.get(2)?, kind: r.get(3)?, received_at: r.get(4)? })
+        })?;
+        Ok(rows.collect::<Result<Vec<_>, _>>()?)
+    }
+
+    /// Wait until the gateway has stored an event of `kind` from `home`.
+    pub fn wait_event(&self, home: &str, kind: &str, limit: Duration) -> Result<Vec<StoredEvent>> {
+        let deadline = Deadline::after(limit);
+        loop {
+            // The store may not exist yet in the gateway's first moments.
+            if let Ok(ev) = self.events(home) {
+                if ev.iter().any(|e| e.kind == kind) {
+                    return Ok(ev);
+                }
+            }
+            deadline.check(&format!("{home}: `{kind}` stored at the gateway"))?;
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Alerts the gateway stored: (home, kind, cleared).
+    pub fn alerts(&self) -> Result<Vec<(String, String, bool)>> {
+        let db = self.db()?;
+        let mut s = db.prepare("SELECT home, kind, cleared_at IS NOT NULL FROM alerts ORDER BY raised_at")?;
+        let rows = s.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+        Ok(rows.collect::<Result<Vec<_>, _>>()?)
+    }
+}
+
+impl Chain {
+    /// MQTT options that connect as `home` with the credentials of its provisioned bundle
+    /// (certificate, key, password), read through the agent's own config loader.
+    pub fn home_mqtt(&self, home: &str, client_id: &str) -> Result<rumqttc::MqttOptions> {
+        let h = self.homes.get(home).context("no such home")?;
+        let c = mamori_agent::config::Config::load(&h.config)?;
+        let tls = c.broker.tls.context("the bundle has TLS")?;
+        let password = c.broker.password.context("password")?.resolve().map_err(|e| anyhow::anyhow!(e))?;
+        let mut o = rumqttc::MqttOptions::new(client_id, "127.0.0.1", self.broker.port());
+        o.set_credentials(c.home_id.clone(), password);
+        o.set_keep_alive(Duration::from_secs(5));
+        o.set_max_packet_size(1 << 20, 1 << 20);
+        o.set_transport(rumqttc::Transport::Tls(rumqttc::TlsConfiguration::Simple {
+            ca: tls.ca().map_err(|e| anyhow::anyhow!(e))?,
+            alpn: None,
+            client_auth: Some((
+                tls.client_cert_pem.context("cert")?.into_bytes(),
+                tls.client_key_pem.context("key")?.into_bytes(),
+            )),
+        }));
+        Ok(o)
+    }
+
+    /// Every webhook delivery accepted, by path: (path, idempotency key, home).
+    pub fn delivered(&self) -> Vec<(String, String, String)> {
+        self.hook
+            .deliveries()
+            .into_iter()
+            .filter(|d| d.accepted)
+            .map(|d| (d.path, d.key, d.body["home"].as_str().unwrap_or_default().to_string()))
+            .collect()
+    }
+}
+
+/// An event as the gateway stored it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredEvent {
+    /// The agent's sequence number.
+    pub seq: i64,
+    /// The agent's event id.
+    pub id: String,
+    /// The home's time of the event.
+    pub ts: String,
+    /// Its kind.
+    pub kind: String,
+    /// When the gateway received it.
+    pub received_at: String,
+}
