@@ -356,6 +356,31 @@ impl Chain {
     }
 }
 
+/// The events an agent logged as spooled (flushed to its spool file): (seq, kind).
+pub fn spooled(agent: &Process) -> Vec<(i64, String)> {
+    agent
+        .lines()
+        .iter()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["fields"]["message"] == "event")
+        .filter_map(|v| Some((v["fields"]["seq"].as_i64()?, v["fields"]["kind"].as_str()?.to_string())))
+        .collect()
+}
+
+impl Home {
+    /// Apply a simulator command and wait until the agent has spooled `n` events of `kind`.
+    pub fn cause(&mut self, command: &str, kind: &str, n: usize) -> Result<()> {
+        self.sim.cmd(command)?;
+        let agent = self.agent.as_ref().context("the agent is not running")?;
+        let deadline = Deadline::after(Duration::from_secs(30));
+        while spooled(agent).iter().filter(|(_, k)| k == kind).count() < n {
+            deadline.check(&format!("{}: the agent to spool `{kind}` #{n} after `{command}`", self.id))?;
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Ok(())
+    }
+}
+
 /// An event as the gateway stored it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct StoredEvent {
