@@ -49,6 +49,8 @@ pub struct Options {
     pub delivery: String,
     /// Telemetry period of the agents, s.
     pub telemetry_interval_s: u32,
+    /// A home's usable backup energy in its care plan, Wh (500 when not listed).
+    pub usable_wh: BTreeMap<String, u32>,
 }
 
 impl Default for Options {
@@ -63,6 +65,7 @@ impl Default for Options {
             escalation: String::new(),
             delivery: String::new(),
             telemetry_interval_s: 1,
+            usable_wh: BTreeMap::new(),
         }
     }
 }
@@ -127,10 +130,11 @@ impl Chain {
             .homes
             .iter()
             .map(|(id, muni)| {
+                let wh = o.usable_wh.get(id).copied().unwrap_or(500);
                 format!(
                     "[[home]]\nid = \"{id}\"\nmunicipality = \"{muni}\"\nlabel = \"{id}\"\n\
                      devices = [{{ name = \"ventilator\", watts = 25 }}, {{ name = \"humidifier\", watts = 75 }}]\n\
-                     backup = [{{ kind = \"ups\", usable_wh = 500 }}, {{ kind = \"ventilator_internal\", runtime_min = 240 }}]\n\
+                     backup = [{{ kind = \"ups\", usable_wh = {wh} }}, {{ kind = \"ventilator_internal\", runtime_min = 240 }}]\n\
                      evacuation = {{ destination = \"病院\", travel_min = 30 }}\n\
                      contacts = [\n  {{ role = \"family\", name = \"家族\", channels = [{{ webhook = \"family\" }}] }},\n  \
                      {{ role = \"coordinator\", name = \"Sato\", channels = [{{ webhook = \"coord\" }}] }},\n  \

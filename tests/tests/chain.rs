@@ -48,7 +48,7 @@ fn kind(d: &Delivery) -> &str {
     d.body["content"]["kind"].as_str().unwrap_or_default()
 }
 
-/// 1. Mains fails in a home: the coordinator's webhook receives the notification.
+/// Scenario 1: Mains fails in a home: the coordinator's webhook receives the notification.
 #[test]
 fn mains_failure_reaches_the_coordinator() -> Result<()> {
     let o =
@@ -67,7 +67,7 @@ fn mains_failure_reaches_the_coordinator() -> Result<()> {
     Ok(())
 }
 
-/// 3. The gateway is killed with SIGKILL mid-escalation and restarted: the escalation
+/// Scenario 3: The gateway is killed with SIGKILL mid-escalation and restarted: the escalation
 /// continues at the right time, and nothing is sent twice.
 #[test]
 fn a_gateway_killed_mid_escalation_resumes_on_time() -> Result<()> {
@@ -93,7 +93,7 @@ fn a_gateway_killed_mid_escalation_resumes_on_time() -> Result<()> {
     Ok(())
 }
 
-/// 8. A home goes silent while on battery: a "state unknown" alert with the last known forecast.
+/// Scenario 8: A home goes silent while on battery: a "state unknown" alert with the last known forecast.
 #[test]
 fn a_home_silent_on_battery_raises_state_unknown_with_the_last_forecast() -> Result<()> {
     let o = Options {
@@ -138,7 +138,7 @@ fn wait_stored(c: &Chain, home: &str, want: &[(i64, String)]) -> Result<Vec<(i64
     }
 }
 
-/// 2. The broker restarts during an outage: no event lost, no duplicate notification.
+/// Scenario 2: The broker restarts during an outage: no event lost, no duplicate notification.
 #[test]
 fn the_broker_restarts_during_an_outage_and_nothing_is_lost_or_sent_twice() -> Result<()> {
     let o = Options {
@@ -168,7 +168,7 @@ fn the_broker_restarts_during_an_outage_and_nothing_is_lost_or_sent_twice() -> R
     Ok(())
 }
 
-/// 4. A home's network is cut for ten telemetry periods, then restored: its events replay in
+/// Scenario 4: A home's network is cut for ten telemetry periods, then restored: its events replay in
 /// order with their original times; the gateway raised "silent" meanwhile; an outage that began
 /// and ended while cut off pages nobody, and the one still going is escalated from the replay.
 #[test]
@@ -198,7 +198,10 @@ fn a_cut_network_replays_in_order_and_pages_only_for_what_is_still_wrong() -> Re
     wait_stored(&c, "home-a", &logged)?;
     let events = c.events("home-a")?;
     let during: Vec<_> = events.iter().filter(|e| e.kind.starts_with("mains_")).collect();
-    assert_eq!(during.iter().map(|e| e.kind.as_str()).collect::<Vec<_>>(), ["mains_lost", "mains_restored", "mains_lost"]);
+    assert_eq!(
+        during.iter().map(|e| e.kind.as_str()).collect::<Vec<_>>(),
+        ["mains_lost", "mains_restored", "mains_lost"]
+    );
     for e in &during {
         let ts = chrono::DateTime::parse_from_rfc3339(&e.ts)?;
         let received = chrono::DateTime::parse_from_rfc3339(&e.received_at)?;
@@ -212,19 +215,23 @@ fn a_cut_network_replays_in_order_and_pages_only_for_what_is_still_wrong() -> Re
     })?;
     let paged: Vec<_> = d.iter().filter(|x| kind(x) == "mains_lost" && x.body["content"]["type"] == "alert").collect();
     assert_eq!(paged.len(), 1, "one page, for the outage still going");
-    assert_eq!(paged[0].body["content"]["since"].as_str().map(|s| s[..19].to_string()), Some(during[2].ts[..19].to_string()));
+    assert_eq!(
+        paged[0].body["content"]["since"].as_str().map(|s| s[..19].to_string()),
+        Some(during[2].ts[..19].to_string())
+    );
     c.hook.wait("silence cleared", LIMIT, |d| {
         d.iter().any(|x| x.path == "/family" && x.body["content"]["type"] == "cleared" && kind(x) == "home_silent")
     })?;
     // Watch a little longer than the replay settle time: still one page.
     std::thread::sleep(Duration::from_secs(4));
-    let pages = c.hook.deliveries().iter().filter(|x| kind(x) == "mains_lost" && x.body["content"]["type"] == "alert").count();
+    let pages =
+        c.hook.deliveries().iter().filter(|x| kind(x) == "mains_lost" && x.body["content"]["type"] == "alert").count();
     assert_eq!(pages, 1);
     assert_no_duplicates(&c);
     Ok(())
 }
 
-/// 5. The agent is killed with SIGKILL while events are being spooled: after its restart every
+/// Scenario 5: The agent is killed with SIGKILL while events are being spooled: after its restart every
 /// event it had flushed is delivered once, and the spool still works.
 #[test]
 fn an_agent_killed_while_spooling_delivers_every_flushed_event_once() -> Result<()> {
@@ -256,5 +263,194 @@ fn an_agent_killed_while_spooling_delivers_every_flushed_event_once() -> Result<
     }
     let seqs: Vec<i64> = got.iter().map(|(s, _)| *s).collect();
     assert!(seqs.windows(2).all(|w| w[0] < w[1]));
+    Ok(())
+}
+
+/// Scenario 6: The family's webhook is down: retries with back-off, the next recipient in the chain is
+/// notified after the configured failures, and the original arrives when it is back. The
+/// failures are on record in the gateway's outbox.
+#[test]
+fn a_dead_webhook_is_retried_falls_back_and_delivers_when_it_is_back() -> Result<()> {
+    let o = Options {
+        policy: policy(
+            "{ tier = \"T0\", roles = [\"family\"], escalate_after_s = 3600 },\n{ tier = \"T1\", roles = [\"coordinator\"] },",
+        ),
+        delivery: "fallback_after_failures = 3".into(),
+        ..Options::default()
+    };
+    let mut c = Chain::start(&bins(), &o)?;
+    c.hook.set_path_up("/family", false);
+    c.sim("home-a", "mains off")?;
+    // Three refusals, then the coordinator (the next role in the chain) hears instead.
+    let d = c.hook.wait("the fallback to the coordinator", LIMIT, |d| {
+        d.iter().any(|x| x.path == "/coord" && x.accepted && kind(x) == "mains_lost")
+    })?;
+    let outage = |x: &&Delivery| x.path == "/family" && !x.accepted && kind(x) == "mains_lost";
+    let refused: Vec<_> = d.iter().filter(outage).collect();
+    assert!(refused.len() >= 3, "fallback after 3 failures, got {}", refused.len());
+    let gaps: Vec<Duration> = refused.windows(2).map(|w| w[1].at.duration_since(w[0].at)).collect();
+    assert!(gaps.iter().all(|g| *g >= Duration::from_millis(100)), "backed off between attempts: {gaps:?}");
+    let family_key = refused[0].key.clone();
+    assert!(refused.iter().all(|x| x.key == family_key), "every retry is the same message");
+    // (The gateway's own `delivery_failed` alert follows this config's `[policy.default]`,
+    // which names the family too; it is a different message.)
+    // The family's phone is back: the original message arrives, under the same key.
+    c.hook.set_path_up("/family", true);
+    c.hook
+        .wait("the original", LIMIT, |d| d.iter().any(|x| x.path == "/family" && x.accepted && x.key == family_key))?;
+    // The failures are on record.
+    let db = c.db()?;
+    let body: String = db.query_row("SELECT body FROM outbox WHERE key = ?1", [&family_key], |r| r.get(0))?;
+    let row: serde_json::Value = serde_json::from_str(&body)?;
+    assert!(row["attempts"].as_u64().unwrap_or(0) >= 4, "{row}");
+    assert_eq!((row["status"].as_str(), &row["fallback_done"]), (Some("delivered"), &serde_json::json!(true)));
+    let failures = c
+        .gateway
+        .as_ref()
+        .unwrap()
+        .lines()
+        .into_iter()
+        .filter(|l| l.contains("\"delivery failed\"") && l.contains(&family_key) && l.contains("503"));
+    assert!(failures.count() >= 3, "each failed attempt is logged with its cause");
+    assert_no_duplicates(&c);
+    Ok(())
+}
+
+/// Scenario 7: A regional outage of many homes: one incident per municipality, a triage list sorted by
+/// time left, silent homes included.
+#[test]
+fn a_regional_outage_is_one_incident_with_a_triage_list_silent_homes_included() -> Result<()> {
+    let o = Options {
+        homes: homes(&[("a-1", "431001"), ("a-2", "431001"), ("a-3", "431001"), ("a-4", "431001"), ("b-1", "131016")]),
+        policy: policy("{ tier = \"T0\", roles = [\"family\"] },"),
+        usable_wh: [("a-1", 400), ("a-2", 900), ("a-3", 150)].iter().map(|(h, w)| (h.to_string(), *w)).collect(),
+        ..Options::default()
+    };
+    let mut c = Chain::start(&bins(), &o)?;
+    // a-4's agent stops being heard before the storm (its Pi lost power, say).
+    c.home("a-4")?.link.cut();
+    c.wait_event("a-4", "agent_started", LIMIT)?;
+    let deadline = mamori_tests::Deadline::after(LIMIT);
+    while !c.alerts()?.iter().any(|(h, k, _)| h == "a-4" && k == "home_silent") {
+        deadline.check("a-4 silent")?;
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Three homes of 431001 with different backup energy, and one of 131016, lose mains.
+    for home in ["a-1", "a-2", "a-3", "b-1"] {
+        c.home(home)?.cause("mains off", "mains_lost", 1)?;
+    }
+    let d = c.hook.wait("the coordinator's digest", LIMIT, |d| {
+        d.iter().any(|x| x.path == "/coord" && x.accepted && x.body["content"]["type"] == "incident")
+    })?;
+    let digests: Vec<_> = d.iter().filter(|x| x.body["content"]["type"] == "incident").collect();
+    assert!(digests.iter().all(|x| x.body["content"]["municipality"] == "431001"), "no incident for 131016 (one home)");
+    let rows = digests[0].body["content"]["rows"].as_array().unwrap();
+    let ids: Vec<&str> = rows.iter().map(|r| r["home"].as_str().unwrap_or_default()).collect();
+    for home in ["a-1", "a-2", "a-3", "a-4"] {
+        assert!(ids.contains(&home), "{home} in the triage list {ids:?}");
+    }
+    assert!(!ids.contains(&"b-1"));
+    let silent: Vec<&str> = rows.iter().filter(|r| r["silent"] == true).map(|r| r["home"].as_str().unwrap()).collect();
+    assert_eq!(silent, ["a-4"]);
+    // Sorted by time left, least first.
+    let left: Vec<i64> = rows.iter().filter_map(|r| r["time_left_s"].as_i64()).collect();
+    assert!(left.len() >= 3 && left.windows(2).all(|w| w[0] <= w[1]), "{rows:?}");
+    let order: Vec<&str> = ids.iter().copied().filter(|h| *h != "a-4").collect();
+    assert_eq!(order, ["a-3", "a-1", "a-2"], "least energy first");
+    // One incident per municipality in the store.
+    let db = c.db()?;
+    let n: i64 = db.query_row("SELECT count(*) FROM incidents WHERE municipality = '431001'", [], |r| r.get(0))?;
+    let m: i64 = db.query_row("SELECT count(*) FROM incidents WHERE municipality = '131016'", [], |r| r.get(0))?;
+    assert_eq!((n, m), (1, 0));
+    assert_no_duplicates(&c);
+    Ok(())
+}
+
+/// Scenario 9: Hostile input: home A's credentials on home B's topics are refused by the broker's ACL;
+/// 10,000 malformed, oversized and wrong-schema payloads on A's own topics are counted, the
+/// gateway stays up and raises nothing, and a real event after them is still delivered.
+#[test]
+fn hostile_input_is_refused_counted_and_a_real_event_still_gets_through() -> Result<()> {
+    let o = Options { homes: homes(&[("home-a", "431001"), ("home-b", "431001")]), ..Options::default() };
+    let mut c = Chain::start(&bins(), &o)?;
+    let before_b = c.events("home-b")?.len();
+    let (client, mut conn) = rumqttc::Client::new(c.home_mqtt("home-a", "intruder")?, 100);
+    let n = 10_000usize;
+    let b_topics = 10usize;
+    let oversized = "x".repeat(20 * 1024);
+    let waiter = std::thread::spawn(move || -> Result<()> {
+        let mut acked = 0;
+        for ev in conn.iter() {
+            if let rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_)) = ev? {
+                acked += 1;
+                if acked == n + b_topics {
+                    return Ok(());
+                }
+            }
+        }
+        Ok(())
+    });
+    // As home A, on home B's topic: a believable outage.
+    for i in 0..b_topics {
+        let ev = format!(
+            r#"{{"id":"forged:{i}","seq":{},"ts":"{}","kind":"mains_lost","severity":"critical"}}"#,
+            1_000_000 + i,
+            chrono::Utc::now().to_rfc3339()
+        );
+        client.publish("mamori/v1/home-b/event", rumqttc::QoS::AtLeastOnce, false, ev.into_bytes())?;
+    }
+    for i in 0..n {
+        let (topic, payload): (&str, Vec<u8>) = match i % 5 {
+            0 => ("mamori/v1/home-a/event", vec![0xff, 0x00, (i % 251) as u8]),
+            1 => ("mamori/v1/home-a/event", b"{\"id\":1,\"kind\":\"mains_lost\"}".to_vec()),
+            2 => ("mamori/v1/home-a/telemetry", oversized.as_bytes().to_vec()),
+            3 => ("mamori/v1/home-a/telemetry", b"{\"ts\":\"yesterday\",\"interval_s\":-1}".to_vec()),
+            _ => ("mamori/v1/home-a/status", b"[]".to_vec()),
+        };
+        client.publish(topic, rumqttc::QoS::AtLeastOnce, false, payload)?;
+    }
+    waiter.join().map_err(|_| anyhow::anyhow!("publisher"))??;
+    let _ = client.disconnect();
+    // A real outage at A still gets through.
+    c.sim("home-a", "mains off")?;
+    c.hook.wait("the real outage", LIMIT, |d| d.iter().any(|x| x.accepted && kind(x) == "mains_lost"))?;
+    // Nothing false: B's forged outage never reached the gateway, and the only page is A's.
+    assert_eq!(c.events("home-b")?.len(), before_b, "A's publications on B's topic were refused");
+    assert!(c.delivered().iter().all(|(_, _, home)| home == "home-a"), "{:?}", c.delivered());
+    // The gateway counted every one of them and is still running.
+    let gw = c.gateway.as_mut().unwrap();
+    assert!(gw.running(), "the gateway is up");
+    gw.terminate(LIMIT)?;
+    let counters = gw
+        .lines()
+        .into_iter()
+        .find(|l| l.contains("\"gateway stopped\""))
+        .unwrap_or_else(|| panic!("no counters line: {:?}", gw.lines().iter().rev().take(5).collect::<Vec<_>>()));
+    let v: serde_json::Value = serde_json::from_str(&counters)?;
+    assert!(v["fields"]["rejected"].as_u64().unwrap_or(0) >= n as u64, "{counters}");
+    Ok(())
+}
+
+/// Scenario 10: Garbage on the serial line and a device unplugged and plugged back: no crash,
+/// `device_lost` and `device_restored`, and no false outage.
+#[test]
+fn garbage_and_a_pulled_cable_make_device_events_and_no_false_outage() -> Result<()> {
+    let o = Options { devices: vec!["ups".into(), "oximeter".into()], ..Options::default() };
+    let mut c = Chain::start(&bins(), &o)?;
+    for _ in 0..5 {
+        c.sim("home-a", "garbage ups 4096")?;
+        c.sim("home-a", "garbage oximeter 4096")?;
+    }
+    c.home("home-a")?.cause("unplug ups", "device_lost", 1)?;
+    c.home("home-a")?.cause("plug ups", "device_restored", 1)?;
+    c.home("home-a")?.cause("unplug oximeter", "device_lost", 2)?;
+    c.home("home-a")?.cause("plug oximeter", "device_restored", 2)?;
+    let logged = mamori_tests::chain::spooled(c.homes["home-a"].agent.as_ref().unwrap());
+    let got = wait_stored(&c, "home-a", &logged)?;
+    assert!(got.iter().all(|(_, k)| !k.starts_with("mains_")), "no false outage: {got:?}");
+    assert!(c.alerts()?.iter().all(|(_, k, _)| k != "mains_lost"));
+    let agent = c.home("home-a")?.agent.as_mut().unwrap();
+    assert!(agent.running(), "the agent is still running");
+    assert!(c.gateway.as_mut().unwrap().running());
     Ok(())
 }
