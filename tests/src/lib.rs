@@ -5,8 +5,13 @@
 //! machine's broker on 1883), and helpers to wait for a condition with a deadline instead of
 //! sleeping.
 //!
-//! Scenarios live in `tests/tests/` (and the agent's process-level tests in
-//! `agent/tests/service.rs`, which use this harness). Besides the broker: [`process::Process`] (a child
+//! Scenarios live in `tests/tests/`: `chain.rs` runs the whole chain as deployed
+//! ([`chain::Chain`]: the generated TLS broker config, provisioned homes, agent and gateway
+//! processes, each home behind a cuttable [`netcut::Link`]) through ten failure scenarios, and
+//! `mqtt_contract.rs` proves the MQTT contract. The agent's and gateway's process-level tests
+//! (`agent/tests/service.rs`, `gateway/tests/*.rs`) use this harness too. The crate builds the
+//! real programs as `e2e-agent` and `e2e-gateway` (their `main` is the libraries' `cli::main`),
+//! since cargo builds only a package's own binaries for its integration tests. Besides the broker: [`process::Process`] (a child
 //! process whose JSON log lines can be waited on, killed with SIGKILL or stopped with SIGTERM),
 //! [`process::Simulator`] (`mamori-agent simulate`, driven through its standard input) and
 //! [`process::Collector`] (an MQTT subscriber that records what arrives, with a persistent session so it
