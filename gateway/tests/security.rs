@@ -64,15 +64,7 @@ fn deploy() -> Result<Deployment> {
     ok(cli(&["pki", "init", "--config", c, "--broker-host", "127.0.0.1", "--broker-host", "localhost"])?)?;
     let pki = dir.path().join("data").join("pki");
     assert!(std::fs::read_to_string(pki.join("mosquitto.conf"))?.contains("require_certificate true"));
-    // The generated listener and service lines (the harness adds its own persistence folder).
-    let service: String = mamori_gateway::pki::mosquitto_service(Path::new("/unused"))
-        .lines()
-        .filter(|l| !(l.starts_with("persistence") || l.starts_with("autosave")))
-        .map(|l| format!("{l}\n"))
-        .collect();
-    let broker = Mosquitto::start_with(|port, _| {
-        format!("{}{service}", mamori_gateway::pki::mosquitto_listener(port, "127.0.0.1", &pki))
-    })?;
+    let broker = mamori_tests::chain::generated_broker(&pki)?;
     let pid = broker.pid().context("broker pid")?;
     std::fs::write(&config, format!("{base}[pki]\nreload_command = [\"kill\", \"-HUP\", \"{pid}\"]\n"))?;
     Ok(Deployment { dir, config, broker })

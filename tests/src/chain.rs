@@ -106,6 +106,20 @@ pub struct Chain {
     bins: Bins,
 }
 
+/// A Mosquitto on the configuration `pki init` generated in `pki` (its listener, TLS, password
+/// file, ACL and service lines), on a free loopback port; the harness keeps its own
+/// persistence folder.
+pub fn generated_broker(pki: &Path) -> Result<Mosquitto> {
+    let service: String = mamori_gateway::pki::mosquitto_service(Path::new("/unused"))
+        .lines()
+        .filter(|l| !(l.starts_with("persistence") || l.starts_with("autosave")))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    Mosquitto::start_with(|port, _| {
+        format!("{}{service}", mamori_gateway::pki::mosquitto_listener(port, "127.0.0.1", pki))
+    })
+}
+
 fn ok(out: std::process::Output, what: &str) -> Result<()> {
     if !out.status.success() {
         bail!("{what}: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
@@ -178,15 +192,7 @@ impl Chain {
             Ok(Command::new(&bins.gateway).args(args).arg("--config").arg(&gateway_config).output()?)
         };
         ok(gw(&["pki", "init", "--broker-host", "127.0.0.1", "--broker-host", "localhost"])?, "pki init")?;
-        // The generated listener and service lines; the harness keeps its own persistence folder.
-        let service: String = mamori_gateway::pki::mosquitto_service(Path::new("/unused"))
-            .lines()
-            .filter(|l| !(l.starts_with("persistence") || l.starts_with("autosave")))
-            .map(|l| format!("{l}\n"))
-            .collect();
-        let broker = Mosquitto::start_with(|port, _| {
-            format!("{}{service}", mamori_gateway::pki::mosquitto_listener(port, "127.0.0.1", &pki))
-        })?;
+        let broker = generated_broker(&pki)?;
         let pid = broker.pid().context("broker pid")?;
         write_config(broker.port(), &format!("[\"kill\", \"-HUP\", \"{pid}\"]"))?;
         let bundles = root.join("bundles");
