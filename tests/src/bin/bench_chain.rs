@@ -137,7 +137,7 @@ fn round(c: &mut Chain, sim_b: &mut Simulator, nut: &NutChain, outages: usize) -
     for i in 0..outages {
         let seen = c.hook.deliveries().len();
         let (onbatt, online) = (nut.notified("ONBATT").len(), nut.notified("ONLINE").len());
-        let (ta, sa) = (Instant::now(), SystemTime::now());
+        let ta = Instant::now();
         c.sim("home-a", "mains off")?;
         let sb = SystemTime::now();
         sim_b.cmd("mains off")?;
@@ -147,7 +147,6 @@ fn round(c: &mut Chain, sim_b: &mut Simulator, nut: &NutChain, outages: usize) -
                 .any(|x| x.path == "/coord" && x.accepted && x.body["content"]["type"] == "alert" && x.at > ta)
         })?;
         let at = d[seen..].iter().find(|x| x.path == "/coord" && x.body["content"]["type"] == "alert").unwrap().at;
-        let _ = sa;
         r.mamori_ms.push(at.duration_since(ta).as_secs_f64() * 1000.0);
         let nb = nut.wait("ONBATT", onbatt + 1, limit)?;
         r.nut_ms.push((nb - epoch(sb)) * 1000.0);
@@ -246,26 +245,23 @@ fn main() -> Result<()> {
 
     // CPU over a steady window: the agent at 1 s (as in round 2) and at its default 250 ms,
     // NUT at its tightest, the gateway (shared by every home it serves).
-    let measure = |pids: &[u32], secs: u64| -> f64 {
-        let before: Vec<u64> = pids.iter().map(|p| cpu_ns(*p)).collect();
-        std::thread::sleep(Duration::from_secs(secs));
-        pids.iter().zip(before).map(|(p, b)| cpu_ns(*p).saturating_sub(b)).sum::<u64>() as f64 / 1e9
+    let snapshot = |pids: &[u32]| pids.iter().map(|p| cpu_ns(*p)).collect::<Vec<u64>>();
+    let spent = |pids: &[u32], before: &[u64]| {
+        pids.iter().zip(before).map(|(p, b)| cpu_ns(*p).saturating_sub(*b)).sum::<u64>() as f64 / 1e9
     };
     let per_hour = |cpu: f64, secs: u64| cpu / secs as f64 * 3600.0;
-    let gw = c.gateway.as_ref().unwrap().pid();
-    let agent = c.homes["home-a"].agent.as_ref().unwrap().pid();
-    let nut_pids = nut_chain.pids();
-    let (a1, n1, g1) = {
-        let before_g = cpu_ns(gw);
-        let before_n: Vec<u64> = nut_pids.iter().map(|p| cpu_ns(*p)).collect();
-        let a = measure(&[agent], cpu_seconds);
-        let n = nut_pids.iter().zip(before_n).map(|(p, b)| cpu_ns(*p).saturating_sub(b)).sum::<u64>() as f64 / 1e9;
-        (a, n, cpu_ns(gw).saturating_sub(before_g) as f64 / 1e9)
-    };
+    let window = Duration::from_secs(cpu_seconds);
+    let agent = vec![c.homes["home-a"].agent.as_ref().unwrap().pid()];
+    let (nut_pids, gw) = (nut_chain.pids(), vec![c.gateway.as_ref().unwrap().pid()]);
+    let before = [snapshot(&agent), snapshot(&nut_pids), snapshot(&gw)];
+    std::thread::sleep(window);
+    let (a1, n1, g1) = (spent(&agent, &before[0]), spent(&nut_pids, &before[1]), spent(&gw, &before[2]));
     set_agent_poll(&mut c, 250)?;
     std::thread::sleep(Duration::from_secs(3));
-    let agent = c.homes["home-a"].agent.as_ref().unwrap().pid();
-    let a250 = measure(&[agent], cpu_seconds);
+    let agent = vec![c.homes["home-a"].agent.as_ref().unwrap().pid()];
+    let before = snapshot(&agent);
+    std::thread::sleep(window);
+    let a250 = spent(&agent, &before);
     println!("\n## CPU per hour of monitoring (steady, mains on, {cpu_seconds} s windows, /proc schedstat)");
     println!("| chain | CPU s per hour |");
     println!("|---|---|");
