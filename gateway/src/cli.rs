@@ -53,6 +53,16 @@ enum Command {
         #[command(subcommand)]
         command: AlertsCommand,
     },
+    /// Dashboard and API accounts.
+    Users {
+        #[command(subcommand)]
+        command: UsersCommand,
+    },
+    /// The audit log.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
     /// Run the self-contained demo: embedded broker, simulated homes, a scripted outage.
     Demo {
         /// Seconds to run after the story (0: until Ctrl-C).
@@ -178,6 +188,239 @@ enum AlertsCommand {
     },
 }
 
+#[derive(Subcommand, Debug)]
+enum UsersCommand {
+    /// Add an account. The password is read from the first line of stdin (at least 12
+    /// characters). An admin gets two-factor authentication at once: scan the printed URI.
+    Add {
+        /// The gateway config.
+        #[arg(long)]
+        config: PathBuf,
+        /// Login name (a-z, 0-9, '.', '_', '-').
+        username: String,
+        /// admin, coordinator, facility or family.
+        #[arg(long)]
+        role: String,
+        /// Shown name (default: the username).
+        #[arg(long)]
+        name: Option<String>,
+        /// A coordinator's municipality code (repeat for several).
+        #[arg(long)]
+        municipality: Vec<String>,
+        /// A facility's or family's home id (repeat for several).
+        #[arg(long)]
+        home: Vec<String>,
+    },
+    /// Set an account's password (from the first line of stdin); ends its sessions.
+    Passwd {
+        /// The gateway config.
+        #[arg(long)]
+        config: PathBuf,
+        /// Login name.
+        username: String,
+    },
+    /// Disable an account: no login; its sessions and API tokens stop working.
+    Disable {
+        /// The gateway config.
+        #[arg(long)]
+        config: PathBuf,
+        /// Login name.
+        username: String,
+    },
+    /// Enable a disabled account.
+    Enable {
+        /// The gateway config.
+        #[arg(long)]
+        config: PathBuf,
+        /// Login name.
+        username: String,
+    },
+    /// List accounts.
+    List {
+        /// The gateway config.
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Issue an API bearer token acting as an account (printed once; only its hash is kept).
+    Token {
+        /// The gateway config.
+        #[arg(long)]
+        config: PathBuf,
+        /// Login name.
+        username: String,
+        /// What the token is for.
+        #[arg(long, default_value = "integration")]
+        name: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum AuditCommand {
+    /// Check the hash chain: exit 0 and print the entry count and head hash when intact,
+    /// exit 1 and name the first bad entry when not.
+    Verify {
+        /// The gateway config.
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Print the whole log as CSV.
+    Export {
+        /// The gateway config.
+        #[arg(long)]
+        config: PathBuf,
+    },
+}
+
+fn read_password() -> anyhow::Result<String> {
+    let mut line = String::new();
+    io::stdin().read_line(&mut line)?;
+    Ok(line.trim_end_matches(['\r', '\n']).to_string())
+}
+
+fn cli_actor() -> String {
+    format!("cli:{}", std::env::var("USER").unwrap_or_else(|_| "unknown".into()))
+}
+
+fn users(command: UsersCommand) -> ExitCode {
+    use crate::accounts::{AccountError, AccountRole, Accounts, NewUser};
+    let config = match &command {
+        UsersCommand::Add { config, .. }
+        | UsersCommand::Passwd { config, .. }
+        | UsersCommand::Disable { config, .. }
+        | UsersCommand::Enable { config, .. }
+        | UsersCommand::List { config }
+        | UsersCommand::Token { config, .. } => config.clone(),
+    };
+    let c = match load(&config) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let store = match run::open_store(&c) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("mamori-gateway: {e:#}");
+            return ExitCode::from(1);
+        }
+    };
+    let acc = Accounts::new(store.conn());
+    let now = clock::now();
+    let audit = |action: &str, target: &str, detail: &str| {
+        crate::audit::append(store.conn(), now, &cli_actor(), "-", action, target, detail).map(|_| ())
+    };
+    let result: Result<(), AccountError> = (|| match command {
+        UsersCommand::Add { username, role, name, municipality, home, .. } => {
+            let role = AccountRole::parse(&role)
+                .ok_or_else(|| AccountError::Invalid(format!("role {role:?}: expected admin, coordinator, facility or family")))?;
+            let new = NewUser {
+                display_name: name.unwrap_or_else(|| username.clone()),
+                username,
+                role,
+                municipalities: municipality,
+                homes: home,
+            };
+            new.validate()?;
+            let password = read_password().map_err(|e| AccountError::Invalid(format!("cannot read the password from stdin: {e}")))?;
+            let secret = (role == AccountRole::Admin).then(crate::accounts::new_totp_secret);
+            let u = acc.add(&new, &password, secret.as_deref(), now)?;
+            audit("user_add", &u.username, &format!("{} {:?}{:?}", u.role.as_str(), u.municipalities, u.homes))?;
+            println!("added {} ({})", u.username, u.role.as_str());
+            if let Some(s) = secret {
+                println!("two-factor secret (add it to an authenticator app now; it is not shown again): {s}");
+                println!("{}", crate::accounts::totp_uri(&u.username, &s));
+            }
+            Ok(())
+        }
+        UsersCommand::Passwd { username, .. } => {
+            let password = read_password().map_err(|e| AccountError::Invalid(format!("cannot read the password from stdin: {e}")))?;
+            acc.set_password(&username, &password)?;
+            audit("user_password", &username, "")?;
+            println!("password set for {username}; its sessions ended");
+            Ok(())
+        }
+        UsersCommand::Disable { username, .. } => {
+            acc.set_disabled(&username, true)?;
+            audit("user_disable", &username, "")?;
+            println!("{username} disabled; its sessions ended and its tokens stopped working");
+            Ok(())
+        }
+        UsersCommand::Enable { username, .. } => {
+            acc.set_disabled(&username, false)?;
+            audit("user_enable", &username, "")?;
+            println!("{username} enabled");
+            Ok(())
+        }
+        UsersCommand::List { .. } => {
+            for u in acc.list()? {
+                let scope = match u.role {
+                    AccountRole::Admin => "*".to_string(),
+                    AccountRole::Coordinator => u.municipalities.join(","),
+                    _ => u.homes.join(","),
+                };
+                let flags = [(u.totp, "2fa"), (u.disabled, "disabled")]
+                    .iter()
+                    .filter(|(on, _)| *on)
+                    .map(|(_, f)| *f)
+                    .collect::<Vec<_>>()
+                    .join(",");
+                println!("{}\t{}\t{}\t{}\t{}", u.username, u.role.as_str(), scope, u.display_name, flags);
+            }
+            Ok(())
+        }
+        UsersCommand::Token { username, name, .. } => {
+            let token = acc.add_token(&username, &name, now)?;
+            audit("token_add", &username, &name)?;
+            println!("{token}");
+            Ok(())
+        }
+    })();
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(AccountError::Invalid(m)) => {
+            eprintln!("mamori-gateway: {m}");
+            ExitCode::from(2)
+        }
+        Err(e) => {
+            eprintln!("mamori-gateway: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn audit_command(command: AuditCommand) -> ExitCode {
+    let (AuditCommand::Verify { config } | AuditCommand::Export { config }) = &command;
+    let c = match load(config) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let store = match crate::store::SqliteStore::open(&c.data_dir) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("mamori-gateway: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match command {
+        AuditCommand::Verify { .. } => match crate::audit::verify(store.conn()) {
+            Ok(crate::audit::Verdict::Intact { entries, head }) => {
+                println!("intact: {entries} entries, head {head}");
+                ExitCode::SUCCESS
+            }
+            Ok(crate::audit::Verdict::Broken { seq, reason }) => {
+                eprintln!("BROKEN at entry {seq}: {reason}");
+                ExitCode::from(1)
+            }
+            Err(e) => {
+                eprintln!("mamori-gateway: {e}");
+                ExitCode::from(1)
+            }
+        },
+        AuditCommand::Export { .. } => {
+            let mut out = io::stdout().lock();
+            exit_code(crate::audit::export_csv(store.conn(), &mut out).map(|_| ()))
+        }
+    }
+}
+
 fn logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rumqttd=warn"));
@@ -260,6 +503,8 @@ fn runtime() -> io::Result<tokio::runtime::Runtime> {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Command::Users { command } => users(command),
+        Command::Audit { command } => audit_command(command),
         Command::Run { config } => {
             let config = match load(&config) {
                 Ok(c) => c,

@@ -161,6 +161,13 @@ pub struct HttpConfig {
     pub trusted_proxies: Vec<String>,
     /// The header a trusted proxy names the client in.
     pub client_ip_header: String,
+    /// A dashboard session ends after this long without a request, min.
+    pub session_idle_min: u32,
+    /// A dashboard session ends this long after login whatever happens, h.
+    pub session_max_h: u32,
+    /// Mark cookies `Secure` (sent over HTTPS only). Default: when the gateway serves HTTPS
+    /// or `public_url` is `https://`. Only a loopback demo should turn it off.
+    pub secure_cookies: Option<bool>,
 }
 
 impl Default for HttpConfig {
@@ -171,11 +178,19 @@ impl Default for HttpConfig {
             tls_key_file: None,
             trusted_proxies: Vec::new(),
             client_ip_header: "X-Forwarded-For".into(),
+            session_idle_min: 30,
+            session_max_h: 12,
+            secure_cookies: None,
         }
     }
 }
 
 impl HttpConfig {
+    /// Whether cookies are marked `Secure`.
+    pub fn cookies_secure(&self, public_url: &str) -> bool {
+        self.secure_cookies.unwrap_or(self.tls() || public_url.starts_with("https://"))
+    }
+
     /// Whether the gateway serves HTTPS itself.
     pub fn tls(&self) -> bool {
         self.tls_cert_file.is_some()
@@ -349,6 +364,15 @@ impl Config {
                 "a loopback address, unless the gateway serves HTTPS itself (`tls_cert_file`, `tls_key_file`) \
                  or sits behind a reverse proxy listed in `trusted_proxies`",
             );
+        }
+        if c.http.session_idle_min == 0 || c.http.session_idle_min > 24 * 60 {
+            bad("http.session_idle_min", "1 to 1440 minutes");
+        }
+        if c.http.session_max_h == 0 || c.http.session_max_h > 7 * 24 {
+            bad("http.session_max_h", "1 to 168 hours");
+        }
+        if c.http.secure_cookies == Some(false) && !c.http.bind.ip().is_loopback() {
+            bad("http.secure_cookies", "true (or unset) unless the gateway listens on loopback only");
         }
         if c.broker.port == 0 && c.embedded_broker.is_none() {
             bad("broker.port", "a port (0 only with [embedded_broker])");

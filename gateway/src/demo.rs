@@ -13,6 +13,9 @@
 //! crosses tiers; one home goes silent during the outage; an oximeter alarm is silenced at a
 //! bedside in Nagano; a ventilator alarm; the coordinator acknowledges (through the signed
 //! link in the message, over HTTP); power returns.
+//!
+//! The dashboard is served on the same loopback port, with demo accounts ([`DEMO_USERS`],
+//! password [`DEMO_PASSWORD`]) and cookies without `Secure` (plain HTTP on loopback only).
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -216,12 +219,14 @@ client_id = "mamori-demo-gateway"
 bind = "127.0.0.1:0"
 [http]
 bind = "127.0.0.1:{http_port}"
+secure_cookies = false
 {DEMO_POLICY}"#
     );
     let config_path = base.join("gateway.toml");
     std::fs::write(&config_path, &text)?;
     let config = Config::load(&config_path)?;
     let style = crate::run::style(&config)?;
+    demo_accounts(&config)?;
 
     println!("mamori demo — a secondary, remote notification system: it never silences or replaces");
     println!("a device's own alarm. 12 simulated homes, 2 municipalities, time compressed (seconds for minutes).");
@@ -240,9 +245,10 @@ bind = "127.0.0.1:{http_port}"
     let gateway = tokio::spawn(async move { service.run(svc_cancel, Some(ready_tx)).await });
     let ready = ready_rx.await.context("the gateway did not start")?;
     println!("broker: {} (embedded, loopback only)   acknowledgement links: http://{}", ready.broker, ready.http);
+    println!("dashboard: http://{}/", ready.http);
     println!(
-        "dashboard: not built yet (the dashboard issue); alerts: mamori-gateway alerts list --config {}",
-        config_path.display()
+        "  log in as {} with the password {DEMO_PASSWORD} (demo only)",
+        DEMO_USERS.iter().map(|(u, r, _, _)| format!("{u} ({r})")).collect::<Vec<_>>().join(", ")
     );
 
     let mut homes = Vec::new();
@@ -368,6 +374,34 @@ bind = "127.0.0.1:{http_port}"
     }
     printer.abort();
     drop(tmp);
+    Ok(())
+}
+
+/// The demo's password for every demo account (never use outside the demo).
+pub const DEMO_PASSWORD: &str = "mamori-demo-password";
+
+/// Demo accounts: username, role, municipalities, homes.
+pub const DEMO_USERS: &[(&str, &str, &[&str], &[&str])] = &[
+    ("kumamoto", "coordinator", &["431001"], &[]),
+    ("nagano", "coordinator", &["202011"], &[]),
+    ("hospital", "facility", &[], &["demo-k02", "demo-n01"]),
+    ("family-k03", "family", &[], &["demo-k03"]),
+];
+
+fn demo_accounts(config: &Config) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&config.data_dir)?;
+    let store = crate::store::SqliteStore::open(&config.data_dir)?;
+    let acc = crate::accounts::Accounts::new(store.conn());
+    for (name, role, munis, homes) in DEMO_USERS {
+        let new = crate::accounts::NewUser {
+            username: name.to_string(),
+            display_name: name.to_string(),
+            role: crate::accounts::AccountRole::parse(role).context("demo role")?,
+            municipalities: munis.iter().map(|s| s.to_string()).collect(),
+            homes: homes.iter().map(|s| s.to_string()).collect(),
+        };
+        acc.add(&new, DEMO_PASSWORD, None, crate::clock::now())?;
+    }
     Ok(())
 }
 

@@ -170,6 +170,9 @@ pub struct Alert {
     pub acks: Vec<AckInfo>,
     /// When it cleared.
     pub cleared_at: Option<Time>,
+    /// Who cleared it by hand (an account), when it was not the home's own event.
+    #[serde(default)]
+    pub cleared_by: Option<String>,
     /// `home/kind`: one active alert per key.
     pub dedup_key: String,
     /// The policy in force when it opened.
@@ -376,6 +379,15 @@ pub enum Input {
         /// Their note.
         note: Option<String>,
     },
+    /// Someone cleared an alert by hand (from the dashboard), for a condition that is over
+    /// but whose clearing event will never come (a device taken away, say). Refused while
+    /// the condition still holds: a power alert while on battery, a silence alert while silent.
+    Clear {
+        /// Alert id.
+        alert_id: String,
+        /// Who (an account).
+        by: String,
+    },
     /// A notification could not be delivered to a recipient after the configured attempts.
     DeliveryFailed {
         /// The notification's key.
@@ -415,6 +427,9 @@ pub enum EngineError {
     /// No such active alert or incident.
     #[error("no active alert or incident {0}")]
     UnknownAlert(String),
+    /// A hand clear of an alert whose condition still holds.
+    #[error("alert {0} cannot be cleared by hand: its condition still holds (on battery or silent)")]
+    StillActive(String),
 }
 
 /// The engine.
@@ -497,6 +512,11 @@ impl Engine {
         self.plans.get(home)
     }
 
+    /// Every registered home's care plan, and its state once heard from.
+    pub fn states_and_plans(&self) -> impl Iterator<Item = (&Home, Option<&HomeState>)> {
+        self.plans.values().map(|p| (p, self.state.get(&p.id)))
+    }
+
     /// A home's state.
     pub fn home_state(&self, home: &HomeId) -> Option<&HomeState> {
         self.state.get(home)
@@ -530,6 +550,7 @@ impl Engine {
             Input::Telemetry(home, t) => self.on_telemetry(home, t, now),
             Input::Event(home, e) => self.on_event(home, e, now),
             Input::Ack { alert_id, role, by, note } => self.on_ack(alert_id, AckInfo { role, by, at: now, note }),
+            Input::Clear { alert_id, by } => self.on_clear(&alert_id, by, now),
             Input::DeliveryFailed { key, alert_id, home, role, name, content } => {
                 self.on_delivery_failed(key, alert_id, home, role, name, content, now)
             }
@@ -716,6 +737,7 @@ impl Engine {
             acknowledged: None,
             acks: Vec::new(),
             cleared_at: None,
+            cleared_by: None,
             dedup_key: format!("{}/{kind}", home.as_str()),
             policy,
             step: 0,
@@ -792,6 +814,24 @@ impl Engine {
         self.outputs.push(Output::Alert(alert.clone()));
         self.outputs.push(Output::AgentAck(home.clone(), out));
         self.dirty_homes.insert(home.clone());
+        self.touch_incident(&home);
+        Ok(())
+    }
+
+    fn on_clear(&mut self, alert_id: &str, by: String, now: Time) -> Result<(), EngineError> {
+        let unknown = || EngineError::UnknownAlert(alert_id.to_string());
+        let (home, kind) = self.alert_index.get(alert_id).cloned().ok_or_else(unknown)?;
+        let st = self.state.get_mut(&home).ok_or_else(unknown)?;
+        let on_battery = matches!(st.power, Power::Battery { .. });
+        let holds = (power_kind(&kind) && on_battery)
+            || (matches!(kind.as_str(), "home_silent" | "state_unknown") && st.conn.silent());
+        if holds {
+            return Err(EngineError::StillActive(alert_id.to_string()));
+        }
+        if let Some(a) = st.alerts.get_mut(&kind) {
+            a.cleared_by = Some(by);
+        }
+        self.clear_alert(&home, &kind, now);
         self.touch_incident(&home);
         Ok(())
     }

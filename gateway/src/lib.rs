@@ -7,6 +7,8 @@
 //!
 //! | module | what |
 //! |---|---|
+//! | [`accounts`] | dashboard and API accounts: roles, scopes, passwords, TOTP, sessions, tokens |
+//! | [`audit`] | the hash-chained, append-only audit log |
 //! | [`homes`] | the homes file: care plans and contacts (personal data stays here) |
 //! | [`policy`] | escalation policies (tiers T0–T3) |
 //! | [`forecast`] | time left on backup power, with its basis |
@@ -24,6 +26,8 @@
 //! | [`cli`] | the command line (`src/main.rs` only calls it) |
 #![deny(unsafe_code, missing_docs)]
 
+pub mod accounts;
+pub mod audit;
 pub mod broker;
 pub mod cli;
 pub mod clock;

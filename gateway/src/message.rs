@@ -28,7 +28,8 @@ pub struct Style {
     pub offset: FixedOffset,
 }
 
-fn role_name(r: Role) -> &'static str {
+/// A role's wire name.
+pub fn role_name(r: Role) -> &'static str {
     match r {
         Role::Family => "family",
         Role::Coordinator => "coordinator",
@@ -72,7 +73,8 @@ impl Style {
     }
 }
 
-fn duration(s: i64, lang: Lang) -> String {
+/// A time left, in words (`約2時間5分`, `about 2 h 5 min`).
+pub fn duration(s: i64, lang: Lang) -> String {
     let (h, m) = (s / 3600, (s % 3600) / 60);
     match lang {
         Lang::Ja if h > 0 => format!("約{h}時間{m}分"),
@@ -82,7 +84,8 @@ fn duration(s: i64, lang: Lang) -> String {
     }
 }
 
-fn basis(b: &str, lang: Lang) -> &'static str {
+/// What a forecast rests on, in words.
+pub fn basis(b: &str, lang: Lang) -> &'static str {
     match (b, lang) {
         ("ups_runtime", Lang::Ja) => "UPSの報告",
         ("ups_runtime", Lang::En) => "UPS reported",

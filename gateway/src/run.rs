@@ -33,7 +33,7 @@ use anyhow::Context;
 use mamori_protocol::mqtt::{self, Channel, Event, HomeId, Status, Telemetry, Topic};
 use rand::Rng;
 use rumqttc::{AsyncClient, Event as MqttEvent, MqttOptions, Packet, Publish, QoS, TlsConfiguration, Transport};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
@@ -43,7 +43,10 @@ use crate::homes::HomesFile;
 use crate::message::Style;
 use crate::policy::Policies;
 use crate::store::{OutboxRow, SqliteStore, Store, StoreError};
-use crate::web::{self, WebRequest};
+use crate::web::{self, Snapshot, WebRequest};
+
+/// The web's copy of the engine is refreshed at most this often, ms.
+pub const SNAPSHOT_EVERY_MS: i64 = 250;
 use crate::{broker, clock};
 
 /// Counters since start (logged at shutdown; the dashboard issue exports them as metrics).
@@ -61,6 +64,8 @@ pub struct Counters {
     pub delivered: AtomicU64,
     /// Failed delivery attempts.
     pub failed_attempts: AtomicU64,
+    /// Outbox row written to the receiver's acceptance, s.
+    pub notify_latency: crate::web::metrics::Histogram,
 }
 
 /// Where the running gateway can be reached (for the demo and tests).
@@ -224,6 +229,9 @@ pub struct Service {
     results_tx: mpsc::UnboundedSender<(OutboxRow, Result<(), String>)>,
     results_rx: mpsc::UnboundedReceiver<(OutboxRow, Result<(), String>)>,
     log_budget: u32,
+    snapshot: watch::Sender<Arc<Snapshot>>,
+    snapshot_dirty: bool,
+    snapshot_at: Time,
 }
 
 impl Service {
@@ -269,6 +277,7 @@ impl Service {
         )
         .map_err(|e| anyhow::anyhow!(e))?;
         let (results_tx, results_rx) = mpsc::unbounded_channel();
+        let (snapshot, _) = watch::channel(Arc::new(Snapshot { engine: engine.clone(), version: 0 }));
         Ok(Service {
             config,
             store,
@@ -281,12 +290,31 @@ impl Service {
             results_tx,
             results_rx,
             log_budget: 100,
+            snapshot,
+            snapshot_dirty: false,
+            snapshot_at: clock::now(),
         })
     }
 
     /// The counters.
     pub fn counters(&self) -> Arc<Counters> {
         self.counters.clone()
+    }
+
+    /// The snapshots the web reads.
+    pub fn snapshots(&self) -> watch::Receiver<Arc<Snapshot>> {
+        self.snapshot.subscribe()
+    }
+
+    /// Publish a copy of the engine for the web, at most every [`SNAPSHOT_EVERY_MS`].
+    fn publish_snapshot(&mut self, now: Time) {
+        if !self.snapshot_dirty || now - self.snapshot_at < chrono::Duration::milliseconds(SNAPSHOT_EVERY_MS) {
+            return;
+        }
+        let version = self.snapshot.borrow().version + 1;
+        self.snapshot.send_replace(Arc::new(Snapshot { engine: self.engine.clone(), version }));
+        self.snapshot_dirty = false;
+        self.snapshot_at = now;
     }
 
     fn reject(&mut self, topic: &str, why: &str) {
@@ -367,7 +395,12 @@ impl Service {
     /// Write the engine's outputs and dirty state (inside a transaction).
     fn persist(&mut self) -> Result<Vec<(HomeId, mqtt::Ack)>, StoreError> {
         let mut acks = Vec::new();
-        for out in self.engine.take_outputs() {
+        let outputs = self.engine.take_outputs();
+        let dirty = self.engine.take_dirty();
+        if !outputs.is_empty() || !dirty.is_empty() {
+            self.snapshot_dirty = true;
+        }
+        for out in outputs {
             match out {
                 Output::Alert(a) => self.store.save_alert(&a)?,
                 Output::Incident(i) => self.store.save_incident(&i)?,
@@ -379,7 +412,7 @@ impl Service {
                 }
             }
         }
-        for (h, st) in self.engine.take_dirty() {
+        for (h, st) in dirty {
             self.store.save_state(&h, &st)?;
         }
         Ok(acks)
@@ -422,6 +455,14 @@ impl Service {
         self.transaction(|s| s.persist()).map_err(|e| e.to_string())
     }
 
+    /// Clear an alert by hand.
+    pub fn clear(&mut self, alert_id: &str, by: &str, now: Time) -> Result<Vec<(HomeId, mqtt::Ack)>, String> {
+        let input = Input::Clear { alert_id: alert_id.to_string(), by: by.to_string() };
+        self.engine.handle(input, now).map_err(|e| e.to_string())?;
+        tracing::info!(alert = alert_id, by, "cleared by hand");
+        self.transaction(|s| s.persist()).map_err(|e| e.to_string())
+    }
+
     fn publish_acks(&self, acks: Vec<(HomeId, mqtt::Ack)>) {
         let Some(out) = &self.outbound else { return };
         for (home, ack) in acks {
@@ -461,6 +502,8 @@ impl Service {
             match &result {
                 Ok(()) => {
                     self.counters.delivered.fetch_add(1, Ordering::Relaxed);
+                    let latency = (now - row.created_at).num_microseconds().unwrap_or(i64::MAX) as f64 / 1e6;
+                    self.counters.notify_latency.observe(latency);
                     delivered.push(row.key.clone());
                 }
                 Err(e) => {
@@ -554,8 +597,21 @@ impl Service {
         let proxies = http.proxies().map_err(|e| anyhow::anyhow!("http.trusted_proxies: {e}"))?;
         let listener = crate::listen::bind(http.bind, tls, cancel.clone()).await?;
         let http_addr = axum::serve::Listener::local_addr(&listener)?;
-        let app = web::router(self.style.clone(), proxies, web_tx)
-            .into_make_service_with_connect_info::<crate::listen::Peer>();
+        let app = web::router(web::App {
+            style: self.style.clone(),
+            proxies,
+            tx: web_tx,
+            snapshot: self.snapshot.subscribe(),
+            db: Arc::new(std::sync::Mutex::new(SqliteStore::open(&self.config.data_dir)?)),
+            throttle: Default::default(),
+            counters: self.counters.clone(),
+            sessions: web::SessionSettings {
+                secure_cookies: http.cookies_secure(&self.config.public_url),
+                idle: chrono::Duration::minutes(i64::from(http.session_idle_min)),
+                max_age: chrono::Duration::hours(i64::from(http.session_max_h)),
+            },
+        })
+        .into_make_service_with_connect_info::<crate::listen::Peer>();
         let http_cancel = cancel.clone();
         tokio::spawn(async move {
             let serve = axum::serve(listener, app).with_graceful_shutdown(async move { http_cancel.cancelled().await });
@@ -589,6 +645,9 @@ impl Service {
                     wake = wake.min(d);
                 }
             }
+            if self.snapshot_dirty {
+                wake = wake.min(self.snapshot_at + chrono::Duration::milliseconds(SNAPSHOT_EVERY_MS));
+            }
             let sleep = (wake - now).to_std().unwrap_or(Duration::ZERO);
             tokio::select! {
                 _ = cancel.cancelled() => break,
@@ -615,8 +674,12 @@ impl Service {
                     }
                 }
                 Some(req) = web_rx.recv() => {
-                    let WebRequest::Ack { alert_id, role, note, reply } = req;
-                    let r = self.acknowledge(&alert_id, role, "link", note, clock::now());
+                    let (r, reply) = match req {
+                        WebRequest::Ack { alert_id, role, by, note, reply } => {
+                            (self.acknowledge(&alert_id, role, &by, note, clock::now()), reply)
+                        }
+                        WebRequest::Clear { alert_id, by, reply } => (self.clear(&alert_id, &by, clock::now()), reply),
+                    };
                     let r = match r {
                         Ok(acks) => { self.publish_acks(acks); Ok(()) }
                         Err(e) => Err(e),
@@ -647,6 +710,7 @@ impl Service {
                 self.publish_acks(acks);
             }
             self.dispatch(now)?;
+            self.publish_snapshot(now);
         }
         // Shutdown: let sends in flight finish (bounded), record them, disconnect.
         let deadline = tokio::time::Instant::now() + Duration::from_secs(5);

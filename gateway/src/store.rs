@@ -205,6 +205,21 @@ CREATE INDEX outbox_due ON outbox (status, next_attempt_at);
 CREATE INDEX outbox_alert ON outbox (alert_id);
 CREATE TABLE ack_requests (id INTEGER PRIMARY KEY AUTOINCREMENT, alert_id TEXT NOT NULL, role TEXT NOT NULL,
     by TEXT NOT NULL, note TEXT, requested_at TEXT NOT NULL, result TEXT);
+"#, r#"
+CREATE TABLE users (id INTEGER PRIMARY KEY AUTOINCREMENT, username TEXT NOT NULL UNIQUE, display_name TEXT NOT NULL,
+    role TEXT NOT NULL, municipalities TEXT NOT NULL, homes TEXT NOT NULL, password_hash TEXT NOT NULL,
+    totp_secret TEXT, totp_last_step INTEGER NOT NULL DEFAULT 0, disabled INTEGER NOT NULL DEFAULT 0,
+    created_at TEXT NOT NULL);
+CREATE TABLE sessions (id_hash TEXT PRIMARY KEY, user_id INTEGER NOT NULL REFERENCES users (id), csrf TEXT NOT NULL,
+    created_at TEXT NOT NULL, last_seen TEXT NOT NULL);
+CREATE TABLE api_tokens (id INTEGER PRIMARY KEY AUTOINCREMENT, token_hash TEXT NOT NULL UNIQUE,
+    user_id INTEGER NOT NULL REFERENCES users (id), name TEXT NOT NULL, created_at TEXT NOT NULL, revoked INTEGER NOT NULL DEFAULT 0);
+CREATE TABLE audit (seq INTEGER PRIMARY KEY, at TEXT NOT NULL, actor TEXT NOT NULL, ip TEXT NOT NULL, action TEXT NOT NULL,
+    target TEXT NOT NULL, detail TEXT NOT NULL, prev TEXT NOT NULL, hash TEXT NOT NULL);
+CREATE TRIGGER audit_no_update BEFORE UPDATE ON audit BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
+CREATE TRIGGER audit_no_delete BEFORE DELETE ON audit BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
+CREATE INDEX events_home_ts ON events (home, ts);
+CREATE INDEX alerts_home ON alerts (home, raised_at);
 "#];
 
 /// The SQLite store.
@@ -240,6 +255,61 @@ impl SqliteStore {
     /// The database file.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The connection, for the accounts and audit tables ([`crate::accounts`], [`crate::audit`]).
+    pub fn conn(&self) -> &Connection {
+        &self.conn
+    }
+
+    /// A home's telemetry since `since`, oldest first (at most `limit` rows, evenly thinned).
+    pub fn telemetry_since(&self, home: &HomeId, since: Time, limit: usize) -> Result<Vec<Telemetry>, StoreError> {
+        let n: i64 = self
+            .conn
+            .query_row(
+                "SELECT count(*) FROM telemetry WHERE home = ?1 AND ts >= ?2",
+                params![home.as_str(), ts(since)],
+                |r| r.get(0),
+            )
+            .map_err(self.db())?;
+        let every = (n as usize).div_ceil(limit.max(1)).max(1) as i64;
+        self.json_rows(
+            "SELECT payload FROM (SELECT payload, ts, row_number() OVER (ORDER BY ts) AS k FROM telemetry
+             WHERE home = ?1 AND ts >= ?2) WHERE k % ?3 = 0 OR k = 1 ORDER BY ts",
+            params![home.as_str(), ts(since), every],
+            "telemetry",
+        )
+    }
+
+    /// A home's events, newest first.
+    pub fn events_for(&self, home: &HomeId, limit: usize) -> Result<Vec<Event>, StoreError> {
+        self.json_rows(
+            "SELECT payload FROM events WHERE home = ?1 ORDER BY ts DESC LIMIT ?2",
+            params![home.as_str(), limit as i64],
+            "event",
+        )
+    }
+
+    /// A home's alerts, active and cleared, newest first.
+    pub fn alerts_for(&self, home: &HomeId, limit: usize) -> Result<Vec<Alert>, StoreError> {
+        self.json_rows(
+            "SELECT body FROM alerts WHERE home = ?1 ORDER BY raised_at DESC LIMIT ?2",
+            params![home.as_str(), limit as i64],
+            "alert",
+        )
+    }
+
+    /// One alert, active or cleared.
+    pub fn alert(&self, id: &str) -> Result<Option<Alert>, StoreError> {
+        Ok(self.json_rows("SELECT body FROM alerts WHERE id = ?1", [id], "alert")?.pop())
+    }
+
+    /// Outbox rows by status.
+    pub fn outbox_counts(&self) -> Result<Vec<(String, u64)>, StoreError> {
+        let mut stmt =
+            self.conn.prepare_cached("SELECT status, count(*) FROM outbox GROUP BY status").map_err(self.db())?;
+        let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64))).map_err(self.db())?;
+        rows.collect::<Result<_, _>>().map_err(self.db())
     }
 
     fn db(&self) -> impl Fn(rusqlite::Error) -> StoreError + '_ {

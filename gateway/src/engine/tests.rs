@@ -475,3 +475,36 @@ fn a_long_downtime_sends_one_catch_up_not_a_burst() {
     let s = sent(&mut e);
     assert!(s.len() <= 6, "{s:?}");
 }
+
+#[test]
+fn a_hand_clear_is_refused_while_on_battery_and_ends_an_alert_whose_condition_is_over() {
+    let mut e = engine(&[plan("a", "431001", 5000.0)]);
+    e.handle(Input::Event(h("a"), event(1, 0, EventKind::MainsLost)), t(0)).unwrap();
+    e.handle(Input::Event(h("a"), event(2, 1, EventKind::DeviceLost)), t(1)).unwrap();
+    e.poll(t(1));
+    sent(&mut e);
+    let power = alert(&e, "a", "mains_lost").unwrap().id.clone();
+    let r = e.handle(Input::Clear { alert_id: power.clone(), by: "coord-1".into() }, t(10));
+    assert_eq!(r, Err(EngineError::StillActive(power)));
+    assert!(alert(&e, "a", "mains_lost").is_some());
+
+    let lost = alert(&e, "a", "device_lost").unwrap().id.clone();
+    e.poll(t(1000)); // long enough for the warning's first notification
+    sent(&mut e);
+    assert!(!alert(&e, "a", "device_lost").unwrap().notified.is_empty());
+    e.handle(Input::Clear { alert_id: lost.clone(), by: "coord-1".into() }, t(1001)).unwrap();
+    assert!(alert(&e, "a", "device_lost").is_none());
+    let outs = e.take_outputs();
+    let cleared = outs.iter().find_map(|o| match o {
+        Output::Alert(a) if a.id == lost => Some(a.clone()),
+        _ => None,
+    });
+    let cleared = cleared.expect("the cleared alert is persisted");
+    assert_eq!(cleared.cleared_at, Some(t(1001)));
+    assert_eq!(cleared.cleared_by.as_deref(), Some("coord-1"));
+    assert!(outs.iter().any(|o| matches!(o, Output::Notify(n) if n.key == format!("{lost}:clear"))));
+    assert_eq!(
+        e.handle(Input::Clear { alert_id: lost.clone(), by: "coord-1".into() }, t(1002)),
+        Err(EngineError::UnknownAlert(lost))
+    );
+}

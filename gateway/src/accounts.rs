@@ -1,0 +1,683 @@
+//! Accounts for the dashboard and the API: people, their roles and scopes, passwords,
+//! two-factor codes, sessions, API tokens and login throttling.
+//!
+//! ## Roles and scope
+//! | role | sees | may |
+//! |---|---|---|
+//! | `admin` | every home | everything, manage accounts, read the audit log |
+//! | `coordinator` | homes in its municipalities | acknowledge, clear |
+//! | `facility` | its homes | acknowledge, clear |
+//! | `family` | its own home | read, acknowledge |
+//!
+//! [`User::may_see`] is the one rule; every page, API route and live stream asks it, and a
+//! home outside the scope is answered exactly as a home that does not exist (404).
+//!
+//! ## Secrets
+//! - Passwords: argon2id (the `argon2` crate's defaults: 19 MiB, 2 passes), at least
+//!   [`MIN_PASSWORD_CHARS`] characters.
+//! - Session and API tokens: 32 random bytes; only their SHA-256 is stored, so a copy of
+//!   the database does not log anyone in.
+//! - TOTP (RFC 6238: SHA-1, 30 s, 6 digits, ±1 step); a code is accepted once
+//!   (`totp_last_step`). Required for admins: `users add --role admin` enrols it.
+//!
+//! ## Throttling
+//! [`Throttle`] is pure (time passed in): five failed logins for a username (twenty from
+//! one address, since an office shares one) within 15 minutes refuse further tries for
+//! that key until the oldest of them is 15 minutes old. It is kept in memory: a restart forgets it, which costs an attacker a
+//! gateway restart they cannot cause.
+
+use std::collections::{HashMap, VecDeque};
+
+use argon2::password_hash::{rand_core::OsRng, PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
+use argon2::Argon2;
+use chrono::Duration;
+use hmac::{Hmac, Mac};
+use mamori_protocol::mqtt::{HomeId, Role};
+use rand::RngCore;
+use rusqlite::{params, Connection, OptionalExtension};
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+
+use crate::engine::Time;
+use crate::homes::Home;
+
+/// Shortest password accepted.
+pub const MIN_PASSWORD_CHARS: usize = 12;
+
+/// An account failure.
+#[derive(Debug, thiserror::Error)]
+pub enum AccountError {
+    /// The database refused.
+    #[error("accounts database: {0}")]
+    Db(#[from] rusqlite::Error),
+    /// Something the caller can fix.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// A role.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AccountRole {
+    /// Everything.
+    Admin,
+    /// A municipality's coordinator.
+    Coordinator,
+    /// A care facility.
+    Facility,
+    /// A family.
+    Family,
+}
+
+impl AccountRole {
+    /// Its name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AccountRole::Admin => "admin",
+            AccountRole::Coordinator => "coordinator",
+            AccountRole::Facility => "facility",
+            AccountRole::Family => "family",
+        }
+    }
+
+    /// Parse a name.
+    pub fn parse(s: &str) -> Option<AccountRole> {
+        Some(match s {
+            "admin" => AccountRole::Admin,
+            "coordinator" => AccountRole::Coordinator,
+            "facility" => AccountRole::Facility,
+            "family" => AccountRole::Family,
+            _ => return None,
+        })
+    }
+
+    /// The escalation role an acknowledgement by this account counts as.
+    pub fn ack_role(self) -> Role {
+        match self {
+            AccountRole::Admin => Role::SupportCentre,
+            AccountRole::Coordinator => Role::Coordinator,
+            AccountRole::Facility => Role::Facility,
+            AccountRole::Family => Role::Family,
+        }
+    }
+}
+
+/// An account.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct User {
+    /// Row id.
+    pub id: i64,
+    /// Login name.
+    pub username: String,
+    /// Shown name.
+    pub display_name: String,
+    /// Role.
+    pub role: AccountRole,
+    /// Coordinator scope: municipality codes.
+    pub municipalities: Vec<String>,
+    /// Facility and family scope: home ids.
+    pub homes: Vec<String>,
+    /// Two-factor codes are asked at login.
+    pub totp: bool,
+    /// Disabled: cannot log in; sessions and tokens stop working.
+    pub disabled: bool,
+}
+
+impl User {
+    /// Whether this account may see a home. The one scope rule.
+    pub fn may_see(&self, home: &Home) -> bool {
+        if self.disabled {
+            return false;
+        }
+        match self.role {
+            AccountRole::Admin => true,
+            AccountRole::Coordinator => self.municipalities.iter().any(|m| m == &home.municipality),
+            AccountRole::Facility | AccountRole::Family => self.homes.iter().any(|h| h == home.id.as_str()),
+        }
+    }
+
+    /// Whether this account may see an incident of a municipality (coordinators of it, admins).
+    pub fn may_see_municipality(&self, code: &str) -> bool {
+        !self.disabled
+            && match self.role {
+                AccountRole::Admin => true,
+                AccountRole::Coordinator => self.municipalities.iter().any(|m| m == code),
+                AccountRole::Facility | AccountRole::Family => false,
+            }
+    }
+
+    /// May clear alerts by hand.
+    pub fn may_clear(&self) -> bool {
+        self.role != AccountRole::Family
+    }
+}
+
+/// A new account, as the CLI or the admin page asks for it.
+#[derive(Debug, Clone)]
+pub struct NewUser {
+    /// Login name: 3–32 of `a-z 0-9 . _ -`.
+    pub username: String,
+    /// Shown name.
+    pub display_name: String,
+    /// Role.
+    pub role: AccountRole,
+    /// Coordinator scope.
+    pub municipalities: Vec<String>,
+    /// Facility/family scope.
+    pub homes: Vec<String>,
+}
+
+impl NewUser {
+    /// Check the fields and the scope's shape for the role.
+    pub fn validate(&self) -> Result<(), AccountError> {
+        let bad = |m: String| Err(AccountError::Invalid(m));
+        let u = &self.username;
+        if !(3..=32).contains(&u.len())
+            || !u.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '.' | '_' | '-'))
+        {
+            return bad(format!("username {u:?}: use 3 to 32 of a-z, 0-9, '.', '_', '-'"));
+        }
+        if self.display_name.trim().is_empty() || self.display_name.chars().count() > 64 {
+            return bad("display name: 1 to 64 characters".into());
+        }
+        for m in &self.municipalities {
+            if !crate::homes::valid_municipality(m) {
+                return bad(format!("municipality {m:?} is not a 6-digit local government code with a valid check digit"));
+            }
+        }
+        for h in &self.homes {
+            if HomeId::new(h).is_err() {
+                return bad(format!("home {h:?} is not a valid home id"));
+            }
+        }
+        match self.role {
+            AccountRole::Coordinator if self.municipalities.is_empty() => {
+                bad("a coordinator needs at least one --municipality".into())
+            }
+            AccountRole::Facility if self.homes.is_empty() => bad("a facility needs at least one --home".into()),
+            AccountRole::Family if self.homes.len() != 1 => bad("a family account has exactly one --home".into()),
+            AccountRole::Admin if !(self.municipalities.is_empty() && self.homes.is_empty()) => {
+                bad("an admin sees every home: give no --municipality or --home".into())
+            }
+            AccountRole::Coordinator if !self.homes.is_empty() => {
+                bad("a coordinator is scoped by --municipality, not --home".into())
+            }
+            AccountRole::Facility | AccountRole::Family if !self.municipalities.is_empty() => {
+                bad("a facility or family account is scoped by --home, not --municipality".into())
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Hash a password (argon2id, random salt).
+pub fn hash_password(password: &str) -> Result<String, AccountError> {
+    if password.chars().count() < MIN_PASSWORD_CHARS {
+        return Err(AccountError::Invalid(format!("a password needs at least {MIN_PASSWORD_CHARS} characters")));
+    }
+    let salt = SaltString::generate(&mut OsRng);
+    Argon2::default()
+        .hash_password(password.as_bytes(), &salt)
+        .map(|h| h.to_string())
+        .map_err(|e| AccountError::Invalid(format!("cannot hash the password: {e}")))
+}
+
+/// Check a password against its stored hash.
+pub fn verify_password(hash: &str, password: &str) -> bool {
+    PasswordHash::new(hash).is_ok_and(|h| Argon2::default().verify_password(password.as_bytes(), &h).is_ok())
+}
+
+/// A hash to verify against when the username does not exist, so that a wrong username
+/// costs the same time as a wrong password.
+pub fn decoy_hash() -> &'static str {
+    static DECOY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    DECOY.get_or_init(|| hash_password("decoy-password-never-used").unwrap_or_default())
+}
+
+/// A random token: 32 bytes, URL-safe base64.
+pub fn new_token() -> String {
+    let mut b = [0u8; 32];
+    rand::rng().fill_bytes(&mut b);
+    data_encoding::BASE64URL_NOPAD.encode(&b)
+}
+
+/// What is stored for a token.
+pub fn token_hash(token: &str) -> String {
+    hex::encode(Sha256::digest(token.as_bytes()))
+}
+
+/// A new TOTP secret (20 random bytes), base32 as authenticator apps take it.
+pub fn new_totp_secret() -> String {
+    let mut b = [0u8; 20];
+    rand::rng().fill_bytes(&mut b);
+    data_encoding::BASE32_NOPAD.encode(&b)
+}
+
+/// The `otpauth://` URI for an authenticator app.
+pub fn totp_uri(username: &str, secret: &str) -> String {
+    format!("otpauth://totp/mamori:{username}?secret={secret}&issuer=mamori&algorithm=SHA1&digits=6&period=30")
+}
+
+/// The code for a time step (RFC 6238 over RFC 4226).
+pub fn totp_code(secret_b32: &str, step: i64) -> Option<u32> {
+    let key = data_encoding::BASE32_NOPAD.decode(secret_b32.trim_end_matches('=').as_bytes()).ok()?;
+    let mut mac = Hmac::<sha1::Sha1>::new_from_slice(&key).ok()?;
+    mac.update(&step.to_be_bytes());
+    let h = mac.finalize().into_bytes();
+    let off = usize::from(h[19] & 0x0f);
+    let bin = u32::from_be_bytes([h[off] & 0x7f, h[off + 1], h[off + 2], h[off + 3]]);
+    Some(bin % 1_000_000)
+}
+
+/// The step a code matches at `now` (±1 step), if any, and later than `last_step`.
+pub fn totp_check(secret_b32: &str, code: &str, now: Time, last_step: i64) -> Option<i64> {
+    let code: u32 = code.trim().parse().ok().filter(|_| code.trim().len() == 6)?;
+    let step = now.timestamp().div_euclid(30);
+    (step - 1..=step + 1).find(|s| *s > last_step && totp_code(secret_b32, *s) == Some(code))
+}
+
+/// Failed-login bookkeeping (pure; time passed in).
+#[derive(Debug, Default)]
+pub struct Throttle {
+    failures: HashMap<String, VecDeque<Time>>,
+}
+
+impl Throttle {
+    /// Failures allowed in the window for a username (`u:` keys).
+    pub const MAX_FAILURES: usize = 5;
+    /// Failures allowed in the window from one address (`ip:` keys).
+    pub const MAX_FAILURES_PER_ADDRESS: usize = 20;
+
+    fn limit(key: &str) -> usize {
+        if key.starts_with("ip:") {
+            Self::MAX_FAILURES_PER_ADDRESS
+        } else {
+            Self::MAX_FAILURES
+        }
+    }
+    /// The window, min.
+    pub const WINDOW_MIN: i64 = 15;
+
+    fn window() -> Duration {
+        Duration::minutes(Self::WINDOW_MIN)
+    }
+
+    /// `Err(wait)` while a key is locked out.
+    pub fn check(&mut self, keys: &[&str], now: Time) -> Result<(), Duration> {
+        let mut wait = Duration::zero();
+        for k in keys {
+            if let Some(q) = self.failures.get_mut(*k) {
+                while q.front().is_some_and(|t| now - *t >= Self::window()) {
+                    q.pop_front();
+                }
+                if q.len() >= Self::limit(k) {
+                    if let Some(first) = q.front() {
+                        wait = wait.max(*first + Self::window() - now);
+                    }
+                }
+            }
+        }
+        if wait > Duration::zero() {
+            Err(wait)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Record a failure for each key.
+    pub fn fail(&mut self, keys: &[&str], now: Time) {
+        if self.failures.len() > 100_000 {
+            // Bounded memory under a spray of usernames: forget the quiet ones.
+            self.failures.retain(|_, q| q.back().is_some_and(|t| now - *t < Self::window()));
+        }
+        for k in keys {
+            let q = self.failures.entry((*k).to_string()).or_default();
+            q.push_back(now);
+            while q.len() > Self::limit(k) {
+                q.pop_front();
+            }
+        }
+    }
+
+    /// A success forgets the username's failures (not the address's).
+    pub fn succeed(&mut self, key: &str) {
+        self.failures.remove(key);
+    }
+}
+
+fn ts(t: Time) -> String {
+    t.format("%Y-%m-%dT%H:%M:%S%.6fZ").to_string()
+}
+
+fn parse_ts(s: &str) -> Option<Time> {
+    chrono::DateTime::parse_from_rfc3339(s).ok().map(|t| t.with_timezone(&chrono::Utc))
+}
+
+const USER_COLUMNS: &str = "id, username, display_name, role, municipalities, homes, totp_secret IS NOT NULL, disabled";
+
+fn user_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<User> {
+    let list = |i: usize| -> rusqlite::Result<Vec<String>> {
+        let s: String = r.get(i)?;
+        Ok(serde_json::from_str(&s).unwrap_or_default())
+    };
+    let role: String = r.get(3)?;
+    Ok(User {
+        id: r.get(0)?,
+        username: r.get(1)?,
+        display_name: r.get(2)?,
+        // An unknown role (a newer version's) gets the narrowest one.
+        role: AccountRole::parse(&role).unwrap_or(AccountRole::Family),
+        municipalities: list(4)?,
+        homes: list(5)?,
+        totp: r.get(6)?,
+        disabled: r.get(7)?,
+    })
+}
+
+/// The accounts tables (in the gateway's database).
+pub struct Accounts<'a> {
+    conn: &'a Connection,
+}
+
+/// A session found by its cookie.
+#[derive(Debug, Clone)]
+pub struct Session {
+    /// Its user.
+    pub user: User,
+    /// The form token.
+    pub csrf: String,
+    /// The cookie's stored hash.
+    pub id_hash: String,
+}
+
+impl<'a> Accounts<'a> {
+    /// Over a connection.
+    pub fn new(conn: &'a Connection) -> Accounts<'a> {
+        Accounts { conn }
+    }
+
+    /// Add an account.
+    pub fn add(&self, u: &NewUser, password: &str, totp_secret: Option<&str>, now: Time) -> Result<User, AccountError> {
+        u.validate()?;
+        let hash = hash_password(password)?;
+        if self.by_username(&u.username)?.is_some() {
+            return Err(AccountError::Invalid(format!("user {} exists already", u.username)));
+        }
+        self.conn.execute(
+            "INSERT INTO users (username, display_name, role, municipalities, homes, password_hash, totp_secret, created_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            params![
+                u.username,
+                u.display_name.trim(),
+                u.role.as_str(),
+                serde_json::to_string(&u.municipalities).unwrap_or_default(),
+                serde_json::to_string(&u.homes).unwrap_or_default(),
+                hash,
+                totp_secret,
+                ts(now)
+            ],
+        )?;
+        self.by_username(&u.username)?.ok_or_else(|| AccountError::Invalid("the new user vanished".into()))
+    }
+
+    /// Every account.
+    pub fn list(&self) -> Result<Vec<User>, AccountError> {
+        let mut stmt = self.conn.prepare(&format!("SELECT {USER_COLUMNS} FROM users ORDER BY username"))?;
+        let rows = stmt.query_map([], user_row)?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// One account by name.
+    pub fn by_username(&self, username: &str) -> Result<Option<User>, AccountError> {
+        Ok(self
+            .conn
+            .query_row(&format!("SELECT {USER_COLUMNS} FROM users WHERE username = ?1"), [username], user_row)
+            .optional()?)
+    }
+
+    /// Check a login. `Ok(None)` for any failure (unknown user, wrong password or code,
+    /// disabled), so the caller cannot tell them apart either; `Err` for a database failure.
+    pub fn login(&self, username: &str, password: &str, code: &str, now: Time) -> Result<Option<User>, AccountError> {
+        let row: Option<(String, Option<String>, i64)> = self
+            .conn
+            .query_row(
+                "SELECT password_hash, totp_secret, totp_last_step FROM users WHERE username = ?1",
+                [username],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .optional()?;
+        let Some((hash, secret, last)) = row else {
+            verify_password(decoy_hash(), password);
+            return Ok(None);
+        };
+        if !verify_password(&hash, password) {
+            return Ok(None);
+        }
+        let Some(user) = self.by_username(username)? else { return Ok(None) };
+        if user.disabled {
+            return Ok(None);
+        }
+        if let Some(secret) = secret {
+            let Some(step) = totp_check(&secret, code, now, last) else { return Ok(None) };
+            self.conn.execute("UPDATE users SET totp_last_step = ?1 WHERE id = ?2", params![step, user.id])?;
+        } else if user.role == AccountRole::Admin {
+            // Required for admins; `users add` enrols it, so this is a damaged row.
+            return Ok(None);
+        }
+        Ok(Some(user))
+    }
+
+    /// Set a password.
+    pub fn set_password(&self, username: &str, password: &str) -> Result<(), AccountError> {
+        let hash = hash_password(password)?;
+        let n = self.conn.execute("UPDATE users SET password_hash = ?1 WHERE username = ?2", params![hash, username])?;
+        if n == 0 {
+            return Err(AccountError::Invalid(format!("no user {username}")));
+        }
+        self.end_sessions(username)?;
+        Ok(())
+    }
+
+    /// Disable or enable; disabling ends its sessions.
+    pub fn set_disabled(&self, username: &str, disabled: bool) -> Result<(), AccountError> {
+        let n = self.conn.execute("UPDATE users SET disabled = ?1 WHERE username = ?2", params![disabled, username])?;
+        if n == 0 {
+            return Err(AccountError::Invalid(format!("no user {username}")));
+        }
+        if disabled {
+            self.end_sessions(username)?;
+        }
+        Ok(())
+    }
+
+    /// Turn on two-factor codes once the user has typed a code from the new secret.
+    pub fn enable_totp(&self, username: &str, secret: &str, code: &str, now: Time) -> Result<bool, AccountError> {
+        let Some(step) = totp_check(secret, code, now, 0) else { return Ok(false) };
+        self.conn.execute(
+            "UPDATE users SET totp_secret = ?1, totp_last_step = ?2 WHERE username = ?3",
+            params![secret, step, username],
+        )?;
+        Ok(true)
+    }
+
+    fn end_sessions(&self, username: &str) -> Result<(), AccountError> {
+        self.conn.execute(
+            "DELETE FROM sessions WHERE user_id = (SELECT id FROM users WHERE username = ?1)",
+            [username],
+        )?;
+        Ok(())
+    }
+
+    /// Start a session; returns the cookie's token.
+    pub fn start_session(&self, user: &User, now: Time) -> Result<String, AccountError> {
+        let token = new_token();
+        self.conn.execute(
+            "INSERT INTO sessions (id_hash, user_id, csrf, created_at, last_seen) VALUES (?1, ?2, ?3, ?4, ?4)",
+            params![token_hash(&token), user.id, new_token(), ts(now)],
+        )?;
+        Ok(token)
+    }
+
+    /// The live session for a cookie: not idle for `idle`, not older than `max_age`, user enabled.
+    pub fn session(&self, token: &str, now: Time, idle: Duration, max_age: Duration) -> Result<Option<Session>, AccountError> {
+        let id_hash = token_hash(token);
+        let row: Option<(i64, String, String, String)> = self
+            .conn
+            .query_row(
+                "SELECT user_id, csrf, created_at, last_seen FROM sessions WHERE id_hash = ?1",
+                [&id_hash],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+            )
+            .optional()?;
+        let Some((user_id, csrf, created, seen)) = row else { return Ok(None) };
+        let (Some(created), Some(seen)) = (parse_ts(&created), parse_ts(&seen)) else { return Ok(None) };
+        if now - seen > idle || now - created > max_age {
+            self.conn.execute("DELETE FROM sessions WHERE id_hash = ?1", [&id_hash])?;
+            return Ok(None);
+        }
+        let user = self
+            .conn
+            .query_row(&format!("SELECT {USER_COLUMNS} FROM users WHERE id = ?1"), [user_id], user_row)
+            .optional()?;
+        let Some(user) = user.filter(|u| !u.disabled) else { return Ok(None) };
+        if now - seen > Duration::seconds(30) {
+            self.conn.execute("UPDATE sessions SET last_seen = ?1 WHERE id_hash = ?2", params![ts(now), id_hash])?;
+        }
+        Ok(Some(Session { user, csrf, id_hash }))
+    }
+
+    /// End a session.
+    pub fn end_session(&self, id_hash: &str) -> Result<(), AccountError> {
+        self.conn.execute("DELETE FROM sessions WHERE id_hash = ?1", [id_hash])?;
+        Ok(())
+    }
+
+    /// Issue an API token acting as a user; returns the token (shown once).
+    pub fn add_token(&self, username: &str, name: &str, now: Time) -> Result<String, AccountError> {
+        let user = self.by_username(username)?.ok_or_else(|| AccountError::Invalid(format!("no user {username}")))?;
+        let token = format!("mmr_{}", new_token());
+        self.conn.execute(
+            "INSERT INTO api_tokens (token_hash, user_id, name, created_at) VALUES (?1, ?2, ?3, ?4)",
+            params![token_hash(&token), user.id, name, ts(now)],
+        )?;
+        Ok(token)
+    }
+
+    /// The user a bearer token acts as (not revoked, user enabled).
+    pub fn token_user(&self, token: &str) -> Result<Option<User>, AccountError> {
+        let user = self
+            .conn
+            .query_row(
+                &format!(
+                    "SELECT {} FROM users u JOIN api_tokens t ON t.user_id = u.id WHERE t.token_hash = ?1 AND t.revoked = 0",
+                    USER_COLUMNS.split(", ").map(|c| format!("u.{c}")).collect::<Vec<_>>().join(", ")
+                ),
+                [token_hash(token)],
+                user_row,
+            )
+            .optional()?;
+        Ok(user.filter(|u| !u.disabled))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(s: i64) -> Time {
+        chrono::DateTime::from_timestamp(1_790_000_000 + s, 0).unwrap()
+    }
+
+    #[test]
+    fn totp_matches_the_rfc_6238_sha1_vectors() {
+        // RFC 6238 appendix B: the ASCII key "12345678901234567890", 8 digits there; we keep 6.
+        let secret = data_encoding::BASE32_NOPAD.encode(b"12345678901234567890");
+        assert_eq!(totp_code(&secret, 59 / 30), Some(94_287_082 % 1_000_000));
+        assert_eq!(totp_code(&secret, 1_111_111_109 / 30), Some(7_081_804 % 1_000_000));
+        assert_eq!(totp_code(&secret, 20_000_000_000 / 30), Some(65_353_130 % 1_000_000));
+    }
+
+    #[test]
+    fn a_totp_code_works_once_within_a_step_either_side() {
+        let secret = new_totp_secret();
+        let now = t(0);
+        let step = now.timestamp() / 30;
+        let code = format!("{:06}", totp_code(&secret, step).unwrap());
+        assert_eq!(totp_check(&secret, &code, now, 0), Some(step));
+        assert_eq!(totp_check(&secret, &code, now + Duration::seconds(30), 0), Some(step));
+        assert_eq!(totp_check(&secret, &code, now + Duration::seconds(90), 0), None, "too late");
+        assert_eq!(totp_check(&secret, &code, now, step), None, "used already");
+        assert_eq!(totp_check(&secret, "12345", now, 0), None);
+        assert_eq!(totp_check(&secret, "abcdef", now, 0), None);
+    }
+
+    #[test]
+    fn failures_lock_a_username_or_an_address_for_the_rest_of_fifteen_minutes() {
+        let mut th = Throttle::default();
+        for i in 0..5 {
+            assert!(th.check(&["u:alice", "ip:1.2.3.4"], t(i)).is_ok());
+            th.fail(&["u:alice", "ip:1.2.3.4"], t(i));
+        }
+        let wait = th.check(&["u:alice"], t(10)).unwrap_err();
+        assert_eq!(wait, Duration::minutes(15) - Duration::seconds(10));
+        assert!(th.check(&["ip:1.2.3.4"], t(10)).is_ok(), "an address has a larger allowance");
+        for i in 5..20 {
+            th.fail(&[&format!("u:user{i}"), "ip:1.2.3.4"], t(i));
+        }
+        assert!(th.check(&["u:carol", "ip:1.2.3.4"], t(30)).is_err(), "twenty from one address lock it");
+        assert!(th.check(&["u:bob", "ip:5.6.7.8"], t(10)).is_ok(), "others are not held up");
+        assert!(th.check(&["u:alice"], t(15 * 60)).is_ok(), "the oldest failure left the window");
+        th.succeed("u:alice");
+        assert!(th.check(&["u:alice"], t(11)).is_ok());
+    }
+
+    #[test]
+    fn scopes_follow_the_role() {
+        let home = |id: &str, m: &str| {
+            let mut h: Home = serde_json::from_value(serde_json::json!({
+                "id": id, "municipality": m, "label": id, "devices": [], "backup": [], "contacts": []
+            }))
+            .unwrap();
+            h.id = HomeId::new(id).unwrap();
+            h
+        };
+        let (a, b) = (home("home-a", "431001"), home("home-b", "131016"));
+        let user = |role, m: &[&str], h: &[&str]| User {
+            id: 1,
+            username: "u".into(),
+            display_name: "U".into(),
+            role,
+            municipalities: m.iter().map(|s| s.to_string()).collect(),
+            homes: h.iter().map(|s| s.to_string()).collect(),
+            totp: false,
+            disabled: false,
+        };
+        let coord = user(AccountRole::Coordinator, &["431001"], &[]);
+        assert!(coord.may_see(&a) && !coord.may_see(&b));
+        assert!(coord.may_see_municipality("431001") && !coord.may_see_municipality("131016"));
+        let fac = user(AccountRole::Facility, &[], &["home-b"]);
+        assert!(!fac.may_see(&a) && fac.may_see(&b) && !fac.may_see_municipality("131016"));
+        let admin = user(AccountRole::Admin, &[], &[]);
+        assert!(admin.may_see(&a) && admin.may_see(&b));
+        let off = User { disabled: true, ..admin };
+        assert!(!off.may_see(&a));
+    }
+
+    #[test]
+    fn new_users_are_checked_for_their_role() {
+        let u = |role, m: &[&str], h: &[&str]| NewUser {
+            username: "sato".into(),
+            display_name: "Sato".into(),
+            role,
+            municipalities: m.iter().map(|s| s.to_string()).collect(),
+            homes: h.iter().map(|s| s.to_string()).collect(),
+        };
+        assert!(u(AccountRole::Coordinator, &["431001"], &[]).validate().is_ok());
+        assert!(u(AccountRole::Coordinator, &[], &[]).validate().is_err());
+        assert!(u(AccountRole::Coordinator, &["431002"], &[]).validate().is_err(), "bad check digit");
+        assert!(u(AccountRole::Family, &[], &["a", "b"]).validate().is_err());
+        assert!(u(AccountRole::Admin, &["431001"], &[]).validate().is_err());
+        assert!(NewUser { username: "Sato San".into(), ..u(AccountRole::Admin, &[], &[]) }.validate().is_err());
+        assert!(hash_password("short").is_err());
+    }
+}

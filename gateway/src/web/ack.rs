@@ -1,0 +1,82 @@
+//! Signed acknowledgement links: `GET /ack/{alert}/{role}/{sig}` shows what is being
+//! acknowledged and a form; only the form's `POST` acknowledges, because mail scanners and
+//! link previews open links. A bad signature is a 404 that says nothing about whether the
+//! alert exists. An acknowledgement is logged with the client's address: the peer's, or the
+//! one a trusted reverse proxy names ([`crate::listen::TrustedProxies`]), and written to
+//! the audit log.
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{Html, IntoResponse, Response};
+use axum::Form;
+use mamori_protocol::mqtt::Role;
+use serde::Deserialize;
+
+use super::{escape, App, Client, WebRequest};
+use crate::message::parse_role;
+
+fn check(app: &App, alert: &str, role: &str, sig: &str) -> Option<Role> {
+    let role = parse_role(role)?;
+    (alert.len() <= 64 && app.style.verify(alert, role, sig)).then_some(role)
+}
+
+fn page(status: StatusCode, body: &str) -> Response {
+    let html = format!(
+        "<!doctype html><html lang=\"ja\"><meta charset=\"utf-8\"><meta name=\"viewport\" content=\"width=device-width\">\
+         <title>mamori</title><link rel=\"stylesheet\" href=\"/static/app.css\"><body class=\"narrow\">{body}</body></html>"
+    );
+    (status, Html(html)).into_response()
+}
+
+/// `GET /ack/...`: the confirmation form.
+pub async fn ack_page(State(app): State<App>, Path((alert, role, sig)): Path<(String, String, String)>) -> Response {
+    if check(&app, &alert, &role, &sig).is_none() {
+        return page(StatusCode::NOT_FOUND, "<p>リンクが無効です / This link is not valid.</p>");
+    }
+    page(
+        StatusCode::OK,
+        &format!(
+            "<h1>確認 / Acknowledge</h1><p>通知 {a} を確認しますか？ / Acknowledge alert {a}?</p>\
+             <form method=\"post\"><label>メモ / Note<br><input name=\"note\" maxlength=\"200\"></label>\
+             <p><button type=\"submit\">確認しました / Acknowledge</button></p></form>",
+            a = escape(&alert)
+        ),
+    )
+}
+
+#[derive(Deserialize)]
+/// The acknowledgement form.
+pub struct AckForm {
+    #[serde(default)]
+    note: String,
+}
+
+/// `POST /ack/...`: acknowledge.
+pub async fn ack_post(
+    State(app): State<App>,
+    client: Client,
+    Path((alert, role, sig)): Path<(String, String, String)>,
+    Form(form): Form<AckForm>,
+) -> Response {
+    let Some(role) = check(&app, &alert, &role, &sig) else {
+        return page(StatusCode::NOT_FOUND, "<p>リンクが無効です / This link is not valid.</p>");
+    };
+    let note = Some(form.note.trim().chars().take(200).collect::<String>()).filter(|n| !n.is_empty());
+    let detail = note.clone().unwrap_or_default();
+    let r = app.ask(|reply| WebRequest::Ack { alert_id: alert.clone(), role, by: "link".into(), note, reply }).await;
+    match r {
+        Ok(()) => {
+            let client = client.text();
+            tracing::info!(alert = %alert, role = ?role, %client, "acknowledged from a link");
+            let actor = format!("link:{}", crate::message::role_name(role));
+            let at = crate::clock::now();
+            let alert2 = alert.clone();
+            if let Err(e) = app.db(move |s| Ok(crate::audit::append(s.conn(), at, &actor, &client, "ack", &alert2, &detail)?)).await {
+                tracing::error!(error = %e, "audit log");
+            }
+            page(StatusCode::OK, "<p>確認を記録しました。ありがとうございます。 / Acknowledged. Thank you.</p>")
+        }
+        Err(e) if e.contains("stopping") => page(StatusCode::SERVICE_UNAVAILABLE, "<p>停止中です / The gateway is stopping.</p>"),
+        Err(e) => page(StatusCode::CONFLICT, &format!("<p>{}</p>", escape(&e))),
+    }
+}

@@ -1,0 +1,292 @@
+//! `/api/v1`: JSON for integrations, with bearer tokens (`mamori-gateway users token NAME`).
+//! The same roles and scopes as the pages: a home, alert or incident outside the token's
+//! scope is a 404, like one that does not exist. `GET /api/v1/openapi.json` describes it
+//! (no token needed: it holds no data).
+
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use super::auth::ApiUser;
+use super::view::{self, AlertView};
+use super::{App, Client, WebRequest};
+use crate::audit;
+use crate::engine::Time;
+use crate::store::{OutboxRow, OutboxStatus, Store};
+
+/// The API's routes (nested under `/api/v1`).
+pub fn router() -> Router<App> {
+    Router::new()
+        .route("/openapi.json", get(openapi))
+        .route("/homes", get(homes))
+        .route("/homes/{id}", get(home))
+        .route("/homes/{id}/telemetry", get(telemetry))
+        .route("/homes/{id}/events", get(events))
+        .route("/homes/{id}/alerts", get(home_alerts))
+        .route("/alerts", get(alerts))
+        .route("/alerts/{id}", get(alert))
+        .route("/alerts/{id}/ack", post(ack))
+        .route("/alerts/{id}/clear", post(clear))
+        .route("/incidents", get(incidents))
+        .route("/incidents/{id}", get(incident))
+        .fallback(|| async { error(StatusCode::NOT_FOUND, "no such route") })
+}
+
+fn error(status: StatusCode, msg: &str) -> Response {
+    (status, Json(json!({ "error": msg }))).into_response()
+}
+
+fn not_found() -> Response {
+    error(StatusCode::NOT_FOUND, "not found")
+}
+
+fn failed(e: impl std::fmt::Display) -> Response {
+    tracing::error!(error = %e, "api");
+    error(StatusCode::SERVICE_UNAVAILABLE, "temporarily unavailable")
+}
+
+async fn audit_log(app: &App, user: &str, client: &Client, action: &'static str, target: &str, detail: &str) {
+    let (actor, ip, target, detail, now) =
+        (format!("api:{user}"), client.text(), target.to_string(), detail.to_string(), crate::clock::now());
+    if let Err(e) = app.db(move |s| Ok(audit::append(s.conn(), now, &actor, &ip, action, &target, &detail)?)).await {
+        tracing::error!(error = %e, "audit log");
+    }
+}
+
+async fn homes(State(app): State<App>, ApiUser(user): ApiUser) -> Response {
+    let snap = app.snap();
+    Json(json!({ "homes": view::homes(&snap.engine, &user, crate::clock::now()) })).into_response()
+}
+
+async fn home(State(app): State<App>, ApiUser(user): ApiUser, client: Client, Path(id): Path<String>) -> Response {
+    let snap = app.snap();
+    let Some(plan) = view::home(&snap.engine, &user, &id) else { return not_found() };
+    audit_log(&app, &user.username, &client, "view_home", &id, "").await;
+    Json(view::home_view(plan, snap.engine.home_state(&plan.id), crate::clock::now())).into_response()
+}
+
+/// `?hours=` (1–168, default 24).
+#[derive(Deserialize)]
+struct Hours {
+    hours: Option<u32>,
+}
+
+async fn telemetry(
+    State(app): State<App>,
+    ApiUser(user): ApiUser,
+    client: Client,
+    Path(id): Path<String>,
+    Query(q): Query<Hours>,
+) -> Response {
+    let snap = app.snap();
+    let Some(plan) = view::home(&snap.engine, &user, &id) else { return not_found() };
+    let hours = q.hours.unwrap_or(24).clamp(1, 168);
+    audit_log(&app, &user.username, &client, "view_home", &id, "telemetry").await;
+    let (home, since) = (plan.id.clone(), crate::clock::now() - chrono::Duration::hours(i64::from(hours)));
+    match app.db(move |s| Ok(s.telemetry_since(&home, since, 2000)?)).await {
+        Ok(t) => Json(json!({ "telemetry": t })).into_response(),
+        Err(e) => failed(e),
+    }
+}
+
+/// `?limit=` (1–1000, default 100).
+#[derive(Deserialize)]
+struct Limit {
+    limit: Option<usize>,
+}
+
+async fn events(
+    State(app): State<App>,
+    ApiUser(user): ApiUser,
+    client: Client,
+    Path(id): Path<String>,
+    Query(q): Query<Limit>,
+) -> Response {
+    let snap = app.snap();
+    let Some(plan) = view::home(&snap.engine, &user, &id) else { return not_found() };
+    audit_log(&app, &user.username, &client, "view_home", &id, "events").await;
+    let (home, limit) = (plan.id.clone(), q.limit.unwrap_or(100).clamp(1, 1000));
+    match app.db(move |s| Ok(s.events_for(&home, limit)?)).await {
+        Ok(e) => Json(json!({ "events": e })).into_response(),
+        Err(e) => failed(e),
+    }
+}
+
+/// One notification to one recipient's channel, and how its delivery went.
+#[derive(Debug, Serialize)]
+pub struct Delivery {
+    /// Idempotency key.
+    pub key: String,
+    /// The recipient's role.
+    pub role: mamori_protocol::mqtt::Role,
+    /// The recipient.
+    pub recipient: String,
+    /// The channel (`webhook:NAME`, `sms:NAME`, `email`, `console:NAME`).
+    pub channel: String,
+    /// `pending` (waiting or retrying), `delivered`, `abandoned`.
+    pub status: OutboxStatus,
+    /// Attempts so far.
+    pub attempts: u32,
+    /// The last failure.
+    pub last_error: Option<String>,
+    /// When it was written.
+    pub created_at: Time,
+    /// When it was delivered.
+    pub delivered_at: Option<Time>,
+    /// The next recipient was notified because this one could not be reached.
+    pub fallback_done: bool,
+}
+
+impl Delivery {
+    fn of(r: &OutboxRow) -> Delivery {
+        Delivery {
+            key: r.key.clone(),
+            role: r.role,
+            recipient: r.recipient.clone(),
+            channel: r.channel.key(),
+            status: r.status,
+            attempts: r.attempts,
+            last_error: r.last_error.clone(),
+            created_at: r.created_at,
+            delivered_at: r.delivered_at,
+            fallback_done: r.fallback_done,
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct AlertWithDeliveries {
+    #[serde(flatten)]
+    alert: AlertView,
+    deliveries: Vec<Delivery>,
+}
+
+async fn home_alerts(
+    State(app): State<App>,
+    ApiUser(user): ApiUser,
+    client: Client,
+    Path(id): Path<String>,
+    Query(q): Query<Limit>,
+) -> Response {
+    let snap = app.snap();
+    let Some(plan) = view::home(&snap.engine, &user, &id) else { return not_found() };
+    audit_log(&app, &user.username, &client, "view_home", &id, "alerts").await;
+    let (home, limit) = (plan.id.clone(), q.limit.unwrap_or(50).clamp(1, 500));
+    let r = app
+        .db(move |s| {
+            let mut out = Vec::new();
+            for a in s.alerts_for(&home, limit)? {
+                let deliveries = s.outbox_for(&a.id)?.iter().map(Delivery::of).collect();
+                out.push(AlertWithDeliveries { alert: AlertView::of(&a), deliveries });
+            }
+            Ok(out)
+        })
+        .await;
+    match r {
+        Ok(a) => Json(json!({ "alerts": a })).into_response(),
+        Err(e) => failed(e),
+    }
+}
+
+async fn alerts(State(app): State<App>, ApiUser(user): ApiUser) -> Response {
+    let snap = app.snap();
+    let list: Vec<AlertView> = view::open_alerts(&snap.engine, &user).into_iter().map(|(_, a)| a).collect();
+    Json(json!({ "alerts": list })).into_response()
+}
+
+async fn alert(State(app): State<App>, ApiUser(user): ApiUser, Path(id): Path<String>) -> Response {
+    if id.len() > 64 {
+        return not_found();
+    }
+    let snap = app.snap();
+    // Active alerts are in the snapshot; cleared ones only in the store.
+    let active = view::alert(&snap.engine, &user, &id).cloned();
+    let r = app.db(move |s| {
+        let Some(a) = active.map_or_else(|| s.alert(&id), |a| Ok(Some(a)))? else { return Ok(None) };
+        let d: Vec<Delivery> = s.outbox_for(&a.id)?.iter().map(Delivery::of).collect();
+        Ok(Some((a, d)))
+    });
+    let (a, deliveries) = match r.await {
+        Ok(Some(x)) => x,
+        Ok(None) => return not_found(),
+        Err(e) => return failed(e),
+    };
+    // Scope: the alert's home must be one the user may see.
+    if !snap.engine.plan(&a.home).is_some_and(|p| user.may_see(p)) {
+        return not_found();
+    }
+    Json(AlertWithDeliveries { alert: AlertView::of(&a), deliveries }).into_response()
+}
+
+/// `{"note": "..."}` (optional).
+#[derive(Deserialize, Default)]
+struct AckBody {
+    note: Option<String>,
+}
+
+async fn ack(
+    State(app): State<App>,
+    ApiUser(user): ApiUser,
+    client: Client,
+    Path(id): Path<String>,
+    body: Option<Json<AckBody>>,
+) -> Response {
+    let snap = app.snap();
+    let now = crate::clock::now();
+    let visible = view::alert(&snap.engine, &user, &id).is_some()
+        || view::incidents(&snap.engine, &user, now).iter().any(|i| i.id == id);
+    if !visible {
+        return not_found();
+    }
+    let note = body
+        .and_then(|Json(b)| b.note)
+        .map(|n| n.trim().chars().take(200).collect::<String>())
+        .filter(|n| !n.is_empty());
+    let detail = note.clone().unwrap_or_default();
+    let (role, by) = (user.role.ack_role(), format!("api:{}", user.username));
+    match app.ask(|reply| WebRequest::Ack { alert_id: id.clone(), role, by, note, reply }).await {
+        Ok(()) => {
+            audit_log(&app, &user.username, &client, "ack", &id, &detail).await;
+            Json(json!({ "acknowledged": id })).into_response()
+        }
+        Err(e) => error(StatusCode::CONFLICT, &e),
+    }
+}
+
+async fn clear(State(app): State<App>, ApiUser(user): ApiUser, client: Client, Path(id): Path<String>) -> Response {
+    let snap = app.snap();
+    let Some(alert) = view::alert(&snap.engine, &user, &id) else { return not_found() };
+    if !user.may_clear() {
+        return error(StatusCode::FORBIDDEN, "this role may acknowledge but not clear");
+    }
+    let home = alert.home.as_str().to_string();
+    let by = format!("api:{}", user.username);
+    match app.ask(|reply| WebRequest::Clear { alert_id: id.clone(), by, reply }).await {
+        Ok(()) => {
+            audit_log(&app, &user.username, &client, "clear", &id, &home).await;
+            Json(json!({ "cleared": id })).into_response()
+        }
+        Err(e) => error(StatusCode::CONFLICT, &e),
+    }
+}
+
+async fn incidents(State(app): State<App>, ApiUser(user): ApiUser) -> Response {
+    let snap = app.snap();
+    Json(json!({ "incidents": view::incidents(&snap.engine, &user, crate::clock::now()) })).into_response()
+}
+
+async fn incident(State(app): State<App>, ApiUser(user): ApiUser, Path(id): Path<String>) -> Response {
+    let snap = app.snap();
+    match view::incidents(&snap.engine, &user, crate::clock::now()).into_iter().find(|i| i.id == id) {
+        Some(i) => Json(i).into_response(),
+        None => not_found(),
+    }
+}
+
+async fn openapi() -> Response {
+    ([(axum::http::header::CONTENT_TYPE, "application/json")], include_str!("openapi.json")).into_response()
+}

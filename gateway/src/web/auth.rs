@@ -1,0 +1,334 @@
+//! Login, logout, sessions, CSRF and bearer tokens.
+//!
+//! - `GET /login` sets a short-lived login cookie and puts the same nonce in the form
+//!   (double submit), so another site cannot log a browser into an attacker's account.
+//! - `POST /login` is throttled per username and per address ([`crate::accounts::Throttle`]);
+//!   every failure looks the same (unknown user, wrong password, wrong code, disabled).
+//! - [`Viewer`] is a logged-in browser: its session cookie is checked on every request, and
+//!   a page without one redirects to the login. [`Viewer::check_csrf`] guards every form.
+//! - [`ApiUser`] is an API client with `Authorization: Bearer mmr_...`; a missing or bad
+//!   token is a 401 in JSON.
+
+use axum::extract::{FromRequestParts, Query, State};
+use axum::http::request::Parts;
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{Html, IntoResponse, Redirect, Response};
+use axum::{Form, Json};
+use serde::Deserialize;
+
+use super::pages::{layout_bare, T};
+use super::{escape, App, Client};
+use crate::accounts::{Accounts, User};
+use crate::audit;
+use crate::homes::Lang;
+
+/// The session cookie's name.
+pub const SESSION_COOKIE: &str = "mamori_session";
+const LOGIN_COOKIE: &str = "mamori_login";
+/// The language cookie's name.
+pub const LANG_COOKIE: &str = "mamori_lang";
+
+/// A cookie's value from the request.
+pub fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers.get_all(header::COOKIE).iter().filter_map(|v| v.to_str().ok()).flat_map(|v| v.split(';')).find_map(|c| {
+        let (k, v) = c.trim().split_once('=')?;
+        (k == name).then_some(v)
+    })
+}
+
+fn set_cookie(app: &App, name: &str, value: &str, path: &str, max_age_s: i64) -> String {
+    let secure = if app.sessions.secure_cookies { "; Secure" } else { "" };
+    format!("{name}={value}; Path={path}; HttpOnly; SameSite=Strict; Max-Age={max_age_s}{secure}")
+}
+
+/// The page language: the cookie's, else Japanese.
+pub fn lang(headers: &HeaderMap) -> Lang {
+    match cookie(headers, LANG_COOKIE) {
+        Some("en") => Lang::En,
+        _ => Lang::Ja,
+    }
+}
+
+/// Equal in constant time (for tokens).
+pub fn same(a: &str, b: &str) -> bool {
+    a.len() == b.len() && a.bytes().zip(b.bytes()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// A relative path to go back to after a form (never another site).
+pub fn local_path(next: Option<&str>) -> String {
+    match next {
+        Some(n) if n.starts_with('/') && !n.starts_with("//") && !n.contains(['\\', '\r', '\n']) => n.to_string(),
+        _ => "/".into(),
+    }
+}
+
+/// A logged-in browser.
+#[derive(Debug, Clone)]
+pub struct Viewer {
+    /// The account.
+    pub user: User,
+    /// The session's form token.
+    pub csrf: String,
+    /// The session's stored id.
+    pub session: String,
+    /// The page language.
+    pub lang: Lang,
+    /// The request comes from the live updater (views are not audited again).
+    pub live: bool,
+}
+
+impl Viewer {
+    /// Check a form's CSRF token.
+    pub fn check_csrf(&self, token: &str) -> Result<(), Response> {
+        if same(token, &self.csrf) {
+            Ok(())
+        } else {
+            Err((StatusCode::FORBIDDEN, Html("<p>フォームの有効期限が切れました。もう一度開いてください。 / The form expired: open it again.</p>")).into_response())
+        }
+    }
+
+    /// `<input type=hidden name=csrf>`.
+    pub fn csrf_field(&self) -> String {
+        format!("<input type=\"hidden\" name=\"csrf\" value=\"{}\">", escape(&self.csrf))
+    }
+}
+
+impl FromRequestParts<App> for Viewer {
+    type Rejection = Response;
+
+    async fn from_request_parts(parts: &mut Parts, app: &App) -> Result<Self, Self::Rejection> {
+        let to_login = || {
+            let next = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+            let next = if parts.method == axum::http::Method::GET { next } else { "/" };
+            Redirect::to(&format!("/login?next={}", urlencode(next))).into_response()
+        };
+        let Some(token) = cookie(&parts.headers, SESSION_COOKIE).map(str::to_string) else { return Err(to_login()) };
+        let (idle, max_age) = (app.sessions.idle, app.sessions.max_age);
+        let now = crate::clock::now();
+        let found = app.db(move |s| Ok(Accounts::new(s.conn()).session(&token, now, idle, max_age)?)).await;
+        match found {
+            Ok(Some(s)) => Ok(Viewer {
+                user: s.user,
+                csrf: s.csrf,
+                session: s.id_hash,
+                lang: lang(&parts.headers),
+                live: parts.headers.contains_key("x-mamori-live"),
+            }),
+            Ok(None) => Err(to_login()),
+            Err(e) => {
+                tracing::error!(error = %e, "session lookup");
+                Err((StatusCode::SERVICE_UNAVAILABLE, "database unavailable").into_response())
+            }
+        }
+    }
+}
+
+/// An API client.
+#[derive(Debug, Clone)]
+pub struct ApiUser(pub User);
+
+impl FromRequestParts<App> for ApiUser {
+    type Rejection = Response;
+
+    async fn from_request_parts(parts: &mut Parts, app: &App) -> Result<Self, Self::Rejection> {
+        let unauthorized = || {
+            (
+                StatusCode::UNAUTHORIZED,
+                [(header::WWW_AUTHENTICATE, "Bearer")],
+                Json(serde_json::json!({"error": "a valid bearer token is required"})),
+            )
+                .into_response()
+        };
+        let token = parts
+            .headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(|t| t.trim().to_string());
+        let Some(token) = token.filter(|t| t.starts_with("mmr_") && t.len() < 100) else { return Err(unauthorized()) };
+        match app.db(move |s| Ok(Accounts::new(s.conn()).token_user(&token)?)).await {
+            Ok(Some(u)) => Ok(ApiUser(u)),
+            Ok(None) => Err(unauthorized()),
+            Err(e) => {
+                tracing::error!(error = %e, "token lookup");
+                Err((StatusCode::SERVICE_UNAVAILABLE, Json(serde_json::json!({"error": "database unavailable"})))
+                    .into_response())
+            }
+        }
+    }
+}
+
+/// Percent-encode for a query value.
+pub fn urlencode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' | b'/' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// `?next=`.
+#[derive(Deserialize, Default)]
+pub struct Next {
+    next: Option<String>,
+}
+
+fn login_form(lang: Lang, nonce: &str, next: &str, error: Option<&str>) -> String {
+    let t = T(lang);
+    let error = error.map(|e| format!("<p class=\"error\" role=\"alert\">{}</p>", escape(e))).unwrap_or_default();
+    format!(
+        "<h1>mamori</h1><p class=\"muted\">{sub}</p>{error}\
+         <form method=\"post\" action=\"/login\" class=\"login\">\
+         <input type=\"hidden\" name=\"csrf\" value=\"{nonce}\"><input type=\"hidden\" name=\"next\" value=\"{next}\">\
+         <label>{u}<input name=\"username\" autocomplete=\"username\" required autofocus></label>\
+         <label>{p}<input name=\"password\" type=\"password\" autocomplete=\"current-password\" required></label>\
+         <label>{c}<input name=\"code\" inputmode=\"numeric\" autocomplete=\"one-time-code\" maxlength=\"6\"></label>\
+         <button type=\"submit\">{l}</button></form>\
+         <p class=\"muted\"><a href=\"/lang/ja?next=/login\">日本語</a> · <a href=\"/lang/en?next=/login\">English</a></p>",
+        sub = t.t("subtitle"),
+        u = t.t("username"),
+        p = t.t("password"),
+        c = t.t("totp_code"),
+        l = t.t("login"),
+        nonce = escape(nonce),
+        next = escape(next),
+    )
+}
+
+/// `GET /login`.
+pub async fn login_page(State(app): State<App>, headers: HeaderMap, Query(q): Query<Next>) -> Response {
+    let nonce = crate::accounts::new_token();
+    let lang = lang(&headers);
+    let next = local_path(q.next.as_deref());
+    let body = login_form(lang, &nonce, &next, None);
+    (
+        [(header::SET_COOKIE, set_cookie(&app, LOGIN_COOKIE, &nonce, "/login", 3600))],
+        Html(layout_bare(lang, T(lang).t("login"), &body)),
+    )
+        .into_response()
+}
+
+/// The login form.
+#[derive(Deserialize)]
+pub struct LoginForm {
+    username: String,
+    password: String,
+    #[serde(default)]
+    code: String,
+    #[serde(default)]
+    csrf: String,
+    next: Option<String>,
+}
+
+/// `POST /login`.
+pub async fn login_post(State(app): State<App>, client: Client, headers: HeaderMap, Form(f): Form<LoginForm>) -> Response {
+    let lang = lang(&headers);
+    let t = T(lang);
+    let next = local_path(f.next.as_deref());
+    let again = |status: StatusCode, msg: &str| {
+        let nonce = crate::accounts::new_token();
+        (
+            status,
+            [(header::SET_COOKIE, set_cookie(&app, LOGIN_COOKIE, &nonce, "/login", 3600))],
+            Html(layout_bare(lang, t.t("login"), &login_form(lang, &nonce, &next, Some(msg)))),
+        )
+            .into_response()
+    };
+    if !cookie(&headers, LOGIN_COOKIE).is_some_and(|c| same(c, &f.csrf)) {
+        return again(StatusCode::FORBIDDEN, t.t("form_expired"));
+    }
+    let username: String = f.username.trim().chars().take(64).collect();
+    let ip = client.text();
+    let keys = [format!("u:{username}"), format!("ip:{ip}")];
+    let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+    let now = crate::clock::now();
+    let throttled = app.throttle.lock().map(|mut th| th.check(&keys, now)).unwrap_or(Ok(()));
+    if let Err(wait) = throttled {
+        let (u, ip2) = (username.clone(), ip.clone());
+        let _ = app.db(move |s| Ok(audit::append(s.conn(), now, &u, &ip2, "login_failed", &u, "throttled")?)).await;
+        let minutes = wait.num_minutes() + 1;
+        return again(StatusCode::TOO_MANY_REQUESTS, &t.t("throttled").replace("{n}", &minutes.to_string()));
+    }
+    let (u, pw, code) = (username.clone(), f.password, f.code);
+    let result = app
+        .db(move |s| {
+            let acc = Accounts::new(s.conn());
+            let user = acc.login(&u, &pw, &code, now)?;
+            Ok(match user {
+                Some(user) => Some((acc.start_session(&user, now)?, user)),
+                None => None,
+            })
+        })
+        .await;
+    match result {
+        Ok(Some((token, user))) => {
+            if let Ok(mut th) = app.throttle.lock() {
+                th.succeed(&keys[0]);
+            }
+            let (name, ip2) = (user.username.clone(), ip.clone());
+            let _ = app.db(move |s| Ok(audit::append(s.conn(), now, &name, &ip2, "login", &name, "")?)).await;
+            tracing::info!(user = %user.username, client = %ip, "login");
+            let max_age = app.sessions.max_age.num_seconds();
+            (
+                StatusCode::SEE_OTHER,
+                [
+                    (header::SET_COOKIE, set_cookie(&app, SESSION_COOKIE, &token, "/", max_age)),
+                    (header::LOCATION, next.clone()),
+                ],
+            )
+                .into_response()
+        }
+        Ok(None) => {
+            if let Ok(mut th) = app.throttle.lock() {
+                th.fail(&keys, now);
+            }
+            let (u, ip2) = (username.clone(), ip.clone());
+            let _ = app.db(move |s| Ok(audit::append(s.conn(), now, &u, &ip2, "login_failed", &u, "")?)).await;
+            tracing::warn!(user = %username, client = %ip, "login failed");
+            again(StatusCode::UNAUTHORIZED, t.t("login_failed"))
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "login");
+            again(StatusCode::SERVICE_UNAVAILABLE, "database unavailable")
+        }
+    }
+}
+
+/// A form with only its CSRF token.
+#[derive(Deserialize)]
+pub struct CsrfForm {
+    /// The token.
+    #[serde(default)]
+    pub csrf: String,
+}
+
+/// `POST /logout`.
+pub async fn logout(State(app): State<App>, v: Viewer, client: Client, Form(f): Form<CsrfForm>) -> Response {
+    if let Err(r) = v.check_csrf(&f.csrf) {
+        return r;
+    }
+    let (session, name, ip, now) = (v.session.clone(), v.user.username.clone(), client.text(), crate::clock::now());
+    let _ = app
+        .db(move |s| {
+            Accounts::new(s.conn()).end_session(&session)?;
+            Ok(audit::append(s.conn(), now, &name, &ip, "logout", &name, "")?)
+        })
+        .await;
+    ([(header::SET_COOKIE, set_cookie(&app, SESSION_COOKIE, "", "/", 0))], Redirect::to("/login")).into_response()
+}
+
+/// `GET /lang/{ja|en}`: remember the language.
+pub async fn set_lang(
+    State(app): State<App>,
+    axum::extract::Path(l): axum::extract::Path<String>,
+    Query(q): Query<Next>,
+) -> Response {
+    let l = if l == "en" { "en" } else { "ja" };
+    let next = local_path(q.next.as_deref());
+    (
+        StatusCode::SEE_OTHER,
+        [(header::SET_COOKIE, set_cookie(&app, LANG_COOKIE, l, "/", 365 * 86_400)), (header::LOCATION, next)],
+    )
+        .into_response()
+}

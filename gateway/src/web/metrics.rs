@@ -1,0 +1,142 @@
+//! Prometheus `/metrics` (text format 0.0.4).
+//!
+//! Aggregates only: no home id, label or name appears, so the endpoint needs no account
+//! (scrapers rarely carry one). Put it behind the reverse proxy's access rules if even
+//! fleet-wide counts should stay internal.
+//!
+//! | metric | what |
+//! |---|---|
+//! | `mamori_messages_total{result}` | messages from homes: `ingested`, `rejected`, `unknown_home`, `duplicate` |
+//! | `mamori_homes{power,connectivity}` | homes by power (`mains`, `battery`, `unknown`) and connectivity |
+//! | `mamori_open_alerts{tier}` | active alerts by current tier |
+//! | `mamori_notification_attempts_total{result}` | delivery attempts: `delivered`, `failed` |
+//! | `mamori_outbox{status}` | outbox rows by status (`pending` is the depth) |
+//! | `mamori_notify_latency_seconds` | histogram: outbox row written (the decision, in the same transaction as the message that caused it) to the receiver's acceptance |
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use axum::extract::State;
+use axum::http::header;
+use axum::response::{IntoResponse, Response};
+
+use super::App;
+use crate::policy::Tier;
+
+/// Upper bounds of the latency histogram's buckets, s.
+pub const LATENCY_BUCKETS_S: [f64; 10] = [0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0];
+
+/// A latency histogram (lock-free).
+#[derive(Debug, Default)]
+pub struct Histogram {
+    buckets: [AtomicU64; 10],
+    over: AtomicU64,
+    sum_us: AtomicU64,
+}
+
+impl Histogram {
+    /// Record one observation, s.
+    pub fn observe(&self, s: f64) {
+        let s = s.max(0.0);
+        match LATENCY_BUCKETS_S.iter().position(|b| s <= *b) {
+            Some(i) => self.buckets[i].fetch_add(1, Ordering::Relaxed),
+            None => self.over.fetch_add(1, Ordering::Relaxed),
+        };
+        self.sum_us.fetch_add((s * 1e6) as u64, Ordering::Relaxed);
+    }
+
+    fn render(&self, name: &str, out: &mut String) {
+        let _ = writeln!(out, "# TYPE {name} histogram");
+        let mut cumulative = 0;
+        for (b, c) in LATENCY_BUCKETS_S.iter().zip(&self.buckets) {
+            cumulative += c.load(Ordering::Relaxed);
+            let _ = writeln!(out, "{name}_bucket{{le=\"{b}\"}} {cumulative}");
+        }
+        cumulative += self.over.load(Ordering::Relaxed);
+        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {cumulative}");
+        let _ = writeln!(out, "{name}_sum {}", self.sum_us.load(Ordering::Relaxed) as f64 / 1e6);
+        let _ = writeln!(out, "{name}_count {cumulative}");
+    }
+}
+
+/// `GET /metrics`.
+pub async fn metrics(State(app): State<App>) -> Response {
+    let c = &app.counters;
+    let mut out = String::new();
+    let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+    out.push_str("# HELP mamori_messages_total Messages from homes, by result.\n# TYPE mamori_messages_total counter\n");
+    for (k, v) in [
+        ("ingested", &c.ingested),
+        ("rejected", &c.rejected),
+        ("unknown_home", &c.unknown_home),
+        ("duplicate", &c.duplicates),
+    ] {
+        let _ = writeln!(out, "mamori_messages_total{{result=\"{k}\"}} {}", load(v));
+    }
+
+    let snap = app.snap();
+    let now = crate::clock::now();
+    let mut homes = std::collections::BTreeMap::new();
+    let mut tiers = std::collections::BTreeMap::new();
+    for p in ["mains", "battery", "unknown"] {
+        for cn in ["online", "silent", "never"] {
+            homes.insert((p, cn), 0u64);
+        }
+    }
+    for t in [Tier::T0, Tier::T1, Tier::T2, Tier::T3] {
+        tiers.insert(format!("{t:?}"), 0u64);
+    }
+    for (plan, st) in snap.engine.states_and_plans() {
+        let v = super::view::home_view(plan, st, now);
+        *homes.entry((v.power, v.connectivity)).or_default() += 1;
+        for a in &v.alerts {
+            *tiers.entry(format!("{:?}", a.tier)).or_default() += 1;
+        }
+    }
+    out.push_str("# HELP mamori_homes Registered homes by power and connectivity.\n# TYPE mamori_homes gauge\n");
+    for ((p, cn), n) in homes {
+        let _ = writeln!(out, "mamori_homes{{power=\"{p}\",connectivity=\"{cn}\"}} {n}");
+    }
+    out.push_str("# HELP mamori_open_alerts Active alerts by current tier.\n# TYPE mamori_open_alerts gauge\n");
+    for (t, n) in tiers {
+        let _ = writeln!(out, "mamori_open_alerts{{tier=\"{t}\"}} {n}");
+    }
+    out.push_str(
+        "# HELP mamori_notification_attempts_total Delivery attempts by result.\n# TYPE mamori_notification_attempts_total counter\n",
+    );
+    let _ = writeln!(out, "mamori_notification_attempts_total{{result=\"delivered\"}} {}", load(&c.delivered));
+    let _ = writeln!(out, "mamori_notification_attempts_total{{result=\"failed\"}} {}", load(&c.failed_attempts));
+    match app.db(|s| Ok(s.outbox_counts()?)).await {
+        Ok(counts) => {
+            out.push_str("# HELP mamori_outbox Outbox rows by status (pending: the depth).\n# TYPE mamori_outbox gauge\n");
+            for status in ["pending", "delivered", "abandoned"] {
+                let n = counts.iter().find(|(s, _)| s == status).map_or(0, |(_, n)| *n);
+                let _ = writeln!(out, "mamori_outbox{{status=\"{status}\"}} {n}");
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "metrics: outbox counts"),
+    }
+    out.push_str("# HELP mamori_notify_latency_seconds From the decision to notify to the receiver's acceptance.\n");
+    c.notify_latency.render("mamori_notify_latency_seconds", &mut out);
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], out).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_histogram_is_cumulative_with_an_inf_bucket() {
+        let h = Histogram::default();
+        for s in [0.05, 0.3, 0.3, 7.0, 1000.0] {
+            h.observe(s);
+        }
+        let mut out = String::new();
+        h.render("x", &mut out);
+        assert!(out.contains("x_bucket{le=\"0.1\"} 1\n"), "{out}");
+        assert!(out.contains("x_bucket{le=\"0.5\"} 3\n"), "{out}");
+        assert!(out.contains("x_bucket{le=\"10\"} 4\n"), "{out}");
+        assert!(out.contains("x_bucket{le=\"+Inf\"} 5\n"), "{out}");
+        assert!(out.contains("x_count 5\n"), "{out}");
+    }
+}

@@ -1,0 +1,224 @@
+//! HTTP: the dashboard, the JSON API, metrics and acknowledgement links.
+//!
+//! ## Where the data comes from
+//! The service loop owns the engine. After anything changes it publishes a copy
+//! ([`Snapshot`], at most four times a second) on a `watch` channel; pages, the API and live
+//! streams read that copy, never the loop's own state, so a slow page cannot hold up ingest.
+//! History (telemetry for the charts, events, cleared alerts, delivery attempts) and the
+//! accounts and audit tables are read from the gateway's SQLite file through a second
+//! connection (WAL: readers do not block the writer). Acknowledging and clearing go to the
+//! loop as requests ([`WebRequest`]), exactly like acknowledgement links.
+//!
+//! ## Access
+//! Pages use a session cookie (`HttpOnly`, `SameSite=Strict`, `Secure` unless configured for
+//! a loopback demo) and a per-session CSRF token in every form; the API uses bearer tokens
+//! (no cookies, so no CSRF). Every handler that names a home, alert or incident looks it up
+//! through the user's scope ([`crate::accounts::User::may_see`]); outside the scope the
+//! answer is the same 404 as for an id that does not exist. Logins, failed logins, views of
+//! a home, acknowledgements, clears and account changes go to the audit log
+//! ([`crate::audit`]) with the client's address ([`crate::listen::TrustedProxies`]).
+//!
+//! | module | what |
+//! |---|---|
+//! | [`ack`] | signed acknowledgement links (no account) |
+//! | [`auth`] | login, logout, sessions, CSRF, bearer tokens |
+//! | [`view`] | what a user may see, as plain data (pages and API share it) |
+//! | [`pages`] | the server-rendered dashboard (ja/en) and its live stream |
+//! | [`api`] | `/api/v1` and its OpenAPI document |
+//! | [`metrics`] | Prometheus `/metrics` |
+
+pub mod ack;
+pub mod api;
+pub mod auth;
+pub mod metrics;
+pub mod pages;
+pub mod view;
+
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+
+use axum::extract::{ConnectInfo, FromRequestParts};
+use axum::http::request::Parts;
+use axum::http::{header, HeaderValue};
+use axum::response::Response;
+use axum::routing::{get, post};
+use axum::Router;
+use mamori_protocol::mqtt::Role;
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::accounts::Throttle;
+use crate::engine::Engine;
+use crate::listen::{Peer, TrustedProxies};
+use crate::message::Style;
+use crate::run::Counters;
+use crate::store::SqliteStore;
+
+/// A request for the service loop.
+#[derive(Debug)]
+pub enum WebRequest {
+    /// Acknowledge an alert or incident.
+    Ack {
+        /// Alert or incident id.
+        alert_id: String,
+        /// The role it counts as.
+        role: Role,
+        /// Who (`link`, or an account's username).
+        by: String,
+        /// Note.
+        note: Option<String>,
+        /// The answer.
+        reply: oneshot::Sender<Result<(), String>>,
+    },
+    /// Clear an alert by hand.
+    Clear {
+        /// Alert id.
+        alert_id: String,
+        /// Who (an account's username).
+        by: String,
+        /// The answer.
+        reply: oneshot::Sender<Result<(), String>>,
+    },
+}
+
+/// What the loop publishes for the web: a copy of the engine after a change.
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    /// The engine (plans, states, alerts, incidents).
+    pub engine: Engine,
+    /// Increases with every publication.
+    pub version: u64,
+}
+
+/// Session settings.
+#[derive(Debug, Clone, Copy)]
+pub struct SessionSettings {
+    /// Mark cookies `Secure`.
+    pub secure_cookies: bool,
+    /// Idle limit.
+    pub idle: chrono::Duration,
+    /// Absolute limit.
+    pub max_age: chrono::Duration,
+}
+
+/// Everything the handlers share.
+#[derive(Clone)]
+pub struct App {
+    /// Message style (link signing, time zone).
+    pub style: Style,
+    /// Proxies whose client header is believed.
+    pub proxies: TrustedProxies,
+    /// To the service loop.
+    pub tx: mpsc::Sender<WebRequest>,
+    /// The latest snapshot.
+    pub snapshot: watch::Receiver<Arc<Snapshot>>,
+    /// The web's own connection to the gateway's database.
+    pub db: Arc<Mutex<SqliteStore>>,
+    /// Failed logins.
+    pub throttle: Arc<Mutex<Throttle>>,
+    /// The service's counters.
+    pub counters: Arc<Counters>,
+    /// Sessions.
+    pub sessions: SessionSettings,
+}
+
+impl App {
+    /// Run a database call off the async threads.
+    pub async fn db<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&SqliteStore) -> anyhow::Result<T> + Send + 'static,
+    ) -> anyhow::Result<T> {
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || {
+            let guard = db.lock().map_err(|_| anyhow::anyhow!("the web's database connection is poisoned"))?;
+            f(&guard)
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!("database task: {e}"))?
+    }
+
+    /// The latest snapshot.
+    pub fn snap(&self) -> Arc<Snapshot> {
+        self.snapshot.borrow().clone()
+    }
+
+    /// Ask the loop and wait for its answer.
+    pub async fn ask(&self, make: impl FnOnce(oneshot::Sender<Result<(), String>>) -> WebRequest) -> Result<(), String> {
+        let (reply, rx) = oneshot::channel();
+        self.tx.send(make(reply)).await.map_err(|_| "the gateway is stopping".to_string())?;
+        rx.await.map_err(|_| "the gateway is stopping".to_string())?
+    }
+}
+
+/// The router. Serve it with connect info ([`Peer`]) so that the client's address is known.
+pub fn router(app: App) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/metrics", get(metrics::metrics))
+        .route("/ack/{alert}/{role}/{sig}", get(ack::ack_page).post(ack::ack_post))
+        .route("/login", get(auth::login_page).post(auth::login_post))
+        .route("/logout", post(auth::logout))
+        .route("/lang/{lang}", get(auth::set_lang))
+        .route("/", get(pages::overview))
+        .route("/alerts", get(pages::alerts))
+        .route("/alerts/{id}/ack", post(pages::ack_alert))
+        .route("/alerts/{id}/clear", post(pages::clear_alert))
+        .route("/homes/{id}", get(pages::home))
+        .route("/incidents/{id}", get(pages::incident))
+        .route("/incidents/{id}/ack", post(pages::ack_incident))
+        .route("/account", get(pages::account))
+        .route("/account/password", post(pages::account_password))
+        .route("/account/totp", post(pages::account_totp))
+        .route("/admin/users", get(pages::admin_users).post(pages::admin_add_user))
+        .route("/admin/users/{name}", post(pages::admin_change_user))
+        .route("/admin/audit", get(pages::admin_audit))
+        .route("/admin/audit.csv", get(pages::admin_audit_csv))
+        .route("/events", get(pages::live))
+        .route("/static/app.css", get(pages::css))
+        .route("/static/app.js", get(pages::js))
+        .nest("/api/v1", api::router())
+        .layer(axum::middleware::map_response(security_headers))
+        .with_state(app)
+}
+
+async fn security_headers(mut r: Response) -> Response {
+    let h = r.headers_mut();
+    let set = |h: &mut axum::http::HeaderMap, k: header::HeaderName, v: &'static str| {
+        h.entry(k).or_insert(HeaderValue::from_static(v));
+    };
+    // Everything is served by the gateway itself: nothing may load from anywhere else.
+    set(
+        h,
+        header::CONTENT_SECURITY_POLICY,
+        "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; connect-src 'self'; \
+         frame-ancestors 'none'; form-action 'self'; base-uri 'none'",
+    );
+    set(h, header::X_CONTENT_TYPE_OPTIONS, "nosniff");
+    set(h, header::REFERRER_POLICY, "no-referrer");
+    set(h, header::X_FRAME_OPTIONS, "DENY");
+    set(h, header::CACHE_CONTROL, "no-store");
+    r
+}
+
+/// The client's address, when the router is served with connect info.
+pub struct Client(pub Option<IpAddr>);
+
+impl Client {
+    /// For the audit log.
+    pub fn text(&self) -> String {
+        self.0.map_or_else(|| "-".into(), |c| c.to_string())
+    }
+}
+
+impl FromRequestParts<App> for Client {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, app: &App) -> Result<Self, Self::Rejection> {
+        let peer = parts.extensions.get::<ConnectInfo<Peer>>().map(|c| c.0 .0.ip());
+        Ok(Client(peer.map(|p| app.proxies.client(p, &parts.headers))))
+    }
+}
+
+/// HTML-escape.
+pub fn escape(s: &str) -> String {
+    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;").replace('\'', "&#39;")
+}

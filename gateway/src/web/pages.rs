@@ -1,0 +1,1316 @@
+//! The dashboard: server-rendered pages in Japanese (default) or English, usable on a phone
+//! and without JavaScript.
+//!
+//! With JavaScript, `/static/app.js` listens to `/events` (server-sent events) and, when one
+//! of the user's homes changes, fetches the same page again and swaps its `<main>` (unless
+//! the user is typing in a form there). It also refreshes once a minute, because time left
+//! changes with time alone. Without JavaScript the pages are complete; they are only not
+//! live. The stream is scoped like the pages: it says nothing about homes the user cannot see.
+//!
+//! Nothing is loaded from anywhere but the gateway (CSS, JS and charts are served or inline
+//! SVG; the CSP header forbids anything else), so the dashboard works on a network cut off
+//! from the internet, as in a disaster.
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use axum::extract::{Path, Query, State};
+use axum::http::{header, StatusCode};
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{Html, IntoResponse, Redirect, Response};
+use axum::Form;
+use chrono::FixedOffset;
+use futures_util::stream::Stream;
+use mamori_protocol::mqtt::Telemetry;
+use serde::Deserialize;
+
+use super::auth::{local_path, Viewer};
+use super::view::{self, AlertView, HomeView};
+use super::{escape, App, Client, WebRequest};
+use crate::accounts::{self, AccountRole, Accounts, NewUser};
+use crate::audit;
+use crate::engine::{Engine, Time};
+use crate::homes::Lang;
+use crate::message::{basis, duration, kind_text, role_name};
+use crate::store::OutboxRow;
+
+/// Translations.
+#[derive(Debug, Clone, Copy)]
+pub struct T(pub Lang);
+
+const WORDS: &[(&str, &str, &str)] = &[
+    ("subtitle", "医療的ケア児の電源見守り", "Power watch for children on home ventilation"),
+    ("username", "ユーザー名", "Username"),
+    ("password", "パスワード", "Password"),
+    ("totp_code", "確認コード（設定している場合）", "Authenticator code (if set up)"),
+    ("login", "ログイン", "Log in"),
+    ("logout", "ログアウト", "Log out"),
+    ("login_failed", "ユーザー名、パスワード、または確認コードが違います。", "Wrong username, password or code."),
+    (
+        "throttled",
+        "失敗が続いたため、約{n}分間ログインできません。",
+        "Too many failures: try again in about {n} min.",
+    ),
+    ("form_expired", "フォームの有効期限が切れました。もう一度お試しください。", "The form expired: try again."),
+    ("overview", "概況", "Overview"),
+    ("alerts", "通知", "Alerts"),
+    ("account", "アカウント", "Account"),
+    ("users", "ユーザー管理", "Users"),
+    ("audit", "監査ログ", "Audit log"),
+    ("incident", "広域停電", "Regional outage"),
+    ("home", "世帯", "Home"),
+    ("power", "電源", "Power"),
+    ("mains", "商用電源", "Mains"),
+    ("battery", "予備電源", "Battery"),
+    ("unknown", "不明", "Unknown"),
+    ("time_left", "残り時間", "Time left"),
+    ("last_battery", "人工呼吸器の内蔵電池のみ", "ventilator's own battery only"),
+    ("online", "通信中", "Online"),
+    ("silent", "通信途絶", "Silent"),
+    ("never", "未接続", "Never heard"),
+    ("last_heard", "最終受信", "Last heard"),
+    ("devices", "機器", "Devices"),
+    ("lost", "応答なし", "not answering"),
+    ("oximeter", "パルスオキシメータ", "Pulse oximeter"),
+    ("ventilator", "人工呼吸器アラーム", "Ventilator alarm"),
+    ("normal", "正常", "normal"),
+    ("alarm", "アラーム", "ALARM"),
+    ("cable_fault", "配線異常", "cable fault"),
+    ("acknowledge", "確認", "Acknowledge"),
+    ("acknowledged", "確認済み", "Acknowledged"),
+    ("clear", "解除", "Clear"),
+    ("note", "メモ（対応内容）", "Note (what you are doing)"),
+    ("no_alerts", "未解決の通知はありません。", "No open alerts."),
+    ("no_homes", "表示できる世帯はありません。", "No homes to show."),
+    ("triage", "優先順（残り時間順）", "Triage (by time left)"),
+    ("destination", "避難先", "Destination"),
+    ("travel", "移動", "Travel"),
+    ("tier", "段階", "Tier"),
+    ("since", "発生", "Since"),
+    ("history", "通知の配信履歴", "Delivery history"),
+    ("recipient", "宛先", "Recipient"),
+    ("channel", "経路", "Channel"),
+    ("status", "状態", "Status"),
+    ("attempts", "試行", "Attempts"),
+    ("last_error", "最後のエラー", "Last error"),
+    ("delivered", "配信済み", "delivered"),
+    ("pending", "再送待ち", "retrying"),
+    ("abandoned", "断念", "abandoned"),
+    ("fallback", "次の宛先へ通知済み", "next recipient told"),
+    ("events", "出来事", "Events"),
+    ("charts", "過去24時間", "Last 24 hours"),
+    ("charge", "バッテリー残量 %", "Battery charge %"),
+    ("runtime", "UPS残り時間（分）", "UPS runtime (min)"),
+    ("spo2", "SpO2 %", "SpO2 %"),
+    ("pulse", "脈拍 /分", "Pulse /min"),
+    ("no_data", "データなし", "No data"),
+    ("all_alerts", "通知の履歴", "Alert history"),
+    ("cleared", "解除", "cleared"),
+    ("by", "担当", "by"),
+    ("live", "自動更新", "Live"),
+    ("safety", "mamoriは遠隔の補助通知です。機器本体のアラームを止めたり置き換えたりしません。", "mamori is a secondary, remote notification. It never silences or replaces a device's own alarm."),
+    ("change_password", "パスワード変更", "Change password"),
+    ("current_password", "現在のパスワード", "Current password"),
+    ("new_password", "新しいパスワード（12文字以上）", "New password (12+ characters)"),
+    ("save", "保存", "Save"),
+    ("totp", "二要素認証", "Two-factor authentication"),
+    ("totp_on", "設定済みです。", "It is on."),
+    ("totp_setup", "認証アプリにこの鍵を登録し、表示されたコードを入力してください。", "Add this key to an authenticator app and type the code it shows."),
+    ("done", "完了しました。", "Done."),
+    ("role", "役割", "Role"),
+    ("scope", "範囲", "Scope"),
+    ("disabled", "無効", "disabled"),
+    ("disable", "無効にする", "Disable"),
+    ("enable", "有効にする", "Enable"),
+    ("add_user", "ユーザー追加", "Add a user"),
+    ("display_name", "表示名", "Display name"),
+    ("municipalities", "市区町村コード（カンマ区切り）", "Municipality codes (comma separated)"),
+    ("homes_scope", "世帯ID（カンマ区切り）", "Home ids (comma separated)"),
+    ("new_token", "APIトークン発行", "New API token"),
+    ("token_shown_once", "このトークンは一度だけ表示されます。", "This token is shown once."),
+    ("reset_password", "パスワード再設定", "Reset password"),
+    ("chain_ok", "改ざんの形跡はありません", "The chain is intact"),
+    ("chain_broken", "改ざんの形跡があります", "The chain is BROKEN"),
+    ("export", "CSVで書き出す", "Export CSV"),
+    ("older", "さらに古い記録", "Older entries"),
+];
+
+impl T {
+    /// A word.
+    pub fn t(self, key: &'static str) -> &'static str {
+        WORDS.iter().find(|(k, _, _)| *k == key).map_or(key, |(_, ja, en)| if self.0 == Lang::En { en } else { ja })
+    }
+}
+
+fn local(t: Time, offset: FixedOffset) -> String {
+    t.with_timezone(&offset).format("%m/%d %H:%M").to_string()
+}
+
+fn local_s(t: Time, offset: FixedOffset) -> String {
+    t.with_timezone(&offset).format("%m/%d %H:%M:%S").to_string()
+}
+
+/// A page without the navigation (login).
+pub fn layout_bare(lang: Lang, title: &str, body: &str) -> String {
+    let l = if lang == Lang::En { "en" } else { "ja" };
+    format!(
+        "<!doctype html><html lang=\"{l}\"><head><meta charset=\"utf-8\">\
+         <meta name=\"viewport\" content=\"width=device-width,initial-scale=1\"><title>{} · mamori</title>\
+         <link rel=\"stylesheet\" href=\"/static/app.css\"></head><body class=\"narrow\"><main id=\"main\">{body}</main></body></html>",
+        escape(title)
+    )
+}
+
+fn layout(v: &Viewer, title: &str, body: &str) -> Html<String> {
+    let t = T(v.lang);
+    let l = if v.lang == Lang::En { "en" } else { "ja" };
+    let admin = if v.user.role == AccountRole::Admin {
+        format!("<a href=\"/admin/users\">{}</a><a href=\"/admin/audit\">{}</a>", t.t("users"), t.t("audit"))
+    } else {
+        String::new()
+    };
+    let other = if v.lang == Lang::En { ("ja", "日本語") } else { ("en", "English") };
+    Html(format!(
+        "<!doctype html><html lang=\"{l}\"><head><meta charset=\"utf-8\">\
+         <meta name=\"viewport\" content=\"width=device-width,initial-scale=1\"><title>{title} · mamori</title>\
+         <link rel=\"stylesheet\" href=\"/static/app.css\"><script src=\"/static/app.js\" defer></script></head>\
+         <body><header><nav><a class=\"brand\" href=\"/\">mamori</a><a href=\"/\">{ov}</a><a href=\"/alerts\">{al}</a>{admin}\
+         <span class=\"spacer\"></span><span class=\"live\" id=\"live\" hidden>● {live}</span>\
+         <a href=\"/lang/{ol}?next=/\">{on}</a><a href=\"/account\">{name}</a>\
+         <form method=\"post\" action=\"/logout\" class=\"inline\">{csrf}<button class=\"link\">{lo}</button></form></nav></header>\
+         <main id=\"main\">{body}</main><footer>{safety}</footer></body></html>",
+        title = escape(title),
+        ov = t.t("overview"),
+        al = t.t("alerts"),
+        live = t.t("live"),
+        ol = other.0,
+        on = other.1,
+        name = escape(&v.user.display_name),
+        csrf = v.csrf_field(),
+        lo = t.t("logout"),
+        safety = t.t("safety"),
+    ))
+}
+
+fn not_found(lang: Lang) -> Response {
+    let msg = if lang == Lang::En { "Not found." } else { "見つかりません。" };
+    (StatusCode::NOT_FOUND, Html(layout_bare(lang, "404", &format!("<p>{msg}</p><p><a href=\"/\">mamori</a></p>"))))
+        .into_response()
+}
+
+fn failed(e: impl std::fmt::Display) -> Response {
+    tracing::error!(error = %e, "dashboard");
+    (StatusCode::SERVICE_UNAVAILABLE, Html("<p>一時的に表示できません / Temporarily unavailable</p>".to_string()))
+        .into_response()
+}
+
+async fn audit_log(app: &App, actor: &str, ip: &str, action: &'static str, target: &str, detail: &str) {
+    let (actor, ip, target, detail, now) =
+        (actor.to_string(), ip.to_string(), target.to_string(), detail.to_string(), crate::clock::now());
+    if let Err(e) = app.db(move |s| Ok(audit::append(s.conn(), now, &actor, &ip, action, &target, &detail)?)).await {
+        tracing::error!(error = %e, "audit log");
+    }
+}
+
+fn time_left_text(h: &HomeView, t: T) -> String {
+    match h.time_left_s {
+        Some(s) => {
+            let last = if h.on_last_battery { format!(" <span class=\"bad\">({})</span>", t.t("last_battery")) } else { String::new() };
+            format!("<strong>{}</strong>{last}<br><small>{}</small>", duration(s, t.0), basis(h.basis.unwrap_or(""), t.0))
+        }
+        None => "—".into(),
+    }
+}
+
+fn power_cell(h: &HomeView, t: T) -> String {
+    let cls = match h.power {
+        "battery" => "bad",
+        "mains" => "ok",
+        _ => "muted",
+    };
+    format!("<span class=\"pill {cls}\">{}</span>", t.t(h.power))
+}
+
+fn conn_cell(h: &HomeView, t: T, offset: FixedOffset) -> String {
+    let cls = match h.connectivity {
+        "silent" => "bad",
+        "online" => "ok",
+        _ => "muted",
+    };
+    let heard = h.last_heard.map(|l| local_s(l, offset)).unwrap_or_else(|| "—".into());
+    format!("<span class=\"pill {cls}\">{}</span><br><small>{heard}</small>", t.t(h.connectivity))
+}
+
+fn devices_cell(h: &HomeView, t: T) -> String {
+    let mut s = String::new();
+    for d in &h.devices {
+        if h.devices_lost.contains(d) {
+            let _ = write!(s, "<span class=\"pill bad\">{} {}</span> ", escape(d), t.t("lost"));
+        } else {
+            let _ = write!(s, "<span class=\"pill\">{}</span> ", escape(d));
+        }
+    }
+    if s.is_empty() {
+        "—".into()
+    } else {
+        s
+    }
+}
+
+fn oxi_cell(h: &HomeView) -> String {
+    match (h.spo2_pct, h.pulse_bpm) {
+        (None, None) => "—".into(),
+        (s, p) => format!(
+            "SpO2 {} · {} bpm",
+            s.map_or_else(|| "—".into(), |v| format!("{v}%")),
+            p.map_or_else(|| "—".into(), |v| v.to_string())
+        ),
+    }
+}
+
+fn vent_cell(h: &HomeView, t: T) -> String {
+    match h.ventilator {
+        Some("normal") => format!("<span class=\"pill ok\">{}</span>", t.t("normal")),
+        Some(k @ ("alarm" | "cable_fault")) => format!("<span class=\"pill bad\">{}</span>", t.t(if k == "alarm" { "alarm" } else { "cable_fault" })),
+        _ => "—".into(),
+    }
+}
+
+fn incidents_html(engine: &Engine, v: &Viewer, now: Time, offset: FixedOffset) -> String {
+    let t = T(v.lang);
+    let mut s = String::new();
+    for i in view::incidents(engine, &v.user, now) {
+        let battery = i.rows.iter().filter(|r| r.on_battery).count();
+        let silent = i.rows.iter().filter(|r| r.silent).count();
+        let _ = write!(
+            s,
+            "<section class=\"incident\"><h2><a href=\"/incidents/{id}\">{title} {m}</a></h2>\
+             <p>{since} {opened} · {battery}/{n} {bat} · {silent} {sil}</p></section>",
+            id = escape(&i.id),
+            title = t.t("incident"),
+            m = escape(&i.municipality),
+            since = t.t("since"),
+            opened = local(i.opened_at, offset),
+            n = i.rows.len(),
+            bat = t.t("battery"),
+            sil = t.t("silent"),
+        );
+    }
+    s
+}
+
+/// `GET /`: every home the user may see, grouped by municipality, worst first.
+pub async fn overview(State(app): State<App>, v: Viewer) -> Response {
+    let t = T(v.lang);
+    let snap = app.snap();
+    let now = crate::clock::now();
+    let offset = app.style.offset;
+    let mut body = incidents_html(&snap.engine, &v, now, offset);
+    let homes = view::homes(&snap.engine, &v.user, now);
+    if homes.is_empty() {
+        let _ = write!(body, "<p>{}</p>", t.t("no_homes"));
+    }
+    let mut groups: BTreeMap<String, Vec<&HomeView>> = BTreeMap::new();
+    let mut order = Vec::new();
+    for h in &homes {
+        if !groups.contains_key(&h.municipality) {
+            order.push(h.municipality.clone());
+        }
+        groups.entry(h.municipality.clone()).or_default().push(h);
+    }
+    for m in order {
+        let _ = write!(
+            body,
+            "<section><h2>{m}</h2><table class=\"homes\"><thead><tr><th>{home}</th><th>{power}</th><th>{left}</th>\
+             <th>{conn}</th><th>{dev}</th><th>{oxi}</th><th>{vent}</th><th>{al}</th></tr></thead><tbody>",
+            m = escape(&m),
+            home = t.t("home"),
+            power = t.t("power"),
+            left = t.t("time_left"),
+            conn = t.t("last_heard"),
+            dev = t.t("devices"),
+            oxi = t.t("oximeter"),
+            vent = t.t("ventilator"),
+            al = t.t("alerts"),
+        );
+        for h in &groups[&m] {
+            let alerts: Vec<String> = h
+                .alerts
+                .iter()
+                .map(|a| {
+                    let ack = if a.acknowledged.is_some() { " ✓" } else { "" };
+                    format!("<span class=\"pill sev-{:?}\">{}{ack}</span>", a.severity, escape(kind_text(&a.kind, v.lang)))
+                })
+                .collect();
+            let row_cls = if h.power == "battery" || h.silent { " class=\"urgent\"" } else { "" };
+            let _ = write!(
+                body,
+                "<tr{row_cls} data-home=\"{id}\"><td data-label=\"{hl}\"><a href=\"/homes/{id}\">{label}</a><br><small>{id}</small></td>\
+                 <td data-label=\"{pl}\">{power}</td><td data-label=\"{tl}\">{left}</td><td data-label=\"{cl}\">{conn}</td>\
+                 <td data-label=\"{dl}\">{dev}</td><td data-label=\"{ol}\">{oxi}</td><td data-label=\"{vl}\">{vent}</td><td data-label=\"{al}\">{alerts}</td></tr>",
+                id = escape(&h.id),
+                label = escape(&h.label),
+                power = power_cell(h, t),
+                left = time_left_text(h, t),
+                conn = conn_cell(h, t, offset),
+                dev = devices_cell(h, t),
+                oxi = oxi_cell(h),
+                vent = vent_cell(h, t),
+                alerts = alerts.join(" "),
+                hl = t.t("home"),
+                pl = t.t("power"),
+                tl = t.t("time_left"),
+                cl = t.t("last_heard"),
+                dl = t.t("devices"),
+                ol = t.t("oximeter"),
+                vl = t.t("ventilator"),
+                al = t.t("alerts"),
+            );
+        }
+        body.push_str("</tbody></table></section>");
+    }
+    layout(&v, t.t("overview"), &body).into_response()
+}
+
+fn ack_form(v: &Viewer, a: &AlertView, back: &str) -> String {
+    let t = T(v.lang);
+    let clear = if v.user.may_clear() {
+        format!(
+            "<form method=\"post\" action=\"/alerts/{id}/clear\" class=\"inline\">{csrf}<input type=\"hidden\" name=\"next\" value=\"{back}\">\
+             <button class=\"secondary\">{c}</button></form>",
+            id = escape(&a.id),
+            csrf = v.csrf_field(),
+            back = escape(back),
+            c = t.t("clear")
+        )
+    } else {
+        String::new()
+    };
+    format!(
+        "<form method=\"post\" action=\"/alerts/{id}/ack\" class=\"ack\">{csrf}<input type=\"hidden\" name=\"next\" value=\"{back}\">\
+         <input name=\"note\" maxlength=\"200\" placeholder=\"{note}\" aria-label=\"{note}\"><button>{ack}</button></form>{clear}",
+        id = escape(&a.id),
+        csrf = v.csrf_field(),
+        back = escape(back),
+        note = t.t("note"),
+        ack = t.t("acknowledge"),
+    )
+}
+
+fn ack_text(a: &AlertView, t: T, offset: FixedOffset) -> String {
+    match &a.acknowledged {
+        Some(k) => format!(
+            "<span class=\"pill ok\">{} {} {}</span>{}",
+            t.t("acknowledged"),
+            escape(&k.by),
+            local(k.at, offset),
+            k.note.as_ref().map(|n| format!(" <q>{}</q>", escape(n))).unwrap_or_default()
+        ),
+        None => String::new(),
+    }
+}
+
+fn alert_row(v: &Viewer, label: Option<&str>, a: &AlertView, back: &str, offset: FixedOffset) -> String {
+    let t = T(v.lang);
+    let home = label
+        .map(|l| format!("<td data-label=\"{}\"><a href=\"/homes/{id}\">{}</a></td>", t.t("home"), escape(l), id = escape(&a.home)))
+        .unwrap_or_default();
+    format!(
+        "<tr data-alert=\"{id}\">{home}<td data-label=\"{kl}\"><span class=\"pill sev-{sev:?}\">{kind}</span></td>\
+         <td data-label=\"{tl}\">{tier:?}</td><td data-label=\"{sl}\">{since}</td><td>{ack}{form}</td></tr>",
+        id = escape(&a.id),
+        kl = t.t("alerts"),
+        sev = a.severity,
+        kind = escape(kind_text(&a.kind, v.lang)),
+        tl = t.t("tier"),
+        tier = a.tier,
+        sl = t.t("since"),
+        since = local(a.since, offset),
+        ack = ack_text(a, t, offset),
+        form = ack_form(v, a, back),
+    )
+}
+
+/// `GET /alerts`: open alerts across the user's homes.
+pub async fn alerts(State(app): State<App>, v: Viewer) -> Response {
+    let t = T(v.lang);
+    let snap = app.snap();
+    let list = view::open_alerts(&snap.engine, &v.user);
+    let mut body = format!("<h1>{}</h1>", t.t("alerts"));
+    if list.is_empty() {
+        let _ = write!(body, "<p>{}</p>", t.t("no_alerts"));
+    } else {
+        body.push_str("<table class=\"alerts\"><tbody>");
+        for (label, a) in &list {
+            body.push_str(&alert_row(&v, Some(label), a, "/alerts", app.style.offset));
+        }
+        body.push_str("</tbody></table>");
+    }
+    layout(&v, t.t("alerts"), &body).into_response()
+}
+
+/// An acknowledgement or clear form.
+#[derive(Deserialize)]
+pub struct AckForm {
+    #[serde(default)]
+    csrf: String,
+    #[serde(default)]
+    note: String,
+    next: Option<String>,
+}
+
+/// `POST /alerts/{id}/ack`.
+pub async fn ack_alert(State(app): State<App>, v: Viewer, client: Client, Path(id): Path<String>, Form(f): Form<AckForm>) -> Response {
+    if let Err(r) = v.check_csrf(&f.csrf) {
+        return r;
+    }
+    let snap = app.snap();
+    let Some(alert) = view::alert(&snap.engine, &v.user, &id) else { return not_found(v.lang) };
+    let note = Some(f.note.trim().chars().take(200).collect::<String>()).filter(|n| !n.is_empty());
+    let detail = format!("{} {}", alert.home.as_str(), note.clone().unwrap_or_default());
+    let (role, by) = (v.user.role.ack_role(), v.user.username.clone());
+    match app.ask(|reply| WebRequest::Ack { alert_id: id.clone(), role, by, note, reply }).await {
+        Ok(()) => {
+            audit_log(&app, &v.user.username, &client.text(), "ack", &id, detail.trim()).await;
+            Redirect::to(&local_path(f.next.as_deref())).into_response()
+        }
+        Err(e) => (StatusCode::CONFLICT, Html(format!("<p>{}</p>", escape(&e)))).into_response(),
+    }
+}
+
+/// `POST /alerts/{id}/clear`.
+pub async fn clear_alert(State(app): State<App>, v: Viewer, client: Client, Path(id): Path<String>, Form(f): Form<AckForm>) -> Response {
+    if let Err(r) = v.check_csrf(&f.csrf) {
+        return r;
+    }
+    let snap = app.snap();
+    let Some(alert) = view::alert(&snap.engine, &v.user, &id) else { return not_found(v.lang) };
+    if !v.user.may_clear() {
+        return (StatusCode::FORBIDDEN, Html("<p>forbidden</p>".to_string())).into_response();
+    }
+    let home = alert.home.as_str().to_string();
+    let by = v.user.username.clone();
+    match app.ask(|reply| WebRequest::Clear { alert_id: id.clone(), by, reply }).await {
+        Ok(()) => {
+            audit_log(&app, &v.user.username, &client.text(), "clear", &id, &home).await;
+            Redirect::to(&local_path(f.next.as_deref())).into_response()
+        }
+        Err(e) => (StatusCode::CONFLICT, layout(&v, "409", &format!("<p class=\"error\">{}</p>", escape(&e)))).into_response(),
+    }
+}
+
+/// `POST /incidents/{id}/ack`.
+pub async fn ack_incident(State(app): State<App>, v: Viewer, client: Client, Path(id): Path<String>, Form(f): Form<AckForm>) -> Response {
+    if let Err(r) = v.check_csrf(&f.csrf) {
+        return r;
+    }
+    let snap = app.snap();
+    let now = crate::clock::now();
+    if !view::incidents(&snap.engine, &v.user, now).iter().any(|i| i.id == id) {
+        return not_found(v.lang);
+    }
+    let note = Some(f.note.trim().chars().take(200).collect::<String>()).filter(|n| !n.is_empty());
+    let detail = note.clone().unwrap_or_default();
+    let (role, by) = (v.user.role.ack_role(), v.user.username.clone());
+    match app.ask(|reply| WebRequest::Ack { alert_id: id.clone(), role, by, note, reply }).await {
+        Ok(()) => {
+            audit_log(&app, &v.user.username, &client.text(), "ack", &id, &detail).await;
+            Redirect::to(&format!("/incidents/{id}")).into_response()
+        }
+        Err(e) => (StatusCode::CONFLICT, Html(format!("<p>{}</p>", escape(&e)))).into_response(),
+    }
+}
+
+/// `GET /incidents/{id}`: the triage list.
+pub async fn incident(State(app): State<App>, v: Viewer, client: Client, Path(id): Path<String>) -> Response {
+    let t = T(v.lang);
+    let snap = app.snap();
+    let now = crate::clock::now();
+    let offset = app.style.offset;
+    let Some(i) = view::incidents(&snap.engine, &v.user, now).into_iter().find(|i| i.id == id) else {
+        return not_found(v.lang);
+    };
+    if !v.live {
+        audit_log(&app, &v.user.username, &client.text(), "view_incident", &id, &i.municipality).await;
+    }
+    let mut body = format!(
+        "<h1>{} {}</h1><p>{} {}</p><table class=\"triage\"><thead><tr><th>{}</th><th>{}</th><th>{}</th><th>{}</th><th>{}</th><th>{}</th><th>{}</th></tr></thead><tbody>",
+        t.t("incident"),
+        escape(&i.municipality),
+        t.t("since"),
+        local(i.opened_at, offset),
+        t.t("home"),
+        t.t("power"),
+        t.t("time_left"),
+        t.t("tier"),
+        t.t("acknowledged"),
+        t.t("destination"),
+        t.t("travel"),
+    );
+    for r in &i.rows {
+        let power = if r.silent {
+            format!("<span class=\"pill bad\">{}</span>", t.t("silent"))
+        } else if r.on_battery {
+            format!("<span class=\"pill bad\">{}</span>", t.t("battery"))
+        } else {
+            format!("<span class=\"pill ok\">{}</span>", t.t("mains"))
+        };
+        let left = r.time_left_s.map(|s| duration(s, v.lang)).unwrap_or_else(|| "?".into());
+        let basis_text = r.basis.as_deref().map(|b| basis(b, v.lang)).unwrap_or("");
+        let _ = write!(
+            body,
+            "<tr class=\"{cls}\"><td data-label=\"{hl}\"><a href=\"/homes/{id}\">{label}</a></td><td data-label=\"{pl}\">{power}</td>\
+             <td data-label=\"{tl}\"><strong>{left}</strong><br><small>{basis_text}</small></td><td data-label=\"{tier_l}\">{tier:?}</td>\
+             <td data-label=\"{al}\">{ack}</td><td data-label=\"{dl}\">{dest}</td><td data-label=\"{trl}\">{travel}</td></tr>",
+            cls = if r.silent { "urgent silent" } else if r.on_battery { "urgent" } else { "" },
+            id = escape(r.home.as_str()),
+            label = escape(&r.label),
+            tier = r.tier,
+            ack = r.acknowledged_by.map(role_name).unwrap_or("—"),
+            dest = escape(r.destination.as_deref().unwrap_or("—")),
+            travel = r.travel_min.map(|m| format!("{m} min")).unwrap_or_else(|| "—".into()),
+            hl = t.t("home"),
+            pl = t.t("power"),
+            tl = t.t("time_left"),
+            tier_l = t.t("tier"),
+            al = t.t("acknowledged"),
+            dl = t.t("destination"),
+            trl = t.t("travel"),
+        );
+    }
+    body.push_str("</tbody></table>");
+    for a in &i.acks {
+        let _ = write!(
+            body,
+            "<p class=\"muted\">{} {} ({}) {}{}</p>",
+            t.t("acknowledged"),
+            escape(&a.by),
+            role_name(a.role),
+            local(a.at, offset),
+            a.note.as_ref().map(|n| format!(" <q>{}</q>", escape(n))).unwrap_or_default()
+        );
+    }
+    let _ = write!(
+        body,
+        "<form method=\"post\" action=\"/incidents/{id}/ack\" class=\"ack\">{csrf}\
+         <input name=\"note\" maxlength=\"200\" placeholder=\"{note}\" aria-label=\"{note}\"><button>{ack}</button></form>",
+        id = escape(&i.id),
+        csrf = v.csrf_field(),
+        note = t.t("note"),
+        ack = t.t("acknowledge"),
+    );
+    layout(&v, t.t("incident"), &body).into_response()
+}
+
+/// An inline SVG line chart of one or two series over `[from, to]`.
+pub fn chart(title: &str, series: &[(&str, Vec<(Time, f64)>)], from: Time, to: Time, empty: &str) -> String {
+    let (w, h, pad_l, pad_b) = (600.0, 140.0, 36.0, 18.0);
+    let values: Vec<f64> = series.iter().flat_map(|(_, s)| s.iter().map(|(_, v)| *v)).collect();
+    let mut out = format!("<figure class=\"chart\"><figcaption>{}</figcaption>", escape(title));
+    if values.is_empty() {
+        let _ = write!(out, "<p class=\"muted\">{}</p></figure>", escape(empty));
+        return out;
+    }
+    let lo = values.iter().copied().fold(f64::INFINITY, f64::min);
+    let hi = values.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    let (lo, hi) = if (hi - lo).abs() < 1e-9 { (lo - 1.0, hi + 1.0) } else { (lo, hi) };
+    let span = (to - from).num_seconds().max(1) as f64;
+    let x = |t: Time| pad_l + (w - pad_l - 4.0) * ((t - from).num_seconds() as f64 / span).clamp(0.0, 1.0);
+    let y = |v: f64| 4.0 + (h - pad_b - 8.0) * (1.0 - (v - lo) / (hi - lo));
+    let _ = write!(
+        out,
+        "<svg viewBox=\"0 0 {w} {h}\" role=\"img\" aria-label=\"{t}\" preserveAspectRatio=\"none\">\
+         <line x1=\"{pad_l}\" y1=\"{b}\" x2=\"{w}\" y2=\"{b}\" class=\"axis\"/>\
+         <text x=\"2\" y=\"12\" class=\"tick\">{hi:.0}</text><text x=\"2\" y=\"{b}\" class=\"tick\">{lo:.0}</text>",
+        t = escape(title),
+        b = h - pad_b,
+    );
+    for k in 0..=4 {
+        let tx = pad_l + (w - pad_l - 4.0) * f64::from(k) / 4.0;
+        let label = if k == 4 { "now".to_string() } else { format!("-{}h", 24 - k * 6) };
+        let _ = write!(out, "<text x=\"{tx:.0}\" y=\"{}\" class=\"tick\">{label}</text>", h - 4.0);
+    }
+    for (i, (_, s)) in series.iter().enumerate() {
+        let pts: Vec<String> = s.iter().map(|(t, v)| format!("{:.1},{:.1}", x(*t), y(*v))).collect();
+        let _ = write!(out, "<polyline class=\"s{i}\" points=\"{}\"/>", pts.join(" "));
+    }
+    out.push_str("</svg>");
+    if series.len() > 1 {
+        out.push_str("<p class=\"legend\">");
+        for (i, (name, _)) in series.iter().enumerate() {
+            let _ = write!(out, "<span class=\"k{i}\">■ {}</span> ", escape(name));
+        }
+        out.push_str("</p>");
+    }
+    out.push_str("</figure>");
+    out
+}
+
+struct HomeHistory {
+    telemetry: Vec<Telemetry>,
+    events: Vec<mamori_protocol::mqtt::Event>,
+    alerts: Vec<crate::engine::Alert>,
+    outbox: BTreeMap<String, Vec<OutboxRow>>,
+}
+
+/// `GET /homes/{id}`.
+pub async fn home(State(app): State<App>, v: Viewer, client: Client, Path(id): Path<String>) -> Response {
+    let t = T(v.lang);
+    let snap = app.snap();
+    let now = crate::clock::now();
+    let offset = app.style.offset;
+    let Some(plan) = view::home(&snap.engine, &v.user, &id) else { return not_found(v.lang) };
+    if !v.live {
+        audit_log(&app, &v.user.username, &client.text(), "view_home", &id, "").await;
+    }
+    let h = view::home_view(plan, snap.engine.home_state(&plan.id), now);
+    let home_id = plan.id.clone();
+    let since = now - chrono::Duration::hours(24);
+    let history = app
+        .db(move |s| {
+            let alerts = s.alerts_for(&home_id, 50)?;
+            let mut outbox = BTreeMap::new();
+            for a in &alerts {
+                outbox.insert(a.id.clone(), crate::store::Store::outbox_for(s, &a.id)?);
+            }
+            Ok(HomeHistory {
+                telemetry: s.telemetry_since(&home_id, since, 400)?,
+                events: s.events_for(&home_id, 100)?,
+                alerts,
+                outbox,
+            })
+        })
+        .await;
+    let history = match history {
+        Ok(h) => h,
+        Err(e) => return failed(e),
+    };
+    let back = format!("/homes/{}", h.id);
+    let mut body = format!(
+        "<h1>{label} <small>{id}</small></h1><dl class=\"state\">\
+         <div><dt>{pl}</dt><dd>{power}</dd></div><div><dt>{tl}</dt><dd>{left}</dd></div>\
+         <div><dt>{cl}</dt><dd>{conn}</dd></div><div><dt>{dl}</dt><dd>{dev}</dd></div>\
+         <div><dt>{ol}</dt><dd>{oxi}</dd></div><div><dt>{vl}</dt><dd>{vent}</dd></div>{evac}</dl>",
+        label = escape(&h.label),
+        id = escape(&h.id),
+        pl = t.t("power"),
+        power = power_cell(&h, t),
+        tl = t.t("time_left"),
+        left = time_left_text(&h, t),
+        cl = t.t("last_heard"),
+        conn = conn_cell(&h, t, offset),
+        dl = t.t("devices"),
+        dev = devices_cell(&h, t),
+        ol = t.t("oximeter"),
+        oxi = oxi_cell(&h),
+        vl = t.t("ventilator"),
+        vent = vent_cell(&h, t),
+        evac = h
+            .evacuation
+            .as_ref()
+            .map(|(d, m)| format!("<div><dt>{}</dt><dd>{} ({m} min)</dd></div>", t.t("destination"), escape(d)))
+            .unwrap_or_default(),
+    );
+    // Active alerts.
+    let _ = write!(body, "<h2>{}</h2>", t.t("alerts"));
+    if h.alerts.is_empty() {
+        let _ = write!(body, "<p>{}</p>", t.t("no_alerts"));
+    } else {
+        body.push_str("<table class=\"alerts\"><tbody>");
+        for a in &h.alerts {
+            body.push_str(&alert_row(&v, None, a, &back, offset));
+        }
+        body.push_str("</tbody></table>");
+    }
+    // Charts.
+    let series = |f: &dyn Fn(&Telemetry) -> Option<f64>| -> Vec<(Time, f64)> {
+        history.telemetry.iter().filter_map(|x| f(x).map(|v| (x.ts.with_timezone(&chrono::Utc), v))).collect()
+    };
+    let _ = write!(body, "<h2>{}</h2><div class=\"charts\">", t.t("charts"));
+    body.push_str(&chart(
+        t.t("charge"),
+        &[(t.t("charge"), series(&|x| x.ups.as_ref().and_then(|u| u.battery_charge_pct)))],
+        since,
+        now,
+        t.t("no_data"),
+    ));
+    body.push_str(&chart(
+        t.t("runtime"),
+        &[(t.t("runtime"), series(&|x| x.ups.as_ref().and_then(|u| u.runtime_s).map(|s| f64::from(s) / 60.0)))],
+        since,
+        now,
+        t.t("no_data"),
+    ));
+    body.push_str(&chart(
+        "SpO2 / pulse",
+        &[
+            (t.t("spo2"), series(&|x| x.oximeter.as_ref().and_then(|o| o.spo2_pct).map(f64::from))),
+            (t.t("pulse"), series(&|x| x.oximeter.as_ref().and_then(|o| o.pulse_bpm).map(f64::from))),
+        ],
+        since,
+        now,
+        t.t("no_data"),
+    ));
+    body.push_str("</div>");
+    // Alert history with deliveries.
+    let _ = write!(body, "<h2>{}</h2>", t.t("all_alerts"));
+    for a in &history.alerts {
+        let cleared = a
+            .cleared_at
+            .map(|c| {
+                format!(
+                    " · {} {}{}",
+                    t.t("cleared"),
+                    local(c, offset),
+                    a.cleared_by.as_ref().map(|b| format!(" ({} {})", t.t("by"), escape(b))).unwrap_or_default()
+                )
+            })
+            .unwrap_or_default();
+        let acks: Vec<String> = a
+            .acks
+            .iter()
+            .map(|k| {
+                format!(
+                    "{} {} ({}) {}{}",
+                    t.t("acknowledged"),
+                    escape(&k.by),
+                    role_name(k.role),
+                    local(k.at, offset),
+                    k.note.as_ref().map(|n| format!(" <q>{}</q>", escape(n))).unwrap_or_default()
+                )
+            })
+            .collect();
+        let _ = write!(
+            body,
+            "<details class=\"alert-history\" data-alert=\"{id}\"{open}><summary><span class=\"pill sev-{sev:?}\">{kind}</span> {since}{cleared}</summary>\
+             <p>{acks}</p>",
+            id = escape(&a.id),
+            open = if a.cleared_at.is_none() { " open" } else { "" },
+            sev = a.severity,
+            kind = escape(kind_text(&a.kind, v.lang)),
+            since = local(a.since, offset),
+            acks = acks.join("<br>"),
+        );
+        let rows = history.outbox.get(&a.id).map(Vec::as_slice).unwrap_or(&[]);
+        if !rows.is_empty() {
+            let _ = write!(
+                body,
+                "<table class=\"deliveries\"><caption>{}</caption><thead><tr><th>{}</th><th>{}</th><th>{}</th><th>{}</th><th>{}</th></tr></thead><tbody>",
+                t.t("history"),
+                t.t("recipient"),
+                t.t("channel"),
+                t.t("status"),
+                t.t("attempts"),
+                t.t("last_error"),
+            );
+            for r in rows {
+                let status = match r.status {
+                    crate::store::OutboxStatus::Delivered => format!(
+                        "<span class=\"pill ok\">{}</span> {}",
+                        t.t("delivered"),
+                        r.delivered_at.map(|d| local_s(d, offset)).unwrap_or_default()
+                    ),
+                    crate::store::OutboxStatus::Pending => format!("<span class=\"pill warn\">{}</span>", t.t("pending")),
+                    crate::store::OutboxStatus::Abandoned => format!("<span class=\"pill bad\">{}</span>", t.t("abandoned")),
+                };
+                let fallback = if r.fallback_done { format!(" <span class=\"pill warn\">{}</span>", t.t("fallback")) } else { String::new() };
+                let _ = write!(
+                    body,
+                    "<tr class=\"delivery\"><td>{} <small>{}</small></td><td>{}</td><td>{status}{fallback}</td><td>{}</td><td>{}</td></tr>",
+                    escape(&r.recipient),
+                    role_name(r.role),
+                    escape(&r.channel.key()),
+                    r.attempts,
+                    escape(r.last_error.as_deref().unwrap_or("")),
+                );
+            }
+            body.push_str("</tbody></table>");
+        }
+        body.push_str("</details>");
+    }
+    // Events.
+    let _ = write!(body, "<h2>{}</h2><ol class=\"timeline\">", t.t("events"));
+    for e in &history.events {
+        let _ = write!(
+            body,
+            "<li><time>{}</time> <span class=\"pill sev-{:?}\">{}</span>{}</li>",
+            local_s(e.ts.with_timezone(&chrono::Utc), offset),
+            e.severity,
+            escape(kind_text(e.kind.as_str(), v.lang)),
+            e.source.as_ref().map(|s| format!(" <small>{}</small>", escape(s))).unwrap_or_default()
+        );
+    }
+    body.push_str("</ol>");
+    layout(&v, &h.label, &body).into_response()
+}
+
+/// `GET /account`.
+pub async fn account(State(_app): State<App>, v: Viewer) -> Response {
+    account_page(&v, None, None)
+}
+
+fn account_page(v: &Viewer, message: Option<&str>, new_secret: Option<String>) -> Response {
+    let t = T(v.lang);
+    let msg = message.map(|m| format!("<p class=\"notice\" role=\"status\">{}</p>", escape(m))).unwrap_or_default();
+    let totp = if v.user.totp {
+        format!("<p>{}</p>", t.t("totp_on"))
+    } else {
+        let secret = new_secret.unwrap_or_else(accounts::new_totp_secret);
+        format!(
+            "<p>{}</p><p><code>{}</code></p><p><small>{}</small></p>\
+             <form method=\"post\" action=\"/account/totp\">{csrf}<input type=\"hidden\" name=\"secret\" value=\"{s}\">\
+             <label>{c}<input name=\"code\" inputmode=\"numeric\" maxlength=\"6\" required></label><button>{save}</button></form>",
+            t.t("totp_setup"),
+            escape(&secret),
+            escape(&accounts::totp_uri(&v.user.username, &secret)),
+            csrf = v.csrf_field(),
+            s = escape(&secret),
+            c = t.t("totp_code"),
+            save = t.t("save"),
+        )
+    };
+    let scope = match v.user.role {
+        AccountRole::Admin => "*".to_string(),
+        AccountRole::Coordinator => v.user.municipalities.join(", "),
+        _ => v.user.homes.join(", "),
+    };
+    let body = format!(
+        "<h1>{acc}</h1>{msg}<p>{name} ({user}) · {role} · {scope_l}: {scope}</p>\
+         <h2>{cp}</h2><form method=\"post\" action=\"/account/password\">{csrf}\
+         <label>{cur}<input type=\"password\" name=\"current\" autocomplete=\"current-password\" required></label>\
+         <label>{new}<input type=\"password\" name=\"new\" autocomplete=\"new-password\" minlength=\"12\" required></label>\
+         <button>{save}</button></form><h2>{totp_h}</h2>{totp}",
+        acc = t.t("account"),
+        name = escape(&v.user.display_name),
+        user = escape(&v.user.username),
+        role = v.user.role.as_str(),
+        scope_l = t.t("scope"),
+        scope = escape(&scope),
+        cp = t.t("change_password"),
+        csrf = v.csrf_field(),
+        cur = t.t("current_password"),
+        new = t.t("new_password"),
+        save = t.t("save"),
+        totp_h = t.t("totp"),
+    );
+    layout(v, t.t("account"), &body).into_response()
+}
+
+/// The password form.
+#[derive(Deserialize)]
+pub struct PasswordForm {
+    #[serde(default)]
+    csrf: String,
+    current: String,
+    new: String,
+}
+
+/// `POST /account/password`.
+pub async fn account_password(State(app): State<App>, v: Viewer, client: Client, Form(f): Form<PasswordForm>) -> Response {
+    if let Err(r) = v.check_csrf(&f.csrf) {
+        return r;
+    }
+    let name = v.user.username.clone();
+    let r = app
+        .db(move |s| {
+            let hash: String =
+                s.conn().query_row("SELECT password_hash FROM users WHERE username = ?1", [&name], |r| r.get(0))?;
+            if !accounts::verify_password(&hash, &f.current) {
+                return Ok(Err("current password is wrong / 現在のパスワードが違います".to_string()));
+            }
+            Ok(Accounts::new(s.conn()).set_password(&name, &f.new).map_err(|e| e.to_string()))
+        })
+        .await;
+    match r {
+        Ok(Ok(())) => {
+            audit_log(&app, &v.user.username, &client.text(), "password_change", &v.user.username, "").await;
+            // Changing the password ends every session, this one included.
+            Redirect::to("/login").into_response()
+        }
+        Ok(Err(e)) => account_page(&v, Some(&e), None),
+        Err(e) => failed(e),
+    }
+}
+
+/// The TOTP form.
+#[derive(Deserialize)]
+pub struct TotpForm {
+    #[serde(default)]
+    csrf: String,
+    secret: String,
+    code: String,
+}
+
+/// `POST /account/totp`.
+pub async fn account_totp(State(app): State<App>, v: Viewer, client: Client, Form(f): Form<TotpForm>) -> Response {
+    if let Err(r) = v.check_csrf(&f.csrf) {
+        return r;
+    }
+    if v.user.totp {
+        return account_page(&v, None, None);
+    }
+    let (name, secret, code, now) = (v.user.username.clone(), f.secret.clone(), f.code.clone(), crate::clock::now());
+    match app.db(move |s| Ok(Accounts::new(s.conn()).enable_totp(&name, &secret, &code, now)?)).await {
+        Ok(true) => {
+            audit_log(&app, &v.user.username, &client.text(), "totp_enable", &v.user.username, "").await;
+            let mut v = v;
+            v.user.totp = true;
+            account_page(&v, Some(T(v.lang).t("done")), None)
+        }
+        Ok(false) => account_page(&v, Some(T(v.lang).t("login_failed")), Some(f.secret)),
+        Err(e) => failed(e),
+    }
+}
+
+fn admin_only(v: &Viewer) -> Result<(), Response> {
+    if v.user.role == AccountRole::Admin {
+        Ok(())
+    } else {
+        Err(not_found(v.lang))
+    }
+}
+
+/// `GET /admin/users`.
+pub async fn admin_users(State(app): State<App>, v: Viewer) -> Response {
+    if let Err(r) = admin_only(&v) {
+        return r;
+    }
+    admin_users_page(&app, &v, None).await
+}
+
+async fn admin_users_page(app: &App, v: &Viewer, message: Option<String>) -> Response {
+    let t = T(v.lang);
+    let users = match app.db(|s| Ok(Accounts::new(s.conn()).list()?)).await {
+        Ok(u) => u,
+        Err(e) => return failed(e),
+    };
+    let mut body = format!("<h1>{}</h1>", t.t("users"));
+    if let Some(m) = message {
+        let _ = write!(body, "<p class=\"notice\" role=\"status\">{}</p>", escape(&m));
+    }
+    let _ = write!(
+        body,
+        "<table><thead><tr><th>{}</th><th>{}</th><th>{}</th><th>{}</th><th></th></tr></thead><tbody>",
+        t.t("username"),
+        t.t("display_name"),
+        t.t("role"),
+        t.t("scope")
+    );
+    for u in &users {
+        let scope = match u.role {
+            AccountRole::Admin => "*".to_string(),
+            AccountRole::Coordinator => u.municipalities.join(", "),
+            _ => u.homes.join(", "),
+        };
+        let toggle = if u.disabled { ("enable", t.t("enable")) } else { ("disable", t.t("disable")) };
+        let _ = write!(
+            body,
+            "<tr><td>{name}{dis}</td><td>{disp}</td><td>{role}{totp}</td><td>{scope}</td><td>\
+             <form method=\"post\" action=\"/admin/users/{name}\" class=\"inline\">{csrf}<input type=\"hidden\" name=\"action\" value=\"{ta}\"><button class=\"secondary\">{tl}</button></form>\
+             <form method=\"post\" action=\"/admin/users/{name}\" class=\"inline\">{csrf}<input type=\"hidden\" name=\"action\" value=\"token\"><button class=\"secondary\">{tok}</button></form>\
+             <form method=\"post\" action=\"/admin/users/{name}\" class=\"inline\">{csrf}<input type=\"hidden\" name=\"action\" value=\"password\">\
+             <input type=\"password\" name=\"password\" minlength=\"12\" placeholder=\"{rp}\" aria-label=\"{rp}\" autocomplete=\"new-password\"><button class=\"secondary\">{rp}</button></form></td></tr>",
+            name = escape(&u.username),
+            dis = if u.disabled { format!(" <span class=\"pill bad\">{}</span>", t.t("disabled")) } else { String::new() },
+            disp = escape(&u.display_name),
+            role = u.role.as_str(),
+            totp = if u.totp { " · 2FA" } else { "" },
+            scope = escape(&scope),
+            csrf = v.csrf_field(),
+            ta = toggle.0,
+            tl = toggle.1,
+            tok = t.t("new_token"),
+            rp = t.t("reset_password"),
+        );
+    }
+    let _ = write!(
+        body,
+        "</tbody></table><h2>{add}</h2><form method=\"post\" action=\"/admin/users\" class=\"stack\">{csrf}\
+         <label>{u}<input name=\"username\" required pattern=\"[a-z0-9._-]{{3,32}}\"></label>\
+         <label>{d}<input name=\"display_name\" required></label>\
+         <label>{r}<select name=\"role\"><option>coordinator</option><option>facility</option><option>family</option><option>admin</option></select></label>\
+         <label>{m}<input name=\"municipalities\"></label><label>{h}<input name=\"homes\"></label>\
+         <label>{p}<input type=\"password\" name=\"password\" minlength=\"12\" required autocomplete=\"new-password\"></label>\
+         <button>{add}</button></form>",
+        add = t.t("add_user"),
+        csrf = v.csrf_field(),
+        u = t.t("username"),
+        d = t.t("display_name"),
+        r = t.t("role"),
+        m = t.t("municipalities"),
+        h = t.t("homes_scope"),
+        p = t.t("password"),
+    );
+    layout(v, t.t("users"), &body).into_response()
+}
+
+fn list(s: &str) -> Vec<String> {
+    s.split([',', ' ']).map(str::trim).filter(|x| !x.is_empty()).map(String::from).collect()
+}
+
+/// The add-user form.
+#[derive(Deserialize)]
+pub struct AddUserForm {
+    #[serde(default)]
+    csrf: String,
+    username: String,
+    display_name: String,
+    role: String,
+    #[serde(default)]
+    municipalities: String,
+    #[serde(default)]
+    homes: String,
+    password: String,
+}
+
+/// `POST /admin/users`.
+pub async fn admin_add_user(State(app): State<App>, v: Viewer, client: Client, Form(f): Form<AddUserForm>) -> Response {
+    if let Err(r) = admin_only(&v) {
+        return r;
+    }
+    if let Err(r) = v.check_csrf(&f.csrf) {
+        return r;
+    }
+    let Some(role) = AccountRole::parse(&f.role) else {
+        return admin_users_page(&app, &v, Some(format!("unknown role {}", f.role))).await;
+    };
+    let new = NewUser {
+        username: f.username.trim().to_string(),
+        display_name: f.display_name.trim().to_string(),
+        role,
+        municipalities: list(&f.municipalities),
+        homes: list(&f.homes),
+    };
+    let totp = (role == AccountRole::Admin).then(accounts::new_totp_secret);
+    let (n, pw, secret, now) = (new.clone(), f.password, totp.clone(), crate::clock::now());
+    let r = app.db(move |s| Ok(Accounts::new(s.conn()).add(&n, &pw, secret.as_deref(), now).map_err(|e| e.to_string()))).await;
+    match r {
+        Ok(Ok(u)) => {
+            let scope = format!("{} {:?}{:?}", u.role.as_str(), u.municipalities, u.homes);
+            audit_log(&app, &v.user.username, &client.text(), "user_add", &u.username, &scope).await;
+            let msg = match totp {
+                Some(s) => format!("{} · TOTP: {}", u.username, accounts::totp_uri(&u.username, &s)),
+                None => u.username.clone(),
+            };
+            admin_users_page(&app, &v, Some(format!("{} {msg}", T(v.lang).t("done")))).await
+        }
+        Ok(Err(e)) => admin_users_page(&app, &v, Some(e)).await,
+        Err(e) => failed(e),
+    }
+}
+
+/// A change to one account.
+#[derive(Deserialize)]
+pub struct ChangeUserForm {
+    #[serde(default)]
+    csrf: String,
+    action: String,
+    #[serde(default)]
+    password: String,
+}
+
+/// `POST /admin/users/{name}`: disable, enable, reset the password, issue a token.
+pub async fn admin_change_user(
+    State(app): State<App>,
+    v: Viewer,
+    client: Client,
+    Path(name): Path<String>,
+    Form(f): Form<ChangeUserForm>,
+) -> Response {
+    if let Err(r) = admin_only(&v) {
+        return r;
+    }
+    if let Err(r) = v.check_csrf(&f.csrf) {
+        return r;
+    }
+    if name == v.user.username && f.action == "disable" {
+        return admin_users_page(&app, &v, Some("you cannot disable yourself".into())).await;
+    }
+    let (n, action, pw, now) = (name.clone(), f.action.clone(), f.password, crate::clock::now());
+    let r = app
+        .db(move |s| {
+            let acc = Accounts::new(s.conn());
+            let r = match action.as_str() {
+                "disable" => acc.set_disabled(&n, true).map(|_| None),
+                "enable" => acc.set_disabled(&n, false).map(|_| None),
+                "password" => acc.set_password(&n, &pw).map(|_| None),
+                "token" => acc.add_token(&n, "dashboard", now).map(Some),
+                other => Err(accounts::AccountError::Invalid(format!("unknown action {other}"))),
+            };
+            Ok(r.map_err(|e| e.to_string()))
+        })
+        .await;
+    match r {
+        Ok(Ok(token)) => {
+            let action: &'static str = match f.action.as_str() {
+                "disable" => "user_disable",
+                "enable" => "user_enable",
+                "password" => "user_password",
+                _ => "token_add",
+            };
+            audit_log(&app, &v.user.username, &client.text(), action, &name, "").await;
+            let msg = match token {
+                Some(tok) => format!("{} {}: {tok}", T(v.lang).t("token_shown_once"), name),
+                None => format!("{} {name}", T(v.lang).t("done")),
+            };
+            admin_users_page(&app, &v, Some(msg)).await
+        }
+        Ok(Err(e)) => admin_users_page(&app, &v, Some(e)).await,
+        Err(e) => failed(e),
+    }
+}
+
+/// `?before=`.
+#[derive(Deserialize)]
+pub struct Page {
+    before: Option<i64>,
+}
+
+/// `GET /admin/audit`.
+pub async fn admin_audit(State(app): State<App>, v: Viewer, Query(q): Query<Page>) -> Response {
+    if let Err(r) = admin_only(&v) {
+        return r;
+    }
+    let t = T(v.lang);
+    let before = q.before;
+    let r = app.db(move |s| Ok((audit::verify(s.conn())?, audit::entries(s.conn(), before, 200)?))).await;
+    let (verdict, entries) = match r {
+        Ok(x) => x,
+        Err(e) => return failed(e),
+    };
+    let verdict = match verdict {
+        audit::Verdict::Intact { entries, head } => {
+            format!("<p class=\"notice ok\">{} ({entries}) · <code>{}</code></p>", t.t("chain_ok"), &head[..16])
+        }
+        audit::Verdict::Broken { seq, reason } => {
+            format!("<p class=\"error\" role=\"alert\">{} #{seq}: {}</p>", t.t("chain_broken"), escape(&reason))
+        }
+    };
+    let mut body = format!("<h1>{}</h1>{verdict}<p><a href=\"/admin/audit.csv\">{}</a></p><table class=\"audit\"><tbody>", t.t("audit"), t.t("export"));
+    for e in &entries {
+        let _ = write!(
+            body,
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            e.seq,
+            escape(&e.at),
+            escape(&e.actor),
+            escape(&e.ip),
+            escape(&e.action),
+            escape(&e.target),
+            escape(&e.detail)
+        );
+    }
+    body.push_str("</tbody></table>");
+    if let Some(last) = entries.last().filter(|_| entries.len() == 200) {
+        let _ = write!(body, "<p><a href=\"/admin/audit?before={}\">{}</a></p>", last.seq, t.t("older"));
+    }
+    layout(&v, t.t("audit"), &body).into_response()
+}
+
+/// `GET /admin/audit.csv`.
+pub async fn admin_audit_csv(State(app): State<App>, v: Viewer, client: Client) -> Response {
+    if let Err(r) = admin_only(&v) {
+        return r;
+    }
+    audit_log(&app, &v.user.username, &client.text(), "audit_export", "audit", "").await;
+    match app
+        .db(|s| {
+            let mut out = Vec::new();
+            audit::export_csv(s.conn(), &mut out)?;
+            Ok(out)
+        })
+        .await
+    {
+        Ok(csv) => (
+            [
+                (header::CONTENT_TYPE, "text/csv; charset=utf-8"),
+                (header::CONTENT_DISPOSITION, "attachment; filename=\"mamori-audit.csv\""),
+            ],
+            csv,
+        )
+            .into_response(),
+        Err(e) => failed(e),
+    }
+}
+
+/// What the user's pages show, reduced to a fingerprint: a change event is sent only when
+/// it changes, so one home's telemetry says nothing to a user who cannot see that home.
+fn fingerprint(engine: &Engine, user: &crate::accounts::User) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    for (p, st) in engine.states_and_plans() {
+        if user.may_see(p) {
+            p.id.as_str().hash(&mut h);
+            serde_json::to_string(&st).unwrap_or_default().hash(&mut h);
+        }
+    }
+    for i in engine.incidents() {
+        if user.may_see_municipality(&i.municipality) {
+            serde_json::to_string(i).unwrap_or_default().hash(&mut h);
+        }
+    }
+    h.finish()
+}
+
+/// `GET /events`: server-sent events, `change` when something the user may see changed.
+pub async fn live(State(app): State<App>, v: Viewer) -> Sse<impl Stream<Item = Result<SseEvent, Infallible>>> {
+    let rx = app.snapshot.clone();
+    let user = v.user;
+    let first = fingerprint(&rx.borrow().engine, &user);
+    let stream = futures_util::stream::unfold((rx, user, first), |(mut rx, user, last)| async move {
+        loop {
+            rx.changed().await.ok()?;
+            let snap = rx.borrow_and_update().clone();
+            let fp = fingerprint(&snap.engine, &user);
+            if fp != last {
+                let ev = SseEvent::default().event("change").data(snap.version.to_string());
+                return Some((Ok(ev), (rx, user, fp)));
+            }
+        }
+    });
+    Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
+}
+
+/// `GET /static/app.css`.
+pub async fn css() -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/css; charset=utf-8"), (header::CACHE_CONTROL, "max-age=3600")],
+        include_str!("assets/app.css"),
+    )
+        .into_response()
+}
+
+/// `GET /static/app.js`.
+pub async fn js() -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/javascript; charset=utf-8"), (header::CACHE_CONTROL, "max-age=3600")],
+        include_str!("assets/app.js"),
+    )
+        .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_word_has_both_languages_and_keys_are_unique() {
+        let mut seen = std::collections::HashSet::new();
+        for (k, ja, en) in WORDS {
+            assert!(seen.insert(k), "{k} twice");
+            assert!(!ja.is_empty() && !en.is_empty(), "{k}");
+        }
+    }
+
+    #[test]
+    fn a_chart_scales_into_its_box_and_says_when_there_is_no_data() {
+        let from = chrono::DateTime::from_timestamp(1_790_000_000, 0).unwrap();
+        let to = from + chrono::Duration::hours(24);
+        let s = vec![(from, 50.0), (from + chrono::Duration::hours(12), 100.0), (to, 0.0)];
+        let svg = chart("c", &[("c", s)], from, to, "none");
+        assert!(svg.contains("points=\"36.0,65.0 318.0,4.0 600.0,126.0\""), "{svg}");
+        assert!(chart("c", &[("c", vec![])], from, to, "none").contains("none"));
+    }
+}

@@ -1,0 +1,225 @@
+//! What a user may see, as plain data: the pages render it and the API serialises it.
+//! Pure: a snapshot, a user and the time go in.
+
+use mamori_protocol::bridge::ContactState;
+use mamori_protocol::mqtt::Severity;
+use serde::Serialize;
+
+use crate::accounts::User;
+use crate::engine::{AckInfo, Alert, Connectivity, Engine, HomeState, Power, Time, TriageRow};
+use crate::homes::Home;
+use crate::policy::Tier;
+
+/// One home, as the overview and `GET /api/v1/homes` show it.
+#[derive(Debug, Clone, Serialize)]
+pub struct HomeView {
+    /// Opaque id.
+    pub id: String,
+    /// The label from the care plan.
+    pub label: String,
+    /// Municipality code.
+    pub municipality: String,
+    /// `mains`, `battery` or `unknown`.
+    pub power: &'static str,
+    /// On battery since.
+    pub on_battery_since: Option<Time>,
+    /// Time left on backup power, s (while on battery).
+    pub time_left_s: Option<i64>,
+    /// What the forecast rests on.
+    pub basis: Option<&'static str>,
+    /// The external backup is exhausted: only the ventilator's own battery is left.
+    pub on_last_battery: bool,
+    /// `online`, `silent` or `never`.
+    pub connectivity: &'static str,
+    /// Offline or stale.
+    pub silent: bool,
+    /// When the gateway last heard from the home.
+    pub last_heard: Option<Time>,
+    /// Sources the home reports.
+    pub devices: Vec<String>,
+    /// Sources that stopped answering.
+    pub devices_lost: Vec<String>,
+    /// SpO2, %.
+    pub spo2_pct: Option<u8>,
+    /// Pulse, bpm.
+    pub pulse_bpm: Option<u16>,
+    /// The ventilator's remote-alarm contact: `normal`, `alarm`, `cable_fault`.
+    pub ventilator: Option<&'static str>,
+    /// Evacuation destination and travel time, min.
+    pub evacuation: Option<(String, u32)>,
+    /// Active alerts.
+    pub alerts: Vec<AlertView>,
+    #[serde(skip)]
+    rank: (u8, i64),
+}
+
+/// An alert.
+#[derive(Debug, Clone, Serialize)]
+pub struct AlertView {
+    /// Id.
+    pub id: String,
+    /// Home id.
+    pub home: String,
+    /// Kind.
+    pub kind: String,
+    /// Severity.
+    pub severity: Severity,
+    /// Current tier.
+    pub tier: Tier,
+    /// When it began at the home.
+    pub since: Time,
+    /// When the gateway raised it.
+    pub raised_at: Time,
+    /// The current acknowledgement.
+    pub acknowledged: Option<AckInfo>,
+    /// Every acknowledgement.
+    pub acks: Vec<AckInfo>,
+    /// When it cleared.
+    pub cleared_at: Option<Time>,
+    /// Who cleared it by hand.
+    pub cleared_by: Option<String>,
+}
+
+impl AlertView {
+    /// From an alert.
+    pub fn of(a: &Alert) -> AlertView {
+        AlertView {
+            id: a.id.clone(),
+            home: a.home.as_str().to_string(),
+            kind: a.kind.clone(),
+            severity: a.severity,
+            tier: a.tier(),
+            since: a.since,
+            raised_at: a.raised_at,
+            acknowledged: a.acknowledged.clone(),
+            acks: a.acks.clone(),
+            cleared_at: a.cleared_at,
+            cleared_by: a.cleared_by.clone(),
+        }
+    }
+}
+
+/// One home's view.
+pub fn home_view(plan: &Home, st: Option<&HomeState>, now: Time) -> HomeView {
+    let default = HomeState::default();
+    let st = st.unwrap_or(&default);
+    let (power, since) = match st.power {
+        Power::Unknown => ("unknown", None),
+        Power::Mains => ("mains", None),
+        Power::Battery { since } => ("battery", Some(since)),
+    };
+    let forecast = st.forecast.filter(|_| since.is_some());
+    let time_left_s = forecast.map(|f| f.time_left(now).num_seconds());
+    let silent = st.conn.silent();
+    let mut alerts: Vec<AlertView> = st.alerts.values().map(AlertView::of).collect();
+    alerts.sort_by(|a, b| b.severity.cmp(&a.severity).then(b.tier.cmp(&a.tier)).then(a.raised_at.cmp(&b.raised_at)));
+    let critical = alerts.iter().any(|a| a.severity == Severity::Critical);
+    let rank = match (since.is_some(), silent) {
+        (true, true) => 0,
+        (true, false) => 1,
+        (false, true) => 2,
+        _ if critical => 3,
+        _ if !alerts.is_empty() => 4,
+        _ if st.conn == Connectivity::Never => 5,
+        _ => 6,
+    };
+    HomeView {
+        id: plan.id.as_str().to_string(),
+        label: plan.label.clone(),
+        municipality: plan.municipality.clone(),
+        power,
+        on_battery_since: since,
+        time_left_s,
+        basis: forecast.map(|f| f.basis.as_str()),
+        on_last_battery: forecast.is_some_and(|f| f.on_last_battery(now)),
+        connectivity: match st.conn {
+            Connectivity::Never => "never",
+            Connectivity::Online => "online",
+            _ => "silent",
+        },
+        silent,
+        last_heard: st.last_heard,
+        devices: st.devices.iter().cloned().collect(),
+        devices_lost: st.devices_lost.iter().cloned().collect(),
+        spo2_pct: st.oximeter.as_ref().and_then(|o| o.spo2_pct),
+        pulse_bpm: st.oximeter.as_ref().and_then(|o| o.pulse_bpm),
+        ventilator: st.ventilator.as_ref().map(|v| match v.alarm {
+            ContactState::Normal => "normal",
+            ContactState::Alarm => "alarm",
+            ContactState::CableFault => "cable_fault",
+        }),
+        evacuation: plan.evacuation.as_ref().map(|e| (e.destination.clone(), e.travel_min)),
+        alerts,
+        rank: (rank, time_left_s.unwrap_or(i64::MAX)),
+    }
+}
+
+/// Every home the user may see, worst first: on battery and silent, on battery by time
+/// left, silent, critical alerts, other alerts, never heard, fine.
+pub fn homes(engine: &Engine, user: &User, now: Time) -> Vec<HomeView> {
+    let mut v: Vec<HomeView> = engine
+        .states_and_plans()
+        .filter(|(p, _)| user.may_see(p))
+        .map(|(p, st)| home_view(p, st, now))
+        .collect();
+    v.sort_by(|a, b| a.rank.cmp(&b.rank).then_with(|| a.label.cmp(&b.label)));
+    v
+}
+
+/// One home, if the user may see it (`None` either way: not there, or not theirs).
+pub fn home<'a>(engine: &'a Engine, user: &User, id: &str) -> Option<&'a Home> {
+    let id = mamori_protocol::mqtt::HomeId::new(id).ok()?;
+    engine.plan(&id).filter(|p| user.may_see(p))
+}
+
+/// An open incident.
+#[derive(Debug, Clone, Serialize)]
+pub struct IncidentView {
+    /// Id.
+    pub id: String,
+    /// Municipality code.
+    pub municipality: String,
+    /// When it opened.
+    pub opened_at: Time,
+    /// Triage: soonest out first, silent homes included.
+    pub rows: Vec<TriageRow>,
+    /// Acknowledgements of the incident.
+    pub acks: Vec<AckInfo>,
+}
+
+/// Open incidents the user may see (coordinators of the municipality and admins).
+pub fn incidents(engine: &Engine, user: &User, now: Time) -> Vec<IncidentView> {
+    let mut v: Vec<IncidentView> = engine
+        .incidents()
+        .filter(|i| i.closed_at.is_none() && user.may_see_municipality(&i.municipality))
+        .map(|i| IncidentView {
+            id: i.id.clone(),
+            municipality: i.municipality.clone(),
+            opened_at: i.opened_at,
+            rows: engine.incident_triage(&i.id, now).unwrap_or_default(),
+            acks: i.acks.clone(),
+        })
+        .collect();
+    v.sort_by_key(|i| i.opened_at);
+    v
+}
+
+/// Active alerts across the user's homes, most urgent first.
+pub fn open_alerts(engine: &Engine, user: &User) -> Vec<(String, AlertView)> {
+    let mut v: Vec<(String, AlertView)> = engine
+        .states_and_plans()
+        .filter(|(p, _)| user.may_see(p))
+        .flat_map(|(p, st)| st.into_iter().flat_map(|s| s.alerts.values()).map(|a| (p.label.clone(), AlertView::of(a))))
+        .collect();
+    v.sort_by(|(_, a), (_, b)| b.tier.cmp(&a.tier).then(b.severity.cmp(&a.severity)).then(a.raised_at.cmp(&b.raised_at)));
+    v
+}
+
+/// The active alert with this id, if the user may see its home.
+pub fn alert<'a>(engine: &'a Engine, user: &User, id: &str) -> Option<&'a Alert> {
+    engine
+        .states_and_plans()
+        .filter(|(p, _)| user.may_see(p))
+        .flat_map(|(_, st)| st.into_iter().flat_map(|s| s.alerts.values()))
+        .find(|a| a.id == id)
+}

@@ -1,0 +1,567 @@
+//! The dashboard and API through the router (`oneshot`): every role against every route,
+//! sessions, CSRF, throttling, the audit log and the live stream's scope.
+//!
+//! The web layer is tested on its own here: a real SQLite file and a real engine with homes
+//! in two municipalities, and a stand-in for the service loop that applies acknowledgements
+//! and clears to that engine and publishes a new snapshot, as the loop does. The whole
+//! chain, in a real browser, is `tests/browser.rs`.
+#![allow(clippy::disallowed_methods, clippy::unwrap_used)]
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use axum::body::Body;
+use axum::http::{header, Request, StatusCode};
+use axum::Router;
+use chrono::Utc;
+use http_body_util::BodyExt;
+use mamori_gateway::accounts::{AccountRole, Accounts, NewUser};
+use mamori_gateway::engine::{Engine, Input, Settings};
+use mamori_gateway::homes::{HomesFile, Known};
+use mamori_gateway::message::Style;
+use mamori_gateway::policy::Policies;
+use mamori_gateway::store::SqliteStore;
+use mamori_gateway::web::{self, App, SessionSettings, Snapshot, WebRequest};
+use mamori_protocol::mqtt::{Event, EventKind, HomeId};
+use tokio::sync::{mpsc, watch};
+use tower::ServiceExt;
+
+const HOMES: &str = r#"
+[[home]]
+id = "home-a1"
+municipality = "431001"
+label = "A-1"
+devices = [{ name = "ventilator", watts = 30 }]
+backup = [{ kind = "ups", usable_wh = 500 }]
+evacuation = { destination = "市民病院", travel_min = 20 }
+contacts = [{ role = "family", name = "fam", channels = [{ console = "f" }] }]
+
+[[home]]
+id = "home-a2"
+municipality = "431001"
+label = "A-2"
+devices = [{ name = "ventilator", watts = 30 }]
+backup = [{ kind = "ups", usable_wh = 900 }]
+contacts = [{ role = "family", name = "fam", channels = [{ console = "f" }] }]
+
+[[home]]
+id = "home-b1"
+municipality = "131016"
+label = "B-1"
+devices = [{ name = "ventilator", watts = 30 }]
+backup = [{ kind = "ups", usable_wh = 700 }]
+contacts = [{ role = "family", name = "fam", channels = [{ console = "f" }] }]
+"#;
+
+const PASSWORD: &str = "correct horse battery";
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    router: Router,
+    db: Arc<Mutex<SqliteStore>>,
+    engine: Arc<Mutex<Engine>>,
+    snapshots: watch::Sender<Arc<Snapshot>>,
+    sessions: std::collections::HashMap<&'static str, (String, String)>,
+    tokens: std::collections::HashMap<&'static str, String>,
+    alert_a1: String,
+    alert_b1: String,
+    incident_a: String,
+}
+
+fn event(seq: u64, kind: EventKind) -> Event {
+    Event {
+        id: format!("e{seq}"),
+        seq,
+        ts: Utc::now().fixed_offset(),
+        kind,
+        severity: kind.default_severity(),
+        source: None,
+        data: Default::default(),
+    }
+}
+
+fn publish(engine: &Engine, tx: &watch::Sender<Arc<Snapshot>>) {
+    let version = tx.borrow().version + 1;
+    tx.send_replace(Arc::new(Snapshot { engine: engine.clone(), version }));
+}
+
+const ROLES: &[&str] = &["admin", "coord_a", "coord_b", "facility_a1", "family_a1"];
+
+fn fixture(dir: &Path) -> (Router, Arc<Mutex<SqliteStore>>, Arc<Mutex<Engine>>, watch::Sender<Arc<Snapshot>>) {
+    let homes = HomesFile::parse(HOMES, Path::new("homes.toml"), &Known::default()).unwrap();
+    let settings = Settings { incident_min_homes: 2, ..Settings::default() };
+    let mut engine = Engine::new(settings, Policies::default());
+    for h in homes.homes {
+        engine.upsert_home(h);
+    }
+    let now = Utc::now();
+    for (i, h) in ["home-a1", "home-a2", "home-b1"].iter().enumerate() {
+        let id = HomeId::new(h).unwrap();
+        engine.handle(Input::Event(id.clone(), event(1 + i as u64 * 10, EventKind::MainsLost)), now).unwrap();
+        engine.handle(Input::Event(id, event(2 + i as u64 * 10, EventKind::DeviceLost)), now).unwrap();
+    }
+    engine.poll(now);
+    engine.take_outputs();
+    let (snapshots, rx) = watch::channel(Arc::new(Snapshot { engine: engine.clone(), version: 1 }));
+    let engine = Arc::new(Mutex::new(engine));
+    // The stand-in for the service loop.
+    let (tx, mut requests) = mpsc::channel::<WebRequest>(16);
+    let (loop_engine, loop_tx) = (engine.clone(), snapshots.clone());
+    tokio::spawn(async move {
+        while let Some(r) = requests.recv().await {
+            let mut e = loop_engine.lock().unwrap();
+            let (input, reply) = match r {
+                WebRequest::Ack { alert_id, role, by, note, reply } => (Input::Ack { alert_id, role, by, note }, reply),
+                WebRequest::Clear { alert_id, by, reply } => (Input::Clear { alert_id, by }, reply),
+            };
+            let r = e.handle(input, Utc::now()).map_err(|e| e.to_string());
+            e.take_outputs();
+            publish(&e, &loop_tx);
+            let _ = reply.send(r);
+        }
+    });
+    let db = Arc::new(Mutex::new(SqliteStore::open(dir).unwrap()));
+    let app = App {
+        style: Style {
+            public_url: "https://mamori.example".into(),
+            link_secret: b"secret".to_vec(),
+            offset: chrono::FixedOffset::east_opt(9 * 3600).unwrap(),
+        },
+        proxies: mamori_gateway::listen::TrustedProxies::new(&[], "X-Forwarded-For").unwrap(),
+        tx,
+        snapshot: rx,
+        db: db.clone(),
+        throttle: Default::default(),
+        counters: Default::default(),
+        sessions: SessionSettings {
+            secure_cookies: true,
+            idle: chrono::Duration::minutes(30),
+            max_age: chrono::Duration::hours(12),
+        },
+    };
+    (web::router(app), db, engine, snapshots)
+}
+
+async fn setup() -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let (router, db, engine, snapshots) = fixture(dir.path());
+    let mut sessions = std::collections::HashMap::new();
+    let mut tokens = std::collections::HashMap::new();
+    {
+        let s = db.lock().unwrap();
+        let acc = Accounts::new(s.conn());
+        let users: [(&str, AccountRole, &[&str], &[&str]); 5] = [
+            ("admin", AccountRole::Admin, &[], &[]),
+            ("coord_a", AccountRole::Coordinator, &["431001"], &[]),
+            ("coord_b", AccountRole::Coordinator, &["131016"], &[]),
+            ("facility_a1", AccountRole::Facility, &[], &["home-a1"]),
+            ("family_a1", AccountRole::Family, &[], &["home-a1"]),
+        ];
+        for (name, role, m, h) in users {
+            let new = NewUser {
+                username: name.replace('_', "-"),
+                display_name: name.into(),
+                role,
+                municipalities: m.iter().map(|s| s.to_string()).collect(),
+                homes: h.iter().map(|s| s.to_string()).collect(),
+            };
+            let secret = (role == AccountRole::Admin).then(mamori_gateway::accounts::new_totp_secret);
+            let u = acc.add(&new, PASSWORD, secret.as_deref(), Utc::now()).unwrap();
+            let token = acc.start_session(&u, Utc::now()).unwrap();
+            let csrf = acc
+                .session(&token, Utc::now(), chrono::Duration::minutes(30), chrono::Duration::hours(12))
+                .unwrap()
+                .unwrap()
+                .csrf;
+            sessions.insert(name, (token, csrf));
+            tokens.insert(name, acc.add_token(&u.username, "test", Utc::now()).unwrap());
+        }
+    }
+    let (alert_a1, alert_b1, incident_a) = {
+        let e = engine.lock().unwrap();
+        let a = |h: &str| e.home_state(&HomeId::new(h).unwrap()).unwrap().alerts["mains_lost"].id.clone();
+        let inc = e.incidents().next().expect("an incident in 431001").id.clone();
+        (a("home-a1"), a("home-b1"), inc)
+    };
+    Fixture { _dir: dir, router, db, engine, snapshots, sessions, tokens, alert_a1, alert_b1, incident_a }
+}
+
+struct Reply {
+    status: StatusCode,
+    headers: axum::http::HeaderMap,
+    body: String,
+}
+
+async fn send(f: &Fixture, req: Request<Body>) -> Reply {
+    let r = f.router.clone().oneshot(req).await.unwrap();
+    let (parts, body) = r.into_parts();
+    let bytes = body.collect().await.unwrap().to_bytes();
+    Reply { status: parts.status, headers: parts.headers, body: String::from_utf8_lossy(&bytes).into() }
+}
+
+fn page(f: &Fixture, who: Option<&str>, method: &str, uri: &str, form: &str) -> Request<Body> {
+    let mut b = Request::builder().method(method).uri(uri);
+    if let Some(w) = who {
+        let (token, csrf) = &f.sessions[w];
+        b = b.header(header::COOKIE, format!("mamori_session={token}"));
+        if method == "POST" {
+            let form = if form.is_empty() { format!("csrf={csrf}") } else { format!("csrf={csrf}&{form}") };
+            return b.header(header::CONTENT_TYPE, "application/x-www-form-urlencoded").body(Body::from(form)).unwrap();
+        }
+    }
+    b.header(header::CONTENT_TYPE, "application/x-www-form-urlencoded").body(Body::from(form.to_string())).unwrap()
+}
+
+fn api(f: &Fixture, who: Option<&str>, method: &str, uri: &str) -> Request<Body> {
+    let mut b = Request::builder().method(method).uri(uri);
+    if let Some(w) = who {
+        b = b.header(header::AUTHORIZATION, format!("Bearer {}", f.tokens[w]));
+    }
+    if method == "POST" {
+        b = b.header(header::CONTENT_TYPE, "application/json");
+        return b.body(Body::from("{\"note\":\"on my way\"}")).unwrap();
+    }
+    b.body(Body::empty()).unwrap()
+}
+
+/// Expected status of a read route for each of [`ROLES`], and for no credentials.
+fn reads(f: &Fixture) -> Vec<(String, bool, [u16; 5], u16)> {
+    let (a1, b1, inc) = (&f.alert_a1, &f.alert_b1, &f.incident_a);
+    // (uri, is_api, [admin, coord_a, coord_b, facility_a1, family_a1], anonymous)
+    vec![
+        ("/".into(), false, [200, 200, 200, 200, 200], 303),
+        ("/alerts".into(), false, [200, 200, 200, 200, 200], 303),
+        ("/homes/home-a1".into(), false, [200, 200, 404, 200, 200], 303),
+        ("/homes/home-a2".into(), false, [200, 200, 404, 404, 404], 303),
+        ("/homes/home-b1".into(), false, [200, 404, 200, 404, 404], 303),
+        ("/homes/no-such-home".into(), false, [404, 404, 404, 404, 404], 303),
+        (format!("/incidents/{inc}"), false, [200, 200, 404, 404, 404], 303),
+        ("/account".into(), false, [200, 200, 200, 200, 200], 303),
+        ("/admin/users".into(), false, [200, 404, 404, 404, 404], 303),
+        ("/admin/audit".into(), false, [200, 404, 404, 404, 404], 303),
+        ("/admin/audit.csv".into(), false, [200, 404, 404, 404, 404], 303),
+        ("/api/v1/homes".into(), true, [200, 200, 200, 200, 200], 401),
+        ("/api/v1/homes/home-a1".into(), true, [200, 200, 404, 200, 200], 401),
+        ("/api/v1/homes/home-b1".into(), true, [200, 404, 200, 404, 404], 401),
+        ("/api/v1/homes/home-a1/telemetry".into(), true, [200, 200, 404, 200, 200], 401),
+        ("/api/v1/homes/home-a1/events".into(), true, [200, 200, 404, 200, 200], 401),
+        ("/api/v1/homes/home-b1/alerts".into(), true, [200, 404, 200, 404, 404], 401),
+        ("/api/v1/alerts".into(), true, [200, 200, 200, 200, 200], 401),
+        (format!("/api/v1/alerts/{a1}"), true, [200, 200, 404, 200, 200], 401),
+        (format!("/api/v1/alerts/{b1}"), true, [200, 404, 200, 404, 404], 401),
+        ("/api/v1/incidents".into(), true, [200, 200, 200, 200, 200], 401),
+        (format!("/api/v1/incidents/{inc}"), true, [200, 200, 404, 404, 404], 401),
+    ]
+    .into_iter()
+    .map(|(u, a, r, anon)| (u, a, r.map(|s| s), anon))
+    .collect()
+}
+
+#[tokio::test]
+async fn every_role_gets_what_its_scope_allows_on_every_read_route_and_nothing_else() {
+    let f = setup().await;
+    let mut failures = Vec::new();
+    for (uri, is_api, expected, anon) in reads(&f) {
+        for (who, want) in ROLES.iter().zip(expected) {
+            let req = if is_api { api(&f, Some(who), "GET", &uri) } else { page(&f, Some(who), "GET", &uri, "") };
+            let got = send(&f, req).await.status.as_u16();
+            if got != want {
+                failures.push(format!("{who} GET {uri}: {got}, expected {want}"));
+            }
+        }
+        let req = if is_api { api(&f, None, "GET", &uri) } else { page(&f, None, "GET", &uri, "") };
+        let r = send(&f, req).await;
+        if r.status.as_u16() != anon {
+            failures.push(format!("anonymous GET {uri}: {}, expected {anon}", r.status));
+        }
+        if !is_api {
+            let to = r.headers.get(header::LOCATION).and_then(|v| v.to_str().ok()).unwrap_or("");
+            assert!(to.starts_with("/login?next="), "{uri} redirects to the login, not {to}");
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+
+    // What a scoped list leaves out is simply not there.
+    let body = send(&f, api(&f, Some("coord_a"), "GET", "/api/v1/homes")).await.body;
+    assert!(body.contains("home-a1") && body.contains("home-a2") && !body.contains("home-b1"), "{body}");
+    let body = send(&f, page(&f, Some("coord_b"), "GET", "/", "")).await.body;
+    assert!(body.contains("B-1") && !body.contains("A-1") && !body.contains("広域停電"), "{body}");
+    let body = send(&f, api(&f, Some("family_a1"), "GET", "/api/v1/alerts")).await.body;
+    assert!(body.contains(&f.alert_a1) && !body.contains(&f.alert_b1), "{body}");
+    let body = send(&f, api(&f, Some("coord_b"), "GET", "/api/v1/incidents")).await.body;
+    assert_eq!(body, "{\"incidents\":[]}");
+}
+
+#[tokio::test]
+async fn writes_follow_the_scope_and_the_role() {
+    let f = setup().await;
+    let inc = f.incident_a.clone();
+    let b1 = f.alert_b1.clone();
+    // Out of scope: 404, and nothing changes.
+    for who in ["coord_a", "facility_a1", "family_a1"] {
+        let r = send(&f, page(&f, Some(who), "POST", &format!("/alerts/{b1}/ack"), "note=x")).await;
+        assert_eq!(r.status, StatusCode::NOT_FOUND, "{who}");
+        let r = send(&f, api(&f, Some(who), "POST", &format!("/api/v1/alerts/{b1}/ack"))).await;
+        assert_eq!(r.status, StatusCode::NOT_FOUND, "{who}");
+    }
+    for who in ["coord_b", "facility_a1", "family_a1"] {
+        let r = send(&f, page(&f, Some(who), "POST", &format!("/incidents/{inc}/ack"), "note=x")).await;
+        assert_eq!(r.status, StatusCode::NOT_FOUND, "{who}");
+    }
+    for who in ["coord_a", "coord_b", "facility_a1", "family_a1"] {
+        let r = send(&f, page(&f, Some(who), "POST", "/admin/users", "username=x&display_name=x&role=admin&password=aaaaaaaaaaaaaa")).await;
+        assert_eq!(r.status, StatusCode::NOT_FOUND, "{who}");
+        let r = send(&f, page(&f, Some(who), "POST", "/admin/users/admin", "action=disable")).await;
+        assert_eq!(r.status, StatusCode::NOT_FOUND, "{who}");
+    }
+    {
+        let e = f.engine.lock().unwrap();
+        let st = e.home_state(&HomeId::new("home-b1").unwrap()).unwrap();
+        assert!(st.alerts["mains_lost"].acks.is_empty(), "nothing reached the engine");
+    }
+    // In scope: the family acknowledges from the page; the coordinator through the API.
+    let a1 = f.alert_a1.clone();
+    let r = send(&f, page(&f, Some("family_a1"), "POST", &format!("/alerts/{a1}/ack"), "note=%E5%AF%BE%E5%BF%9C%E4%B8%AD&next=/alerts")).await;
+    assert_eq!(r.status, StatusCode::SEE_OTHER, "{}", r.body);
+    assert_eq!(r.headers[header::LOCATION], "/alerts");
+    let r = send(&f, api(&f, Some("coord_a"), "POST", &format!("/api/v1/alerts/{a1}/ack"))).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    let r = send(&f, page(&f, Some("coord_a"), "POST", &format!("/incidents/{inc}/ack"), "note=ok")).await;
+    assert_eq!(r.status, StatusCode::SEE_OTHER);
+    {
+        let e = f.engine.lock().unwrap();
+        let a = &e.home_state(&HomeId::new("home-a1").unwrap()).unwrap().alerts["mains_lost"];
+        let who: Vec<(&str, Option<&str>)> = a.acks.iter().map(|k| (k.by.as_str(), k.note.as_deref())).collect();
+        assert_eq!(who, [("family-a1", Some("対応中")), ("api:coord-a", Some("on my way"))]);
+    }
+    // Clear: a family may not; a power alert on battery may not be cleared; a device alert may.
+    let lost_a1 = f.engine.lock().unwrap().home_state(&HomeId::new("home-a1").unwrap()).unwrap().alerts["device_lost"].id.clone();
+    let r = send(&f, page(&f, Some("family_a1"), "POST", &format!("/alerts/{lost_a1}/clear"), "")).await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN);
+    let r = send(&f, api(&f, Some("family_a1"), "POST", &format!("/api/v1/alerts/{lost_a1}/clear"))).await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN);
+    let r = send(&f, api(&f, Some("facility_a1"), "POST", &format!("/api/v1/alerts/{a1}/clear"))).await;
+    assert_eq!(r.status, StatusCode::CONFLICT, "{}", r.body);
+    assert!(r.body.contains("condition still holds"), "{}", r.body);
+    let r = send(&f, page(&f, Some("facility_a1"), "POST", &format!("/alerts/{lost_a1}/clear"), "next=/homes/home-a1")).await;
+    assert_eq!(r.status, StatusCode::SEE_OTHER, "{}", r.body);
+    assert!(!f.engine.lock().unwrap().home_state(&HomeId::new("home-a1").unwrap()).unwrap().alerts.contains_key("device_lost"));
+
+    // Admin pages change accounts.
+    let r = send(&f, page(&f, Some("admin"), "POST", "/admin/users", "username=tanaka&display_name=Tanaka&role=coordinator&municipalities=131016&password=another+long+password")).await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert!(r.body.contains("tanaka"), "{}", r.body);
+    let r = send(&f, page(&f, Some("admin"), "POST", "/admin/users/coord-b", "action=disable")).await;
+    assert_eq!(r.status, StatusCode::OK);
+    let r = send(&f, page(&f, Some("coord_b"), "GET", "/", "")).await;
+    assert_eq!(r.status, StatusCode::SEE_OTHER, "a disabled account's session ends");
+    let r = send(&f, api(&f, Some("coord_b"), "GET", "/api/v1/homes")).await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED, "and its token stops working");
+
+    // Everything above is in the audit log, and the chain holds.
+    let s = f.db.lock().unwrap();
+    let entries = mamori_gateway::audit::entries(s.conn(), None, 100).unwrap();
+    let actions: Vec<(String, String)> = entries.iter().rev().map(|e| (e.actor.clone(), e.action.clone())).collect();
+    for want in [
+        ("family-a1", "ack"),
+        ("api:coord-a", "ack"),
+        ("coord-a", "ack"),
+        ("facility-a1", "clear"),
+        ("admin", "user_add"),
+        ("admin", "user_disable"),
+    ] {
+        assert!(actions.iter().any(|(a, b)| a == want.0 && b == want.1), "{want:?} in {actions:?}");
+    }
+    assert!(matches!(mamori_gateway::audit::verify(s.conn()).unwrap(), mamori_gateway::audit::Verdict::Intact { .. }));
+}
+
+#[tokio::test]
+async fn forms_without_the_session_token_are_refused() {
+    let f = setup().await;
+    let (token, _) = &f.sessions["coord_a"];
+    let a1 = &f.alert_a1;
+    for (uri, form) in [
+        (format!("/alerts/{a1}/ack"), "note=x".to_string()),
+        (format!("/alerts/{a1}/ack"), "csrf=forged&note=x".to_string()),
+        ("/logout".to_string(), String::new()),
+        ("/account/password".to_string(), format!("current={PASSWORD}&new=aaaaaaaaaaaaaaaa")),
+    ] {
+        let req = Request::builder()
+            .method("POST")
+            .uri(&uri)
+            .header(header::COOKIE, format!("mamori_session={token}"))
+            .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
+            .body(Body::from(form))
+            .unwrap();
+        assert_eq!(send(&f, req).await.status, StatusCode::FORBIDDEN, "{uri}");
+    }
+    assert!(f.engine.lock().unwrap().home_state(&HomeId::new("home-a1").unwrap()).unwrap().alerts["mains_lost"].acks.is_empty());
+    // Another user's token is not this session's either.
+    let (_, other_csrf) = &f.sessions["coord_b"];
+    let req = Request::builder()
+        .method("POST")
+        .uri(format!("/alerts/{a1}/ack"))
+        .header(header::COOKIE, format!("mamori_session={token}"))
+        .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
+        .body(Body::from(format!("csrf={other_csrf}")))
+        .unwrap();
+    assert_eq!(send(&f, req).await.status, StatusCode::FORBIDDEN);
+}
+
+async fn login(f: &Fixture, user: &str, password: &str, code: &str) -> Reply {
+    let r = send(f, Request::builder().uri("/login").body(Body::empty()).unwrap()).await;
+    assert_eq!(r.status, StatusCode::OK);
+    let cookie = r.headers[header::SET_COOKIE].to_str().unwrap().to_string();
+    let nonce = cookie.split(';').next().unwrap().trim_start_matches("mamori_login=").to_string();
+    let form = format!("csrf={nonce}&username={user}&password={}&code={code}&next=/alerts", password.replace(' ', "+"));
+    send(
+        f,
+        Request::builder()
+            .method("POST")
+            .uri("/login")
+            .header(header::COOKIE, format!("mamori_login={nonce}"))
+            .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
+            .body(Body::from(form))
+            .unwrap(),
+    )
+    .await
+}
+
+#[tokio::test]
+async fn login_sets_a_strict_cookie_throttles_guessing_and_wants_a_code_from_an_admin() {
+    let f = setup().await;
+    let r = login(&f, "coord-a", PASSWORD, "").await;
+    assert_eq!(r.status, StatusCode::SEE_OTHER, "{}", r.body);
+    assert_eq!(r.headers[header::LOCATION], "/alerts");
+    let cookie = r.headers[header::SET_COOKIE].to_str().unwrap();
+    for flag in ["HttpOnly", "SameSite=Strict", "Secure", "Path=/"] {
+        assert!(cookie.contains(flag), "{flag} in {cookie}");
+    }
+    let session = cookie.split(';').next().unwrap();
+    let req = Request::builder().uri("/").header(header::COOKIE, session).body(Body::empty()).unwrap();
+    let page = send(&f, req).await;
+    assert_eq!(page.status, StatusCode::OK);
+    assert_eq!(page.headers[header::CONTENT_SECURITY_POLICY].to_str().unwrap().split(';').next(), Some("default-src 'self'"));
+
+    // A login form without its cookie is refused (login CSRF).
+    let req = Request::builder()
+        .method("POST")
+        .uri("/login")
+        .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
+        .body(Body::from(format!("csrf=x&username=coord-a&password={}", PASSWORD.replace(' ', "+"))))
+        .unwrap();
+    assert_eq!(send(&f, req).await.status, StatusCode::FORBIDDEN);
+
+    // An admin needs the code.
+    assert_eq!(login(&f, "admin", PASSWORD, "").await.status, StatusCode::UNAUTHORIZED);
+    let secret: String = f
+        .db
+        .lock()
+        .unwrap()
+        .conn()
+        .query_row("SELECT totp_secret FROM users WHERE username = 'admin'", [], |r| r.get(0))
+        .unwrap();
+    let code = format!("{:06}", mamori_gateway::accounts::totp_code(&secret, Utc::now().timestamp() / 30).unwrap());
+    assert_eq!(login(&f, "admin", PASSWORD, &code).await.status, StatusCode::SEE_OTHER);
+    assert_eq!(login(&f, "admin", PASSWORD, &code).await.status, StatusCode::UNAUTHORIZED, "a code works once");
+
+    // Five wrong passwords lock the username, even with the right one after.
+    for _ in 0..5 {
+        assert_eq!(login(&f, "facility-a1", "wrong password!", "").await.status, StatusCode::UNAUTHORIZED);
+    }
+    let r = login(&f, "facility-a1", PASSWORD, "").await;
+    assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS, "{}", r.body);
+
+    let s = f.db.lock().unwrap();
+    let entries = mamori_gateway::audit::entries(s.conn(), None, 100).unwrap();
+    let count = |action: &str, actor: &str| entries.iter().filter(|e| e.action == action && e.actor == actor).count();
+    assert_eq!(count("login", "coord-a"), 1);
+    assert_eq!(count("login_failed", "facility-a1"), 6);
+    assert!(entries.iter().any(|e| e.action == "login_failed" && e.detail == "throttled"));
+    assert_eq!(count("view_home", "coord-a"), 0, "the overview is not a view of one home");
+}
+
+#[tokio::test]
+async fn views_of_a_home_are_audited_but_live_refreshes_are_not() {
+    let f = setup().await;
+    assert_eq!(send(&f, page(&f, Some("coord_a"), "GET", "/homes/home-a1", "")).await.status, StatusCode::OK);
+    let mut live = page(&f, Some("coord_a"), "GET", "/homes/home-a1", "");
+    live.headers_mut().insert("x-mamori-live", "1".parse().unwrap());
+    assert_eq!(send(&f, live).await.status, StatusCode::OK);
+    assert_eq!(send(&f, page(&f, Some("coord_b"), "GET", "/homes/home-a1", "")).await.status, StatusCode::NOT_FOUND);
+    let s = f.db.lock().unwrap();
+    let views: Vec<(String, String)> = mamori_gateway::audit::entries(s.conn(), None, 100)
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.action == "view_home")
+        .map(|e| (e.actor, e.target))
+        .collect();
+    assert_eq!(views, [("coord-a".to_string(), "home-a1".to_string())]);
+}
+
+#[tokio::test]
+async fn the_live_stream_tells_a_user_only_about_homes_they_may_see() {
+    let f = setup().await;
+    let r = f.router.clone().oneshot(page(&f, Some("coord_b"), "GET", "/events", "")).await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(r.headers()[header::CONTENT_TYPE], "text/event-stream");
+    let mut body = r.into_body();
+    // A change in municipality A, then one in B: the stream's first event is B's.
+    let change = |home: &str, seq: u64| {
+        let mut e = f.engine.lock().unwrap();
+        e.handle(Input::Event(HomeId::new(home).unwrap(), event(seq, EventKind::MainsRestored)), Utc::now()).unwrap();
+        e.take_outputs();
+        publish(&e, &f.snapshots);
+        f.snapshots.borrow().version
+    };
+    let _a = change("home-a1", 100);
+    let b = change("home-b1", 101);
+    let frame = tokio::time::timeout(std::time::Duration::from_secs(10), body.frame()).await.unwrap().unwrap().unwrap();
+    let text = String::from_utf8(frame.into_data().unwrap().to_vec()).unwrap();
+    assert_eq!(text, format!("event: change\ndata: {b}\n\n"));
+}
+
+#[tokio::test]
+async fn metrics_and_the_openapi_document_need_no_account_and_name_no_home() {
+    let f = setup().await;
+    let r = send(&f, Request::builder().uri("/metrics").body(Body::empty()).unwrap()).await;
+    assert_eq!(r.status, StatusCode::OK);
+    for line in [
+        "mamori_homes{power=\"battery\",connectivity=\"online\"} 3",
+        "mamori_homes{power=\"mains\",connectivity=\"online\"} 0",
+        "mamori_messages_total{result=\"rejected\"} 0",
+        "mamori_outbox{status=\"pending\"} 0",
+        "mamori_notify_latency_seconds_bucket{le=\"+Inf\"} 0",
+    ] {
+        assert!(r.body.contains(line), "{line} in\n{}", r.body);
+    }
+    let open: u64 = r
+        .body
+        .lines()
+        .filter(|l| l.starts_with("mamori_open_alerts{"))
+        .map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
+        .sum();
+    assert_eq!(open, 6, "a power and a device alert in each of three homes");
+    assert!(!r.body.contains("home-"), "no home ids in metrics");
+
+    let r = send(&f, Request::builder().uri("/api/v1/openapi.json").body(Body::empty()).unwrap()).await;
+    let doc: serde_json::Value = serde_json::from_str(&r.body).unwrap();
+    assert_eq!(doc["openapi"], "3.1.0");
+    // Every API route the matrix exercises is documented.
+    let paths = doc["paths"].as_object().unwrap();
+    for (uri, is_api, ..) in reads(&f) {
+        if !is_api {
+            continue;
+        }
+        let templ = uri
+            .trim_start_matches("/api/v1")
+            .split('/')
+            .map(|seg| if seg.starts_with("home-") || seg.len() == 16 || seg.starts_with("inc-") { "{id}" } else { seg })
+            .collect::<Vec<_>>()
+            .join("/");
+        assert!(paths.contains_key(&templ), "{templ} documented");
+    }
+    for p in ["/alerts/{id}/ack", "/alerts/{id}/clear"] {
+        assert!(paths[p].get("post").is_some(), "{p}");
+    }
+}
