@@ -182,7 +182,9 @@ impl NewUser {
         }
         for m in &self.municipalities {
             if !crate::homes::valid_municipality(m) {
-                return bad(format!("municipality {m:?} is not a 6-digit local government code with a valid check digit"));
+                return bad(format!(
+                    "municipality {m:?} is not a 6-digit local government code with a valid check digit"
+                ));
             }
         }
         for h in &self.homes {
@@ -470,7 +472,8 @@ impl<'a> Accounts<'a> {
     /// Set a password.
     pub fn set_password(&self, username: &str, password: &str) -> Result<(), AccountError> {
         let hash = hash_password(password)?;
-        let n = self.conn.execute("UPDATE users SET password_hash = ?1 WHERE username = ?2", params![hash, username])?;
+        let n =
+            self.conn.execute("UPDATE users SET password_hash = ?1 WHERE username = ?2", params![hash, username])?;
         if n == 0 {
             return Err(AccountError::Invalid(format!("no user {username}")));
         }
@@ -501,10 +504,8 @@ impl<'a> Accounts<'a> {
     }
 
     fn end_sessions(&self, username: &str) -> Result<(), AccountError> {
-        self.conn.execute(
-            "DELETE FROM sessions WHERE user_id = (SELECT id FROM users WHERE username = ?1)",
-            [username],
-        )?;
+        self.conn
+            .execute("DELETE FROM sessions WHERE user_id = (SELECT id FROM users WHERE username = ?1)", [username])?;
         Ok(())
     }
 
@@ -519,7 +520,13 @@ impl<'a> Accounts<'a> {
     }
 
     /// The live session for a cookie: not idle for `idle`, not older than `max_age`, user enabled.
-    pub fn session(&self, token: &str, now: Time, idle: Duration, max_age: Duration) -> Result<Option<Session>, AccountError> {
+    pub fn session(
+        &self,
+        token: &str,
+        now: Time,
+        idle: Duration,
+        max_age: Duration,
+    ) -> Result<Option<Session>, AccountError> {
         let id_hash = token_hash(token);
         let row: Option<(i64, String, String, String)> = self
             .conn

@@ -44,7 +44,9 @@ pub struct Entry {
     pub hash: String,
 }
 
-fn digest(prev: &str, seq: i64, at: &str, actor: &str, ip: &str, action: &str, target: &str, detail: &str) -> String {
+/// `fields`: at, actor, ip, action, target, detail.
+fn digest(prev: &str, seq: i64, fields: [&str; 6]) -> String {
+    let [at, actor, ip, action, target, detail] = fields;
     let fields = serde_json::json!([prev, seq, at, actor, ip, action, target, detail]);
     hex::encode(Sha256::digest(fields.to_string().as_bytes()))
 }
@@ -60,12 +62,13 @@ pub fn append(
     detail: &str,
 ) -> rusqlite::Result<Entry> {
     let tx = rusqlite::Transaction::new_unchecked(conn, rusqlite::TransactionBehavior::Immediate)?;
-    let last: Option<(i64, String)> =
-        tx.query_row("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1", [], |r| Ok((r.get(0)?, r.get(1)?))).optional()?;
+    let last: Option<(i64, String)> = tx
+        .query_row("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1", [], |r| Ok((r.get(0)?, r.get(1)?)))
+        .optional()?;
     let (seq, prev) = last.map_or((1, GENESIS.to_string()), |(s, h)| (s + 1, h));
     let at = at.format("%Y-%m-%dT%H:%M:%S%.6fZ").to_string();
     let detail: String = detail.chars().take(500).collect();
-    let hash = digest(&prev, seq, &at, actor, ip, action, target, &detail);
+    let hash = digest(&prev, seq, [&at, actor, ip, action, target, &detail]);
     tx.execute(
         "INSERT INTO audit (seq, at, actor, ip, action, target, detail, prev, hash) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
         params![seq, at, actor, ip, action, target, detail, prev, hash],
@@ -141,7 +144,7 @@ pub fn verify(conn: &Connection) -> rusqlite::Result<Verdict> {
         if e.prev != prev {
             return broken("it does not point at the previous entry's hash");
         }
-        if digest(&e.prev, e.seq, &e.at, &e.actor, &e.ip, &e.action, &e.target, &e.detail) != e.hash {
+        if digest(&e.prev, e.seq, [&e.at, &e.actor, &e.ip, &e.action, &e.target, &e.detail]) != e.hash {
             return broken("its contents do not match its hash");
         }
         prev = e.hash;

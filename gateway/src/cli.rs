@@ -309,8 +309,9 @@ fn users(command: UsersCommand) -> ExitCode {
     };
     let result: Result<(), AccountError> = (|| match command {
         UsersCommand::Add { username, role, name, municipality, home, .. } => {
-            let role = AccountRole::parse(&role)
-                .ok_or_else(|| AccountError::Invalid(format!("role {role:?}: expected admin, coordinator, facility or family")))?;
+            let role = AccountRole::parse(&role).ok_or_else(|| {
+                AccountError::Invalid(format!("role {role:?}: expected admin, coordinator, facility or family"))
+            })?;
             let new = NewUser {
                 display_name: name.unwrap_or_else(|| username.clone()),
                 username,
@@ -319,7 +320,8 @@ fn users(command: UsersCommand) -> ExitCode {
                 homes: home,
             };
             new.validate()?;
-            let password = read_password().map_err(|e| AccountError::Invalid(format!("cannot read the password from stdin: {e}")))?;
+            let password = read_password()
+                .map_err(|e| AccountError::Invalid(format!("cannot read the password from stdin: {e}")))?;
             let secret = (role == AccountRole::Admin).then(crate::accounts::new_totp_secret);
             let u = acc.add(&new, &password, secret.as_deref(), now)?;
             audit("user_add", &u.username, &format!("{} {:?}{:?}", u.role.as_str(), u.municipalities, u.homes))?;
@@ -331,7 +333,8 @@ fn users(command: UsersCommand) -> ExitCode {
             Ok(())
         }
         UsersCommand::Passwd { username, .. } => {
-            let password = read_password().map_err(|e| AccountError::Invalid(format!("cannot read the password from stdin: {e}")))?;
+            let password = read_password()
+                .map_err(|e| AccountError::Invalid(format!("cannot read the password from stdin: {e}")))?;
             acc.set_password(&username, &password)?;
             audit("user_password", &username, "")?;
             println!("password set for {username}; its sessions ended");

@@ -187,7 +187,8 @@ pub trait Store: Send {
 }
 
 /// Schema migrations, in order.
-pub const MIGRATIONS: &[&str] = &[r#"
+pub const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE homes (id TEXT PRIMARY KEY, municipality TEXT NOT NULL, plan TEXT NOT NULL, updated_at TEXT NOT NULL);
 CREATE TABLE home_state (id TEXT PRIMARY KEY, state TEXT NOT NULL);
 CREATE TABLE events (home TEXT NOT NULL, seq INTEGER NOT NULL, id TEXT NOT NULL, ts TEXT NOT NULL, kind TEXT NOT NULL,
@@ -205,7 +206,8 @@ CREATE INDEX outbox_due ON outbox (status, next_attempt_at);
 CREATE INDEX outbox_alert ON outbox (alert_id);
 CREATE TABLE ack_requests (id INTEGER PRIMARY KEY AUTOINCREMENT, alert_id TEXT NOT NULL, role TEXT NOT NULL,
     by TEXT NOT NULL, note TEXT, requested_at TEXT NOT NULL, result TEXT);
-"#, r#"
+"#,
+    r#"
 CREATE TABLE users (id INTEGER PRIMARY KEY AUTOINCREMENT, username TEXT NOT NULL UNIQUE, display_name TEXT NOT NULL,
     role TEXT NOT NULL, municipalities TEXT NOT NULL, homes TEXT NOT NULL, password_hash TEXT NOT NULL,
     totp_secret TEXT, totp_last_step INTEGER NOT NULL DEFAULT 0, disabled INTEGER NOT NULL DEFAULT 0,
@@ -220,7 +222,8 @@ CREATE TRIGGER audit_no_update BEFORE UPDATE ON audit BEGIN SELECT RAISE(ABORT, 
 CREATE TRIGGER audit_no_delete BEFORE DELETE ON audit BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
 CREATE INDEX events_home_ts ON events (home, ts);
 CREATE INDEX alerts_home ON alerts (home, raised_at);
-"#];
+"#,
+];
 
 /// The SQLite store.
 pub struct SqliteStore {
@@ -308,7 +311,8 @@ impl SqliteStore {
     pub fn outbox_counts(&self) -> Result<Vec<(String, u64)>, StoreError> {
         let mut stmt =
             self.conn.prepare_cached("SELECT status, count(*) FROM outbox GROUP BY status").map_err(self.db())?;
-        let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64))).map_err(self.db())?;
+        let rows =
+            stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64))).map_err(self.db())?;
         rows.collect::<Result<_, _>>().map_err(self.db())
     }
 

@@ -87,7 +87,9 @@ fn publish(engine: &Engine, tx: &watch::Sender<Arc<Snapshot>>) {
 
 const ROLES: &[&str] = &["admin", "coord_a", "coord_b", "facility_a1", "family_a1"];
 
-fn fixture(dir: &Path) -> (Router, Arc<Mutex<SqliteStore>>, Arc<Mutex<Engine>>, watch::Sender<Arc<Snapshot>>) {
+type Parts = (Router, Arc<Mutex<SqliteStore>>, Arc<Mutex<Engine>>, watch::Sender<Arc<Snapshot>>);
+
+fn fixture(dir: &Path) -> Parts {
     let homes = HomesFile::parse(HOMES, Path::new("homes.toml"), &Known::default()).unwrap();
     let settings = Settings { incident_min_homes: 2, ..Settings::default() };
     let mut engine = Engine::new(settings, Policies::default());
@@ -309,7 +311,11 @@ async fn writes_follow_the_scope_and_the_role() {
         assert_eq!(r.status, StatusCode::NOT_FOUND, "{who}");
     }
     for who in ["coord_a", "coord_b", "facility_a1", "family_a1"] {
-        let r = send(&f, page(&f, Some(who), "POST", "/admin/users", "username=x&display_name=x&role=admin&password=aaaaaaaaaaaaaa")).await;
+        let r = send(
+            &f,
+            page(&f, Some(who), "POST", "/admin/users", "username=x&display_name=x&role=admin&password=aaaaaaaaaaaaaa"),
+        )
+        .await;
         assert_eq!(r.status, StatusCode::NOT_FOUND, "{who}");
         let r = send(&f, page(&f, Some(who), "POST", "/admin/users/admin", "action=disable")).await;
         assert_eq!(r.status, StatusCode::NOT_FOUND, "{who}");
@@ -321,7 +327,17 @@ async fn writes_follow_the_scope_and_the_role() {
     }
     // In scope: the family acknowledges from the page; the coordinator through the API.
     let a1 = f.alert_a1.clone();
-    let r = send(&f, page(&f, Some("family_a1"), "POST", &format!("/alerts/{a1}/ack"), "note=%E5%AF%BE%E5%BF%9C%E4%B8%AD&next=/alerts")).await;
+    let r = send(
+        &f,
+        page(
+            &f,
+            Some("family_a1"),
+            "POST",
+            &format!("/alerts/{a1}/ack"),
+            "note=%E5%AF%BE%E5%BF%9C%E4%B8%AD&next=/alerts",
+        ),
+    )
+    .await;
     assert_eq!(r.status, StatusCode::SEE_OTHER, "{}", r.body);
     assert_eq!(r.headers[header::LOCATION], "/alerts");
     let r = send(&f, api(&f, Some("coord_a"), "POST", &format!("/api/v1/alerts/{a1}/ack"))).await;
@@ -335,7 +351,8 @@ async fn writes_follow_the_scope_and_the_role() {
         assert_eq!(who, [("family-a1", Some("対応中")), ("api:coord-a", Some("on my way"))]);
     }
     // Clear: a family may not; a power alert on battery may not be cleared; a device alert may.
-    let lost_a1 = f.engine.lock().unwrap().home_state(&HomeId::new("home-a1").unwrap()).unwrap().alerts["device_lost"].id.clone();
+    let lost_a1 =
+        f.engine.lock().unwrap().home_state(&HomeId::new("home-a1").unwrap()).unwrap().alerts["device_lost"].id.clone();
     let r = send(&f, page(&f, Some("family_a1"), "POST", &format!("/alerts/{lost_a1}/clear"), "")).await;
     assert_eq!(r.status, StatusCode::FORBIDDEN);
     let r = send(&f, api(&f, Some("family_a1"), "POST", &format!("/api/v1/alerts/{lost_a1}/clear"))).await;
@@ -343,12 +360,30 @@ async fn writes_follow_the_scope_and_the_role() {
     let r = send(&f, api(&f, Some("facility_a1"), "POST", &format!("/api/v1/alerts/{a1}/clear"))).await;
     assert_eq!(r.status, StatusCode::CONFLICT, "{}", r.body);
     assert!(r.body.contains("condition still holds"), "{}", r.body);
-    let r = send(&f, page(&f, Some("facility_a1"), "POST", &format!("/alerts/{lost_a1}/clear"), "next=/homes/home-a1")).await;
+    let r = send(&f, page(&f, Some("facility_a1"), "POST", &format!("/alerts/{lost_a1}/clear"), "next=/homes/home-a1"))
+        .await;
     assert_eq!(r.status, StatusCode::SEE_OTHER, "{}", r.body);
-    assert!(!f.engine.lock().unwrap().home_state(&HomeId::new("home-a1").unwrap()).unwrap().alerts.contains_key("device_lost"));
+    assert!(!f
+        .engine
+        .lock()
+        .unwrap()
+        .home_state(&HomeId::new("home-a1").unwrap())
+        .unwrap()
+        .alerts
+        .contains_key("device_lost"));
 
     // Admin pages change accounts.
-    let r = send(&f, page(&f, Some("admin"), "POST", "/admin/users", "username=tanaka&display_name=Tanaka&role=coordinator&municipalities=131016&password=another+long+password")).await;
+    let r = send(
+        &f,
+        page(
+            &f,
+            Some("admin"),
+            "POST",
+            "/admin/users",
+            "username=tanaka&display_name=Tanaka&role=coordinator&municipalities=131016&password=another+long+password",
+        ),
+    )
+    .await;
     assert_eq!(r.status, StatusCode::OK);
     assert!(r.body.contains("tanaka"), "{}", r.body);
     let r = send(&f, page(&f, Some("admin"), "POST", "/admin/users/coord-b", "action=disable")).await;
@@ -395,7 +430,9 @@ async fn forms_without_the_session_token_are_refused() {
             .unwrap();
         assert_eq!(send(&f, req).await.status, StatusCode::FORBIDDEN, "{uri}");
     }
-    assert!(f.engine.lock().unwrap().home_state(&HomeId::new("home-a1").unwrap()).unwrap().alerts["mains_lost"].acks.is_empty());
+    assert!(f.engine.lock().unwrap().home_state(&HomeId::new("home-a1").unwrap()).unwrap().alerts["mains_lost"]
+        .acks
+        .is_empty());
     // Another user's token is not this session's either.
     let (_, other_csrf) = &f.sessions["coord_b"];
     let req = Request::builder()
@@ -441,7 +478,10 @@ async fn login_sets_a_strict_cookie_throttles_guessing_and_wants_a_code_from_an_
     let req = Request::builder().uri("/").header(header::COOKIE, session).body(Body::empty()).unwrap();
     let page = send(&f, req).await;
     assert_eq!(page.status, StatusCode::OK);
-    assert_eq!(page.headers[header::CONTENT_SECURITY_POLICY].to_str().unwrap().split(';').next(), Some("default-src 'self'"));
+    assert_eq!(
+        page.headers[header::CONTENT_SECURITY_POLICY].to_str().unwrap().split(';').next(),
+        Some("default-src 'self'")
+    );
 
     // A login form without its cookie is refused (login CSRF).
     let req = Request::builder()
@@ -454,13 +494,12 @@ async fn login_sets_a_strict_cookie_throttles_guessing_and_wants_a_code_from_an_
 
     // An admin needs the code.
     assert_eq!(login(&f, "admin", PASSWORD, "").await.status, StatusCode::UNAUTHORIZED);
-    let secret: String = f
-        .db
-        .lock()
-        .unwrap()
-        .conn()
-        .query_row("SELECT totp_secret FROM users WHERE username = 'admin'", [], |r| r.get(0))
-        .unwrap();
+    let secret: String =
+        f.db.lock()
+            .unwrap()
+            .conn()
+            .query_row("SELECT totp_secret FROM users WHERE username = 'admin'", [], |r| r.get(0))
+            .unwrap();
     let code = format!("{:06}", mamori_gateway::accounts::totp_code(&secret, Utc::now().timestamp() / 30).unwrap());
     assert_eq!(login(&f, "admin", PASSWORD, &code).await.status, StatusCode::SEE_OTHER);
     assert_eq!(login(&f, "admin", PASSWORD, &code).await.status, StatusCode::UNAUTHORIZED, "a code works once");
@@ -556,7 +595,9 @@ async fn metrics_and_the_openapi_document_need_no_account_and_name_no_home() {
         let templ = uri
             .trim_start_matches("/api/v1")
             .split('/')
-            .map(|seg| if seg.starts_with("home-") || seg.len() == 16 || seg.starts_with("inc-") { "{id}" } else { seg })
+            .map(
+                |seg| if seg.starts_with("home-") || seg.len() == 16 || seg.starts_with("inc-") { "{id}" } else { seg },
+            )
             .collect::<Vec<_>>()
             .join("/");
         assert!(paths.contains_key(&templ), "{templ} documented");

@@ -71,12 +71,16 @@ pub async fn ack_post(
             let actor = format!("link:{}", crate::message::role_name(role));
             let at = crate::clock::now();
             let alert2 = alert.clone();
-            if let Err(e) = app.db(move |s| Ok(crate::audit::append(s.conn(), at, &actor, &client, "ack", &alert2, &detail)?)).await {
+            if let Err(e) =
+                app.db(move |s| Ok(crate::audit::append(s.conn(), at, &actor, &client, "ack", &alert2, &detail)?)).await
+            {
                 tracing::error!(error = %e, "audit log");
             }
             page(StatusCode::OK, "<p>確認を記録しました。ありがとうございます。 / Acknowledged. Thank you.</p>")
         }
-        Err(e) if e.contains("stopping") => page(StatusCode::SERVICE_UNAVAILABLE, "<p>停止中です / The gateway is stopping.</p>"),
+        Err(e) if e.contains("stopping") => {
+            page(StatusCode::SERVICE_UNAVAILABLE, "<p>停止中です / The gateway is stopping.</p>")
+        }
         Err(e) => page(StatusCode::CONFLICT, &format!("<p>{}</p>", escape(&e))),
     }
 }

@@ -78,12 +78,12 @@ pub struct Viewer {
 }
 
 impl Viewer {
-    /// Check a form's CSRF token.
-    pub fn check_csrf(&self, token: &str) -> Result<(), Response> {
+    /// A refusal when a form's CSRF token is not this session's.
+    pub fn csrf_refusal(&self, token: &str) -> Option<Response> {
         if same(token, &self.csrf) {
-            Ok(())
+            None
         } else {
-            Err((StatusCode::FORBIDDEN, Html("<p>フォームの有効期限が切れました。もう一度開いてください。 / The form expired: open it again.</p>")).into_response())
+            Some((StatusCode::FORBIDDEN, Html("<p>フォームの有効期限が切れました。もう一度開いてください。 / The form expired: open it again.</p>")).into_response())
         }
     }
 
@@ -222,7 +222,12 @@ pub struct LoginForm {
 }
 
 /// `POST /login`.
-pub async fn login_post(State(app): State<App>, client: Client, headers: HeaderMap, Form(f): Form<LoginForm>) -> Response {
+pub async fn login_post(
+    State(app): State<App>,
+    client: Client,
+    headers: HeaderMap,
+    Form(f): Form<LoginForm>,
+) -> Response {
     let lang = lang(&headers);
     let t = T(lang);
     let next = local_path(f.next.as_deref());
@@ -264,7 +269,7 @@ pub async fn login_post(State(app): State<App>, client: Client, headers: HeaderM
     match result {
         Ok(Some((token, user))) => {
             if let Ok(mut th) = app.throttle.lock() {
-                th.succeed(&keys[0]);
+                th.succeed(keys[0]);
             }
             let (name, ip2) = (user.username.clone(), ip.clone());
             let _ = app.db(move |s| Ok(audit::append(s.conn(), now, &name, &ip2, "login", &name, "")?)).await;
@@ -305,7 +310,7 @@ pub struct CsrfForm {
 
 /// `POST /logout`.
 pub async fn logout(State(app): State<App>, v: Viewer, client: Client, Form(f): Form<CsrfForm>) -> Response {
-    if let Err(r) = v.check_csrf(&f.csrf) {
+    if let Some(r) = v.csrf_refusal(&f.csrf) {
         return r;
     }
     let (session, name, ip, now) = (v.session.clone(), v.user.username.clone(), client.text(), crate::clock::now());

@@ -64,7 +64,9 @@ pub async fn metrics(State(app): State<App>) -> Response {
     let c = &app.counters;
     let mut out = String::new();
     let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
-    out.push_str("# HELP mamori_messages_total Messages from homes, by result.\n# TYPE mamori_messages_total counter\n");
+    out.push_str(
+        "# HELP mamori_messages_total Messages from homes, by result.\n# TYPE mamori_messages_total counter\n",
+    );
     for (k, v) in [
         ("ingested", &c.ingested),
         ("rejected", &c.rejected),
@@ -108,7 +110,9 @@ pub async fn metrics(State(app): State<App>) -> Response {
     let _ = writeln!(out, "mamori_notification_attempts_total{{result=\"failed\"}} {}", load(&c.failed_attempts));
     match app.db(|s| Ok(s.outbox_counts()?)).await {
         Ok(counts) => {
-            out.push_str("# HELP mamori_outbox Outbox rows by status (pending: the depth).\n# TYPE mamori_outbox gauge\n");
+            out.push_str(
+                "# HELP mamori_outbox Outbox rows by status (pending: the depth).\n# TYPE mamori_outbox gauge\n",
+            );
             for status in ["pending", "delivered", "abandoned"] {
                 let n = counts.iter().find(|(s, _)| s == status).map_or(0, |(_, n)| *n);
                 let _ = writeln!(out, "mamori_outbox{{status=\"{status}\"}} {n}");

@@ -142,7 +142,10 @@ impl App {
     }
 
     /// Ask the loop and wait for its answer.
-    pub async fn ask(&self, make: impl FnOnce(oneshot::Sender<Result<(), String>>) -> WebRequest) -> Result<(), String> {
+    pub async fn ask(
+        &self,
+        make: impl FnOnce(oneshot::Sender<Result<(), String>>) -> WebRequest,
+    ) -> Result<(), String> {
         let (reply, rx) = oneshot::channel();
         self.tx.send(make(reply)).await.map_err(|_| "the gateway is stopping".to_string())?;
         rx.await.map_err(|_| "the gateway is stopping".to_string())?

@@ -48,11 +48,7 @@ const WORDS: &[(&str, &str, &str)] = &[
     ("login", "ログイン", "Log in"),
     ("logout", "ログアウト", "Log out"),
     ("login_failed", "ユーザー名、パスワード、または確認コードが違います。", "Wrong username, password or code."),
-    (
-        "throttled",
-        "失敗が続いたため、約{n}分間ログインできません。",
-        "Too many failures: try again in about {n} min.",
-    ),
+    ("throttled", "失敗が続いたため、約{n}分間ログインできません。", "Too many failures: try again in about {n} min."),
     ("form_expired", "フォームの有効期限が切れました。もう一度お試しください。", "The form expired: try again."),
     ("overview", "概況", "Overview"),
     ("alerts", "通知", "Alerts"),
@@ -110,14 +106,22 @@ const WORDS: &[(&str, &str, &str)] = &[
     ("cleared", "解除", "cleared"),
     ("by", "担当", "by"),
     ("live", "自動更新", "Live"),
-    ("safety", "mamoriは遠隔の補助通知です。機器本体のアラームを止めたり置き換えたりしません。", "mamori is a secondary, remote notification. It never silences or replaces a device's own alarm."),
+    (
+        "safety",
+        "mamoriは遠隔の補助通知です。機器本体のアラームを止めたり置き換えたりしません。",
+        "mamori is a secondary, remote notification. It never silences or replaces a device's own alarm.",
+    ),
     ("change_password", "パスワード変更", "Change password"),
     ("current_password", "現在のパスワード", "Current password"),
     ("new_password", "新しいパスワード（12文字以上）", "New password (12+ characters)"),
     ("save", "保存", "Save"),
     ("totp", "二要素認証", "Two-factor authentication"),
     ("totp_on", "設定済みです。", "It is on."),
-    ("totp_setup", "認証アプリにこの鍵を登録し、表示されたコードを入力してください。", "Add this key to an authenticator app and type the code it shows."),
+    (
+        "totp_setup",
+        "認証アプリにこの鍵を登録し、表示されたコードを入力してください。",
+        "Add this key to an authenticator app and type the code it shows.",
+    ),
     ("done", "完了しました。", "Done."),
     ("role", "役割", "Role"),
     ("scope", "範囲", "Scope"),
@@ -217,8 +221,16 @@ async fn audit_log(app: &App, actor: &str, ip: &str, action: &'static str, targe
 fn time_left_text(h: &HomeView, t: T) -> String {
     match h.time_left_s {
         Some(s) => {
-            let last = if h.on_last_battery { format!(" <span class=\"bad\">({})</span>", t.t("last_battery")) } else { String::new() };
-            format!("<strong>{}</strong>{last}<br><small>{}</small>", duration(s, t.0), basis(h.basis.unwrap_or(""), t.0))
+            let last = if h.on_last_battery {
+                format!(" <span class=\"bad\">({})</span>", t.t("last_battery"))
+            } else {
+                String::new()
+            };
+            format!(
+                "<strong>{}</strong>{last}<br><small>{}</small>",
+                duration(s, t.0),
+                basis(h.basis.unwrap_or(""), t.0)
+            )
         }
         None => "—".into(),
     }
@@ -273,7 +285,9 @@ fn oxi_cell(h: &HomeView) -> String {
 fn vent_cell(h: &HomeView, t: T) -> String {
     match h.ventilator {
         Some("normal") => format!("<span class=\"pill ok\">{}</span>", t.t("normal")),
-        Some(k @ ("alarm" | "cable_fault")) => format!("<span class=\"pill bad\">{}</span>", t.t(if k == "alarm" { "alarm" } else { "cable_fault" })),
+        Some(k @ ("alarm" | "cable_fault")) => {
+            format!("<span class=\"pill bad\">{}</span>", t.t(if k == "alarm" { "alarm" } else { "cable_fault" }))
+        }
         _ => "—".into(),
     }
 }
@@ -341,7 +355,11 @@ pub async fn overview(State(app): State<App>, v: Viewer) -> Response {
                 .iter()
                 .map(|a| {
                     let ack = if a.acknowledged.is_some() { " ✓" } else { "" };
-                    format!("<span class=\"pill sev-{:?}\">{}{ack}</span>", a.severity, escape(kind_text(&a.kind, v.lang)))
+                    format!(
+                        "<span class=\"pill sev-{:?}\">{}{ack}</span>",
+                        a.severity,
+                        escape(kind_text(&a.kind, v.lang))
+                    )
                 })
                 .collect();
             let row_cls = if h.power == "battery" || h.silent { " class=\"urgent\"" } else { "" };
@@ -415,7 +433,14 @@ fn ack_text(a: &AlertView, t: T, offset: FixedOffset) -> String {
 fn alert_row(v: &Viewer, label: Option<&str>, a: &AlertView, back: &str, offset: FixedOffset) -> String {
     let t = T(v.lang);
     let home = label
-        .map(|l| format!("<td data-label=\"{}\"><a href=\"/homes/{id}\">{}</a></td>", t.t("home"), escape(l), id = escape(&a.home)))
+        .map(|l| {
+            format!(
+                "<td data-label=\"{}\"><a href=\"/homes/{id}\">{}</a></td>",
+                t.t("home"),
+                escape(l),
+                id = escape(&a.home)
+            )
+        })
         .unwrap_or_default();
     format!(
         "<tr data-alert=\"{id}\">{home}<td data-label=\"{kl}\"><span class=\"pill sev-{sev:?}\">{kind}</span></td>\
@@ -462,8 +487,14 @@ pub struct AckForm {
 }
 
 /// `POST /alerts/{id}/ack`.
-pub async fn ack_alert(State(app): State<App>, v: Viewer, client: Client, Path(id): Path<String>, Form(f): Form<AckForm>) -> Response {
-    if let Err(r) = v.check_csrf(&f.csrf) {
+pub async fn ack_alert(
+    State(app): State<App>,
+    v: Viewer,
+    client: Client,
+    Path(id): Path<String>,
+    Form(f): Form<AckForm>,
+) -> Response {
+    if let Some(r) = v.csrf_refusal(&f.csrf) {
         return r;
     }
     let snap = app.snap();
@@ -481,8 +512,14 @@ pub async fn ack_alert(State(app): State<App>, v: Viewer, client: Client, Path(i
 }
 
 /// `POST /alerts/{id}/clear`.
-pub async fn clear_alert(State(app): State<App>, v: Viewer, client: Client, Path(id): Path<String>, Form(f): Form<AckForm>) -> Response {
-    if let Err(r) = v.check_csrf(&f.csrf) {
+pub async fn clear_alert(
+    State(app): State<App>,
+    v: Viewer,
+    client: Client,
+    Path(id): Path<String>,
+    Form(f): Form<AckForm>,
+) -> Response {
+    if let Some(r) = v.csrf_refusal(&f.csrf) {
         return r;
     }
     let snap = app.snap();
@@ -497,13 +534,21 @@ pub async fn clear_alert(State(app): State<App>, v: Viewer, client: Client, Path
             audit_log(&app, &v.user.username, &client.text(), "clear", &id, &home).await;
             Redirect::to(&local_path(f.next.as_deref())).into_response()
         }
-        Err(e) => (StatusCode::CONFLICT, layout(&v, "409", &format!("<p class=\"error\">{}</p>", escape(&e)))).into_response(),
+        Err(e) => {
+            (StatusCode::CONFLICT, layout(&v, "409", &format!("<p class=\"error\">{}</p>", escape(&e)))).into_response()
+        }
     }
 }
 
 /// `POST /incidents/{id}/ack`.
-pub async fn ack_incident(State(app): State<App>, v: Viewer, client: Client, Path(id): Path<String>, Form(f): Form<AckForm>) -> Response {
-    if let Err(r) = v.check_csrf(&f.csrf) {
+pub async fn ack_incident(
+    State(app): State<App>,
+    v: Viewer,
+    client: Client,
+    Path(id): Path<String>,
+    Form(f): Form<AckForm>,
+) -> Response {
+    if let Some(r) = v.csrf_refusal(&f.csrf) {
         return r;
     }
     let snap = app.snap();
@@ -812,10 +857,18 @@ pub async fn home(State(app): State<App>, v: Viewer, client: Client, Path(id): P
                         t.t("delivered"),
                         r.delivered_at.map(|d| local_s(d, offset)).unwrap_or_default()
                     ),
-                    crate::store::OutboxStatus::Pending => format!("<span class=\"pill warn\">{}</span>", t.t("pending")),
-                    crate::store::OutboxStatus::Abandoned => format!("<span class=\"pill bad\">{}</span>", t.t("abandoned")),
+                    crate::store::OutboxStatus::Pending => {
+                        format!("<span class=\"pill warn\">{}</span>", t.t("pending"))
+                    }
+                    crate::store::OutboxStatus::Abandoned => {
+                        format!("<span class=\"pill bad\">{}</span>", t.t("abandoned"))
+                    }
                 };
-                let fallback = if r.fallback_done { format!(" <span class=\"pill warn\">{}</span>", t.t("fallback")) } else { String::new() };
+                let fallback = if r.fallback_done {
+                    format!(" <span class=\"pill warn\">{}</span>", t.t("fallback"))
+                } else {
+                    String::new()
+                };
                 let _ = write!(
                     body,
                     "<tr class=\"delivery\"><td>{} <small>{}</small></td><td>{}</td><td>{status}{fallback}</td><td>{}</td><td>{}</td></tr>",
@@ -908,8 +961,13 @@ pub struct PasswordForm {
 }
 
 /// `POST /account/password`.
-pub async fn account_password(State(app): State<App>, v: Viewer, client: Client, Form(f): Form<PasswordForm>) -> Response {
-    if let Err(r) = v.check_csrf(&f.csrf) {
+pub async fn account_password(
+    State(app): State<App>,
+    v: Viewer,
+    client: Client,
+    Form(f): Form<PasswordForm>,
+) -> Response {
+    if let Some(r) = v.csrf_refusal(&f.csrf) {
         return r;
     }
     let name = v.user.username.clone();
@@ -945,7 +1003,7 @@ pub struct TotpForm {
 
 /// `POST /account/totp`.
 pub async fn account_totp(State(app): State<App>, v: Viewer, client: Client, Form(f): Form<TotpForm>) -> Response {
-    if let Err(r) = v.check_csrf(&f.csrf) {
+    if let Some(r) = v.csrf_refusal(&f.csrf) {
         return r;
     }
     if v.user.totp {
@@ -964,17 +1022,13 @@ pub async fn account_totp(State(app): State<App>, v: Viewer, client: Client, For
     }
 }
 
-fn admin_only(v: &Viewer) -> Result<(), Response> {
-    if v.user.role == AccountRole::Admin {
-        Ok(())
-    } else {
-        Err(not_found(v.lang))
-    }
+fn admin_refusal(v: &Viewer) -> Option<Response> {
+    (v.user.role != AccountRole::Admin).then(|| not_found(v.lang))
 }
 
 /// `GET /admin/users`.
 pub async fn admin_users(State(app): State<App>, v: Viewer) -> Response {
-    if let Err(r) = admin_only(&v) {
+    if let Some(r) = admin_refusal(&v) {
         return r;
     }
     admin_users_page(&app, &v, None).await
@@ -1067,10 +1121,10 @@ pub struct AddUserForm {
 
 /// `POST /admin/users`.
 pub async fn admin_add_user(State(app): State<App>, v: Viewer, client: Client, Form(f): Form<AddUserForm>) -> Response {
-    if let Err(r) = admin_only(&v) {
+    if let Some(r) = admin_refusal(&v) {
         return r;
     }
-    if let Err(r) = v.check_csrf(&f.csrf) {
+    if let Some(r) = v.csrf_refusal(&f.csrf) {
         return r;
     }
     let Some(role) = AccountRole::parse(&f.role) else {
@@ -1085,7 +1139,9 @@ pub async fn admin_add_user(State(app): State<App>, v: Viewer, client: Client, F
     };
     let totp = (role == AccountRole::Admin).then(accounts::new_totp_secret);
     let (n, pw, secret, now) = (new.clone(), f.password, totp.clone(), crate::clock::now());
-    let r = app.db(move |s| Ok(Accounts::new(s.conn()).add(&n, &pw, secret.as_deref(), now).map_err(|e| e.to_string()))).await;
+    let r = app
+        .db(move |s| Ok(Accounts::new(s.conn()).add(&n, &pw, secret.as_deref(), now).map_err(|e| e.to_string())))
+        .await;
     match r {
         Ok(Ok(u)) => {
             let scope = format!("{} {:?}{:?}", u.role.as_str(), u.municipalities, u.homes);
@@ -1119,10 +1175,10 @@ pub async fn admin_change_user(
     Path(name): Path<String>,
     Form(f): Form<ChangeUserForm>,
 ) -> Response {
-    if let Err(r) = admin_only(&v) {
+    if let Some(r) = admin_refusal(&v) {
         return r;
     }
-    if let Err(r) = v.check_csrf(&f.csrf) {
+    if let Some(r) = v.csrf_refusal(&f.csrf) {
         return r;
     }
     if name == v.user.username && f.action == "disable" {
@@ -1170,7 +1226,7 @@ pub struct Page {
 
 /// `GET /admin/audit`.
 pub async fn admin_audit(State(app): State<App>, v: Viewer, Query(q): Query<Page>) -> Response {
-    if let Err(r) = admin_only(&v) {
+    if let Some(r) = admin_refusal(&v) {
         return r;
     }
     let t = T(v.lang);
@@ -1188,7 +1244,11 @@ pub async fn admin_audit(State(app): State<App>, v: Viewer, Query(q): Query<Page
             format!("<p class=\"error\" role=\"alert\">{} #{seq}: {}</p>", t.t("chain_broken"), escape(&reason))
         }
     };
-    let mut body = format!("<h1>{}</h1>{verdict}<p><a href=\"/admin/audit.csv\">{}</a></p><table class=\"audit\"><tbody>", t.t("audit"), t.t("export"));
+    let mut body = format!(
+        "<h1>{}</h1>{verdict}<p><a href=\"/admin/audit.csv\">{}</a></p><table class=\"audit\"><tbody>",
+        t.t("audit"),
+        t.t("export")
+    );
     for e in &entries {
         let _ = write!(
             body,
@@ -1211,7 +1271,7 @@ pub async fn admin_audit(State(app): State<App>, v: Viewer, Query(q): Query<Page
 
 /// `GET /admin/audit.csv`.
 pub async fn admin_audit_csv(State(app): State<App>, v: Viewer, client: Client) -> Response {
-    if let Err(r) = admin_only(&v) {
+    if let Some(r) = admin_refusal(&v) {
         return r;
     }
     audit_log(&app, &v.user.username, &client.text(), "audit_export", "audit", "").await;
@@ -1310,7 +1370,7 @@ mod tests {
         let to = from + chrono::Duration::hours(24);
         let s = vec![(from, 50.0), (from + chrono::Duration::hours(12), 100.0), (to, 0.0)];
         let svg = chart("c", &[("c", s)], from, to, "none");
-        assert!(svg.contains("points=\"36.0,65.0 318.0,4.0 600.0,126.0\""), "{svg}");
+        assert!(svg.contains("points=\"36.0,61.0 316.0,4.0 596.0,118.0\""), "{svg}");
         assert!(chart("c", &[("c", vec![])], from, to, "none").contains("none"));
     }
 }

@@ -157,11 +157,8 @@ pub fn home_view(plan: &Home, st: Option<&HomeState>, now: Time) -> HomeView {
 /// Every home the user may see, worst first: on battery and silent, on battery by time
 /// left, silent, critical alerts, other alerts, never heard, fine.
 pub fn homes(engine: &Engine, user: &User, now: Time) -> Vec<HomeView> {
-    let mut v: Vec<HomeView> = engine
-        .states_and_plans()
-        .filter(|(p, _)| user.may_see(p))
-        .map(|(p, st)| home_view(p, st, now))
-        .collect();
+    let mut v: Vec<HomeView> =
+        engine.states_and_plans().filter(|(p, _)| user.may_see(p)).map(|(p, st)| home_view(p, st, now)).collect();
     v.sort_by(|a, b| a.rank.cmp(&b.rank).then_with(|| a.label.cmp(&b.label)));
     v
 }
@@ -211,7 +208,9 @@ pub fn open_alerts(engine: &Engine, user: &User) -> Vec<(String, AlertView)> {
         .filter(|(p, _)| user.may_see(p))
         .flat_map(|(p, st)| st.into_iter().flat_map(|s| s.alerts.values()).map(|a| (p.label.clone(), AlertView::of(a))))
         .collect();
-    v.sort_by(|(_, a), (_, b)| b.tier.cmp(&a.tier).then(b.severity.cmp(&a.severity)).then(a.raised_at.cmp(&b.raised_at)));
+    v.sort_by(|(_, a), (_, b)| {
+        b.tier.cmp(&a.tier).then(b.severity.cmp(&a.severity)).then(a.raised_at.cmp(&b.raised_at))
+    });
     v
 }
 
