@@ -290,6 +290,57 @@ impl Chain {
         self.home(id)?.sim.cmd(command)
     }
 
+    /// A bearer token for a new dashboard account, made through the real command line
+    /// (`users add`, password on stdin, then `users token`). `scope`: e.g.
+    /// `["--role", "coordinator", "--municipality", "431001"]`.
+    pub fn api_token(&self, username: &str, scope: &[&str]) -> Result<String> {
+        use std::io::Write as _;
+        let mut add = Command::new(&self.bins.gateway)
+            .args(["users", "add", "--config"])
+            .arg(&self.gateway_config)
+            .arg(username)
+            .args(scope)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()?;
+        add.stdin.take().context("stdin")?.write_all(b"an e2e password long enough\n")?;
+        let out = add.wait_with_output()?;
+        if !out.status.success() {
+            bail!("users add: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        let out = Command::new(&self.bins.gateway)
+            .args(["users", "token", "--config"])
+            .arg(&self.gateway_config)
+            .arg(username)
+            .output()?;
+        if !out.status.success() {
+            bail!("users token: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(String::from_utf8(out.stdout)?.trim().to_string())
+    }
+
+    /// `GET /api/v1{path}` with a bearer token: the status and the JSON body.
+    pub fn api_get(&self, path: &str, token: &str) -> Result<(u16, serde_json::Value)> {
+        use std::io::{Read as _, Write as _};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", self.http_port))?;
+        s.set_read_timeout(Some(Duration::from_secs(10)))?;
+        write!(
+            s,
+            "GET /api/v1{path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n"
+        )?;
+        let mut text = String::new();
+        s.read_to_string(&mut text)?;
+        let (head, body) = text.split_once("\r\n\r\n").context("an HTTP response")?;
+        let status: u16 = head.split(' ').nth(1).context("a status")?.parse()?;
+        let body = if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+            dechunk(body)
+        } else {
+            body.to_string()
+        };
+        Ok((status, serde_json::from_str(&body).with_context(|| format!("JSON from {path}: {body}"))?))
+    }
+
     /// The gateway's store, read-only.
     pub fn db(&self) -> Result<rusqlite::Connection> {
         let path = self.dir.path().join("data").join("mamori.db");
@@ -404,4 +455,17 @@ pub struct StoredEvent {
     pub kind: String,
     /// When the gateway received it.
     pub received_at: String,
+}
+
+fn dechunk(mut body: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = body.split_once("\r\n") {
+        let Ok(n) = usize::from_str_radix(size.trim(), 16) else { break };
+        if n == 0 || rest.len() < n {
+            break;
+        }
+        out.push_str(&rest[..n]);
+        body = rest[n..].trim_start_matches("\r\n");
+    }
+    out
 }

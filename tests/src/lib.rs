@@ -18,6 +18,7 @@
 //! survives a broker restart).
 #![deny(unsafe_code, missing_docs)]
 
+pub mod cdp;
 pub mod chain;
 pub mod netcut;
 pub mod nut;

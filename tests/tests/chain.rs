@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use mamori_tests::chain::{Bins, Chain, Options};
 use mamori_tests::webhook::Delivery;
 
@@ -292,13 +292,40 @@ fn a_dead_webhook_is_retried_falls_back_and_delivers_when_it_is_back() -> Result
     assert!(gaps.iter().all(|g| *g >= Duration::from_millis(100)), "backed off between attempts: {gaps:?}");
     let family_key = refused[0].key.clone();
     assert!(refused.iter().all(|x| x.key == family_key), "every retry is the same message");
+    // The coordinator sees the failures through the API: attempts, the cause, the fallback.
+    let token = c.api_token("coord", &["--role", "coordinator", "--municipality", "431001"])?;
+    let delivery = |c: &Chain| -> Result<serde_json::Value> {
+        let (status, doc) = c.api_get("/homes/home-a/alerts", &token)?;
+        assert_eq!(status, 200, "{doc}");
+        let all = doc["alerts"].as_array().cloned().unwrap_or_default();
+        let found = all
+            .iter()
+            .flat_map(|a| a["deliveries"].as_array().cloned().unwrap_or_default())
+            .find(|d| d["key"] == family_key.as_str());
+        found.with_context(|| format!("the family's delivery {family_key} in {doc}"))
+    };
+    let d = delivery(&c)?;
+    assert_eq!(
+        (d["status"].as_str(), d["fallback_done"].as_bool(), d["recipient"].as_str()),
+        (Some("pending"), Some(true), Some("家族")),
+        "{d}"
+    );
+    assert!(
+        d["attempts"].as_u64().unwrap_or(0) >= 3 && d["last_error"].as_str().is_some_and(|e| e.contains("503")),
+        "{d}"
+    );
+    let other = c.api_token("coord-b", &["--role", "coordinator", "--municipality", "131016"])?;
+    assert_eq!(c.api_get("/homes/home-a/alerts", &other)?.0, 404, "another municipality's coordinator sees nothing");
     // (The gateway's own `delivery_failed` alert follows this config's `[policy.default]`,
     // which names the family too; it is a different message.)
     // The family's phone is back: the original message arrives, under the same key.
     c.hook.set_path_up("/family", true);
     c.hook
         .wait("the original", LIMIT, |d| d.iter().any(|x| x.path == "/family" && x.accepted && x.key == family_key))?;
-    // The failures are on record.
+    // The failures are on record, through the API and in the store.
+    let d = delivery(&c)?;
+    assert_eq!((d["status"].as_str(), d["fallback_done"].as_bool()), (Some("delivered"), Some(true)), "{d}");
+    assert!(d["attempts"].as_u64().unwrap_or(0) >= 4, "{d}");
     let db = c.db()?;
     let body: String = db.query_row("SELECT body FROM outbox WHERE key = ?1", [&family_key], |r| r.get(0))?;
     let row: serde_json::Value = serde_json::from_str(&body)?;

@@ -1,0 +1,147 @@
+//! The dashboard in a real browser: headless Chromium against `mamori-gateway demo`.
+//!
+//! A coordinator logs in, sees the demo's regional outage arrive and a home go silent
+//! without reloading the page (server-sent events), opens a home, acknowledges its alert
+//! with a note and sees it recorded. The test fails if the page asks for anything that is
+//! not on loopback. It saves screenshots of the overview and a home page (phone and desktop)
+//! under `target/screenshots/`, or `docs/screenshots/` with `MAMORI_UPDATE_SCREENSHOTS=1`.
+#![allow(clippy::disallowed_methods, clippy::unwrap_used)]
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use mamori_tests::cdp::{is_loopback_url, Browser};
+
+struct Demo(Child);
+
+impl Drop for Demo {
+    fn drop(&mut self) {
+        // Ctrl-C: the demo stops its homes and the gateway.
+        let _ = Command::new("kill").args(["-INT", &self.0.id().to_string()]).status();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.0.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn screenshots_dir() -> PathBuf {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    if std::env::var("MAMORI_UPDATE_SCREENSHOTS").is_ok_and(|v| v == "1") {
+        root.join("docs/screenshots")
+    } else {
+        root.join("target/screenshots")
+    }
+}
+
+const SECOND: Duration = Duration::from_secs(1);
+
+#[test]
+fn a_coordinator_follows_the_demo_outage_live_and_acknowledges_from_the_dashboard() {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_mamori-gateway"))
+        .args(["demo", "--linger-s", "0"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start the demo");
+    let stdout = child.stdout.take().unwrap();
+    let _demo = Demo(child);
+    let (tx, rx) = mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let base = loop {
+        let line = rx.recv_timeout(Duration::from_secs(60)).expect("the demo prints its dashboard address");
+        if let Some(url) = line.strip_prefix("dashboard: ") {
+            break url.trim().trim_end_matches('/').to_string();
+        }
+    };
+    std::thread::spawn(move || while rx.recv().is_ok() {}); // keep draining the demo's output
+
+    let mut b = Browser::launch(1280, 900).expect("launch chromium");
+    b.goto(&format!("{base}/login")).unwrap();
+    b.eval(
+        "document.querySelector('input[name=username]').value = 'kumamoto';\
+         document.querySelector('input[name=password]').value = 'mamori-demo-password';\
+         document.querySelector('form.login').submit(); true",
+    )
+    .unwrap();
+    b.wait_for(
+        "location.pathname === '/' && document.readyState === 'complete' && !!document.querySelector('table.homes')",
+        20 * SECOND,
+    )
+    .unwrap();
+    // Only Kumamoto's homes: the coordinator's scope.
+    let text = b.eval("document.body.innerText").unwrap();
+    let text = text.as_str().unwrap();
+    assert!(text.contains("431001") && text.contains("K-01") && !text.contains("N-01"), "{text}");
+
+    // From here on the page is never reloaded: a marker on `window` would not survive one.
+    b.eval("window.__mamori_marker = 'same page'; true").unwrap();
+    b.wait_for("!document.getElementById('live').hidden", 10 * SECOND).unwrap();
+    // The outage arrives (at 10 s into the story): five homes on battery, one incident.
+    b.wait_for(
+        "document.querySelectorAll('tr.urgent').length >= 5 && !!document.querySelector('section.incident')",
+        60 * SECOND,
+    )
+    .unwrap();
+    // K-04 goes silent during the outage (at 30 s).
+    b.wait_for(
+        "[...document.querySelectorAll('tr[data-home=\"demo-k04\"] .pill.bad')].some(p => /通信途絶/.test(p.textContent))",
+        60 * SECOND,
+    )
+    .unwrap();
+    assert_eq!(b.eval("window.__mamori_marker").unwrap(), "same page", "the updates came live, without a reload");
+    let order: Vec<String> = serde_json::from_value(
+        b.eval("[...document.querySelectorAll('table.homes tr[data-home]')].map(r => r.dataset.home)").unwrap(),
+    )
+    .unwrap();
+    assert_eq!(order.first().map(String::as_str), Some("demo-k04"), "silent on battery first: {order:?}");
+    let shots = screenshots_dir();
+    b.screenshot(&shots.join("overview.png")).unwrap();
+
+    // A home page: acknowledge its power alert with a note.
+    b.goto(&format!("{base}/homes/demo-k03")).unwrap();
+    b.wait_for("!!document.querySelector('tr[data-alert] form.ack')", 20 * SECOND).unwrap();
+    b.eval(
+        "const f = document.querySelector('tr[data-alert] form.ack');\
+         f.querySelector('input[name=note]').value = '向かっています';\
+         f.submit(); true",
+    )
+    .unwrap();
+    b.wait_for(
+        "location.pathname === '/homes/demo-k03' && document.readyState === 'complete' && \
+         /確認済み kumamoto/.test(document.querySelector('table.alerts').innerText) && \
+         /向かっています/.test(document.body.innerText)",
+        20 * SECOND,
+    )
+    .unwrap();
+    assert_eq!(b.eval("!!document.querySelector('svg polyline')").unwrap(), true, "the charts have data");
+    b.screenshot(&shots.join("home.png")).unwrap();
+
+    // The same home on a phone.
+    b.call(
+        "Emulation.setDeviceMetricsOverride",
+        serde_json::json!({ "width": 390, "height": 844, "deviceScaleFactor": 1, "mobile": true }),
+    )
+    .unwrap();
+    b.goto(&format!("{base}/")).unwrap();
+    b.wait_for("!!document.querySelector('table.homes')", 20 * SECOND).unwrap();
+    b.screenshot(&shots.join("overview-phone.png")).unwrap();
+
+    let outside: Vec<&String> = b.requests().iter().filter(|u| !is_loopback_url(u)).collect();
+    assert!(outside.is_empty(), "the dashboard asked for something off loopback: {outside:?}");
+    assert!(b.requests().iter().any(|u| u.ends_with("/events")), "the live stream was used: {:?}", b.requests());
+}
