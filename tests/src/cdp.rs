@@ -11,13 +11,15 @@
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
 use base64::Engine as _;
 use serde_json::{json, Value};
 use tungstenite::stream::MaybeTlsStream;
 use tungstenite::{Message, WebSocket};
+
+use crate::Deadline;
 
 /// Where Debian puts Chromium, or `MAMORI_CHROMIUM`.
 pub fn chromium_path() -> Option<PathBuf> {
@@ -72,14 +74,14 @@ impl Browser {
             .spawn()
             .with_context(|| format!("cannot start {}", exe.display()))?;
         let port_file = profile.path().join("DevToolsActivePort");
-        let deadline = Instant::now() + Duration::from_secs(30);
+        let deadline = Deadline::after(Duration::from_secs(30));
         let text = loop {
             if let Ok(t) = std::fs::read_to_string(&port_file) {
                 if t.lines().count() >= 2 {
                     break t;
                 }
             }
-            if Instant::now() > deadline {
+            if deadline.remaining().is_zero() {
                 bail!("chromium did not open its DevTools port within 30 s");
             }
             std::thread::sleep(Duration::from_millis(50));
@@ -124,9 +126,9 @@ impl Browser {
             msg["sessionId"] = json!(s);
         }
         self.ws.send(Message::text(msg.to_string()))?;
-        let deadline = Instant::now() + Duration::from_secs(30);
+        let deadline = Deadline::after(Duration::from_secs(30));
         loop {
-            if Instant::now() > deadline {
+            if deadline.remaining().is_zero() {
                 bail!("{method}: no answer within 30 s");
             }
             let m = match self.ws.read() {
@@ -166,12 +168,12 @@ impl Browser {
 
     /// Poll a JavaScript condition until it is true, or fail after `timeout`.
     pub fn wait_for(&mut self, js: &str, timeout: Duration) -> Result<()> {
-        let deadline = Instant::now() + timeout;
+        let deadline = Deadline::after(timeout);
         loop {
             if self.eval(js).ok() == Some(Value::Bool(true)) {
                 return Ok(());
             }
-            if Instant::now() > deadline {
+            if deadline.remaining().is_zero() {
                 let url = self.eval("location.href").unwrap_or_default();
                 let text = self.eval("document.body ? document.body.innerText.slice(0, 2000) : ''").unwrap_or_default();
                 bail!("not true within {timeout:?}: {js}\nat {url}\n{}", text.as_str().unwrap_or(""));
