@@ -98,7 +98,9 @@ const WORDS: &[(&str, &str, &str)] = &[
     ("events", "出来事", "Events"),
     ("charts", "過去24時間", "Last 24 hours"),
     ("charge", "バッテリー残量 %", "Battery charge %"),
-    ("runtime", "UPS残り時間（分）", "UPS runtime (min)"),
+    ("battery_v", "バッテリー電圧 V", "Battery voltage V"),
+    ("time_left_min", "今回の停電での残り時間（分）", "Time left in this outage (min)"),
+    ("no_outage", "停電していません", "Not on battery"),
     ("spo2", "SpO2 %", "SpO2 %"),
     ("pulse", "脈拍 /分", "Pulse /min"),
     ("no_data", "データなし", "No data"),
@@ -649,8 +651,19 @@ pub async fn incident(State(app): State<App>, v: Viewer, client: Client, Path(id
     layout(&v, t.t("incident"), &body).into_response()
 }
 
-/// An inline SVG line chart of one or two series over `[from, to]`.
-pub fn chart(title: &str, series: &[(&str, Vec<(Time, f64)>)], from: Time, to: Time, empty: &str) -> String {
+/// An inline SVG line chart of one or two series up to `to`, over at most `[from, to]`:
+/// it starts at the first point when the history is shorter, so a young history is not a
+/// sliver at the right edge. Time ticks are local clock times.
+pub fn chart(
+    title: &str,
+    series: &[(&str, Vec<(Time, f64)>)],
+    from: Time,
+    to: Time,
+    offset: FixedOffset,
+    empty: &str,
+) -> String {
+    let first = series.iter().filter_map(|(_, s)| s.first().map(|(t, _)| *t)).min();
+    let from = first.map_or(from, |f| f.max(from).min(to - chrono::Duration::minutes(1)));
     let (w, h, pad_l, pad_b) = (600.0, 140.0, 36.0, 18.0);
     let values: Vec<f64> = series.iter().flat_map(|(_, s)| s.iter().map(|(_, v)| *v)).collect();
     let mut out = format!("<figure class=\"chart\"><figcaption>{}</figcaption>", escape(title));
@@ -674,8 +687,15 @@ pub fn chart(title: &str, series: &[(&str, Vec<(Time, f64)>)], from: Time, to: T
     );
     for k in 0..=4 {
         let tx = pad_l + (w - pad_l - 4.0) * f64::from(k) / 4.0;
-        let label = if k == 4 { "now".to_string() } else { format!("-{}h", 24 - k * 6) };
-        let _ = write!(out, "<text x=\"{tx:.0}\" y=\"{}\" class=\"tick\">{label}</text>", h - 4.0);
+        let at = from + chrono::Duration::seconds((span * f64::from(k) / 4.0) as i64);
+        let label = at.with_timezone(&offset).format("%H:%M");
+        let anchor = match k {
+            0 => "start",
+            4 => "end",
+            _ => "middle",
+        };
+        let _ =
+            write!(out, "<text x=\"{tx:.0}\" y=\"{}\" class=\"tick\" text-anchor=\"{anchor}\">{label}</text>", h - 4.0);
     }
     for (i, (_, s)) in series.iter().enumerate() {
         let pts: Vec<String> = s.iter().map(|(t, v)| format!("{:.1},{:.1}", x(*t), y(*v))).collect();
@@ -774,20 +794,39 @@ pub async fn home(State(app): State<App>, v: Viewer, client: Client, Path(id): P
         history.telemetry.iter().filter_map(|x| f(x).map(|v| (x.ts.with_timezone(&chrono::Utc), v))).collect()
     };
     let _ = write!(body, "<h2>{}</h2><div class=\"charts\">", t.t("charts"));
-    body.push_str(&chart(
-        t.t("charge"),
-        &[(t.t("charge"), series(&|x| x.ups.as_ref().and_then(|u| u.battery_charge_pct)))],
-        since,
-        now,
-        t.t("no_data"),
-    ));
-    body.push_str(&chart(
-        t.t("runtime"),
-        &[(t.t("runtime"), series(&|x| x.ups.as_ref().and_then(|u| u.runtime_s).map(|s| f64::from(s) / 60.0)))],
-        since,
-        now,
-        t.t("no_data"),
-    ));
+    // The battery: its charge when the UPS reports one, else its voltage.
+    let charge = series(&|x| x.ups.as_ref().and_then(|u| u.battery_charge_pct));
+    let (title, battery) = if charge.is_empty() {
+        let volts = series(&|x| {
+            x.ups
+                .as_ref()
+                .and_then(|u| u.battery_voltage_v)
+                .or_else(|| x.power_meter.as_ref().and_then(|m| m.battery_voltage_v))
+        });
+        (t.t("battery_v"), volts)
+    } else {
+        (t.t("charge"), charge)
+    };
+    body.push_str(&chart(title, &[(title, battery)], since, now, offset, t.t("no_data")));
+    // Time left through this outage: the forecast recomputed at each snapshot, as it stood.
+    let left = match h.on_battery_since {
+        Some(outage) => {
+            let mut readings = crate::forecast::PowerReadings::default();
+            let mut points = Vec::new();
+            for x in &history.telemetry {
+                let at = x.ts.with_timezone(&chrono::Utc);
+                if at < outage {
+                    continue;
+                }
+                readings.update(x);
+                let f = crate::forecast::forecast(plan, outage, &readings);
+                points.push((at, f.time_left(at).num_seconds() as f64 / 60.0));
+            }
+            points
+        }
+        None => Vec::new(),
+    };
+    body.push_str(&chart(t.t("time_left_min"), &[(t.t("time_left_min"), left)], since, now, offset, t.t("no_outage")));
     body.push_str(&chart(
         "SpO2 / pulse",
         &[
@@ -796,6 +835,7 @@ pub async fn home(State(app): State<App>, v: Viewer, client: Client, Path(id): P
         ],
         since,
         now,
+        offset,
         t.t("no_data"),
     ));
     body.push_str("</div>");
@@ -1369,8 +1409,13 @@ mod tests {
         let from = chrono::DateTime::from_timestamp(1_790_000_000, 0).unwrap();
         let to = from + chrono::Duration::hours(24);
         let s = vec![(from, 50.0), (from + chrono::Duration::hours(12), 100.0), (to, 0.0)];
-        let svg = chart("c", &[("c", s)], from, to, "none");
+        let jst = FixedOffset::east_opt(9 * 3600).unwrap();
+        let svg = chart("c", &[("c", s)], from, to, jst, "none");
+        assert!(svg.contains(">23:13</text>") && svg.contains(">05:13</text>"), "{svg}");
         assert!(svg.contains("points=\"36.0,61.0 316.0,4.0 596.0,118.0\""), "{svg}");
-        assert!(chart("c", &[("c", vec![])], from, to, "none").contains("none"));
+        let late = vec![(to - chrono::Duration::minutes(10), 1.0), (to, 2.0)];
+        let svg = chart("c", &[("c", late)], from, to, jst, "none");
+        assert!(svg.contains("points=\"36.0,118.0 596.0,4.0\""), "a short history fills the width: {svg}");
+        assert!(chart("c", &[("c", vec![])], from, to, jst, "none").contains("none"));
     }
 }
