@@ -681,9 +681,11 @@ pub fn chart(
         out,
         "<svg viewBox=\"0 0 {w} {h}\" role=\"img\" aria-label=\"{t}\" preserveAspectRatio=\"none\">\
          <line x1=\"{pad_l}\" y1=\"{b}\" x2=\"{w}\" y2=\"{b}\" class=\"axis\"/>\
-         <text x=\"2\" y=\"12\" class=\"tick\">{hi:.0}</text><text x=\"2\" y=\"{b}\" class=\"tick\">{lo:.0}</text>",
+         <text x=\"2\" y=\"12\" class=\"tick\">{hi}</text><text x=\"2\" y=\"{b}\" class=\"tick\">{lo}</text>",
         t = escape(title),
         b = h - pad_b,
+        hi = tick(hi, hi - lo),
+        lo = tick(lo, hi - lo),
     );
     for k in 0..=4 {
         let tx = pad_l + (w - pad_l - 4.0) * f64::from(k) / 4.0;
@@ -711,6 +713,15 @@ pub fn chart(
     }
     out.push_str("</figure>");
     out
+}
+
+/// An axis value: whole numbers unless the range is narrow.
+fn tick(v: f64, range: f64) -> String {
+    if range < 10.0 {
+        format!("{v:.1}")
+    } else {
+        format!("{v:.0}")
+    }
 }
 
 struct HomeHistory {
