@@ -20,7 +20,7 @@
 //! | [`run`] | the service: MQTT in (validation, dedup, storage before action) and wiring |
 //! | [`broker`] | the embedded broker (rumqttd) for one box and the demo |
 //! | [`listen`] | the HTTP(S) listener and trusted reverse proxies |
-//! | [`web`] | acknowledgement links over HTTP |
+//! | [`web`] | HTTP: the dashboard, `/api/v1`, `/metrics`, acknowledgement links |
 //! | [`pki`] | the deployment's CA, broker config and per-home credentials |
 //! | [`demo`] | `mamori-gateway demo` |
 //! | [`cli`] | the command line (`src/main.rs` only calls it) |
