@@ -69,13 +69,7 @@ pub async fn ack_post(
             let client = client.text();
             tracing::info!(alert = %alert, role = ?role, %client, "acknowledged from a link");
             let actor = format!("link:{}", crate::message::role_name(role));
-            let at = crate::clock::now();
-            let alert2 = alert.clone();
-            if let Err(e) =
-                app.db(move |s| Ok(crate::audit::append(s.conn(), at, &actor, &client, "ack", &alert2, &detail)?)).await
-            {
-                tracing::error!(error = %e, "audit log");
-            }
+            app.audit(&actor, &client, "ack", &alert, &detail).await;
             page(StatusCode::OK, "<p>確認を記録しました。ありがとうございます。 / Acknowledged. Thank you.</p>")
         }
         Err(e) if e.contains("stopping") => {

@@ -8,13 +8,14 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use mamori_protocol::mqtt::HomeId;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use super::auth::ApiUser;
 use super::view::{self, AlertView};
 use super::{App, Client, WebRequest};
-use crate::audit;
+use crate::accounts::User;
 use crate::engine::Time;
 use crate::store::{OutboxRow, OutboxStatus, Store};
 
@@ -50,11 +51,14 @@ fn failed(e: impl std::fmt::Display) -> Response {
 }
 
 async fn audit_log(app: &App, user: &str, client: &Client, action: &'static str, target: &str, detail: &str) {
-    let (actor, ip, target, detail, now) =
-        (format!("api:{user}"), client.text(), target.to_string(), detail.to_string(), crate::clock::now());
-    if let Err(e) = app.db(move |s| Ok(audit::append(s.conn(), now, &actor, &ip, action, &target, &detail)?)).await {
-        tracing::error!(error = %e, "audit log");
-    }
+    app.audit(&format!("api:{user}"), &client.text(), action, target, detail).await;
+}
+
+/// The home's id when the user may see it, with the view audited; `None` is a 404.
+async fn visible_home(app: &App, user: &User, client: &Client, id: &str, what: &str) -> Option<HomeId> {
+    let home = view::home(&app.snap().engine, user, id)?.id.clone();
+    audit_log(app, &user.username, client, "view_home", id, what).await;
+    Some(home)
 }
 
 async fn homes(State(app): State<App>, ApiUser(user): ApiUser) -> Response {
@@ -82,11 +86,9 @@ async fn telemetry(
     Path(id): Path<String>,
     Query(q): Query<Hours>,
 ) -> Response {
-    let snap = app.snap();
-    let Some(plan) = view::home(&snap.engine, &user, &id) else { return not_found() };
+    let Some(home) = visible_home(&app, &user, &client, &id, "telemetry").await else { return not_found() };
     let hours = q.hours.unwrap_or(24).clamp(1, 168);
-    audit_log(&app, &user.username, &client, "view_home", &id, "telemetry").await;
-    let (home, since) = (plan.id.clone(), crate::clock::now() - chrono::Duration::hours(i64::from(hours)));
+    let since = crate::clock::now() - chrono::Duration::hours(i64::from(hours));
     match app.db(move |s| Ok(s.telemetry_since(&home, since, 2000)?)).await {
         Ok(t) => Json(json!({ "telemetry": t })).into_response(),
         Err(e) => failed(e),
@@ -106,10 +108,8 @@ async fn events(
     Path(id): Path<String>,
     Query(q): Query<Limit>,
 ) -> Response {
-    let snap = app.snap();
-    let Some(plan) = view::home(&snap.engine, &user, &id) else { return not_found() };
-    audit_log(&app, &user.username, &client, "view_home", &id, "events").await;
-    let (home, limit) = (plan.id.clone(), q.limit.unwrap_or(100).clamp(1, 1000));
+    let Some(home) = visible_home(&app, &user, &client, &id, "events").await else { return not_found() };
+    let limit = q.limit.unwrap_or(100).clamp(1, 1000);
     match app.db(move |s| Ok(s.events_for(&home, limit)?)).await {
         Ok(e) => Json(json!({ "events": e })).into_response(),
         Err(e) => failed(e),
@@ -172,10 +172,8 @@ async fn home_alerts(
     Path(id): Path<String>,
     Query(q): Query<Limit>,
 ) -> Response {
-    let snap = app.snap();
-    let Some(plan) = view::home(&snap.engine, &user, &id) else { return not_found() };
-    audit_log(&app, &user.username, &client, "view_home", &id, "alerts").await;
-    let (home, limit) = (plan.id.clone(), q.limit.unwrap_or(50).clamp(1, 500));
+    let Some(home) = visible_home(&app, &user, &client, &id, "alerts").await else { return not_found() };
+    let limit = q.limit.unwrap_or(50).clamp(1, 500);
     let r = app
         .db(move |s| {
             let mut out = Vec::new();

@@ -19,7 +19,6 @@ use serde::Deserialize;
 use super::pages::{layout_bare, T};
 use super::{escape, App, Client};
 use crate::accounts::{Accounts, User};
-use crate::audit;
 use crate::homes::Lang;
 
 /// The session cookie's name.
@@ -250,8 +249,7 @@ pub async fn login_post(
     let now = crate::clock::now();
     let throttled = app.throttle.lock().map(|mut th| th.check(&keys, now)).unwrap_or(Ok(()));
     if let Err(wait) = throttled {
-        let (u, ip2) = (username.clone(), ip.clone());
-        let _ = app.db(move |s| Ok(audit::append(s.conn(), now, &u, &ip2, "login_failed", &u, "throttled")?)).await;
+        app.audit(&username, &ip, "login_failed", &username, "throttled").await;
         let minutes = wait.num_minutes() + 1;
         return again(StatusCode::TOO_MANY_REQUESTS, &t.t("throttled").replace("{n}", &minutes.to_string()));
     }
@@ -271,8 +269,7 @@ pub async fn login_post(
             if let Ok(mut th) = app.throttle.lock() {
                 th.succeed(keys[0]);
             }
-            let (name, ip2) = (user.username.clone(), ip.clone());
-            let _ = app.db(move |s| Ok(audit::append(s.conn(), now, &name, &ip2, "login", &name, "")?)).await;
+            app.audit(&user.username, &ip, "login", &user.username, "").await;
             tracing::info!(user = %user.username, client = %ip, "login");
             let max_age = app.sessions.max_age.num_seconds();
             (
@@ -288,8 +285,7 @@ pub async fn login_post(
             if let Ok(mut th) = app.throttle.lock() {
                 th.fail(&keys, now);
             }
-            let (u, ip2) = (username.clone(), ip.clone());
-            let _ = app.db(move |s| Ok(audit::append(s.conn(), now, &u, &ip2, "login_failed", &u, "")?)).await;
+            app.audit(&username, &ip, "login_failed", &username, "").await;
             tracing::warn!(user = %username, client = %ip, "login failed");
             again(StatusCode::UNAUTHORIZED, t.t("login_failed"))
         }
@@ -313,13 +309,11 @@ pub async fn logout(State(app): State<App>, v: Viewer, client: Client, Form(f): 
     if let Some(r) = v.csrf_refusal(&f.csrf) {
         return r;
     }
-    let (session, name, ip, now) = (v.session.clone(), v.user.username.clone(), client.text(), crate::clock::now());
-    let _ = app
-        .db(move |s| {
-            Accounts::new(s.conn()).end_session(&session)?;
-            Ok(audit::append(s.conn(), now, &name, &ip, "logout", &name, "")?)
-        })
-        .await;
+    let session = v.session.clone();
+    if let Err(e) = app.db(move |s| Ok(Accounts::new(s.conn()).end_session(&session)?)).await {
+        tracing::error!(error = %e, "logout");
+    }
+    app.audit(&v.user.username, &client.text(), "logout", &v.user.username, "").await;
     ([(header::SET_COOKIE, set_cookie(&app, SESSION_COOKIE, "", "/", 0))], Redirect::to("/login")).into_response()
 }
 

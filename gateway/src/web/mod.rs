@@ -141,6 +141,17 @@ impl App {
         self.snapshot.borrow().clone()
     }
 
+    /// Append to the audit log (a failure is logged, never shown to the user: the action
+    /// it records has already happened).
+    pub async fn audit(&self, actor: &str, ip: &str, action: &'static str, target: &str, detail: &str) {
+        let (actor, ip, target, detail, now) =
+            (actor.to_string(), ip.to_string(), target.to_string(), detail.to_string(), crate::clock::now());
+        let r = self.db(move |s| Ok(crate::audit::append(s.conn(), now, &actor, &ip, action, &target, &detail)?)).await;
+        if let Err(e) = r {
+            tracing::error!(error = %e, "audit log");
+        }
+    }
+
     /// Ask the loop and wait for its answer.
     pub async fn ask(
         &self,

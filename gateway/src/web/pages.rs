@@ -212,14 +212,6 @@ fn failed(e: impl std::fmt::Display) -> Response {
         .into_response()
 }
 
-async fn audit_log(app: &App, actor: &str, ip: &str, action: &'static str, target: &str, detail: &str) {
-    let (actor, ip, target, detail, now) =
-        (actor.to_string(), ip.to_string(), target.to_string(), detail.to_string(), crate::clock::now());
-    if let Err(e) = app.db(move |s| Ok(audit::append(s.conn(), now, &actor, &ip, action, &target, &detail)?)).await {
-        tracing::error!(error = %e, "audit log");
-    }
-}
-
 fn time_left_text(h: &HomeView, t: T) -> String {
     match h.time_left_s {
         Some(s) => {
@@ -506,7 +498,7 @@ pub async fn ack_alert(
     let (role, by) = (v.user.role.ack_role(), v.user.username.clone());
     match app.ask(|reply| WebRequest::Ack { alert_id: id.clone(), role, by, note, reply }).await {
         Ok(()) => {
-            audit_log(&app, &v.user.username, &client.text(), "ack", &id, detail.trim()).await;
+            app.audit(&v.user.username, &client.text(), "ack", &id, detail.trim()).await;
             Redirect::to(&local_path(f.next.as_deref())).into_response()
         }
         Err(e) => (StatusCode::CONFLICT, Html(format!("<p>{}</p>", escape(&e)))).into_response(),
@@ -533,7 +525,7 @@ pub async fn clear_alert(
     let by = v.user.username.clone();
     match app.ask(|reply| WebRequest::Clear { alert_id: id.clone(), by, reply }).await {
         Ok(()) => {
-            audit_log(&app, &v.user.username, &client.text(), "clear", &id, &home).await;
+            app.audit(&v.user.username, &client.text(), "clear", &id, &home).await;
             Redirect::to(&local_path(f.next.as_deref())).into_response()
         }
         Err(e) => {
@@ -563,7 +555,7 @@ pub async fn ack_incident(
     let (role, by) = (v.user.role.ack_role(), v.user.username.clone());
     match app.ask(|reply| WebRequest::Ack { alert_id: id.clone(), role, by, note, reply }).await {
         Ok(()) => {
-            audit_log(&app, &v.user.username, &client.text(), "ack", &id, &detail).await;
+            app.audit(&v.user.username, &client.text(), "ack", &id, &detail).await;
             Redirect::to(&format!("/incidents/{id}")).into_response()
         }
         Err(e) => (StatusCode::CONFLICT, Html(format!("<p>{}</p>", escape(&e)))).into_response(),
@@ -580,7 +572,7 @@ pub async fn incident(State(app): State<App>, v: Viewer, client: Client, Path(id
         return not_found(v.lang);
     };
     if !v.live {
-        audit_log(&app, &v.user.username, &client.text(), "view_incident", &id, &i.municipality).await;
+        app.audit(&v.user.username, &client.text(), "view_incident", &id, &i.municipality).await;
     }
     let mut body = format!(
         "<h1>{} {}</h1><p>{} {}</p><table class=\"triage\"><thead><tr><th>{}</th><th>{}</th><th>{}</th><th>{}</th><th>{}</th><th>{}</th><th>{}</th></tr></thead><tbody>",
@@ -739,7 +731,7 @@ pub async fn home(State(app): State<App>, v: Viewer, client: Client, Path(id): P
     let offset = app.style.offset;
     let Some(plan) = view::home(&snap.engine, &v.user, &id) else { return not_found(v.lang) };
     if !v.live {
-        audit_log(&app, &v.user.username, &client.text(), "view_home", &id, "").await;
+        app.audit(&v.user.username, &client.text(), "view_home", &id, "").await;
     }
     let h = view::home_view(plan, snap.engine.home_state(&plan.id), now);
     let home_id = plan.id.clone();
@@ -1034,7 +1026,7 @@ pub async fn account_password(
         .await;
     match r {
         Ok(Ok(())) => {
-            audit_log(&app, &v.user.username, &client.text(), "password_change", &v.user.username, "").await;
+            app.audit(&v.user.username, &client.text(), "password_change", &v.user.username, "").await;
             // Changing the password ends every session, this one included.
             Redirect::to("/login").into_response()
         }
@@ -1063,7 +1055,7 @@ pub async fn account_totp(State(app): State<App>, v: Viewer, client: Client, For
     let (name, secret, code, now) = (v.user.username.clone(), f.secret.clone(), f.code.clone(), crate::clock::now());
     match app.db(move |s| Ok(Accounts::new(s.conn()).enable_totp(&name, &secret, &code, now)?)).await {
         Ok(true) => {
-            audit_log(&app, &v.user.username, &client.text(), "totp_enable", &v.user.username, "").await;
+            app.audit(&v.user.username, &client.text(), "totp_enable", &v.user.username, "").await;
             let mut v = v;
             v.user.totp = true;
             account_page(&v, Some(T(v.lang).t("done")), None)
@@ -1196,7 +1188,7 @@ pub async fn admin_add_user(State(app): State<App>, v: Viewer, client: Client, F
     match r {
         Ok(Ok(u)) => {
             let scope = format!("{} {:?}{:?}", u.role.as_str(), u.municipalities, u.homes);
-            audit_log(&app, &v.user.username, &client.text(), "user_add", &u.username, &scope).await;
+            app.audit(&v.user.username, &client.text(), "user_add", &u.username, &scope).await;
             let msg = match totp {
                 Some(s) => format!("{} · TOTP: {}", u.username, accounts::totp_uri(&u.username, &s)),
                 None => u.username.clone(),
@@ -1257,7 +1249,7 @@ pub async fn admin_change_user(
                 "password" => "user_password",
                 _ => "token_add",
             };
-            audit_log(&app, &v.user.username, &client.text(), action, &name, "").await;
+            app.audit(&v.user.username, &client.text(), action, &name, "").await;
             let msg = match token {
                 Some(tok) => format!("{} {}: {tok}", T(v.lang).t("token_shown_once"), name),
                 None => format!("{} {name}", T(v.lang).t("done")),
@@ -1325,7 +1317,7 @@ pub async fn admin_audit_csv(State(app): State<App>, v: Viewer, client: Client) 
     if let Some(r) = admin_refusal(&v) {
         return r;
     }
-    audit_log(&app, &v.user.username, &client.text(), "audit_export", "audit", "").await;
+    app.audit(&v.user.username, &client.text(), "audit_export", "audit", "").await;
     match app
         .db(|s| {
             let mut out = Vec::new();
