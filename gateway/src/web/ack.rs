@@ -61,7 +61,7 @@ pub async fn ack_post(
     let Some(role) = check(&app, &alert, &role, &sig) else {
         return page(StatusCode::NOT_FOUND, "<p>リンクが無効です / This link is not valid.</p>");
     };
-    let note = Some(form.note.trim().chars().take(200).collect::<String>()).filter(|n| !n.is_empty());
+    let note = super::note(&form.note);
     let detail = note.clone().unwrap_or_default();
     let r = app.ask(|reply| WebRequest::Ack { alert_id: alert.clone(), role, by: "link".into(), note, reply }).await;
     match r {

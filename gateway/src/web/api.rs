@@ -240,10 +240,7 @@ async fn ack(
     if !visible {
         return not_found();
     }
-    let note = body
-        .and_then(|Json(b)| b.note)
-        .map(|n| n.trim().chars().take(200).collect::<String>())
-        .filter(|n| !n.is_empty());
+    let note = body.and_then(|Json(b)| b.note).and_then(|n| super::note(&n));
     let detail = note.clone().unwrap_or_default();
     let (role, by) = (user.role.ack_role(), format!("api:{}", user.username));
     match app.ask(|reply| WebRequest::Ack { alert_id: id.clone(), role, by, note, reply }).await {

@@ -232,6 +232,11 @@ impl FromRequestParts<App> for Client {
     }
 }
 
+/// An acknowledgement's note as stored: trimmed, at most 200 characters, none when empty.
+pub fn note(text: &str) -> Option<String> {
+    Some(text.trim().chars().take(200).collect::<String>()).filter(|n| !n.is_empty())
+}
+
 /// HTML-escape.
 pub fn escape(s: &str) -> String {
     s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;").replace('\'', "&#39;")

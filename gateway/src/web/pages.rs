@@ -493,7 +493,7 @@ pub async fn ack_alert(
     }
     let snap = app.snap();
     let Some(alert) = view::alert(&snap.engine, &v.user, &id) else { return not_found(v.lang) };
-    let note = Some(f.note.trim().chars().take(200).collect::<String>()).filter(|n| !n.is_empty());
+    let note = super::note(&f.note);
     let detail = format!("{} {}", alert.home.as_str(), note.clone().unwrap_or_default());
     let (role, by) = (v.user.role.ack_role(), v.user.username.clone());
     match app.ask(|reply| WebRequest::Ack { alert_id: id.clone(), role, by, note, reply }).await {
@@ -550,7 +550,7 @@ pub async fn ack_incident(
     if !view::incidents(&snap.engine, &v.user, now).iter().any(|i| i.id == id) {
         return not_found(v.lang);
     }
-    let note = Some(f.note.trim().chars().take(200).collect::<String>()).filter(|n| !n.is_empty());
+    let note = super::note(&f.note);
     let detail = note.clone().unwrap_or_default();
     let (role, by) = (v.user.role.ack_role(), v.user.username.clone());
     match app.ask(|reply| WebRequest::Ack { alert_id: id.clone(), role, by, note, reply }).await {
