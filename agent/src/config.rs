@@ -82,6 +82,32 @@ pub struct Config {
     /// The family's local alarm (buzzer, LEDs, silence button).
     #[serde(default)]
     pub local_alarm: Option<LocalAlarmConfig>,
+    /// How the agent tells whether its wall clock is synchronised.
+    #[serde(default)]
+    pub clock: ClockConfig,
+}
+
+/// How the agent tells whether its wall clock is synchronised (reported with every event and
+/// telemetry snapshot, so that the gateway can tell a replay from a wrong clock).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClockConfig {
+    /// A file that exists once the clock is synchronised: systemd-timesyncd's
+    /// `/run/systemd/timesync/synchronized` by default. When its folder does not exist either
+    /// (another NTP client), the agent reports that it cannot tell; a wall clock before
+    /// 2026-01-01 is reported as not synchronised in any case.
+    #[serde(default = "default_synced_file")]
+    pub synced_file: PathBuf,
+}
+
+fn default_synced_file() -> PathBuf {
+    PathBuf::from("/run/systemd/timesync/synchronized")
+}
+
+impl Default for ClockConfig {
+    fn default() -> Self {
+        ClockConfig { synced_file: default_synced_file() }
+    }
 }
 
 /// How to reach the broker.

@@ -106,6 +106,8 @@ pub struct NewEvent {
     pub source: Option<String>,
     /// When it was observed.
     pub ts: Timestamp,
+    /// When it was observed, on the monotonic clock ([`Now::mono_ms`]).
+    pub mono_ms: u64,
     /// Readings at the time.
     pub data: Map<String, Value>,
 }
@@ -197,7 +199,7 @@ impl Monitor {
     }
 
     fn event(kind: EventKind, source: Option<&str>, now: &Now, data: Map<String, Value>) -> NewEvent {
-        NewEvent { kind, source: source.map(str::to_string), ts: now.wall, data }
+        NewEvent { kind, source: source.map(str::to_string), ts: now.wall, mono_ms: now.mono_ms, data }
     }
 
     /// Feed what `source` produced at `now`; returns the events it raises.
@@ -528,6 +530,76 @@ impl Monitor {
         (self.mains_lost == Some(true), self.battery_low, self.sources.values().any(|s| s.lost))
     }
 
+    /// The conditions the monitor can tell now, by opening kind: `true` while it holds, `false`
+    /// once it is over. A condition the monitor cannot tell yet (nothing read since start, a
+    /// threshold's delay still running, a value inside the hysteresis band, the device lost)
+    /// is left out, so that the gateway never takes "not known yet" for "over".
+    pub fn conditions(&self) -> BTreeMap<EventKind, bool> {
+        let mut c = BTreeMap::new();
+        if let Some(m) = self.mains_lost {
+            c.insert(EventKind::MainsLost, m);
+        }
+        if !self.battery_low_by.is_empty() {
+            c.insert(EventKind::BatteryLow, self.battery_low);
+        }
+        if !self.ups_fault_by.is_empty() {
+            c.insert(EventKind::UpsFault, self.ups_fault_by.values().any(|f| *f));
+        }
+        if self.sources.values().all(|s| s.lost || s.last_seen_ms.is_some()) {
+            c.insert(EventKind::DeviceLost, self.sources.values().any(|s| s.lost));
+        }
+        if let Some(v) = self.ventilator {
+            c.insert(EventKind::VentilatorAlarm, v == ContactState::Alarm);
+            c.insert(EventKind::AlarmCableFault, v == ContactState::CableFault);
+        }
+        // Oximeters: a condition holds when any says so; it is over when every one that can
+        // tell says so. A lost oximeter tells nothing.
+        let t = self.thresholds;
+        let mut ox: BTreeMap<EventKind, (bool, bool)> = BTreeMap::new(); // (any true, any known)
+        let mut note = |k: EventKind, v: Option<bool>| {
+            let e = ox.entry(k).or_default();
+            if let Some(v) = v {
+                e.0 |= v;
+                e.1 = true;
+            }
+        };
+        for (id, o) in &self.oximeters {
+            let lost = self.sources.get(id).is_none_or(|s| s.lost);
+            let Some(r) = o.reading.as_ref().filter(|_| !lost) else { continue };
+            let spo2 = if o.spo2_alarm {
+                Some(true)
+            } else {
+                r.spo2_pct
+                    .filter(|v| {
+                        o.spo2_low_since.is_none() && *v >= t.spo2_low_pct.saturating_add(t.spo2_hysteresis_pct)
+                    })
+                    .map(|_| false)
+            };
+            note(EventKind::Spo2Low, spo2);
+            let pulse = if o.pulse_alarm {
+                Some(true)
+            } else {
+                r.pulse_bpm
+                    .filter(|v| {
+                        o.pulse_out_since.is_none()
+                            && *v >= t.pulse_low_bpm + t.pulse_hysteresis_bpm
+                            && *v <= t.pulse_high_bpm.saturating_sub(t.pulse_hysteresis_bpm)
+                    })
+                    .map(|_| false)
+            };
+            note(EventKind::PulseOutOfRange, pulse);
+            note(EventKind::SensorOff, o.sensor_off_reported);
+            note(EventKind::OximeterAlarm, r.alarm_active.map(|_| o.alarm_active));
+            note(EventKind::OximeterAlarmSilenced, r.alarm_silenced.map(|_| o.alarm_silenced));
+        }
+        for (k, (any, known)) in ox {
+            if any || known {
+                c.insert(k, any);
+            }
+        }
+        c
+    }
+
     /// The telemetry snapshot (clears the "changed" mark).
     pub fn snapshot(&mut self, now: &Now, interval_s: u32, spool: Option<SpoolStatus>) -> Telemetry {
         self.changed = false;
@@ -552,6 +624,8 @@ impl Monitor {
                 })
                 .collect(),
             spool,
+            conditions: self.conditions(),
+            clock: None,
         }
     }
 }

@@ -14,7 +14,7 @@
 use std::time::Duration;
 
 use anyhow::Context;
-use mamori_protocol::mqtt::{Event, EventKind, SourceInfo};
+use mamori_protocol::mqtt::{Event, EventKind, SourceInfo, Telemetry};
 use serde_json::Map;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
@@ -27,7 +27,8 @@ use crate::sources;
 use crate::spool::{FileStorage, Spool};
 use crate::uplink::{Connection, FromUplink, ToUplink, Uplink, UplinkSettings};
 
-fn to_event(e: NewEvent, boot: &str) -> Event {
+fn to_event(e: NewEvent, boot: &str, clock_cfg: &crate::config::ClockConfig) -> Event {
+    let at = crate::monitor::Now { mono_ms: e.mono_ms, wall: e.ts };
     Event {
         id: boot.to_string(),
         seq: 0,
@@ -36,7 +37,16 @@ fn to_event(e: NewEvent, boot: &str) -> Event {
         severity: e.kind.default_severity(),
         source: e.source,
         data: e.data,
+        clock: Some(clock::info(&at, &clock_cfg.synced_file)),
     }
+}
+
+/// A telemetry snapshot with the clocks at the time it was taken.
+fn snapshot(monitor: &mut Monitor, interval_s: u32, clock_cfg: &crate::config::ClockConfig) -> Telemetry {
+    let now = clock::now();
+    let mut t = monitor.snapshot(&now, interval_s, None);
+    t.clock = Some(clock::info(&now, &clock_cfg.synced_file));
+    t
 }
 
 /// Run the agent until `cancel`.
@@ -77,8 +87,9 @@ pub async fn run(config: Config, cancel: CancellationToken) -> anyhow::Result<()
     started.insert("version".into(), env!("CARGO_PKG_VERSION").into());
     let _ = up_tx
         .send(ToUplink::Event(to_event(
-            NewEvent { kind: EventKind::AgentStarted, source: None, ts: now.wall, data: started },
+            NewEvent { kind: EventKind::AgentStarted, source: None, ts: now.wall, mono_ms: now.mono_ms, data: started },
             &boot,
+            &config.clock,
         )))
         .await;
 
@@ -105,17 +116,19 @@ pub async fn run(config: Config, cancel: CancellationToken) -> anyhow::Result<()
         tokio::time::interval(watchdog_period.unwrap_or(Duration::from_secs(2)).max(Duration::from_millis(200)) / 2);
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
 
-    // One timer for the monitor's next deadline, re-armed only when that deadline moves.
+    // One timer for the monitor's next deadline, re-armed when that deadline moves and after
+    // it fires. (`Some(None)`: armed for "no deadline", a minute. A timer that fired must be
+    // re-armed even when the deadline is still "none": polling an elapsed `Sleep` returns at
+    // once, and the loop would spin on it, draining the battery it watches.)
     let sleep = tokio::time::sleep(Duration::from_secs(60));
     tokio::pin!(sleep);
-    let mut armed_for: Option<u64> = None;
+    let mut armed_for: Option<Option<u64>> = None;
     loop {
         let next = monitor.next_deadline_ms();
-        if next != armed_for {
-            // Without a deadline, wake once a minute anyway.
+        if armed_for != Some(next) {
             let wait_ms = next.map_or(60_000, |d| d.saturating_sub(clock::now().mono_ms));
             sleep.as_mut().reset(tokio::time::Instant::now() + Duration::from_millis(wait_ms));
-            armed_for = next;
+            armed_for = Some(next);
         }
         let mut events = Vec::new();
         tokio::select! {
@@ -126,7 +139,7 @@ pub async fn run(config: Config, cancel: CancellationToken) -> anyhow::Result<()
                 armed_for = None;
             }
             _ = telemetry.tick() => {
-                let snap = monitor.snapshot(&clock::now(), interval_s, None);
+                let snap = snapshot(&mut monitor, interval_s, &config.clock);
                 let _ = up_tx.send(ToUplink::Telemetry(snap)).await;
             }
             Some(m) = from_rx.recv() => match m {
@@ -138,7 +151,8 @@ pub async fn run(config: Config, cancel: CancellationToken) -> anyhow::Result<()
                 FromUplink::SpoolDegraded(d) => {
                     situation.spool_degraded = d;
                     let kind = if d { EventKind::SpoolDegraded } else { EventKind::SpoolOk };
-                    events.push(NewEvent { kind, source: None, ts: clock::now().wall, data: Map::new() });
+                    let now = clock::now();
+                    events.push(NewEvent { kind, source: None, ts: now.wall, mono_ms: now.mono_ms, data: Map::new() });
                     if d {
                         tracing::error!("the spool cannot write to disk: events are held in memory");
                     }
@@ -167,10 +181,10 @@ pub async fn run(config: Config, cancel: CancellationToken) -> anyhow::Result<()
         }
         let changed = !events.is_empty() && monitor.changed();
         for e in events {
-            let _ = up_tx.send(ToUplink::Event(to_event(e, &boot))).await;
+            let _ = up_tx.send(ToUplink::Event(to_event(e, &boot, &config.clock))).await;
         }
         if changed {
-            let snap = monitor.snapshot(&clock::now(), interval_s, None);
+            let snap = snapshot(&mut monitor, interval_s, &config.clock);
             let _ = up_tx.send(ToUplink::Telemetry(snap)).await;
         }
     }
@@ -180,8 +194,15 @@ pub async fn run(config: Config, cancel: CancellationToken) -> anyhow::Result<()
     let now = clock::now();
     let _ = up_tx
         .send(ToUplink::Event(to_event(
-            NewEvent { kind: EventKind::AgentStopping, source: None, ts: now.wall, data: Map::new() },
+            NewEvent {
+                kind: EventKind::AgentStopping,
+                source: None,
+                ts: now.wall,
+                mono_ms: now.mono_ms,
+                data: Map::new(),
+            },
             &boot,
+            &config.clock,
         )))
         .await;
     sources_cancel.cancel();

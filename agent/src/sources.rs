@@ -405,6 +405,7 @@ fn ups_session<D: Decoder>(
     let start = std::time::Instant::now();
     let mut forwarder = Forwarder::new((poll * cfg.lost_after_missed_polls.max(1)) / 2);
     let mut n: u64 = 0;
+    let (mut unanswered, reopen_after) = (0u32, cfg.lost_after_missed_polls.max(1).saturating_mul(4));
     while !cancel.is_cancelled() {
         let tenth: &[&[u8]] = if n.is_multiple_of(10) { schedule.tenth } else { &[] };
         let hourly: &[&[u8]] = if n.is_multiple_of(hourly_every) { schedule.hourly } else { &[] };
@@ -458,6 +459,14 @@ fn ups_session<D: Decoder>(
             if let Some((r, at)) = forwarder.missed() {
                 send_at(Observation::Ups(r), at);
             }
+            unanswered += 1;
+            // Long after the monitor called it lost: close and reopen the port (a wedged
+            // USB-serial adapter comes back this way; a UPS that is off loses nothing by it).
+            if unanswered >= reopen_after {
+                return Some(format!("{}: no reply to {unanswered} polls in a row; reopening", cfg.port.display()));
+            }
+        } else {
+            unanswered = 0;
         }
         // Until the next tick, wait for bytes rather than sleep: the same single wake-up when
         // nothing comes, and an APC's unrequested `!` (line fail) is seen at once.
@@ -519,12 +528,12 @@ pub async fn nut_source(cfg: NutConfig, tx: ObsTx, cancel: CancellationToken) {
             }
             let mut garbage = 0;
             let mut got = None;
-            let r =
-                transact(&mut sock, &mut stream, cmd.as_bytes(), poll.max(Duration::from_secs(2)), &mut garbage, |o| {
-                    got = Some(o);
-                    true
-                })
-                .await;
+            let timeout = poll.max(Duration::from_secs(2));
+            let r = transact(&mut sock, &mut stream, cmd.as_bytes(), timeout, &mut garbage, |o| {
+                got = Some(o);
+                true
+            })
+            .await;
             match got {
                 Some(nut::Output::Reading { reading, .. }) => send(&tx, &cfg.id, Observation::Ups(reading)).await,
                 Some(nut::Output::Error(code)) => {
@@ -532,8 +541,13 @@ pub async fn nut_source(cfg: NutConfig, tx: ObsTx, cancel: CancellationToken) {
                 }
                 None => {}
             }
-            if let Err(e) = r {
-                break format!("upsd at {addr}: {e}");
+            match r {
+                Err(e) => break format!("upsd at {addr}: {e}"),
+                // No reply before the deadline: a `upsd` that hangs mid-reply keeps the socket
+                // open and never answers on it again (while it may answer a new connection).
+                // Close it and connect again.
+                Ok(false) => break format!("upsd at {addr}: no reply within {} ms; reconnecting", timeout.as_millis()),
+                Ok(true) => {}
             }
         };
         send(&tx, &cfg.id, Observation::Failed(reason)).await;

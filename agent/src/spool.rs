@@ -442,6 +442,7 @@ mod tests {
             severity: kind.default_severity(),
             source: Some("ups".into()),
             data: Default::default(),
+            clock: None,
         }
     }
 

@@ -27,11 +27,21 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Run the service.
+    /// Run the service. It never creates its database: `init` does, once.
     Run {
         /// The config file.
         #[arg(long)]
         config: PathBuf,
+    },
+    /// Create the database in `data_dir` (refused when one exists) and import the homes file.
+    Init {
+        /// The config file.
+        #[arg(long)]
+        config: PathBuf,
+        /// This new database takes over the broker session of a gateway whose database was
+        /// lost (otherwise `run` refuses to acknowledge a session it has no record of).
+        #[arg(long)]
+        adopt_broker_session: bool,
     },
     /// Check a config file (and its homes file): every problem with file, key and expectation.
     CheckConfig {
@@ -543,10 +553,50 @@ pub fn main() -> ExitCode {
                     Err(e) => {
                         tracing::error!(error = format!("{e:#}"), "gateway failed");
                         eprintln!("mamori-gateway: {e:#}");
-                        ExitCode::from(1)
+                        // A store that is not the deployment's is the operator's to fix: exit
+                        // 2, which the systemd unit does not restart.
+                        let wrong_store = e.downcast_ref::<run::RunError>().is_some();
+                        ExitCode::from(if wrong_store { 2 } else { 1 })
                     }
                 }
             })
+        }
+        Command::Init { config, adopt_broker_session } => {
+            let c = match load(&config) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            let file = crate::store::SqliteStore::file(&c.data_dir);
+            let existed = file.exists();
+            if existed && !adopt_broker_session {
+                eprintln!("mamori-gateway: {} exists already: nothing done", file.display());
+                return ExitCode::from(2);
+            }
+            let result = run::open_store(&c).and_then(|mut s| {
+                if adopt_broker_session {
+                    s.set_meta(crate::store::META_ADOPT_SESSION, &clock::now().to_rfc3339())?;
+                }
+                Ok(s.homes()?.len())
+            });
+            match result {
+                Ok(homes) => {
+                    if !existed {
+                        println!("created {} with {homes} homes", file.display());
+                    }
+                    if adopt_broker_session {
+                        println!(
+                            "{} takes over the broker session of client id `{}`",
+                            file.display(),
+                            c.broker.client_id
+                        );
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("mamori-gateway: {e:#}");
+                    ExitCode::from(1)
+                }
+            }
         }
         Command::CheckConfig { config } => {
             let c = match load(&config) {

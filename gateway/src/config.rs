@@ -62,6 +62,53 @@ pub struct Config {
     /// The deployment's PKI and broker credentials (`pki init`, `homes provision|revoke`).
     #[serde(default)]
     pub pki: PkiConfig,
+    /// Who hears about the gateway itself: its database refusing writes and recovering, many
+    /// homes falling silent at once. Without any, the support-centre contacts of the homes.
+    #[serde(default)]
+    pub operators: Vec<Operator>,
+    /// A dead-man heartbeat to a monitor outside the centre.
+    #[serde(default)]
+    pub heartbeat: Option<HeartbeatConfig>,
+    /// Telemetry history: at most one snapshot per home this often is stored, s (every
+    /// snapshot still updates the home's state; a change of mains is always stored).
+    #[serde(default = "default_history_every_s")]
+    pub telemetry_history_every_s: u32,
+}
+
+/// Someone who hears about the gateway itself.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Operator {
+    /// Their name or desk.
+    pub name: String,
+    /// Message language.
+    #[serde(default)]
+    pub language: crate::homes::Lang,
+    /// Channels (as in the homes file), all of which are used.
+    pub channels: Vec<crate::homes::ChannelRef>,
+}
+
+/// The dead-man heartbeat: a monitor outside the centre (healthchecks.io, Uptime Kuma, a
+/// municipality's own) that alarms when the pings stop.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HeartbeatConfig {
+    /// Pinged (HTTP GET) every `interval_s` while the gateway is healthy.
+    pub url: String,
+    /// Pinged instead while it is not (its store refuses writes, it has no homes, or its
+    /// broker connection is down); without it, nothing is pinged then.
+    #[serde(default)]
+    pub fail_url: Option<String>,
+    /// How often, s.
+    #[serde(default = "default_heartbeat_s")]
+    pub interval_s: u32,
+}
+
+fn default_heartbeat_s() -> u32 {
+    60
+}
+fn default_history_every_s() -> u32 {
+    60
 }
 
 /// Where the PKI lives and how to make the broker re-read its password file.
@@ -215,10 +262,20 @@ pub struct DeliveryConfig {
     pub backoff_max_ms: u64,
     /// Stop retrying a message after this long, s.
     pub give_up_after_s: u64,
-    /// Per-attempt timeout, ms.
+    /// Deadline of one whole attempt, ms: connect, TLS, request and response (or the whole
+    /// SMTP dialogue). A receiver that accepts and never answers fails the attempt after it.
     pub timeout_ms: u64,
     /// Sends in flight at once.
     pub concurrency: usize,
+    /// Sends in flight at once to one destination (a webhook endpoint, the SMS gateway, the
+    /// SMTP relay), so that a hung one holds no more than this many slots.
+    pub per_destination: usize,
+    /// After this many failed attempts in a row to one destination, its rows fail at once
+    /// (without being tried) for `breaker_open_ms`, so fallbacks go out without waiting for
+    /// a timeout per row; then one row is tried again.
+    pub breaker_failures: u32,
+    /// How long a failing destination is not tried, ms.
+    pub breaker_open_ms: u64,
 }
 
 impl Default for DeliveryConfig {
@@ -230,6 +287,9 @@ impl Default for DeliveryConfig {
             give_up_after_s: 24 * 3600,
             timeout_ms: 5000,
             concurrency: 32,
+            per_destination: 8,
+            breaker_failures: 5,
+            breaker_open_ms: 30_000,
         }
     }
 }
@@ -400,8 +460,29 @@ impl Config {
         if d.backoff_initial_ms == 0 || d.backoff_max_ms < d.backoff_initial_ms {
             bad("delivery.backoff_initial_ms", "> 0 and not above backoff_max_ms");
         }
-        if d.timeout_ms == 0 || d.concurrency == 0 {
-            bad("delivery.timeout_ms", "> 0 (and concurrency > 0)");
+        if d.backoff_max_ms > 3_600_000 {
+            bad("delivery.backoff_max_ms", "at most 3600000 ms (an hour)");
+        }
+        if !(60..=30 * 24 * 3600).contains(&d.give_up_after_s) {
+            bad("delivery.give_up_after_s", "60 s to 30 days");
+        }
+        if d.fallback_after_failures > 1000 {
+            bad("delivery.fallback_after_failures", "at most 1000");
+        }
+        if !(100..=600_000).contains(&d.timeout_ms) {
+            bad("delivery.timeout_ms", "100 to 600000 ms");
+        }
+        if !(1..=4096).contains(&d.concurrency) {
+            bad("delivery.concurrency", "1 to 4096");
+        }
+        if d.per_destination == 0 || d.per_destination > d.concurrency {
+            bad("delivery.per_destination", "1 to `concurrency`");
+        }
+        if !(1..=1000).contains(&d.breaker_failures) {
+            bad("delivery.breaker_failures", "1 to 1000");
+        }
+        if !(1000..=3_600_000).contains(&d.breaker_open_ms) {
+            bad("delivery.breaker_open_ms", "1000 to 3600000 ms");
         }
         for (name, e) in &c.endpoints {
             if !(e.url.starts_with("http://") || e.url.starts_with("https://")) {
@@ -425,6 +506,60 @@ impl Config {
         let s = &c.escalation;
         if s.stale_after_intervals == 0 || s.default_interval_s == 0 || s.incident_min_homes < 2 {
             bad("escalation", "stale_after_intervals and default_interval_s > 0, incident_min_homes >= 2");
+        }
+        let day = 24 * 3600;
+        for (key, v, lo, hi) in [
+            ("escalation.stale_after_intervals", i64::from(s.stale_after_intervals), 1, 100),
+            ("escalation.default_interval_s", i64::from(s.default_interval_s), 1, day),
+            ("escalation.max_interval_s", i64::from(s.max_interval_s), 1, day),
+            ("escalation.incident_window_s", s.incident_window_s, 1, day),
+            ("escalation.incident_update_min_s", s.incident_update_min_s, 1, day),
+            ("escalation.t2_margin_min", s.t2_margin_min, 0, 7 * 24 * 60),
+            ("escalation.t3_time_left_min", s.t3_time_left_min, 0, 7 * 24 * 60),
+            ("escalation.late_event_s", s.late_event_s, 0, day),
+            ("escalation.replay_settle_s", s.replay_settle_s, 0, 3600),
+            ("escalation.clock_skew_s", s.clock_skew_s, 5, day),
+            ("escalation.silence_settle_s", s.silence_settle_s, 0, 3600),
+            ("escalation.mass_silence_window_s", s.mass_silence_window_s, 1, 3600),
+            ("escalation.mass_silence_grace_s", s.mass_silence_grace_s, 0, 6 * 3600),
+        ] {
+            if !(lo..=hi).contains(&v) {
+                bad(key, &format!("{lo} to {hi}"));
+            }
+        }
+        if s.mass_silence_min_homes < 2 || s.incident_min_homes > 100_000 {
+            bad("escalation.mass_silence_min_homes", "at least 2 (and incident_min_homes at most 100000)");
+        }
+        if c.telemetry_retention_h == 0 || c.telemetry_retention_h > 24 * 366 {
+            bad("telemetry_retention_h", "1 to 8784 hours");
+        }
+        if !(1..=3600).contains(&c.telemetry_history_every_s) {
+            bad("telemetry_history_every_s", "1 to 3600 s");
+        }
+        let known = c.known();
+        for (i, o) in c.operators.iter().enumerate() {
+            if o.name.trim().is_empty() || o.channels.is_empty() {
+                bad(&format!("operators[{i}]"), "a name and at least one channel");
+            }
+            for (k, ch) in o.channels.iter().enumerate() {
+                if let Some(expected) = known.check(ch) {
+                    bad(&format!("operators[{i}].channels[{k}]"), &expected);
+                }
+            }
+        }
+        if let Some(h) = &c.heartbeat {
+            for (key, url) in [("heartbeat.url", Some(&h.url)), ("heartbeat.fail_url", h.fail_url.as_ref())] {
+                if let Some(u) = url {
+                    if !(u.starts_with("https://")
+                        || (u.starts_with("http://") && url_host(u).is_some_and(is_loopback)))
+                    {
+                        bad(key, "an https URL (plain http only to loopback)");
+                    }
+                }
+            }
+            if !(5..=3600).contains(&h.interval_s) {
+                bad("heartbeat.interval_s", "5 to 3600 s");
+            }
         }
         for (kind, p) in &c.policy {
             if let Err(e) = p.validate() {

@@ -125,6 +125,8 @@ pub struct Sender {
     endpoints: std::sync::Arc<BTreeMap<String, ResolvedEndpoint>>,
     smtp: Option<std::sync::Arc<(lettre::AsyncSmtpTransport<lettre::Tokio1Executor>, String)>>,
     console: tokio::sync::mpsc::UnboundedSender<String>,
+    /// The deadline of one whole attempt.
+    timeout: Duration,
 }
 
 /// The HMAC-SHA256 signature header value of a body.
@@ -187,11 +189,37 @@ impl Sender {
                 Some(std::sync::Arc::new((builder.build(), c.from.clone())))
             }
         };
-        Ok(Sender { http, endpoints: std::sync::Arc::new(endpoints), smtp, console })
+        Ok(Sender { http, endpoints: std::sync::Arc::new(endpoints), smtp, console, timeout })
     }
 
-    /// Send one row; Ok only when the receiver accepted it.
+    /// Send one row; Ok only when the receiver accepted it. The whole exchange (connect, TLS,
+    /// request and response; or the whole SMTP dialogue) has one deadline: a receiver that
+    /// accepts and never answers, or answers a byte a second, fails the attempt when it passes.
     pub async fn send(&self, row: &OutboxRow, now: Time, ack_url: &str) -> Result<(), String> {
+        match tokio::time::timeout(self.timeout, self.attempt(row, now, ack_url)).await {
+            Ok(result) => result,
+            Err(_) => Err(format!(
+                "{}: no complete answer within {} ms",
+                crate::dispatch::destination(&row.channel),
+                self.timeout.as_millis()
+            )),
+        }
+    }
+
+    /// A dead-man heartbeat: GET `url`, Ok on a 2xx within the attempt deadline.
+    pub async fn ping(&self, url: &str) -> Result<(), String> {
+        let resp = tokio::time::timeout(self.timeout, self.http.get(url).send())
+            .await
+            .map_err(|_| format!("{url}: no answer within {} ms", self.timeout.as_millis()))?
+            .map_err(|e| format!("{url}: {}", error_chain(&e)))?;
+        if resp.status().is_success() {
+            Ok(())
+        } else {
+            Err(format!("{url}: HTTP {}", resp.status()))
+        }
+    }
+
+    async fn attempt(&self, row: &OutboxRow, now: Time, ack_url: &str) -> Result<(), String> {
         match &row.channel {
             ChannelRef::Console(name) => {
                 let text = format!(

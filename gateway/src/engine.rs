@@ -18,11 +18,33 @@
 //! than `late_event_s` on arrival) waits `replay_settle_s` before its first notification, so a
 //! replay that arrives in several batches, an outage and its end, still pages nobody.
 //!
+//! ## Time
+//! Every message is placed on the gateway's own timeline before it is ordered or forecast
+//! by ([`clock`]): a home's wrong clock can neither discard a real outage nor make a fresh one
+//! look a day old. A home whose clock is off by more than `clock_skew_s` has a `clock_skew`
+//! alert (for the coordinator, to have the installer look), which clears when it is right again.
+//!
 //! ## Silence
 //! A home is `stale` when nothing arrived for `stale_after_intervals` telemetry periods and
 //! `offline` on its Last Will. Silent while on battery or inside a regional incident raises
 //! `state_unknown` (critical, with the last known forecast, which keeps running); otherwise
-//! `home_silent`. Hearing from the home clears both.
+//! `home_silent`. Hearing from the home clears both (a retained status replayed by the broker
+//! at subscription is not hearing from it).
+//!
+//! The centre's own downtime is not the homes' silence: silence is judged only while the
+//! gateway's broker connection is up, and from the moment it came up ([`Engine::set_uplink`]).
+//! A silence alert waits `silence_settle_s` before its first notification; when
+//! `mass_silence_min_homes` homes in two or more municipalities fall silent within
+//! `mass_silence_window_s`, that is a network or centre problem: the operators get one notice
+//! ([`Output::Notice`]) and those homes' alerts wait `mass_silence_grace_s`. A home still
+//! silent after that is escalated as usual.
+//!
+//! ## Conditions that end without their event
+//! An alert whose condition is over clears by itself: telemetry that says so (the agent's
+//! `conditions`, or for older agents the readings themselves: mains present, every device
+//! answering, the spool writing, the ventilator contact normal) clears it, for instance after
+//! an agent restarted on mains and so never sent `mains_restored`. An event older than such a
+//! report opens nothing.
 //!
 //! ## Regional incidents
 //! When `incident_min_homes` homes of one municipality lose mains within
@@ -46,7 +68,11 @@ use sha2::{Digest, Sha256};
 pub use crate::forecast::Time;
 use crate::forecast::{forecast, Forecast, PowerReadings};
 use crate::homes::{Contact, Home};
+use crate::notice::Notice;
 use crate::policy::{Policies, Policy, Tier};
+
+pub mod clock;
+use clock::HomeClock;
 
 /// Engine settings (the `[escalation]` section of the gateway config).
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
@@ -72,6 +98,22 @@ pub struct Settings {
     /// An alert a replayed event opens waits this long before its first notification, so
     /// that the rest of the replay (the event that clears it) can arrive first, s.
     pub replay_settle_s: i64,
+    /// A home's message time further than this from its arrival (outside a replay) is not
+    /// believed, and the home gets a `clock_skew` alert, s.
+    pub clock_skew_s: i64,
+    /// A silence alert waits this long before its first notification, so that homes falling
+    /// silent together are seen together, s.
+    pub silence_settle_s: i64,
+    /// This many homes falling silent within `mass_silence_window_s`, in two or more
+    /// municipalities, is a network or centre problem, not one emergency per family.
+    pub mass_silence_min_homes: usize,
+    /// The window, s.
+    pub mass_silence_window_s: i64,
+    /// Their silence alerts then wait this long before anyone is paged, s.
+    pub mass_silence_grace_s: i64,
+    /// The longest telemetry period a home may announce, s (a larger one is taken as this:
+    /// a home must not be able to switch its own silence detection off).
+    pub max_interval_s: u32,
 }
 
 impl Default for Settings {
@@ -86,6 +128,12 @@ impl Default for Settings {
             t3_time_left_min: 120,
             late_event_s: 10,
             replay_settle_s: 3,
+            clock_skew_s: 120,
+            silence_settle_s: 30,
+            mass_silence_min_homes: 10,
+            mass_silence_window_s: 180,
+            mass_silence_grace_s: 600,
+            max_interval_s: 3600,
         }
     }
 }
@@ -237,6 +285,13 @@ pub struct HomeState {
     pub pair_ts: BTreeMap<String, Time>,
     /// The spool is degraded.
     pub spool_degraded: bool,
+    /// The home's clocks.
+    #[serde(default)]
+    pub clock: HomeClock,
+    /// When telemetry last said a condition is over, by opening kind: an event older than
+    /// that opens nothing.
+    #[serde(default)]
+    pub normal_at: BTreeMap<String, Time>,
 }
 
 /// A row of an incident's triage list.
@@ -364,6 +419,9 @@ pub struct Notification {
 pub enum Input {
     /// A status message (retained; the Last Will is one).
     Status(HomeId, Status),
+    /// A retained status the broker replayed at subscription: old news, not hearing from the
+    /// home (an `offline` one still says the home is gone).
+    RetainedStatus(HomeId, Status),
     /// A telemetry snapshot.
     Telemetry(HomeId, Telemetry),
     /// A stored, deduplicated event.
@@ -416,6 +474,9 @@ pub enum Output {
     Alert(Alert),
     /// An incident opened, changed or closed (persist it).
     Incident(Incident),
+    /// Tell the operators something about the gateway or the fleet (not stored: sent
+    /// straight away).
+    Notice(Notice),
 }
 
 /// Why an input was not applied.
@@ -443,6 +504,13 @@ pub struct Engine {
     alert_index: HashMap<String, (HomeId, String)>,
     outputs: Vec<Output>,
     dirty_homes: BTreeSet<HomeId>,
+    /// Since when the gateway's broker connection is up (None: down). Silence is judged only
+    /// while it is up, and from that moment.
+    uplink_since: Option<Time>,
+    /// Homes that fell silent recently, for the mass-silence rule.
+    recent_silences: std::collections::VecDeque<(Time, HomeId)>,
+    /// A mass silence is being waited out until then.
+    mass_until: Option<Time>,
 }
 
 fn alert_id(home: &HomeId, kind: &str, at: Time) -> String {
@@ -462,6 +530,33 @@ fn clears(kind: EventKind) -> Vec<&'static str> {
     }
 }
 
+/// The opening kinds a telemetry snapshot says are over: the agent's own `conditions`, or,
+/// from an agent too old to send them, what the readings show by themselves.
+fn over(t: &Telemetry) -> Vec<&'static str> {
+    let mut v: Vec<&'static str> = Vec::new();
+    if t.conditions.is_empty() {
+        if t.mains_present == Some(true) {
+            v.push("mains_lost");
+        }
+        if !t.devices.is_empty() && t.devices.iter().all(|d| d.state == DeviceState::Ok) {
+            v.push("device_lost");
+        }
+        match t.ventilator.as_ref().map(|r| r.alarm) {
+            Some(mamori_protocol::mqtt::ContactState::Normal) => v.extend(["ventilator_alarm", "alarm_cable_fault"]),
+            Some(mamori_protocol::mqtt::ContactState::Alarm) => v.push("alarm_cable_fault"),
+            _ => {}
+        }
+    } else {
+        v.extend(
+            t.conditions.iter().filter(|(k, holds)| !**holds && **k != EventKind::Unknown).map(|(k, _)| k.as_str()),
+        );
+    }
+    if t.spool.as_ref().is_some_and(|s| !s.degraded) {
+        v.push("spool_degraded");
+    }
+    v
+}
+
 fn power_kind(kind: &str) -> bool {
     matches!(kind, "mains_lost" | "battery_low" | "state_unknown")
 }
@@ -478,7 +573,33 @@ impl Engine {
             alert_index: HashMap::new(),
             outputs: Vec::new(),
             dirty_homes: BTreeSet::new(),
+            // Up from the beginning of time unless told otherwise: the service says when its
+            // connection comes and goes.
+            uplink_since: Some(Time::MIN_UTC),
+            recent_silences: std::collections::VecDeque::new(),
+            mass_until: None,
         }
+    }
+
+    /// The gateway's broker connection came up (`true`) or went down at `now`. While it is
+    /// down no home is judged silent; once up, silence is judged from `now`.
+    pub fn set_uplink(&mut self, up: bool, now: Time) {
+        self.uplink_since = up.then_some(now);
+    }
+
+    /// Whether the broker connection is up.
+    pub fn uplink(&self) -> bool {
+        self.uplink_since.is_some()
+    }
+
+    /// Registered homes.
+    pub fn home_count(&self) -> usize {
+        self.plans.len()
+    }
+
+    /// The engine settings.
+    pub fn settings(&self) -> &Settings {
+        &self.settings
     }
 
     /// Add or replace a home's care plan (its state is kept).
@@ -546,7 +667,8 @@ impl Engine {
     /// Apply one input.
     pub fn handle(&mut self, input: Input, now: Time) -> Result<(), EngineError> {
         match input {
-            Input::Status(home, s) => self.on_status(home, s, now),
+            Input::Status(home, s) => self.on_status(home, s, false, now),
+            Input::RetainedStatus(home, s) => self.on_status(home, s, true, now),
             Input::Telemetry(home, t) => self.on_telemetry(home, t, now),
             Input::Event(home, e) => self.on_event(home, e, now),
             Input::Ack { alert_id, role, by, note } => self.on_ack(alert_id, AckInfo { role, by, at: now, note }),
@@ -578,21 +700,23 @@ impl Engine {
         self.dirty_homes.insert(home.clone());
     }
 
-    fn on_status(&mut self, home: HomeId, s: Status, now: Time) -> Result<(), EngineError> {
+    fn on_status(&mut self, home: HomeId, s: Status, retained: bool, now: Time) -> Result<(), EngineError> {
         self.known(&home)?;
         match s.state {
             ConnectionState::Online => {
                 if let Some(i) = s.telemetry_interval_s {
-                    self.state.entry(home.clone()).or_default().interval_s = Some(i.max(1));
+                    self.state.entry(home.clone()).or_default().interval_s = Some(self.interval(i));
                 }
-                self.heard(&home, now);
+                if !retained {
+                    self.heard(&home, now);
+                }
             }
             ConnectionState::Offline => {
                 let st = self.state.entry(home.clone()).or_default();
                 if !st.conn.silent() {
                     st.conn = Connectivity::Offline { since: now, shutdown: s.reason.as_deref() == Some("shutdown") };
                     self.dirty_homes.insert(home.clone());
-                    self.went_silent(&home, now);
+                    self.went_silent(&home, true, now);
                 }
             }
         }
@@ -602,9 +726,14 @@ impl Engine {
     fn on_telemetry(&mut self, home: HomeId, t: Telemetry, now: Time) -> Result<(), EngineError> {
         self.known(&home)?;
         self.heard(&home, now);
-        let ts = to_utc(&t.ts);
+        let limit = Duration::seconds(self.settings.clock_skew_s);
+        let interval = self.interval(t.interval_s);
         let st = self.state.entry(home.clone()).or_default();
-        st.interval_s = Some(t.interval_s.max(1));
+        let ts = st.clock.place_fresh(to_utc(&t.ts), t.clock.as_ref(), now, limit);
+        st.interval_s = Some(interval);
+        let skew = st.clock.skewed(limit).then_some(st.clock.skew_s);
+        self.clock_skew(&home, skew, now);
+        let st = self.state.entry(home.clone()).or_default();
         if st.telemetry_ts.is_some_and(|prev| prev > ts) {
             return Ok(()); // a late snapshot: newer readings are already here
         }
@@ -639,18 +768,51 @@ impl Engine {
             }
         }
         self.refresh_forecast(&home);
+        // Conditions the home says are over end their alerts, whether or not the clearing
+        // event ever comes.
+        for kind in over(&t) {
+            let Some(st) = self.state.get_mut(&home) else { break };
+            st.normal_at.insert(kind.to_string(), ts);
+            if st.alerts.get(kind).is_some_and(|a| a.since <= ts) {
+                self.clear_alert(&home, kind, now);
+                self.touch_incident(&home);
+            }
+        }
         Ok(())
+    }
+
+    /// A home's announced telemetry period, bounded.
+    fn interval(&self, announced: u32) -> u32 {
+        announced.clamp(1, self.settings.max_interval_s.max(1))
+    }
+
+    /// Open or clear the home's `clock_skew` alert (`skew`: seconds off, when beyond the limit).
+    fn clock_skew(&mut self, home: &HomeId, skew: Option<i64>, now: Time) {
+        let open = self.state.get(home).is_some_and(|s| s.alerts.contains_key("clock_skew"));
+        match skew {
+            Some(s) if !open => {
+                let mut data = serde_json::Map::new();
+                data.insert("skew_s".into(), s.into());
+                self.raise(home, "clock_skew", Severity::Warning, now, None, data, now);
+            }
+            None if open => self.clear_alert(home, "clock_skew", now),
+            _ => {}
+        }
     }
 
     fn on_event(&mut self, home: HomeId, e: Event, now: Time) -> Result<(), EngineError> {
         self.known(&home)?;
         self.heard(&home, now);
-        let ts = to_utc(&e.ts);
+        let limit = Duration::seconds(self.settings.clock_skew_s);
         let cleared = clears(e.kind);
         let pair = if cleared.is_empty() { e.kind.as_str() } else { cleared[0] };
         let st = self.state.entry(home.clone()).or_default();
+        let ts = st.clock.place_event(to_utc(&e.ts), e.clock.as_ref(), now, limit);
         if st.pair_ts.get(pair).is_some_and(|last| *last > ts) {
             return Ok(()); // older than what we know: history only
+        }
+        if cleared.is_empty() && st.normal_at.get(e.kind.as_str()).is_some_and(|n| *n > ts) {
+            return Ok(()); // the home has since said this condition is over: history only
         }
         st.pair_ts.insert(pair.to_string(), ts);
         // Power state from the mains events, ordered by ts.
@@ -869,7 +1031,9 @@ impl Engine {
         Ok(())
     }
 
-    fn went_silent(&mut self, home: &HomeId, now: Time) {
+    /// A home fell silent (`fresh`) or, already silent, became a home at risk (an incident
+    /// opened around it).
+    fn went_silent(&mut self, home: &HomeId, fresh: bool, now: Time) {
         let st = self.state.get(home).cloned().unwrap_or_default();
         let in_incident = self.incident_of(home).is_some() || self.would_be_in_incident(home);
         let on_battery = matches!(st.power, Power::Battery { .. });
@@ -893,8 +1057,65 @@ impl Engine {
                 now,
             );
         }
+        if fresh {
+            // Wait a moment before paging anyone: homes falling silent together (a network
+            // or centre problem) are seen together first.
+            let settle = now + Duration::seconds(self.settings.silence_settle_s);
+            self.hold_silence(home, settle);
+            self.note_silence(home, now);
+        }
         self.join_incident(home);
         self.touch_incident(home);
+    }
+
+    /// Delay the first notification of a home's silence alerts (those nobody has heard of yet).
+    fn hold_silence(&mut self, home: &HomeId, until: Time) {
+        let Some(st) = self.state.get_mut(home) else { return };
+        for kind in ["home_silent", "state_unknown"] {
+            if let Some(a) = st.alerts.get_mut(kind).filter(|a| a.notified.is_empty()) {
+                a.hold_until = Some(a.hold_until.map_or(until, |h| h.max(until)));
+                self.dirty_homes.insert(home.clone());
+            }
+        }
+    }
+
+    /// The mass-silence rule: many homes in several municipalities falling silent together
+    /// is one notice to the operators, and their alerts wait the grace period.
+    fn note_silence(&mut self, home: &HomeId, now: Time) {
+        let window = Duration::seconds(self.settings.mass_silence_window_s);
+        self.recent_silences.push_back((now, home.clone()));
+        while self.recent_silences.front().is_some_and(|(t, _)| now - *t > window) {
+            self.recent_silences.pop_front();
+        }
+        let silent: BTreeSet<HomeId> = self
+            .recent_silences
+            .iter()
+            .map(|(_, h)| h.clone())
+            .filter(|h| self.state.get(h).is_some_and(|s| s.conn.silent()))
+            .collect();
+        let ongoing = self.mass_until.is_some_and(|u| now < u);
+        let municipalities: BTreeSet<&str> = silent.iter().filter_map(|h| self.municipality(h)).collect();
+        let mass = silent.len() >= self.settings.mass_silence_min_homes.max(2) && municipalities.len() >= 2;
+        if !(mass || ongoing) {
+            return;
+        }
+        let until = if ongoing && !mass {
+            self.mass_until.unwrap_or(now)
+        } else {
+            now + Duration::seconds(self.settings.mass_silence_grace_s)
+        };
+        if mass && !ongoing {
+            self.outputs.push(Output::Notice(Notice::MassSilence {
+                homes: silent.len(),
+                municipalities: municipalities.len(),
+                grace_min: self.settings.mass_silence_grace_s / 60,
+            }));
+        }
+        let affected: Vec<HomeId> = if mass { silent.into_iter().collect() } else { vec![home.clone()] };
+        for h in affected {
+            self.hold_silence(&h, until);
+        }
+        self.mass_until = Some(until);
     }
 
     fn refresh_forecast(&mut self, home: &HomeId) {
@@ -1008,32 +1229,31 @@ impl Engine {
             if self.state.get(&h).is_some_and(|s| s.conn.silent())
                 && self.state.get(&h).is_some_and(|s| s.alerts.contains_key("home_silent"))
             {
-                self.went_silent(&h, now);
+                self.went_silent(&h, false, now);
             }
         }
     }
 
     /// Run the timers: staleness, escalation steps and repeats, incident digests.
     pub fn poll(&mut self, now: Time) {
-        // Staleness.
-        let stale: Vec<HomeId> = self
-            .state
-            .iter()
-            .filter(|(_, s)| s.conn == Connectivity::Online)
-            .filter(|(_, s)| {
-                let interval = i64::from(s.interval_s.unwrap_or(self.settings.default_interval_s));
-                s.last_heard.is_some_and(|h| {
-                    now - h > Duration::seconds(interval * i64::from(self.settings.stale_after_intervals))
-                })
-            })
-            .map(|(h, _)| h.clone())
-            .collect();
+        // Staleness: only while the gateway itself is connected, and counted from when it
+        // connected (the centre's downtime is not the homes' silence).
+        let stale: Vec<HomeId> = match self.uplink_since {
+            None => Vec::new(),
+            Some(up) => self
+                .state
+                .iter()
+                .filter(|(_, s)| s.conn == Connectivity::Online)
+                .filter(|(_, s)| s.last_heard.is_some_and(|h| now > self.stale_at(s, h.max(up))))
+                .map(|(h, _)| h.clone())
+                .collect(),
+        };
         for h in stale {
             if let Some(st) = self.state.get_mut(&h) {
                 st.conn = Connectivity::Stale { since: st.last_heard.unwrap_or(now) };
             }
             self.dirty_homes.insert(h.clone());
-            self.went_silent(&h, now);
+            self.went_silent(&h, true, now);
         }
         // Escalation.
         let homes: Vec<HomeId> =
@@ -1227,16 +1447,19 @@ impl Engine {
         }
     }
 
+    /// When a home last heard at `heard` becomes stale.
+    fn stale_at(&self, s: &HomeState, heard: Time) -> Time {
+        let interval = i64::from(self.interval(s.interval_s.unwrap_or(self.settings.default_interval_s)));
+        heard + Duration::seconds(interval * i64::from(self.settings.stale_after_intervals))
+    }
+
     /// The earliest time [`Engine::poll`] has something to do.
     pub fn next_deadline(&self, now: Time) -> Option<Time> {
         let mut best: Option<Time> = None;
         let mut consider = |t: Time| best = Some(best.map_or(t, |b| b.min(t)));
         for s in self.state.values() {
-            if s.conn == Connectivity::Online {
-                if let Some(h) = s.last_heard {
-                    let interval = i64::from(s.interval_s.unwrap_or(self.settings.default_interval_s));
-                    consider(h + Duration::seconds(interval * i64::from(self.settings.stale_after_intervals) + 1));
-                }
+            if let (Connectivity::Online, Some(h), Some(up)) = (s.conn, s.last_heard, self.uplink_since) {
+                consider(self.stale_at(s, h.max(up)) + Duration::seconds(1));
             }
             for a in s.alerts.values() {
                 if let Some((t, _)) = next_action(a) {

@@ -210,6 +210,31 @@ pub struct Known {
     pub smtp: bool,
 }
 
+impl Known {
+    /// What a channel should have been, when it cannot be used with this config.
+    pub fn check(&self, ch: &ChannelRef) -> Option<String> {
+        match ch {
+            ChannelRef::Webhook(n) if !self.endpoints.contains(n) => {
+                Some(format!("a webhook endpoint defined in the gateway config's [endpoints] (`{n}` is not)"))
+            }
+            ChannelRef::Email(a) if !a.contains('@') || a.contains(char::is_whitespace) => {
+                Some("an e-mail address".into())
+            }
+            ChannelRef::Email(_) if !self.smtp => Some("an [smtp] section in the gateway config".into()),
+            ChannelRef::Sms(p)
+                if !(p.starts_with('+') && p.len() >= 8 && p[1..].chars().all(|c| c.is_ascii_digit())) =>
+            {
+                Some("a phone number in international form (+8190...)".into())
+            }
+            ChannelRef::Sms(_) if !self.sms => {
+                Some("an SMS gateway endpoint named `sms` in the gateway config's [endpoints]".into())
+            }
+            ChannelRef::Console(n) if n.is_empty() => Some("a console name".into()),
+            _ => None,
+        }
+    }
+}
+
 /// A homes file that cannot be used: every problem, one per line.
 #[derive(Debug, thiserror::Error)]
 #[error("{}", .0.join("\n"))]
@@ -295,25 +320,8 @@ impl HomesFile {
                     err(&format!("contacts[{j}].channels"), "at least one channel");
                 }
                 for (k, ch) in c.channels.iter().enumerate() {
-                    let key = format!("contacts[{j}].channels[{k}]");
-                    match ch {
-                        ChannelRef::Webhook(n) if !known.endpoints.contains(n) => err(
-                            &key,
-                            &format!("a webhook endpoint defined in the gateway config's [endpoints] (`{n}` is not)"),
-                        ),
-                        ChannelRef::Email(a) if !a.contains('@') || a.contains(char::is_whitespace) => {
-                            err(&key, "an e-mail address")
-                        }
-                        ChannelRef::Email(_) if !known.smtp => err(&key, "an [smtp] section in the gateway config"),
-                        ChannelRef::Sms(p)
-                            if !(p.starts_with('+') && p.len() >= 8 && p[1..].chars().all(|c| c.is_ascii_digit())) =>
-                        {
-                            err(&key, "a phone number in international form (+8190...)")
-                        }
-                        ChannelRef::Sms(_) if !known.sms => {
-                            err(&key, "an SMS gateway endpoint named `sms` in the gateway config's [endpoints]")
-                        }
-                        _ => {}
+                    if let Some(expected) = known.check(ch) {
+                        err(&format!("contacts[{j}].channels[{k}]"), &expected);
                     }
                 }
             }

@@ -16,8 +16,12 @@
 //! | [`message`] | message text (ja/en) and signed acknowledgement links |
 //! | [`store`] | the `Store` trait and its SQLite (WAL) implementation |
 //! | [`delivery`] | the outbox's senders: webhook (HMAC), SMS gateway, SMTP, console |
+//! | [`dispatch`] | send slots shared per destination, circuit breakers, leases (pure) |
 //! | [`config`] | the gateway config file |
-//! | [`run`] | the service: MQTT in (validation, dedup, storage before action) and wiring |
+//! | [`run`] | the service: MQTT in (validation, dedup, storage before action), degraded mode, wiring |
+//! | [`mqtt`] | the broker link: connection state, PUBACKs after storage |
+//! | [`health`] | the gateway's own health: `/healthz`, the heartbeat, the watchdog |
+//! | [`notice`] | notices about the gateway itself for its operators (sent without the store) |
 //! | [`broker`] | the embedded broker (rumqttd) for one box and the demo |
 //! | [`listen`] | the HTTP(S) listener and trusted reverse proxies |
 //! | [`web`] | HTTP: the dashboard, `/api/v1`, `/metrics`, acknowledgement links |
@@ -34,11 +38,15 @@ pub mod clock;
 pub mod config;
 pub mod delivery;
 pub mod demo;
+pub mod dispatch;
 pub mod engine;
 pub mod forecast;
+pub mod health;
 pub mod homes;
 pub mod listen;
 pub mod message;
+pub mod mqtt;
+pub mod notice;
 pub mod pki;
 pub mod policy;
 pub mod run;

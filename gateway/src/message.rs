@@ -132,6 +132,8 @@ pub fn kind_text(kind: &str, lang: Lang) -> &str {
         "state_unknown" => "silent during an outage: state unknown",
         "delivery_failed" if ja => "通知が届いていません",
         "delivery_failed" => "a notification could not be delivered",
+        "clock_skew" if ja => "見守り機の時計がずれています",
+        "clock_skew" => "the home unit's clock is wrong",
         other => other,
     }
 }
@@ -216,6 +218,15 @@ pub fn render(content: &Content, lang: Lang, role: Role, alert_id: &str, style: 
             if !readings.is_empty() {
                 body += &format!(" ({})", readings.join(", "));
             }
+            if let (true, Some(skew)) = (kind == "clock_skew", data.get("skew_s").and_then(|v| v.as_i64())) {
+                let off = duration(skew.abs(), lang);
+                body += &match (ja, skew > 0) {
+                    (true, true) => format!("（{off}進んでいます）"),
+                    (true, false) => format!("（{off}遅れています）"),
+                    (false, true) => format!(" ({off} ahead)"),
+                    (false, false) => format!(" ({off} behind)"),
+                };
+            }
             if let (Some((dest, travel)), true) = (evacuation, *tier >= Tier::T2) {
                 body += &if ja {
                     format!(" 避難先: {dest}（移動{travel}分）。")
@@ -223,7 +234,16 @@ pub fn render(content: &Content, lang: Lang, role: Role, alert_id: &str, style: 
                     format!(" Destination: {dest} ({travel} min away).")
                 };
             }
-            body += &format!("\n{}\n", ask(*tier, lang));
+            let request = match (kind.as_str(), ja) {
+                ("clock_skew", true) => {
+                    "mamoriは受信時刻で記録しているため通知は正しく届きますが、設置業者に見守り機の時刻合わせの確認を依頼してください。"
+                }
+                ("clock_skew", false) => {
+                    "mamori records by the time it receives messages, so notifications are right; please have the installer check the home unit's time synchronisation."
+                }
+                _ => ask(*tier, lang),
+            };
+            body += &format!("\n{request}\n");
             body += &if ja { format!("確認（既読）: {link}") } else { format!("Acknowledge: {link}") };
             (subject, body)
         }

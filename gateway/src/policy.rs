@@ -189,6 +189,18 @@ pub fn delivery_failed_default() -> Policy {
     }
 }
 
+/// A home whose clock is wrong: the coordinator, once, if it lasts ten minutes (the gateway
+/// already places the home's messages by its own clock; someone should have the installer
+/// look at the home unit's time synchronisation).
+pub fn clock_skew_default() -> Policy {
+    Policy {
+        steps: vec![step(Tier::T1, &[C], 0, 0, None)],
+        notify_after_s: 600,
+        reescalate_after_ack_s: 24 * 3600,
+        follows_forecast: false,
+    }
+}
+
 /// The built-in policy for an alert kind.
 pub fn builtin(kind: &str) -> Policy {
     match kind {
@@ -201,6 +213,7 @@ pub fn builtin(kind: &str) -> Policy {
         "home_silent" => silent_default(),
         "state_unknown" => state_unknown_default(),
         "delivery_failed" => delivery_failed_default(),
+        "clock_skew" => clock_skew_default(),
         "device_lost" | "sensor_off" | "spool_degraded" => warning_default(),
         _ => critical_default(),
     }
@@ -231,8 +244,16 @@ mod tests {
 
     #[test]
     fn builtins_are_valid_and_follow_the_tiers() {
-        for kind in ["mains_lost", "battery_low", "home_silent", "state_unknown", "delivery_failed", "device_lost", "x"]
-        {
+        for kind in [
+            "mains_lost",
+            "battery_low",
+            "home_silent",
+            "state_unknown",
+            "delivery_failed",
+            "device_lost",
+            "clock_skew",
+            "x",
+        ] {
             builtin(kind).validate().unwrap();
         }
         let p = mains_lost_default();

@@ -1,55 +1,98 @@
 //! `mamori-gateway run`: the service.
 //!
 //! One task (the service loop) owns the engine and the store. Around it:
-//! - the MQTT task owns the rumqttc event loop (persistent session, manual acks), forwards
-//!   each PUBLISH to the loop and resubscribes after every CONNACK; it backs off with jitter
-//!   after errors;
-//! - the HTTP server answers acknowledgement links through a channel to the loop;
-//! - each outbox send runs in its own task (at most `delivery.concurrency` at once) and
-//!   reports back to the loop;
-//! - an outbound task sends PUBACKs and acknowledgements to agents, so that the loop never
-//!   waits on the MQTT client (the MQTT task may be waiting for the loop to take a message,
-//!   and only it drains the client's request queue: waiting on it from the loop deadlocked
-//!   under load, which the fleet benchmark found).
+//! - the MQTT link and outbound tasks ([`crate::mqtt`]);
+//! - the HTTP server, on **its own runtime** (two threads), so that however many dashboard
+//!   viewers there are, they cannot take the threads that page people;
+//! - each outbox send in its own task, given a slot by the [`Dispatcher`] (shared per
+//!   destination, circuit breakers, leases), reporting back through a channel bounded by the
+//!   number of slots;
+//! - the operators' notifier ([`notify_operators`]): notices about the gateway itself, sent
+//!   without the store;
+//! - the pruner thread: history older than `telemetry_retention_h`, deleted in small batches
+//!   on its own connection, off the loop.
 //!
 //! ## A batch
 //! The loop takes every message waiting (up to 1,000), and in **one transaction** stores them
-//! (events deduplicated by `(home, seq)`), feeds the new ones to the engine, and writes the
-//! resulting alerts, home states and outbox rows. After the commit it acknowledges the
-//! messages to the broker and publishes acknowledgements to agents. Then the timers run
-//! (`Engine::poll`) in a second transaction, and due outbox rows are sent.
+//! (events deduplicated by `(home, seq)`; telemetry history at most one snapshot per home per
+//! `telemetry_history_every_s`), feeds the new ones to the engine, and writes the resulting
+//! alerts, home states and outbox rows. After the commit it acknowledges the messages to the
+//! broker and publishes acknowledgements to agents. Then the timers run (`Engine::poll`) in a
+//! second transaction, and due outbox rows are sent. The loop sleeps until the earliest real
+//! deadline: the engine's, the next outbox row that is not due yet (rows due now are sent,
+//! leased, or wait for a slot, whose result wakes the loop), the snapshot, the housekeeping
+//! second.
+//!
+//! ## When the store refuses writes
+//! A store error (disk full, read-only, I/O error) does not end the process. The transaction
+//! is rolled back and the engine reloaded from the store (which holds exactly what was
+//! committed), and the gateway is *degraded*:
+//! - messages it could not store are **not** acknowledged to the broker; QoS 1 ones are held in
+//!   memory (up to [`HELD_MAX`]) and stored, then acknowledged, once writes work again (the
+//!   broker stops sending more once its in-flight window is full; QoS 0 telemetry is dropped);
+//! - rows already in the outbox keep being sent; their results are kept in memory and
+//!   recorded later (a delivered row is never sent again meanwhile);
+//! - no new decisions are made (the timers wait), and acknowledgements from the dashboard are
+//!   refused with a clear message;
+//! - `/healthz` fails and says why, `/metrics` shows it, the heartbeat goes to its `fail_url`,
+//!   and the operators are told ([`Notice::StoreDegraded`]) through every channel, none of
+//!   which needs the store;
+//! - every [`PROBE_EVERY_S`] a small write is tried; when it works, the held messages and
+//!   results go in, and the operators are told it recovered.
+//!
+//! ## Refusing the wrong store
+//! `run` never creates a database: an empty `data_dir` is far more often a data volume that is
+//! not mounted than a new installation (`init` creates one). The store records when it first
+//! connected to the broker (which then keeps a session for the gateway's client id). A store
+//! with no such record and no stored message, connecting to a broker that holds a session for
+//! this gateway (`session present`), is not the store that session belongs to: the gateway
+//! stops with a clear message (exit 2) before acknowledging anything, unless
+//! `init --adopt-broker-session` said otherwise. And while the
+//! store has no homes at all, no message is acknowledged (they would all be dropped as
+//! unregistered).
 //!
 //! ## Validation
 //! A topic that does not parse, a home that is not registered, a payload over 16 KiB or one
 //! that does not decode is counted, logged (rate-limited) and acknowledged to the broker (so
 //! it is not redelivered forever), and never reaches the engine.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use mamori_protocol::mqtt::{self, Channel, Event, HomeId, Status, Telemetry, Topic};
+use mamori_protocol::mqtt::{self, Channel, Event, HomeId, Role, Status, Telemetry, Topic};
 use rand::Rng;
-use rumqttc::{AsyncClient, Event as MqttEvent, MqttOptions, Packet, Publish, QoS, TlsConfiguration, Transport};
+use rumqttc::{AsyncClient, Publish, QoS};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
-use crate::delivery::{after_attempt, expand, ResolvedEndpoint, Sender};
+use crate::delivery::{after_attempt, expand, Next, ResolvedEndpoint, Sender};
+use crate::dispatch::{Decision, Dispatcher};
 use crate::engine::{Engine, Input, Output, Time};
-use crate::homes::HomesFile;
+use crate::health::{Degraded, Health};
+use crate::homes::{ChannelRef, HomesFile, Lang};
 use crate::message::Style;
+use crate::mqtt::{FromMqtt, Outbound};
+use crate::notice::{Notice, StoreProblem};
 use crate::policy::Policies;
-use crate::store::{OutboxRow, SqliteStore, Store, StoreError};
+use crate::store::{OutboxRow, OutboxStatus, SqliteStore, Store, StoreError};
 use crate::web::{self, Snapshot, WebRequest};
+use crate::{broker, clock};
 
 /// The web's copy of the engine is refreshed at most this often, ms.
 pub const SNAPSHOT_EVERY_MS: i64 = 250;
-use crate::{broker, clock};
+/// Messages held in memory while the store refuses writes (QoS 1 only; more stay at the
+/// broker, unacknowledged, and come back at the next connection).
+pub const HELD_MAX: usize = 10_000;
+/// While degraded, a write is tried this often, s.
+pub const PROBE_EVERY_S: i64 = 2;
+/// History pruning: rows per transaction.
+pub const PRUNE_BATCH: usize = 2_000;
 
-/// Counters since start (logged at shutdown; the dashboard issue exports them as metrics).
+/// Counters since start (exported by `/metrics`).
 #[derive(Debug, Default)]
 pub struct Counters {
     /// Messages accepted.
@@ -60,10 +103,14 @@ pub struct Counters {
     pub unknown_home: AtomicU64,
     /// Events already stored.
     pub duplicates: AtomicU64,
+    /// Telemetry dropped while the store refused writes.
+    pub dropped_degraded: AtomicU64,
     /// Notifications delivered.
     pub delivered: AtomicU64,
     /// Failed delivery attempts.
     pub failed_attempts: AtomicU64,
+    /// Attempts not made because the destination's breaker was open.
+    pub skipped_attempts: AtomicU64,
     /// Outbox row written to the receiver's acceptance, s.
     pub notify_latency: crate::web::metrics::Histogram,
 }
@@ -77,6 +124,24 @@ pub struct Ready {
     pub http: std::net::SocketAddr,
 }
 
+/// Why the service stopped on its own.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// The store is not the one the broker's session belongs to.
+    #[error(
+        "the broker holds a session for client id `{client_id}`, but this database ({path}) has never \
+         connected with it nor stored a message: it is not the store that session belongs to (is the data volume \
+         mounted?). Nothing was acknowledged. If this new database is meant to take over, run `mamori-gateway init \
+         --config <file> --adopt-broker-session` once"
+    )]
+    WrongStore {
+        /// The database.
+        path: String,
+        /// The gateway's client id.
+        client_id: String,
+    },
+}
+
 /// Resolve a config's secrets and the message style.
 pub fn style(config: &Config) -> anyhow::Result<Style> {
     let secret = config.link_secret.resolve().map_err(|e| anyhow::anyhow!("link_secret: {e}"))?;
@@ -87,133 +152,192 @@ pub fn style(config: &Config) -> anyhow::Result<Style> {
     })
 }
 
-/// Open the store and import the config's homes file, if any.
+/// Open the store for an admin command, creating it if needed, and import the config's
+/// homes file, if any.
 pub fn open_store(config: &Config) -> anyhow::Result<SqliteStore> {
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("cannot create data_dir {}", config.data_dir.display()))?;
     let mut store = SqliteStore::open(&config.data_dir)?;
+    import_homes(config, &mut store)?;
+    Ok(store)
+}
+
+/// Open the existing store for `run` (never creating one), and import the homes file.
+pub fn open_existing_store(config: &Config) -> anyhow::Result<SqliteStore> {
+    let mut store = SqliteStore::open_existing(&config.data_dir)?;
+    import_homes(config, &mut store)?;
+    Ok(store)
+}
+
+fn import_homes(config: &Config, store: &mut SqliteStore) -> anyhow::Result<()> {
     if let Some(path) = &config.homes_file {
         let homes = HomesFile::load(path, &config.known())?;
         store.upsert_homes(&homes.homes)?;
     }
-    Ok(store)
+    Ok(())
 }
 
-fn mqtt_options(config: &Config, port: u16) -> anyhow::Result<MqttOptions> {
-    let b = &config.broker;
-    let mut o = MqttOptions::new(b.client_id.clone(), b.host.clone(), port);
-    o.set_keep_alive(Duration::from_secs(u64::from(b.keep_alive_s.max(5))));
-    // A persistent session: QoS 1 events queue at the broker while the gateway is away.
-    o.set_clean_session(false);
-    o.set_manual_acks(true);
-    o.set_max_packet_size(mqtt::MAX_PAYLOAD_BYTES * 4, mqtt::MAX_PAYLOAD_BYTES * 4);
-    o.set_inflight(1000);
-    if let Some(user) = &b.username {
-        let pass = match &b.password {
-            Some(p) => p.resolve().map_err(|e| anyhow::anyhow!("broker.password: {e}"))?,
-            None => String::new(),
-        };
-        o.set_credentials(user.clone(), pass);
+/// The engine as the store has it.
+fn load_engine(config: &Config, store: &SqliteStore) -> Result<Engine, StoreError> {
+    let mut engine = Engine::new(config.escalation.clone(), Policies { config: config.policy.clone() });
+    for h in store.homes()? {
+        engine.upsert_home(h);
     }
-    if let Some(t) = &b.tls {
-        let read = |p: &std::path::Path| std::fs::read(p).with_context(|| format!("cannot read {}", p.display()));
-        let client_auth = match (&t.client_cert_file, &t.client_key_file, &t.client_cert_pem, &t.client_key_pem) {
-            (Some(c), Some(k), _, _) => {
-                mamori_agent::uplink::check_key_permissions(k)?;
-                Some((read(c)?, read(k)?))
-            }
-            (_, _, Some(c), Some(k)) => Some((c.clone().into_bytes(), k.clone().into_bytes())),
-            _ => None,
-        };
-        let ca = t.ca().map_err(|e| anyhow::anyhow!("broker.tls: {e}"))?;
-        o.set_transport(Transport::Tls(TlsConfiguration::Simple { ca, alpn: None, client_auth }));
+    for (id, st) in store.states()? {
+        if engine.knows(&id) {
+            engine.restore_state(id, st);
+        }
     }
-    Ok(o)
+    for i in store.open_incidents()? {
+        engine.restore_incident(i);
+    }
+    Ok(engine)
 }
 
-enum FromMqtt {
-    Message(Publish),
-    Connected,
+/// Who hears the operators' notices: the config's `[[operators]]`, or else every distinct
+/// support-centre contact of the homes.
+fn operators(config: &Config, engine: &Engine) -> Vec<(String, Lang, Vec<ChannelRef>)> {
+    if !config.operators.is_empty() {
+        return config.operators.iter().map(|o| (o.name.clone(), o.language, o.channels.clone())).collect();
+    }
+    let mut seen = BTreeSet::new();
+    engine
+        .states_and_plans()
+        .flat_map(|(p, _)| p.contacts_for(Role::SupportCentre))
+        .filter(|c| seen.insert(c.channels.clone()))
+        .map(|c| (c.name.clone(), c.language, c.channels.clone()))
+        .collect()
 }
 
-/// What the service sends to the broker. It goes through an unbounded queue to its own task,
-/// so the service loop never waits on the MQTT client: the MQTT task may be waiting for the
-/// service to take a message, and the client's request queue is drained by that task.
-enum Outbound {
-    /// PUBACK a stored message.
-    Ack(Publish),
-    /// Tell a home's agent that an alert was acknowledged.
-    AgentAck(HomeId, mqtt::Ack),
+/// A notice for the operators, with who they are now.
+pub struct NoticeJob {
+    /// The notice.
+    pub notice: Notice,
+    /// Its recipients.
+    pub to: Vec<(String, Lang, Vec<ChannelRef>)>,
+    /// When it was decided.
+    pub at: Time,
 }
 
-fn spawn_outbound(client: AsyncClient) -> mpsc::UnboundedSender<Outbound> {
-    let (tx, mut rx) = mpsc::unbounded_channel();
+/// The operators' notifier: every channel of every recipient, each retried in memory with
+/// back-off for up to an hour (never through the outbox: the store may be what failed).
+fn notify_operators(sender: Sender, mut rx: mpsc::UnboundedReceiver<NoticeJob>, public_url: String) {
     tokio::spawn(async move {
-        while let Some(out) = rx.recv().await {
-            let result = match out {
-                Outbound::Ack(p) => client.ack(&p).await,
-                Outbound::AgentAck(home, ack) => {
-                    client.publish(home.topic(Channel::Ack), QoS::AtLeastOnce, false, mqtt::encode(&ack)).await
+        let mut n = 0u64;
+        while let Some(job) = rx.recv().await {
+            n += 1;
+            tracing::warn!(notice = job.notice.kind(), recipients = job.to.len(), "notice to the operators");
+            if job.to.is_empty() {
+                tracing::error!(notice = job.notice.kind(), "no operators to tell: add [[operators]] to the config");
+            }
+            for (name, lang, channels) in job.to {
+                let (subject, body) = job.notice.render(lang);
+                for channel in channels {
+                    let row = OutboxRow {
+                        key: format!(
+                            "notice:{}:{n}:{}:{name}:{}",
+                            job.at.timestamp(),
+                            job.notice.kind(),
+                            channel.key()
+                        ),
+                        alert_id: "gateway".into(),
+                        home: None,
+                        role: Role::SupportCentre,
+                        recipient: name.clone(),
+                        channel,
+                        lang,
+                        subject: subject.clone(),
+                        body: body.clone(),
+                        content: serde_json::to_value(&job.notice).unwrap_or_default(),
+                        created_at: job.at,
+                        next_attempt_at: job.at,
+                        attempts: 0,
+                        status: OutboxStatus::Pending,
+                        last_error: None,
+                        delivered_at: None,
+                        fallback_done: false,
+                    };
+                    let (sender, url) = (sender.clone(), public_url.clone());
+                    tokio::spawn(async move {
+                        let mut delay = Duration::from_secs(1);
+                        for attempt in 1..=60 {
+                            match sender.send(&row, clock::now(), &url).await {
+                                Ok(()) => {
+                                    tracing::info!(key = %row.key, attempt, "notice delivered");
+                                    return;
+                                }
+                                Err(e) => tracing::warn!(key = %row.key, attempt, error = %e, "notice not delivered"),
+                            }
+                            tokio::time::sleep(delay).await;
+                            delay = (delay * 2).min(Duration::from_secs(60));
+                        }
+                    });
                 }
-            };
-            if let Err(e) = result {
-                tracing::warn!(error = %e, "to the broker");
             }
         }
     });
-    tx
 }
 
-/// The MQTT task: owns the event loop.
-fn spawn_mqtt(
-    client: AsyncClient,
-    mut eventloop: rumqttc::EventLoop,
-    filters: Vec<String>,
-    tx: mpsc::Sender<FromMqtt>,
-    cancel: CancellationToken,
-) {
-    tokio::spawn(async move {
-        let mut delay = Duration::from_millis(250);
-        loop {
-            let ev = tokio::select! {
-                _ = cancel.cancelled() => return,
-                ev = eventloop.poll() => ev,
+/// The history pruner: on its own thread and connection, in small batches, every ten minutes.
+fn spawn_pruner(dir: std::path::PathBuf, retention_h: u32) -> std::sync::mpsc::Sender<()> {
+    let (stop, rx) = std::sync::mpsc::channel::<()>();
+    std::thread::Builder::new()
+        .name("mamori-prune".into())
+        .spawn(move || {
+            let mut store = match SqliteStore::open_existing(&dir) {
+                Ok(s) => s,
+                Err(e) => return tracing::warn!(error = %e, "pruner: cannot open the store"),
             };
-            match ev {
-                Ok(MqttEvent::Incoming(Packet::ConnAck(_))) => {
-                    delay = Duration::from_millis(250);
-                    tracing::info!("connected to the broker");
-                    // From another task: this one must keep polling the event loop, or a full
-                    // request queue would wait on itself.
-                    let (client, filters) = (client.clone(), filters.clone());
-                    tokio::spawn(async move {
-                        for f in filters {
-                            if let Err(e) = client.subscribe(f, QoS::AtLeastOnce).await {
-                                tracing::warn!(error = %e, "subscribe");
-                            }
+            loop {
+                let before = clock::now() - chrono::Duration::hours(i64::from(retention_h));
+                let mut total = 0;
+                loop {
+                    match store.prune_history(before, PRUNE_BATCH) {
+                        Ok(n) => total += n,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "pruning history");
+                            break;
                         }
-                    });
-                    let _ = tx.send(FromMqtt::Connected).await;
-                }
-                Ok(MqttEvent::Incoming(Packet::SubAck(_))) => tracing::info!("subscribed"),
-                Ok(MqttEvent::Incoming(Packet::Publish(p))) => {
-                    if tx.send(FromMqtt::Message(p)).await.is_err() {
+                    }
+                    if total % PRUNE_BATCH != 0 || total == 0 {
+                        break;
+                    }
+                    // Let the service loop write between batches.
+                    if rx.recv_timeout(Duration::from_millis(20)) != Err(std::sync::mpsc::RecvTimeoutError::Timeout) {
                         return;
                     }
                 }
-                Ok(_) => {}
-                Err(e) => {
-                    tracing::warn!(error = %e, retry_ms = delay.as_millis() as u64, "broker connection");
-                    let jitter = rand::rng().random_range(0.8..1.2);
-                    tokio::select! {
-                        _ = cancel.cancelled() => return,
-                        _ = tokio::time::sleep(delay.mul_f64(jitter)) => {}
-                    }
-                    delay = (delay * 2).min(Duration::from_secs(10));
+                if total > 0 {
+                    tracing::info!(rows = total, "history pruned");
+                }
+                if rx.recv_timeout(Duration::from_secs(600)) != Err(std::sync::mpsc::RecvTimeoutError::Timeout) {
+                    return;
                 }
             }
+        })
+        .ok();
+    stop
+}
+
+/// The web's runtime, shut down without waiting when dropped (a runtime dropped inside
+/// another one's task would panic).
+struct WebRuntime(Option<tokio::runtime::Runtime>);
+
+impl WebRuntime {
+    fn handle(&self) -> tokio::runtime::Handle {
+        match &self.0 {
+            Some(rt) => rt.handle().clone(),
+            None => tokio::runtime::Handle::current(),
         }
-    });
+    }
+}
+
+impl Drop for WebRuntime {
+    fn drop(&mut self) {
+        if let Some(rt) = self.0.take() {
+            rt.shutdown_background();
+        }
+    }
 }
 
 /// The service.
@@ -225,33 +349,42 @@ pub struct Service {
     sender: Sender,
     outbound: Option<mpsc::UnboundedSender<Outbound>>,
     counters: Arc<Counters>,
-    in_flight: HashSet<String>,
-    results_tx: mpsc::UnboundedSender<(OutboxRow, Result<(), String>)>,
-    results_rx: mpsc::UnboundedReceiver<(OutboxRow, Result<(), String>)>,
+    health: Arc<Health>,
+    dispatcher: Dispatcher,
+    results_tx: mpsc::Sender<(OutboxRow, Result<(), String>)>,
+    results_rx: mpsc::Receiver<(OutboxRow, Result<(), String>)>,
+    /// Attempt results not in the store yet (the store refused them).
+    unrecorded: Vec<Next>,
+    /// Messages not stored yet, in arrival order (not acknowledged to the broker).
+    held: VecDeque<Publish>,
+    degraded: Option<Degraded>,
+    next_probe: Time,
+    /// The engine could not be reloaded after a failed transaction.
+    engine_stale: bool,
+    first_message_stored: bool,
+    adopt_session: bool,
+    /// The store has connected to the broker with this client id before.
+    session_recorded: bool,
+    /// Per home: when telemetry history was last stored, and the mains state then.
+    history: HashMap<HomeId, (Time, Option<bool>)>,
+    notices: mpsc::UnboundedSender<NoticeJob>,
+    notices_rx: Option<mpsc::UnboundedReceiver<NoticeJob>>,
     log_budget: u32,
     snapshot: watch::Sender<Arc<Snapshot>>,
     snapshot_dirty: bool,
     snapshot_at: Time,
+    home_versions: HashMap<HomeId, u64>,
+    incident_versions: HashMap<String, u64>,
+    changed_homes: BTreeSet<HomeId>,
+    changed_incidents: BTreeSet<String>,
 }
 
 impl Service {
-    /// Build the service: open the store, load homes and state, resolve secrets.
+    /// Build the service: open the existing store, load homes and state, resolve secrets.
     pub fn new(config: Config, console: mpsc::UnboundedSender<String>) -> anyhow::Result<Service> {
         let style = style(&config)?;
-        let store = open_store(&config)?;
-        let mut engine = Engine::new(config.escalation.clone(), Policies { config: config.policy.clone() });
-        let homes = store.homes()?;
-        for h in homes {
-            engine.upsert_home(h);
-        }
-        for (id, st) in store.states()? {
-            if engine.knows(&id) {
-                engine.restore_state(id, st);
-            }
-        }
-        for i in store.open_incidents()? {
-            engine.restore_incident(i);
-        }
+        let store = open_existing_store(&config)?;
+        let engine = load_engine(&config, &store)?;
         let mut endpoints = BTreeMap::new();
         for (name, e) in &config.endpoints {
             let secret = e.secret.resolve().map_err(|err| anyhow::anyhow!("endpoints.{name}.secret: {err}"))?;
@@ -276,9 +409,23 @@ impl Service {
             console,
         )
         .map_err(|e| anyhow::anyhow!(e))?;
-        let (results_tx, results_rx) = mpsc::unbounded_channel();
-        let (snapshot, _) = watch::channel(Arc::new(Snapshot { engine: engine.clone(), version: 0 }));
+        let (results_tx, results_rx) = mpsc::channel(config.delivery.concurrency.max(1));
+        let (notices, notices_rx) = mpsc::unbounded_channel();
+        let now = clock::now();
+        let snap = Snapshot {
+            engine: engine.clone(),
+            version: 0,
+            home_versions: Default::default(),
+            incident_versions: Default::default(),
+        };
+        let (snapshot, _) = watch::channel(Arc::new(snap));
+        let first_message_stored = store.meta(crate::store::META_FIRST_MESSAGE_AT)?.is_some();
+        let adopt_session = store.meta(crate::store::META_ADOPT_SESSION)?.is_some();
+        let session_recorded = store.meta(crate::store::META_BROKER_SESSION_AT)?.is_some();
+        let health = Arc::new(Health::new(now));
+        health.set_no_homes(engine.home_count() == 0);
         Ok(Service {
+            dispatcher: Dispatcher::new(&config.delivery),
             config,
             store,
             engine,
@@ -286,13 +433,28 @@ impl Service {
             sender,
             outbound: None,
             counters: Arc::new(Counters::default()),
-            in_flight: HashSet::new(),
+            health,
             results_tx,
             results_rx,
+            unrecorded: Vec::new(),
+            held: VecDeque::new(),
+            degraded: None,
+            next_probe: now,
+            engine_stale: false,
+            first_message_stored,
+            adopt_session,
+            session_recorded,
+            history: HashMap::new(),
+            notices,
+            notices_rx: Some(notices_rx),
             log_budget: 100,
             snapshot,
             snapshot_dirty: false,
-            snapshot_at: clock::now(),
+            snapshot_at: now,
+            home_versions: HashMap::new(),
+            incident_versions: HashMap::new(),
+            changed_homes: BTreeSet::new(),
+            changed_incidents: BTreeSet::new(),
         })
     }
 
@@ -301,18 +463,36 @@ impl Service {
         self.counters.clone()
     }
 
+    /// The gateway's health.
+    pub fn health(&self) -> Arc<Health> {
+        self.health.clone()
+    }
+
     /// The snapshots the web reads.
     pub fn snapshots(&self) -> watch::Receiver<Arc<Snapshot>> {
         self.snapshot.subscribe()
     }
 
-    /// Publish a copy of the engine for the web, at most every [`SNAPSHOT_EVERY_MS`].
+    /// Publish a copy of the engine for the web, at most every [`SNAPSHOT_EVERY_MS`], with the
+    /// version at which each home and incident last changed (so a live stream compares
+    /// numbers, never content).
     fn publish_snapshot(&mut self, now: Time) {
         if !self.snapshot_dirty || now - self.snapshot_at < chrono::Duration::milliseconds(SNAPSHOT_EVERY_MS) {
             return;
         }
         let version = self.snapshot.borrow().version + 1;
-        self.snapshot.send_replace(Arc::new(Snapshot { engine: self.engine.clone(), version }));
+        for h in std::mem::take(&mut self.changed_homes) {
+            self.home_versions.insert(h, version);
+        }
+        for m in std::mem::take(&mut self.changed_incidents) {
+            self.incident_versions.insert(m, version);
+        }
+        self.snapshot.send_replace(Arc::new(Snapshot {
+            engine: self.engine.clone(),
+            version,
+            home_versions: self.home_versions.clone(),
+            incident_versions: self.incident_versions.clone(),
+        }));
         self.snapshot_dirty = false;
         self.snapshot_at = now;
     }
@@ -327,10 +507,27 @@ impl Service {
 
     /// Store and apply one batch of messages in one transaction.
     fn ingest(&mut self, batch: &[Publish], now: Time) -> Result<Vec<(HomeId, mqtt::Ack)>, StoreError> {
-        self.transaction(|s| s.ingest_tx(batch, now))
+        let (acks, stored) = self.transaction(|s| s.ingest_tx(batch, now))?;
+        self.first_message_stored |= stored;
+        Ok(acks)
     }
 
-    fn ingest_tx(&mut self, batch: &[Publish], now: Time) -> Result<Vec<(HomeId, mqtt::Ack)>, StoreError> {
+    /// Whether a telemetry snapshot goes into the history (at most one per home per
+    /// `telemetry_history_every_s`, and every change of mains).
+    fn keep_history(&mut self, home: &HomeId, t: &Telemetry, now: Time) -> bool {
+        let every = chrono::Duration::seconds(i64::from(self.config.telemetry_history_every_s));
+        match self.history.get(home) {
+            Some((at, mains)) if now - *at < every && *mains == t.mains_present => false,
+            _ => {
+                self.history.insert(home.clone(), (now, t.mains_present));
+                true
+            }
+        }
+    }
+
+    /// The acknowledgements for agents, and whether anything was stored.
+    fn ingest_tx(&mut self, batch: &[Publish], now: Time) -> Result<(Vec<(HomeId, mqtt::Ack)>, bool), StoreError> {
+        let mut stored = false;
         for p in batch {
             let topic = p.topic.as_str();
             let parsed = match Topic::parse(topic) {
@@ -352,7 +549,11 @@ impl Service {
                 Channel::Status => match mqtt::decode::<Status>(&p.payload) {
                     Ok(s) => {
                         self.store.insert_status(&parsed.home, &s, now)?;
-                        Input::Status(parsed.home, s)
+                        if p.retain {
+                            Input::RetainedStatus(parsed.home, s)
+                        } else {
+                            Input::Status(parsed.home, s)
+                        }
                     }
                     Err(e) => {
                         self.reject(topic, &e.to_string());
@@ -361,7 +562,9 @@ impl Service {
                 },
                 Channel::Telemetry => match mqtt::decode::<Telemetry>(&p.payload) {
                     Ok(t) => {
-                        self.store.insert_telemetry(&parsed.home, &t, now)?;
+                        if self.keep_history(&parsed.home, &t, now) {
+                            self.store.insert_telemetry(&parsed.home, &t, now)?;
+                        }
                         Input::Telemetry(parsed.home, t)
                     }
                     Err(e) => {
@@ -384,12 +587,16 @@ impl Service {
                 },
                 Channel::Ack => continue, // our own acknowledgements, if a filter ever matches them
             };
+            stored = true;
             self.counters.ingested.fetch_add(1, Ordering::Relaxed);
             if let Err(e) = self.engine.handle(input, now) {
                 tracing::warn!(error = %e, "not applied");
             }
         }
-        self.persist()
+        if stored && !self.first_message_stored {
+            self.store.set_meta(crate::store::META_FIRST_MESSAGE_AT, &now.to_rfc3339())?;
+        }
+        Ok((self.persist()?, stored))
     }
 
     /// Write the engine's outputs and dirty state (inside a transaction).
@@ -402,34 +609,121 @@ impl Service {
         }
         for out in outputs {
             match out {
-                Output::Alert(a) => self.store.save_alert(&a)?,
-                Output::Incident(i) => self.store.save_incident(&i)?,
+                Output::Alert(a) => {
+                    self.changed_homes.insert(a.home.clone());
+                    self.store.save_alert(&a)?
+                }
+                Output::Incident(i) => {
+                    self.changed_incidents.insert(i.municipality.clone());
+                    self.store.save_incident(&i)?
+                }
                 Output::AgentAck(h, a) => acks.push((h, a)),
                 Output::Notify(n) => {
                     for row in expand(&n, &self.style) {
                         self.store.enqueue(&row)?;
                     }
                 }
+                // Not stored: told at once (if the transaction then fails, the engine is
+                // reloaded and decides again; a notice twice is better than none).
+                Output::Notice(notice) => self.tell_operators(notice, clock::now()),
             }
         }
         for (h, st) in dirty {
             self.store.save_state(&h, &st)?;
+            self.changed_homes.insert(h);
         }
         Ok(acks)
     }
 
+    fn tell_operators(&self, notice: Notice, now: Time) {
+        let to = operators(&self.config, &self.engine);
+        let _ = self.notices.send(NoticeJob { notice, to, at: now });
+    }
+
+    /// Run `f` in a transaction; on a store error roll back, reload the engine from the store
+    /// (which holds exactly what was committed) and become degraded.
     fn transaction<T>(&mut self, f: impl FnOnce(&mut Self) -> Result<T, StoreError>) -> Result<T, StoreError> {
-        self.store.begin()?;
-        match f(self) {
-            Ok(v) => {
-                self.store.commit()?;
-                Ok(v)
+        let result = self.store.begin().and_then(|()| f(self)).and_then(|v| self.store.commit().map(|()| v));
+        if let Err(e) = &result {
+            self.store.rollback();
+            let text = e.to_string();
+            self.store_failed(&text, clock::now());
+        }
+        result
+    }
+
+    fn store_failed(&mut self, error: &str, now: Time) {
+        self.health.store_errors.fetch_add(1, Ordering::Relaxed);
+        // Whatever the engine decided in the failed transaction did not happen.
+        let _ = self.engine.take_outputs();
+        match load_engine(&self.config, &self.store) {
+            Ok(mut e) => {
+                e.set_uplink(self.engine.uplink(), now);
+                self.engine = e;
+                self.engine_stale = false;
             }
             Err(e) => {
-                self.store.rollback();
-                Err(e)
+                tracing::error!(error = %e, "cannot reload the engine from the store; retrying");
+                self.engine_stale = true;
             }
         }
+        self.next_probe = now + chrono::Duration::seconds(PROBE_EVERY_S);
+        if self.degraded.is_none() {
+            let problem = StoreProblem::of(error);
+            tracing::error!(
+                error,
+                ?problem,
+                "the store refuses writes: degraded (sending what is committed, holding new messages at the broker)"
+            );
+            let d = Degraded { since: now, problem, detail: error.to_string() };
+            self.health.set_degraded(Some(d.clone()));
+            self.degraded = Some(d);
+            self.tell_operators(Notice::StoreDegraded { problem, detail: error.to_string() }, now);
+        }
+    }
+
+    /// While degraded: try a small write; when it works, store what was held and recover.
+    fn try_recover(&mut self, now: Time) {
+        if self.degraded.is_none() || now < self.next_probe {
+            return;
+        }
+        self.next_probe = now + chrono::Duration::seconds(PROBE_EVERY_S);
+        if let Err(e) = self.store.probe_write(now) {
+            tracing::debug!(error = %e, "the store still refuses writes");
+            return;
+        }
+        if self.engine_stale {
+            match load_engine(&self.config, &self.store) {
+                Ok(mut e) => {
+                    e.set_uplink(self.engine.uplink(), now);
+                    self.engine = e;
+                    self.engine_stale = false;
+                }
+                Err(_) => return,
+            }
+        }
+        let since = self.degraded.as_ref().map_or(now, |d| d.since);
+        if !self.flush_unrecorded(now) {
+            return;
+        }
+        while !self.held.is_empty() {
+            let n = self.held.len().min(1000);
+            let batch: Vec<Publish> = self.held.iter().take(n).cloned().collect();
+            match self.ingest(&batch, now) {
+                Ok(acks) => {
+                    self.held.drain(..n);
+                    self.ack_to_broker(batch);
+                    self.publish_acks(acks);
+                }
+                Err(_) => return,
+            }
+        }
+        self.degraded = None;
+        self.health.held_messages.store(0, Ordering::Relaxed);
+        self.health.set_degraded(None);
+        tracing::warn!(after_s = (now - since).num_seconds(), "the store takes writes again: recovered");
+        self.tell_operators(Notice::StoreRecovered { after_s: (now - since).num_seconds() }, now);
+        self.snapshot_dirty = true;
     }
 
     /// Run the timers.
@@ -438,6 +732,12 @@ impl Service {
             s.engine.poll(now);
             s.persist()
         })
+    }
+
+    fn degraded_refusal(&self) -> Option<String> {
+        self.degraded
+            .as_ref()
+            .map(|d| format!("the gateway cannot record right now ({}); try again shortly", d.problem.text(Lang::En)))
     }
 
     /// Apply an acknowledgement.
@@ -449,6 +749,9 @@ impl Service {
         note: Option<String>,
         now: Time,
     ) -> Result<Vec<(HomeId, mqtt::Ack)>, String> {
+        if let Some(why) = self.degraded_refusal() {
+            return Err(why);
+        }
         let input = Input::Ack { alert_id: alert_id.to_string(), role, by: by.to_string(), note };
         self.engine.handle(input, now).map_err(|e| e.to_string())?;
         tracing::info!(alert = alert_id, ?role, by, "acknowledged");
@@ -457,6 +760,9 @@ impl Service {
 
     /// Clear an alert by hand.
     pub fn clear(&mut self, alert_id: &str, by: &str, now: Time) -> Result<Vec<(HomeId, mqtt::Ack)>, String> {
+        if let Some(why) = self.degraded_refusal() {
+            return Err(why);
+        }
         let input = Input::Clear { alert_id: alert_id.to_string(), by: by.to_string() };
         self.engine.handle(input, now).map_err(|e| e.to_string())?;
         tracing::info!(alert = alert_id, by, "cleared by hand");
@@ -470,53 +776,125 @@ impl Service {
         }
     }
 
-    fn dispatch(&mut self, now: Time) -> Result<(), StoreError> {
-        let room = self.config.delivery.concurrency.saturating_sub(self.in_flight.len());
-        if room == 0 {
-            return Ok(());
-        }
-        for row in self.store.due(now, room + self.in_flight.len())? {
-            if self.in_flight.len() >= self.config.delivery.concurrency {
-                break;
+    fn ack_to_broker(&self, batch: Vec<Publish>) {
+        if let Some(out) = &self.outbound {
+            for p in batch {
+                let _ = out.send(Outbound::Ack(p));
             }
-            if !self.in_flight.insert(row.key.clone()) {
-                continue;
-            }
-            let sender = self.sender.clone();
-            let tx = self.results_tx.clone();
-            let link = self.style.ack_link(&row.alert_id, row.role);
-            tokio::spawn(async move {
-                let result = sender.send(&row, clock::now(), &link).await;
-                let _ = tx.send((row, result));
-            });
         }
-        Ok(())
     }
 
-    /// Record the results of sends, all in one transaction (one `fsync` for a whole burst).
-    fn record(&mut self, results: Vec<(OutboxRow, Result<(), String>)>, now: Time) -> Result<(), StoreError> {
-        let mut delivered = Vec::new();
-        let mut next_rows = Vec::new();
+    /// A batch from the broker: store and apply it, then acknowledge it; or hold it.
+    fn on_batch(&mut self, batch: Vec<Publish>, now: Time) {
+        if self.engine.home_count() == 0 {
+            // A store without homes is not the deployment's: do not acknowledge (and so drop)
+            // the homes' messages; the broker keeps them for the right store.
+            self.health.set_no_homes(true);
+            if self.log_budget > 0 {
+                self.log_budget -= 1;
+                tracing::error!(messages = batch.len(), "no homes in the store: messages not acknowledged");
+            }
+            return;
+        }
+        if self.degraded.is_some() || !self.held.is_empty() {
+            self.hold(batch);
+            return;
+        }
+        match self.ingest(&batch, now) {
+            Ok(acks) => {
+                // Stored: now the broker may forget them.
+                self.ack_to_broker(batch);
+                self.publish_acks(acks);
+            }
+            Err(_) => self.hold(batch),
+        }
+    }
+
+    fn hold(&mut self, batch: Vec<Publish>) {
+        for p in batch {
+            if p.qos == QoS::AtMostOnce {
+                self.counters.dropped_degraded.fetch_add(1, Ordering::Relaxed);
+            } else if self.held.len() < HELD_MAX {
+                self.held.push_back(p);
+            }
+            // Beyond that: not acknowledged, so the broker sends it again at the next connection.
+        }
+        self.health.held_messages.store(self.held.len() as u64, Ordering::Relaxed);
+    }
+
+    /// Give due rows their slots.
+    fn dispatch(&mut self, now: Time) {
+        let room = self.dispatcher.room();
+        if room == 0 {
+            return;
+        }
+        let rows = match self.store.due(now, room + self.dispatcher.leased(), &self.dispatcher.saturated()) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(error = %e, "reading due notifications");
+                return;
+            }
+        };
+        let mut skipped = Vec::new();
+        for d in self.dispatcher.choose(rows, now) {
+            match d {
+                Decision::Send(row) => {
+                    let (sender, tx) = (self.sender.clone(), self.results_tx.clone());
+                    let link = self.style.ack_link(&row.alert_id, row.role);
+                    tokio::spawn(async move {
+                        let result = sender.send(&row, clock::now(), &link).await;
+                        let _ = tx.send((row, result)).await;
+                    });
+                }
+                Decision::Skip(row, why) => {
+                    self.counters.skipped_attempts.fetch_add(1, Ordering::Relaxed);
+                    skipped.push((row, Err(why)));
+                }
+            }
+        }
+        self.health.open_breakers.store(self.dispatcher.open_breakers(now).len() as u64, Ordering::Relaxed);
+        if !skipped.is_empty() {
+            self.record(skipped, now, false);
+        }
+    }
+
+    /// Record the results of attempts, all in one transaction (one `fsync` for a whole burst).
+    fn record(&mut self, results: Vec<(OutboxRow, Result<(), String>)>, now: Time, attempted: bool) {
         for (row, result) in results {
-            self.in_flight.remove(&row.key);
+            if attempted {
+                self.dispatcher.finished(&row.key, result.is_ok(), now);
+            }
             match &result {
                 Ok(()) => {
                     self.counters.delivered.fetch_add(1, Ordering::Relaxed);
                     let latency = (now - row.created_at).num_microseconds().unwrap_or(i64::MAX) as f64 / 1e6;
                     self.counters.notify_latency.observe(latency);
-                    delivered.push(row.key.clone());
+                    tracing::info!(key = %row.key, "delivered");
                 }
-                Err(e) => {
+                Err(e) if attempted => {
                     self.counters.failed_attempts.fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(key = %row.key, attempt = row.attempts + 1, error = %e, "delivery failed");
                 }
+                Err(_) => {}
             }
             let jitter = rand::rng().random_range(0.0..1.0);
-            next_rows.push(after_attempt(row, result, now, &self.config.delivery, jitter));
+            self.unrecorded.push(after_attempt(row, result, now, &self.config.delivery, jitter));
         }
-        self.transaction(|s| {
+        if self.degraded.is_none() {
+            self.flush_unrecorded(now);
+        }
+        self.health.unrecorded_results.store(self.unrecorded.len() as u64, Ordering::Relaxed);
+    }
+
+    /// Write the results waiting to be recorded; false when the store refused.
+    fn flush_unrecorded(&mut self, now: Time) -> bool {
+        if self.unrecorded.is_empty() {
+            return true;
+        }
+        let rows = std::mem::take(&mut self.unrecorded);
+        let result = self.transaction(|s| {
             let mut fallback = false;
-            for next in &next_rows {
+            for next in &rows {
                 s.store.record_attempt(&next.row)?;
                 if !next.fallback {
                     continue;
@@ -538,11 +916,20 @@ impl Service {
                 s.persist()?;
             }
             Ok(())
-        })?;
-        for key in delivered {
-            tracing::info!(key = %key, "delivered"); // after the commit: a crash from here on resends nothing
+        });
+        match result {
+            Ok(()) => {
+                for next in &rows {
+                    self.dispatcher.recorded(&next.row.key);
+                }
+                self.health.unrecorded_results.store(0, Ordering::Relaxed);
+                true
+            }
+            Err(_) => {
+                self.unrecorded = rows;
+                false
+            }
         }
-        Ok(())
     }
 
     fn apply_cli_acks(&mut self, now: Time) -> Result<Vec<(HomeId, mqtt::Ack)>, StoreError> {
@@ -561,6 +948,61 @@ impl Service {
         Ok(all)
     }
 
+    /// When the loop must next wake up.
+    fn next_wake(&self, now: Time, housekeeping: Time) -> Time {
+        let mut wake = housekeeping;
+        if self.degraded.is_some() {
+            wake = wake.min(self.next_probe);
+        } else if let Some(d) = self.engine.next_deadline(now) {
+            wake = wake.min(d);
+        }
+        if self.dispatcher.room() > 0 {
+            match self.store.next_due_after(now) {
+                Ok(Some(d)) => wake = wake.min(d),
+                Ok(None) => {}
+                Err(e) => tracing::warn!(error = %e, "reading the next due notification"),
+            }
+        }
+        if self.snapshot_dirty {
+            wake = wake.min(self.snapshot_at + chrono::Duration::milliseconds(SNAPSHOT_EVERY_MS));
+        }
+        wake
+    }
+
+    /// The broker says whether it holds a session for this gateway's client id. A store that
+    /// has no record of that session (never connected with it, never stored a message) is not
+    /// the store the session belongs to.
+    fn check_session(&mut self, session_present: bool, now: Time) -> Result<(), RunError> {
+        let known = self.first_message_stored || self.adopt_session || self.session_recorded;
+        if session_present && !known {
+            return Err(RunError::WrongStore {
+                path: self.store.path().display().to_string(),
+                client_id: self.config.broker.client_id.clone(),
+            });
+        }
+        if !self.session_recorded {
+            // This store now owns the session the broker keeps for it.
+            match self.store.set_meta(crate::store::META_BROKER_SESSION_AT, &now.to_rfc3339()) {
+                Ok(()) => self.session_recorded = true,
+                Err(e) => tracing::warn!(error = %e, "recording the broker session"),
+            }
+        }
+        Ok(())
+    }
+
+    fn ping_heartbeat(&self, now: Time) {
+        let Some(h) = &self.config.heartbeat else { return };
+        let problems = self.health.problems(now);
+        let url = if problems.is_empty() { Some(h.url.clone()) } else { h.fail_url.clone() };
+        let Some(url) = url else { return };
+        let sender = self.sender.clone();
+        tokio::spawn(async move {
+            if let Err(e) = sender.ping(&url).await {
+                tracing::warn!(error = %e, "heartbeat");
+            }
+        });
+    }
+
     /// Run until cancelled.
     pub async fn run(
         mut self,
@@ -574,20 +1016,7 @@ impl Service {
             tracing::info!(%addr, "embedded broker started");
             port = addr.port();
         }
-        let options = mqtt_options(&self.config, port)?;
-        let (client, eventloop) = AsyncClient::new(options, 1000);
-        let filters: Vec<String> = [Channel::Status, Channel::Telemetry, Channel::Event]
-            .iter()
-            .map(|c| match &self.config.broker.share_group {
-                Some(g) => c.shared_filter(g),
-                None => c.filter(),
-            })
-            .collect();
-        let (mqtt_tx, mut mqtt_rx) = mpsc::channel(4096);
-        spawn_mqtt(client.clone(), eventloop, filters, mqtt_tx, cancel.clone());
-        self.outbound = Some(spawn_outbound(client.clone()));
-
-        // HTTP.
+        // HTTP, on its own runtime.
         let (web_tx, mut web_rx) = mpsc::channel(64);
         let http = &self.config.http;
         let tls = match (&http.tls_cert_file, &http.tls_key_file) {
@@ -595,82 +1024,126 @@ impl Service {
             _ => None,
         };
         let proxies = http.proxies().map_err(|e| anyhow::anyhow!("http.trusted_proxies: {e}"))?;
-        let listener = crate::listen::bind(http.bind, tls, cancel.clone()).await?;
-        let http_addr = axum::serve::Listener::local_addr(&listener)?;
-        let app = web::router(web::App {
+        let web_rt = WebRuntime(Some(
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .thread_name("mamori-web")
+                .enable_all()
+                .build()
+                .context("the web runtime")?,
+        ));
+        let app = web::App {
             style: self.style.clone(),
             proxies,
             tx: web_tx,
             snapshot: self.snapshot.subscribe(),
-            db: Arc::new(std::sync::Mutex::new(SqliteStore::open(&self.config.data_dir)?)),
+            db: Arc::new(std::sync::Mutex::new(SqliteStore::open_existing(&self.config.data_dir)?)),
             throttle: Default::default(),
             counters: self.counters.clone(),
+            health: self.health.clone(),
             sessions: web::SessionSettings {
                 secure_cookies: http.cookies_secure(&self.config.public_url),
                 idle: chrono::Duration::minutes(i64::from(http.session_idle_min)),
                 max_age: chrono::Duration::hours(i64::from(http.session_max_h)),
             },
-        })
-        .into_make_service_with_connect_info::<crate::listen::Peer>();
-        let http_cancel = cancel.clone();
-        tokio::spawn(async move {
-            let serve = axum::serve(listener, app).with_graceful_shutdown(async move { http_cancel.cancelled().await });
+            live_streams: Default::default(),
+        };
+        let (bind, http_cancel) = (http.bind, cancel.clone());
+        let (addr_tx, addr_rx) = tokio::sync::oneshot::channel();
+        web_rt.handle().spawn(async move {
+            let listener = match crate::listen::bind(bind, tls, http_cancel.clone()).await {
+                Ok(l) => l,
+                Err(e) => {
+                    let _ = addr_tx.send(Err(e));
+                    return;
+                }
+            };
+            let _ = addr_tx.send(Ok(axum::serve::Listener::local_addr(&listener)));
+            let make = web::router(app).into_make_service_with_connect_info::<crate::listen::Peer>();
+            let serve =
+                axum::serve(listener, make).with_graceful_shutdown(async move { http_cancel.cancelled().await });
             if let Err(e) = serve.await {
                 tracing::error!(error = %e, "http server");
             }
         });
+        let http_addr = addr_rx.await.context("the web runtime")??.context("http listener")?;
+        let options = crate::mqtt::options(&self.config, port)?;
+        let (client, eventloop) = AsyncClient::new(options, 1000);
+        let (mqtt_tx, mut mqtt_rx) = mpsc::channel(4096);
+        crate::mqtt::spawn_link(client.clone(), eventloop, crate::mqtt::filters(&self.config), mqtt_tx, cancel.clone());
+        self.outbound = Some(crate::mqtt::spawn_outbound(client.clone()));
+        if let Some(rx) = self.notices_rx.take() {
+            notify_operators(self.sender.clone(), rx, self.config.public_url.clone());
+        }
+        // Silence is not judged until the broker connection is up.
+        self.engine.set_uplink(false, clock::now());
+
+        let pruner = spawn_pruner(self.config.data_dir.clone(), self.config.telemetry_retention_h);
         let broker_addr = format!("{}:{port}", self.config.broker.host)
             .parse()
             .unwrap_or_else(|_| std::net::SocketAddr::from(([127, 0, 0, 1], port)));
         tracing::info!(
-            homes = self.engine.states().count(),
+            homes = self.engine.home_count(),
             http = %http_addr,
             https = self.config.http.tls(),
             "gateway ready"
         );
+        if self.engine.home_count() == 0 {
+            tracing::error!("no homes in the store: import them (`homes import` or `homes_file`); messages are not acknowledged meanwhile");
+        }
         if let Some(r) = ready {
             let _ = r.send(Ready { broker: broker_addr, http: http_addr });
         }
+        let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+        let watchdog = sd_notify::watchdog_enabled();
 
         let mut next_housekeeping = clock::now();
-        let mut next_prune = clock::now();
+        let mut next_heartbeat = clock::now();
+        let mut failure = None;
         loop {
             let now = clock::now();
-            let mut wake = now + chrono::Duration::seconds(1);
-            if let Some(d) = self.engine.next_deadline(now) {
-                wake = wake.min(d);
-            }
-            if let Some(d) = self.store.next_due()? {
-                if self.in_flight.len() < self.config.delivery.concurrency {
-                    wake = wake.min(d);
-                }
-            }
-            if self.snapshot_dirty {
-                wake = wake.min(self.snapshot_at + chrono::Duration::milliseconds(SNAPSHOT_EVERY_MS));
-            }
+            let wake = self.next_wake(now, next_housekeeping);
             let sleep = (wake - now).to_std().unwrap_or(Duration::ZERO);
             tokio::select! {
                 _ = cancel.cancelled() => break,
                 m = mqtt_rx.recv() => {
                     let Some(m) = m else { break };
+                    let now = clock::now();
                     let mut batch = Vec::new();
-                    if let FromMqtt::Message(p) = m { batch.push(p) }
-                    while batch.len() < 1000 {
-                        match mqtt_rx.try_recv() {
-                            Ok(FromMqtt::Message(p)) => batch.push(p),
-                            Ok(FromMqtt::Connected) => {}
-                            Err(_) => break,
-                        }
-                    }
-                    if !batch.is_empty() {
-                        let acks = self.ingest(&batch, clock::now())?;
-                        // Stored: now the broker may forget them.
-                        if let Some(out) = &self.outbound {
-                            for p in batch {
-                                let _ = out.send(Outbound::Ack(p));
+                    let mut first = Some(m);
+                    loop {
+                        match first.take() {
+                            None => break,
+                            Some(FromMqtt::Message(p)) => batch.push(p),
+                            Some(FromMqtt::Connected { session_present }) => {
+                                if !batch.is_empty() {
+                                    self.on_batch(std::mem::take(&mut batch), now);
+                                }
+                                if let Err(e) = self.check_session(session_present, now) {
+                                    failure = Some(e);
+                                    break;
+                                }
+                                self.engine.set_uplink(true, now);
+                                self.health.set_broker(true, now);
+                            }
+                            Some(FromMqtt::Disconnected) => {
+                                if !batch.is_empty() {
+                                    self.on_batch(std::mem::take(&mut batch), now);
+                                }
+                                self.engine.set_uplink(false, now);
+                                self.health.set_broker(false, now);
                             }
                         }
-                        self.publish_acks(acks);
+                        if batch.len() >= 1000 {
+                            break;
+                        }
+                        first = mqtt_rx.try_recv().ok();
+                    }
+                    if failure.is_some() {
+                        break;
+                    }
+                    if !batch.is_empty() {
+                        self.on_batch(batch, now);
                     }
                 }
                 Some(req) = web_rx.recv() => {
@@ -691,36 +1164,51 @@ impl Service {
                     while let Ok(r) = self.results_rx.try_recv() {
                         results.push(r);
                     }
-                    self.record(results, clock::now())?;
+                    self.record(results, clock::now(), true);
                 }
                 _ = tokio::time::sleep(sleep) => {}
             }
             let now = clock::now();
-            let acks = self.tick(now)?;
-            self.publish_acks(acks);
-            if now >= next_prune {
-                next_prune = now + chrono::Duration::hours(1);
-                let before = now - chrono::Duration::hours(i64::from(self.config.telemetry_retention_h));
-                let pruned = self.store.prune_telemetry(before)?;
-                tracing::debug!(pruned, "telemetry history pruned");
+            self.try_recover(now);
+            if self.degraded.is_none() {
+                if let Ok(acks) = self.tick(now) {
+                    self.publish_acks(acks);
+                }
             }
             if now >= next_housekeeping {
                 next_housekeeping = now + chrono::Duration::seconds(1);
-                let acks = self.apply_cli_acks(now)?;
-                self.publish_acks(acks);
+                if self.degraded.is_none() {
+                    match self.apply_cli_acks(now) {
+                        Ok(acks) => self.publish_acks(acks),
+                        Err(e) => tracing::warn!(error = %e, "acknowledgements from the command line"),
+                    }
+                }
+                self.health.set_no_homes(self.engine.home_count() == 0);
+                if watchdog.is_some() {
+                    let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
+                }
             }
-            self.dispatch(now)?;
+            if let Some(h) = &self.config.heartbeat {
+                if now >= next_heartbeat {
+                    next_heartbeat = now + chrono::Duration::seconds(i64::from(h.interval_s));
+                    self.ping_heartbeat(now);
+                }
+            }
+            self.dispatch(now);
             self.publish_snapshot(now);
         }
+        let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
         // Shutdown: let sends in flight finish (bounded), record them, disconnect.
         let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-        while !self.in_flight.is_empty() {
+        while self.dispatcher.in_flight() > 0 {
             match tokio::time::timeout_at(deadline, self.results_rx.recv()).await {
-                Ok(Some(r)) => self.record(vec![r], clock::now())?,
+                Ok(Some(r)) => self.record(vec![r], clock::now(), true),
                 _ => break,
             }
         }
         let _ = client.disconnect().await;
+        drop(pruner);
+        drop(web_rt);
         let c = &self.counters;
         tracing::info!(
             ingested = c.ingested.load(Ordering::Relaxed),
@@ -730,6 +1218,9 @@ impl Service {
             delivered = c.delivered.load(Ordering::Relaxed),
             "gateway stopped"
         );
-        Ok(())
+        match failure {
+            Some(e) => Err(e.into()),
+            None => Ok(()),
+        }
     }
 }

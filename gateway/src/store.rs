@@ -38,6 +38,24 @@ pub enum StoreError {
         /// Why.
         source: rusqlite::Error,
     },
+    /// The database file could not be created.
+    #[error("database {path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// `run` found no database where the config says it is (the data volume not mounted, or
+    /// a new installation that was never initialised).
+    #[error(
+        "no database at {path}: if the data volume is not mounted, mount it; if this is a new \
+         installation, create the database with `mamori-gateway init --config <file>` first"
+    )]
+    Missing {
+        /// The file that should exist.
+        path: PathBuf,
+    },
     /// A stored row does not decode (written by a newer version, or damaged).
     #[error("database {path}: a stored {what} does not decode: {detail}")]
     Corrupt {
@@ -162,10 +180,12 @@ pub trait Store: Send {
 
     /// Write an outbox row unless its key exists; true when written.
     fn enqueue(&mut self, row: &OutboxRow) -> Result<bool, StoreError>;
-    /// Pending rows due at `now`, oldest first.
-    fn due(&self, now: Time, limit: usize) -> Result<Vec<OutboxRow>, StoreError>;
-    /// The earliest pending row's next attempt.
-    fn next_due(&self) -> Result<Option<Time>, StoreError>;
+    /// Pending rows due at `now`, oldest first, leaving out rows for the destinations in
+    /// `skip` (see [`crate::dispatch::destination`]).
+    fn due(&self, now: Time, limit: usize, skip: &[String]) -> Result<Vec<OutboxRow>, StoreError>;
+    /// The earliest next attempt of a pending row that is not due yet at `now` (rows due now
+    /// are the dispatcher's business: sent, leased, or waiting for a free slot).
+    fn next_due_after(&self, now: Time) -> Result<Option<Time>, StoreError>;
     /// Record an attempt's result.
     fn record_attempt(&mut self, row: &OutboxRow) -> Result<(), StoreError>;
     /// An alert's outbox rows.
@@ -182,8 +202,16 @@ pub trait Store: Send {
     /// A request's result, once applied.
     fn ack_result(&self, id: i64) -> Result<Option<String>, StoreError>;
 
-    /// Delete telemetry older than `before`; returns rows deleted.
-    fn prune_telemetry(&mut self, before: Time) -> Result<usize, StoreError>;
+    /// Delete at most `limit` telemetry and status rows received before `before`; returns
+    /// the rows deleted (call again while it returns `limit`).
+    fn prune_history(&mut self, before: Time, limit: usize) -> Result<usize, StoreError>;
+
+    /// A value from the store's own bookkeeping (`meta`).
+    fn meta(&self, key: &str) -> Result<Option<String>, StoreError>;
+    /// Set one.
+    fn set_meta(&mut self, key: &str, value: &str) -> Result<(), StoreError>;
+    /// Write something small and commit it: whether the store takes writes again.
+    fn probe_write(&mut self, now: Time) -> Result<(), StoreError>;
 }
 
 /// Schema migrations, in order.
@@ -223,7 +251,35 @@ CREATE TRIGGER audit_no_delete BEFORE DELETE ON audit BEGIN SELECT RAISE(ABORT, 
 CREATE INDEX events_home_ts ON events (home, ts);
 CREATE INDEX alerts_home ON alerts (home, raised_at);
 "#,
+    // The destination of each outbox row (fair send slots skip full ones in the due query),
+    // pruning by arrival time with an index, and the store's own bookkeeping.
+    r#"
+ALTER TABLE outbox ADD COLUMN dest TEXT NOT NULL DEFAULT '';
+UPDATE outbox SET dest = CASE
+    WHEN json_extract(body, '$.channel.webhook') IS NOT NULL THEN 'webhook:' || json_extract(body, '$.channel.webhook')
+    WHEN json_extract(body, '$.channel.sms') IS NOT NULL THEN 'sms'
+    WHEN json_extract(body, '$.channel.email') IS NOT NULL THEN 'smtp'
+    WHEN json_extract(body, '$.channel.console') IS NOT NULL THEN 'console:' || json_extract(body, '$.channel.console')
+    ELSE '' END;
+DROP INDEX outbox_due;
+CREATE INDEX outbox_due ON outbox (status, next_attempt_at, dest);
+CREATE INDEX telemetry_received ON telemetry (received_at);
+CREATE INDEX status_received ON status (received_at);
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+"#,
 ];
+
+/// `meta` key: when the database was created (`init`, or any command that may create it).
+pub const META_CREATED_AT: &str = "created_at";
+/// `meta` key: when the first message from a home was stored. Absent: this database has never
+/// received anything (see [`crate::run`]'s rule for a broker session that says otherwise).
+pub const META_FIRST_MESSAGE_AT: &str = "first_message_at";
+/// `meta` key: when this database first connected to the broker (which then keeps a session
+/// for the gateway's client id).
+pub const META_BROKER_SESSION_AT: &str = "broker_session_at";
+/// `meta` key: an operator accepted that this new database takes over an existing broker
+/// session (`init --adopt-broker-session`).
+pub const META_ADOPT_SESSION: &str = "adopt_broker_session";
 
 /// The SQLite store.
 pub struct SqliteStore {
@@ -241,10 +297,47 @@ fn parse_ts(s: &str) -> Option<Time> {
 }
 
 impl SqliteStore {
-    /// Open (creating and migrating) `<dir>/mamori.db`.
+    /// The database file in a data folder.
+    pub fn file(dir: &Path) -> PathBuf {
+        dir.join("mamori.db")
+    }
+
+    /// Open (creating and migrating) `<dir>/mamori.db`. The file is created readable by its
+    /// owner only: it holds personal data.
     pub fn open(dir: &Path) -> Result<SqliteStore, StoreError> {
-        let path = dir.join("mamori.db");
+        let path = Self::file(dir);
+        let created = !path.exists();
+        let mut store = Self::open_file(&path)?;
+        if created || store.meta(META_CREATED_AT)?.is_none() {
+            store.set_meta(META_CREATED_AT, &ts(crate::clock::now()))?;
+        }
+        Ok(store)
+    }
+
+    /// Open an existing `<dir>/mamori.db` (migrating it); [`StoreError::Missing`] when there
+    /// is none. `run` uses this: it never creates a database (an empty `data_dir` is a data
+    /// volume that is not mounted far more often than a new installation).
+    pub fn open_existing(dir: &Path) -> Result<SqliteStore, StoreError> {
+        let path = Self::file(dir);
+        if !path.is_file() {
+            return Err(StoreError::Missing { path });
+        }
+        Self::open_file(&path)
+    }
+
+    fn open_file(path: &Path) -> Result<SqliteStore, StoreError> {
+        let path = path.to_path_buf();
         let db = |source| StoreError::Db { path: path.clone(), source };
+        if !path.exists() {
+            // Create it 0600 before SQLite opens it (SQLite would use the umask, 0644).
+            use std::os::unix::fs::OpenOptionsExt;
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&path)
+                .map_err(|source| StoreError::Io { path: path.clone(), source })?;
+        }
         let conn = Connection::open(&path).map_err(db)?;
         conn.pragma_update(None, "journal_mode", "WAL").map_err(db)?;
         conn.pragma_update(None, "synchronous", "FULL").map_err(db)?;
@@ -252,6 +345,19 @@ impl SqliteStore {
         conn.busy_timeout(std::time::Duration::from_secs(5)).map_err(db)?;
         let mut store = SqliteStore { conn, path };
         store.migrate()?;
+        // A database from before `first_message_at` was kept: it has stored messages if it
+        // has events or home states.
+        if store.meta(META_FIRST_MESSAGE_AT)?.is_none() {
+            let used: bool = store
+                .conn
+                .query_row("SELECT EXISTS (SELECT 1 FROM events) OR EXISTS (SELECT 1 FROM home_state)", [], |r| {
+                    r.get(0)
+                })
+                .map_err(store.db())?;
+            if used {
+                store.set_meta(META_FIRST_MESSAGE_AT, &ts(crate::clock::now()))?;
+            }
+        }
         Ok(store)
     }
 
@@ -496,28 +602,38 @@ impl Store for SqliteStore {
         let n = self
             .conn
             .prepare_cached(
-                "INSERT OR IGNORE INTO outbox (key, alert_id, status, next_attempt_at, body) VALUES (?1, ?2, ?3, ?4, ?5)",
+                "INSERT OR IGNORE INTO outbox (key, alert_id, status, next_attempt_at, body, dest)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
             )
             .and_then(|mut s| {
-                s.execute(params![row.key, row.alert_id, row.status.as_str(), ts(row.next_attempt_at), body])
+                s.execute(params![
+                    row.key,
+                    row.alert_id,
+                    row.status.as_str(),
+                    ts(row.next_attempt_at),
+                    body,
+                    crate::dispatch::destination(&row.channel)
+                ])
             })
             .map_err(self.db())?;
         Ok(n == 1)
     }
 
-    fn due(&self, now: Time, limit: usize) -> Result<Vec<OutboxRow>, StoreError> {
+    fn due(&self, now: Time, limit: usize, skip: &[String]) -> Result<Vec<OutboxRow>, StoreError> {
+        let skip = serde_json::to_string(skip).unwrap_or_else(|_| "[]".into());
         self.json_rows(
-            "SELECT body FROM outbox WHERE status = 'pending' AND next_attempt_at <= ?1 ORDER BY next_attempt_at LIMIT ?2",
-            params![ts(now), limit as i64],
+            "SELECT body FROM outbox WHERE status = 'pending' AND next_attempt_at <= ?1
+             AND dest NOT IN (SELECT value FROM json_each(?3)) ORDER BY next_attempt_at LIMIT ?2",
+            params![ts(now), limit as i64, skip],
             "outbox row",
         )
     }
 
-    fn next_due(&self) -> Result<Option<Time>, StoreError> {
+    fn next_due_after(&self, now: Time) -> Result<Option<Time>, StoreError> {
         let t: Option<String> = self
             .conn
-            .query_row("SELECT MIN(next_attempt_at) FROM outbox WHERE status = 'pending'", [], |r| r.get(0))
-            .optional()
+            .prepare_cached("SELECT MIN(next_attempt_at) FROM outbox WHERE status = 'pending' AND next_attempt_at > ?1")
+            .and_then(|mut s| s.query_row([ts(now)], |r| r.get(0)).optional())
             .map_err(self.db())?
             .flatten();
         Ok(t.as_deref().and_then(parse_ts))
@@ -589,8 +705,46 @@ impl Store for SqliteStore {
             .map_err(self.db())
     }
 
-    fn prune_telemetry(&mut self, before: Time) -> Result<usize, StoreError> {
-        self.conn.execute("DELETE FROM telemetry WHERE ts < ?1", [ts(before)]).map_err(self.db())
+    fn prune_history(&mut self, before: Time, limit: usize) -> Result<usize, StoreError> {
+        let (before, limit) = (ts(before), limit as i64);
+        let mut n = self
+            .conn
+            .prepare_cached(
+                "DELETE FROM telemetry WHERE rowid IN
+                 (SELECT rowid FROM telemetry WHERE received_at < ?1 ORDER BY received_at LIMIT ?2)",
+            )
+            .and_then(|mut s| s.execute(params![before, limit]))
+            .map_err(self.db())?;
+        if (n as i64) < limit {
+            n += self
+                .conn
+                .prepare_cached(
+                    "DELETE FROM status WHERE rowid IN
+                     (SELECT rowid FROM status WHERE received_at < ?1 ORDER BY received_at LIMIT ?2)",
+                )
+                .and_then(|mut s| s.execute(params![before, limit - n as i64]))
+                .map_err(self.db())?;
+        }
+        Ok(n)
+    }
+
+    fn meta(&self, key: &str) -> Result<Option<String>, StoreError> {
+        self.conn
+            .prepare_cached("SELECT value FROM meta WHERE key = ?1")
+            .and_then(|mut s| s.query_row([key], |r| r.get(0)).optional())
+            .map_err(self.db())
+    }
+
+    fn set_meta(&mut self, key: &str, value: &str) -> Result<(), StoreError> {
+        self.conn
+            .prepare_cached("INSERT INTO meta (key, value) VALUES (?1, ?2) ON CONFLICT (key) DO UPDATE SET value = ?2")
+            .and_then(|mut s| s.execute([key, value]))
+            .map_err(self.db())?;
+        Ok(())
+    }
+
+    fn probe_write(&mut self, now: Time) -> Result<(), StoreError> {
+        self.set_meta("probe", &ts(now))
     }
 }
 
@@ -612,6 +766,7 @@ mod tests {
             severity: Severity::Critical,
             source: None,
             data: Default::default(),
+            clock: None,
         }
     }
 
@@ -672,9 +827,11 @@ mod tests {
         assert!(s.enqueue(&row("k2", 20)).unwrap());
         assert!(s.enqueue(&row("k1", 10)).unwrap());
         assert!(!s.enqueue(&row("k1", 10)).unwrap(), "same key, no second message");
-        assert_eq!(s.due(t(15), 10).unwrap().iter().map(|r| r.key.as_str()).collect::<Vec<_>>(), ["k1"]);
-        assert_eq!(s.next_due().unwrap(), Some(t(10)));
-        let mut r = s.due(t(30), 10).unwrap().remove(0);
+        assert_eq!(s.due(t(15), 10, &[]).unwrap().iter().map(|r| r.key.as_str()).collect::<Vec<_>>(), ["k1"]);
+        assert_eq!(s.next_due_after(t(0)).unwrap(), Some(t(10)));
+        assert_eq!(s.next_due_after(t(10)).unwrap(), Some(t(20)), "what is due now is not a deadline");
+        assert!(s.due(t(15), 10, &["console:c".into()]).unwrap().is_empty(), "a full destination is skipped");
+        let mut r = s.due(t(30), 10, &[]).unwrap().remove(0);
         r.status = OutboxStatus::Delivered;
         r.delivered_at = Some(t(31));
         s.record_attempt(&r).unwrap();

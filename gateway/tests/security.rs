@@ -350,6 +350,7 @@ fn the_gateway_connects_with_its_own_identity_and_a_provisioned_home_is_heard_en
     // A key others can read: the gateway refuses to start and says why.
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(pki.join("gateway.key"), std::fs::Permissions::from_mode(0o644))?;
+    mamori_tests::gateway_init(std::path::Path::new(BIN), &config)?;
     let out = Command::new(BIN).args(["run", "--config"]).arg(&config).output()?;
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");

@@ -82,6 +82,7 @@ secret = {{ value = "hook-secret" }}
 }
 
 fn gateway(config: &Path) -> Result<Process> {
+    mamori_tests::gateway_init(Path::new(BIN), config)?;
     let mut cmd = Command::new(BIN);
     cmd.arg("run").arg("--config").arg(config);
     let p = Process::spawn("gateway", cmd)?;
@@ -432,6 +433,7 @@ fn the_gateway_serves_https_itself_believes_only_its_proxy_and_a_silent_client_s
 
     // A key others can read: refused, and the message says what to do.
     std::fs::set_permissions(pki.join("server.key"), std::fs::Permissions::from_mode(0o640))?;
+    mamori_tests::gateway_init(Path::new(BIN), &s.config)?;
     let out = Command::new(BIN).args(["run", "--config"]).arg(&s.config).output()?;
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("server.key") && err.contains("chmod 600"), "{err}");

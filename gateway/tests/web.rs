@@ -77,12 +77,18 @@ fn event(seq: u64, kind: EventKind) -> Event {
         severity: kind.default_severity(),
         source: None,
         data: Default::default(),
+        clock: None,
     }
 }
 
 fn publish(engine: &Engine, tx: &watch::Sender<Arc<Snapshot>>) {
     let version = tx.borrow().version + 1;
-    tx.send_replace(Arc::new(Snapshot { engine: engine.clone(), version }));
+    tx.send_replace(Arc::new(Snapshot {
+        engine: engine.clone(),
+        version,
+        home_versions: Default::default(),
+        incident_versions: Default::default(),
+    }));
 }
 
 const ROLES: &[&str] = &["admin", "coord_a", "coord_b", "facility_a1", "family_a1"];
@@ -104,7 +110,12 @@ fn fixture(dir: &Path) -> Parts {
     }
     engine.poll(now);
     engine.take_outputs();
-    let (snapshots, rx) = watch::channel(Arc::new(Snapshot { engine: engine.clone(), version: 1 }));
+    let (snapshots, rx) = watch::channel(Arc::new(Snapshot {
+        engine: engine.clone(),
+        version: 1,
+        home_versions: Default::default(),
+        incident_versions: Default::default(),
+    }));
     let engine = Arc::new(Mutex::new(engine));
     // The stand-in for the service loop.
     let (tx, mut requests) = mpsc::channel::<WebRequest>(16);
@@ -140,6 +151,8 @@ fn fixture(dir: &Path) -> Parts {
             idle: chrono::Duration::minutes(30),
             max_age: chrono::Duration::hours(12),
         },
+        health: Default::default(),
+        live_streams: Default::default(),
     };
     (web::router(app), db, engine, snapshots)
 }

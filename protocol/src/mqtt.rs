@@ -20,6 +20,7 @@
 //! [`EventKind::Unknown`], so an agent can be newer than its gateway. A change that would
 //! break an old reader gets a new topic prefix (`mamori/v2/...`).
 
+use alloc::collections::BTreeMap;
 use alloc::string::{String, ToString};
 use alloc::vec::Vec;
 use core::fmt;
@@ -180,6 +181,23 @@ pub enum ConnectionState {
     Offline,
 }
 
+/// The agent's clocks when a message was written, so that the gateway can place it in time
+/// even when the wall clock in `ts` is wrong: a Raspberry Pi has no real-time clock and boots
+/// with a stale time until NTP answers, which in a regional outage may be never. `uptime_ms`
+/// never steps, so within one `boot` the gateway orders and dates messages by it, and tells a
+/// replay from the spool (old uptime) from a wrong clock (recent uptime, old `ts`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClockInfo {
+    /// The operating system's boot (Linux's boot id) that `uptime_ms` counts from.
+    pub boot: String,
+    /// Milliseconds since that boot, on a clock that never steps.
+    pub uptime_ms: u64,
+    /// Whether the wall clock was synchronised (NTP) when the message was written; absent
+    /// when the agent cannot tell.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub synced: Option<bool>,
+}
+
 /// `mamori/v1/{home}/status` (retained).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Status {
@@ -318,6 +336,14 @@ pub struct Telemetry {
     /// The spool.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub spool: Option<SpoolStatus>,
+    /// The conditions the agent knows, by opening event kind (`"mains_lost": false`): `false`
+    /// says the condition is over now, even when its clearing event never came (the agent
+    /// restarted in between). Kinds the agent cannot tell yet are left out.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub conditions: BTreeMap<EventKind, bool>,
+    /// The agent's clocks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clock: Option<ClockInfo>,
 }
 
 /// How urgent an event is on its own (the gateway's escalation decides who hears of it).
@@ -335,7 +361,7 @@ pub enum Severity {
 macro_rules! event_kinds {
     ($( $(#[$doc:meta])* $variant:ident = $name:literal, $sev:ident, $clears:expr; )*) => {
         /// What happened. Unknown kinds from a newer agent decode as [`EventKind::Unknown`].
-        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
         #[serde(rename_all = "snake_case")]
         pub enum EventKind {
             $( $(#[$doc])* $variant, )*
@@ -438,6 +464,9 @@ pub struct Event {
     /// Kind-specific data: readings at the time (`spo2_pct`, `runtime_s`...).
     #[serde(default, skip_serializing_if = "serde_json::Map::is_empty")]
     pub data: serde_json::Map<String, serde_json::Value>,
+    /// The agent's clocks when it observed the event (replays keep them).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clock: Option<ClockInfo>,
 }
 
 fn valid_ident(s: &str) -> bool {
@@ -503,7 +532,23 @@ pub trait Message: Serialize + serde::de::DeserializeOwned {
     }
 }
 
-impl Message for Status {}
+fn valid_clock(c: &Option<ClockInfo>) -> bool {
+    c.as_ref().is_none_or(|c| valid_ident(&c.boot))
+}
+
+impl Message for Status {
+    fn validate(&self) -> Result<(), PayloadError> {
+        if self.sources.len() > 64 || self.sources.iter().any(|s| !valid_ident(&s.id)) {
+            return Err(PayloadError::Invalid("status sources"));
+        }
+        if self.agent_version.as_deref().is_some_and(|v| !valid_ident(v))
+            || self.reason.as_deref().is_some_and(|r| !valid_ident(r))
+        {
+            return Err(PayloadError::Invalid("status version or reason"));
+        }
+        Ok(())
+    }
+}
 impl Message for Ack {
     fn validate(&self) -> Result<(), PayloadError> {
         if valid_ident(&self.alert_id) && valid_ident(&self.alert_kind) {
@@ -515,11 +560,13 @@ impl Message for Ack {
 }
 impl Message for Telemetry {
     fn validate(&self) -> Result<(), PayloadError> {
-        if self.devices.iter().all(|d| valid_ident(&d.id)) && self.interval_s > 0 {
-            Ok(())
-        } else {
-            Err(PayloadError::Invalid("telemetry device id or interval"))
+        if self.devices.len() > 64 || !self.devices.iter().all(|d| valid_ident(&d.id)) || self.interval_s == 0 {
+            return Err(PayloadError::Invalid("telemetry device id or interval"));
         }
+        if !valid_clock(&self.clock) || self.conditions.len() > 64 {
+            return Err(PayloadError::Invalid("telemetry clock or conditions"));
+        }
+        Ok(())
     }
 }
 impl Message for Event {
@@ -532,6 +579,9 @@ impl Message for Event {
         }
         if self.source.as_deref().is_some_and(|s| !valid_ident(s)) {
             return Err(PayloadError::Invalid("event source"));
+        }
+        if !valid_clock(&self.clock) {
+            return Err(PayloadError::Invalid("event clock boot id"));
         }
         Ok(())
     }
@@ -600,6 +650,11 @@ mod tests {
             severity: Severity::Critical,
             source: Some("ups".into()),
             data,
+            clock: Some(ClockInfo {
+                boot: "5c8a0f2e-1b7d-4c1a-9e53-0d7f3a2b9c41".into(),
+                uptime_ms: 86_400_123,
+                synced: Some(true),
+            }),
         };
         let wire = encode(&e);
         let text = core::str::from_utf8(&wire).unwrap();

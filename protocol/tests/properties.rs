@@ -207,7 +207,16 @@ proptest! {
         let tz = chrono::FixedOffset::east_opt(offset_h * 3600).unwrap();
         let ts = chrono::DateTime::from_timestamp(secs, 0).unwrap().with_timezone(&tz);
         let kind = mqtt::EventKind::ALL[kind];
-        let e = mqtt::Event { id, seq, ts, kind, severity: kind.default_severity(), source: None, data: Default::default() };
+        let e = mqtt::Event {
+            id,
+            seq,
+            ts,
+            kind,
+            severity: kind.default_severity(),
+            source: None,
+            data: Default::default(),
+            clock: None,
+        };
         prop_assert_eq!(mqtt::decode::<mqtt::Event>(&mqtt::encode(&e)), Ok(e));
     }
 

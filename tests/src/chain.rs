@@ -263,6 +263,7 @@ impl Chain {
 
     /// Start the gateway and wait until it is subscribed.
     pub fn start_gateway(&mut self) -> Result<()> {
+        crate::gateway_init(&self.bins.gateway, &self.gateway_config)?;
         let mut cmd = Command::new(&self.bins.gateway);
         cmd.args(["run", "--config"]).arg(&self.gateway_config);
         let p = Process::spawn("gateway", cmd)?;

@@ -215,6 +215,18 @@ fn wait_for_listener(child: &mut Child, port: u16, limit: Duration) -> Result<()
     }
 }
 
+/// Create a gateway's database as an installer does (`mamori-gateway init`), unless one
+/// exists already: `run` never creates it.
+pub fn gateway_init(bin: &Path, config: &Path) -> Result<()> {
+    let out = Command::new(bin).args(["init", "--config"]).arg(config).output().context("mamori-gateway init")?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    if out.status.success() || err.contains("exists already") {
+        Ok(())
+    } else {
+        bail!("mamori-gateway init failed ({}): {err}", out.status)
+    }
+}
+
 /// A deadline for waiting on a condition (instead of a sleep that stands in for one).
 #[derive(Debug, Clone, Copy)]
 pub struct Deadline(std::time::Instant);

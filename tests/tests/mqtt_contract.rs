@@ -84,6 +84,7 @@ async fn status_events_and_last_will_through_a_real_broker() -> Result<()> {
         severity: Severity::Critical,
         source: Some("ups".into()),
         data: Default::default(),
+        clock: None,
     };
     agent.publish(home.topic(Channel::Event), QoS::AtLeastOnce, false, mqtt::encode(&event)).await?;
     // Drive the agent's event loop until both PUBACKs arrived.

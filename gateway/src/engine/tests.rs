@@ -75,6 +75,7 @@ fn event(seq: u64, at: i64, kind: EventKind) -> Event {
         severity: kind.default_severity(),
         source: None,
         data: Default::default(),
+        clock: None,
     }
 }
 
@@ -89,6 +90,8 @@ fn telemetry(at: i64, mains: bool) -> Telemetry {
         ventilator: None,
         devices: vec![],
         spool: None,
+        conditions: Default::default(),
+        clock: None,
     }
 }
 
@@ -299,6 +302,8 @@ fn a_home_silent_on_battery_raises_state_unknown_with_its_last_forecast() {
     assert_eq!(a.severity, Severity::Critical);
     assert_eq!(a.data["runs_out_at"], f.runs_out_at.to_rfc3339());
     assert_eq!(e.home_state(&h("a")).unwrap().forecast, Some(f), "the forecast keeps running");
+    assert!(sent(&mut e).is_empty(), "homes falling silent together are seen together first");
+    e.poll(t(36 + 30));
     let s = sent(&mut e);
     assert_eq!(names(&s), ["coord-431001", "fam-a", "nurse-a"]);
     // Heard again: cleared.

@@ -12,6 +12,14 @@
 //! | `mamori_notification_attempts_total{result}` | delivery attempts: `delivered`, `failed` |
 //! | `mamori_outbox{status}` | outbox rows by status (`pending` is the depth) |
 //! | `mamori_notify_latency_seconds` | histogram: outbox row written (the decision, in the same transaction as the message that caused it) to the receiver's acceptance |
+//! | `mamori_gateway_healthy` | 1 when `/healthz` says ok |
+//! | `mamori_gateway_degraded` | 1 while the store refuses writes |
+//! | `mamori_broker_connected` | 1 while the broker connection is up |
+//! | `mamori_store_errors_total` | failed store transactions |
+//! | `mamori_held_messages` | messages held in memory, not acknowledged, while degraded |
+//! | `mamori_unrecorded_results` | delivery results waiting to be recorded |
+//! | `mamori_open_breakers` | destinations not tried for now (failing in a row) |
+//! | `mamori_live_streams` | dashboard live streams open |
 
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -72,6 +80,7 @@ pub async fn metrics(State(app): State<App>) -> Response {
         ("rejected", &c.rejected),
         ("unknown_home", &c.unknown_home),
         ("duplicate", &c.duplicates),
+        ("dropped_degraded", &c.dropped_degraded),
     ] {
         let _ = writeln!(out, "mamori_messages_total{{result=\"{k}\"}} {}", load(v));
     }
@@ -108,6 +117,41 @@ pub async fn metrics(State(app): State<App>) -> Response {
     );
     let _ = writeln!(out, "mamori_notification_attempts_total{{result=\"delivered\"}} {}", load(&c.delivered));
     let _ = writeln!(out, "mamori_notification_attempts_total{{result=\"failed\"}} {}", load(&c.failed_attempts));
+    let _ = writeln!(out, "mamori_notification_attempts_total{{result=\"skipped\"}} {}", load(&c.skipped_attempts));
+    let h = &app.health;
+    let flag = |b: bool| u8::from(b);
+    for (name, help, kind, v) in [
+        ("mamori_gateway_healthy", "1 when /healthz says ok.", "gauge", u64::from(flag(h.problems(now).is_empty()))),
+        (
+            "mamori_gateway_degraded",
+            "1 while the store refuses writes.",
+            "gauge",
+            u64::from(flag(h.degraded().is_some())),
+        ),
+        (
+            "mamori_broker_connected",
+            "1 while the broker connection is up.",
+            "gauge",
+            u64::from(flag(h.broker_down_since().is_none())),
+        ),
+        ("mamori_store_errors_total", "Failed store transactions.", "counter", load(&h.store_errors)),
+        (
+            "mamori_held_messages",
+            "Messages held in memory, not acknowledged, while degraded.",
+            "gauge",
+            load(&h.held_messages),
+        ),
+        ("mamori_unrecorded_results", "Delivery results waiting to be recorded.", "gauge", load(&h.unrecorded_results)),
+        ("mamori_open_breakers", "Destinations not tried for now.", "gauge", load(&h.open_breakers)),
+        (
+            "mamori_live_streams",
+            "Dashboard live streams open.",
+            "gauge",
+            app.live_streams.load(Ordering::Relaxed) as u64,
+        ),
+    ] {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
+    }
     match app.db(|s| Ok(s.outbox_counts()?)).await {
         Ok(counts) => {
             out.push_str(

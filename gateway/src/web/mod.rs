@@ -87,6 +87,18 @@ pub struct Snapshot {
     pub engine: Engine,
     /// Increases with every publication.
     pub version: u64,
+    /// The version at which each home last changed (a live stream compares these numbers,
+    /// never the homes' content).
+    pub home_versions: std::collections::HashMap<mamori_protocol::mqtt::HomeId, u64>,
+    /// The version at which each municipality's incident last changed.
+    pub incident_versions: std::collections::HashMap<String, u64>,
+}
+
+impl Snapshot {
+    /// A snapshot of an engine with nothing marked as changed (tests, the first publication).
+    pub fn of(engine: Engine) -> Snapshot {
+        Snapshot { engine, version: 0, home_versions: Default::default(), incident_versions: Default::default() }
+    }
 }
 
 /// Session settings.
@@ -117,9 +129,17 @@ pub struct App {
     pub throttle: Arc<Mutex<Throttle>>,
     /// The service's counters.
     pub counters: Arc<Counters>,
+    /// The gateway's own health.
+    pub health: Arc<crate::health::Health>,
     /// Sessions.
     pub sessions: SessionSettings,
+    /// Live streams open now (bounded by [`MAX_LIVE_STREAMS`]).
+    pub live_streams: Arc<std::sync::atomic::AtomicUsize>,
 }
+
+/// At most this many live streams at once; more get a 503 and the page refreshes itself
+/// once a minute instead.
+pub const MAX_LIVE_STREAMS: usize = 1000;
 
 impl App {
     /// Run a database call off the async threads.
@@ -166,7 +186,7 @@ impl App {
 /// The router. Serve it with connect info ([`Peer`]) so that the client's address is known.
 pub fn router(app: App) -> Router {
     Router::new()
-        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/healthz", get(healthz))
         .route("/metrics", get(metrics::metrics))
         .route("/ack/{alert}/{role}/{sig}", get(ack::ack_page).post(ack::ack_post))
         .route("/login", get(auth::login_page).post(auth::login_post))
@@ -192,6 +212,18 @@ pub fn router(app: App) -> Router {
         .nest("/api/v1", api::router())
         .layer(axum::middleware::map_response(security_headers))
         .with_state(app)
+}
+
+/// `GET /healthz`: 200 `ok`, or 503 with one line per problem (the store refusing writes,
+/// no homes, no broker connection).
+async fn healthz(axum::extract::State(app): axum::extract::State<App>) -> Response {
+    use axum::response::IntoResponse;
+    let problems = app.health.problems(crate::clock::now());
+    if problems.is_empty() {
+        "ok\n".into_response()
+    } else {
+        (axum::http::StatusCode::SERVICE_UNAVAILABLE, format!("unhealthy\n{}\n", problems.join("\n"))).into_response()
+    }
 }
 
 async fn security_headers(mut r: Response) -> Response {

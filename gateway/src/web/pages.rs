@@ -22,7 +22,6 @@ use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{Html, IntoResponse, Redirect, Response};
 use axum::Form;
 use chrono::FixedOffset;
-use futures_util::stream::Stream;
 use mamori_protocol::mqtt::Telemetry;
 use serde::Deserialize;
 
@@ -1340,40 +1339,47 @@ pub async fn admin_audit_csv(State(app): State<App>, v: Viewer, client: Client) 
 
 /// What the user's pages show, reduced to a fingerprint: a change event is sent only when
 /// it changes, so one home's telemetry says nothing to a user who cannot see that home.
-fn fingerprint(engine: &Engine, user: &crate::accounts::User) -> u64 {
-    use std::hash::{Hash, Hasher};
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    for (p, st) in engine.states_and_plans() {
-        if user.may_see(p) {
-            p.id.as_str().hash(&mut h);
-            serde_json::to_string(&st).unwrap_or_default().hash(&mut h);
-        }
-    }
-    for i in engine.incidents() {
-        if user.may_see_municipality(&i.municipality) {
-            serde_json::to_string(i).unwrap_or_default().hash(&mut h);
-        }
-    }
-    h.finish()
+/// Whether anything `user` may see changed after snapshot version `since`: version numbers
+/// only, so a stream costs the same however large the homes' state is.
+fn changed_for(snap: &crate::web::Snapshot, user: &crate::accounts::User, since: u64) -> bool {
+    let homes = snap
+        .home_versions
+        .iter()
+        .filter(|(_, v)| **v > since)
+        .any(|(h, _)| snap.engine.plan(h).is_some_and(|p| user.may_see(p)));
+    homes || snap.incident_versions.iter().any(|(m, v)| *v > since && user.may_see_municipality(m))
 }
 
-/// `GET /events`: server-sent events, `change` when something the user may see changed.
-pub async fn live(State(app): State<App>, v: Viewer) -> Sse<impl Stream<Item = Result<SseEvent, Infallible>>> {
+/// `GET /events`: server-sent events, `change` when something the user may see changed. At
+/// most [`crate::web::MAX_LIVE_STREAMS`] at once (the page refreshes itself every minute
+/// without one).
+pub async fn live(State(app): State<App>, v: Viewer) -> Response {
+    use std::sync::atomic::Ordering;
+    struct Slot(std::sync::Arc<std::sync::atomic::AtomicUsize>);
+    impl Drop for Slot {
+        fn drop(&mut self) {
+            self.0.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+    if app.live_streams.fetch_add(1, Ordering::Relaxed) >= crate::web::MAX_LIVE_STREAMS {
+        app.live_streams.fetch_sub(1, Ordering::Relaxed);
+        return (axum::http::StatusCode::SERVICE_UNAVAILABLE, "too many live streams\n").into_response();
+    }
+    let slot = Slot(app.live_streams.clone());
     let rx = app.snapshot.clone();
     let user = v.user;
-    let first = fingerprint(&rx.borrow().engine, &user);
-    let stream = futures_util::stream::unfold((rx, user, first), |(mut rx, user, last)| async move {
+    let first = rx.borrow().version;
+    let stream = futures_util::stream::unfold((rx, user, first, slot), |(mut rx, user, last, slot)| async move {
         loop {
             rx.changed().await.ok()?;
             let snap = rx.borrow_and_update().clone();
-            let fp = fingerprint(&snap.engine, &user);
-            if fp != last {
+            if changed_for(&snap, &user, last) {
                 let ev = SseEvent::default().event("change").data(snap.version.to_string());
-                return Some((Ok(ev), (rx, user, fp)));
+                return Some((Ok::<_, Infallible>(ev), (rx, user, snap.version, slot)));
             }
         }
     });
-    Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
+    Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))).into_response()
 }
 
 /// `GET /static/app.css`.

@@ -166,6 +166,8 @@ fn telemetry(on_battery: bool, runtime_s: u32) -> Vec<u8> {
         ventilator: None,
         devices: Vec::new(),
         spool: None,
+        clock: None,
+        conditions: Default::default(),
     })
 }
 
@@ -252,6 +254,7 @@ fn stored(db: &Path) -> Result<(u64, u64)> {
 }
 
 fn spawn_gateway(bin: &Path, config: &Path) -> Result<(Process, Instant)> {
+    mamori_tests::gateway_init(bin, config)?;
     let mut cmd = Command::new(bin);
     cmd.arg("run").arg("--config").arg(config).env("RUST_LOG", "info");
     let started = Instant::now();

@@ -1,0 +1,138 @@
+//! The gateway's own health, as `/healthz`, `/metrics`, the dead-man heartbeat and systemd's
+//! watchdog see it.
+//!
+//! The service loop writes it; the web reads it. It is unhealthy when:
+//! - the store refuses writes (the gateway is *degraded*: it keeps sending what is already
+//!   committed, holds new messages at the broker, and tells the operators);
+//! - it has no homes at all (a store that is not the deployment's: it would acknowledge and
+//!   drop every home's messages, so it does not acknowledge them);
+//! - its broker connection has been down for longer than [`BROKER_DOWN_UNHEALTHY_S`].
+//!
+//! A monitor outside the centre notices the one failure the gateway cannot report itself,
+//! being dead, through the heartbeat (`[heartbeat]`): the service loop pings a URL every
+//! `interval_s` while it is healthy, and the `fail_url` (if any) while it is not. A loop that
+//! is stuck pings nothing.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Mutex;
+
+use crate::engine::Time;
+use crate::notice::StoreProblem;
+
+/// A broker connection down for longer than this makes the gateway unhealthy, s (a reconnect
+/// after a broker restart takes a few seconds and is not a failure).
+pub const BROKER_DOWN_UNHEALTHY_S: i64 = 30;
+
+/// Why the store refuses writes, since when.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Degraded {
+    /// Since when.
+    pub since: Time,
+    /// Classified.
+    pub problem: StoreProblem,
+    /// The database's words.
+    pub detail: String,
+}
+
+/// The shared health state.
+#[derive(Debug, Default)]
+pub struct Health {
+    degraded: Mutex<Option<Degraded>>,
+    broker_down_since: Mutex<Option<Time>>,
+    no_homes: AtomicBool,
+    /// Store errors since start.
+    pub store_errors: AtomicU64,
+    /// Messages held in memory because the store refused them (not acknowledged to the broker).
+    pub held_messages: AtomicU64,
+    /// Delivery results waiting to be recorded.
+    pub unrecorded_results: AtomicU64,
+    /// Destinations whose breaker is open.
+    pub open_breakers: AtomicU64,
+}
+
+impl Health {
+    /// A new, healthy state with the broker not connected yet (since `now`).
+    pub fn new(now: Time) -> Health {
+        let h = Health::default();
+        h.set_broker(false, now);
+        h
+    }
+
+    /// The store's state.
+    pub fn set_degraded(&self, d: Option<Degraded>) {
+        *self.degraded.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = d;
+    }
+
+    /// Whether the store refuses writes.
+    pub fn degraded(&self) -> Option<Degraded> {
+        self.degraded.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+    }
+
+    /// The broker connection went up or down at `now`.
+    pub fn set_broker(&self, up: bool, now: Time) {
+        let mut d = self.broker_down_since.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        match (up, *d) {
+            (true, _) => *d = None,
+            (false, None) => *d = Some(now),
+            (false, Some(_)) => {}
+        }
+    }
+
+    /// Since when the broker connection is down.
+    pub fn broker_down_since(&self) -> Option<Time> {
+        *self.broker_down_since.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The store has no homes at all.
+    pub fn set_no_homes(&self, none: bool) {
+        self.no_homes.store(none, Ordering::Relaxed);
+    }
+
+    /// Everything wrong at `now`, in words for an operator (empty: healthy).
+    pub fn problems(&self, now: Time) -> Vec<String> {
+        let mut out = Vec::new();
+        if let Some(d) = self.degraded() {
+            out.push(format!(
+                "store refuses writes since {} ({}: {}); new messages are held at the broker",
+                d.since.to_rfc3339(),
+                d.problem.text(crate::homes::Lang::En),
+                d.detail
+            ));
+        }
+        if self.no_homes.load(Ordering::Relaxed) {
+            out.push("no homes in the store: messages are not acknowledged (is this the deployment's store?)".into());
+        }
+        if let Some(since) = self.broker_down_since() {
+            if (now - since).num_seconds() > BROKER_DOWN_UNHEALTHY_S {
+                out.push(format!("no broker connection since {}", since.to_rfc3339()));
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::DateTime;
+
+    fn t(s: i64) -> Time {
+        DateTime::from_timestamp(1_790_000_000 + s, 0).unwrap()
+    }
+
+    #[test]
+    fn unhealthy_while_degraded_without_homes_or_long_without_a_broker() {
+        let h = Health::new(t(0));
+        assert!(h.problems(t(10)).is_empty(), "a broker connecting at start is not a failure yet");
+        assert_eq!(h.problems(t(31)).len(), 1);
+        h.set_broker(true, t(31));
+        assert!(h.problems(t(32)).is_empty());
+        h.set_degraded(Some(Degraded { since: t(40), problem: StoreProblem::DiskFull, detail: "full".into() }));
+        h.set_no_homes(true);
+        let p = h.problems(t(41));
+        assert!(p[0].contains("disk is full") && p[1].contains("no homes"), "{p:?}");
+        h.set_degraded(None);
+        h.set_no_homes(false);
+        assert!(h.problems(t(42)).is_empty());
+    }
+}

@@ -1,0 +1,170 @@
+//! The gateway's MQTT link: one task owns the rumqttc event loop, another sends.
+//!
+//! - The **link task** owns the event loop (persistent session, manual acks). It forwards each
+//!   PUBLISH to the service loop, tells it when the connection comes up (with the broker's
+//!   `session present` flag) and when it goes down, resubscribes after every CONNACK, and
+//!   backs off with jitter after errors. The service judges a home's silence only while the
+//!   link is up, and from the moment it came up ([`crate::engine::Engine::set_uplink`]): the
+//!   centre's own downtime is never taken for the homes' silence.
+//! - The **outbound task** sends PUBACKs and acknowledgements to agents, so that the service
+//!   loop never waits on the MQTT client (the link task may be waiting for the loop to take a
+//!   message, and only it drains the client's request queue: waiting on it from the loop
+//!   deadlocked under load, which the fleet benchmark found). Its queue is bounded by what
+//!   the loop has taken in: one PUBACK per message received and one acknowledgement per
+//!   alert acknowledged.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use mamori_protocol::mqtt::{self, Channel, HomeId};
+use rand::Rng;
+use rumqttc::{AsyncClient, Event as MqttEvent, MqttOptions, Packet, Publish, QoS, TlsConfiguration, Transport};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+
+/// What the link task tells the service loop.
+#[derive(Debug)]
+pub enum FromMqtt {
+    /// A message (to be stored, then acknowledged with [`Outbound::Ack`]).
+    Message(Publish),
+    /// Connected (CONNACK). `session_present`: the broker kept a session for this client id.
+    Connected {
+        /// The broker's session-present flag.
+        session_present: bool,
+    },
+    /// The connection was lost (or could not be made).
+    Disconnected,
+}
+
+/// What the service sends to the broker.
+#[derive(Debug)]
+pub enum Outbound {
+    /// PUBACK a stored message.
+    Ack(Publish),
+    /// Tell a home's agent that an alert was acknowledged.
+    AgentAck(HomeId, mqtt::Ack),
+}
+
+/// The broker options from the config.
+pub fn options(config: &Config, port: u16) -> anyhow::Result<MqttOptions> {
+    let b = &config.broker;
+    let mut o = MqttOptions::new(b.client_id.clone(), b.host.clone(), port);
+    o.set_keep_alive(Duration::from_secs(u64::from(b.keep_alive_s.max(5))));
+    // A persistent session: QoS 1 events queue at the broker while the gateway is away.
+    o.set_clean_session(false);
+    o.set_manual_acks(true);
+    o.set_max_packet_size(mqtt::MAX_PAYLOAD_BYTES * 4, mqtt::MAX_PAYLOAD_BYTES * 4);
+    o.set_inflight(1000);
+    if let Some(user) = &b.username {
+        let pass = match &b.password {
+            Some(p) => p.resolve().map_err(|e| anyhow::anyhow!("broker.password: {e}"))?,
+            None => String::new(),
+        };
+        o.set_credentials(user.clone(), pass);
+    }
+    if let Some(t) = &b.tls {
+        let read = |p: &std::path::Path| std::fs::read(p).with_context(|| format!("cannot read {}", p.display()));
+        let client_auth = match (&t.client_cert_file, &t.client_key_file, &t.client_cert_pem, &t.client_key_pem) {
+            (Some(c), Some(k), _, _) => {
+                mamori_agent::uplink::check_key_permissions(k)?;
+                Some((read(c)?, read(k)?))
+            }
+            (_, _, Some(c), Some(k)) => Some((c.clone().into_bytes(), k.clone().into_bytes())),
+            _ => None,
+        };
+        let ca = t.ca().map_err(|e| anyhow::anyhow!("broker.tls: {e}"))?;
+        o.set_transport(Transport::Tls(TlsConfiguration::Simple { ca, alpn: None, client_auth }));
+    }
+    Ok(o)
+}
+
+/// The subscription filters (shared-subscription ones with `broker.share_group`).
+pub fn filters(config: &Config) -> Vec<String> {
+    [Channel::Status, Channel::Telemetry, Channel::Event]
+        .iter()
+        .map(|c| match &config.broker.share_group {
+            Some(g) => c.shared_filter(g),
+            None => c.filter(),
+        })
+        .collect()
+}
+
+/// Start the outbound task.
+pub fn spawn_outbound(client: AsyncClient) -> mpsc::UnboundedSender<Outbound> {
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Some(out) = rx.recv().await {
+            let result = match out {
+                Outbound::Ack(p) => client.ack(&p).await,
+                Outbound::AgentAck(home, ack) => {
+                    client.publish(home.topic(Channel::Ack), QoS::AtLeastOnce, false, mqtt::encode(&ack)).await
+                }
+            };
+            if let Err(e) = result {
+                tracing::warn!(error = %e, "to the broker");
+            }
+        }
+    });
+    tx
+}
+
+/// Start the link task.
+pub fn spawn_link(
+    client: AsyncClient,
+    mut eventloop: rumqttc::EventLoop,
+    filters: Vec<String>,
+    tx: mpsc::Sender<FromMqtt>,
+    cancel: CancellationToken,
+) {
+    tokio::spawn(async move {
+        let mut delay = Duration::from_millis(250);
+        let mut up = false;
+        loop {
+            let ev = tokio::select! {
+                _ = cancel.cancelled() => return,
+                ev = eventloop.poll() => ev,
+            };
+            match ev {
+                Ok(MqttEvent::Incoming(Packet::ConnAck(c))) => {
+                    delay = Duration::from_millis(250);
+                    tracing::info!(session_present = c.session_present, "connected to the broker");
+                    // From another task: this one must keep polling the event loop, or a full
+                    // request queue would wait on itself.
+                    let (client, filters) = (client.clone(), filters.clone());
+                    tokio::spawn(async move {
+                        for f in filters {
+                            if let Err(e) = client.subscribe(f, QoS::AtLeastOnce).await {
+                                tracing::warn!(error = %e, "subscribe");
+                            }
+                        }
+                    });
+                    up = true;
+                    if tx.send(FromMqtt::Connected { session_present: c.session_present }).await.is_err() {
+                        return;
+                    }
+                }
+                Ok(MqttEvent::Incoming(Packet::SubAck(_))) => tracing::info!("subscribed"),
+                Ok(MqttEvent::Incoming(Packet::Publish(p))) => {
+                    if tx.send(FromMqtt::Message(p)).await.is_err() {
+                        return;
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, retry_ms = delay.as_millis() as u64, "broker connection");
+                    if std::mem::take(&mut up) && tx.send(FromMqtt::Disconnected).await.is_err() {
+                        return;
+                    }
+                    let jitter = rand::rng().random_range(0.8..1.2);
+                    tokio::select! {
+                        _ = cancel.cancelled() => return,
+                        _ = tokio::time::sleep(delay.mul_f64(jitter)) => {}
+                    }
+                    delay = (delay * 2).min(Duration::from_secs(10));
+                }
+            }
+        }
+    });
+}
