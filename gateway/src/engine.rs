@@ -717,6 +717,7 @@ impl Engine {
                     st.conn = Connectivity::Offline { since: now, shutdown: s.reason.as_deref() == Some("shutdown") };
                     self.dirty_homes.insert(home.clone());
                     self.went_silent(&home, true, now);
+                    self.check_mass_silence(now);
                 }
             }
         }
@@ -1079,13 +1080,25 @@ impl Engine {
         }
     }
 
-    /// The mass-silence rule: many homes in several municipalities falling silent together
-    /// is one notice to the operators, and their alerts wait the grace period.
+    /// A home just fell silent: remember it for the mass-silence rule, and if a mass silence
+    /// is being waited out, it waits with the others.
     fn note_silence(&mut self, home: &HomeId, now: Time) {
-        let window = Duration::seconds(self.settings.mass_silence_window_s);
         self.recent_silences.push_back((now, home.clone()));
+        if let Some(until) = self.mass_until.filter(|u| now < *u) {
+            self.hold_silence(home, until);
+        }
+    }
+
+    /// The mass-silence rule: many homes in several municipalities falling silent together
+    /// is one notice to the operators, and their alerts wait the grace period. Called after
+    /// the homes that fell silent at `now` have been noted.
+    fn check_mass_silence(&mut self, now: Time) {
+        let window = Duration::seconds(self.settings.mass_silence_window_s);
         while self.recent_silences.front().is_some_and(|(t, _)| now - *t > window) {
             self.recent_silences.pop_front();
+        }
+        if self.mass_until.is_some_and(|u| now < u) {
+            return; // already being waited out
         }
         let silent: BTreeSet<HomeId> = self
             .recent_silences
@@ -1093,27 +1106,18 @@ impl Engine {
             .map(|(_, h)| h.clone())
             .filter(|h| self.state.get(h).is_some_and(|s| s.conn.silent()))
             .collect();
-        let ongoing = self.mass_until.is_some_and(|u| now < u);
-        let municipalities: BTreeSet<&str> = silent.iter().filter_map(|h| self.municipality(h)).collect();
-        let mass = silent.len() >= self.settings.mass_silence_min_homes.max(2) && municipalities.len() >= 2;
-        if !(mass || ongoing) {
+        let municipalities = silent.iter().filter_map(|h| self.municipality(h)).collect::<BTreeSet<_>>().len();
+        if silent.len() < self.settings.mass_silence_min_homes.max(2) || municipalities < 2 {
             return;
         }
-        let until = if ongoing && !mass {
-            self.mass_until.unwrap_or(now)
-        } else {
-            now + Duration::seconds(self.settings.mass_silence_grace_s)
-        };
-        if mass && !ongoing {
-            self.outputs.push(Output::Notice(Notice::MassSilence {
-                homes: silent.len(),
-                municipalities: municipalities.len(),
-                grace_min: self.settings.mass_silence_grace_s / 60,
-            }));
-        }
-        let affected: Vec<HomeId> = if mass { silent.into_iter().collect() } else { vec![home.clone()] };
-        for h in affected {
-            self.hold_silence(&h, until);
+        let until = now + Duration::seconds(self.settings.mass_silence_grace_s);
+        self.outputs.push(Output::Notice(Notice::MassSilence {
+            homes: silent.len(),
+            municipalities,
+            grace_min: self.settings.mass_silence_grace_s / 60,
+        }));
+        for h in &silent {
+            self.hold_silence(h, until);
         }
         self.mass_until = Some(until);
     }
@@ -1255,6 +1259,7 @@ impl Engine {
             self.dirty_homes.insert(h.clone());
             self.went_silent(&h, true, now);
         }
+        self.check_mass_silence(now);
         // Escalation.
         let homes: Vec<HomeId> =
             self.state.iter().filter(|(_, s)| !s.alerts.is_empty()).map(|(h, _)| h.clone()).collect();

@@ -226,13 +226,18 @@ pub struct Policies {
     pub config: BTreeMap<String, Policy>,
 }
 
+/// Kinds about the monitoring itself rather than the child, for people who maintain it: a
+/// `default` override (meant for emergencies) does not apply to them, only their own.
+pub const OPERATIONAL: &[&str] = &["clock_skew"];
+
 impl Policies {
     /// The policy for an alert of `kind` at a home with `home` overrides.
     pub fn for_alert(&self, kind: &str, home: &BTreeMap<String, Policy>) -> Policy {
+        let defaults = !OPERATIONAL.contains(&kind);
         home.get(kind)
             .or_else(|| self.config.get(kind))
-            .or_else(|| home.get("default"))
-            .or_else(|| self.config.get("default"))
+            .or_else(|| home.get("default").filter(|_| defaults))
+            .or_else(|| self.config.get("default").filter(|_| defaults))
             .cloned()
             .unwrap_or_else(|| builtin(kind))
     }
@@ -273,6 +278,13 @@ mod tests {
         assert_eq!(policies.for_alert("spo2_low", &home).notify_after_s, 7);
         assert_eq!(policies.for_alert("spo2_low", &BTreeMap::new()).notify_after_s, 9);
         assert_eq!(policies.for_alert("mains_lost", &BTreeMap::new()), mains_lost_default());
+        let with_default = Policies { config: [("default".to_string(), critical_default())].into() };
+        assert_eq!(with_default.for_alert("spo2_low", &BTreeMap::new()), critical_default());
+        assert_eq!(
+            with_default.for_alert("clock_skew", &BTreeMap::new()),
+            clock_skew_default(),
+            "an emergency default does not page families about a clock"
+        );
     }
 
     #[test]

@@ -92,32 +92,7 @@ fn gateway(config: &Path) -> Result<Process> {
 
 /// Publish as a home (QoS 1), waiting for each PUBACK.
 fn publish(port: u16, messages: &[(String, Vec<u8>)]) -> Result<()> {
-    let mut o = rumqttc::MqttOptions::new(format!("pub-{}", free_port()?), "127.0.0.1", port);
-    o.set_max_packet_size(1 << 20, 1 << 20);
-    let (client, mut conn) = rumqttc::Client::new(o, 100);
-    let total = messages.len();
-    let waiter = std::thread::spawn(move || -> Result<()> {
-        let mut acked = 0;
-        for ev in conn.iter() {
-            match ev? {
-                rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_)) => {
-                    acked += 1;
-                    if acked == total {
-                        return Ok(());
-                    }
-                }
-                rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(_)) if total == 0 => return Ok(()),
-                _ => {}
-            }
-        }
-        Ok(())
-    });
-    for (topic, payload) in messages {
-        client.publish(topic.clone(), rumqttc::QoS::AtLeastOnce, false, payload.clone())?;
-    }
-    waiter.join().map_err(|_| anyhow::anyhow!("publisher thread"))??;
-    let _ = client.disconnect();
-    Ok(())
+    mamori_tests::publish(port, messages)
 }
 
 fn event(seq: u64, kind: &str) -> (String, Vec<u8>) {

@@ -26,6 +26,7 @@ pub mod pki;
 pub mod process;
 pub mod procfs;
 pub mod smtp;
+pub mod stall;
 pub mod webhook;
 
 use std::io::{BufRead, BufReader};
@@ -213,6 +214,36 @@ fn wait_for_listener(child: &mut Child, port: u16, limit: Duration) -> Result<()
         deadline.check("mosquitto to listen")?;
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// Publish as a home (QoS 1), waiting for each PUBACK.
+pub fn publish(port: u16, messages: &[(String, Vec<u8>)]) -> Result<()> {
+    let mut o = rumqttc::MqttOptions::new(format!("pub-{}", free_port()?), "127.0.0.1", port);
+    o.set_max_packet_size(1 << 20, 1 << 20);
+    let (client, mut conn) = rumqttc::Client::new(o, 100);
+    let total = messages.len();
+    let waiter = std::thread::spawn(move || -> Result<()> {
+        let mut acked = 0;
+        for ev in conn.iter() {
+            match ev? {
+                rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_)) => {
+                    acked += 1;
+                    if acked == total {
+                        return Ok(());
+                    }
+                }
+                rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(_)) if total == 0 => return Ok(()),
+                _ => {}
+            }
+        }
+        Ok(())
+    });
+    for (topic, payload) in messages {
+        client.publish(topic.clone(), rumqttc::QoS::AtLeastOnce, false, payload.clone())?;
+    }
+    waiter.join().map_err(|_| anyhow::anyhow!("publisher thread"))??;
+    let _ = client.disconnect();
+    Ok(())
 }
 
 /// Create a gateway's database as an installer does (`mamori-gateway init`), unless one

@@ -1,0 +1,289 @@
+//! The everyday faults nobody designed for: alerts that end without their event, the centre's
+//! own downtime, many homes falling silent at once, wrong clocks, absurd intervals.
+
+use super::*;
+use mamori_protocol::mqtt::{ClockInfo, ContactState, DeviceKind, DeviceStatus, SpoolStatus, VentilatorReading};
+
+/// Telemetry whose agent reports `kind` as over.
+fn over(at: i64, kind: EventKind) -> Telemetry {
+    let mut t = telemetry(at, true);
+    t.mains_present = None;
+    t.conditions.insert(kind, false);
+    t
+}
+
+fn notices(outputs: &[Output]) -> Vec<&Notice> {
+    outputs
+        .iter()
+        .filter_map(|o| match o {
+            Output::Notice(n) => Some(n),
+            _ => None,
+        })
+        .collect()
+}
+
+const OPENING: &[EventKind] = &[
+    EventKind::MainsLost,
+    EventKind::BatteryLow,
+    EventKind::UpsFault,
+    EventKind::DeviceLost,
+    EventKind::Spo2Low,
+    EventKind::PulseOutOfRange,
+    EventKind::SensorOff,
+    EventKind::OximeterAlarm,
+    EventKind::OximeterAlarmSilenced,
+    EventKind::VentilatorAlarm,
+    EventKind::AlarmCableFault,
+    EventKind::SpoolDegraded,
+];
+
+#[test]
+fn every_kind_with_an_observable_normal_state_clears_when_the_home_says_it_is_over() {
+    for &kind in OPENING {
+        let mut e = engine(&[plan("a", "431001", 5000.0)]);
+        e.handle(Input::Event(h("a"), event(1, 0, kind)), t(0)).unwrap();
+        e.poll(t(120));
+        assert!(!sent(&mut e).is_empty(), "{kind:?} pages");
+        // A report that says nothing about it, or that it still holds, changes nothing.
+        e.handle(Input::Telemetry(h("a"), over(100, EventKind::Unknown)), t(100)).unwrap();
+        let mut holds = over(110, kind);
+        holds.conditions.insert(kind, true);
+        e.handle(Input::Telemetry(h("a"), holds), t(110)).unwrap();
+        assert!(alert(&e, "a", kind.as_str()).is_some(), "{kind:?} still holds");
+        // Over: cleared, and whoever was paged hears so.
+        let mut t_over = over(130, kind);
+        if kind == EventKind::SpoolDegraded {
+            // The spool's state is the agent's, not the monitor's: it comes as `spool`.
+            t_over.conditions.clear();
+            t_over.spool = Some(SpoolStatus { pending_events: 0, degraded: false });
+        }
+        e.handle(Input::Telemetry(h("a"), t_over), t(130)).unwrap();
+        assert!(alert(&e, "a", kind.as_str()).is_none(), "{kind:?} clears by itself");
+        let cleared = sent(&mut e);
+        assert!(cleared.iter().any(|(_, key)| key.ends_with(":clear")), "{kind:?}: {cleared:?}");
+    }
+}
+
+#[test]
+fn an_agent_restarted_on_mains_after_an_outage_ends_the_outage_alert() {
+    // An older agent (no `conditions`): its readings say mains is back.
+    let mut e = engine(&[plan("a", "431001", 5000.0)]);
+    e.handle(Input::Event(h("a"), event(1, 0, EventKind::MainsLost)), t(0)).unwrap();
+    e.poll(t(0));
+    sent(&mut e);
+    e.handle(Input::Event(h("a"), event(2, 600, EventKind::AgentStarted)), t(600)).unwrap();
+    e.handle(Input::Telemetry(h("a"), telemetry(601, true)), t(601)).unwrap();
+    assert!(alert(&e, "a", "mains_lost").is_none(), "no T3 for a home back on mains");
+    // And it never escalates afterwards.
+    e.poll(t(4 * 3600));
+    let later = sent(&mut e);
+    assert!(later.iter().all(|(_, k)| k.ends_with(":clear")), "{later:?}");
+    // Other readings of an older agent: devices answering, the ventilator contact normal.
+    for (kind, fix) in [
+        (EventKind::DeviceLost, "devices"),
+        (EventKind::VentilatorAlarm, "ventilator"),
+        (EventKind::AlarmCableFault, "ventilator"),
+    ] {
+        let mut e = engine(&[plan("a", "431001", 5000.0)]);
+        e.handle(Input::Event(h("a"), event(1, 0, kind)), t(0)).unwrap();
+        let mut tl = telemetry(10, true);
+        tl.mains_present = None;
+        match fix {
+            "devices" => {
+                tl.devices = vec![DeviceStatus { id: "ups".into(), kind: DeviceKind::Ups, state: DeviceState::Ok }]
+            }
+            _ => tl.ventilator = Some(VentilatorReading { alarm: ContactState::Normal }),
+        }
+        e.handle(Input::Telemetry(h("a"), tl), t(10)).unwrap();
+        assert!(alert(&e, "a", kind.as_str()).is_none(), "{kind:?}");
+    }
+}
+
+#[test]
+fn a_report_older_than_the_alert_clears_nothing_and_an_event_older_than_the_report_opens_nothing() {
+    let mut e = engine(&[plan("a", "431001", 5000.0)]);
+    e.handle(Input::Telemetry(h("a"), over(100, EventKind::Spo2Low)), t(100)).unwrap();
+    // A replayed spo2_low from before the report: history only.
+    e.handle(Input::Event(h("a"), event(1, 50, EventKind::Spo2Low)), t(101)).unwrap();
+    assert!(alert(&e, "a", "spo2_low").is_none());
+    // A new one after it opens.
+    e.handle(Input::Event(h("a"), event(2, 102, EventKind::Spo2Low)), t(102)).unwrap();
+    assert!(alert(&e, "a", "spo2_low").is_some());
+    // A late snapshot from before it does not close it.
+    e.handle(Input::Telemetry(h("a"), over(101, EventKind::Spo2Low)), t(103)).unwrap();
+    assert!(alert(&e, "a", "spo2_low").is_some());
+}
+
+/// An engine whose homes send telemetry every 10 s.
+fn heard_homes(n: usize, municipalities: &[&str], at: i64) -> Engine {
+    let plans: Vec<Home> =
+        (0..n).map(|i| plan(&format!("h{i}"), municipalities[i % municipalities.len()], 5000.0)).collect();
+    let mut e = engine(&plans);
+    for p in &plans {
+        e.handle(Input::Telemetry(p.id.clone(), telemetry(at, true)), t(at)).unwrap();
+    }
+    e.poll(t(at));
+    e.take_outputs();
+    e
+}
+
+#[test]
+fn silence_is_not_judged_while_the_gateway_is_disconnected_and_counts_from_its_return() {
+    let mut e = heard_homes(3, &["431001"], 0);
+    // The gateway's broker connection drops at 5 s (or the gateway stops) and returns at 60 s.
+    e.set_uplink(false, t(5));
+    e.poll(t(45));
+    assert!(e.states().all(|(_, s)| s.conn == Connectivity::Online), "nobody is silent while the centre is");
+    assert!(e.next_deadline(t(45)).is_none_or(|d| d > t(45)));
+    e.set_uplink(true, t(60));
+    e.poll(t(61));
+    assert!(e.states().all(|(_, s)| s.conn == Connectivity::Online), "judged from the return, not from 0 s");
+    e.handle(Input::Telemetry(h("h0"), telemetry(65, true)), t(65)).unwrap();
+    e.handle(Input::Telemetry(h("h1"), telemetry(65, true)), t(65)).unwrap();
+    // h2 stays silent: stale 30 s after the return.
+    e.poll(t(91));
+    assert!(alert(&e, "h2", "home_silent").is_some() && alert(&e, "h0", "home_silent").is_none());
+}
+
+#[test]
+fn a_retained_status_replayed_at_subscription_is_not_hearing_from_the_home() {
+    let mut e = heard_homes(1, &["431001"], 0);
+    e.poll(t(40));
+    assert!(alert(&e, "h0", "home_silent").is_some());
+    let online = Status {
+        state: mamori_protocol::mqtt::ConnectionState::Online,
+        since: None,
+        agent_version: None,
+        telemetry_interval_s: Some(10),
+        sources: vec![],
+        reason: None,
+    };
+    e.handle(Input::RetainedStatus(h("h0"), online.clone()), t(50)).unwrap();
+    assert!(alert(&e, "h0", "home_silent").is_some(), "old news");
+    e.handle(Input::Status(h("h0"), online), t(51)).unwrap();
+    assert!(alert(&e, "h0", "home_silent").is_none(), "a live status is hearing from it");
+}
+
+#[test]
+fn many_homes_falling_silent_across_municipalities_is_one_notice_and_a_grace() {
+    let mut e = heard_homes(12, &["431001", "202011"], 0);
+    // Ten of them return within the grace; two stay silent. Everyone stops at once.
+    e.poll(t(31));
+    let outs = e.take_outputs();
+    let n = notices(&outs);
+    assert_eq!(n.len(), 1, "{outs:?}");
+    assert!(matches!(n[0], Notice::MassSilence { homes: 12, municipalities: 2, .. }), "{n:?}");
+    let pages: Vec<_> = outs.iter().filter(|o| matches!(o, Output::Notify(_))).collect();
+    assert!(pages.is_empty(), "no family is paged for the centre's problem");
+    e.poll(t(31 + 300));
+    assert!(sent(&mut e).is_empty(), "still within the grace");
+    for i in 0..10 {
+        e.handle(Input::Telemetry(h(&format!("h{i}")), telemetry(400, true)), t(400)).unwrap();
+    }
+    assert!(sent(&mut e).is_empty(), "homes that came back were never paged, so hear nothing");
+    // After the grace, the two still silent are escalated as usual (home_silent: the family).
+    e.poll(t(31 + 601));
+    let s = sent(&mut e);
+    assert_eq!(names(&s), ["fam-h10", "fam-h11"], "{s:?}");
+}
+
+#[test]
+fn a_few_homes_falling_silent_are_paged_as_usual() {
+    let mut e = heard_homes(12, &["431001", "202011"], 0);
+    let mut pages = Vec::new();
+    // h10 and h11 (one in each municipality, but only two homes) fall silent; the others
+    // keep talking.
+    for at in (10..=200).step_by(10) {
+        for i in 0..10 {
+            e.handle(Input::Telemetry(h(&format!("h{i}")), telemetry(at, true)), t(at)).unwrap();
+        }
+        e.poll(t(at + 1));
+        let outs = e.take_outputs();
+        assert!(notices(&outs).is_empty(), "{outs:?}");
+        pages.extend(outs.into_iter().filter_map(|o| match o {
+            Output::Notify(n) => Some((n.at, n.recipients[0].1.name.clone())),
+            _ => None,
+        }));
+    }
+    // Stale after 30 s (t = 31), home_silent waits its policy's 2 minutes: paged at 151.
+    let when: Vec<(Time, &str)> = pages.iter().map(|(at, n)| (*at, n.as_str())).collect();
+    assert_eq!(when, [(t(151), "fam-h10"), (t(151), "fam-h11")]);
+}
+
+fn clocked(at: i64, boot_uptime_s: u64) -> Option<ClockInfo> {
+    let _ = at;
+    Some(ClockInfo { boot: "boot-1".into(), uptime_ms: boot_uptime_s * 1000, synced: Some(true) })
+}
+
+#[test]
+fn a_clock_an_hour_ahead_then_corrected_cannot_swallow_a_real_outage() {
+    let mut e = engine(&[plan("a", "431001", 5000.0)]);
+    // An hour ahead: an outage and its end, then telemetry.
+    e.handle(Input::Event(h("a"), event(1, 3600, EventKind::MainsLost)), t(0)).unwrap();
+    e.handle(Input::Event(h("a"), event(2, 3660, EventKind::MainsRestored)), t(60)).unwrap();
+    e.handle(Input::Telemetry(h("a"), telemetry(3670, true)), t(70)).unwrap();
+    assert!(alert(&e, "a", "clock_skew").is_some(), "the coordinator will hear the clock is wrong");
+    // Corrected by NTP: a real outage at 120 s must page.
+    e.handle(Input::Telemetry(h("a"), telemetry(110, true)), t(110)).unwrap();
+    assert!(alert(&e, "a", "clock_skew").is_none(), "right again: cleared");
+    e.handle(Input::Event(h("a"), event(3, 120, EventKind::MainsLost)), t(120)).unwrap();
+    e.poll(t(120));
+    assert_eq!(names(&sent(&mut e)), ["fam-a"], "the outage is not discarded as older than what is known");
+}
+
+#[test]
+fn a_clock_a_day_behind_does_not_page_zero_minutes_left() {
+    let mut e = engine(&[plan("a", "431001", 5000.0)]);
+    let day = 86_400;
+    // With the agent's clocks (a Pi booted without NTP): placed by uptime.
+    let mut tl = telemetry(-day, true);
+    tl.clock = clocked(0, 1000);
+    e.handle(Input::Telemetry(h("a"), tl), t(0)).unwrap();
+    let mut ev = event(1, 5 - day, EventKind::MainsLost);
+    ev.clock = clocked(5, 1005);
+    e.handle(Input::Event(h("a"), ev), t(5)).unwrap();
+    let f = e.home_state(&h("a")).unwrap().forecast.unwrap();
+    assert!(f.runs_out_at > t(3600), "5000 Wh at 100 W is 50 h, not 0 min: {f:?}");
+    e.poll(t(5));
+    let a = alert(&e, "a", "mains_lost").unwrap();
+    assert_eq!((a.since, a.tier()), (t(5), Tier::T0));
+    // Without them (an older agent): the measured skew corrects its events.
+    let mut e = engine(&[plan("a", "431001", 5000.0)]);
+    e.handle(Input::Telemetry(h("a"), telemetry(-day, true)), t(0)).unwrap();
+    e.handle(Input::Event(h("a"), event(1, 5 - day, EventKind::MainsLost)), t(5)).unwrap();
+    assert_eq!(alert(&e, "a", "mains_lost").unwrap().since, t(5));
+    assert!(e.home_state(&h("a")).unwrap().forecast.unwrap().runs_out_at > t(3600));
+}
+
+#[test]
+fn a_replay_from_the_spool_is_still_a_replay_when_the_clock_is_wrong() {
+    let mut e = engine(&[plan("a", "431001", 5000.0)]);
+    let mut tl = telemetry(-86_400, true);
+    tl.clock = clocked(0, 10_000);
+    e.handle(Input::Telemetry(h("a"), tl), t(0)).unwrap();
+    // The network is cut at 10 s; an outage at 100 s and its end at 200 s are spooled and
+    // replayed when it comes back at 900 s. Placed by uptime: 100 s and 200 s, not 900 s.
+    let mut lost = event(1, 100 - 86_400, EventKind::MainsLost);
+    lost.clock = clocked(100, 10_100);
+    let mut back = event(2, 200 - 86_400, EventKind::MainsRestored);
+    back.clock = clocked(200, 10_200);
+    e.handle(Input::Event(h("a"), lost), t(900)).unwrap();
+    e.handle(Input::Event(h("a"), back), t(900)).unwrap();
+    e.poll(t(900));
+    let s = sent(&mut e);
+    // (The coordinator hears that the home's clock is a day off: clock_skew, not the outage.)
+    assert!(s.iter().all(|(name, _)| name == "coord-431001"), "an outage that already ended pages nobody: {s:?}");
+    assert!(alert(&e, "a", "mains_lost").is_none() && alert(&e, "a", "clock_skew").is_some());
+}
+
+#[test]
+fn a_home_cannot_switch_its_own_silence_detection_off() {
+    let mut e = engine(&[plan("a", "431001", 5000.0)]);
+    let mut tl = telemetry(0, true);
+    tl.interval_s = u32::MAX;
+    e.handle(Input::Telemetry(h("a"), tl), t(0)).unwrap();
+    let limit = i64::from(Settings::default().max_interval_s) * 3;
+    assert!(e.next_deadline(t(1)).unwrap() <= t(limit + 1));
+    e.poll(t(limit + 1));
+    assert!(alert(&e, "a", "home_silent").is_some());
+}

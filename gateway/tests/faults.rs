@@ -1,0 +1,447 @@
+//! The everyday faults, over real parts: the real `mamori-gateway` binary, a Mosquitto the test
+//! starts on a free port, receivers that hang, trickle or refuse, a full disk, a missing data
+//! volume, wrong clocks, the centre's own downtime. Each test says who was paged, and that
+//! nobody was paged falsely. Every wait is for a condition, with a deadline.
+#![allow(clippy::disallowed_methods)] // the tests measure delays with their own clock
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use mamori_tests::process::Process;
+use mamori_tests::stall::{Mode, Stall};
+use mamori_tests::webhook::{Delivery, WebhookReceiver};
+use mamori_tests::{free_port, publish, Deadline, Mosquitto};
+
+const BIN: &str = env!("CARGO_BIN_EXE_mamori-gateway");
+const LIMIT: Duration = Duration::from_secs(30);
+
+/// A deployment in a temporary folder: `n` homes in `municipalities` (round robin), each with a
+/// family and the municipality's coordinator, and the config's extra sections.
+struct Site {
+    dir: tempfile::TempDir,
+    config: PathBuf,
+    http: u16,
+}
+
+struct Plan<'a> {
+    homes: usize,
+    municipalities: &'a [&'a str],
+    /// Extra channels of each family (TOML inline tables), besides `{ webhook = "family" }`.
+    family_channels: &'a str,
+    /// Extra top-level config.
+    extra: &'a str,
+    /// `[policy.default]` steps.
+    steps: &'a str,
+    /// Telemetry period a home announces is assumed to be (`[escalation] default_interval_s`).
+    interval_s: u32,
+    /// Extra `[escalation]` keys.
+    escalation: &'a str,
+}
+
+impl Default for Plan<'_> {
+    fn default() -> Self {
+        Plan {
+            homes: 1,
+            municipalities: &["431001"],
+            family_channels: "",
+            extra: "",
+            steps: r#"{ tier = "T0", roles = ["family"], escalate_after_s = 3600 }, { tier = "T1", roles = ["coordinator"] }"#,
+            interval_s: 3600,
+            escalation: "",
+        }
+    }
+}
+
+fn home_id(i: usize) -> String {
+    format!("h{i:04}")
+}
+
+fn site(broker: u16, family_url: &str, coord_url: &str, p: &Plan) -> Result<Site> {
+    let dir = tempfile::tempdir()?;
+    let http = free_port()?;
+    let mut homes = String::new();
+    for i in 0..p.homes {
+        let m = p.municipalities[i % p.municipalities.len()];
+        homes += &format!(
+            r#"
+[[home]]
+id = "{id}"
+municipality = "{m}"
+label = "K-{i:04}"
+devices = [{{ name = "ventilator", watts = 25 }}, {{ name = "humidifier", watts = 75 }}]
+backup = [{{ kind = "power_station", usable_wh = 5000 }}]
+contacts = [
+  {{ role = "family", name = "家族{i}", channels = [{{ webhook = "family" }}{extra}] }},
+  {{ role = "coordinator", name = "coord-{m}", channels = [{{ webhook = "coord" }}] }},
+]
+"#,
+            id = home_id(i),
+            extra = p.family_channels.replace("{i}", &i.to_string()),
+        );
+    }
+    std::fs::write(dir.path().join("homes.toml"), homes)?;
+    let config = dir.path().join("gateway.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"data_dir = "data"
+homes_file = "homes.toml"
+public_url = "http://127.0.0.1:{http}"
+link_secret = {{ value = "a-long-link-secret-for-the-tests" }}
+{extra}
+[broker]
+host = "127.0.0.1"
+port = {broker}
+client_id = "gw-faults"
+[http]
+bind = "127.0.0.1:{http}"
+[escalation]
+default_interval_s = {interval}
+silence_settle_s = 0
+{escalation}
+[policy.default]
+steps = [{steps}]
+[endpoints.family]
+url = "{family_url}/family"
+secret = {{ value = "hook-secret" }}
+[endpoints.coord]
+url = "{coord_url}/coord"
+secret = {{ value = "hook-secret" }}
+"#,
+            extra = p.extra,
+            escalation = p.escalation,
+            interval = p.interval_s,
+            steps = p.steps,
+        ),
+    )?;
+    Ok(Site { dir, config, http })
+}
+
+fn init(config: &Path) -> Result<()> {
+    mamori_tests::gateway_init(Path::new(BIN), config)
+}
+
+fn start(config: &Path) -> Result<Process> {
+    let mut cmd = Command::new(BIN);
+    cmd.args(["run", "--config"]).arg(config);
+    let p = Process::spawn("gateway", cmd)?;
+    p.wait_line("subscribed", LIMIT, |l| l.contains("\"subscribed\""))?;
+    Ok(p)
+}
+
+fn now_ts() -> String {
+    chrono::Utc::now().to_rfc3339()
+}
+
+fn event(home: &str, seq: u64, kind: &str, ts: &str) -> (String, Vec<u8>) {
+    let body = format!(r#"{{"id":"boot:{seq}","seq":{seq},"ts":"{ts}","kind":"{kind}","severity":"critical"}}"#);
+    (format!("mamori/v1/{home}/event"), body.into_bytes())
+}
+
+fn outages(n: usize, seq: u64) -> Vec<(String, Vec<u8>)> {
+    let ts = now_ts();
+    (0..n).map(|i| event(&home_id(i), seq, "mains_lost", &ts)).collect()
+}
+
+/// The alert kind and step of a delivery (`{alert}:s{step}:r{repeat}:...`).
+fn step_of(d: &Delivery) -> Option<u32> {
+    d.key.split(':').nth(1)?.strip_prefix('s')?.parse().ok()
+}
+
+fn kind_of(d: &Delivery) -> String {
+    d.body["content"]["kind"].as_str().unwrap_or_default().to_string()
+}
+
+fn homes_paged(d: &[Delivery], path: &str, pred: impl Fn(&Delivery) -> bool) -> std::collections::BTreeSet<String> {
+    d.iter()
+        .filter(|x| x.path == path && x.accepted && pred(x))
+        .map(|x| x.body["home"].as_str().unwrap_or_default().to_string())
+        .collect()
+}
+
+fn http_get(port: u16, path: &str) -> Result<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)?;
+    let status = out.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    Ok((status, out.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default()))
+}
+
+#[test]
+fn a_hung_relay_a_hung_webhook_and_a_trickling_gateway_stall_no_one_else() -> Result<()> {
+    let broker = Mosquitto::start("")?;
+    let coord = WebhookReceiver::start("hook-secret")?;
+    let hung_webhook = Stall::start(Mode::Silent)?;
+    let trickle = Stall::start(Mode::TrickleHttp)?;
+    let hung_relay = Stall::start(Mode::SmtpHangAfterGreeting)?;
+    let homes = 20;
+    let extra = format!(
+        r#"[delivery]
+timeout_ms = 1500
+backoff_initial_ms = 200
+backoff_max_ms = 1000
+fallback_after_failures = 2
+concurrency = 8
+per_destination = 2
+[smtp]
+host = "127.0.0.1"
+port = {relay}
+tls = "none"
+from = "mamori@example.jp"
+[endpoints.sms]
+kind = "sms"
+url = "{trickle}/sms"
+secret = {{ value = "k" }}
+template = '{{"to":"{{to}}","text":"{{text}}"}}'
+"#,
+        relay = hung_relay.port(),
+        trickle = trickle.url()
+    );
+    let s = site(
+        broker.port(),
+        &hung_webhook.url(),
+        &coord.url(),
+        &Plan {
+            homes,
+            family_channels: r#", { email = "fam{i}@example.jp" }, { sms = "+8190000{i}" }"#,
+            extra: &extra,
+            steps: r#"{ tier = "T0", roles = ["family"], escalate_after_s = 2 }, { tier = "T1", roles = ["coordinator"] }"#,
+            // Each home is paged on its own (no regional incident digest).
+            escalation: "incident_min_homes = 1000",
+            ..Plan::default()
+        },
+    )?;
+    init(&s.config)?;
+    let gw = start(&s.config)?;
+    let published = Instant::now();
+    publish(broker.port(), &outages(homes, 1))?;
+    // Every family's three channels hang or trickle; the coordinator's page (policy: 2 s after
+    // the family) still arrives for every home.
+    let d = coord.wait("the coordinator paged for every home", LIMIT, |d| {
+        homes_paged(d, "/coord", |x| step_of(x) == Some(1) && kind_of(x) == "mains_lost").len() == homes
+    })?;
+    let last = d.iter().filter(|x| step_of(x) == Some(1)).map(|x| x.at).max().unwrap_or(published);
+    eprintln!("coordinator paged for {homes} homes {:?} after the outages", last.duration_since(published));
+    // And because the families cannot be reached: the fallback and delivery_failed.
+    coord.wait("fallbacks and delivery_failed for every home", LIMIT, |d| {
+        homes_paged(d, "/coord", |x| x.key.contains(":fallback")).len() == homes
+            && homes_paged(d, "/coord", |x| kind_of(x) == "delivery_failed").len() == homes
+    })?;
+    // Every hung attempt ended at its deadline and was said so.
+    gw.wait_line("an SMTP attempt timed out", LIMIT, |l| l.contains("smtp: no complete answer within 1500 ms"))?;
+    gw.wait_line("a webhook attempt timed out", LIMIT, |l| l.contains("webhook:family: no complete answer"))?;
+    gw.wait_line("an SMS attempt timed out", LIMIT, |l| {
+        l.contains("delivery failed")
+            && l.contains(":sms:")
+            && (l.contains("timed out") || l.contains("no complete answer"))
+    })?;
+    // Each failing destination got at most its share at once, and was tried again later.
+    assert!(hung_relay.connections() > 2 && hung_webhook.connections() > 2, "retried after the deadlines");
+    drop(s.dir);
+    Ok(())
+}
+
+#[test]
+fn run_refuses_an_empty_data_dir_and_a_store_that_is_not_the_brokers_and_loses_nothing() -> Result<()> {
+    let broker = Mosquitto::start("")?;
+    let hook = WebhookReceiver::start("hook-secret")?;
+    let s = site(broker.port(), &hook.url(), &hook.url(), &Plan { homes: 10, ..Plan::default() })?;
+    // The data volume not mounted: an empty data_dir. `run` creates nothing and says why.
+    let out = Command::new(BIN).args(["run", "--config"]).arg(&s.config).output()?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("no database") && err.contains("mount") && err.contains("mamori-gateway init"), "{err}");
+    assert!(!s.dir.path().join("data/mamori.db").exists(), "nothing created");
+
+    // The real store: initialised, run once (the broker now keeps its session), stopped.
+    init(&s.config)?;
+    let mut gw = start(&s.config)?;
+    gw.terminate(LIMIT)?;
+    // Ten outages while the gateway is away: queued at the broker for its session.
+    publish(broker.port(), &outages(10, 1))?;
+
+    // Another, empty store under the same client id (the volume not mounted, and an operator
+    // ran `init` to "fix" it): refused before anything is acknowledged.
+    let other = s.dir.path().join("other.toml");
+    std::fs::write(&other, std::fs::read_to_string(&s.config)?.replace("data_dir = \"data\"", "data_dir = \"other\""))?;
+    init(&other)?;
+    let out = Command::new(BIN).args(["run", "--config"]).arg(&other).output()?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("holds a session") && err.contains("adopt-broker-session"), "{err}");
+    assert!(hook.deliveries().is_empty(), "nobody paged from the wrong store");
+
+    // The real store again: all ten outages are paged.
+    let _gw = start(&s.config)?;
+    hook.wait("every family", LIMIT, |d| homes_paged(d, "/family", |_| true).len() == 10)?;
+    drop(s.dir);
+    Ok(())
+}
+
+#[test]
+fn a_store_without_homes_acknowledges_nothing() -> Result<()> {
+    let broker = Mosquitto::start("")?;
+    let hook = WebhookReceiver::start("hook-secret")?;
+    let s = site(broker.port(), &hook.url(), &hook.url(), &Plan { homes: 3, ..Plan::default() })?;
+    // The homes file is not there (say, on the volume that is not mounted).
+    let text = std::fs::read_to_string(&s.config)?;
+    let no_homes = s.dir.path().join("no-homes.toml");
+    std::fs::write(&no_homes, text.replace("homes_file = \"homes.toml\"\n", ""))?;
+    init(&no_homes)?;
+    let mut gw = start(&no_homes)?;
+    publish(broker.port(), &outages(3, 1))?;
+    gw.wait_line("the refusal", LIMIT, |l| l.contains("no homes in the store: messages not acknowledged"))?;
+    let (status, body) = http_get(s.http, "/healthz")?;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("no homes"), "{body}");
+    gw.terminate(LIMIT)?;
+    // With the homes: the three outages were kept by the broker, and are paged.
+    let _gw = start(&s.config)?;
+    hook.wait("every family", LIMIT, |d| homes_paged(d, "/family", |_| true).len() == 3)?;
+    drop(s.dir);
+    Ok(())
+}
+
+#[test]
+fn a_wrong_clock_neither_swallows_an_outage_nor_pages_zero_minutes_left() -> Result<()> {
+    let broker = Mosquitto::start("")?;
+    let hook = WebhookReceiver::start("hook-secret")?;
+    let s = site(broker.port(), &hook.url(), &hook.url(), &Plan { homes: 2, ..Plan::default() })?;
+    init(&s.config)?;
+    let _gw = start(&s.config)?;
+    let now = chrono::Utc::now();
+    let (h0, h1) = (home_id(0), home_id(1));
+    // h0's agent is an hour ahead: an outage and its end...
+    let ahead = |s: i64| (now + chrono::Duration::seconds(3600 + s)).to_rfc3339();
+    publish(broker.port(), &[event(&h0, 1, "mains_lost", &ahead(0))])?;
+    hook.wait("the first outage", LIMIT, |d| d.iter().any(|x| x.path == "/family"))?;
+    publish(broker.port(), &[event(&h0, 2, "mains_restored", &ahead(60))])?;
+    hook.wait("its end", LIMIT, |d| d.iter().any(|x| x.key.contains(":clear:")))?;
+    // ...then NTP corrects it: a real outage now is paged, not discarded as older.
+    publish(broker.port(), &[event(&h0, 3, "mains_lost", &now_ts())])?;
+    hook.wait("the real outage", LIMIT, |d| {
+        d.iter().filter(|x| x.path == "/family" && x.body["home"] == h0.as_str() && kind_of(x) == "mains_lost").count()
+            == 2
+    })?;
+    // h1's agent is a day behind: its outage is now, with about 50 hours left (5000 Wh at
+    // 100 W), not "0 min" at the top tier.
+    let behind = (now - chrono::Duration::days(1)).to_rfc3339();
+    // (Its telemetry, sent as it is written, shows the gateway how far off its clock is.)
+    let telemetry = format!(r#"{{"ts":"{behind}","interval_s":10,"mains_present":true}}"#);
+    publish(broker.port(), &[(format!("mamori/v1/{h1}/telemetry"), telemetry.into_bytes())])?;
+    let later = (now - chrono::Duration::days(1) + chrono::Duration::seconds(1)).to_rfc3339();
+    publish(broker.port(), &[event(&h1, 1, "mains_lost", &later)])?;
+    let h1_outage = |x: &&Delivery| x.body["home"] == h1.as_str() && kind_of(x) == "mains_lost";
+    let d = hook.wait("h1's family", LIMIT, |d| d.iter().any(|x| h1_outage(&x)))?;
+    let page = d.iter().find(h1_outage).context("h1")?;
+    let left = page.body["content"]["time_left_s"].as_i64().unwrap_or(0);
+    assert!(left > 40 * 3600, "time left {left} s: {}", page.body["text"]);
+    assert_eq!(page.body["content"]["tier"], "T0");
+    // Nobody but the coordinator hears about the clock itself (after its ten minutes).
+    assert!(hook.deliveries().iter().all(|x| kind_of(x) != "clock_skew"));
+    drop(s.dir);
+    Ok(())
+}
+
+/// Telemetry for a home, every second, until dropped.
+struct Telemetry {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Telemetry {
+    fn start(port: u16, homes: Vec<String>, mains: bool) -> Telemetry {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let s = stop.clone();
+        std::thread::spawn(move || {
+            while !s.load(std::sync::atomic::Ordering::SeqCst) {
+                let ts = now_ts();
+                let msgs: Vec<(String, Vec<u8>)> = homes
+                    .iter()
+                    .map(|h| {
+                        let body = format!(r#"{{"ts":"{ts}","interval_s":1,"mains_present":{mains}}}"#);
+                        (format!("mamori/v1/{h}/telemetry"), body.into_bytes())
+                    })
+                    .collect();
+                // QoS 1 so that the test knows the broker has them; a broker that is down
+                // (the test stops it) is simply retried.
+                let _ = publish(port, &msgs);
+                std::thread::sleep(Duration::from_millis(500));
+            }
+        });
+        Telemetry { stop }
+    }
+}
+
+impl Drop for Telemetry {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+#[test]
+fn the_centres_own_downtime_is_not_the_homes_silence() -> Result<()> {
+    let mut broker = Mosquitto::start("")?;
+    let hook = WebhookReceiver::start("hook-secret")?;
+    let homes = 4;
+    let s = site(
+        broker.port(),
+        &hook.url(),
+        &hook.url(),
+        &Plan {
+            homes,
+            municipalities: &["431001", "202011"],
+            interval_s: 1,
+            steps: r#"{ tier = "T0", roles = ["family", "coordinator"] }"#,
+            ..Plan::default()
+        },
+    )?;
+    init(&s.config)?;
+    let mut gw = start(&s.config)?;
+    let ids: Vec<String> = (0..homes).map(home_id).collect();
+    // Every home on battery, reporting every second.
+    let ts = now_ts();
+    publish(broker.port(), &ids.iter().map(|h| event(h, 1, "mains_lost", &ts)).collect::<Vec<_>>())?;
+    let feed = Telemetry::start(broker.port(), ids.clone(), false);
+    hook.wait("the outage pages", LIMIT, |d| homes_paged(d, "/family", |x| kind_of(x) == "mains_lost").len() == homes)?;
+
+    // The gateway stops for 8 s (homes are stale after 3 s of silence) and comes back.
+    gw.terminate(LIMIT)?;
+    std::thread::sleep(Duration::from_secs(8)); // the downtime itself, not a synchronisation
+    let gw = start(&s.config)?;
+    // The broker stops for 8 s and comes back.
+    broker.stop()?;
+    std::thread::sleep(Duration::from_secs(8)); // the downtime itself
+    broker.resume()?;
+    let deadline = Deadline::after(LIMIT);
+    while gw.lines().iter().filter(|l| l.contains("connected to the broker")).count() < 2 {
+        deadline.check("the gateway to reconnect to the broker")?;
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Homes are judged from the gateway's return: after a few periods of fresh telemetry,
+    // nobody has been told a home is silent.
+    let deadline = Deadline::after(Duration::from_secs(6));
+    while deadline.remaining() > Duration::ZERO {
+        let silent = hook.deliveries().iter().filter(|x| kind_of(x) == "state_unknown").count();
+        assert_eq!(silent, 0, "the centre's downtime was blamed on the homes");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // A home that really stops is still found: h0 falls silent, and is paged.
+    drop(feed);
+    let _feed = Telemetry::start(broker.port(), ids[1..].to_vec(), false);
+    hook.wait("h0 silent on battery", LIMIT, |d| {
+        d.iter().any(|x| kind_of(x) == "state_unknown" && x.body["home"] == ids[0].as_str())
+    })?;
+    let wrongly: Vec<_> = hook
+        .deliveries()
+        .into_iter()
+        .filter(|x| kind_of(x) == "state_unknown" && x.body["home"] != ids[0].as_str())
+        .collect();
+    assert!(wrongly.is_empty(), "{wrongly:?}");
+    drop(s.dir);
+    Ok(())
+}
