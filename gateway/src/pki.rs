@@ -179,7 +179,8 @@ pub fn mosquitto_service(persistence_dir: &Path) -> String {
     format!(
         "persistence true\n\
          persistence_location {}/\n\
-         autosave_interval 10\n\
+         autosave_on_changes true\n\
+         autosave_interval 1\n\
          persistent_client_expiration 14d\n\
          max_inflight_messages 1000\n\
          max_queued_messages 1000000\n\

@@ -162,10 +162,23 @@ pub fn open_store(config: &Config) -> anyhow::Result<SqliteStore> {
     Ok(store)
 }
 
-/// Open the existing store for `run` (never creating one), and import the homes file.
+/// Open the existing store for `run` (never creating one), and import the homes file: the
+/// plans that changed only, and when the store refuses the write (a full disk), the stored
+/// plans are used and the gateway starts degraded rather than not at all.
 pub fn open_existing_store(config: &Config) -> anyhow::Result<SqliteStore> {
     let mut store = SqliteStore::open_existing(&config.data_dir)?;
-    import_homes(config, &mut store)?;
+    if let Some(path) = &config.homes_file {
+        let file = HomesFile::load(path, &config.known())?;
+        let stored: BTreeMap<HomeId, crate::homes::Home> =
+            store.homes()?.into_iter().map(|h| (h.id.clone(), h)).collect();
+        let changed: Vec<crate::homes::Home> =
+            file.homes.into_iter().filter(|h| stored.get(&h.id) != Some(h)).collect();
+        if !changed.is_empty() {
+            if let Err(e) = store.upsert_homes(&changed) {
+                tracing::error!(error = %e, homes = changed.len(), "the homes file's changes cannot be stored: using the stored plans");
+            }
+        }
+    }
     Ok(store)
 }
 
@@ -353,8 +366,10 @@ pub struct Service {
     dispatcher: Dispatcher,
     results_tx: mpsc::Sender<(OutboxRow, Result<(), String>)>,
     results_rx: mpsc::Receiver<(OutboxRow, Result<(), String>)>,
-    /// Attempt results not in the store yet (the store refused them).
-    unrecorded: Vec<Next>,
+    /// Attempt results not in the store yet (the store refused them), by row key: the latest
+    /// state of each row. A delivered row stays leased (never sent again); a failed one is
+    /// retried from this copy at its next attempt time.
+    unrecorded: BTreeMap<String, Next>,
     /// Messages not stored yet, in arrival order (not acknowledged to the broker).
     held: VecDeque<Publish>,
     degraded: Option<Degraded>,
@@ -436,7 +451,7 @@ impl Service {
             health,
             results_tx,
             results_rx,
-            unrecorded: Vec::new(),
+            unrecorded: BTreeMap::new(),
             held: VecDeque::new(),
             degraded: None,
             next_probe: now,
@@ -835,6 +850,17 @@ impl Service {
                 return;
             }
         };
+        // Rows whose last result is not recorded yet: their latest copy is here.
+        let rows: Vec<OutboxRow> = rows
+            .into_iter()
+            .filter_map(|row| match self.unrecorded.get(&row.key) {
+                None => Some(row),
+                Some(next) if next.row.status == OutboxStatus::Pending && next.row.next_attempt_at <= now => {
+                    Some(next.row.clone())
+                }
+                Some(_) => None,
+            })
+            .collect();
         let mut skipped = Vec::new();
         for d in self.dispatcher.choose(rows, now) {
             match d {
@@ -878,7 +904,16 @@ impl Service {
                 Err(_) => {}
             }
             let jitter = rand::rng().random_range(0.0..1.0);
-            self.unrecorded.push(after_attempt(row, result, now, &self.config.delivery, jitter));
+            let mut next = after_attempt(row, result, now, &self.config.delivery, jitter);
+            let key = next.row.key.clone();
+            if let Some(prev) = self.unrecorded.get(&key) {
+                next.fallback |= prev.fallback; // told once, when it is recorded
+            }
+            if next.row.status == OutboxStatus::Pending {
+                // Retried from the copy kept here until its result can be recorded.
+                self.dispatcher.recorded(&key);
+            }
+            self.unrecorded.insert(key, next);
         }
         if self.degraded.is_none() {
             self.flush_unrecorded(now);
@@ -894,7 +929,7 @@ impl Service {
         let rows = std::mem::take(&mut self.unrecorded);
         let result = self.transaction(|s| {
             let mut fallback = false;
-            for next in &rows {
+            for next in rows.values() {
                 s.store.record_attempt(&next.row)?;
                 if !next.fallback {
                     continue;
@@ -919,8 +954,8 @@ impl Service {
         });
         match result {
             Ok(()) => {
-                for next in &rows {
-                    self.dispatcher.recorded(&next.row.key);
+                for key in rows.keys() {
+                    self.dispatcher.recorded(key);
                 }
                 self.health.unrecorded_results.store(0, Ordering::Relaxed);
                 true
@@ -955,6 +990,15 @@ impl Service {
             wake = wake.min(self.next_probe);
         } else if let Some(d) = self.engine.next_deadline(now) {
             wake = wake.min(d);
+        }
+        if let Some(t) = self
+            .unrecorded
+            .values()
+            .filter(|n| n.row.status == OutboxStatus::Pending && n.row.next_attempt_at > now)
+            .map(|n| n.row.next_attempt_at)
+            .min()
+        {
+            wake = wake.min(t);
         }
         if self.dispatcher.room() > 0 {
             match self.store.next_due_after(now) {

@@ -445,3 +445,152 @@ fn the_centres_own_downtime_is_not_the_homes_silence() -> Result<()> {
     drop(s.dir);
     Ok(())
 }
+
+/// A tmpfs mounted for the test, unmounted when dropped.
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn mount(at: &Path, size: &str) -> Result<Tmpfs> {
+        std::fs::create_dir_all(at)?;
+        let st =
+            Command::new("mount").args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"]).arg(at).status()?;
+        anyhow::ensure!(st.success(), "mount -t tmpfs failed ({st}): this test needs root");
+        Ok(Tmpfs(at.to_path_buf()))
+    }
+
+    /// Write until the disk is full; returns the filler's path.
+    fn fill(&self) -> Result<PathBuf> {
+        use std::io::Write;
+        let path = self.0.join("filler");
+        let mut f = std::fs::File::create(&path)?;
+        let chunk = vec![0u8; 64 * 1024];
+        loop {
+            if let Err(e) = f.write_all(&chunk).and_then(|()| f.sync_all()) {
+                anyhow::ensure!(e.raw_os_error() == Some(28), "expected ENOSPC, got {e}");
+                break;
+            }
+        }
+        // Every last byte: small writes until nothing more fits.
+        while f.write_all(&[0u8; 512]).and_then(|()| f.sync_all()).is_ok() {}
+        Ok(path)
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+#[test]
+#[ignore = "needs root: mounts a small tmpfs and fills it (scripts/test runs it as root)"]
+fn a_full_disk_degrades_the_gateway_it_keeps_paging_what_it_decided_and_recovers_by_itself() -> Result<()> {
+    let broker = Mosquitto::start("")?;
+    let hook = WebhookReceiver::start("hook-secret")?;
+    let extra = format!(
+        r#"[[operators]]
+name = "支援センター"
+channels = [{{ webhook = "ops" }}]
+[heartbeat]
+url = "{hook}/beat"
+fail_url = "{hook}/beat-fail"
+interval_s = 5
+[delivery]
+backoff_initial_ms = 200
+backoff_max_ms = 500
+[endpoints.ops]
+url = "{hook}/ops"
+secret = {{ value = "hook-secret" }}
+"#,
+        hook = hook.url()
+    );
+    let s = site(broker.port(), &hook.url(), &hook.url(), &Plan { homes: 3, extra: &extra, ..Plan::default() })?;
+    let disk = Tmpfs::mount(&s.dir.path().join("data"), "16m")?;
+    init(&s.config)?;
+    let mut gw = start(&s.config)?;
+    hook.wait("a heartbeat", LIMIT, |d| d.iter().any(|x| x.path == "/beat"))?;
+    let ts = now_ts();
+    let (h0, h1, h2) = (home_id(0), home_id(1), home_id(2));
+    publish(broker.port(), &[event(&h0, 1, "mains_lost", &ts)])?;
+    hook.wait("h0's family", LIMIT, |d| homes_paged(d, "/family", |_| true).contains(&h0))?;
+    // h1's page is decided while the family's phone gateway is down: it waits in the outbox.
+    hook.set_path_up("/family", false);
+    publish(broker.port(), &[event(&h1, 1, "mains_lost", &ts)])?;
+    hook.wait("h1's first attempt", LIMIT, |d| d.iter().any(|x| x.path == "/family" && x.body["home"] == h1.as_str()))?;
+
+    // The disk fills up. h2's outage cannot be stored.
+    let filler = disk.fill()?;
+    publish(broker.port(), &[event(&h2, 1, "mains_lost", &now_ts())])?;
+    let d = hook.wait("the operators told", LIMIT, |d| d.iter().any(|x| x.path == "/ops"))?;
+    let notice = d.iter().find(|x| x.path == "/ops").context("notice")?;
+    assert_eq!(notice.body["content"]["type"], "store_degraded", "{}", notice.body);
+    assert!(notice.body["text"].as_str().unwrap_or_default().contains("ディスクの空きがありません"), "{}", notice.body);
+    let (status, body) = http_get(s.http, "/healthz")?;
+    assert!(status == 503 && body.contains("disk is full"), "{status} {body}");
+    let (_, metrics) = http_get(s.http, "/metrics")?;
+    assert!(metrics.contains("mamori_gateway_degraded 1"), "{metrics}");
+    hook.wait("the heartbeat's failure URL", LIMIT, |d| d.iter().any(|x| x.path == "/beat-fail"))?;
+    assert!(gw.running(), "the gateway did not exit");
+
+    // What it had decided still goes out: the phone gateway is back, h1's family hears.
+    hook.set_path_up("/family", true);
+    hook.wait("h1's family, from the outbox", LIMIT, |d| homes_paged(d, "/family", |_| true).contains(&h1))?;
+    assert!(!homes_paged(&hook.deliveries(), "/family", |_| true).contains(&h2), "h2 is held, not decided");
+
+    // Killed while degraded and started again on the full disk: it starts, and h2's outage,
+    // never acknowledged to the broker, comes back to it.
+    gw.kill9()?;
+    let gw = start(&s.config)?;
+    assert!(gw.lines().iter().all(|l| !l.contains("\"gateway failed\"")));
+
+    // Space again: it recovers by itself, says so, and h2's family is paged.
+    std::fs::remove_file(&filler)?;
+    hook.wait("recovered", LIMIT, |d| {
+        d.iter().any(|x| x.path == "/ops" && x.body["content"]["type"] == "store_recovered")
+    })?;
+    hook.wait("h2's family", LIMIT, |d| homes_paged(d, "/family", |_| true).contains(&h2))?;
+    let (status, _) = http_get(s.http, "/healthz")?;
+    assert_eq!(status, 200);
+    // One page per family: h1's, delivered while the result could not be recorded and the
+    // gateway then killed, may be sent again after the restart, but with the same idempotency
+    // key, which a receiver that honours it takes once.
+    let family: std::collections::BTreeSet<(String, String)> = hook
+        .deliveries()
+        .iter()
+        .filter(|x| x.path == "/family" && x.accepted)
+        .map(|x| (x.body["home"].as_str().unwrap_or_default().to_string(), x.key.clone()))
+        .collect();
+    assert_eq!(family.len(), 3, "{family:?}");
+    drop(gw);
+    drop(disk);
+    Ok(())
+}
+
+#[test]
+fn what_the_broker_acknowledged_survives_its_crash_with_the_generated_config() -> Result<()> {
+    // The generated service lines (`pki init`): persistence with autosave on every change.
+    let service: String = mamori_gateway::pki::mosquitto_service(Path::new("/unused"))
+        .lines()
+        .filter(|l| !l.starts_with("persistence"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    assert!(service.contains("autosave_on_changes true"), "{service}");
+    let mut broker =
+        Mosquitto::start_with(|port, _| format!("listener {port} 127.0.0.1\nallow_anonymous true\n{service}"))?;
+    let hook = WebhookReceiver::start("hook-secret")?;
+    let homes = 50;
+    let s = site(broker.port(), &hook.url(), &hook.url(), &Plan { homes, ..Plan::default() })?;
+    init(&s.config)?;
+    // The gateway's session exists at the broker; the gateway is away.
+    let mut gw = start(&s.config)?;
+    gw.terminate(LIMIT)?;
+    // Fifty outages, each acknowledged by the broker (an agent would drop it from its spool
+    // now), and the broker killed at once.
+    publish(broker.port(), &outages(homes, 1))?;
+    broker.kill9()?;
+    broker.resume()?;
+    let _gw = start(&s.config)?;
+    hook.wait("every family", LIMIT, |d| homes_paged(d, "/family", |_| true).len() == homes)?;
+    drop(s.dir);
+    Ok(())
+}

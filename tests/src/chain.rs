@@ -107,12 +107,12 @@ pub struct Chain {
 }
 
 /// A Mosquitto on the configuration `pki init` generated in `pki` (its listener, TLS, password
-/// file, ACL and service lines), on a free loopback port; the harness keeps its own
-/// persistence folder.
+/// file, ACL and service lines, its autosave included), on a free loopback port; the harness
+/// keeps its own persistence folder.
 pub fn generated_broker(pki: &Path) -> Result<Mosquitto> {
     let service: String = mamori_gateway::pki::mosquitto_service(Path::new("/unused"))
         .lines()
-        .filter(|l| !(l.starts_with("persistence") || l.starts_with("autosave")))
+        .filter(|l| !l.starts_with("persistence"))
         .map(|l| format!("{l}\n"))
         .collect();
     Mosquitto::start_with(|port, _| {

@@ -81,11 +81,14 @@ impl Mosquitto {
     /// Start a broker on a free loopback port with anonymous access, persistence in its own
     /// directory, and `extra` config lines.
     pub fn start(extra: &str) -> Result<Mosquitto> {
-        Mosquitto::start_with(|port, _| format!("listener {port} 127.0.0.1\nallow_anonymous true\n{extra}\n"))
+        Mosquitto::start_with(|port, _| {
+            format!("listener {port} 127.0.0.1\nallow_anonymous true\nautosave_interval 1\n{extra}\n")
+        })
     }
 
     /// Start a broker whose listener section is written by `listener(port, dir)` (for TLS,
-    /// passwords, ACLs); persistence and logging are added.
+    /// passwords, ACLs, autosave); persistence in the broker's own folder and logging are
+    /// added.
     pub fn start_with(listener: impl Fn(u16, &Path) -> String) -> Result<Mosquitto> {
         Mosquitto::start_logging(listener, "all")
     }
@@ -94,7 +97,7 @@ impl Mosquitto {
     /// `log_type all` would write a line for every packet.
     pub fn start_quiet(extra: &str) -> Result<Mosquitto> {
         Mosquitto::start_logging(
-            |port, _| format!("listener {port} 127.0.0.1\nallow_anonymous true\n{extra}\n"),
+            |port, _| format!("listener {port} 127.0.0.1\nallow_anonymous true\nautosave_interval 1\n{extra}\n"),
             "error\nlog_type warning\nlog_type notice",
         )
     }
@@ -111,7 +114,7 @@ impl Mosquitto {
                     // Run as the invoking user: as root, Mosquitto would otherwise drop to the
                     // `mosquitto` user and could not write its log or persistence database in
                     // this private directory.
-                    "{}\n{}persistence true\npersistence_location {}/\nautosave_interval 1\nlog_dest file {}/mosquitto.log\nlog_type {log_types}\n",
+                    "{}\n{}persistence true\npersistence_location {}/\nlog_dest file {}/mosquitto.log\nlog_type {log_types}\n",
                     listener(port, dir.path()),
                     if nix_is_root() { "user root\n" } else { "" },
                     dir.path().display(),
@@ -131,6 +134,16 @@ impl Mosquitto {
     pub fn stop(&mut self) -> Result<()> {
         if let Some(mut c) = self.child.take() {
             let _ = Command::new("kill").arg("-TERM").arg(c.id().to_string()).status();
+            c.wait()?;
+        }
+        Ok(())
+    }
+
+    /// Kill it without warning (SIGKILL: no save at shutdown), keeping port and data: what
+    /// it acknowledged survives only if it had saved it already.
+    pub fn kill9(&mut self) -> Result<()> {
+        if let Some(mut c) = self.child.take() {
+            c.kill()?;
             c.wait()?;
         }
         Ok(())
