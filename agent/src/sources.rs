@@ -550,6 +550,7 @@ pub async fn nut_source(cfg: NutConfig, tx: ObsTx, cancel: CancellationToken) {
                 Ok(true) => {}
             }
         };
+        tracing::warn!(source = %cfg.id, %reason, "NUT connection closed");
         send(&tx, &cfg.id, Observation::Failed(reason)).await;
         if !pause(&cancel, Duration::from_secs(1)).await {
             return;

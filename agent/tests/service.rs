@@ -613,3 +613,118 @@ fn systemd_readiness_watchdog_and_stopping() -> Result<()> {
     assert!(stopping, "no STOPPING=1 after {seen:?}");
     Ok(())
 }
+
+/// A fake `upsd` on a free port: every connection is answered, except that the `hang_at`-th
+/// `LIST VAR` of the first connection gets half a reply and then nothing, with the socket left
+/// open (as a `upsd` stuck on its driver does). Counts connections.
+struct HangingUpsd {
+    port: u16,
+    connections: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl HangingUpsd {
+    fn start(hang_at: usize) -> Result<HangingUpsd> {
+        use std::io::{BufRead, BufReader, Write};
+        use std::sync::atomic::Ordering;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+        let port = listener.local_addr()?.port();
+        let connections = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let c = connections.clone();
+        std::thread::spawn(move || {
+            for stream in listener.incoming().map_while(Result::ok) {
+                let first = c.fetch_add(1, Ordering::SeqCst) == 0;
+                std::thread::spawn(move || -> Result<()> {
+                    let mut out = stream.try_clone()?;
+                    let mut lines = BufReader::new(stream).lines();
+                    let mut n = 0;
+                    while let Some(Ok(line)) = lines.next() {
+                        n += 1;
+                        if !line.starts_with("LIST VAR") {
+                            continue;
+                        }
+                        write!(out, "BEGIN LIST VAR sim\nVAR sim ups.status \"OL\"\n")?;
+                        if first && n >= hang_at {
+                            // Stuck mid-reply: the socket stays open, nothing more comes.
+                            while lines.next().is_some_and(|l| l.is_ok()) {}
+                            return Ok(());
+                        }
+                        write!(out, "VAR sim battery.charge \"100\"\nEND LIST VAR sim\n")?;
+                    }
+                    Ok(())
+                });
+            }
+        });
+        Ok(HangingUpsd { port, connections })
+    }
+}
+
+#[test]
+fn a_upsd_that_hangs_mid_reply_is_closed_and_reconnected() -> Result<()> {
+    let broker = Mosquitto::start("")?;
+    let upsd = HangingUpsd::start(3)?;
+    let dir = tempfile::tempdir()?;
+    let cfg = dir.path().join("agent.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "home_id = \"test-home\"\ndata_dir = \"{}\"\n[broker]\nhost = \"127.0.0.1\"\nport = {}\n[telemetry]\ninterval_s = 1\n\
+             [[nut]]\nid = \"ups\"\nport = {}\nups = \"sim\"\npoll_interval_ms = 500\nlost_after_missed_polls = 10\n",
+            dir.path().join("data").display(),
+            broker.port(),
+            upsd.port
+        ),
+    )?;
+    let c = Collector::start(broker.port(), "nut-hang", "mamori/v1/#")?;
+    let a = agent(&cfg)?;
+    // The third reply hangs; the agent gives up on that socket at its deadline and connects
+    // again, so the UPS keeps being read...
+    a.wait_line("the reconnection", LONG, |l| l.contains("no reply within") && l.contains("reconnecting"))?;
+    let deadline = mamori_tests::Deadline::after(LONG);
+    while upsd.connections.load(std::sync::atomic::Ordering::SeqCst) < 2 {
+        deadline.check("a second connection to upsd")?;
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let reconnected = c.messages().len();
+    c.wait("readings on the new connection", LONG, |m| {
+        m[reconnected..]
+            .iter()
+            .filter(|x| x.topic.ends_with("/telemetry"))
+            .filter_map(|x| mqtt::decode::<Telemetry>(&x.payload).ok())
+            .any(|t| t.ups.as_ref().is_some_and(|u| u.battery_charge_pct == Some(100.0)))
+    })?;
+    // ...and it was never reported lost (10 polls = 5 s; the deadline is 2 s).
+    assert!(!has(&c.messages(), EventKind::DeviceLost, Some("ups")), "the UPS was reported lost");
+    Ok(())
+}
+
+#[test]
+fn an_agent_whose_every_source_is_lost_does_not_spin() -> Result<()> {
+    let broker = Mosquitto::start("")?;
+    let dir = tempfile::tempdir()?;
+    let cfg = dir.path().join("agent.toml");
+    // Every source points at nothing: unplugged serial ports and a upsd that is not there.
+    std::fs::write(
+        &cfg,
+        format!(
+            "home_id = \"test-home\"\ndata_dir = \"{d}\"\n[broker]\nhost = \"127.0.0.1\"\nport = {p}\n\
+             [[ups]]\nid = \"ups\"\nprotocol = \"megatec\"\nport = \"{d}/no-ups\"\n\
+             [[oximeter]]\nid = \"oximeter\"\nprotocol = \"masimo\"\nport = \"{d}/no-oximeter\"\n\
+             [[nut]]\nid = \"nut\"\nport = {free}\nups = \"sim\"\n",
+            d = dir.path().display(),
+            p = broker.port(),
+            free = mamori_tests::free_port()?
+        ),
+    )?;
+    let c = Collector::start(broker.port(), "spin", "mamori/v1/#")?;
+    let a = agent(&cfg)?;
+    c.wait("every source lost", LONG, |m| {
+        ["ups", "oximeter", "nut"].iter().all(|s| has(m, EventKind::DeviceLost, Some(s)))
+    })?;
+    // Once everything is lost there is nothing to do but wait: over 5 s the agent uses a
+    // small share of a core (a spinning loop uses all of it, 5 s).
+    let before = mamori_tests::procfs::cpu_ns(a.pid());
+    std::thread::sleep(Duration::from_secs(5)); // the measured interval itself
+    let used_ms = (mamori_tests::procfs::cpu_ns(a.pid()) - before) / 1_000_000;
+    assert!(used_ms < 500, "{used_ms} ms of CPU in 5 s with every source lost");
+    Ok(())
+}

@@ -284,10 +284,11 @@ fn run_refuses_an_empty_data_dir_and_a_store_that_is_not_the_brokers_and_loses_n
 }
 
 #[test]
-fn a_store_without_homes_acknowledges_nothing() -> Result<()> {
+fn a_store_without_homes_acknowledges_nothing_and_its_heartbeat_says_so() -> Result<()> {
     let broker = Mosquitto::start("")?;
     let hook = WebhookReceiver::start("hook-secret")?;
-    let s = site(broker.port(), &hook.url(), &hook.url(), &Plan { homes: 3, ..Plan::default() })?;
+    let extra = format!("[heartbeat]\nurl = \"{0}/beat\"\nfail_url = \"{0}/beat-fail\"\ninterval_s = 5\n", hook.url());
+    let s = site(broker.port(), &hook.url(), &hook.url(), &Plan { homes: 3, extra: &extra, ..Plan::default() })?;
     // The homes file is not there (say, on the volume that is not mounted).
     let text = std::fs::read_to_string(&s.config)?;
     let no_homes = s.dir.path().join("no-homes.toml");
@@ -299,10 +300,15 @@ fn a_store_without_homes_acknowledges_nothing() -> Result<()> {
     let (status, body) = http_get(s.http, "/healthz")?;
     assert_eq!(status, 503, "{body}");
     assert!(body.contains("no homes"), "{body}");
+    // The dead-man monitor outside hears it too.
+    hook.wait("the heartbeat's failure URL", LIMIT, |d| d.iter().any(|x| x.path == "/beat-fail"))?;
+    assert!(hook.deliveries().iter().all(|x| x.path != "/beat"), "never healthy");
     gw.terminate(LIMIT)?;
-    // With the homes: the three outages were kept by the broker, and are paged.
+    // With the homes: the three outages were kept by the broker, and are paged; the heartbeat
+    // says it is alive.
     let _gw = start(&s.config)?;
     hook.wait("every family", LIMIT, |d| homes_paged(d, "/family", |_| true).len() == 3)?;
+    hook.wait("the heartbeat", LIMIT, |d| d.iter().any(|x| x.path == "/beat"))?;
     drop(s.dir);
     Ok(())
 }
@@ -591,6 +597,47 @@ fn what_the_broker_acknowledged_survives_its_crash_with_the_generated_config() -
     broker.resume()?;
     let _gw = start(&s.config)?;
     hook.wait("every family", LIMIT, |d| homes_paged(d, "/family", |_| true).len() == homes)?;
+    drop(s.dir);
+    Ok(())
+}
+
+#[test]
+fn systemd_hears_ready_then_a_watchdog_ping_every_second_and_the_unit_restarts_what_can_be_restarted() -> Result<()> {
+    // The shipped unit: notify, watchdog, always restarted, except for what an operator must fix.
+    let unit = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/systemd/mamori-gateway.service"),
+    )?;
+    for line in [
+        "Type=notify",
+        "WatchdogSec=30",
+        "Restart=always",
+        "RestartPreventExitStatus=2",
+        "RequiresMountsFor=/var/lib/mamori",
+        "NoNewPrivileges=yes",
+        "ProtectSystem=strict",
+        "ExecStart=/usr/local/bin/mamori-gateway run --config /etc/mamori/gateway.toml",
+    ] {
+        assert!(unit.lines().any(|l| l == line), "the unit lacks `{line}`");
+    }
+    // The gateway speaks the protocol: READY=1 once it serves, WATCHDOG=1 while its loop turns.
+    let broker = Mosquitto::start("")?;
+    let hook = WebhookReceiver::start("hook-secret")?;
+    let s = site(broker.port(), &hook.url(), &hook.url(), &Plan::default())?;
+    init(&s.config)?;
+    let sock_path = s.dir.path().join("notify.sock");
+    let sock = std::os::unix::net::UnixDatagram::bind(&sock_path)?;
+    sock.set_read_timeout(Some(LIMIT))?;
+    let mut cmd = Command::new(BIN);
+    cmd.args(["run", "--config"]).arg(&s.config).env("NOTIFY_SOCKET", &sock_path).env("WATCHDOG_USEC", "2000000");
+    let _gw = Process::spawn("gateway", cmd)?;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 256];
+    while got.iter().filter(|m: &&String| m.contains("WATCHDOG=1")).count() < 3 {
+        let n = sock.recv(&mut buf).context("no notification from the gateway")?;
+        got.push(String::from_utf8_lossy(&buf[..n]).to_string());
+    }
+    let ready = got.iter().position(|m| m.contains("READY=1")).context("READY=1")?;
+    assert!(ready < got.len() - 3, "READY before the pings: {got:?}");
     drop(s.dir);
     Ok(())
 }
