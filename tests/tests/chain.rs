@@ -481,3 +481,30 @@ fn garbage_and_a_pulled_cable_make_device_events_and_no_false_outage() -> Result
     assert!(c.gateway.as_mut().unwrap().running());
     Ok(())
 }
+
+/// Scenario 11: The agent is killed during an outage, mains returns while it is away, and it
+/// starts again on mains (so it never sends `mains_restored`): the outage alert clears by
+/// itself, whoever was paged hears so, and nothing escalates further.
+#[test]
+fn an_agent_restarted_on_mains_after_an_outage_clears_the_outage_by_itself() -> Result<()> {
+    let o = Options {
+        policy: policy(
+            "{ tier = \"T0\", roles = [\"family\"], escalate_after_s = 60 },\n{ tier = \"T3\", roles = [\"family\", \"coordinator\"] },",
+        ),
+        ..Options::default()
+    };
+    let mut c = Chain::start(&bins(), &o)?;
+    c.sim("home-a", "mains off")?;
+    c.hook.wait("the family", LIMIT, |d| d.iter().any(|x| x.accepted && kind(x) == "mains_lost"))?;
+    c.home("home-a")?.agent.as_mut().unwrap().kill9()?;
+    c.sim("home-a", "mains on")?;
+    c.start_agent("home-a")?;
+    c.hook.wait("the all-clear", LIMIT, |d| d.iter().any(|x| x.accepted && x.key.contains(":clear:")))?;
+    let outage: Vec<_> = c.alerts()?.into_iter().filter(|(_, k, _)| k == "mains_lost").collect();
+    assert!(!outage.is_empty() && outage.iter().all(|(_, _, cleared)| *cleared), "{outage:?}");
+    // The agent's absence was not an emergency either: it came back within the settle time.
+    assert!(c.delivered().iter().all(|(path, _, _)| path == "/family"), "{:?}", c.delivered());
+    assert!(c.hook.deliveries().iter().all(|d| kind(d) != "state_unknown"));
+    assert_no_duplicates(&c);
+    Ok(())
+}
