@@ -626,6 +626,7 @@ impl Monitor {
             spool,
             conditions: self.conditions(),
             clock: None,
+            kept: Default::default(),
         }
     }
 }

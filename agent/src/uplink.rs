@@ -22,8 +22,8 @@
 //!
 //! ## Telemetry
 //! QoS 0, never spooled while connected. While the broker is unreachable, one snapshot per
-//! period is kept in the spool and published after the events on reconnect (its `ts` tells the
-//! gateway it is history).
+//! period is kept in the spool and published after the events on reconnect, marked `kept`
+//! (history: its clocks and `ts` say when it was taken).
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::Duration;
@@ -360,7 +360,10 @@ impl<S: Storage> Uplink<S> {
                     self.last_kept_telemetry.is_none_or(|t| now.duration_since(t) >= self.settings.telemetry_interval);
                 if due {
                     self.last_kept_telemetry = Some(now);
-                    self.spool.keep_telemetry(payload);
+                    // Published later: marked as history, so that the gateway does not take
+                    // it for the present (its clocks then place it where it belongs).
+                    t.kept = true;
+                    self.spool.keep_telemetry(mqtt::encode(&t));
                 }
             }
         }

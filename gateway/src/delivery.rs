@@ -152,8 +152,10 @@ impl Sender {
         // One TLS provider for the process (rumqttc and lettre use aws-lc-rs; an error here
         // means one is installed already).
         let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+        // The whole attempt's deadline is [`Sender::send`]'s own, around everything; the
+        // client's connect timeout only names the cause sooner when nothing answers at all.
         let http = reqwest::Client::builder()
-            .timeout(timeout)
+            .connect_timeout(timeout)
             .redirect(reqwest::redirect::Policy::none())
             .build()
             .map_err(|e| format!("HTTP client: {e}"))?;

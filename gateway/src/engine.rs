@@ -730,7 +730,7 @@ impl Engine {
         let limit = Duration::seconds(self.settings.clock_skew_s);
         let interval = self.interval(t.interval_s);
         let st = self.state.entry(home.clone()).or_default();
-        let ts = st.clock.place_fresh(to_utc(&t.ts), t.clock.as_ref(), now, limit);
+        let ts = st.clock.place_telemetry(to_utc(&t.ts), t.clock.as_ref(), t.kept, now, limit);
         st.interval_s = Some(interval);
         let skew = st.clock.skewed(limit).then_some(st.clock.skew_s);
         self.clock_skew(&home, skew, now);

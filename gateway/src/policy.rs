@@ -227,8 +227,10 @@ pub struct Policies {
 }
 
 /// Kinds about the monitoring itself rather than the child, for people who maintain it: a
-/// `default` override (meant for emergencies) does not apply to them, only their own.
-pub const OPERATIONAL: &[&str] = &["clock_skew"];
+/// `default` override (meant for emergencies) does not apply to them, only their own. (A
+/// `delivery_failed` under an emergency default would page the family through the very channel
+/// that failed.)
+pub const OPERATIONAL: &[&str] = &["clock_skew", "delivery_failed"];
 
 impl Policies {
     /// The policy for an alert of `kind` at a home with `home` overrides.

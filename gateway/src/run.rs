@@ -837,19 +837,29 @@ impl Service {
         self.health.held_messages.store(self.held.len() as u64, Ordering::Relaxed);
     }
 
-    /// Give due rows their slots.
+    /// Give due rows their slots. Rows for destinations whose breaker is open are skipped in
+    /// bulk first, apart, so that they never take the place of rows that can be sent.
     fn dispatch(&mut self, now: Time) {
+        let closed = self.dispatcher.open_breakers(now);
+        let mut rows = Vec::new();
+        if !closed.is_empty() {
+            match self.store.due_only(now, 1000 + self.dispatcher.leased(), &closed) {
+                Ok(r) => rows = r,
+                Err(e) => tracing::warn!(error = %e, "reading due notifications"),
+            }
+        }
         let room = self.dispatcher.room();
-        if room == 0 {
+        if room > 0 {
+            let mut skip = self.dispatcher.saturated();
+            skip.extend(closed);
+            match self.store.due(now, room + self.dispatcher.leased(), &skip) {
+                Ok(r) => rows.extend(r),
+                Err(e) => tracing::warn!(error = %e, "reading due notifications"),
+            }
+        }
+        if rows.is_empty() {
             return;
         }
-        let rows = match self.store.due(now, room + self.dispatcher.leased(), &self.dispatcher.saturated()) {
-            Ok(r) => r,
-            Err(e) => {
-                tracing::warn!(error = %e, "reading due notifications");
-                return;
-            }
-        };
         // Rows whose last result is not recorded yet: their latest copy is here.
         let rows: Vec<OutboxRow> = rows
             .into_iter()

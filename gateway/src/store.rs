@@ -183,6 +183,8 @@ pub trait Store: Send {
     /// Pending rows due at `now`, oldest first, leaving out rows for the destinations in
     /// `skip` (see [`crate::dispatch::destination`]).
     fn due(&self, now: Time, limit: usize, skip: &[String]) -> Result<Vec<OutboxRow>, StoreError>;
+    /// Pending rows due at `now` for the destinations in `only`, oldest first.
+    fn due_only(&self, now: Time, limit: usize, only: &[String]) -> Result<Vec<OutboxRow>, StoreError>;
     /// The earliest next attempt of a pending row that is not due yet at `now` (rows due now
     /// are the dispatcher's business: sent, leased, or waiting for a free slot).
     fn next_due_after(&self, now: Time) -> Result<Option<Time>, StoreError>;
@@ -285,6 +287,47 @@ pub const META_ADOPT_SESSION: &str = "adopt_broker_session";
 pub struct SqliteStore {
     conn: Connection,
     path: PathBuf,
+}
+
+/// A telemetry snapshot as history keeps it: what the charts, the API's history and the
+/// forecast read (power, the battery, the load, the oximeter's values, the ventilator contact),
+/// without the values that are not there. About a third of the whole snapshot: at 2,000 homes
+/// and one snapshot a minute for 48 h, the difference is gigabytes (docs/benchmarks.md).
+pub fn history_json(t: &Telemetry) -> String {
+    use serde_json::Value;
+    fn keep(v: Value, fields: &[&str]) -> Option<Value> {
+        let Value::Object(m) = v else { return None };
+        let kept: serde_json::Map<String, Value> =
+            m.into_iter().filter(|(k, v)| !v.is_null() && fields.contains(&k.as_str())).collect();
+        (!kept.is_empty()).then_some(Value::Object(kept))
+    }
+    let mut out = serde_json::Map::new();
+    out.insert("ts".into(), serde_json::to_value(t.ts).unwrap_or_default());
+    out.insert("interval_s".into(), t.interval_s.into());
+    if let Some(m) = t.mains_present {
+        out.insert("mains_present".into(), m.into());
+    }
+    let ups = ["on_battery", "battery_low", "load_pct", "battery_voltage_v", "battery_charge_pct", "runtime_s"];
+    let parts = [
+        ("ups", t.ups.as_ref().and_then(|u| keep(serde_json::to_value(u).ok()?, &ups))),
+        (
+            "power_meter",
+            t.power_meter
+                .as_ref()
+                .and_then(|m| keep(serde_json::to_value(m).ok()?, &["battery_voltage_v", "current_a", "power_w"])),
+        ),
+        ("oximeter", t.oximeter.as_ref().and_then(|o| keep(serde_json::to_value(o).ok()?, &["spo2_pct", "pulse_bpm"]))),
+        ("ventilator", t.ventilator.as_ref().and_then(|v| serde_json::to_value(v).ok())),
+    ];
+    for (k, v) in parts {
+        if let Some(v) = v {
+            out.insert(k.into(), v);
+        }
+    }
+    if t.kept {
+        out.insert("kept".into(), true.into());
+    }
+    Value::Object(out).to_string()
 }
 
 fn ts(t: Time) -> String {
@@ -514,7 +557,7 @@ impl Store for SqliteStore {
     }
 
     fn insert_telemetry(&mut self, home: &HomeId, t: &Telemetry, received: Time) -> Result<(), StoreError> {
-        let payload = serde_json::to_string(t).unwrap_or_default();
+        let payload = history_json(t);
         self.conn
             .prepare_cached("INSERT INTO telemetry (home, ts, received_at, payload) VALUES (?1, ?2, ?3, ?4)")
             .and_then(|mut s| s.execute(params![home.as_str(), ts(t.ts.with_timezone(&Utc)), ts(received), payload]))
@@ -625,6 +668,16 @@ impl Store for SqliteStore {
             "SELECT body FROM outbox WHERE status = 'pending' AND next_attempt_at <= ?1
              AND dest NOT IN (SELECT value FROM json_each(?3)) ORDER BY next_attempt_at LIMIT ?2",
             params![ts(now), limit as i64, skip],
+            "outbox row",
+        )
+    }
+
+    fn due_only(&self, now: Time, limit: usize, only: &[String]) -> Result<Vec<OutboxRow>, StoreError> {
+        let only = serde_json::to_string(only).unwrap_or_else(|_| "[]".into());
+        self.json_rows(
+            "SELECT body FROM outbox WHERE status = 'pending' AND next_attempt_at <= ?1
+             AND dest IN (SELECT value FROM json_each(?3)) ORDER BY next_attempt_at LIMIT ?2",
+            params![ts(now), limit as i64, only],
             "outbox row",
         )
     }
@@ -831,12 +884,37 @@ mod tests {
         assert_eq!(s.next_due_after(t(0)).unwrap(), Some(t(10)));
         assert_eq!(s.next_due_after(t(10)).unwrap(), Some(t(20)), "what is due now is not a deadline");
         assert!(s.due(t(15), 10, &["console:c".into()]).unwrap().is_empty(), "a full destination is skipped");
+        assert_eq!(s.due_only(t(15), 10, &["console:c".into()]).unwrap().len(), 1);
+        assert!(s.due_only(t(15), 10, &["webhook:x".into()]).unwrap().is_empty());
         let mut r = s.due(t(30), 10, &[]).unwrap().remove(0);
         r.status = OutboxStatus::Delivered;
         r.delivered_at = Some(t(31));
         s.record_attempt(&r).unwrap();
         assert_eq!(s.outbox_depth().unwrap(), 1);
         assert_eq!(s.outbox_for("a1").unwrap().len(), 2);
+    }
+
+    #[test]
+    fn history_keeps_what_the_charts_read_and_drops_the_rest() {
+        let sample = br#"{"ts":"2026-11-22T03:04:05.250+09:00","interval_s":10,"mains_present":false,
+          "ups":{"on_battery":true,"battery_charge_pct":55.0,"runtime_s":1800,"load_pct":23.0,"temperature_c":31.0,"beeper_on":true},
+          "power_meter":{"battery_voltage_v":12.4},"oximeter":{"spo2_pct":97,"pulse_bpm":92,"perfusion_index":3.1},
+          "ventilator":{"alarm":"normal"},"devices":[{"id":"ups","kind":"ups","state":"ok"}],
+          "conditions":{"mains_lost":true},"clock":{"boot":"b","uptime_ms":5}}"#;
+        let t: Telemetry = mamori_protocol::mqtt::decode(sample).unwrap();
+        let h = history_json(&t);
+        let back: Telemetry = serde_json::from_str(&h).unwrap();
+        assert_eq!((back.ts, back.mains_present), (t.ts, Some(false)));
+        let ups = back.ups.unwrap();
+        assert_eq!((ups.battery_charge_pct, ups.runtime_s, ups.load_pct), (Some(55.0), Some(1800), Some(23.0)));
+        assert_eq!(ups.temperature_c, None);
+        assert_eq!(
+            back.oximeter.map(|o| (o.spo2_pct, o.pulse_bpm, o.perfusion_index)),
+            Some((Some(97), Some(92), None))
+        );
+        assert_eq!(back.power_meter.and_then(|m| m.battery_voltage_v), Some(12.4));
+        assert!(back.devices.is_empty() && back.conditions.is_empty() && back.clock.is_none());
+        assert!(h.len() * 2 < serde_json::to_string(&t).unwrap().len(), "{h}");
     }
 
     #[test]

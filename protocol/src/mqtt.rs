@@ -344,6 +344,14 @@ pub struct Telemetry {
     /// The agent's clocks.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub clock: Option<ClockInfo>,
+    /// Taken while the broker was unreachable and published later from the spool: history,
+    /// not the present.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub kept: bool,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 /// How urgent an event is on its own (the gateway's escalation decides who hears of it).

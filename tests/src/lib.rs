@@ -102,6 +102,11 @@ impl Mosquitto {
         )
     }
 
+    /// As [`Mosquitto::start_with`], logging only `notice` and worse (for benchmarks).
+    pub fn start_quiet_with(listener: impl Fn(u16, &Path) -> String) -> Result<Mosquitto> {
+        Mosquitto::start_logging(listener, "error\nlog_type warning\nlog_type notice")
+    }
+
     fn start_logging(listener: impl Fn(u16, &Path) -> String, log_types: &str) -> Result<Mosquitto> {
         let mut last_err = None;
         for _ in 0..5 {
@@ -257,6 +262,16 @@ pub fn publish(port: u16, messages: &[(String, Vec<u8>)]) -> Result<()> {
     waiter.join().map_err(|_| anyhow::anyhow!("publisher thread"))??;
     let _ = client.disconnect();
     Ok(())
+}
+
+/// A valid 全国地方公共団体コード for prefecture 13 and city number `n` (the check digit
+/// computed as the gateway checks it), for fleets of many municipalities.
+pub fn municipality_code(n: usize) -> String {
+    let base = format!("13{:03}", 101 + n);
+    let d: Vec<u32> = base.chars().filter_map(|c| c.to_digit(10)).collect();
+    let r = (d[0] * 6 + d[1] * 5 + d[2] * 4 + d[3] * 3 + d[4] * 2) % 11;
+    let check = if r <= 1 { 0 } else { 11 - r };
+    format!("{base}{check}")
 }
 
 /// Create a gateway's database as an installer does (`mamori-gateway init`), unless one

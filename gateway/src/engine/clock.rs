@@ -7,11 +7,14 @@
 //! So every message is *placed* on the gateway's own timeline, and that time is what the
 //! engine orders and forecasts by:
 //!
-//! - **Fresh messages** (telemetry, sent when written and never spooled) are placed at their
-//!   arrival when the agent reports its clocks ([`ClockInfo`]), and at their own time when it
-//!   does not and that time is within `clock_skew_s` of the arrival (else at the arrival).
-//!   Each one also updates the home's *reference*: its boot, its uptime (a clock that never
-//!   steps) and the arrival, and the home's measured skew.
+//! - **Fresh telemetry** (sent as it was written) with the agent's clocks ([`ClockInfo`]) is
+//!   placed at its arrival and updates the home's *reference*: its boot, its uptime (a clock
+//!   that never steps) and the arrival, and the home's measured skew. Telemetry the agent
+//!   *kept* during a network cut (marked `kept`, or whose uptime lags its arrival by more than
+//!   [`LAG_TOLERANCE_S`]) is history: placed like an event, and it changes neither.
+//!   From an agent that does not send its clocks, a snapshot's skew is believed only when its
+//!   time advanced as much as its arrival since the previous one (a burst of kept snapshots
+//!   does not), and the snapshot is placed like an event.
 //! - **Events** (spooled, so possibly replays) are placed by their uptime against the
 //!   reference when they come from the same boot: `reference arrival + (event uptime −
 //!   reference uptime)`. That is right for a replay (old uptime, old placed time) and for a
@@ -37,15 +40,24 @@ pub struct Reference {
     pub at: Time,
 }
 
+/// A fresh snapshot's uptime may lag its arrival by this much (network, broker queues) and
+/// still set the reference; more, and it is history (kept during a network cut).
+pub const LAG_TOLERANCE_S: i64 = 5;
+
 /// What the gateway knows of a home's clocks.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
 pub struct HomeClock {
     /// The latest fresh message with the agent's clocks.
     pub reference: Option<Reference>,
-    /// The home's wall clock minus the gateway's at the latest fresh message, s.
+    /// The home's wall clock minus the gateway's, measured on fresh snapshots, s.
     pub skew_s: i64,
     /// Whether the agent says its clock is synchronised.
     pub synced: Option<bool>,
+    /// The previous snapshot from an agent that does not send its clocks: its own time and its
+    /// arrival. Two in a row whose times advanced as much as their arrivals were sent as they
+    /// were written, so their skew can be believed (a burst kept during a network cut cannot).
+    #[serde(default)]
+    pub last_plain: Option<(Time, Time)>,
 }
 
 impl HomeClock {
@@ -54,18 +66,47 @@ impl HomeClock {
         self.skew_s.abs() > limit.num_seconds()
     }
 
-    /// Place a fresh message written at `ts` (its own clock) that arrived at `arrival`.
-    pub fn place_fresh(&mut self, ts: Time, info: Option<&ClockInfo>, arrival: Time, limit: Duration) -> Time {
-        self.skew_s = (ts - arrival).num_seconds();
-        if let Some(i) = info {
-            self.synced = i.synced;
-            self.reference = Some(Reference { boot: i.boot.clone(), uptime_ms: i.uptime_ms, at: arrival });
-            return arrival;
+    /// Place a telemetry snapshot written at `ts` (its own clock) that arrived at `arrival`;
+    /// `kept`: the agent says it was kept during a network cut. A fresh one (sent as it was
+    /// written) sets the reference and the measured skew; one that is history is placed like
+    /// an event.
+    pub fn place_telemetry(
+        &mut self,
+        ts: Time,
+        info: Option<&ClockInfo>,
+        kept: bool,
+        arrival: Time,
+        limit: Duration,
+    ) -> Time {
+        if kept {
+            return self.place_event(ts, info, arrival, limit);
         }
-        if (ts - arrival).abs() <= limit {
-            ts.min(arrival)
-        } else {
-            arrival
+        let tolerance = Duration::seconds(LAG_TOLERANCE_S);
+        match info {
+            Some(i) => {
+                if let Some(r) = self.reference.as_ref().filter(|r| r.boot == i.boot) {
+                    let uptime = Duration::try_milliseconds(
+                        i64::try_from(i.uptime_ms).unwrap_or(i64::MAX) - i64::try_from(r.uptime_ms).unwrap_or(i64::MAX),
+                    )
+                    .unwrap_or(Duration::zero());
+                    if (arrival - r.at) - uptime > tolerance {
+                        return self.place_event(ts, info, arrival, limit); // late: history
+                    }
+                }
+                self.synced = i.synced;
+                self.skew_s = (ts - arrival).num_seconds();
+                self.reference = Some(Reference { boot: i.boot.clone(), uptime_ms: i.uptime_ms, at: arrival });
+                arrival
+            }
+            None => {
+                let consistent =
+                    self.last_plain.is_some_and(|(pts, pat)| ((ts - pts) - (arrival - pat)).abs() <= tolerance);
+                self.last_plain = Some((ts, arrival));
+                if consistent {
+                    self.skew_s = (ts - arrival).num_seconds();
+                }
+                self.place_event(ts, None, arrival, limit)
+            }
         }
     }
 
@@ -115,7 +156,7 @@ mod tests {
     fn fresh_messages_with_clocks_are_placed_at_arrival_and_set_the_reference() {
         let mut c = HomeClock::default();
         // The home is an hour ahead.
-        let placed = c.place_fresh(t(3600), Some(&info(500, Some(true))), t(0), Duration::seconds(LIMIT));
+        let placed = c.place_telemetry(t(3600), Some(&info(500, Some(true))), false, t(0), Duration::seconds(LIMIT));
         assert_eq!(placed, t(0));
         assert_eq!(c.skew_s, 3600);
         assert!(c.skewed(Duration::seconds(LIMIT)));
@@ -125,7 +166,7 @@ mod tests {
     #[test]
     fn events_from_the_same_boot_are_placed_by_uptime_whatever_their_wall_clock() {
         let mut c = HomeClock::default();
-        c.place_fresh(t(-86_400), Some(&info(1000, Some(false))), t(0), Duration::seconds(LIMIT));
+        c.place_telemetry(t(-86_400), Some(&info(1000, Some(false))), false, t(0), Duration::seconds(LIMIT));
         // A day behind, written 5 s after the reference, arriving at once: now, not a day ago.
         assert_eq!(c.place_event(t(-86_395), Some(&info(1005, Some(false))), t(5), Duration::seconds(LIMIT)), t(5));
         // A replay from the spool, written 10 min before the reference: 10 min ago.
@@ -137,13 +178,17 @@ mod tests {
     #[test]
     fn without_a_usable_reference_the_measured_skew_corrects_and_the_future_is_refused() {
         let mut c = HomeClock::default();
-        // An older agent, an hour ahead.
-        assert_eq!(c.place_fresh(t(3600), None, t(0), Duration::seconds(LIMIT)), t(0));
-        assert_eq!(c.place_event(t(3610), None, t(10), Duration::seconds(LIMIT)), t(10));
+        let l = Duration::seconds(LIMIT);
+        // An older agent, an hour ahead: two snapshots sent as they were written.
+        assert_eq!(c.place_telemetry(t(3590), None, false, t(-10), l), t(-10));
+        assert_eq!(c.place_telemetry(t(3600), None, false, t(0), l), t(0));
+        assert_eq!(c.skew_s, 3600);
+        assert_eq!(c.place_event(t(3610), None, t(10), l), t(10));
         // Corrected: a replay from ten minutes ago by its clock is ten minutes ago.
-        assert_eq!(c.place_event(t(3000), None, t(10), Duration::seconds(LIMIT)), t(-600));
+        assert_eq!(c.place_event(t(3000), None, t(10), l), t(-600));
         // Right again.
-        assert_eq!(c.place_fresh(t(20), None, t(20), Duration::seconds(LIMIT)), t(20));
+        c.place_telemetry(t(15), None, false, t(15), l);
+        assert_eq!(c.place_telemetry(t(20), None, false, t(20), l), t(20));
         assert_eq!(c.place_event(t(15), None, t(21), Duration::seconds(LIMIT)), t(15), "a small skew is kept");
         assert_eq!(c.place_event(t(900), None, t(22), Duration::seconds(LIMIT)), t(22), "the future is now");
         // An event from another boot whose clock was not synchronised: its arrival.
@@ -152,10 +197,35 @@ mod tests {
     }
 
     #[test]
+    fn telemetry_kept_during_a_network_cut_is_history_and_moves_nothing() {
+        let l = Duration::seconds(LIMIT);
+        let mut c = HomeClock::default();
+        c.place_telemetry(t(0), Some(&info(1000, Some(true))), false, t(0), l);
+        // Cut at 10 s, back at 600 s: snapshots from 20 s and 30 s arrive at 600 s.
+        assert_eq!(c.place_telemetry(t(20), Some(&info(1020, Some(true))), true, t(600), l), t(20));
+        // Unmarked (an agent that does not mark them), its uptime gives it away.
+        assert_eq!(c.place_telemetry(t(30), Some(&info(1030, Some(true))), false, t(600), l), t(30));
+        assert_eq!((c.skew_s, c.reference.as_ref().map(|r| r.at)), (0, Some(t(0))), "neither moved");
+        // The first fresh one after the cut.
+        assert_eq!(c.place_telemetry(t(601), Some(&info(1601, Some(true))), false, t(601), l), t(601));
+        assert_eq!(c.reference.as_ref().map(|r| r.at), Some(t(601)));
+        // Without clocks: a burst of kept snapshots is not believed as a skew.
+        let mut c = HomeClock::default();
+        c.place_telemetry(t(0), None, false, t(0), l);
+        for (ts, at) in [(300, 900), (310, 900), (320, 900)] {
+            assert_eq!(c.place_telemetry(t(ts), None, false, t(at), l), t(ts));
+        }
+        assert_eq!(c.skew_s, 0);
+    }
+
+    #[test]
     fn absurd_uptimes_do_not_panic() {
         let mut c = HomeClock::default();
         let huge = ClockInfo { boot: "b1".into(), uptime_ms: u64::MAX, synced: None };
-        c.place_fresh(t(0), Some(&huge), t(0), Duration::seconds(LIMIT));
+        c.place_telemetry(t(0), Some(&huge), false, t(0), Duration::seconds(LIMIT));
+        let _ = c.place_telemetry(t(0), Some(&huge), false, t(5), Duration::seconds(LIMIT));
+        c.last_plain = Some((Time::MIN_UTC, Time::MAX_UTC));
+        let _ = c.place_telemetry(Time::MAX_UTC, None, false, t(5), Duration::seconds(LIMIT));
         let zero = ClockInfo { boot: "b1".into(), uptime_ms: 0, synced: None };
         let _ = c.place_event(t(0), Some(&zero), t(1), Duration::seconds(LIMIT));
         let _ = c.place_event(Time::MIN_UTC, None, t(1), Duration::seconds(LIMIT));

@@ -92,6 +92,7 @@ fn telemetry(at: i64, mains: bool) -> Telemetry {
         spool: None,
         conditions: Default::default(),
         clock: None,
+        kept: Default::default(),
     }
 }
 

@@ -65,16 +65,6 @@ fn gateway_bin() -> Result<PathBuf> {
     Ok(bin)
 }
 
-/// A valid 全国地方公共団体コード for prefecture 13 and city number `n` (the check digit
-/// computed as the gateway checks it).
-fn municipality(n: usize) -> String {
-    let base = format!("13{:03}", 101 + n);
-    let d: Vec<u32> = base.chars().filter_map(|c| c.to_digit(10)).collect();
-    let r = (d[0] * 6 + d[1] * 5 + d[2] * 4 + d[3] * 3 + d[4] * 2) % 11;
-    let check = if r <= 1 { 0 } else { 11 - r };
-    format!("{base}{check}")
-}
-
 struct Fleet {
     homes: Vec<String>,
     /// Municipality index of each home.
@@ -84,7 +74,7 @@ struct Fleet {
 
 impl Fleet {
     fn new(homes: usize, munis: usize) -> Fleet {
-        let codes: Vec<String> = (0..munis).map(municipality).collect();
+        let codes: Vec<String> = (0..munis).map(mamori_tests::municipality_code).collect();
         let per = homes.div_ceil(munis);
         let muni_of: Vec<usize> = (0..homes).map(|i| i / per).collect();
         let homes = (0..homes).map(|i| format!("b{:02}-{:05}", i / per, i % per)).collect();
@@ -168,6 +158,7 @@ fn telemetry(on_battery: bool, runtime_s: u32) -> Vec<u8> {
         spool: None,
         clock: None,
         conditions: Default::default(),
+        kept: Default::default(),
     })
 }
 

@@ -221,9 +221,13 @@ fn a_clock_an_hour_ahead_then_corrected_cannot_swallow_a_real_outage() {
     // An hour ahead: an outage and its end, then telemetry.
     e.handle(Input::Event(h("a"), event(1, 3600, EventKind::MainsLost)), t(0)).unwrap();
     e.handle(Input::Event(h("a"), event(2, 3660, EventKind::MainsRestored)), t(60)).unwrap();
+    // (An agent that does not send its clocks: two snapshots sent as they were written show
+    // the gateway its skew.)
+    e.handle(Input::Telemetry(h("a"), telemetry(3660, true)), t(60)).unwrap();
     e.handle(Input::Telemetry(h("a"), telemetry(3670, true)), t(70)).unwrap();
     assert!(alert(&e, "a", "clock_skew").is_some(), "the coordinator will hear the clock is wrong");
     // Corrected by NTP: a real outage at 120 s must page.
+    e.handle(Input::Telemetry(h("a"), telemetry(100, true)), t(100)).unwrap();
     e.handle(Input::Telemetry(h("a"), telemetry(110, true)), t(110)).unwrap();
     assert!(alert(&e, "a", "clock_skew").is_none(), "right again: cleared");
     e.handle(Input::Event(h("a"), event(3, 120, EventKind::MainsLost)), t(120)).unwrap();
@@ -249,6 +253,7 @@ fn a_clock_a_day_behind_does_not_page_zero_minutes_left() {
     assert_eq!((a.since, a.tier()), (t(5), Tier::T0));
     // Without them (an older agent): the measured skew corrects its events.
     let mut e = engine(&[plan("a", "431001", 5000.0)]);
+    e.handle(Input::Telemetry(h("a"), telemetry(-day - 10, true)), t(-10)).unwrap();
     e.handle(Input::Telemetry(h("a"), telemetry(-day, true)), t(0)).unwrap();
     e.handle(Input::Event(h("a"), event(1, 5 - day, EventKind::MainsLost)), t(5)).unwrap();
     assert_eq!(alert(&e, "a", "mains_lost").unwrap().since, t(5));
@@ -286,4 +291,29 @@ fn a_home_cannot_switch_its_own_silence_detection_off() {
     assert!(e.next_deadline(t(1)).unwrap() <= t(limit + 1));
     e.poll(t(limit + 1));
     assert!(alert(&e, "a", "home_silent").is_some());
+}
+
+#[test]
+fn a_network_cut_is_not_a_wrong_clock() {
+    let mut e = engine(&[plan("a", "431001", 5000.0)]);
+    let mut tl = telemetry(0, true);
+    tl.clock = clocked(0, 1000);
+    e.handle(Input::Telemetry(h("a"), tl), t(0)).unwrap();
+    // Cut from 10 s to 900 s: the snapshots kept meanwhile arrive at 900 s, marked kept or not.
+    for (k, at) in [10i64, 20, 30].into_iter().enumerate() {
+        let mut kept = telemetry(at, true);
+        kept.clock = clocked(at, 1000 + at as u64);
+        kept.kept = k % 2 == 0;
+        e.handle(Input::Telemetry(h("a"), kept), t(900)).unwrap();
+    }
+    e.poll(t(900));
+    assert!(alert(&e, "a", "clock_skew").is_none());
+    // Without clocks either.
+    let mut e = engine(&[plan("a", "431001", 5000.0)]);
+    e.handle(Input::Telemetry(h("a"), telemetry(0, true)), t(0)).unwrap();
+    e.handle(Input::Telemetry(h("a"), telemetry(10, true)), t(10)).unwrap();
+    for at in [20, 30, 40] {
+        e.handle(Input::Telemetry(h("a"), telemetry(at, true)), t(900)).unwrap();
+    }
+    assert!(alert(&e, "a", "clock_skew").is_none());
 }
