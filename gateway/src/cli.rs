@@ -536,7 +536,14 @@ pub fn main() -> ExitCode {
                     Ok(s) => s,
                     Err(e) => {
                         eprintln!("mamori-gateway: {e:#}");
-                        return ExitCode::from(2);
+                        // A database that fails (locked, an I/O error, a full disk during a
+                        // migration) may work on the next try: exit 1, which systemd restarts.
+                        // No database, a bad config or homes file: the operator's to fix (2).
+                        let transient = e.chain().any(|c| {
+                            c.downcast_ref::<crate::store::StoreError>()
+                                .is_some_and(|s| !matches!(s, crate::store::StoreError::Missing { .. }))
+                        });
+                        return ExitCode::from(if transient { 1 } else { 2 });
                     }
                 };
                 let cancel = CancellationToken::new();

@@ -215,6 +215,16 @@ pub struct HttpConfig {
     /// Mark cookies `Secure` (sent over HTTPS only). Default: when the gateway serves HTTPS
     /// or `public_url` is `https://`. Only a loopback demo should turn it off.
     pub secure_cookies: Option<bool>,
+    /// Connections at once; more are closed at once.
+    pub max_connections: usize,
+    /// Connections at once from one address (a listed proxy counts only against the total).
+    pub max_connections_per_address: usize,
+    /// A connection's request headers must arrive within this, ms (slow clients are dropped).
+    pub header_read_timeout_ms: u64,
+    /// A connection with no byte either way for this long is closed, s.
+    pub idle_timeout_s: u64,
+    /// A request must be answered within this, s (the live stream excepted).
+    pub request_timeout_s: u64,
 }
 
 impl Default for HttpConfig {
@@ -228,6 +238,11 @@ impl Default for HttpConfig {
             session_idle_min: 30,
             session_max_h: 12,
             secure_cookies: None,
+            max_connections: 512,
+            max_connections_per_address: 64,
+            header_read_timeout_ms: 10_000,
+            idle_timeout_s: 60,
+            request_timeout_s: 30,
         }
     }
 }
@@ -246,6 +261,17 @@ impl HttpConfig {
     /// The trusted proxies, parsed.
     pub fn proxies(&self) -> Result<crate::listen::TrustedProxies, String> {
         crate::listen::TrustedProxies::new(&self.trusted_proxies, &self.client_ip_header)
+    }
+
+    /// The listener's limits.
+    pub fn limits(&self) -> crate::listen::Limits {
+        crate::listen::Limits {
+            max_connections: self.max_connections,
+            max_per_address: self.max_connections_per_address,
+            header_read: std::time::Duration::from_millis(self.header_read_timeout_ms),
+            idle: std::time::Duration::from_secs(self.idle_timeout_s),
+            request: std::time::Duration::from_secs(self.request_timeout_s),
+        }
     }
 }
 
@@ -430,6 +456,22 @@ impl Config {
         }
         if c.http.session_max_h == 0 || c.http.session_max_h > 7 * 24 {
             bad("http.session_max_h", "1 to 168 hours");
+        }
+        let h = &c.http;
+        if !(16..=65_536).contains(&h.max_connections) {
+            bad("http.max_connections", "16 to 65536");
+        }
+        if h.max_connections_per_address == 0 || h.max_connections_per_address > h.max_connections {
+            bad("http.max_connections_per_address", "1 to `max_connections`");
+        }
+        if !(500..=120_000).contains(&h.header_read_timeout_ms) {
+            bad("http.header_read_timeout_ms", "500 to 120000 ms");
+        }
+        if !(20..=3600).contains(&h.idle_timeout_s) {
+            bad("http.idle_timeout_s", "20 to 3600 s (above the live stream's 15 s keep-alive)");
+        }
+        if !(1..=600).contains(&h.request_timeout_s) {
+            bad("http.request_timeout_s", "1 to 600 s");
         }
         if c.http.secure_cookies == Some(false) && !c.http.bind.ip().is_loopback() {
             bad("http.secure_cookies", "true (or unset) unless the gateway listens on loopback only");

@@ -197,14 +197,14 @@ impl Sender {
     /// Send one row; Ok only when the receiver accepted it. The whole exchange (connect, TLS,
     /// request and response; or the whole SMTP dialogue) has one deadline: a receiver that
     /// accepts and never answers, or answers a byte a second, fails the attempt when it passes.
-    pub async fn send(&self, row: &OutboxRow, now: Time, ack_url: &str) -> Result<(), String> {
+    pub async fn send(&self, row: &OutboxRow, now: Time, ack_url: &str) -> Result<(), Failure> {
         match tokio::time::timeout(self.timeout, self.attempt(row, now, ack_url)).await {
             Ok(result) => result,
-            Err(_) => Err(format!(
+            Err(_) => Err(Failure::destination(format!(
                 "{}: no complete answer within {} ms",
                 crate::dispatch::destination(&row.channel),
                 self.timeout.as_millis()
-            )),
+            ))),
         }
     }
 
@@ -221,17 +221,20 @@ impl Sender {
         }
     }
 
-    async fn attempt(&self, row: &OutboxRow, now: Time, ack_url: &str) -> Result<(), String> {
+    async fn attempt(&self, row: &OutboxRow, now: Time, ack_url: &str) -> Result<(), Failure> {
         match &row.channel {
             ChannelRef::Console(name) => {
                 let text = format!(
                     "── to {} ({:?}) via console:{name}\n{}\n{}",
                     row.recipient, row.role, row.subject, row.body
                 );
-                self.console.send(text).map_err(|_| "console closed".to_string())
+                self.console.send(text).map_err(|_| Failure::row("console closed"))
             }
             ChannelRef::Webhook(name) => {
-                let ep = self.endpoints.get(name).ok_or_else(|| format!("endpoint `{name}` is not configured"))?;
+                let ep = self
+                    .endpoints
+                    .get(name)
+                    .ok_or_else(|| Failure::row(format!("endpoint `{name}` is not configured")))?;
                 let body = serde_json::json!({
                     "key": row.key,
                     "alert_id": row.alert_id,
@@ -249,7 +252,10 @@ impl Sender {
                 self.post(ep, &row.key, serde_json::to_vec(&body).unwrap_or_default()).await
             }
             ChannelRef::Sms(to) => {
-                let ep = self.endpoints.get("sms").ok_or("no SMS gateway endpoint `sms` is configured")?;
+                let ep = self
+                    .endpoints
+                    .get("sms")
+                    .ok_or_else(|| Failure::row("no SMS gateway endpoint `sms` is configured"))?;
                 let template = ep.template.as_deref().unwrap_or("{\"to\":\"{to}\",\"text\":\"{text}\"}");
                 // SMS is short: the subject and the link.
                 let link = row.body.lines().last().unwrap_or_default();
@@ -259,22 +265,31 @@ impl Sender {
             }
             ChannelRef::Email(to) => {
                 use lettre::AsyncTransport;
-                let (transport, from) = self.smtp.as_deref().ok_or("no [smtp] is configured")?;
+                let (transport, from) = self.smtp.as_deref().ok_or_else(|| Failure::row("no [smtp] is configured"))?;
                 let id = hex::encode(&Sha256::digest(row.key.as_bytes())[..16]);
                 let msg = lettre::Message::builder()
-                    .from(from.parse().map_err(|e| format!("from address: {e}"))?)
-                    .to(to.parse().map_err(|e| format!("to address: {e}"))?)
+                    .from(from.parse().map_err(|e| Failure::row(format!("from address: {e}")))?)
+                    .to(to.parse().map_err(|e| Failure::row(format!("to address: {e}")))?)
                     .subject(row.subject.clone())
                     .message_id(Some(format!("<{id}@mamori>")))
                     .header(lettre::message::header::ContentType::TEXT_PLAIN)
                     .body(row.body.clone())
-                    .map_err(|e| format!("message: {e}"))?;
-                transport.send(msg).await.map(|_| ()).map_err(|e| format!("smtp: {e}"))
+                    .map_err(|e| Failure::row(format!("message: {e}")))?;
+                transport.send(msg).await.map(|_| ()).map_err(|e| {
+                    // A permanent refusal (5xx: no such mailbox) is this row's; anything else
+                    // (no answer, a 4xx, the connection) is the relay's.
+                    let text = format!("smtp: {e}");
+                    if e.is_permanent() {
+                        Failure::row(text)
+                    } else {
+                        Failure::destination(text)
+                    }
+                })
             }
         }
     }
 
-    async fn post(&self, ep: &ResolvedEndpoint, key: &str, body: Vec<u8>) -> Result<(), String> {
+    async fn post(&self, ep: &ResolvedEndpoint, key: &str, body: Vec<u8>) -> Result<(), Failure> {
         let resp = self
             .http
             .post(&ep.url)
@@ -284,12 +299,49 @@ impl Sender {
             .body(body)
             .send()
             .await
-            .map_err(|e| format!("{}: {}", ep.url, error_chain(&e)))?;
-        if resp.status().is_success() {
+            .map_err(|e| Failure::destination(format!("{}: {}", ep.url, error_chain(&e))))?;
+        let status = resp.status();
+        if status.is_success() {
             Ok(())
         } else {
-            Err(format!("{}: HTTP {}", ep.url, resp.status()))
+            // 5xx, 408 and 429 say the receiver is in trouble; another 4xx (a bad number, an
+            // unknown recipient) is about this row only.
+            let text = format!("{}: HTTP {status}", ep.url);
+            if status.is_server_error() || matches!(status.as_u16(), 408 | 429) {
+                Err(Failure::destination(text))
+            } else {
+                Err(Failure::row(text))
+            }
         }
+    }
+}
+
+/// Why an attempt failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Failure {
+    /// What happened, for the log and the row's `last_error`.
+    pub text: String,
+    /// The destination itself failed (no answer, a 5xx, the connection): it counts toward the
+    /// destination's breaker. A refusal of this row alone (a 4xx, a 5xx SMTP reply for one
+    /// mailbox) does not, so one bad number cannot stop everyone's messages.
+    pub destination: bool,
+}
+
+impl Failure {
+    /// The destination failed.
+    pub fn destination(text: impl Into<String>) -> Failure {
+        Failure { text: text.into(), destination: true }
+    }
+
+    /// This row was refused.
+    pub fn row(text: impl Into<String>) -> Failure {
+        Failure { text: text.into(), destination: false }
+    }
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.text)
     }
 }
 

@@ -172,9 +172,10 @@ impl Dispatcher {
         out
     }
 
-    /// A send came back. The row stays leased until [`Dispatcher::recorded`]. (A skipped
-    /// row is leased from the moment it is skipped.)
-    pub fn finished(&mut self, key: &str, ok: bool, now: Time) {
+    /// A send came back (`destination_failed`: the destination itself failed, which counts
+    /// toward its breaker; a refusal of this row alone does not). The row stays leased until
+    /// [`Dispatcher::recorded`]. (A skipped row is leased from the moment it is skipped.)
+    pub fn finished(&mut self, key: &str, ok: bool, destination_failed: bool, now: Time) {
         let Some(dest) = self.sending.remove(key) else { return };
         self.held.insert(key.to_string());
         if let Some(n) = self.per_dest.get_mut(&dest) {
@@ -185,6 +186,16 @@ impl Dispatcher {
         }
         if ok {
             self.breakers.remove(&dest);
+            return;
+        }
+        if !destination_failed {
+            // The destination answered: it is up. A probe that was refused closes the breaker.
+            if let Some(b) = self.breakers.get_mut(&dest) {
+                b.probing = false;
+                if b.open_until.is_some() {
+                    self.breakers.remove(&dest);
+                }
+            }
             return;
         }
         let b = self.breakers.entry(dest).or_default();
@@ -268,7 +279,7 @@ mod tests {
         // The same rows again: nothing is handed out twice.
         let again = d.choose(vec![row("f0", hung.clone()), row("f2", hung.clone())], t(0));
         assert!(sent(&again).is_empty(), "{again:?}");
-        d.finished("f0", false, t(1));
+        d.finished("f0", false, true, t(1));
         assert!(d.is_leased("f0"), "leased until its result is recorded");
         d.recorded("f0");
         assert!(!d.is_leased("f0") && d.saturated().is_empty());
@@ -289,7 +300,7 @@ mod tests {
         for i in 0..3 {
             let k = format!("f{i}");
             assert_eq!(sent(&d.choose(vec![row(&k, ch.clone())], t(i))), [k.as_str()]);
-            d.finished(&k, false, t(i));
+            d.finished(&k, false, true, t(i));
             d.recorded(&k);
         }
         // Open: rows are skipped with a reason, at once.
@@ -303,7 +314,7 @@ mod tests {
         assert_eq!(sent(&out), ["f4"]);
         assert!(matches!(&out[1], Decision::Skip(..)));
         // The probe succeeds: closed again.
-        d.finished("f4", true, t(21));
+        d.finished("f4", true, true, t(21));
         d.recorded("f4");
         d.recorded("f5");
         assert!(d.open_breakers(t(21)).is_empty());
@@ -315,12 +326,25 @@ mod tests {
         let mut d = Dispatcher::new(&DeliveryConfig { breaker_failures: 1, ..cfg() });
         let ch = ChannelRef::Sms("+81".into());
         d.choose(vec![row("s0", ch.clone())], t(0));
-        d.finished("s0", false, t(0));
+        d.finished("s0", false, true, t(0));
         d.recorded("s0");
         assert_eq!(sent(&d.choose(vec![row("s1", ch.clone())], t(11))), ["s1"], "the probe");
-        d.finished("s1", false, t(11));
+        d.finished("s1", false, true, t(11));
         d.recorded("s1");
         assert!(matches!(&d.choose(vec![row("s2", ch)], t(12))[0], Decision::Skip(..)), "open again");
+    }
+
+    #[test]
+    fn one_refused_row_does_not_count_against_its_destination() {
+        let mut d = Dispatcher::new(&DeliveryConfig { breaker_failures: 2, ..cfg() });
+        let ch = ChannelRef::Sms("+81".into());
+        for i in 0..5 {
+            let k = format!("bad{i}");
+            assert_eq!(sent(&d.choose(vec![row(&k, ch.clone())], t(i))), [k.as_str()]);
+            d.finished(&k, false, false, t(i)); // a 400 for an unknown number
+            d.recorded(&k);
+        }
+        assert!(d.open_breakers(t(5)).is_empty(), "the SMS gateway answered every time");
     }
 
     #[test]

@@ -504,9 +504,13 @@ pub struct Engine {
     alert_index: HashMap<String, (HomeId, String)>,
     outputs: Vec<Output>,
     dirty_homes: BTreeSet<HomeId>,
-    /// Since when the gateway's broker connection is up (None: down). Silence is judged only
-    /// while it is up, and from that moment.
-    uplink_since: Option<Time>,
+    /// Since when the gateway's broker connection is down (None: up). Silence is judged only
+    /// while it is up.
+    down_since: Option<Time>,
+    /// Past periods the connection was down, oldest first: a home's silence does not count
+    /// them (the centre's downtime is not the homes' silence), and only them, so a link that
+    /// keeps dropping for a moment cannot put silence detection off for ever.
+    downtime: std::collections::VecDeque<(Time, Time)>,
     /// Homes that fell silent recently, for the mass-silence rule.
     recent_silences: std::collections::VecDeque<(Time, HomeId)>,
     /// A mass silence is being waited out until then.
@@ -575,21 +579,53 @@ impl Engine {
             dirty_homes: BTreeSet::new(),
             // Up from the beginning of time unless told otherwise: the service says when its
             // connection comes and goes.
-            uplink_since: Some(Time::MIN_UTC),
+            down_since: None,
+            downtime: std::collections::VecDeque::new(),
             recent_silences: std::collections::VecDeque::new(),
             mass_until: None,
         }
     }
 
     /// The gateway's broker connection came up (`true`) or went down at `now`. While it is
-    /// down no home is judged silent; once up, silence is judged from `now`.
+    /// down no home is judged silent, and the time it was down is not counted in any home's
+    /// silence. (The service marks it down from the beginning of time when it starts, so a
+    /// gateway that was stopped judges silence from its first connection.)
     pub fn set_uplink(&mut self, up: bool, now: Time) {
-        self.uplink_since = up.then_some(now);
+        match (up, self.down_since) {
+            (true, Some(from)) => {
+                self.down_since = None;
+                self.downtime.push_back((from, now.max(from)));
+                // Keep what can still matter: the longest silence a home can be judged on.
+                let keep = Duration::seconds(
+                    i64::from(self.settings.max_interval_s) * i64::from(self.settings.stale_after_intervals) + 3600,
+                );
+                while self.downtime.len() > 1 && self.downtime.front().is_some_and(|(_, to)| now - *to > keep) {
+                    self.downtime.pop_front();
+                }
+            }
+            (false, None) => self.down_since = Some(now),
+            _ => {}
+        }
+    }
+
+    /// Take over another engine's record of the connection (after a reload from the store).
+    pub fn carry_uplink(&mut self, from: &Engine) {
+        self.down_since = from.down_since;
+        self.downtime = from.downtime.clone();
     }
 
     /// Whether the broker connection is up.
     pub fn uplink(&self) -> bool {
-        self.uplink_since.is_some()
+        self.down_since.is_none()
+    }
+
+    /// How long the connection was down between `from` and now (it is up now).
+    fn downtime_since(&self, from: Time) -> Duration {
+        self.downtime
+            .iter()
+            .filter(|(_, to)| *to > from)
+            .map(|(f, to)| *to - (*f).max(from))
+            .fold(Duration::zero(), |a, b| a + b)
     }
 
     /// Registered homes.
@@ -739,7 +775,7 @@ impl Engine {
             return Ok(()); // a late snapshot: newer readings are already here
         }
         st.telemetry_ts = Some(ts);
-        st.readings.update(&t);
+        st.readings.update(&t, ts);
         if t.oximeter.is_some() {
             st.oximeter = t.oximeter.clone();
         }
@@ -1120,6 +1156,8 @@ impl Engine {
             self.hold_silence(h, until);
         }
         self.mass_until = Some(until);
+        // Counted once: after the grace, these homes do not make the same mass silence again.
+        self.recent_silences.clear();
     }
 
     fn refresh_forecast(&mut self, home: &HomeId) {
@@ -1242,15 +1280,15 @@ impl Engine {
     pub fn poll(&mut self, now: Time) {
         // Staleness: only while the gateway itself is connected, and counted from when it
         // connected (the centre's downtime is not the homes' silence).
-        let stale: Vec<HomeId> = match self.uplink_since {
-            None => Vec::new(),
-            Some(up) => self
-                .state
+        let stale: Vec<HomeId> = if !self.uplink() {
+            Vec::new()
+        } else {
+            self.state
                 .iter()
                 .filter(|(_, s)| s.conn == Connectivity::Online)
-                .filter(|(_, s)| s.last_heard.is_some_and(|h| now > self.stale_at(s, h.max(up))))
+                .filter(|(_, s)| s.last_heard.is_some_and(|h| now > self.stale_at(s, h)))
                 .map(|(h, _)| h.clone())
-                .collect(),
+                .collect()
         };
         for h in stale {
             if let Some(st) = self.state.get_mut(&h) {
@@ -1453,9 +1491,13 @@ impl Engine {
     }
 
     /// When a home last heard at `heard` becomes stale.
+    /// When a home last heard at `heard` becomes stale: its periods of silence, not counting
+    /// the time the gateway's own connection was down.
     fn stale_at(&self, s: &HomeState, heard: Time) -> Time {
         let interval = i64::from(self.interval(s.interval_s.unwrap_or(self.settings.default_interval_s)));
-        heard + Duration::seconds(interval * i64::from(self.settings.stale_after_intervals))
+        heard
+            + Duration::seconds(interval * i64::from(self.settings.stale_after_intervals))
+            + self.downtime_since(heard)
     }
 
     /// The earliest time [`Engine::poll`] has something to do.
@@ -1463,8 +1505,8 @@ impl Engine {
         let mut best: Option<Time> = None;
         let mut consider = |t: Time| best = Some(best.map_or(t, |b| b.min(t)));
         for s in self.state.values() {
-            if let (Connectivity::Online, Some(h), Some(up)) = (s.conn, s.last_heard, self.uplink_since) {
-                consider(self.stale_at(s, h.max(up)) + Duration::seconds(1));
+            if let (Connectivity::Online, Some(h), true) = (s.conn, s.last_heard, self.uplink()) {
+                consider(self.stale_at(s, h) + Duration::seconds(1));
             }
             for a in s.alerts.values() {
                 if let Some((t, _)) = next_action(a) {

@@ -82,9 +82,9 @@ pub struct PowerReadings {
 }
 
 impl PowerReadings {
-    /// Take the power readings of a telemetry snapshot.
-    pub fn update(&mut self, t: &Telemetry) {
-        let at = t.ts.with_timezone(&Utc);
+    /// Take the power readings of a telemetry snapshot placed at `at` (the gateway's
+    /// timeline: see [`crate::engine::clock`]).
+    pub fn update(&mut self, t: &Telemetry, at: Time) {
         if let Some(u) = &t.ups {
             self.ups = Some((at, u.clone()));
         }

@@ -9,6 +9,14 @@
 //!   that does not trust the certificate) is logged at debug level and dropped.
 //! - The certificate and key are read once at start; a key file others can read is refused,
 //!   as for the broker credentials.
+//! - **Nobody can hold the listener.** Every connection counts against a limit per address
+//!   (`max_connections_per_address`; not for a listed proxy, through which everyone comes) and
+//!   a total (`max_connections`): beyond them it is closed at once, before it costs a file
+//!   descriptor for long. Each connection has a deadline for its request headers
+//!   (`header_read_timeout_ms`, so a slowloris client is dropped), an idle deadline
+//!   (`idle_timeout_s`: no byte either way), and each request a deadline for its whole handling
+//!   (`request_timeout_s`, the live stream excepted) — [`serve`]. At start the process raises its
+//!   own open-files limit to the hard one.
 //! - [`TrustedProxies`] is pure: given the peer address and the request's headers it names the
 //!   client. The forwarding header is believed only when the peer is a listed proxy, and then
 //!   the client is the right-most address in it that is not itself a listed proxy, so a client
@@ -20,9 +28,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::connect_info::Connected;
 use axum::http::{HeaderMap, HeaderName};
-use axum::serve::{IncomingStream, Listener};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::net::{TcpListener, TcpStream};
@@ -91,59 +97,119 @@ pub fn tls_config(cert_file: &Path, key_file: &Path) -> Result<rustls::ServerCon
 /// A connection: plain TCP or TLS over TCP.
 pub type Io = Either<TcpStream, TlsStream<TcpStream>>;
 
-/// Connections ready for axum: accepted and, for HTTPS, past their handshake.
+/// Limits on the listener's connections and their requests (from `[http]`).
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Connections at once.
+    pub max_connections: usize,
+    /// Connections at once from one address (a listed proxy is not limited).
+    pub max_per_address: usize,
+    /// A connection's request headers must arrive within this.
+    pub header_read: Duration,
+    /// A connection with no byte either way for this long is closed.
+    pub idle: Duration,
+    /// A request must be handled within this (the live stream excepted).
+    pub request: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_connections: 512,
+            max_per_address: 64,
+            header_read: Duration::from_secs(10),
+            idle: Duration::from_secs(60),
+            request: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Connections counted per address and in all, released when dropped.
+#[derive(Debug, Default)]
+struct Counts {
+    total: usize,
+    by_address: std::collections::HashMap<IpAddr, usize>,
+}
+
+/// A connection's place in the counts; freed when the connection ends.
+pub struct Slot {
+    counts: Arc<std::sync::Mutex<Counts>>,
+    ip: IpAddr,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut c = self.counts.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        c.total = c.total.saturating_sub(1);
+        if let Some(n) = c.by_address.get_mut(&self.ip) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                c.by_address.remove(&self.ip);
+            }
+        }
+    }
+}
+
+/// Connections ready for the server: accepted and, for HTTPS, past their handshake.
 pub struct Incoming {
-    rx: mpsc::Receiver<(Io, SocketAddr)>,
+    rx: mpsc::Receiver<(Io, SocketAddr, Slot)>,
     local: SocketAddr,
+    limits: Limits,
 }
 
 /// The peer's socket address, as axum's connect info.
 #[derive(Debug, Clone, Copy)]
 pub struct Peer(pub SocketAddr);
 
-impl Connected<IncomingStream<'_, Incoming>> for Peer {
-    fn connect_info(stream: IncomingStream<'_, Incoming>) -> Self {
-        Peer(*stream.remote_addr())
+impl Incoming {
+    /// The address it listens on.
+    pub fn local(&self) -> SocketAddr {
+        self.local
     }
 }
 
-impl Listener for Incoming {
-    type Io = Io;
-    type Addr = SocketAddr;
-
-    async fn accept(&mut self) -> (Io, SocketAddr) {
-        match self.rx.recv().await {
-            Some(c) => c,
-            // The accept loop has stopped (shutdown): accept nothing more.
-            None => std::future::pending().await,
-        }
-    }
-
-    fn local_addr(&self) -> std::io::Result<SocketAddr> {
-        Ok(self.local)
-    }
-}
-
-/// Bind `addr` and start accepting; with `tls`, every connection is a TLS one. Stops at `cancel`.
+/// Bind `addr` and start accepting; with `tls`, every connection is a TLS one. Stops at
+/// `cancel`. Connections beyond `limits` are closed at once (a listed proxy counts only
+/// against the total).
 pub async fn bind(
     addr: SocketAddr,
     tls: Option<rustls::ServerConfig>,
+    limits: Limits,
+    proxies: TrustedProxies,
     cancel: CancellationToken,
 ) -> Result<Incoming, ListenError> {
     let listener = TcpListener::bind(addr).await.map_err(|source| ListenError::Bind { addr, source })?;
     let local = listener.local_addr().map_err(|source| ListenError::Bind { addr, source })?;
     let (tx, rx) = mpsc::channel(64);
     let acceptor = tls.map(|c| TlsAcceptor::from(Arc::new(c)));
-    tokio::spawn(accept_loop(listener, acceptor, tx, cancel));
-    Ok(Incoming { rx, local })
+    tokio::spawn(accept_loop(listener, acceptor, tx, limits, proxies, cancel));
+    Ok(Incoming { rx, local, limits })
+}
+
+/// Raise the process's open-files limit to its hard limit (a listener's connections are
+/// file descriptors); returns the soft limit now in force.
+pub fn raise_open_files() -> u64 {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => hard,
+            Err(_) => soft,
+        },
+        Ok((soft, _)) => soft,
+        Err(_) => 1024,
+    }
 }
 
 async fn accept_loop(
     listener: TcpListener,
     acceptor: Option<TlsAcceptor>,
-    tx: mpsc::Sender<(Io, SocketAddr)>,
+    tx: mpsc::Sender<(Io, SocketAddr, Slot)>,
+    limits: Limits,
+    proxies: TrustedProxies,
     cancel: CancellationToken,
 ) {
+    let counts = Arc::new(std::sync::Mutex::new(Counts::default()));
+    let mut refused: u64 = 0;
     loop {
         let (tcp, peer) = tokio::select! {
             _ = cancel.cancelled() => return,
@@ -157,10 +223,32 @@ async fn accept_loop(
                 }
             },
         };
+        // Count it, or close it at once.
+        let ip = peer.ip();
+        let slot = {
+            let mut c = counts.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let mine = c.by_address.get(&ip).copied().unwrap_or(0);
+            let per_address = proxies.is_proxy(ip) || mine < limits.max_per_address;
+            if c.total < limits.max_connections && per_address {
+                c.total += 1;
+                *c.by_address.entry(ip).or_default() += 1;
+                Some(Slot { counts: counts.clone(), ip })
+            } else {
+                None
+            }
+        };
+        let Some(slot) = slot else {
+            refused += 1;
+            if refused.is_power_of_two() {
+                tracing::warn!(%peer, refused, "http connection refused: too many at once");
+            }
+            drop(tcp);
+            continue;
+        };
         let _ = tcp.set_nodelay(true);
         match &acceptor {
             None => {
-                if tx.send((Either::Left(tcp), peer)).await.is_err() {
+                if tx.send((Either::Left(tcp), peer, slot)).await.is_err() {
                     return;
                 }
             }
@@ -169,7 +257,7 @@ async fn accept_loop(
                 tokio::spawn(async move {
                     match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                         Ok(Ok(tls)) => {
-                            let _ = tx.send((Either::Right(tls), peer)).await;
+                            let _ = tx.send((Either::Right(tls), peer, slot)).await;
                         }
                         Ok(Err(e)) => tracing::debug!(%peer, error = %e, "tls handshake failed"),
                         Err(_) => tracing::debug!(%peer, "tls handshake timed out"),
@@ -177,6 +265,148 @@ async fn accept_loop(
                 });
             }
         }
+    }
+}
+
+/// An I/O stream that fails when no byte has moved either way for its timeout: a client
+/// that stops reading (so our writes pend) or stops sending is let go.
+pub struct Idle<T> {
+    inner: T,
+    timeout: Duration,
+    deadline: std::pin::Pin<Box<tokio::time::Sleep>>,
+}
+
+impl<T> Idle<T> {
+    /// Wrap `inner`.
+    pub fn new(inner: T, timeout: Duration) -> Idle<T> {
+        Idle { inner, timeout, deadline: Box::pin(tokio::time::sleep(timeout)) }
+    }
+
+    fn moved(&mut self) {
+        self.deadline.as_mut().reset(tokio::time::Instant::now() + self.timeout);
+    }
+
+    fn expired(&mut self, cx: &mut std::task::Context<'_>) -> bool {
+        use std::future::Future as _;
+        self.deadline.as_mut().poll(cx).is_ready()
+    }
+}
+
+fn idle_error() -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::TimedOut, "connection idle")
+}
+
+impl<T: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Idle<T> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        match std::pin::Pin::new(&mut self.inner).poll_read(cx, buf) {
+            std::task::Poll::Ready(Ok(())) => {
+                if buf.filled().len() > before {
+                    self.moved();
+                }
+                std::task::Poll::Ready(Ok(()))
+            }
+            std::task::Poll::Pending if self.expired(cx) => std::task::Poll::Ready(Err(idle_error())),
+            other => other,
+        }
+    }
+}
+
+impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Idle<T> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        data: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        match std::pin::Pin::new(&mut self.inner).poll_write(cx, data) {
+            std::task::Poll::Ready(Ok(n)) => {
+                if n > 0 {
+                    self.moved();
+                }
+                std::task::Poll::Ready(Ok(n))
+            }
+            std::task::Poll::Pending if self.expired(cx) => std::task::Poll::Ready(Err(idle_error())),
+            other => other,
+        }
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match std::pin::Pin::new(&mut self.inner).poll_flush(cx) {
+            std::task::Poll::Pending if self.expired(cx) => std::task::Poll::Ready(Err(idle_error())),
+            other => other,
+        }
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// Serve `router` on `incoming` until `cancel`: HTTP/1.1 with the header-read deadline, each
+/// connection behind [`Idle`], each request under `limits.request` (except `/events`, the
+/// live stream), the peer's address in the request as [`Peer`] connect info.
+pub async fn serve(mut incoming: Incoming, router: axum::Router, cancel: CancellationToken) {
+    use axum::extract::ConnectInfo;
+    use tower::ServiceExt as _;
+    let limits = incoming.limits;
+    let request_limit = limits.request;
+    let router = router.layer(axum::middleware::from_fn(
+        move |req: axum::extract::Request, next: axum::middleware::Next| async move {
+            if req.uri().path() == "/events" {
+                return next.run(req).await;
+            }
+            match tokio::time::timeout(request_limit, next.run(req)).await {
+                Ok(r) => r,
+                Err(_) => {
+                    use axum::response::IntoResponse as _;
+                    (axum::http::StatusCode::SERVICE_UNAVAILABLE, "the request took too long\n").into_response()
+                }
+            }
+        },
+    ));
+    loop {
+        let (io, peer, slot) = tokio::select! {
+            _ = cancel.cancelled() => return,
+            c = incoming.rx.recv() => match c {
+                Some(c) => c,
+                None => return,
+            },
+        };
+        let svc = router.clone().map_request(move |mut req: axum::extract::Request<hyper::body::Incoming>| {
+            req.extensions_mut().insert(ConnectInfo(Peer(peer)));
+            req
+        });
+        let cancel = cancel.clone();
+        tokio::spawn(async move {
+            let _slot = slot;
+            let io = hyper_util::rt::TokioIo::new(Idle::new(io, limits.idle));
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(limits.header_read)
+                .serve_connection(io, hyper_util::service::TowerToHyperService::new(svc));
+            let mut conn = std::pin::pin!(conn);
+            tokio::select! {
+                r = conn.as_mut() => {
+                    if let Err(e) = r {
+                        tracing::debug!(%peer, error = %e, "http connection");
+                    }
+                }
+                _ = cancel.cancelled() => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = tokio::time::timeout(Duration::from_secs(5), conn).await;
+                }
+            }
+        });
     }
 }
 
@@ -238,6 +468,11 @@ impl TrustedProxies {
     /// Whether any proxy is listed.
     pub fn any(&self) -> bool {
         !self.nets.is_empty()
+    }
+
+    /// Whether `ip` is a listed proxy.
+    pub fn is_proxy(&self, ip: IpAddr) -> bool {
+        self.trusted(ip)
     }
 
     fn trusted(&self, ip: IpAddr) -> bool {

@@ -69,7 +69,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
-use crate::delivery::{after_attempt, expand, Next, ResolvedEndpoint, Sender};
+use crate::delivery::{after_attempt, expand, Failure, Next, ResolvedEndpoint, Sender};
 use crate::dispatch::{Decision, Dispatcher};
 use crate::engine::{Engine, Input, Output, Time};
 use crate::health::{Degraded, Health};
@@ -364,8 +364,8 @@ pub struct Service {
     counters: Arc<Counters>,
     health: Arc<Health>,
     dispatcher: Dispatcher,
-    results_tx: mpsc::Sender<(OutboxRow, Result<(), String>)>,
-    results_rx: mpsc::Receiver<(OutboxRow, Result<(), String>)>,
+    results_tx: mpsc::Sender<(OutboxRow, Result<(), Failure>)>,
+    results_rx: mpsc::Receiver<(OutboxRow, Result<(), Failure>)>,
     /// Attempt results not in the store yet (the store refused them), by row key: the latest
     /// state of each row. A delivered row stays leased (never sent again); a failed one is
     /// retried from this copy at its next attempt time.
@@ -378,8 +378,12 @@ pub struct Service {
     engine_stale: bool,
     first_message_stored: bool,
     adopt_session: bool,
-    /// The store has connected to the broker with this client id before.
+    /// The store has connected to the broker with this client id before (in memory at once;
+    /// in the store as soon as it takes the write).
     session_recorded: bool,
+    session_written: bool,
+    /// The broker connection is up.
+    broker_up: bool,
     /// Per home: when telemetry history was last stored, and the mains state then.
     history: HashMap<HomeId, (Time, Option<bool>)>,
     notices: mpsc::UnboundedSender<NoticeJob>,
@@ -434,7 +438,8 @@ impl Service {
             incident_versions: Default::default(),
         };
         let (snapshot, _) = watch::channel(Arc::new(snap));
-        let first_message_stored = store.meta(crate::store::META_FIRST_MESSAGE_AT)?.is_some();
+        let first_message_stored =
+            store.meta(crate::store::META_FIRST_MESSAGE_AT)?.is_some() || store.has_messages()?;
         let adopt_session = store.meta(crate::store::META_ADOPT_SESSION)?.is_some();
         let session_recorded = store.meta(crate::store::META_BROKER_SESSION_AT)?.is_some();
         let health = Arc::new(Health::new(now));
@@ -459,6 +464,8 @@ impl Service {
             first_message_stored,
             adopt_session,
             session_recorded,
+            session_written: session_recorded,
+            broker_up: false,
             history: HashMap::new(),
             notices,
             notices_rx: Some(notices_rx),
@@ -673,7 +680,7 @@ impl Service {
         let _ = self.engine.take_outputs();
         match load_engine(&self.config, &self.store) {
             Ok(mut e) => {
-                e.set_uplink(self.engine.uplink(), now);
+                e.carry_uplink(&self.engine);
                 self.engine = e;
                 self.engine_stale = false;
             }
@@ -683,6 +690,9 @@ impl Service {
             }
         }
         self.next_probe = now + chrono::Duration::seconds(PROBE_EVERY_S);
+        // While degraded no message is taken in: that time is the centre's downtime, not the
+        // homes' silence.
+        self.engine.set_uplink(false, now);
         if self.degraded.is_none() {
             let problem = StoreProblem::of(error);
             tracing::error!(
@@ -710,7 +720,7 @@ impl Service {
         if self.engine_stale {
             match load_engine(&self.config, &self.store) {
                 Ok(mut e) => {
-                    e.set_uplink(self.engine.uplink(), now);
+                    e.carry_uplink(&self.engine);
                     self.engine = e;
                     self.engine_stale = false;
                 }
@@ -734,6 +744,9 @@ impl Service {
             }
         }
         self.degraded = None;
+        if self.broker_up {
+            self.engine.set_uplink(true, now);
+        }
         self.health.held_messages.store(0, Ordering::Relaxed);
         self.health.set_degraded(None);
         tracing::warn!(after_s = (now - since).num_seconds(), "the store takes writes again: recovered");
@@ -843,7 +856,7 @@ impl Service {
         let closed = self.dispatcher.open_breakers(now);
         let mut rows = Vec::new();
         if !closed.is_empty() {
-            match self.store.due_only(now, 1000 + self.dispatcher.leased(), &closed) {
+            match self.store.due_only(now, 1000 + self.dispatcher.leased() + self.unrecorded.len(), &closed) {
                 Ok(r) => rows = r,
                 Err(e) => tracing::warn!(error = %e, "reading due notifications"),
             }
@@ -852,7 +865,9 @@ impl Service {
         if room > 0 {
             let mut skip = self.dispatcher.saturated();
             skip.extend(closed);
-            match self.store.due(now, room + self.dispatcher.leased(), &skip) {
+            // Rows whose latest copy is in `unrecorded` (not yet due again) can fill the
+            // window: ask for that many more.
+            match self.store.due(now, room + self.dispatcher.leased() + self.unrecorded.len(), &skip) {
                 Ok(r) => rows.extend(r),
                 Err(e) => tracing::warn!(error = %e, "reading due notifications"),
             }
@@ -884,7 +899,7 @@ impl Service {
                 }
                 Decision::Skip(row, why) => {
                     self.counters.skipped_attempts.fetch_add(1, Ordering::Relaxed);
-                    skipped.push((row, Err(why)));
+                    skipped.push((row, Err(Failure::destination(why))));
                 }
             }
         }
@@ -895,11 +910,13 @@ impl Service {
     }
 
     /// Record the results of attempts, all in one transaction (one `fsync` for a whole burst).
-    fn record(&mut self, results: Vec<(OutboxRow, Result<(), String>)>, now: Time, attempted: bool) {
+    fn record(&mut self, results: Vec<(OutboxRow, Result<(), Failure>)>, now: Time, attempted: bool) {
         for (row, result) in results {
             if attempted {
-                self.dispatcher.finished(&row.key, result.is_ok(), now);
+                let destination_failed = result.as_ref().is_err_and(|f| f.destination);
+                self.dispatcher.finished(&row.key, result.is_ok(), destination_failed, now);
             }
+            let result = result.map_err(|f| f.text);
             match &result {
                 Ok(()) => {
                     self.counters.delivered.fetch_add(1, Ordering::Relaxed);
@@ -1034,14 +1051,20 @@ impl Service {
                 client_id: self.config.broker.client_id.clone(),
             });
         }
-        if !self.session_recorded {
-            // This store now owns the session the broker keeps for it.
+        // This store now owns the session the broker keeps for it (known at once; written as
+        // soon as the store takes it).
+        self.session_recorded = true;
+        self.write_session_record(now);
+        Ok(())
+    }
+
+    fn write_session_record(&mut self, now: Time) {
+        if self.session_recorded && !self.session_written {
             match self.store.set_meta(crate::store::META_BROKER_SESSION_AT, &now.to_rfc3339()) {
-                Ok(()) => self.session_recorded = true,
-                Err(e) => tracing::warn!(error = %e, "recording the broker session"),
+                Ok(()) => self.session_written = true,
+                Err(e) => tracing::warn!(error = %e, "recording the broker session (will try again)"),
             }
         }
-        Ok(())
     }
 
     fn ping_heartbeat(&self, now: Time) {
@@ -1104,23 +1127,27 @@ impl Service {
         };
         let (bind, http_cancel) = (http.bind, cancel.clone());
         let (addr_tx, addr_rx) = tokio::sync::oneshot::channel();
+        let (limits, listen_proxies) = (http.limits(), http.proxies().unwrap_or_default());
+        let open_files = crate::listen::raise_open_files();
+        if open_files < (limits.max_connections as u64) + 256 {
+            tracing::warn!(
+                open_files,
+                max_connections = limits.max_connections,
+                "the open-files limit is low for http.max_connections: raise LimitNOFILE"
+            );
+        }
         web_rt.handle().spawn(async move {
-            let listener = match crate::listen::bind(bind, tls, http_cancel.clone()).await {
+            let listener = match crate::listen::bind(bind, tls, limits, listen_proxies, http_cancel.clone()).await {
                 Ok(l) => l,
                 Err(e) => {
                     let _ = addr_tx.send(Err(e));
                     return;
                 }
             };
-            let _ = addr_tx.send(Ok(axum::serve::Listener::local_addr(&listener)));
-            let make = web::router(app).into_make_service_with_connect_info::<crate::listen::Peer>();
-            let serve =
-                axum::serve(listener, make).with_graceful_shutdown(async move { http_cancel.cancelled().await });
-            if let Err(e) = serve.await {
-                tracing::error!(error = %e, "http server");
-            }
+            let _ = addr_tx.send(Ok(listener.local()));
+            crate::listen::serve(listener, web::router(app), http_cancel).await;
         });
-        let http_addr = addr_rx.await.context("the web runtime")??.context("http listener")?;
+        let http_addr = addr_rx.await.context("the web runtime")?.context("http listener")?;
         let options = crate::mqtt::options(&self.config, port)?;
         let (client, eventloop) = AsyncClient::new(options, 1000);
         let (mqtt_tx, mut mqtt_rx) = mpsc::channel(4096);
@@ -1129,8 +1156,9 @@ impl Service {
         if let Some(rx) = self.notices_rx.take() {
             notify_operators(self.sender.clone(), rx, self.config.public_url.clone());
         }
-        // Silence is not judged until the broker connection is up.
-        self.engine.set_uplink(false, clock::now());
+        // Silence is not judged until the broker connection is up, and everything before it
+        // (this gateway was not running) is the centre's downtime.
+        self.engine.set_uplink(false, Time::MIN_UTC);
 
         let pruner = spawn_pruner(self.config.data_dir.clone(), self.config.telemetry_retention_h);
         let broker_addr = format!("{}:{port}", self.config.broker.host)
@@ -1177,13 +1205,17 @@ impl Service {
                                     failure = Some(e);
                                     break;
                                 }
-                                self.engine.set_uplink(true, now);
+                                self.broker_up = true;
+                                if self.degraded.is_none() {
+                                    self.engine.set_uplink(true, now);
+                                }
                                 self.health.set_broker(true, now);
                             }
                             Some(FromMqtt::Disconnected) => {
                                 if !batch.is_empty() {
                                     self.on_batch(std::mem::take(&mut batch), now);
                                 }
+                                self.broker_up = false;
                                 self.engine.set_uplink(false, now);
                                 self.health.set_broker(false, now);
                             }
@@ -1238,6 +1270,9 @@ impl Service {
                     }
                 }
                 self.health.set_no_homes(self.engine.home_count() == 0);
+                if self.degraded.is_none() {
+                    self.write_session_record(now);
+                }
                 if watchdog.is_some() {
                     let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
                 }

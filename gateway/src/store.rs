@@ -390,18 +390,18 @@ impl SqliteStore {
         store.migrate()?;
         // A database from before `first_message_at` was kept: it has stored messages if it
         // has events or home states.
-        if store.meta(META_FIRST_MESSAGE_AT)?.is_none() {
-            let used: bool = store
-                .conn
-                .query_row("SELECT EXISTS (SELECT 1 FROM events) OR EXISTS (SELECT 1 FROM home_state)", [], |r| {
-                    r.get(0)
-                })
-                .map_err(store.db())?;
-            if used {
-                store.set_meta(META_FIRST_MESSAGE_AT, &ts(crate::clock::now()))?;
-            }
+        if store.meta(META_FIRST_MESSAGE_AT)?.is_none() && store.has_messages()? {
+            // Best effort: a store that cannot write now still opens (and degrades).
+            let _ = store.set_meta(META_FIRST_MESSAGE_AT, &ts(crate::clock::now()));
         }
         Ok(store)
+    }
+
+    /// Whether any message from a home was ever stored (events or home states).
+    pub fn has_messages(&self) -> Result<bool, StoreError> {
+        self.conn
+            .query_row("SELECT EXISTS (SELECT 1 FROM events) OR EXISTS (SELECT 1 FROM home_state)", [], |r| r.get(0))
+            .map_err(self.db())
     }
 
     /// The database file.

@@ -81,12 +81,19 @@ fn event(seq: u64, kind: EventKind) -> Event {
     }
 }
 
-fn publish(engine: &Engine, tx: &watch::Sender<Arc<Snapshot>>) {
-    let version = tx.borrow().version + 1;
+/// Publish the engine as the service loop does, marking `changed` homes with the new version.
+fn publish(engine: &Engine, tx: &watch::Sender<Arc<Snapshot>>, changed: &[&str]) {
+    let (version, mut home_versions) = {
+        let old = tx.borrow();
+        (old.version + 1, old.home_versions.clone())
+    };
+    for h in changed {
+        home_versions.insert(HomeId::new(h).unwrap(), version);
+    }
     tx.send_replace(Arc::new(Snapshot {
         engine: engine.clone(),
         version,
-        home_versions: Default::default(),
+        home_versions,
         incident_versions: Default::default(),
     }));
 }
@@ -129,7 +136,7 @@ fn fixture(dir: &Path) -> Parts {
             };
             let r = e.handle(input, Utc::now()).map_err(|e| e.to_string());
             e.take_outputs();
-            publish(&e, &loop_tx);
+            publish(&e, &loop_tx, &[]);
             let _ = reply.send(r);
         }
     });
@@ -558,15 +565,19 @@ async fn the_live_stream_tells_a_user_only_about_homes_they_may_see() {
     assert_eq!(r.status(), StatusCode::OK);
     assert_eq!(r.headers()[header::CONTENT_TYPE], "text/event-stream");
     let mut body = r.into_body();
-    // A change in municipality A, then one in B: the stream's first event is B's.
     let change = |home: &str, seq: u64| {
         let mut e = f.engine.lock().unwrap();
         e.handle(Input::Event(HomeId::new(home).unwrap(), event(seq, EventKind::MainsRestored)), Utc::now()).unwrap();
         e.take_outputs();
-        publish(&e, &f.snapshots);
+        publish(&e, &f.snapshots, &[home]);
         f.snapshots.borrow().version
     };
+    // A change in municipality A: the stream of B's coordinator, polled with it waiting, has
+    // nothing to say (a stream that did not scope would answer at once, with no timer involved).
     let _a = change("home-a1", 100);
+    use futures_util::FutureExt as _;
+    assert!(body.frame().now_or_never().is_none(), "A's change reached B's coordinator");
+    // Then one in B: that one is told.
     let b = change("home-b1", 101);
     let frame = tokio::time::timeout(std::time::Duration::from_secs(10), body.frame()).await.unwrap().unwrap().unwrap();
     let text = String::from_utf8(frame.into_data().unwrap().to_vec()).unwrap();

@@ -540,8 +540,11 @@ pub trait Message: Serialize + serde::de::DeserializeOwned {
     }
 }
 
+/// The longest uptime believed, ms (a hundred years).
+pub const MAX_UPTIME_MS: u64 = 100 * 366 * 24 * 3600 * 1000;
+
 fn valid_clock(c: &Option<ClockInfo>) -> bool {
-    c.as_ref().is_none_or(|c| valid_ident(&c.boot))
+    c.as_ref().is_none_or(|c| valid_ident(&c.boot) && c.uptime_ms <= MAX_UPTIME_MS)
 }
 
 impl Message for Status {

@@ -51,6 +51,9 @@ pub struct HomeClock {
     pub reference: Option<Reference>,
     /// The home's wall clock minus the gateway's, measured on fresh snapshots, s.
     pub skew_s: i64,
+    /// The boot the skew was measured in (`None`: an agent that does not send its clocks).
+    #[serde(default)]
+    pub skew_boot: Option<String>,
     /// Whether the agent says its clock is synchronised.
     pub synced: Option<bool>,
     /// The previous snapshot from an agent that does not send its clocks: its own time and its
@@ -58,12 +61,33 @@ pub struct HomeClock {
     /// were written, so their skew can be believed (a burst kept during a network cut cannot).
     #[serde(default)]
     pub last_plain: Option<(Time, Time)>,
+    /// The last snapshot that looked late against the reference: its arrival and lag, ms. Two
+    /// in a row with the same lag are not late: the reference is what is off (the gateway's
+    /// clock stepped, or the agent's drifted over a long cut), and it is taken again.
+    #[serde(default)]
+    pub late: Option<(Time, i64)>,
+}
+
+/// The milliseconds from `a` to `b` on an agent's uptime (`b − a`), saturating.
+fn uptime_delta_ms(a: u64, b: u64) -> i64 {
+    let d = i128::from(b) - i128::from(a);
+    i64::try_from(d.clamp(i128::from(i64::MIN / 2), i128::from(i64::MAX / 2))).unwrap_or(0)
+}
+
+/// `a − b` in ms, saturating (times from a home can be anything chrono holds).
+fn diff_ms(a: Time, b: Time) -> i64 {
+    a.signed_duration_since(b).num_milliseconds()
 }
 
 impl HomeClock {
     /// Whether the home's clock is further off than `limit`.
     pub fn skewed(&self, limit: Duration) -> bool {
-        self.skew_s.abs() > limit.num_seconds()
+        self.skew_s.saturating_abs() > limit.num_seconds()
+    }
+
+    fn measure(&mut self, ts: Time, arrival: Time, boot: Option<&str>) {
+        self.skew_s = diff_ms(ts, arrival) / 1000;
+        self.skew_boot = boot.map(str::to_string);
     }
 
     /// Place a telemetry snapshot written at `ts` (its own clock) that arrived at `arrival`;
@@ -81,29 +105,35 @@ impl HomeClock {
         if kept {
             return self.place_event(ts, info, arrival, limit);
         }
-        let tolerance = Duration::seconds(LAG_TOLERANCE_S);
+        let tolerance_ms = LAG_TOLERANCE_S * 1000;
         match info {
             Some(i) => {
                 if let Some(r) = self.reference.as_ref().filter(|r| r.boot == i.boot) {
-                    let uptime = Duration::try_milliseconds(
-                        i64::try_from(i.uptime_ms).unwrap_or(i64::MAX) - i64::try_from(r.uptime_ms).unwrap_or(i64::MAX),
-                    )
-                    .unwrap_or(Duration::zero());
-                    if (arrival - r.at) - uptime > tolerance {
-                        return self.place_event(ts, info, arrival, limit); // late: history
+                    // How much later it arrived than its uptime says it was written.
+                    let lag = diff_ms(arrival, r.at).saturating_sub(uptime_delta_ms(r.uptime_ms, i.uptime_ms));
+                    if lag > tolerance_ms {
+                        let again = self.late.is_some_and(|(at, l)| {
+                            diff_ms(arrival, at) >= 1000 && (lag.saturating_sub(l)).saturating_abs() <= 2000
+                        });
+                        if !again {
+                            self.late = Some((arrival, lag));
+                            return self.place_event(ts, info, arrival, limit); // late: history
+                        }
                     }
                 }
+                self.late = None;
                 self.synced = i.synced;
-                self.skew_s = (ts - arrival).num_seconds();
+                self.measure(ts, arrival, Some(&i.boot));
                 self.reference = Some(Reference { boot: i.boot.clone(), uptime_ms: i.uptime_ms, at: arrival });
                 arrival
             }
             None => {
-                let consistent =
-                    self.last_plain.is_some_and(|(pts, pat)| ((ts - pts) - (arrival - pat)).abs() <= tolerance);
+                let consistent = self.last_plain.is_some_and(|(pts, pat)| {
+                    diff_ms(ts, pts).saturating_sub(diff_ms(arrival, pat)).saturating_abs() <= tolerance_ms
+                });
                 self.last_plain = Some((ts, arrival));
                 if consistent {
-                    self.skew_s = (ts - arrival).num_seconds();
+                    self.measure(ts, arrival, None);
                 }
                 self.place_event(ts, None, arrival, limit)
             }
@@ -114,22 +144,28 @@ impl HomeClock {
     pub fn place_event(&self, ts: Time, info: Option<&ClockInfo>, arrival: Time, limit: Duration) -> Time {
         if let (Some(i), Some(r)) = (info, &self.reference) {
             if i.boot == r.boot {
-                let delta_ms =
-                    i64::try_from(i.uptime_ms).unwrap_or(i64::MAX) - i64::try_from(r.uptime_ms).unwrap_or(i64::MAX);
-                let placed =
-                    Duration::try_milliseconds(delta_ms).and_then(|d| r.at.checked_add_signed(d)).unwrap_or(arrival);
+                let placed = Duration::try_milliseconds(uptime_delta_ms(r.uptime_ms, i.uptime_ms))
+                    .and_then(|d| r.at.checked_add_signed(d))
+                    .unwrap_or(arrival);
                 return placed.min(arrival);
             }
         }
-        if info.is_some_and(|i| i.synced == Some(false)) {
-            return arrival;
+        match info.and_then(|i| i.synced) {
+            // The home says its clock was wrong when it wrote this: only the arrival is known.
+            Some(false) => return arrival,
+            // The home says its clock was right: its time stands (a replay from another boot).
+            Some(true) => return ts.min(arrival),
+            None => {}
         }
-        let corrected = if self.skewed(limit) {
+        // The measured skew applies to the boot it was measured in (or to an agent that sends
+        // no clocks at all).
+        let same_boot = self.skew_boot.as_deref() == info.map(|i| i.boot.as_str());
+        let corrected = if same_boot && self.skewed(limit) {
             Duration::try_seconds(self.skew_s).and_then(|d| ts.checked_sub_signed(d)).unwrap_or(arrival)
         } else {
             ts
         };
-        if corrected > arrival + limit {
+        if corrected > arrival.checked_add_signed(limit).unwrap_or(arrival) {
             arrival
         } else {
             corrected.min(arrival)
@@ -219,6 +255,25 @@ mod tests {
     }
 
     #[test]
+    fn a_reference_that_is_off_is_taken_again_and_a_skew_stays_with_its_boot() {
+        let l = Duration::seconds(LIMIT);
+        let mut c = HomeClock::default();
+        c.place_telemetry(t(0), Some(&info(1000, Some(true))), false, t(0), l);
+        // The gateway's clock steps an hour forward: every snapshot now looks an hour late.
+        assert_eq!(c.place_telemetry(t(10), Some(&info(1010, Some(true))), false, t(3610), l), t(10));
+        // The second one with the same lag: the reference is what is off; taken again.
+        assert_eq!(c.place_telemetry(t(20), Some(&info(1020, Some(true))), false, t(3620), l), t(3620));
+        assert_eq!(c.reference.as_ref().map(|r| r.at), Some(t(3620)));
+        // A skew measured in boot b1 does not move an event from another boot.
+        c.place_telemetry(t(10_000), Some(&info(1030, Some(true))), false, t(3630), l);
+        assert!(c.skewed(l));
+        let old = ClockInfo { boot: "b0".into(), uptime_ms: 5, synced: None };
+        assert_eq!(c.place_event(t(3000), Some(&old), t(3640), l), t(3000));
+        let old_synced = ClockInfo { boot: "b0".into(), uptime_ms: 5, synced: Some(true) };
+        assert_eq!(c.place_event(t(2000), Some(&old_synced), t(3640), l), t(2000));
+    }
+
+    #[test]
     fn absurd_uptimes_do_not_panic() {
         let mut c = HomeClock::default();
         let huge = ClockInfo { boot: "b1".into(), uptime_ms: u64::MAX, synced: None };
@@ -228,6 +283,11 @@ mod tests {
         let _ = c.place_telemetry(Time::MAX_UTC, None, false, t(5), Duration::seconds(LIMIT));
         let zero = ClockInfo { boot: "b1".into(), uptime_ms: 0, synced: None };
         let _ = c.place_event(t(0), Some(&zero), t(1), Duration::seconds(LIMIT));
+        // A reference at u64::MAX, then a snapshot at 0 (the review's case), both ways.
+        let _ = c.place_telemetry(t(0), Some(&zero), false, t(2), Duration::seconds(LIMIT));
+        let _ = c.place_telemetry(t(0), Some(&huge), false, t(3), Duration::seconds(LIMIT));
+        let _ = c.place_telemetry(Time::MIN_UTC, Some(&zero), false, Time::MAX_UTC, Duration::seconds(LIMIT));
+        let _ = c.place_telemetry(Time::MAX_UTC, Some(&huge), false, Time::MIN_UTC, Duration::seconds(LIMIT));
         let _ = c.place_event(Time::MIN_UTC, None, t(1), Duration::seconds(LIMIT));
         c.skew_s = i64::MAX;
         let _ = c.place_event(Time::MAX_UTC, None, t(1), Duration::seconds(LIMIT));

@@ -820,7 +820,7 @@ pub async fn home(State(app): State<App>, v: Viewer, client: Client, Path(id): P
                 if at < outage {
                     continue;
                 }
-                readings.update(x);
+                readings.update(x, at);
                 let f = crate::forecast::forecast(plan, outage, &readings);
                 points.push((at, f.time_left(at).num_seconds() as f64 / 60.0));
             }
