@@ -12,164 +12,19 @@ use anyhow::{Context, Result};
 use mamori_tests::process::Process;
 use mamori_tests::stall::{Mode, Stall};
 use mamori_tests::webhook::{Delivery, WebhookReceiver};
-use mamori_tests::{free_port, publish, Deadline, Mosquitto};
+use mamori_tests::{publish, Deadline, Mosquitto};
 
 const BIN: &str = env!("CARGO_BIN_EXE_mamori-gateway");
 const LIMIT: Duration = Duration::from_secs(30);
 
-/// A deployment in a temporary folder: `n` homes in `municipalities` (round robin), each with a
-/// family and the municipality's coordinator, and the config's extra sections.
-struct Site {
-    dir: tempfile::TempDir,
-    config: PathBuf,
-    http: u16,
-}
-
-struct Plan<'a> {
-    homes: usize,
-    municipalities: &'a [&'a str],
-    /// Extra channels of each family (TOML inline tables), besides `{ webhook = "family" }`.
-    family_channels: &'a str,
-    /// Extra top-level config.
-    extra: &'a str,
-    /// `[policy.default]` steps.
-    steps: &'a str,
-    /// Telemetry period a home announces is assumed to be (`[escalation] default_interval_s`).
-    interval_s: u32,
-    /// Extra `[escalation]` keys.
-    escalation: &'a str,
-}
-
-impl Default for Plan<'_> {
-    fn default() -> Self {
-        Plan {
-            homes: 1,
-            municipalities: &["431001"],
-            family_channels: "",
-            extra: "",
-            steps: r#"{ tier = "T0", roles = ["family"], escalate_after_s = 3600 }, { tier = "T1", roles = ["coordinator"] }"#,
-            interval_s: 3600,
-            escalation: "",
-        }
-    }
-}
-
-fn home_id(i: usize) -> String {
-    format!("h{i:04}")
-}
-
-fn site(broker: u16, family_url: &str, coord_url: &str, p: &Plan) -> Result<Site> {
-    let dir = tempfile::tempdir()?;
-    let http = free_port()?;
-    let mut homes = String::new();
-    for i in 0..p.homes {
-        let m = p.municipalities[i % p.municipalities.len()];
-        homes += &format!(
-            r#"
-[[home]]
-id = "{id}"
-municipality = "{m}"
-label = "K-{i:04}"
-devices = [{{ name = "ventilator", watts = 25 }}, {{ name = "humidifier", watts = 75 }}]
-backup = [{{ kind = "power_station", usable_wh = 5000 }}]
-contacts = [
-  {{ role = "family", name = "家族{i}", channels = [{{ webhook = "family" }}{extra}] }},
-  {{ role = "coordinator", name = "coord-{m}", channels = [{{ webhook = "coord" }}] }},
-]
-"#,
-            id = home_id(i),
-            extra = p.family_channels.replace("{i}", &i.to_string()),
-        );
-    }
-    std::fs::write(dir.path().join("homes.toml"), homes)?;
-    let config = dir.path().join("gateway.toml");
-    std::fs::write(
-        &config,
-        format!(
-            r#"data_dir = "data"
-homes_file = "homes.toml"
-public_url = "http://127.0.0.1:{http}"
-link_secret = {{ value = "a-long-link-secret-for-the-tests" }}
-{extra}
-[broker]
-host = "127.0.0.1"
-port = {broker}
-client_id = "gw-faults"
-[http]
-bind = "127.0.0.1:{http}"
-[escalation]
-default_interval_s = {interval}
-silence_settle_s = 0
-{escalation}
-[policy.default]
-steps = [{steps}]
-[endpoints.family]
-url = "{family_url}/family"
-secret = {{ value = "hook-secret" }}
-[endpoints.coord]
-url = "{coord_url}/coord"
-secret = {{ value = "hook-secret" }}
-"#,
-            extra = p.extra,
-            escalation = p.escalation,
-            interval = p.interval_s,
-            steps = p.steps,
-        ),
-    )?;
-    Ok(Site { dir, config, http })
-}
+use mamori_tests::site::{event, home_id, homes_paged, http_get, kind_of, now_ts, outages, site, step_of, Plan};
 
 fn init(config: &Path) -> Result<()> {
-    mamori_tests::gateway_init(Path::new(BIN), config)
+    mamori_tests::site::init(Path::new(BIN), config)
 }
 
 fn start(config: &Path) -> Result<Process> {
-    let mut cmd = Command::new(BIN);
-    cmd.args(["run", "--config"]).arg(config);
-    let p = Process::spawn("gateway", cmd)?;
-    p.wait_line("subscribed", LIMIT, |l| l.contains("\"subscribed\""))?;
-    Ok(p)
-}
-
-fn now_ts() -> String {
-    chrono::Utc::now().to_rfc3339()
-}
-
-fn event(home: &str, seq: u64, kind: &str, ts: &str) -> (String, Vec<u8>) {
-    let body = format!(r#"{{"id":"boot:{seq}","seq":{seq},"ts":"{ts}","kind":"{kind}","severity":"critical"}}"#);
-    (format!("mamori/v1/{home}/event"), body.into_bytes())
-}
-
-fn outages(n: usize, seq: u64) -> Vec<(String, Vec<u8>)> {
-    let ts = now_ts();
-    (0..n).map(|i| event(&home_id(i), seq, "mains_lost", &ts)).collect()
-}
-
-/// The alert kind and step of a delivery (`{alert}:s{step}:r{repeat}:...`).
-fn step_of(d: &Delivery) -> Option<u32> {
-    d.key.split(':').nth(1)?.strip_prefix('s')?.parse().ok()
-}
-
-fn kind_of(d: &Delivery) -> String {
-    d.body["content"]["kind"].as_str().unwrap_or_default().to_string()
-}
-
-fn homes_paged(d: &[Delivery], path: &str, pred: impl Fn(&Delivery) -> bool) -> std::collections::BTreeSet<String> {
-    d.iter()
-        .filter(|x| x.path == path && x.accepted && pred(x))
-        .map(|x| x.body["home"].as_str().unwrap_or_default().to_string())
-        .collect()
-}
-
-fn http_get(port: u16, path: &str) -> Result<(u16, String)> {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
-    s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")?;
-    let mut out = String::new();
-    s.read_to_string(&mut out)?;
-    let status = out.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-    Ok((status, out.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default()))
+    mamori_tests::site::start(Path::new(BIN), config)
 }
 
 #[test]

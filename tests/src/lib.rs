@@ -25,6 +25,7 @@ pub mod nut;
 pub mod pki;
 pub mod process;
 pub mod procfs;
+pub mod site;
 pub mod smtp;
 pub mod stall;
 pub mod webhook;
