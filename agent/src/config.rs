@@ -681,15 +681,39 @@ impl Config {
         if !(1..=3600).contains(&self.telemetry.interval_s) {
             return bad("telemetry.interval_s".into(), "between 1 and 3600");
         }
-        if self.spool.capacity_bytes < 64 * 1024 {
-            return bad("spool.capacity_bytes".into(), "at least 65536");
+        // Every number has bounds: a typo must be refused here, not overflow or stall later.
+        let within = |v: u64, lo: u64, hi: u64| (lo..=hi).contains(&v);
+        let b = &self.broker;
+        if !within(u64::from(b.keep_alive_s), 5, 3600) {
+            return bad("broker.keep_alive_s".into(), "between 5 and 3600");
         }
-        if self.spool.inflight == 0 {
-            return bad("spool.inflight".into(), "at least 1");
+        if b.reconnect_max_ms > 3_600_000 {
+            return bad("broker.reconnect_max_ms".into(), "at most 3600000 (an hour)");
+        }
+        if !within(self.spool.capacity_bytes, 64 * 1024, 1 << 30) {
+            return bad("spool.capacity_bytes".into(), "between 65536 and 1073741824");
+        }
+        if !within(u64::from(self.spool.inflight), 1, 1000) {
+            return bad("spool.inflight".into(), "between 1 and 1000");
         }
         let t = &self.thresholds;
         if !(50..=100).contains(&t.spo2_low_pct) || t.pulse_low_bpm >= t.pulse_high_bpm || t.pulse_high_bpm > 300 {
             return bad("thresholds".into(), "spo2_low_pct between 50 and 100, pulse_low_bpm < pulse_high_bpm <= 300");
+        }
+        if t.spo2_delay_s > 3600 || t.pulse_delay_s > 3600 || t.spo2_hysteresis_pct > 20 || t.pulse_hysteresis_bpm > 50
+        {
+            return bad(
+                "thresholds".into(),
+                "spo2_delay_s and pulse_delay_s at most 3600, spo2_hysteresis_pct at most 20, pulse_hysteresis_bpm at most 50",
+            );
+        }
+        if let Some(a) = &self.local_alarm {
+            if !within(u64::from(a.silence_min), 1, 240) || !within(u64::from(a.unreachable_after_s), 10, 86_400) {
+                return bad(
+                    "local_alarm".into(),
+                    "silence_min between 1 and 240, unreachable_after_s between 10 and 86400",
+                );
+            }
         }
         let mut ids: Vec<(String, String)> = Vec::new();
         let mut check_id = |id: &str, key: String| ids.push((id.to_string(), key));
@@ -698,8 +722,11 @@ impl Config {
             if !(50..=60_000).contains(&u.poll_interval_ms) {
                 return bad(format!("ups[{i}].poll_interval_ms"), "between 50 and 60000");
             }
-            if u.lost_after_missed_polls == 0 {
-                return bad(format!("ups[{i}].lost_after_missed_polls"), "at least 1");
+            if !within(u64::from(u.lost_after_missed_polls), 1, 100) {
+                return bad(format!("ups[{i}].lost_after_missed_polls"), "between 1 and 100");
+            }
+            if !u.glitch_below_v.is_finite() || !(0.0..=300.0).contains(&u.glitch_below_v) {
+                return bad(format!("ups[{i}].glitch_below_v"), "between 0 and 300 V");
             }
         }
         for (i, n) in self.nut.iter().enumerate() {
@@ -707,9 +734,15 @@ impl Config {
             if !(100..=60_000).contains(&n.poll_interval_ms) {
                 return bad(format!("nut[{i}].poll_interval_ms"), "between 100 and 60000");
             }
+            if !within(u64::from(n.lost_after_missed_polls), 1, 100) || n.port == 0 {
+                return bad(format!("nut[{i}].lost_after_missed_polls"), "between 1 and 100 (and a port)");
+            }
         }
         for (i, p) in self.power_monitor.iter().enumerate() {
             check_id(&p.id, format!("power_monitor[{i}].id"));
+            if !within(p.poll_interval_ms, 50, 60_000) {
+                return bad(format!("power_monitor[{i}].poll_interval_ms"), "between 50 and 60000");
+            }
             if !(0x40..=0x4F).contains(&p.address) {
                 return bad(format!("power_monitor[{i}].address"), "an INA219 address between 0x40 and 0x4f");
             }
@@ -722,15 +755,27 @@ impl Config {
         }
         for (i, o) in self.oximeter.iter().enumerate() {
             check_id(&o.id, format!("oximeter[{i}].id"));
-            if o.lost_after_ms < 1000 {
-                return bad(format!("oximeter[{i}].lost_after_ms"), "at least 1000");
+            if !within(o.lost_after_ms, 1000, 600_000) {
+                return bad(format!("oximeter[{i}].lost_after_ms"), "between 1000 and 600000");
             }
         }
         for (i, b) in self.bridge.iter().enumerate() {
             check_id(&b.id, format!("bridge[{i}].id"));
+            if !within(b.lost_after_ms, 1000, 600_000) {
+                return bad(format!("bridge[{i}].lost_after_ms"), "between 1000 and 600000");
+            }
         }
         if let Some(c) = &self.contacts {
             check_id(&c.id, "contacts.id".into());
+            if !within(c.poll_interval_ms, 1, 1000)
+                || u64::from(c.debounce_ms) > 10_000
+                || u64::from(c.cable_fault_ms) > 60_000
+            {
+                return bad(
+                    "contacts.poll_interval_ms".into(),
+                    "poll_interval_ms between 1 and 1000, debounce_ms at most 10000, cable_fault_ms at most 60000",
+                );
+            }
             if c.ventilator_no_line.is_some() != c.ventilator_nc_line.is_some() {
                 return bad(
                     "contacts.ventilator_nc_line".into(),
@@ -778,6 +823,22 @@ port = "/dev/ttyUSB0"
 
     fn err(text: &str) -> String {
         Config::parse(text, Path::new("agent.toml")).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn every_number_has_bounds() {
+        let with = |extra: &str| format!("{MIN}{extra}\n");
+        for (extra, key) in [
+            ("lost_after_missed_polls = 4000000000", "ups[0].lost_after_missed_polls"),
+            ("glitch_below_v = 1e300", "ups[0].glitch_below_v"),
+            ("[contacts]\nmains_line = 4\npoll_interval_ms = 18446744073709551615", "contacts.poll_interval_ms"),
+            ("[[bridge]]\nid = \"b\"\nport = \"/dev/x\"\nlost_after_ms = 0", "bridge[0].lost_after_ms"),
+            ("[spool]\ncapacity_bytes = 18446744073709551615", "spool.capacity_bytes"),
+            ("[thresholds]\nspo2_delay_s = 4294967295", "thresholds"),
+        ] {
+            let e = err(&with(extra));
+            assert!(e.contains(&format!("key `{key}`")), "{extra}: {e}");
+        }
     }
 
     #[test]

@@ -13,18 +13,27 @@
 //! home outside the scope is answered exactly as a home that does not exist (404).
 //!
 //! ## Secrets
-//! - Passwords: argon2id (the `argon2` crate's defaults: 19 MiB, 2 passes), at least
-//!   [`MIN_PASSWORD_CHARS`] characters.
+//! - Passwords: argon2id (the `argon2` crate's defaults: 19 MiB, 2 passes), checked by
+//!   [`check_password`]: at least [`MIN_PASSWORD_CHARS`] characters once Unicode spaces are
+//!   folded, five different characters, no short unit repeated, not the username, not a
+//!   well-known password with digits added. Verifying one costs ~50 ms of CPU, so it runs on a
+//!   small bounded pool, never while the web's database connection is held
+//!   (`crate::web::App::verify_password`).
 //! - Session and API tokens: 32 random bytes; only their SHA-256 is stored, so a copy of
-//!   the database does not log anyone in.
+//!   the database does not log anyone in. A new password ends the account's sessions and
+//!   revokes its API tokens.
 //! - TOTP (RFC 6238: SHA-1, 30 s, 6 digits, ±1 step); a code is accepted once
-//!   (`totp_last_step`). Required for admins: `users add --role admin` enrols it.
+//!   (`totp_last_step`). Required for admins: `users add --role admin` enrols it. The secret is
+//!   stored encrypted (AES-256-GCM) with a [`TotpKey`] derived from the gateway's link secret,
+//!   which lives outside the database (a file or an environment variable).
 //!
 //! ## Throttling
-//! [`Throttle`] is pure (time passed in): five failed logins for a username (twenty from
-//! one address, since an office shares one) within 15 minutes refuse further tries for
-//! that key until the oldest of them is 15 minutes old. It is kept in memory: a restart forgets it, which costs an attacker a
-//! gateway restart they cannot cause.
+//! [`Throttle`] is pure (time passed in): five attempts for a username (twenty from one
+//! address, since an office shares one) within 15 minutes refuse further tries for that key
+//! until the oldest of them is 15 minutes old. An attempt is *reserved* before its password is
+//! verified and counts as a failure unless it succeeds, so forty attempts sent at once get five
+//! verifications, not forty. A success takes back only its own reservation. It is kept in memory:
+//! a restart forgets it, which costs an attacker a gateway restart they cannot cause.
 
 use std::collections::{HashMap, VecDeque};
 
@@ -53,6 +62,70 @@ pub enum AccountError {
     /// Something the caller can fix.
     #[error("{0}")]
     Invalid(String),
+    /// A password that may not be used.
+    #[error("{}", .0.text(false))]
+    Password(PasswordProblem),
+}
+
+/// Why a password may not be used, said to the person choosing it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PasswordProblem {
+    /// Fewer than [`MIN_PASSWORD_CHARS`] characters.
+    TooShort,
+    /// Fewer than five different characters.
+    FewDifferent,
+    /// A few characters repeated.
+    Repeated,
+    /// A run up or down the alphabet or the digits.
+    Run,
+    /// It contains the username.
+    HasUsername,
+    /// Digits with too few different.
+    FewDigits,
+    /// One of the first an attacker tries.
+    Common,
+}
+
+impl PasswordProblem {
+    /// The reason, in Japanese or in English.
+    pub fn text(self, japanese: bool) -> String {
+        let (ja, en) = match self {
+            Self::TooShort => (
+                format!("パスワードは{MIN_PASSWORD_CHARS}文字以上にしてください（前後の空白は数えません）。"),
+                format!(
+                    "A password needs at least {MIN_PASSWORD_CHARS} characters (spaces at either end do not count)."
+                ),
+            ),
+            Self::FewDifferent => (
+                "異なる文字を5種類以上使ってください。".into(),
+                "A password needs at least 5 different characters.".into(),
+            ),
+            Self::Repeated => (
+                "同じ文字の繰り返しはパスワードに使えません。".into(),
+                "A password cannot be a few characters repeated.".into(),
+            ),
+            Self::Run => (
+                "「abcdef」や「123456」のような並びはパスワードに使えません。".into(),
+                "A password cannot be a run of letters or digits.".into(),
+            ),
+            Self::HasUsername => {
+                ("ユーザー名を含むパスワードは使えません。".into(), "A password cannot contain the username.".into())
+            }
+            Self::FewDigits => (
+                "数字だけのパスワードは推測されやすいため、言葉を組み合わせてください。".into(),
+                "A password of digits alone is easy to guess: use words.".into(),
+            ),
+            Self::Common => (
+                "このパスワードはよく使われていて、真っ先に試されます。別のものにしてください。".into(),
+                "That password is one of the first an attacker tries: choose another.".into(),
+            ),
+        };
+        if japanese {
+            ja
+        } else {
+            en
+        }
+    }
 }
 
 /// A role.
@@ -212,11 +285,131 @@ impl NewUser {
     }
 }
 
-/// Hash a password (argon2id, random salt).
-pub fn hash_password(password: &str) -> Result<String, AccountError> {
-    if password.chars().count() < MIN_PASSWORD_CHARS {
-        return Err(AccountError::Invalid(format!("a password needs at least {MIN_PASSWORD_CHARS} characters")));
+/// Well-known passwords (their letters, lowercase): a password that is one of these with digits
+/// or punctuation around it is refused.
+const TRIVIAL: &[&str] = &[
+    "password",
+    "passw0rd",
+    "passwort",
+    "motdepasse",
+    "qwerty",
+    "qwertyuiop",
+    "qwertyui",
+    "asdfghjkl",
+    "asdfgh",
+    "zxcvbnm",
+    "abcdefghijkl",
+    "abcdefg",
+    "abcdef",
+    "iloveyou",
+    "welcome",
+    "letmein",
+    "admin",
+    "administrator",
+    "root",
+    "user",
+    "guest",
+    "mamori",
+    "changeme",
+    "default",
+    "secret",
+    "monkey",
+    "dragon",
+    "football",
+    "baseball",
+    "sunshine",
+    "princess",
+    "superman",
+    "batman",
+    "trustno",
+    "master",
+    "shadow",
+    "michael",
+    "jennifer",
+    "hello",
+    "sakura",
+    "doraemon",
+    "pokemon",
+    "pikachu",
+    "naruto",
+    "tokyo",
+    "japan",
+    "nippon",
+    "kumamoto",
+    "nagano",
+    "hospital",
+    "family",
+    "coordinator",
+    "facility",
+];
+
+/// Whether a password may be used (for `username`): the reason when not.
+pub fn check_password(password: &str, username: &str) -> Result<(), AccountError> {
+    let bad = |p: PasswordProblem| Err(AccountError::Password(p));
+    // Unicode spaces (ideographic, no-break...) are spaces; leading and trailing ones do not count.
+    let folded: String = password.chars().map(|c| if c.is_whitespace() { ' ' } else { c }).collect();
+    let folded = folded.trim();
+    let chars: Vec<char> = folded.chars().collect();
+    if chars.len() < MIN_PASSWORD_CHARS {
+        return bad(PasswordProblem::TooShort);
     }
+    if chars.iter().collect::<std::collections::BTreeSet<_>>().len() < 5 {
+        return bad(PasswordProblem::FewDifferent);
+    }
+    if (1..=4).any(|unit| chars.len().is_multiple_of(unit) && chars.chunks(unit).all(|c| c == &chars[..unit])) {
+        return bad(PasswordProblem::Repeated);
+    }
+    let lower = folded.to_lowercase();
+    // A run up or down the keyboard's digits or the alphabet (`123456789012`, `abcdefghijkl`).
+    let b = lower.as_bytes();
+    let steps = b
+        .windows(2)
+        .filter(|w| {
+            (i16::from(w[1]) - i16::from(w[0])).abs() == 1 || matches!((w[0], w[1]), (b'9', b'0') | (b'0', b'9'))
+        })
+        .count();
+    if steps + 2 >= b.len() {
+        return bad(PasswordProblem::Run);
+    }
+    if username.len() >= 3 && lower.contains(&username.to_lowercase()) {
+        return bad(PasswordProblem::HasUsername);
+    }
+    // Letters, with the usual substitutions undone (`Passw0rd` is `password`).
+    let letters: String = lower
+        .chars()
+        .map(|c| match c {
+            '0' => 'o',
+            '1' | '!' => 'i',
+            '3' => 'e',
+            '4' | '@' => 'a',
+            '5' | '$' => 's',
+            '7' => 't',
+            c => c,
+        })
+        .filter(|c| c.is_alphabetic())
+        .collect();
+    let digits_only = lower.chars().all(|c| c.is_ascii_digit() || c.is_ascii_punctuation() || c == ' ');
+    if digits_only && chars.iter().filter(|c| c.is_ascii_digit()).collect::<std::collections::BTreeSet<_>>().len() < 8 {
+        return bad(PasswordProblem::FewDigits);
+    }
+    let plain: String = lower.chars().filter(|c| c.is_alphabetic()).collect();
+    let trivial = |t: &&str| {
+        plain == *t || letters == *t || ((plain.contains(*t) || letters.contains(*t)) && plain.len() <= t.len() + 4)
+    };
+    if !letters.is_empty() && TRIVIAL.iter().any(trivial) {
+        return bad(PasswordProblem::Common);
+    }
+    Ok(())
+}
+
+/// Hash a password (argon2id, random salt) after [`check_password`].
+pub fn hash_password(password: &str) -> Result<String, AccountError> {
+    hash_password_for(password, "")
+}
+
+/// Hash `username`'s new password (argon2id, random salt) after [`check_password`].
+pub fn hash_password_for(password: &str, username: &str) -> Result<String, AccountError> {
+    check_password(password, username)?;
     let salt = SaltString::generate(&mut OsRng);
     Argon2::default()
         .hash_password(password.as_bytes(), &salt)
@@ -234,6 +427,64 @@ pub fn verify_password(hash: &str, password: &str) -> bool {
 pub fn decoy_hash() -> &'static str {
     static DECOY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
     DECOY.get_or_init(|| hash_password("decoy-password-never-used").unwrap_or_default())
+}
+
+/// The key TOTP secrets are encrypted with at rest, derived from the gateway's link secret
+/// (which lives outside the database), so that a copy of the database alone does not give the
+/// second factor away.
+#[derive(Clone)]
+pub struct TotpKey([u8; 32]);
+
+impl std::fmt::Debug for TotpKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TotpKey(…)")
+    }
+}
+
+/// What an encrypted TOTP secret starts with in the database.
+const SEALED: &str = "enc1:";
+
+impl TotpKey {
+    /// Derive the key from a secret kept outside the database.
+    pub fn derive(secret: &[u8]) -> TotpKey {
+        let mut mac = Hmac::<Sha256>::new_from_slice(secret).unwrap_or_else(|_| {
+            // HMAC takes keys of any length: this cannot fail.
+            Hmac::<Sha256>::new_from_slice(b"mamori").expect("a fixed key")
+        });
+        mac.update(b"mamori: TOTP secrets at rest, v1");
+        TotpKey(mac.finalize().into_bytes().into())
+    }
+
+    fn aead(&self) -> Result<aws_lc_rs::aead::RandomizedNonceKey, AccountError> {
+        aws_lc_rs::aead::RandomizedNonceKey::new(&aws_lc_rs::aead::AES_256_GCM, &self.0)
+            .map_err(|_| AccountError::Invalid("cannot set up the TOTP key".into()))
+    }
+
+    /// Encrypt a secret for the database.
+    pub fn seal(&self, secret: &str) -> Result<String, AccountError> {
+        let mut data = secret.as_bytes().to_vec();
+        let nonce = self
+            .aead()?
+            .seal_in_place_append_tag(aws_lc_rs::aead::Aad::from(b"totp"), &mut data)
+            .map_err(|_| AccountError::Invalid("cannot encrypt the TOTP secret".into()))?;
+        let mut out = nonce.as_ref().to_vec();
+        out.extend_from_slice(&data);
+        Ok(format!("{SEALED}{}", data_encoding::BASE64URL_NOPAD.encode(&out)))
+    }
+
+    /// Decrypt a secret from the database (one stored before encryption is returned as is).
+    pub fn open(&self, stored: &str) -> Option<String> {
+        let Some(b64) = stored.strip_prefix(SEALED) else { return Some(stored.to_string()) };
+        let raw = data_encoding::BASE64URL_NOPAD.decode(b64.as_bytes()).ok()?;
+        if raw.len() < aws_lc_rs::aead::NONCE_LEN {
+            return None;
+        }
+        let (nonce, ct) = raw.split_at(aws_lc_rs::aead::NONCE_LEN);
+        let nonce = aws_lc_rs::aead::Nonce::try_assume_unique_for_key(nonce).ok()?;
+        let mut ct = ct.to_vec();
+        let plain = self.aead().ok()?.open_in_place(nonce, aws_lc_rs::aead::Aad::from(b"totp"), &mut ct).ok()?;
+        String::from_utf8(plain.to_vec()).ok()
+    }
 }
 
 /// A random token: 32 bytes, URL-safe base64.
@@ -282,6 +533,8 @@ pub fn totp_check(secret_b32: &str, code: &str, now: Time, last_step: i64) -> Op
 #[derive(Debug, Default)]
 pub struct Throttle {
     failures: HashMap<String, VecDeque<Time>>,
+    /// Per key: when a refusal was last written to the audit log, and refusals since.
+    refused: HashMap<String, (Time, u64)>,
 }
 
 impl Throttle {
@@ -304,8 +557,19 @@ impl Throttle {
         Duration::minutes(Self::WINDOW_MIN)
     }
 
-    /// `Err(wait)` while a key is locked out.
-    pub fn check(&mut self, keys: &[&str], now: Time) -> Result<(), Duration> {
+    fn prune(&mut self, now: Time) {
+        if self.failures.len() > 100_000 {
+            // Bounded memory under a spray of usernames: forget the quiet ones.
+            self.failures.retain(|_, q| q.back().is_some_and(|t| now - *t < Self::window()));
+            self.refused.retain(|_, (t, _)| now - *t < Self::window());
+        }
+    }
+
+    /// Reserve an attempt for every key: `Err(wait)` while one of them is locked out, else the
+    /// reservation, which counts as a failure until [`Throttle::succeed`] takes it back. Reserve
+    /// before verifying: attempts sent at once then count before any of them is checked.
+    pub fn reserve(&mut self, keys: &[&str], now: Time) -> Result<Time, Duration> {
+        self.prune(now);
         let mut wait = Duration::zero();
         for k in keys {
             if let Some(q) = self.failures.get_mut(*k) {
@@ -320,30 +584,38 @@ impl Throttle {
             }
         }
         if wait > Duration::zero() {
-            Err(wait)
-        } else {
-            Ok(())
-        }
-    }
-
-    /// Record a failure for each key.
-    pub fn fail(&mut self, keys: &[&str], now: Time) {
-        if self.failures.len() > 100_000 {
-            // Bounded memory under a spray of usernames: forget the quiet ones.
-            self.failures.retain(|_, q| q.back().is_some_and(|t| now - *t < Self::window()));
+            return Err(wait);
         }
         for k in keys {
-            let q = self.failures.entry((*k).to_string()).or_default();
-            q.push_back(now);
-            while q.len() > Self::limit(k) {
-                q.pop_front();
+            self.failures.entry((*k).to_string()).or_default().push_back(now);
+        }
+        Ok(now)
+    }
+
+    /// An attempt succeeded: take back its reservation (earlier failures stay counted).
+    pub fn succeed(&mut self, keys: &[&str], reservation: Time) {
+        for k in keys {
+            if let Some(q) = self.failures.get_mut(*k) {
+                if let Some(i) = q.iter().rposition(|t| *t == reservation) {
+                    q.remove(i);
+                }
             }
         }
     }
 
-    /// A success forgets the username's failures (not the address's).
-    pub fn succeed(&mut self, key: &str) {
-        self.failures.remove(key);
+    /// A refused attempt for `key`: `Some(n)` when it should be written to the audit log now,
+    /// with the attempts refused since the last entry (one entry a minute per key, however
+    /// fast an attacker tries).
+    pub fn refused(&mut self, key: &str, now: Time) -> Option<u64> {
+        let e = self.refused.entry(key.to_string()).or_insert((Time::MIN_UTC, 0));
+        e.1 += 1;
+        if now - e.0 >= Duration::minutes(1) {
+            let n = e.1;
+            *e = (now, 0);
+            Some(n)
+        } else {
+            None
+        }
     }
 }
 
@@ -381,6 +653,19 @@ pub struct Accounts<'a> {
     conn: &'a Connection,
 }
 
+/// What a login checks, read from the database in one short step.
+#[derive(Debug, Clone)]
+pub struct Credentials {
+    /// The account.
+    pub user: User,
+    /// Its password hash (verified by the caller, off the database).
+    pub hash: String,
+    /// Its TOTP secret, decrypted (`Some("")` when it does not decrypt: no code can match).
+    pub totp: Option<String>,
+    /// The last TOTP step used.
+    pub last_step: i64,
+}
+
 /// A session found by its cookie.
 #[derive(Debug, Clone)]
 pub struct Session {
@@ -398,13 +683,31 @@ impl<'a> Accounts<'a> {
         Accounts { conn }
     }
 
-    /// Add an account.
-    pub fn add(&self, u: &NewUser, password: &str, totp_secret: Option<&str>, now: Time) -> Result<User, AccountError> {
+    /// Add an account. Its homes must be registered (a facility or family account for a home
+    /// that does not exist would see nothing, or the home that later takes the id).
+    pub fn add(
+        &self,
+        u: &NewUser,
+        password: &str,
+        totp_secret: Option<&str>,
+        key: &TotpKey,
+        now: Time,
+    ) -> Result<User, AccountError> {
         u.validate()?;
-        let hash = hash_password(password)?;
+        let hash = hash_password_for(password, &u.username)?;
         if self.by_username(&u.username)?.is_some() {
             return Err(AccountError::Invalid(format!("user {} exists already", u.username)));
         }
+        for h in &u.homes {
+            let known: bool =
+                self.conn.query_row("SELECT EXISTS (SELECT 1 FROM homes WHERE id = ?1)", [h], |r| r.get(0))?;
+            if !known {
+                return Err(AccountError::Invalid(format!(
+                    "home {h} is not registered (import it first: homes import, or the homes file)"
+                )));
+            }
+        }
+        let totp_secret = totp_secret.map(|t| key.seal(t)).transpose()?;
         self.conn.execute(
             "INSERT INTO users (username, display_name, role, municipalities, homes, password_hash, totp_secret, created_at)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
@@ -437,9 +740,9 @@ impl<'a> Accounts<'a> {
             .optional()?)
     }
 
-    /// Check a login. `Ok(None)` for any failure (unknown user, wrong password or code,
-    /// disabled), so the caller cannot tell them apart either; `Err` for a database failure.
-    pub fn login(&self, username: &str, password: &str, code: &str, now: Time) -> Result<Option<User>, AccountError> {
+    /// What a login checks, read in one short step (the password itself is verified by the
+    /// caller, off the database: [`verify_password`]). `None`: no such user.
+    pub fn credentials(&self, username: &str, key: &TotpKey) -> Result<Option<Credentials>, AccountError> {
         let row: Option<(String, Option<String>, i64)> = self
             .conn
             .query_row(
@@ -448,37 +751,72 @@ impl<'a> Accounts<'a> {
                 |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
             )
             .optional()?;
-        let Some((hash, secret, last)) = row else {
-            verify_password(decoy_hash(), password);
-            return Ok(None);
-        };
-        if !verify_password(&hash, password) {
-            return Ok(None);
-        }
+        let Some((hash, secret, last_step)) = row else { return Ok(None) };
         let Some(user) = self.by_username(username)? else { return Ok(None) };
-        if user.disabled {
-            return Ok(None);
-        }
-        if let Some(secret) = secret {
-            let Some(step) = totp_check(&secret, code, now, last) else { return Ok(None) };
-            self.conn.execute("UPDATE users SET totp_last_step = ?1 WHERE id = ?2", params![step, user.id])?;
-        } else if user.role == AccountRole::Admin {
-            // Required for admins; `users add` enrols it, so this is a damaged row.
-            return Ok(None);
-        }
-        Ok(Some(user))
+        // A secret that does not decrypt (another key) is no secret: the login fails.
+        let totp = secret.map(|s| key.open(&s).ok_or(())).transpose();
+        Ok(Some(Credentials { user, hash, totp: totp.unwrap_or(Some(String::new())), last_step }))
     }
 
-    /// Set a password.
+    /// The second step of a login whose password was right: `Ok(None)` for any failure
+    /// (disabled, wrong or reused code, an admin without a second factor); the user once the
+    /// code's step is recorded.
+    pub fn second_factor(&self, c: &Credentials, code: &str, now: Time) -> Result<Option<User>, AccountError> {
+        if c.user.disabled {
+            return Ok(None);
+        }
+        match &c.totp {
+            Some(secret) => {
+                let Some(step) = totp_check(secret, code, now, c.last_step) else { return Ok(None) };
+                // Once per step, even with two logins at once: only one update wins.
+                let n = self.conn.execute(
+                    "UPDATE users SET totp_last_step = ?1 WHERE id = ?2 AND totp_last_step < ?1",
+                    params![step, c.user.id],
+                )?;
+                Ok((n == 1).then(|| c.user.clone()))
+            }
+            // Required for admins; `users add` enrols it, so this is a damaged row.
+            None if c.user.role == AccountRole::Admin => Ok(None),
+            None => Ok(Some(c.user.clone())),
+        }
+    }
+
+    /// The stored password hash of an account.
+    pub fn password_hash(&self, username: &str) -> Result<Option<String>, AccountError> {
+        Ok(self
+            .conn
+            .query_row("SELECT password_hash FROM users WHERE username = ?1", [username], |r| r.get(0))
+            .optional()?)
+    }
+
+    /// Set a password ([`check_password`]): ends the account's sessions and revokes its API
+    /// tokens (a token made by whoever knew the old password must not outlive it).
     pub fn set_password(&self, username: &str, password: &str) -> Result<(), AccountError> {
-        let hash = hash_password(password)?;
+        let hash = hash_password_for(password, username)?;
         let n =
             self.conn.execute("UPDATE users SET password_hash = ?1 WHERE username = ?2", params![hash, username])?;
         if n == 0 {
             return Err(AccountError::Invalid(format!("no user {username}")));
         }
         self.end_sessions(username)?;
+        self.conn.execute(
+            "UPDATE api_tokens SET revoked = 1 WHERE user_id = (SELECT id FROM users WHERE username = ?1)",
+            [username],
+        )?;
         Ok(())
+    }
+
+    /// Encrypt every TOTP secret still stored in clear (from before encryption at rest);
+    /// returns how many.
+    pub fn seal_totp_secrets(&self, key: &TotpKey) -> Result<usize, AccountError> {
+        let mut stmt = self.conn.prepare("SELECT id, totp_secret FROM users WHERE totp_secret IS NOT NULL")?;
+        let rows: Vec<(i64, String)> = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?.collect::<Result<_, _>>()?;
+        let mut n = 0;
+        for (id, secret) in rows.into_iter().filter(|(_, s)| !s.starts_with(SEALED)) {
+            self.conn.execute("UPDATE users SET totp_secret = ?1 WHERE id = ?2", params![key.seal(&secret)?, id])?;
+            n += 1;
+        }
+        Ok(n)
     }
 
     /// Disable or enable; disabling ends its sessions.
@@ -494,11 +832,18 @@ impl<'a> Accounts<'a> {
     }
 
     /// Turn on two-factor codes once the user has typed a code from the new secret.
-    pub fn enable_totp(&self, username: &str, secret: &str, code: &str, now: Time) -> Result<bool, AccountError> {
+    pub fn enable_totp(
+        &self,
+        username: &str,
+        secret: &str,
+        code: &str,
+        key: &TotpKey,
+        now: Time,
+    ) -> Result<bool, AccountError> {
         let Some(step) = totp_check(secret, code, now, 0) else { return Ok(false) };
         self.conn.execute(
             "UPDATE users SET totp_secret = ?1, totp_last_step = ?2 WHERE username = ?3",
-            params![secret, step, username],
+            params![key.seal(secret)?, step, username],
         )?;
         Ok(true)
     }
@@ -551,6 +896,32 @@ impl<'a> Accounts<'a> {
             self.conn.execute("UPDATE sessions SET last_seen = ?1 WHERE id_hash = ?2", params![ts(now), id_hash])?;
         }
         Ok(Some(Session { user, csrf, id_hash }))
+    }
+
+    /// Whether a session (by its stored hash) is still live: not idle for `idle` (by the last
+    /// request, which this does not move), not older than `max_age`, its user enabled. A live
+    /// stream asks this, so that it ends at logout, expiry or disable.
+    pub fn session_alive(
+        &self,
+        id_hash: &str,
+        now: Time,
+        idle: Duration,
+        max_age: Duration,
+    ) -> Result<bool, AccountError> {
+        let row: Option<(String, String, bool)> = self
+            .conn
+            .query_row(
+                "SELECT s.created_at, s.last_seen, u.disabled FROM sessions s JOIN users u ON u.id = s.user_id
+                 WHERE s.id_hash = ?1",
+                [id_hash],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .optional()?;
+        Ok(row.is_some_and(|(created, seen, disabled)| {
+            !disabled
+                && parse_ts(&created).is_some_and(|c| now - c <= max_age)
+                && parse_ts(&seen).is_some_and(|s| now - s <= idle)
+        }))
     }
 
     /// End a session.
@@ -619,23 +990,74 @@ mod tests {
     }
 
     #[test]
-    fn failures_lock_a_username_or_an_address_for_the_rest_of_fifteen_minutes() {
+    fn attempts_lock_a_username_or_an_address_for_the_rest_of_fifteen_minutes() {
         let mut th = Throttle::default();
         for i in 0..5 {
-            assert!(th.check(&["u:alice", "ip:1.2.3.4"], t(i)).is_ok());
-            th.fail(&["u:alice", "ip:1.2.3.4"], t(i));
+            assert!(th.reserve(&["u:alice", "ip:1.2.3.4"], t(i)).is_ok());
         }
-        let wait = th.check(&["u:alice"], t(10)).unwrap_err();
+        let wait = th.reserve(&["u:alice"], t(10)).unwrap_err();
         assert_eq!(wait, Duration::minutes(15) - Duration::seconds(10));
-        assert!(th.check(&["ip:1.2.3.4"], t(10)).is_ok(), "an address has a larger allowance");
         for i in 5..20 {
-            th.fail(&[&format!("u:user{i}"), "ip:1.2.3.4"], t(i));
+            assert!(th.reserve(&[&format!("u:user{i}"), "ip:1.2.3.4"], t(i)).is_ok());
         }
-        assert!(th.check(&["u:carol", "ip:1.2.3.4"], t(30)).is_err(), "twenty from one address lock it");
-        assert!(th.check(&["u:bob", "ip:5.6.7.8"], t(10)).is_ok(), "others are not held up");
-        assert!(th.check(&["u:alice"], t(15 * 60)).is_ok(), "the oldest failure left the window");
-        th.succeed("u:alice");
-        assert!(th.check(&["u:alice"], t(11)).is_ok());
+        assert!(th.reserve(&["u:carol", "ip:1.2.3.4"], t(30)).is_err(), "twenty from one address lock it");
+        assert!(th.reserve(&["u:bob", "ip:5.6.7.8"], t(10)).is_ok(), "others are not held up");
+        assert!(th.reserve(&["u:alice"], t(15 * 60)).is_ok(), "the oldest failure left the window");
+    }
+
+    #[test]
+    fn forty_attempts_at_once_get_five_and_a_success_takes_back_only_its_own() {
+        let mut th = Throttle::default();
+        let keys = ["u:alice", "ip:1.2.3.4"];
+        // Forty sent at once: each reserves before any is verified.
+        let granted: Vec<Time> = (0..40).filter_map(|_| th.reserve(&keys, t(0)).ok()).collect();
+        assert_eq!(granted.len(), 5);
+        // One of them was right: it takes back its reservation, the four others stay.
+        th.succeed(&keys, granted[4]);
+        assert!(th.reserve(&keys, t(1)).is_ok(), "one more, not a fresh five");
+        assert!(th.reserve(&keys, t(1)).is_err());
+    }
+
+    #[test]
+    fn refusals_are_audited_once_a_minute_with_their_count() {
+        let mut th = Throttle::default();
+        assert_eq!(th.refused("u:alice", t(0)), Some(1));
+        for s in 1..59 {
+            assert_eq!(th.refused("u:alice", t(s)), None);
+        }
+        assert_eq!(th.refused("u:alice", t(60)), Some(59));
+    }
+
+    #[test]
+    fn trivial_passwords_are_refused_and_the_reason_is_given() {
+        for bad in [
+            "            ",
+            "\u{3000}\u{3000}\u{3000}\u{3000}\u{3000}\u{3000}\u{3000}\u{3000}\u{3000}\u{3000}\u{3000}\u{3000}",
+            "aaaaaaaaaaaa",
+            "abcabcabcabc",
+            "password1234",
+            "Passw0rd!2024",
+            "123456789012",
+            "  short1!  ",
+            "sato-is-the-best-sato",
+        ] {
+            assert!(check_password(bad, "sato").is_err(), "{bad:?} was accepted");
+        }
+        for good in ["mamori-demo-password", "correct horse battery staple", "夜中でも電源を見守る2026", "k7#Qw!z9Lm2x"]
+        {
+            assert!(check_password(good, "sato").is_ok(), "{good:?} was refused: {:?}", check_password(good, "sato"));
+        }
+    }
+
+    #[test]
+    fn totp_secrets_are_sealed_with_a_key_from_outside_the_database() {
+        let key = TotpKey::derive(b"the link secret");
+        let sealed = key.seal("JBSWY3DPEHPK3PXP").unwrap();
+        assert!(sealed.starts_with("enc1:") && !sealed.contains("JBSWY3DP"));
+        assert_eq!(key.open(&sealed).as_deref(), Some("JBSWY3DPEHPK3PXP"));
+        assert_eq!(key.open("JBSWY3DPEHPK3PXP").as_deref(), Some("JBSWY3DPEHPK3PXP"), "stored before sealing");
+        assert_eq!(TotpKey::derive(b"another").open(&sealed), None, "another key opens nothing");
+        assert_ne!(key.seal("JBSWY3DPEHPK3PXP").unwrap(), sealed, "a fresh nonce every time");
     }
 
     #[test]

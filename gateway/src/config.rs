@@ -399,6 +399,17 @@ pub enum ConfigError {
     Invalid(Vec<String>),
 }
 
+/// Why a secret is too weak to sign links with, if it is.
+pub fn weak_secret(secret: &str) -> Option<&'static str> {
+    if secret.len() < 16 {
+        Some("it is shorter")
+    } else if secret.chars().collect::<std::collections::BTreeSet<_>>().len() < 8 {
+        Some("it has fewer than 8 different characters")
+    } else {
+        None
+    }
+}
+
 /// Whether a host name is the loopback interface.
 pub fn is_loopback(host: &str) -> bool {
     host == "localhost" || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
@@ -443,6 +454,22 @@ impl Config {
         }
         if let Err(e) = c.http.proxies() {
             bad("http.trusted_proxies", &format!("addresses or networks and a header name: {e}"));
+        }
+        for p in &c.http.trusted_proxies {
+            if crate::listen::parse_net(p).is_some_and(|(ip, len)| len < if ip.is_ipv4() { 8 } else { 16 }) {
+                bad(
+                    "http.trusted_proxies",
+                    &format!("your reverse proxies' own addresses or networks, not `{p}` (anyone there could name any client)"),
+                );
+            }
+        }
+        if let Ok(secret) = c.link_secret.resolve() {
+            if let Some(why) = weak_secret(&secret) {
+                bad(
+                    "link_secret",
+                    &format!("a random secret of at least 16 characters ({why}); e.g. `openssl rand -hex 32`"),
+                );
+            }
         }
         if !c.http.tls() && c.http.trusted_proxies.is_empty() && !c.http.bind.ip().is_loopback() {
             bad(
@@ -660,7 +687,7 @@ mod tests {
     const GOOD: &str = r#"
 data_dir = "data"
 public_url = "http://127.0.0.1:8080"
-link_secret = { value = "s" }
+link_secret = { value = "a-test-secret-long-enough" }
 [broker]
 host = "127.0.0.1"
 port = 1883
@@ -725,6 +752,26 @@ template = '{"to":"{to}","text":"{text}"}'
         assert!(e.contains("key `http.trusted_proxies`") && e.contains("proxy.lan"), "{e}");
         let e = with("bind = \"127.0.0.1:1\"\nport = 3").unwrap_err().to_string();
         assert!(e.contains("unknown field `port`"), "{e}");
+    }
+
+    #[test]
+    fn weak_link_secrets_and_world_wide_proxies_are_refused() {
+        let e = Config::parse(&GOOD.replace("a-test-secret-long-enough", "a"), Path::new("g.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("key `link_secret`") && e.contains("16 characters"), "{e}");
+        let e = Config::parse(&GOOD.replace("a-test-secret-long-enough", &"ab".repeat(20)), Path::new("g.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("different characters"), "{e}");
+        for net in ["0.0.0.0/0", "::/0", "0.0.0.0/4"] {
+            let e = Config::parse(&format!("{GOOD}\n[http]\ntrusted_proxies = [\"{net}\"]\n"), Path::new("g.toml"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("http.trusted_proxies") && e.contains(net), "{e}");
+        }
+        assert!(Config::parse(&format!("{GOOD}\n[http]\ntrusted_proxies = [\"10.0.0.0/8\"]\n"), Path::new("g.toml"))
+            .is_ok());
     }
 
     #[test]

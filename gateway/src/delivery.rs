@@ -25,6 +25,9 @@ use crate::homes::ChannelRef;
 use crate::message::{render, Style};
 use crate::store::{OutboxRow, OutboxStatus};
 
+/// Messages waiting for the console (the demo) before a send to it fails.
+pub const CONSOLE_QUEUE: usize = 1024;
+
 /// Outbox rows for a notification.
 pub fn expand(n: &Notification, style: &Style) -> Vec<OutboxRow> {
     let content = serde_json::to_value(&n.content).unwrap_or_default();
@@ -124,7 +127,7 @@ pub struct Sender {
     http: reqwest::Client,
     endpoints: std::sync::Arc<BTreeMap<String, ResolvedEndpoint>>,
     smtp: Option<std::sync::Arc<(lettre::AsyncSmtpTransport<lettre::Tokio1Executor>, String)>>,
-    console: tokio::sync::mpsc::UnboundedSender<String>,
+    console: tokio::sync::mpsc::Sender<String>,
     /// The deadline of one whole attempt.
     timeout: Duration,
 }
@@ -147,7 +150,7 @@ impl Sender {
         endpoints: BTreeMap<String, ResolvedEndpoint>,
         smtp: Option<(&SmtpConfig, Option<String>)>,
         timeout: Duration,
-        console: tokio::sync::mpsc::UnboundedSender<String>,
+        console: tokio::sync::mpsc::Sender<String>,
     ) -> Result<Sender, String> {
         // One TLS provider for the process (rumqttc and lettre use aws-lc-rs; an error here
         // means one is installed already).
@@ -228,7 +231,8 @@ impl Sender {
                     "── to {} ({:?}) via console:{name}\n{}\n{}",
                     row.recipient, row.role, row.subject, row.body
                 );
-                self.console.send(text).map_err(|_| Failure::row("console closed"))
+                // Full (nobody reads it): a failed attempt, retried like any other.
+                self.console.try_send(text).map_err(|_| Failure::destination("console: full or closed"))
             }
             ChannelRef::Webhook(name) => {
                 let ep = self

@@ -232,7 +232,7 @@ secure_cookies = false
     println!("a device's own alarm. 12 simulated homes, 2 municipalities, time compressed (seconds for minutes).");
     println!("store: {}", base.display());
 
-    let (console_tx, mut console_rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+    let (console_tx, mut console_rx) = tokio::sync::mpsc::channel::<String>(crate::delivery::CONSOLE_QUEUE);
     let printer = tokio::spawn(async move {
         while let Some(text) = console_rx.recv().await {
             println!("{text}\n");
@@ -389,9 +389,10 @@ pub const DEMO_USERS: &[(&str, &str, &[&str], &[&str])] = &[
 ];
 
 fn demo_accounts(config: &Config) -> anyhow::Result<()> {
-    std::fs::create_dir_all(&config.data_dir)?;
-    let store = crate::store::SqliteStore::open(&config.data_dir)?;
+    // The homes first: a facility or family account names homes that must exist.
+    let store = crate::run::open_store(config)?;
     let acc = crate::accounts::Accounts::new(store.conn());
+    let key = crate::accounts::TotpKey::derive(&crate::run::style(config)?.link_secret);
     for (name, role, munis, homes) in DEMO_USERS {
         let new = crate::accounts::NewUser {
             username: name.to_string(),
@@ -400,7 +401,7 @@ fn demo_accounts(config: &Config) -> anyhow::Result<()> {
             municipalities: munis.iter().map(|s| s.to_string()).collect(),
             homes: homes.iter().map(|s| s.to_string()).collect(),
         };
-        acc.add(&new, DEMO_PASSWORD, None, crate::clock::now())?;
+        acc.add(&new, DEMO_PASSWORD, None, &key, crate::clock::now())?;
     }
     Ok(())
 }

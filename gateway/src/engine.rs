@@ -989,10 +989,15 @@ impl Engine {
         Notification { key, alert_id: alert_id.to_string(), home: Some(home.clone()), recipients, content, at: now }
     }
 
+    /// One acknowledgement per person (or link) per step: a replayed link changes nothing, and
+    /// re-escalation is timed from the first acknowledgement of the step, so nobody can put it
+    /// off by acknowledging again.
     fn on_ack(&mut self, alert_id: String, ack: AckInfo) -> Result<(), EngineError> {
         if let Some(inc) = self.incidents.values_mut().find(|i| i.id == alert_id) {
-            inc.acks.push(ack);
-            self.outputs.push(Output::Incident(inc.clone()));
+            if !inc.acks.iter().any(|a| a.by == ack.by && a.role == ack.role) {
+                inc.acks.push(ack);
+                self.outputs.push(Output::Incident(inc.clone()));
+            }
             return Ok(());
         }
         let (home, kind) =
@@ -1002,7 +1007,13 @@ impl Engine {
             .get_mut(&home)
             .and_then(|s| s.alerts.get_mut(&kind))
             .ok_or_else(|| EngineError::UnknownAlert(alert_id.clone()))?;
-        alert.acknowledged = Some(ack.clone());
+        let again = alert.acks.iter().any(|a| a.by == ack.by && a.role == ack.role && a.at >= alert.step_entered_at);
+        if again {
+            return Ok(());
+        }
+        if alert.acknowledged.is_none() {
+            alert.acknowledged = Some(ack.clone());
+        }
         alert.acks.push(ack.clone());
         let out = Ack {
             alert_id: alert.id.clone(),
@@ -1538,7 +1549,7 @@ fn next_action(a: &Alert) -> Option<(Time, Action)> {
     let has_next = a.step + 1 < steps.len();
     if a.sent_in_step == 0 {
         let first = if a.notified.is_empty() {
-            a.raised_at + Duration::seconds(a.policy.notify_after_s as i64)
+            a.raised_at + crate::policy::delay(a.policy.notify_after_s)
         } else {
             a.step_entered_at
         };
@@ -1555,19 +1566,19 @@ fn next_action(a: &Alert) -> Option<(Time, Action)> {
         None => {
             if st.repeat_every_s > 0 && a.sent_in_step <= st.repeats {
                 if let Some(last) = a.last_sent_at {
-                    consider(last + Duration::seconds(st.repeat_every_s as i64), Action::Send);
+                    consider(last + crate::policy::delay(st.repeat_every_s), Action::Send);
                 }
             }
             if let (Some(e), true) = (st.escalate_after_s, has_next) {
-                consider(a.step_entered_at + Duration::seconds(e as i64), Action::Escalate);
+                consider(a.step_entered_at + crate::policy::delay(e), Action::Escalate);
             }
         }
         Some(ack) => {
-            consider(ack.at + Duration::seconds(a.policy.reescalate_after_ack_s as i64), Action::Escalate);
+            consider(ack.at + crate::policy::delay(a.policy.reescalate_after_ack_s), Action::Escalate);
         }
     }
     if let (Some(e), true) = (st.escalate_even_if_acknowledged_after_s, has_next) {
-        consider(a.step_entered_at + Duration::seconds(e as i64), Action::Escalate);
+        consider(a.step_entered_at + crate::policy::delay(e), Action::Escalate);
     }
     best
 }

@@ -9,9 +9,9 @@
 //! - The **outbound task** sends PUBACKs and acknowledgements to agents, so that the service
 //!   loop never waits on the MQTT client (the link task may be waiting for the loop to take a
 //!   message, and only it drains the client's request queue: waiting on it from the loop
-//!   deadlocked under load, which the fleet benchmark found). Its queue is bounded by what
-//!   the loop has taken in: one PUBACK per message received and one acknowledgement per
-//!   alert acknowledged.
+//!   deadlocked under load, which the fleet benchmark found). Its queue is bounded; the loop
+//!   never waits on it (a PUBACK that does not fit is sent again by the broker at the next
+//!   connection).
 
 use std::time::Duration;
 
@@ -91,9 +91,10 @@ pub fn filters(config: &Config) -> Vec<String> {
         .collect()
 }
 
-/// Start the outbound task.
-pub fn spawn_outbound(client: AsyncClient) -> mpsc::UnboundedSender<Outbound> {
-    let (tx, mut rx) = mpsc::unbounded_channel();
+/// Start the outbound task, with a queue of `capacity` (the service never waits on it: see
+/// [`crate::run`] for what is dropped when it is full).
+pub fn spawn_outbound(client: AsyncClient, capacity: usize) -> mpsc::Sender<Outbound> {
+    let (tx, mut rx) = mpsc::channel(capacity);
     tokio::spawn(async move {
         while let Some(out) = rx.recv().await {
             let result = match out {

@@ -33,6 +33,16 @@ pub enum Tier {
     T3,
 }
 
+/// The longest delay a policy may have, s (30 days): longer is a typo, and the engine's time
+/// arithmetic stays far from its limits.
+pub const MAX_DELAY_S: u64 = 30 * 24 * 3600;
+
+/// A delay from a policy as a duration (saturating at [`MAX_DELAY_S`], so a policy that was
+/// never validated cannot overflow anything).
+pub fn delay(s: u64) -> chrono::Duration {
+    chrono::Duration::seconds(i64::try_from(s.min(MAX_DELAY_S)).unwrap_or(0))
+}
+
 /// One step of a policy.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -95,6 +105,21 @@ impl Policy {
         }
         if self.reescalate_after_ack_s == 0 {
             return Err("reescalate_after_ack_s > 0".into());
+        }
+        if self.steps.len() > 16 {
+            return Err("at most 16 steps".into());
+        }
+        let long = |v: u64| v > MAX_DELAY_S;
+        for (i, s) in self.steps.iter().enumerate() {
+            let delays = [Some(s.repeat_every_s), s.escalate_after_s, s.escalate_even_if_acknowledged_after_s];
+            if delays.into_iter().flatten().any(long) || s.repeats > 1000 {
+                return Err(format!(
+                    "delays of at most {MAX_DELAY_S} s (30 days) and at most 1000 repeats in step {i}"
+                ));
+            }
+        }
+        if long(self.notify_after_s) || long(self.reescalate_after_ack_s) {
+            return Err(format!("notify_after_s and reescalate_after_ack_s of at most {MAX_DELAY_S} s (30 days)"));
         }
         Ok(())
     }
@@ -287,6 +312,17 @@ mod tests {
             clock_skew_default(),
             "an emergency default does not page families about a clock"
         );
+    }
+
+    #[test]
+    fn absurd_delays_are_refused() {
+        let mut p = critical_default();
+        p.steps[0].escalate_after_s = Some(u64::MAX);
+        assert!(p.validate().unwrap_err().contains("30 days"));
+        let mut p = critical_default();
+        p.notify_after_s = 1 << 62;
+        assert!(p.validate().is_err());
+        assert_eq!(delay(u64::MAX), chrono::Duration::seconds(MAX_DELAY_S as i64));
     }
 
     #[test]

@@ -89,6 +89,10 @@ pub const SNAPSHOT_EVERY_MS: i64 = 250;
 pub const HELD_MAX: usize = 10_000;
 /// While degraded, a write is tried this often, s.
 pub const PROBE_EVERY_S: i64 = 2;
+/// Notices for the operators waiting to be sent (more are dropped, and logged).
+pub const NOTICES_QUEUE: usize = 256;
+/// PUBACKs and agent acknowledgements waiting for the outbound task.
+pub const OUTBOUND_QUEUE: usize = 20_000;
 /// History pruning: rows per transaction.
 pub const PRUNE_BATCH: usize = 2_000;
 
@@ -111,6 +115,8 @@ pub struct Counters {
     pub failed_attempts: AtomicU64,
     /// Attempts not made because the destination's breaker was open.
     pub skipped_attempts: AtomicU64,
+    /// PUBACKs and agent acknowledgements dropped because the outbound queue was full.
+    pub outbound_dropped: AtomicU64,
     /// Outbox row written to the receiver's acceptance, s.
     pub notify_latency: crate::web::metrics::Histogram,
 }
@@ -145,6 +151,9 @@ pub enum RunError {
 /// Resolve a config's secrets and the message style.
 pub fn style(config: &Config) -> anyhow::Result<Style> {
     let secret = config.link_secret.resolve().map_err(|e| anyhow::anyhow!("link_secret: {e}"))?;
+    if let Some(why) = crate::config::weak_secret(&secret) {
+        anyhow::bail!("link_secret: expected a random secret of at least 16 characters ({why})");
+    }
     Ok(Style {
         public_url: config.public_url.clone(),
         link_secret: secret.into_bytes(),
@@ -234,7 +243,7 @@ pub struct NoticeJob {
 
 /// The operators' notifier: every channel of every recipient, each retried in memory with
 /// back-off for up to an hour (never through the outbox: the store may be what failed).
-fn notify_operators(sender: Sender, mut rx: mpsc::UnboundedReceiver<NoticeJob>, public_url: String) {
+fn notify_operators(sender: Sender, mut rx: mpsc::Receiver<NoticeJob>, public_url: String) {
     tokio::spawn(async move {
         let mut n = 0u64;
         while let Some(job) = rx.recv().await {
@@ -360,7 +369,7 @@ pub struct Service {
     engine: Engine,
     style: Style,
     sender: Sender,
-    outbound: Option<mpsc::UnboundedSender<Outbound>>,
+    outbound: Option<mpsc::Sender<Outbound>>,
     counters: Arc<Counters>,
     health: Arc<Health>,
     dispatcher: Dispatcher,
@@ -386,8 +395,8 @@ pub struct Service {
     broker_up: bool,
     /// Per home: when telemetry history was last stored, and the mains state then.
     history: HashMap<HomeId, (Time, Option<bool>)>,
-    notices: mpsc::UnboundedSender<NoticeJob>,
-    notices_rx: Option<mpsc::UnboundedReceiver<NoticeJob>>,
+    notices: mpsc::Sender<NoticeJob>,
+    notices_rx: Option<mpsc::Receiver<NoticeJob>>,
     log_budget: u32,
     snapshot: watch::Sender<Arc<Snapshot>>,
     snapshot_dirty: bool,
@@ -400,7 +409,7 @@ pub struct Service {
 
 impl Service {
     /// Build the service: open the existing store, load homes and state, resolve secrets.
-    pub fn new(config: Config, console: mpsc::UnboundedSender<String>) -> anyhow::Result<Service> {
+    pub fn new(config: Config, console: mpsc::Sender<String>) -> anyhow::Result<Service> {
         let style = style(&config)?;
         let store = open_existing_store(&config)?;
         let engine = load_engine(&config, &store)?;
@@ -429,7 +438,7 @@ impl Service {
         )
         .map_err(|e| anyhow::anyhow!(e))?;
         let (results_tx, results_rx) = mpsc::channel(config.delivery.concurrency.max(1));
-        let (notices, notices_rx) = mpsc::unbounded_channel();
+        let (notices, notices_rx) = mpsc::channel(NOTICES_QUEUE);
         let now = clock::now();
         let snap = Snapshot {
             engine: engine.clone(),
@@ -442,6 +451,15 @@ impl Service {
             store.meta(crate::store::META_FIRST_MESSAGE_AT)?.is_some() || store.has_messages()?;
         let adopt_session = store.meta(crate::store::META_ADOPT_SESSION)?.is_some();
         let session_recorded = store.meta(crate::store::META_BROKER_SESSION_AT)?.is_some();
+        // TOTP secrets stored in clear by an older version are sealed now.
+        let key = crate::accounts::TotpKey::derive(&style.link_secret);
+        match crate::accounts::Accounts::new(store.conn()).seal_totp_secrets(&key) {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(accounts = n, "two-factor secrets encrypted at rest"),
+            Err(e) => {
+                tracing::warn!(error = %e, "two-factor secrets still in clear (will try again at the next start)")
+            }
+        }
         let health = Arc::new(Health::new(now));
         health.set_no_homes(engine.home_count() == 0);
         Ok(Service {
@@ -659,7 +677,9 @@ impl Service {
 
     fn tell_operators(&self, notice: Notice, now: Time) {
         let to = operators(&self.config, &self.engine);
-        let _ = self.notices.send(NoticeJob { notice, to, at: now });
+        if self.notices.try_send(NoticeJob { notice, to, at: now }).is_err() {
+            tracing::error!("operators' notices are backed up: this one is dropped (it is logged)");
+        }
     }
 
     /// Run `f` in a transaction; on a store error roll back, reload the engine from the store
@@ -797,18 +817,26 @@ impl Service {
         self.transaction(|s| s.persist()).map_err(|e| e.to_string())
     }
 
+    /// To the outbound task without waiting. When its queue is full (the broker connection is
+    /// stuck) a PUBACK is dropped, so the broker sends that message again at the next
+    /// connection (stored already: a duplicate, recognised), and an acknowledgement for an
+    /// agent's display is dropped (the alert stays acknowledged at the gateway).
+    fn outbound(&self, out: Outbound) {
+        let Some(tx) = &self.outbound else { return };
+        if tx.try_send(out).is_err() {
+            self.counters.outbound_dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
     fn publish_acks(&self, acks: Vec<(HomeId, mqtt::Ack)>) {
-        let Some(out) = &self.outbound else { return };
         for (home, ack) in acks {
-            let _ = out.send(Outbound::AgentAck(home, ack));
+            self.outbound(Outbound::AgentAck(home, ack));
         }
     }
 
     fn ack_to_broker(&self, batch: Vec<Publish>) {
-        if let Some(out) = &self.outbound {
-            for p in batch {
-                let _ = out.send(Outbound::Ack(p));
-            }
+        for p in batch {
+            self.outbound(Outbound::Ack(p));
         }
     }
 
@@ -1124,6 +1152,9 @@ impl Service {
                 max_age: chrono::Duration::hours(i64::from(http.session_max_h)),
             },
             live_streams: Default::default(),
+            live_audit: Default::default(),
+            totp_key: crate::accounts::TotpKey::derive(&self.style.link_secret),
+            argon2: Arc::new(tokio::sync::Semaphore::new(web::ARGON2_AT_ONCE)),
         };
         let (bind, http_cancel) = (http.bind, cancel.clone());
         let (addr_tx, addr_rx) = tokio::sync::oneshot::channel();
@@ -1152,7 +1183,7 @@ impl Service {
         let (client, eventloop) = AsyncClient::new(options, 1000);
         let (mqtt_tx, mut mqtt_rx) = mpsc::channel(4096);
         crate::mqtt::spawn_link(client.clone(), eventloop, crate::mqtt::filters(&self.config), mqtt_tx, cancel.clone());
-        self.outbound = Some(crate::mqtt::spawn_outbound(client.clone()));
+        self.outbound = Some(crate::mqtt::spawn_outbound(client.clone(), OUTBOUND_QUEUE));
         if let Some(rx) = self.notices_rx.take() {
             notify_operators(self.sender.clone(), rx, self.config.public_url.clone());
         }

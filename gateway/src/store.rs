@@ -380,6 +380,17 @@ impl SqliteStore {
                 .mode(0o600)
                 .open(&path)
                 .map_err(|source| StoreError::Io { path: path.clone(), source })?;
+        } else {
+            // A database from before files were created private: made private now (SQLite gives
+            // its -wal and -shm files the database's own mode).
+            use std::os::unix::fs::PermissionsExt;
+            if let Ok(m) = std::fs::metadata(&path) {
+                if m.permissions().mode() & 0o077 != 0 {
+                    if let Err(e) = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)) {
+                        tracing::warn!(path = %path.display(), error = %e, "cannot make the database private (0600)");
+                    }
+                }
+            }
         }
         let conn = Connection::open(&path).map_err(db)?;
         conn.pragma_update(None, "journal_mode", "WAL").map_err(db)?;
@@ -821,6 +832,24 @@ mod tests {
             data: Default::default(),
             clock: None,
         }
+    }
+
+    #[test]
+    fn the_database_and_its_journal_are_private_even_when_made_before_that_rule() {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = SqliteStore::open(dir.path()).unwrap();
+        s.set_meta("probe", "1").unwrap();
+        for f in ["mamori.db", "mamori.db-wal", "mamori.db-shm"] {
+            assert_eq!(mode(&dir.path().join(f)), 0o600, "{f}");
+        }
+        drop(s);
+        // An older installation's world-readable database.
+        let db = dir.path().join("mamori.db");
+        std::fs::set_permissions(&db, std::fs::Permissions::from_mode(0o644)).unwrap();
+        drop(SqliteStore::open_existing(dir.path()).unwrap());
+        assert_eq!(mode(&db), 0o600);
     }
 
     fn row(key: &str, at: i64) -> OutboxRow {

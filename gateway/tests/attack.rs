@@ -143,3 +143,70 @@ async fn an_idle_connection_is_let_go_and_a_body_at_a_byte_at_a_time_is_cut_off(
     assert!(closed, "an idle connection was kept");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_https_the_same_deadlines_and_limits_hold() -> Result<()> {
+    use rustls::pki_types::pem::PemObject;
+    let pki = tempfile::tempdir()?;
+    mamori_tests::pki::make(pki.path())?;
+    let broker = Mosquitto::start("")?;
+    let hook = WebhookReceiver::start("hook-secret")?;
+    let http = format!(
+        "{LIMITS}tls_cert_file = \"{p}/server.pem\"\ntls_key_file = \"{p}/server.key\"\n",
+        p = pki.path().display()
+    );
+    let s = site(broker.port(), &hook.url(), &hook.url(), &Plan { http: &http, ..Plan::default() })?;
+    let text = std::fs::read_to_string(&s.config)?.replace("public_url = \"http://", "public_url = \"https://");
+    std::fs::write(&s.config, text)?;
+    mamori_tests::site::init(Path::new(BIN), &s.config)?;
+    let _p = mamori_tests::site::start(Path::new(BIN), &s.config)?;
+
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls::pki_types::CertificateDer::pem_file_iter(pki.path().join("ca.pem"))? {
+        roots.add(c?)?;
+    }
+    let tls = std::sync::Arc::new(rustls::ClientConfig::builder().with_root_certificates(roots).with_no_client_auth());
+    let connector = tokio_rustls::TlsConnector::from(tls);
+    let name = rustls::pki_types::ServerName::try_from("127.0.0.1")?.to_owned();
+
+    // Connections that never start their handshake, from one address: sixteen are kept (until
+    // the handshake deadline), the rest closed at once.
+    let mut mute = Vec::new();
+    for _ in 0..40 {
+        mute.push(connect_from([127, 0, 0, 6], s.http).await?);
+    }
+    let watched = futures_util::future::join_all(mute.iter_mut().map(|c| closed_within(c, Duration::from_millis(300))));
+    assert_eq!(watched.await.into_iter().filter(|(c, _)| *c).count(), 40 - 16, "the per-address limit is 16");
+
+    // A client that completes its handshake and then sends its headers slowly is dropped at
+    // the header deadline (1 s), as over plain HTTP.
+    let tcp = connect_from([127, 0, 0, 7], s.http).await?;
+    let mut slow = connector.connect(name.clone(), tcp).await.context("the handshake")?;
+    slow.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n").await?;
+    let started = Instant::now();
+    let mut cut = false;
+    for i in 0..25 {
+        if slow.write_all(format!("X-{i}: y\r\n").as_bytes()).await.is_err() || slow.flush().await.is_err() {
+            cut = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await; // the attacker's pace
+    }
+    if !cut {
+        let mut buf = [0u8; 256];
+        let r = tokio::time::timeout(Duration::from_secs(3), slow.read(&mut buf)).await;
+        cut = matches!(r, Ok(Ok(0)) | Ok(Err(_)));
+    }
+    assert!(cut, "a slow TLS client still connected after {:?}", started.elapsed());
+
+    // Meanwhile an ordinary client is answered.
+    let tcp = TcpStream::connect(("127.0.0.1", s.http)).await?;
+    let mut ok = connector.connect(name, tcp).await?;
+    ok.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await?;
+    let mut out = String::new();
+    tokio::time::timeout(Duration::from_secs(5), ok.read_to_string(&mut out)).await.context("healthz in time")??;
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    drop(mute);
+    Ok(())
+}

@@ -47,7 +47,7 @@ fn deploy() -> Result<Deployment> {
     let dir = tempfile::tempdir()?;
     let config = dir.path().join("gateway.toml");
     let base = "data_dir = \"data\"\nhomes_file = \"homes.toml\"\npublic_url = \"http://127.0.0.1:1\"\n\
-                link_secret = { value = \"s\" }\n[broker]\nhost = \"127.0.0.1\"\nport = 1\nclient_id = \"gw\"\n";
+                link_secret = { value = \"a-test-secret-long-enough\" }\n[broker]\nhost = \"127.0.0.1\"\nport = 1\nclient_id = \"gw\"\n";
     std::fs::write(&config, base)?;
     // The homes provisioning may issue credentials for: registered ones.
     let homes: String = ["home-a", "home-b"]
@@ -290,7 +290,7 @@ fn provisioning_refuses_bad_ids_and_a_missing_pki_clearly() -> Result<()> {
     let config = dir.path().join("gateway.toml");
     std::fs::write(
         &config,
-        "data_dir = \"data\"\npublic_url = \"http://127.0.0.1:1\"\nlink_secret = { value = \"s\" }\n\
+        "data_dir = \"data\"\npublic_url = \"http://127.0.0.1:1\"\nlink_secret = { value = \"a-test-secret-long-enough\" }\n\
          [broker]\nhost = \"127.0.0.1\"\nport = 1\nclient_id = \"gw\"\n",
     )?;
     let c = config.to_str().context("path")?;

@@ -49,7 +49,7 @@ contacts = [
             r#"data_dir = "data"
 homes_file = "homes.toml"
 public_url = "http://127.0.0.1:{http_port}"
-link_secret = {{ value = "link-secret" }}
+link_secret = {{ value = "the-link-secret-of-the-tests" }}
 [broker]
 host = "127.0.0.1"
 port = {broker_port}

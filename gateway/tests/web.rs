@@ -15,7 +15,7 @@ use axum::http::{header, Request, StatusCode};
 use axum::Router;
 use chrono::Utc;
 use http_body_util::BodyExt;
-use mamori_gateway::accounts::{AccountRole, Accounts, NewUser};
+use mamori_gateway::accounts::{AccountRole, Accounts, NewUser, TotpKey};
 use mamori_gateway::engine::{Engine, Input, Settings};
 use mamori_gateway::homes::{HomesFile, Known};
 use mamori_gateway::message::Style;
@@ -61,6 +61,8 @@ struct Fixture {
     db: Arc<Mutex<SqliteStore>>,
     engine: Arc<Mutex<Engine>>,
     snapshots: watch::Sender<Arc<Snapshot>>,
+    /// The password-check pool's slots.
+    argon2: Arc<tokio::sync::Semaphore>,
     sessions: std::collections::HashMap<&'static str, (String, String)>,
     tokens: std::collections::HashMap<&'static str, String>,
     alert_a1: String,
@@ -100,12 +102,17 @@ fn publish(engine: &Engine, tx: &watch::Sender<Arc<Snapshot>>, changed: &[&str])
 
 const ROLES: &[&str] = &["admin", "coord_a", "coord_b", "facility_a1", "family_a1"];
 
-type Parts = (Router, Arc<Mutex<SqliteStore>>, Arc<Mutex<Engine>>, watch::Sender<Arc<Snapshot>>);
+type Parts =
+    (Router, Arc<Mutex<SqliteStore>>, Arc<Mutex<Engine>>, watch::Sender<Arc<Snapshot>>, Arc<tokio::sync::Semaphore>);
 
 fn fixture(dir: &Path) -> Parts {
     let homes = HomesFile::parse(HOMES, Path::new("homes.toml"), &Known::default()).unwrap();
     let settings = Settings { incident_min_homes: 2, ..Settings::default() };
     let mut engine = Engine::new(settings, Policies::default());
+    {
+        use mamori_gateway::store::Store;
+        SqliteStore::open(dir).unwrap().upsert_homes(&homes.homes).unwrap();
+    }
     for h in homes.homes {
         engine.upsert_home(h);
     }
@@ -141,6 +148,7 @@ fn fixture(dir: &Path) -> Parts {
         }
     });
     let db = Arc::new(Mutex::new(SqliteStore::open(dir).unwrap()));
+    let argon2 = Arc::new(tokio::sync::Semaphore::new(mamori_gateway::web::ARGON2_AT_ONCE));
     let app = App {
         style: Style {
             public_url: "https://mamori.example".into(),
@@ -160,13 +168,16 @@ fn fixture(dir: &Path) -> Parts {
         },
         health: Default::default(),
         live_streams: Default::default(),
+        live_audit: Default::default(),
+        totp_key: TotpKey::derive(b"secret"),
+        argon2: argon2.clone(),
     };
-    (web::router(app), db, engine, snapshots)
+    (web::router(app), db, engine, snapshots, argon2)
 }
 
 async fn setup() -> Fixture {
     let dir = tempfile::tempdir().unwrap();
-    let (router, db, engine, snapshots) = fixture(dir.path());
+    let (router, db, engine, snapshots, argon2) = fixture(dir.path());
     let mut sessions = std::collections::HashMap::new();
     let mut tokens = std::collections::HashMap::new();
     {
@@ -188,7 +199,7 @@ async fn setup() -> Fixture {
                 homes: h.iter().map(|s| s.to_string()).collect(),
             };
             let secret = (role == AccountRole::Admin).then(mamori_gateway::accounts::new_totp_secret);
-            let u = acc.add(&new, PASSWORD, secret.as_deref(), Utc::now()).unwrap();
+            let u = acc.add(&new, PASSWORD, secret.as_deref(), &TotpKey::derive(b"secret"), Utc::now()).unwrap();
             let token = acc.start_session(&u, Utc::now()).unwrap();
             let csrf = acc
                 .session(&token, Utc::now(), chrono::Duration::minutes(30), chrono::Duration::hours(12))
@@ -205,7 +216,7 @@ async fn setup() -> Fixture {
         let inc = e.incidents().next().expect("an incident in 431001").id.clone();
         (a("home-a1"), a("home-b1"), inc)
     };
-    Fixture { _dir: dir, router, db, engine, snapshots, sessions, tokens, alert_a1, alert_b1, incident_a }
+    Fixture { _dir: dir, router, db, engine, snapshots, argon2, sessions, tokens, alert_a1, alert_b1, incident_a }
 }
 
 struct Reply {
@@ -465,12 +476,26 @@ async fn forms_without_the_session_token_are_refused() {
     assert_eq!(send(&f, req).await.status, StatusCode::FORBIDDEN);
 }
 
-async fn login(f: &Fixture, user: &str, password: &str, code: &str) -> Reply {
+/// A login form's nonce, as the login page sets it.
+async fn login_nonce(f: &Fixture) -> String {
     let r = send(f, Request::builder().uri("/login").body(Body::empty()).unwrap()).await;
     assert_eq!(r.status, StatusCode::OK);
     let cookie = r.headers[header::SET_COOKIE].to_str().unwrap().to_string();
-    let nonce = cookie.split(';').next().unwrap().trim_start_matches("mamori_login=").to_string();
-    let form = format!("csrf={nonce}&username={user}&password={}&code={code}&next=/alerts", password.replace(' ', "+"));
+    cookie.split(';').next().unwrap().trim_start_matches("mamori_login=").to_string()
+}
+
+async fn login(f: &Fixture, user: &str, password: &str, code: &str) -> Reply {
+    login_to(f, user, password, code, "/alerts").await
+}
+
+/// Log in with `next` (percent-encoded as a browser would) as the page to return to.
+async fn login_to(f: &Fixture, user: &str, password: &str, code: &str, next: &str) -> Reply {
+    let nonce = login_nonce(f).await;
+    let form = format!(
+        "csrf={nonce}&username={user}&password={}&code={code}&next={}",
+        password.replace(' ', "+"),
+        mamori_gateway::web::auth::urlencode(next)
+    );
     send(
         f,
         Request::builder()
@@ -514,12 +539,14 @@ async fn login_sets_a_strict_cookie_throttles_guessing_and_wants_a_code_from_an_
 
     // An admin needs the code.
     assert_eq!(login(&f, "admin", PASSWORD, "").await.status, StatusCode::UNAUTHORIZED);
-    let secret: String =
+    let sealed: String =
         f.db.lock()
             .unwrap()
             .conn()
             .query_row("SELECT totp_secret FROM users WHERE username = 'admin'", [], |r| r.get(0))
             .unwrap();
+    assert!(sealed.starts_with("enc1:"), "the second factor is encrypted at rest");
+    let secret = TotpKey::derive(b"secret").open(&sealed).unwrap();
     let code = format!("{:06}", mamori_gateway::accounts::totp_code(&secret, Utc::now().timestamp() / 30).unwrap());
     assert_eq!(login(&f, "admin", PASSWORD, &code).await.status, StatusCode::SEE_OTHER);
     assert_eq!(login(&f, "admin", PASSWORD, &code).await.status, StatusCode::UNAUTHORIZED, "a code works once");
@@ -536,26 +563,32 @@ async fn login_sets_a_strict_cookie_throttles_guessing_and_wants_a_code_from_an_
     let count = |action: &str, actor: &str| entries.iter().filter(|e| e.action == action && e.actor == actor).count();
     assert_eq!(count("login", "coord-a"), 1);
     assert_eq!(count("login_failed", "facility-a1"), 6);
-    assert!(entries.iter().any(|e| e.action == "login_failed" && e.detail == "throttled"));
+    assert!(entries.iter().any(|e| e.action == "login_failed" && e.detail.starts_with("throttled (1 refused")));
     assert_eq!(count("view_home", "coord-a"), 0, "the overview is not a view of one home");
 }
 
 #[tokio::test]
-async fn views_of_a_home_are_audited_but_live_refreshes_are_not() {
+async fn views_of_a_home_are_audited_and_live_refreshes_once_per_ten_minutes() {
     let f = setup().await;
     assert_eq!(send(&f, page(&f, Some("coord_a"), "GET", "/homes/home-a1", "")).await.status, StatusCode::OK);
-    let mut live = page(&f, Some("coord_a"), "GET", "/homes/home-a1", "");
-    live.headers_mut().insert("x-mamori-live", "1".parse().unwrap());
-    assert_eq!(send(&f, live).await.status, StatusCode::OK);
+    // A page left open refreshes itself: the first refresh is recorded, the next ones are
+    // counted into the following entry instead of one row per refresh.
+    for _ in 0..3 {
+        let mut live = page(&f, Some("coord_a"), "GET", "/homes/home-a1", "");
+        live.headers_mut().insert("x-mamori-live", "1".parse().unwrap());
+        assert_eq!(send(&f, live).await.status, StatusCode::OK);
+    }
     assert_eq!(send(&f, page(&f, Some("coord_b"), "GET", "/homes/home-a1", "")).await.status, StatusCode::NOT_FOUND);
     let s = f.db.lock().unwrap();
-    let views: Vec<(String, String)> = mamori_gateway::audit::entries(s.conn(), None, 100)
+    let views: Vec<(String, String, String)> = mamori_gateway::audit::entries(s.conn(), None, 100)
         .unwrap()
         .into_iter()
         .filter(|e| e.action == "view_home")
-        .map(|e| (e.actor, e.target))
+        .map(|e| (e.actor, e.target, e.detail))
         .collect();
-    assert_eq!(views, [("coord-a".to_string(), "home-a1".to_string())]);
+    assert_eq!(views.len(), 2, "{views:?}");
+    assert!(views.iter().all(|(a, t, _)| a == "coord-a" && t == "home-a1"), "{views:?}");
+    assert_eq!(views.iter().filter(|(_, _, d)| d.starts_with("live refresh (1 since")).count(), 1, "{views:?}");
 }
 
 #[tokio::test]
@@ -629,4 +662,260 @@ async fn metrics_and_the_openapi_document_need_no_account_and_name_no_home() {
     for p in ["/alerts/{id}/ack", "/alerts/{id}/clear"] {
         assert!(paths[p].get("post").is_some(), "{p}");
     }
+}
+
+/// How many audit entries have `action` by `actor`.
+fn audited(f: &Fixture, action: &str, actor: &str) -> usize {
+    let s = f.db.lock().unwrap();
+    mamori_gateway::audit::entries(s.conn(), None, 1000)
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.action == action && e.actor == actor)
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forty_guesses_sent_at_once_check_at_most_five_passwords() {
+    let f = Arc::new(setup().await);
+    let mut nonces = Vec::new();
+    for _ in 0..40 {
+        nonces.push(login_nonce(&f).await);
+    }
+    let guesses = nonces.into_iter().enumerate().map(|(i, nonce)| {
+        let f = f.clone();
+        tokio::spawn(async move {
+            let form = format!("csrf={nonce}&username=coord-a&password=guess-number-{i}&code=&next=/");
+            let req = Request::builder()
+                .method("POST")
+                .uri("/login")
+                .header(header::COOKIE, format!("mamori_login={nonce}"))
+                .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
+                .body(Body::from(form))
+                .unwrap();
+            send(&f, req).await.status
+        })
+    });
+    let statuses: Vec<StatusCode> =
+        futures_util::future::join_all(guesses).await.into_iter().map(Result::unwrap).collect();
+    let checked = statuses.iter().filter(|s| **s == StatusCode::UNAUTHORIZED).count();
+    let refused = statuses.iter().filter(|s| **s == StatusCode::TOO_MANY_REQUESTS).count();
+    assert_eq!((checked, refused), (5, 35), "{statuses:?}");
+    // The right password is refused too until the window passes.
+    assert_eq!(login(&f, "coord-a", PASSWORD, "").await.status, StatusCode::TOO_MANY_REQUESTS);
+    // Five failures, and the refusals summed into an entry rather than one per request.
+    let entries = {
+        let s = f.db.lock().unwrap();
+        mamori_gateway::audit::entries(s.conn(), None, 1000).unwrap()
+    };
+    let failed: Vec<_> = entries.iter().filter(|e| e.action == "login_failed").collect();
+    assert_eq!(failed.iter().filter(|e| e.detail.is_empty()).count(), 5, "{failed:?}");
+    assert!(failed.iter().any(|e| e.detail.starts_with("throttled (")), "{failed:?}");
+    assert!(failed.len() < 10, "refusals are summed, not logged one by one: {}", failed.len());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_password_check_waits_for_a_slot_of_its_pool_and_the_pages_do_not() {
+    let f = setup().await;
+    // Every slot of the pool taken, as by a burst of logins.
+    let slots = f.argon2.clone().acquire_many_owned(mamori_gateway::web::ARGON2_AT_ONCE as u32).await.unwrap();
+    let waiting = login(&f, "coord-a", PASSWORD, "");
+    tokio::pin!(waiting);
+    // Time is paused: the 5 s pass only once no work is left, so a check that did not wait for
+    // a slot would have finished by then.
+    tokio::select! {
+        biased;
+        r = &mut waiting => panic!("a password was checked without a slot of the pool: {}", r.status),
+        () = tokio::time::sleep(std::time::Duration::from_secs(5)) => {}
+    }
+    tokio::select! {
+        biased;
+        r = &mut waiting => panic!("a password was checked without a slot of the pool: {}", r.status),
+        r = send(&f, api(&f, Some("coord_a"), "GET", "/api/v1/alerts")) => assert_eq!(r.status, StatusCode::OK),
+    }
+    tokio::select! {
+        biased;
+        r = &mut waiting => panic!("a password was checked without a slot of the pool: {}", r.status),
+        r = send(&f, page(&f, Some("family_a1"), "GET", "/homes/home-a1", "")) => assert_eq!(r.status, StatusCode::OK),
+    }
+    drop(slots);
+    assert_eq!(waiting.await.status, StatusCode::SEE_OTHER, "the login goes through once a slot is free");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_login_that_cannot_get_a_slot_is_told_to_try_again_not_failed() {
+    let f = setup().await;
+    let _slots = f.argon2.clone().acquire_many_owned(mamori_gateway::web::ARGON2_AT_ONCE as u32).await.unwrap();
+    let r = login(&f, "coord-a", PASSWORD, "").await;
+    assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(r.body.contains("混み合って"), "{}", r.body);
+    assert_eq!(audited(&f, "login_failed", "coord-a"), 0, "not a wrong password");
+}
+
+#[tokio::test]
+async fn a_return_address_never_leaves_the_site() {
+    let f = setup().await;
+    let location = |r: &Reply| r.headers.get(header::LOCATION).map(|v| v.to_str().unwrap().to_string());
+    // After logging in.
+    for (next, to) in [
+        ("/homes/home-a1?tab=events", "/homes/home-a1?tab=events"),
+        ("//evil.example/", "/"),
+        ("/\t/evil.example/", "/"),
+        ("/\\evil.example/", "/"),
+        ("https://evil.example/", "/"),
+        ("/\r\nSet-Cookie: x=1", "/"),
+    ] {
+        let r = login_to(&f, "coord-a", PASSWORD, "", next).await;
+        assert_eq!(r.status, StatusCode::SEE_OTHER, "{next:?}");
+        assert_eq!(location(&r).as_deref(), Some(to), "{next:?}");
+    }
+    // After choosing a language.
+    let uri = format!("/lang/en?next={}", mamori_gateway::web::auth::urlencode("/\t/evil.example/"));
+    let r = send(&f, Request::builder().uri(uri).body(Body::empty()).unwrap()).await;
+    assert_eq!(location(&r).as_deref(), Some("/"));
+    // After acknowledging: a control character is no reason for a server error.
+    let form = format!("note=&next={}", mamori_gateway::web::auth::urlencode("/\u{1}"));
+    let r = send(&f, page(&f, Some("coord_a"), "POST", &format!("/alerts/{}/ack", f.alert_a1), &form)).await;
+    assert_eq!(r.status, StatusCode::SEE_OTHER, "{}", r.body);
+    assert_eq!(location(&r).as_deref(), Some("/"));
+}
+
+#[tokio::test]
+async fn every_api_read_of_personal_data_is_audited() {
+    let f = setup().await;
+    for (uri, action) in [
+        ("/api/v1/homes".to_string(), "list_homes"),
+        ("/api/v1/homes/home-a1".into(), "view_home"),
+        ("/api/v1/alerts".into(), "list_alerts"),
+        (format!("/api/v1/alerts/{}", f.alert_a1), "view_alert"),
+        ("/api/v1/incidents".into(), "list_incidents"),
+        (format!("/api/v1/incidents/{}", f.incident_a), "view_incident"),
+    ] {
+        let before = audited(&f, action, "api:coord-a");
+        assert_eq!(send(&f, api(&f, Some("coord_a"), "GET", &uri)).await.status, StatusCode::OK, "{uri}");
+        assert_eq!(audited(&f, action, "api:coord-a"), before + 1, "{uri} is audited as {action}");
+    }
+    // Out of scope: nothing shown, nothing recorded as seen.
+    let before = audited(&f, "view_home", "api:coord-b");
+    assert_eq!(send(&f, api(&f, Some("coord_b"), "GET", "/api/v1/homes/home-a1")).await.status, StatusCode::NOT_FOUND);
+    assert_eq!(audited(&f, "view_home", "api:coord-b"), before);
+}
+
+fn password_change(f: &Fixture, who: &str, current: &str, new: &str, lang: Option<&str>) -> Request<Body> {
+    let enc = mamori_gateway::web::auth::urlencode;
+    let mut r = page(f, Some(who), "POST", "/account/password", &format!("current={}&new={}", enc(current), enc(new)));
+    if let Some(l) = lang {
+        let c = r.headers()[header::COOKIE].to_str().unwrap().to_string();
+        r.headers_mut().insert(header::COOKIE, format!("{c}; mamori_lang={l}").parse().unwrap());
+    }
+    r
+}
+
+#[tokio::test]
+async fn the_current_password_on_the_account_page_is_guarded_like_a_login() {
+    let f = setup().await;
+    for _ in 0..5 {
+        let r = send(&f, password_change(&f, "coord_a", "not my password", "a brand new passphrase", None)).await;
+        assert!(r.body.contains("現在のパスワードが違います"), "{}", r.body);
+    }
+    // Locked: even the right current password is not checked now.
+    let r = send(&f, password_change(&f, "coord_a", PASSWORD, "a brand new passphrase", None)).await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert!(r.body.contains("しばらく変更できません"), "{}", r.body);
+    assert_eq!(audited(&f, "password_change_failed", "coord-a"), 6, "five wrong, one throttled");
+    assert_eq!(audited(&f, "password_change", "coord-a"), 0);
+}
+
+#[tokio::test]
+async fn a_weak_new_password_is_refused_with_a_reason_in_the_users_language() {
+    let f = setup().await;
+    let r = send(&f, password_change(&f, "family_a1", PASSWORD, "Passw0rd1234", None)).await;
+    assert!(r.body.contains("よく使われていて"), "{}", r.body);
+    let r = send(&f, password_change(&f, "family_a1", PASSWORD, "Passw0rd1234", Some("en"))).await;
+    assert!(r.body.contains("one of the first an attacker tries"), "{}", r.body);
+    assert_eq!(audited(&f, "password_change", "family-a1"), 0);
+}
+
+#[tokio::test]
+async fn a_new_password_ends_every_session_and_revokes_the_api_tokens() {
+    let f = setup().await;
+    assert_eq!(send(&f, api(&f, Some("family_a1"), "GET", "/api/v1/alerts")).await.status, StatusCode::OK);
+    let r = send(&f, password_change(&f, "family_a1", PASSWORD, "tsukushi harukaze umibe", None)).await;
+    assert_eq!(r.status, StatusCode::SEE_OTHER, "{}", r.body);
+    assert_eq!(audited(&f, "password_change", "family-a1"), 1);
+    assert_eq!(send(&f, api(&f, Some("family_a1"), "GET", "/api/v1/alerts")).await.status, StatusCode::UNAUTHORIZED);
+    let r = send(&f, page(&f, Some("family_a1"), "GET", "/alerts", "")).await;
+    assert_eq!(r.status, StatusCode::SEE_OTHER, "the old session is over");
+    assert_eq!(login(&f, "family-a1", "tsukushi harukaze umibe", "").await.status, StatusCode::SEE_OTHER);
+    // Someone else's token still works.
+    assert_eq!(send(&f, api(&f, Some("coord_a"), "GET", "/api/v1/alerts")).await.status, StatusCode::OK);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_live_stream_ends_when_its_session_does() {
+    let f = setup().await;
+    let r = f.router.clone().oneshot(page(&f, Some("coord_a"), "GET", "/events", "")).await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let mut body = r.into_body();
+    assert_eq!(send(&f, page(&f, Some("coord_a"), "POST", "/logout", "")).await.status, StatusCode::SEE_OTHER);
+    // Keep-alives may come first; the stream must end within its 15 s recheck (time is paused,
+    // so waiting costs nothing real).
+    let ended = tokio::time::timeout(std::time::Duration::from_secs(60), async {
+        while let Some(frame) = body.frame().await {
+            frame.unwrap();
+        }
+    })
+    .await;
+    assert!(ended.is_ok(), "the live stream outlived its session");
+}
+
+#[tokio::test]
+async fn an_account_cannot_name_a_home_that_is_not_registered() {
+    let f = setup().await;
+    let form =
+        "username=clinic-x&display_name=Clinic+X&role=facility&homes=no-such-home&password=tsukushi+harukaze+umibe";
+    let r = send(&f, page(&f, Some("admin"), "POST", "/admin/users", form)).await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert!(r.body.contains("no-such-home"), "{}", r.body);
+    assert_eq!(audited(&f, "user_add", "admin"), 0);
+    assert_eq!(login(&f, "clinic-x", "tsukushi harukaze umibe", "").await.status, StatusCode::UNAUTHORIZED);
+}
+
+#[tokio::test]
+async fn bad_api_input_gets_a_json_error_saying_why_and_changes_nothing() {
+    let f = setup().await;
+    let token = &f.tokens["coord_a"];
+    let call = |method: &str, uri: &str, ctype: Option<&str>, body: &str| {
+        let mut b = Request::builder().method(method).uri(uri).header(header::AUTHORIZATION, format!("Bearer {token}"));
+        if let Some(c) = ctype {
+            b = b.header(header::CONTENT_TYPE, c);
+        }
+        b.body(Body::from(body.to_string())).unwrap()
+    };
+    let ack = format!("/api/v1/alerts/{}/ack", f.alert_a1);
+    let long = format!("{{\"note\":\"{}\"}}", "あ".repeat(201));
+    for (req, status, says) in [
+        (call("GET", "/api/v1/homes/home-a1/telemetry?hours=0", None, ""), 400, "hours=0 is out of range: 1 to 168"),
+        (call("GET", "/api/v1/homes/home-a1/events?limit=abc", None, ""), 400, "limit"),
+        (call("GET", "/api/v1/homes/home-a1/alerts?limit=501", None, ""), 400, "1 to 500"),
+        (call("POST", &ack, Some("application/json"), "\u{0}"), 400, "not JSON"),
+        (call("POST", &ack, Some("application/json"), "{\"note\":{}}"), 422, "note"),
+        (call("POST", &ack, Some("application/json"), "{\"nota\":\"x\"}"), 422, "nota"),
+        (call("POST", &ack, Some("application/json"), &long), 422, "at most 200"),
+        (call("POST", &ack, Some("text/plain"), "on my way"), 415, "application/json"),
+    ] {
+        let uri = req.uri().to_string();
+        let r = send(&f, req).await;
+        assert_eq!(r.status.as_u16(), status, "{uri}: {}", r.body);
+        let body: serde_json::Value =
+            serde_json::from_str(&r.body).unwrap_or_else(|_| panic!("{uri}: JSON, not {}", r.body));
+        assert!(body["error"].as_str().unwrap().contains(says), "{uri}: {body}");
+    }
+    {
+        let e = f.engine.lock().unwrap();
+        let st = e.home_state(&HomeId::new("home-a1").unwrap()).unwrap();
+        assert!(st.alerts["mains_lost"].acknowledged.is_none(), "no refused body acknowledged anything");
+    }
+    // No body, an empty one and a null note are all an acknowledgement without a note.
+    assert_eq!(send(&f, call("POST", &ack, None, "")).await.status, StatusCode::OK);
+    assert_eq!(send(&f, call("POST", &ack, Some("application/json"), "{\"note\":null}")).await.status, StatusCode::OK);
 }

@@ -169,7 +169,7 @@ impl Chain {
                 &gateway_config,
                 format!(
                     "data_dir = \"data\"\nhomes_file = \"homes.toml\"\npublic_url = \"http://127.0.0.1:{http_port}\"\n\
-                     link_secret = {{ value = \"e2e-link-secret\" }}\n\
+                     link_secret = {{ value = \"e2e-link-secret-for-the-chain\" }}\n\
                      [broker]\nhost = \"localhost\"\nport = {broker_port}\nclient_id = \"gw-e2e\"\n\
                      username = \"mamori-gateway\"\npassword = {{ file = \"{p}/gateway-password\" }}\n\
                      [broker.tls]\nca_file = \"{p}/ca.pem\"\nclient_cert_file = \"{p}/gateway.pem\"\n\

@@ -516,3 +516,5 @@ fn a_hand_clear_is_refused_while_on_battery_and_ends_an_alert_whose_condition_is
 }
 
 mod everyday;
+
+mod props;

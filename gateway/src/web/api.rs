@@ -3,8 +3,9 @@
 //! scope is a 404, like one that does not exist. `GET /api/v1/openapi.json` describes it
 //! (no token needed: it holds no data).
 
-use axum::extract::{Path, Query, State};
-use axum::http::StatusCode;
+use axum::body::Bytes;
+use axum::extract::{FromRequestParts, Path, Query, State};
+use axum::http::{header, request::Parts, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -41,6 +42,47 @@ fn error(status: StatusCode, msg: &str) -> Response {
     (status, Json(json!({ "error": msg }))).into_response()
 }
 
+/// A query string that does not parse is a 400 with a JSON error, like every other refusal.
+struct ApiQuery<T>(T);
+
+impl<T: serde::de::DeserializeOwned, S: Send + Sync> FromRequestParts<S> for ApiQuery<T> {
+    type Rejection = Response;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        match Query::<T>::from_request_parts(parts, state).await {
+            Ok(Query(q)) => Ok(ApiQuery(q)),
+            Err(e) => Err(error(StatusCode::BAD_REQUEST, &e.body_text())),
+        }
+    }
+}
+
+/// A number from the query within `range`, or the default when absent: a 400 saying the
+/// range otherwise (never a silent clamp: the caller would not get what it asked for).
+fn in_range<T: PartialOrd + std::fmt::Display + Copy>(
+    name: &str,
+    value: Option<T>,
+    default: T,
+    range: std::ops::RangeInclusive<T>,
+) -> Result<T, Refusal> {
+    match value {
+        None => Ok(default),
+        Some(v) if range.contains(&v) => Ok(v),
+        Some(v) => Err(Refusal(
+            StatusCode::BAD_REQUEST,
+            format!("{name}={v} is out of range: {} to {}", range.start(), range.end()),
+        )),
+    }
+}
+
+/// A refusal of bad input: its status and what was wrong.
+struct Refusal(StatusCode, String);
+
+impl IntoResponse for Refusal {
+    fn into_response(self) -> Response {
+        error(self.0, &self.1)
+    }
+}
+
 fn not_found() -> Response {
     error(StatusCode::NOT_FOUND, "not found")
 }
@@ -61,9 +103,11 @@ async fn visible_home(app: &App, user: &User, client: &Client, id: &str, what: &
     Some(home)
 }
 
-async fn homes(State(app): State<App>, ApiUser(user): ApiUser) -> Response {
+async fn homes(State(app): State<App>, ApiUser(user): ApiUser, client: Client) -> Response {
     let snap = app.snap();
-    Json(json!({ "homes": view::homes(&snap.engine, &user, crate::clock::now()) })).into_response()
+    let homes = view::homes(&snap.engine, &user, crate::clock::now());
+    audit_log(&app, &user.username, &client, "list_homes", "homes", &format!("{} homes", homes.len())).await;
+    Json(json!({ "homes": homes })).into_response()
 }
 
 async fn home(State(app): State<App>, ApiUser(user): ApiUser, client: Client, Path(id): Path<String>) -> Response {
@@ -84,10 +128,13 @@ async fn telemetry(
     ApiUser(user): ApiUser,
     client: Client,
     Path(id): Path<String>,
-    Query(q): Query<Hours>,
+    ApiQuery(q): ApiQuery<Hours>,
 ) -> Response {
+    let hours = match in_range("hours", q.hours, 24, 1..=168) {
+        Ok(h) => h,
+        Err(r) => return r.into_response(),
+    };
     let Some(home) = visible_home(&app, &user, &client, &id, "telemetry").await else { return not_found() };
-    let hours = q.hours.unwrap_or(24).clamp(1, 168);
     let since = crate::clock::now() - chrono::Duration::hours(i64::from(hours));
     match app.db(move |s| Ok(s.telemetry_since(&home, since, 2000)?)).await {
         Ok(t) => Json(json!({ "telemetry": t })).into_response(),
@@ -106,10 +153,13 @@ async fn events(
     ApiUser(user): ApiUser,
     client: Client,
     Path(id): Path<String>,
-    Query(q): Query<Limit>,
+    ApiQuery(q): ApiQuery<Limit>,
 ) -> Response {
+    let limit = match in_range("limit", q.limit, 100, 1..=1000) {
+        Ok(l) => l,
+        Err(r) => return r.into_response(),
+    };
     let Some(home) = visible_home(&app, &user, &client, &id, "events").await else { return not_found() };
-    let limit = q.limit.unwrap_or(100).clamp(1, 1000);
     match app.db(move |s| Ok(s.events_for(&home, limit)?)).await {
         Ok(e) => Json(json!({ "events": e })).into_response(),
         Err(e) => failed(e),
@@ -170,10 +220,13 @@ async fn home_alerts(
     ApiUser(user): ApiUser,
     client: Client,
     Path(id): Path<String>,
-    Query(q): Query<Limit>,
+    ApiQuery(q): ApiQuery<Limit>,
 ) -> Response {
+    let limit = match in_range("limit", q.limit, 50, 1..=500) {
+        Ok(l) => l,
+        Err(r) => return r.into_response(),
+    };
     let Some(home) = visible_home(&app, &user, &client, &id, "alerts").await else { return not_found() };
-    let limit = q.limit.unwrap_or(50).clamp(1, 500);
     let r = app
         .db(move |s| {
             let mut out = Vec::new();
@@ -190,13 +243,14 @@ async fn home_alerts(
     }
 }
 
-async fn alerts(State(app): State<App>, ApiUser(user): ApiUser) -> Response {
+async fn alerts(State(app): State<App>, ApiUser(user): ApiUser, client: Client) -> Response {
     let snap = app.snap();
     let list: Vec<AlertView> = view::open_alerts(&snap.engine, &user).into_iter().map(|(_, a)| a).collect();
+    audit_log(&app, &user.username, &client, "list_alerts", "alerts", &format!("{} alerts", list.len())).await;
     Json(json!({ "alerts": list })).into_response()
 }
 
-async fn alert(State(app): State<App>, ApiUser(user): ApiUser, Path(id): Path<String>) -> Response {
+async fn alert(State(app): State<App>, ApiUser(user): ApiUser, client: Client, Path(id): Path<String>) -> Response {
     if id.len() > 64 {
         return not_found();
     }
@@ -217,22 +271,61 @@ async fn alert(State(app): State<App>, ApiUser(user): ApiUser, Path(id): Path<St
     if !snap.engine.plan(&a.home).is_some_and(|p| user.may_see(p)) {
         return not_found();
     }
+    // The deliveries name their recipients and channels: personal data.
+    audit_log(&app, &user.username, &client, "view_alert", &a.id, a.home.as_str()).await;
     Json(AlertWithDeliveries { alert: AlertView::of(&a), deliveries }).into_response()
 }
 
 /// `{"note": "..."}` (optional).
 #[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
 struct AckBody {
     note: Option<String>,
 }
+
+/// The acknowledgement's body: none at all, or JSON. Bad JSON is a 400, JSON of the wrong
+/// shape a 422, another content type a 415, each with a JSON error saying why.
+fn ack_body(headers: &HeaderMap, body: &[u8]) -> Result<AckBody, Refusal> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(AckBody::default());
+    }
+    let json = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|m| m.trim().eq_ignore_ascii_case("application/json"));
+    if !json {
+        return Err(Refusal(StatusCode::UNSUPPORTED_MEDIA_TYPE, "the body must be application/json".into()));
+    }
+    let mut de = serde_json::Deserializer::from_slice(body);
+    let not_json = |e: &serde_json::Error| Refusal(StatusCode::BAD_REQUEST, format!("the body is not JSON: {e}"));
+    let b = serde_path_to_error::deserialize::<_, AckBody>(&mut de).map_err(|e| match e.inner().classify() {
+        // The field's path first (`note: invalid type...`).
+        serde_json::error::Category::Data => Refusal(StatusCode::UNPROCESSABLE_ENTITY, e.to_string()),
+        _ => not_json(e.inner()),
+    })?;
+    de.end().map_err(|e| not_json(&e))?;
+    if b.note.as_ref().is_some_and(|n| n.chars().count() > MAX_NOTE_CHARS) {
+        return Err(Refusal(StatusCode::UNPROCESSABLE_ENTITY, format!("note: at most {MAX_NOTE_CHARS} characters")));
+    }
+    Ok(b)
+}
+
+/// The longest note an acknowledgement may carry (the pages cut theirs to this).
+const MAX_NOTE_CHARS: usize = 200;
 
 async fn ack(
     State(app): State<App>,
     ApiUser(user): ApiUser,
     client: Client,
     Path(id): Path<String>,
-    body: Option<Json<AckBody>>,
+    headers: HeaderMap,
+    body: Bytes,
 ) -> Response {
+    let body = match ack_body(&headers, &body) {
+        Ok(b) => b,
+        Err(r) => return r.into_response(),
+    };
     let snap = app.snap();
     let now = crate::clock::now();
     let visible = view::alert(&snap.engine, &user, &id).is_some()
@@ -240,7 +333,7 @@ async fn ack(
     if !visible {
         return not_found();
     }
-    let note = body.and_then(|Json(b)| b.note).and_then(|n| super::note(&n));
+    let note = body.note.and_then(|n| super::note(&n));
     let detail = note.clone().unwrap_or_default();
     let (role, by) = (user.role.ack_role(), format!("api:{}", user.username));
     match app.ask(|reply| WebRequest::Ack { alert_id: id.clone(), role, by, note, reply }).await {
@@ -269,15 +362,20 @@ async fn clear(State(app): State<App>, ApiUser(user): ApiUser, client: Client, P
     }
 }
 
-async fn incidents(State(app): State<App>, ApiUser(user): ApiUser) -> Response {
+async fn incidents(State(app): State<App>, ApiUser(user): ApiUser, client: Client) -> Response {
     let snap = app.snap();
-    Json(json!({ "incidents": view::incidents(&snap.engine, &user, crate::clock::now()) })).into_response()
+    let list = view::incidents(&snap.engine, &user, crate::clock::now());
+    audit_log(&app, &user.username, &client, "list_incidents", "incidents", &format!("{} incidents", list.len())).await;
+    Json(json!({ "incidents": list })).into_response()
 }
 
-async fn incident(State(app): State<App>, ApiUser(user): ApiUser, Path(id): Path<String>) -> Response {
+async fn incident(State(app): State<App>, ApiUser(user): ApiUser, client: Client, Path(id): Path<String>) -> Response {
     let snap = app.snap();
     match view::incidents(&snap.engine, &user, crate::clock::now()).into_iter().find(|i| i.id == id) {
-        Some(i) => Json(i).into_response(),
+        Some(i) => {
+            audit_log(&app, &user.username, &client, "view_incident", &id, &i.municipality).await;
+            Json(i).into_response()
+        }
         None => not_found(),
     }
 }

@@ -17,8 +17,8 @@ use axum::{Form, Json};
 use serde::Deserialize;
 
 use super::pages::{layout_bare, T};
-use super::{escape, App, Client};
-use crate::accounts::{Accounts, User};
+use super::{escape, App, Busy, Client};
+use crate::accounts::{Accounts, Throttle, User};
 use crate::homes::Lang;
 
 /// The session cookie's name.
@@ -54,11 +54,49 @@ pub fn same(a: &str, b: &str) -> bool {
 }
 
 /// A relative path to go back to after a form (never another site).
+///
+/// The target is parsed, not filtered: it must be an RFC 3986 *path-absolute* reference (a
+/// `/`, then a segment that is not empty, so never `//host`) with an optional query, made of
+/// the RFC's characters only (`pchar`, with `%XX` escapes well formed) and at most 512 bytes.
+/// A tab, a space, a backslash or any control character — which browsers strip or rewrite,
+/// turning `/\t/host` into `//host` — makes it `/`.
 pub fn local_path(next: Option<&str>) -> String {
     match next {
-        Some(n) if n.starts_with('/') && !n.starts_with("//") && !n.contains(['\\', '\r', '\n']) => n.to_string(),
+        Some(n) if is_local_path(n) => n.to_string(),
         _ => "/".into(),
     }
+}
+
+fn is_local_path(n: &str) -> bool {
+    fn pchar(c: u8) -> bool {
+        c.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=:@".contains(&c)
+    }
+    fn well_formed(part: &str, extra: &[u8]) -> bool {
+        let b = part.as_bytes();
+        let mut i = 0;
+        while i < b.len() {
+            match b[i] {
+                b'%' => {
+                    if !(i + 2 < b.len() && b[i + 1].is_ascii_hexdigit() && b[i + 2].is_ascii_hexdigit()) {
+                        return false;
+                    }
+                    i += 3;
+                }
+                c if pchar(c) || extra.contains(&c) => i += 1,
+                _ => return false,
+            }
+        }
+        true
+    }
+    if n.len() > 512 {
+        return false;
+    }
+    let (path, query) = n.split_once('?').unwrap_or((n, ""));
+    let Some(rest) = path.strip_prefix('/') else { return false };
+    if rest.starts_with('/') {
+        return false; // `//host`: another site
+    }
+    well_formed(rest, b"/") && well_formed(query, b"/?")
 }
 
 /// A logged-in browser.
@@ -116,7 +154,8 @@ impl FromRequestParts<App> for Viewer {
             Ok(None) => Err(to_login()),
             Err(e) => {
                 tracing::error!(error = %e, "session lookup");
-                Err((StatusCode::SERVICE_UNAVAILABLE, "database unavailable").into_response())
+                Err((StatusCode::SERVICE_UNAVAILABLE, "一時的に利用できません / Temporarily unavailable")
+                    .into_response())
             }
         }
     }
@@ -247,27 +286,60 @@ pub async fn login_post(
     let keys = [format!("u:{username}"), format!("ip:{ip}")];
     let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
     let now = crate::clock::now();
-    let throttled = app.throttle.lock().map(|mut th| th.check(&keys, now)).unwrap_or(Ok(()));
-    if let Err(wait) = throttled {
-        app.audit(&username, &ip, "login_failed", &username, "throttled").await;
-        let minutes = wait.num_minutes() + 1;
-        return again(StatusCode::TOO_MANY_REQUESTS, &t.t("throttled").replace("{n}", &minutes.to_string()));
-    }
-    let (u, pw, code) = (username.clone(), f.password, f.code);
-    let result = app
-        .db(move |s| {
-            let acc = Accounts::new(s.conn());
-            let user = acc.login(&u, &pw, &code, now)?;
-            Ok(match user {
-                Some(user) => Some((acc.start_session(&user, now)?, user)),
-                None => None,
+    // Reserve the attempt before anything is verified; a poisoned lock refuses (fails closed).
+    let reserved = match app.throttle.lock() {
+        Ok(mut th) => th.reserve(&keys, now).map_err(|wait| (wait, th.refused(keys[0], now))),
+        Err(_) => Err((chrono::Duration::minutes(Throttle::WINDOW_MIN), None)),
+    };
+    let reservation = match reserved {
+        Ok(r) => r,
+        Err((wait, audit_now)) => {
+            if let Some(n) = audit_now {
+                app.audit(
+                    &username,
+                    &ip,
+                    "login_failed",
+                    &username,
+                    &format!("throttled ({n} refused in the last minute)"),
+                )
+                .await;
+            }
+            let minutes = wait.num_minutes() + 1;
+            return again(StatusCode::TOO_MANY_REQUESTS, &t.t("throttled").replace("{n}", &minutes.to_string()));
+        }
+    };
+    // The account, in one short database step; the password, on the bounded pool.
+    let (u, key) = (username.clone(), app.totp_key.clone());
+    let creds = match app.db(move |s| Ok(Accounts::new(s.conn()).credentials(&u, &key)?)).await {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(error = %e, "login");
+            return again(StatusCode::SERVICE_UNAVAILABLE, t.t("unavailable"));
+        }
+    };
+    let hash = creds.as_ref().map_or_else(|| crate::accounts::decoy_hash().to_string(), |c| c.hash.clone());
+    let password_ok = match app.verify_password(hash, f.password).await {
+        Ok(ok) => ok && creds.is_some(),
+        Err(Busy) => return again(StatusCode::SERVICE_UNAVAILABLE, t.t("busy")),
+    };
+    let result = match (password_ok, creds) {
+        (true, Some(c)) => {
+            let code = f.code;
+            app.db(move |s| {
+                let acc = Accounts::new(s.conn());
+                Ok(match acc.second_factor(&c, &code, now)? {
+                    Some(user) => Some((acc.start_session(&user, now)?, user)),
+                    None => None,
+                })
             })
-        })
-        .await;
+            .await
+        }
+        _ => Ok(None),
+    };
     match result {
         Ok(Some((token, user))) => {
             if let Ok(mut th) = app.throttle.lock() {
-                th.succeed(keys[0]);
+                th.succeed(&keys, reservation);
             }
             app.audit(&user.username, &ip, "login", &user.username, "").await;
             tracing::info!(user = %user.username, client = %ip, "login");
@@ -282,16 +354,13 @@ pub async fn login_post(
                 .into_response()
         }
         Ok(None) => {
-            if let Ok(mut th) = app.throttle.lock() {
-                th.fail(&keys, now);
-            }
             app.audit(&username, &ip, "login_failed", &username, "").await;
             tracing::warn!(user = %username, client = %ip, "login failed");
             again(StatusCode::UNAUTHORIZED, t.t("login_failed"))
         }
         Err(e) => {
             tracing::error!(error = %e, "login");
-            again(StatusCode::SERVICE_UNAVAILABLE, "database unavailable")
+            again(StatusCode::SERVICE_UNAVAILABLE, t.t("unavailable"))
         }
     }
 }
@@ -330,4 +399,35 @@ pub async fn set_lang(
         [(header::SET_COOKIE, set_cookie(&app, LANG_COOKIE, l, "/", 365 * 86_400)), (header::LOCATION, next)],
     )
         .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::local_path;
+
+    #[test]
+    fn a_redirect_stays_on_this_site_whatever_is_hidden_in_it() {
+        for ok in ["/", "/homes/home-a1", "/alerts?lang=en&x=%2F", "/incidents/inc-431001-1?next=/a", "/a:b@c"] {
+            assert_eq!(local_path(Some(ok)), ok);
+        }
+        for bad in [
+            "//127.0.0.1:9999/pwned",
+            "/\t/127.0.0.1:9999/pwned",
+            "/\\/evil.example",
+            "\\/evil.example",
+            "https://evil.example/",
+            "/\u{1}",
+            "/\r\nSet-Cookie: x=y",
+            "/a b",
+            "/a#frag",
+            "/%zz",
+            "/%0",
+            "",
+            "evil",
+        ] {
+            assert_eq!(local_path(Some(bad)), "/", "{bad:?}");
+        }
+        assert_eq!(local_path(Some(&format!("/{}", "a".repeat(600)))), "/");
+        assert_eq!(local_path(None), "/");
+    }
 }

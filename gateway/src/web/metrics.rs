@@ -20,6 +20,7 @@
 //! | `mamori_unrecorded_results` | delivery results waiting to be recorded |
 //! | `mamori_open_breakers` | destinations not tried for now (failing in a row) |
 //! | `mamori_live_streams` | dashboard live streams open |
+//! | `mamori_outbound_dropped_total` | PUBACKs and agent acknowledgements dropped on a full outbound queue (the broker resends) |
 
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -143,6 +144,12 @@ pub async fn metrics(State(app): State<App>) -> Response {
         ),
         ("mamori_unrecorded_results", "Delivery results waiting to be recorded.", "gauge", load(&h.unrecorded_results)),
         ("mamori_open_breakers", "Destinations not tried for now.", "gauge", load(&h.open_breakers)),
+        (
+            "mamori_outbound_dropped_total",
+            "PUBACKs and agent acknowledgements dropped on a full outbound queue.",
+            "counter",
+            load(&c.outbound_dropped),
+        ),
         (
             "mamori_live_streams",
             "Dashboard live streams open.",

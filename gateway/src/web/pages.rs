@@ -48,6 +48,18 @@ const WORDS: &[(&str, &str, &str)] = &[
     ("logout", "ログアウト", "Log out"),
     ("login_failed", "ユーザー名、パスワード、または確認コードが違います。", "Wrong username, password or code."),
     ("throttled", "失敗が続いたため、約{n}分間ログインできません。", "Too many failures: try again in about {n} min."),
+    (
+        "unavailable",
+        "一時的に利用できません。少し待ってからもう一度お試しください。",
+        "Temporarily unavailable: please try again in a moment.",
+    ),
+    ("busy", "ただいま混み合っています。少し待ってからもう一度お試しください。", "Busy: please try again in a moment."),
+    (
+        "password_throttled",
+        "現在のパスワードの確認に何度も失敗したため、しばらく変更できません。",
+        "Too many wrong current passwords: try again later.",
+    ),
+    ("password_wrong", "現在のパスワードが違います。", "The current password is wrong."),
     ("form_expired", "フォームの有効期限が切れました。もう一度お試しください。", "The form expired: try again."),
     ("overview", "概況", "Overview"),
     ("alerts", "通知", "Alerts"),
@@ -205,6 +217,14 @@ fn not_found(lang: Lang) -> Response {
         .into_response()
 }
 
+/// An account error for the person who made it: a password's reason in their language.
+fn account_error(e: &accounts::AccountError, lang: Lang) -> String {
+    match e {
+        accounts::AccountError::Password(p) => p.text(lang != Lang::En),
+        e => e.to_string(),
+    }
+}
+
 fn failed(e: impl std::fmt::Display) -> Response {
     tracing::error!(error = %e, "dashboard");
     (StatusCode::SERVICE_UNAVAILABLE, Html("<p>一時的に表示できません / Temporarily unavailable</p>".to_string()))
@@ -309,13 +329,14 @@ fn incidents_html(engine: &Engine, v: &Viewer, now: Time, offset: FixedOffset) -
 }
 
 /// `GET /`: every home the user may see, grouped by municipality, worst first.
-pub async fn overview(State(app): State<App>, v: Viewer) -> Response {
+pub async fn overview(State(app): State<App>, v: Viewer, client: Client) -> Response {
     let t = T(v.lang);
     let snap = app.snap();
     let now = crate::clock::now();
     let offset = app.style.offset;
     let mut body = incidents_html(&snap.engine, &v, now, offset);
     let homes = view::homes(&snap.engine, &v.user, now);
+    app.audit_view(&v, &client.text(), "view_overview", "homes", &format!("{} homes", homes.len())).await;
     if homes.is_empty() {
         let _ = write!(body, "<p>{}</p>", t.t("no_homes"));
     }
@@ -452,10 +473,11 @@ fn alert_row(v: &Viewer, label: Option<&str>, a: &AlertView, back: &str, offset:
 }
 
 /// `GET /alerts`: open alerts across the user's homes.
-pub async fn alerts(State(app): State<App>, v: Viewer) -> Response {
+pub async fn alerts(State(app): State<App>, v: Viewer, client: Client) -> Response {
     let t = T(v.lang);
     let snap = app.snap();
     let list = view::open_alerts(&snap.engine, &v.user);
+    app.audit_view(&v, &client.text(), "list_alerts", "alerts", &format!("{} alerts", list.len())).await;
     let mut body = format!("<h1>{}</h1>", t.t("alerts"));
     if list.is_empty() {
         let _ = write!(body, "<p>{}</p>", t.t("no_alerts"));
@@ -500,7 +522,9 @@ pub async fn ack_alert(
             app.audit(&v.user.username, &client.text(), "ack", &id, detail.trim()).await;
             Redirect::to(&local_path(f.next.as_deref())).into_response()
         }
-        Err(e) => (StatusCode::CONFLICT, Html(format!("<p>{}</p>", escape(&e)))).into_response(),
+        Err(e) => {
+            (StatusCode::CONFLICT, layout(&v, "409", &format!("<p class=\"error\">{}</p>", escape(&e)))).into_response()
+        }
     }
 }
 
@@ -557,7 +581,9 @@ pub async fn ack_incident(
             app.audit(&v.user.username, &client.text(), "ack", &id, &detail).await;
             Redirect::to(&format!("/incidents/{id}")).into_response()
         }
-        Err(e) => (StatusCode::CONFLICT, Html(format!("<p>{}</p>", escape(&e)))).into_response(),
+        Err(e) => {
+            (StatusCode::CONFLICT, layout(&v, "409", &format!("<p class=\"error\">{}</p>", escape(&e)))).into_response()
+        }
     }
 }
 
@@ -570,9 +596,7 @@ pub async fn incident(State(app): State<App>, v: Viewer, client: Client, Path(id
     let Some(i) = view::incidents(&snap.engine, &v.user, now).into_iter().find(|i| i.id == id) else {
         return not_found(v.lang);
     };
-    if !v.live {
-        app.audit(&v.user.username, &client.text(), "view_incident", &id, &i.municipality).await;
-    }
+    app.audit_view(&v, &client.text(), "view_incident", &id, &i.municipality).await;
     let mut body = format!(
         "<h1>{} {}</h1><p>{} {}</p><table class=\"triage\"><thead><tr><th>{}</th><th>{}</th><th>{}</th><th>{}</th><th>{}</th><th>{}</th><th>{}</th></tr></thead><tbody>",
         t.t("incident"),
@@ -729,9 +753,7 @@ pub async fn home(State(app): State<App>, v: Viewer, client: Client, Path(id): P
     let now = crate::clock::now();
     let offset = app.style.offset;
     let Some(plan) = view::home(&snap.engine, &v.user, &id) else { return not_found(v.lang) };
-    if !v.live {
-        app.audit(&v.user.username, &client.text(), "view_home", &id, "").await;
-    }
+    app.audit_view(&v, &client.text(), "view_home", &id, "").await;
     let h = view::home_view(plan, snap.engine.home_state(&plan.id), now);
     let home_id = plan.id.clone();
     let since = now - chrono::Duration::hours(24);
@@ -1012,21 +1034,55 @@ pub async fn account_password(
     if let Some(r) = v.csrf_refusal(&f.csrf) {
         return r;
     }
-    let name = v.user.username.clone();
-    let r = app
-        .db(move |s| {
-            let hash: String =
-                s.conn().query_row("SELECT password_hash FROM users WHERE username = ?1", [&name], |r| r.get(0))?;
-            if !accounts::verify_password(&hash, &f.current) {
-                return Ok(Err("current password is wrong / 現在のパスワードが違います".to_string()));
+    let t = T(v.lang);
+    let (name, ip, now) = (v.user.username.clone(), client.text(), crate::clock::now());
+    // The current password is a password guess like a login's: throttled and audited.
+    let keys = [format!("pw:{name}")];
+    let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+    let reserved = match app.throttle.lock() {
+        Ok(mut th) => th.reserve(&keys, now).map_err(|_| th.refused(keys[0], now)),
+        Err(_) => Err(None),
+    };
+    let reservation = match reserved {
+        Ok(r) => r,
+        Err(audit_now) => {
+            if let Some(n) = audit_now {
+                app.audit(
+                    &name,
+                    &ip,
+                    "password_change_failed",
+                    &name,
+                    &format!("throttled ({n} refused in the last minute)"),
+                )
+                .await;
             }
-            Ok(Accounts::new(s.conn()).set_password(&name, &f.new).map_err(|e| e.to_string()))
-        })
-        .await;
-    match r {
+            return account_page(&v, Some(t.t("password_throttled")), None);
+        }
+    };
+    let n = name.clone();
+    let hash = match app.db(move |s| Ok(Accounts::new(s.conn()).password_hash(&n)?)).await {
+        Ok(Some(h)) => h,
+        Ok(None) => return failed(anyhow::anyhow!("the account vanished")),
+        Err(e) => return failed(e),
+    };
+    match app.verify_password(hash, f.current).await {
+        Ok(true) => {}
+        Ok(false) => {
+            app.audit(&name, &ip, "password_change_failed", &name, "wrong current password").await;
+            return account_page(&v, Some(t.t("password_wrong")), None);
+        }
+        Err(super::Busy) => return account_page(&v, Some(t.t("busy")), None),
+    }
+    let (n, new) = (name.clone(), f.new);
+    let lang = v.lang;
+    match app.db(move |s| Ok(Accounts::new(s.conn()).set_password(&n, &new).map_err(|e| account_error(&e, lang)))).await
+    {
         Ok(Ok(())) => {
-            app.audit(&v.user.username, &client.text(), "password_change", &v.user.username, "").await;
-            // Changing the password ends every session, this one included.
+            if let Ok(mut th) = app.throttle.lock() {
+                th.succeed(&keys, reservation);
+            }
+            app.audit(&name, &ip, "password_change", &name, "").await;
+            // Changing the password ends every session, this one included, and its tokens.
             Redirect::to("/login").into_response()
         }
         Ok(Err(e)) => account_page(&v, Some(&e), None),
@@ -1052,7 +1108,8 @@ pub async fn account_totp(State(app): State<App>, v: Viewer, client: Client, For
         return account_page(&v, None, None);
     }
     let (name, secret, code, now) = (v.user.username.clone(), f.secret.clone(), f.code.clone(), crate::clock::now());
-    match app.db(move |s| Ok(Accounts::new(s.conn()).enable_totp(&name, &secret, &code, now)?)).await {
+    let key = app.totp_key.clone();
+    match app.db(move |s| Ok(Accounts::new(s.conn()).enable_totp(&name, &secret, &code, &key, now)?)).await {
         Ok(true) => {
             app.audit(&v.user.username, &client.text(), "totp_enable", &v.user.username, "").await;
             let mut v = v;
@@ -1181,8 +1238,11 @@ pub async fn admin_add_user(State(app): State<App>, v: Viewer, client: Client, F
     };
     let totp = (role == AccountRole::Admin).then(accounts::new_totp_secret);
     let (n, pw, secret, now) = (new.clone(), f.password, totp.clone(), crate::clock::now());
+    let (key, lang) = (app.totp_key.clone(), v.lang);
     let r = app
-        .db(move |s| Ok(Accounts::new(s.conn()).add(&n, &pw, secret.as_deref(), now).map_err(|e| e.to_string())))
+        .db(move |s| {
+            Ok(Accounts::new(s.conn()).add(&n, &pw, secret.as_deref(), &key, now).map_err(|e| account_error(&e, lang)))
+        })
         .await;
     match r {
         Ok(Ok(u)) => {
@@ -1226,7 +1286,7 @@ pub async fn admin_change_user(
     if name == v.user.username && f.action == "disable" {
         return admin_users_page(&app, &v, Some("you cannot disable yourself".into())).await;
     }
-    let (n, action, pw, now) = (name.clone(), f.action.clone(), f.password, crate::clock::now());
+    let (n, action, pw, now, lang) = (name.clone(), f.action.clone(), f.password, crate::clock::now(), v.lang);
     let r = app
         .db(move |s| {
             let acc = Accounts::new(s.conn());
@@ -1237,7 +1297,7 @@ pub async fn admin_change_user(
                 "token" => acc.add_token(&n, "dashboard", now).map(Some),
                 other => Err(accounts::AccountError::Invalid(format!("unknown action {other}"))),
             };
-            Ok(r.map_err(|e| e.to_string()))
+            Ok(r.map_err(|e| account_error(&e, lang)))
         })
         .await;
     match r {
@@ -1369,13 +1429,46 @@ pub async fn live(State(app): State<App>, v: Viewer) -> Response {
     let rx = app.snapshot.clone();
     let user = v.user;
     let first = rx.borrow().version;
-    let stream = futures_util::stream::unfold((rx, user, first, slot), |(mut rx, user, last, slot)| async move {
+    struct Live {
+        rx: tokio::sync::watch::Receiver<std::sync::Arc<crate::web::Snapshot>>,
+        user: accounts::User,
+        last: u64,
+        _slot: Slot,
+        app: App,
+        session: String,
+        checked: tokio::time::Instant,
+    }
+    // The session is checked again every 15 s: the stream ends (within 15 s) at logout, at the
+    // session's expiry, and when the account is disabled.
+    let live =
+        Live { rx, user, last: first, _slot: slot, app, session: v.session, checked: tokio::time::Instant::now() };
+    let stream = futures_util::stream::unfold(live, |mut l| async move {
         loop {
-            rx.changed().await.ok()?;
-            let snap = rx.borrow_and_update().clone();
-            if changed_for(&snap, &user, last) {
+            let tick = tokio::time::sleep_until(l.checked + Duration::from_secs(15));
+            let changed = tokio::select! {
+                r = l.rx.changed() => { r.ok()?; true }
+                _ = tick => false,
+            };
+            if l.checked.elapsed() >= Duration::from_secs(15) {
+                let (session, now, s) = (l.session.clone(), crate::clock::now(), l.app.sessions);
+                let alive = l
+                    .app
+                    .db(move |db| Ok(Accounts::new(db.conn()).session_alive(&session, now, s.idle, s.max_age)?))
+                    .await
+                    .unwrap_or(false);
+                l.checked = tokio::time::Instant::now();
+                if !alive {
+                    return None;
+                }
+            }
+            if !changed {
+                continue;
+            }
+            let snap = l.rx.borrow_and_update().clone();
+            if changed_for(&snap, &l.user, l.last) {
+                l.last = snap.version;
                 let ev = SseEvent::default().event("change").data(snap.version.to_string());
-                return Some((Ok::<_, Infallible>(ev), (rx, user, snap.version, slot)));
+                return Some((Ok::<_, Infallible>(ev), l));
             }
         }
     });

@@ -317,3 +317,28 @@ fn a_network_cut_is_not_a_wrong_clock() {
     }
     assert!(alert(&e, "a", "clock_skew").is_none());
 }
+
+#[test]
+fn a_replayed_acknowledgement_link_neither_adds_nor_postpones() {
+    let mut e = engine(&[plan("a", "431001", 5000.0)]);
+    e.handle(Input::Event(h("a"), event(1, 0, EventKind::Spo2Low)), t(0)).unwrap();
+    e.poll(t(0));
+    sent(&mut e);
+    let id = alert(&e, "a", "spo2_low").unwrap().id.clone();
+    let ack = |by: &str| Input::Ack { alert_id: id.clone(), role: Role::Family, by: by.into(), note: None };
+    e.handle(ack("link"), t(60)).unwrap();
+    // The same link, replayed a hundred times over the next half hour.
+    for k in 1..=100 {
+        e.handle(ack("link"), t(60 + k * 17)).unwrap();
+    }
+    let a = alert(&e, "a", "spo2_low").unwrap();
+    assert_eq!(a.acks.len(), 1, "one acknowledgement per person or link");
+    assert_eq!(a.acknowledged.as_ref().map(|k| k.at), Some(t(60)), "timed from the first");
+    // Someone else acknowledges too: recorded, and the timing stays with the first.
+    e.handle(ack("cli:sato"), t(100)).unwrap();
+    let a = alert(&e, "a", "spo2_low").unwrap();
+    assert_eq!((a.acks.len(), a.acknowledged.as_ref().map(|k| k.at)), (2, Some(t(60))));
+    // Re-escalation 30 min after the first acknowledgement, replays or not.
+    e.poll(t(60 + 30 * 60 + 1));
+    assert!(!sent(&mut e).is_empty(), "re-escalated on time");
+}
