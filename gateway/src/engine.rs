@@ -66,7 +66,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 pub use crate::forecast::Time;
-use crate::forecast::{forecast, Forecast, PowerReadings};
+use crate::forecast::{forecast, learn, Assumptions, Discharge, Forecast, Learned, PowerReadings, Sample};
 use crate::homes::{Contact, Home};
 use crate::notice::Notice;
 use crate::policy::{Policies, Policy, Tier};
@@ -114,6 +114,9 @@ pub struct Settings {
     /// The longest telemetry period a home may announce, s (a larger one is taken as this:
     /// a home must not be able to switch its own silence detection off).
     pub max_interval_s: u32,
+    /// `battery_degraded` when a battery was measured to hold less than this share of its
+    /// care plan's energy, % (found on a calm day, not in the typhoon).
+    pub battery_degraded_below_pct: f64,
 }
 
 impl Default for Settings {
@@ -134,6 +137,7 @@ impl Default for Settings {
             mass_silence_window_s: 180,
             mass_silence_grace_s: 600,
             max_interval_s: 3600,
+            battery_degraded_below_pct: 70.0,
         }
     }
 }
@@ -278,7 +282,21 @@ pub struct HomeState {
     /// Sources the home reports.
     pub devices: BTreeSet<String>,
     /// The latest forecast while on battery (kept while silent).
+    #[serde(default, deserialize_with = "lenient")]
     pub forecast: Option<Forecast>,
+    /// The current outage's discharge, as observed (what the forecast is made from).
+    #[serde(default)]
+    pub discharge: Option<Discharge>,
+    /// What earlier outages taught about the home's battery.
+    #[serde(default)]
+    pub battery: Option<Learned>,
+    /// The external backup was taken as run out at this time (the home fell silent when its
+    /// own forecast said it would run out).
+    #[serde(default)]
+    pub ran_out_at: Option<Time>,
+    /// Readings refused, by reason, in all.
+    #[serde(default)]
+    pub rejected_readings: BTreeMap<String, u64>,
     /// Active alerts by kind.
     pub alerts: BTreeMap<String, Alert>,
     /// Time of the last transition of each opening/clearing pair, by opening kind.
@@ -294,6 +312,25 @@ pub struct HomeState {
     pub normal_at: BTreeMap<String, Time>,
 }
 
+/// A stored forecast from an older version is recomputed at the next reading, not a reason to
+/// refuse the whole state.
+fn lenient<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Forecast>, D::Error> {
+    let v = serde_json::Value::deserialize(d)?;
+    Ok(serde_json::from_value(v).ok())
+}
+
+impl HomeState {
+    /// The forecast as it stands at `now`: a silent home's band widens with the time since
+    /// it was last heard.
+    pub fn forecast_at(&self, now: Time) -> Option<Forecast> {
+        let f = self.forecast?;
+        match (self.conn.silent(), self.last_heard, self.ran_out_at) {
+            (true, Some(heard), None) => Some(f.widened(now - heard)),
+            _ => Some(f),
+        }
+    }
+}
+
 /// A row of an incident's triage list.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 pub struct TriageRow {
@@ -305,8 +342,11 @@ pub struct TriageRow {
     pub on_battery: bool,
     /// Silent.
     pub silent: bool,
-    /// Time left, s.
+    /// Time left, s (the forecast's middle).
     pub time_left_s: Option<i64>,
+    /// Time left on the pessimistic and the optimistic bound, s.
+    #[serde(default)]
+    pub time_left_range_s: Option<(i64, i64)>,
     /// The forecast's basis.
     pub basis: Option<String>,
     /// Its tier now.
@@ -347,6 +387,8 @@ pub struct Incident {
 /// What a message says (rendered per language by [`crate::message`]).
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
+// Built once per notification and moved into its outbox row: boxing the alert would buy nothing.
+#[allow(clippy::large_enum_variant)]
 pub enum Content {
     /// An alert, first or repeated.
     Alert {
@@ -361,9 +403,13 @@ pub enum Content {
         /// Repeat number on this step (0 = first).
         repeat: u32,
         /// The forecast, while on battery.
+        #[serde(default, deserialize_with = "lenient")]
         forecast: Option<Forecast>,
-        /// Time left at the time of writing, s.
+        /// Time left at the time of writing, s (the middle).
         time_left_s: Option<i64>,
+        /// Time left on the pessimistic and the optimistic bound, s.
+        #[serde(default)]
+        time_left_range_s: Option<(i64, i64)>,
         /// The home is silent.
         silent: bool,
         /// The evacuation destination and travel time.
@@ -728,6 +774,9 @@ impl Engine {
         st.last_heard = Some(now);
         if st.conn != Connectivity::Online {
             st.conn = Connectivity::Online;
+            // Heard again: whatever was assumed while it was silent, it has power (the next
+            // reading recomputes the forecast).
+            st.ran_out_at = None;
             for kind in ["home_silent", "state_unknown"] {
                 self.clear_alert(home, kind, now);
             }
@@ -804,7 +853,8 @@ impl Engine {
                 }
             }
         }
-        self.refresh_forecast(&home);
+        self.observe(&home, Sample::of(ts, t.ups.as_ref(), t.power_meter.as_ref()), now);
+        self.refresh_forecast(&home, now);
         // Conditions the home says are over end their alerts, whether or not the clearing
         // event ever comes.
         for kind in over(&t) {
@@ -864,17 +914,13 @@ impl Engine {
                     }
                     _ => {}
                 }
-                if let Some(runtime) = e.data.get("runtime_s").and_then(|v| v.as_u64()) {
-                    let reading = mamori_protocol::reading::UpsReading {
-                        runtime_s: u32::try_from(runtime).ok(),
-                        ..Default::default()
-                    };
-                    if st.readings.ups.as_ref().is_none_or(|(at, _)| *at < ts) {
-                        st.readings.ups = Some((ts, reading));
-                    }
-                }
+                let runtime =
+                    e.data.get("runtime_s").and_then(|v| v.as_u64()).map(|r| u32::try_from(r).unwrap_or(u32::MAX));
                 self.power_changed(&home, now);
-                self.refresh_forecast(&home);
+                if let Some(r) = runtime {
+                    self.observe(&home, Sample { at: Some(ts), runtime_s: Some(r), ..Default::default() }, now);
+                }
+                self.refresh_forecast(&home, now);
             }
             EventKind::MainsRestored => {
                 if st.power_ts.is_none_or(|p| ts >= p) {
@@ -882,7 +928,7 @@ impl Engine {
                     st.power_ts = Some(ts);
                 }
                 self.power_changed(&home, now);
-                self.refresh_forecast(&home);
+                self.refresh_forecast(&home, now);
             }
             _ => {}
         }
@@ -1079,6 +1125,26 @@ impl Engine {
         Ok(())
     }
 
+    /// A home on battery that fell silent when its own forecast said its external backup was
+    /// running out (within three telemetry periods, or 5 minutes, of its P10) is taken as run
+    /// out: its UPS most likely died and took the home unit with it.
+    fn ran_out_if_due(&mut self, home: &HomeId) {
+        let Some(plan) = self.plans.get(home) else { return };
+        let interval =
+            i64::from(self.state.get(home).and_then(|s| s.interval_s).unwrap_or(self.settings.default_interval_s));
+        let Some(st) = self.state.get_mut(home) else { return };
+        let (Power::Battery { .. }, Some(f), Some(heard), None) = (st.power, st.forecast, st.last_heard, st.ran_out_at)
+        else {
+            return;
+        };
+        let margin = Duration::seconds((interval * 3).max(300));
+        if heard >= f.external.p10 - margin && f.basis != crate::forecast::Basis::InternalOnly {
+            tracing::warn!(home = %home, "silent when its backup was due to run out: taken as run out");
+            st.ran_out_at = Some(heard);
+            st.forecast = Some(f.ran_out(heard, Duration::seconds((plan.internal_min() * 60.0) as i64)));
+        }
+    }
+
     /// A home fell silent (`fresh`) or, already silent, became a home at risk (an incident
     /// opened around it).
     fn went_silent(&mut self, home: &HomeId, fresh: bool, now: Time) {
@@ -1086,6 +1152,8 @@ impl Engine {
         let in_incident = self.incident_of(home).is_some() || self.would_be_in_incident(home);
         let on_battery = matches!(st.power, Power::Battery { .. });
         if on_battery || in_incident {
+            self.ran_out_if_due(home);
+            let st = self.state.get(home).cloned().unwrap_or_default();
             self.clear_alert(home, "home_silent", now);
             let mut data = serde_json::Map::new();
             if let Some(f) = &st.forecast {
@@ -1171,23 +1239,116 @@ impl Engine {
         self.recent_silences.clear();
     }
 
-    fn refresh_forecast(&mut self, home: &HomeId) {
+    /// A reading during an outage: into the discharge (refused readings counted, and logged
+    /// the first time in an outage).
+    fn observe(&mut self, home: &HomeId, sample: Sample, now: Time) {
+        let Some(plan) = self.plans.get(home) else { return };
+        // A charge unchanged this long is stuck: three times what one point takes at the care
+        // plan's load for a battery 25 % better than planned, and at least 30 minutes.
+        let point_min = plan.external_wh().map_or(0.0, |wh| wh * 1.25 / 100.0 / plan.load_w().max(1.0) * 60.0);
+        let stuck_after = Duration::minutes((point_min * 3.0).clamp(30.0, 7.0 * 24.0 * 60.0) as i64);
+        self.start_discharge(home, now);
+        let Some(st) = self.state.get_mut(home) else { return };
+        let Power::Battery { since } = st.power else { return };
+        let Some(d) = st.discharge.as_mut() else { return };
+        if sample.at.is_some_and(|t| t < since) {
+            return;
+        }
+        for reason in d.push(sample, stuck_after) {
+            *st.rejected_readings.entry(reason.to_string()).or_default() += 1;
+            if d.rejected.get(reason) == Some(&1) {
+                tracing::warn!(home = %home, reason, "a reading that cannot be true was set aside; the forecast uses the next basis");
+            }
+        }
+    }
+
+    /// Begin the outage's discharge when the home is on battery without one (or with one from
+    /// another outage); end it, learning from it, when the home is back on mains.
+    fn start_discharge(&mut self, home: &HomeId, now: Time) {
         let Some(plan) = self.plans.get(home) else { return };
         let Some(st) = self.state.get_mut(home) else { return };
-        st.forecast = match st.power {
-            Power::Battery { since } => Some(forecast(plan, since, &st.readings)),
+        match st.power {
+            Power::Battery { since } => match &mut st.discharge {
+                Some(d) if d.since == Some(since) => {}
+                Some(d) if d.since.is_some_and(|s| s < since + Duration::minutes(5)) && d.since > Some(since) => {
+                    // An earlier event moved the outage's start back: the same outage.
+                    d.since = Some(since);
+                }
+                _ => {
+                    st.discharge = Some(Discharge::start(since));
+                    st.ran_out_at = None;
+                }
+            },
+            Power::Mains => {
+                if let Some(d) = st.discharge.take() {
+                    let ran_out = st.ran_out_at.take();
+                    let ended = ran_out.or(st.power_ts).unwrap_or(now);
+                    if let Some(l) = learn(plan, &d, st.battery.as_ref(), ended, ran_out.is_some()) {
+                        tracing::info!(
+                            home = %home,
+                            health_pct = (l.health * 100.0).round(),
+                            optimism = l.optimism.map(|o| (o * 100.0).round() / 100.0),
+                            discharges = l.discharges,
+                            "learned the battery from this outage"
+                        );
+                        st.battery = Some(l);
+                    }
+                    self.battery_health(home, now);
+                }
+            }
+            Power::Unknown => {}
+        }
+    }
+
+    /// Open or clear `battery_degraded` from what was learned of the battery (cleared too when
+    /// the care plan names another battery).
+    fn battery_health(&mut self, home: &HomeId, now: Time) {
+        let Some(plan) = self.plans.get(home) else { return };
+        let plan_wh = plan.external_wh();
+        let Some(st) = self.state.get(home) else { return };
+        let learned =
+            st.battery.as_ref().filter(|l| l.usable() && plan_wh.is_some_and(|w| (w - l.plan_wh).abs() < 0.5));
+        let degraded = learned.filter(|l| l.health * 100.0 < self.settings.battery_degraded_below_pct);
+        let open = st.alerts.contains_key("battery_degraded");
+        match degraded {
+            Some(l) if !open => {
+                let mut data = serde_json::Map::new();
+                data.insert("health_pct".into(), (l.health * 100.0).round().into());
+                data.insert("plan_wh".into(), l.plan_wh.round().into());
+                data.insert("delivered_wh".into(), (l.health * l.plan_wh).round().into());
+                data.insert("source".into(), serde_json::to_value(l.source).unwrap_or_default());
+                data.insert("discharges".into(), l.discharges.into());
+                self.raise(home, "battery_degraded", Severity::Warning, now, None, data, now);
+            }
+            None if open => self.clear_alert(home, "battery_degraded", now),
+            _ => {}
+        }
+    }
+
+    fn refresh_forecast(&mut self, home: &HomeId, now: Time) {
+        self.start_discharge(home, now);
+        let Some(plan) = self.plans.get(home) else { return };
+        let Some(st) = self.state.get_mut(home) else { return };
+        st.forecast = match (st.power, &st.discharge) {
+            (Power::Battery { since }, Some(d)) => {
+                let f = forecast(plan, since, d, st.battery.as_ref(), &Assumptions::default());
+                Some(match st.ran_out_at {
+                    Some(at) => f.ran_out(at, Duration::seconds((plan.internal_min() * 60.0) as i64)),
+                    None => f,
+                })
+            }
             _ => None,
         };
     }
 
-    /// A home's tier from its forecast (None: on mains / no forecast).
+    /// A home's tier from its forecast, on the pessimistic bound (None: on mains / no forecast).
     fn forecast_tier(&self, home: &HomeId, now: Time) -> Option<Tier> {
         let st = self.state.get(home)?;
-        let f = st.forecast.as_ref()?;
+        let f = st.forecast_at(now)?;
         let plan = self.plans.get(home)?;
-        let left = f.time_left(now);
+        let left = f.time_left_p10(now);
         let travel = plan.evacuation.as_ref().map_or(0, |e| i64::from(e.travel_min));
-        if f.on_last_battery(now) || left < Duration::minutes(self.settings.t3_time_left_min) {
+        if f.may_be_on_last_battery(now) || left < Duration::minutes(self.settings.t3_time_left_min) {
             Some(Tier::T3)
         } else if left < Duration::minutes(travel * 2 + self.settings.t2_margin_min) {
             Some(Tier::T2)
@@ -1309,6 +1470,20 @@ impl Engine {
             self.went_silent(&h, true, now);
         }
         self.check_mass_silence(now);
+        // A degraded battery whose care plan now names another battery (replaced): cleared.
+        let replaced: Vec<HomeId> = self
+            .state
+            .iter()
+            .filter(|(h, s)| {
+                let plan_wh = self.plans.get(*h).and_then(Home::external_wh);
+                s.alerts.contains_key("battery_degraded")
+                    && !s.battery.as_ref().is_some_and(|l| plan_wh.is_some_and(|w| (l.plan_wh - w).abs() < 0.5))
+            })
+            .map(|(h, _)| h.clone())
+            .collect();
+        for h in replaced {
+            self.battery_health(&h, now);
+        }
         // Escalation.
         let homes: Vec<HomeId> =
             self.state.iter().filter(|(_, s)| !s.alerts.is_empty()).map(|(h, _)| h.clone()).collect();
@@ -1389,8 +1564,11 @@ impl Engine {
             since: alert.since,
             tier: step.tier,
             repeat: alert.sent_in_step,
-            forecast: st.forecast,
-            time_left_s: st.forecast.map(|f| f.time_left(now).num_seconds()),
+            forecast: st.forecast_at(now),
+            time_left_s: st.forecast_at(now).map(|f| f.time_left(now).num_seconds()),
+            time_left_range_s: st
+                .forecast_at(now)
+                .map(|f| (f.time_left_p10(now).num_seconds(), f.time_left_p90(now).num_seconds())),
             silent: st.conn.silent(),
             evacuation: plan.and_then(|p| p.evacuation.as_ref()).map(|e| (e.destination.clone(), e.travel_min)),
             data: alert.data.clone(),
@@ -1418,13 +1596,16 @@ impl Engine {
                 let ack = ["mains_lost", "state_unknown"]
                     .iter()
                     .find_map(|k| st.alerts.get(*k).and_then(|a| a.acknowledged.as_ref()).map(|a| a.role));
+                let f = st.forecast_at(now);
                 Some(TriageRow {
                     home: h.clone(),
                     label: plan.label.clone(),
                     on_battery: matches!(st.power, Power::Battery { .. }),
                     silent: st.conn.silent(),
-                    time_left_s: st.forecast.map(|f| f.time_left(now).num_seconds()),
-                    basis: st.forecast.map(|f| f.basis.as_str().to_string()),
+                    time_left_s: f.map(|f| f.time_left(now).num_seconds()),
+                    time_left_range_s: f
+                        .map(|f| (f.time_left_p10(now).num_seconds(), f.time_left_p90(now).num_seconds())),
+                    basis: f.map(|f| f.basis.as_str().to_string()),
                     tier: self.forecast_tier(h, now).unwrap_or(Tier::T0).max(Tier::T1),
                     acknowledged_by: ack,
                     destination: plan.evacuation.as_ref().map(|e| e.destination.clone()),
@@ -1432,8 +1613,12 @@ impl Engine {
                 })
             })
             .collect();
-        // Soonest out first; homes back on mains last; silent homes without a forecast before those.
-        rows.sort_by_key(|r| (!r.on_battery && !r.silent, r.time_left_s.unwrap_or(i64::MAX), r.label.clone()));
+        // Soonest out first (on the pessimistic bound); homes back on mains last; silent homes
+        // without a forecast before those.
+        rows.sort_by_key(|r| {
+            let soonest = r.time_left_range_s.map(|x| x.0).or(r.time_left_s).unwrap_or(i64::MAX);
+            (!r.on_battery && !r.silent, soonest, r.label.clone())
+        });
         rows
     }
 

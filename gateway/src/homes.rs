@@ -93,9 +93,32 @@ pub struct Backup {
     /// Runtime on this source alone, min (a ventilator's internal battery: Astral ~480).
     #[serde(default)]
     pub runtime_min: Option<f64>,
+    /// The battery's chemistry, when not the usual for its kind (a UPS: lead-acid; a power
+    /// station: lithium).
+    #[serde(default)]
+    pub chemistry: Option<Chemistry>,
+}
+
+/// A battery's chemistry: how far its reported level and its load can be trusted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Chemistry {
+    /// Sealed lead-acid: delivers less at a high load (Peukert), ages to 50–70 % in 3 years,
+    /// its voltage follows its charge.
+    LeadAcid,
+    /// Lithium (LiFePO4, NMC): a flat voltage and a charge reading good to about ±15 %.
+    Lithium,
 }
 
 impl Backup {
+    /// Its chemistry: as stated, else the usual for its kind.
+    pub fn chemistry(&self) -> Chemistry {
+        self.chemistry.unwrap_or(match self.kind {
+            BackupKind::PowerStation => Chemistry::Lithium,
+            _ => Chemistry::LeadAcid,
+        })
+    }
+
     /// Usable energy, Wh, when known.
     pub fn energy_wh(&self) -> Option<f64> {
         self.usable_wh.or_else(|| {
@@ -186,6 +209,12 @@ impl Home {
             .filter_map(Backup::energy_wh)
             .collect();
         (!v.is_empty()).then(|| v.iter().sum())
+    }
+
+    /// The first external source (UPS or power station): the one whose readings the home
+    /// reports and whose health is learned.
+    pub fn external(&self) -> Option<&Backup> {
+        self.backup.iter().find(|b| b.kind != BackupKind::VentilatorInternal)
     }
 
     /// The ventilator's internal battery runtime, min.
@@ -444,8 +473,13 @@ home:
 
     #[test]
     fn nameplate_energy_is_derated_through_the_inverter() {
-        let b =
-            Backup { kind: BackupKind::PowerStation, usable_wh: None, nameplate_wh: Some(1000.0), runtime_min: None };
+        let b = Backup {
+            kind: BackupKind::PowerStation,
+            usable_wh: None,
+            nameplate_wh: Some(1000.0),
+            runtime_min: None,
+            chemistry: None,
+        };
         assert_eq!(b.energy_wh(), Some(850.0));
     }
 }

@@ -84,17 +84,85 @@ pub fn duration(s: i64, lang: Lang) -> String {
     }
 }
 
+/// A duration for a range, rounded the safe way: `Down` for the short end, `Up` for the long
+/// end, `Near` for the middle (to 10 minutes above an hour, 5 below, 1 under 10 minutes).
+#[derive(Clone, Copy)]
+pub enum Round {
+    /// Towards less.
+    Down,
+    /// To the nearest.
+    Near,
+    /// Towards more.
+    Up,
+}
+
+fn rough(s: i64, round: Round, lang: Lang) -> String {
+    let m = s.max(0) as f64 / 60.0;
+    let step = if m >= 60.0 {
+        10.0
+    } else if m >= 10.0 {
+        5.0
+    } else {
+        1.0
+    };
+    let q = match round {
+        Round::Down => (m / step).floor(),
+        Round::Near => (m / step).round(),
+        Round::Up => (m / step).ceil(),
+    } * step;
+    let (h, m) = ((q / 60.0).floor() as i64, (q % 60.0).round() as i64);
+    match (lang, h, m) {
+        (Lang::Ja, 0, m) => format!("{m}分"),
+        (Lang::Ja, h, 0) => format!("{h}時間"),
+        (Lang::Ja, h, m) => format!("{h}時間{m}分"),
+        (Lang::En, 0, m) => format!("{m} min"),
+        (Lang::En, h, 0) => format!("{h} h"),
+        (Lang::En, h, m) => format!("{h} h {m} min"),
+    }
+}
+
+/// A time left with its range: `約2時間（1時間40分〜2時間30分）`, `about 2 h (1 h 40 min to
+/// 2 h 30 min)`. Without a range (or a range under a minute wide), the middle alone.
+pub fn time_left_text(mid_s: i64, range_s: Option<(i64, i64)>, lang: Lang) -> String {
+    let mid = rough(mid_s, Round::Near, lang);
+    match range_s.filter(|(lo, hi)| hi - lo >= 60) {
+        Some((lo, hi)) => {
+            let (lo, hi) = (rough(lo, Round::Down, lang), rough(hi, Round::Up, lang));
+            match lang {
+                Lang::Ja => format!("約{mid}（{lo}〜{hi}）"),
+                Lang::En => format!("about {mid} ({lo} to {hi})"),
+            }
+        }
+        None => match lang {
+            Lang::Ja => format!("約{mid}"),
+            Lang::En => format!("about {mid}"),
+        },
+    }
+}
+
 /// What a forecast rests on, in words.
 pub fn basis(b: &str, lang: Lang) -> &'static str {
     match (b, lang) {
-        ("ups_runtime", Lang::Ja) => "UPSの報告",
-        ("ups_runtime", Lang::En) => "UPS reported",
+        ("observed_discharge", Lang::Ja) => "実際の減り方から計算",
+        ("observed_discharge", Lang::En) => "from how fast it is actually draining",
+        ("ups_runtime", Lang::Ja) => "UPSの報告を補正",
+        ("ups_runtime", Lang::En) => "the UPS's own estimate, corrected",
         ("charge_and_load", Lang::Ja) => "残量と負荷から計算",
         ("charge_and_load", Lang::En) => "from charge and load",
+        ("energy_balance", Lang::Ja) => "使った電力量から計算",
+        ("energy_balance", Lang::En) => "from the energy used so far",
         ("dead_reckoning", Lang::Ja) => "停電開始からの推定",
         ("dead_reckoning", Lang::En) => "estimated from the outage start",
         (_, Lang::Ja) => "人工呼吸器の内蔵電池のみ",
         (_, Lang::En) => "ventilator internal battery only",
+    }
+}
+
+/// Said when a forecast rests on an assumed battery.
+pub fn unverified(lang: Lang) -> &'static str {
+    match lang {
+        Lang::Ja => "この電池の実際の容量はまだ測れていないため、少なめに見積もっています",
+        Lang::En => "this battery's real capacity has not been measured yet, so it is estimated low",
     }
 }
 
@@ -132,6 +200,8 @@ pub fn kind_text(kind: &str, lang: Lang) -> &str {
         "state_unknown" => "silent during an outage: state unknown",
         "delivery_failed" if ja => "通知が届いていません",
         "delivery_failed" => "a notification could not be delivered",
+        "battery_degraded" if ja => "予備バッテリーが計画より持ちません",
+        "battery_degraded" => "the backup battery holds less than its care plan says",
         "clock_skew" if ja => "見守り機の時計がずれています",
         "clock_skew" => "the home unit's clock is wrong",
         other => other,
@@ -152,7 +222,7 @@ fn ask(tier: Tier, lang: Lang) -> &'static str {
 }
 
 fn row(r: &TriageRow, lang: Lang) -> String {
-    let left = r.time_left_s.map(|s| duration(s, lang)).unwrap_or_else(|| "?".into());
+    let left = r.time_left_s.map(|s| time_left_text(s, r.time_left_range_s, lang)).unwrap_or_else(|| "?".into());
     let silent = match (r.silent, lang) {
         (true, Lang::Ja) => " 【通信途絶】",
         (true, Lang::En) => " [SILENT]",
@@ -174,7 +244,19 @@ pub fn render(content: &Content, lang: Lang, role: Role, alert_id: &str, style: 
     let link = style.ack_link(alert_id, role);
     let ja = lang == Lang::Ja;
     match content {
-        Content::Alert { label, kind, since, tier, repeat, time_left_s, forecast, silent, evacuation, data } => {
+        Content::Alert {
+            label,
+            kind,
+            since,
+            tier,
+            repeat,
+            time_left_s,
+            time_left_range_s,
+            forecast,
+            silent,
+            evacuation,
+            data,
+        } => {
             let what = kind_text(kind, lang);
             let again = match (*repeat > 0, ja) {
                 (true, true) => "（再通知）",
@@ -188,20 +270,18 @@ pub fn render(content: &Content, lang: Lang, role: Role, alert_id: &str, style: 
                 format!("{label}: {what}, since {}.", style.time(*since))
             };
             if let (Some(left), Some(f)) = (time_left_s, forecast) {
-                body += &if ja {
-                    format!(
-                        " 電源の残り{}（{}、{}まで）。",
-                        duration(*left, lang),
-                        basis(f.basis.as_str(), lang),
-                        style.time(f.runs_out_at)
-                    )
+                let left = time_left_text(*left, *time_left_range_s, lang);
+                let how = if f.verified {
+                    basis(f.basis.as_str(), lang).to_string()
+                } else if ja {
+                    format!("{}。{}", basis(f.basis.as_str(), lang), unverified(lang))
                 } else {
-                    format!(
-                        " Power left: {} ({}, until {}).",
-                        duration(*left, lang),
-                        basis(f.basis.as_str(), lang),
-                        style.time(f.runs_out_at)
-                    )
+                    format!("{}; {}", basis(f.basis.as_str(), lang), unverified(lang))
+                };
+                body += &if ja {
+                    format!(" 電源の残り{left}、早ければ{}に切れます（{how}）。", style.time(f.runs_out.p10))
+                } else {
+                    format!(" Power left: {left}; it may run out as early as {} ({how}).", style.time(f.runs_out.p10))
                 };
             }
             if *silent {
@@ -227,6 +307,22 @@ pub fn render(content: &Content, lang: Lang, role: Role, alert_id: &str, style: 
                     (false, false) => format!(" ({off} behind)"),
                 };
             }
+            if kind == "battery_degraded" {
+                let n = |k: &str| data.get(k).and_then(|v| v.as_f64()).unwrap_or(0.0).round() as i64;
+                let (health, delivered, planned) = (n("health_pct"), n("delivered_wh"), n("plan_wh"));
+                let times = n("discharges").max(1);
+                body += &if ja {
+                    format!(
+                        " 最近{times}回の停電での測定では、バッテリーが使えた電力量は計画の約{health}%（約{delivered}Wh／計画{planned}Wh）でした。\
+                         次の停電では、その分だけ早く切れます。"
+                    )
+                } else {
+                    format!(
+                        " Measured over the last {times} outage(s), the battery delivered about {health} % of its care plan \
+                         (about {delivered} Wh of {planned} Wh). In the next outage it will run out that much sooner."
+                    )
+                };
+            }
             if let (Some((dest, travel)), true) = (evacuation, *tier >= Tier::T2) {
                 body += &if ja {
                     format!(" 避難先: {dest}（移動{travel}分）。")
@@ -237,6 +333,18 @@ pub fn render(content: &Content, lang: Lang, role: Role, alert_id: &str, style: 
             let request = match (kind.as_str(), ja) {
                 ("clock_skew", true) => {
                     "mamoriは受信時刻で記録しているため通知は正しく届きますが、設置業者に見守り機の時刻合わせの確認を依頼してください。"
+                }
+                ("battery_degraded", true) if role == Role::Family => {
+                    "お願い: 停電の前に、バッテリーの交換か予備バッテリーの追加を、販売店や訪問看護ステーション、コーディネーターと相談してください。"
+                }
+                ("battery_degraded", false) if role == Role::Family => {
+                    "Please: before the next outage, arrange to replace the battery or add a second one (ask the dealer, the visiting nurse or the coordinator)."
+                }
+                ("battery_degraded", true) => {
+                    "お願い: ご家族と、バッテリーの交換または追加（日常生活用具の給付など）について相談してください。個別避難計画の時間も見直してください。"
+                }
+                ("battery_degraded", false) => {
+                    "Please: talk with the family about replacing the battery or adding one (equipment subsidies), and review the evacuation plan's timings."
                 }
                 ("clock_skew", false) => {
                     "mamori records by the time it receives messages, so notifications are right; please have the installer check the home unit's time synchronisation."
@@ -299,6 +407,7 @@ pub fn render(content: &Content, lang: Lang, role: Role, alert_id: &str, style: 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::forecast::Band;
     use crate::forecast::{Basis, Forecast};
     use chrono::DateTime;
 
@@ -319,8 +428,11 @@ mod tests {
         let f = Forecast {
             external_until: t(3600),
             runs_out_at: t(3 * 3600 + 1200),
+            external: Band { p10: t(3000), p50: t(3600), p90: t(4200) },
+            runs_out: Band { p10: t(2 * 3600 + 1800), p50: t(3 * 3600 + 1200), p90: t(3 * 3600 + 1800) },
             basis: Basis::UpsRuntime,
             as_of: t(0),
+            verified: true,
         };
         let c = Content::Alert {
             label: "K-01".into(),
@@ -333,18 +445,76 @@ mod tests {
             silent: false,
             evacuation: Some(("熊本大学病院".into(), 40)),
             data: Default::default(),
+            time_left_range_s: Some((2 * 3600 + 1800 + 59, 3 * 3600 + 1801)),
         };
         let (subject, body) = render(&c, Lang::Ja, Role::Facility, "abc", &style());
         assert!(subject.contains("K-01") && subject.contains("停電"), "{subject}");
-        assert!(body.contains("約3時間20分") && body.contains("UPSの報告") && body.contains("熊本大学病院"), "{body}");
+        assert!(
+            body.contains("電源の残り約3時間20分（2時間30分〜3時間40分）")
+                && body.contains("UPSの報告を補正")
+                && body.contains("熊本大学病院"),
+            "{body}"
+        );
         assert!(body.contains(&style().ack_link("abc", Role::Facility)), "{body}");
         let (_, en) = render(&c, Lang::En, Role::Facility, "abc", &style());
         assert!(
-            en.contains("about 3 h 20 min")
-                && en.contains("UPS reported")
+            en.contains("about 3 h 20 min (2 h 30 min to 3 h 40 min)")
+                && en.contains("the UPS's own estimate, corrected")
                 && en.contains("Acknowledge: https://mamori.example/ack/abc/facility/"),
             "{en}"
         );
+        // Resting on an assumed battery: the reader is told.
+        let mut c = c;
+        if let Content::Alert { forecast: Some(f), .. } = &mut c {
+            f.verified = false;
+        }
+        let (_, body) = render(&c, Lang::Ja, Role::Family, "abc", &style());
+        assert!(body.contains("まだ測れていない"), "{body}");
+    }
+
+    #[test]
+    fn ranges_round_the_safe_way() {
+        assert_eq!(time_left_text(7260, Some((6000, 8500)), Lang::Ja), "約2時間（1時間40分〜2時間30分）");
+        assert_eq!(time_left_text(1500, Some((1260, 1790)), Lang::En), "about 25 min (20 min to 30 min)");
+        assert_eq!(
+            time_left_text(400, Some((400, 430)), Lang::Ja),
+            "約7分",
+            "a range under a minute is not worth saying"
+        );
+    }
+
+    #[test]
+    fn a_degraded_battery_is_explained_with_what_each_reader_can_do() {
+        let mut data = serde_json::Map::new();
+        for (k, v) in [("health_pct", 55.0), ("plan_wh", 800.0), ("delivered_wh", 440.0), ("discharges", 2.0)] {
+            data.insert(k.into(), v.into());
+        }
+        let c = Content::Alert {
+            label: "K-01".into(),
+            kind: "battery_degraded".into(),
+            since: t(0),
+            tier: Tier::T0,
+            repeat: 0,
+            forecast: None,
+            time_left_s: None,
+            time_left_range_s: None,
+            silent: false,
+            evacuation: None,
+            data,
+        };
+        let (subject, family) = render(&c, Lang::Ja, Role::Family, "abc", &style());
+        assert!(subject.contains("予備バッテリーが計画より持ちません"), "{subject}");
+        assert!(
+            family.contains("計画の約55%（約440Wh／計画800Wh）") && family.contains("交換か予備バッテリーの追加"),
+            "{family}"
+        );
+        let (_, coordinator) = render(&c, Lang::Ja, Role::Coordinator, "abc", &style());
+        assert!(coordinator.contains("ご家族と") && !coordinator.contains("ご家族に連絡"), "{coordinator}");
+        let (_, en) = render(&c, Lang::En, Role::Family, "abc", &style());
+        assert!(en.contains("about 55 % of its care plan") && en.contains("replace the battery"), "{en}");
+        for text in [&family, &coordinator] {
+            assert!(!text.contains("health_pct") && !text.contains("plan_wh"), "no field names: {text}");
+        }
     }
 
     #[test]

@@ -226,6 +226,17 @@ pub fn clock_skew_default() -> Policy {
     }
 }
 
+/// A battery measured to hold less than its care plan: the family and the coordinator, once,
+/// and again every week while it lasts (acknowledged or not) — a calm-day task, never a page.
+pub fn battery_degraded_default() -> Policy {
+    Policy {
+        steps: vec![step(Tier::T0, &[Fam, C], 7 * 24 * 3600, 3, None)],
+        notify_after_s: 0,
+        reescalate_after_ack_s: 7 * 24 * 3600,
+        follows_forecast: false,
+    }
+}
+
 /// The built-in policy for an alert kind.
 pub fn builtin(kind: &str) -> Policy {
     match kind {
@@ -239,6 +250,7 @@ pub fn builtin(kind: &str) -> Policy {
         "state_unknown" => state_unknown_default(),
         "delivery_failed" => delivery_failed_default(),
         "clock_skew" => clock_skew_default(),
+        "battery_degraded" => battery_degraded_default(),
         "device_lost" | "sensor_off" | "spool_degraded" => warning_default(),
         _ => critical_default(),
     }
@@ -255,7 +267,7 @@ pub struct Policies {
 /// `default` override (meant for emergencies) does not apply to them, only their own. (A
 /// `delivery_failed` under an emergency default would page the family through the very channel
 /// that failed.)
-pub const OPERATIONAL: &[&str] = &["clock_skew", "delivery_failed"];
+pub const OPERATIONAL: &[&str] = &["clock_skew", "delivery_failed", "battery_degraded"];
 
 impl Policies {
     /// The policy for an alert of `kind` at a home with `home` overrides.
@@ -284,6 +296,7 @@ mod tests {
             "delivery_failed",
             "device_lost",
             "clock_skew",
+            "battery_degraded",
             "x",
         ] {
             builtin(kind).validate().unwrap();

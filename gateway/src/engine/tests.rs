@@ -32,12 +32,14 @@ fn plan(id: &str, muni: &str, usable_wh: f64) -> Home {
                 usable_wh: Some(usable_wh),
                 nameplate_wh: None,
                 runtime_min: None,
+                chemistry: None,
             },
             Backup {
                 kind: BackupKind::VentilatorInternal,
                 usable_wh: None,
                 nameplate_wh: None,
                 runtime_min: Some(60.0),
+                chemistry: None,
             },
         ],
         evacuation: Some(Evacuation { destination: "病院".into(), travel_min: 30 }),
@@ -273,18 +275,21 @@ fn a_silenced_bedside_alarm_still_escalates_remotely() {
 
 #[test]
 fn forecast_from_the_care_plan_crosses_tiers_and_escalates_at_once() {
-    // 300 Wh at 100 W = 3 h external + 1 h internal. T2 below 30×2 + 360 min (always here), T3 below 2 h.
+    // 300 Wh at 100 W = 3 h external for a battery as planned, + 1 h internal. The battery was
+    // never measured: P10 at 50 % (1.5 h), P50 at 70 % (2.1 h); the internal one's P10 at 80 %.
+    // T2 below 30×2 + 360 min on P10 (always here), T3 below 2 h on P10.
     let mut e = engine(&[plan("a", "431001", 300.0)]);
     e.handle(Input::Event(h("a"), event(1, 0, EventKind::MainsLost)), t(0)).unwrap();
     let f = e.home_state(&h("a")).unwrap().forecast.unwrap();
     assert_eq!(f.basis, crate::forecast::Basis::DeadReckoning);
-    assert_eq!(f.runs_out_at, t(4 * 3600));
+    assert_eq!((f.runs_out.p10, f.runs_out_at), (t(5400 + 2880), t(7560 + 3600)));
     e.poll(t(0));
-    // 4 h left < 7 h: straight to T2 without waiting for T0 and T1, and the tiers are
+    // 2 h 18 min left on P10 < 7 h: straight to T2 without waiting for T0 and T1, and the tiers are
     // cumulative: the family, the coordinator and the nurse hear with the facility.
     assert_eq!(names(&sent(&mut e)), ["coord-431001", "fac-a", "fam-a", "nurse-a"]);
     assert_eq!(alert(&e, "a", "mains_lost").unwrap().tier(), Tier::T2);
-    e.poll(t(2 * 3600 + 1));
+    // 18 minutes later P10 is under 2 h: T3, though the middle still says 3 h.
+    e.poll(t(19 * 60));
     assert_eq!(names(&sent(&mut e)), ["centre", "coord-431001", "fac-a", "fam-a", "nurse-a"]);
 }
 
@@ -518,3 +523,5 @@ fn a_hand_clear_is_refused_while_on_battery_and_ends_an_alert_whose_condition_is
 mod everyday;
 
 mod props;
+
+mod battery;

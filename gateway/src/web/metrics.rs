@@ -20,6 +20,7 @@
 //! | `mamori_unrecorded_results` | delivery results waiting to be recorded |
 //! | `mamori_open_breakers` | destinations not tried for now (failing in a row) |
 //! | `mamori_live_streams` | dashboard live streams open |
+//! | `mamori_readings_rejected_total{reason}` | power readings from homes set aside as impossible (sentinels, out of range, a runtime rising on battery, a stuck charge); the forecast used the next basis |
 //! | `mamori_outbound_dropped_total` | PUBACKs and agent acknowledgements dropped on a full outbound queue (the broker resends) |
 
 use std::fmt::Write as _;
@@ -98,7 +99,12 @@ pub async fn metrics(State(app): State<App>) -> Response {
     for t in [Tier::T0, Tier::T1, Tier::T2, Tier::T3] {
         tiers.insert(format!("{t:?}"), 0u64);
     }
+    let mut rejected: std::collections::BTreeMap<String, u64> =
+        crate::forecast::reject::ALL.iter().map(|r| (r.to_string(), 0)).collect();
     for (plan, st) in snap.engine.states_and_plans() {
+        for (r, n) in st.map(|s| &s.rejected_readings).into_iter().flatten() {
+            *rejected.entry(r.clone()).or_default() += n;
+        }
         let v = super::view::home_view(plan, st, now);
         *homes.entry((v.power, v.connectivity)).or_default() += 1;
         for a in &v.alerts {
@@ -112,6 +118,12 @@ pub async fn metrics(State(app): State<App>) -> Response {
     out.push_str("# HELP mamori_open_alerts Active alerts by current tier.\n# TYPE mamori_open_alerts gauge\n");
     for (t, n) in tiers {
         let _ = writeln!(out, "mamori_open_alerts{{tier=\"{t}\"}} {n}");
+    }
+    out.push_str(
+        "# HELP mamori_readings_rejected_total Power readings set aside as impossible, by reason.\n# TYPE mamori_readings_rejected_total counter\n",
+    );
+    for (r, n) in &rejected {
+        let _ = writeln!(out, "mamori_readings_rejected_total{{reason=\"{r}\"}} {n}");
     }
     out.push_str(
         "# HELP mamori_notification_attempts_total Delivery attempts by result.\n# TYPE mamori_notification_attempts_total counter\n",

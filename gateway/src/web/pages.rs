@@ -32,7 +32,7 @@ use crate::accounts::{self, AccountRole, Accounts, NewUser};
 use crate::audit;
 use crate::engine::{Engine, Time};
 use crate::homes::Lang;
-use crate::message::{basis, duration, kind_text, role_name};
+use crate::message::{basis, kind_text, role_name};
 use crate::store::OutboxRow;
 
 /// Translations.
@@ -111,6 +111,10 @@ const WORDS: &[(&str, &str, &str)] = &[
     ("charge", "バッテリー残量 %", "Battery charge %"),
     ("battery_v", "バッテリー電圧 V", "Battery voltage V"),
     ("time_left_min", "今回の停電での残り時間（分）", "Time left in this outage (min)"),
+    ("band_p50", "見込み", "expected"),
+    ("battery_measured", "バッテリーの実力（測定）", "Battery as measured"),
+    ("band_p10", "短い場合", "if shorter"),
+    ("band_p90", "長い場合", "if longer"),
     ("no_outage", "停電していません", "Not on battery"),
     ("spo2", "SpO2 %", "SpO2 %"),
     ("pulse", "脈拍 /分", "Pulse /min"),
@@ -239,9 +243,14 @@ fn time_left_text(h: &HomeView, t: T) -> String {
             } else {
                 String::new()
             };
+            let unverified = if h.forecast_verified == Some(false) {
+                format!("<br><small class=\"muted\">{}</small>", crate::message::unverified(t.0))
+            } else {
+                String::new()
+            };
             format!(
-                "<strong>{}</strong>{last}<br><small>{}</small>",
-                duration(s, t.0),
+                "<strong>{}</strong>{last}<br><small>{}</small>{unverified}",
+                crate::message::time_left_text(s, h.time_left_range_s, t.0),
                 basis(h.basis.unwrap_or(""), t.0)
             )
         }
@@ -619,7 +628,10 @@ pub async fn incident(State(app): State<App>, v: Viewer, client: Client, Path(id
         } else {
             format!("<span class=\"pill ok\">{}</span>", t.t("mains"))
         };
-        let left = r.time_left_s.map(|s| duration(s, v.lang)).unwrap_or_else(|| "?".into());
+        let left = r
+            .time_left_s
+            .map(|s| crate::message::time_left_text(s, r.time_left_range_s, v.lang))
+            .unwrap_or_else(|| "?".into());
         let basis_text = r.basis.as_deref().map(|b| basis(b, v.lang)).unwrap_or("");
         let _ = write!(
             body,
@@ -802,6 +814,29 @@ pub async fn home(State(app): State<App>, v: Viewer, client: Client, Path(id): P
             .map(|(d, m)| format!("<div><dt>{}</dt><dd>{} ({m} min)</dd></div>", t.t("destination"), escape(d)))
             .unwrap_or_default(),
     );
+    // What earlier outages showed of the battery.
+    if let Some(b) = h.batteries.first() {
+        let cls = if b.health_pct < 70.0 { "bad" } else { "ok" };
+        let text = match t.0 {
+            Lang::En => format!(
+                "<span class=\"{cls}\">{:.0} % of the care plan</span> ({:.0} Wh of {:.0} Wh; measured in {} outage(s), last {})",
+                b.health_pct,
+                b.health_pct / 100.0 * b.plan_wh,
+                b.plan_wh,
+                b.discharges,
+                local(b.measured_at, offset)
+            ),
+            Lang::Ja => format!(
+                "<span class=\"{cls}\">計画の{:.0}%</span>（約{:.0}Wh／計画{:.0}Wh、{}回の停電で測定、最終{}）",
+                b.health_pct,
+                b.health_pct / 100.0 * b.plan_wh,
+                b.plan_wh,
+                b.discharges,
+                local(b.measured_at, offset)
+            ),
+        };
+        let _ = write!(body, "<dl class=\"state\"><div><dt>{}</dt><dd>{text}</dd></div></dl>", t.t("battery_measured"));
+    }
     // Active alerts.
     let _ = write!(body, "<h2>{}</h2>", t.t("alerts"));
     if h.alerts.is_empty() {
@@ -832,25 +867,34 @@ pub async fn home(State(app): State<App>, v: Viewer, client: Client, Path(id): P
         (t.t("charge"), charge)
     };
     body.push_str(&chart(title, &[(title, battery)], since, now, offset, t.t("no_data")));
-    // Time left through this outage: the forecast recomputed at each snapshot, as it stood.
-    let left = match h.on_battery_since {
-        Some(outage) => {
-            let mut readings = crate::forecast::PowerReadings::default();
-            let mut points = Vec::new();
-            for x in &history.telemetry {
-                let at = x.ts.with_timezone(&chrono::Utc);
-                if at < outage {
-                    continue;
-                }
-                readings.update(x, at);
-                let f = crate::forecast::forecast(plan, outage, &readings);
-                points.push((at, f.time_left(at).num_seconds() as f64 / 60.0));
+    // Time left through this outage: the forecast's band recomputed at each snapshot from
+    // the history (which keeps the charted readings), with what is known of the battery now.
+    let learned = snap.engine.home_state(&plan.id).and_then(|s| s.battery.clone());
+    let mut band: [Vec<(Time, f64)>; 3] = Default::default();
+    if let Some(outage) = h.on_battery_since {
+        let mut d = crate::forecast::Discharge::start(outage);
+        for x in &history.telemetry {
+            let at = x.ts.with_timezone(&chrono::Utc);
+            if at < outage {
+                continue;
             }
-            points
+            d.push(crate::forecast::Sample::of(at, x.ups.as_ref(), x.power_meter.as_ref()), chrono::Duration::days(7));
+            let f = crate::forecast::forecast(plan, outage, &d, learned.as_ref(), &Default::default());
+            let min = |l: chrono::Duration| l.num_seconds() as f64 / 60.0;
+            band[0].push((at, min(f.time_left_p10(at))));
+            band[1].push((at, min(f.time_left(at))));
+            band[2].push((at, min(f.time_left_p90(at))));
         }
-        None => Vec::new(),
-    };
-    body.push_str(&chart(t.t("time_left_min"), &[(t.t("time_left_min"), left)], since, now, offset, t.t("no_outage")));
+    }
+    let [p10, p50, p90] = band;
+    body.push_str(&chart(
+        t.t("time_left_min"),
+        &[(t.t("band_p50"), p50), (t.t("band_p10"), p10), (t.t("band_p90"), p90)],
+        since,
+        now,
+        offset,
+        t.t("no_outage"),
+    ));
     body.push_str(&chart(
         "SpO2 / pulse",
         &[

@@ -7,7 +7,8 @@ use serde::Serialize;
 
 use crate::accounts::User;
 use crate::engine::{AckInfo, Alert, Connectivity, Engine, HomeState, Power, Time, TriageRow};
-use crate::homes::Home;
+use crate::forecast::Band;
+use crate::homes::{BackupKind, Home};
 use crate::policy::Tier;
 
 /// One home, as the overview and `GET /api/v1/homes` show it.
@@ -23,10 +24,25 @@ pub struct HomeView {
     pub power: &'static str,
     /// On battery since.
     pub on_battery_since: Option<Time>,
-    /// Time left on backup power, s (while on battery).
+    /// Time left on backup power, s (while on battery): the forecast's middle.
     pub time_left_s: Option<i64>,
+    /// Time left on the pessimistic (P10) and the optimistic (P90) bound, s.
+    pub time_left_range_s: Option<(i64, i64)>,
+    /// When everything runs out (the ventilator's own battery included): P10, P50, P90.
+    pub runs_out: Option<Band>,
+    /// When the external backup runs out: P10, P50, P90.
+    pub external_runs_out: Option<Band>,
+    /// The time of the reading the forecast was made from.
+    pub forecast_as_of: Option<Time>,
+    /// Whether the battery's capacity was measured (false: assumed for a battery never
+    /// measured).
+    pub forecast_verified: Option<bool>,
     /// What the forecast rests on.
     pub basis: Option<&'static str>,
+    /// What earlier outages showed of the backup batteries (one per source measured).
+    pub batteries: Vec<BatteryView>,
+    /// Readings refused as impossible, by reason, in all.
+    pub readings_rejected: std::collections::BTreeMap<String, u64>,
     /// The external backup is exhausted: only the ventilator's own battery is left.
     pub on_last_battery: bool,
     /// `online`, `silent` or `never`.
@@ -51,6 +67,25 @@ pub struct HomeView {
     pub alerts: Vec<AlertView>,
     #[serde(skip)]
     rank: (u8, i64),
+}
+
+/// A backup battery as measured.
+#[derive(Debug, Clone, Serialize)]
+pub struct BatteryView {
+    /// `ups` or `power_station`.
+    pub source: BackupKind,
+    /// Usable energy delivered ÷ the care plan's, %.
+    pub health_pct: f64,
+    /// The care plan's usable energy it was measured against, Wh.
+    pub plan_wh: f64,
+    /// The UPS's runtime claim ÷ what the battery could give (above 1: optimistic).
+    pub ups_optimism: Option<f64>,
+    /// Discharges measured.
+    pub discharges: u32,
+    /// Enough measured to be used by the forecast.
+    pub in_use: bool,
+    /// When last measured.
+    pub measured_at: Time,
 }
 
 /// An alert.
@@ -108,8 +143,9 @@ pub fn home_view(plan: &Home, st: Option<&HomeState>, now: Time) -> HomeView {
         Power::Mains => ("mains", None),
         Power::Battery { since } => ("battery", Some(since)),
     };
-    let forecast = st.forecast.filter(|_| since.is_some());
+    let forecast = st.forecast_at(now).filter(|_| since.is_some());
     let time_left_s = forecast.map(|f| f.time_left(now).num_seconds());
+    let plan_wh = plan.external_wh();
     let silent = st.conn.silent();
     let mut alerts: Vec<AlertView> = st.alerts.values().map(AlertView::of).collect();
     alerts.sort_by(|a, b| b.severity.cmp(&a.severity).then(b.tier.cmp(&a.tier)).then(a.raised_at.cmp(&b.raised_at)));
@@ -130,7 +166,26 @@ pub fn home_view(plan: &Home, st: Option<&HomeState>, now: Time) -> HomeView {
         power,
         on_battery_since: since,
         time_left_s,
+        time_left_range_s: forecast.map(|f| (f.time_left_p10(now).num_seconds(), f.time_left_p90(now).num_seconds())),
+        runs_out: forecast.map(|f| f.runs_out),
+        external_runs_out: forecast.map(|f| f.external),
+        forecast_as_of: forecast.map(|f| f.as_of),
+        forecast_verified: forecast.map(|f| f.verified),
         basis: forecast.map(|f| f.basis.as_str()),
+        batteries: st
+            .battery
+            .iter()
+            .map(|l| BatteryView {
+                source: l.source,
+                health_pct: (l.health * 1000.0).round() / 10.0,
+                plan_wh: l.plan_wh,
+                ups_optimism: l.optimism.map(|o| (o * 100.0).round() / 100.0),
+                discharges: l.discharges,
+                in_use: l.usable() && plan_wh.is_some_and(|w| (w - l.plan_wh).abs() < 0.5),
+                measured_at: l.updated_at,
+            })
+            .collect(),
+        readings_rejected: st.rejected_readings.clone(),
         on_last_battery: forecast.is_some_and(|f| f.on_last_battery(now)),
         connectivity: match st.conn {
             Connectivity::Never => "never",
@@ -150,7 +205,7 @@ pub fn home_view(plan: &Home, st: Option<&HomeState>, now: Time) -> HomeView {
         }),
         evacuation: plan.evacuation.as_ref().map(|e| (e.destination.clone(), e.travel_min)),
         alerts,
-        rank: (rank, time_left_s.unwrap_or(i64::MAX)),
+        rank: (rank, forecast.map_or(i64::MAX, |f| f.time_left_p10(now).num_seconds())),
     }
 }
 
