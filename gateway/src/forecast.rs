@@ -37,15 +37,18 @@
 //!   the UPS's load % integrated over time; time itself when neither is reported), fitted with
 //!   the Theil–Sen estimator (the median of the slopes between readings far enough apart), so
 //!   1 % steps, noise and short load spikes move it little. The time left is the level over the
-//!   slope at the current load (the median of the last 10 minutes). Its band comes from the
-//!   spread of those slopes and from the quantisation of what was seen (1.5 points of the drop
-//!   observed so far), at least ±10 %.
+//!   slope at the current load (its average over the last 30 minutes). Its band comes from the
+//!   spread of those slopes, from the quantisation of what was seen (1.5 points of the drop
+//!   observed so far) and from the readings' scatter about the line, at least ±10 %. A level
+//!   that reads 100 % for a while (a lithium BMS) counts from its last 100 % reading.
 //!
 //! The two are blended by how much discharge has been seen: a drop of 2 points or less is all
-//! claim, 10 points and more all observation (on a log scale, quantile by quantile). The
-//! claims then only bound the observation: a UPS runtime *shorter* than the observed P50 is
-//! believed (the UPS may know of its own cut-off), a longer one never; and the P90 never
-//! exceeds what the care plan's energy at 125 % health could give at the current level.
+//! claim, 10 points and more all observation (on a log scale, quantile by quantile; the drop
+//! counts only beyond three times the readings' scatter). The claims then only bound the
+//! observation: a UPS runtime longer than observed is never believed, a shorter one bounds the
+//! pessimistic end and below the observed P10 becomes the middle (the UPS may know of its own
+//! cut-off); and the P90 never exceeds what the care plan's energy at 125 % health could give
+//! at the current level.
 //!
 //! The tiers cross on the pessimistic bound, P10 ([`Forecast::time_left_p10`]); messages, the
 //! dashboard and the API say the middle and the range with the basis.
@@ -463,15 +466,22 @@ impl Learned {
 /// of an uncorrected UPS runtime.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Assumptions {
-    /// Health of an unverified battery: P10, P50, P90.
+    /// Health of an unverified battery whose charge is reported: P10, P50, P90.
     pub unverified_health: [f64; 3],
     /// An unverified UPS's runtime claim: P10, P50, P90 of it.
     pub unverified_runtime: [f64; 3],
+    /// The care plan's runtime for a home that reports nothing of its battery (neither its
+    /// health nor its load can be seen): P10, P50, P90 of it.
+    pub unobserved: [f64; 3],
 }
 
 impl Default for Assumptions {
     fn default() -> Self {
-        Assumptions { unverified_health: [0.5, 0.7, 1.0], unverified_runtime: [0.45, 0.65, 1.0] }
+        Assumptions {
+            unverified_health: [0.5, 0.7, 1.0],
+            unverified_runtime: [0.45, 0.65, 1.0],
+            unobserved: [0.35, 0.6, 1.0],
+        }
     }
 }
 
@@ -576,6 +586,12 @@ fn trend(d: &Discharge, chemistry: Option<Chemistry>) -> Option<Trend> {
     }
     let pts: Vec<(Time, f64, f64, f64)> =
         s.iter().zip(&u).zip(&rate).filter_map(|((x, u), r)| Some((x.at?, *u, level(x, by_voltage)?, *r))).collect();
+    // A pack that reads full for a while (a lithium BMS at 100 %, a float voltage) is not yet
+    // seen to discharge: of the readings at the start within 2 points of the highest (noise
+    // included), only the last is kept.
+    let top = pts.iter().map(|p| p.2).fold(f64::NEG_INFINITY, f64::max);
+    let full = pts.iter().take_while(|p| p.2 >= top - 2.0).count();
+    let pts: Vec<(Time, f64, f64, f64)> = pts.into_iter().skip(full.saturating_sub(1)).collect();
     if pts.len() < 3 {
         return None;
     }
@@ -608,16 +624,22 @@ fn trend(d: &Discharge, chemistry: Option<Chemistry>) -> Option<Trend> {
     let u_last = pts[pts.len() - 1].1;
     let level_now = a + b50 * u_last;
     let level_first = a + b50 * pts[0].1;
-    let drop = (level_first - level_now).max(0.0);
-    // The load now: the median of the last 10 minutes.
-    let recent: Vec<f64> = pts.iter().filter(|p| t1 - p.0 <= Duration::minutes(10)).map(|p| p.3).collect();
-    let r_now = median(recent)?.max(1e-6);
+    // The readings' scatter about the line (median absolute residual): a drop within the
+    // noise is not a drop.
+    let noise = median(pts.iter().map(|p| (p.2 - (a + b50 * p.1)).abs()).collect()).unwrap_or(0.0);
+    let drop = (level_first - level_now - 3.0 * noise).max(0.0);
+    // The load now: its average over the last 30 minutes (so that a pump's or a humidifier's
+    // periodic spikes count as much as they will, and a lasting change shows within half an
+    // hour).
+    let from = pts.iter().find(|p| t1 - p.0 <= Duration::minutes(30)).unwrap_or(&pts[0]);
+    let window_s = (t1 - from.0).num_milliseconds() as f64 / 1000.0;
+    let r_now = if window_s >= 60.0 { (u_last - from.1) / window_s } else { pts[pts.len() - 1].3 }.max(1e-6);
     let r_avg = (u_last / span_s).max(1e-6);
     // Lead-acid gives less at a load above the one it was observed at (Peukert, k = 1.2).
     let peukert = if chemistry == Some(Chemistry::LeadAcid) && r_now > r_avg { (r_avg / r_now).powf(0.2) } else { 1.0 };
     let left = |b: f64| level_now.max(0.0) / (-b) / r_now * peukert;
     let mid = left(b50);
-    let rel = (1.5 / drop.max(0.1)).max(0.10);
+    let rel = ((1.5 + 2.0 * noise) / drop.max(0.1)).max(0.10);
     let p10 = left(b_steep).min(mid * (1.0 - rel).max(0.2));
     let p90 = if b_flat < 0.0 { left(b_flat) } else { f64::INFINITY }.max(mid * (1.0 + rel));
     Some(Trend { spans: [p10, mid, p90], level: level_now, drop })
@@ -708,7 +730,10 @@ pub fn forecast(
     if claim.is_none() {
         if let Some(wh) = plan_wh {
             let since = (as_of - outage_since).num_seconds() as f64;
-            let sp = energy_spans(wh).map(|x| (x - since).max(0.0));
+            // Nothing observed: a measured battery at its health, else the assumption for a
+            // battery and a load that cannot be seen.
+            let k = if verified { health } else { a.unobserved };
+            let sp = k.map(|h| (wh * h * peukert / load_w.max(1e-3) * 3600.0 - since).max(0.0));
             claim = Some((Basis::DeadReckoning, sp));
         }
     }
@@ -726,11 +751,15 @@ pub fn forecast(
                     }
                 }
             }
-            // A UPS runtime shorter than the observation's middle is believed; a longer one never.
+            // A UPS runtime the observation does not support (longer) is never believed; a
+            // shorter one bounds the pessimistic end, and below the observation's P10 (the UPS
+            // may know of its own cut-off) it is the middle.
             if let Some((r, at)) = last_runtime.filter(|_| !d.runtime_unreliable) {
                 let r = f64::from(r) - (as_of - at).num_seconds() as f64;
-                if r < sp[1] {
-                    sp = [sp[0].min(r * 0.9), r, sp[2].max(r)];
+                if r < sp[0] {
+                    sp = [r * 0.9, r, sp[2].max(r)];
+                } else if r < sp[1] {
+                    sp[0] = sp[0].min(r * 0.9);
                 }
             }
             // Never more than the care plan's energy at 125 % health could give from here.

@@ -42,7 +42,11 @@ fn home(wh: Option<f64>, internal_min: Option<f64>) -> Home {
     home_with(BackupKind::PowerStation, wh, internal_min, 100.0)
 }
 
-const A: Assumptions = Assumptions { unverified_health: [0.5, 0.7, 1.0], unverified_runtime: [0.45, 0.65, 1.0] };
+const A: Assumptions = Assumptions {
+    unverified_health: [0.5, 0.7, 1.0],
+    unverified_runtime: [0.45, 0.65, 1.0],
+    unobserved: [0.35, 0.6, 1.0],
+};
 const NEVER_STUCK: i64 = 1_000_000;
 
 /// A small deterministic generator (xorshift).
@@ -346,12 +350,12 @@ fn a_charge_that_never_moves_is_set_aside() {
 
 #[test]
 fn dead_reckoning_and_internal_only_when_nothing_is_reported() {
-    // 700 Wh at 100 W is 7 h for a battery as planned; unverified: 50 / 70 / 100 %.
+    // 700 Wh at 100 W is 7 h for a battery as planned; nothing seen of it: 35 / 60 / 100 %.
     let f = forecast(&home(Some(700.0), Some(180.0)), t(0), &Discharge::start(t(0)), None, &A);
     assert_eq!(f.basis, Basis::DeadReckoning);
-    assert_eq!((f.external.p10, f.external.p50, f.external.p90), (t(12_600), t(17_640), t(25_200)));
-    assert_eq!(f.runs_out_at, t(17_640 + 180 * 60));
-    assert_eq!(f.runs_out.p10, t(12_600 + 144 * 60), "the internal battery's P10 is 80 % of it");
+    assert_eq!((f.external.p10, f.external.p50, f.external.p90), (t(8_820), t(15_120), t(25_200)));
+    assert_eq!(f.runs_out_at, t(15_120 + 180 * 60));
+    assert_eq!(f.runs_out.p10, t(8_820 + 144 * 60), "the internal battery's P10 is 80 % of it");
     assert!(!f.verified);
     let f = forecast(&home(None, Some(180.0)), t(0), &Discharge::start(t(0)), None, &A);
     assert_eq!((f.basis, f.runs_out_at), (Basis::InternalOnly, t(180 * 60)));
