@@ -18,11 +18,19 @@
 //!
 //! ```text
 //! mains off|on        glitch                 battery <V>     drain <V/min>    load <%>
+//! pack <Wh> <health%> speed <x>
 //! spo2 <n|none>       pulse <n|none>         oxalarm off|on|silenced          sensor off|on
 //! vent normal|alarm|cut|pulse                station <V>     station-current <mA>
 //! unplug <device>     plug <device>          garbage <device> [bytes]        drop <device> <n>
 //! quit
 //! ```
+//! `pack <Wh> <health%>` gives the UPS a battery of that nameplate (80 % usable) holding only
+//! `health%` of it, as a 3-year-old lead-acid battery does: it then drains by energy, at the
+//! load (`load <%>` of a 300 W rating), `speed` times faster than real time; its voltage and
+//! charge follow what is really left, and its runtime (APC `j`, Voltronic `QBV`) is estimated
+//! as UPS firmware does, *as if the battery were new* (the charge × the nameplate ÷ the load).
+//! Without `pack`, the battery drains by `drain` volts a minute.
+//!
 //! `unplug` closes the pseudo-terminal (the reader gets an I/O error, as when a USB adapter is
 //! pulled) and removes the link; `plug` creates a new one behind the same link.
 
@@ -73,6 +81,31 @@ pub struct World {
     pub unplugged: BTreeMap<String, bool>,
     /// Queries to ignore, per device (a UPS that misses polls).
     pub drop_replies: BTreeMap<String, u32>,
+    /// A battery drained by energy (`pack`), instead of by `drain` volts a minute.
+    pub pack: Option<Pack>,
+}
+
+/// A UPS battery drained by energy: its nameplate, how much of it it still holds, and what is
+/// left.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Pack {
+    /// Nameplate energy, Wh (80 % usable through the inverter).
+    pub nameplate_wh: f64,
+    /// The share of that it still holds (0.5: a 3-year-old lead-acid battery).
+    pub health: f64,
+    /// State of charge of what it holds, 0–1.
+    pub soc: f64,
+    /// Time runs this many times faster for the battery.
+    pub speed: f64,
+}
+
+/// The simulated UPS's rating for `load <%>` under `pack`, W.
+pub const UPS_RATING_W: f64 = 300.0;
+
+impl Pack {
+    fn usable_wh(&self) -> f64 {
+        self.nameplate_wh * 0.8
+    }
 }
 
 impl Default for World {
@@ -94,6 +127,7 @@ impl Default for World {
             garbage: BTreeMap::new(),
             unplugged: BTreeMap::new(),
             drop_replies: BTreeMap::new(),
+            pack: None,
         }
     }
 }
@@ -130,6 +164,24 @@ pub fn apply(world: &Shared, cmd: &str) -> Result<(), String> {
         ["battery", _] => w.battery_v = num(1)?,
         ["drain", _] => w.drain_v_per_min = num(1)?,
         ["load", _] => w.load_pct = num(1)?,
+        ["pack", _, _] => {
+            let (wh, health) = (num(1)?, num(2)? / 100.0);
+            if !(wh > 0.0 && wh < 100_000.0 && health > 0.0 && health <= 1.5) {
+                return Err(format!("`{cmd}`: expected a nameplate in Wh and a health in %"));
+            }
+            let speed = w.pack.map_or(1.0, |p| p.speed);
+            w.pack = Some(Pack { nameplate_wh: wh, health, soc: 1.0, speed });
+            w.battery_v = UPS_FULL_V;
+        }
+        ["speed", _] => {
+            let x = num(1)?;
+            if !(x > 0.0 && x <= 10_000.0) {
+                return Err(format!("`{cmd}`: expected a factor above 0"));
+            }
+            if let Some(p) = w.pack.as_mut() {
+                p.speed = x;
+            }
+        }
         ["spo2", _] => w.spo2 = opt(1)?.map(|v| v as u8),
         ["pulse", _] => w.pulse = opt(1)?.map(|v| v as u16),
         ["oxalarm", "off"] => w.oxalarm = 0,
@@ -315,8 +367,17 @@ fn charge_pct(battery_v: f64) -> f64 {
     ((battery_v - UPS_EMPTY_V) / (UPS_FULL_V - UPS_EMPTY_V) * 100.0).clamp(0.0, 100.0)
 }
 
-/// Minutes left at the current drain rate (a generous 999 on mains).
+/// Minutes left as the UPS estimates them (a generous 999 on mains): at the current drain
+/// rate, or with a `pack`, as UPS firmware does, as if the battery were new.
 fn runtime_min(w: &World) -> u32 {
+    if let Some(p) = w.pack {
+        let load_w = w.load_pct / 100.0 * UPS_RATING_W;
+        if w.mains_on || load_w <= 0.0 {
+            return 999;
+        }
+        let as_if_new_h = charge_pct(w.battery_v) / 100.0 * p.usable_wh() / load_w / p.speed;
+        return (as_if_new_h * 60.0).round().min(999.0) as u32;
+    }
     if w.mains_on || w.drain_v_per_min <= 0.0 {
         return 999;
     }
@@ -584,6 +645,19 @@ fn physics(world: Shared, stop: Arc<AtomicBool>) {
     while !stop.load(Ordering::Relaxed) {
         std::thread::sleep(Duration::from_millis(250));
         let mut w = lock(&world);
+        if let Some(mut p) = w.pack {
+            // A quarter of a second, `speed` times over.
+            let hours = 0.25 / 3600.0 * p.speed;
+            let held = p.usable_wh() * p.health;
+            p.soc = if w.mains_on {
+                (p.soc + hours / 8.0).min(1.0) // a full recharge in 8 h
+            } else {
+                (p.soc - w.load_pct / 100.0 * UPS_RATING_W * hours / held).max(0.0)
+            };
+            w.battery_v = UPS_EMPTY_V + (UPS_FULL_V - UPS_EMPTY_V) * p.soc;
+            w.pack = Some(p);
+            continue;
+        }
         let per_tick = w.drain_v_per_min / 240.0;
         w.battery_v = if w.mains_on {
             (w.battery_v + 0.5 / 240.0).min(UPS_FULL_V)
@@ -719,5 +793,35 @@ mod tests {
         apply(&w, "glitch").unwrap();
         assert_eq!(ups_status(&w).input_fault_voltage_v, Some(12.0));
         assert_eq!(ups_status(&w).input_fault_voltage_v, Some(100.4), "a glitch shows once");
+    }
+
+    #[test]
+    #[allow(clippy::disallowed_methods)] // the test's own deadline
+    fn an_aged_pack_drains_by_energy_and_its_runtime_is_estimated_as_if_new() {
+        let w: Shared = Arc::new(Mutex::new(World::default()));
+        // 100 Wh nameplate (80 usable), holding half of it: 40 Wh at 20 % of 300 W = 40 min.
+        apply(&w, "pack 100 50").unwrap();
+        apply(&w, "load 20").unwrap();
+        apply(&w, "mains off").unwrap();
+        assert_eq!(runtime_min(&lock(&w)), 80, "the firmware says 80 min, as if new");
+        // Run the physics for 20 simulated minutes (at speed 600: 2 s of ticks).
+        apply(&w, "speed 600").unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let (world, stopper) = (w.clone(), stop.clone());
+        let t = std::thread::spawn(move || physics(world, stopper));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while lock(&w).pack.is_some_and(|p| p.soc > 0.5) {
+            assert!(Instant::now() < deadline, "the pack did not drain");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        stop.store(true, Ordering::Relaxed);
+        t.join().unwrap();
+        let charge = charge_pct(lock(&w).battery_v);
+        assert!((45.0..=55.0).contains(&charge), "half of what it holds is left: {charge}");
+        // The firmware still believes in 80 Wh: half of that at 60 W is 40 min, while the
+        // truth is 20 min.
+        let claimed = charge / 100.0 * 80.0 / 60.0 * 60.0;
+        assert!((claimed - 40.0).abs() < 4.0, "{claimed}");
+        assert!(apply(&w, "pack 0 50").is_err() && apply(&w, "pack 100 900").is_err() && apply(&w, "speed 0").is_err());
     }
 }

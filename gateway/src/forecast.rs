@@ -597,10 +597,12 @@ fn trend(d: &Discharge, chemistry: Option<Chemistry>) -> Option<Trend> {
     }
     let (t0, t1) = (pts[0].0, pts[pts.len() - 1].0);
     let span_s = (t1 - t0).num_milliseconds() as f64 / 1000.0;
-    if span_s < 120.0 {
+    if pts.len() < 4 || span_s <= 0.0 {
         return None;
     }
-    let min_gap = (span_s / 4.0).max(30.0);
+    // Pairs at least a quarter of the span apart: neighbours one step of 1 % apart would say
+    // anything.
+    let min_gap = span_s / 4.0;
     let mut slopes = Vec::new();
     for i in 0..pts.len() {
         for j in i + 1..pts.len() {

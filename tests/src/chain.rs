@@ -51,6 +51,10 @@ pub struct Options {
     pub telemetry_interval_s: u32,
     /// A home's usable backup energy in its care plan, Wh (500 when not listed).
     pub usable_wh: BTreeMap<String, u32>,
+    /// The care plans' travel time to the powered destination, min.
+    pub travel_min: u32,
+    /// The care plans' ventilator internal battery, min.
+    pub internal_min: u32,
 }
 
 impl Default for Options {
@@ -66,6 +70,8 @@ impl Default for Options {
             delivery: String::new(),
             telemetry_interval_s: 1,
             usable_wh: BTreeMap::new(),
+            travel_min: 30,
+            internal_min: 240,
         }
     }
 }
@@ -145,11 +151,12 @@ impl Chain {
             .iter()
             .map(|(id, muni)| {
                 let wh = o.usable_wh.get(id).copied().unwrap_or(500);
+                let (internal, travel) = (o.internal_min, o.travel_min);
                 format!(
                     "[[home]]\nid = \"{id}\"\nmunicipality = \"{muni}\"\nlabel = \"{id}\"\n\
                      devices = [{{ name = \"ventilator\", watts = 25 }}, {{ name = \"humidifier\", watts = 75 }}]\n\
-                     backup = [{{ kind = \"ups\", usable_wh = {wh} }}, {{ kind = \"ventilator_internal\", runtime_min = 240 }}]\n\
-                     evacuation = {{ destination = \"病院\", travel_min = 30 }}\n\
+                     backup = [{{ kind = \"ups\", usable_wh = {wh} }}, {{ kind = \"ventilator_internal\", runtime_min = {internal} }}]\n\
+                     evacuation = {{ destination = \"病院\", travel_min = {travel} }}\n\
                      contacts = [\n  {{ role = \"family\", name = \"家族\", channels = [{{ webhook = \"family\" }}] }},\n  \
                      {{ role = \"coordinator\", name = \"Sato\", channels = [{{ webhook = \"coord\" }}] }},\n  \
                      {{ role = \"facility\", name = \"施設\", channels = [{{ webhook = \"facility\" }}] }},\n]\n"
@@ -237,6 +244,7 @@ impl Chain {
                 let port = toml_path(&simdir.path().join(d));
                 text.push_str(&match d.as_str() {
                     "ups" => format!("[[ups]]\nid = \"ups\"\nprotocol = \"megatec\"\nport = \"{port}\"\n"),
+                    "ups-apc" => format!("[[ups]]\nid = \"ups\"\nprotocol = \"apc\"\nport = \"{port}\"\n"),
                     "oximeter" => format!(
                         "[[oximeter]]\nid = \"oximeter\"\nprotocol = \"masimo\"\nport = \"{port}\"\nlost_after_ms = 3000\n"
                     ),

@@ -518,3 +518,48 @@ fn an_agent_restarted_on_mains_after_an_outage_clears_the_outage_by_itself() -> 
     assert_no_duplicates(&c);
     Ok(())
 }
+
+/// Scenario 12: An aged UPS battery whose firmware estimates its runtime as if it were new. The
+/// care plan says 8 Wh at 100 W (4.8 minutes); the battery holds half of that, so it is empty
+/// after 2.4 minutes, while the UPS's runtime still says twice as long. With the ventilator's
+/// own minute, the child has 3.4 minutes of power; the facility needs travel × 2 = 2 minutes
+/// of warning. It must be paged by 84 s after the outage: from what the charge is seen doing,
+/// not from what the UPS claims (which would page it at about 129 s, with the battery already
+/// empty).
+#[test]
+fn an_aged_battery_whose_ups_overstates_its_runtime_pages_the_facility_in_time() -> Result<()> {
+    let o = Options {
+        devices: vec!["ups-apc".into()],
+        usable_wh: [("home-a".to_string(), 8)].into(),
+        travel_min: 1,
+        internal_min: 1,
+        escalation: "t2_margin_min = 0\nt3_time_left_min = 0\n".into(),
+        policy: "[policy.mains_lost]\nfollows_forecast = true\nsteps = [\n  \
+                 { tier = \"T0\", roles = [\"family\"], escalate_after_s = 3600 },\n  \
+                 { tier = \"T1\", roles = [\"coordinator\"], escalate_after_s = 3600 },\n  \
+                 { tier = \"T2\", roles = [\"facility\"], escalate_after_s = 3600 },\n  \
+                 { tier = \"T3\", roles = [\"family\", \"coordinator\", \"facility\"] },\n]\n"
+            .into(),
+        ..Options::default()
+    };
+    let mut c = Chain::start(&bins(), &o)?;
+    // 10 Wh nameplate (8 usable) holding 50 %, at a third of the UPS's 300 W: 100 W.
+    c.sim("home-a", "pack 10 50")?;
+    c.sim("home-a", "load 33.3")?;
+    let outage = Instant::now();
+    c.sim("home-a", "mains off")?;
+    let d = c.hook.wait("the facility", Duration::from_secs(150), |d| d.iter().any(|x| x.path == "/facility"))?;
+    let paged = d.iter().find(|x| x.path == "/facility").unwrap();
+    let after = paged.at.duration_since(outage);
+    eprintln!("outage → facility paged after {after:?} (needed by 84 s; the UPS's runtime would have said ~129 s)");
+    assert!(after <= Duration::from_secs(84), "paged after {after:?}: later than the 2 minutes the facility needs");
+    assert_eq!(paged.body["content"]["tier"], "T2");
+    let basis = paged.body["content"]["forecast"]["basis"].as_str().unwrap_or_default();
+    assert_eq!(basis, "observed_discharge", "{}", paged.body["text"]);
+    // The family was told the range, and that the battery was never measured.
+    let family = d.iter().find(|x| x.path == "/family").context("the family")?;
+    let text = family.body["text"].as_str().unwrap_or_default();
+    assert!(text.contains("まだ測れていない"), "{text}");
+    assert_no_duplicates(&c);
+    Ok(())
+}
