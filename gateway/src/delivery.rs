@@ -414,8 +414,8 @@ mod tests {
                 "a1:s0:r0:coordinator:Sato:webhook:c"
             ]
         );
-        assert!(rows[0].body.contains("解消"));
-        assert!(rows[2].body.contains("resolved"));
+        assert!(rows[0].subject.contains("解消") && rows[0].body.contains("電源が復旧しました"), "{:?}", rows[0]);
+        assert!(rows[2].subject.contains("resolved") && rows[2].body.contains("mains power is back"), "{:?}", rows[2]);
         assert_eq!(expand(&n, &style()), rows, "the same notification gives the same rows");
     }
 

@@ -52,13 +52,15 @@ fn homes_toml() -> String {
     for (id, muni, label, wh, travel) in HOMES {
         let coord = if *muni == "431001" { "熊本市コーディネーター" } else { "Nagano coordinator" };
         let coord_lang = if *muni == "431001" { "ja" } else { "en" };
+        let muni_name = if *muni == "431001" { "熊本市" } else { "長野市" };
         s += &format!(
             r#"
 [[home]]
 id = "demo-{id}"
 municipality = "{muni}"
+municipality_name = "{muni_name}"
 label = "{label}"
-devices = [{{ name = "ventilator", watts = 30 }}, {{ name = "humidifier", watts = 70 }}]
+devices = [{{ name = "人工呼吸器", watts = 30 }}, {{ name = "加温加湿器", watts = 70 }}]
 backup = [{{ kind = "ups", usable_wh = {wh} }}, {{ kind = "ventilator_internal", runtime_min = 1 }}]
 evacuation = {{ destination = "市民病院", travel_min = {travel} }}
 contacts = [

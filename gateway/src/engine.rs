@@ -416,6 +416,16 @@ pub enum Content {
         evacuation: Option<(String, u32)>,
         /// Readings and detail.
         data: serde_json::Map<String, serde_json::Value>,
+        /// The devices on backup and their watts (for the facility).
+        #[serde(default)]
+        devices: Vec<(String, f64)>,
+        /// Every role told of this alert so far, this message's included (for the family:
+        /// who else knows).
+        #[serde(default)]
+        told: Vec<Role>,
+        /// The roles that have acknowledged it.
+        #[serde(default)]
+        acknowledged_by: Vec<Role>,
     },
     /// An alert cleared.
     Cleared {
@@ -1539,6 +1549,16 @@ impl Engine {
         }
     }
 
+    /// A municipality's name, from the first care plan that gives one.
+    pub fn municipality_name(&self, code: &str) -> Option<String> {
+        self.plans.values().filter(|p| p.municipality == code).find_map(|p| p.municipality_name.clone())
+    }
+
+    /// A municipality as people say it: its name, else its code.
+    fn municipality_text(&self, code: &str) -> String {
+        self.municipality_name(code).unwrap_or_else(|| code.to_string())
+    }
+
     fn send_step(&mut self, home: &HomeId, kind: &str, now: Time) {
         let in_incident = self.incident_of(home).is_some();
         let Some(st) = self.state.get(home) else { return };
@@ -1572,6 +1592,9 @@ impl Engine {
             silent: st.conn.silent(),
             evacuation: plan.and_then(|p| p.evacuation.as_ref()).map(|e| (e.destination.clone(), e.travel_min)),
             data: alert.data.clone(),
+            devices: plan.map(|p| p.devices.iter().map(|d| (d.name.clone(), d.watts)).collect()).unwrap_or_default(),
+            told: alert.notified.iter().chain(roles.iter()).copied().collect::<BTreeSet<Role>>().into_iter().collect(),
+            acknowledged_by: alert.acks.iter().map(|a| a.role).collect::<BTreeSet<Role>>().into_iter().collect(),
         };
         let key = format!("{}:s{}:r{}", alert.id, alert.step, alert.sent_in_step);
         let n = self.notification(key, &alert.id, home, &roles, content, now);
@@ -1668,7 +1691,7 @@ impl Engine {
                 home: None,
                 recipients,
                 content: Content::Incident {
-                    municipality: m.clone(),
+                    municipality: self.municipality_text(&m),
                     opened_at: inc.opened_at,
                     revision: inc.revision,
                     rows,

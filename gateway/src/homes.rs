@@ -36,6 +36,10 @@ pub struct Home {
     pub id: HomeId,
     /// The municipality code (six digits, e.g. `431001` for Kumamoto city).
     pub municipality: String,
+    /// The municipality's name as its people say it (`熊本市`), for messages and the
+    /// dashboard; without it they show the code.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub municipality_name: Option<String>,
     /// What readers call this home (`K-01 (Higashi-ku)`): shown in messages and the dashboard.
     pub label: String,
     /// Devices on backup power.
@@ -313,6 +317,9 @@ impl HomesFile {
             }
             if !valid_municipality(&h.municipality) {
                 err("municipality", "a six-digit municipality code with a valid check digit (e.g. 431001)");
+            }
+            if h.municipality_name.as_ref().is_some_and(|n| n.trim().is_empty() || n.chars().count() > 40) {
+                err("municipality_name", "1 to 40 characters");
             }
             if h.label.trim().is_empty() || h.label.chars().count() > 80 {
                 err("label", "1 to 80 characters");

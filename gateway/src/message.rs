@@ -71,6 +71,16 @@ impl Style {
     fn time(&self, t: Time) -> String {
         t.with_timezone(&self.offset).format("%m/%d %H:%M").to_string()
     }
+
+    /// From one time to another, the date once when both fall on one day.
+    fn span(&self, from: Time, to: Time, lang: Lang) -> String {
+        let (a, b) = (from.with_timezone(&self.offset), to.with_timezone(&self.offset));
+        let end = if a.date_naive() == b.date_naive() { b.format("%H:%M").to_string() } else { self.time(to) };
+        match lang {
+            Lang::Ja => format!("{}〜{end}", self.time(from)),
+            Lang::En => format!("{} to {end}", self.time(from)),
+        }
+    }
 }
 
 /// A time left, in words (`約2時間5分`, `about 2 h 5 min`).
@@ -208,35 +218,485 @@ pub fn kind_text(kind: &str, lang: Lang) -> &str {
     }
 }
 
-fn ask(tier: Tier, lang: Lang) -> &'static str {
-    match (tier, lang) {
-        (Tier::T0, Lang::Ja) => "お願い: 機器と電源を確認してください。",
-        (Tier::T0, Lang::En) => "Please: check the devices and the power.",
-        (Tier::T1, Lang::Ja) => "お願い: ご家族に連絡し、状況を確認してください。",
-        (Tier::T1, Lang::En) => "Please: call the family and confirm the situation.",
-        (Tier::T2, Lang::Ja) => "お願い: 受け入れ（電源のある避難先）の準備をしてください。",
-        (Tier::T2, Lang::En) => "Please: prepare to receive the child at the powered destination.",
-        (Tier::T3, Lang::Ja) => "至急: 移動または電源の確保を今すぐ手配してください。",
-        (Tier::T3, Lang::En) => "Urgent: arrange a move or power now.",
+/// Every alert kind the gateway pages about.
+pub const KINDS: &[&str] = &[
+    "mains_lost",
+    "battery_low",
+    "state_unknown",
+    "spo2_low",
+    "pulse_out_of_range",
+    "oximeter_alarm",
+    "oximeter_alarm_silenced",
+    "ventilator_alarm",
+    "ups_fault",
+    "device_lost",
+    "sensor_off",
+    "alarm_cable_fault",
+    "spool_degraded",
+    "home_silent",
+    "battery_degraded",
+    "clock_skew",
+    "delivery_failed",
+];
+
+/// The readers messages are written for.
+pub const READERS: &[Role] =
+    &[Role::Family, Role::Coordinator, Role::VisitingNurse, Role::Facility, Role::SupportCentre];
+
+/// `docs/messages.md`'s table: what each reader is asked, for every kind and tier, in
+/// Japanese and English (generated; a test keeps the file current).
+pub fn request_table() -> String {
+    let situation = Situation {
+        destination: Some(("〇〇病院", 30)),
+        leave_by: Some("14:20".into()),
+        devices: &[("人工呼吸器".into(), 25.0), ("加温加湿器".into(), 60.0)],
+        leave_in_s: Some(3600),
+    };
+    let mut out = String::new();
+    for lang in [Lang::Ja, Lang::En] {
+        out += if lang == Lang::Ja { "\n### 日本語\n\n" } else { "\n### English\n\n" };
+        out += "| kind | tier |";
+        for r in READERS {
+            out += &format!(" {} |", role_text(*r, lang));
+        }
+        out += "\n|---|---|";
+        out += &"---|".repeat(READERS.len());
+        out += "\n";
+        for kind in KINDS {
+            for tier in [Tier::T0, Tier::T1, Tier::T2, Tier::T3] {
+                out += &format!("| {} (`{kind}`) | {} |", kind_text(kind, lang), tier_text(tier, lang));
+                for r in READERS {
+                    out += &format!(" {} |", request(*r, kind, tier, &situation, lang).replace('|', "/"));
+                }
+                out += "\n";
+            }
+        }
+    }
+    out
+}
+
+/// What kind of thing an alert is about: what its reader can do depends on it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Concern {
+    /// The power: mains lost, the battery low, or the home silent during an outage.
+    Power,
+    /// The child: SpO2, pulse, the oximeter's or the ventilator's alarm.
+    Child,
+    /// The equipment that watches: a device, the UPS, the alarm cable, the home unit.
+    Equipment,
+    /// Calm-day upkeep: a weak battery, a wrong clock, a notification that did not arrive.
+    Upkeep,
+}
+
+/// What an alert kind is about.
+pub fn concern(kind: &str) -> Concern {
+    match kind {
+        "mains_lost" | "battery_low" | "state_unknown" => Concern::Power,
+        "spo2_low" | "pulse_out_of_range" | "oximeter_alarm" | "oximeter_alarm_silenced" | "ventilator_alarm" => {
+            Concern::Child
+        }
+        "battery_degraded" | "clock_skew" | "delivery_failed" => Concern::Upkeep,
+        _ => Concern::Equipment,
     }
 }
 
-fn row(r: &TriageRow, lang: Lang) -> String {
-    let left = r.time_left_s.map(|s| time_left_text(s, r.time_left_range_s, lang)).unwrap_or_else(|| "?".into());
-    let silent = match (r.silent, lang) {
-        (true, Lang::Ja) => " 【通信途絶】",
-        (true, Lang::En) => " [SILENT]",
+/// A tier in words (for subjects): what it means for whoever reads it.
+pub fn tier_text(tier: Tier, lang: Lang) -> &'static str {
+    match (tier, lang) {
+        (Tier::T0, Lang::Ja) => "お知らせ",
+        (Tier::T0, Lang::En) => "notice",
+        (Tier::T1, Lang::Ja) => "確認のお願い",
+        (Tier::T1, Lang::En) => "please check",
+        (Tier::T2, Lang::Ja) => "移動の準備",
+        (Tier::T2, Lang::En) => "prepare to move",
+        (Tier::T3, Lang::Ja) => "至急",
+        (Tier::T3, Lang::En) => "URGENT",
+    }
+}
+
+/// A role in words.
+pub fn role_text(role: Role, lang: Lang) -> &'static str {
+    match (role, lang) {
+        (Role::Family, Lang::Ja) => "ご家族",
+        (Role::Family, Lang::En) => "the family",
+        (Role::Coordinator, Lang::Ja) => "コーディネーター",
+        (Role::Coordinator, Lang::En) => "the coordinator",
+        (Role::VisitingNurse, Lang::Ja) => "訪問看護",
+        (Role::VisitingNurse, Lang::En) => "the visiting nurse",
+        (Role::Facility, Lang::Ja) => "受け入れ先",
+        (Role::Facility, Lang::En) => "the receiving facility",
+        (Role::SupportCentre, Lang::Ja) => "支援センター",
+        (Role::SupportCentre, Lang::En) => "the support centre",
+        (Role::Admin, Lang::Ja) => "管理者",
+        (Role::Admin, Lang::En) => "the administrator",
+    }
+}
+
+/// What a reader needs to act on an alert, besides its kind and tier.
+pub struct Situation<'a> {
+    /// The destination and the travel time there, min.
+    pub destination: Option<(&'a str, u32)>,
+    /// When the family must leave at the latest (the pessimistic time left less the travel).
+    pub leave_by: Option<String>,
+    /// The devices on backup and their watts, for the facility.
+    pub devices: &'a [(String, f64)],
+    /// How long until the latest time to leave, s: a facility is asked to get ready only
+    /// when it is near ([`PREPARE_WITHIN_S`]), and told to expect the child before that.
+    pub leave_in_s: Option<i64>,
+}
+
+/// A facility is asked to prepare when the child must leave within this long (3 h); before
+/// that it is told the child may come, and when.
+pub const PREPARE_WITHIN_S: i64 = 3 * 3600;
+
+/// Who else has been told, and who has acknowledged: `ほかに知らせた人: コーディネーター、
+/// 訪問看護（コーディネーターが確認済み）。`
+pub fn who_knows(reader: Role, told: &[Role], acknowledged_by: &[Role], lang: Lang) -> Option<String> {
+    let others: Vec<&str> = told.iter().filter(|r| **r != reader).map(|r| role_text(*r, lang)).collect();
+    if others.is_empty() {
+        return None;
+    }
+    let acked: Vec<&str> = acknowledged_by.iter().map(|r| role_text(*r, lang)).collect();
+    Some(match (lang, acked.is_empty()) {
+        (Lang::Ja, true) => format!("ほかに知らせた人: {}。", others.join("、")),
+        (Lang::Ja, false) => format!("ほかに知らせた人: {}（{}が確認済み）。", others.join("、"), acked.join("、")),
+        (Lang::En, true) => format!("Also told: {}.", others.join(", ")),
+        (Lang::En, false) => format!("Also told: {} ({} acknowledged).", others.join(", "), acked.join(", ")),
+    })
+}
+
+/// What the reader is asked to do: by who they are, what the alert is about and how urgent it
+/// is — never another reader's task.
+pub fn request(role: Role, kind: &str, tier: Tier, s: &Situation, lang: Lang) -> String {
+    let ja = lang == Lang::Ja;
+    let dest = s.destination;
+    let leave = s.leave_by.as_deref();
+    let devices = if s.devices.is_empty() {
+        String::new()
+    } else if ja {
+        let list: Vec<String> = s.devices.iter().map(|(n, w)| format!("{n} {w:.0}W")).collect();
+        format!("機器: {}。", list.join("、"))
+    } else {
+        let list: Vec<String> = s.devices.iter().map(|(n, w)| format!("{n} {w:.0} W")).collect();
+        format!(" Devices: {}.", list.join(", "))
+    };
+    let c = concern(kind);
+    let text: String = match (role, c, tier) {
+        // The upkeep kinds have their own requests.
+        (Role::Family, Concern::Upkeep, _) if kind == "battery_degraded" => {
+            if ja {
+                "お願い: 停電の前に、バッテリーの交換か予備バッテリーの追加を、販売店や訪問看護ステーション、コーディネーターと相談してください。".into()
+            } else {
+                "Please: before the next outage, arrange to replace the battery or add a second one (ask the dealer, the visiting nurse or the coordinator).".into()
+            }
+        }
+        (Role::Coordinator | Role::VisitingNurse, Concern::Upkeep, _) if kind == "battery_degraded" => {
+            if ja {
+                "お願い: ご家族と、バッテリーの交換または追加（日常生活用具の給付など）について相談してください。個別避難計画の時間も見直してください。".into()
+            } else {
+                "Please: talk with the family about replacing the battery or adding one (equipment subsidies), and review the evacuation plan's timings.".into()
+            }
+        }
+        (_, Concern::Upkeep, _) if kind == "battery_degraded" => {
+            if ja {
+                "お知らせ: この世帯の予備バッテリーは計画より早く切れます。停電のときは、受け入れが早めに必要になることがあります。".into()
+            } else {
+                "For your information: this home's backup battery runs out sooner than its care plan says, so in an outage the child may need to come to you earlier.".into()
+            }
+        }
+        (Role::Family, Concern::Upkeep, _) if kind == "delivery_failed" => {
+            if ja {
+                "お願い: 登録している電話番号やメールアドレスが変わっていたら、コーディネーターに知らせてください。"
+                    .into()
+            } else {
+                "Please: if a phone number or e-mail address you gave has changed, tell the coordinator.".into()
+            }
+        }
+        (_, Concern::Upkeep, _) if kind == "clock_skew" => {
+            if ja {
+                "mamoriは受信した時刻で記録しているため通知は正しく届きますが、設置業者に見守り機の時刻合わせの確認を依頼してください。".into()
+            } else {
+                "mamori records by the time it receives messages, so notifications are right; please have the installer check the home unit's time synchronisation.".into()
+            }
+        }
+        (_, Concern::Upkeep, _) => {
+            if ja {
+                "お願い: この世帯の連絡先（電話番号・メールアドレスなど）が正しいか確認し、必要ならご家族に直接連絡してください。".into()
+            } else {
+                "Please: check this home's contact details (phone numbers, e-mail addresses) and, if needed, call the family directly.".into()
+            }
+        }
+        // The family: what to do at home, now.
+        (Role::Family, Concern::Power, Tier::T3) => {
+            if ja {
+                "至急: 今すぐ避難先へ移動するか、電源を確保してください。お子さんの様子がおかしいときは119番に通報してください。".into()
+            } else {
+                "Urgent: move to the destination or get power now. If your child is unwell, call 119.".into()
+            }
+        }
+        (Role::Family, Concern::Power, Tier::T2) => match (dest, ja) {
+            (Some((d, m)), true) => match leave {
+                Some(l) => format!(
+                    "お願い: 移動の準備をしてください（避難先: {d}、移動{m}分）。遅くとも{l}には出発してください。"
+                ),
+                None => format!("お願い: 移動の準備をしてください（避難先: {d}、移動{m}分）。"),
+            },
+            (Some((d, m)), false) => match leave {
+                Some(l) => {
+                    format!("Please: get ready to move (destination: {d}, {m} min away). Leave by {l} at the latest.")
+                }
+                None => format!("Please: get ready to move (destination: {d}, {m} min away)."),
+            },
+            (None, true) => "お願い: 移動か電源の確保の準備をしてください。".into(),
+            (None, false) => "Please: get ready to move or to get power.".into(),
+        },
+        (Role::Family, Concern::Power, _) if kind == "state_unknown" => {
+            if ja {
+                "お願い: 見守り機の電源とインターネット接続を確認してください。停電が続いているなら、移動の準備を始めてください。".into()
+            } else {
+                "Please: check the home unit's power and internet connection. If the outage goes on, start getting ready to move.".into()
+            }
+        }
+        (Role::Family, Concern::Power, _) => {
+            if ja {
+                "お願い: 人工呼吸器などが予備電源で動いているか、予備バッテリーの残りを確認してください。停電が長引きそうなら、移動の準備を始めてください。".into()
+            } else {
+                "Please: check that the ventilator and the other devices run on backup power, and how much battery is left. If the outage may last, start getting ready to move.".into()
+            }
+        }
+        (Role::Family, Concern::Child, _) => {
+            if ja {
+                "お願い: すぐにお子さんの様子と機器を確認してください。様子がおかしいときは119番に通報してください。"
+                    .into()
+            } else {
+                "Please: check your child and the devices now. If your child is unwell, call 119.".into()
+            }
+        }
+        (Role::Family, Concern::Equipment, _) if kind == "home_silent" => {
+            if ja {
+                "お願い: 見守り機の電源とインターネット接続を確認してください。".into()
+            } else {
+                "Please: check the home unit's power and internet connection.".into()
+            }
+        }
+        (Role::Family, Concern::Equipment, _) => {
+            if ja {
+                "お願い: 機器のケーブルと電源を確認してください。".into()
+            } else {
+                "Please: check the devices' cables and power.".into()
+            }
+        }
+        // The coordinator: the family, the move, the destination.
+        (Role::Coordinator, Concern::Power, Tier::T3) => {
+            if ja {
+                "至急: ご家族の移動か電源の確保を今すぐ手配してください。".into()
+            } else {
+                "Urgent: arrange the family's move or power now.".into()
+            }
+        }
+        (Role::Coordinator, Concern::Power, Tier::T2) => match (dest, leave, ja) {
+            (Some((d, _)), Some(l), true) => {
+                format!("お願い: ご家族と、避難先（{d}）への移動を調整してください。遅くとも{l}には出発が必要です。")
+            }
+            (Some((d, _)), Some(l), false) => {
+                format!("Please: arrange the family's move to {d} with them. They must leave by {l} at the latest.")
+            }
+            (Some((d, _)), None, true) => format!("お願い: ご家族と、避難先（{d}）への移動を調整してください。"),
+            (Some((d, _)), None, false) => format!("Please: arrange the family's move to {d} with them."),
+            (None, _, true) => "お願い: ご家族と、移動か電源の確保を調整してください。".into(),
+            (None, _, false) => "Please: arrange a move or power with the family.".into(),
+        },
+        (Role::Coordinator, Concern::Power, _) if kind == "state_unknown" => {
+            if ja {
+                "お願い: ご家族に電話し、連絡が取れるか、電源が持っているかを確認してください。".into()
+            } else {
+                "Please: call the family: can they be reached, and is the power holding?".into()
+            }
+        }
+        (Role::Coordinator, _, _) => {
+            if ja {
+                "お願い: ご家族に連絡し、状況を確認してください。".into()
+            } else {
+                "Please: call the family and confirm the situation.".into()
+            }
+        }
+        // The visiting nurse.
+        (Role::VisitingNurse, _, Tier::T3) => {
+            if ja {
+                "至急: ご家族に連絡し、必要なら訪問してください。".into()
+            } else {
+                "Urgent: call the family, and visit if needed.".into()
+            }
+        }
+        (Role::VisitingNurse, _, _) => {
+            if ja {
+                "お願い: ご家族に連絡し、必要なら訪問してください。".into()
+            } else {
+                "Please: call the family, and visit if needed.".into()
+            }
+        }
+        // The facility: a child may be coming.
+        (Role::Facility, Concern::Power, Tier::T2 | Tier::T3)
+            if s.leave_in_s.is_some_and(|l| l > PREPARE_WITHIN_S) && leave.is_some() =>
+        {
+            let (l, m) = (leave.unwrap_or_default(), dest.map_or(0, |d| d.1));
+            if ja {
+                format!("お知らせ: 停電が続けば、お子さんの受け入れが必要になります。今の見込みでは、遅くとも{l}に出発、移動{m}分です。{devices}受け入れられないときは、コーディネーターに連絡してください。")
+            } else {
+                format!("For your information: if the outage goes on, the child will need to come to you; as it stands they must leave by {l} at the latest, {m} min on the way.{devices} If you cannot receive them, tell the coordinator.")
+            }
+        }
+        (Role::Facility, Concern::Power, Tier::T2 | Tier::T3) => {
+            let urgent = tier == Tier::T3;
+            match (leave, ja) {
+                (Some(l), true) => format!(
+                    "{}お子さんの受け入れの準備をしてください。遅くとも{l}に出発、移動{}分の見込みです。{devices}受け入れられないときは、コーディネーターに連絡してください。",
+                    if urgent { "至急: " } else { "お願い: " },
+                    dest.map_or(0, |d| d.1)
+                ),
+                (Some(l), false) => format!(
+                    "{}prepare to receive the child: leaving by {l} at the latest, {} min on the way.{devices} If you cannot receive them, tell the coordinator.",
+                    if urgent { "Urgent: " } else { "Please: " },
+                    dest.map_or(0, |d| d.1)
+                ),
+                (None, true) => format!(
+                    "{}お子さんの受け入れの準備をしてください。{devices}受け入れられないときは、コーディネーターに連絡してください。",
+                    if urgent { "至急: " } else { "お願い: " }
+                ),
+                (None, false) => format!(
+                    "{}prepare to receive the child.{devices} If you cannot receive them, tell the coordinator.",
+                    if urgent { "Urgent: " } else { "Please: " }
+                ),
+            }
+        }
+        (Role::Facility, _, _) => {
+            if ja {
+                "お知らせ: 状況を見守ってください。受け入れが必要になれば、あらためて連絡します。".into()
+            } else {
+                "For your information: please stand by. You will be told if the child needs to come to you.".into()
+            }
+        }
+        // The support centre (and an administrator, who acknowledges as it).
+        (Role::SupportCentre | Role::Admin, Concern::Power, Tier::T3) => {
+            if ja {
+                "至急: 市町村と連携し、移動か電源の確保を支援してください。".into()
+            } else {
+                "Urgent: work with the municipality to get this child moved or powered.".into()
+            }
+        }
+        (Role::SupportCentre | Role::Admin, _, Tier::T3) => {
+            if ja {
+                "至急: 状況を把握し、市町村と連携してください。".into()
+            } else {
+                "Urgent: follow the situation and work with the municipality.".into()
+            }
+        }
+        (Role::SupportCentre | Role::Admin, _, _) => {
+            if ja {
+                "お願い: 状況を把握し、市町村と連携してください。".into()
+            } else {
+                "Please: follow the situation and work with the municipality.".into()
+            }
+        }
+    };
+    text
+}
+
+/// Readings an alert carries, in words: `SpO2 85%・脈拍 92/分`, `UPSの表示: 残量62%・残り約12分`.
+pub fn readings_text(data: &serde_json::Map<String, serde_json::Value>, lang: Lang) -> Option<String> {
+    let n = |k: &str| data.get(k).and_then(serde_json::Value::as_f64);
+    let ja = lang == Lang::Ja;
+    let mut parts = Vec::new();
+    if let Some(v) = n("spo2_pct") {
+        parts.push(format!("SpO2 {v:.0}%"));
+    }
+    if let Some(v) = n("pulse_bpm") {
+        parts.push(if ja { format!("脈拍 {v:.0}/分") } else { format!("pulse {v:.0}/min") });
+    }
+    let mut ups = Vec::new();
+    if let Some(v) = n("battery_charge_pct") {
+        ups.push(if ja { format!("残量{v:.0}%") } else { format!("{v:.0} % charge") });
+    }
+    if let Some(v) = n("runtime_s") {
+        let left = rough(v as i64, Round::Near, lang);
+        ups.push(if ja { format!("残り約{left}") } else { format!("about {left} left") });
+    }
+    if !ups.is_empty() {
+        parts.push(if ja {
+            format!("UPSの表示: {}", ups.join("・"))
+        } else {
+            format!("the UPS shows {}", ups.join(", "))
+        });
+    }
+    (!parts.is_empty()).then(|| parts.join(if ja { "・" } else { "; " }))
+}
+
+/// A condition that is over, in words.
+pub fn over_text(kind: &str, lang: Lang) -> &'static str {
+    let ja = lang == Lang::Ja;
+    match kind {
+        "mains_lost" if ja => "電源が復旧しました",
+        "mains_lost" => "mains power is back",
+        "battery_low" if ja => "予備電源の残量が回復しました",
+        "battery_low" => "the backup battery is no longer low",
+        "ups_fault" if ja => "UPSの故障表示が消えました",
+        "ups_fault" => "the UPS no longer reports a fault",
+        "device_lost" if ja => "機器がまた応答しています",
+        "device_lost" => "the device answers again",
+        "spo2_low" if ja => "SpO2が回復しました",
+        "spo2_low" => "SpO2 is back up",
+        "pulse_out_of_range" if ja => "脈拍が戻りました",
+        "pulse_out_of_range" => "the pulse is back in range",
+        "sensor_off" if ja => "センサーが装着されました",
+        "sensor_off" => "the oximeter sensor is back on",
+        "oximeter_alarm" | "oximeter_alarm_silenced" if ja => "パルスオキシメータのアラームが止まりました",
+        "oximeter_alarm" | "oximeter_alarm_silenced" => "the pulse oximeter alarm has ended",
+        "ventilator_alarm" if ja => "人工呼吸器のアラームが止まりました",
+        "ventilator_alarm" => "the ventilator alarm has ended",
+        "alarm_cable_fault" if ja => "人工呼吸器のアラーム線がつながりました",
+        "alarm_cable_fault" => "the ventilator alarm cable is connected again",
+        "spool_degraded" if ja => "見守り機のディスクが正常に戻りました",
+        "spool_degraded" => "the home unit's disk is working again",
+        "home_silent" | "state_unknown" if ja => "見守り機との通信が戻りました",
+        "home_silent" | "state_unknown" => "the home unit is heard again",
+        "delivery_failed" if ja => "通知が届くようになりました",
+        "delivery_failed" => "notifications arrive again",
+        "battery_degraded" if ja => "予備バッテリーの問題は解消しました",
+        "battery_degraded" => "the backup battery is no longer a concern",
+        "clock_skew" if ja => "見守り機の時計が正しくなりました",
+        "clock_skew" => "the home unit's clock is right again",
+        _ if ja => "解消しました",
+        _ => "it is over",
+    }
+}
+
+fn row(r: &TriageRow, closed: bool, lang: Lang) -> String {
+    let ja = lang == Lang::Ja;
+    let left = match (r.on_battery, r.time_left_s) {
+        (false, _) if ja => "復電".to_string(),
+        (false, _) => "mains back".to_string(),
+        (true, Some(s)) if ja => format!("残り{}", time_left_text(s, r.time_left_range_s, lang)),
+        (true, Some(s)) => format!("{} left", time_left_text(s, r.time_left_range_s, lang)),
+        (true, None) if ja => "残り時間不明".to_string(),
+        (true, None) => "time left unknown".to_string(),
+    };
+    let silent = match (r.silent && !closed, ja) {
+        (true, true) => "【通信途絶】",
+        (true, false) => " [silent]",
         _ => "",
     };
-    let power = match (r.on_battery, lang) {
-        (false, Lang::Ja) => " 復電",
-        (false, Lang::En) => " mains back",
-        _ => "",
+    let dest = match (&r.destination, ja) {
+        (Some(d), true) => format!(" → {d}（移動{}分）", r.travel_min.unwrap_or(0)),
+        (Some(d), false) => format!(" → {d} ({} min away)", r.travel_min.unwrap_or(0)),
+        (None, _) => String::new(),
     };
-    let dest =
-        r.destination.as_ref().map(|d| format!(" → {d} ({} min)", r.travel_min.unwrap_or(0))).unwrap_or_default();
-    let ack = r.acknowledged_by.map(|a| format!(" ✓{}", role_name(a))).unwrap_or_default();
-    format!("{:?} {}: {left}{power}{silent}{dest}{ack}", r.tier, r.label)
+    let ack = match (r.acknowledged_by, ja) {
+        (Some(a), true) => format!(" ✓{}が確認済み", role_text(a, lang)),
+        (Some(a), false) => format!(" ✓acknowledged by {}", role_text(a, lang)),
+        (None, _) => String::new(),
+    };
+    let tier = if closed || !r.on_battery { String::new() } else { format!("［{}］", tier_text(r.tier, lang)) };
+    format!("{tier}{}: {left}{silent}{dest}{ack}", r.label)
 }
 
 /// The subject and body of a message for one reader.
@@ -256,6 +716,9 @@ pub fn render(content: &Content, lang: Lang, role: Role, alert_id: &str, style: 
             silent,
             evacuation,
             data,
+            devices,
+            told,
+            acknowledged_by,
         } => {
             let what = kind_text(kind, lang);
             let again = match (*repeat > 0, ja) {
@@ -263,7 +726,11 @@ pub fn render(content: &Content, lang: Lang, role: Role, alert_id: &str, style: 
                 (true, false) => " (repeat)",
                 _ => "",
             };
-            let subject = format!("[mamori {tier:?}] {label}: {what}{again}");
+            let subject = if ja {
+                format!("【mamori・{}】{label}: {what}{again}", tier_text(*tier, lang))
+            } else {
+                format!("[mamori, {}] {label}: {what}{again}", tier_text(*tier, lang))
+            };
             let mut body = if ja {
                 format!("{label}: {what}。{}から。", style.time(*since))
             } else {
@@ -279,24 +746,20 @@ pub fn render(content: &Content, lang: Lang, role: Role, alert_id: &str, style: 
                     format!("{}; {}", basis(f.basis.as_str(), lang), unverified(lang))
                 };
                 body += &if ja {
-                    format!(" 電源の残り{left}、早ければ{}に切れます（{how}）。", style.time(f.runs_out.p10))
+                    format!("電源の残り{left}、早ければ{}に切れます（{how}）。", style.time(f.runs_out.p10))
                 } else {
                     format!(" Power left: {left}; it may run out as early as {} ({how}).", style.time(f.runs_out.p10))
                 };
             }
             if *silent {
                 body += if ja {
-                    " 見守り機と通信できません（最後の情報に基づく）。"
+                    "見守り機と通信できません（最後に届いた情報にもとづきます）。"
                 } else {
-                    " The home is silent (last known state)."
+                    " The home unit is silent (this is the last known state)."
                 };
             }
-            let readings: Vec<String> = ["spo2_pct", "pulse_bpm", "runtime_s", "battery_charge_pct"]
-                .iter()
-                .filter_map(|k| data.get(*k).filter(|v| !v.is_null()).map(|v| format!("{k}={v}")))
-                .collect();
-            if !readings.is_empty() {
-                body += &format!(" ({})", readings.join(", "));
+            if let Some(r) = readings_text(data, lang) {
+                body += &if ja { format!("{r}。") } else { format!(" {r}.") };
             }
             if let (true, Some(skew)) = (kind == "clock_skew", data.get("skew_s").and_then(|v| v.as_i64())) {
                 let off = duration(skew.abs(), lang);
@@ -313,7 +776,7 @@ pub fn render(content: &Content, lang: Lang, role: Role, alert_id: &str, style: 
                 let times = n("discharges").max(1);
                 body += &if ja {
                     format!(
-                        " 最近{times}回の停電での測定では、バッテリーが使えた電力量は計画の約{health}%（約{delivered}Wh／計画{planned}Wh）でした。\
+                        "最近{times}回の停電での測定では、バッテリーが使えた電力量は計画の約{health}%（約{delivered}Wh／計画{planned}Wh）でした。\
                          次の停電では、その分だけ早く切れます。"
                     )
                 } else {
@@ -323,79 +786,78 @@ pub fn render(content: &Content, lang: Lang, role: Role, alert_id: &str, style: 
                     )
                 };
             }
-            if let (Some((dest, travel)), true) = (evacuation, *tier >= Tier::T2) {
-                body += &if ja {
-                    format!(" 避難先: {dest}（移動{travel}分）。")
-                } else {
-                    format!(" Destination: {dest} ({travel} min away).")
-                };
-            }
-            let request = match (kind.as_str(), ja) {
-                ("clock_skew", true) => {
-                    "mamoriは受信時刻で記録しているため通知は正しく届きますが、設置業者に見守り機の時刻合わせの確認を依頼してください。"
-                }
-                ("battery_degraded", true) if role == Role::Family => {
-                    "お願い: 停電の前に、バッテリーの交換か予備バッテリーの追加を、販売店や訪問看護ステーション、コーディネーターと相談してください。"
-                }
-                ("battery_degraded", false) if role == Role::Family => {
-                    "Please: before the next outage, arrange to replace the battery or add a second one (ask the dealer, the visiting nurse or the coordinator)."
-                }
-                ("battery_degraded", true) => {
-                    "お願い: ご家族と、バッテリーの交換または追加（日常生活用具の給付など）について相談してください。個別避難計画の時間も見直してください。"
-                }
-                ("battery_degraded", false) => {
-                    "Please: talk with the family about replacing the battery or adding one (equipment subsidies), and review the evacuation plan's timings."
-                }
-                ("clock_skew", false) => {
-                    "mamori records by the time it receives messages, so notifications are right; please have the installer check the home unit's time synchronisation."
-                }
-                _ => ask(*tier, lang),
+            // The latest time to leave: the pessimistic time left less the travel.
+            let travel = evacuation.as_ref().map(|e| e.1);
+            let leave_by = match (forecast, travel) {
+                (Some(f), Some(m)) => Some(style.time(f.runs_out.p10 - chrono::Duration::minutes(i64::from(m)))),
+                _ => None,
             };
+            let situation = Situation {
+                destination: evacuation.as_ref().map(|(d, m)| (d.as_str(), *m)),
+                leave_by,
+                devices,
+                leave_in_s: match (time_left_range_s, travel) {
+                    (Some((p10, _)), Some(m)) => Some(p10 - i64::from(m) * 60),
+                    _ => None,
+                },
+            };
+            let request = request(role, kind, *tier, &situation, lang);
             body += &format!("\n{request}\n");
+            if let Some(w) = who_knows(role, told, acknowledged_by, lang) {
+                body += &format!("{w}\n");
+            }
             body += &if ja { format!("確認（既読）: {link}") } else { format!("Acknowledge: {link}") };
             (subject, body)
         }
         Content::Cleared { label, kind, since, at } => {
-            let what = kind_text(kind, lang);
+            let over = over_text(kind, lang);
             if ja {
                 (
-                    format!("[mamori] {label}: 解消"),
-                    format!("{label}: {what}（{}から）は{}に解消しました。", style.time(*since), style.time(*at)),
+                    format!("【mamori・解消】{label}: {over}"),
+                    format!("{label}: {over}（{}）。", style.span(*since, *at, lang)),
                 )
             } else {
                 (
-                    format!("[mamori] {label}: resolved"),
-                    format!("{label}: {what} (since {}) resolved at {}.", style.time(*since), style.time(*at)),
+                    format!("[mamori, resolved] {label}: {over}"),
+                    format!("{label}: {over} ({}).", style.span(*since, *at, lang)),
                 )
             }
         }
         Content::Incident { municipality, opened_at, revision, rows, closed } => {
+            // A code where no care plan names the municipality.
+            let municipality = match (municipality.chars().all(|c| c.is_ascii_digit()), ja) {
+                (true, true) => format!("市町村コード{municipality}"),
+                (true, false) => format!("municipality {municipality}"),
+                (false, _) => municipality.clone(),
+            };
             let on = rows.iter().filter(|r| r.on_battery).count();
             let silent = rows.iter().filter(|r| r.silent).count();
             let subject = match (closed, ja) {
-                (true, true) => format!("[mamori] 地域停電 {municipality} 終了"),
+                (true, true) => format!("【mamori】広域停電（{municipality}）が終わりました"),
                 (true, false) => format!("[mamori] regional outage {municipality} over"),
                 (false, true) => format!(
-                    "[mamori] 地域停電 {municipality}: {on}世帯が予備電源、{silent}世帯が通信途絶（第{revision}報）"
+                    "【mamori】広域停電（{municipality}）: {on}世帯が予備電源、{silent}世帯が通信途絶（第{revision}報）"
                 ),
                 (false, false) => format!(
                     "[mamori] regional outage {municipality}: {on} homes on backup, {silent} silent (update {revision})"
                 ),
             };
-            let mut body = if ja {
-                format!("{}から。残り時間の短い順:\n", style.time(*opened_at))
-            } else {
-                format!("Since {}. Shortest time left first:\n", style.time(*opened_at))
+            let mut body = match (closed, ja) {
+                (false, true) => format!("{}から。残り時間の短い順:\n", style.time(*opened_at)),
+                (false, false) => format!("Since {}. Shortest time left first:\n", style.time(*opened_at)),
+                (true, true) => format!("{}からの広域停電は終わりました。各世帯の状況:\n", style.time(*opened_at)),
+                (true, false) => format!("The regional outage since {} is over. Each home:\n", style.time(*opened_at)),
             };
             for r in rows {
-                body += &row(r, lang);
+                body += &row(r, *closed, lang);
                 body.push('\n');
             }
             if !closed {
-                body += if ja {
-                    "お願い: 上から順に状況を確認してください。"
-                } else {
-                    "Please: check on the homes from the top."
+                body += &match (role, ja) {
+                    (Role::Family, true) => "お願い: ご自宅の機器と予備電源を確認してください。".to_string(),
+                    (Role::Family, false) => "Please: check your devices and backup power.".to_string(),
+                    (_, true) => "お願い: 上から順に状況を確認してください。".to_string(),
+                    (_, false) => "Please: check on the homes from the top.".to_string(),
                 };
                 body += &if ja { format!("\n確認（既読）: {link}") } else { format!("\nAcknowledge: {link}") };
             }
@@ -446,16 +908,42 @@ mod tests {
             evacuation: Some(("熊本大学病院".into(), 40)),
             data: Default::default(),
             time_left_range_s: Some((2 * 3600 + 1800 + 59, 3 * 3600 + 1801)),
+            devices: vec![("人工呼吸器".into(), 25.0)],
+            told: vec![Role::Family, Role::Coordinator, Role::Facility],
+            acknowledged_by: vec![Role::Family],
         };
         let (subject, body) = render(&c, Lang::Ja, Role::Facility, "abc", &style());
-        assert!(subject.contains("K-01") && subject.contains("停電"), "{subject}");
+        assert!(subject.contains("K-01") && subject.contains("停電") && subject.contains("移動の準備"), "{subject}");
+        // 09:00 JST + 2 h 30 min (the pessimistic end) − 40 min of travel = 10:50.
         assert!(
             body.contains("電源の残り約3時間20分（2時間30分〜3時間40分）")
                 && body.contains("UPSの報告を補正")
-                && body.contains("熊本大学病院"),
+                && body.contains("お子さんの受け入れの準備")
+                && body.contains("遅くとも09/22 01:03に出発、移動40分")
+                && body.contains("人工呼吸器 25W")
+                && body.contains("ほかに知らせた人: ご家族、コーディネーター（ご家族が確認済み）"),
             "{body}"
         );
+        let (_, family) = render(&c, Lang::Ja, Role::Family, "abc", &style());
+        assert!(
+            family.contains("移動の準備をしてください（避難先: 熊本大学病院、移動40分）")
+                && family.contains("ほかに知らせた人: コーディネーター、受け入れ先")
+                && !family.contains("受け入れの準備"),
+            "{family}"
+        );
         assert!(body.contains(&style().ack_link("abc", Role::Facility)), "{body}");
+        // Far from the time to leave, the facility is told when to expect the child, not yet
+        // asked to get ready.
+        let mut far = c.clone();
+        if let Content::Alert { time_left_range_s, .. } = &mut far {
+            *time_left_range_s = Some((10 * 3600, 14 * 3600));
+        }
+        let (_, later) = render(&far, Lang::Ja, Role::Facility, "abc", &style());
+        assert!(
+            later.contains("お知らせ: 停電が続けば、お子さんの受け入れが必要になります")
+                && !later.contains("受け入れの準備"),
+            "{later}"
+        );
         let (_, en) = render(&c, Lang::En, Role::Facility, "abc", &style());
         assert!(
             en.contains("about 3 h 20 min (2 h 30 min to 3 h 40 min)")
@@ -501,6 +989,9 @@ mod tests {
             silent: false,
             evacuation: None,
             data,
+            devices: vec![],
+            told: vec![Role::Family, Role::Coordinator],
+            acknowledged_by: vec![],
         };
         let (subject, family) = render(&c, Lang::Ja, Role::Family, "abc", &style());
         assert!(subject.contains("予備バッテリーが計画より持ちません"), "{subject}");
@@ -514,6 +1005,157 @@ mod tests {
         assert!(en.contains("about 55 % of its care plan") && en.contains("replace the battery"), "{en}");
         for text in [&family, &coordinator] {
             assert!(!text.contains("health_pct") && !text.contains("plan_wh"), "no field names: {text}");
+        }
+    }
+
+    /// A reader's own task, and the phrases of everyone else's: whichever reader gets a
+    /// message, it never carries another reader's task.
+    fn tasks(role: Role) -> &'static [&'static str] {
+        match role {
+            Role::Family => {
+                &["119番", "避難先へ移動するか", "移動の準備をしてください", "見守り機の電源とインターネット"]
+            }
+            Role::Coordinator => &["を調整してください", "手配してください", "ご家族に電話", "ご家族に連絡し、状況"],
+            Role::VisitingNurse => &["訪問してください"],
+            Role::Facility => &["受け入れの準備", "受け入れが必要になれば"],
+            Role::SupportCentre | Role::Admin => &["市町村と連携"],
+        }
+    }
+
+    fn every_alert() -> Vec<Content> {
+        let f = Forecast {
+            external_until: t(3600),
+            runs_out_at: t(7200),
+            external: Band { p10: t(3000), p50: t(3600), p90: t(4200) },
+            runs_out: Band { p10: t(6000), p50: t(7200), p90: t(8400) },
+            basis: Basis::ObservedDischarge,
+            as_of: t(0),
+            verified: false,
+        };
+        let mut data = serde_json::Map::new();
+        for (k, v) in [
+            ("spo2_pct", 85.0),
+            ("pulse_bpm", 92.0),
+            ("battery_charge_pct", 62.0),
+            ("runtime_s", 720.0),
+            ("skew_s", -3600.0),
+            ("health_pct", 55.0),
+            ("plan_wh", 800.0),
+            ("delivered_wh", 440.0),
+            ("discharges", 2.0),
+        ] {
+            data.insert(k.into(), v.into());
+        }
+        let mut out = Vec::new();
+        for kind in KINDS {
+            for tier in [Tier::T0, Tier::T1, Tier::T2, Tier::T3] {
+                for (evacuation, forecast) in [(Some(("熊本大学病院".to_string(), 40)), Some(f)), (None, None)] {
+                    out.push(Content::Alert {
+                        label: "K-01".into(),
+                        kind: kind.to_string(),
+                        since: t(0),
+                        tier,
+                        repeat: 1,
+                        time_left_s: forecast.as_ref().map(|_| 7200),
+                        time_left_range_s: forecast.as_ref().map(|_| (6000, 8400)),
+                        forecast,
+                        silent: true,
+                        evacuation,
+                        data: data.clone(),
+                        devices: vec![("人工呼吸器".into(), 25.0), ("加温加湿器".into(), 60.0)],
+                        told: READERS.to_vec(),
+                        acknowledged_by: vec![Role::Coordinator],
+                    });
+                }
+            }
+            out.push(Content::Cleared { label: "K-01".into(), kind: kind.to_string(), since: t(0), at: t(600) });
+        }
+        let row = |label: &str, on_battery: bool, left: Option<i64>| TriageRow {
+            home: mamori_protocol::mqtt::HomeId::new("h-01").unwrap(),
+            label: label.into(),
+            tier: Tier::T2,
+            time_left_s: left,
+            time_left_range_s: left.map(|l| (l - 900, l + 900)),
+            basis: None,
+            on_battery,
+            silent: label == "K-02",
+            acknowledged_by: (label == "K-03").then_some(Role::Coordinator),
+            destination: Some("熊本大学病院".into()),
+            travel_min: Some(40),
+        };
+        let rows = vec![row("K-01", true, Some(5400)), row("K-02", true, None), row("K-03", false, None)];
+        for closed in [false, true] {
+            out.push(Content::Incident {
+                municipality: "熊本市".into(),
+                opened_at: t(0),
+                revision: 3,
+                rows: rows.clone(),
+                closed,
+            });
+        }
+        out
+    }
+
+    #[test]
+    fn no_reader_is_ever_asked_another_readers_task() {
+        let mut checked = 0;
+        for content in every_alert() {
+            for reader in READERS {
+                for lang in [Lang::Ja] {
+                    let (_, body) = render(&content, lang, *reader, "abc", &style());
+                    // The request is the line after the facts; who else knows follows it.
+                    let request = body.lines().nth(1).unwrap_or("");
+                    for other in READERS.iter().filter(|r| *r != reader) {
+                        for phrase in tasks(*other) {
+                            assert!(
+                                !request.contains(phrase),
+                                "{reader:?} was asked {other:?}'s task ({phrase}):\n{body}"
+                            );
+                        }
+                    }
+                    checked += 1;
+                }
+            }
+        }
+        assert!(checked > 600, "{checked}");
+    }
+
+    #[test]
+    fn japanese_text_has_no_field_names_codes_or_english_words() {
+        const ALLOWED: &[&str] = &["mamori", "SpO2", "UPS", "W", "Wh"];
+        for content in every_alert() {
+            for reader in READERS {
+                let (subject, body) = render(&content, Lang::Ja, *reader, "abc", &style());
+                let text = format!("{subject}\n{}", body.split("確認（既読）: ").next().unwrap_or(""));
+                for word in text.split(|c: char| !c.is_ascii_alphanumeric() && c != '_') {
+                    let word = word.trim_start_matches(|c: char| c.is_ascii_digit());
+                    assert!(
+                        word.is_empty() || ALLOWED.contains(&word) || word == "K",
+                        "an English word or a code in Japanese ({word}) for {reader:?}:\n{text}"
+                    );
+                }
+                for bad in ["。 ", "  ", "?", "_", "（）"] {
+                    assert!(!text.contains(bad), "{bad:?} in the Japanese text for {reader:?}:\n{text}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn the_table_in_docs_messages_is_what_the_gateway_sends() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/messages.md");
+        let doc = std::fs::read_to_string(&path).unwrap();
+        let (start, end) = ("<!-- table: generated by the gateway's tests -->\n", "<!-- end of table -->");
+        let (head, rest) = doc.split_once(start).expect("the table's start marker");
+        let (_, tail) = rest.split_once(end).expect("the table's end marker");
+        let fresh = format!("{head}{start}{}{end}{tail}", request_table());
+        if std::env::var_os("MAMORI_UPDATE_DOCS").is_some() {
+            std::fs::write(&path, &fresh).unwrap();
+        } else {
+            assert!(
+                fresh == doc,
+                "docs/messages.md is out of date: MAMORI_UPDATE_DOCS=1 cargo test -p mamori-gateway --lib message"
+            );
         }
     }
 

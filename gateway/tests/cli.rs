@@ -11,13 +11,13 @@ fn the_demo_tells_its_story_and_exits_cleanly() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "exit {:?}\n{text}\n{}", out.status, String::from_utf8_lossy(&out.stderr));
     for expected in [
-        "地域停電 431001",                // one regional incident for Kumamoto's coordinator
-        "停電中に通信が途絶え、状況不明", // K-04 silent during the outage
-        "消音されました",                 // the bedside-silenced oximeter alarm still escalates
-        "人工呼吸器のアラーム",           // the ventilator alarm contact
-        "[mamori T3] K-03",               // the small battery crossed into T3
-        "→ 200 OK",                       // the coordinator's acknowledgement through the signed link
-        "地域停電 431001 終了",           // power back: the incident closes
+        "広域停電（熊本市）",               // one regional incident for Kumamoto's coordinator, by name
+        "停電中に通信が途絶え、状況不明",   // K-04 silent during the outage
+        "消音されました",                   // the bedside-silenced oximeter alarm still escalates
+        "人工呼吸器のアラーム",             // the ventilator alarm contact
+        "【mamori・至急】K-03",             // the small battery crossed into T3
+        "→ 200 OK",                         // the coordinator's acknowledgement through the signed link
+        "広域停電（熊本市）が終わりました", // power back: the incident closes
         "the story is over",
     ] {
         assert!(text.contains(expected), "missing `{expected}` in the demo's output:\n{text}");

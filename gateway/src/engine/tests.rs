@@ -21,6 +21,7 @@ fn plan(id: &str, muni: &str, usable_wh: f64) -> Home {
     Home {
         id: HomeId::new(id).unwrap(),
         municipality: muni.into(),
+        municipality_name: None,
         label: format!("L-{id}"),
         devices: vec![
             Device { name: "ventilator".into(), watts: 25.0 },
@@ -340,6 +341,8 @@ fn unknown_homes_are_refused_and_change_nothing() {
 
 fn region() -> Engine {
     let mut homes: Vec<Home> = (0..4).map(|i| plan(&format!("k{i}"), "431001", 1000.0 * (i + 1) as f64)).collect();
+    // One care plan names the municipality: the digest says it for all.
+    homes[1].municipality_name = Some("熊本市".into());
     homes.push(plan("n0", "202011", 1000.0));
     engine(&homes)
 }
@@ -368,7 +371,7 @@ fn a_regional_outage_is_one_incident_with_a_triage_list_for_the_coordinator() {
     let digests: Vec<&&Notification> = notes.iter().filter(|n| matches!(n.content, Content::Incident { .. })).collect();
     assert_eq!(digests.len(), 1, "one incident for 431001, none for 202011 (one home)");
     let Content::Incident { municipality, rows, .. } = &digests[0].content else { unreachable!() };
-    assert_eq!(municipality, "431001");
+    assert_eq!(municipality, "熊本市", "the municipality as people say it, not its code");
     let order: Vec<&str> = rows.iter().map(|r| r.home.as_str()).collect();
     // Time left: k0 (1000 Wh) < k1 < k2; the silent home k3 (on mains when last heard) is listed, marked.
     assert_eq!(&order[..3], ["k0", "k1", "k2"]);

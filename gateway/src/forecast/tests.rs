@@ -29,6 +29,7 @@ fn home_with(kind: BackupKind, wh: Option<f64>, internal_min: Option<f64>, load_
     Home {
         id: HomeId::new("h").unwrap(),
         municipality: "431001".into(),
+        municipality_name: None,
         label: "h".into(),
         devices: vec![Device { name: "ventilator".into(), watts: load_w }],
         backup,

@@ -326,7 +326,7 @@ fn incidents_html(engine: &Engine, v: &Viewer, now: Time, offset: FixedOffset) -
              <p>{since} {opened} · {battery}/{n} {bat} · {silent} {sil}</p></section>",
             id = escape(&i.id),
             title = t.t("incident"),
-            m = escape(&i.municipality),
+            m = escape(i.municipality_name.as_deref().unwrap_or(&i.municipality)),
             since = t.t("since"),
             opened = local(i.opened_at, offset),
             n = i.rows.len(),
@@ -352,10 +352,11 @@ pub async fn overview(State(app): State<App>, v: Viewer, client: Client) -> Resp
     let mut groups: BTreeMap<String, Vec<&HomeView>> = BTreeMap::new();
     let mut order = Vec::new();
     for h in &homes {
-        if !groups.contains_key(&h.municipality) {
-            order.push(h.municipality.clone());
+        let m = h.municipality_name.clone().unwrap_or_else(|| h.municipality.clone());
+        if !groups.contains_key(&m) {
+            order.push(m.clone());
         }
-        groups.entry(h.municipality.clone()).or_default().push(h);
+        groups.entry(m).or_default().push(h);
     }
     for m in order {
         let _ = write!(
@@ -609,7 +610,7 @@ pub async fn incident(State(app): State<App>, v: Viewer, client: Client, Path(id
     let mut body = format!(
         "<h1>{} {}</h1><p>{} {}</p><table class=\"triage\"><thead><tr><th>{}</th><th>{}</th><th>{}</th><th>{}</th><th>{}</th><th>{}</th><th>{}</th></tr></thead><tbody>",
         t.t("incident"),
-        escape(&i.municipality),
+        escape(i.municipality_name.as_deref().unwrap_or(&i.municipality)),
         t.t("since"),
         local(i.opened_at, offset),
         t.t("home"),

@@ -20,6 +20,8 @@ pub struct HomeView {
     pub label: String,
     /// Municipality code.
     pub municipality: String,
+    /// The municipality's name, when the care plan gives it.
+    pub municipality_name: Option<String>,
     /// `mains`, `battery` or `unknown`.
     pub power: &'static str,
     /// On battery since.
@@ -163,6 +165,7 @@ pub fn home_view(plan: &Home, st: Option<&HomeState>, now: Time) -> HomeView {
         id: plan.id.as_str().to_string(),
         label: plan.label.clone(),
         municipality: plan.municipality.clone(),
+        municipality_name: plan.municipality_name.clone(),
         power,
         on_battery_since: since,
         time_left_s,
@@ -231,6 +234,8 @@ pub struct IncidentView {
     pub id: String,
     /// Municipality code.
     pub municipality: String,
+    /// The municipality's name, when a care plan gives it.
+    pub municipality_name: Option<String>,
     /// When it opened.
     pub opened_at: Time,
     /// Triage: soonest out first, silent homes included.
@@ -247,6 +252,7 @@ pub fn incidents(engine: &Engine, user: &User, now: Time) -> Vec<IncidentView> {
         .map(|i| IncidentView {
             id: i.id.clone(),
             municipality: i.municipality.clone(),
+            municipality_name: engine.municipality_name(&i.municipality),
             opened_at: i.opened_at,
             rows: engine.incident_triage(&i.id, now).unwrap_or_default(),
             acks: i.acks.clone(),

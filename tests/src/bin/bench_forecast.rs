@@ -97,6 +97,7 @@ fn plan(s: &Sim) -> Home {
     Home {
         id: s.id.clone(),
         municipality: "431001".into(),
+        municipality_name: None,
         label: s.id.as_str().into(),
         devices: vec![Device { name: "ventilator+humidifier".into(), watts: s.plan_load }],
         backup: vec![
