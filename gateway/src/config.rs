@@ -56,6 +56,9 @@ pub struct Config {
     /// E-mail.
     #[serde(default)]
     pub smtp: Option<SmtpConfig>,
+    /// LINE (the Messaging API).
+    #[serde(default)]
+    pub line: Option<LineConfig>,
     /// Telemetry history kept, h.
     #[serde(default = "default_retention_h")]
     pub telemetry_retention_h: u32,
@@ -347,6 +350,21 @@ pub struct Endpoint {
     pub template: Option<String>,
 }
 
+/// LINE's Messaging API: pushes to users and groups of the centre's LINE Official Account.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LineConfig {
+    /// The channel access token (long-lived or v2.1), as a secret.
+    pub channel_access_token: Secret,
+    /// The API's base URL (no trailing slash); another only for a local test server.
+    #[serde(default = "default_line_api")]
+    pub api_base_url: String,
+}
+
+fn default_line_api() -> String {
+    "https://api.line.me".into()
+}
+
 /// How to talk to the SMTP server.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -564,6 +582,12 @@ impl Config {
                 bad(&format!("endpoints.{name}.template"), "an SMS body template containing {text} (and {to})");
             }
         }
+        if let Some(l) = &c.line {
+            let url = l.api_base_url.trim_end_matches('/');
+            if !(url.starts_with("https://") || url.starts_with("http://") && url_host(url).is_some_and(is_loopback)) {
+                bad("line.api_base_url", "an https URL (plain http only to loopback)");
+            }
+        }
         if let Some(s) = &c.smtp {
             if s.tls == SmtpTls::None && !is_loopback(&s.host) {
                 bad("smtp.tls", "starttls or tls (none only to a loopback relay)");
@@ -666,6 +690,7 @@ impl Config {
                 .collect(),
             sms: self.endpoints.get("sms").is_some_and(|e| e.kind == EndpointKind::Sms),
             smtp: self.smtp.is_some(),
+            line: self.line.is_some(),
         }
     }
 }
@@ -723,6 +748,20 @@ template = '{"to":"{to}","text":"{text}"}'
         assert!(e.contains("key `public_url`"), "{e}");
         let e = Config::parse(&GOOD.replace("port = 1883", "port = \"x\""), Path::new("g.toml")).unwrap_err();
         assert!(e.to_string().contains("g.toml") && e.to_string().contains("port"), "{e}");
+    }
+
+    #[test]
+    fn line_goes_to_https_or_a_loopback_test_server() {
+        let with =
+            |url: &str| format!("{GOOD}[line]\nchannel_access_token = {{ value = \"t\" }}\napi_base_url = \"{url}\"\n");
+        let c =
+            Config::parse(&format!("{GOOD}[line]\nchannel_access_token = {{ env = \"T\" }}\n"), Path::new("g.toml"))
+                .unwrap();
+        assert_eq!(c.line.as_ref().map(|l| l.api_base_url.as_str()), Some("https://api.line.me"));
+        assert!(c.known().line);
+        assert!(Config::parse(&with("http://127.0.0.1:9999"), Path::new("g.toml")).is_ok());
+        let e = Config::parse(&with("http://line.example"), Path::new("g.toml")).unwrap_err().to_string();
+        assert!(e.contains("key `line.api_base_url`"), "{e}");
     }
 
     #[test]

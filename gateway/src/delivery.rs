@@ -6,8 +6,10 @@
 //!   second page for a receiver that honours it.
 //! - [`Sender`] sends one row: a webhook (JSON, `X-Mamori-Signature: sha256=<HMAC of the body>`
 //!   with the endpoint's secret, `Idempotency-Key`), an SMS gateway (the endpoint's template,
-//!   signed the same way), e-mail over SMTP (lettre; STARTTLS or TLS), or the console (demo).
-//!   Delivered means the receiver's 2xx or the SMTP server's acceptance.
+//!   signed the same way), e-mail over SMTP (lettre; STARTTLS or TLS), LINE (the Messaging
+//!   API's push: the text, and the acknowledgement link as a button; see [`line_request`]),
+//!   or the console (demo). Delivered means the receiver's 2xx, LINE's 2xx or its 409 for a
+//!   retry key it has already accepted, or the SMTP server's acceptance.
 //! - [`after_attempt`] (pure) decides what happens next: delivered; retry with jittered
 //!   exponential back-off; after `fallback_after_failures` failures the next recipient in the
 //!   chain is told (once) while the original keeps being retried; after `give_up_after_s`,
@@ -121,11 +123,102 @@ pub struct ResolvedEndpoint {
     pub template: Option<String>,
 }
 
+/// LINE's Messaging API, resolved.
+#[derive(Debug, Clone)]
+pub struct LineApi {
+    /// `https://api.line.me`, or a local test server.
+    pub base_url: String,
+    /// The channel access token.
+    pub token: String,
+}
+
+/// The longest text message LINE takes, characters.
+pub const LINE_TEXT_MAX: usize = 5000;
+/// The longest `altText` of a template message (what a phone's notification shows).
+pub const LINE_ALT_TEXT_MAX: usize = 400;
+
+fn truncate_chars(s: &str, max: usize) -> String {
+    if s.chars().count() <= max {
+        return s.to_string();
+    }
+    let mut t: String = s.chars().take(max.saturating_sub(1)).collect();
+    t.push('…');
+    t
+}
+
+/// `X-Line-Retry-Key` for a row: a UUID (the form LINE requires) derived from the row's key,
+/// so every attempt of one row carries the same key and LINE executes it once.
+pub fn line_retry_key(row_key: &str) -> String {
+    let h = Sha256::digest(row_key.as_bytes());
+    let mut b = [0u8; 16];
+    b.copy_from_slice(&h[..16]);
+    b[6] = (b[6] & 0x0f) | 0x40; // version 4 (random-looking)
+    b[8] = (b[8] & 0x3f) | 0x80; // the RFC 4122 variant
+    let x = hex::encode(b);
+    format!("{}-{}-{}-{}-{}", &x[..8], &x[8..12], &x[12..16], &x[16..20], &x[20..])
+}
+
+/// The push request for a row: the subject and body as one text message (the link line
+/// taken out), and, when the body ends with the acknowledgement link, a buttons template
+/// whose one button opens it.
+pub fn line_request(to: &str, row: &OutboxRow, ack_url: &str) -> serde_json::Value {
+    let ja = row.lang == crate::homes::Lang::Ja;
+    let mut lines: Vec<&str> = row.body.lines().collect();
+    let has_link = lines.last().is_some_and(|l| l.ends_with(ack_url));
+    if has_link {
+        lines.pop();
+    }
+    let text = truncate_chars(&format!("{}\n{}", row.subject, lines.join("\n").trim_end()), LINE_TEXT_MAX);
+    let mut messages = vec![serde_json::json!({ "type": "text", "text": text })];
+    if has_link {
+        let (label, prompt) = if ja {
+            ("確認（既読）", "見たら押してください。同じ通知の繰り返しが止まります。")
+        } else {
+            ("Acknowledge", "Tap once you have seen this: the repeats stop.")
+        };
+        messages.push(serde_json::json!({
+            "type": "template",
+            "altText": truncate_chars(&row.subject, LINE_ALT_TEXT_MAX),
+            "template": {
+                "type": "buttons",
+                "text": prompt,
+                "actions": [{ "type": "uri", "label": label, "uri": ack_url }],
+            },
+        }));
+    }
+    serde_json::json!({ "to": to, "messages": messages })
+}
+
+/// What LINE's answer means. 2xx: accepted. 409: this retry key was accepted before (an
+/// earlier attempt landed and its answer was lost), so delivered. 400: this request (an id
+/// that is not a friend or does not exist, a bad message): the row's. 401/403 (the token),
+/// 429 (rate or monthly limit) and 5xx: the account or the platform, so the destination's.
+pub fn line_outcome(status: u16, body: &str) -> Result<(), Failure> {
+    if (200..300).contains(&status) || status == 409 {
+        return Ok(());
+    }
+    let said = serde_json::from_str::<serde_json::Value>(body)
+        .ok()
+        .and_then(|v| v.get("message").and_then(|m| m.as_str()).map(str::to_string))
+        .unwrap_or_default();
+    let text = match status {
+        401 => format!("LINE: the channel access token was refused (HTTP 401: {said})"),
+        403 => format!("LINE: the channel may not use the push API (HTTP 403: {said})"),
+        429 => format!("LINE: too many requests or the monthly message limit (HTTP 429: {said})"),
+        _ => format!("LINE: HTTP {status}: {said}"),
+    };
+    match status {
+        401 | 403 | 429 | 500..=599 => Err(Failure::destination(text)),
+        _ => Err(Failure::row(text)),
+    }
+}
+
 /// Sends rows. Cheap to clone.
 #[derive(Clone)]
 pub struct Sender {
     http: reqwest::Client,
     endpoints: std::sync::Arc<BTreeMap<String, ResolvedEndpoint>>,
+    line: Option<std::sync::Arc<LineApi>>,
     smtp: Option<std::sync::Arc<(lettre::AsyncSmtpTransport<lettre::Tokio1Executor>, String)>>,
     console: tokio::sync::mpsc::Sender<String>,
     /// The deadline of one whole attempt.
@@ -149,6 +242,7 @@ impl Sender {
     pub fn new(
         endpoints: BTreeMap<String, ResolvedEndpoint>,
         smtp: Option<(&SmtpConfig, Option<String>)>,
+        line: Option<LineApi>,
         timeout: Duration,
         console: tokio::sync::mpsc::Sender<String>,
     ) -> Result<Sender, String> {
@@ -194,7 +288,8 @@ impl Sender {
                 Some(std::sync::Arc::new((builder.build(), c.from.clone())))
             }
         };
-        Ok(Sender { http, endpoints: std::sync::Arc::new(endpoints), smtp, console, timeout })
+        let line = line.map(std::sync::Arc::new);
+        Ok(Sender { http, endpoints: std::sync::Arc::new(endpoints), line, smtp, console, timeout })
     }
 
     /// Send one row; Ok only when the receiver accepted it. The whole exchange (connect, TLS,
@@ -266,6 +361,25 @@ impl Sender {
                 let text = format!("{}\n{link}", row.subject);
                 let body = template.replace("{to}", &json_escape(to)).replace("{text}", &json_escape(&text));
                 self.post(ep, &row.key, body.into_bytes()).await
+            }
+            ChannelRef::Line(to) => {
+                let api = self.line.as_deref().ok_or_else(|| Failure::row("no [line] is configured"))?;
+                let body = serde_json::to_vec(&line_request(to, row, ack_url)).unwrap_or_default();
+                let resp = self
+                    .http
+                    .post(format!("{}/v2/bot/message/push", api.base_url))
+                    .header("content-type", "application/json")
+                    .header("authorization", format!("Bearer {}", api.token))
+                    .header("x-line-retry-key", line_retry_key(&row.key))
+                    .body(body)
+                    .send()
+                    .await
+                    .map_err(|e| Failure::destination(format!("LINE: {}", error_chain(&e))))?;
+                let status = resp.status().as_u16();
+                // The answer's body is small (an error's message); the attempt's deadline
+                // bounds a slow one.
+                let text = resp.text().await.unwrap_or_default();
+                line_outcome(status, &text)
             }
             ChannelRef::Email(to) => {
                 use lettre::AsyncTransport;
@@ -373,6 +487,72 @@ mod tests {
 
     fn style() -> Style {
         Style { public_url: "http://x".into(), link_secret: b"k".to_vec(), offset: FixedOffset::east_opt(0).unwrap() }
+    }
+
+    fn line_row(body: String) -> OutboxRow {
+        let n = Notification {
+            key: "a1:s0:r0".into(),
+            alert_id: "a1".into(),
+            home: None,
+            recipients: vec![(
+                Role::Family,
+                Contact {
+                    role: Role::Family,
+                    name: "母".into(),
+                    language: Lang::Ja,
+                    channels: vec![ChannelRef::Line(format!("U{}", "a".repeat(32)))],
+                },
+            )],
+            content: Content::Cleared { label: "K".into(), kind: "mains_lost".into(), since: t(0), at: t(60) },
+            at: t(60),
+        };
+        let mut row = expand(&n, &style()).remove(0);
+        row.body = body;
+        row
+    }
+
+    #[test]
+    fn a_line_push_is_the_text_and_a_button_that_opens_the_acknowledgement_link() {
+        let link = "http://x/ack/a1/family/00";
+        let row = line_row(format!("K: 停電。\nお願い: 確認してください。\n確認（既読）: {link}"));
+        let req = line_request("Uaaaa", &row, link);
+        assert_eq!(req["to"], "Uaaaa");
+        let text = req["messages"][0]["text"].as_str().unwrap();
+        assert!(text.starts_with(&row.subject) && text.contains("お願い: 確認してください。"), "{text}");
+        assert!(!text.contains("/ack/"), "the link is a button, not text: {text}");
+        let button = &req["messages"][1];
+        assert_eq!(button["type"], "template");
+        assert_eq!(button["template"]["actions"][0]["uri"], link);
+        assert!(button["template"]["actions"][0]["label"].as_str().unwrap().chars().count() <= 20);
+        assert!(button["template"]["text"].as_str().unwrap().chars().count() <= 160);
+        // A cleared message has no link: text only. An enormous body is cut to LINE's limits.
+        let long = line_row("停".repeat(9000));
+        let req = line_request("Uaaaa", &long, link);
+        assert_eq!(req["messages"].as_array().unwrap().len(), 1);
+        assert_eq!(req["messages"][0]["text"].as_str().unwrap().chars().count(), LINE_TEXT_MAX);
+    }
+
+    #[test]
+    fn a_line_retry_key_is_a_uuid_fixed_per_row() {
+        let k = line_retry_key("a1:s0:r0:family:母:line:U0");
+        assert_eq!(k, line_retry_key("a1:s0:r0:family:母:line:U0"));
+        assert_ne!(k, line_retry_key("a1:s0:r1:family:母:line:U0"));
+        let parts: Vec<usize> = k.split('-').map(str::len).collect();
+        assert_eq!(parts, [8, 4, 4, 4, 12], "{k}");
+        assert!(k.chars().all(|c| c == '-' || c.is_ascii_hexdigit()), "{k}");
+        assert_eq!(&k[14..15], "4", "version 4: {k}");
+    }
+
+    #[test]
+    fn lines_answers_are_classified_for_the_breaker() {
+        assert!(line_outcome(200, "{}").is_ok());
+        assert!(line_outcome(409, r#"{"message":"The retry key is already accepted"}"#).is_ok(), "landed before");
+        let e = line_outcome(400, r#"{"message":"The property, 'to', in the request body is invalid"}"#).unwrap_err();
+        assert!(!e.destination && e.text.contains("'to'"), "{e:?}");
+        for status in [401, 403, 429, 500, 503] {
+            assert!(line_outcome(status, "").unwrap_err().destination, "{status}");
+        }
+        assert!(line_outcome(401, "{}").unwrap_err().text.contains("access token"));
     }
 
     #[test]

@@ -36,6 +36,7 @@ pub fn destination(channel: &ChannelRef) -> String {
         // Every SMS goes through the one SMS gateway, every e-mail through the one relay.
         ChannelRef::Sms(_) => "sms".to_string(),
         ChannelRef::Email(_) => "smtp".to_string(),
+        ChannelRef::Line(_) => "line".to_string(),
         ChannelRef::Console(name) => format!("console:{name}"),
     }
 }

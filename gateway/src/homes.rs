@@ -182,8 +182,20 @@ pub enum ChannelRef {
     Email(String),
     /// A phone number, through the SMS gateway endpoint named `sms` in `[endpoints]`.
     Sms(String),
+    /// A LINE user, group or room id (`U…`, `C…`, `R…` and 32 hex digits), through the
+    /// gateway config's `[line]` (the Messaging API's push).
+    Line(String),
     /// The gateway's own console (the demo).
     Console(String),
+}
+
+/// Whether a LINE id is well formed: `U` (a user), `C` (a group) or `R` (a room) and 32
+/// lowercase hex digits.
+pub fn valid_line_id(id: &str) -> bool {
+    let mut chars = id.chars();
+    matches!(chars.next(), Some('U' | 'C' | 'R'))
+        && id.len() == 33
+        && chars.all(|c| c.is_ascii_digit() || ('a'..='f').contains(&c))
 }
 
 impl ChannelRef {
@@ -193,6 +205,7 @@ impl ChannelRef {
             ChannelRef::Webhook(n) => format!("webhook:{n}"),
             ChannelRef::Email(a) => format!("email:{a}"),
             ChannelRef::Sms(p) => format!("sms:{p}"),
+            ChannelRef::Line(id) => format!("line:{id}"),
             ChannelRef::Console(n) => format!("console:{n}"),
         }
     }
@@ -241,6 +254,8 @@ pub struct Known {
     pub sms: bool,
     /// Whether `[smtp]` is configured.
     pub smtp: bool,
+    /// Whether `[line]` is configured.
+    pub line: bool,
 }
 
 impl Known {
@@ -262,6 +277,10 @@ impl Known {
             ChannelRef::Sms(_) if !self.sms => {
                 Some("an SMS gateway endpoint named `sms` in the gateway config's [endpoints]".into())
             }
+            ChannelRef::Line(id) if !valid_line_id(id) => {
+                Some("a LINE user, group or room id (U, C or R and 32 hex digits)".into())
+            }
+            ChannelRef::Line(_) if !self.line => Some("a [line] section in the gateway config".into()),
             ChannelRef::Console(n) if n.is_empty() => Some("a console name".into()),
             _ => None,
         }
@@ -380,7 +399,7 @@ mod tests {
     use super::*;
 
     fn known() -> Known {
-        Known { endpoints: ["coord".to_string()].into(), sms: true, smtp: false }
+        Known { endpoints: ["coord".to_string()].into(), sms: true, smtp: false, line: false }
     }
 
     const GOOD: &str = r#"
@@ -421,6 +440,20 @@ contacts = [
         assert!(text.contains("`nope` is not"), "{text}");
         assert!(text.contains("key `backup[1].runtime_min`"), "{text}");
         assert_eq!(e.0.len(), 4, "{text}");
+    }
+
+    #[test]
+    fn a_line_id_must_be_well_formed_and_line_configured() {
+        let with = |id: &str| GOOD.replace("webhook = \"coord\"", &format!("line = \"{id}\""));
+        let good = format!("U{}", "0a".repeat(16));
+        let line = Known { line: true, ..known() };
+        assert!(HomesFile::parse(&with(&good), Path::new("h.toml"), &line).is_ok());
+        let e = HomesFile::parse(&with(&good), Path::new("h.toml"), &known()).unwrap_err().to_string();
+        assert!(e.contains("a [line] section"), "{e}");
+        for bad in ["U123", "X0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a", &format!("U{}", "0A".repeat(16)), "山田"] {
+            let e = HomesFile::parse(&with(bad), Path::new("h.toml"), &line).unwrap_err().to_string();
+            assert!(e.contains("a LINE user, group or room id"), "{bad}: {e}");
+        }
     }
 
     #[test]

@@ -430,9 +430,20 @@ impl Service {
             Some(p) => Some(p.resolve().map_err(|e| anyhow::anyhow!("smtp.password: {e}"))?),
             None => None,
         };
+        let line = match &config.line {
+            Some(l) => Some(crate::delivery::LineApi {
+                base_url: l.api_base_url.trim_end_matches('/').to_string(),
+                token: l
+                    .channel_access_token
+                    .resolve()
+                    .map_err(|e| anyhow::anyhow!("line.channel_access_token: {e}"))?,
+            }),
+            None => None,
+        };
         let sender = Sender::new(
             endpoints,
             config.smtp.as_ref().map(|s| (s, smtp_password)),
+            line,
             Duration::from_millis(config.delivery.timeout_ms),
             console,
         )

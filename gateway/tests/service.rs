@@ -346,6 +346,90 @@ fn an_email_contact_gets_the_alert_over_a_real_smtp_conversation_and_a_refusal_i
     Ok(())
 }
 
+/// The family on LINE, through a local Messaging API that keeps LINE's contract. The first
+/// attempt is never answered, the second lands but its answer is lost (a 500), the third is
+/// throttled (429); the fourth, with the same retry key, is told the message was accepted
+/// before (409). The family sees it exactly once, as text and an acknowledgement button.
+#[test]
+fn a_line_contact_gets_the_alert_once_through_no_answer_a_lost_answer_and_throttling() -> Result<()> {
+    use mamori_tests::line::{Behaviour, LineServer};
+    let broker = Mosquitto::start("")?;
+    let hook = WebhookReceiver::start("hook-secret")?;
+    let line = LineServer::start("the-channel-access-token")?;
+    let family = format!("U{}", "0123456789abcdef".repeat(2));
+    let s = setup(broker.port(), &hook, 3600)?;
+    let homes = s.dir.path().join("homes.toml");
+    let text = std::fs::read_to_string(&homes)?
+        .replace(r#"channels = [{ webhook = "family" }]"#, &format!(r#"channels = [{{ line = "{family}" }}]"#));
+    assert!(text.contains(&family));
+    std::fs::write(&homes, text)?;
+    let mut config = std::fs::read_to_string(&s.config)?;
+    config.push_str(&format!(
+        "[line]\nchannel_access_token = {{ value = \"the-channel-access-token\" }}\napi_base_url = \"{}\"\n",
+        line.url()
+    ));
+    std::fs::write(&s.config, config)?;
+    line.script(&[Behaviour::Hang, Behaviour::LoseAnswer, Behaviour::Throttle]);
+    let gw = gateway(&s.config)?;
+    publish(broker.port(), &[event(1, "mains_lost")])?;
+    let pushes = line.wait("an attempt told it was accepted before", LIMIT, |p| p.iter().any(|x| x.status == 409))?;
+    // The family's own row (a fallback row's key extends it).
+    let own = format!(":line:{family}\"");
+    gw.wait_line("delivered", LIMIT, |l| l.contains("\"delivered\"") && l.contains(&own))?;
+    gw.wait_line("the throttling logged", LIMIT, |l| l.contains("delivery failed") && l.contains("429"))?;
+    let statuses: Vec<u16> = pushes.iter().map(|p| p.status).collect();
+    assert_eq!(statuses, [0, 500, 429, 409], "no answer, lost answer, throttled, accepted before");
+    assert_eq!(pushes.iter().filter(|p| p.delivered).count(), 1, "the family sees it once");
+    assert!(pushes.iter().all(|p| p.retry_key == pushes[0].retry_key && !p.retry_key.is_empty()), "one retry key");
+    let body = &pushes[1].body;
+    assert_eq!(body["to"], family.as_str());
+    let text = body["messages"][0]["text"].as_str().unwrap_or_default();
+    assert!(text.contains("K-01") && text.contains("停電") && text.contains("お願い"), "{text}");
+    let uri = body["messages"][1]["template"]["actions"][0]["uri"].as_str().unwrap_or_default();
+    assert!(uri.starts_with(&format!("http://127.0.0.1:{}/ack/", s.http_port)) && uri.contains("/family/"), "{uri}");
+    // The button's link is the real one: it opens the confirmation page.
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let status = tokio::runtime::Runtime::new()?.block_on(async { reqwest::get(uri).await.map(|r| r.status()) })?;
+    assert!(status.is_success(), "{status}");
+    Ok(())
+}
+
+/// A push LINE refuses for its token is the account's failure (every row would fail): it is
+/// logged as such, and a family LINE does not know is this row's failure and falls back to
+/// the next recipient.
+#[test]
+fn line_refusals_are_named_and_an_unknown_user_falls_back() -> Result<()> {
+    use mamori_tests::line::LineServer;
+    let broker = Mosquitto::start("")?;
+    let hook = WebhookReceiver::start("hook-secret")?;
+    let line = LineServer::start("the-right-token")?;
+    let family = format!("U{}", "f".repeat(32));
+    line.set_unknown(&[&family]);
+    let s = setup(broker.port(), &hook, 3600)?;
+    let homes = s.dir.path().join("homes.toml");
+    let text = std::fs::read_to_string(&homes)?
+        .replace(r#"channels = [{ webhook = "family" }]"#, &format!(r#"channels = [{{ line = "{family}" }}]"#));
+    std::fs::write(&homes, text)?;
+    let base = std::fs::read_to_string(&s.config)?;
+    let with_token = |token: &str| {
+        format!("{base}[line]\nchannel_access_token = {{ value = \"{token}\" }}\napi_base_url = \"{}\"\n", line.url())
+    };
+    std::fs::write(&s.config, with_token("a-wrong-token"))?;
+    let mut gw = gateway(&s.config)?;
+    publish(broker.port(), &[event(1, "mains_lost")])?;
+    gw.wait_line("the token named", LIMIT, |l| {
+        l.contains("delivery failed") && l.contains("access token was refused")
+    })?;
+    gw.terminate(LIMIT)?;
+    std::fs::write(&s.config, with_token("the-right-token"))?;
+    let _gw = gateway(&s.config)?;
+    // Not a friend of the account: 400 each time; after three, the coordinator hears.
+    line.wait("three refusals for the unknown user", LIMIT, |p| p.iter().filter(|x| x.status == 400).count() >= 3)?;
+    hook.wait("the fallback to the coordinator", LIMIT, |d| d.iter().any(|x| x.path == "/coord" && x.accepted))?;
+    assert!(line.pushes().iter().all(|p| !p.delivered));
+    Ok(())
+}
+
 #[test]
 fn e_mail_over_starttls_verifies_the_relay_certificate_and_trusts_a_private_ca_from_the_config() -> Result<()> {
     let broker = Mosquitto::start("")?;

@@ -20,6 +20,7 @@
 
 pub mod cdp;
 pub mod chain;
+pub mod line;
 pub mod netcut;
 pub mod nut;
 pub mod pki;
