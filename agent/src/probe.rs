@@ -85,6 +85,7 @@ async fn first_item_where<D: mamori_protocol::codec::Decoder>(
     let mut fallback = None;
     let mut stream = Stream::new(decoder);
     let mut garbage = 0;
+    #[allow(clippy::disallowed_methods)] // an I/O deadline on tokio's clock
     let deadline = tokio::time::Instant::now() + limit;
     let mut buf = [0u8; 512];
     loop {

@@ -127,6 +127,7 @@ pub async fn run(config: Config, cancel: CancellationToken) -> anyhow::Result<()
         let next = monitor.next_deadline_ms();
         if armed_for != Some(next) {
             let wait_ms = next.map_or(60_000, |d| d.saturating_sub(clock::now().mono_ms));
+            #[allow(clippy::disallowed_methods)] // the timer that wakes the monitor, on tokio's clock
             sleep.as_mut().reset(tokio::time::Instant::now() + Duration::from_millis(wait_ms));
             armed_for = Some(next);
         }

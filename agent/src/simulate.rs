@@ -733,7 +733,11 @@ pub fn run(dir: &Path, devices: &[String], scenario: Vec<(f64, String)>, stop: A
         }));
     }
     // Commands on standard input (a closed stdin just leaves the scenario and devices running).
-    {
+    // Started in the background of a terminal (`simulate … &`), reading the terminal would
+    // stop the whole process ("Stopped (tty input)"): then it takes no commands.
+    if background_of_a_terminal() {
+        eprintln!("simulate: in the background of a terminal, so no commands from standard input (run it in the foreground, or pipe commands in)");
+    } else {
         let (w, s) = (world.clone(), stop.clone());
         std::thread::spawn(move || {
             for line in io::stdin().lock().lines().map_while(Result::ok) {
@@ -756,10 +760,22 @@ pub fn run(dir: &Path, devices: &[String], scenario: Vec<(f64, String)>, stop: A
     while !stop.load(Ordering::Relaxed) {
         std::thread::sleep(Duration::from_millis(50));
     }
-    for t in threads {
-        let _ = t.join();
+    // A device thread can be blocked reading its pseudo-terminal, which nothing will wake: wait
+    // a moment for the threads to see `stop`, then leave (the process ends with them).
+    #[allow(clippy::disallowed_methods)] // the process's own exit, at the I/O edge
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    #[allow(clippy::disallowed_methods)]
+    while threads.iter().any(|t| !t.is_finished()) && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
     }
     Ok(())
+}
+
+/// Whether standard input is a terminal whose foreground is another process group.
+fn background_of_a_terminal() -> bool {
+    use std::io::IsTerminal;
+    let stdin = io::stdin();
+    stdin.is_terminal() && nix::unistd::tcgetpgrp(&stdin).is_ok_and(|fg| fg != nix::unistd::getpgrp())
 }
 
 #[cfg(test)]

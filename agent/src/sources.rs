@@ -187,6 +187,7 @@ where
         // on the runtime's only thread).
         port.write_all(cmd).await?;
     }
+    #[allow(clippy::disallowed_methods)] // an I/O deadline on tokio's clock
     let deadline = tokio::time::Instant::now() + timeout;
     let mut buf = [0u8; 512];
     loop {

@@ -355,6 +355,7 @@ impl<S: Storage> Uplink<S> {
                 }
             }
             _ => {
+                #[allow(clippy::disallowed_methods)] // an I/O timer on tokio's clock
                 let now = tokio::time::Instant::now();
                 let due =
                     self.last_kept_telemetry.is_none_or(|t| now.duration_since(t) >= self.settings.telemetry_interval);
@@ -480,6 +481,7 @@ impl<S: Storage> Uplink<S> {
             .client
             .publish(self.conn.home.topic(Channel::Status), QoS::AtLeastOnce, true, mqtt::encode(&offline))
             .await;
+        #[allow(clippy::disallowed_methods)] // an I/O deadline on tokio's clock
         let deadline = tokio::time::Instant::now() + self.settings.shutdown_grace;
         // Wait for the PUBACKs of what is in flight (the agent_stopping event among them).
         while self.session.as_ref().is_some_and(|s| !s.inflight.is_empty() || !s.fifo.is_empty()) {

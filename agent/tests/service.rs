@@ -728,3 +728,71 @@ fn an_agent_whose_every_source_is_lost_does_not_spin() -> Result<()> {
     assert!(used_ms < 500, "{used_ms} ms of CPU in 5 s with every source lost");
     Ok(())
 }
+
+/// `simulate` ends on SIGTERM or SIGINT even while its devices wait, unread, on their
+/// pseudo-terminals and its scenario is over (it once needed `kill -9` then).
+#[test]
+fn the_simulator_stops_on_a_signal_with_its_devices_idle() -> Result<()> {
+    use nix::sys::signal::{kill, Signal};
+    use std::io::BufRead;
+    for signal in [Signal::SIGTERM, Signal::SIGINT] {
+        let dir = tempfile::tempdir()?;
+        let mut child = Command::new(AGENT)
+            .args(["simulate", "--scenario", "steady", "--devices", "ups,oximeter,bridge", "--dir"])
+            .arg(dir.path())
+            .stdin(std::process::Stdio::piped()) // open, never written: a blocked reader
+            .stdout(std::process::Stdio::piped())
+            .spawn()?;
+        let mut out = std::io::BufReader::new(child.stdout.take().context("stdout")?);
+        let mut line = String::new();
+        while !line.starts_with("ready") {
+            line.clear();
+            anyhow::ensure!(out.read_line(&mut line)? > 0, "simulate ended before `ready`");
+        }
+        kill(nix::unistd::Pid::from_raw(child.id() as i32), signal)?;
+        let deadline = mamori_tests::Deadline::after(LONG);
+        let status = loop {
+            if let Some(s) = child.try_wait()? {
+                break s;
+            }
+            if deadline.remaining().is_zero() {
+                let _ = child.kill();
+                anyhow::bail!("simulate did not stop on {signal:?}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        assert!(status.success(), "{signal:?}: {status}");
+    }
+    Ok(())
+}
+
+/// `simulate … &` in a terminal, as the README has it: a background job that read the terminal
+/// would be stopped by the kernel ("Stopped (tty input)") and then deaf to every signal but
+/// SIGKILL. It says it takes no commands, keeps serving, and stops on SIGTERM. The terminal
+/// is util-linux's `script`, a job-controlling shell inside it.
+#[test]
+fn the_simulator_in_the_background_of_a_terminal_leaves_the_terminal_alone() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (out, err) = (dir.path().join("out"), dir.path().join("err"));
+    let job = format!(
+        "set -m; {AGENT} simulate --devices ups --dir {d}/dev >{o} 2>{e} & pid=$!; \
+         for i in $(seq 300); do grep -q 'no commands' {e} && break; sleep 0.1; done; \
+         kill -TERM $pid; wait $pid; echo exit=$?",
+        d = dir.path().display(),
+        o = out.display(),
+        e = err.display()
+    );
+    let script = dir.path().join("job.sh");
+    std::fs::write(&script, job)?;
+    let result = Command::new("script")
+        .args(["-qec", &format!("bash --norc {}", script.display()), "/dev/null"])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .context("util-linux `script` (Debian's bsdutils)")?;
+    let said = String::from_utf8_lossy(&result.stdout);
+    let stderr = std::fs::read_to_string(&err).unwrap_or_default();
+    assert!(stderr.contains("no commands from standard input"), "{stderr}\n{said}");
+    assert!(std::fs::read_to_string(&out)?.contains("ready"));
+    assert!(said.contains("exit=0"), "stopped on SIGTERM: {said}");
+    Ok(())
+}

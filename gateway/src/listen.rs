@@ -283,6 +283,7 @@ impl<T> Idle<T> {
     }
 
     fn moved(&mut self) {
+        #[allow(clippy::disallowed_methods)] // a connection's idle deadline, on tokio's clock
         self.deadline.as_mut().reset(tokio::time::Instant::now() + self.timeout);
     }
 

@@ -8,7 +8,7 @@
 //! after the acknowledgement, the next step begins (on the last step, it repeats) and needs a
 //! new acknowledgement. Nothing is sent before `notify_after_s` (a home silent for a moment).
 //!
-//! Steps carry the tier of `DOMAIN.md` (T0 family, T1 coordinator and visiting nurse, T2 the
+//! Steps carry the tiers of `docs/architecture.md` (T0 family, T1 coordinator and visiting nurse, T2 the
 //! facility, T3 everyone and the support centre). For power alerts (`follows_forecast`), a
 //! forecast that crosses a tier's threshold jumps to that tier's first step at once.
 //!
@@ -143,7 +143,7 @@ fn step(tier: Tier, roles: &[Role], repeat_every_s: u64, repeats: u32, escalate_
 
 use Role::{Coordinator as C, Facility as F, Family as Fam, SupportCentre as S, VisitingNurse as N};
 
-/// The default tiers of `DOMAIN.md` for a critical alert: family at once, coordinator and
+/// The default tiers (`docs/architecture.md`) for a critical alert: family at once, coordinator and
 /// nurse if unacknowledged for 10 min, the facility after 30 more, everyone after 30 more.
 pub fn critical_default() -> Policy {
     Policy {

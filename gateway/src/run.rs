@@ -1036,7 +1036,10 @@ impl Service {
     fn apply_cli_acks(&mut self, now: Time) -> Result<Vec<(HomeId, mqtt::Ack)>, StoreError> {
         let mut all = Vec::new();
         for req in self.store.pending_acks()? {
-            let result = self.acknowledge(&req.alert_id, req.role, &req.by, req.note.clone(), now);
+            let result = match req.role {
+                Ok(role) => self.acknowledge(&req.alert_id, role, &req.by, req.note.clone(), now),
+                Err(unknown) => Err(format!("refused: `{unknown}` is not a role")),
+            };
             let text = match result {
                 Ok(acks) => {
                     all.extend(acks);
@@ -1330,6 +1333,7 @@ impl Service {
         }
         let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
         // Shutdown: let sends in flight finish (bounded), record them, disconnect.
+        #[allow(clippy::disallowed_methods)] // the shutdown's I/O deadline, on tokio's clock
         let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
         while self.dispatcher.in_flight() > 0 {
             match tokio::time::timeout_at(deadline, self.results_rx.recv()).await {

@@ -136,8 +136,8 @@ pub struct AckRequest {
     pub id: i64,
     /// Alert or incident id.
     pub alert_id: String,
-    /// Role.
-    pub role: Role,
+    /// Role: `Err` with the stored text when it names no role (never taken for another).
+    pub role: Result<Role, String>,
     /// Who.
     pub by: String,
     /// Note.
@@ -748,7 +748,7 @@ impl Store for SqliteStore {
         let mut out = Vec::new();
         for r in rows {
             let (id, alert_id, role, by, note) = r.map_err(self.db())?;
-            let role = crate::message::parse_role(&role).unwrap_or(Role::Admin);
+            let role = crate::message::parse_role(&role).ok_or(role);
             out.push(AckRequest { id, alert_id, role, by, note });
         }
         Ok(out)
@@ -952,11 +952,20 @@ mod tests {
         let mut s = SqliteStore::open(dir.path()).unwrap();
         let id = s.request_ack("a1", Role::Coordinator, "cli:sato", Some("向かっています")).unwrap();
         let p = s.pending_acks().unwrap();
-        assert_eq!((p[0].role, p[0].note.as_deref()), (Role::Coordinator, Some("向かっています")));
+        assert_eq!((p[0].role.clone(), p[0].note.as_deref()), (Ok(Role::Coordinator), Some("向かっています")));
         assert_eq!(s.ack_result(id).unwrap(), None);
         s.finish_ack(id, "ok").unwrap();
         assert!(s.pending_acks().unwrap().is_empty());
         assert_eq!(s.ack_result(id).unwrap().as_deref(), Some("ok"));
+        // A role the gateway does not know (a newer CLI, a hand-edited row) is never taken for
+        // another, least of all an administrator.
+        s.conn
+            .execute(
+                "INSERT INTO ack_requests (alert_id, role, by, requested_at) VALUES ('a1', 'mayor', 'cli:x', 0)",
+                [],
+            )
+            .unwrap();
+        assert_eq!(s.pending_acks().unwrap()[0].role, Err("mayor".to_string()));
     }
 
     #[test]

@@ -83,10 +83,13 @@ fn a_coordinator_follows_the_demo_outage_live_and_acknowledges_from_the_dashboar
         20 * SECOND,
     )
     .unwrap();
-    // Only Kumamoto's homes: the coordinator's scope.
+    // Only Kumamoto's homes (the coordinator's scope), under the municipality's name, not its code.
     let text = b.eval("document.body.innerText").unwrap();
     let text = text.as_str().unwrap();
-    assert!(text.contains("431001") && text.contains("K-01") && !text.contains("N-01"), "{text}");
+    assert!(
+        text.contains("熊本市") && !text.contains("431001") && text.contains("K-01") && !text.contains("N-01"),
+        "{text}"
+    );
 
     // From here on the page is never reloaded: a marker on `window` would not survive one.
     b.eval("window.__mamori_marker = 'same page'; true").unwrap();

@@ -10,8 +10,9 @@
 //!   drop them and call again. This is how every codec resynchronises after garbage.
 //!
 //! Decoders may keep state between calls (a Nonin packet under assembly), but never hold on to
-//! bytes: the caller owns the buffer. [`Stream`] is that caller for code that has a plain byte
-//! source (the `decode` CLI, tests); the agent wraps decoders in a `tokio_util` codec.
+//! bytes: the caller owns the buffer. [`Stream`] is that caller: the `decode` CLI and the tests
+//! feed it a plain byte source, and the agent's serial and NUT sessions
+//! (`agent/src/sources.rs`) feed it what each read returns.
 
 #[cfg(feature = "alloc")]
 use alloc::vec::Vec;

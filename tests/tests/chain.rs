@@ -178,13 +178,16 @@ fn a_cut_network_replays_in_order_and_pages_only_for_what_is_still_wrong() -> Re
             "{}[policy.home_silent]\nsteps = [{{ tier = \"T0\", roles = [\"family\"] }}]\n",
             policy("{ tier = \"T0\", roles = [\"family\"] },")
         ),
+        // A silence is paged after it settles (30 s by default): shorter here, and waited for
+        // with room to spare on a loaded machine (a full parallel run once missed 30 s).
+        escalation: "silence_settle_s = 5\n".into(),
         ..Options::default()
     };
     let mut c = Chain::start(&bins(), &o)?;
     let cut_at = chrono::Utc::now();
     c.home("home-a")?.link.cut();
     let cut = Instant::now();
-    c.hook.wait("home silent", LIMIT, |d| d.iter().any(|x| x.path == "/family" && kind(x) == "home_silent"))?;
+    c.hook.wait("home silent", 2 * LIMIT, |d| d.iter().any(|x| x.path == "/family" && kind(x) == "home_silent"))?;
     // While cut off: an outage that ends, then one that does not.
     let h = c.home("home-a")?;
     h.cause("mains off", "mains_lost", 1)?;

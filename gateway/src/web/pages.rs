@@ -1485,6 +1485,7 @@ pub async fn live(State(app): State<App>, v: Viewer) -> Response {
     }
     // The session is checked again every 15 s: the stream ends (within 15 s) at logout, at the
     // session's expiry, and when the account is disabled.
+    #[allow(clippy::disallowed_methods)] // when the session was last rechecked (tokio's clock)
     let live =
         Live { rx, user, last: first, _slot: slot, app, session: v.session, checked: tokio::time::Instant::now() };
     let stream = futures_util::stream::unfold(live, |mut l| async move {
@@ -1501,7 +1502,9 @@ pub async fn live(State(app): State<App>, v: Viewer) -> Response {
                     .db(move |db| Ok(Accounts::new(db.conn()).session_alive(&session, now, s.idle, s.max_age)?))
                     .await
                     .unwrap_or(false);
-                l.checked = tokio::time::Instant::now();
+                #[allow(clippy::disallowed_methods)] // when the session was last rechecked (tokio's clock)
+                let checked = tokio::time::Instant::now();
+                l.checked = checked;
                 if !alive {
                     return None;
                 }
