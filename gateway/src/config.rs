@@ -59,6 +59,9 @@ pub struct Config {
     /// LINE (the Messaging API).
     #[serde(default)]
     pub line: Option<LineConfig>,
+    /// Voice calls (a Twilio-compatible `Calls` API).
+    #[serde(default)]
+    pub voice: Option<VoiceConfig>,
     /// Telemetry history kept, h.
     #[serde(default = "default_retention_h")]
     pub telemetry_retention_h: u32,
@@ -361,6 +364,43 @@ pub struct LineConfig {
     pub api_base_url: String,
 }
 
+/// Voice calls through a Twilio-compatible REST API: `POST
+/// {api_base_url}/2010-04-01/Accounts/{account_sid}/Calls.json` with the spoken message as
+/// inline TwiML; the call's outcome comes back to `{public_url}/voice/status/…`, a pressed 1 to
+/// `{public_url}/voice/ack/…`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VoiceConfig {
+    /// The API's base URL (no trailing slash); another only for a local test server.
+    #[serde(default = "default_voice_api")]
+    pub api_base_url: String,
+    /// The account id (HTTP Basic user).
+    pub account_sid: String,
+    /// The auth token (HTTP Basic password), as a secret.
+    pub auth_token: Secret,
+    /// The number calls come from (international form).
+    pub from: String,
+    /// How long a call rings before it counts as not answered, s.
+    #[serde(default = "default_ring_s")]
+    pub ring_timeout_s: u32,
+    /// The deadline of one call from dialling to its outcome, s (it holds one of the voice
+    /// destination's send slots meanwhile).
+    #[serde(default = "default_call_deadline_s")]
+    pub call_deadline_s: u32,
+}
+
+fn default_voice_api() -> String {
+    "https://api.twilio.com".into()
+}
+
+fn default_ring_s() -> u32 {
+    30
+}
+
+fn default_call_deadline_s() -> u32 {
+    180
+}
+
 fn default_line_api() -> String {
     "https://api.line.me".into()
 }
@@ -588,6 +628,24 @@ impl Config {
                 bad("line.api_base_url", "an https URL (plain http only to loopback)");
             }
         }
+        if let Some(v) = &c.voice {
+            let url = v.api_base_url.trim_end_matches('/');
+            if !(url.starts_with("https://") || url.starts_with("http://") && url_host(url).is_some_and(is_loopback)) {
+                bad("voice.api_base_url", "an https URL (plain http only to loopback)");
+            }
+            if !crate::homes::valid_phone(&v.from) {
+                bad("voice.from", "a phone number in international form (+8190...)");
+            }
+            if v.account_sid.is_empty() || !v.account_sid.chars().all(|c| c.is_ascii_alphanumeric()) {
+                bad("voice.account_sid", "the account id (letters and digits)");
+            }
+            if !(10..=120).contains(&v.ring_timeout_s) {
+                bad("voice.ring_timeout_s", "10 to 120 s");
+            }
+            if v.call_deadline_s < v.ring_timeout_s + 30 || v.call_deadline_s > 1800 {
+                bad("voice.call_deadline_s", "at least ring_timeout_s + 30 s, at most 1800 s");
+            }
+        }
         if let Some(s) = &c.smtp {
             if s.tls == SmtpTls::None && !is_loopback(&s.host) {
                 bad("smtp.tls", "starttls or tls (none only to a loopback relay)");
@@ -691,6 +749,7 @@ impl Config {
             sms: self.endpoints.get("sms").is_some_and(|e| e.kind == EndpointKind::Sms),
             smtp: self.smtp.is_some(),
             line: self.line.is_some(),
+            voice: self.voice.is_some(),
         }
     }
 }
@@ -762,6 +821,28 @@ template = '{"to":"{to}","text":"{text}"}'
         assert!(Config::parse(&with("http://127.0.0.1:9999"), Path::new("g.toml")).is_ok());
         let e = Config::parse(&with("http://line.example"), Path::new("g.toml")).unwrap_err().to_string();
         assert!(e.contains("key `line.api_base_url`"), "{e}");
+    }
+
+    #[test]
+    fn voice_needs_an_account_a_calling_number_and_sane_times() {
+        let voice = |extra: &str| {
+            format!(
+                "{GOOD}[voice]\naccount_sid = \"AC1\"\nauth_token = {{ value = \"t\" }}\nfrom = \"+81300000000\"\n{extra}"
+            )
+        };
+        let c = Config::parse(&voice(""), Path::new("g.toml")).unwrap();
+        assert!(c.known().voice);
+        assert_eq!(c.voice.as_ref().map(|v| (v.ring_timeout_s, v.call_deadline_s)), Some((30, 180)));
+        let e = Config::parse(
+            &voice("api_base_url = \"http://voice.example\"\nring_timeout_s = 5\n")
+                .replace("+81300000000", "0300000000"),
+            Path::new("g.toml"),
+        )
+        .unwrap_err()
+        .to_string();
+        for key in ["voice.api_base_url", "voice.from", "voice.ring_timeout_s"] {
+            assert!(e.contains(&format!("key `{key}`")), "{key}: {e}");
+        }
     }
 
     #[test]

@@ -8,7 +8,8 @@
 //!   with the endpoint's secret, `Idempotency-Key`), an SMS gateway (the endpoint's template,
 //!   signed the same way), e-mail over SMTP (lettre; STARTTLS or TLS), LINE (the Messaging
 //!   API's push: the text, and the acknowledgement link as a button; see [`line_request`]),
-//!   or the console (demo). Delivered means the receiver's 2xx, LINE's 2xx or its 409 for a
+//!   a voice call (a Twilio-compatible `Calls` API: the message spoken, 1 to acknowledge; see
+//!   [`voice_twiml`]), or the console (demo). Delivered means a voice call answered, or the receiver's 2xx, LINE's 2xx or its 409 for a
 //!   retry key it has already accepted, or the SMTP server's acceptance.
 //! - [`after_attempt`] (pure) decides what happens next: delivered; retry with jittered
 //!   exponential back-off; after `fallback_after_failures` failures the next recipient in the
@@ -213,12 +214,119 @@ pub fn line_outcome(status: u16, body: &str) -> Result<(), Failure> {
     }
 }
 
+/// A voice API, resolved.
+#[derive(Debug, Clone)]
+pub struct VoiceApi {
+    /// `https://api.twilio.com`, or a local test server.
+    pub base_url: String,
+    /// The account id.
+    pub account_sid: String,
+    /// The auth token.
+    pub auth_token: String,
+    /// The calling number.
+    pub from: String,
+    /// Ring this long, s.
+    pub ring_timeout_s: u32,
+    /// One call's deadline, from dialling to its outcome.
+    pub call_deadline: Duration,
+    /// The gateway's public URL, for the callbacks.
+    pub public_url: String,
+}
+
+/// Calls waiting for their outcome, by callback token: the web's `/voice/status/{token}`
+/// hands the call's final status (`completed`, `busy`, `no-answer`, `failed`, `canceled`)
+/// to the attempt waiting for it.
+pub type CallWaiters =
+    std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, tokio::sync::oneshot::Sender<String>>>>;
+
+fn xml_escape(s: &str) -> String {
+    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;").replace('\'', "&apos;")
+}
+
+/// The longest text a call speaks, characters (a voice API takes about 4,000 of TwiML).
+pub const VOICE_TEXT_MAX: usize = 1200;
+
+/// Where a pressed key goes: the acknowledgement link's `/ack/` as `/voice/ack/`.
+pub fn voice_ack_url(ack_url: &str) -> Option<String> {
+    let at = ack_url.rfind("/ack/")?;
+    Some(format!("{}/voice{}", &ack_url[..at], &ack_url[at..]))
+}
+
+/// What a call says: the message (without its link line), then, when it can be acknowledged,
+/// "press 1" inside a `<Gather>` whose action is [`voice_ack_url`], asked twice.
+pub fn voice_twiml(row: &OutboxRow, ack_url: &str) -> String {
+    let ja = row.lang == crate::homes::Lang::Ja;
+    let lang = if ja { "ja-JP" } else { "en-US" };
+    let mut lines: Vec<&str> = row.body.lines().collect();
+    let has_link = lines.last().is_some_and(|l| l.ends_with(ack_url));
+    if has_link {
+        lines.pop();
+    }
+    let mut text = format!("{}。{}", row.subject, lines.join(" "));
+    if ja {
+        // Read as a word, not spelled out.
+        text = text.replace("mamori", "まもり");
+    } else {
+        text = text.replacen('。', ". ", 1);
+    }
+    let say = |t: &str| format!("<Say language=\"{lang}\">{}</Say>", xml_escape(&truncate_chars(t, VOICE_TEXT_MAX)));
+    let prompt = if ja { "確認したら、1を押してください。" } else { "To acknowledge, press 1." };
+    match voice_ack_url(ack_url).filter(|_| has_link) {
+        Some(action) => {
+            let action = xml_escape(&format!("{action}?lang={}", if ja { "ja" } else { "en" }));
+            let gather = |inner: String| {
+                format!("<Gather numDigits=\"1\" timeout=\"8\" action=\"{action}\" method=\"POST\">{inner}</Gather>")
+            };
+            format!(
+                "<?xml version=\"1.0\" encoding=\"UTF-8\"?><Response>{}{}</Response>",
+                gather(format!("{}{}", say(&text), say(prompt))),
+                gather(format!("{}{}", say(&text), say(prompt)))
+            )
+        }
+        None => format!("<?xml version=\"1.0\" encoding=\"UTF-8\"?><Response>{}</Response>", say(&text)),
+    }
+}
+
+/// What a voice API's answer to "place this call" means: 200/201 queued; 401/403 (the
+/// account), 429 and 5xx are the destination's; 400/404 (a number it cannot call) the row's.
+pub fn voice_created(status: u16, body: &str) -> Result<(), Failure> {
+    if (200..300).contains(&status) {
+        return Ok(());
+    }
+    let said = serde_json::from_str::<serde_json::Value>(body)
+        .ok()
+        .and_then(|v| v.get("message").and_then(|m| m.as_str()).map(str::to_string))
+        .unwrap_or_default();
+    let text = match status {
+        401 | 403 => format!("voice: the account was refused (HTTP {status}: {said})"),
+        _ => format!("voice: HTTP {status}: {said}"),
+    };
+    match status {
+        401 | 403 | 429 | 500..=599 => Err(Failure::destination(text)),
+        _ => Err(Failure::row(text)),
+    }
+}
+
+/// What a call's final status means: answered, or why not (each the row's failure: one
+/// person not answering says nothing about the others).
+pub fn call_outcome(status: &str) -> Result<(), Failure> {
+    match status {
+        "completed" => Ok(()),
+        "busy" => Err(Failure::row("voice: the line was busy")),
+        "no-answer" => Err(Failure::row("voice: not answered")),
+        "canceled" => Err(Failure::row("voice: the call was cancelled")),
+        other => Err(Failure::row(format!("voice: the call failed ({other})"))),
+    }
+}
+
 /// Sends rows. Cheap to clone.
 #[derive(Clone)]
 pub struct Sender {
     http: reqwest::Client,
     endpoints: std::sync::Arc<BTreeMap<String, ResolvedEndpoint>>,
     line: Option<std::sync::Arc<LineApi>>,
+    voice: Option<std::sync::Arc<VoiceApi>>,
+    calls: CallWaiters,
     smtp: Option<std::sync::Arc<(lettre::AsyncSmtpTransport<lettre::Tokio1Executor>, String)>>,
     console: tokio::sync::mpsc::Sender<String>,
     /// The deadline of one whole attempt.
@@ -243,6 +351,7 @@ impl Sender {
         endpoints: BTreeMap<String, ResolvedEndpoint>,
         smtp: Option<(&SmtpConfig, Option<String>)>,
         line: Option<LineApi>,
+        voice: Option<VoiceApi>,
         timeout: Duration,
         console: tokio::sync::mpsc::Sender<String>,
     ) -> Result<Sender, String> {
@@ -288,20 +397,31 @@ impl Sender {
                 Some(std::sync::Arc::new((builder.build(), c.from.clone())))
             }
         };
-        let line = line.map(std::sync::Arc::new);
-        Ok(Sender { http, endpoints: std::sync::Arc::new(endpoints), line, smtp, console, timeout })
+        let (line, voice) = (line.map(std::sync::Arc::new), voice.map(std::sync::Arc::new));
+        let calls = CallWaiters::default();
+        Ok(Sender { http, endpoints: std::sync::Arc::new(endpoints), line, voice, calls, smtp, console, timeout })
+    }
+
+    /// Calls waiting for their outcome (the web's `/voice/status/{token}` completes them).
+    pub fn calls(&self) -> CallWaiters {
+        self.calls.clone()
     }
 
     /// Send one row; Ok only when the receiver accepted it. The whole exchange (connect, TLS,
     /// request and response; or the whole SMTP dialogue) has one deadline: a receiver that
     /// accepts and never answers, or answers a byte a second, fails the attempt when it passes.
+    /// A call's deadline runs from dialling to its outcome (`voice.call_deadline_s`).
     pub async fn send(&self, row: &OutboxRow, now: Time, ack_url: &str) -> Result<(), Failure> {
-        match tokio::time::timeout(self.timeout, self.attempt(row, now, ack_url)).await {
+        let limit = match (&row.channel, &self.voice) {
+            (ChannelRef::Voice(_), Some(v)) => v.call_deadline,
+            _ => self.timeout,
+        };
+        match tokio::time::timeout(limit, self.attempt(row, now, ack_url)).await {
             Ok(result) => result,
             Err(_) => Err(Failure::destination(format!(
                 "{}: no complete answer within {} ms",
                 crate::dispatch::destination(&row.channel),
-                self.timeout.as_millis()
+                limit.as_millis()
             ))),
         }
     }
@@ -380,6 +500,41 @@ impl Sender {
                 // bounds a slow one.
                 let text = resp.text().await.unwrap_or_default();
                 line_outcome(status, &text)
+            }
+            ChannelRef::Voice(to) => {
+                let api = self.voice.as_deref().ok_or_else(|| Failure::row("no [voice] is configured"))?;
+                let token = hex::encode(rand::random::<[u8; 16]>());
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                // Unregistered however the attempt ends (its deadline drops this future).
+                struct Waiting(CallWaiters, String);
+                impl Drop for Waiting {
+                    fn drop(&mut self) {
+                        self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(&self.1);
+                    }
+                }
+                self.calls.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(token.clone(), tx);
+                let _waiting = Waiting(self.calls.clone(), token.clone());
+                let form = [
+                    ("To", to.clone()),
+                    ("From", api.from.clone()),
+                    ("Twiml", voice_twiml(row, ack_url)),
+                    ("Timeout", api.ring_timeout_s.to_string()),
+                    ("StatusCallback", format!("{}/voice/status/{token}", api.public_url)),
+                    ("StatusCallbackMethod", "POST".to_string()),
+                ];
+                let resp = self
+                    .http
+                    .post(format!("{}/2010-04-01/Accounts/{}/Calls.json", api.base_url, api.account_sid))
+                    .basic_auth(&api.account_sid, Some(&api.auth_token))
+                    .form(&form)
+                    .send()
+                    .await
+                    .map_err(|e| Failure::destination(format!("voice: {}", error_chain(&e))))?;
+                let status = resp.status().as_u16();
+                voice_created(status, &resp.text().await.unwrap_or_default())?;
+                // Ringing, perhaps answered: the outcome arrives at the status callback.
+                let outcome = rx.await.map_err(|_| Failure::destination("voice: the gateway is stopping"))?;
+                call_outcome(&outcome)
             }
             ChannelRef::Email(to) => {
                 use lettre::AsyncTransport;
@@ -530,6 +685,40 @@ mod tests {
         let req = line_request("Uaaaa", &long, link);
         assert_eq!(req["messages"].as_array().unwrap().len(), 1);
         assert_eq!(req["messages"][0]["text"].as_str().unwrap().chars().count(), LINE_TEXT_MAX);
+    }
+
+    #[test]
+    fn a_call_speaks_the_message_escaped_and_asks_for_1_only_when_it_can_be_acknowledged() {
+        let link = "http://x/ack/a1/family/00";
+        let row = line_row(format!("K: 停電 <&>。\nお願い: 確認してください。\n確認（既読）: {link}"));
+        let twiml = voice_twiml(&row, link);
+        assert!(twiml.contains("<Say language=\"ja-JP\">") && twiml.contains("停電 &lt;&amp;&gt;"), "{twiml}");
+        assert!(
+            !twiml.contains("/ack/a1/family/00<") && !twiml.contains("確認（既読）"),
+            "the link is not read out: {twiml}"
+        );
+        assert_eq!(twiml.matches("action=\"http://x/voice/ack/a1/family/00?lang=ja\"").count(), 2, "{twiml}");
+        assert!(twiml.contains("1を押してください"));
+        // Without a link (a cleared message): spoken once, nothing to press.
+        let plain = voice_twiml(&line_row("K: 電源が復旧しました。".into()), link);
+        assert!(!plain.contains("<Gather") && plain.contains("電源が復旧しました"), "{plain}");
+        assert_eq!(
+            voice_ack_url("https://m.example/base/ack/a/b/c").as_deref(),
+            Some("https://m.example/base/voice/ack/a/b/c")
+        );
+    }
+
+    #[test]
+    fn call_outcomes_and_refusals_are_classified() {
+        assert!(call_outcome("completed").is_ok());
+        for o in ["busy", "no-answer", "failed", "canceled"] {
+            assert!(!call_outcome(o).unwrap_err().destination, "{o}: one person's line");
+        }
+        assert!(voice_created(201, "{}").is_ok());
+        assert!(!voice_created(400, r#"{"code":21211,"message":"not a valid phone number"}"#).unwrap_err().destination);
+        for status in [401, 403, 429, 500] {
+            assert!(voice_created(status, "").unwrap_err().destination, "{status}");
+        }
     }
 
     #[test]

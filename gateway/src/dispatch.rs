@@ -37,6 +37,7 @@ pub fn destination(channel: &ChannelRef) -> String {
         ChannelRef::Sms(_) => "sms".to_string(),
         ChannelRef::Email(_) => "smtp".to_string(),
         ChannelRef::Line(_) => "line".to_string(),
+        ChannelRef::Voice(_) => "voice".to_string(),
         ChannelRef::Console(name) => format!("console:{name}"),
     }
 }

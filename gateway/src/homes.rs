@@ -185,6 +185,10 @@ pub enum ChannelRef {
     /// A LINE user, group or room id (`U…`, `C…`, `R…` and 32 hex digits), through the
     /// gateway config's `[line]` (the Messaging API's push).
     Line(String),
+    /// A phone number to call (international form, `+8190…`), through the gateway config's
+    /// `[voice]` (a Twilio-compatible voice API): the message is spoken, and pressing 1
+    /// acknowledges.
+    Voice(String),
     /// The gateway's own console (the demo).
     Console(String),
 }
@@ -206,6 +210,7 @@ impl ChannelRef {
             ChannelRef::Email(a) => format!("email:{a}"),
             ChannelRef::Sms(p) => format!("sms:{p}"),
             ChannelRef::Line(id) => format!("line:{id}"),
+            ChannelRef::Voice(p) => format!("voice:{p}"),
             ChannelRef::Console(n) => format!("console:{n}"),
         }
     }
@@ -256,6 +261,13 @@ pub struct Known {
     pub smtp: bool,
     /// Whether `[line]` is configured.
     pub line: bool,
+    /// Whether `[voice]` is configured.
+    pub voice: bool,
+}
+
+/// Whether a phone number is in international form (`+` and 7 to 15 digits).
+pub fn valid_phone(p: &str) -> bool {
+    p.strip_prefix('+').is_some_and(|d| (7..=15).contains(&d.len()) && d.chars().all(|c| c.is_ascii_digit()))
 }
 
 impl Known {
@@ -269,11 +281,10 @@ impl Known {
                 Some("an e-mail address".into())
             }
             ChannelRef::Email(_) if !self.smtp => Some("an [smtp] section in the gateway config".into()),
-            ChannelRef::Sms(p)
-                if !(p.starts_with('+') && p.len() >= 8 && p[1..].chars().all(|c| c.is_ascii_digit())) =>
-            {
+            ChannelRef::Sms(p) | ChannelRef::Voice(p) if !valid_phone(p) => {
                 Some("a phone number in international form (+8190...)".into())
             }
+            ChannelRef::Voice(_) if !self.voice => Some("a [voice] section in the gateway config".into()),
             ChannelRef::Sms(_) if !self.sms => {
                 Some("an SMS gateway endpoint named `sms` in the gateway config's [endpoints]".into())
             }
@@ -399,7 +410,7 @@ mod tests {
     use super::*;
 
     fn known() -> Known {
-        Known { endpoints: ["coord".to_string()].into(), sms: true, smtp: false, line: false }
+        Known { endpoints: ["coord".to_string()].into(), sms: true, smtp: false, line: false, voice: false }
     }
 
     const GOOD: &str = r#"
@@ -453,6 +464,19 @@ contacts = [
         for bad in ["U123", "X0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a", &format!("U{}", "0A".repeat(16)), "山田"] {
             let e = HomesFile::parse(&with(bad), Path::new("h.toml"), &line).unwrap_err().to_string();
             assert!(e.contains("a LINE user, group or room id"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn a_phone_to_call_is_in_international_form_and_voice_configured() {
+        let with = |p: &str| GOOD.replace("webhook = \"coord\"", &format!("voice = \"{p}\""));
+        let voice = Known { voice: true, ..known() };
+        assert!(HomesFile::parse(&with("+819012345678"), Path::new("h.toml"), &voice).is_ok());
+        let e = HomesFile::parse(&with("+819012345678"), Path::new("h.toml"), &known()).unwrap_err().to_string();
+        assert!(e.contains("a [voice] section"), "{e}");
+        for bad in ["09012345678", "+81-90-1234", "+", "+1234567890123456"] {
+            let e = HomesFile::parse(&with(bad), Path::new("h.toml"), &voice).unwrap_err().to_string();
+            assert!(e.contains("international form"), "{bad}: {e}");
         }
     }
 

@@ -440,10 +440,23 @@ impl Service {
             }),
             None => None,
         };
+        let voice = match &config.voice {
+            Some(v) => Some(crate::delivery::VoiceApi {
+                base_url: v.api_base_url.trim_end_matches('/').to_string(),
+                account_sid: v.account_sid.clone(),
+                auth_token: v.auth_token.resolve().map_err(|e| anyhow::anyhow!("voice.auth_token: {e}"))?,
+                from: v.from.clone(),
+                ring_timeout_s: v.ring_timeout_s,
+                call_deadline: Duration::from_secs(u64::from(v.call_deadline_s)),
+                public_url: config.public_url.trim_end_matches('/').to_string(),
+            }),
+            None => None,
+        };
         let sender = Sender::new(
             endpoints,
             config.smtp.as_ref().map(|s| (s, smtp_password)),
             line,
+            voice,
             Duration::from_millis(config.delivery.timeout_ms),
             console,
         )
@@ -1169,6 +1182,7 @@ impl Service {
             live_audit: Default::default(),
             totp_key: crate::accounts::TotpKey::derive(&self.style.link_secret),
             argon2: Arc::new(tokio::sync::Semaphore::new(web::ARGON2_AT_ONCE)),
+            calls: self.sender.calls(),
         };
         let (bind, http_cancel) = (http.bind, cancel.clone());
         let (addr_tx, addr_rx) = tokio::sync::oneshot::channel();

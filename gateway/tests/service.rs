@@ -430,6 +430,64 @@ fn line_refusals_are_named_and_an_unknown_user_falls_back() -> Result<()> {
     Ok(())
 }
 
+/// The family by phone, through a local voice API with Twilio's `Calls` contract: throttled,
+/// busy, not answered — each a failed attempt, retried (and after three the coordinator is
+/// told) — then answered, the message spoken in Japanese, and 1 pressed acknowledges the alert.
+#[test]
+fn a_phone_call_speaks_the_alert_and_pressing_1_acknowledges_it() -> Result<()> {
+    use mamori_tests::voice::{LineOfPhone, VoiceServer};
+    let broker = Mosquitto::start("")?;
+    let hook = WebhookReceiver::start("hook-secret")?;
+    let voice = VoiceServer::start("AC0123456789abcdef", "the-auth-token")?;
+    let s = setup(broker.port(), &hook, 3600)?;
+    let homes = s.dir.path().join("homes.toml");
+    let text = std::fs::read_to_string(&homes)?
+        .replace(r#"channels = [{ webhook = "family" }]"#, r#"channels = [{ voice = "+819012345678" }]"#);
+    assert!(text.contains("+819012345678"));
+    std::fs::write(&homes, text)?;
+    let mut config = std::fs::read_to_string(&s.config)?;
+    config.push_str(&format!(
+        "[voice]\napi_base_url = \"{}\"\naccount_sid = \"AC0123456789abcdef\"\n\
+         auth_token = {{ value = \"the-auth-token\" }}\nfrom = \"+81300000000\"\n",
+        voice.url()
+    ));
+    std::fs::write(&s.config, config)?;
+    voice.script(&[LineOfPhone::Throttle, LineOfPhone::Busy, LineOfPhone::NoAnswer, LineOfPhone::Answer("1".into())]);
+    let gw = gateway(&s.config)?;
+    publish(broker.port(), &[event(1, "mains_lost")])?;
+    let calls = voice.wait("an answered call whose outcome was reported", LIMIT, |c| {
+        c.iter().any(|x| x.reported.as_ref().is_some_and(|(o, _)| o == "completed"))
+    })?;
+    let outcomes: Vec<(u16, Option<&str>)> =
+        calls.iter().map(|c| (c.status, c.reported.as_ref().map(|(o, _)| o.as_str()))).collect();
+    assert_eq!(outcomes, [(429, None), (201, Some("busy")), (201, Some("no-answer")), (201, Some("completed"))]);
+    assert!(calls.iter().filter_map(|c| c.reported.as_ref()).all(|(_, status)| *status == 204), "{calls:?}");
+    let answered = &calls[3];
+    assert_eq!((answered.to.as_str(), answered.from.as_str()), ("+819012345678", "+81300000000"));
+    assert!(
+        answered.twiml.contains("<Say language=\"ja-JP\">")
+            && answered.twiml.contains("K-01")
+            && answered.twiml.contains("1を押してください"),
+        "{}",
+        answered.twiml
+    );
+    let (status, said) = answered.key_reply.clone().unwrap_or_default();
+    assert!(status == 200 && said.contains("確認を記録しました"), "{status} {said}");
+    gw.wait_line("acknowledged by the key", LIMIT, |l| l.contains("acknowledged by a key pressed in a call"))?;
+    gw.wait_line("the call delivered", LIMIT, |l| l.contains("\"delivered\"") && l.contains(":voice:+819012345678\""))?;
+    // Three failed attempts: the next recipient in the chain was told meanwhile.
+    hook.wait("the fallback to the coordinator", LIMIT, |d| d.iter().any(|x| x.path == "/coord" && x.accepted))?;
+    // A forged key press (another role's path with this signature) acknowledges nothing.
+    let action = answered.twiml.split("action=\"").nth(1).and_then(|a| a.split('"').next()).unwrap_or_default();
+    let forged = action.replace("&amp;", "&").replace("/family/", "/coordinator/");
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let status = tokio::runtime::Runtime::new()?.block_on(async {
+        reqwest::Client::new().post(&forged).form(&[("Digits", "1")]).send().await.map(|r| r.status())
+    })?;
+    assert_eq!(status, reqwest::StatusCode::NOT_FOUND, "{forged}");
+    Ok(())
+}
+
 #[test]
 fn e_mail_over_starttls_verifies_the_relay_certificate_and_trusts_a_private_ca_from_the_config() -> Result<()> {
     let broker = Mosquitto::start("")?;

@@ -171,6 +171,7 @@ fn fixture(dir: &Path) -> Parts {
         live_audit: Default::default(),
         totp_key: TotpKey::derive(b"secret"),
         argon2: argon2.clone(),
+        calls: Default::default(),
     };
     (web::router(app), db, engine, snapshots, argon2)
 }

@@ -29,6 +29,7 @@ pub mod procfs;
 pub mod site;
 pub mod smtp;
 pub mod stall;
+pub mod voice;
 pub mod webhook;
 
 use std::io::{BufRead, BufReader};

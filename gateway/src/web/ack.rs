@@ -78,3 +78,112 @@ pub async fn ack_post(
         Err(e) => page(StatusCode::CONFLICT, &format!("<p>{}</p>", escape(&e))),
     }
 }
+
+/// What a voice API posts when a key is pressed during a call.
+#[derive(Deserialize)]
+pub struct VoiceKeys {
+    /// The keys pressed.
+    #[serde(default, rename = "Digits")]
+    digits: String,
+}
+
+/// The reader's language, from the action URL.
+#[derive(Deserialize)]
+pub struct VoiceLang {
+    #[serde(default)]
+    lang: String,
+}
+
+fn twiml(status: StatusCode, ja: bool, text: &str) -> Response {
+    let lang = if ja { "ja-JP" } else { "en-US" };
+    let body = format!(
+        "<?xml version=\"1.0\" encoding=\"UTF-8\"?><Response><Say language=\"{lang}\">{}</Say></Response>",
+        escape(text)
+    );
+    (status, [(axum::http::header::CONTENT_TYPE, "application/xml")], body).into_response()
+}
+
+/// `POST /voice/ack/{alert}/{role}/{sig}`: a key pressed during a call (the same signature as
+/// the link). 1 acknowledges; the answer is what the caller hears next.
+pub async fn voice_ack(
+    State(app): State<App>,
+    client: Client,
+    Path((alert, role, sig)): Path<(String, String, String)>,
+    axum::extract::Query(q): axum::extract::Query<VoiceLang>,
+    Form(keys): Form<VoiceKeys>,
+) -> Response {
+    let ja = q.lang != "en";
+    let Some(role) = check(&app, &alert, &role, &sig) else {
+        return twiml(
+            StatusCode::NOT_FOUND,
+            ja,
+            if ja { "この通知は確認できません。" } else { "This cannot be acknowledged." },
+        );
+    };
+    if keys.digits.trim() != "1" {
+        return twiml(
+            StatusCode::OK,
+            ja,
+            if ja {
+                "確認は記録していません。確認するときは、1を押してください。"
+            } else {
+                "Not acknowledged. To acknowledge, press 1."
+            },
+        );
+    }
+    let r =
+        app.ask(|reply| WebRequest::Ack { alert_id: alert.clone(), role, by: "voice".into(), note: None, reply }).await;
+    match r {
+        Ok(()) => {
+            let client = client.text();
+            tracing::info!(alert = %alert, role = ?role, %client, "acknowledged by a key pressed in a call");
+            let actor = format!("voice:{}", crate::message::role_name(role));
+            app.audit(&actor, &client, "ack", &alert, "").await;
+            twiml(
+                StatusCode::OK,
+                ja,
+                if ja {
+                    "確認を記録しました。ありがとうございます。"
+                } else {
+                    "Acknowledged. Thank you."
+                },
+            )
+        }
+        Err(e) => {
+            tracing::warn!(alert = %alert, error = %e, "a key pressed in a call could not acknowledge");
+            twiml(
+                StatusCode::OK,
+                ja,
+                if ja {
+                    "確認を記録できませんでした。"
+                } else {
+                    "The acknowledgement could not be recorded."
+                },
+            )
+        }
+    }
+}
+
+/// What a voice API posts when a call ends.
+#[derive(Deserialize)]
+pub struct CallStatus {
+    #[serde(default, rename = "CallStatus")]
+    status: String,
+}
+
+/// `POST /voice/status/{token}`: a call's outcome, handed to the attempt that placed it. The
+/// token is random per call and known only to the voice API; an unknown one is a 404.
+pub async fn voice_status(State(app): State<App>, Path(token): Path<String>, Form(c): Form<CallStatus>) -> Response {
+    // Progress (queued, ringing, in-progress) is not an outcome.
+    if matches!(c.status.as_str(), "queued" | "initiated" | "ringing" | "in-progress") {
+        return StatusCode::NO_CONTENT.into_response();
+    }
+    let waiter = app.calls.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(&token);
+    match waiter {
+        Some(tx) => {
+            let _ = tx.send(c.status);
+            StatusCode::NO_CONTENT.into_response()
+        }
+        None => StatusCode::NOT_FOUND.into_response(),
+    }
+}

@@ -142,6 +142,8 @@ pub struct App {
     pub totp_key: crate::accounts::TotpKey,
     /// Password verifications at once (argon2 is ~50 ms of CPU and 19 MiB each).
     pub argon2: Arc<tokio::sync::Semaphore>,
+    /// Voice calls waiting for their outcome.
+    pub calls: crate::delivery::CallWaiters,
 }
 
 /// Live refreshes of a page are written to the audit log at most once per this many minutes
@@ -261,6 +263,8 @@ pub fn router(app: App) -> Router {
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics::metrics))
         .route("/ack/{alert}/{role}/{sig}", get(ack::ack_page).post(ack::ack_post))
+        .route("/voice/ack/{alert}/{role}/{sig}", post(ack::voice_ack))
+        .route("/voice/status/{token}", post(ack::voice_status))
         .route("/login", get(auth::login_page).post(auth::login_post))
         .route("/logout", post(auth::logout))
         .route("/lang/{lang}", get(auth::set_lang))
