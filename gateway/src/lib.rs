@@ -15,7 +15,8 @@
 //! | [`engine`] | the pure core: state, alerts, escalation, regional incidents (time passed in) |
 //! | [`message`] | message text (ja/en) and signed acknowledgement links |
 //! | [`store`] | the `Store` trait and its SQLite (WAL) implementation |
-//! | [`delivery`] | the outbox's senders: webhook (HMAC), SMS gateway, SMTP, console |
+//! | [`delivery`] | the outbox's senders: webhook (HMAC), SMS gateway, SMTP, LINE, voice calls, console |
+//! | [`stats`] | delivery statistics per channel and role, the time each role takes to acknowledge (pure) |
 //! | [`dispatch`] | send slots shared per destination, circuit breakers, leases (pure) |
 //! | [`config`] | the gateway config file |
 //! | [`run`] | the service: MQTT in (validation, dedup, storage before action), degraded mode, wiring |
@@ -50,5 +51,6 @@ pub mod notice;
 pub mod pki;
 pub mod policy;
 pub mod run;
+pub mod stats;
 pub mod store;
 pub mod web;

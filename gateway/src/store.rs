@@ -476,6 +476,68 @@ impl SqliteStore {
         rows.collect::<Result<_, _>>().map_err(self.db())
     }
 
+    /// What the delivery statistics need ([`crate::stats`]): a few fields of every outbox
+    /// row, and every acknowledgement of an alert or incident, read inside SQLite (no message
+    /// text is parsed).
+    pub fn delivery_inputs(&self) -> Result<(Vec<crate::stats::Sent>, Vec<crate::stats::Acked>), StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT alert_id, dest, json_extract(body, '$.role'), status, json_extract(body, '$.attempts'),
+                        json_extract(body, '$.delivered_at') FROM outbox",
+            )
+            .map_err(self.db())?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, Option<String>>(2)?,
+                    r.get::<_, String>(3)?,
+                    r.get::<_, Option<i64>>(4)?,
+                    r.get::<_, Option<String>>(5)?,
+                ))
+            })
+            .map_err(self.db())?;
+        let time = |t: Option<String>| {
+            t.and_then(|t| chrono::DateTime::parse_from_rfc3339(&t).ok()).map(|t| t.with_timezone(&chrono::Utc))
+        };
+        let mut sent = Vec::new();
+        for r in rows {
+            let (alert_id, dest, role, status, attempts, delivered_at) = r.map_err(self.db())?;
+            let Some(role) = role.as_deref().and_then(crate::message::parse_role) else { continue };
+            sent.push(crate::stats::Sent {
+                alert_id,
+                channel: crate::stats::channel_of(&dest),
+                role,
+                status,
+                attempts: attempts.unwrap_or(0).clamp(0, i64::from(u32::MAX)) as u32,
+                delivered_at: time(delivered_at),
+            });
+        }
+        let mut acked = Vec::new();
+        for table in ["alerts", "incidents"] {
+            let mut stmt = self
+                .conn
+                .prepare_cached(&format!(
+                    "SELECT id, json_extract(body, '$.acks') FROM {table} WHERE json_array_length(body, '$.acks') > 0"
+                ))
+                .map_err(self.db())?;
+            let rows =
+                stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))).map_err(self.db())?;
+            for r in rows {
+                let (id, acks) = r.map_err(self.db())?;
+                let acks: Vec<crate::engine::AckInfo> = serde_json::from_str(&acks).map_err(self.corrupt("acks"))?;
+                acked.extend(acks.into_iter().map(|a| crate::stats::Acked {
+                    alert_id: id.clone(),
+                    role: a.role,
+                    at: a.at,
+                }));
+            }
+        }
+        Ok((sent, acked))
+    }
+
     fn db(&self) -> impl Fn(rusqlite::Error) -> StoreError + '_ {
         move |source| StoreError::Db { path: self.path.clone(), source }
     }
@@ -887,6 +949,34 @@ mod tests {
         let mut s = SqliteStore::open(dir.path()).unwrap();
         assert!(!s.insert_event(&home, &ev(1), t(2)).unwrap(), "dedup survives a restart");
         assert!(s.insert_event(&home, &ev(2), t(2)).unwrap());
+    }
+
+    #[test]
+    fn the_delivery_statistics_read_only_what_they_need_from_the_outbox_and_the_alerts() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = SqliteStore::open(dir.path()).unwrap();
+        let mut r = row("k", 0);
+        r.channel = ChannelRef::Line(format!("U{}", "a".repeat(32)));
+        s.enqueue(&r).unwrap();
+        r.attempts = 2;
+        r.status = OutboxStatus::Delivered;
+        r.delivered_at = Some(t(30));
+        s.record_attempt(&r).unwrap();
+        s.enqueue(&row("k2", 0)).unwrap();
+        s.conn
+            .execute(
+                "INSERT INTO alerts (id, home, kind, raised_at, body) VALUES ('a1', 'h', 'mains_lost', 'x', ?1)",
+                [serde_json::json!({ "acks": [{ "role": "family", "by": "link", "at": t(90), "note": null }] })
+                    .to_string()],
+            )
+            .unwrap();
+        let (sent, acked) = s.delivery_inputs().unwrap();
+        let line = sent.iter().find(|x| x.channel == "line").unwrap();
+        assert_eq!((line.status.as_str(), line.attempts, line.delivered_at), ("delivered", 2, Some(t(30))));
+        assert!(sent.iter().any(|x| x.channel == "console" && x.status == "pending"));
+        assert_eq!(acked, [crate::stats::Acked { alert_id: "a1".into(), role: Role::Family, at: t(90) }]);
+        let stats = crate::stats::compute(&sent, &acked);
+        assert_eq!(stats.acks[&Role::Family].median_s, Some(60.0));
     }
 
     #[test]

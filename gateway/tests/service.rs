@@ -485,6 +485,18 @@ fn a_phone_call_speaks_the_alert_and_pressing_1_acknowledges_it() -> Result<()> 
         reqwest::Client::new().post(&forged).form(&[("Digits", "1")]).send().await.map(|r| r.status())
     })?;
     assert_eq!(status, reqwest::StatusCode::NOT_FOUND, "{forged}");
+    // The delivery statistics count it: one call delivered after three failed attempts, one
+    // acknowledgement by the family.
+    let metrics = tokio::runtime::Runtime::new()?
+        .block_on(async { reqwest::get(format!("http://127.0.0.1:{}/metrics", s.http_port)).await?.text().await })?;
+    for line in [
+        "mamori_deliveries{channel=\"voice\",role=\"family\",status=\"delivered\"} 1",
+        "mamori_delivery_failed_attempts{channel=\"voice\",role=\"family\"} 3",
+        "mamori_acknowledged{role=\"family\"} 1",
+    ] {
+        assert!(metrics.contains(line), "{line} in\n{metrics}");
+    }
+    assert!(metrics.contains("mamori_ack_seconds_median{role=\"family\"}"), "{metrics}");
     Ok(())
 }
 

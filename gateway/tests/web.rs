@@ -274,6 +274,7 @@ fn reads(f: &Fixture) -> Vec<(String, bool, [u16; 5], u16)> {
         ("/admin/users".into(), false, [200, 404, 404, 404, 404], 303),
         ("/admin/audit".into(), false, [200, 404, 404, 404, 404], 303),
         ("/admin/audit.csv".into(), false, [200, 404, 404, 404, 404], 303),
+        ("/admin/delivery".into(), false, [200, 404, 404, 404, 404], 303),
         ("/api/v1/homes".into(), true, [200, 200, 200, 200, 200], 401),
         ("/api/v1/homes/home-a1".into(), true, [200, 200, 404, 200, 200], 401),
         ("/api/v1/homes/home-b1".into(), true, [200, 404, 200, 404, 404], 401),

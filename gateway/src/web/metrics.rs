@@ -21,6 +21,9 @@
 //! | `mamori_open_breakers` | destinations not tried for now (failing in a row) |
 //! | `mamori_live_streams` | dashboard live streams open |
 //! | `mamori_readings_rejected_total{reason}` | power readings from homes set aside as impossible (sentinels, out of range, a runtime rising on battery, a stuck charge); the forecast used the next basis |
+//! | `mamori_deliveries{channel,role,status}` | outbox rows within the retention by channel (`webhook`, `sms`, `email`, `line`, `voice`, `console`), role and status |
+//! | `mamori_delivery_failed_attempts{channel,role}` | failed attempts within the retention |
+//! | `mamori_acknowledged{role}`, `mamori_ack_seconds_median{role}` | alerts a role acknowledged after a message reached it, and the median time from that message to the acknowledgement |
 //! | `mamori_outbound_dropped_total` | PUBACKs and agent acknowledgements dropped on a full outbound queue (the broker resends) |
 
 use std::fmt::Write as _;
@@ -183,9 +186,47 @@ pub async fn metrics(State(app): State<App>) -> Response {
         }
         Err(e) => tracing::warn!(error = %e, "metrics: outbox counts"),
     }
+    match app.db(|s| Ok(s.delivery_inputs()?)).await {
+        Ok((sent, acked)) => render_delivery(&crate::stats::compute(&sent, &acked), &mut out),
+        Err(e) => tracing::warn!(error = %e, "metrics: delivery statistics"),
+    }
     out.push_str("# HELP mamori_notify_latency_seconds From the decision to notify to the receiver's acceptance.\n");
     c.notify_latency.render("mamori_notify_latency_seconds", &mut out);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], out).into_response()
+}
+
+/// The delivery statistics as metrics (roles and channels only: no home, no name).
+pub fn render_delivery(stats: &crate::stats::DeliveryStats, out: &mut String) {
+    let role = crate::message::role_name;
+    out.push_str("# HELP mamori_deliveries Outbox rows within the retention by channel, role and status.\n# TYPE mamori_deliveries gauge\n");
+    for ((channel, r), c) in &stats.by {
+        for (status, n) in [("delivered", c.delivered), ("pending", c.pending), ("abandoned", c.abandoned)] {
+            let _ = writeln!(
+                out,
+                "mamori_deliveries{{channel=\"{channel}\",role=\"{}\",status=\"{status}\"}} {n}",
+                role(*r)
+            );
+        }
+    }
+    out.push_str("# HELP mamori_delivery_failed_attempts Failed delivery attempts within the retention.\n# TYPE mamori_delivery_failed_attempts gauge\n");
+    for ((channel, r), c) in &stats.by {
+        let _ = writeln!(
+            out,
+            "mamori_delivery_failed_attempts{{channel=\"{channel}\",role=\"{}\"}} {}",
+            role(*r),
+            c.failed_attempts
+        );
+    }
+    out.push_str("# HELP mamori_acknowledged Alerts a role acknowledged after a message reached it.\n# TYPE mamori_acknowledged gauge\n");
+    for (r, a) in &stats.acks {
+        let _ = writeln!(out, "mamori_acknowledged{{role=\"{}\"}} {}", role(*r), a.acknowledged);
+    }
+    out.push_str("# HELP mamori_ack_seconds_median From the first message delivered to a role to its acknowledgement, median.\n# TYPE mamori_ack_seconds_median gauge\n");
+    for (r, a) in &stats.acks {
+        if let Some(m) = a.median_s {
+            let _ = writeln!(out, "mamori_ack_seconds_median{{role=\"{}\"}} {m}", role(*r));
+        }
+    }
 }
 
 #[cfg(test)]

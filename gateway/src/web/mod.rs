@@ -282,6 +282,7 @@ pub fn router(app: App) -> Router {
         .route("/admin/users/{name}", post(pages::admin_change_user))
         .route("/admin/audit", get(pages::admin_audit))
         .route("/admin/audit.csv", get(pages::admin_audit_csv))
+        .route("/admin/delivery", get(pages::admin_delivery))
         .route("/events", get(pages::live))
         .route("/static/app.css", get(pages::css))
         .route("/static/app.js", get(pages::js))

@@ -66,6 +66,21 @@ const WORDS: &[(&str, &str, &str)] = &[
     ("account", "アカウント", "Account"),
     ("users", "ユーザー管理", "Users"),
     ("audit", "監査ログ", "Audit log"),
+    ("delivery", "配信状況", "Delivery"),
+    (
+        "delivery_intro",
+        "保存期間内の通知の配信状況（経路と受け手ごと）と、確認までの時間です。",
+        "Notifications within the retention, by channel and reader, and how long each reader takes to acknowledge.",
+    ),
+    ("channel", "経路", "Channel"),
+    ("reader", "受け手", "Reader"),
+    ("delivered", "配信済み", "Delivered"),
+    ("pending", "送信待ち", "Pending"),
+    ("abandoned", "送信中止", "Given up"),
+    ("failed_attempts", "失敗した試行", "Failed attempts"),
+    ("acknowledged_count", "確認した通知", "Acknowledged"),
+    ("ack_median", "確認までの時間（中央値）", "Time to acknowledge (median)"),
+    ("no_deliveries", "まだ通知はありません。", "No notifications yet."),
     ("incident", "広域停電", "Regional outage"),
     ("home", "世帯", "Home"),
     ("power", "電源", "Power"),
@@ -188,7 +203,12 @@ fn layout(v: &Viewer, title: &str, body: &str) -> Html<String> {
     let t = T(v.lang);
     let l = if v.lang == Lang::En { "en" } else { "ja" };
     let admin = if v.user.role == AccountRole::Admin {
-        format!("<a href=\"/admin/users\">{}</a><a href=\"/admin/audit\">{}</a>", t.t("users"), t.t("audit"))
+        format!(
+            "<a href=\"/admin/users\">{}</a><a href=\"/admin/audit\">{}</a><a href=\"/admin/delivery\">{}</a>",
+            t.t("users"),
+            t.t("audit"),
+            t.t("delivery")
+        )
     } else {
         String::new()
     };
@@ -1414,6 +1434,91 @@ pub async fn admin_audit(State(app): State<App>, v: Viewer, Query(q): Query<Page
         let _ = write!(body, "<p><a href=\"/admin/audit?before={}\">{}</a></p>", last.seq, t.t("older"));
     }
     layout(&v, t.t("audit"), &body).into_response()
+}
+
+/// A channel's name for people.
+fn channel_text(channel: &str, lang: Lang) -> &'static str {
+    match (channel, lang) {
+        ("webhook", _) => "Webhook",
+        ("sms", Lang::Ja) => "ショートメッセージ",
+        ("sms", Lang::En) => "SMS",
+        ("email", Lang::Ja) => "メール",
+        ("email", Lang::En) => "E-mail",
+        ("line", _) => "LINE",
+        ("voice", Lang::Ja) => "電話",
+        ("voice", Lang::En) => "Phone call",
+        ("console", Lang::Ja) => "コンソール",
+        ("console", Lang::En) => "Console",
+        (_, Lang::Ja) => "その他",
+        (_, Lang::En) => "Other",
+    }
+}
+
+/// `GET /admin/delivery`: delivery statistics per channel and reader (administrators).
+pub async fn admin_delivery(State(app): State<App>, v: Viewer) -> Response {
+    if let Some(r) = admin_refusal(&v) {
+        return r;
+    }
+    let t = T(v.lang);
+    let (sent, acked) = match app.db(|s| Ok(s.delivery_inputs()?)).await {
+        Ok(x) => x,
+        Err(e) => return failed(e),
+    };
+    let stats = crate::stats::compute(&sent, &acked);
+    let mut body = format!("<h1>{}</h1><p>{}</p>", t.t("delivery"), t.t("delivery_intro"));
+    if stats.by.is_empty() {
+        let _ = write!(body, "<p>{}</p>", t.t("no_deliveries"));
+    } else {
+        let _ = write!(
+            body,
+            "<table class=\"stats\"><thead><tr><th>{}</th><th>{}</th><th>{}</th><th>{}</th><th>{}</th><th>{}</th></tr></thead><tbody>",
+            t.t("channel"),
+            t.t("reader"),
+            t.t("delivered"),
+            t.t("pending"),
+            t.t("abandoned"),
+            t.t("failed_attempts")
+        );
+        for ((channel, role), c) in &stats.by {
+            let _ = write!(
+                body,
+                "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+                channel_text(channel, v.lang),
+                crate::message::role_text(*role, v.lang),
+                c.delivered,
+                c.pending,
+                c.abandoned,
+                c.failed_attempts
+            );
+        }
+        body.push_str("</tbody></table>");
+    }
+    if !stats.acks.is_empty() {
+        let _ = write!(
+            body,
+            "<table class=\"stats\"><thead><tr><th>{}</th><th>{}</th><th>{}</th></tr></thead><tbody>",
+            t.t("reader"),
+            t.t("acknowledged_count"),
+            t.t("ack_median")
+        );
+        for (role, a) in &stats.acks {
+            let median = match (a.median_s, v.lang) {
+                (None, _) => "—".to_string(),
+                (Some(m), Lang::Ja) if m < 60.0 => format!("{m:.0}秒"),
+                (Some(m), Lang::En) if m < 60.0 => format!("{m:.0} s"),
+                (Some(m), lang) => crate::message::duration(m.round() as i64, lang),
+            };
+            let _ = write!(
+                body,
+                "<tr><td>{}</td><td>{}</td><td>{}</td></tr>",
+                crate::message::role_text(*role, v.lang),
+                a.acknowledged,
+                median
+            );
+        }
+        body.push_str("</tbody></table>");
+    }
+    layout(&v, t.t("delivery"), &body).into_response()
 }
 
 /// `GET /admin/audit.csv`.
