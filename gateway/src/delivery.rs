@@ -31,34 +31,63 @@ use crate::store::{OutboxRow, OutboxStatus};
 /// Messages waiting for the console (the demo) before a send to it fails.
 pub const CONSOLE_QUEUE: usize = 1024;
 
-/// Outbox rows for a notification.
+/// When a message decided at `at` may reach someone whose quiet hours are `quiet` (minutes
+/// after local midnight, from and to): `at` itself outside them, else their end.
+pub fn after_quiet_hours(at: Time, quiet: (u32, u32), offset: chrono::FixedOffset) -> Time {
+    use chrono::Timelike;
+    let local = at.with_timezone(&offset);
+    let now_min = local.hour() * 60 + local.minute();
+    let (from, to) = quiet;
+    let inside = if from < to { now_min >= from && now_min < to } else { now_min >= from || now_min < to };
+    if !inside {
+        return at;
+    }
+    let wait_min = (to + 24 * 60 - now_min) % (24 * 60);
+    let start_of_minute = at - chrono::Duration::seconds(i64::from(local.second()));
+    start_of_minute + chrono::Duration::minutes(i64::from(wait_min))
+}
+
+/// Outbox rows for a notification: one per recipient and channel, in the recipient's
+/// language. A contact's later channels (`then`) are rows due after their delay and sent only
+/// if the role has not acknowledged by then ([`OutboxRow::conditional`]); a message that is
+/// not critical waits for the end of the contact's quiet hours.
 pub fn expand(n: &Notification, style: &Style) -> Vec<OutboxRow> {
     let content = serde_json::to_value(&n.content).unwrap_or_default();
+    let is_alert = !matches!(n.content, crate::engine::Content::Cleared { .. });
     let mut rows = Vec::new();
     for (role, contact) in &n.recipients {
         let (subject, body) = render(&n.content, contact.language, *role, &n.alert_id, style);
-        for ch in &contact.channels {
-            let role_name =
-                serde_json::to_value(role).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default();
-            rows.push(OutboxRow {
-                key: format!("{}:{role_name}:{}:{}", n.key, contact.name, ch.key()),
-                alert_id: n.alert_id.clone(),
-                home: n.home.clone(),
-                role: *role,
-                recipient: contact.name.clone(),
-                channel: ch.clone(),
-                lang: contact.language,
-                subject: subject.clone(),
-                body: body.clone(),
-                content: content.clone(),
-                created_at: n.at,
-                next_attempt_at: n.at,
-                attempts: 0,
-                status: OutboxStatus::Pending,
-                last_error: None,
-                delivered_at: None,
-                fallback_done: false,
-            });
+        let quiet = contact.quiet_hours.as_deref().and_then(crate::homes::parse_quiet_hours).filter(|_| !n.critical);
+        let due = quiet.map_or(n.at, |q| after_quiet_hours(n.at, q, style.offset));
+        // Held past quiet hours, an alert is sent then only if it still matters.
+        let held = due > n.at && is_alert;
+        let steps = std::iter::once((0u32, &contact.channels, held))
+            .chain(contact.then.iter().filter(|_| is_alert).map(|s| (s.after_min, &s.channels, true)));
+        for (after_min, channels, conditional) in steps {
+            for ch in channels {
+                let role_name =
+                    serde_json::to_value(role).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default();
+                rows.push(OutboxRow {
+                    key: format!("{}:{role_name}:{}:{}", n.key, contact.name, ch.key()),
+                    alert_id: n.alert_id.clone(),
+                    home: n.home.clone(),
+                    role: *role,
+                    recipient: contact.name.clone(),
+                    channel: ch.clone(),
+                    lang: contact.language,
+                    subject: subject.clone(),
+                    body: body.clone(),
+                    content: content.clone(),
+                    created_at: n.at,
+                    next_attempt_at: due + chrono::Duration::minutes(i64::from(after_min)),
+                    attempts: 0,
+                    status: OutboxStatus::Pending,
+                    last_error: None,
+                    delivered_at: None,
+                    fallback_done: false,
+                    conditional,
+                });
+            }
         }
     }
     rows
@@ -656,10 +685,13 @@ mod tests {
                     name: "母".into(),
                     language: Lang::Ja,
                     channels: vec![ChannelRef::Line(format!("U{}", "a".repeat(32)))],
+                    quiet_hours: None,
+                    then: vec![],
                 },
             )],
             content: Content::Cleared { label: "K".into(), kind: "mains_lost".into(), since: t(0), at: t(60) },
             at: t(60),
+            critical: true,
         };
         let mut row = expand(&n, &style()).remove(0);
         row.body = body;
@@ -722,6 +754,63 @@ mod tests {
     }
 
     #[test]
+    fn later_channels_wait_their_turn_and_quiet_hours_hold_only_what_is_not_critical() {
+        use crate::homes::ChannelStep;
+        let family = Contact {
+            role: Role::Family,
+            name: "母".into(),
+            language: Lang::Ja,
+            channels: vec![ChannelRef::Line(format!("U{}", "a".repeat(32)))],
+            then: vec![ChannelStep { after_min: 5, channels: vec![ChannelRef::Voice("+819012345678".into())] }],
+            quiet_hours: Some("22:00-07:00".into()),
+        };
+        let alert = |critical: bool, at: Time| Notification {
+            key: "a1:s0:r0".into(),
+            alert_id: "a1".into(),
+            home: None,
+            recipients: vec![(Role::Family, family.clone())],
+            content: Content::Cleared { label: "K".into(), kind: "x".into(), since: at, at },
+            at,
+            critical,
+        };
+        // An alert (not a clearance); the style's offset is UTC here.
+        let mut n = alert(true, t(0));
+        n.content = serde_json::from_value(serde_json::json!({"type": "alert", "label": "K", "kind": "device_lost",
+            "since": t(0), "tier": "T0", "repeat": 0, "forecast": null, "time_left_s": null, "silent": false,
+            "evacuation": null, "data": {}}))
+        .unwrap();
+        let rows = expand(&n, &style());
+        let when: Vec<(bool, i64)> =
+            rows.iter().map(|r| (r.conditional, (r.next_attempt_at - t(0)).num_minutes())).collect();
+        assert_eq!(when, [(false, 0), (true, 5)], "LINE at once, the call 5 min later if still unacknowledged");
+        // At 23:00 local, not critical: held until 07:00, and then sent only if still needed.
+        let late = DateTime::parse_from_rfc3339("2026-11-30T23:00:00Z").unwrap().to_utc();
+        let mut quiet = n.clone();
+        (quiet.at, quiet.critical) = (late, false);
+        let rows = expand(&quiet, &style());
+        assert_eq!((rows[0].next_attempt_at - late).num_minutes(), 8 * 60);
+        assert!(rows[0].conditional && rows[1].next_attempt_at > rows[0].next_attempt_at);
+        // Critical: never held.
+        quiet.critical = true;
+        assert_eq!(expand(&quiet, &style())[0].next_attempt_at, late);
+        // An all-clear is not chased by a call.
+        let cleared = expand(&alert(false, t(0)), &style());
+        assert_eq!(cleared.len(), 1);
+        assert!(!cleared[0].conditional);
+    }
+
+    #[test]
+    fn quiet_hours_over_midnight_end_at_their_end() {
+        let utc = FixedOffset::east_opt(0).unwrap();
+        let at = |h: u32, m: u32| DateTime::from_timestamp(i64::from(h * 3600 + m * 60), 0).unwrap();
+        assert_eq!(after_quiet_hours(at(23, 30), (22 * 60, 7 * 60), utc), at(31, 0));
+        assert_eq!(after_quiet_hours(at(3, 0), (22 * 60, 7 * 60), utc), at(7, 0));
+        assert_eq!(after_quiet_hours(at(7, 0), (22 * 60, 7 * 60), utc), at(7, 0), "the end is not inside");
+        assert_eq!(after_quiet_hours(at(12, 0), (13 * 60, 14 * 60), utc), at(12, 0));
+        assert_eq!(after_quiet_hours(at(13, 10), (13 * 60, 14 * 60), utc), at(14, 0));
+    }
+
+    #[test]
     fn a_line_retry_key_is_a_uuid_fixed_per_row() {
         let k = line_retry_key("a1:s0:r0:family:母:line:U0");
         assert_eq!(k, line_retry_key("a1:s0:r0:family:母:line:U0"));
@@ -758,6 +847,8 @@ mod tests {
                         name: "母".into(),
                         language: Lang::Ja,
                         channels: vec![ChannelRef::Sms("+819000000000".into()), ChannelRef::Webhook("f".into())],
+                        quiet_hours: None,
+                        then: vec![],
                     },
                 ),
                 (
@@ -767,11 +858,14 @@ mod tests {
                         name: "Sato".into(),
                         language: Lang::En,
                         channels: vec![ChannelRef::Webhook("c".into())],
+                        quiet_hours: None,
+                        then: vec![],
                     },
                 ),
             ],
             content: Content::Cleared { label: "K".into(), kind: "mains_lost".into(), since: t(0), at: t(60) },
             at: t(60),
+            critical: true,
         };
         let rows = expand(&n, &style());
         let keys: Vec<&str> = rows.iter().map(|r| r.key.as_str()).collect();
@@ -802,10 +896,13 @@ mod tests {
                     name: "m".into(),
                     language: Lang::En,
                     channels: vec![ChannelRef::Console("c".into())],
+                    quiet_hours: None,
+                    then: vec![],
                 },
             )],
             content: Content::Cleared { label: "K".into(), kind: "x".into(), since: t(0), at: t(0) },
             at: t(0),
+            critical: true,
         };
         let mut row = expand(&n, &style()).remove(0);
         let mut fallbacks = 0;

@@ -245,6 +245,7 @@ mod tests {
             last_error: None,
             delivered_at: None,
             fallback_done: false,
+            conditional: false,
         }
     }
 

@@ -468,6 +468,9 @@ pub struct Notification {
     pub content: Content,
     /// When it was decided.
     pub at: Time,
+    /// Never held back by a contact's quiet hours (a critical alert, its all-clear, an
+    /// incident).
+    pub critical: bool,
 }
 
 /// An input.
@@ -1042,7 +1045,32 @@ impl Engine {
         let recipients = self.plans.get(home).map_or_else(Vec::new, |p| {
             roles.iter().flat_map(|r| p.contacts_for(*r).map(move |c| (*r, c.clone()))).collect()
         });
-        Notification { key, alert_id: alert_id.to_string(), home: Some(home.clone()), recipients, content, at: now }
+        let critical = match &content {
+            Content::Alert { kind, .. } => {
+                self.state.get(home).and_then(|s| s.alerts.get(kind)).is_none_or(|a| a.severity == Severity::Critical)
+            }
+            Content::Cleared { .. } | Content::Incident { .. } => true,
+        };
+        Notification {
+            key,
+            alert_id: alert_id.to_string(),
+            home: Some(home.clone()),
+            recipients,
+            content,
+            at: now,
+            critical,
+        }
+    }
+
+    /// Whether a message decided at `since` for `role` about `alert_id` still has something
+    /// to say: the alert (or incident) is open, and nobody in that role has acknowledged it
+    /// since. A contact's later channels and quiet-held messages ask this when they come due.
+    pub fn still_needed(&self, home: Option<&HomeId>, alert_id: &str, role: Role, since: Time) -> bool {
+        let acks = match home {
+            Some(h) => self.state.get(h).and_then(|s| s.alerts.values().find(|a| a.id == alert_id)).map(|a| &a.acks),
+            None => self.incidents.values().find(|i| i.id == alert_id && i.closed_at.is_none()).map(|i| &i.acks),
+        };
+        acks.is_some_and(|acks| !acks.iter().any(|a| a.role == role && a.at >= since))
     }
 
     /// One acknowledgement per person (or link) per step: a replayed link changes nothing, and
@@ -1698,6 +1726,7 @@ impl Engine {
                     closed: over,
                 },
                 at: now,
+                critical: true,
             };
             self.outputs.push(Output::Notify(n));
             self.outputs.push(Output::Incident(inc.clone()));

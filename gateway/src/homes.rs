@@ -170,6 +170,37 @@ pub struct Contact {
     pub language: Lang,
     /// Channels, all of which are used for every message.
     pub channels: Vec<ChannelRef>,
+    /// Channels tried next, each after its delay, while this person's role has not
+    /// acknowledged (LINE at once, then a call five minutes later).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub then: Vec<ChannelStep>,
+    /// Hours when only critical messages reach this person (`"22:00-07:00"`, local time);
+    /// others wait until the end. A critical alert is never held back.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quiet_hours: Option<String>,
+}
+
+/// A later channel of a contact: used `after_min` minutes after the message, unless the
+/// contact's role has acknowledged by then or the alert is over.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChannelStep {
+    /// Minutes after the message.
+    pub after_min: u32,
+    /// The channels then.
+    pub channels: Vec<ChannelRef>,
+}
+
+/// Parse `"HH:MM-HH:MM"` into minutes after midnight (the end may be earlier: over midnight).
+pub fn parse_quiet_hours(s: &str) -> Option<(u32, u32)> {
+    let (a, b) = s.split_once('-')?;
+    let m = |t: &str| -> Option<u32> {
+        let (h, m) = t.trim().split_once(':')?;
+        let (h, m): (u32, u32) = (h.parse().ok()?, m.parse().ok()?);
+        (h < 24 && m < 60).then_some(h * 60 + m)
+    };
+    let (from, to) = (m(a)?, m(b)?);
+    (from != to).then_some((from, to))
 }
 
 /// Where a message goes.
@@ -390,6 +421,33 @@ impl HomesFile {
                         err(&format!("contacts[{j}].channels[{k}]"), &expected);
                     }
                 }
+                let mut seen: BTreeSet<&ChannelRef> = c.channels.iter().collect();
+                let mut last = 0;
+                for (s, step) in c.then.iter().enumerate() {
+                    if step.after_min <= last || step.after_min > 24 * 60 {
+                        err(
+                            &format!("contacts[{j}].then[{s}].after_min"),
+                            "minutes after the one before, at most 1440",
+                        );
+                    }
+                    last = step.after_min;
+                    if step.channels.is_empty() {
+                        err(&format!("contacts[{j}].then[{s}].channels"), "at least one channel");
+                    }
+                    for (k, ch) in step.channels.iter().enumerate() {
+                        if let Some(expected) = known.check(ch) {
+                            err(&format!("contacts[{j}].then[{s}].channels[{k}]"), &expected);
+                        } else if !seen.insert(ch) {
+                            err(
+                                &format!("contacts[{j}].then[{s}].channels[{k}]"),
+                                "a channel not used before for this contact",
+                            );
+                        }
+                    }
+                }
+                if c.quiet_hours.as_deref().is_some_and(|q| parse_quiet_hours(q).is_none()) {
+                    err(&format!("contacts[{j}].quiet_hours"), "local hours as \"HH:MM-HH:MM\" (e.g. \"22:00-07:00\")");
+                }
             }
             for (kind, p) in &h.escalation {
                 if let Err(e) = p.validate() {
@@ -478,6 +536,34 @@ contacts = [
             let e = HomesFile::parse(&with(bad), Path::new("h.toml"), &voice).unwrap_err().to_string();
             assert!(e.contains("international form"), "{bad}: {e}");
         }
+    }
+
+    #[test]
+    fn later_channels_and_quiet_hours_are_checked() {
+        let with = |extra: &str| {
+            GOOD.replace(
+                "channels = [{ webhook = \"coord\" }]",
+                &format!("channels = [{{ webhook = \"coord\" }}], {extra}"),
+            )
+        };
+        let ok =
+            with("then = [{ after_min = 5, channels = [{ sms = \"+819012345678\" }] }], quiet_hours = \"22:00-07:00\"");
+        let h = HomesFile::parse(&ok, Path::new("h.toml"), &known()).unwrap();
+        assert!(h.homes[0].contacts.iter().any(|c| c.then.len() == 1 && c.quiet_hours.is_some()));
+        let bad = with(
+            "then = [{ after_min = 5, channels = [{ webhook = \"coord\" }] }, { after_min = 3, channels = [] }], quiet_hours = \"25:00-07:00\"",
+        );
+        let e = HomesFile::parse(&bad, Path::new("h.toml"), &known()).unwrap_err().to_string();
+        for key in [
+            "then[0].channels[0]`: expected a channel not used before",
+            "then[1].after_min",
+            "then[1].channels",
+            "quiet_hours",
+        ] {
+            assert!(e.contains(key), "{key}: {e}");
+        }
+        assert_eq!(parse_quiet_hours("22:00-07:00"), Some((1320, 420)));
+        assert_eq!(parse_quiet_hours("07:00-07:00"), None);
     }
 
     #[test]

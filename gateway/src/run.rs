@@ -278,6 +278,7 @@ fn notify_operators(sender: Sender, mut rx: mpsc::Receiver<NoticeJob>, public_ur
                         last_error: None,
                         delivered_at: None,
                         fallback_done: false,
+                        conditional: false,
                     };
                     let (sender, url) = (sender.clone(), public_url.clone());
                     tokio::spawn(async move {
@@ -938,6 +939,22 @@ impl Service {
                 Some(_) => None,
             })
             .collect();
+        // A contact's later channel, or a message held past quiet hours: not sent when its
+        // role has acknowledged meanwhile or the alert is over.
+        let (rows, moot): (Vec<OutboxRow>, Vec<OutboxRow>) = rows.into_iter().partition(|row| {
+            !row.conditional || self.engine.still_needed(row.home.as_ref(), &row.alert_id, row.role, row.created_at)
+        });
+        if !moot.is_empty() {
+            for mut row in moot {
+                tracing::info!(key = %row.key, "not sent: acknowledged meanwhile, or over");
+                row.status = OutboxStatus::NotNeeded;
+                row.last_error = Some("not sent: acknowledged meanwhile, or the alert is over".into());
+                self.unrecorded.insert(row.key.clone(), crate::delivery::Next { row, fallback: false });
+            }
+            if self.degraded.is_none() {
+                self.flush_unrecorded(now);
+            }
+        }
         let mut skipped = Vec::new();
         for d in self.dispatcher.choose(rows, now) {
             match d {

@@ -67,6 +67,8 @@ pub struct Counts {
     pub pending: u64,
     /// Given up.
     pub abandoned: u64,
+    /// Not sent: a later channel or a quiet-held message whose role had acknowledged.
+    pub not_needed: u64,
     /// Failed attempts, whatever became of the row.
     pub failed_attempts: u64,
 }
@@ -98,6 +100,7 @@ pub fn compute(sent: &[Sent], acked: &[Acked]) -> DeliveryStats {
         match s.status.as_str() {
             "delivered" => c.delivered += 1,
             "abandoned" => c.abandoned += 1,
+            "not_needed" => c.not_needed += 1,
             _ => c.pending += 1,
         }
         c.failed_attempts += u64::from(s.attempts.saturating_sub(u32::from(s.status == "delivered")));
@@ -165,7 +168,7 @@ mod tests {
         );
         assert_eq!(
             s.by[&("line", Role::Family)],
-            Counts { delivered: 2, pending: 1, abandoned: 1, failed_attempts: 2 + 2 + 9 }
+            Counts { delivered: 2, pending: 1, abandoned: 1, not_needed: 0, failed_attempts: 2 + 2 + 9 }
         );
         assert_eq!(s.by[&("voice", Role::Family)].delivered, 1);
         // Family: 60 s (a: from 10 to 70) and 100 s (c): median 80 s. Coordinator: 60 s from

@@ -78,6 +78,8 @@ pub enum OutboxStatus {
     Delivered,
     /// Given up (too old).
     Abandoned,
+    /// Not sent: by the time it came due, its role had acknowledged or the alert was over.
+    NotNeeded,
 }
 
 impl OutboxStatus {
@@ -86,6 +88,7 @@ impl OutboxStatus {
             OutboxStatus::Pending => "pending",
             OutboxStatus::Delivered => "delivered",
             OutboxStatus::Abandoned => "abandoned",
+            OutboxStatus::NotNeeded => "not_needed",
         }
     }
 }
@@ -127,6 +130,11 @@ pub struct OutboxRow {
     pub delivered_at: Option<Time>,
     /// The fallback recipient was notified.
     pub fallback_done: bool,
+    /// Sent only if, when it comes due, the alert is still open and the row's role has not
+    /// acknowledged since `created_at` (a contact's later channel, a quiet-held message);
+    /// otherwise it is marked [`OutboxStatus::NotNeeded`].
+    #[serde(default)]
+    pub conditional: bool,
 }
 
 /// An acknowledgement requested outside the running gateway (the CLI), applied by it.
@@ -933,6 +941,7 @@ mod tests {
             last_error: None,
             delivered_at: None,
             fallback_done: false,
+            conditional: false,
         }
     }
 

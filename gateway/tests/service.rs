@@ -8,7 +8,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use mamori_tests::process::{Collector, Process};
 use mamori_tests::smtp::SmtpReceiver;
 use mamori_tests::webhook::{Delivery, WebhookReceiver};
@@ -497,6 +497,54 @@ fn a_phone_call_speaks_the_alert_and_pressing_1_acknowledges_it() -> Result<()> 
         assert!(metrics.contains(line), "{line} in\n{metrics}");
     }
     assert!(metrics.contains("mamori_ack_seconds_median{role=\"family\"}"), "{metrics}");
+    Ok(())
+}
+
+/// A contact's order of channels: the family hears by webhook at once and is called a minute
+/// later if nobody in the family has acknowledged by then. In home 1 the family acknowledges
+/// through the link first: no call. In home 2 nobody does: the call comes.
+#[test]
+fn a_later_channel_calls_only_the_family_that_has_not_acknowledged() -> Result<()> {
+    use mamori_tests::voice::VoiceServer;
+    let broker = Mosquitto::start("")?;
+    let hook = WebhookReceiver::start("hook-secret")?;
+    let voice = VoiceServer::start("AC1", "the-auth-token")?;
+    let s = setup(broker.port(), &hook, 3600)?;
+    let homes = s.dir.path().join("homes.toml");
+    let one = std::fs::read_to_string(&homes)?.replace(
+        r#"channels = [{ webhook = "family" }]"#,
+        r#"channels = [{ webhook = "family" }], then = [{ after_min = 1, channels = [{ voice = "+819011111111" }] }]"#,
+    );
+    let two =
+        one.replace("id = \"h1\"", "id = \"h2\"").replace("K-01", "K-02").replace("+819011111111", "+819022222222");
+    std::fs::write(&homes, format!("{one}\n{two}"))?;
+    let mut config = std::fs::read_to_string(&s.config)?;
+    config.push_str(&format!(
+        "[voice]\napi_base_url = \"{}\"\naccount_sid = \"AC1\"\nauth_token = {{ value = \"the-auth-token\" }}\nfrom = \"+81300000000\"\n",
+        voice.url()
+    ));
+    std::fs::write(&s.config, config)?;
+    let gw = gateway(&s.config)?;
+    let (one, two) = (event(1, "mains_lost"), event(1, "mains_lost"));
+    publish(broker.port(), &[one, ("mamori/v1/h2/event".to_string(), two.1)])?;
+    let d = hook.wait("both families told", LIMIT, |d| d.iter().filter(|x| to("/family")(x)).count() >= 2)?;
+    // Home 1's family acknowledges at once, through the link in its message.
+    let k01 = d
+        .iter()
+        .find(|x| x.path == "/family" && x.body["text"].as_str().is_some_and(|t| t.contains("K-01")))
+        .context("K-01's message")?;
+    let url = k01.body["ack_url"].as_str().unwrap_or_default().to_string();
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let status = tokio::runtime::Runtime::new()?
+        .block_on(async { reqwest::Client::new().post(&url).form(&[("note", "")]).send().await.map(|r| r.status()) })?;
+    assert!(status.is_success(), "{status}");
+    // A minute on: home 2's family is called; home 1's call is not placed.
+    voice.wait("home 2's call", Duration::from_secs(90), |c| !c.is_empty())?;
+    gw.wait_line("home 1's call not needed", LIMIT, |l| {
+        l.contains("not sent: acknowledged meanwhile") && l.contains("+819011111111")
+    })?;
+    let calls: Vec<String> = voice.calls().iter().map(|c| c.to.clone()).collect();
+    assert_eq!(calls, ["+819022222222"], "only the family that had not acknowledged");
     Ok(())
 }
 

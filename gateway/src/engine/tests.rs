@@ -14,7 +14,14 @@ fn ts(s: i64) -> Timestamp {
 }
 
 fn contact(role: Role, name: &str) -> Contact {
-    Contact { role, name: name.into(), language: Lang::Ja, channels: vec![ChannelRef::Console(name.into())] }
+    Contact {
+        role,
+        name: name.into(),
+        language: Lang::Ja,
+        channels: vec![ChannelRef::Console(name.into())],
+        quiet_hours: None,
+        then: vec![],
+    }
 }
 
 fn plan(id: &str, muni: &str, usable_wh: f64) -> Home {

@@ -179,7 +179,7 @@ pub async fn metrics(State(app): State<App>) -> Response {
             out.push_str(
                 "# HELP mamori_outbox Outbox rows by status (pending: the depth).\n# TYPE mamori_outbox gauge\n",
             );
-            for status in ["pending", "delivered", "abandoned"] {
+            for status in ["pending", "delivered", "abandoned", "not_needed"] {
                 let n = counts.iter().find(|(s, _)| s == status).map_or(0, |(_, n)| *n);
                 let _ = writeln!(out, "mamori_outbox{{status=\"{status}\"}} {n}");
             }
@@ -200,7 +200,12 @@ pub fn render_delivery(stats: &crate::stats::DeliveryStats, out: &mut String) {
     let role = crate::message::role_name;
     out.push_str("# HELP mamori_deliveries Outbox rows within the retention by channel, role and status.\n# TYPE mamori_deliveries gauge\n");
     for ((channel, r), c) in &stats.by {
-        for (status, n) in [("delivered", c.delivered), ("pending", c.pending), ("abandoned", c.abandoned)] {
+        for (status, n) in [
+            ("delivered", c.delivered),
+            ("pending", c.pending),
+            ("abandoned", c.abandoned),
+            ("not_needed", c.not_needed),
+        ] {
             let _ = writeln!(
                 out,
                 "mamori_deliveries{{channel=\"{channel}\",role=\"{}\",status=\"{status}\"}} {n}",

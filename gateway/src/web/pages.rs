@@ -72,11 +72,7 @@ const WORDS: &[(&str, &str, &str)] = &[
         "保存期間内の通知の配信状況（経路と受け手ごと）と、確認までの時間です。",
         "Notifications within the retention, by channel and reader, and how long each reader takes to acknowledge.",
     ),
-    ("channel", "経路", "Channel"),
     ("reader", "受け手", "Reader"),
-    ("delivered", "配信済み", "Delivered"),
-    ("pending", "送信待ち", "Pending"),
-    ("abandoned", "送信中止", "Given up"),
     ("failed_attempts", "失敗した試行", "Failed attempts"),
     ("acknowledged_count", "確認した通知", "Acknowledged"),
     ("ack_median", "確認までの時間（中央値）", "Time to acknowledge (median)"),
@@ -119,7 +115,8 @@ const WORDS: &[(&str, &str, &str)] = &[
     ("last_error", "最後のエラー", "Last error"),
     ("delivered", "配信済み", "delivered"),
     ("pending", "再送待ち", "retrying"),
-    ("abandoned", "断念", "abandoned"),
+    ("abandoned", "送信を中止", "given up"),
+    ("not_needed", "確認済みのため送信せず", "not sent: acknowledged"),
     ("fallback", "次の宛先へ通知済み", "next recipient told"),
     ("events", "出来事", "Events"),
     ("charts", "過去24時間", "Last 24 hours"),
@@ -991,6 +988,9 @@ pub async fn home(State(app): State<App>, v: Viewer, client: Client, Path(id): P
                     }
                     crate::store::OutboxStatus::Abandoned => {
                         format!("<span class=\"pill bad\">{}</span>", t.t("abandoned"))
+                    }
+                    crate::store::OutboxStatus::NotNeeded => {
+                        format!("<span class=\"pill\">{}</span>", t.t("not_needed"))
                     }
                 };
                 let fallback = if r.fallback_done {

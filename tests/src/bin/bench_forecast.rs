@@ -93,6 +93,8 @@ fn plan(s: &Sim) -> Home {
         name: name.into(),
         language: Lang::Ja,
         channels: vec![mamori_gateway::homes::ChannelRef::Console(name.into())],
+        quiet_hours: None,
+        then: vec![],
     };
     Home {
         id: s.id.clone(),
