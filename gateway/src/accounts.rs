@@ -223,6 +223,12 @@ impl User {
     pub fn may_clear(&self) -> bool {
         self.role != AccountRole::Family
     }
+
+    /// Whether this account may start a drill at a home it may see (coordinators and
+    /// administrators: a drill reaches every contact of the home).
+    pub fn may_drill(&self) -> bool {
+        matches!(self.role, AccountRole::Admin | AccountRole::Coordinator)
+    }
 }
 
 /// A new account, as the CLI or the admin page asks for it.

@@ -473,6 +473,9 @@ pub struct Notification {
     pub critical: bool,
 }
 
+/// How long a drill stays open for acknowledgements, min.
+pub const DRILL_OPEN_MIN: i64 = 60;
+
 /// An input.
 #[derive(Debug, Clone)]
 pub enum Input {
@@ -485,6 +488,13 @@ pub enum Input {
     Telemetry(HomeId, Telemetry),
     /// A stored, deduplicated event.
     Event(HomeId, Event),
+    /// A drill at a home: a labelled test message to every contact ([`DRILL_OPEN_MIN`]).
+    Drill {
+        /// The home.
+        home: HomeId,
+        /// Who started it (an account).
+        by: String,
+    },
     /// Someone acknowledged an alert or an incident.
     Ack {
         /// Alert or incident id.
@@ -550,6 +560,9 @@ pub enum EngineError {
     /// A hand clear of an alert whose condition still holds.
     #[error("alert {0} cannot be cleared by hand: its condition still holds (on battery or silent)")]
     StillActive(String),
+    /// A drill while one is open at the home.
+    #[error("a drill is already open at this home ({0})")]
+    DrillOpen(String),
 }
 
 /// The engine.
@@ -767,6 +780,18 @@ impl Engine {
             Input::Telemetry(home, t) => self.on_telemetry(home, t, now),
             Input::Event(home, e) => self.on_event(home, e, now),
             Input::Ack { alert_id, role, by, note } => self.on_ack(alert_id, AckInfo { role, by, at: now, note }),
+            Input::Drill { home, by } => {
+                if !self.plans.contains_key(&home) {
+                    return Err(EngineError::UnknownHome(home.as_str().to_string()));
+                }
+                if let Some(open) = self.state.get(&home).and_then(|s| s.alerts.get("drill")) {
+                    return Err(EngineError::DrillOpen(open.id.clone()));
+                }
+                let mut data = serde_json::Map::new();
+                data.insert("by".into(), by.into());
+                self.raise(&home, "drill", Severity::Info, now, None, data, now);
+                Ok(())
+            }
             Input::Clear { alert_id, by } => self.on_clear(&alert_id, by, now),
             Input::DeliveryFailed { key, alert_id, home, role, name, content } => {
                 self.on_delivery_failed(key, alert_id, home, role, name, content, now)
@@ -1486,8 +1511,30 @@ impl Engine {
         }
     }
 
+    /// Drills open longer than [`DRILL_OPEN_MIN`] end, without a message: their record
+    /// (who was told, who acknowledged) stays.
+    fn end_drills(&mut self, now: Time) {
+        let over: Vec<HomeId> = self
+            .state
+            .iter()
+            .filter(|(_, s)| {
+                s.alerts.get("drill").is_some_and(|a| now >= a.raised_at + Duration::minutes(DRILL_OPEN_MIN))
+            })
+            .map(|(h, _)| h.clone())
+            .collect();
+        for h in over {
+            let Some(st) = self.state.get_mut(&h) else { continue };
+            let Some(mut alert) = st.alerts.remove("drill") else { continue };
+            alert.cleared_at = Some(now);
+            self.alert_index.remove(&alert.id);
+            self.dirty_homes.insert(h.clone());
+            self.outputs.push(Output::Alert(alert));
+        }
+    }
+
     /// Run the timers: staleness, escalation steps and repeats, incident digests.
     pub fn poll(&mut self, now: Time) {
+        self.end_drills(now);
         // Staleness: only while the gateway itself is connected, and counted from when it
         // connected (the centre's downtime is not the homes' silence).
         let stale: Vec<HomeId> = if !self.uplink() {
@@ -1759,6 +1806,9 @@ impl Engine {
             for a in s.alerts.values() {
                 if let Some((t, _)) = next_action(a) {
                     consider(t);
+                }
+                if a.kind == "drill" {
+                    consider(a.raised_at + Duration::minutes(DRILL_OPEN_MIN));
                 }
                 if a.policy.follows_forecast {
                     // Tiers are crossed as time passes: look again every minute.

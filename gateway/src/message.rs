@@ -214,6 +214,8 @@ pub fn kind_text(kind: &str, lang: Lang) -> &str {
         "battery_degraded" => "the backup battery holds less than its care plan says",
         "clock_skew" if ja => "見守り機の時計がずれています",
         "clock_skew" => "the home unit's clock is wrong",
+        "drill" if ja => "訓練（通知のテスト）",
+        "drill" => "drill (a test of the notifications)",
         other => other,
     }
 }
@@ -237,6 +239,7 @@ pub const KINDS: &[&str] = &[
     "battery_degraded",
     "clock_skew",
     "delivery_failed",
+    "drill",
 ];
 
 /// The readers messages are written for.
@@ -286,6 +289,8 @@ pub enum Concern {
     Equipment,
     /// Calm-day upkeep: a weak battery, a wrong clock, a notification that did not arrive.
     Upkeep,
+    /// A drill: nothing is wrong.
+    Drill,
 }
 
 /// What an alert kind is about.
@@ -296,6 +301,7 @@ pub fn concern(kind: &str) -> Concern {
             Concern::Child
         }
         "battery_degraded" | "clock_skew" | "delivery_failed" => Concern::Upkeep,
+        "drill" => Concern::Drill,
         _ => Concern::Equipment,
     }
 }
@@ -382,6 +388,14 @@ pub fn request(role: Role, kind: &str, tier: Tier, s: &Situation, lang: Lang) ->
     };
     let c = concern(kind);
     let text: String = match (role, c, tier) {
+        (_, Concern::Drill, _) => {
+            if ja {
+                "これは訓練です。実際の停電や異常ではありません。届いたら、確認（既読）のリンクを開いて確認してください。".into()
+            } else {
+                "This is a drill: nothing is wrong. When it reaches you, open the acknowledgement link and acknowledge."
+                    .into()
+            }
+        }
         // The upkeep kinds have their own requests.
         (Role::Family, Concern::Upkeep, _) if kind == "battery_degraded" => {
             if ja {
@@ -665,6 +679,8 @@ pub fn over_text(kind: &str, lang: Lang) -> &'static str {
         "battery_degraded" => "the backup battery is no longer a concern",
         "clock_skew" if ja => "見守り機の時計が正しくなりました",
         "clock_skew" => "the home unit's clock is right again",
+        "drill" if ja => "訓練は終わりました",
+        "drill" => "the drill is over",
         _ if ja => "解消しました",
         _ => "it is over",
     }
@@ -726,10 +742,15 @@ pub fn render(content: &Content, lang: Lang, role: Role, alert_id: &str, style: 
                 (true, false) => " (repeat)",
                 _ => "",
             };
+            let urgency = match (kind.as_str(), ja) {
+                ("drill", true) => "訓練",
+                ("drill", false) => "drill",
+                _ => tier_text(*tier, lang),
+            };
             let subject = if ja {
-                format!("【mamori・{}】{label}: {what}{again}", tier_text(*tier, lang))
+                format!("【mamori・{urgency}】{label}: {what}{again}")
             } else {
-                format!("[mamori, {}] {label}: {what}{again}", tier_text(*tier, lang))
+                format!("[mamori, {urgency}] {label}: {what}{again}")
             };
             let mut body = if ja {
                 format!("{label}: {what}。{}から。", style.time(*since))

@@ -237,6 +237,17 @@ pub fn battery_degraded_default() -> Policy {
     }
 }
 
+/// A drill: one labelled test message to every contact of the home at once, no repeats, no
+/// escalation — how a family learns the chain works before the typhoon.
+pub fn drill_default() -> Policy {
+    Policy {
+        steps: vec![step(Tier::T0, &[Fam, C, N, F, S], 0, 0, None)],
+        notify_after_s: 0,
+        reescalate_after_ack_s: 24 * 3600,
+        follows_forecast: false,
+    }
+}
+
 /// The built-in policy for an alert kind.
 pub fn builtin(kind: &str) -> Policy {
     match kind {
@@ -251,6 +262,7 @@ pub fn builtin(kind: &str) -> Policy {
         "delivery_failed" => delivery_failed_default(),
         "clock_skew" => clock_skew_default(),
         "battery_degraded" => battery_degraded_default(),
+        "drill" => drill_default(),
         "device_lost" | "sensor_off" | "spool_degraded" => warning_default(),
         _ => critical_default(),
     }
@@ -267,7 +279,7 @@ pub struct Policies {
 /// `default` override (meant for emergencies) does not apply to them, only their own. (A
 /// `delivery_failed` under an emergency default would page the family through the very channel
 /// that failed.)
-pub const OPERATIONAL: &[&str] = &["clock_skew", "delivery_failed", "battery_degraded"];
+pub const OPERATIONAL: &[&str] = &["clock_skew", "delivery_failed", "battery_degraded", "drill"];
 
 impl Policies {
     /// The policy for an alert of `kind` at a home with `home` overrides.

@@ -831,6 +831,45 @@ impl Service {
         self.transaction(|s| s.persist()).map_err(|e| e.to_string())
     }
 
+    /// A request from the web, answered.
+    fn on_web(&mut self, req: WebRequest) {
+        let (r, reply) = match req {
+            WebRequest::Ack { alert_id, role, by, note, reply } => {
+                (self.acknowledge(&alert_id, role, &by, note, clock::now()), reply)
+            }
+            WebRequest::Clear { alert_id, by, reply } => (self.clear(&alert_id, &by, clock::now()), reply),
+            WebRequest::Drill { home, by, reply } => {
+                let _ = reply.send(self.drill(&home, &by, clock::now()));
+                return;
+            }
+        };
+        let r = match r {
+            Ok(acks) => {
+                self.publish_acks(acks);
+                Ok(())
+            }
+            Err(e) => Err(e),
+        };
+        let _ = reply.send(r);
+    }
+
+    /// Start a drill at a home: every contact gets a labelled test message. The drill's id.
+    pub fn drill(&mut self, home: &HomeId, by: &str, now: Time) -> Result<String, String> {
+        if let Some(why) = self.degraded_refusal() {
+            return Err(why);
+        }
+        self.engine.handle(Input::Drill { home: home.clone(), by: by.to_string() }, now).map_err(|e| e.to_string())?;
+        let id = self
+            .engine
+            .home_state(home)
+            .and_then(|s| s.alerts.get("drill"))
+            .map(|a| a.id.clone())
+            .ok_or_else(|| "the drill did not start".to_string())?;
+        tracing::info!(home = %home.as_str(), by, drill = %id, "drill started");
+        self.transaction(|s| s.persist()).map_err(|e| e.to_string())?;
+        Ok(id)
+    }
+
     /// Clear an alert by hand.
     pub fn clear(&mut self, alert_id: &str, by: &str, now: Time) -> Result<Vec<(HomeId, mqtt::Ack)>, String> {
         if let Some(why) = self.degraded_refusal() {
@@ -1308,19 +1347,7 @@ impl Service {
                         self.on_batch(batch, now);
                     }
                 }
-                Some(req) = web_rx.recv() => {
-                    let (r, reply) = match req {
-                        WebRequest::Ack { alert_id, role, by, note, reply } => {
-                            (self.acknowledge(&alert_id, role, &by, note, clock::now()), reply)
-                        }
-                        WebRequest::Clear { alert_id, by, reply } => (self.clear(&alert_id, &by, clock::now()), reply),
-                    };
-                    let r = match r {
-                        Ok(acks) => { self.publish_acks(acks); Ok(()) }
-                        Err(e) => Err(e),
-                    };
-                    let _ = reply.send(r);
-                }
+                Some(req) = web_rx.recv() => self.on_web(req),
                 Some(first) = self.results_rx.recv() => {
                     let mut results = vec![first];
                     while let Ok(r) = self.results_rx.try_recv() {

@@ -548,6 +548,72 @@ fn a_later_channel_calls_only_the_family_that_has_not_acknowledged() -> Result<(
     Ok(())
 }
 
+/// A drill, as a coordinator starts it through the API of the running gateway: every contact
+/// gets a message marked as a drill with its acknowledgement link; the family acknowledges;
+/// the report (the drill's alert) shows each delivery and the acknowledgement.
+#[test]
+fn a_drill_reaches_every_contact_and_its_report_says_who_acknowledged() -> Result<()> {
+    use std::io::Write as _;
+    let broker = Mosquitto::start("")?;
+    let hook = WebhookReceiver::start("hook-secret")?;
+    let s = setup(broker.port(), &hook, 3600)?;
+    let _gw = gateway(&s.config)?;
+    let config = s.config.to_str().unwrap_or_default();
+    let mut add = Command::new(BIN)
+        .args(["users", "add", "--config", config, "sato", "--role", "coordinator", "--municipality", "431001"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    add.stdin.take().context("stdin")?.write_all(b"a coordinator password long enough\n")?;
+    let out = add.wait_with_output()?;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = cli(&["users", "token", "--config", config, "sato"])?;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let token = String::from_utf8(out.stdout)?.trim().to_string();
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let rt = tokio::runtime::Runtime::new()?;
+    let base = format!("http://127.0.0.1:{}/api/v1", s.http_port);
+    let c = reqwest::Client::new();
+    let started: serde_json::Value = rt.block_on(async {
+        let r = c.post(format!("{base}/homes/h1/drill")).bearer_auth(&token).send().await?;
+        anyhow::ensure!(r.status() == reqwest::StatusCode::ACCEPTED, "{}", r.status());
+        Ok(r.json().await?)
+    })?;
+    let drill = started["drill"].as_str().context("the drill's id")?.to_string();
+    let d = hook.wait("the family and the coordinator told", LIMIT, |d| {
+        d.iter().any(to("/family")) && d.iter().any(to("/coord"))
+    })?;
+    let fam = d.iter().find(|x| to("/family")(x)).context("the family's message")?;
+    let text = fam.body["text"].as_str().unwrap_or_default();
+    assert!(
+        fam.body["subject"].as_str().is_some_and(|s| s.contains("訓練")) && text.contains("これは訓練です"),
+        "{text}"
+    );
+    let coord = d.iter().find(|x| to("/coord")(x)).context("the coordinator's message")?;
+    assert!(
+        coord.body["text"].as_str().is_some_and(|t| t.contains("This is a drill")),
+        "in the coordinator's language"
+    );
+    let url = fam.body["ack_url"].as_str().unwrap_or_default().to_string();
+    let report: serde_json::Value = rt.block_on(async {
+        let r = c.post(&url).form(&[("note", "")]).send().await?;
+        anyhow::ensure!(r.status().is_success(), "{}", r.status());
+        Ok(c.get(format!("{base}/alerts/{drill}")).bearer_auth(&token).send().await?.json().await?)
+    })?;
+    assert_eq!(report["kind"], "drill");
+    let delivered: Vec<&str> = report["deliveries"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|x| x["status"] == "delivered")
+        .filter_map(|x| x["role"].as_str())
+        .collect();
+    assert!(delivered.contains(&"family") && delivered.contains(&"coordinator"), "{report}");
+    assert!(report["acks"].as_array().is_some_and(|a| a.iter().any(|x| x["role"] == "family")), "{report}");
+    Ok(())
+}
+
 #[test]
 fn e_mail_over_starttls_verifies_the_relay_certificate_and_trusts_a_private_ca_from_the_config() -> Result<()> {
     let broker = Mosquitto::start("")?;

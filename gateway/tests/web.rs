@@ -140,6 +140,14 @@ fn fixture(dir: &Path) -> Parts {
             let (input, reply) = match r {
                 WebRequest::Ack { alert_id, role, by, note, reply } => (Input::Ack { alert_id, role, by, note }, reply),
                 WebRequest::Clear { alert_id, by, reply } => (Input::Clear { alert_id, by }, reply),
+                WebRequest::Drill { home, by, reply } => {
+                    let r = e.handle(Input::Drill { home: home.clone(), by }, Utc::now()).map_err(|e| e.to_string());
+                    let id = e.home_state(&home).and_then(|s| s.alerts.get("drill")).map(|a| a.id.clone());
+                    e.take_outputs();
+                    publish(&e, &loop_tx, &[home.as_str()]);
+                    let _ = reply.send(r.and_then(|()| id.ok_or_else(|| "no drill".to_string())));
+                    continue;
+                }
             };
             let r = e.handle(input, Utc::now()).map_err(|e| e.to_string());
             e.take_outputs();
@@ -920,4 +928,42 @@ async fn bad_api_input_gets_a_json_error_saying_why_and_changes_nothing() {
     // No body, an empty one and a null note are all an acknowledgement without a note.
     assert_eq!(send(&f, call("POST", &ack, None, "")).await.status, StatusCode::OK);
     assert_eq!(send(&f, call("POST", &ack, Some("application/json"), "{\"note\":null}")).await.status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn a_drill_is_started_by_the_homes_coordinator_or_an_admin_and_reported_as_an_alert() {
+    let f = setup().await;
+    let uri = "/api/v1/homes/home-a1/drill";
+    // The family and the facility see the home but may not page everyone; another
+    // municipality's coordinator does not see it at all.
+    for (who, want) in [("family_a1", 403), ("facility_a1", 403), ("coord_b", 404)] {
+        let r = send(&f, api(&f, Some(who), "POST", uri)).await;
+        assert_eq!(r.status.as_u16(), want, "{who}: {}", r.body);
+    }
+    assert_eq!(send(&f, api(&f, None, "POST", uri)).await.status.as_u16(), 401);
+    let r = send(&f, api(&f, Some("coord_a"), "POST", uri)).await;
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.body);
+    let body: serde_json::Value = serde_json::from_str(&r.body).unwrap();
+    let drill = body["drill"].as_str().unwrap().to_string();
+    assert_eq!(body["report"], format!("/api/v1/alerts/{drill}"));
+    // One at a time per home.
+    let again = send(&f, api(&f, Some("admin"), "POST", uri)).await;
+    assert_eq!(again.status, StatusCode::CONFLICT, "{}", again.body);
+    // The report: the drill as an alert, in scope like any other.
+    let r = send(&f, api(&f, Some("coord_a"), "GET", &format!("/api/v1/alerts/{drill}"))).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    let report: serde_json::Value = serde_json::from_str(&r.body).unwrap();
+    assert_eq!(report["kind"], "drill");
+    assert!(report["deliveries"].is_array(), "{report}");
+    assert_eq!(
+        send(&f, api(&f, Some("coord_b"), "GET", &format!("/api/v1/alerts/{drill}"))).await.status.as_u16(),
+        404
+    );
+    // Started from the dashboard too, by the home's coordinator: the page offers it.
+    let page_html = send(&f, page(&f, Some("coord_a"), "GET", "/homes/home-a2", "")).await.body;
+    assert!(page_html.contains("/homes/home-a2/drill") && page_html.contains("訓練の通知を送る"), "{page_html}");
+    let family_page = send(&f, page(&f, Some("family_a1"), "GET", "/homes/home-a1", "")).await.body;
+    assert!(!family_page.contains("/drill"), "not offered to the family");
+    let r = send(&f, page(&f, Some("coord_a"), "POST", "/homes/home-a2/drill", "")).await;
+    assert_eq!(r.status, StatusCode::SEE_OTHER, "{}", r.body);
 }

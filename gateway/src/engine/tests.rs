@@ -535,3 +535,38 @@ mod everyday;
 mod props;
 
 mod battery;
+
+#[test]
+fn a_drill_tells_every_contact_once_records_who_acknowledged_and_ends_without_a_word() {
+    let mut e = engine(&[plan("a", "431001", 5000.0)]);
+    e.handle(Input::Drill { home: h("a"), by: "coord".into() }, t(0)).unwrap();
+    e.poll(t(0));
+    assert_eq!(names(&sent(&mut e)), ["centre", "coord-431001", "fac-a", "fam-a", "nurse-a"]);
+    let id = alert(&e, "a", "drill").unwrap().id.clone();
+    assert_eq!(
+        e.handle(Input::Drill { home: h("a"), by: "coord".into() }, t(10)),
+        Err(EngineError::DrillOpen(id.clone())),
+        "one drill at a time"
+    );
+    e.handle(Input::Ack { alert_id: id.clone(), role: Role::Family, by: "link".into(), note: None }, t(60)).unwrap();
+    // No repeats and no escalation, however long nobody else answers.
+    for m in 1..60 {
+        e.poll(t(m * 60));
+    }
+    assert!(sent(&mut e).is_empty());
+    assert_eq!(e.next_deadline(t(3000)), Some(t(3600)), "the drill's end is a deadline");
+    e.poll(t(3600));
+    let outs = e.take_outputs();
+    assert!(!outs.iter().any(|o| matches!(o, Output::Notify(_))), "it ends without a message");
+    let ended = outs.iter().find_map(|o| match o {
+        Output::Alert(a) if a.id == id => Some(a.clone()),
+        _ => None,
+    });
+    let ended = ended.expect("the drill's record is stored");
+    assert!(ended.cleared_at.is_some() && ended.acks.iter().any(|a| a.role == Role::Family));
+    assert!(alert(&e, "a", "drill").is_none());
+    assert_eq!(
+        e.handle(Input::Drill { home: h("nope"), by: "x".into() }, t(4000)),
+        Err(EngineError::UnknownHome("nope".into()))
+    );
+}

@@ -29,6 +29,7 @@ pub fn router() -> Router<App> {
         .route("/homes/{id}/telemetry", get(telemetry))
         .route("/homes/{id}/events", get(events))
         .route("/homes/{id}/alerts", get(home_alerts))
+        .route("/homes/{id}/drill", post(drill))
         .route("/alerts", get(alerts))
         .route("/alerts/{id}", get(alert))
         .route("/alerts/{id}/ack", post(ack))
@@ -357,6 +358,25 @@ async fn clear(State(app): State<App>, ApiUser(user): ApiUser, client: Client, P
         Ok(()) => {
             audit_log(&app, &user.username, &client, "clear", &id, &home).await;
             Json(json!({ "cleared": id })).into_response()
+        }
+        Err(e) => error(StatusCode::CONFLICT, &e),
+    }
+}
+
+/// `POST /homes/{id}/drill`: a labelled test message to every contact of the home; the answer
+/// names the drill, whose report (who received it on which channel, who acknowledged) is
+/// `GET /alerts/{drill}`.
+async fn drill(State(app): State<App>, ApiUser(user): ApiUser, client: Client, Path(id): Path<String>) -> Response {
+    let snap = app.snap();
+    let Some(plan) = view::home(&snap.engine, &user, &id) else { return not_found() };
+    if !user.may_drill() {
+        return error(StatusCode::FORBIDDEN, "only coordinators and administrators may start a drill");
+    }
+    match app.drill(plan.id.clone(), format!("api:{}", user.username)).await {
+        Ok(drill) => {
+            audit_log(&app, &user.username, &client, "drill", &drill, &id).await;
+            (StatusCode::ACCEPTED, Json(json!({ "drill": drill, "report": format!("/api/v1/alerts/{drill}") })))
+                .into_response()
         }
         Err(e) => error(StatusCode::CONFLICT, &e),
     }

@@ -69,6 +69,15 @@ pub enum WebRequest {
         /// The answer.
         reply: oneshot::Sender<Result<(), String>>,
     },
+    /// Start a drill at a home; the answer is the drill's alert id.
+    Drill {
+        /// The home.
+        home: mamori_protocol::mqtt::HomeId,
+        /// Who (an account's username).
+        by: String,
+        /// The answer.
+        reply: oneshot::Sender<Result<String, String>>,
+    },
     /// Clear an alert by hand.
     Clear {
         /// Alert id.
@@ -251,6 +260,13 @@ impl App {
         self.tx.send(make(reply)).await.map_err(|_| "the gateway is stopping".to_string())?;
         rx.await.map_err(|_| "the gateway is stopping".to_string())?
     }
+
+    /// Start a drill at a home through the service loop: the drill's id.
+    pub async fn drill(&self, home: mamori_protocol::mqtt::HomeId, by: String) -> Result<String, String> {
+        let (reply, rx) = oneshot::channel();
+        self.tx.send(WebRequest::Drill { home, by, reply }).await.map_err(|_| "the gateway is stopping".to_string())?;
+        rx.await.map_err(|_| "the gateway is stopping".to_string())?
+    }
 }
 
 /// Live refreshes per (session, action, target): when the last entry was written, and how
@@ -273,6 +289,7 @@ pub fn router(app: App) -> Router {
         .route("/alerts/{id}/ack", post(pages::ack_alert))
         .route("/alerts/{id}/clear", post(pages::clear_alert))
         .route("/homes/{id}", get(pages::home))
+        .route("/homes/{id}/drill", post(pages::drill_home))
         .route("/incidents/{id}", get(pages::incident))
         .route("/incidents/{id}/ack", post(pages::ack_incident))
         .route("/account", get(pages::account))

@@ -73,6 +73,10 @@ const WORDS: &[(&str, &str, &str)] = &[
         "Notifications within the retention, by channel and reader, and how long each reader takes to acknowledge.",
     ),
     ("reader", "受け手", "Reader"),
+    ("drill", "訓練", "Drill"),
+    ("drill_intro", "この世帯のすべての連絡先に「訓練」と明記したテスト通知を送ります。誰に届き、誰が確認したかは、この画面の通知の履歴に表示されます。", "Sends every contact of this home a test message marked as a drill. Who received it and who acknowledged shows in this page's alert history."),
+    ("drill_start", "訓練の通知を送る", "Send a drill"),
+    ("drill_forbidden", "訓練を始められるのは、コーディネーターと管理者です。", "Only coordinators and administrators can start a drill."),
     ("failed_attempts", "失敗した試行", "Failed attempts"),
     ("acknowledged_count", "確認した通知", "Acknowledged"),
     ("ack_median", "確認までの時間（中央値）", "Time to acknowledge (median)"),
@@ -1025,7 +1029,58 @@ pub async fn home(State(app): State<App>, v: Viewer, client: Client, Path(id): P
         );
     }
     body.push_str("</ol>");
+    if v.user.may_drill() {
+        let _ = write!(
+            body,
+            "<h2>{}</h2><p>{}</p><form method=\"post\" action=\"/homes/{}/drill\">{}<button type=\"submit\">{}</button></form>",
+            t.t("drill"),
+            t.t("drill_intro"),
+            escape(plan.id.as_str()),
+            v.csrf_field(),
+            t.t("drill_start")
+        );
+    }
     layout(&v, &h.label, &body).into_response()
+}
+
+/// The drill form.
+#[derive(Deserialize)]
+pub struct DrillForm {
+    #[serde(default)]
+    csrf: String,
+}
+
+/// `POST /homes/{id}/drill`: send every contact of the home a labelled test message (the
+/// home's page then shows who received it and who acknowledged).
+pub async fn drill_home(
+    State(app): State<App>,
+    v: Viewer,
+    client: Client,
+    Path(id): Path<String>,
+    Form(f): Form<DrillForm>,
+) -> Response {
+    if let Some(r) = v.csrf_refusal(&f.csrf) {
+        return r;
+    }
+    let snap = app.snap();
+    let Some(plan) = view::home(&snap.engine, &v.user, &id) else { return not_found(v.lang) };
+    if !v.user.may_drill() {
+        return (
+            StatusCode::FORBIDDEN,
+            layout(&v, "403", &format!("<p class=\"error\">{}</p>", T(v.lang).t("drill_forbidden"))),
+        )
+            .into_response();
+    }
+    let home = plan.id.clone();
+    match app.drill(home, v.user.username.clone()).await {
+        Ok(drill) => {
+            app.audit(&v.user.username, &client.text(), "drill", &drill, &id).await;
+            Redirect::to(&format!("/homes/{id}")).into_response()
+        }
+        Err(e) => {
+            (StatusCode::CONFLICT, layout(&v, "409", &format!("<p class=\"error\">{}</p>", escape(&e)))).into_response()
+        }
+    }
 }
 
 /// `GET /account`.
