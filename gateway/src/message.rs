@@ -214,6 +214,33 @@ pub fn kind_text(kind: &str, lang: Lang) -> &str {
         "battery_degraded" => "the backup battery holds less than its care plan says",
         "clock_skew" if ja => "見守り機の時計がずれています",
         "clock_skew" => "the home unit's clock is wrong",
+        // Events that are not alerts, as the home's timeline shows them.
+        "mains_restored" if ja => "復電",
+        "mains_restored" => "mains power back",
+        "battery_ok" if ja => "予備電源の残量が回復",
+        "battery_ok" => "backup battery no longer low",
+        "ups_fault_cleared" if ja => "UPSの故障表示が消えた",
+        "ups_fault_cleared" => "UPS fault cleared",
+        "device_restored" if ja => "機器の応答が戻った",
+        "device_restored" => "a device answers again",
+        "spo2_ok" if ja => "SpO2が回復した",
+        "spo2_ok" => "SpO2 back up",
+        "pulse_ok" if ja => "脈拍が正常範囲に戻った",
+        "pulse_ok" => "pulse back in range",
+        "sensor_on" if ja => "センサーが装着された",
+        "sensor_on" => "oximeter sensor back on",
+        "oximeter_alarm_cleared" if ja => "パルスオキシメータのアラームが止まった",
+        "oximeter_alarm_cleared" => "pulse oximeter alarm ended",
+        "ventilator_alarm_cleared" if ja => "人工呼吸器のアラームが止まった",
+        "ventilator_alarm_cleared" => "ventilator alarm ended",
+        "alarm_cable_ok" if ja => "人工呼吸器のアラーム線がつながった",
+        "alarm_cable_ok" => "ventilator alarm cable connected again",
+        "agent_started" if ja => "見守り機が起動した",
+        "agent_started" => "home unit started",
+        "agent_stopping" if ja => "見守り機が停止する",
+        "agent_stopping" => "home unit stopping",
+        "spool_ok" if ja => "見守り機のディスクが正常に戻った",
+        "spool_ok" => "home unit's disk working again",
         "drill" if ja => "訓練（通知のテスト）",
         "drill" => "drill (a test of the notifications)",
         other => other,
@@ -1159,6 +1186,13 @@ mod tests {
                     assert!(!text.contains(bad), "{bad:?} in the Japanese text for {reader:?}:\n{text}");
                 }
             }
+        }
+        // Every event kind a home can send has words, as the dashboard's timeline shows it.
+        for kind in mamori_protocol::mqtt::EventKind::ALL {
+            let words = kind_text(kind.as_str(), Lang::Ja);
+            let english =
+                words.split(|c: char| !c.is_ascii_alphanumeric()).any(|w| !w.is_empty() && !ALLOWED.contains(&w));
+            assert!(!english, "{kind:?}: {words}");
         }
     }
 

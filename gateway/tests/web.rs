@@ -967,3 +967,74 @@ async fn a_drill_is_started_by_the_homes_coordinator_or_an_admin_and_reported_as
     let r = send(&f, page(&f, Some("coord_a"), "POST", "/homes/home-a2/drill", "")).await;
     assert_eq!(r.status, StatusCode::SEE_OTHER, "{}", r.body);
 }
+
+/// The visible text of a page: no tags, scripts or styles, entities decoded.
+fn visible_text(html: &str) -> String {
+    let mut s = html.to_string();
+    // `<code>` holds what people copy as it is (an address, a secret, an id).
+    for tag in ["script", "style", "code"] {
+        while let Some(a) = s.find(&format!("<{tag}")) {
+            let Some(b) = s[a..].find(&format!("</{tag}>")) else { break };
+            s.replace_range(a..a + b + tag.len() + 3, " ");
+        }
+    }
+    let mut out = String::new();
+    let mut in_tag = false;
+    for c in s.chars() {
+        match c {
+            '<' => in_tag = true,
+            '>' => {
+                in_tag = false;
+                out.push(' ');
+            }
+            c if !in_tag => out.push(c),
+            _ => {}
+        }
+    }
+    out.replace("&amp;", "&").replace("&lt;", "<").replace("&gt;", ">").replace("&quot;", "\"").replace("&#39;", "'")
+}
+
+#[tokio::test]
+async fn the_dashboard_in_japanese_has_no_field_names_codes_or_english_words() {
+    let f = setup().await;
+    // Words a Japanese reader meets as they are: the product, units and device terms, the
+    // switch to English, and what people named themselves (usernames, home labels).
+    const ALLOWED: &[&str] = &["mamori", "SpO2", "UPS", "W", "Wh", "V", "ID", "English", "CSV", "API", "A", "B"];
+    let mut problems = Vec::new();
+    for (who, uris) in [
+        (
+            "coord_a",
+            vec![
+                "/".to_string(),
+                "/alerts".into(),
+                "/homes/home-a1".into(),
+                format!("/incidents/{}", f.incident_a),
+                "/account".into(),
+            ],
+        ),
+        ("family_a1", vec!["/".into(), "/homes/home-a1".into(), "/alerts".into()]),
+        ("admin", vec!["/admin/users".into(), "/admin/delivery".into()]),
+    ] {
+        for uri in uris {
+            let r = send(&f, page(&f, Some(who), "GET", &uri, "")).await;
+            assert_eq!(r.status, StatusCode::OK, "{who} {uri}");
+            let text = visible_text(&r.body);
+            for word in text.split(|c: char| !c.is_ascii_alphanumeric() && c != '_') {
+                let w = word.trim_start_matches(|c: char| c.is_ascii_digit());
+                // Usernames are what people chose (the admin's list shows them all).
+                let username = ROLES.iter().any(|r| *r == word || r.split('_').any(|p| p == word));
+                if w.is_empty() || ALLOWED.contains(&w) || username {
+                    continue;
+                }
+                problems.push(format!("{who} {uri}: {word}"));
+            }
+        }
+    }
+    problems.sort();
+    problems.dedup();
+    assert!(
+        problems.is_empty(),
+        "English words, field names or codes in the Japanese dashboard:\n{}",
+        problems.join("\n")
+    );
+}

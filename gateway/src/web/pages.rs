@@ -32,7 +32,7 @@ use crate::accounts::{self, AccountRole, Accounts, NewUser};
 use crate::audit;
 use crate::engine::{Engine, Time};
 use crate::homes::Lang;
-use crate::message::{basis, kind_text, role_name};
+use crate::message::{basis, kind_text, role_text, tier_text};
 use crate::store::OutboxRow;
 
 /// Translations.
@@ -73,6 +73,8 @@ const WORDS: &[(&str, &str, &str)] = &[
         "Notifications within the retention, by channel and reader, and how long each reader takes to acknowledge.",
     ),
     ("reader", "受け手", "Reader"),
+    ("spo2_pulse", "SpO2・脈拍", "SpO2 and pulse"),
+    ("totp_short", "・二段階認証", " · two-factor"),
     ("drill", "訓練", "Drill"),
     ("drill_intro", "この世帯のすべての連絡先に「訓練」と明記したテスト通知を送ります。誰に届き、誰が確認したかは、この画面の通知の履歴に表示されます。", "Sends every contact of this home a test message marked as a drill. Who received it and who acknowledged shows in this page's alert history."),
     ("drill_start", "訓練の通知を送る", "Send a drill"),
@@ -122,7 +124,7 @@ const WORDS: &[(&str, &str, &str)] = &[
     ("abandoned", "送信を中止", "given up"),
     ("not_needed", "確認済みのため送信せず", "not sent: acknowledged"),
     ("fallback", "次の宛先へ通知済み", "next recipient told"),
-    ("events", "出来事", "Events"),
+    ("events", "経過", "Events"),
     ("charts", "過去24時間", "Last 24 hours"),
     ("charge", "バッテリー残量 %", "Battery charge %"),
     ("battery_v", "バッテリー電圧 V", "Battery voltage V"),
@@ -137,7 +139,7 @@ const WORDS: &[(&str, &str, &str)] = &[
     ("no_data", "データなし", "No data"),
     ("all_alerts", "通知の履歴", "Alert history"),
     ("cleared", "解除", "cleared"),
-    ("by", "担当", "by"),
+    ("cleared_by", "解除した人", "cleared by"),
     ("live", "自動更新", "Live"),
     (
         "safety",
@@ -314,15 +316,78 @@ fn devices_cell(h: &HomeView, t: T) -> String {
     }
 }
 
-fn oxi_cell(h: &HomeView) -> String {
+fn oxi_cell(h: &HomeView, lang: Lang) -> String {
     match (h.spo2_pct, h.pulse_bpm) {
         (None, None) => "—".into(),
-        (s, p) => format!(
-            "SpO2 {} · {} bpm",
-            s.map_or_else(|| "—".into(), |v| format!("{v}%")),
-            p.map_or_else(|| "—".into(), |v| v.to_string())
-        ),
+        (s, p) => {
+            let (s, p) =
+                (s.map_or_else(|| "—".into(), |v| format!("{v}%")), p.map_or_else(|| "—".into(), |v| v.to_string()));
+            match lang {
+                Lang::Ja => format!("SpO2 {s}・脈拍 {p}/分"),
+                Lang::En => format!("SpO2 {s} · pulse {p}/min"),
+            }
+        }
     }
+}
+
+/// A home's opaque id, shown to administrators (installers match it to the home unit); the
+/// others know a home by its label.
+fn id_for_installer(v: &Viewer, id: &str) -> String {
+    if v.user.role == AccountRole::Admin {
+        format!(" <small><code>{}</code></small>", escape(id))
+    } else {
+        String::new()
+    }
+}
+
+/// Minutes, in words.
+fn minutes(m: u32, lang: Lang) -> String {
+    match lang {
+        Lang::Ja => format!("移動{m}分"),
+        Lang::En => format!("{m} min"),
+    }
+}
+
+/// Who acknowledged, for people: an account's name, or how it came.
+fn by_text(by: &str, lang: Lang) -> String {
+    let ja = lang == Lang::Ja;
+    match by {
+        "link" if ja => "リンクから".into(),
+        "link" => "by link".into(),
+        "voice" if ja => "電話で".into(),
+        "voice" => "by phone".into(),
+        other => match other.split_once(':') {
+            Some(("cli", who)) if ja => format!("{}（管理コマンド）", escape(who)),
+            Some(("cli", who)) => format!("{} (command line)", escape(who)),
+            Some(("api", who)) if ja => format!("{}（連携システム）", escape(who)),
+            Some(("api", who)) => format!("{} (API)", escape(who)),
+            _ => escape(other),
+        },
+    }
+}
+
+/// An account's role, in words.
+fn account_role_text(role: AccountRole, lang: Lang) -> &'static str {
+    match (role, lang) {
+        (AccountRole::Admin, Lang::Ja) => "管理者",
+        (AccountRole::Admin, Lang::En) => "administrator",
+        (AccountRole::Coordinator, Lang::Ja) => "コーディネーター",
+        (AccountRole::Coordinator, Lang::En) => "coordinator",
+        (AccountRole::Facility, Lang::Ja) => "受け入れ先",
+        (AccountRole::Facility, Lang::En) => "facility",
+        (AccountRole::Family, Lang::Ja) => "ご家族",
+        (AccountRole::Family, Lang::En) => "family",
+    }
+}
+
+/// A channel in a delivery history: its kind in words, its address as a code to copy.
+fn channel_cell(ch: &crate::homes::ChannelRef, lang: Lang) -> String {
+    use crate::homes::ChannelRef as C;
+    let kind = channel_text(crate::stats::channel_of(&crate::dispatch::destination(ch)), lang);
+    let target = match ch {
+        C::Webhook(x) | C::Email(x) | C::Sms(x) | C::Line(x) | C::Voice(x) | C::Console(x) => x,
+    };
+    format!("{kind} <code>{}</code>", escape(target))
 }
 
 fn vent_cell(h: &HomeView, t: T) -> String {
@@ -410,16 +475,17 @@ pub async fn overview(State(app): State<App>, v: Viewer, client: Client) -> Resp
             let row_cls = if h.power == "battery" || h.silent { " class=\"urgent\"" } else { "" };
             let _ = write!(
                 body,
-                "<tr{row_cls} data-home=\"{id}\"><td data-label=\"{hl}\"><a href=\"/homes/{id}\">{label}</a><br><small>{id}</small></td>\
+                "<tr{row_cls} data-home=\"{id}\"><td data-label=\"{hl}\"><a href=\"/homes/{id}\">{label}</a>{shown_id}</td>\
                  <td data-label=\"{pl}\">{power}</td><td data-label=\"{tl}\">{left}</td><td data-label=\"{cl}\">{conn}</td>\
                  <td data-label=\"{dl}\">{dev}</td><td data-label=\"{ol}\">{oxi}</td><td data-label=\"{vl}\">{vent}</td><td data-label=\"{al}\">{alerts}</td></tr>",
                 id = escape(&h.id),
+                shown_id = id_for_installer(&v, &h.id),
                 label = escape(&h.label),
                 power = power_cell(h, t),
                 left = time_left_text(h, t),
                 conn = conn_cell(h, t, offset),
                 dev = devices_cell(h, t),
-                oxi = oxi_cell(h),
+                oxi = oxi_cell(h, v.lang),
                 vent = vent_cell(h, t),
                 alerts = alerts.join(" "),
                 hl = t.t("home"),
@@ -489,13 +555,13 @@ fn alert_row(v: &Viewer, label: Option<&str>, a: &AlertView, back: &str, offset:
         .unwrap_or_default();
     format!(
         "<tr data-alert=\"{id}\">{home}<td data-label=\"{kl}\"><span class=\"pill sev-{sev:?}\">{kind}</span></td>\
-         <td data-label=\"{tl}\">{tier:?}</td><td data-label=\"{sl}\">{since}</td><td>{ack}{form}</td></tr>",
+         <td data-label=\"{tl}\">{tier}</td><td data-label=\"{sl}\">{since}</td><td>{ack}{form}</td></tr>",
         id = escape(&a.id),
         kl = t.t("alerts"),
         sev = a.severity,
         kind = escape(kind_text(&a.kind, v.lang)),
         tl = t.t("tier"),
-        tier = a.tier,
+        tier = tier_text(a.tier, v.lang),
         sl = t.t("since"),
         since = local(a.since, offset),
         ack = ack_text(a, t, offset),
@@ -658,15 +724,15 @@ pub async fn incident(State(app): State<App>, v: Viewer, client: Client, Path(id
         let _ = write!(
             body,
             "<tr class=\"{cls}\"><td data-label=\"{hl}\"><a href=\"/homes/{id}\">{label}</a></td><td data-label=\"{pl}\">{power}</td>\
-             <td data-label=\"{tl}\"><strong>{left}</strong><br><small>{basis_text}</small></td><td data-label=\"{tier_l}\">{tier:?}</td>\
+             <td data-label=\"{tl}\"><strong>{left}</strong><br><small>{basis_text}</small></td><td data-label=\"{tier_l}\">{tier}</td>\
              <td data-label=\"{al}\">{ack}</td><td data-label=\"{dl}\">{dest}</td><td data-label=\"{trl}\">{travel}</td></tr>",
             cls = if r.silent { "urgent silent" } else if r.on_battery { "urgent" } else { "" },
             id = escape(r.home.as_str()),
             label = escape(&r.label),
-            tier = r.tier,
-            ack = r.acknowledged_by.map(role_name).unwrap_or("—"),
+            tier = tier_text(r.tier, v.lang),
+            ack = r.acknowledged_by.map(|r| role_text(r, v.lang)).unwrap_or("—"),
             dest = escape(r.destination.as_deref().unwrap_or("—")),
-            travel = r.travel_min.map(|m| format!("{m} min")).unwrap_or_else(|| "—".into()),
+            travel = r.travel_min.map(|m| minutes(m, v.lang)).unwrap_or_else(|| "—".into()),
             hl = t.t("home"),
             pl = t.t("power"),
             tl = t.t("time_left"),
@@ -680,10 +746,10 @@ pub async fn incident(State(app): State<App>, v: Viewer, client: Client, Path(id
     for a in &i.acks {
         let _ = write!(
             body,
-            "<p class=\"muted\">{} {} ({}) {}{}</p>",
+            "<p class=\"muted\">{} {}（{}） {}{}</p>",
             t.t("acknowledged"),
-            escape(&a.by),
-            role_name(a.role),
+            by_text(&a.by, v.lang),
+            role_text(a.role, v.lang),
             local(a.at, offset),
             a.note.as_ref().map(|n| format!(" <q>{}</q>", escape(n))).unwrap_or_default()
         );
@@ -812,12 +878,12 @@ pub async fn home(State(app): State<App>, v: Viewer, client: Client, Path(id): P
     };
     let back = format!("/homes/{}", h.id);
     let mut body = format!(
-        "<h1>{label} <small>{id}</small></h1><dl class=\"state\">\
+        "<h1>{label}{id}</h1><dl class=\"state\">\
          <div><dt>{pl}</dt><dd>{power}</dd></div><div><dt>{tl}</dt><dd>{left}</dd></div>\
          <div><dt>{cl}</dt><dd>{conn}</dd></div><div><dt>{dl}</dt><dd>{dev}</dd></div>\
          <div><dt>{ol}</dt><dd>{oxi}</dd></div><div><dt>{vl}</dt><dd>{vent}</dd></div>{evac}</dl>",
         label = escape(&h.label),
-        id = escape(&h.id),
+        id = id_for_installer(&v, &h.id),
         pl = t.t("power"),
         power = power_cell(&h, t),
         tl = t.t("time_left"),
@@ -827,13 +893,15 @@ pub async fn home(State(app): State<App>, v: Viewer, client: Client, Path(id): P
         dl = t.t("devices"),
         dev = devices_cell(&h, t),
         ol = t.t("oximeter"),
-        oxi = oxi_cell(&h),
+        oxi = oxi_cell(&h, v.lang),
         vl = t.t("ventilator"),
         vent = vent_cell(&h, t),
         evac = h
             .evacuation
             .as_ref()
-            .map(|(d, m)| format!("<div><dt>{}</dt><dd>{} ({m} min)</dd></div>", t.t("destination"), escape(d)))
+            .map(|(d, m)| {
+                format!("<div><dt>{}</dt><dd>{}（{}）</dd></div>", t.t("destination"), escape(d), minutes(*m, v.lang))
+            })
             .unwrap_or_default(),
     );
     // What earlier outages showed of the battery.
@@ -918,7 +986,7 @@ pub async fn home(State(app): State<App>, v: Viewer, client: Client, Path(id): P
         t.t("no_outage"),
     ));
     body.push_str(&chart(
-        "SpO2 / pulse",
+        t.t("spo2_pulse"),
         &[
             (t.t("spo2"), series(&|x| x.oximeter.as_ref().and_then(|o| o.spo2_pct).map(f64::from))),
             (t.t("pulse"), series(&|x| x.oximeter.as_ref().and_then(|o| o.pulse_bpm).map(f64::from))),
@@ -939,7 +1007,13 @@ pub async fn home(State(app): State<App>, v: Viewer, client: Client, Path(id): P
                     " · {} {}{}",
                     t.t("cleared"),
                     local(c, offset),
-                    a.cleared_by.as_ref().map(|b| format!(" ({} {})", t.t("by"), escape(b))).unwrap_or_default()
+                    a.cleared_by
+                        .as_ref()
+                        .map(|b| match v.lang {
+                            Lang::Ja => format!("（{}: {}）", t.t("cleared_by"), by_text(b, v.lang)),
+                            Lang::En => format!(" ({} {})", t.t("cleared_by"), by_text(b, v.lang)),
+                        })
+                        .unwrap_or_default()
                 )
             })
             .unwrap_or_default();
@@ -948,10 +1022,10 @@ pub async fn home(State(app): State<App>, v: Viewer, client: Client, Path(id): P
             .iter()
             .map(|k| {
                 format!(
-                    "{} {} ({}) {}{}",
+                    "{} {}（{}） {}{}",
                     t.t("acknowledged"),
-                    escape(&k.by),
-                    role_name(k.role),
+                    by_text(&k.by, v.lang),
+                    role_text(k.role, v.lang),
                     local(k.at, offset),
                     k.note.as_ref().map(|n| format!(" <q>{}</q>", escape(n))).unwrap_or_default()
                 )
@@ -1006,8 +1080,8 @@ pub async fn home(State(app): State<App>, v: Viewer, client: Client, Path(id): P
                     body,
                     "<tr class=\"delivery\"><td>{} <small>{}</small></td><td>{}</td><td>{status}{fallback}</td><td>{}</td><td>{}</td></tr>",
                     escape(&r.recipient),
-                    role_name(r.role),
-                    escape(&r.channel.key()),
+                    role_text(r.role, v.lang),
+                    channel_cell(&r.channel, v.lang),
                     r.attempts,
                     escape(r.last_error.as_deref().unwrap_or("")),
                 );
@@ -1096,7 +1170,7 @@ fn account_page(v: &Viewer, message: Option<&str>, new_secret: Option<String>) -
     } else {
         let secret = new_secret.unwrap_or_else(accounts::new_totp_secret);
         format!(
-            "<p>{}</p><p><code>{}</code></p><p><small>{}</small></p>\
+            "<p>{}</p><p><code>{}</code></p><p><small><code>{}</code></small></p>\
              <form method=\"post\" action=\"/account/totp\">{csrf}<input type=\"hidden\" name=\"secret\" value=\"{s}\">\
              <label>{c}<input name=\"code\" inputmode=\"numeric\" maxlength=\"6\" required></label><button>{save}</button></form>",
             t.t("totp_setup"),
@@ -1122,7 +1196,7 @@ fn account_page(v: &Viewer, message: Option<&str>, new_secret: Option<String>) -
         acc = t.t("account"),
         name = escape(&v.user.display_name),
         user = escape(&v.user.username),
-        role = v.user.role.as_str(),
+        role = account_role_text(v.user.role, v.lang),
         scope_l = t.t("scope"),
         scope = escape(&scope),
         cp = t.t("change_password"),
@@ -1280,7 +1354,7 @@ async fn admin_users_page(app: &App, v: &Viewer, message: Option<String>) -> Res
         let toggle = if u.disabled { ("enable", t.t("enable")) } else { ("disable", t.t("disable")) };
         let _ = write!(
             body,
-            "<tr><td>{name}{dis}</td><td>{disp}</td><td>{role}{totp}</td><td>{scope}</td><td>\
+            "<tr><td>{name}{dis}</td><td>{disp}</td><td>{role}{totp}</td><td><code>{scope}</code></td><td>\
              <form method=\"post\" action=\"/admin/users/{name}\" class=\"inline\">{csrf}<input type=\"hidden\" name=\"action\" value=\"{ta}\"><button class=\"secondary\">{tl}</button></form>\
              <form method=\"post\" action=\"/admin/users/{name}\" class=\"inline\">{csrf}<input type=\"hidden\" name=\"action\" value=\"token\"><button class=\"secondary\">{tok}</button></form>\
              <form method=\"post\" action=\"/admin/users/{name}\" class=\"inline\">{csrf}<input type=\"hidden\" name=\"action\" value=\"password\">\
@@ -1288,8 +1362,8 @@ async fn admin_users_page(app: &App, v: &Viewer, message: Option<String>) -> Res
             name = escape(&u.username),
             dis = if u.disabled { format!(" <span class=\"pill bad\">{}</span>", t.t("disabled")) } else { String::new() },
             disp = escape(&u.display_name),
-            role = u.role.as_str(),
-            totp = if u.totp { " · 2FA" } else { "" },
+            role = account_role_text(u.role, v.lang),
+            totp = if u.totp { t.t("totp_short") } else { "" },
             scope = escape(&scope),
             csrf = v.csrf_field(),
             ta = toggle.0,
@@ -1303,11 +1377,15 @@ async fn admin_users_page(app: &App, v: &Viewer, message: Option<String>) -> Res
         "</tbody></table><h2>{add}</h2><form method=\"post\" action=\"/admin/users\" class=\"stack\">{csrf}\
          <label>{u}<input name=\"username\" required pattern=\"[a-z0-9._-]{{3,32}}\"></label>\
          <label>{d}<input name=\"display_name\" required></label>\
-         <label>{r}<select name=\"role\"><option>coordinator</option><option>facility</option><option>family</option><option>admin</option></select></label>\
+         <label>{r}<select name=\"role\"><option value=\"coordinator\">{ro_c}</option><option value=\"facility\">{ro_f}</option><option value=\"family\">{ro_fam}</option><option value=\"admin\">{ro_a}</option></select></label>\
          <label>{m}<input name=\"municipalities\"></label><label>{h}<input name=\"homes\"></label>\
          <label>{p}<input type=\"password\" name=\"password\" minlength=\"12\" required autocomplete=\"new-password\"></label>\
          <button>{add}</button></form>",
         add = t.t("add_user"),
+        ro_c = account_role_text(AccountRole::Coordinator, v.lang),
+        ro_f = account_role_text(AccountRole::Facility, v.lang),
+        ro_fam = account_role_text(AccountRole::Family, v.lang),
+        ro_a = account_role_text(AccountRole::Admin, v.lang),
         csrf = v.csrf_field(),
         u = t.t("username"),
         d = t.t("display_name"),
