@@ -281,6 +281,9 @@ pub struct HomeState {
     pub devices_lost: BTreeSet<String>,
     /// Sources the home reports.
     pub devices: BTreeSet<String>,
+    /// What kind each source is (for people: 「パルスオキシメータ」, not `oximeter-1`).
+    #[serde(default)]
+    pub device_kinds: BTreeMap<String, mamori_protocol::mqtt::DeviceKind>,
     /// The latest forecast while on battery (kept while silent).
     #[serde(default, deserialize_with = "lenient")]
     pub forecast: Option<Forecast>,
@@ -870,6 +873,7 @@ impl Engine {
             st.ventilator = t.ventilator.clone();
         }
         st.devices = t.devices.iter().map(|d| d.id.clone()).collect();
+        st.device_kinds = t.devices.iter().map(|d| (d.id.clone(), d.kind)).collect();
         st.devices_lost = t.devices.iter().filter(|d| d.state == DeviceState::Lost).map(|d| d.id.clone()).collect();
         st.spool_degraded = t.spool.as_ref().is_some_and(|s| s.degraded);
         if let Some(present) = t.mains_present {

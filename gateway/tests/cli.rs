@@ -22,6 +22,27 @@ fn the_demo_tells_its_story_and_exits_cleanly() {
     ] {
         assert!(text.contains(expected), "missing `{expected}` in the demo's output:\n{text}");
     }
+    // Each reader's messages carry that reader's request, never another's (what a newcomer
+    // reads first is the demo's output).
+    let mut checked = 0;
+    for block in text.split("── to ").skip(1) {
+        let (head, body) = block.split_once('\n').unwrap_or((block, ""));
+        let body = body.split("\n\n").next().unwrap_or("");
+        let foreign: &[&str] = if head.contains("(Family)") {
+            &["受け入れの準備", "を調整してください", "ご家族に連絡", "ご家族に電話", "市町村と連携"]
+        } else if head.contains("(Facility)") {
+            &["119番", "を調整してください", "ご家族に連絡", "移動の準備をしてください（"]
+        } else if head.contains("(Coordinator)") {
+            &["119番", "受け入れの準備をしてください", "移動の準備をしてください（"]
+        } else {
+            &[]
+        };
+        for phrase in foreign {
+            assert!(!body.contains(phrase), "{head} was sent another reader's task ({phrase}):\n{body}");
+        }
+        checked += 1;
+    }
+    assert!(checked > 20, "{checked} messages in the demo's output");
 }
 
 #[test]

@@ -1038,3 +1038,19 @@ async fn the_dashboard_in_japanese_has_no_field_names_codes_or_english_words() {
         problems.join("\n")
     );
 }
+
+#[tokio::test]
+async fn a_municipality_drill_reaches_every_home_of_it_in_scope() {
+    let f = setup().await;
+    let uri = "/api/v1/municipalities/431001/drill";
+    assert_eq!(send(&f, api(&f, Some("coord_b"), "POST", uri)).await.status.as_u16(), 404, "another municipality");
+    assert_eq!(send(&f, api(&f, Some("family_a1"), "POST", uri)).await.status.as_u16(), 404);
+    // One home already has a drill open: it is listed apart, the others start.
+    assert_eq!(send(&f, api(&f, Some("coord_a"), "POST", "/api/v1/homes/home-a2/drill")).await.status.as_u16(), 202);
+    let r = send(&f, api(&f, Some("coord_a"), "POST", uri)).await;
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.body);
+    let body: serde_json::Value = serde_json::from_str(&r.body).unwrap();
+    let started: Vec<&str> = body["drills"].as_array().unwrap().iter().filter_map(|d| d["home"].as_str()).collect();
+    let refused: Vec<&str> = body["refused"].as_array().unwrap().iter().filter_map(|d| d["home"].as_str()).collect();
+    assert_eq!((started, refused), (vec!["home-a1"], vec!["home-a2"]), "{body}");
+}

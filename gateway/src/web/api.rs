@@ -30,6 +30,7 @@ pub fn router() -> Router<App> {
         .route("/homes/{id}/events", get(events))
         .route("/homes/{id}/alerts", get(home_alerts))
         .route("/homes/{id}/drill", post(drill))
+        .route("/municipalities/{code}/drill", post(municipality_drill))
         .route("/alerts", get(alerts))
         .route("/alerts/{id}", get(alert))
         .route("/alerts/{id}/ack", post(ack))
@@ -380,6 +381,41 @@ async fn drill(State(app): State<App>, ApiUser(user): ApiUser, client: Client, P
         }
         Err(e) => error(StatusCode::CONFLICT, &e),
     }
+}
+
+/// `POST /municipalities/{code}/drill`: a drill at every home of the municipality (its
+/// coordinators and administrators); homes with a drill already open are listed apart.
+async fn municipality_drill(
+    State(app): State<App>,
+    ApiUser(user): ApiUser,
+    client: Client,
+    Path(code): Path<String>,
+) -> Response {
+    if !user.may_see_municipality(&code) {
+        return not_found();
+    }
+    if !user.may_drill() {
+        return error(StatusCode::FORBIDDEN, "only coordinators and administrators may start a drill");
+    }
+    let homes: Vec<mamori_protocol::mqtt::HomeId> = app
+        .snap()
+        .engine
+        .states_and_plans()
+        .filter(|(p, _)| p.municipality == code && user.may_see(p))
+        .map(|(p, _)| p.id.clone())
+        .collect();
+    if homes.is_empty() {
+        return not_found();
+    }
+    let (mut drills, mut refused) = (Vec::new(), Vec::new());
+    for home in homes {
+        match app.drill(home.clone(), format!("api:{}", user.username)).await {
+            Ok(d) => drills.push(json!({ "home": home.as_str(), "drill": d, "report": format!("/api/v1/alerts/{d}") })),
+            Err(e) => refused.push(json!({ "home": home.as_str(), "error": e })),
+        }
+    }
+    audit_log(&app, &user.username, &client, "drill", &code, &format!("{} homes", drills.len())).await;
+    (StatusCode::ACCEPTED, Json(json!({ "drills": drills, "refused": refused }))).into_response()
 }
 
 async fn incidents(State(app): State<App>, ApiUser(user): ApiUser, client: Client) -> Response {

@@ -300,13 +300,31 @@ fn conn_cell(h: &HomeView, t: T, offset: FixedOffset) -> String {
     format!("<span class=\"pill {cls}\">{}</span><br><small>{heard}</small>", t.t(h.connectivity))
 }
 
+/// A device for people: its kind in words (its id, the installer's name for it, on hover).
+fn device_text(h: &HomeView, id: &str, lang: Lang) -> String {
+    use mamori_protocol::mqtt::DeviceKind as K;
+    let words = match (h.device_kinds.get(id), lang) {
+        (Some(K::Ups), _) => "UPS",
+        (Some(K::Oximeter), Lang::Ja) => "パルスオキシメータ",
+        (Some(K::Oximeter), Lang::En) => "pulse oximeter",
+        (Some(K::Bridge), Lang::Ja) => "センサー基板",
+        (Some(K::Bridge), Lang::En) => "sensor bridge",
+        (Some(K::PowerMonitor), Lang::Ja) => "電源モニター",
+        (Some(K::PowerMonitor), Lang::En) => "power monitor",
+        (Some(K::Contacts), Lang::Ja) => "接点入力",
+        (Some(K::Contacts), Lang::En) => "contacts",
+        (None, _) => return format!("<code>{}</code>", escape(id)),
+    };
+    format!("<span title=\"{}\">{words}</span>", escape(id))
+}
+
 fn devices_cell(h: &HomeView, t: T) -> String {
     let mut s = String::new();
     for d in &h.devices {
         if h.devices_lost.contains(d) {
-            let _ = write!(s, "<span class=\"pill bad\">{} {}</span> ", escape(d), t.t("lost"));
+            let _ = write!(s, "<span class=\"pill bad\">{} {}</span> ", device_text(h, d, t.0), t.t("lost"));
         } else {
-            let _ = write!(s, "<span class=\"pill\">{}</span> ", escape(d));
+            let _ = write!(s, "<span class=\"pill\">{}</span> ", device_text(h, d, t.0));
         }
     }
     if s.is_empty() {

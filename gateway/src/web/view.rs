@@ -57,6 +57,8 @@ pub struct HomeView {
     pub devices: Vec<String>,
     /// Sources that stopped answering.
     pub devices_lost: Vec<String>,
+    /// What kind each source is (`ups`, `oximeter`, `bridge`, `power_monitor`, `contacts`).
+    pub device_kinds: std::collections::BTreeMap<String, mamori_protocol::mqtt::DeviceKind>,
     /// SpO2, %.
     pub spo2_pct: Option<u8>,
     /// Pulse, bpm.
@@ -199,6 +201,7 @@ pub fn home_view(plan: &Home, st: Option<&HomeState>, now: Time) -> HomeView {
         last_heard: st.last_heard,
         devices: st.devices.iter().cloned().collect(),
         devices_lost: st.devices_lost.iter().cloned().collect(),
+        device_kinds: st.device_kinds.clone(),
         spo2_pct: st.oximeter.as_ref().and_then(|o| o.spo2_pct),
         pulse_bpm: st.oximeter.as_ref().and_then(|o| o.pulse_bpm),
         ventilator: st.ventilator.as_ref().map(|v| match v.alarm {
