@@ -796,3 +796,16 @@ fn the_simulator_in_the_background_of_a_terminal_leaves_the_terminal_alone() -> 
     assert!(said.contains("exit=0"), "stopped on SIGTERM: {said}");
     Ok(())
 }
+
+/// Logs to a file or the journal are plain text: colour codes only on a terminal.
+#[test]
+fn text_logs_to_a_pipe_carry_no_colour_codes() -> Result<()> {
+    let r = rig(&["bridge"])?;
+    let mut cmd = Command::new(AGENT);
+    cmd.args(["run", "--config"]).arg(&r.config);
+    let a = Process::spawn("agent", cmd)?;
+    a.wait_line("a log line", LONG, |l| l.contains("INFO"))?;
+    let lines = a.lines();
+    assert!(!lines.iter().any(|l| l.contains('\u{1b}')), "{lines:?}");
+    Ok(())
+}

@@ -340,7 +340,8 @@ secure_cookies = false
                 120 => {
                     story_over = true;
                     println!(
-                        "Alerts are in the store: mamori-gateway alerts list --all --config {}",
+                        "While the demo runs, its alerts are in its store (deleted when it stops):\n  {} alerts list --all --config {}",
+                        exe.display(),
                         config_path.display()
                     );
                     if linger_s == 0 {
