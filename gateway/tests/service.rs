@@ -487,8 +487,21 @@ fn a_phone_call_speaks_the_alert_and_pressing_1_acknowledges_it() -> Result<()> 
     assert_eq!(status, reqwest::StatusCode::NOT_FOUND, "{forged}");
     // The delivery statistics count it: one call delivered after three failed attempts, one
     // acknowledgement by the family.
-    let metrics = tokio::runtime::Runtime::new()?
-        .block_on(async { reqwest::get(format!("http://127.0.0.1:{}/metrics", s.http_port)).await?.text().await })?;
+    // (Recorded in the store just after the log line: read until it shows, within a deadline.)
+    let rt = tokio::runtime::Runtime::new()?;
+    let deadline = mamori_tests::Deadline::after(LIMIT);
+    let metrics = loop {
+        let m = rt.block_on(async {
+            reqwest::get(format!("http://127.0.0.1:{}/metrics", s.http_port)).await?.text().await
+        })?;
+        if m.contains("mamori_acknowledged{role=\"family\"} 1")
+            && m.contains("mamori_deliveries{channel=\"voice\",role=\"family\",status=\"delivered\"} 1")
+        {
+            break m;
+        }
+        deadline.check(&format!("the statistics to count the call:\n{m}"))?;
+        std::thread::sleep(Duration::from_millis(50));
+    };
     for line in [
         "mamori_deliveries{channel=\"voice\",role=\"family\",status=\"delivered\"} 1",
         "mamori_delivery_failed_attempts{channel=\"voice\",role=\"family\"} 3",
@@ -596,20 +609,35 @@ fn a_drill_reaches_every_contact_and_its_report_says_who_acknowledged() -> Resul
         "in the coordinator's language"
     );
     let url = fam.body["ack_url"].as_str().unwrap_or_default().to_string();
-    let report: serde_json::Value = rt.block_on(async {
+    rt.block_on(async {
         let r = c.post(&url).form(&[("note", "")]).send().await?;
         anyhow::ensure!(r.status().is_success(), "{}", r.status());
-        Ok(c.get(format!("{base}/alerts/{drill}")).bearer_auth(&token).send().await?.json().await?)
+        anyhow::Ok(())
     })?;
+    // The report: a delivery is recorded just after the receiver's answer, so it is read
+    // until both show, within a deadline.
+    let delivered_to = |report: &serde_json::Value| -> Vec<String> {
+        report["deliveries"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|x| x["status"] == "delivered")
+            .filter_map(|x| x["role"].as_str().map(str::to_string))
+            .collect()
+    };
+    let deadline = mamori_tests::Deadline::after(LIMIT);
+    let report = loop {
+        let report: serde_json::Value = rt.block_on(async {
+            c.get(format!("{base}/alerts/{drill}")).bearer_auth(&token).send().await?.json().await
+        })?;
+        let to = delivered_to(&report);
+        if to.iter().any(|r| r == "family") && to.iter().any(|r| r == "coordinator") {
+            break report;
+        }
+        deadline.check(&format!("the report to show both deliveries: {report}"))?;
+        std::thread::sleep(Duration::from_millis(50));
+    };
     assert_eq!(report["kind"], "drill");
-    let delivered: Vec<&str> = report["deliveries"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter(|x| x["status"] == "delivered")
-        .filter_map(|x| x["role"].as_str())
-        .collect();
-    assert!(delivered.contains(&"family") && delivered.contains(&"coordinator"), "{report}");
     assert!(report["acks"].as_array().is_some_and(|a| a.iter().any(|x| x["role"] == "family")), "{report}");
     Ok(())
 }
