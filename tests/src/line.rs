@@ -15,7 +15,7 @@
 //! lost), or take the request and never answer.
 
 use std::collections::{HashSet, VecDeque};
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufReader, Write};
 use std::net::TcpListener;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -183,35 +183,12 @@ fn serve(stream: std::net::TcpStream, state: &Mutex<State>, token: &str) -> Resu
     stream.set_nodelay(true)?;
     let mut reader = BufReader::new(stream.try_clone()?);
     let mut out = stream;
-    loop {
-        let mut request_line = String::new();
-        if reader.read_line(&mut request_line)? == 0 {
-            return Ok(());
-        }
-        let mut parts = request_line.split_whitespace();
-        let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-        let (mut length, mut auth, mut retry_key, mut json) = (0usize, String::new(), String::new(), false);
-        loop {
-            let mut h = String::new();
-            reader.read_line(&mut h)?;
-            let h = h.trim_end();
-            if h.is_empty() {
-                break;
-            }
-            if let Some((name, value)) = h.split_once(':') {
-                let value = value.trim().to_string();
-                match name.to_ascii_lowercase().as_str() {
-                    "content-length" => length = value.parse().unwrap_or(0),
-                    "authorization" => auth = value,
-                    "x-line-retry-key" => retry_key = value,
-                    "content-type" => json = value.starts_with("application/json"),
-                    _ => {}
-                }
-            }
-        }
-        let mut raw = vec![0; length.min(1 << 20)];
-        reader.read_exact(&mut raw)?;
-        let body: serde_json::Value = serde_json::from_slice(&raw).unwrap_or(serde_json::Value::Null);
+    while let Some(req) = crate::http::read_request(&mut reader)? {
+        let (method, path, auth) = (req.method.as_str(), req.path.as_str(), req.header("authorization"));
+        let retry_key = req.header("x-line-retry-key").to_string();
+        let json = req.header("content-type").starts_with("application/json");
+        let raw = &req.body;
+        let body: serde_json::Value = serde_json::from_slice(raw).unwrap_or(serde_json::Value::Null);
         let behaviour = lock(state).script.pop_front();
         if behaviour == Some(Behaviour::Hang) {
             lock(state).log.push(Push { retry_key, body, status: 0, delivered: false });
@@ -274,4 +251,5 @@ fn serve(stream: std::net::TcpStream, state: &Mutex<State>, token: &str) -> Resu
         )?;
         out.flush()?;
     }
+    Ok(())
 }

@@ -10,7 +10,7 @@
 //! a word back. The outcome goes to the call's `StatusCallback` as `CallStatus`.
 
 use std::collections::VecDeque;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -215,31 +215,9 @@ fn serve(stream: TcpStream, state: &Arc<Mutex<State>>, sid: &str, token: &str) -
     stream.set_read_timeout(Some(Duration::from_secs(10)))?;
     let mut reader = BufReader::new(stream.try_clone()?);
     let mut out = stream;
-    loop {
-        let mut request_line = String::new();
-        if reader.read_line(&mut request_line)? == 0 {
-            return Ok(());
-        }
-        let path = request_line.split_whitespace().nth(1).unwrap_or("").to_string();
-        let (mut length, mut auth) = (0usize, String::new());
-        loop {
-            let mut h = String::new();
-            reader.read_line(&mut h)?;
-            let h = h.trim_end();
-            if h.is_empty() {
-                break;
-            }
-            if let Some((name, value)) = h.split_once(':') {
-                match name.to_ascii_lowercase().as_str() {
-                    "content-length" => length = value.trim().parse().unwrap_or(0),
-                    "authorization" => auth = value.trim().to_string(),
-                    _ => {}
-                }
-            }
-        }
-        let mut raw = vec![0; length.min(1 << 20)];
-        reader.read_exact(&mut raw)?;
-        let fields = form(&String::from_utf8_lossy(&raw));
+    while let Some(req) = crate::http::read_request(&mut reader)? {
+        let (path, auth) = (req.path.as_str(), req.header("authorization"));
+        let fields = form(&String::from_utf8_lossy(&req.body));
         let get = |k: &str| fields.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone()).unwrap_or_default();
         let expected = format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(format!("{sid}:{token}")));
         if path != format!("/2010-04-01/Accounts/{sid}/Calls.json") {
@@ -305,4 +283,5 @@ fn serve(stream: TcpStream, state: &Arc<Mutex<State>>, sid: &str, token: &str) -
             lock(&state).calls[index].reported = Some((outcome.to_string(), r.map(|(s, _)| s).unwrap_or(0)));
         });
     }
+    Ok(())
 }

@@ -2,7 +2,7 @@
 //! (std, one thread per connection), checking each request's `X-Mamori-Signature`.
 //! It can be switched "down" (it answers 503) to test retries and fallback.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufReader, Write};
 use std::net::TcpListener;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -121,34 +121,12 @@ fn serve(
     stream.set_nodelay(true)?;
     let mut reader = BufReader::new(stream.try_clone()?);
     let mut out = stream;
-    loop {
-        let mut request_line = String::new();
-        if reader.read_line(&mut request_line)? == 0 {
-            return Ok(());
-        }
-        let path = request_line.split_whitespace().nth(1).unwrap_or("/").to_string();
-        let (mut length, mut key, mut sig) = (0usize, String::new(), String::new());
-        loop {
-            let mut h = String::new();
-            reader.read_line(&mut h)?;
-            let h = h.trim_end();
-            if h.is_empty() {
-                break;
-            }
-            if let Some((name, value)) = h.split_once(':') {
-                match name.to_ascii_lowercase().as_str() {
-                    "content-length" => length = value.trim().parse().unwrap_or(0),
-                    "idempotency-key" => key = value.trim().to_string(),
-                    "x-mamori-signature" => sig = value.trim().to_string(),
-                    _ => {}
-                }
-            }
-        }
-        let mut body = vec![0; length];
-        reader.read_exact(&mut body)?;
+    while let Some(req) = crate::http::read_request(&mut reader)? {
+        let (path, key, sig, body) =
+            (req.path.clone(), req.header("idempotency-key").to_string(), req.header("x-mamori-signature"), &req.body);
         let signature_ok = Hmac::<Sha256>::new_from_slice(secret)
             .map(|mut m| {
-                m.update(&body);
+                m.update(body);
                 format!("sha256={}", hex::encode(m.finalize().into_bytes())) == sig
             })
             .unwrap_or(false);
@@ -157,7 +135,7 @@ fn serve(
         log.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(Delivery {
             path,
             key,
-            body: serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null),
+            body: serde_json::from_slice(body).unwrap_or(serde_json::Value::Null),
             signature_ok,
             accepted,
             #[allow(clippy::disallowed_methods)] // test harness
@@ -167,4 +145,5 @@ fn serve(
         out.write_all(format!("HTTP/1.1 {status}\r\ncontent-length: 0\r\n\r\n").as_bytes())?;
         out.flush()?;
     }
+    Ok(())
 }
