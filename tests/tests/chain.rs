@@ -101,13 +101,16 @@ fn a_home_silent_on_battery_raises_state_unknown_with_the_last_forecast() -> Res
             "{}[policy.state_unknown]\nsteps = [{{ tier = \"T1\", roles = [\"family\", \"coordinator\"] }}]\n",
             policy("{ tier = \"T0\", roles = [\"family\"] },")
         ),
+        // A silence is paged after it settles (30 s by default): shorter here, and waited for
+        // with room to spare on a loaded machine (a full parallel run once missed 30 s).
+        escalation: "silence_settle_s = 5\n".into(),
         ..Options::default()
     };
     let mut c = Chain::start(&bins(), &o)?;
     c.sim("home-a", "mains off")?;
     c.hook.wait("the family", LIMIT, |d| d.iter().any(|x| x.path == "/family" && kind(x) == "mains_lost"))?;
     c.home("home-a")?.link.cut();
-    let d = c.hook.wait("state unknown to the coordinator", LIMIT, |d| {
+    let d = c.hook.wait("state unknown to the coordinator", 2 * LIMIT, |d| {
         d.iter().any(|x| x.path == "/coord" && x.accepted && x.body["content"]["kind"] == "state_unknown")
     })?;
     let got = d.iter().find(|x| x.path == "/coord" && x.body["content"]["kind"] == "state_unknown").unwrap();
