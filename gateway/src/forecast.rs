@@ -27,8 +27,9 @@
 //!   or the care plan's energy ÷ its load from the outage's start. Each is scaled by the
 //!   battery's *health*: what this battery was seen to deliver in earlier outages ([`Learned`])
 //!   or, for a battery never measured, a stated assumption for an unverified battery
-//!   ([`Assumptions`]: P10 50 %, P50 70 %, P90 100 % of the care plan; the UPS's runtime 45 /
-//!   65 / 100 %). A lead-acid battery delivers less at a load above its care plan's (Peukert,
+//!   ([`Assumptions`]: a lead-acid battery, whose level shows an aged one within minutes, P10
+//!   70 %, P50 85 %, P90 100 % of the care plan, and the UPS's runtime the same; a lithium
+//!   pack, whose level reads full or 15 % off at first, 50 / 70 / 100 %). A lead-acid battery delivers less at a load above its care plan's (Peukert,
 //!   exponent 1.2). The pessimistic claim wins: the band is the minimum of the available
 //!   claims, quantile by quantile.
 //! - **The observed discharge** ([`Basis::ObservedDischarge`]): a line through the level
@@ -38,13 +39,17 @@
 //!   the Theil–Sen estimator (the median of the slopes between readings far enough apart), so
 //!   1 % steps, noise and short load spikes move it little. The time left is the level over the
 //!   slope at the current load (its average over the last 30 minutes). Its band comes from the
-//!   spread of those slopes, from the quantisation of what was seen (1.5 points of the drop
-//!   observed so far) and from the readings' scatter about the line, at least ±10 %. A level
-//!   that reads 100 % for a while (a lithium BMS) counts from its last 100 % reading.
+//!   slope's standard error (the readings' robust scatter, at least half a point, over the
+//!   spread of the energy axis; a wider z while there are few readings) and from the
+//!   quantisation of what was seen (a point of the drop observed so far), at least ±10 %. A
+//!   level that reads full for a while (a lithium BMS) counts from its last full reading.
 //!
-//! The two are blended by how much discharge has been seen: a drop of 2 points or less is all
-//! claim, 10 points and more all observation (on a log scale, quantile by quantile; the drop
-//! counts only beyond three times the readings' scatter). The claims then only bound the
+//! The two are blended on a log scale, quantile by quantile, by the smaller of two trusts: how
+//! much discharge has been seen (a drop of 2 points or less beyond three times the readings'
+//! scatter is all claim, 8 and more all observation) and how narrow the observation's own band
+//! is (P10 at half its middle: all claim; within a fifth: all observation). So the first noisy
+//! minutes of a healthy battery's trend do not drag it down, and an aged battery's fast fall
+//! takes over within minutes. The claims then only bound the
 //! observation: a UPS runtime longer than observed is never believed, a shorter one bounds the
 //! pessimistic end and below the observed P10 becomes the middle (the UPS may know of its own
 //! cut-off); and the P90 never exceeds what the care plan's energy at 125 % health could give
@@ -424,9 +429,12 @@ impl Discharge {
     }
 
     /// The energy that left the battery since the outage began, Wh, when the power meter
-    /// measured it throughout (80 % of the samples or more).
+    /// measured it throughout (80 % of the samples or more; 0 at the first reading).
     pub fn metered_wh(&self) -> Option<f64> {
         let with: Vec<(Time, f64)> = self.samples.iter().filter_map(|s| s.at.zip(s.power_w)).collect();
+        if with.len() == 1 && self.samples.len() == 1 {
+            return Some(0.0); // the outage's first reading: nothing has left the battery yet
+        }
         if with.len() < 2 || with.len() * 5 < self.samples.len() * 4 {
             return None;
         }
@@ -466,8 +474,14 @@ impl Learned {
 /// of an uncorrected UPS runtime.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Assumptions {
-    /// Health of an unverified battery whose charge is reported: P10, P50, P90.
+    /// Health of an unverified lead-acid battery whose level is reported: P10, P50, P90. Its
+    /// discharge shows within minutes (a charge in 1 % steps, a voltage), so an aged one is
+    /// soon seen for what it is.
     pub unverified_health: [f64; 3],
+    /// Health of an unverified lithium pack: P10, P50, P90. Its level reads full, or up to
+    /// 15 % off, through the first part of a discharge, so an aged one is seen late: the
+    /// assumption stays low.
+    pub unverified_lithium: [f64; 3],
     /// An unverified UPS's runtime claim: P10, P50, P90 of it.
     pub unverified_runtime: [f64; 3],
     /// The care plan's runtime for a home that reports nothing of its battery (neither its
@@ -478,8 +492,9 @@ pub struct Assumptions {
 impl Default for Assumptions {
     fn default() -> Self {
         Assumptions {
-            unverified_health: [0.5, 0.7, 1.0],
-            unverified_runtime: [0.45, 0.65, 1.0],
+            unverified_health: [0.7, 0.85, 1.0],
+            unverified_lithium: [0.5, 0.7, 1.0],
+            unverified_runtime: [0.7, 0.85, 1.0],
             unobserved: [0.35, 0.6, 1.0],
         }
     }
@@ -538,8 +553,10 @@ struct Trend {
     spans: Spans,
     /// The fitted level now.
     level: f64,
-    /// Points observed to drop.
+    /// Points observed to drop (beyond the readings' scatter).
     drop: f64,
+    /// How far the pessimistic end is below the middle, as a fraction of it.
+    rel: f64,
 }
 
 /// How the load is known along a discharge: its rate at each sample, in one unit.
@@ -587,10 +604,10 @@ fn trend(d: &Discharge, chemistry: Option<Chemistry>) -> Option<Trend> {
     let pts: Vec<(Time, f64, f64, f64)> =
         s.iter().zip(&u).zip(&rate).filter_map(|((x, u), r)| Some((x.at?, *u, level(x, by_voltage)?, *r))).collect();
     // A pack that reads full for a while (a lithium BMS at 100 %, a float voltage) is not yet
-    // seen to discharge: of the readings at the start within 2 points of the highest (noise
-    // included), only the last is kept.
+    // seen to discharge: of the readings at the start within a point of the highest, only the
+    // last is kept.
     let top = pts.iter().map(|p| p.2).fold(f64::NEG_INFINITY, f64::max);
-    let full = pts.iter().take_while(|p| p.2 >= top - 2.0).count();
+    let full = pts.iter().take_while(|p| p.2 >= top - 1.0).count();
     let pts: Vec<(Time, f64, f64, f64)> = pts.into_iter().skip(full.saturating_sub(1)).collect();
     if pts.len() < 3 {
         return None;
@@ -621,7 +638,6 @@ fn trend(d: &Discharge, chemistry: Option<Chemistry>) -> Option<Trend> {
     if b50 >= 0.0 || !b50.is_finite() {
         return None; // not seen to discharge (yet)
     }
-    let (b_steep, b_flat) = (quantile(&slopes, 0.1), quantile(&slopes, 0.9).min(b50 * 0.5));
     let a = median(pts.iter().map(|p| p.2 - b50 * p.1).collect())?;
     let u_last = pts[pts.len() - 1].1;
     let level_now = a + b50 * u_last;
@@ -641,10 +657,22 @@ fn trend(d: &Discharge, chemistry: Option<Chemistry>) -> Option<Trend> {
     let peukert = if chemistry == Some(Chemistry::LeadAcid) && r_now > r_avg { (r_avg / r_now).powf(0.2) } else { 1.0 };
     let left = |b: f64| level_now.max(0.0) / (-b) / r_now * peukert;
     let mid = left(b50);
-    let rel = ((1.5 + 2.0 * noise) / drop.max(0.1)).max(0.10);
+    // The slope's uncertainty: its standard error as for a least-squares line (Theil–Sen's is
+    // about 10 % wider), from the readings' robust scatter (1.4826 × the median absolute
+    // residual, at least half a point: what 1 % steps alone leave), with a wider z while
+    // there are few readings.
+    let n = pts.len() as f64;
+    let u_mean = pts.iter().map(|p| p.1).sum::<f64>() / n;
+    let suu: f64 = pts.iter().map(|p| (p.1 - u_mean).powi(2)).sum();
+    let se = (1.4826 * noise).max(0.5) / suu.max(1e-12).sqrt() * 1.1;
+    let z = 1.2816 + 1.5 / (n - 2.0).max(1.0);
+    let (b_steep, b_flat) = (b50 - z * se, (b50 + z * se).min(b50 * 0.5));
+    // A level read in whole points is known to about a point over the drop seen (readings in
+    // steps, without noise to average, do not improve on it), and never better than ±10 %.
+    let rel = (1.0 / (level_first - level_now).max(0.1)).max(0.10);
     let p10 = left(b_steep).min(mid * (1.0 - rel).max(0.2));
     let p90 = if b_flat < 0.0 { left(b_flat) } else { f64::INFINITY }.max(mid * (1.0 + rel));
-    Some(Trend { spans: [p10, mid, p90], level: level_now, drop })
+    Some(Trend { spans: [p10, mid, p90], level: level_now, drop, rel: 1.0 - p10 / mid.max(1e-9) })
 }
 
 /// Forecast for a home on battery since `outage_since`, from its discharge so far and what
@@ -662,7 +690,8 @@ pub fn forecast(
     let chemistry = source.map(|b| b.chemistry());
     let learned = learned.filter(|l| l.usable() && plan_wh.is_some_and(|w| (w - l.plan_wh).abs() < 0.5));
     let verified = learned.is_some();
-    let health = learned.map_or(a.unverified_health, |l| [l.health * 0.85, l.health, (l.health * 1.15).min(1.25)]);
+    let unverified = if chemistry == Some(Chemistry::Lithium) { a.unverified_lithium } else { a.unverified_health };
+    let health = learned.map_or(unverified, |l| [l.health * 0.85, l.health, (l.health * 1.15).min(1.25)]);
     let as_of = d.samples.last().and_then(|s| s.at).unwrap_or(outage_since).max(outage_since);
 
     // The load now, W: the meter's (median of 10 minutes), else the care plan's scaled by the
@@ -743,7 +772,10 @@ pub fn forecast(
     let observed = trend(d, chemistry);
     let (basis, spans) = match (observed, claim) {
         (Some(t), claim) => {
-            let w = ((t.drop - 2.0) / 8.0).clamp(0.0, 1.0);
+            // How far the observation is trusted: by how much discharge was seen beyond the
+            // scatter (from 2 points to 8), and by how narrow its own band is (its P10 within
+            // half of its middle to within a fifth).
+            let w = ((t.drop - 2.0) / 6.0).clamp(0.0, 1.0).min(((0.5 - t.rel) / 0.3).clamp(0.0, 1.0));
             let mut sp = t.spans;
             if let Some((_, c)) = claim {
                 if w < 1.0 {

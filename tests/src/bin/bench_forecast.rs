@@ -26,9 +26,14 @@
 //!   and 75 % of the true discharge (target: p90 ≤ 10 % for homes reporting charge or
 //!   runtime);
 //! - homes whose facility (T2) was paged later than it needed to be: after the true end less
-//!   travel × 2 + margin, by more than one telemetry period (target: none);
+//!   travel × 2 + margin, by more than one telemetry period (target: none); a home whose
+//!   battery could not give that lead even at the outage's start is reported apart, with the
+//!   minutes from the start to its page (the time its discharge took to be seen);
 //! - for homes that could be paged in time, the lead the facility had ÷ the lead required
 //!   (target: at most 1.5 for an honest, healthy home that reports its charge).
+//!
+//! `BENCH_VERBOSE=1` prints each home that missed a target; `BENCH_TRACE=bench-0042` prints
+//! that home's forecast each minute of its first hour (`BENCH_TRACE_S` for longer).
 
 #![allow(clippy::disallowed_methods)]
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -128,8 +133,12 @@ struct Outcome {
     honest: bool,
     /// |P50 − truth| ÷ truth at 25, 50, 75 % of the discharge.
     errors: [Option<f64>; 3],
-    /// Minutes the facility was paged later than needed (None: not late).
+    /// Minutes the facility was paged later than needed (None: not late), for a home whose
+    /// battery could give the facility its lead.
     late_min: Option<f64>,
+    /// For a home whose battery could not give the facility its lead even at the outage's
+    /// start: minutes from the start to the page.
+    short_paged_min: Option<f64>,
     /// Lead had ÷ lead required, when the home could be paged in time.
     lead_ratio: Option<f64>,
 }
@@ -278,6 +287,20 @@ fn outage(e: &mut Engine, s: &Sim, settings: &Settings, rng: &mut rand::rngs::St
         // under travel × 2 + margin, or the external backup may be exhausted). The policy's
         // time-based steps (an outage nobody acknowledges reaches the facility after about
         // 45 minutes whatever the forecast) are left out: they are not the forecast's doing.
+        let trace_s = std::env::var("BENCH_TRACE_S").ok().and_then(|v| v.parse().ok()).unwrap_or(3600);
+        if std::env::var("BENCH_TRACE").ok().as_deref() == Some(s.id.as_str()) && at < trace_s {
+            if let Some(f) = st.forecast_at(t(at)) {
+                eprintln!(
+                    "{} min: ext p10 {:.2} p50 {:.2} total p10 {:.2} basis {:?} req {:.2}",
+                    at / 60,
+                    (f.external.p10 - t(at)).num_seconds() as f64 / 3600.0,
+                    (f.external.p50 - t(at)).num_seconds() as f64 / 3600.0,
+                    f.time_left_p10(t(at)).num_seconds() as f64 / 3600.0,
+                    f.basis,
+                    required / 3600.0
+                );
+            }
+        }
         let crossed = st.forecast_at(t(at)).is_some_and(|f| {
             f.may_be_on_last_battery(t(at)) || f.time_left_p10(t(at)).num_seconds() as f64 <= required
         });
@@ -299,14 +322,19 @@ fn outage(e: &mut Engine, s: &Sim, settings: &Settings, rng: &mut rand::rngs::St
     e.poll(t(back));
     e.take_outputs();
     let needed_by = (truly_out - required).max(0.0);
+    let short = needed_by <= 0.0;
     let late_min = match paged_at {
+        _ if short => None,
         Some(p) if p > needed_by + step as f64 => Some((p - needed_by) / 60.0),
         Some(_) => None,
         None => Some((truly_out - needed_by) / 60.0),
     };
+    let short_paged_min = short.then(|| paged_at.unwrap_or(truly_out) / 60.0);
     let lead_ratio = paged_at.filter(|_| truly_out > required).map(|p| (truly_out - p) / required);
     if std::env::var_os("BENCH_VERBOSE").is_some()
-        && (late_min.is_some() || lead_ratio.is_some_and(|r| r > 1.5 && s.honest))
+        && (late_min.is_some()
+            || short_paged_min.is_some_and(|m| m > 1.0)
+            || lead_ratio.is_some_and(|r| r > 1.5 && s.honest))
     {
         eprintln!(
             "{} {:?} honest={} plan {:.0} Wh / {:.0} W = {:.1} h, health {:.2}, load x{:.2}, ext {:.1} h, out {:.1} h, required {:.1} h, paged at {:?} h, late {:?} min, ratio {:?}",
@@ -314,7 +342,7 @@ fn outage(e: &mut Engine, s: &Sim, settings: &Settings, rng: &mut rand::rngs::St
             ext_end_s / 3600.0, truly_out / 3600.0, required / 3600.0, paged_at.map(|p| (p / 360.0).round() / 10.0), late_min.map(|l| l.round()), lead_ratio.map(|r| (r * 100.0).round() / 100.0)
         );
     }
-    Outcome { reports: s.reports, honest: s.honest, errors, late_min, lead_ratio }
+    Outcome { reports: s.reports, honest: s.honest, errors, late_min, short_paged_min, lead_ratio }
 }
 
 fn pct(sorted: &[f64], q: f64) -> f64 {
@@ -392,12 +420,19 @@ fn report(title: &str, outcomes: &[Outcome]) {
         }
         println!("| {} | {} | {} |", r.name(), os.len(), cells.join(" | "));
     }
-    println!("\nThe facility (T2) paged later than needed (after the true end less travel × 2 + 6 h, by more than a minute):");
-    println!("| reports | homes | late | worst, min |\n|---|---|---|---|");
+    println!("\nThe facility (T2) paged later than needed (after the true end less travel × 2 + 6 h, by more than a minute), for homes whose battery could give it that lead; and for homes whose battery could not even at the outage's start, minutes from the start to the page:");
+    println!("| reports | homes | late | worst, min | short from the start | paged after, p50 / max min |\n|---|---|---|---|---|---|");
     for (r, os) in &groups {
         let late: Vec<f64> = os.iter().filter_map(|o| o.late_min).collect();
         let worst = late.iter().copied().fold(0.0, f64::max);
-        println!("| {} | {} | {} | {:.0} |", r.name(), os.len(), late.len(), worst);
+        let mut short: Vec<f64> = os.iter().filter_map(|o| o.short_paged_min).collect();
+        short.sort_by(f64::total_cmp);
+        let after = if short.is_empty() {
+            "—".to_string()
+        } else {
+            format!("{:.0} / {:.0}", pct(&short, 0.5), short[short.len() - 1])
+        };
+        println!("| {} | {} | {} | {:.0} | {} | {} |", r.name(), os.len(), late.len(), worst, short.len(), after);
     }
     println!("\nLead the facility had ÷ lead required, for homes that could be paged in time (p50 / p90 / max):");
     println!("| reports | all homes | honest, healthy homes |\n|---|---|---|");
