@@ -85,6 +85,9 @@ pub struct Config {
     /// How the agent tells whether its wall clock is synchronised.
     #[serde(default)]
     pub clock: ClockConfig,
+    /// Scheduled battery self-tests of the serial UPSes: off unless the home opts in.
+    #[serde(default)]
+    pub self_test: crate::self_test::SelfTestConfig,
 }
 
 /// How the agent tells whether its wall clock is synchronised (reported with every event and
@@ -671,6 +674,9 @@ impl Config {
         }
         if self.broker.password.is_some() && self.broker.username.is_none() {
             return bad("broker.username".into(), "a username with the password");
+        }
+        if let Err((key, expected)) = self.self_test.check() {
+            return bad(format!("self_test.{key}"), expected);
         }
         if self.broker.reconnect_min_ms == 0 || self.broker.reconnect_max_ms < self.broker.reconnect_min_ms {
             return bad(

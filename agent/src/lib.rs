@@ -17,6 +17,7 @@ pub mod gpio_alarm;
 pub mod monitor;
 pub mod probe;
 pub mod run;
+pub mod self_test;
 pub mod simulate;
 pub mod sources;
 pub mod spool;

@@ -15,6 +15,14 @@
 //!   outage shorter than one poll: it becomes `mains_lost` + `mains_restored` with
 //!   `"glitch": true`. (After a real outage the first reply still carries the outage's fault
 //!   voltage, which is why the previous poll must have been on line.)
+//! - **Battery self-tests**: a UPS that says it is testing its battery (Megatec's status bit
+//!   b2: its own scheduled test, or one started at its panel) is on battery because of the
+//!   test, not an outage, for at most [`TEST_BIT_MAX_MS`]; one the agent started
+//!   ([`Monitor::self_test_started`]) likewise until it is seen back on line or its `max_ms`
+//!   passes. A UPS still on battery after either is in an outage, reported then. The agent's
+//!   own test ends in a `battery_test` event: `passed`, `failed` (the battery went low, or the
+//!   UPS reported a fault or a battery to replace), `not_started` (the UPS never switched: it
+//!   does not support the command) or `ended_on_battery` (mains failed during the test).
 //! - **Battery low / UPS fault**: from the UPS's flags, the bridge's low-battery flag, or a
 //!   power monitor's comparator (which has its own hysteresis); one event per change.
 //! - **SpO2 and pulse**: `spo2_low` after SpO2 stays under the limit for the delay; `spo2_ok`
@@ -140,6 +148,25 @@ struct OxState {
 /// How long the sensor-off flag must hold before it is an event, ms.
 const SENSOR_OFF_HOLD_MS: u32 = 3000;
 
+/// The longest a UPS's own "testing" status bit explains its being on battery, ms (a quick
+/// test takes 10 s; a firmware that leaves the bit set must not hide an outage).
+pub const TEST_BIT_MAX_MS: u64 = 60_000;
+
+/// A battery self-test the agent started on one UPS.
+#[derive(Debug, Clone, Default)]
+struct TestRun {
+    started_ms: u64,
+    until_ms: u64,
+    /// The UPS was seen on battery or testing.
+    seen: bool,
+    /// The UPS reported its "testing" bit.
+    bit_seen: bool,
+    /// The battery went low, or the UPS reported a fault or a battery to replace.
+    failed: bool,
+    charge_before_pct: Option<f64>,
+    voltage_min_v: Option<f64>,
+}
+
 /// The home's state as the agent sees it.
 #[derive(Debug, Clone)]
 pub struct Monitor {
@@ -155,6 +182,8 @@ pub struct Monitor {
     oximeters: BTreeMap<String, OxState>,
     ventilator: Option<ContactState>,
     changed: bool,
+    self_tests: BTreeMap<String, TestRun>,
+    test_bit_since: BTreeMap<String, u64>,
 }
 
 fn data_of<T: serde::Serialize>(value: &T) -> Map<String, Value> {
@@ -195,6 +224,56 @@ impl Monitor {
             oximeters: BTreeMap::new(),
             ventilator: None,
             changed: true,
+            self_tests: BTreeMap::new(),
+            test_bit_since: BTreeMap::new(),
+        }
+    }
+
+    /// The agent asked `source` (a UPS) to test its battery at `now`: its switch to battery
+    /// is the test's, not an outage, until it is back on line or `max_ms` passes.
+    pub fn self_test_started(&mut self, source: &str, now: &Now, max_ms: u64) {
+        let before = self.ups.as_ref();
+        let run = TestRun {
+            started_ms: now.mono_ms,
+            until_ms: now.mono_ms + max_ms,
+            charge_before_pct: before.and_then(|u| u.battery_charge_pct),
+            voltage_min_v: before.and_then(|u| u.battery_voltage_v),
+            ..Default::default()
+        };
+        self.self_tests.insert(source.to_string(), run);
+    }
+
+    /// Whether a self-test started by the agent is running.
+    pub fn self_testing(&self) -> bool {
+        !self.self_tests.is_empty()
+    }
+
+    /// The latest UPS reading (merged over the UPS sources).
+    pub fn ups(&self) -> Option<&UpsReading> {
+        self.ups.as_ref()
+    }
+
+    fn finish_self_test(&mut self, source: &str, now: &Now, on_battery: bool, out: &mut Vec<NewEvent>) {
+        let Some(run) = self.self_tests.remove(source) else { return };
+        let result = match (run.seen, on_battery) {
+            (false, _) => "not_started",
+            (true, true) => "ended_on_battery",
+            (true, false) if run.failed => "failed",
+            (true, false) => "passed",
+        };
+        let mut d = Map::new();
+        d.insert("result".into(), result.into());
+        d.insert("seconds".into(), (now.mono_ms.saturating_sub(run.started_ms) / 1000).into());
+        if let Some(c) = run.charge_before_pct {
+            d.insert("charge_before_pct".into(), c.into());
+        }
+        if let Some(v) = run.voltage_min_v {
+            d.insert("voltage_min_v".into(), v.into());
+        }
+        out.push(Self::event(EventKind::BatteryTest, Some(source), now, d));
+        if on_battery {
+            // Still on battery when the test should be over: an outage.
+            self.set_mains_lost(source, true, now, Map::new, out);
         }
     }
 
@@ -261,7 +340,34 @@ impl Monitor {
             }
             None => (None, None),
         };
-        if let Some(on_battery) = r.on_battery {
+        // A battery self-test explains the UPS's being on battery.
+        if r.self_test == Some(true) {
+            self.test_bit_since.entry(source.to_string()).or_insert(now.mono_ms);
+        } else if r.self_test == Some(false) {
+            self.test_bit_since.remove(source);
+        }
+        let bit_explains =
+            self.test_bit_since.get(source).is_some_and(|s| now.mono_ms.saturating_sub(*s) < TEST_BIT_MAX_MS);
+        let mut test_over = None;
+        if let Some(run) = self.self_tests.get_mut(source) {
+            if r.on_battery == Some(true) || r.self_test == Some(true) {
+                run.seen = true;
+            }
+            run.bit_seen |= r.self_test == Some(true);
+            if [r.battery_low, r.ups_fault, r.replace_battery].contains(&Some(true)) {
+                run.failed = true;
+            }
+            if let Some(v) = r.battery_voltage_v {
+                run.voltage_min_v = Some(run.voltage_min_v.map_or(v, |m| m.min(v)));
+            }
+            if run.seen && r.on_battery == Some(false) && r.self_test != Some(true) {
+                test_over = Some(false);
+            } else if run.bit_seen && r.self_test == Some(false) && r.on_battery == Some(true) {
+                test_over = Some(true); // the UPS ended its test and stayed on battery: mains failed
+            }
+        }
+        let test_explains = bit_explains || (self.self_tests.contains_key(source) && test_over.is_none());
+        if let Some(on_battery) = r.on_battery.map(|b| b && !test_explains) {
             let glitch = !on_battery
                 && prev_on_battery == Some(false)
                 && self.mains_lost != Some(true)
@@ -274,6 +380,9 @@ impl Monitor {
                 self.changed = true;
             }
             self.set_mains_lost(source, on_battery, now, data, out);
+        }
+        if let Some(on_battery) = test_over {
+            self.finish_self_test(source, now, on_battery, out);
         }
         if let Some(low) = r.battery_low {
             self.set_battery_low(source, low, now, data, out);
@@ -460,6 +569,12 @@ impl Monitor {
     /// [`Monitor::next_deadline_ms`] or any time.
     pub fn tick(&mut self, now: &Now) -> Vec<NewEvent> {
         let mut out = Vec::new();
+        let over: Vec<String> =
+            self.self_tests.iter().filter(|(_, r)| now.mono_ms >= r.until_ms).map(|(s, _)| s.clone()).collect();
+        for source in over {
+            let on_battery = self.sources.get(&source).and_then(|s| s.last_on_battery) == Some(true);
+            self.finish_self_test(&source, now, on_battery, &mut out);
+        }
         for (id, st) in &mut self.sources {
             let last = st.last_seen_ms.unwrap_or(st.since_ms);
             if !st.lost && now.mono_ms.saturating_sub(last) >= st.spec.lost_after_ms {
@@ -511,7 +626,8 @@ impl Monitor {
                 o.pulse_out_since.filter(|_| !o.pulse_alarm).map(|s| s + u64::from(t.pulse_delay_s) * 1000),
             ]
         });
-        lost.chain(ox.flatten()).min()
+        let tests = self.self_tests.values().map(|r| r.until_ms);
+        lost.chain(ox.flatten()).chain(tests).min()
     }
 
     /// Whether anything discrete changed since the last [`Monitor::snapshot`].
@@ -681,6 +797,103 @@ mod tests {
             input_fault_voltage_v: Some(fault_v),
             ..Default::default()
         })
+    }
+
+    /// A UPS reading during a battery test: on battery, its "testing" bit as given.
+    fn testing(on_battery: bool, bit: Option<bool>, low: bool) -> Observation {
+        Observation::Ups(UpsReading {
+            on_battery: Some(on_battery),
+            self_test: bit,
+            battery_low: Some(low),
+            ups_fault: Some(false),
+            battery_voltage_v: Some(if on_battery { 24.1 } else { 27.2 }),
+            input_fault_voltage_v: Some(100.0),
+            ..Default::default()
+        })
+    }
+
+    fn test_result(evs: &[NewEvent]) -> Option<String> {
+        evs.iter()
+            .find(|e| e.kind == EventKind::BatteryTest)
+            .and_then(|e| e.data.get("result").and_then(|r| r.as_str()).map(str::to_string))
+    }
+
+    #[test]
+    fn a_self_test_the_agent_started_is_not_an_outage_and_reports_its_result() {
+        let mut m = only("ups");
+        assert!(m.observe("ups", testing(false, Some(false), false), &at(0)).is_empty());
+        m.self_test_started("ups", &at(1000), 60_000);
+        assert!(m.self_testing());
+        let during = m.observe("ups", testing(true, Some(true), false), &at(2000));
+        assert!(during.is_empty(), "{:?}", kinds(&during));
+        assert!(!m.local_state().0, "the local alarm does not sound for the test");
+        let after = m.observe("ups", testing(false, Some(false), false), &at(12_000));
+        assert_eq!(kinds(&after), [EventKind::BatteryTest]);
+        assert_eq!(test_result(&after).as_deref(), Some("passed"));
+        assert_eq!(after[0].data.get("voltage_min_v").and_then(|v| v.as_f64()), Some(24.1));
+        assert!(!m.self_testing());
+        // Without a test running, the same switch to battery is an outage.
+        assert_eq!(kinds(&m.observe("ups", testing(true, Some(false), false), &at(20_000))), [EventKind::MainsLost]);
+    }
+
+    #[test]
+    fn a_battery_that_goes_low_in_its_test_fails_it() {
+        let mut m = only("ups");
+        m.observe("ups", testing(false, Some(false), false), &at(0));
+        m.self_test_started("ups", &at(0), 60_000);
+        let low = m.observe("ups", testing(true, Some(true), true), &at(3000));
+        assert_eq!(kinds(&low), [EventKind::BatteryLow], "a battery low in the test is news in itself");
+        let after = m.observe("ups", testing(false, Some(false), false), &at(5000));
+        assert_eq!(test_result(&after).as_deref(), Some("failed"));
+    }
+
+    #[test]
+    fn a_ups_that_never_switches_did_not_start_the_test() {
+        let mut m = only("ups");
+        m.observe("ups", testing(false, None, false), &at(0));
+        m.self_test_started("ups", &at(0), 60_000);
+        assert_eq!(m.next_deadline_ms(), Some(60_000));
+        assert!(m.observe("ups", testing(false, None, false), &at(30_000)).is_empty());
+        let end = m.tick(&at(60_000));
+        assert_eq!(test_result(&end).as_deref(), Some("not_started"));
+        assert!(!kinds(&end).contains(&EventKind::MainsLost));
+    }
+
+    #[test]
+    fn mains_that_fail_during_a_test_are_reported_when_the_test_ends() {
+        // A UPS with the testing bit: the bit clears and it stays on battery.
+        let mut m = only("ups");
+        m.observe("ups", testing(false, Some(false), false), &at(0));
+        m.self_test_started("ups", &at(0), 60_000);
+        assert!(m.observe("ups", testing(true, Some(true), false), &at(2000)).is_empty());
+        let e = m.observe("ups", testing(true, Some(false), false), &at(11_000));
+        assert_eq!(kinds(&e), [EventKind::MainsLost, EventKind::BatteryTest]);
+        assert_eq!(test_result(&e).as_deref(), Some("ended_on_battery"));
+        // A UPS without the bit (APC): on battery past the test's longest, at that deadline.
+        let mut m = only("ups");
+        m.observe("ups", testing(false, None, false), &at(0));
+        m.self_test_started("ups", &at(0), 60_000);
+        assert!(m.observe("ups", testing(true, None, false), &at(2000)).is_empty());
+        assert!(m.observe("ups", testing(true, None, false), &at(40_000)).is_empty());
+        let e = m.tick(&at(60_000));
+        assert_eq!(kinds(&e), [EventKind::BatteryTest, EventKind::MainsLost]);
+        assert_eq!(test_result(&e).as_deref(), Some("ended_on_battery"));
+    }
+
+    #[test]
+    fn the_ups_own_test_is_not_an_outage_but_a_bit_stuck_on_battery_is() {
+        let mut m = only("ups");
+        m.observe("ups", testing(false, Some(false), false), &at(0));
+        // Its own fortnightly test: no event at all.
+        assert!(m.observe("ups", testing(true, Some(true), false), &at(1000)).is_empty());
+        assert!(m.observe("ups", testing(false, Some(false), false), &at(11_000)).is_empty());
+        // A bit that stays set while on battery explains it for a minute, no longer.
+        assert!(m.observe("ups", testing(true, Some(true), false), &at(20_000)).is_empty());
+        assert!(m.observe("ups", testing(true, Some(true), false), &at(20_000 + TEST_BIT_MAX_MS - 1)).is_empty());
+        assert_eq!(
+            kinds(&m.observe("ups", testing(true, Some(true), false), &at(20_000 + TEST_BIT_MAX_MS))),
+            [EventKind::MainsLost]
+        );
     }
 
     fn oxi(spo2: Option<u8>, pulse: Option<u16>) -> Observation {

@@ -6,6 +6,12 @@
 //! changes. It sleeps until the monitor's next deadline, so staleness and alarm delays fire on
 //! time without polling.
 //!
+//! Battery self-tests ([`crate::self_test`]), when the home opted in: checked every minute;
+//! when one is due and nothing blocks it, each serial UPS is asked to test and the monitor
+//! told, so that the switch to battery is not taken for an outage. The last test's time is
+//! kept in `data_dir/self_test_last` (so a restart does not test again); a due test that is
+//! blocked is reported once a day as a skipped `battery_test`.
+//!
 //! Shutdown (SIGTERM or Ctrl-C): an `agent_stopping` event is spooled and published, the
 //! retained status becomes `{"state":"offline","reason":"shutdown"}`, PUBACKs are awaited for
 //! a few seconds, and the spool is flushed. With systemd's `WatchdogSec=`, the loop pings the
@@ -80,7 +86,17 @@ pub async fn run(config: Config, cancel: CancellationToken) -> anyhow::Result<()
 
     let (obs_tx, mut obs_rx) = mpsc::channel(4096);
     let sources_cancel = CancellationToken::new();
-    let source_tasks = sources::spawn_all(&config, obs_tx, sources_cancel.clone());
+    let test_requests = sources::test_requests(&config);
+    let source_tasks = sources::spawn_all(&config, obs_tx, &test_requests, sources_cancel.clone());
+    let self_test_file = config.data_dir.join("self_test_last");
+    let mut self_test_last =
+        std::fs::read_to_string(&self_test_file).ok().and_then(|s| chrono::DateTime::parse_from_rfc3339(s.trim()).ok());
+    let mut self_test_skipped_on = None;
+    // First 10 s after start (the UPS has been read by then), then every minute.
+    #[allow(clippy::disallowed_methods)] // a timer on tokio's clock
+    let first_check = tokio::time::Instant::now() + Duration::from_secs(10);
+    let mut self_test_check = tokio::time::interval_at(first_check, Duration::from_secs(60));
+    self_test_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
     let mut monitor = Monitor::new(specs, config.thresholds, &now);
     let mut started = Map::new();
@@ -174,6 +190,46 @@ pub async fn run(config: Config, cancel: CancellationToken) -> anyhow::Result<()
                 situation.device_lost = d;
                 if let Some(a) = &mut alarm {
                     let _ = out_tx.send(a.outputs(&situation, now));
+                }
+            }
+            _ = self_test_check.tick(), if config.self_test.enabled => {
+                let now = clock::now();
+                // Not before the UPS has been read: the home's state is not known yet.
+                if monitor.ups().is_some() && config.self_test.due(now.wall, self_test_last) {
+                    let (on_battery, battery_low, device_lost) = monitor.local_state();
+                    let trouble = device_lost
+                        || monitor.conditions().iter().any(|(k, on)| *on && *k != EventKind::MainsLost && *k != EventKind::BatteryLow);
+                    let home = crate::self_test::HomeNow {
+                        on_battery,
+                        battery_low,
+                        charge_pct: monitor.ups().and_then(|u| u.battery_charge_pct),
+                        trouble,
+                        testing: monitor.self_testing(),
+                        testable: !test_requests.is_empty(),
+                    };
+                    let today = now.wall.date_naive();
+                    match crate::self_test::blocked(&config.self_test, &home) {
+                        Some(reason) if self_test_skipped_on != Some(today) => {
+                            self_test_skipped_on = Some(today);
+                            tracing::warn!(reason, "battery self-test due but not run");
+                            let mut d = Map::new();
+                            d.insert("result".into(), "skipped".into());
+                            d.insert("reason".into(), reason.into());
+                            events.push(NewEvent { kind: EventKind::BatteryTest, source: None, ts: now.wall, mono_ms: now.mono_ms, data: d });
+                        }
+                        Some(_) => {}
+                        None => {
+                            for (id, flag) in &test_requests {
+                                flag.store(true, std::sync::atomic::Ordering::SeqCst);
+                                monitor.self_test_started(id, &now, u64::from(config.self_test.max_s) * 1000);
+                            }
+                            self_test_last = Some(now.wall);
+                            if let Err(e) = std::fs::write(&self_test_file, now.wall.to_rfc3339()) {
+                                tracing::warn!(error = %e, file = %self_test_file.display(), "cannot record the battery self-test's time: it may run again after a restart");
+                            }
+                            armed_for = None; // the test's deadline is the monitor's now
+                        }
+                    }
                 }
             }
             _ = watchdog.tick(), if watchdog_on => {

@@ -83,6 +83,8 @@ pub struct World {
     pub drop_replies: BTreeMap<String, u32>,
     /// A battery drained by energy (`pack`), instead of by `drain` volts a minute.
     pub pack: Option<Pack>,
+    /// The Megatec UPS runs its 10-second battery test (`T`) until this instant.
+    pub testing_until: Option<Instant>,
 }
 
 /// A UPS battery drained by energy: its nameplate, how much of it it still holds, and what is
@@ -128,6 +130,7 @@ impl Default for World {
             unplugged: BTreeMap::new(),
             drop_replies: BTreeMap::new(),
             pack: None,
+            testing_until: None,
         }
     }
 }
@@ -341,6 +344,13 @@ fn serve_ups(world: &Shared, name: &str, master: &mut File, stop: &AtomicBool) -
 fn megatec_reply(world: &Shared, line: &[u8]) -> Vec<u8> {
     match megatec::Query::parse(line) {
         Some(megatec::Query::Status) => ups_status(world).encode(),
+        Some(megatec::Query::Test) => {
+            // A 10-second battery test: on battery, status bit b2 set; no reply.
+            #[allow(clippy::disallowed_methods)] // the simulator is an I/O edge
+            let until = Instant::now() + Duration::from_secs(10);
+            lock(world).testing_until = Some(until);
+            Vec::new()
+        }
         Some(megatec::Query::Rating) => megatec::Rating {
             voltage_v: Some(100.0),
             current_a: Some(5.0),
@@ -463,6 +473,9 @@ fn ups_status(world: &Shared) -> megatec::Status {
     let mut w = lock(world);
     let glitch = std::mem::take(&mut w.glitch);
     let input = if w.mains_on { Some(100.4) } else { Some(0.0) };
+    #[allow(clippy::disallowed_methods)] // the simulator is an I/O edge
+    let now = Instant::now();
+    let testing = w.testing_until.is_some_and(|t| now < t);
     megatec::Status {
         input_voltage_v: input,
         input_fault_voltage_v: if glitch { Some(12.0) } else { input },
@@ -472,8 +485,9 @@ fn ups_status(world: &Shared) -> megatec::Status {
         battery_voltage_v: Some((w.battery_v * 10.0).round() / 10.0),
         temperature_c: Some(30.0),
         bits: megatec::StatusBits {
-            utility_fail: !w.mains_on,
+            utility_fail: !w.mains_on || testing,
             battery_low: w.battery_v < UPS_LOW_V,
+            self_test: testing,
             standby_type: true,
             shutdown_active: false,
             ..Default::default()

@@ -41,6 +41,25 @@ pub struct Sourced {
 /// Where sources send what they read.
 pub type ObsTx = mpsc::Sender<Sourced>;
 
+/// A request to each serial UPS to start a battery self-test at its next poll, by source id
+/// (set by the service, taken by the UPS's thread).
+pub type TestRequests = std::collections::BTreeMap<String, Arc<std::sync::atomic::AtomicBool>>;
+
+/// A request flag for every serial UPS in `config`.
+pub fn test_requests(config: &Config) -> TestRequests {
+    config.ups.iter().map(|u| (u.id.clone(), Arc::new(std::sync::atomic::AtomicBool::new(false)))).collect()
+}
+
+/// The command that starts a UPS's quick battery test: Megatec and Voltronic `T` (10 seconds),
+/// APC Smart `W`.
+fn test_command(p: UpsProtocol) -> &'static [u8] {
+    match p {
+        UpsProtocol::Megatec => megatec::Query::Test.as_bytes(),
+        UpsProtocol::Voltronic => b"T\r",
+        UpsProtocol::Apc => b"W",
+    }
+}
+
 async fn send(tx: &ObsTx, source: &str, observation: Observation) {
     let _ = tx.send(Sourced { source: source.to_string(), observation, at: crate::clock::now() }).await;
 }
@@ -108,11 +127,17 @@ pub fn specs(config: &Config) -> Vec<SourceSpec> {
 }
 
 /// Start a task (or thread) per configured source.
-pub fn spawn_all(config: &Config, tx: ObsTx, cancel: CancellationToken) -> Vec<tokio::task::JoinHandle<()>> {
+pub fn spawn_all(
+    config: &Config,
+    tx: ObsTx,
+    tests: &TestRequests,
+    cancel: CancellationToken,
+) -> Vec<tokio::task::JoinHandle<()>> {
     let mut tasks = Vec::new();
     for u in config.ups.clone() {
         let (tx, cancel) = (tx.clone(), cancel.clone());
-        tasks.push(tokio::task::spawn_blocking(move || serial_ups(&u, &tx, &cancel)));
+        let test = tests.get(&u.id).cloned();
+        tasks.push(tokio::task::spawn_blocking(move || serial_ups(&u, &tx, test.as_deref(), &cancel)));
     }
     for n in config.nut.clone() {
         tasks.push(tokio::spawn(nut_source(n, tx.clone(), cancel.clone())));
@@ -235,7 +260,12 @@ fn ups_schedule(p: UpsProtocol) -> Schedule {
 /// The next tick is the deadline for the previous reply; a cycle's further commands (slower
 /// readings, identity) are sent one after another as each reply arrives; an unanswered command
 /// is abandoned at the next tick, and the monitor turns silence into `device_lost`.
-pub fn serial_ups(cfg: &SerialUpsConfig, tx: &ObsTx, cancel: &CancellationToken) {
+pub fn serial_ups(
+    cfg: &SerialUpsConfig,
+    tx: &ObsTx,
+    test: Option<&std::sync::atomic::AtomicBool>,
+    cancel: &CancellationToken,
+) {
     let poll = Duration::from_millis(cfg.poll_interval_ms);
     let send_at = |obs, at| {
         let _ = tx.blocking_send(Sourced { source: cfg.id.clone(), observation: obs, at });
@@ -258,16 +288,20 @@ pub fn serial_ups(cfg: &SerialUpsConfig, tx: &ObsTx, cancel: &CancellationToken)
         };
         tracing::info!(source = %cfg.id, port = %cfg.port.display(), "UPS port open");
         let reason = match cfg.protocol {
-            UpsProtocol::Megatec => ups_session(cfg, &mut port, megatec::Decoder, poll, &send_at, cancel, megatec_item),
+            UpsProtocol::Megatec => {
+                ups_session(cfg, &mut port, megatec::Decoder, poll, &send_at, test, cancel, megatec_item)
+            }
             UpsProtocol::Voltronic => {
-                ups_session(cfg, &mut port, voltronic::Decoder, poll, &send_at, cancel, |r: voltronic::Reply| {
+                ups_session(cfg, &mut port, voltronic::Decoder, poll, &send_at, test, cancel, |r: voltronic::Reply| {
                     (r.reading(), true)
                 })
             }
-            UpsProtocol::Apc => ups_session(cfg, &mut port, apc::Decoder, poll, &send_at, cancel, |r: apc::Reply| {
-                let solicited = !matches!(r, apc::Reply::Notification(_));
-                (r.reading(), solicited)
-            }),
+            UpsProtocol::Apc => {
+                ups_session(cfg, &mut port, apc::Decoder, poll, &send_at, test, cancel, |r: apc::Reply| {
+                    let solicited = !matches!(r, apc::Reply::Notification(_));
+                    (r.reading(), solicited)
+                })
+            }
         };
         match reason {
             Some(reason) => {
@@ -381,12 +415,14 @@ impl Forwarder {
 }
 
 /// Poll until the port fails (returns the reason) or the agent stops (returns `None`).
+#[allow(clippy::too_many_arguments)] // the session's port, decoder, clock and its two channels
 fn ups_session<D: Decoder>(
     cfg: &SerialUpsConfig,
     port: &mut serialport::TTYPort,
     decoder: D,
     poll: Duration,
     send_at: &dyn Fn(Observation, Now),
+    test: Option<&std::sync::atomic::AtomicBool>,
     cancel: &CancellationToken,
     item: impl Fn(D::Item) -> (Option<UpsReading>, bool),
 ) -> Option<String> {
@@ -414,6 +450,15 @@ fn ups_session<D: Decoder>(
         queue.extend(schedule.each.iter().chain(tenth).chain(hourly).copied());
         n += 1;
         let tick_end = start + poll * u32::try_from(n).unwrap_or(u32::MAX);
+        // A battery test asked for by the service: written before the tick's queries, with no
+        // reply awaited (Megatec's `T` has none; Voltronic's `(ACK`/`(NAK` and APC's `OK` are
+        // read as they come). Whether it started shows in the status that follows.
+        if test.is_some_and(|t| t.swap(false, std::sync::atomic::Ordering::SeqCst)) {
+            tracing::info!(source = %cfg.id, "starting a battery self-test");
+            if let Err(e) = port.write_all(test_command(cfg.protocol)) {
+                return fail(e);
+            }
+        }
         // One command at a time; the next goes when its predecessor's reply arrives.
         let mut missed = false;
         'cycle: while let Some(cmd) = queue.pop_front() {

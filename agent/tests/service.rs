@@ -809,3 +809,66 @@ fn text_logs_to_a_pipe_carry_no_colour_codes() -> Result<()> {
     assert!(!lines.iter().any(|l| l.contains('\u{1b}')), "{lines:?}");
     Ok(())
 }
+
+/// `[self_test]` due now: local noon at an offset chosen for the test's own time, the test
+/// at 11:59, so the hour's window holds whatever the time of day.
+fn self_test_due_now() -> String {
+    use chrono::Timelike;
+    let now = chrono::Utc::now();
+    let utc_min = i32::try_from(now.hour() * 60 + now.minute()).unwrap();
+    let offset = 12 * 60 - utc_min; // -720..=720
+    format!("[self_test]\nenabled = true\nat_local = \"11:59\"\nutc_offset_min = {offset}\n")
+}
+
+fn battery_tests(msgs: &[Received]) -> Vec<Event> {
+    events(msgs).into_iter().filter(|e| e.kind == EventKind::BatteryTest).collect()
+}
+
+#[test]
+fn a_scheduled_battery_test_runs_on_the_ups_and_is_not_taken_for_an_outage() -> Result<()> {
+    let r = rig(&["ups"])?;
+    let mut text = std::fs::read_to_string(&r.config)?;
+    text.push_str(&self_test_due_now());
+    std::fs::write(&r.config, text)?;
+    let c = Collector::start(r.broker.port(), "t-selftest", "mamori/v1/#")?;
+    let _a = agent(&r.config)?;
+    // The simulated Megatec UPS switches to battery with its "testing" bit for 10 s.
+    let m = c.wait("the battery test's result", Duration::from_secs(60), |m| !battery_tests(m).is_empty())?;
+    let t = battery_tests(&m).remove(0);
+    assert_eq!(t.data.get("result").and_then(|v| v.as_str()), Some("passed"), "{t:?}");
+    assert_eq!(t.source.as_deref(), Some("ups"));
+    assert!(t.data.get("seconds").and_then(serde_json::Value::as_u64).is_some_and(|s| (8..=30).contains(&s)), "{t:?}");
+    assert!(
+        !has(&m, EventKind::MainsLost, None),
+        "the test's switch to battery must not page anyone as an outage: {:?}",
+        events(&m).iter().map(|e| e.kind).collect::<Vec<_>>()
+    );
+    // The telemetry during the test saw no outage either.
+    assert!(m
+        .iter()
+        .filter(|x| x.topic.ends_with("/telemetry"))
+        .filter_map(|x| mqtt::decode::<Telemetry>(&x.payload).ok())
+        .all(|t| t.mains_present != Some(false)));
+    // Its time is kept, so a restart does not test again.
+    let last = std::fs::read_to_string(r.data.join("self_test_last"))?;
+    assert!(chrono::DateTime::parse_from_rfc3339(last.trim()).is_ok(), "{last}");
+    Ok(())
+}
+
+#[test]
+fn a_battery_test_due_during_an_outage_is_skipped_and_says_why() -> Result<()> {
+    let mut r = rig(&["ups"])?;
+    r.sim.cmd("mains off")?;
+    let mut text = std::fs::read_to_string(&r.config)?;
+    text.push_str(&self_test_due_now());
+    std::fs::write(&r.config, text)?;
+    let c = Collector::start(r.broker.port(), "t-selftest-skip", "mamori/v1/#")?;
+    let _a = agent(&r.config)?;
+    let m = c.wait("a skipped battery test", Duration::from_secs(60), |m| !battery_tests(m).is_empty())?;
+    let t = battery_tests(&m).remove(0);
+    assert_eq!(t.data.get("result").and_then(|v| v.as_str()), Some("skipped"), "{t:?}");
+    assert_eq!(t.data.get("reason").and_then(|v| v.as_str()), Some("on_battery"), "{t:?}");
+    assert!(has(&m, EventKind::MainsLost, None), "the outage itself is reported");
+    assert!(!r.data.join("self_test_last").exists(), "a skipped test is not a test");
+    Ok(())
+}

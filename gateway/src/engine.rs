@@ -980,6 +980,25 @@ impl Engine {
             }
             return Ok(());
         }
+        if e.kind == EventKind::BatteryTest {
+            // A scheduled self-test: a failed one tells the family and the coordinator on a
+            // calm day (like a degraded battery); a passed one clears that. Skipped, not
+            // started or ended by an outage says nothing of the battery.
+            match e.data.get("result").and_then(|r| r.as_str()) {
+                Some("failed") => self.raise(
+                    &home,
+                    "battery_test_failed",
+                    Severity::Warning,
+                    ts,
+                    e.source.clone(),
+                    e.data.clone(),
+                    now,
+                ),
+                Some("passed") => self.clear_alert(&home, "battery_test_failed", now),
+                _ => {}
+            }
+            return Ok(());
+        }
         let silent_kind = matches!(e.kind, EventKind::AgentStarted | EventKind::AgentStopping | EventKind::Unknown);
         if e.severity == Severity::Info || silent_kind {
             return Ok(());

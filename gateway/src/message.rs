@@ -212,6 +212,8 @@ pub fn kind_text(kind: &str, lang: Lang) -> &str {
         "delivery_failed" => "a notification could not be delivered",
         "battery_degraded" if ja => "予備バッテリーが計画より持ちません",
         "battery_degraded" => "the backup battery holds less than its care plan says",
+        "battery_test_failed" if ja => "予備電源の電池が自己診断で不合格でした",
+        "battery_test_failed" => "the backup battery failed its self-test",
         "clock_skew" if ja => "見守り機の時計がずれています",
         "clock_skew" => "the home unit's clock is wrong",
         // Events that are not alerts, as the home's timeline shows them.
@@ -241,6 +243,8 @@ pub fn kind_text(kind: &str, lang: Lang) -> &str {
         "agent_stopping" => "home unit stopping",
         "spool_ok" if ja => "見守り機のディスクが正常に戻った",
         "spool_ok" => "home unit's disk working again",
+        "battery_test" if ja => "予備電源の電池の自己診断",
+        "battery_test" => "backup battery self-test",
         "drill" if ja => "訓練（通知のテスト）",
         "drill" => "drill (a test of the notifications)",
         other => other,
@@ -264,6 +268,7 @@ pub const KINDS: &[&str] = &[
     "spool_degraded",
     "home_silent",
     "battery_degraded",
+    "battery_test_failed",
     "clock_skew",
     "delivery_failed",
     "drill",
@@ -327,7 +332,7 @@ pub fn concern(kind: &str) -> Concern {
         "spo2_low" | "pulse_out_of_range" | "oximeter_alarm" | "oximeter_alarm_silenced" | "ventilator_alarm" => {
             Concern::Child
         }
-        "battery_degraded" | "clock_skew" | "delivery_failed" => Concern::Upkeep,
+        "battery_degraded" | "battery_test_failed" | "clock_skew" | "delivery_failed" => Concern::Upkeep,
         "drill" => Concern::Drill,
         _ => Concern::Equipment,
     }
@@ -424,6 +429,27 @@ pub fn request(role: Role, kind: &str, tier: Tier, s: &Situation, lang: Lang) ->
             }
         }
         // The upkeep kinds have their own requests.
+        (Role::Family, Concern::Upkeep, _) if kind == "battery_test_failed" => {
+            if ja {
+                "お願い: この電池は停電のとき、人工呼吸器などを支えられないおそれがあります。早めに電池の交換を、販売店や訪問看護ステーション、コーディネーターと相談してください。交換までは、停電のときに早めに避難先へ向かう準備をしてください。".into()
+            } else {
+                "Please: this battery may not carry the ventilator and the other devices in an outage. Arrange to replace it soon (ask the dealer, the visiting nurse or the coordinator); until then, be ready to leave for the destination early in an outage.".into()
+            }
+        }
+        (Role::Coordinator | Role::VisitingNurse, Concern::Upkeep, _) if kind == "battery_test_failed" => {
+            if ja {
+                "お願い: ご家族と、電池の早めの交換（日常生活用具の給付など）について相談してください。交換までは、停電のときの避難を早める計画にしてください。".into()
+            } else {
+                "Please: talk with the family about replacing the battery soon (equipment subsidies); until it is replaced, plan for an earlier evacuation in an outage.".into()
+            }
+        }
+        (_, Concern::Upkeep, _) if kind == "battery_test_failed" => {
+            if ja {
+                "お知らせ: この世帯の予備電源の電池は自己診断で不合格でした。停電のときは、受け入れが早めに必要になることがあります。".into()
+            } else {
+                "For your information: this home's backup battery failed its self-test, so in an outage the child may need to come to you early.".into()
+            }
+        }
         (Role::Family, Concern::Upkeep, _) if kind == "battery_degraded" => {
             if ja {
                 "お願い: 停電の前に、バッテリーの交換か予備バッテリーの追加を、販売店や訪問看護ステーション、コーディネーターと相談してください。".into()
@@ -702,6 +728,8 @@ pub fn over_text(kind: &str, lang: Lang) -> &'static str {
         "home_silent" | "state_unknown" => "the home unit is heard again",
         "delivery_failed" if ja => "通知が届くようになりました",
         "delivery_failed" => "notifications arrive again",
+        "battery_test_failed" if ja => "予備電源の電池は自己診断に合格しました",
+        "battery_test_failed" => "the backup battery passed its self-test",
         "battery_degraded" if ja => "予備バッテリーの問題は解消しました",
         "battery_degraded" => "the backup battery is no longer a concern",
         "clock_skew" if ja => "見守り機の時計が正しくなりました",

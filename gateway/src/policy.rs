@@ -261,7 +261,7 @@ pub fn builtin(kind: &str) -> Policy {
         "state_unknown" => state_unknown_default(),
         "delivery_failed" => delivery_failed_default(),
         "clock_skew" => clock_skew_default(),
-        "battery_degraded" => battery_degraded_default(),
+        "battery_degraded" | "battery_test_failed" => battery_degraded_default(),
         "drill" => drill_default(),
         "device_lost" | "sensor_off" | "spool_degraded" => warning_default(),
         _ => critical_default(),
@@ -279,7 +279,7 @@ pub struct Policies {
 /// `default` override (meant for emergencies) does not apply to them, only their own. (A
 /// `delivery_failed` under an emergency default would page the family through the very channel
 /// that failed.)
-pub const OPERATIONAL: &[&str] = &["clock_skew", "delivery_failed", "battery_degraded", "drill"];
+pub const OPERATIONAL: &[&str] = &["clock_skew", "delivery_failed", "battery_degraded", "battery_test_failed", "drill"];
 
 impl Policies {
     /// The policy for an alert of `kind` at a home with `home` overrides.
@@ -309,6 +309,7 @@ mod tests {
             "device_lost",
             "clock_skew",
             "battery_degraded",
+            "battery_test_failed",
             "x",
         ] {
             builtin(kind).validate().unwrap();

@@ -36,6 +36,8 @@ pub enum Query {
     Rating,
     /// `I`: identity.
     Info,
+    /// `T`: a 10-second battery test (no reply; status bit b2 while it runs).
+    Test,
 }
 
 impl Query {
@@ -45,6 +47,7 @@ impl Query {
             Query::Status => b"Q1\r",
             Query::Rating => b"F\r",
             Query::Info => b"I\r",
+            Query::Test => b"T\r",
         }
     }
 
@@ -54,6 +57,7 @@ impl Query {
             b"Q1" => Some(Query::Status),
             b"F" => Some(Query::Rating),
             b"I" => Some(Query::Info),
+            b"T" => Some(Query::Test),
             _ => None,
         }
     }

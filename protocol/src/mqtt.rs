@@ -451,6 +451,10 @@ event_kinds! {
     SpoolDegraded = "spool_degraded", Warning, None;
     /// The spool writes to disk again.
     SpoolOk = "spool_ok", Info, Some(EventKind::SpoolDegraded);
+    /// A scheduled battery self-test ran or was skipped (data: `result` = `passed`, `failed`,
+    /// `not_started`, `ended_on_battery` or `skipped`; `reason`; `charge_before_pct`,
+    /// `voltage_min_v`, `seconds`).
+    BatteryTest = "battery_test", Info, None;
 }
 
 /// `mamori/v1/{home}/event` (QoS 1, through the agent's durable spool).

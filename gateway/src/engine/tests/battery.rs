@@ -167,3 +167,31 @@ fn nonsense_from_a_ups_is_set_aside_counted_and_the_next_basis_used() {
     }
     assert_eq!(st.forecast.unwrap().basis, Basis::ChargeAndLoad, "the sound charge reading is used");
 }
+
+#[test]
+fn a_failed_battery_self_test_tells_the_family_and_the_coordinator_and_a_passed_one_clears_it() {
+    let mut e = engine_with(Settings::default(), &[plan("a", "431001", 800.0)]);
+    let test = |seq: u64, at: i64, result: &str| {
+        let mut ev = event(seq, at, EventKind::BatteryTest);
+        ev.source = Some("ups".into());
+        ev.data.insert("result".into(), result.into());
+        ev
+    };
+    // Skipped or not started says nothing of the battery.
+    e.handle(Input::Event(h("a"), test(1, 0, "skipped")), t(0)).unwrap();
+    e.handle(Input::Event(h("a"), test(2, 60, "not_started")), t(60)).unwrap();
+    e.poll(t(60));
+    assert!(sent(&mut e).is_empty());
+    assert!(alert(&e, "a", "battery_test_failed").is_none());
+    e.handle(Input::Event(h("a"), test(3, 120, "failed")), t(120)).unwrap();
+    assert!(alert(&e, "a", "battery_test_failed").is_some());
+    e.poll(t(120));
+    let s = sent(&mut e);
+    let to = names(&s);
+    assert!(to.contains(&"fam-a") && to.contains(&"coord-431001"), "{s:?}");
+    assert!(!to.iter().any(|n| n.starts_with("fac") || *n == "centre"), "a calm-day task pages no one else: {s:?}");
+    // The power state is untouched: a test is not an outage.
+    assert!(e.home_state(&h("a")).unwrap().forecast.is_none());
+    e.handle(Input::Event(h("a"), test(4, 30 * 86_400, "passed")), t(30 * 86_400)).unwrap();
+    assert!(alert(&e, "a", "battery_test_failed").is_none());
+}
