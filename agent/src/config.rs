@@ -396,6 +396,13 @@ pub struct NutConfig {
     /// Declared lost after this many polls without a reading.
     #[serde(default = "d_missed")]
     pub lost_after_missed_polls: u32,
+    /// A `upsd` user with `instcmds` rights, for scheduled battery self-tests (`[self_test]`);
+    /// without one this UPS is not tested.
+    #[serde(default)]
+    pub username: Option<String>,
+    /// Its password.
+    #[serde(default)]
+    pub password: Option<Secret>,
 }
 
 fn d_nut_host() -> String {
@@ -674,6 +681,11 @@ impl Config {
         }
         if self.broker.password.is_some() && self.broker.username.is_none() {
             return bad("broker.username".into(), "a username with the password");
+        }
+        for (i, n) in self.nut.iter().enumerate() {
+            if n.username.is_some() != n.password.is_some() {
+                return bad(format!("nut[{i}].password"), "a upsd username and its password together, or neither");
+            }
         }
         if let Err((key, expected)) = self.self_test.check() {
             return bad(format!("self_test.{key}"), expected);

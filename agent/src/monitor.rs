@@ -103,6 +103,8 @@ pub enum Observation {
     /// The source's port failed (missing, unplugged, refused); the reason is kept for
     /// `device_lost`.
     Failed(String),
+    /// The UPS (or its `upsd`) refused to start a battery self-test, with the reason.
+    SelfTestRefused(String),
 }
 
 /// An event the monitor raised; the spool gives it its `id` and `seq`.
@@ -165,6 +167,8 @@ struct TestRun {
     failed: bool,
     charge_before_pct: Option<f64>,
     voltage_min_v: Option<f64>,
+    /// The UPS or its `upsd` refused the command.
+    refused: Option<String>,
 }
 
 /// The home's state as the agent sees it.
@@ -263,6 +267,9 @@ impl Monitor {
         };
         let mut d = Map::new();
         d.insert("result".into(), result.into());
+        if let Some(r) = run.refused {
+            d.insert("reason".into(), r.into());
+        }
         d.insert("seconds".into(), (now.mono_ms.saturating_sub(run.started_ms) / 1000).into());
         if let Some(c) = run.charge_before_pct {
             d.insert("charge_before_pct".into(), c.into());
@@ -284,6 +291,14 @@ impl Monitor {
     /// Feed what `source` produced at `now`; returns the events it raises.
     pub fn observe(&mut self, source: &str, obs: Observation, now: &Now) -> Vec<NewEvent> {
         let mut out = Vec::new();
+        if let Observation::SelfTestRefused(reason) = obs {
+            // Not a reading: it neither keeps the source alive nor restores it.
+            if let Some(run) = self.self_tests.get_mut(source) {
+                run.refused = Some(reason);
+                self.finish_self_test(source, now, false, &mut out);
+            }
+            return out;
+        }
         let Some(st) = self.sources.get_mut(source) else { return out };
         match obs {
             Observation::Garbage => {
@@ -321,7 +336,7 @@ impl Monitor {
                     self.set_ventilator(source, v, alarm_latched, now, &mut out);
                 }
             }
-            Observation::Garbage | Observation::Failed(_) => {}
+            Observation::Garbage | Observation::Failed(_) | Observation::SelfTestRefused(_) => {}
         }
         out.extend(self.tick(now));
         out
@@ -857,6 +872,20 @@ mod tests {
         let end = m.tick(&at(60_000));
         assert_eq!(test_result(&end).as_deref(), Some("not_started"));
         assert!(!kinds(&end).contains(&EventKind::MainsLost));
+    }
+
+    #[test]
+    fn a_refused_test_ends_at_once_with_the_reason() {
+        let mut m = only("ups");
+        m.observe("ups", testing(false, None, false), &at(0));
+        m.self_test_started("ups", &at(0), 60_000);
+        let e =
+            m.observe("ups", Observation::SelfTestRefused("upsd refused INSTCMD: ERR ACCESS-DENIED".into()), &at(50));
+        assert_eq!(test_result(&e).as_deref(), Some("not_started"));
+        assert_eq!(e[0].data.get("reason").and_then(|r| r.as_str()), Some("upsd refused INSTCMD: ERR ACCESS-DENIED"));
+        assert!(!m.self_testing());
+        // A refusal with no test running is nothing.
+        assert!(m.observe("ups", Observation::SelfTestRefused("late".into()), &at(60)).is_empty());
     }
 
     #[test]

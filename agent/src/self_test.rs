@@ -4,7 +4,8 @@
 //! ## Why, and the risk
 //!
 //! A battery is measured only when it is used. A quick self-test (Megatec and Voltronic `T`,
-//! 10 seconds; APC Smart `W`) switches the UPS to battery for a moment and reports whether the
+//! 10 seconds; APC Smart `W`; through `upsd`, `INSTCMD <ups> test.battery.start.quick` as a
+//! user with `instcmds` rights) switches the UPS to battery for a moment and reports whether the
 //! battery carried the load: a battery that cannot is found on a calm night, not in the
 //! typhoon. The test itself is the risk: for those seconds the ventilator runs on the battery
 //! being tested, and a battery that fails may drop the load (most UPSes switch back to mains

@@ -45,9 +45,51 @@ pub type ObsTx = mpsc::Sender<Sourced>;
 /// (set by the service, taken by the UPS's thread).
 pub type TestRequests = std::collections::BTreeMap<String, Arc<std::sync::atomic::AtomicBool>>;
 
-/// A request flag for every serial UPS in `config`.
+/// A request flag for every UPS in `config` that can be asked to test: every serial UPS, and
+/// each UPS behind `upsd` with a user to send the instant command as.
 pub fn test_requests(config: &Config) -> TestRequests {
-    config.ups.iter().map(|u| (u.id.clone(), Arc::new(std::sync::atomic::AtomicBool::new(false)))).collect()
+    let serial = config.ups.iter().map(|u| u.id.clone());
+    let nut = config.nut.iter().filter(|n| n.username.is_some()).map(|n| n.id.clone());
+    serial.chain(nut).map(|id| (id, Arc::new(std::sync::atomic::AtomicBool::new(false)))).collect()
+}
+
+/// Ask `upsd` to start the UPS's quick battery test (`INSTCMD <ups> test.battery.start.quick`)
+/// on a connection of its own, logged in as the configured user; every line has a deadline.
+async fn nut_instcmd(cfg: &NutConfig) -> Result<(), String> {
+    use tokio::io::{AsyncBufReadExt, BufReader};
+    let (Some(user), Some(password)) = (&cfg.username, &cfg.password) else {
+        return Err("no upsd user configured".into());
+    };
+    let password = password.resolve()?;
+    let addr = format!("{}:{}", cfg.host, cfg.port);
+    let deadline = Duration::from_secs(3);
+    let sock = tokio::time::timeout(deadline, tokio::net::TcpStream::connect(&addr))
+        .await
+        .map_err(|_| format!("upsd at {addr}: no answer"))?
+        .map_err(|e| format!("upsd at {addr}: {e}"))?;
+    let (rd, mut wr) = sock.into_split();
+    let mut lines = BufReader::new(rd).lines();
+    let cmds = [
+        nut::Command::Username(user.clone()),
+        nut::Command::Password(password),
+        nut::Command::InstCmd { ups: cfg.ups.clone(), cmd: "test.battery.start.quick".into() },
+    ];
+    for cmd in cmds {
+        let what = cmd.encode().split(' ').next().unwrap_or_default().to_string();
+        wr.write_all(cmd.encode().as_bytes()).await.map_err(|e| format!("upsd at {addr}: {e}"))?;
+        let line = tokio::time::timeout(deadline, lines.next_line())
+            .await
+            .map_err(|_| format!("upsd: no answer to {what}"))?
+            .map_err(|e| format!("upsd at {addr}: {e}"))?
+            .ok_or_else(|| format!("upsd closed the connection after {what}"))?;
+        match nut::parse_line(&line) {
+            Ok(nut::Line::Ok) => {}
+            Ok(nut::Line::Err(code)) => return Err(format!("upsd refused {what}: ERR {}", code.as_str())),
+            _ => return Err(format!("upsd answered {what} with something else")),
+        }
+    }
+    let _ = wr.write_all(b"LOGOUT\n").await;
+    Ok(())
 }
 
 /// The command that starts a UPS's quick battery test: Megatec and Voltronic `T` (10 seconds),
@@ -140,7 +182,8 @@ pub fn spawn_all(
         tasks.push(tokio::task::spawn_blocking(move || serial_ups(&u, &tx, test.as_deref(), &cancel)));
     }
     for n in config.nut.clone() {
-        tasks.push(tokio::spawn(nut_source(n, tx.clone(), cancel.clone())));
+        let test = tests.get(&n.id).cloned();
+        tasks.push(tokio::spawn(nut_source(n, tx.clone(), test, cancel.clone())));
     }
     for o in config.oximeter.clone() {
         tasks.push(tokio::spawn(oximeter(o, tx.clone(), cancel.clone())));
@@ -545,7 +588,12 @@ fn ups_session<D: Decoder>(
 }
 
 /// A UPS behind `upsd`.
-pub async fn nut_source(cfg: NutConfig, tx: ObsTx, cancel: CancellationToken) {
+pub async fn nut_source(
+    cfg: NutConfig,
+    tx: ObsTx,
+    test: Option<Arc<std::sync::atomic::AtomicBool>>,
+    cancel: CancellationToken,
+) {
     let poll = Duration::from_millis(cfg.poll_interval_ms);
     while !cancel.is_cancelled() {
         let addr = format!("{}:{}", cfg.host, cfg.port);
@@ -571,6 +619,13 @@ pub async fn nut_source(cfg: NutConfig, tx: ObsTx, cancel: CancellationToken) {
             tokio::select! {
                 () = cancel.cancelled() => return,
                 _ = ticker.tick() => {}
+            }
+            if test.as_ref().is_some_and(|t| t.swap(false, std::sync::atomic::Ordering::SeqCst)) {
+                tracing::info!(source = %cfg.id, "starting a battery self-test through upsd");
+                if let Err(reason) = nut_instcmd(&cfg).await {
+                    tracing::warn!(source = %cfg.id, %reason, "the battery self-test did not start");
+                    send(&tx, &cfg.id, Observation::SelfTestRefused(reason)).await;
+                }
             }
             let mut garbage = 0;
             let mut got = None;

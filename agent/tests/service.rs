@@ -872,3 +872,28 @@ fn a_battery_test_due_during_an_outage_is_skipped_and_says_why() -> Result<()> {
     assert!(!r.data.join("self_test_last").exists(), "a skipped test is not a test");
     Ok(())
 }
+
+#[test]
+fn a_ups_behind_nut_is_tested_through_upsd_with_its_user() -> Result<()> {
+    let Some(nut) = mamori_tests::nut::Nut::find() else {
+        panic!("Network UPS Tools is not installed: run scripts/test (installs nut-server) or `apt-get install nut-server`");
+    };
+    let r = rig(&["ups"])?;
+    // NUT's own nutdrv_qx drives the simulated Megatec UPS; upsd lets `mamori` send commands.
+    let users = "[mamori]\n  password = s3cret\n  instcmds = ALL\n";
+    let server = nut.start_with_users(&r.sim.device("ups"), "megatec", "pollinterval = 1\n", users)?;
+    let text = format!(
+        "{}[[nut]]\nid = \"ups\"\nport = {}\nups = \"sim\"\npoll_interval_ms = 500\nusername = \"mamori\"\npassword = {{ value = \"s3cret\" }}\n{}",
+        config(r.broker.port(), &r.data, Path::new("/nonexistent"), &[]),
+        server.port(),
+        self_test_due_now()
+    );
+    std::fs::write(&r.config, text)?;
+    let c = Collector::start(r.broker.port(), "t-selftest-nut", "mamori/v1/#")?;
+    let _a = agent(&r.config)?;
+    let m = c.wait("the battery test's result", Duration::from_secs(90), |m| !battery_tests(m).is_empty())?;
+    let t = battery_tests(&m).remove(0);
+    assert_eq!(t.data.get("result").and_then(|v| v.as_str()), Some("passed"), "{t:?}");
+    assert!(!has(&m, EventKind::MainsLost, None), "{:?}", events(&m).iter().map(|e| e.kind).collect::<Vec<_>>());
+    Ok(())
+}

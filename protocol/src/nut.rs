@@ -41,6 +41,17 @@ pub enum Command {
     },
     /// `LIST UPS`.
     ListUps,
+    /// `USERNAME <name>` (for an instant command).
+    Username(String),
+    /// `PASSWORD <password>`.
+    Password(String),
+    /// `INSTCMD <ups> <command>`: needs a user with `instcmds` rights in `upsd.users`.
+    InstCmd {
+        /// The UPS name.
+        ups: String,
+        /// The command, e.g. `test.battery.start.quick`.
+        cmd: String,
+    },
 }
 
 impl Command {
@@ -50,6 +61,9 @@ impl Command {
             Command::ListVar { ups } => ["LIST VAR ", &quote(ups)].concat(),
             Command::GetVar { ups, var } => ["GET VAR ", &quote(ups), " ", &quote(var)].concat(),
             Command::ListUps => "LIST UPS".to_string(),
+            Command::Username(u) => ["USERNAME ", &quote(u)].concat(),
+            Command::Password(p) => ["PASSWORD ", &quote(p)].concat(),
+            Command::InstCmd { ups, cmd } => ["INSTCMD ", &quote(ups), " ", &quote(cmd)].concat(),
         };
         s.push('\n');
         s

@@ -41,6 +41,11 @@ impl Nut {
 
     /// The same with extra driver settings for `ups.conf`.
     pub fn start_with(&self, port: &Path, protocol: &str, extra: &str) -> Result<NutServer> {
+        self.start_with_users(port, protocol, extra, "")
+    }
+
+    /// The same with `upsd.users` (e.g. a user allowed instant commands).
+    pub fn start_with_users(&self, port: &Path, protocol: &str, extra: &str, users: &str) -> Result<NutServer> {
         let dir = tempfile::tempdir()?;
         let listen = free_port()?;
         let conf = dir.path();
@@ -53,7 +58,7 @@ impl Nut {
             format!("[sim]\n  driver = nutdrv_qx\n  port = {}\n  protocol = {protocol}\n  {extra}", port.display()),
         )?;
         std::fs::write(conf.join("upsd.conf"), format!("LISTEN 127.0.0.1 {listen}\n"))?;
-        std::fs::write(conf.join("upsd.users"), "")?;
+        std::fs::write(conf.join("upsd.users"), users)?;
         std::fs::write(conf.join("nut.conf"), "MODE=standalone\n")?;
         let env = |c: &mut Command| {
             c.env("NUT_CONFPATH", conf).env("NUT_STATEPATH", conf).env("NUT_ALTPIDPATH", conf);
