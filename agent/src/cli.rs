@@ -140,13 +140,22 @@ pub fn main() -> ExitCode {
                 Err(code) => return code,
             };
             let Ok(rt) = runtime() else { return ExitCode::FAILURE };
-            let probes = rt.block_on(crate::probe::probe(&config, Duration::from_millis(timeout_ms)));
+            let limit = Duration::from_millis(timeout_ms);
+            let (probes, broker) = rt.block_on(async {
+                tokio::join!(crate::probe::probe(&config, limit), crate::probe::broker(&config, limit))
+            });
             if json {
-                println!("{}", serde_json::to_string_pretty(&probes).unwrap_or_default());
+                let broker = match &broker {
+                    Ok(d) => serde_json::json!({ "ok": true, "detail": d }),
+                    Err(e) => serde_json::json!({ "ok": false, "detail": e }),
+                };
+                let out = serde_json::json!({ "sources": probes, "broker": broker });
+                println!("{}", serde_json::to_string_pretty(&out).unwrap_or_default());
             } else {
                 print!("{}", crate::probe::table(&probes));
+                print!("{}", crate::probe::broker_line(&broker));
             }
-            if probes.iter().all(|p| p.ok) {
+            if probes.iter().all(|p| p.ok) && broker.is_ok() {
                 ExitCode::SUCCESS
             } else {
                 ExitCode::FAILURE

@@ -1,6 +1,7 @@
-//! `mamori-agent probe`: read each configured source once and say what was seen. This is the
-//! installer's tool at the family's home: it names the problem in words (port missing,
-//! permission, no answer, wrong protocol) and exits non-zero if any source failed.
+//! `mamori-agent probe`: read each configured source once, connect to the broker once as this
+//! home, and say what was seen. This is the installer's tool at the family's home: it names
+//! the problem in words (port missing, permission, no answer, wrong protocol; the broker not
+//! listening, refusing the password, a TLS failure) and exits non-zero if anything failed.
 
 use std::time::Duration;
 
@@ -308,6 +309,21 @@ pub async fn probe(config: &Config, limit: Duration) -> Vec<Probe> {
         out.push(p(&c.id, DeviceKind::Contacts, r));
     }
     out
+}
+
+/// Whether the broker accepts this home: connect once with its TLS and credentials
+/// ([`crate::uplink::Connection::check`]), within `limit`.
+pub async fn broker(config: &Config, limit: Duration) -> Result<String, String> {
+    let conn = crate::uplink::Connection::from_config(config.home(), &config.broker).map_err(|e| e.to_string())?;
+    conn.check(limit).await
+}
+
+/// The broker's line under the table.
+pub fn broker_line(r: &Result<String, String>) -> String {
+    match r {
+        Ok(d) => format!("broker: yes, {d}\n"),
+        Err(e) => format!("broker: NO, {e}\n"),
+    }
 }
 
 /// The table an installer reads.

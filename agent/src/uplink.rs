@@ -141,6 +141,65 @@ impl Connection {
     }
 }
 
+impl Connection {
+    /// The installer's check (`probe`): connect once as this home, with its TLS and its
+    /// credentials, and say in words whether the broker accepted it. A client id of its own
+    /// (`<home>-probe`) and no Last Will, so a running agent is not disconnected and nobody is
+    /// told the home went offline.
+    pub async fn check(&self, limit: Duration) -> Result<String, String> {
+        let mut o = MqttOptions::new(format!("{}-probe", self.home.as_str()), self.host.clone(), self.port);
+        o.set_keep_alive(self.keep_alive.max(Duration::from_secs(5)));
+        o.set_clean_session(true);
+        if let Some((u, p)) = &self.credentials {
+            o.set_credentials(u.clone(), p.clone());
+        }
+        if let Some(tls) = &self.tls {
+            o.set_transport(Transport::tls_with_config(tls.clone()));
+        }
+        let (client, mut events) = AsyncClient::new(o, 4);
+        let at = format!("{}:{}", self.host, self.port);
+        let how = match (&self.tls, &self.credentials) {
+            (Some(_), Some(_)) => "TLS, username and password",
+            (Some(_), None) => "TLS",
+            (None, Some(_)) => "username and password, no TLS",
+            (None, None) => "no TLS, no password",
+        };
+        let outcome = tokio::time::timeout(limit, async {
+            loop {
+                match events.poll().await {
+                    Ok(MqttEvent::Incoming(Packet::ConnAck(_))) => return Ok(format!("connected to {at} ({how})")),
+                    Ok(_) => {}
+                    Err(e) => return Err(broker_error(&at, &e)),
+                }
+            }
+        })
+        .await
+        .unwrap_or_else(|_| {
+            Err(format!("{at}: no answer within {} ms (firewall, or the wrong port?)", limit.as_millis()))
+        });
+        let _ = client.try_disconnect();
+        outcome
+    }
+}
+
+/// A broker connection error in words an installer can act on.
+fn broker_error(at: &str, e: &rumqttc::ConnectionError) -> String {
+    use rumqttc::{ConnectReturnCode as Code, ConnectionError as E};
+    match e {
+        // Mosquitto answers a wrong password with "not authorised", as it does an unknown home.
+        E::ConnectionRefused(Code::BadUserNamePassword | Code::NotAuthorized) => format!(
+            "{at} refused this home's credentials (check [broker] username and password, or the client \
+             certificate, and that the home is provisioned on the broker)"
+        ),
+        E::ConnectionRefused(code) => format!("{at} refused the connection: {code:?}"),
+        E::Io(io) if io.kind() == std::io::ErrorKind::ConnectionRefused => {
+            format!("{at}: nothing listens there (is the broker running, and is this the right port?)")
+        }
+        E::Tls(t) => format!("{at}: TLS failed: {t} (the CA file, or the client certificate?)"),
+        other => format!("{at}: {other}"),
+    }
+}
+
 /// A private key readable by others is refused: it is this home's identity.
 /// Refuse a private key that group or others can read.
 pub fn check_key_permissions(path: &std::path::Path) -> Result<(), UplinkError> {

@@ -347,6 +347,7 @@ fn probe_names_each_problem() -> Result<()> {
     let table = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{table}");
     assert!(table.contains("on mains"), "{table}");
+    assert!(table.contains("broker: yes, connected to 127.0.0.1:"), "{table}");
     assert!(table.contains("SpO2 97 %"), "{table}");
     assert!(table.contains("mains present, ventilator contact normal"), "the bridge's settled state: {table}");
     // Wrong protocol, no answer, missing port.
@@ -368,8 +369,15 @@ fn probe_names_each_problem() -> Result<()> {
     assert_eq!(out.status.code(), Some(1));
     let probes: serde_json::Value = serde_json::from_slice(&out.stdout)?;
     let detail = |id: &str| {
-        probes.as_array().unwrap().iter().find(|p| p["id"] == id).unwrap()["detail"].as_str().unwrap().to_string()
+        probes["sources"].as_array().unwrap().iter().find(|p| p["id"] == id).unwrap()["detail"]
+            .as_str()
+            .unwrap()
+            .to_string()
     };
+    // Nothing listens on port 1: the broker's line says so.
+    assert_eq!(probes["broker"]["ok"], false);
+    let broker = probes["broker"]["detail"].as_str().unwrap();
+    assert!(broker.contains("nothing listens there"), "{broker}");
     assert!(detail("ups").contains("wrong protocol or baud"), "{}", detail("ups"));
     assert!(detail("silent").contains("no answer"), "{}", detail("silent"));
     assert!(detail("gone").contains("missing"), "{}", detail("gone"));
@@ -479,6 +487,17 @@ fn tls_with_a_client_certificate_or_a_password_and_never_a_stranger_ca() -> Resu
     assert!(!a.lines().iter().any(|l| l.contains("connected to the broker")));
     assert!(!a.lines().iter().any(|l| l.contains("guess")), "no secret in the logs");
     drop(a);
+    // The installer's probe says the same in words, and says yes with the right password.
+    let probe_broker = |cfg: &Path| -> Result<(bool, String)> {
+        let out = Command::new(AGENT).args(["probe", "--json", "--config"]).arg(cfg).output()?;
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+        Ok((v["broker"]["ok"] == true, v["broker"]["detail"].as_str().unwrap_or_default().to_string()))
+    };
+    let (ok, detail) = probe_broker(&cfg)?;
+    assert!(!ok && detail.contains("refused this home's credentials"), "{detail}");
+    assert!(!detail.contains("guess"), "no secret in the probe's words: {detail}");
+    let (ok, detail) = probe_broker(&work.path().join("password.toml"))?;
+    assert!(ok && detail.contains("TLS, username and password"), "{detail}");
     let cfg = write("stranger.toml", b.port(), &cert_tls("other-ca.pem"), "")?;
     let a = agent(&cfg)?;
     a.wait_line("the agent to refuse a broker it cannot verify", LONG, |l| {
@@ -486,6 +505,8 @@ fn tls_with_a_client_certificate_or_a_password_and_never_a_stranger_ca() -> Resu
     })?;
     assert!(!a.lines().iter().any(|l| l.contains("connected to the broker")));
     drop(a);
+    let (ok, detail) = probe_broker(&cfg)?;
+    assert!(!ok && detail.contains("TLS failed"), "{detail}");
     // A private key readable by others is refused at start.
     {
         use std::os::unix::fs::PermissionsExt;
