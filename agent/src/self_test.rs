@@ -119,8 +119,11 @@ impl SelfTestConfig {
         let local = now.with_timezone(&offset);
         let Some(slot) = local.date_naive().and_time(at).and_local_timezone(offset).single() else { return false };
         let in_window = local >= slot && local < slot + Duration::hours(1);
-        // A day less an hour and a half: a test at 03:59 and one at 03:30 thirty days later.
-        let rested = last.is_none_or(|l| now - l >= Duration::days(i64::from(self.every_days)) - Duration::minutes(90));
+        // A day less an hour and a half: a test at 03:59 and one at 03:30 thirty days later. A
+        // last test "in the future" was recorded by a clock that was wrong then: it does not
+        // hold the next one back until that date.
+        let rested = last
+            .is_none_or(|l| l > now || now - l >= Duration::days(i64::from(self.every_days)) - Duration::minutes(90));
         in_window && rested
     }
 }
@@ -197,6 +200,8 @@ mod tests {
         assert!(!c.due(at("2026-12-02T03:30:00+09:00"), Some(last)));
         assert!(!c.due(at("2026-12-30T03:30:00+09:00"), Some(last)));
         assert!(c.due(at("2026-12-31T03:30:00+09:00"), Some(last)));
+        // Recorded when the clock was years ahead: not a reason to wait years.
+        assert!(c.due(at("2026-12-02T03:30:00+09:00"), Some(at("2031-01-01T03:30:00+09:00"))));
     }
 
     #[test]

@@ -841,6 +841,13 @@ fn self_test_due_now() -> String {
     format!("[self_test]\nenabled = true\nat_local = \"11:59\"\nutc_offset_min = {offset}\n")
 }
 
+/// Append [`self_test_due_now`] to an agent config file.
+fn add_self_test_due_now(config: &Path) -> Result<()> {
+    let mut text = std::fs::read_to_string(config)?;
+    text.push_str(&self_test_due_now());
+    Ok(std::fs::write(config, text)?)
+}
+
 fn battery_tests(msgs: &[Received]) -> Vec<Event> {
     events(msgs).into_iter().filter(|e| e.kind == EventKind::BatteryTest).collect()
 }
@@ -848,9 +855,7 @@ fn battery_tests(msgs: &[Received]) -> Vec<Event> {
 #[test]
 fn a_scheduled_battery_test_runs_on_the_ups_and_is_not_taken_for_an_outage() -> Result<()> {
     let r = rig(&["ups"])?;
-    let mut text = std::fs::read_to_string(&r.config)?;
-    text.push_str(&self_test_due_now());
-    std::fs::write(&r.config, text)?;
+    add_self_test_due_now(&r.config)?;
     let c = Collector::start(r.broker.port(), "t-selftest", "mamori/v1/#")?;
     let _a = agent(&r.config)?;
     // The simulated Megatec UPS switches to battery with its "testing" bit for 10 s.
@@ -880,9 +885,7 @@ fn a_scheduled_battery_test_runs_on_the_ups_and_is_not_taken_for_an_outage() -> 
 fn a_battery_test_due_during_an_outage_is_skipped_and_says_why() -> Result<()> {
     let mut r = rig(&["ups"])?;
     r.sim.cmd("mains off")?;
-    let mut text = std::fs::read_to_string(&r.config)?;
-    text.push_str(&self_test_due_now());
-    std::fs::write(&r.config, text)?;
+    add_self_test_due_now(&r.config)?;
     let c = Collector::start(r.broker.port(), "t-selftest-skip", "mamori/v1/#")?;
     let _a = agent(&r.config)?;
     let m = c.wait("a skipped battery test", Duration::from_secs(60), |m| !battery_tests(m).is_empty())?;
