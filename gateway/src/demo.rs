@@ -393,8 +393,8 @@ pub const DEMO_USERS: &[(&str, &str, &[&str], &[&str])] = &[
 
 fn demo_accounts(config: &Config) -> anyhow::Result<()> {
     // The homes first: a facility or family account names homes that must exist.
-    let store = crate::run::open_store(config)?;
-    let acc = crate::accounts::Accounts::new(store.conn());
+    let mut store = crate::run::open_store(config)?;
+    let mut acc = crate::accounts::Accounts::new(store.as_mut());
     let key = crate::accounts::TotpKey::derive(&crate::run::style(config)?.link_secret);
     for (name, role, munis, homes) in DEMO_USERS {
         let new = crate::accounts::NewUser {
@@ -410,8 +410,8 @@ fn demo_accounts(config: &Config) -> anyhow::Result<()> {
 }
 
 fn open_incident(store_dir: &Path) -> anyhow::Result<Option<String>> {
-    let store = crate::store::SqliteStore::open(store_dir)?;
-    Ok(crate::store::Store::open_incidents(&store)?.into_iter().next().map(|i| i.id))
+    let store = crate::store::open(store_dir)?;
+    Ok(store.open_incidents()?.into_iter().next().map(|i| i.id))
 }
 
 /// Where the demo's homes file would be written (for tests that check it validates).

@@ -78,7 +78,7 @@ use crate::message::Style;
 use crate::mqtt::{FromMqtt, Outbound};
 use crate::notice::{Notice, StoreProblem};
 use crate::policy::Policies;
-use crate::store::{OutboxRow, OutboxStatus, SqliteStore, Store, StoreError};
+use crate::store::{OutboxRow, OutboxStatus, Store, StoreError};
 use crate::web::{self, Snapshot, WebRequest};
 use crate::{broker, clock};
 
@@ -163,19 +163,19 @@ pub fn style(config: &Config) -> anyhow::Result<Style> {
 
 /// Open the store for an admin command, creating it if needed, and import the config's
 /// homes file, if any.
-pub fn open_store(config: &Config) -> anyhow::Result<SqliteStore> {
+pub fn open_store(config: &Config) -> anyhow::Result<Box<dyn Store>> {
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("cannot create data_dir {}", config.data_dir.display()))?;
-    let mut store = SqliteStore::open(&config.data_dir)?;
-    import_homes(config, &mut store)?;
+    let mut store = crate::store::open(&config.data_dir)?;
+    import_homes(config, store.as_mut())?;
     Ok(store)
 }
 
 /// Open the existing store for `run` (never creating one), and import the homes file: the
 /// plans that changed only, and when the store refuses the write (a full disk), the stored
 /// plans are used and the gateway starts degraded rather than not at all.
-pub fn open_existing_store(config: &Config) -> anyhow::Result<SqliteStore> {
-    let mut store = SqliteStore::open_existing(&config.data_dir)?;
+pub fn open_existing_store(config: &Config) -> anyhow::Result<Box<dyn Store>> {
+    let mut store = crate::store::open_existing(&config.data_dir)?;
     if let Some(path) = &config.homes_file {
         let file = HomesFile::load(path, &config.known())?;
         let stored: BTreeMap<HomeId, crate::homes::Home> =
@@ -191,7 +191,7 @@ pub fn open_existing_store(config: &Config) -> anyhow::Result<SqliteStore> {
     Ok(store)
 }
 
-fn import_homes(config: &Config, store: &mut SqliteStore) -> anyhow::Result<()> {
+fn import_homes(config: &Config, store: &mut dyn Store) -> anyhow::Result<()> {
     if let Some(path) = &config.homes_file {
         let homes = HomesFile::load(path, &config.known())?;
         store.upsert_homes(&homes.homes)?;
@@ -200,7 +200,7 @@ fn import_homes(config: &Config, store: &mut SqliteStore) -> anyhow::Result<()> 
 }
 
 /// The engine as the store has it.
-fn load_engine(config: &Config, store: &SqliteStore) -> Result<Engine, StoreError> {
+fn load_engine(config: &Config, store: &dyn Store) -> Result<Engine, StoreError> {
     let mut engine = Engine::new(config.escalation.clone(), Policies { config: config.policy.clone() });
     for h in store.homes()? {
         engine.upsert_home(h);
@@ -307,7 +307,7 @@ fn spawn_pruner(dir: std::path::PathBuf, retention_h: u32) -> std::sync::mpsc::S
     std::thread::Builder::new()
         .name("mamori-prune".into())
         .spawn(move || {
-            let mut store = match SqliteStore::open_existing(&dir) {
+            let mut store = match crate::store::open_existing(&dir) {
                 Ok(s) => s,
                 Err(e) => return tracing::warn!(error = %e, "pruner: cannot open the store"),
             };
@@ -366,7 +366,7 @@ impl Drop for WebRuntime {
 /// The service.
 pub struct Service {
     config: Config,
-    store: SqliteStore,
+    store: Box<dyn Store>,
     engine: Engine,
     style: Style,
     sender: Sender,
@@ -412,8 +412,8 @@ impl Service {
     /// Build the service: open the existing store, load homes and state, resolve secrets.
     pub fn new(config: Config, console: mpsc::Sender<String>) -> anyhow::Result<Service> {
         let style = style(&config)?;
-        let store = open_existing_store(&config)?;
-        let engine = load_engine(&config, &store)?;
+        let mut store = open_existing_store(&config)?;
+        let engine = load_engine(&config, store.as_ref())?;
         let mut endpoints = BTreeMap::new();
         for (name, e) in &config.endpoints {
             let secret = e.secret.resolve().map_err(|err| anyhow::anyhow!("endpoints.{name}.secret: {err}"))?;
@@ -478,7 +478,7 @@ impl Service {
         let session_recorded = store.meta(crate::store::META_BROKER_SESSION_AT)?.is_some();
         // TOTP secrets stored in clear by an older version are sealed now.
         let key = crate::accounts::TotpKey::derive(&style.link_secret);
-        match crate::accounts::Accounts::new(store.conn()).seal_totp_secrets(&key) {
+        match crate::accounts::Accounts::new(store.as_mut()).seal_totp_secrets(&key) {
             Ok(0) => {}
             Ok(n) => tracing::info!(accounts = n, "two-factor secrets encrypted at rest"),
             Err(e) => {
@@ -723,7 +723,7 @@ impl Service {
         self.health.store_errors.fetch_add(1, Ordering::Relaxed);
         // Whatever the engine decided in the failed transaction did not happen.
         let _ = self.engine.take_outputs();
-        match load_engine(&self.config, &self.store) {
+        match load_engine(&self.config, self.store.as_ref()) {
             Ok(mut e) => {
                 e.carry_uplink(&self.engine);
                 self.engine = e;
@@ -763,7 +763,7 @@ impl Service {
             return;
         }
         if self.engine_stale {
-            match load_engine(&self.config, &self.store) {
+            match load_engine(&self.config, self.store.as_ref()) {
                 Ok(mut e) => {
                     e.carry_uplink(&self.engine);
                     self.engine = e;
@@ -1158,7 +1158,7 @@ impl Service {
         let known = self.first_message_stored || self.adopt_session || self.session_recorded;
         if session_present && !known {
             return Err(RunError::WrongStore {
-                path: self.store.path().display().to_string(),
+                path: self.store.location(),
                 client_id: self.config.broker.client_id.clone(),
             });
         }
@@ -1225,7 +1225,7 @@ impl Service {
             proxies,
             tx: web_tx,
             snapshot: self.snapshot.subscribe(),
-            db: Arc::new(std::sync::Mutex::new(SqliteStore::open_existing(&self.config.data_dir)?)),
+            db: Arc::new(std::sync::Mutex::new(crate::store::open_existing(&self.config.data_dir)?)),
             throttle: Default::default(),
             counters: self.counters.clone(),
             health: self.health.clone(),

@@ -20,7 +20,7 @@ use mamori_gateway::engine::{Engine, Input, Settings};
 use mamori_gateway::homes::{HomesFile, Known};
 use mamori_gateway::message::Style;
 use mamori_gateway::policy::Policies;
-use mamori_gateway::store::SqliteStore;
+use mamori_gateway::store::Store;
 use mamori_gateway::web::{self, App, SessionSettings, Snapshot, WebRequest};
 use mamori_protocol::mqtt::{Event, EventKind, HomeId};
 use tokio::sync::{mpsc, watch};
@@ -58,7 +58,7 @@ const PASSWORD: &str = "correct horse battery";
 struct Fixture {
     _dir: tempfile::TempDir,
     router: Router,
-    db: Arc<Mutex<SqliteStore>>,
+    db: Arc<Mutex<Box<dyn Store>>>,
     engine: Arc<Mutex<Engine>>,
     snapshots: watch::Sender<Arc<Snapshot>>,
     /// The password-check pool's slots.
@@ -103,16 +103,13 @@ fn publish(engine: &Engine, tx: &watch::Sender<Arc<Snapshot>>, changed: &[&str])
 const ROLES: &[&str] = &["admin", "coord_a", "coord_b", "facility_a1", "family_a1"];
 
 type Parts =
-    (Router, Arc<Mutex<SqliteStore>>, Arc<Mutex<Engine>>, watch::Sender<Arc<Snapshot>>, Arc<tokio::sync::Semaphore>);
+    (Router, Arc<Mutex<Box<dyn Store>>>, Arc<Mutex<Engine>>, watch::Sender<Arc<Snapshot>>, Arc<tokio::sync::Semaphore>);
 
 fn fixture(dir: &Path) -> Parts {
     let homes = HomesFile::parse(HOMES, Path::new("homes.toml"), &Known::default()).unwrap();
     let settings = Settings { incident_min_homes: 2, ..Settings::default() };
     let mut engine = Engine::new(settings, Policies::default());
-    {
-        use mamori_gateway::store::Store;
-        SqliteStore::open(dir).unwrap().upsert_homes(&homes.homes).unwrap();
-    }
+    mamori_gateway::store::open(dir).unwrap().upsert_homes(&homes.homes).unwrap();
     for h in homes.homes {
         engine.upsert_home(h);
     }
@@ -155,7 +152,7 @@ fn fixture(dir: &Path) -> Parts {
             let _ = reply.send(r);
         }
     });
-    let db = Arc::new(Mutex::new(SqliteStore::open(dir).unwrap()));
+    let db = Arc::new(Mutex::new(mamori_gateway::store::open(dir).unwrap()));
     let argon2 = Arc::new(tokio::sync::Semaphore::new(mamori_gateway::web::ARGON2_AT_ONCE));
     let app = App {
         style: Style {
@@ -190,8 +187,8 @@ async fn setup() -> Fixture {
     let mut sessions = std::collections::HashMap::new();
     let mut tokens = std::collections::HashMap::new();
     {
-        let s = db.lock().unwrap();
-        let acc = Accounts::new(s.conn());
+        let mut s = db.lock().unwrap();
+        let mut acc = Accounts::new(s.as_mut());
         let users: [(&str, AccountRole, &[&str], &[&str]); 5] = [
             ("admin", AccountRole::Admin, &[], &[]),
             ("coord_a", AccountRole::Coordinator, &["431001"], &[]),
@@ -436,7 +433,7 @@ async fn writes_follow_the_scope_and_the_role() {
 
     // Everything above is in the audit log, and the chain holds.
     let s = f.db.lock().unwrap();
-    let entries = mamori_gateway::audit::entries(s.conn(), None, 100).unwrap();
+    let entries = mamori_gateway::audit::entries(s.as_ref(), None, 100).unwrap();
     let actions: Vec<(String, String)> = entries.iter().rev().map(|e| (e.actor.clone(), e.action.clone())).collect();
     for want in [
         ("family-a1", "ack"),
@@ -448,7 +445,10 @@ async fn writes_follow_the_scope_and_the_role() {
     ] {
         assert!(actions.iter().any(|(a, b)| a == want.0 && b == want.1), "{want:?} in {actions:?}");
     }
-    assert!(matches!(mamori_gateway::audit::verify(s.conn()).unwrap(), mamori_gateway::audit::Verdict::Intact { .. }));
+    assert!(matches!(
+        mamori_gateway::audit::verify(s.as_ref()).unwrap(),
+        mamori_gateway::audit::Verdict::Intact { .. }
+    ));
 }
 
 #[tokio::test]
@@ -549,12 +549,7 @@ async fn login_sets_a_strict_cookie_throttles_guessing_and_wants_a_code_from_an_
 
     // An admin needs the code.
     assert_eq!(login(&f, "admin", PASSWORD, "").await.status, StatusCode::UNAUTHORIZED);
-    let sealed: String =
-        f.db.lock()
-            .unwrap()
-            .conn()
-            .query_row("SELECT totp_secret FROM users WHERE username = 'admin'", [], |r| r.get(0))
-            .unwrap();
+    let sealed = f.db.lock().unwrap().login_secrets("admin").unwrap().unwrap().totp_secret.unwrap();
     assert!(sealed.starts_with("enc1:"), "the second factor is encrypted at rest");
     let secret = TotpKey::derive(b"secret").open(&sealed).unwrap();
     let code = format!("{:06}", mamori_gateway::accounts::totp_code(&secret, Utc::now().timestamp() / 30).unwrap());
@@ -569,7 +564,7 @@ async fn login_sets_a_strict_cookie_throttles_guessing_and_wants_a_code_from_an_
     assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS, "{}", r.body);
 
     let s = f.db.lock().unwrap();
-    let entries = mamori_gateway::audit::entries(s.conn(), None, 100).unwrap();
+    let entries = mamori_gateway::audit::entries(s.as_ref(), None, 100).unwrap();
     let count = |action: &str, actor: &str| entries.iter().filter(|e| e.action == action && e.actor == actor).count();
     assert_eq!(count("login", "coord-a"), 1);
     assert_eq!(count("login_failed", "facility-a1"), 6);
@@ -590,7 +585,7 @@ async fn views_of_a_home_are_audited_and_live_refreshes_once_per_ten_minutes() {
     }
     assert_eq!(send(&f, page(&f, Some("coord_b"), "GET", "/homes/home-a1", "")).await.status, StatusCode::NOT_FOUND);
     let s = f.db.lock().unwrap();
-    let views: Vec<(String, String, String)> = mamori_gateway::audit::entries(s.conn(), None, 100)
+    let views: Vec<(String, String, String)> = mamori_gateway::audit::entries(s.as_ref(), None, 100)
         .unwrap()
         .into_iter()
         .filter(|e| e.action == "view_home")
@@ -677,7 +672,7 @@ async fn metrics_and_the_openapi_document_need_no_account_and_name_no_home() {
 /// How many audit entries have `action` by `actor`.
 fn audited(f: &Fixture, action: &str, actor: &str) -> usize {
     let s = f.db.lock().unwrap();
-    mamori_gateway::audit::entries(s.conn(), None, 1000)
+    mamori_gateway::audit::entries(s.as_ref(), None, 1000)
         .unwrap()
         .into_iter()
         .filter(|e| e.action == action && e.actor == actor)
@@ -715,7 +710,7 @@ async fn forty_guesses_sent_at_once_check_at_most_five_passwords() {
     // Five failures, and the refusals summed into an entry rather than one per request.
     let entries = {
         let s = f.db.lock().unwrap();
-        mamori_gateway::audit::entries(s.conn(), None, 1000).unwrap()
+        mamori_gateway::audit::entries(s.as_ref(), None, 1000).unwrap()
     };
     let failed: Vec<_> = entries.iter().filter(|e| e.action == "login_failed").collect();
     assert_eq!(failed.iter().filter(|e| e.detail.is_empty()).count(), 5, "{failed:?}");

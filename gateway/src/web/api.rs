@@ -18,7 +18,7 @@ use super::view::{self, AlertView};
 use super::{App, Client, WebRequest};
 use crate::accounts::User;
 use crate::engine::Time;
-use crate::store::{OutboxRow, OutboxStatus, Store};
+use crate::store::{OutboxRow, OutboxStatus};
 
 /// The API's routes (nested under `/api/v1`).
 pub fn router() -> Router<App> {

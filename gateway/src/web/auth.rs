@@ -142,7 +142,7 @@ impl FromRequestParts<App> for Viewer {
         let Some(token) = cookie(&parts.headers, SESSION_COOKIE).map(str::to_string) else { return Err(to_login()) };
         let (idle, max_age) = (app.sessions.idle, app.sessions.max_age);
         let now = crate::clock::now();
-        let found = app.db(move |s| Ok(Accounts::new(s.conn()).session(&token, now, idle, max_age)?)).await;
+        let found = app.db(move |s| Ok(Accounts::new(s).session(&token, now, idle, max_age)?)).await;
         match found {
             Ok(Some(s)) => Ok(Viewer {
                 user: s.user,
@@ -184,7 +184,7 @@ impl FromRequestParts<App> for ApiUser {
             .and_then(|v| v.strip_prefix("Bearer "))
             .map(|t| t.trim().to_string());
         let Some(token) = token.filter(|t| t.starts_with("mmr_") && t.len() < 100) else { return Err(unauthorized()) };
-        match app.db(move |s| Ok(Accounts::new(s.conn()).token_user(&token)?)).await {
+        match app.db(move |s| Ok(Accounts::new(s).token_user(&token)?)).await {
             Ok(Some(u)) => Ok(ApiUser(u)),
             Ok(None) => Err(unauthorized()),
             Err(e) => {
@@ -310,7 +310,7 @@ pub async fn login_post(
     };
     // The account, in one short database step; the password, on the bounded pool.
     let (u, key) = (username.clone(), app.totp_key.clone());
-    let creds = match app.db(move |s| Ok(Accounts::new(s.conn()).credentials(&u, &key)?)).await {
+    let creds = match app.db(move |s| Ok(Accounts::new(s).credentials(&u, &key)?)).await {
         Ok(c) => c,
         Err(e) => {
             tracing::error!(error = %e, "login");
@@ -326,7 +326,7 @@ pub async fn login_post(
         (true, Some(c)) => {
             let code = f.code;
             app.db(move |s| {
-                let acc = Accounts::new(s.conn());
+                let mut acc = Accounts::new(s);
                 Ok(match acc.second_factor(&c, &code, now)? {
                     Some(user) => Some((acc.start_session(&user, now)?, user)),
                     None => None,
@@ -379,7 +379,7 @@ pub async fn logout(State(app): State<App>, v: Viewer, client: Client, Form(f): 
         return r;
     }
     let session = v.session.clone();
-    if let Err(e) = app.db(move |s| Ok(Accounts::new(s.conn()).end_session(&session)?)).await {
+    if let Err(e) = app.db(move |s| Ok(Accounts::new(s).end_session(&session)?)).await {
         tracing::error!(error = %e, "logout");
     }
     app.audit(&v.user.username, &client.text(), "logout", &v.user.username, "").await;

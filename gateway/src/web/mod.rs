@@ -51,7 +51,7 @@ use crate::engine::Engine;
 use crate::listen::{Peer, TrustedProxies};
 use crate::message::Style;
 use crate::run::Counters;
-use crate::store::SqliteStore;
+use crate::store::Store;
 
 /// A request for the service loop.
 #[derive(Debug)]
@@ -133,7 +133,7 @@ pub struct App {
     /// The latest snapshot.
     pub snapshot: watch::Receiver<Arc<Snapshot>>,
     /// The web's own connection to the gateway's database.
-    pub db: Arc<Mutex<SqliteStore>>,
+    pub db: Arc<Mutex<Box<dyn Store>>>,
     /// Failed logins.
     pub throttle: Arc<Mutex<Throttle>>,
     /// The service's counters.
@@ -177,12 +177,12 @@ impl App {
     /// Run a database call off the async threads.
     pub async fn db<T: Send + 'static>(
         &self,
-        f: impl FnOnce(&SqliteStore) -> anyhow::Result<T> + Send + 'static,
+        f: impl FnOnce(&mut dyn Store) -> anyhow::Result<T> + Send + 'static,
     ) -> anyhow::Result<T> {
         let db = self.db.clone();
         tokio::task::spawn_blocking(move || {
-            let guard = db.lock().map_err(|_| anyhow::anyhow!("the web's database connection is poisoned"))?;
-            f(&guard)
+            let mut guard = db.lock().map_err(|_| anyhow::anyhow!("the web's database connection is poisoned"))?;
+            f(guard.as_mut())
         })
         .await
         .map_err(|e| anyhow::anyhow!("database task: {e}"))?
@@ -212,7 +212,7 @@ impl App {
     pub async fn audit(&self, actor: &str, ip: &str, action: &'static str, target: &str, detail: &str) {
         let (actor, ip, target, detail, now) =
             (actor.to_string(), ip.to_string(), target.to_string(), detail.to_string(), crate::clock::now());
-        let r = self.db(move |s| Ok(crate::audit::append(s.conn(), now, &actor, &ip, action, &target, &detail)?)).await;
+        let r = self.db(move |s| Ok(crate::audit::append(s, now, &actor, &ip, action, &target, &detail)?)).await;
         if let Err(e) = r {
             tracing::error!(error = %e, "audit log");
         }

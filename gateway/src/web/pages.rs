@@ -1272,7 +1272,7 @@ pub async fn account_password(
         }
     };
     let n = name.clone();
-    let hash = match app.db(move |s| Ok(Accounts::new(s.conn()).password_hash(&n)?)).await {
+    let hash = match app.db(move |s| Ok(Accounts::new(s).password_hash(&n)?)).await {
         Ok(Some(h)) => h,
         Ok(None) => return failed(anyhow::anyhow!("the account vanished")),
         Err(e) => return failed(e),
@@ -1287,8 +1287,7 @@ pub async fn account_password(
     }
     let (n, new) = (name.clone(), f.new);
     let lang = v.lang;
-    match app.db(move |s| Ok(Accounts::new(s.conn()).set_password(&n, &new).map_err(|e| account_error(&e, lang)))).await
-    {
+    match app.db(move |s| Ok(Accounts::new(s).set_password(&n, &new).map_err(|e| account_error(&e, lang)))).await {
         Ok(Ok(())) => {
             if let Ok(mut th) = app.throttle.lock() {
                 th.succeed(&keys, reservation);
@@ -1321,7 +1320,7 @@ pub async fn account_totp(State(app): State<App>, v: Viewer, client: Client, For
     }
     let (name, secret, code, now) = (v.user.username.clone(), f.secret.clone(), f.code.clone(), crate::clock::now());
     let key = app.totp_key.clone();
-    match app.db(move |s| Ok(Accounts::new(s.conn()).enable_totp(&name, &secret, &code, &key, now)?)).await {
+    match app.db(move |s| Ok(Accounts::new(s).enable_totp(&name, &secret, &code, &key, now)?)).await {
         Ok(true) => {
             app.audit(&v.user.username, &client.text(), "totp_enable", &v.user.username, "").await;
             let mut v = v;
@@ -1347,7 +1346,7 @@ pub async fn admin_users(State(app): State<App>, v: Viewer) -> Response {
 
 async fn admin_users_page(app: &App, v: &Viewer, message: Option<String>) -> Response {
     let t = T(v.lang);
-    let users = match app.db(|s| Ok(Accounts::new(s.conn()).list()?)).await {
+    let users = match app.db(|s| Ok(Accounts::new(s).list()?)).await {
         Ok(u) => u,
         Err(e) => return failed(e),
     };
@@ -1457,7 +1456,7 @@ pub async fn admin_add_user(State(app): State<App>, v: Viewer, client: Client, F
     let (key, lang) = (app.totp_key.clone(), v.lang);
     let r = app
         .db(move |s| {
-            Ok(Accounts::new(s.conn()).add(&n, &pw, secret.as_deref(), &key, now).map_err(|e| account_error(&e, lang)))
+            Ok(Accounts::new(s).add(&n, &pw, secret.as_deref(), &key, now).map_err(|e| account_error(&e, lang)))
         })
         .await;
     match r {
@@ -1505,7 +1504,7 @@ pub async fn admin_change_user(
     let (n, action, pw, now, lang) = (name.clone(), f.action.clone(), f.password, crate::clock::now(), v.lang);
     let r = app
         .db(move |s| {
-            let acc = Accounts::new(s.conn());
+            let mut acc = Accounts::new(s);
             let r = match action.as_str() {
                 "disable" => acc.set_disabled(&n, true).map(|_| None),
                 "enable" => acc.set_disabled(&n, false).map(|_| None),
@@ -1549,7 +1548,7 @@ pub async fn admin_audit(State(app): State<App>, v: Viewer, Query(q): Query<Page
     }
     let t = T(v.lang);
     let before = q.before;
-    let r = app.db(move |s| Ok((audit::verify(s.conn())?, audit::entries(s.conn(), before, 200)?))).await;
+    let r = app.db(move |s| Ok((audit::verify(s)?, audit::entries(s, before, 200)?))).await;
     let (verdict, entries) = match r {
         Ok(x) => x,
         Err(e) => return failed(e),
@@ -1681,7 +1680,7 @@ pub async fn admin_audit_csv(State(app): State<App>, v: Viewer, client: Client) 
     match app
         .db(|s| {
             let mut out = Vec::new();
-            audit::export_csv(s.conn(), &mut out)?;
+            audit::export_csv(s, &mut out)?;
             Ok(out)
         })
         .await
@@ -1755,7 +1754,7 @@ pub async fn live(State(app): State<App>, v: Viewer) -> Response {
                 let (session, now, s) = (l.session.clone(), crate::clock::now(), l.app.sessions);
                 let alive = l
                     .app
-                    .db(move |db| Ok(Accounts::new(db.conn()).session_alive(&session, now, s.idle, s.max_age)?))
+                    .db(move |db| Ok(Accounts::new(db).session_alive(&session, now, s.idle, s.max_age)?))
                     .await
                     .unwrap_or(false);
                 #[allow(clippy::disallowed_methods)] // when the session was last rechecked (tokio's clock)

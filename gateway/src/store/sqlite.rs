@@ -1,228 +1,20 @@
-//! The store: everything the gateway needs to resume after a crash, and the history.
+//! The embedded store: one SQLite file, `<data_dir>/mamori.db`, in WAL mode with
+//! `synchronous=FULL`, created readable by its owner only (it holds personal data).
 //!
-//! [`Store`] is the seam; [`SqliteStore`] is the embedded default (one file,
-//! `<data_dir>/mamori.db`, WAL, `synchronous=FULL`). The trait speaks in domain types and
-//! explicit transactions so a PostgreSQL backend can follow without touching the callers.
-//!
-//! ## Invariants
-//! - Ingest stores a batch of messages and the engine's resulting state, alerts and outbox
-//!   rows in **one transaction**, and only then acknowledges the messages to the broker
-//!   (manual MQTT acks). A crash before the commit loses nothing: the broker sends again.
-//! - Events are unique by `(home, seq)`: a redelivered or replayed event is recognised here.
-//! - An outbox row is unique by its idempotency key, so re-deciding a notification after a
-//!   restart never makes a second one; a row is `delivered` only after the receiver's 2xx or
-//!   the SMTP server's acceptance.
-//!
-//! ## Migrations
 //! `PRAGMA user_version` holds the schema version; [`MIGRATIONS`] are applied in order, each
-//! in its own transaction.
+//! in its own transaction. The accounts and audit rows are in `sqlite_accounts.rs`.
 
 use std::path::{Path, PathBuf};
 
-use chrono::{DateTime, Utc};
+use chrono::Utc;
 use mamori_protocol::mqtt::{Event, HomeId, Role, Status, Telemetry};
 use rusqlite::{params, Connection, OptionalExtension};
-use serde::{Deserialize, Serialize};
 
+use super::{
+    history_json, parse_ts, ts, AckRequest, OutboxRow, Store, StoreError, META_CREATED_AT, META_FIRST_MESSAGE_AT,
+};
 use crate::engine::{Alert, HomeState, Incident, Time};
-use crate::homes::{ChannelRef, Home, Lang};
-
-/// A store failure.
-#[derive(Debug, thiserror::Error)]
-pub enum StoreError {
-    /// The database refused.
-    #[error("database {path}: {source}")]
-    Db {
-        /// The file.
-        path: PathBuf,
-        /// Why.
-        source: rusqlite::Error,
-    },
-    /// The database file could not be created.
-    #[error("database {path}: {source}")]
-    Io {
-        /// The file.
-        path: PathBuf,
-        /// Why.
-        source: std::io::Error,
-    },
-    /// `run` found no database where the config says it is (the data volume not mounted, or
-    /// a new installation that was never initialised).
-    #[error(
-        "no database at {path}: if the data volume is not mounted, mount it; if this is a new \
-         installation, create the database with `mamori-gateway init --config <file>` first"
-    )]
-    Missing {
-        /// The file that should exist.
-        path: PathBuf,
-    },
-    /// A stored row does not decode (written by a newer version, or damaged).
-    #[error("database {path}: a stored {what} does not decode: {detail}")]
-    Corrupt {
-        /// The file.
-        path: PathBuf,
-        /// What.
-        what: &'static str,
-        /// Why.
-        detail: String,
-    },
-}
-
-/// Delivery state of an outbox row.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum OutboxStatus {
-    /// Waiting to be sent (or retried).
-    Pending,
-    /// The receiver accepted it.
-    Delivered,
-    /// Given up (too old).
-    Abandoned,
-    /// Not sent: by the time it came due, its role had acknowledged or the alert was over.
-    NotNeeded,
-}
-
-impl OutboxStatus {
-    fn as_str(self) -> &'static str {
-        match self {
-            OutboxStatus::Pending => "pending",
-            OutboxStatus::Delivered => "delivered",
-            OutboxStatus::Abandoned => "abandoned",
-            OutboxStatus::NotNeeded => "not_needed",
-        }
-    }
-}
-
-/// One message to one channel of one recipient.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct OutboxRow {
-    /// Idempotency key: `{notification key}:{role}:{contact}:{channel}`.
-    pub key: String,
-    /// The alert or incident.
-    pub alert_id: String,
-    /// The home, for per-home messages.
-    pub home: Option<HomeId>,
-    /// The recipient's role.
-    pub role: Role,
-    /// The recipient's name.
-    pub recipient: String,
-    /// The channel.
-    pub channel: ChannelRef,
-    /// The language.
-    pub lang: Lang,
-    /// Subject.
-    pub subject: String,
-    /// Body.
-    pub body: String,
-    /// The notification's content as JSON (for the fallback recipient and the webhook body).
-    pub content: serde_json::Value,
-    /// When it was written.
-    pub created_at: Time,
-    /// When to try (next).
-    pub next_attempt_at: Time,
-    /// Attempts so far.
-    pub attempts: u32,
-    /// State.
-    pub status: OutboxStatus,
-    /// The last failure.
-    pub last_error: Option<String>,
-    /// When it was delivered.
-    pub delivered_at: Option<Time>,
-    /// The fallback recipient was notified.
-    pub fallback_done: bool,
-    /// Sent only if, when it comes due, the alert is still open and the row's role has not
-    /// acknowledged since `created_at` (a contact's later channel, a quiet-held message);
-    /// otherwise it is marked [`OutboxStatus::NotNeeded`].
-    #[serde(default)]
-    pub conditional: bool,
-}
-
-/// An acknowledgement requested outside the running gateway (the CLI), applied by it.
-#[derive(Debug, Clone, PartialEq)]
-pub struct AckRequest {
-    /// Row id.
-    pub id: i64,
-    /// Alert or incident id.
-    pub alert_id: String,
-    /// Role: `Err` with the stored text when it names no role (never taken for another).
-    pub role: Result<Role, String>,
-    /// Who.
-    pub by: String,
-    /// Note.
-    pub note: Option<String>,
-}
-
-/// The store.
-pub trait Store: Send {
-    /// Start a write transaction.
-    fn begin(&mut self) -> Result<(), StoreError>;
-    /// Commit it.
-    fn commit(&mut self) -> Result<(), StoreError>;
-    /// Abandon it.
-    fn rollback(&mut self);
-
-    /// Add or replace care plans.
-    fn upsert_homes(&mut self, homes: &[Home]) -> Result<(), StoreError>;
-    /// Every care plan.
-    fn homes(&self) -> Result<Vec<Home>, StoreError>;
-
-    /// Store an event; false when `(home, seq)` is already stored.
-    fn insert_event(&mut self, home: &HomeId, e: &Event, received: Time) -> Result<bool, StoreError>;
-    /// Store a telemetry snapshot.
-    fn insert_telemetry(&mut self, home: &HomeId, t: &Telemetry, received: Time) -> Result<(), StoreError>;
-    /// Store a status message.
-    fn insert_status(&mut self, home: &HomeId, s: &Status, received: Time) -> Result<(), StoreError>;
-
-    /// Save a home's state.
-    fn save_state(&mut self, home: &HomeId, state: &HomeState) -> Result<(), StoreError>;
-    /// Every home's saved state.
-    fn states(&self) -> Result<Vec<(HomeId, HomeState)>, StoreError>;
-    /// Save an alert.
-    fn save_alert(&mut self, a: &Alert) -> Result<(), StoreError>;
-    /// Alerts, newest first (`active_only`: not cleared).
-    fn alerts(&self, active_only: bool, limit: usize) -> Result<Vec<Alert>, StoreError>;
-    /// Save an incident.
-    fn save_incident(&mut self, i: &Incident) -> Result<(), StoreError>;
-    /// Incidents not closed.
-    fn open_incidents(&self) -> Result<Vec<Incident>, StoreError>;
-
-    /// Write an outbox row unless its key exists; true when written.
-    fn enqueue(&mut self, row: &OutboxRow) -> Result<bool, StoreError>;
-    /// Pending rows due at `now`, oldest first, leaving out rows for the destinations in
-    /// `skip` (see [`crate::dispatch::destination`]).
-    fn due(&self, now: Time, limit: usize, skip: &[String]) -> Result<Vec<OutboxRow>, StoreError>;
-    /// Pending rows due at `now` for the destinations in `only`, oldest first.
-    fn due_only(&self, now: Time, limit: usize, only: &[String]) -> Result<Vec<OutboxRow>, StoreError>;
-    /// The earliest next attempt of a pending row that is not due yet at `now` (rows due now
-    /// are the dispatcher's business: sent, leased, or waiting for a free slot).
-    fn next_due_after(&self, now: Time) -> Result<Option<Time>, StoreError>;
-    /// Record an attempt's result.
-    fn record_attempt(&mut self, row: &OutboxRow) -> Result<(), StoreError>;
-    /// An alert's outbox rows.
-    fn outbox_for(&self, alert_id: &str) -> Result<Vec<OutboxRow>, StoreError>;
-    /// Pending rows.
-    fn outbox_depth(&self) -> Result<u64, StoreError>;
-
-    /// Ask the running gateway to apply an acknowledgement.
-    fn request_ack(&mut self, alert_id: &str, role: Role, by: &str, note: Option<&str>) -> Result<i64, StoreError>;
-    /// Requests not yet applied.
-    fn pending_acks(&self) -> Result<Vec<AckRequest>, StoreError>;
-    /// Mark a request applied (`result`: `ok` or the error).
-    fn finish_ack(&mut self, id: i64, result: &str) -> Result<(), StoreError>;
-    /// A request's result, once applied.
-    fn ack_result(&self, id: i64) -> Result<Option<String>, StoreError>;
-
-    /// Delete at most `limit` telemetry and status rows received before `before`; returns
-    /// the rows deleted (call again while it returns `limit`).
-    fn prune_history(&mut self, before: Time, limit: usize) -> Result<usize, StoreError>;
-
-    /// A value from the store's own bookkeeping (`meta`).
-    fn meta(&self, key: &str) -> Result<Option<String>, StoreError>;
-    /// Set one.
-    fn set_meta(&mut self, key: &str, value: &str) -> Result<(), StoreError>;
-    /// Write something small and commit it: whether the store takes writes again.
-    fn probe_write(&mut self, now: Time) -> Result<(), StoreError>;
-}
+use crate::homes::Home;
 
 /// Schema migrations, in order.
 pub const MIGRATIONS: &[&str] = &[
@@ -279,72 +71,10 @@ CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 "#,
 ];
 
-/// `meta` key: when the database was created (`init`, or any command that may create it).
-pub const META_CREATED_AT: &str = "created_at";
-/// `meta` key: when the first message from a home was stored. Absent: this database has never
-/// received anything (see [`crate::run`]'s rule for a broker session that says otherwise).
-pub const META_FIRST_MESSAGE_AT: &str = "first_message_at";
-/// `meta` key: when this database first connected to the broker (which then keeps a session
-/// for the gateway's client id).
-pub const META_BROKER_SESSION_AT: &str = "broker_session_at";
-/// `meta` key: an operator accepted that this new database takes over an existing broker
-/// session (`init --adopt-broker-session`).
-pub const META_ADOPT_SESSION: &str = "adopt_broker_session";
-
 /// The SQLite store.
 pub struct SqliteStore {
-    conn: Connection,
-    path: PathBuf,
-}
-
-/// A telemetry snapshot as history keeps it: what the charts, the API's history and the
-/// forecast read (power, the battery, the load, the oximeter's values, the ventilator contact),
-/// without the values that are not there. About a third of the whole snapshot: at 2,000 homes
-/// and one snapshot a minute for 48 h, the difference is gigabytes (docs/benchmarks.md).
-pub fn history_json(t: &Telemetry) -> String {
-    use serde_json::Value;
-    fn keep(v: Value, fields: &[&str]) -> Option<Value> {
-        let Value::Object(m) = v else { return None };
-        let kept: serde_json::Map<String, Value> =
-            m.into_iter().filter(|(k, v)| !v.is_null() && fields.contains(&k.as_str())).collect();
-        (!kept.is_empty()).then_some(Value::Object(kept))
-    }
-    let mut out = serde_json::Map::new();
-    out.insert("ts".into(), serde_json::to_value(t.ts).unwrap_or_default());
-    out.insert("interval_s".into(), t.interval_s.into());
-    if let Some(m) = t.mains_present {
-        out.insert("mains_present".into(), m.into());
-    }
-    let ups = ["on_battery", "battery_low", "load_pct", "battery_voltage_v", "battery_charge_pct", "runtime_s"];
-    let parts = [
-        ("ups", t.ups.as_ref().and_then(|u| keep(serde_json::to_value(u).ok()?, &ups))),
-        (
-            "power_meter",
-            t.power_meter
-                .as_ref()
-                .and_then(|m| keep(serde_json::to_value(m).ok()?, &["battery_voltage_v", "current_a", "power_w"])),
-        ),
-        ("oximeter", t.oximeter.as_ref().and_then(|o| keep(serde_json::to_value(o).ok()?, &["spo2_pct", "pulse_bpm"]))),
-        ("ventilator", t.ventilator.as_ref().and_then(|v| serde_json::to_value(v).ok())),
-    ];
-    for (k, v) in parts {
-        if let Some(v) = v {
-            out.insert(k.into(), v);
-        }
-    }
-    if t.kept {
-        out.insert("kept".into(), true.into());
-    }
-    Value::Object(out).to_string()
-}
-
-fn ts(t: Time) -> String {
-    // Fixed width, so text order is time order.
-    t.format("%Y-%m-%dT%H:%M:%S%.6fZ").to_string()
-}
-
-fn parse_ts(s: &str) -> Option<Time> {
-    DateTime::parse_from_rfc3339(s).ok().map(|t| t.with_timezone(&Utc))
+    pub(super) conn: Connection,
+    pub(super) path: PathBuf,
 }
 
 impl SqliteStore {
@@ -416,141 +146,22 @@ impl SqliteStore {
         Ok(store)
     }
 
-    /// Whether any message from a home was ever stored (events or home states).
-    pub fn has_messages(&self) -> Result<bool, StoreError> {
-        self.conn
-            .query_row("SELECT EXISTS (SELECT 1 FROM events) OR EXISTS (SELECT 1 FROM home_state)", [], |r| r.get(0))
-            .map_err(self.db())
-    }
-
     /// The database file.
     pub fn path(&self) -> &Path {
         &self.path
     }
 
-    /// The connection, for the accounts and audit tables ([`crate::accounts`], [`crate::audit`]).
+    /// The connection, for SQLite's own maintenance (a WAL checkpoint in a benchmark) and this
+    /// backend's tests. Nothing in the gateway reads or writes through it: see [`super::Store`].
     pub fn conn(&self) -> &Connection {
         &self.conn
     }
 
-    /// A home's telemetry since `since`, oldest first (at most `limit` rows, evenly thinned).
-    pub fn telemetry_since(&self, home: &HomeId, since: Time, limit: usize) -> Result<Vec<Telemetry>, StoreError> {
-        let n: i64 = self
-            .conn
-            .query_row(
-                "SELECT count(*) FROM telemetry WHERE home = ?1 AND ts >= ?2",
-                params![home.as_str(), ts(since)],
-                |r| r.get(0),
-            )
-            .map_err(self.db())?;
-        let every = (n as usize).div_ceil(limit.max(1)).max(1) as i64;
-        self.json_rows(
-            "SELECT payload FROM (SELECT payload, ts, row_number() OVER (ORDER BY ts) AS k FROM telemetry
-             WHERE home = ?1 AND ts >= ?2) WHERE k % ?3 = 0 OR k = 1 ORDER BY ts",
-            params![home.as_str(), ts(since), every],
-            "telemetry",
-        )
-    }
-
-    /// A home's events, newest first.
-    pub fn events_for(&self, home: &HomeId, limit: usize) -> Result<Vec<Event>, StoreError> {
-        self.json_rows(
-            "SELECT payload FROM events WHERE home = ?1 ORDER BY ts DESC LIMIT ?2",
-            params![home.as_str(), limit as i64],
-            "event",
-        )
-    }
-
-    /// A home's alerts, active and cleared, newest first.
-    pub fn alerts_for(&self, home: &HomeId, limit: usize) -> Result<Vec<Alert>, StoreError> {
-        self.json_rows(
-            "SELECT body FROM alerts WHERE home = ?1 ORDER BY raised_at DESC LIMIT ?2",
-            params![home.as_str(), limit as i64],
-            "alert",
-        )
-    }
-
-    /// One alert, active or cleared.
-    pub fn alert(&self, id: &str) -> Result<Option<Alert>, StoreError> {
-        Ok(self.json_rows("SELECT body FROM alerts WHERE id = ?1", [id], "alert")?.pop())
-    }
-
-    /// Outbox rows by status.
-    pub fn outbox_counts(&self) -> Result<Vec<(String, u64)>, StoreError> {
-        let mut stmt =
-            self.conn.prepare_cached("SELECT status, count(*) FROM outbox GROUP BY status").map_err(self.db())?;
-        let rows =
-            stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64))).map_err(self.db())?;
-        rows.collect::<Result<_, _>>().map_err(self.db())
-    }
-
-    /// What the delivery statistics need ([`crate::stats`]): a few fields of every outbox
-    /// row, and every acknowledgement of an alert or incident, read inside SQLite (no message
-    /// text is parsed).
-    pub fn delivery_inputs(&self) -> Result<(Vec<crate::stats::Sent>, Vec<crate::stats::Acked>), StoreError> {
-        let mut stmt = self
-            .conn
-            .prepare_cached(
-                "SELECT alert_id, dest, json_extract(body, '$.role'), status, json_extract(body, '$.attempts'),
-                        json_extract(body, '$.delivered_at') FROM outbox",
-            )
-            .map_err(self.db())?;
-        let rows = stmt
-            .query_map([], |r| {
-                Ok((
-                    r.get::<_, String>(0)?,
-                    r.get::<_, String>(1)?,
-                    r.get::<_, Option<String>>(2)?,
-                    r.get::<_, String>(3)?,
-                    r.get::<_, Option<i64>>(4)?,
-                    r.get::<_, Option<String>>(5)?,
-                ))
-            })
-            .map_err(self.db())?;
-        let time = |t: Option<String>| {
-            t.and_then(|t| chrono::DateTime::parse_from_rfc3339(&t).ok()).map(|t| t.with_timezone(&chrono::Utc))
-        };
-        let mut sent = Vec::new();
-        for r in rows {
-            let (alert_id, dest, role, status, attempts, delivered_at) = r.map_err(self.db())?;
-            let Some(role) = role.as_deref().and_then(crate::message::parse_role) else { continue };
-            sent.push(crate::stats::Sent {
-                alert_id,
-                channel: crate::stats::channel_of(&dest),
-                role,
-                status,
-                attempts: attempts.unwrap_or(0).clamp(0, i64::from(u32::MAX)) as u32,
-                delivered_at: time(delivered_at),
-            });
-        }
-        let mut acked = Vec::new();
-        for table in ["alerts", "incidents"] {
-            let mut stmt = self
-                .conn
-                .prepare_cached(&format!(
-                    "SELECT id, json_extract(body, '$.acks') FROM {table} WHERE json_array_length(body, '$.acks') > 0"
-                ))
-                .map_err(self.db())?;
-            let rows =
-                stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))).map_err(self.db())?;
-            for r in rows {
-                let (id, acks) = r.map_err(self.db())?;
-                let acks: Vec<crate::engine::AckInfo> = serde_json::from_str(&acks).map_err(self.corrupt("acks"))?;
-                acked.extend(acks.into_iter().map(|a| crate::stats::Acked {
-                    alert_id: id.clone(),
-                    role: a.role,
-                    at: a.at,
-                }));
-            }
-        }
-        Ok((sent, acked))
-    }
-
-    fn db(&self) -> impl Fn(rusqlite::Error) -> StoreError + '_ {
+    pub(super) fn db(&self) -> impl Fn(rusqlite::Error) -> StoreError + '_ {
         move |source| StoreError::Db { path: self.path.clone(), source }
     }
 
-    fn corrupt(&self, what: &'static str) -> impl Fn(serde_json::Error) -> StoreError + '_ {
+    pub(super) fn corrupt(&self, what: &'static str) -> impl Fn(serde_json::Error) -> StoreError + '_ {
         move |e| StoreError::Corrupt { path: self.path.clone(), what, detail: e.to_string() }
     }
 
@@ -566,7 +177,7 @@ impl SqliteStore {
         Ok(())
     }
 
-    fn json_rows<T: serde::de::DeserializeOwned>(
+    pub(super) fn json_rows<T: serde::de::DeserializeOwned>(
         &self,
         sql: &str,
         p: impl rusqlite::Params,
@@ -880,11 +491,138 @@ impl Store for SqliteStore {
     fn probe_write(&mut self, now: Time) -> Result<(), StoreError> {
         self.set_meta("probe", &ts(now))
     }
+
+    fn location(&self) -> String {
+        self.path.display().to_string()
+    }
+
+    /// Whether any message from a home was ever stored (events or home states).
+    fn has_messages(&self) -> Result<bool, StoreError> {
+        self.conn
+            .query_row("SELECT EXISTS (SELECT 1 FROM events) OR EXISTS (SELECT 1 FROM home_state)", [], |r| r.get(0))
+            .map_err(self.db())
+    }
+
+    /// A home's telemetry since `since`, oldest first (at most `limit` rows, evenly thinned).
+    fn telemetry_since(&self, home: &HomeId, since: Time, limit: usize) -> Result<Vec<Telemetry>, StoreError> {
+        let n: i64 = self
+            .conn
+            .query_row(
+                "SELECT count(*) FROM telemetry WHERE home = ?1 AND ts >= ?2",
+                params![home.as_str(), ts(since)],
+                |r| r.get(0),
+            )
+            .map_err(self.db())?;
+        let every = (n as usize).div_ceil(limit.max(1)).max(1) as i64;
+        self.json_rows(
+            "SELECT payload FROM (SELECT payload, ts, row_number() OVER (ORDER BY ts) AS k FROM telemetry
+             WHERE home = ?1 AND ts >= ?2) WHERE k % ?3 = 0 OR k = 1 ORDER BY ts",
+            params![home.as_str(), ts(since), every],
+            "telemetry",
+        )
+    }
+
+    /// A home's events, newest first.
+    fn events_for(&self, home: &HomeId, limit: usize) -> Result<Vec<Event>, StoreError> {
+        self.json_rows(
+            "SELECT payload FROM events WHERE home = ?1 ORDER BY ts DESC LIMIT ?2",
+            params![home.as_str(), limit as i64],
+            "event",
+        )
+    }
+
+    /// A home's alerts, active and cleared, newest first.
+    fn alerts_for(&self, home: &HomeId, limit: usize) -> Result<Vec<Alert>, StoreError> {
+        self.json_rows(
+            "SELECT body FROM alerts WHERE home = ?1 ORDER BY raised_at DESC LIMIT ?2",
+            params![home.as_str(), limit as i64],
+            "alert",
+        )
+    }
+
+    /// One alert, active or cleared.
+    fn alert(&self, id: &str) -> Result<Option<Alert>, StoreError> {
+        Ok(self.json_rows("SELECT body FROM alerts WHERE id = ?1", [id], "alert")?.pop())
+    }
+
+    /// Outbox rows by status.
+    fn outbox_counts(&self) -> Result<Vec<(String, u64)>, StoreError> {
+        let mut stmt =
+            self.conn.prepare_cached("SELECT status, count(*) FROM outbox GROUP BY status").map_err(self.db())?;
+        let rows =
+            stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64))).map_err(self.db())?;
+        rows.collect::<Result<_, _>>().map_err(self.db())
+    }
+
+    /// What the delivery statistics need ([`crate::stats`]): a few fields of every outbox
+    /// row, and every acknowledgement of an alert or incident, read inside SQLite (no message
+    /// text is parsed).
+    fn delivery_inputs(&self) -> Result<(Vec<crate::stats::Sent>, Vec<crate::stats::Acked>), StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT alert_id, dest, json_extract(body, '$.role'), status, json_extract(body, '$.attempts'),
+                        json_extract(body, '$.delivered_at') FROM outbox",
+            )
+            .map_err(self.db())?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, Option<String>>(2)?,
+                    r.get::<_, String>(3)?,
+                    r.get::<_, Option<i64>>(4)?,
+                    r.get::<_, Option<String>>(5)?,
+                ))
+            })
+            .map_err(self.db())?;
+        let time = |t: Option<String>| {
+            t.and_then(|t| chrono::DateTime::parse_from_rfc3339(&t).ok()).map(|t| t.with_timezone(&chrono::Utc))
+        };
+        let mut sent = Vec::new();
+        for r in rows {
+            let (alert_id, dest, role, status, attempts, delivered_at) = r.map_err(self.db())?;
+            let Some(role) = role.as_deref().and_then(crate::message::parse_role) else { continue };
+            sent.push(crate::stats::Sent {
+                alert_id,
+                channel: crate::stats::channel_of(&dest),
+                role,
+                status,
+                attempts: attempts.unwrap_or(0).clamp(0, i64::from(u32::MAX)) as u32,
+                delivered_at: time(delivered_at),
+            });
+        }
+        let mut acked = Vec::new();
+        for table in ["alerts", "incidents"] {
+            let mut stmt = self
+                .conn
+                .prepare_cached(&format!(
+                    "SELECT id, json_extract(body, '$.acks') FROM {table} WHERE json_array_length(body, '$.acks') > 0"
+                ))
+                .map_err(self.db())?;
+            let rows =
+                stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))).map_err(self.db())?;
+            for r in rows {
+                let (id, acks) = r.map_err(self.db())?;
+                let acks: Vec<crate::engine::AckInfo> = serde_json::from_str(&acks).map_err(self.corrupt("acks"))?;
+                acked.extend(acks.into_iter().map(|a| crate::stats::Acked {
+                    alert_id: id.clone(),
+                    role: a.role,
+                    at: a.at,
+                }));
+            }
+        }
+        Ok((sent, acked))
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::homes::{ChannelRef, Lang};
+    use crate::store::OutboxStatus;
+    use chrono::DateTime;
     use mamori_protocol::mqtt::{EventKind, Severity};
 
     fn t(s: i64) -> Time {
@@ -902,6 +640,35 @@ mod tests {
             data: Default::default(),
             clock: None,
         }
+    }
+
+    #[test]
+    fn keeps_the_store_contract() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = SqliteStore::open(dir.path()).unwrap();
+        crate::store::contract::check(&mut s);
+    }
+
+    #[test]
+    fn two_connections_appending_at_once_never_fork_the_audit_chain() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(SqliteStore::open(dir.path()).unwrap());
+        let writers: Vec<_> = (0..2)
+            .map(|w| {
+                let dir = dir.path().to_path_buf();
+                std::thread::spawn(move || {
+                    let mut s = SqliteStore::open_existing(&dir).unwrap();
+                    for i in 0..150 {
+                        crate::audit::append(&mut s, t(i), &format!("w{w}"), "-", "view_home", "h", "").unwrap();
+                    }
+                })
+            })
+            .collect();
+        for w in writers {
+            w.join().unwrap();
+        }
+        let s = SqliteStore::open_existing(dir.path()).unwrap();
+        assert!(matches!(crate::audit::verify(&s).unwrap(), crate::audit::Verdict::Intact { entries: 300, .. }));
     }
 
     #[test]

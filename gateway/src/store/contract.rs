@@ -1,0 +1,172 @@
+//! What every store backend must do, written once over the traits (`&mut dyn Store`), so
+//! a second backend is checked by the same tests as the first: each backend's test module
+//! calls [`check`] with a fresh, empty store.
+
+use chrono::Duration;
+use mamori_protocol::mqtt::{EventKind, HomeId, Role, Severity};
+
+use super::{OutboxRow, OutboxStatus, Store};
+use crate::accounts::{AccountRole, NewUser};
+use crate::audit::{self, Verdict};
+use crate::engine::Time;
+use crate::homes::{ChannelRef, Home, Lang};
+
+fn t(s: i64) -> Time {
+    chrono::DateTime::from_timestamp(1_790_000_000 + s, 0).unwrap()
+}
+
+fn home(id: &str) -> Home {
+    let mut h: Home = serde_json::from_value(serde_json::json!({
+        "id": id, "municipality": "431001", "label": id, "devices": [], "backup": [], "contacts": []
+    }))
+    .unwrap();
+    h.id = HomeId::new(id).unwrap();
+    h
+}
+
+fn row(key: &str, at: i64) -> OutboxRow {
+    OutboxRow {
+        key: key.into(),
+        alert_id: "a1".into(),
+        home: Some(HomeId::new("h").unwrap()),
+        role: Role::Family,
+        recipient: "母".into(),
+        channel: ChannelRef::Console("c".into()),
+        lang: Lang::Ja,
+        subject: "s".into(),
+        body: "b".into(),
+        content: serde_json::Value::Null,
+        created_at: t(at),
+        next_attempt_at: t(at),
+        attempts: 0,
+        status: OutboxStatus::Pending,
+        last_error: None,
+        delivered_at: None,
+        fallback_done: false,
+        conditional: false,
+    }
+}
+
+/// Every check, on a fresh empty store.
+pub(crate) fn check(s: &mut dyn Store) {
+    messages_and_outbox(s);
+    accounts(s);
+    audit_log(s);
+}
+
+fn messages_and_outbox(s: &mut dyn Store) {
+    let h = HomeId::new("h").unwrap();
+    s.upsert_homes(&[home("h")]).unwrap();
+    assert_eq!(s.homes().unwrap().len(), 1);
+    assert!(!s.has_messages().unwrap());
+    let ev = |seq: u64| mamori_protocol::mqtt::Event {
+        id: format!("b-{seq}"),
+        seq,
+        ts: t(seq as i64).fixed_offset(),
+        kind: EventKind::MainsLost,
+        severity: Severity::Critical,
+        source: None,
+        data: Default::default(),
+        clock: None,
+    };
+    // A batch rolled back leaves nothing; committed, an event is stored once.
+    s.begin().unwrap();
+    assert!(s.insert_event(&h, &ev(1), t(0)).unwrap());
+    assert!(s.enqueue(&row("k0", 0)).unwrap());
+    s.rollback();
+    assert_eq!(s.outbox_depth().unwrap(), 0);
+    s.begin().unwrap();
+    assert!(s.insert_event(&h, &ev(1), t(0)).unwrap());
+    assert!(!s.insert_event(&h, &ev(1), t(1)).unwrap(), "(home, seq) is unique");
+    s.commit().unwrap();
+    assert!(s.has_messages().unwrap());
+    assert_eq!(s.events_for(&h, 10).unwrap().len(), 1);
+    // The outbox: unique by key, due in order.
+    assert!(s.enqueue(&row("k2", 20)).unwrap());
+    assert!(s.enqueue(&row("k1", 10)).unwrap());
+    assert!(!s.enqueue(&row("k1", 10)).unwrap(), "same key, no second message");
+    assert_eq!(s.due(t(15), 10, &[]).unwrap().iter().map(|r| r.key.as_str()).collect::<Vec<_>>(), ["k1"]);
+    assert!(s.due(t(15), 10, &["console:c".into()]).unwrap().is_empty());
+    assert_eq!(s.next_due_after(t(10)).unwrap(), Some(t(20)));
+    let mut r = s.due(t(30), 10, &[]).unwrap().remove(0);
+    r.status = OutboxStatus::Delivered;
+    s.record_attempt(&r).unwrap();
+    assert_eq!(s.outbox_depth().unwrap(), 1);
+    s.set_meta("k", "v").unwrap();
+    assert_eq!(s.meta("k").unwrap().as_deref(), Some("v"));
+}
+
+fn accounts(s: &mut dyn Store) {
+    let new = NewUser {
+        username: "sato".into(),
+        display_name: "佐藤".into(),
+        role: AccountRole::Coordinator,
+        municipalities: vec!["431001".into()],
+        homes: vec![],
+    };
+    assert!(s.home_exists("h").unwrap() && !s.home_exists("nowhere").unwrap());
+    s.insert_user(&new, "hash-1", None, t(0)).unwrap();
+    let u = s.user_by_name("sato").unwrap().unwrap();
+    assert_eq!(
+        (u.role, u.municipalities.as_slice(), u.totp),
+        (AccountRole::Coordinator, &["431001".to_string()][..], false)
+    );
+    assert_eq!(s.user_by_id(u.id).unwrap().as_ref(), Some(&u));
+    assert_eq!(s.users().unwrap(), std::slice::from_ref(&u));
+    assert_eq!(s.user_by_name("nobody").unwrap(), None);
+
+    // A second factor's step is used once, even by two logins at once.
+    s.enrol_totp("sato", "enc1:x", 100).unwrap();
+    assert!(s.user_by_name("sato").unwrap().unwrap().totp);
+    assert!(!s.use_totp_step(u.id, 100).unwrap(), "the enrolling code's step is used");
+    assert!(s.use_totp_step(u.id, 101).unwrap());
+    assert!(!s.use_totp_step(u.id, 101).unwrap());
+    assert_eq!(s.login_secrets("sato").unwrap().unwrap().totp_last_step, 101);
+    assert_eq!(s.totp_secrets().unwrap(), [(u.id, "enc1:x".to_string())]);
+    s.set_totp_secret(u.id, "enc1:y").unwrap();
+    assert_eq!(s.login_secrets("sato").unwrap().unwrap().totp_secret.as_deref(), Some("enc1:y"));
+
+    // Sessions and tokens; a new password ends the one and revokes the other.
+    s.insert_session("sess", u.id, "csrf", t(0)).unwrap();
+    let row = s.session("sess").unwrap().unwrap();
+    assert_eq!((row.user_id, row.csrf.as_str(), row.created_at, row.last_seen), (u.id, "csrf", Some(t(0)), Some(t(0))));
+    s.touch_session("sess", t(60)).unwrap();
+    assert_eq!(s.session("sess").unwrap().unwrap().last_seen, Some(t(60)));
+    s.insert_token("tok", u.id, "laptop", t(0)).unwrap();
+    assert_eq!(s.token_user("tok").unwrap().map(|u| u.username), Some("sato".into()));
+    assert!(s.replace_password("sato", "hash-2").unwrap());
+    assert!(!s.replace_password("nobody", "hash-2").unwrap());
+    assert_eq!(s.login_secrets("sato").unwrap().unwrap().password_hash, "hash-2");
+    assert_eq!(s.session("sess").unwrap(), None, "a new password ends the sessions");
+    assert_eq!(s.token_user("tok").unwrap(), None, "and revokes the tokens");
+
+    s.insert_session("s2", u.id, "c2", t(0)).unwrap();
+    assert!(s.set_disabled("sato", true).unwrap());
+    assert!(s.user_by_name("sato").unwrap().unwrap().disabled);
+    s.end_sessions("sato").unwrap();
+    assert_eq!(s.session("s2").unwrap(), None);
+    assert!(!s.set_disabled("nobody", true).unwrap());
+    s.insert_session("s3", u.id, "c3", t(0)).unwrap();
+    s.delete_session("s3").unwrap();
+    assert_eq!(s.session("s3").unwrap(), None);
+
+    // Through the rules: a session older than its limit is ended.
+    let mut acc = crate::accounts::Accounts::new(s);
+    acc.set_disabled("sato", false).unwrap();
+    let token = acc.start_session(&u, t(0)).unwrap();
+    let (idle, max_age) = (Duration::minutes(30), Duration::hours(12));
+    assert!(acc.session(&token, t(60), idle, max_age).unwrap().is_some());
+    assert!(acc.session(&token, t(60) + Duration::minutes(31), idle, max_age).unwrap().is_none());
+}
+
+fn audit_log(s: &mut dyn Store) {
+    for i in 0..3 {
+        audit::append(s, t(i), "sato", "-", "view_home", &format!("home-{i}"), "").unwrap();
+    }
+    let newest: Vec<i64> = s.audit_before(None, 10).unwrap().iter().map(|e| e.seq).collect();
+    assert_eq!(newest, [3, 2, 1]);
+    assert_eq!(s.audit_before(Some(3), 1).unwrap()[0].seq, 2);
+    let oldest: Vec<i64> = s.audit_after(1, 10).unwrap().iter().map(|e| e.seq).collect();
+    assert_eq!(oldest, [2, 3]);
+    assert!(matches!(audit::verify(s).unwrap(), Verdict::Intact { entries: 3, .. }));
+}
