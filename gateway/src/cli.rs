@@ -9,7 +9,6 @@ use std::time::Duration;
 
 use crate::config::Config;
 use crate::homes::HomesFile;
-use crate::message::parse_role;
 use crate::{clock, pki, run};
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
@@ -766,7 +765,7 @@ pub fn main() -> ExitCode {
                     println!("{}", serde_json::to_string(&a).unwrap_or_default());
                 } else {
                     let ack =
-                        a.acknowledged.as_ref().map(|k| format!("ack by {:?} {}", k.role, k.by)).unwrap_or_default();
+                        a.acknowledged.as_ref().map(|k| format!("ack by {} {}", k.role, k.by)).unwrap_or_default();
                     let state = if a.cleared_at.is_some() { "cleared" } else { "active" };
                     println!(
                         "{}\t{}\t{}\t{:?}\t{:?}\t{state}\tsince {}\t{ack}",
@@ -786,7 +785,7 @@ pub fn main() -> ExitCode {
                 Ok(c) => c,
                 Err(code) => return code,
             };
-            let Some(role) = parse_role(&role) else {
+            let Ok(role) = role.parse::<mamori_protocol::mqtt::Role>() else {
                 eprintln!("--role: expected family, coordinator, visiting_nurse, facility, support_centre or admin");
                 return ExitCode::from(2);
             };

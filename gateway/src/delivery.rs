@@ -65,10 +65,8 @@ pub fn expand(n: &Notification, style: &Style) -> Vec<OutboxRow> {
             .chain(contact.then.iter().filter(|_| is_alert).map(|s| (s.after_min, &s.channels, true)));
         for (after_min, channels, conditional) in steps {
             for ch in channels {
-                let role_name =
-                    serde_json::to_value(role).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default();
                 rows.push(OutboxRow {
-                    key: format!("{}:{role_name}:{}:{}", n.key, contact.name, ch.key()),
+                    key: format!("{}:{}:{}:{}", n.key, role.as_str(), contact.name, ch.key()),
                     alert_id: n.alert_id.clone(),
                     home: n.home.clone(),
                     role: *role,

@@ -1204,7 +1204,7 @@ impl Engine {
             }
         }
         let mut data = serde_json::Map::new();
-        data.insert("role".into(), serde_json::to_value(role).unwrap_or_default());
+        data.insert("role".into(), role.as_str().into());
         data.insert("recipient".into(), name.into());
         data.insert("alert_id".into(), alert_id.into());
         self.raise(&home, "delivery_failed", Severity::Warning, now, None, data, now);

@@ -504,6 +504,43 @@ pub enum Role {
     Admin,
 }
 
+impl Role {
+    /// Every role.
+    pub const ALL: [Role; 6] =
+        [Role::Family, Role::Coordinator, Role::VisitingNurse, Role::Facility, Role::SupportCentre, Role::Admin];
+
+    /// Its wire name, the one spelling used everywhere (JSON, links, outbox keys, the store).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Family => "family",
+            Role::Coordinator => "coordinator",
+            Role::VisitingNurse => "visiting_nurse",
+            Role::Facility => "facility",
+            Role::SupportCentre => "support_centre",
+            Role::Admin => "admin",
+        }
+    }
+}
+
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A role name that names no role.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0:?} is not a role (expected family, coordinator, visiting_nurse, facility, support_centre or admin)")]
+pub struct UnknownRole(pub String);
+
+impl std::str::FromStr for Role {
+    type Err = UnknownRole;
+
+    fn from_str(s: &str) -> Result<Role, UnknownRole> {
+        Role::ALL.into_iter().find(|r| r.as_str() == s).ok_or_else(|| UnknownRole(s.to_string()))
+    }
+}
+
 /// `mamori/v1/{home}/ack`: an alert about this home was acknowledged.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Ack {
@@ -622,6 +659,16 @@ pub fn encode<M: Message>(msg: &M) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_role_has_one_wire_name_in_json_in_text_and_back() {
+        for r in Role::ALL {
+            assert_eq!(serde_json::to_value(r).unwrap(), serde_json::Value::String(r.as_str().into()));
+            assert_eq!(r.to_string().parse::<Role>(), Ok(r));
+        }
+        assert_eq!("mayor".parse::<Role>(), Err(UnknownRole("mayor".into())));
+        assert!("Family".parse::<Role>().is_err(), "no second spelling");
+    }
 
     fn ts(s: &str) -> Timestamp {
         chrono::DateTime::parse_from_rfc3339(s).unwrap()

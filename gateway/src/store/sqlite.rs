@@ -406,7 +406,7 @@ impl Store for SqliteStore {
     }
 
     fn request_ack(&mut self, alert_id: &str, role: Role, by: &str, note: Option<&str>) -> Result<i64, StoreError> {
-        let role = serde_json::to_value(role).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default();
+        let role = role.as_str();
         self.conn
             .execute(
                 "INSERT INTO ack_requests (alert_id, role, by, note, requested_at) VALUES (?1, ?2, ?3, ?4, ?5)",
@@ -429,7 +429,7 @@ impl Store for SqliteStore {
         let mut out = Vec::new();
         for r in rows {
             let (id, alert_id, role, by, note) = r.map_err(self.db())?;
-            let role = crate::message::parse_role(&role).ok_or(role);
+            let role = role.parse::<Role>().map_err(|_| role);
             out.push(AckRequest { id, alert_id, role, by, note });
         }
         Ok(out)
@@ -583,7 +583,7 @@ impl Store for SqliteStore {
         let mut sent = Vec::new();
         for r in rows {
             let (alert_id, dest, role, status, attempts, delivered_at) = r.map_err(self.db())?;
-            let Some(role) = role.as_deref().and_then(crate::message::parse_role) else { continue };
+            let Some(role) = role.as_deref().and_then(|r| r.parse::<Role>().ok()) else { continue };
             sent.push(crate::stats::Sent {
                 alert_id,
                 channel: crate::stats::channel_of(&dest),

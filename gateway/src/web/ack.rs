@@ -13,10 +13,9 @@ use mamori_protocol::mqtt::Role;
 use serde::Deserialize;
 
 use super::{escape, App, Client, WebRequest};
-use crate::message::parse_role;
 
 fn check(app: &App, alert: &str, role: &str, sig: &str) -> Option<Role> {
-    let role = parse_role(role)?;
+    let role: Role = role.parse().ok()?;
     (alert.len() <= 64 && app.style.verify(alert, role, sig)).then_some(role)
 }
 
@@ -68,7 +67,7 @@ pub async fn ack_post(
         Ok(()) => {
             let client = client.text();
             tracing::info!(alert = %alert, role = ?role, %client, "acknowledged from a link");
-            let actor = format!("link:{}", crate::message::role_name(role));
+            let actor = format!("link:{}", role.as_str());
             app.audit(&actor, &client, "ack", &alert, &detail).await;
             page(StatusCode::OK, "<p>確認を記録しました。ありがとうございます。 / Acknowledged. Thank you.</p>")
         }
@@ -137,7 +136,7 @@ pub async fn voice_ack(
         Ok(()) => {
             let client = client.text();
             tracing::info!(alert = %alert, role = ?role, %client, "acknowledged by a key pressed in a call");
-            let actor = format!("voice:{}", crate::message::role_name(role));
+            let actor = format!("voice:{}", role.as_str());
             app.audit(&actor, &client, "ack", &alert, "").await;
             twiml(
                 StatusCode::OK,

@@ -197,7 +197,7 @@ pub async fn metrics(State(app): State<App>) -> Response {
 
 /// The delivery statistics as metrics (roles and channels only: no home, no name).
 pub fn render_delivery(stats: &crate::stats::DeliveryStats, out: &mut String) {
-    let role = crate::message::role_name;
+    let role = |r: mamori_protocol::mqtt::Role| r.as_str();
     out.push_str("# HELP mamori_deliveries Outbox rows within the retention by channel, role and status.\n# TYPE mamori_deliveries gauge\n");
     for ((channel, r), c) in &stats.by {
         for (status, n) in [
