@@ -410,7 +410,7 @@ fn audit_command(command: AuditCommand) -> ExitCode {
         Ok(c) => c,
         Err(code) => return code,
     };
-    let store = match crate::store::open(&c.data_dir) {
+    let store = match c.store_location().map_err(anyhow::Error::msg).and_then(|at| Ok(crate::store::open(&at)?)) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("mamori-gateway: {e}");
@@ -545,8 +545,13 @@ pub fn main() -> ExitCode {
                         // migration) may work on the next try: exit 1, which systemd restarts.
                         // No database, a bad config or homes file: the operator's to fix (2).
                         let transient = e.chain().any(|c| {
-                            c.downcast_ref::<crate::store::StoreError>()
-                                .is_some_and(|s| !matches!(s, crate::store::StoreError::Missing { .. }))
+                            c.downcast_ref::<crate::store::StoreError>().is_some_and(|s| {
+                                !matches!(
+                                    s,
+                                    crate::store::StoreError::Missing { .. }
+                                        | crate::store::StoreError::NoSchema { .. }
+                                )
+                            })
                         });
                         return ExitCode::from(if transient { 1 } else { 2 });
                     }
@@ -578,10 +583,23 @@ pub fn main() -> ExitCode {
                 Ok(c) => c,
                 Err(code) => return code,
             };
-            let file = crate::store::SqliteStore::file(&c.data_dir);
-            let existed = file.exists();
+            let at = match c.store_location() {
+                Ok(at) => at,
+                Err(e) => {
+                    eprintln!("mamori-gateway: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            let file = at.describe();
+            let existed = match at.exists() {
+                Ok(e) => e,
+                Err(e) => {
+                    eprintln!("mamori-gateway: {e}");
+                    return ExitCode::from(1);
+                }
+            };
             if existed && !adopt_broker_session {
-                eprintln!("mamori-gateway: {} exists already: nothing done", file.display());
+                eprintln!("mamori-gateway: {file} exists already: nothing done");
                 return ExitCode::from(2);
             }
             let result = run::open_store(&c).and_then(|mut s| {
@@ -593,14 +611,10 @@ pub fn main() -> ExitCode {
             match result {
                 Ok(homes) => {
                     if !existed {
-                        println!("created {} with {homes} homes", file.display());
+                        println!("created {file} with {homes} homes");
                     }
                     if adopt_broker_session {
-                        println!(
-                            "{} takes over the broker session of client id `{}`",
-                            file.display(),
-                            c.broker.client_id
-                        );
+                        println!("{file} takes over the broker session of client id `{}`", c.broker.client_id);
                     }
                     ExitCode::SUCCESS
                 }

@@ -79,6 +79,29 @@ pub struct Config {
     /// snapshot still updates the home's state; a change of mains is always stored).
     #[serde(default = "default_history_every_s")]
     pub telemetry_history_every_s: u32,
+    /// Where the store is: SQLite in `data_dir` unless `[store] postgres` names a database.
+    #[serde(default)]
+    pub store: StoreConfig,
+}
+
+/// `[store]`: SQLite (the default, in `data_dir`) or PostgreSQL.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    /// A PostgreSQL database, as libpq connection settings
+    /// (`host=db.example port=5432 user=mamori dbname=mamori`) or a `postgresql://` URL,
+    /// without its password.
+    pub postgres: Option<String>,
+    /// The database password (`{ file = ... }` or `{ env = ... }`).
+    pub postgres_password: Option<Secret>,
+    /// The longest one store call may take, s (PostgreSQL's `statement_timeout` as well).
+    pub timeout_s: u32,
+}
+
+impl Default for StoreConfig {
+    fn default() -> StoreConfig {
+        StoreConfig { postgres: None, postgres_password: None, timeout_s: 10 }
+    }
 }
 
 /// Someone who hears about the gateway itself.
@@ -131,6 +154,18 @@ pub struct PkiConfig {
 }
 
 impl Config {
+    /// Where the store is (the password read now, from its file or variable).
+    pub fn store_location(&self) -> Result<crate::store::Location, String> {
+        let Some(conn) = &self.store.postgres else {
+            return Ok(crate::store::Location::Sqlite(self.data_dir.clone()));
+        };
+        let password = self.store.postgres_password.as_ref().map(|p| p.resolve()).transpose()?;
+        let timeout = std::time::Duration::from_secs(u64::from(self.store.timeout_s));
+        crate::store::pg::PgLocation::parse(conn, password.as_deref(), timeout)
+            .map(|at| crate::store::Location::Postgres(Box::new(at)))
+            .map_err(|e| format!("store.postgres: {e}"))
+    }
+
     /// The PKI folder.
     pub fn pki_dir(&self) -> PathBuf {
         self.pki.dir.clone().unwrap_or_else(|| self.data_dir.join("pki"))
@@ -507,6 +542,16 @@ impl Config {
         if c.broker.tls.is_none() && !is_loopback(&c.broker.host) {
             bad("broker.tls", "a [broker.tls] section: plain MQTT is only allowed to a loopback broker");
         }
+        if !(1..=300).contains(&c.store.timeout_s) {
+            bad("store.timeout_s", "1 to 300 seconds");
+        }
+        if let Some(conn) = &c.store.postgres {
+            if let Err(e) = crate::store::pg::PgLocation::parse(conn, None, std::time::Duration::from_secs(10)) {
+                bad("store.postgres", &format!("PostgreSQL connection settings without a password ({e})"));
+            }
+        } else if c.store.postgres_password.is_some() {
+            bad("store.postgres_password", "a [store] postgres database to go with it");
+        }
         if c.http.tls_cert_file.is_some() != c.http.tls_key_file.is_some() {
             bad("http.tls_key_file", "both `tls_cert_file` and `tls_key_file`, or neither");
         }
@@ -807,6 +852,32 @@ template = '{"to":"{to}","text":"{text}"}'
         assert!(e.contains("key `public_url`"), "{e}");
         let e = Config::parse(&GOOD.replace("port = 1883", "port = \"x\""), Path::new("g.toml")).unwrap_err();
         assert!(e.to_string().contains("g.toml") && e.to_string().contains("port"), "{e}");
+    }
+
+    #[test]
+    fn the_store_is_sqlite_unless_a_postgresql_database_is_named_without_its_password() {
+        let c = Config::parse(GOOD, Path::new("/etc/mamori/gateway.toml")).unwrap();
+        assert!(
+            matches!(c.store_location(), Ok(crate::store::Location::Sqlite(d)) if d == Path::new("/etc/mamori/data"))
+        );
+        let with = |store: &str| Config::parse(&format!("{GOOD}[store]\n{store}"), Path::new("g.toml"));
+        let c =
+            with("postgres = \"host=db.example user=mamori dbname=mamori\"\npostgres_password = { value = \"pw\" }\n")
+                .unwrap();
+        let Ok(crate::store::Location::Postgres(at)) = c.store_location() else { panic!("postgres") };
+        assert_eq!(at.target, "postgres db.example:5432/mamori");
+        for (store, key) in [
+            ("postgres = \"host=db password=hunter2\"\n", "store.postgres"),
+            ("postgres = \"host='unclosed\"\n", "store.postgres"),
+            ("postgres_password = { value = \"pw\" }\n", "store.postgres_password"),
+            ("postgres = \"host=db\"\ntimeout_s = 0\n", "store.timeout_s"),
+        ] {
+            let e = with(store).unwrap_err().to_string();
+            assert!(e.contains(&format!("key `{key}`")) && !e.contains("hunter2"), "{store}: {e}");
+        }
+        // The password's file is read when the store is opened, and a missing one is said.
+        let c = with("postgres = \"host=db\"\npostgres_password = { file = \"/nonexistent/pw\" }\n").unwrap();
+        assert!(c.store_location().unwrap_err().contains("/nonexistent/pw"));
     }
 
     #[test]

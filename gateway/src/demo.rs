@@ -410,7 +410,7 @@ fn demo_accounts(config: &Config) -> anyhow::Result<()> {
 }
 
 fn open_incident(store_dir: &Path) -> anyhow::Result<Option<String>> {
-    let store = crate::store::open(store_dir)?;
+    let store = crate::store::open(&crate::store::Location::Sqlite(store_dir.to_path_buf()))?;
     Ok(store.open_incidents()?.into_iter().next().map(|i| i.id))
 }
 

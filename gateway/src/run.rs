@@ -164,9 +164,11 @@ pub fn style(config: &Config) -> anyhow::Result<Style> {
 /// Open the store for an admin command, creating it if needed, and import the config's
 /// homes file, if any.
 pub fn open_store(config: &Config) -> anyhow::Result<Box<dyn Store>> {
-    std::fs::create_dir_all(&config.data_dir)
-        .with_context(|| format!("cannot create data_dir {}", config.data_dir.display()))?;
-    let mut store = crate::store::open(&config.data_dir)?;
+    let at = config.store_location().map_err(anyhow::Error::msg)?;
+    if let Some(dir) = at.sqlite_dir() {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create data_dir {}", dir.display()))?;
+    }
+    let mut store = crate::store::open(&at)?;
     import_homes(config, store.as_mut())?;
     Ok(store)
 }
@@ -175,7 +177,7 @@ pub fn open_store(config: &Config) -> anyhow::Result<Box<dyn Store>> {
 /// plans that changed only, and when the store refuses the write (a full disk), the stored
 /// plans are used and the gateway starts degraded rather than not at all.
 pub fn open_existing_store(config: &Config) -> anyhow::Result<Box<dyn Store>> {
-    let mut store = crate::store::open_existing(&config.data_dir)?;
+    let mut store = crate::store::open_existing(&config.store_location().map_err(anyhow::Error::msg)?)?;
     if let Some(path) = &config.homes_file {
         let file = HomesFile::load(path, &config.known())?;
         let stored: BTreeMap<HomeId, crate::homes::Home> =
@@ -302,12 +304,12 @@ fn notify_operators(sender: Sender, mut rx: mpsc::Receiver<NoticeJob>, public_ur
 }
 
 /// The history pruner: on its own thread and connection, in small batches, every ten minutes.
-fn spawn_pruner(dir: std::path::PathBuf, retention_h: u32) -> std::sync::mpsc::Sender<()> {
+fn spawn_pruner(at: crate::store::Location, retention_h: u32) -> std::sync::mpsc::Sender<()> {
     let (stop, rx) = std::sync::mpsc::channel::<()>();
     std::thread::Builder::new()
         .name("mamori-prune".into())
         .spawn(move || {
-            let mut store = match crate::store::open_existing(&dir) {
+            let mut store = match crate::store::open_existing(&at) {
                 Ok(s) => s,
                 Err(e) => return tracing::warn!(error = %e, "pruner: cannot open the store"),
             };
@@ -367,6 +369,8 @@ impl Drop for WebRuntime {
 pub struct Service {
     config: Config,
     store: Box<dyn Store>,
+    /// Where the store is, for the web's and the pruner's own connections.
+    store_at: crate::store::Location,
     engine: Engine,
     style: Style,
     sender: Sender,
@@ -412,6 +416,7 @@ impl Service {
     /// Build the service: open the existing store, load homes and state, resolve secrets.
     pub fn new(config: Config, console: mpsc::Sender<String>) -> anyhow::Result<Service> {
         let style = style(&config)?;
+        let store_at = config.store_location().map_err(anyhow::Error::msg)?;
         let mut store = open_existing_store(&config)?;
         let engine = load_engine(&config, store.as_ref())?;
         let mut endpoints = BTreeMap::new();
@@ -491,6 +496,7 @@ impl Service {
             dispatcher: Dispatcher::new(&config.delivery),
             config,
             store,
+            store_at,
             engine,
             style,
             sender,
@@ -1225,7 +1231,7 @@ impl Service {
             proxies,
             tx: web_tx,
             snapshot: self.snapshot.subscribe(),
-            db: Arc::new(std::sync::Mutex::new(crate::store::open_existing(&self.config.data_dir)?)),
+            db: Arc::new(std::sync::Mutex::new(crate::store::open_existing(&self.store_at)?)),
             throttle: Default::default(),
             counters: self.counters.clone(),
             health: self.health.clone(),
@@ -1275,7 +1281,7 @@ impl Service {
         // (this gateway was not running) is the centre's downtime.
         self.engine.set_uplink(false, Time::MIN_UTC);
 
-        let pruner = spawn_pruner(self.config.data_dir.clone(), self.config.telemetry_retention_h);
+        let pruner = spawn_pruner(self.store_at.clone(), self.config.telemetry_retention_h);
         let broker_addr = format!("{}:{port}", self.config.broker.host)
             .parse()
             .unwrap_or_else(|_| std::net::SocketAddr::from(([127, 0, 0, 1], port)));

@@ -9,6 +9,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
+use mamori_tests::postgres::TestDb;
 use mamori_tests::process::{Collector, Process};
 use mamori_tests::smtp::SmtpReceiver;
 use mamori_tests::webhook::{Delivery, WebhookReceiver};
@@ -24,6 +25,11 @@ struct Setup {
 }
 
 fn setup(broker_port: u16, hook: &WebhookReceiver, escalate_after_s: u64) -> Result<Setup> {
+    setup_on(broker_port, hook, escalate_after_s, "")
+}
+
+/// `store`: a `[store]` section (empty: SQLite in the test's folder).
+fn setup_on(broker_port: u16, hook: &WebhookReceiver, escalate_after_s: u64, store: &str) -> Result<Setup> {
     let dir = tempfile::tempdir()?;
     let http_port = free_port()?;
     std::fs::write(
@@ -74,7 +80,7 @@ secret = {{ value = "hook-secret" }}
 [endpoints.coord]
 url = "{hook}/coord"
 secret = {{ value = "hook-secret" }}
-"#,
+{store}"#,
             hook = hook.url()
         ),
     )?;
@@ -170,9 +176,19 @@ fn an_outage_is_delivered_signed_escalates_and_the_ack_link_reaches_the_agent() 
 
 #[test]
 fn sigkill_mid_escalation_resumes_on_time_and_sends_nothing_twice() -> Result<()> {
+    sigkill_mid_escalation("")
+}
+
+#[test]
+fn on_postgresql_sigkill_mid_escalation_resumes_on_time_and_sends_nothing_twice() -> Result<()> {
+    let db = TestDb::new()?;
+    sigkill_mid_escalation(&db.store_toml())
+}
+
+fn sigkill_mid_escalation(store: &str) -> Result<()> {
     let broker = Mosquitto::start("")?;
     let hook = WebhookReceiver::start("hook-secret")?;
-    let s = setup(broker.port(), &hook, 6)?;
+    let s = setup_on(broker.port(), &hook, 6, store)?;
     let mut gw = gateway(&s.config)?;
     let published = std::time::Instant::now();
     publish(broker.port(), &[event(1, "ventilator_alarm")])?;
@@ -202,6 +218,44 @@ fn sigkill_mid_escalation_resumes_on_time_and_sends_nothing_twice() -> Result<()
     keys.dedup();
     assert_eq!(keys.len(), n, "a key delivered twice: {d:?}");
     assert_eq!(d.iter().filter(|x| x.path == "/family").count(), 1, "the family was paged once");
+    Ok(())
+}
+
+#[test]
+fn on_postgresql_run_needs_init_and_a_cut_database_connection_loses_nothing_and_sends_nothing_twice() -> Result<()> {
+    let db = TestDb::new()?;
+    let broker = Mosquitto::start("")?;
+    let hook = WebhookReceiver::start("hook-secret")?;
+    let s = setup_on(broker.port(), &hook, 3600, &db.store_toml())?;
+    let config = s.config.to_str().unwrap_or_default();
+    // `run` never creates the tables: it says how to, and exits 2 (not restarted).
+    let out = cli(&["run", "--config", config])?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("has no mamori tables") && err.contains("mamori-gateway init"), "{err}");
+    let out = cli(&["init", "--config", config])?;
+    assert!(out.status.success() && String::from_utf8_lossy(&out.stdout).contains("with 1 homes"), "{out:?}");
+    let out = cli(&["init", "--config", config])?;
+    assert_eq!(out.status.code(), Some(2), "a second init does nothing: {out:?}");
+
+    let gw = gateway(&s.config)?;
+    publish(broker.port(), &[event(1, "ventilator_alarm")])?;
+    hook.wait("the first alert", LIMIT, |d| {
+        d.iter().any(|x| to("/family")(x) && x.body["content"]["kind"] == "ventilator_alarm")
+    })?;
+    // The database drops every connection (a restart, a failover): the next message still
+    // arrives, once, and the gateway says it was degraded and recovered.
+    db.cut_connections()?;
+    publish(broker.port(), &[event(2, "spo2_low")])?;
+    let d = hook.wait("the alert after the cut", Duration::from_secs(30), |d| {
+        d.iter().any(|x| to("/family")(x) && x.body["content"]["kind"] == "spo2_low")
+    })?;
+    let family: Vec<&Delivery> = d.iter().filter(|x| to("/family")(x)).collect();
+    assert_eq!(family.len(), 2, "each alert once: {d:?}");
+    let out = cli(&["alerts", "list", "--config", config])?;
+    let listed = String::from_utf8_lossy(&out.stdout);
+    assert!(listed.contains("ventilator_alarm") && listed.contains("spo2_low"), "{listed}");
+    drop(gw);
     Ok(())
 }
 

@@ -109,7 +109,10 @@ fn fixture(dir: &Path) -> Parts {
     let homes = HomesFile::parse(HOMES, Path::new("homes.toml"), &Known::default()).unwrap();
     let settings = Settings { incident_min_homes: 2, ..Settings::default() };
     let mut engine = Engine::new(settings, Policies::default());
-    mamori_gateway::store::open(dir).unwrap().upsert_homes(&homes.homes).unwrap();
+    mamori_gateway::store::open(&mamori_gateway::store::Location::Sqlite(dir.to_path_buf()))
+        .unwrap()
+        .upsert_homes(&homes.homes)
+        .unwrap();
     for h in homes.homes {
         engine.upsert_home(h);
     }
@@ -152,7 +155,9 @@ fn fixture(dir: &Path) -> Parts {
             let _ = reply.send(r);
         }
     });
-    let db = Arc::new(Mutex::new(mamori_gateway::store::open(dir).unwrap()));
+    let db = Arc::new(Mutex::new(
+        mamori_gateway::store::open(&mamori_gateway::store::Location::Sqlite(dir.to_path_buf())).unwrap(),
+    ));
     let argon2 = Arc::new(tokio::sync::Semaphore::new(mamori_gateway::web::ARGON2_AT_ONCE));
     let app = App {
         style: Style {

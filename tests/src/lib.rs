@@ -25,6 +25,7 @@ pub mod line;
 pub mod netcut;
 pub mod nut;
 pub mod pki;
+pub mod postgres;
 pub mod process;
 pub mod procfs;
 pub mod site;

@@ -47,19 +47,69 @@ use crate::homes::{ChannelRef, Home, Lang};
 
 #[cfg(test)]
 mod contract;
+pub mod pg;
+mod pg_accounts;
 mod sqlite;
 mod sqlite_accounts;
 
 pub use sqlite::{SqliteStore, MIGRATIONS};
 
-/// Open (creating and migrating) the store in a data folder: `init`, the CLI, the demo.
-pub fn open(dir: &Path) -> Result<Box<dyn Store>, StoreError> {
-    Ok(Box::new(SqliteStore::open(dir)?))
+/// Where the store is: the config's `[store]` ([`crate::config::Config::store_location`]).
+#[derive(Debug, Clone)]
+pub enum Location {
+    /// SQLite: `mamori.db` in this folder (the default).
+    Sqlite(PathBuf),
+    /// PostgreSQL.
+    Postgres(Box<pg::PgLocation>),
 }
 
-/// Open an existing store ([`StoreError::Missing`] when there is none): `run` never creates one.
-pub fn open_existing(dir: &Path) -> Result<Box<dyn Store>, StoreError> {
-    Ok(Box::new(SqliteStore::open_existing(dir)?))
+impl Location {
+    /// What to call it in messages (a file, or host, port and database; never a password).
+    pub fn describe(&self) -> String {
+        match self {
+            Location::Sqlite(dir) => SqliteStore::file(dir).display().to_string(),
+            Location::Postgres(at) => at.target.clone(),
+        }
+    }
+
+    /// Whether the store is there already: the SQLite file, or mamori's tables in the
+    /// PostgreSQL database (an unreachable database is an error, not "no").
+    pub fn exists(&self) -> Result<bool, StoreError> {
+        match self {
+            Location::Sqlite(dir) => Ok(SqliteStore::file(dir).exists()),
+            Location::Postgres(at) => match pg::PgStore::open(at, false) {
+                Ok(_) => Ok(true),
+                Err(StoreError::NoSchema { .. }) => Ok(false),
+                Err(e) => Err(e),
+            },
+        }
+    }
+
+    /// The SQLite folder, when it is one.
+    pub fn sqlite_dir(&self) -> Option<&Path> {
+        match self {
+            Location::Sqlite(d) => Some(d),
+            Location::Postgres(_) => None,
+        }
+    }
+}
+
+/// Open (creating the SQLite file, or the schema in an existing PostgreSQL database, and
+/// migrating) the store: `init`, the CLI, the demo.
+pub fn open(at: &Location) -> Result<Box<dyn Store>, StoreError> {
+    match at {
+        Location::Sqlite(dir) => Ok(Box::new(SqliteStore::open(dir)?)),
+        Location::Postgres(at) => Ok(Box::new(pg::PgStore::open(at, true)?)),
+    }
+}
+
+/// Open an existing store ([`StoreError::Missing`] or [`StoreError::NoSchema`] when there is
+/// none): `run` never creates one.
+pub fn open_existing(at: &Location) -> Result<Box<dyn Store>, StoreError> {
+    match at {
+        Location::Sqlite(dir) => Ok(Box::new(SqliteStore::open_existing(dir)?)),
+        Location::Postgres(at) => Ok(Box::new(pg::PgStore::open(at, false)?)),
+    }
 }
 
 /// A store failure.
@@ -91,10 +141,27 @@ pub enum StoreError {
         /// The file that should exist.
         path: PathBuf,
     },
+    /// A PostgreSQL database refused, or could not be reached in time.
+    #[error("database {target}: {detail}")]
+    Postgres {
+        /// Which database (host, port, name; never a password).
+        target: String,
+        /// Why.
+        detail: String,
+    },
+    /// `run` found a PostgreSQL database without mamori's tables.
+    #[error(
+        "database {target} has no mamori tables: if this is a new installation, create them with \
+         `mamori-gateway init --config <file>` first; otherwise check that the config names the right database"
+    )]
+    NoSchema {
+        /// Which database.
+        target: String,
+    },
     /// A stored row does not decode (written by a newer version, or damaged).
     #[error("database {path}: a stored {what} does not decode: {detail}")]
     Corrupt {
-        /// The file.
+        /// The file or database.
         path: PathBuf,
         /// What.
         what: &'static str,

@@ -1,0 +1,838 @@
+//! The PostgreSQL store: the same tables, guarantees and tests as SQLite (`contract.rs`), in a
+//! database that several gateways can share (issue: beyond one machine).
+//!
+//! ## Shape
+//! - One connection per [`PgStore`], owned by a thread of its own. The synchronous `postgres`
+//!   client runs its own small runtime and must not be driven from an async task, and the
+//!   service calls its store from one; so every call is a job sent to that thread, and its
+//!   answer is awaited for at most `timeout_s` (the server's `statement_timeout` is the same,
+//!   so a statement that overruns is cancelled there too). A store that does not answer in
+//!   time is an error like any other: the service degrades and tries again.
+//! - A lost connection is made again on the next call, except inside a transaction: then the
+//!   call fails (the batch is rolled back by the caller and its messages are not acknowledged),
+//!   so no half of a batch is ever committed on a new connection.
+//! - Times are stored as fixed-width UTC text, as in SQLite, so both order the same way;
+//!   message bodies as JSON text.
+//! - Migrations: `mamori_schema(version)`, applied in order under a transaction-scoped advisory
+//!   lock, so two gateways starting at once do not both migrate.
+//! - The accounts and audit rows are in `pg_accounts.rs`. The audit log: an append locks the table (`SHARE ROW EXCLUSIVE`, which conflicts with
+//!   itself), and a trigger refuses `UPDATE`, `DELETE` and `TRUNCATE`.
+//!
+//! ## Not yet
+//! - The connection is not encrypted (`NoTls`): keep the database on loopback or a private
+//!   network until TLS is added.
+
+use std::str::FromStr;
+use std::sync::mpsc;
+use std::time::Duration;
+
+use ::postgres::{Client, NoTls, Row};
+use mamori_protocol::mqtt::{Event, HomeId, Role, Status, Telemetry};
+
+use super::{
+    history_json, parse_ts, ts, AckRequest, OutboxRow, Store, StoreError, META_CREATED_AT, META_FIRST_MESSAGE_AT,
+};
+use crate::accounts::{AccountRole, User};
+use crate::audit::Entry;
+use crate::engine::{Alert, HomeState, Incident, Time};
+use crate::homes::Home;
+
+/// The schema, by version.
+pub const PG_MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE homes (id TEXT PRIMARY KEY, municipality TEXT NOT NULL, plan TEXT NOT NULL, updated_at TEXT NOT NULL);
+CREATE TABLE home_state (id TEXT PRIMARY KEY, state TEXT NOT NULL);
+CREATE TABLE events (home TEXT NOT NULL, seq BIGINT NOT NULL, id TEXT NOT NULL, ts TEXT NOT NULL, kind TEXT NOT NULL,
+    received_at TEXT NOT NULL, payload TEXT NOT NULL, PRIMARY KEY (home, seq));
+CREATE INDEX events_home_ts ON events (home, ts);
+CREATE TABLE telemetry (n BIGSERIAL PRIMARY KEY, home TEXT NOT NULL, ts TEXT NOT NULL, received_at TEXT NOT NULL,
+    payload TEXT NOT NULL);
+CREATE INDEX telemetry_home_ts ON telemetry (home, ts);
+CREATE INDEX telemetry_received ON telemetry (received_at);
+CREATE TABLE status (n BIGSERIAL PRIMARY KEY, home TEXT NOT NULL, received_at TEXT NOT NULL, payload TEXT NOT NULL);
+CREATE INDEX status_received ON status (received_at);
+CREATE TABLE alerts (id TEXT PRIMARY KEY, home TEXT NOT NULL, kind TEXT NOT NULL, raised_at TEXT NOT NULL,
+    cleared_at TEXT, body TEXT NOT NULL);
+CREATE INDEX alerts_active ON alerts (cleared_at, raised_at);
+CREATE INDEX alerts_home ON alerts (home, raised_at);
+CREATE TABLE incidents (id TEXT PRIMARY KEY, municipality TEXT NOT NULL, closed_at TEXT, body TEXT NOT NULL);
+CREATE TABLE outbox (n BIGSERIAL, key TEXT PRIMARY KEY, alert_id TEXT NOT NULL, status TEXT NOT NULL,
+    next_attempt_at TEXT NOT NULL, body TEXT NOT NULL, dest TEXT NOT NULL DEFAULT '');
+CREATE INDEX outbox_due ON outbox (status, next_attempt_at, dest);
+CREATE INDEX outbox_alert ON outbox (alert_id);
+CREATE TABLE ack_requests (id BIGSERIAL PRIMARY KEY, alert_id TEXT NOT NULL, role TEXT NOT NULL,
+    by TEXT NOT NULL, note TEXT, requested_at TEXT NOT NULL, result TEXT);
+CREATE TABLE users (id BIGSERIAL PRIMARY KEY, username TEXT NOT NULL UNIQUE, display_name TEXT NOT NULL,
+    role TEXT NOT NULL, municipalities TEXT NOT NULL, homes TEXT NOT NULL, password_hash TEXT NOT NULL,
+    totp_secret TEXT, totp_last_step BIGINT NOT NULL DEFAULT 0, disabled BOOLEAN NOT NULL DEFAULT FALSE,
+    created_at TEXT NOT NULL);
+CREATE TABLE sessions (id_hash TEXT PRIMARY KEY, user_id BIGINT NOT NULL REFERENCES users (id), csrf TEXT NOT NULL,
+    created_at TEXT NOT NULL, last_seen TEXT NOT NULL);
+CREATE TABLE api_tokens (id BIGSERIAL PRIMARY KEY, token_hash TEXT NOT NULL UNIQUE,
+    user_id BIGINT NOT NULL REFERENCES users (id), name TEXT NOT NULL, created_at TEXT NOT NULL,
+    revoked BOOLEAN NOT NULL DEFAULT FALSE);
+CREATE TABLE audit (seq BIGINT PRIMARY KEY, at TEXT NOT NULL, actor TEXT NOT NULL, ip TEXT NOT NULL, action TEXT NOT NULL,
+    target TEXT NOT NULL, detail TEXT NOT NULL, prev TEXT NOT NULL, hash TEXT NOT NULL);
+CREATE FUNCTION mamori_audit_append_only() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN RAISE EXCEPTION 'the audit log is append-only'; END $$;
+CREATE TRIGGER audit_no_change BEFORE UPDATE OR DELETE ON audit FOR EACH ROW EXECUTE FUNCTION mamori_audit_append_only();
+CREATE TRIGGER audit_no_truncate BEFORE TRUNCATE ON audit FOR EACH STATEMENT EXECUTE FUNCTION mamori_audit_append_only();
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+"#];
+
+/// The advisory lock taken while migrating (any constant the deployment does not use).
+const MIGRATION_LOCK: i64 = 0x6d616d6f7269;
+
+/// Where a PostgreSQL store is, resolved from the config.
+#[derive(Clone)]
+pub struct PgLocation {
+    /// Connection settings, with the password set.
+    pub config: ::postgres::Config,
+    /// What to call it in messages: host, port and database, never the password.
+    pub target: String,
+    /// The longest one call may take.
+    pub timeout: Duration,
+}
+
+impl std::fmt::Debug for PgLocation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PgLocation({}, timeout {:?})", self.target, self.timeout)
+    }
+}
+
+impl PgLocation {
+    /// From a libpq-style connection string (`host=… port=… user=… dbname=…` or a
+    /// `postgresql://` URL) and a password kept elsewhere.
+    pub fn parse(conn: &str, password: Option<&str>, timeout: Duration) -> Result<PgLocation, String> {
+        let mut config = ::postgres::Config::from_str(conn).map_err(|e| format!("{e}"))?;
+        if config.get_password().is_some() {
+            return Err("holds a password: give it as postgres_password (a file or an environment variable)".into());
+        }
+        if let Some(p) = password {
+            config.password(p);
+        }
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(timeout);
+        }
+        config.keepalives(true).keepalives_idle(Duration::from_secs(10));
+        let host = config
+            .get_hosts()
+            .iter()
+            .map(|h| match h {
+                ::postgres::config::Host::Tcp(h) => h.clone(),
+                ::postgres::config::Host::Unix(p) => p.display().to_string(),
+            })
+            .collect::<Vec<_>>()
+            .join(",");
+        let port = config.get_ports().first().copied().unwrap_or(5432);
+        let target = format!("postgres {host}:{port}/{}", config.get_dbname().unwrap_or("(default)"));
+        Ok(PgLocation { config, target, timeout })
+    }
+}
+
+type Job = Box<dyn FnOnce(&mut Conn) + Send>;
+
+/// Owned statement parameters, sent to the connection's thread.
+pub(super) type Params = Vec<Box<dyn ::postgres::types::ToSql + Send + Sync>>;
+
+/// The connection, on its own thread.
+struct Conn {
+    client: Option<Client>,
+    at: PgLocation,
+    in_tx: bool,
+}
+
+impl Conn {
+    fn client(&mut self) -> Result<&mut Client, String> {
+        let lost = self.client.as_ref().is_none_or(|c| c.is_closed());
+        if lost {
+            if self.in_tx {
+                self.client = None;
+                return Err("the connection was lost inside a transaction; it was not committed".into());
+            }
+            let mut c = self.at.config.connect(NoTls).map_err(|e| pg_text(&e))?;
+            c.batch_execute(&format!("SET statement_timeout = {}", self.at.timeout.as_millis()))
+                .map_err(|e| pg_text(&e))?;
+            self.client = Some(c);
+        }
+        self.client.as_mut().ok_or_else(|| "no connection".to_string())
+    }
+}
+
+/// An error with its database message (`postgres::Error`'s own text says only "db error").
+fn pg_text(e: &::postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!("{}: {}", db.code().code(), db.message()),
+        None => {
+            let mut s = e.to_string();
+            let mut src = std::error::Error::source(e);
+            while let Some(c) = src {
+                s.push_str(&format!(": {c}"));
+                src = c.source();
+            }
+            s
+        }
+    }
+}
+
+/// The PostgreSQL store.
+pub struct PgStore {
+    jobs: mpsc::Sender<Job>,
+    target: String,
+    timeout: Duration,
+}
+
+impl PgStore {
+    /// Connect, and migrate. `create`: make the tables in an empty database (`init`, the
+    /// CLI); otherwise a database without them is [`StoreError::NoSchema`] (`run`).
+    pub fn open(at: &PgLocation, create: bool) -> Result<PgStore, StoreError> {
+        let (jobs, rx) = mpsc::channel::<Job>();
+        let mut conn = Conn { client: None, at: at.clone(), in_tx: false };
+        std::thread::Builder::new()
+            .name("mamori-pg".into())
+            .spawn(move || {
+                while let Ok(job) = rx.recv() {
+                    job(&mut conn);
+                }
+            })
+            .map_err(|e| StoreError::Postgres { target: at.target.clone(), detail: format!("thread: {e}") })?;
+        let mut store = PgStore { jobs, target: at.target.clone(), timeout: at.timeout };
+        store.migrate(create)?;
+        if create && store.meta(META_CREATED_AT)?.is_none() {
+            store.set_meta(META_CREATED_AT, &ts(crate::clock::now()))?;
+        }
+        if store.meta(META_FIRST_MESSAGE_AT)?.is_none() && store.has_messages()? {
+            let _ = store.set_meta(META_FIRST_MESSAGE_AT, &ts(crate::clock::now()));
+        }
+        Ok(store)
+    }
+
+    pub(super) fn err(&self, detail: String) -> StoreError {
+        StoreError::Postgres { target: self.target.clone(), detail }
+    }
+
+    /// Run `f` on the connection's thread; its answer within the timeout.
+    fn call<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Conn) -> Result<T, String> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let (tx, rx) = mpsc::sync_channel(1);
+        let job: Job = Box::new(move |c| {
+            let _ = tx.send(f(c));
+        });
+        self.jobs.send(job).map_err(|_| self.err("the connection's thread has ended".into()))?;
+        match rx.recv_timeout(self.timeout) {
+            Ok(r) => r.map_err(|d| self.err(d)),
+            Err(_) => Err(self.err(format!("no answer within {} s", self.timeout.as_secs_f64()))),
+        }
+    }
+
+    /// Run `f` with the client.
+    pub(super) fn with<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Client) -> Result<T, ::postgres::Error> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        self.call(move |c| {
+            let client = c.client()?;
+            f(client).map_err(|e| pg_text(&e))
+        })
+    }
+
+    pub(super) fn rows(&self, sql: &'static str, params: Params) -> Result<Vec<Row>, StoreError> {
+        self.with(move |c| {
+            let p: Vec<&(dyn ::postgres::types::ToSql + Sync)> =
+                params.iter().map(|b| b.as_ref() as &(dyn ::postgres::types::ToSql + Sync)).collect();
+            c.query(sql, &p)
+        })
+    }
+
+    pub(super) fn exec(&self, sql: &'static str, params: Params) -> Result<u64, StoreError> {
+        self.with(move |c| {
+            let p: Vec<&(dyn ::postgres::types::ToSql + Sync)> =
+                params.iter().map(|b| b.as_ref() as &(dyn ::postgres::types::ToSql + Sync)).collect();
+            c.execute(sql, &p)
+        })
+    }
+
+    fn json_rows<T: serde::de::DeserializeOwned>(
+        &self,
+        sql: &'static str,
+        params: Params,
+        what: &'static str,
+    ) -> Result<Vec<T>, StoreError> {
+        let mut out = Vec::new();
+        for r in self.rows(sql, params)? {
+            let text: String = self.get(&r, 0)?;
+            out.push(serde_json::from_str(&text).map_err(|e| self.corrupt(what, e.to_string()))?);
+        }
+        Ok(out)
+    }
+
+    /// The first column of the one row a statement returns.
+    pub(super) fn scalar<T: for<'a> ::postgres::types::FromSql<'a>>(
+        &self,
+        sql: &'static str,
+        params: Params,
+    ) -> Result<T, StoreError> {
+        let rows = self.rows(sql, params)?;
+        let r = rows.first().ok_or_else(|| self.err(format!("no row from {sql}")))?;
+        self.get(r, 0)
+    }
+
+    pub(super) fn get<'a, T: ::postgres::types::FromSql<'a>>(&self, r: &'a Row, i: usize) -> Result<T, StoreError> {
+        r.try_get(i).map_err(|e| self.err(pg_text(&e)))
+    }
+
+    pub(super) fn corrupt(&self, what: &'static str, detail: String) -> StoreError {
+        StoreError::Corrupt { path: self.target.clone().into(), what, detail }
+    }
+
+    fn migrate(&mut self, create: bool) -> Result<(), StoreError> {
+        let exists: bool = self.scalar("SELECT to_regclass('mamori_schema') IS NOT NULL", vec![])?;
+        if !exists && !create {
+            return Err(StoreError::NoSchema { target: self.target.clone() });
+        }
+        self.with(|c| {
+            let mut tx = c.transaction()?;
+            tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])?;
+            tx.batch_execute("CREATE TABLE IF NOT EXISTS mamori_schema (version BIGINT NOT NULL)")?;
+            let v: Option<i64> = tx.query_opt("SELECT version FROM mamori_schema", &[])?.map(|r| r.get(0));
+            if v.is_none() {
+                tx.execute("INSERT INTO mamori_schema (version) VALUES (0)", &[])?;
+            }
+            let from = usize::try_from(v.unwrap_or(0)).unwrap_or(0);
+            for (i, m) in PG_MIGRATIONS.iter().enumerate().skip(from) {
+                tx.batch_execute(m)?;
+                tx.execute("UPDATE mamori_schema SET version = $1", &[&((i + 1) as i64)])?;
+            }
+            tx.commit()
+        })
+    }
+
+    pub(super) fn user(&self, r: &Row) -> Result<User, StoreError> {
+        let list = |i: usize| -> Result<Vec<String>, StoreError> {
+            let s: String = self.get(r, i)?;
+            Ok(serde_json::from_str(&s).unwrap_or_default())
+        };
+        let role: String = self.get(r, 3)?;
+        Ok(User {
+            id: self.get(r, 0)?,
+            username: self.get(r, 1)?,
+            display_name: self.get(r, 2)?,
+            // An unknown role (a newer version's) gets the narrowest one.
+            role: AccountRole::parse(&role).unwrap_or(AccountRole::Family),
+            municipalities: list(4)?,
+            homes: list(5)?,
+            totp: self.get(r, 6)?,
+            disabled: self.get(r, 7)?,
+        })
+    }
+
+    pub(super) fn entry(&self, r: &Row) -> Result<Entry, StoreError> {
+        Ok(Entry {
+            seq: self.get(r, 0)?,
+            at: self.get(r, 1)?,
+            actor: self.get(r, 2)?,
+            ip: self.get(r, 3)?,
+            action: self.get(r, 4)?,
+            target: self.get(r, 5)?,
+            detail: self.get(r, 6)?,
+            prev: self.get(r, 7)?,
+            hash: self.get(r, 8)?,
+        })
+    }
+}
+
+/// Owned statement parameters: `p![a, b]`.
+macro_rules! p {
+    ($($x:expr),* $(,)?) => {
+        vec![$(Box::new($x) as Box<dyn ::postgres::types::ToSql + Send + Sync>),*]
+    };
+}
+pub(super) use p;
+
+impl Store for PgStore {
+    fn location(&self) -> String {
+        self.target.clone()
+    }
+
+    fn begin(&mut self) -> Result<(), StoreError> {
+        self.call(|c| {
+            c.client()?.batch_execute("BEGIN").map_err(|e| pg_text(&e))?;
+            c.in_tx = true;
+            Ok(())
+        })
+    }
+
+    fn commit(&mut self) -> Result<(), StoreError> {
+        self.call(|c| {
+            let r = c.client().and_then(|cl| cl.batch_execute("COMMIT").map_err(|e| pg_text(&e)));
+            c.in_tx = false;
+            r
+        })
+    }
+
+    fn rollback(&mut self) {
+        let _ = self.call(|c| {
+            c.in_tx = false;
+            if let Some(cl) = c.client.as_mut().filter(|cl| !cl.is_closed()) {
+                let _ = cl.batch_execute("ROLLBACK");
+            }
+            Ok(())
+        });
+    }
+
+    fn upsert_homes(&mut self, homes: &[Home]) -> Result<(), StoreError> {
+        let now = ts(crate::clock::now());
+        let rows: Vec<(String, String, String)> = homes
+            .iter()
+            .map(|h| (h.id.as_str().to_string(), h.municipality.clone(), serde_json::to_string(h).unwrap_or_default()))
+            .collect();
+        self.with(move |c| {
+            let mut tx = c.transaction()?;
+            for (id, m, plan) in &rows {
+                tx.execute(
+                    "INSERT INTO homes (id, municipality, plan, updated_at) VALUES ($1, $2, $3, $4)
+                     ON CONFLICT (id) DO UPDATE SET municipality = $2, plan = $3, updated_at = $4",
+                    &[id, m, plan, &now],
+                )?;
+            }
+            tx.commit()
+        })
+    }
+
+    fn homes(&self) -> Result<Vec<Home>, StoreError> {
+        self.json_rows("SELECT plan FROM homes ORDER BY id", p![], "home")
+    }
+
+    fn insert_event(&mut self, home: &HomeId, e: &Event, received: Time) -> Result<bool, StoreError> {
+        let n = self.exec(
+            "INSERT INTO events (home, seq, id, ts, kind, received_at, payload) VALUES ($1, $2, $3, $4, $5, $6, $7)
+             ON CONFLICT DO NOTHING",
+            p![
+                home.as_str().to_string(),
+                i64::try_from(e.seq).unwrap_or(i64::MAX),
+                e.id.clone(),
+                ts(e.ts.with_timezone(&chrono::Utc)),
+                e.kind.as_str().to_string(),
+                ts(received),
+                serde_json::to_string(e).unwrap_or_default()
+            ],
+        )?;
+        Ok(n == 1)
+    }
+
+    fn insert_telemetry(&mut self, home: &HomeId, t: &Telemetry, received: Time) -> Result<(), StoreError> {
+        self.exec(
+            "INSERT INTO telemetry (home, ts, received_at, payload) VALUES ($1, $2, $3, $4)",
+            p![home.as_str().to_string(), ts(t.ts.with_timezone(&chrono::Utc)), ts(received), history_json(t)],
+        )?;
+        Ok(())
+    }
+
+    fn insert_status(&mut self, home: &HomeId, s: &Status, received: Time) -> Result<(), StoreError> {
+        self.exec(
+            "INSERT INTO status (home, received_at, payload) VALUES ($1, $2, $3)",
+            p![home.as_str().to_string(), ts(received), serde_json::to_string(s).unwrap_or_default()],
+        )?;
+        Ok(())
+    }
+
+    fn save_state(&mut self, home: &HomeId, state: &HomeState) -> Result<(), StoreError> {
+        self.exec(
+            "INSERT INTO home_state (id, state) VALUES ($1, $2) ON CONFLICT (id) DO UPDATE SET state = $2",
+            p![home.as_str().to_string(), serde_json::to_string(state).unwrap_or_default()],
+        )?;
+        Ok(())
+    }
+
+    fn states(&self) -> Result<Vec<(HomeId, HomeState)>, StoreError> {
+        let mut out = Vec::new();
+        for r in self.rows("SELECT id, state FROM home_state", p![])? {
+            let (id, text): (String, String) = (self.get(&r, 0)?, self.get(&r, 1)?);
+            let id = HomeId::new(&id).map_err(|_| self.corrupt("home id", id.clone()))?;
+            out.push((id, serde_json::from_str(&text).map_err(|e| self.corrupt("home state", e.to_string()))?));
+        }
+        Ok(out)
+    }
+
+    fn save_alert(&mut self, a: &Alert) -> Result<(), StoreError> {
+        self.exec(
+            "INSERT INTO alerts (id, home, kind, raised_at, cleared_at, body) VALUES ($1, $2, $3, $4, $5, $6)
+             ON CONFLICT (id) DO UPDATE SET cleared_at = $5, body = $6",
+            p![
+                a.id.clone(),
+                a.home.as_str().to_string(),
+                a.kind.clone(),
+                ts(a.raised_at),
+                a.cleared_at.map(ts),
+                serde_json::to_string(a).unwrap_or_default()
+            ],
+        )?;
+        Ok(())
+    }
+
+    fn alerts(&self, active_only: bool, limit: usize) -> Result<Vec<Alert>, StoreError> {
+        let limit = limit as i64;
+        if active_only {
+            self.json_rows(
+                "SELECT body FROM alerts WHERE cleared_at IS NULL ORDER BY raised_at DESC LIMIT $1",
+                p![limit],
+                "alert",
+            )
+        } else {
+            self.json_rows("SELECT body FROM alerts ORDER BY raised_at DESC LIMIT $1", p![limit], "alert")
+        }
+    }
+
+    fn save_incident(&mut self, i: &Incident) -> Result<(), StoreError> {
+        self.exec(
+            "INSERT INTO incidents (id, municipality, closed_at, body) VALUES ($1, $2, $3, $4)
+             ON CONFLICT (id) DO UPDATE SET closed_at = $3, body = $4",
+            p![i.id.clone(), i.municipality.clone(), i.closed_at.map(ts), serde_json::to_string(i).unwrap_or_default()],
+        )?;
+        Ok(())
+    }
+
+    fn open_incidents(&self) -> Result<Vec<Incident>, StoreError> {
+        self.json_rows("SELECT body FROM incidents WHERE closed_at IS NULL", p![], "incident")
+    }
+
+    fn enqueue(&mut self, row: &OutboxRow) -> Result<bool, StoreError> {
+        let n = self.exec(
+            "INSERT INTO outbox (key, alert_id, status, next_attempt_at, body, dest) VALUES ($1, $2, $3, $4, $5, $6)
+             ON CONFLICT DO NOTHING",
+            p![
+                row.key.clone(),
+                row.alert_id.clone(),
+                row.status.as_str().to_string(),
+                ts(row.next_attempt_at),
+                serde_json::to_string(row).unwrap_or_default(),
+                crate::dispatch::destination(&row.channel)
+            ],
+        )?;
+        Ok(n == 1)
+    }
+
+    fn due(&self, now: Time, limit: usize, skip: &[String]) -> Result<Vec<OutboxRow>, StoreError> {
+        self.json_rows(
+            "SELECT body FROM outbox WHERE status = 'pending' AND next_attempt_at <= $1 AND dest <> ALL($3)
+             ORDER BY next_attempt_at LIMIT $2",
+            p![ts(now), limit as i64, skip.to_vec()],
+            "outbox row",
+        )
+    }
+
+    fn due_only(&self, now: Time, limit: usize, only: &[String]) -> Result<Vec<OutboxRow>, StoreError> {
+        self.json_rows(
+            "SELECT body FROM outbox WHERE status = 'pending' AND next_attempt_at <= $1 AND dest = ANY($3)
+             ORDER BY next_attempt_at LIMIT $2",
+            p![ts(now), limit as i64, only.to_vec()],
+            "outbox row",
+        )
+    }
+
+    fn next_due_after(&self, now: Time) -> Result<Option<Time>, StoreError> {
+        let r = self.rows(
+            "SELECT MIN(next_attempt_at) FROM outbox WHERE status = 'pending' AND next_attempt_at > $1",
+            p![ts(now)],
+        )?;
+        let t: Option<String> = match r.first() {
+            Some(r) => self.get(r, 0)?,
+            None => None,
+        };
+        Ok(t.as_deref().and_then(parse_ts))
+    }
+
+    fn record_attempt(&mut self, row: &OutboxRow) -> Result<(), StoreError> {
+        self.exec(
+            "UPDATE outbox SET status = $2, next_attempt_at = $3, body = $4 WHERE key = $1",
+            p![
+                row.key.clone(),
+                row.status.as_str().to_string(),
+                ts(row.next_attempt_at),
+                serde_json::to_string(row).unwrap_or_default()
+            ],
+        )?;
+        Ok(())
+    }
+
+    fn outbox_for(&self, alert_id: &str) -> Result<Vec<OutboxRow>, StoreError> {
+        self.json_rows("SELECT body FROM outbox WHERE alert_id = $1 ORDER BY n", p![alert_id.to_string()], "outbox row")
+    }
+
+    fn outbox_depth(&self) -> Result<u64, StoreError> {
+        Ok(self.scalar::<i64>("SELECT COUNT(*) FROM outbox WHERE status = 'pending'", p![])?.max(0) as u64)
+    }
+
+    fn request_ack(&mut self, alert_id: &str, role: Role, by: &str, note: Option<&str>) -> Result<i64, StoreError> {
+        self.scalar(
+            "INSERT INTO ack_requests (alert_id, role, by, note, requested_at) VALUES ($1, $2, $3, $4, $5) RETURNING id",
+            p![
+                alert_id.to_string(),
+                role.as_str().to_string(),
+                by.to_string(),
+                note.map(str::to_string),
+                ts(crate::clock::now())
+            ],
+        )
+    }
+
+    fn pending_acks(&self) -> Result<Vec<AckRequest>, StoreError> {
+        let mut out = Vec::new();
+        for r in
+            self.rows("SELECT id, alert_id, role, by, note FROM ack_requests WHERE result IS NULL ORDER BY id", p![])?
+        {
+            let role: String = self.get(&r, 2)?;
+            out.push(AckRequest {
+                id: self.get(&r, 0)?,
+                alert_id: self.get(&r, 1)?,
+                role: role.parse::<Role>().map_err(|_| role),
+                by: self.get(&r, 3)?,
+                note: self.get(&r, 4)?,
+            });
+        }
+        Ok(out)
+    }
+
+    fn finish_ack(&mut self, id: i64, result: &str) -> Result<(), StoreError> {
+        self.exec("UPDATE ack_requests SET result = $2 WHERE id = $1", p![id, result.to_string()])?;
+        Ok(())
+    }
+
+    fn ack_result(&self, id: i64) -> Result<Option<String>, StoreError> {
+        let r = self.rows("SELECT result FROM ack_requests WHERE id = $1", p![id])?;
+        match r.first() {
+            Some(r) => self.get(r, 0),
+            None => Ok(None),
+        }
+    }
+
+    fn prune_history(&mut self, before: Time, limit: usize) -> Result<usize, StoreError> {
+        let (before, limit) = (ts(before), limit as i64);
+        let mut n = self.exec(
+            "DELETE FROM telemetry WHERE n IN (SELECT n FROM telemetry WHERE received_at < $1 ORDER BY received_at LIMIT $2)",
+            p![before.clone(), limit],
+        )? as i64;
+        if n < limit {
+            n += self.exec(
+                "DELETE FROM status WHERE n IN (SELECT n FROM status WHERE received_at < $1 ORDER BY received_at LIMIT $2)",
+                p![before, limit - n],
+            )? as i64;
+        }
+        Ok(n as usize)
+    }
+
+    fn meta(&self, key: &str) -> Result<Option<String>, StoreError> {
+        let r = self.rows("SELECT value FROM meta WHERE key = $1", p![key.to_string()])?;
+        r.first().map(|r| self.get(r, 0)).transpose()
+    }
+
+    fn set_meta(&mut self, key: &str, value: &str) -> Result<(), StoreError> {
+        self.exec(
+            "INSERT INTO meta (key, value) VALUES ($1, $2) ON CONFLICT (key) DO UPDATE SET value = $2",
+            p![key.to_string(), value.to_string()],
+        )?;
+        Ok(())
+    }
+
+    fn probe_write(&mut self, now: Time) -> Result<(), StoreError> {
+        self.set_meta("probe", &ts(now))
+    }
+
+    fn has_messages(&self) -> Result<bool, StoreError> {
+        self.scalar("SELECT EXISTS (SELECT 1 FROM events) OR EXISTS (SELECT 1 FROM home_state)", p![])
+    }
+
+    fn telemetry_since(&self, home: &HomeId, since: Time, limit: usize) -> Result<Vec<Telemetry>, StoreError> {
+        let n: i64 = self.scalar(
+            "SELECT count(*) FROM telemetry WHERE home = $1 AND ts >= $2",
+            p![home.as_str().to_string(), ts(since)],
+        )?;
+        let every = (n.max(0) as usize).div_ceil(limit.max(1)).max(1) as i64;
+        self.json_rows(
+            "SELECT payload FROM (SELECT payload, ts, row_number() OVER (ORDER BY ts) AS k FROM telemetry
+             WHERE home = $1 AND ts >= $2) t WHERE k % $3 = 0 OR k = 1 ORDER BY ts",
+            p![home.as_str().to_string(), ts(since), every],
+            "telemetry",
+        )
+    }
+
+    fn events_for(&self, home: &HomeId, limit: usize) -> Result<Vec<Event>, StoreError> {
+        self.json_rows(
+            "SELECT payload FROM events WHERE home = $1 ORDER BY ts DESC LIMIT $2",
+            p![home.as_str().to_string(), limit as i64],
+            "event",
+        )
+    }
+
+    fn alerts_for(&self, home: &HomeId, limit: usize) -> Result<Vec<Alert>, StoreError> {
+        self.json_rows(
+            "SELECT body FROM alerts WHERE home = $1 ORDER BY raised_at DESC LIMIT $2",
+            p![home.as_str().to_string(), limit as i64],
+            "alert",
+        )
+    }
+
+    fn alert(&self, id: &str) -> Result<Option<Alert>, StoreError> {
+        Ok(self.json_rows("SELECT body FROM alerts WHERE id = $1", p![id.to_string()], "alert")?.pop())
+    }
+
+    fn outbox_counts(&self) -> Result<Vec<(String, u64)>, StoreError> {
+        let mut out = Vec::new();
+        for r in self.rows("SELECT status, count(*) FROM outbox GROUP BY status", p![])? {
+            out.push((self.get(&r, 0)?, self.get::<i64>(&r, 1)?.max(0) as u64));
+        }
+        Ok(out)
+    }
+
+    fn delivery_inputs(&self) -> Result<(Vec<crate::stats::Sent>, Vec<crate::stats::Acked>), StoreError> {
+        // The few fields are read from the stored JSON here, as SQLite's json_extract does.
+        let mut sent = Vec::new();
+        for r in self.rows(
+            "SELECT alert_id, dest, body::json ->> 'role', status, (body::json ->> 'attempts')::bigint,
+                    body::json ->> 'delivered_at' FROM outbox",
+            p![],
+        )? {
+            let role: Option<String> = self.get(&r, 2)?;
+            let Some(role) = role.and_then(|r| r.parse::<Role>().ok()) else { continue };
+            let dest: String = self.get(&r, 1)?;
+            let attempts: Option<i64> = self.get(&r, 4)?;
+            let delivered_at: Option<String> = self.get(&r, 5)?;
+            sent.push(crate::stats::Sent {
+                alert_id: self.get(&r, 0)?,
+                channel: crate::stats::channel_of(&dest),
+                role,
+                status: self.get(&r, 3)?,
+                attempts: attempts.unwrap_or(0).clamp(0, i64::from(u32::MAX)) as u32,
+                delivered_at: delivered_at.as_deref().and_then(parse_ts),
+            });
+        }
+        let mut acked = Vec::new();
+        for sql in [
+            "SELECT id, (body::json -> 'acks')::text FROM alerts WHERE json_array_length(body::json -> 'acks') > 0",
+            "SELECT id, (body::json -> 'acks')::text FROM incidents WHERE json_array_length(body::json -> 'acks') > 0",
+        ] {
+            for r in self.rows(sql, p![])? {
+                let (id, acks): (String, String) = (self.get(&r, 0)?, self.get(&r, 1)?);
+                let acks: Vec<crate::engine::AckInfo> =
+                    serde_json::from_str(&acks).map_err(|e| self.corrupt("acks", e.to_string()))?;
+                acked.extend(acks.into_iter().map(|a| crate::stats::Acked {
+                    alert_id: id.clone(),
+                    role: a.role,
+                    at: a.at,
+                }));
+            }
+        }
+        Ok((sent, acked))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mamori_protocol::mqtt::{EventKind, Severity};
+    use mamori_tests::postgres::TestDb;
+
+    fn at(db: &TestDb) -> PgLocation {
+        PgLocation::parse(&db.settings(), db.password().as_deref(), Duration::from_secs(10)).unwrap()
+    }
+
+    fn t(s: i64) -> Time {
+        chrono::DateTime::from_timestamp(1_790_000_000 + s, 0).unwrap()
+    }
+
+    fn ev(seq: u64) -> Event {
+        Event {
+            id: format!("b-{seq}"),
+            seq,
+            ts: t(seq as i64).fixed_offset(),
+            kind: EventKind::MainsLost,
+            severity: Severity::Critical,
+            source: None,
+            data: Default::default(),
+            clock: None,
+        }
+    }
+
+    #[test]
+    fn keeps_the_store_contract() {
+        let db = TestDb::new().unwrap();
+        let mut s = PgStore::open(&at(&db), true).unwrap();
+        crate::store::contract::check(&mut s);
+    }
+
+    #[test]
+    fn run_refuses_a_database_without_tables_and_init_makes_them_once() {
+        let db = TestDb::new().unwrap();
+        let e = PgStore::open(&at(&db), false).err().unwrap();
+        assert!(matches!(e, StoreError::NoSchema { .. }), "{e}");
+        assert!(e.to_string().contains("mamori-gateway init"), "{e}");
+        drop(PgStore::open(&at(&db), true).unwrap());
+        // Again, and by `run`: migrations already applied are not applied twice.
+        let s = PgStore::open(&at(&db), false).unwrap();
+        assert!(s.meta(META_CREATED_AT).unwrap().is_some());
+    }
+
+    #[test]
+    fn two_connections_appending_at_once_never_fork_the_audit_chain() {
+        let db = TestDb::new().unwrap();
+        drop(PgStore::open(&at(&db), true).unwrap());
+        let writers: Vec<_> = (0..2)
+            .map(|w| {
+                let at = at(&db);
+                std::thread::spawn(move || {
+                    let mut s = PgStore::open(&at, false).unwrap();
+                    for i in 0..60 {
+                        crate::audit::append(&mut s, t(i), &format!("w{w}"), "-", "view_home", "h", "").unwrap();
+                    }
+                })
+            })
+            .collect();
+        for w in writers {
+            w.join().unwrap();
+        }
+        let s = PgStore::open(&at(&db), false).unwrap();
+        assert!(matches!(crate::audit::verify(&s).unwrap(), crate::audit::Verdict::Intact { entries: 120, .. }));
+        // Nobody rewrites it, not even the gateway's own connection.
+        let e = s.exec("UPDATE audit SET actor = 'x' WHERE seq = 2", p![]).unwrap_err();
+        assert!(e.to_string().contains("append-only"), "{e}");
+        assert!(s.exec("TRUNCATE audit", p![]).is_err());
+    }
+
+    #[test]
+    fn a_lost_connection_is_made_again_but_never_inside_a_batch() {
+        let db = TestDb::new().unwrap();
+        let mut s = PgStore::open(&at(&db), true).unwrap();
+        let home = HomeId::new("h").unwrap();
+        // Outside a transaction: the call that finds the connection gone fails, the next one
+        // connects again.
+        db.cut_connections().unwrap();
+        let _ = s.meta("x");
+        assert_eq!(s.meta("x").unwrap(), None);
+        // Inside one: nothing of the batch is committed on a new connection.
+        s.begin().unwrap();
+        assert!(s.insert_event(&home, &ev(1), t(0)).unwrap());
+        db.cut_connections().unwrap();
+        let _ = s.insert_event(&home, &ev(2), t(0));
+        assert!(s.insert_event(&home, &ev(3), t(0)).is_err(), "no statement of the batch runs elsewhere");
+        assert!(s.commit().is_err());
+        s.rollback();
+        assert!(s.events_for(&home, 10).unwrap().is_empty(), "the lost batch left nothing");
+        // The batch again, whole.
+        s.begin().unwrap();
+        assert!(s.insert_event(&home, &ev(1), t(0)).unwrap());
+        s.commit().unwrap();
+        assert_eq!(s.events_for(&home, 10).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn a_password_in_the_connection_settings_is_refused_and_never_shown() {
+        let e = PgLocation::parse("host=db user=mamori password=hunter2 dbname=m", None, Duration::from_secs(5))
+            .unwrap_err();
+        assert!(e.contains("postgres_password") && !e.contains("hunter2"), "{e}");
+        let at = PgLocation::parse("host=db port=6432 user=mamori dbname=m", Some("hunter2"), Duration::from_secs(5))
+            .unwrap();
+        assert_eq!(at.target, "postgres db:6432/m");
+        assert!(!format!("{at:?}").contains("hunter2"));
+    }
+}
