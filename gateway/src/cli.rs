@@ -537,6 +537,22 @@ pub fn main() -> ExitCode {
                         println!("{text}\n");
                     }
                 });
+                let cancel = CancellationToken::new();
+                tokio::spawn(until_signal(cancel.clone()));
+                // Several gateways on one store: wait as a standby until this one holds the lease.
+                let held = match (&config.cluster, config.store_location()) {
+                    (Some(cluster), Ok(crate::store::Location::Postgres(at))) => {
+                        match crate::lease::wait_for_lease(&at, cluster, &cancel).await {
+                            Ok(Some(h)) => Some(h),
+                            Ok(None) => return ExitCode::SUCCESS,
+                            Err(e) => {
+                                eprintln!("mamori-gateway: {e:#}");
+                                return ExitCode::from(1);
+                            }
+                        }
+                    }
+                    _ => None,
+                };
                 let service = match run::Service::new(config, console_tx) {
                     Ok(s) => s,
                     Err(e) => {
@@ -556,8 +572,10 @@ pub fn main() -> ExitCode {
                         return ExitCode::from(if transient { 1 } else { 2 });
                     }
                 };
-                let cancel = CancellationToken::new();
-                tokio::spawn(until_signal(cancel.clone()));
+                let service = match &held {
+                    Some(h) => service.with_lease(h.lease.clone()),
+                    None => service,
+                };
                 let (ready_tx, ready_rx) = tokio::sync::oneshot::channel::<run::Ready>();
                 tokio::spawn(async move {
                     if let Ok(r) = ready_rx.await {
@@ -565,7 +583,11 @@ pub fn main() -> ExitCode {
                         let _ = io::stdout().flush();
                     }
                 });
-                match service.run(cancel, Some(ready_tx)).await {
+                let result = service.run(cancel, Some(ready_tx)).await;
+                if let Some(h) = held {
+                    h.release();
+                }
+                match result {
                     Ok(()) => ExitCode::SUCCESS,
                     Err(e) => {
                         tracing::error!(error = format!("{e:#}"), "gateway failed");

@@ -82,6 +82,26 @@ pub struct Config {
     /// Where the store is: SQLite in `data_dir` unless `[store] postgres` names a database.
     #[serde(default)]
     pub store: StoreConfig,
+    /// Several gateways on one PostgreSQL store, one of them active ([`crate::lease`]).
+    #[serde(default)]
+    pub cluster: Option<ClusterConfig>,
+}
+
+/// `[cluster]`: this gateway is one of several sharing a PostgreSQL store; the one holding
+/// the lease is active, the others wait as standbys.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// This gateway's name among them (letters, digits, `-`), in logs and the lease.
+    pub name: String,
+    /// How long a lease lasts without renewal, s: a killed or frozen active is replaced
+    /// within about this plus a second. Renewed every third of it.
+    #[serde(default = "default_lease_s")]
+    pub lease_s: u32,
+}
+
+fn default_lease_s() -> u32 {
+    6
 }
 
 /// `[store]`: SQLite (the default, in `data_dir`) or PostgreSQL.
@@ -541,6 +561,20 @@ impl Config {
         }
         if c.broker.tls.is_none() && !is_loopback(&c.broker.host) {
             bad("broker.tls", "a [broker.tls] section: plain MQTT is only allowed to a loopback broker");
+        }
+        if let Some(cl) = &c.cluster {
+            if cl.name.is_empty()
+                || cl.name.len() > 64
+                || !cl.name.chars().all(|ch| ch.is_ascii_alphanumeric() || ch == '-')
+            {
+                bad("cluster.name", "this gateway's name: letters, digits and `-`, at most 64");
+            }
+            if !(3..=60).contains(&cl.lease_s) {
+                bad("cluster.lease_s", "3 to 60 seconds");
+            }
+            if c.store.postgres.is_none() {
+                bad("cluster", "a [store] postgres database that the gateways share (SQLite is one machine's)");
+            }
         }
         if !(1..=300).contains(&c.store.timeout_s) {
             bad("store.timeout_s", "1 to 300 seconds");

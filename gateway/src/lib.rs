@@ -44,6 +44,7 @@ pub mod engine;
 pub mod forecast;
 pub mod health;
 pub mod homes;
+pub mod lease;
 pub mod listen;
 pub mod message;
 pub mod mqtt;

@@ -369,6 +369,8 @@ impl Drop for WebRuntime {
 pub struct Service {
     config: Config,
     store: Box<dyn Store>,
+    /// The active gateway's lease, when several share the store: nothing is sent without it.
+    lease: Option<Arc<crate::lease::Lease>>,
     /// Where the store is, for the web's and the pruner's own connections.
     store_at: crate::store::Location,
     engine: Engine,
@@ -496,6 +498,7 @@ impl Service {
             dispatcher: Dispatcher::new(&config.delivery),
             config,
             store,
+            lease: None,
             store_at,
             engine,
             style,
@@ -951,6 +954,10 @@ impl Service {
     /// Give due rows their slots. Rows for destinations whose breaker is open are skipped in
     /// bulk first, apart, so that they never take the place of rows that can be sent.
     fn dispatch(&mut self, now: Time) {
+        // Several gateways: only the holder of a valid lease sends (crate::lease).
+        if self.lease.as_ref().is_some_and(|l| !l.valid()) {
+            return;
+        }
         let closed = self.dispatcher.open_breakers(now);
         let mut rows = Vec::new();
         if !closed.is_empty() {
@@ -1197,6 +1204,13 @@ impl Service {
         });
     }
 
+    /// Run as the active gateway of several: nothing is sent unless the lease is valid, and
+    /// [`Service::run`] ends (with an error) when it is lost.
+    pub fn with_lease(mut self, lease: Arc<crate::lease::Lease>) -> Service {
+        self.lease = Some(lease);
+        self
+    }
+
     /// Run until cancelled.
     pub async fn run(
         mut self,
@@ -1303,12 +1317,14 @@ impl Service {
         let mut next_housekeeping = clock::now();
         let mut next_heartbeat = clock::now();
         let mut failure = None;
+        let lease_lost = self.lease.as_ref().map_or_else(CancellationToken::new, |l| l.lost());
         loop {
             let now = clock::now();
             let wake = self.next_wake(now, next_housekeeping);
             let sleep = (wake - now).to_std().unwrap_or(Duration::ZERO);
             tokio::select! {
                 _ = cancel.cancelled() => break,
+                _ = lease_lost.cancelled() => break,
                 m = mqtt_rx.recv() => {
                     let Some(m) = m else { break };
                     let now = clock::now();
@@ -1419,6 +1435,9 @@ impl Service {
         );
         match failure {
             Some(e) => Err(e.into()),
+            None if lease_lost.is_cancelled() => Err(anyhow::anyhow!(
+                "this gateway's lease was lost: it stopped sending and exits to start again as a standby"
+            )),
             None => Ok(()),
         }
     }

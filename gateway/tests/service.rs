@@ -259,6 +259,145 @@ fn on_postgresql_run_needs_init_and_a_cut_database_connection_loses_nothing_and_
     Ok(())
 }
 
+/// A second gateway of the same cluster: the same config under another name and HTTP port.
+fn second_gateway(s: &Setup, name: &str) -> Result<std::path::PathBuf> {
+    let text = std::fs::read_to_string(&s.config)?;
+    let port = free_port()?;
+    let text = text
+        .replace(&format!("127.0.0.1:{}", s.http_port), &format!("127.0.0.1:{port}"))
+        .replace("name = \"gw-a\"", &format!("name = \"{name}\""));
+    let path = s.dir.path().join(format!("{name}.toml"));
+    std::fs::write(&path, text)?;
+    Ok(path)
+}
+
+fn cluster_of_two(
+    db: &TestDb,
+    broker: &Mosquitto,
+    hook: &WebhookReceiver,
+    escalate_after_s: u64,
+) -> Result<(Setup, std::path::PathBuf)> {
+    let store = format!("{}[cluster]\nname = \"gw-a\"\nlease_s = 3\n", db.store_toml());
+    let s = setup_on(broker.port(), hook, escalate_after_s, &store)?;
+    let b = second_gateway(&s, "gw-b")?;
+    Ok((s, b))
+}
+
+fn standby(config: &Path) -> Result<Process> {
+    let mut cmd = Command::new(BIN);
+    cmd.arg("run").arg("--config").arg(config);
+    let p = Process::spawn("standby", cmd)?;
+    p.wait_line("standby", LIMIT, |l| l.contains("standby: another gateway holds the lease"))?;
+    Ok(p)
+}
+
+fn no_key_twice(d: &[Delivery]) {
+    let mut keys: Vec<&str> = d.iter().filter(|x| x.accepted).map(|x| x.key.as_str()).collect();
+    let n = keys.len();
+    keys.sort();
+    keys.dedup();
+    assert_eq!(keys.len(), n, "a key delivered twice: {d:?}");
+}
+
+#[test]
+fn two_gateways_the_standby_takes_over_a_killed_active_mid_escalation_and_sends_nothing_twice() -> Result<()> {
+    let db = TestDb::new()?;
+    let broker = Mosquitto::start("")?;
+    let hook = WebhookReceiver::start("hook-secret")?;
+    let (s, b_config) = cluster_of_two(&db, &broker, &hook, 8)?;
+    let mut a = gateway(&s.config)?;
+    a.wait_line("lease", LIMIT, |l| l.contains("lease acquired"))?;
+    let b = standby(&b_config)?;
+    let published = std::time::Instant::now();
+    publish(broker.port(), &[event(1, "ventilator_alarm")])?;
+    let d = hook.wait("family notified", LIMIT, |d| d.iter().any(to("/family")))?;
+    let first = d[0].key.clone();
+    a.wait_line("delivery recorded", LIMIT, |l| l.contains("\"delivered\"") && l.contains(&first))?;
+    a.kill9()?;
+    let killed = std::time::Instant::now();
+    b.wait_line("the standby takes the lease", LIMIT, |l| l.contains("lease acquired"))?;
+    b.wait_line("the standby subscribed", LIMIT, |l| l.contains("\"subscribed\""))?;
+    println!("takeover after the kill: {:?} (lease 3 s)", killed.elapsed());
+    // The escalation goes on from the stored timer: the coordinator, not before the policy's
+    // 8 s, by the new active; the family not again.
+    let d = hook.wait("coordinator by the new active", LIMIT, |d| d.iter().any(to("/coord")))?;
+    let coord = d.iter().find(|x| to("/coord")(x)).cloned().unwrap_or_else(|| unreachable!());
+    assert!(coord.at.duration_since(published) >= Duration::from_secs(8), "not before the policy");
+    b.wait_line("the coordinator's delivery recorded", LIMIT, |l| {
+        l.contains("\"delivered\"") && l.contains(&coord.key)
+    })?;
+    no_key_twice(&d);
+    assert_eq!(d.iter().filter(|x| to("/family")(x)).count(), 1, "the family was paged once: {d:?}");
+    Ok(())
+}
+
+#[test]
+fn two_gateways_a_frozen_active_is_replaced_and_on_waking_sends_nothing_and_steps_down() -> Result<()> {
+    let db = TestDb::new()?;
+    let broker = Mosquitto::start("")?;
+    let hook = WebhookReceiver::start("hook-secret")?;
+    let (s, b_config) = cluster_of_two(&db, &broker, &hook, 3600)?;
+    let mut a = gateway(&s.config)?;
+    a.wait_line("lease", LIMIT, |l| l.contains("lease acquired"))?;
+    let b = standby(&b_config)?;
+    // The family's phone is unreachable: its message stays due and is retried every second,
+    // so a gateway that sent without its lease would try it.
+    hook.set_up(false);
+    publish(broker.port(), &[event(1, "spo2_low")])?;
+    a.wait_line("a failed attempt", LIMIT, |l| l.contains("delivery failed"))?;
+    a.signal("STOP")?;
+    b.wait_line("the standby takes the lease", LIMIT, |l| l.contains("lease acquired"))?;
+    b.wait_line("the new active retries", LIMIT, |l| l.contains("delivery failed"))?;
+    // Woken, the old active finds its lease gone before it sends anything, and steps down.
+    let before = a.lines().len();
+    a.signal("CONT")?;
+    let code = a.wait_exit(LIMIT)?;
+    let after: Vec<String> = a.lines().split_off(before);
+    assert_eq!(code, Some(1), "exits to be restarted as a standby: {after:?}");
+    assert!(after.iter().any(|l| l.contains("lease")), "says why: {after:?}");
+    let attempt = |l: &String| l.contains("\"message\":\"delivery failed\"") || l.contains("\"message\":\"delivered\"");
+    assert!(!after.iter().any(attempt), "sent after waking: {after:?}");
+    // The new active delivers once the phone is back.
+    hook.set_up(true);
+    let d = hook.wait("the family's message", LIMIT, |d| d.iter().any(to("/family")))?;
+    no_key_twice(&d);
+    Ok(())
+}
+
+#[test]
+fn a_lone_active_frozen_past_its_lease_sends_nothing_on_waking_and_steps_down() -> Result<()> {
+    let db = TestDb::new()?;
+    let broker = Mosquitto::start("")?;
+    let hook = WebhookReceiver::start("hook-secret")?;
+    let (s, _) = cluster_of_two(&db, &broker, &hook, 3600)?;
+    let mut a = gateway(&s.config)?;
+    a.wait_line("lease", LIMIT, |l| l.contains("lease acquired"))?;
+    // The family's phone is unreachable: its message is due again every second.
+    hook.set_up(false);
+    publish(broker.port(), &[event(1, "spo2_low")])?;
+    a.wait_line("a failed attempt", LIMIT, |l| l.contains("delivery failed"))?;
+    a.signal("STOP")?;
+    // Frozen past its lease (3 s), with nobody to take over: its message is due when it wakes.
+    let frozen = std::time::Instant::now();
+    while frozen.elapsed() < Duration::from_secs(4) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let before = a.lines().len();
+    a.signal("CONT")?;
+    let code = a.wait_exit(LIMIT)?;
+    let after: Vec<String> = a.lines().split_off(before);
+    assert_eq!(code, Some(1), "exits to be restarted (and take the lease again): {after:?}");
+    let attempt = |l: &String| l.contains("\"message\":\"delivery failed\"") || l.contains("\"message\":\"delivered\"");
+    assert!(!after.iter().any(attempt), "sent without a valid lease: {after:?}");
+    // Started again, it holds the lease again and goes on.
+    hook.set_up(true);
+    let a2 = gateway(&s.config)?;
+    a2.wait_line("lease", LIMIT, |l| l.contains("lease acquired"))?;
+    let d = hook.wait("the family's message", LIMIT, |d| d.iter().any(to("/family")))?;
+    no_key_twice(&d);
+    Ok(())
+}
+
 #[test]
 fn hostile_payloads_are_refused_and_a_real_event_still_gets_through() -> Result<()> {
     let broker = Mosquitto::start("")?;

@@ -99,6 +99,27 @@ impl Process {
         }
     }
 
+    /// Send it a signal by name (`STOP`, `CONT`, ...).
+    pub fn signal(&self, name: &str) -> Result<()> {
+        let ok = Command::new("kill").arg(format!("-{name}")).arg(self.child.id().to_string()).status()?.success();
+        anyhow::ensure!(ok, "{}: kill -{name} failed", self.name);
+        Ok(())
+    }
+
+    /// Wait up to `limit` for it to exit by itself; returns its exit code.
+    pub fn wait_exit(&mut self, limit: Duration) -> Result<Option<i32>> {
+        let deadline = Deadline::after(limit);
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                return Ok(status.code());
+            }
+            if deadline.check("the process to exit").is_err() {
+                bail!("{}: still running; its output:\n{}", self.name, self.lines().join("\n"));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Whether it is still running.
     pub fn running(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))

@@ -38,7 +38,8 @@ use crate::engine::{Alert, HomeState, Incident, Time};
 use crate::homes::Home;
 
 /// The schema, by version.
-pub const PG_MIGRATIONS: &[&str] = &[r#"
+pub const PG_MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE homes (id TEXT PRIMARY KEY, municipality TEXT NOT NULL, plan TEXT NOT NULL, updated_at TEXT NOT NULL);
 CREATE TABLE home_state (id TEXT PRIMARY KEY, state TEXT NOT NULL);
 CREATE TABLE events (home TEXT NOT NULL, seq BIGINT NOT NULL, id TEXT NOT NULL, ts TEXT NOT NULL, kind TEXT NOT NULL,
@@ -77,7 +78,14 @@ BEGIN RAISE EXCEPTION 'the audit log is append-only'; END $$;
 CREATE TRIGGER audit_no_change BEFORE UPDATE OR DELETE ON audit FOR EACH ROW EXECUTE FUNCTION mamori_audit_append_only();
 CREATE TRIGGER audit_no_truncate BEFORE TRUNCATE ON audit FOR EACH STATEMENT EXECUTE FUNCTION mamori_audit_append_only();
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-"#];
+"#,
+    // The active gateway's lease (crate::lease): its holder, its fencing token, and when it
+    // ends by the database's own clock.
+    r#"
+CREATE TABLE lease (name TEXT PRIMARY KEY, holder TEXT NOT NULL, token BIGINT NOT NULL, expires_at TIMESTAMPTZ NOT NULL);
+INSERT INTO lease (name, holder, token, expires_at) VALUES ('active', '', 0, '-infinity');
+"#,
+];
 
 /// The advisory lock taken while migrating (any constant the deployment does not use).
 const MIGRATION_LOCK: i64 = 0x6d616d6f7269;
@@ -724,6 +732,63 @@ impl Store for PgStore {
             }
         }
         Ok((sent, acked))
+    }
+}
+
+/// Who holds the active gateway's lease, as [`PgStore::lease_holder`] reads it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LeaseHolder {
+    /// The gateway's name (empty: nobody yet).
+    pub holder: String,
+    /// Its fencing token.
+    pub token: i64,
+    /// Seconds until it ends by the database's clock (negative: ended).
+    pub left_s: f64,
+}
+
+/// The lease, by the database's clock: every gateway agrees on when it ends, whatever its own
+/// clock says ([`crate::lease`] holds the rules).
+impl PgStore {
+    /// Take the lease if it has ended (or was released): the new fencing token, one more than
+    /// the last holder's. `None`: someone holds it.
+    pub fn take_lease(&self, holder: &str, ttl: Duration) -> Result<Option<i64>, StoreError> {
+        let rows = self.rows(
+            "UPDATE lease SET holder = $1, token = token + 1, expires_at = now() + make_interval(secs => $2)
+             WHERE name = 'active' AND expires_at < now() RETURNING token",
+            p![holder.to_string(), ttl.as_secs_f64()],
+        )?;
+        rows.first().map(|r| self.get(r, 0)).transpose()
+    }
+
+    /// Extend the lease this holder has with this token; false when it is no longer theirs
+    /// (it ended, or another gateway took it).
+    pub fn renew_lease(&self, holder: &str, token: i64, ttl: Duration) -> Result<bool, StoreError> {
+        Ok(self.exec(
+            "UPDATE lease SET expires_at = now() + make_interval(secs => $3)
+             WHERE name = 'active' AND holder = $1 AND token = $2 AND expires_at >= now()",
+            p![holder.to_string(), token, ttl.as_secs_f64()],
+        )? == 1)
+    }
+
+    /// Give the lease up at once (a clean stop), so a standby need not wait for it to end.
+    pub fn release_lease(&self, holder: &str, token: i64) -> Result<(), StoreError> {
+        self.exec(
+            "UPDATE lease SET expires_at = '-infinity' WHERE name = 'active' AND holder = $1 AND token = $2",
+            p![holder.to_string(), token],
+        )?;
+        Ok(())
+    }
+
+    /// Who holds the lease.
+    pub fn lease_holder(&self) -> Result<LeaseHolder, StoreError> {
+        let rows = self.rows(
+            "SELECT holder, token, CASE WHEN isfinite(expires_at) THEN EXTRACT(EPOCH FROM (expires_at - now()))::float8 END
+             FROM lease WHERE name = 'active'",
+            p![],
+        )?;
+        let r = rows.first().ok_or_else(|| self.err("no lease row".into()))?;
+        let left: Option<f64> = self.get(r, 2)?;
+        Ok(LeaseHolder { holder: self.get(r, 0)?, token: self.get(r, 1)?, left_s: left.unwrap_or(f64::NEG_INFINITY) })
     }
 }
 
