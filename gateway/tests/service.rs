@@ -365,6 +365,35 @@ fn two_gateways_a_frozen_active_is_replaced_and_on_waking_sends_nothing_and_step
 }
 
 #[test]
+fn two_gateways_an_active_cut_off_from_the_database_stops_and_the_standby_takes_over() -> Result<()> {
+    let db = TestDb::new()?;
+    let broker = Mosquitto::start("")?;
+    let hook = WebhookReceiver::start("hook-secret")?;
+    let (s, b_config) = cluster_of_two(&db, &broker, &hook, 3600)?;
+    // The active reaches the database through a link the test can cut; the standby directly.
+    let link = mamori_tests::netcut::Link::start(db.port())?;
+    let a_config = s.dir.path().join("gw-a-linked.toml");
+    std::fs::write(
+        &a_config,
+        std::fs::read_to_string(&s.config)?.replace(&db.settings(), &db.settings_via(link.port())),
+    )?;
+    let mut a = gateway(&a_config)?;
+    a.wait_line("lease", LIMIT, |l| l.contains("lease acquired"))?;
+    let b = standby(&b_config)?;
+    link.cut();
+    // It cannot renew: it stops within its lease and exits; the standby takes over.
+    let code = a.wait_exit(LIMIT)?;
+    assert_eq!(code, Some(1), "{:?}", a.lines());
+    assert!(a.lines().iter().any(|l| l.contains("lease expired unrenewed")), "{:?}", a.lines());
+    b.wait_line("the standby takes the lease", LIMIT, |l| l.contains("lease acquired"))?;
+    b.wait_line("the standby subscribed", LIMIT, |l| l.contains("\"subscribed\""))?;
+    publish(broker.port(), &[event(1, "ventilator_alarm")])?;
+    let d = hook.wait("the family, by the new active", LIMIT, |d| d.iter().any(to("/family")))?;
+    no_key_twice(&d);
+    Ok(())
+}
+
+#[test]
 fn a_lone_active_frozen_past_its_lease_sends_nothing_on_waking_and_steps_down() -> Result<()> {
     let db = TestDb::new()?;
     let broker = Mosquitto::start("")?;

@@ -46,6 +46,23 @@ impl TestDb {
         format!("{} dbname={}", rest.join(" "), self.name)
     }
 
+    /// The server's port (from its settings; 5432 when they name none).
+    pub fn port(&self) -> u16 {
+        server().split_whitespace().find_map(|kv| kv.strip_prefix("port=")).and_then(|p| p.parse().ok()).unwrap_or(5432)
+    }
+
+    /// [`TestDb::settings`] through another loopback port (a [`crate::netcut::Link`] to the
+    /// server, which the test can cut).
+    pub fn settings_via(&self, port: u16) -> String {
+        let rest: Vec<String> = self
+            .settings()
+            .split_whitespace()
+            .filter(|kv| !kv.starts_with("host=") && !kv.starts_with("port="))
+            .map(str::to_string)
+            .collect();
+        format!("host=127.0.0.1 port={port} {}", rest.join(" "))
+    }
+
     /// The server's password, when its settings have one.
     pub fn password(&self) -> Option<String> {
         server().split_whitespace().find_map(|kv| kv.strip_prefix("password=")).map(str::to_string)
