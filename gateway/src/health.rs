@@ -48,6 +48,8 @@ pub struct Health {
     pub unrecorded_results: AtomicU64,
     /// Destinations whose breaker is open.
     pub open_breakers: AtomicU64,
+    /// Several gateways: the standbys the active saw at its last renewal.
+    pub standbys: AtomicU64,
 }
 
 impl Health {

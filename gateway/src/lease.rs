@@ -24,6 +24,14 @@
 //!
 //! A clean stop gives the lease up at once, so a standby takes over without waiting for it to
 //! end.
+//!
+//! ## Watching each other
+//! Every gateway writes that it is alive (`gateways`: its name, `active` or `standby`, when) at
+//! each poll or renewal. The active reads which standbys were seen in the last three seconds;
+//! when none has been for three leases' time, the operators are told that a failure of the
+//! active would not be taken over, and told again when one is back
+//! ([`crate::notice::StandbyWatch`]). The dead-man heartbeat to an outside monitor is the
+//! service's, so it is sent by whichever gateway is active.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -68,9 +76,15 @@ pub struct Lease {
     /// Its fencing token.
     pub token: i64,
     lost: CancellationToken,
+    standbys: Mutex<Option<Vec<String>>>,
 }
 
 impl Lease {
+    /// The standbys seen at the last renewal (`None`: not read yet).
+    pub fn standbys(&self) -> Option<Vec<String>> {
+        self.standbys.lock().ok().and_then(|s| s.clone())
+    }
+
     /// Whether this gateway may send now (the I/O edge: it reads the monotonic clock).
     pub fn valid(&self) -> bool {
         #[allow(clippy::disallowed_methods)] // the lease's own deadline, on the monotonic clock
@@ -138,6 +152,7 @@ pub async fn wait_for_lease(
         let tried = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
             let store = PgStore::open(&at2, false)?;
             let token = store.take_lease(&name2, ttl)?;
+            store.gateway_seen(&name2, if token.is_some() { "active" } else { "standby" })?;
             let holder = if token.is_none() { Some(store.lease_holder()?) } else { None };
             Ok((store, token, holder))
         })
@@ -150,6 +165,7 @@ pub async fn wait_for_lease(
                     holder: name.clone(),
                     token,
                     lost: CancellationToken::new(),
+                    standbys: Mutex::new(None),
                 });
                 return Ok(Some(keep(store, lease, ttl)?));
             }
@@ -192,7 +208,21 @@ fn keep(store: PgStore, lease: Arc<Lease>, ttl: Duration) -> anyhow::Result<Held
             #[allow(clippy::disallowed_methods)] // the lease's own deadline, on the monotonic clock
             let asked = Instant::now();
             match store.renew_lease(&l.holder, l.token, ttl) {
-                Ok(true) => l.set(Validity::granted(asked, ttl)),
+                Ok(true) => {
+                    l.set(Validity::granted(asked, ttl));
+                    // Who would take over: the standbys that said so within three polls.
+                    let seen = store
+                        .gateway_seen(&l.holder, "active")
+                        .and_then(|()| store.standbys(&l.holder, Duration::from_secs(3)));
+                    match seen {
+                        Ok(s) => {
+                            if let Ok(mut g) = l.standbys.lock() {
+                                *g = Some(s);
+                            }
+                        }
+                        Err(e) => tracing::warn!(error = %e, "cannot read the standbys"),
+                    }
+                }
                 Ok(false) => {
                     l.set(Validity::none());
                     tracing::error!(gateway = %l.holder, token = l.token, "lease lost: another gateway took it or it ended; stopping");

@@ -86,6 +86,21 @@ pub enum Notice {
         /// How long their alerts wait, min.
         grace_min: i64,
     },
+    /// Several gateways: the active one has seen no standby for a while, so its own failure
+    /// would not be taken over.
+    NoStandby {
+        /// The active gateway's name.
+        gateway: String,
+        /// For how long, s.
+        for_s: i64,
+    },
+    /// A standby is back.
+    StandbyBack {
+        /// The active gateway's name.
+        gateway: String,
+        /// The standby's.
+        standby: String,
+    },
 }
 
 impl Notice {
@@ -95,6 +110,8 @@ impl Notice {
             Notice::StoreDegraded { .. } => "gateway_degraded",
             Notice::StoreRecovered { .. } => "gateway_recovered",
             Notice::MassSilence { .. } => "mass_silence",
+            Notice::NoStandby { .. } => "no_standby",
+            Notice::StandbyBack { .. } => "standby_back",
         }
     }
 
@@ -169,13 +186,100 @@ impl Notice {
                     )
                 }
             }
+            Notice::NoStandby { gateway, for_s } => {
+                let min = (for_s + 59) / 60;
+                if ja {
+                    (
+                        "【mamori】待機中のゲートウェイがありません".into(),
+                        format!(
+                            "稼働中のmamoriゲートウェイ（{gateway}）から、待機中のゲートウェイが約{min}分間見えていません。                             通知は続いていますが、このゲートウェイが止まると、代わりに通知を引き継ぐものがありません。
+                             待機側のサーバーとサービスを確認し、起動してください。"
+                        ),
+                    )
+                } else {
+                    (
+                        "[mamori] no standby gateway".into(),
+                        format!(
+                            "The active mamori gateway ({gateway}) has seen no standby gateway for about {min} min.                              Notifications go on, but if this gateway stops, nothing takes over.
+                             Check the standby's server and service and start it."
+                        ),
+                    )
+                }
+            }
+            Notice::StandbyBack { gateway, standby } => {
+                if ja {
+                    (
+                        "【mamori】待機中のゲートウェイが戻りました".into(),
+                        format!(
+                            "待機中のゲートウェイ（{standby}）が再び見えるようになりました。                             稼働中のゲートウェイ（{gateway}）が止まっても、通知は引き継がれます。"
+                        ),
+                    )
+                } else {
+                    (
+                        "[mamori] a standby gateway is back".into(),
+                        format!(
+                            "The standby gateway {standby} is seen again: if the active gateway ({gateway}) stops,                              it takes over the notifications."
+                        ),
+                    )
+                }
+            }
         }
+    }
+}
+
+/// Whether the operators should hear that the active gateway has no standby, or has one again:
+/// pure, the time passed in. A standby must be missing for `grace` (it may be restarting)
+/// before anyone is told, and each change is told once.
+#[derive(Debug, Clone, Default)]
+pub struct StandbyWatch {
+    missing_since: Option<crate::engine::Time>,
+    told: bool,
+}
+
+impl StandbyWatch {
+    /// The standbys seen now; a notice to send, if any.
+    pub fn update(
+        &mut self,
+        gateway: &str,
+        standbys: &[String],
+        grace: chrono::Duration,
+        now: crate::engine::Time,
+    ) -> Option<Notice> {
+        if let Some(first) = standbys.first() {
+            self.missing_since = None;
+            return std::mem::take(&mut self.told)
+                .then(|| Notice::StandbyBack { gateway: gateway.into(), standby: first.clone() });
+        }
+        let since = *self.missing_since.get_or_insert(now);
+        if !self.told && now - since >= grace {
+            self.told = true;
+            return Some(Notice::NoStandby { gateway: gateway.into(), for_s: (now - since).num_seconds() });
+        }
+        None
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_missing_standby_is_told_once_after_its_grace_and_its_return_once() {
+        let t = |s: i64| chrono::DateTime::from_timestamp(1_790_000_000 + s, 0).unwrap();
+        let grace = chrono::Duration::seconds(18);
+        let mut w = StandbyWatch::default();
+        let b = vec!["gw-b".to_string()];
+        assert_eq!(w.update("gw-a", &b, grace, t(0)), None, "a standby from the start: nothing to say");
+        assert_eq!(w.update("gw-a", &[], grace, t(1)), None);
+        assert_eq!(w.update("gw-a", &[], grace, t(18)), None, "it may be restarting");
+        assert_eq!(w.update("gw-a", &[], grace, t(19)), Some(Notice::NoStandby { gateway: "gw-a".into(), for_s: 18 }));
+        assert_eq!(w.update("gw-a", &[], grace, t(60)), None, "told once");
+        assert!(matches!(w.update("gw-a", &b, grace, t(61)), Some(Notice::StandbyBack { .. })));
+        assert_eq!(w.update("gw-a", &b, grace, t(62)), None);
+        // A standby that blinks within the grace is never told.
+        assert_eq!(w.update("gw-a", &[], grace, t(70)), None);
+        assert_eq!(w.update("gw-a", &b, grace, t(75)), None);
+    }
 
     #[test]
     fn sqlite_errors_are_classified_for_the_operator() {
@@ -191,6 +295,8 @@ mod tests {
             Notice::StoreDegraded { problem: StoreProblem::DiskFull, detail: "database or disk is full".into() },
             Notice::StoreRecovered { after_s: 125 },
             Notice::MassSilence { homes: 40, municipalities: 3, grace_min: 10 },
+            Notice::NoStandby { gateway: "gw-a".into(), for_s: 30 },
+            Notice::StandbyBack { gateway: "gw-a".into(), standby: "gw-b".into() },
         ];
         for n in &notices {
             let (s, b) = n.render(Lang::Ja);

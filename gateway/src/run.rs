@@ -371,6 +371,8 @@ pub struct Service {
     store: Box<dyn Store>,
     /// The active gateway's lease, when several share the store: nothing is sent without it.
     lease: Option<Arc<crate::lease::Lease>>,
+    /// Whether the operators were told that no standby is seen.
+    standby_watch: crate::notice::StandbyWatch,
     /// Where the store is, for the web's and the pruner's own connections.
     store_at: crate::store::Location,
     engine: Engine,
@@ -499,6 +501,7 @@ impl Service {
             config,
             store,
             lease: None,
+            standby_watch: Default::default(),
             store_at,
             engine,
             style,
@@ -1204,6 +1207,19 @@ impl Service {
         });
     }
 
+    /// Several gateways: tell the operators when the active has no standby (and when it has
+    /// one again), after three leases' time (a standby may be restarting).
+    fn watch_standbys(&mut self, now: Time) {
+        let (Some(lease), Some(cluster)) = (&self.lease, &self.config.cluster) else { return };
+        let Some(standbys) = lease.standbys() else { return };
+        self.health.standbys.store(standbys.len() as u64, Ordering::Relaxed);
+        let grace = chrono::Duration::seconds(3 * i64::from(cluster.lease_s));
+        if let Some(n) = self.standby_watch.update(&lease.holder, &standbys, grace, now) {
+            tracing::warn!(notice = n.kind(), standbys = standbys.len(), "standby watch");
+            self.tell_operators(n, now);
+        }
+    }
+
     /// Run as the active gateway of several: nothing is sent unless the lease is valid, and
     /// [`Service::run`] ends (with an error) when it is lost.
     pub fn with_lease(mut self, lease: Arc<crate::lease::Lease>) -> Service {
@@ -1395,6 +1411,7 @@ impl Service {
                     }
                 }
                 self.health.set_no_homes(self.engine.home_count() == 0);
+                self.watch_standbys(now);
                 if self.degraded.is_none() {
                     self.write_session_record(now);
                 }

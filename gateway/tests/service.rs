@@ -277,7 +277,11 @@ fn cluster_of_two(
     hook: &WebhookReceiver,
     escalate_after_s: u64,
 ) -> Result<(Setup, std::path::PathBuf)> {
-    let store = format!("{}[cluster]\nname = \"gw-a\"\nlease_s = 3\n", db.store_toml());
+    // The operators' desk hears about the gateways themselves on the coordinator's endpoint.
+    let store = format!(
+        "{}[cluster]\nname = \"gw-a\"\nlease_s = 3\n[[operators]]\nname = \"desk\"\nchannels = [{{ webhook = \"coord\" }}]\n",
+        db.store_toml()
+    );
     let s = setup_on(broker.port(), hook, escalate_after_s, &store)?;
     let b = second_gateway(&s, "gw-b")?;
     Ok((s, b))
@@ -390,6 +394,42 @@ fn two_gateways_an_active_cut_off_from_the_database_stops_and_the_standby_takes_
     publish(broker.port(), &[event(1, "ventilator_alarm")])?;
     let d = hook.wait("the family, by the new active", LIMIT, |d| d.iter().any(to("/family")))?;
     no_key_twice(&d);
+    Ok(())
+}
+
+#[test]
+fn two_gateways_the_operators_hear_when_the_standby_is_gone_and_when_it_is_back() -> Result<()> {
+    let db = TestDb::new()?;
+    let broker = Mosquitto::start("")?;
+    let hook = WebhookReceiver::start("hook-secret")?;
+    let (s, b_config) = cluster_of_two(&db, &broker, &hook, 3600)?;
+    let a = gateway(&s.config)?;
+    a.wait_line("lease", LIMIT, |l| l.contains("lease acquired"))?;
+    let mut b = standby(&b_config)?;
+    let metrics = |want: &str| -> Result<()> {
+        let deadline = mamori_tests::Deadline::after(LIMIT);
+        loop {
+            let (_, body) = mamori_tests::site::http_get(s.http_port, "/metrics")?;
+            if body.lines().any(|l| l == want) {
+                return Ok(());
+            }
+            deadline.check(want)?;
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+    metrics("mamori_standbys 1")?;
+    b.kill9()?;
+    metrics("mamori_standbys 0")?;
+    // After three leases without a standby (9 s), the desk is told, once.
+    let notice = |k: &'static str| move |d: &[Delivery]| d.iter().any(|x| to("/coord")(x) && x.key.contains(k));
+    let d = hook.wait("no standby", Duration::from_secs(30), notice("no_standby"))?;
+    let n = d.iter().find(|x| x.key.contains("no_standby")).cloned().unwrap_or_else(|| unreachable!());
+    assert!(n.body.to_string().contains("gw-a"), "{n:?}");
+    let _b2 = standby(&b_config)?;
+    hook.wait("standby back", LIMIT, notice("standby_back"))?;
+    metrics("mamori_standbys 1")?;
+    let d = hook.deliveries();
+    assert_eq!(d.iter().filter(|x| x.key.contains("no_standby")).count(), 1, "told once: {d:?}");
     Ok(())
 }
 

@@ -85,6 +85,10 @@ CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE lease (name TEXT PRIMARY KEY, holder TEXT NOT NULL, token BIGINT NOT NULL, expires_at TIMESTAMPTZ NOT NULL);
 INSERT INTO lease (name, holder, token, expires_at) VALUES ('active', '', 0, '-infinity');
 "#,
+    // Each gateway of a cluster says it is alive, as active or standby.
+    r#"
+CREATE TABLE gateways (name TEXT PRIMARY KEY, role TEXT NOT NULL, seen_at TIMESTAMPTZ NOT NULL);
+"#,
 ];
 
 /// The advisory lock taken while migrating (any constant the deployment does not use).
@@ -777,6 +781,28 @@ impl PgStore {
             p![holder.to_string(), token],
         )?;
         Ok(())
+    }
+
+    /// Say that this gateway is alive, as `role` (`active` or `standby`).
+    pub fn gateway_seen(&self, name: &str, role: &str) -> Result<(), StoreError> {
+        self.exec(
+            "INSERT INTO gateways (name, role, seen_at) VALUES ($1, $2, now())
+             ON CONFLICT (name) DO UPDATE SET role = $2, seen_at = now()",
+            p![name.to_string(), role.to_string()],
+        )?;
+        Ok(())
+    }
+
+    /// The other gateways seen as standbys within `within`, by name.
+    pub fn standbys(&self, me: &str, within: Duration) -> Result<Vec<String>, StoreError> {
+        self.rows(
+            "SELECT name FROM gateways WHERE name <> $1 AND role = 'standby'
+             AND seen_at > now() - make_interval(secs => $2) ORDER BY name",
+            p![me.to_string(), within.as_secs_f64()],
+        )?
+        .iter()
+        .map(|r| self.get(r, 0))
+        .collect()
     }
 
     /// Who holds the lease.

@@ -19,6 +19,7 @@
 //! | `mamori_held_messages` | messages held in memory, not acknowledged, while degraded |
 //! | `mamori_unrecorded_results` | delivery results waiting to be recorded |
 //! | `mamori_open_breakers` | destinations not tried for now (failing in a row) |
+//! | `mamori_standbys` | several gateways: standbys the active sees (0: its failure would not be taken over) |
 //! | `mamori_live_streams` | dashboard live streams open |
 //! | `mamori_readings_rejected_total{reason}` | power readings from homes set aside as impossible (sentinels, out of range, a runtime rising on battery, a stuck charge); the forecast used the next basis |
 //! | `mamori_deliveries{channel,role,status}` | outbox rows within the retention by channel (`webhook`, `sms`, `email`, `line`, `voice`, `console`), role and status |
@@ -159,6 +160,7 @@ pub async fn metrics(State(app): State<App>) -> Response {
         ),
         ("mamori_unrecorded_results", "Delivery results waiting to be recorded.", "gauge", load(&h.unrecorded_results)),
         ("mamori_open_breakers", "Destinations not tried for now.", "gauge", load(&h.open_breakers)),
+        ("mamori_standbys", "Standby gateways the active one sees.", "gauge", load(&h.standbys)),
         (
             "mamori_outbound_dropped_total",
             "PUBACKs and agent acknowledgements dropped on a full outbound queue.",
