@@ -792,6 +792,9 @@ impl Config {
             }
         }
         for (kind, p) in &c.policy {
+            if kind != "default" && kind.parse::<crate::engine::AlertKind>().is_err() {
+                bad(&format!("policy.{kind}"), "an alert kind (an event kind such as mains_lost, or home_silent, state_unknown, delivery_failed, clock_skew, drill, battery_degraded, battery_test_failed) or default");
+            }
             if let Err(e) = p.validate() {
                 bad(&format!("policy.{kind}"), &e);
             }
@@ -884,6 +887,9 @@ template = '{"to":"{to}","text":"{text}"}'
         assert!(e.contains("g.toml: key `broker.tls`"), "{e}");
         assert!(e.contains("key `endpoints.coord.url`: expected https"), "{e}");
         assert!(e.contains("key `public_url`"), "{e}");
+        let typo = format!("{GOOD}[policy.mains_lsot]\nsteps = [{{ tier = \"T0\", roles = [\"family\"] }}]\n");
+        let e = Config::parse(&typo, Path::new("g.toml")).unwrap_err().to_string();
+        assert!(e.contains("key `policy.mains_lsot`: expected an alert kind"), "a typo matches nothing: {e}");
         let e = Config::parse(&GOOD.replace("port = 1883", "port = \"x\""), Path::new("g.toml")).unwrap_err();
         assert!(e.to_string().contains("g.toml") && e.to_string().contains("port"), "{e}");
     }

@@ -687,7 +687,12 @@ mod tests {
                     then: vec![],
                 },
             )],
-            content: Content::Cleared { label: "K".into(), kind: "mains_lost".into(), since: t(0), at: t(60) },
+            content: Content::Cleared {
+                label: "K".into(),
+                kind: crate::engine::AlertKind::Event(mamori_protocol::mqtt::EventKind::MainsLost),
+                since: t(0),
+                at: t(60),
+            },
             at: t(60),
             critical: true,
         };
@@ -767,7 +772,7 @@ mod tests {
             alert_id: "a1".into(),
             home: None,
             recipients: vec![(Role::Family, family.clone())],
-            content: Content::Cleared { label: "K".into(), kind: "x".into(), since: at, at },
+            content: Content::Cleared { label: "K".into(), kind: crate::engine::AlertKind::Drill, since: at, at },
             at,
             critical,
         };
@@ -861,7 +866,12 @@ mod tests {
                     },
                 ),
             ],
-            content: Content::Cleared { label: "K".into(), kind: "mains_lost".into(), since: t(0), at: t(60) },
+            content: Content::Cleared {
+                label: "K".into(),
+                kind: crate::engine::AlertKind::Event(mamori_protocol::mqtt::EventKind::MainsLost),
+                since: t(0),
+                at: t(60),
+            },
             at: t(60),
             critical: true,
         };
@@ -898,7 +908,12 @@ mod tests {
                     then: vec![],
                 },
             )],
-            content: Content::Cleared { label: "K".into(), kind: "x".into(), since: t(0), at: t(0) },
+            content: Content::Cleared {
+                label: "K".into(),
+                kind: crate::engine::AlertKind::Drill,
+                since: t(0),
+                at: t(0),
+            },
             at: t(0),
             critical: true,
         };

@@ -72,7 +72,10 @@ use crate::notice::Notice;
 use crate::policy::{Policies, Policy, Tier};
 
 pub mod clock;
+pub mod kind;
+
 use clock::HomeClock;
+pub use kind::AlertKind;
 
 /// Engine settings (the `[escalation]` section of the gateway config).
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
@@ -208,8 +211,8 @@ pub struct Alert {
     pub id: String,
     /// The home.
     pub home: HomeId,
-    /// Its kind (an event kind, or `home_silent`, `state_unknown`, `delivery_failed`).
-    pub kind: String,
+    /// Its kind (an event kind, or one the gateway concluded: [`AlertKind`]).
+    pub kind: AlertKind,
     /// How urgent.
     pub severity: Severity,
     /// When it began at the home.
@@ -301,7 +304,7 @@ pub struct HomeState {
     #[serde(default)]
     pub rejected_readings: BTreeMap<String, u64>,
     /// Active alerts by kind.
-    pub alerts: BTreeMap<String, Alert>,
+    pub alerts: BTreeMap<AlertKind, Alert>,
     /// Time of the last transition of each opening/clearing pair, by opening kind.
     pub pair_ts: BTreeMap<String, Time>,
     /// The spool is degraded.
@@ -398,7 +401,7 @@ pub enum Content {
         /// Home label.
         label: String,
         /// Alert kind.
-        kind: String,
+        kind: AlertKind,
         /// When it began.
         since: Time,
         /// Its tier.
@@ -435,7 +438,7 @@ pub enum Content {
         /// Home label.
         label: String,
         /// Alert kind.
-        kind: String,
+        kind: AlertKind,
         /// When it began.
         since: Time,
         /// When it cleared.
@@ -576,7 +579,7 @@ pub struct Engine {
     plans: BTreeMap<HomeId, Home>,
     state: BTreeMap<HomeId, HomeState>,
     incidents: BTreeMap<String, Incident>,
-    alert_index: HashMap<String, (HomeId, String)>,
+    alert_index: HashMap<String, (HomeId, AlertKind)>,
     outputs: Vec<Output>,
     dirty_homes: BTreeSet<HomeId>,
     /// Since when the gateway's broker connection is down (None: up). Silence is judged only
@@ -592,7 +595,7 @@ pub struct Engine {
     mass_until: Option<Time>,
 }
 
-fn alert_id(home: &HomeId, kind: &str, at: Time) -> String {
+fn alert_id(home: &HomeId, kind: AlertKind, at: Time) -> String {
     let h = Sha256::digest(format!("{}/{kind}/{}", home.as_str(), at.timestamp_micros()).as_bytes());
     hex::encode(&h[..8])
 }
@@ -602,42 +605,44 @@ fn to_utc(t: &mamori_protocol::mqtt::Timestamp) -> Time {
 }
 
 /// Kinds that clear other kinds here (beyond the protocol's own pairs).
-fn clears(kind: EventKind) -> Vec<&'static str> {
+fn clears(kind: EventKind) -> Vec<AlertKind> {
     match kind {
-        EventKind::OximeterAlarmCleared => vec!["oximeter_alarm", "oximeter_alarm_silenced"],
-        k => k.clears().map(|c| vec![c.as_str()]).unwrap_or_default(),
+        EventKind::OximeterAlarmCleared => {
+            vec![EventKind::OximeterAlarm.into(), EventKind::OximeterAlarmSilenced.into()]
+        }
+        k => k.clears().map(|c| vec![c.into()]).unwrap_or_default(),
     }
 }
 
 /// The opening kinds a telemetry snapshot says are over: the agent's own `conditions`, or,
 /// from an agent too old to send them, what the readings show by themselves.
-fn over(t: &Telemetry) -> Vec<&'static str> {
-    let mut v: Vec<&'static str> = Vec::new();
+fn over(t: &Telemetry) -> Vec<AlertKind> {
+    let mut v: Vec<EventKind> = Vec::new();
     if t.conditions.is_empty() {
         if t.mains_present == Some(true) {
-            v.push("mains_lost");
+            v.push(EventKind::MainsLost);
         }
         if !t.devices.is_empty() && t.devices.iter().all(|d| d.state == DeviceState::Ok) {
-            v.push("device_lost");
+            v.push(EventKind::DeviceLost);
         }
         match t.ventilator.as_ref().map(|r| r.alarm) {
-            Some(mamori_protocol::mqtt::ContactState::Normal) => v.extend(["ventilator_alarm", "alarm_cable_fault"]),
-            Some(mamori_protocol::mqtt::ContactState::Alarm) => v.push("alarm_cable_fault"),
+            Some(mamori_protocol::mqtt::ContactState::Normal) => {
+                v.extend([EventKind::VentilatorAlarm, EventKind::AlarmCableFault])
+            }
+            Some(mamori_protocol::mqtt::ContactState::Alarm) => v.push(EventKind::AlarmCableFault),
             _ => {}
         }
     } else {
-        v.extend(
-            t.conditions.iter().filter(|(k, holds)| !**holds && **k != EventKind::Unknown).map(|(k, _)| k.as_str()),
-        );
+        v.extend(t.conditions.iter().filter(|(k, holds)| !**holds && **k != EventKind::Unknown).map(|(k, _)| *k));
     }
     if t.spool.as_ref().is_some_and(|s| !s.degraded) {
-        v.push("spool_degraded");
+        v.push(EventKind::SpoolDegraded);
     }
-    v
+    v.into_iter().map(AlertKind::Event).collect()
 }
 
-fn power_kind(kind: &str) -> bool {
-    matches!(kind, "mains_lost" | "battery_low" | "state_unknown")
+fn power_kind(kind: AlertKind) -> bool {
+    kind.is_power()
 }
 
 impl Engine {
@@ -722,7 +727,7 @@ impl Engine {
     /// Restore a home's state (after a restart).
     pub fn restore_state(&mut self, id: HomeId, state: HomeState) {
         for (kind, a) in &state.alerts {
-            self.alert_index.insert(a.id.clone(), (id.clone(), kind.clone()));
+            self.alert_index.insert(a.id.clone(), (id.clone(), *kind));
         }
         self.state.insert(id, state);
     }
@@ -787,12 +792,12 @@ impl Engine {
                 if !self.plans.contains_key(&home) {
                     return Err(EngineError::UnknownHome(home.as_str().to_string()));
                 }
-                if let Some(open) = self.state.get(&home).and_then(|s| s.alerts.get("drill")) {
+                if let Some(open) = self.state.get(&home).and_then(|s| s.alerts.get(&AlertKind::Drill)) {
                     return Err(EngineError::DrillOpen(open.id.clone()));
                 }
                 let mut data = serde_json::Map::new();
                 data.insert("by".into(), by.into());
-                self.raise(&home, "drill", Severity::Info, now, None, data, now);
+                self.raise(&home, AlertKind::Drill, Severity::Info, now, None, data, now);
                 Ok(())
             }
             Input::Clear { alert_id, by } => self.on_clear(&alert_id, by, now),
@@ -818,7 +823,7 @@ impl Engine {
             // Heard again: whatever was assumed while it was silent, it has power (the next
             // reading recomputes the forecast).
             st.ran_out_at = None;
-            for kind in ["home_silent", "state_unknown"] {
+            for kind in [AlertKind::HomeSilent, AlertKind::StateUnknown] {
                 self.clear_alert(home, kind, now);
             }
             self.touch_incident(home);
@@ -902,7 +907,7 @@ impl Engine {
         for kind in over(&t) {
             let Some(st) = self.state.get_mut(&home) else { break };
             st.normal_at.insert(kind.to_string(), ts);
-            if st.alerts.get(kind).is_some_and(|a| a.since <= ts) {
+            if st.alerts.get(&kind).is_some_and(|a| a.since <= ts) {
                 self.clear_alert(&home, kind, now);
                 self.touch_incident(&home);
             }
@@ -917,14 +922,14 @@ impl Engine {
 
     /// Open or clear the home's `clock_skew` alert (`skew`: seconds off, when beyond the limit).
     fn clock_skew(&mut self, home: &HomeId, skew: Option<i64>, now: Time) {
-        let open = self.state.get(home).is_some_and(|s| s.alerts.contains_key("clock_skew"));
+        let open = self.state.get(home).is_some_and(|s| s.alerts.contains_key(&AlertKind::ClockSkew));
         match skew {
             Some(s) if !open => {
                 let mut data = serde_json::Map::new();
                 data.insert("skew_s".into(), s.into());
-                self.raise(home, "clock_skew", Severity::Warning, now, None, data, now);
+                self.raise(home, AlertKind::ClockSkew, Severity::Warning, now, None, data, now);
             }
-            None if open => self.clear_alert(home, "clock_skew", now),
+            None if open => self.clear_alert(home, AlertKind::ClockSkew, now),
             _ => {}
         }
     }
@@ -934,7 +939,7 @@ impl Engine {
         self.heard(&home, now);
         let limit = Duration::seconds(self.settings.clock_skew_s);
         let cleared = clears(e.kind);
-        let pair = if cleared.is_empty() { e.kind.as_str() } else { cleared[0] };
+        let pair = if cleared.is_empty() { e.kind.as_str() } else { cleared[0].as_str() };
         let st = self.state.entry(home.clone()).or_default();
         let ts = st.clock.place_event(to_utc(&e.ts), e.clock.as_ref(), now, limit);
         if st.pair_ts.get(pair).is_some_and(|last| *last > ts) {
@@ -987,14 +992,14 @@ impl Engine {
             match e.data.get("result").and_then(|r| r.as_str()) {
                 Some("failed") => self.raise(
                     &home,
-                    "battery_test_failed",
+                    AlertKind::BatteryTestFailed,
                     Severity::Warning,
                     ts,
                     e.source.clone(),
                     e.data.clone(),
                     now,
                 ),
-                Some("passed") => self.clear_alert(&home, "battery_test_failed", now),
+                Some("passed") => self.clear_alert(&home, AlertKind::BatteryTestFailed, now),
                 _ => {}
             }
             return Ok(());
@@ -1003,10 +1008,10 @@ impl Engine {
         if e.severity == Severity::Info || silent_kind {
             return Ok(());
         }
-        self.raise(&home, e.kind.as_str(), e.severity, ts, e.source.clone(), e.data.clone(), now);
+        self.raise(&home, AlertKind::Event(e.kind), e.severity, ts, e.source.clone(), e.data.clone(), now);
         if now - ts > Duration::seconds(self.settings.late_event_s) {
             let settle = Duration::seconds(self.settings.replay_settle_s);
-            let alert = self.state.get_mut(&home).and_then(|s| s.alerts.get_mut(e.kind.as_str()));
+            let alert = self.state.get_mut(&home).and_then(|s| s.alerts.get_mut(&AlertKind::Event(e.kind)));
             if let Some(a) = alert.filter(|a| a.raised_at == now && a.notified.is_empty()) {
                 a.hold_until = Some(now + settle);
             }
@@ -1019,7 +1024,7 @@ impl Engine {
     fn raise(
         &mut self,
         home: &HomeId,
-        kind: &str,
+        kind: AlertKind,
         severity: Severity,
         since: Time,
         source: Option<String>,
@@ -1027,16 +1032,16 @@ impl Engine {
         now: Time,
     ) {
         let Some(plan) = self.plans.get(home) else { return };
-        let policy = self.policies.for_alert(kind, &plan.escalation);
+        let policy = self.policies.for_alert(kind.as_str(), &plan.escalation);
         let st = self.state.entry(home.clone()).or_default();
-        if st.alerts.contains_key(kind) {
+        if st.alerts.contains_key(&kind) {
             return;
         }
         let id = alert_id(home, kind, since.max(now));
         let alert = Alert {
             id: id.clone(),
             home: home.clone(),
-            kind: kind.to_string(),
+            kind,
             severity,
             since,
             raised_at: now,
@@ -1056,21 +1061,20 @@ impl Engine {
             data,
         };
         self.outputs.push(Output::Alert(alert.clone()));
-        st.alerts.insert(kind.to_string(), alert);
-        self.alert_index.insert(id, (home.clone(), kind.to_string()));
+        st.alerts.insert(kind, alert);
+        self.alert_index.insert(id, (home.clone(), kind));
         self.dirty_homes.insert(home.clone());
     }
 
-    fn clear_alert(&mut self, home: &HomeId, kind: &str, now: Time) {
+    fn clear_alert(&mut self, home: &HomeId, kind: AlertKind, now: Time) {
         let Some(st) = self.state.get_mut(home) else { return };
-        let Some(mut alert) = st.alerts.remove(kind) else { return };
+        let Some(mut alert) = st.alerts.remove(&kind) else { return };
         alert.cleared_at = Some(now);
         self.alert_index.remove(&alert.id);
         self.dirty_homes.insert(home.clone());
         if !alert.notified.is_empty() {
             let roles: Vec<Role> = alert.notified.iter().copied().collect();
-            let content =
-                Content::Cleared { label: self.label(home), kind: alert.kind.clone(), since: alert.since, at: now };
+            let content = Content::Cleared { label: self.label(home), kind: alert.kind, since: alert.since, at: now };
             let n = self.notification(format!("{}:clear", alert.id), &alert.id, home, &roles, content, now);
             self.outputs.push(Output::Notify(n));
         }
@@ -1149,7 +1153,7 @@ impl Engine {
         alert.acks.push(ack.clone());
         let out = Ack {
             alert_id: alert.id.clone(),
-            alert_kind: alert.kind.clone(),
+            alert_kind: alert.kind.to_string(),
             role: ack.role,
             at: ack.at.fixed_offset(),
         };
@@ -1165,15 +1169,14 @@ impl Engine {
         let (home, kind) = self.alert_index.get(alert_id).cloned().ok_or_else(unknown)?;
         let st = self.state.get_mut(&home).ok_or_else(unknown)?;
         let on_battery = matches!(st.power, Power::Battery { .. });
-        let holds = (power_kind(&kind) && on_battery)
-            || (matches!(kind.as_str(), "home_silent" | "state_unknown") && st.conn.silent());
+        let holds = (power_kind(kind) && on_battery) || (kind.is_silence() && st.conn.silent());
         if holds {
             return Err(EngineError::StillActive(alert_id.to_string()));
         }
         if let Some(a) = st.alerts.get_mut(&kind) {
             a.cleared_by = Some(by);
         }
-        self.clear_alert(&home, &kind, now);
+        self.clear_alert(&home, kind, now);
         self.touch_incident(&home);
         Ok(())
     }
@@ -1207,7 +1210,7 @@ impl Engine {
         data.insert("role".into(), role.as_str().into());
         data.insert("recipient".into(), name.into());
         data.insert("alert_id".into(), alert_id.into());
-        self.raise(&home, "delivery_failed", Severity::Warning, now, None, data, now);
+        self.raise(&home, AlertKind::DeliveryFailed, Severity::Warning, now, None, data, now);
         Ok(())
     }
 
@@ -1240,18 +1243,26 @@ impl Engine {
         if on_battery || in_incident {
             self.ran_out_if_due(home);
             let st = self.state.get(home).cloned().unwrap_or_default();
-            self.clear_alert(home, "home_silent", now);
+            self.clear_alert(home, AlertKind::HomeSilent, now);
             let mut data = serde_json::Map::new();
             if let Some(f) = &st.forecast {
                 data.insert("runs_out_at".into(), f.runs_out_at.to_rfc3339().into());
                 data.insert("basis".into(), f.basis.as_str().into());
             }
             data.insert("on_battery".into(), on_battery.into());
-            self.raise(home, "state_unknown", Severity::Critical, st.last_heard.unwrap_or(now), None, data, now);
+            self.raise(
+                home,
+                AlertKind::StateUnknown,
+                Severity::Critical,
+                st.last_heard.unwrap_or(now),
+                None,
+                data,
+                now,
+            );
         } else {
             self.raise(
                 home,
-                "home_silent",
+                AlertKind::HomeSilent,
                 Severity::Warning,
                 st.last_heard.unwrap_or(now),
                 None,
@@ -1273,8 +1284,8 @@ impl Engine {
     /// Delay the first notification of a home's silence alerts (those nobody has heard of yet).
     fn hold_silence(&mut self, home: &HomeId, until: Time) {
         let Some(st) = self.state.get_mut(home) else { return };
-        for kind in ["home_silent", "state_unknown"] {
-            if let Some(a) = st.alerts.get_mut(kind).filter(|a| a.notified.is_empty()) {
+        for kind in [AlertKind::HomeSilent, AlertKind::StateUnknown] {
+            if let Some(a) = st.alerts.get_mut(&kind).filter(|a| a.notified.is_empty()) {
                 a.hold_until = Some(a.hold_until.map_or(until, |h| h.max(until)));
                 self.dirty_homes.insert(home.clone());
             }
@@ -1395,7 +1406,7 @@ impl Engine {
         let learned =
             st.battery.as_ref().filter(|l| l.usable() && plan_wh.is_some_and(|w| (w - l.plan_wh).abs() < 0.5));
         let degraded = learned.filter(|l| l.health * 100.0 < self.settings.battery_degraded_below_pct);
-        let open = st.alerts.contains_key("battery_degraded");
+        let open = st.alerts.contains_key(&AlertKind::BatteryDegraded);
         match degraded {
             Some(l) if !open => {
                 let mut data = serde_json::Map::new();
@@ -1404,9 +1415,9 @@ impl Engine {
                 data.insert("delivered_wh".into(), (l.health * l.plan_wh).round().into());
                 data.insert("source".into(), serde_json::to_value(l.source).unwrap_or_default());
                 data.insert("discharges".into(), l.discharges.into());
-                self.raise(home, "battery_degraded", Severity::Warning, now, None, data, now);
+                self.raise(home, AlertKind::BatteryDegraded, Severity::Warning, now, None, data, now);
             }
-            None if open => self.clear_alert(home, "battery_degraded", now),
+            None if open => self.clear_alert(home, AlertKind::BatteryDegraded, now),
             _ => {}
         }
     }
@@ -1527,7 +1538,7 @@ impl Engine {
         // Silent members are now homes at risk.
         for h in all {
             if self.state.get(&h).is_some_and(|s| s.conn.silent())
-                && self.state.get(&h).is_some_and(|s| s.alerts.contains_key("home_silent"))
+                && self.state.get(&h).is_some_and(|s| s.alerts.contains_key(&AlertKind::HomeSilent))
             {
                 self.went_silent(&h, false, now);
             }
@@ -1541,13 +1552,13 @@ impl Engine {
             .state
             .iter()
             .filter(|(_, s)| {
-                s.alerts.get("drill").is_some_and(|a| now >= a.raised_at + Duration::minutes(DRILL_OPEN_MIN))
+                s.alerts.get(&AlertKind::Drill).is_some_and(|a| now >= a.raised_at + Duration::minutes(DRILL_OPEN_MIN))
             })
             .map(|(h, _)| h.clone())
             .collect();
         for h in over {
             let Some(st) = self.state.get_mut(&h) else { continue };
-            let Some(mut alert) = st.alerts.remove("drill") else { continue };
+            let Some(mut alert) = st.alerts.remove(&AlertKind::Drill) else { continue };
             alert.cleared_at = Some(now);
             self.alert_index.remove(&alert.id);
             self.dirty_homes.insert(h.clone());
@@ -1584,7 +1595,7 @@ impl Engine {
             .iter()
             .filter(|(h, s)| {
                 let plan_wh = self.plans.get(*h).and_then(Home::external_wh);
-                s.alerts.contains_key("battery_degraded")
+                s.alerts.contains_key(&AlertKind::BatteryDegraded)
                     && !s.battery.as_ref().is_some_and(|l| plan_wh.is_some_and(|w| (l.plan_wh - w).abs() < 0.5))
             })
             .map(|(h, _)| h.clone())
@@ -1596,19 +1607,20 @@ impl Engine {
         let homes: Vec<HomeId> =
             self.state.iter().filter(|(_, s)| !s.alerts.is_empty()).map(|(h, _)| h.clone()).collect();
         for h in homes {
-            let kinds: Vec<String> = self.state.get(&h).map(|s| s.alerts.keys().cloned().collect()).unwrap_or_default();
+            let kinds: Vec<AlertKind> =
+                self.state.get(&h).map(|s| s.alerts.keys().copied().collect()).unwrap_or_default();
             for kind in kinds {
-                self.escalate(&h, &kind, now);
+                self.escalate(&h, kind, now);
             }
         }
         self.poll_incidents(now);
     }
 
-    fn escalate(&mut self, home: &HomeId, kind: &str, now: Time) {
+    fn escalate(&mut self, home: &HomeId, kind: AlertKind, now: Time) {
         let forecast_tier = self.forecast_tier(home, now);
         let in_incident = self.incident_of(home).is_some();
         for _ in 0..16 {
-            let Some(alert) = self.state.get_mut(home).and_then(|s| s.alerts.get_mut(kind)) else { return };
+            let Some(alert) = self.state.get_mut(home).and_then(|s| s.alerts.get_mut(&kind)) else { return };
             // A forecast crossing a tier (or a regional incident: T1) jumps at once.
             if alert.policy.follows_forecast {
                 let mut floor = forecast_tier.unwrap_or(Tier::T0);
@@ -1631,7 +1643,7 @@ impl Engine {
             match action {
                 Action::Send => self.send_step(home, kind, now),
                 Action::Escalate => {
-                    let Some(alert) = self.state.get_mut(home).and_then(|s| s.alerts.get_mut(kind)) else { return };
+                    let Some(alert) = self.state.get_mut(home).and_then(|s| s.alerts.get_mut(&kind)) else { return };
                     if alert.step + 1 < alert.policy.steps.len() {
                         alert.step += 1;
                     }
@@ -1657,10 +1669,10 @@ impl Engine {
         self.municipality_name(code).unwrap_or_else(|| code.to_string())
     }
 
-    fn send_step(&mut self, home: &HomeId, kind: &str, now: Time) {
+    fn send_step(&mut self, home: &HomeId, kind: AlertKind, now: Time) {
         let in_incident = self.incident_of(home).is_some();
         let Some(st) = self.state.get(home) else { return };
-        let Some(alert) = st.alerts.get(kind) else { return };
+        let Some(alert) = st.alerts.get(&kind) else { return };
         let at = alert.step.min(alert.policy.steps.len() - 1);
         let step = &alert.policy.steps[at];
         let mut roles: Vec<Role> = step.roles.clone();
@@ -1678,7 +1690,7 @@ impl Engine {
         let plan = self.plans.get(home);
         let content = Content::Alert {
             label: self.label(home),
-            kind: kind.to_string(),
+            kind,
             since: alert.since,
             tier: step.tier,
             repeat: alert.sent_in_step,
@@ -1696,7 +1708,7 @@ impl Engine {
         };
         let key = format!("{}:s{}:r{}", alert.id, alert.step, alert.sent_in_step);
         let n = self.notification(key, &alert.id, home, &roles, content, now);
-        let Some(alert) = self.state.get_mut(home).and_then(|s| s.alerts.get_mut(kind)) else { return };
+        let Some(alert) = self.state.get_mut(home).and_then(|s| s.alerts.get_mut(&kind)) else { return };
         alert.sent_in_step += 1;
         alert.last_sent_at = Some(now);
         alert.notified.extend(roles.iter().copied());
@@ -1714,9 +1726,9 @@ impl Engine {
             .filter_map(|h| {
                 let st = self.state.get(h)?;
                 let plan = self.plans.get(h)?;
-                let ack = ["mains_lost", "state_unknown"]
+                let ack = [AlertKind::Event(EventKind::MainsLost), AlertKind::StateUnknown]
                     .iter()
-                    .find_map(|k| st.alerts.get(*k).and_then(|a| a.acknowledged.as_ref()).map(|a| a.role));
+                    .find_map(|k| st.alerts.get(k).and_then(|a| a.acknowledged.as_ref()).map(|a| a.role));
                 let f = st.forecast_at(now);
                 Some(TriageRow {
                     home: h.clone(),

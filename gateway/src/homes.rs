@@ -450,6 +450,9 @@ impl HomesFile {
                 }
             }
             for (kind, p) in &h.escalation {
+                if kind != "default" && kind.parse::<crate::engine::AlertKind>().is_err() {
+                    err(&format!("escalation.{kind}"), "an alert kind (an event kind such as mains_lost, or home_silent, state_unknown, ...) or default");
+                }
                 if let Err(e) = p.validate() {
                     err(&format!("escalation.{kind}"), &e);
                 }

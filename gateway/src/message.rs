@@ -13,7 +13,7 @@ use hmac::{Hmac, Mac};
 use mamori_protocol::mqtt::Role;
 use sha2::Sha256;
 
-use crate::engine::{Content, Time, TriageRow};
+use crate::engine::{AlertKind, Content, Time, TriageRow};
 use crate::homes::Lang;
 use crate::policy::Tier;
 
@@ -774,7 +774,7 @@ pub fn render(content: &Content, lang: Lang, role: Role, alert_id: &str, style: 
             told,
             acknowledged_by,
         } => {
-            let what = kind_text(kind, lang);
+            let what = kind_text(kind.as_str(), lang);
             let again = match (*repeat > 0, ja) {
                 (true, true) => "（再通知）",
                 (true, false) => " (repeat)",
@@ -820,7 +820,7 @@ pub fn render(content: &Content, lang: Lang, role: Role, alert_id: &str, style: 
             if let Some(r) = readings_text(data, lang) {
                 body += &if ja { format!("{r}。") } else { format!(" {r}.") };
             }
-            if let (true, Some(skew)) = (kind == "clock_skew", data.get("skew_s").and_then(|v| v.as_i64())) {
+            if let (true, Some(skew)) = (*kind == AlertKind::ClockSkew, data.get("skew_s").and_then(|v| v.as_i64())) {
                 let off = duration(skew.abs(), lang);
                 body += &match (ja, skew > 0) {
                     (true, true) => format!("（{off}進んでいます）"),
@@ -829,7 +829,7 @@ pub fn render(content: &Content, lang: Lang, role: Role, alert_id: &str, style: 
                     (false, false) => format!(" ({off} behind)"),
                 };
             }
-            if kind == "battery_degraded" {
+            if *kind == AlertKind::BatteryDegraded {
                 let n = |k: &str| data.get(k).and_then(|v| v.as_f64()).unwrap_or(0.0).round() as i64;
                 let (health, delivered, planned) = (n("health_pct"), n("delivered_wh"), n("plan_wh"));
                 let times = n("discharges").max(1);
@@ -860,7 +860,7 @@ pub fn render(content: &Content, lang: Lang, role: Role, alert_id: &str, style: 
                     _ => None,
                 },
             };
-            let request = request(role, kind, *tier, &situation, lang);
+            let request = request(role, kind.as_str(), *tier, &situation, lang);
             body += &format!("\n{request}\n");
             if let Some(w) = who_knows(role, told, acknowledged_by, lang) {
                 body += &format!("{w}\n");
@@ -869,7 +869,7 @@ pub fn render(content: &Content, lang: Lang, role: Role, alert_id: &str, style: 
             (subject, body)
         }
         Content::Cleared { label, kind, since, at } => {
-            let over = over_text(kind, lang);
+            let over = over_text(kind.as_str(), lang);
             if ja {
                 (
                     format!("【mamori・解消】{label}: {over}"),
@@ -957,7 +957,7 @@ mod tests {
         };
         let c = Content::Alert {
             label: "K-01".into(),
-            kind: "mains_lost".into(),
+            kind: AlertKind::Event(mamori_protocol::mqtt::EventKind::MainsLost),
             since: t(0),
             tier: Tier::T2,
             repeat: 0,
@@ -1038,7 +1038,7 @@ mod tests {
         }
         let c = Content::Alert {
             label: "K-01".into(),
-            kind: "battery_degraded".into(),
+            kind: AlertKind::BatteryDegraded,
             since: t(0),
             tier: Tier::T0,
             repeat: 0,
@@ -1111,7 +1111,7 @@ mod tests {
                 for (evacuation, forecast) in [(Some(("熊本大学病院".to_string(), 40)), Some(f)), (None, None)] {
                     out.push(Content::Alert {
                         label: "K-01".into(),
-                        kind: kind.to_string(),
+                        kind: kind.parse().expect("every kind in KINDS is an alert kind"),
                         since: t(0),
                         tier,
                         repeat: 1,
@@ -1127,7 +1127,12 @@ mod tests {
                     });
                 }
             }
-            out.push(Content::Cleared { label: "K-01".into(), kind: kind.to_string(), since: t(0), at: t(600) });
+            out.push(Content::Cleared {
+                label: "K-01".into(),
+                kind: kind.parse().expect("an alert kind"),
+                since: t(0),
+                at: t(600),
+            });
         }
         let row = |label: &str, on_battery: bool, left: Option<i64>| TriageRow {
             home: mamori_protocol::mqtt::HomeId::new("h-01").unwrap(),

@@ -874,7 +874,7 @@ impl Service {
         let id = self
             .engine
             .home_state(home)
-            .and_then(|s| s.alerts.get("drill"))
+            .and_then(|s| s.alerts.get(&crate::engine::AlertKind::Drill))
             .map(|a| a.id.clone())
             .ok_or_else(|| "the drill did not start".to_string())?;
         tracing::info!(home = %home.as_str(), by, drill = %id, "drill started");

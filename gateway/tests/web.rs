@@ -16,7 +16,7 @@ use axum::Router;
 use chrono::Utc;
 use http_body_util::BodyExt;
 use mamori_gateway::accounts::{AccountRole, Accounts, NewUser, TotpKey};
-use mamori_gateway::engine::{Engine, Input, Settings};
+use mamori_gateway::engine::{AlertKind, Engine, Input, Settings};
 use mamori_gateway::homes::{HomesFile, Known};
 use mamori_gateway::message::Style;
 use mamori_gateway::policy::Policies;
@@ -142,7 +142,7 @@ fn fixture(dir: &Path) -> Parts {
                 WebRequest::Clear { alert_id, by, reply } => (Input::Clear { alert_id, by }, reply),
                 WebRequest::Drill { home, by, reply } => {
                     let r = e.handle(Input::Drill { home: home.clone(), by }, Utc::now()).map_err(|e| e.to_string());
-                    let id = e.home_state(&home).and_then(|s| s.alerts.get("drill")).map(|a| a.id.clone());
+                    let id = e.home_state(&home).and_then(|s| s.alerts.get(&AlertKind::Drill)).map(|a| a.id.clone());
                     e.take_outputs();
                     publish(&e, &loop_tx, &[home.as_str()]);
                     let _ = reply.send(r.and_then(|()| id.ok_or_else(|| "no drill".to_string())));
@@ -223,7 +223,9 @@ async fn setup() -> Fixture {
     }
     let (alert_a1, alert_b1, incident_a) = {
         let e = engine.lock().unwrap();
-        let a = |h: &str| e.home_state(&HomeId::new(h).unwrap()).unwrap().alerts["mains_lost"].id.clone();
+        let a = |h: &str| {
+            e.home_state(&HomeId::new(h).unwrap()).unwrap().alerts[&AlertKind::Event(EventKind::MainsLost)].id.clone()
+        };
         let inc = e.incidents().next().expect("an incident in 431001").id.clone();
         (a("home-a1"), a("home-b1"), inc)
     };
@@ -366,7 +368,7 @@ async fn writes_follow_the_scope_and_the_role() {
     {
         let e = f.engine.lock().unwrap();
         let st = e.home_state(&HomeId::new("home-b1").unwrap()).unwrap();
-        assert!(st.alerts["mains_lost"].acks.is_empty(), "nothing reached the engine");
+        assert!(st.alerts[&AlertKind::Event(EventKind::MainsLost)].acks.is_empty(), "nothing reached the engine");
     }
     // In scope: the family acknowledges from the page; the coordinator through the API.
     let a1 = f.alert_a1.clone();
@@ -389,13 +391,16 @@ async fn writes_follow_the_scope_and_the_role() {
     assert_eq!(r.status, StatusCode::SEE_OTHER);
     {
         let e = f.engine.lock().unwrap();
-        let a = &e.home_state(&HomeId::new("home-a1").unwrap()).unwrap().alerts["mains_lost"];
+        let a =
+            &e.home_state(&HomeId::new("home-a1").unwrap()).unwrap().alerts[&AlertKind::Event(EventKind::MainsLost)];
         let who: Vec<(&str, Option<&str>)> = a.acks.iter().map(|k| (k.by.as_str(), k.note.as_deref())).collect();
         assert_eq!(who, [("family-a1", Some("対応中")), ("api:coord-a", Some("on my way"))]);
     }
     // Clear: a family may not; a power alert on battery may not be cleared; a device alert may.
-    let lost_a1 =
-        f.engine.lock().unwrap().home_state(&HomeId::new("home-a1").unwrap()).unwrap().alerts["device_lost"].id.clone();
+    let lost_a1 = f.engine.lock().unwrap().home_state(&HomeId::new("home-a1").unwrap()).unwrap().alerts
+        [&AlertKind::Event(EventKind::DeviceLost)]
+        .id
+        .clone();
     let r = send(&f, page(&f, Some("family_a1"), "POST", &format!("/alerts/{lost_a1}/clear"), "")).await;
     assert_eq!(r.status, StatusCode::FORBIDDEN);
     let r = send(&f, api(&f, Some("family_a1"), "POST", &format!("/api/v1/alerts/{lost_a1}/clear"))).await;
@@ -413,7 +418,7 @@ async fn writes_follow_the_scope_and_the_role() {
         .home_state(&HomeId::new("home-a1").unwrap())
         .unwrap()
         .alerts
-        .contains_key("device_lost"));
+        .contains_key(&AlertKind::Event(EventKind::DeviceLost)));
 
     // Admin pages change accounts.
     let r = send(
@@ -476,7 +481,8 @@ async fn forms_without_the_session_token_are_refused() {
             .unwrap();
         assert_eq!(send(&f, req).await.status, StatusCode::FORBIDDEN, "{uri}");
     }
-    assert!(f.engine.lock().unwrap().home_state(&HomeId::new("home-a1").unwrap()).unwrap().alerts["mains_lost"]
+    assert!(f.engine.lock().unwrap().home_state(&HomeId::new("home-a1").unwrap()).unwrap().alerts
+        [&AlertKind::Event(EventKind::MainsLost)]
         .acks
         .is_empty());
     // Another user's token is not this session's either.
@@ -923,7 +929,10 @@ async fn bad_api_input_gets_a_json_error_saying_why_and_changes_nothing() {
     {
         let e = f.engine.lock().unwrap();
         let st = e.home_state(&HomeId::new("home-a1").unwrap()).unwrap();
-        assert!(st.alerts["mains_lost"].acknowledged.is_none(), "no refused body acknowledged anything");
+        assert!(
+            st.alerts[&AlertKind::Event(EventKind::MainsLost)].acknowledged.is_none(),
+            "no refused body acknowledged anything"
+        );
     }
     // No body, an empty one and a null note are all an acknowledgement without a note.
     assert_eq!(send(&f, call("POST", &ack, None, "")).await.status, StatusCode::OK);

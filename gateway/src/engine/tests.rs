@@ -125,7 +125,8 @@ fn names(v: &[(String, String)]) -> Vec<&str> {
 }
 
 fn alert<'a>(e: &'a Engine, home: &str, kind: &str) -> Option<&'a Alert> {
-    e.home_state(&h(home)).and_then(|s| s.alerts.get(kind))
+    let kind: AlertKind = kind.parse().expect("an alert kind");
+    e.home_state(&h(home)).and_then(|s| s.alerts.get(&kind))
 }
 
 #[test]

@@ -474,7 +474,7 @@ impl Store for PgStore {
             p![
                 a.id.clone(),
                 a.home.as_str().to_string(),
-                a.kind.clone(),
+                a.kind.to_string(),
                 ts(a.raised_at),
                 a.cleared_at.map(ts),
                 serde_json::to_string(a).unwrap_or_default()

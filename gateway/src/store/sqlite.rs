@@ -301,7 +301,7 @@ impl Store for SqliteStore {
                  ON CONFLICT (id) DO UPDATE SET cleared_at = ?5, body = ?6",
             )
             .and_then(|mut s| {
-                s.execute(params![a.id, a.home.as_str(), a.kind, ts(a.raised_at), a.cleared_at.map(ts), body])
+                s.execute(params![a.id, a.home.as_str(), a.kind.as_str(), ts(a.raised_at), a.cleared_at.map(ts), body])
             })
             .map_err(self.db())?;
         Ok(())

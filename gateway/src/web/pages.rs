@@ -1056,7 +1056,7 @@ pub async fn home(State(app): State<App>, v: Viewer, client: Client, Path(id): P
             id = escape(&a.id),
             open = if a.cleared_at.is_none() { " open" } else { "" },
             sev = a.severity,
-            kind = escape(kind_text(&a.kind, v.lang)),
+            kind = escape(kind_text(a.kind.as_str(), v.lang)),
             since = local(a.since, offset),
             acks = acks.join("<br>"),
         );

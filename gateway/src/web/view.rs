@@ -125,7 +125,7 @@ impl AlertView {
         AlertView {
             id: a.id.clone(),
             home: a.home.as_str().to_string(),
-            kind: a.kind.clone(),
+            kind: a.kind.to_string(),
             severity: a.severity,
             tier: a.tier(),
             since: a.since,

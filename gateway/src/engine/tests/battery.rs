@@ -77,7 +77,7 @@ fn a_home_silent_when_its_battery_was_due_has_run_out_and_one_silent_earlier_wid
     let now = t(99 * 60);
     e.poll(now);
     let a = e.home_state(&h("a")).unwrap();
-    assert!(a.alerts.contains_key("state_unknown"));
+    assert!(a.alerts.contains_key(&AlertKind::StateUnknown));
     let f = a.forecast_at(now).unwrap();
     assert_eq!(f.external_until, t(95 * 60), "taken as run out when it fell silent");
     assert!(f.on_last_battery(now));
@@ -110,7 +110,7 @@ fn an_outage_teaches_the_battery_and_a_weak_one_is_reported_on_a_calm_day() {
     let l = st.battery.clone().expect("learned at the outage's end");
     assert!((l.health - 0.5).abs() < 0.05, "{l:?}");
     assert!(st.discharge.is_none());
-    assert!(st.alerts.contains_key("battery_degraded"));
+    assert!(st.alerts.contains_key(&AlertKind::BatteryDegraded));
     e.poll(t(145 * 60));
     let s = sent(&mut e);
     let to: Vec<&str> = names(&s).into_iter().filter(|n| !n.starts_with("fac") && !n.starts_with("nurse")).collect();
