@@ -551,7 +551,15 @@ pub fn main() -> ExitCode {
                             }
                         }
                     }
-                    _ => None,
+                    (Some(_), Ok(crate::store::Location::Sqlite(_))) => {
+                        eprintln!("mamori-gateway: [cluster] needs a [store] postgres database the gateways share");
+                        return ExitCode::from(2);
+                    }
+                    (Some(_), Err(e)) => {
+                        eprintln!("mamori-gateway: {e}");
+                        return ExitCode::from(2);
+                    }
+                    (None, _) => None,
                 };
                 let service = match run::Service::new(config, console_tx) {
                     Ok(s) => s,

@@ -20,7 +20,10 @@
 //! a lease that has expired or was taken ends the service, and the process exits 1 to be
 //! restarted as a standby. A send already in flight when the lease ends may complete: the same
 //! message, with the same idempotency key, may then be sent again by the new active. That is
-//! the chosen failure: a duplicate page, never a missed one.
+//! the chosen failure: a duplicate page, never a missed one. Ingest, timers and recording
+//! results are gated the same way, and the store is fenced ([`crate::store::Store::fence`]):
+//! each write transaction checks, under a share lock held to its commit, that this gateway's
+//! name and token still hold the lease.
 //!
 //! A clean stop gives the lease up at once, so a standby takes over without waiting for it to
 //! end.
@@ -126,6 +129,7 @@ fn lease_location(at: &PgLocation, ttl: Duration) -> PgLocation {
     // Its own connection, whose calls can never outlast a renewal period.
     let mut at = at.clone();
     at.timeout = (ttl / 3).max(Duration::from_secs(1));
+    at.config.connect_timeout(at.timeout);
     at
 }
 
@@ -152,8 +156,10 @@ pub async fn wait_for_lease(
         let tried = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
             let store = PgStore::open(&at2, false)?;
             let token = store.take_lease(&name2, ttl)?;
-            store.gateway_seen(&name2, if token.is_some() { "active" } else { "standby" })?;
-            let holder = if token.is_none() { Some(store.lease_holder()?) } else { None };
+            // Said after the take, and never in its way: a lease taken is not lost to an
+            // error here.
+            let _ = store.gateway_seen(&name2, if token.is_some() { "active" } else { "standby" });
+            let holder = if token.is_none() { store.lease_holder().ok() } else { None };
             Ok((store, token, holder))
         })
         .await?;
@@ -167,7 +173,7 @@ pub async fn wait_for_lease(
                     lost: CancellationToken::new(),
                     standbys: Mutex::new(None),
                 });
-                return Ok(Some(keep(store, lease, ttl)?));
+                return Ok(Some(keep(store, lease, ttl, asked)?));
             }
             Ok((_, None, Some(h))) => {
                 let line = format!("{}/{}", h.holder, h.token);
@@ -186,13 +192,17 @@ pub async fn wait_for_lease(
     }
 }
 
-fn keep(store: PgStore, lease: Arc<Lease>, ttl: Duration) -> anyhow::Result<Held> {
+#[allow(clippy::disallowed_methods)] // the keeper's schedule is on the monotonic clock
+fn keep(store: PgStore, lease: Arc<Lease>, ttl: Duration, granted: Instant) -> anyhow::Result<Held> {
     let (stop, stopped) = std::sync::mpsc::channel::<()>();
     let l = lease.clone();
     let keeper = std::thread::Builder::new().name("mamori-lease".into()).spawn(move || {
+        // Renewals are scheduled from when the last one was asked for, whatever else took
+        // time, and a failed one is tried again soon.
         let every = ttl / 3;
+        let mut next = granted + every;
         loop {
-            match stopped.recv_timeout(every) {
+            match stopped.recv_timeout(next.saturating_duration_since(Instant::now())) {
                 Ok(()) | Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
                     if l.valid() {
                         if let Err(e) = store.release_lease(&l.holder, l.token) {
@@ -207,10 +217,15 @@ fn keep(store: PgStore, lease: Arc<Lease>, ttl: Duration) -> anyhow::Result<Held
             }
             #[allow(clippy::disallowed_methods)] // the lease's own deadline, on the monotonic clock
             let asked = Instant::now();
+            next = asked + every;
             match store.renew_lease(&l.holder, l.token, ttl) {
                 Ok(true) => {
                     l.set(Validity::granted(asked, ttl));
-                    // Who would take over: the standbys that said so within three polls.
+                    // Who would take over: the standbys that said so within three polls; only
+                    // when it cannot delay the next renewal.
+                    if Instant::now() + every / 2 > next {
+                        continue;
+                    }
                     let seen = store
                         .gateway_seen(&l.holder, "active")
                         .and_then(|()| store.standbys(&l.holder, Duration::from_secs(3)));
@@ -230,6 +245,7 @@ fn keep(store: PgStore, lease: Arc<Lease>, ttl: Duration) -> anyhow::Result<Held
                     return;
                 }
                 Err(e) => {
+                    next = Instant::now() + Duration::from_millis(250);
                     tracing::warn!(gateway = %l.holder, error = %e, "cannot renew the lease");
                     if !l.valid() {
                         tracing::error!(gateway = %l.holder, "lease expired unrenewed: stopping");

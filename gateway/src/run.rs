@@ -812,7 +812,16 @@ impl Service {
     }
 
     /// Run the timers.
+    /// Whether this gateway may act: always, unless it is one of several and its lease is no
+    /// longer valid (then it neither sends nor writes; the loop ends when the keeper says so).
+    fn leased(&self) -> bool {
+        self.lease.as_ref().is_none_or(|l| l.valid())
+    }
+
     fn tick(&mut self, now: Time) -> Result<Vec<(HomeId, mqtt::Ack)>, StoreError> {
+        if !self.leased() {
+            return Ok(Vec::new());
+        }
         self.transaction(|s| {
             s.engine.poll(now);
             s.persist()
@@ -918,6 +927,10 @@ impl Service {
 
     /// A batch from the broker: store and apply it, then acknowledge it; or hold it.
     fn on_batch(&mut self, batch: Vec<Publish>, now: Time) {
+        if !self.leased() {
+            // Not acknowledged: the broker gives them to the gateway that holds the lease.
+            return;
+        }
         if self.engine.home_count() == 0 {
             // A store without homes is not the deployment's: do not acknowledge (and so drop)
             // the homes' messages; the broker keeps them for the right store.
@@ -957,8 +970,9 @@ impl Service {
     /// Give due rows their slots. Rows for destinations whose breaker is open are skipped in
     /// bulk first, apart, so that they never take the place of rows that can be sent.
     fn dispatch(&mut self, now: Time) {
-        // Several gateways: only the holder of a valid lease sends (crate::lease).
-        if self.lease.as_ref().is_some_and(|l| !l.valid()) {
+        // Several gateways: only the holder of a valid lease sends (crate::lease), checked
+        // here, again after the store's reads and in each send's task just before it goes.
+        if !self.leased() {
             return;
         }
         let closed = self.dispatcher.open_breakers(now);
@@ -1010,13 +1024,21 @@ impl Service {
                 self.flush_unrecorded(now);
             }
         }
+        if !self.leased() {
+            return;
+        }
         let mut skipped = Vec::new();
         for d in self.dispatcher.choose(rows, now) {
             match d {
                 Decision::Send(row) => {
                     let (sender, tx) = (self.sender.clone(), self.results_tx.clone());
                     let link = self.style.ack_link(&row.alert_id, row.role);
+                    let lease = self.lease.clone();
                     tokio::spawn(async move {
+                        if lease.is_some_and(|l| !l.valid()) {
+                            let _ = tx.send((row, Err(Failure::destination("not sent: the lease ended")))).await;
+                            return;
+                        }
                         let result = sender.send(&row, clock::now(), &link).await;
                         let _ = tx.send((row, result)).await;
                     });
@@ -1035,6 +1057,11 @@ impl Service {
 
     /// Record the results of attempts, all in one transaction (one `fsync` for a whole burst).
     fn record(&mut self, results: Vec<(OutboxRow, Result<(), Failure>)>, now: Time, attempted: bool) {
+        if !self.leased() {
+            // The store is the new active's now: what this one sent last may be sent again
+            // (the same idempotency key), never lost.
+            return;
+        }
         for (row, result) in results {
             if attempted {
                 let destination_failed = result.as_ref().is_err_and(|f| f.destination);
@@ -1223,6 +1250,8 @@ impl Service {
     /// Run as the active gateway of several: nothing is sent unless the lease is valid, and
     /// [`Service::run`] ends (with an error) when it is lost.
     pub fn with_lease(mut self, lease: Arc<crate::lease::Lease>) -> Service {
+        // The store refuses this gateway's writes once its token is not the lease's.
+        self.store.fence(Some((lease.holder.clone(), lease.token)));
         self.lease = Some(lease);
         self
     }

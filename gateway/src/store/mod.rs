@@ -259,6 +259,10 @@ pub struct AckRequest {
 pub trait Store: Send + AccountRows + AuditRows {
     /// Where it is, for an operator (a file, a database name; never a password).
     fn location(&self) -> String;
+    /// Several gateways on one store: every write transaction ([`Store::begin`]) first checks
+    /// that this holder and fencing token still hold the lease, and fails otherwise, so a
+    /// deposed gateway cannot write (a store one machine owns ignores it).
+    fn fence(&mut self, _holder: Option<(String, i64)>) {}
 
     /// Start a write transaction.
     fn begin(&mut self) -> Result<(), StoreError>;

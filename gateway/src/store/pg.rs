@@ -189,6 +189,7 @@ fn pg_text(e: &::postgres::Error) -> String {
 /// The PostgreSQL store.
 pub struct PgStore {
     jobs: mpsc::Sender<Job>,
+    fence: Option<(String, i64)>,
     target: String,
     timeout: Duration,
 }
@@ -207,7 +208,7 @@ impl PgStore {
                 }
             })
             .map_err(|e| StoreError::Postgres { target: at.target.clone(), detail: format!("thread: {e}") })?;
-        let mut store = PgStore { jobs, target: at.target.clone(), timeout: at.timeout };
+        let mut store = PgStore { jobs, fence: None, target: at.target.clone(), timeout: at.timeout };
         store.migrate(create)?;
         if create && store.meta(META_CREATED_AT)?.is_none() {
             store.set_meta(META_CREATED_AT, &ts(crate::clock::now()))?;
@@ -228,8 +229,14 @@ impl PgStore {
         f: impl FnOnce(&mut Conn) -> Result<T, String> + Send + 'static,
     ) -> Result<T, StoreError> {
         let (tx, rx) = mpsc::sync_channel(1);
+        // A job that waited past its caller's deadline is not run: its caller has given up
+        // (and a late BEGIN or lease renewal would act for nobody).
+        #[allow(clippy::disallowed_methods)] // the call's own deadline, on the monotonic clock
+        let deadline = std::time::Instant::now() + self.timeout;
         let job: Job = Box::new(move |c| {
-            let _ = tx.send(f(c));
+            #[allow(clippy::disallowed_methods)] // the call's own deadline, on the monotonic clock
+            let late = std::time::Instant::now() > deadline;
+            let _ = tx.send(if late { Err("not run: it waited past its deadline".into()) } else { f(c) });
         });
         self.jobs.send(job).map_err(|_| self.err("the connection's thread has ended".into()))?;
         match rx.recv_timeout(self.timeout) {
@@ -307,7 +314,8 @@ impl PgStore {
             let mut tx = c.transaction()?;
             tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])?;
             tx.batch_execute("CREATE TABLE IF NOT EXISTS mamori_schema (version BIGINT NOT NULL)")?;
-            let v: Option<i64> = tx.query_opt("SELECT version FROM mamori_schema", &[])?.map(|r| r.get(0));
+            let v: Option<i64> =
+                tx.query_opt("SELECT version FROM mamori_schema", &[])?.map(|r| r.try_get(0)).transpose()?;
             if v.is_none() {
                 tx.execute("INSERT INTO mamori_schema (version) VALUES (0)", &[])?;
             }
@@ -367,10 +375,30 @@ impl Store for PgStore {
         self.target.clone()
     }
 
+    fn fence(&mut self, holder: Option<(String, i64)>) {
+        self.fence = holder;
+    }
+
     fn begin(&mut self) -> Result<(), StoreError> {
-        self.call(|c| {
+        let fence = self.fence.clone();
+        self.call(move |c| {
             c.client()?.batch_execute("BEGIN").map_err(|e| pg_text(&e))?;
             c.in_tx = true;
+            if let Some((holder, token)) = fence {
+                // Held until the commit: a standby's take waits for this batch, and a batch
+                // of a deposed holder writes nothing.
+                let held = c
+                    .client()?
+                    .query_opt(
+                        "SELECT 1 FROM lease WHERE name = 'active' AND holder = $1 AND token = $2
+                         AND expires_at > now() FOR SHARE",
+                        &[&holder, &token],
+                    )
+                    .map_err(|e| pg_text(&e))?;
+                if held.is_none() {
+                    return Err(format!("{holder} no longer holds the lease (token {token}): nothing is written"));
+                }
+            }
             Ok(())
         })
     }
@@ -422,7 +450,7 @@ impl Store for PgStore {
              ON CONFLICT DO NOTHING",
             p![
                 home.as_str().to_string(),
-                i64::try_from(e.seq).unwrap_or(i64::MAX),
+                e.seq as i64, // as SQLite keeps it: distinct for every u64
                 e.id.clone(),
                 ts(e.ts.with_timezone(&chrono::Utc)),
                 e.kind.as_str().to_string(),
@@ -914,6 +942,31 @@ mod tests {
         assert!(s.insert_event(&home, &ev(1), t(0)).unwrap());
         s.commit().unwrap();
         assert_eq!(s.events_for(&home, 10).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn a_fenced_store_writes_nothing_once_its_token_is_not_the_lease() {
+        let db = TestDb::new().unwrap();
+        let mut a = PgStore::open(&at(&db), true).unwrap();
+        let b = PgStore::open(&at(&db), false).unwrap();
+        let ttl = Duration::from_secs(30);
+        let token = a.take_lease("gw-a", ttl).unwrap().unwrap();
+        a.fence(Some(("gw-a".into(), token)));
+        a.begin().unwrap();
+        a.set_meta("k", "1").unwrap();
+        a.commit().unwrap();
+        // Another gateway takes over.
+        a.release_lease("gw-a", token).unwrap();
+        b.take_lease("gw-b", ttl).unwrap().unwrap();
+        let e = a.begin().unwrap_err().to_string();
+        assert!(e.contains("no longer holds the lease"), "{e}");
+        a.rollback();
+        assert_eq!(b.meta("k").unwrap().as_deref(), Some("1"));
+        // Unfenced (one machine's store), it writes as before.
+        a.fence(None);
+        a.begin().unwrap();
+        a.set_meta("k", "2").unwrap();
+        a.commit().unwrap();
     }
 
     #[test]
