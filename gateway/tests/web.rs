@@ -1063,3 +1063,53 @@ async fn a_municipality_drill_reaches_every_home_of_it_in_scope() {
     let refused: Vec<&str> = body["refused"].as_array().unwrap().iter().filter_map(|d| d["home"].as_str()).collect();
     assert_eq!((started, refused), (vec!["home-a1"], vec!["home-a2"]), "{body}");
 }
+
+/// The path of an acknowledgement link, signed as the fixture's gateway signs it.
+fn ack_path(id: &str) -> String {
+    let style = Style {
+        public_url: "https://mamori.example".into(),
+        link_secret: b"secret".to_vec(),
+        offset: chrono::FixedOffset::east_opt(9 * 3600).unwrap(),
+    };
+    style.ack_link(id, mamori_protocol::mqtt::Role::Family).replace("https://mamori.example", "")
+}
+
+#[tokio::test]
+async fn an_acknowledgement_link_says_what_it_is_about_and_when_it_is_over() {
+    let f = setup().await;
+    // Open: the home and what happened, in words; the form.
+    let r = send(&f, page(&f, None, "GET", &ack_path(&f.alert_a1), "")).await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert!(r.body.contains("A-1") && r.body.contains("停電") && r.body.contains("<form"), "{}", r.body);
+    assert!(!r.body.contains(&f.alert_a1), "no raw id: {}", r.body);
+
+    // Over (the alert cleared, as the store keeps it): said so, nothing to press.
+    let mut over = {
+        let e = f.engine.lock().unwrap();
+        e.home_state(&HomeId::new("home-b1").unwrap()).unwrap().alerts[&AlertKind::Event(EventKind::MainsLost)].clone()
+    };
+    over.id = "cleared-one".into();
+    over.cleared_at = Some(over.since + chrono::Duration::minutes(42));
+    f.db.lock().unwrap().save_alert(&over).unwrap();
+    let r = send(&f, page(&f, None, "GET", &ack_path("cleared-one"), "")).await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert!(r.body.contains("B-1") && r.body.contains("終わりました") && !r.body.contains("<form"), "{}", r.body);
+    let r = send(&f, page(&f, None, "POST", &ack_path("cleared-one"), "note=x")).await;
+    assert_eq!(r.status, StatusCode::OK, "pressed after it was over: said in words, not an error");
+    assert!(r.body.contains("終わりました"), "{}", r.body);
+
+    // A closed regional incident: its name and that it is over.
+    let mut inc = f.engine.lock().unwrap().incidents().next().cloned().unwrap();
+    inc.id = "inc-closed".into();
+    inc.closed_at = Some(inc.opened_at + chrono::Duration::hours(3));
+    f.db.lock().unwrap().save_incident(&inc).unwrap();
+    let r = send(&f, page(&f, None, "GET", &ack_path("inc-closed"), "")).await;
+    assert!(r.body.contains("広域停電") && r.body.contains("終わりました"), "{}", r.body);
+
+    // A signed link to nothing, and a forged one.
+    let r = send(&f, page(&f, None, "GET", &ack_path("nothing-here"), "")).await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+    assert!(r.body.contains("見つかりません"), "{}", r.body);
+    let forged = ack_path(&f.alert_a1).replace("/family/", "/coordinator/");
+    assert_eq!(send(&f, page(&f, None, "GET", &forged, "")).await.status, StatusCode::NOT_FOUND);
+}

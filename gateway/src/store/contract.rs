@@ -92,6 +92,27 @@ fn messages_and_outbox(s: &mut dyn Store) {
     r.status = OutboxStatus::Delivered;
     s.record_attempt(&r).unwrap();
     assert_eq!(s.outbox_depth().unwrap(), 1);
+    // Incidents: open ones are reloaded at start; a closed one is still found by its id (the
+    // links in its messages).
+    let inc = crate::engine::Incident {
+        id: "inc-431001-1".into(),
+        municipality: "431001".into(),
+        opened_at: t(0),
+        closed_at: None,
+        members: [h.clone()].into(),
+        acks: Vec::new(),
+        revision: 1,
+        last_sent_at: Some(t(1)),
+        changed: false,
+        tiers: Default::default(),
+    };
+    s.save_incident(&inc).unwrap();
+    assert_eq!(s.open_incidents().unwrap().len(), 1);
+    let closed = crate::engine::Incident { closed_at: Some(t(600)), ..inc };
+    s.save_incident(&closed).unwrap();
+    assert!(s.open_incidents().unwrap().is_empty());
+    assert_eq!(s.incident("inc-431001-1").unwrap().map(|i| i.closed_at), Some(Some(t(600))));
+    assert!(s.incident("inc-nowhere").unwrap().is_none());
     s.set_meta("k", "v").unwrap();
     assert_eq!(s.meta("k").unwrap().as_deref(), Some("v"));
 }

@@ -295,6 +295,8 @@ pub trait Store: Send + AccountRows + AuditRows {
     fn save_incident(&mut self, i: &Incident) -> Result<(), StoreError>;
     /// Incidents not closed.
     fn open_incidents(&self) -> Result<Vec<Incident>, StoreError>;
+    /// One incident, open or closed.
+    fn incident(&self, id: &str) -> Result<Option<Incident>, StoreError>;
 
     /// Write an outbox row unless its key exists; true when written.
     fn enqueue(&mut self, row: &OutboxRow) -> Result<bool, StoreError>;

@@ -537,6 +537,10 @@ impl Store for PgStore {
         self.json_rows("SELECT body FROM incidents WHERE closed_at IS NULL", p![], "incident")
     }
 
+    fn incident(&self, id: &str) -> Result<Option<Incident>, StoreError> {
+        Ok(self.json_rows("SELECT body FROM incidents WHERE id = $1", p![id.to_string()], "incident")?.pop())
+    }
+
     fn enqueue(&mut self, row: &OutboxRow) -> Result<bool, StoreError> {
         let n = self.exec(
             "INSERT INTO outbox (key, alert_id, status, next_attempt_at, body, dest) VALUES ($1, $2, $3, $4, $5, $6)

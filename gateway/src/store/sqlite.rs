@@ -332,6 +332,10 @@ impl Store for SqliteStore {
         self.json_rows("SELECT body FROM incidents WHERE closed_at IS NULL", [], "incident")
     }
 
+    fn incident(&self, id: &str) -> Result<Option<Incident>, StoreError> {
+        Ok(self.json_rows("SELECT body FROM incidents WHERE id = ?1", [id], "incident")?.pop())
+    }
+
     fn enqueue(&mut self, row: &OutboxRow) -> Result<bool, StoreError> {
         let body = serde_json::to_string(row).unwrap_or_default();
         let n = self

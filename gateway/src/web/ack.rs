@@ -27,18 +27,86 @@ fn page(status: StatusCode, body: &str) -> Response {
     (status, Html(html)).into_response()
 }
 
-/// `GET /ack/...`: the confirmation form.
+/// What a signed link is about, in words for the person who got it: an alert or a regional
+/// incident, open or over.
+struct Subject {
+    ja: String,
+    en: String,
+    over_at: Option<crate::engine::Time>,
+}
+
+fn when(t: crate::engine::Time, offset: chrono::FixedOffset, ja: bool) -> String {
+    let t = t.with_timezone(&offset);
+    if ja {
+        t.format("%-m月%-d日 %H:%M").to_string()
+    } else {
+        t.format("%b %-d, %H:%M").to_string()
+    }
+}
+
+/// The link's alert or incident: an open one from the engine, or (open or over) from the store.
+async fn subject(app: &App, id: &str) -> Option<Subject> {
+    use crate::homes::Lang;
+    let snap = app.snap();
+    let offset = app.style.offset;
+    let active = snap.engine.states().flat_map(|(_, s)| s.alerts.values()).find(|a| a.id == id).cloned();
+    let id2 = id.to_string();
+    let (alert, incident) = match active {
+        Some(a) => (Some(a), None),
+        None => app.db(move |s| Ok((s.alert(&id2)?, s.incident(&id2)?))).await.ok()?,
+    };
+    if let Some(a) = alert {
+        let label = snap.engine.plan(&a.home).map_or_else(|| a.home.as_str().to_string(), |p| p.label.clone());
+        let kind = |lang| crate::message::kind_text(a.kind.as_str(), lang).to_string();
+        return Some(Subject {
+            ja: format!("{label}：{}（{}から）", kind(Lang::Ja), when(a.since, offset, true)),
+            en: format!("{label}: {} (since {})", kind(Lang::En), when(a.since, offset, false)),
+            over_at: a.cleared_at,
+        });
+    }
+    let i = incident?;
+    let name = snap.engine.municipality_name(&i.municipality).unwrap_or_else(|| i.municipality.clone());
+    Some(Subject {
+        ja: format!("{name}の広域停電（{}から）", when(i.opened_at, offset, true)),
+        en: format!("Regional outage in {name} (since {})", when(i.opened_at, offset, false)),
+        over_at: i.closed_at,
+    })
+}
+
+fn over_page(s: &Subject, offset: chrono::FixedOffset) -> Response {
+    let at = s.over_at.unwrap_or_default();
+    page(
+        StatusCode::OK,
+        &format!(
+            "<h1>{ja}</h1><p>この知らせは{at_ja}に終わりました。確認の必要はありません。</p>\
+             <p lang=\"en\">{en}<br>This is over since {at_en}: nothing to acknowledge.</p>",
+            ja = escape(&s.ja),
+            en = escape(&s.en),
+            at_ja = when(at, offset, true),
+            at_en = when(at, offset, false),
+        ),
+    )
+}
+
+/// `GET /ack/...`: what the link is about, and the confirmation form while it is open.
 pub async fn ack_page(State(app): State<App>, Path((alert, role, sig)): Path<(String, String, String)>) -> Response {
     if check(&app, &alert, &role, &sig).is_none() {
         return page(StatusCode::NOT_FOUND, "<p>リンクが無効です / This link is not valid.</p>");
     }
+    let Some(s) = subject(&app, &alert).await else {
+        return page(StatusCode::NOT_FOUND, "<p>この知らせは見つかりません / This notification was not found.</p>");
+    };
+    if s.over_at.is_some() {
+        return over_page(&s, app.style.offset);
+    }
     page(
         StatusCode::OK,
         &format!(
-            "<h1>確認 / Acknowledge</h1><p>通知 {a} を確認しますか？ / Acknowledge alert {a}?</p>\
+            "<h1>{ja}</h1><p lang=\"en\">{en}</p><p>この知らせを確認しますか？ / Acknowledge it?</p>\
              <form method=\"post\"><label>メモ / Note<br><input name=\"note\" maxlength=\"200\"></label>\
              <p><button type=\"submit\">確認しました / Acknowledge</button></p></form>",
-            a = escape(&alert)
+            ja = escape(&s.ja),
+            en = escape(&s.en),
         ),
     )
 }
@@ -74,7 +142,14 @@ pub async fn ack_post(
         Err(e) if e.contains("stopping") => {
             page(StatusCode::SERVICE_UNAVAILABLE, "<p>停止中です / The gateway is stopping.</p>")
         }
-        Err(e) => page(StatusCode::CONFLICT, &format!("<p>{}</p>", escape(&e))),
+        Err(e) => match subject(&app, &alert).await {
+            // Over before the press: said in words, not as an error.
+            Some(s) if s.over_at.is_some() => over_page(&s, app.style.offset),
+            _ => page(
+                StatusCode::CONFLICT,
+                &format!("<p>確認を記録できませんでした。 / The acknowledgement was not recorded: {}</p>", escape(&e)),
+            ),
+        },
     }
 }
 
