@@ -1113,3 +1113,23 @@ async fn an_acknowledgement_link_says_what_it_is_about_and_when_it_is_over() {
     let forged = ack_path(&f.alert_a1).replace("/family/", "/coordinator/");
     assert_eq!(send(&f, page(&f, None, "GET", &forged, "")).await.status, StatusCode::NOT_FOUND);
 }
+
+#[tokio::test]
+async fn a_closed_incident_keeps_its_page_for_those_in_scope() {
+    let f = setup().await;
+    let mut inc = f.engine.lock().unwrap().incidents().next().cloned().unwrap();
+    inc.id = "inc-431001-closed".into();
+    inc.closed_at = Some(inc.opened_at + chrono::Duration::hours(3));
+    f.db.lock().unwrap().save_incident(&inc).unwrap();
+    let r = send(&f, page(&f, Some("coord_a"), "GET", "/incidents/inc-431001-closed", "")).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert!(r.body.contains("終わりました") && r.body.contains("A-1") && r.body.contains("A-2"), "{}", r.body);
+    assert!(!r.body.contains("<form method=\"post\" action=\"/incidents/"), "nothing to acknowledge: {}", r.body);
+    // Another municipality's coordinator, a family: as if it did not exist.
+    for who in ["coord_b", "family_a1"] {
+        let r = send(&f, page(&f, Some(who), "GET", "/incidents/inc-431001-closed", "")).await;
+        assert_eq!(r.status, StatusCode::NOT_FOUND, "{who}");
+    }
+    let r = send(&f, page(&f, Some("coord_a"), "GET", "/incidents/inc-nothing", "")).await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+}

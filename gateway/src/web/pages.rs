@@ -84,6 +84,9 @@ const WORDS: &[(&str, &str, &str)] = &[
     ("ack_median", "確認までの時間（中央値）", "Time to acknowledge (median)"),
     ("no_deliveries", "まだ通知はありません。", "No notifications yet."),
     ("incident", "広域停電", "Regional outage"),
+    ("incident_over", "この広域停電は終わりました", "This regional outage is over"),
+    ("ended", "終了", "Ended"),
+    ("homes_in_it", "対象の家庭", "Homes in it"),
     ("home", "世帯", "Home"),
     ("power", "電源", "Power"),
     ("mains", "商用電源", "Mains"),
@@ -709,7 +712,7 @@ pub async fn incident(State(app): State<App>, v: Viewer, client: Client, Path(id
     let now = crate::clock::now();
     let offset = app.style.offset;
     let Some(i) = view::incidents(&snap.engine, &v.user, now).into_iter().find(|i| i.id == id) else {
-        return not_found(v.lang);
+        return closed_incident(&app, &v, &client, &id).await;
     };
     app.audit_view(&v, &client.text(), "view_incident", &id, &i.municipality).await;
     let mut body = format!(
@@ -782,6 +785,59 @@ pub async fn incident(State(app): State<App>, v: Viewer, client: Client, Path(id
         ack = t.t("acknowledge"),
     );
     layout(&v, t.t("incident"), &body).into_response()
+}
+
+/// `GET /incidents/{id}` once it is over: the links in its messages still lead somewhere. Its
+/// times, the homes that were in it and who acknowledged, from the store; in scope only.
+async fn closed_incident(app: &App, v: &Viewer, client: &Client, id: &str) -> Response {
+    let t = T(v.lang);
+    let id2 = id.to_string();
+    let stored = match app.db(move |s| Ok(s.incident(&id2)?)).await {
+        Ok(i) => i,
+        Err(e) => {
+            tracing::error!(error = %e, "reading an incident");
+            return (
+                StatusCode::SERVICE_UNAVAILABLE,
+                layout(v, "503", &format!("<p class=\"error\">{}</p>", t.t("unavailable"))),
+            )
+                .into_response();
+        }
+    };
+    let Some(i) = stored.filter(|i| i.closed_at.is_some() && v.user.may_see_municipality(&i.municipality)) else {
+        return not_found(v.lang);
+    };
+    app.audit_view(v, &client.text(), "view_incident", id, &i.municipality).await;
+    let snap = app.snap();
+    let offset = app.style.offset;
+    let name = snap.engine.municipality_name(&i.municipality).unwrap_or_else(|| i.municipality.clone());
+    let mut body = format!(
+        "<h1>{} {}</h1><p class=\"muted\">{}</p><p>{} {} — {} {}</p><h2>{}</h2><ul>",
+        t.t("incident"),
+        escape(&name),
+        t.t("incident_over"),
+        t.t("since"),
+        local(i.opened_at, offset),
+        t.t("ended"),
+        i.closed_at.map(|c| local(c, offset)).unwrap_or_default(),
+        t.t("homes_in_it"),
+    );
+    for h in &i.members {
+        let label = snap.engine.plan(h).map_or_else(|| h.as_str().to_string(), |p| p.label.clone());
+        let _ = write!(body, "<li><a href=\"/homes/{}\">{}</a></li>", escape(h.as_str()), escape(&label));
+    }
+    body.push_str("</ul>");
+    for a in &i.acks {
+        let _ = write!(
+            body,
+            "<p class=\"muted\">{} {}（{}） {}{}</p>",
+            t.t("acknowledged"),
+            by_text(&a.by, v.lang),
+            role_text(a.role, v.lang),
+            local(a.at, offset),
+            a.note.as_ref().map(|n| format!(" <q>{}</q>", escape(n))).unwrap_or_default()
+        );
+    }
+    layout(v, t.t("incident"), &body).into_response()
 }
 
 /// An inline SVG line chart of one or two series up to `to`, over at most `[from, to]`:
