@@ -1133,3 +1133,36 @@ async fn a_closed_incident_keeps_its_page_for_those_in_scope() {
     let r = send(&f, page(&f, Some("coord_a"), "GET", "/incidents/inc-nothing", "")).await;
     assert_eq!(r.status, StatusCode::NOT_FOUND);
 }
+
+#[tokio::test]
+async fn a_silent_homes_readings_are_marked_as_last_known_with_their_age() {
+    let f = setup().await;
+    let home = HomeId::new("home-a2").unwrap();
+    let heard = Utc::now();
+    {
+        let mut e = f.engine.lock().unwrap();
+        e.set_uplink(true, heard - chrono::Duration::hours(1));
+        let t: mamori_protocol::mqtt::Telemetry = mamori_protocol::mqtt::decode(
+            format!(
+                r#"{{"ts":"{}","interval_s":60,"mains_present":true,"oximeter":{{"spo2_pct":97,"pulse_bpm":92}},"ventilator":{{"alarm":"normal"}}}}"#,
+                heard.to_rfc3339()
+            )
+            .as_bytes(),
+        )
+        .unwrap();
+        e.handle(Input::Telemetry(home.clone(), t), heard).unwrap();
+        publish(&e, &f.snapshots, &["home-a2"]);
+    }
+    let r = send(&f, page(&f, Some("coord_a"), "GET", "/homes/home-a2", "")).await;
+    assert!(r.body.contains("SpO2 97%") && !r.body.contains("最後に届いた値"), "heard now: {}", r.body);
+    {
+        // Twenty minutes without a word: silent.
+        let mut e = f.engine.lock().unwrap();
+        e.poll(heard + chrono::Duration::minutes(20));
+        e.take_outputs();
+        publish(&e, &f.snapshots, &["home-a2"]);
+    }
+    let r = send(&f, page(&f, Some("coord_a"), "GET", "/homes/home-a2", "")).await;
+    assert!(r.body.contains("SpO2 97%") && r.body.contains("最後に届いた値"), "{}", r.body);
+    assert!(r.body.contains("pill stale") && !r.body.contains("pill ok\">正常"), "no reassuring green: {}", r.body);
+}

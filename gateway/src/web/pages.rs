@@ -337,16 +337,27 @@ fn devices_cell(h: &HomeView, t: T) -> String {
     }
 }
 
-fn oxi_cell(h: &HomeView, lang: Lang) -> String {
+/// Readings of a silent home are its last known ones, not the present: said so, with their age.
+fn stale_note(h: &HomeView, now: Time, lang: Lang) -> String {
+    let Some(heard) = h.last_heard.filter(|_| h.silent) else { return String::new() };
+    let min = (now - heard).num_minutes().max(0);
+    match lang {
+        Lang::Ja => format!("<br><small class=\"stale\">最後に届いた値（{min}分前）</small>"),
+        Lang::En => format!("<br><small class=\"stale\">last known ({min} min ago)</small>"),
+    }
+}
+
+fn oxi_cell(h: &HomeView, now: Time, lang: Lang) -> String {
     match (h.spo2_pct, h.pulse_bpm) {
         (None, None) => "—".into(),
         (s, p) => {
             let (s, p) =
                 (s.map_or_else(|| "—".into(), |v| format!("{v}%")), p.map_or_else(|| "—".into(), |v| v.to_string()));
-            match lang {
+            let text = match lang {
                 Lang::Ja => format!("SpO2 {s}・脈拍 {p}/分"),
                 Lang::En => format!("SpO2 {s} · pulse {p}/min"),
-            }
+            };
+            format!("{text}{}", stale_note(h, now, lang))
         }
     }
 }
@@ -411,12 +422,16 @@ fn channel_cell(ch: &crate::homes::ChannelRef, lang: Lang) -> String {
     format!("{kind} <code>{}</code>", escape(target))
 }
 
-fn vent_cell(h: &HomeView, t: T) -> String {
+fn vent_cell(h: &HomeView, now: Time, t: T) -> String {
+    // A silent home's "normal" is not known to be normal now: no reassuring green.
+    let ok = if h.silent { "pill stale" } else { "pill ok" };
     match h.ventilator {
-        Some("normal") => format!("<span class=\"pill ok\">{}</span>", t.t("normal")),
-        Some(k @ ("alarm" | "cable_fault")) => {
-            format!("<span class=\"pill bad\">{}</span>", t.t(if k == "alarm" { "alarm" } else { "cable_fault" }))
-        }
+        Some("normal") => format!("<span class=\"{ok}\">{}</span>{}", t.t("normal"), stale_note(h, now, t.0)),
+        Some(k @ ("alarm" | "cable_fault")) => format!(
+            "<span class=\"pill bad\">{}</span>{}",
+            t.t(if k == "alarm" { "alarm" } else { "cable_fault" }),
+            stale_note(h, now, t.0)
+        ),
         _ => "—".into(),
     }
 }
@@ -506,8 +521,8 @@ pub async fn overview(State(app): State<App>, v: Viewer, client: Client) -> Resp
                 left = time_left_text(h, t),
                 conn = conn_cell(h, t, offset),
                 dev = devices_cell(h, t),
-                oxi = oxi_cell(h, v.lang),
-                vent = vent_cell(h, t),
+                oxi = oxi_cell(h, now, v.lang),
+                vent = vent_cell(h, now, t),
                 alerts = alerts.join(" "),
                 hl = t.t("home"),
                 pl = t.t("power"),
@@ -967,9 +982,9 @@ pub async fn home(State(app): State<App>, v: Viewer, client: Client, Path(id): P
         dl = t.t("devices"),
         dev = devices_cell(&h, t),
         ol = t.t("oximeter"),
-        oxi = oxi_cell(&h, v.lang),
+        oxi = oxi_cell(&h, now, v.lang),
         vl = t.t("ventilator"),
-        vent = vent_cell(&h, t),
+        vent = vent_cell(&h, now, t),
         evac = h
             .evacuation
             .as_ref()
