@@ -34,7 +34,7 @@ label = "A-1"
 devices = [{ name = "ventilator", watts = 30 }]
 backup = [{ kind = "ups", usable_wh = 500 }]
 evacuation = { destination = "市民病院", travel_min = 20 }
-contacts = [{ role = "family", name = "fam", channels = [{ console = "f" }] }]
+contacts = [{ role = "family", name = "母", channels = [{ console = "f" }] }]
 
 [[home]]
 id = "home-a2"
@@ -42,7 +42,7 @@ municipality = "431001"
 label = "A-2"
 devices = [{ name = "ventilator", watts = 30 }]
 backup = [{ kind = "ups", usable_wh = 900 }]
-contacts = [{ role = "family", name = "fam", channels = [{ console = "f" }] }]
+contacts = [{ role = "family", name = "母", channels = [{ console = "f" }] }]
 
 [[home]]
 id = "home-b1"
@@ -50,7 +50,7 @@ municipality = "131016"
 label = "B-1"
 devices = [{ name = "ventilator", watts = 30 }]
 backup = [{ kind = "ups", usable_wh = 700 }]
-contacts = [{ role = "family", name = "fam", channels = [{ console = "f" }] }]
+contacts = [{ role = "family", name = "母", channels = [{ console = "f" }] }]
 "#;
 
 const PASSWORD: &str = "correct horse battery";

@@ -85,6 +85,8 @@ const WORDS: &[(&str, &str, &str)] = &[
     ("no_deliveries", "まだ通知はありません。", "No notifications yet."),
     ("incident", "広域停電", "Regional outage"),
     ("incident_over", "この広域停電は終わりました", "This regional outage is over"),
+    ("contacts", "連絡先", "Contacts"),
+    ("no_phone", "電話番号の登録なし", "no phone number on file"),
     ("ended", "終了", "Ended"),
     ("homes_in_it", "対象の家庭", "Homes in it"),
     ("home", "世帯", "Home"),
@@ -928,6 +930,45 @@ fn tick(v: f64, range: f64) -> String {
     }
 }
 
+/// A home's contacts, with the numbers of their SMS and call channels as `tel:` links.
+fn contacts_html(plan: &crate::homes::Home, t: T) -> String {
+    use crate::homes::ChannelRef;
+    let mut out = format!("<h2>{}</h2><ul class=\"contacts\">", t.t("contacts"));
+    for c in &plan.contacts {
+        let mut numbers: Vec<&str> = c
+            .channels
+            .iter()
+            .chain(c.then.iter().flat_map(|s| s.channels.iter()))
+            .filter_map(|ch| match ch {
+                ChannelRef::Sms(n) | ChannelRef::Voice(n) => Some(n.as_str()),
+                _ => None,
+            })
+            .collect();
+        numbers.sort_unstable();
+        numbers.dedup();
+        let phones = if numbers.is_empty() {
+            format!("<small class=\"muted\">{}</small>", t.t("no_phone"))
+        } else {
+            numbers
+                .iter()
+                .map(|n| {
+                    let dial: String = n.chars().filter(|c| c.is_ascii_digit() || *c == '+').collect();
+                    format!("<a href=\"tel:{}\">{}</a>", escape(&dial), escape(n))
+                })
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        let role = role_text(c.role, t.0);
+        let who = match t.0 {
+            Lang::Ja => format!("{}（{role}）", escape(&c.name)),
+            Lang::En => format!("{} ({role})", escape(&c.name)),
+        };
+        let _ = write!(out, "<li>{who} {phones}</li>");
+    }
+    out.push_str("</ul>");
+    out
+}
+
 struct HomeHistory {
     telemetry: Vec<Telemetry>,
     events: Vec<mamori_protocol::mqtt::Event>,
@@ -1016,6 +1057,8 @@ pub async fn home(State(app): State<App>, v: Viewer, client: Client, Path(id): P
         };
         let _ = write!(body, "<dl class=\"state\"><div><dt>{}</dt><dd>{text}</dd></div></dl>", t.t("battery_measured"));
     }
+    // Who to call: each contact with their phone numbers as links a phone dials (tap to call).
+    body.push_str(&contacts_html(plan, t));
     // Active alerts.
     let _ = write!(body, "<h2>{}</h2>", t.t("alerts"));
     if h.alerts.is_empty() {
@@ -1870,6 +1913,29 @@ pub async fn js() -> Response {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn contacts_are_listed_with_their_numbers_to_tap_and_call() {
+        let plan: crate::homes::Home = serde_json::from_value(serde_json::json!({
+            "id": "h1", "municipality": "431001", "label": "K-01", "devices": [], "backup": [],
+            "contacts": [
+                { "role": "family", "name": "母", "channels": [{ "sms": "090-1234-5678" }],
+                  "then": [{ "after_min": 5, "channels": [{ "voice": "+819012345678" }] }] },
+                { "role": "coordinator", "name": "佐藤", "channels": [{ "email": "sato@example.lg.jp" }] }
+            ]
+        }))
+        .unwrap();
+        let html = contacts_html(&plan, T(Lang::Ja));
+        assert!(html.contains("母（ご家族）"), "{html}");
+        assert!(html.contains("<a href=\"tel:09012345678\">090-1234-5678</a>"), "{html}");
+        assert!(html.contains("<a href=\"tel:+819012345678\">"), "the later channel's number too: {html}");
+        assert!(html.contains("佐藤") && html.contains("電話番号の登録なし"), "{html}");
+        let en = contacts_html(&plan, T(Lang::En));
+        assert!(
+            en.contains("(coordinator)") || en.contains("(the coordinator)") || en.contains("(Coordinator)"),
+            "{en}"
+        );
+    }
 
     #[test]
     fn every_word_has_both_languages_and_keys_are_unique() {
