@@ -713,6 +713,12 @@ impl Service {
     }
 
     fn tell_operators(&self, notice: Notice, now: Time) {
+        if !self.leased() {
+            // A deposed gateway has nothing to tell: its store refusing it is its lease, not a
+            // failure, and the active one speaks for the cluster.
+            tracing::info!(notice = notice.kind(), "not told: this gateway no longer holds the lease");
+            return;
+        }
         let to = operators(&self.config, &self.engine);
         if self.notices.try_send(NoticeJob { notice, to, at: now }).is_err() {
             tracing::error!("operators' notices are backed up: this one is dropped (it is logged)");
@@ -1223,6 +1229,9 @@ impl Service {
 
     fn ping_heartbeat(&self, now: Time) {
         let Some(h) = &self.config.heartbeat else { return };
+        if !self.leased() {
+            return; // only the active gateway says the cluster is alive
+        }
         let problems = self.health.problems(now);
         let url = if problems.is_empty() { Some(h.url.clone()) } else { h.fail_url.clone() };
         let Some(url) = url else { return };

@@ -408,8 +408,24 @@ async fn writes_follow_the_scope_and_the_role() {
     let r = send(&f, api(&f, Some("facility_a1"), "POST", &format!("/api/v1/alerts/{a1}/clear"))).await;
     assert_eq!(r.status, StatusCode::CONFLICT, "{}", r.body);
     assert!(r.body.contains("condition still holds"), "{}", r.body);
+    // Not one press away: without the tick, nothing is cleared and the page says why.
     let r = send(&f, page(&f, Some("facility_a1"), "POST", &format!("/alerts/{lost_a1}/clear"), "next=/homes/home-a1"))
         .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", r.body);
+    assert!(r.body.contains("チェック"), "{}", r.body);
+    assert!(f
+        .engine
+        .lock()
+        .unwrap()
+        .home_state(&HomeId::new("home-a1").unwrap())
+        .unwrap()
+        .alerts
+        .contains_key(&AlertKind::Event(EventKind::DeviceLost)));
+    let r = send(
+        &f,
+        page(&f, Some("facility_a1"), "POST", &format!("/alerts/{lost_a1}/clear"), "next=/homes/home-a1&confirm=1"),
+    )
+    .await;
     assert_eq!(r.status, StatusCode::SEE_OTHER, "{}", r.body);
     assert!(!f
         .engine

@@ -110,6 +110,13 @@ const WORDS: &[(&str, &str, &str)] = &[
     ("acknowledge", "確認", "Acknowledge"),
     ("acknowledged", "確認済み", "Acknowledged"),
     ("clear", "解除", "Clear"),
+    ("back", "戻る", "Back"),
+    ("clear_confirm", "解除する（状態が終わったことを確かめた）", "Clear it (I checked the condition is over)"),
+    (
+        "clear_unconfirmed",
+        "解除は、状態が終わったことを確かめたというチェックを入れてから押してください。",
+        "To clear an alert, first tick that you checked the condition is over.",
+    ),
     ("note", "メモ（対応内容）", "Note (what you are doing)"),
     ("no_alerts", "未解決の通知はありません。", "No open alerts."),
     ("no_homes", "表示できる世帯はありません。", "No homes to show."),
@@ -545,11 +552,13 @@ fn ack_form(v: &Viewer, a: &AlertView, back: &str) -> String {
     let t = T(v.lang);
     let clear = if v.user.may_clear() {
         format!(
-            "<form method=\"post\" action=\"/alerts/{id}/clear\" class=\"inline\">{csrf}<input type=\"hidden\" name=\"next\" value=\"{back}\">\
+            "<form method=\"post\" action=\"/alerts/{id}/clear\" class=\"inline clear\">{csrf}<input type=\"hidden\" name=\"next\" value=\"{back}\">\
+             <label><input type=\"checkbox\" name=\"confirm\" value=\"1\" required> {cc}</label> \
              <button class=\"secondary\">{c}</button></form>",
             id = escape(&a.id),
             csrf = v.csrf_field(),
             back = escape(back),
+            cc = t.t("clear_confirm"),
             c = t.t("clear")
         )
     } else {
@@ -634,6 +643,9 @@ pub struct AckForm {
     #[serde(default)]
     note: String,
     next: Option<String>,
+    /// Clearing: ticked that the condition was checked to be over.
+    #[serde(default)]
+    confirm: Option<String>,
 }
 
 /// `POST /alerts/{id}/ack`.
@@ -678,6 +690,19 @@ pub async fn clear_alert(
     let Some(alert) = view::alert(&snap.engine, &v.user, &id) else { return not_found(v.lang) };
     if !v.user.may_clear() {
         return (StatusCode::FORBIDDEN, Html("<p>forbidden</p>".to_string())).into_response();
+    }
+    // Not one press away from the acknowledge button: the box must be ticked (the browser
+    // asks for it; this holds without the browser's help).
+    if f.confirm.as_deref() != Some("1") {
+        let t = T(v.lang);
+        let back = local_path(f.next.as_deref());
+        let body = format!(
+            "<p class=\"error\">{}</p><p><a href=\"{}\">{}</a></p>",
+            t.t("clear_unconfirmed"),
+            escape(&back),
+            t.t("back")
+        );
+        return (StatusCode::BAD_REQUEST, layout(&v, t.t("clear"), &body)).into_response();
     }
     let home = alert.home.as_str().to_string();
     let by = v.user.username.clone();
