@@ -840,6 +840,22 @@ impl<'a> Accounts<'a> {
         Ok(token)
     }
 
+    /// An account's API tokens: what each is for, when it was made, whether it is revoked.
+    pub fn tokens(&self, username: &str) -> Result<Vec<crate::store::TokenRow>, AccountError> {
+        if self.rows.user_by_name(username)?.is_none() {
+            return Err(AccountError::Invalid(format!("no user {username}")));
+        }
+        Ok(self.rows.tokens(username)?)
+    }
+
+    /// Revoke one of an account's API tokens (a lost laptop's), leaving the others.
+    pub fn revoke_token(&mut self, username: &str, id: i64) -> Result<(), AccountError> {
+        if !self.rows.revoke_token(username, id)? {
+            return Err(AccountError::Invalid(format!("{username} has no token {id}")));
+        }
+        Ok(())
+    }
+
     /// The user a bearer token acts as (not revoked, user enabled).
     pub fn token_user(&self, token: &str) -> Result<Option<User>, AccountError> {
         Ok(self.rows.token_user(&token_hash(token))?.filter(|u| !u.disabled))

@@ -260,6 +260,24 @@ enum UsersCommand {
         #[arg(long, default_value = "integration")]
         name: String,
     },
+    /// List an account's API tokens (id, what for, made, revoked).
+    Tokens {
+        /// The gateway config.
+        #[arg(long)]
+        config: PathBuf,
+        /// Login name.
+        username: String,
+    },
+    /// Revoke one API token of an account by its id (see `users tokens`); the others go on.
+    RevokeToken {
+        /// The gateway config.
+        #[arg(long)]
+        config: PathBuf,
+        /// Login name.
+        username: String,
+        /// The token's id.
+        id: i64,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -297,7 +315,9 @@ fn users(command: UsersCommand) -> ExitCode {
         | UsersCommand::Disable { config, .. }
         | UsersCommand::Enable { config, .. }
         | UsersCommand::List { config }
-        | UsersCommand::Token { config, .. } => config.clone(),
+        | UsersCommand::Token { config, .. }
+        | UsersCommand::Tokens { config, .. }
+        | UsersCommand::RevokeToken { config, .. } => config.clone(),
     };
     let c = match load(&config) {
         Ok(c) => c,
@@ -388,6 +408,18 @@ fn users(command: UsersCommand) -> ExitCode {
             let token = Accounts::new(store).add_token(&username, &name, now)?;
             audit(store, "token_add", &username, &name)?;
             println!("{token}");
+            Ok(())
+        }
+        UsersCommand::Tokens { username, .. } => {
+            for t in Accounts::new(store).tokens(&username)? {
+                println!("{}\t{}\t{}\t{}", t.id, t.name, t.created_at, if t.revoked { "revoked" } else { "active" });
+            }
+            Ok(())
+        }
+        UsersCommand::RevokeToken { username, id, .. } => {
+            Accounts::new(store).revoke_token(&username, id)?;
+            audit(store, "token_revoke", &username, &id.to_string())?;
+            println!("token {id} of {username} revoked");
             Ok(())
         }
     })();

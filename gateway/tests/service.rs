@@ -1022,3 +1022,49 @@ fn the_gateway_serves_https_itself_believes_only_its_proxy_and_a_silent_client_s
     assert!(line.contains("203.0.113.7") && !line.contains("6.6.6.6"), "{line}");
     Ok(())
 }
+
+/// A lost laptop: one API token of an account is revoked from the command line while the
+/// gateway runs, and only that one stops working.
+#[test]
+fn one_api_token_is_revoked_and_the_others_go_on() -> Result<()> {
+    use std::io::Write as _;
+    let broker = Mosquitto::start("")?;
+    let hook = WebhookReceiver::start("hook-secret")?;
+    let s = setup(broker.port(), &hook, 3600)?;
+    let _gw = gateway(&s.config)?;
+    let config = s.config.to_str().unwrap_or_default();
+    let mut add = Command::new(BIN)
+        .args(["users", "add", "--config", config, "sato", "--role", "coordinator", "--municipality", "431001"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    add.stdin.take().context("stdin")?.write_all(b"a coordinator password long enough\n")?;
+    assert!(add.wait_with_output()?.status.success());
+    let token = |name: &str| -> Result<String> {
+        let out = cli(&["users", "token", "--config", config, "sato", "--name", name])?;
+        anyhow::ensure!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        Ok(String::from_utf8(out.stdout)?.trim().to_string())
+    };
+    let (laptop, phone) = (token("laptop")?, token("phone")?);
+    let out = cli(&["users", "tokens", "--config", config, "sato"])?;
+    let listed = String::from_utf8(out.stdout)?;
+    let laptop_id =
+        listed.lines().find(|l| l.contains("\tlaptop\t")).and_then(|l| l.split('\t').next()).context(listed.clone())?;
+    assert!(!listed.contains("mmr_"), "the tokens themselves are never shown again: {listed}");
+    let out = cli(&["users", "revoke-token", "--config", config, "sato", laptop_id])?;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = cli(&["users", "revoke-token", "--config", config, "sato", "999"])?;
+    assert_eq!(out.status.code(), Some(2), "no such token: {}", String::from_utf8_lossy(&out.stderr));
+    let listed = String::from_utf8(cli(&["users", "tokens", "--config", config, "sato"])?.stdout)?;
+    assert!(listed.lines().any(|l| l.contains("\tlaptop\t") && l.ends_with("revoked")), "{listed}");
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let rt = tokio::runtime::Runtime::new()?;
+    let url = format!("http://127.0.0.1:{}/api/v1/homes", s.http_port);
+    let status = |t: &str| -> Result<u16> {
+        rt.block_on(async { Ok(reqwest::Client::new().get(&url).bearer_auth(t).send().await?.status().as_u16()) })
+    };
+    assert_eq!(status(&laptop)?, 401, "the revoked token");
+    assert_eq!(status(&phone)?, 200, "the other token");
+    Ok(())
+}

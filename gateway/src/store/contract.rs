@@ -155,6 +155,18 @@ fn accounts(s: &mut dyn Store) {
     assert_eq!(s.session("sess").unwrap().unwrap().last_seen, Some(t(60)));
     s.insert_token("tok", u.id, "laptop", t(0)).unwrap();
     assert_eq!(s.token_user("tok").unwrap().map(|u| u.username), Some("sato".into()));
+    // One token revoked by its id, the other still works; another account's id does nothing.
+    s.insert_token("tok2", u.id, "phone", t(1)).unwrap();
+    let listed = s.tokens("sato").unwrap();
+    assert_eq!(
+        listed.iter().map(|r| (r.name.as_str(), r.revoked)).collect::<Vec<_>>(),
+        [("laptop", false), ("phone", false)]
+    );
+    assert!(!s.revoke_token("nobody", listed[1].id).unwrap());
+    assert!(s.revoke_token("sato", listed[1].id).unwrap());
+    assert_eq!(s.token_user("tok2").unwrap(), None);
+    assert!(s.token_user("tok").unwrap().is_some());
+    assert!(s.tokens("sato").unwrap()[1].revoked);
     assert!(s.replace_password("sato", "hash-2").unwrap());
     assert!(!s.replace_password("nobody", "hash-2").unwrap());
     assert_eq!(s.login_secrets("sato").unwrap().unwrap().password_hash, "hash-2");

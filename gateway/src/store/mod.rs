@@ -426,6 +426,23 @@ pub trait AccountRows {
     fn insert_token(&mut self, token_hash: &str, user_id: i64, name: &str, now: Time) -> Result<(), StoreError>;
     /// The account an API token (by its hash) acts as, unless the token is revoked.
     fn token_user(&self, token_hash: &str) -> Result<Option<User>, StoreError>;
+    /// An account's API tokens (never the token itself: it is not kept).
+    fn tokens(&self, username: &str) -> Result<Vec<TokenRow>, StoreError>;
+    /// Revoke one of an account's tokens by its id; false when it has none by that id.
+    fn revoke_token(&mut self, username: &str, id: i64) -> Result<bool, StoreError>;
+}
+
+/// An API token as listed: what it is for, when it was made, whether it still works.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct TokenRow {
+    /// Its id (to revoke it by).
+    pub id: i64,
+    /// What it is for.
+    pub name: String,
+    /// When it was made (as stored).
+    pub created_at: String,
+    /// Revoked.
+    pub revoked: bool,
 }
 
 /// The audit log's rows. The chain is [`crate::audit`]'s; the backend keeps entries in order

@@ -1,7 +1,7 @@
 //! The accounts and audit rows of the PostgreSQL store ([`AccountRows`], [`AuditRows`]).
 
 use super::pg::{p, Params, PgStore};
-use super::{parse_ts, ts, AccountRows, AuditRows, LoginSecrets, SessionRow, Store, StoreError};
+use super::{parse_ts, ts, AccountRows, AuditRows, LoginSecrets, SessionRow, Store, StoreError, TokenRow};
 use crate::accounts::{NewUser, User};
 use crate::audit::Entry;
 use crate::engine::Time;
@@ -183,6 +183,31 @@ impl AccountRows for PgStore {
             p![token_hash.to_string(), user_id, name.to_string(), ts(now)],
         )?;
         Ok(())
+    }
+
+    fn tokens(&self, username: &str) -> Result<Vec<TokenRow>, StoreError> {
+        self.rows(
+            "SELECT t.id, t.name, t.created_at, t.revoked FROM api_tokens t JOIN users u ON u.id = t.user_id
+             WHERE u.username = $1 ORDER BY t.id",
+            p![username.to_string()],
+        )?
+        .iter()
+        .map(|r| {
+            Ok(TokenRow {
+                id: self.get(r, 0)?,
+                name: self.get(r, 1)?,
+                created_at: self.get(r, 2)?,
+                revoked: self.get(r, 3)?,
+            })
+        })
+        .collect()
+    }
+
+    fn revoke_token(&mut self, username: &str, id: i64) -> Result<bool, StoreError> {
+        Ok(self.exec(
+            "UPDATE api_tokens SET revoked = TRUE WHERE id = $1 AND user_id = (SELECT id FROM users WHERE username = $2)",
+            p![id, username.to_string()],
+        )? == 1)
     }
 
     fn token_user(&self, token_hash: &str) -> Result<Option<User>, StoreError> {

@@ -6,7 +6,7 @@
 
 use rusqlite::{params, OptionalExtension, TransactionBehavior};
 
-use super::{parse_ts, ts, AccountRows, AuditRows, LoginSecrets, SessionRow, SqliteStore, StoreError};
+use super::{parse_ts, ts, AccountRows, AuditRows, LoginSecrets, SessionRow, SqliteStore, StoreError, TokenRow};
 use crate::accounts::{AccountRole, NewUser, User};
 use crate::audit::Entry;
 use crate::engine::Time;
@@ -229,6 +229,33 @@ impl AccountRows for SqliteStore {
             )
             .map_err(self.db())?;
         Ok(())
+    }
+
+    fn tokens(&self, username: &str) -> Result<Vec<TokenRow>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare(
+                "SELECT t.id, t.name, t.created_at, t.revoked FROM api_tokens t JOIN users u ON u.id = t.user_id
+                 WHERE u.username = ?1 ORDER BY t.id",
+            )
+            .map_err(self.db())?;
+        let rows = stmt
+            .query_map([username], |r| {
+                Ok(TokenRow { id: r.get(0)?, name: r.get(1)?, created_at: r.get(2)?, revoked: r.get(3)? })
+            })
+            .map_err(self.db())?;
+        rows.collect::<Result<_, _>>().map_err(self.db())
+    }
+
+    fn revoke_token(&mut self, username: &str, id: i64) -> Result<bool, StoreError> {
+        let n = self
+            .conn
+            .execute(
+                "UPDATE api_tokens SET revoked = 1 WHERE id = ?1 AND user_id = (SELECT id FROM users WHERE username = ?2)",
+                params![id, username],
+            )
+            .map_err(self.db())?;
+        Ok(n == 1)
     }
 
     fn token_user(&self, token_hash: &str) -> Result<Option<User>, StoreError> {
