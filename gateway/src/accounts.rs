@@ -848,12 +848,17 @@ impl<'a> Accounts<'a> {
         Ok(self.rows.tokens(username)?)
     }
 
-    /// Revoke one of an account's API tokens (a lost laptop's), leaving the others.
-    pub fn revoke_token(&mut self, username: &str, id: i64) -> Result<(), AccountError> {
+    /// Revoke one of an account's API tokens (a lost laptop's), leaving the others; returns
+    /// what it was for.
+    pub fn revoke_token(&mut self, username: &str, id: i64) -> Result<String, AccountError> {
+        let name = self.tokens(username)?.into_iter().find(|t| t.id == id).map(|t| t.name);
         if !self.rows.revoke_token(username, id)? {
-            return Err(AccountError::Invalid(format!("{username} has no token {id}")));
+            return Err(AccountError::Invalid(match name {
+                Some(_) => format!("token {id} of {username} is revoked already"),
+                None => format!("{username} has no token {id}"),
+            }));
         }
-        Ok(())
+        Ok(name.unwrap_or_default())
     }
 
     /// The user a bearer token acts as (not revoked, user enabled).

@@ -417,9 +417,9 @@ fn users(command: UsersCommand) -> ExitCode {
             Ok(())
         }
         UsersCommand::RevokeToken { username, id, .. } => {
-            Accounts::new(store).revoke_token(&username, id)?;
-            audit(store, "token_revoke", &username, &id.to_string())?;
-            println!("token {id} of {username} revoked");
+            let name = Accounts::new(store).revoke_token(&username, id)?;
+            audit(store, "token_revoke", &username, &format!("{id} {name}"))?;
+            println!("token {id} ({name}) of {username} revoked");
             Ok(())
         }
     })();

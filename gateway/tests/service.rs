@@ -1056,6 +1056,10 @@ fn one_api_token_is_revoked_and_the_others_go_on() -> Result<()> {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let out = cli(&["users", "revoke-token", "--config", config, "sato", "999"])?;
     assert_eq!(out.status.code(), Some(2), "no such token: {}", String::from_utf8_lossy(&out.stderr));
+    let out = cli(&["users", "revoke-token", "--config", config, "sato", laptop_id])?;
+    assert_eq!(out.status.code(), Some(2), "revoked already: {}", String::from_utf8_lossy(&out.stderr));
+    let audit = String::from_utf8(cli(&["audit", "export", "--config", config])?.stdout)?;
+    assert_eq!(audit.lines().filter(|l| l.contains("token_revoke") && l.contains("laptop")).count(), 1, "{audit}");
     let listed = String::from_utf8(cli(&["users", "tokens", "--config", config, "sato"])?.stdout)?;
     assert!(listed.lines().any(|l| l.contains("\tlaptop\t") && l.ends_with("revoked")), "{listed}");
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();

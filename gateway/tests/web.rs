@@ -1120,7 +1120,12 @@ async fn an_acknowledgement_link_says_what_it_is_about_and_when_it_is_over() {
     inc.closed_at = Some(inc.opened_at + chrono::Duration::hours(3));
     f.db.lock().unwrap().save_incident(&inc).unwrap();
     let r = send(&f, page(&f, None, "GET", &ack_path("inc-closed"), "")).await;
+    assert_eq!(r.status, StatusCode::OK);
     assert!(r.body.contains("広域停電") && r.body.contains("終わりました"), "{}", r.body);
+    // An open incident, from the engine.
+    let r = send(&f, page(&f, None, "GET", &ack_path(&f.incident_a), "")).await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert!(r.body.contains("広域停電") && r.body.contains("<form"), "{}", r.body);
 
     // A signed link to nothing, and a forged one.
     let r = send(&f, page(&f, None, "GET", &ack_path("nothing-here"), "")).await;

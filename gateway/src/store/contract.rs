@@ -163,8 +163,13 @@ fn accounts(s: &mut dyn Store) {
         [("laptop", false), ("phone", false)]
     );
     assert!(!s.revoke_token("nobody", listed[1].id).unwrap());
+    let other = NewUser { username: "tanaka".into(), ..new.clone() };
+    s.insert_user(&other, "hash-t", None, t(0)).unwrap();
+    assert!(!s.revoke_token("tanaka", listed[1].id).unwrap(), "another account's token is not theirs to revoke");
+    assert!(s.token_user("tok2").unwrap().is_some());
     assert!(s.revoke_token("sato", listed[1].id).unwrap());
     assert_eq!(s.token_user("tok2").unwrap(), None);
+    assert!(!s.revoke_token("sato", listed[1].id).unwrap(), "revoked already");
     assert!(s.token_user("tok").unwrap().is_some());
     assert!(s.tokens("sato").unwrap()[1].revoked);
     assert!(s.replace_password("sato", "hash-2").unwrap());

@@ -428,7 +428,8 @@ pub trait AccountRows {
     fn token_user(&self, token_hash: &str) -> Result<Option<User>, StoreError>;
     /// An account's API tokens (never the token itself: it is not kept).
     fn tokens(&self, username: &str) -> Result<Vec<TokenRow>, StoreError>;
-    /// Revoke one of an account's tokens by its id; false when it has none by that id.
+    /// Revoke one of an account's live tokens by its id; false when it has no live token by
+    /// that id (none, another account's, or revoked already).
     fn revoke_token(&mut self, username: &str, id: i64) -> Result<bool, StoreError>;
 }
 

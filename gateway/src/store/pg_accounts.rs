@@ -205,7 +205,8 @@ impl AccountRows for PgStore {
 
     fn revoke_token(&mut self, username: &str, id: i64) -> Result<bool, StoreError> {
         Ok(self.exec(
-            "UPDATE api_tokens SET revoked = TRUE WHERE id = $1 AND user_id = (SELECT id FROM users WHERE username = $2)",
+            "UPDATE api_tokens SET revoked = TRUE
+             WHERE id = $1 AND NOT revoked AND user_id = (SELECT id FROM users WHERE username = $2)",
             p![id, username.to_string()],
         )? == 1)
     }

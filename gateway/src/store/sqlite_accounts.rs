@@ -251,7 +251,8 @@ impl AccountRows for SqliteStore {
         let n = self
             .conn
             .execute(
-                "UPDATE api_tokens SET revoked = 1 WHERE id = ?1 AND user_id = (SELECT id FROM users WHERE username = ?2)",
+                "UPDATE api_tokens SET revoked = 1
+                 WHERE id = ?1 AND revoked = 0 AND user_id = (SELECT id FROM users WHERE username = ?2)",
                 params![id, username],
             )
             .map_err(self.db())?;

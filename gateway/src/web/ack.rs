@@ -45,32 +45,44 @@ fn when(t: crate::engine::Time, offset: chrono::FixedOffset, ja: bool) -> String
 }
 
 /// The link's alert or incident: an open one from the engine, or (open or over) from the store.
-async fn subject(app: &App, id: &str) -> Option<Subject> {
+/// `Err`: the store could not be read (said as "try again", never as "not found").
+async fn subject(app: &App, id: &str) -> Result<Option<Subject>, ()> {
     use crate::homes::Lang;
     let snap = app.snap();
     let offset = app.style.offset;
     let active = snap.engine.states().flat_map(|(_, s)| s.alerts.values()).find(|a| a.id == id).cloned();
+    let open_incident = snap.engine.incidents().find(|i| i.id == id).cloned();
     let id2 = id.to_string();
-    let (alert, incident) = match active {
-        Some(a) => (Some(a), None),
-        None => app.db(move |s| Ok((s.alert(&id2)?, s.incident(&id2)?))).await.ok()?,
+    let (alert, incident) = match (active, open_incident) {
+        (Some(a), _) => (Some(a), None),
+        (None, Some(i)) => (None, Some(i)),
+        (None, None) => app.db(move |s| Ok((s.alert(&id2)?, s.incident(&id2)?))).await.map_err(|e| {
+            tracing::error!(error = %e, "reading an acknowledgement link's alert");
+        })?,
     };
     if let Some(a) = alert {
         let label = snap.engine.plan(&a.home).map_or_else(|| a.home.as_str().to_string(), |p| p.label.clone());
         let kind = |lang| crate::message::kind_text(a.kind.as_str(), lang).to_string();
-        return Some(Subject {
+        return Ok(Some(Subject {
             ja: format!("{label}：{}（{}から）", kind(Lang::Ja), when(a.since, offset, true)),
             en: format!("{label}: {} (since {})", kind(Lang::En), when(a.since, offset, false)),
             over_at: a.cleared_at,
-        });
+        }));
     }
-    let i = incident?;
+    let Some(i) = incident else { return Ok(None) };
     let name = snap.engine.municipality_name(&i.municipality).unwrap_or_else(|| i.municipality.clone());
-    Some(Subject {
+    Ok(Some(Subject {
         ja: format!("{name}の広域停電（{}から）", when(i.opened_at, offset, true)),
         en: format!("Regional outage in {name} (since {})", when(i.opened_at, offset, false)),
         over_at: i.closed_at,
-    })
+    }))
+}
+
+fn try_again() -> Response {
+    page(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "<p>いま読み込めません。少ししてからもう一度開いてください。 / Cannot load this now: open the link again in a moment.</p>",
+    )
 }
 
 fn over_page(s: &Subject, offset: chrono::FixedOffset) -> Response {
@@ -93,8 +105,12 @@ pub async fn ack_page(State(app): State<App>, Path((alert, role, sig)): Path<(St
     if check(&app, &alert, &role, &sig).is_none() {
         return page(StatusCode::NOT_FOUND, "<p>リンクが無効です / This link is not valid.</p>");
     }
-    let Some(s) = subject(&app, &alert).await else {
-        return page(StatusCode::NOT_FOUND, "<p>この知らせは見つかりません / This notification was not found.</p>");
+    let s = match subject(&app, &alert).await {
+        Ok(Some(s)) => s,
+        Ok(None) => {
+            return page(StatusCode::NOT_FOUND, "<p>この知らせは見つかりません / This notification was not found.</p>")
+        }
+        Err(()) => return try_again(),
     };
     if s.over_at.is_some() {
         return over_page(&s, app.style.offset);
@@ -144,7 +160,7 @@ pub async fn ack_post(
         }
         Err(e) => match subject(&app, &alert).await {
             // Over before the press: said in words, not as an error.
-            Some(s) if s.over_at.is_some() => over_page(&s, app.style.offset),
+            Ok(Some(s)) if s.over_at.is_some() => over_page(&s, app.style.offset),
             _ => page(
                 StatusCode::CONFLICT,
                 &format!("<p>確認を記録できませんでした。 / The acknowledgement was not recorded: {}</p>", escape(&e)),
