@@ -115,6 +115,22 @@ fn cli(args: &[&str]) -> Result<std::process::Output> {
     Ok(Command::new(BIN).args(args).output()?)
 }
 
+/// `users add` a coordinator `sato` of 431001, the password on standard input as an operator
+/// pipes it.
+fn add_coordinator(config: &str) -> Result<()> {
+    use std::io::Write as _;
+    let mut add = Command::new(BIN)
+        .args(["users", "add", "--config", config, "sato", "--role", "coordinator", "--municipality", "431001"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    add.stdin.take().context("stdin")?.write_all(b"a coordinator password long enough\n")?;
+    let out = add.wait_with_output()?;
+    anyhow::ensure!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    Ok(())
+}
+
 #[test]
 fn an_outage_is_delivered_signed_escalates_and_the_ack_link_reaches_the_agent() -> Result<()> {
     let broker = Mosquitto::start("")?;
@@ -828,21 +844,12 @@ fn a_later_channel_calls_only_the_family_that_has_not_acknowledged() -> Result<(
 /// the report (the drill's alert) shows each delivery and the acknowledgement.
 #[test]
 fn a_drill_reaches_every_contact_and_its_report_says_who_acknowledged() -> Result<()> {
-    use std::io::Write as _;
     let broker = Mosquitto::start("")?;
     let hook = WebhookReceiver::start("hook-secret")?;
     let s = setup(broker.port(), &hook, 3600)?;
     let _gw = gateway(&s.config)?;
     let config = s.config.to_str().unwrap_or_default();
-    let mut add = Command::new(BIN)
-        .args(["users", "add", "--config", config, "sato", "--role", "coordinator", "--municipality", "431001"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()?;
-    add.stdin.take().context("stdin")?.write_all(b"a coordinator password long enough\n")?;
-    let out = add.wait_with_output()?;
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    add_coordinator(config)?;
     let out = cli(&["users", "token", "--config", config, "sato"])?;
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let token = String::from_utf8(out.stdout)?.trim().to_string();
@@ -1027,20 +1034,12 @@ fn the_gateway_serves_https_itself_believes_only_its_proxy_and_a_silent_client_s
 /// gateway runs, and only that one stops working.
 #[test]
 fn one_api_token_is_revoked_and_the_others_go_on() -> Result<()> {
-    use std::io::Write as _;
     let broker = Mosquitto::start("")?;
     let hook = WebhookReceiver::start("hook-secret")?;
     let s = setup(broker.port(), &hook, 3600)?;
     let _gw = gateway(&s.config)?;
     let config = s.config.to_str().unwrap_or_default();
-    let mut add = Command::new(BIN)
-        .args(["users", "add", "--config", config, "sato", "--role", "coordinator", "--municipality", "431001"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()?;
-    add.stdin.take().context("stdin")?.write_all(b"a coordinator password long enough\n")?;
-    assert!(add.wait_with_output()?.status.success());
+    add_coordinator(config)?;
     let token = |name: &str| -> Result<String> {
         let out = cli(&["users", "token", "--config", config, "sato", "--name", name])?;
         anyhow::ensure!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));

@@ -11,8 +11,23 @@ use crate::audit::{self, Verdict};
 use crate::engine::Time;
 use crate::homes::{ChannelRef, Home, Lang};
 
-fn t(s: i64) -> Time {
+/// A time, `s` seconds from a fixed origin (the backends' tests share these fixtures).
+pub(super) fn t(s: i64) -> Time {
     chrono::DateTime::from_timestamp(1_790_000_000 + s, 0).unwrap()
+}
+
+/// A `mains_lost` event with sequence `seq`, at `t(seq)`.
+pub(super) fn ev(seq: u64) -> mamori_protocol::mqtt::Event {
+    mamori_protocol::mqtt::Event {
+        id: format!("b-{seq}"),
+        seq,
+        ts: t(seq as i64).fixed_offset(),
+        kind: EventKind::MainsLost,
+        severity: Severity::Critical,
+        source: None,
+        data: Default::default(),
+        clock: None,
+    }
 }
 
 fn home(id: &str) -> Home {
@@ -24,7 +39,8 @@ fn home(id: &str) -> Home {
     h
 }
 
-fn row(key: &str, at: i64) -> OutboxRow {
+/// A pending console row of alert `a1`, due at `at`.
+pub(super) fn row(key: &str, at: i64) -> OutboxRow {
     OutboxRow {
         key: key.into(),
         alert_id: "a1".into(),
@@ -59,16 +75,6 @@ fn messages_and_outbox(s: &mut dyn Store) {
     s.upsert_homes(&[home("h")]).unwrap();
     assert_eq!(s.homes().unwrap().len(), 1);
     assert!(!s.has_messages().unwrap());
-    let ev = |seq: u64| mamori_protocol::mqtt::Event {
-        id: format!("b-{seq}"),
-        seq,
-        ts: t(seq as i64).fixed_offset(),
-        kind: EventKind::MainsLost,
-        severity: Severity::Critical,
-        source: None,
-        data: Default::default(),
-        clock: None,
-    };
     // A batch rolled back leaves nothing; committed, an event is stored once.
     s.begin().unwrap();
     assert!(s.insert_event(&h, &ev(1), t(0)).unwrap());

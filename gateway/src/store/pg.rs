@@ -853,28 +853,11 @@ impl PgStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use mamori_protocol::mqtt::{EventKind, Severity};
+    use crate::store::contract::{ev, t};
     use mamori_tests::postgres::TestDb;
 
     fn at(db: &TestDb) -> PgLocation {
         PgLocation::parse(&db.settings(), db.password().as_deref(), Duration::from_secs(10)).unwrap()
-    }
-
-    fn t(s: i64) -> Time {
-        chrono::DateTime::from_timestamp(1_790_000_000 + s, 0).unwrap()
-    }
-
-    fn ev(seq: u64) -> Event {
-        Event {
-            id: format!("b-{seq}"),
-            seq,
-            ts: t(seq as i64).fixed_offset(),
-            kind: EventKind::MainsLost,
-            severity: Severity::Critical,
-            source: None,
-            data: Default::default(),
-            clock: None,
-        }
     }
 
     #[test]

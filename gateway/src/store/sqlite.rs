@@ -624,27 +624,9 @@ impl Store for SqliteStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::homes::{ChannelRef, Lang};
+    use crate::homes::ChannelRef;
+    use crate::store::contract::{ev, row, t};
     use crate::store::OutboxStatus;
-    use chrono::DateTime;
-    use mamori_protocol::mqtt::{EventKind, Severity};
-
-    fn t(s: i64) -> Time {
-        DateTime::from_timestamp(1_790_000_000 + s, 0).unwrap()
-    }
-
-    fn ev(seq: u64) -> Event {
-        Event {
-            id: format!("b:{seq}"),
-            seq,
-            ts: t(seq as i64).fixed_offset(),
-            kind: EventKind::MainsLost,
-            severity: Severity::Critical,
-            source: None,
-            data: Default::default(),
-            clock: None,
-        }
-    }
 
     #[test]
     fn keeps_the_store_contract() {
@@ -691,29 +673,6 @@ mod tests {
         std::fs::set_permissions(&db, std::fs::Permissions::from_mode(0o644)).unwrap();
         drop(SqliteStore::open_existing(dir.path()).unwrap());
         assert_eq!(mode(&db), 0o600);
-    }
-
-    fn row(key: &str, at: i64) -> OutboxRow {
-        OutboxRow {
-            key: key.into(),
-            alert_id: "a1".into(),
-            home: Some(HomeId::new("h").unwrap()),
-            role: Role::Family,
-            recipient: "母".into(),
-            channel: ChannelRef::Console("c".into()),
-            lang: Lang::Ja,
-            subject: "s".into(),
-            body: "b".into(),
-            content: serde_json::Value::Null,
-            created_at: t(at),
-            next_attempt_at: t(at),
-            attempts: 0,
-            status: OutboxStatus::Pending,
-            last_error: None,
-            delivered_at: None,
-            fallback_done: false,
-            conditional: false,
-        }
     }
 
     #[test]

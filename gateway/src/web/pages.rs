@@ -806,17 +806,7 @@ pub async fn incident(State(app): State<App>, v: Viewer, client: Client, Path(id
         );
     }
     body.push_str("</tbody></table>");
-    for a in &i.acks {
-        let _ = write!(
-            body,
-            "<p class=\"muted\">{} {}（{}） {}{}</p>",
-            t.t("acknowledged"),
-            by_text(&a.by, v.lang),
-            role_text(a.role, v.lang),
-            local(a.at, offset),
-            a.note.as_ref().map(|n| format!(" <q>{}</q>", escape(n))).unwrap_or_default()
-        );
-    }
+    body.push_str(&incident_acks_html(&i.acks, v.lang, offset));
     let _ = write!(
         body,
         "<form method=\"post\" action=\"/incidents/{id}/ack\" class=\"ack\">{csrf}\
@@ -827,6 +817,23 @@ pub async fn incident(State(app): State<App>, v: Viewer, client: Client, Path(id
         ack = t.t("acknowledge"),
     );
     layout(&v, t.t("incident"), &body).into_response()
+}
+
+/// An incident's acknowledgements: who, in which role, when, and what they said.
+fn incident_acks_html(acks: &[crate::engine::AckInfo], lang: Lang, offset: FixedOffset) -> String {
+    let mut out = String::new();
+    for a in acks {
+        let _ = write!(
+            out,
+            "<p class=\"muted\">{} {}（{}） {}{}</p>",
+            T(lang).t("acknowledged"),
+            by_text(&a.by, lang),
+            role_text(a.role, lang),
+            local(a.at, offset),
+            a.note.as_ref().map(|n| format!(" <q>{}</q>", escape(n))).unwrap_or_default()
+        );
+    }
+    out
 }
 
 /// `GET /incidents/{id}` once it is over: the links in its messages still lead somewhere. Its
@@ -868,17 +875,7 @@ async fn closed_incident(app: &App, v: &Viewer, client: &Client, id: &str) -> Re
         let _ = write!(body, "<li><a href=\"/homes/{}\">{}</a></li>", escape(h.as_str()), escape(&label));
     }
     body.push_str("</ul>");
-    for a in &i.acks {
-        let _ = write!(
-            body,
-            "<p class=\"muted\">{} {}（{}） {}{}</p>",
-            t.t("acknowledged"),
-            by_text(&a.by, v.lang),
-            role_text(a.role, v.lang),
-            local(a.at, offset),
-            a.note.as_ref().map(|n| format!(" <q>{}</q>", escape(n))).unwrap_or_default()
-        );
-    }
+    body.push_str(&incident_acks_html(&i.acks, v.lang, offset));
     layout(v, t.t("incident"), &body).into_response()
 }
 
