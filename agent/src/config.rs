@@ -121,6 +121,10 @@ pub struct BrokerConfig {
     pub host: String,
     /// TCP port (8883 for TLS, 1883 plain on loopback only).
     pub port: u16,
+    /// More brokers, `host:port`, tried in turn after `host` when a connection fails or is
+    /// lost (the other nodes of a clustered broker). Same TLS and credentials.
+    #[serde(default)]
+    pub failover: Vec<String>,
     /// TLS settings; absent means plain TCP, which is refused unless `host` is loopback.
     #[serde(default)]
     pub tls: Option<TlsConfig>,
@@ -616,6 +620,17 @@ fn valid_source_id(id: &str) -> bool {
         && id.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
 }
 
+/// `host:port` (a host name or an IPv4 address, and a port from 1 to 65535).
+pub fn parse_host_port(s: &str) -> Result<(String, u16), String> {
+    let bad = || format!("`{s}`: expected host:port, e.g. mqtt2.example.lg.jp:8883");
+    let (host, port) = s.rsplit_once(':').ok_or_else(bad)?;
+    if host.is_empty() || host.contains(|c: char| c.is_whitespace() || c == ':' || c == '/') {
+        return Err(bad());
+    }
+    let port = port.parse::<u16>().ok().filter(|p| *p > 0).ok_or_else(bad)?;
+    Ok((host.to_string(), port))
+}
+
 fn is_loopback(host: &str) -> bool {
     host == "localhost" || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
 }
@@ -665,6 +680,21 @@ impl Config {
         }
         if self.broker.tls.is_none() && !is_loopback(&self.broker.host) {
             return bad("broker.tls".into(), "a [broker.tls] section: plain MQTT is only allowed to a loopback broker");
+        }
+        for (i, f) in self.broker.failover.iter().enumerate() {
+            match parse_host_port(f) {
+                Err(e) => return bad(format!("broker.failover[{i}]"), &e),
+                Ok((host, _)) if self.broker.tls.is_none() && !is_loopback(&host) => {
+                    return bad(
+                        format!("broker.failover[{i}]"),
+                        "a loopback broker, or a [broker.tls] section: plain MQTT is only allowed on loopback",
+                    )
+                }
+                Ok(_) => {}
+            }
+        }
+        if self.broker.failover.len() > 16 {
+            return bad("broker.failover".into(), "at most 16 more brokers");
         }
         if let Some(tls) = &self.broker.tls {
             if tls.ca_file.is_some() == tls.ca_pem.is_some() {
@@ -857,6 +887,22 @@ port = "/dev/ttyUSB0"
             let e = err(&with(extra));
             assert!(e.contains(&format!("key `{key}`")), "{extra}: {e}");
         }
+    }
+
+    #[test]
+    fn failover_brokers_are_host_and_port_with_tls_beyond_loopback() {
+        let with = |line: &str| {
+            Config::parse(&MIN.replace("port = 1883\n", &format!("port = 1883\n{line}\n")), Path::new("a.toml"))
+        };
+        assert_eq!(with("failover = [\"127.0.0.1:1884\"]").unwrap().broker.failover, ["127.0.0.1:1884"]);
+        for bad in ["\"127.0.0.1\"", "\"127.0.0.1:0\"", "\"127.0.0.1:x\"", "\":1883\""] {
+            let e = with(&format!("failover = [{bad}]")).unwrap_err().to_string();
+            assert!(e.contains("broker.failover[0]") && e.contains("host:port"), "{bad}: {e}");
+        }
+        // Plain MQTT to another machine: refused, as for the first broker.
+        let e = with("failover = [\"mq2.example.lg.jp:1883\"]").unwrap_err().to_string();
+        assert!(e.contains("broker.failover[0]") && e.contains("tls"), "{e}");
+        assert_eq!(parse_host_port("mq2.example.lg.jp:8883"), Ok(("mq2.example.lg.jp".into(), 8883)));
     }
 
     #[test]

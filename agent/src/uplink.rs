@@ -43,10 +43,12 @@ use crate::spool::{Spool, Storage};
 pub struct Connection {
     /// The home.
     pub home: HomeId,
-    /// Broker host.
+    /// Broker host (the first of [`Connection::brokers`]).
     pub host: String,
     /// Broker port.
     pub port: u16,
+    /// Every broker, `host` first, then `[broker] failover` in order.
+    pub brokers: Vec<(String, u16)>,
     /// TLS, if configured.
     pub tls: Option<TlsConfiguration>,
     /// Username and password.
@@ -66,6 +68,7 @@ impl std::fmt::Debug for Connection {
             .field("home", &self.home)
             .field("host", &self.host)
             .field("port", &self.port)
+            .field("brokers", &self.brokers)
             .field("tls", &self.tls.is_some())
             .finish()
     }
@@ -74,6 +77,9 @@ impl std::fmt::Debug for Connection {
 /// Why a connection could not be prepared.
 #[derive(Debug, thiserror::Error)]
 pub enum UplinkError {
+    /// A broker address is not `host:port`.
+    #[error("{0}")]
+    Broker(String),
     /// A TLS file could not be read or is unsafe.
     #[error("{0}")]
     Tls(String),
@@ -109,10 +115,15 @@ impl Connection {
             (Some(u), None) => Some((u.clone(), String::new())),
             _ => None,
         };
+        let mut brokers = vec![(b.host.clone(), b.port)];
+        for f in &b.failover {
+            brokers.push(host_port(f)?);
+        }
         Ok(Connection {
             home,
             host: b.host.clone(),
             port: b.port,
+            brokers,
             tls,
             credentials,
             keep_alive: Duration::from_secs(u64::from(b.keep_alive_s.max(5))),
@@ -121,8 +132,11 @@ impl Connection {
         })
     }
 
-    fn options(&self) -> MqttOptions {
-        let mut o = MqttOptions::new(self.home.as_str(), self.host.clone(), self.port);
+    /// The options for the `n`-th broker (round the list).
+    fn options(&self, n: usize) -> MqttOptions {
+        let (host, port) =
+            self.brokers.get(n % self.brokers.len().max(1)).cloned().unwrap_or((self.host.clone(), self.port));
+        let mut o = MqttOptions::new(self.home.as_str(), host, port);
         o.set_keep_alive(self.keep_alive);
         o.set_clean_session(true);
         o.set_last_will(LastWill::new(
@@ -141,13 +155,36 @@ impl Connection {
     }
 }
 
+fn host_port(s: &str) -> Result<(String, u16), UplinkError> {
+    crate::config::parse_host_port(s).map_err(|e| UplinkError::Broker(format!("broker.failover: {e}")))
+}
+
 impl Connection {
     /// The installer's check (`probe`): connect once as this home, with its TLS and its
     /// credentials, and say in words whether the broker accepted it. A client id of its own
     /// (`<home>-probe`) and no Last Will, so a running agent is not disconnected and nobody is
     /// told the home went offline.
+    ///
+    /// Every broker of the list is tried (a cluster's node the homes cannot reach is found at
+    /// installation, not in the storm); the answer names each.
     pub async fn check(&self, limit: Duration) -> Result<String, String> {
-        let mut o = MqttOptions::new(format!("{}-probe", self.home.as_str()), self.host.clone(), self.port);
+        let mut ok = Vec::new();
+        let mut failed = Vec::new();
+        for (host, port) in &self.brokers {
+            match self.check_one(host, *port, limit).await {
+                Ok(s) => ok.push(s),
+                Err(e) => failed.push(e),
+            }
+        }
+        if failed.is_empty() {
+            Ok(ok.join("; "))
+        } else {
+            Err(failed.join("; "))
+        }
+    }
+
+    async fn check_one(&self, host: &str, port: u16, limit: Duration) -> Result<String, String> {
+        let mut o = MqttOptions::new(format!("{}-probe", self.home.as_str()), host, port);
         o.set_keep_alive(self.keep_alive.max(Duration::from_secs(5)));
         o.set_clean_session(true);
         if let Some((u, p)) = &self.credentials {
@@ -157,7 +194,7 @@ impl Connection {
             o.set_transport(Transport::tls_with_config(tls.clone()));
         }
         let (client, mut events) = AsyncClient::new(o, 4);
-        let at = format!("{}:{}", self.host, self.port);
+        let at = format!("{host}:{port}");
         let how = match (&self.tls, &self.credentials) {
             (Some(_), Some(_)) => "TLS, username and password",
             (Some(_), None) => "TLS",
@@ -215,7 +252,7 @@ pub fn check_key_permissions(path: &std::path::Path) -> Result<(), UplinkError> 
 #[derive(Debug)]
 enum Conn {
     Session(u64, AsyncClient),
-    Connected(u64),
+    Connected(u64, String),
     Outgoing(u64, u16),
     PubAck(u64, u16),
     Message(u64, String, Vec<u8>),
@@ -225,9 +262,12 @@ enum Conn {
 async fn connection_task(conn: Connection, tx: mpsc::UnboundedSender<Conn>, cancel: CancellationToken) {
     let mut delay = conn.reconnect_min;
     let mut session = 0u64;
+    // Which broker: the next one after every failed or lost connection, so a dead node of a
+    // cluster costs one attempt; the backoff grows only once the whole list has failed.
+    let mut at = 0usize;
     loop {
         session += 1;
-        let (client, mut ev) = AsyncClient::new(conn.options(), 128);
+        let (client, mut ev) = AsyncClient::new(conn.options(at), 128);
         if tx.send(Conn::Session(session, client.clone())).is_err() {
             return;
         }
@@ -239,7 +279,8 @@ async fn connection_task(conn: Connection, tx: mpsc::UnboundedSender<Conn>, canc
             let msg = match polled {
                 Ok(MqttEvent::Incoming(Packet::ConnAck(_))) => {
                     delay = conn.reconnect_min;
-                    Conn::Connected(session)
+                    let (host, port) = conn.options(at).broker_address();
+                    Conn::Connected(session, format!("{host}:{port}"))
                 }
                 Ok(MqttEvent::Outgoing(Outgoing::Publish(pkid))) => Conn::Outgoing(session, pkid),
                 Ok(MqttEvent::Incoming(Packet::PubAck(a))) => Conn::PubAck(session, a.pkid),
@@ -257,6 +298,7 @@ async fn connection_task(conn: Connection, tx: mpsc::UnboundedSender<Conn>, canc
             }
         }
         drop(ev);
+        at += 1;
         // Full jitter between half and all of the current delay, so a neighbourhood of agents
         // coming back after an outage does not reconnect in lockstep.
         let jittered = delay.mul_f64(0.5 + rand::random::<f64>() * 0.5);
@@ -264,7 +306,9 @@ async fn connection_task(conn: Connection, tx: mpsc::UnboundedSender<Conn>, canc
             () = cancel.cancelled() => return,
             () = tokio::time::sleep(jittered) => {}
         }
-        delay = (delay * 2).min(conn.reconnect_max);
+        if at.is_multiple_of(conn.brokers.len().max(1)) {
+            delay = (delay * 2).min(conn.reconnect_max);
+        }
     }
 }
 
@@ -442,8 +486,8 @@ impl<S: Storage> Uplink<S> {
                     published: BTreeSet::new(),
                 });
             }
-            Conn::Connected(id) if current == Some(id) => {
-                tracing::info!(host = %self.conn.host, port = self.conn.port, "connected to the broker");
+            Conn::Connected(id, broker) if current == Some(id) => {
+                tracing::info!(%broker, "connected to the broker");
                 let home = self.conn.home.clone();
                 let online = mqtt::encode(&self.settings.online);
                 if let Some(s) = &mut self.session {

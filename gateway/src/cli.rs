@@ -120,6 +120,10 @@ enum HomesCommand {
         /// The broker's TLS port.
         #[arg(long, default_value_t = 8883)]
         broker_port: u16,
+        /// More brokers the agent fails over to, `host:port` (repeat: the other nodes of a
+        /// NATS cluster).
+        #[arg(long)]
+        failover: Vec<String>,
         /// Where the bundles go (`<home>.toml`).
         #[arg(long)]
         out: PathBuf,
@@ -157,6 +161,31 @@ enum PkiCommand {
         /// The broker's TLS port.
         #[arg(long, default_value_t = 8883)]
         broker_port: u16,
+    },
+    /// Write the configs of a NATS cluster (the clustered broker; see docs/operations.md):
+    /// one `nats-<node>.conf` per node, the route certificate and password, and the users
+    /// file `nats-users.conf` that provisioning keeps up to date.
+    Nats {
+        /// The gateway config.
+        #[arg(long)]
+        config: PathBuf,
+        /// A node: `name=host[:mqtt_port[:cluster_port[:monitor_port]]]` (3 or 5 of them;
+        /// ports 8883, 6222, 8222 unless given).
+        #[arg(long = "node", required = true)]
+        nodes: Vec<String>,
+        /// Where the node configs go (default: the PKI folder; a node config must sit beside
+        /// `nats-users.conf`).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Where the PKI folder's files are on the nodes (default: where they are here).
+        #[arg(long)]
+        pki_on_nodes: Option<PathBuf>,
+        /// JetStream's folder on the nodes (a subfolder per node).
+        #[arg(long, default_value = "/var/lib/nats")]
+        store_dir: PathBuf,
+        /// The address the MQTT and cluster listeners bind to.
+        #[arg(long, default_value = "0.0.0.0")]
+        bind: String,
     },
 }
 
@@ -757,7 +786,53 @@ pub fn main() -> ExitCode {
                 }
             }
         }
-        Command::Homes { command: HomesCommand::Provision { config, broker_host, broker_port, out, force, homes } } => {
+        Command::Pki { command: PkiCommand::Nats { config, nodes, out, pki_on_nodes, store_dir, bind } } => {
+            let c = match load(&config) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            let nodes = match nodes.iter().map(|n| n.parse::<crate::nats::Node>()).collect::<Result<Vec<_>, _>>() {
+                Ok(n) => n,
+                Err(e) => {
+                    eprintln!("mamori-gateway: --node {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            exit_code((|| -> anyhow::Result<()> {
+                let p = pki::Pki::open(&c.pki_dir())?;
+                let on_nodes = match &pki_on_nodes {
+                    Some(d) => d.clone(),
+                    None => std::fs::canonicalize(p.dir())?,
+                };
+                let out = out.clone().unwrap_or_else(|| p.dir().to_path_buf());
+                let missing = p.nats(&nodes, &out, &on_nodes, &store_dir, &bind, clock::now())?;
+                for n in &nodes {
+                    println!("{}: {}", n.name, out.join(format!("nats-{}.conf", n.name)).display());
+                }
+                println!(
+                    "copy {} (ca.pem, broker.pem/.key, nats-route.pem/.key, nats-users.conf) to each node; \
+                     start each with `nats-server -c nats-<node>.conf`",
+                    on_nodes.display()
+                );
+                if !missing.is_empty() {
+                    println!(
+                        "these homes were provisioned before the PKI kept NATS passwords and cannot connect to the cluster \
+                         until provisioned again: {}",
+                        missing.join(", ")
+                    );
+                }
+                Ok(())
+            })())
+        }
+        Command::Homes {
+            command: HomesCommand::Provision { config, broker_host, broker_port, failover, out, force, homes },
+        } => {
+            for f in &failover {
+                if let Err(e) = mamori_agent::config::parse_host_port(f) {
+                    eprintln!("mamori-gateway: --failover {e}");
+                    return ExitCode::from(2);
+                }
+            }
             let (c, ids) = match config_and_homes(&config, &homes) {
                 Ok(x) => x,
                 Err(code) => return code,
@@ -785,7 +860,7 @@ pub fn main() -> ExitCode {
                 for id in &ids {
                     let (issued, password) = p.provision(id, clock::now())?;
                     let path = out.join(format!("{}.toml", id.as_str()));
-                    let bundle = pki::agent_bundle(id, &broker_host, broker_port, &ca, &issued, &password);
+                    let bundle = pki::agent_bundle(id, &broker_host, broker_port, &failover, &ca, &issued, &password);
                     pki::write_bundle(&path, &bundle)?;
                     println!("{}: certificate {} · bundle {}", id.as_str(), issued.serial_hex, path.display());
                 }

@@ -218,7 +218,12 @@ pub struct BrokerConfig {
     /// The gateway's client id (a persistent session: QoS 1 events queue while it is away).
     #[serde(default = "default_client_id")]
     pub client_id: String,
-    /// Subscribe as `$share/<group>/...` so several gateways share the load.
+    /// More brokers, `host:port`, tried in turn when the connection fails or is lost (the
+    /// other nodes of a NATS cluster). Same TLS and credentials.
+    #[serde(default)]
+    pub failover: Vec<String>,
+    /// No longer supported (refused with a reason): a shared subscription splits one home's
+    /// messages between gateways that each keep their own state.
     #[serde(default)]
     pub share_group: Option<String>,
     /// TLS; required unless the broker is on loopback.
@@ -643,10 +648,20 @@ impl Config {
         if c.broker.port == 0 && c.embedded_broker.is_none() {
             bad("broker.port", "a port (0 only with [embedded_broker])");
         }
-        if let Some(g) = &c.broker.share_group {
-            if g.is_empty() || g.contains(['/', '+', '#']) {
-                bad("broker.share_group", "a group name without `/`, `+` or `#`");
+        if c.broker.share_group.is_some() {
+            bad(
+                "broker.share_group",
+                "no shared subscription: it would split one home's messages between gateways that each keep \
+                 their own state. Remove it; several gateways run with [cluster] (one active, the others standing by)",
+            );
+        }
+        for (i, f) in c.broker.failover.iter().enumerate() {
+            if let Err(e) = mamori_agent::config::parse_host_port(f) {
+                bad(&format!("broker.failover[{i}]"), &e);
             }
+        }
+        if !c.broker.failover.is_empty() && c.embedded_broker.is_some() {
+            bad("broker.failover", "no failover brokers with [embedded_broker] (it is one process on this machine)");
         }
         if c.broker.client_id.is_empty() || c.broker.client_id.len() > 64 {
             bad("broker.client_id", "1 to 64 characters");
@@ -1003,6 +1018,19 @@ template = '{"to":"{to}","text":"{text}"}'
         }
         assert!(Config::parse(&format!("{GOOD}\n[http]\ntrusted_proxies = [\"10.0.0.0/8\"]\n"), Path::new("g.toml"))
             .is_ok());
+    }
+
+    #[test]
+    fn failover_brokers_are_host_and_port_and_a_shared_subscription_is_refused() {
+        let with = |line: &str| {
+            Config::parse(&GOOD.replace("port = 1883\n", &format!("port = 1883\n{line}\n")), Path::new("g.toml"))
+        };
+        let c = with("failover = [\"127.0.0.1:1884\", \"mq3.example.lg.jp:8883\"]").unwrap();
+        assert_eq!(c.broker.failover.len(), 2);
+        let e = with("failover = [\"127.0.0.1\"]").unwrap_err().to_string();
+        assert!(e.contains("broker.failover[0]") && e.contains("host:port"), "{e}");
+        let e = with("share_group = \"gws\"").unwrap_err().to_string();
+        assert!(e.contains("broker.share_group") && e.contains("[cluster]"), "{e}");
     }
 
     #[test]

@@ -48,6 +48,7 @@ pub mod lease;
 pub mod listen;
 pub mod message;
 pub mod mqtt;
+pub mod nats;
 pub mod notice;
 pub mod pki;
 pub mod policy;

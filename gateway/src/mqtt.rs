@@ -47,10 +47,21 @@ pub enum Outbound {
     AgentAck(HomeId, mqtt::Ack),
 }
 
-/// The broker options from the config.
-pub fn options(config: &Config, port: u16) -> anyhow::Result<MqttOptions> {
+/// The broker options from the config, one per broker: `[broker] host` (on `port`), then
+/// each of `[broker] failover`.
+pub fn options(config: &Config, port: u16) -> anyhow::Result<Vec<MqttOptions>> {
+    let mut all = vec![options_for(config, &config.broker.host, port)?];
+    for f in &config.broker.failover {
+        let (host, port) =
+            mamori_agent::config::parse_host_port(f).map_err(|e| anyhow::anyhow!("broker.failover: {e}"))?;
+        all.push(options_for(config, &host, port)?);
+    }
+    Ok(all)
+}
+
+fn options_for(config: &Config, host: &str, port: u16) -> anyhow::Result<MqttOptions> {
     let b = &config.broker;
-    let mut o = MqttOptions::new(b.client_id.clone(), b.host.clone(), port);
+    let mut o = MqttOptions::new(b.client_id.clone(), host, port);
     o.set_keep_alive(Duration::from_secs(u64::from(b.keep_alive_s.max(5))));
     // A persistent session: QoS 1 events queue at the broker while the gateway is away.
     o.set_clean_session(false);
@@ -80,15 +91,9 @@ pub fn options(config: &Config, port: u16) -> anyhow::Result<MqttOptions> {
     Ok(o)
 }
 
-/// The subscription filters (shared-subscription ones with `broker.share_group`).
-pub fn filters(config: &Config) -> Vec<String> {
-    [Channel::Status, Channel::Telemetry, Channel::Event]
-        .iter()
-        .map(|c| match &config.broker.share_group {
-            Some(g) => c.shared_filter(g),
-            None => c.filter(),
-        })
-        .collect()
+/// The subscription filters: every home's status, telemetry and events.
+pub fn filters() -> Vec<String> {
+    [Channel::Status, Channel::Telemetry, Channel::Event].iter().map(|c| c.filter()).collect()
 }
 
 /// Start the outbound task, with a queue of `capacity` (the service never waits on it: see
@@ -111,10 +116,13 @@ pub fn spawn_outbound(client: AsyncClient, capacity: usize) -> mpsc::Sender<Outb
     tx
 }
 
-/// Start the link task.
+/// Start the link task. `brokers`: the options for each broker (the event loop starts on
+/// the first); after every failed or lost connection the next one is tried, the session's
+/// unacknowledged messages going with it.
 pub fn spawn_link(
     client: AsyncClient,
     mut eventloop: rumqttc::EventLoop,
+    brokers: Vec<MqttOptions>,
     filters: Vec<String>,
     tx: mpsc::Sender<FromMqtt>,
     cancel: CancellationToken,
@@ -122,6 +130,7 @@ pub fn spawn_link(
     tokio::spawn(async move {
         let mut delay = Duration::from_millis(250);
         let mut up = false;
+        let mut at = 0usize;
         loop {
             let ev = tokio::select! {
                 _ = cancel.cancelled() => return,
@@ -130,7 +139,8 @@ pub fn spawn_link(
             match ev {
                 Ok(MqttEvent::Incoming(Packet::ConnAck(c))) => {
                     delay = Duration::from_millis(250);
-                    tracing::info!(session_present = c.session_present, "connected to the broker");
+                    let (host, port) = eventloop.mqtt_options.broker_address();
+                    tracing::info!(session_present = c.session_present, broker = %format!("{host}:{port}"), "connected to the broker");
                     // From another task: this one must keep polling the event loop, or a full
                     // request queue would wait on itself.
                     let (client, filters) = (client.clone(), filters.clone());
@@ -163,7 +173,14 @@ pub fn spawn_link(
                         _ = cancel.cancelled() => return,
                         _ = tokio::time::sleep(delay.mul_f64(jitter)) => {}
                     }
-                    delay = (delay * 2).min(Duration::from_secs(10));
+                    at += 1;
+                    if let Some(next) = brokers.get(at % brokers.len().max(1)) {
+                        eventloop.mqtt_options = next.clone();
+                    }
+                    // The backoff grows once the whole list has failed.
+                    if at.is_multiple_of(brokers.len().max(1)) {
+                        delay = (delay * 2).min(Duration::from_secs(10));
+                    }
                 }
             }
         }

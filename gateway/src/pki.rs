@@ -17,6 +17,9 @@
 //! without a restart: a revoked home's next connection is refused), adds the serial to
 //! `crl.pem` (effective from the next restart), and runs `[pki] reload_command`.
 //!
+//! The same users are kept for a NATS cluster (`nats-passwords`, bcrypt; `nats-users.conf`),
+//! see [`crate::nats`].
+//!
 //! Every private key and password file is written with mode 0600. Pure functions take the
 //! time as an input; only the file helpers do I/O.
 
@@ -98,7 +101,7 @@ fn leaf(
     issuer: &Issuer<'_, KeyPair>,
     cn: &str,
     sans: Vec<String>,
-    usage: ExtendedKeyUsagePurpose,
+    usage: &[ExtendedKeyUsagePurpose],
     now: Time,
     days: i64,
 ) -> Result<Issued, PkiError> {
@@ -106,7 +109,7 @@ fn leaf(
     let mut p = CertificateParams::new(sans)?;
     p.distinguished_name = DistinguishedName::new();
     p.distinguished_name.push(DnType::CommonName, cn);
-    p.extended_key_usages = vec![usage];
+    p.extended_key_usages = usage.to_vec();
     p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     p.use_authority_key_identifier_extension = true;
     let serial = serial();
@@ -245,10 +248,10 @@ impl Pki {
         let pki = Pki { dir: dir.to_path_buf() };
         let issuer = pki.issuer(now)?;
         let broker =
-            leaf(&issuer, &broker_names[0], broker_names.to_vec(), ExtendedKeyUsagePurpose::ServerAuth, now, 825)?;
+            leaf(&issuer, &broker_names[0], broker_names.to_vec(), &[ExtendedKeyUsagePurpose::ServerAuth], now, 825)?;
         write_file(&dir.join("broker.pem"), &broker.cert_pem, 0o644)?;
         write_file(&dir.join("broker.key"), &broker.key_pem, 0o600)?;
-        let gw = leaf(&issuer, GATEWAY_USER, Vec::new(), ExtendedKeyUsagePurpose::ClientAuth, now, 825)?;
+        let gw = leaf(&issuer, GATEWAY_USER, Vec::new(), &[ExtendedKeyUsagePurpose::ClientAuth], now, 825)?;
         write_file(&dir.join("gateway.pem"), &gw.cert_pem, 0o644)?;
         write_file(&dir.join("gateway.key"), &gw.key_pem, 0o600)?;
         let password = random_password();
@@ -281,7 +284,88 @@ impl Pki {
             rand::rng().fill_bytes(&mut salt);
             let _ = writeln!(text, "{}", password_line(user, p, &salt));
         }
-        write_file(&path, &text, 0o600)
+        write_file(&path, &text, 0o600)?;
+        // The same users for a NATS cluster (bcrypt, which NATS reads), and its users file.
+        let mut nats: Vec<(String, String)> = self.nats_passwords()?.into_iter().filter(|(u, _)| u != user).collect();
+        if let Some(p) = password {
+            nats.push((user.to_string(), crate::nats::password_hash(p).map_err(PkiError::State)?));
+        }
+        let text: String = nats.iter().map(|(u, h)| format!("{u}:{h}\n")).collect();
+        write_file(&self.dir.join("nats-passwords"), &text, 0o600)?;
+        write_file(&self.dir.join("nats-users.conf"), &crate::nats::users_conf(&nats), 0o600)
+    }
+
+    /// The NATS password file: (user, bcrypt hash). Empty in a PKI made before NATS was
+    /// supported (its homes need provisioning again to reach a NATS cluster).
+    fn nats_passwords(&self) -> Result<Vec<(String, String)>, PkiError> {
+        let path = self.dir.join("nats-passwords");
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+            Err(e) => return Err(PkiError::Io { path, source: e }),
+        };
+        Ok(text.lines().filter_map(|l| l.split_once(':')).map(|(u, h)| (u.to_string(), h.to_string())).collect())
+    }
+
+    /// Generate a NATS cluster's configs (see [`crate::nats`]): a route certificate for the
+    /// nodes' hosts and a route password (both made once, kept after), and one
+    /// `nats-<node>.conf` per node into `out`. `pki_on_nodes`: where the PKI folder's files
+    /// are on the nodes. Returns the homes that were provisioned before this PKI kept NATS
+    /// passwords (they cannot connect to the cluster until provisioned again).
+    pub fn nats(
+        &self,
+        nodes: &[crate::nats::Node],
+        out: &Path,
+        pki_on_nodes: &Path,
+        store_dir: &Path,
+        bind: &str,
+        now: Time,
+    ) -> Result<Vec<String>, PkiError> {
+        crate::nats::check_cluster(nodes).map_err(PkiError::State)?;
+        let hosts: Vec<String> =
+            nodes.iter().map(|n| n.host.clone()).collect::<std::collections::BTreeSet<_>>().into_iter().collect();
+        let route = leaf(
+            &self.issuer(now)?,
+            "mamori NATS route",
+            hosts,
+            &[ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth],
+            now,
+            825,
+        )?;
+        write_file(&self.dir.join("nats-route.pem"), &route.cert_pem, 0o644)?;
+        write_file(&self.dir.join("nats-route.key"), &route.key_pem, 0o600)?;
+        let pw_path = self.dir.join("nats-route-password");
+        let route_password = match std::fs::read_to_string(&pw_path) {
+            Ok(p) if !p.trim().is_empty() => p.trim().to_string(),
+            _ => {
+                let p = random_password();
+                write_file(&pw_path, &p, 0o600)?;
+                p
+            }
+        };
+        let mut users = self.nats_passwords()?;
+        if !users.iter().any(|(u, _)| u == GATEWAY_USER) {
+            // A PKI from before NATS: the gateway's password is in its own file.
+            let path = self.dir.join("gateway-password");
+            let pw = std::fs::read_to_string(&path).map_err(io(&path))?;
+            self.set_password(GATEWAY_USER, Some(pw.trim()))?;
+            users = self.nats_passwords()?;
+        }
+        std::fs::create_dir_all(out).map_err(io(out))?;
+        for n in nodes {
+            let text = crate::nats::node_conf(n, nodes, pki_on_nodes, store_dir, bind, &route_password);
+            write_file(&out.join(format!("nats-{}.conf", n.name)), &text, 0o600)?;
+        }
+        let mut missing: Vec<String> = self
+            .issued()?
+            .into_iter()
+            .filter(|r| r.get(3).is_none_or(|x| x.is_empty()))
+            .filter_map(|r| r.first().cloned())
+            .filter(|h| !users.iter().any(|(u, _)| u == h))
+            .collect();
+        missing.sort();
+        missing.dedup();
+        Ok(missing)
     }
 
     fn issued(&self) -> Result<Vec<Vec<String>>, PkiError> {
@@ -338,7 +422,7 @@ impl Pki {
             return Err(PkiError::State(format!("`{GATEWAY_USER}` is the gateway's own name, not a home id")));
         }
         let issuer = self.issuer(now)?;
-        let cert = leaf(&issuer, home.as_str(), Vec::new(), ExtendedKeyUsagePurpose::ClientAuth, now, 825)?;
+        let cert = leaf(&issuer, home.as_str(), Vec::new(), &[ExtendedKeyUsagePurpose::ClientAuth], now, 825)?;
         let password = random_password();
         self.set_password(home.as_str(), Some(&password))?;
         let mut rows = self.issued()?;
@@ -376,6 +460,7 @@ pub fn agent_bundle(
     home: &HomeId,
     broker_host: &str,
     broker_port: u16,
+    failover: &[String],
     ca_pem: &str,
     issued: &Issued,
     password: &str,
@@ -391,6 +476,7 @@ pub fn agent_bundle(
          [broker]\n\
          host = {host}\n\
          port = {broker_port}\n\
+         {failover}\
          username = {idq}\n\
          password = {{ value = {pw} }}\n\
          \n\
@@ -406,6 +492,11 @@ pub fn agent_bundle(
         id = home.as_str(),
         idq = q(home.as_str()),
         host = q(broker_host),
+        failover = if failover.is_empty() {
+            String::new()
+        } else {
+            format!("failover = [{}]\n", failover.iter().map(|f| q(f)).collect::<Vec<_>>().join(", "))
+        },
         pw = q(password),
         ca = q(ca_pem),
         cert = q(&issued.cert_pem),
@@ -447,21 +538,65 @@ mod tests {
         let a = HomeId::new("k-01").unwrap();
         let (issued, password) = pki.provision(&a, now()).unwrap();
         assert!(issued.cert_pem.contains("BEGIN CERTIFICATE") && password.len() >= 32);
-        for f in ["ca.key", "broker.key", "gateway.key", "gateway-password", "passwords"] {
+        for f in [
+            "ca.key",
+            "broker.key",
+            "gateway.key",
+            "gateway-password",
+            "passwords",
+            "nats-passwords",
+            "nats-users.conf",
+        ] {
             let mode = std::fs::metadata(dir.path().join(f)).unwrap().permissions().mode();
             assert_eq!(mode & 0o077, 0, "{f} is private");
         }
         let passwords = std::fs::read_to_string(dir.path().join("passwords")).unwrap();
         assert!(passwords.lines().any(|l| l.starts_with("k-01:$7$")));
         assert!(passwords.lines().any(|l| l.starts_with("mamori-gateway:$7$")));
+        let nats = std::fs::read_to_string(dir.path().join("nats-users.conf")).unwrap();
+        assert!(nats.contains("user: \"k-01\", password: \"$2a$10$") && nats.contains("mamori-gateway"), "{nats}");
         assert_eq!(pki.revoke(&a, now()).unwrap(), 1);
         let passwords = std::fs::read_to_string(dir.path().join("passwords")).unwrap();
         assert!(!passwords.contains("k-01:"), "{passwords}");
+        let nats = std::fs::read_to_string(dir.path().join("nats-users.conf")).unwrap();
+        assert!(!nats.contains("k-01") && nats.contains("mamori-gateway"), "revoked on NATS too: {nats}");
         assert!(passwords.contains("mamori-gateway:"));
         let crl = std::fs::read_to_string(dir.path().join("crl.pem")).unwrap();
         assert!(crl.contains("BEGIN X509 CRL"));
         assert!(pki.revoke(&HomeId::new("never").unwrap(), now()).is_err());
         assert!(pki.provision(&HomeId::new(GATEWAY_USER).unwrap(), now()).is_err());
+    }
+
+    #[test]
+    fn a_nats_cluster_gets_a_config_per_node_and_names_homes_without_a_nats_password() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let pki = Pki::init(dir.path(), &["127.0.0.1".into()], now()).unwrap();
+        pki.provision(&HomeId::new("k-01").unwrap(), now()).unwrap();
+        // A home provisioned before the PKI kept NATS passwords.
+        let mut rows = pki.issued().unwrap();
+        rows.push(vec!["k-old".into(), "01".into(), now().to_rfc3339(), String::new()]);
+        pki.write_issued(&rows).unwrap();
+        let nodes: Vec<crate::nats::Node> =
+            ["a=10.0.0.1", "b=10.0.0.2", "c=10.0.0.3"].iter().map(|n| n.parse().unwrap()).collect();
+        let out = dir.path().join("out");
+        let missing =
+            pki.nats(&nodes, &out, Path::new("/etc/nats"), Path::new("/var/lib/nats"), "0.0.0.0", now()).unwrap();
+        assert_eq!(missing, ["k-old"]);
+        let a = std::fs::read_to_string(out.join("nats-a.conf")).unwrap();
+        let route_pw = std::fs::read_to_string(dir.path().join("nats-route-password")).unwrap();
+        assert!(a.contains("server_name: \"a\"") && a.contains("stream_replicas: 3"), "{a}");
+        assert!(
+            a.contains(&format!("nats-route://route:{route_pw}@10.0.0.2:6222")) && !a.contains("10.0.0.1:6222"),
+            "{a}"
+        );
+        assert!(a.contains("\"/etc/nats/broker.pem\"") && a.contains("verify: true"), "{a}");
+        assert_eq!(std::fs::metadata(out.join("nats-a.conf")).unwrap().permissions().mode() & 0o077, 0);
+        // Generated again: the same route password.
+        pki.nats(&nodes, &out, Path::new("/etc/nats"), Path::new("/var/lib/nats"), "0.0.0.0", now()).unwrap();
+        assert_eq!(std::fs::read_to_string(dir.path().join("nats-route-password")).unwrap(), route_pw);
+        let two = &nodes[..2];
+        assert!(pki.nats(two, &out, Path::new("/etc/nats"), Path::new("/v"), "0.0.0.0", now()).is_err());
     }
 
     #[test]
@@ -471,7 +606,15 @@ mod tests {
         let home = HomeId::new("k-01").unwrap();
         let (issued, password) = pki.provision(&home, now()).unwrap();
         let ca = std::fs::read_to_string(dir.path().join("ca.pem")).unwrap();
-        let text = agent_bundle(&home, "mqtt.example.lg.jp", 8883, &ca, &issued, &password);
+        let text = agent_bundle(
+            &home,
+            "mqtt.example.lg.jp",
+            8883,
+            &["mqtt2.example.lg.jp:8883".into()],
+            &ca,
+            &issued,
+            &password,
+        );
         let path = dir.path().join("k-01.toml");
         // Without devices the agent says what is missing; the installer adds them.
         write_bundle(&path, &text).unwrap();
@@ -481,6 +624,7 @@ mod tests {
         write_bundle(&path, &installed).unwrap();
         let c = mamori_agent::config::Config::load(&path).unwrap();
         assert_eq!(c.home_id, "k-01");
+        assert_eq!(c.broker.failover, ["mqtt2.example.lg.jp:8883"]);
         let tls = c.broker.tls.unwrap();
         assert_eq!(tls.ca().unwrap(), ca.into_bytes());
         assert_eq!(tls.client_key_pem.as_deref(), Some(issued.key_pem.as_str()));

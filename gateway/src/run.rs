@@ -1337,10 +1337,11 @@ impl Service {
             crate::listen::serve(listener, web::router(app), http_cancel).await;
         });
         let http_addr = addr_rx.await.context("the web runtime")?.context("http listener")?;
-        let options = crate::mqtt::options(&self.config, port)?;
-        let (client, eventloop) = AsyncClient::new(options, 1000);
+        let brokers = crate::mqtt::options(&self.config, port)?;
+        let first = brokers.first().cloned().context("no broker")?;
+        let (client, eventloop) = AsyncClient::new(first, 1000);
         let (mqtt_tx, mut mqtt_rx) = mpsc::channel(4096);
-        crate::mqtt::spawn_link(client.clone(), eventloop, crate::mqtt::filters(&self.config), mqtt_tx, cancel.clone());
+        crate::mqtt::spawn_link(client.clone(), eventloop, brokers, crate::mqtt::filters(), mqtt_tx, cancel.clone());
         self.outbound = Some(crate::mqtt::spawn_outbound(client.clone(), OUTBOUND_QUEUE));
         if let Some(rx) = self.notices_rx.take() {
             notify_operators(self.sender.clone(), rx, self.config.public_url.clone());

@@ -254,6 +254,43 @@ impl Drop for Telemetry {
     }
 }
 
+/// The gateway's broker dies (one node of a cluster): it connects to the next of `[broker]
+/// failover` and goes on hearing the homes there.
+#[test]
+fn a_dead_broker_is_left_for_the_next_of_the_failover_list() -> Result<()> {
+    let mut a = Mosquitto::start("")?;
+    let b = Mosquitto::start("")?;
+    let hook = WebhookReceiver::start("hook-secret")?;
+    let s = site(
+        a.port(),
+        &hook.url(),
+        &hook.url(),
+        &Plan { homes: 1, municipalities: &["431001"], interval_s: 60, ..Plan::default() },
+    )?;
+    let text = std::fs::read_to_string(&s.config)?;
+    let with_failover = text.replace(
+        &format!("port = {}\n", a.port()),
+        &format!("port = {}\nfailover = [\"127.0.0.1:{}\"]\n", a.port(), b.port()),
+    );
+    anyhow::ensure!(with_failover != text, "the site's [broker] port line");
+    std::fs::write(&s.config, with_failover)?;
+    init(&s.config)?;
+    let gw = start(&s.config)?;
+    a.kill9()?;
+    gw.wait_line("the gateway on the second broker", LIMIT, |l| {
+        l.contains("connected to the broker") && l.contains(&format!("127.0.0.1:{}", b.port()))
+    })?;
+    // Subscribed there: three filters at the first broker, three at the second.
+    let deadline = Deadline::after(LIMIT);
+    while gw.lines().iter().filter(|l| l.contains("\"subscribed\"")).count() < 6 {
+        deadline.check("the gateway to subscribe at the second broker")?;
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    publish(b.port(), &[event(&home_id(0), 1, "mains_lost", &now_ts())])?;
+    hook.wait("the outage, heard through the second broker", LIMIT, |d| d.iter().any(|x| kind_of(x) == "mains_lost"))?;
+    Ok(())
+}
+
 #[test]
 fn the_centres_own_downtime_is_not_the_homes_silence() -> Result<()> {
     let mut broker = Mosquitto::start("")?;

@@ -118,12 +118,6 @@ impl Channel {
     pub fn filter(self) -> String {
         [PREFIX, "/+/", self.as_str()].concat()
     }
-
-    /// The same filter in a shared-subscription group, so several gateways split the load:
-    /// `$share/{group}/mamori/v1/+/event`.
-    pub fn shared_filter(self, group: &str) -> String {
-        ["$share/", group, "/", &self.filter()].concat()
-    }
 }
 
 /// A parsed topic.
@@ -692,7 +686,6 @@ mod tests {
         assert_eq!(Topic::parse("mamori/v2/h/event"), Err(TopicError::Shape));
         assert_eq!(Topic::parse("mamori/v1/h/event/extra"), Err(TopicError::Channel));
         assert_eq!(Channel::Event.filter(), "mamori/v1/+/event");
-        assert_eq!(Channel::Event.shared_filter("gw"), "$share/gw/mamori/v1/+/event");
     }
 
     #[test]

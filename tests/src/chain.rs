@@ -17,6 +17,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 
+use crate::nats::NatsCluster;
 use crate::netcut::Link;
 use crate::process::{Process, Simulator};
 use crate::webhook::WebhookReceiver;
@@ -55,6 +56,10 @@ pub struct Options {
     pub travel_min: u32,
     /// The care plans' ventilator internal battery, min.
     pub internal_min: u32,
+    /// The broker is a three-node NATS cluster (`pki nats`) instead of one Mosquitto. The
+    /// gateway is given node 3 first, then 1 and 2; each agent node 1 (through its link),
+    /// then 2 and 3.
+    pub nats: bool,
 }
 
 impl Default for Options {
@@ -72,6 +77,7 @@ impl Default for Options {
             usable_wh: BTreeMap::new(),
             travel_min: 30,
             internal_min: 240,
+            nats: false,
         }
     }
 }
@@ -97,8 +103,10 @@ pub struct Home {
 pub struct Chain {
     /// Everything on disk: the gateway's config, PKI, store and the homes' bundles.
     pub dir: tempfile::TempDir,
-    /// The broker, on the generated TLS config.
-    pub broker: Mosquitto,
+    /// The broker, on the generated TLS config (without [`Options::nats`]).
+    pub broker: Option<Mosquitto>,
+    /// The NATS cluster, on the generated configs (with [`Options::nats`]).
+    pub nats: Option<NatsCluster>,
     /// The phones.
     pub hook: WebhookReceiver,
     /// The gateway's config file.
@@ -165,7 +173,8 @@ impl Chain {
             .collect();
         std::fs::write(root.join("homes.toml"), homes)?;
         let gateway_config = root.join("gateway.toml");
-        let write_config = |broker_port: u16, reload: &str| -> Result<()> {
+        let write_config = |broker_port: u16, failover: &[u16], reload: &str| -> Result<()> {
+            let failover: Vec<String> = failover.iter().map(|p| format!("\"127.0.0.1:{p}\"")).collect();
             let endpoints: String = ["family", "coord", "facility"]
                 .iter()
                 .map(|n| {
@@ -177,7 +186,7 @@ impl Chain {
                 format!(
                     "data_dir = \"data\"\nhomes_file = \"homes.toml\"\npublic_url = \"http://127.0.0.1:{http_port}\"\n\
                      link_secret = {{ value = \"e2e-link-secret-for-the-chain\" }}\n\
-                     [broker]\nhost = \"localhost\"\nport = {broker_port}\nclient_id = \"gw-e2e\"\n\
+                     [broker]\nhost = \"localhost\"\nport = {broker_port}\nfailover = [{failover}]\nclient_id = \"gw-e2e\"\n\
                      username = \"mamori-gateway\"\npassword = {{ file = \"{p}/gateway-password\" }}\n\
                      [broker.tls]\nca_file = \"{p}/ca.pem\"\nclient_cert_file = \"{p}/gateway.pem\"\n\
                      client_key_file = \"{p}/gateway.key\"\n\
@@ -190,24 +199,43 @@ impl Chain {
                     esc = o.escalation,
                     del = o.delivery,
                     policy = o.policy,
+                    failover = failover.join(", "),
                 ),
             )?;
             Ok(())
         };
-        write_config(1, "[\"true\"]")?;
+        write_config(1, &[], "[\"true\"]")?;
         let gw = |args: &[&str]| -> Result<std::process::Output> {
             Ok(Command::new(&bins.gateway).args(args).arg("--config").arg(&gateway_config).output()?)
         };
         ok(gw(&["pki", "init", "--broker-host", "127.0.0.1", "--broker-host", "localhost"])?, "pki init")?;
-        let broker = generated_broker(&pki)?;
-        let pid = broker.pid().context("broker pid")?;
-        write_config(broker.port(), &format!("[\"kill\", \"-HUP\", \"{pid}\"]"))?;
+        let (broker, nats, broker_port) = if o.nats {
+            let nats = NatsCluster::start(&bins.gateway, &gateway_config, &pki)?;
+            let ports: Vec<u16> = nats.nodes.iter().map(|n| n.mqtt_port).collect();
+            // Every node reads the users file again on SIGHUP (pids as they are now: a
+            // restarted node reads it at its start).
+            let pids: Vec<String> = nats.pids().iter().map(|p| format!("\"{p}\"")).collect();
+            write_config(ports[2], &ports[..2], &format!("[\"kill\", \"-HUP\", {}]", pids.join(", ")))?;
+            (None, Some(nats), ports[0])
+        } else {
+            let broker = generated_broker(&pki)?;
+            let pid = broker.pid().context("broker pid")?;
+            write_config(broker.port(), &[], &format!("[\"kill\", \"-HUP\", \"{pid}\"]"))?;
+            let port = broker.port();
+            (Some(broker), None, port)
+        };
         let bundles = root.join("bundles");
         let mut args: Vec<String> = ["homes", "provision", "--broker-host", "127.0.0.1", "--broker-port"]
             .iter()
             .map(|s| s.to_string())
             .collect();
-        args.push(broker.port().to_string());
+        args.push(broker_port.to_string());
+        if let Some(n) = &nats {
+            for node in &n.nodes[1..] {
+                args.push("--failover".into());
+                args.push(format!("127.0.0.1:{}", node.mqtt_port));
+            }
+        }
         args.push("--out".into());
         args.push(bundles.display().to_string());
         args.extend(o.homes.iter().map(|(id, _)| id.clone()));
@@ -217,6 +245,7 @@ impl Chain {
         let mut chain = Chain {
             dir,
             broker,
+            nats,
             hook,
             gateway_config,
             gateway: None,
@@ -228,7 +257,7 @@ impl Chain {
         for (id, _) in &o.homes {
             let simdir = tempfile::tempdir()?;
             let sim = Simulator::start(&bins.agent, simdir.path(), &o.devices.join(","), "steady")?;
-            let link = Link::start(chain.broker.port())?;
+            let link = Link::start(broker_port)?;
             let data = chain.dir.path().join("agents").join(id);
             let bundle = std::fs::read_to_string(bundles.join(format!("{id}.toml")))?;
             // As the installer does: the bundle, with the home's devices added. Here the
@@ -236,7 +265,7 @@ impl Chain {
             let mut text = bundle
                 .replace("data_dir = \"/var/lib/mamori\"", &format!("data_dir = \"{}\"", toml_path(&data)))
                 .replace(
-                    &format!("port = {}\n", chain.broker.port()),
+                    &format!("port = {broker_port}\n"),
                     &format!("port = {}\nreconnect_min_ms = 100\nreconnect_max_ms = 500\n", link.port()),
                 );
             text.push_str(&format!("\n[telemetry]\ninterval_s = {}\n", o.telemetry_interval_s));
@@ -400,7 +429,12 @@ impl Chain {
         let c = mamori_agent::config::Config::load(&h.config)?;
         let tls = c.broker.tls.context("the bundle has TLS")?;
         let password = c.broker.password.context("password")?.resolve().map_err(|e| anyhow::anyhow!(e))?;
-        let mut o = rumqttc::MqttOptions::new(client_id, "127.0.0.1", self.broker.port());
+        let port = match (&self.broker, &self.nats) {
+            (Some(b), _) => b.port(),
+            (None, Some(n)) => n.nodes[0].mqtt_port,
+            (None, None) => bail!("no broker"),
+        };
+        let mut o = rumqttc::MqttOptions::new(client_id, "127.0.0.1", port);
         o.set_credentials(c.home_id.clone(), password);
         o.set_keep_alive(Duration::from_secs(5));
         o.set_max_packet_size(1 << 20, 1 << 20);

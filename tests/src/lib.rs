@@ -22,6 +22,7 @@ pub mod cdp;
 pub mod chain;
 pub mod http;
 pub mod line;
+pub mod nats;
 pub mod netcut;
 pub mod nut;
 pub mod pki;

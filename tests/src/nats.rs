@@ -1,0 +1,153 @@
+//! A three-node NATS cluster (MQTT on JetStream) owned by one test, on the configuration
+//! `mamori-gateway pki nats` generates from the deployment's PKI: TLS with client
+//! certificates, bcrypt passwords, per-home permissions, TLS routes with a route password.
+//! Each node has its own free loopback ports and JetStream folder; nodes can be killed and
+//! started again. Killed when dropped.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+
+use crate::process::Process;
+use crate::{free_port, Deadline};
+
+/// Where Debian installs the server; `PATH` is searched first.
+const CANDIDATES: &[&str] = &["nats-server", "/usr/sbin/nats-server", "/usr/bin/nats-server"];
+
+/// Find `nats-server`, with an error that says how to install it.
+pub fn binary() -> Result<PathBuf> {
+    for c in CANDIDATES {
+        if Command::new(c).arg("--version").output().is_ok_and(|o| o.status.success()) {
+            return Ok(PathBuf::from(c));
+        }
+    }
+    bail!("nats-server is not installed: run scripts/test (installs it as root) or `apt-get install nats-server`")
+}
+
+/// One node.
+pub struct Node {
+    /// Its server name (`n1`…).
+    pub name: String,
+    /// Its MQTT (TLS) port.
+    pub mqtt_port: u16,
+    /// Its monitoring port (`/healthz`).
+    pub monitor_port: u16,
+    conf: PathBuf,
+    process: Option<Process>,
+}
+
+/// The cluster.
+pub struct NatsCluster {
+    /// Its nodes.
+    pub nodes: Vec<Node>,
+    bin: PathBuf,
+    _store: tempfile::TempDir,
+}
+
+impl NatsCluster {
+    /// Generate the three nodes' configs with the gateway's own command (`pki nats`, into the
+    /// PKI folder of `gateway_config`, which `pki init` made) and start them; returns when
+    /// every node says it is healthy (routes up, JetStream current).
+    pub fn start(gateway_bin: &Path, gateway_config: &Path, pki: &Path) -> Result<NatsCluster> {
+        let bin = binary()?;
+        let store = tempfile::tempdir()?;
+        let mut specs = Vec::new();
+        let mut nodes = Vec::new();
+        // Nine distinct ports (a port the kernel hands out is free again once released).
+        let mut ports = std::collections::BTreeSet::new();
+        let mut order = Vec::new();
+        while order.len() < 9 {
+            let p = free_port()?;
+            if ports.insert(p) {
+                order.push(p);
+            }
+        }
+        for i in 1..=3 {
+            let (mqtt, cluster, monitor) = (order[3 * i - 3], order[3 * i - 2], order[3 * i - 1]);
+            specs.push(format!("n{i}=127.0.0.1:{mqtt}:{cluster}:{monitor}"));
+            nodes.push(Node {
+                name: format!("n{i}"),
+                mqtt_port: mqtt,
+                monitor_port: monitor,
+                conf: pki.join(format!("nats-n{i}.conf")),
+                process: None,
+            });
+        }
+        let mut cmd = Command::new(gateway_bin);
+        cmd.args(["pki", "nats", "--config"])
+            .arg(gateway_config)
+            .arg("--store-dir")
+            .arg(store.path())
+            .args(["--bind", "127.0.0.1"]);
+        for s in &specs {
+            cmd.args(["--node", s]);
+        }
+        let out = cmd.output()?;
+        if !out.status.success() {
+            bail!("pki nats: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        }
+        let mut c = NatsCluster { nodes, bin, _store: store };
+        for i in 0..3 {
+            c.start_node(i)?;
+        }
+        for i in 0..3 {
+            c.wait_healthy(i, Duration::from_secs(30))?;
+        }
+        Ok(c)
+    }
+
+    /// Start (or start again) node `i` (0-based) on its config.
+    pub fn start_node(&mut self, i: usize) -> Result<()> {
+        let n = self.nodes.get_mut(i).context("no such node")?;
+        let mut cmd = Command::new(&self.bin);
+        cmd.arg("-c").arg(&n.conf);
+        n.process = Some(Process::spawn(&format!("nats {}", n.name), cmd)?);
+        Ok(())
+    }
+
+    /// Kill node `i` with SIGKILL (it publishes nothing on the way out: no wills).
+    pub fn kill9(&mut self, i: usize) -> Result<()> {
+        let n = self.nodes.get_mut(i).context("no such node")?;
+        if let Some(mut p) = n.process.take() {
+            p.kill9()?;
+        }
+        Ok(())
+    }
+
+    /// Wait until node `i` answers `/healthz?js-server-only=true` with `ok`: its routes are up
+    /// and it is current with the cluster's JetStream metadata. (Not every stream: a restarted
+    /// node may keep waiting on a consumer of a session that ended while it was dead.)
+    pub fn wait_healthy(&self, i: usize, limit: Duration) -> Result<()> {
+        let n = self.nodes.get(i).context("no such node")?;
+        let deadline = Deadline::after(limit);
+        loop {
+            if healthz(n.monitor_port).is_ok_and(|b| b.contains("\"ok\"")) {
+                return Ok(());
+            }
+            deadline.check(&format!("NATS node {} healthy; its log: {}", n.name, self.log(i).join("\n")))?;
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// The pids of the running nodes (for `[pki] reload_command`).
+    pub fn pids(&self) -> Vec<u32> {
+        self.nodes.iter().filter_map(|n| n.process.as_ref().map(Process::pid)).collect()
+    }
+
+    /// Node `i`'s log lines.
+    pub fn log(&self, i: usize) -> Vec<String> {
+        self.nodes.get(i).and_then(|n| n.process.as_ref()).map(Process::lines).unwrap_or_default()
+    }
+}
+
+fn healthz(port: u16) -> Result<String> {
+    use std::io::{Read as _, Write as _};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
+    s.set_read_timeout(Some(Duration::from_secs(2)))?;
+    write!(s, "GET /healthz?js-server-only=true HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")?;
+    let mut text = String::new();
+    s.read_to_string(&mut text)?;
+    Ok(text)
+}
