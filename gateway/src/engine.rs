@@ -1143,7 +1143,12 @@ impl Engine {
             .get_mut(&home)
             .and_then(|s| s.alerts.get_mut(&kind))
             .ok_or_else(|| EngineError::UnknownAlert(alert_id.clone()))?;
-        let again = alert.acks.iter().any(|a| a.by == ack.by && a.role == ack.role && a.at >= alert.step_entered_at);
+        // The same person acknowledging the same step again is nothing new; with another note
+        // (a family's answer after an acknowledgement) it is.
+        let again = alert
+            .acks
+            .iter()
+            .any(|a| a.by == ack.by && a.role == ack.role && a.note == ack.note && a.at >= alert.step_entered_at);
         if again {
             return Ok(());
         }

@@ -275,7 +275,7 @@ fn reads(f: &Fixture) -> Vec<(String, bool, [u16; 5], u16)> {
     let (a1, b1, inc) = (&f.alert_a1, &f.alert_b1, &f.incident_a);
     // (uri, is_api, [admin, coord_a, coord_b, facility_a1, family_a1], anonymous)
     vec![
-        ("/".into(), false, [200, 200, 200, 200, 200], 303),
+        ("/".into(), false, [200, 200, 200, 200, 303], 303),
         ("/alerts".into(), false, [200, 200, 200, 200, 200], 303),
         ("/homes/home-a1".into(), false, [200, 200, 404, 200, 200], 303),
         ("/homes/home-a2".into(), false, [200, 200, 404, 404, 404], 303),
@@ -1037,7 +1037,7 @@ async fn the_dashboard_in_japanese_has_no_field_names_codes_or_english_words() {
                 "/account".into(),
             ],
         ),
-        ("family_a1", vec!["/".into(), "/homes/home-a1".into(), "/alerts".into()]),
+        ("family_a1", vec!["/homes/home-a1".into(), "/alerts".into()]),
         ("admin", vec!["/admin/users".into(), "/admin/delivery".into()]),
     ] {
         for uri in uris {
@@ -1186,4 +1186,62 @@ async fn a_silent_homes_readings_are_marked_as_last_known_with_their_age() {
     let r = send(&f, page(&f, Some("coord_a"), "GET", "/homes/home-a2", "")).await;
     assert!(r.body.contains("SpO2 97%") && r.body.contains("最後に届いた値"), "{}", r.body);
     assert!(r.body.contains("pill stale") && !r.body.contains("pill ok\">正常"), "no reassuring green: {}", r.body);
+}
+
+#[tokio::test]
+async fn a_family_sees_what_to_do_and_its_answers_reach_the_coordinators_board() {
+    let f = setup().await;
+    // A family's start is its home.
+    let r = send(&f, page(&f, Some("family_a1"), "GET", "/", "")).await;
+    assert_eq!(r.status, StatusCode::SEE_OTHER);
+    assert_eq!(r.headers.get(header::LOCATION).and_then(|v| v.to_str().ok()), Some("/homes/home-a1"));
+    let r = send(&f, page(&f, Some("family_a1"), "GET", "/homes/home-a1", "")).await;
+    assert_eq!(r.status, StatusCode::OK);
+    let text = visible_text(&r.body);
+    for want in [
+        "停電しています",
+        "電気が使えるのは、あと",
+        "今すること",
+        "市民病院（移動20分）へ向かう準備",
+        "119番に電話する",
+        "避難します",
+        "電源を確保しました",
+        "知らせた人",
+    ] {
+        assert!(text.contains(want), "the family's page says {want}: {text}");
+    }
+    assert!(r.body.contains("href=\"tel:119\""), "{}", r.body);
+    // No tiers, device chips, routing tables or ids.
+    for not in ["段階", "T0", "T1", "pill sev-", "最後のエラー", "deliveries", "home-a1</", "遅延"] {
+        assert!(!r.body.contains(not), "the family's page shows {not}: {}", r.body);
+    }
+    // The answers: recorded on the alert, seen on the coordinator's page, audited.
+    let r = send(&f, page(&f, Some("family_a1"), "POST", "/homes/home-a1/answer", "answer=evacuating")).await;
+    assert_eq!(r.status, StatusCode::SEE_OTHER, "{}", r.body);
+    assert_eq!(r.headers.get(header::LOCATION).and_then(|v| v.to_str().ok()), Some("/homes/home-a1?answered=1"));
+    let r = send(&f, page(&f, Some("family_a1"), "GET", "/homes/home-a1?answered=1", "")).await;
+    assert!(r.body.contains("コーディネーターに伝えました"), "{}", r.body);
+    let r = send(&f, page(&f, Some("family_a1"), "POST", "/homes/home-a1/answer", "answer=power_secured")).await;
+    assert_eq!(r.status, StatusCode::SEE_OTHER, "{}", r.body);
+    let notes: Vec<Option<String>> = {
+        let e = f.engine.lock().unwrap();
+        let a =
+            &e.home_state(&HomeId::new("home-a1").unwrap()).unwrap().alerts[&AlertKind::Event(EventKind::MainsLost)];
+        a.acks.iter().filter(|k| k.role == mamori_protocol::mqtt::Role::Family).map(|k| k.note.clone()).collect()
+    };
+    assert_eq!(
+        notes,
+        [Some("避難します".to_string()), Some("電源を確保しました".to_string())],
+        "both answers, in order"
+    );
+    let r = send(&f, page(&f, Some("coord_a"), "GET", "/homes/home-a1", "")).await;
+    assert!(r.body.contains("避難します") && r.body.contains("電源を確保しました"), "{}", r.body);
+    assert_eq!(audited(&f, "family_answer", "family-a1"), 2);
+    // Only the home's family answers; an unknown answer is refused.
+    let r = send(&f, page(&f, Some("coord_a"), "POST", "/homes/home-a1/answer", "answer=evacuating")).await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+    let r = send(&f, page(&f, Some("family_a1"), "POST", "/homes/home-a2/answer", "answer=evacuating")).await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+    let r = send(&f, page(&f, Some("family_a1"), "POST", "/homes/home-a1/answer", "answer=whatever")).await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
 }

@@ -30,6 +30,7 @@
 pub mod ack;
 pub mod api;
 pub mod auth;
+pub mod family;
 pub mod metrics;
 pub mod pages;
 pub mod view;
@@ -290,6 +291,7 @@ pub fn router(app: App) -> Router {
         .route("/alerts/{id}/clear", post(pages::clear_alert))
         .route("/homes/{id}", get(pages::home))
         .route("/homes/{id}/drill", post(pages::drill_home))
+        .route("/homes/{id}/answer", post(family::answer))
         .route("/incidents/{id}", get(pages::incident))
         .route("/incidents/{id}/ack", post(pages::ack_incident))
         .route("/account", get(pages::account))

@@ -195,7 +195,7 @@ impl T {
     }
 }
 
-fn local(t: Time, offset: FixedOffset) -> String {
+pub(super) fn local(t: Time, offset: FixedOffset) -> String {
     t.with_timezone(&offset).format("%m/%d %H:%M").to_string()
 }
 
@@ -214,7 +214,7 @@ pub fn layout_bare(lang: Lang, title: &str, body: &str) -> String {
     )
 }
 
-fn layout(v: &Viewer, title: &str, body: &str) -> Html<String> {
+pub(super) fn layout(v: &Viewer, title: &str, body: &str) -> Html<String> {
     let t = T(v.lang);
     let l = if v.lang == Lang::En { "en" } else { "ja" };
     let admin = if v.user.role == AccountRole::Admin {
@@ -250,7 +250,7 @@ fn layout(v: &Viewer, title: &str, body: &str) -> Html<String> {
     ))
 }
 
-fn not_found(lang: Lang) -> Response {
+pub(super) fn not_found(lang: Lang) -> Response {
     let msg = if lang == Lang::En { "Not found." } else { "見つかりません。" };
     (StatusCode::NOT_FOUND, Html(layout_bare(lang, "404", &format!("<p>{msg}</p><p><a href=\"/\">mamori</a></p>"))))
         .into_response()
@@ -264,7 +264,7 @@ fn account_error(e: &accounts::AccountError, lang: Lang) -> String {
     }
 }
 
-fn failed(e: impl std::fmt::Display) -> Response {
+pub(super) fn failed(e: impl std::fmt::Display) -> Response {
     tracing::error!(error = %e, "dashboard");
     (StatusCode::SERVICE_UNAVAILABLE, Html("<p>一時的に表示できません / Temporarily unavailable</p>".to_string()))
         .into_response()
@@ -470,6 +470,12 @@ fn incidents_html(engine: &Engine, v: &Viewer, now: Time, offset: FixedOffset) -
 
 /// `GET /`: every home the user may see, grouped by municipality, worst first.
 pub async fn overview(State(app): State<App>, v: Viewer, client: Client) -> Response {
+    // A family has one home: its page is the family's start (see `family.rs`).
+    if v.user.role == AccountRole::Family {
+        if let [home] = v.user.homes.as_slice() {
+            return Redirect::to(&format!("/homes/{}", super::escape(home))).into_response();
+        }
+    }
     let t = T(v.lang);
     let snap = app.snap();
     let now = crate::clock::now();
@@ -576,7 +582,7 @@ fn ack_form(v: &Viewer, a: &AlertView, back: &str) -> String {
 }
 
 fn ack_text(a: &AlertView, t: T, offset: FixedOffset) -> String {
-    match &a.acknowledged {
+    let mut out = match &a.acknowledged {
         Some(k) => format!(
             "<span class=\"pill ok\">{} {} {}</span>{}",
             t.t("acknowledged"),
@@ -585,7 +591,22 @@ fn ack_text(a: &AlertView, t: T, offset: FixedOffset) -> String {
             k.note.as_ref().map(|n| format!(" <q>{}</q>", escape(n))).unwrap_or_default()
         ),
         None => String::new(),
+    };
+    // What was said after the first acknowledgement (a family's 「避難します」): every later
+    // acknowledgement that carries a note, with who and when.
+    for k in a.acks.iter().skip(1).filter(|k| k.note.is_some()) {
+        let _ = write!(
+            out,
+            "<br><small>{} {}{}{}{} <q>{}</q></small>",
+            local(k.at, offset),
+            escape(&k.by),
+            if t.0 == Lang::Ja { "（" } else { " (" },
+            role_text(k.role, t.0),
+            if t.0 == Lang::Ja { "）" } else { ")" },
+            escape(k.note.as_deref().unwrap_or_default())
+        );
     }
+    out
 }
 
 fn alert_row(v: &Viewer, label: Option<&str>, a: &AlertView, back: &str, offset: FixedOffset) -> String {
@@ -953,7 +974,7 @@ fn tick(v: f64, range: f64) -> String {
 }
 
 /// A home's contacts, with the numbers of their SMS and call channels as `tel:` links.
-fn contacts_html(plan: &crate::homes::Home, t: T) -> String {
+pub(super) fn contacts_html(plan: &crate::homes::Home, t: T) -> String {
     use crate::homes::ChannelRef;
     let mut out = format!("<h2>{}</h2><ul class=\"contacts\">", t.t("contacts"));
     for c in &plan.contacts {
@@ -999,7 +1020,13 @@ struct HomeHistory {
 }
 
 /// `GET /homes/{id}`.
-pub async fn home(State(app): State<App>, v: Viewer, client: Client, Path(id): Path<String>) -> Response {
+pub async fn home(
+    State(app): State<App>,
+    v: Viewer,
+    client: Client,
+    Path(id): Path<String>,
+    Query(q): Query<HomeQuery>,
+) -> Response {
     let t = T(v.lang);
     let snap = app.snap();
     let now = crate::clock::now();
@@ -1007,6 +1034,9 @@ pub async fn home(State(app): State<App>, v: Viewer, client: Client, Path(id): P
     let Some(plan) = view::home(&snap.engine, &v.user, &id) else { return not_found(v.lang) };
     app.audit_view(&v, &client.text(), "view_home", &id, "").await;
     let h = view::home_view(plan, snap.engine.home_state(&plan.id), now);
+    if v.user.role == AccountRole::Family {
+        return super::family::page(&app, &v, plan, h, now, q.answered.is_some()).await;
+    }
     let home_id = plan.id.clone();
     let since = now - chrono::Duration::hours(24);
     let history = app
@@ -1269,6 +1299,12 @@ pub async fn home(State(app): State<App>, v: Viewer, client: Client, Path(id): P
         );
     }
     layout(&v, &h.label, &body).into_response()
+}
+
+/// A home page's query: `answered` after a family's answer.
+#[derive(Deserialize, Default)]
+pub struct HomeQuery {
+    answered: Option<String>,
 }
 
 /// The drill form.

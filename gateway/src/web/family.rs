@@ -1,0 +1,398 @@
+//! The family's view of their own home, phone first.
+//!
+//! A family account sees one home, and in an outage it needs one thing: what to do now. So its
+//! page says what is happening in one sentence, the time left as a band (the same words as its
+//! messages), the request its messages carry for the most urgent alert, then the steps from
+//! the care plan (the ventilator's own battery, a power station, the destination and when to
+//! leave, 119), who has been told and who has acknowledged, and two answers —
+//! 「避難します」 and 「電源を確保しました」 — recorded as the family's acknowledgement with
+//! that note, which every coordinator and facility of the home sees on its board at once.
+//! No tiers, routing tables, device chips or ids. `/` takes a family to this page.
+//!
+//! The answers do not page anyone (the coordinator was paged by the alert itself); they are
+//! on the dashboard and in the API (the alert's acknowledgements) and in the audit log.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Redirect, Response};
+use axum::Form;
+use mamori_protocol::mqtt::Role;
+use serde::Deserialize;
+
+use super::auth::Viewer;
+use super::pages::{contacts_html, failed, layout, local, not_found, T};
+use super::view::{self, AlertView, HomeView};
+use super::{escape, App, Client, WebRequest};
+use crate::engine::Time;
+use crate::homes::{BackupKind, Home, Lang};
+use crate::message::{self, Concern, Situation};
+use crate::store::{OutboxRow, OutboxStatus};
+
+/// The answers a family can give.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Answer {
+    /// 「避難します」.
+    Evacuating,
+    /// 「電源を確保しました」.
+    PowerSecured,
+}
+
+impl Answer {
+    fn parse(s: &str) -> Option<Answer> {
+        match s {
+            "evacuating" => Some(Answer::Evacuating),
+            "power_secured" => Some(Answer::PowerSecured),
+            _ => None,
+        }
+    }
+
+    fn wire(self) -> &'static str {
+        match self {
+            Answer::Evacuating => "evacuating",
+            Answer::PowerSecured => "power_secured",
+        }
+    }
+
+    /// What the coordinator reads, in the family's language (they said it).
+    pub fn text(self, lang: Lang) -> &'static str {
+        match (self, lang) {
+            (Answer::Evacuating, Lang::Ja) => "避難します",
+            (Answer::Evacuating, Lang::En) => "We are leaving for the destination",
+            (Answer::PowerSecured, Lang::Ja) => "電源を確保しました",
+            (Answer::PowerSecured, Lang::En) => "We have power again",
+        }
+    }
+}
+
+/// The alert the family's page is about: the most urgent active one, an outage before the rest.
+fn main_alert(h: &HomeView) -> Option<&AlertView> {
+    h.alerts.iter().filter(|a| a.kind != "drill").max_by_key(|a| {
+        let power = matches!(message::concern(&a.kind), Concern::Power);
+        (power, a.tier, a.severity as u8)
+    })
+}
+
+/// What is happening, in one sentence.
+fn situation(h: &HomeView, now: Time, offset: chrono::FixedOffset, lang: Lang) -> (String, &'static str) {
+    let ja = lang == Lang::Ja;
+    let ago = |t: Time| message::duration((now - t).num_seconds().max(60), lang);
+    let battery = h.power == "battery";
+    match (h.connectivity, battery) {
+        ("never", _) => (
+            if ja {
+                "まだこの家の見守り機から連絡が届いていません。".into()
+            } else {
+                "Nothing has been heard from this home's unit yet.".into()
+            },
+            "muted",
+        ),
+        ("silent", true) => (
+            match (h.last_heard, ja) {
+                (Some(t), true) => {
+                    format!("{}前から、見守り機から連絡が届いていません。最後に届いたときは停電中でした。", ago(t))
+                }
+                (Some(t), false) => {
+                    format!("Nothing has been heard from the home unit for {}; when last heard, the power was out.", ago(t))
+                }
+                (None, true) => "見守り機から連絡が届いていません。最後に届いたときは停電中でした。".into(),
+                (None, false) => "Nothing is heard from the home unit; when last heard, the power was out.".into(),
+            },
+            "bad",
+        ),
+        ("silent", false) => (
+            match (h.last_heard, ja) {
+                (Some(t), true) => format!(
+                    "{}前から、見守り機から連絡が届いていません。見守り機の電源とインターネット接続を確かめてください。",
+                    ago(t)
+                ),
+                (Some(t), false) => format!(
+                    "Nothing has been heard from the home unit for {}. Please check its power and internet connection.",
+                    ago(t)
+                ),
+                (None, true) => "見守り機から連絡が届いていません。見守り機の電源とインターネット接続を確かめてください。".into(),
+                (None, false) => "Nothing is heard from the home unit. Please check its power and internet connection.".into(),
+            },
+            "warn",
+        ),
+        (_, true) if h.on_last_battery => (
+            if ja {
+                "停電しています。予備の電源は尽き、人工呼吸器の内蔵バッテリーだけで動いています。".into()
+            } else {
+                "The power is out. The backup has run out: the ventilator runs on its own battery only.".into()
+            },
+            "bad",
+        ),
+        (_, true) => {
+            let since = h.on_battery_since.map(|t| local(t, offset));
+            (
+                match (since, ja) {
+                    (Some(s), true) => format!("停電しています。{s}から予備の電源で動いています。"),
+                    (Some(s), false) => format!("The power is out. The devices have run on backup power since {s}."),
+                    (None, true) => "停電しています。予備の電源で動いています。".into(),
+                    (None, false) => "The power is out. The devices run on backup power.".into(),
+                },
+                "bad",
+            )
+        }
+        _ => (
+            if ja { "電気は通常どおり届いています。".into() } else { "The power is on as usual.".into() },
+            "ok",
+        ),
+    }
+}
+
+/// The steps from the care plan, while the home is on battery.
+fn steps(plan: &Home, h: &HomeView, leave_by: Option<&str>, lang: Lang) -> Vec<String> {
+    let ja = lang == Lang::Ja;
+    let mut out = Vec::new();
+    if let Some(m) = plan.backup.iter().find(|b| b.kind == BackupKind::VentilatorInternal).and_then(|b| b.runtime_min) {
+        let m = message::duration((m * 60.0) as i64, lang);
+        out.push(if ja {
+            format!("予備の電源が尽きても、人工呼吸器は内蔵バッテリーで{m}ほど動きます。呼吸器の画面で電源の表示を確かめてください。")
+        } else {
+            format!("When the backup runs out, the ventilator runs on its own battery for about {m}. Check the power indication on its screen.")
+        });
+    }
+    let external: Vec<&BackupKind> =
+        plan.backup.iter().map(|b| &b.kind).filter(|k| **k != BackupKind::VentilatorInternal).collect();
+    if external.contains(&&BackupKind::PowerStation) && external.len() > 1 {
+        out.push(if ja {
+            "ポータブル電源は、すぐにつなげるよう手元に用意してください。".into()
+        } else {
+            "Keep the portable power station at hand, ready to plug in.".into()
+        });
+    }
+    out.push(match (&h.evacuation, leave_by, ja) {
+        (Some((d, m)), Some(l), true) => {
+            format!("{}（移動{m}分）へ向かう準備をしてください。遅くとも{l}には出発してください。", escape(d))
+        }
+        (Some((d, m)), Some(l), false) => {
+            format!("Get ready to go to {} ({m} min away). Leave by {l} at the latest.", escape(d))
+        }
+        (Some((d, m)), None, true) => format!("{}（移動{m}分）へ向かう準備をしてください。", escape(d)),
+        (Some((d, m)), None, false) => format!("Get ready to go to {} ({m} min away).", escape(d)),
+        (None, _, true) => {
+            "避難先が決まっていません。電源をどこで確保するか、コーディネーターに相談してください。".into()
+        }
+        (None, _, false) => "No destination is set: ask the coordinator where to get power.".into(),
+    });
+    out
+}
+
+/// Who has been told of the alert, and who acknowledged: one line per person.
+fn told(alert: &AlertView, rows: &[OutboxRow], lang: Lang) -> Vec<String> {
+    let ja = lang == Lang::Ja;
+    // (name, role) -> the best status reached.
+    let mut people: BTreeMap<(String, Role), u8> = BTreeMap::new();
+    for r in rows.iter().filter(|r| r.role != Role::Family) {
+        let rank = match r.status {
+            OutboxStatus::Delivered => 3,
+            OutboxStatus::Pending => 2,
+            OutboxStatus::Abandoned => 1,
+            OutboxStatus::NotNeeded => 0,
+        };
+        let e = people.entry((r.recipient.clone(), r.role)).or_default();
+        *e = (*e).max(rank);
+    }
+    people
+        .into_iter()
+        .filter(|(_, rank)| *rank > 0)
+        .map(|((name, role), rank)| {
+            let acked = alert.acks.iter().any(|a| a.role == role);
+            let status = match (rank, ja) {
+                (3, true) => "届きました",
+                (3, false) => "reached",
+                (2, true) => "送っています",
+                (2, false) => "being sent",
+                (_, true) => "届いていません",
+                (_, false) => "not reached",
+            };
+            let ack = match (acked, ja) {
+                (true, true) => "・確認済み",
+                (true, false) => ", acknowledged",
+                _ => "",
+            };
+            let role = message::role_text(role, lang);
+            if ja {
+                format!("{}（{role}）: {status}{ack}", escape(&name))
+            } else {
+                format!("{} ({role}): {status}{ack}", escape(&name))
+            }
+        })
+        .collect()
+}
+
+/// The family's page for its home.
+pub(super) async fn page(app: &App, v: &Viewer, plan: &Home, h: HomeView, now: Time, answered: bool) -> Response {
+    let lang = v.lang;
+    let ja = lang == Lang::Ja;
+    let offset = app.style.offset;
+    let main = main_alert(&h).cloned();
+    let rows = match &main {
+        Some(a) => {
+            let id = a.id.clone();
+            match app.db(move |s| Ok(s.outbox_for(&id)?)).await {
+                Ok(r) => r,
+                Err(e) => return failed(e),
+            }
+        }
+        None => Vec::new(),
+    };
+    let (sentence, cls) = situation(&h, now, offset, lang);
+    let mut body =
+        format!("<section class=\"family\"><h1>{}</h1><p class=\"situation {cls}\">{sentence}</p>", escape(&h.label));
+    if answered {
+        let _ = write!(
+            body,
+            "<p class=\"notice\" role=\"status\">{}</p>",
+            if ja { "コーディネーターに伝えました。" } else { "The coordinator has been told." }
+        );
+    }
+    let on_battery = h.power == "battery";
+    if let (true, Some(mid)) = (on_battery, h.time_left_s) {
+        let band = message::time_left_text(mid, h.time_left_range_s, lang);
+        let _ = write!(
+            body,
+            "<p class=\"left\">{}</p>",
+            if ja {
+                format!("電気が使えるのは、あと<strong>{band}</strong>の見込みです。")
+            } else {
+                format!("Power should last <strong>{band}</strong> more.")
+            }
+        );
+        if h.forecast_verified == Some(false) {
+            let _ = write!(body, "<p class=\"muted\"><small>{}</small></p>", message::unverified(lang));
+        }
+    }
+    let leave_by = match (&h.runs_out, &h.evacuation) {
+        (Some(b), Some((_, m))) => {
+            Some((b.p10 - chrono::Duration::minutes(i64::from(*m))).with_timezone(&offset).format("%H:%M").to_string())
+        }
+        _ => None,
+    };
+    if let Some(a) = &main {
+        let leave_in_s = h
+            .runs_out
+            .as_ref()
+            .zip(h.evacuation.as_ref())
+            .map(|(b, (_, m))| (b.p10 - chrono::Duration::minutes(i64::from(*m)) - now).num_seconds());
+        let s = Situation {
+            destination: h.evacuation.as_ref().map(|(d, m)| (d.as_str(), *m)),
+            leave_by: leave_by.clone(),
+            devices: &[],
+            leave_in_s,
+        };
+        let request = message::request(Role::Family, &a.kind, a.tier, &s, lang);
+        let _ = write!(
+            body,
+            "<h2>{}</h2><p class=\"request\">{}</p>",
+            if ja { "今すること" } else { "What to do now" },
+            escape(&request)
+        );
+    }
+    if on_battery {
+        body.push_str("<ol class=\"steps\">");
+        for s in steps(plan, &h, leave_by.as_deref(), lang) {
+            let _ = write!(body, "<li>{s}</li>");
+        }
+        body.push_str("</ol>");
+    }
+    let _ = write!(
+        body,
+        "<p class=\"call\"><a class=\"button call119\" href=\"tel:119\">{}</a> {}</p>",
+        if ja { "119番に電話する" } else { "Call 119" },
+        if ja {
+            "お子さんの様子がいつもと違うとき、呼吸器のアラームが止まらないときは、ためらわず電話してください。"
+        } else {
+            "If your child is not as usual, or the ventilator's alarm does not stop, call at once."
+        }
+    );
+    if let Some(a) = &main {
+        let _ = write!(
+            body,
+            "<h2>{}</h2><form method=\"post\" action=\"/homes/{id}/answer\" class=\"answers\">{csrf}\
+             <button type=\"submit\" name=\"answer\" value=\"{ev}\">{evt}</button>\
+             <button type=\"submit\" name=\"answer\" value=\"{ps}\" class=\"secondary\">{pst}</button></form>",
+            if ja { "コーディネーターに伝える" } else { "Tell the coordinator" },
+            id = escape(plan.id.as_str()),
+            csrf = v.csrf_field(),
+            ev = Answer::Evacuating.wire(),
+            evt = Answer::Evacuating.text(lang),
+            ps = Answer::PowerSecured.wire(),
+            pst = Answer::PowerSecured.text(lang),
+        );
+        let lines = told(a, &rows, lang);
+        let _ = write!(body, "<h2>{}</h2>", if ja { "知らせた人" } else { "Who has been told" });
+        if lines.is_empty() {
+            let _ = write!(body, "<p>{}</p>", if ja { "まだだれにも知らせていません。" } else { "Nobody yet." });
+        } else {
+            body.push_str("<ul class=\"told\">");
+            for l in lines {
+                let _ = write!(body, "<li>{l}</li>");
+            }
+            body.push_str("</ul>");
+        }
+    }
+    body.push_str(&contacts_html(plan, T(lang)));
+    body.push_str("</section>");
+    layout(v, &h.label, &body).into_response()
+}
+
+/// The answer form.
+#[derive(Deserialize)]
+pub struct AnswerForm {
+    #[serde(default)]
+    csrf: String,
+    #[serde(default)]
+    answer: String,
+}
+
+/// `POST /homes/{id}/answer`: a family answers 「避難します」 or 「電源を確保しました」. It is
+/// recorded as the family's acknowledgement of the home's most urgent alert, with the answer
+/// as its note. Only a family account of the home; nothing to answer is a 409.
+pub async fn answer(
+    State(app): State<App>,
+    v: Viewer,
+    client: Client,
+    Path(id): Path<String>,
+    Form(f): Form<AnswerForm>,
+) -> Response {
+    if let Some(r) = v.csrf_refusal(&f.csrf) {
+        return r;
+    }
+    if v.user.role != crate::accounts::AccountRole::Family {
+        return not_found(v.lang);
+    }
+    let snap = app.snap();
+    let Some(plan) = view::home(&snap.engine, &v.user, &id) else { return not_found(v.lang) };
+    let Some(answer) = Answer::parse(&f.answer) else {
+        return (StatusCode::BAD_REQUEST, layout(&v, "400", "<p class=\"error\">?</p>")).into_response();
+    };
+    let h = view::home_view(plan, snap.engine.home_state(&plan.id), crate::clock::now());
+    let Some(alert) = main_alert(&h) else {
+        let text = if v.lang == Lang::Ja {
+            "いま知らせていることはありません。"
+        } else {
+            "Nothing is being notified now."
+        };
+        return (StatusCode::CONFLICT, layout(&v, "409", &format!("<p class=\"error\">{text}</p>"))).into_response();
+    };
+    let (alert_id, note) = (alert.id.clone(), answer.text(v.lang).to_string());
+    let by = v.user.username.clone();
+    let detail = format!("{id} {}", answer.wire());
+    match app
+        .ask(|reply| WebRequest::Ack { alert_id: alert_id.clone(), role: Role::Family, by, note: Some(note), reply })
+        .await
+    {
+        Ok(()) => {
+            app.audit(&v.user.username, &client.text(), "family_answer", &alert_id, &detail).await;
+            Redirect::to(&format!("/homes/{}?answered=1", plan.id.as_str())).into_response()
+        }
+        Err(e) => {
+            (StatusCode::CONFLICT, layout(&v, "409", &format!("<p class=\"error\">{}</p>", escape(&e)))).into_response()
+        }
+    }
+}
