@@ -3,7 +3,7 @@
 //! A coordinator logs in, sees the demo's regional outage arrive and a home go silent
 //! without reloading the page (server-sent events), opens a home, acknowledges its alert
 //! with a note and sees it recorded. The test fails if the page asks for anything that is
-//! not on loopback. It saves screenshots of the overview and a home page (phone and desktop)
+//! not on loopback. It saves screenshots of the overview, a home page and a family's page (phone and desktop)
 //! under `target/screenshots/`, or `docs/screenshots/` with `MAMORI_UPDATE_SCREENSHOTS=1`.
 #![allow(clippy::disallowed_methods, clippy::unwrap_used)]
 
@@ -143,6 +143,33 @@ fn a_coordinator_follows_the_demo_outage_live_and_acknowledges_from_the_dashboar
     b.goto(&format!("{base}/")).unwrap();
     b.wait_for("!!document.querySelector('table.homes')", 20 * SECOND).unwrap();
     b.screenshot(&shots.join("overview-phone.png")).unwrap();
+
+    // The family of K-03, on the phone: its own page, what to do, and an answer.
+    b.eval("document.querySelector('form[action=\"/logout\"]').submit(); true").unwrap();
+    b.wait_for("location.pathname === '/login' && document.readyState === 'complete'", 20 * SECOND).unwrap();
+    b.eval(
+        "document.querySelector('input[name=username]').value = 'family-k03';\
+         document.querySelector('input[name=password]').value = 'mamori-demo-password';\
+         document.querySelector('form.login').submit(); true",
+    )
+    .unwrap();
+    b.wait_for(
+        "location.pathname === '/homes/demo-k03' && !!document.querySelector('section.family form.answers')",
+        20 * SECOND,
+    )
+    .unwrap();
+    let text = b.eval("document.querySelector('section.family').innerText").unwrap();
+    let text = text.as_str().unwrap_or_default();
+    assert!(text.contains("停電しています") && text.contains("今すること") && text.contains("119番"), "{text}");
+    assert!(!text.contains("T2") && !text.contains("最後のエラー"), "no tiers or routing tables: {text}");
+    assert_eq!(
+        b.eval("document.documentElement.scrollWidth <= window.innerWidth").unwrap(),
+        true,
+        "nothing overflows a 390 px screen"
+    );
+    b.screenshot(&shots.join("family-phone.png")).unwrap();
+    b.eval("document.querySelector('form.answers button[value=evacuating]').click(); true").unwrap();
+    b.wait_for("/コーディネーターに伝えました/.test(document.body.innerText)", 20 * SECOND).unwrap();
 
     let outside: Vec<&String> = b.requests().iter().filter(|u| !is_loopback_url(u)).collect();
     assert!(outside.is_empty(), "the dashboard asked for something off loopback: {outside:?}");

@@ -1202,7 +1202,7 @@ async fn a_family_sees_what_to_do_and_its_answers_reach_the_coordinators_board()
         "停電しています",
         "電気が使えるのは、あと",
         "今すること",
-        "市民病院（移動20分）へ向かう準備",
+        "市民病院、移動20分",
         "119番に電話する",
         "避難します",
         "電源を確保しました",

@@ -145,7 +145,7 @@ fn situation(h: &HomeView, now: Time, offset: chrono::FixedOffset, lang: Lang) -
 }
 
 /// The steps from the care plan, while the home is on battery.
-fn steps(plan: &Home, h: &HomeView, leave_by: Option<&str>, lang: Lang) -> Vec<String> {
+fn steps(plan: &Home, h: &HomeView, leave_by: Option<&str>, request: &str, lang: Lang) -> Vec<String> {
     let ja = lang == Lang::Ja;
     let mut out = Vec::new();
     if let Some(m) = plan.backup.iter().find(|b| b.kind == BackupKind::VentilatorInternal).and_then(|b| b.runtime_min) {
@@ -164,6 +164,10 @@ fn steps(plan: &Home, h: &HomeView, leave_by: Option<&str>, lang: Lang) -> Vec<S
         } else {
             "Keep the portable power station at hand, ready to plug in.".into()
         });
+    }
+    // The destination, unless the request above already names it.
+    if h.evacuation.as_ref().is_some_and(|(d, _)| request.contains(d.as_str())) {
+        return out;
     }
     out.push(match (&h.evacuation, leave_by, ja) {
         (Some((d, m)), Some(l), true) => {
@@ -273,6 +277,7 @@ pub(super) async fn page(app: &App, v: &Viewer, plan: &Home, h: HomeView, now: T
         }
         _ => None,
     };
+    let mut request = String::new();
     if let Some(a) = &main {
         let leave_in_s = h
             .runs_out
@@ -285,7 +290,7 @@ pub(super) async fn page(app: &App, v: &Viewer, plan: &Home, h: HomeView, now: T
             devices: &[],
             leave_in_s,
         };
-        let request = message::request(Role::Family, &a.kind, a.tier, &s, lang);
+        request = message::request(Role::Family, &a.kind, a.tier, &s, lang);
         let _ = write!(
             body,
             "<h2>{}</h2><p class=\"request\">{}</p>",
@@ -295,7 +300,7 @@ pub(super) async fn page(app: &App, v: &Viewer, plan: &Home, h: HomeView, now: T
     }
     if on_battery {
         body.push_str("<ol class=\"steps\">");
-        for s in steps(plan, &h, leave_by.as_deref(), lang) {
+        for s in steps(plan, &h, leave_by.as_deref(), &request, lang) {
             let _ = write!(body, "<li>{s}</li>");
         }
         body.push_str("</ol>");
