@@ -365,6 +365,15 @@ pub struct TriageRow {
     pub travel_min: Option<u32>,
 }
 
+impl TriageRow {
+    /// How long until the child must leave, s (negative: overdue): the pessimistic time left
+    /// less the travel time; without a destination, the pessimistic time left.
+    pub fn leave_in_s(&self) -> Option<i64> {
+        let p10 = self.time_left_range_s.map(|x| x.0).or(self.time_left_s)?;
+        Some(p10 - self.travel_min.map_or(0, |m| i64::from(m) * 60))
+    }
+}
+
 /// A regional incident: one per municipality at a time.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 pub struct Incident {
@@ -1751,12 +1760,10 @@ impl Engine {
                 })
             })
             .collect();
-        // Soonest out first (on the pessimistic bound); homes back on mains last; silent homes
+        // Whoever must leave soonest first: the pessimistic time left less the travel (the
+        // time left alone without a destination); homes back on mains last; silent homes
         // without a forecast before those.
-        rows.sort_by_key(|r| {
-            let soonest = r.time_left_range_s.map(|x| x.0).or(r.time_left_s).unwrap_or(i64::MAX);
-            (!r.on_battery && !r.silent, soonest, r.label.clone())
-        });
+        rows.sort_by_key(|r| (!r.on_battery && !r.silent, r.leave_in_s().unwrap_or(i64::MAX), r.label.clone()));
         rows
     }
 

@@ -111,7 +111,12 @@ fn a_coordinator_follows_the_demo_outage_live_and_acknowledges_from_the_dashboar
         b.eval("[...document.querySelectorAll('table.homes tr[data-home]')].map(r => r.dataset.home)").unwrap(),
     )
     .unwrap();
-    assert_eq!(order.first().map(String::as_str), Some("demo-k04"), "silent on battery first: {order:?}");
+    // Whoever must leave soonest first: K-03 with minutes left, above K-04, silent with hours.
+    let (k03, k04) = (
+        order.iter().position(|h| h == "demo-k03").unwrap(),
+        order.iter().position(|h| h == "demo-k04").unwrap(),
+    );
+    assert!(k03 < k04, "by the time to leave, not silence first: {order:?}");
     let shots = screenshots_dir();
     b.screenshot(&shots.join("overview.png")).unwrap();
 

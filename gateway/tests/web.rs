@@ -282,6 +282,7 @@ fn reads(f: &Fixture) -> Vec<(String, bool, [u16; 5], u16)> {
         ("/homes/home-b1".into(), false, [200, 404, 200, 404, 404], 303),
         ("/homes/no-such-home".into(), false, [404, 404, 404, 404, 404], 303),
         (format!("/incidents/{inc}"), false, [200, 200, 404, 404, 404], 303),
+        (format!("/incidents/{inc}/triage.csv"), false, [200, 200, 404, 404, 404], 303),
         ("/account".into(), false, [200, 200, 200, 200, 200], 303),
         ("/admin/users".into(), false, [200, 404, 404, 404, 404], 303),
         ("/admin/audit".into(), false, [200, 404, 404, 404, 404], 303),
@@ -1244,4 +1245,44 @@ async fn a_family_sees_what_to_do_and_its_answers_reach_the_coordinators_board()
     assert_eq!(r.status, StatusCode::NOT_FOUND);
     let r = send(&f, page(&f, Some("family_a1"), "POST", "/homes/home-a1/answer", "answer=whatever")).await;
     assert_eq!(r.status, StatusCode::BAD_REQUEST);
+}
+
+#[tokio::test]
+async fn homes_are_listed_by_when_they_must_leave_and_the_triage_list_exports_as_csv() {
+    let f = setup().await;
+    // A-2 falls silent on battery (the case that used to be listed first whatever its time);
+    // A-1 must leave sooner: 500 Wh against 900 Wh, and 20 minutes to its destination.
+    let heard = Utc::now();
+    {
+        let mut e = f.engine.lock().unwrap();
+        e.set_uplink(true, heard - chrono::Duration::hours(1));
+        let t: mamori_protocol::mqtt::Telemetry = mamori_protocol::mqtt::decode(
+            format!(r#"{{"ts":"{}","interval_s":60,"mains_present":false}}"#, heard.to_rfc3339()).as_bytes(),
+        )
+        .unwrap();
+        e.handle(Input::Telemetry(HomeId::new("home-a2").unwrap(), t), heard).unwrap();
+        e.poll(heard + chrono::Duration::minutes(20));
+        e.take_outputs();
+        publish(&e, &f.snapshots, &["home-a2"]);
+    }
+    let r = send(&f, page(&f, Some("coord_a"), "GET", "/", "")).await;
+    let (a1, a2) = (r.body.find("data-home=\"home-a1\"").unwrap(), r.body.find("data-home=\"home-a2\"").unwrap());
+    assert!(a1 < a2, "A-1 must leave first, A-2 is only silent: {}", r.body);
+    assert!(visible_text(&r.body).contains("出発の目安"), "{}", r.body);
+    // The incident's triage list: the same order, a column for it, and a CSV of it.
+    let r = send(&f, page(&f, Some("coord_a"), "GET", &format!("/incidents/{}", f.incident_a), "")).await;
+    assert!(r.body.contains("<th>出発の目安</th>") && r.body.contains("triage.csv"), "{}", r.body);
+    let r = send(&f, page(&f, Some("coord_a"), "GET", &format!("/incidents/{}/triage.csv", f.incident_a), "")).await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert!(r.headers[header::CONTENT_TYPE].to_str().unwrap().starts_with("text/csv"));
+    let lines: Vec<&str> = r.body.trim_start_matches('\u{feff}').lines().collect();
+    assert!(lines[0].starts_with("\"世帯\"") && lines[0].contains("\"出発の目安\""), "{}", lines[0]);
+    assert!(
+        lines[1].starts_with("\"A-1\"") && lines[1].contains("出発の目安") && lines[1].contains("市民病院"),
+        "{}",
+        r.body
+    );
+    assert!(lines.iter().any(|l| l.starts_with("\"A-2\"")), "{}", r.body);
+    assert!(!r.body.contains("home-a1"), "labels, not ids: {}", r.body);
+    assert_eq!(audited(&f, "export_triage", "coord-a"), 1);
 }

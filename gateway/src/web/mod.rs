@@ -294,6 +294,7 @@ pub fn router(app: App) -> Router {
         .route("/homes/{id}/answer", post(family::answer))
         .route("/incidents/{id}", get(pages::incident))
         .route("/incidents/{id}/ack", post(pages::ack_incident))
+        .route("/incidents/{id}/triage.csv", get(pages::incident_csv))
         .route("/account", get(pages::account))
         .route("/account/password", post(pages::account_password))
         .route("/account/totp", post(pages::account_totp))

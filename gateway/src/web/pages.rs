@@ -120,7 +120,8 @@ const WORDS: &[(&str, &str, &str)] = &[
     ("note", "メモ（対応内容）", "Note (what you are doing)"),
     ("no_alerts", "未解決の通知はありません。", "No open alerts."),
     ("no_homes", "表示できる世帯はありません。", "No homes to show."),
-    ("triage", "優先順（残り時間順）", "Triage (by time left)"),
+    ("triage", "優先順（出発の目安順）", "Triage (by the time to leave)"),
+    ("leave_by", "出発の目安", "Leave by"),
     ("destination", "避難先", "Destination"),
     ("travel", "移動", "Travel"),
     ("tier", "段階", "Tier"),
@@ -291,6 +292,33 @@ fn time_left_text(h: &HomeView, t: T) -> String {
         }
         None => "—".into(),
     }
+}
+
+/// When the child must leave, in words, and its row's urgency class: past it, within 30
+/// minutes, within 3 hours, later.
+fn leave_text(leave_in_s: Option<i64>, now: Time, offset: FixedOffset, lang: Lang) -> (String, &'static str) {
+    let Some(s) = leave_in_s else { return (String::new(), "") };
+    let at = (now + chrono::Duration::seconds(s)).with_timezone(&offset).format("%H:%M").to_string();
+    let ja = lang == Lang::Ja;
+    if s <= 0 {
+        let text = if ja {
+            format!("出発の目安を過ぎています（{at}）")
+        } else {
+            format!("Past the time to leave ({at})")
+        };
+        return (text, "leave-overdue");
+    }
+    let left = crate::message::duration(s, lang);
+    let text =
+        if ja { format!("出発の目安 {at}（あと{left}）") } else { format!("Leave by {at} (in {left})") };
+    let cls = if s < 30 * 60 {
+        "leave-soon"
+    } else if s < 3 * 3600 {
+        "leave-hours"
+    } else {
+        ""
+    };
+    (text, cls)
 }
 
 fn power_cell(h: &HomeView, t: T) -> String {
@@ -523,7 +551,13 @@ pub async fn overview(State(app): State<App>, v: Viewer, client: Client) -> Resp
                     )
                 })
                 .collect();
-            let row_cls = if h.power == "battery" || h.silent { " class=\"urgent\"" } else { "" };
+            let (leave, leave_cls) = if h.power == "battery" {
+                leave_text(h.leave_by.map(|l| (l - now).num_seconds()), now, offset, v.lang)
+            } else {
+                (String::new(), "")
+            };
+            let row_cls =
+                if h.power == "battery" || h.silent { format!(" class=\"urgent {leave_cls}\"") } else { String::new() };
             let _ = write!(
                 body,
                 "<tr{row_cls} data-home=\"{id}\"><td data-label=\"{hl}\"><a href=\"/homes/{id}\">{label}</a>{shown_id}</td>\
@@ -533,7 +567,11 @@ pub async fn overview(State(app): State<App>, v: Viewer, client: Client) -> Resp
                 shown_id = id_for_installer(&v, &h.id),
                 label = escape(&h.label),
                 power = power_cell(h, t),
-                left = time_left_text(h, t),
+                left = if leave.is_empty() {
+                    time_left_text(h, t)
+                } else {
+                    format!("{}<br><small class=\"leave\">{leave}</small>", time_left_text(h, t))
+                },
                 conn = conn_cell(h, t, offset),
                 dev = devices_cell(h, t),
                 oxi = oxi_cell(h, now, v.lang),
@@ -779,14 +817,16 @@ pub async fn incident(State(app): State<App>, v: Viewer, client: Client, Path(id
     };
     app.audit_view(&v, &client.text(), "view_incident", &id, &i.municipality).await;
     let mut body = format!(
-        "<h1>{} {}</h1><p>{} {}</p><table class=\"triage\"><thead><tr><th>{}</th><th>{}</th><th>{}</th><th>{}</th><th>{}</th><th>{}</th><th>{}</th></tr></thead><tbody>",
+        "<h1>{} {}</h1><p>{} {} · <a href=\"/incidents/{}/triage.csv\">CSV</a></p><table class=\"triage\"><thead><tr><th>{}</th><th>{}</th><th>{}</th><th>{}</th><th>{}</th><th>{}</th><th>{}</th><th>{}</th></tr></thead><tbody>",
         t.t("incident"),
         escape(i.municipality_name.as_deref().unwrap_or(&i.municipality)),
         t.t("since"),
         local(i.opened_at, offset),
+        escape(&i.id),
         t.t("home"),
         t.t("power"),
         t.t("time_left"),
+        t.t("leave_by"),
         t.t("tier"),
         t.t("acknowledged"),
         t.t("destination"),
@@ -805,10 +845,12 @@ pub async fn incident(State(app): State<App>, v: Viewer, client: Client, Path(id
             .map(|s| crate::message::time_left_text(s, r.time_left_range_s, v.lang))
             .unwrap_or_else(|| "?".into());
         let basis_text = r.basis.as_deref().map(|b| basis(b, v.lang)).unwrap_or("");
+        let (leave, leave_cls) =
+            if r.on_battery { leave_text(r.leave_in_s(), now, offset, v.lang) } else { (String::new(), "") };
         let _ = write!(
             body,
-            "<tr class=\"{cls}\"><td data-label=\"{hl}\"><a href=\"/homes/{id}\">{label}</a></td><td data-label=\"{pl}\">{power}</td>\
-             <td data-label=\"{tl}\"><strong>{left}</strong><br><small>{basis_text}</small></td><td data-label=\"{tier_l}\">{tier}</td>\
+            "<tr class=\"{cls} {leave_cls}\"><td data-label=\"{hl}\"><a href=\"/homes/{id}\">{label}</a></td><td data-label=\"{pl}\">{power}</td>\
+             <td data-label=\"{tl}\"><strong>{left}</strong><br><small>{basis_text}</small></td><td data-label=\"{ll}\">{leave}</td><td data-label=\"{tier_l}\">{tier}</td>\
              <td data-label=\"{al}\">{ack}</td><td data-label=\"{dl}\">{dest}</td><td data-label=\"{trl}\">{travel}</td></tr>",
             cls = if r.silent { "urgent silent" } else if r.on_battery { "urgent" } else { "" },
             id = escape(r.home.as_str()),
@@ -820,6 +862,7 @@ pub async fn incident(State(app): State<App>, v: Viewer, client: Client, Path(id
             hl = t.t("home"),
             pl = t.t("power"),
             tl = t.t("time_left"),
+            ll = t.t("leave_by"),
             tier_l = t.t("tier"),
             al = t.t("acknowledged"),
             dl = t.t("destination"),
@@ -838,6 +881,66 @@ pub async fn incident(State(app): State<App>, v: Viewer, client: Client, Path(id
         ack = t.t("acknowledge"),
     );
     layout(&v, t.t("incident"), &body).into_response()
+}
+
+/// `GET /incidents/{id}/triage.csv`: the triage list for the disaster meeting, in the
+/// reader's language, in the page's order (whoever must leave soonest first). Open incidents
+/// in scope only; audited.
+pub async fn incident_csv(State(app): State<App>, v: Viewer, client: Client, Path(id): Path<String>) -> Response {
+    let t = T(v.lang);
+    let snap = app.snap();
+    let now = crate::clock::now();
+    let offset = app.style.offset;
+    let Some(i) = view::incidents(&snap.engine, &v.user, now).into_iter().find(|i| i.id == id) else {
+        return not_found(v.lang);
+    };
+    app.audit(&v.user.username, &client.text(), "export_triage", &id, &i.municipality).await;
+    let q = |s: &str| format!("\"{}\"", audit::csv_text(s).replace('"', "\"\""));
+    let mut out = String::from("\u{feff}");
+    let header = [
+        t.t("home"),
+        t.t("power"),
+        t.t("time_left"),
+        t.t("leave_by"),
+        t.t("tier"),
+        t.t("acknowledged"),
+        t.t("destination"),
+        t.t("travel"),
+    ];
+    out.push_str(&header.iter().map(|h| q(h)).collect::<Vec<_>>().join(","));
+    out.push_str("\r\n");
+    for r in &i.rows {
+        let power = if r.silent {
+            t.t("silent")
+        } else if r.on_battery {
+            t.t("battery")
+        } else {
+            t.t("mains")
+        };
+        let left =
+            r.time_left_s.map(|s| crate::message::time_left_text(s, r.time_left_range_s, v.lang)).unwrap_or_default();
+        let leave = if r.on_battery { leave_text(r.leave_in_s(), now, offset, v.lang).0 } else { String::new() };
+        let row = [
+            r.label.clone(),
+            power.to_string(),
+            left,
+            leave,
+            tier_text(r.tier, v.lang).to_string(),
+            r.acknowledged_by.map(|x| role_text(x, v.lang).to_string()).unwrap_or_default(),
+            r.destination.clone().unwrap_or_default(),
+            r.travel_min.map(|m| minutes(m, v.lang)).unwrap_or_default(),
+        ];
+        out.push_str(&row.iter().map(|c| q(c)).collect::<Vec<_>>().join(","));
+        out.push_str("\r\n");
+    }
+    (
+        [
+            (header::CONTENT_TYPE, "text/csv; charset=utf-8"),
+            (header::CONTENT_DISPOSITION, "attachment; filename=\"mamori-triage.csv\""),
+        ],
+        out,
+    )
+        .into_response()
 }
 
 /// An incident's acknowledgements: who, in which role, when, and what they said.

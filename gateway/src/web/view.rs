@@ -36,6 +36,9 @@ pub struct HomeView {
     pub external_runs_out: Option<Band>,
     /// The time of the reading the forecast was made from.
     pub forecast_as_of: Option<Time>,
+    /// On battery with a destination: when the child must leave at the latest (the
+    /// pessimistic time everything runs out, less the travel time).
+    pub leave_by: Option<Time>,
     /// Whether the battery's capacity was measured (false: assumed for a battery never
     /// measured).
     pub forecast_verified: Option<bool>,
@@ -154,15 +157,23 @@ pub fn home_view(plan: &Home, st: Option<&HomeState>, now: Time) -> HomeView {
     let mut alerts: Vec<AlertView> = st.alerts.values().map(AlertView::of).collect();
     alerts.sort_by(|a, b| b.severity.cmp(&a.severity).then(b.tier.cmp(&a.tier)).then(a.raised_at.cmp(&b.raised_at)));
     let critical = alerts.iter().any(|a| a.severity == Severity::Critical);
+    // Every home on battery, silent or not, by when it must leave (its pessimistic time left
+    // without a destination); then silent homes, critical alerts, other alerts, never heard.
+    let leave_by = forecast
+        .zip(plan.evacuation.as_ref())
+        .map(|(f, e)| f.runs_out.p10 - chrono::Duration::minutes(i64::from(e.travel_min)));
     let rank = match (since.is_some(), silent) {
-        (true, true) => 0,
-        (true, false) => 1,
+        (true, _) => 0,
         (false, true) => 2,
         _ if critical => 3,
         _ if !alerts.is_empty() => 4,
         _ if st.conn == Connectivity::Never => 5,
         _ => 6,
     };
+    let urgency = leave_by
+        .map(|l| (l - now).num_seconds())
+        .or_else(|| forecast.map(|f| f.time_left_p10(now).num_seconds()))
+        .unwrap_or(i64::MIN);
     HomeView {
         id: plan.id.as_str().to_string(),
         label: plan.label.clone(),
@@ -175,6 +186,7 @@ pub fn home_view(plan: &Home, st: Option<&HomeState>, now: Time) -> HomeView {
         runs_out: forecast.map(|f| f.runs_out),
         external_runs_out: forecast.map(|f| f.external),
         forecast_as_of: forecast.map(|f| f.as_of),
+        leave_by,
         forecast_verified: forecast.map(|f| f.verified),
         basis: forecast.map(|f| f.basis.as_str()),
         batteries: st
@@ -211,12 +223,12 @@ pub fn home_view(plan: &Home, st: Option<&HomeState>, now: Time) -> HomeView {
         }),
         evacuation: plan.evacuation.as_ref().map(|e| (e.destination.clone(), e.travel_min)),
         alerts,
-        rank: (rank, forecast.map_or(i64::MAX, |f| f.time_left_p10(now).num_seconds())),
+        rank: (rank, if rank == 0 { urgency } else { i64::MAX }),
     }
 }
 
-/// Every home the user may see, worst first: on battery and silent, on battery by time
-/// left, silent, critical alerts, other alerts, never heard, fine.
+/// Every home the user may see, worst first: on battery (silent or not) by the time it must
+/// leave, silent, critical alerts, other alerts, never heard, fine.
 pub fn homes(engine: &Engine, user: &User, now: Time) -> Vec<HomeView> {
     let mut v: Vec<HomeView> =
         engine.states_and_plans().filter(|(p, _)| user.may_see(p)).map(|(p, st)| home_view(p, st, now)).collect();
