@@ -112,10 +112,8 @@ fn a_coordinator_follows_the_demo_outage_live_and_acknowledges_from_the_dashboar
     )
     .unwrap();
     // Whoever must leave soonest first: K-03 with minutes left, above K-04, silent with hours.
-    let (k03, k04) = (
-        order.iter().position(|h| h == "demo-k03").unwrap(),
-        order.iter().position(|h| h == "demo-k04").unwrap(),
-    );
+    let (k03, k04) =
+        (order.iter().position(|h| h == "demo-k03").unwrap(), order.iter().position(|h| h == "demo-k04").unwrap());
     assert!(k03 < k04, "by the time to leave, not silence first: {order:?}");
     let shots = screenshots_dir();
     b.screenshot(&shots.join("overview.png")).unwrap();
@@ -175,6 +173,26 @@ fn a_coordinator_follows_the_demo_outage_live_and_acknowledges_from_the_dashboar
     b.screenshot(&shots.join("family-phone.png")).unwrap();
     b.eval("document.querySelector('form.answers button[value=evacuating]').click(); true").unwrap();
     b.wait_for("/コーディネーターに伝えました/.test(document.body.innerText)", 20 * SECOND).unwrap();
+
+    // The hospital, on the phone: the children who may come, when, and with what.
+    b.eval("document.querySelector('form[action=\"/logout\"]').submit(); true").unwrap();
+    b.wait_for("location.pathname === '/login' && document.readyState === 'complete'", 20 * SECOND).unwrap();
+    b.eval(
+        "document.querySelector('input[name=username]').value = 'hospital';\
+         document.querySelector('input[name=password]').value = 'mamori-demo-password';\
+         document.querySelector('form.login').submit(); true",
+    )
+    .unwrap();
+    b.wait_for("!!document.querySelector('section.facility article.coming form.answers')", 20 * SECOND).unwrap();
+    let text = b.eval("document.querySelector('section.facility').innerText").unwrap();
+    let text = text.as_str().unwrap_or_default();
+    assert!(text.contains("到着") && text.contains("人工呼吸器 30W") && !text.contains("431001"), "{text}");
+    assert_eq!(
+        b.eval("document.documentElement.scrollWidth <= window.innerWidth").unwrap(),
+        true,
+        "nothing overflows a 390 px screen"
+    );
+    b.screenshot(&shots.join("facility-phone.png")).unwrap();
 
     let outside: Vec<&String> = b.requests().iter().filter(|u| !is_loopback_url(u)).collect();
     assert!(outside.is_empty(), "the dashboard asked for something off loopback: {outside:?}");

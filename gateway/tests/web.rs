@@ -1286,3 +1286,56 @@ async fn homes_are_listed_by_when_they_must_leave_and_the_triage_list_exports_as
     assert!(!r.body.contains("home-a1"), "labels, not ids: {}", r.body);
     assert_eq!(audited(&f, "export_triage", "coord-a"), 1);
 }
+
+#[tokio::test]
+async fn a_facility_sees_who_may_come_when_and_with_what_and_answers_the_coordinator() {
+    let f = setup().await;
+    let r = send(&f, page(&f, Some("facility_a1"), "GET", "/", "")).await;
+    assert_eq!(r.status, StatusCode::OK);
+    let text = visible_text(&r.body);
+    for want in [
+        "受け入れの見込み",
+        "A-1",
+        "停電中",
+        "出発の目安",
+        "市民病院へ、移動20分",
+        "到着",
+        "遅くとも",
+        "ventilator 30W",
+        "計30W",
+        "受け入れられます",
+        "受け入れられません",
+    ] {
+        assert!(text.contains(want), "the facility's page says {want}: {text}");
+    }
+    for not in ["段階", "431001", "home-a1<", "pill sev-", "A-2", "B-1"] {
+        assert!(!r.body.contains(not), "the facility's page shows {not}: {}", r.body);
+    }
+    let r = send(&f, page(&f, Some("facility_a1"), "POST", "/homes/home-a1/answer", "answer=can_accept")).await;
+    assert_eq!(r.status, StatusCode::SEE_OTHER, "{}", r.body);
+    assert_eq!(r.headers.get(header::LOCATION).and_then(|v| v.to_str().ok()), Some("/?answered=home-a1"));
+    let r = send(&f, page(&f, Some("facility_a1"), "GET", "/?answered=home-a1", "")).await;
+    assert!(
+        r.body.contains("A-1についての答えを、コーディネーターに伝えました")
+            && r.body.contains("<q>受け入れられます</q>"),
+        "{}",
+        r.body
+    );
+    let noted = {
+        let e = f.engine.lock().unwrap();
+        let a =
+            &e.home_state(&HomeId::new("home-a1").unwrap()).unwrap().alerts[&AlertKind::Event(EventKind::MainsLost)];
+        a.acks
+            .iter()
+            .any(|k| k.role == mamori_protocol::mqtt::Role::Facility && k.note.as_deref() == Some("受け入れられます"))
+    };
+    assert!(noted, "the answer is on the alert");
+    let r = send(&f, page(&f, Some("coord_a"), "GET", "/alerts", "")).await;
+    assert!(r.body.contains("受け入れられます"), "the coordinator sees it: {}", r.body);
+    assert_eq!(audited(&f, "facility_answer", "facility-a1"), 1);
+    // Each answers only its own questions.
+    let r = send(&f, page(&f, Some("facility_a1"), "POST", "/homes/home-a1/answer", "answer=evacuating")).await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    let r = send(&f, page(&f, Some("family_a1"), "POST", "/homes/home-a1/answer", "answer=can_accept")).await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+}

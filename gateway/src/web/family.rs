@@ -10,7 +10,8 @@
 //! No tiers, routing tables, device chips or ids. `/` takes a family to this page.
 //!
 //! The answers do not page anyone (the coordinator was paged by the alert itself); they are
-//! on the dashboard and in the API (the alert's acknowledgements) and in the audit log.
+//! on the dashboard and in the API (the alert's acknowledgements) and in the audit log. A
+//! facility answers through the same route from its own page (`facility.rs`).
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -23,21 +24,26 @@ use mamori_protocol::mqtt::Role;
 use serde::Deserialize;
 
 use super::auth::Viewer;
-use super::pages::{contacts_html, failed, layout, local, not_found, T};
+use super::pages::{clock, contacts_html, failed, layout, local, not_found, T};
 use super::view::{self, AlertView, HomeView};
 use super::{escape, App, Client, WebRequest};
+use crate::accounts::AccountRole;
 use crate::engine::Time;
 use crate::homes::{BackupKind, Home, Lang};
 use crate::message::{self, Concern, Situation};
 use crate::store::{OutboxRow, OutboxStatus};
 
-/// The answers a family can give.
+/// The answers a family or a facility can give about a home.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Answer {
-    /// 「避難します」.
+    /// A family: 「避難します」.
     Evacuating,
-    /// 「電源を確保しました」.
+    /// A family: 「電源を確保しました」.
     PowerSecured,
+    /// A facility: 「受け入れられます」.
+    CanAccept,
+    /// A facility: 「受け入れられません」.
+    CannotAccept,
 }
 
 impl Answer {
@@ -45,30 +51,46 @@ impl Answer {
         match s {
             "evacuating" => Some(Answer::Evacuating),
             "power_secured" => Some(Answer::PowerSecured),
+            "can_accept" => Some(Answer::CanAccept),
+            "cannot_accept" => Some(Answer::CannotAccept),
             _ => None,
         }
     }
 
-    fn wire(self) -> &'static str {
+    pub(super) fn wire(self) -> &'static str {
         match self {
             Answer::Evacuating => "evacuating",
             Answer::PowerSecured => "power_secured",
+            Answer::CanAccept => "can_accept",
+            Answer::CannotAccept => "cannot_accept",
         }
     }
 
-    /// What the coordinator reads, in the family's language (they said it).
+    /// Whose answer it is.
+    fn role(self) -> AccountRole {
+        match self {
+            Answer::Evacuating | Answer::PowerSecured => AccountRole::Family,
+            Answer::CanAccept | Answer::CannotAccept => AccountRole::Facility,
+        }
+    }
+
+    /// What the coordinator reads, in the language of whoever answered (they said it).
     pub fn text(self, lang: Lang) -> &'static str {
         match (self, lang) {
             (Answer::Evacuating, Lang::Ja) => "避難します",
             (Answer::Evacuating, Lang::En) => "We are leaving for the destination",
             (Answer::PowerSecured, Lang::Ja) => "電源を確保しました",
             (Answer::PowerSecured, Lang::En) => "We have power again",
+            (Answer::CanAccept, Lang::Ja) => "受け入れられます",
+            (Answer::CanAccept, Lang::En) => "We can take the child",
+            (Answer::CannotAccept, Lang::Ja) => "受け入れられません",
+            (Answer::CannotAccept, Lang::En) => "We cannot take the child",
         }
     }
 }
 
-/// The alert the family's page is about: the most urgent active one, an outage before the rest.
-fn main_alert(h: &HomeView) -> Option<&AlertView> {
+/// The alert a home's answers are about: the most urgent active one, an outage before the rest.
+pub(super) fn main_alert(h: &HomeView) -> Option<&AlertView> {
     h.alerts.iter().filter(|a| a.kind != "drill").max_by_key(|a| {
         let power = matches!(message::concern(&a.kind), Concern::Power);
         (power, a.tier, a.severity as u8)
@@ -272,9 +294,7 @@ pub(super) async fn page(app: &App, v: &Viewer, plan: &Home, h: HomeView, now: T
         }
     }
     let leave_by = match (&h.runs_out, &h.evacuation) {
-        (Some(b), Some((_, m))) => {
-            Some((b.p10 - chrono::Duration::minutes(i64::from(*m))).with_timezone(&offset).format("%H:%M").to_string())
-        }
+        (Some(b), Some((_, m))) => Some(clock(b.p10 - chrono::Duration::minutes(i64::from(*m)), now, offset)),
         _ => None,
     };
     let mut request = String::new();
@@ -355,9 +375,10 @@ pub struct AnswerForm {
     answer: String,
 }
 
-/// `POST /homes/{id}/answer`: a family answers 「避難します」 or 「電源を確保しました」. It is
-/// recorded as the family's acknowledgement of the home's most urgent alert, with the answer
-/// as its note. Only a family account of the home; nothing to answer is a 409.
+/// `POST /homes/{id}/answer`: a family answers 「避難します」 or 「電源を確保しました」, a
+/// facility 「受け入れられます」 or 「受け入れられません」. It is recorded as their
+/// acknowledgement of the home's most urgent alert, with the answer as its note. Only a family
+/// or facility account of the home, with its own answers; nothing to answer is a 409.
 pub async fn answer(
     State(app): State<App>,
     v: Viewer,
@@ -368,13 +389,14 @@ pub async fn answer(
     if let Some(r) = v.csrf_refusal(&f.csrf) {
         return r;
     }
-    if v.user.role != crate::accounts::AccountRole::Family {
+    if !matches!(v.user.role, AccountRole::Family | AccountRole::Facility) {
         return not_found(v.lang);
     }
     let snap = app.snap();
     let Some(plan) = view::home(&snap.engine, &v.user, &id) else { return not_found(v.lang) };
-    let Some(answer) = Answer::parse(&f.answer) else {
-        return (StatusCode::BAD_REQUEST, layout(&v, "400", "<p class=\"error\">?</p>")).into_response();
+    let Some(answer) = Answer::parse(&f.answer).filter(|a| a.role() == v.user.role) else {
+        let text = if v.lang == Lang::Ja { "この答えは選べません。" } else { "Not an answer you can give." };
+        return (StatusCode::BAD_REQUEST, layout(&v, "400", &format!("<p class=\"error\">{text}</p>"))).into_response();
     };
     let h = view::home_view(plan, snap.engine.home_state(&plan.id), crate::clock::now());
     let Some(alert) = main_alert(&h) else {
@@ -388,13 +410,15 @@ pub async fn answer(
     let (alert_id, note) = (alert.id.clone(), answer.text(v.lang).to_string());
     let by = v.user.username.clone();
     let detail = format!("{id} {}", answer.wire());
-    match app
-        .ask(|reply| WebRequest::Ack { alert_id: alert_id.clone(), role: Role::Family, by, note: Some(note), reply })
-        .await
-    {
+    let (role, back) = match v.user.role {
+        AccountRole::Facility => (Role::Facility, format!("/?answered={}", plan.id.as_str())),
+        _ => (Role::Family, format!("/homes/{}?answered=1", plan.id.as_str())),
+    };
+    match app.ask(|reply| WebRequest::Ack { alert_id: alert_id.clone(), role, by, note: Some(note), reply }).await {
         Ok(()) => {
-            app.audit(&v.user.username, &client.text(), "family_answer", &alert_id, &detail).await;
-            Redirect::to(&format!("/homes/{}?answered=1", plan.id.as_str())).into_response()
+            let action = if role == Role::Facility { "facility_answer" } else { "family_answer" };
+            app.audit(&v.user.username, &client.text(), action, &alert_id, &detail).await;
+            Redirect::to(&back).into_response()
         }
         Err(e) => {
             (StatusCode::CONFLICT, layout(&v, "409", &format!("<p class=\"error\">{}</p>", escape(&e)))).into_response()

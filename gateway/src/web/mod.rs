@@ -30,6 +30,7 @@
 pub mod ack;
 pub mod api;
 pub mod auth;
+pub mod facility;
 pub mod family;
 pub mod metrics;
 pub mod pages;

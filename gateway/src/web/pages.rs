@@ -196,6 +196,16 @@ impl T {
     }
 }
 
+/// A time of day to act by: `14:20` today, `12/01 14:20` on another day.
+pub(super) fn clock(t: Time, now: Time, offset: FixedOffset) -> String {
+    let (a, b) = (t.with_timezone(&offset), now.with_timezone(&offset));
+    if a.date_naive() == b.date_naive() {
+        a.format("%H:%M").to_string()
+    } else {
+        a.format("%m/%d %H:%M").to_string()
+    }
+}
+
 pub(super) fn local(t: Time, offset: FixedOffset) -> String {
     t.with_timezone(&offset).format("%m/%d %H:%M").to_string()
 }
@@ -298,7 +308,7 @@ fn time_left_text(h: &HomeView, t: T) -> String {
 /// minutes, within 3 hours, later.
 fn leave_text(leave_in_s: Option<i64>, now: Time, offset: FixedOffset, lang: Lang) -> (String, &'static str) {
     let Some(s) = leave_in_s else { return (String::new(), "") };
-    let at = (now + chrono::Duration::seconds(s)).with_timezone(&offset).format("%H:%M").to_string();
+    let at = clock(now + chrono::Duration::seconds(s), now, offset);
     let ja = lang == Lang::Ja;
     if s <= 0 {
         let text = if ja {
@@ -496,8 +506,15 @@ fn incidents_html(engine: &Engine, v: &Viewer, now: Time, offset: FixedOffset) -
     s
 }
 
-/// `GET /`: every home the user may see, grouped by municipality, worst first.
-pub async fn overview(State(app): State<App>, v: Viewer, client: Client) -> Response {
+/// The overview's query: `answered` (a home id) after a facility's answer.
+#[derive(Deserialize, Default)]
+pub struct OverviewQuery {
+    answered: Option<String>,
+}
+
+/// `GET /`: every home the user may see, grouped by municipality, worst first (a family goes
+/// to its home's page, a facility sees the children who may come to it).
+pub async fn overview(State(app): State<App>, v: Viewer, client: Client, Query(q): Query<OverviewQuery>) -> Response {
     // A family has one home: its page is the family's start (see `family.rs`).
     if v.user.role == AccountRole::Family {
         if let [home] = v.user.homes.as_slice() {
@@ -511,6 +528,9 @@ pub async fn overview(State(app): State<App>, v: Viewer, client: Client) -> Resp
     let mut body = incidents_html(&snap.engine, &v, now, offset);
     let homes = view::homes(&snap.engine, &v.user, now);
     app.audit_view(&v, &client.text(), "view_overview", "homes", &format!("{} homes", homes.len())).await;
+    if v.user.role == AccountRole::Facility {
+        return super::facility::page(&snap.engine, &v, &homes, now, offset, q.answered.as_deref());
+    }
     if homes.is_empty() {
         let _ = write!(body, "<p>{}</p>", t.t("no_homes"));
     }
