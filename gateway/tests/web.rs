@@ -1269,6 +1269,11 @@ async fn homes_are_listed_by_when_they_must_leave_and_the_triage_list_exports_as
     let (a1, a2) = (r.body.find("data-home=\"home-a1\"").unwrap(), r.body.find("data-home=\"home-a2\"").unwrap());
     assert!(a1 < a2, "A-1 must leave first, A-2 is only silent: {}", r.body);
     assert!(visible_text(&r.body).contains("出発の目安"), "{}", r.body);
+    // The alerts page: the same order, with headers and a column for it.
+    let r = send(&f, page(&f, Some("coord_a"), "GET", "/alerts", "")).await;
+    assert!(r.body.contains("<th>出発の目安</th>") && r.body.contains("<th>世帯</th>"), "{}", r.body);
+    let (a1, a2) = (r.body.find(">A-1</a>").unwrap(), r.body.find(">A-2</a>").unwrap());
+    assert!(a1 < a2, "A-1's alerts first: {}", r.body);
     // The incident's triage list: the same order, a column for it, and a CSV of it.
     let r = send(&f, page(&f, Some("coord_a"), "GET", &format!("/incidents/{}", f.incident_a), "")).await;
     assert!(r.body.contains("<th>出発の目安</th>") && r.body.contains("triage.csv"), "{}", r.body);

@@ -247,7 +247,8 @@ async fn home_alerts(
 
 async fn alerts(State(app): State<App>, ApiUser(user): ApiUser, client: Client) -> Response {
     let snap = app.snap();
-    let list: Vec<AlertView> = view::open_alerts(&snap.engine, &user).into_iter().map(|(_, a)| a).collect();
+    let list: Vec<AlertView> =
+        view::open_alerts(&snap.engine, &user, crate::clock::now()).into_iter().map(|o| o.alert).collect();
     audit_log(&app, &user.username, &client, "list_alerts", "alerts", &format!("{} alerts", list.len())).await;
     Json(json!({ "alerts": list })).into_response()
 }

@@ -667,7 +667,16 @@ fn ack_text(a: &AlertView, t: T, offset: FixedOffset) -> String {
     out
 }
 
-fn alert_row(v: &Viewer, label: Option<&str>, a: &AlertView, back: &str, offset: FixedOffset) -> String {
+/// An alert's row: with `label` (the alerts page) its home first, with `leave` (the alerts
+/// page) when its child must leave after the tier.
+fn alert_row(
+    v: &Viewer,
+    label: Option<&str>,
+    leave: Option<&str>,
+    a: &AlertView,
+    back: &str,
+    offset: FixedOffset,
+) -> String {
     let t = T(v.lang);
     let home = label
         .map(|l| {
@@ -681,8 +690,9 @@ fn alert_row(v: &Viewer, label: Option<&str>, a: &AlertView, back: &str, offset:
         .unwrap_or_default();
     format!(
         "<tr data-alert=\"{id}\">{home}<td data-label=\"{kl}\"><span class=\"pill sev-{sev:?}\">{kind}</span></td>\
-         <td data-label=\"{tl}\">{tier}</td><td data-label=\"{sl}\">{since}</td><td>{ack}{form}</td></tr>",
+         <td data-label=\"{tl}\">{tier}</td>{leave}<td data-label=\"{sl}\">{since}</td><td>{ack}{form}</td></tr>",
         id = escape(&a.id),
+        leave = leave.map(|l| format!("<td data-label=\"{}\">{l}</td>", t.t("leave_by"))).unwrap_or_default(),
         kl = t.t("alerts"),
         sev = a.severity,
         kind = escape(kind_text(&a.kind, v.lang)),
@@ -699,15 +709,26 @@ fn alert_row(v: &Viewer, label: Option<&str>, a: &AlertView, back: &str, offset:
 pub async fn alerts(State(app): State<App>, v: Viewer, client: Client) -> Response {
     let t = T(v.lang);
     let snap = app.snap();
-    let list = view::open_alerts(&snap.engine, &v.user);
+    let now = crate::clock::now();
+    let list = view::open_alerts(&snap.engine, &v.user, now);
     app.audit_view(&v, &client.text(), "list_alerts", "alerts", &format!("{} alerts", list.len())).await;
     let mut body = format!("<h1>{}</h1>", t.t("alerts"));
     if list.is_empty() {
         let _ = write!(body, "<p>{}</p>", t.t("no_alerts"));
     } else {
-        body.push_str("<table class=\"alerts\"><tbody>");
-        for (label, a) in &list {
-            body.push_str(&alert_row(&v, Some(label), a, "/alerts", app.style.offset));
+        let _ = write!(
+            body,
+            "<table class=\"alerts\"><thead><tr><th>{}</th><th>{}</th><th>{}</th><th>{}</th><th>{}</th><th>{}</th></tr></thead><tbody>",
+            t.t("home"),
+            t.t("alerts"),
+            t.t("tier"),
+            t.t("leave_by"),
+            t.t("since"),
+            t.t("acknowledged"),
+        );
+        for o in &list {
+            let (leave, _) = leave_text(o.leave_in_s, now, app.style.offset, v.lang);
+            body.push_str(&alert_row(&v, Some(&o.label), Some(&leave), &o.alert, "/alerts", app.style.offset));
         }
         body.push_str("</tbody></table>");
     }
@@ -1241,7 +1262,7 @@ pub async fn home(
     } else {
         body.push_str("<table class=\"alerts\"><tbody>");
         for a in &h.alerts {
-            body.push_str(&alert_row(&v, None, a, &back, offset));
+            body.push_str(&alert_row(&v, None, None, a, &back, offset));
         }
         body.push_str("</tbody></table>");
     }

@@ -278,16 +278,40 @@ pub fn incidents(engine: &Engine, user: &User, now: Time) -> Vec<IncidentView> {
 }
 
 /// Active alerts across the user's homes, most urgent first.
-pub fn open_alerts(engine: &Engine, user: &User) -> Vec<(String, AlertView)> {
-    let mut v: Vec<(String, AlertView)> = engine
+pub fn open_alerts(engine: &Engine, user: &User, now: Time) -> Vec<OpenAlert> {
+    let mut v: Vec<OpenAlert> = engine
         .states_and_plans()
         .filter(|(p, _)| user.may_see(p))
-        .flat_map(|(p, st)| st.into_iter().flat_map(|s| s.alerts.values()).map(|a| (p.label.clone(), AlertView::of(a))))
+        .flat_map(|(p, st)| {
+            let h = home_view(p, st, now);
+            let leave_in_s = (h.power == "battery").then_some(h.rank.1).filter(|x| *x != i64::MIN && *x != i64::MAX);
+            h.alerts
+                .into_iter()
+                .map(move |a| OpenAlert { label: p.label.clone(), leave_in_s, alert: a })
+                .collect::<Vec<_>>()
+        })
         .collect();
-    v.sort_by(|(_, a), (_, b)| {
-        b.tier.cmp(&a.tier).then(b.severity.cmp(&a.severity)).then(a.raised_at.cmp(&b.raised_at))
+    // Whoever must leave soonest first (homes on battery), then by tier and severity.
+    v.sort_by(|a, b| {
+        let key = |x: &OpenAlert| x.leave_in_s.map_or((1, 0), |s| (0, s));
+        key(a)
+            .cmp(&key(b))
+            .then(b.alert.tier.cmp(&a.alert.tier))
+            .then(b.alert.severity.cmp(&a.alert.severity))
+            .then(a.alert.raised_at.cmp(&b.alert.raised_at))
     });
     v
+}
+
+/// An open alert with what its list shows beside it.
+#[derive(Debug, Clone)]
+pub struct OpenAlert {
+    /// The home's label.
+    pub label: String,
+    /// Its home on battery: how long until the child must leave, s (negative: overdue).
+    pub leave_in_s: Option<i64>,
+    /// The alert.
+    pub alert: AlertView,
 }
 
 /// The active alert with this id, if the user may see its home.
