@@ -768,6 +768,47 @@ impl<'a> Accounts<'a> {
         Ok(())
     }
 
+    /// Change an account's role and scope in place, with the rules of a new account (a
+    /// coordinator's municipalities, a facility's or family's registered homes). Its sessions
+    /// and tokens go on with the new scope at their next request. Not to or from admin: an
+    /// admin account is made with its two-factor secret (`users add --role admin`), and an
+    /// admin's rights are taken away by disabling the account.
+    pub fn set_scope(
+        &mut self,
+        username: &str,
+        role: AccountRole,
+        municipalities: Vec<String>,
+        homes: Vec<String>,
+    ) -> Result<User, AccountError> {
+        let Some(old) = self.rows.user_by_name(username)? else {
+            return Err(AccountError::Invalid(format!("no user {username}")));
+        };
+        if (old.role == AccountRole::Admin) != (role == AccountRole::Admin) {
+            return Err(AccountError::Invalid(
+                "an account does not become or stop being an admin in place: add an admin account (it gets its \
+                 two-factor secret), or disable this one"
+                    .into(),
+            ));
+        }
+        let new = NewUser {
+            username: old.username.clone(),
+            display_name: old.display_name.clone(),
+            role,
+            municipalities,
+            homes,
+        };
+        new.validate()?;
+        for h in &new.homes {
+            if !self.rows.home_exists(h)? {
+                return Err(AccountError::Invalid(format!(
+                    "home {h} is not registered (import it first: homes import, or the homes file)"
+                )));
+            }
+        }
+        self.rows.set_scope(username, role, &new.municipalities, &new.homes)?;
+        self.rows.user_by_name(username)?.ok_or_else(|| AccountError::Invalid(format!("no user {username}")))
+    }
+
     /// Turn on two-factor codes once the user has typed a code from the new secret.
     pub fn enable_totp(
         &mut self,

@@ -248,6 +248,24 @@ enum UsersCommand {
         #[arg(long)]
         home: Vec<String>,
     },
+    /// Change an account's role and scope in place (not to or from admin); its sessions and
+    /// API tokens go on with the new scope at their next request.
+    Scope {
+        /// The gateway config.
+        #[arg(long)]
+        config: PathBuf,
+        /// Login name.
+        username: String,
+        /// coordinator, facility or family.
+        #[arg(long)]
+        role: String,
+        /// A coordinator's municipality code (repeat for several).
+        #[arg(long)]
+        municipality: Vec<String>,
+        /// A facility's or family's home id (repeat for several).
+        #[arg(long)]
+        home: Vec<String>,
+    },
     /// Set an account's password (from the first line of stdin); ends its sessions.
     Passwd {
         /// The gateway config.
@@ -341,6 +359,7 @@ fn users(command: UsersCommand) -> ExitCode {
     let config = match &command {
         UsersCommand::Add { config, .. }
         | UsersCommand::Passwd { config, .. }
+        | UsersCommand::Scope { config, .. }
         | UsersCommand::Disable { config, .. }
         | UsersCommand::Enable { config, .. }
         | UsersCommand::List { config }
@@ -394,6 +413,16 @@ fn users(command: UsersCommand) -> ExitCode {
                 println!("two-factor secret (add it to an authenticator app now; it is not shown again): {s}");
                 println!("{}", crate::accounts::totp_uri(&u.username, &s));
             }
+            Ok(())
+        }
+        UsersCommand::Scope { username, role, municipality, home, .. } => {
+            let role = AccountRole::parse(&role).ok_or_else(|| {
+                AccountError::Invalid(format!("role {role:?}: expected coordinator, facility or family"))
+            })?;
+            let u = Accounts::new(store).set_scope(&username, role, municipality, home)?;
+            let detail = format!("{} {:?}{:?}", u.role.as_str(), u.municipalities, u.homes);
+            audit(store, "user_scope", &u.username, &detail)?;
+            println!("{}: {detail}", u.username);
             Ok(())
         }
         UsersCommand::Passwd { username, .. } => {

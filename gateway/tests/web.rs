@@ -1344,3 +1344,45 @@ async fn a_facility_sees_who_may_come_when_and_with_what_and_answers_the_coordin
     let r = send(&f, page(&f, Some("family_a1"), "POST", "/homes/home-a1/answer", "answer=can_accept")).await;
     assert_eq!(r.status, StatusCode::BAD_REQUEST);
 }
+
+#[tokio::test]
+async fn an_admin_changes_an_accounts_role_and_scope_in_place_and_it_applies_at_once() {
+    let f = setup().await;
+    assert_eq!(send(&f, page(&f, Some("coord_b"), "GET", "/homes/home-a1", "")).await.status, StatusCode::NOT_FOUND);
+    let r =
+        send(&f, page(&f, Some("admin"), "POST", "/admin/users/coord-b", "action=scope&role=coordinator&scope=431001"))
+            .await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert!(r.body.contains("coord-b: コーディネーター 431001"), "{}", r.body);
+    // The same session, the new scope.
+    assert_eq!(send(&f, page(&f, Some("coord_b"), "GET", "/homes/home-a1", "")).await.status, StatusCode::OK);
+    assert_eq!(send(&f, page(&f, Some("coord_b"), "GET", "/homes/home-b1", "")).await.status, StatusCode::NOT_FOUND);
+    assert_eq!(send(&f, api(&f, Some("coord_b"), "GET", "/api/v1/homes/home-b1")).await.status, StatusCode::NOT_FOUND);
+    assert_eq!(audited(&f, "user_scope", "admin"), 1);
+    // A family becomes the facility of another home.
+    let r =
+        send(&f, page(&f, Some("admin"), "POST", "/admin/users/family-a1", "action=scope&role=facility&scope=home-a2"))
+            .await;
+    assert!(r.body.contains("family-a1: 受け入れ先 home-a2"), "{}", r.body);
+    assert_eq!(send(&f, page(&f, Some("family_a1"), "GET", "/homes/home-a2", "")).await.status, StatusCode::OK);
+    assert_eq!(send(&f, page(&f, Some("family_a1"), "GET", "/homes/home-a1", "")).await.status, StatusCode::NOT_FOUND);
+    // Refused, and nothing changes: to or from admin, a home that is not registered, no scope.
+    for (who, form) in [
+        ("admin", "action=scope&role=coordinator&scope=431001"),
+        ("coord-a", "action=scope&role=admin&scope="),
+        ("facility-a1", "action=scope&role=facility&scope=home-zz"),
+        ("coord-a", "action=scope&role=coordinator&scope="),
+    ] {
+        let r = send(&f, page(&f, Some("admin"), "POST", &format!("/admin/users/{who}"), form)).await;
+        assert!(!r.body.contains(&format!("{who}: ")), "{who} {form}: {}", r.body);
+    }
+    assert_eq!(audited(&f, "user_scope", "admin"), 2);
+    assert_eq!(send(&f, page(&f, Some("coord_a"), "GET", "/homes/home-a1", "")).await.status, StatusCode::OK);
+    // Not an admin: not found.
+    let r = send(
+        &f,
+        page(&f, Some("coord_a"), "POST", "/admin/users/coord-b", "action=scope&role=coordinator&scope=131016"),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+}

@@ -190,6 +190,14 @@ fn accounts(s: &mut dyn Store) {
     s.end_sessions("sato").unwrap();
     assert_eq!(s.session("s2").unwrap(), None);
     assert!(!s.set_disabled("nobody", true).unwrap());
+    assert!(s.set_scope("sato", AccountRole::Facility, &[], &["h-1".to_string()]).unwrap());
+    let changed = s.user_by_name("sato").unwrap().unwrap();
+    assert_eq!(
+        (changed.role, changed.municipalities.len(), changed.homes.clone()),
+        (AccountRole::Facility, 0, vec!["h-1".to_string()])
+    );
+    assert!(s.set_scope("sato", AccountRole::Coordinator, &["431001".to_string()], &[]).unwrap());
+    assert!(!s.set_scope("nobody", AccountRole::Coordinator, &[], &[]).unwrap());
     s.insert_session("s3", u.id, "c3", t(0)).unwrap();
     s.delete_session("s3").unwrap();
     assert_eq!(s.session("s3").unwrap(), None);

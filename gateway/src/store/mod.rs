@@ -40,7 +40,7 @@ use chrono::{DateTime, Utc};
 use mamori_protocol::mqtt::{Event, HomeId, Role, Status, Telemetry};
 use serde::{Deserialize, Serialize};
 
-use crate::accounts::{NewUser, User};
+use crate::accounts::{AccountRole, NewUser, User};
 use crate::audit::Entry;
 use crate::engine::{Alert, HomeState, Incident, Time};
 use crate::homes::{ChannelRef, Home, Lang};
@@ -412,6 +412,15 @@ pub trait AccountRows {
     fn enrol_totp(&mut self, username: &str, stored: &str, step: i64) -> Result<(), StoreError>;
     /// Disable or enable; false when there is no such account.
     fn set_disabled(&mut self, username: &str, disabled: bool) -> Result<bool, StoreError>;
+    /// Replace an account's role and scope (validated by the caller): false when there is no
+    /// such account.
+    fn set_scope(
+        &mut self,
+        username: &str,
+        role: AccountRole,
+        municipalities: &[String],
+        homes: &[String],
+    ) -> Result<bool, StoreError>;
     /// End every session of an account.
     fn end_sessions(&mut self, username: &str) -> Result<(), StoreError>;
     /// Store a new session.

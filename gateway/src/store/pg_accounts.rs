@@ -2,7 +2,7 @@
 
 use super::pg::{p, Params, PgStore};
 use super::{parse_ts, ts, AccountRows, AuditRows, LoginSecrets, SessionRow, Store, StoreError, TokenRow};
-use crate::accounts::{NewUser, User};
+use crate::accounts::{AccountRole, NewUser, User};
 use crate::audit::Entry;
 use crate::engine::Time;
 
@@ -131,6 +131,24 @@ impl AccountRows for PgStore {
 
     fn set_disabled(&mut self, username: &str, disabled: bool) -> Result<bool, StoreError> {
         Ok(self.exec("UPDATE users SET disabled = $1 WHERE username = $2", p![disabled, username.to_string()])? == 1)
+    }
+
+    fn set_scope(
+        &mut self,
+        username: &str,
+        role: AccountRole,
+        municipalities: &[String],
+        homes: &[String],
+    ) -> Result<bool, StoreError> {
+        Ok(self.exec(
+            "UPDATE users SET role = $1, municipalities = $2, homes = $3 WHERE username = $4",
+            p![
+                role.as_str().to_string(),
+                serde_json::to_string(municipalities).unwrap_or_default(),
+                serde_json::to_string(homes).unwrap_or_default(),
+                username.to_string()
+            ],
+        )? == 1)
     }
 
     fn end_sessions(&mut self, username: &str) -> Result<(), StoreError> {

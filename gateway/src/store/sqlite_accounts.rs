@@ -178,6 +178,28 @@ impl AccountRows for SqliteStore {
         Ok(n == 1)
     }
 
+    fn set_scope(
+        &mut self,
+        username: &str,
+        role: AccountRole,
+        municipalities: &[String],
+        homes: &[String],
+    ) -> Result<bool, StoreError> {
+        let n = self
+            .conn
+            .execute(
+                "UPDATE users SET role = ?1, municipalities = ?2, homes = ?3 WHERE username = ?4",
+                params![
+                    role.as_str(),
+                    serde_json::to_string(municipalities).unwrap_or_default(),
+                    serde_json::to_string(homes).unwrap_or_default(),
+                    username
+                ],
+            )
+            .map_err(self.db())?;
+        Ok(n == 1)
+    }
+
     fn end_sessions(&mut self, username: &str) -> Result<(), StoreError> {
         self.conn
             .execute("DELETE FROM sessions WHERE user_id = (SELECT id FROM users WHERE username = ?1)", [username])

@@ -122,6 +122,8 @@ const WORDS: &[(&str, &str, &str)] = &[
     ("no_homes", "表示できる世帯はありません。", "No homes to show."),
     ("triage", "優先順（出発の目安順）", "Triage (by the time to leave)"),
     ("leave_by", "出発の目安", "Leave by"),
+    ("change_scope", "役割・範囲を変更", "Change role and scope"),
+    ("scope_list", "市町村コードまたは世帯（カンマ区切り）", "Municipality codes or homes (comma-separated)"),
     ("destination", "避難先", "Destination"),
     ("travel", "移動", "Travel"),
     ("tier", "段階", "Tier"),
@@ -1691,7 +1693,33 @@ async fn admin_users_page(app: &App, v: &Viewer, message: Option<String>) -> Res
              <form method=\"post\" action=\"/admin/users/{name}\" class=\"inline\">{csrf}<input type=\"hidden\" name=\"action\" value=\"{ta}\"><button class=\"secondary\">{tl}</button></form>\
              <form method=\"post\" action=\"/admin/users/{name}\" class=\"inline\">{csrf}<input type=\"hidden\" name=\"action\" value=\"token\"><button class=\"secondary\">{tok}</button></form>\
              <form method=\"post\" action=\"/admin/users/{name}\" class=\"inline\">{csrf}<input type=\"hidden\" name=\"action\" value=\"password\">\
-             <input type=\"password\" name=\"password\" minlength=\"12\" placeholder=\"{rp}\" aria-label=\"{rp}\" autocomplete=\"new-password\"><button class=\"secondary\">{rp}</button></form></td></tr>",
+             <input type=\"password\" name=\"password\" minlength=\"12\" placeholder=\"{rp}\" aria-label=\"{rp}\" autocomplete=\"new-password\"><button class=\"secondary\">{rp}</button></form>{scope_form}</td></tr>",
+            scope_form = if u.role == AccountRole::Admin {
+                String::new()
+            } else {
+                let opt = |r: AccountRole| {
+                    format!(
+                        "<option value=\"{}\"{}>{}</option>",
+                        r.as_str(),
+                        if r == u.role { " selected" } else { "" },
+                        account_role_text(r, v.lang)
+                    )
+                };
+                format!(
+                    "<form method=\"post\" action=\"/admin/users/{name}\" class=\"inline scope\">{csrf}<input type=\"hidden\" name=\"action\" value=\"scope\">\
+                     <select name=\"role\" aria-label=\"{rl}\">{o1}{o2}{o3}</select>\
+                     <input name=\"scope\" value=\"{cur}\" aria-label=\"{sl}\" placeholder=\"{sl}\"><button class=\"secondary\">{cs}</button></form>",
+                    name = escape(&u.username),
+                    csrf = v.csrf_field(),
+                    rl = t.t("role"),
+                    o1 = opt(AccountRole::Coordinator),
+                    o2 = opt(AccountRole::Facility),
+                    o3 = opt(AccountRole::Family),
+                    cur = escape(&scope),
+                    sl = t.t("scope_list"),
+                    cs = t.t("change_scope"),
+                )
+            },
             name = escape(&u.username),
             dis = if u.disabled { format!(" <span class=\"pill bad\">{}</span>", t.t("disabled")) } else { String::new() },
             disp = escape(&u.display_name),
@@ -1728,6 +1756,14 @@ async fn admin_users_page(app: &App, v: &Viewer, message: Option<String>) -> Res
         p = t.t("password"),
     );
     layout(v, t.t("users"), &body).into_response()
+}
+
+/// An account's role and scope as the audit log and the notice say it.
+fn scope_text(u: &accounts::User) -> String {
+    match u.role {
+        AccountRole::Coordinator => format!("{} {}", u.role.as_str(), u.municipalities.join(",")),
+        _ => format!("{} {}", u.role.as_str(), u.homes.join(",")),
+    }
 }
 
 fn list(s: &str) -> Vec<String> {
@@ -1798,9 +1834,16 @@ pub struct ChangeUserForm {
     action: String,
     #[serde(default)]
     password: String,
+    /// `scope`: the new role.
+    #[serde(default)]
+    role: String,
+    /// `scope`: municipality codes (a coordinator) or home ids, comma-separated.
+    #[serde(default)]
+    scope: String,
 }
 
-/// `POST /admin/users/{name}`: disable, enable, reset the password, issue a token.
+/// `POST /admin/users/{name}`: disable, enable, reset the password, issue a token, change the
+/// role and scope (not to or from admin).
 pub async fn admin_change_user(
     State(app): State<App>,
     v: Viewer,
@@ -1818,20 +1861,32 @@ pub async fn admin_change_user(
         return admin_users_page(&app, &v, Some("you cannot disable yourself".into())).await;
     }
     let (n, action, pw, now, lang) = (name.clone(), f.action.clone(), f.password, crate::clock::now(), v.lang);
+    let (role, scope) = (AccountRole::parse(&f.role), list(&f.scope));
     let r = app
         .db(move |s| {
             let mut acc = Accounts::new(s);
-            let r = match action.as_str() {
-                "disable" => acc.set_disabled(&n, true).map(|_| None),
-                "enable" => acc.set_disabled(&n, false).map(|_| None),
-                "password" => acc.set_password(&n, &pw).map(|_| None),
-                "token" => acc.add_token(&n, "dashboard", now).map(Some),
-                other => Err(accounts::AccountError::Invalid(format!("unknown action {other}"))),
+            let r = match (action.as_str(), role) {
+                ("disable", _) => acc.set_disabled(&n, true).map(|_| None),
+                ("enable", _) => acc.set_disabled(&n, false).map(|_| None),
+                ("password", _) => acc.set_password(&n, &pw).map(|_| None),
+                ("token", _) => acc.add_token(&n, "dashboard", now).map(Some),
+                ("scope", Some(AccountRole::Coordinator)) => {
+                    acc.set_scope(&n, AccountRole::Coordinator, scope, Vec::new()).map(|u| Some(scope_text(&u)))
+                }
+                ("scope", Some(r)) => acc.set_scope(&n, r, Vec::new(), scope).map(|u| Some(scope_text(&u))),
+                ("scope", None) => Err(accounts::AccountError::Invalid("role: coordinator, facility or family".into())),
+                (other, _) => Err(accounts::AccountError::Invalid(format!("unknown action {other}"))),
             };
             Ok(r.map_err(|e| account_error(&e, lang)))
         })
         .await;
     match r {
+        Ok(Ok(Some(detail))) if f.action == "scope" => {
+            app.audit(&v.user.username, &client.text(), "user_scope", &name, &detail).await;
+            let (wire, scope) = detail.split_once(' ').unwrap_or((detail.as_str(), ""));
+            let role = AccountRole::parse(wire).map(|r| account_role_text(r, v.lang)).unwrap_or_default();
+            admin_users_page(&app, &v, Some(format!("{} {name}: {role} {scope}", T(v.lang).t("done")))).await
+        }
         Ok(Ok(token)) => {
             let action: &'static str = match f.action.as_str() {
                 "disable" => "user_disable",
