@@ -15,7 +15,8 @@
 //! link in the message, over HTTP); power returns.
 //!
 //! The dashboard is served on the same loopback port, with demo accounts ([`DEMO_USERS`],
-//! password [`DEMO_PASSWORD`]) and cookies without `Secure` (plain HTTP on loopback only).
+//! password [`DEMO_PASSWORD`]), an administrator ([`DEMO_ADMIN`], with a two-factor secret
+//! made for the run and printed) and cookies without `Secure` (plain HTTP on loopback only).
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -228,7 +229,7 @@ secure_cookies = false
     std::fs::write(&config_path, &text)?;
     let config = Config::load(&config_path)?;
     let style = crate::run::style(&config)?;
-    demo_accounts(&config)?;
+    let admin_secret = demo_accounts(&config)?;
 
     println!("mamori demo — a secondary, remote notification system: it never silences or replaces");
     println!("a device's own alarm. 12 simulated homes, 2 municipalities, time compressed (seconds for minutes).");
@@ -252,6 +253,12 @@ secure_cookies = false
         "  log in as {} with the password {DEMO_PASSWORD} (demo only)",
         DEMO_USERS.iter().map(|(u, r, _, _)| format!("{u} ({r})")).collect::<Vec<_>>().join(", ")
     );
+    println!(
+        "  or as {DEMO_ADMIN} (administrator: the admin pages and the audit log), with a code from an authenticator app \
+         given the two-factor secret {admin_secret}\n  ({})",
+        crate::accounts::totp_uri(DEMO_ADMIN, &admin_secret)
+    );
+    println!("admin-secret: {admin_secret}");
 
     let mut homes = Vec::new();
     for (id, ..) in HOMES {
@@ -391,7 +398,7 @@ pub const DEMO_USERS: &[(&str, &str, &[&str], &[&str])] = &[
     ("family-k03", "family", &[], &["demo-k03"]),
 ];
 
-fn demo_accounts(config: &Config) -> anyhow::Result<()> {
+fn demo_accounts(config: &Config) -> anyhow::Result<String> {
     // The homes first: a facility or family account names homes that must exist.
     let mut store = crate::run::open_store(config)?;
     let mut acc = crate::accounts::Accounts::new(store.as_mut());
@@ -406,8 +413,22 @@ fn demo_accounts(config: &Config) -> anyhow::Result<()> {
         };
         acc.add(&new, DEMO_PASSWORD, None, &key, crate::clock::now())?;
     }
-    Ok(())
+    // An administrator, to try the admin pages and the audit log: as every admin, with a
+    // two-factor secret (made for this run and printed; the demo's data is thrown away).
+    let secret = crate::accounts::new_totp_secret();
+    let admin = crate::accounts::NewUser {
+        username: DEMO_ADMIN.into(),
+        display_name: DEMO_ADMIN.into(),
+        role: crate::accounts::AccountRole::Admin,
+        municipalities: Vec::new(),
+        homes: Vec::new(),
+    };
+    acc.add(&admin, DEMO_PASSWORD, Some(&secret), &key, crate::clock::now())?;
+    Ok(secret)
 }
+
+/// The demo's administrator (with a two-factor secret printed at the start).
+pub const DEMO_ADMIN: &str = "admin";
 
 fn open_incident(store_dir: &Path) -> anyhow::Result<Option<String>> {
     let store = crate::store::open(&crate::store::Location::Sqlite(store_dir.to_path_buf()))?;

@@ -62,12 +62,17 @@ fn a_coordinator_follows_the_demo_outage_live_and_acknowledges_from_the_dashboar
             }
         }
     });
-    let base = loop {
-        let line = rx.recv_timeout(Duration::from_secs(60)).expect("the demo prints its dashboard address");
+    let (mut base, mut admin_secret) = (None, None);
+    while base.is_none() || admin_secret.is_none() {
+        let line = rx.recv_timeout(Duration::from_secs(60)).expect("the demo prints its address and admin's secret");
         if let Some(url) = line.strip_prefix("dashboard: ") {
-            break url.trim().trim_end_matches('/').to_string();
+            base = Some(url.trim().trim_end_matches('/').to_string());
         }
-    };
+        if let Some(secret) = line.strip_prefix("admin-secret: ") {
+            admin_secret = Some(secret.trim().to_string());
+        }
+    }
+    let (base, admin_secret) = (base.unwrap(), admin_secret.unwrap());
     std::thread::spawn(move || while rx.recv().is_ok() {}); // keep draining the demo's output
 
     let mut b = Browser::launch(1280, 900).expect("launch chromium");
@@ -193,6 +198,27 @@ fn a_coordinator_follows_the_demo_outage_live_and_acknowledges_from_the_dashboar
         "nothing overflows a 390 px screen"
     );
     b.screenshot(&shots.join("facility-phone.png")).unwrap();
+
+    // The demo's administrator, with the code an authenticator app would show: the audit log,
+    // whole, with the admin's own login in it.
+    b.eval("document.querySelector('form[action=\"/logout\"]').submit(); true").unwrap();
+    b.wait_for("location.pathname === '/login' && document.readyState === 'complete'", 20 * SECOND).unwrap();
+    let step = chrono::Utc::now().timestamp() / 30;
+    let code = mamori_gateway::accounts::totp_code(&admin_secret, step).unwrap();
+    b.eval(&format!(
+        "document.querySelector('input[name=username]').value = 'admin';\
+         document.querySelector('input[name=password]').value = 'mamori-demo-password';\
+         document.querySelector('input[name=code]').value = '{code:06}';\
+         document.querySelector('form.login').submit(); true"
+    ))
+    .unwrap();
+    b.wait_for("location.pathname === '/' && document.readyState === 'complete'", 20 * SECOND).unwrap();
+    b.goto(&format!("{base}/admin/audit")).unwrap();
+    b.wait_for(
+        "!!document.querySelector('p.notice.ok') && [...document.querySelectorAll('table.audit td')].some(td => td.textContent === 'admin')",
+        20 * SECOND,
+    )
+    .unwrap();
 
     let outside: Vec<&String> = b.requests().iter().filter(|u| !is_loopback_url(u)).collect();
     assert!(outside.is_empty(), "the dashboard asked for something off loopback: {outside:?}");
