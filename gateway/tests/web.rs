@@ -284,6 +284,8 @@ fn reads(f: &Fixture) -> Vec<(String, bool, [u16; 5], u16)> {
         (format!("/incidents/{inc}"), false, [200, 200, 404, 404, 404], 303),
         (format!("/incidents/{inc}/triage.csv"), false, [200, 200, 404, 404, 404], 303),
         ("/account".into(), false, [200, 200, 200, 200, 200], 303),
+        ("/readiness".into(), false, [200, 200, 200, 404, 404], 303),
+        ("/readiness.csv".into(), false, [200, 200, 200, 404, 404], 303),
         ("/admin/users".into(), false, [200, 404, 404, 404, 404], 303),
         ("/admin/audit".into(), false, [200, 404, 404, 404, 404], 303),
         ("/admin/audit.csv".into(), false, [200, 404, 404, 404, 404], 303),
@@ -1036,6 +1038,7 @@ async fn the_dashboard_in_japanese_has_no_field_names_codes_or_english_words() {
                 "/homes/home-a1".into(),
                 format!("/incidents/{}", f.incident_a),
                 "/account".into(),
+                "/readiness".into(),
             ],
         ),
         ("family_a1", vec!["/homes/home-a1".into(), "/alerts".into()]),
@@ -1385,4 +1388,30 @@ async fn an_admin_changes_an_accounts_role_and_scope_in_place_and_it_applies_at_
     )
     .await;
     assert_eq!(r.status, StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
+async fn the_readiness_report_counts_each_municipalitys_homes_in_scope_and_exports_them() {
+    let f = setup().await;
+    let r = send(&f, page(&f, Some("coord_a"), "GET", "/readiness", "")).await;
+    assert_eq!(r.status, StatusCode::OK);
+    let text = visible_text(&r.body).split_whitespace().collect::<Vec<_>>().join(" ");
+    for want in ["備えの状況", "見守っている世帯 2", "避難先のない世帯 1", "訓練をした世帯 0", "A-1", "A-2", "（計画）"]
+    {
+        assert!(text.contains(want), "{want}: {text}");
+    }
+    assert!(!text.contains("B-1"), "another municipality's home: {text}");
+    // 500 Wh at 30 W is about 16 h 40 min, its journey 20 min × 2 + 60.
+    assert!(text.contains("約16時間40分") && text.contains("1時間40分"), "{text}");
+    let r = send(&f, page(&f, Some("coord_a"), "GET", "/readiness.csv", "")).await;
+    assert_eq!(r.status, StatusCode::OK);
+    let lines: Vec<&str> = r.body.trim_start_matches('\u{feff}').lines().collect();
+    assert_eq!(lines.len(), 3, "a header and A-1, A-2: {}", r.body);
+    assert!(lines[0].starts_with("\"市町村\",\"世帯\""), "{}", lines[0]);
+    assert!(
+        lines[1].contains("\"A-1\"") && lines[1].contains("\"16.7\"") && lines[1].contains("\"1.7\""),
+        "{}",
+        lines[1]
+    );
+    assert_eq!(audited(&f, "export_readiness", "coord-a"), 1);
 }

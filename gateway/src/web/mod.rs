@@ -34,6 +34,7 @@ pub mod facility;
 pub mod family;
 pub mod metrics;
 pub mod pages;
+pub mod readiness;
 pub mod view;
 
 use std::net::IpAddr;
@@ -296,6 +297,8 @@ pub fn router(app: App) -> Router {
         .route("/incidents/{id}", get(pages::incident))
         .route("/incidents/{id}/ack", post(pages::ack_incident))
         .route("/incidents/{id}/triage.csv", get(pages::incident_csv))
+        .route("/readiness", get(readiness::page))
+        .route("/readiness.csv", get(readiness::csv))
         .route("/account", get(pages::account))
         .route("/account/password", post(pages::account_password))
         .route("/account/totp", post(pages::account_totp))

@@ -123,6 +123,7 @@ const WORDS: &[(&str, &str, &str)] = &[
     ("triage", "優先順（出発の目安順）", "Triage (by the time to leave)"),
     ("leave_by", "出発の目安", "Leave by"),
     ("change_scope", "役割・範囲を変更", "Change role and scope"),
+    ("readiness", "備えの状況", "Readiness"),
     ("scope_list", "市町村コードまたは世帯（カンマ区切り）", "Municipality codes or homes (comma-separated)"),
     ("destination", "避難先", "Destination"),
     ("travel", "移動", "Travel"),
@@ -230,6 +231,11 @@ pub fn layout_bare(lang: Lang, title: &str, body: &str) -> String {
 pub(super) fn layout(v: &Viewer, title: &str, body: &str) -> Html<String> {
     let t = T(v.lang);
     let l = if v.lang == Lang::En { "en" } else { "ja" };
+    let readiness = if matches!(v.user.role, AccountRole::Admin | AccountRole::Coordinator) {
+        format!("<a href=\"/readiness\">{}</a>", t.t("readiness"))
+    } else {
+        String::new()
+    };
     let admin = if v.user.role == AccountRole::Admin {
         format!(
             "<a href=\"/admin/users\">{}</a><a href=\"/admin/audit\">{}</a><a href=\"/admin/delivery\">{}</a>",
@@ -245,7 +251,7 @@ pub(super) fn layout(v: &Viewer, title: &str, body: &str) -> Html<String> {
         "<!doctype html><html lang=\"{l}\"><head><meta charset=\"utf-8\">\
          <meta name=\"viewport\" content=\"width=device-width,initial-scale=1\"><title>{title} · mamori</title>\
          <link rel=\"stylesheet\" href=\"/static/app.css\"><script src=\"/static/app.js\" defer></script></head>\
-         <body><header><nav><a class=\"brand\" href=\"/\">mamori</a><a href=\"/\">{ov}</a><a href=\"/alerts\">{al}</a>{admin}\
+         <body><header><nav><a class=\"brand\" href=\"/\">mamori</a><a href=\"/\">{ov}</a><a href=\"/alerts\">{al}</a>{readiness}{admin}\
          <span class=\"spacer\"></span><span class=\"live\" id=\"live\" hidden>● {live}</span>\
          <a href=\"/lang/{ol}?next=/\">{on}</a><a href=\"/account\">{name}</a>\
          <form method=\"post\" action=\"/logout\" class=\"inline\">{csrf}<button class=\"link\">{lo}</button></form></nav></header>\

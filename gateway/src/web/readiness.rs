@@ -1,0 +1,370 @@
+//! Readiness, for the regional council (協議の場) and the support centre: what calm days are
+//! for (地域の状況把握, 資源の把握・開発).
+//!
+//! Per municipality the coordinator or administrator may see: how many homes are watched; how
+//! long each home's backup lasts at its care plan's load (the learned battery health when
+//! earlier outages measured it, the care plan's energy otherwise, and the ventilator's own
+//! battery on top); the homes whose backup cannot cover the journey there and back plus a
+//! margin ([`MARGIN_MIN`]), those with a degraded battery, those without a destination; and
+//! the drills each home has done (the last one, and whether everyone told acknowledged it).
+//! A page, a CSV (`/readiness.csv`) and the print stylesheet for the meeting.
+//!
+//! Consent records are not built yet, so "without consent for a role" is not counted.
+//! The rows are pure: made from the engine's plans and states and the homes' alert history.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use axum::extract::State;
+use axum::http::header;
+use axum::response::{IntoResponse, Response};
+
+use super::auth::Viewer;
+use super::pages::{failed, layout, local, not_found, T};
+use super::{escape, App, Client};
+use crate::accounts::AccountRole;
+use crate::engine::{Alert, AlertKind, Engine, Time};
+use crate::homes::{BackupKind, Home, Lang};
+
+/// The margin on top of the journey there and back, min.
+pub const MARGIN_MIN: u32 = 60;
+
+/// One home's readiness.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Row {
+    /// Municipality (its name when the care plan gives it).
+    pub municipality: String,
+    /// The home's label.
+    pub label: String,
+    /// The external backup at the care plan's load, h (None: no energy or no load in the plan).
+    pub backup_h: Option<f64>,
+    /// Whether `backup_h` rests on a measured battery.
+    pub measured: bool,
+    /// The ventilator's own battery, min.
+    pub internal_min: Option<f64>,
+    /// The journey there and back plus the margin, h (None: no destination).
+    pub needed_h: Option<f64>,
+    /// The battery holds less than the degraded threshold of its care plan's energy.
+    pub degraded: bool,
+    /// The last drill and whether everyone told acknowledged it.
+    pub last_drill: Option<(Time, bool)>,
+}
+
+impl Row {
+    /// The backup does not cover the journey there and back plus the margin (or it is unknown).
+    pub fn short(&self) -> bool {
+        match (self.backup_h, self.needed_h) {
+            (Some(b), Some(n)) => b + self.internal_min.unwrap_or(0.0) / 60.0 < n,
+            (None, _) => true,
+            (Some(_), None) => false,
+        }
+    }
+}
+
+/// A home's row from its plan, what was learned of its battery and its drills.
+pub fn row(plan: &Home, learned: Option<&crate::forecast::Learned>, degraded_below_pct: f64, drills: &[Alert]) -> Row {
+    let watts: f64 = plan.devices.iter().map(|d| d.watts).sum();
+    let plan_wh = plan.external_wh();
+    let health =
+        learned.filter(|l| l.usable() && plan_wh.is_some_and(|w| (w - l.plan_wh).abs() < 0.5)).map(|l| l.health);
+    let backup_h = plan_wh.filter(|_| watts > 0.0).map(|wh| wh * health.unwrap_or(1.0) / watts);
+    let last_drill = drills.iter().filter(|a| a.kind == AlertKind::Drill).max_by_key(|a| a.raised_at).map(|a| {
+        (a.raised_at, !a.notified.is_empty() && a.notified.iter().all(|r| a.acks.iter().any(|k| k.role == *r)))
+    });
+    Row {
+        municipality: plan.municipality_name.clone().unwrap_or_else(|| plan.municipality.clone()),
+        label: plan.label.clone(),
+        backup_h,
+        measured: health.is_some(),
+        internal_min: plan.backup.iter().find(|b| b.kind == BackupKind::VentilatorInternal).and_then(|b| b.runtime_min),
+        needed_h: plan.evacuation.as_ref().map(|e| f64::from(e.travel_min * 2 + MARGIN_MIN) / 60.0),
+        degraded: health.is_some_and(|h| h * 100.0 < degraded_below_pct),
+        last_drill,
+    }
+}
+
+fn hours(h: f64, lang: Lang) -> String {
+    crate::message::duration((h * 3600.0) as i64, lang)
+}
+
+fn median(mut v: Vec<f64>) -> Option<f64> {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    match n {
+        0 => None,
+        _ if n % 2 == 1 => Some(v[n / 2]),
+        _ => Some((v[n / 2 - 1] + v[n / 2]) / 2.0),
+    }
+}
+
+async fn rows(app: &App, v: &Viewer) -> Result<Vec<Row>, anyhow::Error> {
+    let snap = app.snap();
+    let engine: &Engine = &snap.engine;
+    let plans: Vec<(Home, Option<crate::forecast::Learned>)> = engine
+        .states_and_plans()
+        .filter(|(p, _)| v.user.may_see(p))
+        .map(|(p, st)| (p.clone(), st.and_then(|s| s.battery.clone())))
+        .collect();
+    let below = engine.settings().battery_degraded_below_pct;
+    let ids: Vec<_> = plans.iter().map(|(p, _)| p.id.clone()).collect();
+    let history: BTreeMap<String, Vec<Alert>> = app
+        .db(move |s| {
+            let mut out = BTreeMap::new();
+            for id in ids {
+                let drills: Vec<Alert> =
+                    s.alerts_for(&id, 200)?.into_iter().filter(|a| a.kind == AlertKind::Drill).collect();
+                out.insert(id.as_str().to_string(), drills);
+            }
+            Ok(out)
+        })
+        .await?;
+    let mut out: Vec<Row> = plans
+        .iter()
+        .map(|(p, l)| row(p, l.as_ref(), below, history.get(p.id.as_str()).map(Vec::as_slice).unwrap_or(&[])))
+        .collect();
+    out.sort_by(|a, b| a.municipality.cmp(&b.municipality).then(a.label.cmp(&b.label)));
+    Ok(out)
+}
+
+fn may(v: &Viewer) -> bool {
+    matches!(v.user.role, AccountRole::Admin | AccountRole::Coordinator)
+}
+
+/// `GET /readiness`.
+pub async fn page(State(app): State<App>, v: Viewer, client: Client) -> Response {
+    if !may(&v) {
+        return not_found(v.lang);
+    }
+    let rows = match rows(&app, &v).await {
+        Ok(r) => r,
+        Err(e) => return failed(e),
+    };
+    app.audit_view(&v, &client.text(), "view_readiness", "readiness", &format!("{} homes", rows.len())).await;
+    let (lang, offset) = (v.lang, app.style.offset);
+    let ja = lang == Lang::Ja;
+    let t = T(lang);
+    let title = if ja { "備えの状況" } else { "Readiness" };
+    let mut body = format!(
+        "<h1>{title}</h1><p>{} <a href=\"/readiness.csv\">CSV</a></p>",
+        if ja {
+            format!("移動時間の往復に{MARGIN_MIN}分を加えた時間を、予備電源で支えられるかを見ています。電池の時間は、これまでの停電で測れた世帯はその実測から、ほかはケア計画から計算しています。")
+        } else {
+            format!("Whether each home's backup covers the journey there and back plus {MARGIN_MIN} minutes. Battery time is from what earlier outages measured where they did, otherwise from the care plan.")
+        }
+    );
+    let mut by_muni: BTreeMap<&str, Vec<&Row>> = BTreeMap::new();
+    for r in &rows {
+        by_muni.entry(r.municipality.as_str()).or_default().push(r);
+    }
+    for (m, rs) in by_muni {
+        let hs: Vec<f64> = rs.iter().filter_map(|r| r.backup_h).collect();
+        let worst = hs.iter().copied().fold(None, |a: Option<f64>, x| Some(a.map_or(x, |a| a.min(x))));
+        let drilled = rs.iter().filter(|r| r.last_drill.is_some()).count();
+        let _ = write!(
+            body,
+            "<section><h2>{}</h2><dl class=\"state\">\
+             <div><dt>{}</dt><dd>{}</dd></div><div><dt>{}</dt><dd>{}</dd></div><div><dt>{}</dt><dd>{}</dd></div>\
+             <div><dt>{}</dt><dd>{}</dd></div><div><dt>{}</dt><dd>{}</dd></div><div><dt>{}</dt><dd>{}</dd></div><div><dt>{}</dt><dd>{}</dd></div></dl>",
+            escape(m),
+            if ja { "見守っている世帯" } else { "Homes watched" },
+            rs.len(),
+            if ja { "予備電源（中央値）" } else { "Backup (median)" },
+            median(hs.clone()).map(|h| hours(h, lang)).unwrap_or_else(|| "—".into()),
+            if ja { "予備電源（最短）" } else { "Backup (shortest)" },
+            worst.map(|h| hours(h, lang)).unwrap_or_else(|| "—".into()),
+            if ja { "移動に足りない世帯" } else { "Short for the journey" },
+            rs.iter().filter(|r| r.short()).count(),
+            if ja { "電池が劣化している世帯" } else { "Degraded batteries" },
+            rs.iter().filter(|r| r.degraded).count(),
+            if ja { "避難先のない世帯" } else { "Without a destination" },
+            rs.iter().filter(|r| r.needed_h.is_none()).count(),
+            if ja { "訓練をした世帯" } else { "Homes with a drill" },
+            drilled,
+        );
+        let _ = write!(
+            body,
+            "<table class=\"readiness\"><thead><tr><th>{}</th><th>{}</th><th>{}</th><th>{}</th><th>{}</th></tr></thead><tbody>",
+            t.t("home"),
+            if ja { "予備電源" } else { "Backup" },
+            if ja { "必要な時間" } else { "Needed" },
+            if ja { "電池" } else { "Battery" },
+            if ja { "最後の訓練" } else { "Last drill" },
+        );
+        for r in rs {
+            let backup = match (r.backup_h, r.measured) {
+                (Some(h), true) => format!("{}{}", hours(h, lang), if ja { "（実測）" } else { " (measured)" }),
+                (Some(h), false) => format!("{}{}", hours(h, lang), if ja { "（計画）" } else { " (care plan)" }),
+                (None, _) => {
+                    (if ja { "ケア計画に電池の量がありません" } else { "no energy in the care plan" }).to_string()
+                }
+            };
+            let internal = r
+                .internal_min
+                .map(|m| {
+                    format!(
+                        "<br><small>{}{}</small>",
+                        if ja { "＋呼吸器の内蔵電池 " } else { "+ the ventilator's own " },
+                        hours(m / 60.0, lang)
+                    )
+                })
+                .unwrap_or_default();
+            let needed = r
+                .needed_h
+                .map(|h| hours(h, lang))
+                .unwrap_or_else(|| (if ja { "避難先がありません" } else { "no destination" }).to_string());
+            let battery = if r.degraded {
+                format!("<span class=\"pill bad\">{}</span>", if ja { "劣化" } else { "degraded" })
+            } else {
+                String::new()
+            };
+            let drill = match (r.last_drill, ja) {
+                (Some((at, true)), true) => format!("{}（全員が確認）", local(at, offset)),
+                (Some((at, true)), false) => format!("{} (all acknowledged)", local(at, offset)),
+                (Some((at, false)), true) => format!("{}（未確認の人あり）", local(at, offset)),
+                (Some((at, false)), false) => format!("{} (not all acknowledged)", local(at, offset)),
+                (None, true) => "まだ".into(),
+                (None, false) => "none yet".into(),
+            };
+            let _ = write!(
+                body,
+                "<tr class=\"{cls}\"><td>{}</td><td>{backup}{internal}</td><td>{needed}</td><td>{battery}</td><td>{drill}</td></tr>",
+                escape(&r.label),
+                cls = if r.short() { "leave-overdue" } else { "" },
+            );
+        }
+        body.push_str("</tbody></table></section>");
+    }
+    layout(&v, title, &body).into_response()
+}
+
+/// `GET /readiness.csv`: the same rows, in the reader's language.
+pub async fn csv(State(app): State<App>, v: Viewer, client: Client) -> Response {
+    if !may(&v) {
+        return not_found(v.lang);
+    }
+    let rows = match rows(&app, &v).await {
+        Ok(r) => r,
+        Err(e) => return failed(e),
+    };
+    app.audit(&v.user.username, &client.text(), "export_readiness", "readiness", &format!("{} homes", rows.len()))
+        .await;
+    let ja = v.lang == Lang::Ja;
+    let q = |s: &str| format!("\"{}\"", crate::audit::csv_text(s).replace('"', "\"\""));
+    let header: [&str; 9] = if ja {
+        [
+            "市町村",
+            "世帯",
+            "予備電源（時間）",
+            "実測",
+            "呼吸器の内蔵電池（分）",
+            "必要な時間（時間）",
+            "移動に足りない",
+            "電池の劣化",
+            "最後の訓練",
+        ]
+    } else {
+        [
+            "Municipality",
+            "Home",
+            "Backup (h)",
+            "Measured",
+            "Ventilator's own battery (min)",
+            "Needed (h)",
+            "Short",
+            "Degraded",
+            "Last drill",
+        ]
+    };
+    let yes_no = |b: bool| {
+        if b {
+            if ja {
+                "はい"
+            } else {
+                "yes"
+            }
+        } else if ja {
+            "いいえ"
+        } else {
+            "no"
+        }
+    };
+    let mut out = String::from("\u{feff}");
+    out.push_str(&header.iter().map(|h| q(h)).collect::<Vec<_>>().join(","));
+    out.push_str("\r\n");
+    for r in &rows {
+        let cells = [
+            r.municipality.clone(),
+            r.label.clone(),
+            r.backup_h.map(|h| format!("{h:.1}")).unwrap_or_default(),
+            yes_no(r.measured).to_string(),
+            r.internal_min.map(|m| format!("{m:.0}")).unwrap_or_default(),
+            r.needed_h.map(|h| format!("{h:.1}")).unwrap_or_default(),
+            yes_no(r.short()).to_string(),
+            yes_no(r.degraded).to_string(),
+            r.last_drill.map(|(at, _)| local(at, app.style.offset)).unwrap_or_default(),
+        ];
+        out.push_str(&cells.iter().map(|c| q(c)).collect::<Vec<_>>().join(","));
+        out.push_str("\r\n");
+    }
+    (
+        [
+            (header::CONTENT_TYPE, "text/csv; charset=utf-8"),
+            (header::CONTENT_DISPOSITION, "attachment; filename=\"mamori-readiness.csv\""),
+        ],
+        out,
+    )
+        .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plan(text: &str) -> Home {
+        let toml = format!(
+            "[[home]]\nid = \"h-1\"\nmunicipality = \"431001\"\nmunicipality_name = \"熊本市\"\nlabel = \"H-1\"\n{text}\n\
+             contacts = [{{ role = \"family\", name = \"母\", channels = [{{ console = \"f\" }}] }}]\n"
+        );
+        crate::homes::HomesFile::parse(&toml, std::path::Path::new("h.toml"), &Default::default())
+            .unwrap()
+            .homes
+            .remove(0)
+    }
+
+    #[test]
+    fn a_backup_that_cannot_cover_the_journey_is_short_and_a_measured_battery_counts() {
+        // 100 W, 300 Wh: 3 h; 60 min away: 2 h there and back + 1 h margin = 3 h. Covered, just.
+        let p = plan(
+            "devices = [{ name = \"ventilator\", watts = 100 }]\nbackup = [{ kind = \"ups\", usable_wh = 300 }]\n\
+             evacuation = { destination = \"病院\", travel_min = 60 }",
+        );
+        let r = row(&p, None, 70.0, &[]);
+        assert_eq!((r.backup_h, r.needed_h, r.short(), r.measured), (Some(3.0), Some(3.0), false, false));
+        // Earlier outages measured the battery at half its plan: 1.5 h, short and degraded.
+        let learned = crate::forecast::Learned {
+            source: BackupKind::Ups,
+            plan_wh: 300.0,
+            health: 0.5,
+            optimism: None,
+            evidence_pct: 100.0,
+            discharges: 2,
+            updated_at: chrono::DateTime::from_timestamp(1_790_000_000, 0).unwrap(),
+        };
+        let r = row(&p, Some(&learned), 70.0, &[]);
+        assert_eq!((r.backup_h, r.short(), r.degraded, r.measured), (Some(1.5), true, true, true));
+        // The ventilator's own battery counts toward the journey.
+        let p = plan(
+            "devices = [{ name = \"ventilator\", watts = 100 }]\nbackup = [{ kind = \"ups\", usable_wh = 150 }, { kind = \"ventilator_internal\", runtime_min = 120 }]\n\
+             evacuation = { destination = \"病院\", travel_min = 30 }",
+        );
+        let r = row(&p, None, 70.0, &[]);
+        assert!(!r.short(), "1.5 h + 2 h against 2 h: {r:?}");
+        // No destination: not short for a journey, but counted as without one.
+        let p =
+            plan("devices = [{ name = \"ventilator\", watts = 100 }]\nbackup = [{ kind = \"ups\", usable_wh = 150 }]");
+        let r = row(&p, None, 70.0, &[]);
+        assert_eq!((r.needed_h, r.short()), (None, false));
+        assert_eq!(median(vec![3.0, 1.0, 2.0]), Some(2.0));
+        assert_eq!(median(vec![]), None);
+    }
+}
