@@ -839,7 +839,7 @@ pub fn main() -> ExitCode {
                     println!("{}: {}", n.name, out.join(format!("nats-{}.conf", n.name)).display());
                 }
                 println!(
-                    "copy {} (ca.pem, broker.pem/.key, nats-route.pem/.key, nats-users.conf) to each node; \
+                    "copy {} (ca.pem, nats-broker.pem/.key, nats-route.pem/.key, nats-users.conf) to each node; \
                      start each with `nats-server -c nats-<node>.conf`",
                     on_nodes.display()
                 );

@@ -656,8 +656,14 @@ impl Config {
             );
         }
         for (i, f) in c.broker.failover.iter().enumerate() {
-            if let Err(e) = mamori_agent::config::parse_host_port(f) {
-                bad(&format!("broker.failover[{i}]"), &e);
+            match mamori_agent::config::parse_host_port(f) {
+                Err(e) => bad(&format!("broker.failover[{i}]"), &e),
+                // The broker's password would cross the network in clear.
+                Ok((host, _)) if c.broker.tls.is_none() && !is_loopback(&host) => bad(
+                    &format!("broker.failover[{i}]"),
+                    "a loopback broker, or a [broker.tls] section: plain MQTT is only allowed on loopback",
+                ),
+                Ok(_) => {}
             }
         }
         if !c.broker.failover.is_empty() && c.embedded_broker.is_some() {
@@ -1025,8 +1031,11 @@ template = '{"to":"{to}","text":"{text}"}'
         let with = |line: &str| {
             Config::parse(&GOOD.replace("port = 1883\n", &format!("port = 1883\n{line}\n")), Path::new("g.toml"))
         };
-        let c = with("failover = [\"127.0.0.1:1884\", \"mq3.example.lg.jp:8883\"]").unwrap();
+        let c = with("failover = [\"127.0.0.1:1884\", \"localhost:1885\"]").unwrap();
         assert_eq!(c.broker.failover.len(), 2);
+        // Without TLS, only loopback: the password would cross the network in clear.
+        let e = with("failover = [\"127.0.0.1:1884\", \"mq3.example.lg.jp:8883\"]").unwrap_err().to_string();
+        assert!(e.contains("broker.failover[1]") && e.contains("tls"), "{e}");
         let e = with("failover = [\"127.0.0.1\"]").unwrap_err().to_string();
         assert!(e.contains("broker.failover[0]") && e.contains("host:port"), "{e}");
         let e = with("share_group = \"gws\"").unwrap_err().to_string();

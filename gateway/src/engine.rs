@@ -202,6 +202,82 @@ pub struct AckInfo {
     pub at: Time,
     /// What they said they are doing.
     pub note: Option<String>,
+    /// A family's or a facility's answer from its page (then this is no free text).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub answer: Option<Answer>,
+}
+
+impl AckInfo {
+    /// Whether this counts as an acknowledgement: everything but a facility saying it cannot
+    /// take the child (which must not slow the escalation down).
+    pub fn acknowledges(&self) -> bool {
+        self.answer != Some(Answer::CannotAccept)
+    }
+
+    /// What they said, in the reader's language: the answer's words, or their note.
+    pub fn said(&self, lang: crate::homes::Lang) -> Option<String> {
+        self.answer.map(|a| a.text(lang).to_string()).or_else(|| self.note.clone())
+    }
+}
+
+/// The answers a family or a facility gives about a home from its page.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Answer {
+    /// A family: 「避難します」.
+    Evacuating,
+    /// A family: 「電源を確保しました」.
+    PowerSecured,
+    /// A facility: 「受け入れられます」.
+    CanAccept,
+    /// A facility: 「受け入れられません」 (not an acknowledgement).
+    CannotAccept,
+}
+
+impl Answer {
+    /// From its wire name.
+    pub fn parse(s: &str) -> Option<Answer> {
+        match s {
+            "evacuating" => Some(Answer::Evacuating),
+            "power_secured" => Some(Answer::PowerSecured),
+            "can_accept" => Some(Answer::CanAccept),
+            "cannot_accept" => Some(Answer::CannotAccept),
+            _ => None,
+        }
+    }
+
+    /// Its wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Answer::Evacuating => "evacuating",
+            Answer::PowerSecured => "power_secured",
+            Answer::CanAccept => "can_accept",
+            Answer::CannotAccept => "cannot_accept",
+        }
+    }
+
+    /// Whose answer it is.
+    pub fn role(self) -> Role {
+        match self {
+            Answer::Evacuating | Answer::PowerSecured => Role::Family,
+            Answer::CanAccept | Answer::CannotAccept => Role::Facility,
+        }
+    }
+
+    /// In the reader's language.
+    pub fn text(self, lang: crate::homes::Lang) -> &'static str {
+        use crate::homes::Lang::{En, Ja};
+        match (self, lang) {
+            (Answer::Evacuating, Ja) => "避難します",
+            (Answer::Evacuating, En) => "We are leaving for the destination",
+            (Answer::PowerSecured, Ja) => "電源を確保しました",
+            (Answer::PowerSecured, En) => "We have power again",
+            (Answer::CanAccept, Ja) => "受け入れられます",
+            (Answer::CanAccept, En) => "We can take the child",
+            (Answer::CannotAccept, Ja) => "受け入れられません",
+            (Answer::CannotAccept, En) => "We cannot take the child",
+        }
+    }
 }
 
 /// An alert: one active per (home, kind).
@@ -363,15 +439,10 @@ pub struct TriageRow {
     pub destination: Option<String>,
     /// Travel time, min.
     pub travel_min: Option<u32>,
-}
-
-impl TriageRow {
-    /// How long until the child must leave, s (negative: overdue): the pessimistic time left
-    /// less the travel time; without a destination, the pessimistic time left.
-    pub fn leave_in_s(&self) -> Option<i64> {
-        let p10 = self.time_left_range_s.map(|x| x.0).or(self.time_left_s)?;
-        Some(p10 - self.travel_min.map_or(0, |m| i64::from(m) * 60))
-    }
+    /// How long until the child must leave, s (negative: overdue): the pessimistic time
+    /// everything runs out, less the travel time; without a destination, until it runs out.
+    #[serde(default)]
+    pub leave_in_s: Option<i64>,
 }
 
 /// A regional incident: one per municipality at a time.
@@ -520,6 +591,16 @@ pub enum Input {
         by: String,
         /// Their note.
         note: Option<String>,
+    },
+    /// A family or a facility answered from its page about a home's alert (recorded with its
+    /// acknowledgements; a facility's refusal does not acknowledge).
+    Answer {
+        /// Alert id.
+        alert_id: String,
+        /// Who (an account).
+        by: String,
+        /// The answer (its role is the answer's).
+        answer: Answer,
     },
     /// Someone cleared an alert by hand (from the dashboard), for a condition that is over
     /// but whose clearing event will never come (a device taken away, say). Refused while
@@ -796,7 +877,15 @@ impl Engine {
             Input::RetainedStatus(home, s) => self.on_status(home, s, true, now),
             Input::Telemetry(home, t) => self.on_telemetry(home, t, now),
             Input::Event(home, e) => self.on_event(home, e, now),
-            Input::Ack { alert_id, role, by, note } => self.on_ack(alert_id, AckInfo { role, by, at: now, note }),
+            Input::Ack { alert_id, role, by, note } => {
+                self.on_ack(alert_id, AckInfo { role, by, at: now, note, answer: None })
+            }
+            Input::Answer { alert_id, by, answer } => {
+                if !self.alert_index.contains_key(&alert_id) {
+                    return Err(EngineError::UnknownAlert(alert_id));
+                }
+                self.on_ack(alert_id, AckInfo { role: answer.role(), by, at: now, note: None, answer: Some(answer) })
+            }
             Input::Drill { home, by } => {
                 if !self.plans.contains_key(&home) {
                     return Err(EngineError::UnknownHome(home.as_str().to_string()));
@@ -1154,11 +1243,22 @@ impl Engine {
             .ok_or_else(|| EngineError::UnknownAlert(alert_id.clone()))?;
         // The same person acknowledging the same step again is nothing new; with another note
         // (a family's answer after an acknowledgement) it is.
-        let again = alert
-            .acks
-            .iter()
-            .any(|a| a.by == ack.by && a.role == ack.role && a.note == ack.note && a.at >= alert.step_entered_at);
+        let again = alert.acks.iter().any(|a| {
+            a.by == ack.by
+                && a.role == ack.role
+                && a.note == ack.note
+                && a.answer == ack.answer
+                && a.at >= alert.step_entered_at
+        });
         if again {
+            return Ok(());
+        }
+        if !ack.acknowledges() {
+            // Recorded for the coordinator to see; the escalation goes on as if unanswered.
+            alert.acks.push(ack);
+            self.outputs.push(Output::Alert(alert.clone()));
+            self.dirty_homes.insert(home.clone());
+            self.touch_incident(&home);
             return Ok(());
         }
         if alert.acknowledged.is_none() {
@@ -1757,13 +1857,18 @@ impl Engine {
                     acknowledged_by: ack,
                     destination: plan.evacuation.as_ref().map(|e| e.destination.clone()),
                     travel_min: plan.evacuation.as_ref().map(|e| e.travel_min),
+                    // Not clamped at zero: an overdue home sorts by how long overdue it is.
+                    leave_in_s: f.map(|f| {
+                        (f.runs_out.p10 - now).num_seconds()
+                            - plan.evacuation.as_ref().map_or(0, |e| i64::from(e.travel_min) * 60)
+                    }),
                 })
             })
             .collect();
         // Whoever must leave soonest first: the pessimistic time left less the travel (the
         // time left alone without a destination); homes back on mains last; silent homes
         // without a forecast before those.
-        rows.sort_by_key(|r| (!r.on_battery && !r.silent, r.leave_in_s().unwrap_or(i64::MAX), r.label.clone()));
+        rows.sort_by_key(|r| (!r.on_battery && !r.silent, r.leave_in_s.unwrap_or(i64::MAX), r.label.clone()));
         rows
     }
 

@@ -1146,6 +1146,7 @@ mod tests {
             acknowledged_by: (label == "K-03").then_some(Role::Coordinator),
             destination: Some("熊本大学病院".into()),
             travel_min: Some(40),
+            leave_in_s: left.map(|l| l - 900 - 40 * 60),
         };
         let rows = vec![row("K-01", true, Some(5400)), row("K-02", true, None), row("K-03", false, None)];
         for closed in [false, true] {

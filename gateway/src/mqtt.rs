@@ -164,7 +164,8 @@ pub fn spawn_link(
                 }
                 Ok(_) => {}
                 Err(e) => {
-                    tracing::warn!(error = %e, retry_ms = delay.as_millis() as u64, "broker connection");
+                    let (host, port) = eventloop.mqtt_options.broker_address();
+                    tracing::warn!(error = %e, broker = %format!("{host}:{port}"), retry_ms = delay.as_millis() as u64, "broker connection");
                     if std::mem::take(&mut up) && tx.send(FromMqtt::Disconnected).await.is_err() {
                         return;
                     }

@@ -19,7 +19,9 @@
 //!   before its restart.
 //! - `nats-<node>.conf` (mode 0600: it holds the route password), one per node, beside
 //!   `nats-users.conf` (NATS resolves an include against the including file's folder): its name,
-//!   the MQTT listener on TLS requiring a client certificate from the deployment's CA, the
+//!   the MQTT listener on TLS (its own certificate, `nats-broker.pem`, naming every node's
+//!   host, so an agent can check the node it fails over to) requiring a client certificate
+//!   from the deployment's CA, the
 //!   cluster routes on TLS with their own certificate (`nats-route.pem`, for the nodes' host
 //!   names) and a route password (`nats-route-password`, so a home's certificate, from the
 //!   same CA, cannot join as a route), JetStream's folder, a loopback monitoring port
@@ -221,8 +223,8 @@ pub fn node_conf(
         store = quote(&store_dir.join(&node.name).display().to_string()),
         mqtt = node.mqtt_port,
         cluster = node.cluster_port,
-        broker_pem = p("broker.pem"),
-        broker_key = p("broker.key"),
+        broker_pem = p("nats-broker.pem"),
+        broker_key = p("nats-broker.key"),
         ca = p("ca.pem"),
         rpw = quote(route_password),
         route_pem = p("nats-route.pem"),

@@ -307,9 +307,10 @@ impl Pki {
         Ok(text.lines().filter_map(|l| l.split_once(':')).map(|(u, h)| (u.to_string(), h.to_string())).collect())
     }
 
-    /// Generate a NATS cluster's configs (see [`crate::nats`]): a route certificate for the
-    /// nodes' hosts and a route password (both made once, kept after), and one
-    /// `nats-<node>.conf` per node into `out`. `pki_on_nodes`: where the PKI folder's files
+    /// Generate a NATS cluster's configs (see [`crate::nats`]): a server certificate for the
+    /// MQTT listeners and a route certificate, both naming every node's host (made again at
+    /// each call, so a changed node list is covered), a route password (made once, kept
+    /// after), and one `nats-<node>.conf` per node into `out`. `pki_on_nodes`: where the PKI folder's files
     /// are on the nodes. Returns the homes that were provisioned before this PKI kept NATS
     /// passwords (they cannot connect to the cluster until provisioned again).
     pub fn nats(
@@ -327,13 +328,19 @@ impl Pki {
         let route = leaf(
             &self.issuer(now)?,
             "mamori NATS route",
-            hosts,
+            hosts.clone(),
             &[ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth],
             now,
             825,
         )?;
         write_file(&self.dir.join("nats-route.pem"), &route.cert_pem, 0o644)?;
         write_file(&self.dir.join("nats-route.key"), &route.key_pem, 0o600)?;
+        // The MQTT listeners' own certificate: `broker.pem` names the hosts `pki init` was
+        // given (a Mosquitto's), and an agent failing over to a node checks that node's name.
+        let server =
+            leaf(&self.issuer(now)?, &hosts[0], hosts.clone(), &[ExtendedKeyUsagePurpose::ServerAuth], now, 825)?;
+        write_file(&self.dir.join("nats-broker.pem"), &server.cert_pem, 0o644)?;
+        write_file(&self.dir.join("nats-broker.key"), &server.key_pem, 0o600)?;
         let pw_path = self.dir.join("nats-route-password");
         let route_password = match std::fs::read_to_string(&pw_path) {
             Ok(p) if !p.trim().is_empty() => p.trim().to_string(),
@@ -567,6 +574,11 @@ mod tests {
         assert!(pki.provision(&HomeId::new(GATEWAY_USER).unwrap(), now()).is_err());
     }
 
+    fn rustls_pki_types_der(pem: &str) -> Vec<u8> {
+        let b64: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
+        base64::engine::general_purpose::STANDARD.decode(b64).unwrap()
+    }
+
     #[test]
     fn a_nats_cluster_gets_a_config_per_node_and_names_homes_without_a_nats_password() {
         use std::os::unix::fs::PermissionsExt;
@@ -590,7 +602,14 @@ mod tests {
             a.contains(&format!("nats-route://route:{route_pw}@10.0.0.2:6222")) && !a.contains("10.0.0.1:6222"),
             "{a}"
         );
-        assert!(a.contains("\"/etc/nats/broker.pem\"") && a.contains("verify: true"), "{a}");
+        assert!(a.contains("\"/etc/nats/nats-broker.pem\"") && a.contains("verify: true"), "{a}");
+        // The listeners' certificate names every node (an agent checks the name of the one it
+        // fails over to), though `pki init` named only 127.0.0.1.
+        let pem = std::fs::read_to_string(dir.path().join("nats-broker.pem")).unwrap();
+        let der = rustls_pki_types_der(&pem);
+        for host in [&[10u8, 0, 0, 1][..], &[10, 0, 0, 2], &[10, 0, 0, 3]] {
+            assert!(der.windows(4).any(|w| w == host), "the certificate names {host:?}");
+        }
         assert_eq!(std::fs::metadata(out.join("nats-a.conf")).unwrap().permissions().mode() & 0o077, 0);
         // Generated again: the same route password.
         pki.nats(&nodes, &out, Path::new("/etc/nats"), Path::new("/var/lib/nats"), "0.0.0.0", now()).unwrap();

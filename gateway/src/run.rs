@@ -858,11 +858,31 @@ impl Service {
         self.transaction(|s| s.persist()).map_err(|e| e.to_string())
     }
 
+    /// Record a family's or a facility's answer.
+    pub fn answer(
+        &mut self,
+        alert_id: &str,
+        by: &str,
+        answer: crate::engine::Answer,
+        now: Time,
+    ) -> Result<Vec<(HomeId, mqtt::Ack)>, String> {
+        if let Some(why) = self.degraded_refusal() {
+            return Err(why);
+        }
+        let input = Input::Answer { alert_id: alert_id.to_string(), by: by.to_string(), answer };
+        self.engine.handle(input, now).map_err(|e| e.to_string())?;
+        tracing::info!(alert = alert_id, answer = answer.as_str(), by, "answered");
+        self.transaction(|s| s.persist()).map_err(|e| e.to_string())
+    }
+
     /// A request from the web, answered.
     fn on_web(&mut self, req: WebRequest) {
         let (r, reply) = match req {
             WebRequest::Ack { alert_id, role, by, note, reply } => {
                 (self.acknowledge(&alert_id, role, &by, note, clock::now()), reply)
+            }
+            WebRequest::Answer { alert_id, by, answer, reply } => {
+                (self.answer(&alert_id, &by, answer, clock::now()), reply)
             }
             WebRequest::Clear { alert_id, by, reply } => (self.clear(&alert_id, &by, clock::now()), reply),
             WebRequest::Drill { home, by, reply } => {

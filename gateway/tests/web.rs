@@ -16,7 +16,7 @@ use axum::Router;
 use chrono::Utc;
 use http_body_util::BodyExt;
 use mamori_gateway::accounts::{AccountRole, Accounts, NewUser, TotpKey};
-use mamori_gateway::engine::{AlertKind, Engine, Input, Settings};
+use mamori_gateway::engine::{AlertKind, Answer, Engine, Input, Settings};
 use mamori_gateway::homes::{HomesFile, Known};
 use mamori_gateway::message::Style;
 use mamori_gateway::policy::Policies;
@@ -140,6 +140,7 @@ fn fixture(dir: &Path) -> Parts {
             let (input, reply) = match r {
                 WebRequest::Ack { alert_id, role, by, note, reply } => (Input::Ack { alert_id, role, by, note }, reply),
                 WebRequest::Clear { alert_id, by, reply } => (Input::Clear { alert_id, by }, reply),
+                WebRequest::Answer { alert_id, by, answer, reply } => (Input::Answer { alert_id, by, answer }, reply),
                 WebRequest::Drill { home, by, reply } => {
                     let r = e.handle(Input::Drill { home: home.clone(), by }, Utc::now()).map_err(|e| e.to_string());
                     let id = e.home_state(&home).and_then(|s| s.alerts.get(&AlertKind::Drill)).map(|a| a.id.clone());
@@ -1227,17 +1228,13 @@ async fn a_family_sees_what_to_do_and_its_answers_reach_the_coordinators_board()
     assert!(r.body.contains("コーディネーターに伝えました"), "{}", r.body);
     let r = send(&f, page(&f, Some("family_a1"), "POST", "/homes/home-a1/answer", "answer=power_secured")).await;
     assert_eq!(r.status, StatusCode::SEE_OTHER, "{}", r.body);
-    let notes: Vec<Option<String>> = {
+    let notes: Vec<Option<Answer>> = {
         let e = f.engine.lock().unwrap();
         let a =
             &e.home_state(&HomeId::new("home-a1").unwrap()).unwrap().alerts[&AlertKind::Event(EventKind::MainsLost)];
-        a.acks.iter().filter(|k| k.role == mamori_protocol::mqtt::Role::Family).map(|k| k.note.clone()).collect()
+        a.acks.iter().filter(|k| k.role == mamori_protocol::mqtt::Role::Family).map(|k| k.answer).collect()
     };
-    assert_eq!(
-        notes,
-        [Some("避難します".to_string()), Some("電源を確保しました".to_string())],
-        "both answers, in order"
-    );
+    assert_eq!(notes, [Some(Answer::Evacuating), Some(Answer::PowerSecured)], "both answers, in order");
     let r = send(&f, page(&f, Some("coord_a"), "GET", "/homes/home-a1", "")).await;
     assert!(r.body.contains("避難します") && r.body.contains("電源を確保しました"), "{}", r.body);
     assert_eq!(audited(&f, "family_answer", "family-a1"), 2);
@@ -1333,14 +1330,17 @@ async fn a_facility_sees_who_may_come_when_and_with_what_and_answers_the_coordin
         let e = f.engine.lock().unwrap();
         let a =
             &e.home_state(&HomeId::new("home-a1").unwrap()).unwrap().alerts[&AlertKind::Event(EventKind::MainsLost)];
-        a.acks
-            .iter()
-            .any(|k| k.role == mamori_protocol::mqtt::Role::Facility && k.note.as_deref() == Some("受け入れられます"))
+        a.acks.iter().any(|k| k.role == mamori_protocol::mqtt::Role::Facility && k.answer == Some(Answer::CanAccept))
     };
     assert!(noted, "the answer is on the alert");
     let r = send(&f, page(&f, Some("coord_a"), "GET", "/alerts", "")).await;
     assert!(r.body.contains("受け入れられます"), "the coordinator sees it: {}", r.body);
     assert_eq!(audited(&f, "facility_answer", "facility-a1"), 1);
+    // A refusal after it: shown to the coordinator, and no acknowledgement.
+    let r = send(&f, page(&f, Some("facility_a1"), "POST", "/homes/home-a1/answer", "answer=cannot_accept")).await;
+    assert_eq!(r.status, StatusCode::SEE_OTHER, "{}", r.body);
+    let r = send(&f, page(&f, Some("coord_a"), "GET", "/alerts", "")).await;
+    assert!(r.body.contains("受け入れられません"), "the coordinator sees the refusal: {}", r.body);
     // Each answers only its own questions.
     let r = send(&f, page(&f, Some("facility_a1"), "POST", "/homes/home-a1/answer", "answer=evacuating")).await;
     assert_eq!(r.status, StatusCode::BAD_REQUEST);
@@ -1414,4 +1414,19 @@ async fn the_readiness_report_counts_each_municipalitys_homes_in_scope_and_expor
         lines[1]
     );
     assert_eq!(audited(&f, "export_readiness", "coord-a"), 1);
+}
+
+#[tokio::test]
+async fn a_refusal_alone_is_no_acknowledgement_and_the_family_reads_it_as_a_refusal() {
+    let f = setup().await;
+    let r = send(&f, page(&f, Some("facility_a1"), "POST", "/homes/home-a1/answer", "answer=cannot_accept")).await;
+    assert_eq!(r.status, StatusCode::SEE_OTHER, "{}", r.body);
+    {
+        let e = f.engine.lock().unwrap();
+        let a =
+            &e.home_state(&HomeId::new("home-a1").unwrap()).unwrap().alerts[&AlertKind::Event(EventKind::MainsLost)];
+        assert!(a.acknowledged.is_none(), "{:?}", a.acks);
+    }
+    let r = send(&f, page(&f, Some("coord_a"), "GET", "/homes/home-a1", "")).await;
+    assert!(r.body.contains("受け入れられません") && !r.body.contains("pill ok\">確認済み"), "{}", r.body);
 }

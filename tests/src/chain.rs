@@ -173,6 +173,9 @@ impl Chain {
             .collect();
         std::fs::write(root.join("homes.toml"), homes)?;
         let gateway_config = root.join("gateway.toml");
+        // The broker's certificate names what `pki init` was given (127.0.0.1 and localhost);
+        // a NATS node's, the nodes' hosts (127.0.0.1).
+        let gateway_host = if o.nats { "127.0.0.1" } else { "localhost" };
         let write_config = |broker_port: u16, failover: &[u16], reload: &str| -> Result<()> {
             let failover: Vec<String> = failover.iter().map(|p| format!("\"127.0.0.1:{p}\"")).collect();
             let endpoints: String = ["family", "coord", "facility"]
@@ -186,7 +189,7 @@ impl Chain {
                 format!(
                     "data_dir = \"data\"\nhomes_file = \"homes.toml\"\npublic_url = \"http://127.0.0.1:{http_port}\"\n\
                      link_secret = {{ value = \"e2e-link-secret-for-the-chain\" }}\n\
-                     [broker]\nhost = \"localhost\"\nport = {broker_port}\nfailover = [{failover}]\nclient_id = \"gw-e2e\"\n\
+                     [broker]\nhost = \"{gateway_host}\"\nport = {broker_port}\nfailover = [{failover}]\nclient_id = \"gw-e2e\"\n\
                      username = \"mamori-gateway\"\npassword = {{ file = \"{p}/gateway-password\" }}\n\
                      [broker.tls]\nca_file = \"{p}/ca.pem\"\nclient_cert_file = \"{p}/gateway.pem\"\n\
                      client_key_file = \"{p}/gateway.key\"\n\

@@ -18,10 +18,10 @@ use mamori_protocol::mqtt::Role;
 
 use super::auth::Viewer;
 use super::escape;
-use super::family::{main_alert, Answer};
+use super::family::main_alert;
 use super::pages::{clock, layout, T};
 use super::view::HomeView;
-use crate::engine::{Engine, Time};
+use crate::engine::{Answer, Engine, Time};
 use crate::homes::Lang;
 use crate::message;
 
@@ -129,12 +129,12 @@ pub(super) fn page(
             if ja { format!("（計{total:.0}W）") } else { format!(" ({total:.0} W in all)") }
         );
         if let Some(a) = main_alert(h) {
-            if let Some(said) = a.acks.iter().rev().find(|k| k.role == Role::Facility && k.note.is_some()) {
+            if let Some(said) = a.acks.iter().rev().filter(|k| k.role == Role::Facility).find_map(|k| k.said(lang)) {
                 let _ = write!(
                     body,
                     "<p class=\"muted\">{} <q>{}</q></p>",
                     if ja { "あなたの答え:" } else { "Your answer:" },
-                    escape(said.note.as_deref().unwrap_or_default())
+                    escape(&said)
                 );
             }
             let _ = write!(
@@ -144,9 +144,9 @@ pub(super) fn page(
                  <button type=\"submit\" name=\"answer\" value=\"{na}\" class=\"secondary\">{nat}</button></form>",
                 id = escape(&h.id),
                 csrf = v.csrf_field(),
-                ca = Answer::CanAccept.wire(),
+                ca = Answer::CanAccept.as_str(),
                 cat = Answer::CanAccept.text(lang),
-                na = Answer::CannotAccept.wire(),
+                na = Answer::CannotAccept.as_str(),
                 nat = Answer::CannotAccept.text(lang),
             );
         }

@@ -28,66 +28,10 @@ use super::pages::{clock, contacts_html, failed, layout, local, not_found, T};
 use super::view::{self, AlertView, HomeView};
 use super::{escape, App, Client, WebRequest};
 use crate::accounts::AccountRole;
-use crate::engine::Time;
+use crate::engine::{Answer, Time};
 use crate::homes::{BackupKind, Home, Lang};
 use crate::message::{self, Concern, Situation};
 use crate::store::{OutboxRow, OutboxStatus};
-
-/// The answers a family or a facility can give about a home.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Answer {
-    /// A family: 「避難します」.
-    Evacuating,
-    /// A family: 「電源を確保しました」.
-    PowerSecured,
-    /// A facility: 「受け入れられます」.
-    CanAccept,
-    /// A facility: 「受け入れられません」.
-    CannotAccept,
-}
-
-impl Answer {
-    fn parse(s: &str) -> Option<Answer> {
-        match s {
-            "evacuating" => Some(Answer::Evacuating),
-            "power_secured" => Some(Answer::PowerSecured),
-            "can_accept" => Some(Answer::CanAccept),
-            "cannot_accept" => Some(Answer::CannotAccept),
-            _ => None,
-        }
-    }
-
-    pub(super) fn wire(self) -> &'static str {
-        match self {
-            Answer::Evacuating => "evacuating",
-            Answer::PowerSecured => "power_secured",
-            Answer::CanAccept => "can_accept",
-            Answer::CannotAccept => "cannot_accept",
-        }
-    }
-
-    /// Whose answer it is.
-    fn role(self) -> AccountRole {
-        match self {
-            Answer::Evacuating | Answer::PowerSecured => AccountRole::Family,
-            Answer::CanAccept | Answer::CannotAccept => AccountRole::Facility,
-        }
-    }
-
-    /// What the coordinator reads, in the language of whoever answered (they said it).
-    pub fn text(self, lang: Lang) -> &'static str {
-        match (self, lang) {
-            (Answer::Evacuating, Lang::Ja) => "避難します",
-            (Answer::Evacuating, Lang::En) => "We are leaving for the destination",
-            (Answer::PowerSecured, Lang::Ja) => "電源を確保しました",
-            (Answer::PowerSecured, Lang::En) => "We have power again",
-            (Answer::CanAccept, Lang::Ja) => "受け入れられます",
-            (Answer::CanAccept, Lang::En) => "We can take the child",
-            (Answer::CannotAccept, Lang::Ja) => "受け入れられません",
-            (Answer::CannotAccept, Lang::En) => "We cannot take the child",
-        }
-    }
-}
 
 /// The alert a home's answers are about: the most urgent active one, an outage before the rest.
 pub(super) fn main_alert(h: &HomeView) -> Option<&AlertView> {
@@ -227,7 +171,8 @@ fn told(alert: &AlertView, rows: &[OutboxRow], lang: Lang) -> Vec<String> {
         .into_iter()
         .filter(|(_, rank)| *rank > 0)
         .map(|((name, role), rank)| {
-            let acked = alert.acks.iter().any(|a| a.role == role);
+            let acked = alert.acks.iter().any(|a| a.role == role && a.acknowledges());
+            let refused = alert.acks.iter().any(|a| a.role == role && !a.acknowledges());
             let status = match (rank, ja) {
                 (3, true) => "届きました",
                 (3, false) => "reached",
@@ -236,9 +181,11 @@ fn told(alert: &AlertView, rows: &[OutboxRow], lang: Lang) -> Vec<String> {
                 (_, true) => "届いていません",
                 (_, false) => "not reached",
             };
-            let ack = match (acked, ja) {
-                (true, true) => "・確認済み",
-                (true, false) => ", acknowledged",
+            let ack = match (acked, refused, ja) {
+                (true, _, true) => "・確認済み",
+                (true, _, false) => ", acknowledged",
+                (false, true, true) => "・受け入れられないとの答え",
+                (false, true, false) => ", answered they cannot take the child",
                 _ => "",
             };
             let role = message::role_text(role, lang);
@@ -344,9 +291,9 @@ pub(super) async fn page(app: &App, v: &Viewer, plan: &Home, h: HomeView, now: T
             if ja { "コーディネーターに伝える" } else { "Tell the coordinator" },
             id = escape(plan.id.as_str()),
             csrf = v.csrf_field(),
-            ev = Answer::Evacuating.wire(),
+            ev = Answer::Evacuating.as_str(),
             evt = Answer::Evacuating.text(lang),
-            ps = Answer::PowerSecured.wire(),
+            ps = Answer::PowerSecured.as_str(),
             pst = Answer::PowerSecured.text(lang),
         );
         let lines = told(a, &rows, lang);
@@ -394,34 +341,41 @@ pub async fn answer(
     }
     let snap = app.snap();
     let Some(plan) = view::home(&snap.engine, &v.user, &id) else { return not_found(v.lang) };
-    let Some(answer) = Answer::parse(&f.answer).filter(|a| a.role() == v.user.role) else {
+    let Some(answer) = Answer::parse(&f.answer).filter(|a| a.role() == v.user.role.ack_role()) else {
         let text = if v.lang == Lang::Ja { "この答えは選べません。" } else { "Not an answer you can give." };
         return (StatusCode::BAD_REQUEST, layout(&v, "400", &format!("<p class=\"error\">{text}</p>"))).into_response();
     };
     let h = view::home_view(plan, snap.engine.home_state(&plan.id), crate::clock::now());
+    let nothing = if v.lang == Lang::Ja {
+        "いま知らせていることはありません。"
+    } else {
+        "Nothing is being notified now."
+    };
     let Some(alert) = main_alert(&h) else {
-        let text = if v.lang == Lang::Ja {
-            "いま知らせていることはありません。"
-        } else {
-            "Nothing is being notified now."
-        };
-        return (StatusCode::CONFLICT, layout(&v, "409", &format!("<p class=\"error\">{text}</p>"))).into_response();
+        return (StatusCode::CONFLICT, layout(&v, "409", &format!("<p class=\"error\">{nothing}</p>"))).into_response();
     };
-    let (alert_id, note) = (alert.id.clone(), answer.text(v.lang).to_string());
+    let alert_id = alert.id.clone();
     let by = v.user.username.clone();
-    let detail = format!("{id} {}", answer.wire());
-    let (role, back) = match v.user.role {
-        AccountRole::Facility => (Role::Facility, format!("/?answered={}", plan.id.as_str())),
-        _ => (Role::Family, format!("/homes/{}?answered=1", plan.id.as_str())),
+    let detail = format!("{id} {}", answer.as_str());
+    let back = match v.user.role {
+        AccountRole::Facility => format!("/?answered={}", plan.id.as_str()),
+        _ => format!("/homes/{}?answered=1", plan.id.as_str()),
     };
-    match app.ask(|reply| WebRequest::Ack { alert_id: alert_id.clone(), role, by, note: Some(note), reply }).await {
+    match app.ask(|reply| WebRequest::Answer { alert_id: alert_id.clone(), by, answer, reply }).await {
         Ok(()) => {
-            let action = if role == Role::Facility { "facility_answer" } else { "family_answer" };
+            let action = if v.user.role == AccountRole::Facility { "facility_answer" } else { "family_answer" };
             app.audit(&v.user.username, &client.text(), action, &alert_id, &detail).await;
             Redirect::to(&back).into_response()
         }
+        // The alert ended, or the store is refusing writes, between the page and the answer.
         Err(e) => {
-            (StatusCode::CONFLICT, layout(&v, "409", &format!("<p class=\"error\">{}</p>", escape(&e)))).into_response()
+            tracing::warn!(error = %e, alert = %alert_id, "an answer was not recorded");
+            let text = if v.lang == Lang::Ja {
+                "いま記録できませんでした。ページを開き直して、もう一度お試しください。"
+            } else {
+                "It could not be recorded now. Open the page again and try once more."
+            };
+            (StatusCode::CONFLICT, layout(&v, "409", &format!("<p class=\"error\">{text}</p>"))).into_response()
         }
     }
 }

@@ -72,6 +72,17 @@ pub enum WebRequest {
         /// The answer.
         reply: oneshot::Sender<Result<(), String>>,
     },
+    /// A family's or a facility's answer about a home's alert.
+    Answer {
+        /// Alert id.
+        alert_id: String,
+        /// Who (an account's username).
+        by: String,
+        /// The answer.
+        answer: crate::engine::Answer,
+        /// The answer.
+        reply: oneshot::Sender<Result<(), String>>,
+    },
     /// Start a drill at a home; the answer is the drill's alert id.
     Drill {
         /// The home.

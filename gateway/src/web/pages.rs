@@ -313,22 +313,34 @@ fn time_left_text(h: &HomeView, t: T) -> String {
 }
 
 /// When the child must leave, in words, and its row's urgency class: past it, within 30
-/// minutes, within 3 hours, later.
-fn leave_text(leave_in_s: Option<i64>, now: Time, offset: FixedOffset, lang: Lang) -> (String, &'static str) {
+/// minutes, within 3 hours, later. Without a destination (`leave`: false) there is no time to
+/// leave by, only the time the power runs out.
+fn leave_text(
+    leave_in_s: Option<i64>,
+    leave: bool,
+    now: Time,
+    offset: FixedOffset,
+    lang: Lang,
+) -> (String, &'static str) {
     let Some(s) = leave_in_s else { return (String::new(), "") };
     let at = clock(now + chrono::Duration::seconds(s), now, offset);
     let ja = lang == Lang::Ja;
     if s <= 0 {
-        let text = if ja {
-            format!("出発の目安を過ぎています（{at}）")
-        } else {
-            format!("Past the time to leave ({at})")
+        let text = match (leave, ja) {
+            (true, true) => format!("出発の目安を過ぎています（{at}）"),
+            (true, false) => format!("Past the time to leave ({at})"),
+            (false, true) => format!("電源が尽きる目安を過ぎています（{at}）"),
+            (false, false) => format!("Past the time the power runs out ({at})"),
         };
         return (text, "leave-overdue");
     }
     let left = crate::message::duration(s, lang);
-    let text =
-        if ja { format!("出発の目安 {at}（あと{left}）") } else { format!("Leave by {at} (in {left})") };
+    let text = match (leave, ja) {
+        (true, true) => format!("出発の目安 {at}（あと{left}）"),
+        (true, false) => format!("Leave by {at} (in {left})"),
+        (false, true) => format!("避難先なし・電源が尽きる目安 {at}（あと{left}）"),
+        (false, false) => format!("No destination; the power runs out by {at} (in {left})"),
+    };
     let cls = if s < 30 * 60 {
         "leave-soon"
     } else if s < 3 * 3600 {
@@ -580,7 +592,7 @@ pub async fn overview(State(app): State<App>, v: Viewer, client: Client, Query(q
                 })
                 .collect();
             let (leave, leave_cls) = if h.power == "battery" {
-                leave_text(h.leave_by.map(|l| (l - now).num_seconds()), now, offset, v.lang)
+                leave_text(h.leave_by.map(|l| (l - now).num_seconds()), true, now, offset, v.lang)
             } else {
                 (String::new(), "")
             };
@@ -654,13 +666,14 @@ fn ack_text(a: &AlertView, t: T, offset: FixedOffset) -> String {
             t.t("acknowledged"),
             escape(&k.by),
             local(k.at, offset),
-            k.note.as_ref().map(|n| format!(" <q>{}</q>", escape(n))).unwrap_or_default()
+            k.said(t.0).map(|n| format!(" <q>{}</q>", escape(&n))).unwrap_or_default()
         ),
         None => String::new(),
     };
     // What was said after the first acknowledgement (a family's 「避難します」): every later
     // acknowledgement that carries a note, with who and when.
-    for k in a.acks.iter().skip(1).filter(|k| k.note.is_some()) {
+    for k in a.acks.iter().filter(|k| Some(*k) != a.acknowledged.as_ref()) {
+        let Some(said) = k.said(t.0) else { continue };
         let _ = write!(
             out,
             "<br><small>{} {}{}{}{} <q>{}</q></small>",
@@ -669,7 +682,7 @@ fn ack_text(a: &AlertView, t: T, offset: FixedOffset) -> String {
             if t.0 == Lang::Ja { "（" } else { " (" },
             role_text(k.role, t.0),
             if t.0 == Lang::Ja { "）" } else { ")" },
-            escape(k.note.as_deref().unwrap_or_default())
+            escape(&said)
         );
     }
     out
@@ -735,7 +748,7 @@ pub async fn alerts(State(app): State<App>, v: Viewer, client: Client) -> Respon
             t.t("acknowledged"),
         );
         for o in &list {
-            let (leave, _) = leave_text(o.leave_in_s, now, app.style.offset, v.lang);
+            let (leave, _) = leave_text(o.leave_in_s, o.has_destination, now, app.style.offset, v.lang);
             body.push_str(&alert_row(&v, Some(&o.label), Some(&leave), &o.alert, "/alerts", app.style.offset));
         }
         body.push_str("</tbody></table>");
@@ -894,8 +907,11 @@ pub async fn incident(State(app): State<App>, v: Viewer, client: Client, Path(id
             .map(|s| crate::message::time_left_text(s, r.time_left_range_s, v.lang))
             .unwrap_or_else(|| "?".into());
         let basis_text = r.basis.as_deref().map(|b| basis(b, v.lang)).unwrap_or("");
-        let (leave, leave_cls) =
-            if r.on_battery { leave_text(r.leave_in_s(), now, offset, v.lang) } else { (String::new(), "") };
+        let (leave, leave_cls) = if r.on_battery {
+            leave_text(r.leave_in_s, r.destination.is_some(), now, offset, v.lang)
+        } else {
+            (String::new(), "")
+        };
         let _ = write!(
             body,
             "<tr class=\"{cls} {leave_cls}\"><td data-label=\"{hl}\"><a href=\"/homes/{id}\">{label}</a></td><td data-label=\"{pl}\">{power}</td>\
@@ -968,7 +984,11 @@ pub async fn incident_csv(State(app): State<App>, v: Viewer, client: Client, Pat
         };
         let left =
             r.time_left_s.map(|s| crate::message::time_left_text(s, r.time_left_range_s, v.lang)).unwrap_or_default();
-        let leave = if r.on_battery { leave_text(r.leave_in_s(), now, offset, v.lang).0 } else { String::new() };
+        let leave = if r.on_battery {
+            leave_text(r.leave_in_s, r.destination.is_some(), now, offset, v.lang).0
+        } else {
+            String::new()
+        };
         let row = [
             r.label.clone(),
             power.to_string(),
@@ -1363,7 +1383,7 @@ pub async fn home(
                     by_text(&k.by, v.lang),
                     role_text(k.role, v.lang),
                     local(k.at, offset),
-                    k.note.as_ref().map(|n| format!(" <q>{}</q>", escape(n))).unwrap_or_default()
+                    k.said(v.lang).map(|n| format!(" <q>{}</q>", escape(&n))).unwrap_or_default()
                 )
             })
             .collect();

@@ -32,6 +32,8 @@ pub const MARGIN_MIN: u32 = 60;
 /// One home's readiness.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Row {
+    /// Municipality code (what the rows are grouped by).
+    pub municipality_code: String,
     /// Municipality (its name when the care plan gives it).
     pub municipality: String,
     /// The home's label.
@@ -72,12 +74,13 @@ pub fn row(plan: &Home, learned: Option<&crate::forecast::Learned>, degraded_bel
         (a.raised_at, !a.notified.is_empty() && a.notified.iter().all(|r| a.acks.iter().any(|k| k.role == *r)))
     });
     Row {
+        municipality_code: plan.municipality.clone(),
         municipality: plan.municipality_name.clone().unwrap_or_else(|| plan.municipality.clone()),
         label: plan.label.clone(),
         backup_h,
         measured: health.is_some(),
         internal_min: plan.backup.iter().find(|b| b.kind == BackupKind::VentilatorInternal).and_then(|b| b.runtime_min),
-        needed_h: plan.evacuation.as_ref().map(|e| f64::from(e.travel_min * 2 + MARGIN_MIN) / 60.0),
+        needed_h: plan.evacuation.as_ref().map(|e| (2.0 * f64::from(e.travel_min) + f64::from(MARGIN_MIN)) / 60.0),
         degraded: health.is_some_and(|h| h * 100.0 < degraded_below_pct),
         last_drill,
     }
@@ -122,7 +125,7 @@ async fn rows(app: &App, v: &Viewer) -> Result<Vec<Row>, anyhow::Error> {
         .iter()
         .map(|(p, l)| row(p, l.as_ref(), below, history.get(p.id.as_str()).map(Vec::as_slice).unwrap_or(&[])))
         .collect();
-    out.sort_by(|a, b| a.municipality.cmp(&b.municipality).then(a.label.cmp(&b.label)));
+    out.sort_by(|a, b| a.municipality_code.cmp(&b.municipality_code).then(a.label.cmp(&b.label)));
     Ok(out)
 }
 
@@ -152,11 +155,13 @@ pub async fn page(State(app): State<App>, v: Viewer, client: Client) -> Response
             format!("Whether each home's backup covers the journey there and back plus {MARGIN_MIN} minutes. Battery time is from what earlier outages measured where they did, otherwise from the care plan.")
         }
     );
+    // By code (two towns may share a name); headed by the name a care plan gives.
     let mut by_muni: BTreeMap<&str, Vec<&Row>> = BTreeMap::new();
     for r in &rows {
-        by_muni.entry(r.municipality.as_str()).or_default().push(r);
+        by_muni.entry(r.municipality_code.as_str()).or_default().push(r);
     }
-    for (m, rs) in by_muni {
+    for (code, rs) in by_muni {
+        let m = rs.iter().map(|r| r.municipality.as_str()).find(|n| *n != code).unwrap_or(code);
         let hs: Vec<f64> = rs.iter().filter_map(|r| r.backup_h).collect();
         let worst = hs.iter().copied().fold(None, |a: Option<f64>, x| Some(a.map_or(x, |a| a.min(x))));
         let drilled = rs.iter().filter(|r| r.last_drill.is_some()).count();

@@ -287,13 +287,29 @@ pub fn open_alerts(engine: &Engine, user: &User, now: Time) -> Vec<OpenAlert> {
             let leave_in_s = (h.power == "battery").then_some(h.rank.1).filter(|x| *x != i64::MIN && *x != i64::MAX);
             h.alerts
                 .into_iter()
-                .map(move |a| OpenAlert { label: p.label.clone(), leave_in_s, alert: a })
+                .map(move |a| OpenAlert {
+                    label: p.label.clone(),
+                    leave_in_s,
+                    has_destination: p.evacuation.is_some(),
+                    alert: a,
+                })
                 .collect::<Vec<_>>()
         })
         .collect();
-    // Whoever must leave soonest first (homes on battery), then by tier and severity.
+    // Critical alerts and homes that must leave within three hours first (a ventilator alarm
+    // at a home on mains is not buried under an outage with a day left), by when they must
+    // leave; then the other homes on battery by the same; then the rest; each by tier and
+    // severity.
     v.sort_by(|a, b| {
-        let key = |x: &OpenAlert| x.leave_in_s.map_or((1, 0), |s| (0, s));
+        let key = |x: &OpenAlert| {
+            let critical = x.alert.severity == Severity::Critical;
+            match x.leave_in_s {
+                Some(s) if critical || s < 3 * 3600 => (0, s),
+                None if critical => (0, i64::MIN),
+                Some(s) => (1, s),
+                None => (2, 0),
+            }
+        };
         key(a)
             .cmp(&key(b))
             .then(b.alert.tier.cmp(&a.alert.tier))
@@ -308,8 +324,11 @@ pub fn open_alerts(engine: &Engine, user: &User, now: Time) -> Vec<OpenAlert> {
 pub struct OpenAlert {
     /// The home's label.
     pub label: String,
-    /// Its home on battery: how long until the child must leave, s (negative: overdue).
+    /// Its home on battery: how long until the child must leave, s (negative: overdue), or
+    /// without a destination until the power runs out.
     pub leave_in_s: Option<i64>,
+    /// Its home's care plan names a destination.
+    pub has_destination: bool,
     /// The alert.
     pub alert: AlertView,
 }

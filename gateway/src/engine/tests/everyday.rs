@@ -342,3 +342,31 @@ fn a_replayed_acknowledgement_link_neither_adds_nor_postpones() {
     e.poll(t(60 + 30 * 60 + 1));
     assert!(!sent(&mut e).is_empty(), "re-escalated on time");
 }
+
+#[test]
+fn a_facility_that_cannot_take_the_child_does_not_acknowledge_and_the_escalation_goes_on() {
+    let mut e = engine(&[plan("a", "431001", 5000.0)]);
+    e.handle(Input::Event(h("a"), event(1, 0, EventKind::Spo2Low)), t(0)).unwrap();
+    e.poll(t(0));
+    sent(&mut e);
+    let id = alert(&e, "a", "spo2_low").unwrap().id.clone();
+    let answer = |a: Answer| Input::Answer { alert_id: id.clone(), by: "hospital".into(), answer: a };
+    e.handle(answer(Answer::CannotAccept), t(60)).unwrap();
+    e.handle(answer(Answer::CannotAccept), t(70)).unwrap();
+    let a = alert(&e, "a", "spo2_low").unwrap();
+    assert_eq!(a.acks.len(), 1, "recorded once: {:?}", a.acks);
+    assert_eq!((a.acks[0].role, a.acks[0].answer), (Role::Facility, Some(Answer::CannotAccept)));
+    assert!(a.acknowledged.is_none(), "a refusal is not an acknowledgement");
+    // A family's answer does acknowledge, with its words, and a second one is recorded too.
+    let family = |a: Answer| Input::Answer { alert_id: id.clone(), by: "family-a".into(), answer: a };
+    e.handle(family(Answer::Evacuating), t(120)).unwrap();
+    e.handle(family(Answer::PowerSecured), t(180)).unwrap();
+    let a = alert(&e, "a", "spo2_low").unwrap();
+    assert_eq!(a.acknowledged.as_ref().and_then(|k| k.answer), Some(Answer::Evacuating));
+    assert_eq!(a.acks.len(), 3);
+    assert_eq!(a.acks[2].said(crate::homes::Lang::Ja).as_deref(), Some("電源を確保しました"));
+    // An answer about nothing: refused.
+    assert!(e
+        .handle(Input::Answer { alert_id: "nope".into(), by: "x".into(), answer: Answer::CanAccept }, t(200))
+        .is_err());
+}
