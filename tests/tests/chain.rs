@@ -662,6 +662,10 @@ fn a_home_and_its_nats_node_dying_together_is_found_silent_without_a_will() -> R
     };
     // The chain starts once the gateway has stored the agent's start: it has heard the home.
     let mut c = Chain::start(&bins(), &o)?;
+    // The gateway on another node (its own node dying is another case: docs/operations.md).
+    let n1 = c.nats.as_ref().context("nats")?.nodes[0].mqtt_port;
+    let gateway_on = gateway_brokers(&c).last().cloned().context("the gateway is connected")?;
+    assert!(!gateway_on.ends_with(&format!(":{n1}")), "the gateway is not on the agent's node: {gateway_on}");
     // Frozen first, so that it neither closes its connection (a live node would publish its
     // will) nor reconnects to another node when its own dies.
     c.home("home-a")?.agent.as_ref().context("agent")?.signal("STOP")?;
