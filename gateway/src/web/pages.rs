@@ -124,6 +124,9 @@ const WORDS: &[(&str, &str, &str)] = &[
     ("leave_by", "出発の目安", "Leave by"),
     ("change_scope", "役割・範囲を変更", "Change role and scope"),
     ("readiness", "備えの状況", "Readiness"),
+    ("api_tokens", "APIトークン", "API tokens"),
+    ("revoke", "失効させる", "Revoke"),
+    ("revoked", "失効済み", "revoked"),
     ("scope_list", "市町村コードまたは世帯（カンマ区切り）", "Municipality codes or homes (comma-separated)"),
     ("destination", "避難先", "Destination"),
     ("travel", "移動", "Travel"),
@@ -1690,7 +1693,18 @@ pub async fn admin_users(State(app): State<App>, v: Viewer) -> Response {
 
 async fn admin_users_page(app: &App, v: &Viewer, message: Option<String>) -> Response {
     let t = T(v.lang);
-    let users = match app.db(|s| Ok(Accounts::new(s).list()?)).await {
+    let listed = app
+        .db(|s| {
+            let acc = Accounts::new(s);
+            let users = acc.list()?;
+            let mut tokens = BTreeMap::new();
+            for u in &users {
+                tokens.insert(u.username.clone(), acc.tokens(&u.username)?);
+            }
+            Ok((users, tokens))
+        })
+        .await;
+    let (users, tokens) = match listed {
         Ok(u) => u,
         Err(e) => return failed(e),
     };
@@ -1719,7 +1733,8 @@ async fn admin_users_page(app: &App, v: &Viewer, message: Option<String>) -> Res
              <form method=\"post\" action=\"/admin/users/{name}\" class=\"inline\">{csrf}<input type=\"hidden\" name=\"action\" value=\"{ta}\"><button class=\"secondary\">{tl}</button></form>\
              <form method=\"post\" action=\"/admin/users/{name}\" class=\"inline\">{csrf}<input type=\"hidden\" name=\"action\" value=\"token\"><button class=\"secondary\">{tok}</button></form>\
              <form method=\"post\" action=\"/admin/users/{name}\" class=\"inline\">{csrf}<input type=\"hidden\" name=\"action\" value=\"password\">\
-             <input type=\"password\" name=\"password\" minlength=\"12\" placeholder=\"{rp}\" aria-label=\"{rp}\" autocomplete=\"new-password\"><button class=\"secondary\">{rp}</button></form>{scope_form}</td></tr>",
+             <input type=\"password\" name=\"password\" minlength=\"12\" placeholder=\"{rp}\" aria-label=\"{rp}\" autocomplete=\"new-password\"><button class=\"secondary\">{rp}</button></form>{scope_form}{token_list}</td></tr>",
+            token_list = tokens_html(v, &u.username, tokens.get(&u.username).map(Vec::as_slice).unwrap_or(&[]), app.style.offset),
             scope_form = if u.role == AccountRole::Admin {
                 String::new()
             } else {
@@ -1782,6 +1797,35 @@ async fn admin_users_page(app: &App, v: &Viewer, message: Option<String>) -> Res
         p = t.t("password"),
     );
     layout(v, t.t("users"), &body).into_response()
+}
+
+/// An account's API tokens, each with a button to revoke it alone (a lost laptop's).
+fn tokens_html(v: &Viewer, username: &str, tokens: &[crate::store::TokenRow], offset: FixedOffset) -> String {
+    if tokens.is_empty() {
+        return String::new();
+    }
+    let t = T(v.lang);
+    let mut out = format!("<details class=\"tokens\"><summary>{} ({})</summary><ul>", t.t("api_tokens"), tokens.len());
+    for k in tokens {
+        let action = if k.revoked {
+            format!("<span class=\"pill\">{}</span>", t.t("revoked"))
+        } else {
+            format!(
+                "<form method=\"post\" action=\"/admin/users/{name}\" class=\"inline\">{csrf}<input type=\"hidden\" name=\"action\" value=\"revoke_token\">\
+                 <input type=\"hidden\" name=\"token_id\" value=\"{id}\"><button class=\"secondary\">{rv}</button></form>",
+                name = escape(username),
+                csrf = v.csrf_field(),
+                id = k.id,
+                rv = t.t("revoke"),
+            )
+        };
+        let made = chrono::DateTime::parse_from_rfc3339(&k.created_at)
+            .map(|d| local(d.to_utc(), offset))
+            .unwrap_or_else(|_| k.created_at.clone());
+        let _ = write!(out, "<li>#{} {} <small>{}</small> {action}</li>", k.id, escape(&k.name), escape(&made));
+    }
+    out.push_str("</ul></details>");
+    out
 }
 
 /// An account's role and scope as the audit log and the notice say it.
@@ -1866,10 +1910,13 @@ pub struct ChangeUserForm {
     /// `scope`: municipality codes (a coordinator) or home ids, comma-separated.
     #[serde(default)]
     scope: String,
+    /// `revoke_token`: which.
+    #[serde(default)]
+    token_id: Option<i64>,
 }
 
-/// `POST /admin/users/{name}`: disable, enable, reset the password, issue a token, change the
-/// role and scope (not to or from admin).
+/// `POST /admin/users/{name}`: disable, enable, reset the password, issue a token, revoke one
+/// token, change the role and scope (not to or from admin).
 pub async fn admin_change_user(
     State(app): State<App>,
     v: Viewer,
@@ -1887,7 +1934,7 @@ pub async fn admin_change_user(
         return admin_users_page(&app, &v, Some("you cannot disable yourself".into())).await;
     }
     let (n, action, pw, now, lang) = (name.clone(), f.action.clone(), f.password, crate::clock::now(), v.lang);
-    let (role, scope) = (AccountRole::parse(&f.role), list(&f.scope));
+    let (role, scope, token_id) = (AccountRole::parse(&f.role), list(&f.scope), f.token_id);
     let r = app
         .db(move |s| {
             let mut acc = Accounts::new(s);
@@ -1901,6 +1948,10 @@ pub async fn admin_change_user(
                 }
                 ("scope", Some(r)) => acc.set_scope(&n, r, Vec::new(), scope).map(|u| Some(scope_text(&u))),
                 ("scope", None) => Err(accounts::AccountError::Invalid("role: coordinator, facility or family".into())),
+                ("revoke_token", _) => match token_id {
+                    Some(id) => acc.revoke_token(&n, id).map(|what| Some(format!("{id} {what}"))),
+                    None => Err(accounts::AccountError::Invalid("which token?".into())),
+                },
                 (other, _) => Err(accounts::AccountError::Invalid(format!("unknown action {other}"))),
             };
             Ok(r.map_err(|e| account_error(&e, lang)))
@@ -1912,6 +1963,15 @@ pub async fn admin_change_user(
             let (wire, scope) = detail.split_once(' ').unwrap_or((detail.as_str(), ""));
             let role = AccountRole::parse(wire).map(|r| account_role_text(r, v.lang)).unwrap_or_default();
             admin_users_page(&app, &v, Some(format!("{} {name}: {role} {scope}", T(v.lang).t("done")))).await
+        }
+        Ok(Ok(Some(detail))) if f.action == "revoke_token" => {
+            app.audit(&v.user.username, &client.text(), "token_revoke", &name, &detail).await;
+            admin_users_page(
+                &app,
+                &v,
+                Some(format!("{} {name}: {} #{detail}", T(v.lang).t("done"), T(v.lang).t("revoked"))),
+            )
+            .await
         }
         Ok(Ok(token)) => {
             let action: &'static str = match f.action.as_str() {
