@@ -1818,7 +1818,15 @@ impl Engine {
             data: alert.data.clone(),
             devices: plan.map(|p| p.devices.iter().map(|d| (d.name.clone(), d.watts)).collect()).unwrap_or_default(),
             told: alert.notified.iter().chain(roles.iter()).copied().collect::<BTreeSet<Role>>().into_iter().collect(),
-            acknowledged_by: alert.acks.iter().map(|a| a.role).collect::<BTreeSet<Role>>().into_iter().collect(),
+            // A facility's refusal is no acknowledgement: nobody is told it acknowledged.
+            acknowledged_by: alert
+                .acks
+                .iter()
+                .filter(|a| a.acknowledges())
+                .map(|a| a.role)
+                .collect::<BTreeSet<Role>>()
+                .into_iter()
+                .collect(),
         };
         let key = format!("{}:s{}:r{}", alert.id, alert.step, alert.sent_in_step);
         let n = self.notification(key, &alert.id, home, &roles, content, now);

@@ -760,7 +760,7 @@ impl Store for PgStore {
                 let (id, acks): (String, String) = (self.get(&r, 0)?, self.get(&r, 1)?);
                 let acks: Vec<crate::engine::AckInfo> =
                     serde_json::from_str(&acks).map_err(|e| self.corrupt("acks", e.to_string()))?;
-                acked.extend(acks.into_iter().map(|a| crate::stats::Acked {
+                acked.extend(acks.into_iter().filter(|a| a.acknowledges()).map(|a| crate::stats::Acked {
                     alert_id: id.clone(),
                     role: a.role,
                     at: a.at,

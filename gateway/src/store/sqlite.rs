@@ -610,7 +610,7 @@ impl Store for SqliteStore {
             for r in rows {
                 let (id, acks) = r.map_err(self.db())?;
                 let acks: Vec<crate::engine::AckInfo> = serde_json::from_str(&acks).map_err(self.corrupt("acks"))?;
-                acked.extend(acks.into_iter().map(|a| crate::stats::Acked {
+                acked.extend(acks.into_iter().filter(|a| a.acknowledges()).map(|a| crate::stats::Acked {
                     alert_id: id.clone(),
                     role: a.role,
                     at: a.at,

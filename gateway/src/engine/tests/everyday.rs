@@ -370,3 +370,25 @@ fn a_facility_that_cannot_take_the_child_does_not_acknowledge_and_the_escalation
         .handle(Input::Answer { alert_id: "nope".into(), by: "x".into(), answer: Answer::CanAccept }, t(200))
         .is_err());
 }
+
+#[test]
+fn after_a_refusal_the_escalation_goes_on_and_no_message_says_the_facility_acknowledged() {
+    let mut e = engine(&[plan("a", "431001", 5000.0)]);
+    e.handle(Input::Event(h("a"), event(1, 0, EventKind::Spo2Low)), t(0)).unwrap();
+    e.poll(t(0));
+    sent(&mut e);
+    let id = alert(&e, "a", "spo2_low").unwrap().id.clone();
+    e.handle(Input::Answer { alert_id: id, by: "hospital".into(), answer: Answer::CannotAccept }, t(30)).unwrap();
+    e.take_outputs();
+    let mut later = Vec::new();
+    for m in 1..=120 {
+        e.poll(t(30 + m * 60));
+        for o in e.take_outputs() {
+            if let Output::Notify(Notification { content: Content::Alert { acknowledged_by, .. }, .. }) = o {
+                later.push(acknowledged_by);
+            }
+        }
+    }
+    assert!(!later.is_empty(), "the escalation went on after the refusal");
+    assert!(later.iter().all(|a| !a.contains(&Role::Facility)), "{later:?}");
+}
