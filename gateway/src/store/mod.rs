@@ -115,13 +115,13 @@ pub fn open_existing(at: &Location) -> Result<Box<dyn Store>, StoreError> {
 /// A store failure.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    /// The database refused.
-    #[error("database {path}: {source}")]
-    Db {
+    /// The SQLite database refused (its driver's words: the seam names no driver's types).
+    #[error("database {path}: {detail}")]
+    Sqlite {
         /// The file.
         path: PathBuf,
         /// Why.
-        source: rusqlite::Error,
+        detail: String,
     },
     /// The database file could not be created.
     #[error("database {path}: {source}")]

@@ -108,7 +108,7 @@ impl SqliteStore {
 
     fn open_file(path: &Path) -> Result<SqliteStore, StoreError> {
         let path = path.to_path_buf();
-        let db = |source| StoreError::Db { path: path.clone(), source };
+        let db = |source: rusqlite::Error| StoreError::Sqlite { path: path.clone(), detail: source.to_string() };
         if !path.exists() {
             // Create it 0600 before SQLite opens it (SQLite would use the umask, 0644).
             use std::os::unix::fs::OpenOptionsExt;
@@ -158,7 +158,7 @@ impl SqliteStore {
     }
 
     pub(super) fn db(&self) -> impl Fn(rusqlite::Error) -> StoreError + '_ {
-        move |source| StoreError::Db { path: self.path.clone(), source }
+        move |source: rusqlite::Error| StoreError::Sqlite { path: self.path.clone(), detail: source.to_string() }
     }
 
     pub(super) fn corrupt(&self, what: &'static str) -> impl Fn(serde_json::Error) -> StoreError + '_ {
@@ -168,11 +168,11 @@ impl SqliteStore {
     fn migrate(&mut self) -> Result<(), StoreError> {
         let version: i64 = self.conn.pragma_query_value(None, "user_version", |r| r.get(0)).map_err(self.db())?;
         for (i, m) in MIGRATIONS.iter().enumerate().skip(usize::try_from(version).unwrap_or(0)) {
-            let tx = self.conn.transaction().map_err(|source| StoreError::Db { path: self.path.clone(), source })?;
-            tx.execute_batch(m).map_err(|source| StoreError::Db { path: self.path.clone(), source })?;
+            let tx = self.conn.transaction().map_err(|source: rusqlite::Error| StoreError::Sqlite { path: self.path.clone(), detail: source.to_string() })?;
+            tx.execute_batch(m).map_err(|source: rusqlite::Error| StoreError::Sqlite { path: self.path.clone(), detail: source.to_string() })?;
             tx.pragma_update(None, "user_version", (i + 1) as i64)
-                .map_err(|source| StoreError::Db { path: self.path.clone(), source })?;
-            tx.commit().map_err(|source| StoreError::Db { path: self.path.clone(), source })?;
+                .map_err(|source: rusqlite::Error| StoreError::Sqlite { path: self.path.clone(), detail: source.to_string() })?;
+            tx.commit().map_err(|source: rusqlite::Error| StoreError::Sqlite { path: self.path.clone(), detail: source.to_string() })?;
         }
         Ok(())
     }
@@ -209,7 +209,7 @@ impl Store for SqliteStore {
 
     fn upsert_homes(&mut self, homes: &[Home]) -> Result<(), StoreError> {
         let now = ts(crate::clock::now());
-        let tx = self.conn.transaction().map_err(|source| StoreError::Db { path: self.path.clone(), source })?;
+        let tx = self.conn.transaction().map_err(|source: rusqlite::Error| StoreError::Sqlite { path: self.path.clone(), detail: source.to_string() })?;
         for h in homes {
             let plan = serde_json::to_string(h).unwrap_or_default();
             tx.execute(
@@ -217,9 +217,9 @@ impl Store for SqliteStore {
                  ON CONFLICT (id) DO UPDATE SET municipality = ?2, plan = ?3, updated_at = ?4",
                 params![h.id.as_str(), h.municipality, plan, now],
             )
-            .map_err(|source| StoreError::Db { path: self.path.clone(), source })?;
+            .map_err(|source: rusqlite::Error| StoreError::Sqlite { path: self.path.clone(), detail: source.to_string() })?;
         }
-        tx.commit().map_err(|source| StoreError::Db { path: self.path.clone(), source })
+        tx.commit().map_err(|source: rusqlite::Error| StoreError::Sqlite { path: self.path.clone(), detail: source.to_string() })
     }
 
     fn homes(&self) -> Result<Vec<Home>, StoreError> {

@@ -127,7 +127,7 @@ impl AccountRows for SqliteStore {
 
     fn replace_password(&mut self, username: &str, password_hash: &str) -> Result<bool, StoreError> {
         let path = self.path.clone();
-        let db = |source| StoreError::Db { path: path.clone(), source };
+        let db = |source: rusqlite::Error| StoreError::Sqlite { path: path.clone(), detail: source.to_string() };
         let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(db)?;
         let n = tx
             .execute("UPDATE users SET password_hash = ?1 WHERE username = ?2", params![password_hash, username])
@@ -289,7 +289,7 @@ impl AccountRows for SqliteStore {
 impl AuditRows for SqliteStore {
     fn audit_append(&mut self, make: &mut dyn FnMut(Option<(i64, String)>) -> Entry) -> Result<Entry, StoreError> {
         let path = self.path.clone();
-        let db = |source| StoreError::Db { path: path.clone(), source };
+        let db = |source: rusqlite::Error| StoreError::Sqlite { path: path.clone(), detail: source.to_string() };
         let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(db)?;
         let last: Option<(i64, String)> = tx
             .query_row("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1", [], |r| Ok((r.get(0)?, r.get(1)?)))
