@@ -220,7 +220,7 @@ impl AckInfo {
     }
 }
 
-/// The answers a family or a facility gives about a home from its page.
+/// The answers a family, a facility or a coordinator gives about a home from its page.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Answer {
@@ -232,6 +232,8 @@ pub enum Answer {
     CanAccept,
     /// A facility: 「受け入れられません」 (not an acknowledgement).
     CannotAccept,
+    /// A coordinator: 「この世帯を担当します」 (who is handling the home; the latest holds).
+    Handling,
 }
 
 impl Answer {
@@ -242,6 +244,7 @@ impl Answer {
             "power_secured" => Some(Answer::PowerSecured),
             "can_accept" => Some(Answer::CanAccept),
             "cannot_accept" => Some(Answer::CannotAccept),
+            "handling" => Some(Answer::Handling),
             _ => None,
         }
     }
@@ -253,6 +256,7 @@ impl Answer {
             Answer::PowerSecured => "power_secured",
             Answer::CanAccept => "can_accept",
             Answer::CannotAccept => "cannot_accept",
+            Answer::Handling => "handling",
         }
     }
 
@@ -261,6 +265,7 @@ impl Answer {
         match self {
             Answer::Evacuating | Answer::PowerSecured => Role::Family,
             Answer::CanAccept | Answer::CannotAccept => Role::Facility,
+            Answer::Handling => Role::Coordinator,
         }
     }
 
@@ -276,6 +281,8 @@ impl Answer {
             (Answer::CanAccept, En) => "We can take the child",
             (Answer::CannotAccept, Ja) => "受け入れられません",
             (Answer::CannotAccept, En) => "We cannot take the child",
+            (Answer::Handling, Ja) => "この世帯を担当します",
+            (Answer::Handling, En) => "I am handling this home",
         }
     }
 }

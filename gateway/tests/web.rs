@@ -1239,8 +1239,11 @@ async fn a_family_sees_what_to_do_and_its_answers_reach_the_coordinators_board()
     let r = send(&f, page(&f, Some("coord_a"), "GET", "/homes/home-a1", "")).await;
     assert!(r.body.contains("避難します") && r.body.contains("電源を確保しました"), "{}", r.body);
     assert_eq!(audited(&f, "family_answer", "family-a1"), 2);
-    // Only the home's family answers; an unknown answer is refused.
+    // Only the home's family answers (a coordinator may not say the family's words); an
+    // unknown answer is refused.
     let r = send(&f, page(&f, Some("coord_a"), "POST", "/homes/home-a1/answer", "answer=evacuating")).await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    let r = send(&f, page(&f, Some("admin"), "POST", "/homes/home-a1/answer", "answer=evacuating")).await;
     assert_eq!(r.status, StatusCode::NOT_FOUND);
     let r = send(&f, page(&f, Some("family_a1"), "POST", "/homes/home-a2/answer", "answer=evacuating")).await;
     assert_eq!(r.status, StatusCode::NOT_FOUND);
@@ -1471,4 +1474,27 @@ async fn an_admin_revokes_one_api_token_from_the_users_page_and_the_others_go_on
     .await;
     assert!(r.body.contains("revoked already"), "{}", r.body);
     assert_eq!(audited(&f, "token_revoke", "admin"), 1);
+}
+
+#[tokio::test]
+async fn a_coordinator_takes_a_home_on_and_the_board_says_who_is_handling_it() {
+    let f = setup().await;
+    let r = send(&f, page(&f, Some("coord_a"), "GET", "/homes/home-a1", "")).await;
+    assert!(r.body.contains("value=\"handling\"") && r.body.contains("この世帯を担当します"), "{}", r.body);
+    let r = send(&f, page(&f, Some("coord_a"), "POST", "/homes/home-a1/answer", "answer=handling")).await;
+    assert_eq!(r.status, StatusCode::SEE_OTHER, "{}", r.body);
+    assert_eq!(r.headers.get(header::LOCATION).and_then(|v| v.to_str().ok()), Some("/homes/home-a1"));
+    let r = send(&f, page(&f, Some("coord_a"), "GET", "/", "")).await;
+    let row = r.body.split("data-home=\"home-a1\"").nth(1).and_then(|x| x.split("</tr>").next()).unwrap_or_default();
+    assert!(row.contains("担当: coord-a"), "the board says who: {row}");
+    let other = r.body.split("data-home=\"home-a2\"").nth(1).and_then(|x| x.split("</tr>").next()).unwrap_or_default();
+    assert!(!other.contains("担当"), "only that home: {other}");
+    let r = send(&f, page(&f, Some("coord_a"), "GET", "/homes/home-a1", "")).await;
+    assert!(r.body.contains("担当: coord-a"), "{}", r.body);
+    assert_eq!(audited(&f, "home_claim", "coord-a"), 1);
+    // Only the home's coordinators.
+    let r = send(&f, page(&f, Some("coord_b"), "POST", "/homes/home-a1/answer", "answer=handling")).await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+    let r = send(&f, page(&f, Some("family_a1"), "POST", "/homes/home-a1/answer", "answer=handling")).await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
 }

@@ -168,11 +168,21 @@ impl SqliteStore {
     fn migrate(&mut self) -> Result<(), StoreError> {
         let version: i64 = self.conn.pragma_query_value(None, "user_version", |r| r.get(0)).map_err(self.db())?;
         for (i, m) in MIGRATIONS.iter().enumerate().skip(usize::try_from(version).unwrap_or(0)) {
-            let tx = self.conn.transaction().map_err(|source: rusqlite::Error| StoreError::Sqlite { path: self.path.clone(), detail: source.to_string() })?;
-            tx.execute_batch(m).map_err(|source: rusqlite::Error| StoreError::Sqlite { path: self.path.clone(), detail: source.to_string() })?;
-            tx.pragma_update(None, "user_version", (i + 1) as i64)
-                .map_err(|source: rusqlite::Error| StoreError::Sqlite { path: self.path.clone(), detail: source.to_string() })?;
-            tx.commit().map_err(|source: rusqlite::Error| StoreError::Sqlite { path: self.path.clone(), detail: source.to_string() })?;
+            let tx = self.conn.transaction().map_err(|source: rusqlite::Error| StoreError::Sqlite {
+                path: self.path.clone(),
+                detail: source.to_string(),
+            })?;
+            tx.execute_batch(m).map_err(|source: rusqlite::Error| StoreError::Sqlite {
+                path: self.path.clone(),
+                detail: source.to_string(),
+            })?;
+            tx.pragma_update(None, "user_version", (i + 1) as i64).map_err(|source: rusqlite::Error| {
+                StoreError::Sqlite { path: self.path.clone(), detail: source.to_string() }
+            })?;
+            tx.commit().map_err(|source: rusqlite::Error| StoreError::Sqlite {
+                path: self.path.clone(),
+                detail: source.to_string(),
+            })?;
         }
         Ok(())
     }
@@ -209,7 +219,10 @@ impl Store for SqliteStore {
 
     fn upsert_homes(&mut self, homes: &[Home]) -> Result<(), StoreError> {
         let now = ts(crate::clock::now());
-        let tx = self.conn.transaction().map_err(|source: rusqlite::Error| StoreError::Sqlite { path: self.path.clone(), detail: source.to_string() })?;
+        let tx = self.conn.transaction().map_err(|source: rusqlite::Error| StoreError::Sqlite {
+            path: self.path.clone(),
+            detail: source.to_string(),
+        })?;
         for h in homes {
             let plan = serde_json::to_string(h).unwrap_or_default();
             tx.execute(
@@ -217,9 +230,15 @@ impl Store for SqliteStore {
                  ON CONFLICT (id) DO UPDATE SET municipality = ?2, plan = ?3, updated_at = ?4",
                 params![h.id.as_str(), h.municipality, plan, now],
             )
-            .map_err(|source: rusqlite::Error| StoreError::Sqlite { path: self.path.clone(), detail: source.to_string() })?;
+            .map_err(|source: rusqlite::Error| StoreError::Sqlite {
+                path: self.path.clone(),
+                detail: source.to_string(),
+            })?;
         }
-        tx.commit().map_err(|source: rusqlite::Error| StoreError::Sqlite { path: self.path.clone(), detail: source.to_string() })
+        tx.commit().map_err(|source: rusqlite::Error| StoreError::Sqlite {
+            path: self.path.clone(),
+            detail: source.to_string(),
+        })
     }
 
     fn homes(&self) -> Result<Vec<Home>, StoreError> {

@@ -11,7 +11,9 @@
 //!
 //! The answers do not page anyone (the coordinator was paged by the alert itself); they are
 //! on the dashboard and in the API (the alert's acknowledgements) and in the audit log. A
-//! facility answers through the same route from its own page (`facility.rs`).
+//! facility answers through the same route from its own page (`facility.rs`), and so does a
+//! coordinator taking a home on (「この世帯を担当します」: the latest holds, so handing over is
+//! the other coordinator taking it).
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -336,7 +338,7 @@ pub async fn answer(
     if let Some(r) = v.csrf_refusal(&f.csrf) {
         return r;
     }
-    if !matches!(v.user.role, AccountRole::Family | AccountRole::Facility) {
+    if !matches!(v.user.role, AccountRole::Family | AccountRole::Facility | AccountRole::Coordinator) {
         return not_found(v.lang);
     }
     let snap = app.snap();
@@ -359,11 +361,16 @@ pub async fn answer(
     let detail = format!("{id} {}", answer.as_str());
     let back = match v.user.role {
         AccountRole::Facility => format!("/?answered={}", plan.id.as_str()),
+        AccountRole::Coordinator => format!("/homes/{}", plan.id.as_str()),
         _ => format!("/homes/{}?answered=1", plan.id.as_str()),
     };
     match app.ask(|reply| WebRequest::Answer { alert_id: alert_id.clone(), by, answer, reply }).await {
         Ok(()) => {
-            let action = if v.user.role == AccountRole::Facility { "facility_answer" } else { "family_answer" };
+            let action = match v.user.role {
+                AccountRole::Facility => "facility_answer",
+                AccountRole::Coordinator => "home_claim",
+                _ => "family_answer",
+            };
             app.audit(&v.user.username, &client.text(), action, &alert_id, &detail).await;
             Redirect::to(&back).into_response()
         }

@@ -124,6 +124,7 @@ const WORDS: &[(&str, &str, &str)] = &[
     ("leave_by", "出発の目安", "Leave by"),
     ("change_scope", "役割・範囲を変更", "Change role and scope"),
     ("readiness", "備えの状況", "Readiness"),
+    ("handling", "担当", "Handled by"),
     ("api_tokens", "APIトークン", "API tokens"),
     ("revoke", "失効させる", "Revoke"),
     ("revoked", "失効済み", "revoked"),
@@ -603,11 +604,14 @@ pub async fn overview(State(app): State<App>, v: Viewer, client: Client, Query(q
                 if h.power == "battery" || h.silent { format!(" class=\"urgent {leave_cls}\"") } else { String::new() };
             let _ = write!(
                 body,
-                "<tr{row_cls} data-home=\"{id}\"><td data-label=\"{hl}\"><a href=\"/homes/{id}\">{label}</a>{shown_id}</td>\
+                "<tr{row_cls} data-home=\"{id}\"><td data-label=\"{hl}\"><a href=\"/homes/{id}\">{label}</a>{shown_id}{handled}</td>\
                  <td data-label=\"{pl}\">{power}</td><td data-label=\"{tl}\">{left}</td><td data-label=\"{cl}\">{conn}</td>\
                  <td data-label=\"{dl}\">{dev}</td><td data-label=\"{ol}\">{oxi}</td><td data-label=\"{vl}\">{vent}</td><td data-label=\"{al}\">{alerts}</td></tr>",
                 id = escape(&h.id),
                 shown_id = id_for_installer(&v, &h.id),
+                handled = view::handler(h)
+                    .map(|k| format!("<br><small class=\"handler\">{}: {}</small>", t.t("handling"), escape(&k.by)))
+                    .unwrap_or_default(),
                 label = escape(&h.label),
                 power = power_cell(h, t),
                 left = if leave.is_empty() {
@@ -1283,6 +1287,26 @@ pub async fn home(
             ),
         };
         let _ = write!(body, "<dl class=\"state\"><div><dt>{}</dt><dd>{text}</dd></div></dl>", t.t("battery_measured"));
+    }
+    // Who is handling it, and taking it on (a coordinator; the latest holds: handing over is
+    // the other coordinator taking it).
+    if let Some(k) = view::handler(&h) {
+        let _ = write!(
+            body,
+            "<p class=\"handler\">{}: {} <small>{}</small></p>",
+            t.t("handling"),
+            escape(&k.by),
+            local(k.at, offset)
+        );
+    }
+    if v.user.role == AccountRole::Coordinator && super::family::main_alert(&h).is_some() {
+        let _ = write!(
+            body,
+            "<form method=\"post\" action=\"/homes/{}/answer\" class=\"inline\">{}<button type=\"submit\" name=\"answer\" value=\"handling\" class=\"secondary\">{}</button></form>",
+            escape(plan.id.as_str()),
+            v.csrf_field(),
+            crate::engine::Answer::Handling.text(v.lang)
+        );
     }
     // Who to call: each contact with their phone numbers as links a phone dials (tap to call).
     body.push_str(&contacts_html(plan, t));

@@ -319,6 +319,15 @@ pub fn open_alerts(engine: &Engine, user: &User, now: Time) -> Vec<OpenAlert> {
     v
 }
 
+/// Who is handling a home now: the latest coordinator who took it on during its open alerts.
+pub fn handler(h: &HomeView) -> Option<&crate::engine::AckInfo> {
+    h.alerts
+        .iter()
+        .flat_map(|a| a.acks.iter())
+        .filter(|k| k.answer == Some(crate::engine::Answer::Handling))
+        .max_by_key(|k| k.at)
+}
+
 /// An open alert with what its list shows beside it.
 #[derive(Debug, Clone)]
 pub struct OpenAlert {
