@@ -1227,7 +1227,8 @@ impl Engine {
             Some(h) => self.state.get(h).and_then(|s| s.alerts.values().find(|a| a.id == alert_id)).map(|a| &a.acks),
             None => self.incidents.values().find(|i| i.id == alert_id && i.closed_at.is_none()).map(|i| &i.acks),
         };
-        acks.is_some_and(|acks| !acks.iter().any(|a| a.role == role && a.at >= since))
+        // A facility's refusal is no acknowledgement: the home's other facility is still told.
+        acks.is_some_and(|acks| !acks.iter().any(|a| a.role == role && a.acknowledges() && a.at >= since))
     }
 
     /// One acknowledgement per person (or link) per step: a replayed link changes nothing, and
@@ -1248,20 +1249,28 @@ impl Engine {
             .get_mut(&home)
             .and_then(|s| s.alerts.get_mut(&kind))
             .ok_or_else(|| EngineError::UnknownAlert(alert_id.clone()))?;
-        // The same person acknowledging the same step again is nothing new; with another note
-        // (a family's answer after an acknowledgement) it is.
-        let again = alert.acks.iter().any(|a| {
-            a.by == ack.by
-                && a.role == ack.role
-                && a.note == ack.note
-                && a.answer == ack.answer
-                && a.at >= alert.step_entered_at
-        });
+        // Nothing new: an acknowledgement this person already gave in this step (a replayed
+        // link), or an answer that is already the last word of its role in this step. Anything
+        // else is recorded: a family's answer after its acknowledgement, a facility changing
+        // its mind, a coordinator taking a home back after handing it over.
+        let same = |a: &AckInfo| a.note == ack.note && a.answer == ack.answer && a.at >= alert.step_entered_at;
+        let again = if ack.answer.is_some() {
+            alert.acks.iter().rev().find(|a| a.role == ack.role).is_some_and(|a| a.by == ack.by && same(a))
+        } else {
+            alert.acks.iter().any(|a| a.by == ack.by && a.role == ack.role && same(a))
+        };
         if again {
             return Ok(());
         }
         if !ack.acknowledges() {
-            // Recorded for the coordinator to see; the escalation goes on as if unanswered.
+            // Recorded for the coordinator to see; the escalation goes on as if unanswered. A
+            // facility that first said yes and now says no takes its acknowledgement back,
+            // unless someone else has acknowledged this step.
+            let own = |k: &AckInfo| k.by == ack.by && k.role == ack.role;
+            let others = alert.acks.iter().any(|k| !own(k) && k.acknowledges() && k.at >= alert.step_entered_at);
+            if alert.acknowledged.as_ref().is_some_and(own) && !others {
+                alert.acknowledged = None;
+            }
             alert.acks.push(ack);
             self.outputs.push(Output::Alert(alert.clone()));
             self.dirty_homes.insert(home.clone());

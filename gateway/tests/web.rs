@@ -1472,7 +1472,7 @@ async fn an_admin_revokes_one_api_token_from_the_users_page_and_the_others_go_on
         page(&f, Some("admin"), "POST", "/admin/users/coord-a", &format!("action=revoke_token&token_id={id}")),
     )
     .await;
-    assert!(r.body.contains("revoked already"), "{}", r.body);
+    assert!(r.body.contains("このトークンは失効済みです"), "{}", r.body);
     assert_eq!(audited(&f, "token_revoke", "admin"), 1);
 }
 

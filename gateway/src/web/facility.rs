@@ -6,9 +6,9 @@
 //! board), each with its municipality's name, the time left as a band, when the family must
 //! leave and when the child arrives at the latest (the pessimistic time everything runs out:
 //! leaving later is too late), the devices with their watts and their sum (the outlets and
-//! the power it must give), and two answers — 「受け入れられます」 and
-//! 「受け入れられません」 — recorded as the facility's acknowledgement of the home's alert
-//! with that note (see `family.rs`), which the coordinator sees at once. Homes on mains are
+//! the power it must give), and two answers — 「受け入れられます」 (an acknowledgement) and
+//! 「受け入れられません」 (recorded, but no acknowledgement: the escalation goes on) — on the
+//! home's alert (see `family.rs`), which the coordinator sees at once. Homes on mains are
 //! listed after, in a line each. No tiers, device chips, codes or ids.
 
 use std::fmt::Write as _;
@@ -129,7 +129,13 @@ pub(super) fn page(
             if ja { format!("（計{total:.0}W）") } else { format!(" ({total:.0} W in all)") }
         );
         if let Some(a) = main_alert(h) {
-            if let Some(said) = a.acks.iter().rev().filter(|k| k.role == Role::Facility).find_map(|k| k.said(lang)) {
+            if let Some(said) = a
+                .acks
+                .iter()
+                .rev()
+                .filter(|k| k.role == Role::Facility && k.by == v.user.username)
+                .find_map(|k| k.said(lang))
+            {
                 let _ = write!(
                     body,
                     "<p class=\"muted\">{} <q>{}</q></p>",

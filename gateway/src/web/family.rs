@@ -173,8 +173,10 @@ fn told(alert: &AlertView, rows: &[OutboxRow], lang: Lang) -> Vec<String> {
         .into_iter()
         .filter(|(_, rank)| *rank > 0)
         .map(|((name, role), rank)| {
-            let acked = alert.acks.iter().any(|a| a.role == role && a.acknowledges());
-            let refused = alert.acks.iter().any(|a| a.role == role && !a.acknowledges());
+            // What the role said last: a facility that said yes and then no has refused.
+            let last = alert.acks.iter().rev().find(|a| a.role == role);
+            let acked = last.is_some_and(|a| a.acknowledges());
+            let refused = last.is_some_and(|a| !a.acknowledges());
             let status = match (rank, ja) {
                 (3, true) => "届きました",
                 (3, false) => "reached",
@@ -325,9 +327,10 @@ pub struct AnswerForm {
 }
 
 /// `POST /homes/{id}/answer`: a family answers 「避難します」 or 「電源を確保しました」, a
-/// facility 「受け入れられます」 or 「受け入れられません」. It is recorded as their
-/// acknowledgement of the home's most urgent alert, with the answer as its note. Only a family
-/// or facility account of the home, with its own answers; nothing to answer is a 409.
+/// facility 「受け入れられます」 or 「受け入れられません」, a coordinator
+/// 「この世帯を担当します」. It is recorded with the home's most urgent alert's
+/// acknowledgements as a typed answer; every answer but a refusal acknowledges. Only an
+/// account of the home whose role gives that answer; nothing to answer is a 409.
 pub async fn answer(
     State(app): State<App>,
     v: Viewer,

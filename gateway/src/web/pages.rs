@@ -125,6 +125,10 @@ const WORDS: &[(&str, &str, &str)] = &[
     ("change_scope", "役割・範囲を変更", "Change role and scope"),
     ("readiness", "備えの状況", "Readiness"),
     ("handling", "担当", "Handled by"),
+    ("answered", "答え", "Answered"),
+    ("token_which", "どのトークンか指定してください。", "Say which token."),
+    ("token_none", "そのトークンはありません。", "There is no such token."),
+    ("token_already", "このトークンは失効済みです。", "That token is revoked already."),
     ("api_tokens", "APIトークン", "API tokens"),
     ("revoke", "失効させる", "Revoke"),
     ("revoked", "失効済み", "revoked"),
@@ -1406,7 +1410,8 @@ pub async fn home(
             .map(|k| {
                 format!(
                     "{} {}（{}） {}{}",
-                    t.t("acknowledged"),
+                    // A refusal is an answer, not an acknowledgement.
+                    if k.acknowledges() { t.t("acknowledged") } else { t.t("answered") },
                     by_text(&k.by, v.lang),
                     role_text(k.role, v.lang),
                     local(k.at, offset),
@@ -1972,10 +1977,22 @@ pub async fn admin_change_user(
                 }
                 ("scope", Some(r)) => acc.set_scope(&n, r, Vec::new(), scope).map(|u| Some(scope_text(&u))),
                 ("scope", None) => Err(accounts::AccountError::Invalid("role: coordinator, facility or family".into())),
-                ("revoke_token", _) => match token_id {
-                    Some(id) => acc.revoke_token(&n, id).map(|what| Some(format!("{id} {what}"))),
-                    None => Err(accounts::AccountError::Invalid("which token?".into())),
-                },
+                ("revoke_token", _) => {
+                    // Said in the admin's language: which token, none such, revoked already.
+                    let t = T(lang);
+                    let known = match token_id {
+                        None => Err(t.t("token_which")),
+                        Some(id) => match acc.tokens(&n).map(|ts| ts.into_iter().find(|k| k.id == id)) {
+                            Ok(Some(k)) if k.revoked => Err(t.t("token_already")),
+                            Ok(Some(_)) => Ok(id),
+                            Ok(None) | Err(_) => Err(t.t("token_none")),
+                        },
+                    };
+                    match known {
+                        Ok(id) => acc.revoke_token(&n, id).map(|what| Some(format!("{id} {what}"))),
+                        Err(text) => Err(accounts::AccountError::Invalid(text.to_string())),
+                    }
+                }
                 (other, _) => Err(accounts::AccountError::Invalid(format!("unknown action {other}"))),
             };
             Ok(r.map_err(|e| account_error(&e, lang)))

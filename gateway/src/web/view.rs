@@ -170,9 +170,10 @@ pub fn home_view(plan: &Home, st: Option<&HomeState>, now: Time) -> HomeView {
         _ if st.conn == Connectivity::Never => 5,
         _ => 6,
     };
+    // Not clamped at zero: a home past its time sorts by how far past.
     let urgency = leave_by
         .map(|l| (l - now).num_seconds())
-        .or_else(|| forecast.map(|f| f.time_left_p10(now).num_seconds()))
+        .or_else(|| forecast.map(|f| (f.runs_out.p10 - now).num_seconds()))
         .unwrap_or(i64::MIN);
     HomeView {
         id: plan.id.as_str().to_string(),
@@ -284,11 +285,13 @@ pub fn open_alerts(engine: &Engine, user: &User, now: Time) -> Vec<OpenAlert> {
         .filter(|(p, _)| user.may_see(p))
         .flat_map(|(p, st)| {
             let h = home_view(p, st, now);
-            let leave_in_s = (h.power == "battery").then_some(h.rank.1).filter(|x| *x != i64::MIN && *x != i64::MAX);
+            let on_battery = h.power == "battery";
+            let leave_in_s = on_battery.then_some(h.rank.1).filter(|x| *x != i64::MIN && *x != i64::MAX);
             h.alerts
                 .into_iter()
                 .map(move |a| OpenAlert {
                     label: p.label.clone(),
+                    on_battery,
                     leave_in_s,
                     has_destination: p.evacuation.is_some(),
                     alert: a,
@@ -305,7 +308,8 @@ pub fn open_alerts(engine: &Engine, user: &User, now: Time) -> Vec<OpenAlert> {
             let critical = x.alert.severity == Severity::Critical;
             match x.leave_in_s {
                 Some(s) if critical || s < 3 * 3600 => (0, s),
-                None if critical => (0, i64::MIN),
+                // On battery without a forecast, or a critical alert at a home on mains: now.
+                None if critical || x.on_battery => (0, i64::MIN),
                 Some(s) => (1, s),
                 None => (2, 0),
             }
@@ -338,6 +342,8 @@ pub struct OpenAlert {
     pub leave_in_s: Option<i64>,
     /// Its home's care plan names a destination.
     pub has_destination: bool,
+    /// Its home is on battery.
+    pub on_battery: bool,
     /// The alert.
     pub alert: AlertView,
 }

@@ -392,3 +392,33 @@ fn after_a_refusal_the_escalation_goes_on_and_no_message_says_the_facility_ackno
     assert!(!later.is_empty(), "the escalation went on after the refusal");
     assert!(later.iter().all(|a| !a.contains(&Role::Facility)), "{later:?}");
 }
+
+#[test]
+fn answers_change_minds_a_refusal_leaves_others_told_and_a_home_can_be_taken_back() {
+    let mut e = engine(&[plan("a", "431001", 5000.0)]);
+    e.handle(Input::Event(h("a"), event(1, 0, EventKind::Spo2Low)), t(0)).unwrap();
+    e.poll(t(0));
+    sent(&mut e);
+    let id = alert(&e, "a", "spo2_low").unwrap().id.clone();
+    let say = |by: &str, a: Answer| Input::Answer { alert_id: id.clone(), by: by.into(), answer: a };
+    // A facility says no: another facility contact's later message is still needed.
+    e.handle(say("hospital-1", Answer::CannotAccept), t(10)).unwrap();
+    assert!(e.still_needed(Some(&h("a")), &id, Role::Facility, t(0)), "a refusal does not silence the others");
+    // It changes its mind (yes), then back (no): the acknowledgement goes with it.
+    e.handle(say("hospital-1", Answer::CanAccept), t(20)).unwrap();
+    assert_eq!(alert(&e, "a", "spo2_low").unwrap().acknowledged.as_ref().map(|k| k.by.as_str()), Some("hospital-1"));
+    e.handle(say("hospital-1", Answer::CannotAccept), t(30)).unwrap();
+    let a = alert(&e, "a", "spo2_low").unwrap();
+    assert!(a.acknowledged.is_none(), "its yes was taken back: {:?}", a.acks);
+    assert_eq!(a.acks.len(), 3);
+    // Coordinator A takes the home on, B takes it over, A takes it back: the latest holds.
+    for (by, at) in [("coord-a", 40), ("coord-b", 50), ("coord-a", 60)] {
+        e.handle(say(by, Answer::Handling), t(at)).unwrap();
+    }
+    let a = alert(&e, "a", "spo2_low").unwrap();
+    let latest = a.acks.iter().filter(|k| k.answer == Some(Answer::Handling)).max_by_key(|k| k.at).unwrap();
+    assert_eq!(latest.by, "coord-a");
+    // The same thing said twice in a row is nothing new.
+    e.handle(say("coord-a", Answer::Handling), t(70)).unwrap();
+    assert_eq!(alert(&e, "a", "spo2_low").unwrap().acks.len(), 6);
+}
