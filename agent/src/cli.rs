@@ -203,14 +203,37 @@ pub fn main() -> ExitCode {
                 }
             };
             let stop = Arc::new(AtomicBool::new(false));
+            // The handlers are installed here, before `ready` is printed: a SIGINT or SIGTERM
+            // right after it must stop the simulator cleanly, not kill it (a race a test found
+            // when the handlers were installed by the waiting thread itself).
+            let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("mamori-agent simulate: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            let installed = rt.block_on(async {
+                use tokio::signal::unix::{signal, SignalKind};
+                Ok::<_, std::io::Error>((signal(SignalKind::interrupt())?, signal(SignalKind::terminate())?))
+            });
+            let (mut int, mut term) = match installed {
+                Ok(s) => s,
+                Err(e) => {
+                    eprintln!("mamori-agent simulate: cannot handle signals: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
             {
                 let stop = stop.clone();
                 std::thread::spawn(move || {
-                    if let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() {
-                        let cancel = CancellationToken::new();
-                        rt.block_on(until_signal(cancel));
-                        stop.store(true, Ordering::Relaxed);
-                    }
+                    rt.block_on(async {
+                        tokio::select! {
+                            _ = int.recv() => {}
+                            _ = term.recv() => {}
+                        }
+                    });
+                    stop.store(true, Ordering::Relaxed);
                 });
             }
             match crate::simulate::run(&dir, &devices, steps, stop) {

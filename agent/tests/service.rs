@@ -756,7 +756,9 @@ fn an_agent_whose_every_source_is_lost_does_not_spin() -> Result<()> {
 fn the_simulator_stops_on_a_signal_with_its_devices_idle() -> Result<()> {
     use nix::sys::signal::{kill, Signal};
     use std::io::BufRead;
-    for signal in [Signal::SIGTERM, Signal::SIGINT] {
+    // Ten of each, the signal sent the moment `ready` is read: a handler installed late is
+    // a race this has to catch (it once did, one run in many).
+    for signal in [Signal::SIGTERM, Signal::SIGINT].into_iter().cycle().take(20) {
         let dir = tempfile::tempdir()?;
         let mut child = Command::new(AGENT)
             .args(["simulate", "--scenario", "steady", "--devices", "ups,oximeter,bridge", "--dir"])
