@@ -1161,6 +1161,8 @@ impl Service {
                 for key in rows.keys() {
                     self.dispatcher.recorded(key);
                 }
+                // After the commit: from here a restart does not send these again.
+                tracing::info!(results = rows.len(), "delivery results recorded");
                 self.health.unrecorded_results.store(0, Ordering::Relaxed);
                 true
             }

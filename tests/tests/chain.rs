@@ -80,7 +80,20 @@ fn a_gateway_killed_mid_escalation_resumes_on_time() -> Result<()> {
     let mut c = Chain::start(&bins(), &o)?;
     c.sim("home-a", "mains off")?;
     let d = c.hook.wait("the family", LIMIT, |d| d.iter().any(|x| x.path == "/family" && x.accepted))?;
-    let family_at = d.iter().find(|x| x.path == "/family").unwrap().at;
+    let family = d.iter().find(|x| x.path == "/family").unwrap();
+    let (family_at, key) = (family.at, family.key.clone());
+    // Killed once that delivery is recorded, not merely done (a send not yet recorded is sent
+    // again after a restart, with the same key, by design).
+    let deadline = mamori_tests::Deadline::after(LIMIT);
+    loop {
+        let lines = c.gateway.as_ref().unwrap().lines();
+        let sent = lines.iter().position(|l| l.contains("\"delivered\"") && l.contains(&key));
+        if sent.is_some_and(|i| lines[i..].iter().any(|l| l.contains("delivery results recorded"))) {
+            break;
+        }
+        deadline.check("the family's delivery recorded")?;
+        std::thread::sleep(Duration::from_millis(10));
+    }
     c.gateway.as_mut().unwrap().kill9()?;
     c.start_gateway()?;
     let d = c.hook.wait("the coordinator", LIMIT, |d| d.iter().any(|x| x.path == "/coord" && x.accepted))?;
