@@ -224,6 +224,12 @@ impl User {
         self.role != AccountRole::Family
     }
 
+    /// Whether this account may create or change the care plan of a home in `municipality`
+    /// (administrators; coordinators in their own municipalities).
+    pub fn may_edit_plan(&self, municipality: &str) -> bool {
+        matches!(self.role, AccountRole::Admin | AccountRole::Coordinator) && self.may_see_municipality(municipality)
+    }
+
     /// Whether this account may start a drill at a home it may see (coordinators and
     /// administrators: a drill reaches every contact of the home).
     pub fn may_drill(&self) -> bool {

@@ -778,7 +778,8 @@ pub fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
-            match run::open_store(&c).and_then(|mut s| s.upsert_homes(&homes.homes).map_err(Into::into)) {
+            match run::open_store(&c).and_then(|mut s| s.upsert_homes(&homes.homes, "homes import").map_err(Into::into))
+            {
                 Ok(()) => {
                     println!("imported {} homes into {}", homes.homes.len(), c.data_dir.display());
                     ExitCode::SUCCESS

@@ -794,7 +794,7 @@ impl Config {
             }
             for (k, ch) in o.channels.iter().enumerate() {
                 if let Some(expected) = known.check(ch) {
-                    bad(&format!("operators[{i}].channels[{k}]"), &expected);
+                    bad(&format!("operators[{i}].channels[{k}]"), &expected.en());
                 }
             }
         }

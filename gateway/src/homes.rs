@@ -281,6 +281,95 @@ impl Home {
     }
 }
 
+impl Home {
+    /// Everything wrong with this plan, in the homes file's order (the homes file and the
+    /// dashboard's plan editor check the same).
+    pub fn problems(&self, known: &Known) -> Vec<Problem> {
+        let mut out = Vec::new();
+        let mut err = |field: Field, want: Want| out.push(Problem { field, want });
+        if !valid_municipality(&self.municipality) {
+            err(Field::Municipality, Want::Municipality);
+        }
+        if self.municipality_name.as_ref().is_some_and(|n| n.trim().is_empty() || n.chars().count() > 40) {
+            err(Field::MunicipalityName, Want::MunicipalityName);
+        }
+        if self.label.trim().is_empty() || self.label.chars().count() > 80 {
+            err(Field::Label, Want::Label);
+        }
+        for (j, d) in self.devices.iter().enumerate() {
+            if !(d.watts.is_finite() && d.watts > 0.0 && d.watts < 5000.0) {
+                err(Field::DeviceWatts(j), Want::Watts);
+            }
+        }
+        for (j, b) in self.backup.iter().enumerate() {
+            let ok_num = |v: Option<f64>| v.is_none_or(|v| v.is_finite() && v > 0.0);
+            if !(ok_num(b.usable_wh) && ok_num(b.nameplate_wh) && ok_num(b.runtime_min)) {
+                err(Field::Backup(j), Want::Positive);
+            }
+            match b.kind {
+                BackupKind::VentilatorInternal if b.runtime_min.is_none() => {
+                    err(Field::BackupRuntime(j), Want::InternalRuntime)
+                }
+                BackupKind::Ups | BackupKind::PowerStation if b.energy_wh().is_none() => {
+                    err(Field::Backup(j), Want::Energy)
+                }
+                _ => {}
+            }
+        }
+        if !self.backup.is_empty() && self.devices.is_empty() {
+            err(Field::Devices, Want::DevicesForBackup);
+        }
+        if self.evacuation.as_ref().is_some_and(|e| {
+            e.destination.trim().is_empty() || e.destination.chars().count() > 80 || !(1..=1440).contains(&e.travel_min)
+        }) {
+            err(Field::Evacuation, Want::Evacuation);
+        }
+        if self.contacts.iter().all(|c| c.role != Role::Family) {
+            err(Field::Contacts, Want::FamilyContact);
+        }
+        for (j, c) in self.contacts.iter().enumerate() {
+            if c.channels.is_empty() {
+                err(Field::ContactChannels(j), Want::Channel);
+            }
+            for (k, ch) in c.channels.iter().enumerate() {
+                if let Some(w) = known.check(ch) {
+                    err(Field::ContactChannel(j, k), Want::Usable(w));
+                }
+            }
+            let mut seen: BTreeSet<&ChannelRef> = c.channels.iter().collect();
+            let mut last = 0;
+            for (s, step) in c.then.iter().enumerate() {
+                if step.after_min <= last || step.after_min > 24 * 60 {
+                    err(Field::StepAfter(j, s), Want::AfterMin);
+                }
+                last = step.after_min;
+                if step.channels.is_empty() {
+                    err(Field::StepChannels(j, s), Want::Channel);
+                }
+                for (k, ch) in step.channels.iter().enumerate() {
+                    if let Some(w) = known.check(ch) {
+                        err(Field::StepChannel(j, s, k), Want::Usable(w));
+                    } else if !seen.insert(ch) {
+                        err(Field::StepChannel(j, s, k), Want::ChannelUnused);
+                    }
+                }
+            }
+            if c.quiet_hours.as_deref().is_some_and(|q| parse_quiet_hours(q).is_none()) {
+                err(Field::QuietHours(j), Want::QuietHours);
+            }
+        }
+        for (kind, p) in &self.escalation {
+            if kind != "default" && kind.parse::<crate::engine::AlertKind>().is_err() {
+                err(Field::Escalation(kind.clone()), Want::AlertKind);
+            }
+            if let Err(e) = p.validate() {
+                err(Field::Escalation(kind.clone()), Want::Policy(e));
+            }
+        }
+        out
+    }
+}
+
 /// What the validator needs to know from the gateway config.
 #[derive(Debug, Clone, Default)]
 pub struct Known {
@@ -303,30 +392,343 @@ pub fn valid_phone(p: &str) -> bool {
 
 impl Known {
     /// What a channel should have been, when it cannot be used with this config.
-    pub fn check(&self, ch: &ChannelRef) -> Option<String> {
+    pub fn check(&self, ch: &ChannelRef) -> Option<ChannelWant> {
         match ch {
-            ChannelRef::Webhook(n) if !self.endpoints.contains(n) => {
-                Some(format!("a webhook endpoint defined in the gateway config's [endpoints] (`{n}` is not)"))
-            }
-            ChannelRef::Email(a) if !a.contains('@') || a.contains(char::is_whitespace) => {
-                Some("an e-mail address".into())
-            }
-            ChannelRef::Email(_) if !self.smtp => Some("an [smtp] section in the gateway config".into()),
-            ChannelRef::Sms(p) | ChannelRef::Voice(p) if !valid_phone(p) => {
-                Some("a phone number in international form (+8190...)".into())
-            }
-            ChannelRef::Voice(_) if !self.voice => Some("a [voice] section in the gateway config".into()),
-            ChannelRef::Sms(_) if !self.sms => {
-                Some("an SMS gateway endpoint named `sms` in the gateway config's [endpoints]".into())
-            }
-            ChannelRef::Line(id) if !valid_line_id(id) => {
-                Some("a LINE user, group or room id (U, C or R and 32 hex digits)".into())
-            }
-            ChannelRef::Line(_) if !self.line => Some("a [line] section in the gateway config".into()),
-            ChannelRef::Console(n) if n.is_empty() => Some("a console name".into()),
+            ChannelRef::Webhook(n) if !self.endpoints.contains(n) => Some(ChannelWant::Webhook(n.clone())),
+            ChannelRef::Email(a) if !a.contains('@') || a.contains(char::is_whitespace) => Some(ChannelWant::Email),
+            ChannelRef::Email(_) if !self.smtp => Some(ChannelWant::Smtp),
+            ChannelRef::Sms(p) | ChannelRef::Voice(p) if !valid_phone(p) => Some(ChannelWant::Phone),
+            ChannelRef::Voice(_) if !self.voice => Some(ChannelWant::Voice),
+            ChannelRef::Sms(_) if !self.sms => Some(ChannelWant::Sms),
+            ChannelRef::Line(id) if !valid_line_id(id) => Some(ChannelWant::LineId),
+            ChannelRef::Line(_) if !self.line => Some(ChannelWant::Line),
+            ChannelRef::Console(n) if n.is_empty() => Some(ChannelWant::Console),
             _ => None,
         }
     }
+}
+
+/// What a channel that cannot be used should have been.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ChannelWant {
+    /// A webhook endpoint defined in the config (this one is not).
+    Webhook(String),
+    /// An e-mail address.
+    Email,
+    /// E-mail needs `[smtp]`.
+    Smtp,
+    /// A phone number in international form.
+    Phone,
+    /// Calls need `[voice]`.
+    Voice,
+    /// SMS needs the `sms` endpoint.
+    Sms,
+    /// A well-formed LINE id.
+    LineId,
+    /// LINE needs `[line]`.
+    Line,
+    /// A console name.
+    Console,
+}
+
+impl ChannelWant {
+    /// In English, as the config and homes-file errors say it.
+    pub fn en(&self) -> String {
+        match self {
+            ChannelWant::Webhook(n) => {
+                format!("a webhook endpoint defined in the gateway config's [endpoints] (`{n}` is not)")
+            }
+            ChannelWant::Email => "an e-mail address".into(),
+            ChannelWant::Smtp => "an [smtp] section in the gateway config".into(),
+            ChannelWant::Phone => "a phone number in international form (+8190...)".into(),
+            ChannelWant::Voice => "a [voice] section in the gateway config".into(),
+            ChannelWant::Sms => "an SMS gateway endpoint named `sms` in the gateway config's [endpoints]".into(),
+            ChannelWant::LineId => "a LINE user, group or room id (U, C or R and 32 hex digits)".into(),
+            ChannelWant::Line => "a [line] section in the gateway config".into(),
+            ChannelWant::Console => "a console name".into(),
+        }
+    }
+
+    /// In Japanese, for the dashboard's plan editor.
+    pub fn ja(&self) -> String {
+        match self {
+            ChannelWant::Webhook(n) => {
+                format!("連携先「{n}」はゲートウェイの設定にありません。設定にある連携先の名前を入れてください")
+            }
+            ChannelWant::Email => "メールアドレスを入れてください".into(),
+            ChannelWant::Smtp => "このゲートウェイはメールを送る設定になっていません".into(),
+            ChannelWant::Phone => "電話番号は国番号から入れてください（例: +819012345678）".into(),
+            ChannelWant::Voice => "このゲートウェイは電話をかける設定になっていません".into(),
+            ChannelWant::Sms => "このゲートウェイはSMSを送る設定になっていません".into(),
+            ChannelWant::LineId => "LINEのIDは U・C・R のいずれかと32桁の英数字です".into(),
+            ChannelWant::Line => "このゲートウェイはLINEに送る設定になっていません".into(),
+            ChannelWant::Console => "コンソールの名前を入れてください".into(),
+        }
+    }
+}
+
+/// Where in a home's plan a problem is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Field {
+    /// The id.
+    Id,
+    /// The municipality code.
+    Municipality,
+    /// The municipality's name.
+    MunicipalityName,
+    /// The label.
+    Label,
+    /// The devices as a whole.
+    Devices,
+    /// Device `j`'s watts.
+    DeviceWatts(usize),
+    /// Device `j`'s name.
+    DeviceName(usize),
+    /// Backup source `j`.
+    Backup(usize),
+    /// Backup source `j`'s runtime.
+    BackupRuntime(usize),
+    /// The evacuation plan.
+    Evacuation,
+    /// The contacts as a whole.
+    Contacts,
+    /// Contact `j`'s name.
+    ContactName(usize),
+    /// Contact `j`'s channels as a whole.
+    ContactChannels(usize),
+    /// Contact `j`'s channel `k`.
+    ContactChannel(usize, usize),
+    /// Contact `j`'s later step `s`: its minutes.
+    StepAfter(usize, usize),
+    /// Contact `j`'s later step `s`: its channels as a whole.
+    StepChannels(usize, usize),
+    /// Contact `j`'s later step `s`: channel `k`.
+    StepChannel(usize, usize, usize),
+    /// Contact `j`'s quiet hours.
+    QuietHours(usize),
+    /// An escalation override.
+    Escalation(String),
+}
+
+impl Field {
+    /// The homes file's key.
+    pub fn key(&self) -> String {
+        match self {
+            Field::Id => "id".into(),
+            Field::Municipality => "municipality".into(),
+            Field::MunicipalityName => "municipality_name".into(),
+            Field::Label => "label".into(),
+            Field::Devices => "devices".into(),
+            Field::DeviceWatts(j) => format!("devices[{j}].watts"),
+            Field::DeviceName(j) => format!("devices[{j}].name"),
+            Field::Backup(j) => format!("backup[{j}]"),
+            Field::BackupRuntime(j) => format!("backup[{j}].runtime_min"),
+            Field::Evacuation => "evacuation".into(),
+            Field::Contacts => "contacts".into(),
+            Field::ContactName(j) => format!("contacts[{j}].name"),
+            Field::ContactChannels(j) => format!("contacts[{j}].channels"),
+            Field::ContactChannel(j, k) => format!("contacts[{j}].channels[{k}]"),
+            Field::StepAfter(j, s) => format!("contacts[{j}].then[{s}].after_min"),
+            Field::StepChannels(j, s) => format!("contacts[{j}].then[{s}].channels"),
+            Field::StepChannel(j, s, k) => format!("contacts[{j}].then[{s}].channels[{k}]"),
+            Field::QuietHours(j) => format!("contacts[{j}].quiet_hours"),
+            Field::Escalation(kind) => format!("escalation.{kind}"),
+        }
+    }
+
+    /// What the dashboard's plan editor calls it (rows counted from 1, as on the page).
+    pub fn label(&self, lang: Lang) -> String {
+        let ja = lang == Lang::Ja;
+        let pick = |j: &str, e: &str| if ja { j.to_string() } else { e.to_string() };
+        match self {
+            Field::Id => pick("世帯の番号", "Home id"),
+            Field::Municipality => pick("市区町村コード", "Municipality code"),
+            Field::MunicipalityName => pick("市区町村名", "Municipality name"),
+            Field::Label => pick("呼び名", "Label"),
+            Field::Devices => pick("機器", "Devices"),
+            Field::DeviceWatts(j) => {
+                if ja {
+                    format!("機器{}の消費電力", j + 1)
+                } else {
+                    format!("Device {}: watts", j + 1)
+                }
+            }
+            Field::DeviceName(j) => {
+                if ja {
+                    format!("機器{}の名前", j + 1)
+                } else {
+                    format!("Device {}: name", j + 1)
+                }
+            }
+            Field::Backup(j) | Field::BackupRuntime(j) => {
+                if ja {
+                    format!("予備電源{}", j + 1)
+                } else {
+                    format!("Backup source {}", j + 1)
+                }
+            }
+            Field::Evacuation => pick("避難先", "Evacuation"),
+            Field::Contacts => pick("連絡先", "Contacts"),
+            Field::ContactName(j) => {
+                if ja {
+                    format!("連絡先{}の名前", j + 1)
+                } else {
+                    format!("Contact {}: name", j + 1)
+                }
+            }
+            Field::ContactChannels(j) | Field::ContactChannel(j, _) => {
+                if ja {
+                    format!("連絡先{}の連絡手段", j + 1)
+                } else {
+                    format!("Contact {}: channels", j + 1)
+                }
+            }
+            Field::StepAfter(j, s) | Field::StepChannels(j, s) | Field::StepChannel(j, s, _) => {
+                if ja {
+                    format!("連絡先{}の後で使う連絡手段（{}行目）", j + 1, s + 1)
+                } else {
+                    format!("Contact {}: later channels, line {}", j + 1, s + 1)
+                }
+            }
+            Field::QuietHours(j) => {
+                if ja {
+                    format!("連絡先{}の通知を控える時間", j + 1)
+                } else {
+                    format!("Contact {}: quiet hours", j + 1)
+                }
+            }
+            Field::Escalation(_) => pick("通知の段階の設定", "Escalation overrides"),
+        }
+    }
+}
+
+/// What a field should have been.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Want {
+    /// An id of lowercase letters, digits and `-`.
+    IdForm,
+    /// An id no other home has.
+    UniqueId,
+    /// A municipality code with its check digit.
+    Municipality,
+    /// A municipality the editing account may see (the dashboard).
+    InScope,
+    /// 1 to 40 characters.
+    MunicipalityName,
+    /// 1 to 80 characters.
+    Label,
+    /// 1 to 40 characters.
+    Name,
+    /// A draw between 0 and 5000 W.
+    Watts,
+    /// Positive numbers.
+    Positive,
+    /// The internal battery's runtime.
+    InternalRuntime,
+    /// A UPS's or a station's energy.
+    Energy,
+    /// Devices when there is a backup source.
+    DevicesForBackup,
+    /// A destination with its travel time (1 to 1440 min).
+    Evacuation,
+    /// At least one family contact.
+    FamilyContact,
+    /// At least one channel.
+    Channel,
+    /// A usable channel.
+    Usable(ChannelWant),
+    /// `kind:address`.
+    ChannelForm,
+    /// Minutes after the step before, at most 1440.
+    AfterMin,
+    /// A channel not used before.
+    ChannelUnused,
+    /// `HH:MM-HH:MM`.
+    QuietHours,
+    /// An alert kind.
+    AlertKind,
+    /// A valid policy (its own words).
+    Policy(String),
+}
+
+impl Want {
+    /// In English: what the field should have been.
+    pub fn en(&self) -> String {
+        match self {
+            Want::IdForm => "1 to 64 of lowercase letters, digits and `-`".into(),
+            Want::UniqueId => "an id not used by another home".into(),
+            Want::Municipality => "a six-digit municipality code with a valid check digit (e.g. 431001)".into(),
+            Want::InScope => "a municipality in your own scope".into(),
+            Want::MunicipalityName | Want::Name => "1 to 40 characters".into(),
+            Want::Label => "1 to 80 characters".into(),
+            Want::Watts => "a draw in W between 0 and 5000".into(),
+            Want::Positive => "positive numbers".into(),
+            Want::InternalRuntime => "the internal battery's runtime in minutes".into(),
+            Want::Energy => "`usable_wh` or `nameplate_wh` (needed to forecast when the UPS reports no runtime)".into(),
+            Want::DevicesForBackup => "the devices on backup power with their watts (needed for the forecast)".into(),
+            Want::Evacuation => "a destination (1 to 80 characters) and its travel time, 1 to 1440 minutes".into(),
+            Want::FamilyContact => "at least one contact with role `family`".into(),
+            Want::Channel => "at least one channel".into(),
+            Want::Usable(c) => c.en(),
+            Want::ChannelForm => "a channel as kind:address (e.g. sms:+819012345678)".into(),
+            Want::AfterMin => "minutes after the one before, at most 1440".into(),
+            Want::ChannelUnused => "a channel not used before for this contact".into(),
+            Want::QuietHours => "local hours as \"HH:MM-HH:MM\" (e.g. \"22:00-07:00\")".into(),
+            Want::AlertKind => {
+                "an alert kind (an event kind such as mains_lost, or home_silent, state_unknown, ...) or default".into()
+            }
+            Want::Policy(e) => e.clone(),
+        }
+    }
+
+    /// In Japanese, for the dashboard's plan editor.
+    pub fn ja(&self) -> String {
+        match self {
+            Want::IdForm => "英小文字・数字・「-」で64文字までにしてください".into(),
+            Want::UniqueId => "ほかの世帯が使っています。別の番号にしてください".into(),
+            Want::Municipality => "6桁の市区町村コード（検査数字つき、例: 431001）を入れてください".into(),
+            Want::InScope => "担当している市区町村のコードにしてください".into(),
+            Want::MunicipalityName | Want::Name => "1〜40文字で入れてください".into(),
+            Want::Label => "1〜80文字で入れてください".into(),
+            Want::Watts => "0より大きく5000 W未満の数を入れてください".into(),
+            Want::Positive => "正の数を入れてください".into(),
+            Want::InternalRuntime => "内蔵バッテリーで動く時間（分）を入れてください".into(),
+            Want::Energy => {
+                "使える電力量か定格容量（Wh）を入れてください（本体が残り時間を知らせないときの見積もりに使います）"
+                    .into()
+            }
+            Want::DevicesForBackup => {
+                "予備電源につなぐ機器と消費電力を入れてください（残り時間の見積もりに使います）".into()
+            }
+            Want::Evacuation => "避難先（80文字まで）と、そこまでの移動時間（1〜1440分）を両方入れてください".into(),
+            Want::FamilyContact => "ご家族の連絡先を少なくとも一つ入れてください".into(),
+            Want::Channel => "連絡手段を少なくとも一つ入れてください".into(),
+            Want::Usable(c) => c.ja(),
+            Want::ChannelForm => "「種類:宛先」の形で書いてください（例: SMS:+819012345678）".into(),
+            Want::AfterMin => "分は前の行より大きく、1440分までにしてください".into(),
+            Want::ChannelUnused => "この人にすでに使っている連絡手段です".into(),
+            Want::QuietHours => "「22:00-07:00」のように時刻で入れてください".into(),
+            Want::AlertKind | Want::Policy(_) => "設定が正しくありません。世帯ファイルで直してください".into(),
+        }
+    }
+
+    /// In the reader's language.
+    pub fn text(&self, lang: Lang) -> String {
+        if lang == Lang::Ja {
+            self.ja()
+        } else {
+            self.en()
+        }
+    }
+}
+
+/// One problem with a home's plan.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// Where.
+    pub field: Field,
+    /// What it should have been.
+    pub want: Want,
 }
 
 /// A homes file that cannot be used: every problem, one per line.
@@ -372,90 +774,12 @@ impl HomesFile {
         let mut seen = BTreeSet::new();
         for (i, h) in homes.homes.iter().enumerate() {
             let at = format!("{file}: home[{i}] (id `{}`)", h.id.as_str());
-            let mut err = |key: &str, expected: &str| errors.push(format!("{at}: key `{key}`: expected {expected}"));
+            let mut problems = h.problems(known);
             if !seen.insert(h.id.clone()) {
-                err("id", "an id not used by another home");
+                problems.insert(0, Problem { field: Field::Id, want: Want::UniqueId });
             }
-            if !valid_municipality(&h.municipality) {
-                err("municipality", "a six-digit municipality code with a valid check digit (e.g. 431001)");
-            }
-            if h.municipality_name.as_ref().is_some_and(|n| n.trim().is_empty() || n.chars().count() > 40) {
-                err("municipality_name", "1 to 40 characters");
-            }
-            if h.label.trim().is_empty() || h.label.chars().count() > 80 {
-                err("label", "1 to 80 characters");
-            }
-            for (j, d) in h.devices.iter().enumerate() {
-                if !(d.watts.is_finite() && d.watts > 0.0 && d.watts < 5000.0) {
-                    err(&format!("devices[{j}].watts"), "a draw in W between 0 and 5000");
-                }
-            }
-            for (j, b) in h.backup.iter().enumerate() {
-                let ok_num = |v: Option<f64>| v.is_none_or(|v| v.is_finite() && v > 0.0);
-                if !(ok_num(b.usable_wh) && ok_num(b.nameplate_wh) && ok_num(b.runtime_min)) {
-                    err(&format!("backup[{j}]"), "positive numbers");
-                }
-                match b.kind {
-                    BackupKind::VentilatorInternal if b.runtime_min.is_none() => {
-                        err(&format!("backup[{j}].runtime_min"), "the internal battery's runtime in minutes")
-                    }
-                    BackupKind::Ups | BackupKind::PowerStation if b.energy_wh().is_none() => err(
-                        &format!("backup[{j}]"),
-                        "`usable_wh` or `nameplate_wh` (needed to forecast when the UPS reports no runtime)",
-                    ),
-                    _ => {}
-                }
-            }
-            if !h.backup.is_empty() && h.devices.is_empty() {
-                err("devices", "the devices on backup power with their watts (needed for the forecast)");
-            }
-            if h.contacts.iter().all(|c| c.role != Role::Family) {
-                err("contacts", "at least one contact with role `family`");
-            }
-            for (j, c) in h.contacts.iter().enumerate() {
-                if c.channels.is_empty() {
-                    err(&format!("contacts[{j}].channels"), "at least one channel");
-                }
-                for (k, ch) in c.channels.iter().enumerate() {
-                    if let Some(expected) = known.check(ch) {
-                        err(&format!("contacts[{j}].channels[{k}]"), &expected);
-                    }
-                }
-                let mut seen: BTreeSet<&ChannelRef> = c.channels.iter().collect();
-                let mut last = 0;
-                for (s, step) in c.then.iter().enumerate() {
-                    if step.after_min <= last || step.after_min > 24 * 60 {
-                        err(
-                            &format!("contacts[{j}].then[{s}].after_min"),
-                            "minutes after the one before, at most 1440",
-                        );
-                    }
-                    last = step.after_min;
-                    if step.channels.is_empty() {
-                        err(&format!("contacts[{j}].then[{s}].channels"), "at least one channel");
-                    }
-                    for (k, ch) in step.channels.iter().enumerate() {
-                        if let Some(expected) = known.check(ch) {
-                            err(&format!("contacts[{j}].then[{s}].channels[{k}]"), &expected);
-                        } else if !seen.insert(ch) {
-                            err(
-                                &format!("contacts[{j}].then[{s}].channels[{k}]"),
-                                "a channel not used before for this contact",
-                            );
-                        }
-                    }
-                }
-                if c.quiet_hours.as_deref().is_some_and(|q| parse_quiet_hours(q).is_none()) {
-                    err(&format!("contacts[{j}].quiet_hours"), "local hours as \"HH:MM-HH:MM\" (e.g. \"22:00-07:00\")");
-                }
-            }
-            for (kind, p) in &h.escalation {
-                if kind != "default" && kind.parse::<crate::engine::AlertKind>().is_err() {
-                    err(&format!("escalation.{kind}"), "an alert kind (an event kind such as mains_lost, or home_silent, state_unknown, ...) or default");
-                }
-                if let Err(e) = p.validate() {
-                    err(&format!("escalation.{kind}"), &e);
-                }
+            for p in problems {
+                errors.push(format!("{at}: key `{}`: expected {}", p.field.key(), p.want.en()));
             }
         }
         if errors.is_empty() {

@@ -79,7 +79,7 @@ use crate::mqtt::{FromMqtt, Outbound};
 use crate::notice::{Notice, StoreProblem};
 use crate::policy::Policies;
 use crate::store::{OutboxRow, OutboxStatus, Store, StoreError};
-use crate::web::{self, Snapshot, WebRequest};
+use crate::web::{self, SaveRefusal, Snapshot, WebRequest};
 use crate::{broker, clock};
 
 /// The web's copy of the engine is refreshed at most this often, ms.
@@ -161,8 +161,8 @@ pub fn style(config: &Config) -> anyhow::Result<Style> {
     })
 }
 
-/// Open the store for an admin command, creating it if needed, and import the config's
-/// homes file, if any.
+/// Open the store for an admin command, creating it if needed, and import what changed in
+/// the config's homes file, if any (as `run` does: a plan edited in the dashboard is kept).
 pub fn open_store(config: &Config) -> anyhow::Result<Box<dyn Store>> {
     let at = config.store_location().map_err(anyhow::Error::msg)?;
     if let Some(dir) = at.sqlite_dir() {
@@ -176,27 +176,45 @@ pub fn open_store(config: &Config) -> anyhow::Result<Box<dyn Store>> {
 /// Open the existing store for `run` (never creating one), and import the homes file: the
 /// plans that changed only, and when the store refuses the write (a full disk), the stored
 /// plans are used and the gateway starts degraded rather than not at all.
+///
+/// "Changed" means changed in the file since the file last stored it: a plan edited in the
+/// dashboard since then is kept (a restart never undoes it), and an entry edited in the file
+/// replaces it, as a new version like any other.
 pub fn open_existing_store(config: &Config) -> anyhow::Result<Box<dyn Store>> {
     let mut store = crate::store::open_existing(&config.store_location().map_err(anyhow::Error::msg)?)?;
-    if let Some(path) = &config.homes_file {
-        let file = HomesFile::load(path, &config.known())?;
-        let stored: BTreeMap<HomeId, crate::homes::Home> =
-            store.homes()?.into_iter().map(|h| (h.id.clone(), h)).collect();
-        let changed: Vec<crate::homes::Home> =
-            file.homes.into_iter().filter(|h| stored.get(&h.id) != Some(h)).collect();
-        if !changed.is_empty() {
-            if let Err(e) = store.upsert_homes(&changed) {
-                tracing::error!(error = %e, homes = changed.len(), "the homes file's changes cannot be stored: using the stored plans");
-            }
+    let changed = homes_file_changes(config, store.as_ref())?;
+    if !changed.is_empty() {
+        if let Err(e) = store.upsert_homes(&changed, HOMES_FILE) {
+            tracing::error!(error = %e, homes = changed.len(), "the homes file's changes cannot be stored: using the stored plans");
         }
     }
     Ok(store)
 }
 
+/// The config's homes file's plans that changed in the file since the file last stored them
+/// (none without a homes file).
+fn homes_file_changes(config: &Config, store: &dyn Store) -> anyhow::Result<Vec<crate::homes::Home>> {
+    let Some(path) = &config.homes_file else { return Ok(Vec::new()) };
+    let file = HomesFile::load(path, &config.known())?;
+    let stored: BTreeMap<HomeId, crate::homes::Home> = store.homes()?.into_iter().map(|h| (h.id.clone(), h)).collect();
+    // The plans stored before versions were kept count as the file's (they came from it or
+    // from `homes import`, and either way the file has not changed since if they match).
+    let from_file: BTreeMap<HomeId, crate::homes::Home> = store
+        .latest_plans_by("")?
+        .into_iter()
+        .chain(store.latest_plans_by(HOMES_FILE)?)
+        .map(|h| (h.id.clone(), h))
+        .collect();
+    Ok(file.homes.into_iter().filter(|h| stored.get(&h.id) != Some(h) && from_file.get(&h.id) != Some(h)).collect())
+}
+
+/// Who stored a plan read from the config's `homes_file`, in the version history.
+pub const HOMES_FILE: &str = "homes file";
+
 fn import_homes(config: &Config, store: &mut dyn Store) -> anyhow::Result<()> {
-    if let Some(path) = &config.homes_file {
-        let homes = HomesFile::load(path, &config.known())?;
-        store.upsert_homes(&homes.homes)?;
+    let changed = homes_file_changes(config, store)?;
+    if !changed.is_empty() {
+        store.upsert_homes(&changed, HOMES_FILE)?;
     }
     Ok(())
 }
@@ -889,6 +907,10 @@ impl Service {
                 let _ = reply.send(self.drill(&home, &by, clock::now()));
                 return;
             }
+            WebRequest::SavePlan { home, by, based_on, reply } => {
+                let _ = reply.send(self.save_plan(*home, &by, based_on));
+                return;
+            }
         };
         let r = match r {
             Ok(acks) => {
@@ -898,6 +920,24 @@ impl Service {
             Err(e) => Err(e),
         };
         let _ = reply.send(r);
+    }
+
+    /// Store a care plan changed (or created) in the dashboard, already validated there, and
+    /// use it from now on; its new version number (the same as before when nothing changed).
+    /// `based_on` is the version the editor started from (0: a new home); when another
+    /// version was stored meanwhile, nothing is stored.
+    pub fn save_plan(&mut self, home: crate::homes::Home, by: &str, based_on: u32) -> Result<u32, SaveRefusal> {
+        if let Some(why) = self.degraded_refusal() {
+            return Err(SaveRefusal::Failed(why));
+        }
+        let id = home.id.clone();
+        let known = self.engine.plan(&id).is_some();
+        let version = web::plan::store_plan(self.store.as_mut(), known, &home, by, based_on)?;
+        tracing::info!(home = %id.as_str(), by, version, "care plan saved");
+        self.engine.upsert_home(home);
+        self.changed_homes.insert(id);
+        self.snapshot_dirty = true;
+        Ok(version)
     }
 
     /// Start a drill at a home: every contact gets a labelled test message. The drill's id.
@@ -1318,6 +1358,7 @@ impl Service {
         ));
         let app = web::App {
             style: self.style.clone(),
+            known: Arc::new(self.config.known()),
             proxies,
             tx: web_tx,
             snapshot: self.snapshot.subscribe(),

@@ -1087,3 +1087,120 @@ fn one_api_token_is_revoked_and_the_others_go_on() -> Result<()> {
     assert_eq!(status(&phone)?, 200, "the other token");
     Ok(())
 }
+
+/// Log in through the login form as a browser does; the session cookie (`name=value`).
+async fn browser_login(c: &reqwest::Client, base: &str, user: &str, password: &str) -> Result<String> {
+    let cookie = |r: &reqwest::Response, name: &str| {
+        r.headers()
+            .get_all(reqwest::header::SET_COOKIE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .find(|v| v.starts_with(&format!("{name}=")))
+            .and_then(|v| v.split(';').next())
+            .map(str::to_string)
+    };
+    let r = c.get(format!("{base}/login")).send().await?;
+    let nonce_cookie = cookie(&r, "mamori_login").context("the login form's cookie")?;
+    let nonce = nonce_cookie.trim_start_matches("mamori_login=").to_string();
+    let r = c
+        .post(format!("{base}/login"))
+        .header(reqwest::header::COOKIE, &nonce_cookie)
+        .form(&[("csrf", nonce.as_str()), ("username", user), ("password", password), ("next", "/")])
+        .send()
+        .await?;
+    anyhow::ensure!(r.status() == reqwest::StatusCode::SEE_OTHER, "login: {}", r.status());
+    cookie(&r, "mamori_session").context("the session cookie")
+}
+
+/// The value of a hidden form field in a page.
+fn hidden(page: &str, name: &str) -> Result<String> {
+    let at = page.find(&format!("name=\"{name}\" value=\"")).with_context(|| format!("the field {name}"))?;
+    let rest = &page[at + name.len() + 15..];
+    Ok(rest[..rest.find('"').context("the value's end")?].to_string())
+}
+
+#[test]
+fn a_care_plan_changed_in_the_dashboard_is_used_at_once_and_kept_across_a_restart() -> Result<()> {
+    plan_changed_in_the_dashboard("")
+}
+
+#[test]
+fn on_postgresql_a_care_plan_changed_in_the_dashboard_is_used_at_once_and_kept_across_a_restart() -> Result<()> {
+    let db = TestDb::new()?;
+    plan_changed_in_the_dashboard(&db.store_toml())
+}
+
+fn plan_changed_in_the_dashboard(store: &str) -> Result<()> {
+    let broker = Mosquitto::start("")?;
+    let hook = WebhookReceiver::start("hook-secret")?;
+    let s = setup_on(broker.port(), &hook, 3600, store)?;
+    let mut gw = gateway(&s.config)?;
+    let config = s.config.to_str().unwrap_or_default();
+    add_coordinator(config)?;
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let rt = tokio::runtime::Runtime::new()?;
+    let base = format!("http://127.0.0.1:{}", s.http_port);
+    let c = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build()?;
+    let session = rt.block_on(browser_login(&c, &base, "sato", "a coordinator password long enough"))?;
+    let get = |path: &str| -> Result<String> {
+        rt.block_on(async {
+            let r = c.get(format!("{base}{path}")).header(reqwest::header::COOKIE, &session).send().await?;
+            anyhow::ensure!(r.status().is_success(), "{path}: {}", r.status());
+            Ok(r.text().await?)
+        })
+    };
+    let editor = get("/homes/h1/plan")?;
+    let (csrf, based_on) = (hidden(&editor, "csrf")?, hidden(&editor, "based_on")?);
+    assert_eq!(based_on, "1");
+    let form = [
+        ("csrf", csrf.as_str()),
+        ("based_on", based_on.as_str()),
+        ("label", "K-01 東区"),
+        ("municipality", "431001"),
+        ("d0_name", "人工呼吸器"),
+        ("d0_watts", "25"),
+        ("d1_name", "加温加湿器"),
+        ("d1_watts", "75"),
+        ("b0_kind", "power_station"),
+        ("b0_nameplate_wh", "1000"),
+        ("b1_kind", "ventilator_internal"),
+        ("b1_runtime_min", "480"),
+        ("evac_destination", "病院"),
+        ("evac_travel_min", "30"),
+        ("c0_name", "家族"),
+        ("c0_role", "family"),
+        ("c0_channels", "連携:family"),
+        ("c1_name", "Sato"),
+        ("c1_role", "coordinator"),
+        ("c1_language", "en"),
+        ("c1_channels", "webhook:coord"),
+    ];
+    let r = rt.block_on(async {
+        c.post(format!("{base}/homes/h1/plan")).header(reqwest::header::COOKIE, &session).form(&form).send().await
+    })?;
+    assert_eq!(r.status(), reqwest::StatusCode::SEE_OTHER);
+    assert_eq!(r.headers()[reqwest::header::LOCATION], "/homes/h1?saved=2");
+    gw.wait_line("the plan saved", LIMIT, |l| l.contains("care plan saved"))?;
+
+    // The next message already says what the family is now called.
+    publish(broker.port(), &[event(1, "mains_lost")])?;
+    let d = hook.wait("the family told", LIMIT, |d| d.iter().any(to("/family")))?;
+    let text = d.iter().find(|x| to("/family")(x)).and_then(|x| x.body["text"].as_str()).unwrap_or_default();
+    assert!(text.contains("K-01 東区"), "{text}");
+
+    // A restart does not undo the dashboard's change with the homes file's older plan.
+    gw.kill9()?;
+    let mut gw = gateway(&s.config)?;
+    assert!(get("/homes/h1")?.contains("K-01 東区"));
+    let history = get("/homes/h1/plan")?;
+    assert!(history.contains("sato") && history.contains("value=\"2\""), "{history}");
+
+    // An entry edited in the homes file replaces it at the next start, as version 3.
+    let homes = s.dir.path().join("homes.toml");
+    std::fs::write(&homes, std::fs::read_to_string(&homes)?.replace("label = \"K-01\"", "label = \"K-01 北区\""))?;
+    gw.kill9()?;
+    let _gw = gateway(&s.config)?;
+    assert!(get("/homes/h1")?.contains("K-01 北区"));
+    assert!(hidden(&get("/homes/h1/plan")?, "based_on")? == "3");
+    Ok(())
+}

@@ -2,8 +2,9 @@
 //! sessions, CSRF, throttling, the audit log and the live stream's scope.
 //!
 //! The web layer is tested on its own here: a real SQLite file and a real engine with homes
-//! in two municipalities, and a stand-in for the service loop that applies acknowledgements
-//! and clears to that engine and publishes a new snapshot, as the loop does. The whole
+//! in two municipalities, and a stand-in for the service loop that applies acknowledgements,
+//! clears and care plans (through the same `store_plan` as the loop) to that engine and
+//! publishes a new snapshot, as the loop does. The whole
 //! chain, in a real browser, is `tests/browser.rs`.
 #![allow(clippy::disallowed_methods, clippy::unwrap_used)]
 
@@ -111,7 +112,7 @@ fn fixture(dir: &Path) -> Parts {
     let mut engine = Engine::new(settings, Policies::default());
     mamori_gateway::store::open(&mamori_gateway::store::Location::Sqlite(dir.to_path_buf()))
         .unwrap()
-        .upsert_homes(&homes.homes)
+        .upsert_homes(&homes.homes, "homes file")
         .unwrap();
     for h in homes.homes {
         engine.upsert_home(h);
@@ -134,10 +135,23 @@ fn fixture(dir: &Path) -> Parts {
     // The stand-in for the service loop.
     let (tx, mut requests) = mpsc::channel::<WebRequest>(16);
     let (loop_engine, loop_tx) = (engine.clone(), snapshots.clone());
+    let mut loop_store =
+        mamori_gateway::store::open(&mamori_gateway::store::Location::Sqlite(dir.to_path_buf())).unwrap();
     tokio::spawn(async move {
         while let Some(r) = requests.recv().await {
             let mut e = loop_engine.lock().unwrap();
             let (input, reply) = match r {
+                WebRequest::SavePlan { home, by, based_on, reply } => {
+                    let known = e.plan(&home.id).is_some();
+                    let r = mamori_gateway::web::plan::store_plan(loop_store.as_mut(), known, &home, &by, based_on);
+                    if r.is_ok() {
+                        let id = home.id.clone();
+                        e.upsert_home(*home);
+                        publish(&e, &loop_tx, &[id.as_str()]);
+                    }
+                    let _ = reply.send(r);
+                    continue;
+                }
                 WebRequest::Ack { alert_id, role, by, note, reply } => (Input::Ack { alert_id, role, by, note }, reply),
                 WebRequest::Clear { alert_id, by, reply } => (Input::Clear { alert_id, by }, reply),
                 WebRequest::Answer { alert_id, by, answer, reply } => (Input::Answer { alert_id, by, answer }, reply),
@@ -161,6 +175,7 @@ fn fixture(dir: &Path) -> Parts {
     ));
     let argon2 = Arc::new(tokio::sync::Semaphore::new(mamori_gateway::web::ARGON2_AT_ONCE));
     let app = App {
+        known: Arc::new(Known { endpoints: ["coord".to_string()].into(), sms: true, ..Known::default() }),
         style: Style {
             public_url: "https://mamori.example".into(),
             link_secret: b"secret".to_vec(),
@@ -282,6 +297,9 @@ fn reads(f: &Fixture) -> Vec<(String, bool, [u16; 5], u16)> {
         ("/homes/home-a2".into(), false, [200, 200, 404, 404, 404], 303),
         ("/homes/home-b1".into(), false, [200, 404, 200, 404, 404], 303),
         ("/homes/no-such-home".into(), false, [404, 404, 404, 404, 404], 303),
+        ("/homes/home-a1/plan".into(), false, [200, 200, 404, 403, 403], 303),
+        ("/homes/home-b1/plan".into(), false, [200, 404, 200, 404, 404], 303),
+        ("/plans/new".into(), false, [200, 200, 200, 403, 403], 303),
         (format!("/incidents/{inc}"), false, [200, 200, 404, 404, 404], 303),
         (format!("/incidents/{inc}/triage.csv"), false, [200, 200, 404, 404, 404], 303),
         ("/account".into(), false, [200, 200, 200, 200, 200], 303),
@@ -1028,7 +1046,8 @@ async fn the_dashboard_in_japanese_has_no_field_names_codes_or_english_words() {
     let f = setup().await;
     // Words a Japanese reader meets as they are: the product, units and device terms, the
     // switch to English, and what people named themselves (usernames, home labels).
-    const ALLOWED: &[&str] = &["mamori", "SpO2", "UPS", "W", "Wh", "V", "ID", "English", "CSV", "API", "A", "B"];
+    const ALLOWED: &[&str] =
+        &["mamori", "SpO2", "UPS", "W", "Wh", "V", "ID", "English", "CSV", "API", "A", "B", "SMS", "LINE"];
     let mut problems = Vec::new();
     for (who, uris) in [
         (
@@ -1040,6 +1059,8 @@ async fn the_dashboard_in_japanese_has_no_field_names_codes_or_english_words() {
                 format!("/incidents/{}", f.incident_a),
                 "/account".into(),
                 "/readiness".into(),
+                "/homes/home-a1/plan".into(),
+                "/plans/new".into(),
             ],
         ),
         ("family_a1", vec!["/homes/home-a1".into(), "/alerts".into()]),
@@ -1053,7 +1074,10 @@ async fn the_dashboard_in_japanese_has_no_field_names_codes_or_english_words() {
                 let w = word.trim_start_matches(|c: char| c.is_ascii_digit());
                 // Usernames and API tokens' labels are what people chose (the admin's list shows
                 // them all; the fixture's tokens are labelled "test").
-                let username = ROLES.iter().any(|r| *r == word || r.split('_').any(|p| p == word)) || word == "test";
+                // The plan editor shows the fixture's console channel as typed (`画面:f`).
+                let username = ROLES.iter().any(|r| *r == word || r.split('_').any(|p| p == word))
+                    || word == "test"
+                    || word == "f";
                 if w.is_empty() || ALLOWED.contains(&w) || username {
                     continue;
                 }
@@ -1497,4 +1521,190 @@ async fn a_coordinator_takes_a_home_on_and_the_board_says_who_is_handling_it() {
     assert_eq!(r.status, StatusCode::NOT_FOUND);
     let r = send(&f, page(&f, Some("family_a1"), "POST", "/homes/home-a1/answer", "answer=handling")).await;
     assert_eq!(r.status, StatusCode::BAD_REQUEST);
+}
+
+/// A care-plan form: `fields` as `name=value` pairs, URL-encoded here.
+fn plan_form(fields: &[(&str, &str)]) -> String {
+    fields
+        .iter()
+        .map(|(k, v)| {
+            let v: String = v
+                .bytes()
+                .map(|b| if b.is_ascii_alphanumeric() { (b as char).to_string() } else { format!("%{b:02X}") })
+                .collect();
+            format!("{k}={v}")
+        })
+        .collect::<Vec<_>>()
+        .join("&")
+}
+
+const GOOD_PLAN: &[(&str, &str)] = &[
+    ("label", "A-1 東区"),
+    ("municipality", "431001"),
+    ("municipality_name", "熊本市"),
+    ("d0_name", "人工呼吸器"),
+    ("d0_watts", "30"),
+    ("d1_name", "加温加湿器"),
+    ("d1_watts", "６０"),
+    ("d2_name", ""),
+    ("d2_watts", ""),
+    ("b0_kind", "ups"),
+    ("b0_usable_wh", "500"),
+    ("b1_kind", "ventilator_internal"),
+    ("b1_runtime_min", "480"),
+    ("evac_destination", "市民病院"),
+    ("evac_travel_min", "20"),
+    ("c0_name", "母"),
+    ("c0_role", "family"),
+    ("c0_language", "ja"),
+    ("c0_channels", "画面:f"),
+    ("c1_name", "佐藤"),
+    ("c1_role", "coordinator"),
+    ("c1_language", "ja"),
+    ("c1_channels", "SMS:+819012345678"),
+    ("c1_then", "5: 連携:coord"),
+    ("c1_quiet", "22:00-07:00"),
+];
+
+fn plan_of(f: &Fixture, id: &str) -> mamori_gateway::homes::Home {
+    f.engine.lock().unwrap().plan(&HomeId::new(id).unwrap()).unwrap().clone()
+}
+
+#[tokio::test]
+async fn a_coordinator_changes_a_care_plan_in_the_dashboard_with_the_homes_files_checks_and_every_version_kept() {
+    let f = setup().await;
+    let r = send(&f, page(&f, Some("coord_a"), "GET", "/homes/home-a1/plan", "")).await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert!(
+        r.body.contains("市民病院") && r.body.contains("画面:f") && r.body.contains("世帯ファイル（起動時）"),
+        "{}",
+        r.body
+    );
+    assert!(r.body.contains("data-no-live"), "the live updater must not swap the editor");
+    let before = plan_of(&f, "home-a1");
+
+    // Every problem at once, in the reader's words with the row on the page; nothing stored.
+    let mut bad: Vec<(&str, &str)> = GOOD_PLAN.to_vec();
+    for (k, v) in [
+        ("municipality", "431002"),
+        ("d1_watts", "たくさん"),
+        ("c0_channels", "fax:123"),
+        ("c1_channels", "SMS:09012345678"),
+        ("c1_quiet", "25:00-07:00"),
+    ] {
+        bad.iter_mut().find(|(n, _)| *n == k).unwrap().1 = v;
+    }
+    bad.push(("b2_kind", "power_station"));
+    let r =
+        send(&f, page(&f, Some("coord_a"), "POST", "/homes/home-a1/plan", &format!("based_on=1&{}", plan_form(&bad))))
+            .await;
+    assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY, "{}", r.body);
+    let text = visible_text(&r.body);
+    for want in [
+        "市区町村コード: 6桁の市区町村コード",
+        "機器2の消費電力: 0より大きく",
+        "連絡先1の連絡手段: 「種類:宛先」の形",
+        "連絡先2の連絡手段: 電話番号は国番号から",
+        "連絡先2の通知を控える時間",
+        "予備電源3: 使える電力量か定格容量",
+    ] {
+        assert!(text.contains(want), "{want}: {text}");
+    }
+    for key in ["devices[", "contacts[", "backup[", "key `", "expected"] {
+        assert!(!text.contains(key), "a raw key in the page: {key}");
+    }
+    assert!(r.body.contains("たくさん"), "what was typed is kept in the form");
+    assert_eq!(plan_of(&f, "home-a1"), before);
+
+    // A good form is stored as version 2 and used at once.
+    let r = send(
+        &f,
+        page(&f, Some("coord_a"), "POST", "/homes/home-a1/plan", &format!("based_on=1&{}", plan_form(GOOD_PLAN))),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::SEE_OTHER, "{}", r.body);
+    assert_eq!(r.headers[header::LOCATION], "/homes/home-a1?saved=2");
+    let p = plan_of(&f, "home-a1");
+    assert_eq!((p.label.as_str(), p.load_w(), p.internal_min()), ("A-1 東区", 90.0, 480.0));
+    let coord = p.contacts.iter().find(|c| c.role == mamori_protocol::mqtt::Role::Coordinator).unwrap();
+    assert_eq!(coord.then[0].after_min, 5);
+    assert_eq!(coord.quiet_hours.as_deref(), Some("22:00-07:00"));
+    assert_eq!(audited(&f, "plan_edit", "coord-a"), 1);
+    let r = send(&f, page(&f, Some("coord_a"), "GET", "/homes/home-a1?saved=2", "")).await;
+    assert!(r.body.contains("支援計画を保存しました（第2版）"), "{}", r.body);
+
+    // An editor opened on version 1 cannot undo version 2 unseen.
+    let mut stale: Vec<(&str, &str)> = GOOD_PLAN.to_vec();
+    stale[0].1 = "A-1 古い";
+    let r =
+        send(&f, page(&f, Some("admin"), "POST", "/homes/home-a1/plan", &format!("based_on=1&{}", plan_form(&stale))))
+            .await;
+    assert_eq!(r.status, StatusCode::CONFLICT);
+    assert!(r.body.contains("ほかの人がこの計画を保存しました（第2版）"), "{}", r.body);
+    assert_eq!(plan_of(&f, "home-a1").label, "A-1 東区");
+
+    // The history says who changed what; an earlier version can be shown and stored again.
+    let r = send(&f, page(&f, Some("coord_a"), "GET", "/homes/home-a1/plan", "")).await;
+    let text = visible_text(&r.body);
+    assert!(text.contains("coord-a") && text.contains("呼び名・市区町村・機器・予備電源・連絡先"), "{text}");
+    let r = send(&f, page(&f, Some("coord_a"), "GET", "/homes/home-a1/plan?version=1", "")).await;
+    assert!(r.body.contains("第1版の内容を表示しています") && r.body.contains("value=\"A-1\""), "{}", r.body);
+
+    // A coordinator cannot move a home out of their municipalities; another's is not found;
+    // a facility and a family cannot edit.
+    let mut away: Vec<(&str, &str)> = GOOD_PLAN.to_vec();
+    away[1].1 = "131016";
+    let r =
+        send(&f, page(&f, Some("coord_a"), "POST", "/homes/home-a1/plan", &format!("based_on=2&{}", plan_form(&away))))
+            .await;
+    assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(visible_text(&r.body).contains("担当している市区町村のコードにしてください"));
+    let r = send(
+        &f,
+        page(&f, Some("coord_b"), "POST", "/homes/home-a1/plan", &format!("based_on=2&{}", plan_form(GOOD_PLAN))),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+    for who in ["facility_a1", "family_a1"] {
+        let r = send(
+            &f,
+            page(&f, Some(who), "POST", "/homes/home-a1/plan", &format!("based_on=2&{}", plan_form(GOOD_PLAN))),
+        )
+        .await;
+        assert_eq!(r.status, StatusCode::FORBIDDEN, "{who}");
+    }
+    assert_eq!(plan_of(&f, "home-a1").municipality, "431001");
+    let versions = f.db.lock().unwrap().home_versions(&HomeId::new("home-a1").unwrap()).unwrap();
+    assert_eq!(
+        versions.iter().map(|v| (v.version, v.by.as_str())).collect::<Vec<_>>(),
+        [(2, "coord-a"), (1, "homes file")]
+    );
+}
+
+#[tokio::test]
+async fn a_new_home_is_added_in_the_coordinators_municipality_and_an_id_in_use_is_refused() {
+    let f = setup().await;
+    let mut new: Vec<(&str, &str)> = GOOD_PLAN.to_vec();
+    new.push(("id", "home-a9"));
+    let r = send(&f, page(&f, Some("coord_a"), "POST", "/plans/new", &plan_form(&new))).await;
+    assert_eq!(r.status, StatusCode::SEE_OTHER, "{}", r.body);
+    assert_eq!(r.headers[header::LOCATION], "/homes/home-a9?saved=1");
+    assert_eq!(plan_of(&f, "home-a9").label, "A-1 東区");
+    assert_eq!(send(&f, page(&f, Some("coord_a"), "GET", "/homes/home-a9", "")).await.status, StatusCode::OK);
+    assert_eq!(send(&f, page(&f, Some("coord_b"), "GET", "/homes/home-a9", "")).await.status, StatusCode::NOT_FOUND);
+    assert_eq!(audited(&f, "plan_create", "coord-a"), 1);
+
+    let r = send(&f, page(&f, Some("admin"), "POST", "/plans/new", &plan_form(&new))).await;
+    assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(visible_text(&r.body).contains("世帯の番号: ほかの世帯が使っています"), "{}", r.body);
+    new.last_mut().unwrap().1 = "Home A";
+    let r = send(&f, page(&f, Some("admin"), "POST", "/plans/new", &plan_form(&new))).await;
+    assert!(visible_text(&r.body).contains("世帯の番号: 英小文字"), "{}", r.body);
+    new.last_mut().unwrap().1 = "home-b9";
+    new[1].1 = "131016";
+    let r = send(&f, page(&f, Some("coord_a"), "POST", "/plans/new", &plan_form(&new))).await;
+    assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY, "a coordinator adds homes to their own municipalities only");
+    let r = send(&f, page(&f, Some("facility_a1"), "POST", "/plans/new", &plan_form(&new))).await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN);
+    assert!(f.engine.lock().unwrap().plan(&HomeId::new("home-b9").unwrap()).is_none());
 }

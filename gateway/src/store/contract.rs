@@ -72,8 +72,22 @@ pub(crate) fn check(s: &mut dyn Store) {
 
 fn messages_and_outbox(s: &mut dyn Store) {
     let h = HomeId::new("h").unwrap();
-    s.upsert_homes(&[home("h")]).unwrap();
+    s.upsert_homes(&[home("h")], "homes import").unwrap();
     assert_eq!(s.homes().unwrap().len(), 1);
+    // Every change of a plan is a version with who made it; the same plan again is none.
+    s.upsert_homes(&[home("h")], "homes file").unwrap();
+    let mut changed = home("h");
+    changed.label = "K-01".into();
+    s.upsert_homes(&[changed.clone()], "coord-a").unwrap();
+    let v = s.home_versions(&h).unwrap();
+    assert_eq!(v.iter().map(|v| (v.version, v.by.as_str())).collect::<Vec<_>>(), [(2, "coord-a"), (1, "homes import")]);
+    assert_eq!(v[0].plan, changed);
+    assert_eq!(v[1].plan, home("h"));
+    assert_eq!(s.homes().unwrap(), [changed.clone()]);
+    assert!(s.home_versions(&HomeId::new("other").unwrap()).unwrap().is_empty());
+    assert_eq!(s.latest_plans_by("homes import").unwrap(), [home("h")]);
+    assert_eq!(s.latest_plans_by("coord-a").unwrap(), [changed.clone()]);
+    assert!(s.latest_plans_by("homes file").unwrap().is_empty(), "the same plan again made no version");
     assert!(!s.has_messages().unwrap());
     // A batch rolled back leaves nothing; committed, an event is stored once.
     s.begin().unwrap();

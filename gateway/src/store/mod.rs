@@ -240,6 +240,20 @@ pub struct OutboxRow {
     pub conditional: bool,
 }
 
+/// One version of a home's care plan.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HomeVersion {
+    /// 1, 2, … per home.
+    pub version: u32,
+    /// When it was stored.
+    pub at: Time,
+    /// Who stored it: an account's username, `homes import` or `homes file` (empty for the
+    /// plan stored before versions were kept).
+    pub by: String,
+    /// The plan.
+    pub plan: Home,
+}
+
 /// An acknowledgement requested outside the running gateway (the CLI), applied by it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct AckRequest {
@@ -271,8 +285,15 @@ pub trait Store: Send + AccountRows + AuditRows {
     /// Abandon it.
     fn rollback(&mut self);
 
-    /// Add or replace care plans.
-    fn upsert_homes(&mut self, homes: &[Home]) -> Result<(), StoreError>;
+    /// Add or replace care plans, in one transaction. A plan that differs from the stored
+    /// one (or is new) becomes the home's next version, recorded with `by` (an account, or
+    /// `homes import` / `homes file`); an unchanged plan is left as it is.
+    fn upsert_homes(&mut self, homes: &[Home], by: &str) -> Result<(), StoreError>;
+    /// A home's plan versions, newest first.
+    fn home_versions(&self, home: &HomeId) -> Result<Vec<HomeVersion>, StoreError>;
+    /// For every home, the newest plan version stored by `by` (the homes file at start asks
+    /// which of its plans it already stored).
+    fn latest_plans_by(&self, by: &str) -> Result<Vec<Home>, StoreError>;
     /// Every care plan.
     fn homes(&self) -> Result<Vec<Home>, StoreError>;
 

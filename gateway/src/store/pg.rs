@@ -30,7 +30,8 @@ use ::postgres::{Client, NoTls, Row};
 use mamori_protocol::mqtt::{Event, HomeId, Role, Status, Telemetry};
 
 use super::{
-    history_json, parse_ts, ts, AckRequest, OutboxRow, Store, StoreError, META_CREATED_AT, META_FIRST_MESSAGE_AT,
+    history_json, parse_ts, ts, AckRequest, HomeVersion, OutboxRow, Store, StoreError, META_CREATED_AT,
+    META_FIRST_MESSAGE_AT,
 };
 use crate::accounts::{AccountRole, User};
 use crate::audit::Entry;
@@ -88,6 +89,12 @@ INSERT INTO lease (name, holder, token, expires_at) VALUES ('active', '', 0, '-i
     // Each gateway of a cluster says it is alive, as active or standby.
     r#"
 CREATE TABLE gateways (name TEXT PRIMARY KEY, role TEXT NOT NULL, seen_at TIMESTAMPTZ NOT NULL);
+"#,
+    // Every version of every care plan (as in SQLite's migrations).
+    r#"
+CREATE TABLE home_versions (home TEXT NOT NULL, version BIGINT NOT NULL, at TEXT NOT NULL, changed_by TEXT NOT NULL,
+    plan TEXT NOT NULL, PRIMARY KEY (home, version));
+INSERT INTO home_versions (home, version, at, changed_by, plan) SELECT id, 1, updated_at, '', plan FROM homes;
 "#,
 ];
 
@@ -421,8 +428,9 @@ impl Store for PgStore {
         });
     }
 
-    fn upsert_homes(&mut self, homes: &[Home]) -> Result<(), StoreError> {
+    fn upsert_homes(&mut self, homes: &[Home], by: &str) -> Result<(), StoreError> {
         let now = ts(crate::clock::now());
+        let by = by.to_string();
         let rows: Vec<(String, String, String)> = homes
             .iter()
             .map(|h| (h.id.as_str().to_string(), h.municipality.clone(), serde_json::to_string(h).unwrap_or_default()))
@@ -430,14 +438,51 @@ impl Store for PgStore {
         self.with(move |c| {
             let mut tx = c.transaction()?;
             for (id, m, plan) in &rows {
+                let stored = tx.query_opt("SELECT plan FROM homes WHERE id = $1 FOR UPDATE", &[id])?;
+                if stored.is_some_and(|r| r.get::<_, String>(0) == *plan) {
+                    continue;
+                }
                 tx.execute(
                     "INSERT INTO homes (id, municipality, plan, updated_at) VALUES ($1, $2, $3, $4)
                      ON CONFLICT (id) DO UPDATE SET municipality = $2, plan = $3, updated_at = $4",
                     &[id, m, plan, &now],
                 )?;
+                tx.execute(
+                    "INSERT INTO home_versions (home, version, at, changed_by, plan)
+                     SELECT $1, COALESCE(MAX(version), 0) + 1, $2, $3, $4 FROM home_versions WHERE home = $1",
+                    &[id, &now, &by, plan],
+                )?;
             }
             tx.commit()
         })
+    }
+
+    fn home_versions(&self, home: &HomeId) -> Result<Vec<HomeVersion>, StoreError> {
+        let rows = self.rows(
+            "SELECT version, at, changed_by, plan FROM home_versions WHERE home = $1 ORDER BY version DESC",
+            p![home.as_str().to_string()],
+        )?;
+        let mut out = Vec::new();
+        for r in &rows {
+            let (version, at, by, plan): (i64, String, String, String) =
+                (self.get(r, 0)?, self.get(r, 1)?, self.get(r, 2)?, self.get(r, 3)?);
+            out.push(HomeVersion {
+                version: u32::try_from(version).unwrap_or(0),
+                at: parse_ts(&at).ok_or_else(|| self.corrupt("home version", at.clone()))?,
+                by,
+                plan: serde_json::from_str(&plan).map_err(|e| self.corrupt("home version", e.to_string()))?,
+            });
+        }
+        Ok(out)
+    }
+
+    fn latest_plans_by(&self, by: &str) -> Result<Vec<Home>, StoreError> {
+        self.json_rows(
+            "SELECT plan FROM home_versions v WHERE changed_by = $1 AND version =
+             (SELECT MAX(version) FROM home_versions w WHERE w.home = v.home AND w.changed_by = $1)",
+            p![by.to_string()],
+            "home version",
+        )
     }
 
     fn homes(&self) -> Result<Vec<Home>, StoreError> {

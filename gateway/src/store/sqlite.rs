@@ -11,7 +11,8 @@ use mamori_protocol::mqtt::{Event, HomeId, Role, Status, Telemetry};
 use rusqlite::{params, Connection, OptionalExtension};
 
 use super::{
-    history_json, parse_ts, ts, AckRequest, OutboxRow, Store, StoreError, META_CREATED_AT, META_FIRST_MESSAGE_AT,
+    history_json, parse_ts, ts, AckRequest, HomeVersion, OutboxRow, Store, StoreError, META_CREATED_AT,
+    META_FIRST_MESSAGE_AT,
 };
 use crate::engine::{Alert, HomeState, Incident, Time};
 use crate::homes::Home;
@@ -68,6 +69,13 @@ CREATE INDEX outbox_due ON outbox (status, next_attempt_at, dest);
 CREATE INDEX telemetry_received ON telemetry (received_at);
 CREATE INDEX status_received ON status (received_at);
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+"#,
+    // Every version of every care plan: who changed it, when (the dashboard's plan editor,
+    // `homes import`, the homes file at start). The plans stored before this start history.
+    r#"
+CREATE TABLE home_versions (home TEXT NOT NULL, version INTEGER NOT NULL, at TEXT NOT NULL, changed_by TEXT NOT NULL,
+    plan TEXT NOT NULL, PRIMARY KEY (home, version)) WITHOUT ROWID;
+INSERT INTO home_versions (home, version, at, changed_by, plan) SELECT id, 1, updated_at, '', plan FROM homes;
 "#,
 ];
 
@@ -217,28 +225,72 @@ impl Store for SqliteStore {
         let _ = self.conn.execute_batch("ROLLBACK");
     }
 
-    fn upsert_homes(&mut self, homes: &[Home]) -> Result<(), StoreError> {
+    fn upsert_homes(&mut self, homes: &[Home], by: &str) -> Result<(), StoreError> {
         let now = ts(crate::clock::now());
-        let tx = self.conn.transaction().map_err(|source: rusqlite::Error| StoreError::Sqlite {
-            path: self.path.clone(),
-            detail: source.to_string(),
-        })?;
+        let path = self.path.clone();
+        let db = move |source: rusqlite::Error| StoreError::Sqlite { path: path.clone(), detail: source.to_string() };
+        let tx = self.conn.transaction().map_err(&db)?;
         for h in homes {
             let plan = serde_json::to_string(h).unwrap_or_default();
+            let stored: Option<String> = tx
+                .query_row("SELECT plan FROM homes WHERE id = ?1", params![h.id.as_str()], |r| r.get(0))
+                .optional()
+                .map_err(&db)?;
+            if stored.as_deref() == Some(plan.as_str()) {
+                continue;
+            }
             tx.execute(
                 "INSERT INTO homes (id, municipality, plan, updated_at) VALUES (?1, ?2, ?3, ?4)
                  ON CONFLICT (id) DO UPDATE SET municipality = ?2, plan = ?3, updated_at = ?4",
                 params![h.id.as_str(), h.municipality, plan, now],
             )
-            .map_err(|source: rusqlite::Error| StoreError::Sqlite {
-                path: self.path.clone(),
-                detail: source.to_string(),
-            })?;
+            .map_err(&db)?;
+            tx.execute(
+                "INSERT INTO home_versions (home, version, at, changed_by, plan)
+                 SELECT ?1, COALESCE(MAX(version), 0) + 1, ?2, ?3, ?4 FROM home_versions WHERE home = ?1",
+                params![h.id.as_str(), now, by, plan],
+            )
+            .map_err(&db)?;
         }
-        tx.commit().map_err(|source: rusqlite::Error| StoreError::Sqlite {
-            path: self.path.clone(),
-            detail: source.to_string(),
-        })
+        tx.commit().map_err(&db)
+    }
+
+    fn home_versions(&self, home: &HomeId) -> Result<Vec<HomeVersion>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT version, at, changed_by, plan FROM home_versions WHERE home = ?1 ORDER BY version DESC",
+            )
+            .map_err(self.db())?;
+        let rows = stmt
+            .query_map(params![home.as_str()], |r| {
+                Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?, r.get::<_, String>(3)?))
+            })
+            .map_err(self.db())?;
+        let mut out = Vec::new();
+        for r in rows {
+            let (version, at, by, plan) = r.map_err(self.db())?;
+            out.push(HomeVersion {
+                version: u32::try_from(version).unwrap_or(0),
+                at: parse_ts(&at).ok_or_else(|| StoreError::Corrupt {
+                    path: self.path.clone(),
+                    what: "home version",
+                    detail: at.clone(),
+                })?,
+                by,
+                plan: serde_json::from_str(&plan).map_err(self.corrupt("home version"))?,
+            });
+        }
+        Ok(out)
+    }
+
+    fn latest_plans_by(&self, by: &str) -> Result<Vec<Home>, StoreError> {
+        self.json_rows(
+            "SELECT plan FROM home_versions v WHERE changed_by = ?1 AND version =
+             (SELECT MAX(version) FROM home_versions w WHERE w.home = v.home AND w.changed_by = ?1)",
+            params![by],
+            "home version",
+        )
     }
 
     fn homes(&self) -> Result<Vec<Home>, StoreError> {
@@ -652,6 +704,28 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut s = SqliteStore::open(dir.path()).unwrap();
         crate::store::contract::check(&mut s);
+    }
+
+    #[test]
+    fn plans_stored_before_versions_were_kept_become_version_one() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let c = Connection::open(SqliteStore::file(dir.path())).unwrap();
+            for m in &MIGRATIONS[..MIGRATIONS.len() - 1] {
+                c.execute_batch(m).unwrap();
+            }
+            c.pragma_update(None, "user_version", (MIGRATIONS.len() - 1) as i64).unwrap();
+            let plan = r#"{"id":"h","municipality":"431001","label":"K","devices":[],"backup":[],"contacts":[]}"#;
+            c.execute(
+                "INSERT INTO homes (id, municipality, plan, updated_at) VALUES ('h', '431001', ?1, '2026-01-01T00:00:00Z')",
+                params![plan],
+            )
+            .unwrap();
+        }
+        let s = SqliteStore::open(dir.path()).unwrap();
+        let v = s.home_versions(&HomeId::new("h").unwrap()).unwrap();
+        assert_eq!(v.len(), 1);
+        assert_eq!((v[0].version, v[0].by.as_str(), v[0].plan.label.as_str()), (1, "", "K"));
     }
 
     #[test]

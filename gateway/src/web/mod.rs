@@ -34,6 +34,7 @@ pub mod facility;
 pub mod family;
 pub mod metrics;
 pub mod pages;
+pub mod plan;
 pub mod readiness;
 pub mod view;
 
@@ -92,6 +93,18 @@ pub enum WebRequest {
         /// The answer.
         reply: oneshot::Sender<Result<String, String>>,
     },
+    /// Store a care plan from the dashboard's editor (validated there); the answer is its
+    /// version.
+    SavePlan {
+        /// The plan.
+        home: Box<crate::homes::Home>,
+        /// Who (an account's username).
+        by: String,
+        /// The version the editor started from; 0 for a new home.
+        based_on: u32,
+        /// The answer.
+        reply: oneshot::Sender<Result<u32, SaveRefusal>>,
+    },
     /// Clear an alert by hand.
     Clear {
         /// Alert id.
@@ -101,6 +114,20 @@ pub enum WebRequest {
         /// The answer.
         reply: oneshot::Sender<Result<(), String>>,
     },
+}
+
+/// Why a care plan from the dashboard was not stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SaveRefusal {
+    /// Another version was stored since the editor opened (the newest is `now`).
+    Changed {
+        /// The newest version.
+        now: u32,
+    },
+    /// A new home's id is taken.
+    Exists,
+    /// The store or the service refused (degraded, stopping).
+    Failed(String),
 }
 
 /// What the loop publishes for the web: a copy of the engine after a change.
@@ -140,6 +167,9 @@ pub struct SessionSettings {
 pub struct App {
     /// Message style (link signing, time zone).
     pub style: Style,
+    /// What the config offers a care plan (endpoints and channels), for the plan editor's
+    /// validation: the same as the homes file's.
+    pub known: Arc<crate::homes::Known>,
     /// Proxies whose client header is believed.
     pub proxies: TrustedProxies,
     /// To the service loop.
@@ -281,6 +311,17 @@ impl App {
         self.tx.send(WebRequest::Drill { home, by, reply }).await.map_err(|_| "the gateway is stopping".to_string())?;
         rx.await.map_err(|_| "the gateway is stopping".to_string())?
     }
+
+    /// Store a care plan through the service loop; its version.
+    pub async fn save_plan(&self, home: crate::homes::Home, by: String, based_on: u32) -> Result<u32, SaveRefusal> {
+        let stopping = || SaveRefusal::Failed("the gateway is stopping".into());
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(WebRequest::SavePlan { home: Box::new(home), by, based_on, reply })
+            .await
+            .map_err(|_| stopping())?;
+        rx.await.map_err(|_| stopping())?
+    }
 }
 
 /// Live refreshes per (session, action, target): when the last entry was written, and how
@@ -305,6 +346,8 @@ pub fn router(app: App) -> Router {
         .route("/homes/{id}", get(pages::home))
         .route("/homes/{id}/drill", post(pages::drill_home))
         .route("/homes/{id}/answer", post(family::answer))
+        .route("/homes/{id}/plan", get(plan::edit).post(plan::save))
+        .route("/plans/new", get(plan::new).post(plan::create))
         .route("/incidents/{id}", get(pages::incident))
         .route("/incidents/{id}/ack", post(pages::ack_incident))
         .route("/incidents/{id}/triage.csv", get(pages::incident_csv))

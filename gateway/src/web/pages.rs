@@ -126,6 +126,9 @@ const WORDS: &[(&str, &str, &str)] = &[
     ("readiness", "備えの状況", "Readiness"),
     ("handling", "担当", "Handled by"),
     ("answered", "答え", "Answered"),
+    ("add_home", "世帯を追加する", "Add a home"),
+    ("edit_plan", "支援計画（機器・予備電源・避難先・連絡先）を見る・変える", "View or change the care plan (devices, backup, destination, contacts)"),
+    ("plan_saved", "支援計画を保存しました（第{n}版）。次の通知から使われます。", "The care plan was saved (version {n}); it is used from the next message on."),
     ("token_which", "どのトークンか指定してください。", "Say which token."),
     ("token_none", "そのトークンはありません。", "There is no such token."),
     ("token_already", "このトークンは失効済みです。", "That token is revoked already."),
@@ -561,6 +564,9 @@ pub async fn overview(State(app): State<App>, v: Viewer, client: Client, Query(q
     }
     if homes.is_empty() {
         let _ = write!(body, "<p>{}</p>", t.t("no_homes"));
+    }
+    if matches!(v.user.role, AccountRole::Admin | AccountRole::Coordinator) {
+        let _ = write!(body, "<p class=\"noprint\"><a href=\"/plans/new\">{}</a></p>", t.t("add_home"));
     }
     let mut groups: BTreeMap<String, Vec<&HomeView>> = BTreeMap::new();
     let mut order = Vec::new();
@@ -1242,33 +1248,55 @@ pub async fn home(
         Err(e) => return failed(e),
     };
     let back = format!("/homes/{}", h.id);
-    let mut body = format!(
-        "<h1>{label}{id}</h1><dl class=\"state\">\
+    let saved = q
+        .saved
+        .map(|n| {
+            format!("<p class=\"notice\" role=\"status\">{}</p>", t.t("plan_saved").replace("{n}", &n.to_string()))
+        })
+        .unwrap_or_default();
+    let edit = if v.user.may_edit_plan(&plan.municipality) {
+        format!(
+            "<p class=\"noprint\"><a href=\"/homes/{}/plan\">{}</a></p>",
+            escape(plan.id.as_str()),
+            t.t("edit_plan")
+        )
+    } else {
+        String::new()
+    };
+    let mut body = saved
+        + &format!(
+            "<h1>{label}{id}</h1><dl class=\"state\">\
          <div><dt>{pl}</dt><dd>{power}</dd></div><div><dt>{tl}</dt><dd>{left}</dd></div>\
          <div><dt>{cl}</dt><dd>{conn}</dd></div><div><dt>{dl}</dt><dd>{dev}</dd></div>\
          <div><dt>{ol}</dt><dd>{oxi}</dd></div><div><dt>{vl}</dt><dd>{vent}</dd></div>{evac}</dl>",
-        label = escape(&h.label),
-        id = id_for_installer(&v, &h.id),
-        pl = t.t("power"),
-        power = power_cell(&h, t),
-        tl = t.t("time_left"),
-        left = time_left_text(&h, t),
-        cl = t.t("last_heard"),
-        conn = conn_cell(&h, t, offset),
-        dl = t.t("devices"),
-        dev = devices_cell(&h, t),
-        ol = t.t("oximeter"),
-        oxi = oxi_cell(&h, now, v.lang),
-        vl = t.t("ventilator"),
-        vent = vent_cell(&h, now, t),
-        evac = h
-            .evacuation
-            .as_ref()
-            .map(|(d, m)| {
-                format!("<div><dt>{}</dt><dd>{}（{}）</dd></div>", t.t("destination"), escape(d), minutes(*m, v.lang))
-            })
-            .unwrap_or_default(),
-    );
+            label = escape(&h.label),
+            id = id_for_installer(&v, &h.id),
+            pl = t.t("power"),
+            power = power_cell(&h, t),
+            tl = t.t("time_left"),
+            left = time_left_text(&h, t),
+            cl = t.t("last_heard"),
+            conn = conn_cell(&h, t, offset),
+            dl = t.t("devices"),
+            dev = devices_cell(&h, t),
+            ol = t.t("oximeter"),
+            oxi = oxi_cell(&h, now, v.lang),
+            vl = t.t("ventilator"),
+            vent = vent_cell(&h, now, t),
+            evac = h
+                .evacuation
+                .as_ref()
+                .map(|(d, m)| {
+                    format!(
+                        "<div><dt>{}</dt><dd>{}（{}）</dd></div>",
+                        t.t("destination"),
+                        escape(d),
+                        minutes(*m, v.lang)
+                    )
+                })
+                .unwrap_or_default(),
+        );
+    body.push_str(&edit);
     // What earlier outages showed of the battery.
     if let Some(b) = h.batteries.first() {
         let cls = if b.health_pct < 70.0 { "bad" } else { "ok" };
@@ -1505,10 +1533,12 @@ pub async fn home(
     layout(&v, &h.label, &body).into_response()
 }
 
-/// A home page's query: `answered` after a family's answer.
+/// A home page's query: `answered` after a family's answer, `saved` (the version) after
+/// the care plan was stored.
 #[derive(Deserialize, Default)]
 pub struct HomeQuery {
     answered: Option<String>,
+    saved: Option<u32>,
 }
 
 /// The drill form.

@@ -1,7 +1,8 @@
 // mamori dashboard: live updates. The pages are complete without this file.
 // On a `change` event from /events (only sent when something this user may see changed),
 // fetch the same page and swap its <main>, unless the user is typing in a form there.
-// Also refresh once a minute: time left changes with time alone.
+// Also refresh once a minute: time left changes with time alone. A page whose <main> holds
+// an element marked data-no-live (the care-plan editor) is never swapped: it would lose edits.
 (function () {
   "use strict";
   var main = document.getElementById("main");
@@ -11,10 +12,11 @@
 
   function typing() {
     var a = document.activeElement;
-    return a && main.contains(a) && (a.tagName === "INPUT" || a.tagName === "SELECT") && a.value !== "";
+    return a && main.contains(a) && (a.tagName === "INPUT" || a.tagName === "SELECT" || a.tagName === "TEXTAREA") && a.value !== "";
   }
 
   function refresh() {
+    if (main.querySelector("[data-no-live]")) { return; }
     if (busy) { pending = true; return; }
     if (typing()) { pending = true; return; }
     busy = true;
