@@ -157,7 +157,7 @@ pub fn verify(rows: &dyn AuditRows) -> anyhow::Result<Verdict> {
 /// say) is prefixed with `'`, so it is shown, never run. The hashes are computed over the
 /// stored values, not the exported ones.
 pub fn export_csv(rows: &dyn AuditRows, out: &mut impl std::io::Write) -> anyhow::Result<u64> {
-    let q = |s: &str| format!("\"{}\"", csv_text(s).replace('"', "\"\""));
+    let q = csv_cell;
     writeln!(out, "seq,at,actor,ip,action,target,detail,prev,hash")?;
     let mut n = 0;
     each(rows, |e| {
@@ -178,6 +178,18 @@ pub fn export_csv(rows: &dyn AuditRows, out: &mut impl std::io::Write) -> anyhow
         Ok(true)
     })?;
     Ok(n)
+}
+
+/// A quoted CSV cell (RFC 4180) a spreadsheet shows and does not evaluate ([`csv_text`]).
+pub fn csv_cell(s: &str) -> String {
+    format!("\"{}\"", csv_text(s).replace('"', "\"\""))
+}
+
+/// A CSV line of quoted cells ([`csv_cell`]), ended by CRLF.
+pub fn csv_row<'a>(cells: impl IntoIterator<Item = &'a str>) -> String {
+    let mut line = cells.into_iter().map(csv_cell).collect::<Vec<_>>().join(",");
+    line.push_str("\r\n");
+    line
 }
 
 /// A text cell a spreadsheet shows and does not evaluate.

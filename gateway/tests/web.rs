@@ -1516,6 +1516,16 @@ async fn a_coordinator_takes_a_home_on_and_the_board_says_who_is_handling_it() {
     let r = send(&f, page(&f, Some("coord_a"), "GET", "/homes/home-a1", "")).await;
     assert!(r.body.contains("担当: coord-a"), "{}", r.body);
     assert_eq!(audited(&f, "home_claim", "coord-a"), 1);
+    // The triage list and its CSV say who, for that home only.
+    let r = send(&f, page(&f, Some("coord_a"), "GET", &format!("/incidents/{}", f.incident_a), "")).await;
+    let row = r.body.split("/homes/home-a1\"").nth(1).and_then(|x| x.split("</tr>").next()).unwrap_or_default();
+    assert!(row.contains("<td data-label=\"担当\">coord-a</td>"), "{row}");
+    let r = send(&f, page(&f, Some("coord_a"), "GET", &format!("/incidents/{}/triage.csv", f.incident_a), "")).await;
+    let lines: Vec<&str> = r.body.trim_start_matches('\u{feff}').lines().collect();
+    assert!(lines[0].contains("\"担当\""), "{}", lines[0]);
+    let a1 = lines.iter().find(|l| l.starts_with("\"A-1\"")).unwrap();
+    let a2 = lines.iter().find(|l| l.starts_with("\"A-2\"")).unwrap();
+    assert!(a1.contains("\"coord-a\"") && !a2.contains("coord-a"), "{a1}\n{a2}");
     // Only the home's coordinators.
     let r = send(&f, page(&f, Some("coord_b"), "POST", "/homes/home-a1/answer", "answer=handling")).await;
     assert_eq!(r.status, StatusCode::NOT_FOUND);

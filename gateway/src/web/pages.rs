@@ -885,6 +885,79 @@ pub async fn ack_incident(
     }
 }
 
+/// One row of a triage list as its page and its CSV both show it.
+struct TriageCells {
+    power: &'static str,
+    power_cls: &'static str,
+    row_cls: &'static str,
+    left: String,
+    basis: &'static str,
+    leave: String,
+    leave_cls: &'static str,
+    tier: &'static str,
+    acknowledged: &'static str,
+    handling: String,
+    destination: String,
+    travel: String,
+}
+
+/// The columns of a triage list, in order.
+fn triage_headings(t: T) -> [&'static str; 9] {
+    [
+        t.t("home"),
+        t.t("power"),
+        t.t("time_left"),
+        t.t("leave_by"),
+        t.t("tier"),
+        t.t("acknowledged"),
+        t.t("handling"),
+        t.t("destination"),
+        t.t("travel"),
+    ]
+}
+
+fn triage_cells(
+    r: &crate::engine::TriageRow,
+    engine: &crate::engine::Engine,
+    now: Time,
+    offset: FixedOffset,
+    lang: Lang,
+) -> TriageCells {
+    let t = T(lang);
+    let (power, power_cls, row_cls) = if r.silent {
+        (t.t("silent"), "bad", "urgent silent")
+    } else if r.on_battery {
+        (t.t("battery"), "bad", "urgent")
+    } else {
+        (t.t("mains"), "ok", "")
+    };
+    let (leave, leave_cls) = if r.on_battery {
+        leave_text(r.leave_in_s, r.destination.is_some(), now, offset, lang)
+    } else {
+        (String::new(), "")
+    };
+    // Who took the home on, from its open alerts.
+    let handling = engine
+        .plan(&r.home)
+        .map(|plan| view::home_view(plan, engine.home_state(&r.home), now))
+        .and_then(|h| view::handler(&h).map(|k| k.by.clone()))
+        .unwrap_or_default();
+    TriageCells {
+        power,
+        power_cls,
+        row_cls,
+        left: r.time_left_s.map(|s| crate::message::time_left_text(s, r.time_left_range_s, lang)).unwrap_or_default(),
+        basis: r.basis.as_deref().map(|b| basis(b, lang)).unwrap_or(""),
+        leave,
+        leave_cls,
+        tier: tier_text(r.tier, lang),
+        acknowledged: r.acknowledged_by.map(|x| role_text(x, lang)).unwrap_or(""),
+        handling,
+        destination: r.destination.clone().unwrap_or_default(),
+        travel: r.travel_min.map(|m| minutes(m, lang)).unwrap_or_default(),
+    }
+}
+
 /// `GET /incidents/{id}`: the triage list.
 pub async fn incident(State(app): State<App>, v: Viewer, client: Client, Path(id): Path<String>) -> Response {
     let t = T(v.lang);
@@ -895,61 +968,35 @@ pub async fn incident(State(app): State<App>, v: Viewer, client: Client, Path(id
         return closed_incident(&app, &v, &client, &id).await;
     };
     app.audit_view(&v, &client.text(), "view_incident", &id, &i.municipality).await;
+    let headings = triage_headings(t);
     let mut body = format!(
-        "<h1>{} {}</h1><p>{} {} · <a href=\"/incidents/{}/triage.csv\">CSV</a></p><table class=\"triage\"><thead><tr><th>{}</th><th>{}</th><th>{}</th><th>{}</th><th>{}</th><th>{}</th><th>{}</th><th>{}</th></tr></thead><tbody>",
+        "<h1>{} {}</h1><p>{} {} · <a href=\"/incidents/{}/triage.csv\">CSV</a></p><table class=\"triage\"><thead><tr>{}</tr></thead><tbody>",
         t.t("incident"),
         escape(i.municipality_name.as_deref().unwrap_or(&i.municipality)),
         t.t("since"),
         local(i.opened_at, offset),
         escape(&i.id),
-        t.t("home"),
-        t.t("power"),
-        t.t("time_left"),
-        t.t("leave_by"),
-        t.t("tier"),
-        t.t("acknowledged"),
-        t.t("destination"),
-        t.t("travel"),
+        headings.iter().map(|h| format!("<th>{h}</th>")).collect::<String>(),
     );
+    let dash = |s: &str| if s.is_empty() { "—".to_string() } else { escape(s) };
     for r in &i.rows {
-        let power = if r.silent {
-            format!("<span class=\"pill bad\">{}</span>", t.t("silent"))
-        } else if r.on_battery {
-            format!("<span class=\"pill bad\">{}</span>", t.t("battery"))
-        } else {
-            format!("<span class=\"pill ok\">{}</span>", t.t("mains"))
-        };
-        let left = r
-            .time_left_s
-            .map(|s| crate::message::time_left_text(s, r.time_left_range_s, v.lang))
-            .unwrap_or_else(|| "?".into());
-        let basis_text = r.basis.as_deref().map(|b| basis(b, v.lang)).unwrap_or("");
-        let (leave, leave_cls) = if r.on_battery {
-            leave_text(r.leave_in_s, r.destination.is_some(), now, offset, v.lang)
-        } else {
-            (String::new(), "")
-        };
-        let _ = write!(
-            body,
-            "<tr class=\"{cls} {leave_cls}\"><td data-label=\"{hl}\"><a href=\"/homes/{id}\">{label}</a></td><td data-label=\"{pl}\">{power}</td>\
-             <td data-label=\"{tl}\"><strong>{left}</strong><br><small>{basis_text}</small></td><td data-label=\"{ll}\">{leave}</td><td data-label=\"{tier_l}\">{tier}</td>\
-             <td data-label=\"{al}\">{ack}</td><td data-label=\"{dl}\">{dest}</td><td data-label=\"{trl}\">{travel}</td></tr>",
-            cls = if r.silent { "urgent silent" } else if r.on_battery { "urgent" } else { "" },
-            id = escape(r.home.as_str()),
-            label = escape(&r.label),
-            tier = tier_text(r.tier, v.lang),
-            ack = r.acknowledged_by.map(|r| role_text(r, v.lang)).unwrap_or("—"),
-            dest = escape(r.destination.as_deref().unwrap_or("—")),
-            travel = r.travel_min.map(|m| minutes(m, v.lang)).unwrap_or_else(|| "—".into()),
-            hl = t.t("home"),
-            pl = t.t("power"),
-            tl = t.t("time_left"),
-            ll = t.t("leave_by"),
-            tier_l = t.t("tier"),
-            al = t.t("acknowledged"),
-            dl = t.t("destination"),
-            trl = t.t("travel"),
-        );
+        let c = triage_cells(r, &snap.engine, now, offset, v.lang);
+        let cells = [
+            format!("<a href=\"/homes/{}\">{}</a>", escape(r.home.as_str()), escape(&r.label)),
+            format!("<span class=\"pill {}\">{}</span>", c.power_cls, c.power),
+            format!("<strong>{}</strong><br><small>{}</small>", if c.left.is_empty() { "?" } else { &c.left }, c.basis),
+            c.leave.clone(),
+            c.tier.to_string(),
+            dash(c.acknowledged),
+            dash(&c.handling),
+            dash(&c.destination),
+            dash(&c.travel),
+        ];
+        let _ = write!(body, "<tr class=\"{} {}\">", c.row_cls, c.leave_cls);
+        for (h, cell) in headings.iter().zip(cells) {
+            let _ = write!(body, "<td data-label=\"{h}\">{cell}</td>");
+        }
+        body.push_str("</tr>");
     }
     body.push_str("</tbody></table>");
     body.push_str(&incident_acks_html(&i.acks, v.lang, offset));
@@ -966,8 +1013,8 @@ pub async fn incident(State(app): State<App>, v: Viewer, client: Client, Path(id
 }
 
 /// `GET /incidents/{id}/triage.csv`: the triage list for the disaster meeting, in the
-/// reader's language, in the page's order (whoever must leave soonest first). Open incidents
-/// in scope only; audited.
+/// reader's language, in the page's order (whoever must leave soonest first), with the same
+/// cells as the page. Open incidents in scope only; audited.
 pub async fn incident_csv(State(app): State<App>, v: Viewer, client: Client, Path(id): Path<String>) -> Response {
     let t = T(v.lang);
     let snap = app.snap();
@@ -977,47 +1024,21 @@ pub async fn incident_csv(State(app): State<App>, v: Viewer, client: Client, Pat
         return not_found(v.lang);
     };
     app.audit(&v.user.username, &client.text(), "export_triage", &id, &i.municipality).await;
-    let q = |s: &str| format!("\"{}\"", audit::csv_text(s).replace('"', "\"\""));
     let mut out = String::from("\u{feff}");
-    let header = [
-        t.t("home"),
-        t.t("power"),
-        t.t("time_left"),
-        t.t("leave_by"),
-        t.t("tier"),
-        t.t("acknowledged"),
-        t.t("destination"),
-        t.t("travel"),
-    ];
-    out.push_str(&header.iter().map(|h| q(h)).collect::<Vec<_>>().join(","));
-    out.push_str("\r\n");
+    out.push_str(&audit::csv_row(triage_headings(t)));
     for r in &i.rows {
-        let power = if r.silent {
-            t.t("silent")
-        } else if r.on_battery {
-            t.t("battery")
-        } else {
-            t.t("mains")
-        };
-        let left =
-            r.time_left_s.map(|s| crate::message::time_left_text(s, r.time_left_range_s, v.lang)).unwrap_or_default();
-        let leave = if r.on_battery {
-            leave_text(r.leave_in_s, r.destination.is_some(), now, offset, v.lang).0
-        } else {
-            String::new()
-        };
-        let row = [
-            r.label.clone(),
-            power.to_string(),
-            left,
-            leave,
-            tier_text(r.tier, v.lang).to_string(),
-            r.acknowledged_by.map(|x| role_text(x, v.lang).to_string()).unwrap_or_default(),
-            r.destination.clone().unwrap_or_default(),
-            r.travel_min.map(|m| minutes(m, v.lang)).unwrap_or_default(),
-        ];
-        out.push_str(&row.iter().map(|c| q(c)).collect::<Vec<_>>().join(","));
-        out.push_str("\r\n");
+        let c = triage_cells(r, &snap.engine, now, offset, v.lang);
+        out.push_str(&audit::csv_row([
+            r.label.as_str(),
+            c.power,
+            &c.left,
+            &c.leave,
+            c.tier,
+            c.acknowledged,
+            &c.handling,
+            &c.destination,
+            &c.travel,
+        ]));
     }
     (
         [

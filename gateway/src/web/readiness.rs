@@ -254,7 +254,6 @@ pub async fn csv(State(app): State<App>, v: Viewer, client: Client) -> Response 
     app.audit(&v.user.username, &client.text(), "export_readiness", "readiness", &format!("{} homes", rows.len()))
         .await;
     let ja = v.lang == Lang::Ja;
-    let q = |s: &str| format!("\"{}\"", crate::audit::csv_text(s).replace('"', "\"\""));
     let header: [&str; 9] = if ja {
         [
             "市町村",
@@ -294,8 +293,7 @@ pub async fn csv(State(app): State<App>, v: Viewer, client: Client) -> Response 
         }
     };
     let mut out = String::from("\u{feff}");
-    out.push_str(&header.iter().map(|h| q(h)).collect::<Vec<_>>().join(","));
-    out.push_str("\r\n");
+    out.push_str(&crate::audit::csv_row(header));
     for r in &rows {
         let cells = [
             r.municipality.clone(),
@@ -308,8 +306,7 @@ pub async fn csv(State(app): State<App>, v: Viewer, client: Client) -> Response 
             yes_no(r.degraded).to_string(),
             r.last_drill.map(|(at, _)| local(at, app.style.offset)).unwrap_or_default(),
         ];
-        out.push_str(&cells.iter().map(|c| q(c)).collect::<Vec<_>>().join(","));
-        out.push_str("\r\n");
+        out.push_str(&crate::audit::csv_row(cells.iter().map(String::as_str)));
     }
     (
         [
