@@ -53,7 +53,7 @@ pub fn after_quiet_hours(at: Time, quiet: (u32, u32), offset: chrono::FixedOffse
 /// not critical waits for the end of the contact's quiet hours.
 pub fn expand(n: &Notification, style: &Style) -> Vec<OutboxRow> {
     let content = serde_json::to_value(&n.content).unwrap_or_default();
-    let is_alert = !matches!(n.content, crate::engine::Content::Cleared { .. });
+    let is_alert = !matches!(n.content, crate::engine::Content::Cleared { .. } | crate::engine::Content::Answer { .. });
     let mut rows = Vec::new();
     for (role, contact) in &n.recipients {
         let (subject, body) = render(&n.content, contact.language, *role, &n.alert_id, style);

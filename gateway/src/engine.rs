@@ -531,6 +531,18 @@ pub enum Content {
         /// When it cleared.
         at: Time,
     },
+    /// A family's or a facility's answer about a home's alert, for the others who act on it
+    /// (the coordinator; a family leaving, also the facility).
+    Answer {
+        /// Home label.
+        label: String,
+        /// What they answered.
+        answer: Answer,
+        /// When.
+        at: Time,
+        /// The evacuation destination and travel time.
+        evacuation: Option<(String, u32)>,
+    },
     /// A regional incident digest.
     Incident {
         /// Municipality code.
@@ -1207,6 +1219,9 @@ impl Engine {
                 self.state.get(home).and_then(|s| s.alerts.get(kind)).is_none_or(|a| a.severity == Severity::Critical)
             }
             Content::Cleared { .. } | Content::Incident { .. } => true,
+            // Someone is leaving, or the destination cannot take the child: now, not after
+            // quiet hours.
+            Content::Answer { answer, .. } => matches!(answer, Answer::Evacuating | Answer::CannotAccept),
         };
         Notification {
             key,
@@ -1235,12 +1250,43 @@ impl Engine {
     /// re-escalation is timed from the first acknowledgement of the step, so nobody can put it
     /// off by acknowledging again.
     fn on_ack(&mut self, alert_id: String, ack: AckInfo) -> Result<(), EngineError> {
+        let (answer, at) = (ack.answer, ack.at);
+        let Some(home) = self.record_ack(&alert_id, ack)? else { return Ok(()) };
+        if let Some(answer) = answer {
+            self.tell_answer(&home, &alert_id, answer, at);
+        }
+        Ok(())
+    }
+
+    /// A family's or a facility's answer goes to those who act on it: the home's coordinators
+    /// (a family leaving: its facility too). A coordinator taking a home on is on the board,
+    /// not paged.
+    fn tell_answer(&mut self, home: &HomeId, alert_id: &str, answer: Answer, at: Time) {
+        let roles: &[Role] = match answer {
+            Answer::Evacuating => &[Role::Coordinator, Role::Facility],
+            Answer::PowerSecured | Answer::CanAccept | Answer::CannotAccept => &[Role::Coordinator],
+            Answer::Handling => return,
+        };
+        let evacuation =
+            self.plans.get(home).and_then(|p| p.evacuation.as_ref()).map(|e| (e.destination.clone(), e.travel_min));
+        let content = Content::Answer { label: self.label(home), answer, at, evacuation };
+        let key = format!("{alert_id}:answer:{}:{}", answer.as_str(), at.timestamp_millis());
+        let n = self.notification(key, alert_id, home, roles, content, at);
+        if !n.recipients.is_empty() {
+            self.outputs.push(Output::Notify(n));
+        }
+    }
+
+    /// Record an acknowledgement or an answer; the home, when it was recorded for a home's
+    /// alert (None: an incident's, or nothing new).
+    fn record_ack(&mut self, alert_id: &str, ack: AckInfo) -> Result<Option<HomeId>, EngineError> {
+        let alert_id = alert_id.to_string();
         if let Some(inc) = self.incidents.values_mut().find(|i| i.id == alert_id) {
             if !inc.acks.iter().any(|a| a.by == ack.by && a.role == ack.role) {
                 inc.acks.push(ack);
                 self.outputs.push(Output::Incident(inc.clone()));
             }
-            return Ok(());
+            return Ok(None);
         }
         let (home, kind) =
             self.alert_index.get(&alert_id).cloned().ok_or_else(|| EngineError::UnknownAlert(alert_id.clone()))?;
@@ -1260,7 +1306,7 @@ impl Engine {
             alert.acks.iter().any(|a| a.by == ack.by && a.role == ack.role && same(a))
         };
         if again {
-            return Ok(());
+            return Ok(None);
         }
         if !ack.acknowledges() {
             // Recorded for the coordinator to see; the escalation goes on as if unanswered. A
@@ -1275,7 +1321,7 @@ impl Engine {
             self.outputs.push(Output::Alert(alert.clone()));
             self.dirty_homes.insert(home.clone());
             self.touch_incident(&home);
-            return Ok(());
+            return Ok(Some(home));
         }
         if alert.acknowledged.is_none() {
             alert.acknowledged = Some(ack.clone());
@@ -1291,7 +1337,7 @@ impl Engine {
         self.outputs.push(Output::AgentAck(home.clone(), out));
         self.dirty_homes.insert(home.clone());
         self.touch_incident(&home);
-        Ok(())
+        Ok(Some(home))
     }
 
     fn on_clear(&mut self, alert_id: &str, by: String, now: Time) -> Result<(), EngineError> {

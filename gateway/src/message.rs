@@ -882,6 +882,58 @@ pub fn render(content: &Content, lang: Lang, role: Role, alert_id: &str, style: 
                 )
             }
         }
+        Content::Answer { label, answer, at, evacuation } => {
+            use crate::engine::Answer;
+            let who = role_text(answer.role(), lang);
+            let said = answer.text(lang);
+            let subject = if ja {
+                format!("【mamori】{label}: {who}から「{said}」")
+            } else {
+                format!("[mamori] {label}: {who}: \"{said}\"")
+            };
+            let mut body = if ja {
+                format!("{label}: {who}から「{said}」と連絡がありました（{}）。\n", style.time(*at))
+            } else {
+                format!("{label}: {who} answered \"{said}\" ({}).\n", style.time(*at))
+            };
+            let dest = evacuation.as_ref();
+            let next = match (answer, role, dest, ja) {
+                (Answer::Evacuating, Role::Facility, Some((d, m)), true) => {
+                    format!("お願い: {d}へ向かっています（移動は{m}分ほど）。受け入れの準備をお願いします。")
+                }
+                (Answer::Evacuating, Role::Facility, Some((d, m)), false) => {
+                    format!("Please: they are on their way to {d} (about {m} min). Please get ready to take the child.")
+                }
+                (Answer::Evacuating, Role::Facility, None, true) => "お願い: 受け入れの準備をお願いします。".into(),
+                (Answer::Evacuating, Role::Facility, None, false) => "Please: get ready to take the child.".into(),
+                (Answer::Evacuating, _, Some((d, m)), true) => {
+                    format!("避難先: {d}（移動{m}分）。お願い: 到着を受け入れ先と確かめてください。")
+                }
+                (Answer::Evacuating, _, Some((d, m)), false) => {
+                    format!("Destination: {d} ({m} min away). Please: confirm the arrival with the facility.")
+                }
+                (Answer::Evacuating, _, None, true) => {
+                    "この世帯には避難先が決まっていません。お願い: 行き先をご家族と決めてください。".into()
+                }
+                (Answer::Evacuating, _, None, false) => {
+                    "This home has no destination in its plan. Please: agree one with the family.".into()
+                }
+                (Answer::PowerSecured, _, _, true) => {
+                    "ご家族が電源を確保しました。状況が変わったときは、また通知します。".into()
+                }
+                (Answer::PowerSecured, _, _, false) => {
+                    "The family has secured power. You will be told again if that changes.".into()
+                }
+                (Answer::CanAccept, _, _, true) => "お願い: 受け入れ先が決まったことをご家族に伝えてください。".into(),
+                (Answer::CanAccept, _, _, false) => "Please: tell the family the facility can take the child.".into(),
+                (Answer::CannotAccept, _, _, true) => "お願い: 別の受け入れ先を探して、ご家族に伝えてください。".into(),
+                (Answer::CannotAccept, _, _, false) => "Please: find another facility and tell the family.".into(),
+                (Answer::Handling, _, _, _) => String::new(),
+            };
+            body += &next;
+            body += &if ja { format!("\n確認（既読）: {link}") } else { format!("\nAcknowledge: {link}") };
+            (subject, body)
+        }
         Content::Incident { municipality, opened_at, revision, rows, closed } => {
             // A code where no care plan names the municipality.
             let municipality = match (municipality.chars().all(|c| c.is_ascii_digit()), ja) {
@@ -1148,6 +1200,16 @@ mod tests {
             travel_min: Some(40),
             leave_in_s: left.map(|l| l - 900 - 40 * 60),
         };
+        for answer in [
+            crate::engine::Answer::Evacuating,
+            crate::engine::Answer::PowerSecured,
+            crate::engine::Answer::CanAccept,
+            crate::engine::Answer::CannotAccept,
+        ] {
+            for evacuation in [Some(("熊本大学病院".to_string(), 40)), None] {
+                out.push(Content::Answer { label: "K-01".into(), answer, at: t(60), evacuation });
+            }
+        }
         let rows = vec![row("K-01", true, Some(5400)), row("K-02", true, None), row("K-03", false, None)];
         for closed in [false, true] {
             out.push(Content::Incident {
@@ -1229,6 +1291,37 @@ mod tests {
                 "docs/messages.md is out of date: MAMORI_UPDATE_DOCS=1 cargo test -p mamori-gateway --lib message"
             );
         }
+    }
+
+    #[test]
+    fn an_answer_tells_its_reader_who_said_what_and_what_to_do_next() {
+        use crate::engine::Answer;
+        let said = |answer: Answer, role: Role, lang: Lang| {
+            let c = Content::Answer {
+                label: "K-01".into(),
+                answer,
+                at: t(60),
+                evacuation: Some(("熊本大学病院".into(), 40)),
+            };
+            render(&c, lang, role, "abc", &style())
+        };
+        let (subject, body) = said(Answer::CannotAccept, Role::Coordinator, Lang::Ja);
+        assert_eq!(subject, "【mamori】K-01: 受け入れ先から「受け入れられません」");
+        assert!(
+            body.contains("別の受け入れ先を探して、ご家族に伝えてください") && body.contains("/ack/abc/coordinator/"),
+            "{body}"
+        );
+        let (_, body) = said(Answer::Evacuating, Role::Facility, Lang::Ja);
+        assert!(
+            body.contains("ご家族から「避難します」")
+                && body.contains("熊本大学病院へ向かっています（移動は40分ほど）"),
+            "{body}"
+        );
+        let (_, body) = said(Answer::Evacuating, Role::Coordinator, Lang::En);
+        assert!(
+            body.contains("the family answered \"We are leaving for the destination\"") && body.contains("40 min away"),
+            "{body}"
+        );
     }
 
     #[test]

@@ -1204,3 +1204,65 @@ fn plan_changed_in_the_dashboard(store: &str) -> Result<()> {
     assert!(hidden(&get("/homes/h1/plan")?, "based_on")? == "3");
     Ok(())
 }
+
+#[test]
+fn a_familys_answer_on_its_page_reaches_the_coordinator_as_a_message() -> Result<()> {
+    use std::io::Write as _;
+    let broker = Mosquitto::start("")?;
+    let hook = WebhookReceiver::start("hook-secret")?;
+    let s = setup(broker.port(), &hook, 3600)?;
+    let _gw = gateway(&s.config)?;
+    let config = s.config.to_str().unwrap_or_default();
+    let mut add = Command::new(BIN)
+        .args(["users", "add", "--config", config, "mother", "--role", "family", "--home", "h1"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    add.stdin.take().context("stdin")?.write_all(b"a family password long enough\n")?;
+    let out = add.wait_with_output()?;
+    anyhow::ensure!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    publish(broker.port(), &[event(1, "mains_lost")])?;
+    hook.wait("the family told", LIMIT, |d| d.iter().any(to("/family")))?;
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let rt = tokio::runtime::Runtime::new()?;
+    let base = format!("http://127.0.0.1:{}", s.http_port);
+    let c = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build()?;
+    let session = rt.block_on(browser_login(&c, &base, "mother", "a family password long enough"))?;
+    // The family's page offers the answers once it shows the outage (as the family sees it).
+    let deadline = mamori_tests::Deadline::after(LIMIT);
+    let page = loop {
+        let page = rt.block_on(async {
+            c.get(format!("{base}/homes/h1")).header(reqwest::header::COOKIE, &session).send().await?.text().await
+        })?;
+        if page.contains("value=\"evacuating\"") {
+            break page;
+        }
+        deadline.check("the family's page to offer its answers")?;
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let r = rt.block_on(async {
+        let csrf = hidden(&page, "csrf")?;
+        Ok::<_, anyhow::Error>(
+            c.post(format!("{base}/homes/h1/answer"))
+                .header(reqwest::header::COOKIE, &session)
+                .form(&[("csrf", csrf.as_str()), ("answer", "evacuating")])
+                .send()
+                .await?,
+        )
+    })?;
+    let status = r.status();
+    assert_eq!(status, reqwest::StatusCode::SEE_OTHER, "{}", rt.block_on(r.text())?);
+    // The coordinator (escalation 1 h away: not paged for the outage yet) hears the answer,
+    // in English as the plan says, with what to do next.
+    let d = hook.wait("the coordinator told of the answer", LIMIT, |d| d.iter().any(to("/coord")))?;
+    let coord = d.iter().find(|x| to("/coord")(x)).context("the coordinator's message")?;
+    let text = coord.body["text"].as_str().unwrap_or_default();
+    assert!(
+        text.contains("the family answered \"We are leaving for the destination\"")
+            && text.contains("病院 (30 min away)"),
+        "{text}"
+    );
+    assert_eq!(d.iter().filter(|x| x.path == "/coord").count(), 1, "one message, not a page of the outage: {d:?}");
+    Ok(())
+}

@@ -9,8 +9,9 @@
 //! that note, which every coordinator and facility of the home sees on its board at once.
 //! No tiers, routing tables, device chips or ids. `/` takes a family to this page.
 //!
-//! The answers do not page anyone (the coordinator was paged by the alert itself); they are
-//! on the dashboard and in the API (the alert's acknowledgements) and in the audit log. A
+//! An answer is on the dashboard and in the API (the alert's acknowledgements) and in the
+//! audit log, and the engine sends it on as a message to whoever acts on it (the
+//! coordinator; 「避難します」 also the facility: `Engine::tell_answer`). A
 //! facility answers through the same route from its own page (`facility.rs`), and so does a
 //! coordinator taking a home on (「この世帯を担当します」: the latest holds, so handing over is
 //! the other coordinator taking it).

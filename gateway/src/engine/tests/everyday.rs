@@ -422,3 +422,39 @@ fn answers_change_minds_a_refusal_leaves_others_told_and_a_home_can_be_taken_bac
     e.handle(say("coord-a", Answer::Handling), t(70)).unwrap();
     assert_eq!(alert(&e, "a", "spo2_low").unwrap().acks.len(), 6);
 }
+
+#[test]
+fn an_answer_reaches_those_who_act_on_it_once_and_a_claim_pages_nobody() {
+    let mut e = engine(&[plan("a", "431001", 5000.0)]);
+    e.handle(Input::Event(h("a"), event(1, 0, EventKind::Spo2Low)), t(0)).unwrap();
+    e.poll(t(0));
+    sent(&mut e);
+    let id = alert(&e, "a", "spo2_low").unwrap().id.clone();
+    let say = |by: &str, a: Answer| Input::Answer { alert_id: id.clone(), by: by.into(), answer: a };
+    let answers = |e: &mut Engine| -> Vec<(Vec<String>, Answer, bool)> {
+        e.take_outputs()
+            .into_iter()
+            .filter_map(|o| match o {
+                Output::Notify(Notification {
+                    content: Content::Answer { answer, .. }, recipients, critical, ..
+                }) => Some((recipients.into_iter().map(|(_, c)| c.name).collect(), answer, critical)),
+                _ => None,
+            })
+            .collect()
+    };
+    // The facility cannot take the child: the coordinator hears at once (quiet hours or not).
+    e.handle(say("hospital", Answer::CannotAccept), t(10)).unwrap();
+    assert_eq!(answers(&mut e), [(vec!["coord-431001".to_string()], Answer::CannotAccept, true)]);
+    // Said again: nothing new, nobody told twice.
+    e.handle(say("hospital", Answer::CannotAccept), t(20)).unwrap();
+    assert!(answers(&mut e).is_empty());
+    // The family leaves: the coordinator and the facility that will take the child.
+    e.handle(say("family-a", Answer::Evacuating), t(30)).unwrap();
+    assert_eq!(answers(&mut e), [(vec!["coord-431001".to_string(), "fac-a".to_string()], Answer::Evacuating, true)]);
+    // Power secured: the coordinator, not urgent.
+    e.handle(say("family-a", Answer::PowerSecured), t(40)).unwrap();
+    assert_eq!(answers(&mut e), [(vec!["coord-431001".to_string()], Answer::PowerSecured, false)]);
+    // A coordinator taking the home on is on the board, not a message.
+    e.handle(say("coord-a", Answer::Handling), t(50)).unwrap();
+    assert!(answers(&mut e).is_empty());
+}
