@@ -23,7 +23,7 @@ use mamori_gateway::message::Style;
 use mamori_gateway::policy::Policies;
 use mamori_gateway::store::Store;
 use mamori_gateway::web::{self, App, SessionSettings, Snapshot, WebRequest};
-use mamori_protocol::mqtt::{Event, EventKind, HomeId};
+use mamori_protocol::mqtt::{Event, EventKind, HomeId, Role};
 use tokio::sync::{mpsc, watch};
 use tower::ServiceExt;
 
@@ -1172,14 +1172,59 @@ async fn a_closed_incident_keeps_its_page_for_those_in_scope() {
     inc.id = "inc-431001-closed".into();
     inc.closed_at = Some(inc.opened_at + chrono::Duration::hours(3));
     f.db.lock().unwrap().save_incident(&inc).unwrap();
+    // Its homes' alerts as the service stored them: A-1's acknowledged by its coordinator.
+    {
+        let mut e = f.engine.lock().unwrap();
+        e.handle(
+            Input::Ack { alert_id: f.alert_a1.clone(), role: Role::Coordinator, by: "coord-a".into(), note: None },
+            Utc::now(),
+        )
+        .unwrap();
+        let mut db = f.db.lock().unwrap();
+        for h in ["home-a1", "home-a2"] {
+            for a in e.home_state(&HomeId::new(h).unwrap()).unwrap().alerts.values() {
+                db.save_alert(a).unwrap();
+            }
+        }
+    }
     let r = send(&f, page(&f, Some("coord_a"), "GET", "/incidents/inc-431001-closed", "")).await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.body);
     assert!(r.body.contains("終わりました") && r.body.contains("A-1") && r.body.contains("A-2"), "{}", r.body);
-    assert!(!r.body.contains("<form method=\"post\" action=\"/incidents/"), "nothing to acknowledge: {}", r.body);
+    assert!(!r.body.contains("/ack\""), "nothing to acknowledge: {}", r.body);
+    // The after-action record: what each home went through, counted up.
+    let text = visible_text(&r.body);
+    assert!(text.contains("振り返り") && text.contains("2世帯のうち2世帯が予備電源で過ごしました"), "{text}");
+    assert!(text.contains("確認のなかった世帯: 1"), "A-2 was acknowledged by nobody: {text}");
+    let a1 = r.body.split("/homes/home-a1\"").nth(1).and_then(|x| x.split("</tr>").next()).unwrap_or_default();
+    assert!(a1.contains("コーディネーター（coord-a、通知から"), "{a1}");
+    // A note: written by the municipality's coordinator, kept with who wrote it.
+    let note = "K-03%E3%81%AE%E7%A7%BB%E5%8B%95%E3%81%8C%E9%81%85%E3%82%8C%E3%81%9F"; // K-03の移動が遅れた
+    let r = send(&f, page(&f, Some("coord_a"), "POST", "/incidents/inc-431001-closed/notes", &format!("text={note}")))
+        .await;
+    assert_eq!(r.status, StatusCode::SEE_OTHER, "{}", r.body);
+    let r = send(&f, page(&f, Some("admin"), "GET", "/incidents/inc-431001-closed", "")).await;
+    assert!(r.body.contains("K-03の移動が遅れた") && r.body.contains("coord-a"), "{}", r.body);
+    assert_eq!(audited(&f, "incident_note", "coord-a"), 1);
+    let r = send(&f, page(&f, Some("coord_a"), "POST", "/incidents/inc-431001-closed/notes", "text=+++")).await;
+    assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY);
+    for who in ["coord_b", "facility_a1", "family_a1"] {
+        let r =
+            send(&f, page(&f, Some(who), "POST", "/incidents/inc-431001-closed/notes", &format!("text={note}"))).await;
+        assert_eq!(r.status, StatusCode::NOT_FOUND, "{who}");
+    }
+    assert_eq!(f.db.lock().unwrap().incident_notes("inc-431001-closed").unwrap().len(), 1);
+    // The table as CSV, in the reader's language.
+    let r = send(&f, page(&f, Some("coord_a"), "GET", "/incidents/inc-431001-closed/review.csv", "")).await;
+    let lines: Vec<&str> = r.body.trim_start_matches('\u{feff}').lines().collect();
+    assert!(lines[0].starts_with("\"世帯\",\"停電\""), "{}", lines[0]);
+    assert!(lines.iter().any(|l| l.starts_with("\"A-1\"") && l.contains("coord-a")), "{}", r.body);
+    assert_eq!(audited(&f, "export_review", "coord-a"), 1);
     // Another municipality's coordinator, a family: as if it did not exist.
     for who in ["coord_b", "family_a1"] {
-        let r = send(&f, page(&f, Some(who), "GET", "/incidents/inc-431001-closed", "")).await;
-        assert_eq!(r.status, StatusCode::NOT_FOUND, "{who}");
+        for uri in ["/incidents/inc-431001-closed", "/incidents/inc-431001-closed/review.csv"] {
+            let r = send(&f, page(&f, Some(who), "GET", uri, "")).await;
+            assert_eq!(r.status, StatusCode::NOT_FOUND, "{who} {uri}");
+        }
     }
     let r = send(&f, page(&f, Some("coord_a"), "GET", "/incidents/inc-nothing", "")).await;
     assert_eq!(r.status, StatusCode::NOT_FOUND);

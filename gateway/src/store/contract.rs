@@ -40,7 +40,7 @@ fn home(id: &str) -> Home {
 }
 
 /// A pending console row of alert `a1`, due at `at`.
-pub(super) fn row(key: &str, at: i64) -> OutboxRow {
+pub(crate) fn row(key: &str, at: i64) -> OutboxRow {
     OutboxRow {
         key: key.into(),
         alert_id: "a1".into(),
@@ -112,6 +112,16 @@ fn messages_and_outbox(s: &mut dyn Store) {
     r.status = OutboxStatus::Delivered;
     s.record_attempt(&r).unwrap();
     assert_eq!(s.outbox_depth().unwrap(), 1);
+    // An incident's after-action notes, in the order written, kept apart per incident.
+    s.add_incident_note("inc-431001-1", t(5), "coord-a", "K-03の移動が遅れた").unwrap();
+    s.add_incident_note("inc-431001-1", t(6), "admin", "次回は先に電話").unwrap();
+    s.add_incident_note("inc-131016-1", t(7), "coord-b", "other").unwrap();
+    let notes = s.incident_notes("inc-431001-1").unwrap();
+    assert_eq!(
+        notes.iter().map(|n| (n.by.as_str(), n.text.as_str())).collect::<Vec<_>>(),
+        [("coord-a", "K-03の移動が遅れた"), ("admin", "次回は先に電話")]
+    );
+    assert_eq!(notes[0].at, t(5));
     // Incidents: open ones are reloaded at start; a closed one is still found by its id (the
     // links in its messages).
     let inc = crate::engine::Incident {

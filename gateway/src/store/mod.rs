@@ -46,7 +46,7 @@ use crate::engine::{Alert, HomeState, Incident, Time};
 use crate::homes::{ChannelRef, Home, Lang};
 
 #[cfg(test)]
-mod contract;
+pub(crate) mod contract;
 pub mod pg;
 mod pg_accounts;
 mod sqlite;
@@ -240,6 +240,17 @@ pub struct OutboxRow {
     pub conditional: bool,
 }
 
+/// A note in an incident's after-action record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IncidentNote {
+    /// When it was written.
+    pub at: Time,
+    /// Who wrote it (an account).
+    pub by: String,
+    /// What it says.
+    pub text: String,
+}
+
 /// One version of a home's care plan.
 #[derive(Debug, Clone, PartialEq)]
 pub struct HomeVersion {
@@ -318,6 +329,10 @@ pub trait Store: Send + AccountRows + AuditRows {
     fn open_incidents(&self) -> Result<Vec<Incident>, StoreError>;
     /// One incident, open or closed.
     fn incident(&self, id: &str) -> Result<Option<Incident>, StoreError>;
+    /// Add a note to an incident's after-action record.
+    fn add_incident_note(&mut self, incident: &str, at: Time, by: &str, text: &str) -> Result<(), StoreError>;
+    /// An incident's notes, oldest first.
+    fn incident_notes(&self, incident: &str) -> Result<Vec<IncidentNote>, StoreError>;
 
     /// Write an outbox row unless its key exists; true when written.
     fn enqueue(&mut self, row: &OutboxRow) -> Result<bool, StoreError>;

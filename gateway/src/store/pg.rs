@@ -30,7 +30,7 @@ use ::postgres::{Client, NoTls, Row};
 use mamori_protocol::mqtt::{Event, HomeId, Role, Status, Telemetry};
 
 use super::{
-    history_json, parse_ts, ts, AckRequest, HomeVersion, OutboxRow, Store, StoreError, META_CREATED_AT,
+    history_json, parse_ts, ts, AckRequest, HomeVersion, IncidentNote, OutboxRow, Store, StoreError, META_CREATED_AT,
     META_FIRST_MESSAGE_AT,
 };
 use crate::accounts::{AccountRole, User};
@@ -95,6 +95,12 @@ CREATE TABLE gateways (name TEXT PRIMARY KEY, role TEXT NOT NULL, seen_at TIMEST
 CREATE TABLE home_versions (home TEXT NOT NULL, version BIGINT NOT NULL, at TEXT NOT NULL, changed_by TEXT NOT NULL,
     plan TEXT NOT NULL, PRIMARY KEY (home, version));
 INSERT INTO home_versions (home, version, at, changed_by, plan) SELECT id, 1, updated_at, '', plan FROM homes;
+"#,
+    // The notes of an incident's after-action record.
+    r#"
+CREATE TABLE incident_notes (n BIGSERIAL PRIMARY KEY, incident TEXT NOT NULL, at TEXT NOT NULL,
+    written_by TEXT NOT NULL, text TEXT NOT NULL);
+CREATE INDEX incident_notes_incident ON incident_notes (incident, n);
 "#,
 ];
 
@@ -483,6 +489,28 @@ impl Store for PgStore {
             p![by.to_string()],
             "home version",
         )
+    }
+
+    fn add_incident_note(&mut self, incident: &str, at: Time, by: &str, text: &str) -> Result<(), StoreError> {
+        self.exec(
+            "INSERT INTO incident_notes (incident, at, written_by, text) VALUES ($1, $2, $3, $4)",
+            p![incident.to_string(), ts(at), by.to_string(), text.to_string()],
+        )?;
+        Ok(())
+    }
+
+    fn incident_notes(&self, incident: &str) -> Result<Vec<IncidentNote>, StoreError> {
+        let rows = self.rows(
+            "SELECT at, written_by, text FROM incident_notes WHERE incident = $1 ORDER BY n",
+            p![incident.to_string()],
+        )?;
+        let mut out = Vec::new();
+        for r in &rows {
+            let (at, by, text): (String, String, String) = (self.get(r, 0)?, self.get(r, 1)?, self.get(r, 2)?);
+            let at = parse_ts(&at).ok_or_else(|| self.corrupt("incident note", at.clone()))?;
+            out.push(IncidentNote { at, by, text });
+        }
+        Ok(out)
     }
 
     fn homes(&self) -> Result<Vec<Home>, StoreError> {

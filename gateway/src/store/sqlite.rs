@@ -11,7 +11,7 @@ use mamori_protocol::mqtt::{Event, HomeId, Role, Status, Telemetry};
 use rusqlite::{params, Connection, OptionalExtension};
 
 use super::{
-    history_json, parse_ts, ts, AckRequest, HomeVersion, OutboxRow, Store, StoreError, META_CREATED_AT,
+    history_json, parse_ts, ts, AckRequest, HomeVersion, IncidentNote, OutboxRow, Store, StoreError, META_CREATED_AT,
     META_FIRST_MESSAGE_AT,
 };
 use crate::engine::{Alert, HomeState, Incident, Time};
@@ -76,6 +76,12 @@ CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE home_versions (home TEXT NOT NULL, version INTEGER NOT NULL, at TEXT NOT NULL, changed_by TEXT NOT NULL,
     plan TEXT NOT NULL, PRIMARY KEY (home, version)) WITHOUT ROWID;
 INSERT INTO home_versions (home, version, at, changed_by, plan) SELECT id, 1, updated_at, '', plan FROM homes;
+"#,
+    // The notes of an incident's after-action record (web/review.rs).
+    r#"
+CREATE TABLE incident_notes (n INTEGER PRIMARY KEY AUTOINCREMENT, incident TEXT NOT NULL, at TEXT NOT NULL,
+    written_by TEXT NOT NULL, text TEXT NOT NULL);
+CREATE INDEX incident_notes_incident ON incident_notes (incident, n);
 "#,
 ];
 
@@ -291,6 +297,39 @@ impl Store for SqliteStore {
             params![by],
             "home version",
         )
+    }
+
+    fn add_incident_note(&mut self, incident: &str, at: Time, by: &str, text: &str) -> Result<(), StoreError> {
+        self.conn
+            .execute(
+                "INSERT INTO incident_notes (incident, at, written_by, text) VALUES (?1, ?2, ?3, ?4)",
+                params![incident, ts(at), by, text],
+            )
+            .map_err(self.db())?;
+        Ok(())
+    }
+
+    fn incident_notes(&self, incident: &str) -> Result<Vec<IncidentNote>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT at, written_by, text FROM incident_notes WHERE incident = ?1 ORDER BY n")
+            .map_err(self.db())?;
+        let rows = stmt
+            .query_map(params![incident], |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?))
+            })
+            .map_err(self.db())?;
+        let mut out = Vec::new();
+        for r in rows {
+            let (at, by, text) = r.map_err(self.db())?;
+            let at = parse_ts(&at).ok_or_else(|| StoreError::Corrupt {
+                path: self.path.clone(),
+                what: "incident note",
+                detail: at.clone(),
+            })?;
+            out.push(IncidentNote { at, by, text });
+        }
+        Ok(out)
     }
 
     fn homes(&self) -> Result<Vec<Home>, StoreError> {

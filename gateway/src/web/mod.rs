@@ -36,6 +36,7 @@ pub mod metrics;
 pub mod pages;
 pub mod plan;
 pub mod readiness;
+pub mod review;
 pub mod view;
 
 use std::net::IpAddr;
@@ -351,6 +352,8 @@ pub fn router(app: App) -> Router {
         .route("/incidents/{id}", get(pages::incident))
         .route("/incidents/{id}/ack", post(pages::ack_incident))
         .route("/incidents/{id}/triage.csv", get(pages::incident_csv))
+        .route("/incidents/{id}/notes", post(review::add_note))
+        .route("/incidents/{id}/review.csv", get(review::csv))
         .route("/readiness", get(readiness::page))
         .route("/readiness.csv", get(readiness::csv))
         .route("/account", get(pages::account))

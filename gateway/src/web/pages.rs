@@ -451,7 +451,7 @@ fn id_for_installer(v: &Viewer, id: &str) -> String {
 }
 
 /// Minutes, in words.
-fn minutes(m: u32, lang: Lang) -> String {
+pub(super) fn minutes(m: u32, lang: Lang) -> String {
     match lang {
         Lang::Ja => format!("移動{m}分"),
         Lang::En => format!("{m} min"),
@@ -459,7 +459,7 @@ fn minutes(m: u32, lang: Lang) -> String {
 }
 
 /// Who acknowledged, for people: an account's name, or how it came.
-fn by_text(by: &str, lang: Lang) -> String {
+pub(super) fn by_text(by: &str, lang: Lang) -> String {
     let ja = lang == Lang::Ja;
     match by {
         "link" if ja => "リンクから".into(),
@@ -965,7 +965,7 @@ pub async fn incident(State(app): State<App>, v: Viewer, client: Client, Path(id
     let now = crate::clock::now();
     let offset = app.style.offset;
     let Some(i) = view::incidents(&snap.engine, &v.user, now).into_iter().find(|i| i.id == id) else {
-        return closed_incident(&app, &v, &client, &id).await;
+        return super::review::page(&app, &v, &client, &id).await;
     };
     app.audit_view(&v, &client.text(), "view_incident", &id, &i.municipality).await;
     let headings = triage_headings(t);
@@ -1051,7 +1051,7 @@ pub async fn incident_csv(State(app): State<App>, v: Viewer, client: Client, Pat
 }
 
 /// An incident's acknowledgements: who, in which role, when, and what they said.
-fn incident_acks_html(acks: &[crate::engine::AckInfo], lang: Lang, offset: FixedOffset) -> String {
+pub(super) fn incident_acks_html(acks: &[crate::engine::AckInfo], lang: Lang, offset: FixedOffset) -> String {
     let mut out = String::new();
     for a in acks {
         let _ = write!(
@@ -1065,49 +1065,6 @@ fn incident_acks_html(acks: &[crate::engine::AckInfo], lang: Lang, offset: Fixed
         );
     }
     out
-}
-
-/// `GET /incidents/{id}` once it is over: the links in its messages still lead somewhere. Its
-/// times, the homes that were in it and who acknowledged, from the store; in scope only.
-async fn closed_incident(app: &App, v: &Viewer, client: &Client, id: &str) -> Response {
-    let t = T(v.lang);
-    let id2 = id.to_string();
-    let stored = match app.db(move |s| Ok(s.incident(&id2)?)).await {
-        Ok(i) => i,
-        Err(e) => {
-            tracing::error!(error = %e, "reading an incident");
-            return (
-                StatusCode::SERVICE_UNAVAILABLE,
-                layout(v, "503", &format!("<p class=\"error\">{}</p>", t.t("unavailable"))),
-            )
-                .into_response();
-        }
-    };
-    let Some(i) = stored.filter(|i| i.closed_at.is_some() && v.user.may_see_municipality(&i.municipality)) else {
-        return not_found(v.lang);
-    };
-    app.audit_view(v, &client.text(), "view_incident", id, &i.municipality).await;
-    let snap = app.snap();
-    let offset = app.style.offset;
-    let name = snap.engine.municipality_name(&i.municipality).unwrap_or_else(|| i.municipality.clone());
-    let mut body = format!(
-        "<h1>{} {}</h1><p class=\"muted\">{}</p><p>{} {} — {} {}</p><h2>{}</h2><ul>",
-        t.t("incident"),
-        escape(&name),
-        t.t("incident_over"),
-        t.t("since"),
-        local(i.opened_at, offset),
-        t.t("ended"),
-        i.closed_at.map(|c| local(c, offset)).unwrap_or_default(),
-        t.t("homes_in_it"),
-    );
-    for h in &i.members {
-        let label = snap.engine.plan(h).map_or_else(|| h.as_str().to_string(), |p| p.label.clone());
-        let _ = write!(body, "<li><a href=\"/homes/{}\">{}</a></li>", escape(h.as_str()), escape(&label));
-    }
-    body.push_str("</ul>");
-    body.push_str(&incident_acks_html(&i.acks, v.lang, offset));
-    layout(v, t.t("incident"), &body).into_response()
 }
 
 /// An inline SVG line chart of one or two series up to `to`, over at most `[from, to]`:

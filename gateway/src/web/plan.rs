@@ -850,7 +850,7 @@ fn changes(new: &Home, old: Option<&Home>, lang: Lang) -> String {
     out.join(if lang == Lang::Ja { "・" } else { ", " })
 }
 
-fn by_text(by: &str, lang: Lang) -> String {
+fn version_by(by: &str, lang: Lang) -> String {
     match by {
         "" => tr(lang, "記録を始める前から", "before versions were kept").to_string(),
         "homes file" => tr(lang, "世帯ファイル（起動時）", "the homes file (at start)").to_string(),
@@ -881,7 +881,7 @@ fn history(versions: &[HomeVersion], id: &str, offset: &chrono::FixedOffset, lan
             "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{show}</td></tr>",
             x.version,
             local(x.at, *offset),
-            escape(&by_text(&x.by, lang)),
+            escape(&version_by(&x.by, lang)),
             escape(&changes(&x.plan, versions.get(i + 1).map(|p| &p.plan), lang)),
         );
     }
