@@ -754,8 +754,29 @@ pub fn main() -> ExitCode {
                 errors.push(format!("{}: {e:#}", config.display()));
             }
             if let Some(h) = &c.homes_file {
-                if let Err(e) = HomesFile::load(h, &c.known()) {
-                    errors.push(e.to_string());
+                match HomesFile::load(h, &c.known()) {
+                    Err(e) => errors.push(e.to_string()),
+                    // Who hears nothing (or would, with consent required): not an error, a
+                    // list of consent forms to get.
+                    Ok(f) => {
+                        let today = crate::clock::now().date_naive();
+                        for home in &f.homes {
+                            for k in home.contacts.iter().filter(|k| !k.may_receive(true, today)) {
+                                let what = if c.privacy.require_consent {
+                                    "is sent nothing ([privacy] require_consent)"
+                                } else {
+                                    "would be sent nothing with [privacy] require_consent = true"
+                                };
+                                println!(
+                                    "{}: home `{}`: contact `{}` ({}) has no current consent: {what}",
+                                    h.display(),
+                                    home.id.as_str(),
+                                    k.name,
+                                    k.role.as_str()
+                                );
+                            }
+                        }
+                    }
                 }
             }
             if errors.is_empty() {

@@ -44,6 +44,9 @@ pub struct Config {
     /// Engine settings: staleness, incidents, tier thresholds.
     #[serde(default)]
     pub escalation: Settings,
+    /// Personal data: whether a recipient needs the guardian's consent.
+    #[serde(default)]
+    pub privacy: PrivacyConfig,
     /// Policy overrides by alert kind (`default` for every kind without its own).
     #[serde(default)]
     pub policy: BTreeMap<String, Policy>,
@@ -205,6 +208,19 @@ fn default_offset() -> String {
 }
 fn default_retention_h() -> u32 {
     48
+}
+
+/// `[privacy]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PrivacyConfig {
+    /// A contact other than the family is sent nothing about a child, and an account other
+    /// than an administrator sees nothing of it, without a current consent naming them in the
+    /// care plan (要配慮個人情報 is shared only with consent). Off by default, so that turning
+    /// it on is a decision taken with the consent forms in hand: `check-config` lists who
+    /// would stop hearing.
+    #[serde(default)]
+    pub require_consent: bool,
 }
 
 /// The broker.

@@ -120,6 +120,10 @@ pub struct Settings {
     /// `battery_degraded` when a battery was measured to hold less than this share of its
     /// care plan's energy, % (found on a calm day, not in the typhoon).
     pub battery_degraded_below_pct: f64,
+    /// Send a contact other than the family nothing without a current consent naming them
+    /// (set from the config's `[privacy] require_consent`, not from `[escalation]`).
+    #[serde(skip)]
+    pub require_consent: bool,
 }
 
 impl Default for Settings {
@@ -141,6 +145,7 @@ impl Default for Settings {
             mass_silence_grace_s: 600,
             max_interval_s: 3600,
             battery_degraded_below_pct: 70.0,
+            require_consent: false,
         }
     }
 }
@@ -558,6 +563,9 @@ pub enum Content {
     },
 }
 
+/// Who a message goes to, each with the role they are told as.
+type Recipients = Vec<(Role, Contact)>;
+
 /// One message to send: to every channel of every recipient.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 pub struct Notification {
@@ -851,6 +859,12 @@ impl Engine {
     /// Whether a home is registered.
     pub fn knows(&self, home: &HomeId) -> bool {
         self.plans.contains_key(home)
+    }
+
+    /// A home's care plan.
+    /// Whether a contact needs a current consent to be sent anything (`[privacy]`).
+    pub fn require_consent(&self) -> bool {
+        self.settings.require_consent
     }
 
     /// A home's care plan.
@@ -1211,8 +1225,16 @@ impl Engine {
         content: Content,
         now: Time,
     ) -> Notification {
+        // Only those the guardian consented to share the child's data with, when the config
+        // asks for consent (the family always).
+        let (require, today) = (self.settings.require_consent, now.date_naive());
         let recipients = self.plans.get(home).map_or_else(Vec::new, |p| {
-            roles.iter().flat_map(|r| p.contacts_for(*r).map(move |c| (*r, c.clone()))).collect()
+            roles
+                .iter()
+                .flat_map(|r| {
+                    p.contacts_for(*r).filter(|c| c.may_receive(require, today)).map(move |c| (*r, c.clone()))
+                })
+                .collect()
         });
         let critical = match &content {
             Content::Alert { kind, .. } => {
@@ -1968,36 +1990,54 @@ impl Engine {
             if over {
                 inc.closed_at = Some(now);
             }
-            // Recipients: every member's coordinators and support centre, once per channel set.
-            let mut seen = BTreeSet::new();
-            let recipients: Vec<(Role, Contact)> = inc
-                .members
-                .iter()
-                .filter_map(|h| self.plans.get(h))
-                .flat_map(|p| {
-                    p.contacts
-                        .iter()
-                        .filter(|c| matches!(c.role, Role::Coordinator | Role::SupportCentre))
-                        .map(|c| (c.role, c.clone()))
-                })
-                .filter(|(_, c)| seen.insert(c.channels.clone()))
-                .collect();
-            let n = Notification {
-                key: format!("{}:rev{}", inc.id, inc.revision),
-                alert_id: inc.id.clone(),
-                home: None,
-                recipients,
-                content: Content::Incident {
-                    municipality: self.municipality_text(&m),
-                    opened_at: inc.opened_at,
-                    revision: inc.revision,
-                    rows,
-                    closed: over,
-                },
-                at: now,
-                critical: true,
-            };
-            self.outputs.push(Output::Notify(n));
+            // Recipients: every member's coordinators and support centre, once per channel set,
+            // each with the homes whose data it may receive (all of them unless consent is
+            // required); recipients with the same homes share one digest of those homes' rows.
+            let (require, today) = (self.settings.require_consent, now.date_naive());
+            // In the order the plans name them (a Vec: a few desks per municipality).
+            let mut desks: Vec<((Role, Contact), BTreeSet<HomeId>)> = Vec::new();
+            for h in &inc.members {
+                let Some(p) = self.plans.get(h) else { continue };
+                for c in p.contacts.iter().filter(|c| matches!(c.role, Role::Coordinator | Role::SupportCentre)) {
+                    let i = match desks.iter().position(|((_, d), _)| d.channels == c.channels) {
+                        Some(i) => i,
+                        None => {
+                            desks.push(((c.role, c.clone()), BTreeSet::new()));
+                            desks.len() - 1
+                        }
+                    };
+                    if !require {
+                        desks[i].1.extend(inc.members.iter().cloned());
+                    } else if c.may_receive(true, today) {
+                        desks[i].1.insert(h.clone());
+                    }
+                }
+            }
+            let mut groups: Vec<(BTreeSet<HomeId>, Recipients)> = Vec::new();
+            for (recipient, homes) in desks.into_iter().filter(|(_, homes)| !homes.is_empty()) {
+                match groups.iter_mut().find(|(h, _)| *h == homes) {
+                    Some((_, r)) => r.push(recipient),
+                    None => groups.push((homes, vec![recipient])),
+                }
+            }
+            for (homes, recipients) in groups {
+                let n = Notification {
+                    key: format!("{}:rev{}", inc.id, inc.revision),
+                    alert_id: inc.id.clone(),
+                    home: None,
+                    recipients,
+                    content: Content::Incident {
+                        municipality: self.municipality_text(&m),
+                        opened_at: inc.opened_at,
+                        revision: inc.revision,
+                        rows: rows.iter().filter(|r| homes.contains(&r.home)).cloned().collect(),
+                        closed: over,
+                    },
+                    at: now,
+                    critical: true,
+                };
+                self.outputs.push(Output::Notify(n));
+            }
             self.outputs.push(Output::Incident(inc.clone()));
             if over {
                 self.incidents.remove(&m);

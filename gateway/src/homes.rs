@@ -178,6 +178,47 @@ pub struct Contact {
     /// others wait until the end. A critical alert is never held back.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub quiet_hours: Option<String>,
+    /// The guardian's consent to share this child's data with this recipient (needed when
+    /// the gateway config's `[privacy] require_consent` is on; a family contact needs none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub consent: Option<Consent>,
+}
+
+/// A guardian's consent to share the child's data (要配慮個人情報) with one recipient, as
+/// recorded on the consent form: who agreed, when, for what, and whether it was withdrawn.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Consent {
+    /// Who agreed (the guardian, as on the form).
+    pub given_by: String,
+    /// When, `YYYY-MM-DD`.
+    pub on: String,
+    /// For what, as on the form (`停電時の通知と避難の調整`).
+    pub purpose: String,
+    /// Withdrawn on, `YYYY-MM-DD`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub withdrawn_on: Option<String>,
+}
+
+fn date(s: &str) -> Option<chrono::NaiveDate> {
+    chrono::NaiveDate::parse_from_str(s.trim(), "%Y-%m-%d").ok()
+}
+
+impl Consent {
+    /// Whether it holds on `today`: given by then and not withdrawn by then.
+    pub fn current(&self, today: chrono::NaiveDate) -> bool {
+        date(&self.on).is_some_and(|on| on <= today)
+            && self.withdrawn_on.as_deref().and_then(date).is_none_or(|w| w > today)
+    }
+}
+
+impl Contact {
+    /// Whether this contact may be sent the child's data on `today`: a family contact always
+    /// (the guardian is who consents); anyone else, when consent is required, only with a
+    /// current consent naming them.
+    pub fn may_receive(&self, require_consent: bool, today: chrono::NaiveDate) -> bool {
+        !require_consent || self.role == Role::Family || self.consent.as_ref().is_some_and(|c| c.current(today))
+    }
 }
 
 /// A later channel of a contact: used `after_min` minutes after the message, unless the
@@ -357,6 +398,19 @@ impl Home {
             if c.quiet_hours.as_deref().is_some_and(|q| parse_quiet_hours(q).is_none()) {
                 err(Field::QuietHours(j), Want::QuietHours);
             }
+            if let Some(k) = &c.consent {
+                let on = date(&k.on);
+                let withdrawn = k.withdrawn_on.as_deref().map(date);
+                let ok = !k.given_by.trim().is_empty()
+                    && k.given_by.chars().count() <= 40
+                    && !k.purpose.trim().is_empty()
+                    && k.purpose.chars().count() <= 200
+                    && on.is_some()
+                    && withdrawn.is_none_or(|w| w.is_some_and(|w| Some(w) >= on));
+                if !ok {
+                    err(Field::Consent(j), Want::Consent);
+                }
+            }
         }
         for (kind, p) in &self.escalation {
             if kind != "default" && kind.parse::<crate::engine::AlertKind>().is_err() {
@@ -506,6 +560,8 @@ pub enum Field {
     StepChannel(usize, usize, usize),
     /// Contact `j`'s quiet hours.
     QuietHours(usize),
+    /// Contact `j`'s consent.
+    Consent(usize),
     /// An escalation override.
     Escalation(String),
 }
@@ -532,6 +588,7 @@ impl Field {
             Field::StepChannels(j, s) => format!("contacts[{j}].then[{s}].channels"),
             Field::StepChannel(j, s, k) => format!("contacts[{j}].then[{s}].channels[{k}]"),
             Field::QuietHours(j) => format!("contacts[{j}].quiet_hours"),
+            Field::Consent(j) => format!("contacts[{j}].consent"),
             Field::Escalation(kind) => format!("escalation.{kind}"),
         }
     }
@@ -597,6 +654,13 @@ impl Field {
                     format!("Contact {}: quiet hours", j + 1)
                 }
             }
+            Field::Consent(j) => {
+                if ja {
+                    format!("連絡先{}の同意", j + 1)
+                } else {
+                    format!("Contact {}: consent", j + 1)
+                }
+            }
             Field::Escalation(_) => pick("通知の段階の設定", "Escalation overrides"),
         }
     }
@@ -645,6 +709,8 @@ pub enum Want {
     ChannelUnused,
     /// `HH:MM-HH:MM`.
     QuietHours,
+    /// Who agreed, when, for what; withdrawn not before given.
+    Consent,
     /// An alert kind.
     AlertKind,
     /// A valid policy (its own words).
@@ -674,6 +740,7 @@ impl Want {
             Want::AfterMin => "minutes after the one before, at most 1440".into(),
             Want::ChannelUnused => "a channel not used before for this contact".into(),
             Want::QuietHours => "local hours as \"HH:MM-HH:MM\" (e.g. \"22:00-07:00\")".into(),
+            Want::Consent => "who agreed (1 to 40 characters), on (YYYY-MM-DD), the purpose (1 to 200 characters), and withdrawn_on (YYYY-MM-DD) not before on".into(),
             Want::AlertKind => {
                 "an alert kind (an event kind such as mains_lost, or home_silent, state_unknown, ...) or default".into()
             }
@@ -708,6 +775,7 @@ impl Want {
             Want::AfterMin => "分は前の行より大きく、1440分までにしてください".into(),
             Want::ChannelUnused => "この人にすでに使っている連絡手段です".into(),
             Want::QuietHours => "「22:00-07:00」のように時刻で入れてください".into(),
+            Want::Consent => "同意した方（40文字まで）、同意した日（例 2026-04-01）、目的（200文字まで）を入れてください。撤回した日は同意した日より後にしてください".into(),
             Want::AlertKind | Want::Policy(_) => "設定が正しくありません。世帯ファイルで直してください".into(),
         }
     }
@@ -936,6 +1004,40 @@ home:
             HomesFile::parse(&GOOD_YAML.replace("label:", "lable:"), Path::new("homes.yaml"), &known()).unwrap_err();
         let text = e.to_string();
         assert!(text.contains("homes.yaml") && text.contains("lable") && text.contains("line 5"), "{text}");
+    }
+
+    #[test]
+    fn consent_holds_from_its_day_until_withdrawn_and_the_family_needs_none() {
+        let with = |consent: &str| {
+            GOOD.replace(
+                "channels = [{ webhook = \"coord\" }]",
+                &format!("channels = [{{ webhook = \"coord\" }}], consent = {consent}"),
+            )
+        };
+        let ok = with(r#"{ given_by = "母", on = "2026-04-01", purpose = "停電時の通知と避難の調整" }"#);
+        let h = &HomesFile::parse(&ok, Path::new("h.toml"), &known()).unwrap().homes[0];
+        let coord = h.contacts_for(Role::Coordinator).next().unwrap();
+        let family = h.contacts_for(Role::Family).next().unwrap();
+        let day = |s: &str| chrono::NaiveDate::parse_from_str(s, "%Y-%m-%d").unwrap();
+        assert!(!coord.may_receive(true, day("2026-03-31")), "not before it was given");
+        assert!(coord.may_receive(true, day("2026-04-01")));
+        assert!(family.may_receive(true, day("2000-01-01")), "the guardian is who consents");
+        let mut withdrawn = coord.clone();
+        withdrawn.consent.as_mut().unwrap().withdrawn_on = Some("2026-06-01".into());
+        assert!(withdrawn.may_receive(true, day("2026-05-31")) && !withdrawn.may_receive(true, day("2026-06-01")));
+        let mut none = coord.clone();
+        none.consent = None;
+        assert!(!none.may_receive(true, day("2026-06-01")) && none.may_receive(false, day("2026-06-01")));
+        // A form that says nothing of who, when or why is refused, as is a withdrawal before it.
+        for bad in [
+            r#"{ given_by = "", on = "2026-04-01", purpose = "通知" }"#,
+            r#"{ given_by = "母", on = "4月1日", purpose = "通知" }"#,
+            r#"{ given_by = "母", on = "2026-04-01", purpose = "" }"#,
+            r#"{ given_by = "母", on = "2026-04-01", purpose = "通知", withdrawn_on = "2026-03-01" }"#,
+        ] {
+            let e = HomesFile::parse(&with(bad), Path::new("h.toml"), &known()).unwrap_err().to_string();
+            assert!(e.contains("key `contacts[1].consent`"), "{bad}: {e}");
+        }
     }
 
     #[test]

@@ -221,7 +221,9 @@ fn import_homes(config: &Config, store: &mut dyn Store) -> anyhow::Result<()> {
 
 /// The engine as the store has it.
 fn load_engine(config: &Config, store: &dyn Store) -> Result<Engine, StoreError> {
-    let mut engine = Engine::new(config.escalation.clone(), Policies { config: config.policy.clone() });
+    let settings =
+        crate::engine::Settings { require_consent: config.privacy.require_consent, ..config.escalation.clone() };
+    let mut engine = Engine::new(settings, Policies { config: config.policy.clone() });
     for h in store.homes()? {
         engine.upsert_home(h);
     }

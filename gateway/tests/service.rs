@@ -1266,3 +1266,65 @@ fn a_familys_answer_on_its_page_reaches_the_coordinator_as_a_message() -> Result
     assert_eq!(d.iter().filter(|x| x.path == "/coord").count(), 1, "one message, not a page of the outage: {d:?}");
     Ok(())
 }
+
+#[test]
+fn with_consent_required_a_contact_without_it_is_sent_nothing_and_check_config_names_them() -> Result<()> {
+    let broker = Mosquitto::start("")?;
+    let hook = WebhookReceiver::start("hook-secret")?;
+    let s = setup(broker.port(), &hook, 1)?;
+    // Two coordinators: Sato with the guardian's consent, Suzuki without.
+    let homes = s.dir.path().join("homes.toml");
+    std::fs::write(
+        &homes,
+        std::fs::read_to_string(&homes)?.replace(
+            r#"{ role = "coordinator", name = "Sato", language = "en", channels = [{ webhook = "coord" }] },"#,
+            r#"{ role = "coordinator", name = "Sato", language = "en", channels = [{ webhook = "coord" }],
+    consent = { given_by = "家族", on = "2026-04-01", purpose = "停電時の通知と避難の調整" } },
+  { role = "coordinator", name = "Suzuki", channels = [{ webhook = "other" }] },"#,
+        ),
+    )?;
+    let mut config = std::fs::read_to_string(&s.config)?;
+    config += &format!(
+        "[endpoints.other]\nurl = \"{}/other\"\nsecret = {{ value = \"hook-secret\" }}\n[privacy]\nrequire_consent = true\n",
+        hook.url()
+    );
+    std::fs::write(&s.config, config)?;
+    let c = s.config.to_str().unwrap_or_default();
+    let out = cli(&["check-config", c])?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("contact `Suzuki` (coordinator) has no current consent: is sent nothing"), "{stdout}");
+    assert!(!stdout.contains("`Sato`") && !stdout.contains("`家族`"), "{stdout}");
+
+    let gw = gateway(&s.config)?;
+    add_coordinator(c)?;
+    let out = cli(&["users", "token", "--config", c, "sato"])?;
+    let token = String::from_utf8(out.stdout)?.trim().to_string();
+    publish(broker.port(), &[event(1, "mains_lost")])?;
+    let d = hook.wait("Sato told after the family", LIMIT, |d| d.iter().any(to("/coord")))?;
+    let key = d.iter().find(|x| to("/coord")(x)).map(|x| x.key.clone()).unwrap_or_default();
+    wait_recorded(&gw, &key)?;
+    // Every message of that step was written to the outbox with Sato's: Suzuki has none.
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let rt = tokio::runtime::Runtime::new()?;
+    let alerts: serde_json::Value = rt.block_on(async {
+        reqwest::Client::new()
+            .get(format!("http://127.0.0.1:{}/api/v1/homes/h1/alerts", s.http_port))
+            .bearer_auth(&token)
+            .send()
+            .await?
+            .json()
+            .await
+    })?;
+    let recipients: Vec<&str> = alerts["alerts"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|a| a["deliveries"].as_array().into_iter().flatten())
+        .filter_map(|x| x["recipient"].as_str())
+        .collect();
+    assert!(recipients.contains(&"Sato") && recipients.contains(&"家族"), "{alerts}");
+    assert!(!recipients.contains(&"Suzuki"), "{alerts}");
+    assert!(!hook.deliveries().iter().any(|x| x.path == "/other"));
+    Ok(())
+}

@@ -1763,3 +1763,57 @@ async fn a_new_home_is_added_in_the_coordinators_municipality_and_an_id_in_use_i
     assert_eq!(r.status, StatusCode::FORBIDDEN);
     assert!(f.engine.lock().unwrap().plan(&HomeId::new("home-b9").unwrap()).is_none());
 }
+
+#[tokio::test]
+async fn with_consent_required_an_account_sees_only_homes_that_consented_to_its_role_and_is_told_why() {
+    let f = setup().await;
+    // The same homes, with consent required: home-a1 consented to its coordinator (not to its
+    // facility); home-a2 to nobody.
+    let mut homes = HomesFile::parse(HOMES, Path::new("homes.toml"), &Known::default()).unwrap().homes;
+    let contact = |role: Role, name: &str, consent: bool| mamori_gateway::homes::Contact {
+        role,
+        name: name.into(),
+        language: mamori_gateway::homes::Lang::Ja,
+        channels: vec![mamori_gateway::homes::ChannelRef::Sms("+819012345678".into())],
+        then: vec![],
+        quiet_hours: None,
+        consent: consent.then(|| mamori_gateway::homes::Consent {
+            given_by: "母".into(),
+            on: "2026-04-01".into(),
+            purpose: "停電時の通知と避難の調整".into(),
+            withdrawn_on: None,
+        }),
+    };
+    homes[0].contacts.push(contact(Role::Coordinator, "佐藤", true));
+    homes[0].contacts.push(contact(Role::Facility, "市民病院", false));
+    homes[1].contacts.push(contact(Role::Coordinator, "佐藤", false));
+    let mut e = Engine::new(
+        Settings { require_consent: true, incident_min_homes: 2, ..Settings::default() },
+        Policies::default(),
+    );
+    for h in homes {
+        e.upsert_home(h);
+    }
+    publish(&e, &f.snapshots, &[]);
+
+    let r = send(&f, page(&f, Some("coord_a"), "GET", "/", "")).await;
+    let text = visible_text(&r.body);
+    assert!(text.contains("A-1") && !text.contains("A-2"), "{text}");
+    assert!(text.contains("表示していない世帯が1世帯あります"), "the page says why: {text}");
+    assert_eq!(send(&f, page(&f, Some("coord_a"), "GET", "/homes/home-a2", "")).await.status, StatusCode::NOT_FOUND);
+    assert_eq!(send(&f, api(&f, Some("coord_a"), "GET", "/api/v1/homes/home-a2")).await.status, StatusCode::NOT_FOUND);
+    // The facility of home-a1 has no consent: nothing of the child.
+    assert_eq!(
+        send(&f, page(&f, Some("facility_a1"), "GET", "/homes/home-a1", "")).await.status,
+        StatusCode::NOT_FOUND
+    );
+    // The family and the centre's administrator need none.
+    assert_eq!(send(&f, page(&f, Some("family_a1"), "GET", "/homes/home-a1", "")).await.status, StatusCode::OK);
+    let r = send(&f, page(&f, Some("admin"), "GET", "/homes/home-a1", "")).await;
+    let text = visible_text(&r.body);
+    assert!(text.contains("佐藤") && text.contains("同意あり（2026-04-01）"), "{text}");
+    assert!(text.contains("保護者の同意がないため、この方には通知しません"), "the facility is marked: {text}");
+    // The readiness report counts the consent forms still to get.
+    let r = send(&f, page(&f, Some("admin"), "GET", "/readiness", "")).await;
+    assert!(r.body.contains("<dt>同意のない連絡先がある世帯</dt><dd>2</dd>"), "{}", r.body);
+}

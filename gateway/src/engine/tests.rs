@@ -20,6 +20,7 @@ fn contact(role: Role, name: &str) -> Contact {
         language: Lang::Ja,
         channels: vec![ChannelRef::Console(name.into())],
         quiet_hours: None,
+        consent: None,
         then: vec![],
     }
 }
@@ -570,4 +571,73 @@ fn a_drill_tells_every_contact_once_records_who_acknowledged_and_ends_without_a_
         e.handle(Input::Drill { home: h("nope"), by: "x".into() }, t(4000)),
         Err(EngineError::UnknownHome("nope".into()))
     );
+}
+
+#[test]
+fn with_consent_required_only_consented_contacts_hear_and_a_digest_names_only_their_homes() {
+    let consent = |on: &str| {
+        Some(crate::homes::Consent {
+            given_by: "母".into(),
+            on: on.into(),
+            purpose: "停電時の通知と避難の調整".into(),
+            withdrawn_on: None,
+        })
+    };
+    let mut homes: Vec<Home> = (0..3).map(|i| plan(&format!("k{i}"), "431001", 1000.0 * (i + 1) as f64)).collect();
+    // k0 consented to its coordinator and its nurse; k1 to its coordinator from a day not yet
+    // come; k2 to nobody.
+    for c in &mut homes[0].contacts {
+        if matches!(c.role, Role::Coordinator | Role::VisitingNurse) {
+            c.consent = consent("1970-01-01");
+        }
+    }
+    for c in homes[1].contacts.iter_mut().filter(|c| c.role == Role::Coordinator) {
+        c.consent = consent("2999-01-01");
+    }
+    let settings = Settings { default_interval_s: 86_400, require_consent: true, ..Settings::default() };
+    let mut e = Engine::new(settings, Policies::default());
+    for h in &homes {
+        e.upsert_home(h.clone());
+    }
+    for k in ["k0", "k2"] {
+        e.handle(Input::Event(h(k), event(1, 0, EventKind::Spo2Low)), t(0)).unwrap();
+    }
+    e.poll(t(0));
+    let first = sent(&mut e);
+    let told = names(&first);
+    assert!(told.contains(&"fam-k0") && told.contains(&"fam-k2"), "the family always: {told:?}");
+    let mut later = Vec::new();
+    for m in 1..=120 {
+        e.poll(t(m * 60));
+        later.extend(sent(&mut e));
+    }
+    let k2 = alert(&e, "k2", "spo2_low").unwrap().id.clone();
+    let coord_of_k2 = later.iter().filter(|(n, key)| n == "coord-431001" && key.starts_with(&k2)).count();
+    let heard = names(&later);
+    assert!(heard.contains(&"coord-431001") && heard.contains(&"nurse-k0"), "k0's consented contacts: {heard:?}");
+    assert_eq!(coord_of_k2, 0, "k2 consented to nobody: {later:?}");
+    assert!(!heard.contains(&"nurse-k2") && !heard.contains(&"fac-k2") && !heard.contains(&"fac-k0"), "{heard:?}");
+
+    // A regional outage: the coordinator's digest lists only k0, the home that consented to
+    // the coordinator today (k1's consent is not in force yet; k2 has none).
+    let mut e = Engine::new(Settings { require_consent: true, ..Settings::default() }, Policies::default());
+    for h in &homes {
+        e.upsert_home(h.clone());
+    }
+    for (i, at) in [(0, 30), (1, 60), (2, 90)] {
+        e.handle(Input::Event(h(&format!("k{i}")), event(1, at, EventKind::MainsLost)), t(at)).unwrap();
+    }
+    e.poll(t(90));
+    let digests: Vec<Notification> = e
+        .take_outputs()
+        .into_iter()
+        .filter_map(|o| match o {
+            Output::Notify(n) if matches!(n.content, Content::Incident { .. }) => Some(n),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(digests.len(), 1, "{digests:?}");
+    let Content::Incident { rows, .. } = &digests[0].content else { unreachable!() };
+    assert_eq!(rows.iter().map(|r| r.home.as_str()).collect::<Vec<_>>(), ["k0"]);
+    assert_eq!(digests[0].recipients.iter().map(|(_, c)| c.name.as_str()).collect::<Vec<_>>(), ["coord-431001"]);
 }

@@ -271,7 +271,7 @@ async fn alert(State(app): State<App>, ApiUser(user): ApiUser, client: Client, P
         Err(e) => return failed(e),
     };
     // Scope: the alert's home must be one the user may see.
-    if !snap.engine.plan(&a.home).is_some_and(|p| user.may_see(p)) {
+    if !snap.engine.plan(&a.home).is_some_and(|p| super::view::sees(&snap.engine, &user, p)) {
         return not_found();
     }
     // The deliveries name their recipients and channels: personal data.
@@ -398,11 +398,11 @@ async fn municipality_drill(
     if !user.may_drill() {
         return error(StatusCode::FORBIDDEN, "only coordinators and administrators may start a drill");
     }
-    let homes: Vec<mamori_protocol::mqtt::HomeId> = app
-        .snap()
+    let snap = app.snap();
+    let homes: Vec<mamori_protocol::mqtt::HomeId> = snap
         .engine
         .states_and_plans()
-        .filter(|(p, _)| p.municipality == code && user.may_see(p))
+        .filter(|(p, _)| p.municipality == code && super::view::sees(&snap.engine, &user, p))
         .map(|(p, _)| p.id.clone())
         .collect();
     if homes.is_empty() {

@@ -313,7 +313,7 @@ pub(super) async fn page(app: &App, v: &Viewer, plan: &Home, h: HomeView, now: T
             body.push_str("</ul>");
         }
     }
-    body.push_str(&contacts_html(plan, T(lang)));
+    body.push_str(&contacts_html(plan, T(lang), app.snap().engine.require_consent()));
     body.push_str("</section>");
     layout(v, &h.label, &body).into_response()
 }

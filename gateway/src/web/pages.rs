@@ -127,6 +127,10 @@ const WORDS: &[(&str, &str, &str)] = &[
     ("handling", "担当", "Handled by"),
     ("answered", "答え", "Answered"),
     ("add_home", "世帯を追加する", "Add a home"),
+    ("consent_given", "同意あり（{on}）", "consent given ({on})"),
+    ("consent_missing", "保護者の同意がないため、この方には通知しません", "no consent from the guardian: this contact is sent nothing"),
+    ("consent_unrecorded", "同意は未記録", "consent not recorded"),
+    ("withheld", "保護者の同意が記録されていないため表示していない世帯が{n}世帯あります。支援計画の同意を確かめてください。", "{n} homes in your area are not shown: no consent from the guardian is recorded for your role. Check the consent in their care plans."),
     ("edit_plan", "支援計画（機器・予備電源・避難先・連絡先）を見る・変える", "View or change the care plan (devices, backup, destination, contacts)"),
     ("plan_saved", "支援計画を保存しました（第{n}版）。次の通知から使われます。", "The care plan was saved (version {n}); it is used from the next message on."),
     ("token_which", "どのトークンか指定してください。", "Say which token."),
@@ -564,6 +568,10 @@ pub async fn overview(State(app): State<App>, v: Viewer, client: Client, Query(q
     }
     if homes.is_empty() {
         let _ = write!(body, "<p>{}</p>", t.t("no_homes"));
+    }
+    let withheld = view::withheld(&snap.engine, &v.user);
+    if withheld > 0 {
+        let _ = write!(body, "<p class=\"notice\">{}</p>", t.t("withheld").replace("{n}", &withheld.to_string()));
     }
     if matches!(v.user.role, AccountRole::Admin | AccountRole::Coordinator) {
         let _ = write!(body, "<p class=\"noprint\"><a href=\"/plans/new\">{}</a></p>", t.t("add_home"));
@@ -1141,8 +1149,11 @@ fn tick(v: f64, range: f64) -> String {
 }
 
 /// A home's contacts, with the numbers of their SMS and call channels as `tel:` links.
-pub(super) fn contacts_html(plan: &crate::homes::Home, t: T) -> String {
+/// The home's contacts with their roles, phone numbers to dial, and their consent: when the
+/// config requires consent, a contact without a current one is marked as told nothing.
+pub(super) fn contacts_html(plan: &crate::homes::Home, t: T, require_consent: bool) -> String {
     use crate::homes::ChannelRef;
+    let today = crate::clock::now().date_naive();
     let mut out = format!("<h2>{}</h2><ul class=\"contacts\">", t.t("contacts"));
     for c in &plan.contacts {
         let mut numbers: Vec<&str> = c
@@ -1173,7 +1184,15 @@ pub(super) fn contacts_html(plan: &crate::homes::Home, t: T) -> String {
             Lang::Ja => format!("{}（{role}）", escape(&c.name)),
             Lang::En => format!("{} ({role})", escape(&c.name)),
         };
-        let _ = write!(out, "<li>{who} {phones}</li>");
+        let consent = match (&c.consent, c.role) {
+            (_, mamori_protocol::mqtt::Role::Family) => String::new(),
+            (Some(k), _) if k.current(today) => {
+                format!(" <small class=\"muted\">{}</small>", t.t("consent_given").replace("{on}", &escape(&k.on)))
+            }
+            _ if require_consent => format!(" <small class=\"bad\">{}</small>", t.t("consent_missing")),
+            _ => format!(" <small class=\"muted\">{}</small>", t.t("consent_unrecorded")),
+        };
+        let _ = write!(out, "<li>{who} {phones}{consent}</li>");
     }
     out.push_str("</ul>");
     out
@@ -1319,7 +1338,7 @@ pub async fn home(
         );
     }
     // Who to call: each contact with their phone numbers as links a phone dials (tap to call).
-    body.push_str(&contacts_html(plan, t));
+    body.push_str(&contacts_html(plan, t, snap.engine.require_consent()));
     // Active alerts.
     let _ = write!(body, "<h2>{}</h2>", t.t("alerts"));
     if h.alerts.is_empty() {
@@ -2212,7 +2231,7 @@ fn changed_for(snap: &crate::web::Snapshot, user: &crate::accounts::User, since:
         .home_versions
         .iter()
         .filter(|(_, v)| **v > since)
-        .any(|(h, _)| snap.engine.plan(h).is_some_and(|p| user.may_see(p)));
+        .any(|(h, _)| snap.engine.plan(h).is_some_and(|p| view::sees(&snap.engine, user, p)));
     homes || snap.incident_versions.iter().any(|(m, v)| *v > since && user.may_see_municipality(m))
 }
 
@@ -2317,12 +2336,12 @@ mod tests {
             ]
         }))
         .unwrap();
-        let html = contacts_html(&plan, T(Lang::Ja));
+        let html = contacts_html(&plan, T(Lang::Ja), false);
         assert!(html.contains("母（ご家族）"), "{html}");
         assert!(html.contains("<a href=\"tel:09012345678\">090-1234-5678</a>"), "{html}");
         assert!(html.contains("<a href=\"tel:+819012345678\">"), "the later channel's number too: {html}");
         assert!(html.contains("佐藤") && html.contains("電話番号の登録なし"), "{html}");
-        let en = contacts_html(&plan, T(Lang::En));
+        let en = contacts_html(&plan, T(Lang::En), false);
         assert!(
             en.contains("(coordinator)") || en.contains("(the coordinator)") || en.contains("(Coordinator)"),
             "{en}"

@@ -456,6 +456,12 @@ impl Fields {
                 .collect();
             f.set(&format!("c{j}_then"), &then.join("\n"));
             f.set(&format!("c{j}_quiet"), c.quiet_hours.as_deref().unwrap_or(""));
+            if let Some(k) = &c.consent {
+                f.set(&format!("c{j}_consent_by"), &k.given_by);
+                f.set(&format!("c{j}_consent_on"), &k.on);
+                f.set(&format!("c{j}_consent_purpose"), &k.purpose);
+                f.set(&format!("c{j}_consent_withdrawn"), k.withdrawn_on.as_deref().unwrap_or(""));
+            }
         }
         f
     }
@@ -581,6 +587,17 @@ impl Fields {
             }
             cmap.push(j);
             let _ = c;
+            let field = |k: &str| self.get(&format!("c{j}_consent_{k}")).trim().to_string();
+            let (by, on, purpose, withdrawn) = (field("by"), field("on"), field("purpose"), field("withdrawn"));
+            let consent =
+                (!(by.is_empty() && on.is_empty() && purpose.is_empty() && withdrawn.is_empty())).then(|| {
+                    crate::homes::Consent {
+                        given_by: by,
+                        on,
+                        purpose,
+                        withdrawn_on: (!withdrawn.is_empty()).then_some(withdrawn),
+                    }
+                });
             contacts.push(Contact {
                 role: role.unwrap_or(Role::Family),
                 name,
@@ -588,6 +605,7 @@ impl Fields {
                 channels,
                 then,
                 quiet_hours: (!quiet.is_empty()).then_some(quiet),
+                consent,
             });
         }
         let name = self.get("municipality_name").trim();
@@ -616,6 +634,7 @@ impl Fields {
                 Field::StepChannels(i, s) => Field::StepChannels(at(&cmap, i), s),
                 Field::StepChannel(i, s, k) => Field::StepChannel(at(&cmap, i), s, k),
                 Field::QuietHours(i) => Field::QuietHours(at(&cmap, i)),
+                Field::Consent(i) => Field::Consent(at(&cmap, i)),
                 other => other,
             };
             // A parse problem already names this place; the plan's check would repeat it.
@@ -773,8 +792,8 @@ fn form(v: &Viewer, f: &Fields, action: &str, based_on: u32, new: bool, problems
         "<fieldset><legend>{}</legend><p><small>{}</small></p>",
         t("連絡先", "Contacts"),
         t(
-            "連絡手段は1行に一つ、「種類:宛先」の形で書きます（SMS:+819012345678、電話:+819012345678、LINE:LINEのID、メール:メールアドレス、連携:設定にある連携先の名前）。後で使う連絡手段は、確認がないときに使うもので、1行に「分: 種類:宛先」と書きます（例「5: 電話:+819012345678」）。名前と連絡手段を空欄にした行は削除されます。",
-            "One channel per line as kind:address (sms:+819012345678, voice:+819012345678, line:U…, email:…, webhook:an endpoint named in the config). Later channels are used when the role has not acknowledged, one line each as minutes: kind:address (e.g. 5: voice:+819012345678). A row with no name and no channels is removed."
+            "ご家族以外の方には、保護者の同意（同意書の内容）を入れてください。ゲートウェイが同意を求める設定のときは、同意のない方には何も送りません。連絡手段は1行に一つ、「種類:宛先」の形で書きます（SMS:+819012345678、電話:+819012345678、LINE:LINEのID、メール:メールアドレス、連携:設定にある連携先の名前）。後で使う連絡手段は、確認がないときに使うもので、1行に「分: 種類:宛先」と書きます（例「5: 電話:+819012345678」）。名前と連絡手段を空欄にした行は削除されます。",
+            "For everyone but the family, record the guardian's consent as on the consent form: when the gateway requires consent, a contact without it is sent nothing. One channel per line as kind:address (sms:+819012345678, voice:+819012345678, line:U…, email:…, webhook:an endpoint named in the config). Later channels are used when the role has not acknowledged, one line each as minutes: kind:address (e.g. 5: voice:+819012345678). A row with no name and no channels is removed."
         )
     );
     let roles: Vec<(&str, &str)> =
@@ -786,7 +805,7 @@ fn form(v: &Viewer, f: &Fields, action: &str, based_on: u32, new: bool, problems
     for j in 0..(f.rows('c') + BLANK_ROWS).min(MAX_ROWS) {
         let _ = write!(
             s,
-            "<div class=\"contact\"><div class=\"row\">{}{}{}{}</div><div class=\"row\">{}{}</div></div>",
+            "<div class=\"contact\"><div class=\"row\">{}{}{}{}</div><div class=\"row\">{}{}</div><div class=\"row\">{}{}{}{}</div></div>",
             input(f, &format!("c{j}_name"), &format!("{} {}", t("連絡先", "Contact"), j + 1), " maxlength=\"40\""),
             select(f, &format!("c{j}_role"), t("役割", "Role"), &roles),
             select(f, &format!("c{j}_language"), t("通知の言語", "Language"), &langs),
@@ -803,6 +822,10 @@ fn form(v: &Viewer, f: &Fields, action: &str, based_on: u32, new: bool, problems
                 t("後で使う連絡手段", "Later channels"),
                 t("確認がないとき", "while unacknowledged")
             ),
+            input(f, &format!("c{j}_consent_by"), t("同意した方（保護者）", "Consent given by (the guardian)"), " maxlength=\"40\""),
+            input(f, &format!("c{j}_consent_on"), t("同意した日", "Consent given on"), " type=\"date\""),
+            input(f, &format!("c{j}_consent_purpose"), t("同意の目的", "For what"), " maxlength=\"200\""),
+            input(f, &format!("c{j}_consent_withdrawn"), t("撤回した日", "Withdrawn on"), " type=\"date\""),
         );
     }
     s.push_str("</fieldset>");

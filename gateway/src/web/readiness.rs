@@ -9,7 +9,8 @@
 //! the drills each home has done (the last one, and whether everyone told acknowledged it).
 //! A page, a CSV (`/readiness.csv`) and the print stylesheet for the meeting.
 //!
-//! Consent records are not built yet, so "without consent for a role" is not counted.
+//! And the contacts without a current consent from the guardian, by role (whatever the
+//! config's `[privacy] require_consent`: on a calm day it says which consent forms to get).
 //! The rows are pure: made from the engine's plans and states and the homes' alert history.
 
 use std::collections::BTreeMap;
@@ -50,6 +51,9 @@ pub struct Row {
     pub degraded: bool,
     /// The last drill and whether everyone told acknowledged it.
     pub last_drill: Option<(Time, bool)>,
+    /// The roles (not the family) with a contact whose consent is missing, withdrawn or not
+    /// yet in force.
+    pub without_consent: Vec<mamori_protocol::mqtt::Role>,
 }
 
 impl Row {
@@ -64,7 +68,22 @@ impl Row {
 }
 
 /// A home's row from its plan, what was learned of its battery and its drills.
-pub fn row(plan: &Home, learned: Option<&crate::forecast::Learned>, degraded_below_pct: f64, drills: &[Alert]) -> Row {
+pub fn row(
+    plan: &Home,
+    learned: Option<&crate::forecast::Learned>,
+    degraded_below_pct: f64,
+    drills: &[Alert],
+    today: chrono::NaiveDate,
+) -> Row {
+    let mut without_consent: Vec<mamori_protocol::mqtt::Role> = plan
+        .contacts
+        .iter()
+        .filter(|c| c.role != mamori_protocol::mqtt::Role::Family)
+        .filter(|c| !c.consent.as_ref().is_some_and(|k| k.current(today)))
+        .map(|c| c.role)
+        .collect();
+    without_consent.sort_by_key(|r| r.as_str());
+    without_consent.dedup();
     let watts: f64 = plan.devices.iter().map(|d| d.watts).sum();
     let plan_wh = plan.external_wh();
     let health =
@@ -83,7 +102,16 @@ pub fn row(plan: &Home, learned: Option<&crate::forecast::Learned>, degraded_bel
         needed_h: plan.evacuation.as_ref().map(|e| (2.0 * f64::from(e.travel_min) + f64::from(MARGIN_MIN)) / 60.0),
         degraded: health.is_some_and(|h| h * 100.0 < degraded_below_pct),
         last_drill,
+        without_consent,
     }
+}
+
+fn roles_text(roles: &[mamori_protocol::mqtt::Role], lang: Lang) -> String {
+    roles.iter().map(|r| crate::message::role_text(*r, lang)).collect::<Vec<_>>().join(if lang == Lang::Ja {
+        "、"
+    } else {
+        ", "
+    })
 }
 
 fn hours(h: f64, lang: Lang) -> String {
@@ -105,7 +133,7 @@ async fn rows(app: &App, v: &Viewer) -> Result<Vec<Row>, anyhow::Error> {
     let engine: &Engine = &snap.engine;
     let plans: Vec<(Home, Option<crate::forecast::Learned>)> = engine
         .states_and_plans()
-        .filter(|(p, _)| v.user.may_see(p))
+        .filter(|(p, _)| super::view::sees(&snap.engine, &v.user, p))
         .map(|(p, st)| (p.clone(), st.and_then(|s| s.battery.clone())))
         .collect();
     let below = engine.settings().battery_degraded_below_pct;
@@ -123,7 +151,10 @@ async fn rows(app: &App, v: &Viewer) -> Result<Vec<Row>, anyhow::Error> {
         .await?;
     let mut out: Vec<Row> = plans
         .iter()
-        .map(|(p, l)| row(p, l.as_ref(), below, history.get(p.id.as_str()).map(Vec::as_slice).unwrap_or(&[])))
+        .map(|(p, l)| {
+            let drills = history.get(p.id.as_str()).map(Vec::as_slice).unwrap_or(&[]);
+            row(p, l.as_ref(), below, drills, crate::clock::now().date_naive())
+        })
         .collect();
     out.sort_by(|a, b| a.municipality_code.cmp(&b.municipality_code).then(a.label.cmp(&b.label)));
     Ok(out)
@@ -169,7 +200,8 @@ pub async fn page(State(app): State<App>, v: Viewer, client: Client) -> Response
             body,
             "<section><h2>{}</h2><dl class=\"state\">\
              <div><dt>{}</dt><dd>{}</dd></div><div><dt>{}</dt><dd>{}</dd></div><div><dt>{}</dt><dd>{}</dd></div>\
-             <div><dt>{}</dt><dd>{}</dd></div><div><dt>{}</dt><dd>{}</dd></div><div><dt>{}</dt><dd>{}</dd></div><div><dt>{}</dt><dd>{}</dd></div></dl>",
+             <div><dt>{}</dt><dd>{}</dd></div><div><dt>{}</dt><dd>{}</dd></div><div><dt>{}</dt><dd>{}</dd></div><div><dt>{}</dt><dd>{}</dd></div>\
+             <div><dt>{}</dt><dd>{}</dd></div></dl>",
             escape(m),
             if ja { "見守っている世帯" } else { "Homes watched" },
             rs.len(),
@@ -185,15 +217,18 @@ pub async fn page(State(app): State<App>, v: Viewer, client: Client) -> Response
             rs.iter().filter(|r| r.needed_h.is_none()).count(),
             if ja { "訓練をした世帯" } else { "Homes with a drill" },
             drilled,
+            if ja { "同意のない連絡先がある世帯" } else { "Homes with a contact without consent" },
+            rs.iter().filter(|r| !r.without_consent.is_empty()).count(),
         );
         let _ = write!(
             body,
-            "<table class=\"readiness\"><thead><tr><th>{}</th><th>{}</th><th>{}</th><th>{}</th><th>{}</th></tr></thead><tbody>",
+            "<table class=\"readiness\"><thead><tr><th>{}</th><th>{}</th><th>{}</th><th>{}</th><th>{}</th><th>{}</th></tr></thead><tbody>",
             t.t("home"),
             if ja { "予備電源" } else { "Backup" },
             if ja { "必要な時間" } else { "Needed" },
             if ja { "電池" } else { "Battery" },
             if ja { "最後の訓練" } else { "Last drill" },
+            if ja { "同意のない連絡先" } else { "Without consent" },
         );
         for r in rs {
             let backup = match (r.backup_h, r.measured) {
@@ -230,9 +265,10 @@ pub async fn page(State(app): State<App>, v: Viewer, client: Client) -> Response
                 (None, true) => "まだ".into(),
                 (None, false) => "none yet".into(),
             };
+            let consent = roles_text(&r.without_consent, lang);
             let _ = write!(
                 body,
-                "<tr class=\"{cls}\"><td>{}</td><td>{backup}{internal}</td><td>{needed}</td><td>{battery}</td><td>{drill}</td></tr>",
+                "<tr class=\"{cls}\"><td>{}</td><td>{backup}{internal}</td><td>{needed}</td><td>{battery}</td><td>{drill}</td><td>{consent}</td></tr>",
                 escape(&r.label),
                 cls = if r.short() { "leave-overdue" } else { "" },
             );
@@ -254,7 +290,7 @@ pub async fn csv(State(app): State<App>, v: Viewer, client: Client) -> Response 
     app.audit(&v.user.username, &client.text(), "export_readiness", "readiness", &format!("{} homes", rows.len()))
         .await;
     let ja = v.lang == Lang::Ja;
-    let header: [&str; 9] = if ja {
+    let header: [&str; 10] = if ja {
         [
             "市町村",
             "世帯",
@@ -265,6 +301,7 @@ pub async fn csv(State(app): State<App>, v: Viewer, client: Client) -> Response 
             "移動に足りない",
             "電池の劣化",
             "最後の訓練",
+            "同意のない連絡先",
         ]
     } else {
         [
@@ -277,6 +314,7 @@ pub async fn csv(State(app): State<App>, v: Viewer, client: Client) -> Response 
             "Short",
             "Degraded",
             "Last drill",
+            "Without consent",
         ]
     };
     let yes_no = |b: bool| {
@@ -305,6 +343,7 @@ pub async fn csv(State(app): State<App>, v: Viewer, client: Client) -> Response 
             yes_no(r.short()).to_string(),
             yes_no(r.degraded).to_string(),
             r.last_drill.map(|(at, _)| local(at, app.style.offset)).unwrap_or_default(),
+            roles_text(&r.without_consent, v.lang),
         ];
         out.push_str(&crate::audit::csv_row(cells.iter().map(String::as_str)));
     }
@@ -340,7 +379,7 @@ mod tests {
             "devices = [{ name = \"ventilator\", watts = 100 }]\nbackup = [{ kind = \"ups\", usable_wh = 300 }]\n\
              evacuation = { destination = \"病院\", travel_min = 60 }",
         );
-        let r = row(&p, None, 70.0, &[]);
+        let r = row(&p, None, 70.0, &[], chrono::NaiveDate::from_ymd_opt(2026, 11, 30).unwrap());
         assert_eq!((r.backup_h, r.needed_h, r.short(), r.measured), (Some(3.0), Some(3.0), false, false));
         // Earlier outages measured the battery at half its plan: 1.5 h, short and degraded.
         let learned = crate::forecast::Learned {
@@ -352,19 +391,19 @@ mod tests {
             discharges: 2,
             updated_at: chrono::DateTime::from_timestamp(1_790_000_000, 0).unwrap(),
         };
-        let r = row(&p, Some(&learned), 70.0, &[]);
+        let r = row(&p, Some(&learned), 70.0, &[], chrono::NaiveDate::from_ymd_opt(2026, 11, 30).unwrap());
         assert_eq!((r.backup_h, r.short(), r.degraded, r.measured), (Some(1.5), true, true, true));
         // The ventilator's own battery counts toward the journey.
         let p = plan(
             "devices = [{ name = \"ventilator\", watts = 100 }]\nbackup = [{ kind = \"ups\", usable_wh = 150 }, { kind = \"ventilator_internal\", runtime_min = 120 }]\n\
              evacuation = { destination = \"病院\", travel_min = 30 }",
         );
-        let r = row(&p, None, 70.0, &[]);
+        let r = row(&p, None, 70.0, &[], chrono::NaiveDate::from_ymd_opt(2026, 11, 30).unwrap());
         assert!(!r.short(), "1.5 h + 2 h against 2 h: {r:?}");
         // No destination: not short for a journey, but counted as without one.
         let p =
             plan("devices = [{ name = \"ventilator\", watts = 100 }]\nbackup = [{ kind = \"ups\", usable_wh = 150 }]");
-        let r = row(&p, None, 70.0, &[]);
+        let r = row(&p, None, 70.0, &[], chrono::NaiveDate::from_ymd_opt(2026, 11, 30).unwrap());
         assert_eq!((r.needed_h, r.short()), (None, false));
         assert_eq!(median(vec![3.0, 1.0, 2.0]), Some(2.0));
         assert_eq!(median(vec![]), None);

@@ -5,7 +5,7 @@ use mamori_protocol::bridge::ContactState;
 use mamori_protocol::mqtt::Severity;
 use serde::Serialize;
 
-use crate::accounts::User;
+use crate::accounts::{AccountRole, User};
 use crate::engine::{AckInfo, Alert, Connectivity, Engine, HomeState, Power, Time, TriageRow};
 use crate::forecast::Band;
 use crate::homes::{BackupKind, Home};
@@ -228,11 +228,39 @@ pub fn home_view(plan: &Home, st: Option<&HomeState>, now: Time) -> HomeView {
     }
 }
 
+/// Whether the user may see this home: their scope, and — when the config requires consent —
+/// the guardian's current consent to share the child's data with a contact of the account's
+/// role (a coordinator account: a coordinator contact; a facility account: a facility
+/// contact). An administrator (the centre running the service, audited) and the family (the
+/// guardian) need none.
+pub fn sees(engine: &Engine, user: &User, plan: &Home) -> bool {
+    user.may_see(plan) && consented(engine, user, plan)
+}
+
+fn consented(engine: &Engine, user: &User, plan: &Home) -> bool {
+    if !engine.require_consent() {
+        return true;
+    }
+    let today = crate::clock::now().date_naive();
+    let role = match user.role {
+        AccountRole::Admin | AccountRole::Family => return true,
+        AccountRole::Coordinator => mamori_protocol::mqtt::Role::Coordinator,
+        AccountRole::Facility => mamori_protocol::mqtt::Role::Facility,
+    };
+    plan.contacts_for(role).any(|c| c.consent.as_ref().is_some_and(|k| k.current(today)))
+}
+
+/// How many homes in the user's scope are not shown for want of consent (the dashboard says
+/// so, without saying which).
+pub fn withheld(engine: &Engine, user: &User) -> usize {
+    engine.states_and_plans().filter(|(p, _)| user.may_see(p) && !consented(engine, user, p)).count()
+}
+
 /// Every home the user may see, worst first: on battery (silent or not) by the time it must
 /// leave, silent, critical alerts, other alerts, never heard, fine.
 pub fn homes(engine: &Engine, user: &User, now: Time) -> Vec<HomeView> {
     let mut v: Vec<HomeView> =
-        engine.states_and_plans().filter(|(p, _)| user.may_see(p)).map(|(p, st)| home_view(p, st, now)).collect();
+        engine.states_and_plans().filter(|(p, _)| sees(engine, user, p)).map(|(p, st)| home_view(p, st, now)).collect();
     v.sort_by(|a, b| a.rank.cmp(&b.rank).then_with(|| a.label.cmp(&b.label)));
     v
 }
@@ -240,7 +268,7 @@ pub fn homes(engine: &Engine, user: &User, now: Time) -> Vec<HomeView> {
 /// One home, if the user may see it (`None` either way: not there, or not theirs).
 pub fn home<'a>(engine: &'a Engine, user: &User, id: &str) -> Option<&'a Home> {
     let id = mamori_protocol::mqtt::HomeId::new(id).ok()?;
-    engine.plan(&id).filter(|p| user.may_see(p))
+    engine.plan(&id).filter(|p| sees(engine, user, p))
 }
 
 /// An open incident.
@@ -270,7 +298,12 @@ pub fn incidents(engine: &Engine, user: &User, now: Time) -> Vec<IncidentView> {
             municipality: i.municipality.clone(),
             municipality_name: engine.municipality_name(&i.municipality),
             opened_at: i.opened_at,
-            rows: engine.incident_triage(&i.id, now).unwrap_or_default(),
+            rows: engine
+                .incident_triage(&i.id, now)
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|r| engine.plan(&r.home).is_some_and(|p| sees(engine, user, p)))
+                .collect(),
             acks: i.acks.clone(),
         })
         .collect();
@@ -282,7 +315,7 @@ pub fn incidents(engine: &Engine, user: &User, now: Time) -> Vec<IncidentView> {
 pub fn open_alerts(engine: &Engine, user: &User, now: Time) -> Vec<OpenAlert> {
     let mut v: Vec<OpenAlert> = engine
         .states_and_plans()
-        .filter(|(p, _)| user.may_see(p))
+        .filter(|(p, _)| sees(engine, user, p))
         .flat_map(|(p, st)| {
             let h = home_view(p, st, now);
             let on_battery = h.power == "battery";
@@ -352,7 +385,7 @@ pub struct OpenAlert {
 pub fn alert<'a>(engine: &'a Engine, user: &User, id: &str) -> Option<&'a Alert> {
     engine
         .states_and_plans()
-        .filter(|(p, _)| user.may_see(p))
+        .filter(|(p, _)| sees(engine, user, p))
         .flat_map(|(_, st)| st.into_iter().flat_map(|s| s.alerts.values()))
         .find(|a| a.id == id)
 }
