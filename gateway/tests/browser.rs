@@ -220,6 +220,27 @@ fn a_coordinator_follows_the_demo_outage_live_and_acknowledges_from_the_dashboar
     )
     .unwrap();
 
+    // The administrator changes K-03's travel time on the phone: the editor fits the screen,
+    // and the saved plan is the next version.
+    b.goto(&format!("{base}/homes/demo-k03/plan")).unwrap();
+    b.wait_for("!!document.querySelector('form.plan input[name=evac_travel_min]')", 20 * SECOND).unwrap();
+    assert_eq!(
+        b.eval("document.documentElement.scrollWidth <= window.innerWidth").unwrap(),
+        true,
+        "the plan editor fits a 390 px screen"
+    );
+    b.screenshot(&shots.join("plan-phone.png")).unwrap();
+    b.eval(
+        "document.querySelector('form.plan input[name=evac_travel_min]').value = '25';\
+         document.querySelector('form.plan').submit(); true",
+    )
+    .unwrap();
+    b.wait_for(
+        "location.pathname === '/homes/demo-k03' && /支援計画を保存しました（第2版）/.test(document.body.innerText) && /移動25分/.test(document.body.innerText)",
+        20 * SECOND,
+    )
+    .unwrap();
+
     let outside: Vec<&String> = b.requests().iter().filter(|u| !is_loopback_url(u)).collect();
     assert!(outside.is_empty(), "the dashboard asked for something off loopback: {outside:?}");
     assert!(b.requests().iter().any(|u| u.ends_with("/events")), "the live stream was used: {:?}", b.requests());

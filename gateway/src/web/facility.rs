@@ -33,11 +33,12 @@ pub(super) fn page(
     now: Time,
     offset: chrono::FixedOffset,
     answered: Option<&str>,
+    notice: &str,
 ) -> Response {
     let lang = v.lang;
     let ja = lang == Lang::Ja;
     let mut body = format!(
-        "<section class=\"facility\"><h1>{}</h1>",
+        "<section class=\"facility\"><h1>{}</h1>{notice}",
         if ja { "受け入れの見込み" } else { "Children who may come to you" }
     );
     if let Some(id) = answered {

@@ -563,16 +563,19 @@ pub async fn overview(State(app): State<App>, v: Viewer, client: Client, Query(q
     let mut body = incidents_html(&snap.engine, &v, now, offset);
     let homes = view::homes(&snap.engine, &v.user, now);
     app.audit_view(&v, &client.text(), "view_overview", "homes", &format!("{} homes", homes.len())).await;
+    let withheld = view::withheld(&snap.engine, &v.user);
+    let withheld = if withheld > 0 {
+        format!("<p class=\"notice\">{}</p>", t.t("withheld").replace("{n}", &withheld.to_string()))
+    } else {
+        String::new()
+    };
     if v.user.role == AccountRole::Facility {
-        return super::facility::page(&snap.engine, &v, &homes, now, offset, q.answered.as_deref());
+        return super::facility::page(&snap.engine, &v, &homes, now, offset, q.answered.as_deref(), &withheld);
     }
     if homes.is_empty() {
         let _ = write!(body, "<p>{}</p>", t.t("no_homes"));
     }
-    let withheld = view::withheld(&snap.engine, &v.user);
-    if withheld > 0 {
-        let _ = write!(body, "<p class=\"notice\">{}</p>", t.t("withheld").replace("{n}", &withheld.to_string()));
-    }
+    body.push_str(&withheld);
     if matches!(v.user.role, AccountRole::Admin | AccountRole::Coordinator) {
         let _ = write!(body, "<p class=\"noprint\"><a href=\"/plans/new\">{}</a></p>", t.t("add_home"));
     }
