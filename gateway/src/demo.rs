@@ -50,7 +50,12 @@ const HOMES: &[(&str, &str, &str, u32, u32)] = &[
 
 fn homes_toml() -> String {
     let mut s = String::new();
-    for (id, muni, label, wh, travel) in HOMES {
+    for (i, (id, muni, label, wh, travel)) in HOMES.iter().enumerate() {
+        // A made-up number, for the dashboard's tap-to-call link (nothing is ever sent to it).
+        let phone = format!("+8190000000{:02}", i + 1);
+        // Every family agreed to share with each recipient (the demo requires consent).
+        let consent =
+            format!(r#"{{ given_by = "{id}の家族", on = "2026-04-01", purpose = "停電時の通知と避難の調整" }}"#);
         let coord = if *muni == "431001" { "熊本市コーディネーター" } else { "Nagano coordinator" };
         let coord_lang = if *muni == "431001" { "ja" } else { "en" };
         let muni_name = if *muni == "431001" { "熊本市" } else { "長野市" };
@@ -65,11 +70,11 @@ devices = [{{ name = "人工呼吸器", watts = 30 }}, {{ name = "加温加湿�
 backup = [{{ kind = "ups", usable_wh = {wh} }}, {{ kind = "ventilator_internal", runtime_min = 1 }}]
 evacuation = {{ destination = "市民病院", travel_min = {travel} }}
 contacts = [
-  {{ role = "family", name = "{id}の家族", channels = [{{ console = "family" }}] }},
-  {{ role = "coordinator", name = "{coord}", language = "{coord_lang}", channels = [{{ console = "coordinator" }}] }},
-  {{ role = "visiting_nurse", name = "{id}の訪問看護", channels = [{{ console = "nurse" }}] }},
-  {{ role = "facility", name = "市民病院", channels = [{{ console = "facility" }}] }},
-  {{ role = "support_centre", name = "支援センター", channels = [{{ console = "centre" }}] }},
+  {{ role = "family", name = "{id}の家族", phone = "{phone}", channels = [{{ console = "family" }}] }},
+  {{ role = "coordinator", name = "{coord}", language = "{coord_lang}", channels = [{{ console = "coordinator" }}], consent = {consent} }},
+  {{ role = "visiting_nurse", name = "{id}の訪問看護", channels = [{{ console = "nurse" }}], consent = {consent} }},
+  {{ role = "facility", name = "市民病院", channels = [{{ console = "facility" }}], consent = {consent} }},
+  {{ role = "support_centre", name = "支援センター", channels = [{{ console = "centre" }}], consent = {consent} }},
 ]
 "#
         );
@@ -223,6 +228,8 @@ bind = "127.0.0.1:0"
 [http]
 bind = "127.0.0.1:{http_port}"
 secure_cookies = false
+[privacy]
+require_consent = true
 {DEMO_POLICY}"#
     );
     let config_path = base.join("gateway.toml");

@@ -178,6 +178,10 @@ pub struct Contact {
     /// others wait until the end. A critical alert is never held back.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub quiet_hours: Option<String>,
+    /// A phone number to call by hand (international form): a `tel:` link on the dashboard,
+    /// never messaged (a family on LINE can still be called).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phone: Option<String>,
     /// The guardian's consent to share this child's data with this recipient (needed when
     /// the gateway config's `[privacy] require_consent` is on; a family contact needs none).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -398,6 +402,9 @@ impl Home {
             if c.quiet_hours.as_deref().is_some_and(|q| parse_quiet_hours(q).is_none()) {
                 err(Field::QuietHours(j), Want::QuietHours);
             }
+            if c.phone.as_deref().is_some_and(|p| !valid_phone(p)) {
+                err(Field::Phone(j), Want::Usable(ChannelWant::Phone));
+            }
             if let Some(k) = &c.consent {
                 let on = date(&k.on);
                 let withdrawn = k.withdrawn_on.as_deref().map(date);
@@ -562,6 +569,8 @@ pub enum Field {
     QuietHours(usize),
     /// Contact `j`'s consent.
     Consent(usize),
+    /// Contact `j`'s phone number to call.
+    Phone(usize),
     /// An escalation override.
     Escalation(String),
 }
@@ -589,6 +598,7 @@ impl Field {
             Field::StepChannel(j, s, k) => format!("contacts[{j}].then[{s}].channels[{k}]"),
             Field::QuietHours(j) => format!("contacts[{j}].quiet_hours"),
             Field::Consent(j) => format!("contacts[{j}].consent"),
+            Field::Phone(j) => format!("contacts[{j}].phone"),
             Field::Escalation(kind) => format!("escalation.{kind}"),
         }
     }
@@ -652,6 +662,13 @@ impl Field {
                     format!("連絡先{}の通知を控える時間", j + 1)
                 } else {
                     format!("Contact {}: quiet hours", j + 1)
+                }
+            }
+            Field::Phone(j) => {
+                if ja {
+                    format!("連絡先{}の電話番号", j + 1)
+                } else {
+                    format!("Contact {}: phone", j + 1)
                 }
             }
             Field::Consent(j) => {

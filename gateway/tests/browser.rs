@@ -140,6 +140,12 @@ fn a_coordinator_follows_the_demo_outage_live_and_acknowledges_from_the_dashboar
     )
     .unwrap();
     assert_eq!(b.eval("!!document.querySelector('svg polyline')").unwrap(), true, "the charts have data");
+    // The family can be called from the page with one tap.
+    assert_eq!(
+        b.eval("[...document.querySelectorAll('ul.contacts li')].some(li => /k03の家族/.test(li.innerText) && !!li.querySelector('a[href=\"tel:+819000000003\"]'))").unwrap(),
+        true,
+        "a tel: link to the family"
+    );
     b.screenshot(&shots.join("home.png")).unwrap();
 
     // The same home on a phone.
@@ -198,6 +204,11 @@ fn a_coordinator_follows_the_demo_outage_live_and_acknowledges_from_the_dashboar
         "nothing overflows a 390 px screen"
     );
     b.screenshot(&shots.join("facility-phone.png")).unwrap();
+    b.eval(
+        "document.querySelector('section.facility article.coming form.answers button[value=can_accept]').click(); true",
+    )
+    .unwrap();
+    b.wait_for("/コーディネーターに伝えました/.test(document.body.innerText)", 20 * SECOND).unwrap();
 
     // The demo's administrator, with the code an authenticator app would show: the audit log,
     // whole, with the admin's own login in it.
@@ -237,6 +248,13 @@ fn a_coordinator_follows_the_demo_outage_live_and_acknowledges_from_the_dashboar
     .unwrap();
     b.wait_for(
         "location.pathname === '/homes/demo-k03' && /支援計画を保存しました（第2版）/.test(document.body.innerText) && /移動25分/.test(document.body.innerText)",
+        20 * SECOND,
+    )
+    .unwrap();
+    // And the change is in the audit log, by the admin, for that home.
+    b.goto(&format!("{base}/admin/audit")).unwrap();
+    b.wait_for(
+        "[...document.querySelectorAll('table.audit tr')].some(tr => /plan_edit/.test(tr.innerText) && /demo-k03/.test(tr.innerText) && /admin/.test(tr.innerText))",
         20 * SECOND,
     )
     .unwrap();

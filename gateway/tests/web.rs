@@ -509,6 +509,10 @@ async fn forms_without_the_session_token_are_refused() {
         (format!("/alerts/{a1}/ack"), "csrf=forged&note=x".to_string()),
         ("/logout".to_string(), String::new()),
         ("/account/password".to_string(), format!("current={PASSWORD}&new=aaaaaaaaaaaaaaaa")),
+        ("/homes/home-a1/plan".to_string(), format!("based_on=1&{}", plan_form(GOOD_PLAN))),
+        ("/plans/new".to_string(), format!("id=home-a7&{}", plan_form(GOOD_PLAN))),
+        ("/homes/home-a1/answer".to_string(), "answer=handling".to_string()),
+        ("/incidents/inc-x/notes".to_string(), "text=x".to_string()),
     ] {
         let req = Request::builder()
             .method("POST")
@@ -523,6 +527,8 @@ async fn forms_without_the_session_token_are_refused() {
         [&AlertKind::Event(EventKind::MainsLost)]
         .acks
         .is_empty());
+    assert_eq!(plan_of(&f, "home-a1").label, "A-1", "the plan is unchanged");
+    assert!(f.engine.lock().unwrap().plan(&HomeId::new("home-a7").unwrap()).is_none());
     // Another user's token is not this session's either.
     let (_, other_csrf) = &f.sessions["coord_b"];
     let req = Request::builder()
@@ -1474,6 +1480,11 @@ async fn the_readiness_report_counts_each_municipalitys_homes_in_scope_and_expor
         assert!(text.contains(want), "{want}: {text}");
     }
     assert!(!text.contains("B-1"), "another municipality's home: {text}");
+    // The prefecture first, counted over what the account may see.
+    assert!(text.contains("熊本県 見守っている世帯 2") && !text.contains("東京都"), "{text}");
+    let r = send(&f, page(&f, Some("admin"), "GET", "/readiness", "")).await;
+    let all = visible_text(&r.body).split_whitespace().collect::<Vec<_>>().join(" ");
+    assert!(all.contains("熊本県 見守っている世帯 2") && all.contains("東京都 見守っている世帯 1"), "{all}");
     // 500 Wh at 30 W is about 16 h 40 min, its journey 20 min × 2 + 60.
     assert!(text.contains("約16時間40分") && text.contains("1時間40分"), "{text}");
     let r = send(&f, page(&f, Some("coord_a"), "GET", "/readiness.csv", "")).await;
@@ -1613,6 +1624,7 @@ const GOOD_PLAN: &[(&str, &str)] = &[
     ("c0_role", "family"),
     ("c0_language", "ja"),
     ("c0_channels", "画面:f"),
+    ("c0_phone", "+81 90-1234-5678"),
     ("c1_name", "佐藤"),
     ("c1_role", "coordinator"),
     ("c1_language", "ja"),
@@ -1650,6 +1662,7 @@ async fn a_coordinator_changes_a_care_plan_in_the_dashboard_with_the_homes_files
         bad.iter_mut().find(|(n, _)| *n == k).unwrap().1 = v;
     }
     bad.push(("b2_kind", "power_station"));
+    bad.push(("c1_phone", "090-1234-5678"));
     let r =
         send(&f, page(&f, Some("coord_a"), "POST", "/homes/home-a1/plan", &format!("based_on=1&{}", plan_form(&bad))))
             .await;
@@ -1662,6 +1675,7 @@ async fn a_coordinator_changes_a_care_plan_in_the_dashboard_with_the_homes_files
         "連絡先2の連絡手段: 電話番号は国番号から",
         "連絡先2の通知を控える時間",
         "予備電源3: 使える電力量か定格容量",
+        "連絡先2の電話番号: 電話番号は国番号から",
     ] {
         assert!(text.contains(want), "{want}: {text}");
     }
@@ -1669,6 +1683,13 @@ async fn a_coordinator_changes_a_care_plan_in_the_dashboard_with_the_homes_files
         assert!(!text.contains(key), "a raw key in the page: {key}");
     }
     assert!(r.body.contains("たくさん"), "what was typed is kept in the form");
+    // Each problem is also shown under its own input, tied to it for a screen reader.
+    assert!(
+        r.body.contains("name=\"d1_watts\" value=\"たくさん\" inputmode=\"decimal\" aria-invalid=\"true\" aria-describedby=\"d1_watts-err\"><small class=\"error\" id=\"d1_watts-err\">機器2の消費電力: "),
+        "{}",
+        r.body
+    );
+    assert!(r.body.contains("id=\"c1_quiet-err\">連絡先2の通知を控える時間"), "{}", r.body);
     assert_eq!(plan_of(&f, "home-a1"), before);
 
     // A good form is stored as version 2 and used at once.
@@ -1684,6 +1705,7 @@ async fn a_coordinator_changes_a_care_plan_in_the_dashboard_with_the_homes_files
     let coord = p.contacts.iter().find(|c| c.role == mamori_protocol::mqtt::Role::Coordinator).unwrap();
     assert_eq!(coord.then[0].after_min, 5);
     assert_eq!(coord.quiet_hours.as_deref(), Some("22:00-07:00"));
+    assert_eq!(p.contacts[0].phone.as_deref(), Some("+819012345678"), "a number to call, as typed");
     assert_eq!(audited(&f, "plan_edit", "coord-a"), 1);
     let r = send(&f, page(&f, Some("coord_a"), "GET", "/homes/home-a1?saved=2", "")).await;
     assert!(r.body.contains("支援計画を保存しました（第2版）"), "{}", r.body);
@@ -1777,6 +1799,7 @@ async fn with_consent_required_an_account_sees_only_homes_that_consented_to_its_
         channels: vec![mamori_gateway::homes::ChannelRef::Sms("+819012345678".into())],
         then: vec![],
         quiet_hours: None,
+        phone: None,
         consent: consent.then(|| mamori_gateway::homes::Consent {
             given_by: "母".into(),
             on: "2026-04-01".into(),

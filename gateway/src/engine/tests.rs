@@ -20,6 +20,7 @@ fn contact(role: Role, name: &str) -> Contact {
         language: Lang::Ja,
         channels: vec![ChannelRef::Console(name.into())],
         quiet_hours: None,
+        phone: None,
         consent: None,
         then: vec![],
     }

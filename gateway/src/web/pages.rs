@@ -1160,13 +1160,13 @@ pub(super) fn contacts_html(plan: &crate::homes::Home, t: T, require_consent: bo
     let mut out = format!("<h2>{}</h2><ul class=\"contacts\">", t.t("contacts"));
     for c in &plan.contacts {
         let mut numbers: Vec<&str> = c
-            .channels
-            .iter()
-            .chain(c.then.iter().flat_map(|s| s.channels.iter()))
-            .filter_map(|ch| match ch {
+            .phone
+            .as_deref()
+            .into_iter()
+            .chain(c.channels.iter().chain(c.then.iter().flat_map(|s| s.channels.iter())).filter_map(|ch| match ch {
                 ChannelRef::Sms(n) | ChannelRef::Voice(n) => Some(n.as_str()),
                 _ => None,
-            })
+            }))
             .collect();
         numbers.sort_unstable();
         numbers.dedup();

@@ -456,6 +456,7 @@ impl Fields {
                 .collect();
             f.set(&format!("c{j}_then"), &then.join("\n"));
             f.set(&format!("c{j}_quiet"), c.quiet_hours.as_deref().unwrap_or(""));
+            f.set(&format!("c{j}_phone"), c.phone.as_deref().unwrap_or(""));
             if let Some(k) = &c.consent {
                 f.set(&format!("c{j}_consent_by"), &k.given_by);
                 f.set(&format!("c{j}_consent_on"), &k.on);
@@ -553,6 +554,8 @@ impl Fields {
             let chans_text = self.get(&format!("c{j}_channels"));
             let then_text = self.get(&format!("c{j}_then"));
             let quiet = self.get(&format!("c{j}_quiet")).trim().to_string();
+            let phone: String =
+                self.get(&format!("c{j}_phone")).chars().filter(|c| !c.is_whitespace() && *c != '-').collect();
             if name.is_empty() && chans_text.trim().is_empty() && then_text.trim().is_empty() {
                 continue;
             }
@@ -605,6 +608,7 @@ impl Fields {
                 channels,
                 then,
                 quiet_hours: (!quiet.is_empty()).then_some(quiet),
+                phone: (!phone.is_empty()).then_some(phone),
                 consent,
             });
         }
@@ -635,6 +639,7 @@ impl Fields {
                 Field::StepChannel(i, s, k) => Field::StepChannel(at(&cmap, i), s, k),
                 Field::QuietHours(i) => Field::QuietHours(at(&cmap, i)),
                 Field::Consent(i) => Field::Consent(at(&cmap, i)),
+                Field::Phone(i) => Field::Phone(at(&cmap, i)),
                 other => other,
             };
             // A parse problem already names this place; the plan's check would repeat it.
@@ -652,37 +657,98 @@ impl Fields {
     }
 }
 
-fn input(f: &Fields, name: &str, label: &str, extra: &str) -> String {
+/// The form's values and, by input name, what is wrong there (shown under the input).
+struct Ctx<'a> {
+    fields: &'a Fields,
+    errs: BTreeMap<String, Vec<String>>,
+}
+
+impl Ctx<'_> {
+    fn get(&self, name: &str) -> &str {
+        self.fields.get(name)
+    }
+
+    fn rows(&self, prefix: char) -> usize {
+        self.fields.rows(prefix)
+    }
+
+    /// The error lines under an input, and the attributes that tie them to it.
+    fn err(&self, name: &str) -> (String, String) {
+        match self.errs.get(name) {
+            Some(msgs) => (
+                format!(" aria-invalid=\"true\" aria-describedby=\"{name}-err\""),
+                format!(
+                    "<small class=\"error\" id=\"{name}-err\">{}</small>",
+                    msgs.iter().map(|m| escape(m)).collect::<Vec<_>>().join("<br>")
+                ),
+            ),
+            None => (String::new(), String::new()),
+        }
+    }
+}
+
+/// The input a problem is shown under.
+fn input_of(field: &Field) -> String {
+    match field {
+        Field::Id => "id".into(),
+        Field::Municipality => "municipality".into(),
+        Field::MunicipalityName => "municipality_name".into(),
+        Field::Label => "label".into(),
+        Field::Devices => "d0_name".into(),
+        Field::DeviceWatts(j) => format!("d{j}_watts"),
+        Field::DeviceName(j) => format!("d{j}_name"),
+        Field::Backup(j) | Field::BackupRuntime(j) => format!("b{j}_kind"),
+        Field::Evacuation => "evac_destination".into(),
+        Field::Contacts => "c0_name".into(),
+        Field::ContactName(j) => format!("c{j}_name"),
+        Field::ContactChannels(j) | Field::ContactChannel(j, _) => format!("c{j}_channels"),
+        Field::StepAfter(j, _) | Field::StepChannels(j, _) | Field::StepChannel(j, _, _) => format!("c{j}_then"),
+        Field::QuietHours(j) => format!("c{j}_quiet"),
+        Field::Consent(j) => format!("c{j}_consent_by"),
+        Field::Phone(j) => format!("c{j}_phone"),
+        Field::Escalation(_) => "label".into(),
+    }
+}
+
+fn input(f: &Ctx, name: &str, label: &str, extra: &str) -> String {
+    let (attrs, err) = f.err(name);
     format!(
-        "<label>{label}<input name=\"{name}\" value=\"{}\"{extra}></label>",
+        "<label>{label}<input name=\"{name}\" value=\"{}\"{extra}{attrs}>{err}</label>",
         escape(f.get(name)),
         label = escape(label),
     )
 }
 
-fn select(f: &Fields, name: &str, label: &str, options: &[(&str, &str)]) -> String {
-    let mut s = format!("<label>{}<select name=\"{name}\">", escape(label));
+fn select(f: &Ctx, name: &str, label: &str, options: &[(&str, &str)]) -> String {
+    let (attrs, err) = f.err(name);
+    let mut s = format!("<label>{}<select name=\"{name}\"{attrs}>", escape(label));
     for (value, text) in options {
         let sel = if f.get(name) == *value { " selected" } else { "" };
         let _ = write!(s, "<option value=\"{value}\"{sel}>{}</option>", escape(text));
     }
-    s.push_str("</select></label>");
+    let _ = write!(s, "</select>{err}</label>");
     s
 }
 
-fn textarea(f: &Fields, name: &str, label: &str, hint: &str) -> String {
+fn textarea(f: &Ctx, name: &str, label: &str, hint: &str) -> String {
+    let (attrs, err) = f.err(name);
     format!(
-        "<label>{}<textarea name=\"{name}\" rows=\"2\">{}</textarea><small>{}</small></label>",
+        "<label>{}<textarea name=\"{name}\" rows=\"2\"{attrs}>{}</textarea><small>{}</small>{err}</label>",
         escape(label),
         escape(f.get(name)),
         escape(hint)
     )
 }
 
-/// The editor.
+/// The editor: every problem listed on top, and each also under its input.
 fn form(v: &Viewer, f: &Fields, action: &str, based_on: u32, new: bool, problems: &[Problem]) -> String {
     let lang = v.lang;
     let t = |ja: &'static str, en: &'static str| tr(lang, ja, en);
+    let mut errs: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for p in problems {
+        errs.entry(input_of(&p.field)).or_default().push(format!("{}: {}", p.field.label(lang), p.want.text(lang)));
+    }
+    let f = &Ctx { fields: f, errs };
     let mut s = String::new();
     if !problems.is_empty() {
         let _ = write!(
@@ -805,10 +871,16 @@ fn form(v: &Viewer, f: &Fields, action: &str, based_on: u32, new: bool, problems
     for j in 0..(f.rows('c') + BLANK_ROWS).min(MAX_ROWS) {
         let _ = write!(
             s,
-            "<div class=\"contact\"><div class=\"row\">{}{}{}{}</div><div class=\"row\">{}{}</div><div class=\"row\">{}{}{}{}</div></div>",
+            "<div class=\"contact\"><div class=\"row\">{}{}{}{}{}</div><div class=\"row\">{}{}</div><div class=\"row\">{}{}{}{}</div></div>",
             input(f, &format!("c{j}_name"), &format!("{} {}", t("連絡先", "Contact"), j + 1), " maxlength=\"40\""),
             select(f, &format!("c{j}_role"), t("役割", "Role"), &roles),
             select(f, &format!("c{j}_language"), t("通知の言語", "Language"), &langs),
+            input(
+                f,
+                &format!("c{j}_phone"),
+                t("電話番号（画面から電話をかけるとき）", "Phone (to call from the dashboard)"),
+                " type=\"tel\" placeholder=\"+819012345678\""
+            ),
             input(
                 f,
                 &format!("c{j}_quiet"),

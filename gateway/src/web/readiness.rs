@@ -106,6 +106,106 @@ pub fn row(
     }
 }
 
+/// The counts a meeting reads first, for a municipality or a prefecture.
+fn counts(rs: &[&Row], lang: Lang) -> String {
+    let ja = lang == Lang::Ja;
+    let hs: Vec<f64> = rs.iter().filter_map(|r| r.backup_h).collect();
+    let worst = hs.iter().copied().fold(None, |a: Option<f64>, x| Some(a.map_or(x, |a| a.min(x))));
+    let items = [
+        (if ja { "見守っている世帯" } else { "Homes watched" }, rs.len().to_string()),
+        (
+            if ja { "予備電源（中央値）" } else { "Backup (median)" },
+            median(hs.clone()).map(|h| hours(h, lang)).unwrap_or_else(|| "—".into()),
+        ),
+        (
+            if ja { "予備電源（最短）" } else { "Backup (shortest)" },
+            worst.map(|h| hours(h, lang)).unwrap_or_else(|| "—".into()),
+        ),
+        (
+            if ja { "移動に足りない世帯" } else { "Short for the journey" },
+            rs.iter().filter(|r| r.short()).count().to_string(),
+        ),
+        (
+            if ja { "電池が劣化している世帯" } else { "Degraded batteries" },
+            rs.iter().filter(|r| r.degraded).count().to_string(),
+        ),
+        (
+            if ja { "避難先のない世帯" } else { "Without a destination" },
+            rs.iter().filter(|r| r.needed_h.is_none()).count().to_string(),
+        ),
+        (
+            if ja { "訓練をした世帯" } else { "Homes with a drill" },
+            rs.iter().filter(|r| r.last_drill.is_some()).count().to_string(),
+        ),
+        (
+            if ja { "同意のない連絡先がある世帯" } else { "Homes with a contact without consent" },
+            rs.iter().filter(|r| !r.without_consent.is_empty()).count().to_string(),
+        ),
+    ];
+    let mut out = String::from("<dl class=\"state\">");
+    for (dt, dd) in items {
+        let _ = write!(out, "<div><dt>{dt}</dt><dd>{dd}</dd></div>");
+    }
+    out.push_str("</dl>");
+    out
+}
+
+/// A prefecture's name from its code (JIS X 0401, the first two digits of a municipality code).
+pub fn prefecture(code: &str, lang: Lang) -> Option<&'static str> {
+    const NAMES: [(&str, &str); 47] = [
+        ("北海道", "Hokkaido"),
+        ("青森県", "Aomori"),
+        ("岩手県", "Iwate"),
+        ("宮城県", "Miyagi"),
+        ("秋田県", "Akita"),
+        ("山形県", "Yamagata"),
+        ("福島県", "Fukushima"),
+        ("茨城県", "Ibaraki"),
+        ("栃木県", "Tochigi"),
+        ("群馬県", "Gunma"),
+        ("埼玉県", "Saitama"),
+        ("千葉県", "Chiba"),
+        ("東京都", "Tokyo"),
+        ("神奈川県", "Kanagawa"),
+        ("新潟県", "Niigata"),
+        ("富山県", "Toyama"),
+        ("石川県", "Ishikawa"),
+        ("福井県", "Fukui"),
+        ("山梨県", "Yamanashi"),
+        ("長野県", "Nagano"),
+        ("岐阜県", "Gifu"),
+        ("静岡県", "Shizuoka"),
+        ("愛知県", "Aichi"),
+        ("三重県", "Mie"),
+        ("滋賀県", "Shiga"),
+        ("京都府", "Kyoto"),
+        ("大阪府", "Osaka"),
+        ("兵庫県", "Hyogo"),
+        ("奈良県", "Nara"),
+        ("和歌山県", "Wakayama"),
+        ("鳥取県", "Tottori"),
+        ("島根県", "Shimane"),
+        ("岡山県", "Okayama"),
+        ("広島県", "Hiroshima"),
+        ("山口県", "Yamaguchi"),
+        ("徳島県", "Tokushima"),
+        ("香川県", "Kagawa"),
+        ("愛媛県", "Ehime"),
+        ("高知県", "Kochi"),
+        ("福岡県", "Fukuoka"),
+        ("佐賀県", "Saga"),
+        ("長崎県", "Nagasaki"),
+        ("熊本県", "Kumamoto"),
+        ("大分県", "Oita"),
+        ("宮崎県", "Miyazaki"),
+        ("鹿児島県", "Kagoshima"),
+        ("沖縄県", "Okinawa"),
+    ];
+    let n: usize = code.parse().ok()?;
+    let (ja, en) = NAMES.get(n.checked_sub(1)?)?;
+    Some(if lang == Lang::Ja { ja } else { en })
+}
+
 fn roles_text(roles: &[mamori_protocol::mqtt::Role], lang: Lang) -> String {
     roles.iter().map(|r| crate::message::role_text(*r, lang)).collect::<Vec<_>>().join(if lang == Lang::Ja {
         "、"
@@ -191,35 +291,18 @@ pub async fn page(State(app): State<App>, v: Viewer, client: Client) -> Response
     for r in &rows {
         by_muni.entry(r.municipality_code.as_str()).or_default().push(r);
     }
+    // Each prefecture in scope first (the first two digits of a municipality code).
+    let mut by_pref: BTreeMap<&str, Vec<&Row>> = BTreeMap::new();
+    for r in &rows {
+        by_pref.entry(r.municipality_code.get(..2).unwrap_or("")).or_default().push(r);
+    }
+    for (code, rs) in &by_pref {
+        let name = prefecture(code, lang).map_or_else(|| code.to_string(), str::to_string);
+        let _ = write!(body, "<section class=\"prefecture\"><h2>{}</h2>{}</section>", escape(&name), counts(rs, lang));
+    }
     for (code, rs) in by_muni {
         let m = rs.iter().map(|r| r.municipality.as_str()).find(|n| *n != code).unwrap_or(code);
-        let hs: Vec<f64> = rs.iter().filter_map(|r| r.backup_h).collect();
-        let worst = hs.iter().copied().fold(None, |a: Option<f64>, x| Some(a.map_or(x, |a| a.min(x))));
-        let drilled = rs.iter().filter(|r| r.last_drill.is_some()).count();
-        let _ = write!(
-            body,
-            "<section><h2>{}</h2><dl class=\"state\">\
-             <div><dt>{}</dt><dd>{}</dd></div><div><dt>{}</dt><dd>{}</dd></div><div><dt>{}</dt><dd>{}</dd></div>\
-             <div><dt>{}</dt><dd>{}</dd></div><div><dt>{}</dt><dd>{}</dd></div><div><dt>{}</dt><dd>{}</dd></div><div><dt>{}</dt><dd>{}</dd></div>\
-             <div><dt>{}</dt><dd>{}</dd></div></dl>",
-            escape(m),
-            if ja { "見守っている世帯" } else { "Homes watched" },
-            rs.len(),
-            if ja { "予備電源（中央値）" } else { "Backup (median)" },
-            median(hs.clone()).map(|h| hours(h, lang)).unwrap_or_else(|| "—".into()),
-            if ja { "予備電源（最短）" } else { "Backup (shortest)" },
-            worst.map(|h| hours(h, lang)).unwrap_or_else(|| "—".into()),
-            if ja { "移動に足りない世帯" } else { "Short for the journey" },
-            rs.iter().filter(|r| r.short()).count(),
-            if ja { "電池が劣化している世帯" } else { "Degraded batteries" },
-            rs.iter().filter(|r| r.degraded).count(),
-            if ja { "避難先のない世帯" } else { "Without a destination" },
-            rs.iter().filter(|r| r.needed_h.is_none()).count(),
-            if ja { "訓練をした世帯" } else { "Homes with a drill" },
-            drilled,
-            if ja { "同意のない連絡先がある世帯" } else { "Homes with a contact without consent" },
-            rs.iter().filter(|r| !r.without_consent.is_empty()).count(),
-        );
+        let _ = write!(body, "<section><h2>{}</h2>{}", escape(m), counts(&rs, lang));
         let _ = write!(
             body,
             "<table class=\"readiness\"><thead><tr><th>{}</th><th>{}</th><th>{}</th><th>{}</th><th>{}</th><th>{}</th></tr></thead><tbody>",
@@ -360,6 +443,17 @@ pub async fn csv(State(app): State<App>, v: Viewer, client: Client) -> Response 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_prefecture_is_named_from_the_first_two_digits() {
+        assert_eq!(prefecture("43", Lang::Ja), Some("熊本県"));
+        assert_eq!(prefecture("13", Lang::En), Some("Tokyo"));
+        assert_eq!(prefecture("01", Lang::Ja), Some("北海道"));
+        assert_eq!(prefecture("47", Lang::Ja), Some("沖縄県"));
+        for bad in ["00", "48", "", "x1"] {
+            assert_eq!(prefecture(bad, Lang::Ja), None, "{bad}");
+        }
+    }
 
     fn plan(text: &str) -> Home {
         let toml = format!(

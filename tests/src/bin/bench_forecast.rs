@@ -99,6 +99,7 @@ fn plan(s: &Sim) -> Home {
         language: Lang::Ja,
         channels: vec![mamori_gateway::homes::ChannelRef::Console(name.into())],
         quiet_hours: None,
+        phone: None,
         consent: None,
         then: vec![],
     };
