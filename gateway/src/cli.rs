@@ -759,7 +759,8 @@ pub fn main() -> ExitCode {
                     // Who hears nothing (or would, with consent required): not an error, a
                     // list of consent forms to get.
                     Ok(f) => {
-                        let today = crate::clock::now().date_naive();
+                        let offset = c.offset().map_or(0, |o| o.local_minus_utc());
+                        let today = (crate::clock::now() + chrono::Duration::seconds(i64::from(offset))).date_naive();
                         for home in &f.homes {
                             for k in home.contacts.iter().filter(|k| !k.may_receive(true, today)) {
                                 let what = if c.privacy.require_consent {

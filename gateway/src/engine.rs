@@ -124,6 +124,10 @@ pub struct Settings {
     /// (set from the config's `[privacy] require_consent`, not from `[escalation]`).
     #[serde(skip)]
     pub require_consent: bool,
+    /// The local UTC offset, s, for the day a consent is in force (set from the config's
+    /// `utc_offset`).
+    #[serde(skip)]
+    pub local_offset_s: i32,
 }
 
 impl Default for Settings {
@@ -146,6 +150,7 @@ impl Default for Settings {
             max_interval_s: 3600,
             battery_degraded_below_pct: 70.0,
             require_consent: false,
+            local_offset_s: 0,
         }
     }
 }
@@ -861,10 +866,46 @@ impl Engine {
         self.plans.contains_key(home)
     }
 
-    /// A home's care plan.
     /// Whether a contact needs a current consent to be sent anything (`[privacy]`).
     pub fn require_consent(&self) -> bool {
         self.settings.require_consent
+    }
+
+    /// The local date at `now`: the day a consent's dates are read against.
+    pub fn today(&self, now: Time) -> chrono::NaiveDate {
+        (now + Duration::seconds(i64::from(self.settings.local_offset_s))).date_naive()
+    }
+
+    /// Whether a message for `recipient` in `role` about `home` may still be sent at `now`:
+    /// always unless consent is required; then the family always, and anyone else only while
+    /// the home's plan still names them with a consent in force (checked again when a queued
+    /// message comes due, so a withdrawal stops what was already queued).
+    pub fn may_send(&self, home: Option<&HomeId>, role: Role, recipient: &str, now: Time) -> bool {
+        if !self.settings.require_consent || role == Role::Family {
+            return true;
+        }
+        let Some(home) = home else { return true };
+        let today = self.today(now);
+        self.plans.get(home).is_some_and(|p| {
+            p.contacts.iter().any(|c| c.role == role && c.name == recipient && c.may_receive(true, today))
+        })
+    }
+
+    /// The roles of a home with at least one contact who may be sent something at `now`.
+    fn reachable(&self, home: &HomeId, roles: &[Role], now: Time) -> Vec<Role> {
+        let today = self.today(now);
+        let Some(p) = self.plans.get(home) else { return Vec::new() };
+        roles
+            .iter()
+            .copied()
+            .filter(|r| p.contacts_for(*r).any(|c| c.may_receive(self.settings.require_consent, today)))
+            .collect()
+    }
+
+    /// An active alert by its id.
+    pub fn alert_by_id(&self, id: &str) -> Option<&Alert> {
+        let (home, kind) = self.alert_index.get(id)?;
+        self.state.get(home)?.alerts.get(kind)
     }
 
     /// A home's care plan.
@@ -1227,7 +1268,7 @@ impl Engine {
     ) -> Notification {
         // Only those the guardian consented to share the child's data with, when the config
         // asks for consent (the family always).
-        let (require, today) = (self.settings.require_consent, now.date_naive());
+        let (require, today) = (self.settings.require_consent, self.today(now));
         let recipients = self.plans.get(home).map_or_else(Vec::new, |p| {
             roles
                 .iter()
@@ -1284,19 +1325,30 @@ impl Engine {
     /// (a family leaving: its facility too). A coordinator taking a home on is on the board,
     /// not paged.
     fn tell_answer(&mut self, home: &HomeId, alert_id: &str, answer: Answer, at: Time) {
-        let roles: &[Role] = match answer {
-            Answer::Evacuating => &[Role::Coordinator, Role::Facility],
-            Answer::PowerSecured | Answer::CanAccept | Answer::CannotAccept => &[Role::Coordinator],
-            Answer::Handling => return,
-        };
+        let roles = self.answer_roles(home, answer, at);
+        if roles.is_empty() {
+            return;
+        }
         let evacuation =
             self.plans.get(home).and_then(|p| p.evacuation.as_ref()).map(|e| (e.destination.clone(), e.travel_min));
         let content = Content::Answer { label: self.label(home), answer, at, evacuation };
         let key = format!("{alert_id}:answer:{}:{}", answer.as_str(), at.timestamp_millis());
-        let n = self.notification(key, alert_id, home, roles, content, at);
+        let n = self.notification(key, alert_id, home, &roles, content, at);
         if !n.recipients.is_empty() {
             self.outputs.push(Output::Notify(n));
         }
+    }
+
+    /// Who a home's answer goes to: the roles that act on it and that someone will hear as
+    /// (a family leaving: the coordinator and the facility; the rest: the coordinator; a
+    /// coordinator taking a home on: nobody).
+    pub fn answer_roles(&self, home: &HomeId, answer: Answer, now: Time) -> Vec<Role> {
+        let roles: &[Role] = match answer {
+            Answer::Evacuating => &[Role::Coordinator, Role::Facility],
+            Answer::PowerSecured | Answer::CanAccept | Answer::CannotAccept => &[Role::Coordinator],
+            Answer::Handling => &[],
+        };
+        self.reachable(home, roles, now)
     }
 
     /// Record an acknowledgement or an answer; the home, when it was recorded for a home's
@@ -1885,6 +1937,9 @@ impl Engine {
             }
         }
         roles.retain(|r| !(in_incident && power_kind(kind) && matches!(r, Role::Coordinator | Role::SupportCentre)));
+        // Only the roles someone will actually hear as (a contact, with consent when it is
+        // required): what the message says was told, and who hears the all-clear.
+        let roles = self.reachable(home, &roles, now);
         let plan = self.plans.get(home);
         let content = Content::Alert {
             label: self.label(home),
@@ -1993,7 +2048,7 @@ impl Engine {
             // Recipients: every member's coordinators and support centre, once per channel set,
             // each with the homes whose data it may receive (all of them unless consent is
             // required); recipients with the same homes share one digest of those homes' rows.
-            let (require, today) = (self.settings.require_consent, now.date_naive());
+            let (require, today) = (self.settings.require_consent, self.today(now));
             // In the order the plans name them (a Vec: a few desks per municipality).
             let mut desks: Vec<((Role, Contact), BTreeSet<HomeId>)> = Vec::new();
             for h in &inc.members {
@@ -2020,9 +2075,15 @@ impl Engine {
                     None => groups.push((homes, vec![recipient])),
                 }
             }
-            for (homes, recipients) in groups {
+            for (i, (homes, recipients)) in groups.into_iter().enumerate() {
+                // One key per group: desks of two groups may share a name and a channel.
+                let key = if i == 0 {
+                    format!("{}:rev{}", inc.id, inc.revision)
+                } else {
+                    format!("{}:rev{}:g{i}", inc.id, inc.revision)
+                };
                 let n = Notification {
-                    key: format!("{}:rev{}", inc.id, inc.revision),
+                    key,
                     alert_id: inc.id.clone(),
                     home: None,
                     recipients,

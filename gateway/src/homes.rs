@@ -571,6 +571,8 @@ pub enum Field {
     Consent(usize),
     /// Contact `j`'s phone number to call.
     Phone(usize),
+    /// Contact `j`'s role.
+    ContactRole(usize),
     /// An escalation override.
     Escalation(String),
 }
@@ -599,6 +601,7 @@ impl Field {
             Field::QuietHours(j) => format!("contacts[{j}].quiet_hours"),
             Field::Consent(j) => format!("contacts[{j}].consent"),
             Field::Phone(j) => format!("contacts[{j}].phone"),
+            Field::ContactRole(j) => format!("contacts[{j}].role"),
             Field::Escalation(kind) => format!("escalation.{kind}"),
         }
     }
@@ -662,6 +665,13 @@ impl Field {
                     format!("連絡先{}の通知を控える時間", j + 1)
                 } else {
                     format!("Contact {}: quiet hours", j + 1)
+                }
+            }
+            Field::ContactRole(j) => {
+                if ja {
+                    format!("連絡先{}の役割", j + 1)
+                } else {
+                    format!("Contact {}: role", j + 1)
                 }
             }
             Field::Phone(j) => {
@@ -728,6 +738,8 @@ pub enum Want {
     QuietHours,
     /// Who agreed, when, for what; withdrawn not before given.
     Consent,
+    /// A role from the list.
+    Role,
     /// An alert kind.
     AlertKind,
     /// A valid policy (its own words).
@@ -757,6 +769,7 @@ impl Want {
             Want::AfterMin => "minutes after the one before, at most 1440".into(),
             Want::ChannelUnused => "a channel not used before for this contact".into(),
             Want::QuietHours => "local hours as \"HH:MM-HH:MM\" (e.g. \"22:00-07:00\")".into(),
+            Want::Role => "a role from the list".into(),
             Want::Consent => "who agreed (1 to 40 characters), on (YYYY-MM-DD), the purpose (1 to 200 characters), and withdrawn_on (YYYY-MM-DD) not before on".into(),
             Want::AlertKind => {
                 "an alert kind (an event kind such as mains_lost, or home_silent, state_unknown, ...) or default".into()
@@ -792,7 +805,8 @@ impl Want {
             Want::AfterMin => "分は前の行より大きく、1440分までにしてください".into(),
             Want::ChannelUnused => "この人にすでに使っている連絡手段です".into(),
             Want::QuietHours => "「22:00-07:00」のように時刻で入れてください".into(),
-            Want::Consent => "同意した方（40文字まで）、同意した日（例 2026-04-01）、目的（200文字まで）を入れてください。撤回した日は同意した日より後にしてください".into(),
+            Want::Role => "一覧から役割を選んでください".into(),
+            Want::Consent => "同意した方（40文字まで）、同意した日（例 2026-04-01）、目的（200文字まで）を入れてください。撤回した日は同意した日と同じか、それより後にしてください".into(),
             Want::AlertKind | Want::Policy(_) => "設定が正しくありません。世帯ファイルで直してください".into(),
         }
     }

@@ -885,14 +885,14 @@ impl Service {
         by: &str,
         answer: crate::engine::Answer,
         now: Time,
-    ) -> Result<Vec<(HomeId, mqtt::Ack)>, String> {
+    ) -> Result<(Vec<(HomeId, mqtt::Ack)>, web::Told), String> {
         if let Some(why) = self.degraded_refusal() {
             return Err(why);
         }
-        let input = Input::Answer { alert_id: alert_id.to_string(), by: by.to_string(), answer };
-        self.engine.handle(input, now).map_err(|e| e.to_string())?;
-        tracing::info!(alert = alert_id, answer = answer.as_str(), by, "answered");
-        self.transaction(|s| s.persist()).map_err(|e| e.to_string())
+        let told = web::record_answer(&mut self.engine, alert_id, by, answer, now).map_err(|e| e.to_string())?;
+        tracing::info!(alert = alert_id, answer = answer.as_str(), by, told = %told.query(), "answered");
+        let acks = self.transaction(|s| s.persist()).map_err(|e| e.to_string())?;
+        Ok((acks, told))
     }
 
     /// A request from the web, answered.
@@ -902,7 +902,12 @@ impl Service {
                 (self.acknowledge(&alert_id, role, &by, note, clock::now()), reply)
             }
             WebRequest::Answer { alert_id, by, answer, reply } => {
-                (self.answer(&alert_id, &by, answer, clock::now()), reply)
+                let r = self.answer(&alert_id, &by, answer, clock::now()).map(|(acks, told)| {
+                    self.publish_acks(acks);
+                    told
+                });
+                let _ = reply.send(r);
+                return;
             }
             WebRequest::Clear { alert_id, by, reply } => (self.clear(&alert_id, &by, clock::now()), reply),
             WebRequest::Drill { home, by, reply } => {
@@ -931,6 +936,9 @@ impl Service {
     pub fn save_plan(&mut self, home: crate::homes::Home, by: &str, based_on: u32) -> Result<u32, SaveRefusal> {
         if let Some(why) = self.degraded_refusal() {
             return Err(SaveRefusal::Failed(why));
+        }
+        if !self.leased() {
+            return Err(SaveRefusal::Failed("this gateway is not the active one any more".into()));
         }
         let id = home.id.clone();
         let known = self.engine.plan(&id).is_some();
@@ -1078,14 +1086,23 @@ impl Service {
             .collect();
         // A contact's later channel, or a message held past quiet hours: not sent when its
         // role has acknowledged meanwhile or the alert is over.
+        // And, with consent required, a message whose recipient no longer has a consent in
+        // force (withdrawn, or taken out of the plan) since it was queued.
         let (rows, moot): (Vec<OutboxRow>, Vec<OutboxRow>) = rows.into_iter().partition(|row| {
-            !row.conditional || self.engine.still_needed(row.home.as_ref(), &row.alert_id, row.role, row.created_at)
+            (!row.conditional || self.engine.still_needed(row.home.as_ref(), &row.alert_id, row.role, row.created_at))
+                && self.engine.may_send(row.home.as_ref(), row.role, &row.recipient, now)
         });
         if !moot.is_empty() {
             for mut row in moot {
-                tracing::info!(key = %row.key, "not sent: acknowledged meanwhile, or over");
+                let consent = !self.engine.may_send(row.home.as_ref(), row.role, &row.recipient, now);
+                let why = if consent {
+                    "not sent: no consent in force for this recipient any more"
+                } else {
+                    "not sent: acknowledged meanwhile, or the alert is over"
+                };
+                tracing::info!(key = %row.key, why, "not sent");
                 row.status = OutboxStatus::NotNeeded;
-                row.last_error = Some("not sent: acknowledged meanwhile, or the alert is over".into());
+                row.last_error = Some(why.into());
                 self.unrecorded.insert(row.key.clone(), crate::delivery::Next { row, fallback: false });
             }
             if self.degraded.is_none() {

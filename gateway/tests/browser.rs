@@ -183,7 +183,8 @@ fn a_coordinator_follows_the_demo_outage_live_and_acknowledges_from_the_dashboar
     );
     b.screenshot(&shots.join("family-phone.png")).unwrap();
     b.eval("document.querySelector('form.answers button[value=evacuating]').click(); true").unwrap();
-    b.wait_for("/コーディネーターに伝えました/.test(document.body.innerText)", 20 * SECOND).unwrap();
+    // K-03's plan names a coordinator and a facility, both with the guardian's consent.
+    b.wait_for("/コーディネーターと受け入れ先に伝えました/.test(document.body.innerText)", 20 * SECOND).unwrap();
 
     // The hospital, on the phone: the children who may come, when, and with what.
     b.eval("document.querySelector('form[action=\"/logout\"]').submit(); true").unwrap();
@@ -208,7 +209,7 @@ fn a_coordinator_follows_the_demo_outage_live_and_acknowledges_from_the_dashboar
         "document.querySelector('section.facility article.coming form.answers button[value=can_accept]').click(); true",
     )
     .unwrap();
-    b.wait_for("/コーディネーターに伝えました/.test(document.body.innerText)", 20 * SECOND).unwrap();
+    b.wait_for("/答え: コーディネーターに伝えました/.test(document.body.innerText)", 20 * SECOND).unwrap();
 
     // The demo's administrator, with the code an authenticator app would show: the audit log,
     // whole, with the admin's own login in it.

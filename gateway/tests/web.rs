@@ -154,7 +154,13 @@ fn fixture(dir: &Path) -> Parts {
                 }
                 WebRequest::Ack { alert_id, role, by, note, reply } => (Input::Ack { alert_id, role, by, note }, reply),
                 WebRequest::Clear { alert_id, by, reply } => (Input::Clear { alert_id, by }, reply),
-                WebRequest::Answer { alert_id, by, answer, reply } => (Input::Answer { alert_id, by, answer }, reply),
+                WebRequest::Answer { alert_id, by, answer, reply } => {
+                    let r = web::record_answer(&mut e, &alert_id, &by, answer, Utc::now()).map_err(|e| e.to_string());
+                    e.take_outputs();
+                    publish(&e, &loop_tx, &[]);
+                    let _ = reply.send(r);
+                    continue;
+                }
                 WebRequest::Drill { home, by, reply } => {
                     let r = e.handle(Input::Drill { home: home.clone(), by }, Utc::now()).map_err(|e| e.to_string());
                     let id = e.home_state(&home).and_then(|s| s.alerts.get(&AlertKind::Drill)).map(|a| a.id.clone());
@@ -1299,11 +1305,17 @@ async fn a_family_sees_what_to_do_and_its_answers_reach_the_coordinators_board()
     // The answers: recorded on the alert, seen on the coordinator's page, audited.
     let r = send(&f, page(&f, Some("family_a1"), "POST", "/homes/home-a1/answer", "answer=evacuating")).await;
     assert_eq!(r.status, StatusCode::SEE_OTHER, "{}", r.body);
-    assert_eq!(r.headers.get(header::LOCATION).and_then(|v| v.to_str().ok()), Some("/homes/home-a1?answered=1"));
-    let r = send(&f, page(&f, Some("family_a1"), "GET", "/homes/home-a1?answered=1", "")).await;
-    assert!(r.body.contains("コーディネーターに伝えました"), "{}", r.body);
+    // This home's plan names no coordinator: the family is told so, not that one was told.
+    assert_eq!(r.headers.get(header::LOCATION).and_then(|v| v.to_str().ok()), Some("/homes/home-a1?told=none"));
+    let r = send(&f, page(&f, Some("family_a1"), "GET", "/homes/home-a1?told=none", "")).await;
+    assert!(r.body.contains("知らせる相手がいません") && !r.body.contains("に伝えました"), "{}", r.body);
     let r = send(&f, page(&f, Some("family_a1"), "POST", "/homes/home-a1/answer", "answer=power_secured")).await;
     assert_eq!(r.status, StatusCode::SEE_OTHER, "{}", r.body);
+    // The same answer again: nothing new, and the family reads that.
+    let r = send(&f, page(&f, Some("family_a1"), "POST", "/homes/home-a1/answer", "answer=power_secured")).await;
+    assert_eq!(r.headers.get(header::LOCATION).and_then(|v| v.to_str().ok()), Some("/homes/home-a1?told=again"));
+    let r = send(&f, page(&f, Some("family_a1"), "GET", "/homes/home-a1?told=again", "")).await;
+    assert!(r.body.contains("同じ答えはすでに伝えています"), "{}", r.body);
     let notes: Vec<Option<Answer>> = {
         let e = f.engine.lock().unwrap();
         let a =
@@ -1313,7 +1325,7 @@ async fn a_family_sees_what_to_do_and_its_answers_reach_the_coordinators_board()
     assert_eq!(notes, [Some(Answer::Evacuating), Some(Answer::PowerSecured)], "both answers, in order");
     let r = send(&f, page(&f, Some("coord_a"), "GET", "/homes/home-a1", "")).await;
     assert!(r.body.contains("避難します") && r.body.contains("電源を確保しました"), "{}", r.body);
-    assert_eq!(audited(&f, "family_answer", "family-a1"), 2);
+    assert_eq!(audited(&f, "family_answer", "family-a1"), 3, "the repeated answer too");
     // Only the home's family answers (a coordinator may not say the family's words); an
     // unknown answer is refused.
     let r = send(&f, page(&f, Some("coord_a"), "POST", "/homes/home-a1/answer", "answer=evacuating")).await;
@@ -1397,10 +1409,10 @@ async fn a_facility_sees_who_may_come_when_and_with_what_and_answers_the_coordin
     }
     let r = send(&f, page(&f, Some("facility_a1"), "POST", "/homes/home-a1/answer", "answer=can_accept")).await;
     assert_eq!(r.status, StatusCode::SEE_OTHER, "{}", r.body);
-    assert_eq!(r.headers.get(header::LOCATION).and_then(|v| v.to_str().ok()), Some("/?answered=home-a1"));
-    let r = send(&f, page(&f, Some("facility_a1"), "GET", "/?answered=home-a1", "")).await;
+    assert_eq!(r.headers.get(header::LOCATION).and_then(|v| v.to_str().ok()), Some("/?answered=home-a1&told=none"));
+    let r = send(&f, page(&f, Some("facility_a1"), "GET", "/?answered=home-a1&told=coordinator", "")).await;
     assert!(
-        r.body.contains("A-1についての答えを、コーディネーターに伝えました")
+        r.body.contains("A-1についての答え: コーディネーターに伝えました")
             && r.body.contains("<q>受け入れられます</q>"),
         "{}",
         r.body
@@ -1642,11 +1654,7 @@ async fn a_coordinator_changes_a_care_plan_in_the_dashboard_with_the_homes_files
     let f = setup().await;
     let r = send(&f, page(&f, Some("coord_a"), "GET", "/homes/home-a1/plan", "")).await;
     assert_eq!(r.status, StatusCode::OK);
-    assert!(
-        r.body.contains("市民病院") && r.body.contains("画面:f") && r.body.contains("世帯ファイル（起動時）"),
-        "{}",
-        r.body
-    );
+    assert!(r.body.contains("市民病院") && r.body.contains("画面:f") && r.body.contains("世帯ファイル"), "{}", r.body);
     assert!(r.body.contains("data-no-live"), "the live updater must not swap the editor");
     let before = plan_of(&f, "home-a1");
 
@@ -1663,6 +1671,7 @@ async fn a_coordinator_changes_a_care_plan_in_the_dashboard_with_the_homes_files
     }
     bad.push(("b2_kind", "power_station"));
     bad.push(("c1_phone", "090-1234-5678"));
+    bad.iter_mut().find(|(n, _)| *n == "c0_role").unwrap().1 = "boss";
     let r =
         send(&f, page(&f, Some("coord_a"), "POST", "/homes/home-a1/plan", &format!("based_on=1&{}", plan_form(&bad))))
             .await;
@@ -1676,6 +1685,7 @@ async fn a_coordinator_changes_a_care_plan_in_the_dashboard_with_the_homes_files
         "連絡先2の通知を控える時間",
         "予備電源3: 使える電力量か定格容量",
         "連絡先2の電話番号: 電話番号は国番号から",
+        "連絡先1の役割: 一覧から役割を選んでください",
     ] {
         assert!(text.contains(want), "{want}: {text}");
     }
@@ -1836,6 +1846,16 @@ async fn with_consent_required_an_account_sees_only_homes_that_consented_to_its_
     let text = visible_text(&r.body);
     assert!(text.contains("佐藤") && text.contains("同意あり（2026-04-01）"), "{text}");
     assert!(text.contains("保護者の同意がないため、この方には通知しません"), "the facility is marked: {text}");
+    // A closed incident's record shows only what the account may see, and says so.
+    let mut inc = f.engine.lock().unwrap().incidents().next().cloned().unwrap();
+    inc.id = "inc-431001-consent".into();
+    inc.closed_at = Some(inc.opened_at + chrono::Duration::hours(1));
+    f.db.lock().unwrap().save_incident(&inc).unwrap();
+    let r = send(&f, page(&f, Some("coord_a"), "GET", "/incidents/inc-431001-consent", "")).await;
+    let text = visible_text(&r.body);
+    assert!(text.contains("A-1") && !text.contains("A-2") && text.contains("表示していない世帯が1世帯"), "{text}");
+    let r = send(&f, page(&f, Some("coord_a"), "GET", "/incidents/inc-431001-consent/review.csv", "")).await;
+    assert!(!r.body.contains("A-2"), "{}", r.body);
     // The readiness report counts the consent forms still to get.
     let r = send(&f, page(&f, Some("admin"), "GET", "/readiness", "")).await;
     assert!(r.body.contains("<dt>同意のない連絡先がある世帯</dt><dd>2</dd>"), "{}", r.body);

@@ -642,3 +642,40 @@ fn with_consent_required_only_consented_contacts_hear_and_a_digest_names_only_th
     assert_eq!(rows.iter().map(|r| r.home.as_str()).collect::<Vec<_>>(), ["k0"]);
     assert_eq!(digests[0].recipients.iter().map(|(_, c)| c.name.as_str()).collect::<Vec<_>>(), ["coord-431001"]);
 }
+
+#[test]
+fn a_message_already_queued_is_not_sent_once_consent_is_withdrawn_and_the_day_is_local() {
+    let mut home = plan("k0", "431001", 1000.0);
+    for c in home.contacts.iter_mut().filter(|c| c.role == Role::Coordinator) {
+        c.consent = Some(crate::homes::Consent {
+            given_by: "母".into(),
+            on: "2026-04-01".into(),
+            purpose: "停電時の通知と避難の調整".into(),
+            withdrawn_on: Some("2026-12-01".into()),
+        });
+    }
+    // Japan: UTC+9. 2026-11-30 15:30 UTC is already December 1st there.
+    let settings = Settings { require_consent: true, local_offset_s: 9 * 3600, ..Settings::default() };
+    let mut e = Engine::new(settings, Policies::default());
+    e.upsert_home(home.clone());
+    let at = |s: &str| chrono::DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&chrono::Utc);
+    let k0 = h("k0");
+    assert!(
+        e.may_send(Some(&k0), Role::Coordinator, "coord-431001", at("2026-11-30T14:59:00Z")),
+        "still November 30th in Japan"
+    );
+    assert!(
+        !e.may_send(Some(&k0), Role::Coordinator, "coord-431001", at("2026-11-30T15:00:00Z")),
+        "withdrawn from December 1st, Japan time"
+    );
+    assert!(e.may_send(Some(&k0), Role::Family, "fam-k0", at("2026-11-30T15:00:00Z")), "the family always");
+    assert!(!e.may_send(Some(&k0), Role::Facility, "fac-k0", at("2026-11-30T00:00:00Z")), "no consent at all");
+    assert!(
+        !e.may_send(Some(&k0), Role::Coordinator, "someone else", at("2026-11-30T00:00:00Z")),
+        "not in the plan any more"
+    );
+    // Without consent required, everything that was queued goes.
+    let mut e = Engine::new(Settings::default(), Policies::default());
+    e.upsert_home(home);
+    assert!(e.may_send(Some(&k0), Role::Facility, "fac-k0", at("2026-11-30T15:00:00Z")));
+}

@@ -32,7 +32,7 @@ pub(super) fn page(
     homes: &[HomeView],
     now: Time,
     offset: chrono::FixedOffset,
-    answered: Option<&str>,
+    answered: Option<(&str, super::Told)>,
     notice: &str,
 ) -> Response {
     let lang = v.lang;
@@ -41,16 +41,17 @@ pub(super) fn page(
         "<section class=\"facility\"><h1>{}</h1>{notice}",
         if ja { "受け入れの見込み" } else { "Children who may come to you" }
     );
-    if let Some(id) = answered {
+    if let Some((id, told)) = answered {
         let label = homes.iter().find(|h| h.id == id).map(|h| h.label.as_str()).unwrap_or_default();
         let _ = write!(
             body,
-            "<p class=\"notice\" role=\"status\">{}</p>",
+            "<p class=\"notice\" role=\"status\">{}{}</p>",
             if ja {
-                format!("{}についての答えを、コーディネーターに伝えました。", escape(label))
+                format!("{}についての答え: ", escape(label))
             } else {
-                format!("The coordinator has been told your answer about {}.", escape(label))
-            }
+                format!("Your answer about {}: ", escape(label))
+            },
+            escape(&told.notice(lang))
         );
     }
     let (coming, calm): (Vec<&HomeView>, Vec<&HomeView>) = homes.iter().partition(|h| h.power == "battery");

@@ -29,7 +29,7 @@ use serde::Deserialize;
 use super::auth::Viewer;
 use super::pages::{clock, contacts_html, failed, layout, local, not_found, T};
 use super::view::{self, AlertView, HomeView};
-use super::{escape, App, Client, WebRequest};
+use super::{escape, App, Client};
 use crate::accounts::AccountRole;
 use crate::engine::{Answer, Time};
 use crate::homes::{BackupKind, Home, Lang};
@@ -204,7 +204,14 @@ fn told(alert: &AlertView, rows: &[OutboxRow], lang: Lang) -> Vec<String> {
 }
 
 /// The family's page for its home.
-pub(super) async fn page(app: &App, v: &Viewer, plan: &Home, h: HomeView, now: Time, answered: bool) -> Response {
+pub(super) async fn page(
+    app: &App,
+    v: &Viewer,
+    plan: &Home,
+    h: HomeView,
+    now: Time,
+    answered: Option<super::Told>,
+) -> Response {
     let lang = v.lang;
     let ja = lang == Lang::Ja;
     let offset = app.style.offset;
@@ -222,12 +229,8 @@ pub(super) async fn page(app: &App, v: &Viewer, plan: &Home, h: HomeView, now: T
     let (sentence, cls) = situation(&h, now, offset, lang);
     let mut body =
         format!("<section class=\"family\"><h1>{}</h1><p class=\"situation {cls}\">{sentence}</p>", escape(&h.label));
-    if answered {
-        let _ = write!(
-            body,
-            "<p class=\"notice\" role=\"status\">{}</p>",
-            if ja { "コーディネーターに伝えました。" } else { "The coordinator has been told." }
-        );
+    if let Some(outcome) = answered {
+        let _ = write!(body, "<p class=\"notice\" role=\"status\">{}</p>", escape(&outcome.notice(lang)));
     }
     let on_battery = h.power == "battery";
     if let (true, Some(mid)) = (on_battery, h.time_left_s) {
@@ -313,7 +316,7 @@ pub(super) async fn page(app: &App, v: &Viewer, plan: &Home, h: HomeView, now: T
             body.push_str("</ul>");
         }
     }
-    body.push_str(&contacts_html(plan, T(lang), app.snap().engine.require_consent()));
+    body.push_str(&contacts_html(plan, T(lang), &app.snap().engine));
     body.push_str("</section>");
     layout(v, &h.label, &body).into_response()
 }
@@ -363,13 +366,13 @@ pub async fn answer(
     let alert_id = alert.id.clone();
     let by = v.user.username.clone();
     let detail = format!("{id} {}", answer.as_str());
-    let back = match v.user.role {
-        AccountRole::Facility => format!("/?answered={}", plan.id.as_str()),
-        AccountRole::Coordinator => format!("/homes/{}", plan.id.as_str()),
-        _ => format!("/homes/{}?answered=1", plan.id.as_str()),
-    };
-    match app.ask(|reply| WebRequest::Answer { alert_id: alert_id.clone(), by, answer, reply }).await {
-        Ok(()) => {
+    match app.answer(alert_id.clone(), by, answer).await {
+        Ok(told) => {
+            let back = match v.user.role {
+                AccountRole::Facility => format!("/?answered={}&told={}", plan.id.as_str(), told.query()),
+                AccountRole::Coordinator => format!("/homes/{}", plan.id.as_str()),
+                _ => format!("/homes/{}?told={}", plan.id.as_str(), told.query()),
+            };
             let action = match v.user.role {
                 AccountRole::Facility => "facility_answer",
                 AccountRole::Coordinator => "home_claim",

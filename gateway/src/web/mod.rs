@@ -82,8 +82,8 @@ pub enum WebRequest {
         by: String,
         /// The answer.
         answer: crate::engine::Answer,
-        /// The answer.
-        reply: oneshot::Sender<Result<(), String>>,
+        /// Who was sent it ([`Told`]).
+        reply: oneshot::Sender<Result<Told, String>>,
     },
     /// Start a drill at a home; the answer is the drill's alert id.
     Drill {
@@ -115,6 +115,84 @@ pub enum WebRequest {
         /// The answer.
         reply: oneshot::Sender<Result<(), String>>,
     },
+}
+
+/// What became of an answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Told {
+    /// Recorded, and sent on to these roles.
+    Sent(Vec<mamori_protocol::mqtt::Role>),
+    /// Recorded, but nobody may be sent it (no contact of the roles that act on it, or no
+    /// consent in force for them); or it is a coordinator taking the home on.
+    Nobody,
+    /// The same answer was already the last word: nothing new, nobody told again.
+    Again,
+}
+
+impl Told {
+    /// For a redirect's query (`told=coordinator,facility`, `none`, `again`).
+    pub fn query(&self) -> String {
+        match self {
+            Told::Sent(roles) => roles.iter().map(|r| r.as_str()).collect::<Vec<_>>().join(","),
+            Told::Nobody => "none".into(),
+            Told::Again => "again".into(),
+        }
+    }
+
+    /// From a redirect's query.
+    pub fn from_query(q: &str) -> Option<Told> {
+        match q {
+            "none" => Some(Told::Nobody),
+            "again" => Some(Told::Again),
+            _ => {
+                let roles: Option<Vec<_>> = q.split(',').map(|r| r.parse().ok()).collect();
+                roles.filter(|r| !r.is_empty()).map(Told::Sent)
+            }
+        }
+    }
+
+    /// The notice the person who answered reads.
+    pub fn notice(&self, lang: crate::homes::Lang) -> String {
+        use crate::homes::Lang;
+        match (self, lang) {
+            (Told::Sent(roles), Lang::Ja) => format!(
+                "{}に伝えました。",
+                roles.iter().map(|r| crate::message::role_text(*r, lang)).collect::<Vec<_>>().join("と")
+            ),
+            (Told::Sent(roles), Lang::En) => {
+                let who: Vec<&str> = roles.iter().map(|r| crate::message::role_text(*r, lang)).collect();
+                format!("Sent to {}.", who.join(" and "))
+            }
+            (Told::Nobody, Lang::Ja) => {
+                "記録しましたが、知らせる相手がいません（連絡先か保護者の同意が登録されていません）。急ぐときは電話してください。".into()
+            }
+            (Told::Nobody, Lang::En) => "Recorded, but there is nobody to send it to (no contact, or no consent from the guardian, is registered). Call if it is urgent.".into(),
+            (Told::Again, Lang::Ja) => "同じ答えはすでに伝えています。".into(),
+            (Told::Again, Lang::En) => "You already gave this answer; it was passed on then.".into(),
+        }
+    }
+}
+
+/// Record an answer in the engine and say who it was sent to (the service loop does this; a
+/// test's stand-in for the loop does the same).
+pub fn record_answer(
+    engine: &mut crate::engine::Engine,
+    alert_id: &str,
+    by: &str,
+    answer: crate::engine::Answer,
+    now: crate::engine::Time,
+) -> Result<Told, crate::engine::EngineError> {
+    let before = engine.alert_by_id(alert_id).map(|a| (a.home.clone(), a.acks.len()));
+    engine.handle(crate::engine::Input::Answer { alert_id: alert_id.to_string(), by: by.to_string(), answer }, now)?;
+    let after = engine.alert_by_id(alert_id).map(|a| a.acks.len());
+    Ok(match before {
+        Some((_, n)) if after == Some(n) => Told::Again,
+        Some((home, _)) => match engine.answer_roles(&home, answer, now) {
+            roles if roles.is_empty() => Told::Nobody,
+            roles => Told::Sent(roles),
+        },
+        None => Told::Nobody,
+    })
 }
 
 /// Why a care plan from the dashboard was not stored.
@@ -310,6 +388,16 @@ impl App {
     pub async fn drill(&self, home: mamori_protocol::mqtt::HomeId, by: String) -> Result<String, String> {
         let (reply, rx) = oneshot::channel();
         self.tx.send(WebRequest::Drill { home, by, reply }).await.map_err(|_| "the gateway is stopping".to_string())?;
+        rx.await.map_err(|_| "the gateway is stopping".to_string())?
+    }
+
+    /// Record an answer through the service loop: who was sent it.
+    pub async fn answer(&self, alert_id: String, by: String, answer: crate::engine::Answer) -> Result<Told, String> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(WebRequest::Answer { alert_id, by, answer, reply })
+            .await
+            .map_err(|_| "the gateway is stopping".to_string())?;
         rx.await.map_err(|_| "the gateway is stopping".to_string())?
     }
 

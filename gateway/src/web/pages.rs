@@ -130,7 +130,9 @@ const WORDS: &[(&str, &str, &str)] = &[
     ("consent_given", "同意あり（{on}）", "consent given ({on})"),
     ("consent_missing", "保護者の同意がないため、この方には通知しません", "no consent from the guardian: this contact is sent nothing"),
     ("consent_unrecorded", "同意は未記録", "consent not recorded"),
-    ("withheld", "保護者の同意が記録されていないため表示していない世帯が{n}世帯あります。支援計画の同意を確かめてください。", "{n} homes in your area are not shown: no consent from the guardian is recorded for your role. Check the consent in their care plans."),
+    ("consent_withdrawn", "同意は撤回済み", "consent withdrawn"),
+    ("consent_not_yet", "同意はまだ有効になっていません", "consent not yet in force"),
+    ("withheld", "保護者の同意が記録されていないため表示していない世帯が{n}世帯あります。同意書を確かめ、管理者に支援計画への記録を頼んでください。", "{n} homes in your area are not shown: no consent from the guardian is recorded for your role. Check the consent forms and ask an administrator to record them in the care plans."),
     ("edit_plan", "支援計画（機器・予備電源・避難先・連絡先）を見る・変える", "View or change the care plan (devices, backup, destination, contacts)"),
     ("plan_saved", "支援計画を保存しました（第{n}版）。次の通知から使われます。", "The care plan was saved (version {n}); it is used from the next message on."),
     ("token_which", "どのトークンか指定してください。", "Say which token."),
@@ -541,10 +543,11 @@ fn incidents_html(engine: &Engine, v: &Viewer, now: Time, offset: FixedOffset) -
     s
 }
 
-/// The overview's query: `answered` (a home id) after a facility's answer.
+/// The overview's query: `answered` (a home id) and `told` after a facility's answer.
 #[derive(Deserialize, Default)]
 pub struct OverviewQuery {
     answered: Option<String>,
+    told: Option<String>,
 }
 
 /// `GET /`: every home the user may see, grouped by municipality, worst first (a family goes
@@ -570,7 +573,9 @@ pub async fn overview(State(app): State<App>, v: Viewer, client: Client, Query(q
         String::new()
     };
     if v.user.role == AccountRole::Facility {
-        return super::facility::page(&snap.engine, &v, &homes, now, offset, q.answered.as_deref(), &withheld);
+        let told = q.told.as_deref().and_then(super::Told::from_query);
+        let answered = q.answered.as_deref().zip(told);
+        return super::facility::page(&snap.engine, &v, &homes, now, offset, answered, &withheld);
     }
     if homes.is_empty() {
         let _ = write!(body, "<p>{}</p>", t.t("no_homes"));
@@ -1154,9 +1159,9 @@ fn tick(v: f64, range: f64) -> String {
 /// A home's contacts, with the numbers of their SMS and call channels as `tel:` links.
 /// The home's contacts with their roles, phone numbers to dial, and their consent: when the
 /// config requires consent, a contact without a current one is marked as told nothing.
-pub(super) fn contacts_html(plan: &crate::homes::Home, t: T, require_consent: bool) -> String {
+pub(super) fn contacts_html(plan: &crate::homes::Home, t: T, engine: &Engine) -> String {
     use crate::homes::ChannelRef;
-    let today = crate::clock::now().date_naive();
+    let (require_consent, today) = (engine.require_consent(), engine.today(crate::clock::now()));
     let mut out = format!("<h2>{}</h2><ul class=\"contacts\">", t.t("contacts"));
     for c in &plan.contacts {
         let mut numbers: Vec<&str> = c
@@ -1193,6 +1198,10 @@ pub(super) fn contacts_html(plan: &crate::homes::Home, t: T, require_consent: bo
                 format!(" <small class=\"muted\">{}</small>", t.t("consent_given").replace("{on}", &escape(&k.on)))
             }
             _ if require_consent => format!(" <small class=\"bad\">{}</small>", t.t("consent_missing")),
+            (Some(k), _) if k.withdrawn_on.is_some() => {
+                format!(" <small class=\"muted\">{}</small>", t.t("consent_withdrawn"))
+            }
+            (Some(_), _) => format!(" <small class=\"muted\">{}</small>", t.t("consent_not_yet")),
             _ => format!(" <small class=\"muted\">{}</small>", t.t("consent_unrecorded")),
         };
         let _ = write!(out, "<li>{who} {phones}{consent}</li>");
@@ -1224,7 +1233,8 @@ pub async fn home(
     app.audit_view(&v, &client.text(), "view_home", &id, "").await;
     let h = view::home_view(plan, snap.engine.home_state(&plan.id), now);
     if v.user.role == AccountRole::Family {
-        return super::family::page(&app, &v, plan, h, now, q.answered.is_some()).await;
+        let told = q.told.as_deref().and_then(super::Told::from_query);
+        return super::family::page(&app, &v, plan, h, now, told).await;
     }
     let home_id = plan.id.clone();
     let since = now - chrono::Duration::hours(24);
@@ -1341,7 +1351,7 @@ pub async fn home(
         );
     }
     // Who to call: each contact with their phone numbers as links a phone dials (tap to call).
-    body.push_str(&contacts_html(plan, t, snap.engine.require_consent()));
+    body.push_str(&contacts_html(plan, t, &snap.engine));
     // Active alerts.
     let _ = write!(body, "<h2>{}</h2>", t.t("alerts"));
     if h.alerts.is_empty() {
@@ -1533,12 +1543,12 @@ pub async fn home(
     layout(&v, &h.label, &body).into_response()
 }
 
-/// A home page's query: `answered` after a family's answer, `saved` (the version) after
-/// the care plan was stored.
+/// A home page's query: `told` after a family's answer (who was sent it), `saved` (the
+/// version) after the care plan was stored.
 #[derive(Deserialize, Default)]
 pub struct HomeQuery {
-    answered: Option<String>,
-    saved: Option<u32>,
+    told: Option<String>,
+    saved: Option<String>,
 }
 
 /// The drill form.
@@ -2339,12 +2349,13 @@ mod tests {
             ]
         }))
         .unwrap();
-        let html = contacts_html(&plan, T(Lang::Ja), false);
+        let engine = Engine::new(crate::engine::Settings::default(), crate::policy::Policies::default());
+        let html = contacts_html(&plan, T(Lang::Ja), &engine);
         assert!(html.contains("母（ご家族）"), "{html}");
         assert!(html.contains("<a href=\"tel:09012345678\">090-1234-5678</a>"), "{html}");
         assert!(html.contains("<a href=\"tel:+819012345678\">"), "the later channel's number too: {html}");
         assert!(html.contains("佐藤") && html.contains("電話番号の登録なし"), "{html}");
-        let en = contacts_html(&plan, T(Lang::En), false);
+        let en = contacts_html(&plan, T(Lang::En), &engine);
         assert!(
             en.contains("(coordinator)") || en.contains("(the coordinator)") || en.contains("(Coordinator)"),
             "{en}"

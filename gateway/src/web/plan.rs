@@ -47,8 +47,8 @@ use crate::store::HomeVersion;
 
 /// Blank rows offered after the plan's own, to add a device, a source or a contact.
 const BLANK_ROWS: usize = 2;
-/// At most this many rows of each kind are read from a form.
-const MAX_ROWS: usize = 40;
+/// At most this many rows of each kind are read from a form (and shown).
+const MAX_ROWS: usize = 200;
 
 /// Store a plan as its home's next version, unless another version was stored since
 /// `based_on` (0: a new home, refused when the id is taken, `known` saying whether the engine
@@ -111,7 +111,8 @@ pub async fn edit(
             Some(x) => (x.plan.clone(), Some(n)),
             None => return not_found(v.lang),
         },
-        _ => (plan.clone(), None),
+        // The store's newest version, which `based_on` names (the engine's copy may lag it).
+        _ => (versions.first().map_or_else(|| plan.clone(), |x| x.plan.clone()), None),
     };
     let mut body = String::new();
     let _ = write!(
@@ -163,6 +164,12 @@ pub async fn save(
         return forbidden(&v);
     }
     let based_on: u32 = f.get("based_on").parse().unwrap_or(0);
+    // The escalation overrides (not in the form) from the store's newest version.
+    let id2 = stored.id.clone();
+    let stored = match app.db(move |s| Ok(s.home_versions(&id2)?)).await {
+        Ok(vs) => vs.into_iter().next().map_or(stored, |x| x.plan),
+        Err(e) => return failed(e),
+    };
     let (home, problems) = f.to_home(stored.id.clone(), &stored, &v, &app);
     let action = format!("/homes/{}/plan", escape(&id));
     if !problems.is_empty() {
@@ -473,6 +480,7 @@ impl Fields {
             .keys()
             .filter_map(|k| k.strip_prefix(prefix))
             .filter_map(|k| k.split_once('_').and_then(|(n, _)| n.parse::<usize>().ok()))
+            .filter(|n| *n < MAX_ROWS)
             .map(|n| n + 1)
             .max()
             .unwrap_or(0)
@@ -563,7 +571,10 @@ impl Fields {
             if name.is_empty() || name.chars().count() > 40 {
                 problems.push(Problem { field: Field::ContactName(j), want: Want::Name });
             }
-            let role = self.get(&format!("c{j}_role")).parse::<Role>().ok().filter(|r| *r != Role::Admin);
+            let role = self.get(&format!("c{j}_role")).parse::<Role>().ok();
+            if role.is_none() {
+                problems.push(Problem { field: Field::ContactRole(j), want: Want::Role });
+            }
             let channels = match parse_channels(chans_text) {
                 Ok(ch) => ch,
                 Err(k) => {
@@ -640,6 +651,7 @@ impl Fields {
                 Field::QuietHours(i) => Field::QuietHours(at(&cmap, i)),
                 Field::Consent(i) => Field::Consent(at(&cmap, i)),
                 Field::Phone(i) => Field::Phone(at(&cmap, i)),
+                Field::ContactRole(i) => Field::ContactRole(at(&cmap, i)),
                 other => other,
             };
             // A parse problem already names this place; the plan's check would repeat it.
@@ -706,6 +718,7 @@ fn input_of(field: &Field) -> String {
         Field::QuietHours(j) => format!("c{j}_quiet"),
         Field::Consent(j) => format!("c{j}_consent_by"),
         Field::Phone(j) => format!("c{j}_phone"),
+        Field::ContactRole(j) => format!("c{j}_role"),
         Field::Escalation(_) => "label".into(),
     }
 }
@@ -863,10 +876,7 @@ fn form(v: &Viewer, f: &Fields, action: &str, based_on: u32, new: bool, problems
         )
     );
     let roles: Vec<(&str, &str)> =
-        [Role::Family, Role::Coordinator, Role::VisitingNurse, Role::Facility, Role::SupportCentre]
-            .into_iter()
-            .map(|r| (r.as_str(), crate::message::role_text(r, lang)))
-            .collect();
+        Role::ALL.into_iter().map(|r| (r.as_str(), crate::message::role_text(r, lang))).collect();
     let langs = [("ja", "日本語"), ("en", "English")];
     for j in 0..(f.rows('c') + BLANK_ROWS).min(MAX_ROWS) {
         let _ = write!(
@@ -948,7 +958,7 @@ fn changes(new: &Home, old: Option<&Home>, lang: Lang) -> String {
 fn version_by(by: &str, lang: Lang) -> String {
     match by {
         "" => tr(lang, "記録を始める前から", "before versions were kept").to_string(),
-        "homes file" => tr(lang, "世帯ファイル（起動時）", "the homes file (at start)").to_string(),
+        "homes file" => tr(lang, "世帯ファイル", "the homes file").to_string(),
         "homes import" => tr(lang, "世帯ファイルの取り込み", "homes import").to_string(),
         other => other.to_string(),
     }

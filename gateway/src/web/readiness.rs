@@ -253,7 +253,7 @@ async fn rows(app: &App, v: &Viewer) -> Result<Vec<Row>, anyhow::Error> {
         .iter()
         .map(|(p, l)| {
             let drills = history.get(p.id.as_str()).map(Vec::as_slice).unwrap_or(&[]);
-            row(p, l.as_ref(), below, drills, crate::clock::now().date_naive())
+            row(p, l.as_ref(), below, drills, engine.today(crate::clock::now()))
         })
         .collect();
     out.sort_by(|a, b| a.municipality_code.cmp(&b.municipality_code).then(a.label.cmp(&b.label)));

@@ -208,12 +208,19 @@ fn plain(html: &str) -> String {
 /// A home's stored alerts and their deliveries.
 type Stored = (HomeId, Vec<Alert>, BTreeMap<String, Vec<OutboxRow>>);
 
-/// The incident, its rows and its notes, when the viewer may see it and it is over.
-async fn load(
-    app: &App,
-    v: &Viewer,
-    id: &str,
-) -> Result<Option<(Incident, Vec<ReviewRow>, Vec<IncidentNote>)>, Response> {
+/// What a closed incident's page shows: the incident, the rows of the homes the viewer may
+/// see, how many others there were, and the notes.
+struct Loaded {
+    incident: Incident,
+    rows: Vec<ReviewRow>,
+    hidden: usize,
+    notes: Vec<IncidentNote>,
+}
+
+/// The incident, its rows and its notes, when the viewer may see it and it is over. A member
+/// home the viewer may not see (consent) has no row: it is counted, not shown; a home no
+/// longer registered is shown to administrators only.
+async fn load(app: &App, v: &Viewer, id: &str) -> Result<Option<Loaded>, Response> {
     let id2 = id.to_string();
     let loaded = app
         .db(move |s| {
@@ -241,8 +248,14 @@ async fn load(
     };
     let snap = app.snap();
     let closed = i.closed_at.unwrap_or(i.opened_at);
+    let shown = |h: &HomeId| match snap.engine.plan(h) {
+        Some(p) => super::view::sees(&snap.engine, &v.user, p),
+        None => v.user.role == AccountRole::Admin,
+    };
+    let hidden = homes.iter().filter(|(h, _, _)| !shown(h)).count();
     let mut rows: Vec<ReviewRow> = homes
         .iter()
+        .filter(|(h, _, _)| shown(h))
         .map(|(h, alerts, outbox)| {
             let label = snap.engine.plan(h).map_or_else(|| h.as_str().to_string(), |p| p.label.clone());
             review_row(h, &label, alerts, outbox, i.opened_at, closed)
@@ -250,7 +263,7 @@ async fn load(
         .collect();
     // The longest escalation first, then the earliest alert.
     rows.sort_by(|a, b| b.tier.cmp(&a.tier).then(a.first_alert.cmp(&b.first_alert)).then(a.label.cmp(&b.label)));
-    Ok(Some((i, rows, notes)))
+    Ok(Some(Loaded { incident: i, rows, hidden, notes }))
 }
 
 fn may_write(v: &Viewer) -> bool {
@@ -259,7 +272,7 @@ fn may_write(v: &Viewer) -> bool {
 
 /// `GET /incidents/{id}` once it is over.
 pub(super) async fn page(app: &App, v: &Viewer, client: &Client, id: &str) -> Response {
-    let (i, rows, notes) = match load(app, v, id).await {
+    let Loaded { incident: i, rows, hidden, notes } = match load(app, v, id).await {
         Ok(Some(x)) => x,
         Ok(None) => return not_found(v.lang),
         Err(r) => return r,
@@ -286,6 +299,9 @@ pub(super) async fn page(app: &App, v: &Viewer, client: &Client, id: &str) -> Re
         escape(&summary(&rows, v.lang)),
         escape(&i.id),
     );
+    if hidden > 0 {
+        let _ = write!(body, "<p class=\"notice\">{}</p>", T(v.lang).t("withheld").replace("{n}", &hidden.to_string()));
+    }
     let heads = headings(v.lang);
     for h in heads {
         let _ = write!(body, "<th>{h}</th>");
@@ -369,7 +385,7 @@ pub async fn add_note(
     }
     let ja = v.lang == Lang::Ja;
     let i = match load(&app, &v, &id).await {
-        Ok(Some((i, _, _))) => i,
+        Ok(Some(l)) => l.incident,
         Ok(None) => return not_found(v.lang),
         Err(r) => return r,
     };
@@ -397,7 +413,7 @@ pub async fn add_note(
 
 /// `GET /incidents/{id}/review.csv`: the after-action table, in the reader's language.
 pub async fn csv(State(app): State<App>, v: Viewer, client: Client, Path(id): Path<String>) -> Response {
-    let (i, rows, _) = match load(&app, &v, &id).await {
+    let Loaded { incident: i, rows, .. } = match load(&app, &v, &id).await {
         Ok(Some(x)) => x,
         Ok(None) => return not_found(v.lang),
         Err(r) => return r,

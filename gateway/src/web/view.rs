@@ -241,7 +241,7 @@ fn consented(engine: &Engine, user: &User, plan: &Home) -> bool {
     if !engine.require_consent() {
         return true;
     }
-    let today = crate::clock::now().date_naive();
+    let today = engine.today(crate::clock::now());
     let role = match user.role {
         AccountRole::Admin | AccountRole::Family => return true,
         AccountRole::Coordinator => mamori_protocol::mqtt::Role::Coordinator,
