@@ -119,11 +119,24 @@ pub struct StoreConfig {
     pub postgres_password: Option<Secret>,
     /// The longest one store call may take, s (PostgreSQL's `statement_timeout` as well).
     pub timeout_s: u32,
+    /// The CA that signed the database server's certificate (PEM): with it the connection is
+    /// TLS, and the server must present a certificate from this CA for the host it is reached
+    /// by (libpq's `verify-full`).
+    pub postgres_ca_file: Option<PathBuf>,
+    /// Accept an unencrypted connection to a database off this machine (a private network the
+    /// operator vouches for). Without it, such a database needs `postgres_ca_file`.
+    pub postgres_plain: bool,
 }
 
 impl Default for StoreConfig {
     fn default() -> StoreConfig {
-        StoreConfig { postgres: None, postgres_password: None, timeout_s: 10 }
+        StoreConfig {
+            postgres: None,
+            postgres_password: None,
+            timeout_s: 10,
+            postgres_ca_file: None,
+            postgres_plain: false,
+        }
     }
 }
 
@@ -184,9 +197,13 @@ impl Config {
         };
         let password = self.store.postgres_password.as_ref().map(|p| p.resolve()).transpose()?;
         let timeout = std::time::Duration::from_secs(u64::from(self.store.timeout_s));
-        crate::store::pg::PgLocation::parse(conn, password.as_deref(), timeout)
-            .map(|at| crate::store::Location::Postgres(Box::new(at)))
-            .map_err(|e| format!("store.postgres: {e}"))
+        let at = crate::store::pg::PgLocation::parse(conn, password.as_deref(), timeout)
+            .map_err(|e| format!("store.postgres: {e}"))?;
+        let at = match &self.store.postgres_ca_file {
+            Some(ca) => at.with_tls(ca).map_err(|e| format!("store.{e}"))?,
+            None => at,
+        };
+        Ok(crate::store::Location::Postgres(Box::new(at)))
     }
 
     /// The PKI folder.
@@ -569,6 +586,7 @@ impl Config {
         if let Some(smtp) = c.smtp.as_mut() {
             smtp.ca_file = smtp.ca_file.take().map(|f| base.join(f));
         }
+        c.store.postgres_ca_file = c.store.postgres_ca_file.take().map(|f| base.join(f));
         c.http.tls_cert_file = c.http.tls_cert_file.take().map(|f| base.join(f));
         c.http.tls_key_file = c.http.tls_key_file.take().map(|f| base.join(f));
         let mut errors = Vec::new();
@@ -601,8 +619,21 @@ impl Config {
             bad("store.timeout_s", "1 to 300 seconds");
         }
         if let Some(conn) = &c.store.postgres {
-            if let Err(e) = crate::store::pg::PgLocation::parse(conn, None, std::time::Duration::from_secs(10)) {
-                bad("store.postgres", &format!("PostgreSQL connection settings without a password ({e})"));
+            match crate::store::pg::PgLocation::parse(conn, None, std::time::Duration::from_secs(10)) {
+                Err(e) => bad("store.postgres", &format!("PostgreSQL connection settings without a password ({e})")),
+                Ok(at) => match &c.store.postgres_ca_file {
+                    Some(ca) => {
+                        if let Err(e) = at.with_tls(ca) {
+                            bad("store.postgres_ca_file", &format!("a readable PEM file of CA certificates ({e})"));
+                        }
+                    }
+                    None if !c.store.postgres_plain && !at.is_local() => bad(
+                        "store.postgres_ca_file",
+                        "the CA of the database server's certificate, for TLS to a database off this machine \
+                         (or `postgres_plain = true` to accept an unencrypted connection on a private network)",
+                    ),
+                    None => {}
+                },
             }
         } else if c.store.postgres_password.is_some() {
             bad("store.postgres_password", "a [store] postgres database to go with it");
@@ -938,9 +969,10 @@ template = '{"to":"{to}","text":"{text}"}'
             matches!(c.store_location(), Ok(crate::store::Location::Sqlite(d)) if d == Path::new("/etc/mamori/data"))
         );
         let with = |store: &str| Config::parse(&format!("{GOOD}[store]\n{store}"), Path::new("g.toml"));
-        let c =
-            with("postgres = \"host=db.example user=mamori dbname=mamori\"\npostgres_password = { value = \"pw\" }\n")
-                .unwrap();
+        let c = with(
+            "postgres = \"host=db.example user=mamori dbname=mamori\"\npostgres_password = { value = \"pw\" }\npostgres_plain = true\n",
+        )
+        .unwrap();
         let Ok(crate::store::Location::Postgres(at)) = c.store_location() else { panic!("postgres") };
         assert_eq!(at.target, "postgres db.example:5432/mamori");
         for (store, key) in [
@@ -952,8 +984,20 @@ template = '{"to":"{to}","text":"{text}"}'
             let e = with(store).unwrap_err().to_string();
             assert!(e.contains(&format!("key `{key}`")) && !e.contains("hunter2"), "{store}: {e}");
         }
+        // A database off this machine needs TLS, or the operator's word that the network is
+        // private; on loopback plain is fine; a CA file that is not there is said.
+        let e = with("postgres = \"host=db.example user=mamori\"\n").unwrap_err().to_string();
+        assert!(e.contains("key `store.postgres_ca_file`") && e.contains("postgres_plain"), "{e}");
+        assert!(with("postgres = \"host=127.0.0.1 user=mamori\"\n").is_ok());
+        assert!(with("postgres = \"host=/run/postgresql user=mamori\"\n").is_ok(), "a Unix socket is this machine");
+        let e = with("postgres = \"host=db.example\"\npostgres_ca_file = \"/nonexistent/ca.pem\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("key `store.postgres_ca_file`") && e.contains("/nonexistent/ca.pem"), "{e}");
         // The password's file is read when the store is opened, and a missing one is said.
-        let c = with("postgres = \"host=db\"\npostgres_password = { file = \"/nonexistent/pw\" }\n").unwrap();
+        let c =
+            with("postgres = \"host=db\"\npostgres_password = { file = \"/nonexistent/pw\" }\npostgres_plain = true\n")
+                .unwrap();
         assert!(c.store_location().unwrap_err().contains("/nonexistent/pw"));
     }
 

@@ -90,3 +90,95 @@ impl Drop for TestDb {
         }
     }
 }
+
+/// A PostgreSQL server of a test's own, with TLS on: Debian's binaries
+/// (`/usr/lib/postgresql/<version>/bin`), a fresh cluster in a temporary folder, trust
+/// authentication for `postgres` on 127.0.0.1, and `ssl = on` with the `server.pem` and
+/// `server.key` that [`crate::pki::make`] wrote to `pki` (for 127.0.0.1, signed by its
+/// `ca.pem`). Run as the `postgres` user when the test runs as root (PostgreSQL refuses root).
+/// Stopped when dropped.
+pub struct TlsServer {
+    process: crate::process::Process,
+    port: u16,
+    // Last: the server is stopped before its folder goes.
+    _dir: tempfile::TempDir,
+}
+
+impl TlsServer {
+    /// Start it and wait until it accepts connections.
+    pub fn start(pki: &std::path::Path) -> Result<TlsServer> {
+        use std::os::unix::fs::PermissionsExt;
+        use std::process::Command;
+        let bin = std::fs::read_dir("/usr/lib/postgresql")
+            .context("PostgreSQL's binaries under /usr/lib/postgresql (apt-get install postgresql)")?
+            .filter_map(|e| e.ok().map(|e| e.path().join("bin")))
+            .filter(|p| p.join("postgres").exists() && p.join("initdb").exists())
+            .max()
+            .context("no PostgreSQL server binaries under /usr/lib/postgresql")?;
+        let root = Command::new("id").arg("-u").output().is_ok_and(|o| o.stdout.trim_ascii() == b"0");
+        let as_postgres = |program: &std::path::Path| {
+            if root {
+                let mut c = Command::new("runuser");
+                c.args(["-u", "postgres", "--"]).arg(program);
+                c
+            } else {
+                Command::new(program)
+            }
+        };
+        let dir = tempfile::tempdir()?;
+        let data = dir.path().join("data");
+        let give = |path: &std::path::Path| -> Result<()> {
+            if root {
+                let ok = Command::new("chown").args(["-R", "postgres:postgres"]).arg(path).status()?.success();
+                anyhow::ensure!(ok, "chown {} to postgres", path.display());
+            }
+            Ok(())
+        };
+        give(dir.path())?;
+        let out = as_postgres(&bin.join("initdb"))
+            .arg("-D")
+            .arg(&data)
+            .args(["-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync"])
+            .output()?;
+        anyhow::ensure!(out.status.success(), "initdb: {}", String::from_utf8_lossy(&out.stderr));
+        for (from, to) in [("server.pem", "server.crt"), ("server.key", "server.key")] {
+            std::fs::copy(pki.join(from), data.join(to))?;
+            std::fs::set_permissions(data.join(to), std::fs::Permissions::from_mode(0o600))?;
+            give(&data.join(to))?;
+        }
+        let port = crate::free_port()?;
+        let mut cmd = as_postgres(&bin.join("postgres"));
+        cmd.arg("-D").arg(&data).arg("-p").arg(port.to_string()).arg("-k").arg(dir.path()).args([
+            "-c",
+            "listen_addresses=127.0.0.1",
+            "-c",
+            "ssl=on",
+            "-c",
+            "ssl_cert_file=server.crt",
+            "-c",
+            "ssl_key_file=server.key",
+            "-c",
+            "fsync=off",
+        ]);
+        let process = crate::process::Process::spawn("postgres (TLS)", cmd)?;
+        process.wait_line("PostgreSQL to accept connections", std::time::Duration::from_secs(60), |l| {
+            l.contains("ready to accept connections")
+        })?;
+        Ok(TlsServer { process, port, _dir: dir })
+    }
+
+    /// Its port on 127.0.0.1.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// libpq settings that reach it (trust authentication: no password).
+    pub fn settings(&self) -> String {
+        format!("host=127.0.0.1 port={} user=postgres dbname=postgres", self.port)
+    }
+
+    /// Its log so far.
+    pub fn log(&self) -> Vec<String> {
+        self.process.lines()
+    }
+}

@@ -49,6 +49,7 @@ use crate::homes::{ChannelRef, Home, Lang};
 pub(crate) mod contract;
 pub mod pg;
 mod pg_accounts;
+pub mod pg_tls;
 mod sqlite;
 mod sqlite_accounts;
 

@@ -18,9 +18,9 @@
 //! - The accounts and audit rows are in `pg_accounts.rs`. The audit log: an append locks the table (`SHARE ROW EXCLUSIVE`, which conflicts with
 //!   itself), and a trigger refuses `UPDATE`, `DELETE` and `TRUNCATE`.
 //!
-//! ## Not yet
-//! - The connection is not encrypted (`NoTls`): keep the database on loopback or a private
-//!   network until TLS is added.
+//! - TLS (`pg_tls.rs`): with `[store] postgres_ca_file`, every connection is TLS and the
+//!   server's certificate is verified for its host; plain only to loopback (or with
+//!   `postgres_plain = true`).
 
 use std::str::FromStr;
 use std::sync::mpsc;
@@ -116,11 +116,13 @@ pub struct PgLocation {
     pub target: String,
     /// The longest one call may take.
     pub timeout: Duration,
+    /// TLS, verified against the configured CA (None: plain).
+    pub tls: Option<super::pg_tls::RustlsConnect>,
 }
 
 impl std::fmt::Debug for PgLocation {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "PgLocation({}, timeout {:?})", self.target, self.timeout)
+        write!(f, "PgLocation({}, timeout {:?}, tls {})", self.target, self.timeout, self.tls.is_some())
     }
 }
 
@@ -150,7 +152,24 @@ impl PgLocation {
             .join(",");
         let port = config.get_ports().first().copied().unwrap_or(5432);
         let target = format!("postgres {host}:{port}/{}", config.get_dbname().unwrap_or("(default)"));
-        Ok(PgLocation { config, target, timeout })
+        Ok(PgLocation { config, target, timeout, tls: None })
+    }
+
+    /// The same, over TLS verified against the CA certificates in `ca_file` (never a plain
+    /// fallback).
+    pub fn with_tls(mut self, ca_file: &std::path::Path) -> Result<PgLocation, String> {
+        self.tls = Some(super::pg_tls::RustlsConnect::from_ca_file(ca_file)?);
+        self.config.ssl_mode(::postgres::config::SslMode::Require);
+        self.target.push_str(" (TLS)");
+        Ok(self)
+    }
+
+    /// Whether every host is this machine (loopback, or a Unix socket).
+    pub fn is_local(&self) -> bool {
+        self.config.get_hosts().iter().all(|h| match h {
+            ::postgres::config::Host::Tcp(h) => crate::config::is_loopback(h),
+            ::postgres::config::Host::Unix(_) => true,
+        }) && self.config.get_hostaddrs().iter().all(|a| a.is_loopback())
     }
 }
 
@@ -174,7 +193,11 @@ impl Conn {
                 self.client = None;
                 return Err("the connection was lost inside a transaction; it was not committed".into());
             }
-            let mut c = self.at.config.connect(NoTls).map_err(|e| pg_text(&e))?;
+            let mut c = match &self.at.tls {
+                Some(tls) => self.at.config.connect(tls.clone()),
+                None => self.at.config.connect(NoTls),
+            }
+            .map_err(|e| pg_text(&e))?;
             c.batch_execute(&format!("SET statement_timeout = {}", self.at.timeout.as_millis()))
                 .map_err(|e| pg_text(&e))?;
             self.client = Some(c);
@@ -938,6 +961,45 @@ mod tests {
         let db = TestDb::new().unwrap();
         let mut s = PgStore::open(&at(&db), true).unwrap();
         crate::store::contract::check(&mut s);
+    }
+
+    #[test]
+    fn over_tls_the_server_is_verified_for_its_name_and_a_stranger_is_refused() {
+        let pki = tempfile::tempdir().unwrap();
+        mamori_tests::pki::make(pki.path()).unwrap();
+        let server = mamori_tests::postgres::TlsServer::start(pki.path()).unwrap();
+        let at = |ca: &str| {
+            PgLocation::parse(&server.settings(), None, Duration::from_secs(10))
+                .unwrap()
+                .with_tls(&pki.path().join(ca))
+                .unwrap()
+        };
+        // The CA that signed the server's certificate (for 127.0.0.1): the store works, over TLS.
+        let mut s = PgStore::open(&at("ca.pem"), true).unwrap();
+        let ssl: bool = s.scalar("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()", p![]).unwrap();
+        assert!(ssl, "the connection is encrypted");
+        crate::store::contract::check(&mut s);
+        // Another CA: refused, saying why, with nothing sent in the clear.
+        let e = PgStore::open(&at("other-ca.pem"), false).err().unwrap().to_string();
+        assert!(e.contains("certificate") || e.contains("UnknownIssuer"), "{e}");
+        // The same server reached by a name its certificate does not carry: refused.
+        let by_name = PgLocation::parse(
+            &format!("host=127.0.0.2 hostaddr=127.0.0.1 port={} user=postgres dbname=postgres", server.port()),
+            None,
+            Duration::from_secs(10),
+        )
+        .unwrap()
+        .with_tls(&pki.path().join("ca.pem"))
+        .unwrap();
+        let e = PgStore::open(&by_name, false).err().unwrap().to_string();
+        assert!(e.contains("NotValidForName") || e.contains("not valid for"), "{e}");
+        // Without TLS configured, the same server is plain (what the config allows only to
+        // loopback).
+        let plain =
+            PgStore::open(&PgLocation::parse(&server.settings(), None, Duration::from_secs(10)).unwrap(), false)
+                .unwrap();
+        let ssl: bool = plain.scalar("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()", p![]).unwrap();
+        assert!(!ssl);
     }
 
     #[test]
