@@ -200,7 +200,7 @@ impl Config {
         let at = crate::store::pg::PgLocation::parse(conn, password.as_deref(), timeout)
             .map_err(|e| format!("store.postgres: {e}"))?;
         let at = match &self.store.postgres_ca_file {
-            Some(ca) => at.with_tls(ca).map_err(|e| format!("store.{e}"))?,
+            Some(ca) => at.with_tls(ca).map_err(|e| format!("store: {e}"))?,
             None => at,
         };
         Ok(crate::store::Location::Postgres(Box::new(at)))
@@ -635,6 +635,8 @@ impl Config {
                     None => {}
                 },
             }
+        } else if c.store.postgres_ca_file.is_some() || c.store.postgres_plain {
+            bad("store.postgres_ca_file", "a [store] postgres database to go with it");
         } else if c.store.postgres_password.is_some() {
             bad("store.postgres_password", "a [store] postgres database to go with it");
         }
@@ -994,6 +996,11 @@ template = '{"to":"{to}","text":"{text}"}'
             .unwrap_err()
             .to_string();
         assert!(e.contains("key `store.postgres_ca_file`") && e.contains("/nonexistent/ca.pem"), "{e}");
+        let e = with("postgres_ca_file = \"/etc/ca.pem\"\n").unwrap_err().to_string();
+        assert!(e.contains("key `store.postgres_ca_file`") && e.contains("a [store] postgres database"), "{e}");
+        let e =
+            with("postgres = \"host=/run/postgresql\"\npostgres_ca_file = \"/etc/ca.pem\"\n").unwrap_err().to_string();
+        assert!(e.contains("key `store.postgres_ca_file`"), "{e}");
         // The password's file is read when the store is opened, and a missing one is said.
         let c =
             with("postgres = \"host=db\"\npostgres_password = { file = \"/nonexistent/pw\" }\npostgres_plain = true\n")

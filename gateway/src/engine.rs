@@ -880,14 +880,27 @@ impl Engine {
     /// always unless consent is required; then the family always, and anyone else only while
     /// the home's plan still names them with a consent in force (checked again when a queued
     /// message comes due, so a withdrawal stops what was already queued).
-    pub fn may_send(&self, home: Option<&HomeId>, role: Role, recipient: &str, now: Time) -> bool {
+    pub fn may_send(
+        &self,
+        home: Option<&HomeId>,
+        role: Role,
+        recipient: &str,
+        channel: &crate::homes::ChannelRef,
+        now: Time,
+    ) -> bool {
         if !self.settings.require_consent || role == Role::Family {
             return true;
         }
         let Some(home) = home else { return true };
         let today = self.today(now);
+        // The contact by its name, or by the channel (a name corrected in the plan meanwhile).
         self.plans.get(home).is_some_and(|p| {
-            p.contacts.iter().any(|c| c.role == role && c.name == recipient && c.may_receive(true, today))
+            p.contacts.iter().any(|c| {
+                c.role == role
+                    && (c.name == recipient
+                        || c.channels.iter().chain(c.then.iter().flat_map(|s| s.channels.iter())).any(|x| x == channel))
+                    && c.may_receive(true, today)
+            })
         })
     }
 

@@ -209,6 +209,11 @@ fn date(s: &str) -> Option<chrono::NaiveDate> {
 }
 
 impl Consent {
+    /// Whether its day has not come yet on `today` (or its day cannot be read).
+    pub fn not_yet(&self, today: chrono::NaiveDate) -> bool {
+        date(&self.on).is_none_or(|on| on > today)
+    }
+
     /// Whether it holds on `today`: given by then and not withdrawn by then.
     pub fn current(&self, today: chrono::NaiveDate) -> bool {
         date(&self.on).is_some_and(|on| on <= today)

@@ -221,8 +221,11 @@ fn import_homes(config: &Config, store: &mut dyn Store) -> anyhow::Result<()> {
 
 /// The engine as the store has it.
 fn load_engine(config: &Config, store: &dyn Store) -> Result<Engine, StoreError> {
-    let settings =
-        crate::engine::Settings { require_consent: config.privacy.require_consent, ..config.escalation.clone() };
+    let settings = crate::engine::Settings {
+        require_consent: config.privacy.require_consent,
+        local_offset_s: config.offset().map_or(0, |o| o.local_minus_utc()),
+        ..config.escalation.clone()
+    };
     let mut engine = Engine::new(settings, Policies { config: config.policy.clone() });
     for h in store.homes()? {
         engine.upsert_home(h);
@@ -1090,11 +1093,11 @@ impl Service {
         // force (withdrawn, or taken out of the plan) since it was queued.
         let (rows, moot): (Vec<OutboxRow>, Vec<OutboxRow>) = rows.into_iter().partition(|row| {
             (!row.conditional || self.engine.still_needed(row.home.as_ref(), &row.alert_id, row.role, row.created_at))
-                && self.engine.may_send(row.home.as_ref(), row.role, &row.recipient, now)
+                && self.engine.may_send(row.home.as_ref(), row.role, &row.recipient, &row.channel, now)
         });
         if !moot.is_empty() {
             for mut row in moot {
-                let consent = !self.engine.may_send(row.home.as_ref(), row.role, &row.recipient, now);
+                let consent = !self.engine.may_send(row.home.as_ref(), row.role, &row.recipient, &row.channel, now);
                 let why = if consent {
                     "not sent: no consent in force for this recipient any more"
                 } else {
@@ -1578,5 +1581,34 @@ impl Service {
             )),
             None => Ok(()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_engine_gets_the_privacy_settings_and_the_local_offset_from_the_config() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = r#"
+data_dir = "data"
+public_url = "http://127.0.0.1:8080"
+link_secret = { value = "a-test-secret-long-enough" }
+utc_offset = "+09:00"
+[broker]
+host = "127.0.0.1"
+port = 1883
+[privacy]
+require_consent = true
+"#;
+        let config = Config::parse(text, &dir.path().join("gateway.toml")).unwrap();
+        let store = open_store(&config).unwrap();
+        let engine = load_engine(&config, store.as_ref()).unwrap();
+        assert!(engine.require_consent());
+        assert_eq!(engine.settings().local_offset_s, 9 * 3600);
+        // 15:00 UTC is the next day in Japan: the day a consent is read against.
+        let at = chrono::DateTime::parse_from_rfc3339("2026-11-30T15:00:00Z").unwrap().with_timezone(&chrono::Utc);
+        assert_eq!(engine.today(at), chrono::NaiveDate::from_ymd_opt(2026, 12, 1).unwrap());
     }
 }

@@ -1719,6 +1719,11 @@ async fn a_coordinator_changes_a_care_plan_in_the_dashboard_with_the_homes_files
     assert_eq!(audited(&f, "plan_edit", "coord-a"), 1);
     let r = send(&f, page(&f, Some("coord_a"), "GET", "/homes/home-a1?saved=2", "")).await;
     assert!(r.body.contains("支援計画を保存しました（第2版）"), "{}", r.body);
+    // Anyone can write a link: only a number is ever put in the notice.
+    let r =
+        send(&f, page(&f, Some("coord_a"), "GET", "/homes/home-a1?saved=%3Ca%20href%3Dx%3Eevil%3C%2Fa%3E", "")).await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert!(!r.body.contains("<a href=x>") && !r.body.contains("支援計画を保存しました"), "{}", r.body);
 
     // An editor opened on version 1 cannot undo version 2 unseen.
     let mut stale: Vec<(&str, &str)> = GOOD_PLAN.to_vec();

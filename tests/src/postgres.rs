@@ -95,8 +95,9 @@ impl Drop for TestDb {
 /// (`/usr/lib/postgresql/<version>/bin`), a fresh cluster in a temporary folder, trust
 /// authentication for `postgres` on 127.0.0.1, and `ssl = on` with the `server.pem` and
 /// `server.key` that [`crate::pki::make`] wrote to `pki` (for 127.0.0.1, signed by its
-/// `ca.pem`). Run as the `postgres` user when the test runs as root (PostgreSQL refuses root).
-/// Stopped when dropped.
+/// `ca.pem`). Run as the `postgres` user when the test runs as root (PostgreSQL refuses root),
+/// by switching user in the child itself, so the server stays in the process group the
+/// harness kills. Stopped cleanly (a fast shutdown) when dropped, before its folder goes.
 pub struct TlsServer {
     process: crate::process::Process,
     port: u16,
@@ -108,25 +109,44 @@ impl TlsServer {
     /// Start it and wait until it accepts connections.
     pub fn start(pki: &std::path::Path) -> Result<TlsServer> {
         use std::os::unix::fs::PermissionsExt;
+        use std::os::unix::process::CommandExt;
         use std::process::Command;
+        // The newest version (by number: 9.6 is older than 16).
         let bin = std::fs::read_dir("/usr/lib/postgresql")
             .context("PostgreSQL's binaries under /usr/lib/postgresql (apt-get install postgresql)")?
-            .filter_map(|e| e.ok().map(|e| e.path().join("bin")))
-            .filter(|p| p.join("postgres").exists() && p.join("initdb").exists())
-            .max()
+            .filter_map(|e| e.ok())
+            .filter_map(|e| {
+                let v: Vec<u32> = e.file_name().to_str()?.split('.').map(|p| p.parse().ok()).collect::<Option<_>>()?;
+                Some((v, e.path().join("bin")))
+            })
+            .filter(|(_, p)| p.join("postgres").exists() && p.join("initdb").exists())
+            .max_by(|a, b| a.0.cmp(&b.0))
+            .map(|(_, p)| p)
             .context("no PostgreSQL server binaries under /usr/lib/postgresql")?;
-        let root = Command::new("id").arg("-u").output().is_ok_and(|o| o.stdout.trim_ascii() == b"0");
+        let id = |args: &[&str]| -> Option<u32> {
+            let o = Command::new("id").args(args).output().ok()?;
+            String::from_utf8(o.stdout).ok()?.trim().parse().ok()
+        };
+        let root = id(&["-u"]) == Some(0);
+        let postgres_ids = if root {
+            Some((id(&["-u", "postgres"]).context("a `postgres` user")?, id(&["-g", "postgres"]).context("its group")?))
+        } else {
+            None
+        };
         let as_postgres = |program: &std::path::Path| {
-            if root {
-                let mut c = Command::new("runuser");
-                c.args(["-u", "postgres", "--"]).arg(program);
-                c
-            } else {
-                Command::new(program)
+            let mut c = Command::new(program);
+            if let Some((uid, gid)) = postgres_ids {
+                c.uid(uid).gid(gid).env("HOME", "/var/lib/postgresql");
             }
+            c
         };
         let dir = tempfile::tempdir()?;
         let data = dir.path().join("data");
+        let as_postgres = |program: &std::path::Path| {
+            let mut c = as_postgres(program);
+            c.current_dir(dir.path());
+            c
+        };
         let give = |path: &std::path::Path| -> Result<()> {
             if root {
                 let ok = Command::new("chown").args(["-R", "postgres:postgres"]).arg(path).status()?.success();
@@ -180,5 +200,14 @@ impl TlsServer {
     /// Its log so far.
     pub fn log(&self) -> Vec<String> {
         self.process.lines()
+    }
+}
+
+impl Drop for TlsServer {
+    fn drop(&mut self) {
+        // A fast shutdown (SIGINT): it frees its port and shared memory; the harness's kill
+        // follows if it does not stop in time.
+        let _ = self.process.signal("INT");
+        let _ = self.process.wait_exit(std::time::Duration::from_secs(10));
     }
 }

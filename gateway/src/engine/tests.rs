@@ -661,21 +661,73 @@ fn a_message_already_queued_is_not_sent_once_consent_is_withdrawn_and_the_day_is
     let at = |s: &str| chrono::DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&chrono::Utc);
     let k0 = h("k0");
     assert!(
-        e.may_send(Some(&k0), Role::Coordinator, "coord-431001", at("2026-11-30T14:59:00Z")),
+        e.may_send(
+            Some(&k0),
+            Role::Coordinator,
+            "coord-431001",
+            &ChannelRef::Console("coord-431001".into()),
+            at("2026-11-30T14:59:00Z")
+        ),
         "still November 30th in Japan"
     );
     assert!(
-        !e.may_send(Some(&k0), Role::Coordinator, "coord-431001", at("2026-11-30T15:00:00Z")),
+        !e.may_send(
+            Some(&k0),
+            Role::Coordinator,
+            "coord-431001",
+            &ChannelRef::Console("coord-431001".into()),
+            at("2026-11-30T15:00:00Z")
+        ),
         "withdrawn from December 1st, Japan time"
     );
-    assert!(e.may_send(Some(&k0), Role::Family, "fam-k0", at("2026-11-30T15:00:00Z")), "the family always");
-    assert!(!e.may_send(Some(&k0), Role::Facility, "fac-k0", at("2026-11-30T00:00:00Z")), "no consent at all");
     assert!(
-        !e.may_send(Some(&k0), Role::Coordinator, "someone else", at("2026-11-30T00:00:00Z")),
+        e.may_send(
+            Some(&k0),
+            Role::Family,
+            "fam-k0",
+            &ChannelRef::Console("fam-k0".into()),
+            at("2026-11-30T15:00:00Z")
+        ),
+        "the family always"
+    );
+    assert!(
+        !e.may_send(
+            Some(&k0),
+            Role::Facility,
+            "fac-k0",
+            &ChannelRef::Console("fac-k0".into()),
+            at("2026-11-30T00:00:00Z")
+        ),
+        "no consent at all"
+    );
+    assert!(
+        e.may_send(
+            Some(&k0),
+            Role::Coordinator,
+            "a corrected name",
+            &ChannelRef::Console("coord-431001".into()),
+            at("2026-11-30T00:00:00Z")
+        ),
+        "renamed in the plan meanwhile: the same channel"
+    );
+    assert!(
+        !e.may_send(
+            Some(&k0),
+            Role::Coordinator,
+            "someone else",
+            &ChannelRef::Console("elsewhere".into()),
+            at("2026-11-30T00:00:00Z")
+        ),
         "not in the plan any more"
     );
     // Without consent required, everything that was queued goes.
     let mut e = Engine::new(Settings::default(), Policies::default());
     e.upsert_home(home);
-    assert!(e.may_send(Some(&k0), Role::Facility, "fac-k0", at("2026-11-30T15:00:00Z")));
+    assert!(e.may_send(
+        Some(&k0),
+        Role::Facility,
+        "fac-k0",
+        &ChannelRef::Console("fac-k0".into()),
+        at("2026-11-30T15:00:00Z")
+    ));
 }

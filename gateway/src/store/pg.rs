@@ -158,6 +158,10 @@ impl PgLocation {
     /// The same, over TLS verified against the CA certificates in `ca_file` (never a plain
     /// fallback).
     pub fn with_tls(mut self, ca_file: &std::path::Path) -> Result<PgLocation, String> {
+        // The server's certificate is checked for the host name or address the settings give.
+        if self.config.get_hosts().iter().any(|h| !matches!(h, ::postgres::config::Host::Tcp(_))) {
+            return Err("postgres_ca_file: TLS needs a host name or address, not a Unix socket".into());
+        }
         self.tls = Some(super::pg_tls::RustlsConnect::from_ca_file(ca_file)?);
         self.config.ssl_mode(::postgres::config::SslMode::Require);
         self.target.push_str(" (TLS)");

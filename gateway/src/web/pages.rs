@@ -1198,7 +1198,7 @@ pub(super) fn contacts_html(plan: &crate::homes::Home, t: T, engine: &Engine) ->
                 format!(" <small class=\"muted\">{}</small>", t.t("consent_given").replace("{on}", &escape(&k.on)))
             }
             _ if require_consent => format!(" <small class=\"bad\">{}</small>", t.t("consent_missing")),
-            (Some(k), _) if k.withdrawn_on.is_some() => {
+            (Some(k), _) if k.withdrawn_on.is_some() && !k.not_yet(today) => {
                 format!(" <small class=\"muted\">{}</small>", t.t("consent_withdrawn"))
             }
             (Some(_), _) => format!(" <small class=\"muted\">{}</small>", t.t("consent_not_yet")),
@@ -1258,8 +1258,10 @@ pub async fn home(
         Err(e) => return failed(e),
     };
     let back = format!("/homes/{}", h.id);
+    // Only a number: the query is anyone's to write, and the notice is HTML.
     let saved = q
         .saved
+        .and_then(|n| n.parse::<u32>().ok())
         .map(|n| {
             format!("<p class=\"notice\" role=\"status\">{}</p>", t.t("plan_saved").replace("{n}", &n.to_string()))
         })
