@@ -28,6 +28,7 @@
 //! | [`metrics`] | Prometheus `/metrics` |
 
 pub mod ack;
+pub mod admin;
 pub mod api;
 pub mod auth;
 pub mod facility;
@@ -444,14 +445,14 @@ pub fn router(app: App) -> Router {
         .route("/incidents/{id}/review.csv", get(review::csv))
         .route("/readiness", get(readiness::page))
         .route("/readiness.csv", get(readiness::csv))
-        .route("/account", get(pages::account))
-        .route("/account/password", post(pages::account_password))
-        .route("/account/totp", post(pages::account_totp))
-        .route("/admin/users", get(pages::admin_users).post(pages::admin_add_user))
-        .route("/admin/users/{name}", post(pages::admin_change_user))
-        .route("/admin/audit", get(pages::admin_audit))
-        .route("/admin/audit.csv", get(pages::admin_audit_csv))
-        .route("/admin/delivery", get(pages::admin_delivery))
+        .route("/account", get(admin::account))
+        .route("/account/password", post(admin::account_password))
+        .route("/account/totp", post(admin::account_totp))
+        .route("/admin/users", get(admin::admin_users).post(admin::admin_add_user))
+        .route("/admin/users/{name}", post(admin::admin_change_user))
+        .route("/admin/audit", get(admin::admin_audit))
+        .route("/admin/audit.csv", get(admin::admin_audit_csv))
+        .route("/admin/delivery", get(admin::admin_delivery))
         .route("/events", get(pages::live))
         .route("/static/app.css", get(pages::css))
         .route("/static/app.js", get(pages::js))
