@@ -1693,6 +1693,11 @@ async fn a_coordinator_changes_a_care_plan_in_the_dashboard_with_the_homes_files
         assert!(!text.contains(key), "a raw key in the page: {key}");
     }
     assert!(r.body.contains("たくさん"), "what was typed is kept in the form");
+    assert!(
+        r.body.contains("<h1>支援計画: A-1 東区</h1>") && r.body.contains("href=\"/homes/home-a1\""),
+        "the page keeps its heading"
+    );
+    assert!(!r.body.contains("name=\"d4_name\""), "a refused form does not grow blank rows");
     // Each problem is also shown under its own input, tied to it for a screen reader.
     assert!(
         r.body.contains("name=\"d1_watts\" value=\"たくさん\" inputmode=\"decimal\" aria-invalid=\"true\" aria-describedby=\"d1_watts-err\"><small class=\"error\" id=\"d1_watts-err\">機器2の消費電力: "),

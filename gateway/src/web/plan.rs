@@ -286,11 +286,27 @@ fn forbidden(v: &Viewer) -> Response {
         .into_response()
 }
 
+/// A refused form's heading: what it is and the way back (the form's own address says which
+/// home).
+fn heading(v: &Viewer, f: &Fields, action: &str, new: bool) -> String {
+    if new {
+        return format!("<h1>{}</h1>", tr(v.lang, "世帯を追加する", "Add a home"));
+    }
+    let id = action.trim_start_matches("/homes/").trim_end_matches("/plan");
+    format!(
+        "<p><a href=\"/homes/{id}\">← {back}</a></p><h1>{}: {}</h1>",
+        tr(v.lang, "支援計画", "Care plan"),
+        escape(f.get("label")),
+        back = tr(v.lang, "世帯のページへ", "Back to the home"),
+    )
+}
+
 fn refused(v: &Viewer, f: &Fields, action: &str, based_on: u32, new: bool, problems: &[Problem]) -> Response {
     let page = if new {
         new_page(v, f, based_on, problems)
     } else {
-        layout(v, tr(v.lang, "支援計画", "Care plan"), &form(v, f, action, based_on, false, problems))
+        let body = heading(v, f, action, false) + &form(v, f, action, based_on, false, problems);
+        layout(v, tr(v.lang, "支援計画", "Care plan"), &body)
     };
     (StatusCode::UNPROCESSABLE_ENTITY, page).into_response()
 }
@@ -326,8 +342,12 @@ fn refusal(v: &Viewer, f: &Fields, action: &str, based_on: u32, new: bool, r: Sa
             }
         }
     };
-    let body =
-        format!("<p class=\"error\" role=\"alert\">{}</p>{}", escape(&text), form(v, f, action, based_on, new, &[]));
+    let body = format!(
+        "{}<p class=\"error\" role=\"alert\">{}</p>{}",
+        heading(v, f, action, new),
+        escape(&text),
+        form(v, f, action, based_on, new, &[])
+    );
     (status, layout(v, tr(v.lang, "支援計画", "Care plan"), &body)).into_response()
 }
 
@@ -474,11 +494,14 @@ impl Fields {
         f
     }
 
-    /// Rows of a kind present in the form (the highest index + 1, at most [`MAX_ROWS`]).
+    /// Rows of a kind the form holds something in (the highest such index + 1, at most
+    /// [`MAX_ROWS`]): blank rows posted back are not counted, so a refused form does not grow.
     fn rows(&self, prefix: char) -> usize {
         self.0
-            .keys()
-            .filter_map(|k| k.strip_prefix(prefix))
+            .iter()
+            // A select always posts something: a role or a language alone is no content.
+            .filter(|(k, v)| !v.trim().is_empty() && !k.ends_with("_role") && !k.ends_with("_language"))
+            .filter_map(|(k, _)| k.strip_prefix(prefix))
             .filter_map(|k| k.split_once('_').and_then(|(n, _)| n.parse::<usize>().ok()))
             .filter(|n| *n < MAX_ROWS)
             .map(|n| n + 1)
