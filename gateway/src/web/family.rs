@@ -27,7 +27,8 @@ use mamori_protocol::mqtt::Role;
 use serde::Deserialize;
 
 use super::auth::Viewer;
-use super::pages::{clock, contacts_html, failed, layout, local, not_found, T};
+use super::home::contacts_html;
+use super::pages::{clock, failed, layout, local, not_found, T};
 use super::view::{self, AlertView, HomeView};
 use super::{escape, App, Client};
 use crate::accounts::AccountRole;

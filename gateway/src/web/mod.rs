@@ -33,6 +33,7 @@ pub mod api;
 pub mod auth;
 pub mod facility;
 pub mod family;
+pub mod home;
 pub mod metrics;
 pub mod pages;
 pub mod plan;
@@ -433,8 +434,8 @@ pub fn router(app: App) -> Router {
         .route("/alerts", get(pages::alerts))
         .route("/alerts/{id}/ack", post(pages::ack_alert))
         .route("/alerts/{id}/clear", post(pages::clear_alert))
-        .route("/homes/{id}", get(pages::home))
-        .route("/homes/{id}/drill", post(pages::drill_home))
+        .route("/homes/{id}", get(home::home))
+        .route("/homes/{id}/drill", post(home::drill_home))
         .route("/homes/{id}/answer", post(family::answer))
         .route("/homes/{id}/plan", get(plan::edit).post(plan::save))
         .route("/plans/new", get(plan::new).post(plan::create))

@@ -22,7 +22,6 @@ use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{Html, IntoResponse, Redirect, Response};
 use axum::Form;
 use chrono::FixedOffset;
-use mamori_protocol::mqtt::Telemetry;
 use serde::Deserialize;
 
 use super::auth::{local_path, Viewer};
@@ -33,7 +32,6 @@ use crate::audit;
 use crate::engine::{Engine, Time};
 use crate::homes::Lang;
 use crate::message::{basis, kind_text, role_text, tier_text};
-use crate::store::OutboxRow;
 
 /// Translations.
 #[derive(Debug, Clone, Copy)]
@@ -230,7 +228,7 @@ pub(super) fn local(t: Time, offset: FixedOffset) -> String {
     t.with_timezone(&offset).format("%m/%d %H:%M").to_string()
 }
 
-fn local_s(t: Time, offset: FixedOffset) -> String {
+pub(super) fn local_s(t: Time, offset: FixedOffset) -> String {
     t.with_timezone(&offset).format("%m/%d %H:%M:%S").to_string()
 }
 
@@ -306,7 +304,7 @@ pub(super) fn failed(e: impl std::fmt::Display) -> Response {
         .into_response()
 }
 
-fn time_left_text(h: &HomeView, t: T) -> String {
+pub(super) fn time_left_text(h: &HomeView, t: T) -> String {
     match h.time_left_s {
         Some(s) => {
             let last = if h.on_last_battery {
@@ -368,7 +366,7 @@ fn leave_text(
     (text, cls)
 }
 
-fn power_cell(h: &HomeView, t: T) -> String {
+pub(super) fn power_cell(h: &HomeView, t: T) -> String {
     let cls = match h.power {
         "battery" => "bad",
         "mains" => "ok",
@@ -377,7 +375,7 @@ fn power_cell(h: &HomeView, t: T) -> String {
     format!("<span class=\"pill {cls}\">{}</span>", t.t(h.power))
 }
 
-fn conn_cell(h: &HomeView, t: T, offset: FixedOffset) -> String {
+pub(super) fn conn_cell(h: &HomeView, t: T, offset: FixedOffset) -> String {
     let cls = match h.connectivity {
         "silent" => "bad",
         "online" => "ok",
@@ -405,7 +403,7 @@ fn device_text(h: &HomeView, id: &str, lang: Lang) -> String {
     format!("<span title=\"{}\">{words}</span>", escape(id))
 }
 
-fn devices_cell(h: &HomeView, t: T) -> String {
+pub(super) fn devices_cell(h: &HomeView, t: T) -> String {
     let mut s = String::new();
     for d in &h.devices {
         if h.devices_lost.contains(d) {
@@ -431,7 +429,7 @@ fn stale_note(h: &HomeView, now: Time, lang: Lang) -> String {
     }
 }
 
-fn oxi_cell(h: &HomeView, now: Time, lang: Lang) -> String {
+pub(super) fn oxi_cell(h: &HomeView, now: Time, lang: Lang) -> String {
     match (h.spo2_pct, h.pulse_bpm) {
         (None, None) => "—".into(),
         (s, p) => {
@@ -448,7 +446,7 @@ fn oxi_cell(h: &HomeView, now: Time, lang: Lang) -> String {
 
 /// A home's opaque id, shown to administrators (installers match it to the home unit); the
 /// others know a home by its label.
-fn id_for_installer(v: &Viewer, id: &str) -> String {
+pub(super) fn id_for_installer(v: &Viewer, id: &str) -> String {
     if v.user.role == AccountRole::Admin {
         format!(" <small><code>{}</code></small>", escape(id))
     } else {
@@ -497,7 +495,7 @@ pub(super) fn account_role_text(role: AccountRole, lang: Lang) -> &'static str {
 }
 
 /// A channel in a delivery history: its kind in words, its address as a code to copy.
-fn channel_cell(ch: &crate::homes::ChannelRef, lang: Lang) -> String {
+pub(super) fn channel_cell(ch: &crate::homes::ChannelRef, lang: Lang) -> String {
     use crate::homes::ChannelRef as C;
     let kind = channel_text(crate::stats::channel_of(&crate::dispatch::destination(ch)), lang);
     let target = match ch {
@@ -506,7 +504,7 @@ fn channel_cell(ch: &crate::homes::ChannelRef, lang: Lang) -> String {
     format!("{kind} <code>{}</code>", escape(target))
 }
 
-fn vent_cell(h: &HomeView, now: Time, t: T) -> String {
+pub(super) fn vent_cell(h: &HomeView, now: Time, t: T) -> String {
     // A silent home's "normal" is not known to be normal now: no reassuring green.
     let ok = if h.silent { "pill stale" } else { "pill ok" };
     match h.ventilator {
@@ -723,7 +721,7 @@ fn ack_text(a: &AlertView, t: T, offset: FixedOffset) -> String {
 
 /// An alert's row: with `label` (the alerts page) its home first, with `leave` (the alerts
 /// page) when its child must leave after the tier.
-fn alert_row(
+pub(super) fn alert_row(
     v: &Viewer,
     label: Option<&str>,
     leave: Option<&str>,
@@ -1083,516 +1081,6 @@ pub(super) fn incident_acks_html(acks: &[crate::engine::AckInfo], lang: Lang, of
     out
 }
 
-/// An inline SVG line chart of one or two series up to `to`, over at most `[from, to]`:
-/// it starts at the first point when the history is shorter, so a young history is not a
-/// sliver at the right edge. Time ticks are local clock times.
-pub fn chart(
-    title: &str,
-    series: &[(&str, Vec<(Time, f64)>)],
-    from: Time,
-    to: Time,
-    offset: FixedOffset,
-    empty: &str,
-) -> String {
-    let first = series.iter().filter_map(|(_, s)| s.first().map(|(t, _)| *t)).min();
-    let from = first.map_or(from, |f| f.max(from).min(to - chrono::Duration::minutes(1)));
-    let (w, h, pad_l, pad_b) = (600.0, 140.0, 36.0, 18.0);
-    let values: Vec<f64> = series.iter().flat_map(|(_, s)| s.iter().map(|(_, v)| *v)).collect();
-    let mut out = format!("<figure class=\"chart\"><figcaption>{}</figcaption>", escape(title));
-    if values.is_empty() {
-        let _ = write!(out, "<p class=\"muted\">{}</p></figure>", escape(empty));
-        return out;
-    }
-    let lo = values.iter().copied().fold(f64::INFINITY, f64::min);
-    let hi = values.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-    let (lo, hi) = if (hi - lo).abs() < 1e-9 { (lo - 1.0, hi + 1.0) } else { (lo, hi) };
-    let span = (to - from).num_seconds().max(1) as f64;
-    let x = |t: Time| pad_l + (w - pad_l - 4.0) * ((t - from).num_seconds() as f64 / span).clamp(0.0, 1.0);
-    let y = |v: f64| 4.0 + (h - pad_b - 8.0) * (1.0 - (v - lo) / (hi - lo));
-    let _ = write!(
-        out,
-        "<svg viewBox=\"0 0 {w} {h}\" role=\"img\" aria-label=\"{t}\" preserveAspectRatio=\"none\">\
-         <line x1=\"{pad_l}\" y1=\"{b}\" x2=\"{w}\" y2=\"{b}\" class=\"axis\"/>\
-         <text x=\"2\" y=\"12\" class=\"tick\">{hi}</text><text x=\"2\" y=\"{b}\" class=\"tick\">{lo}</text>",
-        t = escape(title),
-        b = h - pad_b,
-        hi = tick(hi, hi - lo),
-        lo = tick(lo, hi - lo),
-    );
-    for k in 0..=4 {
-        let tx = pad_l + (w - pad_l - 4.0) * f64::from(k) / 4.0;
-        let at = from + chrono::Duration::seconds((span * f64::from(k) / 4.0) as i64);
-        let label = at.with_timezone(&offset).format("%H:%M");
-        let anchor = match k {
-            0 => "start",
-            4 => "end",
-            _ => "middle",
-        };
-        let _ =
-            write!(out, "<text x=\"{tx:.0}\" y=\"{}\" class=\"tick\" text-anchor=\"{anchor}\">{label}</text>", h - 4.0);
-    }
-    for (i, (_, s)) in series.iter().enumerate() {
-        let pts: Vec<String> = s.iter().map(|(t, v)| format!("{:.1},{:.1}", x(*t), y(*v))).collect();
-        let _ = write!(out, "<polyline class=\"s{i}\" points=\"{}\"/>", pts.join(" "));
-    }
-    out.push_str("</svg>");
-    if series.len() > 1 {
-        out.push_str("<p class=\"legend\">");
-        for (i, (name, _)) in series.iter().enumerate() {
-            let _ = write!(out, "<span class=\"k{i}\">■ {}</span> ", escape(name));
-        }
-        out.push_str("</p>");
-    }
-    out.push_str("</figure>");
-    out
-}
-
-/// An axis value: whole numbers unless the range is narrow.
-fn tick(v: f64, range: f64) -> String {
-    if range < 10.0 {
-        format!("{v:.1}")
-    } else {
-        format!("{v:.0}")
-    }
-}
-
-/// A home's contacts, with the numbers of their SMS and call channels as `tel:` links.
-/// The home's contacts with their roles, phone numbers to dial, and their consent: when the
-/// config requires consent, a contact without a current one is marked as told nothing.
-pub(super) fn contacts_html(plan: &crate::homes::Home, t: T, engine: &Engine) -> String {
-    use crate::homes::ChannelRef;
-    let (require_consent, today) = (engine.require_consent(), engine.today(crate::clock::now()));
-    let mut out = format!("<h2>{}</h2><ul class=\"contacts\">", t.t("contacts"));
-    for c in &plan.contacts {
-        let mut numbers: Vec<&str> = c
-            .phone
-            .as_deref()
-            .into_iter()
-            .chain(c.channels.iter().chain(c.then.iter().flat_map(|s| s.channels.iter())).filter_map(|ch| match ch {
-                ChannelRef::Sms(n) | ChannelRef::Voice(n) => Some(n.as_str()),
-                _ => None,
-            }))
-            .collect();
-        numbers.sort_unstable();
-        numbers.dedup();
-        let phones = if numbers.is_empty() {
-            format!("<small class=\"muted\">{}</small>", t.t("no_phone"))
-        } else {
-            numbers
-                .iter()
-                .map(|n| {
-                    let dial: String = n.chars().filter(|c| c.is_ascii_digit() || *c == '+').collect();
-                    format!("<a href=\"tel:{}\">{}</a>", escape(&dial), escape(n))
-                })
-                .collect::<Vec<_>>()
-                .join(" ")
-        };
-        let role = role_text(c.role, t.0);
-        let who = match t.0 {
-            Lang::Ja => format!("{}（{role}）", escape(&c.name)),
-            Lang::En => format!("{} ({role})", escape(&c.name)),
-        };
-        let consent = match (&c.consent, c.role) {
-            (_, mamori_protocol::mqtt::Role::Family) => String::new(),
-            (Some(k), _) if k.current(today) => {
-                format!(" <small class=\"muted\">{}</small>", t.t("consent_given").replace("{on}", &escape(&k.on)))
-            }
-            _ if require_consent => format!(" <small class=\"bad\">{}</small>", t.t("consent_missing")),
-            (Some(k), _) if k.withdrawn_on.is_some() && !k.not_yet(today) => {
-                format!(" <small class=\"muted\">{}</small>", t.t("consent_withdrawn"))
-            }
-            (Some(_), _) => format!(" <small class=\"muted\">{}</small>", t.t("consent_not_yet")),
-            _ => format!(" <small class=\"muted\">{}</small>", t.t("consent_unrecorded")),
-        };
-        let _ = write!(out, "<li>{who} {phones}{consent}</li>");
-    }
-    out.push_str("</ul>");
-    out
-}
-
-struct HomeHistory {
-    telemetry: Vec<Telemetry>,
-    events: Vec<mamori_protocol::mqtt::Event>,
-    alerts: Vec<crate::engine::Alert>,
-    outbox: BTreeMap<String, Vec<OutboxRow>>,
-}
-
-/// `GET /homes/{id}`.
-pub async fn home(
-    State(app): State<App>,
-    v: Viewer,
-    client: Client,
-    Path(id): Path<String>,
-    Query(q): Query<HomeQuery>,
-) -> Response {
-    let t = T(v.lang);
-    let snap = app.snap();
-    let now = crate::clock::now();
-    let offset = app.style.offset;
-    let Some(plan) = view::home(&snap.engine, &v.user, &id) else { return not_found(v.lang) };
-    app.audit_view(&v, &client.text(), "view_home", &id, "").await;
-    let h = view::home_view(plan, snap.engine.home_state(&plan.id), now);
-    if v.user.role == AccountRole::Family {
-        let told = q.told.as_deref().and_then(super::Told::from_query);
-        return super::family::page(&app, &v, plan, h, now, told).await;
-    }
-    let home_id = plan.id.clone();
-    let since = now - chrono::Duration::hours(24);
-    let history = app
-        .db(move |s| {
-            let alerts = s.alerts_for(&home_id, 50)?;
-            let mut outbox = BTreeMap::new();
-            for a in &alerts {
-                outbox.insert(a.id.clone(), crate::store::Store::outbox_for(s, &a.id)?);
-            }
-            Ok(HomeHistory {
-                telemetry: s.telemetry_since(&home_id, since, 400)?,
-                events: s.events_for(&home_id, 100)?,
-                alerts,
-                outbox,
-            })
-        })
-        .await;
-    let history = match history {
-        Ok(h) => h,
-        Err(e) => return failed(e),
-    };
-    let back = format!("/homes/{}", h.id);
-    // Only a number: the query is anyone's to write, and the notice is HTML.
-    let saved = q
-        .saved
-        .and_then(|n| n.parse::<u32>().ok())
-        .map(|n| {
-            format!("<p class=\"notice\" role=\"status\">{}</p>", t.t("plan_saved").replace("{n}", &n.to_string()))
-        })
-        .unwrap_or_default();
-    let edit = if v.user.may_edit_plan(&plan.municipality) {
-        format!(
-            "<p class=\"noprint\"><a href=\"/homes/{}/plan\">{}</a></p>",
-            escape(plan.id.as_str()),
-            t.t("edit_plan")
-        )
-    } else {
-        String::new()
-    };
-    let mut body = saved
-        + &format!(
-            "<h1>{label}{id}</h1><dl class=\"state\">\
-         <div><dt>{pl}</dt><dd>{power}</dd></div><div><dt>{tl}</dt><dd>{left}</dd></div>\
-         <div><dt>{cl}</dt><dd>{conn}</dd></div><div><dt>{dl}</dt><dd>{dev}</dd></div>\
-         <div><dt>{ol}</dt><dd>{oxi}</dd></div><div><dt>{vl}</dt><dd>{vent}</dd></div>{evac}</dl>",
-            label = escape(&h.label),
-            id = id_for_installer(&v, &h.id),
-            pl = t.t("power"),
-            power = power_cell(&h, t),
-            tl = t.t("time_left"),
-            left = time_left_text(&h, t),
-            cl = t.t("last_heard"),
-            conn = conn_cell(&h, t, offset),
-            dl = t.t("devices"),
-            dev = devices_cell(&h, t),
-            ol = t.t("oximeter"),
-            oxi = oxi_cell(&h, now, v.lang),
-            vl = t.t("ventilator"),
-            vent = vent_cell(&h, now, t),
-            evac = h
-                .evacuation
-                .as_ref()
-                .map(|(d, m)| {
-                    format!(
-                        "<div><dt>{}</dt><dd>{}（{}）</dd></div>",
-                        t.t("destination"),
-                        escape(d),
-                        minutes(*m, v.lang)
-                    )
-                })
-                .unwrap_or_default(),
-        );
-    body.push_str(&edit);
-    // What earlier outages showed of the battery.
-    if let Some(b) = h.batteries.first() {
-        let cls = if b.health_pct < 70.0 { "bad" } else { "ok" };
-        let text = match t.0 {
-            Lang::En => format!(
-                "<span class=\"{cls}\">{:.0} % of the care plan</span> ({:.0} Wh of {:.0} Wh; measured in {} outage(s), last {})",
-                b.health_pct,
-                b.health_pct / 100.0 * b.plan_wh,
-                b.plan_wh,
-                b.discharges,
-                local(b.measured_at, offset)
-            ),
-            Lang::Ja => format!(
-                "<span class=\"{cls}\">計画の{:.0}%</span>（約{:.0}Wh／計画{:.0}Wh、{}回の停電で測定、最終{}）",
-                b.health_pct,
-                b.health_pct / 100.0 * b.plan_wh,
-                b.plan_wh,
-                b.discharges,
-                local(b.measured_at, offset)
-            ),
-        };
-        let _ = write!(body, "<dl class=\"state\"><div><dt>{}</dt><dd>{text}</dd></div></dl>", t.t("battery_measured"));
-    }
-    // Who is handling it, and taking it on (a coordinator; the latest holds: handing over is
-    // the other coordinator taking it).
-    if let Some(k) = view::handler(&h) {
-        let _ = write!(
-            body,
-            "<p class=\"handler\">{}: {} <small>{}</small></p>",
-            t.t("handling"),
-            escape(&k.by),
-            local(k.at, offset)
-        );
-    }
-    if v.user.role == AccountRole::Coordinator && super::family::main_alert(&h).is_some() {
-        let _ = write!(
-            body,
-            "<form method=\"post\" action=\"/homes/{}/answer\" class=\"inline\">{}<button type=\"submit\" name=\"answer\" value=\"handling\" class=\"secondary\">{}</button></form>",
-            escape(plan.id.as_str()),
-            v.csrf_field(),
-            crate::engine::Answer::Handling.text(v.lang)
-        );
-    }
-    // Who to call: each contact with their phone numbers as links a phone dials (tap to call).
-    body.push_str(&contacts_html(plan, t, &snap.engine));
-    // Active alerts.
-    let _ = write!(body, "<h2>{}</h2>", t.t("alerts"));
-    if h.alerts.is_empty() {
-        let _ = write!(body, "<p>{}</p>", t.t("no_alerts"));
-    } else {
-        body.push_str("<table class=\"alerts\"><tbody>");
-        for a in &h.alerts {
-            body.push_str(&alert_row(&v, None, None, a, &back, offset));
-        }
-        body.push_str("</tbody></table>");
-    }
-    // Charts.
-    let series = |f: &dyn Fn(&Telemetry) -> Option<f64>| -> Vec<(Time, f64)> {
-        history.telemetry.iter().filter_map(|x| f(x).map(|v| (x.ts.with_timezone(&chrono::Utc), v))).collect()
-    };
-    let _ = write!(body, "<h2>{}</h2><div class=\"charts\">", t.t("charts"));
-    // The battery: its charge when the UPS reports one, else its voltage.
-    let charge = series(&|x| x.ups.as_ref().and_then(|u| u.battery_charge_pct));
-    let (title, battery) = if charge.is_empty() {
-        let volts = series(&|x| {
-            x.ups
-                .as_ref()
-                .and_then(|u| u.battery_voltage_v)
-                .or_else(|| x.power_meter.as_ref().and_then(|m| m.battery_voltage_v))
-        });
-        (t.t("battery_v"), volts)
-    } else {
-        (t.t("charge"), charge)
-    };
-    body.push_str(&chart(title, &[(title, battery)], since, now, offset, t.t("no_data")));
-    // Time left through this outage: the forecast's band recomputed at each snapshot from
-    // the history (which keeps the charted readings), with what is known of the battery now.
-    let learned = snap.engine.home_state(&plan.id).and_then(|s| s.battery.clone());
-    let mut band: [Vec<(Time, f64)>; 3] = Default::default();
-    if let Some(outage) = h.on_battery_since {
-        let mut d = crate::forecast::Discharge::start(outage);
-        for x in &history.telemetry {
-            let at = x.ts.with_timezone(&chrono::Utc);
-            if at < outage {
-                continue;
-            }
-            d.push(crate::forecast::Sample::of(at, x.ups.as_ref(), x.power_meter.as_ref()), chrono::Duration::days(7));
-            let f = crate::forecast::forecast(plan, outage, &d, learned.as_ref(), &Default::default());
-            let min = |l: chrono::Duration| l.num_seconds() as f64 / 60.0;
-            band[0].push((at, min(f.time_left_p10(at))));
-            band[1].push((at, min(f.time_left(at))));
-            band[2].push((at, min(f.time_left_p90(at))));
-        }
-    }
-    let [p10, p50, p90] = band;
-    body.push_str(&chart(
-        t.t("time_left_min"),
-        &[(t.t("band_p50"), p50), (t.t("band_p10"), p10), (t.t("band_p90"), p90)],
-        since,
-        now,
-        offset,
-        t.t("no_outage"),
-    ));
-    body.push_str(&chart(
-        t.t("spo2_pulse"),
-        &[
-            (t.t("spo2"), series(&|x| x.oximeter.as_ref().and_then(|o| o.spo2_pct).map(f64::from))),
-            (t.t("pulse"), series(&|x| x.oximeter.as_ref().and_then(|o| o.pulse_bpm).map(f64::from))),
-        ],
-        since,
-        now,
-        offset,
-        t.t("no_data"),
-    ));
-    body.push_str("</div>");
-    // Alert history with deliveries.
-    let _ = write!(body, "<h2>{}</h2>", t.t("all_alerts"));
-    for a in &history.alerts {
-        let cleared = a
-            .cleared_at
-            .map(|c| {
-                format!(
-                    " · {} {}{}",
-                    t.t("cleared"),
-                    local(c, offset),
-                    a.cleared_by
-                        .as_ref()
-                        .map(|b| match v.lang {
-                            Lang::Ja => format!("（{}: {}）", t.t("cleared_by"), by_text(b, v.lang)),
-                            Lang::En => format!(" ({} {})", t.t("cleared_by"), by_text(b, v.lang)),
-                        })
-                        .unwrap_or_default()
-                )
-            })
-            .unwrap_or_default();
-        let acks: Vec<String> = a
-            .acks
-            .iter()
-            .map(|k| {
-                format!(
-                    "{} {}（{}） {}{}",
-                    // A refusal is an answer, not an acknowledgement.
-                    if k.acknowledges() { t.t("acknowledged") } else { t.t("answered") },
-                    by_text(&k.by, v.lang),
-                    role_text(k.role, v.lang),
-                    local(k.at, offset),
-                    k.said(v.lang).map(|n| format!(" <q>{}</q>", escape(&n))).unwrap_or_default()
-                )
-            })
-            .collect();
-        let _ = write!(
-            body,
-            "<details class=\"alert-history\" data-alert=\"{id}\"{open}><summary><span class=\"pill sev-{sev:?}\">{kind}</span> {since}{cleared}</summary>\
-             <p>{acks}</p>",
-            id = escape(&a.id),
-            open = if a.cleared_at.is_none() { " open" } else { "" },
-            sev = a.severity,
-            kind = escape(kind_text(a.kind.as_str(), v.lang)),
-            since = local(a.since, offset),
-            acks = acks.join("<br>"),
-        );
-        let rows = history.outbox.get(&a.id).map(Vec::as_slice).unwrap_or(&[]);
-        if !rows.is_empty() {
-            let _ = write!(
-                body,
-                "<table class=\"deliveries\"><caption>{}</caption><thead><tr><th>{}</th><th>{}</th><th>{}</th><th>{}</th><th>{}</th></tr></thead><tbody>",
-                t.t("history"),
-                t.t("recipient"),
-                t.t("channel"),
-                t.t("status"),
-                t.t("attempts"),
-                t.t("last_error"),
-            );
-            for r in rows {
-                let status = match r.status {
-                    crate::store::OutboxStatus::Delivered => format!(
-                        "<span class=\"pill ok\">{}</span> {}",
-                        t.t("delivered"),
-                        r.delivered_at.map(|d| local_s(d, offset)).unwrap_or_default()
-                    ),
-                    crate::store::OutboxStatus::Pending => {
-                        format!("<span class=\"pill warn\">{}</span>", t.t("pending"))
-                    }
-                    crate::store::OutboxStatus::Abandoned => {
-                        format!("<span class=\"pill bad\">{}</span>", t.t("abandoned"))
-                    }
-                    crate::store::OutboxStatus::NotNeeded => {
-                        format!("<span class=\"pill\">{}</span>", t.t("not_needed"))
-                    }
-                };
-                let fallback = if r.fallback_done {
-                    format!(" <span class=\"pill warn\">{}</span>", t.t("fallback"))
-                } else {
-                    String::new()
-                };
-                let _ = write!(
-                    body,
-                    "<tr class=\"delivery\"><td>{} <small>{}</small></td><td>{}</td><td>{status}{fallback}</td><td>{}</td><td>{}</td></tr>",
-                    escape(&r.recipient),
-                    role_text(r.role, v.lang),
-                    channel_cell(&r.channel, v.lang),
-                    r.attempts,
-                    escape(r.last_error.as_deref().unwrap_or("")),
-                );
-            }
-            body.push_str("</tbody></table>");
-        }
-        body.push_str("</details>");
-    }
-    // Events.
-    let _ = write!(body, "<h2>{}</h2><ol class=\"timeline\">", t.t("events"));
-    for e in &history.events {
-        let _ = write!(
-            body,
-            "<li><time>{}</time> <span class=\"pill sev-{:?}\">{}</span>{}</li>",
-            local_s(e.ts.with_timezone(&chrono::Utc), offset),
-            e.severity,
-            escape(kind_text(e.kind.as_str(), v.lang)),
-            e.source.as_ref().map(|s| format!(" <small>{}</small>", escape(s))).unwrap_or_default()
-        );
-    }
-    body.push_str("</ol>");
-    if v.user.may_drill() {
-        let _ = write!(
-            body,
-            "<h2>{}</h2><p>{}</p><form method=\"post\" action=\"/homes/{}/drill\">{}<button type=\"submit\">{}</button></form>",
-            t.t("drill"),
-            t.t("drill_intro"),
-            escape(plan.id.as_str()),
-            v.csrf_field(),
-            t.t("drill_start")
-        );
-    }
-    layout(&v, &h.label, &body).into_response()
-}
-
-/// A home page's query: `told` after a family's answer (who was sent it), `saved` (the
-/// version) after the care plan was stored.
-#[derive(Deserialize, Default)]
-pub struct HomeQuery {
-    told: Option<String>,
-    saved: Option<String>,
-}
-
-/// The drill form.
-#[derive(Deserialize)]
-pub struct DrillForm {
-    #[serde(default)]
-    csrf: String,
-}
-
-/// `POST /homes/{id}/drill`: send every contact of the home a labelled test message (the
-/// home's page then shows who received it and who acknowledged).
-pub async fn drill_home(
-    State(app): State<App>,
-    v: Viewer,
-    client: Client,
-    Path(id): Path<String>,
-    Form(f): Form<DrillForm>,
-) -> Response {
-    if let Some(r) = v.csrf_refusal(&f.csrf) {
-        return r;
-    }
-    let snap = app.snap();
-    let Some(plan) = view::home(&snap.engine, &v.user, &id) else { return not_found(v.lang) };
-    if !v.user.may_drill() {
-        return (
-            StatusCode::FORBIDDEN,
-            layout(&v, "403", &format!("<p class=\"error\">{}</p>", T(v.lang).t("drill_forbidden"))),
-        )
-            .into_response();
-    }
-    let home = plan.id.clone();
-    match app.drill(home, v.user.username.clone()).await {
-        Ok(drill) => {
-            app.audit(&v.user.username, &client.text(), "drill", &drill, &id).await;
-            Redirect::to(&format!("/homes/{id}")).into_response()
-        }
-        Err(e) => {
-            (StatusCode::CONFLICT, layout(&v, "409", &format!("<p class=\"error\">{}</p>", escape(&e)))).into_response()
-        }
-    }
-}
-
 /// A channel's name for people.
 pub(super) fn channel_text(channel: &str, lang: Lang) -> &'static str {
     match (channel, lang) {
@@ -1713,6 +1201,7 @@ pub async fn js() -> Response {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::web::home::{chart, contacts_html};
 
     #[test]
     fn contacts_are_listed_with_their_numbers_to_tap_and_call() {

@@ -25,6 +25,10 @@
 //!
 //! The live updater never swaps this page (`data-no-live`): a refresh would lose edits. A
 //! new home still needs its agent's credentials from `mamori-gateway homes provision`.
+//!
+//! Over 800 lines for a reason: the form's two directions (a plan to fields, fields back to
+//! a plan with every problem placed on its row) belong together, and splitting them would
+//! leave each half unable to say which input a problem is under.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
