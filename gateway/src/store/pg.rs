@@ -464,29 +464,47 @@ impl Store for PgStore {
     fn upsert_homes(&mut self, homes: &[Home], by: &str) -> Result<(), StoreError> {
         let now = ts(crate::clock::now());
         let by = by.to_string();
+        // Fenced like a batch (`begin`): a gateway that lost the lease writes no plan.
+        let fence = self.fence.clone();
         let rows: Vec<(String, String, String)> = homes
             .iter()
             .map(|h| (h.id.as_str().to_string(), h.municipality.clone(), serde_json::to_string(h).unwrap_or_default()))
             .collect();
-        self.with(move |c| {
-            let mut tx = c.transaction()?;
-            for (id, m, plan) in &rows {
-                let stored = tx.query_opt("SELECT plan FROM homes WHERE id = $1 FOR UPDATE", &[id])?;
-                if stored.is_some_and(|r| r.get::<_, String>(0) == *plan) {
-                    continue;
+        self.call(move |c| {
+            let mut tx = c.client()?.transaction().map_err(|e| pg_text(&e))?;
+            if let Some((holder, token)) = &fence {
+                let held = tx
+                    .query_opt(
+                        "SELECT 1 FROM lease WHERE name = 'active' AND holder = $1 AND token = $2
+                         AND expires_at > now() FOR SHARE",
+                        &[holder, token],
+                    )
+                    .map_err(|e| pg_text(&e))?;
+                if held.is_none() {
+                    return Err(format!("{holder} no longer holds the lease (token {token}): the plan is not written"));
                 }
-                tx.execute(
-                    "INSERT INTO homes (id, municipality, plan, updated_at) VALUES ($1, $2, $3, $4)
-                     ON CONFLICT (id) DO UPDATE SET municipality = $2, plan = $3, updated_at = $4",
-                    &[id, m, plan, &now],
-                )?;
-                tx.execute(
-                    "INSERT INTO home_versions (home, version, at, changed_by, plan)
-                     SELECT $1, COALESCE(MAX(version), 0) + 1, $2, $3, $4 FROM home_versions WHERE home = $1",
-                    &[id, &now, &by, plan],
-                )?;
             }
-            tx.commit()
+            let write = |tx: &mut ::postgres::Transaction<'_>| -> Result<(), ::postgres::Error> {
+                for (id, m, plan) in &rows {
+                    let stored = tx.query_opt("SELECT plan FROM homes WHERE id = $1 FOR UPDATE", &[id])?;
+                    if stored.is_some_and(|r| r.get::<_, String>(0) == *plan) {
+                        continue;
+                    }
+                    tx.execute(
+                        "INSERT INTO homes (id, municipality, plan, updated_at) VALUES ($1, $2, $3, $4)
+                     ON CONFLICT (id) DO UPDATE SET municipality = $2, plan = $3, updated_at = $4",
+                        &[id, m, plan, &now],
+                    )?;
+                    tx.execute(
+                        "INSERT INTO home_versions (home, version, at, changed_by, plan)
+                     SELECT $1, COALESCE(MAX(version), 0) + 1, $2, $3, $4 FROM home_versions WHERE home = $1",
+                        &[id, &now, &by, plan],
+                    )?;
+                }
+                Ok(())
+            };
+            write(&mut tx).map_err(|e| pg_text(&e))?;
+            tx.commit().map_err(|e| pg_text(&e))
         })
     }
 
@@ -1088,6 +1106,14 @@ mod tests {
         assert!(e.contains("no longer holds the lease"), "{e}");
         a.rollback();
         assert_eq!(b.meta("k").unwrap().as_deref(), Some("1"));
+        // A care plan from the deposed gateway's dashboard is not written either.
+        let home: Home = serde_json::from_value(serde_json::json!({
+            "id": "h", "municipality": "431001", "label": "K", "devices": [], "backup": [], "contacts": []
+        }))
+        .unwrap();
+        let e = a.upsert_homes(std::slice::from_ref(&home), "coord-a").unwrap_err().to_string();
+        assert!(e.contains("no longer holds the lease"), "{e}");
+        assert!(b.homes().unwrap().is_empty() && b.home_versions(&home.id).unwrap().is_empty());
         // Unfenced (one machine's store), it writes as before.
         a.fence(None);
         a.begin().unwrap();
