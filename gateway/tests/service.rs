@@ -1328,3 +1328,86 @@ fn with_consent_required_a_contact_without_it_is_sent_nothing_and_check_config_n
     assert!(!hook.deliveries().iter().any(|x| x.path == "/other"));
     Ok(())
 }
+
+#[test]
+fn a_message_queued_for_a_contact_is_not_sent_once_the_guardian_withdraws_consent() -> Result<()> {
+    let broker = Mosquitto::start("")?;
+    let hook = WebhookReceiver::start("hook-secret")?;
+    let s = setup(broker.port(), &hook, 1)?;
+    // Sato may hear, with consent; Japan's clock.
+    let homes = s.dir.path().join("homes.toml");
+    std::fs::write(
+        &homes,
+        std::fs::read_to_string(&homes)?.replace(
+            r#"channels = [{ webhook = "coord" }] },"#,
+            r#"channels = [{ webhook = "coord" }], consent = { given_by = "家族", on = "2026-04-01", purpose = "停電時の通知" } },"#,
+        ),
+    )?;
+    std::fs::write(
+        &s.config,
+        std::fs::read_to_string(&s.config)?
+            .replace("[broker]", "utc_offset = \"+09:00\"\n[privacy]\nrequire_consent = true\n[broker]"),
+    )?;
+    let gw = gateway(&s.config)?;
+    let config = s.config.to_str().unwrap_or_default();
+    add_coordinator(config)?;
+    // Sato's webhook is down: the message to Sato waits in the outbox, retried.
+    hook.set_path_up("/coord", false);
+    publish(broker.port(), &[event(1, "mains_lost")])?;
+    hook.wait("a refused attempt to Sato", LIMIT, |d| d.iter().any(|x| x.path == "/coord" && !x.accepted))?;
+    // The guardian withdraws consent today (local), recorded by the coordinator in the plan.
+    let today = (chrono::Utc::now() + chrono::Duration::hours(9)).date_naive().to_string();
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let rt = tokio::runtime::Runtime::new()?;
+    let base = format!("http://127.0.0.1:{}", s.http_port);
+    let c = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build()?;
+    let session = rt.block_on(browser_login(&c, &base, "sato", "a coordinator password long enough"))?;
+    let editor = rt.block_on(async {
+        c.get(format!("{base}/homes/h1/plan")).header(reqwest::header::COOKIE, &session).send().await?.text().await
+    })?;
+    let mut form: Vec<(String, String)> = Vec::new();
+    for name in ["csrf", "based_on"] {
+        form.push((name.into(), hidden(&editor, name)?));
+    }
+    for (k, v) in [
+        ("label", "K-01"),
+        ("municipality", "431001"),
+        ("d0_name", "ventilator"),
+        ("d0_watts", "25"),
+        ("d1_name", "humidifier"),
+        ("d1_watts", "75"),
+        ("b0_kind", "power_station"),
+        ("b0_nameplate_wh", "1000"),
+        ("b1_kind", "ventilator_internal"),
+        ("b1_runtime_min", "480"),
+        ("evac_destination", "病院"),
+        ("evac_travel_min", "30"),
+        ("c0_name", "家族"),
+        ("c0_role", "family"),
+        ("c0_channels", "webhook:family"),
+        ("c1_name", "Sato"),
+        ("c1_role", "coordinator"),
+        ("c1_language", "en"),
+        ("c1_channels", "webhook:coord"),
+        ("c1_consent_by", "家族"),
+        ("c1_consent_on", "2026-04-01"),
+        ("c1_consent_purpose", "停電時の通知"),
+    ] {
+        form.push((k.into(), v.into()));
+    }
+    form.push(("c1_consent_withdrawn".into(), today));
+    let r = rt.block_on(async {
+        c.post(format!("{base}/homes/h1/plan")).header(reqwest::header::COOKIE, &session).form(&form).send().await
+    })?;
+    assert_eq!(r.status(), reqwest::StatusCode::SEE_OTHER);
+    // The queued message to Sato comes due again and is not sent; Sato's webhook is back and
+    // hears nothing.
+    let line = gw.wait_line("Sato's queued message dropped", LIMIT, |l| {
+        l.contains("not sent: no consent in force") && l.contains("Sato")
+    })?;
+    hook.set_path_up("/coord", true);
+    assert!(line.contains("coordinator"), "{line}");
+    let d = hook.deliveries();
+    assert!(!d.iter().any(to("/coord")), "nothing reached Sato after the withdrawal: {d:?}");
+    Ok(())
+}
