@@ -46,6 +46,10 @@ impl RustlsConnect {
             .map_err(|e| format!("TLS to PostgreSQL: {e}"))?
             .with_root_certificates(roots)
             .with_no_client_auth();
+        // PostgreSQL's protocol name: what a server that takes TLS first (17's direct
+        // negotiation) asks for; older servers ignore it.
+        let mut config = config;
+        config.alpn_protocols = vec![b"postgresql".to_vec()];
         Ok(RustlsConnect(Arc::new(config)))
     }
 }
