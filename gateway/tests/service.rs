@@ -134,17 +134,62 @@ fn cli(args: &[&str]) -> Result<std::process::Output> {
 /// `users add` a coordinator `sato` of 431001, the password on standard input as an operator
 /// pipes it.
 fn add_coordinator(config: &str) -> Result<()> {
+    add_user(
+        config,
+        &["sato", "--role", "coordinator", "--municipality", "431001"],
+        "a coordinator password long enough",
+    )
+}
+
+/// `users add` with `args`, the password on standard input as an operator pipes it.
+fn add_user(config: &str, args: &[&str], password: &str) -> Result<()> {
     use std::io::Write as _;
     let mut add = Command::new(BIN)
-        .args(["users", "add", "--config", config, "sato", "--role", "coordinator", "--municipality", "431001"])
+        .args(["users", "add", "--config", config])
+        .args(args)
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()?;
-    add.stdin.take().context("stdin")?.write_all(b"a coordinator password long enough\n")?;
+    add.stdin.take().context("stdin")?.write_all(format!("{password}\n").as_bytes())?;
     let out = add.wait_with_output()?;
     anyhow::ensure!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     Ok(())
+}
+
+/// Home h1's plan as the editor posts it (the homes file's, as `setup` writes it), with
+/// `changes` on top.
+fn h1_plan_form(csrf: &str, based_on: &str, changes: &[(&str, &str)]) -> Vec<(String, String)> {
+    let mut form: std::collections::BTreeMap<String, String> = [
+        ("csrf", csrf),
+        ("based_on", based_on),
+        ("label", "K-01"),
+        ("municipality", "431001"),
+        ("d0_name", "ventilator"),
+        ("d0_watts", "25"),
+        ("d1_name", "humidifier"),
+        ("d1_watts", "75"),
+        ("b0_kind", "power_station"),
+        ("b0_nameplate_wh", "1000"),
+        ("b1_kind", "ventilator_internal"),
+        ("b1_runtime_min", "480"),
+        ("evac_destination", "病院"),
+        ("evac_travel_min", "30"),
+        ("c0_name", "家族"),
+        ("c0_role", "family"),
+        ("c0_channels", "webhook:family"),
+        ("c1_name", "Sato"),
+        ("c1_role", "coordinator"),
+        ("c1_language", "en"),
+        ("c1_channels", "webhook:coord"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    for (k, v) in changes {
+        form.insert(k.to_string(), v.to_string());
+    }
+    form.into_iter().collect()
 }
 
 #[test]
@@ -1152,29 +1197,11 @@ fn plan_changed_in_the_dashboard(store: &str) -> Result<()> {
     let editor = get("/homes/h1/plan")?;
     let (csrf, based_on) = (hidden(&editor, "csrf")?, hidden(&editor, "based_on")?);
     assert_eq!(based_on, "1");
-    let form = [
-        ("csrf", csrf.as_str()),
-        ("based_on", based_on.as_str()),
-        ("label", "K-01 東区"),
-        ("municipality", "431001"),
-        ("d0_name", "人工呼吸器"),
-        ("d0_watts", "25"),
-        ("d1_name", "加温加湿器"),
-        ("d1_watts", "75"),
-        ("b0_kind", "power_station"),
-        ("b0_nameplate_wh", "1000"),
-        ("b1_kind", "ventilator_internal"),
-        ("b1_runtime_min", "480"),
-        ("evac_destination", "病院"),
-        ("evac_travel_min", "30"),
-        ("c0_name", "家族"),
-        ("c0_role", "family"),
-        ("c0_channels", "連携:family"),
-        ("c1_name", "Sato"),
-        ("c1_role", "coordinator"),
-        ("c1_language", "en"),
-        ("c1_channels", "webhook:coord"),
-    ];
+    let form = h1_plan_form(
+        &csrf,
+        &based_on,
+        &[("label", "K-01 東区"), ("d0_name", "人工呼吸器"), ("d1_name", "加温加湿器"), ("c0_channels", "連携:family")],
+    );
     let r = rt.block_on(async {
         c.post(format!("{base}/homes/h1/plan")).header(reqwest::header::COOKIE, &session).form(&form).send().await
     })?;
@@ -1207,21 +1234,12 @@ fn plan_changed_in_the_dashboard(store: &str) -> Result<()> {
 
 #[test]
 fn a_familys_answer_on_its_page_reaches_the_coordinator_as_a_message() -> Result<()> {
-    use std::io::Write as _;
     let broker = Mosquitto::start("")?;
     let hook = WebhookReceiver::start("hook-secret")?;
     let s = setup(broker.port(), &hook, 3600)?;
     let _gw = gateway(&s.config)?;
     let config = s.config.to_str().unwrap_or_default();
-    let mut add = Command::new(BIN)
-        .args(["users", "add", "--config", config, "mother", "--role", "family", "--home", "h1"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()?;
-    add.stdin.take().context("stdin")?.write_all(b"a family password long enough\n")?;
-    let out = add.wait_with_output()?;
-    anyhow::ensure!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    add_user(config, &["mother", "--role", "family", "--home", "h1"], "a family password long enough")?;
     publish(broker.port(), &[event(1, "mains_lost")])?;
     hook.wait("the family told", LIMIT, |d| d.iter().any(to("/family")))?;
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
@@ -1365,37 +1383,16 @@ fn a_message_queued_for_a_contact_is_not_sent_once_the_guardian_withdraws_consen
     let editor = rt.block_on(async {
         c.get(format!("{base}/homes/h1/plan")).header(reqwest::header::COOKIE, &session).send().await?.text().await
     })?;
-    let mut form: Vec<(String, String)> = Vec::new();
-    for name in ["csrf", "based_on"] {
-        form.push((name.into(), hidden(&editor, name)?));
-    }
-    for (k, v) in [
-        ("label", "K-01"),
-        ("municipality", "431001"),
-        ("d0_name", "ventilator"),
-        ("d0_watts", "25"),
-        ("d1_name", "humidifier"),
-        ("d1_watts", "75"),
-        ("b0_kind", "power_station"),
-        ("b0_nameplate_wh", "1000"),
-        ("b1_kind", "ventilator_internal"),
-        ("b1_runtime_min", "480"),
-        ("evac_destination", "病院"),
-        ("evac_travel_min", "30"),
-        ("c0_name", "家族"),
-        ("c0_role", "family"),
-        ("c0_channels", "webhook:family"),
-        ("c1_name", "Sato"),
-        ("c1_role", "coordinator"),
-        ("c1_language", "en"),
-        ("c1_channels", "webhook:coord"),
-        ("c1_consent_by", "家族"),
-        ("c1_consent_on", "2026-04-01"),
-        ("c1_consent_purpose", "停電時の通知"),
-    ] {
-        form.push((k.into(), v.into()));
-    }
-    form.push(("c1_consent_withdrawn".into(), today));
+    let form = h1_plan_form(
+        &hidden(&editor, "csrf")?,
+        &hidden(&editor, "based_on")?,
+        &[
+            ("c1_consent_by", "家族"),
+            ("c1_consent_on", "2026-04-01"),
+            ("c1_consent_purpose", "停電時の通知"),
+            ("c1_consent_withdrawn", &today),
+        ],
+    );
     let r = rt.block_on(async {
         c.post(format!("{base}/homes/h1/plan")).header(reqwest::header::COOKIE, &session).form(&form).send().await
     })?;
