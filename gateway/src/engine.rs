@@ -1640,9 +1640,16 @@ impl Engine {
                 }
             },
             Power::Mains => {
+                let interval = i64::from(st.interval_s.unwrap_or(self.settings.default_interval_s));
                 if let Some(d) = st.discharge.take() {
-                    let ran_out = st.ran_out_at.take();
-                    let ended = ran_out.or(st.power_ts).unwrap_or(now);
+                    let restored = st.power_ts.unwrap_or(now);
+                    // Seen to run out, or (a home that reports no level) silent on battery
+                    // until the mains came back.
+                    let ran_out = st
+                        .ran_out_at
+                        .take()
+                        .or_else(|| d.fell_silent(restored, Duration::seconds((interval * 3).max(300))));
+                    let ended = ran_out.unwrap_or(restored);
                     if let Some(l) = learn(plan, &d, st.battery.as_ref(), ended, ran_out.is_some()) {
                         tracing::info!(
                             home = %home,
@@ -1668,7 +1675,7 @@ impl Engine {
         let Some(st) = self.state.get(home) else { return };
         let learned =
             st.battery.as_ref().filter(|l| l.usable() && plan_wh.is_some_and(|w| (w - l.plan_wh).abs() < 0.5));
-        let degraded = learned.filter(|l| l.health * 100.0 < self.settings.battery_degraded_below_pct);
+        let degraded = learned.filter(|l| !l.by_silence && l.health * 100.0 < self.settings.battery_degraded_below_pct);
         let open = st.alerts.contains_key(&AlertKind::BatteryDegraded);
         match degraded {
             Some(l) if !open => {

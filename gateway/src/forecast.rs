@@ -295,6 +295,10 @@ pub struct Discharge {
     /// outage.
     #[serde(default)]
     pub charge_stuck: bool,
+    /// The latest reading of the outage, whatever it carried (a home that reports nothing of
+    /// its battery is still heard).
+    #[serde(default)]
+    pub last_heard: Option<Time>,
 }
 
 /// Why a reading was refused (the counter's name).
@@ -343,6 +347,7 @@ impl Discharge {
     pub fn push(&mut self, mut s: Sample, stuck_after: Duration) -> Vec<&'static str> {
         let mut refused = Vec::new();
         let Some(at) = s.at else { return refused };
+        self.last_heard = self.last_heard.max(Some(at));
         if self.samples.last().and_then(|p| p.at).is_some_and(|p| at < p) {
             return refused; // late: the discharge is in time order
         }
@@ -428,6 +433,19 @@ impl Discharge {
         refused
     }
 
+    /// When a home that reported no level of its battery (no charge, no voltage) fell silent on
+    /// battery and stayed silent until `restored` (the mains back), less `margin`: its last
+    /// reading. Its home unit runs on the same backup, so the backup most likely ran out
+    /// then; a network that died in the outage looks the same and gives a shorter time than
+    /// the truth (the safe side: the next outage's lesson is mixed with it).
+    pub fn fell_silent(&self, restored: Time, margin: Duration) -> Option<Time> {
+        if self.samples.iter().any(|s| s.charge_pct.is_some() || s.voltage_v.is_some()) {
+            return None;
+        }
+        let last = self.last_heard?;
+        (self.since.is_some_and(|since| last > since) && last < restored - margin).then_some(last)
+    }
+
     /// The energy that left the battery since the outage began, Wh, when the power meter
     /// measured it throughout (80 % of the samples or more; 0 at the first reading).
     pub fn metered_wh(&self) -> Option<f64> {
@@ -461,6 +479,11 @@ pub struct Learned {
     pub discharges: u32,
     /// When last updated.
     pub updated_at: Time,
+    /// Measured only by when the home unit fell silent on battery (a home that reports no
+    /// level of its battery): the forecast uses it, but on its own it does not say the battery
+    /// is weak (`battery_degraded`), because a network that died in the outage looks the same.
+    #[serde(default)]
+    pub by_silence: bool,
 }
 
 impl Learned {
@@ -841,10 +864,11 @@ pub fn learn(home: &Home, d: &Discharge, prev: Option<&Learned>, ended: Time, ra
     let plan_wh = home.external_wh().filter(|w| *w > 0.0)?;
     let chemistry = source.chemistry();
     let s = &d.samples;
+    // A lead-acid voltage where there is no charge (neither: nothing but the time it ran).
     let by_voltage = if s.iter().filter(|x| x.charge_pct.is_some()).count() >= 3 {
         None
     } else if chemistry == Chemistry::LeadAcid {
-        Some(cells(s.iter().find_map(|x| x.voltage_v)?))
+        s.iter().find_map(|x| x.voltage_v).map(cells)
     } else {
         None
     };
@@ -900,6 +924,7 @@ pub fn learn(home: &Home, d: &Discharge, prev: Option<&Learned>, ended: Time, ra
         }
         None => (health, optimism, drop.min(200.0), 1),
     };
+    let by_silence = first.is_none() && prev.is_none_or(|p| p.by_silence);
     Some(Learned {
         source: source.kind,
         plan_wh,
@@ -908,6 +933,7 @@ pub fn learn(home: &Home, d: &Discharge, prev: Option<&Learned>, ended: Time, ra
         evidence_pct: evidence,
         discharges,
         updated_at: ended,
+        by_silence,
     })
 }
 

@@ -403,6 +403,7 @@ fn a_learned_battery_replaces_the_assumption() {
         evidence_pct: 60.0,
         discharges: 2,
         updated_at: t(-86_400),
+        by_silence: false,
     };
     let f = forecast(&home(Some(700.0), None), t(0), &Discharge::start(t(0)), Some(&learned), &a());
     assert!(f.verified);

@@ -100,7 +100,8 @@ pub fn row(
         measured: health.is_some(),
         internal_min: plan.backup.iter().find(|b| b.kind == BackupKind::VentilatorInternal).and_then(|b| b.runtime_min),
         needed_h: plan.evacuation.as_ref().map(|e| (2.0 * f64::from(e.travel_min) + f64::from(MARGIN_MIN)) / 60.0),
-        degraded: health.is_some_and(|h| h * 100.0 < degraded_below_pct),
+        // As the engine's `battery_degraded`: a time measured only by a silence does not say so.
+        degraded: learned.is_some_and(|l| !l.by_silence) && health.is_some_and(|h| h * 100.0 < degraded_below_pct),
         last_drill,
         without_consent,
     }
@@ -484,6 +485,7 @@ mod tests {
             evidence_pct: 100.0,
             discharges: 2,
             updated_at: chrono::DateTime::from_timestamp(1_790_000_000, 0).unwrap(),
+            by_silence: false,
         };
         let r = row(&p, Some(&learned), 70.0, &[], chrono::NaiveDate::from_ymd_opt(2026, 11, 30).unwrap());
         assert_eq!((r.backup_h, r.short(), r.degraded, r.measured), (Some(1.5), true, true, true));

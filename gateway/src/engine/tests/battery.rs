@@ -195,3 +195,47 @@ fn a_failed_battery_self_test_tells_the_family_and_the_coordinator_and_a_passed_
     e.handle(Input::Event(h("a"), test(4, 30 * 86_400, "passed")), t(30 * 86_400)).unwrap();
     assert!(alert(&e, "a", "battery_test_failed").is_none());
 }
+
+#[test]
+fn a_home_that_reports_no_level_learns_its_battery_from_when_it_fell_silent_on_battery() {
+    // 800 Wh planned at 100 W (8 h). `a` reports only that the mains are off, and falls silent
+    // after 2 h on battery, until the mains come back at 5 h: its unit ran on the same backup,
+    // which ran out then. `b` reports to the end of the outage: nothing to learn.
+    let mut e = engine_with(Settings::default(), &[plan("a", "431001", 800.0), plan("b", "431001", 800.0)]);
+    for id in ["a", "b"] {
+        e.handle(Input::Event(h(id), event(1, 0, EventKind::MainsLost)), t(0)).unwrap();
+    }
+    let off = |m: i64| {
+        let mut x = telemetry(m * 60, false);
+        x.interval_s = 60;
+        x
+    };
+    for m in 0..=300 {
+        if m <= 120 {
+            e.handle(Input::Telemetry(h("a"), off(m)), t(m * 60)).unwrap();
+        }
+        e.handle(Input::Telemetry(h("b"), off(m)), t(m * 60)).unwrap();
+        e.poll(t(m * 60));
+    }
+    for id in ["a", "b"] {
+        e.handle(Input::Event(h(id), event(2, 301 * 60, EventKind::MainsRestored)), t(301 * 60)).unwrap();
+    }
+    e.poll(t(301 * 60));
+    let a = e.home_state(&h("a")).unwrap();
+    let l = a.battery.clone().expect("learned from the silence");
+    assert!((l.health - 0.25).abs() < 0.01, "2 h of a planned 8 h: {l:?}");
+    assert!(l.by_silence);
+    assert!(
+        !a.alerts.contains_key(&AlertKind::BatteryDegraded),
+        "a silence alone (a network that died looks the same) does not tell the family their battery is weak"
+    );
+    assert!(e.home_state(&h("b")).unwrap().battery.is_none(), "heard to the end: nothing measured");
+    // The next outage expects 2 h, not the care plan's 8 h less a guess.
+    e.handle(Input::Event(h("a"), event(3, 86_400, EventKind::MainsLost)), t(86_400)).unwrap();
+    e.handle(Input::Telemetry(h("a"), off(1440)), t(86_400)).unwrap();
+    let f = e.home_state(&h("a")).unwrap().forecast.unwrap();
+    assert!(f.verified);
+    assert_eq!(f.basis, Basis::DeadReckoning);
+    let p50_min = (f.external.p50 - t(86_400)).num_minutes();
+    assert!((115..=125).contains(&p50_min), "{p50_min} min");
+}
