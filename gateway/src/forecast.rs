@@ -276,9 +276,55 @@ impl Sample {
     }
 }
 
-/// The most samples a discharge keeps: older ones are thinned (every other one dropped, the
-/// first kept), so memory is bounded and the whole outage stays covered.
+/// The most samples a discharge keeps: when full, neighbours are merged two by two (the first
+/// and the last kept as they are), so memory is bounded and the whole outage stays covered.
 pub const MAX_SAMPLES: usize = 128;
+
+/// Half as many samples over the same time: the first and the last as they are, each pair
+/// between them merged into one at its middle with the mean of each reading. Merging, not
+/// dropping every other one: the readings' noise averages out instead of staying in the few
+/// old samples left, which after a day or two of halvings pulled the line (a 40-hour discharge
+/// was forecast 8 % short at 87 % of it; 15 % long in the benchmark).
+fn halved(samples: &[Sample]) -> Vec<Sample> {
+    let Some((first, rest)) = samples.split_first() else { return Vec::new() };
+    let Some((last, middle)) = rest.split_last() else { return vec![*first] };
+    let mean = |a: Option<f64>, b: Option<f64>| match (a, b) {
+        (Some(a), Some(b)) => Some((a + b) / 2.0),
+        (a, b) => a.or(b),
+    };
+    // A pack that reads full at first (a lithium BMS at 100 %) is not on its line until it
+    // leaves full (the trend keeps only the last full reading): a pair across that moment is
+    // kept as it is, never averaged into a point that is on neither.
+    let top = samples.iter().filter_map(|x| x.charge_pct).fold(f64::NEG_INFINITY, f64::max);
+    let is_full = |x: &Sample| x.charge_pct.is_none_or(|c| c >= top - 1.0);
+    let full_run = samples.iter().take_while(|x| is_full(x)).count();
+    let mut out = vec![*first];
+    for (k, pair) in middle.chunks(2).enumerate() {
+        // `middle` starts at the second sample.
+        if let [a, b] = pair {
+            if 1 + 2 * k < full_run && 2 + 2 * k >= full_run {
+                out.extend([*a, *b]);
+                continue;
+            }
+        }
+        out.push(match pair {
+            [a, b] => Sample {
+                at: match (a.at, b.at) {
+                    (Some(x), Some(y)) => Some(x + (y - x) / 2),
+                    (x, y) => x.or(y),
+                },
+                charge_pct: mean(a.charge_pct, b.charge_pct),
+                voltage_v: mean(a.voltage_v, b.voltage_v),
+                runtime_s: mean(a.runtime_s.map(f64::from), b.runtime_s.map(f64::from)).map(|r| r.round() as u32),
+                load_pct: mean(a.load_pct, b.load_pct),
+                power_w: mean(a.power_w, b.power_w),
+            },
+            _ => pair[0],
+        });
+    }
+    out.push(*last);
+    out
+}
 
 /// One outage's discharge, as observed.
 #[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
@@ -419,14 +465,7 @@ impl Discharge {
         }
         if !s.is_empty() {
             if self.samples.len() >= MAX_SAMPLES {
-                let kept: Vec<Sample> = self
-                    .samples
-                    .iter()
-                    .enumerate()
-                    .filter(|(i, _)| *i == 0 || i % 2 == 1 || *i == self.samples.len() - 1)
-                    .map(|(_, x)| *x)
-                    .collect();
-                self.samples = kept;
+                self.samples = halved(&self.samples);
             }
             self.samples.push(s);
         }

@@ -84,6 +84,9 @@ struct Drain {
     noise: f64,
     /// Load spikes (×1.8 for 2 minutes, every ~20 minutes).
     spikes: bool,
+    /// The charge reads this much high (+) or low (−), as a fraction, and never above 100 %
+    /// (a lithium pack's level: good to about ±15 %).
+    bias: f64,
     step_s: i64,
     seed: u64,
 }
@@ -98,6 +101,7 @@ impl Default for Drain {
             reports: Reports::Charge,
             noise: 0.0,
             spikes: false,
+            bias: 0.0,
             step_s: 60,
             seed: 7,
         }
@@ -124,7 +128,8 @@ impl Drain {
             let spike = self.spikes && (s / 60) % 20 < 2;
             let load = self.plan_load * self.load_factor * if spike { 1.8 } else { 1.0 };
             let soc = energy / cap * 100.0;
-            let charge = (soc + rng.range(-self.noise, self.noise)).round().clamp(0.0, 100.0);
+            let charge =
+                ((soc * (1.0 + self.bias)).min(100.0) + rng.range(-self.noise, self.noise)).round().clamp(0.0, 100.0);
             let mut x = Sample { at: Some(t(s)), ..Default::default() };
             match self.reports {
                 Reports::ChargeAndRuntime => {
@@ -473,6 +478,29 @@ fn samples_stay_bounded_over_a_long_outage() {
     assert!(d.samples.len() <= MAX_SAMPLES);
     assert_eq!(d.samples[0].at, Some(t(0)), "the first is kept");
     assert_eq!(d.samples.last().unwrap().at, Some(t(4999 * 60)));
+}
+
+#[test]
+fn a_long_discharge_is_forecast_as_well_as_a_short_one() {
+    // 2,500 Wh at 62 W: 40 hours, 2,400 readings, far more than the discharge keeps.
+    for (reports, bias) in
+        [(Reports::Charge, 0.0), (Reports::ChargeAndRuntime, 0.0), (Reports::Charge, 0.15), (Reports::Charge, -0.15)]
+    {
+        for seed in [3, 7, 11] {
+            let d = Drain { plan_wh: 2500.0, plan_load: 62.0, noise: 1.0, reports, seed, bias, ..Default::default() };
+            for fraction in [0.5, 0.75, 0.87] {
+                let (f, truth) = d.forecast_at(fraction, None);
+                let [_, p50, _] = left_s(&f, f.as_of);
+                let err = (p50 - truth).abs() / truth;
+                assert!(
+                    err < 0.05,
+                    "bias {bias}, seed {seed} at {fraction}: P50 {:.2} h, truth {:.2} h",
+                    p50 / 3600.0,
+                    truth / 3600.0
+                );
+            }
+        }
+    }
 }
 
 mod props {
