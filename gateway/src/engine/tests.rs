@@ -286,20 +286,20 @@ fn a_silenced_bedside_alarm_still_escalates_remotely() {
 
 #[test]
 fn forecast_from_the_care_plan_crosses_tiers_and_escalates_at_once() {
-    // 400 Wh at 100 W = 4 h external for a battery as planned, + 1 h internal. Nothing is
-    // reported of the battery: P10 at 35 % (1.4 h), P50 at 60 % (2.4 h); the internal one's
+    // 500 Wh at 100 W = 5 h external for a battery as planned, + 1 h internal. Nothing is
+    // reported of the battery: P10 at 28 % (1.4 h), P50 at 60 % (3 h); the internal one's
     // P10 at 80 %. T2 below 30×2 + 360 min on P10 (always here), T3 below 2 h on P10.
-    let mut e = engine(&[plan("a", "431001", 400.0)]);
+    let mut e = engine(&[plan("a", "431001", 500.0)]);
     e.handle(Input::Event(h("a"), event(1, 0, EventKind::MainsLost)), t(0)).unwrap();
     let f = e.home_state(&h("a")).unwrap().forecast.unwrap();
     assert_eq!(f.basis, crate::forecast::Basis::DeadReckoning);
-    assert_eq!((f.runs_out.p10, f.runs_out_at), (t(5040 + 2880), t(8640 + 3600)));
+    assert_eq!((f.runs_out.p10, f.runs_out_at), (t(5040 + 2880), t(10_800 + 3600)));
     e.poll(t(0));
     // 2 h 12 min left on P10 < 7 h: straight to T2 without waiting for T0 and T1, and the tiers are
     // cumulative: the family, the coordinator and the nurse hear with the facility.
     assert_eq!(names(&sent(&mut e)), ["coord-431001", "fac-a", "fam-a", "nurse-a"]);
     assert_eq!(alert(&e, "a", "mains_lost").unwrap().tier(), Tier::T2);
-    // 13 minutes later P10 is under 2 h: T3, though the middle still says 3 h.
+    // 13 minutes later P10 is under 2 h: T3, though the middle still says almost 4 h.
     e.poll(t(13 * 60));
     assert_eq!(names(&sent(&mut e)), ["centre", "coord-431001", "fac-a", "fam-a", "nurse-a"]);
 }
