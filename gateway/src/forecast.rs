@@ -49,7 +49,10 @@
 //! scatter is all claim, 8 and more all observation) and how narrow the observation's own band
 //! is (P10 at half its middle: all claim; within a fifth: all observation). So the first noisy
 //! minutes of a healthy battery's trend do not drag it down, and an aged battery's fast fall
-//! takes over within minutes. The claims then only bound the
+//! takes over within minutes. One exception does not wait: an observation whose whole band
+//! (its P90 too) is shorter than the claim's P10, after ten readings and three points beyond
+//! the scatter, moves P10 and P50 at once (an aged battery under a heavier load than planned
+//! is then paged when its fall is certain, not when it is precise). The claims then only bound the
 //! observation: a UPS runtime longer than observed is never believed, a shorter one bounds the
 //! pessimistic end and below the observed P10 becomes the middle (the UPS may know of its own
 //! cut-off); and the P90 never exceeds what the care plan's energy at 125 % health could give
@@ -69,7 +72,13 @@
 //! ÷ the care plan's energy) and the UPS firmware's optimism (the runtime it claimed at the
 //! start ÷ what the battery could really give). A discharge of at least 10 points counts;
 //! earlier measurements are averaged in, weighted by the points each observed. A battery
-//! changed in the care plan (another energy) starts over.
+//! changed in the care plan (another energy) starts over. A home that reports no level is
+//! measured by when it fell silent on battery and stayed silent until the mains came back
+//! ([`Discharge::fell_silent`]; its unit runs on the same backup), marked
+//! [`Learned::by_silence`]: used by the forecast, never on its own a `battery_degraded`.
+//!
+//! A discharge keeps at most [`MAX_SAMPLES`]; when full, neighbours are merged two by two
+//! (never across a full pack's leaving full), so a two-day outage keeps its shape.
 //!
 //! The ventilator's internal battery is added on top (its P10 at 80 % of its stated runtime:
 //! those age too).
