@@ -67,7 +67,7 @@ use sha2::{Digest, Sha256};
 
 pub use crate::forecast::Time;
 use crate::forecast::{forecast, learn, Assumptions, Discharge, Forecast, Learned, PowerReadings, Sample};
-use crate::homes::{Contact, Home};
+use crate::homes::{Chemistry, Contact, Home};
 use crate::notice::Notice;
 use crate::policy::{Policies, Policy, Tier};
 
@@ -359,6 +359,10 @@ pub struct HomeState {
     pub power: Power,
     /// Time of the last power transition (the home's clock).
     pub power_ts: Option<Time>,
+    /// The home unit's boot that said the mains were back (from the agent's clocks): another
+    /// boot than the outage's last reading means the unit lost its power on battery.
+    #[serde(default)]
+    pub mains_boot: Option<String>,
     /// Heard or silent.
     pub conn: Connectivity,
     /// When the gateway last received anything from the home.
@@ -1074,6 +1078,7 @@ impl Engine {
                     (true, _) => {
                         st.power = Power::Mains;
                         st.power_ts = Some(ts);
+                        st.mains_boot = t.clock.as_ref().map(|c| c.boot.clone());
                     }
                     (false, _) => {
                         st.power = Power::Battery { since: ts };
@@ -1086,6 +1091,9 @@ impl Engine {
             }
         }
         self.observe(&home, Sample::of(ts, t.ups.as_ref(), t.power_meter.as_ref()), now);
+        if let (Some(c), Some(d)) = (&t.clock, self.state.get_mut(&home).and_then(|s| s.discharge.as_mut())) {
+            d.heard_in(ts, &c.boot);
+        }
         self.refresh_forecast(&home, now);
         // Conditions the home says are over end their alerts, whether or not the clearing
         // event ever comes.
@@ -1158,6 +1166,7 @@ impl Engine {
                 if st.power_ts.is_none_or(|p| ts >= p) {
                     st.power = Power::Mains;
                     st.power_ts = Some(ts);
+                    st.mains_boot = e.clock.as_ref().map(|c| c.boot.clone());
                 }
                 self.power_changed(&home, now);
                 self.refresh_forecast(&home, now);
@@ -1645,10 +1654,10 @@ impl Engine {
                     let restored = st.power_ts.unwrap_or(now);
                     // Seen to run out, or (a home that reports no level) silent on battery
                     // until the mains came back.
-                    let ran_out = st
-                        .ran_out_at
-                        .take()
-                        .or_else(|| d.fell_silent(restored, Duration::seconds((interval * 3).max(300))));
+                    let boot_now = st.mains_boot.as_deref();
+                    let lead_acid = plan.external().is_some_and(|b| b.chemistry() == Chemistry::LeadAcid);
+                    let margin = Duration::seconds((interval * 3).max(300));
+                    let ran_out = st.ran_out_at.take().or_else(|| d.fell_silent(restored, margin, boot_now, lead_acid));
                     let ended = ran_out.unwrap_or(restored);
                     if let Some(l) = learn(plan, &d, st.battery.as_ref(), ended, ran_out.is_some()) {
                         tracing::info!(

@@ -73,9 +73,10 @@
 //! start ÷ what the battery could really give). A discharge of at least 10 points counts;
 //! earlier measurements are averaged in, weighted by the points each observed. A battery
 //! changed in the care plan (another energy) starts over. A home that reports no level is
-//! measured by when it fell silent on battery and stayed silent until the mains came back
-//! ([`Discharge::fell_silent`]; its unit runs on the same backup), marked
-//! [`Learned::by_silence`]: used by the forecast, never on its own a `battery_degraded`.
+//! measured by when it fell silent on battery and came back with the mains as another boot of
+//! its unit ([`Discharge::fell_silent`]; the unit runs on the same backup), marked
+//! [`Learned::by_silence`]: used by the forecast, never a `battery_degraded`, never mixed into
+//! a battery measured by its level.
 //!
 //! A discharge keeps at most [`MAX_SAMPLES`]; when full, neighbours are merged two by two
 //! (never across a full pack's leaving full), so a two-day outage keeps its shape.
@@ -309,9 +310,12 @@ fn halved(samples: &[Sample]) -> Vec<Sample> {
     let full_run = samples.iter().take_while(|x| is_full(x)).count();
     let mut out = vec![*first];
     for (k, pair) in middle.chunks(2).enumerate() {
-        // `middle` starts at the second sample.
+        // `middle` starts at the second sample: this pair is samples 1 + 2k and 2 + 2k. The
+        // last full reading (its time is where the line starts) and the first after it are
+        // never merged.
         if let [a, b] = pair {
-            if 1 + 2 * k < full_run && 2 + 2 * k >= full_run {
+            let (i, j) = (1 + 2 * k, 2 + 2 * k);
+            if (i..=j).contains(&(full_run.wrapping_sub(1))) || (i..=j).contains(&full_run) {
                 out.extend([*a, *b]);
                 continue;
             }
@@ -354,6 +358,9 @@ pub struct Discharge {
     /// its battery is still heard).
     #[serde(default)]
     pub last_heard: Option<Time>,
+    /// The home unit's boot at `last_heard` (from the agent's clocks, when it sends them).
+    #[serde(default)]
+    pub heard_boot: Option<String>,
 }
 
 /// Why a reading was refused (the counter's name).
@@ -481,17 +488,35 @@ impl Discharge {
         refused
     }
 
-    /// When a home that reported no level of its battery (no charge, no voltage) fell silent on
-    /// battery and stayed silent until `restored` (the mains back), less `margin`: its last
-    /// reading. Its home unit runs on the same backup, so the backup most likely ran out
-    /// then; a network that died in the outage looks the same and gives a shorter time than
-    /// the truth (the safe side: the next outage's lesson is mixed with it).
-    pub fn fell_silent(&self, restored: Time, margin: Duration) -> Option<Time> {
-        if self.samples.iter().any(|s| s.charge_pct.is_some() || s.voltage_v.is_some()) {
+    /// When a home that reported no level of its battery fell silent on battery, stayed silent
+    /// until `restored` (the mains back) less `margin`, and came back as another boot of its
+    /// unit (`boot_now`): its last reading. Its home unit runs on the same backup, so the
+    /// backup ran out then and the unit lost its power. A network that died in the outage
+    /// leaves the unit running, the same boot, and is not taken for it (the agent sends its
+    /// events before the snapshots it kept, so the mains' return arrives before the readings
+    /// of the cut). Without the agent's clocks (no boot known) nothing is concluded.
+    /// `voltage_is_level`: a lead-acid voltage is a level; a lithium one is not.
+    pub fn fell_silent(
+        &self,
+        restored: Time,
+        margin: Duration,
+        boot_now: Option<&str>,
+        voltage_is_level: bool,
+    ) -> Option<Time> {
+        if self.samples.iter().any(|s| s.charge_pct.is_some() || (voltage_is_level && s.voltage_v.is_some())) {
             return None;
         }
         let last = self.last_heard?;
-        (self.since.is_some_and(|since| last > since) && last < restored - margin).then_some(last)
+        let rebooted = matches!((self.heard_boot.as_deref(), boot_now), (Some(a), Some(b)) if a != b);
+        let before = restored.checked_sub_signed(margin).is_some_and(|r| last < r);
+        (rebooted && before && self.since.is_some_and(|since| last > since)).then_some(last)
+    }
+
+    /// Record the home unit's boot of the reading at `at` (the latest of the outage).
+    pub fn heard_in(&mut self, at: Time, boot: &str) {
+        if self.last_heard == Some(at) {
+            self.heard_boot = Some(boot.to_string());
+        }
     }
 
     /// The energy that left the battery since the outage began, Wh, when the power meter
@@ -528,8 +553,9 @@ pub struct Learned {
     /// When last updated.
     pub updated_at: Time,
     /// Measured only by when the home unit fell silent on battery (a home that reports no
-    /// level of its battery): the forecast uses it, but on its own it does not say the battery
-    /// is weak (`battery_degraded`), because a network that died in the outage looks the same.
+    /// level of its battery): the forecast uses it, but it does not say the battery is weak
+    /// (`battery_degraded`), because a unit can lose its power for other reasons; it never
+    /// dilutes a battery measured by its level, and a measurement by level replaces it.
     #[serde(default)]
     pub by_silence: bool,
 }
@@ -973,6 +999,14 @@ pub fn learn(home: &Home, d: &Discharge, prev: Option<&Learned>, ended: Time, ra
         (real_s > 60.0).then(|| (f64::from(r) / real_s).clamp(0.1, 10.0))
     });
     let prev = prev.filter(|p| p.source == source.kind && (p.plan_wh - plan_wh).abs() < 0.5);
+    // A time measured by a silence is weaker evidence than a level seen to fall: it never
+    // dilutes a measured battery (which is kept as it was), and a measured one replaces it.
+    let by_silence = first.is_none();
+    let prev = match prev {
+        Some(p) if by_silence && !p.by_silence => return Some(p.clone()),
+        Some(p) if !by_silence && p.by_silence => None,
+        p => p,
+    };
     let (health, optimism, evidence, discharges) = match prev {
         Some(p) => {
             let w = p.evidence_pct.min(100.0);
@@ -985,7 +1019,6 @@ pub fn learn(home: &Home, d: &Discharge, prev: Option<&Learned>, ended: Time, ra
         }
         None => (health, optimism, drop.min(200.0), 1),
     };
-    let by_silence = first.is_none() && prev.is_none_or(|p| p.by_silence);
     Some(Learned {
         source: source.kind,
         plan_wh,

@@ -498,6 +498,37 @@ fn samples_stay_bounded_over_a_long_outage() {
 }
 
 #[test]
+fn a_silence_never_dilutes_a_measured_battery_and_a_measurement_replaces_a_silence() {
+    // 800 Wh planned at 100 W; nothing reported of the level; silent (run out) after 2 h.
+    let plan = home(Some(800.0), None);
+    let silent = Discharge::start(t(0));
+    let by_silence = learn(&plan, &silent, None, t(7200), true).unwrap();
+    assert!(by_silence.by_silence && (by_silence.health - 0.25).abs() < 0.01, "{by_silence:?}");
+    let measured = Learned {
+        source: BackupKind::PowerStation,
+        plan_wh: 800.0,
+        health: 0.9,
+        optimism: None,
+        evidence_pct: 60.0,
+        discharges: 1,
+        updated_at: t(-86_400),
+        by_silence: false,
+    };
+    assert_eq!(learn(&plan, &silent, Some(&measured), t(7200), true), Some(measured), "kept as it was");
+    // A charge seen to fall from 100 to 50 % in 4 h at 100 W: 800 Wh, as planned.
+    let mut seen = Discharge::start(t(0));
+    for m in 0..=240 {
+        let c = (100.0 - f64::from(m) * 50.0 / 240.0).round();
+        seen.push(
+            Sample { at: Some(t(i64::from(m) * 60)), charge_pct: Some(c), ..Default::default() },
+            Duration::days(1),
+        );
+    }
+    let l = learn(&plan, &seen, Some(&by_silence), t(4 * 3600), false).unwrap();
+    assert!(!l.by_silence && (l.health - 1.0).abs() < 0.05 && l.discharges == 1, "replaced: {l:?}");
+}
+
+#[test]
 fn a_long_discharge_is_forecast_as_well_as_a_short_one() {
     // 2,500 Wh at 62 W: 40 hours, 2,400 readings, far more than the discharge keeps.
     for (reports, bias) in

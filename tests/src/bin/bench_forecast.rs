@@ -44,7 +44,7 @@ use chrono::{DateTime, Utc};
 use mamori_gateway::engine::{Engine, Input, Settings};
 use mamori_gateway::homes::{Backup, BackupKind, Contact, Device, Evacuation, Home, Lang};
 use mamori_gateway::policy::Policies;
-use mamori_protocol::mqtt::{Event, EventKind, HomeId, PowerMeterReading, Role, Telemetry, Timestamp};
+use mamori_protocol::mqtt::{ClockInfo, Event, EventKind, HomeId, PowerMeterReading, Role, Telemetry, Timestamp};
 use mamori_protocol::reading::UpsReading;
 use rand::{Rng, SeedableRng};
 
@@ -217,7 +217,12 @@ fn outage(e: &mut Engine, s: &Sim, settings: &Settings, rng: &mut rand::rngs::St
                 devices: vec![],
                 spool: None,
                 conditions: Default::default(),
-                clock: None,
+                // The agent's clocks: this boot of the home unit, up an hour before the outage.
+                clock: Some(ClockInfo {
+                    boot: format!("boot-{seq}"),
+                    uptime_ms: u64::try_from(3600 + at).unwrap_or(0) * 1000,
+                    synced: Some(true),
+                }),
                 kept: false,
             };
             let load_pct = (load / 5.0 * 10.0).round() / 10.0;
@@ -320,7 +325,10 @@ fn outage(e: &mut Engine, s: &Sim, settings: &Settings, rng: &mut rand::rngs::St
     }
     // Power comes back (a recharged battery for the next outage).
     let back = (minute + 1) * step;
-    e.handle(Input::Event(s.id.clone(), event(seq + 1, back, EventKind::MainsRestored)), t(back)).unwrap();
+    // The home unit, on the same backup, died with it: it comes back as a new boot.
+    let mut restored = event(seq + 1, back, EventKind::MainsRestored);
+    restored.clock = Some(ClockInfo { boot: format!("boot-{}", seq + 1), uptime_ms: 30_000, synced: Some(true) });
+    e.handle(Input::Event(s.id.clone(), restored), t(back)).unwrap();
     e.poll(t(back));
     e.take_outputs();
     let needed_by = (truly_out - required).max(0.0);

@@ -198,42 +198,60 @@ fn a_failed_battery_self_test_tells_the_family_and_the_coordinator_and_a_passed_
 
 #[test]
 fn a_home_that_reports_no_level_learns_its_battery_from_when_it_fell_silent_on_battery() {
-    // 800 Wh planned at 100 W (8 h). `a` reports only that the mains are off, and falls silent
-    // after 2 h on battery, until the mains come back at 5 h: its unit ran on the same backup,
-    // which ran out then. `b` reports to the end of the outage: nothing to learn.
-    let mut e = engine_with(Settings::default(), &[plan("a", "431001", 800.0), plan("b", "431001", 800.0)]);
-    for id in ["a", "b"] {
+    // 800 Wh planned at 100 W (8 h), each home reporting only that the mains are off. `ups`
+    // (a lead-acid UPS) and `station` fall silent after 2 h on battery and come back, when the
+    // mains do at 5 h, as a new boot of their unit: their backup ran out and took the unit with
+    // it. `cut` falls silent at 2 h too but comes back as the same boot (its network died; the
+    // unit ran on). `heard` reports to the end. Only the first two learn anything.
+    let mut ups = plan("ups", "431001", 800.0);
+    ups.backup[0].kind = BackupKind::Ups;
+    let homes = [ups, plan("station", "431001", 800.0), plan("cut", "431001", 800.0), plan("heard", "431001", 800.0)];
+    let mut e = engine_with(Settings::default(), &homes);
+    let ids = ["ups", "station", "cut", "heard"];
+    for id in ids {
         e.handle(Input::Event(h(id), event(1, 0, EventKind::MainsLost)), t(0)).unwrap();
     }
+    let clock = |boot: &str, uptime_s: i64| mamori_protocol::mqtt::ClockInfo {
+        boot: boot.into(),
+        uptime_ms: u64::try_from(uptime_s * 1000).unwrap(),
+        synced: Some(true),
+    };
     let off = |m: i64| {
         let mut x = telemetry(m * 60, false);
         x.interval_s = 60;
+        x.clock = Some(clock("boot-1", 3600 + m * 60));
         x
     };
     for m in 0..=300 {
-        if m <= 120 {
-            e.handle(Input::Telemetry(h("a"), off(m)), t(m * 60)).unwrap();
+        for id in ids {
+            if m <= 120 || id == "heard" {
+                e.handle(Input::Telemetry(h(id), off(m)), t(m * 60)).unwrap();
+            }
         }
-        e.handle(Input::Telemetry(h("b"), off(m)), t(m * 60)).unwrap();
         e.poll(t(m * 60));
     }
-    for id in ["a", "b"] {
-        e.handle(Input::Event(h(id), event(2, 301 * 60, EventKind::MainsRestored)), t(301 * 60)).unwrap();
+    for (id, boot) in [("ups", "boot-2"), ("station", "boot-2"), ("cut", "boot-1"), ("heard", "boot-1")] {
+        let mut back = event(2, 301 * 60, EventKind::MainsRestored);
+        back.clock = Some(clock(boot, if boot == "boot-1" { 3600 + 301 * 60 } else { 30 }));
+        e.handle(Input::Event(h(id), back), t(301 * 60)).unwrap();
     }
     e.poll(t(301 * 60));
-    let a = e.home_state(&h("a")).unwrap();
-    let l = a.battery.clone().expect("learned from the silence");
-    assert!((l.health - 0.25).abs() < 0.01, "2 h of a planned 8 h: {l:?}");
-    assert!(l.by_silence);
-    assert!(
-        !a.alerts.contains_key(&AlertKind::BatteryDegraded),
-        "a silence alone (a network that died looks the same) does not tell the family their battery is weak"
-    );
-    assert!(e.home_state(&h("b")).unwrap().battery.is_none(), "heard to the end: nothing measured");
+    for id in ["ups", "station"] {
+        let st = e.home_state(&h(id)).unwrap();
+        let l = st.battery.clone().unwrap_or_else(|| panic!("{id}: learned from the silence"));
+        assert!((l.health - 0.25).abs() < 0.01, "{id}: 2 h of a planned 8 h: {l:?}");
+        assert!(l.by_silence);
+        assert!(
+            !st.alerts.contains_key(&AlertKind::BatteryDegraded),
+            "{id}: a silence alone does not tell the family their battery is weak"
+        );
+    }
+    assert!(e.home_state(&h("cut")).unwrap().battery.is_none(), "the same boot: its network died, not its battery");
+    assert!(e.home_state(&h("heard")).unwrap().battery.is_none(), "heard to the end: nothing measured");
     // The next outage expects 2 h, not the care plan's 8 h less a guess.
-    e.handle(Input::Event(h("a"), event(3, 86_400, EventKind::MainsLost)), t(86_400)).unwrap();
-    e.handle(Input::Telemetry(h("a"), off(1440)), t(86_400)).unwrap();
-    let f = e.home_state(&h("a")).unwrap().forecast.unwrap();
+    e.handle(Input::Event(h("ups"), event(3, 86_400, EventKind::MainsLost)), t(86_400)).unwrap();
+    e.handle(Input::Telemetry(h("ups"), off(1440)), t(86_400)).unwrap();
+    let f = e.home_state(&h("ups")).unwrap().forecast.unwrap();
     assert!(f.verified);
     assert_eq!(f.basis, Basis::DeadReckoning);
     let p50_min = (f.external.p50 - t(86_400)).num_minutes();
