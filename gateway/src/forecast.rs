@@ -891,7 +891,8 @@ pub fn forecast(
             // so beyond its own doubt (a battery older or a load heavier than the claim can
             // know of): the pessimistic end and the middle follow it at once, whatever the
             // weight above, which waits for the middle's evidence.
-            if t.drop >= 3.0 && t.readings >= 10 && claim.is_some_and(|(_, c)| t.spans[2] < c[0]) {
+            let certain = t.drop >= 3.0 && t.readings >= 10 && claim.is_some_and(|(_, c)| t.spans[2] < c[0]);
+            if certain {
                 sp[0] = sp[0].min(t.spans[0]);
                 sp[1] = sp[1].min(t.spans[1]);
             }
@@ -911,8 +912,12 @@ pub fn forecast(
                 let cap = (t.level.clamp(0.0, 100.0) / 100.0 * wh * 1.25 / load_w.max(1e-3) * 3600.0).max(0.0);
                 sp = [sp[0].min(cap), sp[1].min(cap), sp[2].min(cap)];
             }
-            let basis =
-                if w >= 0.5 { Basis::ObservedDischarge } else { claim.map_or(Basis::ObservedDischarge, |c| c.0) };
+            // What the middle rests on: the observation once it is trusted or certain.
+            let basis = if w >= 0.5 || certain {
+                Basis::ObservedDischarge
+            } else {
+                claim.map_or(Basis::ObservedDischarge, |c| c.0)
+            };
             (basis, sp)
         }
         (None, Some((b, sp))) => (b, sp),

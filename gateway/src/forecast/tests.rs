@@ -241,6 +241,7 @@ fn a_fall_the_claim_cannot_explain_moves_the_pessimistic_end_at_once() {
         // The observation's own P10 (above the truth one time in ten, by design), not the
         // claim's 5 hours.
         assert!(p10 <= truth * 1.15, "seed {seed}: P10 {:.2} h, truth {:.2} h", p10 / 3600.0, truth / 3600.0);
+        assert_eq!(f.basis, Basis::ObservedDischarge, "seed {seed}: the messages say it comes from the fall seen");
     }
 }
 
