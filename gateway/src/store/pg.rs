@@ -8,6 +8,9 @@
 //!   answer is awaited for at most `timeout_s` (the server's `statement_timeout` is the same,
 //!   so a statement that overruns is cancelled there too). A store that does not answer in
 //!   time is an error like any other: the service degrades and tries again.
+//! - A session left idle inside a transaction (its gateway frozen mid-batch, holding its share
+//!   lock on the lease row) is ended by the server after twice the timeout, so a standby can
+//!   take the lease from a frozen active.
 //! - A lost connection is made again on the next call, except inside a transaction: then the
 //!   call fails (the batch is rolled back by the caller and its messages are not acknowledged),
 //!   so no half of a batch is ever committed on a new connection.
@@ -202,8 +205,16 @@ impl Conn {
                 None => self.at.config.connect(NoTls),
             }
             .map_err(|e| pg_text(&e))?;
-            c.batch_execute(&format!("SET statement_timeout = {}", self.at.timeout.as_millis()))
-                .map_err(|e| pg_text(&e))?;
+            // A gateway frozen (SIGSTOP, a stalled VM) inside a batch would hold its share lock
+            // on the lease row until its connection dies, which a frozen process never lets
+            // happen, and no standby could take over: the server ends a session left idle
+            // inside a transaction after twice the store's timeout (at least 2 s).
+            let ms = self.at.timeout.as_millis();
+            c.batch_execute(&format!(
+                "SET statement_timeout = {ms}; SET idle_in_transaction_session_timeout = {}",
+                (ms * 2).max(2000)
+            ))
+            .map_err(|e| pg_text(&e))?;
             self.client = Some(c);
         }
         self.client.as_mut().ok_or_else(|| "no connection".to_string())
