@@ -632,7 +632,7 @@ pub fn main() -> ExitCode {
                 // Several gateways on one store: wait as a standby until this one holds the lease.
                 let held = match (&config.cluster, config.store_location()) {
                     (Some(cluster), Ok(crate::store::Location::Postgres(at))) => {
-                        match crate::lease::wait_for_lease(&at, cluster, &cancel).await {
+                        match crate::standby::stand_by(&config, &at, cluster, &cancel).await {
                             Ok(Some(h)) => Some(h),
                             Ok(None) => return ExitCode::SUCCESS,
                             Err(e) => {
@@ -670,6 +670,10 @@ pub fn main() -> ExitCode {
                         return ExitCode::from(if transient { 1 } else { 2 });
                     }
                 };
+                let (held, listener) = match held {
+                    Some((h, l)) => (Some(h), Some(l)),
+                    None => (None, None),
+                };
                 let service = match &held {
                     Some(h) => service.with_lease(h.lease.clone()),
                     None => service,
@@ -681,7 +685,7 @@ pub fn main() -> ExitCode {
                         let _ = io::stdout().flush();
                     }
                 });
-                let result = service.run(cancel, Some(ready_tx)).await;
+                let result = service.run_on(listener, cancel, Some(ready_tx)).await;
                 if let Some(h) = held {
                     h.release();
                 }

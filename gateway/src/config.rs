@@ -101,6 +101,24 @@ pub struct ClusterConfig {
     /// within about this plus a second. Renewed every third of it.
     #[serde(default = "default_lease_s")]
     pub lease_s: u32,
+    /// Where each gateway of the cluster serves HTTP, by name (`gw-a = "https://10.0.0.1:8443"`).
+    /// A standby serves the dashboard and the API from the store and passes every action (a
+    /// login, an acknowledgement, an answer, an edit) to the active one's address here.
+    /// List the gateways' own addresses in `[http] trusted_proxies` too, so the active records
+    /// each person's address, not the standby's. Without it a standby refuses actions.
+    #[serde(default)]
+    pub peers: BTreeMap<String, String>,
+    /// The CA that signed the other gateways' HTTPS certificates (PEM), when it is not a public
+    /// one (the deployment's own, from `pki init`).
+    #[serde(default)]
+    pub peer_ca_file: Option<PathBuf>,
+}
+
+/// A peer's base URL: `http(s)://host[:port]` with nothing after it; `None` if it is not one.
+pub fn peer_url(s: &str) -> Option<reqwest::Url> {
+    let u = reqwest::Url::parse(s).ok()?;
+    let bare = matches!(u.path(), "" | "/") && u.query().is_none() && u.fragment().is_none();
+    (matches!(u.scheme(), "http" | "https") && u.host().is_some() && u.username().is_empty() && bare).then_some(u)
 }
 
 fn default_lease_s() -> u32 {
@@ -614,6 +632,32 @@ impl Config {
             if c.store.postgres.is_none() {
                 bad("cluster", "a [store] postgres database that the gateways share (SQLite is one machine's)");
             }
+            for (name, url) in &cl.peers {
+                let key = format!("cluster.peers.{name}");
+                match peer_url(url) {
+                    None => {
+                        bad(&key, "the gateway's own address, like \"https://10.0.0.1:8443\" (nothing after the port)")
+                    }
+                    Some(u) => {
+                        // A peer named by its address must be believed when it passes a
+                        // person's action on, or the audit log names the standby instead.
+                        let host = u.host_str().unwrap_or_default();
+                        let ip = host.trim_start_matches('[').trim_end_matches(']').parse::<std::net::IpAddr>().ok();
+                        let listed = c.http.proxies().is_ok_and(|p| ip.is_none_or(|ip| p.is_proxy(ip)));
+                        if name != &cl.name && !listed {
+                            bad(
+                                "http.trusted_proxies",
+                                &format!("the address of the gateway `{name}` as well (it passes people's actions on as a standby)"),
+                            );
+                        }
+                    }
+                }
+            }
+            if let Some(f) = &cl.peer_ca_file {
+                if !f.is_file() {
+                    bad("cluster.peer_ca_file", "a PEM file of the CA that signed the gateways' certificates");
+                }
+            }
         }
         if !(1..=300).contains(&c.store.timeout_s) {
             bad("store.timeout_s", "1 to 300 seconds");
@@ -1091,6 +1135,28 @@ template = '{"to":"{to}","text":"{text}"}'
         }
         assert!(Config::parse(&format!("{GOOD}\n[http]\ntrusted_proxies = [\"10.0.0.0/8\"]\n"), Path::new("g.toml"))
             .is_ok());
+    }
+
+    #[test]
+    fn a_clusters_peers_are_bare_addresses_and_the_active_believes_what_they_pass_on() {
+        let with = |http: &str, peers: &str| {
+            let text = format!(
+                "{GOOD}[http]\n{http}\n[store]\npostgres = \"host=127.0.0.1 user=m dbname=m\"\n[cluster]\nname = \"gw-a\"\npeers = {{ {peers} }}\n"
+            );
+            Config::parse(&text, Path::new("g.toml"))
+        };
+        let both = "gw-a = \"http://127.0.0.1:8080\", gw-b = \"http://127.0.0.2:8080\"";
+        let c = with("trusted_proxies = [\"127.0.0.2\"]", both).unwrap();
+        assert_eq!(c.cluster.unwrap().peers.len(), 2);
+        // gw-b would pass people's actions on, but gw-a would not believe the address it names.
+        let e = with("", both).unwrap_err().to_string();
+        assert!(e.contains("key `http.trusted_proxies`") && e.contains("`gw-b`"), "{e}");
+        let e = with("trusted_proxies = [\"127.0.0.2\"]", "gw-b = \"http://127.0.0.2:8080/dashboard\"")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("key `cluster.peers.gw-b`"), "{e}");
+        let e = with("", "gw-b = \"127.0.0.2:8080\"").unwrap_err().to_string();
+        assert!(e.contains("key `cluster.peers.gw-b`"), "{e}");
     }
 
     #[test]

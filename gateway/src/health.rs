@@ -8,6 +8,10 @@
 //!   drop every home's messages, so it does not acknowledge them);
 //! - its broker connection has been down for longer than [`BROKER_DOWN_UNHEALTHY_S`].
 //!
+//! A standby gateway ([`crate::standby`]) has no broker connection and writes nothing; it is
+//! unhealthy only when its dashboard has not read the store for
+//! [`STANDBY_BEHIND_UNHEALTHY_S`], so a load balancer keeps it in rotation while it serves.
+//!
 //! A monitor outside the centre notices the one failure the gateway cannot report itself,
 //! being dead, through the heartbeat (`[heartbeat]`): the service loop pings a URL every
 //! `interval_s` while it is healthy, and the `fail_url` (if any) while it is not. A loop that
@@ -50,7 +54,25 @@ pub struct Health {
     pub open_breakers: AtomicU64,
     /// Several gateways: the standbys the active saw at its last renewal.
     pub standbys: AtomicU64,
+    /// A standby's view of the store (`None`: this gateway is the active one, or alone).
+    standby: Mutex<Option<Standby>>,
 }
+
+/// How a standby gateway is doing: it has no broker connection and sends nothing, so its
+/// health is whether its dashboard is current.
+#[derive(Debug, Clone)]
+pub struct Standby {
+    /// When it started standing by.
+    pub since: Time,
+    /// When it last read the store whole.
+    pub read_at: Option<Time>,
+    /// Why the last read failed.
+    pub error: Option<String>,
+}
+
+/// A standby whose dashboard is this many seconds behind the store is unhealthy (a load
+/// balancer takes it out of rotation).
+pub const STANDBY_BEHIND_UNHEALTHY_S: i64 = 15;
 
 impl Health {
     /// A new, healthy state with the broker not connected yet (since `now`).
@@ -90,9 +112,31 @@ impl Health {
         self.no_homes.store(none, Ordering::Relaxed);
     }
 
+    /// This gateway stands by (`Some`) or is active.
+    pub fn set_standby(&self, s: Option<Standby>) {
+        *self.standby.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = s;
+    }
+
+    /// Whether this gateway stands by.
+    pub fn standby(&self) -> Option<Standby> {
+        self.standby.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+    }
+
     /// Everything wrong at `now`, in words for an operator (empty: healthy).
     pub fn problems(&self, now: Time) -> Vec<String> {
         let mut out = Vec::new();
+        if let Some(s) = self.standby() {
+            // A standby's broker and store writes are not in use: only its reading counts.
+            let from = s.read_at.unwrap_or(s.since);
+            if (now - from).num_seconds() > STANDBY_BEHIND_UNHEALTHY_S {
+                out.push(format!(
+                    "standby: the dashboard cannot read the store since {} ({})",
+                    from.to_rfc3339(),
+                    s.error.as_deref().unwrap_or("no answer")
+                ));
+            }
+            return out;
+        }
         if let Some(d) = self.degraded() {
             out.push(format!(
                 "store refuses writes since {} ({}: {}); new messages are held at the broker",
@@ -136,5 +180,22 @@ mod tests {
         h.set_degraded(None);
         h.set_no_homes(false);
         assert!(h.problems(t(42)).is_empty());
+    }
+
+    #[test]
+    fn a_standby_is_healthy_without_a_broker_while_it_reads_the_store() {
+        let h = Health::new(t(0));
+        h.set_standby(Some(Standby { since: t(0), read_at: None, error: None }));
+        assert!(h.problems(t(10)).is_empty(), "reading for the first time");
+        h.set_standby(Some(Standby { since: t(0), read_at: Some(t(20)), error: None }));
+        let p = h.problems(t(100));
+        assert!(p.len() == 1 && p[0].contains("cannot read the store"), "80 s behind, and only that: {p:?}");
+        h.set_standby(Some(Standby { since: t(0), read_at: Some(t(99)), error: None }));
+        assert!(h.problems(t(100)).is_empty(), "{:?}", h.problems(t(100)));
+        h.set_standby(Some(Standby { since: t(0), read_at: Some(t(80)), error: Some("refused".into()) }));
+        let p = h.problems(t(100));
+        assert!(p.len() == 1 && p[0].contains("refused"), "{p:?}");
+        h.set_standby(None);
+        assert!(h.problems(t(100))[0].contains("no broker"), "active again: the broker counts");
     }
 }

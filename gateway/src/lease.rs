@@ -3,8 +3,9 @@
 //! ## The rule
 //! A row in the store (`lease`) names the active gateway, its **fencing token** (one more at
 //! every change of holder) and when the lease ends, by the database's clock, so every gateway
-//! agrees on it whatever its own clock says. A gateway starts as a **standby**: it serves
-//! nothing and tries to take the lease every second. Once it has it, it loads the engine from
+//! agrees on it whatever its own clock says. A gateway starts as a **standby**: it serves the
+//! dashboard from the store and passes actions to the active ([`crate::standby`]), and tries
+//! to take the lease every second. Once it has it, it loads the engine from
 //! the store (as after a restart: every timer re-armed from its stored time), connects to the
 //! broker with the shared client id (the broker's persistent session holds what arrived
 //! meanwhile) and runs. A keeper thread renews the lease every third of its length.

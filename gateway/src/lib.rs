@@ -21,6 +21,8 @@
 //! | [`config`] | the gateway config file |
 //! | [`run`] | the service: MQTT in (validation, dedup, storage before action), degraded mode, wiring |
 //! | [`mqtt`] | the broker link: connection state, PUBACKs after storage |
+//! | [`lease`] | several gateways on one PostgreSQL store: the lease, its fencing token |
+//! | [`standby`] | a standby's dashboard: read from the store, actions passed to the active |
 //! | [`health`] | the gateway's own health: `/healthz`, the heartbeat, the watchdog |
 //! | [`notice`] | notices about the gateway itself for its operators (sent without the store) |
 //! | [`broker`] | the embedded broker (rumqttd) for one box and the demo |
@@ -53,6 +55,7 @@ pub mod notice;
 pub mod pki;
 pub mod policy;
 pub mod run;
+pub mod standby;
 pub mod stats;
 pub mod store;
 pub mod web;

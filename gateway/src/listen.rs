@@ -355,8 +355,9 @@ impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Idle<T> {
 
 /// Serve `router` on `incoming` until `cancel`: HTTP/1.1 with the header-read deadline, each
 /// connection behind [`Idle`], each request under `limits.request` (except `/events`, the
-/// live stream), the peer's address in the request as [`Peer`] connect info.
-pub async fn serve(mut incoming: Incoming, router: axum::Router, cancel: CancellationToken) {
+/// live stream), the peer's address in the request as [`Peer`] connect info. Gives the
+/// listener back when cancelled (a standby hands it to the service at takeover).
+pub async fn serve(mut incoming: Incoming, router: axum::Router, cancel: CancellationToken) -> Incoming {
     use axum::extract::ConnectInfo;
     use tower::ServiceExt as _;
     let limits = incoming.limits;
@@ -377,10 +378,10 @@ pub async fn serve(mut incoming: Incoming, router: axum::Router, cancel: Cancell
     ));
     loop {
         let (io, peer, slot) = tokio::select! {
-            _ = cancel.cancelled() => return,
+            _ = cancel.cancelled() => return incoming,
             c = incoming.rx.recv() => match c {
                 Some(c) => c,
-                None => return,
+                None => return incoming,
             },
         };
         let svc = router.clone().map_request(move |mut req: axum::extract::Request<hyper::body::Incoming>| {

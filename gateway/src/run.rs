@@ -219,14 +219,19 @@ fn import_homes(config: &Config, store: &mut dyn Store) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The engine as the store has it.
-fn load_engine(config: &Config, store: &dyn Store) -> Result<Engine, StoreError> {
+/// An engine with the config's settings and nothing in it.
+pub fn empty_engine(config: &Config) -> Engine {
     let settings = crate::engine::Settings {
         require_consent: config.privacy.require_consent,
         local_offset_s: config.offset().map_or(0, |o| o.local_minus_utc()),
         ..config.escalation.clone()
     };
-    let mut engine = Engine::new(settings, Policies { config: config.policy.clone() });
+    Engine::new(settings, Policies { config: config.policy.clone() })
+}
+
+/// The engine as the store has it.
+pub fn load_engine(config: &Config, store: &dyn Store) -> Result<Engine, StoreError> {
+    let mut engine = empty_engine(config);
     for h in store.homes()? {
         engine.upsert_home(h);
     }
@@ -369,10 +374,94 @@ fn spawn_pruner(at: crate::store::Location, retention_h: u32) -> std::sync::mpsc
 
 /// The web's runtime, shut down without waiting when dropped (a runtime dropped inside
 /// another one's task would panic).
-struct WebRuntime(Option<tokio::runtime::Runtime>);
+pub struct WebRuntime(Option<tokio::runtime::Runtime>);
+
+/// The HTTP listener and the runtime it runs on. A standby binds it at start and serves the
+/// dashboard on it; at takeover the same listener goes to the service, so the port is never
+/// closed and never taken by anyone else in between.
+pub struct Listener {
+    /// The web's runtime.
+    pub rt: WebRuntime,
+    /// Connections accepted, for [`crate::listen::serve`].
+    pub incoming: crate::listen::Incoming,
+}
+
+impl Listener {
+    /// Build the web's runtime and bind `[http]` on it, until `cancel`.
+    pub async fn bind(config: &Config, cancel: CancellationToken) -> anyhow::Result<Listener> {
+        let http = &config.http;
+        let tls = match (&http.tls_cert_file, &http.tls_key_file) {
+            (Some(cert), Some(key)) => Some(crate::listen::tls_config(cert, key)?),
+            _ => None,
+        };
+        let limits = http.limits();
+        let proxies = http.proxies().map_err(|e| anyhow::anyhow!("http.trusted_proxies: {e}"))?;
+        let open_files = crate::listen::raise_open_files();
+        if open_files < (limits.max_connections as u64) + 256 {
+            tracing::warn!(
+                open_files,
+                max_connections = limits.max_connections,
+                "the open-files limit is low for http.max_connections: raise LimitNOFILE"
+            );
+        }
+        let rt = WebRuntime(Some(
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .thread_name("mamori-web")
+                .enable_all()
+                .build()
+                .context("the web runtime")?,
+        ));
+        let bind = http.bind;
+        let incoming = rt
+            .handle()
+            .spawn(async move { crate::listen::bind(bind, tls, limits, proxies, cancel).await })
+            .await
+            .context("the web runtime")?
+            .context("http listener")?;
+        Ok(Listener { rt, incoming })
+    }
+}
+
+/// What the web's handlers share, for the active's service or a standby.
+#[allow(clippy::too_many_arguments)]
+pub fn web_app(
+    config: &Config,
+    style: &Style,
+    tx: mpsc::Sender<WebRequest>,
+    snapshot: watch::Receiver<Arc<Snapshot>>,
+    store_at: &crate::store::Location,
+    counters: Arc<Counters>,
+    health: Arc<Health>,
+    calls: crate::delivery::CallWaiters,
+) -> anyhow::Result<web::App> {
+    let http = &config.http;
+    Ok(web::App {
+        style: style.clone(),
+        known: Arc::new(config.known()),
+        proxies: http.proxies().map_err(|e| anyhow::anyhow!("http.trusted_proxies: {e}"))?,
+        tx,
+        snapshot,
+        db: Arc::new(std::sync::Mutex::new(crate::store::open_existing(store_at)?)),
+        throttle: Default::default(),
+        counters,
+        health,
+        sessions: web::SessionSettings {
+            secure_cookies: http.cookies_secure(&config.public_url),
+            idle: chrono::Duration::minutes(i64::from(http.session_idle_min)),
+            max_age: chrono::Duration::hours(i64::from(http.session_max_h)),
+        },
+        live_streams: Default::default(),
+        live_audit: Default::default(),
+        totp_key: crate::accounts::TotpKey::derive(&style.link_secret),
+        argon2: Arc::new(tokio::sync::Semaphore::new(web::ARGON2_AT_ONCE)),
+        calls,
+    })
+}
 
 impl WebRuntime {
-    fn handle(&self) -> tokio::runtime::Handle {
+    /// Its handle (the current runtime's in a test without one of its own).
+    pub fn handle(&self) -> tokio::runtime::Handle {
         match &self.0 {
             Some(rt) => rt.handle().clone(),
             None => tokio::runtime::Handle::current(),
@@ -1351,7 +1440,18 @@ impl Service {
 
     /// Run until cancelled.
     pub async fn run(
+        self,
+        cancel: CancellationToken,
+        ready: Option<tokio::sync::oneshot::Sender<Ready>>,
+    ) -> anyhow::Result<()> {
+        self.run_on(None, cancel, ready).await
+    }
+
+    /// Run until cancelled, serving HTTP on `listener` (a standby's, handed over at takeover)
+    /// or on a new one.
+    pub async fn run_on(
         mut self,
+        listener: Option<Listener>,
         cancel: CancellationToken,
         ready: Option<tokio::sync::oneshot::Sender<Ready>>,
     ) -> anyhow::Result<()> {
@@ -1362,66 +1462,29 @@ impl Service {
             tracing::info!(%addr, "embedded broker started");
             port = addr.port();
         }
-        // HTTP, on its own runtime.
+        // HTTP, on its own runtime: the standby's listener when this gateway was one (the
+        // same port, never closed between), or a new one.
+        let listener = match listener {
+            Some(l) => l,
+            None => Listener::bind(&self.config, cancel.clone()).await?,
+        };
         let (web_tx, mut web_rx) = mpsc::channel(64);
-        let http = &self.config.http;
-        let tls = match (&http.tls_cert_file, &http.tls_key_file) {
-            (Some(cert), Some(key)) => Some(crate::listen::tls_config(cert, key)?),
-            _ => None,
-        };
-        let proxies = http.proxies().map_err(|e| anyhow::anyhow!("http.trusted_proxies: {e}"))?;
-        let web_rt = WebRuntime(Some(
-            tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .thread_name("mamori-web")
-                .enable_all()
-                .build()
-                .context("the web runtime")?,
-        ));
-        let app = web::App {
-            style: self.style.clone(),
-            known: Arc::new(self.config.known()),
-            proxies,
-            tx: web_tx,
-            snapshot: self.snapshot.subscribe(),
-            db: Arc::new(std::sync::Mutex::new(crate::store::open_existing(&self.store_at)?)),
-            throttle: Default::default(),
-            counters: self.counters.clone(),
-            health: self.health.clone(),
-            sessions: web::SessionSettings {
-                secure_cookies: http.cookies_secure(&self.config.public_url),
-                idle: chrono::Duration::minutes(i64::from(http.session_idle_min)),
-                max_age: chrono::Duration::hours(i64::from(http.session_max_h)),
-            },
-            live_streams: Default::default(),
-            live_audit: Default::default(),
-            totp_key: crate::accounts::TotpKey::derive(&self.style.link_secret),
-            argon2: Arc::new(tokio::sync::Semaphore::new(web::ARGON2_AT_ONCE)),
-            calls: self.sender.calls(),
-        };
-        let (bind, http_cancel) = (http.bind, cancel.clone());
-        let (addr_tx, addr_rx) = tokio::sync::oneshot::channel();
-        let (limits, listen_proxies) = (http.limits(), http.proxies().unwrap_or_default());
-        let open_files = crate::listen::raise_open_files();
-        if open_files < (limits.max_connections as u64) + 256 {
-            tracing::warn!(
-                open_files,
-                max_connections = limits.max_connections,
-                "the open-files limit is low for http.max_connections: raise LimitNOFILE"
-            );
-        }
+        let app = web_app(
+            &self.config,
+            &self.style,
+            web_tx,
+            self.snapshot.subscribe(),
+            &self.store_at,
+            self.counters.clone(),
+            self.health.clone(),
+            self.sender.calls(),
+        )?;
+        let http_addr = listener.incoming.local();
+        let Listener { rt: web_rt, incoming } = listener;
+        let http_cancel = cancel.clone();
         web_rt.handle().spawn(async move {
-            let listener = match crate::listen::bind(bind, tls, limits, listen_proxies, http_cancel.clone()).await {
-                Ok(l) => l,
-                Err(e) => {
-                    let _ = addr_tx.send(Err(e));
-                    return;
-                }
-            };
-            let _ = addr_tx.send(Ok(listener.local()));
-            crate::listen::serve(listener, web::router(app), http_cancel).await;
+            crate::listen::serve(incoming, web::router(app), http_cancel).await;
         });
-        let http_addr = addr_rx.await.context("the web runtime")?.context("http listener")?;
         let brokers = crate::mqtt::options(&self.config, port)?;
         let first = brokers.first().cloned().context("no broker")?;
         let (client, eventloop) = AsyncClient::new(first, 1000);

@@ -337,31 +337,43 @@ fn on_postgresql_run_needs_init_and_a_cut_database_connection_loses_nothing_and_
 }
 
 /// A second gateway of the same cluster: the same config under another name and HTTP port.
-fn second_gateway(s: &Setup, name: &str) -> Result<std::path::PathBuf> {
+fn second_gateway(s: &Setup, name: &str, port: u16) -> Result<std::path::PathBuf> {
     let text = std::fs::read_to_string(&s.config)?;
-    let port = free_port()?;
+    let a = s.http_port;
     let text = text
-        .replace(&format!("127.0.0.1:{}", s.http_port), &format!("127.0.0.1:{port}"))
+        .replace(&format!("bind = \"127.0.0.1:{a}\""), &format!("bind = \"127.0.0.1:{port}\""))
+        .replace(
+            &format!("public_url = \"http://127.0.0.1:{a}\""),
+            &format!("public_url = \"http://127.0.0.1:{port}\""),
+        )
         .replace("name = \"gw-a\"", &format!("name = \"{name}\""));
     let path = s.dir.path().join(format!("{name}.toml"));
     std::fs::write(&path, text)?;
     Ok(path)
 }
 
+/// Two gateways, `gw-a` on the setup's HTTP port and `gw-b` on another: the config of `gw-b`
+/// and its port. Each knows the other's address and believes what it passes on.
 fn cluster_of_two(
     db: &TestDb,
     broker: &Mosquitto,
     hook: &WebhookReceiver,
     escalate_after_s: u64,
-) -> Result<(Setup, std::path::PathBuf)> {
+) -> Result<(Setup, std::path::PathBuf, u16)> {
+    let b_port = free_port()?;
     // The operators' desk hears about the gateways themselves on the coordinator's endpoint.
     let store = format!(
-        "{}[cluster]\nname = \"gw-a\"\nlease_s = 3\n[[operators]]\nname = \"desk\"\nchannels = [{{ webhook = \"coord\" }}]\n",
+        "{}[cluster]\nname = \"gw-a\"\nlease_s = 3\npeers = {{ gw-a = \"http://127.0.0.1:A_PORT\", gw-b = \"http://127.0.0.1:{b_port}\" }}\n\
+         [[operators]]\nname = \"desk\"\nchannels = [{{ webhook = \"coord\" }}]\n",
         db.store_toml()
     );
     let s = setup_on(broker.port(), hook, escalate_after_s, &store)?;
-    let b = second_gateway(&s, "gw-b")?;
-    Ok((s, b))
+    let text = std::fs::read_to_string(&s.config)?
+        .replace("A_PORT", &s.http_port.to_string())
+        .replace("[http]\n", "[http]\ntrusted_proxies = [\"127.0.0.1\"]\n");
+    std::fs::write(&s.config, text)?;
+    let b = second_gateway(&s, "gw-b", b_port)?;
+    Ok((s, b, b_port))
 }
 
 fn standby(config: &Path) -> Result<Process> {
@@ -385,7 +397,7 @@ fn two_gateways_the_standby_takes_over_a_killed_active_mid_escalation_and_sends_
     let db = TestDb::new()?;
     let broker = Mosquitto::start("")?;
     let hook = WebhookReceiver::start("hook-secret")?;
-    let (s, b_config) = cluster_of_two(&db, &broker, &hook, 8)?;
+    let (s, b_config, _) = cluster_of_two(&db, &broker, &hook, 8)?;
     let mut a = gateway(&s.config)?;
     a.wait_line("lease", LIMIT, |l| l.contains("lease acquired"))?;
     let b = standby(&b_config)?;
@@ -417,7 +429,7 @@ fn two_gateways_a_frozen_active_is_replaced_and_on_waking_sends_nothing_and_step
     let db = TestDb::new()?;
     let broker = Mosquitto::start("")?;
     let hook = WebhookReceiver::start("hook-secret")?;
-    let (s, b_config) = cluster_of_two(&db, &broker, &hook, 3600)?;
+    let (s, b_config, _) = cluster_of_two(&db, &broker, &hook, 3600)?;
     let mut a = gateway(&s.config)?;
     a.wait_line("lease", LIMIT, |l| l.contains("lease acquired"))?;
     let b = standby(&b_config)?;
@@ -450,7 +462,7 @@ fn two_gateways_an_active_cut_off_from_the_database_stops_and_the_standby_takes_
     let db = TestDb::new()?;
     let broker = Mosquitto::start("")?;
     let hook = WebhookReceiver::start("hook-secret")?;
-    let (s, b_config) = cluster_of_two(&db, &broker, &hook, 3600)?;
+    let (s, b_config, _) = cluster_of_two(&db, &broker, &hook, 3600)?;
     // The active reaches the database through a link the test can cut; the standby directly.
     let link = mamori_tests::netcut::Link::start(db.port())?;
     let a_config = s.dir.path().join("gw-a-linked.toml");
@@ -479,7 +491,7 @@ fn two_gateways_the_operators_hear_when_the_standby_is_gone_and_when_it_is_back(
     let db = TestDb::new()?;
     let broker = Mosquitto::start("")?;
     let hook = WebhookReceiver::start("hook-secret")?;
-    let (s, b_config) = cluster_of_two(&db, &broker, &hook, 3600)?;
+    let (s, b_config, _) = cluster_of_two(&db, &broker, &hook, 3600)?;
     let a = gateway(&s.config)?;
     a.wait_line("lease", LIMIT, |l| l.contains("lease acquired"))?;
     let mut b = standby(&b_config)?;
@@ -511,11 +523,139 @@ fn two_gateways_the_operators_hear_when_the_standby_is_gone_and_when_it_is_back(
 }
 
 #[test]
+fn two_gateways_the_standby_serves_the_dashboard_passes_actions_to_the_active_and_takes_over_on_its_port() -> Result<()> {
+    let db = TestDb::new()?;
+    let broker = Mosquitto::start("")?;
+    let hook = WebhookReceiver::start("hook-secret")?;
+    let (s, b_config, b_port) = cluster_of_two(&db, &broker, &hook, 3600)?;
+    let mut a = gateway(&s.config)?;
+    a.wait_line("lease", LIMIT, |l| l.contains("lease acquired"))?;
+    let b = standby(&b_config)?;
+    let config = s.config.to_str().unwrap_or_default();
+    add_user(config, &["mother", "--role", "family", "--home", "h1"], "a family password long enough")?;
+    publish(broker.port(), &[event(1, "mains_lost")])?;
+    hook.wait("the family told", LIMIT, |d| d.iter().any(to("/family")))?;
+
+    // The family's phone reaches the standby (a load balancer's choice) from its own address.
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let rt = tokio::runtime::Runtime::new()?;
+    let phone: std::net::IpAddr = "127.0.0.3".parse()?;
+    let c = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).local_address(phone).build()?;
+    let base = format!("http://127.0.0.1:{b_port}");
+    let get = |path: &str, session: Option<&str>| -> Result<(u16, String)> {
+        rt.block_on(async {
+            let mut r = c.get(format!("{base}{path}"));
+            if let Some(cookie) = session {
+                r = r.header(reqwest::header::COOKIE, cookie);
+            }
+            let r = r.send().await?;
+            Ok((r.status().as_u16(), r.text().await?))
+        })
+    };
+    // In rotation: healthy, and it says it is not the one that sends.
+    assert_eq!(get("/healthz", None)?, (200, "ok\n".to_string()));
+    assert!(get("/metrics", None)?.1.contains("mamori_gateway_active 0"));
+    // The login is passed to the active (the form was the standby's own).
+    let session = rt.block_on(browser_login(&c, &base, "mother", "a family password long enough"))?;
+    // The standby's page shows the outage from the store, with the family's answers.
+    let deadline = mamori_tests::Deadline::after(LIMIT);
+    let page = loop {
+        let (status, page) = get("/homes/h1", Some(&session))?;
+        assert_eq!(status, 200, "{page}");
+        if page.contains("value=\"evacuating\"") {
+            break page;
+        }
+        deadline.check("the standby's page to show the outage")?;
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let answer = |page: &str, which: &str| -> Result<reqwest::StatusCode> {
+        let csrf = hidden(page, "csrf")?;
+        rt.block_on(async {
+            let r = c
+                .post(format!("{base}/homes/h1/answer"))
+                .header(reqwest::header::COOKIE, &session)
+                .form(&[("csrf", csrf.as_str()), ("answer", which)])
+                .send()
+                .await?;
+            Ok(r.status())
+        })
+    };
+    assert_eq!(answer(&page, "evacuating")?, reqwest::StatusCode::SEE_OTHER);
+    // The active recorded it and told the coordinator.
+    let d = hook.wait("the coordinator told of the answer", LIMIT, |d| d.iter().any(to("/coord")))?;
+    assert_eq!(d.iter().filter(|x| to("/coord")(x)).count(), 1, "{d:?}");
+    // The audit log names the phone, not the standby that passed it on.
+    let out = cli(&["audit", "export", "--config", config])?;
+    let log = String::from_utf8_lossy(&out.stdout);
+    let mother: Vec<&str> = log.lines().filter(|l| l.contains("mother")).collect();
+    for action in ["login", "answer"] {
+        assert!(
+            mother.iter().any(|l| l.contains(action) && l.contains("127.0.0.3")),
+            "{action} from the phone's address: {mother:?}"
+        );
+    }
+    assert!(!mother.iter().any(|l| l.contains("127.0.0.1")), "the standby's address in the log: {mother:?}");
+
+    // The active dies: the standby takes over on the same port, the session still holds, and an
+    // answer is now taken by the new active itself.
+    a.kill9()?;
+    b.wait_line("the standby takes the lease", LIMIT, |l| l.contains("lease acquired"))?;
+    b.wait_line("the standby subscribed", LIMIT, |l| l.contains("\"subscribed\""))?;
+    assert!(get("/metrics", None)?.1.contains("mamori_gateway_active 1"));
+    let (status, page) = get("/homes/h1", Some(&session))?;
+    assert_eq!(status, 200, "{page}");
+    assert_eq!(answer(&page, "power_secured")?, reqwest::StatusCode::SEE_OTHER);
+    let d = hook.wait("the coordinator told of the second answer", LIMIT, |d| {
+        d.iter().filter(|x| to("/coord")(x)).count() == 2
+    })?;
+    let last = d.iter().rfind(|x| to("/coord")(x)).and_then(|x| x.body["text"].as_str()).unwrap_or_default();
+    assert!(!last.contains("We are leaving"), "the second answer: {last}");
+    no_key_twice(&d);
+    Ok(())
+}
+
+#[test]
+fn two_gateways_a_standby_with_no_active_says_the_action_was_not_taken() -> Result<()> {
+    let db = TestDb::new()?;
+    let broker = Mosquitto::start("")?;
+    let hook = WebhookReceiver::start("hook-secret")?;
+    let (s, b_config, b_port) = cluster_of_two(&db, &broker, &hook, 3600)?;
+    // gw-a holds the lease.
+    let mut a = gateway(&s.config)?;
+    a.wait_line("lease", LIMIT, |l| l.contains("lease acquired"))?;
+    // The standby knows no address for gw-a: it cannot pass actions on.
+    let text = std::fs::read_to_string(&b_config)?;
+    let text = text.replace(&format!("gw-a = \"http://127.0.0.1:{}\", ", s.http_port), "");
+    assert!(!text.contains("gw-a = "), "{text}");
+    std::fs::write(&b_config, text)?;
+    let b = standby(&b_config)?;
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let rt = tokio::runtime::Runtime::new()?;
+    let c = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build()?;
+    let r = rt.block_on(async {
+        c.post(format!("http://127.0.0.1:{b_port}/login")).form(&[("username", "x"), ("password", "y")]).send().await
+    })?;
+    assert_eq!(r.status(), reqwest::StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(r.headers()[reqwest::header::RETRY_AFTER], "5");
+    let body = rt.block_on(r.text())?;
+    assert!(body.contains("この操作はまだ行われていません") && body.contains("was not taken"), "{body}");
+    let api = rt.block_on(async {
+        c.post(format!("http://127.0.0.1:{b_port}/api/v1/alerts/x/ack")).bearer_auth("mmr_x").send().await
+    })?;
+    assert_eq!(api.status(), reqwest::StatusCode::SERVICE_UNAVAILABLE);
+    let json: serde_json::Value = rt.block_on(api.json())?;
+    assert!(json["error"].as_str().is_some_and(|e| e.contains("nothing was changed")), "{json}");
+    b.wait_line("the standby says why", LIMIT, |l| l.contains("could not be passed to the active gateway"))?;
+    a.kill9()?;
+    Ok(())
+}
+
+#[test]
 fn a_lone_active_frozen_past_its_lease_sends_nothing_on_waking_and_steps_down() -> Result<()> {
     let db = TestDb::new()?;
     let broker = Mosquitto::start("")?;
     let hook = WebhookReceiver::start("hook-secret")?;
-    let (s, _) = cluster_of_two(&db, &broker, &hook, 3600)?;
+    let (s, _, _) = cluster_of_two(&db, &broker, &hook, 3600)?;
     let mut a = gateway(&s.config)?;
     a.wait_line("lease", LIMIT, |l| l.contains("lease acquired"))?;
     // The family's phone is unreachable: its message is due again every second.

@@ -162,6 +162,12 @@ pub async fn metrics(State(app): State<App>) -> Response {
         ("mamori_open_breakers", "Destinations not tried for now.", "gauge", load(&h.open_breakers)),
         ("mamori_standbys", "Standby gateways the active one sees.", "gauge", load(&h.standbys)),
         (
+            "mamori_gateway_active",
+            "1 on the gateway that sends; 0 on a standby, which serves the dashboard only.",
+            "gauge",
+            u64::from(flag(h.standby().is_none())),
+        ),
+        (
             "mamori_outbound_dropped_total",
             "PUBACKs and agent acknowledgements dropped on a full outbound queue.",
             "counter",
