@@ -639,10 +639,15 @@ impl Config {
                         bad(&key, "the gateway's own address, like \"https://10.0.0.1:8443\" (nothing after the port)")
                     }
                     Some(u) => {
-                        // A peer named by its address must be believed when it passes a
-                        // person's action on, or the audit log names the standby instead.
                         let host = u.host_str().unwrap_or_default();
                         let ip = host.trim_start_matches('[').trim_end_matches(']').parse::<std::net::IpAddr>().ok();
+                        // Logins and sessions pass between the gateways: never in clear
+                        // across a network.
+                        if u.scheme() == "http" && !is_loopback(host.trim_start_matches('[').trim_end_matches(']')) {
+                            bad(&key, "an https:// address (people's passwords and sessions pass through it), or a loopback one");
+                        }
+                        // A peer named by its address must be believed when it passes a
+                        // person's action on, or the audit log names the standby instead.
                         let listed = c.http.proxies().is_ok_and(|p| ip.is_none_or(|ip| p.is_proxy(ip)));
                         if name != &cl.name && !listed {
                             bad(
@@ -1157,6 +1162,9 @@ template = '{"to":"{to}","text":"{text}"}'
         assert!(e.contains("key `cluster.peers.gw-b`"), "{e}");
         let e = with("", "gw-b = \"127.0.0.2:8080\"").unwrap_err().to_string();
         assert!(e.contains("key `cluster.peers.gw-b`"), "{e}");
+        let e = with("trusted_proxies = [\"10.0.0.2\"]", "gw-b = \"http://10.0.0.2:8080\"").unwrap_err().to_string();
+        assert!(e.contains("key `cluster.peers.gw-b`") && e.contains("https://"), "{e}");
+        assert!(with("trusted_proxies = [\"10.0.0.2\"]", "gw-b = \"https://10.0.0.2:8443\"").is_ok());
     }
 
     #[test]

@@ -59,7 +59,7 @@ pub struct Health {
 }
 
 /// How a standby gateway is doing: it has no broker connection and sends nothing, so its
-/// health is whether its dashboard is current.
+/// health is whether its dashboard is current and whether it can pass actions on.
 #[derive(Debug, Clone)]
 pub struct Standby {
     /// When it started standing by.
@@ -68,6 +68,16 @@ pub struct Standby {
     pub read_at: Option<Time>,
     /// Why the last read failed.
     pub error: Option<String>,
+    /// Why an action could not be passed to the active gateway now (no address for it, or it
+    /// does not answer); `None` when it can, or when no lease is live (a takeover).
+    pub pass_on: Option<String>,
+}
+
+impl Standby {
+    /// Just started: nothing read yet.
+    pub fn new(since: Time) -> Standby {
+        Standby { since, read_at: None, error: None, pass_on: None }
+    }
 }
 
 /// A standby whose dashboard is this many seconds behind the store is unhealthy (a load
@@ -117,6 +127,13 @@ impl Health {
         *self.standby.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = s;
     }
 
+    /// Change the standby's state (nothing when this gateway is not one).
+    pub fn update_standby(&self, f: impl FnOnce(&mut Standby)) {
+        if let Some(s) = self.standby.lock().unwrap_or_else(std::sync::PoisonError::into_inner).as_mut() {
+            f(s);
+        }
+    }
+
     /// Whether this gateway stands by.
     pub fn standby(&self) -> Option<Standby> {
         self.standby.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
@@ -126,14 +143,22 @@ impl Health {
     pub fn problems(&self, now: Time) -> Vec<String> {
         let mut out = Vec::new();
         if let Some(s) = self.standby() {
-            // A standby's broker and store writes are not in use: only its reading counts.
-            let from = s.read_at.unwrap_or(s.since);
-            if (now - from).num_seconds() > STANDBY_BEHIND_UNHEALTHY_S {
-                out.push(format!(
+            // A standby's broker and store writes are not in use: what counts is that its
+            // pages are current and that it can pass actions on.
+            match s.read_at {
+                None => out.push(format!(
+                    "standby: has not read the store yet{}",
+                    s.error.as_deref().map(|e| format!(" ({e})")).unwrap_or_default()
+                )),
+                Some(at) if (now - at).num_seconds() > STANDBY_BEHIND_UNHEALTHY_S => out.push(format!(
                     "standby: the dashboard cannot read the store since {} ({})",
-                    from.to_rfc3339(),
+                    at.to_rfc3339(),
                     s.error.as_deref().unwrap_or("no answer")
-                ));
+                )),
+                Some(_) => {}
+            }
+            if let Some(why) = s.pass_on {
+                out.push(format!("standby: actions cannot be passed to the active gateway: {why}"));
             }
             return out;
         }
@@ -185,16 +210,25 @@ mod tests {
     #[test]
     fn a_standby_is_healthy_without_a_broker_while_it_reads_the_store() {
         let h = Health::new(t(0));
-        h.set_standby(Some(Standby { since: t(0), read_at: None, error: None }));
-        assert!(h.problems(t(10)).is_empty(), "reading for the first time");
-        h.set_standby(Some(Standby { since: t(0), read_at: Some(t(20)), error: None }));
+        h.set_standby(Some(Standby::new(t(0))));
+        assert!(h.problems(t(1))[0].contains("has not read the store yet"), "out of rotation until it has");
+        h.update_standby(|s| s.read_at = Some(t(20)));
         let p = h.problems(t(100));
         assert!(p.len() == 1 && p[0].contains("cannot read the store"), "80 s behind, and only that: {p:?}");
-        h.set_standby(Some(Standby { since: t(0), read_at: Some(t(99)), error: None }));
+        h.update_standby(|s| s.read_at = Some(t(99)));
         assert!(h.problems(t(100)).is_empty(), "{:?}", h.problems(t(100)));
-        h.set_standby(Some(Standby { since: t(0), read_at: Some(t(80)), error: Some("refused".into()) }));
+        h.update_standby(|s| {
+            s.read_at = Some(t(80));
+            s.error = Some("refused".into());
+        });
         let p = h.problems(t(100));
         assert!(p.len() == 1 && p[0].contains("refused"), "{p:?}");
+        h.update_standby(|s| {
+            s.read_at = Some(t(99));
+            s.pass_on = Some("no address for `gw-a`".into());
+        });
+        let p = h.problems(t(100));
+        assert!(p.len() == 1 && p[0].contains("cannot be passed") && p[0].contains("gw-a"), "{p:?}");
         h.set_standby(None);
         assert!(h.problems(t(100))[0].contains("no broker"), "active again: the broker counts");
     }

@@ -21,18 +21,28 @@
 //!   ([`forward`]), with the person's address in `[http] client_ip_header`, and its answer
 //!   (a redirect, a cookie, an error page) is returned as it is. The active believes that
 //!   header only from the gateways listed in its `trusted_proxies` (the config check asks for
-//!   them), so the audit log names the person, not the standby. Nothing is changed by a
-//!   standby itself, so there is one writer and one audit of each action.
-//! - **Nobody to pass it to.** While the lease is ended (the active died and nobody has taken
-//!   over yet: at most about the lease's length) or the active does not answer within
-//!   [`FORWARD_TIMEOUT`], the person is told in their language that the action was not taken
-//!   and to try again in a few seconds (503, `Retry-After`); nothing is half done.
-//! - **Health.** A standby's `/healthz` says ok while its mirror reads the store, so a load
-//!   balancer keeps it in rotation; `mamori_gateway_active` is 0 in its `/metrics`.
-//! - **Takeover.** The standby binds the HTTP port at start. When it takes the lease its
-//!   server stops accepting new requests (those in flight finish), the mirror stops, and the
-//!   *same* listener goes to the service ([`crate::run::Listener`]): the port is never closed
-//!   in between, so nothing else can take it and clients see no refusal.
+//!   them), so the audit log names the person, not the standby. No action is taken by a
+//!   standby itself, so there is one writer and one audit entry for each (reads write what
+//!   they write on the active too: a session's last use, an audited view).
+//! - **Never in a loop.** A gateway never passes actions to itself (restarted while its own
+//!   lease runs out, it sees itself as the holder: no active yet), and a request already
+//!   passed on ([`PASSED_ON`]) is refused rather than passed on again.
+//! - **Nobody to pass it to.** While no other gateway holds a live lease (the active died and
+//!   nobody has taken over yet: at most about the lease's length), or the connection to it
+//!   cannot be made, the person is told in Japanese and English that the action was not taken
+//!   and to try again in a few seconds (503, `Retry-After`). When it was sent but no whole
+//!   answer came within [`FORWARD_TIMEOUT`], it may have been taken: the person is told that,
+//!   and to look before trying again (504), never that nothing happened.
+//! - **Health.** A standby's `/healthz` says ok while its mirror reads the store and the
+//!   active answers at its address (checked every [`MIRROR_EVERY`]), so a load balancer keeps
+//!   it in rotation exactly while it can serve; `mamori_gateway_active` is 0 in its
+//!   `/metrics`. A standby started before its database waits for it (as for the lease) and
+//!   listens only once it answers.
+//! - **Takeover.** The standby binds the HTTP port once the store answers. When it takes the
+//!   lease its server stops taking new requests (those in flight have 5 s to finish), the
+//!   mirror stops, and the *same* listener goes to the service ([`crate::run::Listener`]):
+//!   the port is never closed in between, so nothing else can take it and connections
+//!   waiting in its queue are served by the service.
 
 use std::collections::{BTreeMap, HashMap};
 use std::hash::{Hash, Hasher};
@@ -51,6 +61,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{ClusterConfig, Config};
 use crate::engine::Engine;
 use crate::health::{Health, Standby};
+
 use crate::lease::Held;
 use crate::listen::{Peer, TrustedProxies};
 use crate::run::Listener;
@@ -64,7 +75,7 @@ pub const MIRROR_EVERY: Duration = Duration::from_secs(2);
 pub const FORWARD_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The largest request body a standby passes on (forms and API bodies are a few kB).
-pub const FORWARD_BODY_MAX: usize = 1 << 20;
+pub const FORWARD_BODY_MAX: usize = 256 << 10;
 
 /// Versions for a standby's snapshots, from fingerprints of what each home and municipality
 /// holds: pure, the freshly read engine passed in.
@@ -133,24 +144,32 @@ impl Mirror {
 }
 
 /// Where a standby passes actions: the active gateway's name as last read (only while its
-/// lease is live), and every gateway's address.
+/// lease is live, and never this gateway itself), and every gateway's address.
 #[derive(Clone)]
 pub struct Forward {
     client: reqwest::Client,
     peers: Arc<BTreeMap<String, reqwest::Url>>,
+    me: String,
     active: Arc<Mutex<Option<String>>>,
     proxies: TrustedProxies,
     header: HeaderName,
 }
 
+/// Set on a request a standby passes on: a gateway that receives one as a standby refuses it
+/// rather than pass it on again (two standbys that each think the other active, never a loop).
+pub const PASSED_ON: &str = "x-mamori-passed-on";
+
 impl Forward {
-    /// From the config (its checks have passed).
-    pub fn new(config: &Config, cluster: &ClusterConfig) -> anyhow::Result<Forward> {
+    /// From the config (its checks have passed), waiting `timeout` for the active's answer.
+    pub fn new(config: &Config, cluster: &ClusterConfig, timeout: Duration) -> anyhow::Result<Forward> {
         let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+        // Straight to the peer: an HTTP(S)_PROXY of the environment would put itself between,
+        // and the active would audit the proxy's address.
         let mut b = reqwest::Client::builder()
             .redirect(reqwest::redirect::Policy::none())
-            .connect_timeout(Duration::from_secs(3))
-            .timeout(FORWARD_TIMEOUT);
+            .no_proxy()
+            .connect_timeout(Duration::from_secs(3).min(timeout))
+            .timeout(timeout);
         if let Some(ca) = &cluster.peer_ca_file {
             let pem = std::fs::read(ca).with_context(|| format!("cluster.peer_ca_file {}", ca.display()))?;
             for cert in reqwest::Certificate::from_pem_bundle(&pem)
@@ -170,6 +189,7 @@ impl Forward {
         Ok(Forward {
             client: b.build().context("the HTTP client for the active gateway")?,
             peers: Arc::new(peers),
+            me: cluster.name.clone(),
             active: Default::default(),
             proxies,
             header,
@@ -183,8 +203,30 @@ impl Forward {
         self.peers.get(&name).cloned().ok_or(Unreachable::NoAddress(name))
     }
 
-    fn set_active(&self, name: Option<String>) {
+    /// The lease's holder as just read (`None`: no lease is live). This gateway itself counts
+    /// as none: it held the lease before it restarted, and the lease has not ended yet.
+    pub fn set_active(&self, name: Option<String>) {
+        let name = name.filter(|n| *n != self.me);
         *self.active.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = name;
+    }
+
+    /// Why actions cannot be passed on now, checked by asking the active's `/healthz` (any
+    /// answer will do: its own health is its own); `None` when they can, or when no lease is
+    /// live (a takeover, not this standby's fault).
+    pub async fn check(&self) -> Option<String> {
+        match self.target() {
+            Err(Unreachable::NoAddress(name)) => {
+                Some(format!("no address for the active gateway `{name}` in [cluster] peers"))
+            }
+            Err(_) => None,
+            Ok(mut url) => {
+                url.set_path("/healthz");
+                match self.client.get(url.clone()).timeout(Duration::from_secs(3)).send().await {
+                    Ok(_) => None,
+                    Err(e) => Some(format!("{url} does not answer: {e}")),
+                }
+            }
+        }
     }
 }
 
@@ -195,7 +237,11 @@ pub enum Unreachable {
     NoActive,
     /// The active one has no address in `[cluster] peers`.
     NoAddress(String),
-    /// It did not answer in time or refused the connection.
+    /// The connection to it could not be made: the request was certainly not taken.
+    NoConnection(String),
+    /// It was already passed on by another gateway (which took this one for the active).
+    PassedOnTwice,
+    /// It was sent, but no whole answer came in time: it may or may not have been taken.
     NoAnswer(String),
 }
 
@@ -218,23 +264,40 @@ fn copy_headers(from: &HeaderMap) -> HeaderMap {
     to
 }
 
-/// The person is told that their action was not taken, in their language (the page's
-/// `Accept-Language`) or as JSON for the API.
+/// The person is told that their action was not taken (or, when the active got it and did
+/// not answer in time, that it may have been), in both languages, or as JSON for the API.
 fn not_taken(api: bool, why: &Unreachable) -> Response {
     tracing::warn!(reason = ?why, "standby: an action could not be passed to the active gateway");
     let retry = [(header::RETRY_AFTER, HeaderValue::from_static("5"))];
+    let uncertain = matches!(why, Unreachable::NoAnswer(_));
     if api {
-        let body = serde_json::json!({
-            "error": "the gateway that sends the notifications could not be reached (it may be switching over); nothing was changed: try again in a few seconds"
-        });
-        return (StatusCode::SERVICE_UNAVAILABLE, retry, axum::Json(body)).into_response();
+        let error = if uncertain {
+            "the gateway that sends the notifications did not answer in time: the action may or may not have been taken; read its state before trying again"
+        } else {
+            "the gateway that sends the notifications could not be reached (it may be switching over); nothing was changed: try again in a few seconds"
+        };
+        let status = if uncertain { StatusCode::GATEWAY_TIMEOUT } else { StatusCode::SERVICE_UNAVAILABLE };
+        return (status, retry, axum::Json(serde_json::json!({ "error": error }))).into_response();
     }
-    let body = "<!doctype html><html lang=\"ja\"><meta charset=\"utf-8\"><title>mamori</title>\
-        <p>通知を送っているゲートウェイにつながらなかったため、この操作はまだ行われていません（切り替えの途中かもしれません）。\
-        数秒後にもう一度お試しください。急ぐときは電話で伝えてください。</p>\
-        <p lang=\"en\">The gateway that sends the notifications could not be reached (it may be switching over), \
-        so this action was not taken. Try again in a few seconds; if it is urgent, call.</p></html>";
-    (StatusCode::SERVICE_UNAVAILABLE, retry, [(header::CONTENT_TYPE, "text/html; charset=utf-8")], body).into_response()
+    let (status, body) = if uncertain {
+        (
+            StatusCode::GATEWAY_TIMEOUT,
+            "<p>通知を送っているゲートウェイから時間内に返事がありませんでした。この操作が行われたかどうかは分かりません。\
+             画面を開き直して確かめてから、必要ならもう一度行ってください。急ぐときは電話で伝えてください。</p>\
+             <p lang=\"en\">The gateway that sends the notifications did not answer in time, so it is not known whether \
+             this action was taken. Open the page again to check before trying again; if it is urgent, call.</p>",
+        )
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "<p>通知を送っているゲートウェイにつながらなかったため、この操作はまだ行われていません（切り替えの途中かもしれません）。\
+             数秒後にもう一度お試しください。急ぐときは電話で伝えてください。</p>\
+             <p lang=\"en\">The gateway that sends the notifications could not be reached (it may be switching over), \
+             so this action was not taken. Try again in a few seconds; if it is urgent, call.</p>",
+        )
+    };
+    let page = format!("<!doctype html><html lang=\"ja\"><meta charset=\"utf-8\"><title>mamori</title>{body}</html>");
+    (status, retry, [(header::CONTENT_TYPE, "text/html; charset=utf-8")], page).into_response()
 }
 
 /// Middleware of a standby's router: reads are served here, every other request is passed to
@@ -244,6 +307,9 @@ pub async fn forward(State(f): State<Forward>, req: Request, next: Next) -> Resp
         return next.run(req).await;
     }
     let api = req.uri().path().starts_with("/api/");
+    if req.headers().contains_key(PASSED_ON) {
+        return not_taken(api, &Unreachable::PassedOnTwice);
+    }
     let base = match f.target() {
         Ok(b) => b,
         Err(why) => return not_taken(api, &why),
@@ -264,15 +330,18 @@ pub async fn forward(State(f): State<Forward>, req: Request, next: Next) -> Resp
     if let Some(ip) = client.and_then(|c| HeaderValue::from_str(&c.to_string()).ok()) {
         headers.insert(f.header.clone(), ip);
     }
+    headers.insert(HeaderName::from_static(PASSED_ON), HeaderValue::from_static("1"));
     let sent = f.client.request(parts.method.clone(), url).headers(headers).body(body).send().await;
     let answer = match sent {
         Ok(r) => r,
+        Err(e) if e.is_connect() => return not_taken(api, &Unreachable::NoConnection(e.to_string())),
         Err(e) => return not_taken(api, &Unreachable::NoAnswer(e.to_string())),
     };
     let status = answer.status();
     let headers = copy_headers(answer.headers());
-    let Ok(bytes) = answer.bytes().await else {
-        return not_taken(api, &Unreachable::NoAnswer("the answer was cut off".into()));
+    let bytes = match answer.bytes().await {
+        Ok(b) => b,
+        Err(e) => return not_taken(api, &Unreachable::NoAnswer(format!("the answer was cut off: {e}"))),
     };
     tracing::debug!(method = %parts.method, path = parts.uri.path(), %status, "standby: passed to the active gateway");
     let mut r = Response::new(axum::body::Body::from(bytes));
@@ -334,11 +403,10 @@ fn spawn_mirror(
                     if let Some(snap) = mirror.next(engine) {
                         snapshot.send_replace(Arc::new(snap));
                     }
-                    health.set_standby(Some(Standby {
-                        since: health_since(&health, now),
-                        read_at: Some(now),
-                        error: None,
-                    }));
+                    health.update_standby(|s| {
+                        s.read_at = Some(now);
+                        s.error = None;
+                    });
                     said = None;
                 }
                 Err(e) => {
@@ -348,12 +416,7 @@ fn spawn_mirror(
                         tracing::warn!(error = %text, "standby: cannot read the store for the dashboard");
                         said = Some(text.clone());
                     }
-                    let last = health.standby();
-                    health.set_standby(Some(Standby {
-                        since: health_since(&health, now),
-                        read_at: last.and_then(|s| s.read_at),
-                        error: Some(text),
-                    }));
+                    health.update_standby(|s| s.error = Some(text));
                 }
             }
             if stop.recv_timeout(MIRROR_EVERY) != Err(std::sync::mpsc::RecvTimeoutError::Timeout) {
@@ -364,8 +427,51 @@ fn spawn_mirror(
     Ok(())
 }
 
-fn health_since(health: &Health, now: crate::engine::Time) -> crate::engine::Time {
-    health.standby().map_or(now, |s| s.since)
+/// Whether actions can be passed on, every [`MIRROR_EVERY`], for the standby's health, until
+/// `stop`.
+fn spawn_pass_on_check(forward: Forward, health: Arc<Health>, stop: CancellationToken) {
+    tokio::spawn(async move {
+        loop {
+            let why = forward.check().await;
+            health.update_standby(|s| s.pass_on = why);
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(MIRROR_EVERY) => {}
+            }
+        }
+    });
+}
+
+/// The web's connection to the store, once the database answers (a standby started before its
+/// database waits for it, as for the lease, rather than exit).
+async fn web_store(at: &PgLocation, cancel: &CancellationToken) -> Option<Box<dyn crate::store::Store>> {
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready, sd_notify::NotifyState::Status("standby")]);
+    let watchdog = sd_notify::watchdog_enabled().is_some();
+    let mut said = String::new();
+    loop {
+        if watchdog {
+            let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
+        }
+        let at2 = Box::new(at.clone());
+        let opened =
+            tokio::task::spawn_blocking(move || crate::store::open_existing(&crate::store::Location::Postgres(at2)))
+                .await;
+        match opened {
+            Ok(Ok(db)) => return Some(db),
+            Ok(Err(e)) => {
+                let text = e.to_string();
+                if text != said {
+                    tracing::warn!(error = %text, "standby: cannot reach the store; waiting for it");
+                    said = text;
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "standby: the store's task"),
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => return None,
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+    }
 }
 
 /// Stand by: serve the dashboard and the API (actions passed to the active gateway) and wait
@@ -377,31 +483,34 @@ pub async fn stand_by(
     cluster: &ClusterConfig,
     cancel: &CancellationToken,
 ) -> anyhow::Result<Option<(Held, Listener)>> {
+    let style = crate::run::style(config)?;
+    let forward = Forward::new(config, cluster, FORWARD_TIMEOUT)?;
+    // Nothing is served before the store answers: every page needs it.
+    let Some(db) = web_store(at, cancel).await else { return Ok(None) };
     let listener = Listener::bind(config, cancel.clone()).await?;
     let now = crate::clock::now();
-    let style = crate::run::style(config)?;
     let health = Arc::new(Health::new(now));
-    health.set_standby(Some(Standby { since: now, read_at: None, error: None }));
+    health.set_standby(Some(Standby::new(now)));
     let (snapshot, snapshot_rx) = watch::channel(Arc::new(Snapshot::of(crate::run::empty_engine(config))));
     let (tx, rx) = mpsc::channel(16);
     let Listener { rt, incoming } = listener;
-    let forward = Forward::new(config, cluster)?;
+    let serving_cancel = CancellationToken::new();
     let app = {
         let _on_web = rt.handle().enter();
         refuse_requests(rx);
+        spawn_pass_on_check(forward.clone(), health.clone(), serving_cancel.clone());
         crate::run::web_app(
             config,
             &style,
             tx,
             snapshot_rx,
-            &crate::store::Location::Postgres(Box::new(at.clone())),
+            db,
             Default::default(),
             health.clone(),
             Default::default(),
         )?
     };
     let router = crate::web::router(app).layer(axum::middleware::from_fn_with_state(forward.clone(), self::forward));
-    let serving_cancel = CancellationToken::new();
     let serving = rt.handle().spawn(crate::listen::serve(incoming, router, serving_cancel.clone()));
     tracing::info!(gateway = %cluster.name, http = %config.http.bind, "standby: serving the dashboard, actions passed to the active gateway");
     let (stop, stopped) = std::sync::mpsc::channel();
@@ -464,8 +573,7 @@ mod tests {
         assert!(m.next(second.engine.clone()).is_none(), "read again unchanged: nothing");
     }
 
-    #[test]
-    fn an_action_has_somewhere_to_go_only_while_a_lease_is_live_and_its_holder_has_an_address() {
+    fn config() -> (Config, ClusterConfig) {
         let config: Config = toml::from_str(
             r#"data_dir = "data"
 public_url = "http://127.0.0.1:8080"
@@ -483,11 +591,79 @@ peers = { gw-a = "https://10.0.0.1:8443", gw-b = "https://10.0.0.2:8443" }
         )
         .unwrap();
         let cluster = config.cluster.clone().unwrap();
-        let f = Forward::new(&config, &cluster).unwrap();
+        (config, cluster)
+    }
+
+    #[test]
+    fn an_action_has_somewhere_to_go_only_while_another_gateway_holds_a_live_lease_and_has_an_address() {
+        let (config, cluster) = config();
+        let f = Forward::new(&config, &cluster, FORWARD_TIMEOUT).unwrap();
         assert_eq!(f.target(), Err(Unreachable::NoActive));
         f.set_active(Some("gw-b".into()));
         assert_eq!(f.target().unwrap().as_str(), "https://10.0.0.2:8443/");
         f.set_active(Some("gw-c".into()));
         assert_eq!(f.target(), Err(Unreachable::NoAddress("gw-c".into())));
+        // Itself, restarted while its own lease runs out: never to itself.
+        f.set_active(Some("gw-a".into()));
+        assert_eq!(f.target(), Err(Unreachable::NoActive));
+    }
+
+    /// A standby's router in front of a handler that says where it was served.
+    fn standby_router(active_url: &str, timeout: Duration) -> (axum::Router, Forward) {
+        let (mut config, mut cluster) = config();
+        cluster.peers.insert("gw-b".into(), active_url.into());
+        config.cluster = Some(cluster.clone());
+        let f = Forward::new(&config, &cluster, timeout).unwrap();
+        f.set_active(Some("gw-b".into()));
+        let r = axum::Router::new()
+            .route("/x", axum::routing::any(|| async { "served here" }))
+            .layer(axum::middleware::from_fn_with_state(f.clone(), forward));
+        (r, f)
+    }
+
+    async fn call(r: &axum::Router, method: Method, extra: Option<(&str, &str)>) -> (StatusCode, String) {
+        use tower::ServiceExt as _;
+        let mut req = axum::http::Request::builder().method(method).uri("/x");
+        if let Some((k, v)) = extra {
+            req = req.header(k, v);
+        }
+        let resp = r.clone().oneshot(req.body(axum::body::Body::empty()).unwrap()).await.unwrap();
+        let status = resp.status();
+        let body = axum::body::to_bytes(resp.into_body(), 1 << 20).await.unwrap();
+        (status, String::from_utf8_lossy(&body).into_owned())
+    }
+
+    #[tokio::test]
+    async fn an_action_is_refused_as_not_taken_or_as_unknown_according_to_what_is_known() {
+        // Nobody listens: the connection is refused, so nothing was taken.
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let closed_url = format!("http://{}", closed.local_addr().unwrap());
+        drop(closed);
+        let (r, _) = standby_router(&closed_url, Duration::from_secs(2));
+        let (status, body) = call(&r, Method::GET, None).await;
+        assert_eq!((status, body.as_str()), (StatusCode::OK, "served here"), "reads are served by the standby");
+        let (status, body) = call(&r, Method::POST, None).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(body.contains("まだ行われていません") && body.contains("was not taken"), "{body}");
+        // Passed on already by another gateway: refused, never passed on again.
+        let (status, body) = call(&r, Method::POST, Some((PASSED_ON, "1"))).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+
+        // It accepts and never answers: the action may have been taken, and the page says so.
+        let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let silent_url = format!("http://{}", silent.local_addr().unwrap());
+        let held = tokio::spawn(async move {
+            let mut open = Vec::new();
+            while let Ok((s, _)) = silent.accept().await {
+                open.push(s);
+            }
+        });
+        let (r, f) = standby_router(&silent_url, Duration::from_millis(300));
+        let (status, body) = call(&r, Method::POST, None).await;
+        assert_eq!(status, StatusCode::GATEWAY_TIMEOUT);
+        assert!(body.contains("行われたかどうかは分かりません") && body.contains("not known whether"), "{body}");
+        // A peer that answers nothing is not one to pass actions to: the standby says so.
+        assert!(f.check().await.is_some_and(|why| why.contains("does not answer")));
+        held.abort();
     }
 }

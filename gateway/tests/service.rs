@@ -523,7 +523,8 @@ fn two_gateways_the_operators_hear_when_the_standby_is_gone_and_when_it_is_back(
 }
 
 #[test]
-fn two_gateways_the_standby_serves_the_dashboard_passes_actions_to_the_active_and_takes_over_on_its_port() -> Result<()> {
+fn two_gateways_the_standby_serves_the_dashboard_passes_actions_to_the_active_and_takes_over_on_its_port() -> Result<()>
+{
     let db = TestDb::new()?;
     let broker = Mosquitto::start("")?;
     let hook = WebhookReceiver::start("hook-secret")?;
@@ -552,11 +553,19 @@ fn two_gateways_the_standby_serves_the_dashboard_passes_actions_to_the_active_an
             Ok((r.status().as_u16(), r.text().await?))
         })
     };
-    // In rotation: healthy, and it says it is not the one that sends.
-    assert_eq!(get("/healthz", None)?, (200, "ok\n".to_string()));
+    // In rotation once it has read the store and reached the active: healthy, and it says it
+    // is not the one that sends.
+    let deadline = mamori_tests::Deadline::after(LIMIT);
+    while get("/healthz", None)? != (200, "ok\n".to_string()) {
+        deadline.check("the standby healthy")?;
+        std::thread::sleep(Duration::from_millis(100));
+    }
     assert!(get("/metrics", None)?.1.contains("mamori_gateway_active 0"));
-    // The login is passed to the active (the form was the standby's own).
+    // The login is passed to the active (the form was the standby's own), which sees the
+    // phone's address.
     let session = rt.block_on(browser_login(&c, &base, "mother", "a family password long enough"))?;
+    a.wait_line("the login, by the active", LIMIT, |l| l.contains("\"login\"") && l.contains("127.0.0.3"))?;
+    assert!(!b.lines().iter().any(|l| l.contains("\"login\"")), "the standby logged in itself: {:?}", b.lines());
     // The standby's page shows the outage from the store, with the family's answers.
     let deadline = mamori_tests::Deadline::after(LIMIT);
     let page = loop {
@@ -632,6 +641,21 @@ fn two_gateways_a_standby_with_no_active_says_the_action_was_not_taken() -> Resu
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     let rt = tokio::runtime::Runtime::new()?;
     let c = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build()?;
+    // Out of rotation, and saying why.
+    let deadline = mamori_tests::Deadline::after(LIMIT);
+    loop {
+        let (status, body) = rt.block_on(async {
+            let r = c.get(format!("http://127.0.0.1:{b_port}/healthz")).send().await?;
+            Ok::<_, anyhow::Error>((r.status(), r.text().await?))
+        })?;
+        if status == reqwest::StatusCode::SERVICE_UNAVAILABLE
+            && body.contains("no address for the active gateway `gw-a`")
+        {
+            break;
+        }
+        deadline.check(&format!("the standby unhealthy for want of the active's address: {status} {body}"))?;
+        std::thread::sleep(Duration::from_millis(100));
+    }
     let r = rt.block_on(async {
         c.post(format!("http://127.0.0.1:{b_port}/login")).form(&[("username", "x"), ("password", "y")]).send().await
     })?;

@@ -3,6 +3,9 @@
 //! certificates, bcrypt passwords, per-home permissions, TLS routes with a route password.
 //! Each node has its own free loopback ports and JetStream folder; nodes can be killed and
 //! started again. Killed when dropped.
+//!
+//! [`NatsCluster::start_plain`] starts the same cluster without TLS or users (anonymous MQTT
+//! on loopback) for the fleet benchmark, whose publishers speak for many homes each.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -87,6 +90,57 @@ impl NatsCluster {
         let out = cmd.output()?;
         if !out.status.success() {
             bail!("pki nats: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        }
+        let mut c = NatsCluster { nodes, bin, _store: store };
+        for i in 0..3 {
+            c.start_node(i)?;
+        }
+        for i in 0..3 {
+            c.wait_healthy(i, Duration::from_secs(30))?;
+        }
+        Ok(c)
+    }
+
+    /// Three nodes with the MQTT and JetStream settings `pki nats` writes (three replicas,
+    /// `ack_wait` 10 s) but no TLS and no users: anonymous MQTT on loopback, for benchmarks.
+    pub fn start_plain() -> Result<NatsCluster> {
+        let bin = binary()?;
+        let store = tempfile::tempdir()?;
+        let mut ports = std::collections::BTreeSet::new();
+        let mut order = Vec::new();
+        while order.len() < 9 {
+            let p = free_port()?;
+            if ports.insert(p) {
+                order.push(p);
+            }
+        }
+        let mut nodes = Vec::new();
+        for i in 0..3 {
+            let (mqtt, cluster, monitor) = (order[3 * i], order[3 * i + 1], order[3 * i + 2]);
+            let routes: Vec<String> = (0..3)
+                .filter(|&j| j != i)
+                .map(|j| format!("\"nats-route://127.0.0.1:{}\"", order[3 * j + 1]))
+                .collect();
+            let conf = store.path().join(format!("n{}.conf", i + 1));
+            std::fs::write(
+                &conf,
+                format!(
+                    "server_name: \"n{n}\"\nhost: \"127.0.0.1\"\nport: -1\nhttp: \"127.0.0.1:{monitor}\"\n\
+                     max_payload: 65536\njetstream {{\n  store_dir: \"{dir}\"\n}}\n\
+                     mqtt {{\n  listen: \"127.0.0.1:{mqtt}\"\n  stream_replicas: 3\n  ack_wait: \"10s\"\n}}\n\
+                     cluster {{\n  name: \"bench\"\n  listen: \"127.0.0.1:{cluster}\"\n  routes: [{routes}]\n}}\n",
+                    n = i + 1,
+                    dir = store.path().join(format!("n{}", i + 1)).display(),
+                    routes = routes.join(", "),
+                ),
+            )?;
+            nodes.push(Node {
+                name: format!("n{}", i + 1),
+                mqtt_port: mqtt,
+                monitor_port: monitor,
+                conf,
+                process: None,
+            });
         }
         let mut c = NatsCluster { nodes, bin, _store: store };
         for i in 0..3 {

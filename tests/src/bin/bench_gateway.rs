@@ -4,7 +4,16 @@
 //! ```sh
 //! cargo build --release -p mamori-gateway -p mamori-tests
 //! target/release/bench-gateway [--homes 20000] [--municipalities 40] [--steady-s 60] [--storm 2000] [--burst 100000]
+//!     [--shapes sqlite+mosquitto,postgres+mosquitto,postgres+nats]
 //! ```
+//!
+//! Each shape runs the whole sequence below in turn, and a table sets them side by side:
+//! `sqlite+mosquitto` (one prefecture's default), `postgres+mosquitto` (the store alone
+//! changed) and `postgres+nats` (beyond one machine: PostgreSQL and a three-node NATS cluster,
+//! MQTT on JetStream with three replicas, the gateway on one node and the publishers spread
+//! over all three). PostgreSQL is the server `MAMORI_TEST_POSTGRES` names, in a database of
+//! the benchmark's own; NATS is `nats-server` without TLS or users (the publishers speak for
+//! many homes each).
 //!
 //! Everything is real: a Mosquitto started here on a free loopback port, the release
 //! `mamori-gateway` binary with its SQLite store in a temporary folder, a webhook receiver
@@ -42,6 +51,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use mamori_protocol::mqtt::{self, Channel, ConnectionState, HomeId, Status, Telemetry};
 use mamori_protocol::reading::{OximeterReading, UpsReading};
+use mamori_tests::nats::NatsCluster;
+use mamori_tests::postgres::TestDb;
 use mamori_tests::process::Process;
 use mamori_tests::procfs::{cpu_ns, machine, percentile, status_kb};
 use mamori_tests::webhook::{Delivery, WebhookReceiver};
@@ -54,6 +65,78 @@ const PERIOD: Duration = Duration::from_secs(10);
 fn arg(name: &str, default: u64) -> u64 {
     let args: Vec<String> = std::env::args().collect();
     args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+fn arg_text(name: &str, default: &str) -> String {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).cloned().unwrap_or_else(|| default.into())
+}
+
+/// Where the gateway keeps its state and which broker everyone uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum StoreKind {
+    Sqlite,
+    Postgres,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum BrokerKind {
+    Mosquitto,
+    Nats,
+}
+
+fn shape_name(store: StoreKind, broker: BrokerKind) -> &'static str {
+    match (store, broker) {
+        (StoreKind::Sqlite, BrokerKind::Mosquitto) => "SQLite + Mosquitto",
+        (StoreKind::Postgres, BrokerKind::Mosquitto) => "PostgreSQL + Mosquitto",
+        (StoreKind::Sqlite, BrokerKind::Nats) => "SQLite + NATS ×3",
+        (StoreKind::Postgres, BrokerKind::Nats) => "PostgreSQL + NATS ×3",
+    }
+}
+
+fn parse_shapes(text: &str) -> Result<Vec<(StoreKind, BrokerKind)>> {
+    text.split(',')
+        .map(|s| match s.trim() {
+            "sqlite+mosquitto" => Ok((StoreKind::Sqlite, BrokerKind::Mosquitto)),
+            "postgres+mosquitto" => Ok((StoreKind::Postgres, BrokerKind::Mosquitto)),
+            "sqlite+nats" => Ok((StoreKind::Sqlite, BrokerKind::Nats)),
+            "postgres+nats" => Ok((StoreKind::Postgres, BrokerKind::Nats)),
+            other => {
+                bail!("--shapes: `{other}` is not sqlite+mosquitto, postgres+mosquitto, sqlite+nats or postgres+nats")
+            }
+        })
+        .collect()
+}
+
+enum Broker {
+    Mosquitto(Mosquitto),
+    Nats(NatsCluster),
+}
+
+impl Broker {
+    fn start(kind: BrokerKind) -> Result<Broker> {
+        Ok(match kind {
+            // Queues deep enough for a storm at one subscriber.
+            BrokerKind::Mosquitto => {
+                Broker::Mosquitto(Mosquitto::start_quiet("max_queued_messages 1000000\nmax_inflight_messages 1000")?)
+            }
+            BrokerKind::Nats => Broker::Nats(NatsCluster::start_plain()?),
+        })
+    }
+
+    /// The port of the node the `n`th client connects to (the gateway is client 0).
+    fn port(&self, n: usize) -> u16 {
+        match self {
+            Broker::Mosquitto(m) => m.port(),
+            Broker::Nats(c) => c.nodes[n % c.nodes.len()].mqtt_port,
+        }
+    }
+}
+
+/// Where to count what the gateway stored.
+enum Counter {
+    Sqlite(PathBuf),
+    Postgres(String),
 }
 
 fn gateway_bin() -> Result<PathBuf> {
@@ -106,7 +189,7 @@ contacts = [
     }
 }
 
-fn write_config(dir: &Path, broker_port: u16, hook: &str, with_homes_file: bool) -> Result<PathBuf> {
+fn write_config(dir: &Path, broker_port: u16, hook: &str, with_homes_file: bool, store: &str) -> Result<PathBuf> {
     let http = free_port()?;
     let mut c = format!(
         r#"data_dir = "data"
@@ -126,6 +209,7 @@ bind = "127.0.0.1:{http}"
     for name in ["family", "coord", "facility", "centre"] {
         c.push_str(&format!("[endpoints.{name}]\nurl = \"{hook}/{name}\"\nsecret = {{ value = \"{SECRET}\" }}\n"));
     }
+    c.push_str(store);
     let path = dir.join(if with_homes_file { "gateway-with-homes.toml" } else { "gateway.toml" });
     std::fs::write(&path, c)?;
     Ok(path)
@@ -235,13 +319,31 @@ impl Drop for Reference {
     }
 }
 
-/// Rows the gateway stored (read-only, beside the running gateway: WAL allows it).
-fn stored(db: &Path) -> Result<(u64, u64)> {
-    let c = rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
-    let count = |table: &str| -> Result<u64> {
-        Ok(c.query_row(&format!("SELECT count(*) FROM {table}"), [], |r| r.get::<_, i64>(0))? as u64)
-    };
-    Ok((count("telemetry")?, count("status")? + count("events")?))
+/// Rows the gateway stored: telemetry, and status and events (SQLite read-only beside the
+/// running gateway, which WAL allows; PostgreSQL on a connection of its own, on a thread of
+/// its own since its synchronous client runs its own runtime).
+fn stored(at: &Counter) -> Result<(u64, u64)> {
+    match at {
+        Counter::Sqlite(db) => {
+            let c = rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+            let count = |table: &str| -> Result<u64> {
+                Ok(c.query_row(&format!("SELECT count(*) FROM {table}"), [], |r| r.get::<_, i64>(0))? as u64)
+            };
+            Ok((count("telemetry")?, count("status")? + count("events")?))
+        }
+        Counter::Postgres(settings) => {
+            let settings = settings.clone();
+            std::thread::spawn(move || -> Result<(u64, u64)> {
+                let mut c = postgres::Client::connect(&settings, postgres::NoTls)?;
+                let mut count = |table: &str| -> Result<u64> {
+                    Ok(c.query_one(&format!("SELECT count(*) FROM {table}"), &[])?.get::<_, i64>(0) as u64)
+                };
+                Ok((count("telemetry")?, count("status")? + count("events")?))
+            })
+            .join()
+            .map_err(|_| anyhow::anyhow!("the PostgreSQL count panicked"))?
+        }
+    }
 }
 
 fn spawn_gateway(bin: &Path, config: &Path) -> Result<(Process, Instant)> {
@@ -257,15 +359,17 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
-fn summary(name: &str, mut v: Vec<f64>) {
+/// Print and return `p50 · p99 · max` of latencies in ms.
+fn summary(name: &str, mut v: Vec<f64>) -> String {
     v.sort_by(f64::total_cmp);
-    println!(
-        "{name}: n {} · p50 {:.1} ms · p99 {:.1} ms · max {:.1} ms",
-        v.len(),
+    let short = format!(
+        "p50 {:.1} · p99 {:.1} · max {:.1} ms",
         percentile(&v, 50.0),
         percentile(&v, 99.0),
         v.last().copied().unwrap_or(f64::NAN)
     );
+    println!("{name}: n {} · {short}", v.len());
+    short
 }
 
 fn kind_of(d: &Delivery) -> (&str, &str) {
@@ -277,26 +381,74 @@ fn kind_of(d: &Delivery) -> (&str, &str) {
 async fn main() -> Result<()> {
     let n_homes = arg("--homes", 20_000) as usize;
     let n_munis = arg("--municipalities", 40) as usize;
+    let shapes = parse_shapes(&arg_text("--shapes", "sqlite+mosquitto,postgres+mosquitto,postgres+nats"))?;
+    println!("# mamori gateway fleet benchmark\n");
+    println!("machine: {}", machine());
+    println!(
+        "homes {n_homes} in {n_munis} municipalities; telemetry every {} s; storm {}",
+        PERIOD.as_secs(),
+        arg("--storm", 2_000)
+    );
+    let mut table: Vec<(&str, Vec<(&'static str, String)>)> = Vec::new();
+    for (store, broker) in shapes {
+        let name = shape_name(store, broker);
+        println!("\n# {name}");
+        let figures = match shape(store, broker).await {
+            Ok(f) => f,
+            Err(e) => {
+                println!("{name}: failed: {e:#}");
+                vec![("failed", format!("{e:#}"))]
+            }
+        };
+        table.push((name, figures));
+    }
+    println!("\n# Side by side\n");
+    println!("| measure | {} |", table.iter().map(|(n, _)| *n).collect::<Vec<_>>().join(" | "));
+    println!("|---|{}", "---|".repeat(table.len()));
+    let mut rows: Vec<&'static str> = Vec::new();
+    for (_, f) in &table {
+        for (k, _) in f {
+            if !rows.contains(k) {
+                rows.push(k);
+            }
+        }
+    }
+    for row in rows {
+        let cells: Vec<String> = table
+            .iter()
+            .map(|(_, f)| f.iter().find(|(k, _)| *k == row).map_or("–".to_string(), |(_, v)| v.clone()))
+            .collect();
+        println!("| {row} | {} |", cells.join(" | "));
+    }
+    Ok(())
+}
+
+/// The whole sequence on one shape: its figures for the table.
+async fn shape(store_kind: StoreKind, broker_kind: BrokerKind) -> Result<Vec<(&'static str, String)>> {
+    let n_homes = arg("--homes", 20_000) as usize;
+    let n_munis = arg("--municipalities", 40) as usize;
     let steady_s = arg("--steady-s", 60);
     let n_storm = arg("--storm", 2_000) as usize;
     let n_burst = arg("--burst", 100_000);
     let bin = gateway_bin()?;
     let work = tempfile::tempdir()?;
-    println!("# mamori gateway fleet benchmark\n");
-    println!("machine: {}", machine());
-    println!("homes {n_homes} in {n_munis} municipalities; telemetry every {} s; storm {n_storm}", PERIOD.as_secs());
+    let mut figures: Vec<(&'static str, String)> = Vec::new();
 
-    // A broker sized for a fleet: queues deep enough for a storm at one subscriber.
-    let broker = Mosquitto::start_quiet("max_queued_messages 1000000\nmax_inflight_messages 1000")?;
-    let port = broker.port();
+    let broker = Broker::start(broker_kind)?;
+    let port = broker.port(0);
+    let pg = match store_kind {
+        StoreKind::Postgres => Some(TestDb::new()?),
+        StoreKind::Sqlite => None,
+    };
+    let store_toml = pg.as_ref().map(TestDb::store_toml).unwrap_or_default();
     let hook = WebhookReceiver::start(SECRET)?;
     let fleet = Fleet::new(n_homes, n_munis);
 
     // Homes: imported once (the way an operator loads a prefecture), then a config without a
     // homes file, so that a restart only reads the store.
     std::fs::write(work.path().join("homes.toml"), fleet.homes_toml())?;
-    let config = write_config(work.path(), port, &hook.url(), false)?;
-    let with_homes = write_config(work.path(), port, &hook.url(), true)?;
+    let config = write_config(work.path(), port, &hook.url(), false, &store_toml)?;
+    let with_homes = write_config(work.path(), port, &hook.url(), true, &store_toml)?;
     let t = Instant::now();
     let out = Command::new(&bin)
         .args(["homes", "import", "--config"])
@@ -307,9 +459,17 @@ async fn main() -> Result<()> {
         bail!("homes import: {}", String::from_utf8_lossy(&out.stderr));
     }
     println!("\n## Load\nhomes import of {n_homes} homes: {:.2} s", t.elapsed().as_secs_f64());
-    let db = work.path().join("data").join("mamori.db");
+    figures.push(("homes import", format!("{:.2} s", t.elapsed().as_secs_f64())));
+    let db = match &pg {
+        None => Counter::Sqlite(work.path().join("data").join("mamori.db")),
+        Some(pg) => Counter::Postgres(format!(
+            "{}{}",
+            pg.settings(),
+            pg.password().map(|p| format!(" password={p}")).unwrap_or_default()
+        )),
+    };
 
-    let reference = Reference::start(port)?;
+    let reference = Reference::start(broker.port(1))?;
     let (mut gw, started) = spawn_gateway(&bin, &config)?;
     gw.wait_line("subscribed", Duration::from_secs(60), |l| l.contains("\"subscribed\""))?;
     println!("gateway start with {n_homes} homes in the store, to subscribed: {:.0} ms", ms(started.elapsed()));
@@ -318,7 +478,7 @@ async fn main() -> Result<()> {
     let shards = 4;
     let mut clients = Vec::new();
     for s in 0..shards {
-        clients.push(publisher(port, &s.to_string()).await?);
+        clients.push(publisher(broker.port(s + 1), &s.to_string()).await?);
     }
     for (i, h) in fleet.homes.iter().enumerate() {
         clients[i % shards].publish(topic(h, Channel::Status), QoS::AtLeastOnce, true, status()).await?;
@@ -378,6 +538,17 @@ async fn main() -> Result<()> {
     );
     println!("gateway CPU {cpu:.1} s in {wall:.1} s ({:.0} % of one core)", 100.0 * cpu / wall);
     println!("notifications during the steady fleet (should be 0): {}", hook.deliveries().len());
+    figures.push((
+        "steady: gateway stored / `mosquitto_sub` received",
+        format!(
+            "{} / {} ({:.1} %)",
+            stored_t - stored_t0,
+            ref_t,
+            100.0 * (stored_t - stored_t0) as f64 / ref_t.max(1) as f64
+        ),
+    ));
+    figures.push(("steady: gateway CPU", format!("{:.0} % of one core", 100.0 * cpu / wall)));
+    figures.push(("steady: false notifications", hook.deliveries().len().to_string()));
 
     // 2. Storm.
     let per_muni = n_storm / n_munis;
@@ -392,7 +563,7 @@ async fn main() -> Result<()> {
     let mut sent_at: HashMap<String, Instant> = HashMap::new();
     let mut third: BTreeMap<String, Instant> = BTreeMap::new();
     let storm_start = Instant::now();
-    let storm_client = publisher(port, "storm").await?;
+    let storm_client = publisher(broker.port(2), "storm").await?;
     let mut next = Instant::now();
     for (n, &i) in order.iter().enumerate() {
         tokio::time::sleep_until(next.into()).await;
@@ -458,8 +629,13 @@ async fn main() -> Result<()> {
         }
     }
     println!("\n## 2. Storm: {} outages in {:.1} s", order.len(), (storm_end - storm_start).as_secs_f64());
-    summary("mains_lost published → family webhook", family);
-    summary("third outage of a municipality → its coordinator's first incident digest", coord.clone());
+    let n_family = family.len();
+    figures.push(("storm: outage → family (ms)", summary("mains_lost published → family webhook", family)));
+    figures.push(("storm: families paged", format!("{n_family} of {}", order.len())));
+    figures.push((
+        "storm: third outage → coordinator's digest (ms)",
+        summary("third outage of a municipality → its coordinator's first incident digest", coord.clone()),
+    ));
     println!(
         "coordinators with a digest: {} of {}; the last one {:+.0} ms from the storm's last outage",
         coord.len(),
@@ -475,7 +651,7 @@ async fn main() -> Result<()> {
     // burst is counted.
     paused.store(true, Ordering::Relaxed);
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let burst_client = publisher(port, "burst").await?;
+    let burst_client = publisher(broker.port(3), "burst").await?;
     let payloads: Vec<(String, Vec<u8>)> = (0..n_burst as usize)
         .map(|k| {
             let i = k % n_homes;
@@ -523,6 +699,15 @@ async fn main() -> Result<()> {
         gw_n as f64 / (gw_done - t).as_secs_f64(),
         100.0 * gw_n as f64 / ref_n.max(1) as f64
     );
+    figures.push((
+        "burst: `mosquitto_sub` / gateway intake",
+        format!(
+            "{:.0} / {:.0} msg/s ({:.1} % of the messages)",
+            ref_n as f64 / (ref_done - t).as_secs_f64(),
+            gw_n as f64 / (gw_done - t).as_secs_f64(),
+            100.0 * gw_n as f64 / ref_n.max(1) as f64
+        ),
+    ));
 
     // 4. Memory.
     println!("\n## 4. Memory");
@@ -531,6 +716,10 @@ async fn main() -> Result<()> {
         status_kb(gw.pid(), "VmRSS:"),
         status_kb(gw.pid(), "VmHWM:")
     );
+    figures.push((
+        "gateway memory (VmRSS / VmHWM)",
+        format!("{} / {} kB", status_kb(gw.pid(), "VmRSS:"), status_kb(gw.pid(), "VmHWM:")),
+    ));
 
     // 5. Restart.
     gw.kill9()?;
@@ -568,6 +757,11 @@ async fn main() -> Result<()> {
         *seen.entry(x.key.as_str()).or_default() += 1;
     }
     println!("notification keys received more than once: {}", seen.values().filter(|&&n| n > 1).count());
+    figures.push((
+        "restart after SIGKILL → subscribed / queued outage paged",
+        format!("{:.0} / {:.0} ms", ms(subscribed), ms(notified)),
+    ));
+    figures.push(("notification keys received twice", seen.values().filter(|&&n| n > 1).count().to_string()));
     drop(gw2);
 
     // For information: a start that also parses the homes file.
@@ -579,5 +773,8 @@ async fn main() -> Result<()> {
     let _ = stream.await;
     let refs = reference.other.load(Ordering::Relaxed);
     println!("\n(reference subscriber also saw {refs} status and event messages)");
-    Ok(())
+    drop(reference);
+    drop(broker);
+    drop(pg);
+    Ok(figures)
 }
