@@ -108,7 +108,9 @@ impl NatsCluster {
         let store = tempfile::tempdir()?;
         let mut ports = std::collections::BTreeSet::new();
         let mut order = Vec::new();
-        while order.len() < 9 {
+        // Every port named (NATS's own client port too: one it picked could be another
+        // node's route port, released here a moment before).
+        while order.len() < 12 {
             let p = free_port()?;
             if ports.insert(p) {
                 order.push(p);
@@ -116,16 +118,16 @@ impl NatsCluster {
         }
         let mut nodes = Vec::new();
         for i in 0..3 {
-            let (mqtt, cluster, monitor) = (order[3 * i], order[3 * i + 1], order[3 * i + 2]);
+            let (mqtt, cluster, monitor, client) = (order[4 * i], order[4 * i + 1], order[4 * i + 2], order[4 * i + 3]);
             let routes: Vec<String> = (0..3)
                 .filter(|&j| j != i)
-                .map(|j| format!("\"nats-route://127.0.0.1:{}\"", order[3 * j + 1]))
+                .map(|j| format!("\"nats-route://127.0.0.1:{}\"", order[4 * j + 1]))
                 .collect();
             let conf = store.path().join(format!("n{}.conf", i + 1));
             std::fs::write(
                 &conf,
                 format!(
-                    "server_name: \"n{n}\"\nhost: \"127.0.0.1\"\nport: -1\nhttp: \"127.0.0.1:{monitor}\"\n\
+                    "server_name: \"n{n}\"\nhost: \"127.0.0.1\"\nport: {client}\nhttp: \"127.0.0.1:{monitor}\"\n\
                      max_payload: 65536\njetstream {{\n  store_dir: \"{dir}\"\n}}\n\
                      mqtt {{\n  listen: \"127.0.0.1:{mqtt}\"\n  stream_replicas: 3\n  ack_wait: \"10s\"\n}}\n\
                      cluster {{\n  name: \"bench\"\n  listen: \"127.0.0.1:{cluster}\"\n  routes: [{routes}]\n}}\n",
