@@ -913,8 +913,9 @@ pub fn main() -> ExitCode {
                 let p = pki::Pki::open(&c.pki_dir())?;
                 let ca = std::fs::read_to_string(p.dir().join("ca.pem"))?;
                 std::fs::create_dir_all(&out)?;
-                for id in &ids {
-                    let (issued, password) = p.provision(id, clock::now())?;
+                // All at once: each password file is written once, however many homes.
+                let issued_all = p.provision_many(&ids, clock::now())?;
+                for (id, (issued, password)) in ids.iter().zip(issued_all) {
                     let path = out.join(format!("{}.toml", id.as_str()));
                     let bundle = pki::agent_bundle(id, &broker_host, broker_port, &failover, &ca, &issued, &password);
                     pki::write_bundle(&path, &bundle)?;
@@ -930,8 +931,8 @@ pub fn main() -> ExitCode {
             };
             exit_code((|| -> anyhow::Result<()> {
                 let p = pki::Pki::open(&c.pki_dir())?;
-                for id in &ids {
-                    let n = p.revoke(id, clock::now())?;
+                let counts = p.revoke_many(&ids, clock::now())?;
+                for (id, n) in ids.iter().zip(counts) {
                     println!("{}: password removed, {n} certificate(s) added to crl.pem", id.as_str());
                 }
                 reload_broker(&c)

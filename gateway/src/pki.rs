@@ -23,6 +23,7 @@
 //! Every private key and password file is written with mode 0600. Pure functions take the
 //! time as an input; only the file helpers do I/O.
 
+use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
@@ -125,6 +126,30 @@ pub fn random_password() -> String {
     let mut b = [0u8; 24];
     rand::rng().fill_bytes(&mut b);
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b)
+}
+
+/// bcrypt hashes of `(user, password)` pairs for NATS, on every core, in their order.
+fn hash_all(users: &[(&str, &str)]) -> Result<Vec<(String, String)>, PkiError> {
+    let threads = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get).max(1);
+    let chunk = users.len().div_ceil(threads).max(1);
+    let parts: Vec<Result<Vec<(String, String)>, String>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = users
+            .chunks(chunk)
+            .map(|part| {
+                scope.spawn(move || {
+                    part.iter()
+                        .map(|(u, p)| crate::nats::password_hash(p).map(|h| (u.to_string(), h)))
+                        .collect::<Result<Vec<_>, String>>()
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap_or_else(|_| Err("bcrypt: a thread panicked".into()))).collect()
+    });
+    let mut out = Vec::with_capacity(users.len());
+    for p in parts {
+        out.extend(p.map_err(PkiError::State)?);
+    }
+    Ok(out)
 }
 
 /// One line of Mosquitto 2's password file: `user:$7$101$<salt>$<hash>` (PBKDF2-HMAC-SHA512,
@@ -273,23 +298,33 @@ impl Pki {
 
     /// Add, replace (`Some`) or remove (`None`) a user in the password file.
     fn set_password(&self, user: &str, password: Option<&str>) -> Result<(), PkiError> {
+        self.set_passwords(&[(user, password)])
+    }
+
+    /// Add, replace or remove many users at once: each password file is read and written
+    /// once whatever the number (provisioning a prefecture is linear, not quadratic), and the
+    /// NATS hashes (bcrypt, ~50 ms each by design) are made on every core.
+    fn set_passwords(&self, users: &[(&str, Option<&str>)]) -> Result<(), PkiError> {
+        let changed: std::collections::HashSet<&str> = users.iter().map(|(u, _)| *u).collect();
         let path = self.dir.join("passwords");
         let old = std::fs::read_to_string(&path).map_err(io(&path))?;
-        let mut text = String::new();
-        for line in old.lines().filter(|l| !l.is_empty() && l.split(':').next() != Some(user)) {
+        let mut text = String::with_capacity(old.len() + users.len() * 140);
+        for line in old.lines().filter(|l| !l.is_empty() && !l.split(':').next().is_some_and(|u| changed.contains(u))) {
             let _ = writeln!(text, "{line}");
         }
-        if let Some(p) = password {
-            let mut salt = [0u8; 12];
-            rand::rng().fill_bytes(&mut salt);
-            let _ = writeln!(text, "{}", password_line(user, p, &salt));
+        for (user, p) in users {
+            if let Some(p) = p {
+                let mut salt = [0u8; 12];
+                rand::rng().fill_bytes(&mut salt);
+                let _ = writeln!(text, "{}", password_line(user, p, &salt));
+            }
         }
         write_file(&path, &text, 0o600)?;
         // The same users for a NATS cluster (bcrypt, which NATS reads), and its users file.
-        let mut nats: Vec<(String, String)> = self.nats_passwords()?.into_iter().filter(|(u, _)| u != user).collect();
-        if let Some(p) = password {
-            nats.push((user.to_string(), crate::nats::password_hash(p).map_err(PkiError::State)?));
-        }
+        let mut nats: Vec<(String, String)> =
+            self.nats_passwords()?.into_iter().filter(|(u, _)| !changed.contains(u.as_str())).collect();
+        let to_hash: Vec<(&str, &str)> = users.iter().filter_map(|(u, p)| p.map(|p| (*u, p))).collect();
+        nats.extend(hash_all(&to_hash)?);
         let text: String = nats.iter().map(|(u, h)| format!("{u}:{h}\n")).collect();
         write_file(&self.dir.join("nats-passwords"), &text, 0o600)?;
         write_file(&self.dir.join("nats-users.conf"), &crate::nats::users_conf(&nats), 0o600)
@@ -425,38 +460,64 @@ impl Pki {
     /// password, replacing any earlier password (an earlier certificate stays valid until
     /// it is revoked; its password no longer works).
     pub fn provision(&self, home: &HomeId, now: Time) -> Result<(Issued, String), PkiError> {
-        if home.as_str() == GATEWAY_USER {
+        self.provision_many(std::slice::from_ref(home), now)?
+            .pop()
+            .ok_or_else(|| PkiError::State("nothing was issued".into()))
+    }
+
+    /// [`Pki::provision`] for many homes at once, in their order; each file is written once.
+    /// Nothing is written when any id is refused.
+    pub fn provision_many(&self, homes: &[HomeId], now: Time) -> Result<Vec<(Issued, String)>, PkiError> {
+        if homes.iter().any(|h| h.as_str() == GATEWAY_USER) {
             return Err(PkiError::State(format!("`{GATEWAY_USER}` is the gateway's own name, not a home id")));
         }
         let issuer = self.issuer(now)?;
-        let cert = leaf(&issuer, home.as_str(), Vec::new(), &[ExtendedKeyUsagePurpose::ClientAuth], now, 825)?;
-        let password = random_password();
-        self.set_password(home.as_str(), Some(&password))?;
+        let mut out = Vec::with_capacity(homes.len());
+        for home in homes {
+            let cert = leaf(&issuer, home.as_str(), Vec::new(), &[ExtendedKeyUsagePurpose::ClientAuth], now, 825)?;
+            out.push((cert, random_password()));
+        }
+        let users: Vec<(&str, Option<&str>)> =
+            homes.iter().zip(&out).map(|(h, (_, p))| (h.as_str(), Some(p.as_str()))).collect();
+        self.set_passwords(&users)?;
         let mut rows = self.issued()?;
-        rows.push(vec![home.as_str().to_string(), cert.serial_hex.clone(), now.to_rfc3339(), String::new()]);
+        for (home, (cert, _)) in homes.iter().zip(&out) {
+            rows.push(vec![home.as_str().to_string(), cert.serial_hex.clone(), now.to_rfc3339(), String::new()]);
+        }
         self.write_issued(&rows)?;
-        Ok((cert, password))
+        Ok(out)
     }
 
     /// Revoke a home: its password is removed and every certificate issued to it goes into
     /// the CRL. Returns how many certificates were revoked.
     pub fn revoke(&self, home: &HomeId, now: Time) -> Result<usize, PkiError> {
-        self.set_password(home.as_str(), None)?;
+        Ok(self.revoke_many(std::slice::from_ref(home), now)?.first().copied().unwrap_or(0))
+    }
+
+    /// [`Pki::revoke`] for many homes at once (how many certificates each); each file is
+    /// written once. Nothing is written when any of them was never issued credentials.
+    pub fn revoke_many(&self, homes: &[HomeId], now: Time) -> Result<Vec<usize>, PkiError> {
         let mut rows = self.issued()?;
-        let mut n = 0;
-        for r in rows.iter_mut().filter(|r| r.first().map(String::as_str) == Some(home.as_str())) {
+        let issued: std::collections::HashSet<&str> =
+            rows.iter().filter_map(|r| r.first().map(String::as_str)).collect();
+        if let Some(h) = homes.iter().find(|h| !issued.contains(h.as_str())) {
+            return Err(PkiError::State(format!("no credentials were ever issued to `{}`", h.as_str())));
+        }
+        let users: Vec<(&str, Option<&str>)> = homes.iter().map(|h| (h.as_str(), None)).collect();
+        self.set_passwords(&users)?;
+        let index: HashMap<&str, usize> = homes.iter().enumerate().map(|(i, h)| (h.as_str(), i)).collect();
+        let mut counts = vec![0; homes.len()];
+        for r in &mut rows {
+            let Some(&i) = r.first().and_then(|h| index.get(h.as_str())) else { continue };
             if r.get(3).is_none_or(|x| x.is_empty()) {
                 r.resize(4, String::new());
                 r[3] = now.to_rfc3339();
-                n += 1;
+                counts[i] += 1;
             }
-        }
-        if n == 0 && !rows.iter().any(|r| r.first().map(String::as_str) == Some(home.as_str())) {
-            return Err(PkiError::State(format!("no credentials were ever issued to `{}`", home.as_str())));
         }
         self.write_issued(&rows)?;
         self.write_crl(now)?;
-        Ok(n)
+        Ok(counts)
     }
 }
 
@@ -572,6 +633,44 @@ mod tests {
         assert!(crl.contains("BEGIN X509 CRL"));
         assert!(pki.revoke(&HomeId::new("never").unwrap(), now()).is_err());
         assert!(pki.provision(&HomeId::new(GATEWAY_USER).unwrap(), now()).is_err());
+    }
+
+    #[test]
+    fn many_homes_are_provisioned_and_revoked_at_once_with_every_file_consistent() {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = Pki::init(dir.path(), &["127.0.0.1".into()], now()).unwrap();
+        pki.provision(&HomeId::new("k-00").unwrap(), now()).unwrap();
+        let homes: Vec<HomeId> = (1..=40).map(|i| HomeId::new(&format!("k-{i:02}")).unwrap()).collect();
+        let issued = pki.provision_many(&homes, now()).unwrap();
+        assert_eq!(issued.len(), 40);
+        let passwords = std::fs::read_to_string(dir.path().join("passwords")).unwrap();
+        let nats = std::fs::read_to_string(dir.path().join("nats-passwords")).unwrap();
+        for (h, (cert, password)) in homes.iter().zip(&issued) {
+            // Each home's line in each file, once, and its own password verifies against both.
+            let line = passwords.lines().filter(|l| l.starts_with(&format!("{}:", h.as_str()))).collect::<Vec<_>>();
+            assert_eq!(line.len(), 1, "{}", h.as_str());
+            let parts: Vec<&str> = line[0].split('$').collect();
+            let b64 = base64::engine::general_purpose::STANDARD;
+            let salt: [u8; 12] = b64.decode(parts[3]).unwrap().try_into().unwrap();
+            assert_eq!(password_line(h.as_str(), password, &salt), line[0]);
+            let hash = nats.lines().find_map(|l| l.strip_prefix(&format!("{}:", h.as_str()))).unwrap();
+            assert!(bcrypt::verify(password, hash).unwrap(), "{}", h.as_str());
+            assert!(cert.cert_pem.contains("BEGIN CERTIFICATE"));
+        }
+        assert!(passwords.contains("k-00:") && passwords.contains("mamori-gateway:"), "the others are kept");
+        assert_eq!(pki.issued().unwrap().len(), 41);
+        // An id never issued refuses the whole revocation, and nothing changes.
+        let mut some: Vec<HomeId> = homes[..10].to_vec();
+        some.push(HomeId::new("never").unwrap());
+        assert!(pki.revoke_many(&some, now()).is_err());
+        assert_eq!(std::fs::read_to_string(dir.path().join("passwords")).unwrap(), passwords);
+        assert_eq!(pki.revoke_many(&homes[..10], now()).unwrap(), vec![1; 10]);
+        let after = std::fs::read_to_string(dir.path().join("passwords")).unwrap();
+        assert_eq!(after.lines().count(), passwords.lines().count() - 10);
+        assert!(!after.contains("k-01:") && after.contains("k-11:") && after.contains("k-00:"));
+        let nats_after = std::fs::read_to_string(dir.path().join("nats-users.conf")).unwrap();
+        assert!(!nats_after.contains("\"k-10\"") && nats_after.contains("\"k-40\""), "{nats_after}");
+        assert!(pki.provision_many(&[HomeId::new(GATEWAY_USER).unwrap()], now()).is_err());
     }
 
     fn rustls_pki_types_der(pem: &str) -> Vec<u8> {

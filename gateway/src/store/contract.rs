@@ -88,6 +88,12 @@ fn messages_and_outbox(s: &mut dyn Store) {
     assert_eq!(s.latest_plans_by("homes import").unwrap(), [home("h")]);
     assert_eq!(s.latest_plans_by("coord-a").unwrap(), [changed.clone()]);
     assert!(s.latest_plans_by("homes file").unwrap().is_empty(), "the same plan again made no version");
+    // Many at once: only the plans that changed get a version.
+    s.upsert_homes(&[changed.clone(), home("h2")], "import 2").unwrap();
+    assert_eq!(s.home_versions(&h).unwrap().len(), 2, "h unchanged: no version");
+    let h2 = s.home_versions(&HomeId::new("h2").unwrap()).unwrap();
+    assert_eq!(h2.iter().map(|v| (v.version, v.by.as_str())).collect::<Vec<_>>(), [(1, "import 2")]);
+    assert_eq!(s.homes().unwrap().len(), 2);
     assert!(!s.has_messages().unwrap());
     // A batch rolled back leaves nothing; committed, an event is stored once.
     s.begin().unwrap();

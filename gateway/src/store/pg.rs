@@ -495,23 +495,37 @@ impl Store for PgStore {
                     return Err(format!("{holder} no longer holds the lease (token {token}): the plan is not written"));
                 }
             }
+            // Set-based, whatever the number of homes (a prefecture's import is three
+            // statements, not three per home): the existing rows are locked first, so that a
+            // concurrent writer's version is seen; then each plan that differs from the stored
+            // one is written, with its next version.
             let write = |tx: &mut ::postgres::Transaction<'_>| -> Result<(), ::postgres::Error> {
-                for (id, m, plan) in &rows {
-                    let stored = tx.query_opt("SELECT plan FROM homes WHERE id = $1 FOR UPDATE", &[id])?;
-                    if stored.is_some_and(|r| r.get::<_, String>(0) == *plan) {
-                        continue;
-                    }
-                    tx.execute(
-                        "INSERT INTO homes (id, municipality, plan, updated_at) VALUES ($1, $2, $3, $4)
-                     ON CONFLICT (id) DO UPDATE SET municipality = $2, plan = $3, updated_at = $4",
-                        &[id, m, plan, &now],
-                    )?;
-                    tx.execute(
-                        "INSERT INTO home_versions (home, version, at, changed_by, plan)
-                     SELECT $1, COALESCE(MAX(version), 0) + 1, $2, $3, $4 FROM home_versions WHERE home = $1",
-                        &[id, &now, &by, plan],
-                    )?;
-                }
+                let ids: Vec<&str> = rows.iter().map(|(id, _, _)| id.as_str()).collect();
+                let munis: Vec<&str> = rows.iter().map(|(_, m, _)| m.as_str()).collect();
+                let plans: Vec<&str> = rows.iter().map(|(_, _, p)| p.as_str()).collect();
+                tx.execute("SELECT id FROM homes WHERE id = ANY($1) ORDER BY id FOR UPDATE", &[&ids])?;
+                tx.execute(
+                    "CREATE TEMP TABLE IF NOT EXISTS plans_in (id TEXT, municipality TEXT, plan TEXT) ON COMMIT DELETE ROWS",
+                    &[],
+                )?;
+                tx.execute(
+                    "INSERT INTO plans_in (id, municipality, plan)
+                     SELECT i.id, i.m, i.p FROM unnest($1::text[], $2::text[], $3::text[]) AS i(id, m, p)
+                     LEFT JOIN homes h ON h.id = i.id WHERE h.plan IS DISTINCT FROM i.p",
+                    &[&ids, &munis, &plans],
+                )?;
+                tx.execute(
+                    "INSERT INTO homes (id, municipality, plan, updated_at) SELECT id, municipality, plan, $1 FROM plans_in
+                     ON CONFLICT (id) DO UPDATE SET municipality = EXCLUDED.municipality, plan = EXCLUDED.plan,
+                     updated_at = EXCLUDED.updated_at",
+                    &[&now],
+                )?;
+                tx.execute(
+                    "INSERT INTO home_versions (home, version, at, changed_by, plan)
+                     SELECT c.id, COALESCE((SELECT MAX(v.version) FROM home_versions v WHERE v.home = c.id), 0) + 1,
+                     $1, $2, c.plan FROM plans_in c",
+                    &[&now, &by],
+                )?;
                 Ok(())
             };
             write(&mut tx).map_err(|e| pg_text(&e))?;

@@ -458,14 +458,14 @@ async fn shape(store_kind: StoreKind, broker_kind: BrokerKind) -> Result<Vec<(&'
 
     let broker = Broker::start(broker_kind)?;
     let port = broker.port(0);
-    let pg = match store_kind {
+    let pg = OffRuntime(match store_kind {
         // The synchronous client runs a runtime of its own: not on this one's threads.
         StoreKind::Postgres => Some(
             std::thread::spawn(TestDb::new).join().map_err(|_| anyhow::anyhow!("creating the database panicked"))??,
         ),
         StoreKind::Sqlite => None,
-    };
-    let store_toml = pg.as_ref().map(TestDb::store_toml).unwrap_or_default();
+    });
+    let store_toml = pg.0.as_ref().map(TestDb::store_toml).unwrap_or_default();
     let hook = WebhookReceiver::start(SECRET)?;
     let fleet = Fleet::new(n_homes, n_munis);
 
@@ -485,7 +485,7 @@ async fn shape(store_kind: StoreKind, broker_kind: BrokerKind) -> Result<Vec<(&'
     }
     println!("\n## Load\nhomes import of {n_homes} homes: {:.2} s", t.elapsed().as_secs_f64());
     figures.push(("homes import", format!("{:.2} s", t.elapsed().as_secs_f64())));
-    let db = match &pg {
+    let db = match &pg.0 {
         None => Counter::Sqlite(work.path().join("data").join("mamori.db")),
         Some(pg) => Counter::Postgres(format!(
             "{}{}",
@@ -796,6 +796,17 @@ async fn shape(store_kind: StoreKind, broker_kind: BrokerKind) -> Result<Vec<(&'
     println!("\n(reference subscriber also saw {refs} status and event messages)");
     drop(reference);
     drop(broker);
-    let _ = std::thread::spawn(move || drop(pg)).join();
     Ok(figures)
+}
+
+/// A test database dropped on a thread of its own, however the benchmark ends (its synchronous
+/// client cannot run on the runtime's threads).
+struct OffRuntime(Option<TestDb>);
+
+impl Drop for OffRuntime {
+    fn drop(&mut self) {
+        if let Some(db) = self.0.take() {
+            let _ = std::thread::spawn(move || drop(db)).join();
+        }
+    }
 }
