@@ -84,6 +84,11 @@ use crate::{broker, clock};
 
 /// The web's copy of the engine is refreshed at most this often, ms.
 pub const SNAPSHOT_EVERY_MS: i64 = 250;
+
+/// After new input the engine's timers are looked at within this long, ms (not after every
+/// batch: with 20,000 homes each look is a pass over them all). Timers already due are looked
+/// at when they fall due, as before.
+pub const POLL_EVERY_MS: i64 = 100;
 /// Messages held in memory while the store refuses writes (QoS 1 only; more stay at the
 /// broker, unacknowledged, and come back at the next connection).
 pub const HELD_MAX: usize = 10_000;
@@ -506,6 +511,13 @@ pub struct Service {
     next_probe: Time,
     /// The engine could not be reloaded after a failed transaction.
     engine_stale: bool,
+    /// When the engine's timers next need a look (its `next_deadline`, computed after each
+    /// look, not at every wake).
+    poll_due: Option<Time>,
+    /// When they were last looked at.
+    polled_at: Time,
+    /// Input reached the engine since (it may have made a timer due sooner).
+    input_since_poll: bool,
     first_message_stored: bool,
     adopt_session: bool,
     /// The store has connected to the broker with this client id before (in memory at once;
@@ -628,6 +640,9 @@ impl Service {
             degraded: None,
             next_probe: now,
             engine_stale: false,
+            poll_due: None,
+            polled_at: Time::MIN_UTC,
+            input_since_poll: true,
             first_message_stored,
             adopt_session,
             session_recorded,
@@ -898,6 +913,7 @@ impl Service {
                     e.carry_uplink(&self.engine);
                     self.engine = e;
                     self.engine_stale = false;
+                    self.input_since_poll = true;
                 }
                 Err(_) => return,
             }
@@ -936,14 +952,25 @@ impl Service {
         self.lease.as_ref().is_none_or(|l| l.valid())
     }
 
+    /// Whether the engine's timers need a look now: one fell due, or input came in and the
+    /// last look is [`POLL_EVERY_MS`] old.
+    fn poll_needed(&self, now: Time) -> bool {
+        self.poll_due.is_some_and(|d| now >= d)
+            || (self.input_since_poll && now - self.polled_at >= chrono::Duration::milliseconds(POLL_EVERY_MS))
+    }
+
     fn tick(&mut self, now: Time) -> Result<Vec<(HomeId, mqtt::Ack)>, StoreError> {
-        if !self.leased() {
+        if !self.leased() || !self.poll_needed(now) {
             return Ok(Vec::new());
         }
-        self.transaction(|s| {
+        let acks = self.transaction(|s| {
             s.engine.poll(now);
             s.persist()
-        })
+        })?;
+        self.polled_at = now;
+        self.input_since_poll = false;
+        self.poll_due = self.engine.next_deadline(now);
+        Ok(acks)
     }
 
     fn degraded_refusal(&self) -> Option<String> {
@@ -1348,8 +1375,13 @@ impl Service {
         let mut wake = housekeeping;
         if self.degraded.is_some() {
             wake = wake.min(self.next_probe);
-        } else if let Some(d) = self.engine.next_deadline(now) {
-            wake = wake.min(d);
+        } else {
+            if let Some(d) = self.poll_due {
+                wake = wake.min(d);
+            }
+            if self.input_since_poll {
+                wake = wake.min(self.polled_at + chrono::Duration::milliseconds(POLL_EVERY_MS));
+            }
         }
         if let Some(t) = self
             .unrecorded
@@ -1525,6 +1557,7 @@ impl Service {
             let now = clock::now();
             let wake = self.next_wake(now, next_housekeeping);
             let sleep = (wake - now).to_std().unwrap_or(Duration::ZERO);
+            let mut woke_by_timer = false;
             tokio::select! {
                 _ = cancel.cancelled() => break,
                 _ = lease_lost.cancelled() => break,
@@ -1580,7 +1613,12 @@ impl Service {
                     }
                     self.record(results, clock::now(), true);
                 }
-                _ = tokio::time::sleep(sleep) => {}
+                _ = tokio::time::sleep(sleep) => woke_by_timer = true,
+            }
+            // Anything but the timer brought input (a message, a connection change, a request,
+            // a delivery result): the engine's timers are looked at again soon.
+            if !woke_by_timer {
+                self.input_since_poll = true;
             }
             let now = clock::now();
             self.try_recover(now);
@@ -1591,6 +1629,8 @@ impl Service {
             }
             if now >= next_housekeeping {
                 next_housekeeping = now + chrono::Duration::seconds(1);
+                // Acknowledgements from the command line and the housekeeping are input too.
+                self.input_since_poll = true;
                 if self.degraded.is_none() {
                     match self.apply_cli_acks(now) {
                         Ok(acks) => self.publish_acks(acks),
