@@ -832,10 +832,8 @@ impl Service {
                 Output::Notice(notice) => self.tell_operators(notice, clock::now()),
             }
         }
-        for (h, st) in dirty {
-            self.store.save_state(&h, &st)?;
-            self.changed_homes.insert(h);
-        }
+        self.store.save_states(&dirty)?;
+        self.changed_homes.extend(dirty.into_iter().map(|(h, _)| h));
         Ok(acks)
     }
 

@@ -132,6 +132,20 @@ fn alert<'a>(e: &'a Engine, home: &str, kind: &str) -> Option<&'a Alert> {
 }
 
 #[test]
+fn a_copy_of_the_engine_is_not_changed_by_what_the_engine_does_after() {
+    // The web's snapshots share each home's state with the engine until it changes.
+    let mut e = engine(&[plan("a", "431001", 5000.0), plan("b", "431001", 5000.0)]);
+    let before = e.clone();
+    e.handle(Input::Event(h("a"), event(1, 0, EventKind::MainsLost)), t(1)).unwrap();
+    e.poll(t(1));
+    e.upsert_home(plan("c", "431001", 10.0));
+    assert!(alert(&e, "a", "mains_lost").is_some());
+    assert!(alert(&before, "a", "mains_lost").is_none(), "the copy saw the outage");
+    assert_eq!(before.home_count(), 2, "the copy saw the new plan");
+    assert_eq!(before.home_state(&h("b")), e.home_state(&h("b")), "an unchanged home is the same in both");
+}
+
+#[test]
 fn mains_lost_pages_the_family_then_the_coordinator_after_the_grace_period_even_if_acknowledged() {
     let mut e = engine(&[plan("a", "431001", 5000.0)]);
     e.handle(Input::Event(h("a"), event(1, 0, EventKind::MainsLost)), t(1)).unwrap();

@@ -68,6 +68,22 @@ pub(crate) fn check(s: &mut dyn Store) {
     messages_and_outbox(s);
     accounts(s);
     audit_log(s);
+    home_states(s);
+}
+
+fn home_states(s: &mut dyn Store) {
+    use crate::engine::{HomeState, Power};
+    let (a, b) = (HomeId::new("sa").unwrap(), HomeId::new("sb").unwrap());
+    let on_battery = HomeState { power: Power::Battery { since: t(5) }, ..Default::default() };
+    // Many at once, then one of them again with another state: each home once, the latest.
+    s.save_states(&[(a.clone(), HomeState::default()), (b.clone(), on_battery.clone())]).unwrap();
+    s.save_states(&[(a.clone(), on_battery.clone())]).unwrap();
+    s.save_states(&[]).unwrap();
+    let mut got = s.states().unwrap();
+    got.sort_by(|x, y| x.0.cmp(&y.0));
+    assert_eq!(got, [(a.clone(), on_battery.clone()), (b, on_battery)]);
+    s.save_state(&a, &HomeState::default()).unwrap();
+    assert!(s.states().unwrap().contains(&(a, HomeState::default())));
 }
 
 fn messages_and_outbox(s: &mut dyn Store) {

@@ -318,6 +318,14 @@ pub trait Store: Send + AccountRows + AuditRows {
 
     /// Save a home's state.
     fn save_state(&mut self, home: &HomeId, state: &HomeState) -> Result<(), StoreError>;
+    /// Save many homes' states (each home once), in one statement where the backend can: a
+    /// batch of a fleet's telemetry changes as many states as it has messages.
+    fn save_states(&mut self, states: &[(HomeId, HomeState)]) -> Result<(), StoreError> {
+        for (h, st) in states {
+            self.save_state(h, st)?;
+        }
+        Ok(())
+    }
     /// Every home's saved state.
     fn states(&self) -> Result<Vec<(HomeId, HomeState)>, StoreError>;
     /// Save an alert.
