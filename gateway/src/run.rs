@@ -89,6 +89,16 @@ pub const SNAPSHOT_EVERY_MS: i64 = 250;
 /// batch: with 20,000 homes each look is a pass over them all). Timers already due are looked
 /// at when they fall due, as before.
 pub const POLL_EVERY_MS: i64 = 100;
+
+/// Delivery results are recorded together, at most this long after the first of them, ms (or
+/// at once when [`RECORD_BATCH`] wait): one commit for a storm's results, not one each (on
+/// PostgreSQL each commit waits for its WAL flush: one per result made a storm's pages
+/// seconds late). A result not yet recorded only means the same message, with its key, may be
+/// sent again after a crash.
+pub const RECORD_EVERY_MS: i64 = 50;
+
+/// Delivery results waiting that are recorded at once.
+pub const RECORD_BATCH: usize = 500;
 /// Messages held in memory while the store refuses writes (QoS 1 only; more stay at the
 /// broker, unacknowledged, and come back at the next connection).
 pub const HELD_MAX: usize = 10_000;
@@ -518,6 +528,8 @@ pub struct Service {
     polled_at: Time,
     /// Input reached the engine since (it may have made a timer due sooner).
     input_since_poll: bool,
+    /// When delivery results were last recorded.
+    recorded_at: Time,
     first_message_stored: bool,
     adopt_session: bool,
     /// The store has connected to the broker with this client id before (in memory at once;
@@ -643,6 +655,7 @@ impl Service {
             poll_due: None,
             polled_at: Time::MIN_UTC,
             input_since_poll: true,
+            recorded_at: Time::MIN_UTC,
             first_message_stored,
             adopt_session,
             session_recorded,
@@ -1295,17 +1308,25 @@ impl Service {
             }
             self.unrecorded.insert(key, next);
         }
-        if self.degraded.is_none() {
+        if self.degraded.is_none() && self.record_due(now) {
             self.flush_unrecorded(now);
         }
         self.health.unrecorded_results.store(self.unrecorded.len() as u64, Ordering::Relaxed);
     }
 
     /// Write the results waiting to be recorded; false when the store refused.
+    /// Whether the delivery results waiting are to be recorded now.
+    fn record_due(&self, now: Time) -> bool {
+        !self.unrecorded.is_empty()
+            && (self.unrecorded.len() >= RECORD_BATCH
+                || now - self.recorded_at >= chrono::Duration::milliseconds(RECORD_EVERY_MS))
+    }
+
     fn flush_unrecorded(&mut self, now: Time) -> bool {
         if self.unrecorded.is_empty() {
             return true;
         }
+        self.recorded_at = now;
         let rows = std::mem::take(&mut self.unrecorded);
         let result = self.transaction(|s| {
             let mut fallback = false;
@@ -1399,6 +1420,9 @@ impl Service {
         }
         if self.snapshot_dirty {
             wake = wake.min(self.snapshot_at + chrono::Duration::milliseconds(SNAPSHOT_EVERY_MS));
+        }
+        if self.degraded.is_none() && !self.unrecorded.is_empty() {
+            wake = wake.min(self.recorded_at + chrono::Duration::milliseconds(RECORD_EVERY_MS));
         }
         wake
     }
@@ -1650,6 +1674,9 @@ impl Service {
                     self.ping_heartbeat(now);
                 }
             }
+            if self.degraded.is_none() && self.record_due(now) {
+                self.flush_unrecorded(now);
+            }
             self.dispatch(now);
             self.publish_snapshot(now);
         }
@@ -1662,6 +1689,9 @@ impl Service {
                 Ok(Some(r)) => self.record(vec![r], clock::now(), true),
                 _ => break,
             }
+        }
+        if self.degraded.is_none() {
+            self.flush_unrecorded(clock::now());
         }
         let _ = client.disconnect().await;
         drop(pruner);
