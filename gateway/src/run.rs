@@ -745,7 +745,24 @@ impl Service {
     /// The acknowledgements for agents, and whether anything was stored.
     fn ingest_tx(&mut self, batch: &[Publish], now: Time) -> Result<(Vec<(HomeId, mqtt::Ack)>, bool), StoreError> {
         let mut stored = false;
-        for p in batch {
+        // The batch's events are stored first, all at once, to know which are new (one
+        // statement, not one per event); a duplicate is not applied.
+        let events: Vec<(usize, HomeId, Event)> = batch
+            .iter()
+            .enumerate()
+            .filter_map(|(i, p)| {
+                let t = Topic::parse(p.topic.as_str()).ok()?;
+                if t.channel != Channel::Event || !self.engine.knows(&t.home) {
+                    return None;
+                }
+                mqtt::decode::<Event>(&p.payload).ok().map(|e| (i, t.home, e))
+            })
+            .collect();
+        let pairs: Vec<(HomeId, Event)> = events.iter().map(|(_, h, e)| (h.clone(), e.clone())).collect();
+        let new: HashMap<usize, bool> =
+            events.iter().map(|(i, _, _)| *i).zip(self.store.insert_events(&pairs, now)?).collect();
+        let (mut statuses, mut telemetry) = (Vec::new(), Vec::new());
+        for (i, p) in batch.iter().enumerate() {
             let topic = p.topic.as_str();
             let parsed = match Topic::parse(topic) {
                 Ok(t) => t,
@@ -765,7 +782,7 @@ impl Service {
             let input = match parsed.channel {
                 Channel::Status => match mqtt::decode::<Status>(&p.payload) {
                     Ok(s) => {
-                        self.store.insert_status(&parsed.home, &s, now)?;
+                        statuses.push((parsed.home.clone(), s.clone()));
                         if p.retain {
                             Input::RetainedStatus(parsed.home, s)
                         } else {
@@ -780,7 +797,7 @@ impl Service {
                 Channel::Telemetry => match mqtt::decode::<Telemetry>(&p.payload) {
                     Ok(t) => {
                         if self.keep_history(&parsed.home, &t, now) {
-                            self.store.insert_telemetry(&parsed.home, &t, now)?;
+                            telemetry.push((parsed.home.clone(), t.clone()));
                         }
                         Input::Telemetry(parsed.home, t)
                     }
@@ -791,7 +808,7 @@ impl Service {
                 },
                 Channel::Event => match mqtt::decode::<Event>(&p.payload) {
                     Ok(e) => {
-                        if !self.store.insert_event(&parsed.home, &e, now)? {
+                        if !new.get(&i).copied().unwrap_or(false) {
                             self.counters.duplicates.fetch_add(1, Ordering::Relaxed);
                             continue;
                         }
@@ -810,6 +827,8 @@ impl Service {
                 tracing::warn!(error = %e, "not applied");
             }
         }
+        self.store.insert_statuses(&statuses, now)?;
+        self.store.insert_telemetry_many(&telemetry, now)?;
         if stored && !self.first_message_stored {
             self.store.set_meta(crate::store::META_FIRST_MESSAGE_AT, &now.to_rfc3339())?;
         }
@@ -824,27 +843,36 @@ impl Service {
         if !outputs.is_empty() || !dirty.is_empty() {
             self.snapshot_dirty = true;
         }
+        // Written a table at a time (one statement each where the store can), each alert once
+        // as it is last.
+        let mut alerts: Vec<crate::engine::Alert> = Vec::new();
+        let mut alert_at: HashMap<String, usize> = HashMap::new();
+        let mut rows = Vec::new();
         for out in outputs {
             match out {
                 Output::Alert(a) => {
                     self.changed_homes.insert(a.home.clone());
-                    self.store.save_alert(&a)?
+                    match alert_at.get(&a.id) {
+                        Some(&i) => alerts[i] = a,
+                        None => {
+                            alert_at.insert(a.id.clone(), alerts.len());
+                            alerts.push(a);
+                        }
+                    }
                 }
                 Output::Incident(i) => {
                     self.changed_incidents.insert(i.municipality.clone());
                     self.store.save_incident(&i)?
                 }
                 Output::AgentAck(h, a) => acks.push((h, a)),
-                Output::Notify(n) => {
-                    for row in expand(&n, &self.style) {
-                        self.store.enqueue(&row)?;
-                    }
-                }
+                Output::Notify(n) => rows.extend(expand(&n, &self.style)),
                 // Not stored: told at once (if the transaction then fails, the engine is
                 // reloaded and decides again; a notice twice is better than none).
                 Output::Notice(notice) => self.tell_operators(notice, clock::now()),
             }
         }
+        self.store.save_alerts(&alerts)?;
+        self.store.enqueue_many(&rows)?;
         self.store.save_states(&dirty)?;
         self.changed_homes.extend(dirty.into_iter().map(|(h, _)| h));
         Ok(acks)

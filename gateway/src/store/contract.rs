@@ -69,6 +69,33 @@ pub(crate) fn check(s: &mut dyn Store) {
     accounts(s);
     audit_log(s);
     home_states(s);
+    batches(s);
+}
+
+fn batches(s: &mut dyn Store) {
+    let (a, b) = (HomeId::new("ba").unwrap(), HomeId::new("bb").unwrap());
+    s.begin().unwrap();
+    assert!(s.insert_event(&a, &ev(1), t(0)).unwrap());
+    let new = s.insert_events(&[(a.clone(), ev(1)), (a.clone(), ev(2)), (b.clone(), ev(2)), (a.clone(), ev(2))], t(1));
+    assert_eq!(
+        new.unwrap(),
+        [false, true, true, false],
+        "stored before; new; new for another home; again in the batch"
+    );
+    assert!(s.insert_events(&[], t(1)).unwrap().is_empty());
+    s.enqueue_many(&[row("bk1", 0), row("bk2", 0), row("bk1", 0)]).unwrap();
+    s.enqueue_many(&[]).unwrap();
+    let telemetry: mamori_protocol::mqtt::Telemetry =
+        serde_json::from_str(r#"{"ts":"2026-11-01T09:00:00+09:00","interval_s":60,"mains_present":false}"#).unwrap();
+    s.insert_telemetry_many(&[(a.clone(), telemetry.clone()), (b.clone(), telemetry)], t(2)).unwrap();
+    let status: mamori_protocol::mqtt::Status = serde_json::from_str(r#"{"state":"online"}"#).unwrap();
+    s.insert_statuses(&[(a.clone(), status.clone()), (b.clone(), status)], t(2)).unwrap();
+    s.commit().unwrap();
+    assert_eq!(s.events_for(&a, 10).unwrap().len(), 2);
+    assert_eq!(s.events_for(&b, 10).unwrap().len(), 1);
+    let due: Vec<String> = s.due(t(100), 100, &[]).unwrap().into_iter().map(|r| r.key).collect();
+    assert_eq!(due.iter().filter(|k| k.starts_with("bk")).count(), 2, "each key once: {due:?}");
+    assert_eq!(s.telemetry_since(&b, t(-3600 * 24 * 400), 10).unwrap().len(), 1);
 }
 
 fn home_states(s: &mut dyn Store) {

@@ -316,6 +316,28 @@ pub trait Store: Send + AccountRows + AuditRows {
     /// Store a status message.
     fn insert_status(&mut self, home: &HomeId, s: &Status, received: Time) -> Result<(), StoreError>;
 
+    /// Store a batch's events at once: for each, whether it was new (an event already stored,
+    /// or earlier in the same batch, is not). One statement where the backend can: on a
+    /// network database every statement is a round trip, and a storm's events queued behind
+    /// them.
+    fn insert_events(&mut self, events: &[(HomeId, Event)], received: Time) -> Result<Vec<bool>, StoreError> {
+        events.iter().map(|(h, e)| self.insert_event(h, e, received)).collect()
+    }
+    /// Store a batch's kept telemetry at once.
+    fn insert_telemetry_many(&mut self, rows: &[(HomeId, Telemetry)], received: Time) -> Result<(), StoreError> {
+        for (h, t) in rows {
+            self.insert_telemetry(h, t, received)?;
+        }
+        Ok(())
+    }
+    /// Store a batch's status messages at once.
+    fn insert_statuses(&mut self, rows: &[(HomeId, Status)], received: Time) -> Result<(), StoreError> {
+        for (h, st) in rows {
+            self.insert_status(h, st, received)?;
+        }
+        Ok(())
+    }
+
     /// Save a home's state.
     fn save_state(&mut self, home: &HomeId, state: &HomeState) -> Result<(), StoreError>;
     /// Save many homes' states (each home once), in one statement where the backend can: a
@@ -330,6 +352,13 @@ pub trait Store: Send + AccountRows + AuditRows {
     fn states(&self) -> Result<Vec<(HomeId, HomeState)>, StoreError>;
     /// Save an alert.
     fn save_alert(&mut self, a: &Alert) -> Result<(), StoreError>;
+    /// Save many alerts at once (each id once: the caller keeps the latest).
+    fn save_alerts(&mut self, alerts: &[Alert]) -> Result<(), StoreError> {
+        for a in alerts {
+            self.save_alert(a)?;
+        }
+        Ok(())
+    }
     /// Alerts, newest first (`active_only`: not cleared).
     fn alerts(&self, active_only: bool, limit: usize) -> Result<Vec<Alert>, StoreError>;
     /// Save an incident.
@@ -345,6 +374,13 @@ pub trait Store: Send + AccountRows + AuditRows {
 
     /// Write an outbox row unless its key exists; true when written.
     fn enqueue(&mut self, row: &OutboxRow) -> Result<bool, StoreError>;
+    /// Queue many notifications at once (a key already queued is left as it is).
+    fn enqueue_many(&mut self, rows: &[OutboxRow]) -> Result<(), StoreError> {
+        for r in rows {
+            self.enqueue(r)?;
+        }
+        Ok(())
+    }
     /// Pending rows due at `now`, oldest first, leaving out rows for the destinations in
     /// `skip` (see [`crate::dispatch::destination`]).
     fn due(&self, now: Time, limit: usize, skip: &[String]) -> Result<Vec<OutboxRow>, StoreError>;

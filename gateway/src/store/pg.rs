@@ -604,6 +604,59 @@ impl Store for PgStore {
         Ok(n == 1)
     }
 
+    fn insert_events(&mut self, events: &[(HomeId, Event)], received: Time) -> Result<Vec<bool>, StoreError> {
+        if events.is_empty() {
+            return Ok(Vec::new());
+        }
+        let homes: Vec<String> = events.iter().map(|(h, _)| h.as_str().to_string()).collect();
+        let seqs: Vec<i64> = events.iter().map(|(_, e)| e.seq as i64).collect();
+        let ids: Vec<String> = events.iter().map(|(_, e)| e.id.clone()).collect();
+        let tss: Vec<String> = events.iter().map(|(_, e)| ts(e.ts.with_timezone(&chrono::Utc))).collect();
+        let kinds: Vec<String> = events.iter().map(|(_, e)| e.kind.as_str().to_string()).collect();
+        let bodies: Vec<String> = events.iter().map(|(_, e)| serde_json::to_string(e).unwrap_or_default()).collect();
+        let rows = self.rows(
+            "INSERT INTO events (home, seq, id, ts, kind, received_at, payload)
+             SELECT h, s, i, t, k, $6, p FROM unnest($1::text[], $2::bigint[], $3::text[], $4::text[], $5::text[], $7::text[])
+                 AS e(h, s, i, t, k, p)
+             ON CONFLICT DO NOTHING RETURNING home, seq",
+            p![homes, seqs, ids, tss, kinds, ts(received), bodies],
+        )?;
+        let mut new = std::collections::HashSet::new();
+        for r in &rows {
+            new.insert((self.get::<String>(r, 0)?, self.get::<i64>(r, 1)?));
+        }
+        // In order: the first of a home's seq that was inserted is new, any later one is not.
+        Ok(events.iter().map(|(h, e)| new.remove(&(h.as_str().to_string(), e.seq as i64))).collect())
+    }
+
+    fn insert_telemetry_many(&mut self, rows: &[(HomeId, Telemetry)], received: Time) -> Result<(), StoreError> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let homes: Vec<String> = rows.iter().map(|(h, _)| h.as_str().to_string()).collect();
+        let tss: Vec<String> = rows.iter().map(|(_, t)| ts(t.ts.with_timezone(&chrono::Utc))).collect();
+        let bodies: Vec<String> = rows.iter().map(|(_, t)| history_json(t)).collect();
+        self.exec(
+            "INSERT INTO telemetry (home, ts, received_at, payload)
+             SELECT h, t, $3, p FROM unnest($1::text[], $2::text[], $4::text[]) AS r(h, t, p)",
+            p![homes, tss, ts(received), bodies],
+        )?;
+        Ok(())
+    }
+
+    fn insert_statuses(&mut self, rows: &[(HomeId, Status)], received: Time) -> Result<(), StoreError> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let homes: Vec<String> = rows.iter().map(|(h, _)| h.as_str().to_string()).collect();
+        let bodies: Vec<String> = rows.iter().map(|(_, st)| serde_json::to_string(st).unwrap_or_default()).collect();
+        self.exec(
+            "INSERT INTO status (home, received_at, payload) SELECT h, $2, p FROM unnest($1::text[], $3::text[]) AS r(h, p)",
+            p![homes, ts(received), bodies],
+        )?;
+        Ok(())
+    }
+
     fn insert_telemetry(&mut self, home: &HomeId, t: &Telemetry, received: Time) -> Result<(), StoreError> {
         self.exec(
             "INSERT INTO telemetry (home, ts, received_at, payload) VALUES ($1, $2, $3, $4)",
@@ -670,6 +723,25 @@ impl Store for PgStore {
         Ok(())
     }
 
+    fn save_alerts(&mut self, alerts: &[Alert]) -> Result<(), StoreError> {
+        if alerts.is_empty() {
+            return Ok(());
+        }
+        let ids: Vec<String> = alerts.iter().map(|a| a.id.clone()).collect();
+        let homes: Vec<String> = alerts.iter().map(|a| a.home.as_str().to_string()).collect();
+        let kinds: Vec<String> = alerts.iter().map(|a| a.kind.to_string()).collect();
+        let raised: Vec<String> = alerts.iter().map(|a| ts(a.raised_at)).collect();
+        let cleared: Vec<Option<String>> = alerts.iter().map(|a| a.cleared_at.map(ts)).collect();
+        let bodies: Vec<String> = alerts.iter().map(|a| serde_json::to_string(a).unwrap_or_default()).collect();
+        self.exec(
+            "INSERT INTO alerts (id, home, kind, raised_at, cleared_at, body)
+             SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[])
+             ON CONFLICT (id) DO UPDATE SET cleared_at = EXCLUDED.cleared_at, body = EXCLUDED.body",
+            p![ids, homes, kinds, raised, cleared, bodies],
+        )?;
+        Ok(())
+    }
+
     fn alerts(&self, active_only: bool, limit: usize) -> Result<Vec<Alert>, StoreError> {
         let limit = limit as i64;
         if active_only {
@@ -714,6 +786,25 @@ impl Store for PgStore {
             ],
         )?;
         Ok(n == 1)
+    }
+
+    fn enqueue_many(&mut self, rows: &[OutboxRow]) -> Result<(), StoreError> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let keys: Vec<String> = rows.iter().map(|r| r.key.clone()).collect();
+        let alerts: Vec<String> = rows.iter().map(|r| r.alert_id.clone()).collect();
+        let statuses: Vec<String> = rows.iter().map(|r| r.status.as_str().to_string()).collect();
+        let next: Vec<String> = rows.iter().map(|r| ts(r.next_attempt_at)).collect();
+        let bodies: Vec<String> = rows.iter().map(|r| serde_json::to_string(r).unwrap_or_default()).collect();
+        let dests: Vec<String> = rows.iter().map(|r| crate::dispatch::destination(&r.channel)).collect();
+        self.exec(
+            "INSERT INTO outbox (key, alert_id, status, next_attempt_at, body, dest)
+             SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[])
+             ON CONFLICT DO NOTHING",
+            p![keys, alerts, statuses, next, bodies, dests],
+        )?;
+        Ok(())
     }
 
     fn due(&self, now: Time, limit: usize, skip: &[String]) -> Result<Vec<OutboxRow>, StoreError> {
