@@ -99,6 +99,21 @@ pub const RECORD_EVERY_MS: i64 = 50;
 
 /// Delivery results waiting that are recorded at once.
 pub const RECORD_BATCH: usize = 500;
+
+/// Whether `every_ms` has passed since `then`. A wall clock set back (now before then) counts
+/// as passed: otherwise nothing would happen until the clock caught up again.
+pub fn passed(now: Time, then: Time, every_ms: i64) -> bool {
+    now < then || now - then >= chrono::Duration::milliseconds(every_ms)
+}
+
+/// When `every_ms` will have passed since `then` (now, when the clock was set back).
+pub fn when_passed(now: Time, then: Time, every_ms: i64) -> Time {
+    if now < then {
+        now
+    } else {
+        then + chrono::Duration::milliseconds(every_ms)
+    }
+}
 /// Messages held in memory while the store refuses writes (QoS 1 only; more stay at the
 /// broker, unacknowledged, and come back at the next connection).
 pub const HELD_MAX: usize = 10_000;
@@ -694,7 +709,7 @@ impl Service {
     /// version at which each home and incident last changed (so a live stream compares
     /// numbers, never content).
     fn publish_snapshot(&mut self, now: Time) {
-        if !self.snapshot_dirty || now - self.snapshot_at < chrono::Duration::milliseconds(SNAPSHOT_EVERY_MS) {
+        if !self.snapshot_dirty || !passed(now, self.snapshot_at, SNAPSHOT_EVERY_MS) {
             return;
         }
         let version = self.snapshot.borrow().version + 1;
@@ -994,8 +1009,7 @@ impl Service {
     /// Whether the engine's timers need a look now: one fell due, or input came in and the
     /// last look is [`POLL_EVERY_MS`] old.
     fn poll_needed(&self, now: Time) -> bool {
-        self.poll_due.is_some_and(|d| now >= d)
-            || (self.input_since_poll && now - self.polled_at >= chrono::Duration::milliseconds(POLL_EVERY_MS))
+        self.poll_due.is_some_and(|d| now >= d) || (self.input_since_poll && passed(now, self.polled_at, POLL_EVERY_MS))
     }
 
     fn tick(&mut self, now: Time) -> Result<Vec<(HomeId, mqtt::Ack)>, StoreError> {
@@ -1346,8 +1360,7 @@ impl Service {
     /// Whether the delivery results waiting are to be recorded now.
     fn record_due(&self, now: Time) -> bool {
         !self.unrecorded.is_empty()
-            && (self.unrecorded.len() >= RECORD_BATCH
-                || now - self.recorded_at >= chrono::Duration::milliseconds(RECORD_EVERY_MS))
+            && (self.unrecorded.len() >= RECORD_BATCH || passed(now, self.recorded_at, RECORD_EVERY_MS))
     }
 
     fn flush_unrecorded(&mut self, now: Time) -> bool {
@@ -1427,7 +1440,7 @@ impl Service {
                 wake = wake.min(d);
             }
             if self.input_since_poll {
-                wake = wake.min(self.polled_at + chrono::Duration::milliseconds(POLL_EVERY_MS));
+                wake = wake.min(when_passed(now, self.polled_at, POLL_EVERY_MS));
             }
         }
         if let Some(t) = self
@@ -1447,10 +1460,10 @@ impl Service {
             }
         }
         if self.snapshot_dirty {
-            wake = wake.min(self.snapshot_at + chrono::Duration::milliseconds(SNAPSHOT_EVERY_MS));
+            wake = wake.min(when_passed(now, self.snapshot_at, SNAPSHOT_EVERY_MS));
         }
         if self.degraded.is_none() && !self.unrecorded.is_empty() {
-            wake = wake.min(self.recorded_at + chrono::Duration::milliseconds(RECORD_EVERY_MS));
+            wake = wake.min(when_passed(now, self.recorded_at, RECORD_EVERY_MS));
         }
         wake
     }
@@ -1746,6 +1759,18 @@ impl Service {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_wall_clock_set_back_never_holds_up_what_waits_for_time_to_pass() {
+        let t = |ms: i64| chrono::DateTime::from_timestamp_millis(1_790_000_000_000 + ms).unwrap();
+        assert!(!passed(t(50), t(0), 100));
+        assert!(passed(t(100), t(0), 100));
+        assert_eq!(when_passed(t(50), t(0), 100), t(100));
+        // Set back an hour: at once, not an hour later.
+        assert!(passed(t(-3_600_000), t(0), 100));
+        assert_eq!(when_passed(t(-3_600_000), t(0), 100), t(-3_600_000));
+        assert!(passed(t(0), Time::MIN_UTC, 100), "never done yet");
+    }
 
     #[test]
     fn the_engine_gets_the_privacy_settings_and_the_local_offset_from_the_config() {
