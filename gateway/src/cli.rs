@@ -556,7 +556,10 @@ fn exit_code(result: anyhow::Result<()>) -> ExitCode {
 }
 
 fn parse_homes(ids: &[String]) -> Result<Vec<mamori_protocol::mqtt::HomeId>, ExitCode> {
+    let mut seen = std::collections::HashSet::new();
     ids.iter()
+        // A list pasted with a home twice means that home once.
+        .filter(|id| seen.insert(id.as_str()))
         .map(|id| {
             mamori_protocol::mqtt::HomeId::new(id).map_err(|_| {
                 eprintln!("`{id}`: expected a home id (1-64 characters of a-z, 0-9 and '-')");

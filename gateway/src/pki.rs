@@ -306,6 +306,13 @@ impl Pki {
     /// NATS hashes (bcrypt, ~50 ms each by design) are made on every core.
     fn set_passwords(&self, users: &[(&str, Option<&str>)]) -> Result<(), PkiError> {
         let changed: std::collections::HashSet<&str> = users.iter().map(|(u, _)| *u).collect();
+        if changed.len() != users.len() {
+            return Err(PkiError::State("a home is named twice: nothing was changed".into()));
+        }
+        // The slow part first (bcrypt, minutes for a prefecture): an interruption there leaves
+        // every file as it was, never one file changed and not the other.
+        let to_hash: Vec<(&str, &str)> = users.iter().filter_map(|(u, p)| p.map(|p| (*u, p))).collect();
+        let hashed = hash_all(&to_hash)?;
         let path = self.dir.join("passwords");
         let old = std::fs::read_to_string(&path).map_err(io(&path))?;
         let mut text = String::with_capacity(old.len() + users.len() * 140);
@@ -323,8 +330,7 @@ impl Pki {
         // The same users for a NATS cluster (bcrypt, which NATS reads), and its users file.
         let mut nats: Vec<(String, String)> =
             self.nats_passwords()?.into_iter().filter(|(u, _)| !changed.contains(u.as_str())).collect();
-        let to_hash: Vec<(&str, &str)> = users.iter().filter_map(|(u, p)| p.map(|p| (*u, p))).collect();
-        nats.extend(hash_all(&to_hash)?);
+        nats.extend(hashed);
         let text: String = nats.iter().map(|(u, h)| format!("{u}:{h}\n")).collect();
         write_file(&self.dir.join("nats-passwords"), &text, 0o600)?;
         write_file(&self.dir.join("nats-users.conf"), &crate::nats::users_conf(&nats), 0o600)
@@ -671,6 +677,13 @@ mod tests {
         let nats_after = std::fs::read_to_string(dir.path().join("nats-users.conf")).unwrap();
         assert!(!nats_after.contains("\"k-10\"") && nats_after.contains("\"k-40\""), "{nats_after}");
         assert!(pki.provision_many(&[HomeId::new(GATEWAY_USER).unwrap()], now()).is_err());
+        // A home named twice is refused before anything is written (NATS refuses a users file
+        // with a user twice, which would cut every home off).
+        let before = std::fs::read_to_string(dir.path().join("passwords")).unwrap();
+        let twice = [HomeId::new("k-50").unwrap(), HomeId::new("k-50").unwrap()];
+        assert!(pki.provision_many(&twice, now()).is_err());
+        assert_eq!(std::fs::read_to_string(dir.path().join("passwords")).unwrap(), before);
+        assert!(pki.issued().unwrap().iter().all(|r| r[0] != "k-50"));
     }
 
     fn rustls_pki_types_der(pem: &str) -> Vec<u8> {

@@ -999,7 +999,6 @@ impl Service {
         self.snapshot_dirty = true;
     }
 
-    /// Run the timers.
     /// Whether this gateway may act: always, unless it is one of several and its lease is no
     /// longer valid (then it neither sends nor writes; the loop ends when the keeper says so).
     fn leased(&self) -> bool {
@@ -1012,8 +1011,16 @@ impl Service {
         self.poll_due.is_some_and(|d| now >= d) || (self.input_since_poll && passed(now, self.polled_at, POLL_EVERY_MS))
     }
 
+    /// Run the timers, when they need a look.
     fn tick(&mut self, now: Time) -> Result<Vec<(HomeId, mqtt::Ack)>, StoreError> {
-        if !self.leased() || !self.poll_needed(now) {
+        if !self.leased() {
+            // Nothing may be done until the keeper ends the service: no looking again at
+            // once (the loop would spin), the housekeeping's second is soon enough.
+            self.input_since_poll = false;
+            self.polled_at = now;
+            return Ok(Vec::new());
+        }
+        if !self.poll_needed(now) {
             return Ok(Vec::new());
         }
         let acks = self.transaction(|s| {
@@ -1356,13 +1363,13 @@ impl Service {
         self.health.unrecorded_results.store(self.unrecorded.len() as u64, Ordering::Relaxed);
     }
 
-    /// Write the results waiting to be recorded; false when the store refused.
     /// Whether the delivery results waiting are to be recorded now.
     fn record_due(&self, now: Time) -> bool {
         !self.unrecorded.is_empty()
             && (self.unrecorded.len() >= RECORD_BATCH || passed(now, self.recorded_at, RECORD_EVERY_MS))
     }
 
+    /// Write the results waiting to be recorded; false when the store refused.
     fn flush_unrecorded(&mut self, now: Time) -> bool {
         if self.unrecorded.is_empty() {
             return true;
@@ -1390,6 +1397,8 @@ impl Service {
                 }
             }
             if fallback {
+                // A later channel was raised: the engine's timers are looked at again soon.
+                s.input_since_poll = true;
                 s.persist()?;
             }
             Ok(())
@@ -1618,6 +1627,10 @@ impl Service {
         let lease_lost = self.lease.as_ref().map_or_else(CancellationToken::new, |l| l.lost());
         loop {
             let now = clock::now();
+            // A wall clock set back leaves the next housekeeping far ahead: it is due now.
+            if next_housekeeping - now > chrono::Duration::seconds(1) {
+                next_housekeeping = now;
+            }
             let wake = self.next_wake(now, next_housekeeping);
             let sleep = (wake - now).to_std().unwrap_or(Duration::ZERO);
             let mut woke_by_timer = false;
@@ -1710,7 +1723,8 @@ impl Service {
                 }
             }
             if let Some(h) = &self.config.heartbeat {
-                if now >= next_heartbeat {
+                // (A wall clock set back does not hold the heartbeat up.)
+                if now >= next_heartbeat || next_heartbeat - now > chrono::Duration::seconds(i64::from(h.interval_s)) {
                     next_heartbeat = now + chrono::Duration::seconds(i64::from(h.interval_s));
                     self.ping_heartbeat(now);
                 }
