@@ -352,14 +352,23 @@ fn second_gateway(s: &Setup, name: &str, port: u16) -> Result<std::path::PathBuf
     Ok(path)
 }
 
-/// Two gateways, `gw-a` on the setup's HTTP port and `gw-b` on another: the config of `gw-b`
-/// and its port. Each knows the other's address and believes what it passes on.
-fn cluster_of_two(
-    db: &TestDb,
-    broker: &Mosquitto,
-    hook: &WebhookReceiver,
-    escalate_after_s: u64,
-) -> Result<(Setup, std::path::PathBuf, u16)> {
+/// Two gateways of one cluster and what they share: a database, a broker, the webhook receiver.
+/// `gw-a` is on the setup's HTTP port, `gw-b` (`b_config`) on `b_port`; each knows the
+/// other's address and believes what it passes on. Destructured at a test's start, everything
+/// here outlives the gateways the test starts after it.
+struct Two {
+    db: TestDb,
+    broker: Mosquitto,
+    hook: WebhookReceiver,
+    s: Setup,
+    b_config: std::path::PathBuf,
+    b_port: u16,
+}
+
+fn cluster_of_two(escalate_after_s: u64) -> Result<Two> {
+    let db = TestDb::new()?;
+    let broker = Mosquitto::start("")?;
+    let hook = WebhookReceiver::start("hook-secret")?;
     let b_port = free_port()?;
     // The operators' desk hears about the gateways themselves on the coordinator's endpoint.
     let store = format!(
@@ -367,13 +376,13 @@ fn cluster_of_two(
          [[operators]]\nname = \"desk\"\nchannels = [{{ webhook = \"coord\" }}]\n",
         db.store_toml()
     );
-    let s = setup_on(broker.port(), hook, escalate_after_s, &store)?;
+    let s = setup_on(broker.port(), &hook, escalate_after_s, &store)?;
     let text = std::fs::read_to_string(&s.config)?
         .replace("A_PORT", &s.http_port.to_string())
         .replace("[http]\n", "[http]\ntrusted_proxies = [\"127.0.0.1\"]\n");
     std::fs::write(&s.config, text)?;
-    let b = second_gateway(&s, "gw-b", b_port)?;
-    Ok((s, b, b_port))
+    let b_config = second_gateway(&s, "gw-b", b_port)?;
+    Ok(Two { db, broker, hook, s, b_config, b_port })
 }
 
 fn standby(config: &Path) -> Result<Process> {
@@ -394,10 +403,7 @@ fn no_key_twice(d: &[Delivery]) {
 
 #[test]
 fn two_gateways_the_standby_takes_over_a_killed_active_mid_escalation_and_sends_nothing_twice() -> Result<()> {
-    let db = TestDb::new()?;
-    let broker = Mosquitto::start("")?;
-    let hook = WebhookReceiver::start("hook-secret")?;
-    let (s, b_config, _) = cluster_of_two(&db, &broker, &hook, 8)?;
+    let Two { db: _db, broker, hook, s, b_config, b_port: _b_port } = cluster_of_two(8)?;
     let mut a = gateway(&s.config)?;
     a.wait_line("lease", LIMIT, |l| l.contains("lease acquired"))?;
     let b = standby(&b_config)?;
@@ -426,10 +432,7 @@ fn two_gateways_the_standby_takes_over_a_killed_active_mid_escalation_and_sends_
 
 #[test]
 fn two_gateways_a_frozen_active_is_replaced_and_on_waking_sends_nothing_and_steps_down() -> Result<()> {
-    let db = TestDb::new()?;
-    let broker = Mosquitto::start("")?;
-    let hook = WebhookReceiver::start("hook-secret")?;
-    let (s, b_config, _) = cluster_of_two(&db, &broker, &hook, 3600)?;
+    let Two { db: _db, broker, hook, s, b_config, b_port: _b_port } = cluster_of_two(3600)?;
     let mut a = gateway(&s.config)?;
     a.wait_line("lease", LIMIT, |l| l.contains("lease acquired"))?;
     let b = standby(&b_config)?;
@@ -459,10 +462,7 @@ fn two_gateways_a_frozen_active_is_replaced_and_on_waking_sends_nothing_and_step
 
 #[test]
 fn two_gateways_an_active_cut_off_from_the_database_stops_and_the_standby_takes_over() -> Result<()> {
-    let db = TestDb::new()?;
-    let broker = Mosquitto::start("")?;
-    let hook = WebhookReceiver::start("hook-secret")?;
-    let (s, b_config, _) = cluster_of_two(&db, &broker, &hook, 3600)?;
+    let Two { db, broker, hook, s, b_config, b_port: _b_port } = cluster_of_two(3600)?;
     // The active reaches the database through a link the test can cut; the standby directly.
     let link = mamori_tests::netcut::Link::start(db.port())?;
     let a_config = s.dir.path().join("gw-a-linked.toml");
@@ -488,10 +488,7 @@ fn two_gateways_an_active_cut_off_from_the_database_stops_and_the_standby_takes_
 
 #[test]
 fn two_gateways_the_operators_hear_when_the_standby_is_gone_and_when_it_is_back() -> Result<()> {
-    let db = TestDb::new()?;
-    let broker = Mosquitto::start("")?;
-    let hook = WebhookReceiver::start("hook-secret")?;
-    let (s, b_config, _) = cluster_of_two(&db, &broker, &hook, 3600)?;
+    let Two { db: _db, broker: _broker, hook, s, b_config, b_port: _b_port } = cluster_of_two(3600)?;
     let a = gateway(&s.config)?;
     a.wait_line("lease", LIMIT, |l| l.contains("lease acquired"))?;
     let mut b = standby(&b_config)?;
@@ -525,10 +522,7 @@ fn two_gateways_the_operators_hear_when_the_standby_is_gone_and_when_it_is_back(
 #[test]
 fn two_gateways_the_standby_serves_the_dashboard_passes_actions_to_the_active_and_takes_over_on_its_port() -> Result<()>
 {
-    let db = TestDb::new()?;
-    let broker = Mosquitto::start("")?;
-    let hook = WebhookReceiver::start("hook-secret")?;
-    let (s, b_config, b_port) = cluster_of_two(&db, &broker, &hook, 3600)?;
+    let Two { db: _db, broker, hook, s, b_config, b_port } = cluster_of_two(3600)?;
     let mut a = gateway(&s.config)?;
     a.wait_line("lease", LIMIT, |l| l.contains("lease acquired"))?;
     let b = standby(&b_config)?;
@@ -625,10 +619,7 @@ fn two_gateways_the_standby_serves_the_dashboard_passes_actions_to_the_active_an
 
 #[test]
 fn two_gateways_a_standby_with_no_active_says_the_action_was_not_taken() -> Result<()> {
-    let db = TestDb::new()?;
-    let broker = Mosquitto::start("")?;
-    let hook = WebhookReceiver::start("hook-secret")?;
-    let (s, b_config, b_port) = cluster_of_two(&db, &broker, &hook, 3600)?;
+    let Two { db: _db, broker: _broker, hook: _hook, s, b_config, b_port } = cluster_of_two(3600)?;
     // gw-a holds the lease.
     let mut a = gateway(&s.config)?;
     a.wait_line("lease", LIMIT, |l| l.contains("lease acquired"))?;
@@ -676,10 +667,7 @@ fn two_gateways_a_standby_with_no_active_says_the_action_was_not_taken() -> Resu
 
 #[test]
 fn a_lone_active_frozen_past_its_lease_sends_nothing_on_waking_and_steps_down() -> Result<()> {
-    let db = TestDb::new()?;
-    let broker = Mosquitto::start("")?;
-    let hook = WebhookReceiver::start("hook-secret")?;
-    let (s, _, _) = cluster_of_two(&db, &broker, &hook, 3600)?;
+    let Two { db: _db, broker, hook, s, b_config: _b_config, b_port: _b_port } = cluster_of_two(3600)?;
     let mut a = gateway(&s.config)?;
     a.wait_line("lease", LIMIT, |l| l.contains("lease acquired"))?;
     // The family's phone is unreachable: its message is due again every second.

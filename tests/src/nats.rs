@@ -58,15 +58,7 @@ impl NatsCluster {
         let store = tempfile::tempdir()?;
         let mut specs = Vec::new();
         let mut nodes = Vec::new();
-        // Nine distinct ports (a port the kernel hands out is free again once released).
-        let mut ports = std::collections::BTreeSet::new();
-        let mut order = Vec::new();
-        while order.len() < 9 {
-            let p = free_port()?;
-            if ports.insert(p) {
-                order.push(p);
-            }
-        }
+        let order = distinct_ports(9)?;
         for i in 1..=3 {
             let (mqtt, cluster, monitor) = (order[3 * i - 3], order[3 * i - 2], order[3 * i - 1]);
             specs.push(format!("n{i}=127.0.0.1:{mqtt}:{cluster}:{monitor}"));
@@ -91,14 +83,7 @@ impl NatsCluster {
         if !out.status.success() {
             bail!("pki nats: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
         }
-        let mut c = NatsCluster { nodes, bin, _store: store };
-        for i in 0..3 {
-            c.start_node(i)?;
-        }
-        for i in 0..3 {
-            c.wait_healthy(i, Duration::from_secs(30))?;
-        }
-        Ok(c)
+        NatsCluster::launch(nodes, bin, store)
     }
 
     /// Three nodes with the MQTT and JetStream settings `pki nats` writes (three replicas,
@@ -106,16 +91,9 @@ impl NatsCluster {
     pub fn start_plain() -> Result<NatsCluster> {
         let bin = binary()?;
         let store = tempfile::tempdir()?;
-        let mut ports = std::collections::BTreeSet::new();
-        let mut order = Vec::new();
         // Every port named (NATS's own client port too: one it picked could be another
         // node's route port, released here a moment before).
-        while order.len() < 12 {
-            let p = free_port()?;
-            if ports.insert(p) {
-                order.push(p);
-            }
-        }
+        let order = distinct_ports(12)?;
         let mut nodes = Vec::new();
         for i in 0..3 {
             let (mqtt, cluster, monitor, client) = (order[4 * i], order[4 * i + 1], order[4 * i + 2], order[4 * i + 3]);
@@ -144,11 +122,16 @@ impl NatsCluster {
                 process: None,
             });
         }
+        NatsCluster::launch(nodes, bin, store)
+    }
+
+    /// Start every node and wait until each is healthy.
+    fn launch(nodes: Vec<Node>, bin: PathBuf, store: tempfile::TempDir) -> Result<NatsCluster> {
         let mut c = NatsCluster { nodes, bin, _store: store };
-        for i in 0..3 {
+        for i in 0..c.nodes.len() {
             c.start_node(i)?;
         }
-        for i in 0..3 {
+        for i in 0..c.nodes.len() {
             c.wait_healthy(i, Duration::from_secs(30))?;
         }
         Ok(c)
@@ -196,6 +179,20 @@ impl NatsCluster {
     pub fn log(&self, i: usize) -> Vec<String> {
         self.nodes.get(i).and_then(|n| n.process.as_ref()).map(Process::lines).unwrap_or_default()
     }
+}
+
+/// `n` distinct free ports (a port the kernel hands out is free again once released, so the
+/// same one may come twice).
+fn distinct_ports(n: usize) -> Result<Vec<u16>> {
+    let mut seen = std::collections::BTreeSet::new();
+    let mut order = Vec::new();
+    while order.len() < n {
+        let p = free_port()?;
+        if seen.insert(p) {
+            order.push(p);
+        }
+    }
+    Ok(order)
 }
 
 fn healthz(port: u16) -> Result<String> {
