@@ -37,7 +37,11 @@
 //! `mass_silence_min_homes` homes in two or more municipalities fall silent within
 //! `mass_silence_window_s`, that is a network or centre problem: the operators get one notice
 //! ([`Output::Notice`]) and those homes' alerts wait `mass_silence_grace_s`. A home still
-//! silent after that is escalated as usual.
+//! silent after that is escalated as usual. The wait survives a silence becoming a risk: when
+//! an incident opens around homes still silent from a network cut (the first homes back
+//! report the outage they had during it, while the others are still in their reconnect
+//! backoff), their `state_unknown` shows on the dashboard at once but pages nobody before
+//! the grace ends.
 //!
 //! ## Conditions that end without their event
 //! An alert whose condition is over clears by itself: telemetry that says so (the agent's
@@ -1551,6 +1555,15 @@ impl Engine {
         if on_battery || in_incident {
             self.ran_out_if_due(home);
             let st = self.state.get(home).cloned().unwrap_or_default();
+            // A silence nobody has been told of yet keeps its wait when it becomes a risk: a
+            // home whose silence is part of a mass silence (a network cut) is not paged
+            // because an incident opened around it while its agent was still reconnecting.
+            let held = st
+                .alerts
+                .get(&AlertKind::HomeSilent)
+                .filter(|a| a.notified.is_empty())
+                .and_then(|a| a.hold_until)
+                .filter(|until| *until > now);
             self.clear_alert(home, AlertKind::HomeSilent, now);
             let mut data = serde_json::Map::new();
             if let Some(f) = &st.forecast {
@@ -1567,6 +1580,9 @@ impl Engine {
                 data,
                 now,
             );
+            if let Some(until) = held {
+                self.hold_silence(home, until);
+            }
         } else {
             self.raise(
                 home,

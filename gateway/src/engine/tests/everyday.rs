@@ -188,6 +188,39 @@ fn many_homes_falling_silent_across_municipalities_is_one_notice_and_a_grace() {
 }
 
 #[test]
+fn an_incident_opening_during_a_mass_silence_pages_no_silent_home_before_the_grace() {
+    // A regional network cut (`bench-reconnect`): twelve homes in two municipalities fall
+    // silent together. When the network is back, three of 431001's homes reconnect first and
+    // report the outage they had during the cut; that opens an incident around the others,
+    // whose agents are still waiting out their reconnect backoff.
+    let mut e = heard_homes(12, &["431001", "202011"], 0);
+    e.poll(t(31));
+    assert_eq!(notices(&e.take_outputs()).len(), 1, "one mass-silence notice");
+    for i in [0, 2, 4] {
+        let home = h(&format!("h{i}"));
+        e.handle(Input::Event(home.clone(), event(1, 20, EventKind::MainsLost)), t(60)).unwrap();
+        e.handle(Input::Telemetry(home, telemetry(60, false)), t(60)).unwrap();
+    }
+    e.poll(t(61));
+    assert!(alert(&e, "h6", "state_unknown").is_some(), "silent inside an incident: at risk, on the dashboard");
+    let mut pages = Vec::new();
+    for at in (70..=120).step_by(10) {
+        e.poll(t(at));
+        pages.extend(sent(&mut e));
+    }
+    let silent = ["fam-h6", "fam-h8", "fam-h10"];
+    assert!(!pages.iter().any(|(n, _)| silent.contains(&n.as_str())), "the grace holds: {pages:?}");
+    // They come back: their alerts end, and nobody ever heard of them.
+    for i in [6, 8, 10] {
+        e.handle(Input::Telemetry(h(&format!("h{i}")), telemetry(125, true)), t(125)).unwrap();
+    }
+    e.poll(t(126));
+    assert!(alert(&e, "h6", "state_unknown").is_none());
+    let after = sent(&mut e);
+    assert!(!after.iter().any(|(n, _)| silent.contains(&n.as_str())), "{after:?}");
+}
+
+#[test]
 fn a_few_homes_falling_silent_are_paged_as_usual() {
     let mut e = heard_homes(12, &["431001", "202011"], 0);
     let mut pages = Vec::new();
