@@ -124,14 +124,22 @@ pub struct Chain {
 /// file, ACL and service lines, its autosave included), on a free loopback port; the harness
 /// keeps its own persistence folder.
 pub fn generated_broker(pki: &Path) -> Result<Mosquitto> {
+    Mosquitto::start_with(generated_config(pki, ""))
+}
+
+/// [`generated_broker`] logging only notices and worse (a benchmark's thousands of homes would
+/// write a line for every packet), with `extra` lines after the generated ones.
+pub fn generated_broker_quiet(pki: &Path, extra: &str) -> Result<Mosquitto> {
+    Mosquitto::start_quiet_with(generated_config(pki, extra))
+}
+
+fn generated_config<'a>(pki: &'a Path, extra: &'a str) -> impl Fn(u16, &Path) -> String + 'a {
     let service: String = mamori_gateway::pki::mosquitto_service(Path::new("/unused"))
         .lines()
         .filter(|l| !l.starts_with("persistence"))
         .map(|l| format!("{l}\n"))
         .collect();
-    Mosquitto::start_with(|port, _| {
-        format!("{}{service}", mamori_gateway::pki::mosquitto_listener(port, "127.0.0.1", pki))
-    })
+    move |port, _| format!("{}{service}{extra}", mamori_gateway::pki::mosquitto_listener(port, "127.0.0.1", pki))
 }
 
 fn ok(out: std::process::Output, what: &str) -> Result<()> {

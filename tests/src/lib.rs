@@ -20,6 +20,7 @@
 
 pub mod cdp;
 pub mod chain;
+pub mod fleet;
 pub mod http;
 pub mod line;
 pub mod nats;

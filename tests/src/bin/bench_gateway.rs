@@ -49,12 +49,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use mamori_protocol::mqtt::{self, Channel, ConnectionState, HomeId, Status, Telemetry};
-use mamori_protocol::reading::{OximeterReading, UpsReading};
+use mamori_protocol::mqtt::{self, Channel, ConnectionState, HomeId, Status};
+use mamori_tests::fleet::{self, ingested, kind_of, ms, summary, Fleet};
 use mamori_tests::nats::NatsCluster;
 use mamori_tests::postgres::TestDb;
 use mamori_tests::process::Process;
-use mamori_tests::procfs::{cpu_ns, machine, percentile, status_kb};
+use mamori_tests::procfs::{cpu_ns, machine, status_kb};
 use mamori_tests::webhook::{Delivery, WebhookReceiver};
 use mamori_tests::{free_port, Deadline, Mosquitto};
 use rumqttc::{AsyncClient, MqttOptions, QoS};
@@ -148,47 +148,6 @@ fn gateway_bin() -> Result<PathBuf> {
     Ok(bin)
 }
 
-struct Fleet {
-    homes: Vec<String>,
-    /// Municipality index of each home.
-    muni_of: Vec<usize>,
-    munis: Vec<String>,
-}
-
-impl Fleet {
-    fn new(homes: usize, munis: usize) -> Fleet {
-        let codes: Vec<String> = (0..munis).map(mamori_tests::municipality_code).collect();
-        let per = homes.div_ceil(munis);
-        let muni_of: Vec<usize> = (0..homes).map(|i| i / per).collect();
-        let homes = (0..homes).map(|i| format!("b{:02}-{:05}", i / per, i % per)).collect();
-        Fleet { homes, muni_of, munis: codes }
-    }
-
-    fn homes_toml(&self) -> String {
-        let mut s = String::with_capacity(self.homes.len() * 700);
-        for (i, id) in self.homes.iter().enumerate() {
-            s.push_str(&format!(
-                r#"[[home]]
-id = "{id}"
-municipality = "{m}"
-label = "B-{i:05}"
-devices = [{{ name = "ventilator", watts = 25 }}, {{ name = "humidifier", watts = 60 }}]
-backup = [{{ kind = "power_station", nameplate_wh = 1000 }}, {{ kind = "ventilator_internal", runtime_min = 480 }}]
-evacuation = {{ destination = "病院", travel_min = 40 }}
-contacts = [
-  {{ role = "family", name = "家族", channels = [{{ webhook = "family" }}] }},
-  {{ role = "coordinator", name = "コーディネーター", channels = [{{ webhook = "coord" }}] }},
-  {{ role = "facility", name = "病院", channels = [{{ webhook = "facility" }}] }},
-  {{ role = "support_centre", name = "支援センター", channels = [{{ webhook = "centre" }}] }},
-]
-"#,
-                m = self.munis[self.muni_of[i]]
-            ));
-        }
-        s
-    }
-}
-
 /// The config, and its HTTP port.
 fn write_config(
     dir: &Path,
@@ -222,50 +181,8 @@ bind = "127.0.0.1:{http}"
     Ok((path, http))
 }
 
-/// Messages the gateway took in (`mamori_messages_total{result="ingested"}` in its
-/// `/metrics`): what it decoded, applied and committed, whether or not it kept a telemetry
-/// row (history is thinned to one row per home per `telemetry_history_every_s`).
-async fn ingested(http: u16) -> Result<u64> {
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", http)).await?;
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").await?;
-    let mut text = String::new();
-    tokio::time::timeout(Duration::from_secs(10), s.read_to_string(&mut text)).await??;
-    text.lines()
-        .find_map(|l| l.strip_prefix("mamori_messages_total{result=\"ingested\"} "))
-        .and_then(|n| n.trim().parse().ok())
-        .context("mamori_messages_total{result=\"ingested\"} in /metrics")
-}
-
 fn telemetry(on_battery: bool, runtime_s: u32) -> Vec<u8> {
-    mqtt::encode(&Telemetry {
-        ts: chrono::Utc::now().fixed_offset(),
-        interval_s: PERIOD.as_secs() as u32,
-        mains_present: Some(!on_battery),
-        ups: Some(UpsReading {
-            on_battery: Some(on_battery),
-            battery_low: Some(false),
-            input_voltage_v: Some(if on_battery { 0.0 } else { 101.2 }),
-            output_voltage_v: Some(100.0),
-            load_pct: Some(9.0),
-            battery_charge_pct: Some(100.0),
-            runtime_s: Some(runtime_s),
-            ..UpsReading::default()
-        }),
-        power_meter: None,
-        oximeter: Some(OximeterReading {
-            spo2_pct: Some(97),
-            pulse_bpm: Some(92),
-            perfusion_index: Some(3.1),
-            ..OximeterReading::default()
-        }),
-        ventilator: None,
-        devices: Vec::new(),
-        spool: None,
-        clock: None,
-        conditions: Default::default(),
-        kept: Default::default(),
-    })
+    mqtt::encode(&fleet::telemetry(on_battery, runtime_s, PERIOD.as_secs() as u32))
 }
 
 fn status() -> Vec<u8> {
@@ -375,28 +292,6 @@ fn spawn_gateway(bin: &Path, config: &Path) -> Result<(Process, Instant)> {
     let started = Instant::now();
     let p = Process::spawn("gateway", cmd)?;
     Ok((p, started))
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
-}
-
-/// Print and return `p50 · p99 · max` of latencies in ms.
-fn summary(name: &str, mut v: Vec<f64>) -> String {
-    v.sort_by(f64::total_cmp);
-    let short = format!(
-        "p50 {:.1} · p99 {:.1} · max {:.1} ms",
-        percentile(&v, 50.0),
-        percentile(&v, 99.0),
-        v.last().copied().unwrap_or(f64::NAN)
-    );
-    println!("{name}: n {} · {short}", v.len());
-    short
-}
-
-fn kind_of(d: &Delivery) -> (&str, &str) {
-    let c = &d.body["content"];
-    (c["type"].as_str().unwrap_or(""), c["kind"].as_str().unwrap_or(""))
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
