@@ -871,6 +871,7 @@ impl Config {
             ("escalation.silence_settle_s", s.silence_settle_s, 0, 3600),
             ("escalation.mass_silence_window_s", s.mass_silence_window_s, 1, 3600),
             ("escalation.mass_silence_grace_s", s.mass_silence_grace_s, 0, 6 * 3600),
+            ("escalation.mass_silence_return_s", s.mass_silence_return_s, 0, 3600),
         ] {
             if !(lo..=hi).contains(&v) {
                 bad(key, &format!("{lo} to {hi}"));

@@ -37,11 +37,12 @@
 //! `mass_silence_min_homes` homes in two or more municipalities fall silent within
 //! `mass_silence_window_s`, that is a network or centre problem: the operators get one notice
 //! ([`Output::Notice`]) and those homes' alerts wait `mass_silence_grace_s`. A home still
-//! silent after that is escalated as usual. The wait survives a silence becoming a risk: when
-//! an incident opens around homes still silent from a network cut (the first homes back
-//! report the outage they had during it, while the others are still in their reconnect
-//! backoff), their `state_unknown` shows on the dashboard at once but pages nobody before
-//! the grace ends.
+//! silent after that is escalated as usual. The wait survives a silence becoming a risk, for
+//! as long as agents take to reconnect: when an incident opens around homes still silent
+//! from a network cut (the first homes back report the outage they had during it, while the
+//! others are still in their reconnect backoff), their `state_unknown` shows on the dashboard
+//! at once (and in the incident's digest) but pages no family, nurse or facility before
+//! `mass_silence_return_s` (or the grace's end, if sooner); one still silent then is paged.
 //!
 //! ## Conditions that end without their event
 //! An alert whose condition is over clears by itself: telemetry that says so (the agent's
@@ -119,6 +120,10 @@ pub struct Settings {
     pub mass_silence_window_s: i64,
     /// Their silence alerts then wait this long before anyone is paged, s.
     pub mass_silence_grace_s: i64,
+    /// A home still silent from a mass silence when an incident opens around it is then at
+    /// risk (`state_unknown`): it waits at most this long (within the grace) for the home to
+    /// come back, the time agents take to reconnect after their network does, s.
+    pub mass_silence_return_s: i64,
     /// The longest telemetry period a home may announce, s (a larger one is taken as this:
     /// a home must not be able to switch its own silence detection off).
     pub max_interval_s: u32,
@@ -152,6 +157,7 @@ impl Default for Settings {
             mass_silence_min_homes: 10,
             mass_silence_window_s: 180,
             mass_silence_grace_s: 600,
+            mass_silence_return_s: 180,
             max_interval_s: 3600,
             battery_degraded_below_pct: 70.0,
             require_consent: false,
@@ -1555,14 +1561,18 @@ impl Engine {
         if on_battery || in_incident {
             self.ran_out_if_due(home);
             let st = self.state.get(home).cloned().unwrap_or_default();
-            // A silence nobody has been told of yet keeps its wait when it becomes a risk: a
-            // home whose silence is part of a mass silence (a network cut) is not paged
-            // because an incident opened around it while its agent was still reconnecting.
+            // A silence nobody has been told of yet keeps its wait when it becomes a risk,
+            // for as long as an agent takes to come back after its network: a home silent in
+            // a mass silence (a network cut) is not paged because an incident opened around
+            // it while its agent was still reconnecting, nor held the whole grace when the
+            // incident is a power cut it may be in.
+            let back_by = now + Duration::seconds(self.settings.mass_silence_return_s);
             let held = st
                 .alerts
                 .get(&AlertKind::HomeSilent)
                 .filter(|a| a.notified.is_empty())
                 .and_then(|a| a.hold_until)
+                .map(|until| until.min(back_by))
                 .filter(|until| *until > now);
             self.clear_alert(home, AlertKind::HomeSilent, now);
             let mut data = serde_json::Map::new();
