@@ -508,16 +508,17 @@ async fn main() -> Result<()> {
     );
     // The broker holds one descriptor per home: it must fit under the hard limit every
     // process here has (`ulimit -Hn`), with room for its own files.
-    let hard = nofile_hard()?;
-    if n_homes as u64 + 64 > hard {
+    let (soft, hard) = nofile_limits()?;
+    if n_homes as u64 + 64 > soft {
         bail!(
-            "{n_homes} homes need a broker with more than {} open files, and this machine's hard limit is {hard} \
-             (raising it needs CAP_SYS_RESOURCE): run with --homes {}",
+            "{n_homes} homes need a broker with more than {} open files, and the limit here is {soft} \
+             (`ulimit -n`; the hard limit is {hard}, and raising that needs CAP_SYS_RESOURCE): \
+             raise it with `ulimit -n {hard}` or run with --homes {}",
             n_homes + 64,
-            hard.saturating_sub(64)
+            soft.saturating_sub(64)
         );
     }
-    let per_worker = usize::try_from((hard.saturating_sub(200)) / 4).unwrap_or(1000).clamp(100, 4_000);
+    let per_worker = usize::try_from((soft.saturating_sub(200)) / 4).unwrap_or(1000).clamp(100, 4_000);
 
     let keep = arg_path("--work");
     let tmp = tempfile::tempdir()?;
@@ -683,6 +684,16 @@ async fn main() -> Result<()> {
         Ok(s2.connected.load(Ordering::SeqCst) == n_homes)
     })
     .await?;
+    // Reconnection times (as the coordinator read each worker's line): each home's connection
+    // after the restore, taken now, before a later reconnection could replace it.
+    let mut back: Vec<f64> = state
+        .since_ms
+        .iter()
+        .map(|s| s.load(Ordering::SeqCst))
+        .filter(|&s| s > restored_ms)
+        .map(|s| ms(state.at(s).saturating_duration_since(restored)))
+        .collect();
+    back.sort_by(f64::total_cmp);
     let want_lost = n_outages + probe_sent.len();
     let all_online = until("the gateway storing every home's online again", Duration::from_secs(900), || {
         Ok(stored.online_since(mark)? >= n_homes)
@@ -707,15 +718,6 @@ async fn main() -> Result<()> {
             hook.deliveries()
         });
     let first_page = paged(&ds);
-    // Reconnection times: each home's latest connection after the restore.
-    let mut back: Vec<f64> = state
-        .since_ms
-        .iter()
-        .map(|s| s.load(Ordering::SeqCst))
-        .filter(|&s| s > restored_ms)
-        .map(|s| ms(state.at(s).saturating_duration_since(restored)))
-        .collect();
-    back.sort_by(f64::total_cmp);
     let connects_after: u64 = state.connects.iter().map(|c| c.load(Ordering::SeqCst)).sum();
     println!("\n## 3. The reconnection storm");
     println!(
@@ -776,11 +778,15 @@ async fn main() -> Result<()> {
     Ok(())
 }
 
-/// The hard limit on open files (`ulimit -Hn`) every process here shares.
-fn nofile_hard() -> Result<u64> {
+/// The limits on open files (`ulimit -n`, `ulimit -Hn`) that the broker and the workers
+/// inherit from this process.
+fn nofile_limits() -> Result<(u64, u64)> {
     let limits = std::fs::read_to_string("/proc/self/limits")?;
     let line =
         limits.lines().find(|l| l.starts_with("Max open files")).context("Max open files in /proc/self/limits")?;
-    let hard = line.split_whitespace().nth(4).context("its hard limit")?;
-    Ok(if hard == "unlimited" { u64::MAX } else { hard.parse()? })
+    let value = |n: usize| -> Result<u64> {
+        let v = line.split_whitespace().nth(n).context("Max open files: its limits")?;
+        Ok(if v == "unlimited" { u64::MAX } else { v.parse()? })
+    };
+    Ok((value(3)?, value(4)?))
 }
