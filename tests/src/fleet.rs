@@ -1,9 +1,10 @@
 //! What the fleet benchmarks share: a prefecture of generated homes, the telemetry a healthy
 //! home sends, the gateway's own count of what it took in, and how figures are summarised.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use mamori_protocol::mqtt::Telemetry;
 use mamori_protocol::reading::{OximeterReading, UpsReading};
 
@@ -130,4 +131,25 @@ pub fn summary(name: &str, mut v: Vec<f64>) -> String {
 pub fn kind_of(d: &Delivery) -> (&str, &str) {
     let c = &d.body["content"];
     (c["type"].as_str().unwrap_or(""), c["kind"].as_str().unwrap_or(""))
+}
+
+/// A benchmark's numeric argument `name <n>`, or `default`.
+pub fn arg(name: &str, default: u64) -> u64 {
+    arg_text(name).and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+/// A benchmark's argument `name <text>`.
+pub fn arg_text(name: &str) -> Option<String> {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).cloned()
+}
+
+/// The release `mamori-gateway` beside the running benchmark.
+pub fn gateway_bin() -> Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let bin = exe.parent().context("exe dir")?.join("mamori-gateway");
+    if !bin.exists() {
+        bail!("{} not found: run `cargo build --release -p mamori-gateway` first", bin.display());
+    }
+    Ok(bin)
 }

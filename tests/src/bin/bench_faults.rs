@@ -37,7 +37,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
+use mamori_tests::fleet::{arg, gateway_bin};
 use mamori_tests::process::Process;
 use mamori_tests::procfs::{cpu_ns, machine, percentile};
 use mamori_tests::stall::{Mode, Stall};
@@ -45,20 +46,6 @@ use mamori_tests::webhook::WebhookReceiver;
 use mamori_tests::{free_port, municipality_code, Deadline, Mosquitto};
 
 const SECRET: &str = "bench-hook-secret";
-
-fn arg(name: &str, default: u64) -> u64 {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).and_then(|v| v.parse().ok()).unwrap_or(default)
-}
-
-fn gateway_bin() -> Result<PathBuf> {
-    let exe = std::env::current_exe()?;
-    let bin = exe.parent().context("exe dir")?.join("mamori-gateway");
-    if !bin.exists() {
-        bail!("{} not found: run `cargo build --release -p mamori-gateway` first", bin.display());
-    }
-    Ok(bin)
-}
 
 fn home(i: usize) -> String {
     format!("f{i:05}")

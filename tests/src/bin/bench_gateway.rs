@@ -50,7 +50,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use mamori_protocol::mqtt::{self, Channel, ConnectionState, HomeId, Status};
-use mamori_tests::fleet::{self, ingested, kind_of, ms, summary, Fleet};
+use mamori_tests::fleet::{self, arg, arg_text, gateway_bin, ingested, kind_of, ms, summary, Fleet};
 use mamori_tests::nats::NatsCluster;
 use mamori_tests::postgres::TestDb;
 use mamori_tests::process::Process;
@@ -61,16 +61,6 @@ use rumqttc::{AsyncClient, MqttOptions, QoS};
 
 const SECRET: &str = "bench-hook-secret";
 const PERIOD: Duration = Duration::from_secs(10);
-
-fn arg(name: &str, default: u64) -> u64 {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).and_then(|v| v.parse().ok()).unwrap_or(default)
-}
-
-fn arg_text(name: &str, default: &str) -> String {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).cloned().unwrap_or_else(|| default.into())
-}
 
 /// Where the gateway keeps its state and which broker everyone uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -137,15 +127,6 @@ impl Broker {
 enum Counter {
     Sqlite(PathBuf),
     Postgres(String),
-}
-
-fn gateway_bin() -> Result<PathBuf> {
-    let exe = std::env::current_exe()?;
-    let bin = exe.parent().context("exe dir")?.join("mamori-gateway");
-    if !bin.exists() {
-        bail!("{} not found: run `cargo build --release -p mamori-gateway` first", bin.display());
-    }
-    Ok(bin)
 }
 
 /// The config, and its HTTP port.
@@ -298,7 +279,9 @@ fn spawn_gateway(bin: &Path, config: &Path) -> Result<(Process, Instant)> {
 async fn main() -> Result<()> {
     let n_homes = arg("--homes", 20_000) as usize;
     let n_munis = arg("--municipalities", 40) as usize;
-    let shapes = parse_shapes(&arg_text("--shapes", "sqlite+mosquitto,postgres+mosquitto,postgres+nats"))?;
+    let shapes = parse_shapes(
+        &arg_text("--shapes").unwrap_or_else(|| "sqlite+mosquitto,postgres+mosquitto,postgres+nats".into()),
+    )?;
     println!("# mamori gateway fleet benchmark\n");
     println!("machine: {}", machine());
     println!(

@@ -64,7 +64,7 @@ use mamori_agent::spool::{FileStorage, Spool};
 use mamori_agent::uplink::{Connection, FromUplink, ToUplink, Uplink, UplinkSettings};
 use mamori_protocol::mqtt::{Event, EventKind, Severity};
 use mamori_tests::chain::generated_broker_quiet;
-use mamori_tests::fleet::{self, ingested, kind_of, ms, summary, Fleet};
+use mamori_tests::fleet::{self, arg, arg_text, gateway_bin, ingested, kind_of, ms, summary, Fleet};
 use mamori_tests::process::Process;
 use mamori_tests::procfs::{cpu_ns, machine, percentile, status_kb};
 use mamori_tests::webhook::{Delivery, WebhookReceiver};
@@ -75,25 +75,6 @@ use tokio::task::AbortHandle;
 use tokio_util::sync::CancellationToken;
 
 const SECRET: &str = "bench-hook-secret";
-
-fn arg(name: &str, default: u64) -> u64 {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).and_then(|v| v.parse().ok()).unwrap_or(default)
-}
-
-fn arg_path(name: &str) -> Option<PathBuf> {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).map(PathBuf::from)
-}
-
-fn gateway_bin() -> Result<PathBuf> {
-    let exe = std::env::current_exe()?;
-    let bin = exe.parent().context("exe dir")?.join("mamori-gateway");
-    if !bin.exists() {
-        bail!("{} not found: run `cargo build --release -p mamori-gateway` first", bin.display());
-    }
-    Ok(bin)
-}
 
 /// The region's access network: a TCP forwarder to the broker that can be cut. A cut closes
 /// every connection through it (each side sees its peer go) and refuses new ones (accepted
@@ -246,8 +227,8 @@ async fn worker() -> Result<()> {
     let (from, to) = (arg("--from", 0) as usize, arg("--to", 0) as usize);
     let broker_port = u16::try_from(arg("--broker-port", 0))?;
     let telemetry_s = u32::try_from(arg("--telemetry-s", 60))?;
-    let bundles = arg_path("--bundles").context("--bundles")?;
-    let spools = arg_path("--spools").context("--spools")?;
+    let bundles = arg_text("--bundles").map(PathBuf::from).context("--bundles")?;
+    let spools = arg_text("--spools").map(PathBuf::from).context("--spools")?;
     let fleet = Fleet::new(n_homes, n_munis);
     let region = Region::start(broker_port).await?;
     let cancel = CancellationToken::new();
@@ -520,7 +501,7 @@ async fn main() -> Result<()> {
     }
     let per_worker = usize::try_from((soft.saturating_sub(200)) / 4).unwrap_or(1000).clamp(100, 4_000);
 
-    let keep = arg_path("--work");
+    let keep = arg_text("--work").map(PathBuf::from);
     let tmp = tempfile::tempdir()?;
     let work = keep.clone().unwrap_or_else(|| tmp.path().to_path_buf());
     std::fs::create_dir_all(&work)?;
