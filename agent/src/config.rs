@@ -11,6 +11,9 @@ use std::path::{Path, PathBuf};
 use mamori_protocol::mqtt::HomeId;
 use serde::Deserialize;
 
+/// Shared with the gateway (`mamori-connect`): the same keys, the same checks.
+pub use mamori_connect::{parse_host_port, Secret, TlsConfig};
+
 /// A configuration that cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -153,77 +156,6 @@ fn default_reconnect_min_ms() -> u64 {
 }
 fn default_reconnect_max_ms() -> u64 {
     30_000
-}
-
-/// TLS to the broker.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TlsConfig {
-    /// The deployment's CA certificate (PEM) that signed the broker's certificate.
-    #[serde(default)]
-    pub ca_file: Option<PathBuf>,
-    /// This home's client certificate (PEM), for certificate authentication.
-    #[serde(default)]
-    pub client_cert_file: Option<PathBuf>,
-    /// Its private key (PEM); must not be readable by others.
-    #[serde(default)]
-    pub client_key_file: Option<PathBuf>,
-    /// The CA certificate inline (PEM text), instead of `ca_file`: the one-file bundle that
-    /// `mamori-gateway homes provision` writes.
-    #[serde(default)]
-    pub ca_pem: Option<String>,
-    /// The client certificate inline (PEM text).
-    #[serde(default)]
-    pub client_cert_pem: Option<String>,
-    /// The client key inline (PEM text): the config file must then not be readable by others.
-    #[serde(default)]
-    pub client_key_pem: Option<String>,
-}
-
-impl TlsConfig {
-    /// The CA certificate, from the file or inline.
-    pub fn ca(&self) -> Result<Vec<u8>, String> {
-        match (&self.ca_pem, &self.ca_file) {
-            (Some(pem), _) => Ok(pem.clone().into_bytes()),
-            (None, Some(f)) => std::fs::read(f).map_err(|e| format!("cannot read {}: {e}", f.display())),
-            (None, None) => Err("no CA certificate (ca_file or ca_pem)".into()),
-        }
-    }
-}
-
-/// A secret: inline, from a file, or from an environment variable.
-#[derive(Clone, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "snake_case")]
-pub enum Secret {
-    /// `{ value = "..." }` (discouraged outside tests).
-    Value(String),
-    /// `{ file = "/etc/mamori/broker-password" }`.
-    File(PathBuf),
-    /// `{ env = "MAMORI_BROKER_PASSWORD" }`.
-    Env(String),
-}
-
-impl std::fmt::Debug for Secret {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Secret::Value(_) => f.write_str("Secret(<inline, redacted>)"),
-            Secret::File(p) => write!(f, "Secret(file {})", p.display()),
-            Secret::Env(v) => write!(f, "Secret(env {v})"),
-        }
-    }
-}
-
-impl Secret {
-    /// Resolve the secret's value.
-    pub fn resolve(&self) -> Result<String, String> {
-        match self {
-            Secret::Value(v) => Ok(v.clone()),
-            Secret::File(p) => std::fs::read_to_string(p)
-                .map(|s| s.trim_end().to_string())
-                .map_err(|e| format!("cannot read {}: {e}", p.display())),
-            Secret::Env(name) => std::env::var(name).map_err(|_| format!("environment variable {name} is not set")),
-        }
-    }
 }
 
 /// Telemetry snapshots.
@@ -618,17 +550,6 @@ fn d_unreachable() -> u32 {
 fn valid_source_id(id: &str) -> bool {
     (1..=32).contains(&id.len())
         && id.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
-}
-
-/// `host:port` (a host name or an IPv4 address, and a port from 1 to 65535).
-pub fn parse_host_port(s: &str) -> Result<(String, u16), String> {
-    let bad = || format!("`{s}`: expected host:port, e.g. mqtt2.example.lg.jp:8883");
-    let (host, port) = s.rsplit_once(':').ok_or_else(bad)?;
-    if host.is_empty() || host.contains(|c: char| c.is_whitespace() || c == ':' || c == '/') {
-        return Err(bad());
-    }
-    let port = port.parse::<u16>().ok().filter(|p| *p > 0).ok_or_else(bad)?;
-    Ok((host.to_string(), port))
 }
 
 fn is_loopback(host: &str) -> bool {

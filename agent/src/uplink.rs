@@ -35,7 +35,7 @@ use rumqttc::{
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::BrokerConfig;
+use crate::config::{BrokerConfig, TlsConfig};
 use crate::spool::{Spool, Storage};
 
 /// Everything needed to connect, resolved from the config (secrets read, files loaded).
@@ -74,47 +74,14 @@ impl std::fmt::Debug for Connection {
     }
 }
 
-/// Why a connection could not be prepared.
-#[derive(Debug, thiserror::Error)]
-pub enum UplinkError {
-    /// A broker address is not `host:port`.
-    #[error("{0}")]
-    Broker(String),
-    /// A TLS file could not be read or is unsafe.
-    #[error("{0}")]
-    Tls(String),
-    /// The password could not be resolved.
-    #[error("broker.password: {0}")]
-    Secret(String),
-}
+/// Why a connection could not be prepared (shared with the gateway).
+pub use mamori_connect::ConnectError as UplinkError;
 
 impl Connection {
     /// Resolve the broker section of the config.
     pub fn from_config(home: HomeId, b: &BrokerConfig) -> Result<Connection, UplinkError> {
-        let tls = match &b.tls {
-            None => None,
-            Some(t) => {
-                let read = |p: &std::path::Path| {
-                    std::fs::read(p).map_err(|e| UplinkError::Tls(format!("cannot read {}: {e}", p.display())))
-                };
-                let ca = t.ca().map_err(UplinkError::Tls)?;
-                let client_auth = match (&t.client_cert_file, &t.client_key_file, &t.client_cert_pem, &t.client_key_pem)
-                {
-                    (Some(c), Some(k), _, _) => {
-                        check_key_permissions(k)?;
-                        Some((read(c)?, read(k)?))
-                    }
-                    (_, _, Some(c), Some(k)) => Some((c.clone().into_bytes(), k.clone().into_bytes())),
-                    _ => None,
-                };
-                Some(TlsConfiguration::Simple { ca, alpn: None, client_auth })
-            }
-        };
-        let credentials = match (&b.username, &b.password) {
-            (Some(u), Some(p)) => Some((u.clone(), p.resolve().map_err(UplinkError::Secret)?)),
-            (Some(u), None) => Some((u.clone(), String::new())),
-            _ => None,
-        };
+        let tls = b.tls.as_ref().map(TlsConfig::transport).transpose()?;
+        let credentials = mamori_connect::credentials(b.username.as_ref(), b.password.as_ref())?;
         let mut brokers = vec![(b.host.clone(), b.port)];
         for f in &b.failover {
             brokers.push(host_port(f)?);
@@ -237,16 +204,7 @@ fn broker_error(at: &str, e: &rumqttc::ConnectionError) -> String {
     }
 }
 
-/// A private key readable by others is refused: it is this home's identity.
-/// Refuse a private key that group or others can read.
-pub fn check_key_permissions(path: &std::path::Path) -> Result<(), UplinkError> {
-    use std::os::unix::fs::PermissionsExt;
-    let meta = std::fs::metadata(path).map_err(|e| UplinkError::Tls(format!("cannot read {}: {e}", path.display())))?;
-    if meta.permissions().mode() & 0o077 != 0 {
-        return Err(UplinkError::Tls(format!("{} is readable by group or others; chmod 600 it", path.display())));
-    }
-    Ok(())
-}
+pub use mamori_connect::check_key_permissions;
 
 /// What the connection task tells the uplink task.
 #[derive(Debug)]

@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use mamori_agent::spool::{FileStorage, Spool};
 use mamori_protocol::mqtt::{self, Event, EventKind, Status, Telemetry};
-use mamori_tests::process::{Collector, Process, Received, Simulator};
-use mamori_tests::Mosquitto;
+use mamori_testkit::process::{Collector, Process, Received, Simulator};
+use mamori_testkit::Mosquitto;
 
 const AGENT: &str = env!("CARGO_BIN_EXE_mamori-agent");
 const LONG: Duration = Duration::from_secs(30);
@@ -388,7 +388,7 @@ fn probe_names_each_problem() -> Result<()> {
 /// NUT source reads the result from a real `upsd`.
 #[test]
 fn nut_reads_the_simulated_ups_and_the_agent_reads_nut() -> Result<()> {
-    let Some(nut) = mamori_tests::nut::Nut::find() else {
+    let Some(nut) = mamori_testkit::nut::Nut::find() else {
         panic!("Network UPS Tools is not installed: run scripts/test (installs nut-server) or `apt-get install nut-server`");
     };
     let mut r = rig(&["ups"])?;
@@ -396,7 +396,7 @@ fn nut_reads_the_simulated_ups_and_the_agent_reads_nut() -> Result<()> {
     let cfg = r.config.with_file_name("nut.toml");
     std::fs::write(&cfg, format!("home_id = \"test-home\"\ndata_dir = \"/tmp/x\"\n[broker]\nhost = \"127.0.0.1\"\nport = 1\n[[nut]]\nid = \"ups\"\nport = {}\nups = \"sim\"\n", server.port()))?;
     let probe = |want: &str| -> Result<String> {
-        let deadline = mamori_tests::Deadline::after(LONG);
+        let deadline = mamori_testkit::Deadline::after(LONG);
         loop {
             let out = Command::new(AGENT).args(["probe", "--config"]).arg(&cfg).output()?;
             let s = String::from_utf8_lossy(&out.stdout).to_string();
@@ -416,7 +416,7 @@ fn nut_reads_the_simulated_ups_and_the_agent_reads_nut() -> Result<()> {
 #[test]
 fn tls_with_a_client_certificate_or_a_password_and_never_a_stranger_ca() -> Result<()> {
     let pki_dir = tempfile::tempdir()?;
-    mamori_tests::pki::make(pki_dir.path())?;
+    mamori_testkit::pki::make(pki_dir.path())?;
     let p = pki_dir.path().to_path_buf();
     // The [broker.tls] lines for the home's client certificate, trusting `ca`.
     let cert_tls = |ca: &str| {
@@ -700,7 +700,7 @@ fn a_upsd_that_hangs_mid_reply_is_closed_and_reconnected() -> Result<()> {
     // The third reply hangs; the agent gives up on that socket at its deadline and connects
     // again, so the UPS keeps being read...
     a.wait_line("the reconnection", LONG, |l| l.contains("no reply within") && l.contains("reconnecting"))?;
-    let deadline = mamori_tests::Deadline::after(LONG);
+    let deadline = mamori_testkit::Deadline::after(LONG);
     while upsd.connections.load(std::sync::atomic::Ordering::SeqCst) < 2 {
         deadline.check("a second connection to upsd")?;
         std::thread::sleep(Duration::from_millis(50));
@@ -733,7 +733,7 @@ fn an_agent_whose_every_source_is_lost_does_not_spin() -> Result<()> {
              [[nut]]\nid = \"nut\"\nport = {free}\nups = \"sim\"\n",
             d = dir.path().display(),
             p = broker.port(),
-            free = mamori_tests::free_port()?
+            free = mamori_testkit::free_port()?
         ),
     )?;
     let c = Collector::start(broker.port(), "spin", "mamori/v1/#")?;
@@ -743,9 +743,9 @@ fn an_agent_whose_every_source_is_lost_does_not_spin() -> Result<()> {
     })?;
     // Once everything is lost there is nothing to do but wait: over 5 s the agent uses a
     // small share of a core (a spinning loop uses all of it, 5 s).
-    let before = mamori_tests::procfs::cpu_ns(a.pid());
+    let before = mamori_testkit::procfs::cpu_ns(a.pid());
     std::thread::sleep(Duration::from_secs(5)); // the measured interval itself
-    let used_ms = (mamori_tests::procfs::cpu_ns(a.pid()) - before) / 1_000_000;
+    let used_ms = (mamori_testkit::procfs::cpu_ns(a.pid()) - before) / 1_000_000;
     assert!(used_ms < 500, "{used_ms} ms of CPU in 5 s with every source lost");
     Ok(())
 }
@@ -773,7 +773,7 @@ fn the_simulator_stops_on_a_signal_with_its_devices_idle() -> Result<()> {
             anyhow::ensure!(out.read_line(&mut line)? > 0, "simulate ended before `ready`");
         }
         kill(nix::unistd::Pid::from_raw(child.id() as i32), signal)?;
-        let deadline = mamori_tests::Deadline::after(LONG);
+        let deadline = mamori_testkit::Deadline::after(LONG);
         let status = loop {
             if let Some(s) = child.try_wait()? {
                 break s;
@@ -901,7 +901,7 @@ fn a_battery_test_due_during_an_outage_is_skipped_and_says_why() -> Result<()> {
 
 #[test]
 fn a_ups_behind_nut_is_tested_through_upsd_with_its_user() -> Result<()> {
-    let Some(nut) = mamori_tests::nut::Nut::find() else {
+    let Some(nut) = mamori_testkit::nut::Nut::find() else {
         panic!("Network UPS Tools is not installed: run scripts/test (installs nut-server) or `apt-get install nut-server`");
     };
     let r = rig(&["ups"])?;

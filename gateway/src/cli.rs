@@ -71,25 +71,6 @@ enum Command {
         #[command(subcommand)]
         command: AuditCommand,
     },
-    /// Run the self-contained demo: embedded broker, simulated homes, a scripted outage.
-    Demo {
-        /// Seconds to run after the story (0: until Ctrl-C).
-        #[arg(long, default_value_t = 0)]
-        linger_s: u64,
-    },
-    /// (internal) One simulated home for the demo: devices on pseudo-terminals and the agent.
-    #[command(hide = true)]
-    DemoHome {
-        /// The agent config.
-        #[arg(long)]
-        config: PathBuf,
-        /// Where the devices go.
-        #[arg(long)]
-        dir: PathBuf,
-        /// Devices.
-        #[arg(long, value_delimiter = ',')]
-        devices: Vec<String>,
-    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -531,7 +512,7 @@ fn audit_command(command: AuditCommand) -> ExitCode {
 
 fn logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rumqttd=warn"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(io::stderr).with_ansi(false).json().init();
 }
 
@@ -887,7 +868,7 @@ pub fn main() -> ExitCode {
             command: HomesCommand::Provision { config, broker_host, broker_port, failover, out, force, homes },
         } => {
             for f in &failover {
-                if let Err(e) = mamori_agent::config::parse_host_port(f) {
+                if let Err(e) = mamori_connect::parse_host_port(f) {
                     eprintln!("mamori-gateway: --failover {e}");
                     return ExitCode::from(2);
                 }
@@ -1035,34 +1016,5 @@ pub fn main() -> ExitCode {
             println!("queued: the gateway is not running or did not answer in {wait_s} s; it applies the acknowledgement when it runs");
             ExitCode::SUCCESS
         }
-        Command::Demo { linger_s } => {
-            logging_quiet();
-            let Ok(rt) = runtime() else { return ExitCode::from(1) };
-            match rt.block_on(crate::demo::run(linger_s)) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("mamori-gateway demo: {e:#}");
-                    ExitCode::from(1)
-                }
-            }
-        }
-        Command::DemoHome { config, dir, devices } => {
-            logging_quiet();
-            match crate::demo::home(&config, &dir, &devices) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("mamori-gateway demo-home: {e:#}");
-                    ExitCode::from(1)
-                }
-            }
-        }
     }
-}
-
-fn logging_quiet() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,rumqttd=off"));
-    // Colours only on a terminal: a log file gets plain text.
-    let ansi = std::io::IsTerminal::is_terminal(&io::stderr());
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(io::stderr).with_ansi(ansi).init();
 }

@@ -10,7 +10,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use chrono::FixedOffset;
-pub use mamori_agent::config::{Secret, TlsConfig};
+pub use mamori_connect::{Secret, TlsConfig};
 use serde::Deserialize;
 
 use crate::engine::Settings;
@@ -35,9 +35,6 @@ pub struct Config {
     pub link_secret: Secret,
     /// The MQTT broker.
     pub broker: BrokerConfig,
-    /// An embedded broker (rumqttd) to start, for one box and the demo.
-    #[serde(default)]
-    pub embedded_broker: Option<EmbeddedBrokerConfig>,
     /// The HTTP listener (acknowledgement links).
     #[serde(default)]
     pub http: HttpConfig,
@@ -264,7 +261,7 @@ pub struct PrivacyConfig {
 pub struct BrokerConfig {
     /// Host name or address.
     pub host: String,
-    /// Port (0 with an embedded broker: use its port).
+    /// Port.
     pub port: u16,
     /// The gateway's client id (a persistent session: QoS 1 events queue while it is away).
     #[serde(default = "default_client_id")]
@@ -296,18 +293,6 @@ fn default_client_id() -> String {
 }
 fn default_keep_alive_s() -> u16 {
     15
-}
-
-/// The embedded broker.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct EmbeddedBrokerConfig {
-    /// Listen address (port 0: a free port).
-    pub bind: SocketAddr,
-    /// Allow a non-loopback address. The embedded broker has no ACLs: any client could
-    /// publish as any home. Use Mosquitto with per-home ACLs instead.
-    #[serde(default)]
-    pub allow_non_loopback: bool,
 }
 
 /// The HTTP listener.
@@ -743,8 +728,8 @@ impl Config {
         if c.http.secure_cookies == Some(false) && !c.http.bind.ip().is_loopback() {
             bad("http.secure_cookies", "true (or unset) unless the gateway listens on loopback only");
         }
-        if c.broker.port == 0 && c.embedded_broker.is_none() {
-            bad("broker.port", "a port (0 only with [embedded_broker])");
+        if c.broker.port == 0 {
+            bad("broker.port", "a port from 1 to 65535");
         }
         if c.broker.share_group.is_some() {
             bad(
@@ -754,7 +739,7 @@ impl Config {
             );
         }
         for (i, f) in c.broker.failover.iter().enumerate() {
-            match mamori_agent::config::parse_host_port(f) {
+            match mamori_connect::parse_host_port(f) {
                 Err(e) => bad(&format!("broker.failover[{i}]"), &e),
                 // The broker's password would cross the network in clear.
                 Ok((host, _)) if c.broker.tls.is_none() && !is_loopback(&host) => bad(
@@ -764,19 +749,8 @@ impl Config {
                 Ok(_) => {}
             }
         }
-        if !c.broker.failover.is_empty() && c.embedded_broker.is_some() {
-            bad("broker.failover", "no failover brokers with [embedded_broker] (it is one process on this machine)");
-        }
         if c.broker.client_id.is_empty() || c.broker.client_id.len() > 64 {
             bad("broker.client_id", "1 to 64 characters");
-        }
-        if let Some(e) = &c.embedded_broker {
-            if !e.bind.ip().is_loopback() && !e.allow_non_loopback {
-                bad(
-                    "embedded_broker.bind",
-                    "a loopback address: the embedded broker has no ACLs (set allow_non_loopback = true to override)",
-                );
-            }
         }
         let d = &c.delivery;
         if d.fallback_after_failures == 0 {
@@ -1092,17 +1066,6 @@ template = '{"to":"{to}","text":"{text}"}'
         for key in ["voice.api_base_url", "voice.from", "voice.ring_timeout_s"] {
             assert!(e.contains(&format!("key `{key}`")), "{key}: {e}");
         }
-    }
-
-    #[test]
-    fn the_embedded_broker_stays_on_loopback_unless_overridden() {
-        let with = |bind: &str, allow: bool| {
-            format!("{GOOD}\n[embedded_broker]\nbind = \"{bind}\"\nallow_non_loopback = {allow}\n")
-        };
-        assert!(Config::parse(&with("127.0.0.1:0", false), Path::new("g.toml")).is_ok());
-        let e = Config::parse(&with("0.0.0.0:1883", false), Path::new("g.toml")).unwrap_err().to_string();
-        assert!(e.contains("embedded_broker.bind") && e.contains("no ACLs"), "{e}");
-        assert!(Config::parse(&with("0.0.0.0:1883", true), Path::new("g.toml")).is_ok());
     }
 
     #[test]

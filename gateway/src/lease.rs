@@ -278,7 +278,7 @@ mod tests {
 
     #[test]
     fn one_gateway_holds_the_lease_and_the_next_gets_it_only_when_it_ends() {
-        let db = mamori_tests::postgres::TestDb::new().unwrap();
+        let db = mamori_testkit::postgres::TestDb::new().unwrap();
         let at = PgLocation::parse(&db.settings(), db.password().as_deref(), Duration::from_secs(5)).unwrap();
         let store = PgStore::open(&at, true).unwrap();
         let ttl = Duration::from_secs(3);

@@ -25,22 +25,18 @@
 //! | [`standby`] | a standby's dashboard: read from the store, actions passed to the active |
 //! | [`health`] | the gateway's own health: `/healthz`, the heartbeat, the watchdog |
 //! | [`notice`] | notices about the gateway itself for its operators (sent without the store) |
-//! | [`broker`] | the embedded broker (rumqttd) for one box and the demo |
 //! | [`listen`] | the HTTP(S) listener and trusted reverse proxies |
 //! | [`web`] | HTTP: the dashboard, `/api/v1`, `/metrics`, acknowledgement links |
 //! | [`pki`] | the deployment's CA, broker config and per-home credentials |
-//! | [`demo`] | `mamori-gateway demo` |
 //! | [`cli`] | the command line (`src/main.rs` only calls it) |
 #![deny(unsafe_code, missing_docs)]
 
 pub mod accounts;
 pub mod audit;
-pub mod broker;
 pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod delivery;
-pub mod demo;
 pub mod dispatch;
 pub mod engine;
 pub mod forecast;

@@ -18,7 +18,7 @@ use std::time::Duration;
 use anyhow::Context;
 use mamori_protocol::mqtt::{self, Channel, HomeId};
 use rand::Rng;
-use rumqttc::{AsyncClient, Event as MqttEvent, MqttOptions, Packet, Publish, QoS, TlsConfiguration, Transport};
+use rumqttc::{AsyncClient, Event as MqttEvent, MqttOptions, Packet, Publish, QoS, Transport};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -52,8 +52,7 @@ pub enum Outbound {
 pub fn options(config: &Config, port: u16) -> anyhow::Result<Vec<MqttOptions>> {
     let mut all = vec![options_for(config, &config.broker.host, port)?];
     for f in &config.broker.failover {
-        let (host, port) =
-            mamori_agent::config::parse_host_port(f).map_err(|e| anyhow::anyhow!("broker.failover: {e}"))?;
+        let (host, port) = mamori_connect::parse_host_port(f).map_err(|e| anyhow::anyhow!("broker.failover: {e}"))?;
         all.push(options_for(config, &host, port)?);
     }
     Ok(all)
@@ -68,25 +67,11 @@ fn options_for(config: &Config, host: &str, port: u16) -> anyhow::Result<MqttOpt
     o.set_manual_acks(true);
     o.set_max_packet_size(mqtt::MAX_PAYLOAD_BYTES * 4, mqtt::MAX_PAYLOAD_BYTES * 4);
     o.set_inflight(1000);
-    if let Some(user) = &b.username {
-        let pass = match &b.password {
-            Some(p) => p.resolve().map_err(|e| anyhow::anyhow!("broker.password: {e}"))?,
-            None => String::new(),
-        };
-        o.set_credentials(user.clone(), pass);
+    if let Some((user, pass)) = mamori_connect::credentials(b.username.as_ref(), b.password.as_ref())? {
+        o.set_credentials(user, pass);
     }
     if let Some(t) = &b.tls {
-        let read = |p: &std::path::Path| std::fs::read(p).with_context(|| format!("cannot read {}", p.display()));
-        let client_auth = match (&t.client_cert_file, &t.client_key_file, &t.client_cert_pem, &t.client_key_pem) {
-            (Some(c), Some(k), _, _) => {
-                mamori_agent::uplink::check_key_permissions(k)?;
-                Some((read(c)?, read(k)?))
-            }
-            (_, _, Some(c), Some(k)) => Some((c.clone().into_bytes(), k.clone().into_bytes())),
-            _ => None,
-        };
-        let ca = t.ca().map_err(|e| anyhow::anyhow!("broker.tls: {e}"))?;
-        o.set_transport(Transport::Tls(TlsConfiguration::Simple { ca, alpn: None, client_auth }));
+        o.set_transport(Transport::Tls(t.transport().context("broker.tls")?));
     }
     Ok(o)
 }

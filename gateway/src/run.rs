@@ -68,6 +68,7 @@ use rumqttc::{AsyncClient, Publish, QoS};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
+use crate::clock;
 use crate::config::Config;
 use crate::delivery::{after_attempt, expand, Failure, Next, ResolvedEndpoint, Sender};
 use crate::dispatch::{Decision, Dispatcher};
@@ -80,7 +81,6 @@ use crate::notice::{Notice, StoreProblem};
 use crate::policy::Policies;
 use crate::store::{OutboxRow, OutboxStatus, Store, StoreError};
 use crate::web::{self, SaveRefusal, Snapshot, WebRequest};
-use crate::{broker, clock};
 
 /// The web's copy of the engine is refreshed at most this often, ms.
 pub const SNAPSHOT_EVERY_MS: i64 = 250;
@@ -1560,12 +1560,7 @@ impl Service {
         ready: Option<tokio::sync::oneshot::Sender<Ready>>,
     ) -> anyhow::Result<()> {
         // The broker.
-        let mut port = self.config.broker.port;
-        if let Some(e) = &self.config.embedded_broker {
-            let addr = broker::start(e.bind, e.allow_non_loopback)?;
-            tracing::info!(%addr, "embedded broker started");
-            port = addr.port();
-        }
+        let port = self.config.broker.port;
         // HTTP, on its own runtime: the standby's listener when this gateway was one (the
         // same port, never closed between), or a new one.
         let listener = match listener {

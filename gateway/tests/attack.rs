@@ -9,10 +9,10 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use mamori_tests::process::Process;
-use mamori_tests::site::{site, Plan};
-use mamori_tests::webhook::WebhookReceiver;
-use mamori_tests::Mosquitto;
+use mamori_testkit::process::Process;
+use mamori_testkit::site::{site, Plan};
+use mamori_testkit::webhook::WebhookReceiver;
+use mamori_testkit::Mosquitto;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 
@@ -52,15 +52,15 @@ struct Gateway {
     _hook: WebhookReceiver,
     _process: Process,
     http: u16,
-    _site: mamori_tests::site::Site,
+    _site: mamori_testkit::site::Site,
 }
 
 fn gateway(http: &str) -> Result<Gateway> {
     let broker = Mosquitto::start("")?;
     let hook = WebhookReceiver::start("hook-secret")?;
     let s = site(broker.port(), &hook.url(), &hook.url(), &Plan { http, ..Plan::default() })?;
-    mamori_tests::site::init(Path::new(BIN), &s.config)?;
-    let p = mamori_tests::site::start(Path::new(BIN), &s.config)?;
+    mamori_testkit::site::init(Path::new(BIN), &s.config)?;
+    let p = mamori_testkit::site::start(Path::new(BIN), &s.config)?;
     Ok(Gateway { _broker: broker, _hook: hook, _process: p, http: s.http, _site: s })
 }
 
@@ -148,7 +148,7 @@ async fn an_idle_connection_is_let_go_and_a_body_at_a_byte_at_a_time_is_cut_off(
 async fn over_https_the_same_deadlines_and_limits_hold() -> Result<()> {
     use rustls::pki_types::pem::PemObject;
     let pki = tempfile::tempdir()?;
-    mamori_tests::pki::make(pki.path())?;
+    mamori_testkit::pki::make(pki.path())?;
     let broker = Mosquitto::start("")?;
     let hook = WebhookReceiver::start("hook-secret")?;
     let http = format!(
@@ -158,8 +158,8 @@ async fn over_https_the_same_deadlines_and_limits_hold() -> Result<()> {
     let s = site(broker.port(), &hook.url(), &hook.url(), &Plan { http: &http, ..Plan::default() })?;
     let text = std::fs::read_to_string(&s.config)?.replace("public_url = \"http://", "public_url = \"https://");
     std::fs::write(&s.config, text)?;
-    mamori_tests::site::init(Path::new(BIN), &s.config)?;
-    let _p = mamori_tests::site::start(Path::new(BIN), &s.config)?;
+    mamori_testkit::site::init(Path::new(BIN), &s.config)?;
+    let _p = mamori_testkit::site::start(Path::new(BIN), &s.config)?;
 
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     let mut roots = rustls::RootCertStore::empty();

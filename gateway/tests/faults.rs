@@ -9,22 +9,22 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use mamori_tests::process::Process;
-use mamori_tests::stall::{Mode, Stall};
-use mamori_tests::webhook::{Delivery, WebhookReceiver};
-use mamori_tests::{publish, Deadline, Mosquitto};
+use mamori_testkit::process::Process;
+use mamori_testkit::stall::{Mode, Stall};
+use mamori_testkit::webhook::{Delivery, WebhookReceiver};
+use mamori_testkit::{publish, Deadline, Mosquitto};
 
 const BIN: &str = env!("CARGO_BIN_EXE_mamori-gateway");
 const LIMIT: Duration = Duration::from_secs(30);
 
-use mamori_tests::site::{event, home_id, homes_paged, http_get, kind_of, now_ts, outages, site, step_of, Plan};
+use mamori_testkit::site::{event, home_id, homes_paged, http_get, kind_of, now_ts, outages, site, step_of, Plan};
 
 fn init(config: &Path) -> Result<()> {
-    mamori_tests::site::init(Path::new(BIN), config)
+    mamori_testkit::site::init(Path::new(BIN), config)
 }
 
 fn start(config: &Path) -> Result<Process> {
-    mamori_tests::site::start(Path::new(BIN), config)
+    mamori_testkit::site::start(Path::new(BIN), config)
 }
 
 #[test]

@@ -9,11 +9,11 @@ use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use mamori_tests::postgres::TestDb;
-use mamori_tests::process::{Collector, Process};
-use mamori_tests::smtp::SmtpReceiver;
-use mamori_tests::webhook::{Delivery, WebhookReceiver};
-use mamori_tests::{free_port, Mosquitto};
+use mamori_testkit::postgres::TestDb;
+use mamori_testkit::process::{Collector, Process};
+use mamori_testkit::smtp::SmtpReceiver;
+use mamori_testkit::webhook::{Delivery, WebhookReceiver};
+use mamori_testkit::{free_port, Mosquitto};
 
 const BIN: &str = env!("CARGO_BIN_EXE_mamori-gateway");
 const LIMIT: Duration = Duration::from_secs(20);
@@ -91,7 +91,7 @@ secret = {{ value = "hook-secret" }}
 /// is not yet in the store is sent again after a restart, with the same key, by design; a test
 /// that kills the gateway to see nothing sent twice kills it after this.
 fn wait_recorded(gw: &Process, key: &str) -> Result<()> {
-    let deadline = mamori_tests::Deadline::after(LIMIT);
+    let deadline = mamori_testkit::Deadline::after(LIMIT);
     loop {
         let lines = gw.lines();
         let sent = lines.iter().position(|l| l.contains("\"delivered\"") && l.contains(key));
@@ -104,7 +104,7 @@ fn wait_recorded(gw: &Process, key: &str) -> Result<()> {
 }
 
 fn gateway(config: &Path) -> Result<Process> {
-    mamori_tests::gateway_init(Path::new(BIN), config)?;
+    mamori_testkit::gateway_init(Path::new(BIN), config)?;
     let mut cmd = Command::new(BIN);
     cmd.arg("run").arg("--config").arg(config);
     let p = Process::spawn("gateway", cmd)?;
@@ -114,7 +114,7 @@ fn gateway(config: &Path) -> Result<Process> {
 
 /// Publish as a home (QoS 1), waiting for each PUBACK.
 fn publish(port: u16, messages: &[(String, Vec<u8>)]) -> Result<()> {
-    mamori_tests::publish(port, messages)
+    mamori_testkit::publish(port, messages)
 }
 
 fn event(seq: u64, kind: &str) -> (String, Vec<u8>) {
@@ -464,7 +464,7 @@ fn two_gateways_a_frozen_active_is_replaced_and_on_waking_sends_nothing_and_step
 fn two_gateways_an_active_cut_off_from_the_database_stops_and_the_standby_takes_over() -> Result<()> {
     let Two { db, broker, hook, s, b_config, b_port: _b_port } = cluster_of_two(3600)?;
     // The active reaches the database through a link the test can cut; the standby directly.
-    let link = mamori_tests::netcut::Link::start(db.port())?;
+    let link = mamori_testkit::netcut::Link::start(db.port())?;
     let a_config = s.dir.path().join("gw-a-linked.toml");
     std::fs::write(
         &a_config,
@@ -493,9 +493,9 @@ fn two_gateways_the_operators_hear_when_the_standby_is_gone_and_when_it_is_back(
     a.wait_line("lease", LIMIT, |l| l.contains("lease acquired"))?;
     let mut b = standby(&b_config)?;
     let metrics = |want: &str| -> Result<()> {
-        let deadline = mamori_tests::Deadline::after(LIMIT);
+        let deadline = mamori_testkit::Deadline::after(LIMIT);
         loop {
-            let (_, body) = mamori_tests::site::http_get(s.http_port, "/metrics")?;
+            let (_, body) = mamori_testkit::site::http_get(s.http_port, "/metrics")?;
             if body.lines().any(|l| l == want) {
                 return Ok(());
             }
@@ -549,7 +549,7 @@ fn two_gateways_the_standby_serves_the_dashboard_passes_actions_to_the_active_an
     };
     // In rotation once it has read the store and reached the active: healthy, and it says it
     // is not the one that sends.
-    let deadline = mamori_tests::Deadline::after(LIMIT);
+    let deadline = mamori_testkit::Deadline::after(LIMIT);
     while get("/healthz", None)? != (200, "ok\n".to_string()) {
         deadline.check("the standby healthy")?;
         std::thread::sleep(Duration::from_millis(100));
@@ -561,7 +561,7 @@ fn two_gateways_the_standby_serves_the_dashboard_passes_actions_to_the_active_an
     a.wait_line("the login, by the active", LIMIT, |l| l.contains("\"login\"") && l.contains("127.0.0.3"))?;
     assert!(!b.lines().iter().any(|l| l.contains("\"login\"")), "the standby logged in itself: {:?}", b.lines());
     // The standby's page shows the outage from the store, with the family's answers.
-    let deadline = mamori_tests::Deadline::after(LIMIT);
+    let deadline = mamori_testkit::Deadline::after(LIMIT);
     let page = loop {
         let (status, page) = get("/homes/h1", Some(&session))?;
         assert_eq!(status, 200, "{page}");
@@ -633,7 +633,7 @@ fn two_gateways_a_standby_with_no_active_says_the_action_was_not_taken() -> Resu
     let rt = tokio::runtime::Runtime::new()?;
     let c = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build()?;
     // Out of rotation, and saying why.
-    let deadline = mamori_tests::Deadline::after(LIMIT);
+    let deadline = mamori_testkit::Deadline::after(LIMIT);
     loop {
         let (status, body) = rt.block_on(async {
             let r = c.get(format!("http://127.0.0.1:{b_port}/healthz")).send().await?;
@@ -843,7 +843,7 @@ fn an_email_contact_gets_the_alert_over_a_real_smtp_conversation_and_a_refusal_i
 /// before (409). The family sees it exactly once, as text and an acknowledgement button.
 #[test]
 fn a_line_contact_gets_the_alert_once_through_no_answer_a_lost_answer_and_throttling() -> Result<()> {
-    use mamori_tests::line::{Behaviour, LineServer};
+    use mamori_testkit::line::{Behaviour, LineServer};
     let broker = Mosquitto::start("")?;
     let hook = WebhookReceiver::start("hook-secret")?;
     let line = LineServer::start("the-channel-access-token")?;
@@ -890,7 +890,7 @@ fn a_line_contact_gets_the_alert_once_through_no_answer_a_lost_answer_and_thrott
 /// the next recipient.
 #[test]
 fn line_refusals_are_named_and_an_unknown_user_falls_back() -> Result<()> {
-    use mamori_tests::line::LineServer;
+    use mamori_testkit::line::LineServer;
     let broker = Mosquitto::start("")?;
     let hook = WebhookReceiver::start("hook-secret")?;
     let line = LineServer::start("the-right-token")?;
@@ -926,7 +926,7 @@ fn line_refusals_are_named_and_an_unknown_user_falls_back() -> Result<()> {
 /// told) — then answered, the message spoken in Japanese, and 1 pressed acknowledges the alert.
 #[test]
 fn a_phone_call_speaks_the_alert_and_pressing_1_acknowledges_it() -> Result<()> {
-    use mamori_tests::voice::{LineOfPhone, VoiceServer};
+    use mamori_testkit::voice::{LineOfPhone, VoiceServer};
     let broker = Mosquitto::start("")?;
     let hook = WebhookReceiver::start("hook-secret")?;
     let voice = VoiceServer::start("AC0123456789abcdef", "the-auth-token")?;
@@ -980,7 +980,7 @@ fn a_phone_call_speaks_the_alert_and_pressing_1_acknowledges_it() -> Result<()> 
     // acknowledgement by the family.
     // (Recorded in the store just after the log line: read until it shows, within a deadline.)
     let rt = tokio::runtime::Runtime::new()?;
-    let deadline = mamori_tests::Deadline::after(LIMIT);
+    let deadline = mamori_testkit::Deadline::after(LIMIT);
     let metrics = loop {
         let m = rt.block_on(async {
             reqwest::get(format!("http://127.0.0.1:{}/metrics", s.http_port)).await?.text().await
@@ -1009,7 +1009,7 @@ fn a_phone_call_speaks_the_alert_and_pressing_1_acknowledges_it() -> Result<()> 
 /// through the link first: no call. In home 2 nobody does: the call comes.
 #[test]
 fn a_later_channel_calls_only_the_family_that_has_not_acknowledged() -> Result<()> {
-    use mamori_tests::voice::VoiceServer;
+    use mamori_testkit::voice::VoiceServer;
     let broker = Mosquitto::start("")?;
     let hook = WebhookReceiver::start("hook-secret")?;
     let voice = VoiceServer::start("AC1", "the-auth-token")?;
@@ -1107,7 +1107,7 @@ fn a_drill_reaches_every_contact_and_its_report_says_who_acknowledged() -> Resul
             .filter_map(|x| x["role"].as_str().map(str::to_string))
             .collect()
     };
-    let deadline = mamori_tests::Deadline::after(LIMIT);
+    let deadline = mamori_testkit::Deadline::after(LIMIT);
     let report = loop {
         let report: serde_json::Value = rt.block_on(async {
             c.get(format!("{base}/alerts/{drill}")).bearer_auth(&token).send().await?.json().await
@@ -1129,7 +1129,7 @@ fn e_mail_over_starttls_verifies_the_relay_certificate_and_trusts_a_private_ca_f
     let broker = Mosquitto::start("")?;
     let hook = WebhookReceiver::start("hook-secret")?;
     let pki = tempfile::tempdir()?;
-    mamori_tests::pki::make(pki.path())?;
+    mamori_testkit::pki::make(pki.path())?;
     let smtp = SmtpReceiver::start_tls(&pki.path().join("server.pem"), &pki.path().join("server.key"))?;
     let s = setup(broker.port(), &hook, 3600)?;
     let homes = s.dir.path().join("homes.toml");
@@ -1174,7 +1174,7 @@ fn the_gateway_serves_https_itself_believes_only_its_proxy_and_a_silent_client_s
     let s = setup(broker.port(), &hook, 3600)?;
     let pki = s.dir.path().join("pki");
     std::fs::create_dir(&pki)?;
-    mamori_tests::pki::make(&pki)?;
+    mamori_testkit::pki::make(&pki)?;
     let text =
         std::fs::read_to_string(&s.config)?.replace("public_url = \"http://", "public_url = \"https://").replace(
             "[http]\n",
@@ -1188,7 +1188,7 @@ fn the_gateway_serves_https_itself_believes_only_its_proxy_and_a_silent_client_s
 
     // A key others can read: refused, and the message says what to do.
     std::fs::set_permissions(pki.join("server.key"), std::fs::Permissions::from_mode(0o640))?;
-    mamori_tests::gateway_init(Path::new(BIN), &s.config)?;
+    mamori_testkit::gateway_init(Path::new(BIN), &s.config)?;
     let out = Command::new(BIN).args(["run", "--config"]).arg(&s.config).output()?;
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("server.key") && err.contains("chmod 600"), "{err}");
@@ -1400,7 +1400,7 @@ fn a_familys_answer_on_its_page_reaches_the_coordinator_as_a_message() -> Result
     let c = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build()?;
     let session = rt.block_on(browser_login(&c, &base, "mother", "a family password long enough"))?;
     // The family's page offers the answers once it shows the outage (as the family sees it).
-    let deadline = mamori_tests::Deadline::after(LIMIT);
+    let deadline = mamori_testkit::Deadline::after(LIMIT);
     let page = loop {
         let page = rt.block_on(async {
             c.get(format!("{base}/homes/h1")).header(reqwest::header::COOKIE, &session).send().await?.text().await

@@ -1104,7 +1104,7 @@ impl PgStore {
 mod tests {
     use super::*;
     use crate::store::contract::{ev, t};
-    use mamori_tests::postgres::TestDb;
+    use mamori_testkit::postgres::TestDb;
 
     fn at(db: &TestDb) -> PgLocation {
         PgLocation::parse(&db.settings(), db.password().as_deref(), Duration::from_secs(10)).unwrap()
@@ -1120,8 +1120,8 @@ mod tests {
     #[test]
     fn over_tls_the_server_is_verified_for_its_name_and_a_stranger_is_refused() {
         let pki = tempfile::tempdir().unwrap();
-        mamori_tests::pki::make(pki.path()).unwrap();
-        let server = mamori_tests::postgres::TlsServer::start(pki.path()).unwrap();
+        mamori_testkit::pki::make(pki.path()).unwrap();
+        let server = mamori_testkit::postgres::TlsServer::start(pki.path()).unwrap();
         let at = |ca: &str| {
             PgLocation::parse(&server.settings(), None, Duration::from_secs(10))
                 .unwrap()

@@ -1,4 +1,4 @@
-//! The dashboard in a real browser: headless Chromium against `mamori-gateway demo`.
+//! The dashboard in a real browser: headless Chromium against `mamori-demo`.
 //!
 //! A coordinator logs in, sees the demo's regional outage arrive and a home go silent
 //! without reloading the page (server-sent events), opens a home, acknowledges its alert
@@ -13,7 +13,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use mamori_tests::cdp::{is_loopback_url, Browser};
+use mamori_testkit::cdp::{is_loopback_url, Browser};
 
 struct Demo(Child);
 
@@ -46,8 +46,8 @@ const SECOND: Duration = Duration::from_secs(1);
 
 #[test]
 fn a_coordinator_follows_the_demo_outage_live_and_acknowledges_from_the_dashboard() {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_mamori-gateway"))
-        .args(["demo", "--linger-s", "0"])
+    let mut child = Command::new(env!("CARGO_BIN_EXE_mamori-demo"))
+        .args(["--linger-s", "0"])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()

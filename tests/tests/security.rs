@@ -12,7 +12,7 @@ use anyhow::{bail, Context, Result};
 use mamori_tests::{Deadline, Mosquitto};
 use rumqttc::{Client, ConnectReturnCode, Event, MqttOptions, Packet, QoS, TlsConfiguration, Transport};
 
-const BIN: &str = env!("CARGO_BIN_EXE_mamori-gateway");
+const BIN: &str = env!("CARGO_BIN_EXE_e2e-gateway");
 const LIMIT: Duration = Duration::from_secs(20);
 
 struct Deployment {

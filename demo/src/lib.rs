@@ -1,8 +1,9 @@
-//! `mamori-gateway demo`: one command, no setup, no network beyond loopback.
+//! `mamori-demo`: one command, no setup, no network beyond loopback.
 //!
-//! It starts the embedded broker on a free loopback port, a store in a temporary folder, and
+//! It starts the embedded broker ([`broker`], rumqttd) on a free loopback port, the real
+//! gateway service (`mamori_gateway::run::Service`) with a store in a temporary folder, and
 //! a dozen simulated homes in two municipalities (Kumamoto city 431001 and Nagano city
-//! 202011). Each home is a child process of this binary (`demo-home`) running the real agent
+//! 202011). Each home is a child process of this binary (`home`) running the real agent
 //! code (`mamori_agent::run`) against the agent's simulated devices on pseudo-terminals
 //! (`mamori_agent::simulate`: a Megatec UPS, a Masimo oximeter, the sensor bridge with the
 //! ventilator's alarm contact). The console channel prints every notification.
@@ -17,6 +18,12 @@
 //! The dashboard is served on the same loopback port, with demo accounts ([`DEMO_USERS`],
 //! password [`DEMO_PASSWORD`]), an administrator ([`DEMO_ADMIN`], with a two-factor secret
 //! made for the run and printed) and cookies without `Secure` (plain HTTP on loopback only).
+//!
+//! This crate is the only one that links rumqttd and both the agent and the gateway: the
+//! production gateway runs against Mosquitto or a NATS cluster and knows nothing of the demo.
+#![deny(unsafe_code, missing_docs)]
+
+pub mod broker;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -29,8 +36,8 @@ use anyhow::Context;
 use mamori_protocol::mqtt::Role;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::Config;
-use crate::run::Service;
+use mamori_gateway::config::Config;
+use mamori_gateway::run::Service;
 
 const HOMES: &[(&str, &str, &str, u32, u32)] = &[
     // id, municipality, label, usable Wh, travel min
@@ -48,9 +55,15 @@ const HOMES: &[(&str, &str, &str, u32, u32)] = &[
     ("n05", "202011", "N-05 長野市戸隠", 1000, 60),
 ];
 
-fn homes_toml() -> String {
+/// The home a newcomer's own agent can attach as (`--attach`): the id that
+/// `deploy/agent/demo-simulated.toml` uses.
+pub const ATTACH_HOME: (&str, &str, &str, u32, u32) =
+    ("home-01", "431001", "D-01 お試しの家（あなたの模擬機器）", 800, 30);
+
+fn homes_toml(attach: bool) -> String {
     let mut s = String::new();
-    for (i, (id, muni, label, wh, travel)) in HOMES.iter().enumerate() {
+    let extra = attach.then_some(&ATTACH_HOME);
+    for (i, (id, muni, label, wh, travel)) in HOMES.iter().chain(extra).enumerate() {
         // A made-up number, for the dashboard's tap-to-call link (nothing is ever sent to it).
         let phone = format!("+8190000000{:02}", i + 1);
         // Every family agreed to share with each recipient (the demo requires consent).
@@ -139,35 +152,9 @@ fn spawn_home(exe: &Path, base: &Path, id: &'static str, broker_port: u16) -> an
     let devices = dir.join("dev");
     std::fs::create_dir_all(&devices)?;
     let config = dir.join("agent.toml");
-    std::fs::write(
-        &config,
-        format!(
-            r#"home_id = "demo-{id}"
-data_dir = "{data}"
-[broker]
-host = "127.0.0.1"
-port = {broker_port}
-keep_alive_s = 5
-[telemetry]
-interval_s = 2
-[[ups]]
-id = "ups"
-protocol = "megatec"
-port = "{dev}/ups"
-[[oximeter]]
-id = "oximeter"
-protocol = "masimo"
-port = "{dev}/oximeter"
-[[bridge]]
-id = "bridge"
-port = "{dev}/bridge"
-"#,
-            data = dir.join("spool").display(),
-            dev = devices.display()
-        ),
-    )?;
+    std::fs::write(&config, agent_toml(id, &dir.join("spool"), &devices, broker_port))?;
     let mut child = Command::new(exe)
-        .args(["demo-home", "--config"])
+        .args(["home", "--config"])
         .arg(&config)
         .arg("--dir")
         .arg(&devices)
@@ -181,7 +168,7 @@ port = "{dev}/bridge"
     Ok(HomeProc { id, child, stdin })
 }
 
-/// The `demo-home` child: simulated devices plus the real agent.
+/// The `home` child: simulated devices plus the real agent.
 pub fn home(config: &Path, dir: &Path, devices: &[String]) -> anyhow::Result<()> {
     let agent_config = mamori_agent::config::Config::load(config)?;
     let stop = Arc::new(AtomicBool::new(false));
@@ -207,13 +194,18 @@ fn say(start: std::time::Instant, text: &str) {
 }
 
 /// Run the demo.
-pub async fn run(linger_s: u64) -> anyhow::Result<()> {
+/// Run the demo for `linger_s` seconds after its story (0: until Ctrl-C). `attach`: register
+/// one more home ([`ATTACH_HOME`]) whose agent the demo does not run, and write its agent
+/// config with the demo's broker and devices in that folder (`mamori-agent simulate --dir`).
+pub async fn run(linger_s: u64, attach: Option<&Path>) -> anyhow::Result<()> {
     let tmp = tempfile::Builder::new().prefix("mamori-demo-").tempdir()?;
     let base = tmp.path().to_path_buf();
     let exe = std::env::current_exe().context("cannot find this executable")?;
-    std::fs::write(base.join("homes.toml"), homes_toml())?;
+    std::fs::write(base.join("homes.toml"), homes_toml(attach.is_some()))?;
     // The HTTP port must be known for the links: take a free one.
     let http_port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let broker = broker::start(([127, 0, 0, 1], 0).into())?;
+    let broker_port = broker.port();
     let text = format!(
         r#"data_dir = "store"
 homes_file = "homes.toml"
@@ -221,10 +213,8 @@ public_url = "http://127.0.0.1:{http_port}"
 link_secret = {{ value = "demo-only-secret" }}
 [broker]
 host = "127.0.0.1"
-port = 0
+port = {broker_port}
 client_id = "mamori-demo-gateway"
-[embedded_broker]
-bind = "127.0.0.1:0"
 [http]
 bind = "127.0.0.1:{http_port}"
 secure_cookies = false
@@ -235,14 +225,14 @@ require_consent = true
     let config_path = base.join("gateway.toml");
     std::fs::write(&config_path, &text)?;
     let config = Config::load(&config_path)?;
-    let style = crate::run::style(&config)?;
+    let style = mamori_gateway::run::style(&config)?;
     let admin_secret = demo_accounts(&config)?;
 
     println!("mamori demo — a secondary, remote notification system: it never silences or replaces");
     println!("a device's own alarm. 12 simulated homes, 2 municipalities, time compressed (seconds for minutes).");
     println!("store: {}", base.display());
 
-    let (console_tx, mut console_rx) = tokio::sync::mpsc::channel::<String>(crate::delivery::CONSOLE_QUEUE);
+    let (console_tx, mut console_rx) = tokio::sync::mpsc::channel::<String>(mamori_gateway::delivery::CONSOLE_QUEUE);
     let printer = tokio::spawn(async move {
         while let Some(text) = console_rx.recv().await {
             println!("{text}\n");
@@ -263,9 +253,21 @@ require_consent = true
     println!(
         "  or as {DEMO_ADMIN} (administrator: the admin pages and the audit log), with a code from an authenticator app \
          given the two-factor secret {admin_secret}\n  ({})",
-        crate::accounts::totp_uri(DEMO_ADMIN, &admin_secret)
+        mamori_gateway::accounts::totp_uri(DEMO_ADMIN, &admin_secret)
     );
     println!("admin-secret: {admin_secret}");
+    if let Some(devices) = attach {
+        let path = write_attach_config(&base, devices, ready.broker.port())?;
+        println!(
+            "attach: {}\n  one more home, {} (Kumamoto), waits for your agent: in another terminal,\n    \
+             mamori-agent simulate --dir {} --scenario outage\n  and in a third,\n    \
+             mamori-agent run --config {}\n  (from ./target/release after `cargo build --release -p mamori-agent`)",
+            path.display(),
+            ATTACH_HOME.2,
+            devices.display(),
+            path.display()
+        );
+    }
 
     let mut homes = Vec::new();
     for (id, ..) in HOMES {
@@ -407,30 +409,30 @@ pub const DEMO_USERS: &[(&str, &str, &[&str], &[&str])] = &[
 
 fn demo_accounts(config: &Config) -> anyhow::Result<String> {
     // The homes first: a facility or family account names homes that must exist.
-    let mut store = crate::run::open_store(config)?;
-    let mut acc = crate::accounts::Accounts::new(store.as_mut());
-    let key = crate::accounts::TotpKey::derive(&crate::run::style(config)?.link_secret);
+    let mut store = mamori_gateway::run::open_store(config)?;
+    let mut acc = mamori_gateway::accounts::Accounts::new(store.as_mut());
+    let key = mamori_gateway::accounts::TotpKey::derive(&mamori_gateway::run::style(config)?.link_secret);
     for (name, role, munis, homes) in DEMO_USERS {
-        let new = crate::accounts::NewUser {
+        let new = mamori_gateway::accounts::NewUser {
             username: name.to_string(),
             display_name: name.to_string(),
-            role: crate::accounts::AccountRole::parse(role).context("demo role")?,
+            role: mamori_gateway::accounts::AccountRole::parse(role).context("demo role")?,
             municipalities: munis.iter().map(|s| s.to_string()).collect(),
             homes: homes.iter().map(|s| s.to_string()).collect(),
         };
-        acc.add(&new, DEMO_PASSWORD, None, &key, crate::clock::now())?;
+        acc.add(&new, DEMO_PASSWORD, None, &key, mamori_gateway::clock::now())?;
     }
     // An administrator, to try the admin pages and the audit log: as every admin, with a
     // two-factor secret (made for this run and printed; the demo's data is thrown away).
-    let secret = crate::accounts::new_totp_secret();
-    let admin = crate::accounts::NewUser {
+    let secret = mamori_gateway::accounts::new_totp_secret();
+    let admin = mamori_gateway::accounts::NewUser {
         username: DEMO_ADMIN.into(),
         display_name: DEMO_ADMIN.into(),
-        role: crate::accounts::AccountRole::Admin,
+        role: mamori_gateway::accounts::AccountRole::Admin,
         municipalities: Vec::new(),
         homes: Vec::new(),
     };
-    acc.add(&admin, DEMO_PASSWORD, Some(&secret), &key, crate::clock::now())?;
+    acc.add(&admin, DEMO_PASSWORD, Some(&secret), &key, mamori_gateway::clock::now())?;
     Ok(secret)
 }
 
@@ -438,11 +440,47 @@ fn demo_accounts(config: &Config) -> anyhow::Result<String> {
 pub const DEMO_ADMIN: &str = "admin";
 
 fn open_incident(store_dir: &Path) -> anyhow::Result<Option<String>> {
-    let store = crate::store::open(&crate::store::Location::Sqlite(store_dir.to_path_buf()))?;
+    let store = mamori_gateway::store::open(&mamori_gateway::store::Location::Sqlite(store_dir.to_path_buf()))?;
     Ok(store.open_incidents()?.into_iter().next().map(|i| i.id))
+}
+
+/// A demo home's agent config: the demo's broker, its three simulated devices in `devices`.
+fn agent_toml(id: &str, data_dir: &Path, devices: &Path, broker_port: u16) -> String {
+    format!(
+        r#"home_id = "demo-{id}"
+data_dir = "{data}"
+[broker]
+host = "127.0.0.1"
+port = {broker_port}
+keep_alive_s = 5
+[telemetry]
+interval_s = 2
+[[ups]]
+id = "ups"
+protocol = "megatec"
+port = "{dev}/ups"
+[[oximeter]]
+id = "oximeter"
+protocol = "masimo"
+port = "{dev}/oximeter"
+[[bridge]]
+id = "bridge"
+port = "{dev}/bridge"
+"#,
+        data = data_dir.display(),
+        dev = devices.display()
+    )
+}
+
+/// The agent config for [`ATTACH_HOME`] (deleted with the demo's folder).
+fn write_attach_config(base: &Path, devices: &Path, broker_port: u16) -> anyhow::Result<PathBuf> {
+    let path = base.join(format!("demo-{}.toml", ATTACH_HOME.0));
+    let spool = base.join(format!("home-{}", ATTACH_HOME.0)).join("spool");
+    std::fs::write(&path, agent_toml(ATTACH_HOME.0, &spool, devices, broker_port))?;
+    Ok(path)
 }
 
 /// Where the demo's homes file would be written (for tests that check it validates).
 pub fn demo_homes() -> (String, PathBuf) {
-    (homes_toml(), PathBuf::from("homes.toml"))
+    (homes_toml(false), PathBuf::from("homes.toml"))
 }
