@@ -17,6 +17,9 @@ use mamori_protocol::reading::{OximeterReading, UpsReading};
 use mamori_protocol::{apc, bridge, masimo, megatec, nellcor, nonin, nut, voltronic};
 use serde_json::{json, Map, Value};
 
+use crate::config::{OximeterProtocol, UpsProtocol};
+use crate::devices::{OximeterRecord, UpsReply};
+
 /// The formats `decode` understands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Format {
@@ -240,19 +243,43 @@ where
     Ok(summary)
 }
 
-/// Decode `input` as `format`, writing JSON lines to `out` and errors to `err`.
+impl ToJson for UpsReply {
+    fn to_json(&self) -> Map<String, Value> {
+        match self {
+            UpsReply::Megatec(r) => r.to_json(),
+            UpsReply::Voltronic(r) => r.to_json(),
+            UpsReply::Apc(r) => r.to_json(),
+        }
+    }
+}
+
+impl ToJson for OximeterRecord {
+    fn to_json(&self) -> Map<String, Value> {
+        match self {
+            OximeterRecord::Masimo(r) => r.to_json(),
+            OximeterRecord::NoninAscii(r) => r.to_json(),
+            OximeterRecord::NoninPacket(r) => r.to_json(),
+            OximeterRecord::Nonin8(r) => r.to_json(),
+            OximeterRecord::Nellcor(r) => r.to_json(),
+        }
+    }
+}
+
+/// Decode `input` as `format`, writing JSON lines to `out` and errors to `err`. The UPS and
+/// oximeter formats go through the same decoders as the service ([`crate::devices`]).
 pub fn run<R: Read, O: Write, E: Write>(format: Format, input: R, out: &mut O, err: &mut E) -> io::Result<Summary> {
+    use OximeterProtocol as Ox;
     match format {
-        Format::Megatec => run_with(megatec::Decoder, input, out, err),
-        Format::Voltronic => run_with(voltronic::Decoder, input, out, err),
-        Format::Apc => run_with(apc::Decoder, input, out, err),
+        Format::Megatec => run_with(UpsProtocol::Megatec.decoder(), input, out, err),
+        Format::Voltronic => run_with(UpsProtocol::Voltronic.decoder(), input, out, err),
+        Format::Apc => run_with(UpsProtocol::Apc.decoder(), input, out, err),
         Format::Nut => run_with(nut::ReadingDecoder::default(), input, out, err),
-        Format::Masimo => run_with(masimo::Decoder, input, out, err),
-        Format::NoninAscii => run_with(nonin::AsciiDecoder, input, out, err),
-        Format::Nonin2 => run_with(nonin::Format2Decoder::default(), input, out, err),
-        Format::Nonin7 => run_with(nonin::Format7Decoder::default(), input, out, err),
-        Format::Nonin8 => run_with(nonin::Format8Decoder, input, out, err),
-        Format::Nellcor => run_with(nellcor::Decoder, input, out, err),
+        Format::Masimo => run_with(Ox::Masimo.decoder(), input, out, err),
+        Format::NoninAscii => run_with(Ox::NoninAscii.decoder(), input, out, err),
+        Format::Nonin2 => run_with(Ox::Nonin2.decoder(), input, out, err),
+        Format::Nonin7 => run_with(Ox::Nonin7.decoder(), input, out, err),
+        Format::Nonin8 => run_with(Ox::Nonin8.decoder(), input, out, err),
+        Format::Nellcor => run_with(Ox::Nellcor.decoder(), input, out, err),
         Format::Bridge => run_with(bridge::Decoder, input, out, err),
     }
 }

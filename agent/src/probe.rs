@@ -8,11 +8,11 @@ use std::time::Duration;
 use mamori_protocol::codec::{Stream, StreamEvent};
 use mamori_protocol::mqtt::DeviceKind;
 use mamori_protocol::reading::{OximeterReading, UpsReading};
-use mamori_protocol::{apc, bridge, masimo, megatec, nellcor, nonin, nut, voltronic};
+use mamori_protocol::{bridge, nut};
 use serde::Serialize;
 use tokio::io::AsyncReadExt;
 
-use crate::config::{Config, OximeterProtocol, UpsProtocol};
+use crate::config::Config;
 use crate::sources::{open_serial, transact};
 
 /// What probing one source found.
@@ -130,41 +130,22 @@ pub async fn probe(config: &Config, limit: Duration) -> Vec<Probe> {
             let mut garbage = 0;
             let mut reading = None;
             let mut echo = None;
-            let ok = match u.protocol {
-                UpsProtocol::Megatec => {
-                    let mut s = Stream::new(megatec::Decoder);
-                    transact(&mut port, &mut s, b"Q1\r", limit, &mut garbage, |r| {
-                        match r {
-                            megatec::Reply::Status(st) => reading = Some(st.reading()),
-                            megatec::Reply::Echo(c) => echo = Some(c),
-                            _ => return false,
-                        }
-                        true
-                    })
-                    .await
+            // As the service polls it (`crate::devices`): what opens the session, then the status.
+            let driver = u.protocol.driver();
+            let mut s = Stream::new(u.protocol.decoder());
+            for cmd in driver.init {
+                let _ = transact(&mut port, &mut s, cmd, limit, &mut garbage, |r| r.solicited()).await;
+            }
+            let status = driver.each.first().copied().unwrap_or_default();
+            let ok = transact(&mut port, &mut s, status, limit, &mut garbage, |r| {
+                if let Some(c) = r.echoed() {
+                    echo = Some(c.to_string());
+                    return true;
                 }
-                UpsProtocol::Voltronic => {
-                    let mut s = Stream::new(voltronic::Decoder);
-                    transact(&mut port, &mut s, b"QGS\r", limit, &mut garbage, |r| {
-                        reading = r.reading();
-                        reading.is_some()
-                    })
-                    .await
-                }
-                UpsProtocol::Apc => {
-                    let mut s = Stream::new(apc::Decoder);
-                    let _ =
-                        transact(&mut port, &mut s, b"Y", limit, &mut garbage, |r| r == apc::Reply::SmartMode).await;
-                    transact(&mut port, &mut s, b"Q", limit, &mut garbage, |r| {
-                        if let apc::Reply::Status(st) = r {
-                            reading = Some(st.reading());
-                            return true;
-                        }
-                        false
-                    })
-                    .await
-                }
-            };
+                reading = r.reading();
+                reading.is_some()
+            })
+            .await;
             ok.map_err(|e| format!("{}: {e}", u.port.display()))?;
             if let Some(c) = echo {
                 return Err(format!("the device echoed `{c}` back: not a Megatec UPS, or another protocol"));
@@ -210,22 +191,7 @@ pub async fn probe(config: &Config, limit: Duration) -> Vec<Probe> {
         let wait = limit.max(Duration::from_millis(o.lost_after_ms));
         let r = async {
             let mut port = open_serial(&o.port, o.baud)?;
-            let reading = match o.protocol {
-                OximeterProtocol::Masimo => first_item(&mut port, masimo::Decoder, wait).await.map(|r| r.reading()),
-                OximeterProtocol::NoninAscii => {
-                    first_item(&mut port, nonin::AsciiDecoder, wait).await.map(|r| r.reading())
-                }
-                OximeterProtocol::Nonin2 => {
-                    first_item(&mut port, nonin::Format2Decoder::default(), wait).await.map(|r| r.reading())
-                }
-                OximeterProtocol::Nonin7 => {
-                    first_item(&mut port, nonin::Format7Decoder::default(), wait).await.map(|r| r.reading())
-                }
-                OximeterProtocol::Nonin8 => {
-                    first_item(&mut port, nonin::Format8Decoder, wait).await.map(|r| r.reading())
-                }
-                OximeterProtocol::Nellcor => first_item(&mut port, nellcor::Decoder, wait).await.map(|r| r.reading()),
-            };
+            let reading = first_item(&mut port, o.protocol.decoder(), wait).await.map(|r| r.reading());
             reading
                 .map(|r| oximeter_detail(&r))
                 .map_err(|(g, e)| if e.is_empty() { no_answer(g, "oximeter data") } else { e })

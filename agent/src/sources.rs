@@ -16,15 +16,15 @@ use std::time::Duration;
 use mamori_protocol::codec::{Decoder, Stream, StreamEvent};
 use mamori_protocol::mqtt::{DeviceKind, PowerMeterReading};
 use mamori_protocol::reading::UpsReading;
-use mamori_protocol::{apc, bridge, masimo, megatec, nellcor, nonin, nut, voltronic};
+use mamori_protocol::{bridge, megatec, nut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{
-    BridgeConfig, Config, ContactsConfig, NutConfig, OximeterConfig, OximeterProtocol, PowerMonitorConfig,
-    SerialUpsConfig, UpsProtocol,
+    BridgeConfig, Config, ContactsConfig, NutConfig, OximeterConfig, PowerMonitorConfig, SerialUpsConfig, UpsProtocol,
 };
+use crate::devices::{OximeterRecord, UpsReply};
 use crate::monitor::{Now, Observation, SourceSpec};
 
 /// One observation from one source, stamped when it was read.
@@ -90,16 +90,6 @@ async fn nut_instcmd(cfg: &NutConfig) -> Result<(), String> {
     }
     let _ = wr.write_all(b"LOGOUT\n").await;
     Ok(())
-}
-
-/// The command that starts a UPS's quick battery test: Megatec and Voltronic `T` (10 seconds),
-/// APC Smart `W`.
-fn test_command(p: UpsProtocol) -> &'static [u8] {
-    match p {
-        UpsProtocol::Megatec => megatec::Query::Test.as_bytes(),
-        UpsProtocol::Voltronic => b"T\r",
-        UpsProtocol::Apc => b"W",
-    }
 }
 
 async fn send(tx: &ObsTx, source: &str, observation: Observation) {
@@ -278,22 +268,6 @@ where
     }
 }
 
-/// What a UPS is asked: every poll (status), every tenth poll (slower readings such as
-/// runtime and charge), and at start and hourly (identity and ratings, for the logs).
-struct Schedule {
-    each: &'static [&'static [u8]],
-    tenth: &'static [&'static [u8]],
-    hourly: &'static [&'static [u8]],
-}
-
-fn ups_schedule(p: UpsProtocol) -> Schedule {
-    match p {
-        UpsProtocol::Megatec => Schedule { each: &[b"Q1\r"], tenth: &[], hourly: &[b"I\r", b"F\r"] },
-        UpsProtocol::Voltronic => Schedule { each: &[b"QGS\r"], tenth: &[b"QBV\r"], hourly: &[b"QPI\r"] },
-        UpsProtocol::Apc => Schedule { each: &[b"Q"], tenth: &[b"f", b"j", b"B"], hourly: &[] },
-    }
-}
-
 /// A serial UPS, polled on its own thread with blocking I/O.
 ///
 /// Why a thread and not a task: a poll's work is a few microseconds, and what it costs is
@@ -330,22 +304,7 @@ pub fn serial_ups(
             }
         };
         tracing::info!(source = %cfg.id, port = %cfg.port.display(), "UPS port open");
-        let reason = match cfg.protocol {
-            UpsProtocol::Megatec => {
-                ups_session(cfg, &mut port, megatec::Decoder, poll, &send_at, test, cancel, megatec_item)
-            }
-            UpsProtocol::Voltronic => {
-                ups_session(cfg, &mut port, voltronic::Decoder, poll, &send_at, test, cancel, |r: voltronic::Reply| {
-                    (r.reading(), true)
-                })
-            }
-            UpsProtocol::Apc => {
-                ups_session(cfg, &mut port, apc::Decoder, poll, &send_at, test, cancel, |r: apc::Reply| {
-                    let solicited = !matches!(r, apc::Reply::Notification(_));
-                    (r.reading(), solicited)
-                })
-            }
-        };
+        let reason = ups_session(cfg, &mut port, poll, &send_at, test, cancel);
         match reason {
             Some(reason) => {
                 tracing::warn!(source = %cfg.id, %reason, "UPS port lost; reopening");
@@ -357,21 +316,19 @@ pub fn serial_ups(
     }
 }
 
-fn megatec_item(r: megatec::Reply) -> (Option<UpsReading>, bool) {
+/// Log what a UPS says about itself (identity, ratings) or that it did not understand a query.
+fn log_reply(source: &str, r: &UpsReply) {
     match r {
-        megatec::Reply::Status(s) => (Some(s.reading()), true),
-        megatec::Reply::Info(i) => {
-            tracing::info!(company = %i.company, model = %i.model, version = %i.version, "UPS identity");
-            (None, true)
+        UpsReply::Megatec(megatec::Reply::Info(i)) => {
+            tracing::info!(%source, company = %i.company, model = %i.model, version = %i.version, "UPS identity");
         }
-        megatec::Reply::Rating(r) => {
-            tracing::info!(voltage_v = ?r.voltage_v, battery_voltage_v = ?r.battery_voltage_v, "UPS ratings");
-            (None, true)
+        UpsReply::Megatec(megatec::Reply::Rating(r)) => {
+            tracing::info!(%source, voltage_v = ?r.voltage_v, battery_voltage_v = ?r.battery_voltage_v, "UPS ratings");
         }
-        megatec::Reply::Echo(cmd) => {
-            tracing::warn!(%cmd, "the UPS echoed a command it does not know: is the protocol right?");
-            (None, true)
+        UpsReply::Megatec(megatec::Reply::Echo(cmd)) => {
+            tracing::warn!(%source, %cmd, "the UPS echoed a command it does not know: is the protocol right?");
         }
+        _ => {}
     }
 }
 
@@ -457,28 +414,24 @@ impl Forwarder {
     }
 }
 
-/// Poll until the port fails (returns the reason) or the agent stops (returns `None`).
-#[allow(clippy::too_many_arguments)] // the session's port, decoder, clock and its two channels
-fn ups_session<D: Decoder>(
+/// Poll until the port fails (returns the reason) or the agent stops (returns `None`). What is
+/// sent and how replies are read come from the registry ([`crate::devices`]).
+fn ups_session(
     cfg: &SerialUpsConfig,
     port: &mut serialport::TTYPort,
-    decoder: D,
     poll: Duration,
     send_at: &dyn Fn(Observation, Now),
     test: Option<&std::sync::atomic::AtomicBool>,
     cancel: &CancellationToken,
-    item: impl Fn(D::Item) -> (Option<UpsReading>, bool),
 ) -> Option<String> {
     use serialport::SerialPort;
     let send = |obs| send_at(obs, crate::clock::now());
     use std::io::{Read, Write};
-    let schedule = ups_schedule(cfg.protocol);
+    let driver = cfg.protocol.driver();
     let hourly_every = (3_600_000 / poll.as_millis().max(1) as u64).max(1);
-    let mut stream = Stream::new(decoder);
-    let mut queue: std::collections::VecDeque<&[u8]> = std::collections::VecDeque::new();
-    if cfg.protocol == UpsProtocol::Apc {
-        queue.push_back(b"Y"); // smart mode first
-    }
+    let mut stream = Stream::new(cfg.protocol.decoder());
+    // What the port is sent first (APC's smart mode), kept until it has gone.
+    let mut queue: std::collections::VecDeque<&[u8]> = driver.init.iter().copied().collect();
     let fail = |e: io::Error| Some(format!("{}: {e}", cfg.port.display()));
     let mut buf = [0u8; 512];
     #[allow(clippy::disallowed_methods)] // the I/O edge: the poll schedule runs on the clock
@@ -487,10 +440,10 @@ fn ups_session<D: Decoder>(
     let mut n: u64 = 0;
     let (mut unanswered, reopen_after) = (0u32, cfg.lost_after_missed_polls.max(1).saturating_mul(4));
     while !cancel.is_cancelled() {
-        let tenth: &[&[u8]] = if n.is_multiple_of(10) { schedule.tenth } else { &[] };
-        let hourly: &[&[u8]] = if n.is_multiple_of(hourly_every) { schedule.hourly } else { &[] };
-        queue.retain(|c| *c == b"Y");
-        queue.extend(schedule.each.iter().chain(tenth).chain(hourly).copied());
+        let tenth: &[&[u8]] = if n.is_multiple_of(10) { driver.tenth } else { &[] };
+        let hourly: &[&[u8]] = if n.is_multiple_of(hourly_every) { driver.hourly } else { &[] };
+        queue.retain(|c| driver.init.contains(c));
+        queue.extend(driver.each.iter().chain(tenth).chain(hourly).copied());
         n += 1;
         let tick_end = start + poll * u32::try_from(n).unwrap_or(u32::MAX);
         // A battery test asked for by the service: written before the tick's queries, with no
@@ -498,7 +451,7 @@ fn ups_session<D: Decoder>(
         // read as they come). Whether it started shows in the status that follows.
         if test.is_some_and(|t| t.swap(false, std::sync::atomic::Ordering::SeqCst)) {
             tracing::info!(source = %cfg.id, "starting a battery self-test");
-            if let Err(e) = port.write_all(test_command(cfg.protocol)) {
+            if let Err(e) = port.write_all(driver.test) {
                 return fail(e);
             }
         }
@@ -530,11 +483,12 @@ fn ups_session<D: Decoder>(
                 while let Some(ev) = stream.next_event() {
                     match ev {
                         StreamEvent::Item { item: it, .. } => {
-                            let (reading, solicited) = item(it);
-                            if let Some((r, at)) = reading.and_then(|r| forwarder.reading(r, crate::clock::now())) {
+                            log_reply(&cfg.id, &it);
+                            if let Some((r, at)) = it.reading().and_then(|r| forwarder.reading(r, crate::clock::now()))
+                            {
                                 send_at(Observation::Ups(r), at);
                             }
-                            answered |= solicited;
+                            answered |= it.solicited();
                         }
                         StreamEvent::Error { .. } => send(Observation::Garbage),
                     }
@@ -575,7 +529,8 @@ fn ups_session<D: Decoder>(
             while let Some(ev) = stream.next_event() {
                 match ev {
                     StreamEvent::Item { item: it, .. } => {
-                        if let Some((r, at)) = item(it).0.and_then(|r| forwarder.reading(r, crate::clock::now())) {
+                        log_reply(&cfg.id, &it);
+                        if let Some((r, at)) = it.reading().and_then(|r| forwarder.reading(r, crate::clock::now())) {
                             send_at(Observation::Ups(r), at);
                         }
                     }
@@ -721,51 +676,10 @@ pub async fn oximeter(cfg: OximeterConfig, tx: ObsTx, cancel: CancellationToken)
     streaming(&cfg.id, &cfg.port, cfg.baud, &tx, &cancel, |mut port| {
         let (id, tx, cancel) = (id.clone(), tx.clone(), cancel.clone());
         async move {
-            let ox = |r| Observation::Oximeter(r);
-            match cfg.protocol {
-                OximeterProtocol::Masimo => {
-                    stream_session(&id, &mut port, masimo::Decoder, &tx, &cancel, |r: masimo::Record| ox(r.reading()))
-                        .await
-                }
-                OximeterProtocol::NoninAscii => {
-                    stream_session(&id, &mut port, nonin::AsciiDecoder, &tx, &cancel, |r: nonin::AsciiRecord| {
-                        ox(r.reading())
-                    })
-                    .await
-                }
-                OximeterProtocol::Nonin2 => {
-                    stream_session(
-                        &id,
-                        &mut port,
-                        nonin::Format2Decoder::default(),
-                        &tx,
-                        &cancel,
-                        |r: nonin::Packet| ox(r.reading()),
-                    )
-                    .await
-                }
-                OximeterProtocol::Nonin7 => {
-                    stream_session(
-                        &id,
-                        &mut port,
-                        nonin::Format7Decoder::default(),
-                        &tx,
-                        &cancel,
-                        |r: nonin::Packet| ox(r.reading()),
-                    )
-                    .await
-                }
-                OximeterProtocol::Nonin8 => {
-                    stream_session(&id, &mut port, nonin::Format8Decoder, &tx, &cancel, |r: nonin::Format8| {
-                        ox(r.reading())
-                    })
-                    .await
-                }
-                OximeterProtocol::Nellcor => {
-                    stream_session(&id, &mut port, nellcor::Decoder, &tx, &cancel, |r: nellcor::Record| ox(r.reading()))
-                        .await
-                }
-            }
+            stream_session(&id, &mut port, cfg.protocol.decoder(), &tx, &cancel, |r: OximeterRecord| {
+                Observation::Oximeter(r.reading())
+            })
+            .await
         }
     })
     .await;
