@@ -57,7 +57,7 @@
 //! it is not redelivered forever), and never reaches the engine.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -80,6 +80,7 @@ use crate::mqtt::{FromMqtt, Outbound};
 use crate::notice::{Notice, StoreProblem};
 use crate::policy::Policies;
 use crate::store::{OutboxRow, OutboxStatus, Store, StoreError};
+use crate::web::metrics::Counters;
 use crate::web::{self, SaveRefusal, Snapshot, WebRequest};
 
 /// The web's copy of the engine is refreshed at most this often, ms.
@@ -125,31 +126,6 @@ pub const NOTICES_QUEUE: usize = 256;
 pub const OUTBOUND_QUEUE: usize = 20_000;
 /// History pruning: rows per transaction.
 pub const PRUNE_BATCH: usize = 2_000;
-
-/// Counters since start (exported by `/metrics`).
-#[derive(Debug, Default)]
-pub struct Counters {
-    /// Messages accepted.
-    pub ingested: AtomicU64,
-    /// Messages refused (bad topic, payload or schema).
-    pub rejected: AtomicU64,
-    /// Messages from homes that are not registered.
-    pub unknown_home: AtomicU64,
-    /// Events already stored.
-    pub duplicates: AtomicU64,
-    /// Telemetry dropped while the store refused writes.
-    pub dropped_degraded: AtomicU64,
-    /// Notifications delivered.
-    pub delivered: AtomicU64,
-    /// Failed delivery attempts.
-    pub failed_attempts: AtomicU64,
-    /// Attempts not made because the destination's breaker was open.
-    pub skipped_attempts: AtomicU64,
-    /// PUBACKs and agent acknowledgements dropped because the outbound queue was full.
-    pub outbound_dropped: AtomicU64,
-    /// Outbox row written to the receiver's acceptance, s.
-    pub notify_latency: crate::web::metrics::Histogram,
-}
 
 /// Where the running gateway can be reached (for the demo and tests).
 #[derive(Debug, Clone)]

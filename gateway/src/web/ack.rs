@@ -62,7 +62,7 @@ async fn subject(app: &App, id: &str) -> Result<Option<Subject>, ()> {
     };
     if let Some(a) = alert {
         let label = snap.engine.plan(&a.home).map_or_else(|| a.home.as_str().to_string(), |p| p.label.clone());
-        let kind = |lang| crate::message::kind_text(a.kind.as_str(), lang).to_string();
+        let kind = |lang| crate::message::kind_text(a.kind, lang).to_string();
         return Ok(Some(Subject {
             ja: format!("{label}：{}（{}から）", kind(Lang::Ja), when(a.since, offset, true)),
             en: format!("{label}: {} (since {})", kind(Lang::En), when(a.since, offset, false)),

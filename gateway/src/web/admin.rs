@@ -14,7 +14,9 @@ use chrono::FixedOffset;
 use serde::Deserialize;
 
 use super::auth::Viewer;
-use super::pages::{account_error, account_role_text, channel_text, failed, layout, local, not_found, T};
+use super::html::{account_error, failed, local, not_found, T};
+use super::layout::layout;
+use super::pages::{account_role_text, channel_text};
 use super::{escape, App, Client};
 use crate::accounts::{self, AccountRole, Accounts, NewUser};
 use crate::audit;

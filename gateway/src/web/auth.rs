@@ -16,7 +16,7 @@ use axum::response::{Html, IntoResponse, Redirect, Response};
 use axum::{Form, Json};
 use serde::Deserialize;
 
-use super::pages::{layout_bare, T};
+use super::html::{layout_bare, T};
 use super::{escape, App, Busy, Client};
 use crate::accounts::{Accounts, Throttle, User};
 use crate::homes::Lang;

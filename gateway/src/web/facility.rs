@@ -18,9 +18,9 @@ use mamori_protocol::mqtt::Role;
 
 use super::auth::Viewer;
 use super::escape;
-use super::family::main_alert;
-use super::pages::{clock, layout, T};
-use super::view::HomeView;
+use super::html::{clock, T};
+use super::layout::layout;
+use super::view::{main_alert, HomeView};
 use crate::engine::{Answer, Engine, Time};
 use crate::homes::Lang;
 use crate::message;

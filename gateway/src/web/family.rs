@@ -27,23 +27,16 @@ use mamori_protocol::mqtt::Role;
 use serde::Deserialize;
 
 use super::auth::Viewer;
-use super::home::contacts_html;
-use super::pages::{clock, failed, layout, local, not_found, T};
-use super::view::{self, AlertView, HomeView};
+use super::contacts::contacts_html;
+use super::html::{clock, failed, local, not_found, T};
+use super::layout::layout;
+use super::view::{self, main_alert, AlertView, HomeView};
 use super::{escape, App, Client};
 use crate::accounts::AccountRole;
 use crate::engine::{Answer, Time};
 use crate::homes::{BackupKind, Home, Lang};
-use crate::message::{self, Concern, Situation};
+use crate::message::{self, Situation};
 use crate::store::{OutboxRow, OutboxStatus};
-
-/// The alert a home's answers are about: the most urgent active one, an outage before the rest.
-pub(super) fn main_alert(h: &HomeView) -> Option<&AlertView> {
-    h.alerts.iter().filter(|a| a.kind != "drill").max_by_key(|a| {
-        let power = matches!(message::concern(&a.kind), Concern::Power);
-        (power, a.tier, a.severity as u8)
-    })
-}
 
 /// What is happening, in one sentence.
 fn situation(h: &HomeView, now: Time, offset: chrono::FixedOffset, lang: Lang) -> (String, &'static str) {
@@ -266,7 +259,7 @@ pub(super) async fn page(
             devices: &[],
             leave_in_s,
         };
-        request = message::request(Role::Family, &a.kind, a.tier, &s, lang);
+        request = message::request(Role::Family, a.kind, a.tier, &s, lang);
         let _ = write!(
             body,
             "<h2>{}</h2><p class=\"request\">{}</p>",

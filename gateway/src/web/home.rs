@@ -15,12 +15,16 @@ use chrono::FixedOffset;
 use mamori_protocol::mqtt::Telemetry;
 use serde::Deserialize;
 
+use super::alerts::alert_row;
 use super::auth::Viewer;
+use super::contacts::contacts_html;
+use super::html::*;
+use super::layout::layout;
 use super::pages::*;
 use super::view;
 use super::{escape, App, Client};
 use crate::accounts::AccountRole;
-use crate::engine::{Engine, Time};
+use crate::engine::Time;
 use crate::homes::Lang;
 use crate::message::{kind_text, role_text};
 use crate::store::OutboxRow;
@@ -96,60 +100,6 @@ fn tick(v: f64, range: f64) -> String {
     } else {
         format!("{v:.0}")
     }
-}
-
-/// A home's contacts, with the numbers of their SMS and call channels as `tel:` links.
-/// The home's contacts with their roles, phone numbers to dial, and their consent: when the
-/// config requires consent, a contact without a current one is marked as told nothing.
-pub(super) fn contacts_html(plan: &crate::homes::Home, t: T, engine: &Engine) -> String {
-    use crate::homes::ChannelRef;
-    let (require_consent, today) = (engine.require_consent(), engine.today(crate::clock::now()));
-    let mut out = format!("<h2>{}</h2><ul class=\"contacts\">", t.t("contacts"));
-    for c in &plan.contacts {
-        let mut numbers: Vec<&str> = c
-            .phone
-            .as_deref()
-            .into_iter()
-            .chain(c.channels.iter().chain(c.then.iter().flat_map(|s| s.channels.iter())).filter_map(|ch| match ch {
-                ChannelRef::Sms(n) | ChannelRef::Voice(n) => Some(n.as_str()),
-                _ => None,
-            }))
-            .collect();
-        numbers.sort_unstable();
-        numbers.dedup();
-        let phones = if numbers.is_empty() {
-            format!("<small class=\"muted\">{}</small>", t.t("no_phone"))
-        } else {
-            numbers
-                .iter()
-                .map(|n| {
-                    let dial: String = n.chars().filter(|c| c.is_ascii_digit() || *c == '+').collect();
-                    format!("<a href=\"tel:{}\">{}</a>", escape(&dial), escape(n))
-                })
-                .collect::<Vec<_>>()
-                .join(" ")
-        };
-        let role = role_text(c.role, t.0);
-        let who = match t.0 {
-            Lang::Ja => format!("{}（{role}）", escape(&c.name)),
-            Lang::En => format!("{} ({role})", escape(&c.name)),
-        };
-        let consent = match (&c.consent, c.role) {
-            (_, mamori_protocol::mqtt::Role::Family) => String::new(),
-            (Some(k), _) if k.current(today) => {
-                format!(" <small class=\"muted\">{}</small>", t.t("consent_given").replace("{on}", &escape(&k.on)))
-            }
-            _ if require_consent => format!(" <small class=\"bad\">{}</small>", t.t("consent_missing")),
-            (Some(k), _) if k.withdrawn_on.is_some() && !k.not_yet(today) => {
-                format!(" <small class=\"muted\">{}</small>", t.t("consent_withdrawn"))
-            }
-            (Some(_), _) => format!(" <small class=\"muted\">{}</small>", t.t("consent_not_yet")),
-            _ => format!(" <small class=\"muted\">{}</small>", t.t("consent_unrecorded")),
-        };
-        let _ = write!(out, "<li>{who} {phones}{consent}</li>");
-    }
-    out.push_str("</ul>");
-    out
 }
 
 struct HomeHistory {
@@ -285,7 +235,7 @@ pub async fn home(
             local(k.at, offset)
         );
     }
-    if v.user.role == AccountRole::Coordinator && super::family::main_alert(&h).is_some() {
+    if v.user.role == AccountRole::Coordinator && super::view::main_alert(&h).is_some() {
         let _ = write!(
             body,
             "<form method=\"post\" action=\"/homes/{}/answer\" class=\"inline\">{}<button type=\"submit\" name=\"answer\" value=\"handling\" class=\"secondary\">{}</button></form>",
@@ -408,7 +358,7 @@ pub async fn home(
             id = escape(&a.id),
             open = if a.cleared_at.is_none() { " open" } else { "" },
             sev = a.severity,
-            kind = escape(kind_text(a.kind.as_str(), v.lang)),
+            kind = escape(kind_text(a.kind, v.lang)),
             since = local(a.since, offset),
             acks = acks.join("<br>"),
         );
@@ -468,7 +418,7 @@ pub async fn home(
             "<li><time>{}</time> <span class=\"pill sev-{:?}\">{}</span>{}</li>",
             local_s(e.ts.with_timezone(&chrono::Utc), offset),
             e.severity,
-            escape(kind_text(e.kind.as_str(), v.lang)),
+            escape(kind_text(e.kind.into(), v.lang)),
             e.source.as_ref().map(|s| format!(" <small>{}</small>", escape(s))).unwrap_or_default()
         );
     }

@@ -37,6 +37,31 @@ use axum::response::{IntoResponse, Response};
 use super::App;
 use crate::policy::Tier;
 
+/// Counters since start (exported by `/metrics`).
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// Messages accepted.
+    pub ingested: AtomicU64,
+    /// Messages refused (bad topic, payload or schema).
+    pub rejected: AtomicU64,
+    /// Messages from homes that are not registered.
+    pub unknown_home: AtomicU64,
+    /// Events already stored.
+    pub duplicates: AtomicU64,
+    /// Telemetry dropped while the store refused writes.
+    pub dropped_degraded: AtomicU64,
+    /// Notifications delivered.
+    pub delivered: AtomicU64,
+    /// Failed delivery attempts.
+    pub failed_attempts: AtomicU64,
+    /// Attempts not made because the destination's breaker was open.
+    pub skipped_attempts: AtomicU64,
+    /// PUBACKs and agent acknowledgements dropped because the outbound queue was full.
+    pub outbound_dropped: AtomicU64,
+    /// Outbox row written to the receiver's acceptance, s.
+    pub notify_latency: Histogram,
+}
+
 /// Upper bounds of the latency histogram's buckets, s.
 pub const LATENCY_BUCKETS_S: [f64; 10] = [0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0];
 

@@ -23,17 +23,35 @@
 //! | [`ack`] | signed acknowledgement links (no account) |
 //! | [`auth`] | login, logout, sessions, CSRF, bearer tokens |
 //! | [`view`] | what a user may see, as plain data (pages and API share it) |
-//! | [`pages`] | the server-rendered dashboard (ja/en) and its live stream |
+//! | [`html`] | the ground floor of the pages: the ja/en words, times, the bare page, 404 |
+//! | [`layout`] | the page around every signed-in page (navigation, language, logout) |
+//! | [`pages`] | the overview (`GET /`) and the cells a home's row shows |
+//! | [`alerts`] | the alerts page, an alert's row, acknowledging and clearing |
+//! | [`incidents`] | a regional incident's triage list (page and CSV), its acknowledgement |
+//! | [`home`] | a home's page: state, charts, history, delivery; [`contacts`] its contacts |
+//! | [`family`], [`facility`] | the family's phone page and the facility's page, with their answers |
+//! | [`plan`], [`review`], [`readiness`], [`admin`] | the care-plan editor, a closed incident's record, the council's readiness report, accounts and administration |
+//! | [`live`] | the live stream (`/events`) and the static CSS and JavaScript |
 //! | [`api`] | `/api/v1` and its OpenAPI document |
 //! | [`metrics`] | Prometheus `/metrics` |
+//!
+//! The pages depend downwards only: `html` ← `auth` ← `layout` ← the pages, and no two
+//! modules here import each other; the service (`crate::run`) uses this module, never the
+//! other way round (the counters `/metrics` shows live in [`metrics`]).
 
 pub mod ack;
 pub mod admin;
+pub mod alerts;
 pub mod api;
 pub mod auth;
+pub mod contacts;
 pub mod facility;
 pub mod family;
 pub mod home;
+pub mod html;
+pub mod incidents;
+pub mod layout;
+pub mod live;
 pub mod metrics;
 pub mod pages;
 pub mod plan;
@@ -57,7 +75,6 @@ use crate::accounts::Throttle;
 use crate::engine::Engine;
 use crate::listen::{Peer, TrustedProxies};
 use crate::message::Style;
-use crate::run::Counters;
 use crate::store::Store;
 
 /// A request for the service loop.
@@ -262,7 +279,7 @@ pub struct App {
     /// Failed logins.
     pub throttle: Arc<Mutex<Throttle>>,
     /// The service's counters.
-    pub counters: Arc<Counters>,
+    pub counters: Arc<metrics::Counters>,
     /// The gateway's own health.
     pub health: Arc<crate::health::Health>,
     /// Sessions.
@@ -431,17 +448,17 @@ pub fn router(app: App) -> Router {
         .route("/logout", post(auth::logout))
         .route("/lang/{lang}", get(auth::set_lang))
         .route("/", get(pages::overview))
-        .route("/alerts", get(pages::alerts))
-        .route("/alerts/{id}/ack", post(pages::ack_alert))
-        .route("/alerts/{id}/clear", post(pages::clear_alert))
+        .route("/alerts", get(alerts::alerts))
+        .route("/alerts/{id}/ack", post(alerts::ack_alert))
+        .route("/alerts/{id}/clear", post(alerts::clear_alert))
         .route("/homes/{id}", get(home::home))
         .route("/homes/{id}/drill", post(home::drill_home))
         .route("/homes/{id}/answer", post(family::answer))
         .route("/homes/{id}/plan", get(plan::edit).post(plan::save))
         .route("/plans/new", get(plan::new).post(plan::create))
-        .route("/incidents/{id}", get(pages::incident))
-        .route("/incidents/{id}/ack", post(pages::ack_incident))
-        .route("/incidents/{id}/triage.csv", get(pages::incident_csv))
+        .route("/incidents/{id}", get(incidents::incident))
+        .route("/incidents/{id}/ack", post(incidents::ack_incident))
+        .route("/incidents/{id}/triage.csv", get(incidents::incident_csv))
         .route("/incidents/{id}/notes", post(review::add_note))
         .route("/incidents/{id}/review.csv", get(review::csv))
         .route("/readiness", get(readiness::page))
@@ -454,9 +471,9 @@ pub fn router(app: App) -> Router {
         .route("/admin/audit", get(admin::admin_audit))
         .route("/admin/audit.csv", get(admin::admin_audit_csv))
         .route("/admin/delivery", get(admin::admin_delivery))
-        .route("/events", get(pages::live))
-        .route("/static/app.css", get(pages::css))
-        .route("/static/app.js", get(pages::js))
+        .route("/events", get(live::live))
+        .route("/static/app.css", get(live::css))
+        .route("/static/app.js", get(live::js))
         .nest("/api/v1", api::router())
         .layer(axum::middleware::map_response(security_headers))
         .with_state(app)

@@ -41,7 +41,8 @@ use mamori_protocol::mqtt::{HomeId, Role};
 use serde::Deserialize;
 
 use super::auth::Viewer;
-use super::pages::{failed, layout, local, not_found};
+use super::html::{failed, local, not_found};
+use super::layout::layout;
 use super::{escape, App, Client, SaveRefusal};
 use crate::homes::{
     Backup, BackupKind, ChannelRef, ChannelStep, Chemistry, Contact, Device, Evacuation, Field, Home, Lang, Problem,

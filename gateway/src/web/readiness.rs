@@ -21,7 +21,8 @@ use axum::http::header;
 use axum::response::{IntoResponse, Response};
 
 use super::auth::Viewer;
-use super::pages::{failed, layout, local, not_found, T};
+use super::html::{failed, local, not_found, T};
+use super::layout::layout;
 use super::{escape, App, Client};
 use crate::accounts::AccountRole;
 use crate::engine::{Alert, AlertKind, Engine, Time};

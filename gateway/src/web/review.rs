@@ -30,7 +30,8 @@ use mamori_protocol::mqtt::{HomeId, Role};
 use serde::Deserialize;
 
 use super::auth::Viewer;
-use super::pages::{by_text, failed, incident_acks_html, layout, local, not_found, T};
+use super::html::{by_text, failed, incident_acks_html, local, not_found, T};
+use super::layout::layout;
 use super::{escape, App, Client};
 use crate::accounts::AccountRole;
 use crate::engine::{AckInfo, Alert, AlertKind, Incident, Time};

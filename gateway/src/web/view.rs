@@ -6,7 +6,7 @@ use mamori_protocol::mqtt::Severity;
 use serde::Serialize;
 
 use crate::accounts::{AccountRole, User};
-use crate::engine::{AckInfo, Alert, Connectivity, Engine, HomeState, Power, Time, TriageRow};
+use crate::engine::{AckInfo, Alert, AlertKind, Connectivity, Engine, HomeState, Power, Time, TriageRow};
 use crate::forecast::Band;
 use crate::homes::{BackupKind, Home};
 use crate::policy::Tier;
@@ -103,7 +103,7 @@ pub struct AlertView {
     /// Home id.
     pub home: String,
     /// Kind.
-    pub kind: String,
+    pub kind: AlertKind,
     /// Severity.
     pub severity: Severity,
     /// Current tier.
@@ -128,7 +128,7 @@ impl AlertView {
         AlertView {
             id: a.id.clone(),
             home: a.home.as_str().to_string(),
-            kind: a.kind.to_string(),
+            kind: a.kind,
             severity: a.severity,
             tier: a.tier(),
             since: a.since,
@@ -388,4 +388,12 @@ pub fn alert<'a>(engine: &'a Engine, user: &User, id: &str) -> Option<&'a Alert>
         .filter(|(p, _)| sees(engine, user, p))
         .flat_map(|(_, st)| st.into_iter().flat_map(|s| s.alerts.values()))
         .find(|a| a.id == id)
+}
+
+/// The alert a home's answers are about: the most urgent active one, an outage before the rest.
+pub fn main_alert(h: &HomeView) -> Option<&AlertView> {
+    h.alerts.iter().filter(|a| a.kind != "drill").max_by_key(|a| {
+        let power = matches!(crate::message::concern(a.kind), crate::message::Concern::Power);
+        (power, a.tier, a.severity as u8)
+    })
 }
