@@ -7,6 +7,10 @@
 //! ([`Observation::Failed`] with the reason) and reopened every second; a source that stops
 //! answering is declared lost by the monitor, not here. Garbage on a line is counted
 //! ([`Observation::Garbage`]) and decoding resynchronises; it never becomes a reading.
+//!
+//! Over 800 lines for a reason: one thin edge per kind of source (serial UPS thread, NUT,
+//! streaming serial, I2C, GPIO), each with its reopen and failure handling; what each protocol
+//! is sent and how it is read is in [`crate::devices`].
 
 use std::io;
 use std::path::Path;

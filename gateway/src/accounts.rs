@@ -34,6 +34,10 @@
 //! verified and counts as a failure unless it succeeds, so forty attempts sent at once get five
 //! verifications, not forty. A success takes back only its own reservation. It is kept in memory:
 //! a restart forgets it, which costs an attacker a gateway restart they cannot cause.
+//!
+//! Over 800 lines for a reason: the rules of accounts, passwords, sessions, two-factor codes,
+//! API tokens and login throttling belong together (one place decides who may sign in); their
+//! rows are behind the store seam (`store/*_accounts.rs`).
 
 use std::collections::{HashMap, VecDeque};
 

@@ -1,6 +1,10 @@
 //! `mamori-gateway`: the centre service's command line.
 //!
 //! Exit codes: 0 success, 1 a runtime failure, 2 a bad config, file or argument.
+//!
+//! Over 800 lines for a reason: the whole command tree (`run`, `init`, `homes`, `pki`,
+//! `users`, `alerts`, `audit`), each command a few lines that call the library and turn its
+//! result into words and an exit code.
 
 use std::io::{self, Write};
 use std::path::PathBuf;

@@ -4,6 +4,9 @@
 //! or as an environment variable (`{ file = "..." }`, `{ env = "..." }`) and never printed.
 //! [`Config::load`] reports every problem it finds, each with the file, the key and what was
 //! expected; `mamori-gateway check-config` prints them.
+//!
+//! Over 800 lines for a reason: every key of the gateway's config with its unit, default and
+//! check in one place, so that a key and the words of its error cannot drift apart.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;

@@ -37,7 +37,8 @@
 //! `mass_silence_min_homes` homes in two or more municipalities fall silent within
 //! `mass_silence_window_s`, that is a network or centre problem: the operators get one notice
 //! ([`Output::Notice`]) and those homes' alerts wait `mass_silence_grace_s`. A home still
-//! silent after that is escalated as usual. The wait survives a silence becoming a risk, for
+//! silent after that is escalated as usual. Homes falling silent during the grace wait with
+//! the others, and enough of them are a second mass silence with a grace of its own. The wait survives a silence becoming a risk, for
 //! as long as agents take to reconnect: when an incident opens around homes still silent
 //! from a network cut (the first homes back report the outage they had during it, while the
 //! others are still in their reconnect backoff), their `state_unknown` shows on the dashboard
@@ -59,6 +60,12 @@
 //! otherwise at most every `incident_update_min_s` while something changed. Per-home power
 //! alerts of member homes then skip those two roles (one event, one voice); the family, nurse
 //! and facility still hear about their own home.
+//!
+//! Over 800 lines for a reason: the engine is one state machine over every home (its power,
+//! alerts, escalation, silence and incidents), and its rules read and write each other's
+//! fields under one `handle`/`poll`; the alert kinds (`engine/kind.rs`), the clock helpers
+//! (`engine/clock.rs`) and the tests (`engine/tests.rs`) are apart. Cutting the rules by
+//! concern is part of the service redesign issue 20 still asks for.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
@@ -1643,9 +1650,9 @@ impl Engine {
         while self.recent_silences.front().is_some_and(|(t, _)| now - *t > window) {
             self.recent_silences.pop_front();
         }
-        if self.mass_until.is_some_and(|u| now < u) {
-            return; // already being waited out
-        }
+        // During a grace, `recent_silences` holds only the homes that fell silent since it
+        // began (each already waits with the others): enough of them make a mass silence of
+        // their own (a second cut), with its own notice and a grace counted from now.
         let silent: BTreeSet<HomeId> = self
             .recent_silences
             .iter()
@@ -1665,7 +1672,7 @@ impl Engine {
         for h in &silent {
             self.hold_silence(h, until);
         }
-        self.mass_until = Some(until);
+        self.mass_until = Some(self.mass_until.map_or(until, |u| u.max(until)));
         // Counted once: after the grace, these homes do not make the same mass silence again.
         self.recent_silences.clear();
     }

@@ -83,6 +83,10 @@
 //!
 //! The ventilator's internal battery is added on top (its P10 at 80 % of its stated runtime:
 //! those age too).
+//!
+//! Over 800 lines for a reason: one estimator (samples, the robust trend, the claim's
+//! cross-check, the band, the lessons learned per battery) whose parts share their units and
+//! assumptions; its tests are in `forecast/tests.rs`.
 
 use std::collections::BTreeMap;
 

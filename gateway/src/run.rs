@@ -55,6 +55,11 @@
 //! A topic that does not parse, a home that is not registered, a payload over 16 KiB or one
 //! that does not decode is counted, logged (rate-limited) and acknowledged to the broker (so
 //! it is not redelivered forever), and never reaches the engine.
+//!
+//! Over 800 lines, and not for a good reason: this loop still interleaves ingest, web
+//! requests, delivery results, timers and pruning; issue 20 asks for it as `handle(input, now)
+//! -> effects` around the engine, which would split it. Until then, each concern is a method
+//! of [`Service`] taking `now`.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::atomic::Ordering;

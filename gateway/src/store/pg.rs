@@ -24,6 +24,10 @@
 //! - TLS (`pg_tls.rs`): with `[store] postgres_ca_file`, every connection is TLS and the
 //!   server's certificate is verified for its host; plain only to loopback (or with
 //!   `postgres_plain = true`).
+//!
+//! Over 800 lines for a reason: it is one backend of the whole [`super::Store`] seam (its
+//! accounts and audit rows are in `pg_accounts.rs`, its TLS in `pg_tls.rs`), each method a
+//! statement next to the SQLite one it must agree with (`contract.rs` checks both).
 
 use std::str::FromStr;
 use std::sync::mpsc;

@@ -233,6 +233,49 @@ fn an_incident_opening_during_a_mass_silence_waits_for_the_homes_still_reconnect
 }
 
 #[test]
+fn a_second_mass_silence_during_the_first_ones_grace_waits_a_grace_of_its_own() {
+    // Two regional cuts five minutes apart. The second wave's homes wait their own grace, not
+    // what is left of the first one's (which would page their families for the network).
+    let mut e = heard_homes(24, &["431001", "202011"], 0);
+    let second: Vec<String> = (12..24).map(|i| format!("h{i}")).collect();
+    let mut pages = Vec::new();
+    let mut told = Vec::new();
+    // h12..h23 keep talking until 300 s; h0..h11 are silent from 31 s.
+    for at in (10..=300).step_by(10) {
+        for home in &second {
+            e.handle(Input::Telemetry(h(home), telemetry(at, true)), t(at)).unwrap();
+        }
+        e.poll(t(at + 1));
+        let outs = e.take_outputs();
+        told.extend(notices(&outs).into_iter().cloned());
+        pages.extend(outs.into_iter().filter_map(|o| match o {
+            Output::Notify(n) => Some((n.at, n.recipients[0].1.name.clone())),
+            _ => None,
+        }));
+    }
+    for at in (310..=900).step_by(10) {
+        e.poll(t(at));
+        let outs = e.take_outputs();
+        told.extend(notices(&outs).into_iter().cloned());
+        pages.extend(outs.into_iter().filter_map(|o| match o {
+            Output::Notify(n) => Some((n.at, n.recipients[0].1.name.clone())),
+            _ => None,
+        }));
+    }
+    let masses = told.iter().filter(|n| matches!(n, Notice::MassSilence { homes: 12, municipalities: 2, .. })).count();
+    assert_eq!(masses, 2, "one notice per cut: {told:?}");
+    // The first wave is paged when its grace ends (31 + 600), the second wave not yet.
+    assert!(pages.iter().any(|(at, n)| n == "fam-h0" && *at == t(640)), "{pages:?}");
+    let early: Vec<_> = pages.iter().filter(|(_, n)| second.iter().any(|s| n.ends_with(&format!("-{s}")))).collect();
+    assert!(early.is_empty(), "the second wave waits its own grace: {early:?}");
+    // Its grace ends 600 s after it was found silent (at the poll of 340 s): then its homes
+    // still silent are paged.
+    e.poll(t(340 + 601));
+    let late = sent(&mut e);
+    assert!(late.iter().any(|(n, _)| n == "fam-h12"), "{late:?}");
+}
+
+#[test]
 fn a_few_homes_falling_silent_are_paged_as_usual() {
     let mut e = heard_homes(12, &["431001", "202011"], 0);
     let mut pages = Vec::new();
