@@ -355,9 +355,16 @@ require_consent = true
                 }
                 120 => {
                     story_over = true;
+                    // The gateway's own command line reads the store: beside this binary
+                    // when it was built, through cargo otherwise.
+                    let gateway = exe.with_file_name("mamori-gateway");
+                    let gateway = if gateway.exists() {
+                        gateway.display().to_string()
+                    } else {
+                        "cargo run --release -p mamori-gateway --".to_string()
+                    };
                     println!(
-                        "While the demo runs, its alerts are in its store (deleted when it stops):\n  {} alerts list --all --config {}",
-                        exe.display(),
+                        "While the demo runs, its alerts are in its store (deleted when it stops):\n  {gateway} alerts list --all --config {}",
                         config_path.display()
                     );
                     if linger_s == 0 {

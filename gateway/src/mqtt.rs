@@ -15,7 +15,6 @@
 
 use std::time::Duration;
 
-use anyhow::Context;
 use mamori_protocol::mqtt::{self, Channel, HomeId};
 use rand::Rng;
 use rumqttc::{AsyncClient, Event as MqttEvent, MqttOptions, Packet, Publish, QoS, Transport};
@@ -71,7 +70,7 @@ fn options_for(config: &Config, host: &str, port: u16) -> anyhow::Result<MqttOpt
         o.set_credentials(user, pass);
     }
     if let Some(t) = &b.tls {
-        o.set_transport(Transport::Tls(t.transport().context("broker.tls")?));
+        o.set_transport(Transport::Tls(t.transport().map_err(|e| anyhow::anyhow!("broker.tls: {e}"))?));
     }
     Ok(o)
 }
