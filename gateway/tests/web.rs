@@ -581,6 +581,33 @@ async fn login_to(f: &Fixture, user: &str, password: &str, code: &str, next: &st
 }
 
 #[tokio::test]
+async fn a_second_load_of_the_login_page_does_not_expire_the_form_on_screen() {
+    // A live refresh of a page whose session just ended follows its redirect to /login in the
+    // background; the form the person is filling in must still work.
+    let f = setup().await;
+    let nonce = login_nonce(&f).await;
+    let again = send(
+        &f,
+        Request::builder()
+            .uri("/login")
+            .header(header::COOKIE, format!("mamori_login={nonce}"))
+            .body(Body::empty())
+            .unwrap(),
+    )
+    .await;
+    let cookie = again.headers[header::SET_COOKIE].to_str().unwrap().to_string();
+    assert!(cookie.starts_with(&format!("mamori_login={nonce};")), "{cookie}");
+    assert!(again.body.contains(&nonce), "the same nonce in the form");
+    // A cookie that is not one of ours is replaced.
+    let odd = send(
+        &f,
+        Request::builder().uri("/login").header(header::COOKIE, "mamori_login=x\"").body(Body::empty()).unwrap(),
+    )
+    .await;
+    assert!(!odd.headers[header::SET_COOKIE].to_str().unwrap().starts_with("mamori_login=x"));
+}
+
+#[tokio::test]
 async fn login_sets_a_strict_cookie_throttles_guessing_and_wants_a_code_from_an_admin() {
     let f = setup().await;
     let r = login(&f, "coord-a", PASSWORD, "").await;

@@ -236,7 +236,12 @@ fn login_form(lang: Lang, nonce: &str, next: &str, error: Option<&str>) -> Strin
 
 /// `GET /login`.
 pub async fn login_page(State(app): State<App>, headers: HeaderMap, Query(q): Query<Next>) -> Response {
-    let nonce = crate::accounts::new_token();
+    // The browser's login nonce when it has one: a second load of this page (another tab, or a
+    // live refresh of a page whose session just ended, redirected here) must not expire the
+    // form already on screen.
+    let nonce = cookie(&headers, LOGIN_COOKIE)
+        .filter(|c| c.len() == 43 && c.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'))
+        .map_or_else(crate::accounts::new_token, str::to_string);
     let lang = lang(&headers);
     let next = local_path(q.next.as_deref());
     let body = login_form(lang, &nonce, &next, None);
