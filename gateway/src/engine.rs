@@ -2228,7 +2228,7 @@ impl Engine {
                 if let Some((t, _)) = next_action(a) {
                     consider(t);
                 }
-                if a.kind == "drill" {
+                if a.kind == AlertKind::Drill {
                     consider(a.raised_at + Duration::minutes(DRILL_OPEN_MIN));
                 }
                 if a.policy.follows_forecast {

@@ -133,17 +133,6 @@ pub fn kind_of(d: &Delivery) -> (&str, &str) {
     (c["type"].as_str().unwrap_or(""), c["kind"].as_str().unwrap_or(""))
 }
 
-/// A benchmark's numeric argument `name <n>`, or `default`.
-pub fn arg(name: &str, default: u64) -> u64 {
-    arg_text(name).and_then(|v| v.parse().ok()).unwrap_or(default)
-}
-
-/// A benchmark's argument `name <text>`.
-pub fn arg_text(name: &str) -> Option<String> {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).cloned()
-}
-
 /// The release `mamori-gateway` beside the running benchmark.
 pub fn gateway_bin() -> Result<PathBuf> {
     let exe = std::env::current_exe()?;

@@ -20,5 +20,6 @@
 
 pub use mamori_testkit::*;
 
+pub mod args;
 pub mod chain;
 pub mod fleet;

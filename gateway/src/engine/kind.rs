@@ -96,12 +96,6 @@ impl From<EventKind> for AlertKind {
     }
 }
 
-impl PartialEq<&str> for AlertKind {
-    fn eq(&self, other: &&str) -> bool {
-        self.as_str() == *other
-    }
-}
-
 impl Serialize for AlertKind {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         s.serialize_str(self.as_str())

@@ -392,7 +392,7 @@ pub fn alert<'a>(engine: &'a Engine, user: &User, id: &str) -> Option<&'a Alert>
 
 /// The alert a home's answers are about: the most urgent active one, an outage before the rest.
 pub fn main_alert(h: &HomeView) -> Option<&AlertView> {
-    h.alerts.iter().filter(|a| a.kind != "drill").max_by_key(|a| {
+    h.alerts.iter().filter(|a| a.kind != AlertKind::Drill).max_by_key(|a| {
         let power = matches!(crate::message::concern(a.kind), crate::message::Concern::Power);
         (power, a.tier, a.severity as u8)
     })

@@ -26,15 +26,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use mamori_protocol::mqtt::{self, Event, EventKind};
+use mamori_tests::args::{self, arg};
 use mamori_tests::nut::Nut;
 use mamori_tests::process::{Collector, Process, Simulator};
 use mamori_tests::procfs::{cpu_ns, machine, percentile, status_kb, switches};
 use mamori_tests::Mosquitto;
-
-fn arg(name: &str, default: u64) -> u64 {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).and_then(|v| v.parse().ok()).unwrap_or(default)
-}
 
 fn agent_bin() -> Result<PathBuf> {
     let exe = std::env::current_exe()?;
@@ -69,9 +65,10 @@ fn agent_config(dir: &Path, port: u16, sim: &Path, devices: &[&str]) -> Result<P
 }
 
 fn main() -> Result<()> {
-    let outages = arg("--outages", 30) as usize;
-    let memory = arg("--memory", 1) == 1;
-    let cpu_seconds = arg("--cpu-seconds", 60);
+    args::check(&["--outages", "--memory", "--cpu-seconds"], &[])?;
+    let outages = arg("--outages", 30)? as usize;
+    let memory = arg("--memory", 1)? == 1;
+    let cpu_seconds = arg("--cpu-seconds", 60)?;
     let bin = agent_bin()?;
     let nut = Nut::find().context("Network UPS Tools is not installed (apt-get install nut-server nut-client)")?;
     let work = tempfile::tempdir()?;

@@ -27,17 +27,13 @@ use std::process::Command;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result};
+use mamori_tests::args::{self, arg};
 use mamori_tests::chain::{Bins, Chain, Options};
 use mamori_tests::nut::{Nut, NutServer};
 use mamori_tests::process::{Process, Simulator};
 use mamori_tests::procfs::{cpu_ns, machine, percentile};
 use mamori_tests::Deadline;
 use rand::Rng;
-
-fn arg(name: &str, default: u64) -> u64 {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).and_then(|v| v.parse().ok()).unwrap_or(default)
-}
 
 fn epoch(t: SystemTime) -> f64 {
     t.duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
@@ -202,8 +198,9 @@ fn set_agent_poll(c: &mut Chain, poll_ms: u64) -> Result<()> {
 }
 
 fn main() -> Result<()> {
-    let outages = arg("--outages", 30) as usize;
-    let cpu_seconds = arg("--cpu-seconds", 120);
+    args::check(&["--outages", "--cpu-seconds"], &[])?;
+    let outages = arg("--outages", 30)? as usize;
+    let cpu_seconds = arg("--cpu-seconds", 120)?;
     let dir = std::env::current_exe()?.parent().context("exe dir")?.to_path_buf();
     let bins = Bins { agent: dir.join("e2e-agent"), gateway: dir.join("e2e-gateway") };
     anyhow::ensure!(bins.agent.exists() && bins.gateway.exists(), "build first: cargo build --release -p mamori-tests");

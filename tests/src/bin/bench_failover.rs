@@ -27,6 +27,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use mamori_tests::args::{self, arg, arg_text};
 use mamori_tests::netcut::Link;
 use mamori_tests::postgres::TestDb;
 use mamori_tests::process::Process;
@@ -34,11 +35,6 @@ use mamori_tests::procfs::percentile;
 use mamori_tests::site::{self, Plan};
 use mamori_tests::webhook::WebhookReceiver;
 use mamori_tests::Mosquitto;
-
-fn arg(name: &str, default: u64) -> u64 {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).and_then(|v| v.parse().ok()).unwrap_or(default)
-}
 
 fn run(bin: &Path, config: &Path, name: &str) -> Result<Process> {
     let mut cmd = Command::new(bin);
@@ -54,13 +50,7 @@ enum Fault {
 }
 
 fn faults() -> Result<Vec<Fault>> {
-    let args: Vec<String> = std::env::args().collect();
-    let text = args
-        .iter()
-        .position(|a| a == "--faults")
-        .and_then(|i| args.get(i + 1))
-        .cloned()
-        .unwrap_or_else(|| "kill,freeze,partition".into());
+    let text = arg_text("--faults").unwrap_or_else(|| "kill,freeze,partition".into());
     text.split(',')
         .map(|f| match f.trim() {
             "kill" => Ok(Fault::Kill),
@@ -72,8 +62,9 @@ fn faults() -> Result<Vec<Fault>> {
 }
 
 fn main() -> Result<()> {
-    let kills = arg("--kills", 20) as usize;
-    let lease_s = arg("--lease-s", 6);
+    args::check(&["--kills", "--lease-s", "--faults"], &[])?;
+    let kills = arg("--kills", 20)? as usize;
+    let lease_s = arg("--lease-s", 6)?;
     for fault in faults()? {
         rounds(fault, kills, lease_s)?;
     }

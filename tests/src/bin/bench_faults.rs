@@ -38,7 +38,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use mamori_tests::fleet::{arg, gateway_bin};
+use mamori_tests::args::{self, arg, arg_text};
+use mamori_tests::fleet::gateway_bin;
 use mamori_tests::process::Process;
 use mamori_tests::procfs::{cpu_ns, machine, percentile};
 use mamori_tests::stall::{Mode, Stall};
@@ -476,13 +477,13 @@ fn broker_persistence(n: usize) -> Result<()> {
 }
 
 fn main() -> Result<()> {
+    args::check(&["--only", "--rows", "--homes", "--viewers", "--fleet", "--pages"], &[])?;
     let bin = gateway_bin()?;
     println!("## bench-faults\n\n{}", machine());
-    let args: Vec<String> = std::env::args().collect();
-    let only = args.iter().position(|a| a == "--only").and_then(|i| args.get(i + 1)).cloned();
+    let only = arg_text("--only");
     let run = |part: &str| only.as_deref().is_none_or(|o| o.split(',').any(|p| p == part));
     if run("disk") {
-        disk_budget(arg("--rows", 100_000) as usize)?;
+        disk_budget(arg("--rows", 100_000)? as usize)?;
     }
     if run("broker") {
         for n in [50, 2000] {
@@ -490,10 +491,10 @@ fn main() -> Result<()> {
         }
     }
     if run("hung") {
-        hung_family_endpoint(&bin, arg("--homes", 1000) as usize)?;
+        hung_family_endpoint(&bin, arg("--homes", 1000)? as usize)?;
     }
     if run("viewers") {
-        viewers(&bin, arg("--fleet", 2000) as usize, arg("--viewers", 200) as usize, arg("--pages", 50) as usize)?;
+        viewers(&bin, arg("--fleet", 2000)? as usize, arg("--viewers", 200)? as usize, arg("--pages", 50)? as usize)?;
     }
     Ok(())
 }

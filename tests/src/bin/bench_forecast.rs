@@ -46,6 +46,7 @@ use mamori_gateway::homes::{Backup, BackupKind, Contact, Device, Evacuation, Hom
 use mamori_gateway::policy::Policies;
 use mamori_protocol::mqtt::{ClockInfo, Event, EventKind, HomeId, PowerMeterReading, Role, Telemetry, Timestamp};
 use mamori_protocol::reading::UpsReading;
+use mamori_tests::args::{self, arg};
 use rand::{Rng, SeedableRng};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -362,17 +363,10 @@ fn pct(sorted: &[f64], q: f64) -> f64 {
     sorted[((sorted.len() - 1) as f64 * q).round() as usize]
 }
 
-fn main() {
-    let args: Vec<String> = std::env::args().collect();
-    let arg = |name: &str, default: u64| {
-        args.iter()
-            .position(|a| a == name)
-            .and_then(|i| args.get(i + 1))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(default)
-    };
-    let homes = arg("--homes", 400) as usize;
-    let seed = arg("--seed", 1);
+fn main() -> anyhow::Result<()> {
+    args::check(&["--homes", "--seed"], &[])?;
+    let homes = arg("--homes", 400)? as usize;
+    let seed = arg("--seed", 1)?;
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let settings = Settings::default();
     let started = std::time::Instant::now();
@@ -406,6 +400,7 @@ fn main() {
     println!("bench-forecast: {homes} homes, seed {seed}, {:.1} s", started.elapsed().as_secs_f64());
     report("First outage: every battery unverified", &outcomes);
     report("Second outage: each battery as the first one measured it", &learned);
+    Ok(())
 }
 
 fn report(title: &str, outcomes: &[Outcome]) {

@@ -50,7 +50,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use mamori_protocol::mqtt::{self, Channel, ConnectionState, HomeId, Status};
-use mamori_tests::fleet::{self, arg, arg_text, gateway_bin, ingested, kind_of, ms, summary, Fleet};
+use mamori_tests::args::{self, arg, arg_text};
+use mamori_tests::fleet::{self, gateway_bin, ingested, kind_of, ms, summary, Fleet};
 use mamori_tests::nats::NatsCluster;
 use mamori_tests::postgres::TestDb;
 use mamori_tests::process::Process;
@@ -277,8 +278,9 @@ fn spawn_gateway(bin: &Path, config: &Path) -> Result<(Process, Instant)> {
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> Result<()> {
-    let n_homes = arg("--homes", 20_000) as usize;
-    let n_munis = arg("--municipalities", 40) as usize;
+    args::check(&["--homes", "--municipalities", "--shapes", "--storm", "--steady-s", "--burst"], &[])?;
+    let n_homes = arg("--homes", 20_000)? as usize;
+    let n_munis = arg("--municipalities", 40)? as usize;
     let shapes = parse_shapes(
         &arg_text("--shapes").unwrap_or_else(|| "sqlite+mosquitto,postgres+mosquitto,postgres+nats".into()),
     )?;
@@ -287,7 +289,7 @@ async fn main() -> Result<()> {
     println!(
         "homes {n_homes} in {n_munis} municipalities; telemetry every {} s; storm {}",
         PERIOD.as_secs(),
-        arg("--storm", 2_000)
+        arg("--storm", 2_000)?
     );
     let mut table: Vec<(&str, Vec<(&'static str, String)>)> = Vec::new();
     for (store, broker) in shapes {
@@ -325,11 +327,11 @@ async fn main() -> Result<()> {
 
 /// The whole sequence on one shape: its figures for the table.
 async fn shape(store_kind: StoreKind, broker_kind: BrokerKind) -> Result<Vec<(&'static str, String)>> {
-    let n_homes = arg("--homes", 20_000) as usize;
-    let n_munis = arg("--municipalities", 40) as usize;
-    let steady_s = arg("--steady-s", 60);
-    let n_storm = arg("--storm", 2_000) as usize;
-    let n_burst = arg("--burst", 100_000);
+    let n_homes = arg("--homes", 20_000)? as usize;
+    let n_munis = arg("--municipalities", 40)? as usize;
+    let steady_s = arg("--steady-s", 60)?;
+    let n_storm = arg("--storm", 2_000)? as usize;
+    let n_burst = arg("--burst", 100_000)?;
     let bin = gateway_bin()?;
     let work = tempfile::tempdir()?;
     let mut figures: Vec<(&'static str, String)> = Vec::new();

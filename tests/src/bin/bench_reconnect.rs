@@ -63,8 +63,9 @@ use mamori_agent::config::Config as AgentConfig;
 use mamori_agent::spool::{FileStorage, Spool};
 use mamori_agent::uplink::{Connection, FromUplink, ToUplink, Uplink, UplinkSettings};
 use mamori_protocol::mqtt::{Event, EventKind, Severity};
+use mamori_tests::args::{self, arg, arg_text};
 use mamori_tests::chain::generated_broker_quiet;
-use mamori_tests::fleet::{self, arg, arg_text, gateway_bin, ingested, kind_of, ms, summary, Fleet};
+use mamori_tests::fleet::{self, gateway_bin, ingested, kind_of, ms, summary, Fleet};
 use mamori_tests::process::Process;
 use mamori_tests::procfs::{cpu_ns, machine, percentile, status_kb};
 use mamori_tests::webhook::{Delivery, WebhookReceiver};
@@ -222,11 +223,11 @@ async fn start_home(
 /// here (its socket, its spool, both sides of the link).
 async fn worker() -> Result<()> {
     use tokio::io::AsyncBufReadExt as _;
-    let n_homes = arg("--homes", 20_000) as usize;
-    let n_munis = arg("--municipalities", 40) as usize;
-    let (from, to) = (arg("--from", 0) as usize, arg("--to", 0) as usize);
-    let broker_port = u16::try_from(arg("--broker-port", 0))?;
-    let telemetry_s = u32::try_from(arg("--telemetry-s", 60))?;
+    let n_homes = arg("--homes", 20_000)? as usize;
+    let n_munis = arg("--municipalities", 40)? as usize;
+    let (from, to) = (arg("--from", 0)? as usize, arg("--to", 0)? as usize);
+    let broker_port = u16::try_from(arg("--broker-port", 0)?)?;
+    let telemetry_s = u32::try_from(arg("--telemetry-s", 60)?)?;
     let bundles = arg_text("--bundles").map(PathBuf::from).context("--bundles")?;
     let spools = arg_text("--spools").map(PathBuf::from).context("--spools")?;
     let fleet = Fleet::new(n_homes, n_munis);
@@ -471,15 +472,31 @@ fn by_path(ds: &[Delivery]) -> String {
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> Result<()> {
+    let worker_args =
+        ["--homes", "--municipalities", "--from", "--to", "--broker-port", "--telemetry-s", "--bundles", "--spools"];
     if std::env::args().any(|a| a == "--worker") {
+        args::check(&worker_args, &["--worker"])?;
         return worker().await;
     }
-    let n_homes = arg("--homes", 19_000) as usize;
-    let n_munis = arg("--municipalities", 40) as usize;
-    let cut_s = arg("--cut-s", 60);
-    let n_outages = (arg("--outages", 1_000) as usize).min(n_homes / 2);
-    let n_probes = (arg("--probes", 300) as usize).min(n_homes / 2);
-    let telemetry_s = u32::try_from(arg("--telemetry-s", 60)).unwrap_or(60).max(10);
+    args::check(
+        &[
+            "--homes",
+            "--municipalities",
+            "--cut-s",
+            "--outages",
+            "--probes",
+            "--telemetry-s",
+            "--work",
+            "--autosave-changes",
+        ],
+        &[],
+    )?;
+    let n_homes = arg("--homes", 19_000)? as usize;
+    let n_munis = arg("--municipalities", 40)? as usize;
+    let cut_s = arg("--cut-s", 60)?;
+    let n_outages = (arg("--outages", 1_000)? as usize).min(n_homes / 2);
+    let n_probes = (arg("--probes", 300)? as usize).min(n_homes / 2);
+    let telemetry_s = u32::try_from(arg("--telemetry-s", 60)?).unwrap_or(60).max(10);
     let bin = gateway_bin()?;
     println!("# mamori reconnection benchmark\n");
     println!("machine: {}", machine());
@@ -536,7 +553,7 @@ async fn main() -> Result<()> {
     }
     // `--autosave-changes N`: Mosquitto saves its persistence file after N changes instead of
     // after every one (the generated config's `autosave_interval 1`), for comparison.
-    let extra = match arg("--autosave-changes", 0) {
+    let extra = match arg("--autosave-changes", 0)? {
         0 => String::new(),
         n => format!("autosave_interval {n}\n"),
     };
