@@ -1,7 +1,7 @@
 //! `mamori-demo`: one command, no setup, no network beyond loopback.
 //!
 //! It starts the embedded broker ([`broker`], rumqttd) on a free loopback port, the real
-//! gateway service (`mamori_gateway::run::Service`) with a store in a temporary folder, and
+//! gateway service (`mamori_gateway::service::run::Service`) with a store in a temporary folder, and
 //! a dozen simulated homes in two municipalities (Kumamoto city 431001 and Nagano city
 //! 202011). Each home is a child process of this binary (`home`) running the real agent
 //! code (`mamori_agent::run`) against the agent's simulated devices on pseudo-terminals
@@ -37,7 +37,7 @@ use mamori_protocol::mqtt::Role;
 use tokio_util::sync::CancellationToken;
 
 use mamori_gateway::config::Config;
-use mamori_gateway::run::Service;
+use mamori_gateway::service::run::Service;
 
 const HOMES: &[(&str, &str, &str, u32, u32)] = &[
     // id, municipality, label, usable Wh, travel min
@@ -225,14 +225,15 @@ require_consent = true
     let config_path = base.join("gateway.toml");
     std::fs::write(&config_path, &text)?;
     let config = Config::load(&config_path)?;
-    let style = mamori_gateway::run::style(&config)?;
+    let style = mamori_gateway::service::run::style(&config)?;
     let admin_secret = demo_accounts(&config)?;
 
     println!("mamori demo — a secondary, remote notification system: it never silences or replaces");
     println!("a device's own alarm. 12 simulated homes, 2 municipalities, time compressed (seconds for minutes).");
     println!("store: {}", base.display());
 
-    let (console_tx, mut console_rx) = tokio::sync::mpsc::channel::<String>(mamori_gateway::delivery::CONSOLE_QUEUE);
+    let (console_tx, mut console_rx) =
+        tokio::sync::mpsc::channel::<String>(mamori_gateway::edge::delivery::CONSOLE_QUEUE);
     let printer = tokio::spawn(async move {
         while let Some(text) = console_rx.recv().await {
             println!("{text}\n");
@@ -253,7 +254,7 @@ require_consent = true
     println!(
         "  or as {DEMO_ADMIN} (administrator: the admin pages and the audit log), with a code from an authenticator app \
          given the two-factor secret {admin_secret}\n  ({})",
-        mamori_gateway::accounts::totp_uri(DEMO_ADMIN, &admin_secret)
+        mamori_gateway::admin::accounts::totp_uri(DEMO_ADMIN, &admin_secret)
     );
     println!("admin-secret: {admin_secret}");
     if let Some(devices) = attach {
@@ -416,30 +417,31 @@ pub const DEMO_USERS: &[(&str, &str, &[&str], &[&str])] = &[
 
 fn demo_accounts(config: &Config) -> anyhow::Result<String> {
     // The homes first: a facility or family account names homes that must exist.
-    let mut store = mamori_gateway::run::open_store(config)?;
-    let mut acc = mamori_gateway::accounts::Accounts::new(store.as_mut());
-    let key = mamori_gateway::accounts::TotpKey::derive(&mamori_gateway::run::style(config)?.link_secret);
+    let mut store = mamori_gateway::service::run::open_store(config)?;
+    let mut acc = mamori_gateway::admin::accounts::Accounts::new(store.as_mut());
+    let key =
+        mamori_gateway::admin::accounts::TotpKey::derive(&mamori_gateway::service::run::style(config)?.link_secret);
     for (name, role, munis, homes) in DEMO_USERS {
-        let new = mamori_gateway::accounts::NewUser {
+        let new = mamori_gateway::admin::accounts::NewUser {
             username: name.to_string(),
             display_name: name.to_string(),
-            role: mamori_gateway::accounts::AccountRole::parse(role).context("demo role")?,
+            role: mamori_gateway::admin::accounts::AccountRole::parse(role).context("demo role")?,
             municipalities: munis.iter().map(|s| s.to_string()).collect(),
             homes: homes.iter().map(|s| s.to_string()).collect(),
         };
-        acc.add(&new, DEMO_PASSWORD, None, &key, mamori_gateway::clock::now())?;
+        acc.add(&new, DEMO_PASSWORD, None, &key, mamori_gateway::edge::clock::now())?;
     }
     // An administrator, to try the admin pages and the audit log: as every admin, with a
     // two-factor secret (made for this run and printed; the demo's data is thrown away).
-    let secret = mamori_gateway::accounts::new_totp_secret();
-    let admin = mamori_gateway::accounts::NewUser {
+    let secret = mamori_gateway::admin::accounts::new_totp_secret();
+    let admin = mamori_gateway::admin::accounts::NewUser {
         username: DEMO_ADMIN.into(),
         display_name: DEMO_ADMIN.into(),
-        role: mamori_gateway::accounts::AccountRole::Admin,
+        role: mamori_gateway::admin::accounts::AccountRole::Admin,
         municipalities: Vec::new(),
         homes: Vec::new(),
     };
-    acc.add(&admin, DEMO_PASSWORD, Some(&secret), &key, mamori_gateway::clock::now())?;
+    acc.add(&admin, DEMO_PASSWORD, Some(&secret), &key, mamori_gateway::edge::clock::now())?;
     Ok(secret)
 }
 
@@ -447,7 +449,8 @@ fn demo_accounts(config: &Config) -> anyhow::Result<String> {
 pub const DEMO_ADMIN: &str = "admin";
 
 fn open_incident(store_dir: &Path) -> anyhow::Result<Option<String>> {
-    let store = mamori_gateway::store::open(&mamori_gateway::store::Location::Sqlite(store_dir.to_path_buf()))?;
+    let store =
+        mamori_gateway::edge::store::open(&mamori_gateway::edge::store::Location::Sqlite(store_dir.to_path_buf()))?;
     Ok(store.open_incidents()?.into_iter().next().map(|i| i.id))
 }
 

@@ -216,7 +216,7 @@ fn a_coordinator_follows_the_demo_outage_live_and_acknowledges_from_the_dashboar
     b.eval("document.querySelector('form[action=\"/logout\"]').submit(); true").unwrap();
     b.wait_for("location.pathname === '/login' && document.readyState === 'complete'", 20 * SECOND).unwrap();
     let step = chrono::Utc::now().timestamp() / 30;
-    let code = mamori_gateway::accounts::totp_code(&admin_secret, step).unwrap();
+    let code = mamori_gateway::admin::accounts::totp_code(&admin_secret, step).unwrap();
     b.eval(&format!(
         "document.querySelector('input[name=username]').value = 'admin';\
          document.querySelector('input[name=password]').value = 'mamori-demo-password';\

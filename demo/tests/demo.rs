@@ -47,8 +47,8 @@ fn the_demo_tells_its_story_and_exits_cleanly() {
 #[test]
 fn the_demos_homes_file_is_valid() {
     let (text, path) = mamori_demo::demo_homes();
-    let known = mamori_gateway::homes::Known::default();
-    let demo = mamori_gateway::homes::HomesFile::parse(&text, &path, &known).expect("the demo's homes");
+    let known = mamori_gateway::domain::homes::Known::default();
+    let demo = mamori_gateway::domain::homes::HomesFile::parse(&text, &path, &known).expect("the demo's homes");
     assert_eq!(demo.homes.len(), 12);
 }
 

@@ -11,9 +11,11 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
+use crate::admin::pki;
 use crate::config::Config;
-use crate::homes::HomesFile;
-use crate::{clock, pki, run};
+use crate::domain::homes::HomesFile;
+use crate::edge::clock;
+use crate::service::run;
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
@@ -340,7 +342,7 @@ fn cli_actor() -> String {
 }
 
 fn users(command: UsersCommand) -> ExitCode {
-    use crate::accounts::{AccountError, AccountRole, Accounts, NewUser};
+    use crate::admin::accounts::{AccountError, AccountRole, Accounts, NewUser};
     let config = match &command {
         UsersCommand::Add { config, .. }
         | UsersCommand::Passwd { config, .. }
@@ -364,15 +366,15 @@ fn users(command: UsersCommand) -> ExitCode {
         }
     };
     let key = match run::style(&c) {
-        Ok(style) => crate::accounts::TotpKey::derive(&style.link_secret),
+        Ok(style) => crate::admin::accounts::TotpKey::derive(&style.link_secret),
         Err(e) => {
             eprintln!("mamori-gateway: {e:#}");
             return ExitCode::from(2);
         }
     };
     let now = clock::now();
-    let audit = |store: &mut dyn crate::store::Store, action: &str, target: &str, detail: &str| {
-        crate::audit::append(store, now, &cli_actor(), "-", action, target, detail).map(|_| ())
+    let audit = |store: &mut dyn crate::edge::store::Store, action: &str, target: &str, detail: &str| {
+        crate::admin::audit::append(store, now, &cli_actor(), "-", action, target, detail).map(|_| ())
     };
     let store = store.as_mut();
     let result: Result<(), AccountError> = (|| match command {
@@ -390,13 +392,13 @@ fn users(command: UsersCommand) -> ExitCode {
             new.validate()?;
             let password = read_password()
                 .map_err(|e| AccountError::Invalid(format!("cannot read the password from stdin: {e}")))?;
-            let secret = (role == AccountRole::Admin).then(crate::accounts::new_totp_secret);
+            let secret = (role == AccountRole::Admin).then(crate::admin::accounts::new_totp_secret);
             let u = Accounts::new(store).add(&new, &password, secret.as_deref(), &key, now)?;
             audit(store, "user_add", &u.username, &format!("{} {:?}{:?}", u.role.as_str(), u.municipalities, u.homes))?;
             println!("added {} ({})", u.username, u.role.as_str());
             if let Some(s) = secret {
                 println!("two-factor secret (add it to an authenticator app now; it is not shown again): {s}");
-                println!("{}", crate::accounts::totp_uri(&u.username, &s));
+                println!("{}", crate::admin::accounts::totp_uri(&u.username, &s));
             }
             Ok(())
         }
@@ -485,7 +487,7 @@ fn audit_command(command: AuditCommand) -> ExitCode {
         Ok(c) => c,
         Err(code) => return code,
     };
-    let store = match c.store_location().map_err(anyhow::Error::msg).and_then(|at| Ok(crate::store::open(&at)?)) {
+    let store = match c.store_location().map_err(anyhow::Error::msg).and_then(|at| Ok(crate::edge::store::open(&at)?)) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("mamori-gateway: {e}");
@@ -493,12 +495,12 @@ fn audit_command(command: AuditCommand) -> ExitCode {
         }
     };
     match command {
-        AuditCommand::Verify { .. } => match crate::audit::verify(store.as_ref()) {
-            Ok(crate::audit::Verdict::Intact { entries, head }) => {
+        AuditCommand::Verify { .. } => match crate::admin::audit::verify(store.as_ref()) {
+            Ok(crate::admin::audit::Verdict::Intact { entries, head }) => {
                 println!("intact: {entries} entries, head {head}");
                 ExitCode::SUCCESS
             }
-            Ok(crate::audit::Verdict::Broken { seq, reason }) => {
+            Ok(crate::admin::audit::Verdict::Broken { seq, reason }) => {
                 eprintln!("BROKEN at entry {seq}: {reason}");
                 ExitCode::from(1)
             }
@@ -509,7 +511,7 @@ fn audit_command(command: AuditCommand) -> ExitCode {
         },
         AuditCommand::Export { .. } => {
             let mut out = io::stdout().lock();
-            exit_code(crate::audit::export_csv(store.as_ref(), &mut out).map(|_| ()))
+            exit_code(crate::admin::audit::export_csv(store.as_ref(), &mut out).map(|_| ()))
         }
     }
 }
@@ -609,7 +611,7 @@ pub fn main() -> ExitCode {
             logging();
             let Ok(rt) = runtime() else { return ExitCode::from(1) };
             rt.block_on(async move {
-                let (console_tx, mut console_rx) = tokio::sync::mpsc::channel(crate::delivery::CONSOLE_QUEUE);
+                let (console_tx, mut console_rx) = tokio::sync::mpsc::channel(crate::edge::delivery::CONSOLE_QUEUE);
                 tokio::spawn(async move {
                     while let Some(text) = console_rx.recv().await {
                         println!("{text}\n");
@@ -619,8 +621,8 @@ pub fn main() -> ExitCode {
                 tokio::spawn(until_signal(cancel.clone()));
                 // Several gateways on one store: wait as a standby until this one holds the lease.
                 let held = match (&config.cluster, config.store_location()) {
-                    (Some(cluster), Ok(crate::store::Location::Postgres(at))) => {
-                        match crate::standby::stand_by(&config, &at, cluster, &cancel).await {
+                    (Some(cluster), Ok(crate::edge::store::Location::Postgres(at))) => {
+                        match crate::service::standby::stand_by(&config, &at, cluster, &cancel).await {
                             Ok(Some(h)) => Some(h),
                             Ok(None) => return ExitCode::SUCCESS,
                             Err(e) => {
@@ -629,7 +631,7 @@ pub fn main() -> ExitCode {
                             }
                         }
                     }
-                    (Some(_), Ok(crate::store::Location::Sqlite(_))) => {
+                    (Some(_), Ok(crate::edge::store::Location::Sqlite(_))) => {
                         eprintln!("mamori-gateway: [cluster] needs a [store] postgres database the gateways share");
                         return ExitCode::from(2);
                     }
@@ -647,11 +649,11 @@ pub fn main() -> ExitCode {
                         // migration) may work on the next try: exit 1, which systemd restarts.
                         // No database, a bad config or homes file: the operator's to fix (2).
                         let transient = e.chain().any(|c| {
-                            c.downcast_ref::<crate::store::StoreError>().is_some_and(|s| {
+                            c.downcast_ref::<crate::edge::store::StoreError>().is_some_and(|s| {
                                 !matches!(
                                     s,
-                                    crate::store::StoreError::Missing { .. }
-                                        | crate::store::StoreError::NoSchema { .. }
+                                    crate::edge::store::StoreError::Missing { .. }
+                                        | crate::edge::store::StoreError::NoSchema { .. }
                                 )
                             })
                         });
@@ -716,7 +718,7 @@ pub fn main() -> ExitCode {
             }
             let result = run::open_store(&c).and_then(|mut s| {
                 if adopt_broker_session {
-                    s.set_meta(crate::store::META_ADOPT_SESSION, &clock::now().to_rfc3339())?;
+                    s.set_meta(crate::edge::store::META_ADOPT_SESSION, &clock::now().to_rfc3339())?;
                 }
                 Ok(s.homes()?.len())
             });
@@ -752,7 +754,8 @@ pub fn main() -> ExitCode {
                     // list of consent forms to get.
                     Ok(f) => {
                         let offset = c.offset().map_or(0, |o| o.local_minus_utc());
-                        let today = (crate::clock::now() + chrono::Duration::seconds(i64::from(offset))).date_naive();
+                        let today =
+                            (crate::edge::clock::now() + chrono::Duration::seconds(i64::from(offset))).date_naive();
                         for home in &f.homes {
                             for k in home.contacts.iter().filter(|k| !k.may_receive(true, today)) {
                                 let what = if c.privacy.require_consent {
@@ -835,7 +838,8 @@ pub fn main() -> ExitCode {
                 Ok(c) => c,
                 Err(code) => return code,
             };
-            let nodes = match nodes.iter().map(|n| n.parse::<crate::nats::Node>()).collect::<Result<Vec<_>, _>>() {
+            let nodes = match nodes.iter().map(|n| n.parse::<crate::admin::nats::Node>()).collect::<Result<Vec<_>, _>>()
+            {
                 Ok(n) => n,
                 Err(e) => {
                     eprintln!("mamori-gateway: --node {e}");

@@ -16,9 +16,9 @@ use chrono::FixedOffset;
 pub use mamori_connect::{Secret, TlsConfig};
 use serde::Deserialize;
 
-use crate::engine::Settings;
-use crate::homes::Known;
-use crate::policy::Policy;
+use crate::domain::engine::Settings;
+use crate::domain::homes::Known;
+use crate::domain::policy::Policy;
 
 /// The whole file.
 #[derive(Debug, Clone, Deserialize)]
@@ -85,7 +85,7 @@ pub struct Config {
     /// Where the store is: SQLite in `data_dir` unless `[store] postgres` names a database.
     #[serde(default)]
     pub store: StoreConfig,
-    /// Several gateways on one PostgreSQL store, one of them active ([`crate::lease`]).
+    /// Several gateways on one PostgreSQL store, one of them active ([`crate::service::lease`]).
     #[serde(default)]
     pub cluster: Option<ClusterConfig>,
 }
@@ -166,9 +166,9 @@ pub struct Operator {
     pub name: String,
     /// Message language.
     #[serde(default)]
-    pub language: crate::homes::Lang,
+    pub language: crate::domain::homes::Lang,
     /// Channels (as in the homes file), all of which are used.
-    pub channels: Vec<crate::homes::ChannelRef>,
+    pub channels: Vec<crate::domain::homes::ChannelRef>,
 }
 
 /// The dead-man heartbeat: a monitor outside the centre (healthchecks.io, Uptime Kuma, a
@@ -209,19 +209,19 @@ pub struct PkiConfig {
 
 impl Config {
     /// Where the store is (the password read now, from its file or variable).
-    pub fn store_location(&self) -> Result<crate::store::Location, String> {
+    pub fn store_location(&self) -> Result<crate::edge::store::Location, String> {
         let Some(conn) = &self.store.postgres else {
-            return Ok(crate::store::Location::Sqlite(self.data_dir.clone()));
+            return Ok(crate::edge::store::Location::Sqlite(self.data_dir.clone()));
         };
         let password = self.store.postgres_password.as_ref().map(|p| p.resolve()).transpose()?;
         let timeout = std::time::Duration::from_secs(u64::from(self.store.timeout_s));
-        let at = crate::store::pg::PgLocation::parse(conn, password.as_deref(), timeout)
+        let at = crate::edge::store::pg::PgLocation::parse(conn, password.as_deref(), timeout)
             .map_err(|e| format!("store.postgres: {e}"))?;
         let at = match &self.store.postgres_ca_file {
             Some(ca) => at.with_tls(ca).map_err(|e| format!("store: {e}"))?,
             None => at,
         };
-        Ok(crate::store::Location::Postgres(Box::new(at)))
+        Ok(crate::edge::store::Location::Postgres(Box::new(at)))
     }
 
     /// The PKI folder.
@@ -364,13 +364,13 @@ impl HttpConfig {
     }
 
     /// The trusted proxies, parsed.
-    pub fn proxies(&self) -> Result<crate::listen::TrustedProxies, String> {
-        crate::listen::TrustedProxies::new(&self.trusted_proxies, &self.client_ip_header)
+    pub fn proxies(&self) -> Result<crate::edge::listen::TrustedProxies, String> {
+        crate::edge::listen::TrustedProxies::new(&self.trusted_proxies, &self.client_ip_header)
     }
 
     /// The listener's limits.
-    pub fn limits(&self) -> crate::listen::Limits {
-        crate::listen::Limits {
+    pub fn limits(&self) -> crate::edge::listen::Limits {
+        crate::edge::listen::Limits {
             max_connections: self.max_connections,
             max_per_address: self.max_connections_per_address,
             header_read: std::time::Duration::from_millis(self.header_read_timeout_ms),
@@ -656,7 +656,7 @@ impl Config {
             bad("store.timeout_s", "1 to 300 seconds");
         }
         if let Some(conn) = &c.store.postgres {
-            match crate::store::pg::PgLocation::parse(conn, None, std::time::Duration::from_secs(10)) {
+            match crate::edge::store::pg::PgLocation::parse(conn, None, std::time::Duration::from_secs(10)) {
                 Err(e) => bad("store.postgres", &format!("PostgreSQL connection settings without a password ({e})")),
                 Ok(at) => match &c.store.postgres_ca_file {
                     Some(ca) => {
@@ -684,7 +684,7 @@ impl Config {
             bad("http.trusted_proxies", &format!("addresses or networks and a header name: {e}"));
         }
         for p in &c.http.trusted_proxies {
-            if crate::listen::parse_net(p).is_some_and(|(ip, len)| len < if ip.is_ipv4() { 8 } else { 16 }) {
+            if crate::edge::listen::parse_net(p).is_some_and(|(ip, len)| len < if ip.is_ipv4() { 8 } else { 16 }) {
                 bad(
                     "http.trusted_proxies",
                     &format!("your reverse proxies' own addresses or networks, not `{p}` (anyone there could name any client)"),
@@ -808,7 +808,7 @@ impl Config {
             if !(url.starts_with("https://") || url.starts_with("http://") && url_host(url).is_some_and(is_loopback)) {
                 bad("voice.api_base_url", "an https URL (plain http only to loopback)");
             }
-            if !crate::homes::valid_phone(&v.from) {
+            if !crate::domain::homes::valid_phone(&v.from) {
                 bad("voice.from", "a phone number in international form (+8190...)");
             }
             if v.account_sid.is_empty() || !v.account_sid.chars().all(|c| c.is_ascii_alphanumeric()) {
@@ -889,7 +889,7 @@ impl Config {
             }
         }
         for (kind, p) in &c.policy {
-            if kind != "default" && kind.parse::<crate::engine::AlertKind>().is_err() {
+            if kind != "default" && kind.parse::<crate::domain::engine::AlertKind>().is_err() {
                 bad(&format!("policy.{kind}"), "an alert kind (an event kind such as mains_lost, or home_silent, state_unknown, delivery_failed, clock_skew, drill, battery_degraded, battery_test_failed) or default");
             }
             if let Err(e) = p.validate() {
@@ -995,14 +995,14 @@ template = '{"to":"{to}","text":"{text}"}'
     fn the_store_is_sqlite_unless_a_postgresql_database_is_named_without_its_password() {
         let c = Config::parse(GOOD, Path::new("/etc/mamori/gateway.toml")).unwrap();
         assert!(
-            matches!(c.store_location(), Ok(crate::store::Location::Sqlite(d)) if d == Path::new("/etc/mamori/data"))
+            matches!(c.store_location(), Ok(crate::edge::store::Location::Sqlite(d)) if d == Path::new("/etc/mamori/data"))
         );
         let with = |store: &str| Config::parse(&format!("{GOOD}[store]\n{store}"), Path::new("g.toml"));
         let c = with(
             "postgres = \"host=db.example user=mamori dbname=mamori\"\npostgres_password = { value = \"pw\" }\npostgres_plain = true\n",
         )
         .unwrap();
-        let Ok(crate::store::Location::Postgres(at)) = c.store_location() else { panic!("postgres") };
+        let Ok(crate::edge::store::Location::Postgres(at)) = c.store_location() else { panic!("postgres") };
         assert_eq!(at.target, "postgres db.example:5432/mamori");
         for (store, key) in [
             ("postgres = \"host=db password=hunter2\"\n", "store.postgres"),

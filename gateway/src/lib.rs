@@ -5,53 +5,33 @@
 //! facility, support centre) until someone acknowledges. A secondary, remote notification
 //! system: it never silences or replaces a device's own alarm in the room.
 //!
-//! | module | what |
+//! The folders are the layers:
+//!
+//! | folder | what |
 //! |---|---|
-//! | [`accounts`] | dashboard and API accounts: roles, scopes, passwords, TOTP, sessions, tokens |
-//! | [`audit`] | the hash-chained, append-only audit log |
-//! | [`homes`] | the homes file: care plans and contacts (personal data stays here) |
-//! | [`policy`] | escalation policies (tiers T0–T3) |
-//! | [`forecast`] | time left on backup power, with its basis |
-//! | [`engine`] | the pure core: state, alerts, escalation, regional incidents (time passed in) |
-//! | [`message`] | message text (ja/en) and signed acknowledgement links |
-//! | [`store`] | the `Store` trait and its SQLite (WAL) implementation |
-//! | [`delivery`] | the outbox's senders: webhook (HMAC), SMS gateway, SMTP, LINE, voice calls, console |
-//! | [`stats`] | delivery statistics per channel and role, the time each role takes to acknowledge (pure) |
-//! | [`dispatch`] | send slots shared per destination, circuit breakers, leases (pure) |
-//! | [`config`] | the gateway config file |
-//! | [`run`] | the service: MQTT in (validation, dedup, storage before action), degraded mode, wiring |
-//! | [`mqtt`] | the broker link: connection state, PUBACKs after storage |
-//! | [`lease`] | several gateways on one PostgreSQL store: the lease, its fencing token |
-//! | [`standby`] | a standby's dashboard: read from the store, actions passed to the active |
-//! | [`health`] | the gateway's own health: `/healthz`, the heartbeat, the watchdog |
-//! | [`notice`] | notices about the gateway itself for its operators (sent without the store) |
-//! | [`listen`] | the HTTP(S) listener and trusted reverse proxies |
+//! | [`domain`] | the pure core: engine, forecast, policies, homes, messages, operators' notices, statistics (no I/O, time passed in) |
+//! | [`edge`] | the store, the MQTT link, the senders, the HTTP listener, the clock |
+//! | [`service`] | the service loop that owns the engine and the store; send slots, the lease, the standby, health |
 //! | [`web`] | HTTP: the dashboard, `/api/v1`, `/metrics`, acknowledgement links |
-//! | [`pki`] | the deployment's CA, broker config and per-home credentials |
+//! | [`admin`] | accounts, the audit log, the PKI and broker configs |
+//! | [`config`] | the gateway config file |
 //! | [`cli`] | the command line (`src/main.rs` only calls it) |
+//!
+//!
+//! Who imports whom: `domain` imports no other folder (only `mamori-protocol`). `edge` imports
+//! `domain` and `config`, and the account and audit *row types* of `admin` that the store
+//! keeps. `admin` imports `domain` and the store. `web` imports those three, and the service's
+//! shared [`service::health::Health`] (the one reference up: `/healthz` reads what the loop
+//! writes). `service` wires everything, the web included; `cli` calls the others.
+//! Doc links may point anywhere.
+//!
+//! `docs/architecture.md` draws the same layers and follows one outage through them.
 #![deny(unsafe_code, missing_docs)]
 
-pub mod accounts;
-pub mod audit;
+pub mod admin;
 pub mod cli;
-pub mod clock;
 pub mod config;
-pub mod delivery;
-pub mod dispatch;
-pub mod engine;
-pub mod forecast;
-pub mod health;
-pub mod homes;
-pub mod lease;
-pub mod listen;
-pub mod message;
-pub mod mqtt;
-pub mod nats;
-pub mod notice;
-pub mod pki;
-pub mod policy;
-pub mod run;
-pub mod standby;
-pub mod stats;
-pub mod store;
+pub mod domain;
+pub mod edge;
+pub mod service;
 pub mod web;

@@ -5,9 +5,11 @@ fn the_shipped_example_configs_are_valid() {
     use std::path::Path;
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/gateway");
     let config = mamori_gateway::config::Config::load(&dir.join("gateway.toml")).expect("gateway.toml");
-    let homes = mamori_gateway::homes::HomesFile::load(&dir.join("homes.toml"), &config.known()).expect("homes.toml");
+    let homes =
+        mamori_gateway::domain::homes::HomesFile::load(&dir.join("homes.toml"), &config.known()).expect("homes.toml");
     assert_eq!(homes.homes.len(), 1);
-    let yaml = mamori_gateway::homes::HomesFile::load(&dir.join("homes.yaml"), &config.known()).expect("homes.yaml");
+    let yaml =
+        mamori_gateway::domain::homes::HomesFile::load(&dir.join("homes.yaml"), &config.known()).expect("homes.yaml");
     assert_eq!(yaml.homes, homes.homes, "homes.yaml says what homes.toml says");
 }
 
@@ -21,10 +23,10 @@ fn the_shipped_mosquitto_config_and_acl_are_what_pki_init_generates() {
     let shipped = std::fs::read_to_string(dir.join("mosquitto.conf")).expect("mosquitto.conf");
     let generated = format!(
         "{}{}",
-        mamori_gateway::pki::mosquitto_listener(8883, "0.0.0.0", Path::new("/etc/mamori/pki")),
-        mamori_gateway::pki::mosquitto_service(Path::new("/var/lib/mosquitto"))
+        mamori_gateway::admin::pki::mosquitto_listener(8883, "0.0.0.0", Path::new("/etc/mamori/pki")),
+        mamori_gateway::admin::pki::mosquitto_service(Path::new("/var/lib/mosquitto"))
     );
     assert_eq!(lines(&shipped), lines(&generated));
     let acl = std::fs::read_to_string(dir.join("acl")).expect("acl");
-    assert_eq!(lines(&acl), lines(&mamori_gateway::pki::acl()));
+    assert_eq!(lines(&acl), lines(&mamori_gateway::admin::pki::acl()));
 }

@@ -495,7 +495,7 @@ secret = {{ value = "hook-secret" }}
 #[test]
 fn what_the_broker_acknowledged_survives_its_crash_with_the_generated_config() -> Result<()> {
     // The generated service lines (`pki init`): persistence with autosave on every change.
-    let service: String = mamori_gateway::pki::mosquitto_service(Path::new("/unused"))
+    let service: String = mamori_gateway::admin::pki::mosquitto_service(Path::new("/unused"))
         .lines()
         .filter(|l| !l.starts_with("persistence"))
         .map(|l| format!("{l}\n"))

@@ -16,12 +16,12 @@ use axum::http::{header, Request, StatusCode};
 use axum::Router;
 use chrono::Utc;
 use http_body_util::BodyExt;
-use mamori_gateway::accounts::{AccountRole, Accounts, NewUser, TotpKey};
-use mamori_gateway::engine::{AlertKind, Answer, Engine, Input, Settings};
-use mamori_gateway::homes::{HomesFile, Known};
-use mamori_gateway::message::Style;
-use mamori_gateway::policy::Policies;
-use mamori_gateway::store::Store;
+use mamori_gateway::admin::accounts::{AccountRole, Accounts, NewUser, TotpKey};
+use mamori_gateway::domain::engine::{AlertKind, Answer, Engine, Input, Settings};
+use mamori_gateway::domain::homes::{HomesFile, Known};
+use mamori_gateway::domain::message::Style;
+use mamori_gateway::domain::policy::Policies;
+use mamori_gateway::edge::store::Store;
 use mamori_gateway::web::{self, App, SessionSettings, Snapshot, WebRequest};
 use mamori_protocol::mqtt::{Event, EventKind, HomeId, Role};
 use tokio::sync::{mpsc, watch};
@@ -110,7 +110,7 @@ fn fixture(dir: &Path) -> Parts {
     let homes = HomesFile::parse(HOMES, Path::new("homes.toml"), &Known::default()).unwrap();
     let settings = Settings { incident_min_homes: 2, ..Settings::default() };
     let mut engine = Engine::new(settings, Policies::default());
-    mamori_gateway::store::open(&mamori_gateway::store::Location::Sqlite(dir.to_path_buf()))
+    mamori_gateway::edge::store::open(&mamori_gateway::edge::store::Location::Sqlite(dir.to_path_buf()))
         .unwrap()
         .upsert_homes(&homes.homes, "homes file")
         .unwrap();
@@ -136,7 +136,7 @@ fn fixture(dir: &Path) -> Parts {
     let (tx, mut requests) = mpsc::channel::<WebRequest>(16);
     let (loop_engine, loop_tx) = (engine.clone(), snapshots.clone());
     let mut loop_store =
-        mamori_gateway::store::open(&mamori_gateway::store::Location::Sqlite(dir.to_path_buf())).unwrap();
+        mamori_gateway::edge::store::open(&mamori_gateway::edge::store::Location::Sqlite(dir.to_path_buf())).unwrap();
     tokio::spawn(async move {
         while let Some(r) = requests.recv().await {
             let mut e = loop_engine.lock().unwrap();
@@ -177,7 +177,7 @@ fn fixture(dir: &Path) -> Parts {
         }
     });
     let db = Arc::new(Mutex::new(
-        mamori_gateway::store::open(&mamori_gateway::store::Location::Sqlite(dir.to_path_buf())).unwrap(),
+        mamori_gateway::edge::store::open(&mamori_gateway::edge::store::Location::Sqlite(dir.to_path_buf())).unwrap(),
     ));
     let argon2 = Arc::new(tokio::sync::Semaphore::new(mamori_gateway::web::ARGON2_AT_ONCE));
     let app = App {
@@ -187,7 +187,7 @@ fn fixture(dir: &Path) -> Parts {
             link_secret: b"secret".to_vec(),
             offset: chrono::FixedOffset::east_opt(9 * 3600).unwrap(),
         },
-        proxies: mamori_gateway::listen::TrustedProxies::new(&[], "X-Forwarded-For").unwrap(),
+        proxies: mamori_gateway::edge::listen::TrustedProxies::new(&[], "X-Forwarded-For").unwrap(),
         tx,
         snapshot: rx,
         db: db.clone(),
@@ -231,7 +231,7 @@ async fn setup() -> Fixture {
                 municipalities: m.iter().map(|s| s.to_string()).collect(),
                 homes: h.iter().map(|s| s.to_string()).collect(),
             };
-            let secret = (role == AccountRole::Admin).then(mamori_gateway::accounts::new_totp_secret);
+            let secret = (role == AccountRole::Admin).then(mamori_gateway::admin::accounts::new_totp_secret);
             let u = acc.add(&new, PASSWORD, secret.as_deref(), &TotpKey::derive(b"secret"), Utc::now()).unwrap();
             let token = acc.start_session(&u, Utc::now()).unwrap();
             let csrf = acc
@@ -487,7 +487,7 @@ async fn writes_follow_the_scope_and_the_role() {
 
     // Everything above is in the audit log, and the chain holds.
     let s = f.db.lock().unwrap();
-    let entries = mamori_gateway::audit::entries(s.as_ref(), None, 100).unwrap();
+    let entries = mamori_gateway::admin::audit::entries(s.as_ref(), None, 100).unwrap();
     let actions: Vec<(String, String)> = entries.iter().rev().map(|e| (e.actor.clone(), e.action.clone())).collect();
     for want in [
         ("family-a1", "ack"),
@@ -500,8 +500,8 @@ async fn writes_follow_the_scope_and_the_role() {
         assert!(actions.iter().any(|(a, b)| a == want.0 && b == want.1), "{want:?} in {actions:?}");
     }
     assert!(matches!(
-        mamori_gateway::audit::verify(s.as_ref()).unwrap(),
-        mamori_gateway::audit::Verdict::Intact { .. }
+        mamori_gateway::admin::audit::verify(s.as_ref()).unwrap(),
+        mamori_gateway::admin::audit::Verdict::Intact { .. }
     ));
 }
 
@@ -640,7 +640,8 @@ async fn login_sets_a_strict_cookie_throttles_guessing_and_wants_a_code_from_an_
     let sealed = f.db.lock().unwrap().login_secrets("admin").unwrap().unwrap().totp_secret.unwrap();
     assert!(sealed.starts_with("enc1:"), "the second factor is encrypted at rest");
     let secret = TotpKey::derive(b"secret").open(&sealed).unwrap();
-    let code = format!("{:06}", mamori_gateway::accounts::totp_code(&secret, Utc::now().timestamp() / 30).unwrap());
+    let code =
+        format!("{:06}", mamori_gateway::admin::accounts::totp_code(&secret, Utc::now().timestamp() / 30).unwrap());
     assert_eq!(login(&f, "admin", PASSWORD, &code).await.status, StatusCode::SEE_OTHER);
     assert_eq!(login(&f, "admin", PASSWORD, &code).await.status, StatusCode::UNAUTHORIZED, "a code works once");
 
@@ -652,7 +653,7 @@ async fn login_sets_a_strict_cookie_throttles_guessing_and_wants_a_code_from_an_
     assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS, "{}", r.body);
 
     let s = f.db.lock().unwrap();
-    let entries = mamori_gateway::audit::entries(s.as_ref(), None, 100).unwrap();
+    let entries = mamori_gateway::admin::audit::entries(s.as_ref(), None, 100).unwrap();
     let count = |action: &str, actor: &str| entries.iter().filter(|e| e.action == action && e.actor == actor).count();
     assert_eq!(count("login", "coord-a"), 1);
     assert_eq!(count("login_failed", "facility-a1"), 6);
@@ -673,7 +674,7 @@ async fn views_of_a_home_are_audited_and_live_refreshes_once_per_ten_minutes() {
     }
     assert_eq!(send(&f, page(&f, Some("coord_b"), "GET", "/homes/home-a1", "")).await.status, StatusCode::NOT_FOUND);
     let s = f.db.lock().unwrap();
-    let views: Vec<(String, String, String)> = mamori_gateway::audit::entries(s.as_ref(), None, 100)
+    let views: Vec<(String, String, String)> = mamori_gateway::admin::audit::entries(s.as_ref(), None, 100)
         .unwrap()
         .into_iter()
         .filter(|e| e.action == "view_home")
@@ -760,7 +761,7 @@ async fn metrics_and_the_openapi_document_need_no_account_and_name_no_home() {
 /// How many audit entries have `action` by `actor`.
 fn audited(f: &Fixture, action: &str, actor: &str) -> usize {
     let s = f.db.lock().unwrap();
-    mamori_gateway::audit::entries(s.as_ref(), None, 1000)
+    mamori_gateway::admin::audit::entries(s.as_ref(), None, 1000)
         .unwrap()
         .into_iter()
         .filter(|e| e.action == action && e.actor == actor)
@@ -798,7 +799,7 @@ async fn forty_guesses_sent_at_once_check_at_most_five_passwords() {
     // Five failures, and the refusals summed into an entry rather than one per request.
     let entries = {
         let s = f.db.lock().unwrap();
-        mamori_gateway::audit::entries(s.as_ref(), None, 1000).unwrap()
+        mamori_gateway::admin::audit::entries(s.as_ref(), None, 1000).unwrap()
     };
     let failed: Vec<_> = entries.iter().filter(|e| e.action == "login_failed").collect();
     assert_eq!(failed.iter().filter(|e| e.detail.is_empty()).count(), 5, "{failed:?}");
@@ -1672,7 +1673,7 @@ const GOOD_PLAN: &[(&str, &str)] = &[
     ("c1_quiet", "22:00-07:00"),
 ];
 
-fn plan_of(f: &Fixture, id: &str) -> mamori_gateway::homes::Home {
+fn plan_of(f: &Fixture, id: &str) -> mamori_gateway::domain::homes::Home {
     f.engine.lock().unwrap().plan(&HomeId::new(id).unwrap()).unwrap().clone()
 }
 
@@ -1839,15 +1840,15 @@ async fn with_consent_required_an_account_sees_only_homes_that_consented_to_its_
     // The same homes, with consent required: home-a1 consented to its coordinator (not to its
     // facility); home-a2 to nobody.
     let mut homes = HomesFile::parse(HOMES, Path::new("homes.toml"), &Known::default()).unwrap().homes;
-    let contact = |role: Role, name: &str, consent: bool| mamori_gateway::homes::Contact {
+    let contact = |role: Role, name: &str, consent: bool| mamori_gateway::domain::homes::Contact {
         role,
         name: name.into(),
-        language: mamori_gateway::homes::Lang::Ja,
-        channels: vec![mamori_gateway::homes::ChannelRef::Sms("+819012345678".into())],
+        language: mamori_gateway::domain::homes::Lang::Ja,
+        channels: vec![mamori_gateway::domain::homes::ChannelRef::Sms("+819012345678".into())],
         then: vec![],
         quiet_hours: None,
         phone: None,
-        consent: consent.then(|| mamori_gateway::homes::Consent {
+        consent: consent.then(|| mamori_gateway::domain::homes::Consent {
             given_by: "母".into(),
             on: "2026-04-01".into(),
             purpose: "停電時の通知と避難の調整".into(),

@@ -5,7 +5,7 @@
 //! broker that a test starts itself on a free loopback port with a generated config (never the
 //! machine's broker on 1883), a NATS cluster ([`nats`]), a PostgreSQL database of its own
 //! ([`postgres`]), NUT ([`nut`]), a cuttable TCP link ([`netcut::Link`]), local servers that
-//! implement the outside services' documented APIs with their failures ([`webhook`], [`line`],
+//! implement the outside services' documented APIs with their failures ([`webhook`], [`line`](mod@line),
 //! [`voice`], [`smtp`], [`stall`]), a headless browser ([`cdp`]), and helpers to wait for a
 //! condition with a deadline ([`Deadline`]) instead of sleeping.
 //!

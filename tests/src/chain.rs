@@ -134,12 +134,12 @@ pub fn generated_broker_quiet(pki: &Path, extra: &str) -> Result<Mosquitto> {
 }
 
 fn generated_config<'a>(pki: &'a Path, extra: &'a str) -> impl Fn(u16, &Path) -> String + 'a {
-    let service: String = mamori_gateway::pki::mosquitto_service(Path::new("/unused"))
+    let service: String = mamori_gateway::admin::pki::mosquitto_service(Path::new("/unused"))
         .lines()
         .filter(|l| !l.starts_with("persistence"))
         .map(|l| format!("{l}\n"))
         .collect();
-    move |port, _| format!("{}{service}{extra}", mamori_gateway::pki::mosquitto_listener(port, "127.0.0.1", pki))
+    move |port, _| format!("{}{service}{extra}", mamori_gateway::admin::pki::mosquitto_listener(port, "127.0.0.1", pki))
 }
 
 fn ok(out: std::process::Output, what: &str) -> Result<()> {

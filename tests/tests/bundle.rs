@@ -6,7 +6,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a failed unwrap is a failed test
 
 use mamori_agent::config::Config;
-use mamori_gateway::pki;
+use mamori_gateway::admin::pki;
 use mamori_protocol::mqtt::HomeId;
 
 fn now() -> chrono::DateTime<chrono::Utc> {

@@ -2,7 +2,7 @@
 //! acknowledged and a form; only the form's `POST` acknowledges, because mail scanners and
 //! link previews open links. A bad signature is a 404 that says nothing about whether the
 //! alert exists. An acknowledgement is logged with the client's address: the peer's, or the
-//! one a trusted reverse proxy names ([`crate::listen::TrustedProxies`]), and written to
+//! one a trusted reverse proxy names ([`crate::edge::listen::TrustedProxies`]), and written to
 //! the audit log.
 
 use axum::extract::{Path, State};
@@ -32,10 +32,10 @@ fn page(status: StatusCode, body: &str) -> Response {
 struct Subject {
     ja: String,
     en: String,
-    over_at: Option<crate::engine::Time>,
+    over_at: Option<crate::domain::engine::Time>,
 }
 
-fn when(t: crate::engine::Time, offset: chrono::FixedOffset, ja: bool) -> String {
+fn when(t: crate::domain::engine::Time, offset: chrono::FixedOffset, ja: bool) -> String {
     let t = t.with_timezone(&offset);
     if ja {
         t.format("%-m月%-d日 %H:%M").to_string()
@@ -47,7 +47,7 @@ fn when(t: crate::engine::Time, offset: chrono::FixedOffset, ja: bool) -> String
 /// The link's alert or incident: an open one from the engine, or (open or over) from the store.
 /// `Err`: the store could not be read (said as "try again", never as "not found").
 async fn subject(app: &App, id: &str) -> Result<Option<Subject>, ()> {
-    use crate::homes::Lang;
+    use crate::domain::homes::Lang;
     let snap = app.snap();
     let offset = app.style.offset;
     let active = snap.engine.states().flat_map(|(_, s)| s.alerts.values()).find(|a| a.id == id).cloned();
@@ -62,7 +62,7 @@ async fn subject(app: &App, id: &str) -> Result<Option<Subject>, ()> {
     };
     if let Some(a) = alert {
         let label = snap.engine.plan(&a.home).map_or_else(|| a.home.as_str().to_string(), |p| p.label.clone());
-        let kind = |lang| crate::message::kind_text(a.kind, lang).to_string();
+        let kind = |lang| crate::domain::message::kind_text(a.kind, lang).to_string();
         return Ok(Some(Subject {
             ja: format!("{label}：{}（{}から）", kind(Lang::Ja), when(a.since, offset, true)),
             en: format!("{label}: {} (since {})", kind(Lang::En), when(a.since, offset, false)),

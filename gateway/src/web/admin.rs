@@ -18,9 +18,9 @@ use super::html::{account_error, failed, local, not_found, T};
 use super::layout::layout;
 use super::pages::{account_role_text, channel_text};
 use super::{escape, App, Client};
-use crate::accounts::{self, AccountRole, Accounts, NewUser};
-use crate::audit;
-use crate::homes::Lang;
+use crate::admin::accounts::{self, AccountRole, Accounts, NewUser};
+use crate::admin::audit;
+use crate::domain::homes::Lang;
 
 /// `GET /account`.
 pub async fn account(State(_app): State<App>, v: Viewer) -> Response {
@@ -94,7 +94,7 @@ pub async fn account_password(
         return r;
     }
     let t = T(v.lang);
-    let (name, ip, now) = (v.user.username.clone(), client.text(), crate::clock::now());
+    let (name, ip, now) = (v.user.username.clone(), client.text(), crate::edge::clock::now());
     // The current password is a password guess like a login's: throttled and audited.
     let keys = [format!("pw:{name}")];
     let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
@@ -165,7 +165,8 @@ pub async fn account_totp(State(app): State<App>, v: Viewer, client: Client, For
     if v.user.totp {
         return account_page(&v, None, None);
     }
-    let (name, secret, code, now) = (v.user.username.clone(), f.secret.clone(), f.code.clone(), crate::clock::now());
+    let (name, secret, code, now) =
+        (v.user.username.clone(), f.secret.clone(), f.code.clone(), crate::edge::clock::now());
     let key = app.totp_key.clone();
     match app.db(move |s| Ok(Accounts::new(s).enable_totp(&name, &secret, &code, &key, now)?)).await {
         Ok(true) => {
@@ -300,7 +301,7 @@ async fn admin_users_page(app: &App, v: &Viewer, message: Option<String>) -> Res
 }
 
 /// An account's API tokens, each with a button to revoke it alone (a lost laptop's).
-fn tokens_html(v: &Viewer, username: &str, tokens: &[crate::store::TokenRow], offset: FixedOffset) -> String {
+fn tokens_html(v: &Viewer, username: &str, tokens: &[crate::edge::store::TokenRow], offset: FixedOffset) -> String {
     if tokens.is_empty() {
         return String::new();
     }
@@ -374,7 +375,7 @@ pub async fn admin_add_user(State(app): State<App>, v: Viewer, client: Client, F
         homes: list(&f.homes),
     };
     let totp = (role == AccountRole::Admin).then(accounts::new_totp_secret);
-    let (n, pw, secret, now) = (new.clone(), f.password, totp.clone(), crate::clock::now());
+    let (n, pw, secret, now) = (new.clone(), f.password, totp.clone(), crate::edge::clock::now());
     let (key, lang) = (app.totp_key.clone(), v.lang);
     let r = app
         .db(move |s| {
@@ -433,7 +434,7 @@ pub async fn admin_change_user(
     if name == v.user.username && f.action == "disable" {
         return admin_users_page(&app, &v, Some("you cannot disable yourself".into())).await;
     }
-    let (n, action, pw, now, lang) = (name.clone(), f.action.clone(), f.password, crate::clock::now(), v.lang);
+    let (n, action, pw, now, lang) = (name.clone(), f.action.clone(), f.password, crate::edge::clock::now(), v.lang);
     let (role, scope, token_id) = (AccountRole::parse(&f.role), list(&f.scope), f.token_id);
     let r = app
         .db(move |s| {
@@ -565,7 +566,7 @@ pub async fn admin_delivery(State(app): State<App>, v: Viewer) -> Response {
         Ok(x) => x,
         Err(e) => return failed(e),
     };
-    let stats = crate::stats::compute(&sent, &acked);
+    let stats = crate::domain::stats::compute(&sent, &acked);
     let mut body = format!("<h1>{}</h1><p>{}</p>", t.t("delivery"), t.t("delivery_intro"));
     if stats.by.is_empty() {
         let _ = write!(body, "<p>{}</p>", t.t("no_deliveries"));
@@ -585,7 +586,7 @@ pub async fn admin_delivery(State(app): State<App>, v: Viewer) -> Response {
                 body,
                 "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
                 channel_text(channel, v.lang),
-                crate::message::role_text(*role, v.lang),
+                crate::domain::message::role_text(*role, v.lang),
                 c.delivered,
                 c.pending,
                 c.abandoned,
@@ -607,12 +608,12 @@ pub async fn admin_delivery(State(app): State<App>, v: Viewer) -> Response {
                 (None, _) => "—".to_string(),
                 (Some(m), Lang::Ja) if m < 60.0 => format!("{m:.0}秒"),
                 (Some(m), Lang::En) if m < 60.0 => format!("{m:.0} s"),
-                (Some(m), lang) => crate::message::duration(m.round() as i64, lang),
+                (Some(m), lang) => crate::domain::message::duration(m.round() as i64, lang),
             };
             let _ = write!(
                 body,
                 "<tr><td>{}</td><td>{}</td><td>{}</td></tr>",
-                crate::message::role_text(*role, v.lang),
+                crate::domain::message::role_text(*role, v.lang),
                 a.acknowledged,
                 median
             );

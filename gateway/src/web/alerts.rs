@@ -17,8 +17,8 @@ use super::layout::layout;
 use super::pages::*;
 use super::view::{self, AlertView};
 use super::{escape, App, Client, WebRequest};
-use crate::homes::Lang;
-use crate::message::{kind_text, role_text, tier_text};
+use crate::domain::homes::Lang;
+use crate::domain::message::{kind_text, role_text, tier_text};
 
 fn ack_form(v: &Viewer, a: &AlertView, back: &str) -> String {
     let t = T(v.lang);
@@ -118,7 +118,7 @@ pub(super) fn alert_row(
 pub async fn alerts(State(app): State<App>, v: Viewer, client: Client) -> Response {
     let t = T(v.lang);
     let snap = app.snap();
-    let now = crate::clock::now();
+    let now = crate::edge::clock::now();
     let list = view::open_alerts(&snap.engine, &v.user, now);
     app.audit_view(&v, &client.text(), "list_alerts", "alerts", &format!("{} alerts", list.len())).await;
     let mut body = format!("<h1>{}</h1>", t.t("alerts"));

@@ -16,9 +16,9 @@ use serde_json::json;
 use super::auth::ApiUser;
 use super::view::{self, AlertView};
 use super::{App, Client, WebRequest};
-use crate::accounts::User;
-use crate::engine::Time;
-use crate::store::{OutboxRow, OutboxStatus};
+use crate::admin::accounts::User;
+use crate::domain::engine::Time;
+use crate::edge::store::{OutboxRow, OutboxStatus};
 
 /// The API's routes (nested under `/api/v1`).
 pub fn router() -> Router<App> {
@@ -107,7 +107,7 @@ async fn visible_home(app: &App, user: &User, client: &Client, id: &str, what: &
 
 async fn homes(State(app): State<App>, ApiUser(user): ApiUser, client: Client) -> Response {
     let snap = app.snap();
-    let homes = view::homes(&snap.engine, &user, crate::clock::now());
+    let homes = view::homes(&snap.engine, &user, crate::edge::clock::now());
     audit_log(&app, &user.username, &client, "list_homes", "homes", &format!("{} homes", homes.len())).await;
     Json(json!({ "homes": homes })).into_response()
 }
@@ -116,7 +116,7 @@ async fn home(State(app): State<App>, ApiUser(user): ApiUser, client: Client, Pa
     let snap = app.snap();
     let Some(plan) = view::home(&snap.engine, &user, &id) else { return not_found() };
     audit_log(&app, &user.username, &client, "view_home", &id, "").await;
-    Json(view::home_view(plan, snap.engine.home_state(&plan.id), crate::clock::now())).into_response()
+    Json(view::home_view(plan, snap.engine.home_state(&plan.id), crate::edge::clock::now())).into_response()
 }
 
 /// `?hours=` (1–168, default 24).
@@ -137,7 +137,7 @@ async fn telemetry(
         Err(r) => return r.into_response(),
     };
     let Some(home) = visible_home(&app, &user, &client, &id, "telemetry").await else { return not_found() };
-    let since = crate::clock::now() - chrono::Duration::hours(i64::from(hours));
+    let since = crate::edge::clock::now() - chrono::Duration::hours(i64::from(hours));
     match app.db(move |s| Ok(s.telemetry_since(&home, since, 2000)?)).await {
         Ok(t) => Json(json!({ "telemetry": t })).into_response(),
         Err(e) => failed(e),
@@ -248,7 +248,7 @@ async fn home_alerts(
 async fn alerts(State(app): State<App>, ApiUser(user): ApiUser, client: Client) -> Response {
     let snap = app.snap();
     let list: Vec<AlertView> =
-        view::open_alerts(&snap.engine, &user, crate::clock::now()).into_iter().map(|o| o.alert).collect();
+        view::open_alerts(&snap.engine, &user, crate::edge::clock::now()).into_iter().map(|o| o.alert).collect();
     audit_log(&app, &user.username, &client, "list_alerts", "alerts", &format!("{} alerts", list.len())).await;
     Json(json!({ "alerts": list })).into_response()
 }
@@ -330,7 +330,7 @@ async fn ack(
         Err(r) => return r.into_response(),
     };
     let snap = app.snap();
-    let now = crate::clock::now();
+    let now = crate::edge::clock::now();
     let visible = view::alert(&snap.engine, &user, &id).is_some()
         || view::incidents(&snap.engine, &user, now).iter().any(|i| i.id == id);
     if !visible {
@@ -421,14 +421,14 @@ async fn municipality_drill(
 
 async fn incidents(State(app): State<App>, ApiUser(user): ApiUser, client: Client) -> Response {
     let snap = app.snap();
-    let list = view::incidents(&snap.engine, &user, crate::clock::now());
+    let list = view::incidents(&snap.engine, &user, crate::edge::clock::now());
     audit_log(&app, &user.username, &client, "list_incidents", "incidents", &format!("{} incidents", list.len())).await;
     Json(json!({ "incidents": list })).into_response()
 }
 
 async fn incident(State(app): State<App>, ApiUser(user): ApiUser, client: Client, Path(id): Path<String>) -> Response {
     let snap = app.snap();
-    match view::incidents(&snap.engine, &user, crate::clock::now()).into_iter().find(|i| i.id == id) {
+    match view::incidents(&snap.engine, &user, crate::edge::clock::now()).into_iter().find(|i| i.id == id) {
         Some(i) => {
             audit_log(&app, &user.username, &client, "view_incident", &id, &i.municipality).await;
             Json(i).into_response()

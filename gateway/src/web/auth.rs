@@ -2,10 +2,10 @@
 //!
 //! - `GET /login` sets a short-lived login cookie and puts the same nonce in the form
 //!   (double submit), so another site cannot log a browser into an attacker's account.
-//! - `POST /login` is throttled per username and per address ([`crate::accounts::Throttle`]);
+//! - `POST /login` is throttled per username and per address ([`crate::admin::accounts::Throttle`]);
 //!   every failure looks the same (unknown user, wrong password, wrong code, disabled).
 //! - [`Viewer`] is a logged-in browser: its session cookie is checked on every request, and
-//!   a page without one redirects to the login. [`Viewer::check_csrf`] guards every form.
+//!   a page without one redirects to the login. [`Viewer::csrf_refusal`] guards every form.
 //! - [`ApiUser`] is an API client with `Authorization: Bearer mmr_...`; a missing or bad
 //!   token is a 401 in JSON.
 
@@ -18,8 +18,8 @@ use serde::Deserialize;
 
 use super::html::{layout_bare, T};
 use super::{escape, App, Busy, Client};
-use crate::accounts::{Accounts, Throttle, User};
-use crate::homes::Lang;
+use crate::admin::accounts::{Accounts, Throttle, User};
+use crate::domain::homes::Lang;
 
 /// The session cookie's name.
 pub const SESSION_COOKIE: &str = "mamori_session";
@@ -141,7 +141,7 @@ impl FromRequestParts<App> for Viewer {
         };
         let Some(token) = cookie(&parts.headers, SESSION_COOKIE).map(str::to_string) else { return Err(to_login()) };
         let (idle, max_age) = (app.sessions.idle, app.sessions.max_age);
-        let now = crate::clock::now();
+        let now = crate::edge::clock::now();
         let found = app.db(move |s| Ok(Accounts::new(s).session(&token, now, idle, max_age)?)).await;
         match found {
             Ok(Some(s)) => Ok(Viewer {
@@ -241,7 +241,7 @@ pub async fn login_page(State(app): State<App>, headers: HeaderMap, Query(q): Qu
     // form already on screen.
     let nonce = cookie(&headers, LOGIN_COOKIE)
         .filter(|c| c.len() == 43 && c.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'))
-        .map_or_else(crate::accounts::new_token, str::to_string);
+        .map_or_else(crate::admin::accounts::new_token, str::to_string);
     let lang = lang(&headers);
     let next = local_path(q.next.as_deref());
     let body = login_form(lang, &nonce, &next, None);
@@ -275,7 +275,7 @@ pub async fn login_post(
     let t = T(lang);
     let next = local_path(f.next.as_deref());
     let again = |status: StatusCode, msg: &str| {
-        let nonce = crate::accounts::new_token();
+        let nonce = crate::admin::accounts::new_token();
         (
             status,
             [(header::SET_COOKIE, set_cookie(&app, LOGIN_COOKIE, &nonce, "/login", 3600))],
@@ -290,7 +290,7 @@ pub async fn login_post(
     let ip = client.text();
     let keys = [format!("u:{username}"), format!("ip:{ip}")];
     let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
-    let now = crate::clock::now();
+    let now = crate::edge::clock::now();
     // Reserve the attempt before anything is verified; a poisoned lock refuses (fails closed).
     let reserved = match app.throttle.lock() {
         Ok(mut th) => th.reserve(&keys, now).map_err(|wait| (wait, th.refused(keys[0], now))),
@@ -322,7 +322,7 @@ pub async fn login_post(
             return again(StatusCode::SERVICE_UNAVAILABLE, t.t("unavailable"));
         }
     };
-    let hash = creds.as_ref().map_or_else(|| crate::accounts::decoy_hash().to_string(), |c| c.hash.clone());
+    let hash = creds.as_ref().map_or_else(|| crate::admin::accounts::decoy_hash().to_string(), |c| c.hash.clone());
     let password_ok = match app.verify_password(hash, f.password).await {
         Ok(ok) => ok && creds.is_some(),
         Err(Busy) => return again(StatusCode::SERVICE_UNAVAILABLE, t.t("busy")),

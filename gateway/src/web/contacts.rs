@@ -5,16 +5,16 @@ use std::fmt::Write as _;
 
 use super::escape;
 use super::html::T;
-use crate::engine::Engine;
-use crate::homes::Lang;
-use crate::message::role_text;
+use crate::domain::engine::Engine;
+use crate::domain::homes::Lang;
+use crate::domain::message::role_text;
 
 /// A home's contacts, with the numbers of their SMS and call channels as `tel:` links.
 /// The home's contacts with their roles, phone numbers to dial, and their consent: when the
 /// config requires consent, a contact without a current one is marked as told nothing.
-pub fn contacts_html(plan: &crate::homes::Home, t: T, engine: &Engine) -> String {
-    use crate::homes::ChannelRef;
-    let (require_consent, today) = (engine.require_consent(), engine.today(crate::clock::now()));
+pub fn contacts_html(plan: &crate::domain::homes::Home, t: T, engine: &Engine) -> String {
+    use crate::domain::homes::ChannelRef;
+    let (require_consent, today) = (engine.require_consent(), engine.today(crate::edge::clock::now()));
     let mut out = format!("<h2>{}</h2><ul class=\"contacts\">", t.t("contacts"));
     for c in &plan.contacts {
         let mut numbers: Vec<&str> = c

@@ -21,9 +21,9 @@ use super::escape;
 use super::html::{clock, T};
 use super::layout::layout;
 use super::view::{main_alert, HomeView};
-use crate::engine::{Answer, Engine, Time};
-use crate::homes::Lang;
-use crate::message;
+use crate::domain::engine::{Answer, Engine, Time};
+use crate::domain::homes::Lang;
+use crate::domain::message;
 
 /// The facility's page: `homes` as [`super::view::homes`] sorted them.
 pub(super) fn page(

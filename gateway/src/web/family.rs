@@ -32,11 +32,11 @@ use super::html::{clock, failed, local, not_found, T};
 use super::layout::layout;
 use super::view::{self, main_alert, AlertView, HomeView};
 use super::{escape, App, Client};
-use crate::accounts::AccountRole;
-use crate::engine::{Answer, Time};
-use crate::homes::{BackupKind, Home, Lang};
-use crate::message::{self, Situation};
-use crate::store::{OutboxRow, OutboxStatus};
+use crate::admin::accounts::AccountRole;
+use crate::domain::engine::{Answer, Time};
+use crate::domain::homes::{BackupKind, Home, Lang};
+use crate::domain::message::{self, Situation};
+use crate::edge::store::{OutboxRow, OutboxStatus};
 
 /// What is happening, in one sentence.
 fn situation(h: &HomeView, now: Time, offset: chrono::FixedOffset, lang: Lang) -> (String, &'static str) {
@@ -348,7 +348,7 @@ pub async fn answer(
         let text = if v.lang == Lang::Ja { "この答えは選べません。" } else { "Not an answer you can give." };
         return (StatusCode::BAD_REQUEST, layout(&v, "400", &format!("<p class=\"error\">{text}</p>"))).into_response();
     };
-    let h = view::home_view(plan, snap.engine.home_state(&plan.id), crate::clock::now());
+    let h = view::home_view(plan, snap.engine.home_state(&plan.id), crate::edge::clock::now());
     let nothing = if v.lang == Lang::Ja {
         "いま知らせていることはありません。"
     } else {

@@ -23,11 +23,11 @@ use super::layout::layout;
 use super::pages::*;
 use super::view;
 use super::{escape, App, Client};
-use crate::accounts::AccountRole;
-use crate::engine::Time;
-use crate::homes::Lang;
-use crate::message::{kind_text, role_text};
-use crate::store::OutboxRow;
+use crate::admin::accounts::AccountRole;
+use crate::domain::engine::Time;
+use crate::domain::homes::Lang;
+use crate::domain::message::{kind_text, role_text};
+use crate::edge::store::OutboxRow;
 
 /// An inline SVG line chart of one or two series up to `to`, over at most `[from, to]`:
 /// it starts at the first point when the history is shorter, so a young history is not a
@@ -105,7 +105,7 @@ fn tick(v: f64, range: f64) -> String {
 struct HomeHistory {
     telemetry: Vec<Telemetry>,
     events: Vec<mamori_protocol::mqtt::Event>,
-    alerts: Vec<crate::engine::Alert>,
+    alerts: Vec<crate::domain::engine::Alert>,
     outbox: BTreeMap<String, Vec<OutboxRow>>,
 }
 
@@ -119,7 +119,7 @@ pub async fn home(
 ) -> Response {
     let t = T(v.lang);
     let snap = app.snap();
-    let now = crate::clock::now();
+    let now = crate::edge::clock::now();
     let offset = app.style.offset;
     let Some(plan) = view::home(&snap.engine, &v.user, &id) else { return not_found(v.lang) };
     app.audit_view(&v, &client.text(), "view_home", &id, "").await;
@@ -135,7 +135,7 @@ pub async fn home(
             let alerts = s.alerts_for(&home_id, 50)?;
             let mut outbox = BTreeMap::new();
             for a in &alerts {
-                outbox.insert(a.id.clone(), crate::store::Store::outbox_for(s, &a.id)?);
+                outbox.insert(a.id.clone(), crate::edge::store::Store::outbox_for(s, &a.id)?);
             }
             Ok(HomeHistory {
                 telemetry: s.telemetry_since(&home_id, since, 400)?,
@@ -241,7 +241,7 @@ pub async fn home(
             "<form method=\"post\" action=\"/homes/{}/answer\" class=\"inline\">{}<button type=\"submit\" name=\"answer\" value=\"handling\" class=\"secondary\">{}</button></form>",
             escape(plan.id.as_str()),
             v.csrf_field(),
-            crate::engine::Answer::Handling.text(v.lang)
+            crate::domain::engine::Answer::Handling.text(v.lang)
         );
     }
     // Who to call: each contact with their phone numbers as links a phone dials (tap to call).
@@ -281,14 +281,17 @@ pub async fn home(
     let learned = snap.engine.home_state(&plan.id).and_then(|s| s.battery.clone());
     let mut band: [Vec<(Time, f64)>; 3] = Default::default();
     if let Some(outage) = h.on_battery_since {
-        let mut d = crate::forecast::Discharge::start(outage);
+        let mut d = crate::domain::forecast::Discharge::start(outage);
         for x in &history.telemetry {
             let at = x.ts.with_timezone(&chrono::Utc);
             if at < outage {
                 continue;
             }
-            d.push(crate::forecast::Sample::of(at, x.ups.as_ref(), x.power_meter.as_ref()), chrono::Duration::days(7));
-            let f = crate::forecast::forecast(plan, outage, &d, learned.as_ref(), &Default::default());
+            d.push(
+                crate::domain::forecast::Sample::of(at, x.ups.as_ref(), x.power_meter.as_ref()),
+                chrono::Duration::days(7),
+            );
+            let f = crate::domain::forecast::forecast(plan, outage, &d, learned.as_ref(), &Default::default());
             let min = |l: chrono::Duration| l.num_seconds() as f64 / 60.0;
             band[0].push((at, min(f.time_left_p10(at))));
             band[1].push((at, min(f.time_left(at))));
@@ -376,18 +379,18 @@ pub async fn home(
             );
             for r in rows {
                 let status = match r.status {
-                    crate::store::OutboxStatus::Delivered => format!(
+                    crate::edge::store::OutboxStatus::Delivered => format!(
                         "<span class=\"pill ok\">{}</span> {}",
                         t.t("delivered"),
                         r.delivered_at.map(|d| local_s(d, offset)).unwrap_or_default()
                     ),
-                    crate::store::OutboxStatus::Pending => {
+                    crate::edge::store::OutboxStatus::Pending => {
                         format!("<span class=\"pill warn\">{}</span>", t.t("pending"))
                     }
-                    crate::store::OutboxStatus::Abandoned => {
+                    crate::edge::store::OutboxStatus::Abandoned => {
                         format!("<span class=\"pill bad\">{}</span>", t.t("abandoned"))
                     }
-                    crate::store::OutboxStatus::NotNeeded => {
+                    crate::edge::store::OutboxStatus::NotNeeded => {
                         format!("<span class=\"pill\">{}</span>", t.t("not_needed"))
                     }
                 };

@@ -10,10 +10,10 @@ use std::fmt::Write as _;
 use chrono::FixedOffset;
 
 use super::escape;
-use crate::accounts;
-use crate::engine::Time;
-use crate::homes::Lang;
-use crate::message::role_text;
+use crate::admin::accounts;
+use crate::domain::engine::Time;
+use crate::domain::homes::Lang;
+use crate::domain::message::role_text;
 
 /// Translations.
 #[derive(Debug, Clone, Copy)]
@@ -264,7 +264,7 @@ pub(super) fn by_text(by: &str, lang: Lang) -> String {
 }
 
 /// An incident's acknowledgements: who, in which role, when, and what they said.
-pub(super) fn incident_acks_html(acks: &[crate::engine::AckInfo], lang: Lang, offset: FixedOffset) -> String {
+pub(super) fn incident_acks_html(acks: &[crate::domain::engine::AckInfo], lang: Lang, offset: FixedOffset) -> String {
     let mut out = String::new();
     for a in acks {
         let _ = write!(

@@ -17,10 +17,10 @@ use super::layout::layout;
 use super::pages::*;
 use super::view;
 use super::{escape, App, Client, WebRequest};
-use crate::audit;
-use crate::engine::Time;
-use crate::homes::Lang;
-use crate::message::{basis, role_text, tier_text};
+use crate::admin::audit;
+use crate::domain::engine::Time;
+use crate::domain::homes::Lang;
+use crate::domain::message::{basis, role_text, tier_text};
 
 /// `POST /incidents/{id}/ack`.
 pub async fn ack_incident(
@@ -34,7 +34,7 @@ pub async fn ack_incident(
         return r;
     }
     let snap = app.snap();
-    let now = crate::clock::now();
+    let now = crate::edge::clock::now();
     if !view::incidents(&snap.engine, &v.user, now).iter().any(|i| i.id == id) {
         return not_found(v.lang);
     }
@@ -84,8 +84,8 @@ fn triage_headings(t: T) -> [&'static str; 9] {
 }
 
 fn triage_cells(
-    r: &crate::engine::TriageRow,
-    engine: &crate::engine::Engine,
+    r: &crate::domain::engine::TriageRow,
+    engine: &crate::domain::engine::Engine,
     now: Time,
     offset: FixedOffset,
     lang: Lang,
@@ -113,7 +113,10 @@ fn triage_cells(
         power,
         power_cls,
         row_cls,
-        left: r.time_left_s.map(|s| crate::message::time_left_text(s, r.time_left_range_s, lang)).unwrap_or_default(),
+        left: r
+            .time_left_s
+            .map(|s| crate::domain::message::time_left_text(s, r.time_left_range_s, lang))
+            .unwrap_or_default(),
         basis: r.basis.as_deref().map(|b| basis(b, lang)).unwrap_or(""),
         leave,
         leave_cls,
@@ -129,7 +132,7 @@ fn triage_cells(
 pub async fn incident(State(app): State<App>, v: Viewer, client: Client, Path(id): Path<String>) -> Response {
     let t = T(v.lang);
     let snap = app.snap();
-    let now = crate::clock::now();
+    let now = crate::edge::clock::now();
     let offset = app.style.offset;
     let Some(i) = view::incidents(&snap.engine, &v.user, now).into_iter().find(|i| i.id == id) else {
         return super::review::page(&app, &v, &client, &id).await;
@@ -185,7 +188,7 @@ pub async fn incident(State(app): State<App>, v: Viewer, client: Client, Path(id
 pub async fn incident_csv(State(app): State<App>, v: Viewer, client: Client, Path(id): Path<String>) -> Response {
     let t = T(v.lang);
     let snap = app.snap();
-    let now = crate::clock::now();
+    let now = crate::edge::clock::now();
     let offset = app.style.offset;
     let Some(i) = view::incidents(&snap.engine, &v.user, now).into_iter().find(|i| i.id == id) else {
         return not_found(v.lang);

@@ -8,8 +8,8 @@ use axum::response::Html;
 use super::auth::Viewer;
 use super::escape;
 use super::html::T;
-use crate::accounts::AccountRole;
-use crate::homes::Lang;
+use crate::admin::accounts::AccountRole;
+use crate::domain::homes::Lang;
 
 /// A signed-in page: `body` inside the navigation and the footer.
 pub(super) fn layout(v: &Viewer, title: &str, body: &str) -> Html<String> {

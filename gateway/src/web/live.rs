@@ -13,13 +13,13 @@ use axum::response::{IntoResponse, Response};
 use super::auth::Viewer;
 use super::view;
 use super::App;
-use crate::accounts::{self, Accounts};
+use crate::admin::accounts::{self, Accounts};
 
 /// What the user's pages show, reduced to a fingerprint: a change event is sent only when
 /// it changes, so one home's telemetry says nothing to a user who cannot see that home.
 /// Whether anything `user` may see changed after snapshot version `since`: version numbers
 /// only, so a stream costs the same however large the homes' state is.
-fn changed_for(snap: &crate::web::Snapshot, user: &crate::accounts::User, since: u64) -> bool {
+fn changed_for(snap: &crate::web::Snapshot, user: &crate::admin::accounts::User, since: u64) -> bool {
     let homes = snap
         .home_versions
         .iter()
@@ -69,7 +69,7 @@ pub async fn live(State(app): State<App>, v: Viewer) -> Response {
                 _ = tick => false,
             };
             if l.checked.elapsed() >= Duration::from_secs(15) {
-                let (session, now, s) = (l.session.clone(), crate::clock::now(), l.app.sessions);
+                let (session, now, s) = (l.session.clone(), crate::edge::clock::now(), l.app.sessions);
                 let alive = l
                     .app
                     .db(move |db| Ok(Accounts::new(db).session_alive(&session, now, s.idle, s.max_age)?))

@@ -35,7 +35,7 @@ use axum::http::header;
 use axum::response::{IntoResponse, Response};
 
 use super::App;
-use crate::policy::Tier;
+use crate::domain::policy::Tier;
 
 /// Counters since start (exported by `/metrics`).
 #[derive(Debug, Default)]
@@ -117,7 +117,7 @@ pub async fn metrics(State(app): State<App>) -> Response {
     }
 
     let snap = app.snap();
-    let now = crate::clock::now();
+    let now = crate::edge::clock::now();
     let mut homes = std::collections::BTreeMap::new();
     let mut tiers = std::collections::BTreeMap::new();
     for p in ["mains", "battery", "unknown"] {
@@ -129,7 +129,7 @@ pub async fn metrics(State(app): State<App>) -> Response {
         tiers.insert(format!("{t:?}"), 0u64);
     }
     let mut rejected: std::collections::BTreeMap<String, u64> =
-        crate::forecast::reject::ALL.iter().map(|r| (r.to_string(), 0)).collect();
+        crate::domain::forecast::reject::ALL.iter().map(|r| (r.to_string(), 0)).collect();
     for (plan, st) in snap.engine.states_and_plans() {
         for (r, n) in st.map(|s| &s.rejected_readings).into_iter().flatten() {
             *rejected.entry(r.clone()).or_default() += n;
@@ -220,7 +220,7 @@ pub async fn metrics(State(app): State<App>) -> Response {
         Err(e) => tracing::warn!(error = %e, "metrics: outbox counts"),
     }
     match app.db(|s| Ok(s.delivery_inputs()?)).await {
-        Ok((sent, acked)) => render_delivery(&crate::stats::compute(&sent, &acked), &mut out),
+        Ok((sent, acked)) => render_delivery(&crate::domain::stats::compute(&sent, &acked), &mut out),
         Err(e) => tracing::warn!(error = %e, "metrics: delivery statistics"),
     }
     out.push_str("# HELP mamori_notify_latency_seconds From the decision to notify to the receiver's acceptance.\n");
@@ -229,7 +229,7 @@ pub async fn metrics(State(app): State<App>) -> Response {
 }
 
 /// The delivery statistics as metrics (roles and channels only: no home, no name).
-pub fn render_delivery(stats: &crate::stats::DeliveryStats, out: &mut String) {
+pub fn render_delivery(stats: &crate::domain::stats::DeliveryStats, out: &mut String) {
     let role = |r: mamori_protocol::mqtt::Role| r.as_str();
     out.push_str("# HELP mamori_deliveries Outbox rows within the retention by channel, role and status.\n# TYPE mamori_deliveries gauge\n");
     for ((channel, r), c) in &stats.by {

@@ -13,10 +13,10 @@
 //! Pages use a session cookie (`HttpOnly`, `SameSite=Strict`, `Secure` unless configured for
 //! a loopback demo) and a per-session CSRF token in every form; the API uses bearer tokens
 //! (no cookies, so no CSRF). Every handler that names a home, alert or incident looks it up
-//! through the user's scope ([`crate::accounts::User::may_see`]); outside the scope the
+//! through the user's scope ([`crate::admin::accounts::User::may_see`]); outside the scope the
 //! answer is the same 404 as for an id that does not exist. Logins, failed logins, views of
 //! a home, acknowledgements, clears and account changes go to the audit log
-//! ([`crate::audit`]) with the client's address ([`crate::listen::TrustedProxies`]).
+//! ([`crate::admin::audit`]) with the client's address ([`crate::edge::listen::TrustedProxies`]).
 //!
 //! | module | what |
 //! |---|---|
@@ -36,7 +36,7 @@
 //! | [`metrics`] | Prometheus `/metrics` |
 //!
 //! The pages depend downwards only: `html` ← `auth` ← `layout` ← the pages, and no two
-//! modules here import each other; the service (`crate::run`) uses this module, never the
+//! modules here import each other; the service (`crate::service::run`) uses this module, never the
 //! other way round (the counters `/metrics` shows live in [`metrics`]).
 
 pub mod ack;
@@ -71,11 +71,11 @@ use axum::Router;
 use mamori_protocol::mqtt::Role;
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::accounts::Throttle;
-use crate::engine::Engine;
-use crate::listen::{Peer, TrustedProxies};
-use crate::message::Style;
-use crate::store::Store;
+use crate::admin::accounts::Throttle;
+use crate::domain::engine::Engine;
+use crate::domain::message::Style;
+use crate::edge::listen::{Peer, TrustedProxies};
+use crate::edge::store::Store;
 
 /// A request for the service loop.
 #[derive(Debug)]
@@ -100,7 +100,7 @@ pub enum WebRequest {
         /// Who (an account's username).
         by: String,
         /// The answer.
-        answer: crate::engine::Answer,
+        answer: crate::domain::engine::Answer,
         /// Who was sent it ([`Told`]).
         reply: oneshot::Sender<Result<Told, String>>,
     },
@@ -117,7 +117,7 @@ pub enum WebRequest {
     /// version.
     SavePlan {
         /// The plan.
-        home: Box<crate::homes::Home>,
+        home: Box<crate::domain::homes::Home>,
         /// Who (an account's username).
         by: String,
         /// The version the editor started from; 0 for a new home.
@@ -171,15 +171,15 @@ impl Told {
     }
 
     /// The notice the person who answered reads.
-    pub fn notice(&self, lang: crate::homes::Lang) -> String {
-        use crate::homes::Lang;
+    pub fn notice(&self, lang: crate::domain::homes::Lang) -> String {
+        use crate::domain::homes::Lang;
         match (self, lang) {
             (Told::Sent(roles), Lang::Ja) => format!(
                 "{}に伝えました。",
-                roles.iter().map(|r| crate::message::role_text(*r, lang)).collect::<Vec<_>>().join("と")
+                roles.iter().map(|r| crate::domain::message::role_text(*r, lang)).collect::<Vec<_>>().join("と")
             ),
             (Told::Sent(roles), Lang::En) => {
-                let who: Vec<&str> = roles.iter().map(|r| crate::message::role_text(*r, lang)).collect();
+                let who: Vec<&str> = roles.iter().map(|r| crate::domain::message::role_text(*r, lang)).collect();
                 format!("Sent to {}.", who.join(" and "))
             }
             (Told::Nobody, Lang::Ja) => {
@@ -195,14 +195,17 @@ impl Told {
 /// Record an answer in the engine and say who it was sent to (the service loop does this; a
 /// test's stand-in for the loop does the same).
 pub fn record_answer(
-    engine: &mut crate::engine::Engine,
+    engine: &mut crate::domain::engine::Engine,
     alert_id: &str,
     by: &str,
-    answer: crate::engine::Answer,
-    now: crate::engine::Time,
-) -> Result<Told, crate::engine::EngineError> {
+    answer: crate::domain::engine::Answer,
+    now: crate::domain::engine::Time,
+) -> Result<Told, crate::domain::engine::EngineError> {
     let before = engine.alert_by_id(alert_id).map(|a| (a.home.clone(), a.acks.len()));
-    engine.handle(crate::engine::Input::Answer { alert_id: alert_id.to_string(), by: by.to_string(), answer }, now)?;
+    engine.handle(
+        crate::domain::engine::Input::Answer { alert_id: alert_id.to_string(), by: by.to_string(), answer },
+        now,
+    )?;
     let after = engine.alert_by_id(alert_id).map(|a| a.acks.len());
     Ok(match before {
         Some((_, n)) if after == Some(n) => Told::Again,
@@ -267,7 +270,7 @@ pub struct App {
     pub style: Style,
     /// What the config offers a care plan (endpoints and channels), for the plan editor's
     /// validation: the same as the homes file's.
-    pub known: Arc<crate::homes::Known>,
+    pub known: Arc<crate::domain::homes::Known>,
     /// Proxies whose client header is believed.
     pub proxies: TrustedProxies,
     /// To the service loop.
@@ -281,7 +284,7 @@ pub struct App {
     /// The service's counters.
     pub counters: Arc<metrics::Counters>,
     /// The gateway's own health.
-    pub health: Arc<crate::health::Health>,
+    pub health: Arc<crate::service::health::Health>,
     /// Sessions.
     pub sessions: SessionSettings,
     /// Live streams open now (bounded by [`MAX_LIVE_STREAMS`]).
@@ -290,11 +293,11 @@ pub struct App {
     /// log, and how many came since.
     pub live_audit: Arc<Mutex<LiveAudit>>,
     /// The key TOTP secrets are sealed with.
-    pub totp_key: crate::accounts::TotpKey,
+    pub totp_key: crate::admin::accounts::TotpKey,
     /// Password verifications at once (argon2 is ~50 ms of CPU and 19 MiB each).
     pub argon2: Arc<tokio::sync::Semaphore>,
     /// Voice calls waiting for their outcome.
-    pub calls: crate::delivery::CallWaiters,
+    pub calls: crate::edge::delivery::CallWaiters,
 }
 
 /// Live refreshes of a page are written to the audit log at most once per this many minutes
@@ -337,7 +340,7 @@ impl App {
             .await
             .map_err(|_| Busy)?
             .map_err(|_| Busy)?;
-        let ok = tokio::task::spawn_blocking(move || crate::accounts::verify_password(&hash, &password))
+        let ok = tokio::task::spawn_blocking(move || crate::admin::accounts::verify_password(&hash, &password))
             .await
             .unwrap_or(false);
         drop(permit);
@@ -353,8 +356,8 @@ impl App {
     /// it records has already happened).
     pub async fn audit(&self, actor: &str, ip: &str, action: &'static str, target: &str, detail: &str) {
         let (actor, ip, target, detail, now) =
-            (actor.to_string(), ip.to_string(), target.to_string(), detail.to_string(), crate::clock::now());
-        let r = self.db(move |s| Ok(crate::audit::append(s, now, &actor, &ip, action, &target, &detail)?)).await;
+            (actor.to_string(), ip.to_string(), target.to_string(), detail.to_string(), crate::edge::clock::now());
+        let r = self.db(move |s| Ok(crate::admin::audit::append(s, now, &actor, &ip, action, &target, &detail)?)).await;
         if let Err(e) = r {
             tracing::error!(error = %e, "audit log");
         }
@@ -368,7 +371,7 @@ impl App {
         if !v.live {
             return self.audit(&v.user.username, ip, action, target, detail).await;
         }
-        let now = crate::clock::now();
+        let now = crate::edge::clock::now();
         let write = {
             let mut m = self.live_audit.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             if m.len() > 100_000 {
@@ -411,7 +414,12 @@ impl App {
     }
 
     /// Record an answer through the service loop: who was sent it.
-    pub async fn answer(&self, alert_id: String, by: String, answer: crate::engine::Answer) -> Result<Told, String> {
+    pub async fn answer(
+        &self,
+        alert_id: String,
+        by: String,
+        answer: crate::domain::engine::Answer,
+    ) -> Result<Told, String> {
         let (reply, rx) = oneshot::channel();
         self.tx
             .send(WebRequest::Answer { alert_id, by, answer, reply })
@@ -421,7 +429,12 @@ impl App {
     }
 
     /// Store a care plan through the service loop; its version.
-    pub async fn save_plan(&self, home: crate::homes::Home, by: String, based_on: u32) -> Result<u32, SaveRefusal> {
+    pub async fn save_plan(
+        &self,
+        home: crate::domain::homes::Home,
+        by: String,
+        based_on: u32,
+    ) -> Result<u32, SaveRefusal> {
         let stopping = || SaveRefusal::Failed("the gateway is stopping".into());
         let (reply, rx) = oneshot::channel();
         self.tx
@@ -483,7 +496,7 @@ pub fn router(app: App) -> Router {
 /// no homes, no broker connection).
 async fn healthz(axum::extract::State(app): axum::extract::State<App>) -> Response {
     use axum::response::IntoResponse;
-    let problems = app.health.problems(crate::clock::now());
+    let problems = app.health.problems(crate::edge::clock::now());
     if problems.is_empty() {
         "ok\n".into_response()
     } else {

@@ -27,10 +27,10 @@ use super::html::*;
 use super::layout::layout;
 use super::view::{self, HomeView};
 use super::{escape, App, Client};
-use crate::accounts::AccountRole;
-use crate::engine::{Engine, Time};
-use crate::homes::Lang;
-use crate::message::{basis, kind_text};
+use crate::admin::accounts::AccountRole;
+use crate::domain::engine::{Engine, Time};
+use crate::domain::homes::Lang;
+use crate::domain::message::{basis, kind_text};
 
 pub(super) fn time_left_text(h: &HomeView, t: T) -> String {
     match h.time_left_s {
@@ -41,13 +41,13 @@ pub(super) fn time_left_text(h: &HomeView, t: T) -> String {
                 String::new()
             };
             let unverified = if h.forecast_verified == Some(false) {
-                format!("<br><small class=\"muted\">{}</small>", crate::message::unverified(t.0))
+                format!("<br><small class=\"muted\">{}</small>", crate::domain::message::unverified(t.0))
             } else {
                 String::new()
             };
             format!(
                 "<strong>{}</strong>{last}<br><small>{}</small>{unverified}",
-                crate::message::time_left_text(s, h.time_left_range_s, t.0),
+                crate::domain::message::time_left_text(s, h.time_left_range_s, t.0),
                 basis(h.basis.unwrap_or(""), t.0)
             )
         }
@@ -77,7 +77,7 @@ pub(super) fn leave_text(
         };
         return (text, "leave-overdue");
     }
-    let left = crate::message::duration(s, lang);
+    let left = crate::domain::message::duration(s, lang);
     let text = match (leave, ja) {
         (true, true) => format!("出発の目安 {at}（あと{left}）"),
         (true, false) => format!("Leave by {at} (in {left})"),
@@ -205,9 +205,9 @@ pub(super) fn account_role_text(role: AccountRole, lang: Lang) -> &'static str {
 }
 
 /// A channel in a delivery history: its kind in words, its address as a code to copy.
-pub(super) fn channel_cell(ch: &crate::homes::ChannelRef, lang: Lang) -> String {
-    use crate::homes::ChannelRef as C;
-    let kind = channel_text(crate::stats::channel_of(&crate::dispatch::destination(ch)), lang);
+pub(super) fn channel_cell(ch: &crate::domain::homes::ChannelRef, lang: Lang) -> String {
+    use crate::domain::homes::ChannelRef as C;
+    let kind = channel_text(crate::domain::stats::channel_of(&ch.destination()), lang);
     let target = match ch {
         C::Webhook(x) | C::Email(x) | C::Sms(x) | C::Line(x) | C::Voice(x) | C::Console(x) => x,
     };
@@ -269,7 +269,7 @@ pub async fn overview(State(app): State<App>, v: Viewer, client: Client, Query(q
     }
     let t = T(v.lang);
     let snap = app.snap();
-    let now = crate::clock::now();
+    let now = crate::edge::clock::now();
     let offset = app.style.offset;
     let mut body = incidents_html(&snap.engine, &v, now, offset);
     let homes = view::homes(&snap.engine, &v.user, now);
@@ -399,7 +399,7 @@ mod tests {
 
     #[test]
     fn contacts_are_listed_with_their_numbers_to_tap_and_call() {
-        let plan: crate::homes::Home = serde_json::from_value(serde_json::json!({
+        let plan: crate::domain::homes::Home = serde_json::from_value(serde_json::json!({
             "id": "h1", "municipality": "431001", "label": "K-01", "devices": [], "backup": [],
             "contacts": [
                 { "role": "family", "name": "母", "channels": [{ "sms": "090-1234-5678" }],
@@ -408,7 +408,8 @@ mod tests {
             ]
         }))
         .unwrap();
-        let engine = Engine::new(crate::engine::Settings::default(), crate::policy::Policies::default());
+        let engine =
+            Engine::new(crate::domain::engine::Settings::default(), crate::domain::policy::Policies::default());
         let html = contacts_html(&plan, T(Lang::Ja), &engine);
         assert!(html.contains("母（ご家族）"), "{html}");
         assert!(html.contains("<a href=\"tel:09012345678\">090-1234-5678</a>"), "{html}");

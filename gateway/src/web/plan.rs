@@ -14,7 +14,7 @@
 //! language, with the row the reader sees ([`Field::label`]), never a key. A row left blank is
 //! a row removed. The escalation overrides are not in the form and are kept as they were.
 //!
-//! **Versions.** The store keeps every version ([`crate::store::HomeVersion`]; the homes file
+//! **Versions.** The store keeps every version ([`crate::edge::store::HomeVersion`]; the homes file
 //! and `homes import` add versions too). `?version=N` fills the form with an earlier version:
 //! storing it makes it the newest (a restore is a change like any other). The form carries
 //! the version it was based on, and the service refuses it when another version was stored
@@ -44,11 +44,11 @@ use super::auth::Viewer;
 use super::html::{failed, local, not_found};
 use super::layout::layout;
 use super::{escape, App, Client, SaveRefusal};
-use crate::homes::{
+use crate::domain::homes::{
     Backup, BackupKind, ChannelRef, ChannelStep, Chemistry, Contact, Device, Evacuation, Field, Home, Lang, Problem,
     Want,
 };
-use crate::store::HomeVersion;
+use crate::edge::store::HomeVersion;
 
 /// Blank rows offered after the plan's own, to add a device, a source or a contact.
 const BLANK_ROWS: usize = 2;
@@ -59,13 +59,13 @@ const MAX_ROWS: usize = 200;
 /// `based_on` (0: a new home, refused when the id is taken, `known` saying whether the engine
 /// has it). Its version. The service calls this between its other work.
 pub fn store_plan(
-    store: &mut dyn crate::store::Store,
+    store: &mut dyn crate::edge::store::Store,
     known: bool,
     home: &Home,
     by: &str,
     based_on: u32,
 ) -> Result<u32, SaveRefusal> {
-    let failed = |e: crate::store::StoreError| SaveRefusal::Failed(e.to_string());
+    let failed = |e: crate::edge::store::StoreError| SaveRefusal::Failed(e.to_string());
     let latest = store.home_versions(&home.id).map_err(failed)?.first().map_or(0, |v| v.version);
     if based_on == 0 && (known || latest > 0) {
         return Err(SaveRefusal::Exists);
@@ -191,7 +191,10 @@ pub async fn save(
 
 /// `GET /plans/new`.
 pub async fn new(State(_app): State<App>, v: Viewer) -> Response {
-    if !matches!(v.user.role, crate::accounts::AccountRole::Admin | crate::accounts::AccountRole::Coordinator) {
+    if !matches!(
+        v.user.role,
+        crate::admin::accounts::AccountRole::Admin | crate::admin::accounts::AccountRole::Coordinator
+    ) {
         return forbidden(&v);
     }
     let mut f = Fields::default();
@@ -227,7 +230,10 @@ pub async fn create(
     if let Some(r) = v.csrf_refusal(f.get("csrf")) {
         return r;
     }
-    if !matches!(v.user.role, crate::accounts::AccountRole::Admin | crate::accounts::AccountRole::Coordinator) {
+    if !matches!(
+        v.user.role,
+        crate::admin::accounts::AccountRole::Admin | crate::admin::accounts::AccountRole::Coordinator
+    ) {
         return forbidden(&v);
     }
     let mut problems = Vec::new();
@@ -633,7 +639,7 @@ impl Fields {
             let (by, on, purpose, withdrawn) = (field("by"), field("on"), field("purpose"), field("withdrawn"));
             let consent =
                 (!(by.is_empty() && on.is_empty() && purpose.is_empty() && withdrawn.is_empty())).then(|| {
-                    crate::homes::Consent {
+                    crate::domain::homes::Consent {
                         given_by: by,
                         on,
                         purpose,
@@ -688,7 +694,7 @@ impl Fields {
             }
         }
         if !home.municipality.is_empty()
-            && crate::homes::valid_municipality(&home.municipality)
+            && crate::domain::homes::valid_municipality(&home.municipality)
             && !v.user.may_edit_plan(&home.municipality)
         {
             problems.push(Problem { field: Field::Municipality, want: Want::InScope });
@@ -904,7 +910,7 @@ fn form(v: &Viewer, f: &Fields, action: &str, based_on: u32, new: bool, problems
         )
     );
     let roles: Vec<(&str, &str)> =
-        Role::ALL.into_iter().map(|r| (r.as_str(), crate::message::role_text(r, lang))).collect();
+        Role::ALL.into_iter().map(|r| (r.as_str(), crate::domain::message::role_text(r, lang))).collect();
     let langs = [("ja", "日本語"), ("en", "English")];
     for j in 0..(f.rows('c') + BLANK_ROWS).min(MAX_ROWS) {
         let _ = write!(

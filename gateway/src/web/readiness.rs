@@ -24,9 +24,9 @@ use super::auth::Viewer;
 use super::html::{failed, local, not_found, T};
 use super::layout::layout;
 use super::{escape, App, Client};
-use crate::accounts::AccountRole;
-use crate::engine::{Alert, AlertKind, Engine, Time};
-use crate::homes::{BackupKind, Home, Lang};
+use crate::admin::accounts::AccountRole;
+use crate::domain::engine::{Alert, AlertKind, Engine, Time};
+use crate::domain::homes::{BackupKind, Home, Lang};
 
 /// The margin on top of the journey there and back, min.
 pub const MARGIN_MIN: u32 = 60;
@@ -71,7 +71,7 @@ impl Row {
 /// A home's row from its plan, what was learned of its battery and its drills.
 pub fn row(
     plan: &Home,
-    learned: Option<&crate::forecast::Learned>,
+    learned: Option<&crate::domain::forecast::Learned>,
     degraded_below_pct: f64,
     drills: &[Alert],
     today: chrono::NaiveDate,
@@ -209,7 +209,7 @@ pub fn prefecture(code: &str, lang: Lang) -> Option<&'static str> {
 }
 
 fn roles_text(roles: &[mamori_protocol::mqtt::Role], lang: Lang) -> String {
-    roles.iter().map(|r| crate::message::role_text(*r, lang)).collect::<Vec<_>>().join(if lang == Lang::Ja {
+    roles.iter().map(|r| crate::domain::message::role_text(*r, lang)).collect::<Vec<_>>().join(if lang == Lang::Ja {
         "、"
     } else {
         ", "
@@ -217,7 +217,7 @@ fn roles_text(roles: &[mamori_protocol::mqtt::Role], lang: Lang) -> String {
 }
 
 fn hours(h: f64, lang: Lang) -> String {
-    crate::message::duration((h * 3600.0) as i64, lang)
+    crate::domain::message::duration((h * 3600.0) as i64, lang)
 }
 
 fn median(mut v: Vec<f64>) -> Option<f64> {
@@ -233,7 +233,7 @@ fn median(mut v: Vec<f64>) -> Option<f64> {
 async fn rows(app: &App, v: &Viewer) -> Result<Vec<Row>, anyhow::Error> {
     let snap = app.snap();
     let engine: &Engine = &snap.engine;
-    let plans: Vec<(Home, Option<crate::forecast::Learned>)> = engine
+    let plans: Vec<(Home, Option<crate::domain::forecast::Learned>)> = engine
         .states_and_plans()
         .filter(|(p, _)| super::view::sees(&snap.engine, &v.user, p))
         .map(|(p, st)| (p.clone(), st.and_then(|s| s.battery.clone())))
@@ -255,7 +255,7 @@ async fn rows(app: &App, v: &Viewer) -> Result<Vec<Row>, anyhow::Error> {
         .iter()
         .map(|(p, l)| {
             let drills = history.get(p.id.as_str()).map(Vec::as_slice).unwrap_or(&[]);
-            row(p, l.as_ref(), below, drills, engine.today(crate::clock::now()))
+            row(p, l.as_ref(), below, drills, engine.today(crate::edge::clock::now()))
         })
         .collect();
     out.sort_by(|a, b| a.municipality_code.cmp(&b.municipality_code).then(a.label.cmp(&b.label)));
@@ -416,7 +416,7 @@ pub async fn csv(State(app): State<App>, v: Viewer, client: Client) -> Response 
         }
     };
     let mut out = String::from("\u{feff}");
-    out.push_str(&crate::audit::csv_row(header));
+    out.push_str(&crate::admin::audit::csv_row(header));
     for r in &rows {
         let cells = [
             r.municipality.clone(),
@@ -430,7 +430,7 @@ pub async fn csv(State(app): State<App>, v: Viewer, client: Client) -> Response 
             r.last_drill.map(|(at, _)| local(at, app.style.offset)).unwrap_or_default(),
             roles_text(&r.without_consent, v.lang),
         ];
-        out.push_str(&crate::audit::csv_row(cells.iter().map(String::as_str)));
+        out.push_str(&crate::admin::audit::csv_row(cells.iter().map(String::as_str)));
     }
     (
         [
@@ -462,7 +462,7 @@ mod tests {
             "[[home]]\nid = \"h-1\"\nmunicipality = \"431001\"\nmunicipality_name = \"熊本市\"\nlabel = \"H-1\"\n{text}\n\
              contacts = [{{ role = \"family\", name = \"母\", channels = [{{ console = \"f\" }}] }}]\n"
         );
-        crate::homes::HomesFile::parse(&toml, std::path::Path::new("h.toml"), &Default::default())
+        crate::domain::homes::HomesFile::parse(&toml, std::path::Path::new("h.toml"), &Default::default())
             .unwrap()
             .homes
             .remove(0)
@@ -478,7 +478,7 @@ mod tests {
         let r = row(&p, None, 70.0, &[], chrono::NaiveDate::from_ymd_opt(2026, 11, 30).unwrap());
         assert_eq!((r.backup_h, r.needed_h, r.short(), r.measured), (Some(3.0), Some(3.0), false, false));
         // Earlier outages measured the battery at half its plan: 1.5 h, short and degraded.
-        let learned = crate::forecast::Learned {
+        let learned = crate::domain::forecast::Learned {
             source: BackupKind::Ups,
             plan_wh: 300.0,
             health: 0.5,

@@ -33,12 +33,12 @@ use super::auth::Viewer;
 use super::html::{by_text, failed, incident_acks_html, local, not_found, T};
 use super::layout::layout;
 use super::{escape, App, Client};
-use crate::accounts::AccountRole;
-use crate::engine::{AckInfo, Alert, AlertKind, Incident, Time};
-use crate::homes::Lang;
-use crate::message::{duration, role_text, tier_text};
-use crate::policy::Tier;
-use crate::store::{IncidentNote, OutboxRow};
+use crate::admin::accounts::AccountRole;
+use crate::domain::engine::{AckInfo, Alert, AlertKind, Incident, Time};
+use crate::domain::homes::Lang;
+use crate::domain::message::{duration, role_text, tier_text};
+use crate::domain::policy::Tier;
+use crate::edge::store::{IncidentNote, OutboxRow};
 
 /// A note's longest text, characters.
 pub const NOTE_MAX_CHARS: usize = 2000;
@@ -403,7 +403,7 @@ pub async fn add_note(
         return (StatusCode::UNPROCESSABLE_ENTITY, layout(&v, "422", &format!("<p class=\"error\">{why}</p>")))
             .into_response();
     }
-    let (incident, by, now, note) = (i.id.clone(), v.user.username.clone(), crate::clock::now(), text.clone());
+    let (incident, by, now, note) = (i.id.clone(), v.user.username.clone(), crate::edge::clock::now(), text.clone());
     if let Err(e) = app.db(move |s| Ok(s.add_incident_note(&incident, now, &by, &note)?)).await {
         return failed(e);
     }
@@ -421,9 +421,9 @@ pub async fn csv(State(app): State<App>, v: Viewer, client: Client, Path(id): Pa
     };
     app.audit(&v.user.username, &client.text(), "export_review", &id, &i.municipality).await;
     let mut out = String::from("\u{feff}");
-    out.push_str(&crate::audit::csv_row(headings(v.lang)));
+    out.push_str(&crate::admin::audit::csv_row(headings(v.lang)));
     for r in &rows {
-        out.push_str(&crate::audit::csv_row(cells(r, app.style.offset, v.lang).iter().map(String::as_str)));
+        out.push_str(&crate::admin::audit::csv_row(cells(r, app.style.offset, v.lang).iter().map(String::as_str)));
     }
     (
         [
@@ -438,7 +438,7 @@ pub async fn csv(State(app): State<App>, v: Viewer, client: Client, Path(id): Pa
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::Answer;
+    use crate::domain::engine::Answer;
     use mamori_protocol::mqtt::EventKind;
 
     fn t(m: i64) -> Time {
@@ -459,7 +459,7 @@ mod tests {
             cleared_by: None,
             dedup_key: "h/x".into(),
             // No steps: the tier is the last one.
-            policy: crate::policy::Policy {
+            policy: crate::domain::policy::Policy {
                 steps: Vec::new(),
                 notify_after_s: 0,
                 reescalate_after_ack_s: 1800,
@@ -493,7 +493,7 @@ mod tests {
         // Before the incident: not part of it.
         let earlier = alert("a0", AlertKind::Event(EventKind::MainsLost), -600, Some(-500));
         let mut outbox = BTreeMap::new();
-        let mut row = crate::store::contract::row("k", 0);
+        let mut row = crate::edge::store::contract::row("k", 0);
         row.role = Role::Family;
         row.delivered_at = Some(t(1));
         outbox.insert("a1".to_string(), vec![row]);

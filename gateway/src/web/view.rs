@@ -5,11 +5,11 @@ use mamori_protocol::bridge::ContactState;
 use mamori_protocol::mqtt::Severity;
 use serde::Serialize;
 
-use crate::accounts::{AccountRole, User};
-use crate::engine::{AckInfo, Alert, AlertKind, Connectivity, Engine, HomeState, Power, Time, TriageRow};
-use crate::forecast::Band;
-use crate::homes::{BackupKind, Home};
-use crate::policy::Tier;
+use crate::admin::accounts::{AccountRole, User};
+use crate::domain::engine::{AckInfo, Alert, AlertKind, Connectivity, Engine, HomeState, Power, Time, TriageRow};
+use crate::domain::forecast::Band;
+use crate::domain::homes::{BackupKind, Home};
+use crate::domain::policy::Tier;
 
 /// One home, as the overview and `GET /api/v1/homes` show it.
 #[derive(Debug, Clone, Serialize)]
@@ -241,7 +241,7 @@ fn consented(engine: &Engine, user: &User, plan: &Home) -> bool {
     if !engine.require_consent() {
         return true;
     }
-    let today = engine.today(crate::clock::now());
+    let today = engine.today(crate::edge::clock::now());
     let role = match user.role {
         AccountRole::Admin | AccountRole::Family => return true,
         AccountRole::Coordinator => mamori_protocol::mqtt::Role::Coordinator,
@@ -357,11 +357,11 @@ pub fn open_alerts(engine: &Engine, user: &User, now: Time) -> Vec<OpenAlert> {
 }
 
 /// Who is handling a home now: the latest coordinator who took it on during its open alerts.
-pub fn handler(h: &HomeView) -> Option<&crate::engine::AckInfo> {
+pub fn handler(h: &HomeView) -> Option<&crate::domain::engine::AckInfo> {
     h.alerts
         .iter()
         .flat_map(|a| a.acks.iter())
-        .filter(|k| k.answer == Some(crate::engine::Answer::Handling))
+        .filter(|k| k.answer == Some(crate::domain::engine::Answer::Handling))
         .max_by_key(|k| k.at)
 }
 
@@ -393,7 +393,7 @@ pub fn alert<'a>(engine: &'a Engine, user: &User, id: &str) -> Option<&'a Alert>
 /// The alert a home's answers are about: the most urgent active one, an outage before the rest.
 pub fn main_alert(h: &HomeView) -> Option<&AlertView> {
     h.alerts.iter().filter(|a| a.kind != AlertKind::Drill).max_by_key(|a| {
-        let power = matches!(crate::message::concern(a.kind), crate::message::Concern::Power);
+        let power = matches!(crate::domain::message::concern(a.kind), crate::domain::message::Concern::Power);
         (power, a.tier, a.severity as u8)
     })
 }

@@ -121,7 +121,7 @@ secret = {{ value = "{SECRET}" }}
 fn start(bin: &Path, config: &Path) -> Result<Process> {
     mamori_tests::gateway_init(bin, config)?;
     let mut cmd = Command::new(bin);
-    let log = std::env::var("MAMORI_BENCH_LOG").unwrap_or_else(|_| "warn,mamori_gateway::mqtt=info".into());
+    let log = std::env::var("MAMORI_BENCH_LOG").unwrap_or_else(|_| "warn,mamori_gateway::edge::mqtt=info".into());
     cmd.args(["run", "--config"]).arg(config).env("RUST_LOG", log);
     let p = Process::spawn("gateway", cmd)?;
     p.wait_line("subscribed", Duration::from_secs(60), |l| l.contains("\"subscribed\""))?;
@@ -362,7 +362,7 @@ fn viewers(bin: &Path, fleet: usize, n_viewers: usize, pages: usize) -> Result<(
 /// What a stored telemetry snapshot costs on disk: a realistic snapshot (UPS, oximeter,
 /// devices, conditions, clocks) stored `rows` times through the store, its file measured.
 fn disk_budget(rows: usize) -> Result<()> {
-    use mamori_gateway::store::{SqliteStore, Store};
+    use mamori_gateway::edge::store::{SqliteStore, Store};
     use mamori_protocol::mqtt::{self, HomeId, Telemetry};
     let sample = br#"{"ts":"2026-11-22T03:04:05.250+09:00","interval_s":10,"mains_present":true,
       "ups":{"on_battery":false,"battery_low":false,"input_voltage_v":101.2,"output_voltage_v":100.0,"load_pct":23.0,
@@ -404,7 +404,7 @@ fn disk_budget(rows: usize) -> Result<()> {
 /// messages published (each acknowledged by the broker) to a session that is away, the broker
 /// killed at once and restarted, the session's messages counted.
 fn broker_persistence(n: usize) -> Result<()> {
-    let generated: String = mamori_gateway::pki::mosquitto_service(Path::new("/unused"))
+    let generated: String = mamori_gateway::admin::pki::mosquitto_service(Path::new("/unused"))
         .lines()
         .filter(|l| !l.starts_with("persistence"))
         .map(|l| format!("{l}\n"))

@@ -14,7 +14,7 @@
 //! a UPS's charge and its runtime estimated as if the battery were new (APC, NUT), a charge
 //! only, a lead-acid voltage only (Megatec), a power station's power meter, or nothing. The
 //! charge is rounded to 1 % with ±1 point of noise; a lithium pack's charge reads up to 15 %
-//! off. Telemetry every minute, through the gateway's own engine (`mamori_gateway::engine`,
+//! off. Telemetry every minute, through the gateway's own engine (`mamori_gateway::domain::engine`,
 //! its default settings: T2 when the pessimistic time left is under travel × 2 + 6 h), time
 //! compressed (the engine takes time as an input). When the external battery is empty the
 //! home unit, on the same UPS, goes silent; the ventilator's internal battery runs on. "Paged"
@@ -41,9 +41,9 @@
 use std::collections::BTreeMap;
 
 use chrono::{DateTime, Utc};
-use mamori_gateway::engine::{Engine, Input, Settings};
-use mamori_gateway::homes::{Backup, BackupKind, Contact, Device, Evacuation, Home, Lang};
-use mamori_gateway::policy::Policies;
+use mamori_gateway::domain::engine::{Engine, Input, Settings};
+use mamori_gateway::domain::homes::{Backup, BackupKind, Contact, Device, Evacuation, Home, Lang};
+use mamori_gateway::domain::policy::Policies;
 use mamori_protocol::mqtt::{ClockInfo, Event, EventKind, HomeId, PowerMeterReading, Role, Telemetry, Timestamp};
 use mamori_protocol::reading::UpsReading;
 use mamori_tests::args::{self, arg};
@@ -98,7 +98,7 @@ fn plan(s: &Sim) -> Home {
         role,
         name: name.into(),
         language: Lang::Ja,
-        channels: vec![mamori_gateway::homes::ChannelRef::Console(name.into())],
+        channels: vec![mamori_gateway::domain::homes::ChannelRef::Console(name.into())],
         quiet_hours: None,
         phone: None,
         consent: None,

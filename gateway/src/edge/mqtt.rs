@@ -1,0 +1,173 @@
+//! The gateway's MQTT link: one task owns the rumqttc event loop, another sends.
+//!
+//! - The **link task** owns the event loop (persistent session, manual acks). It forwards each
+//!   PUBLISH to the service loop, tells it when the connection comes up (with the broker's
+//!   `session present` flag) and when it goes down, resubscribes after every CONNACK, and
+//!   backs off with jitter after errors. The service judges a home's silence only while the
+//!   link is up, and from the moment it came up ([`crate::domain::engine::Engine::set_uplink`]): the
+//!   centre's own downtime is never taken for the homes' silence.
+//! - The **outbound task** sends PUBACKs and acknowledgements to agents, so that the service
+//!   loop never waits on the MQTT client (the link task may be waiting for the loop to take a
+//!   message, and only it drains the client's request queue: waiting on it from the loop
+//!   deadlocked under load, which the fleet benchmark found). Its queue is bounded; the loop
+//!   never waits on it (a PUBACK that does not fit is sent again by the broker at the next
+//!   connection).
+
+use std::time::Duration;
+
+use mamori_protocol::mqtt::{self, Channel, HomeId};
+use rand::Rng;
+use rumqttc::{AsyncClient, Event as MqttEvent, MqttOptions, Packet, Publish, QoS, Transport};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+
+/// What the link task tells the service loop.
+#[derive(Debug)]
+pub enum FromMqtt {
+    /// A message (to be stored, then acknowledged with [`Outbound::Ack`]).
+    Message(Publish),
+    /// Connected (CONNACK). `session_present`: the broker kept a session for this client id.
+    Connected {
+        /// The broker's session-present flag.
+        session_present: bool,
+    },
+    /// The connection was lost (or could not be made).
+    Disconnected,
+}
+
+/// What the service sends to the broker.
+#[derive(Debug)]
+pub enum Outbound {
+    /// PUBACK a stored message.
+    Ack(Publish),
+    /// Tell a home's agent that an alert was acknowledged.
+    AgentAck(HomeId, mqtt::Ack),
+}
+
+/// The broker options from the config, one per broker: `[broker] host` (on `port`), then
+/// each of `[broker] failover`.
+pub fn options(config: &Config, port: u16) -> anyhow::Result<Vec<MqttOptions>> {
+    let mut all = vec![options_for(config, &config.broker.host, port)?];
+    for f in &config.broker.failover {
+        let (host, port) = mamori_connect::parse_host_port(f).map_err(|e| anyhow::anyhow!("broker.failover: {e}"))?;
+        all.push(options_for(config, &host, port)?);
+    }
+    Ok(all)
+}
+
+fn options_for(config: &Config, host: &str, port: u16) -> anyhow::Result<MqttOptions> {
+    let b = &config.broker;
+    let mut o = MqttOptions::new(b.client_id.clone(), host, port);
+    o.set_keep_alive(Duration::from_secs(u64::from(b.keep_alive_s.max(5))));
+    // A persistent session: QoS 1 events queue at the broker while the gateway is away.
+    o.set_clean_session(false);
+    o.set_manual_acks(true);
+    o.set_max_packet_size(mqtt::MAX_PAYLOAD_BYTES * 4, mqtt::MAX_PAYLOAD_BYTES * 4);
+    o.set_inflight(1000);
+    if let Some((user, pass)) = mamori_connect::credentials(b.username.as_ref(), b.password.as_ref())? {
+        o.set_credentials(user, pass);
+    }
+    if let Some(t) = &b.tls {
+        o.set_transport(Transport::Tls(t.transport().map_err(|e| anyhow::anyhow!("broker.tls: {e}"))?));
+    }
+    Ok(o)
+}
+
+/// The subscription filters: every home's status, telemetry and events.
+pub fn filters() -> Vec<String> {
+    [Channel::Status, Channel::Telemetry, Channel::Event].iter().map(|c| c.filter()).collect()
+}
+
+/// Start the outbound task, with a queue of `capacity` (the service never waits on it: see
+/// [`crate::service::run`] for what is dropped when it is full).
+pub fn spawn_outbound(client: AsyncClient, capacity: usize) -> mpsc::Sender<Outbound> {
+    let (tx, mut rx) = mpsc::channel(capacity);
+    tokio::spawn(async move {
+        while let Some(out) = rx.recv().await {
+            let result = match out {
+                Outbound::Ack(p) => client.ack(&p).await,
+                Outbound::AgentAck(home, ack) => {
+                    client.publish(home.topic(Channel::Ack), QoS::AtLeastOnce, false, mqtt::encode(&ack)).await
+                }
+            };
+            if let Err(e) = result {
+                tracing::warn!(error = %e, "to the broker");
+            }
+        }
+    });
+    tx
+}
+
+/// Start the link task. `brokers`: the options for each broker (the event loop starts on
+/// the first); after every failed or lost connection the next one is tried, the session's
+/// unacknowledged messages going with it.
+pub fn spawn_link(
+    client: AsyncClient,
+    mut eventloop: rumqttc::EventLoop,
+    brokers: Vec<MqttOptions>,
+    filters: Vec<String>,
+    tx: mpsc::Sender<FromMqtt>,
+    cancel: CancellationToken,
+) {
+    tokio::spawn(async move {
+        let mut delay = Duration::from_millis(250);
+        let mut up = false;
+        let mut at = 0usize;
+        loop {
+            let ev = tokio::select! {
+                _ = cancel.cancelled() => return,
+                ev = eventloop.poll() => ev,
+            };
+            match ev {
+                Ok(MqttEvent::Incoming(Packet::ConnAck(c))) => {
+                    delay = Duration::from_millis(250);
+                    let (host, port) = eventloop.mqtt_options.broker_address();
+                    tracing::info!(session_present = c.session_present, broker = %format!("{host}:{port}"), "connected to the broker");
+                    // From another task: this one must keep polling the event loop, or a full
+                    // request queue would wait on itself.
+                    let (client, filters) = (client.clone(), filters.clone());
+                    tokio::spawn(async move {
+                        for f in filters {
+                            if let Err(e) = client.subscribe(f, QoS::AtLeastOnce).await {
+                                tracing::warn!(error = %e, "subscribe");
+                            }
+                        }
+                    });
+                    up = true;
+                    if tx.send(FromMqtt::Connected { session_present: c.session_present }).await.is_err() {
+                        return;
+                    }
+                }
+                Ok(MqttEvent::Incoming(Packet::SubAck(_))) => tracing::info!("subscribed"),
+                Ok(MqttEvent::Incoming(Packet::Publish(p))) => {
+                    if tx.send(FromMqtt::Message(p)).await.is_err() {
+                        return;
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    let (host, port) = eventloop.mqtt_options.broker_address();
+                    tracing::warn!(error = %e, broker = %format!("{host}:{port}"), retry_ms = delay.as_millis() as u64, "broker connection");
+                    if std::mem::take(&mut up) && tx.send(FromMqtt::Disconnected).await.is_err() {
+                        return;
+                    }
+                    let jitter = rand::rng().random_range(0.8..1.2);
+                    tokio::select! {
+                        _ = cancel.cancelled() => return,
+                        _ = tokio::time::sleep(delay.mul_f64(jitter)) => {}
+                    }
+                    at += 1;
+                    if let Some(next) = brokers.get(at % brokers.len().max(1)) {
+                        eventloop.mqtt_options = next.clone();
+                    }
+                    // The backoff grows once the whole list has failed.
+                    if at.is_multiple_of(brokers.len().max(1)) {
+                        delay = (delay * 2).min(Duration::from_secs(10));
+                    }
+                }
+            }
+        }
+    });
+}
