@@ -8,7 +8,10 @@
 //! incident updates). Both only change state and schedule; notifications are produced by
 //! `poll`, so a batch of replayed messages in which an alert opens and clears pages nobody.
 //! [`Engine::take_outputs`] returns what to send and what to persist, and
-//! [`Engine::take_dirty`] the homes and incidents whose state changed, for the store.
+//! [`Engine::take_dirty`] the homes whose state changed, for the store; [`alerts_to_store`]
+//! reads from both the alerts to write, each once. A restart rebuilds the engine from those
+//! rows ([`Engine::restore_state`], [`Engine::restore_alert`], [`Engine::restore_incident`]);
+//! the property test in `engine/tests/restart.rs` holds it to being the same engine.
 //!
 //! ## Order
 //! Events are stored and deduplicated by `(home, seq)` before they get here. Late and replayed
@@ -451,7 +454,10 @@ pub struct HomeState {
     /// Readings refused, by reason, in all.
     #[serde(default)]
     pub rejected_readings: BTreeMap<String, u64>,
-    /// Active alerts by kind.
+    /// Active alerts by kind. Not part of the stored state: the store keeps each alert once,
+    /// in its own row ([`alerts_to_store`]), and [`Engine::restore_alert`] puts the active ones
+    /// back. (A state stored by an older version still carries them, and they are read.)
+    #[serde(default, skip_serializing)]
     pub alerts: BTreeMap<AlertKind, Alert>,
     /// Time of the last transition of each opening/clearing pair, by opening kind.
     pub pair_ts: BTreeMap<String, Time>,
@@ -731,6 +737,30 @@ pub enum Output {
     Notice(Notice),
 }
 
+/// The alerts to write, each once and as it is now: those the outputs carry (a cleared alert
+/// is only there, since it has left its home's state) and every active alert of a home whose
+/// state changed (so an alert changed in place, without an output of its own, is written with
+/// its home). An alert's row is the only place it is stored; a restart reads the active ones
+/// back ([`Engine::restore_alert`]).
+pub fn alerts_to_store(outputs: &[Output], dirty: &[(HomeId, HomeState)]) -> Vec<Alert> {
+    let mut at: HashMap<&str, usize> = HashMap::new();
+    let mut alerts: Vec<Alert> = Vec::new();
+    let emitted = outputs.iter().filter_map(|o| match o {
+        Output::Alert(a) => Some(a),
+        _ => None,
+    });
+    for a in emitted.chain(dirty.iter().flat_map(|(_, s)| s.alerts.values())) {
+        match at.get(a.id.as_str()) {
+            Some(&i) => alerts[i] = a.clone(),
+            None => {
+                at.insert(&a.id, alerts.len());
+                alerts.push(a.clone());
+            }
+        }
+    }
+    alerts
+}
+
 /// Why an input was not applied.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum EngineError {
@@ -911,6 +941,21 @@ impl Engine {
         self.state.insert(id, state);
     }
 
+    /// Restore an active alert (after a restart) from its stored row, unless the home's state
+    /// already holds one of its kind (a state stored by an older version, which carried its
+    /// alerts), the home is not registered, or the alert was cleared.
+    pub fn restore_alert(&mut self, alert: Alert) {
+        if alert.cleared_at.is_some() || !self.knows(&alert.home) {
+            return;
+        }
+        let st = self.state.entry_or_default(alert.home.clone());
+        if st.alerts.contains_key(&alert.kind) {
+            return;
+        }
+        self.alert_index.insert(alert.id.clone(), (alert.home.clone(), alert.kind));
+        st.alerts.insert(alert.kind, alert);
+    }
+
     /// Restore an open incident (after a restart).
     pub fn restore_incident(&mut self, incident: Incident) {
         if incident.closed_at.is_none() {
@@ -1008,7 +1053,8 @@ impl Engine {
         std::mem::take(&mut self.outputs)
     }
 
-    /// Drain the homes whose state changed, with their state.
+    /// Drain the homes whose state changed, with their state (its alerts go to the store
+    /// through [`alerts_to_store`]).
     pub fn take_dirty(&mut self) -> Vec<(HomeId, HomeState)> {
         let dirty = std::mem::take(&mut self.dirty_homes);
         dirty.into_iter().filter_map(|h| self.state.get(&h).map(|s| (h, s.clone()))).collect()
@@ -1818,8 +1864,10 @@ impl Engine {
     fn touch_incident(&mut self, home: &HomeId) {
         let Some(m) = self.municipality(home).map(str::to_string) else { return };
         if let Some(i) = self.incidents.get_mut(&m) {
-            if i.members.contains(home) {
+            if i.members.contains(home) && !i.changed {
+                // Stored, so that a restart before the next digest still sends it.
                 i.changed = true;
+                self.outputs.push(Output::Incident(i.clone()));
             }
         }
     }
@@ -1831,6 +1879,7 @@ impl Engine {
         if let Some(i) = self.incidents.get_mut(&m) {
             if at_risk && i.members.insert(home.clone()) {
                 i.changed = true;
+                self.outputs.push(Output::Incident(i.clone()));
             }
         }
     }

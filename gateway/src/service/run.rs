@@ -252,6 +252,10 @@ pub fn load_engine(config: &Config, store: &dyn Store) -> Result<Engine, StoreEr
             engine.restore_state(id, st);
         }
     }
+    // Newest first: of two rows left active for one home and kind, the newer is kept.
+    for a in store.alerts(true, i64::MAX as usize)? {
+        engine.restore_alert(a);
+    }
     for i in store.open_incidents()? {
         engine.restore_incident(i);
     }
@@ -842,24 +846,25 @@ impl Service {
         }
         // Written a table at a time (one statement each where the store can), each alert once
         // as it is last.
-        let mut alerts: Vec<crate::domain::engine::Alert> = Vec::new();
-        let mut alert_at: HashMap<String, usize> = HashMap::new();
+        let alerts = crate::domain::engine::alerts_to_store(&outputs, &dirty);
         let mut rows = Vec::new();
+        let mut incidents: Vec<crate::domain::engine::Incident> = Vec::new();
+        let mut incident_at: HashMap<String, usize> = HashMap::new();
         for out in outputs {
             match out {
                 Output::Alert(a) => {
-                    self.changed_homes.insert(a.home.clone());
-                    match alert_at.get(&a.id) {
-                        Some(&i) => alerts[i] = a,
-                        None => {
-                            alert_at.insert(a.id.clone(), alerts.len());
-                            alerts.push(a);
-                        }
-                    }
+                    self.changed_homes.insert(a.home);
                 }
                 Output::Incident(i) => {
                     self.changed_incidents.insert(i.municipality.clone());
-                    self.store.save_incident(&i)?
+                    // Each incident once, as it is last.
+                    match incident_at.get(&i.id) {
+                        Some(&n) => incidents[n] = i,
+                        None => {
+                            incident_at.insert(i.id.clone(), incidents.len());
+                            incidents.push(i);
+                        }
+                    }
                 }
                 Output::AgentAck(h, a) => acks.push((h, a)),
                 Output::Notify(n) => rows.extend(expand(&n, &self.style)),
@@ -867,6 +872,9 @@ impl Service {
                 // reloaded and decides again; a notice twice is better than none).
                 Output::Notice(notice) => self.tell_operators(notice, clock::now()),
             }
+        }
+        for i in &incidents {
+            self.store.save_incident(i)?;
         }
         self.store.save_alerts(&alerts)?;
         self.store.enqueue_many(&rows)?;

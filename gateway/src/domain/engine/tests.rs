@@ -489,10 +489,14 @@ fn state_survives_a_restart_and_escalation_resumes_on_time() {
     sent(&mut e);
     let saved: Vec<(HomeId, HomeState)> = e.take_dirty();
     let json = serde_json::to_string(&saved).unwrap();
-    // A new process: plans from the store, state from the snapshot.
+    let rows = serde_json::to_string(&alerts_to_store(&[], &saved)).unwrap();
+    // A new process: plans from the store, states and alerts from their rows.
     let mut e2 = engine(&[plan("a", "431001", 5000.0)]);
     for (id, st) in serde_json::from_str::<Vec<(HomeId, HomeState)>>(&json).unwrap() {
         e2.restore_state(id, st);
+    }
+    for a in serde_json::from_str::<Vec<Alert>>(&rows).unwrap() {
+        e2.restore_alert(a);
     }
     e2.poll(t(299));
     assert!(sent(&mut e2).is_empty(), "nothing re-sent after the restart");
@@ -552,6 +556,8 @@ mod everyday;
 mod props;
 
 mod battery;
+
+mod restart;
 
 #[test]
 fn a_drill_tells_every_contact_once_records_who_acknowledged_and_ends_without_a_word() {
