@@ -2030,6 +2030,11 @@ impl Engine {
                         alert.sent_in_step = 0;
                         alert.step_entered_at = now;
                         alert.acknowledged = None;
+                        // Stored even when its first send is not due yet (a quiet policy):
+                        // a restart goes on from this step, not from crossing it again.
+                        let a = alert.clone();
+                        self.outputs.push(Output::Alert(a));
+                        self.dirty_homes.insert(home.clone());
                     }
                 }
             }
