@@ -5,15 +5,14 @@
 
 use std::time::Duration;
 
-use mamori_protocol::codec::{Stream, StreamEvent};
+use mamori_protocol::codec::Stream;
 use mamori_protocol::mqtt::DeviceKind;
 use mamori_protocol::reading::{OximeterReading, UpsReading};
 use mamori_protocol::{bridge, nut};
 use serde::Serialize;
-use tokio::io::AsyncReadExt;
 
 use crate::config::Config;
-use crate::sources::{open_serial, transact};
+use crate::sources::{open_serial, serial_first_item, serial_transact, transact};
 
 /// What probing one source found.
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -75,44 +74,9 @@ fn no_answer(garbage: u64, what: &str) -> String {
     }
 }
 
-/// Read the first item from a streaming port that `accept`s, within `limit`; failing that,
-/// the last item read (a bridge's boot frame is accepted only if nothing follows it).
-async fn first_item_where<D: mamori_protocol::codec::Decoder>(
-    port: &mut tokio_serial::SerialStream,
-    decoder: D,
-    limit: Duration,
-    accept: impl Fn(&D::Item) -> bool,
-) -> Result<D::Item, (u64, String)> {
-    let mut fallback = None;
-    let mut stream = Stream::new(decoder);
-    let mut garbage = 0;
-    #[allow(clippy::disallowed_methods)] // an I/O deadline on tokio's clock
-    let deadline = tokio::time::Instant::now() + limit;
-    let mut buf = [0u8; 512];
-    loop {
-        while let Some(ev) = stream.next_event() {
-            match ev {
-                StreamEvent::Item { item, .. } if accept(&item) => return Ok(item),
-                StreamEvent::Item { item, .. } => fallback = Some(item),
-                StreamEvent::Error { .. } => garbage += 1,
-            }
-        }
-        match tokio::time::timeout_at(deadline, port.read(&mut buf)).await {
-            Ok(Ok(n)) if n > 0 => stream.push(&buf[..n]),
-            Ok(Ok(_)) => return fallback.ok_or((garbage, "port closed".into())),
-            Ok(Err(e)) => return fallback.ok_or((garbage, e.to_string())),
-            Err(_) => return fallback.ok_or((garbage, String::new())),
-        }
-    }
-}
-
-/// Read one item from a streaming port within `limit`.
-async fn first_item<D: mamori_protocol::codec::Decoder>(
-    port: &mut tokio_serial::SerialStream,
-    decoder: D,
-    limit: Duration,
-) -> Result<D::Item, (u64, String)> {
-    first_item_where(port, decoder, limit, |_| true).await
+/// Run blocking device I/O on a thread of its own, its panic (none is expected) as an error.
+async fn blocking(f: impl FnOnce() -> Result<String, String> + Send + 'static) -> Result<String, String> {
+    tokio::task::spawn_blocking(f).await.unwrap_or_else(|e| Err(e.to_string()))
 }
 
 /// Probe every configured source.
@@ -125,8 +89,11 @@ pub async fn probe(config: &Config, limit: Duration) -> Vec<Probe> {
         detail: r.unwrap_or_else(|e| e),
     };
     for u in &config.ups {
-        let r = async {
-            let mut port = open_serial(&u.port, u.baud)?;
+        let u = u.clone();
+        let id = u.id.clone();
+        // The service's own serial stack, on a thread of its own (`crate::sources`).
+        let r = blocking(move || {
+            let mut port = open_serial(&u.port, u.baud, limit)?;
             let mut garbage = 0;
             let mut reading = None;
             let mut echo = None;
@@ -134,26 +101,25 @@ pub async fn probe(config: &Config, limit: Duration) -> Vec<Probe> {
             let driver = u.protocol.driver();
             let mut s = Stream::new(u.protocol.decoder());
             for cmd in driver.init {
-                let _ = transact(&mut port, &mut s, cmd, limit, &mut garbage, |r| r.solicited()).await;
+                let _ = serial_transact(&mut port, &mut s, cmd, limit, &mut garbage, |r| r.solicited());
             }
             let status = driver.each.first().copied().unwrap_or_default();
-            let ok = transact(&mut port, &mut s, status, limit, &mut garbage, |r| {
+            let ok = serial_transact(&mut port, &mut s, status, limit, &mut garbage, |r| {
                 if let Some(c) = r.echoed() {
                     echo = Some(c.to_string());
                     return true;
                 }
                 reading = r.reading();
                 reading.is_some()
-            })
-            .await;
+            });
             ok.map_err(|e| format!("{}: {e}", u.port.display()))?;
             if let Some(c) = echo {
                 return Err(format!("the device echoed `{c}` back: not a Megatec UPS, or another protocol"));
             }
             reading.map(|r| ups_detail(&r)).ok_or_else(|| no_answer(garbage, "a UPS reply"))
-        }
+        })
         .await;
-        out.push(p(&u.id, DeviceKind::Ups, r));
+        out.push(p(&id, DeviceKind::Ups, r));
     }
     for n in &config.nut {
         let r = async {
@@ -189,24 +155,25 @@ pub async fn probe(config: &Config, limit: Duration) -> Vec<Probe> {
     }
     for o in &config.oximeter {
         let wait = limit.max(Duration::from_millis(o.lost_after_ms));
-        let r = async {
-            let mut port = open_serial(&o.port, o.baud)?;
-            let reading = first_item(&mut port, o.protocol.decoder(), wait).await.map(|r| r.reading());
+        let (path, baud, protocol) = (o.port.clone(), o.baud, o.protocol);
+        let r = blocking(move || {
+            let mut port = open_serial(&path, baud, wait)?;
+            let reading = serial_first_item(&mut port, protocol.decoder(), wait, |_| true).map(|r| r.reading());
             reading
                 .map(|r| oximeter_detail(&r))
                 .map_err(|(g, e)| if e.is_empty() { no_answer(g, "oximeter data") } else { e })
-        }
+        })
         .await;
         out.push(p(&o.id, DeviceKind::Oximeter, r));
     }
     for b in &config.bridge {
-        let r = async {
-            let mut port = open_serial(&b.port, b.baud)?;
+        let wait = limit.max(Duration::from_millis(b.lost_after_ms));
+        let (path, baud) = (b.port.clone(), b.baud);
+        let r = blocking(move || {
+            let mut port = open_serial(&path, baud, wait)?;
             // The first frames come before every input has settled; a heartbeat (a second in)
             // has them all. Fall back to whatever came last.
-            let wait = limit.max(Duration::from_millis(b.lost_after_ms));
-            let f = first_item_where(&mut port, bridge::Decoder, wait, |f| f.kind == bridge::FrameKind::Heartbeat)
-                .await
+            let f = serial_first_item(&mut port, bridge::Decoder, wait, |f| f.kind == bridge::FrameKind::Heartbeat)
                 .map_err(|(g, e)| if e.is_empty() { no_answer(g, "a bridge frame") } else { e })?;
             let mut d = vec![format!("frame {}", f.seq)];
             if let Some(m) = f.mains_present {
@@ -219,7 +186,7 @@ pub async fn probe(config: &Config, limit: Duration) -> Vec<Probe> {
                 d.push(format!("battery {:.2} V", f64::from(pw.bus_mv) / 1000.0));
             }
             Ok(d.join(", "))
-        }
+        })
         .await;
         out.push(p(&b.id, DeviceKind::Bridge, r));
     }

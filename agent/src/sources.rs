@@ -1,4 +1,4 @@
-//! The sources: one task per configured device, each feeding [`Observation`]s to the monitor.
+//! The sources: one task or thread per configured device, each feeding [`Observation`]s to the monitor.
 //!
 //! They are the I/O edge and stay thin: open the port **by path** (so a USB adapter that is
 //! unplugged and plugged back, possibly as another `/dev/ttyUSBn`, is found again through its
@@ -7,6 +7,13 @@
 //! ([`Observation::Failed`] with the reason) and reopened every second; a source that stops
 //! answering is declared lost by the monitor, not here. Garbage on a line is counted
 //! ([`Observation::Garbage`]) and decoding resynchronises; it never becomes a reading.
+//!
+//! One serial stack: every serial device (a UPS, an oximeter, a sensor bridge), in `run` and in
+//! `probe`, is opened by [`open_serial`] and read with `serialport`'s blocking reads, each
+//! bounded by a timeout, on a thread of its own. A UPS thread wakes once per poll (tokio's
+//! timer wheel woke twice for a 250 ms timer: `docs/benchmarks.md`); a streaming device's read
+//! returns when bytes come or after [`STREAM_READ_MS`], to see whether the agent stops. NUT is
+//! a TCP socket, read with tokio.
 //!
 //! Over 800 lines for a reason: one thin edge per kind of source (serial UPS thread, NUT,
 //! streaming serial, I2C, GPIO), each with its reopen and failure handling; what each protocol
@@ -180,10 +187,12 @@ pub fn spawn_all(
         tasks.push(tokio::spawn(nut_source(n, tx.clone(), test, cancel.clone())));
     }
     for o in config.oximeter.clone() {
-        tasks.push(tokio::spawn(oximeter(o, tx.clone(), cancel.clone())));
+        let (tx, cancel) = (tx.clone(), cancel.clone());
+        tasks.push(tokio::task::spawn_blocking(move || oximeter(&o, &tx, &cancel)));
     }
     for b in config.bridge.clone() {
-        tasks.push(tokio::spawn(bridge_source(b, tx.clone(), cancel.clone())));
+        let (tx, cancel) = (tx.clone(), cancel.clone());
+        tasks.push(tokio::task::spawn_blocking(move || bridge_source(&b, &tx, &cancel)));
     }
     for p in config.power_monitor.clone() {
         let (tx, cancel) = (tx.clone(), cancel.clone());
@@ -196,13 +205,82 @@ pub fn spawn_all(
     tasks
 }
 
-/// Open a serial port by path, with the reason in words when it fails.
-pub fn open_serial(path: &Path, baud: u32) -> Result<tokio_serial::SerialStream, String> {
-    use tokio_serial::SerialPortBuilderExt;
+/// Open a serial port by path (blocking reads, `timeout` each), with the reason in words when
+/// it fails. Every serial device, in `run` and in `probe`, is read through this one stack:
+/// `serialport`, on a thread of its own, each read bounded by its timeout.
+pub fn open_serial(path: &Path, baud: u32, timeout: Duration) -> Result<serialport::TTYPort, String> {
     if !path.exists() {
         return Err(format!("port {} missing (unplugged?)", path.display()));
     }
-    tokio_serial::new(path.to_string_lossy(), baud).open_native_async().map_err(|e| serial_error(path, &e))
+    serialport::new(path.to_string_lossy(), baud).timeout(timeout).open_native().map_err(|e| serial_error(path, &e))
+}
+
+/// [`transact`] on a serial port, blocking: write `cmd`, read until `on_item` accepts a reply
+/// or `timeout` passes.
+pub fn serial_transact<D: Decoder>(
+    port: &mut serialport::TTYPort,
+    stream: &mut Stream<D>,
+    cmd: &[u8],
+    timeout: Duration,
+    garbage: &mut u64,
+    mut on_item: impl FnMut(D::Item) -> bool,
+) -> io::Result<bool> {
+    use serialport::SerialPort;
+    use std::io::{Read, Write};
+    if !cmd.is_empty() {
+        port.write_all(cmd)?; // no flush: see `transact`
+    }
+    #[allow(clippy::disallowed_methods)] // an I/O deadline
+    let deadline = std::time::Instant::now() + timeout;
+    let mut buf = [0u8; 512];
+    loop {
+        while let Some(ev) = stream.next_event() {
+            match ev {
+                StreamEvent::Item { item, .. } => {
+                    if on_item(item) {
+                        return Ok(true);
+                    }
+                }
+                StreamEvent::Error { .. } => *garbage += 1,
+            }
+        }
+        #[allow(clippy::disallowed_methods)] // an I/O deadline
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return Ok(false);
+        }
+        port.set_timeout(left)?;
+        match port.read(&mut buf) {
+            Ok(0) => return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "port closed")),
+            Ok(n) => stream.push(&buf[..n]),
+            Err(e) if e.kind() == io::ErrorKind::TimedOut => return Ok(false),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Read a streaming serial port until an item `accept`s, within `limit`; failing that, the
+/// last item read. The error carries the undecodable chunks seen and the port's error, empty
+/// when nothing came at all.
+pub fn serial_first_item<D: Decoder>(
+    port: &mut serialport::TTYPort,
+    decoder: D,
+    limit: Duration,
+    accept: impl Fn(&D::Item) -> bool,
+) -> Result<D::Item, (u64, String)> {
+    let (mut fallback, mut garbage) = (None, 0);
+    let mut stream = Stream::new(decoder);
+    let r = serial_transact(port, &mut stream, b"", limit, &mut garbage, |item| {
+        let done = accept(&item);
+        fallback = Some(item);
+        done
+    });
+    match (fallback, r) {
+        (Some(item), _) => Ok(item),
+        (None, Ok(_)) => Err((garbage, String::new())),
+        (None, Err(e)) => Err((garbage, e.to_string())),
+    }
 }
 
 /// An open failure in words an installer can act on.
@@ -293,16 +371,10 @@ pub fn serial_ups(
     };
     let send = |obs| send_at(obs, crate::clock::now());
     while !cancel.is_cancelled() {
-        if !cfg.port.exists() {
-            send(Observation::Failed(format!("port {} missing (unplugged?)", cfg.port.display())));
-            std::thread::sleep(Duration::from_secs(1));
-            continue;
-        }
-        let port = serialport::new(cfg.port.to_string_lossy(), cfg.baud).timeout(poll).open_native();
-        let mut port = match port {
+        let mut port = match open_serial(&cfg.port, cfg.baud, poll) {
             Ok(p) => p,
-            Err(e) => {
-                send(Observation::Failed(serial_error(&cfg.port, &e)));
+            Err(reason) => {
+                send(Observation::Failed(reason));
                 std::thread::sleep(Duration::from_secs(1));
                 continue;
             }
@@ -618,85 +690,97 @@ pub async fn nut_source(
     }
 }
 
+/// How long a streaming device's read waits before looking whether the agent stops.
+const STREAM_READ_MS: u64 = 500;
+
 /// Read a streaming serial device until it fails; `None` when the agent stops.
-async fn stream_session<D: Decoder>(
+fn stream_session<D: Decoder>(
     id: &str,
-    port: &mut tokio_serial::SerialStream,
+    port: &mut serialport::TTYPort,
     decoder: D,
     tx: &ObsTx,
     cancel: &CancellationToken,
     to_obs: impl Fn(D::Item) -> Observation,
 ) -> Option<String> {
+    use std::io::Read;
+    let send = |obs| {
+        let _ = tx.blocking_send(Sourced { source: id.to_string(), observation: obs, at: crate::clock::now() });
+    };
     let mut stream = Stream::new(decoder);
     let mut buf = [0u8; 1024];
-    loop {
-        let n = tokio::select! {
-            () = cancel.cancelled() => return None,
-            r = port.read(&mut buf) => match r {
-                Ok(0) => return Some("port closed".into()),
-                Ok(n) => n,
-                Err(e) => return Some(e.to_string()),
-            },
+    while !cancel.is_cancelled() {
+        let n = match port.read(&mut buf) {
+            Ok(0) => return Some("port closed".into()),
+            Ok(n) => n,
+            Err(e) if matches!(e.kind(), io::ErrorKind::TimedOut | io::ErrorKind::Interrupted) => continue,
+            Err(e) => return Some(e.to_string()),
         };
         stream.push(&buf[..n]);
         while let Some(ev) = stream.next_event() {
-            let obs = match ev {
+            send(match ev {
                 StreamEvent::Item { item, .. } => to_obs(item),
                 StreamEvent::Error { .. } => Observation::Garbage,
-            };
-            send(tx, id, obs).await;
+            });
         }
     }
+    None
 }
 
-async fn streaming<F, Fut>(id: &str, path: &Path, baud: u32, tx: &ObsTx, cancel: &CancellationToken, session: F)
-where
-    F: Fn(tokio_serial::SerialStream) -> Fut,
-    Fut: std::future::Future<Output = Option<String>>,
-{
+/// A streaming serial device on its own thread: open, read until it fails, tell the monitor,
+/// open again a second later.
+fn streaming(
+    id: &str,
+    path: &Path,
+    baud: u32,
+    tx: &ObsTx,
+    cancel: &CancellationToken,
+    session: impl Fn(&mut serialport::TTYPort) -> Option<String>,
+) {
+    let failed = |reason: String| {
+        let _ = tx.blocking_send(Sourced {
+            source: id.to_string(),
+            observation: Observation::Failed(reason),
+            at: crate::clock::now(),
+        });
+    };
     while !cancel.is_cancelled() {
-        match open_serial(path, baud) {
-            Ok(port) => {
+        match open_serial(path, baud, Duration::from_millis(STREAM_READ_MS)) {
+            Ok(mut port) => {
                 tracing::info!(source = %id, port = %path.display(), "port open");
-                match session(port).await {
+                match session(&mut port) {
                     Some(reason) => {
                         tracing::warn!(source = %id, %reason, "port lost; reopening");
-                        send(tx, id, Observation::Failed(format!("{}: {reason}", path.display()))).await;
+                        failed(format!("{}: {reason}", path.display()));
                     }
                     None => return,
                 }
             }
-            Err(reason) => send(tx, id, Observation::Failed(reason)).await,
+            Err(reason) => failed(reason),
         }
-        if !pause(cancel, Duration::from_secs(1)).await {
-            return;
+        // A second before trying again, looking whether the agent stops meanwhile.
+        for _ in 0..10 {
+            if cancel.is_cancelled() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
         }
     }
 }
 
-/// A serial oximeter.
-pub async fn oximeter(cfg: OximeterConfig, tx: ObsTx, cancel: CancellationToken) {
-    let id = cfg.id.clone();
-    streaming(&cfg.id, &cfg.port, cfg.baud, &tx, &cancel, |mut port| {
-        let (id, tx, cancel) = (id.clone(), tx.clone(), cancel.clone());
-        async move {
-            stream_session(&id, &mut port, cfg.protocol.decoder(), &tx, &cancel, |r: OximeterRecord| {
-                Observation::Oximeter(r.reading())
-            })
-            .await
-        }
-    })
-    .await;
+/// A serial oximeter (a blocking loop on its own thread).
+pub fn oximeter(cfg: &OximeterConfig, tx: &ObsTx, cancel: &CancellationToken) {
+    streaming(&cfg.id, &cfg.port, cfg.baud, tx, cancel, |port| {
+        stream_session(&cfg.id, port, cfg.protocol.decoder(), tx, cancel, |r: OximeterRecord| {
+            Observation::Oximeter(r.reading())
+        })
+    });
 }
 
-/// A sensor bridge on serial.
-pub async fn bridge_source(cfg: BridgeConfig, tx: ObsTx, cancel: CancellationToken) {
-    let id = cfg.id.clone();
-    streaming(&cfg.id, &cfg.port, cfg.baud, &tx, &cancel, |mut port| {
-        let (id, tx, cancel) = (id.clone(), tx.clone(), cancel.clone());
-        async move { stream_session(&id, &mut port, bridge::Decoder, &tx, &cancel, Observation::Bridge).await }
-    })
-    .await;
+/// A sensor bridge on serial (a blocking loop on its own thread).
+pub fn bridge_source(cfg: &BridgeConfig, tx: &ObsTx, cancel: &CancellationToken) {
+    streaming(&cfg.id, &cfg.port, cfg.baud, tx, cancel, |port| {
+        stream_session(&cfg.id, port, bridge::Decoder, tx, cancel, Observation::Bridge)
+    });
 }
 
 /// An INA219 on the Pi's I2C bus (a blocking loop on its own thread).
