@@ -1326,8 +1326,12 @@ async fn a_family_sees_what_to_do_and_its_answers_reach_the_coordinators_board()
         assert!(text.contains(want), "the family's page says {want}: {text}");
     }
     assert!(r.body.contains("href=\"tel:119\""), "{}", r.body);
-    // No tiers, device chips, routing tables or ids.
-    for not in ["段階", "T0", "T1", "pill sev-", "最後のエラー", "deliveries", "home-a1</", "遅延"] {
+    // No tiers, device chips, routing tables or ids. Words are looked for in what is shown (a
+    // random CSRF token in the markup may well hold "T0"), markup in the markup.
+    for not in ["段階", "T0", "T1", "最後のエラー", "遅延"] {
+        assert!(!text.contains(not), "the family's page shows {not}: {text}");
+    }
+    for not in ["pill sev-", "deliveries", "home-a1</"] {
         assert!(!r.body.contains(not), "the family's page shows {not}: {}", r.body);
     }
     // The answers: recorded on the alert, seen on the coordinator's page, audited.
