@@ -2,7 +2,8 @@
 //! spool) and the local alarm together, and shuts down cleanly.
 //!
 //! One task (this one) owns the [`Monitor`]: observations arrive on a channel, events go to
-//! the uplink, telemetry is sent every period and whenever the monitor's discrete state
+//! the uplink (on a thread of its own, `mamori-uplink`, so that the spool's fsync never
+//! stalls the monitor; each serial device is a thread of its own too), telemetry is sent every period and whenever the monitor's discrete state
 //! changes. It sleeps until the monitor's next deadline, so staleness and alarm delays fire on
 //! time without polling.
 //!
@@ -82,7 +83,21 @@ pub async fn run(config: Config, cancel: CancellationToken) -> anyhow::Result<()
     let (up_tx, up_rx) = mpsc::channel(1024);
     let (from_tx, mut from_rx) = mpsc::channel(256);
     let uplink_cancel = CancellationToken::new();
-    let uplink = tokio::spawn(Uplink::new(conn, settings, spool).run(up_rx, from_tx, uplink_cancel.clone()));
+    // The uplink on a thread of its own, with a one-thread runtime of its own: appending to the
+    // spool is an fsync (milliseconds on an SD card, seconds on a worn one), which must not
+    // stall the monitor, the sources or the local alarm on this thread.
+    let (spool_tx, spool_rx) = tokio::sync::oneshot::channel();
+    {
+        let c = uplink_cancel.clone();
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().context("the uplink's runtime")?;
+        std::thread::Builder::new()
+            .name("mamori-uplink".into())
+            .spawn(move || {
+                let spool = rt.block_on(Uplink::new(conn, settings, spool).run(up_rx, from_tx, c));
+                let _ = spool_tx.send(spool);
+            })
+            .context("starting the uplink's thread")?;
+    }
 
     let (obs_tx, mut obs_rx) = mpsc::channel(4096);
     let sources_cancel = CancellationToken::new();
@@ -264,7 +279,7 @@ pub async fn run(config: Config, cancel: CancellationToken) -> anyhow::Result<()
         .await;
     sources_cancel.cancel();
     uplink_cancel.cancel();
-    let spool = uplink.await.context("uplink task")?;
+    let spool = spool_rx.await.context("the uplink's thread ended without its spool (it panicked)")?;
     tracing::info!(pending = spool.status().pending_events, "spool flushed");
     for t in source_tasks {
         t.abort();

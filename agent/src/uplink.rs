@@ -1,6 +1,8 @@
 //! The uplink: MQTT to the gateway, through the spool.
 //!
 //! ## Tasks
+//! Both run on the uplink's own thread and one-thread runtime (`crate::run`), so an append's
+//! fsync waits there and stalls neither the monitor nor the sources.
 //! - The **connection task** owns the rumqttc `EventLoop` and never publishes. For each
 //!   connection attempt it builds a fresh client and event loop (client id = home id, Last Will
 //!   `{"state":"offline"}` retained on `status`, clean session), hands the client to the uplink
