@@ -2,6 +2,9 @@
 //! real `mamori-agent run` process, and simulated devices on pseudo-terminals
 //! (`mamori-agent simulate`). Each test waits for conditions with deadlines, never a sleep
 //! standing in for one.
+//!
+//! Over 800 lines for a reason: each test is one scenario an installer or a family meets (a
+//! pulled cable, a broker that refuses, NUT, TLS, a shutdown), and they share one rig.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a failed unwrap is a failed test
 #![allow(clippy::disallowed_methods)] // the tests are an I/O edge: they time the outage they cause

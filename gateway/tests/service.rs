@@ -2,6 +2,9 @@
 //! port, the real `mamori-gateway` binary with a SQLite store in a temporary folder, a real
 //! HTTP webhook receiver that checks signatures, and an MQTT client publishing as a home.
 //! No sleeps stand in for synchronisation: every wait is for a condition, with a deadline.
+//!
+//! Over 800 lines for a reason: each test is one scenario over the real process (a channel's
+//! failures, a restart, a full disk, TLS, consent), and they share one rig of real parts.
 #![allow(clippy::disallowed_methods)] // the tests measure delays with their own clock
 
 use std::path::Path;

@@ -5,7 +5,10 @@
 //! in two municipalities, and a stand-in for the service loop that applies acknowledgements,
 //! clears and care plans (through the same `store_plan` as the loop) to that engine and
 //! publishes a new snapshot, as the loop does. The whole
-//! chain, in a real browser, is `tests/browser.rs`.
+//! chain, in a real browser, is `demo/tests/browser.rs`.
+//!
+//! Over 800 lines for a reason: the role-by-route matrix and each page's words for each
+//! reader share one fixture (homes, accounts, a snapshot); split, each part would rebuild it.
 #![allow(clippy::disallowed_methods, clippy::unwrap_used)]
 
 use std::path::Path;
