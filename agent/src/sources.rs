@@ -215,6 +215,22 @@ pub fn open_serial(path: &Path, baud: u32, timeout: Duration) -> Result<serialpo
     serialport::new(path.to_string_lossy(), baud).timeout(timeout).open_native().map_err(|e| serial_error(path, &e))
 }
 
+/// Hand every decoded item to `on_item` until it accepts one (`true`); count the chunks that
+/// did not decode. The part of a transaction that is the same whatever the port.
+fn drain<D: Decoder>(stream: &mut Stream<D>, garbage: &mut u64, on_item: &mut impl FnMut(D::Item) -> bool) -> bool {
+    while let Some(ev) = stream.next_event() {
+        match ev {
+            StreamEvent::Item { item, .. } => {
+                if on_item(item) {
+                    return true;
+                }
+            }
+            StreamEvent::Error { .. } => *garbage += 1,
+        }
+    }
+    false
+}
+
 /// [`transact`] on a serial port, blocking: write `cmd`, read until `on_item` accepts a reply
 /// or `timeout` passes.
 pub fn serial_transact<D: Decoder>(
@@ -234,15 +250,8 @@ pub fn serial_transact<D: Decoder>(
     let deadline = std::time::Instant::now() + timeout;
     let mut buf = [0u8; 512];
     loop {
-        while let Some(ev) = stream.next_event() {
-            match ev {
-                StreamEvent::Item { item, .. } => {
-                    if on_item(item) {
-                        return Ok(true);
-                    }
-                }
-                StreamEvent::Error { .. } => *garbage += 1,
-            }
+        if drain(stream, garbage, &mut on_item) {
+            return Ok(true);
         }
         #[allow(clippy::disallowed_methods)] // an I/O deadline
         let left = deadline.saturating_duration_since(std::time::Instant::now());
@@ -331,15 +340,8 @@ where
     let deadline = tokio::time::Instant::now() + timeout;
     let mut buf = [0u8; 512];
     loop {
-        while let Some(ev) = stream.next_event() {
-            match ev {
-                StreamEvent::Item { item, .. } => {
-                    if on_item(item) {
-                        return Ok(true);
-                    }
-                }
-                StreamEvent::Error { .. } => *garbage += 1,
-            }
+        if drain(stream, garbage, &mut on_item) {
+            return Ok(true);
         }
         match tokio::time::timeout_at(deadline, port.read(&mut buf)).await {
             Err(_) => return Ok(false),
