@@ -9,11 +9,9 @@
 //! the store, which is its state and is written inside `handle`, in transactions; it reads no
 //! clock and opens no socket, so it is tested by driving it (`run/tests.rs`).
 //!
-//! The runner ([`Service::run_on`]) is the loop around it, on **a thread of its own**
-//! (`mamori-service`): it waits on the runtime for the first input or the deadline, reads the
-//! clock, calls `handle` (whose store writes, a commit and its fsync or a PostgreSQL round
-//! trip, so never hold one of the runtime's worker threads), and carries the effects out
-//! without waiting for any of them. Around it:
+//! The runner ([`Service::run_on`]) is the loop around it: it waits for the first input or the
+//! deadline, reads the clock, calls `handle`, and carries the effects out without waiting for
+//! any of them. Around it:
 //! - the MQTT link and outbound tasks ([`crate::edge::mqtt`]);
 //! - the HTTP server, on **its own runtime** (two threads), so that however many dashboard
 //!   viewers there are, they cannot take the threads that page people;
@@ -633,87 +631,68 @@ impl Service {
         }
         let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
 
+        let mut failure = None;
         let lease_lost = self.lease.as_ref().map_or_else(CancellationToken::new, |l| l.lost());
-        let counters = self.counters.clone();
-        // The machine runs on a thread of its own: `handle` writes the store (SQLite's commit
-        // and fsync, or a PostgreSQL round trip), which must not hold one of the runtime's
-        // worker threads, where the MQTT link, the sends and the heartbeat run. The thread
-        // waits for its inputs on the runtime (`Handle::block_on`), then handles them itself.
-        let rt = tokio::runtime::Handle::current();
-        let (done_tx, done_rx) = tokio::sync::oneshot::channel();
-        let machine = {
-            let (cancel, lease_lost) = (cancel.clone(), lease_lost.clone());
-            std::thread::Builder::new().name("mamori-service".into()).spawn(move || {
-                let _entered = rt.enter(); // tokio::spawn from `carry_out`
-                let mut failure = None;
-                loop {
-                    let now = clock::now();
-                    let sleep = (self.next_deadline(now) - now).to_std().unwrap_or(Duration::ZERO);
-                    let input = rt.block_on(async {
-                        tokio::select! {
-                            _ = cancel.cancelled() => None,
-                            _ = lease_lost.cancelled() => None,
-                            m = mqtt_rx.recv() => {
-                                // Everything waiting, up to a thousand, in one transaction.
-                                let mut items = vec![m?];
-                                while items.len() < 1000 {
-                                    match mqtt_rx.try_recv() {
-                                        Ok(m) => items.push(m),
-                                        Err(_) => break,
-                                    }
-                                }
-                                Some(ServiceInput::Broker(items))
-                            }
-                            Some(req) = web_rx.recv() => Some(ServiceInput::Web(req)),
-                            Some(first) = results_rx.recv() => {
-                                let mut results = vec![first];
-                                while let Ok(r) = results_rx.try_recv() {
-                                    results.push(r);
-                                }
-                                Some(ServiceInput::Results(results))
-                            }
-                            _ = tokio::time::sleep(sleep) => Some(ServiceInput::Timer),
-                        }
-                    });
-                    let Some(input) = input else { break };
-                    match self.handle(input, clock::now()) {
-                        Ok(effects) => world.carry_out(effects),
-                        Err(e) => {
-                            failure = Some(e);
-                            break;
+        loop {
+            let now = clock::now();
+            let sleep = (self.next_deadline(now) - now).to_std().unwrap_or(Duration::ZERO);
+            let input = tokio::select! {
+                _ = cancel.cancelled() => break,
+                _ = lease_lost.cancelled() => break,
+                m = mqtt_rx.recv() => {
+                    let Some(m) = m else { break };
+                    // Everything waiting, up to a thousand, in one transaction.
+                    let mut items = vec![m];
+                    while items.len() < 1000 {
+                        match mqtt_rx.try_recv() {
+                            Ok(m) => items.push(m),
+                            Err(_) => break,
                         }
                     }
+                    ServiceInput::Broker(items)
                 }
-                let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
-                // Shutdown: let sends in flight finish (bounded), record them.
-                #[allow(clippy::disallowed_methods)] // the shutdown's I/O deadline, on tokio's clock
-                let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-                while self.dispatcher.in_flight() > 0 {
-                    match rt.block_on(tokio::time::timeout_at(deadline, results_rx.recv())) {
-                        Ok(Some(r)) => self.record(vec![r], clock::now(), true),
-                        _ => break,
+                Some(req) = web_rx.recv() => ServiceInput::Web(req),
+                Some(first) = results_rx.recv() => {
+                    let mut results = vec![first];
+                    while let Ok(r) = results_rx.try_recv() {
+                        results.push(r);
                     }
+                    ServiceInput::Results(results)
                 }
-                if self.degraded.is_none() {
-                    self.flush_unrecorded(clock::now());
+                _ = tokio::time::sleep(sleep) => ServiceInput::Timer,
+            };
+            match self.handle(input, clock::now()) {
+                Ok(effects) => world.carry_out(effects),
+                Err(e) => {
+                    failure = Some(e);
+                    break;
                 }
-                // What recording them asked for: agents' acknowledgements and notices (no new
-                // sends start now; a row still due is sent by whichever gateway runs next).
-                let last: Vec<Effect> = std::mem::take(&mut self.effects)
-                    .into_iter()
-                    .filter(|e| matches!(e, Effect::Broker(Outbound::AgentAck(..)) | Effect::Notice(_)))
-                    .collect();
-                world.carry_out(last);
-                let _ = done_tx.send(failure);
-            })
-        };
-        machine.context("starting the service's thread")?;
-        let failure =
-            done_rx.await.map_err(|_| anyhow::anyhow!("the service's thread ended without a word (it panicked)"))?;
+            }
+        }
+        let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+        // Shutdown: let sends in flight finish (bounded), record them, disconnect.
+        #[allow(clippy::disallowed_methods)] // the shutdown's I/O deadline, on tokio's clock
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while self.dispatcher.in_flight() > 0 {
+            match tokio::time::timeout_at(deadline, results_rx.recv()).await {
+                Ok(Some(r)) => self.record(vec![r], clock::now(), true),
+                _ => break,
+            }
+        }
+        if self.degraded.is_none() {
+            self.flush_unrecorded(clock::now());
+        }
+        // What recording them asked for: agents' acknowledgements and notices (no new sends
+        // start now; a row still due is sent by whichever gateway runs next).
+        let last: Vec<Effect> = std::mem::take(&mut self.effects)
+            .into_iter()
+            .filter(|e| matches!(e, Effect::Broker(Outbound::AgentAck(..)) | Effect::Notice(_)))
+            .collect();
+        world.carry_out(last);
         let _ = client.disconnect().await;
         drop(pruner);
         drop(web_rt);
-        let c = &counters;
+        let c = &self.counters;
         tracing::info!(
             ingested = c.ingested.load(Ordering::Relaxed),
             rejected = c.rejected.load(Ordering::Relaxed),
