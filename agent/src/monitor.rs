@@ -42,6 +42,7 @@ use std::collections::BTreeMap;
 
 use mamori_firmware::contact::Debouncer;
 use mamori_protocol::bridge::{self, ContactState, Frame};
+use mamori_protocol::event_data::{to_data, BatteryTest, TestResult};
 use mamori_protocol::mqtt::{
     DeviceKind, DeviceState, DeviceStatus, EventKind, PowerMeterReading, SpoolStatus, Telemetry, Timestamp,
     VentilatorReading,
@@ -190,13 +191,6 @@ pub struct Monitor {
     test_bit_since: BTreeMap<String, u64>,
 }
 
-fn data_of<T: serde::Serialize>(value: &T) -> Map<String, Value> {
-    match serde_json::to_value(value) {
-        Ok(Value::Object(m)) => m.into_iter().filter(|(_, v)| !v.is_null()).collect(),
-        _ => Map::new(),
-    }
-}
-
 impl Monitor {
     /// A monitor for `sources`, started at `now`.
     pub fn new(sources: Vec<SourceSpec>, thresholds: Thresholds, now: &Now) -> Self {
@@ -260,24 +254,19 @@ impl Monitor {
     fn finish_self_test(&mut self, source: &str, now: &Now, on_battery: bool, out: &mut Vec<NewEvent>) {
         let Some(run) = self.self_tests.remove(source) else { return };
         let result = match (run.seen, on_battery) {
-            (false, _) => "not_started",
-            (true, true) => "ended_on_battery",
-            (true, false) if run.failed => "failed",
-            (true, false) => "passed",
+            (false, _) => TestResult::NotStarted,
+            (true, true) => TestResult::EndedOnBattery,
+            (true, false) if run.failed => TestResult::Failed,
+            (true, false) => TestResult::Passed,
         };
-        let mut d = Map::new();
-        d.insert("result".into(), result.into());
-        if let Some(r) = run.refused {
-            d.insert("reason".into(), r.into());
-        }
-        d.insert("seconds".into(), (now.mono_ms.saturating_sub(run.started_ms) / 1000).into());
-        if let Some(c) = run.charge_before_pct {
-            d.insert("charge_before_pct".into(), c.into());
-        }
-        if let Some(v) = run.voltage_min_v {
-            d.insert("voltage_min_v".into(), v.into());
-        }
-        out.push(Self::event(EventKind::BatteryTest, Some(source), now, d));
+        let test = BatteryTest {
+            result: Some(result),
+            reason: run.refused,
+            seconds: Some(now.mono_ms.saturating_sub(run.started_ms) / 1000),
+            charge_before_pct: run.charge_before_pct,
+            voltage_min_v: run.voltage_min_v,
+        };
+        out.push(Self::event(EventKind::BatteryTest, Some(source), now, to_data(&test)));
         if on_battery {
             // Still on battery when the test should be over: an outage.
             self.set_mains_lost(source, true, now, Map::new, out);
@@ -322,7 +311,7 @@ impl Monitor {
             Observation::Ups(r) => self.observe_ups(source, r, now, &mut out),
             Observation::PowerMeter { reading, low } => {
                 if let Some(low) = low {
-                    self.set_battery_low(source, low, now, || data_of(&reading), &mut out);
+                    self.set_battery_low(source, low, now, || to_data(&reading), &mut out);
                 }
                 self.power_meter = Some(reading);
             }
@@ -344,7 +333,7 @@ impl Monitor {
 
     fn observe_ups(&mut self, source: &str, r: UpsReading, now: &Now, out: &mut Vec<NewEvent>) {
         // Built only when an event needs it: most polls change nothing.
-        let data = || data_of(&r);
+        let data = || to_data(&r);
         let (glitch_below, prev_on_battery) = match self.sources.get_mut(source) {
             Some(st) => {
                 let prev = st.last_on_battery;
@@ -506,7 +495,7 @@ impl Monitor {
             self.set_mains_lost(source, !p, now, Map::new, out);
         }
         if f.power.is_some() || f.flags & bridge::flags::LOW_BATTERY != 0 {
-            let data = self.power_meter.as_ref().map(data_of).unwrap_or_default();
+            let data = self.power_meter.as_ref().map(to_data).unwrap_or_default();
             self.set_battery_low(source, f.flags & bridge::flags::LOW_BATTERY != 0, now, || data, out);
         }
         if let Some(v) = f.ventilator {
@@ -516,7 +505,7 @@ impl Monitor {
 
     fn observe_oximeter(&mut self, source: &str, r: OximeterReading, now: &Now, out: &mut Vec<NewEvent>) {
         let ox = self.oximeters.entry(source.to_string()).or_default();
-        let mut push = |kind| out.push(Self::event(kind, Some(source), now, data_of(&r)));
+        let mut push = |kind| out.push(Self::event(kind, Some(source), now, to_data(&r)));
         // The bedside alarm.
         let active = r.alarm_active.unwrap_or(false);
         let silenced = r.alarm_silenced.unwrap_or(false);
@@ -608,7 +597,7 @@ impl Monitor {
         }
         let t = self.thresholds;
         for (id, ox) in &mut self.oximeters {
-            let data = ox.reading.as_ref().map(data_of).unwrap_or_default();
+            let data = ox.reading.as_ref().map(to_data).unwrap_or_default();
             if let Some(since) = ox.spo2_low_since {
                 if !ox.spo2_alarm && now.mono_ms.saturating_sub(since) >= u64::from(t.spo2_delay_s) * 1000 {
                     ox.spo2_alarm = true;
@@ -827,10 +816,8 @@ mod tests {
         })
     }
 
-    fn test_result(evs: &[NewEvent]) -> Option<String> {
-        evs.iter()
-            .find(|e| e.kind == EventKind::BatteryTest)
-            .and_then(|e| e.data.get("result").and_then(|r| r.as_str()).map(str::to_string))
+    fn test_result(evs: &[NewEvent]) -> Option<TestResult> {
+        evs.iter().find(|e| e.kind == EventKind::BatteryTest).and_then(|e| BatteryTest::of(&e.data).result)
     }
 
     #[test]
@@ -844,7 +831,7 @@ mod tests {
         assert!(!m.local_state().0, "the local alarm does not sound for the test");
         let after = m.observe("ups", testing(false, Some(false), false), &at(12_000));
         assert_eq!(kinds(&after), [EventKind::BatteryTest]);
-        assert_eq!(test_result(&after).as_deref(), Some("passed"));
+        assert_eq!(test_result(&after), Some(TestResult::Passed));
         assert_eq!(after[0].data.get("voltage_min_v").and_then(|v| v.as_f64()), Some(24.1));
         assert!(!m.self_testing());
         // Without a test running, the same switch to battery is an outage.
@@ -859,7 +846,7 @@ mod tests {
         let low = m.observe("ups", testing(true, Some(true), true), &at(3000));
         assert_eq!(kinds(&low), [EventKind::BatteryLow], "a battery low in the test is news in itself");
         let after = m.observe("ups", testing(false, Some(false), false), &at(5000));
-        assert_eq!(test_result(&after).as_deref(), Some("failed"));
+        assert_eq!(test_result(&after), Some(TestResult::Failed));
     }
 
     #[test]
@@ -870,7 +857,7 @@ mod tests {
         assert_eq!(m.next_deadline_ms(), Some(60_000));
         assert!(m.observe("ups", testing(false, None, false), &at(30_000)).is_empty());
         let end = m.tick(&at(60_000));
-        assert_eq!(test_result(&end).as_deref(), Some("not_started"));
+        assert_eq!(test_result(&end), Some(TestResult::NotStarted));
         assert!(!kinds(&end).contains(&EventKind::MainsLost));
     }
 
@@ -881,7 +868,7 @@ mod tests {
         m.self_test_started("ups", &at(0), 60_000);
         let e =
             m.observe("ups", Observation::SelfTestRefused("upsd refused INSTCMD: ERR ACCESS-DENIED".into()), &at(50));
-        assert_eq!(test_result(&e).as_deref(), Some("not_started"));
+        assert_eq!(test_result(&e), Some(TestResult::NotStarted));
         assert_eq!(e[0].data.get("reason").and_then(|r| r.as_str()), Some("upsd refused INSTCMD: ERR ACCESS-DENIED"));
         assert!(!m.self_testing());
         // A refusal with no test running is nothing.
@@ -897,7 +884,7 @@ mod tests {
         assert!(m.observe("ups", testing(true, Some(true), false), &at(2000)).is_empty());
         let e = m.observe("ups", testing(true, Some(false), false), &at(11_000));
         assert_eq!(kinds(&e), [EventKind::MainsLost, EventKind::BatteryTest]);
-        assert_eq!(test_result(&e).as_deref(), Some("ended_on_battery"));
+        assert_eq!(test_result(&e), Some(TestResult::EndedOnBattery));
         // A UPS without the bit (APC): on battery past the test's longest, at that deadline.
         let mut m = only("ups");
         m.observe("ups", testing(false, None, false), &at(0));
@@ -906,7 +893,7 @@ mod tests {
         assert!(m.observe("ups", testing(true, None, false), &at(40_000)).is_empty());
         let e = m.tick(&at(60_000));
         assert_eq!(kinds(&e), [EventKind::BatteryTest, EventKind::MainsLost]);
-        assert_eq!(test_result(&e).as_deref(), Some("ended_on_battery"));
+        assert_eq!(test_result(&e), Some(TestResult::EndedOnBattery));
     }
 
     #[test]

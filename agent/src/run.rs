@@ -21,6 +21,7 @@
 use std::time::Duration;
 
 use anyhow::Context;
+use mamori_protocol::event_data::{to_data, BatteryTest, TestResult};
 use mamori_protocol::mqtt::{Event, EventKind, SourceInfo, Telemetry};
 use serde_json::Map;
 use tokio::sync::{mpsc, watch};
@@ -227,10 +228,12 @@ pub async fn run(config: Config, cancel: CancellationToken) -> anyhow::Result<()
                         Some(reason) if self_test_skipped_on != Some(today) => {
                             self_test_skipped_on = Some(today);
                             tracing::warn!(reason, "battery self-test due but not run");
-                            let mut d = Map::new();
-                            d.insert("result".into(), "skipped".into());
-                            d.insert("reason".into(), reason.into());
-                            events.push(NewEvent { kind: EventKind::BatteryTest, source: None, ts: now.wall, mono_ms: now.mono_ms, data: d });
+                            let test = BatteryTest {
+                                result: Some(TestResult::Skipped),
+                                reason: Some(reason.to_string()),
+                                ..BatteryTest::default()
+                            };
+                            events.push(NewEvent { kind: EventKind::BatteryTest, source: None, ts: now.wall, mono_ms: now.mono_ms, data: to_data(&test) });
                         }
                         Some(_) => {}
                         None => {

@@ -44,6 +44,8 @@ pub mod codec;
 #[cfg(feature = "alloc")]
 pub mod apc;
 #[cfg(feature = "alloc")]
+pub mod event_data;
+#[cfg(feature = "alloc")]
 pub mod masimo;
 #[cfg(feature = "alloc")]
 pub mod megatec;

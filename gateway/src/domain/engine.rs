@@ -74,6 +74,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
 use chrono::Duration;
+use mamori_protocol::event_data::{BatteryTest, Readings, TestResult};
 use mamori_protocol::mqtt::{
     Ack, ConnectionState, DeviceState, Event, EventKind, HomeId, Role, Severity, Status, Telemetry, VentilatorReading,
 };
@@ -1253,8 +1254,7 @@ impl Engine {
                     }
                     _ => {}
                 }
-                let runtime =
-                    e.data.get("runtime_s").and_then(|v| v.as_u64()).map(|r| u32::try_from(r).unwrap_or(u32::MAX));
+                let runtime = Readings::of(&e.data).runtime_s;
                 self.power_changed(&home, now);
                 if let Some(r) = runtime {
                     self.observe(&home, Sample { at: Some(ts), runtime_s: Some(r), ..Default::default() }, now);
@@ -1282,8 +1282,8 @@ impl Engine {
             // A scheduled self-test: a failed one tells the family and the coordinator on a
             // calm day (like a degraded battery); a passed one clears that. Skipped, not
             // started or ended by an outage says nothing of the battery.
-            match e.data.get("result").and_then(|r| r.as_str()) {
-                Some("failed") => self.raise(
+            match BatteryTest::of(&e.data).result {
+                Some(TestResult::Failed) => self.raise(
                     &home,
                     AlertKind::BatteryTestFailed,
                     Severity::Warning,
@@ -1292,7 +1292,7 @@ impl Engine {
                     e.data.clone(),
                     now,
                 ),
-                Some("passed") => self.clear_alert(&home, AlertKind::BatteryTestFailed, now),
+                Some(TestResult::Passed) => self.clear_alert(&home, AlertKind::BatteryTestFailed, now),
                 _ => {}
             }
             return Ok(());

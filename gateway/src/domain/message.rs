@@ -670,21 +670,21 @@ pub fn request(role: Role, kind: AlertKind, tier: Tier, s: &Situation, lang: Lan
 
 /// Readings an alert carries, in words: `SpO2 85%・脈拍 92/分`, `UPSの表示: 残量62%・残り約12分`.
 pub fn readings_text(data: &serde_json::Map<String, serde_json::Value>, lang: Lang) -> Option<String> {
-    let n = |k: &str| data.get(k).and_then(serde_json::Value::as_f64);
+    let r = mamori_protocol::event_data::Readings::of(data);
     let ja = lang == Lang::Ja;
     let mut parts = Vec::new();
-    if let Some(v) = n("spo2_pct") {
+    if let Some(v) = r.spo2_pct {
         parts.push(format!("SpO2 {v:.0}%"));
     }
-    if let Some(v) = n("pulse_bpm") {
+    if let Some(v) = r.pulse_bpm {
         parts.push(if ja { format!("脈拍 {v:.0}/分") } else { format!("pulse {v:.0}/min") });
     }
     let mut ups = Vec::new();
-    if let Some(v) = n("battery_charge_pct") {
+    if let Some(v) = r.battery_charge_pct {
         ups.push(if ja { format!("残量{v:.0}%") } else { format!("{v:.0} % charge") });
     }
-    if let Some(v) = n("runtime_s") {
-        let left = rough(v as i64, Round::Near, lang);
+    if let Some(v) = r.runtime_s {
+        let left = rough(i64::from(v), Round::Near, lang);
         ups.push(if ja { format!("残り約{left}") } else { format!("about {left} left") });
     }
     if !ups.is_empty() {
@@ -1177,6 +1177,7 @@ mod tests {
         ] {
             data.insert(k.into(), v.into());
         }
+        data.insert("runtime_s".into(), 720.into()); // whole seconds, as the agent writes it
         let mut out = Vec::new();
         for kind in KINDS {
             for tier in [Tier::T0, Tier::T1, Tier::T2, Tier::T3] {
