@@ -3,9 +3,9 @@
 //!
 //! One task (this one) owns the [`Monitor`]: observations arrive on a channel, events go to
 //! the uplink (on a thread of its own, `mamori-uplink`, so that the spool's fsync never
-//! stalls the monitor; each serial device is a thread of its own too), telemetry is sent every period and whenever the monitor's discrete state
-//! changes. It sleeps until the monitor's next deadline, so staleness and alarm delays fire on
-//! time without polling.
+//! stalls the monitor; each serial device is a thread of its own too), telemetry is sent
+//! every period and whenever the monitor's discrete state changes. It sleeps until the
+//! monitor's next deadline, so staleness and alarm delays fire on time without polling.
 //!
 //! Battery self-tests ([`crate::self_test`]), when the home opted in: checked every minute;
 //! when one is due and nothing blocks it, each serial UPS is asked to test and the monitor
