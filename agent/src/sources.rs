@@ -693,7 +693,7 @@ pub async fn nut_source(
 }
 
 /// How long a streaming device's read waits before looking whether the agent stops.
-const STREAM_READ_MS: u64 = 500;
+pub const STREAM_READ_MS: u64 = 500;
 
 /// Read a streaming serial device until it fails; `None` when the agent stops.
 fn stream_session<D: Decoder>(
