@@ -90,9 +90,11 @@ use crate::domain::policy::{Policies, Policy, Tier};
 
 pub mod clock;
 pub mod kind;
+mod stored;
 
 use clock::HomeClock;
 pub use kind::AlertKind;
+pub use stored::StoredAlerts;
 
 /// Engine settings (the `[escalation]` section of the gateway config).
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
@@ -1990,10 +1992,10 @@ impl Engine {
         let replaced: Vec<HomeId> = self
             .state
             .iter()
+            .filter(|(_, s)| s.alerts.contains_key(&AlertKind::BatteryDegraded))
             .filter(|(h, s)| {
                 let plan_wh = self.plans.get(*h).and_then(Home::external_wh);
-                s.alerts.contains_key(&AlertKind::BatteryDegraded)
-                    && !s.battery.as_ref().is_some_and(|l| plan_wh.is_some_and(|w| (l.plan_wh - w).abs() < 0.5))
+                !s.battery.as_ref().is_some_and(|l| plan_wh.is_some_and(|w| (l.plan_wh - w).abs() < 0.5))
             })
             .map(|(h, _)| h.clone())
             .collect();

@@ -11,6 +11,19 @@
 //!    flight at once, and at most `delivery.per_destination` of them to one destination, so a
 //!    hung endpoint holds its share and no more. Rows are taken oldest first within what is
 //!    left; the store skips destinations that are full ([`Dispatcher::saturated`]).
+//!
+//!    The slots themselves are the runner's (a semaphore per destination and one for all, in
+//!    `run/lanes.rs`): this scheduler hands out up to [`SEND_AHEAD`] times as many rows, which wait
+//!    there for a slot. A send that ends gives its slot straight to the next row for its
+//!    destination, without waiting for the service to record its result. Before, a slot was
+//!    given again only when the service came round to it, so a destination's rate was its
+//!    slots per turn of the service: in a storm on PostgreSQL (a batch of a thousand messages,
+//!    a pass over 20,000 homes) eight family pages a turn, and the last family was paged tens
+//!    of seconds late (`docs/benchmarks.md`). The shares are in the same proportion as the
+//!    slots, so it still takes `concurrency / per_destination` hung destinations to hold
+//!    every row handed out. A row waiting for a slot of a destination that has failed
+//!    `breaker_failures` times in a row since is not sent but failed at once, as an open
+//!    breaker's row is (the breaker's probe excepted).
 //! 3. **A destination that keeps failing is not tried for a while** (a circuit breaker):
 //!    after `delivery.breaker_failures` failed attempts in a row it is *open* for
 //!    `delivery.breaker_open_ms`; rows for it then fail at once with a clear reason, which
@@ -27,6 +40,16 @@ use std::collections::{HashMap, HashSet};
 use crate::config::DeliveryConfig;
 use crate::domain::engine::Time;
 use crate::edge::store::OutboxRow;
+
+/// Rows handed out per slot (per destination and overall): the runner holds the extra ones
+/// until a slot frees, so a destination's sends go on back to back through a long turn of the
+/// service. Measured on the PostgreSQL storm (`docs/benchmarks.md`): with 1 (slots given back
+/// only by the service) the families were paged at p99 8-53 s, with 4 at 6-13 s, with 16 at
+/// 1.7 s. The cost: a row handed out waits behind up to this many rows per slot of its
+/// destination, so an acknowledgement that makes it moot meanwhile is not seen (at a slow SMS
+/// gateway's second a send, up to 16 s); a destination that fails has its waiting rows failed
+/// at once (see the module doc), so they reach their fallback as they did.
+pub const SEND_AHEAD: usize = 16;
 
 /// What to do with a due row.
 #[derive(Debug, Clone, PartialEq)]
@@ -79,14 +102,31 @@ impl Dispatcher {
         }
     }
 
-    /// Free send slots.
-    pub fn room(&self) -> usize {
-        self.concurrency.saturating_sub(self.sending.len())
+    /// The runner's slots: sends at once overall, and to one destination.
+    pub fn slots(&self) -> (usize, usize) {
+        (self.concurrency, self.per_destination)
     }
 
-    /// Sends in flight.
+    /// Failed attempts in a row after which a destination is not tried (for the runner's
+    /// rows waiting for a slot).
+    pub fn breaker_failures(&self) -> u32 {
+        self.breaker_failures
+    }
+
+    /// Rows that may still be handed out.
+    pub fn room(&self) -> usize {
+        (self.concurrency * SEND_AHEAD).saturating_sub(self.sending.len())
+    }
+
+    /// Rows handed out whose result has not come back (being sent, or waiting for a slot).
     pub fn in_flight(&self) -> usize {
         self.sending.len()
+    }
+
+    /// Whether the row handed out is its destination's breaker probe (sent even though the
+    /// destination failed just before).
+    pub fn is_probe(&self, key: &str) -> bool {
+        self.sending.get(key).and_then(|d| self.breakers.get(d)).is_some_and(|b| b.probing)
     }
 
     /// Rows leased (in flight or waiting to be recorded): the store's due query must return
@@ -100,10 +140,10 @@ impl Dispatcher {
         self.sending.contains_key(key) || self.held.contains(key)
     }
 
-    /// Destinations with every slot of their share in use: the due query skips their rows.
+    /// Destinations with their whole share handed out: the due query skips their rows.
     pub fn saturated(&self) -> Vec<String> {
-        let mut v: Vec<String> =
-            self.per_dest.iter().filter(|(_, n)| **n >= self.per_destination).map(|(d, _)| d.clone()).collect();
+        let share = self.per_destination * SEND_AHEAD;
+        let mut v: Vec<String> = self.per_dest.iter().filter(|(_, n)| **n >= share).map(|(d, _)| d.clone()).collect();
         v.sort();
         v
     }
@@ -143,11 +183,11 @@ impl Dispatcher {
                     continue;
                 }
             }
-            if self.sending.len() >= self.concurrency {
+            if self.sending.len() >= self.concurrency * SEND_AHEAD {
                 break;
             }
             let n = self.per_dest.entry(dest.clone()).or_default();
-            if *n >= self.per_destination {
+            if *n >= self.per_destination * SEND_AHEAD {
                 continue;
             }
             *n += 1;
@@ -258,13 +298,19 @@ mod tests {
     fn a_destination_gets_its_share_and_the_others_still_get_slots() {
         let mut d = Dispatcher::new(&cfg());
         let hung = ChannelRef::Webhook("family".into());
-        let mut rows: Vec<OutboxRow> = (0..10).map(|i| row(&format!("f{i}"), hung.clone())).collect();
+        let share = 2 * SEND_AHEAD;
+        let mut rows: Vec<OutboxRow> = (0..share + 3).map(|i| row(&format!("f{i}"), hung.clone())).collect();
         rows.push(row("c0", ChannelRef::Webhook("coord".into())));
         rows.push(row("m0", ChannelRef::Email("a@b".into())));
         let out = d.choose(rows, t(0));
-        assert_eq!(sent(&out), ["f0", "f1", "c0", "m0"], "two for the family endpoint, then the others");
+        // Two slots for the family endpoint, so its share of rows handed out (two sending, the
+        // rest waiting in the runner for those two slots), then the others.
+        let mut expected: Vec<String> = (0..share).map(|i| format!("f{i}")).collect();
+        expected.extend(["c0".to_string(), "m0".to_string()]);
+        assert_eq!(sent(&out), expected);
         assert_eq!(d.saturated(), ["webhook:family"]);
-        assert_eq!((d.room(), d.in_flight()), (2, 4));
+        assert_eq!((d.room(), d.in_flight()), (6 * SEND_AHEAD - share - 2, share + 2));
+        assert_eq!(d.slots(), (6, 2), "the runner's semaphores");
         // The same rows again: nothing is handed out twice.
         let again = d.choose(vec![row("f0", hung.clone()), row("f2", hung.clone())], t(0));
         assert!(sent(&again).is_empty(), "{again:?}");
@@ -277,8 +323,9 @@ mod tests {
     #[test]
     fn the_overall_limit_holds() {
         let mut d = Dispatcher::new(&DeliveryConfig { concurrency: 3, per_destination: 3, ..cfg() });
-        let rows = (0..5).map(|i| row(&format!("k{i}"), ChannelRef::Webhook(format!("e{i}")))).collect();
-        assert_eq!(sent(&d.choose(rows, t(0))), ["k0", "k1", "k2"]);
+        let rows =
+            (0..3 * SEND_AHEAD + 5).map(|i| row(&format!("k{i}"), ChannelRef::Webhook(format!("e{i}")))).collect();
+        assert_eq!(sent(&d.choose(rows, t(0))).len(), 3 * SEND_AHEAD);
         assert_eq!(d.room(), 0);
     }
 
@@ -301,6 +348,7 @@ mod tests {
         // After the pause: one probe, the rest still skipped.
         let out = d.choose(vec![row("f4", ch.clone()), row("f5", ch.clone())], t(20));
         assert_eq!(sent(&out), ["f4"]);
+        assert!(d.is_probe("f4"), "the runner sends it even though its destination failed last");
         assert!(matches!(&out[1], Decision::Skip(..)));
         // The probe succeeds: closed again.
         d.finished("f4", true, true, t(21));
@@ -308,6 +356,7 @@ mod tests {
         d.recorded("f5");
         assert!(d.open_breakers(t(21)).is_empty());
         assert_eq!(sent(&d.choose(vec![row("f6", ch.clone()), row("f7", ch)], t(22))), ["f6", "f7"]);
+        assert!(!d.is_probe("f6"));
     }
 
     #[test]

@@ -15,9 +15,10 @@
 //! - the MQTT link and outbound tasks ([`crate::edge::mqtt`]);
 //! - the HTTP server, on **its own runtime** (two threads), so that however many dashboard
 //!   viewers there are, they cannot take the threads that page people;
-//! - each send in its own task (a slot given by the [`Dispatcher`]: shared per destination,
-//!   circuit breakers, leases), its result coming back as input through a channel bounded by
-//!   the number of slots;
+//! - each send in its own task (handed out by the [`Dispatcher`]: shares per destination,
+//!   circuit breakers, leases), which waits for a slot of its destination (`run/lanes.rs`: a send
+//!   that ends gives its slot straight to the next, whatever the service is doing), its result
+//!   coming back as input through a bounded channel;
 //! - the operators' notifier (`notify_operators`): notices about the gateway itself, sent
 //!   without the store;
 //! - the pruner thread: history older than `telemetry_retention_h`, deleted in small batches
@@ -26,7 +27,7 @@
 //! The machine's concerns are files of their own under `run/`: `ingest.rs` (the broker's
 //! messages), `outbox.rs` (sends and their results), `degraded.rs` (when the store refuses
 //! writes), `actions.rs` (what people do), `setup.rs` (opening the store, loading the engine,
-//! the web's runtime).
+//! the web's runtime); and the runner's: `lanes.rs` (the send slots).
 //!
 //! ## A batch
 //! The loop takes every message waiting (up to 1,000), and in **one transaction** stores them
@@ -96,15 +97,17 @@ use crate::edge::mqtt::{FromMqtt, Outbound};
 use crate::edge::store::{OutboxRow, OutboxStatus, Store, StoreError};
 use crate::service::dispatch::{Decision, Dispatcher};
 use crate::service::health::{Degraded, Health};
-use crate::web::metrics::Counters;
+use crate::web::metrics::{Counters, TURN_BUCKETS_S};
 use crate::web::{self, SaveRefusal, Snapshot, WebRequest};
 
 mod actions;
 mod degraded;
 mod ingest;
+mod lanes;
 mod outbox;
 mod setup;
 
+use lanes::{send_one, Lanes, ResultsTx};
 pub use setup::{
     empty_engine, load_engine, open_existing_store, open_store, style, web_app, Listener, WebRuntime, HOMES_FILE,
 };
@@ -202,13 +205,16 @@ pub enum Effect {
     /// To the broker, without waiting: a PUBACK for a stored message, or an acknowledgement
     /// for a home's agent (see [`OUTBOUND_QUEUE`] for what is dropped when the link is stuck).
     Broker(Outbound),
-    /// Send this outbox row under the delivery deadline; its result comes back as
+    /// Send this outbox row under the delivery deadline, when a slot of its destination is
+    /// free ([`crate::service::dispatch`]); its result comes back as
     /// [`ServiceInput::Results`]. `link` is the reader's signed acknowledgement link.
     Send {
         /// The row.
         row: Box<OutboxRow>,
         /// Its acknowledgement link.
         link: String,
+        /// Its destination's breaker probe: sent even though the destination failed last.
+        probe: bool,
     },
     /// Tell the operators, through every channel, without the store.
     Notice(NoticeJob),
@@ -287,6 +293,9 @@ pub struct Service {
     home_versions: HashMap<HomeId, u64>,
     incident_versions: HashMap<String, u64>,
     changed_homes: BTreeSet<HomeId>,
+    /// The version of each active alert the store last committed: a batch writes only the
+    /// alerts that differ from it.
+    stored_alerts: crate::domain::engine::StoredAlerts,
     changed_incidents: BTreeSet<String>,
 }
 
@@ -596,11 +605,13 @@ impl Service {
             mqtt_tx,
             cancel.clone(),
         );
-        let (results_tx, mut results_rx) = mpsc::channel(self.config.delivery.concurrency.max(1));
+        // Room for the result of every row handed out: a send never waits to give it back.
+        let (all_slots, per_destination) = self.dispatcher.slots();
+        let (results_tx, mut results_rx) = mpsc::channel(all_slots * crate::service::dispatch::SEND_AHEAD);
         let (notices_tx, notices_rx) = mpsc::channel(NOTICES_QUEUE);
         notify_operators(self.sender.clone(), notices_rx, self.config.public_url.clone());
         let watchdog = sd_notify::watchdog_enabled().is_some();
-        let world = World {
+        let mut world = World {
             outbound: crate::edge::mqtt::spawn_outbound(client.clone(), OUTBOUND_QUEUE),
             notices: notices_tx,
             results: results_tx,
@@ -608,6 +619,7 @@ impl Service {
             lease: self.lease.clone(),
             counters: self.counters.clone(),
             watchdog,
+            lanes: Lanes::new(all_slots, per_destination, self.dispatcher.breaker_failures()),
         };
         // Silence is not judged until the broker connection is up, and everything before it
         // (this gateway was not running) is the centre's downtime.
@@ -661,7 +673,11 @@ impl Service {
                 }
                 _ = tokio::time::sleep(sleep) => ServiceInput::Timer,
             };
-            match self.handle(input, clock::now()) {
+            #[allow(clippy::disallowed_methods)] // a duration for the metrics, on the monotonic clock
+            let began = std::time::Instant::now();
+            let turn = self.handle(input, clock::now());
+            self.counters.service_turn.observe_in(&TURN_BUCKETS_S, began.elapsed().as_secs_f64());
+            match turn {
                 Ok(effects) => world.carry_out(effects),
                 Err(e) => {
                     failure = Some(e);
@@ -715,17 +731,18 @@ impl Service {
 struct World {
     outbound: mpsc::Sender<Outbound>,
     notices: mpsc::Sender<NoticeJob>,
-    results: mpsc::Sender<(OutboxRow, Result<(), Failure>)>,
+    results: ResultsTx,
     sender: Sender,
     lease: Option<Arc<crate::service::lease::Lease>>,
     counters: Arc<Counters>,
     watchdog: bool,
+    lanes: Lanes,
 }
 
 impl World {
     /// Carry out effects without waiting for any of them: each send and each heartbeat in a
     /// task of its own, the rest into bounded queues whose policy when full is stated.
-    fn carry_out(&self, effects: Vec<Effect>) {
+    fn carry_out(&mut self, effects: Vec<Effect>) {
         for effect in effects {
             match effect {
                 Effect::Broker(out) => {
@@ -737,18 +754,11 @@ impl World {
                         self.counters.outbound_dropped.fetch_add(1, Ordering::Relaxed);
                     }
                 }
-                Effect::Send { row, link } => {
-                    let (sender, tx, lease) = (self.sender.clone(), self.results.clone(), self.lease.clone());
-                    tokio::spawn(async move {
-                        // Checked again just before it goes (crate::service::lease).
-                        let row = *row;
-                        if lease.is_some_and(|l| !l.valid()) {
-                            let _ = tx.send((row, Err(Failure::destination("not sent: the lease ended")))).await;
-                            return;
-                        }
-                        let result = sender.send(&row, clock::now(), &link).await;
-                        let _ = tx.send((row, result)).await;
-                    });
+                Effect::Send { row, link, probe } => {
+                    let ctx = (self.sender.clone(), self.results.clone(), self.lease.clone());
+                    let lane = self.lanes.lane(row.channel.destination());
+                    let (all, failures) = (self.lanes.all.clone(), self.lanes.breaker_failures);
+                    tokio::spawn(send_one(*row, link, probe, lane, all, failures, ctx));
                 }
                 Effect::Notice(job) => {
                     if self.notices.try_send(job).is_err() {

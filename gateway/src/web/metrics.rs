@@ -12,6 +12,7 @@
 //! | `mamori_notification_attempts_total{result}` | delivery attempts: `delivered`, `failed` |
 //! | `mamori_outbox{status}` | outbox rows by status (`pending` is the depth) |
 //! | `mamori_notify_latency_seconds` | histogram: outbox row written (the decision, in the same transaction as the message that caused it) to the receiver's acceptance |
+//! | `mamori_service_turn_seconds` | histogram: one turn of the service (an input taken, stored and decided, and what was due done); long turns delay everything the service does |
 //! | `mamori_gateway_healthy` | 1 when `/healthz` says ok |
 //! | `mamori_gateway_degraded` | 1 while the store refuses writes |
 //! | `mamori_broker_connected` | 1 while the broker connection is up |
@@ -60,7 +61,12 @@ pub struct Counters {
     pub outbound_dropped: AtomicU64,
     /// Outbox row written to the receiver's acceptance, s.
     pub notify_latency: Histogram,
+    /// One turn of the service, s (buckets [`TURN_BUCKETS_S`]).
+    pub service_turn: Histogram,
 }
+
+/// Upper bounds of the service turn histogram's buckets, s.
+pub const TURN_BUCKETS_S: [f64; 10] = [0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0];
 
 /// Upper bounds of the latency histogram's buckets, s.
 pub const LATENCY_BUCKETS_S: [f64; 10] = [0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0];
@@ -74,10 +80,15 @@ pub struct Histogram {
 }
 
 impl Histogram {
-    /// Record one observation, s.
+    /// Record one observation, s, in the latency buckets.
     pub fn observe(&self, s: f64) {
+        self.observe_in(&LATENCY_BUCKETS_S, s);
+    }
+
+    /// Record one observation, s, in these buckets (the same ones every time).
+    pub fn observe_in(&self, bounds: &[f64; 10], s: f64) {
         let s = s.max(0.0);
-        match LATENCY_BUCKETS_S.iter().position(|b| s <= *b) {
+        match bounds.iter().position(|b| s <= *b) {
             Some(i) => self.buckets[i].fetch_add(1, Ordering::Relaxed),
             None => self.over.fetch_add(1, Ordering::Relaxed),
         };
@@ -85,9 +96,13 @@ impl Histogram {
     }
 
     fn render(&self, name: &str, out: &mut String) {
+        self.render_in(&LATENCY_BUCKETS_S, name, out);
+    }
+
+    fn render_in(&self, bounds: &[f64; 10], name: &str, out: &mut String) {
         let _ = writeln!(out, "# TYPE {name} histogram");
         let mut cumulative = 0;
-        for (b, c) in LATENCY_BUCKETS_S.iter().zip(&self.buckets) {
+        for (b, c) in bounds.iter().zip(&self.buckets) {
             cumulative += c.load(Ordering::Relaxed);
             let _ = writeln!(out, "{name}_bucket{{le=\"{b}\"}} {cumulative}");
         }
@@ -225,6 +240,8 @@ pub async fn metrics(State(app): State<App>) -> Response {
     }
     out.push_str("# HELP mamori_notify_latency_seconds From the decision to notify to the receiver's acceptance.\n");
     c.notify_latency.render("mamori_notify_latency_seconds", &mut out);
+    out.push_str("# HELP mamori_service_turn_seconds One turn of the service: an input taken, stored and decided, and what was due done.\n");
+    c.service_turn.render_in(&TURN_BUCKETS_S, "mamori_service_turn_seconds", &mut out);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], out).into_response()
 }
 

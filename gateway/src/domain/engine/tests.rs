@@ -507,6 +507,42 @@ fn state_survives_a_restart_and_escalation_resumes_on_time() {
 }
 
 #[test]
+fn a_batch_writes_only_the_alerts_that_changed_and_writes_again_what_a_rollback_lost() {
+    let mut e = engine(&[plan("a", "431001", 5000.0)]);
+    let mut stored = StoredAlerts::new();
+    // (whether the home's state changed, the kinds of the alerts written)
+    let write = |e: &mut Engine, stored: &mut StoredAlerts| {
+        let outputs = e.take_outputs();
+        let dirty = e.take_dirty();
+        let written = stored.to_write(&outputs, &dirty).into_iter().map(|a| a.kind.to_string()).collect::<Vec<_>>();
+        (!dirty.is_empty(), written)
+    };
+    e.handle(Input::Event(h("a"), event(1, 0, EventKind::VentilatorAlarm)), t(0)).unwrap();
+    e.poll(t(0));
+    assert_eq!(write(&mut e, &mut stored).1, ["ventilator_alarm"], "a new alert is written");
+    stored.committed();
+    // Telemetry changes the home's state, not its alert: the alert is not written again.
+    e.handle(Input::Telemetry(h("a"), telemetry(10, true)), t(10)).unwrap();
+    e.poll(t(10));
+    let (changed, written) = write(&mut e, &mut stored);
+    assert!(changed, "the home's state changed");
+    assert!(written.is_empty(), "an unchanged alert is not written: {written:?}");
+    stored.committed();
+    // An acknowledgement changes the alert: written; the transaction is rolled back, so the
+    // next change of the home writes it again even though the alert did not change since.
+    let id = alert(&e, "a", "ventilator_alarm").unwrap().id.clone();
+    e.handle(Input::Ack { alert_id: id, role: Role::Family, by: "cli".into(), note: None }, t(20)).unwrap();
+    assert_eq!(write(&mut e, &mut stored).1, ["ventilator_alarm"]);
+    stored.rolled_back();
+    e.handle(Input::Telemetry(h("a"), telemetry(30, true)), t(30)).unwrap();
+    let (changed, written) = write(&mut e, &mut stored);
+    assert!(changed);
+    assert_eq!(written, ["ventilator_alarm"], "written again after the rollback");
+    stored.committed();
+    assert_eq!(stored.len(), 1);
+}
+
+#[test]
 fn a_long_downtime_sends_one_catch_up_not_a_burst() {
     let mut e = engine(&[plan("a", "431001", 5000.0)]);
     e.handle(Input::Event(h("a"), event(1, 0, EventKind::VentilatorAlarm)), t(0)).unwrap();

@@ -13,6 +13,10 @@ impl Service {
         f: impl FnOnce(&mut Self) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
         let result = self.store.begin().and_then(|()| f(self)).and_then(|v| self.store.commit().map(|()| v));
+        match &result {
+            Ok(_) => self.stored_alerts.committed(),
+            Err(_) => self.stored_alerts.rolled_back(),
+        }
         if let Err(e) = &result {
             self.store.rollback();
             let text = e.to_string();

@@ -214,8 +214,8 @@ impl Service {
             self.snapshot_dirty = true;
         }
         // Written a table at a time (one statement each where the store can), each alert once
-        // as it is last.
-        let alerts = crate::domain::engine::alerts_to_store(&outputs, &dirty);
+        // as it is last, and only when it is not stored as it is already.
+        let alerts = self.stored_alerts.to_write(&outputs, &dirty);
         let mut rows = Vec::new();
         let mut incidents: Vec<crate::domain::engine::Incident> = Vec::new();
         let mut incident_at: HashMap<String, usize> = HashMap::new();

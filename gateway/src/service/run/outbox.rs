@@ -78,7 +78,8 @@ impl Service {
             match d {
                 Decision::Send(row) => {
                     let link = self.style.ack_link(&row.alert_id, row.role);
-                    self.effects.push(Effect::Send { row: Box::new(row), link });
+                    let probe = self.dispatcher.is_probe(&row.key);
+                    self.effects.push(Effect::Send { row: Box::new(row), link, probe });
                 }
                 Decision::Skip(row, why) => {
                     self.counters.skipped_attempts.fetch_add(1, Ordering::Relaxed);

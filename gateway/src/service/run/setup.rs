@@ -446,6 +446,7 @@ impl Service {
             home_versions: HashMap::new(),
             incident_versions: HashMap::new(),
             changed_homes: BTreeSet::new(),
+            stored_alerts: crate::domain::engine::StoredAlerts::new(),
             changed_incidents: BTreeSet::new(),
         })
     }

@@ -17,6 +17,10 @@ fn a_wall_clock_set_back_never_holds_up_what_waits_for_time_to_pass() {
 /// One home, its family on a webhook (never called here: a send is an effect), the
 /// coordinator after ten minutes.
 fn driven_service(dir: &std::path::Path) -> Service {
+    service_with_family_at(dir, "http://127.0.0.1:9/family")
+}
+
+fn service_with_family_at(dir: &std::path::Path, family_url: &str) -> Service {
     std::fs::write(
         dir.join("homes.toml"),
         r#"
@@ -45,13 +49,14 @@ steps = [
   { tier = "T1", roles = ["coordinator"] },
 ]
 [endpoints.family]
-url = "http://127.0.0.1:9/family"
+url = "FAMILY_URL"
 secret = { value = "hook-secret" }
 [endpoints.coord]
 url = "http://127.0.0.1:9/coord"
 secret = { value = "hook-secret" }
-"#;
-    let config = Config::parse(text, &dir.join("gateway.toml")).unwrap();
+"#
+    .replace("FAMILY_URL", family_url);
+    let config = Config::parse(&text, &dir.join("gateway.toml")).unwrap();
     drop(open_store(&config).unwrap()); // `init`
     let (console, _) = mpsc::channel(8);
     Service::new(config, console).unwrap()
@@ -128,4 +133,167 @@ require_consent = true
     // 15:00 UTC is the next day in Japan: the day a consent is read against.
     let at = chrono::DateTime::parse_from_rfc3339("2026-11-30T15:00:00Z").unwrap().with_timezone(&chrono::Utc);
     assert_eq!(engine.today(at), chrono::NaiveDate::from_ymd_opt(2026, 12, 1).unwrap());
+}
+
+/// A webhook endpoint on a free port: it answers each request with `status`, holding each one
+/// until `hold_until_in_flight` requests are open at once (or every expected one has come),
+/// and counts requests and the most open at once.
+struct Endpoint {
+    url: String,
+    requests: Arc<std::sync::atomic::AtomicUsize>,
+    /// The number of requests so far, to wait on.
+    seen: watch::Receiver<usize>,
+    most_at_once: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+async fn endpoint(status: u16, hold_until_in_flight: usize, expected: usize) -> Endpoint {
+    use std::sync::atomic::AtomicUsize;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/family", listener.local_addr().unwrap());
+    let (requests, most_at_once) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let open = Arc::new(AtomicUsize::new(0));
+    let (changed, _) = watch::channel(());
+    let changed = Arc::new(changed);
+    let (seen_tx, seen) = watch::channel(0usize);
+    let seen_tx = Arc::new(seen_tx);
+    let (r, m) = (requests.clone(), most_at_once.clone());
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut sock, _)) = listener.accept().await else { return };
+            let (r, m, open, changed, seen_tx) = (r.clone(), m.clone(), open.clone(), changed.clone(), seen_tx.clone());
+            tokio::spawn(async move {
+                // The request: its head, then its body by Content-Length.
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                let head_end = loop {
+                    let n = sock.read(&mut chunk).await.unwrap_or(0);
+                    if n == 0 {
+                        return;
+                    }
+                    buf.extend_from_slice(&chunk[..n]);
+                    if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        break i + 4;
+                    }
+                };
+                let head = String::from_utf8_lossy(&buf[..head_end]).to_ascii_lowercase();
+                let len: usize = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length:"))
+                    .and_then(|v| v.trim().parse().ok())
+                    .unwrap_or(0);
+                while buf.len() < head_end + len {
+                    let n = sock.read(&mut chunk).await.unwrap_or(0);
+                    if n == 0 {
+                        return;
+                    }
+                    buf.extend_from_slice(&chunk[..n]);
+                }
+                let seen = r.fetch_add(1, Ordering::SeqCst) + 1;
+                let now_open = open.fetch_add(1, Ordering::SeqCst) + 1;
+                m.fetch_max(now_open, Ordering::SeqCst);
+                changed.send_replace(());
+                seen_tx.send_replace(seen);
+                let mut rx = changed.subscribe();
+                let _ = tokio::time::timeout(Duration::from_secs(10), async {
+                    while open.load(Ordering::SeqCst) < hold_until_in_flight && r.load(Ordering::SeqCst) < expected {
+                        let _ = rx.changed().await;
+                    }
+                })
+                .await;
+                let reply = format!("HTTP/1.1 {status} X\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+                let _ = sock.write_all(reply.as_bytes()).await;
+                open.fetch_sub(1, Ordering::SeqCst);
+                changed.send_replace(());
+            });
+        }
+    });
+    Endpoint { url, requests, seen, most_at_once }
+}
+
+fn family_row(key: &str) -> OutboxRow {
+    OutboxRow {
+        key: key.into(),
+        alert_id: "a".into(),
+        home: None,
+        role: Role::Family,
+        recipient: "家族".into(),
+        channel: ChannelRef::Webhook("family".into()),
+        lang: Lang::Ja,
+        subject: "停電".into(),
+        body: "停電しました".into(),
+        content: serde_json::Value::Null,
+        created_at: at(0),
+        next_attempt_at: at(0),
+        attempts: 0,
+        status: OutboxStatus::Pending,
+        last_error: None,
+        delivered_at: None,
+        fallback_done: false,
+        conditional: false,
+    }
+}
+
+type Results = mpsc::Receiver<(OutboxRow, Result<(), Failure>)>;
+
+/// Hand `rows` to the runner's lanes as the dispatcher would, nobody reading the results.
+fn hand_out(svc: &Service, lanes: &mut Lanes, rows: &[(&str, bool)], capacity: usize) -> Results {
+    let (tx, rx) = mpsc::channel(capacity);
+    for (key, probe) in rows {
+        let lane = lanes.lane("webhook:family".into());
+        let ctx = (svc.sender.clone(), tx.clone(), None);
+        let (all, failures) = (lanes.all.clone(), lanes.breaker_failures);
+        tokio::spawn(send_one(family_row(key), String::new(), *probe, lane, all, failures, ctx));
+    }
+    rx
+}
+
+#[tokio::test]
+async fn a_destination_sends_back_to_back_within_its_slots_whatever_the_service_is_doing() {
+    let mut hook = endpoint(200, 2, 6).await;
+    let dir = tempfile::tempdir().unwrap();
+    let svc = service_with_family_at(dir.path(), &hook.url);
+    let mut lanes = Lanes::new(8, 2, 3);
+    let keys = ["k1", "k2", "k3", "k4", "k5", "k6"].map(|k| (k, false));
+    // The service is busy (its results are not read, in a channel with room for one): the
+    // slots are given back as each attempt ends, so all six go, two at a time.
+    let mut results = hand_out(&svc, &mut lanes, &keys, 1);
+    // The endpoint has all six before anything reads a result.
+    let all_sent = tokio::time::timeout(Duration::from_secs(20), hook.seen.wait_for(|n| *n >= 6)).await;
+    assert!(all_sent.is_ok(), "only {} of 6 sent while the results waited", hook.requests.load(Ordering::SeqCst));
+    let mut rx_closed = false;
+    let mut got = Vec::new();
+    while got.len() < 6 && !rx_closed {
+        match tokio::time::timeout(Duration::from_secs(10), results.recv()).await {
+            Ok(Some((row, r))) => got.push((row.key, r.is_ok())),
+            _ => rx_closed = true,
+        }
+    }
+    assert_eq!(got.len(), 6, "{got:?}");
+    assert!(got.iter().all(|(_, ok)| *ok), "{got:?}");
+    assert_eq!(hook.most_at_once.load(Ordering::SeqCst), 2, "two slots for the destination, both used");
+}
+
+#[tokio::test]
+async fn rows_waiting_for_a_destination_that_just_failed_are_not_sent_but_its_probe_is() {
+    let hook = endpoint(503, 1, 2).await;
+    let dir = tempfile::tempdir().unwrap();
+    let svc = service_with_family_at(dir.path(), &hook.url);
+    // One slot, the breaker after two failures in a row: k1 and k2 fail at the endpoint, k3
+    // and k4 waited behind them and are failed at once, the probe goes.
+    let mut lanes = Lanes::new(8, 1, 2);
+    let mut results = hand_out(&svc, &mut lanes, &[("k1", false), ("k2", false), ("k3", false), ("k4", false)], 8);
+    let mut got = BTreeMap::new();
+    while got.len() < 4 {
+        let (row, r) = tokio::time::timeout(Duration::from_secs(20), results.recv()).await.unwrap().unwrap();
+        got.insert(row.key, r.unwrap_err());
+    }
+    assert_eq!(hook.requests.load(Ordering::SeqCst), 2, "{got:?}");
+    for k in ["k3", "k4"] {
+        assert!(got[k].destination && got[k].text.contains("not tried, it failed 2 times in a row"), "{got:?}");
+    }
+    let mut probe = hand_out(&svc, &mut lanes, &[("k5", true)], 1);
+    let (_, r) = tokio::time::timeout(Duration::from_secs(20), probe.recv()).await.unwrap().unwrap();
+    assert!(r.unwrap_err().text.contains("503"), "the probe was sent");
+    assert_eq!(hook.requests.load(Ordering::SeqCst), 3);
 }

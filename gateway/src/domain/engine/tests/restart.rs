@@ -1,6 +1,7 @@
 //! A restart loses nothing the engine decided: after any sequence of inputs and timers, an
 //! engine rebuilt from what the store would hold (each changed home's state, each alert's row
-//! written by [`alerts_to_store`], each incident) is the engine that wrote it. An alert changed
+//! written by [`alerts_to_store`] through the service's filter [`StoredAlerts`], which writes only
+//! what differs from the row, each incident) is the engine that wrote it. An alert changed
 //! in place without its home being marked changed, or a state change nobody saves, fails here.
 
 use super::*;
@@ -77,13 +78,16 @@ struct Stored {
     states: BTreeMap<HomeId, String>,
     alerts: BTreeMap<String, Alert>,
     incidents: BTreeMap<String, Incident>,
+    /// The service's filter: only alerts that differ from their stored row are written.
+    filter: StoredAlerts,
 }
 
 impl Stored {
     fn write(&mut self, outputs: &[Output], dirty: &[(HomeId, HomeState)]) {
-        for a in alerts_to_store(outputs, dirty) {
+        for a in self.filter.to_write(outputs, dirty) {
             self.alerts.insert(a.id.clone(), a);
         }
+        self.filter.committed();
         for o in outputs {
             if let Output::Incident(i) = o {
                 self.incidents.insert(i.id.clone(), i.clone());
