@@ -140,8 +140,7 @@ require_consent = true
 /// and counts requests and the most open at once.
 struct Endpoint {
     url: String,
-    requests: Arc<std::sync::atomic::AtomicUsize>,
-    /// The number of requests so far, to wait on.
+    /// The number of requests so far, to read or wait on.
     seen: watch::Receiver<usize>,
     most_at_once: Arc<std::sync::atomic::AtomicUsize>,
 }
@@ -151,17 +150,17 @@ async fn endpoint(status: u16, hold_until_in_flight: usize, expected: usize) -> 
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}/family", listener.local_addr().unwrap());
-    let (requests, most_at_once) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let most_at_once = Arc::new(AtomicUsize::new(0));
     let open = Arc::new(AtomicUsize::new(0));
     let (changed, _) = watch::channel(());
     let changed = Arc::new(changed);
     let (seen_tx, seen) = watch::channel(0usize);
     let seen_tx = Arc::new(seen_tx);
-    let (r, m) = (requests.clone(), most_at_once.clone());
+    let m = most_at_once.clone();
     tokio::spawn(async move {
         loop {
             let Ok((mut sock, _)) = listener.accept().await else { return };
-            let (r, m, open, changed, seen_tx) = (r.clone(), m.clone(), open.clone(), changed.clone(), seen_tx.clone());
+            let (m, open, changed, seen_tx) = (m.clone(), open.clone(), changed.clone(), seen_tx.clone());
             tokio::spawn(async move {
                 // The request: its head, then its body by Content-Length.
                 let mut buf = Vec::new();
@@ -189,14 +188,13 @@ async fn endpoint(status: u16, hold_until_in_flight: usize, expected: usize) -> 
                     }
                     buf.extend_from_slice(&chunk[..n]);
                 }
-                let seen = r.fetch_add(1, Ordering::SeqCst) + 1;
                 let now_open = open.fetch_add(1, Ordering::SeqCst) + 1;
                 m.fetch_max(now_open, Ordering::SeqCst);
+                seen_tx.send_modify(|n| *n += 1);
                 changed.send_replace(());
-                seen_tx.send_replace(seen);
                 let mut rx = changed.subscribe();
                 let _ = tokio::time::timeout(Duration::from_secs(10), async {
-                    while open.load(Ordering::SeqCst) < hold_until_in_flight && r.load(Ordering::SeqCst) < expected {
+                    while open.load(Ordering::SeqCst) < hold_until_in_flight && *seen_tx.borrow() < expected {
                         let _ = rx.changed().await;
                     }
                 })
@@ -208,30 +206,11 @@ async fn endpoint(status: u16, hold_until_in_flight: usize, expected: usize) -> 
             });
         }
     });
-    Endpoint { url, requests, seen, most_at_once }
+    Endpoint { url, seen, most_at_once }
 }
 
 fn family_row(key: &str) -> OutboxRow {
-    OutboxRow {
-        key: key.into(),
-        alert_id: "a".into(),
-        home: None,
-        role: Role::Family,
-        recipient: "家族".into(),
-        channel: ChannelRef::Webhook("family".into()),
-        lang: Lang::Ja,
-        subject: "停電".into(),
-        body: "停電しました".into(),
-        content: serde_json::Value::Null,
-        created_at: at(0),
-        next_attempt_at: at(0),
-        attempts: 0,
-        status: OutboxStatus::Pending,
-        last_error: None,
-        delivered_at: None,
-        fallback_done: false,
-        conditional: false,
-    }
+    OutboxRow { channel: ChannelRef::Webhook("family".into()), ..crate::edge::store::contract::row(key, 0) }
 }
 
 type Results = mpsc::Receiver<(OutboxRow, Result<(), Failure>)>;
@@ -259,8 +238,8 @@ async fn a_destination_sends_back_to_back_within_its_slots_whatever_the_service_
     // slots are given back as each attempt ends, so all six go, two at a time.
     let mut results = hand_out(&svc, &mut lanes, &keys, 1);
     // The endpoint has all six before anything reads a result.
-    let all_sent = tokio::time::timeout(Duration::from_secs(20), hook.seen.wait_for(|n| *n >= 6)).await;
-    assert!(all_sent.is_ok(), "only {} of 6 sent while the results waited", hook.requests.load(Ordering::SeqCst));
+    let all_sent = tokio::time::timeout(Duration::from_secs(20), hook.seen.wait_for(|n| *n >= 6)).await.is_ok();
+    assert!(all_sent, "only {} of 6 sent while the results waited", *hook.seen.borrow());
     let mut rx_closed = false;
     let mut got = Vec::new();
     while got.len() < 6 && !rx_closed {
@@ -288,12 +267,12 @@ async fn rows_waiting_for_a_destination_that_just_failed_are_not_sent_but_its_pr
         let (row, r) = tokio::time::timeout(Duration::from_secs(20), results.recv()).await.unwrap().unwrap();
         got.insert(row.key, r.unwrap_err());
     }
-    assert_eq!(hook.requests.load(Ordering::SeqCst), 2, "{got:?}");
+    assert_eq!(*hook.seen.borrow(), 2, "{got:?}");
     for k in ["k3", "k4"] {
         assert!(got[k].destination && got[k].text.contains("not tried, it failed 2 times in a row"), "{got:?}");
     }
     let mut probe = hand_out(&svc, &mut lanes, &[("k5", true)], 1);
     let (_, r) = tokio::time::timeout(Duration::from_secs(20), probe.recv()).await.unwrap().unwrap();
     assert!(r.unwrap_err().text.contains("503"), "the probe was sent");
-    assert_eq!(hook.requests.load(Ordering::SeqCst), 3);
+    assert_eq!(*hook.seen.borrow(), 3);
 }
