@@ -502,19 +502,26 @@ fn ups_session(
     test: Option<&std::sync::atomic::AtomicBool>,
     cancel: &CancellationToken,
 ) -> Option<String> {
-    use serialport::SerialPort;
-    let send = |obs| send_at(obs, crate::clock::now());
-    use std::io::{Read, Write};
+    use std::io::Write;
     let driver = cfg.protocol.driver();
     let hourly_every = (3_600_000 / poll.as_millis().max(1) as u64).max(1);
-    let mut stream = Stream::new(cfg.protocol.decoder());
+    let mut reader = UpsReader { stream: Stream::new(cfg.protocol.decoder()), buf: [0u8; 512] };
     // What the port is sent first (APC's smart mode), kept until it has gone.
     let mut queue: std::collections::VecDeque<&[u8]> = driver.init.iter().copied().collect();
     let fail = |e: io::Error| Some(format!("{}: {e}", cfg.port.display()));
-    let mut buf = [0u8; 512];
     #[allow(clippy::disallowed_methods)] // the I/O edge: the poll schedule runs on the clock
     let start = std::time::Instant::now();
     let mut forwarder = Forwarder::new((poll * cfg.lost_after_missed_polls.max(1)) / 2);
+    // Every reply, asked for or not, whenever it comes: logged, and a reading forwarded.
+    let heard = |forwarder: &mut Forwarder, reply: Option<UpsReply>| match reply {
+        Some(it) => {
+            log_reply(&cfg.id, &it);
+            if let Some((r, at)) = it.reading().and_then(|r| forwarder.reading(r, crate::clock::now())) {
+                send_at(Observation::Ups(r), at);
+            }
+        }
+        None => send_at(Observation::Garbage, crate::clock::now()),
+    };
     let mut n: u64 = 0;
     let (mut unanswered, reopen_after) = (0u32, cfg.lost_after_missed_polls.max(1).saturating_mul(4));
     while !cancel.is_cancelled() {
@@ -535,45 +542,17 @@ fn ups_session(
         }
         // One command at a time; the next goes when its predecessor's reply arrives.
         let mut missed = false;
-        'cycle: while let Some(cmd) = queue.pop_front() {
+        while let Some(cmd) = queue.pop_front() {
             if let Err(e) = port.write_all(cmd) {
                 return fail(e);
             }
-            loop {
-                #[allow(clippy::disallowed_methods)]
-                let left = tick_end.saturating_duration_since(std::time::Instant::now());
-                if left.is_zero() {
-                    missed = true;
-                    break 'cycle; // no reply before the next tick
+            match reader.read_until(port, tick_end, true, &mut |r| heard(&mut forwarder, r)) {
+                Ok(Heard::Answer) => {}
+                Ok(Heard::Deadline) => {
+                    missed = true; // no reply before the next tick
+                    break;
                 }
-                let _ = port.set_timeout(left);
-                match port.read(&mut buf) {
-                    Ok(0) => return Some(format!("{}: port closed", cfg.port.display())),
-                    Ok(got) => stream.push(&buf[..got]),
-                    Err(e) if e.kind() == io::ErrorKind::TimedOut => {
-                        missed = true;
-                        break 'cycle;
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                    Err(e) => return fail(e),
-                }
-                let mut answered = false;
-                while let Some(ev) = stream.next_event() {
-                    match ev {
-                        StreamEvent::Item { item: it, .. } => {
-                            log_reply(&cfg.id, &it);
-                            if let Some((r, at)) = it.reading().and_then(|r| forwarder.reading(r, crate::clock::now()))
-                            {
-                                send_at(Observation::Ups(r), at);
-                            }
-                            answered |= it.solicited();
-                        }
-                        StreamEvent::Error { .. } => send(Observation::Garbage),
-                    }
-                }
-                if answered {
-                    continue 'cycle;
-                }
+                Err(e) => return Some(format!("{}: {e}", cfg.port.display())),
             }
         }
         if missed {
@@ -591,33 +570,71 @@ fn ups_session(
         }
         // Until the next tick, wait for bytes rather than sleep: the same single wake-up when
         // nothing comes, and an APC's unrequested `!` (line fail) is seen at once.
-        loop {
-            #[allow(clippy::disallowed_methods)]
-            let left = tick_end.saturating_duration_since(std::time::Instant::now());
-            if left.is_zero() {
-                break;
-            }
-            let _ = port.set_timeout(left);
-            match port.read(&mut buf) {
-                Ok(0) => return Some(format!("{}: port closed", cfg.port.display())),
-                Ok(got) => stream.push(&buf[..got]),
-                Err(e) if matches!(e.kind(), io::ErrorKind::TimedOut | io::ErrorKind::Interrupted) => continue,
-                Err(e) => return fail(e),
-            }
-            while let Some(ev) = stream.next_event() {
-                match ev {
-                    StreamEvent::Item { item: it, .. } => {
-                        log_reply(&cfg.id, &it);
-                        if let Some((r, at)) = it.reading().and_then(|r| forwarder.reading(r, crate::clock::now())) {
-                            send_at(Observation::Ups(r), at);
-                        }
-                    }
-                    StreamEvent::Error { .. } => send(Observation::Garbage),
-                }
-            }
+        if let Err(e) = reader.read_until(port, tick_end, false, &mut |r| heard(&mut forwarder, r)) {
+            return Some(format!("{}: {e}", cfg.port.display()));
         }
     }
     None
+}
+
+/// How [`UpsReader::read_until`] ended.
+#[derive(Debug, PartialEq)]
+enum Heard {
+    /// A read brought a reply to a query (and everything else that read completed was handled).
+    Answer,
+    /// The deadline passed.
+    Deadline,
+}
+
+/// A serial UPS's bytes, decoded as they come: the one read loop of [`ups_session`], for its
+/// queries and for the wait between ticks alike.
+struct UpsReader {
+    stream: Stream<crate::devices::UpsDecoder>,
+    buf: [u8; 512],
+}
+
+impl UpsReader {
+    /// Read until `until`, handing every reply (and `None` for each undecodable chunk) to
+    /// `heard` as it completes. With `until_answer`, return after the first read that
+    /// completed a reply to a query; every item that read brought is handled first, so a
+    /// reply is never left behind to be taken for the next command's.
+    fn read_until(
+        &mut self,
+        port: &mut serialport::TTYPort,
+        until: std::time::Instant,
+        until_answer: bool,
+        heard: &mut impl FnMut(Option<UpsReply>),
+    ) -> io::Result<Heard> {
+        use serialport::SerialPort;
+        use std::io::Read;
+        loop {
+            #[allow(clippy::disallowed_methods)] // an I/O deadline
+            let left = until.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return Ok(Heard::Deadline);
+            }
+            let _ = port.set_timeout(left);
+            match port.read(&mut self.buf) {
+                Ok(0) => return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "port closed")),
+                Ok(got) => self.stream.push(&self.buf[..got]),
+                Err(e) if matches!(e.kind(), io::ErrorKind::TimedOut | io::ErrorKind::Interrupted) => continue,
+                Err(e) => return Err(e),
+            }
+            let mut answered = false;
+            while let Some(ev) = self.stream.next_event() {
+                match ev {
+                    StreamEvent::Item { item, .. } => {
+                        answered |= item.solicited();
+                        heard(Some(item));
+                    }
+                    StreamEvent::Error { .. } => heard(None),
+                }
+            }
+            if answered && until_answer {
+                return Ok(Heard::Answer);
+            }
+        }
+    }
 }
 
 /// A UPS behind `upsd`.
