@@ -8,6 +8,11 @@
 //!   rumqttc's TLS settings and refuses a private key that group or others can read.
 //! - [`credentials`]: the username and the resolved password.
 //! - [`parse_host_port`]: a `[broker] failover` entry.
+//! - [`BrokerKeys::problems`]: every rule a `[broker]` section keeps on both sides, so the
+//!   gateway refuses what the agent refuses. Each side still declares its own `[broker]`
+//!   struct, because each has keys the other has not (the gateway's `client_id`, the agent's
+//!   reconnect delays) and serde's `flatten` would silently accept unknown keys (it cannot be
+//!   combined with `deny_unknown_fields`); the shared keys are borrowed into [`BrokerKeys`].
 //!
 //! One error type, [`ConnectError`], names the key that is wrong. Each side builds its own
 //! MQTT options around these (the agent a clean session with a Last Will, the gateway a
@@ -156,6 +161,86 @@ pub fn parse_host_port(s: &str) -> Result<(String, u16), String> {
     Ok((host.to_string(), port))
 }
 
+/// Whether `host` is this machine (`localhost` or a loopback address), where plain MQTT is
+/// allowed.
+pub fn is_loopback(host: &str) -> bool {
+    host == "localhost" || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
+/// The `[broker]` keys both sides have, borrowed from either side's config.
+#[derive(Debug, Clone, Copy)]
+pub struct BrokerKeys<'a> {
+    /// `host`.
+    pub host: &'a str,
+    /// `port`.
+    pub port: u16,
+    /// `failover`.
+    pub failover: &'a [String],
+    /// `[broker.tls]`.
+    pub tls: Option<&'a TlsConfig>,
+    /// `username`.
+    pub username: Option<&'a String>,
+    /// `password`.
+    pub password: Option<&'a Secret>,
+    /// `keep_alive_s`.
+    pub keep_alive_s: u16,
+}
+
+/// At most this many `failover` brokers.
+pub const MAX_FAILOVER: usize = 16;
+
+impl BrokerKeys<'_> {
+    /// Every rule broken, as (the key under `broker.`, what is expected), in the order of the
+    /// keys; empty when the section is sound. Reads no file: the files are read on connecting.
+    pub fn problems(&self) -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        let mut bad = |key: String, expected: &str| out.push((format!("broker.{key}"), expected.to_string()));
+        if self.host.is_empty() || self.host.contains(|c: char| c.is_whitespace() || c == '/') {
+            bad("host".into(), "a host name or address, e.g. mqtt.example.lg.jp");
+        }
+        if self.port == 0 {
+            bad("port".into(), "a port from 1 to 65535");
+        }
+        // Without TLS the broker's password would cross the network in clear.
+        if self.tls.is_none() && !is_loopback(self.host) {
+            bad("tls".into(), "a [broker.tls] section: plain MQTT is only allowed to a loopback broker");
+        }
+        for (i, f) in self.failover.iter().enumerate() {
+            match parse_host_port(f) {
+                Err(e) => bad(format!("failover[{i}]"), &e),
+                Ok((host, _)) if self.tls.is_none() && !is_loopback(&host) => bad(
+                    format!("failover[{i}]"),
+                    "a loopback broker, or a [broker.tls] section: plain MQTT is only allowed on loopback",
+                ),
+                Ok(_) => {}
+            }
+        }
+        if self.failover.len() > MAX_FAILOVER {
+            bad("failover".into(), "at most 16 more brokers");
+        }
+        if let Some(tls) = self.tls {
+            if tls.ca_file.is_some() == tls.ca_pem.is_some() {
+                bad("tls.ca_file".into(), "the CA certificate: ca_file or ca_pem (one of them)");
+            }
+            let cert = u8::from(tls.client_cert_file.is_some()) + u8::from(tls.client_cert_pem.is_some());
+            let key = u8::from(tls.client_key_file.is_some()) + u8::from(tls.client_key_pem.is_some());
+            if cert > 1 || key > 1 || cert != key {
+                bad(
+                    "tls.client_key_file".into(),
+                    "one client certificate and one key (each as _file or _pem), or neither",
+                );
+            }
+        }
+        if self.password.is_some() && self.username.is_none() {
+            bad("username".into(), "a username with the password");
+        }
+        if !(5..=3600).contains(&self.keep_alive_s) {
+            bad("keep_alive_s".into(), "between 5 and 3600");
+        }
+        out
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -185,6 +270,48 @@ mod tests {
                 assert_eq!(client_auth, Some((b"CERT".to_vec(), b"KEY".to_vec())));
             }
             other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn every_broken_broker_rule_is_named_by_its_key() {
+        let tls = TlsConfig {
+            ca_file: Some("ca.pem".into()),
+            client_cert_file: None,
+            client_key_file: None,
+            ca_pem: None,
+            client_cert_pem: None,
+            client_key_pem: None,
+        };
+        let sound = BrokerKeys {
+            host: "mqtt.example.lg.jp",
+            port: 8883,
+            failover: &[],
+            tls: Some(&tls),
+            username: None,
+            password: None,
+            keep_alive_s: 15,
+        };
+        assert_eq!(sound.problems(), Vec::<(String, String)>::new());
+        let keys = |b: BrokerKeys| b.problems().into_iter().map(|(k, _)| k).collect::<Vec<_>>();
+        assert_eq!(keys(BrokerKeys { tls: None, ..sound }), ["broker.tls"]);
+        assert_eq!(keys(BrokerKeys { tls: None, host: "127.0.0.1", ..sound }), Vec::<String>::new());
+        assert_eq!(keys(BrokerKeys { host: "", port: 0, ..sound }), ["broker.host", "broker.port"]);
+        let plain = ["127.0.0.1:1884".to_string(), "mqtt2.example:1883".into(), "nocolon".into()];
+        assert_eq!(
+            keys(BrokerKeys { tls: None, host: "localhost", failover: &plain, ..sound }),
+            ["broker.failover[1]", "broker.failover[2]"]
+        );
+        let many = vec!["m.example:8883".to_string(); 17];
+        assert_eq!(keys(BrokerKeys { failover: &many, ..sound }), ["broker.failover"]);
+        let both_ca = TlsConfig { ca_pem: Some("CA".into()), ..tls.clone() };
+        assert_eq!(keys(BrokerKeys { tls: Some(&both_ca), ..sound }), ["broker.tls.ca_file"]);
+        let cert_only = TlsConfig { client_cert_file: Some("c.pem".into()), ..tls.clone() };
+        assert_eq!(keys(BrokerKeys { tls: Some(&cert_only), ..sound }), ["broker.tls.client_key_file"]);
+        let pass = Secret::Value("p".into());
+        assert_eq!(keys(BrokerKeys { password: Some(&pass), ..sound }), ["broker.username"]);
+        for k in [0, 4, 3601, u16::MAX] {
+            assert_eq!(keys(BrokerKeys { keep_alive_s: k, ..sound }), ["broker.keep_alive_s"], "{k}");
         }
     }
 

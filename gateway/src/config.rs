@@ -291,6 +291,21 @@ pub struct BrokerConfig {
     pub keep_alive_s: u16,
 }
 
+impl BrokerConfig {
+    /// The keys the agent's `[broker]` has too, for the rules both keep.
+    pub fn keys(&self) -> mamori_connect::BrokerKeys<'_> {
+        mamori_connect::BrokerKeys {
+            host: &self.host,
+            port: self.port,
+            failover: &self.failover,
+            tls: self.tls.as_ref(),
+            username: self.username.as_ref(),
+            password: self.password.as_ref(),
+            keep_alive_s: self.keep_alive_s,
+        }
+    }
+}
+
 fn default_client_id() -> String {
     "mamori-gateway".into()
 }
@@ -569,7 +584,7 @@ pub fn weak_secret(secret: &str) -> Option<&'static str> {
 
 /// Whether a host name is the loopback interface.
 pub fn is_loopback(host: &str) -> bool {
-    host == "localhost" || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+    mamori_connect::is_loopback(host)
 }
 
 impl Config {
@@ -604,8 +619,9 @@ impl Config {
         {
             bad("public_url", "an http(s) URL without a trailing slash");
         }
-        if c.broker.tls.is_none() && !is_loopback(&c.broker.host) {
-            bad("broker.tls", "a [broker.tls] section: plain MQTT is only allowed to a loopback broker");
+        // The rules both sides keep (the agent's `[broker]` refuses the same).
+        for (key, expected) in c.broker.keys().problems() {
+            bad(&key, &expected);
         }
         if let Some(cl) = &c.cluster {
             if cl.name.is_empty()
@@ -731,26 +747,12 @@ impl Config {
         if c.http.secure_cookies == Some(false) && !c.http.bind.ip().is_loopback() {
             bad("http.secure_cookies", "true (or unset) unless the gateway listens on loopback only");
         }
-        if c.broker.port == 0 {
-            bad("broker.port", "a port from 1 to 65535");
-        }
         if c.broker.share_group.is_some() {
             bad(
                 "broker.share_group",
                 "no shared subscription: it would split one home's messages between gateways that each keep \
                  their own state. Remove it; several gateways run with [cluster] (one active, the others standing by)",
             );
-        }
-        for (i, f) in c.broker.failover.iter().enumerate() {
-            match mamori_connect::parse_host_port(f) {
-                Err(e) => bad(&format!("broker.failover[{i}]"), &e),
-                // The broker's password would cross the network in clear.
-                Ok((host, _)) if c.broker.tls.is_none() && !is_loopback(&host) => bad(
-                    &format!("broker.failover[{i}]"),
-                    "a loopback broker, or a [broker.tls] section: plain MQTT is only allowed on loopback",
-                ),
-                Ok(_) => {}
-            }
         }
         if c.broker.client_id.is_empty() || c.broker.client_id.len() > 64 {
             bad("broker.client_id", "1 to 64 characters");
@@ -1148,6 +1150,26 @@ template = '{"to":"{to}","text":"{text}"}'
         assert!(e.contains("broker.failover[0]") && e.contains("host:port"), "{e}");
         let e = with("share_group = \"gws\"").unwrap_err().to_string();
         assert!(e.contains("broker.share_group") && e.contains("[cluster]"), "{e}");
+    }
+
+    /// The gateway's `[broker]` keeps the agent's rules (one place: `mamori_connect`); before,
+    /// a password with no username, two CA certificates or a zero keep-alive passed here.
+    #[test]
+    fn the_broker_section_is_refused_where_the_agent_would_refuse_it() {
+        let with = |line: &str| {
+            Config::parse(&GOOD.replace("port = 1883\n", &format!("port = 1883\n{line}\n")), Path::new("g.toml"))
+        };
+        for (line, key) in [
+            ("password = { value = \"p\" }", "broker.username"),
+            ("keep_alive_s = 0", "broker.keep_alive_s"),
+            ("keep_alive_s = 65535", "broker.keep_alive_s"),
+            ("[broker.tls]\nca_file = \"a.pem\"\nca_pem = \"A\"", "broker.tls.ca_file"),
+            ("[broker.tls]\nca_pem = \"A\"\nclient_cert_pem = \"C\"", "broker.tls.client_key_file"),
+        ] {
+            let e = with(line).unwrap_err().to_string();
+            assert!(e.contains(&format!("`{key}`")), "{line}: {e}");
+        }
+        assert!(with("username = \"gw\"\npassword = { value = \"p\" }\nkeep_alive_s = 30").is_ok());
     }
 
     #[test]
