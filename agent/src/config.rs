@@ -146,10 +146,32 @@ pub struct BrokerConfig {
     /// Longest reconnect delay, ms.
     #[serde(default = "default_reconnect_max_ms")]
     pub reconnect_max_ms: u64,
+    /// An event the broker took but has not acknowledged after this long: the connection is
+    /// dropped and the event sent again on the next, s.
+    #[serde(default = "default_puback_timeout_s")]
+    pub puback_timeout_s: u32,
+}
+
+impl BrokerConfig {
+    /// The keys the gateway's `[broker]` has too, for the rules both keep.
+    pub fn keys(&self) -> mamori_connect::BrokerKeys<'_> {
+        mamori_connect::BrokerKeys {
+            host: &self.host,
+            port: self.port,
+            failover: &self.failover,
+            tls: self.tls.as_ref(),
+            username: self.username.as_ref(),
+            password: self.password.as_ref(),
+            keep_alive_s: self.keep_alive_s,
+        }
+    }
 }
 
 fn default_keep_alive_s() -> u16 {
     15
+}
+fn default_puback_timeout_s() -> u32 {
+    30
 }
 fn default_reconnect_min_ms() -> u64 {
     500
@@ -552,10 +574,6 @@ fn valid_source_id(id: &str) -> bool {
         && id.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
 }
 
-fn is_loopback(host: &str) -> bool {
-    host == "localhost" || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
-}
-
 impl Config {
     /// Read and validate a config file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
@@ -599,39 +617,9 @@ impl Config {
         if HomeId::new(&self.home_id).is_err() {
             return bad("home_id".into(), "1-64 characters of a-z, 0-9 and '-' (an opaque id, never a name)");
         }
-        if self.broker.tls.is_none() && !is_loopback(&self.broker.host) {
-            return bad("broker.tls".into(), "a [broker.tls] section: plain MQTT is only allowed to a loopback broker");
-        }
-        for (i, f) in self.broker.failover.iter().enumerate() {
-            match parse_host_port(f) {
-                Err(e) => return bad(format!("broker.failover[{i}]"), &e),
-                Ok((host, _)) if self.broker.tls.is_none() && !is_loopback(&host) => {
-                    return bad(
-                        format!("broker.failover[{i}]"),
-                        "a loopback broker, or a [broker.tls] section: plain MQTT is only allowed on loopback",
-                    )
-                }
-                Ok(_) => {}
-            }
-        }
-        if self.broker.failover.len() > 16 {
-            return bad("broker.failover".into(), "at most 16 more brokers");
-        }
-        if let Some(tls) = &self.broker.tls {
-            if tls.ca_file.is_some() == tls.ca_pem.is_some() {
-                return bad("broker.tls.ca_file".into(), "the CA certificate: ca_file or ca_pem (one of them)");
-            }
-            let cert = tls.client_cert_file.is_some() as u8 + tls.client_cert_pem.is_some() as u8;
-            let key = tls.client_key_file.is_some() as u8 + tls.client_key_pem.is_some() as u8;
-            if cert > 1 || key > 1 || cert != key {
-                return bad(
-                    "broker.tls.client_key_file".into(),
-                    "one client certificate and one key (each as _file or _pem), or neither",
-                );
-            }
-        }
-        if self.broker.password.is_some() && self.broker.username.is_none() {
-            return bad("broker.username".into(), "a username with the password");
+        // The rules both sides keep (the gateway's `[broker]` refuses the same).
+        if let Some((key, expected)) = self.broker.keys().problems().into_iter().next() {
+            return bad(key, &expected);
         }
         for (i, n) in self.nut.iter().enumerate() {
             if n.username.is_some() != n.password.is_some() {
@@ -653,11 +641,11 @@ impl Config {
         // Every number has bounds: a typo must be refused here, not overflow or stall later.
         let within = |v: u64, lo: u64, hi: u64| (lo..=hi).contains(&v);
         let b = &self.broker;
-        if !within(u64::from(b.keep_alive_s), 5, 3600) {
-            return bad("broker.keep_alive_s".into(), "between 5 and 3600");
-        }
         if b.reconnect_max_ms > 3_600_000 {
             return bad("broker.reconnect_max_ms".into(), "at most 3600000 (an hour)");
+        }
+        if !within(u64::from(b.puback_timeout_s), 5, 600) {
+            return bad("broker.puback_timeout_s".into(), "between 5 and 600");
         }
         if !within(self.spool.capacity_bytes, 64 * 1024, 1 << 30) {
             return bad("spool.capacity_bytes".into(), "between 65536 and 1073741824");

@@ -61,6 +61,9 @@ pub struct Connection {
     pub reconnect_min: Duration,
     /// Longest reconnect delay.
     pub reconnect_max: Duration,
+    /// An event published this long ago with no PUBACK: the broker took it and is not
+    /// answering, so the connection is dropped and the spool sends it again on the next.
+    pub puback_timeout: Duration,
 }
 
 impl std::fmt::Debug for Connection {
@@ -98,6 +101,7 @@ impl Connection {
             keep_alive: Duration::from_secs(u64::from(b.keep_alive_s.max(5))),
             reconnect_min: Duration::from_millis(b.reconnect_min_ms),
             reconnect_max: Duration::from_millis(b.reconnect_max_ms),
+            puback_timeout: Duration::from_secs(u64::from(b.puback_timeout_s)),
         })
     }
 
@@ -211,7 +215,8 @@ pub use mamori_connect::check_key_permissions;
 /// What the connection task tells the uplink task.
 #[derive(Debug)]
 enum Conn {
-    Session(u64, AsyncClient),
+    /// A new connection attempt: its client, and a token that drops it when cancelled.
+    Session(u64, AsyncClient, CancellationToken),
     Connected(u64, String),
     Outgoing(u64, u16),
     PubAck(u64, u16),
@@ -228,12 +233,17 @@ async fn connection_task(conn: Connection, tx: mpsc::UnboundedSender<Conn>, canc
     loop {
         session += 1;
         let (client, mut ev) = AsyncClient::new(conn.options(at), 128);
-        if tx.send(Conn::Session(session, client.clone())).is_err() {
+        let drop_it = CancellationToken::new();
+        if tx.send(Conn::Session(session, client.clone(), drop_it.clone())).is_err() {
             return;
         }
         loop {
             let polled = tokio::select! {
                 () = cancel.cancelled() => return,
+                () = drop_it.cancelled() => {
+                    let _ = tx.send(Conn::Disconnected(session, "dropped: the broker stopped acknowledging events".into()));
+                    break;
+                }
                 p = ev.poll() => p,
             };
             let msg = match polled {
@@ -316,9 +326,12 @@ enum Sent {
 struct Session {
     id: u64,
     client: AsyncClient,
+    /// Cancelled to drop this connection (see [`Connection::puback_timeout`]).
+    drop_it: CancellationToken,
     connected: bool,
     fifo: VecDeque<Sent>,
-    inflight: BTreeMap<u16, u64>,
+    /// Packet id → the event's seq, and when it went out.
+    inflight: BTreeMap<u16, (u64, tokio::time::Instant)>,
     published: BTreeSet<u64>,
 }
 
@@ -371,6 +384,7 @@ impl<S: Storage> Uplink<S> {
                 },
                 Some(c) = crx.recv() => self.on_conn(c, &tx).await,
                 _ = retry.tick() => {
+                    self.check_pubacks();
                     let was = self.spool.degraded();
                     if was && self.spool.retry_held() {
                         let _ = tx.send(FromUplink::SpoolDegraded(false)).await;
@@ -436,10 +450,11 @@ impl<S: Storage> Uplink<S> {
     async fn on_conn(&mut self, c: Conn, tx: &mpsc::Sender<FromUplink>) {
         let current = self.session.as_ref().map(|s| s.id);
         match c {
-            Conn::Session(id, client) => {
+            Conn::Session(id, client, drop_it) => {
                 self.session = Some(Session {
                     id,
                     client,
+                    drop_it,
                     connected: false,
                     fifo: VecDeque::new(),
                     inflight: BTreeMap::new(),
@@ -462,13 +477,14 @@ impl<S: Storage> Uplink<S> {
             Conn::Outgoing(id, pkid) if current == Some(id) => {
                 if let Some(s) = &mut self.session {
                     if let Some(Sent::Event(seq)) = s.fifo.pop_front() {
-                        s.inflight.insert(pkid, seq);
+                        #[allow(clippy::disallowed_methods)] // an I/O deadline on tokio's clock
+                        s.inflight.insert(pkid, (seq, tokio::time::Instant::now()));
                     }
                 }
             }
             Conn::PubAck(id, pkid) if current == Some(id) => {
                 let seq = self.session.as_mut().and_then(|s| s.inflight.remove(&pkid));
-                if let Some(seq) = seq {
+                if let Some((seq, _)) = seq {
                     self.spool.ack(seq);
                     self.pump().await;
                 }
@@ -494,6 +510,24 @@ impl<S: Storage> Uplink<S> {
                 }
             }
             _ => {} // a message from a connection that is already gone
+        }
+    }
+
+    /// A broker that took an event and, [`Connection::puback_timeout`] later, has still not
+    /// acknowledged it (while answering pings, so the keep-alive does not notice) would hold
+    /// the event until the next reconnect, which may be never. Drop the connection instead:
+    /// the next one sends the event again from the spool (the gateway de-duplicates it).
+    fn check_pubacks(&mut self) {
+        let Some(s) = &self.session else { return };
+        let Some((seq, at)) = s.inflight.values().min_by_key(|(_, at)| *at) else { return };
+        let waited = at.elapsed();
+        if waited >= self.conn.puback_timeout && !s.drop_it.is_cancelled() {
+            tracing::warn!(
+                seq,
+                waited_s = waited.as_secs(),
+                "the broker has not acknowledged an event; reconnecting so that the spool sends it again"
+            );
+            s.drop_it.cancel();
         }
     }
 

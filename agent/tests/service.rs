@@ -638,6 +638,147 @@ fn systemd_readiness_watchdog_and_stopping() -> Result<()> {
     Ok(())
 }
 
+/// The spool's fsync hung (a worn SD card can take seconds): the agent's loop keeps turning,
+/// shown by systemd's watchdog pings, which the loop sends only while it turns. Were the
+/// uplink, which appends and syncs the spool, on the loop's thread, the pings would stop and
+/// systemd would restart the agent in the middle of an outage. Once the disk answers, the
+/// event held behind the sync reaches the broker. The hang is real: `fsync_gate.c`, loaded
+/// with `LD_PRELOAD`, holds fsync() and fdatasync() while a file exists.
+#[test]
+fn a_spool_stuck_in_fsync_stops_neither_the_loop_nor_the_watchdog() -> Result<()> {
+    let mut r = rig(&["ups"])?;
+    let dir = r.config.parent().context("the config's folder")?.to_path_buf();
+    let shim = dir.join("fsync_gate.so");
+    let cc = Command::new("cc")
+        .args(["-shared", "-fPIC", "-o"])
+        .arg(&shim)
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fsync_gate.c"))
+        .arg("-ldl")
+        .output()
+        .context("running cc (a C compiler links Rust here too)")?;
+    assert!(cc.status.success(), "cc: {}", String::from_utf8_lossy(&cc.stderr));
+    let (gate, stalled) = (dir.join("fsync.gate"), dir.join("fsync.stalled"));
+    let c = Collector::start(r.broker.port(), "t-fsync", "mamori/v1/+/event")?;
+    let sock_path = dir.join("notify.sock");
+    let sock = std::os::unix::net::UnixDatagram::bind(&sock_path)?;
+    sock.set_read_timeout(Some(Duration::from_secs(2)))?;
+    let mut cmd = Command::new(AGENT);
+    cmd.args(["run", "--log-json", "--config"])
+        .arg(&r.config)
+        .env("NOTIFY_SOCKET", &sock_path)
+        .env("WATCHDOG_USEC", "400000")
+        .env("LD_PRELOAD", &shim)
+        .env("MAMORI_TEST_FSYNC_GATE", &gate)
+        .env("MAMORI_TEST_FSYNC_STALLED", &stalled);
+    let _a = Process::spawn("agent", cmd)?;
+    c.wait("agent_started", LONG, |m| has(m, EventKind::AgentStarted, None))?;
+    let mut buf = [0u8; 512];
+    // Close the gate, then cut the mains: the mains_lost event's sync is held.
+    std::fs::write(&gate, "")?;
+    r.sim.cmd("mains off")?;
+    let deadline = Instant::now() + LONG;
+    while !stalled.exists() {
+        anyhow::ensure!(Instant::now() < deadline, "no fsync was held within {LONG:?}");
+        let _ = sock.recv(&mut buf); // drain the pings while waiting (2 s at most each)
+    }
+    // What was sent before now proves nothing: drop it.
+    sock.set_nonblocking(true)?;
+    while sock.recv(&mut buf).is_ok() {}
+    sock.set_nonblocking(false)?;
+    // Two seconds of a held sync, in ten pings 200 ms apart; each must come within 2 s.
+    let mut pings = 0;
+    while pings < 10 {
+        let n = sock.recv(&mut buf).with_context(|| format!("watchdog ping {pings} with the spool's fsync held"))?;
+        pings += usize::from(String::from_utf8_lossy(&buf[..n]).contains("WATCHDOG=1"));
+    }
+    assert!(!has(&c.messages(), EventKind::MainsLost, None), "the event was published before it was synced");
+    std::fs::remove_file(&gate)?;
+    c.wait("mains_lost once the disk answers", LONG, |m| has(m, EventKind::MainsLost, None))?;
+    Ok(())
+}
+
+/// A TCP proxy in front of the broker that, on its first connection only, swallows every QoS 1
+/// PUBLISH to an `event` topic: the broker never sees the event and never acknowledges it,
+/// while pings and everything else pass (a broker that took a message and went quiet about
+/// it, as a clustered broker's node can when its store stalls). Counts connections.
+struct SwallowingProxy {
+    port: u16,
+    connections: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl SwallowingProxy {
+    fn start(upstream: u16) -> Result<SwallowingProxy> {
+        use std::io::{Read, Write};
+        use std::sync::atomic::Ordering;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+        let port = listener.local_addr()?.port();
+        let connections = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let count = connections.clone();
+        std::thread::spawn(move || {
+            for client in listener.incoming().map_while(Result::ok) {
+                let n = count.fetch_add(1, Ordering::SeqCst);
+                let Ok(server) = std::net::TcpStream::connect(("127.0.0.1", upstream)) else { continue };
+                let (Ok(mut from_server), Ok(mut to_client)) = (server.try_clone(), client.try_clone()) else {
+                    continue;
+                };
+                std::thread::spawn(move || std::io::copy(&mut from_server, &mut to_client));
+                let (mut from_client, mut to_server) = (client, server);
+                std::thread::spawn(move || -> std::io::Result<()> {
+                    loop {
+                        // One MQTT packet: a fixed header byte, the remaining length (a varint), the rest.
+                        let mut head = [0u8; 1];
+                        from_client.read_exact(&mut head)?;
+                        let (mut len, mut shift, mut lenbytes) = (0usize, 0, Vec::new());
+                        loop {
+                            let mut b = [0u8; 1];
+                            from_client.read_exact(&mut b)?;
+                            lenbytes.push(b[0]);
+                            len |= usize::from(b[0] & 0x7f) << shift;
+                            shift += 7;
+                            if b[0] & 0x80 == 0 {
+                                break;
+                            }
+                        }
+                        let mut body = vec![0u8; len];
+                        from_client.read_exact(&mut body)?;
+                        let qos1_publish = head[0] >> 4 == 3 && (head[0] >> 1) & 3 == 1;
+                        let topic_len = body.get(..2).map_or(0, |t| usize::from(u16::from_be_bytes([t[0], t[1]])));
+                        let to_event = body.get(2..2 + topic_len).is_some_and(|t| t.ends_with(b"/event"));
+                        if n == 0 && qos1_publish && to_event {
+                            continue; // swallowed: no PUBLISH upstream, so no PUBACK back
+                        }
+                        to_server.write_all(&head)?;
+                        to_server.write_all(&lenbytes)?;
+                        to_server.write_all(&body)?;
+                    }
+                });
+            }
+        });
+        Ok(SwallowingProxy { port, connections })
+    }
+}
+
+/// A broker that takes an event and never acknowledges it (while answering pings, so the
+/// keep-alive sees nothing wrong) would hold the event until the next reconnect, which may be
+/// never. After `puback_timeout_s` the agent drops the connection, says why, and the spool
+/// sends the event again on the next one.
+#[test]
+fn an_event_the_broker_never_acknowledges_is_sent_again_on_a_new_connection() -> Result<()> {
+    let r = rig(&["ups"])?;
+    let proxy = SwallowingProxy::start(r.broker.port())?;
+    let text = std::fs::read_to_string(&r.config)?
+        .replace(&format!("port = {}\n", r.broker.port()), &format!("port = {}\npuback_timeout_s = 5\n", proxy.port));
+    std::fs::write(&r.config, text)?;
+    let c = Collector::start(r.broker.port(), "t-puback", "mamori/v1/+/event")?;
+    let a = agent(&r.config)?;
+    c.wait("agent_started, sent again after the first connection swallowed it", LONG, |m| {
+        has(m, EventKind::AgentStarted, None)
+    })?;
+    assert!(proxy.connections.load(std::sync::atomic::Ordering::SeqCst) >= 2, "sent again without a new connection?");
+    a.wait_line("the agent's reason", LONG, |l| l.contains("has not acknowledged an event"))?;
+    Ok(())
+}
+
 /// A fake `upsd` on a free port: every connection is answered, except that the `hang_at`-th
 /// `LIST VAR` of the first connection gets half a reply and then nothing, with the socket left
 /// open (as a `upsd` stuck on its driver does). Counts connections.
