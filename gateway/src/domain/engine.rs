@@ -1207,7 +1207,47 @@ impl Engine {
                 self.touch_incident(&home);
             }
         }
+        if !t.kept && t.conditions.get(&EventKind::MainsLost) == Some(&true) {
+            self.outage_without_its_event(&home, ts, now);
+        }
         Ok(())
+    }
+
+    /// The home's own snapshot says its mains are lost, and no alert is open for it: the
+    /// `mains_lost` event was lost on its way (a clustered broker has been seen to acknowledge
+    /// an event to the agent and never deliver it, `docs/operations.md`). The outage is raised
+    /// from the snapshot, so the family is paged all the same; the event, if it comes later,
+    /// finds the alert open and adds nothing. Not when the home has said anything about its
+    /// mains since the snapshot was taken (a restore, or mains present), nor from a snapshot
+    /// kept during a broker outage (history, not the present), nor from an agent too old to
+    /// send its conditions (its raw mains flag includes a battery self-test).
+    fn outage_without_its_event(&mut self, home: &HomeId, ts: Time, now: Time) {
+        let kind = AlertKind::Event(EventKind::MainsLost);
+        let Some(st) = self.state.get(home) else { return };
+        let told_since = |at: Option<&Time>| at.is_some_and(|at| *at > ts);
+        if st.alerts.contains_key(&kind)
+            || told_since(st.pair_ts.get(EventKind::MainsLost.as_str()))
+            || told_since(st.normal_at.get(EventKind::MainsLost.as_str()))
+        {
+            return;
+        }
+        let since = match st.power {
+            Power::Battery { since } => since.min(ts),
+            _ => ts,
+        };
+        let mut data = serde_json::Map::new();
+        data.insert("raised_from".into(), "telemetry".into());
+        // Info, not a warning: on a NATS cluster the QoS 0 telemetry often overtakes the QoS 1
+        // event, which then arrives and adds nothing.
+        tracing::info!(home = home.as_str(), "outage raised from the home's telemetry: no mains_lost event yet");
+        self.raise(home, kind, EventKind::MainsLost.default_severity(), since, None, data, now);
+        if now - ts > Duration::seconds(self.settings.late_event_s) {
+            let settle = Duration::seconds(self.settings.replay_settle_s);
+            let alert = self.state.get_mut(home).and_then(|s| s.alerts.get_mut(&kind));
+            if let Some(a) = alert.filter(|a| a.raised_at == now && a.notified.is_empty()) {
+                a.hold_until = Some(now + settle);
+            }
+        }
     }
 
     /// A home's announced telemetry period, bounded.

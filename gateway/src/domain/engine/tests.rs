@@ -167,6 +167,47 @@ fn mains_lost_pages_the_family_then_the_coordinator_after_the_grace_period_even_
     assert!(alert(&e, "a", "mains_lost").unwrap().acknowledged.is_none(), "a new step needs a new acknowledgement");
 }
 
+/// A home on battery whose `mains_lost` event never arrived (a clustered broker acknowledged
+/// it to the agent and never delivered it): its own snapshot, whose conditions say the mains
+/// are lost, pages the family. The event arriving late pages nobody twice; a snapshot older
+/// than what the home has said since, a snapshot kept during a broker outage, and a bare mains
+/// flag from an agent that sends no conditions raise nothing.
+#[test]
+fn an_outage_whose_event_never_came_is_raised_from_the_homes_own_snapshot_once() {
+    let mut e = engine(&[plan("a", "431001", 5000.0)]);
+    let lost = |at: i64| {
+        let mut snap = telemetry(at, false);
+        snap.conditions.insert(EventKind::MainsLost, true);
+        snap
+    };
+    e.handle(Input::Telemetry(h("a"), lost(0)), t(1)).unwrap();
+    e.poll(t(1));
+    assert_eq!(names(&sent(&mut e)), ["fam-a"]);
+    assert_eq!(alert(&e, "a", "mains_lost").unwrap().since, t(0));
+    e.handle(Input::Event(h("a"), event(1, 0, EventKind::MainsLost)), t(2)).unwrap();
+    e.handle(Input::Telemetry(h("a"), lost(10)), t(11)).unwrap();
+    e.poll(t(12));
+    assert!(sent(&mut e).is_empty(), "paged twice");
+    // Restored at 20; a snapshot taken at 15, arriving after, is history.
+    e.handle(Input::Event(h("a"), event(2, 20, EventKind::MainsRestored)), t(21)).unwrap();
+    assert!(alert(&e, "a", "mains_lost").is_none());
+    assert!(sent(&mut e).iter().all(|(_, key)| key.ends_with(":clear")), "the family is told it is over");
+    e.handle(Input::Telemetry(h("a"), lost(15)), t(22)).unwrap();
+    assert!(alert(&e, "a", "mains_lost").is_none(), "raised from a snapshot older than the restore");
+    // Kept during a broker outage: history, not the present.
+    let mut kept = lost(30);
+    kept.kept = true;
+    e.handle(Input::Telemetry(h("a"), kept), t(31)).unwrap();
+    assert!(alert(&e, "a", "mains_lost").is_none(), "raised from a kept snapshot");
+    // An agent that sends no conditions: its mains flag is also down in a battery self-test.
+    e.handle(Input::Telemetry(h("a"), telemetry(40, false)), t(41)).unwrap();
+    assert!(alert(&e, "a", "mains_lost").is_none(), "raised from a bare mains flag");
+    // A new outage whose event is lost again: raised again.
+    e.handle(Input::Telemetry(h("a"), lost(50)), t(51)).unwrap();
+    e.poll(t(51));
+    assert_eq!(names(&sent(&mut e)), ["fam-a"]);
+}
+
 #[test]
 fn unacknowledged_alerts_repeat_then_escalate_tier_by_tier() {
     let mut e = engine(&[plan("a", "431001", 5000.0)]);
