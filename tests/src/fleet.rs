@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use mamori_protocol::mqtt::Telemetry;
+use mamori_protocol::mqtt::{EventKind, Telemetry};
 use mamori_protocol::reading::{OximeterReading, UpsReading};
 
 use crate::procfs::percentile;
@@ -87,7 +87,8 @@ pub fn telemetry(on_battery: bool, runtime_s: u32, interval_s: u32) -> Telemetry
         devices: Vec::new(),
         spool: None,
         clock: None,
-        conditions: Default::default(),
+        // As the agent sends them: whether the mains are lost, as its monitor sees it.
+        conditions: [(EventKind::MainsLost, on_battery)].into_iter().collect(),
         kept: Default::default(),
     }
 }

@@ -188,6 +188,13 @@ fn topic(home: &str, channel: Channel) -> String {
 }
 
 /// An MQTT connection for publishing, its event loop driven on the runtime.
+/// Connection errors of the benchmark's own publishers (a message they lost would show as a
+/// family not paged, and is not the gateway's).
+static PUBLISHER_ERRORS: AtomicU64 = AtomicU64::new(0);
+/// QoS 1 PUBLISHes the benchmark's publishers sent, and the PUBACKs they were given.
+static PUBLISHED_QOS1: AtomicU64 = AtomicU64::new(0);
+static PUBACKS: AtomicU64 = AtomicU64::new(0);
+
 async fn publisher(port: u16, name: &str) -> Result<AsyncClient> {
     let mut o = MqttOptions::new(format!("bench-pub-{name}"), "127.0.0.1", port);
     o.set_keep_alive(Duration::from_secs(30));
@@ -197,7 +204,20 @@ async fn publisher(port: u16, name: &str) -> Result<AsyncClient> {
         loop {
             // Errors show up as missing messages in the counts; the broker going away at the
             // end is not worth a line.
-            if eventloop.poll().await.is_err() {
+            let ev = eventloop.poll().await;
+            match &ev {
+                Ok(rumqttc::Event::Outgoing(rumqttc::Outgoing::Publish(pkid))) if *pkid != 0 => {
+                    PUBLISHED_QOS1.fetch_add(1, Ordering::Relaxed);
+                }
+                Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_))) => {
+                    PUBACKS.fetch_add(1, Ordering::Relaxed);
+                }
+                _ => {}
+            }
+            if let Err(e) = ev {
+                if PUBLISHER_ERRORS.fetch_add(1, Ordering::Relaxed) < 5 {
+                    eprintln!("publisher: {e}");
+                }
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
         }
@@ -265,6 +285,54 @@ fn stored(at: &Counter) -> Result<(u64, u64)> {
             .map_err(|_| anyhow::anyhow!("the PostgreSQL count panicked"))?
         }
     }
+}
+
+/// An HTTP GET on loopback (NATS's monitoring port), the body.
+fn http_get(port: u16, path: &str) -> Result<String> {
+    use std::io::{Read as _, Write as _};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")?;
+    let mut text = String::new();
+    s.read_to_string(&mut text)?;
+    Ok(text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default())
+}
+
+/// What the gateway's store holds of one home (its events, alerts and their outbox rows), for
+/// a family that was not paged: was the event lost before the store, or after it?
+fn trace(at: &Counter, home: &str) -> Result<String> {
+    let queries = [
+        format!("SELECT kind || ' seq ' || seq FROM events WHERE home = '{home}'"),
+        format!("SELECT kind || coalesce(' cleared ' || cleared_at, ' active') FROM alerts WHERE home = '{home}'"),
+        format!(
+            "SELECT o.status || ' ' || o.dest FROM outbox o JOIN alerts a ON a.id = o.alert_id WHERE a.home = '{home}'"
+        ),
+    ];
+    let rows: Vec<Vec<String>> = match at {
+        Counter::Sqlite(db) => {
+            let c = rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+            let mut out = Vec::new();
+            for q in &queries {
+                let mut st = c.prepare(q)?;
+                out.push(st.query_map([], |r| r.get::<_, String>(0))?.collect::<Result<Vec<_>, _>>()?);
+            }
+            out
+        }
+        Counter::Postgres(settings) => {
+            let settings = settings.clone();
+            std::thread::spawn(move || -> Result<Vec<Vec<String>>> {
+                let mut c = postgres::Client::connect(&settings, postgres::NoTls)?;
+                let mut out = Vec::new();
+                for q in &queries {
+                    out.push(c.query(q.as_str(), &[])?.iter().map(|r| r.get::<_, String>(0)).collect());
+                }
+                Ok(out)
+            })
+            .join()
+            .map_err(|_| anyhow::anyhow!("the PostgreSQL trace panicked"))??
+        }
+    };
+    Ok(format!("events {:?}; alerts {:?}; outbox {:?}", rows[0], rows[1], rows[2]))
 }
 
 fn spawn_gateway(bin: &Path, config: &Path) -> Result<(Process, Instant)> {
@@ -494,8 +562,8 @@ async fn shape(store_kind: StoreKind, broker_kind: BrokerKind) -> Result<Vec<(&'
         .wait("every storm home's family", Duration::from_secs(120), |ds| sent_at.keys().all(|h| family_for(ds, h)));
     let ds = match all {
         Ok(ds) => ds,
-        Err(e) => {
-            println!("storm: {e:#}");
+        Err(_) => {
+            println!("storm: not every family was paged within 120 s");
             hook.deliveries()
         }
     };
@@ -508,6 +576,78 @@ async fn shape(store_kind: StoreKind, broker_kind: BrokerKind) -> Result<Vec<(&'
             .min();
         if let Some(t) = first {
             family.push(ms(t.saturating_duration_since(*at)));
+        }
+    }
+    // A family not paged: what its home's deliveries were instead, to tell a lost event from a
+    // page of another kind.
+    let mut unpaged: Vec<&String> = sent_at.keys().filter(|h| !family_for(&ds, h)).collect();
+    unpaged.sort();
+    if !unpaged.is_empty() {
+        println!(
+            "families not paged for mains_lost: {} (publisher connection errors so far: {}; QoS 1 sent {}, PUBACKs {})",
+            unpaged.len(),
+            PUBLISHER_ERRORS.load(Ordering::Relaxed),
+            PUBLISHED_QOS1.load(Ordering::Relaxed),
+            PUBACKS.load(Ordering::Relaxed),
+        );
+        match http_get(http, "/metrics") {
+            Ok(m) => {
+                for l in m.lines().filter(|l| l.starts_with("mamori_messages_total") || l.starts_with("mamori_broker"))
+                {
+                    println!("  gateway {l}");
+                }
+            }
+            Err(e) => println!("  /metrics: {e:#}"),
+        }
+        let warnings: Vec<String> =
+            gw.lines().into_iter().filter(|l| l.contains("WARN") || l.contains("ERROR")).collect();
+        println!("  gateway: {} warnings or errors", warnings.len());
+        for l in warnings.iter().take(10) {
+            println!("    {}", l.chars().take(300).collect::<String>());
+        }
+        if let Broker::Nats(c) = &broker {
+            for i in 0..c.nodes.len() {
+                let warn: Vec<String> =
+                    c.log(i).into_iter().filter(|l| l.contains("[WRN]") || l.contains("[ERR]")).collect();
+                println!("  NATS n{}: {} warnings or errors", i + 1, warn.len());
+                for l in warn.iter().take(8) {
+                    println!("    {l}");
+                }
+            }
+            match http_get(c.nodes[0].monitor_port, "/jsz?accounts=true&streams=true&consumers=true") {
+                Ok(j) => {
+                    let v: serde_json::Value = serde_json::from_str(&j).unwrap_or_default();
+                    for a in v["account_details"].as_array().into_iter().flatten() {
+                        for st in a["stream_detail"].as_array().into_iter().flatten() {
+                            println!("  stream {} state {}", st["name"], st["state"]);
+                            for co in st["consumer_detail"].as_array().into_iter().flatten() {
+                                println!(
+                                    "    consumer {} delivered {} ack_floor {} ack_pending {} redelivered {} pending {}",
+                                    co["name"],
+                                    co["delivered"],
+                                    co["ack_floor"],
+                                    co["num_ack_pending"],
+                                    co["num_redelivered"],
+                                    co["num_pending"]
+                                );
+                            }
+                        }
+                    }
+                }
+                Err(e) => println!("  jsz: {e:#}"),
+            }
+        }
+        for h in unpaged.iter().take(20) {
+            let got: Vec<String> = ds
+                .iter()
+                .filter(|d| d.body["home"] == h.as_str())
+                .map(|d| format!("{} {:?}", d.path, kind_of(d)))
+                .collect();
+            println!("  {h}: {}", if got.is_empty() { "nothing".to_string() } else { got.join(", ") });
+            println!("    store: {}", trace(&db, h).unwrap_or_else(|e| format!("{e:#}")));
+            for l in gw.lines().iter().filter(|l| l.contains(h.as_str())).take(5) {
+                println!("    log: {l}");
+            }
         }
     }
     let hook_ok = hook.wait("every coordinator's digest", Duration::from_secs(60), |ds| {
@@ -545,6 +685,9 @@ async fn shape(store_kind: StoreKind, broker_kind: BrokerKind) -> Result<Vec<(&'
     );
     let coord_direct = ds.iter().filter(|d| d.path == "/coord" && kind_of(d).0 == "alert").count();
     println!("per-home alerts sent to coordinators during the storm (incidents replace them): {coord_direct}");
+    let from_telemetry = gw.lines().iter().filter(|l| l.contains("outage raised from the home's telemetry")).count();
+    println!("outages raised from a home's telemetry before its event arrived: {from_telemetry}");
+    figures.push(("storm: outages raised from telemetry before their event", from_telemetry.to_string()));
     println!("deliveries so far {} · signatures bad {}", ds.len(), ds.iter().filter(|d| !d.signature_ok).count());
 
     // 3. Burst.
