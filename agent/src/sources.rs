@@ -552,7 +552,7 @@ fn ups_session(
                     missed = true; // no reply before the next tick
                     break;
                 }
-                Err(e) => return Some(format!("{}: {e}", cfg.port.display())),
+                Err(e) => return fail(e),
             }
         }
         if missed {
@@ -571,7 +571,7 @@ fn ups_session(
         // Until the next tick, wait for bytes rather than sleep: the same single wake-up when
         // nothing comes, and an APC's unrequested `!` (line fail) is seen at once.
         if let Err(e) = reader.read_until(port, tick_end, false, &mut |r| heard(&mut forwarder, r)) {
-            return Some(format!("{}: {e}", cfg.port.display()));
+            return fail(e);
         }
     }
     None
@@ -597,7 +597,9 @@ impl UpsReader {
     /// Read until `until`, handing every reply (and `None` for each undecodable chunk) to
     /// `heard` as it completes. With `until_answer`, return after the first read that
     /// completed a reply to a query; every item that read brought is handled first, so a
-    /// reply is never left behind to be taken for the next command's.
+    /// second reply in the same read is not left over for the next command. (A reply to a
+    /// query that missed its tick, arriving late, is still taken as the answer to the next
+    /// tick's first command, as before.)
     fn read_until(
         &mut self,
         port: &mut serialport::TTYPort,

@@ -342,12 +342,25 @@ pub struct Uplink<S: Storage> {
     spool: Spool<S>,
     session: Option<Session>,
     last_kept_telemetry: Option<tokio::time::Instant>,
+    /// Connections dropped in a row for an unacknowledged event (see
+    /// [`Uplink::check_pubacks`]): each doubles the wait before the next drop.
+    puback_drops: u32,
+    /// When the PUBACK deadline was last looked at.
+    last_puback_check: Option<tokio::time::Instant>,
 }
 
 impl<S: Storage> Uplink<S> {
     /// An uplink over `spool`.
     pub fn new(conn: Connection, settings: UplinkSettings, spool: Spool<S>) -> Self {
-        Uplink { conn, settings, spool, session: None, last_kept_telemetry: None }
+        Uplink {
+            conn,
+            settings,
+            spool,
+            session: None,
+            last_kept_telemetry: None,
+            puback_drops: 0,
+            last_puback_check: None,
+        }
     }
 
     /// The sources announced in `status`.
@@ -517,17 +530,36 @@ impl<S: Storage> Uplink<S> {
     /// acknowledged it (while answering pings, so the keep-alive does not notice) would hold
     /// the event until the next reconnect, which may be never. Drop the connection instead:
     /// the next one sends the event again from the spool (the gateway de-duplicates it).
+    ///
+    /// Looked at on the uplink's 5 s tick. A broker that keeps doing it is not hammered: each
+    /// drop in a row doubles the wait (up to 32 times), and a connection on which every event
+    /// was acknowledged starts the count again. A tick that came late (this thread was held,
+    /// by a long fsync) is skipped once, since PUBACKs may be waiting unread.
     fn check_pubacks(&mut self) {
+        #[allow(clippy::disallowed_methods)] // an I/O deadline on tokio's clock
+        let now = tokio::time::Instant::now();
+        let late = self.last_puback_check.is_some_and(|at| now.duration_since(at) > Duration::from_secs(10));
+        self.last_puback_check = Some(now);
         let Some(s) = &self.session else { return };
-        let Some((seq, at)) = s.inflight.values().min_by_key(|(_, at)| *at) else { return };
-        let waited = at.elapsed();
-        if waited >= self.conn.puback_timeout && !s.drop_it.is_cancelled() {
+        if !s.connected || late || s.drop_it.is_cancelled() {
+            return;
+        }
+        let Some((seq, at)) = s.inflight.values().min_by_key(|(_, at)| *at) else {
+            if s.published.is_empty() {
+                self.puback_drops = 0; // everything sent on this connection was acknowledged
+            }
+            return;
+        };
+        let waited = now.duration_since(*at);
+        let limit = self.conn.puback_timeout * 2u32.pow(self.puback_drops.min(5));
+        if waited >= limit {
             tracing::warn!(
                 seq,
                 waited_s = waited.as_secs(),
                 "the broker has not acknowledged an event; reconnecting so that the spool sends it again"
             );
             s.drop_it.cancel();
+            self.puback_drops = self.puback_drops.saturating_add(1);
         }
     }
 

@@ -673,7 +673,9 @@ fn a_spool_stuck_in_fsync_stops_neither_the_loop_nor_the_watchdog() -> Result<()
     let _a = Process::spawn("agent", cmd)?;
     c.wait("agent_started", LONG, |m| has(m, EventKind::AgentStarted, None))?;
     let mut buf = [0u8; 512];
-    // Close the gate, then cut the mains: the mains_lost event's sync is held.
+    // Close the gate, then cut the mains: the uplink's next sync is held (the mains_lost
+    // append's, or a compaction's before it; either way the uplink's thread waits there and the
+    // event cannot be published until the gate opens).
     std::fs::write(&gate, "")?;
     r.sim.cmd("mains off")?;
     let deadline = Instant::now() + LONG;

@@ -1152,6 +1152,9 @@ impl Engine {
         let limit = Duration::seconds(self.settings.clock_skew_s);
         let interval = self.interval(t.interval_s);
         let st = self.state.entry_or_default(home.clone());
+        // When it was written on the home's event timeline (placed like an event, before it
+        // becomes the clock's reference): a fresh snapshot itself is placed at its arrival.
+        let written = st.clock.place_event(to_utc(&t.ts), t.clock.as_ref(), now, limit);
         let ts = st.clock.place_telemetry(to_utc(&t.ts), t.clock.as_ref(), t.kept, now, limit);
         st.interval_s = Some(interval);
         let skew = st.clock.skewed(limit).then_some(st.clock.skew_s);
@@ -1208,12 +1211,14 @@ impl Engine {
             }
         }
         if !t.kept && t.conditions.get(&EventKind::MainsLost) == Some(&true) {
-            self.outage_without_its_event(&home, ts, now);
+            self.outage_without_its_event(&home, written.min(ts), now);
         }
         Ok(())
     }
 
-    /// The home's own snapshot says its mains are lost, and no alert is open for it: the
+    /// The home's own snapshot, written at `ts` (on the home's event timeline, so that a
+    /// snapshot written just before a `mains_restored` and arriving just after it is seen to be
+    /// older), says its mains are lost, and no alert is open for it: the
     /// `mains_lost` event was lost on its way (a clustered broker has been seen to acknowledge
     /// an event to the agent and never deliver it, `docs/operations.md`). The outage is raised
     /// from the snapshot, so the family is paged all the same; the event, if it comes later,

@@ -208,6 +208,47 @@ fn an_outage_whose_event_never_came_is_raised_from_the_homes_own_snapshot_once()
     assert_eq!(names(&sent(&mut e)), ["fam-a"]);
 }
 
+/// With the agent's clocks (as a real agent sends them), a snapshot is placed at its arrival;
+/// one written before a `mains_restored` and overtaken by it (QoS 0 and QoS 1 take different
+/// paths through a clustered broker) must not open the outage again and page the family
+/// after their power is back.
+#[test]
+fn a_snapshot_overtaken_by_the_restore_does_not_open_the_outage_again() {
+    let mut e = engine(&[plan("a", "431001", 5000.0)]);
+    let clocked = |written: i64, mains_lost: bool| {
+        let mut snap = telemetry(written, !mains_lost);
+        snap.conditions.insert(EventKind::MainsLost, mains_lost);
+        snap.clock = Some(mamori_protocol::mqtt::ClockInfo {
+            boot: "b1".into(),
+            uptime_ms: 1_000_000 + written as u64 * 1000,
+            synced: Some(true),
+        });
+        snap
+    };
+    let at_uptime = |mut ev: Event| {
+        let written = (ev.ts.timestamp() - ts(0).timestamp()) as u64;
+        ev.clock = Some(mamori_protocol::mqtt::ClockInfo {
+            boot: "b1".into(),
+            uptime_ms: 1_000_000 + written * 1000,
+            synced: Some(true),
+        });
+        ev
+    };
+    e.handle(Input::Telemetry(h("a"), clocked(0, false)), t(0)).unwrap();
+    e.handle(Input::Event(h("a"), at_uptime(event(1, 10, EventKind::MainsLost))), t(10)).unwrap();
+    e.poll(t(10));
+    assert_eq!(names(&sent(&mut e)), ["fam-a"]);
+    e.handle(Input::Event(h("a"), at_uptime(event(2, 20, EventKind::MainsRestored))), t(20)).unwrap();
+    e.poll(t(20));
+    assert!(alert(&e, "a", "mains_lost").is_none());
+    sent(&mut e);
+    // Written at 19 s (still on battery), arriving at 22 s, after the restore.
+    e.handle(Input::Telemetry(h("a"), clocked(19, true)), t(22)).unwrap();
+    e.poll(t(22));
+    assert!(alert(&e, "a", "mains_lost").is_none(), "opened again after the power came back");
+    assert!(sent(&mut e).is_empty());
+}
+
 #[test]
 fn unacknowledged_alerts_repeat_then_escalate_tier_by_tier() {
     let mut e = engine(&[plan("a", "431001", 5000.0)]);
