@@ -1222,7 +1222,8 @@ impl Engine {
     /// `mains_lost` event was lost on its way (a clustered broker has been seen to acknowledge
     /// an event to the agent and never deliver it, `docs/operations.md`). The outage is raised
     /// from the snapshot, so the family is paged all the same; the event, if it comes later,
-    /// finds the alert open and adds nothing. Not when the home has said anything about its
+    /// finds the alert open and pages nobody again (it still sets the outage's start and the
+    /// forecast from its own time). Not when the home has said anything about its
     /// mains since the snapshot was taken (a restore, or mains present), nor from a snapshot
     /// kept during a broker outage (history, not the present), nor from an agent too old to
     /// send its conditions (its raw mains flag includes a battery self-test).
@@ -1242,17 +1243,11 @@ impl Engine {
         };
         let mut data = serde_json::Map::new();
         data.insert("raised_from".into(), "telemetry".into());
-        // Info, not a warning: on a NATS cluster the QoS 0 telemetry often overtakes the QoS 1
-        // event, which then arrives and adds nothing.
+        // Info, not a warning: the QoS 0 telemetry often overtakes the QoS 1 event (on a NATS
+        // cluster most of all), which then arrives and pages nobody again.
         tracing::info!(home = home.as_str(), "outage raised from the home's telemetry: no mains_lost event yet");
         self.raise(home, kind, EventKind::MainsLost.default_severity(), since, None, data, now);
-        if now - ts > Duration::seconds(self.settings.late_event_s) {
-            let settle = Duration::seconds(self.settings.replay_settle_s);
-            let alert = self.state.get_mut(home).and_then(|s| s.alerts.get_mut(&kind));
-            if let Some(a) = alert.filter(|a| a.raised_at == now && a.notified.is_empty()) {
-                a.hold_until = Some(now + settle);
-            }
-        }
+        self.hold_if_late(home, kind, ts, now);
     }
 
     /// A home's announced telemetry period, bounded.
@@ -1349,14 +1344,21 @@ impl Engine {
             return Ok(());
         }
         self.raise(&home, AlertKind::Event(e.kind), e.severity, ts, e.source.clone(), e.data.clone(), now);
+        self.hold_if_late(&home, AlertKind::Event(e.kind), ts, now);
+        Ok(())
+    }
+
+    /// An alert just raised from something written more than `late_event_s` before it
+    /// arrived (a replay) waits `replay_settle_s` before its first notification, so that the
+    /// rest of the replay (its end, often) can arrive first.
+    fn hold_if_late(&mut self, home: &HomeId, kind: AlertKind, ts: Time, now: Time) {
         if now - ts > Duration::seconds(self.settings.late_event_s) {
             let settle = Duration::seconds(self.settings.replay_settle_s);
-            let alert = self.state.get_mut(&home).and_then(|s| s.alerts.get_mut(&AlertKind::Event(e.kind)));
+            let alert = self.state.get_mut(home).and_then(|s| s.alerts.get_mut(&kind));
             if let Some(a) = alert.filter(|a| a.raised_at == now && a.notified.is_empty()) {
                 a.hold_until = Some(now + settle);
             }
         }
-        Ok(())
     }
 
     /// Open an alert unless one of its kind is active.
