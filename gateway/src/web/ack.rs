@@ -7,24 +7,31 @@
 
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
-use axum::response::{Html, IntoResponse, Response};
+use axum::response::{IntoResponse, Response};
 use axum::Form;
 use mamori_protocol::mqtt::Role;
+use maud::{html, Markup, DOCTYPE};
 use serde::Deserialize;
 
-use super::{escape, App, Client, WebRequest};
+use super::{App, Client, WebRequest};
 
 fn check(app: &App, alert: &str, role: &str, sig: &str) -> Option<Role> {
     let role: Role = role.parse().ok()?;
     (alert.len() <= 64 && app.style.verify(alert, role, sig)).then_some(role)
 }
 
-fn page(status: StatusCode, body: &str) -> Response {
-    let html = format!(
-        "<!doctype html><html lang=\"ja\"><meta charset=\"utf-8\"><meta name=\"viewport\" content=\"width=device-width\">\
-         <title>mamori</title><link rel=\"stylesheet\" href=\"/static/app.css\"><body class=\"narrow\">{body}</body></html>"
-    );
-    (status, Html(html)).into_response()
+fn page(status: StatusCode, body: Markup) -> Response {
+    let page = html! {
+        (DOCTYPE)
+        html lang="ja" {
+            meta charset="utf-8";
+            meta name="viewport" content="width=device-width";
+            title { "mamori" }
+            link rel="stylesheet" href="/static/app.css";
+            body.narrow { (body) }
+        }
+    };
+    (status, page).into_response()
 }
 
 /// What a signed link is about, in words for the person who got it: an alert or a regional
@@ -81,7 +88,7 @@ async fn subject(app: &App, id: &str) -> Result<Option<Subject>, ()> {
 fn try_again() -> Response {
     page(
         StatusCode::SERVICE_UNAVAILABLE,
-        "<p>いま読み込めません。少ししてからもう一度開いてください。 / Cannot load this now: open the link again in a moment.</p>",
+        html! { p { "いま読み込めません。少ししてからもう一度開いてください。 / Cannot load this now: open the link again in a moment." } },
     )
 }
 
@@ -89,26 +96,26 @@ fn over_page(s: &Subject, offset: chrono::FixedOffset) -> Response {
     let at = s.over_at.unwrap_or_default();
     page(
         StatusCode::OK,
-        &format!(
-            "<h1>{ja}</h1><p>この知らせは{at_ja}に終わりました。確認の必要はありません。</p>\
-             <p lang=\"en\">{en}<br>This is over since {at_en}: nothing to acknowledge.</p>",
-            ja = escape(&s.ja),
-            en = escape(&s.en),
-            at_ja = when(at, offset, true),
-            at_en = when(at, offset, false),
-        ),
+        html! {
+            h1 { (s.ja) }
+            p { "この知らせは" (when(at, offset, true)) "に終わりました。確認の必要はありません。" }
+            p lang="en" { (s.en) br; "This is over since " (when(at, offset, false)) ": nothing to acknowledge." }
+        },
     )
 }
 
 /// `GET /ack/...`: what the link is about, and the confirmation form while it is open.
 pub async fn ack_page(State(app): State<App>, Path((alert, role, sig)): Path<(String, String, String)>) -> Response {
     if check(&app, &alert, &role, &sig).is_none() {
-        return page(StatusCode::NOT_FOUND, "<p>リンクが無効です / This link is not valid.</p>");
+        return page(StatusCode::NOT_FOUND, html! { p { "リンクが無効です / This link is not valid." } });
     }
     let s = match subject(&app, &alert).await {
         Ok(Some(s)) => s,
         Ok(None) => {
-            return page(StatusCode::NOT_FOUND, "<p>この知らせは見つかりません / This notification was not found.</p>")
+            return page(
+                StatusCode::NOT_FOUND,
+                html! { p { "この知らせは見つかりません / This notification was not found." } },
+            )
         }
         Err(()) => return try_again(),
     };
@@ -117,13 +124,15 @@ pub async fn ack_page(State(app): State<App>, Path((alert, role, sig)): Path<(St
     }
     page(
         StatusCode::OK,
-        &format!(
-            "<h1>{ja}</h1><p lang=\"en\">{en}</p><p>この知らせを確認しますか？ / Acknowledge it?</p>\
-             <form method=\"post\"><label>メモ / Note<br><input name=\"note\" maxlength=\"200\"></label>\
-             <p><button type=\"submit\">確認しました / Acknowledge</button></p></form>",
-            ja = escape(&s.ja),
-            en = escape(&s.en),
-        ),
+        html! {
+            h1 { (s.ja) }
+            p lang="en" { (s.en) }
+            p { "この知らせを確認しますか？ / Acknowledge it?" }
+            form method="post" {
+                label { "メモ / Note" br; input name="note" maxlength="200"; }
+                p { button type="submit" { "確認しました / Acknowledge" } }
+            }
+        },
     )
 }
 
@@ -142,7 +151,7 @@ pub async fn ack_post(
     Form(form): Form<AckForm>,
 ) -> Response {
     let Some(role) = check(&app, &alert, &role, &sig) else {
-        return page(StatusCode::NOT_FOUND, "<p>リンクが無効です / This link is not valid.</p>");
+        return page(StatusCode::NOT_FOUND, html! { p { "リンクが無効です / This link is not valid." } });
     };
     let note = super::note(&form.note);
     let detail = note.clone().unwrap_or_default();
@@ -153,17 +162,20 @@ pub async fn ack_post(
             tracing::info!(alert = %alert, role = ?role, %client, "acknowledged from a link");
             let actor = format!("link:{}", role.as_str());
             app.audit(&actor, &client, "ack", &alert, &detail).await;
-            page(StatusCode::OK, "<p>確認を記録しました。ありがとうございます。 / Acknowledged. Thank you.</p>")
+            page(
+                StatusCode::OK,
+                html! { p { "確認を記録しました。ありがとうございます。 / Acknowledged. Thank you." } },
+            )
         }
         Err(e) if e.contains("stopping") => {
-            page(StatusCode::SERVICE_UNAVAILABLE, "<p>停止中です / The gateway is stopping.</p>")
+            page(StatusCode::SERVICE_UNAVAILABLE, html! { p { "停止中です / The gateway is stopping." } })
         }
         Err(e) => match subject(&app, &alert).await {
             // Over before the press: said in words, not as an error.
             Ok(Some(s)) if s.over_at.is_some() => over_page(&s, app.style.offset),
             _ => page(
                 StatusCode::CONFLICT,
-                &format!("<p>確認を記録できませんでした。 / The acknowledgement was not recorded: {}</p>", escape(&e)),
+                html! { p { "確認を記録できませんでした。 / The acknowledgement was not recorded: " (e) } },
             ),
         },
     }
@@ -184,12 +196,15 @@ pub struct VoiceLang {
     lang: String,
 }
 
+/// TwiML (XML, not a page): `text` goes through maud's escaper, which escapes what XML text
+/// needs (`&`, `<`, `>`, `"`).
 fn twiml(status: StatusCode, ja: bool, text: &str) -> Response {
+    use std::fmt::Write as _;
     let lang = if ja { "ja-JP" } else { "en-US" };
-    let body = format!(
-        "<?xml version=\"1.0\" encoding=\"UTF-8\"?><Response><Say language=\"{lang}\">{}</Say></Response>",
-        escape(text)
-    );
+    let mut said = String::new();
+    let _ = maud::Escaper::new(&mut said).write_str(text);
+    let body =
+        format!("<?xml version=\"1.0\" encoding=\"UTF-8\"?><Response><Say language=\"{lang}\">{said}</Say></Response>");
     (status, [(axum::http::header::CONTENT_TYPE, "application/xml")], body).into_response()
 }
 

@@ -15,7 +15,7 @@ use serde::Deserialize;
 
 use super::auth::Viewer;
 use super::html::{account_error, failed, local, not_found, T};
-use super::layout::layout;
+use super::layout::layout_str as layout;
 use super::pages::{account_role_text, channel_text};
 use super::{escape, App, Client};
 use crate::admin::accounts::{self, AccountRole, Accounts, NewUser};
@@ -41,7 +41,7 @@ fn account_page(v: &Viewer, message: Option<&str>, new_secret: Option<String>) -
             t.t("totp_setup"),
             escape(&secret),
             escape(&accounts::totp_uri(&v.user.username, &secret)),
-            csrf = v.csrf_field(),
+            csrf = v.csrf_field().into_string(),
             s = escape(&secret),
             c = t.t("totp_code"),
             save = t.t("save"),
@@ -65,7 +65,7 @@ fn account_page(v: &Viewer, message: Option<&str>, new_secret: Option<String>) -
         scope_l = t.t("scope"),
         scope = escape(&scope),
         cp = t.t("change_password"),
-        csrf = v.csrf_field(),
+        csrf = v.csrf_field().into_string(),
         cur = t.t("current_password"),
         new = t.t("new_password"),
         save = t.t("save"),
@@ -252,7 +252,7 @@ async fn admin_users_page(app: &App, v: &Viewer, message: Option<String>) -> Res
                      <select name=\"role\" aria-label=\"{rl}\">{o1}{o2}{o3}</select>\
                      <input name=\"scope\" value=\"{cur}\" aria-label=\"{sl}\" placeholder=\"{sl}\"><button class=\"secondary\">{cs}</button></form>",
                     name = escape(&u.username),
-                    csrf = v.csrf_field(),
+                    csrf = v.csrf_field().into_string(),
                     rl = t.t("role"),
                     o1 = opt(AccountRole::Coordinator),
                     o2 = opt(AccountRole::Facility),
@@ -268,7 +268,7 @@ async fn admin_users_page(app: &App, v: &Viewer, message: Option<String>) -> Res
             role = account_role_text(u.role, v.lang),
             totp = if u.totp { t.t("totp_short") } else { "" },
             scope = escape(&scope),
-            csrf = v.csrf_field(),
+            csrf = v.csrf_field().into_string(),
             ta = toggle.0,
             tl = toggle.1,
             tok = t.t("new_token"),
@@ -289,7 +289,7 @@ async fn admin_users_page(app: &App, v: &Viewer, message: Option<String>) -> Res
         ro_f = account_role_text(AccountRole::Facility, v.lang),
         ro_fam = account_role_text(AccountRole::Family, v.lang),
         ro_a = account_role_text(AccountRole::Admin, v.lang),
-        csrf = v.csrf_field(),
+        csrf = v.csrf_field().into_string(),
         u = t.t("username"),
         d = t.t("display_name"),
         r = t.t("role"),
@@ -315,7 +315,7 @@ fn tokens_html(v: &Viewer, username: &str, tokens: &[crate::edge::store::TokenRo
                 "<form method=\"post\" action=\"/admin/users/{name}\" class=\"inline\">{csrf}<input type=\"hidden\" name=\"action\" value=\"revoke_token\">\
                  <input type=\"hidden\" name=\"token_id\" value=\"{id}\"><button class=\"secondary\">{rv}</button></form>",
                 name = escape(username),
-                csrf = v.csrf_field(),
+                csrf = v.csrf_field().into_string(),
                 id = k.id,
                 rv = t.t("revoke"),
             )

@@ -2,13 +2,12 @@
 //! soonest first), an alert's row as the home page shows it too, and acknowledging or clearing
 //! one (`POST /alerts/{id}/ack`, `/clear`).
 
-use std::fmt::Write as _;
-
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
-use axum::response::{Html, IntoResponse, Redirect, Response};
+use axum::response::{IntoResponse, Redirect, Response};
 use axum::Form;
 use chrono::FixedOffset;
+use maud::{html, Markup};
 use serde::Deserialize;
 
 use super::auth::{local_path, Viewer};
@@ -16,64 +15,50 @@ use super::html::*;
 use super::layout::layout;
 use super::pages::*;
 use super::view::{self, AlertView};
-use super::{escape, App, Client, WebRequest};
+use super::{App, Client, WebRequest};
 use crate::domain::homes::Lang;
 use crate::domain::message::{kind_text, role_text, tier_text};
 
-fn ack_form(v: &Viewer, a: &AlertView, back: &str) -> String {
+fn ack_form(v: &Viewer, a: &AlertView, back: &str) -> Markup {
     let t = T(v.lang);
-    let clear = if v.user.may_clear() {
-        format!(
-            "<form method=\"post\" action=\"/alerts/{id}/clear\" class=\"inline clear\">{csrf}<input type=\"hidden\" name=\"next\" value=\"{back}\">\
-             <label><input type=\"checkbox\" name=\"confirm\" value=\"1\" required> {cc}</label> \
-             <button class=\"secondary\">{c}</button></form>",
-            id = escape(&a.id),
-            csrf = v.csrf_field(),
-            back = escape(back),
-            cc = t.t("clear_confirm"),
-            c = t.t("clear")
-        )
-    } else {
-        String::new()
-    };
-    format!(
-        "<form method=\"post\" action=\"/alerts/{id}/ack\" class=\"ack\">{csrf}<input type=\"hidden\" name=\"next\" value=\"{back}\">\
-         <input name=\"note\" maxlength=\"200\" placeholder=\"{note}\" aria-label=\"{note}\"><button>{ack}</button></form>{clear}",
-        id = escape(&a.id),
-        csrf = v.csrf_field(),
-        back = escape(back),
-        note = t.t("note"),
-        ack = t.t("acknowledge"),
-    )
+    html! {
+        form method="post" action={ "/alerts/" (a.id) "/ack" } class="ack" {
+            (v.csrf_field())
+            input type="hidden" name="next" value=(back);
+            input name="note" maxlength="200" placeholder=(t.t("note")) aria-label=(t.t("note"));
+            button { (t.t("acknowledge")) }
+        }
+        @if v.user.may_clear() {
+            form method="post" action={ "/alerts/" (a.id) "/clear" } class="inline clear" {
+                (v.csrf_field())
+                input type="hidden" name="next" value=(back);
+                label { input type="checkbox" name="confirm" value="1" required; " " (t.t("clear_confirm")) }
+                " "
+                button.secondary { (t.t("clear")) }
+            }
+        }
+    }
 }
 
-fn ack_text(a: &AlertView, t: T, offset: FixedOffset) -> String {
-    let mut out = match &a.acknowledged {
-        Some(k) => format!(
-            "<span class=\"pill ok\">{} {} {}</span>{}",
-            t.t("acknowledged"),
-            escape(&k.by),
-            local(k.at, offset),
-            k.said(t.0).map(|n| format!(" <q>{}</q>", escape(&n))).unwrap_or_default()
-        ),
-        None => String::new(),
-    };
-    // What was said after the first acknowledgement (a family's 「避難します」): every later
-    // acknowledgement that carries a note, with who and when.
-    for k in a.acks.iter().filter(|k| Some(*k) != a.acknowledged.as_ref()) {
-        let Some(said) = k.said(t.0) else { continue };
-        let _ = write!(
-            out,
-            "<br><small>{} {}{}{}{} <q>{}</q></small>",
-            local(k.at, offset),
-            escape(&k.by),
-            if t.0 == Lang::Ja { "（" } else { " (" },
-            role_text(k.role, t.0),
-            if t.0 == Lang::Ja { "）" } else { ")" },
-            escape(&said)
-        );
+fn ack_text(a: &AlertView, t: T, offset: FixedOffset) -> Markup {
+    html! {
+        @if let Some(k) = &a.acknowledged {
+            span."pill"."ok" { (t.t("acknowledged")) " " (k.by) " " (local(k.at, offset)) }
+            @if let Some(n) = k.said(t.0) { " " q { (n) } }
+        }
+        // What was said after the first acknowledgement (a family's 「避難します」): every later
+        // acknowledgement that carries a note, with who and when.
+        @for k in a.acks.iter().filter(|k| Some(*k) != a.acknowledged.as_ref()) {
+            @if let Some(said) = k.said(t.0) {
+                br;
+                small {
+                    (local(k.at, offset)) " " (k.by)
+                    (if t.0 == Lang::Ja { "（" } else { " (" }) (role_text(k.role, t.0)) (if t.0 == Lang::Ja { "）" } else { ")" })
+                    " " q { (said) }
+                }
+            }
+        }
     }
-    out
 }
 
 /// An alert's row: with `label` (the alerts page) its home first, with `leave` (the alerts
@@ -85,33 +70,22 @@ pub(super) fn alert_row(
     a: &AlertView,
     back: &str,
     offset: FixedOffset,
-) -> String {
+) -> Markup {
     let t = T(v.lang);
-    let home = label
-        .map(|l| {
-            format!(
-                "<td data-label=\"{}\"><a href=\"/homes/{id}\">{}</a></td>",
-                t.t("home"),
-                escape(l),
-                id = escape(&a.home)
-            )
-        })
-        .unwrap_or_default();
-    format!(
-        "<tr data-alert=\"{id}\">{home}<td data-label=\"{kl}\"><span class=\"pill sev-{sev:?}\">{kind}</span></td>\
-         <td data-label=\"{tl}\">{tier}</td>{leave}<td data-label=\"{sl}\">{since}</td><td>{ack}{form}</td></tr>",
-        id = escape(&a.id),
-        leave = leave.map(|l| format!("<td data-label=\"{}\">{l}</td>", t.t("leave_by"))).unwrap_or_default(),
-        kl = t.t("alerts"),
-        sev = a.severity,
-        kind = escape(kind_text(a.kind, v.lang)),
-        tl = t.t("tier"),
-        tier = tier_text(a.tier, v.lang),
-        sl = t.t("since"),
-        since = local(a.since, offset),
-        ack = ack_text(a, t, offset),
-        form = ack_form(v, a, back),
-    )
+    html! {
+        tr data-alert=(a.id) {
+            @if let Some(l) = label {
+                td data-label=(t.t("home")) { a href={ "/homes/" (a.home) } { (l) } }
+            }
+            td data-label=(t.t("alerts")) {
+                span class={ "pill sev-" (format!("{:?}", a.severity)) } { (kind_text(a.kind, v.lang)) }
+            }
+            td data-label=(t.t("tier")) { (tier_text(a.tier, v.lang)) }
+            @if let Some(l) = leave { td data-label=(t.t("leave_by")) { (l) } }
+            td data-label=(t.t("since")) { (local(a.since, offset)) }
+            td { (ack_text(a, t, offset)) (ack_form(v, a, back)) }
+        }
+    }
 }
 
 /// `GET /alerts`: open alerts across the user's homes.
@@ -121,27 +95,28 @@ pub async fn alerts(State(app): State<App>, v: Viewer, client: Client) -> Respon
     let now = crate::edge::clock::now();
     let list = view::open_alerts(&snap.engine, &v.user, now);
     app.audit_view(&v, &client.text(), "list_alerts", "alerts", &format!("{} alerts", list.len())).await;
-    let mut body = format!("<h1>{}</h1>", t.t("alerts"));
-    if list.is_empty() {
-        let _ = write!(body, "<p>{}</p>", t.t("no_alerts"));
-    } else {
-        let _ = write!(
-            body,
-            "<table class=\"alerts\"><thead><tr><th>{}</th><th>{}</th><th>{}</th><th>{}</th><th>{}</th><th>{}</th></tr></thead><tbody>",
-            t.t("home"),
-            t.t("alerts"),
-            t.t("tier"),
-            t.t("leave_by"),
-            t.t("since"),
-            t.t("acknowledged"),
-        );
-        for o in &list {
-            let (leave, _) = leave_text(o.leave_in_s, o.has_destination, now, app.style.offset, v.lang);
-            body.push_str(&alert_row(&v, Some(&o.label), Some(&leave), &o.alert, "/alerts", app.style.offset));
+    let body = html! {
+        h1 { (t.t("alerts")) }
+        @if list.is_empty() {
+            p { (t.t("no_alerts")) }
+        } @else {
+            table.alerts {
+                thead {
+                    tr {
+                        th { (t.t("home")) } th { (t.t("alerts")) } th { (t.t("tier")) }
+                        th { (t.t("leave_by")) } th { (t.t("since")) } th { (t.t("acknowledged")) }
+                    }
+                }
+                tbody {
+                    @for o in &list {
+                        @let (leave, _) = leave_text(o.leave_in_s, o.has_destination, now, app.style.offset, v.lang);
+                        (alert_row(&v, Some(&o.label), Some(&leave), &o.alert, "/alerts", app.style.offset))
+                    }
+                }
+            }
         }
-        body.push_str("</tbody></table>");
-    }
-    layout(&v, t.t("alerts"), &body).into_response()
+    };
+    layout(&v, t.t("alerts"), body).into_response()
 }
 
 /// An acknowledgement or clear form.
@@ -181,9 +156,7 @@ pub async fn ack_alert(
             app.audit(&v.user.username, &client.text(), "ack", &id, detail.trim()).await;
             Redirect::to(&local_path(f.next.as_deref())).into_response()
         }
-        Err(e) => {
-            (StatusCode::CONFLICT, layout(&v, "409", &format!("<p class=\"error\">{}</p>", escape(&e)))).into_response()
-        }
+        Err(e) => (StatusCode::CONFLICT, layout(&v, "409", html! { p.error { (e) } })).into_response(),
     }
 }
 
@@ -201,20 +174,15 @@ pub async fn clear_alert(
     let snap = app.snap();
     let Some(alert) = view::alert(&snap.engine, &v.user, &id) else { return not_found(v.lang) };
     if !v.user.may_clear() {
-        return (StatusCode::FORBIDDEN, Html("<p>forbidden</p>".to_string())).into_response();
+        return (StatusCode::FORBIDDEN, html! { p { "forbidden" } }).into_response();
     }
     // Not one press away from the acknowledge button: the box must be ticked (the browser
     // asks for it; this holds without the browser's help).
     if f.confirm.as_deref() != Some("1") {
         let t = T(v.lang);
         let back = local_path(f.next.as_deref());
-        let body = format!(
-            "<p class=\"error\">{}</p><p><a href=\"{}\">{}</a></p>",
-            t.t("clear_unconfirmed"),
-            escape(&back),
-            t.t("back")
-        );
-        return (StatusCode::BAD_REQUEST, layout(&v, t.t("clear"), &body)).into_response();
+        let body = html! { p.error { (t.t("clear_unconfirmed")) } p { a href=(back) { (t.t("back")) } } };
+        return (StatusCode::BAD_REQUEST, layout(&v, t.t("clear"), body)).into_response();
     }
     let home = alert.home.as_str().to_string();
     let by = v.user.username.clone();
@@ -223,8 +191,6 @@ pub async fn clear_alert(
             app.audit(&v.user.username, &client.text(), "clear", &id, &home).await;
             Redirect::to(&local_path(f.next.as_deref())).into_response()
         }
-        Err(e) => {
-            (StatusCode::CONFLICT, layout(&v, "409", &format!("<p class=\"error\">{}</p>", escape(&e)))).into_response()
-        }
+        Err(e) => (StatusCode::CONFLICT, layout(&v, "409", html! { p.error { (e) } })).into_response(),
     }
 }

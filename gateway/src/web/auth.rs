@@ -12,12 +12,13 @@
 use axum::extract::{FromRequestParts, Query, State};
 use axum::http::request::Parts;
 use axum::http::{header, HeaderMap, StatusCode};
-use axum::response::{Html, IntoResponse, Redirect, Response};
+use axum::response::{IntoResponse, Redirect, Response};
 use axum::{Form, Json};
+use maud::{html, Markup};
 use serde::Deserialize;
 
 use super::html::{layout_bare, T};
-use super::{escape, App, Busy, Client};
+use super::{App, Busy, Client};
 use crate::admin::accounts::{Accounts, Throttle, User};
 use crate::domain::homes::Lang;
 
@@ -120,13 +121,14 @@ impl Viewer {
         if same(token, &self.csrf) {
             None
         } else {
-            Some((StatusCode::FORBIDDEN, Html("<p>フォームの有効期限が切れました。もう一度開いてください。 / The form expired: open it again.</p>")).into_response())
+            let page = html! { p { "フォームの有効期限が切れました。もう一度開いてください。 / The form expired: open it again." } };
+            Some((StatusCode::FORBIDDEN, page).into_response())
         }
     }
 
     /// `<input type=hidden name=csrf>`.
-    pub fn csrf_field(&self) -> String {
-        format!("<input type=\"hidden\" name=\"csrf\" value=\"{}\">", escape(&self.csrf))
+    pub fn csrf_field(&self) -> Markup {
+        html! { input type="hidden" name="csrf" value=(self.csrf); }
     }
 }
 
@@ -212,26 +214,22 @@ pub struct Next {
     next: Option<String>,
 }
 
-fn login_form(lang: Lang, nonce: &str, next: &str, error: Option<&str>) -> String {
+fn login_form(lang: Lang, nonce: &str, next: &str, error: Option<&str>) -> Markup {
     let t = T(lang);
-    let error = error.map(|e| format!("<p class=\"error\" role=\"alert\">{}</p>", escape(e))).unwrap_or_default();
-    format!(
-        "<h1>mamori</h1><p class=\"muted\">{sub}</p>{error}\
-         <form method=\"post\" action=\"/login\" class=\"login\">\
-         <input type=\"hidden\" name=\"csrf\" value=\"{nonce}\"><input type=\"hidden\" name=\"next\" value=\"{next}\">\
-         <label>{u}<input name=\"username\" autocomplete=\"username\" required autofocus></label>\
-         <label>{p}<input name=\"password\" type=\"password\" autocomplete=\"current-password\" required></label>\
-         <label>{c}<input name=\"code\" inputmode=\"numeric\" autocomplete=\"one-time-code\" maxlength=\"6\"></label>\
-         <button type=\"submit\">{l}</button></form>\
-         <p class=\"muted\"><a href=\"/lang/ja?next=/login\">日本語</a> · <a href=\"/lang/en?next=/login\">English</a></p>",
-        sub = t.t("subtitle"),
-        u = t.t("username"),
-        p = t.t("password"),
-        c = t.t("totp_code"),
-        l = t.t("login"),
-        nonce = escape(nonce),
-        next = escape(next),
-    )
+    html! {
+        h1 { "mamori" }
+        p.muted { (t.t("subtitle")) }
+        @if let Some(e) = error { p.error role="alert" { (e) } }
+        form method="post" action="/login" class="login" {
+            input type="hidden" name="csrf" value=(nonce);
+            input type="hidden" name="next" value=(next);
+            label { (t.t("username")) input name="username" autocomplete="username" required autofocus; }
+            label { (t.t("password")) input name="password" type="password" autocomplete="current-password" required; }
+            label { (t.t("totp_code")) input name="code" inputmode="numeric" autocomplete="one-time-code" maxlength="6"; }
+            button type="submit" { (t.t("login")) }
+        }
+        p.muted { a href="/lang/ja?next=/login" { "日本語" } " · " a href="/lang/en?next=/login" { "English" } }
+    }
 }
 
 /// `GET /login`.
@@ -247,7 +245,7 @@ pub async fn login_page(State(app): State<App>, headers: HeaderMap, Query(q): Qu
     let body = login_form(lang, &nonce, &next, None);
     (
         [(header::SET_COOKIE, set_cookie(&app, LOGIN_COOKIE, &nonce, "/login", 3600))],
-        Html(layout_bare(lang, T(lang).t("login"), &body)),
+        layout_bare(lang, T(lang).t("login"), body),
     )
         .into_response()
 }
@@ -279,7 +277,7 @@ pub async fn login_post(
         (
             status,
             [(header::SET_COOKIE, set_cookie(&app, LOGIN_COOKIE, &nonce, "/login", 3600))],
-            Html(layout_bare(lang, t.t("login"), &login_form(lang, &nonce, &next, Some(msg)))),
+            layout_bare(lang, t.t("login"), login_form(lang, &nonce, &next, Some(msg))),
         )
             .into_response()
     };

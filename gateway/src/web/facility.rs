@@ -11,13 +11,11 @@
 //! home's alert (see `family.rs`), which the coordinator sees at once. Homes on mains are
 //! listed after, in a line each. No tiers, device chips, codes or ids.
 
-use std::fmt::Write as _;
-
 use axum::response::{IntoResponse, Response};
 use mamori_protocol::mqtt::Role;
+use maud::{html, Markup};
 
 use super::auth::Viewer;
-use super::escape;
 use super::html::{clock, T};
 use super::layout::layout;
 use super::view::{main_alert, HomeView};
@@ -33,144 +31,126 @@ pub(super) fn page(
     now: Time,
     offset: chrono::FixedOffset,
     answered: Option<(&str, super::Told)>,
-    notice: &str,
+    notice: &Markup,
 ) -> Response {
     let lang = v.lang;
     let ja = lang == Lang::Ja;
-    let mut body = format!(
-        "<section class=\"facility\"><h1>{}</h1>{notice}",
-        if ja { "受け入れの見込み" } else { "Children who may come to you" }
-    );
-    if let Some((id, told)) = answered {
-        let label = homes.iter().find(|h| h.id == id).map(|h| h.label.as_str()).unwrap_or_default();
-        let _ = write!(
-            body,
-            "<p class=\"notice\" role=\"status\">{}{}</p>",
-            if ja {
-                format!("{}についての答え: ", escape(label))
-            } else {
-                format!("Your answer about {}: ", escape(label))
-            },
-            escape(&told.notice(lang))
-        );
-    }
     let (coming, calm): (Vec<&HomeView>, Vec<&HomeView>) = homes.iter().partition(|h| h.power == "battery");
-    if coming.is_empty() {
-        let _ = write!(
-            body,
-            "<p class=\"situation ok\">{}</p>",
-            if ja {
-                "いま停電している世帯はありません。"
-            } else {
-                "No home you serve is without power now."
+    let body = html! {
+        section.facility {
+            h1 { (if ja { "受け入れの見込み" } else { "Children who may come to you" }) }
+            (notice)
+            @if let Some((id, told)) = &answered {
+                @let label = homes.iter().find(|h| h.id == *id).map(|h| h.label.as_str()).unwrap_or_default();
+                p.notice role="status" {
+                    @if ja { (label) "についての答え: " } @else { "Your answer about " (label) ": " }
+                    (told.notice(lang))
+                }
             }
-        );
-    }
-    for h in coming {
-        let Some(plan) = mamori_protocol::mqtt::HomeId::new(&h.id).ok().and_then(|id| engine.plan(&id)) else {
-            continue;
-        };
-        let place =
-            h.municipality_name.as_deref().map(|m| format!(" <small>{}</small>", escape(m))).unwrap_or_default();
-        let _ = write!(
-            body,
-            "<article class=\"coming\" data-home=\"{}\"><h2>{}{place}</h2>",
-            escape(&h.id),
-            escape(&h.label)
-        );
-        let state = match (h.silent, ja) {
-            (true, true) => "停電中。見守り機から連絡が途絶えています。",
-            (true, false) => "Without power, and its home unit has gone silent.",
-            (false, true) => "停電中。予備の電源で動いています。",
-            (false, false) => "Without power, on backup.",
-        };
-        let _ = write!(body, "<p class=\"situation bad\">{state}</p><dl class=\"state\">");
-        if let Some(mid) = h.time_left_s {
-            let _ = write!(
-                body,
-                "<div><dt>{}</dt><dd><strong>{}</strong></dd></div>",
-                T(lang).t("time_left"),
-                message::time_left_text(mid, h.time_left_range_s, lang)
-            );
+            @if coming.is_empty() {
+                p."situation"."ok" {
+                    (if ja { "いま停電している世帯はありません。" } else { "No home you serve is without power now." })
+                }
+            }
+            @for h in coming {
+                @if let Some(plan) = mamori_protocol::mqtt::HomeId::new(&h.id).ok().and_then(|id| engine.plan(&id)) {
+                    (coming_home(v, h, plan, now, offset))
+                }
+            }
+            @if !calm.is_empty() {
+                h2 { (if ja { "電気が届いている世帯" } else { "Homes with power" }) }
+                ul.calm { @for h in calm { li { a href={ "/homes/" (h.id) } { (h.label) } } } }
+            }
         }
-        match (&h.evacuation, &h.runs_out, &h.leave_by) {
-            (Some((dest, m)), Some(out), Some(leave)) => {
-                let _ = write!(
-                    body,
-                    "<div><dt>{}</dt><dd>{}</dd></div><div><dt>{}</dt><dd>{}</dd></div>",
-                    if ja { "出発の目安" } else { "Leaves by" },
-                    if ja {
-                        format!("{}（{}へ、移動{m}分）", clock(*leave, now, offset), escape(dest))
-                    } else {
-                        format!("{} (to {}, {m} min)", clock(*leave, now, offset), escape(dest))
+    };
+    layout(v, if ja { "受け入れの見込み" } else { "Children who may come" }, body).into_response()
+}
+
+/// A home on battery: when the child leaves and arrives, what they plug in, and the answers.
+fn coming_home(
+    v: &Viewer,
+    h: &HomeView,
+    plan: &crate::domain::homes::Home,
+    now: Time,
+    offset: chrono::FixedOffset,
+) -> Markup {
+    let lang = v.lang;
+    let ja = lang == Lang::Ja;
+    let state = match (h.silent, ja) {
+        (true, true) => "停電中。見守り機から連絡が途絶えています。",
+        (true, false) => "Without power, and its home unit has gone silent.",
+        (false, true) => "停電中。予備の電源で動いています。",
+        (false, false) => "Without power, on backup.",
+    };
+    let total: f64 = plan.devices.iter().map(|d| d.watts).sum();
+    let list: Vec<String> = plan.devices.iter().map(|d| format!("{} {:.0}W", d.name, d.watts)).collect();
+    let said = main_alert(h).and_then(|a| {
+        a.acks.iter().rev().filter(|k| k.role == Role::Facility && k.by == v.user.username).find_map(|k| k.said(lang))
+    });
+    html! {
+        article.coming data-home=(h.id) {
+            h2 {
+                (h.label)
+                @if let Some(m) = &h.municipality_name { " " small { (m) } }
+            }
+            p."situation"."bad" { (state) }
+            dl.state {
+                @if let Some(mid) = h.time_left_s {
+                    div {
+                        dt { (T(lang).t("time_left")) }
+                        dd { strong { (message::time_left_text(mid, h.time_left_range_s, lang)) } }
+                    }
+                }
+                @match (&h.evacuation, &h.runs_out, &h.leave_by) {
+                    (Some((dest, m)), Some(out), Some(leave)) => {
+                        div {
+                            dt { (if ja { "出発の目安" } else { "Leaves by" }) }
+                            dd {
+                                @if ja {
+                                    (clock(*leave, now, offset)) "（" (dest) "へ、移動" (m) "分）"
+                                } @else {
+                                    (clock(*leave, now, offset)) " (to " (dest) ", " (m) " min)"
+                                }
+                            }
+                        }
+                        div {
+                            dt { (if ja { "到着" } else { "Arrives" }) }
+                            dd {
+                                @if ja {
+                                    "遅くとも" (clock(out.p10, now, offset)) "まで"
+                                } @else {
+                                    "by " (clock(out.p10, now, offset)) " at the latest"
+                                }
+                            }
+                        }
                     },
-                    if ja { "到着" } else { "Arrives" },
-                    if ja {
-                        format!("遅くとも{}まで", clock(out.p10, now, offset))
-                    } else {
-                        format!("by {} at the latest", clock(out.p10, now, offset))
+                    _ => {
+                        div {
+                            dt { (if ja { "避難先" } else { "Destination" }) }
+                            dd { (if ja { "計画に避難先がありません" } else { "none in the care plan" }) }
+                        }
                     },
-                );
+                }
+                div {
+                    dt { (if ja { "機器" } else { "Devices" }) }
+                    dd {
+                        (list.join(if ja { "、" } else { ", " }))
+                        (if ja { format!("（計{total:.0}W）") } else { format!(" ({total:.0} W in all)") })
+                    }
+                }
             }
-            _ => {
-                let _ = write!(
-                    body,
-                    "<div><dt>{}</dt><dd>{}</dd></div>",
-                    if ja { "避難先" } else { "Destination" },
-                    if ja { "計画に避難先がありません" } else { "none in the care plan" }
-                );
+            @if main_alert(h).is_some() {
+                @if let Some(said) = said {
+                    p.muted { (if ja { "あなたの答え:" } else { "Your answer:" }) " " q { (said) } }
+                }
+                form method="post" action={ "/homes/" (h.id) "/answer" } class="answers" {
+                    (v.csrf_field())
+                    button type="submit" name="answer" value=(Answer::CanAccept.as_str()) { (Answer::CanAccept.text(lang)) }
+                    button type="submit" name="answer" value=(Answer::CannotAccept.as_str()) class="secondary" {
+                        (Answer::CannotAccept.text(lang))
+                    }
+                }
             }
         }
-        let total: f64 = plan.devices.iter().map(|d| d.watts).sum();
-        let list: Vec<String> = plan.devices.iter().map(|d| format!("{} {:.0}W", escape(&d.name), d.watts)).collect();
-        let _ = write!(
-            body,
-            "<div><dt>{}</dt><dd>{}{}</dd></div></dl>",
-            if ja { "機器" } else { "Devices" },
-            list.join(if ja { "、" } else { ", " }),
-            if ja { format!("（計{total:.0}W）") } else { format!(" ({total:.0} W in all)") }
-        );
-        if let Some(a) = main_alert(h) {
-            if let Some(said) = a
-                .acks
-                .iter()
-                .rev()
-                .filter(|k| k.role == Role::Facility && k.by == v.user.username)
-                .find_map(|k| k.said(lang))
-            {
-                let _ = write!(
-                    body,
-                    "<p class=\"muted\">{} <q>{}</q></p>",
-                    if ja { "あなたの答え:" } else { "Your answer:" },
-                    escape(&said)
-                );
-            }
-            let _ = write!(
-                body,
-                "<form method=\"post\" action=\"/homes/{id}/answer\" class=\"answers\">{csrf}\
-                 <button type=\"submit\" name=\"answer\" value=\"{ca}\">{cat}</button>\
-                 <button type=\"submit\" name=\"answer\" value=\"{na}\" class=\"secondary\">{nat}</button></form>",
-                id = escape(&h.id),
-                csrf = v.csrf_field(),
-                ca = Answer::CanAccept.as_str(),
-                cat = Answer::CanAccept.text(lang),
-                na = Answer::CannotAccept.as_str(),
-                nat = Answer::CannotAccept.text(lang),
-            );
-        }
-        body.push_str("</article>");
     }
-    if !calm.is_empty() {
-        let _ = write!(
-            body,
-            "<h2>{}</h2><ul class=\"calm\">",
-            if ja { "電気が届いている世帯" } else { "Homes with power" }
-        );
-        for h in calm {
-            let _ = write!(body, "<li><a href=\"/homes/{}\">{}</a></li>", escape(&h.id), escape(&h.label));
-        }
-        body.push_str("</ul>");
-    }
-    body.push_str("</section>");
-    layout(v, if ja { "受け入れの見込み" } else { "Children who may come" }, &body).into_response()
 }

@@ -17,13 +17,13 @@
 //! the other coordinator taking it).
 
 use std::collections::BTreeMap;
-use std::fmt::Write as _;
 
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Redirect, Response};
 use axum::Form;
 use mamori_protocol::mqtt::Role;
+use maud::html;
 use serde::Deserialize;
 
 use super::auth::Viewer;
@@ -31,7 +31,7 @@ use super::contacts::contacts_html;
 use super::html::{clock, failed, local, not_found, T};
 use super::layout::layout;
 use super::view::{self, main_alert, AlertView, HomeView};
-use super::{escape, App, Client};
+use super::{App, Client};
 use crate::admin::accounts::AccountRole;
 use crate::domain::engine::{Answer, Time};
 use crate::domain::homes::{BackupKind, Home, Lang};
@@ -107,7 +107,7 @@ fn situation(h: &HomeView, now: Time, offset: chrono::FixedOffset, lang: Lang) -
     }
 }
 
-/// The steps from the care plan, while the home is on battery.
+/// The steps from the care plan, while the home is on battery (text).
 fn steps(plan: &Home, h: &HomeView, leave_by: Option<&str>, request: &str, lang: Lang) -> Vec<String> {
     let ja = lang == Lang::Ja;
     let mut out = Vec::new();
@@ -134,13 +134,13 @@ fn steps(plan: &Home, h: &HomeView, leave_by: Option<&str>, request: &str, lang:
     }
     out.push(match (&h.evacuation, leave_by, ja) {
         (Some((d, m)), Some(l), true) => {
-            format!("{}（移動{m}分）へ向かう準備をしてください。遅くとも{l}には出発してください。", escape(d))
+            format!("{d}（移動{m}分）へ向かう準備をしてください。遅くとも{l}には出発してください。")
         }
         (Some((d, m)), Some(l), false) => {
-            format!("Get ready to go to {} ({m} min away). Leave by {l} at the latest.", escape(d))
+            format!("Get ready to go to {d} ({m} min away). Leave by {l} at the latest.")
         }
-        (Some((d, m)), None, true) => format!("{}（移動{m}分）へ向かう準備をしてください。", escape(d)),
-        (Some((d, m)), None, false) => format!("Get ready to go to {} ({m} min away).", escape(d)),
+        (Some((d, m)), None, true) => format!("{d}（移動{m}分）へ向かう準備をしてください。"),
+        (Some((d, m)), None, false) => format!("Get ready to go to {d} ({m} min away)."),
         (None, _, true) => {
             "避難先が決まっていません。電源をどこで確保するか、コーディネーターに相談してください。".into()
         }
@@ -149,7 +149,7 @@ fn steps(plan: &Home, h: &HomeView, leave_by: Option<&str>, request: &str, lang:
     out
 }
 
-/// Who has been told of the alert, and who acknowledged: one line per person.
+/// Who has been told of the alert, and who acknowledged: one line (text) per person.
 fn told(alert: &AlertView, rows: &[OutboxRow], lang: Lang) -> Vec<String> {
     let ja = lang == Lang::Ja;
     // (name, role) -> the best status reached.
@@ -189,9 +189,9 @@ fn told(alert: &AlertView, rows: &[OutboxRow], lang: Lang) -> Vec<String> {
             };
             let role = message::role_text(role, lang);
             if ja {
-                format!("{}（{role}）: {status}{ack}", escape(&name))
+                format!("{name}（{role}）: {status}{ack}")
             } else {
-                format!("{} ({role}): {status}{ack}", escape(&name))
+                format!("{name} ({role}): {status}{ack}")
             }
         })
         .collect()
@@ -221,33 +221,13 @@ pub(super) async fn page(
         None => Vec::new(),
     };
     let (sentence, cls) = situation(&h, now, offset, lang);
-    let mut body =
-        format!("<section class=\"family\"><h1>{}</h1><p class=\"situation {cls}\">{sentence}</p>", escape(&h.label));
-    if let Some(outcome) = answered {
-        let _ = write!(body, "<p class=\"notice\" role=\"status\">{}</p>", escape(&outcome.notice(lang)));
-    }
     let on_battery = h.power == "battery";
-    if let (true, Some(mid)) = (on_battery, h.time_left_s) {
-        let band = message::time_left_text(mid, h.time_left_range_s, lang);
-        let _ = write!(
-            body,
-            "<p class=\"left\">{}</p>",
-            if ja {
-                format!("電気が使えるのは、あと<strong>{band}</strong>の見込みです。")
-            } else {
-                format!("Power should last <strong>{band}</strong> more.")
-            }
-        );
-        if h.forecast_verified == Some(false) {
-            let _ = write!(body, "<p class=\"muted\"><small>{}</small></p>", message::unverified(lang));
-        }
-    }
+    let band = h.time_left_s.filter(|_| on_battery).map(|mid| message::time_left_text(mid, h.time_left_range_s, lang));
     let leave_by = match (&h.runs_out, &h.evacuation) {
         (Some(b), Some((_, m))) => Some(clock(b.p10 - chrono::Duration::minutes(i64::from(*m)), now, offset)),
         _ => None,
     };
-    let mut request = String::new();
-    if let Some(a) = &main {
+    let request = main.as_ref().map(|a| {
         let leave_in_s = h
             .runs_out
             .as_ref()
@@ -259,60 +239,69 @@ pub(super) async fn page(
             devices: &[],
             leave_in_s,
         };
-        request = message::request(Role::Family, a.kind, a.tier, &s, lang);
-        let _ = write!(
-            body,
-            "<h2>{}</h2><p class=\"request\">{}</p>",
-            if ja { "今すること" } else { "What to do now" },
-            escape(&request)
-        );
-    }
-    if on_battery {
-        body.push_str("<ol class=\"steps\">");
-        for s in steps(plan, &h, leave_by.as_deref(), &request, lang) {
-            let _ = write!(body, "<li>{s}</li>");
-        }
-        body.push_str("</ol>");
-    }
-    let _ = write!(
-        body,
-        "<p class=\"call\"><a class=\"button call119\" href=\"tel:119\">{}</a> {}</p>",
-        if ja { "119番に電話する" } else { "Call 119" },
-        if ja {
-            "お子さんの様子がいつもと違うとき、呼吸器のアラームが止まらないときは、ためらわず電話してください。"
-        } else {
-            "If your child is not as usual, or the ventilator's alarm does not stop, call at once."
-        }
-    );
-    if let Some(a) = &main {
-        let _ = write!(
-            body,
-            "<h2>{}</h2><form method=\"post\" action=\"/homes/{id}/answer\" class=\"answers\">{csrf}\
-             <button type=\"submit\" name=\"answer\" value=\"{ev}\">{evt}</button>\
-             <button type=\"submit\" name=\"answer\" value=\"{ps}\" class=\"secondary\">{pst}</button></form>",
-            if ja { "コーディネーターに伝える" } else { "Tell the coordinator" },
-            id = escape(plan.id.as_str()),
-            csrf = v.csrf_field(),
-            ev = Answer::Evacuating.as_str(),
-            evt = Answer::Evacuating.text(lang),
-            ps = Answer::PowerSecured.as_str(),
-            pst = Answer::PowerSecured.text(lang),
-        );
-        let lines = told(a, &rows, lang);
-        let _ = write!(body, "<h2>{}</h2>", if ja { "知らせた人" } else { "Who has been told" });
-        if lines.is_empty() {
-            let _ = write!(body, "<p>{}</p>", if ja { "まだだれにも知らせていません。" } else { "Nobody yet." });
-        } else {
-            body.push_str("<ul class=\"told\">");
-            for l in lines {
-                let _ = write!(body, "<li>{l}</li>");
+        message::request(Role::Family, a.kind, a.tier, &s, lang)
+    });
+    let steps = if on_battery {
+        steps(plan, &h, leave_by.as_deref(), request.as_deref().unwrap_or(""), lang)
+    } else {
+        Vec::new()
+    };
+    let body = html! {
+        section.family {
+            h1 { (h.label) }
+            p class={ "situation " (cls) } { (sentence) }
+            @if let Some(outcome) = answered {
+                p.notice role="status" { (outcome.notice(lang)) }
             }
-            body.push_str("</ul>");
+            @if let Some(band) = band {
+                p.left {
+                    @if ja {
+                        "電気が使えるのは、あと" strong { (band) } "の見込みです。"
+                    } @else {
+                        "Power should last " strong { (band) } " more."
+                    }
+                }
+                @if h.forecast_verified == Some(false) {
+                    p.muted { small { (message::unverified(lang)) } }
+                }
+            }
+            @if let Some(request) = &request {
+                h2 { (if ja { "今すること" } else { "What to do now" }) }
+                p.request { (request) }
+            }
+            @if on_battery {
+                ol.steps { @for s in &steps { li { (s) } } }
+            }
+            p.call {
+                a class="button call119" href="tel:119" { (if ja { "119番に電話する" } else { "Call 119" }) }
+                " "
+                (if ja {
+                    "お子さんの様子がいつもと違うとき、呼吸器のアラームが止まらないときは、ためらわず電話してください。"
+                } else {
+                    "If your child is not as usual, or the ventilator's alarm does not stop, call at once."
+                })
+            }
+            @if let Some(a) = &main {
+                h2 { (if ja { "コーディネーターに伝える" } else { "Tell the coordinator" }) }
+                form method="post" action={ "/homes/" (plan.id) "/answer" } class="answers" {
+                    (v.csrf_field())
+                    button type="submit" name="answer" value=(Answer::Evacuating.as_str()) { (Answer::Evacuating.text(lang)) }
+                    button type="submit" name="answer" value=(Answer::PowerSecured.as_str()) class="secondary" {
+                        (Answer::PowerSecured.text(lang))
+                    }
+                }
+                @let lines = told(a, &rows, lang);
+                h2 { (if ja { "知らせた人" } else { "Who has been told" }) }
+                @if lines.is_empty() {
+                    p { (if ja { "まだだれにも知らせていません。" } else { "Nobody yet." }) }
+                } @else {
+                    ul.told { @for l in &lines { li { (l) } } }
+                }
+            }
+            (contacts_html(plan, T(lang), &app.snap().engine))
         }
-    }
-    body.push_str(&contacts_html(plan, T(lang), &app.snap().engine));
-    body.push_str("</section>");
-    layout(v, &h.label, &body).into_response()
+    };
+    layout(v, &h.label, body).into_response()
 }
 
 /// The answer form.
@@ -346,7 +335,7 @@ pub async fn answer(
     let Some(plan) = view::home(&snap.engine, &v.user, &id) else { return not_found(v.lang) };
     let Some(answer) = Answer::parse(&f.answer).filter(|a| a.role() == v.user.role.ack_role()) else {
         let text = if v.lang == Lang::Ja { "この答えは選べません。" } else { "Not an answer you can give." };
-        return (StatusCode::BAD_REQUEST, layout(&v, "400", &format!("<p class=\"error\">{text}</p>"))).into_response();
+        return (StatusCode::BAD_REQUEST, layout(&v, "400", html! { p.error { (text) } })).into_response();
     };
     let h = view::home_view(plan, snap.engine.home_state(&plan.id), crate::edge::clock::now());
     let nothing = if v.lang == Lang::Ja {
@@ -355,7 +344,7 @@ pub async fn answer(
         "Nothing is being notified now."
     };
     let Some(alert) = main_alert(&h) else {
-        return (StatusCode::CONFLICT, layout(&v, "409", &format!("<p class=\"error\">{nothing}</p>"))).into_response();
+        return (StatusCode::CONFLICT, layout(&v, "409", html! { p.error { (nothing) } })).into_response();
     };
     let alert_id = alert.id.clone();
     let by = v.user.username.clone();
@@ -383,7 +372,7 @@ pub async fn answer(
             } else {
                 "It could not be recorded now. Open the page again and try once more."
             };
-            (StatusCode::CONFLICT, layout(&v, "409", &format!("<p class=\"error\">{text}</p>"))).into_response()
+            (StatusCode::CONFLICT, layout(&v, "409", html! { p.error { (text) } })).into_response()
         }
     }
 }

@@ -1,15 +1,19 @@
 //! The HTML layer's ground floor: the words of the dashboard in Japanese and English ([`T`]),
 //! times as a reader reads them, the page without navigation ([`layout_bare`], for the login),
-//! the 404 and the error page. It depends on nothing else in `web` but [`super::escape`], so
-//! the login (`auth.rs`) and every page can use it without importing each other.
+//! the 404 and the error page. It depends on nothing else in `web`, so the login (`auth.rs`)
+//! and every page can use it without importing each other.
+//!
+//! Every page is written with [maud](https://maud.lambda.xyz/)'s `html!`: text interpolated as
+//! `(expr)` is escaped, so a label, a name or a note from the store can never become markup. A
+//! fragment is a [`Markup`] and is passed on as one. `PreEscaped` is only for markup this code
+//! wrote itself, each use with a comment saying so.
 
 use axum::http::StatusCode;
-use axum::response::{Html, IntoResponse, Response};
-use std::fmt::Write as _;
+use axum::response::{IntoResponse, Response};
+use maud::{html, Markup, DOCTYPE};
 
 use chrono::FixedOffset;
 
-use super::escape;
 use crate::admin::accounts;
 use crate::domain::engine::Time;
 use crate::domain::homes::Lang;
@@ -215,20 +219,26 @@ pub(super) fn local_s(t: Time, offset: FixedOffset) -> String {
 }
 
 /// A page without the navigation (login).
-pub fn layout_bare(lang: Lang, title: &str, body: &str) -> String {
+pub fn layout_bare(lang: Lang, title: &str, body: Markup) -> Markup {
     let l = if lang == Lang::En { "en" } else { "ja" };
-    format!(
-        "<!doctype html><html lang=\"{l}\"><head><meta charset=\"utf-8\">\
-         <meta name=\"viewport\" content=\"width=device-width,initial-scale=1\"><title>{} · mamori</title>\
-         <link rel=\"stylesheet\" href=\"/static/app.css\"></head><body class=\"narrow\"><main id=\"main\">{body}</main></body></html>",
-        escape(title)
-    )
+    html! {
+        (DOCTYPE)
+        html lang=(l) {
+            head {
+                meta charset="utf-8";
+                meta name="viewport" content="width=device-width,initial-scale=1";
+                title { (title) " · mamori" }
+                link rel="stylesheet" href="/static/app.css";
+            }
+            body.narrow { main #main { (body) } }
+        }
+    }
 }
 
 pub(super) fn not_found(lang: Lang) -> Response {
     let msg = if lang == Lang::En { "Not found." } else { "見つかりません。" };
-    (StatusCode::NOT_FOUND, Html(layout_bare(lang, "404", &format!("<p>{msg}</p><p><a href=\"/\">mamori</a></p>"))))
-        .into_response()
+    let body = html! { p { (msg) } p { a href="/" { "mamori" } } };
+    (StatusCode::NOT_FOUND, layout_bare(lang, "404", body)).into_response()
 }
 
 /// An account error for the person who made it: a password's reason in their language.
@@ -241,11 +251,11 @@ pub(super) fn account_error(e: &accounts::AccountError, lang: Lang) -> String {
 
 pub(super) fn failed(e: impl std::fmt::Display) -> Response {
     tracing::error!(error = %e, "dashboard");
-    (StatusCode::SERVICE_UNAVAILABLE, Html("<p>一時的に表示できません / Temporarily unavailable</p>".to_string()))
+    (StatusCode::SERVICE_UNAVAILABLE, html! { p { "一時的に表示できません / Temporarily unavailable" } })
         .into_response()
 }
 
-/// Who acknowledged, for people: an account's name, or how it came.
+/// Who acknowledged, for people: an account's name, or how it came (text, not HTML).
 pub(super) fn by_text(by: &str, lang: Lang) -> String {
     let ja = lang == Lang::Ja;
     match by {
@@ -254,30 +264,25 @@ pub(super) fn by_text(by: &str, lang: Lang) -> String {
         "voice" if ja => "電話で".into(),
         "voice" => "by phone".into(),
         other => match other.split_once(':') {
-            Some(("cli", who)) if ja => format!("{}（管理コマンド）", escape(who)),
-            Some(("cli", who)) => format!("{} (command line)", escape(who)),
-            Some(("api", who)) if ja => format!("{}（連携システム）", escape(who)),
-            Some(("api", who)) => format!("{} (API)", escape(who)),
-            _ => escape(other),
+            Some(("cli", who)) if ja => format!("{who}（管理コマンド）"),
+            Some(("cli", who)) => format!("{who} (command line)"),
+            Some(("api", who)) if ja => format!("{who}（連携システム）"),
+            Some(("api", who)) => format!("{who} (API)"),
+            _ => other.to_string(),
         },
     }
 }
 
 /// An incident's acknowledgements: who, in which role, when, and what they said.
-pub(super) fn incident_acks_html(acks: &[crate::domain::engine::AckInfo], lang: Lang, offset: FixedOffset) -> String {
-    let mut out = String::new();
-    for a in acks {
-        let _ = write!(
-            out,
-            "<p class=\"muted\">{} {}（{}） {}{}</p>",
-            T(lang).t("acknowledged"),
-            by_text(&a.by, lang),
-            role_text(a.role, lang),
-            local(a.at, offset),
-            a.note.as_ref().map(|n| format!(" <q>{}</q>", escape(n))).unwrap_or_default()
-        );
+pub(super) fn incident_acks_html(acks: &[crate::domain::engine::AckInfo], lang: Lang, offset: FixedOffset) -> Markup {
+    html! {
+        @for a in acks {
+            p.muted {
+                (T(lang).t("acknowledged")) " " (by_text(&a.by, lang)) "（" (role_text(a.role, lang)) "） " (local(a.at, offset))
+                @if let Some(n) = &a.note { " " q { (n) } }
+            }
+        }
     }
-    out
 }
 
 #[cfg(test)]

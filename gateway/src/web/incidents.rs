@@ -2,13 +2,12 @@
 //! meeting) and its acknowledgement (`POST /incidents/{id}/ack`). A closed incident's page is
 //! its after-action record (`review.rs`).
 
-use std::fmt::Write as _;
-
 use axum::extract::{Path, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Redirect, Response};
 use axum::Form;
 use chrono::FixedOffset;
+use maud::html;
 
 use super::alerts::AckForm;
 use super::auth::Viewer;
@@ -16,7 +15,7 @@ use super::html::*;
 use super::layout::layout;
 use super::pages::*;
 use super::view;
-use super::{escape, App, Client, WebRequest};
+use super::{App, Client, WebRequest};
 use crate::admin::audit;
 use crate::domain::engine::Time;
 use crate::domain::homes::Lang;
@@ -46,9 +45,7 @@ pub async fn ack_incident(
             app.audit(&v.user.username, &client.text(), "ack", &id, &detail).await;
             Redirect::to(&format!("/incidents/{id}")).into_response()
         }
-        Err(e) => {
-            (StatusCode::CONFLICT, layout(&v, "409", &format!("<p class=\"error\">{}</p>", escape(&e)))).into_response()
-        }
+        Err(e) => (StatusCode::CONFLICT, layout(&v, "409", html! { p.error { (e) } })).into_response(),
     }
 }
 
@@ -139,47 +136,42 @@ pub async fn incident(State(app): State<App>, v: Viewer, client: Client, Path(id
     };
     app.audit_view(&v, &client.text(), "view_incident", &id, &i.municipality).await;
     let headings = triage_headings(t);
-    let mut body = format!(
-        "<h1>{} {}</h1><p>{} {} · <a href=\"/incidents/{}/triage.csv\">CSV</a></p><table class=\"triage\"><thead><tr>{}</tr></thead><tbody>",
-        t.t("incident"),
-        escape(i.municipality_name.as_deref().unwrap_or(&i.municipality)),
-        t.t("since"),
-        local(i.opened_at, offset),
-        escape(&i.id),
-        headings.iter().map(|h| format!("<th>{h}</th>")).collect::<String>(),
-    );
-    let dash = |s: &str| if s.is_empty() { "—".to_string() } else { escape(s) };
-    for r in &i.rows {
-        let c = triage_cells(r, &snap.engine, now, offset, v.lang);
-        let cells = [
-            format!("<a href=\"/homes/{}\">{}</a>", escape(r.home.as_str()), escape(&r.label)),
-            format!("<span class=\"pill {}\">{}</span>", c.power_cls, c.power),
-            format!("<strong>{}</strong><br><small>{}</small>", if c.left.is_empty() { "?" } else { &c.left }, c.basis),
-            c.leave.clone(),
-            c.tier.to_string(),
-            dash(c.acknowledged),
-            dash(&c.handling),
-            dash(&c.destination),
-            dash(&c.travel),
-        ];
-        let _ = write!(body, "<tr class=\"{} {}\">", c.row_cls, c.leave_cls);
-        for (h, cell) in headings.iter().zip(cells) {
-            let _ = write!(body, "<td data-label=\"{h}\">{cell}</td>");
+    let dash = |s: &str| if s.is_empty() { "—".to_string() } else { s.to_string() };
+    let body = html! {
+        h1 { (t.t("incident")) " " (i.municipality_name.as_deref().unwrap_or(&i.municipality)) }
+        p { (t.t("since")) " " (local(i.opened_at, offset)) " · " a href={ "/incidents/" (i.id) "/triage.csv" } { "CSV" } }
+        table.triage {
+            thead { tr { @for h in &headings { th { (h) } } } }
+            tbody {
+                @for r in &i.rows {
+                    @let c = triage_cells(r, &snap.engine, now, offset, v.lang);
+                    @let cells = [
+                        html! { a href={ "/homes/" (r.home) } { (r.label) } },
+                        html! { span class={ "pill " (c.power_cls) } { (c.power) } },
+                        html! {
+                            strong { (if c.left.is_empty() { "?" } else { &c.left }) } br; small { (c.basis) }
+                        },
+                        html! { (c.leave) },
+                        html! { (c.tier) },
+                        html! { (dash(c.acknowledged)) },
+                        html! { (dash(&c.handling)) },
+                        html! { (dash(&c.destination)) },
+                        html! { (dash(&c.travel)) },
+                    ];
+                    tr class={ (c.row_cls) " " (c.leave_cls) } {
+                        @for (h, cell) in headings.iter().zip(cells) { td data-label=(h) { (cell) } }
+                    }
+                }
+            }
         }
-        body.push_str("</tr>");
-    }
-    body.push_str("</tbody></table>");
-    body.push_str(&incident_acks_html(&i.acks, v.lang, offset));
-    let _ = write!(
-        body,
-        "<form method=\"post\" action=\"/incidents/{id}/ack\" class=\"ack\">{csrf}\
-         <input name=\"note\" maxlength=\"200\" placeholder=\"{note}\" aria-label=\"{note}\"><button>{ack}</button></form>",
-        id = escape(&i.id),
-        csrf = v.csrf_field(),
-        note = t.t("note"),
-        ack = t.t("acknowledge"),
-    );
-    layout(&v, t.t("incident"), &body).into_response()
+        (incident_acks_html(&i.acks, v.lang, offset))
+        form method="post" action={ "/incidents/" (i.id) "/ack" } class="ack" {
+            (v.csrf_field())
+            input name="note" maxlength="200" placeholder=(t.t("note")) aria-label=(t.t("note"));
+            button { (t.t("acknowledge")) }
+        }
+    };
+    layout(&v, t.t("incident"), body).into_response()
 }
 
 /// `GET /incidents/{id}/triage.csv`: the triage list for the disaster meeting, in the

@@ -15,43 +15,37 @@
 //! from the internet, as in a disaster.
 
 use std::collections::BTreeMap;
-use std::fmt::Write as _;
 
 use axum::extract::{Query, State};
 use axum::response::{IntoResponse, Redirect, Response};
 use chrono::FixedOffset;
+use maud::{html, Markup};
 use serde::Deserialize;
 
 use super::auth::Viewer;
 use super::html::*;
 use super::layout::layout;
 use super::view::{self, HomeView};
-use super::{escape, App, Client};
+use super::{App, Client};
 use crate::admin::accounts::AccountRole;
 use crate::domain::engine::{Engine, Time};
 use crate::domain::homes::Lang;
 use crate::domain::message::{basis, kind_text};
 
-pub(super) fn time_left_text(h: &HomeView, t: T) -> String {
-    match h.time_left_s {
-        Some(s) => {
-            let last = if h.on_last_battery {
-                format!(" <span class=\"bad\">({})</span>", t.t("last_battery"))
-            } else {
-                String::new()
-            };
-            let unverified = if h.forecast_verified == Some(false) {
-                format!("<br><small class=\"muted\">{}</small>", crate::domain::message::unverified(t.0))
-            } else {
-                String::new()
-            };
-            format!(
-                "<strong>{}</strong>{last}<br><small>{}</small>{unverified}",
-                crate::domain::message::time_left_text(s, h.time_left_range_s, t.0),
-                basis(h.basis.unwrap_or(""), t.0)
-            )
+pub(super) fn time_left_text(h: &HomeView, t: T) -> Markup {
+    html! {
+        @if let Some(s) = h.time_left_s {
+            strong { (crate::domain::message::time_left_text(s, h.time_left_range_s, t.0)) }
+            @if h.on_last_battery { " " span.bad { "(" (t.t("last_battery")) ")" } }
+            br;
+            small { (basis(h.basis.unwrap_or(""), t.0)) }
+            @if h.forecast_verified == Some(false) {
+                br;
+                small.muted { (crate::domain::message::unverified(t.0)) }
+            }
+        } @else {
+            "—"
         }
-        None => "—".into(),
     }
 }
 
@@ -94,27 +88,27 @@ pub(super) fn leave_text(
     (text, cls)
 }
 
-pub(super) fn power_cell(h: &HomeView, t: T) -> String {
+pub(super) fn power_cell(h: &HomeView, t: T) -> Markup {
     let cls = match h.power {
         "battery" => "bad",
         "mains" => "ok",
         _ => "muted",
     };
-    format!("<span class=\"pill {cls}\">{}</span>", t.t(h.power))
+    html! { span class={ "pill " (cls) } { (t.t(h.power)) } }
 }
 
-pub(super) fn conn_cell(h: &HomeView, t: T, offset: FixedOffset) -> String {
+pub(super) fn conn_cell(h: &HomeView, t: T, offset: FixedOffset) -> Markup {
     let cls = match h.connectivity {
         "silent" => "bad",
         "online" => "ok",
         _ => "muted",
     };
     let heard = h.last_heard.map(|l| local_s(l, offset)).unwrap_or_else(|| "—".into());
-    format!("<span class=\"pill {cls}\">{}</span><br><small>{heard}</small>", t.t(h.connectivity))
+    html! { span class={ "pill " (cls) } { (t.t(h.connectivity)) } br; small { (heard) } }
 }
 
 /// A device for people: its kind in words (its id, the installer's name for it, on hover).
-fn device_text(h: &HomeView, id: &str, lang: Lang) -> String {
+fn device_text(h: &HomeView, id: &str, lang: Lang) -> Markup {
     use mamori_protocol::mqtt::DeviceKind as K;
     let words = match (h.device_kinds.get(id), lang) {
         (Some(K::Ups), _) => "UPS",
@@ -126,40 +120,38 @@ fn device_text(h: &HomeView, id: &str, lang: Lang) -> String {
         (Some(K::PowerMonitor), Lang::En) => "power monitor",
         (Some(K::Contacts), Lang::Ja) => "接点入力",
         (Some(K::Contacts), Lang::En) => "contacts",
-        (None, _) => return format!("<code>{}</code>", escape(id)),
+        (None, _) => return html! { code { (id) } },
     };
-    format!("<span title=\"{}\">{words}</span>", escape(id))
+    html! { span title=(id) { (words) } }
 }
 
-pub(super) fn devices_cell(h: &HomeView, t: T) -> String {
-    let mut s = String::new();
-    for d in &h.devices {
-        if h.devices_lost.contains(d) {
-            let _ = write!(s, "<span class=\"pill bad\">{} {}</span> ", device_text(h, d, t.0), t.t("lost"));
-        } else {
-            let _ = write!(s, "<span class=\"pill\">{}</span> ", device_text(h, d, t.0));
+pub(super) fn devices_cell(h: &HomeView, t: T) -> Markup {
+    html! {
+        @for d in &h.devices {
+            @if h.devices_lost.contains(d) {
+                span."pill"."bad" { (device_text(h, d, t.0)) " " (t.t("lost")) } " "
+            } @else {
+                span.pill { (device_text(h, d, t.0)) } " "
+            }
         }
-    }
-    if s.is_empty() {
-        "—".into()
-    } else {
-        s
+        @if h.devices.is_empty() { "—" }
     }
 }
 
 /// Readings of a silent home are its last known ones, not the present: said so, with their age.
-fn stale_note(h: &HomeView, now: Time, lang: Lang) -> String {
-    let Some(heard) = h.last_heard.filter(|_| h.silent) else { return String::new() };
+fn stale_note(h: &HomeView, now: Time, lang: Lang) -> Markup {
+    let Some(heard) = h.last_heard.filter(|_| h.silent) else { return html! {} };
     let min = (now - heard).num_minutes().max(0);
-    match lang {
-        Lang::Ja => format!("<br><small class=\"stale\">最後に届いた値（{min}分前）</small>"),
-        Lang::En => format!("<br><small class=\"stale\">last known ({min} min ago)</small>"),
-    }
+    let text = match lang {
+        Lang::Ja => format!("最後に届いた値（{min}分前）"),
+        Lang::En => format!("last known ({min} min ago)"),
+    };
+    html! { br; small.stale { (text) } }
 }
 
-pub(super) fn oxi_cell(h: &HomeView, now: Time, lang: Lang) -> String {
+pub(super) fn oxi_cell(h: &HomeView, now: Time, lang: Lang) -> Markup {
     match (h.spo2_pct, h.pulse_bpm) {
-        (None, None) => "—".into(),
+        (None, None) => html! { "—" },
         (s, p) => {
             let (s, p) =
                 (s.map_or_else(|| "—".into(), |v| format!("{v}%")), p.map_or_else(|| "—".into(), |v| v.to_string()));
@@ -167,18 +159,16 @@ pub(super) fn oxi_cell(h: &HomeView, now: Time, lang: Lang) -> String {
                 Lang::Ja => format!("SpO2 {s}・脈拍 {p}/分"),
                 Lang::En => format!("SpO2 {s} · pulse {p}/min"),
             };
-            format!("{text}{}", stale_note(h, now, lang))
+            html! { (text) (stale_note(h, now, lang)) }
         }
     }
 }
 
 /// A home's opaque id, shown to administrators (installers match it to the home unit); the
 /// others know a home by its label.
-pub(super) fn id_for_installer(v: &Viewer, id: &str) -> String {
-    if v.user.role == AccountRole::Admin {
-        format!(" <small><code>{}</code></small>", escape(id))
-    } else {
-        String::new()
+pub(super) fn id_for_installer(v: &Viewer, id: &str) -> Markup {
+    html! {
+        @if v.user.role == AccountRole::Admin { " " small { code { (id) } } }
     }
 }
 
@@ -205,50 +195,49 @@ pub(super) fn account_role_text(role: AccountRole, lang: Lang) -> &'static str {
 }
 
 /// A channel in a delivery history: its kind in words, its address as a code to copy.
-pub(super) fn channel_cell(ch: &crate::domain::homes::ChannelRef, lang: Lang) -> String {
+pub(super) fn channel_cell(ch: &crate::domain::homes::ChannelRef, lang: Lang) -> Markup {
     use crate::domain::homes::ChannelRef as C;
     let kind = channel_text(crate::domain::stats::channel_of(&ch.destination()), lang);
     let target = match ch {
         C::Webhook(x) | C::Email(x) | C::Sms(x) | C::Line(x) | C::Voice(x) | C::Console(x) => x,
     };
-    format!("{kind} <code>{}</code>", escape(target))
+    html! { (kind) " " code { (target) } }
 }
 
-pub(super) fn vent_cell(h: &HomeView, now: Time, t: T) -> String {
+pub(super) fn vent_cell(h: &HomeView, now: Time, t: T) -> Markup {
     // A silent home's "normal" is not known to be normal now: no reassuring green.
     let ok = if h.silent { "pill stale" } else { "pill ok" };
-    match h.ventilator {
-        Some("normal") => format!("<span class=\"{ok}\">{}</span>{}", t.t("normal"), stale_note(h, now, t.0)),
-        Some(k @ ("alarm" | "cable_fault")) => format!(
-            "<span class=\"pill bad\">{}</span>{}",
-            t.t(if k == "alarm" { "alarm" } else { "cable_fault" }),
-            stale_note(h, now, t.0)
-        ),
-        _ => "—".into(),
+    html! {
+        @match h.ventilator {
+            Some("normal") => { span class=(ok) { (t.t("normal")) } (stale_note(h, now, t.0)) },
+            Some(k @ ("alarm" | "cable_fault")) => {
+                span."pill"."bad" { (t.t(if k == "alarm" { "alarm" } else { "cable_fault" })) }
+                (stale_note(h, now, t.0))
+            },
+            _ => "—",
+        }
     }
 }
 
-fn incidents_html(engine: &Engine, v: &Viewer, now: Time, offset: FixedOffset) -> String {
+fn incidents_html(engine: &Engine, v: &Viewer, now: Time, offset: FixedOffset) -> Markup {
     let t = T(v.lang);
-    let mut s = String::new();
-    for i in view::incidents(engine, &v.user, now) {
-        let battery = i.rows.iter().filter(|r| r.on_battery).count();
-        let silent = i.rows.iter().filter(|r| r.silent).count();
-        let _ = write!(
-            s,
-            "<section class=\"incident\"><h2><a href=\"/incidents/{id}\">{title} {m}</a></h2>\
-             <p>{since} {opened} · {battery}/{n} {bat} · {silent} {sil}</p></section>",
-            id = escape(&i.id),
-            title = t.t("incident"),
-            m = escape(i.municipality_name.as_deref().unwrap_or(&i.municipality)),
-            since = t.t("since"),
-            opened = local(i.opened_at, offset),
-            n = i.rows.len(),
-            bat = t.t("battery"),
-            sil = t.t("silent"),
-        );
+    html! {
+        @for i in view::incidents(engine, &v.user, now) {
+            @let battery = i.rows.iter().filter(|r| r.on_battery).count();
+            @let silent = i.rows.iter().filter(|r| r.silent).count();
+            section.incident {
+                h2 {
+                    a href={ "/incidents/" (i.id) } {
+                        (t.t("incident")) " " (i.municipality_name.as_deref().unwrap_or(&i.municipality))
+                    }
+                }
+                p {
+                    (t.t("since")) " " (local(i.opened_at, offset)) " · " (battery) "/" (i.rows.len()) " " (t.t("battery"))
+                    " · " (silent) " " (t.t("silent"))
+                }
+            }
+        }
     }
-    s
 }
 
 /// The overview's query: `answered` (a home id) and `told` after a facility's answer.
@@ -264,33 +253,23 @@ pub async fn overview(State(app): State<App>, v: Viewer, client: Client, Query(q
     // A family has one home: its page is the family's start (see `family.rs`).
     if v.user.role == AccountRole::Family {
         if let [home] = v.user.homes.as_slice() {
-            return Redirect::to(&format!("/homes/{}", super::escape(home))).into_response();
+            return Redirect::to(&format!("/homes/{}", super::auth::urlencode(home))).into_response();
         }
     }
     let t = T(v.lang);
     let snap = app.snap();
     let now = crate::edge::clock::now();
     let offset = app.style.offset;
-    let mut body = incidents_html(&snap.engine, &v, now, offset);
     let homes = view::homes(&snap.engine, &v.user, now);
     app.audit_view(&v, &client.text(), "view_overview", "homes", &format!("{} homes", homes.len())).await;
     let withheld = view::withheld(&snap.engine, &v.user);
-    let withheld = if withheld > 0 {
-        format!("<p class=\"notice\">{}</p>", t.t("withheld").replace("{n}", &withheld.to_string()))
-    } else {
-        String::new()
+    let withheld = html! {
+        @if withheld > 0 { p.notice { (t.t("withheld").replace("{n}", &withheld.to_string())) } }
     };
     if v.user.role == AccountRole::Facility {
         let told = q.told.as_deref().and_then(super::Told::from_query);
         let answered = q.answered.as_deref().zip(told);
         return super::facility::page(&snap.engine, &v, &homes, now, offset, answered, &withheld);
-    }
-    if homes.is_empty() {
-        let _ = write!(body, "<p>{}</p>", t.t("no_homes"));
-    }
-    body.push_str(&withheld);
-    if matches!(v.user.role, AccountRole::Admin | AccountRole::Coordinator) {
-        let _ = write!(body, "<p class=\"noprint\"><a href=\"/plans/new\">{}</a></p>", t.t("add_home"));
     }
     let mut groups: BTreeMap<String, Vec<&HomeView>> = BTreeMap::new();
     let mut order = Vec::new();
@@ -301,76 +280,72 @@ pub async fn overview(State(app): State<App>, v: Viewer, client: Client, Query(q
         }
         groups.entry(m).or_default().push(h);
     }
-    for m in order {
-        let _ = write!(
-            body,
-            "<section><h2>{m}</h2><table class=\"homes\"><thead><tr><th>{home}</th><th>{power}</th><th>{left}</th>\
-             <th>{conn}</th><th>{dev}</th><th>{oxi}</th><th>{vent}</th><th>{al}</th></tr></thead><tbody>",
-            m = escape(&m),
-            home = t.t("home"),
-            power = t.t("power"),
-            left = t.t("time_left"),
-            conn = t.t("last_heard"),
-            dev = t.t("devices"),
-            oxi = t.t("oximeter"),
-            vent = t.t("ventilator"),
-            al = t.t("alerts"),
-        );
-        for h in &groups[&m] {
-            let alerts: Vec<String> = h
-                .alerts
-                .iter()
-                .map(|a| {
-                    let ack = if a.acknowledged.is_some() { " ✓" } else { "" };
-                    format!(
-                        "<span class=\"pill sev-{:?}\">{}{ack}</span>",
-                        a.severity,
-                        escape(kind_text(a.kind, v.lang))
-                    )
-                })
-                .collect();
-            let (leave, leave_cls) = if h.power == "battery" {
-                leave_text(h.leave_by.map(|l| (l - now).num_seconds()), true, now, offset, v.lang)
-            } else {
-                (String::new(), "")
-            };
-            let row_cls =
-                if h.power == "battery" || h.silent { format!(" class=\"urgent {leave_cls}\"") } else { String::new() };
-            let _ = write!(
-                body,
-                "<tr{row_cls} data-home=\"{id}\"><td data-label=\"{hl}\"><a href=\"/homes/{id}\">{label}</a>{shown_id}{handled}</td>\
-                 <td data-label=\"{pl}\">{power}</td><td data-label=\"{tl}\">{left}</td><td data-label=\"{cl}\">{conn}</td>\
-                 <td data-label=\"{dl}\">{dev}</td><td data-label=\"{ol}\">{oxi}</td><td data-label=\"{vl}\">{vent}</td><td data-label=\"{al}\">{alerts}</td></tr>",
-                id = escape(&h.id),
-                shown_id = id_for_installer(&v, &h.id),
-                handled = view::handler(h)
-                    .map(|k| format!("<br><small class=\"handler\">{}: {}</small>", t.t("handling"), escape(&k.by)))
-                    .unwrap_or_default(),
-                label = escape(&h.label),
-                power = power_cell(h, t),
-                left = if leave.is_empty() {
-                    time_left_text(h, t)
-                } else {
-                    format!("{}<br><small class=\"leave\">{leave}</small>", time_left_text(h, t))
-                },
-                conn = conn_cell(h, t, offset),
-                dev = devices_cell(h, t),
-                oxi = oxi_cell(h, now, v.lang),
-                vent = vent_cell(h, now, t),
-                alerts = alerts.join(" "),
-                hl = t.t("home"),
-                pl = t.t("power"),
-                tl = t.t("time_left"),
-                cl = t.t("last_heard"),
-                dl = t.t("devices"),
-                ol = t.t("oximeter"),
-                vl = t.t("ventilator"),
-                al = t.t("alerts"),
-            );
+    let body = html! {
+        (incidents_html(&snap.engine, &v, now, offset))
+        @if homes.is_empty() { p { (t.t("no_homes")) } }
+        (withheld)
+        @if matches!(v.user.role, AccountRole::Admin | AccountRole::Coordinator) {
+            p.noprint { a href="/plans/new" { (t.t("add_home")) } }
         }
-        body.push_str("</tbody></table></section>");
+        @for m in &order {
+            section {
+                h2 { (m) }
+                table.homes {
+                    thead {
+                        tr {
+                            th { (t.t("home")) } th { (t.t("power")) } th { (t.t("time_left")) }
+                            th { (t.t("last_heard")) } th { (t.t("devices")) } th { (t.t("oximeter")) }
+                            th { (t.t("ventilator")) } th { (t.t("alerts")) }
+                        }
+                    }
+                    tbody {
+                        @for h in &groups[m] { (home_row(&v, h, now, offset)) }
+                    }
+                }
+            }
+        }
+    };
+    layout(&v, t.t("overview"), body).into_response()
+}
+
+/// A home's row on the overview.
+fn home_row(v: &Viewer, h: &HomeView, now: Time, offset: FixedOffset) -> Markup {
+    let t = T(v.lang);
+    let (leave, leave_cls) = if h.power == "battery" {
+        leave_text(h.leave_by.map(|l| (l - now).num_seconds()), true, now, offset, v.lang)
+    } else {
+        (String::new(), "")
+    };
+    let urgent = h.power == "battery" || h.silent;
+    html! {
+        tr class=[urgent.then(|| format!("urgent {leave_cls}"))] data-home=(h.id) {
+            td data-label=(t.t("home")) {
+                a href={ "/homes/" (h.id) } { (h.label) }
+                (id_for_installer(v, &h.id))
+                @if let Some(k) = view::handler(h) {
+                    br;
+                    small.handler { (t.t("handling")) ": " (k.by) }
+                }
+            }
+            td data-label=(t.t("power")) { (power_cell(h, t)) }
+            td data-label=(t.t("time_left")) {
+                (time_left_text(h, t))
+                @if !leave.is_empty() { br; small.leave { (leave) } }
+            }
+            td data-label=(t.t("last_heard")) { (conn_cell(h, t, offset)) }
+            td data-label=(t.t("devices")) { (devices_cell(h, t)) }
+            td data-label=(t.t("oximeter")) { (oxi_cell(h, now, v.lang)) }
+            td data-label=(t.t("ventilator")) { (vent_cell(h, now, t)) }
+            td data-label=(t.t("alerts")) {
+                @for (k, a) in h.alerts.iter().enumerate() {
+                    @if k > 0 { " " }
+                    span class={ "pill sev-" (format!("{:?}", a.severity)) } {
+                        (kind_text(a.kind, v.lang)) @if a.acknowledged.is_some() { " ✓" }
+                    }
+                }
+            }
+        }
     }
-    layout(&v, t.t("overview"), &body).into_response()
 }
 
 /// A channel's name for people.
@@ -410,12 +385,12 @@ mod tests {
         .unwrap();
         let engine =
             Engine::new(crate::domain::engine::Settings::default(), crate::domain::policy::Policies::default());
-        let html = contacts_html(&plan, T(Lang::Ja), &engine);
+        let html = contacts_html(&plan, T(Lang::Ja), &engine).into_string();
         assert!(html.contains("母（ご家族）"), "{html}");
         assert!(html.contains("<a href=\"tel:09012345678\">090-1234-5678</a>"), "{html}");
         assert!(html.contains("<a href=\"tel:+819012345678\">"), "the later channel's number too: {html}");
         assert!(html.contains("佐藤") && html.contains("電話番号の登録なし"), "{html}");
-        let en = contacts_html(&plan, T(Lang::En), &engine);
+        let en = contacts_html(&plan, T(Lang::En), &engine).into_string();
         assert!(
             en.contains("(coordinator)") || en.contains("(the coordinator)") || en.contains("(Coordinator)"),
             "{en}"
@@ -428,12 +403,12 @@ mod tests {
         let to = from + chrono::Duration::hours(24);
         let s = vec![(from, 50.0), (from + chrono::Duration::hours(12), 100.0), (to, 0.0)];
         let jst = FixedOffset::east_opt(9 * 3600).unwrap();
-        let svg = chart("c", &[("c", s)], from, to, jst, "none");
+        let svg = chart("c", &[("c", s)], from, to, jst, "none").into_string();
         assert!(svg.contains(">23:13</text>") && svg.contains(">05:13</text>"), "{svg}");
         assert!(svg.contains("points=\"36.0,61.0 316.0,4.0 596.0,118.0\""), "{svg}");
         let late = vec![(to - chrono::Duration::minutes(10), 1.0), (to, 2.0)];
-        let svg = chart("c", &[("c", late)], from, to, jst, "none");
+        let svg = chart("c", &[("c", late)], from, to, jst, "none").into_string();
         assert!(svg.contains("points=\"36.0,118.0 596.0,4.0\""), "a short history fills the width: {svg}");
-        assert!(chart("c", &[("c", vec![])], from, to, jst, "none").contains("none"));
+        assert!(chart("c", &[("c", vec![])], from, to, jst, "none").into_string().contains("none"));
     }
 }

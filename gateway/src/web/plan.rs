@@ -42,7 +42,7 @@ use serde::Deserialize;
 
 use super::auth::Viewer;
 use super::html::{failed, local, not_found};
-use super::layout::layout;
+use super::layout::layout_str as layout;
 use super::{escape, App, Client, SaveRefusal};
 use crate::domain::homes::{
     Backup, BackupKind, ChannelRef, ChannelStep, Chemistry, Contact, Device, Evacuation, Field, Home, Lang, Problem,
@@ -205,7 +205,7 @@ pub async fn new(State(_app): State<App>, v: Viewer) -> Response {
     new_page(&v, &f, 0, &[]).into_response()
 }
 
-fn new_page(v: &Viewer, f: &Fields, based_on: u32, problems: &[Problem]) -> axum::response::Html<String> {
+fn new_page(v: &Viewer, f: &Fields, based_on: u32, problems: &[Problem]) -> maud::Markup {
     let mut body = format!(
         "<h1>{}</h1><p>{}</p>",
         tr(v.lang, "世帯を追加する", "Add a home"),
@@ -811,7 +811,7 @@ fn form(v: &Viewer, f: &Fields, action: &str, based_on: u32, new: bool, problems
     let _ = write!(
         s,
         "<form method=\"post\" action=\"{action}\" class=\"plan\" data-no-live>{}<input type=\"hidden\" name=\"based_on\" value=\"{based_on}\">",
-        v.csrf_field()
+        v.csrf_field().into_string()
     );
     let _ = write!(s, "<fieldset><legend>{}</legend>", t("世帯", "Home"));
     if new {

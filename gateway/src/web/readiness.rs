@@ -22,7 +22,7 @@ use axum::response::{IntoResponse, Response};
 
 use super::auth::Viewer;
 use super::html::{failed, local, not_found, T};
-use super::layout::layout;
+use super::layout::layout_str as layout;
 use super::{escape, App, Client};
 use crate::admin::accounts::AccountRole;
 use crate::domain::engine::{Alert, AlertKind, Engine, Time};

@@ -31,7 +31,7 @@ use serde::Deserialize;
 
 use super::auth::Viewer;
 use super::html::{by_text, failed, incident_acks_html, local, not_found, T};
-use super::layout::layout;
+use super::layout::layout_str as layout;
 use super::{escape, App, Client};
 use crate::admin::accounts::AccountRole;
 use crate::domain::engine::{AckInfo, Alert, AlertKind, Incident, Time};
@@ -166,14 +166,9 @@ fn cells(r: &ReviewRow, offset: chrono::FixedOffset, lang: Lang) -> [String; 7] 
         .map(|k| {
             let after = r.first_alert.map(|a| duration((k.at - a).num_seconds().max(0), lang)).unwrap_or_default();
             if ja {
-                format!("{} {}（{}、通知から{after}）", at(k.at), role_text(k.role, lang), plain(&by_text(&k.by, lang)))
+                format!("{} {}（{}、通知から{after}）", at(k.at), role_text(k.role, lang), by_text(&k.by, lang))
             } else {
-                format!(
-                    "{} {} ({}, {after} after the alert)",
-                    at(k.at),
-                    role_text(k.role, lang),
-                    plain(&by_text(&k.by, lang))
-                )
+                format!("{} {} ({}, {after} after the alert)", at(k.at), role_text(k.role, lang), by_text(&k.by, lang))
             }
         })
         .unwrap_or_default();
@@ -199,11 +194,6 @@ fn cells(r: &ReviewRow, offset: chrono::FixedOffset, lang: Lang) -> [String; 7] 
         answers,
         if r.silent_s > 0 { duration(r.silent_s, lang) } else { String::new() },
     ]
-}
-
-/// `by_text` writes HTML (it escapes a name); the cells are text.
-fn plain(html: &str) -> String {
-    html.replace("&lt;", "<").replace("&gt;", ">").replace("&quot;", "\"").replace("&#39;", "'").replace("&amp;", "&")
 }
 
 /// A home's stored alerts and their deliveries.
@@ -351,7 +341,7 @@ pub(super) async fn page(app: &App, v: &Viewer, client: &Client, id: &str) -> Re
              <label>{label}<textarea name=\"text\" rows=\"4\" maxlength=\"{NOTE_MAX_CHARS}\" required></textarea></label>\
              <button type=\"submit\">{save}</button></form>",
             id = escape(&i.id),
-            csrf = v.csrf_field(),
+            csrf = v.csrf_field().into_string(),
             label = if ja {
                 "記録を書く（うまくいったこと、次に変えること）"
             } else {
@@ -360,7 +350,7 @@ pub(super) async fn page(app: &App, v: &Viewer, client: &Client, id: &str) -> Re
             save = if ja { "記録する" } else { "Save the note" },
         );
     }
-    body.push_str(&incident_acks_html(&i.acks, v.lang, offset));
+    body.push_str(&incident_acks_html(&i.acks, v.lang, offset).into_string());
     layout(v, t.t("incident"), &body).into_response()
 }
 
