@@ -4,20 +4,20 @@
 //! (issue 20: pages by resource); the layout, the words table and the helpers stay there.
 
 use std::collections::BTreeMap;
-use std::fmt::Write as _;
 
 use axum::extract::{Path, Query, State};
 use axum::http::header;
 use axum::response::{IntoResponse, Redirect, Response};
 use axum::Form;
 use chrono::FixedOffset;
+use maud::{html, Markup};
 use serde::Deserialize;
 
 use super::auth::Viewer;
 use super::html::{account_error, failed, local, not_found, T};
-use super::layout::layout_str as layout;
+use super::layout::layout;
 use super::pages::{account_role_text, channel_text};
-use super::{escape, App, Client};
+use super::{App, Client};
 use crate::admin::accounts::{self, AccountRole, Accounts, NewUser};
 use crate::admin::audit;
 use crate::domain::homes::Lang;
@@ -29,49 +29,45 @@ pub async fn account(State(_app): State<App>, v: Viewer) -> Response {
 
 fn account_page(v: &Viewer, message: Option<&str>, new_secret: Option<String>) -> Response {
     let t = T(v.lang);
-    let msg = message.map(|m| format!("<p class=\"notice\" role=\"status\">{}</p>", escape(m))).unwrap_or_default();
-    let totp = if v.user.totp {
-        format!("<p>{}</p>", t.t("totp_on"))
-    } else {
-        let secret = new_secret.unwrap_or_else(accounts::new_totp_secret);
-        format!(
-            "<p>{}</p><p><code>{}</code></p><p><small><code>{}</code></small></p>\
-             <form method=\"post\" action=\"/account/totp\">{csrf}<input type=\"hidden\" name=\"secret\" value=\"{s}\">\
-             <label>{c}<input name=\"code\" inputmode=\"numeric\" maxlength=\"6\" required></label><button>{save}</button></form>",
-            t.t("totp_setup"),
-            escape(&secret),
-            escape(&accounts::totp_uri(&v.user.username, &secret)),
-            csrf = v.csrf_field().into_string(),
-            s = escape(&secret),
-            c = t.t("totp_code"),
-            save = t.t("save"),
-        )
-    };
+    let secret = (!v.user.totp).then(|| new_secret.unwrap_or_else(accounts::new_totp_secret));
     let scope = match v.user.role {
         AccountRole::Admin => "*".to_string(),
         AccountRole::Coordinator => v.user.municipalities.join(", "),
         _ => v.user.homes.join(", "),
     };
-    let body = format!(
-        "<h1>{acc}</h1>{msg}<p>{name} ({user}) · {role} · {scope_l}: {scope}</p>\
-         <h2>{cp}</h2><form method=\"post\" action=\"/account/password\">{csrf}\
-         <label>{cur}<input type=\"password\" name=\"current\" autocomplete=\"current-password\" required></label>\
-         <label>{new}<input type=\"password\" name=\"new\" autocomplete=\"new-password\" minlength=\"12\" required></label>\
-         <button>{save}</button></form><h2>{totp_h}</h2>{totp}",
-        acc = t.t("account"),
-        name = escape(&v.user.display_name),
-        user = escape(&v.user.username),
-        role = account_role_text(v.user.role, v.lang),
-        scope_l = t.t("scope"),
-        scope = escape(&scope),
-        cp = t.t("change_password"),
-        csrf = v.csrf_field().into_string(),
-        cur = t.t("current_password"),
-        new = t.t("new_password"),
-        save = t.t("save"),
-        totp_h = t.t("totp"),
-    );
-    layout(v, t.t("account"), &body).into_response()
+    let body = html! {
+        h1 { (t.t("account")) }
+        @if let Some(m) = message { p.notice role="status" { (m) } }
+        p {
+            (v.user.display_name) " (" (v.user.username) ") · " (account_role_text(v.user.role, v.lang)) " · "
+            (t.t("scope")) ": " (scope)
+        }
+        h2 { (t.t("change_password")) }
+        form method="post" action="/account/password" {
+            (v.csrf_field())
+            label { (t.t("current_password")) input type="password" name="current" autocomplete="current-password" required; }
+            label {
+                (t.t("new_password"))
+                input type="password" name="new" autocomplete="new-password" minlength="12" required;
+            }
+            button { (t.t("save")) }
+        }
+        h2 { (t.t("totp")) }
+        @if let Some(secret) = secret {
+            p { (t.t("totp_setup")) }
+            p { code { (secret) } }
+            p { small { code { (accounts::totp_uri(&v.user.username, &secret)) } } }
+            form method="post" action="/account/totp" {
+                (v.csrf_field())
+                input type="hidden" name="secret" value=(secret);
+                label { (t.t("totp_code")) input name="code" inputmode="numeric" maxlength="6" required; }
+                button { (t.t("save")) }
+            }
+        } @else {
+            p { (t.t("totp_on")) }
+        }
+    };
+    layout(v, t.t("account"), body).into_response()
 }
 
 /// The password form.
@@ -209,124 +205,132 @@ async fn admin_users_page(app: &App, v: &Viewer, message: Option<String>) -> Res
         Ok(u) => u,
         Err(e) => return failed(e),
     };
-    let mut body = format!("<h1>{}</h1>", t.t("users"));
-    if let Some(m) = message {
-        let _ = write!(body, "<p class=\"notice\" role=\"status\">{}</p>", escape(&m));
+    let body = html! {
+        h1 { (t.t("users")) }
+        @if let Some(m) = message { p.notice role="status" { (m) } }
+        table {
+            thead {
+                tr { th { (t.t("username")) } th { (t.t("display_name")) } th { (t.t("role")) } th { (t.t("scope")) } th {} }
+            }
+            tbody {
+                @for u in &users {
+                    (user_row(v, u, tokens.get(&u.username).map(Vec::as_slice).unwrap_or(&[]), app.style.offset))
+                }
+            }
+        }
+        h2 { (t.t("add_user")) }
+        form method="post" action="/admin/users" class="stack" {
+            (v.csrf_field())
+            label { (t.t("username")) input name="username" required pattern="[a-z0-9._-]{3,32}"; }
+            label { (t.t("display_name")) input name="display_name" required; }
+            label {
+                (t.t("role"))
+                select name="role" {
+                    option value="coordinator" { (account_role_text(AccountRole::Coordinator, v.lang)) }
+                    option value="facility" { (account_role_text(AccountRole::Facility, v.lang)) }
+                    option value="family" { (account_role_text(AccountRole::Family, v.lang)) }
+                    option value="admin" { (account_role_text(AccountRole::Admin, v.lang)) }
+                }
+            }
+            label { (t.t("municipalities")) input name="municipalities"; }
+            label { (t.t("homes_scope")) input name="homes"; }
+            label {
+                (t.t("password"))
+                input type="password" name="password" minlength="12" required autocomplete="new-password";
+            }
+            button { (t.t("add_user")) }
+        }
+    };
+    layout(v, t.t("users"), body).into_response()
+}
+
+/// An account's row: who, role and scope, and its forms (disable or enable, a new token, a
+/// new password, the role and scope, its tokens).
+fn user_row(v: &Viewer, u: &accounts::User, tokens: &[crate::edge::store::TokenRow], offset: FixedOffset) -> Markup {
+    let t = T(v.lang);
+    let scope = match u.role {
+        AccountRole::Admin => "*".to_string(),
+        AccountRole::Coordinator => u.municipalities.join(", "),
+        _ => u.homes.join(", "),
+    };
+    let toggle = if u.disabled { ("enable", t.t("enable")) } else { ("disable", t.t("disable")) };
+    let action = format!("/admin/users/{}", u.username);
+    html! {
+        tr {
+            td {
+                (u.username)
+                @if u.disabled { " " span."pill"."bad" { (t.t("disabled")) } }
+            }
+            td { (u.display_name) }
+            td { (account_role_text(u.role, v.lang)) @if u.totp { (t.t("totp_short")) } }
+            td { code { (scope) } }
+            td {
+                form method="post" action=(action) class="inline" {
+                    (v.csrf_field())
+                    input type="hidden" name="action" value=(toggle.0);
+                    button.secondary { (toggle.1) }
+                }
+                form method="post" action=(action) class="inline" {
+                    (v.csrf_field())
+                    input type="hidden" name="action" value="token";
+                    button.secondary { (t.t("new_token")) }
+                }
+                form method="post" action=(action) class="inline" {
+                    (v.csrf_field())
+                    input type="hidden" name="action" value="password";
+                    input type="password" name="password" minlength="12" placeholder=(t.t("reset_password"))
+                        aria-label=(t.t("reset_password")) autocomplete="new-password";
+                    button.secondary { (t.t("reset_password")) }
+                }
+                @if u.role != AccountRole::Admin {
+                    form method="post" action=(action) class="inline scope" {
+                        (v.csrf_field())
+                        input type="hidden" name="action" value="scope";
+                        select name="role" aria-label=(t.t("role")) {
+                            @for r in [AccountRole::Coordinator, AccountRole::Facility, AccountRole::Family] {
+                                option value=(r.as_str()) selected[r == u.role] { (account_role_text(r, v.lang)) }
+                            }
+                        }
+                        input name="scope" value=(scope) aria-label=(t.t("scope_list")) placeholder=(t.t("scope_list"));
+                        button.secondary { (t.t("change_scope")) }
+                    }
+                }
+                (tokens_html(v, &u.username, tokens, offset))
+            }
+        }
     }
-    let _ = write!(
-        body,
-        "<table><thead><tr><th>{}</th><th>{}</th><th>{}</th><th>{}</th><th></th></tr></thead><tbody>",
-        t.t("username"),
-        t.t("display_name"),
-        t.t("role"),
-        t.t("scope")
-    );
-    for u in &users {
-        let scope = match u.role {
-            AccountRole::Admin => "*".to_string(),
-            AccountRole::Coordinator => u.municipalities.join(", "),
-            _ => u.homes.join(", "),
-        };
-        let toggle = if u.disabled { ("enable", t.t("enable")) } else { ("disable", t.t("disable")) };
-        let _ = write!(
-            body,
-            "<tr><td>{name}{dis}</td><td>{disp}</td><td>{role}{totp}</td><td><code>{scope}</code></td><td>\
-             <form method=\"post\" action=\"/admin/users/{name}\" class=\"inline\">{csrf}<input type=\"hidden\" name=\"action\" value=\"{ta}\"><button class=\"secondary\">{tl}</button></form>\
-             <form method=\"post\" action=\"/admin/users/{name}\" class=\"inline\">{csrf}<input type=\"hidden\" name=\"action\" value=\"token\"><button class=\"secondary\">{tok}</button></form>\
-             <form method=\"post\" action=\"/admin/users/{name}\" class=\"inline\">{csrf}<input type=\"hidden\" name=\"action\" value=\"password\">\
-             <input type=\"password\" name=\"password\" minlength=\"12\" placeholder=\"{rp}\" aria-label=\"{rp}\" autocomplete=\"new-password\"><button class=\"secondary\">{rp}</button></form>{scope_form}{token_list}</td></tr>",
-            token_list = tokens_html(v, &u.username, tokens.get(&u.username).map(Vec::as_slice).unwrap_or(&[]), app.style.offset),
-            scope_form = if u.role == AccountRole::Admin {
-                String::new()
-            } else {
-                let opt = |r: AccountRole| {
-                    format!(
-                        "<option value=\"{}\"{}>{}</option>",
-                        r.as_str(),
-                        if r == u.role { " selected" } else { "" },
-                        account_role_text(r, v.lang)
-                    )
-                };
-                format!(
-                    "<form method=\"post\" action=\"/admin/users/{name}\" class=\"inline scope\">{csrf}<input type=\"hidden\" name=\"action\" value=\"scope\">\
-                     <select name=\"role\" aria-label=\"{rl}\">{o1}{o2}{o3}</select>\
-                     <input name=\"scope\" value=\"{cur}\" aria-label=\"{sl}\" placeholder=\"{sl}\"><button class=\"secondary\">{cs}</button></form>",
-                    name = escape(&u.username),
-                    csrf = v.csrf_field().into_string(),
-                    rl = t.t("role"),
-                    o1 = opt(AccountRole::Coordinator),
-                    o2 = opt(AccountRole::Facility),
-                    o3 = opt(AccountRole::Family),
-                    cur = escape(&scope),
-                    sl = t.t("scope_list"),
-                    cs = t.t("change_scope"),
-                )
-            },
-            name = escape(&u.username),
-            dis = if u.disabled { format!(" <span class=\"pill bad\">{}</span>", t.t("disabled")) } else { String::new() },
-            disp = escape(&u.display_name),
-            role = account_role_text(u.role, v.lang),
-            totp = if u.totp { t.t("totp_short") } else { "" },
-            scope = escape(&scope),
-            csrf = v.csrf_field().into_string(),
-            ta = toggle.0,
-            tl = toggle.1,
-            tok = t.t("new_token"),
-            rp = t.t("reset_password"),
-        );
-    }
-    let _ = write!(
-        body,
-        "</tbody></table><h2>{add}</h2><form method=\"post\" action=\"/admin/users\" class=\"stack\">{csrf}\
-         <label>{u}<input name=\"username\" required pattern=\"[a-z0-9._-]{{3,32}}\"></label>\
-         <label>{d}<input name=\"display_name\" required></label>\
-         <label>{r}<select name=\"role\"><option value=\"coordinator\">{ro_c}</option><option value=\"facility\">{ro_f}</option><option value=\"family\">{ro_fam}</option><option value=\"admin\">{ro_a}</option></select></label>\
-         <label>{m}<input name=\"municipalities\"></label><label>{h}<input name=\"homes\"></label>\
-         <label>{p}<input type=\"password\" name=\"password\" minlength=\"12\" required autocomplete=\"new-password\"></label>\
-         <button>{add}</button></form>",
-        add = t.t("add_user"),
-        ro_c = account_role_text(AccountRole::Coordinator, v.lang),
-        ro_f = account_role_text(AccountRole::Facility, v.lang),
-        ro_fam = account_role_text(AccountRole::Family, v.lang),
-        ro_a = account_role_text(AccountRole::Admin, v.lang),
-        csrf = v.csrf_field().into_string(),
-        u = t.t("username"),
-        d = t.t("display_name"),
-        r = t.t("role"),
-        m = t.t("municipalities"),
-        h = t.t("homes_scope"),
-        p = t.t("password"),
-    );
-    layout(v, t.t("users"), &body).into_response()
 }
 
 /// An account's API tokens, each with a button to revoke it alone (a lost laptop's).
-fn tokens_html(v: &Viewer, username: &str, tokens: &[crate::edge::store::TokenRow], offset: FixedOffset) -> String {
-    if tokens.is_empty() {
-        return String::new();
-    }
+fn tokens_html(v: &Viewer, username: &str, tokens: &[crate::edge::store::TokenRow], offset: FixedOffset) -> Markup {
     let t = T(v.lang);
-    let mut out = format!("<details class=\"tokens\"><summary>{} ({})</summary><ul>", t.t("api_tokens"), tokens.len());
-    for k in tokens {
-        let action = if k.revoked {
-            format!("<span class=\"pill\">{}</span>", t.t("revoked"))
-        } else {
-            format!(
-                "<form method=\"post\" action=\"/admin/users/{name}\" class=\"inline\">{csrf}<input type=\"hidden\" name=\"action\" value=\"revoke_token\">\
-                 <input type=\"hidden\" name=\"token_id\" value=\"{id}\"><button class=\"secondary\">{rv}</button></form>",
-                name = escape(username),
-                csrf = v.csrf_field().into_string(),
-                id = k.id,
-                rv = t.t("revoke"),
-            )
-        };
-        let made = chrono::DateTime::parse_from_rfc3339(&k.created_at)
-            .map(|d| local(d.to_utc(), offset))
-            .unwrap_or_else(|_| k.created_at.clone());
-        let _ = write!(out, "<li>#{} {} <small>{}</small> {action}</li>", k.id, escape(&k.name), escape(&made));
+    html! {
+        @if !tokens.is_empty() {
+            details.tokens {
+                summary { (t.t("api_tokens")) " (" (tokens.len()) ")" }
+                ul {
+                    @for k in tokens {
+                        @let made = chrono::DateTime::parse_from_rfc3339(&k.created_at)
+                            .map(|d| local(d.to_utc(), offset))
+                            .unwrap_or_else(|_| k.created_at.clone());
+                        li {
+                            "#" (k.id) " " (k.name) " " small { (made) } " "
+                            @if k.revoked {
+                                span.pill { (t.t("revoked")) }
+                            } @else {
+                                form method="post" action={ "/admin/users/" (username) } class="inline" {
+                                    (v.csrf_field())
+                                    input type="hidden" name="action" value="revoke_token";
+                                    input type="hidden" name="token_id" value=(k.id);
+                                    button.secondary { (t.t("revoke")) }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
     }
-    out.push_str("</ul></details>");
-    out
 }
 
 /// An account's role and scope as the audit log and the notice say it.
@@ -523,37 +527,32 @@ pub async fn admin_audit(State(app): State<App>, v: Viewer, Query(q): Query<Page
         Ok(x) => x,
         Err(e) => return failed(e),
     };
-    let verdict = match verdict {
-        audit::Verdict::Intact { entries, head } => {
-            format!("<p class=\"notice ok\">{} ({entries}) · <code>{}</code></p>", t.t("chain_ok"), &head[..16])
+    let body = html! {
+        h1 { (t.t("audit")) }
+        @match verdict {
+            audit::Verdict::Intact { entries, head } => {
+                p."notice"."ok" { (t.t("chain_ok")) " (" (entries) ") · " code { (&head[..16]) } }
+            },
+            audit::Verdict::Broken { seq, reason } => {
+                p.error role="alert" { (t.t("chain_broken")) " #" (seq) ": " (reason) }
+            },
         }
-        audit::Verdict::Broken { seq, reason } => {
-            format!("<p class=\"error\" role=\"alert\">{} #{seq}: {}</p>", t.t("chain_broken"), escape(&reason))
+        p { a href="/admin/audit.csv" { (t.t("export")) } }
+        table.audit {
+            tbody {
+                @for e in &entries {
+                    tr {
+                        td { (e.seq) } td { (e.at) } td { (e.actor) } td { (e.ip) } td { (e.action) } td { (e.target) }
+                        td { (e.detail) }
+                    }
+                }
+            }
+        }
+        @if let Some(last) = entries.last().filter(|_| entries.len() == 200) {
+            p { a href={ "/admin/audit?before=" (last.seq) } { (t.t("older")) } }
         }
     };
-    let mut body = format!(
-        "<h1>{}</h1>{verdict}<p><a href=\"/admin/audit.csv\">{}</a></p><table class=\"audit\"><tbody>",
-        t.t("audit"),
-        t.t("export")
-    );
-    for e in &entries {
-        let _ = write!(
-            body,
-            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
-            e.seq,
-            escape(&e.at),
-            escape(&e.actor),
-            escape(&e.ip),
-            escape(&e.action),
-            escape(&e.target),
-            escape(&e.detail)
-        );
-    }
-    body.push_str("</tbody></table>");
-    if let Some(last) = entries.last().filter(|_| entries.len() == 200) {
-        let _ = write!(body, "<p><a href=\"/admin/audit?before={}\">{}</a></p>", last.seq, t.t("older"));
-    }
-    layout(&v, t.t("audit"), &body).into_response()
+    layout(&v, t.t("audit"), body).into_response()
 }
 
 /// `GET /admin/delivery`: delivery statistics per channel and reader (administrators).
@@ -567,60 +566,52 @@ pub async fn admin_delivery(State(app): State<App>, v: Viewer) -> Response {
         Err(e) => return failed(e),
     };
     let stats = crate::domain::stats::compute(&sent, &acked);
-    let mut body = format!("<h1>{}</h1><p>{}</p>", t.t("delivery"), t.t("delivery_intro"));
-    if stats.by.is_empty() {
-        let _ = write!(body, "<p>{}</p>", t.t("no_deliveries"));
-    } else {
-        let _ = write!(
-            body,
-            "<table class=\"stats\"><thead><tr><th>{}</th><th>{}</th><th>{}</th><th>{}</th><th>{}</th><th>{}</th></tr></thead><tbody>",
-            t.t("channel"),
-            t.t("reader"),
-            t.t("delivered"),
-            t.t("pending"),
-            t.t("abandoned"),
-            t.t("failed_attempts")
-        );
-        for ((channel, role), c) in &stats.by {
-            let _ = write!(
-                body,
-                "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
-                channel_text(channel, v.lang),
-                crate::domain::message::role_text(*role, v.lang),
-                c.delivered,
-                c.pending,
-                c.abandoned,
-                c.failed_attempts
-            );
+    let median = |m: Option<f64>| match (m, v.lang) {
+        (None, _) => "—".to_string(),
+        (Some(m), Lang::Ja) if m < 60.0 => format!("{m:.0}秒"),
+        (Some(m), Lang::En) if m < 60.0 => format!("{m:.0} s"),
+        (Some(m), lang) => crate::domain::message::duration(m.round() as i64, lang),
+    };
+    let body = html! {
+        h1 { (t.t("delivery")) }
+        p { (t.t("delivery_intro")) }
+        @if stats.by.is_empty() {
+            p { (t.t("no_deliveries")) }
+        } @else {
+            table.stats {
+                thead {
+                    tr {
+                        th { (t.t("channel")) } th { (t.t("reader")) } th { (t.t("delivered")) }
+                        th { (t.t("pending")) } th { (t.t("abandoned")) } th { (t.t("failed_attempts")) }
+                    }
+                }
+                tbody {
+                    @for ((channel, role), c) in &stats.by {
+                        tr {
+                            td { (channel_text(channel, v.lang)) }
+                            td { (crate::domain::message::role_text(*role, v.lang)) }
+                            td { (c.delivered) } td { (c.pending) } td { (c.abandoned) } td { (c.failed_attempts) }
+                        }
+                    }
+                }
+            }
         }
-        body.push_str("</tbody></table>");
-    }
-    if !stats.acks.is_empty() {
-        let _ = write!(
-            body,
-            "<table class=\"stats\"><thead><tr><th>{}</th><th>{}</th><th>{}</th></tr></thead><tbody>",
-            t.t("reader"),
-            t.t("acknowledged_count"),
-            t.t("ack_median")
-        );
-        for (role, a) in &stats.acks {
-            let median = match (a.median_s, v.lang) {
-                (None, _) => "—".to_string(),
-                (Some(m), Lang::Ja) if m < 60.0 => format!("{m:.0}秒"),
-                (Some(m), Lang::En) if m < 60.0 => format!("{m:.0} s"),
-                (Some(m), lang) => crate::domain::message::duration(m.round() as i64, lang),
-            };
-            let _ = write!(
-                body,
-                "<tr><td>{}</td><td>{}</td><td>{}</td></tr>",
-                crate::domain::message::role_text(*role, v.lang),
-                a.acknowledged,
-                median
-            );
+        @if !stats.acks.is_empty() {
+            table.stats {
+                thead { tr { th { (t.t("reader")) } th { (t.t("acknowledged_count")) } th { (t.t("ack_median")) } } }
+                tbody {
+                    @for (role, a) in &stats.acks {
+                        tr {
+                            td { (crate::domain::message::role_text(*role, v.lang)) }
+                            td { (a.acknowledged) }
+                            td { (median(a.median_s)) }
+                        }
+                    }
+                }
+            }
         }
-        body.push_str("</tbody></table>");
-    }
-    layout(&v, t.t("delivery"), &body).into_response()
+    };
+    layout(&v, t.t("delivery"), body).into_response()
 }
 
 /// `GET /admin/audit.csv`.

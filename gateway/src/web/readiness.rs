@@ -14,16 +14,16 @@
 //! The rows are pure: made from the engine's plans and states and the homes' alert history.
 
 use std::collections::BTreeMap;
-use std::fmt::Write as _;
 
 use axum::extract::State;
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
+use maud::{html, Markup};
 
 use super::auth::Viewer;
 use super::html::{failed, local, not_found, T};
-use super::layout::layout_str as layout;
-use super::{escape, App, Client};
+use super::layout::layout;
+use super::{App, Client};
 use crate::admin::accounts::AccountRole;
 use crate::domain::engine::{Alert, AlertKind, Engine, Time};
 use crate::domain::homes::{BackupKind, Home, Lang};
@@ -109,7 +109,7 @@ pub fn row(
 }
 
 /// The counts a meeting reads first, for a municipality or a prefecture.
-fn counts(rs: &[&Row], lang: Lang) -> String {
+fn counts(rs: &[&Row], lang: Lang) -> Markup {
     let ja = lang == Lang::Ja;
     let hs: Vec<f64> = rs.iter().filter_map(|r| r.backup_h).collect();
     let worst = hs.iter().copied().fold(None, |a: Option<f64>, x| Some(a.map_or(x, |a| a.min(x))));
@@ -144,12 +144,7 @@ fn counts(rs: &[&Row], lang: Lang) -> String {
             rs.iter().filter(|r| !r.without_consent.is_empty()).count().to_string(),
         ),
     ];
-    let mut out = String::from("<dl class=\"state\">");
-    for (dt, dd) in items {
-        let _ = write!(out, "<div><dt>{dt}</dt><dd>{dd}</dd></div>");
-    }
-    out.push_str("</dl>");
-    out
+    html! { dl.state { @for (dt, dd) in items { div { dt { (dt) } dd { (dd) } } } } }
 }
 
 /// A prefecture's name from its code (JIS X 0401, the first two digits of a municipality code).
@@ -280,14 +275,11 @@ pub async fn page(State(app): State<App>, v: Viewer, client: Client) -> Response
     let ja = lang == Lang::Ja;
     let t = T(lang);
     let title = if ja { "備えの状況" } else { "Readiness" };
-    let mut body = format!(
-        "<h1>{title}</h1><p>{} <a href=\"/readiness.csv\">CSV</a></p>",
-        if ja {
-            format!("移動時間の往復に{MARGIN_MIN}分を加えた時間を、予備電源で支えられるかを見ています。電池の時間は、これまでの停電で測れた世帯はその実測から、ほかはケア計画から計算しています。")
-        } else {
-            format!("Whether each home's backup covers the journey there and back plus {MARGIN_MIN} minutes. Battery time is from what earlier outages measured where they did, otherwise from the care plan.")
-        }
-    );
+    let intro = if ja {
+        format!("移動時間の往復に{MARGIN_MIN}分を加えた時間を、予備電源で支えられるかを見ています。電池の時間は、これまでの停電で測れた世帯はその実測から、ほかはケア計画から計算しています。")
+    } else {
+        format!("Whether each home's backup covers the journey there and back plus {MARGIN_MIN} minutes. Battery time is from what earlier outages measured where they did, otherwise from the care plan.")
+    };
     // By code (two towns may share a name); headed by the name a care plan gives.
     let mut by_muni: BTreeMap<&str, Vec<&Row>> = BTreeMap::new();
     for r in &rows {
@@ -298,69 +290,74 @@ pub async fn page(State(app): State<App>, v: Viewer, client: Client) -> Response
     for r in &rows {
         by_pref.entry(r.municipality_code.get(..2).unwrap_or("")).or_default().push(r);
     }
-    for (code, rs) in &by_pref {
-        let name = prefecture(code, lang).map_or_else(|| code.to_string(), str::to_string);
-        let _ = write!(body, "<section class=\"prefecture\"><h2>{}</h2>{}</section>", escape(&name), counts(rs, lang));
-    }
-    for (code, rs) in by_muni {
-        let m = rs.iter().map(|r| r.municipality.as_str()).find(|n| *n != code).unwrap_or(code);
-        let _ = write!(body, "<section><h2>{}</h2>{}", escape(m), counts(&rs, lang));
-        let _ = write!(
-            body,
-            "<table class=\"readiness\"><thead><tr><th>{}</th><th>{}</th><th>{}</th><th>{}</th><th>{}</th><th>{}</th></tr></thead><tbody>",
-            t.t("home"),
-            if ja { "予備電源" } else { "Backup" },
-            if ja { "必要な時間" } else { "Needed" },
-            if ja { "電池" } else { "Battery" },
-            if ja { "最後の訓練" } else { "Last drill" },
-            if ja { "同意のない連絡先" } else { "Without consent" },
-        );
-        for r in rs {
-            let backup = match (r.backup_h, r.measured) {
-                (Some(h), true) => format!("{}{}", hours(h, lang), if ja { "（実測）" } else { " (measured)" }),
-                (Some(h), false) => format!("{}{}", hours(h, lang), if ja { "（計画）" } else { " (care plan)" }),
-                (None, _) => {
-                    (if ja { "ケア計画に電池の量がありません" } else { "no energy in the care plan" }).to_string()
-                }
-            };
-            let internal = r
-                .internal_min
-                .map(|m| {
-                    format!(
-                        "<br><small>{}{}</small>",
-                        if ja { "＋呼吸器の内蔵電池 " } else { "+ the ventilator's own " },
-                        hours(m / 60.0, lang)
-                    )
-                })
-                .unwrap_or_default();
-            let needed = r
-                .needed_h
-                .map(|h| hours(h, lang))
-                .unwrap_or_else(|| (if ja { "避難先がありません" } else { "no destination" }).to_string());
-            let battery = if r.degraded {
-                format!("<span class=\"pill bad\">{}</span>", if ja { "劣化" } else { "degraded" })
-            } else {
-                String::new()
-            };
-            let drill = match (r.last_drill, ja) {
-                (Some((at, true)), true) => format!("{}（全員が確認）", local(at, offset)),
-                (Some((at, true)), false) => format!("{} (all acknowledged)", local(at, offset)),
-                (Some((at, false)), true) => format!("{}（未確認の人あり）", local(at, offset)),
-                (Some((at, false)), false) => format!("{} (not all acknowledged)", local(at, offset)),
-                (None, true) => "まだ".into(),
-                (None, false) => "none yet".into(),
-            };
-            let consent = roles_text(&r.without_consent, lang);
-            let _ = write!(
-                body,
-                "<tr class=\"{cls}\"><td>{}</td><td>{backup}{internal}</td><td>{needed}</td><td>{battery}</td><td>{drill}</td><td>{consent}</td></tr>",
-                escape(&r.label),
-                cls = if r.short() { "leave-overdue" } else { "" },
-            );
+    let body = html! {
+        h1 { (title) }
+        p { (intro) " " a href="/readiness.csv" { "CSV" } }
+        @for (code, rs) in &by_pref {
+            section.prefecture {
+                h2 { (prefecture(code, lang).map_or_else(|| code.to_string(), str::to_string)) }
+                (counts(rs, lang))
+            }
         }
-        body.push_str("</tbody></table></section>");
+        @for (code, rs) in &by_muni {
+            section {
+                h2 { (rs.iter().map(|r| r.municipality.as_str()).find(|n| n != code).unwrap_or(*code)) }
+                (counts(rs, lang))
+                table.readiness {
+                    thead {
+                        tr {
+                            th { (t.t("home")) }
+                            th { (if ja { "予備電源" } else { "Backup" }) }
+                            th { (if ja { "必要な時間" } else { "Needed" }) }
+                            th { (if ja { "電池" } else { "Battery" }) }
+                            th { (if ja { "最後の訓練" } else { "Last drill" }) }
+                            th { (if ja { "同意のない連絡先" } else { "Without consent" }) }
+                        }
+                    }
+                    tbody { @for r in rs { (readiness_row(r, lang, offset)) } }
+                }
+            }
+        }
+    };
+    layout(&v, title, body).into_response()
+}
+
+/// A home's row of the readiness table.
+fn readiness_row(r: &Row, lang: Lang, offset: chrono::FixedOffset) -> Markup {
+    let ja = lang == Lang::Ja;
+    let backup = match (r.backup_h, r.measured) {
+        (Some(h), true) => format!("{}{}", hours(h, lang), if ja { "（実測）" } else { " (measured)" }),
+        (Some(h), false) => format!("{}{}", hours(h, lang), if ja { "（計画）" } else { " (care plan)" }),
+        (None, _) => (if ja { "ケア計画に電池の量がありません" } else { "no energy in the care plan" }).to_string(),
+    };
+    let needed = r
+        .needed_h
+        .map(|h| hours(h, lang))
+        .unwrap_or_else(|| (if ja { "避難先がありません" } else { "no destination" }).to_string());
+    let drill = match (r.last_drill, ja) {
+        (Some((at, true)), true) => format!("{}（全員が確認）", local(at, offset)),
+        (Some((at, true)), false) => format!("{} (all acknowledged)", local(at, offset)),
+        (Some((at, false)), true) => format!("{}（未確認の人あり）", local(at, offset)),
+        (Some((at, false)), false) => format!("{} (not all acknowledged)", local(at, offset)),
+        (None, true) => "まだ".into(),
+        (None, false) => "none yet".into(),
+    };
+    html! {
+        tr class=(if r.short() { "leave-overdue" } else { "" }) {
+            td { (r.label) }
+            td {
+                (backup)
+                @if let Some(m) = r.internal_min {
+                    br;
+                    small { (if ja { "＋呼吸器の内蔵電池 " } else { "+ the ventilator's own " }) (hours(m / 60.0, lang)) }
+                }
+            }
+            td { (needed) }
+            td { @if r.degraded { span."pill"."bad" { (if ja { "劣化" } else { "degraded" }) } } }
+            td { (drill) }
+            td { (roles_text(&r.without_consent, lang)) }
+        }
     }
-    layout(&v, title, &body).into_response()
 }
 
 /// `GET /readiness.csv`: the same rows, in the reader's language.

@@ -20,19 +20,19 @@
 //! is tested without a store.
 
 use std::collections::BTreeMap;
-use std::fmt::Write as _;
 
 use axum::extract::{Path, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Redirect, Response};
 use axum::Form;
 use mamori_protocol::mqtt::{HomeId, Role};
+use maud::html;
 use serde::Deserialize;
 
 use super::auth::Viewer;
 use super::html::{by_text, failed, incident_acks_html, local, not_found, T};
-use super::layout::layout_str as layout;
-use super::{escape, App, Client};
+use super::layout::layout;
+use super::{App, Client};
 use crate::admin::accounts::AccountRole;
 use crate::domain::engine::{AckInfo, Alert, AlertKind, Incident, Time};
 use crate::domain::homes::Lang;
@@ -148,7 +148,7 @@ fn headings(lang: Lang) -> [&'static str; 7] {
     }
 }
 
-/// A row's cells as text (the page escapes them; the CSV quotes them).
+/// A row's cells as text (the page's template escapes them; the CSV quotes them).
 fn cells(r: &ReviewRow, offset: chrono::FixedOffset, lang: Lang) -> [String; 7] {
     let ja = lang == Lang::Ja;
     let at = |t: Time| local(t, offset);
@@ -273,85 +273,77 @@ pub(super) async fn page(app: &App, v: &Viewer, client: &Client, id: &str) -> Re
     let ja = v.lang == Lang::Ja;
     let offset = app.style.offset;
     let name = app.snap().engine.municipality_name(&i.municipality).unwrap_or_else(|| i.municipality.clone());
-    let mut body = format!(
-        "<h1>{} {}</h1><p class=\"muted\">{}</p><p>{} {} — {} {}</p>",
-        t.t("incident"),
-        escape(&name),
-        t.t("incident_over"),
-        t.t("since"),
-        local(i.opened_at, offset),
-        t.t("ended"),
-        i.closed_at.map(|c| local(c, offset)).unwrap_or_default(),
-    );
-    let _ = write!(
-        body,
-        "<h2>{}</h2><p>{}</p><p class=\"noprint\"><a href=\"/incidents/{}/review.csv\">CSV</a></p><table class=\"triage\"><thead><tr>",
-        if ja { "振り返り" } else { "After-action record" },
-        escape(&summary(&rows, v.lang)),
-        escape(&i.id),
-    );
-    if hidden > 0 {
-        let _ = write!(body, "<p class=\"notice\">{}</p>", T(v.lang).t("withheld").replace("{n}", &hidden.to_string()));
-    }
     let heads = headings(v.lang);
-    for h in heads {
-        let _ = write!(body, "<th>{h}</th>");
-    }
-    body.push_str("</tr></thead><tbody>");
-    for r in &rows {
-        let c = cells(r, offset, v.lang);
-        let cls = match r.tier {
-            Some(Tier::T3) => "urgent",
-            _ if r.first_alert.is_some() && r.first_ack.is_none() => "urgent",
-            _ => "",
-        };
-        let _ = write!(body, "<tr class=\"{cls}\">");
-        for (k, (h, cell)) in heads.iter().zip(c).enumerate() {
-            let cell = if cell.is_empty() { "—".to_string() } else { escape(&cell) };
-            if k == 0 {
-                let _ = write!(
-                    body,
-                    "<td data-label=\"{h}\"><a href=\"/homes/{}\">{cell}</a></td>",
-                    escape(r.home.as_str())
-                );
-            } else {
-                let _ = write!(body, "<td data-label=\"{h}\">{cell}</td>");
+    let body = html! {
+        h1 { (t.t("incident")) " " (name) }
+        p.muted { (t.t("incident_over")) }
+        p {
+            (t.t("since")) " " (local(i.opened_at, offset)) " — " (t.t("ended")) " "
+            (i.closed_at.map(|c| local(c, offset)).unwrap_or_default())
+        }
+        h2 { (if ja { "振り返り" } else { "After-action record" }) }
+        p { (summary(&rows, v.lang)) }
+        p.noprint { a href={ "/incidents/" (i.id) "/review.csv" } { "CSV" } }
+        table.triage {
+            thead {
+                tr {
+                    // Inside the table's head, as the page always put it; browsers move it above.
+                    @if hidden > 0 {
+                        p.notice { (T(v.lang).t("withheld").replace("{n}", &hidden.to_string())) }
+                    }
+                    @for h in heads { th { (h) } }
+                }
+            }
+            tbody {
+                @for r in &rows {
+                    @let cls = match r.tier {
+                        Some(Tier::T3) => "urgent",
+                        _ if r.first_alert.is_some() && r.first_ack.is_none() => "urgent",
+                        _ => "",
+                    };
+                    tr class=(cls) {
+                        @for (k, (h, cell)) in heads.iter().zip(cells(r, offset, v.lang)).enumerate() {
+                            @let cell = if cell.is_empty() { "—".to_string() } else { cell };
+                            td data-label=(h) {
+                                @if k == 0 { a href={ "/homes/" (r.home) } { (cell) } } @else { (cell) }
+                            }
+                        }
+                    }
+                }
             }
         }
-        body.push_str("</tr>");
-    }
-    body.push_str("</tbody></table>");
-    let _ = write!(body, "<h2>{}</h2>", if ja { "記録" } else { "Notes" });
-    if notes.is_empty() {
-        let _ = write!(body, "<p class=\"muted\">{}</p>", if ja { "まだ記録はありません。" } else { "No notes yet." });
-    }
-    for n in &notes {
-        let _ = write!(
-            body,
-            "<blockquote class=\"note\"><p>{}</p><cite>{} {}</cite></blockquote>",
-            escape(&n.text).replace('\n', "<br>"),
-            escape(&n.by),
-            local(n.at, offset)
-        );
-    }
-    if may_write(v) {
-        let _ = write!(
-            body,
-            "<form method=\"post\" action=\"/incidents/{id}/notes\" class=\"stack\">{csrf}\
-             <label>{label}<textarea name=\"text\" rows=\"4\" maxlength=\"{NOTE_MAX_CHARS}\" required></textarea></label>\
-             <button type=\"submit\">{save}</button></form>",
-            id = escape(&i.id),
-            csrf = v.csrf_field().into_string(),
-            label = if ja {
-                "記録を書く（うまくいったこと、次に変えること）"
-            } else {
-                "Write a note (what went well, what to change next time)"
-            },
-            save = if ja { "記録する" } else { "Save the note" },
-        );
-    }
-    body.push_str(&incident_acks_html(&i.acks, v.lang, offset).into_string());
-    layout(v, t.t("incident"), &body).into_response()
+        h2 { (if ja { "記録" } else { "Notes" }) }
+        @if notes.is_empty() {
+            p.muted { (if ja { "まだ記録はありません。" } else { "No notes yet." }) }
+        }
+        @for n in &notes {
+            blockquote.note {
+                p {
+                    @for (k, line) in n.text.split('\n').enumerate() {
+                        @if k > 0 { br; }
+                        (line)
+                    }
+                }
+                cite { (n.by) " " (local(n.at, offset)) }
+            }
+        }
+        @if may_write(v) {
+            form method="post" action={ "/incidents/" (i.id) "/notes" } class="stack" {
+                (v.csrf_field())
+                label {
+                    (if ja {
+                        "記録を書く（うまくいったこと、次に変えること）"
+                    } else {
+                        "Write a note (what went well, what to change next time)"
+                    })
+                    textarea name="text" rows="4" maxlength=(NOTE_MAX_CHARS) required {}
+                }
+                button type="submit" { (if ja { "記録する" } else { "Save the note" }) }
+            }
+        }
+        (incident_acks_html(&i.acks, v.lang, offset))
+    };
+    layout(v, t.t("incident"), body).into_response()
 }
 
 /// The note form.
@@ -390,8 +382,7 @@ pub async fn add_note(
         } else {
             format!("A note is 1 to {NOTE_MAX_CHARS} characters.")
         };
-        return (StatusCode::UNPROCESSABLE_ENTITY, layout(&v, "422", &format!("<p class=\"error\">{why}</p>")))
-            .into_response();
+        return (StatusCode::UNPROCESSABLE_ENTITY, layout(&v, "422", html! { p.error { (why) } })).into_response();
     }
     let (incident, by, now, note) = (i.id.clone(), v.user.username.clone(), crate::edge::clock::now(), text.clone());
     if let Err(e) = app.db(move |s| Ok(s.add_incident_note(&incident, now, &by, &note)?)).await {
