@@ -1,7 +1,8 @@
 //! Account and administration pages: a person's own account (password, two-factor codes),
 //! and for administrators the accounts (add, disable, enable, reset, scope, API tokens), the
 //! audit log with its chain check and CSV, and delivery statistics. Split from `pages.rs`
-//! (issue 20: pages by resource); the layout, the words table and the helpers stay there.
+//! (issue 20: pages by resource); the words are `html.rs`'s, the layout `layout.rs`'s, and the
+//! names of roles and channels `pages.rs`'s.
 
 use std::collections::BTreeMap;
 

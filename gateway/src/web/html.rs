@@ -5,8 +5,9 @@
 //!
 //! Every page is written with [maud](https://maud.lambda.xyz/)'s `html!`: text interpolated as
 //! `(expr)` is escaped, so a label, a name or a note from the store can never become markup. A
-//! fragment is a [`Markup`] and is passed on as one. `PreEscaped` is only for markup this code
-//! wrote itself, each use with a comment saying so.
+//! fragment is a [`Markup`] and is passed on as one, never as a string. No page uses
+//! `PreEscaped`; one that must would take only markup this code wrote itself, with a comment
+//! saying so. The words of [`T`] are plain text (no tags): they are interpolated like any other.
 
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};

@@ -3,7 +3,7 @@
 //! own alarm). Pages render their body and hand it to `layout`; the login uses the bare page
 //! ([`super::html::layout_bare`]).
 
-use maud::{html, Markup, PreEscaped, DOCTYPE};
+use maud::{html, Markup, DOCTYPE};
 
 use super::auth::Viewer;
 use super::html::T;
@@ -54,11 +54,4 @@ pub(super) fn layout(v: &Viewer, title: &str, body: Markup) -> Markup {
             }
         }
     }
-}
-
-/// Interim, while pages are moved to maud one by one: a page whose body is still a string
-/// built with `format!` and escaped by hand. Removed with the last such page.
-pub(super) fn layout_str(v: &Viewer, title: &str, body: &str) -> Markup {
-    // Safe: the body is HTML the page built itself, escaping each value by hand.
-    layout(v, title, PreEscaped(body.to_string()))
 }

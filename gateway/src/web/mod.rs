@@ -23,7 +23,7 @@
 //! | [`ack`] | signed acknowledgement links (no account) |
 //! | [`auth`] | login, logout, sessions, CSRF, bearer tokens |
 //! | [`view`] | what a user may see, as plain data (pages and API share it) |
-//! | [`html`] | the ground floor of the pages: the ja/en words, times, the bare page, 404 |
+//! | [`html`] | the ground floor of the pages: the ja/en words, times, the bare page, 404; how pages are written (maud templates, escaped by default) |
 //! | [`layout`] | the page around every signed-in page (navigation, language, logout) |
 //! | [`pages`] | the overview (`GET /`) and the cells a home's row shows |
 //! | [`alerts`] | the alerts page, an alert's row, acknowledging and clearing |
@@ -545,9 +545,4 @@ impl FromRequestParts<App> for Client {
 /// An acknowledgement's note as stored: trimmed, at most 200 characters, none when empty.
 pub fn note(text: &str) -> Option<String> {
     Some(text.trim().chars().take(200).collect::<String>()).filter(|n| !n.is_empty())
-}
-
-/// HTML-escape.
-pub fn escape(s: &str) -> String {
-    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;").replace('\'', "&#39;")
 }
