@@ -1,4 +1,7 @@
 //! The engine's rules with explicit time: no sockets, no sleeps.
+//!
+//! Over 800 lines for a reason: one test per rule of the engine, each a short story in time
+//! over the same few homes and helpers; split by rule they would repeat the helpers.
 
 use super::*;
 use crate::domain::homes::{Backup, BackupKind, ChannelRef, Device, Evacuation, Lang};
