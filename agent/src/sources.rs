@@ -1097,12 +1097,22 @@ mod contact_tests {
             let cancel = cancel.clone();
             std::thread::spawn(move || contacts_loop(&cfg, Some(p), Some(c), &tx, &cancel))
         };
-        let next = |rx: &mut mpsc::Receiver<Sourced>| rx.blocking_recv().map(|s| s.observation);
-        let wait_for = |rx: &mut mpsc::Receiver<Sourced>, want: &dyn Fn(&Observation) -> bool| loop {
-            let o = next(rx).expect("the loop stopped");
-            if want(&o) {
-                return o;
-            }
+        // Every wait has a deadline: a loop that stops reporting, or never reports what is
+        // waited for, fails the test; it does not hang it.
+        let rt = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
+        let wait_for = |rx: &mut mpsc::Receiver<Sourced>, want: &dyn Fn(&Observation) -> bool| {
+            rt.block_on(async {
+                tokio::time::timeout(Duration::from_secs(10), async {
+                    loop {
+                        let o = rx.recv().await.expect("the loop stopped").observation;
+                        if want(&o) {
+                            return o;
+                        }
+                    }
+                })
+                .await
+                .expect("not reported by the contacts loop within 10 s")
+            })
         };
         let first = wait_for(&mut rx, &|o| {
             matches!(o, Observation::Contacts { ventilator: Some(_), mains_present: Some(_), .. })

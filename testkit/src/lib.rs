@@ -67,11 +67,45 @@ fn nix_is_root() -> bool {
         .unwrap_or(false)
 }
 
-/// A free TCP port on 127.0.0.1 (the kernel's choice; released before returning, so a caller
-/// that binds it later retries on the rare collision).
+/// A free TCP port on 127.0.0.1 for a program the test starts (a broker, a gateway, a
+/// database), which binds it itself: the port is released before it is used, and something
+/// else could take it in between. Two things keep that from happening:
+/// - it is chosen at random **below the kernel's ephemeral range**
+///   (`/proc/sys/net/ipv4/ip_local_port_range`), where every `bind(…, 0)` and every outgoing
+///   connection of every process on the machine takes its port, and never twice in one
+///   process; the kernel's own choice (the old way) was the port most likely to be handed out
+///   again at once;
+/// - it is bindable when chosen.
+///
+/// Left: another test process choosing the same port in the same moment (about 1 in 12,000 per
+/// pair of starts); Mosquitto's start retries on it.
 pub fn free_port() -> Result<u16> {
-    let l = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
-    Ok(l.local_addr()?.port())
+    use rand::Rng as _;
+    static GIVEN: std::sync::Mutex<std::collections::BTreeSet<u16>> =
+        std::sync::Mutex::new(std::collections::BTreeSet::new());
+    const LOW: u16 = 20_000;
+    let ephemeral = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().and_then(|p| p.parse::<u16>().ok()))
+        .unwrap_or(32_768);
+    if ephemeral < LOW + 1_000 {
+        // A machine whose ephemeral range starts low: the kernel's choice it is.
+        let l = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
+        return Ok(l.local_addr()?.port());
+    }
+    let mut given = GIVEN.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let mut rng = rand::rng();
+    for _ in 0..1_000 {
+        let port = rng.random_range(LOW..ephemeral);
+        if given.contains(&port) {
+            continue;
+        }
+        if TcpListener::bind((Ipv4Addr::LOCALHOST, port)).is_ok() {
+            given.insert(port);
+            return Ok(port);
+        }
+    }
+    bail!("no free port between {LOW} and {ephemeral} after 1,000 tries")
 }
 
 /// A Mosquitto broker owned by one test: its own config, port, data directory and log.

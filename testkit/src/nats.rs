@@ -181,8 +181,8 @@ impl NatsCluster {
     }
 }
 
-/// `n` distinct free ports (a port the kernel hands out is free again once released, so the
-/// same one may come twice).
+/// `n` distinct free ports ([`free_port`] never gives one twice in a process; kept distinct
+/// here too, so the cluster's nodes never share a port whatever `free_port` becomes).
 fn distinct_ports(n: usize) -> Result<Vec<u16>> {
     let mut seen = std::collections::BTreeSet::new();
     let mut order = Vec::new();
