@@ -89,6 +89,7 @@ use crate::domain::notice::Notice;
 use crate::domain::policy::{Policies, Policy, Tier};
 
 pub mod clock;
+pub mod facts;
 pub mod kind;
 mod stored;
 
@@ -1260,8 +1261,7 @@ impl Engine {
         let open = self.state.get(home).is_some_and(|s| s.alerts.contains_key(&AlertKind::ClockSkew));
         match skew {
             Some(s) if !open => {
-                let mut data = serde_json::Map::new();
-                data.insert("skew_s".into(), s.into());
+                let data = mamori_protocol::event_data::to_data(&facts::ClockSkew { skew_s: Some(s) });
                 self.raise(home, AlertKind::ClockSkew, Severity::Warning, now, None, data, now);
             }
             None if open => self.clear_alert(home, AlertKind::ClockSkew, now),
@@ -1852,12 +1852,13 @@ impl Engine {
         let open = st.alerts.contains_key(&AlertKind::BatteryDegraded);
         match degraded {
             Some(l) if !open => {
-                let mut data = serde_json::Map::new();
-                data.insert("health_pct".into(), (l.health * 100.0).round().into());
-                data.insert("plan_wh".into(), l.plan_wh.round().into());
-                data.insert("delivered_wh".into(), (l.health * l.plan_wh).round().into());
-                data.insert("source".into(), serde_json::to_value(l.source).unwrap_or_default());
-                data.insert("discharges".into(), l.discharges.into());
+                let data = mamori_protocol::event_data::to_data(&facts::BatteryDegraded {
+                    health_pct: Some((l.health * 100.0).round()),
+                    plan_wh: Some(l.plan_wh.round()),
+                    delivered_wh: Some((l.health * l.plan_wh).round()),
+                    source: Some(l.source),
+                    discharges: Some(l.discharges),
+                });
                 self.raise(home, AlertKind::BatteryDegraded, Severity::Warning, now, None, data, now);
             }
             None if open => self.clear_alert(home, AlertKind::BatteryDegraded, now),

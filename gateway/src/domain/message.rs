@@ -14,10 +14,11 @@
 
 use chrono::FixedOffset;
 use hmac::{Hmac, Mac};
+use mamori_protocol::event_data::read;
 use mamori_protocol::mqtt::{EventKind, Role};
 use sha2::Sha256;
 
-use crate::domain::engine::{AlertKind, Content, Time, TriageRow};
+use crate::domain::engine::{facts, AlertKind, Content, Time, TriageRow};
 use crate::domain::homes::Lang;
 use crate::domain::policy::Tier;
 
@@ -840,7 +841,8 @@ pub fn render(content: &Content, lang: Lang, role: Role, alert_id: &str, style: 
             if let Some(r) = readings_text(data, lang) {
                 body += &if ja { format!("{r}。") } else { format!(" {r}.") };
             }
-            if let (true, Some(skew)) = (*kind == AlertKind::ClockSkew, data.get("skew_s").and_then(|v| v.as_i64())) {
+            let skew = (*kind == AlertKind::ClockSkew).then(|| read::<facts::ClockSkew>(data).skew_s).flatten();
+            if let Some(skew) = skew {
                 let off = duration(skew.abs(), lang);
                 body += &match (ja, skew > 0) {
                     (true, true) => format!("（{off}進んでいます）"),
@@ -850,9 +852,10 @@ pub fn render(content: &Content, lang: Lang, role: Role, alert_id: &str, style: 
                 };
             }
             if *kind == AlertKind::BatteryDegraded {
-                let n = |k: &str| data.get(k).and_then(|v| v.as_f64()).unwrap_or(0.0).round() as i64;
-                let (health, delivered, planned) = (n("health_pct"), n("delivered_wh"), n("plan_wh"));
-                let times = n("discharges").max(1);
+                let b = read::<facts::BatteryDegraded>(data);
+                let n = |x: Option<f64>| x.unwrap_or(0.0).round() as i64;
+                let (health, delivered, planned) = (n(b.health_pct), n(b.delivered_wh), n(b.plan_wh));
+                let times = b.discharges.unwrap_or(1).max(1);
                 body += &if ja {
                     format!(
                         "最近{times}回の停電での測定では、バッテリーが使えた電力量は計画の約{health}%（約{delivered}Wh／計画{planned}Wh）でした。\
@@ -1104,10 +1107,14 @@ mod tests {
 
     #[test]
     fn a_degraded_battery_is_explained_with_what_each_reader_can_do() {
-        let mut data = serde_json::Map::new();
-        for (k, v) in [("health_pct", 55.0), ("plan_wh", 800.0), ("delivered_wh", 440.0), ("discharges", 2.0)] {
-            data.insert(k.into(), v.into());
-        }
+        // As the engine writes it.
+        let data = mamori_protocol::event_data::to_data(&facts::BatteryDegraded {
+            health_pct: Some(55.0),
+            plan_wh: Some(800.0),
+            delivered_wh: Some(440.0),
+            source: None,
+            discharges: Some(2),
+        });
         let c = Content::Alert {
             label: "K-01".into(),
             kind: AlertKind::BatteryDegraded,
@@ -1169,14 +1176,18 @@ mod tests {
             ("pulse_bpm", 92.0),
             ("battery_charge_pct", 62.0),
             ("runtime_s", 720.0),
-            ("skew_s", -3600.0),
-            ("health_pct", 55.0),
-            ("plan_wh", 800.0),
-            ("delivered_wh", 440.0),
-            ("discharges", 2.0),
         ] {
             data.insert(k.into(), v.into());
         }
+        // The engine's own facts, as it writes them.
+        data.extend(mamori_protocol::event_data::to_data(&facts::ClockSkew { skew_s: Some(-3600) }));
+        data.extend(mamori_protocol::event_data::to_data(&facts::BatteryDegraded {
+            health_pct: Some(55.0),
+            plan_wh: Some(800.0),
+            delivered_wh: Some(440.0),
+            source: None,
+            discharges: Some(2),
+        }));
         data.insert("runtime_s".into(), 720.into()); // whole seconds, as the agent writes it
         let mut out = Vec::new();
         for kind in KINDS {
