@@ -454,7 +454,7 @@ event_kinds! {
 /// `mamori/v1/{home}/event` (QoS 1, through the agent's durable spool).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Event {
-    /// Unique id (the agent's boot id and seq, or a UUID): 1–64 of `A-Za-z0-9-_:`.
+    /// Unique id (the agent's boot id and seq, or a UUID): 1–64 of `A-Za-z0-9-_:.`.
     pub id: String,
     /// Per home, strictly increasing, survives restarts. Starts at 1.
     pub seq: u64,
