@@ -76,7 +76,8 @@ use std::sync::Arc;
 use chrono::Duration;
 use mamori_protocol::event_data::{BatteryTest, Readings, TestResult};
 use mamori_protocol::mqtt::{
-    Ack, ConnectionState, DeviceState, Event, EventKind, HomeId, Role, Severity, Status, Telemetry, VentilatorReading,
+    Ack, ConnectionState, DeviceKind, DeviceState, DeviceStatus, Event, EventKind, HomeId, Role, Severity, Status,
+    Telemetry, VentilatorReading,
 };
 use mamori_protocol::reading::OximeterReading;
 use serde::{Deserialize, Serialize};
@@ -474,6 +475,11 @@ pub struct HomeState {
     /// that opens nothing.
     #[serde(default)]
     pub normal_at: BTreeMap<String, Time>,
+    /// Opening kinds a person cleared while the home may still say they hold: not raised again
+    /// from a snapshot until the home says the condition is over, or sends its event again.
+    /// (Without it a cleared alert would come back with the next snapshot.)
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    pub cleared_by_hand: BTreeSet<String>,
 }
 
 /// A stored forecast from an older version is recomputed at the next reading, not a reason to
@@ -854,6 +860,14 @@ fn over(t: &Telemetry) -> Vec<AlertKind> {
     v.into_iter().map(AlertKind::Event).collect()
 }
 
+/// Whether an opening kind that a snapshot's `conditions` say holds is raised from the snapshot
+/// when its event has not come: every kind that raises an alert from its event.
+fn raised_from_snapshot(kind: EventKind) -> bool {
+    kind.default_severity() != Severity::Info
+        && kind.clears().is_none()
+        && !matches!(kind, EventKind::AgentStarted | EventKind::AgentStopping | EventKind::Unknown)
+}
+
 fn power_kind(kind: AlertKind) -> bool {
     kind.is_power()
 }
@@ -1206,48 +1220,82 @@ impl Engine {
         for kind in over(&t) {
             let Some(st) = self.state.get_mut(&home) else { break };
             st.normal_at.insert(kind.to_string(), ts);
+            st.cleared_by_hand.remove(&kind.to_string());
             if st.alerts.get(&kind).is_some_and(|a| a.since <= ts) {
                 self.clear_alert(&home, kind, now);
                 self.touch_incident(&home);
             }
         }
-        if !t.kept && t.conditions.get(&EventKind::MainsLost) == Some(&true) {
-            self.outage_without_its_event(&home, written.min(ts), now);
+        if !t.kept {
+            let holding: Vec<EventKind> =
+                t.conditions.iter().filter(|(k, holds)| **holds && raised_from_snapshot(**k)).map(|(k, _)| *k).collect();
+            for kind in holding {
+                self.condition_without_its_event(&home, kind, written.min(ts), &t, now);
+            }
         }
         Ok(())
     }
 
     /// The home's own snapshot, written at `ts` (on the home's event timeline, so that a
     /// snapshot written just before a `mains_restored` and arriving just after it is seen to be
-    /// older), says its mains are lost, and no alert is open for it: the
-    /// `mains_lost` event was lost on its way (a clustered broker has been seen to acknowledge
-    /// an event to the agent and never deliver it, `docs/operations.md`). The outage is raised
-    /// from the snapshot, so the family is paged all the same; the event, if it comes later,
-    /// finds the alert open and pages nobody again (it still sets the outage's start and the
-    /// forecast from its own time). Not when the home has said anything about its
-    /// mains since the snapshot was taken (a restore, or mains present), nor from a snapshot
+    /// older), says a condition holds (its mains lost, its battery low, the ventilator's alarm,
+    /// a device lost, an oximeter's alarm…), and no alert is open for it: the event was lost
+    /// on its way (a clustered broker has been seen to acknowledge an event to the agent and
+    /// never deliver it, `docs/operations.md`). The alert is raised from the snapshot, so its
+    /// readers are paged all the same; the event, if it comes later, finds the alert open and
+    /// pages nobody again (a `mains_lost` still sets the outage's start and the forecast from
+    /// its own time). Not when the home has said anything about that condition since the
+    /// snapshot was taken (its event, its end, or a snapshot saying it is over), nor when a
+    /// person cleared it and the home has not said it was over since, nor from a snapshot
     /// kept during a broker outage (history, not the present), nor from an agent too old to
-    /// send its conditions (its raw mains flag includes a battery self-test).
-    fn outage_without_its_event(&mut self, home: &HomeId, ts: Time, now: Time) {
-        let kind = AlertKind::Event(EventKind::MainsLost);
+    /// send its conditions (its raw readings are not its judgement: its mains flag, for one,
+    /// is down during a battery self-test).
+    fn condition_without_its_event(&mut self, home: &HomeId, event: EventKind, ts: Time, t: &Telemetry, now: Time) {
+        let kind = AlertKind::Event(event);
         let Some(st) = self.state.get(home) else { return };
         let told_since = |at: Option<&Time>| at.is_some_and(|at| *at > ts);
         if st.alerts.contains_key(&kind)
-            || told_since(st.pair_ts.get(EventKind::MainsLost.as_str()))
-            || told_since(st.normal_at.get(EventKind::MainsLost.as_str()))
+            || told_since(st.pair_ts.get(event.as_str()))
+            || told_since(st.normal_at.get(event.as_str()))
+            || st.cleared_by_hand.contains(event.as_str())
         {
             return;
         }
-        let since = match st.power {
-            Power::Battery { since } => since.min(ts),
+        let since = match (event, st.power) {
+            (EventKind::MainsLost, Power::Battery { since }) => since.min(ts),
             _ => ts,
         };
-        let mut data = serde_json::Map::new();
+        // The device, where the snapshot names it: the lost one, or the oximeter.
+        let device = |want: &dyn Fn(&DeviceStatus) -> bool| t.devices.iter().find(|d| want(d)).map(|d| d.id.clone());
+        let source = match event {
+            EventKind::DeviceLost => device(&|d| d.state == DeviceState::Lost),
+            EventKind::Spo2Low
+            | EventKind::PulseOutOfRange
+            | EventKind::SensorOff
+            | EventKind::OximeterAlarm
+            | EventKind::OximeterAlarmSilenced => {
+                device(&|d| d.kind == DeviceKind::Oximeter && d.state == DeviceState::Ok)
+            }
+            _ => None,
+        };
+        let mut data = match event {
+            EventKind::MainsLost | EventKind::BatteryLow | EventKind::UpsFault => {
+                t.ups.as_ref().map(mamori_protocol::event_data::to_data).unwrap_or_default()
+            }
+            _ if source.is_some() && event != EventKind::DeviceLost => {
+                t.oximeter.as_ref().map(mamori_protocol::event_data::to_data).unwrap_or_default()
+            }
+            _ => serde_json::Map::new(),
+        };
         data.insert("raised_from".into(), "telemetry".into());
         // Info, not a warning: the QoS 0 telemetry often overtakes the QoS 1 event (on a NATS
         // cluster most of all), which then arrives and pages nobody again.
-        tracing::info!(home = home.as_str(), "outage raised from the home's telemetry: no mains_lost event yet");
-        self.raise(home, kind, EventKind::MainsLost.default_severity(), since, None, data, now);
+        tracing::info!(
+            home = home.as_str(),
+            kind = event.as_str(),
+            "alert raised from the home's telemetry: its event has not come (yet)"
+        );
+        self.raise(home, kind, event.default_severity(), since, source, data, now);
         self.hold_if_late(home, kind, ts, now);
     }
 
@@ -1342,6 +1390,9 @@ impl Engine {
         let silent_kind = matches!(e.kind, EventKind::AgentStarted | EventKind::AgentStopping | EventKind::Unknown);
         if e.severity == Severity::Info || silent_kind {
             return Ok(());
+        }
+        if let Some(st) = self.state.get_mut(&home) {
+            st.cleared_by_hand.remove(e.kind.as_str());
         }
         self.raise(&home, AlertKind::Event(e.kind), e.severity, ts, e.source.clone(), e.data.clone(), now);
         self.hold_if_late(&home, AlertKind::Event(e.kind), ts, now);
@@ -1595,6 +1646,9 @@ impl Engine {
         }
         if let Some(a) = st.alerts.get_mut(&kind) {
             a.cleared_by = Some(by);
+        }
+        if let AlertKind::Event(e) = kind {
+            st.cleared_by_hand.insert(e.as_str().to_string());
         }
         self.clear_alert(&home, kind, now);
         self.touch_incident(&home);

@@ -211,6 +211,52 @@ fn an_outage_whose_event_never_came_is_raised_from_the_homes_own_snapshot_once()
     assert_eq!(names(&sent(&mut e)), ["fam-a"]);
 }
 
+/// Not only an outage: any condition whose event was lost (here the ventilator's alarm and a
+/// lost oximeter) is raised from the home's snapshot, once. A person's clear holds while the
+/// snapshots still say the condition holds, until the home says it is over; a new one after
+/// that is raised again.
+#[test]
+fn a_ventilator_alarm_or_a_lost_device_whose_event_never_came_is_raised_from_the_snapshot() {
+    use mamori_protocol::mqtt::{DeviceKind, DeviceStatus};
+    let mut e = engine(&[plan("a", "431001", 5000.0)]);
+    let snap = |at: i64, alarm: bool, lost: bool| {
+        let mut s = telemetry(at, true);
+        s.conditions.insert(EventKind::MainsLost, false);
+        s.conditions.insert(EventKind::VentilatorAlarm, alarm);
+        s.conditions.insert(EventKind::DeviceLost, lost);
+        let state = if lost { DeviceState::Lost } else { DeviceState::Ok };
+        s.devices = vec![DeviceStatus { id: "ox".into(), kind: DeviceKind::Oximeter, state }];
+        s
+    };
+    e.handle(Input::Telemetry(h("a"), snap(0, false, false)), t(0)).unwrap();
+    e.poll(t(0));
+    assert!(sent(&mut e).is_empty());
+    e.handle(Input::Telemetry(h("a"), snap(10, true, true)), t(10)).unwrap();
+    e.poll(t(10));
+    assert!(!sent(&mut e).is_empty(), "nobody paged");
+    let alarm = alert(&e, "a", "ventilator_alarm").expect("the alarm raised from the snapshot");
+    assert_eq!((alarm.since, alarm.data["raised_from"].as_str()), (t(10), Some("telemetry")));
+    assert_eq!(alert(&e, "a", "device_lost").and_then(|a| a.source.as_deref()), Some("ox"));
+    // The alarm's event arrives late, then the next snapshot: nobody is paged again.
+    e.handle(Input::Event(h("a"), event(1, 10, EventKind::VentilatorAlarm)), t(11)).unwrap();
+    e.handle(Input::Telemetry(h("a"), snap(20, true, true)), t(20)).unwrap();
+    e.poll(t(20));
+    assert!(sent(&mut e).is_empty(), "paged twice");
+    // A person clears the lost device (unplugged on purpose, say): the next snapshot, which
+    // still says it is lost, does not bring it back.
+    let id = alert(&e, "a", "device_lost").map(|a| a.id.clone()).unwrap();
+    e.handle(Input::Clear { alert_id: id, by: "coord-a".into() }, t(21)).unwrap();
+    sent(&mut e);
+    e.handle(Input::Telemetry(h("a"), snap(30, true, true)), t(30)).unwrap();
+    e.poll(t(30));
+    assert!(alert(&e, "a", "device_lost").is_none(), "a cleared alert came back with the next snapshot");
+    assert!(sent(&mut e).is_empty());
+    // Found again, then lost again with its event lost: raised again.
+    e.handle(Input::Telemetry(h("a"), snap(40, true, false)), t(40)).unwrap();
+    e.handle(Input::Telemetry(h("a"), snap(50, true, true)), t(50)).unwrap();
+    assert!(alert(&e, "a", "device_lost").is_some(), "a new loss was not raised");
+}
+
 /// With the agent's clocks (as a real agent sends them), a snapshot is placed at its arrival;
 /// one written before a `mains_restored` and overtaken by it (QoS 0 and QoS 1 take different
 /// paths through a clustered broker) must not open the outage again and page the family
