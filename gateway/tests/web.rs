@@ -1,5 +1,6 @@
 //! The dashboard and API through the router (`oneshot`): every role against every route,
-//! sessions, CSRF, throttling, the audit log and the live stream's scope.
+//! sessions, CSRF, throttling, the audit log, the live stream's scope, and text from a home,
+//! an account or a note shown escaped, never as markup.
 //!
 //! The web layer is tested on its own here: a real SQLite file and a real engine with homes
 //! in two municipalities, and a stand-in for the service loop that applies acknowledgements,
@@ -1908,4 +1909,44 @@ async fn with_consent_required_an_account_sees_only_homes_that_consented_to_its_
     // The readiness report counts the consent forms still to get.
     let r = send(&f, page(&f, Some("admin"), "GET", "/readiness", "")).await;
     assert!(r.body.contains("<dt>同意のない連絡先がある世帯</dt><dd>2</dd>"), "{}", r.body);
+}
+
+#[tokio::test]
+async fn text_from_a_home_a_user_or_a_note_is_shown_as_text_never_as_markup() {
+    // The templates escape every value: a label, a display name or a note that looks like
+    // markup is shown as those characters on every page that shows it.
+    const HOSTILE: &str = "<script>alert(1)</script>\"x";
+    const SHOWN: &str = "&lt;script&gt;alert(1)&lt;/script&gt;&quot;x";
+    let f = setup().await;
+    {
+        let mut plan = plan_of(&f, "home-a1");
+        let mut e = f.engine.lock().unwrap();
+        plan.label = HOSTILE.into();
+        plan.evacuation.as_mut().unwrap().destination = HOSTILE.into();
+        e.upsert_home(plan);
+        publish(&e, &f.snapshots, &["home-a1"]);
+    }
+    // A note with the acknowledgement, and an account whose display name is the same text.
+    let a1 = f.alert_a1.clone();
+    let note = "%3Cscript%3Ealert(1)%3C%2Fscript%3E%22x";
+    let r = send(&f, page(&f, Some("coord_a"), "POST", &format!("/alerts/{a1}/ack"), &format!("note={note}"))).await;
+    assert_eq!(r.status, StatusCode::SEE_OTHER, "{}", r.body);
+    let form = format!("username=mallory&display_name={note}&role=facility&homes=home-a1&password={PASSWORD}");
+    let r = send(&f, page(&f, Some("admin"), "POST", "/admin/users", &form)).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    let pages = [
+        ("coord_a", "/"),
+        ("coord_a", "/homes/home-a1"),
+        ("coord_a", "/alerts"),
+        ("admin", "/admin/users"),
+        ("family_a1", "/homes/home-a1"),
+        ("facility_a1", "/"),
+    ];
+    for (who, uri) in pages {
+        let r = send(&f, page(&f, Some(who), "GET", uri, "")).await;
+        assert_eq!(r.status, StatusCode::OK, "{who} {uri}");
+        assert!(!r.body.contains("<script>alert(1)") && !r.body.contains("</script>\"x"), "{who} {uri}: {}", r.body);
+        assert!(r.body.contains(SHOWN), "{who} {uri} shows the text, escaped: {}", r.body);
+        assert!(visible_text(&r.body).contains(HOSTILE), "{who} {uri} reads as the text itself");
+    }
 }
