@@ -1227,8 +1227,12 @@ impl Engine {
             }
         }
         if !t.kept {
-            let holding: Vec<EventKind> =
-                t.conditions.iter().filter(|(k, holds)| **holds && raised_from_snapshot(**k)).map(|(k, _)| *k).collect();
+            let holding: Vec<EventKind> = t
+                .conditions
+                .iter()
+                .filter(|(k, holds)| **holds && raised_from_snapshot(**k))
+                .map(|(k, _)| *k)
+                .collect();
             for kind in holding {
                 self.condition_without_its_event(&home, kind, written.min(ts), &t, now);
             }

@@ -1171,12 +1171,7 @@ mod tests {
             verified: false,
         };
         let mut data = serde_json::Map::new();
-        for (k, v) in [
-            ("spo2_pct", 85.0),
-            ("pulse_bpm", 92.0),
-            ("battery_charge_pct", 62.0),
-            ("runtime_s", 720.0),
-        ] {
+        for (k, v) in [("spo2_pct", 85.0), ("pulse_bpm", 92.0), ("battery_charge_pct", 62.0), ("runtime_s", 720.0)] {
             data.insert(k.into(), v.into());
         }
         // The engine's own facts, as it writes them.
