@@ -699,6 +699,116 @@ fn a_lone_active_frozen_past_its_lease_sends_nothing_on_waking_and_steps_down() 
     Ok(())
 }
 
+/// A TCP proxy between the gateway and its broker that turns the first SUBACK's last code (the
+/// gateway's event filter: it subscribes to status, telemetry and events in one SUBSCRIBE) into
+/// a refusal (0x80), as a NATS node answers when its JetStream cannot make the subscription's
+/// consumer in time, and counts the SUBSCRIBEs the gateway sends.
+struct RefuseFirstSubscription {
+    port: u16,
+    subscribes: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl RefuseFirstSubscription {
+    fn start(broker_port: u16) -> Result<RefuseFirstSubscription> {
+        use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+        use std::sync::Arc;
+        let listener = std::net::TcpListener::bind(("127.0.0.1", 0))?;
+        let port = listener.local_addr()?.port();
+        let subscribes = Arc::new(AtomicUsize::new(0));
+        let refused = Arc::new(AtomicBool::new(false));
+        let counted = subscribes.clone();
+        std::thread::spawn(move || {
+            for client in listener.incoming().flatten() {
+                let Ok(broker) = std::net::TcpStream::connect(("127.0.0.1", broker_port)) else { continue };
+                let (Ok(client2), Ok(broker2)) = (client.try_clone(), broker.try_clone()) else { continue };
+                let counted = counted.clone();
+                std::thread::spawn(move || {
+                    pump(client, broker, |p| {
+                        if p[0] >> 4 == 8 {
+                            counted.fetch_add(1, Ordering::SeqCst);
+                        }
+                    })
+                });
+                let refused = refused.clone();
+                std::thread::spawn(move || {
+                    pump(broker2, client2, |p| {
+                        if p[0] >> 4 == 9 && !refused.swap(true, Ordering::SeqCst) {
+                            if let Some(last) = p.last_mut() {
+                                *last = 0x80;
+                            }
+                        }
+                    })
+                });
+            }
+        });
+        Ok(RefuseFirstSubscription { port, subscribes })
+    }
+
+    fn subscribes(&self) -> usize {
+        self.subscribes.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+/// Copy MQTT packets from `from` to `to` whole, letting `f` see (and change) each.
+fn pump(mut from: std::net::TcpStream, mut to: std::net::TcpStream, mut f: impl FnMut(&mut Vec<u8>)) {
+    use std::io::{Read, Write};
+    loop {
+        let mut packet = vec![0u8; 1];
+        if from.read_exact(&mut packet).is_err() {
+            break;
+        }
+        let (mut len, mut shift) = (0usize, 0);
+        loop {
+            let mut b = [0u8; 1];
+            if from.read_exact(&mut b).is_err() || shift > 21 {
+                let _ = to.shutdown(std::net::Shutdown::Both);
+                return;
+            }
+            packet.push(b[0]);
+            len |= ((b[0] & 0x7f) as usize) << shift;
+            shift += 7;
+            if b[0] & 0x80 == 0 {
+                break;
+            }
+        }
+        let start = packet.len();
+        packet.resize(start + len, 0);
+        if from.read_exact(&mut packet[start..]).is_err() {
+            break;
+        }
+        f(&mut packet);
+        if to.write_all(&packet).is_err() {
+            break;
+        }
+    }
+    let _ = to.shutdown(std::net::Shutdown::Both);
+}
+
+/// A subscription the broker refuses is not taken for "subscribed": the gateway says which
+/// filter was refused, subscribes again until the broker takes it, and then an outage reaches
+/// the family. (The old link logged "subscribed" for any SUBACK, and a NATS node that refused
+/// the event filter left a gateway hearing every home's telemetry and none of its events.)
+#[test]
+fn a_subscription_the_broker_refuses_is_made_again_until_it_is_taken() -> Result<()> {
+    let broker = Mosquitto::start("")?;
+    let proxy = RefuseFirstSubscription::start(broker.port())?;
+    let hook = WebhookReceiver::start("hook-secret")?;
+    let s = setup(proxy.port, &hook, 3600)?;
+    mamori_testkit::gateway_init(Path::new(BIN), &s.config)?;
+    let mut cmd = Command::new(BIN);
+    cmd.arg("run").arg("--config").arg(&s.config);
+    let gw = Process::spawn("gateway", cmd)?;
+    gw.wait_line("the refusal, named", LIMIT, |l| {
+        l.contains("the broker refused to subscribe") && l.contains("mamori/v1/+/event")
+    })?;
+    gw.wait_line("subscribed", LIMIT, |l| l.contains("\"subscribed\""))?;
+    assert!(proxy.subscribes() >= 2, "subscribed again: {} SUBSCRIBEs", proxy.subscribes());
+    publish(broker.port(), &[event(1, "mains_lost")])?;
+    hook.wait("family notified", LIMIT, |d| d.iter().any(to("/family")))?;
+    drop(s.dir);
+    Ok(())
+}
+
 #[test]
 fn hostile_payloads_are_refused_and_a_real_event_still_gets_through() -> Result<()> {
     let broker = Mosquitto::start("")?;

@@ -3,7 +3,12 @@
 //! - The **link task** owns the event loop (persistent session, manual acks). It forwards each
 //!   PUBLISH to the service loop, tells it when the connection comes up (with the broker's
 //!   `session present` flag) and when it goes down, resubscribes after every CONNACK, and
-//!   backs off with jitter after errors. The service judges a home's silence only while the
+//!   backs off with jitter after errors. Every filter goes in one SUBSCRIBE, so the SUBACK's
+//!   codes name each filter: a filter the broker refuses (a NATS node whose JetStream could not
+//!   make the subscription's consumer in time answers 0x80, and then delivers nothing on that
+//!   topic: it once left a gateway hearing every home's telemetry and none of its events) is
+//!   reported to the service ([`FromMqtt::Subscribed`]) and subscribed again with a backoff,
+//!   until the broker takes it. The service judges a home's silence only while the
 //!   link is up, and from the moment it came up ([`crate::domain::engine::Engine::set_uplink`]): the
 //!   centre's own downtime is never taken for the homes' silence.
 //! - The **outbound task** sends PUBACKs and acknowledgements to agents, so that the service
@@ -17,7 +22,9 @@ use std::time::Duration;
 
 use mamori_protocol::mqtt::{self, Channel, HomeId};
 use rand::Rng;
-use rumqttc::{AsyncClient, Event as MqttEvent, MqttOptions, Packet, Publish, QoS, Transport};
+use rumqttc::{
+    AsyncClient, Event as MqttEvent, MqttOptions, Packet, Publish, QoS, SubscribeFilter, SubscribeReasonCode, Transport,
+};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -32,6 +39,13 @@ pub enum FromMqtt {
     Connected {
         /// The broker's session-present flag.
         session_present: bool,
+    },
+    /// The broker answered the subscription (after every CONNACK, and again after a refusal):
+    /// the filters it refused, none when it took them all. Until it takes them all, the link
+    /// is not up for the service: what does not arrive is not the homes' silence.
+    Subscribed {
+        /// The filters refused.
+        refused: Vec<String>,
     },
     /// The connection was lost (or could not be made).
     Disconnected,
@@ -100,6 +114,23 @@ pub fn spawn_outbound(client: AsyncClient, capacity: usize) -> mpsc::Sender<Outb
     tx
 }
 
+/// The first wait before subscribing again to filters the broker refused; it doubles with each
+/// refusal in a row, up to [`RESUBSCRIBE_MAX`].
+pub const RESUBSCRIBE_FIRST: Duration = Duration::from_millis(500);
+/// The longest wait before subscribing again.
+pub const RESUBSCRIBE_MAX: Duration = Duration::from_secs(10);
+
+/// The filters a SUBACK refused, from its codes in the order the filters were sent (a code
+/// missing from a short SUBACK counts as refused).
+fn refused_filters(filters: &[String], codes: &[SubscribeReasonCode]) -> Vec<String> {
+    filters
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| !matches!(codes.get(*i), Some(SubscribeReasonCode::Success(_))))
+        .map(|(_, f)| f.clone())
+        .collect()
+}
+
 /// Start the link task. `brokers`: the options for each broker (the event loop starts on
 /// the first); after every failed or lost connection the next one is tried, the session's
 /// unacknowledged messages going with it.
@@ -111,8 +142,22 @@ pub fn spawn_link(
     tx: mpsc::Sender<FromMqtt>,
     cancel: CancellationToken,
 ) {
+    // Every filter in one SUBSCRIBE (so the SUBACK's codes are the filters', in order), after
+    // `after`. From another task: the link task must keep polling the event loop, or a full
+    // request queue would wait on itself.
+    let subscribe = |client: &AsyncClient, filters: &[String], after: Duration| {
+        let (client, filters) = (client.clone(), filters.to_vec());
+        tokio::spawn(async move {
+            tokio::time::sleep(after).await;
+            let all = filters.into_iter().map(|f| SubscribeFilter::new(f, QoS::AtLeastOnce));
+            if let Err(e) = client.subscribe_many(all).await {
+                tracing::warn!(error = %e, "subscribe");
+            }
+        });
+    };
     tokio::spawn(async move {
         let mut delay = Duration::from_millis(250);
+        let mut resubscribe = RESUBSCRIBE_FIRST;
         let mut up = false;
         let mut at = 0usize;
         loop {
@@ -125,22 +170,30 @@ pub fn spawn_link(
                     delay = Duration::from_millis(250);
                     let (host, port) = eventloop.mqtt_options.broker_address();
                     tracing::info!(session_present = c.session_present, broker = %format!("{host}:{port}"), "connected to the broker");
-                    // From another task: this one must keep polling the event loop, or a full
-                    // request queue would wait on itself.
-                    let (client, filters) = (client.clone(), filters.clone());
-                    tokio::spawn(async move {
-                        for f in filters {
-                            if let Err(e) = client.subscribe(f, QoS::AtLeastOnce).await {
-                                tracing::warn!(error = %e, "subscribe");
-                            }
-                        }
-                    });
+                    subscribe(&client, &filters, Duration::ZERO);
+                    resubscribe = RESUBSCRIBE_FIRST;
                     up = true;
                     if tx.send(FromMqtt::Connected { session_present: c.session_present }).await.is_err() {
                         return;
                     }
                 }
-                Ok(MqttEvent::Incoming(Packet::SubAck(_))) => tracing::info!("subscribed"),
+                Ok(MqttEvent::Incoming(Packet::SubAck(ack))) => {
+                    let refused = refused_filters(&filters, &ack.return_codes);
+                    if refused.is_empty() {
+                        tracing::info!("subscribed");
+                    } else {
+                        tracing::warn!(
+                            ?refused,
+                            retry_ms = resubscribe.as_millis() as u64,
+                            "the broker refused to subscribe: nothing on these topics arrives until it takes them; subscribing again"
+                        );
+                        subscribe(&client, &filters, resubscribe);
+                        resubscribe = (resubscribe * 2).min(RESUBSCRIBE_MAX);
+                    }
+                    if tx.send(FromMqtt::Subscribed { refused }).await.is_err() {
+                        return;
+                    }
+                }
                 Ok(MqttEvent::Incoming(Packet::Publish(p))) => {
                     if tx.send(FromMqtt::Message(p)).await.is_err() {
                         return;

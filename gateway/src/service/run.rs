@@ -282,7 +282,7 @@ pub struct Service {
     /// in the store as soon as it takes the write).
     session_recorded: bool,
     session_written: bool,
-    /// The broker connection is up.
+    /// The broker connection is up and the broker has taken every subscription.
     broker_up: bool,
     /// Per home: when telemetry history was last stored, and the mains state then.
     history: HashMap<HomeId, (Time, Option<bool>)>,

@@ -16,11 +16,19 @@ impl Service {
                         self.on_batch(std::mem::take(&mut batch), now);
                     }
                     self.check_session(session_present, now)?;
-                    self.broker_up = true;
-                    if self.degraded.is_none() {
+                    // Up once the broker has taken every subscription (`Subscribed`).
+                    self.broker_up = false;
+                }
+                FromMqtt::Subscribed { refused } => {
+                    self.broker_up = refused.is_empty();
+                    if self.broker_up && self.degraded.is_none() {
                         self.engine.set_uplink(true, now);
+                    } else if !self.broker_up {
+                        // Connected, but hearing only part of what the homes send: their
+                        // silence is not judged, and the gateway is not healthy.
+                        self.engine.set_uplink(false, now);
                     }
-                    self.health.set_broker(true, now);
+                    self.health.set_broker(self.broker_up, now);
                 }
                 FromMqtt::Disconnected => {
                     if !batch.is_empty() {

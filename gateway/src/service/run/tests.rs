@@ -81,7 +81,10 @@ fn sends(effects: &[Effect]) -> Vec<(String, String)> {
 fn the_service_runs_on_inputs_and_the_time_it_is_given_with_no_socket() {
     let dir = tempfile::tempdir().unwrap();
     let mut svc = driven_service(dir.path());
-    let up = ServiceInput::Broker(vec![FromMqtt::Connected { session_present: false }]);
+    let up = ServiceInput::Broker(vec![
+        FromMqtt::Connected { session_present: false },
+        FromMqtt::Subscribed { refused: vec![] },
+    ]);
     assert!(sends(&svc.handle(up, at(0)).unwrap()).is_empty());
 
     // An outage: stored, then acknowledged to the broker, and the family asked for at once.
@@ -109,6 +112,31 @@ fn the_service_runs_on_inputs_and_the_time_it_is_given_with_no_socket() {
     assert!(sends(&svc.handle(ServiceInput::Timer, at(600)).unwrap()).iter().all(|(r, _)| r != "Sato"));
     let coordinator = sends(&svc.handle(ServiceInput::Timer, at(602)).unwrap());
     assert!(coordinator.iter().any(|(r, _)| r == "Sato"), "{coordinator:?}");
+}
+
+/// Connected is not up: the link is up for the service once the broker has taken every
+/// subscription. One it refused (a NATS node whose JetStream was not ready) means the gateway
+/// hears part of what the homes send, so their silence is not judged and `/healthz` says so,
+/// until a later SUBACK takes them all.
+#[test]
+fn a_subscription_the_broker_refused_keeps_the_link_down_until_it_is_taken() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut svc = driven_service(dir.path());
+    let link = |items| ServiceInput::Broker(items);
+    let connected = |session_present| FromMqtt::Connected { session_present };
+    svc.handle(link(vec![connected(false), FromMqtt::Subscribed { refused: vec![] }]), at(0)).unwrap();
+    assert!(svc.engine.uplink());
+    // The connection drops; the next one's subscription is refused.
+    svc.handle(link(vec![FromMqtt::Disconnected]), at(1)).unwrap();
+    svc.handle(link(vec![connected(true)]), at(2)).unwrap();
+    assert!(!svc.engine.uplink(), "up before the broker answered the subscription");
+    let refused = FromMqtt::Subscribed { refused: vec!["mamori/v1/+/event".into()] };
+    svc.handle(link(vec![refused]), at(3)).unwrap();
+    assert!(!svc.engine.uplink(), "up with a subscription refused");
+    assert_eq!(svc.health().broker_down_since(), Some(at(1)), "healthy with a subscription refused");
+    svc.handle(link(vec![FromMqtt::Subscribed { refused: vec![] }]), at(4)).unwrap();
+    assert!(svc.engine.uplink());
+    assert_eq!(svc.health().broker_down_since(), None);
 }
 
 #[test]
