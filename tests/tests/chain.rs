@@ -606,6 +606,15 @@ fn agent_brokers(c: &Chain, home: &str) -> Vec<String> {
 }
 
 /// The brokers the gateway logged that it connected to (`host:port`), in order.
+/// The subscriptions the gateway's broker refused (a NATS node whose JetStream was not ready),
+/// printed for the record: the gateway subscribes again until they are taken.
+fn refusals(c: &Chain) -> usize {
+    let lines = c.gateway.as_ref().map(|g| g.lines()).unwrap_or_default();
+    let n = lines.iter().filter(|l| l.contains("the broker refused to subscribe")).count();
+    eprintln!("the gateway's subscriptions refused by the broker: {n}");
+    n
+}
+
 fn gateway_brokers(c: &Chain) -> Vec<String> {
     c.gateway.as_ref().map(|g| brokers(&g.lines())).unwrap_or_default()
 }
@@ -660,7 +669,9 @@ fn a_nats_node_dying_under_a_home_moves_it_to_another_and_loses_nothing() -> Res
     c.home("home-a")?.cause("mains on", "mains_restored", 1)?;
 
     let logged = mamori_tests::chain::spooled(c.homes["home-a"].agent.as_ref().unwrap());
-    let got = wait_stored(&c, "home-a", &logged)?;
+    let got = wait_stored(&c, "home-a", &logged).inspect_err(|_| {
+        refusals(&c);
+    })?;
     let seqs: Vec<i64> = got.iter().map(|(s, _)| *s).collect();
     assert_eq!(seqs, (seqs[0]..=seqs[seqs.len() - 1]).collect::<Vec<_>>(), "a gap or a repeat in {got:?}");
     c.hook.wait("the all-clear", LIMIT, |d| {
@@ -672,6 +683,7 @@ fn a_nats_node_dying_under_a_home_moves_it_to_another_and_loses_nothing() -> Res
     let silent: Vec<_> =
         c.hook.deliveries().into_iter().filter(|d| matches!(kind(d), "state_unknown" | "home_silent")).collect();
     assert!(silent.is_empty(), "a node's death was paged as the home's silence: {silent:?}");
+    refusals(&c);
     assert_no_duplicates(&c);
     Ok(())
 }
@@ -702,6 +714,7 @@ fn a_home_and_its_nats_node_dying_together_is_found_silent_without_a_will() -> R
     c.nats.as_mut().context("nats")?.kill9(0)?;
     c.home("home-a")?.agent.as_mut().context("agent")?.kill9()?;
     c.hook.wait("home silent", 2 * LIMIT, |d| d.iter().any(|x| x.path == "/family" && kind(x) == "home_silent"))?;
+    refusals(&c);
     assert_no_duplicates(&c);
     Ok(())
 }
