@@ -702,14 +702,15 @@ fn a_lone_active_frozen_past_its_lease_sends_nothing_on_waking_and_steps_down() 
 /// A TCP proxy between the gateway and its broker that turns the first SUBACK's last code (the
 /// gateway's event filter: it subscribes to status, telemetry and events in one SUBSCRIBE) into
 /// a refusal (0x80), as a NATS node answers when its JetStream cannot make the subscription's
-/// consumer in time, and counts the SUBSCRIBEs the gateway sends.
+/// consumer in time, or (`drop`) never passes that SUBACK on; and counts the SUBSCRIBEs the
+/// gateway sends.
 struct RefuseFirstSubscription {
     port: u16,
     subscribes: std::sync::Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl RefuseFirstSubscription {
-    fn start(broker_port: u16) -> Result<RefuseFirstSubscription> {
+    fn start(broker_port: u16, drop: bool) -> Result<RefuseFirstSubscription> {
         use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
         use std::sync::Arc;
         let listener = std::net::TcpListener::bind(("127.0.0.1", 0))?;
@@ -733,7 +734,9 @@ impl RefuseFirstSubscription {
                 std::thread::spawn(move || {
                     pump(broker2, client2, |p| {
                         if p[0] >> 4 == 9 && !refused.swap(true, Ordering::SeqCst) {
-                            if let Some(last) = p.last_mut() {
+                            if drop {
+                                p.clear();
+                            } else if let Some(last) = p.last_mut() {
                                 *last = 0x80;
                             }
                         }
@@ -776,7 +779,7 @@ fn pump(mut from: std::net::TcpStream, mut to: std::net::TcpStream, mut f: impl 
         if from.read_exact(&mut packet[start..]).is_err() {
             break;
         }
-        f(&mut packet);
+        f(&mut packet); // emptied: not passed on
         if to.write_all(&packet).is_err() {
             break;
         }
@@ -791,7 +794,7 @@ fn pump(mut from: std::net::TcpStream, mut to: std::net::TcpStream, mut f: impl 
 #[test]
 fn a_subscription_the_broker_refuses_is_made_again_until_it_is_taken() -> Result<()> {
     let broker = Mosquitto::start("")?;
-    let proxy = RefuseFirstSubscription::start(broker.port())?;
+    let proxy = RefuseFirstSubscription::start(broker.port(), false)?;
     let hook = WebhookReceiver::start("hook-secret")?;
     let s = setup(proxy.port, &hook, 3600)?;
     mamori_testkit::gateway_init(Path::new(BIN), &s.config)?;
@@ -805,6 +808,25 @@ fn a_subscription_the_broker_refuses_is_made_again_until_it_is_taken() -> Result
     assert!(proxy.subscribes() >= 2, "subscribed again: {} SUBSCRIBEs", proxy.subscribes());
     publish(broker.port(), &[event(1, "mains_lost")])?;
     hook.wait("family notified", LIMIT, |d| d.iter().any(to("/family")))?;
+    drop(s.dir);
+    Ok(())
+}
+
+/// A SUBSCRIBE the broker never answers is sent again (rumqttc would wait for its SUBACK for
+/// ever, and the gateway would never be up).
+#[test]
+fn a_subscription_the_broker_never_answers_is_sent_again() -> Result<()> {
+    let broker = Mosquitto::start("")?;
+    let proxy = RefuseFirstSubscription::start(broker.port(), true)?;
+    let hook = WebhookReceiver::start("hook-secret")?;
+    let s = setup(proxy.port, &hook, 3600)?;
+    mamori_testkit::gateway_init(Path::new(BIN), &s.config)?;
+    let mut cmd = Command::new(BIN);
+    cmd.arg("run").arg("--config").arg(&s.config);
+    let gw = Process::spawn("gateway", cmd)?;
+    gw.wait_line("the silence noticed", LIMIT, |l| l.contains("the broker did not answer the subscription"))?;
+    gw.wait_line("subscribed", LIMIT, |l| l.contains("\"subscribed\""))?;
+    assert!(proxy.subscribes() >= 2, "subscribed again: {} SUBSCRIBEs", proxy.subscribes());
     drop(s.dir);
     Ok(())
 }

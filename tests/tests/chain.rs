@@ -605,7 +605,6 @@ fn agent_brokers(c: &Chain, home: &str) -> Vec<String> {
     c.homes.get(home).and_then(|h| h.agent.as_ref()).map(|a| brokers(&a.lines())).unwrap_or_default()
 }
 
-/// The brokers the gateway logged that it connected to (`host:port`), in order.
 /// The subscriptions the gateway's broker refused (a NATS node whose JetStream was not ready),
 /// printed for the record: the gateway subscribes again until they are taken.
 fn refusals(c: &Chain) -> usize {
@@ -615,6 +614,7 @@ fn refusals(c: &Chain) -> usize {
     n
 }
 
+/// The brokers the gateway logged that it connected to (`host:port`), in order.
 fn gateway_brokers(c: &Chain) -> Vec<String> {
     c.gateway.as_ref().map(|g| brokers(&g.lines())).unwrap_or_default()
 }

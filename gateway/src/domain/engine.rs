@@ -475,11 +475,13 @@ pub struct HomeState {
     /// that opens nothing.
     #[serde(default)]
     pub normal_at: BTreeMap<String, Time>,
-    /// Opening kinds a person cleared while the home may still say they hold: not raised again
-    /// from a snapshot until the home says the condition is over, or sends its event again.
-    /// (Without it a cleared alert would come back with the next snapshot.)
-    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
-    pub cleared_by_hand: BTreeSet<String>,
+    /// Opening kinds a person cleared while the home may still say they hold, and when: not
+    /// raised again from a snapshot until the home says the condition is over (a snapshot or a
+    /// clearing event), or sends an opening event written after the clear. (Without it a cleared
+    /// alert would come back with the next snapshot; an event written before the clear is the
+    /// occurrence the person cleared, arriving late.)
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub cleared_by_hand: BTreeMap<String, Time>,
 }
 
 /// A stored forecast from an older version is recomputed at the next reading, not a reason to
@@ -1261,7 +1263,7 @@ impl Engine {
         if st.alerts.contains_key(&kind)
             || told_since(st.pair_ts.get(event.as_str()))
             || told_since(st.normal_at.get(event.as_str()))
-            || st.cleared_by_hand.contains(event.as_str())
+            || st.cleared_by_hand.contains_key(event.as_str())
         {
             return;
         }
@@ -1286,7 +1288,11 @@ impl Engine {
             EventKind::MainsLost | EventKind::BatteryLow | EventKind::UpsFault => {
                 t.ups.as_ref().map(mamori_protocol::event_data::to_data).unwrap_or_default()
             }
-            _ if source.is_some() && event != EventKind::DeviceLost => {
+            // The snapshot's oximeter reading is one oximeter's: with two, it may be the other's.
+            _ if source.is_some()
+                && event != EventKind::DeviceLost
+                && t.devices.iter().filter(|d| d.kind == DeviceKind::Oximeter).count() == 1 =>
+            {
                 t.oximeter.as_ref().map(mamori_protocol::event_data::to_data).unwrap_or_default()
             }
             _ => serde_json::Map::new(),
@@ -1335,7 +1341,19 @@ impl Engine {
         if cleared.is_empty() && st.normal_at.get(e.kind.as_str()).is_some_and(|n| *n > ts) {
             return Ok(()); // the home has since said this condition is over: history only
         }
-        st.pair_ts.insert(pair.to_string(), ts);
+        if cleared.is_empty() && st.cleared_by_hand.get(e.kind.as_str()).is_some_and(|at| ts <= *at) {
+            return Ok(()); // the occurrence a person cleared, arriving late: history only
+        }
+        if cleared.is_empty() {
+            st.pair_ts.insert(pair.to_string(), ts);
+        }
+        // A clearing event ends every kind it clears (`oximeter_alarm_cleared`: the alarm and
+        // its silencing), and any hold a person's clear put on them: what the home says next
+        // is a new occurrence.
+        for kind in &cleared {
+            st.pair_ts.insert(kind.as_str().to_string(), ts);
+            st.cleared_by_hand.remove(kind.as_str());
+        }
         // Power state from the mains events, ordered by ts.
         match e.kind {
             EventKind::MainsLost => {
@@ -1652,7 +1670,7 @@ impl Engine {
             a.cleared_by = Some(by);
         }
         if let AlertKind::Event(e) = kind {
-            st.cleared_by_hand.insert(e.as_str().to_string());
+            st.cleared_by_hand.insert(e.as_str().to_string(), now);
         }
         self.clear_alert(&home, kind, now);
         self.touch_incident(&home);

@@ -8,7 +8,9 @@
 //!   make the subscription's consumer in time answers 0x80, and then delivers nothing on that
 //!   topic: it once left a gateway hearing every home's telemetry and none of its events) is
 //!   reported to the service ([`FromMqtt::Subscribed`]) and subscribed again with a backoff,
-//!   until the broker takes it. The service judges a home's silence only while the
+//!   until the broker takes it. A SUBSCRIBE not answered within [`SUBACK_WITHIN`] is sent
+//!   again; only the SUBACK of the latest SUBSCRIBE counts, and one scheduled for a connection
+//!   that has since dropped is not sent on the next. The service judges a home's silence only while the
 //!   link is up, and from the moment it came up ([`crate::domain::engine::Engine::set_uplink`]): the
 //!   centre's own downtime is never taken for the homes' silence.
 //! - The **outbound task** sends PUBACKs and acknowledgements to agents, so that the service
@@ -119,6 +121,8 @@ pub fn spawn_outbound(client: AsyncClient, capacity: usize) -> mpsc::Sender<Outb
 pub const RESUBSCRIBE_FIRST: Duration = Duration::from_millis(500);
 /// The longest wait before subscribing again.
 pub const RESUBSCRIBE_MAX: Duration = Duration::from_secs(10);
+/// A SUBSCRIBE not answered within this is sent again (rumqttc waits for a SUBACK for ever).
+pub const SUBACK_WITHIN: Duration = Duration::from_secs(10);
 
 /// The filters a SUBACK refused, from its codes in the order the filters were sent (a code
 /// missing from a short SUBACK counts as refused).
@@ -145,28 +149,62 @@ pub fn spawn_link(
     // Every filter in one SUBSCRIBE (so the SUBACK's codes are the filters', in order), after
     // `after`. From another task: the link task must keep polling the event loop, or a full
     // request queue would wait on itself.
-    let subscribe = |client: &AsyncClient, filters: &[String], after: Duration| {
-        let (client, filters) = (client.clone(), filters.to_vec());
-        tokio::spawn(async move {
-            tokio::time::sleep(after).await;
-            let all = filters.into_iter().map(|f| SubscribeFilter::new(f, QoS::AtLeastOnce));
-            if let Err(e) = client.subscribe_many(all).await {
-                tracing::warn!(error = %e, "subscribe");
-            }
-        });
+    // A subscription scheduled for one connection is not sent on the next: each connection
+    // (and each loss of one) moves the generation on.
+    let generation = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let subscribe = {
+        let generation = generation.clone();
+        move |client: &AsyncClient, filters: &[String], after: Duration| {
+            let (client, filters) = (client.clone(), filters.to_vec());
+            let generation = generation.clone();
+            let mine = generation.load(std::sync::atomic::Ordering::SeqCst);
+            tokio::spawn(async move {
+                tokio::time::sleep(after).await;
+                if generation.load(std::sync::atomic::Ordering::SeqCst) != mine {
+                    return;
+                }
+                let all = filters.into_iter().map(|f| SubscribeFilter::new(f, QoS::AtLeastOnce));
+                if let Err(e) = client.subscribe_many(all).await {
+                    tracing::warn!(error = %e, "subscribe");
+                }
+            });
+        }
+    };
+    let next_generation = {
+        let generation = generation.clone();
+        move || generation.fetch_add(1, std::sync::atomic::Ordering::SeqCst)
     };
     tokio::spawn(async move {
         let mut delay = Duration::from_millis(250);
         let mut resubscribe = RESUBSCRIBE_FIRST;
         let mut up = false;
         let mut at = 0usize;
+        // The SUBSCRIBE this connection waits on, and until when: only its SUBACK counts, and
+        // a broker that never answers it is asked again.
+        let mut awaiting: Option<u16> = None;
+        let mut suback_by: std::pin::Pin<Box<tokio::time::Sleep>> = Box::pin(tokio::time::sleep(SUBACK_WITHIN));
         loop {
             let ev = tokio::select! {
                 _ = cancel.cancelled() => return,
+                _ = &mut suback_by, if awaiting.is_some() => {
+                    tracing::warn!(
+                        within_s = SUBACK_WITHIN.as_secs(),
+                        "the broker did not answer the subscription: subscribing again"
+                    );
+                    awaiting = None;
+                    subscribe(&client, &filters, Duration::ZERO);
+                    continue;
+                }
                 ev = eventloop.poll() => ev,
             };
             match ev {
+                Ok(MqttEvent::Outgoing(rumqttc::Outgoing::Subscribe(pkid))) => {
+                    awaiting = Some(pkid);
+                    suback_by = Box::pin(tokio::time::sleep(SUBACK_WITHIN));
+                }
                 Ok(MqttEvent::Incoming(Packet::ConnAck(c))) => {
+                    next_generation();
+                    awaiting = None;
                     delay = Duration::from_millis(250);
                     let (host, port) = eventloop.mqtt_options.broker_address();
                     tracing::info!(session_present = c.session_present, broker = %format!("{host}:{port}"), "connected to the broker");
@@ -178,6 +216,10 @@ pub fn spawn_link(
                     }
                 }
                 Ok(MqttEvent::Incoming(Packet::SubAck(ack))) => {
+                    if awaiting != Some(ack.pkid) {
+                        continue; // the answer to a SUBSCRIBE since superseded
+                    }
+                    awaiting = None;
                     let refused = refused_filters(&filters, &ack.return_codes);
                     if refused.is_empty() {
                         tracing::info!("subscribed");
@@ -201,6 +243,8 @@ pub fn spawn_link(
                 }
                 Ok(_) => {}
                 Err(e) => {
+                    next_generation();
+                    awaiting = None;
                     let (host, port) = eventloop.mqtt_options.broker_address();
                     tracing::warn!(error = %e, broker = %format!("{host}:{port}"), retry_ms = delay.as_millis() as u64, "broker connection");
                     if std::mem::take(&mut up) && tx.send(FromMqtt::Disconnected).await.is_err() {

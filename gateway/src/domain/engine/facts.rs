@@ -4,8 +4,9 @@
 //! once and cannot drift between the two. (The readings a device event carries are the
 //! protocol's [`Readings`](mamori_protocol::event_data::Readings), written by the agent.)
 //!
-//! Every field is optional and read leniently: an alert stored by an older gateway that lacks
-//! one reads as absent, and the message leaves that part out.
+//! Every field is optional: an alert stored by an older gateway that lacks one reads it as
+//! absent, and the message leaves that part out. (A value of the wrong type makes the whole
+//! set read as absent; only the engine writes these.)
 
 use serde::{Deserialize, Serialize};
 

@@ -251,10 +251,64 @@ fn a_ventilator_alarm_or_a_lost_device_whose_event_never_came_is_raised_from_the
     e.poll(t(30));
     assert!(alert(&e, "a", "device_lost").is_none(), "a cleared alert came back with the next snapshot");
     assert!(sent(&mut e).is_empty());
-    // Found again, then lost again with its event lost: raised again.
-    e.handle(Input::Telemetry(h("a"), snap(40, true, false)), t(40)).unwrap();
+    // The loss the person cleared, its event arriving late (written at 10, before the clear):
+    // history, nobody paged.
+    let mut lost = event(2, 10, EventKind::DeviceLost);
+    lost.source = Some("ox".into());
+    e.handle(Input::Event(h("a"), lost), t(31)).unwrap();
+    e.poll(t(31));
+    assert!(alert(&e, "a", "device_lost").is_none(), "the cleared loss came back from its late event");
+    assert!(sent(&mut e).is_empty());
+    // Found again (its event, the snapshot after it lost on its way), then lost again with its
+    // event lost: raised again, though the person's clear came before.
+    e.handle(Input::Event(h("a"), event(3, 40, EventKind::DeviceRestored)), t(40)).unwrap();
     e.handle(Input::Telemetry(h("a"), snap(50, true, true)), t(50)).unwrap();
+    assert!(alert(&e, "a", "device_lost").is_some(), "a new loss after the device came back was not raised");
+    // And through the snapshots alone: cleared by hand, over, lost again.
+    let id = alert(&e, "a", "device_lost").map(|a| a.id.clone()).unwrap();
+    e.handle(Input::Clear { alert_id: id, by: "coord-a".into() }, t(51)).unwrap();
+    e.handle(Input::Telemetry(h("a"), snap(60, true, false)), t(60)).unwrap();
+    e.handle(Input::Telemetry(h("a"), snap(70, true, true)), t(70)).unwrap();
     assert!(alert(&e, "a", "device_lost").is_some(), "a new loss was not raised");
+}
+
+/// `oximeter_alarm_cleared` ends the alarm and its silencing together: a snapshot written
+/// just before it (still alarming, still silenced) and overtaken by it opens neither again.
+#[test]
+fn a_snapshot_overtaken_by_the_oximeters_all_clear_opens_neither_of_its_alarms() {
+    let mut e = engine(&[plan("a", "431001", 5000.0)]);
+    let clock = |written: i64| mamori_protocol::mqtt::ClockInfo {
+        boot: "b1".into(),
+        uptime_ms: 1_000_000 + written as u64 * 1000,
+        synced: Some(true),
+    };
+    let snap = |written: i64, alarming: bool| {
+        let mut s = telemetry(written, true);
+        s.conditions.insert(EventKind::OximeterAlarm, alarming);
+        s.conditions.insert(EventKind::OximeterAlarmSilenced, alarming);
+        s.clock = Some(clock(written));
+        s
+    };
+    let at_uptime = |mut ev: Event| {
+        let written = ev.ts.timestamp() - ts(0).timestamp();
+        ev.clock = Some(clock(written));
+        ev
+    };
+    e.handle(Input::Telemetry(h("a"), snap(0, false)), t(0)).unwrap();
+    e.handle(Input::Event(h("a"), at_uptime(event(1, 10, EventKind::OximeterAlarm))), t(10)).unwrap();
+    e.handle(Input::Event(h("a"), at_uptime(event(2, 11, EventKind::OximeterAlarmSilenced))), t(11)).unwrap();
+    e.poll(t(11));
+    assert!(alert(&e, "a", "oximeter_alarm").is_some() && alert(&e, "a", "oximeter_alarm_silenced").is_some());
+    e.handle(Input::Event(h("a"), at_uptime(event(3, 20, EventKind::OximeterAlarmCleared))), t(20)).unwrap();
+    e.poll(t(20));
+    assert!(alert(&e, "a", "oximeter_alarm").is_none() && alert(&e, "a", "oximeter_alarm_silenced").is_none());
+    sent(&mut e);
+    // Written at 19 s (still alarming, still silenced), arriving at 22 s, after the all-clear.
+    e.handle(Input::Telemetry(h("a"), snap(19, true)), t(22)).unwrap();
+    e.poll(t(22));
+    assert!(alert(&e, "a", "oximeter_alarm_silenced").is_none(), "the silencing opened again after the all-clear");
+    assert!(alert(&e, "a", "oximeter_alarm").is_none(), "the alarm opened again after the all-clear");
+    assert!(sent(&mut e).is_empty());
 }
 
 /// With the agent's clocks (as a real agent sends them), a snapshot is placed at its arrival;

@@ -20,15 +20,18 @@ impl Service {
                     self.broker_up = false;
                 }
                 FromMqtt::Subscribed { refused } => {
-                    self.broker_up = refused.is_empty();
+                    // Silence is judged from the homes' status and telemetry: with those taken
+                    // the link is up for it, even with the events refused (the alerts their
+                    // conditions say hold are then raised from the telemetry). Any refusal
+                    // leaves the gateway unhealthy, so the operators hear of it.
+                    let hears = |c: Channel| !refused.contains(&c.filter());
+                    self.broker_up = hears(Channel::Status) && hears(Channel::Telemetry);
                     if self.broker_up && self.degraded.is_none() {
                         self.engine.set_uplink(true, now);
                     } else if !self.broker_up {
-                        // Connected, but hearing only part of what the homes send: their
-                        // silence is not judged, and the gateway is not healthy.
                         self.engine.set_uplink(false, now);
                     }
-                    self.health.set_broker(self.broker_up, now);
+                    self.health.set_broker(refused.is_empty(), now);
                 }
                 FromMqtt::Disconnected => {
                     if !batch.is_empty() {

@@ -114,27 +114,31 @@ fn the_service_runs_on_inputs_and_the_time_it_is_given_with_no_socket() {
     assert!(coordinator.iter().any(|(r, _)| r == "Sato"), "{coordinator:?}");
 }
 
-/// Connected is not up: the link is up for the service once the broker has taken every
-/// subscription. One it refused (a NATS node whose JetStream was not ready) means the gateway
-/// hears part of what the homes send, so their silence is not judged and `/healthz` says so,
-/// until a later SUBACK takes them all.
+/// Connected is not up: the link is up for the service once the broker has taken the
+/// subscriptions silence is judged from (status, telemetry). A refused event filter (a NATS
+/// node whose JetStream was not ready) leaves silence judged (the telemetry still comes, and
+/// raises what its conditions say holds) but the gateway unhealthy; a refused telemetry filter
+/// means the homes' silence cannot be told from the gateway's, so it is not judged.
 #[test]
-fn a_subscription_the_broker_refused_keeps_the_link_down_until_it_is_taken() {
+fn a_subscription_the_broker_refused_keeps_the_gateway_unhealthy_until_it_is_taken() {
     let dir = tempfile::tempdir().unwrap();
     let mut svc = driven_service(dir.path());
     let link = |items| ServiceInput::Broker(items);
     let connected = |session_present| FromMqtt::Connected { session_present };
-    svc.handle(link(vec![connected(false), FromMqtt::Subscribed { refused: vec![] }]), at(0)).unwrap();
+    let refused = |filters: &[&str]| FromMqtt::Subscribed { refused: filters.iter().map(|f| f.to_string()).collect() };
+    svc.handle(link(vec![connected(false), refused(&[])]), at(0)).unwrap();
     assert!(svc.engine.uplink());
-    // The connection drops; the next one's subscription is refused.
+    // The connection drops; the next one's event subscription is refused.
     svc.handle(link(vec![FromMqtt::Disconnected]), at(1)).unwrap();
     svc.handle(link(vec![connected(true)]), at(2)).unwrap();
     assert!(!svc.engine.uplink(), "up before the broker answered the subscription");
-    let refused = FromMqtt::Subscribed { refused: vec!["mamori/v1/+/event".into()] };
-    svc.handle(link(vec![refused]), at(3)).unwrap();
-    assert!(!svc.engine.uplink(), "up with a subscription refused");
+    svc.handle(link(vec![refused(&["mamori/v1/+/event"])]), at(3)).unwrap();
+    assert!(svc.engine.uplink(), "silence not judged though the telemetry comes");
     assert_eq!(svc.health().broker_down_since(), Some(at(1)), "healthy with a subscription refused");
-    svc.handle(link(vec![FromMqtt::Subscribed { refused: vec![] }]), at(4)).unwrap();
+    // The telemetry refused: silence not judged.
+    svc.handle(link(vec![refused(&["mamori/v1/+/telemetry"])]), at(4)).unwrap();
+    assert!(!svc.engine.uplink(), "silence judged without the telemetry");
+    svc.handle(link(vec![refused(&[])]), at(5)).unwrap();
     assert!(svc.engine.uplink());
     assert_eq!(svc.health().broker_down_since(), None);
 }
