@@ -787,20 +787,29 @@ fn pump(mut from: std::net::TcpStream, mut to: std::net::TcpStream, mut f: impl 
     let _ = to.shutdown(std::net::Shutdown::Both);
 }
 
-/// A subscription the broker refuses is not taken for "subscribed": the gateway says which
-/// filter was refused, subscribes again until the broker takes it, and then an outage reaches
-/// the family. (The old link logged "subscribed" for any SUBACK, and a NATS node that refused
-/// the event filter left a gateway hearing every home's telemetry and none of its events.)
-#[test]
-fn a_subscription_the_broker_refuses_is_made_again_until_it_is_taken() -> Result<()> {
+/// A gateway that reaches Mosquitto through a [`RefuseFirstSubscription`] proxy (`drop`: the
+/// first SUBACK is never passed on), started without waiting to be subscribed.
+fn behind_a_subscription_proxy(
+    drop: bool,
+) -> Result<(Mosquitto, RefuseFirstSubscription, WebhookReceiver, Setup, Process)> {
     let broker = Mosquitto::start("")?;
-    let proxy = RefuseFirstSubscription::start(broker.port(), false)?;
+    let proxy = RefuseFirstSubscription::start(broker.port(), drop)?;
     let hook = WebhookReceiver::start("hook-secret")?;
     let s = setup(proxy.port, &hook, 3600)?;
     mamori_testkit::gateway_init(Path::new(BIN), &s.config)?;
     let mut cmd = Command::new(BIN);
     cmd.arg("run").arg("--config").arg(&s.config);
     let gw = Process::spawn("gateway", cmd)?;
+    Ok((broker, proxy, hook, s, gw))
+}
+
+/// A subscription the broker refuses is not taken for "subscribed": the gateway says which
+/// filter was refused, subscribes again until the broker takes it, and then an outage reaches
+/// the family. (The old link logged "subscribed" for any SUBACK, and a NATS node that refused
+/// the event filter left a gateway hearing every home's telemetry and none of its events.)
+#[test]
+fn a_subscription_the_broker_refuses_is_made_again_until_it_is_taken() -> Result<()> {
+    let (broker, proxy, hook, s, gw) = behind_a_subscription_proxy(false)?;
     gw.wait_line("the refusal, named", LIMIT, |l| {
         l.contains("the broker refused to subscribe") && l.contains("mamori/v1/+/event")
     })?;
@@ -816,14 +825,7 @@ fn a_subscription_the_broker_refuses_is_made_again_until_it_is_taken() -> Result
 /// ever, and the gateway would never be up).
 #[test]
 fn a_subscription_the_broker_never_answers_is_sent_again() -> Result<()> {
-    let broker = Mosquitto::start("")?;
-    let proxy = RefuseFirstSubscription::start(broker.port(), true)?;
-    let hook = WebhookReceiver::start("hook-secret")?;
-    let s = setup(proxy.port, &hook, 3600)?;
-    mamori_testkit::gateway_init(Path::new(BIN), &s.config)?;
-    let mut cmd = Command::new(BIN);
-    cmd.arg("run").arg("--config").arg(&s.config);
-    let gw = Process::spawn("gateway", cmd)?;
+    let (_broker, proxy, _hook, s, gw) = behind_a_subscription_proxy(true)?;
     gw.wait_line("the silence noticed", LIMIT, |l| l.contains("the broker did not answer the subscription"))?;
     gw.wait_line("subscribed", LIMIT, |l| l.contains("\"subscribed\""))?;
     assert!(proxy.subscribes() >= 2, "subscribed again: {} SUBSCRIBEs", proxy.subscribes());

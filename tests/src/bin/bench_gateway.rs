@@ -690,7 +690,11 @@ async fn shape(store_kind: StoreKind, broker_kind: BrokerKind) -> Result<Vec<(&'
     );
     let coord_direct = ds.iter().filter(|d| d.path == "/coord" && kind_of(d).0 == "alert").count();
     println!("per-home alerts sent to coordinators during the storm (incidents replace them): {coord_direct}");
-    let from_telemetry = gw.lines().iter().filter(|l| l.contains("alert raised from the home's telemetry") && l.contains("mains_lost")).count();
+    let from_telemetry = gw
+        .lines()
+        .iter()
+        .filter(|l| l.contains("alert raised from the home's telemetry") && l.contains("mains_lost"))
+        .count();
     println!("outages raised from a home's telemetry (before their event, or without one): {from_telemetry}");
     figures.push(("storm: outages raised from telemetry", from_telemetry.to_string()));
     println!("deliveries so far {} · signatures bad {}", ds.len(), ds.iter().filter(|d| !d.signature_ok).count());
