@@ -805,8 +805,8 @@ fn behind_a_subscription_proxy(
 
 /// A subscription the broker refuses is not taken for "subscribed": the gateway says which
 /// filter was refused, subscribes again until the broker takes it, and then an outage reaches
-/// the family. (The old link logged "subscribed" for any SUBACK, and a NATS node that refused
-/// the event filter left a gateway hearing every home's telemetry and none of its events.)
+/// the family. (The old link logged "subscribed" for any SUBACK: a refused event filter would
+/// have left the gateway hearing the homes' telemetry and none of their events.)
 #[test]
 fn a_subscription_the_broker_refuses_is_made_again_until_it_is_taken() -> Result<()> {
     let (broker, proxy, hook, s, gw) = behind_a_subscription_proxy(false)?;

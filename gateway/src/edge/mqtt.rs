@@ -4,10 +4,9 @@
 //!   PUBLISH to the service loop, tells it when the connection comes up (with the broker's
 //!   `session present` flag) and when it goes down, resubscribes after every CONNACK, and
 //!   backs off with jitter after errors. Every filter goes in one SUBSCRIBE, so the SUBACK's
-//!   codes name each filter: a filter the broker refuses (a NATS node whose JetStream could not
-//!   make the subscription's consumer in time answers 0x80, and then delivers nothing on that
-//!   topic: it once left a gateway hearing every home's telemetry and none of its events) is
-//!   reported to the service ([`FromMqtt::Subscribed`]) and subscribed again with a backoff,
+//!   codes name each filter: a filter the broker refuses (NATS's MQTT answers 0x80 when it
+//!   cannot make the subscription's JetStream consumer, and then delivers nothing on that
+//!   topic; before this check such a refusal was logged "subscribed") is reported to the service ([`FromMqtt::Subscribed`]) and subscribed again with a backoff,
 //!   until the broker takes it. A SUBSCRIBE not answered within [`SUBACK_WITHIN`] is sent
 //!   again; only the SUBACK of the latest SUBSCRIBE counts, and one scheduled for a connection
 //!   that has since dropped is not sent on the next. The service judges a home's silence only while the
