@@ -219,18 +219,28 @@ pub(super) fn local_s(t: Time, offset: FixedOffset) -> String {
     t.with_timezone(&offset).format("%m/%d %H:%M:%S").to_string()
 }
 
+/// The `<head>` of every page (`script`: the live updater, on signed-in pages).
+pub(super) fn head(title: &str, script: bool) -> Markup {
+    html! {
+        head {
+            meta charset="utf-8";
+            meta name="viewport" content="width=device-width,initial-scale=1";
+            title { (title) " · mamori" }
+            link rel="stylesheet" href="/static/app.css";
+            @if script {
+                script src="/static/app.js" defer {}
+            }
+        }
+    }
+}
+
 /// A page without the navigation (login).
 pub fn layout_bare(lang: Lang, title: &str, body: Markup) -> Markup {
     let l = if lang == Lang::En { "en" } else { "ja" };
     html! {
         (DOCTYPE)
         html lang=(l) {
-            head {
-                meta charset="utf-8";
-                meta name="viewport" content="width=device-width,initial-scale=1";
-                title { (title) " · mamori" }
-                link rel="stylesheet" href="/static/app.css";
-            }
+            (head(title, false))
             body.narrow { main #main { (body) } }
         }
     }

@@ -18,13 +18,7 @@ pub(super) fn layout(v: &Viewer, title: &str, body: Markup) -> Markup {
     html! {
         (DOCTYPE)
         html lang=(l) {
-            head {
-                meta charset="utf-8";
-                meta name="viewport" content="width=device-width,initial-scale=1";
-                title { (title) " · mamori" }
-                link rel="stylesheet" href="/static/app.css";
-                script src="/static/app.js" defer {}
-            }
+            (super::html::head(title, true))
             body {
                 header {
                     nav {
