@@ -25,7 +25,7 @@ use mamori_gateway::domain::engine::{AlertKind, Answer, Engine, Input, Settings}
 use mamori_gateway::domain::homes::{HomesFile, Known};
 use mamori_gateway::domain::message::Style;
 use mamori_gateway::domain::policy::Policies;
-use mamori_gateway::edge::store::Store;
+use mamori_gateway::edge::store::{Store, Tx};
 use mamori_gateway::web::{self, App, SessionSettings, Snapshot, WebRequest};
 use mamori_protocol::mqtt::{Event, EventKind, HomeId, Role};
 use tokio::sync::{mpsc, watch};
@@ -59,6 +59,14 @@ contacts = [{ role = "family", name = "母", channels = [{ console = "f" }] }]
 "#;
 
 const PASSWORD: &str = "correct horse battery";
+
+/// Writes the engine's record into the fixture's store as the service does: in a transaction.
+fn record(f: &Fixture, write: impl FnOnce(&mut dyn Store, &Tx)) {
+    let mut db = f.db.lock().unwrap();
+    let tx = db.begin().unwrap();
+    write(db.as_mut(), &tx);
+    db.commit(tx).unwrap();
+}
 
 struct Fixture {
     _dir: tempfile::TempDir,
@@ -1184,7 +1192,7 @@ async fn an_acknowledgement_link_says_what_it_is_about_and_when_it_is_over() {
     };
     over.id = "cleared-one".into();
     over.cleared_at = Some(over.since + chrono::Duration::minutes(42));
-    f.db.lock().unwrap().save_alert(&over).unwrap();
+    record(&f, |db, tx| db.save_alert(tx, &over).unwrap());
     let r = send(&f, page(&f, None, "GET", &ack_path("cleared-one"), "")).await;
     assert_eq!(r.status, StatusCode::OK);
     assert!(r.body.contains("B-1") && r.body.contains("終わりました") && !r.body.contains("<form"), "{}", r.body);
@@ -1196,7 +1204,7 @@ async fn an_acknowledgement_link_says_what_it_is_about_and_when_it_is_over() {
     let mut inc = f.engine.lock().unwrap().incidents().next().cloned().unwrap();
     inc.id = "inc-closed".into();
     inc.closed_at = Some(inc.opened_at + chrono::Duration::hours(3));
-    f.db.lock().unwrap().save_incident(&inc).unwrap();
+    record(&f, |db, tx| db.save_incident(tx, &inc).unwrap());
     let r = send(&f, page(&f, None, "GET", &ack_path("inc-closed"), "")).await;
     assert_eq!(r.status, StatusCode::OK);
     assert!(r.body.contains("広域停電") && r.body.contains("終わりました"), "{}", r.body);
@@ -1219,7 +1227,7 @@ async fn a_closed_incident_keeps_its_page_for_those_in_scope() {
     let mut inc = f.engine.lock().unwrap().incidents().next().cloned().unwrap();
     inc.id = "inc-431001-closed".into();
     inc.closed_at = Some(inc.opened_at + chrono::Duration::hours(3));
-    f.db.lock().unwrap().save_incident(&inc).unwrap();
+    record(&f, |db, tx| db.save_incident(tx, &inc).unwrap());
     // Its homes' alerts as the service stored them: A-1's acknowledged by its coordinator.
     {
         let mut e = f.engine.lock().unwrap();
@@ -1228,12 +1236,13 @@ async fn a_closed_incident_keeps_its_page_for_those_in_scope() {
             Utc::now(),
         )
         .unwrap();
-        let mut db = f.db.lock().unwrap();
-        for h in ["home-a1", "home-a2"] {
-            for a in e.home_state(&HomeId::new(h).unwrap()).unwrap().alerts.values() {
-                db.save_alert(a).unwrap();
+        record(&f, |db, tx| {
+            for h in ["home-a1", "home-a2"] {
+                for a in e.home_state(&HomeId::new(h).unwrap()).unwrap().alerts.values() {
+                    db.save_alert(tx, a).unwrap();
+                }
             }
-        }
+        });
     }
     let r = send(&f, page(&f, Some("coord_a"), "GET", "/incidents/inc-431001-closed", "")).await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.body);
@@ -1900,7 +1909,7 @@ async fn with_consent_required_an_account_sees_only_homes_that_consented_to_its_
     let mut inc = f.engine.lock().unwrap().incidents().next().cloned().unwrap();
     inc.id = "inc-431001-consent".into();
     inc.closed_at = Some(inc.opened_at + chrono::Duration::hours(1));
-    f.db.lock().unwrap().save_incident(&inc).unwrap();
+    record(&f, |db, tx| db.save_incident(tx, &inc).unwrap());
     let r = send(&f, page(&f, Some("coord_a"), "GET", "/incidents/inc-431001-consent", "")).await;
     let text = visible_text(&r.body);
     assert!(text.contains("A-1") && !text.contains("A-2") && text.contains("表示していない世帯が1世帯"), "{text}");

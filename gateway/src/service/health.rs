@@ -43,6 +43,8 @@ pub struct Degraded {
 pub struct Health {
     degraded: Mutex<Option<Degraded>>,
     broker_down_since: Mutex<Option<Time>>,
+    /// The subscriptions the broker refused on the connection that is up (none while down).
+    refused: Mutex<Vec<String>>,
     no_homes: AtomicBool,
     /// Store errors since start.
     pub store_errors: AtomicU64,
@@ -112,6 +114,12 @@ impl Health {
         }
     }
 
+    /// The filters the broker refused at the last subscription (cleared when the connection
+    /// drops: then the connection is the problem).
+    pub fn set_refused(&self, filters: Vec<String>) {
+        *self.refused.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = filters;
+    }
+
     /// Since when the broker connection is down.
     pub fn broker_down_since(&self) -> Option<Time> {
         *self.broker_down_since.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -175,7 +183,15 @@ impl Health {
         }
         if let Some(since) = self.broker_down_since() {
             if (now - since).num_seconds() > BROKER_DOWN_UNHEALTHY_S {
-                out.push(format!("no broker connection since {}", since.to_rfc3339()));
+                let refused = self.refused.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                out.push(match refused.is_empty() {
+                    true => format!("no broker connection since {}", since.to_rfc3339()),
+                    false => format!(
+                        "the broker refuses the subscription to {} since {} (subscribing again)",
+                        refused.join(", "),
+                        since.to_rfc3339()
+                    ),
+                });
             }
         }
         out

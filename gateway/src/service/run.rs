@@ -94,7 +94,7 @@ use crate::domain::policy::Policies;
 use crate::edge::clock;
 use crate::edge::delivery::{after_attempt, expand, Failure, Next, ResolvedEndpoint, Sender};
 use crate::edge::mqtt::{FromMqtt, Outbound};
-use crate::edge::store::{OutboxRow, OutboxStatus, Store, StoreError};
+use crate::edge::store::{OutboxRow, OutboxStatus, Store, StoreError, Tx};
 use crate::service::dispatch::{Decision, Dispatcher};
 use crate::service::health::{Degraded, Health};
 use crate::web::metrics::{Counters, TURN_BUCKETS_S};
@@ -374,9 +374,9 @@ impl Service {
         if !self.poll_needed(now) {
             return Ok(Vec::new());
         }
-        let acks = self.transaction(now, |s| {
+        let acks = self.transaction(now, |s, tx| {
             s.engine.poll(now);
-            s.persist(now)
+            s.persist(tx, now)
         })?;
         self.polled_at = now;
         self.input_since_poll = false;

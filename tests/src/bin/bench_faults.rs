@@ -383,12 +383,12 @@ fn disk_budget(rows: usize) -> Result<()> {
     let homes: Vec<HomeId> = (0..2000).map(|i| HomeId::new(&home(i)).unwrap()).collect();
     let now = chrono::Utc::now();
     for chunk in 0..rows / 1000 {
-        store.begin()?;
+        let tx = store.begin()?;
         for k in 0..1000 {
             let n = chunk * 1000 + k;
-            store.insert_telemetry(&homes[n % homes.len()], &t, now + chrono::Duration::seconds(n as i64))?;
+            store.insert_telemetry(&tx, &homes[n % homes.len()], &t, now + chrono::Duration::seconds(n as i64))?;
         }
-        store.commit()?;
+        store.commit(tx)?;
     }
     store.conn().execute_batch("PRAGMA wal_checkpoint(TRUNCATE)")?;
     let per_row = (size(dir.path()) - before) as f64 / rows as f64;

@@ -74,23 +74,24 @@ pub(crate) fn check(s: &mut dyn Store) {
 
 fn batches(s: &mut dyn Store) {
     let (a, b) = (HomeId::new("ba").unwrap(), HomeId::new("bb").unwrap());
-    s.begin().unwrap();
-    assert!(s.insert_event(&a, &ev(1), t(0)).unwrap());
-    let new = s.insert_events(&[(a.clone(), ev(1)), (a.clone(), ev(2)), (b.clone(), ev(2)), (a.clone(), ev(2))], t(1));
+    let tx = s.begin().unwrap();
+    assert!(s.insert_event(&tx, &a, &ev(1), t(0)).unwrap());
+    let new =
+        s.insert_events(&tx, &[(a.clone(), ev(1)), (a.clone(), ev(2)), (b.clone(), ev(2)), (a.clone(), ev(2))], t(1));
     assert_eq!(
         new.unwrap(),
         [false, true, true, false],
         "stored before; new; new for another home; again in the batch"
     );
-    assert!(s.insert_events(&[], t(1)).unwrap().is_empty());
-    s.enqueue_many(&[row("bk1", 0), row("bk2", 0), row("bk1", 0)]).unwrap();
-    s.enqueue_many(&[]).unwrap();
+    assert!(s.insert_events(&tx, &[], t(1)).unwrap().is_empty());
+    s.enqueue_many(&tx, &[row("bk1", 0), row("bk2", 0), row("bk1", 0)]).unwrap();
+    s.enqueue_many(&tx, &[]).unwrap();
     let telemetry: mamori_protocol::mqtt::Telemetry =
         serde_json::from_str(r#"{"ts":"2026-11-01T09:00:00+09:00","interval_s":60,"mains_present":false}"#).unwrap();
-    s.insert_telemetry_many(&[(a.clone(), telemetry.clone()), (b.clone(), telemetry)], t(2)).unwrap();
+    s.insert_telemetry_many(&tx, &[(a.clone(), telemetry.clone()), (b.clone(), telemetry)], t(2)).unwrap();
     let status: mamori_protocol::mqtt::Status = serde_json::from_str(r#"{"state":"online"}"#).unwrap();
-    s.insert_statuses(&[(a.clone(), status.clone()), (b.clone(), status)], t(2)).unwrap();
-    s.commit().unwrap();
+    s.insert_statuses(&tx, &[(a.clone(), status.clone()), (b.clone(), status)], t(2)).unwrap();
+    s.commit(tx).unwrap();
     assert_eq!(s.events_for(&a, 10).unwrap().len(), 2);
     assert_eq!(s.events_for(&b, 10).unwrap().len(), 1);
     let due: Vec<String> = s.due(t(100), 100, &[]).unwrap().into_iter().map(|r| r.key).collect();
@@ -102,14 +103,18 @@ fn home_states(s: &mut dyn Store) {
     use crate::domain::engine::{HomeState, Power};
     let (a, b) = (HomeId::new("sa").unwrap(), HomeId::new("sb").unwrap());
     let on_battery = HomeState { power: Power::Battery { since: t(5) }, ..Default::default() };
+    let tx = s.begin().unwrap();
     // Many at once, then one of them again with another state: each home once, the latest.
-    s.save_states(&[(a.clone(), HomeState::default()), (b.clone(), on_battery.clone())]).unwrap();
-    s.save_states(&[(a.clone(), on_battery.clone())]).unwrap();
-    s.save_states(&[]).unwrap();
+    s.save_states(&tx, &[(a.clone(), HomeState::default()), (b.clone(), on_battery.clone())]).unwrap();
+    s.save_states(&tx, &[(a.clone(), on_battery.clone())]).unwrap();
+    s.save_states(&tx, &[]).unwrap();
+    s.commit(tx).unwrap();
     let mut got = s.states().unwrap();
     got.sort_by(|x, y| x.0.cmp(&y.0));
     assert_eq!(got, [(a.clone(), on_battery.clone()), (b, on_battery)]);
-    s.save_state(&a, &HomeState::default()).unwrap();
+    let tx = s.begin().unwrap();
+    s.save_state(&tx, &a, &HomeState::default()).unwrap();
+    s.commit(tx).unwrap();
     assert!(s.states().unwrap().contains(&(a, HomeState::default())));
 }
 
@@ -139,27 +144,31 @@ fn messages_and_outbox(s: &mut dyn Store) {
     assert_eq!(s.homes().unwrap().len(), 2);
     assert!(!s.has_messages().unwrap());
     // A batch rolled back leaves nothing; committed, an event is stored once.
-    s.begin().unwrap();
-    assert!(s.insert_event(&h, &ev(1), t(0)).unwrap());
-    assert!(s.enqueue(&row("k0", 0)).unwrap());
-    s.rollback();
+    let tx = s.begin().unwrap();
+    assert!(s.insert_event(&tx, &h, &ev(1), t(0)).unwrap());
+    assert!(s.enqueue(&tx, &row("k0", 0)).unwrap());
+    s.rollback(tx);
     assert_eq!(s.outbox_depth().unwrap(), 0);
-    s.begin().unwrap();
-    assert!(s.insert_event(&h, &ev(1), t(0)).unwrap());
-    assert!(!s.insert_event(&h, &ev(1), t(1)).unwrap(), "(home, seq) is unique");
-    s.commit().unwrap();
+    let tx = s.begin().unwrap();
+    assert!(s.insert_event(&tx, &h, &ev(1), t(0)).unwrap());
+    assert!(!s.insert_event(&tx, &h, &ev(1), t(1)).unwrap(), "(home, seq) is unique");
+    s.commit(tx).unwrap();
     assert!(s.has_messages().unwrap());
     assert_eq!(s.events_for(&h, 10).unwrap().len(), 1);
     // The outbox: unique by key, due in order.
-    assert!(s.enqueue(&row("k2", 20)).unwrap());
-    assert!(s.enqueue(&row("k1", 10)).unwrap());
-    assert!(!s.enqueue(&row("k1", 10)).unwrap(), "same key, no second message");
+    let tx = s.begin().unwrap();
+    assert!(s.enqueue(&tx, &row("k2", 20)).unwrap());
+    assert!(s.enqueue(&tx, &row("k1", 10)).unwrap());
+    assert!(!s.enqueue(&tx, &row("k1", 10)).unwrap(), "same key, no second message");
+    s.commit(tx).unwrap();
     assert_eq!(s.due(t(15), 10, &[]).unwrap().iter().map(|r| r.key.as_str()).collect::<Vec<_>>(), ["k1"]);
     assert!(s.due(t(15), 10, &["console:c".into()]).unwrap().is_empty());
     assert_eq!(s.next_due_after(t(10)).unwrap(), Some(t(20)));
     let mut r = s.due(t(30), 10, &[]).unwrap().remove(0);
     r.status = OutboxStatus::Delivered;
-    s.record_attempt(&r).unwrap();
+    let tx = s.begin().unwrap();
+    s.record_attempt(&tx, &r).unwrap();
+    s.commit(tx).unwrap();
     assert_eq!(s.outbox_depth().unwrap(), 1);
     // An incident's after-action notes, in the order written, kept apart per incident.
     s.add_incident_note("inc-431001-1", t(5), "coord-a", "K-03の移動が遅れた").unwrap();
@@ -185,10 +194,14 @@ fn messages_and_outbox(s: &mut dyn Store) {
         changed: false,
         tiers: Default::default(),
     };
-    s.save_incident(&inc).unwrap();
+    let tx = s.begin().unwrap();
+    s.save_incident(&tx, &inc).unwrap();
+    s.commit(tx).unwrap();
     assert_eq!(s.open_incidents().unwrap().len(), 1);
     let closed = crate::domain::engine::Incident { closed_at: Some(t(600)), ..inc };
-    s.save_incident(&closed).unwrap();
+    let tx = s.begin().unwrap();
+    s.save_incident(&tx, &closed).unwrap();
+    s.commit(tx).unwrap();
     assert!(s.open_incidents().unwrap().is_empty());
     assert_eq!(s.incident("inc-431001-1").unwrap().map(|i| i.closed_at), Some(Some(t(600))));
     assert!(s.incident("inc-nowhere").unwrap().is_none());

@@ -5,7 +5,8 @@
 //! Callers see only traits, never SQL:
 //! - [`Store`]: homes, messages, engine state, alerts, incidents, the outbox, acknowledgement
 //!   requests, history and the store's own bookkeeping, with explicit write transactions
-//!   ([`Store::begin`], [`Store::commit`], [`Store::rollback`]);
+//!   ([`Store::begin`] gives a [`Tx`], which every write of the engine's record takes, and
+//!   [`Store::commit`] or [`Store::rollback`] takes back);
 //! - [`AccountRows`]: the rows behind accounts, sessions and API tokens (the rules, such as
 //!   password policy, second factors and expiry, stay in [`crate::admin::accounts`]);
 //! - [`AuditRows`]: the append-only audit log (the hash chain is computed in [`crate::admin::audit`];
@@ -281,6 +282,73 @@ pub struct AckRequest {
     pub note: Option<String>,
 }
 
+/// An open write transaction, in the types.
+///
+/// The engine's record (messages, home states, alerts, incidents, outbox rows and their
+/// attempts, applied acknowledgement requests) must change all together or not at all, and on
+/// a store shared by several gateways only inside the lease's fence ([`Store::fence`]). So
+/// every [`Store`] method that writes it takes a `&Tx`, and only [`Store::begin`] makes one
+/// (its field is private to this module: no caller can build one), while [`Store::commit`]
+/// and [`Store::rollback`] take it by value: a write of the record cannot be called outside a
+/// transaction, nor after the transaction's end. The service's turns hold one each
+/// (`Service::transaction`).
+///
+/// The writes that do not take one are whole in themselves, each one transaction inside the
+/// backend: a care plan's versions ([`Store::upsert_homes`], fenced like a batch), an
+/// incident's note, an acknowledgement request from the CLI, pruning the history, the
+/// store's own bookkeeping ([`Store::set_meta`], [`Store::probe_write`]), accounts and audit.
+///
+/// What the types do not say: a `Tx` belongs to the store that made it, and is not to be
+/// handed to another (a process holds one store; the contract tests hold one at a time).
+///
+/// Written in a transaction, the record is stored:
+/// ```
+/// # use mamori_gateway::edge::store::{Store, StoreError};
+/// # use mamori_gateway::domain::engine::Alert;
+/// fn store(s: &mut dyn Store, a: &Alert) -> Result<(), StoreError> {
+///     let tx = s.begin()?;
+///     s.save_alert(&tx, a)?;
+///     s.commit(tx)
+/// }
+/// ```
+/// Outside one, it does not compile:
+/// ```compile_fail
+/// # use mamori_gateway::edge::store::{Store, StoreError};
+/// # use mamori_gateway::domain::engine::Alert;
+/// fn store(s: &mut dyn Store, a: &Alert) -> Result<(), StoreError> {
+///     s.save_alert(a)
+/// }
+/// ```
+/// Nor does a transaction made by hand, or one used after its commit:
+/// ```compile_fail
+/// # use mamori_gateway::edge::store::{Store, StoreError, Tx};
+/// # use mamori_gateway::domain::engine::Alert;
+/// fn store(s: &mut dyn Store, a: &Alert) -> Result<(), StoreError> {
+///     s.save_alert(&Tx { _begun: () }, a)
+/// }
+/// ```
+/// ```compile_fail
+/// # use mamori_gateway::edge::store::{Store, StoreError};
+/// # use mamori_gateway::domain::engine::Alert;
+/// fn store(s: &mut dyn Store, a: &Alert) -> Result<(), StoreError> {
+///     let tx = s.begin()?;
+///     s.commit(tx)?;
+///     s.save_alert(&tx, a)
+/// }
+/// ```
+#[must_use = "a transaction ends in Store::commit or Store::rollback"]
+#[derive(Debug)]
+pub struct Tx {
+    _begun: (),
+}
+
+impl Tx {
+    /// Made by a backend's `begin`, once its transaction is open.
+    fn begun() -> Self {
+        Tx { _begun: () }
+    }
+}
+
 /// The store: what the service, the web and the CLI read and write (see the module doc).
 pub trait Store: Send + AccountRows + AuditRows {
     /// Where it is, for an operator (a file, a database name; never a password).
@@ -290,12 +358,14 @@ pub trait Store: Send + AccountRows + AuditRows {
     /// deposed gateway cannot write (a store one machine owns ignores it).
     fn fence(&mut self, _holder: Option<(String, i64)>) {}
 
-    /// Start a write transaction.
-    fn begin(&mut self) -> Result<(), StoreError>;
-    /// Commit it.
-    fn commit(&mut self) -> Result<(), StoreError>;
+    /// Start a write transaction: the [`Tx`] that the engine's record is written with. When
+    /// it fails (the store refuses, the fence is lost) no transaction is left open.
+    fn begin(&mut self) -> Result<Tx, StoreError>;
+    /// Commit it. When the commit fails, nothing of the transaction is kept and none is left
+    /// open.
+    fn commit(&mut self, tx: Tx) -> Result<(), StoreError>;
     /// Abandon it.
-    fn rollback(&mut self);
+    fn rollback(&mut self, tx: Tx);
 
     /// Add or replace care plans, in one transaction. A plan that differs from the stored
     /// one (or is new) becomes the home's next version, recorded with `by` (an account, or
@@ -310,59 +380,64 @@ pub trait Store: Send + AccountRows + AuditRows {
     fn homes(&self) -> Result<Vec<Home>, StoreError>;
 
     /// Store an event; false when `(home, seq)` is already stored.
-    fn insert_event(&mut self, home: &HomeId, e: &Event, received: Time) -> Result<bool, StoreError>;
+    fn insert_event(&mut self, tx: &Tx, home: &HomeId, e: &Event, received: Time) -> Result<bool, StoreError>;
     /// Store a telemetry snapshot.
-    fn insert_telemetry(&mut self, home: &HomeId, t: &Telemetry, received: Time) -> Result<(), StoreError>;
+    fn insert_telemetry(&mut self, tx: &Tx, home: &HomeId, t: &Telemetry, received: Time) -> Result<(), StoreError>;
     /// Store a status message.
-    fn insert_status(&mut self, home: &HomeId, s: &Status, received: Time) -> Result<(), StoreError>;
+    fn insert_status(&mut self, tx: &Tx, home: &HomeId, s: &Status, received: Time) -> Result<(), StoreError>;
 
     /// Store a batch's events at once: for each, whether it was new (an event already stored,
     /// or earlier in the same batch, is not). One statement where the backend can: on a
     /// network database every statement is a round trip, and a storm's events queued behind
     /// them.
-    fn insert_events(&mut self, events: &[(HomeId, Event)], received: Time) -> Result<Vec<bool>, StoreError> {
-        events.iter().map(|(h, e)| self.insert_event(h, e, received)).collect()
+    fn insert_events(&mut self, tx: &Tx, events: &[(HomeId, Event)], received: Time) -> Result<Vec<bool>, StoreError> {
+        events.iter().map(|(h, e)| self.insert_event(tx, h, e, received)).collect()
     }
     /// Store a batch's kept telemetry at once.
-    fn insert_telemetry_many(&mut self, rows: &[(HomeId, Telemetry)], received: Time) -> Result<(), StoreError> {
+    fn insert_telemetry_many(
+        &mut self,
+        tx: &Tx,
+        rows: &[(HomeId, Telemetry)],
+        received: Time,
+    ) -> Result<(), StoreError> {
         for (h, t) in rows {
-            self.insert_telemetry(h, t, received)?;
+            self.insert_telemetry(tx, h, t, received)?;
         }
         Ok(())
     }
     /// Store a batch's status messages at once.
-    fn insert_statuses(&mut self, rows: &[(HomeId, Status)], received: Time) -> Result<(), StoreError> {
+    fn insert_statuses(&mut self, tx: &Tx, rows: &[(HomeId, Status)], received: Time) -> Result<(), StoreError> {
         for (h, st) in rows {
-            self.insert_status(h, st, received)?;
+            self.insert_status(tx, h, st, received)?;
         }
         Ok(())
     }
 
     /// Save a home's state.
-    fn save_state(&mut self, home: &HomeId, state: &HomeState) -> Result<(), StoreError>;
+    fn save_state(&mut self, tx: &Tx, home: &HomeId, state: &HomeState) -> Result<(), StoreError>;
     /// Save many homes' states (each home once), in one statement where the backend can: a
     /// batch of a fleet's telemetry changes as many states as it has messages.
-    fn save_states(&mut self, states: &[(HomeId, HomeState)]) -> Result<(), StoreError> {
+    fn save_states(&mut self, tx: &Tx, states: &[(HomeId, HomeState)]) -> Result<(), StoreError> {
         for (h, st) in states {
-            self.save_state(h, st)?;
+            self.save_state(tx, h, st)?;
         }
         Ok(())
     }
     /// Every home's saved state.
     fn states(&self) -> Result<Vec<(HomeId, HomeState)>, StoreError>;
     /// Save an alert.
-    fn save_alert(&mut self, a: &Alert) -> Result<(), StoreError>;
+    fn save_alert(&mut self, tx: &Tx, a: &Alert) -> Result<(), StoreError>;
     /// Save many alerts at once (each id once: the caller keeps the latest).
-    fn save_alerts(&mut self, alerts: &[Alert]) -> Result<(), StoreError> {
+    fn save_alerts(&mut self, tx: &Tx, alerts: &[Alert]) -> Result<(), StoreError> {
         for a in alerts {
-            self.save_alert(a)?;
+            self.save_alert(tx, a)?;
         }
         Ok(())
     }
     /// Alerts, newest first (`active_only`: not cleared).
     fn alerts(&self, active_only: bool, limit: usize) -> Result<Vec<Alert>, StoreError>;
     /// Save an incident.
-    fn save_incident(&mut self, i: &Incident) -> Result<(), StoreError>;
+    fn save_incident(&mut self, tx: &Tx, i: &Incident) -> Result<(), StoreError>;
     /// Incidents not closed.
     fn open_incidents(&self) -> Result<Vec<Incident>, StoreError>;
     /// One incident, open or closed.
@@ -373,11 +448,11 @@ pub trait Store: Send + AccountRows + AuditRows {
     fn incident_notes(&self, incident: &str) -> Result<Vec<IncidentNote>, StoreError>;
 
     /// Write an outbox row unless its key exists; true when written.
-    fn enqueue(&mut self, row: &OutboxRow) -> Result<bool, StoreError>;
+    fn enqueue(&mut self, tx: &Tx, row: &OutboxRow) -> Result<bool, StoreError>;
     /// Queue many notifications at once (a key already queued is left as it is).
-    fn enqueue_many(&mut self, rows: &[OutboxRow]) -> Result<(), StoreError> {
+    fn enqueue_many(&mut self, tx: &Tx, rows: &[OutboxRow]) -> Result<(), StoreError> {
         for r in rows {
-            self.enqueue(r)?;
+            self.enqueue(tx, r)?;
         }
         Ok(())
     }
@@ -390,7 +465,7 @@ pub trait Store: Send + AccountRows + AuditRows {
     /// are the dispatcher's business: sent, leased, or waiting for a free slot).
     fn next_due_after(&self, now: Time) -> Result<Option<Time>, StoreError>;
     /// Record an attempt's result.
-    fn record_attempt(&mut self, row: &OutboxRow) -> Result<(), StoreError>;
+    fn record_attempt(&mut self, tx: &Tx, row: &OutboxRow) -> Result<(), StoreError>;
     /// An alert's outbox rows.
     fn outbox_for(&self, alert_id: &str) -> Result<Vec<OutboxRow>, StoreError>;
     /// Pending rows.
@@ -401,7 +476,7 @@ pub trait Store: Send + AccountRows + AuditRows {
     /// Requests not yet applied.
     fn pending_acks(&self) -> Result<Vec<AckRequest>, StoreError>;
     /// Mark a request applied (`result`: `ok` or the error).
-    fn finish_ack(&mut self, id: i64, result: &str) -> Result<(), StoreError>;
+    fn finish_ack(&mut self, tx: &Tx, id: i64, result: &str) -> Result<(), StoreError>;
     /// A request's result, once applied.
     fn ack_result(&self, id: i64) -> Result<Option<String>, StoreError>;
 

@@ -37,8 +37,8 @@ use ::postgres::{Client, NoTls, Row};
 use mamori_protocol::mqtt::{Event, HomeId, Role, Status, Telemetry};
 
 use super::{
-    history_json, parse_ts, ts, AckRequest, HomeVersion, IncidentNote, OutboxRow, Store, StoreError, META_CREATED_AT,
-    META_FIRST_MESSAGE_AT,
+    history_json, parse_ts, ts, AckRequest, HomeVersion, IncidentNote, OutboxRow, Store, StoreError, Tx,
+    META_CREATED_AT, META_FIRST_MESSAGE_AT,
 };
 use crate::admin::accounts::{AccountRole, User};
 use crate::admin::audit::Entry;
@@ -278,6 +278,17 @@ impl PgStore {
         StoreError::Postgres { target: self.target.clone(), detail }
     }
 
+    /// Roll back whatever transaction is open on the connection (none is open after it).
+    fn end_open(&self) {
+        let _ = self.call(|c| {
+            c.in_tx = false;
+            if let Some(cl) = c.client.as_mut().filter(|cl| !cl.is_closed()) {
+                let _ = cl.batch_execute("ROLLBACK");
+            }
+            Ok(())
+        });
+    }
+
     /// Run `f` on the connection's thread; its answer within the timeout.
     fn call<T: Send + 'static>(
         &self,
@@ -434,9 +445,9 @@ impl Store for PgStore {
         self.fence = holder;
     }
 
-    fn begin(&mut self) -> Result<(), StoreError> {
+    fn begin(&mut self) -> Result<Tx, StoreError> {
         let fence = self.fence.clone();
-        self.call(move |c| {
+        let begun = self.call(move |c| {
             c.client()?.batch_execute("BEGIN").map_err(|e| pg_text(&e))?;
             c.in_tx = true;
             if let Some((holder, token)) = fence {
@@ -455,10 +466,19 @@ impl Store for PgStore {
                 }
             }
             Ok(())
-        })
+        });
+        match begun {
+            Ok(()) => Ok(Tx::begun()),
+            Err(e) => {
+                // Begun and then refused (the fence, a lost connection): nothing is left open.
+                self.end_open();
+                Err(e)
+            }
+        }
     }
 
-    fn commit(&mut self) -> Result<(), StoreError> {
+    fn commit(&mut self, _tx: Tx) -> Result<(), StoreError> {
+        // A failed COMMIT ends the transaction on the server too (it rolls back).
         self.call(|c| {
             let r = c.client().and_then(|cl| cl.batch_execute("COMMIT").map_err(|e| pg_text(&e)));
             c.in_tx = false;
@@ -466,14 +486,8 @@ impl Store for PgStore {
         })
     }
 
-    fn rollback(&mut self) {
-        let _ = self.call(|c| {
-            c.in_tx = false;
-            if let Some(cl) = c.client.as_mut().filter(|cl| !cl.is_closed()) {
-                let _ = cl.batch_execute("ROLLBACK");
-            }
-            Ok(())
-        });
+    fn rollback(&mut self, _tx: Tx) {
+        self.end_open();
     }
 
     fn upsert_homes(&mut self, homes: &[Home], by: &str) -> Result<(), StoreError> {
@@ -591,7 +605,7 @@ impl Store for PgStore {
         self.json_rows("SELECT plan FROM homes ORDER BY id", p![], "home")
     }
 
-    fn insert_event(&mut self, home: &HomeId, e: &Event, received: Time) -> Result<bool, StoreError> {
+    fn insert_event(&mut self, _tx: &Tx, home: &HomeId, e: &Event, received: Time) -> Result<bool, StoreError> {
         let n = self.exec(
             "INSERT INTO events (home, seq, id, ts, kind, received_at, payload) VALUES ($1, $2, $3, $4, $5, $6, $7)
              ON CONFLICT DO NOTHING",
@@ -608,7 +622,7 @@ impl Store for PgStore {
         Ok(n == 1)
     }
 
-    fn insert_events(&mut self, events: &[(HomeId, Event)], received: Time) -> Result<Vec<bool>, StoreError> {
+    fn insert_events(&mut self, _tx: &Tx, events: &[(HomeId, Event)], received: Time) -> Result<Vec<bool>, StoreError> {
         if events.is_empty() {
             return Ok(Vec::new());
         }
@@ -633,7 +647,12 @@ impl Store for PgStore {
         Ok(events.iter().map(|(h, e)| new.remove(&(h.as_str().to_string(), e.seq as i64))).collect())
     }
 
-    fn insert_telemetry_many(&mut self, rows: &[(HomeId, Telemetry)], received: Time) -> Result<(), StoreError> {
+    fn insert_telemetry_many(
+        &mut self,
+        _tx: &Tx,
+        rows: &[(HomeId, Telemetry)],
+        received: Time,
+    ) -> Result<(), StoreError> {
         if rows.is_empty() {
             return Ok(());
         }
@@ -648,7 +667,7 @@ impl Store for PgStore {
         Ok(())
     }
 
-    fn insert_statuses(&mut self, rows: &[(HomeId, Status)], received: Time) -> Result<(), StoreError> {
+    fn insert_statuses(&mut self, _tx: &Tx, rows: &[(HomeId, Status)], received: Time) -> Result<(), StoreError> {
         if rows.is_empty() {
             return Ok(());
         }
@@ -661,7 +680,7 @@ impl Store for PgStore {
         Ok(())
     }
 
-    fn insert_telemetry(&mut self, home: &HomeId, t: &Telemetry, received: Time) -> Result<(), StoreError> {
+    fn insert_telemetry(&mut self, _tx: &Tx, home: &HomeId, t: &Telemetry, received: Time) -> Result<(), StoreError> {
         self.exec(
             "INSERT INTO telemetry (home, ts, received_at, payload) VALUES ($1, $2, $3, $4)",
             p![home.as_str().to_string(), ts(t.ts.with_timezone(&chrono::Utc)), ts(received), history_json(t)],
@@ -669,7 +688,7 @@ impl Store for PgStore {
         Ok(())
     }
 
-    fn insert_status(&mut self, home: &HomeId, s: &Status, received: Time) -> Result<(), StoreError> {
+    fn insert_status(&mut self, _tx: &Tx, home: &HomeId, s: &Status, received: Time) -> Result<(), StoreError> {
         self.exec(
             "INSERT INTO status (home, received_at, payload) VALUES ($1, $2, $3)",
             p![home.as_str().to_string(), ts(received), serde_json::to_string(s).unwrap_or_default()],
@@ -677,7 +696,7 @@ impl Store for PgStore {
         Ok(())
     }
 
-    fn save_state(&mut self, home: &HomeId, state: &HomeState) -> Result<(), StoreError> {
+    fn save_state(&mut self, _tx: &Tx, home: &HomeId, state: &HomeState) -> Result<(), StoreError> {
         self.exec(
             "INSERT INTO home_state (id, state) VALUES ($1, $2) ON CONFLICT (id) DO UPDATE SET state = $2",
             p![home.as_str().to_string(), serde_json::to_string(state).unwrap_or_default()],
@@ -685,7 +704,7 @@ impl Store for PgStore {
         Ok(())
     }
 
-    fn save_states(&mut self, states: &[(HomeId, HomeState)]) -> Result<(), StoreError> {
+    fn save_states(&mut self, _tx: &Tx, states: &[(HomeId, HomeState)]) -> Result<(), StoreError> {
         if states.is_empty() {
             return Ok(());
         }
@@ -711,7 +730,7 @@ impl Store for PgStore {
         Ok(out)
     }
 
-    fn save_alert(&mut self, a: &Alert) -> Result<(), StoreError> {
+    fn save_alert(&mut self, _tx: &Tx, a: &Alert) -> Result<(), StoreError> {
         self.exec(
             "INSERT INTO alerts (id, home, kind, raised_at, cleared_at, body) VALUES ($1, $2, $3, $4, $5, $6)
              ON CONFLICT (id) DO UPDATE SET cleared_at = $5, body = $6",
@@ -727,7 +746,7 @@ impl Store for PgStore {
         Ok(())
     }
 
-    fn save_alerts(&mut self, alerts: &[Alert]) -> Result<(), StoreError> {
+    fn save_alerts(&mut self, _tx: &Tx, alerts: &[Alert]) -> Result<(), StoreError> {
         if alerts.is_empty() {
             return Ok(());
         }
@@ -759,7 +778,7 @@ impl Store for PgStore {
         }
     }
 
-    fn save_incident(&mut self, i: &Incident) -> Result<(), StoreError> {
+    fn save_incident(&mut self, _tx: &Tx, i: &Incident) -> Result<(), StoreError> {
         self.exec(
             "INSERT INTO incidents (id, municipality, closed_at, body) VALUES ($1, $2, $3, $4)
              ON CONFLICT (id) DO UPDATE SET closed_at = $3, body = $4",
@@ -776,7 +795,7 @@ impl Store for PgStore {
         Ok(self.json_rows("SELECT body FROM incidents WHERE id = $1", p![id.to_string()], "incident")?.pop())
     }
 
-    fn enqueue(&mut self, row: &OutboxRow) -> Result<bool, StoreError> {
+    fn enqueue(&mut self, _tx: &Tx, row: &OutboxRow) -> Result<bool, StoreError> {
         let n = self.exec(
             "INSERT INTO outbox (key, alert_id, status, next_attempt_at, body, dest) VALUES ($1, $2, $3, $4, $5, $6)
              ON CONFLICT DO NOTHING",
@@ -792,7 +811,7 @@ impl Store for PgStore {
         Ok(n == 1)
     }
 
-    fn enqueue_many(&mut self, rows: &[OutboxRow]) -> Result<(), StoreError> {
+    fn enqueue_many(&mut self, _tx: &Tx, rows: &[OutboxRow]) -> Result<(), StoreError> {
         if rows.is_empty() {
             return Ok(());
         }
@@ -841,7 +860,7 @@ impl Store for PgStore {
         Ok(t.as_deref().and_then(parse_ts))
     }
 
-    fn record_attempt(&mut self, row: &OutboxRow) -> Result<(), StoreError> {
+    fn record_attempt(&mut self, _tx: &Tx, row: &OutboxRow) -> Result<(), StoreError> {
         self.exec(
             "UPDATE outbox SET status = $2, next_attempt_at = $3, body = $4 WHERE key = $1",
             p![
@@ -892,7 +911,7 @@ impl Store for PgStore {
         Ok(out)
     }
 
-    fn finish_ack(&mut self, id: i64, result: &str) -> Result<(), StoreError> {
+    fn finish_ack(&mut self, _tx: &Tx, id: i64, result: &str) -> Result<(), StoreError> {
         self.exec("UPDATE ack_requests SET result = $2 WHERE id = $1", p![id, result.to_string()])?;
         Ok(())
     }
@@ -1214,18 +1233,17 @@ mod tests {
         let _ = s.meta("x");
         assert_eq!(s.meta("x").unwrap(), None);
         // Inside one: nothing of the batch is committed on a new connection.
-        s.begin().unwrap();
-        assert!(s.insert_event(&home, &ev(1), t(0)).unwrap());
+        let tx = s.begin().unwrap();
+        assert!(s.insert_event(&tx, &home, &ev(1), t(0)).unwrap());
         db.cut_connections().unwrap();
-        let _ = s.insert_event(&home, &ev(2), t(0));
-        assert!(s.insert_event(&home, &ev(3), t(0)).is_err(), "no statement of the batch runs elsewhere");
-        assert!(s.commit().is_err());
-        s.rollback();
+        let _ = s.insert_event(&tx, &home, &ev(2), t(0));
+        assert!(s.insert_event(&tx, &home, &ev(3), t(0)).is_err(), "no statement of the batch runs elsewhere");
+        assert!(s.commit(tx).is_err());
         assert!(s.events_for(&home, 10).unwrap().is_empty(), "the lost batch left nothing");
         // The batch again, whole.
-        s.begin().unwrap();
-        assert!(s.insert_event(&home, &ev(1), t(0)).unwrap());
-        s.commit().unwrap();
+        let tx = s.begin().unwrap();
+        assert!(s.insert_event(&tx, &home, &ev(1), t(0)).unwrap());
+        s.commit(tx).unwrap();
         assert_eq!(s.events_for(&home, 10).unwrap().len(), 1);
     }
 
@@ -1237,15 +1255,18 @@ mod tests {
         let ttl = Duration::from_secs(30);
         let token = a.take_lease("gw-a", ttl).unwrap().unwrap();
         a.fence(Some(("gw-a".into(), token)));
-        a.begin().unwrap();
+        let tx = a.begin().unwrap();
         a.set_meta("k", "1").unwrap();
-        a.commit().unwrap();
+        a.commit(tx).unwrap();
         // Another gateway takes over.
         a.release_lease("gw-a", token).unwrap();
         b.take_lease("gw-b", ttl).unwrap().unwrap();
         let e = a.begin().unwrap_err().to_string();
         assert!(e.contains("no longer holds the lease"), "{e}");
-        a.rollback();
+        // The refused transaction is not left open: the store's own bookkeeping (whole in
+        // itself, not fenced) is seen by the other gateway at once.
+        a.set_meta("after", "x").unwrap();
+        assert_eq!(b.meta("after").unwrap().as_deref(), Some("x"));
         assert_eq!(b.meta("k").unwrap().as_deref(), Some("1"));
         // A care plan from the deposed gateway's dashboard is not written either.
         let home: Home = serde_json::from_value(serde_json::json!({
@@ -1257,9 +1278,9 @@ mod tests {
         assert!(b.homes().unwrap().is_empty() && b.home_versions(&home.id).unwrap().is_empty());
         // Unfenced (one machine's store), it writes as before.
         a.fence(None);
-        a.begin().unwrap();
+        let tx = a.begin().unwrap();
         a.set_meta("k", "2").unwrap();
-        a.commit().unwrap();
+        a.commit(tx).unwrap();
     }
 
     #[test]

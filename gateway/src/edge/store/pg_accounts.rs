@@ -244,10 +244,7 @@ impl AuditRows for PgStore {
         // The entry is built between reading the last one and inserting, under the table lock;
         // `make` is not `Send`, so the lock is held across two calls to the connection's thread
         // inside one transaction.
-        if let Err(e) = self.begin() {
-            self.rollback();
-            return Err(e);
-        }
+        let tx = self.begin()?;
         let result = (|| {
             self.exec("LOCK TABLE audit IN SHARE ROW EXCLUSIVE MODE", p![])?;
             let r = self.rows("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1", p![])?;
@@ -272,11 +269,11 @@ impl AuditRows for PgStore {
         })();
         match result {
             Ok(e) => {
-                self.commit()?;
+                self.commit(tx)?;
                 Ok(e)
             }
             Err(err) => {
-                self.rollback();
+                self.rollback(tx);
                 Err(err)
             }
         }

@@ -11,8 +11,8 @@ use mamori_protocol::mqtt::{Event, HomeId, Role, Status, Telemetry};
 use rusqlite::{params, Connection, OptionalExtension};
 
 use super::{
-    history_json, parse_ts, ts, AckRequest, HomeVersion, IncidentNote, OutboxRow, Store, StoreError, META_CREATED_AT,
-    META_FIRST_MESSAGE_AT,
+    history_json, parse_ts, ts, AckRequest, HomeVersion, IncidentNote, OutboxRow, Store, StoreError, Tx,
+    META_CREATED_AT, META_FIRST_MESSAGE_AT,
 };
 use crate::domain::engine::{Alert, HomeState, Incident, Time};
 use crate::domain::homes::Home;
@@ -219,16 +219,25 @@ impl SqliteStore {
 }
 
 impl Store for SqliteStore {
-    fn begin(&mut self) -> Result<(), StoreError> {
-        self.conn.execute_batch("BEGIN IMMEDIATE").map_err(self.db())
+    fn begin(&mut self) -> Result<Tx, StoreError> {
+        self.conn.execute_batch("BEGIN IMMEDIATE").map_err(self.db())?;
+        Ok(Tx::begun())
     }
 
-    fn commit(&mut self) -> Result<(), StoreError> {
-        self.conn.execute_batch("COMMIT").map_err(self.db())
+    fn commit(&mut self, _tx: Tx) -> Result<(), StoreError> {
+        let committed = self.conn.execute_batch("COMMIT").map_err(self.db());
+        if committed.is_err() && !self.conn.is_autocommit() {
+            // A COMMIT that failed (a full disk, SQLITE_BUSY) can leave the transaction open:
+            // nothing of it is kept.
+            let _ = self.conn.execute_batch("ROLLBACK");
+        }
+        committed
     }
 
-    fn rollback(&mut self) {
-        let _ = self.conn.execute_batch("ROLLBACK");
+    fn rollback(&mut self, _tx: Tx) {
+        if !self.conn.is_autocommit() {
+            let _ = self.conn.execute_batch("ROLLBACK");
+        }
     }
 
     fn upsert_homes(&mut self, homes: &[Home], by: &str) -> Result<(), StoreError> {
@@ -336,7 +345,7 @@ impl Store for SqliteStore {
         self.json_rows("SELECT plan FROM homes ORDER BY id", [], "home")
     }
 
-    fn insert_event(&mut self, home: &HomeId, e: &Event, received: Time) -> Result<bool, StoreError> {
+    fn insert_event(&mut self, _tx: &Tx, home: &HomeId, e: &Event, received: Time) -> Result<bool, StoreError> {
         let payload = serde_json::to_string(e).unwrap_or_default();
         let n = self
             .conn
@@ -358,7 +367,7 @@ impl Store for SqliteStore {
         Ok(n == 1)
     }
 
-    fn insert_telemetry(&mut self, home: &HomeId, t: &Telemetry, received: Time) -> Result<(), StoreError> {
+    fn insert_telemetry(&mut self, _tx: &Tx, home: &HomeId, t: &Telemetry, received: Time) -> Result<(), StoreError> {
         let payload = history_json(t);
         self.conn
             .prepare_cached("INSERT INTO telemetry (home, ts, received_at, payload) VALUES (?1, ?2, ?3, ?4)")
@@ -367,7 +376,7 @@ impl Store for SqliteStore {
         Ok(())
     }
 
-    fn insert_status(&mut self, home: &HomeId, s: &Status, received: Time) -> Result<(), StoreError> {
+    fn insert_status(&mut self, _tx: &Tx, home: &HomeId, s: &Status, received: Time) -> Result<(), StoreError> {
         let payload = serde_json::to_string(s).unwrap_or_default();
         self.conn
             .prepare_cached("INSERT INTO status (home, received_at, payload) VALUES (?1, ?2, ?3)")
@@ -376,7 +385,7 @@ impl Store for SqliteStore {
         Ok(())
     }
 
-    fn save_state(&mut self, home: &HomeId, state: &HomeState) -> Result<(), StoreError> {
+    fn save_state(&mut self, _tx: &Tx, home: &HomeId, state: &HomeState) -> Result<(), StoreError> {
         let body = serde_json::to_string(state).unwrap_or_default();
         self.conn
             .prepare_cached(
@@ -403,7 +412,7 @@ impl Store for SqliteStore {
         Ok(out)
     }
 
-    fn save_alert(&mut self, a: &Alert) -> Result<(), StoreError> {
+    fn save_alert(&mut self, _tx: &Tx, a: &Alert) -> Result<(), StoreError> {
         let body = serde_json::to_string(a).unwrap_or_default();
         self.conn
             .prepare_cached(
@@ -426,7 +435,7 @@ impl Store for SqliteStore {
         self.json_rows(sql, [limit as i64], "alert")
     }
 
-    fn save_incident(&mut self, i: &Incident) -> Result<(), StoreError> {
+    fn save_incident(&mut self, _tx: &Tx, i: &Incident) -> Result<(), StoreError> {
         let body = serde_json::to_string(i).unwrap_or_default();
         self.conn
             .prepare_cached(
@@ -446,7 +455,7 @@ impl Store for SqliteStore {
         Ok(self.json_rows("SELECT body FROM incidents WHERE id = ?1", [id], "incident")?.pop())
     }
 
-    fn enqueue(&mut self, row: &OutboxRow) -> Result<bool, StoreError> {
+    fn enqueue(&mut self, _tx: &Tx, row: &OutboxRow) -> Result<bool, StoreError> {
         let body = serde_json::to_string(row).unwrap_or_default();
         let n = self
             .conn
@@ -498,7 +507,7 @@ impl Store for SqliteStore {
         Ok(t.as_deref().and_then(parse_ts))
     }
 
-    fn record_attempt(&mut self, row: &OutboxRow) -> Result<(), StoreError> {
+    fn record_attempt(&mut self, _tx: &Tx, row: &OutboxRow) -> Result<(), StoreError> {
         let body = serde_json::to_string(row).unwrap_or_default();
         self.conn
             .prepare_cached("UPDATE outbox SET status = ?2, next_attempt_at = ?3, body = ?4 WHERE key = ?1")
@@ -549,7 +558,7 @@ impl Store for SqliteStore {
         Ok(out)
     }
 
-    fn finish_ack(&mut self, id: i64, result: &str) -> Result<(), StoreError> {
+    fn finish_ack(&mut self, _tx: &Tx, id: i64, result: &str) -> Result<(), StoreError> {
         self.conn
             .execute("UPDATE ack_requests SET result = ?2 WHERE id = ?1", params![id, result])
             .map_err(self.db())?;

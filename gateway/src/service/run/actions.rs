@@ -20,7 +20,7 @@ impl Service {
         let input = Input::Ack { alert_id: alert_id.to_string(), role, by: by.to_string(), note };
         self.engine.handle(input, now).map_err(|e| e.to_string())?;
         tracing::info!(alert = alert_id, ?role, by, "acknowledged");
-        self.transaction(now, |s| s.persist(now)).map_err(|e| e.to_string())
+        self.transaction(now, |s, tx| s.persist(tx, now)).map_err(|e| e.to_string())
     }
 
     /// Record a family's or a facility's answer.
@@ -36,7 +36,7 @@ impl Service {
         }
         let told = web::record_answer(&mut self.engine, alert_id, by, answer, now).map_err(|e| e.to_string())?;
         tracing::info!(alert = alert_id, answer = answer.as_str(), by, told = %told.query(), "answered");
-        let acks = self.transaction(now, |s| s.persist(now)).map_err(|e| e.to_string())?;
+        let acks = self.transaction(now, |s, tx| s.persist(tx, now)).map_err(|e| e.to_string())?;
         Ok((acks, told))
     }
 
@@ -113,7 +113,7 @@ impl Service {
             .map(|a| a.id.clone())
             .ok_or_else(|| "the drill did not start".to_string())?;
         tracing::info!(home = %home.as_str(), by, drill = %id, "drill started");
-        self.transaction(now, |s| s.persist(now)).map_err(|e| e.to_string())?;
+        self.transaction(now, |s, tx| s.persist(tx, now)).map_err(|e| e.to_string())?;
         Ok(id)
     }
 
@@ -125,7 +125,7 @@ impl Service {
         let input = Input::Clear { alert_id: alert_id.to_string(), by: by.to_string() };
         self.engine.handle(input, now).map_err(|e| e.to_string())?;
         tracing::info!(alert = alert_id, by, "cleared by hand");
-        self.transaction(now, |s| s.persist(now)).map_err(|e| e.to_string())
+        self.transaction(now, |s, tx| s.persist(tx, now)).map_err(|e| e.to_string())
     }
 
     pub(super) fn apply_cli_acks(&mut self, now: Time) -> Result<Vec<(HomeId, mqtt::Ack)>, StoreError> {
@@ -142,7 +142,10 @@ impl Service {
                 }
                 Err(e) => e,
             };
-            self.store.finish_ack(req.id, &text)?;
+            // In a transaction of its own, so on a shared store it is fenced like the
+            // acknowledgement: a deposed gateway cannot mark a request done that it could not
+            // apply, and the gateway holding the lease applies it.
+            self.transaction(now, |s, tx| s.store.finish_ack(tx, req.id, &text))?;
         }
         Ok(all)
     }

@@ -10,17 +10,25 @@ impl Service {
     pub(super) fn transaction<T>(
         &mut self,
         now: Time,
-        f: impl FnOnce(&mut Self) -> Result<T, StoreError>,
+        f: impl FnOnce(&mut Self, &Tx) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
-        let result = self.store.begin().and_then(|()| f(self)).and_then(|v| self.store.commit().map(|()| v));
+        let result = match self.store.begin() {
+            Err(e) => Err(e),
+            Ok(tx) => match f(self, &tx) {
+                Ok(v) => self.store.commit(tx).map(|()| v),
+                Err(e) => {
+                    self.store.rollback(tx);
+                    Err(e)
+                }
+            },
+        };
         match &result {
             Ok(_) => self.stored_alerts.committed(),
-            Err(_) => self.stored_alerts.rolled_back(),
-        }
-        if let Err(e) = &result {
-            self.store.rollback();
-            let text = e.to_string();
-            self.store_failed(&text, now);
+            Err(e) => {
+                self.stored_alerts.rolled_back();
+                let text = e.to_string();
+                self.store_failed(&text, now);
+            }
         }
         result
     }

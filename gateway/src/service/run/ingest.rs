@@ -32,6 +32,7 @@ impl Service {
                         self.engine.set_uplink(false, now);
                     }
                     self.health.set_broker(refused.is_empty(), now);
+                    self.health.set_refused(refused);
                 }
                 FromMqtt::Disconnected => {
                     if !batch.is_empty() {
@@ -40,6 +41,7 @@ impl Service {
                     self.broker_up = false;
                     self.engine.set_uplink(false, now);
                     self.health.set_broker(false, now);
+                    self.health.set_refused(Vec::new());
                 }
             }
         }
@@ -101,7 +103,7 @@ impl Service {
 
     /// Store and apply one batch of messages in one transaction.
     pub(super) fn ingest(&mut self, batch: &[Publish], now: Time) -> Result<Vec<(HomeId, mqtt::Ack)>, StoreError> {
-        let (acks, stored) = self.transaction(now, |s| s.ingest_tx(batch, now))?;
+        let (acks, stored) = self.transaction(now, |s, tx| s.ingest_tx(tx, batch, now))?;
         self.first_message_stored |= stored;
         Ok(acks)
     }
@@ -122,6 +124,7 @@ impl Service {
     /// The acknowledgements for agents, and whether anything was stored.
     pub(super) fn ingest_tx(
         &mut self,
+        tx: &Tx,
         batch: &[Publish],
         now: Time,
     ) -> Result<(Vec<(HomeId, mqtt::Ack)>, bool), StoreError> {
@@ -141,7 +144,7 @@ impl Service {
             .collect();
         let pairs: Vec<(HomeId, Event)> = events.iter().map(|(_, h, e)| (h.clone(), e.clone())).collect();
         let new: HashMap<usize, bool> =
-            events.iter().map(|(i, _, _)| *i).zip(self.store.insert_events(&pairs, now)?).collect();
+            events.iter().map(|(i, _, _)| *i).zip(self.store.insert_events(tx, &pairs, now)?).collect();
         let (mut statuses, mut telemetry) = (Vec::new(), Vec::new());
         for (i, p) in batch.iter().enumerate() {
             let topic = p.topic.as_str();
@@ -208,16 +211,16 @@ impl Service {
                 tracing::warn!(error = %e, "not applied");
             }
         }
-        self.store.insert_statuses(&statuses, now)?;
-        self.store.insert_telemetry_many(&telemetry, now)?;
+        self.store.insert_statuses(tx, &statuses, now)?;
+        self.store.insert_telemetry_many(tx, &telemetry, now)?;
         if stored && !self.first_message_stored {
             self.store.set_meta(crate::edge::store::META_FIRST_MESSAGE_AT, &now.to_rfc3339())?;
         }
-        Ok((self.persist(now)?, stored))
+        Ok((self.persist(tx, now)?, stored))
     }
 
     /// Write the engine's outputs and dirty state (inside a transaction).
-    pub(super) fn persist(&mut self, now: Time) -> Result<Vec<(HomeId, mqtt::Ack)>, StoreError> {
+    pub(super) fn persist(&mut self, tx: &Tx, now: Time) -> Result<Vec<(HomeId, mqtt::Ack)>, StoreError> {
         let mut acks = Vec::new();
         let outputs = self.engine.take_outputs();
         let dirty = self.engine.take_dirty();
@@ -254,11 +257,11 @@ impl Service {
             }
         }
         for i in &incidents {
-            self.store.save_incident(i)?;
+            self.store.save_incident(tx, i)?;
         }
-        self.store.save_alerts(&alerts)?;
-        self.store.enqueue_many(&rows)?;
-        self.store.save_states(&dirty)?;
+        self.store.save_alerts(tx, &alerts)?;
+        self.store.enqueue_many(tx, &rows)?;
+        self.store.save_states(tx, &dirty)?;
         self.changed_homes.extend(dirty.into_iter().map(|(h, _)| h));
         Ok(acks)
     }

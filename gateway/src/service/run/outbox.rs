@@ -150,10 +150,10 @@ impl Service {
         }
         self.recorded_at = now;
         let rows = std::mem::take(&mut self.unrecorded);
-        let result = self.transaction(now, |s| {
+        let result = self.transaction(now, |s, tx| {
             let mut fallback = false;
             for next in rows.values() {
-                s.store.record_attempt(&next.row)?;
+                s.store.record_attempt(tx, &next.row)?;
                 if !next.fallback {
                     continue;
                 }
@@ -173,7 +173,7 @@ impl Service {
             if fallback {
                 // A later channel was raised: the engine's timers are looked at again soon.
                 s.input_since_poll = true;
-                s.persist(now)?;
+                s.persist(tx, now)?;
             }
             Ok(())
         });

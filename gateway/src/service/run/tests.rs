@@ -135,12 +135,23 @@ fn a_subscription_the_broker_refused_keeps_the_gateway_unhealthy_until_it_is_tak
     svc.handle(link(vec![refused(&["mamori/v1/+/event"])]), at(3)).unwrap();
     assert!(svc.engine.uplink(), "silence not judged though the telemetry comes");
     assert_eq!(svc.health().broker_down_since(), Some(at(1)), "healthy with a subscription refused");
+    let problems = svc.health().problems(at(40));
+    assert!(
+        problems.len() == 1 && problems[0].contains("refuses the subscription to mamori/v1/+/event"),
+        "the health line names what is refused, not a lost connection: {problems:?}"
+    );
     // The telemetry refused: silence not judged.
     svc.handle(link(vec![refused(&["mamori/v1/+/telemetry"])]), at(4)).unwrap();
     assert!(!svc.engine.uplink(), "silence judged without the telemetry");
     svc.handle(link(vec![refused(&[])]), at(5)).unwrap();
     assert!(svc.engine.uplink());
     assert_eq!(svc.health().broker_down_since(), None);
+    assert!(svc.health().problems(at(40)).is_empty());
+    // A connection lost after a refusal is told as a lost connection.
+    svc.handle(link(vec![refused(&["mamori/v1/+/event"])]), at(41)).unwrap();
+    svc.handle(link(vec![FromMqtt::Disconnected]), at(42)).unwrap();
+    let problems = svc.health().problems(at(80));
+    assert!(problems.len() == 1 && problems[0].starts_with("no broker connection since"), "{problems:?}");
 }
 
 #[test]

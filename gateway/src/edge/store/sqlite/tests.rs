@@ -76,19 +76,27 @@ fn the_database_and_its_journal_are_private_even_when_made_before_that_rule() {
     assert_eq!(mode(&db), 0o600);
 }
 
+/// A write of the engine's record, as the service makes it: in a transaction of its own.
+fn w<T>(s: &mut SqliteStore, write: impl FnOnce(&mut SqliteStore, &Tx) -> T) -> T {
+    let tx = s.begin().unwrap();
+    let v = write(s, &tx);
+    s.commit(tx).unwrap();
+    v
+}
+
 #[test]
 fn events_are_unique_by_home_and_seq_across_reopen() {
     let dir = tempfile::tempdir().unwrap();
     let home = HomeId::new("h").unwrap();
     {
         let mut s = SqliteStore::open(dir.path()).unwrap();
-        assert!(s.insert_event(&home, &ev(1), t(0)).unwrap());
-        assert!(!s.insert_event(&home, &ev(1), t(1)).unwrap());
-        assert!(s.insert_event(&HomeId::new("g").unwrap(), &ev(1), t(1)).unwrap());
+        assert!(w(&mut s, |s, tx| s.insert_event(tx, &home, &ev(1), t(0)).unwrap()));
+        assert!(!w(&mut s, |s, tx| s.insert_event(tx, &home, &ev(1), t(1)).unwrap()));
+        assert!(w(&mut s, |s, tx| s.insert_event(tx, &HomeId::new("g").unwrap(), &ev(1), t(1)).unwrap()));
     }
     let mut s = SqliteStore::open(dir.path()).unwrap();
-    assert!(!s.insert_event(&home, &ev(1), t(2)).unwrap(), "dedup survives a restart");
-    assert!(s.insert_event(&home, &ev(2), t(2)).unwrap());
+    assert!(!w(&mut s, |s, tx| s.insert_event(tx, &home, &ev(1), t(2)).unwrap()), "dedup survives a restart");
+    assert!(w(&mut s, |s, tx| s.insert_event(tx, &home, &ev(2), t(2)).unwrap()));
 }
 
 #[test]
@@ -97,12 +105,12 @@ fn the_delivery_statistics_read_only_what_they_need_from_the_outbox_and_the_aler
     let mut s = SqliteStore::open(dir.path()).unwrap();
     let mut r = row("k", 0);
     r.channel = ChannelRef::Line(format!("U{}", "a".repeat(32)));
-    s.enqueue(&r).unwrap();
+    w(&mut s, |s, tx| s.enqueue(tx, &r).unwrap());
     r.attempts = 2;
     r.status = OutboxStatus::Delivered;
     r.delivered_at = Some(t(30));
-    s.record_attempt(&r).unwrap();
-    s.enqueue(&row("k2", 0)).unwrap();
+    w(&mut s, |s, tx| s.record_attempt(tx, &r).unwrap());
+    w(&mut s, |s, tx| s.enqueue(tx, &row("k2", 0)).unwrap());
     s.conn
         .execute(
             "INSERT INTO alerts (id, home, kind, raised_at, body) VALUES ('a1', 'h', 'mains_lost', 'x', ?1)",
@@ -124,11 +132,11 @@ fn a_rolled_back_batch_leaves_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let home = HomeId::new("h").unwrap();
     let mut s = SqliteStore::open(dir.path()).unwrap();
-    s.begin().unwrap();
-    s.insert_event(&home, &ev(1), t(0)).unwrap();
-    s.enqueue(&row("k", 0)).unwrap();
-    s.rollback();
-    assert!(s.insert_event(&home, &ev(1), t(0)).unwrap());
+    let tx = s.begin().unwrap();
+    s.insert_event(&tx, &home, &ev(1), t(0)).unwrap();
+    s.enqueue(&tx, &row("k", 0)).unwrap();
+    s.rollback(tx);
+    assert!(w(&mut s, |s, tx| s.insert_event(tx, &home, &ev(1), t(0)).unwrap()));
     assert_eq!(s.outbox_depth().unwrap(), 0);
 }
 
@@ -136,9 +144,9 @@ fn a_rolled_back_batch_leaves_nothing() {
 fn the_outbox_is_idempotent_by_key_and_orders_by_due_time() {
     let dir = tempfile::tempdir().unwrap();
     let mut s = SqliteStore::open(dir.path()).unwrap();
-    assert!(s.enqueue(&row("k2", 20)).unwrap());
-    assert!(s.enqueue(&row("k1", 10)).unwrap());
-    assert!(!s.enqueue(&row("k1", 10)).unwrap(), "same key, no second message");
+    assert!(w(&mut s, |s, tx| s.enqueue(tx, &row("k2", 20)).unwrap()));
+    assert!(w(&mut s, |s, tx| s.enqueue(tx, &row("k1", 10)).unwrap()));
+    assert!(!w(&mut s, |s, tx| s.enqueue(tx, &row("k1", 10)).unwrap()), "same key, no second message");
     assert_eq!(s.due(t(15), 10, &[]).unwrap().iter().map(|r| r.key.as_str()).collect::<Vec<_>>(), ["k1"]);
     assert_eq!(s.next_due_after(t(0)).unwrap(), Some(t(10)));
     assert_eq!(s.next_due_after(t(10)).unwrap(), Some(t(20)), "what is due now is not a deadline");
@@ -148,7 +156,7 @@ fn the_outbox_is_idempotent_by_key_and_orders_by_due_time() {
     let mut r = s.due(t(30), 10, &[]).unwrap().remove(0);
     r.status = OutboxStatus::Delivered;
     r.delivered_at = Some(t(31));
-    s.record_attempt(&r).unwrap();
+    w(&mut s, |s, tx| s.record_attempt(tx, &r).unwrap());
     assert_eq!(s.outbox_depth().unwrap(), 1);
     assert_eq!(s.outbox_for("a1").unwrap().len(), 2);
 }
@@ -181,7 +189,7 @@ fn ack_requests_round_trip() {
     let p = s.pending_acks().unwrap();
     assert_eq!((p[0].role.clone(), p[0].note.as_deref()), (Ok(Role::Coordinator), Some("向かっています")));
     assert_eq!(s.ack_result(id).unwrap(), None);
-    s.finish_ack(id, "ok").unwrap();
+    w(&mut s, |s, tx| s.finish_ack(tx, id, "ok").unwrap());
     assert!(s.pending_acks().unwrap().is_empty());
     assert_eq!(s.ack_result(id).unwrap().as_deref(), Some("ok"));
     // A role the gateway does not know (a newer CLI, a hand-edited row) is never taken for
