@@ -31,9 +31,7 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::Duration;
 
 use mamori_protocol::mqtt::{self, Ack, Channel, ConnectionState, Event, HomeId, SourceInfo, Status, Telemetry};
-use rumqttc::{
-    AsyncClient, Event as MqttEvent, LastWill, MqttOptions, Outgoing, Packet, QoS, TlsConfiguration, Transport,
-};
+use rumqttc::{AsyncClient, Event as MqttEvent, LastWill, MqttOptions, Outgoing, Packet, QoS, TlsConfiguration};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -109,8 +107,14 @@ impl Connection {
     fn options(&self, n: usize) -> MqttOptions {
         let (host, port) =
             self.brokers.get(n % self.brokers.len().max(1)).cloned().unwrap_or((self.host.clone(), self.port));
-        let mut o = MqttOptions::new(self.home.as_str(), host, port);
-        o.set_keep_alive(self.keep_alive);
+        let mut o = mamori_connect::mqtt_options(
+            self.home.as_str(),
+            host,
+            port,
+            self.keep_alive,
+            self.credentials.as_ref(),
+            self.tls.as_ref(),
+        );
         o.set_clean_session(true);
         o.set_last_will(LastWill::new(
             self.home.topic(Channel::Status),
@@ -118,12 +122,6 @@ impl Connection {
             QoS::AtLeastOnce,
             true,
         ));
-        if let Some((u, p)) = &self.credentials {
-            o.set_credentials(u.clone(), p.clone());
-        }
-        if let Some(tls) = &self.tls {
-            o.set_transport(Transport::tls_with_config(tls.clone()));
-        }
         o
     }
 }
@@ -157,15 +155,15 @@ impl Connection {
     }
 
     async fn check_one(&self, host: &str, port: u16, limit: Duration) -> Result<String, String> {
-        let mut o = MqttOptions::new(format!("{}-probe", self.home.as_str()), host, port);
-        o.set_keep_alive(self.keep_alive.max(Duration::from_secs(5)));
+        let mut o = mamori_connect::mqtt_options(
+            format!("{}-probe", self.home.as_str()),
+            host,
+            port,
+            self.keep_alive,
+            self.credentials.as_ref(),
+            self.tls.as_ref(),
+        );
         o.set_clean_session(true);
-        if let Some((u, p)) = &self.credentials {
-            o.set_credentials(u.clone(), p.clone());
-        }
-        if let Some(tls) = &self.tls {
-            o.set_transport(Transport::tls_with_config(tls.clone()));
-        }
         let (client, mut events) = AsyncClient::new(o, 4);
         let at = format!("{host}:{port}");
         let how = match (&self.tls, &self.credentials) {

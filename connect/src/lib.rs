@@ -14,15 +14,46 @@
 //!   reconnect delays) and serde's `flatten` would silently accept unknown keys (it cannot be
 //!   combined with `deny_unknown_fields`); the shared keys are borrowed into [`BrokerKeys`].
 //!
-//! One error type, [`ConnectError`], names the key that is wrong. Each side builds its own
-//! MQTT options around these (the agent a clean session with a Last Will, the gateway a
-//! persistent session with manual acknowledgements); what must not differ between them is
-//! here. No I/O beyond reading the files a config names.
+//! - [`mqtt_options`]: the MQTT options every mamori client starts from (who, where, the
+//!   keep-alive's floor, credentials, TLS). Each side adds only what is its own: the agent a
+//!   clean session with a Last Will, its probe neither; the gateway a persistent session with
+//!   manual acknowledgements, a larger packet limit and window.
+//!
+//! One error type, [`ConnectError`], names the key that is wrong. No I/O beyond reading the
+//! files a config names.
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
-use rumqttc::TlsConfiguration;
+use rumqttc::{MqttOptions, TlsConfiguration, Transport};
 use serde::Deserialize;
+
+/// A keep-alive below this is raised to it: a broker that hears nothing for 1.5 × the
+/// keep-alive drops the client, and on a slow mobile link a second or two is not silence.
+pub const KEEP_ALIVE_MIN: Duration = Duration::from_secs(5);
+
+/// The MQTT options every mamori client starts from: `client_id` at `host:port`, the
+/// keep-alive (at least [`KEEP_ALIVE_MIN`]), the username and password when the config gives
+/// them, TLS when it gives it. The session, the Last Will and the flow settings are each
+/// side's own, added to what this returns.
+pub fn mqtt_options(
+    client_id: impl Into<String>,
+    host: impl Into<String>,
+    port: u16,
+    keep_alive: Duration,
+    credentials: Option<&(String, String)>,
+    tls: Option<&TlsConfiguration>,
+) -> MqttOptions {
+    let mut o = MqttOptions::new(client_id, host, port);
+    o.set_keep_alive(keep_alive.max(KEEP_ALIVE_MIN));
+    if let Some((user, password)) = credentials {
+        o.set_credentials(user.clone(), password.clone());
+    }
+    if let Some(tls) = tls {
+        o.set_transport(Transport::Tls(tls.clone()));
+    }
+    o
+}
 
 /// Why a connection could not be prepared from the config.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]

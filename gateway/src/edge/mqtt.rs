@@ -24,7 +24,7 @@ use std::time::Duration;
 use mamori_protocol::mqtt::{self, Channel, HomeId};
 use rand::Rng;
 use rumqttc::{
-    AsyncClient, Event as MqttEvent, MqttOptions, Packet, Publish, QoS, SubscribeFilter, SubscribeReasonCode, Transport,
+    AsyncClient, Event as MqttEvent, MqttOptions, Packet, Publish, QoS, SubscribeFilter, SubscribeReasonCode,
 };
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -74,19 +74,16 @@ pub fn options(config: &Config, port: u16) -> anyhow::Result<Vec<MqttOptions>> {
 
 fn options_for(config: &Config, host: &str, port: u16) -> anyhow::Result<MqttOptions> {
     let b = &config.broker;
-    let mut o = MqttOptions::new(b.client_id.clone(), host, port);
-    o.set_keep_alive(Duration::from_secs(u64::from(b.keep_alive_s.max(5))));
+    let credentials = mamori_connect::credentials(b.username.as_ref(), b.password.as_ref())?;
+    let tls = b.tls.as_ref().map(|t| t.transport()).transpose().map_err(|e| anyhow::anyhow!("broker.tls: {e}"))?;
+    let keep_alive = Duration::from_secs(u64::from(b.keep_alive_s));
+    let mut o =
+        mamori_connect::mqtt_options(b.client_id.clone(), host, port, keep_alive, credentials.as_ref(), tls.as_ref());
     // A persistent session: QoS 1 events queue at the broker while the gateway is away.
     o.set_clean_session(false);
     o.set_manual_acks(true);
     o.set_max_packet_size(mqtt::MAX_PAYLOAD_BYTES * 4, mqtt::MAX_PAYLOAD_BYTES * 4);
     o.set_inflight(1000);
-    if let Some((user, pass)) = mamori_connect::credentials(b.username.as_ref(), b.password.as_ref())? {
-        o.set_credentials(user, pass);
-    }
-    if let Some(t) = &b.tls {
-        o.set_transport(Transport::Tls(t.transport().map_err(|e| anyhow::anyhow!("broker.tls: {e}"))?));
-    }
     Ok(o)
 }
 
