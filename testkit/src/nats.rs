@@ -16,17 +16,27 @@ use anyhow::{bail, Context, Result};
 use crate::process::Process;
 use crate::{free_port, Deadline};
 
-/// Where Debian installs the server; `PATH` is searched first.
+/// Where Debian installs the server; `PATH` is searched first. Debian 12's (2.9.10) loses
+/// events (`docs/operations.md`): `scripts/test` sets `MAMORI_NATS_SERVER` to a current one.
 const CANDIDATES: &[&str] = &["nats-server", "/usr/sbin/nats-server", "/usr/bin/nats-server"];
 
-/// Find `nats-server`, with an error that says how to install it.
+/// Find `nats-server`, with an error that says how to install it: `MAMORI_NATS_SERVER` when
+/// set (a path; it must answer `--version`), otherwise `PATH` and Debian's places.
 pub fn binary() -> Result<PathBuf> {
+    if let Some(chosen) = std::env::var_os("MAMORI_NATS_SERVER") {
+        let chosen = PathBuf::from(chosen);
+        return match Command::new(&chosen).arg("--version").output() {
+            Ok(o) if o.status.success() => Ok(chosen),
+            Ok(o) => bail!("MAMORI_NATS_SERVER={}: `--version` failed ({})", chosen.display(), o.status),
+            Err(e) => bail!("MAMORI_NATS_SERVER={}: cannot run it: {e}", chosen.display()),
+        };
+    }
     for c in CANDIDATES {
         if Command::new(c).arg("--version").output().is_ok_and(|o| o.status.success()) {
             return Ok(PathBuf::from(c));
         }
     }
-    bail!("nats-server is not installed: run scripts/test (installs it as root) or `apt-get install nats-server`")
+    bail!("nats-server is not installed: set MAMORI_NATS_SERVER=$(scripts/nats-server) (a pinned current release; scripts/test does it), or install one >= 2.10")
 }
 
 /// One node.

@@ -631,8 +631,8 @@ fn brokers(lines: &[String]) -> Vec<String> {
 /// Scenario 13: The clustered broker. Three NATS nodes on the configs `pki nats` generates;
 /// the agent is on node 1, the gateway on another. Node 1 is killed during an outage: the agent
 /// fails over to another node and every event it spools arrives once, in order, mains returning
-/// included. Nobody is told the home went silent, because it never did. (Killing the
-/// gateway's node is not here: see docs/operations.md for what NATS 2.9 does then.)
+/// included. Nobody is told the home went silent, because it never did. (The gateway's own
+/// node dying is scenario 15.)
 #[test]
 fn a_nats_node_dying_under_a_home_moves_it_to_another_and_loses_nothing() -> Result<()> {
     let o = Options {
@@ -704,7 +704,7 @@ fn a_home_and_its_nats_node_dying_together_is_found_silent_without_a_will() -> R
     };
     // The chain starts once the gateway has stored the agent's start: it has heard the home.
     let mut c = Chain::start(&bins(), &o)?;
-    // The gateway on another node (its own node dying is another case: docs/operations.md).
+    // The gateway on another node (its own node dying is scenario 15).
     let n1 = c.nats.as_ref().context("nats")?.nodes[0].mqtt_port;
     let gateway_on = gateway_brokers(&c).last().cloned().context("the gateway is connected")?;
     assert!(!gateway_on.ends_with(&format!(":{n1}")), "the gateway is not on the agent's node: {gateway_on}");
@@ -714,6 +714,66 @@ fn a_home_and_its_nats_node_dying_together_is_found_silent_without_a_will() -> R
     c.nats.as_mut().context("nats")?.kill9(0)?;
     c.home("home-a")?.agent.as_mut().context("agent")?.kill9()?;
     c.hook.wait("home silent", 2 * LIMIT, |d| d.iter().any(|x| x.path == "/family" && kind(x) == "home_silent"))?;
+    refusals(&c);
+    assert_no_duplicates(&c);
+    Ok(())
+}
+
+/// Scenario 15: The gateway's own NATS node dies during an outage (node 3, or node 2 when its
+/// first connection went there; the agent is on node 1). The gateway connects to another node,
+/// where its session (kept in JetStream on every node) goes on: the battery-low and
+/// mains-restored events the home sends meanwhile reach the gateway once, in order, and the
+/// all-clear is sent. The gap was the centre's link, not the homes': nobody is paged for a
+/// silence.
+#[test]
+fn the_gateways_own_nats_node_dying_moves_it_to_another_and_loses_nothing() -> Result<()> {
+    let o = Options {
+        nats: true,
+        policy: format!(
+            "{}[policy.home_silent]\nsteps = [{{ tier = \"T0\", roles = [\"family\"] }}]\n",
+            policy("{ tier = \"T0\", roles = [\"family\"], escalate_after_s = 3600 },\n{ tier = \"T1\", roles = [\"coordinator\"] },")
+        ),
+        escalation: "silence_settle_s = 20\n".into(),
+        ..Options::default()
+    };
+    let mut c = Chain::start(&bins(), &o)?;
+    let ports: Vec<u16> = c.nats.as_ref().context("nats")?.nodes.iter().map(|n| n.mqtt_port).collect();
+    let first = gateway_brokers(&c).last().cloned().context("the gateway is connected")?;
+    let node = ports
+        .iter()
+        .position(|p| first.ends_with(&format!(":{p}")))
+        .with_context(|| format!("the gateway's broker {first} is one of the nodes {ports:?}"))?;
+    assert_ne!(node, 0, "the gateway is not on the agent's node: {first}");
+    c.home("home-a")?.cause("mains off", "mains_lost", 1)?;
+    c.hook.wait("the family", LIMIT, |d| d.iter().any(|x| x.path == "/family" && kind(x) == "mains_lost"))?;
+
+    // The gateway's node dies; the agent stays on node 1.
+    let connections = gateway_brokers(&c).len();
+    c.nats.as_mut().context("nats")?.kill9(node)?;
+    let killed = Instant::now();
+    let deadline = mamori_tests::Deadline::after(LIMIT);
+    while gateway_brokers(&c).len() <= connections {
+        deadline.check(&format!("the gateway on another node: {:?}", gateway_brokers(&c)))?;
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let now_on = gateway_brokers(&c).last().cloned().unwrap_or_default();
+    assert_ne!(now_on, first, "the gateway connected again to the node that died");
+    eprintln!("node {} killed → the gateway connected to {now_on}: {:?}", node + 1, killed.elapsed());
+    c.home("home-a")?.cause(&format!("battery {}", mamori_agent::simulate::UPS_LOW_V - 0.5), "battery_low", 1)?;
+    c.home("home-a")?.cause("mains on", "mains_restored", 1)?;
+
+    let logged = mamori_tests::chain::spooled(c.homes["home-a"].agent.as_ref().unwrap());
+    let got = wait_stored(&c, "home-a", &logged).inspect_err(|_| {
+        refusals(&c);
+    })?;
+    let seqs: Vec<i64> = got.iter().map(|(s, _)| *s).collect();
+    assert_eq!(seqs, (seqs[0]..=seqs[seqs.len() - 1]).collect::<Vec<_>>(), "a gap or a repeat in {got:?}");
+    c.hook.wait("the all-clear", LIMIT, |d| {
+        d.iter().any(|x| x.path == "/family" && x.accepted && x.body["content"]["type"] == "cleared")
+    })?;
+    let silent: Vec<_> =
+        c.hook.deliveries().into_iter().filter(|d| matches!(kind(d), "state_unknown" | "home_silent")).collect();
+    assert!(silent.is_empty(), "the gateway's own node dying was paged as the home's silence: {silent:?}");
     refusals(&c);
     assert_no_duplicates(&c);
     Ok(())

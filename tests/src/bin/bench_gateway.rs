@@ -13,7 +13,9 @@
 //! MQTT on JetStream with three replicas, the gateway on one node and the publishers spread
 //! over all three). PostgreSQL is the server `MAMORI_TEST_POSTGRES` names, in a database of
 //! the benchmark's own; NATS is `nats-server` without TLS or users (the publishers speak for
-//! many homes each).
+//! many homes each): `MAMORI_NATS_SERVER` when set (`scripts/nats-server` prints a pinned
+//! current release), otherwise the one on `PATH`. The storm counts the outage events the
+//! gateway stored as well as the pages, since a lost event's outage is paged from telemetry.
 //!
 //! Everything is real: a Mosquitto started here on a free loopback port, the release
 //! `mamori-gateway` binary with its SQLite store in a temporary folder, a webhook receiver
@@ -306,14 +308,30 @@ fn http_get(port: u16, path: &str) -> Result<String> {
 /// What the gateway's store holds of one home (its events, alerts and their outbox rows), for
 /// a family that was not paged: was the event lost before the store, or after it?
 fn trace(at: &Counter, home: &str) -> Result<String> {
-    let queries = [
-        format!("SELECT kind || ' seq ' || seq FROM events WHERE home = '{home}'"),
-        format!("SELECT kind || coalesce(' cleared ' || cleared_at, ' active') FROM alerts WHERE home = '{home}'"),
-        format!(
-            "SELECT o.status || ' ' || o.dest FROM outbox o JOIN alerts a ON a.id = o.alert_id WHERE a.home = '{home}'"
-        ),
-    ];
-    let rows: Vec<Vec<String>> = match at {
+    let rows = query(
+        at,
+        vec![
+            format!("SELECT kind || ' seq ' || seq FROM events WHERE home = '{home}'"),
+            format!("SELECT kind || coalesce(' cleared ' || cleared_at, ' active') FROM alerts WHERE home = '{home}'"),
+            format!(
+                "SELECT o.status || ' ' || o.dest FROM outbox o JOIN alerts a ON a.id = o.alert_id WHERE a.home = '{home}'"
+            ),
+        ],
+    )?;
+    Ok(format!("events {:?}; alerts {:?}; outbox {:?}", rows[0], rows[1], rows[2]))
+}
+
+/// How many of the storm's `mains_lost` events the gateway stored: whether the broker delivered
+/// every event, which the pages alone cannot say (an outage whose event is lost is paged from
+/// the home's telemetry).
+fn stored_outage_events(at: &Counter) -> Result<usize> {
+    let rows = query(at, vec!["SELECT home FROM events WHERE kind = 'mains_lost'".to_string()])?;
+    Ok(rows[0].iter().collect::<std::collections::BTreeSet<_>>().len())
+}
+
+/// Each query's rows, each row its first column as text, read from the gateway's store beside it.
+fn query(at: &Counter, queries: Vec<String>) -> Result<Vec<Vec<String>>> {
+    match at {
         Counter::Sqlite(db) => {
             let c = rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
             let mut out = Vec::new();
@@ -321,7 +339,7 @@ fn trace(at: &Counter, home: &str) -> Result<String> {
                 let mut st = c.prepare(q)?;
                 out.push(st.query_map([], |r| r.get::<_, String>(0))?.collect::<Result<Vec<_>, _>>()?);
             }
-            out
+            Ok(out)
         }
         Counter::Postgres(settings) => {
             let settings = settings.clone();
@@ -334,10 +352,9 @@ fn trace(at: &Counter, home: &str) -> Result<String> {
                 Ok(out)
             })
             .join()
-            .map_err(|_| anyhow::anyhow!("the PostgreSQL trace panicked"))??
+            .map_err(|_| anyhow::anyhow!("the PostgreSQL query panicked"))?
         }
-    };
-    Ok(format!("events {:?}; alerts {:?}; outbox {:?}", rows[0], rows[1], rows[2]))
+    }
 }
 
 fn spawn_gateway(bin: &Path, config: &Path) -> Result<(Process, Instant)> {
@@ -697,6 +714,22 @@ async fn shape(store_kind: StoreKind, broker_kind: BrokerKind) -> Result<Vec<(&'
         .count();
     println!("outages raised from a home's telemetry (before their event, or without one): {from_telemetry}");
     figures.push(("storm: outages raised from telemetry", from_telemetry.to_string()));
+    // Whether the broker delivered every outage's event (a lost one is paged from telemetry,
+    // so the pages do not tell): up to 30 s more for the last to come.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let events = loop {
+        let n = stored_outage_events(&db);
+        match n {
+            Ok(n) if n < order.len() && Instant::now() < deadline => std::thread::sleep(Duration::from_millis(500)),
+            _ => break n,
+        }
+    };
+    let events = match events {
+        Ok(n) => format!("{n} of {}", order.len()),
+        Err(e) => format!("not counted: {e:#}"),
+    };
+    println!("storm events the gateway received (stored), within 30 s of the last page: {events}");
+    figures.push(("storm: outage events received", events));
     println!("deliveries so far {} · signatures bad {}", ds.len(), ds.iter().filter(|d| !d.signature_ok).count());
 
     // 3. Burst.
