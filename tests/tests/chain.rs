@@ -619,6 +619,17 @@ fn gateway_brokers(c: &Chain) -> Vec<String> {
     c.gateway.as_ref().map(|g| brokers(&g.lines())).unwrap_or_default()
 }
 
+/// Whether the broker kept the gateway's session, per connection, in order.
+fn gateway_sessions(c: &Chain) -> Vec<bool> {
+    let lines = c.gateway.as_ref().map(|g| g.lines()).unwrap_or_default();
+    lines
+        .iter()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["fields"]["message"] == "connected to the broker")
+        .filter_map(|v| v["fields"]["session_present"].as_bool())
+        .collect()
+}
+
 fn brokers(lines: &[String]) -> Vec<String> {
     lines
         .iter()
@@ -720,9 +731,10 @@ fn a_home_and_its_nats_node_dying_together_is_found_silent_without_a_will() -> R
 }
 
 /// Scenario 15: The gateway's own NATS node dies during an outage (node 3, or node 2 when its
-/// first connection went there; the agent is on node 1). The gateway connects to another node,
-/// where its session (kept in JetStream on every node) goes on: the battery-low and
-/// mains-restored events the home sends meanwhile reach the gateway once, in order, and the
+/// first connection went there; the agent is on node 1). The home's battery runs low right
+/// after the kill, while the gateway has no connection (printed: whether the event was sent
+/// before the gateway was back); the gateway connects to another node, where the broker kept
+/// its session, and that event and the mains' return reach it once, in order, and the
 /// all-clear is sent. The gap was the centre's link, not the homes': nobody is paged for a
 /// silence.
 #[test]
@@ -747,10 +759,13 @@ fn the_gateways_own_nats_node_dying_moves_it_to_another_and_loses_nothing() -> R
     c.home("home-a")?.cause("mains off", "mains_lost", 1)?;
     c.hook.wait("the family", LIMIT, |d| d.iter().any(|x| x.path == "/family" && kind(x) == "mains_lost"))?;
 
-    // The gateway's node dies; the agent stays on node 1.
+    // The gateway's node dies; the agent stays on node 1 and goes on: its events while the
+    // gateway has no connection wait in the gateway's session.
     let connections = gateway_brokers(&c).len();
     c.nats.as_mut().context("nats")?.kill9(node)?;
     let killed = Instant::now();
+    c.home("home-a")?.cause(&format!("battery {}", mamori_agent::simulate::UPS_LOW_V - 0.5), "battery_low", 1)?;
+    let reconnected = gateway_brokers(&c).len() > connections;
     let deadline = mamori_tests::Deadline::after(LIMIT);
     while gateway_brokers(&c).len() <= connections {
         deadline.check(&format!("the gateway on another node: {:?}", gateway_brokers(&c)))?;
@@ -758,8 +773,13 @@ fn the_gateways_own_nats_node_dying_moves_it_to_another_and_loses_nothing() -> R
     }
     let now_on = gateway_brokers(&c).last().cloned().unwrap_or_default();
     assert_ne!(now_on, first, "the gateway connected again to the node that died");
-    eprintln!("node {} killed → the gateway connected to {now_on}: {:?}", node + 1, killed.elapsed());
-    c.home("home-a")?.cause(&format!("battery {}", mamori_agent::simulate::UPS_LOW_V - 0.5), "battery_low", 1)?;
+    eprintln!(
+        "node {} killed → the gateway connected to {now_on}: {:?} (the battery-low event sent {} it)",
+        node + 1,
+        killed.elapsed(),
+        if reconnected { "after" } else { "before" }
+    );
+    assert_eq!(gateway_sessions(&c).last(), Some(&true), "the gateway's session was not kept by the cluster");
     c.home("home-a")?.cause("mains on", "mains_restored", 1)?;
 
     let logged = mamori_tests::chain::spooled(c.homes["home-a"].agent.as_ref().unwrap());

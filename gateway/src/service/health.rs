@@ -43,8 +43,9 @@ pub struct Degraded {
 pub struct Health {
     degraded: Mutex<Option<Degraded>>,
     broker_down_since: Mutex<Option<Time>>,
-    /// The subscriptions the broker refused on the connection that is up (none while down).
-    refused: Mutex<Vec<String>>,
+    /// The subscriptions the broker refused on the connection that is up (none while down),
+    /// and since when it has refused any.
+    refused: Mutex<(Vec<String>, Option<Time>)>,
     no_homes: AtomicBool,
     /// Store errors since start.
     pub store_errors: AtomicU64,
@@ -116,8 +117,13 @@ impl Health {
 
     /// The filters the broker refused at the last subscription (cleared when the connection
     /// drops: then the connection is the problem).
-    pub fn set_refused(&self, filters: Vec<String>) {
-        *self.refused.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = filters;
+    pub fn set_refused(&self, filters: Vec<String>, now: Time) {
+        let mut r = self.refused.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let since = match filters.is_empty() {
+            true => None,
+            false => Some(r.1.unwrap_or(now)),
+        };
+        *r = (filters, since);
     }
 
     /// Since when the broker connection is down.
@@ -181,19 +187,22 @@ impl Health {
         if self.no_homes.load(Ordering::Relaxed) {
             out.push("no homes in the store: messages are not acknowledged (is this the deployment's store?)".into());
         }
-        if let Some(since) = self.broker_down_since() {
-            if (now - since).num_seconds() > BROKER_DOWN_UNHEALTHY_S {
-                let refused = self.refused.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-                out.push(match refused.is_empty() {
-                    true => format!("no broker connection since {}", since.to_rfc3339()),
-                    false => format!(
-                        "the broker refuses the subscription to {} since {} (subscribing again)",
-                        refused.join(", "),
-                        since.to_rfc3339()
-                    ),
-                });
-            }
-        }
+        let long = |since: Time| (now - since).num_seconds() > BROKER_DOWN_UNHEALTHY_S;
+        let refused = self.refused.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
+        // A refusal is timed from its own start; only without one is the connection the
+        // problem.
+        let line = match (refused, self.broker_down_since()) {
+            ((filters, Some(since)), _) if !filters.is_empty() => long(since).then(|| {
+                format!(
+                    "the broker refuses the subscription to {} since {} (subscribing again)",
+                    filters.join(", "),
+                    since.to_rfc3339()
+                )
+            }),
+            (_, Some(since)) => long(since).then(|| format!("no broker connection since {}", since.to_rfc3339())),
+            _ => None,
+        };
+        out.extend(line);
         out
     }
 }

@@ -299,7 +299,9 @@ pub struct AckRequest {
 /// store's own bookkeeping ([`Store::set_meta`], [`Store::probe_write`]), accounts and audit.
 ///
 /// What the types do not say: a `Tx` belongs to the store that made it, and is not to be
-/// handed to another (a process holds one store; the contract tests hold one at a time).
+/// handed to another (a process holds one store), and a store has one transaction at a time:
+/// `begin` rolls back one left open (after a ROLLBACK that itself failed), so a second `Tx`
+/// taken while the first is held ends the first's work. The service holds one per turn.
 ///
 /// Written in a transaction, the record is stored:
 /// ```

@@ -448,6 +448,15 @@ impl Store for PgStore {
     fn begin(&mut self) -> Result<Tx, StoreError> {
         let fence = self.fence.clone();
         let begun = self.call(move |c| {
+            if c.in_tx {
+                // A transaction left open on this connection: each batch starts clean (a BEGIN
+                // inside it would only warn, and the batch would join the old one).
+                tracing::warn!("a transaction was left open: rolled back before the next");
+                c.in_tx = false;
+                if let Some(cl) = c.client.as_mut().filter(|cl| !cl.is_closed()) {
+                    let _ = cl.batch_execute("ROLLBACK");
+                }
+            }
             c.client()?.batch_execute("BEGIN").map_err(|e| pg_text(&e))?;
             c.in_tx = true;
             if let Some((holder, token)) = fence {

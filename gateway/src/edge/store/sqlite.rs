@@ -220,6 +220,13 @@ impl SqliteStore {
 
 impl Store for SqliteStore {
     fn begin(&mut self) -> Result<Tx, StoreError> {
+        if !self.conn.is_autocommit() {
+            // A transaction left open (a ROLLBACK that itself failed, on an I/O error): each
+            // batch starts clean, or every later BEGIN would fail and the gateway never
+            // recover.
+            tracing::warn!(store = %self.path.display(), "a transaction was left open: rolled back before the next");
+            let _ = self.conn.execute_batch("ROLLBACK");
+        }
         self.conn.execute_batch("BEGIN IMMEDIATE").map_err(self.db())?;
         Ok(Tx::begun())
     }

@@ -135,6 +135,11 @@ impl Service {
                 Ok(role) => self.acknowledge(&req.alert_id, role, &req.by, req.note.clone(), now),
                 Err(unknown) => Err(format!("refused: `{unknown}` is not a role")),
             };
+            if self.degraded.is_some() {
+                // The store refused the acknowledgement's writes: the request stays pending and
+                // is applied once writes work again (not answered "try again").
+                break;
+            }
             let text = match result {
                 Ok(acks) => {
                     all.extend(acks);
@@ -144,8 +149,11 @@ impl Service {
             };
             // In a transaction of its own, so on a shared store it is fenced like the
             // acknowledgement: a deposed gateway cannot mark a request done that it could not
-            // apply, and the gateway holding the lease applies it.
-            self.transaction(now, |s, tx| s.store.finish_ack(tx, req.id, &text))?;
+            // apply, and the gateway holding the lease applies it. When it fails the gateway is
+            // degraded (told and logged there); the agents still hear of what was applied.
+            if self.transaction(now, |s, tx| s.store.finish_ack(tx, req.id, &text)).is_err() {
+                break;
+            }
         }
         Ok(all)
     }

@@ -32,7 +32,7 @@ impl Service {
                         self.engine.set_uplink(false, now);
                     }
                     self.health.set_broker(refused.is_empty(), now);
-                    self.health.set_refused(refused);
+                    self.health.set_refused(refused, now);
                 }
                 FromMqtt::Disconnected => {
                     if !batch.is_empty() {
@@ -41,7 +41,7 @@ impl Service {
                     self.broker_up = false;
                     self.engine.set_uplink(false, now);
                     self.health.set_broker(false, now);
-                    self.health.set_refused(Vec::new());
+                    self.health.set_refused(Vec::new(), now);
                 }
             }
         }

@@ -152,6 +152,12 @@ fn a_subscription_the_broker_refused_keeps_the_gateway_unhealthy_until_it_is_tak
     svc.handle(link(vec![FromMqtt::Disconnected]), at(42)).unwrap();
     let problems = svc.health().problems(at(80));
     assert!(problems.len() == 1 && problems[0].starts_with("no broker connection since"), "{problems:?}");
+    // A refusal is timed from its own start, not from a disconnection before it.
+    svc.handle(link(vec![connected(true)]), at(81)).unwrap();
+    svc.handle(link(vec![refused(&["mamori/v1/+/event"])]), at(100)).unwrap();
+    assert!(svc.health().problems(at(110)).is_empty(), "a refusal 10 s old is not yet a problem");
+    let problems = svc.health().problems(at(131));
+    assert!(problems.len() == 1 && problems[0].contains("refuses the subscription"), "{problems:?}");
 }
 
 #[test]

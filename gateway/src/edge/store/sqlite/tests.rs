@@ -208,3 +208,20 @@ fn a_damaged_row_is_a_clear_error_not_a_panic() {
     let e = s.states().unwrap_err().to_string();
     assert!(e.contains("mamori.db") && e.contains("home state"), "{e}");
 }
+
+#[test]
+fn a_transaction_left_open_does_not_stop_the_next_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    let home = HomeId::new("h").unwrap();
+    let mut s = SqliteStore::open(dir.path()).unwrap();
+    // As after a ROLLBACK that itself failed: a transaction holding a write, still open.
+    s.conn.execute_batch("BEGIN IMMEDIATE").unwrap();
+    s.conn.execute("INSERT INTO meta (key, value) VALUES ('left', 'open')", []).unwrap();
+    let tx = s.begin().expect("the next batch begins");
+    assert!(s.insert_event(&tx, &home, &ev(1), t(0)).unwrap());
+    s.commit(tx).unwrap();
+    drop(s);
+    let s = SqliteStore::open_existing(dir.path()).unwrap();
+    assert_eq!(s.events_for(&home, 10).unwrap().len(), 1, "the batch is committed");
+    assert_eq!(s.meta("left").unwrap(), None, "what was left open is not");
+}
