@@ -639,14 +639,9 @@ fn brokers(lines: &[String]) -> Vec<String> {
         .collect()
 }
 
-/// Scenario 13: The clustered broker. Three NATS nodes on the configs `pki nats` generates;
-/// the agent is on node 1, the gateway on another. Node 1 is killed during an outage: the agent
-/// fails over to another node and every event it spools arrives once, in order, mains returning
-/// included. Nobody is told the home went silent, because it never did. (The gateway's own
-/// node dying is scenario 15.)
-#[test]
-fn a_nats_node_dying_under_a_home_moves_it_to_another_and_loses_nothing() -> Result<()> {
-    let o = Options {
+/// Scenarios 13 and 15: an outage whose home goes on while a NATS node dies, and who is paged.
+fn nats_outage_options() -> Options {
+    Options {
         nats: true,
         policy: format!(
             "{}[policy.home_silent]\nsteps = [{{ tier = \"T0\", roles = [\"family\"] }}]\n",
@@ -654,7 +649,40 @@ fn a_nats_node_dying_under_a_home_moves_it_to_another_and_loses_nothing() -> Res
         ),
         escalation: "silence_settle_s = 20\n".into(),
         ..Options::default()
-    };
+    }
+}
+
+/// Scenarios 13 and 15, after a node died: every event home-a spooled is stored once, in
+/// order; the all-clear reaches the family; nobody was paged for a silence; nothing twice.
+fn every_event_once_and_no_silence_paged(c: &Chain) -> Result<()> {
+    let logged = mamori_tests::chain::spooled(c.homes["home-a"].agent.as_ref().context("agent")?);
+    let got = wait_stored(c, "home-a", &logged).inspect_err(|_| {
+        refusals(c);
+    })?;
+    let seqs: Vec<i64> = got.iter().map(|(s, _)| *s).collect();
+    assert_eq!(seqs, (seqs[0]..=seqs[seqs.len() - 1]).collect::<Vec<_>>(), "a gap or a repeat in {got:?}");
+    c.hook.wait("the all-clear", LIMIT, |d| {
+        d.iter().any(|x| x.path == "/family" && x.accepted && x.body["content"]["type"] == "cleared")
+    })?;
+    // Telemetry here comes every second (silent after 3 s), but the failover is real time (a few
+    // seconds for JetStream to move the session's leaders): the gap may be seen, and must settle
+    // without anybody being paged. (At a real interval of a minute it is not even seen.)
+    let silent: Vec<_> =
+        c.hook.deliveries().into_iter().filter(|d| matches!(kind(d), "state_unknown" | "home_silent")).collect();
+    assert!(silent.is_empty(), "a node's death was paged as the home's silence: {silent:?}");
+    refusals(c);
+    assert_no_duplicates(c);
+    Ok(())
+}
+
+/// Scenario 13: The clustered broker. Three NATS nodes on the configs `pki nats` generates;
+/// the agent is on node 1, the gateway on another. Node 1 is killed during an outage: the agent
+/// fails over to another node and every event it spools arrives once, in order, mains returning
+/// included. Nobody is told the home went silent, because it never did. (The gateway's own
+/// node dying is scenario 15.)
+#[test]
+fn a_nats_node_dying_under_a_home_moves_it_to_another_and_loses_nothing() -> Result<()> {
+    let o = nats_outage_options();
     let mut c = Chain::start(&bins(), &o)?;
     let ports: Vec<u16> = c.nats.as_ref().context("nats")?.nodes.iter().map(|n| n.mqtt_port).collect();
     let gateway_on = gateway_brokers(&c).last().cloned().context("the gateway is connected")?;
@@ -679,24 +707,7 @@ fn a_nats_node_dying_under_a_home_moves_it_to_another_and_loses_nothing() -> Res
     c.home("home-a")?.cause(&format!("battery {}", mamori_agent::simulate::UPS_LOW_V - 0.5), "battery_low", 1)?;
     c.home("home-a")?.cause("mains on", "mains_restored", 1)?;
 
-    let logged = mamori_tests::chain::spooled(c.homes["home-a"].agent.as_ref().unwrap());
-    let got = wait_stored(&c, "home-a", &logged).inspect_err(|_| {
-        refusals(&c);
-    })?;
-    let seqs: Vec<i64> = got.iter().map(|(s, _)| *s).collect();
-    assert_eq!(seqs, (seqs[0]..=seqs[seqs.len() - 1]).collect::<Vec<_>>(), "a gap or a repeat in {got:?}");
-    c.hook.wait("the all-clear", LIMIT, |d| {
-        d.iter().any(|x| x.path == "/family" && x.accepted && x.body["content"]["type"] == "cleared")
-    })?;
-    // Telemetry here comes every second (silent after 3 s), but the failover is real time (a few
-    // seconds for JetStream to move the session's leaders): the gap may be seen, and must settle
-    // without anybody being paged. (At a real interval of a minute it is not even seen.)
-    let silent: Vec<_> =
-        c.hook.deliveries().into_iter().filter(|d| matches!(kind(d), "state_unknown" | "home_silent")).collect();
-    assert!(silent.is_empty(), "a node's death was paged as the home's silence: {silent:?}");
-    refusals(&c);
-    assert_no_duplicates(&c);
-    Ok(())
+    every_event_once_and_no_silence_paged(&c)
 }
 
 /// Scenario 14: A home's agent and the NATS node it is connected to die together. A dead node
@@ -739,15 +750,7 @@ fn a_home_and_its_nats_node_dying_together_is_found_silent_without_a_will() -> R
 /// silence.
 #[test]
 fn the_gateways_own_nats_node_dying_moves_it_to_another_and_loses_nothing() -> Result<()> {
-    let o = Options {
-        nats: true,
-        policy: format!(
-            "{}[policy.home_silent]\nsteps = [{{ tier = \"T0\", roles = [\"family\"] }}]\n",
-            policy("{ tier = \"T0\", roles = [\"family\"], escalate_after_s = 3600 },\n{ tier = \"T1\", roles = [\"coordinator\"] },")
-        ),
-        escalation: "silence_settle_s = 20\n".into(),
-        ..Options::default()
-    };
+    let o = nats_outage_options();
     let mut c = Chain::start(&bins(), &o)?;
     let ports: Vec<u16> = c.nats.as_ref().context("nats")?.nodes.iter().map(|n| n.mqtt_port).collect();
     let first = gateway_brokers(&c).last().cloned().context("the gateway is connected")?;
@@ -782,19 +785,5 @@ fn the_gateways_own_nats_node_dying_moves_it_to_another_and_loses_nothing() -> R
     assert_eq!(gateway_sessions(&c).last(), Some(&true), "the gateway's session was not kept by the cluster");
     c.home("home-a")?.cause("mains on", "mains_restored", 1)?;
 
-    let logged = mamori_tests::chain::spooled(c.homes["home-a"].agent.as_ref().unwrap());
-    let got = wait_stored(&c, "home-a", &logged).inspect_err(|_| {
-        refusals(&c);
-    })?;
-    let seqs: Vec<i64> = got.iter().map(|(s, _)| *s).collect();
-    assert_eq!(seqs, (seqs[0]..=seqs[seqs.len() - 1]).collect::<Vec<_>>(), "a gap or a repeat in {got:?}");
-    c.hook.wait("the all-clear", LIMIT, |d| {
-        d.iter().any(|x| x.path == "/family" && x.accepted && x.body["content"]["type"] == "cleared")
-    })?;
-    let silent: Vec<_> =
-        c.hook.deliveries().into_iter().filter(|d| matches!(kind(d), "state_unknown" | "home_silent")).collect();
-    assert!(silent.is_empty(), "the gateway's own node dying was paged as the home's silence: {silent:?}");
-    refusals(&c);
-    assert_no_duplicates(&c);
-    Ok(())
+    every_event_once_and_no_silence_paged(&c)
 }
